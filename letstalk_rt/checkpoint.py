@@ -1,0 +1,123 @@
+"""Model directories: `config.json` plus one `*.safetensors` per component, and the default-model lookup.
+
+    MODEL_DIR/
+      config.json                   ModelConfig (letstalk_rt.config), incl. `trained` and `description`
+      autoencoder.safetensors       DCAutoencoder
+      audio_encoder.safetensors     MelAudioEncoder (absent for wav2vec2: it loads from audio.wav2vec2_path)
+      audio_projector.safetensors   AudioProjector
+      transformer.safetensors       LetsTalkTransformer
+
+Weights are never initialised at random behind the user's back: `load_components` needs every file,
+and random weights come only from `build_components(config, seed)`, which callers ask for explicitly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import ModelConfig
+from .errors import ModelError
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"
+COMPONENT_FILES = ("autoencoder", "audio_encoder", "audio_projector", "transformer")
+
+
+@dataclass
+class Components:
+    """The networks of one model, on the CPU in fp32 until the pipeline moves them."""
+
+    config: ModelConfig
+    autoencoder: nn.Module
+    audio_encoder: nn.Module
+    audio_projector: nn.Module
+    transformer: nn.Module
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {name: getattr(self, name) for name in COMPONENT_FILES}
+
+
+def _has_weights(config: ModelConfig, name: str) -> bool:
+    """wav2vec2 is frozen and loaded from its own directory, so it is not stored with the model."""
+    return not (name == "audio_encoder" and config.audio.encoder == "wav2vec2")
+
+
+def build_components(config: ModelConfig, seed: int = 0) -> Components:
+    """Fresh networks for `config`, randomly initialised from `seed` (benchmarks, training starts)."""
+    from .models.audio import AudioProjector, build_audio_encoder
+    from .models.autoencoder import DCAutoencoder
+    from .models.letstalk import LetsTalkTransformer
+
+    torch.manual_seed(seed)
+    return Components(
+        config=config,
+        autoencoder=DCAutoencoder(config.autoencoder),
+        audio_encoder=build_audio_encoder(config.audio),
+        audio_projector=AudioProjector(config.audio),
+        transformer=LetsTalkTransformer(config.transformer),
+    )
+
+
+def save_model(components: Components, path: str | Path) -> Path:
+    """Write a model directory (created if needed); tensors are stored contiguous, fp32."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(components.config.to_json() + "\n")
+    for name, module in components.modules().items():
+        if not _has_weights(components.config, name):
+            continue
+        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in module.state_dict().items()}
+        save_file(state, str(path / f"{name}.safetensors"))
+    return path
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelError(f"model directory '{path}' does not exist; pass --model DIR of a saved model, "
+                         "or omit it to use the bundled default")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ModelError(f"'{path}' is not a model directory: config.json is missing")
+    try:
+        data = json.loads(cfg_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelError(f"'{cfg_file}' is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"'{cfg_file}' must hold a JSON object")
+    try:
+        return ModelConfig.from_dict(data)
+    except TypeError as e:
+        raise ModelError(f"'{cfg_file}' does not match this version's configuration: {e}") from None
+
+
+def load_model(path: str | Path | None = None) -> Components:
+    """Load every component of a model directory (the bundled default when `path` is None)."""
+    path = Path(path) if path is not None else DEFAULT_MODEL_DIR
+    config = read_config(path)
+    components = build_components(config)
+    for name, module in components.modules().items():
+        if not _has_weights(config, name):
+            continue
+        file = path / f"{name}.safetensors"
+        if not file.is_file():
+            raise ModelError(f"model directory '{path}' is incomplete: {file.name} is missing")
+        try:
+            state = load_file(str(file))
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise ModelError(f"'{file}' could not be read: {e}") from None
+        try:
+            missing, unexpected = module.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shape mismatches
+            raise ModelError(f"'{file}' does not fit config.json: {str(e).splitlines()[-1].strip()}") from None
+        if missing or unexpected:
+            raise ModelError(f"'{file}' does not fit config.json: missing {sorted(missing)[:5]}, "
+                             f"unexpected {sorted(unexpected)[:5]}")
+    for module in components.modules().values():
+        module.eval()
+    return components

@@ -1,0 +1,271 @@
+"""Typed configurations and the named presets of every component.
+
+One dataclass per component, a reason on every field. `ModelConfig` bundles the three networks and
+the sampling defaults; it is what `config.json` in a model directory holds. Presets live in registry
+dicts whose keys are the CLI's choices (`letstalk ... --preset KEY`).
+
+Time conventions used everywhere: video runs at `fps` (25), audio at `sample_rate` (16 kHz), so one
+video frame owns exactly `sample_rate // fps` = 640 audio samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import ModelError
+
+Fusion = Literal["direct", "symbiotic", "siamese"]
+FUSIONS: tuple[str, ...] = ("direct", "symbiotic", "siamese")
+
+
+# --------------------------------------------------------------------------------------------------
+# Autoencoder
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AutoencoderConfig:
+    image_size: int = 256  # square frame side in pixels the autoencoder is trained for
+    in_channels: int = 3  # RGB
+    latent_channels: int = 32  # DC-AE f32c32: 32 channels per latent pixel
+    # Output channels of each stage; len-1 stages halve the resolution (6 entries -> 32x, as DC-AE f32).
+    block_channels: tuple[int, ...] = (128, 256, 512, 512, 1024, 1024)
+    layers_per_block: int = 2  # residual blocks per stage (encoder and decoder alike)
+    scaling_factor: float = 1.0  # latents are multiplied by this after encode so their std is ~1
+
+    @property
+    def downsample(self) -> int:
+        """Spatial compression factor: pixels per latent pixel along one side."""
+        return 2 ** (len(self.block_channels) - 1)
+
+    @property
+    def latent_size(self) -> int:
+        """Latent side length for `image_size` frames."""
+        return self.image_size // self.downsample
+
+
+# --------------------------------------------------------------------------------------------------
+# Audio
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AudioConfig:
+    encoder: Literal["mel", "wav2vec2"] = "mel"  # mel: learned, no pretrained weights; wav2vec2: local HF dir
+    sample_rate: int = 16000  # every audio path resamples to this before encoding
+    fps: int = 25  # video frame rate the features are aligned to
+    # mel front end
+    n_mels: int = 80  # mel bands of the log-mel front end
+    n_fft: int = 400  # 25 ms analysis window at 16 kHz
+    hop_length: int = 160  # 10 ms hop: 4 mel frames per video frame
+    mel_context: int = 8  # mel frames of left context each video frame's encoder sees (causal side)
+    mel_lookahead: int = 4  # mel frames past the frame's own 4 it may look at (fixed, documented lookahead)
+    # learned / pretrained feature encoder
+    feature_layers: int = 12  # hidden states stacked per frame (wav2vec2-base has 12)
+    feature_dim: int = 768  # width of each hidden state
+    wav2vec2_path: str | None = None  # local directory with a transformers Wav2Vec2 checkpoint
+    wav2vec2_chunk_seconds: float = 2.0  # wav2vec2 runs on fixed chunks so streaming equals offline
+    wav2vec2_context_seconds: float = 1.0  # left context prepended to each wav2vec2 chunk
+    # per-frame projection
+    margin: int = 2  # each frame sees features of frames i-margin..i+margin (paper: +-2)
+    num_tokens: int = 32  # audio tokens per frame after the projection MLP (paper: 32)
+    token_dim: int = 768  # width of each audio token (paper: 768)
+
+    @property
+    def samples_per_frame(self) -> int:
+        """Audio samples owned by one video frame (640 at 16 kHz / 25 fps)."""
+        return self.sample_rate // self.fps
+
+
+# --------------------------------------------------------------------------------------------------
+# Transformer
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TransformerConfig:
+    latent_channels: int = 32  # must equal the autoencoder's latent_channels
+    latent_size: int = 8  # latent side (image_size / downsample)
+    patch_size: int = 1  # latent pixels per token side (paper: 1 -> 64 tokens at 8x8)
+    hidden_size: int = 768  # model width
+    depth: int = 12  # transformer blocks
+    num_heads: int = 12  # heads of the softmax (temporal, cross) attentions
+    linear_head_dim: int = 32  # head dim of the spatial ReLU linear attention (Sana: 32)
+    mlp_ratio: float = 2.5  # Mix-FFN hidden = mlp_ratio * hidden_size (Sana uses 2.5)
+    num_frames: int = 16  # generated frames per window (paper: 16)
+    num_memory: int = 2  # memory-bank frames prepended for temporal attention (paper: K=2)
+    audio_token_dim: int = 768  # width of the audio tokens fed to the model (AudioConfig.token_dim)
+    num_audio_tokens: int = 32  # audio tokens per frame (AudioConfig.num_tokens)
+    portrait_fusion: Fusion = "symbiotic"  # paper's choice for the portrait
+    audio_fusion: Fusion = "direct"  # paper's choice for the audio
+    siamese_depth: int | None = None  # blocks of a siamese branch; None = same as depth
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return (self.latent_size // self.patch_size) ** 2
+
+
+PRESETS_TRANSFORMER: dict[str, dict[str, Any]] = {
+    # The published sizes (DESIGN.md section 1).
+    "S": dict(depth=12, hidden_size=384, num_heads=6),
+    "B": dict(depth=12, hidden_size=768, num_heads=12),
+    "L": dict(depth=24, hidden_size=1024, num_heads=16),
+    "XL": dict(depth=28, hidden_size=1152, num_heads=16),
+    # Small sizes that run in real time on a CPU.
+    "cpu": dict(depth=6, hidden_size=192, num_heads=6),
+    "tiny": dict(depth=2, hidden_size=64, num_heads=2),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SamplingConfig:
+    num_steps: int = 2  # network evaluations per window (1..50); few-step is the product's point
+    shift: float = 1.0  # timestep shift t' = s t / (1 + (s-1) t); >1 spends more steps at high noise
+    portrait_guidance: float = 1.0  # CFG scale of the portrait condition (1 = no guidance pass)
+    audio_guidance: float = 1.0  # CFG scale of the audio condition (1 = no guidance pass)
+    memory_noise: float = 0.02  # flow time the memory latents are forward-diffused to at inference
+    # training-time memory-bank regularisation (paper: first 5% of the schedule, ~25% masked)
+    train_memory_noise_max: float = 0.05  # memory noised to t ~ U(0, this) in training
+    train_memory_mask_ratio: float = 0.25  # fraction of memory latent positions masked in training
+    train_pixel_noise: float = 0.02  # std of pixel noise on memory frames and the reference image
+    drop_portrait_prob: float = 0.05  # condition dropout for classifier-free guidance
+    drop_audio_prob: float = 0.1  # condition dropout for classifier-free guidance
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole model
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    trained: bool = False  # False for random or untrained weights; the CLI warns when it loads one
+    description: str = ""  # one line on what the weights are (data, steps, hardware)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ModelError with the fix when two components disagree."""
+        ae, au, tr = self.autoencoder, self.audio, self.transformer
+        if ae.image_size % ae.downsample:
+            raise ModelError(
+                f"image_size {ae.image_size} is not a multiple of the autoencoder's {ae.downsample}x downsampling"
+            )
+        checks = [
+            (tr.latent_channels, ae.latent_channels, "transformer.latent_channels", "autoencoder.latent_channels"),
+            (tr.latent_size, ae.latent_size, "transformer.latent_size", "autoencoder image_size/downsample"),
+            (tr.audio_token_dim, au.token_dim, "transformer.audio_token_dim", "audio.token_dim"),
+            (tr.num_audio_tokens, au.num_tokens, "transformer.num_audio_tokens", "audio.num_tokens"),
+        ]
+        for a, b, na, nb in checks:
+            if a != b:
+                raise ModelError(f"config mismatch: {na}={a} but {nb}={b}; set them equal")
+        if tr.latent_size % tr.patch_size:
+            raise ModelError(f"latent_size {tr.latent_size} is not divisible by patch_size {tr.patch_size}")
+        if tr.hidden_size % tr.num_heads or tr.hidden_size % tr.linear_head_dim:
+            raise ModelError(
+                f"hidden_size {tr.hidden_size} must be divisible by num_heads {tr.num_heads} "
+                f"and linear_head_dim {tr.linear_head_dim}"
+            )
+        for name in ("portrait_fusion", "audio_fusion"):
+            if getattr(tr, name) not in FUSIONS:
+                raise ModelError(f"transformer.{name}={getattr(tr, name)!r}; choose one of {FUSIONS}")
+        if au.encoder not in ("mel", "wav2vec2"):
+            raise ModelError(f"audio.encoder={au.encoder!r}; choose 'mel' or 'wav2vec2'")
+        if au.sample_rate % au.fps:
+            raise ModelError(f"audio.sample_rate {au.sample_rate} must be a multiple of fps {au.fps}")
+
+    @property
+    def fps(self) -> int:
+        return self.audio.fps
+
+    @property
+    def image_size(self) -> int:
+        return self.autoencoder.image_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """Build from a dict (config.json); unknown keys are an error that names them."""
+        sub = {"autoencoder": AutoencoderConfig, "audio": AudioConfig,
+               "transformer": TransformerConfig, "sampling": SamplingConfig}
+        kwargs: dict[str, Any] = {}
+        for key, value in d.items():
+            if key in sub:
+                known = {f.name for f in dataclasses.fields(sub[key])}
+                unknown = set(value) - known
+                if unknown:
+                    raise ModelError(f"config.json: unknown {key} keys {sorted(unknown)}")
+                value = dict(value)
+                for k, v in value.items():
+                    if isinstance(v, list):
+                        value[k] = tuple(v)
+                kwargs[key] = sub[key](**value)
+            elif key in ("trained", "description"):
+                kwargs[key] = value
+            else:
+                raise ModelError(f"config.json: unknown key {key!r}")
+        return cls(**kwargs)
+
+
+def _model(
+    image_size: int,
+    block_channels: tuple[int, ...],
+    latent_channels: int,
+    transformer: str,
+    num_frames: int,
+    audio: dict[str, Any],
+    layers_per_block: int = 2,
+    **sampling: Any,
+) -> ModelConfig:
+    ae = AutoencoderConfig(image_size=image_size, latent_channels=latent_channels,
+                           block_channels=block_channels, layers_per_block=layers_per_block)
+    au = AudioConfig(**audio)
+    tr = TransformerConfig(latent_channels=latent_channels, latent_size=ae.latent_size, num_frames=num_frames,
+                           audio_token_dim=au.token_dim, num_audio_tokens=au.num_tokens,
+                           **PRESETS_TRANSFORMER[transformer])
+    return ModelConfig(autoencoder=ae, audio=au, transformer=tr, sampling=SamplingConfig(**sampling))
+
+
+def model_preset(name: str) -> ModelConfig:
+    """A fresh ModelConfig for a preset name; the error lists the valid names."""
+    if name not in PRESETS_MODEL:
+        raise ModelError(f"unknown preset {name!r}; choose one of {sorted(PRESETS_MODEL)}")
+    return PRESETS_MODEL[name]()
+
+
+# Full-model presets: the published 256x256 f32c32 sizes, a CPU real-time size, and a test size.
+PRESETS_MODEL: dict[str, Any] = {
+    **{
+        f"letstalk-{size.lower()}": (lambda size=size: _model(
+            256, (128, 256, 512, 512, 1024, 1024), 32, size, 16,
+            dict(encoder="wav2vec2", num_tokens=32, token_dim=768), num_steps=2))
+        for size in ("S", "B", "L", "XL")
+    },
+    # 128x128 frames, f16c16 autoencoder -> 8x8x16 latents, 8-frame windows: real time on 2 CPU cores.
+    "cpu-128": lambda: _model(128, (16, 32, 64, 128, 128), 16, "cpu", 8,
+                              dict(encoder="mel", n_mels=64, feature_layers=4, feature_dim=128,
+                                   num_tokens=8, token_dim=128), layers_per_block=1, num_steps=2),
+    # 32x32 frames, f4c4 -> 8x8x4 latents: for tests, runs in milliseconds.
+    "tiny": lambda: _model(32, (8, 16, 16), 4, "tiny", 4,
+                           dict(encoder="mel", n_mels=16, feature_layers=2, feature_dim=16,
+                                num_tokens=4, token_dim=32), layers_per_block=1, num_steps=2),
+}

@@ -1,0 +1,370 @@
+"""Window-by-window generation with the memory bank, shared by offline files and live streams.
+
+The pieces, in the order data flows:
+
+    portrait image --face crop--> DC-AE encode --> Portrait.latent (C, h, w)
+    16 kHz PCM --AudioTokenizer (incremental encoder + per-frame window projector)--> tokens (T, M, Dt)
+    tokens + Portrait + StreamState.memory --generate_windows (few-step sampler)--> latents --> RGB frames
+
+`generate_windows` takes several streams at once and runs them as one batch: the offline path calls it
+with one stream, the streaming engine with every session that has a window ready. Each stream draws its
+noise from its own seeded generator, so a stream's frames do not depend on who it was batched with.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .checkpoint import Components, build_components, load_model
+from .config import ModelConfig
+from .diffusion import EulerSampler, combine_guidance, guidance_rows
+from .errors import InputError
+from .memory import MemoryBank
+
+
+@dataclass
+class Portrait:
+    """A prepared portrait: the face crop at the model's resolution and its latent."""
+
+    image: np.ndarray  # (S, S, 3) uint8, the crop the model animates
+    latent: Tensor  # (C, h, w) on the pipeline's device, fp32
+
+
+@dataclass
+class StreamState:
+    """Everything one stream (an offline run or a live session) carries between windows."""
+
+    portrait: Portrait
+    memory: MemoryBank
+    generator: torch.Generator  # CPU generator: the stream's noise, reproducible on any device
+    windows_done: int = 0
+    extra: dict = field(default_factory=dict)  # room for the caller's bookkeeping
+
+
+class AudioTokenizer:
+    """Incremental audio -> per-frame audio tokens; equals offline `pipeline.audio_tokens(...)`.
+
+    Frame i's tokens need features of frames i-margin..i+margin, so tokens lag the features by
+    `margin` frames, and features lag the audio by the encoder's `lookahead_samples`. Total lookahead:
+    `lookahead_samples + margin * samples_per_frame` (see `AudioTokenizer.lookahead_ms`).
+    """
+
+    def __init__(self, pipeline: "LetsTalkPipeline") -> None:
+        self.pipeline = pipeline
+        self.margin = pipeline.config.audio.margin
+        self.stream = pipeline.audio_encoder.stream()
+        self.buffer: Tensor | None = None  # (n, L, D) features not yet fully used, left-padded at the start
+        self.frames_out = 0
+
+    @property
+    def lookahead_ms(self) -> float:
+        cfg = self.pipeline.config.audio
+        return 1000.0 * (self.pipeline.audio_encoder.lookahead_samples + self.margin * cfg.samples_per_frame) / cfg.sample_rate
+
+    def _take(self, feats: Tensor, final: bool) -> Tensor:
+        """Append new features (n, L, D) and project every frame whose window is complete."""
+        m = self.margin
+        if feats.shape[0]:
+            if self.buffer is None:
+                self.buffer = feats[:1].expand(m, -1, -1)  # (m, L, D) edge-replicate the start
+            self.buffer = torch.cat([self.buffer, feats], dim=0)  # (n', L, D)
+        if self.buffer is None:
+            return self._empty()
+        if final:
+            self.buffer = torch.cat([self.buffer, self.buffer[-1:].expand(m, -1, -1)], dim=0)  # (n'+m, L, D)
+        if self.buffer.shape[0] <= 2 * m:
+            return self._empty()
+        tokens = self.pipeline.project_audio(self.buffer, pad_left=False, pad_right=False)  # (n'-2m, M, Dt)
+        self.buffer = self.buffer[-2 * m:] if m else self.buffer[:0]  # (2m, L, D) context for what follows
+        if final:
+            self.buffer = None
+        self.frames_out += tokens.shape[0]
+        return tokens
+
+    def _empty(self) -> Tensor:
+        cfg = self.pipeline.config.audio
+        return torch.zeros((0, cfg.num_tokens, cfg.token_dim), device=self.pipeline.device)
+
+    @torch.no_grad()
+    def push(self, pcm: np.ndarray) -> Tensor:
+        """16 kHz mono float32 samples in; tokens (n, M, Dt) for the frames that became final out."""
+        return self._take(self.stream.push(pcm).to(self.pipeline.device), final=False)
+
+    @torch.no_grad()
+    def flush(self) -> Tensor:
+        """End of audio: tokens for the remaining frames (total = ceil(samples / samples_per_frame))."""
+        return self._take(self.stream.flush().to(self.pipeline.device), final=True)
+
+
+class LetsTalkPipeline:
+    """The loaded model plus the sampling settings; stateless across streams (state is in StreamState)."""
+
+    def __init__(
+        self,
+        components: Components,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        num_steps: int | None = None,
+        portrait_guidance: float | None = None,
+        audio_guidance: float | None = None,
+        memory_noise: float | None = None,
+    ) -> None:
+        self.components = components
+        self.config: ModelConfig = components.config
+        self.device = torch.device(device)
+        self.dtype = dtype  # compute dtype of the transformer and decoder (bf16 autocast on GPU)
+        s = self.config.sampling
+        self.num_steps = num_steps if num_steps is not None else s.num_steps
+        self.portrait_guidance = s.portrait_guidance if portrait_guidance is None else portrait_guidance
+        self.audio_guidance = s.audio_guidance if audio_guidance is None else audio_guidance
+        self.memory_noise = s.memory_noise if memory_noise is None else memory_noise
+        self.sampler = EulerSampler(shift=s.shift)
+        self.sampler.set_timesteps(self.num_steps)  # raises on a bad step count before any work
+        for module in components.modules().values():
+            module.to(self.device).eval().requires_grad_(False)
+        self.autoencoder = components.autoencoder
+        self.audio_encoder = components.audio_encoder
+        self.audio_projector = components.audio_projector
+        self.transformer = components.transformer
+
+    # ---------------------------------------------------------------------------------- construction
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, **kwargs) -> "LetsTalkPipeline":
+        """Load a model directory (the bundled default when `path` is None)."""
+        return cls(load_model(path), **kwargs)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, seed: int = 0, **kwargs) -> "LetsTalkPipeline":
+        """Random weights, for benchmarks and tests only: say so explicitly by calling this."""
+        return cls(build_components(config, seed=seed), **kwargs)
+
+    @property
+    def window(self) -> int:
+        """Frames generated per window."""
+        return self.config.transformer.num_frames
+
+    @property
+    def fps(self) -> int:
+        return self.config.fps
+
+    @property
+    def samples_per_frame(self) -> int:
+        return self.config.audio.samples_per_frame
+
+    def _autocast(self):
+        enabled = self.dtype != torch.float32
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype, enabled=enabled)
+
+    # ---------------------------------------------------------------------------------- conditions
+
+    @torch.no_grad()
+    def prepare_portrait(self, image: np.ndarray, detect: bool = True, name: str = "portrait") -> Portrait:
+        """Crop the face (detect=True) or centre-crop a square, resize, and encode it."""
+        from .face import crop_portrait
+        from .models.autoencoder import encode_frames
+
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise InputError(f"{name}: expected an RGB uint8 image (H, W, 3), got {image.dtype} {image.shape}")
+        size = self.config.image_size
+        if detect:
+            crop = crop_portrait(image, size)
+        else:
+            from PIL import Image
+
+            h, w = image.shape[:2]
+            s = min(h, w)
+            y0, x0 = (h - s) // 2, (w - s) // 2
+            crop = np.asarray(Image.fromarray(image[y0:y0 + s, x0:x0 + s]).resize((size, size), Image.LANCZOS))
+        latent = encode_frames(self.autoencoder, crop[None]).to(self.device, torch.float32)[0]  # (C, h, w)
+        return Portrait(image=crop, latent=latent)
+
+    def new_stream(self, portrait: Portrait, seed: int = 0) -> StreamState:
+        return StreamState(
+            portrait=portrait,
+            memory=MemoryBank(self.config.transformer.num_memory),
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    def audio_tokenizer(self) -> AudioTokenizer:
+        return AudioTokenizer(self)
+
+    @torch.no_grad()
+    def project_audio(self, feats: Tensor, pad_left: bool = True, pad_right: bool = True) -> Tensor:
+        """Per-frame features (F, L, D) -> tokens (F', M, Dt) (see AudioProjector)."""
+        return self.audio_projector(feats[None].to(self.device), pad_left=pad_left, pad_right=pad_right)[0]
+
+    @torch.no_grad()
+    def audio_tokens(self, wav: np.ndarray) -> Tensor:
+        """Offline: a whole 16 kHz mono signal -> tokens (F, M, Dt), F = ceil(len / samples_per_frame)."""
+        x = torch.as_tensor(np.asarray(wav, dtype=np.float32), device=self.device)[None]  # (1, S)
+        feats = self.audio_encoder(x)[0]  # (F, L, D)
+        return self.project_audio(feats)
+
+    def silence_tokens(self, n: int) -> Tensor:
+        """Tokens of n frames of silence (for idle streams and padding the last window)."""
+        tok = self.audio_tokenizer()
+        head = tok.push(np.zeros(n * self.samples_per_frame, dtype=np.float32))  # (n', M, Dt)
+        return torch.cat([head, tok.flush()])  # (n, M, Dt)
+
+    # ---------------------------------------------------------------------------------- generation
+
+    @torch.no_grad()
+    def generate_latents(self, streams: list[StreamState], tokens: list[Tensor]) -> Tensor:
+        """One window for each stream, batched: tokens[i] is (T, M, Dt) -> clean latents (B, T, C, h, w).
+
+        Updates each stream's memory bank. T must equal the pipeline's window.
+        """
+        if len(streams) != len(tokens) or not streams:
+            raise ValueError("generate_latents needs one token tensor per stream, and at least one stream")
+        tcfg = self.config.transformer
+        T = self.window
+        shape = (tcfg.latent_channels, tcfg.latent_size, tcfg.latent_size)
+        for tok in tokens:
+            if tok.shape[0] != T:
+                raise ValueError(f"each stream needs tokens for exactly {T} frames, got {tok.shape[0]}")
+        dev = self.device
+        noise, memory, mask = [], [], []
+        for s in streams:
+            noise.append(torch.randn((T, *shape), generator=s.generator))  # (T, C, h, w)
+            m, k = s.memory.condition(shape, self.memory_noise, s.generator, torch.device("cpu"), torch.float32)
+            memory.append(m)
+            mask.append(k)
+        x = torch.stack(noise).to(dev)  # (B, T, C, h, w)
+        mem = torch.stack(memory).to(dev)  # (B, K, C, h, w)
+        msk = torch.stack(mask).to(dev)  # (B, K, h, w)
+        por = torch.stack([s.portrait.latent for s in streams]).to(dev)  # (B, C, h, w)
+        aud = torch.stack(tokens).to(dev)  # (B, T, M, Dt)
+        rows = guidance_rows(self.portrait_guidance, self.audio_guidance)
+        R, B = len(rows), len(streams)
+        drop_p = torch.tensor([r[0] for r in rows for _ in range(B)], device=dev)  # (R*B,)
+        drop_a = torch.tensor([r[1] for r in rows for _ in range(B)], device=dev)  # (R*B,)
+        rep = lambda z: z.repeat(R, *([1] * (z.dim() - 1)))  # noqa: E731  (B, ...) -> (R*B, ...)
+        por_r, aud_r, mem_r, msk_r = rep(por), rep(aud), rep(mem), rep(msk)
+        for t in self.sampler.timesteps:
+            tt = torch.full((R * B,), float(t), device=dev)  # (R*B,)
+            with self._autocast():
+                v = self.transformer(rep(x), tt, por_r, aud_r, memory=mem_r, memory_mask=msk_r,
+                                     drop_portrait=drop_p, drop_audio=drop_a)  # (R*B, T, C, h, w)
+            v = combine_guidance(list(v.float().chunk(R)), self.portrait_guidance, self.audio_guidance)  # (B, ...)
+            x = self.sampler.step(v, t, x)  # (B, T, C, h, w)
+        for i, s in enumerate(streams):
+            s.memory.update(x[i].float().cpu())
+            s.windows_done += 1
+        return x
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> np.ndarray:
+        """Latents (N, C, h, w) -> uint8 RGB frames (N, H, W, 3)."""
+        from .models.autoencoder import decode_to_uint8
+
+        with self._autocast():
+            return decode_to_uint8(self.autoencoder, latents)
+
+    def generate_windows(self, streams: list[StreamState], tokens: list[Tensor]) -> list[np.ndarray]:
+        """One window per stream, batched; returns (T, H, W, 3) uint8 frames per stream."""
+        lat = self.generate_latents(streams, tokens)  # (B, T, C, h, w)
+        frames = self.decode(lat.flatten(0, 1))  # (B*T, H, W, 3)
+        return list(frames.reshape(len(streams), self.window, *frames.shape[1:]))
+
+    def generate(
+        self, portrait: Portrait, audio: np.ndarray, seed: int = 0,
+        on_window: Callable[[int, int], None] | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Offline: yield exactly ceil(len(audio) / 640) frames (H, W, 3) uint8 for 16 kHz mono audio.
+
+        Audio is consumed a window at a time through the same incremental tokenizer the live engine
+        uses, so memory stays flat for any length. `on_window(done, total)` reports progress.
+        """
+        audio = np.asarray(audio, dtype=np.float32)
+        spf, T = self.samples_per_frame, self.window
+        n_frames = max(1, math.ceil(len(audio) / spf))
+        total_windows = math.ceil(n_frames / T)
+        stream = self.new_stream(portrait, seed)
+        tokenizer = self.audio_tokenizer()
+        pending: list[Tensor] = []  # token rows not yet generated
+        n_pending = 0
+        emitted = 0
+        chunk = T * spf
+        pos = 0
+        finished = False
+        while emitted < n_frames:
+            if n_pending < T and not finished:
+                if pos < len(audio):
+                    new = tokenizer.push(audio[pos:pos + chunk])
+                    pos += chunk
+                else:
+                    new = tokenizer.flush()
+                    finished = True
+                if new.shape[0]:
+                    pending.append(new)
+                    n_pending += new.shape[0]
+                continue
+            window = torch.cat(pending)  # (n_pending, M, Dt)
+            if window.shape[0] < T:  # the last, short window: pad with silence, drop the extra frames
+                window = torch.cat([window, self.silence_tokens(T - window.shape[0]).to(window)])
+            frames = self.generate_windows([stream], [window[:T]])[0]  # (T, H, W, 3)
+            rest = window[T:]
+            pending, n_pending = ([rest], rest.shape[0]) if rest.shape[0] else ([], 0)
+            if on_window is not None:
+                on_window(stream.windows_done, total_windows)
+            for frame in frames[: n_frames - emitted]:
+                emitted += 1
+                yield frame
+        if emitted == 0:
+            raise InputError("audio too short to make a single frame")
+
+
+@dataclass
+class GenerationResult:
+    path: Path
+    frames: int
+    seconds: float  # duration of the audio written
+
+
+def generate_video(
+    portrait: str | Path,
+    audio: str | Path,
+    out: str | Path,
+    model: str | Path | None = None,
+    pipeline: LetsTalkPipeline | None = None,
+    num_steps: int | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    detect_face: bool = True,
+    progress: bool = True,
+) -> GenerationResult:
+    """Animate `portrait` with `audio` and write an H.264 + AAC mp4 to `out` (atomically).
+
+    Every input is checked before the model runs; on any error nothing is left at `out`.
+    """
+    from .media import VideoWriter, load_audio, load_image
+
+    wav = load_audio(audio)  # InputError: unreadable / empty
+    image = load_image(portrait)  # InputError: not an image
+    if pipeline is None:
+        pipeline = LetsTalkPipeline.from_pretrained(model, device=device, num_steps=num_steps)
+    prepared = pipeline.prepare_portrait(image, detect=detect_face, name=str(portrait))  # NoFaceError
+    spf = pipeline.samples_per_frame
+    n_frames = max(1, math.ceil(len(wav) / spf))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_frames, unit="frame", desc="generating", dynamic_ncols=True)
+    with VideoWriter(out, pipeline.config.image_size, fps=pipeline.fps) as writer:  # OutputError at open
+        for i, frame in enumerate(pipeline.generate(prepared, wav, seed=seed)):
+            writer.write_frame(frame)
+            writer.write_audio(wav[i * spf:(i + 1) * spf])
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    return GenerationResult(path=Path(out), frames=n_frames, seconds=len(wav) / pipeline.config.audio.sample_rate)
