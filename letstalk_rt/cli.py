@@ -90,7 +90,81 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    _generate(args, ASSETS / "portrait.png", ASSETS / "speech.ogg", args.out)
+    """Stream the bundled speech through the live engine in real time and record what the tracks emit."""
+    import asyncio
+
+    from .media import load_image
+
+    image = load_image(ASSETS / "portrait.png")
+    pipe = _load_pipeline(args)
+    asyncio.run(_demo(pipe, image, ASSETS / DEMO_SPEECH, args))
+
+
+DEMO_SPEECH = "speech.ogg"
+
+
+async def _demo(pipe, image, speech: Path, args: argparse.Namespace) -> None:
+    import math
+
+    import numpy as np
+
+    from .media import VideoWriter
+    from .stream import EngineConfig, FileSource, StreamEngine
+
+    source = FileSource(speech, realtime=True)
+    ticks = math.ceil((source.seconds + 1.0) * pipe.fps)  # the speech and one second of rest after it
+    async with StreamEngine(pipe, EngineConfig(max_sessions=1, max_batch=1)) as engine:
+        session = await engine.open_session(image, seed=args.seed, detect_face=not args.no_face_detect)
+        feeder = asyncio.create_task(source.run(session))
+        video, audio = session.video_track(), session.audio_track()
+        print(f"streaming {source.seconds:.1f} s of speech in real time through the engine ...", file=sys.stderr)
+        with VideoWriter(args.out, pipe.config.image_size, fps=pipe.fps) as writer:
+            for i in range(ticks):
+                frame = await video.recv()
+                writer.write_frame(frame.to_ndarray(format="rgb24"))
+                for _ in range(2):  # this frame's two 20 ms packets
+                    packet = await audio.recv()
+                    writer.write_audio(packet.to_ndarray()[0].astype(np.float32) / 32768.0)
+                if not args.quiet and i % pipe.fps == 0:
+                    print(f"\r  {i / pipe.fps:5.1f} s streamed", end="", file=sys.stderr, flush=True)
+        await feeder
+        stats = session.stats()
+    if not args.quiet:
+        print(file=sys.stderr)
+    print(f"wrote {args.out} ({ticks} frames recorded from the WebRTC tracks)")
+    print(f"time to first frame {stats['first_frame_s'] * 1000:.0f} ms; speech-to-screen latency "
+          f"p50 {stats['latency_ms_p50'] or 0:.0f} ms, p95 {stats['latency_ms_p95'] or 0:.0f} ms; "
+          f"held (late) frames {stats['fillers']}; dropped {sum(stats['dropped'].values()) - stats['dropped'].get('late', 0)}")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from .bench import run_bench
+    from .media import load_audio, load_image
+    from .pipeline import LetsTalkPipeline
+
+    device = _device(args.device)
+    if args.preset:
+        from .config import model_preset
+
+        pipe = LetsTalkPipeline.from_config(model_preset(args.preset), device=device,
+                                            dtype=_dtype(args.dtype, device), num_steps=args.steps)
+        print(f"benchmarking preset {args.preset} with RANDOM weights (speed only)", file=sys.stderr)
+    else:
+        pipe = _load_pipeline(args)
+    portrait = pipe.prepare_portrait(load_image(ASSETS / "portrait.png"))
+    audio = load_audio(ASSETS / DEMO_SPEECH)
+    if args.soak:
+        counts, seconds = [1], float(args.soak)
+    else:
+        try:
+            counts = [int(x) for x in args.sessions.split(",")]
+        except ValueError:
+            raise LetsTalkError(f"--sessions {args.sessions!r}: give counts like 1,2,4") from None
+        seconds = args.seconds
+    run_bench(pipe, counts, seconds, np.asarray(audio), portrait, json_path=args.json,
+              breakdown=not args.soak)
 
 
 def cmd_new_model(args: argparse.Namespace) -> None:
@@ -115,10 +189,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("demo", help="run the bundled portrait and speech through the default model")
+    p = sub.add_parser("demo", help="stream the bundled speech through the live engine; record the tracks to mp4")
     p.add_argument("--out", type=Path, default=Path("letstalk_demo.mp4"), help="output .mp4")
     _add_model_args(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="measure real-time capacity: fps, latency, A/V offset, memory")
+    _add_model_args(p)
+    p.add_argument("--preset", choices=sorted(PRESETS_MODEL), default=None,
+                   help="benchmark a preset with RANDOM weights instead of a model directory (speed only)")
+    p.add_argument("--sessions", default="1", help="comma-separated concurrent session counts (default 1)")
+    p.add_argument("--seconds", type=float, default=20.0, help="seconds of streaming per session count")
+    p.add_argument("--soak", type=float, default=0.0, help="one session for this many seconds (A/V drift)")
+    p.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("new-model", help="write an UNTRAINED model directory for a preset (training start, benchmarks)")
     p.add_argument("--preset", required=True, choices=sorted(PRESETS_MODEL))

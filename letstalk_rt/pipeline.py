@@ -220,16 +220,18 @@ class LetsTalkPipeline:
     def generate_latents(self, streams: list[StreamState], tokens: list[Tensor]) -> Tensor:
         """One window for each stream, batched: tokens[i] is (T, M, Dt) -> clean latents (B, T, C, h, w).
 
-        Updates each stream's memory bank. T must equal the pipeline's window.
+        Updates each stream's memory bank. All streams of a batch generate the same number of frames
+        T, 1 <= T <= window (short windows let a live stream show its first frame, or the frame after
+        an interrupt, sooner).
         """
         if len(streams) != len(tokens) or not streams:
             raise ValueError("generate_latents needs one token tensor per stream, and at least one stream")
         tcfg = self.config.transformer
-        T = self.window
+        T = tokens[0].shape[0]
         shape = (tcfg.latent_channels, tcfg.latent_size, tcfg.latent_size)
-        for tok in tokens:
-            if tok.shape[0] != T:
-                raise ValueError(f"each stream needs tokens for exactly {T} frames, got {tok.shape[0]}")
+        if not 1 <= T <= self.window or any(tok.shape[0] != T for tok in tokens):
+            raise ValueError(f"every stream of a batch needs tokens for the same 1..{self.window} frames, "
+                             f"got {[tok.shape[0] for tok in tokens]}")
         dev = self.device
         noise, memory, mask = [], [], []
         for s in streams:
@@ -272,7 +274,7 @@ class LetsTalkPipeline:
         """One window per stream, batched; returns (T, H, W, 3) uint8 frames per stream."""
         lat = self.generate_latents(streams, tokens)  # (B, T, C, h, w)
         frames = self.decode(lat.flatten(0, 1))  # (B*T, H, W, 3)
-        return list(frames.reshape(len(streams), self.window, *frames.shape[1:]))
+        return list(frames.reshape(len(streams), lat.shape[1], *frames.shape[1:]))
 
     def generate(
         self, portrait: Portrait, audio: np.ndarray, seed: int = 0,

@@ -1,0 +1,10 @@
+"""The live part: engine, audio sources, paced WebRTC tracks, typed events."""
+
+from .engine import AudioBufferFull, CapacityError, EngineConfig, Session, SessionClosedError, StreamEngine
+from .events import AVFrame, Event
+from .sources import AudioSource, FileSource, MicrophoneSource, TrackSource
+
+__all__ = [
+    "AVFrame", "AudioBufferFull", "AudioSource", "CapacityError", "EngineConfig", "Event", "FileSource",
+    "MicrophoneSource", "Session", "SessionClosedError", "StreamEngine", "TrackSource",
+]

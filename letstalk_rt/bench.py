@@ -1,0 +1,230 @@
+"""`letstalk bench`: what the engine sustains on this machine, measured the way users feel it.
+
+    letstalk bench                                   # default model, 1 session, 20 s, CPU
+    letstalk bench --preset letstalk-b --device cuda --sessions 1,4,8,12 --seconds 30
+    letstalk bench --soak 1800                       # A/V offset after 30 minutes of streaming
+    letstalk bench --json out.json                   # machine-readable, for docs/benchmarks.md
+
+For each session count N: N sessions are fed real-time speech (the bundled clip, looped) in 20 ms
+chunks, and each session's video and audio tracks are read by a consumer at their own pace, exactly
+as aiortc's senders read them. Reported: generated frames/s, real-time factor (generated / needed),
+time to first frame, speech-to-screen latency p50/p95/p99, A/V offset at the track output, dropped and
+held frames, peak memory (RSS and CUDA). Then one window's cost broken down: audio encoding, each
+sampling step, decoding, so the slowest part is visible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import platform
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .pipeline import LetsTalkPipeline
+
+
+@dataclass
+class RunResult:
+    sessions: int
+    seconds: float
+    fps_generated: float  # all sessions together
+    realtime_factor: float  # generated frames / frames real time needs (>= 1 keeps up)
+    first_frame_ms_max: float
+    latency_ms_p50: float | None
+    latency_ms_p95: float | None
+    latency_ms_p99: float | None
+    av_offset_ms_max: float  # |audio release - video release| for the same 40 ms, at the tracks
+    held_frames: int  # frames shown as held (generation late)
+    dropped_frames: int  # frames skipped (interrupt / consumer)
+    peak_rss_mb: float
+    peak_cuda_mb: float | None
+    realtime: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        ok_latency = self.latency_ms_p95 is None or self.latency_ms_p95 < 1000
+        self.realtime = self.realtime_factor >= 0.99 and ok_latency
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+async def _consume(session, seconds: float, offsets: list[float]) -> None:
+    """Read both tracks like aiortc's senders; record how far apart the same 40 ms leaves them."""
+    video, audio = session.video_track(), session.audio_track()
+    fps = session.player.fps
+    v_times: dict[int, float] = {}
+    a_times: dict[int, float] = {}
+
+    async def read_video():
+        while True:
+            f = await video.recv()
+            v_times[int(f.pts * fps / 90000)] = time.monotonic()
+
+    async def read_audio():
+        while True:
+            f = await audio.recv()
+            packet = int(f.pts // 320)
+            if packet % 2 == 0:
+                a_times[packet // 2] = time.monotonic()
+
+    tasks = [asyncio.create_task(read_video()), asyncio.create_task(read_audio())]
+    await asyncio.sleep(seconds)
+    for t in tasks:
+        t.cancel()
+    video.stop()
+    audio.stop()
+    for i in v_times.keys() & a_times.keys():
+        offsets.append(abs(v_times[i] - a_times[i]) * 1000)
+
+
+async def _feed(session, audio: np.ndarray, seconds: float) -> None:
+    """Real-time speech with pauses: 20 ms chunks on an absolute schedule, looping the clip."""
+    chunk = 320
+    start = time.monotonic()
+    total = int(seconds * 16000)
+    for i, pos in enumerate(range(0, total, chunk)):
+        delay = start + i * chunk / 16000 - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if session.closed:
+            return
+        j = pos % len(audio)
+        session.push_audio(audio[j:j + chunk])
+
+
+async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np.ndarray, portrait) -> RunResult:
+    from .stream import EngineConfig, StreamEngine
+
+    if pipe.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(pipe.device)
+    engine = await StreamEngine(pipe, EngineConfig(max_sessions=n, max_batch=n)).start()
+    sessions = [await engine.open_session(portrait, seed=i) for i in range(n)]
+    offsets: list[float] = []
+    t0 = time.monotonic()
+    await asyncio.gather(*[_feed(s, audio, seconds) for s in sessions],
+                         *[_consume(s, seconds, offsets) for s in sessions])
+    took = time.monotonic() - t0
+    stats = [s.stats() for s in sessions]
+    lat = sorted(x for s in sessions for x in s.latencies)
+    pct = lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1000, 1) if lat else None  # noqa: E731
+    generated = sum(st["frames_generated"] for st in stats)
+    needed = sum(s.player.tick for s in sessions) or 1
+    held = sum(st["fillers"] for st in stats)
+    dropped = sum(v for st in stats for k, v in st["dropped"].items() if k != "late")
+    await engine.stop()
+    cuda = torch.cuda.max_memory_allocated(pipe.device) / 2**20 if pipe.device.type == "cuda" else None
+    return RunResult(
+        sessions=n, seconds=round(took, 1), fps_generated=round(generated / took, 1),
+        realtime_factor=round(generated / needed, 3),
+        first_frame_ms_max=round(max(st["first_frame_s"] or 0 for st in stats) * 1000, 1),
+        latency_ms_p50=pct(0.5), latency_ms_p95=pct(0.95), latency_ms_p99=pct(0.99),
+        av_offset_ms_max=round(max(offsets) if offsets else 0.0, 1), held_frames=held, dropped_frames=dropped,
+        peak_rss_mb=round(_rss_mb(), 1), peak_cuda_mb=None if cuda is None else round(cuda, 1),
+    )
+
+
+def window_breakdown(pipe: LetsTalkPipeline, batch: int = 1, repeats: int = 5) -> dict:
+    """Milliseconds of one window (batch sessions) split into audio encode, each step, decode."""
+    from .pipeline import Portrait
+
+    cfg = pipe.config
+    T = pipe.window
+    sync = (lambda: torch.cuda.synchronize(pipe.device)) if pipe.device.type == "cuda" else (lambda: None)
+    wav = np.random.default_rng(0).standard_normal(T * cfg.audio.samples_per_frame).astype(np.float32) * 0.1
+    latent = torch.zeros(cfg.transformer.latent_channels, cfg.autoencoder.latent_size, cfg.autoencoder.latent_size,
+                         device=pipe.device)
+    portrait = Portrait(image=np.zeros((cfg.image_size,) * 2 + (3,), np.uint8), latent=latent)
+    tokens = pipe.audio_tokens(wav)[:T]
+    streams = [pipe.new_stream(portrait, seed=i) for i in range(batch)]
+    results: dict[str, list[float]] = {"audio_encode": [], "decode": []}
+    for _ in range(repeats + 1):
+        sync()
+        t = time.perf_counter()
+        tok = pipe.audio_tokenizer()
+        tok.push(wav)
+        tok.flush()
+        sync()
+        results["audio_encode"].append((time.perf_counter() - t) * 1000)
+        step_times: list[float] = []
+        orig = pipe.transformer.forward
+
+        def timed(*a, **k):
+            sync()
+            s = time.perf_counter()
+            out = orig(*a, **k)
+            sync()
+            step_times.append((time.perf_counter() - s) * 1000)
+            return out
+
+        pipe.transformer.forward = timed  # type: ignore[method-assign]
+        try:
+            lat = pipe.generate_latents(streams, [tokens] * batch)
+        finally:
+            del pipe.transformer.forward
+        for i, ms in enumerate(step_times):
+            results.setdefault(f"step_{i + 1}", []).append(ms)
+        sync()
+        t = time.perf_counter()
+        pipe.decode(lat.flatten(0, 1))
+        sync()
+        results["decode"].append((time.perf_counter() - t) * 1000)
+    out = {k: round(float(np.median(v[1:])), 2) for k, v in results.items()}  # first run is warm-up
+    out["total"] = round(sum(out.values()), 2)
+    out["frames"] = T * batch
+    out["budget_ms"] = round(1000 * T / cfg.fps, 1)  # real time allows this much per window
+    return out
+
+
+def transformer_flops(pipe: LetsTalkPipeline, batch: int = 1) -> float:
+    """Arithmetic of one transformer evaluation for a window (multiply-adds x 2), counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = pipe.config
+    T, tc = pipe.window, cfg.transformer
+    dev = pipe.device
+    x = torch.zeros(batch, T, tc.latent_channels, tc.latent_size, tc.latent_size, device=dev)
+    args = (x, torch.ones(batch, device=dev), torch.zeros(batch, tc.latent_channels, tc.latent_size, tc.latent_size,
+                                                             device=dev),
+            torch.zeros(batch, T, tc.num_audio_tokens, tc.audio_token_dim, device=dev))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        pipe.transformer(*args)
+    return float(counter.get_total_flops())
+
+
+def machine() -> dict:
+    info = {"date": time.strftime("%Y-%m-%d"), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    try:
+        import os
+
+        info["cores"] = os.cpu_count()
+    except Exception:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def run_bench(pipe: LetsTalkPipeline, session_counts: list[int], seconds: float, audio: np.ndarray, portrait,
+              json_path: Path | None = None, breakdown: bool = True) -> dict:
+    report: dict = {"machine": machine(), "model": pipe.config.description or "untrained",
+                    "device": str(pipe.device), "dtype": str(pipe.dtype).replace("torch.", ""),
+                    "steps": pipe.num_steps, "window": pipe.window, "runs": []}
+    if breakdown:
+        report["window_ms"] = window_breakdown(pipe)
+        print("one window (ms):", json.dumps(report["window_ms"]))
+        report["transformer_gflops_per_window"] = round(transformer_flops(pipe) / 1e9, 2)
+    for n in session_counts:
+        result = asyncio.run(run_sessions(pipe, n, seconds, audio, portrait))
+        report["runs"].append(asdict(result))
+        print(json.dumps(asdict(result)))
+    if json_path is not None:
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+    return report

@@ -1,0 +1,661 @@
+"""The real-time engine: live audio in, paced and synchronized avatar frames out, many sessions per device.
+
+Threads and ownership:
+
+- the asyncio event loop owns every `Session`'s public API, its `Player` (the output clock and queue)
+  and its events; it never runs the model;
+- one worker thread per engine (= per device) owns the model: it moves each session's pushed PCM into
+  that session's incremental audio tokenizer, decides which sessions need a window now, batches them
+  into one forward pass (`LetsTalkPipeline.generate_latents`), decodes, and hands the frames back to the
+  loop with `call_soon_threadsafe`.
+
+Scheduling. A session needs a window when (a) it has audio tokens for a whole window, or (b) its
+playback would run dry before a window could be generated (its deadline): then the engine inserts
+silence, so the avatar keeps moving and never freezes. A session never runs more than `max_lead`
+frames ahead of playback, which bounds every queue. The first window of a session, and the first after
+an interrupt, is short (`first_window` frames) so the first frame shows quickly.
+
+Sync. Each generated frame carries exactly the 640 samples it was conditioned on (`AVFrame`), and the
+player releases frame i at `start + i / fps` on one absolute clock for both tracks, so the audio the
+user hears is the audio the lips were made from, delayed to match them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import InputError, LetsTalkError
+from ..pipeline import AudioTokenizer, LetsTalkPipeline, Portrait
+from .events import (
+    AVFrame, Event, FramesDropped, Interrupted, PlaybackPosition, SessionClosed, SessionError,
+    SpeechStarted, SpeechStopped, WindowTimings,
+)
+
+log = logging.getLogger(__name__)
+
+
+class CapacityError(LetsTalkError):
+    """The engine already runs its maximum number of sessions; retry later."""
+
+
+class SessionClosedError(LetsTalkError):
+    """The session was closed (by the application, an error, or the engine stopping)."""
+
+
+class AudioBufferFull(LetsTalkError):
+    """More audio was pushed than the session may queue ahead of playback."""
+
+
+@dataclass
+class EngineConfig:
+    max_sessions: int = 8  # admission cap for this device (set it from `letstalk bench`)
+    max_batch: int = 8  # sessions per forward pass
+    first_window: int = 2  # frames of a session's first window and of the first after an interrupt
+    lead_windows: float = 1.5  # generate at most this many windows ahead of playback
+    safety_ms: float = 30.0  # start a deadline window this long before the estimated need
+    max_pending_seconds: float = 30.0  # pushed audio not yet generated; more raises AudioBufferFull
+    speech_rms: float = 0.01  # frame audio RMS above which it counts as speech (for events)
+    speech_hangover_ms: float = 300.0  # silence needed before `speech_stopped`
+    event_queue_size: int = 256  # per session; when full, the oldest event is dropped
+    late_skip_ms: float = 200.0  # a reader this far behind the clock skips ahead (frames dropped)
+    warmup: bool = True  # run the largest batch once at start: refuse to start if it cannot run
+
+
+# --------------------------------------------------------------------------------------------------
+# Player: the output clock of one session (event loop side)
+# --------------------------------------------------------------------------------------------------
+
+
+class Player:
+    """Releases frame i at `start + i / fps`; both tracks and `Session.frames()` read from it.
+
+    The clock starts at the first read once a frame exists. A tick whose frame is not ready shows a
+    filler (the last frame held, silent audio), so the output never stalls; later frames shift by one.
+    """
+
+    def __init__(self, session: "Session", fps: int, samples_per_frame: int, keep_latents: int) -> None:
+        self.session = session
+        self.fps = fps
+        self.samples_per_frame = samples_per_frame
+        self.queue: collections.deque[AVFrame] = collections.deque()  # generated, not yet shown
+        self.start: float | None = None  # monotonic time of tick 0
+        self.tick = 0  # next tick to materialise
+        self.shown: collections.OrderedDict[int, AVFrame] = collections.OrderedDict()  # recent ticks
+        self.recent_latents: collections.deque = collections.deque(maxlen=max(keep_latents, 1))
+        self.first_frame = asyncio.Event()
+        self.last: AVFrame | None = None
+        # speech / position bookkeeping
+        self._speaking = False
+        self._silent_ticks = 0
+        self.speech_frames = 0
+        self.fillers = 0
+
+    # -- clock
+
+    def clock_tick(self, now: float | None = None) -> int:
+        """The tick due now (0 before the clock starts)."""
+        if self.start is None:
+            return 0
+        now = time.monotonic() if now is None else now
+        return max(0, int((now - self.start) * self.fps))
+
+    def due(self, tick: int) -> float:
+        assert self.start is not None
+        return self.start + tick / self.fps
+
+    async def wait_start(self) -> None:
+        """Start the clock at the first read once a frame exists (both tracks share it)."""
+        if self.start is None:
+            await self.first_frame.wait()
+            if self.start is None:
+                self.start = time.monotonic()
+                self.session._started_at = time.time()
+
+    async def get(self, tick: int, at: float | None = None) -> AVFrame:
+        """The frame for `tick`, released no earlier than its time (or than `at`, a later clock time)."""
+        await self.wait_start()
+        delay = max(self.due(tick), at or 0.0) - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        self._materialise(tick)
+        return self.shown.get(tick) or self.last  # type: ignore[return-value]
+
+    def _materialise(self, tick: int) -> None:
+        while self.tick <= tick:
+            if self.queue:
+                frame = self.queue.popleft()
+                self.recent_latents.append(frame.latent)
+            else:
+                frame = self._filler()
+                self.fillers += 1
+                if self.last is not None:
+                    self.session._count_drop(1, "late")
+            self.shown[self.tick] = frame
+            if len(self.shown) > 4 * self.fps:
+                self.shown.popitem(last=False)
+            self._observe(self.tick, frame)
+            self.last = frame
+            self.tick += 1
+        self.session.engine._wake()
+
+    def _filler(self) -> AVFrame:
+        silent = np.zeros(self.samples_per_frame, np.float32)
+        if self.last is None:  # nothing generated yet: not reachable after first_frame, kept for safety
+            size = self.session.pipeline.config.image_size
+            return AVFrame(index=-1, video=np.zeros((size, size, 3), np.uint8), audio=silent, speech=False, filler=True)
+        return AVFrame(index=self.last.index, video=self.last.video, audio=silent, speech=False, filler=True)
+
+    def _observe(self, tick: int, frame: AVFrame) -> None:
+        s = self.session
+        now = time.monotonic()
+        if frame.speech:
+            self.speech_frames += 1
+            self._silent_ticks = 0
+            if frame.audio_time is not None:
+                s.latencies.append(now - frame.audio_time)
+            if not self._speaking:
+                self._speaking = True
+                s._emit(SpeechStarted(s.id, frame=tick))
+        elif self._speaking:
+            self._silent_ticks += 1
+            if self._silent_ticks * 1000 / self.fps >= s.engine.config.speech_hangover_ms:
+                self._speaking = False
+                s._emit(SpeechStopped(s.id, frame=tick))
+        if tick % self.fps == 0 and tick:
+            s._emit(PlaybackPosition(s.id, frame=tick, seconds=tick / self.fps,
+                                     speech_seconds=self.speech_frames / self.fps))
+
+    def deliver(self, frames: list[AVFrame]) -> None:
+        self.queue.extend(frames)
+        if frames:
+            self.first_frame.set()
+
+    def clear(self) -> int:
+        n = len(self.queue)
+        self.queue.clear()
+        return n
+
+
+# --------------------------------------------------------------------------------------------------
+# Session: one avatar stream (public API on the event loop)
+# --------------------------------------------------------------------------------------------------
+
+
+class Session:
+    """A live avatar: push audio, read paced frames (or attach WebRTC tracks), interrupt, close."""
+
+    def __init__(self, engine: "StreamEngine", portrait: Portrait, seed: int, session_id: str | None) -> None:
+        self.engine = engine
+        self.pipeline: LetsTalkPipeline = engine.pipeline
+        self.id = session_id or uuid.uuid4().hex[:16]
+        self.loop = asyncio.get_running_loop()
+        cfg = self.pipeline.config
+        self.sample_rate = cfg.audio.sample_rate
+        self.samples_per_frame = cfg.audio.samples_per_frame
+        self.player = Player(self, cfg.fps, self.samples_per_frame, cfg.transformer.num_memory)
+        self.closed = False
+        self.close_reason = ""
+        self.opened_at = time.monotonic()
+        self._started_at: float | None = None
+        self.first_frame_s: float | None = None  # open -> first frame generated
+        self.latencies: collections.deque[float] = collections.deque(maxlen=10000)  # speech arrival -> shown
+        self.dropped = collections.Counter()
+        self._events: asyncio.Queue[Event] = asyncio.Queue(maxsize=engine.config.event_queue_size)
+        self._resampler = None
+        # shared with the worker thread (guarded by _lock)
+        self._lock = threading.Lock()
+        self._pcm_in: collections.deque[tuple[np.ndarray, float, bool]] = collections.deque()
+        self._pending_samples = 0
+        self._epoch = 0
+        self._reset: list | None = None  # latents to roll the memory back to, set by interrupt()
+        self._inflight = 0  # frames generated by the worker whose delivery the loop has not run yet
+        self._last_late_event = 0.0
+        self._late_reported = 0
+        # worker-thread state
+        self._w = _WorkerState(self.pipeline.new_stream(portrait, seed), self.pipeline.audio_tokenizer())
+
+    # -- audio in
+
+    def push_audio(self, pcm: np.ndarray, sample_rate: int | None = None) -> None:
+        """Queue speech: int16 or float32 samples, (n,) mono or (n, channels), at `sample_rate` (default 16 kHz)."""
+        self._check_open()
+        pcm = np.asarray(pcm)
+        if pcm.dtype not in (np.int16, np.float32, np.float64) or pcm.ndim not in (1, 2):
+            raise InputError(f"audio must be int16 or float32 samples shaped (n,) or (n, channels), "
+                             f"got {pcm.dtype} {pcm.shape}")
+        rate = sample_rate or self.sample_rate
+        if rate == self.sample_rate and pcm.ndim == 1:
+            mono = pcm.astype(np.float32) / 32768.0 if pcm.dtype == np.int16 else pcm.astype(np.float32)
+        else:
+            if self._resampler is None:
+                from ..media import PcmResampler
+
+                self._resampler = PcmResampler()
+            mono = self._resampler.push(pcm, rate)
+        if not len(mono):
+            return
+        with self._lock:
+            if self._pending_samples + len(mono) > self.engine.config.max_pending_seconds * self.sample_rate:
+                raise AudioBufferFull(
+                    f"session {self.id}: more than {self.engine.config.max_pending_seconds:.0f} s of audio queued "
+                    "ahead of playback; push audio at about real-time pace or call interrupt()")
+            self._pcm_in.append((mono, time.monotonic(), True))
+            self._pending_samples += len(mono)
+        self.engine._wake()
+
+    def end_speech(self) -> None:
+        """Mark the end of an utterance: its last frames are rendered now instead of waiting for more audio."""
+        self._check_open()
+        lookahead = self._w.tokenizer.lookahead_ms / 1000
+        silence = np.zeros(int(math.ceil(lookahead * self.sample_rate)) + self.samples_per_frame, np.float32)
+        with self._lock:
+            self._pcm_in.append((silence, time.monotonic(), False))
+            self._pending_samples += len(silence)
+        self.engine._wake()
+
+    def interrupt(self) -> None:
+        """Drop queued speech and unshown frames; the avatar continues from the frame on screen."""
+        self._check_open()
+        with self._lock:
+            self._pcm_in.clear()
+            self._pending_samples = 0
+            self._epoch += 1
+            self._reset = [z for z in self.player.recent_latents if z is not None]
+        dropped = self.player.clear()
+        if dropped:
+            self._count_drop(dropped, "interrupt")
+        self._emit(Interrupted(self.id, dropped_frames=dropped))
+        self.engine._wake()
+
+    # -- frames and events out
+
+    async def frames(self) -> AsyncIterator[AVFrame]:
+        """Paced frames, one per 1/fps from the first read (the same clock the tracks use)."""
+        for tick in itertools.count():
+            if self.closed:
+                return
+            yield await self.player.get(tick)
+
+    def video_track(self):
+        from .tracks import AvatarVideoTrack
+
+        return AvatarVideoTrack(self)
+
+    def audio_track(self):
+        from .tracks import AvatarAudioTrack
+
+        return AvatarAudioTrack(self)
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Events until the session closes (the last one is SessionClosed)."""
+        while True:
+            ev = await self._events.get()
+            yield ev
+            if isinstance(ev, SessionClosed):
+                return
+
+    def stats(self) -> dict:
+        lat = sorted(self.latencies)
+        pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1000 if lat else None  # noqa: E731
+        return {
+            "session": self.id,
+            "frames_generated": self._w.frames_generated,
+            "windows": self._w.stream.windows_done,
+            "ticks": self.player.tick,
+            "fillers": self.player.fillers,
+            "dropped": dict(self.dropped),
+            "first_frame_s": self.first_frame_s,
+            "latency_ms_p50": pct(0.50),
+            "latency_ms_p95": pct(0.95),
+            "latency_ms_p99": pct(0.99),
+        }
+
+    async def close(self, reason: str = "closed") -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = reason
+        with self._lock:
+            self._pcm_in.clear()
+            self._pending_samples = 0
+        self.player.clear()
+        self.player.first_frame.set()  # release readers waiting for a first frame
+        self.engine._remove(self)
+        self._emit(SessionClosed(self.id, reason=reason), force=True)
+
+    async def __aenter__(self) -> "Session":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    # -- internals (event loop)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise SessionClosedError(f"session {self.id} is closed ({self.close_reason})")
+
+    def _emit(self, event: Event, force: bool = False) -> None:
+        if self._events.full():
+            try:
+                self._events.get_nowait()  # drop the oldest: a slow subscriber must not grow memory
+            except asyncio.QueueEmpty:
+                pass
+        self._events.put_nowait(event)
+
+    def _count_drop(self, n: int, reason: str) -> None:
+        self.dropped[reason] += n
+        now = time.monotonic()
+        if reason == "late":  # at most one event a second, carrying the count since the last one
+            if now - self._last_late_event < 1.0:
+                return
+            self._last_late_event = now
+            n = self.dropped["late"] - self._late_reported
+            self._late_reported = self.dropped["late"]
+        self._emit(FramesDropped(self.id, count=n, reason=reason))  # type: ignore[arg-type]
+
+    def _deliver(self, epoch: int, frames: list[AVFrame], timings: WindowTimings) -> None:
+        self._inflight -= len(frames)
+        if self.closed or epoch != self._epoch:
+            return  # generated before an interrupt: never shown
+        if self.first_frame_s is None:
+            self.first_frame_s = time.monotonic() - self.opened_at
+        self.player.deliver(frames)
+        self._emit(timings)
+
+    def _fail(self, message: str) -> None:
+        if self.closed:
+            return
+        self._emit(SessionError(self.id, message=message))
+        self.loop.create_task(self.close(reason="error"))
+
+
+class _WorkerState:
+    """The part of a session only the worker thread touches."""
+
+    def __init__(self, stream, tokenizer: AudioTokenizer) -> None:
+        self.stream = stream
+        self.tokenizer = tokenizer
+        self.tokens: list[torch.Tensor] = []  # (n, M, Dt) chunks not yet generated
+        self.n_tokens = 0
+        self.timeline: collections.deque[list] = collections.deque()  # [samples, arrival, speech] fed to the tokenizer
+        self.fresh = True  # next window is a short one (session start / after interrupt)
+        self.frames_generated = 0
+        self.encode_ms = 0.0
+
+    def take_tokens(self, n: int) -> torch.Tensor:
+        allt = torch.cat(self.tokens)  # (n_tokens, M, Dt)
+        rest = allt[n:]
+        self.tokens = [rest] if rest.shape[0] else []
+        self.n_tokens = rest.shape[0]
+        return allt[:n]
+
+    def take_audio(self, n: int) -> tuple[np.ndarray, bool, float | None]:
+        """The next n samples of the timeline, whether any were speech, and the last speech arrival."""
+        out, speech, arrival, need = [], False, None, n
+        while need and self.timeline:
+            chunk = self.timeline[0]
+            take = chunk[0][:need]
+            out.append(take)
+            if chunk[2]:
+                speech = True
+                arrival = chunk[1]
+            if len(take) == len(chunk[0]):
+                self.timeline.popleft()
+            else:
+                chunk[0] = chunk[0][need:]
+            need -= len(take)
+        audio = np.concatenate(out) if out else np.zeros(0, np.float32)
+        if len(audio) < n:
+            audio = np.pad(audio, (0, n - len(audio)))
+        return audio, speech, arrival
+
+
+# --------------------------------------------------------------------------------------------------
+# The engine
+# --------------------------------------------------------------------------------------------------
+
+
+class StreamEngine:
+    """One model on one device shared by many sessions; windows of concurrent sessions run batched."""
+
+    def __init__(self, pipeline: LetsTalkPipeline, config: EngineConfig | None = None) -> None:
+        self.pipeline = pipeline
+        self.config = config or EngineConfig()
+        self.sessions: dict[str, Session] = {}
+        self._reserved = 0
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._gen_ms: dict[int, float] = {}  # EMA of batch generation time by window length
+        self.windows_run = 0
+
+    # -- lifecycle
+
+    async def start(self) -> "StreamEngine":
+        if self._thread is not None:
+            return self
+        if self.config.warmup:
+            await asyncio.to_thread(self._warmup)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="letstalk-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    async def stop(self) -> None:
+        for s in list(self.sessions.values()):
+            await s.close(reason="engine stopped")
+        self._stopping = True
+        self._wake()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
+            self._thread = None
+
+    async def __aenter__(self) -> "StreamEngine":
+        return await self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    def _warmup(self) -> None:
+        """Run the largest batch once: a device that cannot hold it fails here, with the fix."""
+        p = self.pipeline
+        cfg = p.config
+        size = cfg.image_size
+        portrait = Portrait(image=np.zeros((size, size, 3), np.uint8),
+                            latent=torch.zeros(cfg.transformer.latent_channels, cfg.autoencoder.latent_size,
+                                               cfg.autoencoder.latent_size, device=p.device))
+        tokens = p.silence_tokens(p.window)
+        for t in sorted({p.window, min(self.config.first_window, p.window)}):
+            streams = [p.new_stream(portrait) for _ in range(self.config.max_batch)]
+            try:
+                start = time.perf_counter()
+                lat = p.generate_latents(streams, [tokens[:t]] * len(streams))
+                p.decode(lat.flatten(0, 1))
+                self._gen_ms[t] = (time.perf_counter() - start) * 1000
+            except torch.cuda.OutOfMemoryError:  # type: ignore[attr-defined]
+                raise LetsTalkError(f"warm-up with {self.config.max_batch} sessions per batch ran out of GPU memory; "
+                                    "lower max_batch / max_sessions") from None
+
+    # -- sessions
+
+    async def open_session(self, portrait: np.ndarray | Portrait, seed: int = 0, detect_face: bool = True,
+                           session_id: str | None = None) -> Session:
+        """Admit (or refuse at once with CapacityError), prepare the portrait, start generating."""
+        if self._thread is None:
+            raise LetsTalkError("call `await engine.start()` before opening sessions")
+        if len(self.sessions) + self._reserved >= self.config.max_sessions:
+            raise CapacityError(f"this engine already runs {self.config.max_sessions} sessions; retry later")
+        self._reserved += 1  # hold the slot through the (slow) portrait preparation
+        try:
+            if not isinstance(portrait, Portrait):
+                portrait = await asyncio.to_thread(self.pipeline.prepare_portrait, portrait, detect_face)
+            session = Session(self, portrait, seed, session_id)
+            if session.id in self.sessions:
+                raise InputError(f"session id {session.id!r} is already in use")
+        finally:
+            self._reserved -= 1
+        with self._cond:
+            self.sessions[session.id] = session
+            self._cond.notify()
+        return session
+
+    def _remove(self, session: Session) -> None:
+        with self._cond:
+            self.sessions.pop(session.id, None)
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    # -- worker thread
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stopping:
+            try:
+                jobs = self._plan()
+            except Exception:  # never let the worker die: planning errors are per session below
+                log.exception("engine planning failed")
+                jobs = []
+            if not jobs:
+                with self._cond:
+                    if not self._stopping:
+                        self._cond.wait(timeout=0.01)
+                continue
+            self._execute(jobs)
+
+    def _plan(self) -> list[tuple[Session, int, int]]:
+        """Ingest audio of every session and pick one batch: [(session, frames, epoch)]."""
+        now = time.monotonic()
+        ready: list[tuple[float, Session, int, int]] = []
+        for s in list(self.sessions.values()):
+            if s.closed:
+                continue
+            try:
+                item = self._prepare(s, now)
+            except Exception as e:  # a broken session must not stop the others
+                log.exception("session %s failed while preparing a window", s.id)
+                s.loop.call_soon_threadsafe(s._fail, f"audio processing failed: {e}")
+                continue
+            if item is not None:
+                ready.append(item)
+        if not ready:
+            return []
+        ready.sort(key=lambda r: r[0])  # earliest deadline first
+        frames = ready[0][2]
+        return [(s, n, epoch) for _, s, n, epoch in ready if n == frames][: self.config.max_batch]
+
+    def _prepare(self, s: Session, now: float) -> tuple[float, Session, int, int] | None:
+        w = s._w
+        with s._lock:
+            if s._reset is not None:  # interrupt: start over from what is on screen
+                w.tokenizer = self.pipeline.audio_tokenizer()
+                w.tokens, w.n_tokens, w.timeline = [], 0, collections.deque()
+                latents = s._reset
+                w.stream.memory.reset()
+                if latents:
+                    w.stream.memory.update(torch.stack([z.cpu() for z in latents]))
+                w.fresh = True
+                s._reset = None
+            epoch = s._epoch
+        window = self.pipeline.window
+        t0 = time.perf_counter()
+        # Tokenize queued audio, but hold no more than two windows of tokens: the rest waits, bounded, in _pcm_in.
+        while w.n_tokens < 2 * window:
+            with s._lock:
+                if not s._pcm_in:
+                    break
+                pcm, arrival, speech = s._pcm_in.popleft()
+                s._pending_samples -= len(pcm)
+            self._feed(w, pcm, arrival, speech)
+        want = min(self.config.first_window, window) if w.fresh else window
+        player = s.player
+        ahead = len(player.queue) + s._inflight  # generated, not yet shown
+        lead_cap = int(self.config.lead_windows * window)
+        if ahead >= lead_cap or (player.start is None and w.frames_generated > 0 and ahead >= want):
+            w.encode_ms += (time.perf_counter() - t0) * 1000
+            return None
+        # When does playback run dry? (now for a session with no frame yet)
+        if player.start is None:
+            dry_at = now if w.frames_generated == 0 else math.inf
+        else:
+            dry_at = player.due(player.tick + len(player.queue))
+        if w.n_tokens < want:
+            gen_s = self._gen_ms.get(want, 50.0) / 1000
+            if dry_at - now > gen_s + self.config.safety_ms / 1000:
+                w.encode_ms += (time.perf_counter() - t0) * 1000
+                return None  # speech may still arrive in time
+            silence = np.zeros(s.samples_per_frame, np.float32)
+            for _ in range(10 * window):  # keep the avatar alive: fill with silence up to a window
+                if w.n_tokens >= want:
+                    break
+                self._feed(w, silence, now, False)
+        w.encode_ms += (time.perf_counter() - t0) * 1000
+        return (dry_at, s, want, epoch)
+
+    @staticmethod
+    def _feed(w: _WorkerState, pcm: np.ndarray, arrival: float, speech: bool) -> None:
+        tokens = w.tokenizer.push(pcm)
+        w.timeline.append([pcm, arrival, speech])
+        if tokens.shape[0]:
+            w.tokens.append(tokens)
+            w.n_tokens += tokens.shape[0]
+
+    def _execute(self, jobs: list[tuple[Session, int, int]]) -> None:
+        frames = jobs[0][1]
+        try:
+            results = self._generate([s for s, _, _ in jobs], frames)
+        except Exception as e:
+            if len(jobs) == 1:
+                s = jobs[0][0]
+                log.exception("generation failed for session %s", s.id)
+                s.loop.call_soon_threadsafe(s._fail, f"generation failed: {type(e).__name__}: {e}")
+                return
+            for job in jobs:  # find the culprit: run each alone, the healthy ones continue
+                self._execute([job])
+            return
+        gen_ms, dec_ms, latents, videos = results
+        self._gen_ms[frames] = 0.8 * self._gen_ms.get(frames, gen_ms + dec_ms) + 0.2 * (gen_ms + dec_ms)
+        self.windows_run += 1
+        for b, (s, n, epoch) in enumerate(jobs):
+            w = s._w
+            out = []
+            for i in range(n):
+                audio, speech, arrival = w.take_audio(s.samples_per_frame)
+                speech = speech and float(np.sqrt(np.mean(audio ** 2))) > self.config.speech_rms
+                out.append(AVFrame(index=w.frames_generated + i, video=videos[b][i], audio=audio, speech=speech,
+                                   latent=latents[b, i], audio_time=arrival if speech else None))
+            w.frames_generated += n
+            w.fresh = False
+            timings = WindowTimings(s.id, window=w.stream.windows_done, frames=n, batch=len(jobs),
+                                    encode_ms=w.encode_ms, generate_ms=gen_ms, decode_ms=dec_ms,
+                                    lead_frames=len(s.player.queue) + n)
+            w.encode_ms = 0.0
+            s._inflight += n
+            s.loop.call_soon_threadsafe(s._deliver, epoch, out, timings)
+
+    def _generate(self, sessions: list[Session], frames: int):
+        p = self.pipeline
+        tokens = [s._w.take_tokens(frames) for s in sessions]
+        t0 = time.perf_counter()
+        lat = p.generate_latents([s._w.stream for s in sessions], tokens)  # (B, T, C, h, w)
+        if p.device.type == "cuda":
+            torch.cuda.synchronize(p.device)
+        t1 = time.perf_counter()
+        video = p.decode(lat.flatten(0, 1))  # (B*T, H, W, 3)
+        t2 = time.perf_counter()
+        video = video.reshape(len(sessions), frames, *video.shape[1:])
+        return (t1 - t0) * 1000, (t2 - t1) * 1000, lat.float().cpu(), video

@@ -1,0 +1,117 @@
+"""Typed frames and events of a live session.
+
+`AVFrame` is one 40 ms tick of output: a video frame and exactly the 640 audio samples the model was
+conditioned on for it, so lips and sound travel together and cannot drift apart inside the engine.
+
+Events are what an application subscribes to (`Session.events()`), in the conventions users know from
+streaming-avatar APIs: the avatar started/stopped talking (at playback time, not at input time),
+playback position, per-window timings, dropped frames, errors, closed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class AVFrame:
+    """One output tick: a video frame and its audio."""
+
+    index: int  # position in the session's generated sequence (0, 1, 2, ...)
+    video: np.ndarray  # (H, W, 3) uint8 RGB
+    audio: np.ndarray  # (samples_per_frame,) float32 mono 16 kHz: what this frame says
+    speech: bool  # True when the audio holds the user's speech (not silence the engine inserted)
+    latent: Tensor | None = None  # (C, h, w) the frame's clean latent, kept to roll the memory back on interrupt
+    audio_time: float | None = None  # wall time the last sample of this frame's speech arrived (latency)
+    filler: bool = False  # True for a held frame shown because generation was late
+
+
+@dataclass(frozen=True)
+class Event:
+    session_id: str
+    time: float = field(default_factory=time.time)  # wall clock (seconds since the epoch)
+
+    @property
+    def type(self) -> str:
+        return _EVENT_NAMES[type(self)]
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items()}
+        d["type"] = self.type
+        return d
+
+
+@dataclass(frozen=True)
+class SpeechStarted(Event):
+    """The avatar started talking: the first frame with speech is being shown."""
+
+    frame: int = 0
+
+
+@dataclass(frozen=True)
+class SpeechStopped(Event):
+    """The avatar stopped talking (after a short hang-over of silence)."""
+
+    frame: int = 0
+
+
+@dataclass(frozen=True)
+class PlaybackPosition(Event):
+    """Emitted every second of playback: frames shown and seconds of output so far."""
+
+    frame: int = 0
+    seconds: float = 0.0
+    speech_seconds: float = 0.0  # seconds of the user's speech played so far
+
+
+@dataclass(frozen=True)
+class WindowTimings(Event):
+    """One generated window: how long it waited and took."""
+
+    window: int = 0
+    frames: int = 0
+    batch: int = 1  # sessions in the forward pass
+    encode_ms: float = 0.0  # audio encoding for this session's new audio
+    generate_ms: float = 0.0  # the sampling steps, whole batch
+    decode_ms: float = 0.0  # DC-AE decode, whole batch
+    lead_frames: int = 0  # frames generated ahead of playback after delivery
+
+
+@dataclass(frozen=True)
+class FramesDropped(Event):
+    count: int = 0
+    reason: Literal["interrupt", "late", "consumer"] = "late"
+
+
+@dataclass(frozen=True)
+class Interrupted(Event):
+    """Pending speech was cleared; `dropped_frames` unshown frames were discarded."""
+
+    dropped_frames: int = 0
+
+
+@dataclass(frozen=True)
+class SessionError(Event):
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class SessionClosed(Event):
+    reason: str = "closed"
+
+
+_EVENT_NAMES: dict[type, str] = {
+    SpeechStarted: "speech_started",
+    SpeechStopped: "speech_stopped",
+    PlaybackPosition: "playback_position",
+    WindowTimings: "window_timings",
+    FramesDropped: "frames_dropped",
+    Interrupted: "interrupted",
+    SessionError: "error",
+    SessionClosed: "closed",
+}

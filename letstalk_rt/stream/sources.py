@@ -1,0 +1,128 @@
+"""Live audio sources behind one async interface: each yields (pcm, sample_rate) chunks.
+
+    source = FileSource("speech.wav")                  # a file played at real-time pace
+    source = TrackSource(remote_audio_track)          # an aiortc track received from a peer
+    source = MicrophoneSource()                       # the local microphone (pip install 'letstalk-rt[mic]')
+    await source.run(session)                         # push every chunk, then end_speech()
+
+An application that produces PCM itself (a TTS stream, a websocket) calls `session.push_audio` directly.
+Any rate and channel count is accepted; the session resamples to 16 kHz mono with PyAV.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import InputError
+
+if TYPE_CHECKING:
+    from .engine import Session
+
+
+class AudioSource(ABC):
+    @abstractmethod
+    def chunks(self) -> AsyncIterator[tuple[np.ndarray, int]]:
+        """Yield (samples, sample_rate); samples int16/float32 shaped (n,) or (n, channels)."""
+
+    async def run(self, session: "Session", end_speech: bool = True) -> None:
+        """Push every chunk into `session` until the source ends (or the session closes)."""
+        async for pcm, rate in self.chunks():
+            if session.closed:
+                return
+            session.push_audio(pcm, rate)
+        if end_speech and not session.closed:
+            session.end_speech()
+
+
+class FileSource(AudioSource):
+    """A file decoded with PyAV and released at real-time pace (or as fast as possible)."""
+
+    def __init__(self, path: str | Path, realtime: bool = True, chunk_ms: int = 20, sample_rate: int = 16000) -> None:
+        from ..media import load_audio
+
+        self.audio = load_audio(path, sample_rate)  # InputError at construction: fail before streaming
+        self.realtime = realtime
+        self.rate = sample_rate
+        self.chunk = int(sample_rate * chunk_ms / 1000)
+
+    @property
+    def seconds(self) -> float:
+        return len(self.audio) / self.rate
+
+    async def chunks(self) -> AsyncIterator[tuple[np.ndarray, int]]:
+        start = time.monotonic()
+        for i, pos in enumerate(range(0, len(self.audio), self.chunk)):
+            if self.realtime:  # absolute schedule: chunk i is released at start + i * chunk duration
+                delay = start + i * self.chunk / self.rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            yield self.audio[pos:pos + self.chunk], self.rate
+
+
+class TrackSource(AudioSource):
+    """Audio frames received on an aiortc track (e.g. the browser's microphone)."""
+
+    def __init__(self, track) -> None:
+        if getattr(track, "kind", None) != "audio":
+            raise InputError(f"TrackSource needs an audio track, got {getattr(track, 'kind', track)!r}")
+        self.track = track
+
+    async def chunks(self) -> AsyncIterator[tuple[np.ndarray, int]]:
+        from aiortc.mediastreams import MediaStreamError
+
+        while True:
+            try:
+                frame = await self.track.recv()
+            except MediaStreamError:
+                return
+            pcm = frame.to_ndarray()  # packed s16: (1, n * channels); planar: (channels, n)
+            channels = len(frame.layout.channels)
+            if frame.format.is_planar:
+                pcm = pcm.T  # (n, channels)
+            else:
+                pcm = pcm.reshape(-1, channels)  # (n, channels)
+            if pcm.dtype != np.int16:
+                pcm = pcm.astype(np.float32)
+            yield (pcm[:, 0] if channels == 1 else pcm), frame.sample_rate
+
+
+class MicrophoneSource(AudioSource):
+    """The local microphone through sounddevice (optional extra `[mic]`)."""
+
+    def __init__(self, device: int | str | None = None, sample_rate: int = 16000, chunk_ms: int = 20,
+                 max_queue: int = 100) -> None:
+        try:
+            import sounddevice  # noqa: F401
+        except (ImportError, OSError) as e:
+            raise InputError(f"the microphone source needs sounddevice and PortAudio: pip install 'letstalk-rt[mic]' "
+                             f"({e})") from None
+        self.device = device
+        self.rate = sample_rate
+        self.blocksize = int(sample_rate * chunk_ms / 1000)
+        self.max_queue = max_queue  # 2 s of 20 ms blocks; older blocks are dropped if the loop lags
+
+    async def chunks(self) -> AsyncIterator[tuple[np.ndarray, int]]:
+        import sounddevice as sd
+
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[np.ndarray] = asyncio.Queue(self.max_queue)
+
+        def put(block: np.ndarray) -> None:
+            if queue.full():
+                queue.get_nowait()
+            queue.put_nowait(block)
+
+        def callback(indata, frames, time_info, status) -> None:  # PortAudio thread
+            loop.call_soon_threadsafe(put, indata[:, 0].copy())
+
+        with sd.InputStream(samplerate=self.rate, channels=1, dtype="float32", blocksize=self.blocksize,
+                            device=self.device, callback=callback):
+            while True:
+                yield await queue.get(), self.rate

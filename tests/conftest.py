@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny seeded models and short real inputs, all on the CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """An untrained tiny model directory (32x32 frames, 4-frame windows), random weights from seed 0.
+
+    The transformer's zero-initialised output layer would make every video identical, so all weights
+    are perturbed (seeded) to make the conditions matter the way they do in a trained model.
+    """
+    from letstalk_rt.checkpoint import build_components, save_model
+    from letstalk_rt.config import model_preset
+
+    comps = build_components(model_preset("tiny"), seed=0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in comps.transformer.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return save_model(comps, tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_model_dir):
+    from letstalk_rt.pipeline import LetsTalkPipeline
+
+    return LetsTalkPipeline.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def astronaut_png(tmp_path_factory) -> Path:
+    from PIL import Image
+    from skimage import data
+
+    path = tmp_path_factory.mktemp("img") / "astronaut.png"
+    Image.fromarray(data.astronaut()).save(path)
+    return path
+
+
+def speechlike(seconds: float, rate: int = 16000, seed: int = 0) -> np.ndarray:
+    """A deterministic voiced signal with syllable-rate amplitude modulation (float32 mono)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    f0 = 120 + 20 * np.sin(2 * np.pi * 0.5 * t)
+    voice = np.sin(2 * np.pi * np.cumsum(f0) / rate) + 0.3 * np.sin(2 * np.pi * 3 * np.cumsum(f0) / rate)
+    envelope = np.clip(np.sin(2 * np.pi * 4 * t), 0, None)
+    return (0.3 * voice * envelope + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+@pytest.fixture
+def wav_file(tmp_path):
+    """Factory: write `seconds` of speech-like audio as a wav at `rate` and return its path."""
+    import av
+
+    def make(seconds: float, rate: int = 16000, name: str = "speech.wav") -> Path:
+        path = tmp_path / name
+        pcm = (speechlike(seconds, rate) * 32767).astype(np.int16)
+        with av.open(str(path), "w") as out:
+            stream = out.add_stream("pcm_s16le", rate=rate, layout="mono")
+            frame = av.AudioFrame.from_ndarray(pcm[None], format="s16", layout="mono")
+            frame.sample_rate = rate
+            for packet in stream.encode(frame):
+                out.mux(packet)
+            for packet in stream.encode(None):
+                out.mux(packet)
+        return path
+
+    return make

@@ -1,0 +1,88 @@
+"""`letstalk generate` end to end on the tiny model: exact frame count, synced audio, clean failures."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from letstalk_rt.cli import main
+from letstalk_rt.media import probe
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _run(capsys, *argv) -> tuple[int, str]:
+    code = main(list(map(str, argv)))
+    err = capsys.readouterr().err
+    return code, err
+
+
+def _leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+@pytest.mark.parametrize("seconds,rate", [(2.0, 16000), (1.3, 44100)])
+def test_generate_writes_exact_frames_and_synced_audio(capsys, tmp_path, tiny_model_dir, astronaut_png, wav_file,
+                                                        seconds, rate):
+    audio = wav_file(seconds, rate)
+    out = tmp_path / "out" / "talk.mp4"
+    out.parent.mkdir()
+    code, err = _run(capsys, "generate", "--portrait", astronaut_png, "--audio", audio, "--out", out,
+                     "--model", tiny_model_dir, "--quiet")
+    assert code == 0, err
+    info = probe(out)
+    assert info.video_frames == math.ceil(seconds * 25)
+    assert info.fps == 25
+    assert (info.width, info.height) == (32, 32)
+    assert abs(info.audio_seconds - seconds) <= 0.04
+    assert _leftovers(out.parent) == ["talk.mp4"]  # no temporary file left behind
+
+
+def _expect_error(capsys, tmp_path, tiny_model_dir, portrait, audio, match, out=None, model=None):
+    out = out or tmp_path / "result.mp4"
+    code, err = _run(capsys, "generate", "--portrait", portrait, "--audio", audio, "--out", out,
+                     "--model", model or tiny_model_dir, "--quiet")
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("letstalk: error:")]
+    assert len(lines) == 1, err
+    assert match in lines[0].lower(), lines[0]
+    assert "Traceback" not in err
+    assert not Path(out).exists()
+    if Path(out).parent.exists():
+        assert not [p for p in Path(out).parent.iterdir() if p.name.startswith(".") and "partial" in p.name]
+
+
+def test_bad_inputs_fail_with_one_clear_line_and_no_output(capsys, tmp_path, tiny_model_dir, astronaut_png, wav_file):
+    good_audio = wav_file(0.5)
+    cases = [
+        (FIXTURES / "not_image.png", good_audio, "image"),
+        (FIXTURES / "no_face.png", good_audio, "face"),
+        (astronaut_png, FIXTURES / "not_audio.wav", "audio"),
+        (astronaut_png, FIXTURES / "empty.wav", "audio"),
+        (astronaut_png, tmp_path / "missing.wav", "missing.wav"),
+        (tmp_path / "missing.png", good_audio, "missing.png"),
+    ]
+    for portrait, audio, match in cases:
+        _expect_error(capsys, tmp_path, tiny_model_dir, portrait, audio, match)
+
+
+def test_missing_model_and_unwritable_output(capsys, tmp_path, tiny_model_dir, astronaut_png, wav_file):
+    audio = wav_file(0.5)
+    _expect_error(capsys, tmp_path, tiny_model_dir, astronaut_png, audio, "model directory",
+                  model=tmp_path / "no_such_model")
+    _expect_error(capsys, tmp_path, tiny_model_dir, astronaut_png, audio, "no_such_dir",
+                  out=tmp_path / "no_such_dir" / "x.mp4")
+
+
+def test_console_script_reports_errors_without_traceback(tmp_path, astronaut_png):
+    """The installed entry point: a wrong file exits 2 with one line on stderr."""
+    proc = subprocess.run([sys.executable, "-m", "letstalk_rt.cli", "generate", "--portrait", str(astronaut_png),
+                           "--audio", str(tmp_path / "nothing.wav"), "--out", str(tmp_path / "o.mp4")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("letstalk: error:") and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o.mp4").exists()

@@ -1,0 +1,256 @@
+"""The streaming engine on the tiny model, in real time (each test streams a few seconds)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import speechlike
+from letstalk_rt.stream import AudioBufferFull, CapacityError, EngineConfig, StreamEngine
+from letstalk_rt.stream.events import SessionClosed, SessionError, SpeechStarted, SpeechStopped, WindowTimings
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, timeout=120))
+
+
+def _portrait(pipe, value: int):
+    rng = np.random.default_rng(value)
+    img = np.clip(rng.normal(value, 30, (40, 40, 3)), 0, 255).astype(np.uint8)
+    return pipe.prepare_portrait(img, detect=False)
+
+
+async def _engine(pipe, **kw) -> StreamEngine:
+    return await StreamEngine(pipe, EngineConfig(**{"warmup": False, **kw})).start()
+
+
+async def _collect(session, seconds: float) -> list:
+    out = []
+    async for frame in session.frames():
+        out.append(frame)
+        if len(out) >= seconds * 25:
+            return out
+    return out
+
+
+def _drain_events(session) -> list:
+    out = []
+    while not session._events.empty():
+        out.append(session._events.get_nowait())
+    return out
+
+
+def test_every_pushed_sample_comes_out_once_in_order_on_whole_frames(tiny_pipeline):
+    """Frame count = audio duration x 25, and each frame carries its own 40 ms: the pushed speech
+    appears sample-exact and contiguous in the frames' audio, starting on a frame boundary."""
+    speech = speechlike(1.0) + 0.05  # 16000 samples = 25 frames, never exactly zero
+
+    async def main():
+        engine = await _engine(tiny_pipeline)
+        session = await engine.open_session(_portrait(tiny_pipeline, 100))
+        for pos in range(0, len(speech), 320):  # 20 ms chunks
+            session.push_audio(speech[pos:pos + 320])
+        session.end_speech()
+        frames = await _collect(session, 2.5)
+        await engine.stop()
+        return frames
+
+    frames = run(main())
+    audio = np.concatenate([f.audio for f in frames])
+    nonzero = np.flatnonzero(audio)
+    start = nonzero[0]
+    assert start % 640 == 0
+    np.testing.assert_array_equal(audio[start:start + len(speech)], speech)
+    assert not audio[start + len(speech):].any()  # nothing after: no repeated or leaked speech
+    speech_frames = [f for f in frames if f.audio.any()]
+    assert len(speech_frames) == 25
+    assert all(f.video.shape == (32, 32, 3) for f in frames)
+    idx = [f.index for f in frames if not f.filler]
+    assert idx == sorted(idx) and len(set(idx)) == len(idx)
+
+
+def test_tracks_are_paced_on_one_clock_with_monotonic_pts_and_matching_audio(tiny_pipeline):
+    from letstalk_rt.stream.tracks import AUDIO_PTIME
+
+    async def main():
+        engine = await _engine(tiny_pipeline)
+        session = await engine.open_session(_portrait(tiny_pipeline, 80))
+        speech = speechlike(1.0) + 0.05
+        session.push_audio(speech)
+        session.end_speech()
+        video, audio = session.video_track(), session.audio_track()
+
+        async def read(track, n):
+            out = []
+            for _ in range(n):
+                frame = await track.recv()
+                out.append((frame, time.monotonic()))
+            return out
+
+        v, a = await asyncio.gather(read(video, 50), read(audio, 100))
+        player = session.player
+        shown = [player.shown[i] for i in range(50)]
+        start = player.start
+        video.stop(); audio.stop()
+        await engine.stop()
+        return v, a, shown, start
+
+    v, a, shown, start = run(main())
+    vpts = [f.pts for f, _ in v]
+    apts = [f.pts for f, _ in a]
+    assert np.all(np.diff(vpts) == 3600) and vpts[0] == 0
+    assert np.all(np.diff(apts) == 320) and apts[0] == 0
+    # nothing is released before its due time on the shared clock
+    assert all(t >= start + i / 25 - 1e-3 for i, (_, t) in enumerate(v))
+    assert all(t >= start + j * AUDIO_PTIME - 1e-3 for j, (_, t) in enumerate(a))
+    # audio packets 2i, 2i+1 are exactly frame i's audio: lips and sound cannot be offset
+    track_audio = np.concatenate([f.to_ndarray()[0] for f, _ in a])
+    frame_audio = (np.clip(np.concatenate([f.audio for f in shown]), -1, 1) * 32767).astype(np.int16)
+    np.testing.assert_array_equal(track_audio, frame_audio)
+
+
+def test_silence_keeps_the_avatar_alive_without_speech_events(tiny_pipeline):
+    async def main():
+        engine = await _engine(tiny_pipeline)
+        session = await engine.open_session(_portrait(tiny_pipeline, 60))
+        frames = await _collect(session, 2.0)
+        events = _drain_events(session)
+        await engine.stop()
+        return frames, events
+
+    frames, events = run(main())
+    assert len(frames) == 50
+    real = [f for f in frames if not f.filler]
+    assert len(real) >= 45  # generated, not held: the avatar keeps moving
+    assert len({f.video.tobytes() for f in real}) > 10
+    assert not any(f.speech for f in frames)
+    assert not any(isinstance(e, (SpeechStarted, SpeechStopped)) for e in events)
+    assert any(isinstance(e, WindowTimings) for e in events)
+
+
+def test_speech_events_follow_playback(tiny_pipeline):
+    async def main():
+        engine = await _engine(tiny_pipeline)
+        session = await engine.open_session(_portrait(tiny_pipeline, 60))
+        session.push_audio(speechlike(1.0) + 0.05)
+        session.end_speech()
+        frames = await _collect(session, 2.5)
+        events = _drain_events(session)
+        await engine.stop()
+        return frames, events
+
+    frames, events = run(main())
+    kinds = [type(e) for e in events if isinstance(e, (SpeechStarted, SpeechStopped))]
+    assert kinds == [SpeechStarted, SpeechStopped]
+    first_speech = next(i for i, f in enumerate(frames) if f.speech)
+    started = next(e for e in events if isinstance(e, SpeechStarted))
+    assert started.frame == first_speech
+
+
+def test_interrupt_flushes_speech_and_continues_quickly(tiny_pipeline):
+    async def main():
+        engine = await _engine(tiny_pipeline)
+        session = await engine.open_session(_portrait(tiny_pipeline, 120))
+        session.push_audio(speechlike(6.0) + 0.05)
+        frames = []
+        interrupted_at = None
+        after = []
+        async for f in session.frames():
+            frames.append(f)
+            if interrupted_at is None and sum(x.speech for x in frames) >= 10:
+                session.interrupt()
+                interrupted_at = time.monotonic()
+                continue
+            if interrupted_at is not None:
+                after.append((f, time.monotonic()))
+                if len(after) >= 25:
+                    break
+        await engine.stop()
+        return after, interrupted_at
+
+    after, interrupted_at = run(main())
+    assert not any(f.speech for f, _ in after)  # queued speech is gone at once
+    first_new = next(t for f, t in after if not f.filler)
+    assert first_new - interrupted_at < 0.5  # generous for CI; `letstalk bench` measures the real figure
+
+
+def test_queues_stay_bounded_when_the_consumer_stalls(tiny_pipeline):
+    async def main():
+        engine = await _engine(tiny_pipeline, max_pending_seconds=5.0)
+        session = await engine.open_session(_portrait(tiny_pipeline, 90))
+        session.push_audio(speechlike(4.0))
+        with pytest.raises(AudioBufferFull):
+            session.push_audio(speechlike(2.0))
+        await asyncio.sleep(1.5)  # nobody reads
+        lead = len(session.player.queue) + session._inflight
+        tokens = session._w.n_tokens
+        await engine.stop()
+        return lead, tokens
+
+    lead, tokens = run(main())
+    window = tiny_pipeline.window
+    assert lead <= int(1.5 * window) + window
+    assert tokens <= 3 * window
+
+
+def test_two_sessions_are_batched_and_stay_separate(tiny_pipeline):
+    async def main():
+        engine = await _engine(tiny_pipeline)
+        a = await engine.open_session(_portrait(tiny_pipeline, 30), seed=1)
+        b = await engine.open_session(_portrait(tiny_pipeline, 220), seed=1)
+        fa, fb = await asyncio.gather(_collect(a, 1.6), _collect(b, 1.6))
+        events = _drain_events(a) + _drain_events(b)
+        await engine.stop()
+        return fa, fb, events
+
+    fa, fb, events = run(main())
+    assert max(e.batch for e in events if isinstance(e, WindowTimings)) == 2
+    ra = [f.video for f in fa if not f.filler]
+    rb = [f.video for f in fb if not f.filler]
+    assert all(not np.array_equal(x, y) for x, y in zip(ra, rb))
+
+
+def test_a_failing_session_ends_with_an_error_and_the_others_keep_running(tiny_pipeline):
+    async def main():
+        engine = await _engine(tiny_pipeline)
+        good = await engine.open_session(_portrait(tiny_pipeline, 30))
+        bad = await engine.open_session(_portrait(tiny_pipeline, 200))
+        bad._w.stream.portrait.latent = torch.zeros(3, 3)  # a corrupted state: its forward pass raises
+        events = []
+
+        async def watch():
+            async for e in bad.events():
+                events.append(e)
+
+        watcher = asyncio.create_task(watch())
+        frames = await _collect(good, 1.5)
+        await asyncio.wait_for(watcher, 5)
+        assert bad.closed and not good.closed
+        await engine.stop()
+        return frames, events
+
+    frames, events = run(main())
+    assert len([f for f in frames if not f.filler]) >= 30
+    assert any(isinstance(e, SessionError) and "generation failed" in e.message for e in events)
+    assert isinstance(events[-1], SessionClosed) and events[-1].reason == "error"
+
+
+def test_admission_cap_refuses_at_once(tiny_pipeline):
+    async def main():
+        engine = await _engine(tiny_pipeline, max_sessions=1)
+        s = await engine.open_session(_portrait(tiny_pipeline, 30))
+        t0 = time.monotonic()
+        with pytest.raises(CapacityError):
+            await engine.open_session(_portrait(tiny_pipeline, 40))
+        refused_in = time.monotonic() - t0
+        await s.close()
+        again = await engine.open_session(_portrait(tiny_pipeline, 40))  # the slot is free again
+        await engine.stop()
+        return refused_in, again
+
+    refused_in, again = run(main())
+    assert again.closed  # engine.stop() closed it

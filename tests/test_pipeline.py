@@ -1,0 +1,139 @@
+"""Checkpoints and window-by-window generation on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import speechlike
+from letstalk_rt.checkpoint import load_model, save_model
+from letstalk_rt.errors import ModelError
+from letstalk_rt.pipeline import LetsTalkPipeline
+
+
+def test_checkpoint_round_trip_gives_identical_weights(tiny_model_dir, tmp_path):
+    comps = load_model(tiny_model_dir)
+    save_model(comps, tmp_path / "copy")
+    again = load_model(tmp_path / "copy")
+    for name, module in comps.modules().items():
+        a, b = module.state_dict(), getattr(again, name).state_dict()
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "copy" / "config.json").read_text())["trained"] is False
+
+
+def test_broken_model_directories_raise_model_error(tiny_model_dir, tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        load_model(tmp_path / "nope")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    with pytest.raises(ModelError, match="config.json is missing"):
+        load_model(broken)
+    (broken / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    with pytest.raises(ModelError, match="incomplete"):
+        load_model(broken)
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    cfg["transformer"]["colour"] = 3
+    (broken / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match="colour"):
+        load_model(broken)
+    # weights that do not fit the config: a different depth
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    cfg["transformer"]["hidden_size"] = 96
+    cfg["transformer"]["num_heads"] = 3
+    bad = tmp_path / "mismatch"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps(cfg))
+    for f in tiny_model_dir.glob("*.safetensors"):
+        (bad / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(ModelError, match="does not fit"):
+        load_model(bad)
+
+
+def test_incremental_tokens_equal_offline(tiny_pipeline):
+    wav = speechlike(1.37)
+    offline = tiny_pipeline.audio_tokens(wav)  # (F, M, Dt)
+    assert offline.shape[0] == math.ceil(len(wav) / 640)
+    rng = np.random.default_rng(0)
+    tok = tiny_pipeline.audio_tokenizer()
+    parts, pos = [], 0
+    while pos < len(wav):
+        n = int(rng.integers(1, 3000))
+        parts.append(tok.push(wav[pos:pos + n]))
+        pos += n
+    parts.append(tok.flush())
+    online = torch.cat(parts)
+    assert online.shape == offline.shape
+    torch.testing.assert_close(online, offline, atol=1e-4, rtol=1e-4)
+    assert tok.lookahead_ms >= 80  # margin of 2 frames at least
+
+
+@pytest.mark.parametrize("seconds", [0.04, 0.5, 1.0, 1.33])
+def test_offline_frame_count_is_exact(tiny_pipeline, seconds):
+    portrait = tiny_pipeline.prepare_portrait(np.full((64, 64, 3), 128, np.uint8), detect=False)
+    wav = speechlike(seconds)
+    frames = list(tiny_pipeline.generate(portrait, wav, seed=0))
+    assert len(frames) == math.ceil(len(wav) / 640)
+    assert frames[0].shape == (32, 32, 3) and frames[0].dtype == np.uint8
+
+
+def test_generation_is_deterministic_and_depends_on_seed_audio_and_portrait(tiny_pipeline):
+    rng = np.random.default_rng(1)
+    img_a = rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)
+    img_b = np.ascontiguousarray(img_a[::-1])
+    pa = tiny_pipeline.prepare_portrait(img_a, detect=False)
+    pb = tiny_pipeline.prepare_portrait(img_b, detect=False)
+    wav = speechlike(0.6)
+    run = lambda p, w, s: np.stack(list(tiny_pipeline.generate(p, w, seed=s)))  # noqa: E731
+    base = run(pa, wav, 0)
+    assert np.array_equal(base, run(pa, wav, 0))
+    assert not np.array_equal(base, run(pa, wav, 1))
+    assert not np.array_equal(base, run(pb, wav, 0))
+    assert not np.array_equal(base, run(pa, speechlike(0.6, seed=5) * 3, 0))
+
+
+def test_batched_streams_match_solo_streams(tiny_pipeline):
+    """Sessions batched into one forward pass get the frames they would get alone (no bleeding)."""
+    rng = np.random.default_rng(2)
+    portraits = [tiny_pipeline.prepare_portrait(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8), detect=False)
+                 for _ in range(3)]
+    T = tiny_pipeline.window
+    tokens = [tiny_pipeline.audio_tokens(speechlike(T / 25, seed=i))[:T] for i in range(3)]
+    solo = []
+    for i, p in enumerate(portraits):
+        s = tiny_pipeline.new_stream(p, seed=i)
+        solo.append([tiny_pipeline.generate_windows([s], [tokens[i]])[0] for _ in range(2)])
+    streams = [tiny_pipeline.new_stream(p, seed=i) for i, p in enumerate(portraits)]
+    batched = [tiny_pipeline.generate_windows(streams, tokens) for _ in range(2)]
+    for w in range(2):
+        for i in range(3):
+            diff = np.abs(batched[w][i].astype(int) - solo[i][w].astype(int))
+            assert diff.max() <= 1  # equal up to float summation order
+
+
+def test_memory_bank_carries_between_windows(tiny_pipeline):
+    """The second window differs when the first window was different (continuity through memory)."""
+    p = tiny_pipeline.prepare_portrait(np.full((40, 40, 3), 90, np.uint8), detect=False)
+    T = tiny_pipeline.window
+    tok = tiny_pipeline.audio_tokens(speechlike(2 * T / 25))
+    a = tiny_pipeline.new_stream(p, seed=0)
+    b = tiny_pipeline.new_stream(p, seed=0)
+    tiny_pipeline.generate_windows([a], [tok[:T]])
+    tiny_pipeline.generate_windows([b], [tok[:T] * 0])  # different first window
+    b.generator.manual_seed(0); a.generator.manual_seed(0)  # same noise for the second window
+    wa = tiny_pipeline.generate_windows([a], [tok[T:2 * T]])[0]
+    wb = tiny_pipeline.generate_windows([b], [tok[T:2 * T]])[0]
+    assert not np.array_equal(wa, wb)
+    a.memory.reset(); b.memory.reset()
+    a.generator.manual_seed(0); b.generator.manual_seed(0)
+    assert np.array_equal(tiny_pipeline.generate_windows([a], [tok[T:2 * T]])[0],
+                          tiny_pipeline.generate_windows([b], [tok[T:2 * T]])[0])
+
+
+def test_bad_step_count_is_refused(tiny_model_dir):
+    with pytest.raises(ValueError, match="1 to 50"):
+        LetsTalkPipeline.from_pretrained(tiny_model_dir, num_steps=0)
