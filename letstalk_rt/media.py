@@ -1,0 +1,507 @@
+"""Every audio and video byte that enters or leaves letstalk-rt goes through here (PyAV; Pillow for stills).
+
+    load_audio(path)        any file PyAV reads (wav, mp3, m4a/aac, ogg/opus, flac, a video's audio track)
+                            -> float32 mono in [-1, 1] at 16 kHz
+    PcmResampler            the same conversion for a live stream of PCM chunks (int16/float, any rate/channels)
+    load_image(path)        any still Pillow reads -> uint8 (H, W, 3) RGB, EXIF rotation applied
+    VideoWriter             frames + their audio -> H.264 (yuv420p) + AAC mp4, streamed, renamed into place only
+                            when complete
+    probe(path), read_frames(path)   decode-counted facts and RGB frames of a written video (tests, eval)
+
+Time conventions (config.py): video at FPS = 25, audio at SAMPLE_RATE = 16 kHz, so one frame owns 640 samples.
+
+Every failure a user can cause (missing file, not media, no audio, empty audio, unwritable output) raises
+InputError / OutputError with one line saying what is wrong and what to give instead; raw av / PIL
+exceptions never escape.
+
+PyAV facts this module relies on (PyAV 18 / FFmpeg 8):
+- FFmpeg's default stereo -> mono downmix is 0.707 * (L + R), which clips full-scale stereo; the swr option
+  `rematrix_maxval=1` normalises the matrix, so stereo becomes (L + R) / 2 (the average of the channels).
+- `av.AudioResampler` refuses a frame whose format/layout/rate differ from its first one; `_MonoConverter`
+  flushes and rebuilds it when that happens (mp3 streams can change rate mid-file, live sources can too).
+- The AAC encoder's frame size (1024) is known only once the codec is open; its last frame may be short.
+  The mp4 edit list records the exact sample count, but decoding still yields the zero-padding of that last
+  frame (up to 1023 samples), so readers trim mp4/mov audio to the stream's declared duration.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+
+from .errors import InputError, LetsTalkError, OutputError
+
+SAMPLE_RATE = 16000  # Hz: every audio path converts to this
+FPS = 25  # video frames per second: each frame owns SAMPLE_RATE // FPS = 640 samples
+
+AUDIO_HINT = "give a WAV/MP3/M4A/OGG/FLAC file (or a video with an audio track)"
+IMAGE_HINT = "give a PNG/JPEG/WEBP/BMP photo"
+
+# What PyAV raises for bad media: FFmpegError and its subclasses (also OSError / ValueError subclasses),
+# plus plain Python errors from its frame conversions.
+_AV_ERRORS: tuple[type[BaseException], ...] = (av.error.FFmpegError, OSError, ValueError, EOFError, RuntimeError,
+                                               TypeError)
+_MOV_FORMATS = ("mov", "mp4", "m4a", "3gp")  # containers whose declared audio duration is sample-exact
+
+
+def _reason(e: BaseException) -> str:
+    """The one-line cause of a library error, without FFmpeg's errno prefix or the file name."""
+    text = getattr(e, "strerror", None) if isinstance(e, av.error.FFmpegError) else None
+    text = text or str(e) or type(e).__name__
+    return " ".join(str(text).split())
+
+
+def _check_readable(path: Path, kind: str, hint: str) -> None:
+    """InputError for the mistakes that are not about the content: missing, a directory, unreadable."""
+    if not path.exists():
+        raise InputError(f"{kind} file '{path}' does not exist; {hint}")
+    if path.is_dir():
+        raise InputError(f"{kind} file '{path}' is a directory; {hint}")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{kind} file '{path}' cannot be read (permission denied); {hint}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Audio in
+# --------------------------------------------------------------------------------------------------
+
+
+class _MonoConverter:
+    """AudioFrames of any format, layout and rate -> float32 mono chunks at `rate`.
+
+    Wraps one `av.AudioResampler`, rebuilt (after flushing the old one) whenever the input changes.
+    Input pts are rewritten to a continuous sample count so timestamp gaps never make the filter
+    graph insert or drop samples: the output length follows the input length only.
+    """
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self._key: tuple[str, int, str, int] | None = None
+        self._resampler: av.AudioResampler | None = None
+        self._pts = 0  # input samples pushed into the current resampler
+
+    def push(self, frame: av.AudioFrame) -> list[np.ndarray]:
+        if frame.samples == 0:
+            return []
+        key = (frame.format.name, frame.layout.nb_channels, frame.layout.name, frame.sample_rate)
+        out = self.flush() if key != self._key else []
+        if self._resampler is None:
+            # rematrix_maxval=1: stereo -> (L + R) / 2 instead of FFmpeg's clipping 0.707 * (L + R)
+            self._resampler = av.AudioResampler(format="flt", layout="mono", rate=self.rate,
+                                                options={"rematrix_maxval": "1.0"})
+            self._key, self._pts = key, 0
+        frame.pts = self._pts
+        frame.time_base = Fraction(1, frame.sample_rate)
+        self._pts += frame.samples
+        out += [f.to_ndarray().reshape(-1) for f in self._resampler.resample(frame)]  # packed mono: (1, n)
+        return out
+
+    def flush(self) -> list[np.ndarray]:
+        """Drain the resampler's filter delay (a few ms) and forget the input format."""
+        if self._resampler is None:
+            return []
+        out = [f.to_ndarray().reshape(-1) for f in self._resampler.resample(None)]
+        self._resampler, self._key = None, None
+        return out
+
+
+def _concat(chunks: list[np.ndarray]) -> np.ndarray:
+    if not chunks:
+        return np.zeros(0, np.float32)
+    return np.concatenate(chunks).astype(np.float32, copy=False)
+
+
+def _declared_samples(container: Any, stream: Any, rate: int) -> int | None:
+    """Exact sample count (at `rate`) an mp4/mov stream declares through its edit list, else None."""
+    names = container.format.name.split(",")
+    if not any(n in _MOV_FORMATS for n in names) or not stream.duration or stream.time_base is None:
+        return None
+    return round(float(stream.duration * stream.time_base) * rate)
+
+
+def _trim_to_declared(n: int, declared: int | None, rate: int) -> int:
+    """Drop the AAC encoder's zero-padding past the declared end (at most 0.1 s, never real audio)."""
+    if declared is not None and declared < n <= declared + rate // 10:
+        return declared
+    return n
+
+
+def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Decode the first audio track of `path` -> float32 mono in [-1, 1] at `sample_rate`.
+
+    Any container and codec PyAV reads, at any rate and channel count (stereo is averaged). Raises
+    InputError (one line) for a missing file, a file that is not media, no audio track, or no samples.
+    """
+    path = Path(path)
+    _check_readable(path, "audio", AUDIO_HINT)
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                kinds = sorted({s.type for s in container.streams}) or ["nothing"]
+                raise InputError(f"audio file '{path}' has no audio stream (it holds {', '.join(kinds)}); "
+                                 f"{AUDIO_HINT}")
+            stream = container.streams.audio[0]
+            converter = _MonoConverter(sample_rate)
+            chunks: list[np.ndarray] = []
+            for frame in container.decode(stream):
+                chunks += converter.push(frame)
+            chunks += converter.flush()
+            declared = _declared_samples(container, stream, sample_rate)
+    except LetsTalkError:
+        raise
+    except _AV_ERRORS as e:
+        raise InputError(f"audio file '{path}' could not be decoded: {_reason(e)}; {AUDIO_HINT}") from e
+    audio = _concat(chunks)
+    audio = audio[:_trim_to_declared(len(audio), declared, sample_rate)]
+    if len(audio) == 0:
+        raise InputError(f"audio file '{path}' decodes to zero samples (it is empty); "
+                         f"give a file that contains speech")
+    audio = np.nan_to_num(audio, nan=0.0, posinf=1.0, neginf=-1.0)
+    return np.clip(audio, -1.0, 1.0)  # (n,) float32
+
+
+class PcmResampler:
+    """Streaming conversion of PCM chunks to float32 mono at 16 kHz, for live audio sources.
+
+    `push(samples, rate)` takes int16 or float samples shaped (n,) or (n, channels) and returns the
+    converted samples available so far (the resampler holds back ~1 ms of filter delay); `flush()`
+    returns the rest at the end of a stream. Concatenated outputs equal offline conversion of the
+    whole signal to within a few samples. The input rate or channel count may change between calls.
+    """
+
+    def __init__(self, sample_rate: int = SAMPLE_RATE) -> None:
+        self.sample_rate = sample_rate
+        self._converter = _MonoConverter(sample_rate)
+
+    def push(self, samples: np.ndarray, rate: int) -> np.ndarray:
+        pcm = np.asarray(samples)
+        if pcm.ndim not in (1, 2) or pcm.dtype not in (np.int16, np.float32, np.float64):
+            raise InputError(f"PCM must be int16 or float samples shaped (n,) or (n, channels), "
+                             f"got {pcm.dtype} {pcm.shape}")
+        if int(rate) != rate or rate <= 0:
+            raise InputError(f"PCM sample rate must be a positive integer, got {rate!r}")
+        pcm = pcm[:, None] if pcm.ndim == 1 else pcm  # (n, channels)
+        n, channels = pcm.shape
+        if n == 0 or channels == 0:
+            return np.zeros(0, np.float32)
+        if pcm.dtype == np.int16:
+            fmt = "s16"
+        else:
+            fmt, pcm = "flt", pcm.astype(np.float32, copy=False)
+        layout = {1: "mono", 2: "stereo"}.get(channels, f"{channels}c")
+        data = np.ascontiguousarray(pcm).reshape(1, n * channels)  # packed: (1, n * channels)
+        frame = av.AudioFrame.from_ndarray(data, format=fmt, layout=layout)
+        frame.sample_rate = int(rate)
+        return _concat(self._converter.push(frame))  # (m,) float32
+
+    def flush(self) -> np.ndarray:
+        """The samples still inside the resampler; the next push starts a fresh stream."""
+        return _concat(self._converter.flush())
+
+
+# --------------------------------------------------------------------------------------------------
+# Images in
+# --------------------------------------------------------------------------------------------------
+
+
+def _to_rgb(im: Any) -> np.ndarray:
+    """A Pillow image of any mode -> uint8 (H, W, 3); transparency is composited onto white."""
+    from PIL import Image
+
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # 16/32-bit or float grayscale
+        gray = np.asarray(im, dtype=np.float64)
+        top = 1.0 if im.mode == "F" and gray.max() <= 1.0 else (65535.0 if gray.max() > 255 else 255.0)
+        gray = np.clip(gray / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, rgba)
+    return np.array(im.convert("RGB"), dtype=np.uint8)
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Read a still image -> uint8 (H, W, 3) RGB (grayscale, palette, alpha and 16-bit converted).
+
+    The EXIF orientation is applied, so a phone portrait comes out upright. InputError for a missing
+    file or a file Pillow cannot decode.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    _check_readable(path, "image", IMAGE_HINT)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            rgb = _to_rgb(ImageOps.exif_transpose(im))
+    except UnidentifiedImageError:
+        raise InputError(f"image file '{path}' is not an image Pillow can read; {IMAGE_HINT}") from None
+    except Exception as e:  # Pillow raises OSError, SyntaxError, struct.error, ...: all mean a bad file here
+        raise InputError(f"image file '{path}' could not be decoded: {_reason(e)}; {IMAGE_HINT}") from e
+    return rgb  # (H, W, 3) uint8
+
+
+# --------------------------------------------------------------------------------------------------
+# Video out
+# --------------------------------------------------------------------------------------------------
+
+
+_partial_ids = itertools.count()
+
+
+class VideoWriter:
+    """Stream RGB frames and mono audio into an H.264 (yuv420p, libx264) + AAC mp4.
+
+    Memory stays flat for any length: frames go straight to the encoders and the muxer interleaves
+    packets. The file is written as `.NAME.partial-PID-N` beside `path` and renamed onto `path` only by
+    a successful `close()`, so a crash or an error never leaves a half-written file looking complete.
+    As a context manager it closes on success and aborts (deleting the partial file) on an exception.
+
+    `size` is the side of square frames or (width, height); both must be even (yuv420p).
+    Feed it a frame and then that frame's `sample_rate // fps` samples, repeatedly; audio chunks of
+    any length are re-cut to the AAC frame size, and the stream holds exactly the samples written.
+    """
+
+    def __init__(self, path: str | Path, size: int | tuple[int, int], fps: int = FPS,
+                 sample_rate: int = SAMPLE_RATE, audio: bool = True, crf: int = 20,
+                 preset: str = "medium") -> None:
+        self.path = Path(path)
+        width, height = (size, size) if np.ndim(size) == 0 else size  # type: ignore[misc]
+        self.width, self.height = int(width), int(height)
+        self.fps, self.sample_rate = int(fps), int(sample_rate)
+        self.frames_written = 0
+        self.samples_written = 0
+        self._audio_pts = 0  # samples handed to the AAC encoder so far
+        self._state = "init"
+        if self.width <= 0 or self.height <= 0 or self.width % 2 or self.height % 2:
+            raise OutputError(f"video size {self.width}x{self.height} cannot be encoded as yuv420p H.264; "
+                              f"use even, positive width and height")
+        self._tmp = self._create_partial()
+        self._state = "open"
+        try:
+            self._container = av.open(str(self._tmp), "w", format="mp4", options={"movflags": "+faststart"})
+            self._video = self._container.add_stream("libx264", rate=self.fps,
+                                                     options={"crf": str(crf), "preset": preset})
+            self._video.width, self._video.height = self.width, self.height
+            self._video.pix_fmt = "yuv420p"
+            self._audio = None
+            if audio:
+                self._audio = self._container.add_stream("aac", rate=self.sample_rate, layout="mono")
+                self._audio.bit_rate = 48000 if self.sample_rate <= 16000 else 96000
+                self._audio.codec_context.open()  # frame_size (1024) is known only once open
+                self._fifo = av.AudioFifo()
+        except _AV_ERRORS as e:
+            self.abort()
+            raise OutputError(f"cannot start encoding '{self.path}' ({self.width}x{self.height} @ {self.fps} fps, "
+                              f"audio {self.sample_rate} Hz): {_reason(e)}") from e
+
+    def _create_partial(self) -> Path:
+        """Check the destination and create the empty partial file; OutputError with the fix if not possible."""
+        path, parent = self.path, self.path.parent
+        if path.is_dir():
+            raise OutputError(f"output path '{path}' is a directory; give a file name such as '{path / 'talk.mp4'}'")
+        if not parent.is_dir():
+            what = "is not a directory" if parent.exists() else "does not exist"
+            raise OutputError(f"output directory '{parent}' {what}; create it or choose another output path")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise OutputError(f"output directory '{parent}' is not writable; choose another output path")
+        for _ in range(100):
+            tmp = parent / f".{path.name}.partial-{os.getpid()}-{next(_partial_ids)}"
+            try:
+                os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+                return tmp
+            except FileExistsError:
+                continue
+            except OSError as e:
+                raise OutputError(f"cannot write in '{parent}': {_reason(e)}; choose another output path") from e
+        raise OutputError(f"cannot create a temporary file in '{parent}'; remove stale '.{path.name}.partial-*' files")
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise RuntimeError(f"VideoWriter for '{self.path}' is {self._state}; open a new one to write more")
+
+    def _mux(self, stream: Any, frame: Any) -> None:
+        for packet in stream.encode(frame):
+            self._container.mux(packet)
+
+    def _fail(self, e: BaseException, doing: str) -> OutputError:
+        self.abort()
+        return OutputError(f"writing '{self.path}' failed while {doing}: {_reason(e)}; nothing was saved")
+
+    def write_frame(self, rgb: np.ndarray) -> None:
+        """Encode one uint8 (H, W, 3) RGB frame; its presentation time is frames_written / fps."""
+        self._check_open()
+        rgb = np.asarray(rgb)
+        if rgb.dtype != np.uint8 or rgb.shape != (self.height, self.width, 3):
+            raise ValueError(f"write_frame expects uint8 ({self.height}, {self.width}, 3) RGB, "
+                             f"got {rgb.dtype} {rgb.shape}")
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+        frame.pts = self.frames_written
+        frame.time_base = Fraction(1, self.fps)
+        try:
+            self._mux(self._video, frame)  # PyAV converts rgb24 -> yuv420p for the encoder
+        except _AV_ERRORS as e:
+            raise self._fail(e, f"encoding video frame {self.frames_written}") from e
+        self.frames_written += 1
+
+    def write_audio(self, samples: np.ndarray) -> None:
+        """Append float32 mono samples at `sample_rate` (any chunk length, values clipped to [-1, 1])."""
+        self._check_open()
+        if self._audio is None:
+            raise RuntimeError("this VideoWriter was opened with audio=False")
+        pcm = np.asarray(samples, dtype=np.float32)
+        if pcm.ndim != 1:
+            raise ValueError(f"write_audio expects mono samples shaped (n,), got {pcm.shape}")
+        if not len(pcm):
+            return
+        pcm = np.clip(np.nan_to_num(pcm), -1.0, 1.0)[None]  # (1, n): mono fltp is one plane
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm), format="fltp", layout="mono")
+        frame.sample_rate = self.sample_rate
+        try:
+            self._fifo.write(frame)
+            self._drain_audio(final=False)
+        except _AV_ERRORS as e:
+            raise self._fail(e, "encoding audio") from e
+        self.samples_written += pcm.shape[1]
+
+    def _drain_audio(self, final: bool) -> None:
+        """Encode whole AAC frames from the FIFO; with final=True also the short last one."""
+        assert self._audio is not None
+        size = self._audio.codec_context.frame_size or 1024
+        while self._fifo.samples >= size or (final and self._fifo.samples):
+            frame = self._fifo.read(min(size, self._fifo.samples))
+            frame.pts = self._audio_pts
+            frame.time_base = Fraction(1, self.sample_rate)
+            self._audio_pts += frame.samples
+            self._mux(self._audio, frame)
+
+    def close(self) -> None:
+        """Flush the encoders, finalise the mp4 and rename it onto `path`. Idempotent."""
+        if self._state != "open":
+            return
+        if self.frames_written == 0:
+            self.abort()
+            raise OutputError(f"no video frames were written to '{self.path}'; nothing was saved")
+        try:
+            if self._audio is not None:
+                self._drain_audio(final=True)
+                self._mux(self._audio, None)
+            self._mux(self._video, None)
+            self._container.close()
+        except _AV_ERRORS as e:
+            raise self._fail(e, "finalising the file") from e
+        try:
+            os.replace(self._tmp, self.path)
+        except OSError as e:
+            raise self._fail(e, "renaming the finished file into place") from e
+        self._state = "closed"
+
+    def abort(self) -> None:
+        """Stop writing and delete the partial file; `path` is left untouched. Idempotent."""
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        container = getattr(self, "_container", None)
+        if container is not None:
+            try:
+                container.close()
+            except Exception:  # noqa: BLE001 - the file is being thrown away; its trailer does not matter
+                pass
+        try:
+            self._tmp.unlink()
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def __del__(self) -> None:
+        # A writer dropped without close() (e.g. a crashed caller) must not leave its partial file behind.
+        try:
+            self.abort()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading videos back (tests, evaluation)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MediaInfo:
+    """Facts of a media file, counted by decoding (not taken from headers)."""
+
+    video_frames: int  # decoded video frames of the first video stream (0 without video)
+    fps: float  # the video stream's average frame rate (0.0 without video)
+    width: int  # video frame width in pixels (0 without video)
+    height: int  # video frame height in pixels (0 without video)
+    audio_seconds: float  # decoded samples of the first audio stream / its rate (mp4 padding trimmed)
+    audio_rate: int  # the audio stream's sample rate (0 without audio)
+
+
+def probe(path: str | Path) -> MediaInfo:
+    """Decode `path` fully and count its video frames and audio samples."""
+    path = Path(path)
+    _check_readable(path, "media", "give a video or audio file")
+    try:
+        with av.open(str(path)) as container:
+            video = container.streams.video[0] if container.streams.video else None
+            audio = container.streams.audio[0] if container.streams.audio else None
+            streams = [s for s in (video, audio) if s is not None]
+            if video is not None:
+                video.thread_type = "AUTO"
+            frames, samples = 0, 0
+            for frame in container.decode(*streams):
+                if isinstance(frame, av.VideoFrame):
+                    frames += 1
+                else:
+                    samples += frame.samples
+            rate = audio.rate if audio is not None else 0
+            if audio is not None:
+                samples = _trim_to_declared(samples, _declared_samples(container, audio, rate), rate)
+            return MediaInfo(
+                video_frames=frames,
+                fps=float(video.average_rate or video.guessed_rate or 0) if video is not None else 0.0,
+                width=video.codec_context.width if video is not None else 0,
+                height=video.codec_context.height if video is not None else 0,
+                audio_seconds=samples / rate if rate else 0.0,
+                audio_rate=rate,
+            )
+    except _AV_ERRORS as e:
+        raise InputError(f"media file '{path}' could not be decoded: {_reason(e)}; give a video or audio file") from e
+
+
+def read_frames(path: str | Path) -> Iterator[np.ndarray]:
+    """Yield the uint8 (H, W, 3) RGB frames of the first video stream of `path`."""
+    path = Path(path)
+    _check_readable(path, "video", "give an mp4/mkv/webm/mov video")  # eager: fail at the call, not mid-loop
+
+    def frames() -> Iterator[np.ndarray]:
+        try:
+            with av.open(str(path)) as container:
+                if not container.streams.video:
+                    raise InputError(f"video file '{path}' has no video stream; give an mp4/mkv/webm/mov video")
+                stream = container.streams.video[0]
+                stream.thread_type = "AUTO"
+                for frame in container.decode(stream):
+                    yield frame.to_ndarray(format="rgb24")  # (H, W, 3) uint8
+        except _AV_ERRORS as e:
+            raise InputError(f"video file '{path}' could not be decoded: {_reason(e)}; "
+                             f"give an mp4/mkv/webm/mov video") from e
+
+    return frames()

@@ -1,0 +1,437 @@
+"""letstalk_rt.media: decoding any audio to 16 kHz mono, streaming resampling, atomic mp4 writing, clean errors."""
+
+from __future__ import annotations
+
+import os
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from letstalk_rt.errors import InputError, OutputError
+from letstalk_rt.media import (
+    FPS,
+    SAMPLE_RATE,
+    MediaInfo,
+    PcmResampler,
+    VideoWriter,
+    load_audio,
+    load_image,
+    probe,
+    read_frames,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+ASSETS = Path(__file__).parents[1] / "letstalk_rt" / "assets"
+SPF = SAMPLE_RATE // FPS  # 640 samples per video frame
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def stereo_tone(seconds: float, rate: int, freq: float = 440.0) -> np.ndarray:
+    """(n, 2) float32: the same sine at 0.5 (left) and 0.3 (right); its mono mix is 0.4 * sine."""
+    t = np.arange(round(seconds * rate)) / rate
+    s = np.sin(2 * np.pi * freq * t)
+    return np.stack([0.5 * s, 0.3 * s], axis=1).astype(np.float32)
+
+
+def write_audio_file(path: Path, pcm: np.ndarray, rate: int, codec: str) -> Path:
+    """Encode (n, 2) float32 with PyAV, cut into the codec's frame size."""
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=rate, layout="stereo")
+        cc = stream.codec_context
+        cc.open()
+        size = cc.frame_size or len(pcm)
+        to_codec = av.AudioResampler(format=cc.format, layout="stereo", rate=rate)
+        for i in range(0, len(pcm), size):
+            chunk = np.ascontiguousarray(pcm[i:i + size]).reshape(1, -1)  # packed: (1, n * 2)
+            frame = av.AudioFrame.from_ndarray(chunk, format="flt", layout="stereo")
+            frame.sample_rate, frame.pts, frame.time_base = rate, i, Fraction(1, rate)
+            for f in to_codec.resample(frame):
+                for packet in stream.encode(f):
+                    out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return path
+
+
+def dominant_hz(x: np.ndarray, rate: int) -> float:
+    spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    return float(np.argmax(spectrum) * rate / len(x))
+
+
+def listing(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+# --------------------------------------------------------------------------------------------------
+# load_audio
+# --------------------------------------------------------------------------------------------------
+
+FORMATS = [("wav", "pcm_s16le", 44100), ("wav", "pcm_s16le", 48000), ("flac", "flac", 44100),
+           ("mp3", "libmp3lame", 44100), ("mp3", "libmp3lame", 48000), ("m4a", "aac", 44100),
+           ("m4a", "aac", 48000), ("ogg", "libopus", 48000)]  # Opus has no 44.1 kHz mode
+
+
+@pytest.mark.parametrize("ext,codec,rate", FORMATS)
+def test_load_audio_any_format_to_16k_mono(tmp_path, ext, codec, rate):
+    seconds = 1.5
+    path = write_audio_file(tmp_path / f"tone.{ext}", stereo_tone(seconds, rate), rate, codec)
+    audio = load_audio(path)
+    assert audio.dtype == np.float32 and audio.ndim == 1
+    assert abs(len(audio) / SAMPLE_RATE - seconds) <= 0.010  # encoder delay and padding removed
+    assert abs(dominant_hz(audio, SAMPLE_RATE) - 440) < 2
+    mid = audio[len(audio) // 4: 3 * len(audio) // 4]
+    peak = np.abs(mid).max()
+    assert abs(peak - 0.4) < (0.005 if codec in ("pcm_s16le", "flac") else 0.05)  # (L + R) / 2, not 0.707 (L + R)
+    assert np.abs(audio).max() <= 1.0
+
+
+def test_load_audio_stereo_full_scale_does_not_clip(tmp_path):
+    rate = 48000
+    pcm = np.repeat(stereo_tone(0.5, rate)[:, :1] * 1.9, 2, axis=1)  # both channels at 0.95
+    audio = load_audio(write_audio_file(tmp_path / "loud.wav", pcm, rate, "pcm_s16le"))
+    assert 0.93 < np.abs(audio).max() < 0.97
+
+
+def test_load_audio_lossless_matches_signal(tmp_path):
+    """16 kHz mono wav in -> the same samples out (no resampling, just int16 scaling)."""
+    rng = np.random.default_rng(0)
+    pcm = (rng.standard_normal(16000) * 3000).astype(np.int16)
+    path = tmp_path / "mono16k.wav"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("pcm_s16le", rate=16000, layout="mono")
+        frame = av.AudioFrame.from_ndarray(pcm[None], format="s16", layout="mono")
+        frame.sample_rate = 16000
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            out.mux(packet)
+    audio = load_audio(path)
+    np.testing.assert_allclose(audio, pcm / 32768.0, atol=1e-6)
+
+
+def test_load_audio_from_video_track(tmp_path):
+    out = tmp_path / "clip.mp4"
+    tone = 0.3 * np.sin(2 * np.pi * 300 * np.arange(10 * SPF) / SAMPLE_RATE)
+    with VideoWriter(out, 32) as writer:
+        for i in range(10):
+            writer.write_frame(np.zeros((32, 32, 3), np.uint8))
+            writer.write_audio(tone[i * SPF:(i + 1) * SPF])
+    audio = load_audio(out)
+    assert len(audio) == 10 * SPF  # AAC priming and last-frame padding trimmed exactly
+    assert abs(dominant_hz(audio, SAMPLE_RATE) - 300) < 5
+
+
+def test_load_audio_other_rate(tmp_path):
+    path = write_audio_file(tmp_path / "t.flac", stereo_tone(1.0, 44100), 44100, "flac")
+    assert len(load_audio(path, sample_rate=24000)) == 24000
+
+
+# --------------------------------------------------------------------------------------------------
+# malformed inputs: each raises InputError with one line naming the file
+# --------------------------------------------------------------------------------------------------
+
+BAD_AUDIO = ["not_audio.wav", "truncated.wav", "truncated.mp3", "truncated.m4a", "empty.wav", "video_no_audio.mp4",
+             "not_image.png"]
+BAD_IMAGES = ["not_image.png", "not_audio.wav", "empty.wav", "truncated.mp3"]
+
+
+@pytest.mark.parametrize("name", BAD_AUDIO)
+def test_bad_audio_fixture_raises_input_error(name):
+    path = FIXTURES / name
+    assert path.exists() and path.stat().st_size < 20_000
+    with pytest.raises(InputError) as info:
+        load_audio(path)
+    message = str(info.value)
+    assert "\n" not in message and name in message and "audio" in message
+
+
+@pytest.mark.parametrize("name", BAD_IMAGES)
+def test_bad_image_fixture_raises_input_error(name):
+    with pytest.raises(InputError) as info:
+        load_image(FIXTURES / name)
+    assert "\n" not in str(info.value) and name in str(info.value) and "image" in str(info.value)
+
+
+def test_missing_and_directory_paths(tmp_path):
+    for fn in (load_audio, load_image, probe):
+        with pytest.raises(InputError, match="does not exist"):
+            fn(tmp_path / "missing.file")
+        with pytest.raises(InputError, match="is a directory"):
+            fn(tmp_path)
+    with pytest.raises(InputError, match="does not exist"):
+        read_frames(tmp_path / "missing.mp4")  # eager: at the call, not at the first next()
+
+
+def test_probe_and_read_frames_on_non_video():
+    with pytest.raises(InputError):
+        probe(FIXTURES / "not_audio.wav")
+    with pytest.raises(InputError, match="no video stream"):
+        list(read_frames(FIXTURES / "empty.wav"))
+
+
+# --------------------------------------------------------------------------------------------------
+# load_image
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P", "LA", "I;16", "CMYK"])
+def test_load_image_modes_to_rgb(tmp_path, mode):
+    rgb = np.zeros((20, 30, 3), np.uint8)
+    rgb[:, :15] = (200, 40, 40)
+    im = Image.fromarray(rgb)
+    if mode == "I;16":
+        im = Image.fromarray((np.asarray(im.convert("L"), np.uint16) * 257).astype(np.uint16))
+    else:
+        im = im.convert(mode)
+    path = tmp_path / ("x.jpg" if mode == "CMYK" else "x.png")
+    im.save(path)
+    out = load_image(path)
+    assert out.dtype == np.uint8 and out.shape == (20, 30, 3)
+    assert out[:, :15].mean() > out[:, 15:].mean()  # content survives the conversion
+
+
+def test_load_image_alpha_composited_on_white(tmp_path):
+    rgba = np.zeros((8, 8, 4), np.uint8)  # fully transparent black
+    Image.fromarray(rgba).save(tmp_path / "t.png")
+    assert (load_image(tmp_path / "t.png") == 255).all()
+
+
+def test_load_image_applies_exif_rotation(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise for display
+    Image.new("RGB", (40, 20), (0, 128, 0)).save(tmp_path / "phone.jpg", exif=exif)
+    assert load_image(tmp_path / "phone.jpg").shape == (40, 20, 3)
+
+
+def test_load_image_truncated_png(tmp_path):
+    from skimage import data
+
+    Image.fromarray(data.astronaut()).save(tmp_path / "full.png")
+    blob = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(blob[:len(blob) // 3])
+    with pytest.raises(InputError, match="cut.png"):
+        load_image(tmp_path / "cut.png")
+
+
+# --------------------------------------------------------------------------------------------------
+# VideoWriter, probe, read_frames
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 13, 50])
+def test_writer_exact_frames_and_audio(tmp_path, n):
+    out = tmp_path / "talk.mp4"
+    rng = np.random.default_rng(n)
+    colors = rng.integers(30, 220, (n, 3))
+    with VideoWriter(out, 64) as writer:
+        for i in range(n):
+            writer.write_frame(np.broadcast_to(colors[i].astype(np.uint8), (64, 64, 3)))
+            writer.write_audio(0.2 * np.sin(2 * np.pi * 200 * np.arange(i * SPF, (i + 1) * SPF) / SAMPLE_RATE))
+    assert listing(tmp_path) == ["talk.mp4"]
+    info = probe(out)
+    assert isinstance(info, MediaInfo)
+    assert info.video_frames == n and info.fps == 25 and (info.width, info.height) == (64, 64)
+    assert info.audio_rate == SAMPLE_RATE
+    assert abs(info.audio_seconds - n / FPS) <= 0.040
+    frames = list(read_frames(out))
+    assert len(frames) == n and frames[0].shape == (64, 64, 3) and frames[0].dtype == np.uint8
+    errors = [np.abs(f.astype(int).mean(axis=(0, 1)) - c).max() for f, c in zip(frames, colors)]
+    assert max(errors) < 8  # frames come back in order, colours within yuv420p rounding
+
+
+def test_writer_audio_in_irregular_chunks(tmp_path):
+    """Audio chunks of any length, not aligned to frames or to AAC's 1024: the total is kept."""
+    out = tmp_path / "a.mp4"
+    n = 40
+    audio = (0.3 * np.sin(2 * np.pi * 330 * np.arange(n * SPF) / SAMPLE_RATE)).astype(np.float32)
+    cuts = np.sort(np.random.default_rng(0).choice(np.arange(1, len(audio)), 37, replace=False))
+    with VideoWriter(out, (48, 32)) as writer:  # (width, height)
+        for i in range(n):
+            writer.write_frame(np.zeros((32, 48, 3), np.uint8))
+        for chunk in np.split(audio, cuts):
+            writer.write_audio(chunk)
+    info = probe(out)
+    assert (info.width, info.height, info.video_frames) == (48, 32, n)
+    assert abs(info.audio_seconds - n / FPS) <= 0.040
+    back = load_audio(out)
+    assert len(back) == len(audio)
+    assert np.corrcoef(back[1000:-1000], audio[1000:-1000])[0, 1] > 0.99
+
+
+def test_writer_without_audio(tmp_path):
+    with VideoWriter(tmp_path / "v.mp4", 32, audio=False) as writer:
+        for _ in range(3):
+            writer.write_frame(np.zeros((32, 32, 3), np.uint8))
+        with pytest.raises(RuntimeError):
+            writer.write_audio(np.zeros(10, np.float32))
+    info = probe(tmp_path / "v.mp4")
+    assert info.video_frames == 3 and info.audio_rate == 0 and info.audio_seconds == 0
+
+
+def test_exception_inside_with_leaves_nothing(tmp_path):
+    out = tmp_path / "talk.mp4"
+    with pytest.raises(KeyError), VideoWriter(out, 32) as writer:
+        writer.write_frame(np.zeros((32, 32, 3), np.uint8))
+        writer.write_audio(np.zeros(SPF, np.float32))
+        assert any("partial" in name for name in listing(tmp_path))  # it writes beside the target
+        raise KeyError("model crashed")
+    assert listing(tmp_path) == []
+
+
+def test_abort_keeps_an_existing_file_untouched(tmp_path):
+    out = tmp_path / "talk.mp4"
+    out.write_bytes(b"previous result")
+    writer = VideoWriter(out, 32)
+    writer.write_frame(np.zeros((32, 32, 3), np.uint8))
+    writer.abort()
+    writer.abort()  # idempotent
+    assert out.read_bytes() == b"previous result" and listing(tmp_path) == ["talk.mp4"]
+
+
+def test_close_replaces_existing_file(tmp_path):
+    out = tmp_path / "talk.mp4"
+    out.write_bytes(b"previous result")
+    with VideoWriter(out, 32) as writer:
+        writer.write_frame(np.zeros((32, 32, 3), np.uint8))
+    assert probe(out).video_frames == 1 and listing(tmp_path) == ["talk.mp4"]
+
+
+def test_dropped_writer_removes_its_partial_file(tmp_path):
+    writer = VideoWriter(tmp_path / "talk.mp4", 32)
+    writer.write_frame(np.zeros((32, 32, 3), np.uint8))
+    del writer
+    assert listing(tmp_path) == []
+
+
+def test_no_frames_is_an_error_and_leaves_nothing(tmp_path):
+    with pytest.raises(OutputError, match="no video frames"), VideoWriter(tmp_path / "talk.mp4", 32):
+        pass
+    assert listing(tmp_path) == []
+
+
+def test_bad_output_paths_fail_at_open(tmp_path):
+    with pytest.raises(OutputError, match="no_such_dir") as info:
+        VideoWriter(tmp_path / "no_such_dir" / "x.mp4", 32)
+    assert "does not exist" in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "no_such_dir").exists()
+    with pytest.raises(OutputError, match="is a directory"):
+        VideoWriter(tmp_path, 32)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="not a directory"):
+        VideoWriter(tmp_path / "file" / "x.mp4", 32)
+    with pytest.raises(OutputError, match="even"):
+        VideoWriter(tmp_path / "odd.mp4", 33)
+    assert listing(tmp_path) == ["file"]
+
+
+def test_unwritable_directory_fails_at_open(tmp_path, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores the mode bits: pretend the check says no
+            real_access = os.access
+            monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+        with pytest.raises(OutputError, match="not writable"):
+            VideoWriter(locked / "x.mp4", 32)
+        assert listing(locked) == []
+    finally:
+        locked.chmod(0o700)
+
+
+def test_audio_and_video_packets_are_interleaved(tmp_path):
+    """A frame then its 640 samples, repeatedly: the file keeps the two streams within ~0.1 s of each other."""
+    out = tmp_path / "il.mp4"
+    with VideoWriter(out, 32) as writer:
+        for i in range(75):
+            writer.write_frame(np.full((32, 32, 3), i, np.uint8))
+            writer.write_audio(np.full(SPF, 0.01, np.float32))
+    last: dict[str, float] = {}
+    worst = 0.0
+    with av.open(str(out)) as container:
+        for packet in container.demux():
+            if packet.dts is not None:
+                last[packet.stream.type] = float(packet.dts * packet.time_base)
+                if len(last) == 2:
+                    worst = max(worst, abs(last["video"] - last["audio"]))
+    assert worst < 0.5
+
+
+def test_write_frame_checks_shape(tmp_path):
+    with pytest.raises(ValueError, match="uint8"), VideoWriter(tmp_path / "x.mp4", 32) as writer:
+        writer.write_frame(np.zeros((32, 32, 3), np.float32))
+    assert listing(tmp_path) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# PcmResampler
+# --------------------------------------------------------------------------------------------------
+
+
+def _int16_wav(path: Path, pcm: np.ndarray, rate: int) -> Path:
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("pcm_s16le", rate=rate, layout="stereo")
+        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="stereo")
+        frame.sample_rate = rate
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            out.mux(packet)
+    return path
+
+
+@pytest.mark.parametrize("rate,chunk", [(48000, 960), (44100, 441), (8000, 137), (22050, 1000)])
+def test_pcm_resampler_streaming_equals_offline(tmp_path, rate, chunk):
+    from conftest import speechlike
+
+    mono = speechlike(2.0, rate)
+    pcm = (np.stack([mono, 0.5 * mono], axis=1) * 32767).astype(np.int16)  # (n, 2) int16
+    offline = load_audio(_int16_wav(tmp_path / "x.wav", pcm, rate))
+    resampler = PcmResampler()
+    parts = [resampler.push(pcm[i:i + chunk], rate) for i in range(0, len(pcm), chunk)]
+    assert sum(len(p) for p in parts) >= len(offline) - 64  # output keeps up: only the filter delay is held
+    parts.append(resampler.flush())
+    streamed = np.concatenate(parts)
+    assert streamed.dtype == np.float32
+    assert abs(len(streamed) - len(offline)) <= 2 and abs(len(streamed) - round(len(pcm) * 16000 / rate)) <= 2
+    n = min(len(streamed), len(offline))
+    np.testing.assert_allclose(streamed[:n], offline[:n], atol=1e-3)
+
+
+def test_pcm_resampler_formats_and_rate_change():
+    r = PcmResampler()
+    x = np.linspace(-0.5, 0.5, 320, dtype=np.float32)
+    np.testing.assert_allclose(np.concatenate([r.push(x, 16000), r.flush()]), x, atol=1e-7)  # 16 kHz mono: as is
+    i16 = (x * 32768).astype(np.int16)
+    np.testing.assert_allclose(np.concatenate([r.push(i16, 16000), r.flush()]), x, atol=1e-4)
+    np.testing.assert_allclose(np.concatenate([r.push(np.stack([x, x], 1), 16000), r.flush()]), x, atol=1e-6)
+    # the rate may change mid-stream: the old stream's tail comes out first, nothing is lost
+    out = [r.push(np.zeros(4800, np.float32), 48000), r.push(np.zeros(1600, np.float64), 16000), r.flush()]
+    assert abs(sum(map(len, out)) - 3200) <= 2
+    assert len(r.push(np.zeros((0, 2), np.int16), 48000)) == 0
+    with pytest.raises(InputError):
+        r.push(np.zeros((2, 2, 2), np.float32), 16000)
+    with pytest.raises(InputError):
+        r.push(np.zeros(10, np.float32), 0)
+
+
+# --------------------------------------------------------------------------------------------------
+# bundled assets
+# --------------------------------------------------------------------------------------------------
+
+
+def test_bundled_speech_and_portrait_load():
+    speech = ASSETS / "speech.ogg"
+    assert speech.stat().st_size < 100_000
+    audio = load_audio(speech)
+    assert 8.0 <= len(audio) / SAMPLE_RATE <= 13.0
+    frames = audio[: len(audio) // SPF * SPF].reshape(-1, SPF)
+    loud = np.sqrt((frames ** 2).mean(axis=1)) > 0.02
+    assert 0.4 < loud.mean() < 0.95  # mostly speech, with pauses between sentences
+    portrait = ASSETS / "portrait.png"
+    assert portrait.stat().st_size < 200_000
+    image = load_image(portrait)
+    assert image.dtype == np.uint8 and image.shape[2] == 3 and min(image.shape[:2]) >= 256
