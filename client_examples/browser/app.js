@@ -1,0 +1,211 @@
+// letstalk-rt browser client: create a session, send speech as the WebRTC audio track, show the avatar.
+//
+// Used by index.html (the full page) and overlay.html (avatar only, for OBS). No build step, no
+// dependencies: an ES module the server serves at /static/app.js.
+//
+//   const info = await createSession({ avatarId: "default" });          // or { file: aFileObject }
+//   const conn = new AvatarConnection(info, { onEvent: (e) => console.log(e) });
+//   await conn.start({ audioStream });                                   // a MediaStream with one audio track, or null
+//   videoElement.srcObject = conn.stream;
+//   conn.interrupt(); conn.endSpeech(); await conn.close();
+
+function authHeaders(apiKey) {
+  return apiKey ? { Authorization: `Bearer ${apiKey}` } : {};
+}
+
+async function errorText(resp) {
+  const text = await resp.text();
+  try {
+    return JSON.parse(text).error || text;
+  } catch {
+    return text || resp.statusText;
+  }
+}
+
+// Server URLs are absolute as seen by the server; keep only their path so a proxy in front still works.
+function sameOrigin(url, websocket = false) {
+  const u = new URL(url, location.href);
+  const here = new URL(location.href);
+  u.protocol = websocket ? (here.protocol === "https:" ? "wss:" : "ws:") : here.protocol;
+  u.host = here.host;
+  return u.toString();
+}
+
+export async function listAvatars(apiKey = null) {
+  const resp = await fetch("/v1/avatars", { headers: authHeaders(apiKey) });
+  if (!resp.ok) throw new Error(`avatars: HTTP ${resp.status}: ${await errorText(resp)}`);
+  return (await resp.json()).avatars;
+}
+
+export async function createSession({ apiKey = null, avatarId = "default", file = null, seed = null } = {}) {
+  let resp;
+  if (file) {
+    const form = new FormData();
+    form.append("portrait", file, file.name || "portrait");
+    if (seed !== null) form.append("seed", String(seed));
+    resp = await fetch("/v1/sessions", { method: "POST", body: form, headers: authHeaders(apiKey) });
+  } else {
+    const body = { avatar_id: avatarId };
+    if (seed !== null) body.seed = seed;
+    resp = await fetch("/v1/sessions", {
+      method: "POST",
+      body: JSON.stringify(body),
+      headers: { ...authHeaders(apiKey), "Content-Type": "application/json" },
+    });
+  }
+  if (!resp.ok) {
+    const retry = resp.headers.get("Retry-After");
+    throw new Error(`HTTP ${resp.status}: ${await errorText(resp)}${retry ? ` (retry after ${retry} s)` : ""}`);
+  }
+  return resp.json();
+}
+
+// Play a decoded audio file into a MediaStream (WebAudio), to send it like a microphone.
+export async function fileToStream(file, { loop = false } = {}) {
+  const ctx = new AudioContext();
+  const buffer = await ctx.decodeAudioData(await file.arrayBuffer());
+  const source = ctx.createBufferSource();
+  source.buffer = buffer;
+  source.loop = loop;
+  const dest = ctx.createMediaStreamDestination();
+  source.connect(dest);
+  source.start();
+  return { stream: dest.stream, stop: () => { try { source.stop(); } catch {} ctx.close(); }, duration: buffer.duration };
+}
+
+export class AvatarConnection {
+  constructor(info, { onEvent = () => {}, onState = () => {} } = {}) {
+    this.info = info;
+    this.onEvent = onEvent;
+    this.onState = onState;
+    this.pc = null;
+    this.ws = null;
+    this.stream = new MediaStream();
+    this.closed = false;
+  }
+
+  get sessionId() {
+    return this.info.session_id;
+  }
+
+  async start({ audioStream = null, receiveAudio = true, websocket = true } = {}) {
+    const pc = new RTCPeerConnection({ iceServers: [] });
+    this.pc = pc;
+    pc.ontrack = (e) => {
+      this.stream.addTrack(e.track);
+      this.onState({ type: "track", kind: e.track.kind });
+    };
+    pc.onconnectionstatechange = () => {
+      this.onState({ type: "connection", state: pc.connectionState });
+    };
+    pc.addTransceiver("video", { direction: "recvonly" });
+    const mic = audioStream ? audioStream.getAudioTracks()[0] : null;
+    if (mic) {
+      pc.addTransceiver(mic, { direction: receiveAudio ? "sendrecv" : "sendonly" });
+    } else if (receiveAudio) {
+      pc.addTransceiver("audio", { direction: "recvonly" });
+    }
+    await pc.setLocalDescription(await pc.createOffer());
+    await this._gathered(3000); // WHIP-style: one offer with every candidate, no trickle
+    const resp = await fetch(sameOrigin(this.info.offer_url), {
+      method: "POST",
+      body: pc.localDescription.sdp,
+      headers: { "Content-Type": "application/sdp", Authorization: `Bearer ${this.info.token}` },
+    });
+    if (!resp.ok) throw new Error(`offer: HTTP ${resp.status}: ${await errorText(resp)}`);
+    await pc.setRemoteDescription({ type: "answer", sdp: await resp.text() });
+    if (websocket) this._openSocket(); // one websocket per session: an overlay of another client's session opens none
+  }
+
+  _gathered(timeoutMs) {
+    const pc = this.pc;
+    if (pc.iceGatheringState === "complete") return Promise.resolve();
+    return new Promise((resolve) => {
+      const done = () => {
+        if (pc.iceGatheringState === "complete") {
+          pc.removeEventListener("icegatheringstatechange", done);
+          resolve();
+        }
+      };
+      pc.addEventListener("icegatheringstatechange", done);
+      setTimeout(resolve, timeoutMs);
+    });
+  }
+
+  _openSocket() {
+    const url = new URL(sameOrigin(this.info.ws_url, true));
+    url.searchParams.set("token", this.info.token); // browsers cannot set headers on a WebSocket
+    const ws = new WebSocket(url);
+    this.ws = ws;
+    ws.onmessage = (m) => {
+      try {
+        this.onEvent(JSON.parse(m.data));
+      } catch {}
+    };
+    ws.onclose = (e) => this.onState({ type: "websocket", state: "closed", code: e.code, reason: e.reason });
+    this._keepAlive = setInterval(() => this.send({ type: "ping" }), 15000);
+  }
+
+  send(message) {
+    if (this.ws && this.ws.readyState === WebSocket.OPEN) this.ws.send(JSON.stringify(message));
+  }
+
+  interrupt() {
+    this.send({ type: "interrupt" });
+  }
+
+  endSpeech() {
+    this.send({ type: "end_of_speech" });
+  }
+
+  async stats() {
+    const out = { video: {}, audio: {} };
+    if (!this.pc) return out;
+    (await this.pc.getStats()).forEach((s) => {
+      if (s.type === "inbound-rtp" && (s.kind === "video" || s.kind === "audio")) {
+        out[s.kind] = {
+          bytesReceived: s.bytesReceived, packetsReceived: s.packetsReceived,
+          framesDecoded: s.framesDecoded, frameWidth: s.frameWidth, frameHeight: s.frameHeight,
+          framesPerSecond: s.framesPerSecond, totalSamplesReceived: s.totalSamplesReceived,
+        };
+      }
+    });
+    return out;
+  }
+
+  async close() {
+    if (this.closed) return;
+    this.closed = true;
+    clearInterval(this._keepAlive);
+    if (this.ws) this.ws.close();
+    if (this.pc) this.pc.close();
+    try {
+      await fetch(`/v1/sessions/${this.info.session_id}`, {
+        method: "DELETE", headers: { Authorization: `Bearer ${this.info.token}` }, keepalive: true,
+      });
+    } catch {}
+  }
+}
+
+// Count presented frames of a <video> (requestVideoFrameCallback where available).
+export function countFrames(video) {
+  const counter = { frames: 0 };
+  if ("requestVideoFrameCallback" in HTMLVideoElement.prototype) {
+    const tick = () => {
+      counter.frames += 1;
+      video.requestVideoFrameCallback(tick);
+    };
+    video.requestVideoFrameCallback(tick);
+  }
+  return counter;
+}
+
+// Attach an existing session (id + token) instead of creating one: used by the overlay.
+export function sessionFromToken(id, token) {
+  return {
+    session_id: id,
+    token,
+    offer_url: `/v1/sessions/${id}/offer`,
+    ws_url: `/v1/sessions/${id}/ws`,
+  };
+}

@@ -1,0 +1,113 @@
+"""Your microphone drives the avatar; the avatar goes to a virtual camera (or to PNG snapshots + stats).
+
+    python client_examples/microphone.py                               # default mic of the platform
+    python client_examples/microphone.py --mic-format alsa --mic-device hw:1
+    pip install pyvirtualcam   # then the avatar appears as a webcam in Zoom / Meet / OBS (needs v4l2loopback,
+                               # OBS virtual camera or Unity Capture, see pyvirtualcam's docs)
+
+The microphone is sent as the session's WebRTC audio track (the server feeds it to the avatar: it
+speaks what it hears). Received frames go to pyvirtualcam when it is installed; otherwise, without any
+GUI dependency, the latest frame is saved to --snapshot every second and stats are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from letstalk_rt.client import AvatarClient, AvatarClientError
+from letstalk_rt.errors import LetsTalkError
+
+MIC_DEFAULTS = {  # FFmpeg input format and device of the default microphone, per platform
+    "Linux": ("pulse", "default"),
+    "Darwin": ("avfoundation", ":0"),
+    "Windows": ("dshow", "audio=Microphone"),
+}
+
+
+def open_microphone(fmt: str, device: str):
+    from aiortc.contrib.media import MediaPlayer
+
+    try:
+        player = MediaPlayer(device, format=fmt, options={"sample_rate": "48000", "channels": "1"})
+    except Exception as e:  # av.error.* when the device or the input format does not exist
+        raise LetsTalkError(f"cannot open microphone {device!r} with FFmpeg format {fmt!r} ({e}); "
+                            "choose --mic-format / --mic-device (e.g. alsa hw:0)") from None
+    if player.audio is None:
+        raise LetsTalkError(f"{device!r} has no audio")
+    return player
+
+
+async def show(session, args: argparse.Namespace) -> None:
+    try:
+        import pyvirtualcam
+    except ImportError:
+        pyvirtualcam = None
+    frames, t0, last_report = 0, time.monotonic(), time.monotonic()
+    cam = None
+    async for rgb in session.video_frames():
+        frames += 1
+        if pyvirtualcam is not None:
+            scale = max(1, args.cam_size // rgb.shape[0])
+            big = rgb.repeat(scale, 0).repeat(scale, 1)  # nearest-neighbour upscale: cameras want >= 320 px
+            if cam is None:
+                cam = pyvirtualcam.Camera(width=big.shape[1], height=big.shape[0], fps=25)
+                print(f"virtual camera: {cam.device} ({big.shape[1]}x{big.shape[0]})")
+            cam.send(big)
+        elif time.monotonic() - last_report >= 1.0:
+            from PIL import Image
+
+            Image.fromarray(rgb).save(args.snapshot)
+            last_report = time.monotonic()
+            counts = session.frames_received
+            print(f"\r{frames / (last_report - t0):5.1f} fps shown, {counts['audio']} audio packets, "
+                  f"snapshot -> {args.snapshot}", end="", flush=True)
+    if cam is not None:
+        cam.close()
+
+
+async def run(args: argparse.Namespace) -> None:
+    fmt, device = MIC_DEFAULTS.get(platform.system(), ("pulse", "default"))
+    mic = open_microphone(args.mic_format or fmt, args.mic_device or device)
+    async with AvatarClient(args.server, api_key=args.api_key) as client:
+        session = await client.start_session(portrait=args.portrait) if args.portrait else \
+            await client.start_session(avatar_id=args.avatar)
+        session.on("speech_started", lambda ev: print("\n[avatar talking]"))
+        session.on("error", lambda ev: print(f"\nserver: {ev['message']}", file=sys.stderr))
+        await session.connect(audio_track=mic.audio)
+        print(f"session {session.id}: speak into the microphone; Ctrl-C to stop")
+        try:
+            await show(session, args)
+        finally:
+            await session.close()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--server", default="http://127.0.0.1:8080")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--avatar", default="default")
+    p.add_argument("--portrait", type=Path, default=None)
+    p.add_argument("--mic-format", default=None, help="FFmpeg input format: pulse, alsa, avfoundation, dshow")
+    p.add_argument("--mic-device", default=None, help="FFmpeg input device, e.g. default, hw:0, :0")
+    p.add_argument("--cam-size", type=int, default=512, help="virtual camera size in pixels (upscaled)")
+    p.add_argument("--snapshot", type=Path, default=Path("avatar_latest.png"))
+    args = p.parse_args()
+    try:
+        asyncio.run(run(args))
+    except KeyboardInterrupt:
+        print()
+    except (LetsTalkError, AvatarClientError) as e:
+        print(f"microphone: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

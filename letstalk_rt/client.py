@@ -1,0 +1,616 @@
+"""Async Python client of a letstalk-rt server: HTTP, WebRTC (aiortc) and a websocket. Never imports torch.
+
+    from letstalk_rt.client import AvatarClient
+
+    async with AvatarClient("http://127.0.0.1:8080", api_key=None) as client:
+        session = await client.start_session(avatar_id="default")     # or portrait="face.jpg" (path or bytes)
+        await session.connect()                                         # WebRTC: receive the avatar's video + audio
+        session.on("speech_started", lambda event: print("talking"))
+        await session.send_audio(pcm16, sample_rate=16000)             # bytes or ndarray, any rate, 1-2 channels
+        await session.end_speech()                                      # render the utterance's tail now
+        await session.interrupt()                                       # drop queued speech at once
+        async for frame in session.video_frames():                      # (H, W, 3) uint8 RGB, 25 fps
+            ...
+        async for chunk in session.audio_frames():                      # AudioChunk: int16 (n, channels) + rate
+            ...
+        async for event in session.events():                            # dicts: {"type": "speech_started", ...}
+            ...
+        await session.close()                                           # also done by the client's `async with`
+
+`connect(audio_track=track)` sends a local aiortc audio track (a microphone, a file player) as the
+session's speech instead of (or besides) `send_audio`. Server errors become exceptions carrying the
+server's message: `AuthenticationError` (401), `ServerBusyError` (503, `.retry_after`),
+`SessionNotFoundError` (404), `RequestError` (other 4xx), `AvatarClientError` (the rest, and a
+websocket the server closed, with its reason). Errors the server reports while streaming (audio
+dropped, a bad control message) arrive as `error` events.
+
+Received frames wait in small bounded buffers (about 2 s); when nobody reads, the oldest are dropped,
+so an application that only wants events never accumulates media.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import inspect
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+from aiortc import (
+    RTCConfiguration,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from yarl import URL
+
+from .errors import LetsTalkError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "AudioChunk", "AuthenticationError", "AvatarClient", "AvatarClientError", "AvatarSession", "RequestError",
+    "ServerBusyError", "SessionNotFoundError",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------------
+
+
+class AvatarClientError(LetsTalkError):
+    """A request the server refused or a connection it closed; the message is the server's."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class AuthenticationError(AvatarClientError):
+    """401: a missing or wrong API key or session token."""
+
+
+class ServerBusyError(AvatarClientError):
+    """503: every session slot is taken; retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, status: int | None = 503, retry_after: float | None = None) -> None:
+        super().__init__(message, status)
+        self.retry_after = retry_after
+
+
+class SessionNotFoundError(AvatarClientError):
+    """404: the session was closed (idle timeout, peer gone, deleted) or never existed."""
+
+
+class RequestError(AvatarClientError):
+    """Another 4xx: a bad portrait (415/422), a bad SDP offer (400), a second offer (409), too large (413)."""
+
+
+async def _raise_for_status(resp: aiohttp.ClientResponse) -> None:
+    if resp.status < 400:
+        return
+    text = await resp.text()
+    try:
+        message = json.loads(text).get("error") or text
+    except (ValueError, AttributeError):
+        message = text.strip() or resp.reason or "error"
+    message = f"{resp.method} {resp.url.path}: HTTP {resp.status}: {message}"
+    if resp.status == 401:
+        raise AuthenticationError(message, resp.status)
+    if resp.status == 503:
+        retry = resp.headers.get("Retry-After")
+        raise ServerBusyError(message, resp.status, float(retry) if retry and retry.isdigit() else None)
+    if resp.status == 404:
+        raise SessionNotFoundError(message, resp.status)
+    if 400 <= resp.status < 500:
+        raise RequestError(message, resp.status)
+    raise AvatarClientError(message, resp.status)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bounded buffers of received media
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AudioChunk:
+    """Received avatar audio: int16 samples shaped (n, channels) (Opus decodes to 48 kHz stereo)."""
+
+    pcm: np.ndarray  # (n, channels) int16
+    sample_rate: int
+    time: float  # seconds since the stream's first packet (from the RTP timestamps)
+
+    @property
+    def channels(self) -> int:
+        return self.pcm.shape[1]
+
+    def mono_float(self) -> np.ndarray:
+        """(n,) float32 in [-1, 1], channels averaged."""
+        return self.pcm.astype(np.float32).mean(axis=1) / 32768.0
+
+
+class _Buffer:
+    """Drop-oldest bounded queue with async iteration that ends when the buffer is closed."""
+
+    def __init__(self, maxlen: int) -> None:
+        self.items: collections.deque = collections.deque(maxlen=maxlen)
+        self.dropped = 0
+        self.received = 0
+        self.closed = False
+        self._event = asyncio.Event()
+
+    def put(self, item: Any) -> None:
+        if len(self.items) == self.items.maxlen:
+            self.dropped += 1
+        self.items.append(item)
+        self.received += 1
+        self._event.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self._event.set()
+
+    async def get(self) -> Any:
+        """The next item, or raises StopAsyncIteration once closed and drained."""
+        while not self.items:
+            if self.closed:
+                raise StopAsyncIteration
+            self._event.clear()
+            await self._event.wait()
+        return self.items.popleft()
+
+
+# --------------------------------------------------------------------------------------------------
+# A session
+# --------------------------------------------------------------------------------------------------
+
+
+class AvatarSession:
+    """One avatar on the server: WebRTC media, a websocket for audio/control/events, and its lifetime."""
+
+    def __init__(self, client: AvatarClient, info: dict) -> None:
+        self.client = client
+        self.info = info
+        self.id: str = info["session_id"]
+        self.token: str = info["token"]
+        self.expires_at: int = info["expires_at"]
+        self.offer_url = client._url(info["offer_url"])
+        self.ws_url = client._url(info["ws_url"], websocket=True)
+        self.pc: RTCPeerConnection | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._ws_lock = asyncio.Lock()
+        self._format = (16000, 1)  # the server's default binary audio format
+        self._ws_close: str | None = None  # why the server closed the websocket
+        self._callbacks: dict[str, list[Callable]] = collections.defaultdict(list)
+        self._events = _Buffer(1000)
+        self._video = _Buffer(50)  # 2 s at 25 fps
+        self._audio = _Buffer(100)  # 2 s of 20 ms packets
+        self._tasks: set[asyncio.Task] = set()
+        self._pongs: dict[int, asyncio.Future] = {}
+        self._ping_id = 0
+        self._connected = asyncio.Event()
+        self._failed: str | None = None
+        self.closed = False
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def _spawn(self, coro, name: str) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro, name=f"avatar-{self.id}-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- WebRTC
+
+    async def connect(self, audio_track: MediaStreamTrack | None = None, *, video: bool = True, audio: bool = True,
+                      websocket: bool = True, timeout: float = 20.0) -> None:
+        """Negotiate WebRTC (receive video/audio; send `audio_track` if given) and open the websocket."""
+        if self.closed:
+            raise AvatarClientError(f"session {self.id} is closed")
+        if self.pc is not None:
+            raise AvatarClientError(f"session {self.id} is already connected")
+        if not (video or audio or audio_track is not None):
+            raise ValueError("connect(): nothing to negotiate (video=False, audio=False and no audio_track)")
+        if websocket:
+            await self._open_ws()
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(u) for u in self.client.ice_servers]))
+        self.pc = pc
+
+        @pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            self._spawn(self._read_track(track), f"recv-{track.kind}")
+
+        @pc.on("connectionstatechange")
+        def on_state() -> None:
+            if pc.connectionState == "connected":
+                self._connected.set()
+            elif pc.connectionState in ("failed", "closed"):
+                self._failed = f"peer connection {pc.connectionState}"
+                self._connected.set()
+                self._video.close()
+                self._audio.close()
+
+        try:
+            if video:
+                pc.addTransceiver("video", direction="recvonly")
+            if audio_track is not None:
+                pc.addTransceiver(audio_track, direction="sendrecv" if audio else "sendonly")
+            elif audio:
+                pc.addTransceiver("audio", direction="recvonly")
+            await pc.setLocalDescription(await pc.createOffer())  # gathers candidates: the offer is complete
+            http = self.client._require_http()
+            async with http.post(self.offer_url, data=pc.localDescription.sdp.encode(),
+                                 headers={**self._headers(), "Content-Type": "application/sdp"}) as resp:
+                await _raise_for_status(resp)
+                answer = await resp.text()
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+            await asyncio.wait_for(self._connected.wait(), timeout)
+            if self._failed:
+                raise AvatarClientError(f"WebRTC connection to session {self.id} failed ({self._failed})")
+        except BaseException as e:
+            self.pc = None
+            await _close_pc(pc)
+            if isinstance(e, asyncio.TimeoutError):
+                raise AvatarClientError(f"WebRTC connection to session {self.id} not established within "
+                                        f"{timeout:g} s") from None
+            raise
+
+    async def _read_track(self, track: MediaStreamTrack) -> None:
+        buffer = self._video if track.kind == "video" else self._audio
+        first_pts: float | None = None
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                buffer.close()
+                return
+            if track.kind == "video":
+                buffer.put(frame)  # converted to RGB only when read: unread frames cost no conversion
+            else:
+                t = float(frame.pts * frame.time_base) if frame.pts is not None and frame.time_base else 0.0
+                first_pts = t if first_pts is None else first_pts
+                channels = len(frame.layout.channels)
+                pcm = frame.to_ndarray()  # packed s16: (1, n * channels)
+                pcm = pcm.T if frame.format.is_planar else pcm.reshape(-1, channels)  # (n, channels)
+                if pcm.dtype != np.int16:
+                    pcm = (np.clip(pcm, -1, 1) * 32767).astype(np.int16)
+                buffer.put(AudioChunk(pcm=pcm, sample_rate=frame.sample_rate, time=t - first_pts))
+
+    async def video_frames(self) -> AsyncIterator[np.ndarray]:
+        """Received video frames as (H, W, 3) uint8 RGB, until the connection ends (one reader)."""
+        while True:
+            try:
+                frame = await self._video.get()
+            except StopAsyncIteration:
+                return
+            yield frame.to_ndarray(format="rgb24")
+
+    async def audio_frames(self) -> AsyncIterator[AudioChunk]:
+        """Received audio packets (20 ms each), until the connection ends (one reader)."""
+        while True:
+            try:
+                yield await self._audio.get()
+            except StopAsyncIteration:
+                return
+
+    @property
+    def frames_received(self) -> dict[str, int]:
+        """Counts of received video frames / audio packets, and how many were dropped unread."""
+        return {"video": self._video.received, "audio": self._audio.received,
+                "video_dropped": self._video.dropped, "audio_dropped": self._audio.dropped}
+
+    # -- websocket: audio and control in, events out
+
+    async def _open_ws(self) -> aiohttp.ClientWebSocketResponse:
+        async with self._ws_lock:
+            if self._ws is not None and not self._ws.closed:
+                return self._ws
+            if self.closed:
+                raise AvatarClientError(f"session {self.id} is closed")
+            http = self.client._require_http()
+            try:
+                ws = await http.ws_connect(self.ws_url, headers=self._headers(), heartbeat=20.0,
+                                           max_msg_size=1024 * 1024)
+            except aiohttp.WSServerHandshakeError as e:
+                fake = AvatarClientError(f"websocket: HTTP {e.status}: {e.message}", e.status)
+                if e.status == 401:
+                    raise AuthenticationError(str(fake), e.status) from None
+                if e.status == 404:
+                    raise SessionNotFoundError(str(fake), e.status) from None
+                raise fake from None
+            self._ws, self._ws_close, self._format = ws, None, (16000, 1)
+            self._spawn(self._read_ws(ws), "ws")
+            return ws
+
+    async def _read_ws(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        reason = ""
+        while True:
+            msg = await ws.receive()
+            if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED,
+                            aiohttp.WSMsgType.ERROR):
+                if msg.type == aiohttp.WSMsgType.CLOSE:
+                    reason = msg.extra or ""
+                elif msg.type == aiohttp.WSMsgType.ERROR:
+                    reason = str(msg.data)
+                break
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                continue
+            try:
+                event = json.loads(msg.data)
+            except ValueError:
+                continue
+            if isinstance(event, dict):
+                self._dispatch(event)
+        self._ws_close = f"code {ws.close_code}" + (f": {reason}" if reason else "")
+        if self._ws is ws:
+            self._ws = None
+        for future in self._pongs.values():
+            if not future.done():
+                future.set_exception(AvatarClientError(f"websocket closed by the server ({self._ws_close})"))
+        self._pongs.clear()
+
+    def _dispatch(self, event: dict) -> None:
+        kind = event.get("type")
+        if kind == "pong":
+            future = self._pongs.get(event.get("id"))  # type: ignore[arg-type]
+            if future is not None and not future.done():
+                future.set_result(time.monotonic())
+            return
+        if kind == "ready":
+            self._format = (event.get("sample_rate", 16000), event.get("channels", 1))
+        self._events.put(event)
+        for cb in self._callbacks.get(kind, []) + self._callbacks.get("*", []):  # type: ignore[arg-type]
+            try:
+                result = cb(event)
+                if inspect.isawaitable(result):
+                    task = asyncio.ensure_future(result)
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+            except Exception:
+                log.exception("event callback for %r failed", kind)
+        if kind == "closed":
+            self._events.close()
+
+    async def _send(self, send: Callable[[aiohttp.ClientWebSocketResponse], Any]) -> None:
+        ws = self._ws
+        if ws is None or ws.closed:
+            if self._ws_close is not None:
+                raise AvatarClientError(f"session {self.id}: websocket closed by the server ({self._ws_close})")
+            ws = await self._open_ws()
+        try:
+            await send(ws)
+        except (ConnectionError, RuntimeError) as e:
+            raise AvatarClientError(f"session {self.id}: websocket send failed ({e}); "
+                                    f"closed by the server: {self._ws_close or 'unknown'}") from None
+
+    async def _control(self, message: dict) -> None:
+        await self._send(lambda ws: ws.send_str(json.dumps(message)))
+
+    async def send_audio(self, pcm: bytes | bytearray | memoryview | np.ndarray, sample_rate: int = 16000,
+                         channels: int | None = None) -> None:
+        """Stream speech: PCM16 LE bytes, or an int16/float ndarray shaped (n,) or (n, channels).
+
+        Any rate 8-96 kHz and 1-2 channels; the format is announced to the server when it changes.
+        Pace it at about real time (the server queues at most ~30 s ahead and reports `audio_dropped`).
+        """
+        if isinstance(pcm, (bytes, bytearray, memoryview)):
+            data, channels = bytes(pcm), channels or 1
+        else:
+            arr = np.asarray(pcm)
+            if arr.ndim not in (1, 2):
+                raise ValueError(f"audio must be shaped (n,) or (n, channels), got {arr.shape}")
+            channels = arr.shape[1] if arr.ndim == 2 else 1
+            if arr.dtype.kind == "f":
+                arr = np.clip(arr, -1.0, 1.0) * 32767.0
+            data = np.ascontiguousarray(arr).astype("<i2").tobytes()
+        if channels not in (1, 2) or not 8000 <= sample_rate <= 96000:
+            raise ValueError("send_audio: 1 or 2 channels at 8000..96000 Hz")
+        frame_bytes = 2 * channels
+        if len(data) % frame_bytes:
+            raise ValueError(f"PCM16 with {channels} channel(s) needs a multiple of {frame_bytes} bytes")
+        if (sample_rate, channels) != self._format:
+            await self._control({"type": "audio_format", "sample_rate": sample_rate, "channels": channels})
+            self._format = (sample_rate, channels)
+        step = sample_rate * frame_bytes // 2  # 0.5 s per message: well under the server's 1 s limit
+        for pos in range(0, len(data), step):
+            chunk = data[pos:pos + step]
+            await self._send(lambda ws, c=chunk: ws.send_bytes(c))
+
+    async def end_speech(self) -> None:
+        """The utterance is over: the server renders its last frames now instead of waiting for more audio."""
+        await self._control({"type": "end_of_speech"})
+
+    async def interrupt(self) -> None:
+        """Drop queued speech and unshown frames (barge-in); the avatar goes on from the frame on screen."""
+        await self._control({"type": "interrupt"})
+
+    async def ping(self, timeout: float = 5.0) -> float:
+        """Keep-alive; returns the websocket round trip in seconds."""
+        self._ping_id += 1
+        pid, start = self._ping_id, time.monotonic()
+        future = asyncio.get_running_loop().create_future()
+        self._pongs[pid] = future
+        await self._control({"type": "ping", "id": pid})
+        try:
+            return await asyncio.wait_for(future, timeout) - start
+        finally:
+            self._pongs.pop(pid, None)
+
+    def on(self, event_type: str, callback: Callable[[dict], Any] | None = None):
+        """Call `callback(event)` for each event of `event_type` ("*" for all); usable as a decorator.
+
+        Types: ready, speech_started, speech_stopped, playback_position, window_timings, frames_dropped,
+        interrupted, error, closed. Coroutine callbacks run as tasks. Events flow once the websocket is
+        open (`connect()` opens it; so does the first `send_audio`).
+        """
+        def register(cb: Callable[[dict], Any]) -> Callable[[dict], Any]:
+            self._callbacks[event_type].append(cb)
+            return cb
+
+        return register(callback) if callback is not None else register
+
+    async def events(self) -> AsyncIterator[dict]:
+        """Events as dicts until the session closes (the last one has type "closed")."""
+        if self._ws is None and not self.closed:
+            await self._open_ws()
+        while True:
+            try:
+                yield await self._events.get()
+            except StopAsyncIteration:
+                return
+
+    def overlay_url(self, chroma: str | None = None) -> str:
+        """A page showing only this avatar (OBS browser source); it takes the WebRTC side, this object keeps
+        the websocket (audio, control, events). Call it instead of `connect()`, not after."""
+        url = URL(self.client._url("/overlay")).with_query({"session": self.id, "token": self.token,
+                                                             **({"chroma": chroma} if chroma else {})})
+        return str(url)
+
+    async def stats(self) -> dict:
+        """The server's view: peer connection state, websocket, frames generated, latency percentiles."""
+        http = self.client._require_http()
+        async with http.get(self.client._url(f"/v1/sessions/{self.id}"), headers=self._headers()) as resp:
+            await _raise_for_status(resp)
+            return await resp.json()
+
+    # -- lifetime
+
+    async def close(self) -> None:
+        """Hang up and free the session on the server (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._ws is not None:
+            try:
+                await asyncio.wait_for(self._ws.close(), 2.0)
+            except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+                pass
+        if self.pc is not None:
+            pc, self.pc = self.pc, None
+            await _close_pc(pc)
+        http = self.client._http
+        if http is not None and not http.closed:
+            try:
+                async with http.delete(self.client._url(f"/v1/sessions/{self.id}"), headers=self._headers()) as resp:
+                    if resp.status not in (204, 401, 404):  # 404/401: already gone or expired, fine
+                        await _raise_for_status(resp)
+            except aiohttp.ClientError as e:
+                log.info("session %s: DELETE failed: %s", self.id, e)
+        for task in list(self._tasks):
+            task.cancel()
+        self._video.close()
+        self._audio.close()
+        self._events.close()
+        self.client._sessions.discard(self)
+
+    async def __aenter__(self) -> AvatarSession:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def _close_pc(pc: RTCPeerConnection, timeout: float = 5.0) -> None:
+    try:
+        await asyncio.wait_for(pc.close(), timeout)  # RTCPeerConnection.close() can hang
+    except Exception:  # asyncio.TimeoutError included
+        log.warning("RTCPeerConnection.close() failed or timed out", exc_info=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# The client
+# --------------------------------------------------------------------------------------------------
+
+
+class AvatarClient:
+    """Connection to one letstalk-rt server; `async with` closes every session it started."""
+
+    def __init__(self, base_url: str, api_key: str | None = None, *, timeout: float = 30.0,
+                 ice_servers: list[str] | None = None) -> None:
+        self.base_url = URL(base_url.rstrip("/") + "/")
+        self.api_key = api_key
+        self.timeout = timeout
+        self.ice_servers = list(ice_servers or [])  # STUN/TURN URLs; none needed on a LAN or localhost
+        self._http: aiohttp.ClientSession | None = None
+        self._sessions: set[AvatarSession] = set()
+
+    def _url(self, url: str, websocket: bool = False) -> str:
+        """A server path (or the server's absolute URL) resolved against base_url (keeps a proxy prefix)."""
+        path = URL(url).path
+        prefix = self.base_url.path.rstrip("/")
+        out = self.base_url.with_path(prefix + path)
+        if websocket:
+            out = out.with_scheme("wss" if out.scheme == "https" else "ws")
+        return str(out)
+
+    def _require_http(self) -> aiohttp.ClientSession:
+        if self._http is None or self._http.closed:
+            raise AvatarClientError("use `async with AvatarClient(...) as client:` (or await client.open())")
+        return self._http
+
+    def _auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    async def open(self) -> AvatarClient:
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+        return self
+
+    async def close(self) -> None:
+        await asyncio.gather(*(s.close() for s in list(self._sessions)), return_exceptions=True)
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    async def __aenter__(self) -> AvatarClient:
+        return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def health(self) -> dict:
+        async with self._require_http().get(self._url("/health")) as resp:
+            await _raise_for_status(resp)
+            return await resp.json()
+
+    async def avatars(self) -> list[dict]:
+        """The server's preloaded avatars: [{"id": "default", "name": ...}, ...]."""
+        async with self._require_http().get(self._url("/v1/avatars"), headers=self._auth()) as resp:
+            await _raise_for_status(resp)
+            return (await resp.json())["avatars"]
+
+    async def start_session(self, portrait: str | Path | bytes | None = None, *, avatar_id: str | None = None,
+                            seed: int | None = None, steps: int | None = None) -> AvatarSession:
+        """Create a session from a portrait (a path or image bytes) or a preloaded avatar (default "default")."""
+        http = self._require_http()
+        if portrait is not None and avatar_id is not None:
+            raise ValueError("give either portrait or avatar_id, not both")
+        if portrait is not None:
+            data = portrait if isinstance(portrait, bytes) else await asyncio.to_thread(Path(portrait).read_bytes)
+            form = aiohttp.FormData()
+            form.add_field("portrait", data, filename=Path(str(portrait)).name if not isinstance(portrait, bytes)
+                           else "portrait", content_type="application/octet-stream")
+            for name, value in (("seed", seed), ("steps", steps)):
+                if value is not None:
+                    form.add_field(name, str(value))
+            request = http.post(self._url("/v1/sessions"), data=form, headers=self._auth())
+        else:
+            body: dict[str, Any] = {"avatar_id": avatar_id or "default"}
+            body.update({k: v for k, v in (("seed", seed), ("steps", steps)) if v is not None})
+            request = http.post(self._url("/v1/sessions"), json=body, headers=self._auth())
+        async with request as resp:
+            await _raise_for_status(resp)
+            info = await resp.json()
+        session = AvatarSession(self, info)
+        self._sessions.add(session)
+        return session

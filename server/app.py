@@ -1,0 +1,723 @@
+"""The HTTP / WebRTC / websocket API of letstalk-rt (aiohttp + aiortc). The API: server/openapi.yaml, docs/server.md.
+
+    letstalk serve --model DIR --max-sessions 4 --api-key SECRET        # or: python -m server ...
+
+    GET  /health                      liveness + occupancy           GET /metrics   Prometheus text
+    GET  /v1/avatars                  preloaded portraits
+    POST /v1/sessions                 portrait upload or avatar id -> session id + token   (503 when full)
+    POST /v1/sessions/{id}/offer      WHIP-style: SDP offer in, SDP answer out
+    GET  /v1/sessions/{id}/ws         websocket: PCM16 + control in, events out
+    GET  /v1/sessions/{id}            state and stats             DELETE /v1/sessions/{id}   free it
+    GET  /, /overlay                  the browser client (client_examples/browser)
+
+Handlers stay thin: admission, auth and error mapping live here; a session's peer connection,
+websocket and lifetime live in `sessions.py`; tokens in `auth.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import io
+import ipaddress
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from aiohttp import WSMsgType, web
+
+from letstalk_rt.errors import InputError, LetsTalkError, NoFaceError
+from letstalk_rt.stream import CapacityError
+
+from .auth import TokenError, api_key_matches, bearer
+from .sessions import (
+    REPO_ROOT,
+    SdpRejected,
+    ServerConfig,
+    ServerSession,
+    SessionManager,
+    check_offer,
+    render_metrics,
+)
+
+if TYPE_CHECKING:
+    from letstalk_rt.pipeline import Portrait
+    from letstalk_rt.stream import StreamEngine
+
+log = logging.getLogger("letstalk.server")
+
+MANAGER = web.AppKey("manager", SessionManager)
+CONFIG = web.AppKey("config", ServerConfig)
+AVATARS = web.AppKey("avatars", dict)
+ENGINE = web.AppKey("engine", object)
+
+MAX_WS_MESSAGE = 512 * 1024  # transport cap (1 s of 96 kHz stereo PCM16 is 384 kB); the 1 s rule is checked per format
+MAX_CONTROL_MESSAGE = 4096  # JSON control messages are tiny
+MAX_FORM_FIELD = 1024  # non-file multipart fields (seed, steps, avatar_id)
+MAX_FORM_PARTS = 8
+SESSION_FIELDS = ("portrait", "avatar_id", "seed", "steps")
+
+
+@dataclass
+class Avatar:
+    id: str
+    name: str
+    portrait: Portrait
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors and auth
+# --------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _http_error_class(status: int) -> type[web.HTTPException]:
+    # One tiny class per status: aiohttp's own classes differ in their constructors (413, 405 ...).
+    return type(f"HTTPError{status}", (web.HTTPException,), {"status_code": status})
+
+
+def api_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.HTTPException:
+    """An HTTP error whose body is {"error": message}; raise it."""
+    return _http_error_class(status)(text=json.dumps({"error": message}), content_type="application/json",
+                                     headers=headers)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status >= 400 and e.content_type != "application/json":  # aiohttp's own 404/405/413 ...
+            raise api_error(e.status, e.reason, headers={k: v for k, v in e.headers.items()
+                                                          if k.lower() in ("allow", "retry-after")}) from None
+        raise
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("internal error on %s %s", request.method, request.path)
+        request.app[MANAGER].metrics.errors_total += 1
+        return web.json_response({"error": "internal server error"}, status=500)
+
+
+def require_api_key(request: web.Request) -> None:
+    key = request.app[CONFIG].api_key
+    if not key:
+        return
+    given = request.headers.get("X-API-Key") or bearer(request.headers, {})
+    if not api_key_matches(given, key):
+        raise api_error(401, "missing or wrong API key: send 'Authorization: Bearer <api key>'",
+                        headers={"WWW-Authenticate": 'Bearer realm="letstalk"'})
+
+
+def authorize_session(request: web.Request, allow_api_key: bool = False) -> ServerSession:
+    """The session in the URL, if the request carries its token (or, where allowed, the API key)."""
+    manager = request.app[MANAGER]
+    sid = request.match_info["session_id"]
+    token = bearer(request.headers, request.query)
+    key = request.app[CONFIG].api_key
+    if not (allow_api_key and key and api_key_matches(token, key)):
+        try:
+            manager.signer.verify(token or "", session_id=sid)
+        except TokenError as e:
+            raise api_error(401, f"invalid session token ({e}): send 'Authorization: Bearer <token>' or ?token=",
+                            headers={"WWW-Authenticate": 'Bearer realm="letstalk-session"'}) from None
+    ss = manager.sessions.get(sid)
+    if ss is None or ss.closing:
+        raise api_error(404, f"session {sid} does not exist (closed, expired or never created)")
+    return ss
+
+
+# --------------------------------------------------------------------------------------------------
+# Handlers: service
+# --------------------------------------------------------------------------------------------------
+
+
+async def health(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER]
+    return web.json_response({"status": "ok", "sessions": len(manager.sessions), "max_sessions": manager.max_sessions})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    text = render_metrics(request.app[MANAGER])
+    return web.Response(text=text, content_type="text/plain", charset="utf-8",
+                        headers={"X-Content-Type-Options": "nosniff"})
+
+
+async def list_avatars(request: web.Request) -> web.Response:
+    require_api_key(request)
+    return web.json_response({"avatars": [{"id": a.id, "name": a.name} for a in request.app[AVATARS].values()]})
+
+
+# --------------------------------------------------------------------------------------------------
+# Handlers: sessions
+# --------------------------------------------------------------------------------------------------
+
+
+def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
+    """Uploaded bytes -> (H, W, 3) uint8 RGB; InputError (not an image) / ValueError (too large)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size  # read from the header: nothing is decoded yet
+            if w * h > max_pixels:
+                raise ValueError(f"the portrait is {w}x{h} pixels; at most {max_pixels // 1_000_000} megapixels")
+            return np.array(img.convert("RGB"))  # writable (H, W, 3) uint8
+    except UnidentifiedImageError:
+        raise InputError("`portrait` is not an image this server can read (send JPEG, PNG or WebP)") from None
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"the portrait is too large to decode: {e}") from None
+    except (OSError, SyntaxError) as e:  # truncated / corrupt files
+        raise InputError(f"`portrait` image is corrupt or truncated ({e})") from None
+
+
+async def read_body(request: web.Request, limit: int) -> bytes | None:
+    """The whole body, or None when it is longer than `limit` (read stops there: nothing more is buffered).
+
+    `StreamReader.read(n)` returns what has arrived so far, not n bytes: a body split over TCP
+    segments needs the loop.
+    """
+    if request.content_length is not None and request.content_length > limit:
+        return None
+    buf = bytearray()
+    while True:
+        chunk = await request.content.read(64 * 1024)
+        if not chunk:
+            return bytes(buf)
+        buf += chunk
+        if len(buf) > limit:
+            return None
+
+
+async def _read_limited(part, limit: int, what: str) -> bytes:
+    buf = bytearray()
+    while True:
+        chunk = await part.read_chunk(64 * 1024)
+        if not chunk:
+            return bytes(buf)
+        buf += chunk
+        if len(buf) > limit:
+            raise api_error(413, f"{what} is larger than the limit of {limit} bytes")
+
+
+async def _read_session_request(request: web.Request) -> dict[str, Any]:
+    """The fields of POST /v1/sessions from multipart or JSON, every size bounded while reading."""
+    config = request.app[CONFIG]
+    limit = config.max_upload_bytes
+    if request.content_length is not None and request.content_length > limit + 64 * 1024:
+        raise api_error(413, f"upload of {request.content_length} bytes; the limit is {config.max_upload_mb:g} MB "
+                             "(--max-upload-mb)")
+    ctype = request.content_type
+    fields: dict[str, Any] = {}
+    if ctype == "multipart/form-data":
+        try:
+            reader = await request.multipart()
+            for _ in range(MAX_FORM_PARTS + 1):
+                part = await reader.next()
+                if part is None:
+                    break
+                if not hasattr(part, "read_chunk"):
+                    raise api_error(422, "nested multipart bodies are not supported")
+                name = part.name or ""
+                if name not in SESSION_FIELDS:
+                    raise api_error(422, f"unknown field {name!r}; expected {', '.join(SESSION_FIELDS)}")
+                if name == "portrait":
+                    fields[name] = await _read_limited(part, limit, "the portrait upload")
+                else:
+                    fields[name] = (await _read_limited(part, MAX_FORM_FIELD, f"field {name!r}")).decode(
+                        "utf-8", "replace").strip()
+            else:
+                raise api_error(422, f"too many multipart fields; expected {', '.join(SESSION_FIELDS)}")
+        except web.HTTPException:
+            raise
+        except (ValueError, AssertionError, KeyError, UnicodeError) as e:  # aiohttp's multipart parser
+            raise api_error(400, f"malformed multipart body: {e}") from None
+    elif ctype == "application/x-www-form-urlencoded":  # a plain HTML form / FormData without a file
+        body = await read_body(request, 64 * 1024)
+        if body is None:
+            raise api_error(413, "a form without a file is at most 64 kB")
+        pairs = urllib.parse.parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
+        for name, value in pairs:
+            if name not in SESSION_FIELDS or name == "portrait":
+                raise api_error(422, f"unknown field {name[:40]!r}; expected avatar_id, seed, steps "
+                                     "(upload a portrait as multipart/form-data)")
+            fields[name] = value
+    elif ctype in ("application/json", "application/octet-stream") or not request.body_exists:
+        body = await read_body(request, 64 * 1024) if request.body_exists else b"{}"
+        if body is None:
+            raise api_error(413, "a JSON session request is at most 64 kB; upload portraits as multipart/form-data")
+        try:
+            data = json.loads(body or b"{}")
+        except ValueError as e:
+            raise api_error(400, f"the body is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise api_error(422, "the JSON body must be an object like {\"avatar_id\": \"default\"}")
+        unknown = sorted(set(data) - set(SESSION_FIELDS) - {"portrait"})
+        if unknown:
+            raise api_error(422, f"unknown field(s) {unknown}; expected avatar_id, seed, steps")
+        if "portrait" in data:
+            raise api_error(422, "send a portrait file as multipart/form-data (field `portrait`), not in JSON")
+        fields.update(data)
+    else:
+        raise api_error(415, f"Content-Type {ctype!r}: send multipart/form-data with a `portrait` file, "
+                             "or JSON like {\"avatar_id\": \"default\"}")
+    return fields
+
+
+def _int_field(fields: dict, name: str, lo: int, hi: int) -> int | None:
+    value = fields.get(name)
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+        raise api_error(422, f"`{name}` must be an integer {lo}..{hi}")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise api_error(422, f"`{name}` must be an integer {lo}..{hi}, got {str(value)[:40]!r}") from None
+    if not lo <= number <= hi:
+        raise api_error(422, f"`{name}` must be an integer {lo}..{hi}, got {number}")
+    return number
+
+
+async def create_session(request: web.Request) -> web.Response:
+    require_api_key(request)
+    app = request.app
+    manager, config, engine = app[MANAGER], app[CONFIG], app[ENGINE]
+    if not manager.try_reserve():  # before reading the body: a full server answers at once
+        raise api_error(503, f"all {manager.max_sessions} sessions are in use; retry later",
+                        headers={"Retry-After": str(config.retry_after_s)})
+    try:
+        fields = await _read_session_request(request)
+        seed = _int_field(fields, "seed", 0, 2**31 - 1) or 0
+        steps = _int_field(fields, "steps", 1, 50)
+        if steps is not None and steps != engine.pipeline.num_steps:
+            raise api_error(422, f"`steps`: this server samples {engine.pipeline.num_steps} step(s) per window for "
+                                 "every session (sessions are batched together); set it at start with --steps")
+        avatar_id = fields.get("avatar_id")
+        upload = fields.get("portrait")
+        if upload is not None and avatar_id:
+            raise api_error(422, "give either a `portrait` upload or an `avatar_id`, not both")
+        if upload is None:
+            avatar_id = avatar_id or "default"
+            if not isinstance(avatar_id, str) or avatar_id not in app[AVATARS]:
+                known = ", ".join(app[AVATARS]) or "none"
+                raise api_error(422, f"unknown avatar_id {str(avatar_id)[:64]!r} (available: {known})")
+            portrait: Any = app[AVATARS][avatar_id].portrait
+        else:
+            if not upload:
+                raise api_error(422, "the `portrait` upload is empty")
+            try:
+                portrait = await asyncio.to_thread(decode_image, upload, config.max_image_pixels)
+            except ValueError as e:
+                raise api_error(413, str(e)) from None
+            except InputError as e:
+                raise api_error(415, str(e)) from None
+        try:
+            session = await engine.open_session(portrait, seed=seed, detect_face=config.detect_face)
+        except NoFaceError as e:
+            raise api_error(422, str(e)) from None
+        except InputError as e:
+            raise api_error(422, str(e)) from None
+        except CapacityError as e:  # not reached while the server is the engine's only user
+            raise api_error(503, str(e), headers={"Retry-After": str(config.retry_after_s)}) from None
+    finally:
+        manager.release()
+    ss = manager.add(session)
+    origin = request.url.origin()
+    ws_origin = origin.with_scheme("wss" if origin.scheme == "https" else "ws")
+    size = engine.pipeline.config.image_size
+    return web.json_response({
+        "session_id": ss.id,
+        "token": ss.token,
+        "expires_at": ss.expires_at,
+        "offer_url": str(origin.with_path(f"/v1/sessions/{ss.id}/offer")),
+        "ws_url": str(ws_origin.with_path(f"/v1/sessions/{ss.id}/ws")),
+        "video": {"width": size, "height": size, "fps": engine.pipeline.fps},
+        "audio": {"sample_rate": session.sample_rate, "channels": 1, "format": "pcm_s16le"},
+    }, status=201)
+
+
+async def get_session(request: web.Request) -> web.Response:
+    ss = authorize_session(request, allow_api_key=True)
+    return web.json_response({
+        "session_id": ss.id,
+        "expires_at": ss.expires_at,
+        "peer_connection": ss.pc.connectionState if ss.pc is not None else None,
+        "websocket": ss.ws is not None,
+        "stats": ss.session.stats(),
+    })
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    ss = authorize_session(request, allow_api_key=True)
+    await request.app[MANAGER].close(ss, "deleted by the client")
+    return web.Response(status=204)
+
+
+async def offer(request: web.Request) -> web.Response:
+    ss = authorize_session(request)
+    config = request.app[CONFIG]
+    if request.content_type != "application/sdp":
+        raise api_error(415, f"Content-Type {request.content_type!r}: send the SDP offer as application/sdp")
+    if ss.pc is not None or ss.negotiating:
+        raise api_error(409, "this session already has a peer connection; DELETE it and create a new session")
+    ss.negotiating = True
+    try:
+        body = await read_body(request, config.max_sdp_bytes)
+        try:
+            if body is None:
+                raise SdpRejected(413, f"the SDP offer is larger than the limit of {config.max_sdp_bytes} bytes")
+            text = check_offer(body, config)
+            answer = await asyncio.wait_for(ss.negotiate(text), config.negotiation_timeout_s)
+        except SdpRejected as e:
+            raise api_error(e.status, str(e)) from None
+        except asyncio.TimeoutError:
+            request.app[MANAGER].metrics.errors_total += 1
+            raise api_error(504, f"WebRTC negotiation did not finish within {config.negotiation_timeout_s:g} s") from None
+        except web.HTTPException:
+            raise
+        except Exception as e:  # aiortc: raw ValueError / AssertionError / OperationError on hostile offers
+            log.info("session %s: offer rejected: %r", ss.id, e)
+            raise api_error(400, f"the SDP offer cannot be negotiated: {_describe(e)}") from None
+    finally:
+        ss.negotiating = False
+    ss.touch()
+    return web.Response(status=201, text=answer, content_type="application/sdp",
+                        headers={"Location": f"/v1/sessions/{ss.id}"})
+
+
+def _describe(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+# --------------------------------------------------------------------------------------------------
+# Handler: the websocket
+# --------------------------------------------------------------------------------------------------
+
+
+async def websocket(request: web.Request) -> web.StreamResponse:
+    """Binary = PCM16 LE audio in the current format; text = JSON control; events go out as JSON.
+
+    A binary message that is not whole samples closes with 1003, one holding more than 1 s of audio
+    with 1009 (the reason says which); any unusable text message gets an `error` event and the
+    connection stays open.
+    """
+    ss = authorize_session(request)
+    ws = web.WebSocketResponse(max_msg_size=MAX_WS_MESSAGE, heartbeat=30.0)
+    if not ws.can_prepare(request).ok:
+        raise api_error(400, "this URL expects a websocket upgrade")
+    await ws.prepare(request)
+    old, ss.ws = ss.ws, ws
+    ss.had_ws, ss.ws_left_at = True, None
+    ss.audio_format = (ss.session.sample_rate, 1)  # every websocket starts at 16 kHz mono
+    ss.touch()
+    if old is not None:
+        await ss._close_ws(old, 1000, "replaced by a newer websocket")
+    rate, channels = ss.audio_format
+    await ss.send_json({"type": "ready", "session_id": ss.id, "sample_rate": rate, "channels": channels,
+                        "max_seconds_per_message": 1.0, "time": time.time()})
+    try:
+        async for msg in ws:
+            if ss.closing:
+                break
+            ss.touch()
+            if msg.type == WSMsgType.BINARY:
+                problem = _on_audio(ss, msg.data)
+                if problem is not None:
+                    code, reason = problem
+                    if code:
+                        await ss._close_ws(ws, code, reason)
+                        break
+                    await ss.error_event(reason, "audio_rejected")
+            elif msg.type == WSMsgType.TEXT:
+                await _on_control(ss, msg.data)
+            else:  # ERROR (e.g. a message over the transport cap: aiohttp closes with 1009)
+                break
+    finally:
+        if ss.ws is ws:
+            ss.ws, ss.ws_left_at = None, time.monotonic()
+    return ws
+
+
+def _on_audio(ss: ServerSession, data: bytes) -> tuple[int, str] | None:
+    """Push one binary message; (close code or 0, reason) when it is refused."""
+    rate, channels = ss.audio_format
+    frame_bytes = 2 * channels
+    if len(data) % frame_bytes:
+        return 1003, f"binary messages are PCM16 LE: length must be a multiple of {frame_bytes} bytes"
+    if len(data) > rate * frame_bytes:
+        return 1009, f"a binary message holds at most 1 s of audio ({rate * frame_bytes} bytes)"
+    if not data:
+        return None
+    pcm = np.frombuffer(data, dtype="<i2").astype(np.int16, copy=False)  # (n * channels,)
+    problem = ss.push_audio(pcm.reshape(-1, channels) if channels > 1 else pcm, rate)
+    return None if problem is None else (0, problem)
+
+
+async def _on_control(ss: ServerSession, text: str) -> None:
+    if len(text) > MAX_CONTROL_MESSAGE:
+        await ss.error_event(f"control messages are at most {MAX_CONTROL_MESSAGE} characters", "bad_message")
+        return
+    try:
+        message = json.loads(text)
+    except ValueError as e:
+        await ss.error_event(f"control message is not JSON: {e}", "bad_message")
+        return
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        await ss.error_event('a control message is a JSON object with a string "type"', "bad_message")
+        return
+    kind = message["type"]
+    try:
+        if kind == "ping":
+            await ss.send_json({"type": "pong", "id": message.get("id"), "time": time.time()})
+        elif kind == "end_of_speech":
+            ss.session.end_speech()
+        elif kind == "interrupt":
+            ss.session.interrupt()
+        elif kind == "audio_format":
+            rate, channels = message.get("sample_rate", 16000), message.get("channels", 1)
+            if (not isinstance(rate, int) or isinstance(rate, bool) or not 8000 <= rate <= 96000
+                    or channels not in (1, 2) or isinstance(channels, bool)):
+                await ss.error_event("audio_format: sample_rate must be an integer 8000..96000 and channels 1 or 2",
+                                     "bad_message")
+                return
+            ss.audio_format = (rate, channels)
+            await ss.send_json({"type": "audio_format", "sample_rate": rate, "channels": channels})
+        else:
+            await ss.error_event(f"unknown message type {kind[:40]!r}; expected audio_format, end_of_speech, "
+                                 "interrupt or ping", "bad_message")
+    except LetsTalkError as e:  # SessionClosedError and friends
+        await ss.error_event(str(e), "session")
+
+
+# --------------------------------------------------------------------------------------------------
+# The browser client
+# --------------------------------------------------------------------------------------------------
+
+
+def _static_page(name: str):
+    async def handler(request: web.Request) -> web.StreamResponse:
+        static = request.app[CONFIG].static_dir
+        if static is None or not (static / name).is_file():
+            raise api_error(404, "the browser client is not installed here (client_examples/browser)")
+        return web.FileResponse(static / name, headers={"Cache-Control": "no-cache"})
+
+    return handler
+
+
+async def openapi(request: web.Request) -> web.StreamResponse:
+    return web.FileResponse(Path(__file__).parent / "openapi.yaml", headers={"Content-Type": "application/yaml"})
+
+
+# --------------------------------------------------------------------------------------------------
+# The application
+# --------------------------------------------------------------------------------------------------
+
+
+def _load_avatar_image(source) -> np.ndarray:
+    if isinstance(source, np.ndarray):
+        return source
+    return decode_image(Path(source).read_bytes(), 100_000_000)
+
+
+async def _on_startup(app: web.Application) -> None:
+    engine, config = app[ENGINE], app[CONFIG]
+    await engine.start()  # no-op when the caller started it
+    for avatar_id, source in config.avatars.items():
+        try:
+            image = await asyncio.to_thread(_load_avatar_image, source)
+            portrait = await asyncio.to_thread(engine.pipeline.prepare_portrait, image, config.detect_face)
+        except (LetsTalkError, OSError) as e:
+            log.warning("avatar %r is not available: %s", avatar_id, e)
+            continue
+        name = "Bundled portrait" if avatar_id == "default" else (
+            Path(source).stem if not isinstance(source, np.ndarray) else avatar_id)
+        app[AVATARS][avatar_id] = Avatar(avatar_id, name, portrait)
+    app[MANAGER].start()
+
+
+async def _on_cleanup(app: web.Application) -> None:
+    await app[MANAGER].stop()
+    if app[CONFIG].stop_engine_on_cleanup:
+        await app[ENGINE].stop()
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    await app[MANAGER].close_all("server stopping")
+
+
+def create_app(engine: StreamEngine, config: ServerConfig | None = None) -> web.Application:
+    """The aiohttp application around a (started or not) engine; the engine's max_sessions is the cap."""
+    config = config or ServerConfig()
+    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_upload_bytes + 64 * 1024)
+    app[ENGINE] = engine
+    app[CONFIG] = config
+    app[MANAGER] = SessionManager(engine, config)
+    app[AVATARS] = {}
+    r = app.router
+    r.add_get("/health", health)
+    r.add_get("/metrics", metrics)
+    r.add_get("/openapi.yaml", openapi)
+    r.add_get("/v1/avatars", list_avatars)
+    r.add_post("/v1/sessions", create_session)
+    r.add_get("/v1/sessions/{session_id}", get_session)
+    r.add_delete("/v1/sessions/{session_id}", delete_session)
+    r.add_post("/v1/sessions/{session_id}/offer", offer)
+    r.add_get("/v1/sessions/{session_id}/ws", websocket)
+    r.add_get("/", _static_page("index.html"))
+    r.add_get("/overlay", _static_page("overlay.html"))
+    if config.static_dir is not None and config.static_dir.is_dir():
+        r.add_static("/static/", config.static_dir, follow_symlinks=False)
+    app.on_startup.append(_on_startup)
+    app.on_shutdown.append(_on_shutdown)
+    app.on_cleanup.append(_on_cleanup)
+    return app
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line: `letstalk serve` / `python -m server`
+# --------------------------------------------------------------------------------------------------
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    d = ServerConfig()
+    parser.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")
+    parser.add_argument("--port", type=int, default=d.port, help=f"port (default {d.port})")
+    parser.add_argument("--model", type=Path, default=None, help="model directory (default: the bundled model)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps per window, 1..50 (default: the model's)")
+    parser.add_argument("--max-sessions", type=int, default=None,
+                        help="admission cap: concurrent sessions on this device (default 8; measure with `letstalk bench`)")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' to create sessions (default: env LETSTALK_API_KEY)")
+    parser.add_argument("--insecure-no-auth", action="store_true",
+                        help="allow listening on a non-loopback address without an API key")
+    parser.add_argument("--token-secret", default=None,
+                        help="HMAC secret of session tokens (default: env LETSTALK_TOKEN_SECRET, else random per start)")
+    parser.add_argument("--idle-timeout", type=float, default=d.idle_timeout_s,
+                        help=f"close sessions idle this many seconds (default {d.idle_timeout_s:g})")
+    parser.add_argument("--max-upload-mb", type=float, default=d.max_upload_mb,
+                        help=f"portrait upload limit in MB (default {d.max_upload_mb:g})")
+    parser.add_argument("--ice-server", action="append", default=[], metavar="URL",
+                        help="STUN/TURN server for WebRTC, e.g. stun:stun.example.org:3478 (repeatable; default none)")
+    parser.add_argument("--no-face-detect", action="store_true",
+                        help="centre-crop uploaded portraits instead of detecting the face")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up forward pass at start")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    api_key = args.api_key or os.environ.get("LETSTALK_API_KEY") or None
+    if not _is_loopback(args.host) and not api_key and not args.insecure_no_auth:
+        raise LetsTalkError(f"refusing to listen on {args.host} without authentication: set --api-key "
+                            "(or LETSTALK_API_KEY), or pass --insecure-no-auth to allow it")
+    for name, value in (("--idle-timeout", args.idle_timeout), ("--max-upload-mb", args.max_upload_mb)):
+        if not value > 0:
+            raise LetsTalkError(f"{name} must be positive, got {value}")
+    if args.max_sessions is not None and args.max_sessions < 1:
+        raise LetsTalkError(f"--max-sessions must be at least 1, got {args.max_sessions}")
+    return ServerConfig(
+        host=args.host, port=args.port, api_key=api_key,
+        token_secret=args.token_secret or os.environ.get("LETSTALK_TOKEN_SECRET") or None,
+        idle_timeout_s=args.idle_timeout, max_upload_mb=args.max_upload_mb, ice_servers=list(args.ice_server),
+        detect_face=not args.no_face_detect, stop_engine_on_cleanup=True,
+    )
+
+
+def _build_engine(args: argparse.Namespace):
+    import torch
+
+    from letstalk_rt.pipeline import LetsTalkPipeline
+    from letstalk_rt.stream import EngineConfig, StreamEngine
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        raise LetsTalkError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
+        args.dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    if args.steps is not None and not 1 <= args.steps <= 50:
+        raise LetsTalkError(f"--steps {args.steps}: choose 1..50")
+    pipe = LetsTalkPipeline.from_pretrained(args.model, device=device, dtype=dtype, num_steps=args.steps)
+    if not pipe.config.trained:
+        print("letstalk serve: warning: this model is UNTRAINED (random weights): the avatar will not look like a "
+              "talking face. " + pipe.config.description, file=sys.stderr)
+    defaults = EngineConfig()
+    cap = args.max_sessions or defaults.max_sessions
+    return StreamEngine(pipe, EngineConfig(max_sessions=cap, max_batch=min(cap, defaults.max_batch),
+                                           warmup=not args.no_warmup))
+
+
+async def _serve(app: web.Application, config: ServerConfig) -> None:
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()  # on_startup: engine warm-up, avatars
+    try:
+        site = web.TCPSite(runner, config.host, config.port)
+        try:
+            await site.start()
+        except OSError as e:
+            raise LetsTalkError(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}") from None
+        engine = app[ENGINE]
+        port = site._server.sockets[0].getsockname()[1] if site._server and site._server.sockets else config.port
+        auth = "API key" if config.api_key else "none (loopback)" if _is_loopback(config.host) else "NONE (insecure)"
+        print(f"letstalk serve: http://{config.host}:{port}/  (max {engine.config.max_sessions} sessions, "
+              f"{engine.pipeline.config.image_size}px @ {engine.pipeline.fps} fps, auth: {auth}); Ctrl-C to stop",
+              file=sys.stderr, flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except (NotImplementedError, RuntimeError):
+                pass
+        await stop.wait()
+        print("letstalk serve: stopping (closing sessions) ...", file=sys.stderr, flush=True)
+    finally:
+        await runner.cleanup()
+
+
+def serve_main(args: argparse.Namespace) -> None:
+    """Run the server until SIGINT/SIGTERM; user-fixable problems raise LetsTalkError (one line)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aioice").setLevel(logging.WARNING)  # one line per ICE check otherwise
+    config = config_from_args(args)  # refuse an unauthenticated public bind before loading anything
+    engine = _build_engine(args)
+    asyncio.run(_serve(create_app(engine, config), config))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m server", description="letstalk-rt HTTP/WebRTC server")
+    add_serve_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        serve_main(args)
+    except LetsTalkError as e:
+        print(f"letstalk serve: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+__all__ = ["REPO_ROOT", "ServerConfig", "add_serve_arguments", "create_app", "main", "serve_main"]

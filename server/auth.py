@@ -1,0 +1,111 @@
+"""Session tokens and the API key: HMAC-SHA256 signed, JWT-shaped, checked in constant time.
+
+    token = base64url(header) "." base64url(payload) "." base64url(HMAC-SHA256(secret, header "." payload))
+    header  = {"alg": "HS256", "typ": "JWT"}
+    payload = {"sid": session id, "iat": issued at, "exp": expiry (seconds since the epoch)}
+
+A token grants one session (its `sid`) until `exp`; the server checks that the session in the URL is
+the one the token names. The secret is random per server start unless one is given (then tokens stay
+valid across restarts and across workers that share it). No PyJWT: the format is small enough to write
+out, and only HS256 is ever accepted (a token naming another algorithm, "none" included, is refused).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from dataclasses import dataclass
+
+_HEADER = {"alg": "HS256", "typ": "JWT"}
+MAX_TOKEN_CHARS = 2048  # far above a real token; anything longer is refused before any work
+
+
+class TokenError(Exception):
+    """The token is missing, malformed, forged, for another session, or expired (HTTP 401)."""
+
+
+def _b64encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _b64decode(text: str) -> bytes:
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (ValueError, TypeError):
+        raise TokenError("token is not base64url") from None
+
+
+@dataclass(frozen=True)
+class TokenClaims:
+    session_id: str
+    issued_at: int
+    expires_at: int
+
+
+class TokenSigner:
+    """Issues and verifies session tokens with one secret."""
+
+    def __init__(self, secret: bytes | str | None = None) -> None:
+        if isinstance(secret, str):
+            secret = secret.encode("utf-8")
+        self._secret = secret or secrets.token_bytes(32)  # random per server start unless given
+
+    def _sign(self, signing_input: bytes) -> bytes:
+        return hmac.new(self._secret, signing_input, hashlib.sha256).digest()
+
+    def issue(self, session_id: str, ttl_s: float, now: float | None = None) -> tuple[str, int]:
+        """A token for `session_id` valid for `ttl_s` seconds; returns (token, expires_at)."""
+        iat = int(time.time() if now is None else now)
+        exp = iat + max(1, int(ttl_s))
+        header = _b64encode(json.dumps(_HEADER, separators=(",", ":")).encode())
+        payload = _b64encode(json.dumps({"sid": session_id, "iat": iat, "exp": exp}, separators=(",", ":")).encode())
+        signing_input = f"{header}.{payload}".encode("ascii")
+        return f"{header}.{payload}.{_b64encode(self._sign(signing_input))}", exp
+
+    def verify(self, token: str, session_id: str | None = None, now: float | None = None) -> TokenClaims:
+        """The token's claims, or TokenError. `session_id`: the session the request is about."""
+        if not token or len(token) > MAX_TOKEN_CHARS:
+            raise TokenError("missing or oversized token")
+        parts = token.split(".")
+        if len(parts) != 3:
+            raise TokenError("token must have three dot-separated parts")
+        header_b64, payload_b64, sig_b64 = parts
+        try:
+            signing_input = f"{header_b64}.{payload_b64}".encode("ascii")
+        except UnicodeEncodeError:
+            raise TokenError("token is not ASCII") from None
+        # Signature first, in constant time: nothing of an unsigned token is trusted or even parsed.
+        if not hmac.compare_digest(_b64decode(sig_b64), self._sign(signing_input)):
+            raise TokenError("bad token signature")
+        try:
+            header = json.loads(_b64decode(header_b64))
+            payload = json.loads(_b64decode(payload_b64))
+            if header.get("alg") != "HS256":
+                raise TokenError("token algorithm must be HS256")
+            claims = TokenClaims(str(payload["sid"]), int(payload["iat"]), int(payload["exp"]))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise TokenError("malformed token payload") from None
+        if claims.expires_at <= (time.time() if now is None else now):
+            raise TokenError("token expired")
+        if session_id is not None and not hmac.compare_digest(claims.session_id.encode(), session_id.encode()):
+            raise TokenError("token is for another session")
+        return claims
+
+
+def api_key_matches(given: str | None, expected: str) -> bool:
+    """Constant-time comparison of a presented API key with the configured one."""
+    if given is None:
+        return False
+    return hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode("utf-8"))
+
+
+def bearer(headers, query) -> str | None:
+    """The credential of a request: `Authorization: Bearer X`, else the `token` query parameter."""
+    auth = headers.get("Authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    return query.get("token") or None

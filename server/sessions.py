@@ -1,0 +1,572 @@
+"""Server-side sessions: admission, the peer connection and websocket of each, liveness, metrics.
+
+One `ServerSession` wraps one engine `Session` and everything the network attached to it:
+
+- at most one `RTCPeerConnection` (the session's own video and audio tracks, one encoder per sender;
+  the client's audio track is fed into the session, any other received track is read and discarded);
+- at most one websocket at a time (a newer one replaces the older): PCM in, control in, events out;
+- a task that forwards the engine's events to the websocket (the engine bounds that queue itself).
+
+`SessionManager` admits sessions (the slot is reserved before any expensive work and refused at once
+when the engine is full), and a watchdog closes what nobody uses any more:
+
+- idle: no audio, no websocket message and no media pulled for `idle_timeout_s`;
+- a peer connection that failed or closed (at once), or whose peer went silent (no RTCP receiver
+  report and no RTP for `peer_timeout_s`: a killed client never says goodbye);
+- a websocket that went away from a session without a peer connection (after `ws_grace_s`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from aiortc import (
+    RTCConfiguration,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCRtpSender,
+    RTCSessionDescription,
+    sdp,
+)
+from aiortc.mediastreams import MediaStreamError
+
+from letstalk_rt.errors import LetsTalkError
+from letstalk_rt.stream import TrackSource
+from letstalk_rt.stream.events import SessionClosed
+
+from .auth import TokenSigner
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from letstalk_rt.stream import Session, StreamEngine
+
+log = logging.getLogger("letstalk.server")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUNDLED_PORTRAIT = REPO_ROOT / "letstalk_rt" / "assets" / "portrait.png"
+
+
+@dataclass
+class ServerConfig:
+    """Everything the HTTP layer needs; the admission cap is the engine's `EngineConfig.max_sessions`."""
+
+    host: str = "127.0.0.1"  # loopback by default: exposing the server is a decision (see --insecure-no-auth)
+    port: int = 8080
+    api_key: str | None = None  # required as `Authorization: Bearer KEY` to list avatars and create sessions
+    token_secret: str | None = None  # HMAC secret of session tokens; random per start when None
+    token_ttl_s: float = 3600.0  # a session token is accepted this long after the session was created
+    idle_timeout_s: float = 60.0  # no audio, no websocket message, no media pulled for this long: closed
+    peer_timeout_s: float = 6.0  # a connected peer silent this long (no RTCP, no RTP) is gone: closed
+    ws_grace_s: float = 3.0  # a session without a peer connection whose websocket left: closed after this
+    max_upload_mb: float = 10.0  # portrait upload limit (HTTP 413 above)
+    max_image_pixels: int = 40_000_000  # decoded portrait size limit: no decompression bombs
+    max_sdp_bytes: int = 64 * 1024  # an SDP offer is a few kB; more is refused (413)
+    max_media_sections: int = 3  # audio + video (+ an ignored data channel)
+    negotiation_timeout_s: float = 10.0  # setRemoteDescription + answer + ICE gathering, all together
+    pc_close_timeout_s: float = 5.0  # `RTCPeerConnection.close()` can hang; give up waiting after this
+    ws_send_timeout_s: float = 5.0  # a websocket that does not take a message for this long is closed
+    retry_after_s: int = 5  # `Retry-After` of a 503 when the engine is full
+    watch_interval_s: float = 1.0  # how often the watchdog looks at every session
+    ice_servers: list[str] = field(default_factory=list)  # STUN/TURN URLs; none by default (LAN / localhost)
+    avatars: dict[str, str | Path] = field(default_factory=lambda: {"default": BUNDLED_PORTRAIT})
+    detect_face: bool = True  # crop uploaded portraits to the detected face (422 when there is none)
+    static_dir: Path | None = REPO_ROOT / "client_examples" / "browser"  # the browser client, served at /
+    stop_engine_on_cleanup: bool = False  # serve_main owns its engine; tests own theirs
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    def rtc_configuration(self) -> RTCConfiguration:
+        # An explicit empty list: aiortc's default would query Google's STUN server on every gathering.
+        return RTCConfiguration(iceServers=[RTCIceServer(u) for u in self.ice_servers])
+
+
+class SdpRejected(Exception):
+    """An offer the server will not negotiate: `status` is the HTTP status (400, 413 or 415)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _short(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def check_offer(body: bytes, config: ServerConfig) -> str:
+    """Cheap checks of an SDP offer before aiortc sees it; the offer as text, or SdpRejected.
+
+    aiortc's parser raises raw ValueError / AssertionError / IndexError ... on hostile input, and
+    negotiates whatever it is given; here the offer is bounded (size, media sections, one audio and
+    one video at most) and codecs are checked against what the server can send, with a reason.
+    """
+    if len(body) > config.max_sdp_bytes:
+        raise SdpRejected(413, f"the SDP offer is {len(body)} bytes; the limit is {config.max_sdp_bytes}")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SdpRejected(400, "the SDP offer is not UTF-8 text") from None
+    if "\x00" in text:
+        raise SdpRejected(400, "the SDP offer contains NUL characters")
+    if not text.lstrip().startswith("v=0"):
+        raise SdpRejected(400, "not an SDP offer: it must start with 'v=0'")
+    sections = [line for line in text.splitlines() if line.startswith("m=")]
+    if not sections:
+        raise SdpRejected(400, "the SDP offer has no media sections (no m= line): offer audio and/or video")
+    if len(sections) > config.max_media_sections:
+        raise SdpRejected(400, f"the SDP offer has {len(sections)} media sections; at most "
+                               f"{config.max_media_sections} (one audio, one video, one data channel)")
+    try:
+        description = sdp.SessionDescription.parse(text)
+    except Exception as e:  # aiortc's parser: ValueError, AssertionError, IndexError, KeyError, ...
+        raise SdpRejected(400, f"malformed SDP offer: {_short(e)}") from None
+    kinds = [m.kind for m in description.media]
+    for kind in set(kinds):
+        if kind not in ("audio", "video", "application"):
+            raise SdpRejected(400, f"unsupported media section {kind!r}: offer audio and/or video")
+        if kinds.count(kind) > 1:
+            raise SdpRejected(400, f"the offer has {kinds.count(kind)} {kind} sections; one is supported")
+    if not {"audio", "video"} & set(kinds):
+        raise SdpRejected(400, "the SDP offer has no audio or video section")
+    # aiortc trusts these: a BUNDLE naming an unknown mid leaves a transceiver without a transport, and
+    # then setRemoteDescription, a background task and even pc.close() raise AttributeError (a leak).
+    mids = [m.rtp.muxId for m in description.media]
+    for group in description.group:
+        for mid in group.items:
+            if mid not in mids:
+                raise SdpRejected(400, f"a={group.semantic} group names mid {str(mid)[:40]!r}, which no media "
+                                       "section has")
+    for media in description.media:
+        if media.dtls is None or not media.dtls.fingerprints:
+            raise SdpRejected(400, f"the {media.kind} section has no DTLS fingerprint (a=fingerprint)")
+        if media.ice is None or not media.ice.usernameFragment or not media.ice.password:
+            raise SdpRejected(400, f"the {media.kind} section has no ICE credentials (a=ice-ufrag / a=ice-pwd)")
+    for media in description.media:
+        if media.kind not in ("audio", "video"):
+            continue
+        ours = [c.mimeType for c in RTCRtpSender.getCapabilities(media.kind).codecs if not c.mimeType.endswith("/rtx")]
+        offered = {c.mimeType.lower() for c in media.rtp.codecs}
+        if not offered & {m.lower() for m in ours}:
+            names = ", ".join(sorted({c.mimeType for c in media.rtp.codecs})) or "none"
+            raise SdpRejected(415, f"no supported {media.kind} codec in the offer (offered: {names}; "
+                                   f"this server supports {', '.join(dict.fromkeys(ours))})")
+    return text
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------------
+
+
+class Metrics:
+    """Counters of the whole server; gauges are read from live sessions at scrape time."""
+
+    def __init__(self) -> None:
+        self.sessions_total = 0
+        self.refused_total = 0
+        self.errors_total = 0
+        # totals of sessions already closed (live ones are added at scrape time)
+        self.closed_frames = 0
+        self.closed_held = 0
+        self.closed_dropped: collections.Counter[str] = collections.Counter()
+        self.closed_latencies: collections.deque[float] = collections.deque(maxlen=10000)
+        self._fps_samples: collections.deque[tuple[float, int]] = collections.deque(maxlen=16)
+
+    def absorb(self, session: Session) -> None:
+        stats = session.stats()
+        self.closed_frames += stats["frames_generated"]
+        self.closed_held += stats["fillers"]
+        self.closed_dropped.update(stats["dropped"])
+        self.closed_latencies.extend(session.latencies)
+
+    def sample_fps(self, frames_total: int) -> None:
+        self._fps_samples.append((time.monotonic(), frames_total))
+
+    def fps(self) -> float:
+        if len(self._fps_samples) < 2:
+            return 0.0
+        (t0, f0), (t1, f1) = self._fps_samples[0], self._fps_samples[-1]
+        return (f1 - f0) / (t1 - t0) if t1 > t0 else 0.0
+
+
+def _fmt(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    return f"{value:.6g}"
+
+
+def render_metrics(manager: SessionManager) -> str:
+    """Prometheus text exposition format 0.0.4, written by hand (no client library needed)."""
+    m = manager.metrics
+    live = [ss.session for ss in manager.sessions.values()]
+    stats = [s.stats() for s in live]
+    frames = m.closed_frames + sum(s["frames_generated"] for s in stats)
+    held = m.closed_held + sum(s["fillers"] for s in stats)
+    dropped = collections.Counter(m.closed_dropped)
+    for s in stats:
+        dropped.update(s["dropped"])
+    lat = sorted(list(m.closed_latencies) + [x for s in live for x in s.latencies])
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+        lines.append(f"# HELP {name} {help_}")
+        lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            lines.append(f"{name}{labels} {_fmt(value)}")
+
+    metric("letstalk_sessions_active", "gauge", "Sessions open now.", [("", len(manager.sessions))])
+    metric("letstalk_sessions_max", "gauge", "Admission cap (engine max_sessions).", [("", manager.max_sessions)])
+    metric("letstalk_sessions_total", "counter", "Sessions created since start.", [("", m.sessions_total)])
+    metric("letstalk_sessions_refused_total", "counter", "Session requests refused with 503 because the engine was full.",
+           [("", m.refused_total)])
+    metric("letstalk_frames_generated_total", "counter", "Video frames generated by the model.", [("", frames)])
+    metric("letstalk_frames_held_total", "counter", "Ticks that showed a held frame because generation was late.",
+           [("", held)])
+    metric("letstalk_frames_dropped_total", "counter", "Frames generated but never shown, by reason.",
+           [(f'{{reason="{r}"}}', dropped.get(r, 0)) for r in ("interrupt", "late", "consumer")])
+    metric("letstalk_generated_fps", "gauge", "Frames generated per second over the last ~15 s, all sessions.",
+           [("", float(m.fps()))])
+    q = [(f'{{quantile="{p}"}}', float(lat[min(len(lat) - 1, int(p * len(lat)))]) if lat else float("nan"))
+         for p in (0.5, 0.95)]
+    metric("letstalk_speech_to_screen_latency_seconds", "summary",
+           "Speech arrival to the frame that says it being shown (recent sessions).",
+           q + [("_sum", float(sum(lat))), ("_count", len(lat))])
+    metric("letstalk_errors_total", "counter", "Session errors, failed negotiations and internal server errors.",
+           [("", m.errors_total)])
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# One session
+# --------------------------------------------------------------------------------------------------
+
+
+class ServerSession:
+    """An engine session plus its peer connection, websocket and tasks."""
+
+    def __init__(self, manager: SessionManager, session: Session, token: str, expires_at: int) -> None:
+        self.manager = manager
+        self.config = manager.config
+        self.session = session
+        self.id = session.id
+        self.token = token
+        self.expires_at = expires_at
+        self.pc: RTCPeerConnection | None = None
+        self.negotiating = False
+        self.ws: web.WebSocketResponse | None = None
+        self.had_ws = False
+        self.ws_left_at: float | None = None
+        self.audio_format = (session.sample_rate, 1)  # (rate, channels) of binary websocket messages
+        now = time.monotonic()
+        self.last_activity = now  # audio in, websocket message, media pulled
+        self.last_peer_seen: float | None = None  # RTCP from / RTP of the peer, once connected
+        self._peer_marks: dict[str, Any] = {}
+        self._last_tick = 0
+        self._last_buffer_error = 0.0
+        self.closing = False
+        self.closed = asyncio.Event()
+        self.tasks: set[asyncio.Task] = set()
+        self.pump = self.spawn(self._pump_events(), "events")
+
+    # -- tasks
+
+    def spawn(self, coro, name: str) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro, name=f"session-{self.id}-{name}")
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("session %s: task %s failed", self.id, task.get_name(), exc_info=task.exception())
+            self.manager.metrics.errors_total += 1
+
+    def touch(self) -> None:
+        self.last_activity = time.monotonic()
+
+    # -- events out
+
+    async def send_json(self, message: dict) -> None:
+        """Send to the current websocket, if any; a client that does not read for a while is dropped."""
+        ws = self.ws
+        if ws is None or ws.closed:
+            return
+        try:
+            await asyncio.wait_for(ws.send_str(json.dumps(message)), self.config.ws_send_timeout_s)
+        except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+            log.info("session %s: websocket stopped reading; closing it", self.id)
+            await self._close_ws(ws, 1008, "client does not read its events")
+
+    async def error_event(self, message: str, code: str = "error") -> None:
+        await self.send_json({"type": "error", "session_id": self.id, "code": code, "message": message,
+                              "time": time.time()})
+
+    async def _pump_events(self) -> None:
+        async for event in self.session.events():
+            if event.type == "error":
+                self.manager.metrics.errors_total += 1
+            await self.send_json(event.to_dict())
+            if isinstance(event, SessionClosed):
+                break
+        # The engine closed the session (error, engine stop) or we did: free the rest.
+        self.spawn(self.manager.close(self, self.session.close_reason or "closed"), "close")
+
+    async def _close_ws(self, ws: web.WebSocketResponse, code: int, reason: str) -> None:
+        try:
+            await asyncio.wait_for(ws.close(code=code, message=reason.encode()[:120]), 2.0)
+        except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+            pass
+
+    # -- audio in
+
+    def push_audio(self, pcm: np.ndarray, rate: int) -> str | None:
+        """Push into the engine; returns an error message instead of raising for what the client can fix."""
+        self.touch()
+        try:
+            self.session.push_audio(pcm, rate)
+        except LetsTalkError as e:  # AudioBufferFull, SessionClosedError, InputError
+            return str(e)
+        return None
+
+    # -- WebRTC
+
+    async def negotiate(self, offer_sdp: str) -> str:
+        """Apply the offer, attach the session's tracks, return the answer SDP (closes the pc on failure)."""
+        pc = RTCPeerConnection(self.config.rtc_configuration())
+        self.pc = pc
+        received: list = []
+
+        @pc.on("track")
+        def on_track(track) -> None:
+            received.append(track)
+            if track.kind == "audio":
+                self.spawn(self._consume_audio(track), "mic")
+            else:  # every received track is read, or aiortc buffers it without bound
+                self.spawn(self._discard(track), f"discard-{track.kind}")
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            state = pc.connectionState
+            log.info("session %s: peer connection %s", self.id, state)
+            if state == "connected":
+                self.last_peer_seen = time.monotonic()
+            elif state in ("failed", "closed") and self.pc is pc:
+                self.spawn(self.manager.close(self, f"peer connection {state}"), "close")
+
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+            kinds = {t.kind for t in pc.getTransceivers()}
+            if not kinds & {"audio", "video"}:
+                raise SdpRejected(400, "the offer has no audio or video section")
+            if "video" in kinds:
+                pc.addTrack(self.session.video_track())
+            if "audio" in kinds:
+                pc.addTrack(self.session.audio_track())
+            answer = await pc.createAnswer()
+            await pc.setLocalDescription(answer)
+            return pc.localDescription.sdp
+        except BaseException:
+            self.pc = None
+            for track in received:
+                track.stop()
+            await self.close_pc(pc)
+            raise
+
+    async def _consume_audio(self, track) -> None:
+        """The client's microphone: the avatar speaks what it hears. Read until the track ends, whatever
+        happens to the audio (an unread received track makes aiortc buffer without bound)."""
+        async for pcm, rate in TrackSource(track).chunks():
+            if self.session.closed:
+                continue  # keep draining until the peer connection closes the track
+            try:
+                problem = self.push_audio(pcm, rate)
+            except Exception as e:  # never stop reading: log, drop this chunk, go on
+                log.exception("session %s: received audio could not be used", self.id)
+                problem = f"received audio could not be used: {type(e).__name__}"
+            if problem and time.monotonic() - self._last_buffer_error > 1.0:  # at most one a second
+                self._last_buffer_error = time.monotonic()
+                await self.error_event(problem, "audio_dropped")
+
+    @staticmethod
+    async def _discard(track) -> None:
+        while True:
+            try:
+                await track.recv()
+            except MediaStreamError:
+                return
+
+    async def close_pc(self, pc: RTCPeerConnection) -> None:
+        try:
+            await asyncio.wait_for(pc.close(), self.config.pc_close_timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("session %s: RTCPeerConnection.close() did not finish in %.0f s; abandoned",
+                        self.id, self.config.pc_close_timeout_s)
+        except Exception:  # closing must never fail the caller
+            log.exception("session %s: error while closing the peer connection", self.id)
+
+    async def peer_alive(self, now: float) -> bool:
+        """False when a connected peer sent neither an RTCP report nor an RTP packet for peer_timeout_s."""
+        pc = self.pc
+        if pc is None or pc.connectionState != "connected" or self.last_peer_seen is None:
+            return True
+        for t in pc.getTransceivers():
+            for key, part in (("s", t.sender), ("r", t.receiver)):
+                try:
+                    report = await part.getStats()
+                except Exception:
+                    continue
+                for stat in report.values():
+                    mark = None
+                    if stat.type == "remote-inbound-rtp":  # a receiver report about what we send
+                        mark = stat.timestamp
+                    elif stat.type == "inbound-rtp":  # what the peer sends us
+                        mark = stat.packetsReceived
+                    if mark is not None:
+                        k = f"{t.mid}{key}{stat.type}"
+                        if self._peer_marks.get(k) != mark:
+                            self._peer_marks[k] = mark
+                            self.last_peer_seen = now
+        return now - self.last_peer_seen <= self.config.peer_timeout_s
+
+    # -- watchdog
+
+    async def check(self, now: float) -> str | None:
+        """A reason to close this session now, or None."""
+        tick = self.session.player.tick
+        if tick != self._last_tick:  # media pulled by a peer (or frames read in-process)
+            self._last_tick = tick
+            self.touch()
+        if self.pc is not None and self.pc.connectionState in ("failed", "closed"):
+            return f"peer connection {self.pc.connectionState}"
+        if not await self.peer_alive(now):
+            return f"peer unreachable (no RTCP/RTP for {self.config.peer_timeout_s:.0f} s)"
+        if (self.had_ws and self.ws is None and self.pc is None and self.ws_left_at is not None
+                and not self.negotiating and now - self.ws_left_at > self.config.ws_grace_s):
+            return "websocket disconnected"
+        if now - self.last_activity > self.config.idle_timeout_s:
+            return f"idle for {self.config.idle_timeout_s:.0f} s"
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
+# All sessions
+# --------------------------------------------------------------------------------------------------
+
+
+class SessionManager:
+    def __init__(self, engine: StreamEngine, config: ServerConfig) -> None:
+        self.engine = engine
+        self.config = config
+        self.signer = TokenSigner(config.token_secret)
+        self.metrics = Metrics()
+        self.sessions: dict[str, ServerSession] = {}
+        self._admitting = 0  # slots reserved by requests still reading / decoding / preparing
+        self._watchdog: asyncio.Task | None = None
+
+    @property
+    def max_sessions(self) -> int:
+        return self.engine.config.max_sessions
+
+    # -- admission
+
+    def try_reserve(self) -> bool:
+        """Take a slot before any expensive work, or say no at once."""
+        if len(self.engine.sessions) + self._admitting >= self.max_sessions:
+            self.metrics.refused_total += 1
+            return False
+        self._admitting += 1
+        return True
+
+    def release(self) -> None:
+        self._admitting -= 1
+
+    def add(self, session: Session) -> ServerSession:
+        token, exp = self.signer.issue(session.id, self.config.token_ttl_s)
+        ss = ServerSession(self, session, token, exp)
+        self.sessions[ss.id] = ss
+        self.metrics.sessions_total += 1
+        return ss
+
+    # -- teardown
+
+    async def close(self, ss: ServerSession, reason: str) -> None:
+        """Free everything of one session; safe to call many times from anywhere."""
+        if ss.closing:
+            await ss.closed.wait()
+            return
+        ss.closing = True
+        log.info("session %s: closing (%s)", ss.id, reason)
+        try:
+            if not ss.session.closed:
+                await ss.session.close(reason=reason)  # emits SessionClosed: the pump forwards it
+            if ss.pump is not asyncio.current_task():  # let the last event (`closed`) reach the websocket
+                await asyncio.wait({ss.pump}, timeout=1.0)
+            if ss.ws is not None:
+                ws, ss.ws = ss.ws, None
+                await ss._close_ws(ws, 1000, f"session closed: {reason}")
+            if ss.pc is not None:
+                pc, ss.pc = ss.pc, None
+                await ss.close_pc(pc)
+            current = asyncio.current_task()
+            for task in list(ss.tasks):
+                if task is not current:
+                    task.cancel()
+        finally:
+            self.sessions.pop(ss.id, None)
+            self.metrics.absorb(ss.session)
+            ss.closed.set()
+
+    async def close_all(self, reason: str = "server stopping") -> None:
+        await asyncio.gather(*(self.close(ss, reason) for ss in list(self.sessions.values())),
+                             return_exceptions=True)
+
+    # -- watchdog
+
+    def start(self) -> None:
+        if self._watchdog is None:
+            self._watchdog = asyncio.get_running_loop().create_task(self._watch(), name="letstalk-watchdog")
+
+    async def stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            try:
+                await self._watchdog
+            except asyncio.CancelledError:
+                pass
+            self._watchdog = None
+        await self.close_all()
+
+    def frames_total(self) -> int:
+        return self.metrics.closed_frames + sum(ss.session.stats()["frames_generated"]
+                                                for ss in self.sessions.values())
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.watch_interval_s)
+            now = time.monotonic()
+            self.metrics.sample_fps(self.frames_total())
+            for ss in list(self.sessions.values()):
+                if ss.closing:
+                    continue
+                try:
+                    reason = await ss.check(now)
+                except Exception:
+                    log.exception("session %s: watchdog check failed", ss.id)
+                    continue
+                if reason:
+                    ss.spawn(self.close(ss, reason), "close")

@@ -1,0 +1,218 @@
+"""Helpers shared by the server, SDK and browser tests: a live server on an ephemeral port, an aiortc peer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fractions
+import time
+from dataclasses import dataclass
+
+import aiohttp
+import numpy as np
+from aiohttp import web
+from aiortc import (
+    MediaStreamTrack,
+    RTCConfiguration,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
+from aiortc.mediastreams import MediaStreamError
+from conftest import speechlike
+
+
+@dataclass
+class Server:
+    url: str
+    app: web.Application
+    engine: object
+
+    @property
+    def manager(self):
+        from server.app import MANAGER
+
+        return self.app[MANAGER]
+
+
+@contextlib.asynccontextmanager
+async def running_server(pipeline, max_sessions: int = 4, **config):
+    """The app on 127.0.0.1:<ephemeral> around a fresh engine (no warm-up) on `pipeline`."""
+    from letstalk_rt.stream import EngineConfig, StreamEngine
+    from server import ServerConfig, create_app
+
+    engine = StreamEngine(pipeline, EngineConfig(warmup=False, max_sessions=max_sessions,
+                                                 max_batch=min(max_sessions, 4)))
+    app = create_app(engine, ServerConfig(port=0, **config))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield Server(f"http://127.0.0.1:{port}", app, engine)
+    finally:
+        await runner.cleanup()
+        await engine.stop()
+
+
+def run(coro, timeout: float = 240):
+    """Run a test coroutine; any exception a background task dropped on the floor fails the test."""
+    problems: list[str] = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+
+        def handler(loop, context):
+            problems.append(str(context.get("exception") or context.get("message")))
+            loop.default_exception_handler(context)
+
+        loop.set_exception_handler(handler)
+        return await asyncio.wait_for(coro, timeout)
+
+    result = asyncio.run(main())
+    assert not problems, f"unhandled exceptions in background tasks: {problems}"
+    return result
+
+
+async def create_session(http: aiohttp.ClientSession, url: str, headers: dict | None = None, **body) -> dict:
+    async with http.post(f"{url}/v1/sessions", json=body or {"avatar_id": "default"}, headers=headers or {}) as r:
+        assert r.status == 201, await r.text()
+        return await r.json()
+
+
+class SpeechTrack(MediaStreamTrack):
+    """A 48 kHz stereo 'microphone' playing speech-like audio in real time (like a browser's)."""
+
+    kind = "audio"
+
+    def __init__(self, seconds: float = 3.0, silence_after: bool = True) -> None:
+        super().__init__()
+        speech = speechlike(seconds, 48000)
+        tail = np.zeros(48000 * 30, np.float32) if silence_after else np.zeros(0, np.float32)
+        self.pcm = (np.concatenate([speech, tail]) * 32767).astype(np.int16)
+        self.pos = 0
+        self.start: float | None = None
+
+    async def recv(self):
+        import av
+
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self.start is None:
+            self.start = time.monotonic()
+        n = 960  # 20 ms
+        due = self.start + self.pos / 48000
+        if due > time.monotonic():
+            await asyncio.sleep(due - time.monotonic())
+        chunk = self.pcm[self.pos:self.pos + n]
+        if len(chunk) < n:
+            chunk = np.pad(chunk, (0, n - len(chunk)))
+        stereo = np.repeat(chunk, 2)[None]  # (1, 2n) packed s16
+        frame = av.AudioFrame.from_ndarray(stereo, format="s16", layout="stereo")
+        frame.sample_rate = 48000
+        frame.pts = self.pos
+        frame.time_base = fractions.Fraction(1, 48000)
+        self.pos += n
+        return frame
+
+
+class Peer:
+    """A bare aiortc client: receives the avatar's tracks (counting frames), optionally sends tracks."""
+
+    def __init__(self, send_audio: MediaStreamTrack | None = None, send_video: MediaStreamTrack | None = None) -> None:
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.video_frames: list = []  # (shape,) of received frames (only the shape: memory stays flat)
+        self.audio_frames = 0
+        self.audio_rms: list[float] = []
+        self.last_video: np.ndarray | None = None
+        self.tasks: list[asyncio.Task] = []
+        self.connected = asyncio.Event()
+        self.pc.on("track", self._on_track)
+        self.pc.on("connectionstatechange", self._on_state)
+        if send_video is not None:
+            self.pc.addTransceiver(send_video, direction="sendrecv")
+        else:
+            self.pc.addTransceiver("video", direction="recvonly")
+        if send_audio is not None:
+            self.pc.addTransceiver(send_audio, direction="sendrecv")
+        else:
+            self.pc.addTransceiver("audio", direction="recvonly")
+
+    def _on_state(self) -> None:
+        if self.pc.connectionState == "connected":
+            self.connected.set()
+
+    def _on_track(self, track) -> None:
+        self.tasks.append(asyncio.ensure_future(self._read(track)))
+
+    async def _read(self, track) -> None:
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            if track.kind == "video":
+                arr = frame.to_ndarray(format="rgb24")
+                self.video_frames.append(arr.shape)
+                self.last_video = arr
+            else:
+                self.audio_frames += 1
+                pcm = frame.to_ndarray().astype(np.float32) / 32768
+                self.audio_rms.append(float(np.sqrt(np.mean(pcm ** 2))))
+
+    async def offer(self) -> str:
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        return self.pc.localDescription.sdp
+
+    async def connect(self, http: aiohttp.ClientSession, info: dict, timeout: float = 20) -> None:
+        sdp = await self.offer()
+        async with http.post(info["offer_url"], data=sdp, headers={
+                "Authorization": f"Bearer {info['token']}", "Content-Type": "application/sdp"}) as r:
+            assert r.status == 201, await r.text()
+            assert r.content_type == "application/sdp"
+            answer = await r.text()
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+        await asyncio.wait_for(self.connected.wait(), timeout)
+
+    async def wait_frames(self, video: int, audio: int = 0, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.video_frames) < video or self.audio_frames < audio:
+            assert time.monotonic() < deadline, (f"only {len(self.video_frames)} video / {self.audio_frames} audio "
+                                                 f"frames after {timeout} s")
+            await asyncio.sleep(0.05)
+
+    def kill(self) -> None:
+        """Die without a word: close the ICE sockets under the peer connection (no DTLS close, no BYE)."""
+        for transceiver in self.pc.getTransceivers():
+            ice = transceiver.receiver.transport.transport
+            for protocol in list(ice._connection._protocols):  # aioice's UDP endpoints
+                if protocol.transport is not None:
+                    protocol.transport.close()
+        for task in self.tasks:
+            task.cancel()
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        with contextlib.suppress(asyncio.TimeoutError, Exception):
+            await asyncio.wait_for(self.pc.close(), 5)
+
+
+async def wait_until(predicate, timeout: float, what: str, interval: float = 0.05) -> float:
+    """Poll `predicate` until true; returns the seconds it took, fails with `what` after `timeout`."""
+    start = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - start < timeout, f"timed out after {timeout} s waiting for {what}"
+        await asyncio.sleep(interval)
+    return time.monotonic() - start
+
+
+def play_session(server: Server, session_id: str) -> asyncio.Task:
+    """Read a session's frames in-process (a stand-in viewer that drives its playback clock)."""
+    session = server.engine.sessions[session_id]
+
+    async def consume():
+        async for _ in session.frames():
+            pass
+
+    return asyncio.ensure_future(consume())

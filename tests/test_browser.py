@@ -1,0 +1,175 @@
+"""The browser client in Debian's headless Chromium, driven by playwright, against a live server.
+
+Chromium's fake microphone plays a WAV of speech-like audio; the page sends it as its WebRTC audio
+track, and must show the avatar: video frames of the model's size, audio packets, and a mouth region
+that changes while the speech plays.
+
+CI needs: `apt-get install -y chromium` and `pip install playwright` (never `playwright install`:
+the test points playwright at /usr/bin/chromium). Without either, this test is skipped, saying which.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import speechlike
+from server_helpers import run, running_server
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+try:
+    from playwright.async_api import async_playwright
+except ImportError:  # pragma: no cover - depends on the machine
+    async_playwright = None
+
+pytestmark = [
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
+                                                     "(apt-get install -y chromium)"),
+    pytest.mark.skipif(async_playwright is None, reason="needs the playwright python package (pip install playwright; "
+                                                        "no `playwright install`: the system chromium is used)"),
+]
+
+# The lower-middle of the frame (where the mouth of a centred face crop is), as RGBA bytes.
+MOUTH_SNAPSHOT_JS = """() => {
+  const v = document.getElementById('video');
+  const c = document.createElement('canvas');
+  c.width = v.videoWidth; c.height = v.videoHeight;
+  const g = c.getContext('2d');
+  g.drawImage(v, 0, 0);
+  const w = c.width, h = c.height;
+  return Array.from(g.getImageData(Math.floor(w * 0.3), Math.floor(h * 0.55),
+                                   Math.ceil(w * 0.4), Math.ceil(h * 0.35)).data);
+}"""
+
+
+def _write_wav(path: Path, seconds: float = 4.0, rate: int = 48000) -> None:
+    speech = speechlike(seconds, rate) * 2.5  # a loud, clear "voice" (peaks ~0.9)
+    pcm = (np.clip(speech, -1, 1) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+
+
+def _chromium_args(wav: Path) -> list[str]:
+    return [
+        "--headless", "--no-sandbox", "--disable-gpu",
+        "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={wav}",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+        "--autoplay-policy=no-user-gesture-required",
+        "--disable-features=WebRtcHideLocalIpsWithMdns",  # plain host candidates, no mDNS names
+    ]
+
+
+@pytest.mark.parametrize("mode", ["microphone+avatar", "file+photo"])
+def test_browser_page_shows_the_talking_avatar(tiny_pipeline, tmp_path, astronaut_png, mode):
+    """index.html: the page creates a session (the bundled avatar, or an uploaded photo), sends speech as
+    its WebRTC audio track (Chromium's fake microphone playing a WAV, or the WAV chosen as a file and
+    played through WebAudio), and shows the avatar: frames of the model's size, audio, a moving mouth."""
+    wav = tmp_path / "speech.wav"
+    _write_wav(wav)
+    args = _chromium_args(wav)
+
+    async def main():
+        async with running_server(tiny_pipeline) as srv, async_playwright() as pw:
+            context = await pw.chromium.launch_persistent_context(
+                str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=args)
+            try:
+                page = await context.new_page()
+                console: list[str] = []
+                page.on("console", lambda m: console.append(m.text))
+                if mode == "microphone+avatar":
+                    await page.goto(f"{srv.url}/?autostart=1&source=mic")
+                else:
+                    await page.goto(f"{srv.url}/?source=file")
+                    await page.set_input_files("#audiofile", str(wav))
+                    await page.set_input_files("#photo", str(astronaut_png))
+                    await page.check("input[name=face][value=upload]")
+                    await page.click("#start")
+                try:
+                    await page.wait_for_function(
+                        "window.letstalk?.conn?.pc?.connectionState === 'connected'", timeout=30000)
+                    await page.wait_for_function(
+                        "document.getElementById('video').videoWidth > 0 && window.letstalk.frames.frames > 10",
+                        timeout=30000)
+                except Exception:
+                    log = await page.evaluate("document.getElementById('log').innerText")
+                    raise AssertionError(f"page did not start streaming; log: {log!r}; console: {console}")
+                size = await page.evaluate("[document.getElementById('video').videoWidth, "
+                                           "document.getElementById('video').videoHeight]")
+                first = await page.evaluate("window.letstalk.conn.stats()")
+                frames_first = await page.evaluate("window.letstalk.frames.frames")
+                snaps = []
+                for _ in range(6):  # a few snapshots, 0.4 s apart, while the speech plays
+                    snaps.append(np.array(await page.evaluate(MOUTH_SNAPSHOT_JS), np.int16))
+                    await asyncio.sleep(0.4)
+                await page.wait_for_function("window.letstalk.events.includes('speech_started')", timeout=20000)
+                later = await page.evaluate("window.letstalk.conn.stats()")
+                frames_later = await page.evaluate("window.letstalk.frames.frames")
+                server_sessions = list(srv.manager.sessions.values())
+                await page.click("#stop")
+                await asyncio.sleep(1.0)
+                remaining = len(srv.manager.sessions)
+            finally:
+                await context.close()
+            return size, first, later, frames_first, frames_later, snaps, server_sessions, remaining
+
+    size, first, later, frames_first, frames_later, snaps, sessions, remaining = run(main())
+    assert size == [32, 32]
+    assert later["video"]["frameWidth"] == 32 and later["video"]["frameHeight"] == 32
+    assert frames_later > frames_first + 20  # ~25 fps kept coming
+    assert later["audio"]["packetsReceived"] > first["audio"]["packetsReceived"] > 0
+    assert later["audio"]["bytesReceived"] > first["audio"]["bytesReceived"] > 0
+    diffs = [int(np.abs(a - b).sum()) for a, b in zip(snaps, snaps[1:])]
+    assert max(diffs) > 0, "the mouth region never changed while speech played"
+    assert len(sessions) == 1 and sessions[0].session.stats()["frames_generated"] > 50
+    assert remaining == 0  # Stop deleted the session
+
+
+
+def test_overlay_page_shows_a_session_driven_by_the_sdk(tiny_pipeline, tmp_path):
+    """The OBS overlay attached to a session the Python SDK created: the page takes the WebRTC side on a
+    chroma-key background, the program keeps the websocket, sends speech and gets the speech events."""
+    from letstalk_rt.client import AvatarClient
+
+    wav = tmp_path / "silence.wav"
+    _write_wav(wav, seconds=1.0)
+
+    async def main():
+        async with running_server(tiny_pipeline) as srv, async_playwright() as pw:
+            context = await pw.chromium.launch_persistent_context(
+                str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=_chromium_args(wav))
+            try:
+                async with AvatarClient(srv.url) as client:
+                    session = await client.start_session(avatar_id="default")
+                    await session.ping()  # open the websocket first: the overlay must not take it over
+                    page = await context.new_page()
+                    await page.goto(session.overlay_url(chroma="00ff00"))
+                    await page.wait_for_function("window.letstalk?.frames?.frames > 10", timeout=30000)
+                    background = await page.evaluate("getComputedStyle(document.body).backgroundColor")
+                    size = await page.evaluate("[document.getElementById('video').videoWidth, "
+                                               "document.getElementById('video').videoHeight]")
+                    started = asyncio.Event()
+                    session.on("speech_started", lambda ev: started.set())
+                    speech = speechlike(1.5)
+                    for i in range(0, len(speech), 3200):
+                        await session.send_audio(speech[i:i + 3200])
+                        await asyncio.sleep(0.2)
+                    await session.end_speech()
+                    await asyncio.wait_for(started.wait(), 20)
+                    assert await session.ping() >= 0  # the SDK's websocket is still the session's
+                    state = (await session.stats())
+            finally:
+                await context.close()
+            return background, size, state
+
+    background, size, state = run(main())
+    assert background == "rgb(0, 255, 0)"
+    assert size == [32, 32]
+    assert state["peer_connection"] == "connected" and state["websocket"] is True

@@ -1,0 +1,145 @@
+"""The Python SDK (letstalk_rt.client) against a live server on the tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import speechlike
+from server_helpers import SpeechTrack, run, running_server, wait_until
+
+
+def test_sdk_never_imports_torch():
+    code = "import sys, letstalk_rt.client; assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_sdk_streams_speech_and_receives_frames_audio_and_events(tiny_pipeline):
+    """start_session -> connect (WebRTC) -> send_audio over the websocket -> frames, audio and events
+    (callbacks and the iterator) -> interrupt -> close frees the server's session."""
+    from letstalk_rt.client import AvatarClient
+
+    async def main():
+        async with running_server(tiny_pipeline) as srv:
+            async with AvatarClient(srv.url) as client:
+                assert (await client.health())["status"] == "ok"
+                assert [a["id"] for a in await client.avatars()] == ["default"]
+                session = await client.start_session(avatar_id="default", seed=3)
+                seen: list[str] = []
+                session.on("speech_started", lambda ev: seen.append(ev["type"]))
+
+                @session.on("*")
+                async def count(ev):  # coroutine callbacks run as tasks
+                    seen.append("any")
+
+                await session.connect()
+                frames, chunks = [], []
+
+                async def read_video():
+                    async for frame in session.video_frames():
+                        frames.append(frame)
+
+                async def read_audio():
+                    async for chunk in session.audio_frames():
+                        chunks.append(chunk)
+
+                readers = [asyncio.ensure_future(read_video()), asyncio.ensure_future(read_audio())]
+                speech = speechlike(1.5)
+                for i in range(0, len(speech), 1600):  # 100 ms chunks, float32, at real-time pace
+                    await session.send_audio(speech[i:i + 1600], sample_rate=16000)
+                    await asyncio.sleep(0.1)
+                await session.end_speech()
+                types = []
+                async for event in session.events():
+                    types.append(event["type"])
+                    if event["type"] == "speech_stopped":
+                        break
+                assert "ready" in types and "speech_started" in types
+                rtt = await session.ping()
+                assert 0 <= rtt < 2
+                await session.send_audio((speechlike(2.0, 48000) * 32767).astype(np.int16), sample_rate=48000)
+                await session.interrupt()
+                async for event in session.events():
+                    if event["type"] == "interrupted":
+                        break
+                stats = await session.stats()
+                assert stats["peer_connection"] == "connected" and stats["websocket"] is True
+                assert stats["stats"]["frames_generated"] > 0
+                await session.close()
+                await asyncio.gather(*readers)  # the iterators end when the connection closes
+                counts = session.frames_received
+                assert not srv.manager.sessions
+                return frames, chunks, seen, counts
+
+    frames, chunks, seen, counts = run(main())
+    assert len(frames) >= 25 and all(f.shape == (32, 32, 3) and f.dtype == np.uint8 for f in frames)
+    assert len(chunks) >= 50 and chunks[0].sample_rate == 48000 and chunks[0].pcm.dtype == np.int16
+    assert max(float(np.abs(c.pcm).max()) for c in chunks) > 300  # the speech came back as audio
+    assert "speech_started" in seen and seen.count("any") > 3
+    assert counts["video"] >= len(frames)
+
+
+def test_sdk_sends_a_local_audio_track_and_uploads_a_portrait(tiny_pipeline, astronaut_png):
+    from letstalk_rt.client import AvatarClient
+
+    async def main():
+        async with running_server(tiny_pipeline) as srv:
+            async with AvatarClient(srv.url) as client:
+                session = await client.start_session(portrait=astronaut_png)
+                started = asyncio.Event()
+                session.on("speech_started", lambda ev: started.set())
+                await session.connect(audio_track=SpeechTrack(1.5))
+                await asyncio.wait_for(started.wait(), 20)
+                same = await client.start_session(portrait=astronaut_png.read_bytes())
+                assert same.id != session.id and len(srv.manager.sessions) == 2
+            await wait_until(lambda: not srv.manager.sessions, 10, "the client's sessions to be closed")
+
+    run(main())
+
+
+def test_sdk_raises_the_servers_errors(tiny_pipeline):
+    from letstalk_rt.client import (
+        AuthenticationError,
+        AvatarClient,
+        AvatarClientError,
+        RequestError,
+        ServerBusyError,
+        SessionNotFoundError,
+    )
+
+    async def main():
+        async with running_server(tiny_pipeline, max_sessions=1, api_key="secret") as srv:
+            async with AvatarClient(srv.url) as anonymous:
+                with pytest.raises(AuthenticationError, match="API key"):
+                    await anonymous.start_session()
+            async with AvatarClient(srv.url, api_key="secret") as client:
+                with pytest.raises(RequestError, match="not an image") as bad:
+                    await client.start_session(portrait=b"plain text, not a picture")
+                assert bad.value.status == 415
+                with pytest.raises(RequestError, match="unknown avatar_id"):
+                    await client.start_session(avatar_id="nobody")
+                session = await client.start_session()
+                t0 = time.monotonic()
+                with pytest.raises(ServerBusyError) as busy:
+                    await client.start_session()
+                assert busy.value.retry_after == 5 and time.monotonic() - t0 < 1
+                # the server closes the websocket on binary garbage; the next call says why
+                await session.ping()
+                await session._ws.send_bytes(b"\x00")
+                await asyncio.sleep(0.5)
+                with pytest.raises(AvatarClientError, match="1003"):
+                    await session.end_speech()
+                with pytest.raises(ValueError):
+                    await session.send_audio(b"\x00\x01\x02", sample_rate=16000)  # checked before sending
+                await srv.manager.close(srv.manager.sessions[session.id], "test")
+                with pytest.raises(SessionNotFoundError):
+                    await session.stats()
+                await session.close()  # idempotent and quiet about an already-gone session
+
+    run(main())
+

@@ -1,0 +1,597 @@
+"""The HTTP / WebRTC / websocket server on the tiny model: a real server on 127.0.0.1, real aiortc peers."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gc
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import pytest
+from conftest import speechlike
+from server_helpers import (
+    Peer,
+    SpeechTrack,
+    create_session,
+    play_session,
+    run,
+    running_server,
+    wait_until,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "server"
+
+SDP_FIXTURES = {  # file -> expected status (see fixtures/server/README.md)
+    "truncated.sdp": 400,
+    "garbage.sdp": 400,
+    "garbage_text.sdp": 400,
+    "no_media.sdp": 400,
+    "huge.sdp": 413,
+    "many_sections.sdp": 400,
+    "unsupported_codec.sdp": 415,
+    "missing_ice.sdp": 400,
+    "fuzz_bundle_unknown_mid.sdp": 400,
+    "fuzz_fmtp_flag_without_value.sdp": 400,
+    "fuzz_no_dtls_setup.sdp": 400,
+}
+
+
+def _png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _bearer(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def _ws_json(ws, kind: str, timeout: float = 10.0) -> dict:
+    """The next event of type `kind` on the websocket (others are skipped)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        msg = await ws.receive(timeout=max(0.01, deadline - time.monotonic()))
+        assert msg.type == aiohttp.WSMsgType.TEXT, f"expected {kind}, got {msg.type} {msg.data!r} {msg.extra!r}"
+        event = json.loads(msg.data)
+        if event["type"] == kind:
+            return event
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# --------------------------------------------------------------------------------------------------
+# Service endpoints
+# --------------------------------------------------------------------------------------------------
+
+
+def test_health_metrics_and_avatars(tiny_pipeline):
+    """/health reports occupancy, /metrics is valid Prometheus text whose counters move while a session
+    streams, and the bundled portrait is preloaded as the `default` avatar."""
+
+    async def main():
+        async with running_server(tiny_pipeline, max_sessions=3) as srv, aiohttp.ClientSession() as http:
+            async with http.get(f"{srv.url}/health") as r:
+                assert r.status == 200
+                assert await r.json() == {"status": "ok", "sessions": 0, "max_sessions": 3}
+            async with http.get(f"{srv.url}/v1/avatars") as r:
+                assert (await r.json())["avatars"] == [{"id": "default", "name": "Bundled portrait"}]
+            info = await create_session(http, srv.url)
+            player = play_session(srv, info["session_id"])
+            session = srv.engine.sessions[info["session_id"]]
+            session.push_audio(speechlike(1.0))
+            session.end_speech()
+            await wait_until(lambda: session.stats()["frames_generated"] >= 25 and session.latencies, 30,
+                             "frames and a latency sample")
+            await asyncio.sleep(1.5)  # the fps gauge samples once a second
+            async with http.get(f"{srv.url}/health") as r:
+                assert (await r.json())["sessions"] == 1
+            async with http.get(f"{srv.url}/metrics") as r:
+                assert r.status == 200 and r.content_type == "text/plain"
+                text = await r.text()
+            player.cancel()
+        return text
+
+    text = run(main())
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            assert re.match(r"# (HELP|TYPE) letstalk_\w+ ", line), line
+            continue
+        m = re.fullmatch(r'(letstalk_\w+)(\{\w+="[^"]*"\})? (-?[0-9.e+]+|NaN)', line)
+        assert m, f"not Prometheus exposition format: {line!r}"
+        values[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+    assert values["letstalk_sessions_active"] == 1
+    assert values["letstalk_sessions_total"] == 1
+    assert values["letstalk_sessions_max"] == 3
+    assert values["letstalk_sessions_refused_total"] == 0
+    assert values["letstalk_frames_generated_total"] >= 25
+    assert values["letstalk_generated_fps"] > 0
+    assert "letstalk_frames_held_total" in values and 'letstalk_frames_dropped_total{reason="interrupt"}' in values
+    p50 = values['letstalk_speech_to_screen_latency_seconds{quantile="0.5"}']
+    p95 = values['letstalk_speech_to_screen_latency_seconds{quantile="0.95"}']
+    assert 0 < p50 <= p95 < 5
+    assert values["letstalk_speech_to_screen_latency_seconds_count"] > 0
+    assert values["letstalk_errors_total"] == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Auth
+# --------------------------------------------------------------------------------------------------
+
+
+def test_api_key_and_session_tokens(tiny_pipeline):
+    """The API key gates session creation; a session token opens only its own session, only until it
+    expires, and cannot be forged (bad signature, alg=none, edited payload)."""
+
+    async def main():
+        async with running_server(tiny_pipeline, api_key="k3y") as srv, aiohttp.ClientSession() as http:
+            url = srv.url
+            async with http.get(f"{url}/health") as r:  # health stays open for load balancers
+                assert r.status == 200
+            for headers in ({}, _bearer("wrong"), {"Authorization": "Basic azN5"}):
+                async with http.post(f"{url}/v1/sessions", json={"avatar_id": "default"}, headers=headers) as r:
+                    assert r.status == 401 and "API key" in (await r.json())["error"]
+                    assert r.headers["WWW-Authenticate"].startswith("Bearer")
+            async with http.get(f"{url}/v1/avatars") as r:
+                assert r.status == 401
+            a = await create_session(http, url, _bearer("k3y"))
+            b = await create_session(http, url, {"X-API-Key": "k3y"})
+            assert srv.manager.sessions.keys() == {a["session_id"], b["session_id"]}
+            offer = await Peer().offer()
+            # A's token on B's session: refused everywhere
+            for method, path in (("POST", "/offer"), ("GET", ""), ("DELETE", ""), ("GET", "/ws")):
+                async with http.request(method, f"{url}/v1/sessions/{b['session_id']}{path}", data=offer,
+                                        headers={**_bearer(a["token"]), "Content-Type": "application/sdp"}) as r:
+                    assert r.status == 401, (method, path, r.status)
+                    assert "another session" in (await r.json())["error"]
+            async with http.get(f"{url}/v1/sessions/{b['session_id']}/ws", params={"token": a["token"]}) as r:
+                assert r.status == 401
+            # expired: a token signed with the server's secret two hours ago, valid for one
+            expired, _ = srv.manager.signer.issue(a["session_id"], 3600, now=time.time() - 7200)
+            async with http.get(f"{url}/v1/sessions/{a['session_id']}", headers=_bearer(expired)) as r:
+                assert r.status == 401 and "expired" in (await r.json())["error"]
+            # forged: payload edited to name B, and an unsigned alg=none token
+            h, p, s = a["token"].split(".")
+            claims = json.loads(base64.urlsafe_b64decode(p + "=="))
+            claims["sid"] = b["session_id"]
+            p2 = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+            none = base64.urlsafe_b64encode(b'{"alg":"none","typ":"JWT"}').rstrip(b"=").decode()
+            for token in (f"{h}.{p2}.{s}", f"{none}.{p2}.", "garbage", "a.b.c", "x" * 5000):
+                async with http.get(f"{url}/v1/sessions/{b['session_id']}", headers=_bearer(token)) as r:
+                    assert r.status == 401, token[:40]
+            # the right token works, via header or ?token=; the API key may delete any session
+            async with http.get(f"{url}/v1/sessions/{a['session_id']}", params={"token": a["token"]}) as r:
+                assert r.status == 200 and (await r.json())["session_id"] == a["session_id"]
+            async with http.delete(f"{url}/v1/sessions/{b['session_id']}", headers=_bearer("k3y")) as r:
+                assert r.status == 204
+            async with http.delete(f"{url}/v1/sessions/{a['session_id']}", headers=_bearer(a["token"])) as r:
+                assert r.status == 204
+            async with http.get(f"{url}/v1/sessions/{a['session_id']}", headers=_bearer(a["token"])) as r:
+                assert r.status == 404
+            assert not srv.manager.sessions and not srv.engine.sessions
+
+    run(main())
+
+
+def test_python_m_server_serves_and_stops_cleanly_on_sigterm(tiny_model_dir):
+    """`python -m server` (what `letstalk serve` runs): warm-up, listen, answer, stop on SIGTERM with 0."""
+    import signal
+    import urllib.request
+
+    proc = subprocess.Popen([sys.executable, "-m", "server", "--model", str(tiny_model_dir), "--port", "0",
+                             "--max-sessions", "2", "--device", "cpu"],
+                            stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+    try:
+        url = None
+        deadline = time.monotonic() + 120
+        while url is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            assert line or proc.poll() is None, "server exited before listening"
+            m = re.search(r"letstalk serve: (http://\S+)/ ", line)
+            url = m.group(1) if m else None
+        assert url, "server did not print its URL"
+        with urllib.request.urlopen(f"{url}/health", timeout=10) as r:
+            assert json.load(r) == {"status": "ok", "sessions": 0, "max_sessions": 2}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+
+
+def test_public_bind_without_auth_is_refused_with_one_line():
+    env = {**os.environ, "LETSTALK_API_KEY": ""}
+    proc = subprocess.run([sys.executable, "-m", "server", "--host", "0.0.0.0", "--port", "0"],
+                          capture_output=True, text=True, timeout=60, env=env, cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "refusing to listen on 0.0.0.0" in lines[0] and "--insecure-no-auth" in lines[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Admission and session creation
+# --------------------------------------------------------------------------------------------------
+
+
+def test_admission_refuses_at_once_past_the_cap_and_reserves_before_work(tiny_pipeline, astronaut_png):
+    """N sessions up to the cap; the next gets 503 + Retry-After immediately (without its upload being
+    read); a slot is held while a slow upload is still arriving; a freed slot is reusable."""
+
+    async def main():
+        async with running_server(tiny_pipeline, max_sessions=2) as srv, aiohttp.ClientSession() as http:
+            url = srv.url
+            first = await create_session(http, url)
+            # a slow upload holds the second slot while its bytes trickle in
+            photo = astronaut_png.read_bytes()
+            started = asyncio.Event()
+
+            async def trickle():
+                boundary = "xyz"
+                head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"portrait\"; filename=\"a.png\"\r\n"
+                        "Content-Type: image/png\r\n\r\n").encode()
+                yield head
+                started.set()
+                for i in range(0, len(photo), len(photo) // 10):
+                    await asyncio.sleep(0.15)
+                    yield photo[i:i + len(photo) // 10]
+                yield f"\r\n--{boundary}--\r\n".encode()
+
+            slow = asyncio.ensure_future(http.post(f"{url}/v1/sessions", data=trickle(),
+                                                   headers={"Content-Type": "multipart/form-data; boundary=xyz"}))
+            await started.wait()
+            await asyncio.sleep(0.1)
+            big = b"\0" * (5 * 1024 * 1024)  # a 5 MB upload: refused before it is read
+            t0 = time.monotonic()
+            form = aiohttp.FormData()
+            form.add_field("portrait", big, filename="big.png")
+            async with http.post(f"{url}/v1/sessions", data=form) as r:
+                took = time.monotonic() - t0
+                assert r.status == 503, await r.text()
+                assert r.headers["Retry-After"] == "5"
+                assert "retry later" in (await r.json())["error"]
+            assert took < 1.0, f"refusal took {took:.2f} s"
+            resp = await slow
+            assert resp.status == 201, await resp.text()
+            second = await resp.json()
+            resp.release()
+            async with http.post(f"{url}/v1/sessions", json={"avatar_id": "default"}) as r:
+                assert r.status == 503
+            async with http.delete(f"{url}/v1/sessions/{first['session_id']}", headers=_bearer(first["token"])) as r:
+                assert r.status == 204
+            third = await create_session(http, url)
+            assert {second["session_id"], third["session_id"]} == set(srv.engine.sessions)
+            assert srv.manager.metrics.refused_total == 2
+
+    run(main())
+
+
+def test_session_creation_errors_are_clear_json(tiny_pipeline, astronaut_png):
+    async def main():
+        async with running_server(tiny_pipeline, max_upload_mb=0.5) as srv, aiohttp.ClientSession() as http:
+            url = srv.url
+
+            async def post_form(fields: dict) -> tuple[int, dict]:
+                form = aiohttp.FormData()
+                for name, value in fields.items():
+                    if isinstance(value, bytes):
+                        form.add_field(name, value, filename="upload.bin")
+                    else:
+                        form.add_field(name, value)
+                async with http.post(f"{url}/v1/sessions", data=form) as r:
+                    return r.status, await r.json()
+
+            noise = np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)
+            cases = [
+                ({"portrait": b"this is not an image"}, 415, "not an image"),
+                ({"portrait": _png(noise)}, 422, "face"),
+                ({"portrait": b""}, 422, "empty"),
+                ({"portrait": b"\0" * (600 * 1024)}, 413, "limit"),
+                ({"portrait": astronaut_png.read_bytes(), "seed": "abc"}, 422, "seed"),
+                ({"portrait": astronaut_png.read_bytes(), "avatar_id": "default"}, 422, "either"),
+                ({"avatar_id": "nobody"}, 422, "unknown avatar_id"),
+                ({"avatar_id": "default", "color": "red"}, 422, "unknown field"),
+                ({"avatar_id": "default", "steps": "7"}, 422, "steps"),
+            ]
+            for fields, status, words in cases:
+                got, body = await post_form(fields)
+                assert got == status and words in body["error"], (fields.keys(), got, body)
+            for data, ctype, status in ((b"{not json", "application/json", 400), (b"[1, 2]", "application/json", 422),
+                                        (b"avatar_id=default", "text/plain", 415),
+                                        (json.dumps({"avatar_id": "default", "seed": -1}).encode(), "application/json", 422),
+                                        (json.dumps({"avatar_id": "default", "seed": True}).encode(), "application/json", 422)):
+                async with http.post(f"{url}/v1/sessions", data=data, headers={"Content-Type": ctype}) as r:
+                    assert r.status == status, (data, r.status, await r.text())
+                    assert "error" in await r.json()
+            async with http.get(f"{url}/v1/nowhere") as r:
+                assert r.status == 404 and "error" in await r.json()
+            # a real photo: the face is found and cropped
+            status, body = await post_form({"portrait": astronaut_png.read_bytes(), "seed": "7"})
+            assert status == 201, body
+            assert set(body) >= {"session_id", "token", "expires_at", "offer_url", "ws_url"}
+            assert body["offer_url"] == f"{url}/v1/sessions/{body['session_id']}/offer"
+            assert body["ws_url"] == f"{url.replace('http', 'ws')}/v1/sessions/{body['session_id']}/ws"
+            assert body["video"] == {"width": 32, "height": 32, "fps": 25}
+            assert body["expires_at"] > time.time()
+            assert len(srv.engine.sessions) == 1  # none of the refused requests left a session behind
+
+    run(main())
+
+
+# --------------------------------------------------------------------------------------------------
+# WebRTC
+# --------------------------------------------------------------------------------------------------
+
+
+def test_aiortc_peer_receives_both_tracks_and_its_microphone_drives_the_avatar(tiny_pipeline):
+    """An in-process aiortc client: 32x32 frames at ~25 fps and audio arrive; the speech it sends as its
+    own audio track (48 kHz stereo Opus) makes the avatar talk (speech events at playback); the video
+    track it also sends is consumed and discarded. A second offer on the session is refused (409)."""
+
+    async def main():
+        async with running_server(tiny_pipeline) as srv, aiohttp.ClientSession() as http:
+            info = await create_session(http, srv.url)
+            ws = await http.ws_connect(info["ws_url"], headers=_bearer(info["token"]))
+            from aiortc.mediastreams import VideoStreamTrack
+
+            peer = Peer(send_audio=SpeechTrack(2.0), send_video=VideoStreamTrack())
+            await peer.connect(http, info)
+            t0 = time.monotonic()
+            await peer.wait_frames(video=50, audio=100, timeout=30)
+            rate = 50 / (time.monotonic() - t0)
+            started = await _ws_json(ws, "speech_started", timeout=20)
+            stopped = await _ws_json(ws, "speech_stopped", timeout=20)
+            assert stopped["frame"] > started["frame"]
+            async with http.post(info["offer_url"], data=await Peer().offer(),
+                                 headers={**_bearer(info["token"]), "Content-Type": "application/sdp"}) as r:
+                assert r.status == 409
+            ss = srv.manager.sessions[info["session_id"]]
+            kinds = sorted(t.get_name().rsplit("-", 1)[-1] for t in ss.tasks)
+            assert "mic" in kinds and "video" in kinds  # the received video track is being read
+            await ws.close()
+            await peer.close()
+            return peer, rate
+
+    peer, rate = run(main())
+    assert set(peer.video_frames) == {(32, 32, 3)}
+    assert 15 < rate < 40, f"{rate:.1f} fps"
+    assert max(peer.audio_rms) > 0.01  # the avatar's audio carries the speech it was sent
+
+
+def test_malformed_sdp_is_refused_while_other_sessions_stream(tiny_pipeline):
+    """Every fixture offer gets its 4xx with a reason; the streaming session never stalls, no background
+    task dies unhandled, and the session that got the bad offers can still negotiate a good one."""
+
+    async def main():
+        async with running_server(tiny_pipeline) as srv, aiohttp.ClientSession() as http:
+            watched = await create_session(http, srv.url)
+            viewer = Peer()
+            await viewer.connect(http, watched)
+            await viewer.wait_frames(video=10)
+            target = await create_session(http, srv.url)
+            headers = {**_bearer(target["token"]), "Content-Type": "application/sdp"}
+            for name, status in SDP_FIXTURES.items():
+                before = len(viewer.video_frames)
+                async with http.post(target["offer_url"], data=(FIXTURES / name).read_bytes(), headers=headers) as r:
+                    assert r.status == status, (name, r.status, await r.text())
+                    body = await r.json()
+                    assert len(body["error"]) > 10, (name, body)
+                await viewer.wait_frames(video=before + 3, timeout=5)  # still streaming
+            async with http.post(target["offer_url"], data=b"v=0\r\n", headers={**headers,
+                                                                              "Content-Type": "text/plain"}) as r:
+                assert r.status == 415
+            good = Peer()
+            await good.connect(http, target)
+            await good.wait_frames(video=5, audio=5)
+            await good.close()
+            await viewer.close()
+
+    run(main())
+
+
+# --------------------------------------------------------------------------------------------------
+# The websocket
+# --------------------------------------------------------------------------------------------------
+
+
+def test_websocket_audio_control_events_and_bad_input(tiny_pipeline):
+    async def main():
+        async with running_server(tiny_pipeline) as srv, aiohttp.ClientSession() as http:
+            info = await create_session(http, srv.url)
+            sid = info["session_id"]
+            player = play_session(srv, sid)
+            ws = await http.ws_connect(info["ws_url"], params={"token": info["token"]})
+            ready = await _ws_json(ws, "ready")
+            assert ready["sample_rate"] == 16000 and ready["channels"] == 1
+            # speech in 20 ms PCM16 chunks at real-time pace, then end of speech
+            pcm = (speechlike(1.2) * 32767).astype("<i2")
+            for i in range(0, len(pcm), 320):
+                await ws.send_bytes(pcm[i:i + 320].tobytes())
+                await asyncio.sleep(0.02)
+            await ws.send_json({"type": "end_of_speech"})
+            started = await _ws_json(ws, "speech_started", 15)
+            stopped = await _ws_json(ws, "speech_stopped", 15)
+            assert started["session_id"] == sid and stopped["frame"] > started["frame"]
+            await ws.send_json({"type": "ping", "id": 7})
+            assert (await _ws_json(ws, "pong"))["id"] == 7
+            # interrupt while speech is queued
+            await ws.send_bytes((speechlike(1.0, seed=1) * 32767).astype("<i2").tobytes())
+            await ws.send_json({"type": "interrupt"})
+            assert (await _ws_json(ws, "interrupted"))["type"] == "interrupted"
+            # bad text messages: an error event each, the connection stays up
+            for bad in ("{not json", "[1, 2]", '{"type": 5}', '{"type": "dance"}', json.dumps({"x": "y" * 5000}),
+                        '{"type": "audio_format", "sample_rate": 1, "channels": 9}'):
+                await ws.send_str(bad)
+                err = await _ws_json(ws, "error")
+                assert err["message"] and err["code"] == "bad_message", (bad, err)
+            # another format: 48 kHz stereo
+            await ws.send_json({"type": "audio_format", "sample_rate": 48000, "channels": 2})
+            assert (await _ws_json(ws, "audio_format"))["sample_rate"] == 48000
+            stereo = np.repeat((speechlike(0.5, 48000) * 32767).astype("<i2"), 2)
+            await ws.send_bytes(stereo.tobytes())
+            # overflow the session's audio buffer (30 s): an error event, and the session goes on
+            await ws.send_json({"type": "audio_format", "sample_rate": 16000, "channels": 1})
+            second = np.zeros(16000, "<i2").tobytes()
+            for _ in range(35):
+                await ws.send_bytes(second)
+            err = await _ws_json(ws, "error")
+            assert err["code"] == "audio_rejected" and "interrupt" in err["message"]
+            await ws.send_json({"type": "interrupt"})
+            await ws.send_json({"type": "ping", "id": 8})
+            assert (await _ws_json(ws, "pong"))["id"] == 8
+            # binary garbage: odd length closes with 1003 and a reason
+            await ws.send_bytes(b"\x01\x02\x03")
+            msg = await ws.receive(timeout=5)
+            while msg.type == aiohttp.WSMsgType.TEXT:
+                msg = await ws.receive(timeout=5)
+            assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1003 and "multiple of 2" in msg.extra
+            # more than 1 s in one message closes with 1009; the session itself survives both
+            ws = await http.ws_connect(info["ws_url"], headers=_bearer(info["token"]))
+            await ws.send_bytes(np.zeros(16001, "<i2").tobytes())
+            msg = await ws.receive(timeout=5)
+            while msg.type == aiohttp.WSMsgType.TEXT:
+                msg = await ws.receive(timeout=5)
+            assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1009 and "1 s" in msg.extra
+            assert sid in srv.engine.sessions
+            # a websocket over the transport cap is cut by aiohttp (1009) without reading it whole
+            ws = await http.ws_connect(info["ws_url"], headers=_bearer(info["token"]))
+            await ws.send_bytes(b"\0" * (600 * 1024))
+            msg = await ws.receive(timeout=5)
+            while msg.type == aiohttp.WSMsgType.TEXT:
+                msg = await ws.receive(timeout=5)
+            assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1009
+            # closing the session by DELETE sends `closed`, then closes the websocket
+            ws = await http.ws_connect(info["ws_url"], headers=_bearer(info["token"]))
+            async with http.delete(f"{srv.url}/v1/sessions/{sid}", headers=_bearer(info["token"])) as r:
+                assert r.status == 204
+            closed = await _ws_json(ws, "closed")
+            assert closed["reason"] == "deleted by the client"
+            msg = await ws.receive(timeout=5)
+            assert msg.type == aiohttp.WSMsgType.CLOSE
+            player.cancel()
+            assert srv.manager.metrics.errors_total == 0
+
+    run(main())
+
+
+# --------------------------------------------------------------------------------------------------
+# Lifecycle
+# --------------------------------------------------------------------------------------------------
+
+
+def test_dead_and_idle_clients_free_their_sessions(tiny_pipeline):
+    """A peer killed mid-stream (its sockets closed, no goodbye), a websocket-only client that goes away,
+    and a session nobody uses are all freed within seconds; a session that keeps streaming is not."""
+
+    async def main():
+        async with running_server(tiny_pipeline, idle_timeout_s=3.0, peer_timeout_s=2.0,
+                                  ws_grace_s=1.0) as srv, aiohttp.ClientSession() as http:
+            survivor = await create_session(http, srv.url)
+            viewer = Peer()
+            await viewer.connect(http, survivor)
+            victim = await create_session(http, srv.url)
+            doomed = Peer()
+            await doomed.connect(http, victim)
+            await doomed.wait_frames(video=10)
+            doomed.kill()
+            freed = await wait_until(lambda: victim["session_id"] not in srv.manager.sessions, 10,
+                                     "the killed peer's session to be freed")
+            assert victim["session_id"] not in srv.engine.sessions
+            # websocket-only client leaves
+            ws_only = await create_session(http, srv.url)
+            ws = await http.ws_connect(ws_only["ws_url"], headers=_bearer(ws_only["token"]))
+            await ws.close()
+            await wait_until(lambda: ws_only["session_id"] not in srv.manager.sessions, 6, "ws-only session freed")
+            # never used at all: the idle timeout
+            idle = await create_session(http, srv.url)
+            await wait_until(lambda: idle["session_id"] not in srv.manager.sessions, 8, "idle session freed")
+            before = len(viewer.video_frames)
+            await viewer.wait_frames(video=before + 10, timeout=5)
+            assert survivor["session_id"] in srv.manager.sessions  # streaming all along: never idle
+            await viewer.close()
+            await wait_until(lambda: survivor["session_id"] not in srv.manager.sessions, 8,
+                             "session freed after its peer closed")
+            await doomed.close()
+            return freed
+
+    freed = run(main())
+    assert freed < 6, f"killed peer freed after {freed:.1f} s"
+
+
+def test_fifty_connect_disconnect_cycles_keep_memory_flat(tiny_pipeline):
+    """Create, connect (WebRTC + websocket), stream, delete - 50 times; resident memory after the cycles
+    stays within 10 % of what it was after a warm-up, and nothing is left behind."""
+
+    async def cycle(http, srv):
+        info = await create_session(http, srv.url)
+        ws = await http.ws_connect(info["ws_url"], headers=_bearer(info["token"]))
+        peer = Peer()
+        await peer.connect(http, info)
+        await ws.send_bytes((speechlike(0.2) * 32767).astype("<i2").tobytes())
+        await peer.wait_frames(video=3, audio=3)
+        await ws.close()
+        async with http.delete(f"{srv.url}/v1/sessions/{info['session_id']}", headers=_bearer(info["token"])) as r:
+            assert r.status == 204
+        await peer.close()
+
+    async def main():
+        async with running_server(tiny_pipeline) as srv, aiohttp.ClientSession() as http:
+            for _ in range(8):  # warm-up: codecs, thread pools, allocator arenas
+                await cycle(http, srv)
+            gc.collect()
+            await asyncio.sleep(0.5)
+            start = _rss_bytes()
+            for _ in range(50):
+                await cycle(http, srv)
+            await asyncio.sleep(0.5)
+            gc.collect()
+            end = _rss_bytes()
+            assert not srv.manager.sessions and not srv.engine.sessions
+            assert srv.manager.metrics.sessions_total == 58
+            return start, end
+
+    start, end = run(main(), timeout=600)
+    assert end <= start * 1.10, f"RSS grew from {start / 2**20:.0f} MiB to {end / 2**20:.0f} MiB"
+
+
+def test_second_websocket_replaces_the_first(tiny_pipeline):
+    async def main():
+        async with running_server(tiny_pipeline) as srv, aiohttp.ClientSession() as http:
+            info = await create_session(http, srv.url)
+            first = await http.ws_connect(info["ws_url"], headers=_bearer(info["token"]))
+            await _ws_json(first, "ready")
+            second = await http.ws_connect(info["ws_url"], headers=_bearer(info["token"]))
+            await _ws_json(second, "ready")
+            msg = await first.receive(timeout=5)
+            assert msg.type == aiohttp.WSMsgType.CLOSE and "replaced" in msg.extra
+            await second.send_json({"type": "ping", "id": 1})
+            assert (await _ws_json(second, "pong"))["id"] == 1
+            assert info["session_id"] in srv.manager.sessions
+
+    run(main())
+
+
+@pytest.mark.parametrize("path", ["/", "/overlay", "/static/app.js", "/openapi.yaml"])
+def test_browser_client_and_spec_are_served(tiny_pipeline, path):
+    async def main():
+        async with running_server(tiny_pipeline) as srv, aiohttp.ClientSession() as http:
+            async with http.get(srv.url + path) as r:
+                assert r.status == 200
+                return await r.text()
+
+    text = run(main())
+    assert len(text) > 500
