@@ -251,7 +251,10 @@ class Session:
                 raise AudioBufferFull(
                     f"session {self.id}: more than {self.engine.config.max_pending_seconds:.0f} s of audio queued "
                     "ahead of playback; push audio at about real-time pace or call interrupt()")
-            self._pcm_in.append((mono, time.monotonic(), True))
+            # Queue in pieces of one frame's audio at most, so the worker tokenizes only what it needs.
+            now, step = time.monotonic(), self.samples_per_frame
+            for i in range(0, len(mono), step):
+                self._pcm_in.append((mono[i:i + step], now, True))
             self._pending_samples += len(mono)
         self.engine._wake()
 
@@ -395,12 +398,16 @@ class _WorkerState:
         self.frames_generated = 0
         self.encode_ms = 0.0
 
-    def take_tokens(self, n: int) -> torch.Tensor:
+    def peek_tokens(self, n: int) -> torch.Tensor:
+        """The next n tokens, left in place until drop_tokens (a failed batch is retried per session)."""
         allt = torch.cat(self.tokens)  # (n_tokens, M, Dt)
-        rest = allt[n:]
+        self.tokens = [allt]
+        return allt[:n]
+
+    def drop_tokens(self, n: int) -> None:
+        rest = torch.cat(self.tokens)[n:]
         self.tokens = [rest] if rest.shape[0] else []
         self.n_tokens = rest.shape[0]
-        return allt[:n]
 
     def take_audio(self, n: int) -> tuple[np.ndarray, bool, float | None]:
         """The next n samples of the timeline, whether any were speech, and the last speech arrival."""
@@ -649,7 +656,7 @@ class StreamEngine:
 
     def _generate(self, sessions: list[Session], frames: int):
         p = self.pipeline
-        tokens = [s._w.take_tokens(frames) for s in sessions]
+        tokens = [s._w.peek_tokens(frames) for s in sessions]
         t0 = time.perf_counter()
         lat = p.generate_latents([s._w.stream for s in sessions], tokens)  # (B, T, C, h, w)
         if p.device.type == "cuda":
@@ -658,4 +665,6 @@ class StreamEngine:
         video = p.decode(lat.flatten(0, 1))  # (B*T, H, W, 3)
         t2 = time.perf_counter()
         video = video.reshape(len(sessions), frames, *video.shape[1:])
+        for s in sessions:
+            s._w.drop_tokens(frames)
         return (t1 - t0) * 1000, (t2 - t1) * 1000, lat.float().cpu(), video
