@@ -14,6 +14,7 @@ and random weights come only from `build_components(config, seed)`, which caller
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +74,7 @@ def save_model(components: Components, path: str | Path) -> Path:
             continue
         state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in module.state_dict().items()}
         save_file(state, str(path / f"{name}.safetensors"))
+        os.chmod(path / f"{name}.safetensors", 0o644)  # safetensors writes 0600; a model is meant to be shared
     return path
 
 

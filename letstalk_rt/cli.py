@@ -3,6 +3,7 @@
     letstalk generate --portrait face.jpg --audio speech.wav --out talk.mp4   # offline file
     letstalk demo                                                            # bundled portrait + speech
     letstalk new-model --preset cpu-128 --out models/mine                     # untrained model directory
+    letstalk bench | serve | data synth | data prepare                       # see --help of each
 
 Every failure the user can fix prints one line, `letstalk: error: ...`, and exits with status 2.
 """
@@ -10,6 +11,7 @@ Every failure the user can fix prints one line, `letstalk: error: ...`, and exit
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 import time
 from pathlib import Path
@@ -91,8 +93,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """Stream the bundled speech through the live engine in real time and record what the tracks emit."""
-    import asyncio
-
     from .media import load_image
 
     image = load_image(ASSETS / "portrait.png")
@@ -203,6 +203,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--soak", type=float, default=0.0, help="one session for this many seconds (A/V drift)")
     p.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("serve", help="the WebRTC/HTTP server for browsers and the Python SDK")
+    try:
+        from server.app import add_serve_arguments, serve_main
+    except ImportError as e:  # the server package ships beside letstalk_rt; a partial install lacks it
+        _missing = str(e)
+
+        def serve_main(args: argparse.Namespace) -> None:  # noqa: F811
+            raise LetsTalkError(f"the server is not installed ({_missing}); reinstall with scripts/setup.sh")
+    else:
+        add_serve_arguments(p)
+    p.set_defaults(func=serve_main)
+
+    p = sub.add_parser("data", help="make training data: a synthetic corpus, or shards from real videos")
+    data = p.add_subparsers(dest="data_command", required=True)
+    from .train import prepare, synth
+
+    q = data.add_parser("synth", help="render a synthetic talking-head corpus (needs espeak-ng)")
+    synth.add_arguments(q)
+    q.set_defaults(func=synth.main)
+    q = data.add_parser("prepare", help="folder of talking-head videos -> 25 fps face crops + 16 kHz audio shards")
+    prepare.add_arguments(q)
+    q.set_defaults(func=prepare.main)
 
     p = sub.add_parser("new-model", help="write an UNTRAINED model directory for a preset (training start, benchmarks)")
     p.add_argument("--preset", required=True, choices=sorted(PRESETS_MODEL))

@@ -175,14 +175,14 @@ class LetsTalkPipeline:
             raise InputError(f"{name}: expected an RGB uint8 image (H, W, 3), got {image.dtype} {image.shape}")
         size = self.config.image_size
         if detect:
-            crop = crop_portrait(image, size)
+            crop = crop_portrait(image, size, name=name)
         else:
             from PIL import Image
 
             h, w = image.shape[:2]
             s = min(h, w)
             y0, x0 = (h - s) // 2, (w - s) // 2
-            crop = np.asarray(Image.fromarray(image[y0:y0 + s, x0:x0 + s]).resize((size, size), Image.LANCZOS))
+            crop = np.array(Image.fromarray(image[y0:y0 + s, x0:x0 + s]).resize((size, size), Image.LANCZOS))
         latent = encode_frames(self.autoencoder, crop[None]).to(self.device, torch.float32)[0]  # (C, h, w)
         return Portrait(image=crop, latent=latent)
 
