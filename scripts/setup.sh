@@ -2,7 +2,9 @@
 # Set up letstalk-rt in the current Python environment (a venv is recommended).
 #
 #   bash scripts/setup.sh          runtime: torch (kept if present), then the package
-#   bash scripts/setup.sh --dev    also the test dependencies
+#   bash scripts/setup.sh --dev    also the test dependencies: pytest, playwright (python only; it drives
+#                                  Debian's chromium) and, through apt when we are root or have sudo,
+#                                  chromium (browser test) and espeak-ng (synthetic corpus tests)
 #
 # torch: an existing install is kept (so a CUDA build stays). Otherwise, with an NVIDIA driver present
 # pip's default (CUDA) build is installed; on a CPU-only machine the pinned CPU build is installed
@@ -21,4 +23,21 @@ else
   "$PY" -m pip install "${TORCH_SPEC:-torch==2.13.0}"
 fi
 "$PY" -m pip install -e ".${extras}"
+
+if [ -n "$extras" ]; then
+  apt_pkgs=""
+  command -v espeak-ng >/dev/null 2>&1 || apt_pkgs="$apt_pkgs espeak-ng"
+  [ -x /usr/bin/chromium ] || apt_pkgs="$apt_pkgs chromium"
+  if [ -n "$apt_pkgs" ]; then
+    SUDO=""
+    [ "$(id -u)" = 0 ] || SUDO="sudo -n"
+    if command -v apt-get >/dev/null 2>&1 && { [ -z "$SUDO" ] || sudo -n true 2>/dev/null; }; then
+      echo "setup: apt-get install$apt_pkgs"
+      $SUDO apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $apt_pkgs >/dev/null
+    else
+      echo "setup: could not install$apt_pkgs (needs apt-get as root); the tests that need them will be skipped"
+    fi
+  fi
+fi
 echo "setup: done ($("$PY" -c 'import letstalk_rt; print("letstalk-rt", letstalk_rt.__version__)'))"
