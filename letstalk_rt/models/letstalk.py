@@ -44,7 +44,7 @@ so the output of such a row does not depend on that condition at all.
 
 Parameter counts (latent 8x8x32, patch 1, 16 frames, 32 audio tokens of width 768; defaults symbiotic
 portrait and direct audio; `LetsTalkTransformer(cfg).num_parameters()`):
-    S 49.6M    B 183.3M    L 634.5M    XL 929.6M    cpu (cpu-128 preset: 8x8x16, 8 tokens of 128) 5.76M
+    S 49.6M    B 183.3M    L 634.5M    XL 929.6M    cpu (cpu-128 preset: 8x8x16, 8 tokens of 128) 2.66M
 The paper reports 312M for LetsTalk-B "including the audio projection". Our B is 183M without the audio
 projection, which lives in `letstalk_rt.models.audio` (the paper's +-2 frame x 12 layer x 768 window
 into 32 x 768 tokens is a few tens of M more). The rest of the gap is the block. Here a block is the
