@@ -1,0 +1,428 @@
+"""Training data: clips of 25 fps frames + 16 kHz audio, sample plans, audio windows, latent caches.
+
+    dataset = open_dataset("data/synth", image_size=128, split="train")   # or a prepared-shards dir
+    clip = dataset.clips[0]          # Clip: frames (N, S, S, 3) uint8 and audio (N * 640,) float32, memory-mapped
+    plan = plan_windows(dataset, seed=0, step=7, batch=8, num_frames=8, num_memory=2)   # 8 WindowPlans
+
+Two on-disk formats are read (docs/data.md):
+
+  * a synthetic corpus (`letstalk data synth`): manifest.json + clip_XXXXX.mp4 + clip_XXXXX.json. Decoding
+    mp4 every step is far too slow, so each clip of the chosen split is decoded once into
+    `DATA/.letstalk_cache/frames-S/clip_XXXXX.safetensors` (frames resized to the model's S if the corpus
+    size differs, audio padded/trimmed to exactly 640 samples per frame) and memory-mapped from there;
+  * prepared shards (`letstalk data prepare`): index.json + shard_XXXX.safetensors; each video segment of
+    a shard is one clip. Shards at the model's size are memory-mapped in place, others are resized once
+    into the cache folder.
+
+Everything random about *which* samples a step sees is a pure function of (seed, step, sample index):
+`plan_frames` / `plan_windows` draw from `numpy.random.default_rng([seed, step, index])`, and the torch
+noise of a sample comes from `sample_generator(seed, step, index)`. So a resumed run sees exactly the
+samples the uninterrupted run would have, and a step's global batch is the same set of samples whatever
+the number of DDP ranks that split it.
+
+`LatentCache` holds every frame's autoencoder latent (fp16, one safetensors per clip) for the
+transformer stages, keyed by a fingerprint of the autoencoder weights so retraining the AE invalidates it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import InputError, OutputError
+
+CACHE_DIR = ".letstalk_cache"  # created inside the data directory
+SAMPLES_PER_FRAME = 640  # 16 kHz / 25 fps
+STREAM_START_PROB = 0.1  # share of windows forced to start at frame 0 (the empty-memory stream start)
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory-mapped safetensors
+# --------------------------------------------------------------------------------------------------
+
+_ST_DTYPES = {"U8": np.uint8, "F16": np.float16, "F32": np.float32, "F64": np.float64, "I64": np.int64}
+
+
+def read_safetensors_mmap(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Every tensor of a safetensors file as a read-only np.memmap (nothing is read until indexed),
+    plus the file's string metadata."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    meta = header.pop("__metadata__", None) or {}
+    out: dict[str, np.ndarray] = {}
+    for name, info in header.items():
+        dtype = np.dtype(_ST_DTYPES[info["dtype"]])
+        start, end = info["data_offsets"]
+        shape = tuple(info["shape"])
+        if end == start:
+            out[name] = np.zeros(shape, dtype)
+        else:
+            out[name] = np.memmap(path, dtype=dtype, mode="r", offset=8 + n + start, shape=shape)
+    return out, meta
+
+
+def write_safetensors_atomic(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+    """safetensors.numpy.save_file under a temporary name, renamed when complete."""
+    from safetensors.numpy import save_file
+
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write the training cache '{path}': {e.strerror or e}; "
+                          "free disk space or make the data directory writable") from e
+
+
+def _resize(frames: np.ndarray, size: int) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> (N, size, size, 3) uint8 (Lanczos, as the pipeline's portrait crop)."""
+    if frames.shape[1] == size and frames.shape[2] == size:
+        return np.ascontiguousarray(frames)
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.fromarray(np.asarray(f)).resize((size, size), Image.LANCZOS))
+                     for f in frames])
+
+
+# --------------------------------------------------------------------------------------------------
+# Clips and datasets
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Clip:
+    """One continuous take: frame i owns audio samples [640 i, 640 (i + 1))."""
+
+    name: str  # unique within the dataset, safe as a file name
+    frames: np.ndarray  # (N, S, S, 3) uint8, memory-mapped
+    audio: np.ndarray  # (N * 640,) float32, memory-mapped
+    mouth_box: tuple[int, int, int, int] | None = None  # (x, y, w, h) at size S, synth clips only
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.frames.shape[0])
+
+
+@dataclass
+class ClipDataset:
+    root: Path
+    kind: str  # "synth" or "prepared"
+    split: str | None  # the synth split used; None for prepared shards (they have no splits)
+    image_size: int
+    clips: list[Clip]
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / CACHE_DIR
+
+    @property
+    def num_frames(self) -> int:
+        return sum(c.num_frames for c in self.clips)
+
+    def describe(self) -> str:
+        what = f"synthetic corpus, {self.split} split" if self.kind == "synth" else "prepared shards"
+        return f"{self.root.name} ({what}: {len(self.clips)} clips, {self.num_frames / 25 / 60:.1f} min)"
+
+    def with_min_frames(self, n: int) -> "ClipDataset":
+        """The clips with at least n frames; InputError when none is that long."""
+        keep = [c for c in self.clips if c.num_frames >= n]
+        if not keep:
+            longest = max(c.num_frames for c in self.clips)
+            raise InputError(f"no clip in '{self.root}' has the {n} frames a training window needs "
+                             f"(longest: {longest}); use longer clips")
+        return ClipDataset(self.root, self.kind, self.split, self.image_size, keep)
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def open_dataset(root: str | Path, image_size: int, split: str = "train", build_cache: bool = True,
+                 progress: bool = True) -> ClipDataset:
+    """Open a synth corpus or a prepared-shards dir; decode/resize into the frame cache on first use.
+
+    build_cache=False (the non-zero DDP ranks, after rank 0 built it) only opens what is there.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"--data '{root}' does not exist or is not a directory; make a corpus with "
+                         "`letstalk data synth --out DIR` or shards with `letstalk data prepare`")
+    if (root / "manifest.json").is_file():
+        return _open_synth(root, image_size, split, build_cache, progress)
+    if (root / "index.json").is_file():
+        return _open_prepared(root, image_size, build_cache, progress)
+    raise InputError(f"--data '{root}' is neither a synthetic corpus (manifest.json) nor prepared shards "
+                     "(index.json + shard_XXXX.safetensors); make one with `letstalk data synth` or "
+                     "`letstalk data prepare`")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"'{path}' is not readable JSON ({e.__class__.__name__}); re-create the data directory") from None
+    if not isinstance(data, dict):
+        raise InputError(f"'{path}' must hold a JSON object")
+    return data
+
+
+def _open_synth(root: Path, size: int, split: str, build: bool, progress: bool) -> ClipDataset:
+    from tqdm import tqdm
+
+    manifest = _read_json(root / "manifest.json")
+    splits = manifest.get("splits") or {}
+    if split not in splits:
+        raise InputError(f"--split {split!r} is not in '{root / 'manifest.json'}'; choose one of {sorted(splits)}")
+    names = list(splits[split])
+    if not names:
+        raise InputError(f"the {split!r} split of '{root}' has no clips")
+    cache = root / CACHE_DIR / f"frames-{size}"
+    clips = []
+    for name in tqdm(names, desc=f"frame cache ({split})", unit="clip", disable=not progress, leave=False):
+        video, meta_file = root / f"{name}.mp4", root / f"{name}.json"
+        meta = _read_json(meta_file) if meta_file.is_file() else {}
+        file = cache / f"{_safe_name(name)}.safetensors"
+        stamp = str(video.stat().st_size) if video.is_file() else "missing"
+        tensors, tmeta = read_safetensors_mmap(file) if file.is_file() else ({}, {})
+        if tmeta.get("source_bytes") != stamp:
+            if not build:
+                raise InputError(f"frame cache '{file}' is missing or stale; rank 0 should have built it")
+            frames, audio = _decode_clip(video, size)
+            write_safetensors_atomic(file, {"frames": frames, "audio": audio},
+                                     {"source": video.name, "source_bytes": stamp})
+            tensors, _ = read_safetensors_mmap(file)
+        box = None
+        if "mouth_box" in meta and meta.get("size"):
+            s = size / float(meta["size"])
+            x, y, w, h = meta["mouth_box"]
+            box = (int(round(x * s)), int(round(y * s)), max(1, int(round(w * s))), max(1, int(round(h * s))))
+        clips.append(Clip(name, tensors["frames"], tensors["audio"], box))
+    return ClipDataset(root, "synth", split, size, clips)
+
+
+def _decode_clip(video: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """mp4 -> frames (N, size, size, 3) uint8 and audio (N * 640,) float32 (padded or trimmed)."""
+    from ..media import load_audio, read_frames
+
+    frames = _resize(np.stack(list(read_frames(video))), size)  # (N, S, S, 3)
+    audio = load_audio(video)  # (n,) 16 kHz
+    n = frames.shape[0] * SAMPLES_PER_FRAME
+    audio = np.pad(audio[:n], (0, max(0, n - len(audio)))).astype(np.float32)  # (N * 640,)
+    return frames, audio
+
+
+def _open_prepared(root: Path, size: int, build: bool, progress: bool) -> ClipDataset:
+    index = _read_json(root / "index.json")
+    shards = index.get("shards")
+    if not isinstance(shards, list):
+        raise InputError(f"'{root / 'index.json'}' lists no shards; re-run `letstalk data prepare`")
+    clips = []
+    for shard in shards:
+        file = root / shard["file"]
+        if not file.is_file():
+            raise InputError(f"'{file}' listed in index.json is missing; re-run `letstalk data prepare`")
+        tensors, _ = read_safetensors_mmap(file)
+        frames, audio = tensors["frames"], tensors["audio"]
+        if frames.shape[1] != size:
+            cached = root / CACHE_DIR / f"frames-{size}" / file.name
+            stamp = str(file.stat().st_size)
+            ctensors, cmeta = read_safetensors_mmap(cached) if cached.is_file() else ({}, {})
+            if cmeta.get("source_bytes") != stamp:
+                if not build:
+                    raise InputError(f"frame cache '{cached}' is missing or stale; rank 0 should have built it")
+                resized = np.concatenate([_resize(frames[i:i + 256], size) for i in range(0, len(frames), 256)])
+                write_safetensors_atomic(cached, {"frames": resized}, {"source_bytes": stamp})
+                ctensors, _ = read_safetensors_mmap(cached)
+            frames = ctensors["frames"]
+        stem = Path(shard["file"]).stem
+        for seg in shard.get("segments") or [{"offset": 0, "num_frames": len(frames)}]:
+            o, n = int(seg["offset"]), int(seg["num_frames"])
+            clips.append(Clip(f"{stem}_{o:06d}", frames[o:o + n],
+                              audio[o * SAMPLES_PER_FRAME:(o + n) * SAMPLES_PER_FRAME]))
+    if not clips:
+        raise InputError(f"'{root}' holds no frames; re-run `letstalk data prepare` on a folder with videos")
+    return ClipDataset(root, "prepared", None, size, clips)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sample plans: pure functions of (seed, step, index)
+# --------------------------------------------------------------------------------------------------
+
+
+def sample_rng(seed: int, step: int, index: int) -> np.random.Generator:
+    """The numpy generator that picks sample `index` of step `step`."""
+    return np.random.default_rng([seed, step, index])
+
+
+def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
+    """The torch CPU generator for sample `index` of step `step`'s noise (independent of sample_rng)."""
+    state = np.random.SeedSequence([seed, step, index, 1]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+@dataclass(frozen=True)
+class FramePlan:
+    clip: int
+    frame: int
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    clip: int
+    start: int  # window = frames [start, start + T); memory = frames [start - K, start) (those >= 0)
+    ref: int  # the reference (portrait) frame, outside the window when the clip allows
+
+
+def plan_frames(dataset: ClipDataset, seed: int, step: int, indices: range) -> list[FramePlan]:
+    """Random frames (clips weighted by length, so every frame is equally likely)."""
+    lengths = np.array([c.num_frames for c in dataset.clips], dtype=np.float64)
+    p = lengths / lengths.sum()
+    out = []
+    for i in indices:
+        rng = sample_rng(seed, step, i)
+        c = int(rng.choice(len(p), p=p))
+        out.append(FramePlan(c, int(rng.integers(dataset.clips[c].num_frames))))
+    return out
+
+
+def plan_windows(dataset: ClipDataset, seed: int, step: int, indices: range, num_frames: int) -> list[WindowPlan]:
+    """Random windows of `num_frames` frames (clips weighted by their number of windows).
+
+    STREAM_START_PROB of the windows start at frame 0, so the stream start (empty memory) is trained
+    as often as it matters at inference, not 1 / (N - T + 1) of the time.
+    """
+    counts = np.array([max(0, c.num_frames - num_frames + 1) for c in dataset.clips], dtype=np.float64)
+    p = counts / counts.sum()
+    out = []
+    for i in indices:
+        rng = sample_rng(seed, step, i)
+        c = int(rng.choice(len(p), p=p))
+        n = dataset.clips[c].num_frames
+        start = 0 if rng.random() < STREAM_START_PROB else int(rng.integers(n - num_frames + 1))
+        outside = n - num_frames
+        if outside > 0:
+            r = int(rng.integers(outside))
+            ref = r if r < start else r + num_frames  # skip the window's frames
+        else:
+            ref = int(rng.integers(n))
+        out.append(WindowPlan(c, start, ref))
+    return out
+
+
+def window_frame_indices(plan: WindowPlan, num_frames: int, num_memory: int) -> tuple[np.ndarray, np.ndarray]:
+    """Frame indices of memory + window (K + T,), memory ones clamped to 0, and the memory's
+    availability (K,) float: 0 for slots before the clip's start (masked, as MemoryBank.condition does)."""
+    idx = np.arange(plan.start - num_memory, plan.start + num_frames)  # (K + T,)
+    avail = (idx[:num_memory] >= 0).astype(np.float32)  # (K,)
+    return np.maximum(idx, 0), avail
+
+
+# --------------------------------------------------------------------------------------------------
+# Audio windows: exactly what inference feeds the encoder and projector for these frames
+# --------------------------------------------------------------------------------------------------
+
+
+def audio_window(audio: np.ndarray, start: int, num_frames: int, margin: int, left_samples: int,
+                 right_samples: int, samples_per_frame: int = SAMPLES_PER_FRAME) -> tuple[np.ndarray, np.ndarray]:
+    """The samples a block-size-1 encoder needs for frames [start - margin, start + T + margin), and the
+    per-token feature index that reproduces the projector's edge padding.
+
+    Inference (`LetsTalkPipeline.audio_tokens`) encodes the whole signal zero-padded on both sides
+    (frame f's features come from samples [640 f - left, 640 (f + 1) + right)), then the projector gives
+    frame i the features of frames i - m .. i + m, edge-replicating frames 0 and F - 1. Here:
+    samples (left + (T + 2m) * 640 + right,) cut from the zero-padded signal, and feat_index (T + 2m,)
+    into the T + 2m encoded frames, with out-of-clip frames pointing at frame 0 / frame F - 1.
+    """
+    total = len(audio) // samples_per_frame  # F: frames of the clip
+    first, last = start - margin, start + num_frames + margin  # encoded frames [first, last)
+    lo, hi = first * samples_per_frame - left_samples, last * samples_per_frame + right_samples
+    seg = np.zeros(hi - lo, dtype=np.float32)  # (left + (T + 2m) * 640 + right,)
+    a, b = max(lo, 0), min(hi, len(audio))
+    if b > a:
+        seg[a - lo:b - lo] = audio[a:b]
+    index = np.clip(np.arange(first, last), 0, total - 1) - first  # (T + 2m,)
+    return seg, index
+
+
+# --------------------------------------------------------------------------------------------------
+# Latent cache
+# --------------------------------------------------------------------------------------------------
+
+
+def autoencoder_fingerprint(ae: torch.nn.Module) -> str:
+    """16 hex digits over the autoencoder's weights and scaling factor: the cache key."""
+    h = hashlib.sha256()
+    h.update(repr(ae.config).encode())
+    for name, t in sorted(ae.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class LatentCache:
+    """Every frame's scaled latent (fp16) per clip, in `DATA/.letstalk_cache/latents-S-FINGERPRINT/`.
+
+    `noise_std` is the latent-space stand-in for the paper's pixel noise on memory and reference frames:
+    the measured per-element std of E(x + sigma n) - E(x) with sigma = train_pixel_noise, so adding
+    Gaussian noise of that std to a cached latent perturbs it as much as pixel noise would (isotropic,
+    where the true perturbation is shaped by the encoder's Jacobian: the documented approximation).
+    """
+
+    def __init__(self, directory: Path, dataset: ClipDataset) -> None:
+        self.directory = directory
+        meta = json.loads((directory / "meta.json").read_text())
+        self.noise_std = float(meta["noise_std"])
+        self.latents = [read_safetensors_mmap(directory / f"{_safe_name(c.name)}.safetensors")[0]["latents"]
+                        for c in dataset.clips]  # (N, C, h, w) float16 each
+
+    def get(self, clip: int, frames: np.ndarray) -> Tensor:
+        return torch.from_numpy(np.array(self.latents[clip][frames], dtype=np.float32))  # (n, C, h, w)
+
+    @staticmethod
+    def path_for(dataset: ClipDataset, ae: torch.nn.Module) -> Path:
+        return dataset.cache_dir / f"latents-{dataset.image_size}-{autoencoder_fingerprint(ae)}"
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, dataset: ClipDataset, ae: torch.nn.Module, pixel_noise: float, device: torch.device,
+              batch_size: int = 64, progress: bool = True) -> "LatentCache":
+        """Encode the clips not yet cached (resumable: finished clips are kept); returns the cache."""
+        from tqdm import tqdm
+
+        from ..models.autoencoder import encode_frames
+
+        directory = cls.path_for(dataset, ae)
+        ae = ae.to(device).eval()
+        todo = [c for c in dataset.clips if not (directory / f"{_safe_name(c.name)}.safetensors").is_file()]
+        for clip in tqdm(todo, desc="latent cache", unit="clip", disable=not progress, leave=False):
+            lat = torch.cat([encode_frames(ae, np.array(clip.frames[i:i + batch_size]))
+                             for i in range(0, clip.num_frames, batch_size)])  # (N, C, h, w)
+            write_safetensors_atomic(directory / f"{_safe_name(clip.name)}.safetensors",
+                                     {"latents": lat.cpu().half().numpy()}, {"clip": clip.name})
+        if not (directory / "meta.json").is_file():
+            frames = np.array(dataset.clips[0].frames[:min(16, dataset.clips[0].num_frames)])  # (n, S, S, 3)
+            x = torch.from_numpy(frames).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (n, 3, S, S)
+            g = torch.Generator().manual_seed(0)
+            noisy = x + pixel_noise * torch.randn(x.shape, generator=g).to(device)  # (n, 3, S, S)
+            delta = ae.encode(noisy) - ae.encode(x)  # (n, C, h, w)
+            meta = {"noise_std": float(delta.float().std()), "pixel_noise": pixel_noise,
+                    "fingerprint": directory.name}
+            tmp = directory / f".meta.json.partial-{os.getpid()}"
+            directory.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(meta, indent=1))
+            os.replace(tmp, directory / "meta.json")
+        return cls(directory, dataset)

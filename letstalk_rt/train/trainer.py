@@ -1,0 +1,819 @@
+"""`letstalk train`: the autoencoder, the diffusion transformer, and its few-step distillation.
+
+Three stages, each its own run, each starting from a model directory and ending in one:
+
+    letstalk new-model --preset cpu-128 --out runs/init
+    letstalk train --stage autoencoder --data data/synth --init runs/init --run runs/ae --out models/ae \\
+        --steps 20000 --batch 16 --lr 2e-4
+    letstalk train --stage transformer --data data/synth --init models/ae --run runs/dit --out models/dit \\
+        --steps 100000 --batch 32 --lr 1e-4
+    letstalk train --stage distill --data data/synth --init models/dit --run runs/distill --out models/cpu-128 \\
+        --steps 10000 --batch 32 --lr 2e-5
+
+    # many GPUs (DDP; the same flags; --batch is the GLOBAL batch, split over the ranks):
+    torchrun --standalone --nproc_per_node 8 -m letstalk_rt.train.trainer --stage transformer \\
+        --data data/synth --init models/ae --run runs/dit --out models/dit --steps 100000 --batch 256
+
+1. **autoencoder**: DCAutoencoder on random frames, L1 + MSE reconstruction, pixels inside the clip's
+   mouth box (synth corpora) weighted `1 + --mouth-weight`. At export `scaling_factor` is set so the
+   encoded latents of a few fixed batches have std 1.
+2. **transformer**: autoencoder frozen; mel audio encoder + AudioProjector + LetsTalkTransformer trained
+   together on the flow-matching loss. A sample is a window of T frames of one clip, the K frames before
+   it as memory (slots before the clip's start masked, as MemoryBank.condition does at a stream start),
+   another frame of the clip as the portrait; memory and portrait get the paper's pixel-noise
+   augmentation (in latent space when the latent cache is used, see data.LatentCache), the memory is
+   forward-diffused to t ~ U(0, train_memory_noise_max) and ~25 % of its positions masked
+   (memory.regularize_memory), and conditions are dropped with drop_portrait_prob / drop_audio_prob.
+   Audio tokens come from the clip's 16 kHz audio exactly as `LetsTalkPipeline.audio_tokens` makes them
+   at inference (data.audio_window: same lookahead, same +-margin window, same edge padding).
+3. **distill** (reflow): a frozen copy of the trained model integrates `--teacher-steps` Euler steps
+   from noise z under the real conditions to x0_T; the student (initialised from it) regresses the
+   straight path's velocity z - x0_T at x_t = (1 - t) x0_T + t z, with t half the time on its own
+   `--student-steps` sampling times and otherwise uniform. The output config samples in that many steps.
+
+Every stage: AdamW, linear warm-up then cosine (to 10 %) or constant LR, gradient clipping, an EMA of the
+trained weights (what is exported), bf16 autocast on CUDA (fp32 on the CPU), checkpoints every
+`--ckpt-every` steps in RUN/checkpoints/step_XXXXXXX/ (a model directory of the EMA weights plus
+trainer_state.pt; written to a temporary folder and renamed; the last `--keep` kept), `--resume` from the
+latest one, bitwise exactly on the CPU: the samples of step s are a pure function of (seed, s) (see
+data.py). RUN/log.jsonl gets one line per `--log-every` steps; TensorBoard events too if it is installed.
+Under torchrun (WORLD_SIZE set) the step's global batch is the same list of samples for any world size,
+each rank taking its contiguous slice; gradients are averaged by DistributedDataParallel; only rank 0
+writes files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from ..checkpoint import Components, load_model, save_model
+from ..diffusion import EulerSampler, FlowMatching
+from ..errors import InputError, LetsTalkError, ModelError, OutputError
+from ..memory import regularize_memory
+from .data import (ClipDataset, LatentCache, audio_window, open_dataset, plan_frames, plan_windows,
+                   sample_generator, window_frame_indices)
+
+STAGES = ("autoencoder", "transformer", "distill")
+MIN_LR_RATIO = 0.1  # the cosine schedule ends at this fraction of --lr
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    stage: str  # one of STAGES
+    data: Path  # synth corpus (manifest.json) or prepared shards (index.json)
+    init: Path  # model directory to start from (new-model output or the previous stage's --out)
+    run: Path  # run folder: checkpoints/, log.jsonl, tensorboard/
+    out: Path | None = None  # final model directory (EMA weights); None = checkpoints only
+    steps: int = 1000  # optimizer steps in total (a resumed run continues to this)
+    batch: int = 8  # GLOBAL batch: samples per step over all ranks
+    lr: float = 1e-4  # peak learning rate
+    warmup: int = 100  # linear warm-up steps from 0 to lr
+    schedule: str = "cosine"  # "cosine" (to MIN_LR_RATIO * lr at the last step) or "constant"
+    weight_decay: float = 0.0  # AdamW decoupled weight decay (0: tiny data sets overfit either way)
+    ema: float = 0.999  # EMA decay; warmed up as min(ema, (1 + s) / (10 + s)) so short runs export sense
+    grad_clip: float = 1.0  # max global gradient norm (0 = no clipping)
+    ckpt_every: int = 1000  # checkpoint period in steps (the last step is always checkpointed)
+    keep: int = 3  # checkpoints kept (older ones deleted)
+    log_every: int = 10  # steps per log.jsonl line
+    seed: int = 0  # the data order, noise and dropout all follow from it
+    device: str = "auto"  # auto: cuda:LOCAL_RANK when CUDA is available, else cpu
+    resume: bool = False  # continue from RUN's latest checkpoint
+    stop_after: int | None = None  # stop (with a checkpoint) after this many steps of this invocation
+    split: str = "train"  # synth corpus split to train on
+    workers: int = 1  # threads assembling the next batches ahead of the step (0 = in the loop)
+    mouth_weight: float = 1.0  # autoencoder: extra loss weight inside the clip's mouth box
+    latent_cache: bool = True  # transformer/distill: read cached latents instead of encoding every step
+    teacher_steps: int = 8  # distill: Euler steps of the teacher per target
+    student_steps: int = 2  # distill: the student's sampling steps (written to sampling.num_steps)
+    fsdp: bool = False  # shard parameters with FSDP instead of replicating them with DDP (multi-GPU)
+    progress: bool = True  # tqdm bar on rank 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Distributed setup
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+
+def setup_distributed(device: str) -> Dist:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; init the process group (nccl on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and world > 1:
+        device = f"cuda:{local}"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise LetsTalkError(f"--device {device}: no CUDA device is available here; use --device cpu")
+        torch.cuda.set_device(torch.device(device))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return Dist(rank, world, local, torch.device(device))
+
+
+# --------------------------------------------------------------------------------------------------
+# Objectives: the trained networks behind one forward (what DDP wraps)
+# --------------------------------------------------------------------------------------------------
+
+
+class AutoencoderObjective(nn.Module):
+    """The DCAutoencoder's unclamped reconstruction of [-1, 1] images."""
+
+    def __init__(self, autoencoder: nn.Module) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder
+
+    def forward(self, images: Tensor) -> Tensor:
+        recon, _ = self.autoencoder(images)  # (B, 3, H, W)
+        return recon
+
+
+class FlowObjective(nn.Module):
+    """Audio encoder + projector + transformer: raw audio windows and noisy latents in, velocity out."""
+
+    def __init__(self, audio_encoder: nn.Module, audio_projector: nn.Module, transformer: nn.Module) -> None:
+        super().__init__()
+        if getattr(audio_encoder, "block_frames", 1) != 1:
+            raise ModelError("training encodes each frame's audio window on the fly, which needs a per-frame "
+                             "encoder (audio.encoder='mel'); wav2vec2 chunked encoders are not supported yet")
+        self.audio_encoder = audio_encoder
+        self.audio_projector = audio_projector
+        self.transformer = transformer
+
+    def audio_tokens(self, audio: Tensor, feat_index: Tensor) -> Tensor:
+        """audio (B, W) from data.audio_window, feat_index (B, T + 2m) -> tokens (B, T, M, Dt), equal to
+        `LetsTalkPipeline.audio_tokens(whole clip)[start:start + T]`."""
+        enc = self.audio_encoder
+        b = audio.shape[0]
+        windows = audio.unfold(1, enc.window_samples, enc.block_samples)  # (B, T + 2m, Wn)
+        feats = enc._encode_windows(windows.flatten(0, 1))  # (B * (T + 2m), L, D)
+        feats = rearrange(feats, "(b f) l d -> b f l d", b=b)  # (B, T + 2m, L, D)
+        feats = feats[torch.arange(b, device=feats.device)[:, None], feat_index]  # (B, T + 2m, L, D) edge-padded
+        return self.audio_projector(feats, pad_left=False, pad_right=False)  # (B, T, M, Dt)
+
+    def forward(self, audio: Tensor, feat_index: Tensor, x_t: Tensor, t: Tensor, portrait: Tensor, memory: Tensor,
+                memory_mask: Tensor, drop_portrait: Tensor, drop_audio: Tensor) -> Tensor:
+        tokens = self.audio_tokens(audio, feat_index)  # (B, T, M, Dt)
+        return self.transformer(x_t, t, portrait, tokens, memory=memory, memory_mask=memory_mask,
+                                drop_portrait=drop_portrait, drop_audio=drop_audio)  # (B, T, C, h, w)
+
+
+# --------------------------------------------------------------------------------------------------
+# Stages: what a batch is, the loss, and the exported model
+# --------------------------------------------------------------------------------------------------
+
+
+Batch = dict[str, Any]
+
+
+class Stage:
+    """One training stage. `make_batch` runs on the CPU (possibly in a worker thread) and must be a pure
+    function of (step, indices); `finish` moves it to the device; `loss` runs the wrapped module."""
+
+    name = ""
+    min_frames = 1  # clips shorter than this are not sampled
+
+    def __init__(self, cfg: TrainConfig, comps: Components, dataset: ClipDataset, dist: Dist) -> None:
+        self.cfg, self.comps, self.dataset, self.dist = cfg, comps, dataset, dist
+        self.module = self.objective(comps)
+
+    def objective(self, comps: Components) -> nn.Module:
+        raise NotImplementedError
+
+    def make_batch(self, step: int, indices: range) -> Batch:
+        raise NotImplementedError
+
+    def finish(self, batch: Batch) -> Batch:
+        dev = self.dist.device
+        return {k: v.to(dev, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+    def loss(self, model: nn.Module, batch: Batch) -> Tensor:
+        raise NotImplementedError
+
+    def export(self, ema_state: dict[str, Tensor]) -> Components:
+        """A copy of the components with the EMA weights loaded (config adjusted by the stage)."""
+        comps = copy.deepcopy(self.comps)
+        self.objective(comps).load_state_dict(ema_state)
+        return comps
+
+
+class AutoencoderStage(Stage):
+    name = "autoencoder"
+
+    def objective(self, comps: Components) -> nn.Module:
+        return AutoencoderObjective(comps.autoencoder)
+
+    def _images(self, plans) -> tuple[Tensor, Tensor]:
+        ds, s = self.dataset, self.dataset.image_size
+        frames = np.stack([ds.clips[p.clip].frames[p.frame] for p in plans])  # (B, S, S, 3) uint8
+        x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, S, S) in [-1, 1]
+        weight = torch.ones((len(plans), 1, s, s))  # (B, 1, S, S)
+        for i, p in enumerate(plans):
+            box = ds.clips[p.clip].mouth_box
+            if box is not None:
+                bx, by, bw, bh = box
+                weight[i, :, max(by, 0):by + bh, max(bx, 0):bx + bw] += self.cfg.mouth_weight
+        return x, weight
+
+    def make_batch(self, step: int, indices: range) -> Batch:
+        images, weight = self._images(plan_frames(self.dataset, self.cfg.seed, step, indices))
+        return {"images": images, "weight": weight}
+
+    def loss(self, model: nn.Module, batch: Batch) -> Tensor:
+        x, w = batch["images"], batch["weight"]  # (B, 3, S, S), (B, 1, S, S)
+        err = model(x).float() - x  # (B, 3, S, S)
+        return ((err.abs() + err.square()) * w).mean() / w.mean()
+
+    @torch.no_grad()
+    def export(self, ema_state: dict[str, Tensor]) -> Components:
+        """...and scaling_factor so that the latents of 4 fixed batches (64+ frames) have std 1."""
+        comps = super().export(ema_state)
+        ae = comps.autoencoder.eval()
+        n = max(16, self.cfg.batch)
+        stds = []
+        for k in range(4):
+            x, _ = self._images(plan_frames(self.dataset, self.cfg.seed, 2**31 + k, range(n)))
+            stds.append(ae.encode(x.to(self.dist.device)).float().std())
+        comps.config.autoencoder.scaling_factor = float(comps.config.autoencoder.scaling_factor
+                                                        / torch.stack(stds).mean().clamp_min(1e-6))
+        return comps
+
+
+class TransformerStage(Stage):
+    name = "transformer"
+
+    def __init__(self, cfg: TrainConfig, comps: Components, dataset: ClipDataset, dist: Dist) -> None:
+        tc = comps.config.transformer
+        self.T, self.K, self.margin = tc.num_frames, tc.num_memory, comps.config.audio.margin
+        self.min_frames = self.T
+        super().__init__(cfg, comps, dataset.with_min_frames(self.T), dist)
+        self.flow = FlowMatching(shift=comps.config.sampling.shift)
+        self.ae = comps.autoencoder.to(dist.device).eval().requires_grad_(False)
+        self.cache: LatentCache | None = None
+        if cfg.latent_cache:
+            pixel_noise = comps.config.sampling.train_pixel_noise
+            if dist.main:
+                LatentCache.build(self.dataset, self.ae, pixel_noise, dist.device, progress=cfg.progress)
+            dist.barrier()
+            self.cache = LatentCache(LatentCache.path_for(self.dataset, self.ae), self.dataset)
+
+    def objective(self, comps: Components) -> nn.Module:
+        return FlowObjective(comps.audio_encoder, comps.audio_projector, comps.transformer)
+
+    def sample_t(self, g: torch.Generator) -> Tensor:
+        return self.flow.sample_t(1, generator=g)  # (1,)
+
+    def make_batch(self, step: int, indices: range) -> Batch:
+        """Per sample, from its own generator, in a fixed order: augmentation noise (memory + portrait),
+        noise z, time t, the two drop flags; finish() then regularises the memory with the same generator."""
+        cfg, sc = self.cfg, self.comps.config.sampling
+        enc = self.module.audio_encoder
+        out: dict[str, list] = {k: [] for k in ("latents", "frames", "pix", "avail", "audio", "feat_index",
+                                                "z", "t", "drop_p", "drop_a", "gen")}
+        tc = self.comps.config.transformer
+        shape = (tc.latent_channels, tc.latent_size, tc.latent_size)
+        for i, plan in zip(indices, plan_windows(self.dataset, cfg.seed, step, indices, self.T)):
+            g = sample_generator(cfg.seed, step, i)
+            clip = self.dataset.clips[plan.clip]
+            idx, avail = window_frame_indices(plan, self.T, self.K)  # (K + T,), (K,)
+            idx = np.append(idx, plan.ref)  # (K + T + 1,): memory, window, portrait
+            noisy = torch.zeros(len(idx), dtype=torch.bool)  # (K + T + 1,) slots that get pixel noise
+            noisy[:self.K] = True
+            noisy[-1] = True
+            if self.cache is not None:
+                lat = self.cache.get(plan.clip, idx)  # (K + T + 1, C, h, w)
+                lat = lat + noisy[:, None, None, None] * self.cache.noise_std * torch.randn(lat.shape, generator=g)
+                out["latents"].append(lat)
+            else:
+                frames = torch.from_numpy(np.asarray(clip.frames[idx]))  # (K + T + 1, S, S, 3) uint8
+                out["frames"].append(frames)
+                out["pix"].append(noisy[:, None, None, None] * sc.train_pixel_noise
+                                  * torch.randn((len(idx), 3, *frames.shape[1:3]), generator=g))  # (K+T+1, 3, S, S)
+            seg, fidx = audio_window(clip.audio, plan.start, self.T, self.margin, enc.left_samples,
+                                     enc.right_samples, enc.samples_per_frame)
+            out["audio"].append(torch.from_numpy(seg))  # (W,)
+            out["feat_index"].append(torch.from_numpy(fidx))  # (T + 2m,)
+            out["avail"].append(torch.from_numpy(avail))  # (K,)
+            out["z"].append(torch.randn((self.T, *shape), generator=g))  # (T, C, h, w)
+            out["t"].append(self.sample_t(g))  # (1,)
+            drop = torch.rand(2, generator=g)  # (2,)
+            out["drop_p"].append(drop[0] < sc.drop_portrait_prob)
+            out["drop_a"].append(drop[1] < sc.drop_audio_prob)
+            out["gen"].append(g)
+        batch: Batch = {k: torch.stack(v) for k, v in out.items() if v and k != "gen" and k != "t"}
+        batch["t"] = torch.cat(out["t"])  # (B,)
+        batch["gen"] = out["gen"]
+        return batch
+
+    @torch.no_grad()
+    def finish(self, batch: Batch) -> Batch:
+        sc, K = self.comps.config.sampling, self.K
+        batch = super().finish(batch)
+        if "frames" in batch:  # live encoding: pixel noise on memory and portrait, then the frozen AE
+            f = batch.pop("frames")  # (B, K + T + 1, S, S, 3) uint8
+            x = rearrange(f, "b n h w c -> (b n) c h w").float() / 127.5 - 1.0  # (B*(K+T+1), 3, S, S)
+            x = x + rearrange(batch.pop("pix"), "b n c h w -> (b n) c h w")  # (B*(K+T+1), 3, S, S)
+            with self._autocast():
+                lat = self.ae.encode(x).float()  # (B*(K+T+1), C, h, w)
+            batch["latents"] = rearrange(lat, "(b n) c h w -> b n c h w", b=f.shape[0])  # (B, K+T+1, C, h, w)
+        lat = batch.pop("latents")  # (B, K + T + 1, C, h, w)
+        memory, batch["x0"], batch["portrait"] = lat[:, :K], lat[:, K:-1], lat[:, -1]
+        mems, masks = [], []
+        for j, g in enumerate(batch.pop("gen")):  # per-sample generators: independent of the batching
+            m, keep = regularize_memory(memory[j:j + 1].cpu(), sc.train_memory_noise_max,
+                                        sc.train_memory_mask_ratio, generator=g)  # (1, K, C, h, w), (1, K, h, w)
+            mems.append(m)
+            masks.append(keep)
+        mask = torch.cat(masks).to(lat.device) * batch.pop("avail")[:, :, None, None]  # (B, K, h, w)
+        batch["memory"] = torch.cat(mems).to(lat.device) * mask[:, :, None]  # (B, K, C, h, w)
+        batch["memory_mask"] = mask
+        return batch
+
+    def _autocast(self):
+        dev = self.dist.device
+        return torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+
+    def conditions(self, batch: Batch) -> tuple[Tensor, ...]:
+        return (batch["portrait"], batch["memory"], batch["memory_mask"], batch["drop_p"], batch["drop_a"])
+
+    def targets(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """The clean latents the path starts from and the noise it ends at: (x0, z), (B, T, C, h, w)."""
+        return batch["x0"], batch["z"]
+
+    def loss(self, model: nn.Module, batch: Batch) -> Tensor:
+        x0, z = self.targets(batch)  # (B, T, C, h, w) each
+        t = batch["t"]  # (B,)
+        x_t = self.flow.add_noise(x0, z, t)  # (B, T, C, h, w)
+        with self._autocast():
+            v = model(batch["audio"], batch["feat_index"], x_t, t, *self.conditions(batch))  # (B, T, C, h, w)
+        return self.flow.loss(v, x0, z)
+
+
+class DistillStage(TransformerStage):
+    name = "distill"
+
+    def __init__(self, cfg: TrainConfig, comps: Components, dataset: ClipDataset, dist: Dist) -> None:
+        super().__init__(cfg, comps, dataset, dist)
+        self.teacher = copy.deepcopy(self.module).to(dist.device).eval().requires_grad_(False)
+        self.teacher_sampler = EulerSampler(shift=comps.config.sampling.shift)
+        self.teacher_sampler.set_timesteps(cfg.teacher_steps)
+        student = EulerSampler(shift=comps.config.sampling.shift)
+        student.set_timesteps(cfg.student_steps)
+        assert student.timesteps is not None
+        self.student_times = student.timesteps.clone()  # (S,)
+
+    def sample_t(self, g: torch.Generator) -> Tensor:
+        """Half the time one of the student's own sampling times, otherwise uniform in (0, 1)."""
+        u = torch.rand(2, generator=g)  # (2,)
+        if u[0] < 0.5:
+            return self.student_times[int(u[1] * len(self.student_times))].reshape(1)
+        return u[1:].clamp(1e-3, 1.0)  # (1,)
+
+    @torch.no_grad()
+    def targets(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """(x0_T, z): where the teacher's `teacher_steps` Euler steps from z land under the same conditions."""
+        z = batch["z"]  # (B, T, C, h, w)
+        with self._autocast():
+            tokens = self.teacher.audio_tokens(batch["audio"], batch["feat_index"])  # (B, T, M, Dt)
+        portrait, memory, mask, drop_p, drop_a = self.conditions(batch)
+        x = z
+        for t in self.teacher_sampler.timesteps:
+            tt = torch.full((z.shape[0],), float(t), device=z.device)  # (B,)
+            with self._autocast():
+                v = self.teacher.transformer(x, tt, portrait, tokens, memory=memory, memory_mask=mask,
+                                             drop_portrait=drop_p, drop_audio=drop_a)  # (B, T, C, h, w)
+            x = self.teacher_sampler.step(v.float(), t, x)  # (B, T, C, h, w)
+        return x, z
+
+    def export(self, ema_state: dict[str, Tensor]) -> Components:
+        comps = super().export(ema_state)
+        comps.config.sampling.num_steps = self.cfg.student_steps
+        return comps
+
+
+STAGE_CLASSES: dict[str, type[Stage]] = {"autoencoder": AutoencoderStage, "transformer": TransformerStage,
+                                         "distill": DistillStage}
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimiser, schedule, EMA, checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    """Multiplier of --lr at step s: linear warm-up over `warmup` steps, then cosine to MIN_LR_RATIO or constant."""
+
+    def f(s: int) -> float:
+        if s < cfg.warmup:
+            return (s + 1) / cfg.warmup
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (s - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+        return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+class EMA:
+    """Exponential moving average of a module's state: float parameters averaged, the rest copied."""
+
+    def __init__(self, module: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.trained = {n for n, p in module.named_parameters() if p.requires_grad}
+        self.state = {k: v.detach().clone().float() if v.is_floating_point() else v.detach().clone()
+                      for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, module: nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, v in module.state_dict().items():
+            if k in self.trained:
+                self.state[k].lerp_(v.detach().float(), 1 - d)
+            else:
+                self.state[k].copy_(v)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_dirs(run: Path) -> list[Path]:
+    """Finished checkpoints of a run, oldest first."""
+    root = run / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / "trainer_state.pt").is_file())
+
+
+def _write_dir_atomic(final: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) into a temporary sibling folder, then rename it to `final` (replacing a model dir there)."""
+    tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        if final.exists():
+            if not (final / "config.json").is_file() and any(final.iterdir()):
+                raise OutputError(f"'{final}' exists and is not a model directory; choose another --out")
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"cannot write '{final}': {e.strerror or e}; free disk space or choose another path") from e
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+
+
+def _check(cfg: TrainConfig, dist: Dist) -> None:
+    if cfg.stage not in STAGES:
+        raise InputError(f"--stage {cfg.stage!r}: choose one of {', '.join(STAGES)}")
+    for name in ("steps", "batch", "ckpt_every", "log_every", "keep"):
+        if getattr(cfg, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.batch % dist.world:
+        raise InputError(f"--batch {cfg.batch} (global) must be divisible by the {dist.world} ranks")
+    if cfg.lr <= 0 or not 0 <= cfg.ema < 1 or cfg.warmup < 0 or cfg.grad_clip < 0:
+        raise InputError("--lr must be > 0, --ema in [0, 1), --warmup and --grad-clip >= 0")
+    if cfg.schedule not in ("cosine", "constant"):
+        raise InputError(f"--schedule {cfg.schedule!r}: choose cosine or constant")
+    if not 1 <= cfg.student_steps <= 4 or not 1 <= cfg.teacher_steps <= 50:
+        raise InputError("--student-steps must be 1..4 and --teacher-steps 1..50")
+    ckpts = checkpoint_dirs(cfg.run)
+    if ckpts and not cfg.resume:
+        raise InputError(f"--run '{cfg.run}' already has checkpoints (latest {ckpts[-1].name}); pass --resume "
+                         "to continue it, or choose a new --run")
+    if cfg.fsdp:
+        raise InputError("--fsdp is not implemented yet; DDP (the default under torchrun) fits letstalk-B and smaller")
+    if not (cfg.init / "config.json").is_file():
+        raise ModelError(f"--init '{cfg.init}' is not a model directory (no config.json); make one with "
+                         "`letstalk new-model --preset cpu-128 --out DIR` or pass a previous stage's --out")
+
+
+def _hardware(dist: Dist) -> str:
+    if dist.device.type == "cuda":
+        return f"{dist.world}x {torch.cuda.get_device_name(dist.device)}"
+    return f"{dist.world}x CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def train(cfg: TrainConfig) -> Path | None:
+    """Run (or resume) one stage; returns the final model directory (None when stopped early)."""
+    dist = setup_distributed(cfg.device)
+    try:
+        return _train(cfg, dist)
+    finally:
+        if dist.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, dist: Dist) -> Path | None:
+    _check(cfg, dist)
+    comps = load_model(cfg.init)
+    for m in comps.modules().values():
+        m.requires_grad_(True).train()
+    if dist.main:
+        dataset = open_dataset(cfg.data, comps.config.image_size, cfg.split, progress=cfg.progress)
+    dist.barrier()
+    if not dist.main:
+        dataset = open_dataset(cfg.data, comps.config.image_size, cfg.split, build_cache=False, progress=False)
+    stage = STAGE_CLASSES[cfg.stage](cfg, comps, dataset, dist)
+    module = stage.module.to(dist.device)
+    if cfg.stage == "autoencoder":
+        for name in ("audio_encoder", "audio_projector", "transformer"):
+            getattr(comps, name).requires_grad_(False)
+
+    # state: optimizer, schedule, EMA; restored from the latest checkpoint with --resume
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    ema = EMA(module, cfg.ema)
+    start = 0
+    ckpts = checkpoint_dirs(cfg.run)
+    if cfg.resume and ckpts:
+        state = torch.load(ckpts[-1] / "trainer_state.pt", map_location="cpu", weights_only=False)
+        if state["stage"] != cfg.stage:
+            raise InputError(f"--resume: '{cfg.run}' is a {state['stage']} run, not {cfg.stage}")
+        module.load_state_dict(state["module"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        ema.state = {k: v.to(dist.device) for k, v in state["ema"].items()}
+        _set_rng_state(state["rng"])
+        start = int(state["step"])
+    ema.state = {k: v.to(dist.device) for k, v in ema.state.items()}
+    if cfg.resume and not ckpts and dist.main:
+        print(f"--resume: '{cfg.run}' has no checkpoint yet; starting from step 0", file=sys.stderr)
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model: nn.Module = DistributedDataParallel(
+            module, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    else:
+        model = module
+
+    log_file = cfg.run / "log.jsonl"
+    writer = None
+    if dist.main:
+        cfg.run.mkdir(parents=True, exist_ok=True)
+        _trim_log(log_file, start)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(cfg.run / "tensorboard"))
+        except ImportError:
+            pass
+        print(f"training {cfg.stage} on {dataset.describe()}: steps {start}..{cfg.steps}, global batch {cfg.batch}, "
+              f"{sum(p.numel() for p in params) / 1e6:.2f}M trained parameters, {_hardware(dist)}", file=sys.stderr)
+
+    per_rank = cfg.batch // dist.world
+    lo = dist.rank * per_rank
+
+    def make(step: int) -> Batch:
+        return stage.make_batch(step, range(lo, lo + per_rank))
+
+    end = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
+    pool = ThreadPoolExecutor(max_workers=cfg.workers) if cfg.workers > 0 else None
+    ahead = max(1, cfg.workers)
+    futures = {s: pool.submit(make, s) for s in range(start, min(end, start + ahead))} if pool else {}
+    bar = None
+    if dist.main and cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc=cfg.stage, unit="step", dynamic_ncols=True)
+    loss_sum = torch.zeros((), device=dist.device)
+    norm_sum, n_logged, t_log, t_start = 0.0, 0, time.perf_counter(), time.perf_counter()
+    step = start
+    try:
+        for step in range(start, end):
+            if pool is not None:
+                batch = futures.pop(step).result()
+                if step + ahead < end:
+                    futures[step + ahead] = pool.submit(make, step + ahead)
+            else:
+                batch = make(step)
+            batch = stage.finish(batch)
+            loss = stage.loss(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            optimizer.step()
+            scheduler.step()
+            ema.update(module, step)
+            loss_sum += loss.detach().float()
+            norm_sum += float(norm)
+            n_logged += 1
+            done = step + 1
+            if done % cfg.log_every == 0 or done == end:
+                if dist.enabled:
+                    torch.distributed.all_reduce(loss_sum)
+                    loss_sum /= dist.world
+                now = time.perf_counter()
+                row = {"step": done, "loss": float(loss_sum) / n_logged, "lr": scheduler.get_last_lr()[0],
+                       "grad_norm": norm_sum / n_logged, "samples_per_s": n_logged * cfg.batch / (now - t_log),
+                       "steps_per_s": n_logged / (now - t_log), "seconds": now - t_start}
+                if dist.main:
+                    with open(log_file, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    if writer is not None:
+                        for k in ("loss", "lr", "grad_norm", "samples_per_s"):
+                            writer.add_scalar(f"{cfg.stage}/{k}", row[k], done)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+                loss_sum.zero_()
+                norm_sum, n_logged, t_log = 0.0, 0, time.perf_counter()
+            if bar is not None:
+                bar.update(1)
+            if done % cfg.ckpt_every == 0 or done == end:
+                _save_checkpoint(cfg, dist, stage, module, optimizer, scheduler, ema, done, dataset)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+
+    final = end if end > start else start
+    if final < cfg.steps or cfg.out is None:
+        return None
+    if dist.main:
+        comps_out = stage.export(ema.state)
+        comps_out.config.trained = True
+        comps_out.config.description = _description(cfg, comps.config.description if comps.config.trained else "",
+                                                    dataset, dist)
+        _write_dir_atomic(cfg.out, lambda tmp: save_model(comps_out, tmp))
+        print(f"wrote {cfg.stage} model to {cfg.out}", file=sys.stderr)
+    dist.barrier()
+    return cfg.out
+
+
+def _description(cfg: TrainConfig, previous: str, dataset: ClipDataset, dist: Dist) -> str:
+    date = datetime.date.today().isoformat()
+    line = (f"{cfg.stage}: {cfg.steps} steps x batch {cfg.batch} on {dataset.describe()}, {_hardware(dist)}, {date}"
+            + (f", samples in {cfg.student_steps} steps" if cfg.stage == "distill" else ""))
+    return f"{previous}; then {line}" if previous else line
+
+
+def _trim_log(log_file: Path, step: int) -> None:
+    """Keep the log lines up to `step` (a resumed run rewrites what the interrupted one logged after it)."""
+    if not log_file.is_file():
+        return
+    lines = [ln for ln in log_file.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    log_file.write_text("".join(ln + "\n" for ln in lines))
+
+
+def _save_checkpoint(cfg: TrainConfig, dist: Dist, stage: Stage, module: nn.Module, optimizer, scheduler,
+                     ema: EMA, step: int, dataset: ClipDataset) -> None:
+    if dist.main:
+        comps = stage.export(ema.state)
+        comps.config.description = f"checkpoint: {cfg.stage} step {step} of {cfg.steps} on {dataset.describe()}"
+        state = {"stage": cfg.stage, "step": step, "world_size": dist.world,
+                 "module": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+                 "ema": {k: v.cpu() for k, v in ema.state.items()},
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+                 "config": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}}
+
+        def write(tmp: Path) -> None:
+            save_model(comps, tmp)
+            torch.save(state, tmp / "trainer_state.pt")
+
+        root = cfg.run / "checkpoints"
+        root.mkdir(parents=True, exist_ok=True)
+        _write_dir_atomic(root / f"step_{step:07d}", write)
+        for old in checkpoint_dirs(cfg.run)[:-cfg.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line (`letstalk train ...` and `torchrun ... -m letstalk_rt.train.trainer ...`)
+# --------------------------------------------------------------------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig(stage="", data=Path(), init=Path(), run=Path())
+    p.add_argument("--stage", required=True, choices=STAGES, help="what to train")
+    p.add_argument("--data", type=Path, required=True, help="synth corpus (manifest.json) or prepared shards (index.json)")
+    p.add_argument("--init", type=Path, required=True, help="model directory to start from")
+    p.add_argument("--run", "--run-dir", dest="run", type=Path, required=True,
+                   help="run folder: checkpoints/, log.jsonl (--run-dir under torchrun, whose --run-path makes --run ambiguous)")
+    p.add_argument("--out", type=Path, default=None, help="final model directory (EMA weights)")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"total optimizer steps (default {d.steps})")
+    p.add_argument("--batch", type=int, default=d.batch, help=f"GLOBAL batch over all ranks (default {d.batch})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
+    p.add_argument("--warmup", type=int, default=d.warmup, help=f"linear warm-up steps (default {d.warmup})")
+    p.add_argument("--schedule", choices=["cosine", "constant"], default=d.schedule, help="LR after warm-up")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
+    p.add_argument("--ema", type=float, default=d.ema, help=f"EMA decay of the exported weights (default {d.ema})")
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm, 0 = off")
+    p.add_argument("--ckpt-every", type=int, default=d.ckpt_every, help="checkpoint period in steps")
+    p.add_argument("--keep", type=int, default=d.keep, help="checkpoints kept")
+    p.add_argument("--log-every", type=int, default=d.log_every, help="steps per log.jsonl line")
+    p.add_argument("--seed", type=int, default=d.seed, help="data order, noise and dropout seed")
+    p.add_argument("--device", default=d.device, help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda")
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop after this many steps of this invocation, with a checkpoint (time-sliced jobs)")
+    p.add_argument("--split", default=d.split, help="synth corpus split (default train)")
+    p.add_argument("--workers", type=int, default=d.workers, help="threads building batches ahead (default 1)")
+    p.add_argument("--mouth-weight", type=float, default=d.mouth_weight, help="autoencoder: extra weight in the mouth box")
+    p.add_argument("--no-latent-cache", action="store_true",
+                   help="transformer/distill: encode frames with the AE every step (exact pixel noise, slower)")
+    p.add_argument("--teacher-steps", type=int, default=d.teacher_steps, help="distill: teacher Euler steps")
+    p.add_argument("--student-steps", type=int, default=d.student_steps, help="distill: student sampling steps")
+    p.add_argument("--fsdp", action="store_true", help="shard with FSDP instead of DDP (multi-GPU, L/XL)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        stage=args.stage, data=args.data, init=args.init, run=args.run, out=args.out, steps=args.steps,
+        batch=args.batch, lr=args.lr, warmup=args.warmup, schedule=args.schedule, weight_decay=args.weight_decay,
+        ema=args.ema, grad_clip=args.grad_clip, ckpt_every=args.ckpt_every, keep=args.keep,
+        log_every=args.log_every, seed=args.seed, device=args.device, resume=args.resume,
+        stop_after=args.stop_after, split=args.split, workers=args.workers, mouth_weight=args.mouth_weight,
+        latent_cache=not args.no_latent_cache, teacher_steps=args.teacher_steps,
+        student_steps=args.student_steps, fsdp=args.fsdp, progress=not args.quiet)
+
+
+def main(args: argparse.Namespace) -> None:
+    """`letstalk train` (cli.py catches LetsTalkError)."""
+    train(config_from_args(args))
+
+
+def _entry(argv: list[str] | None = None) -> int:
+    """`python -m letstalk_rt.train.trainer` / `torchrun -m letstalk_rt.train.trainer`."""
+    parser = argparse.ArgumentParser(prog="letstalk train", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        main(args)
+    except LetsTalkError as e:
+        print(f"letstalk: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_entry())

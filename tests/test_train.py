@@ -1,0 +1,266 @@
+"""letstalk_rt.train.trainer / data: every stage on the tiny preset, exact resume, DDP, audio alignment."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from letstalk_rt.checkpoint import build_components, load_model, save_model
+from letstalk_rt.cli import main as cli_main
+from letstalk_rt.config import model_preset
+from letstalk_rt.errors import InputError, LetsTalkError, ModelError
+from letstalk_rt.pipeline import LetsTalkPipeline
+from letstalk_rt.train.data import audio_window, open_dataset, plan_windows
+from letstalk_rt.train.trainer import Dist, FlowObjective, TrainConfig, TransformerStage, train
+
+SIZE, SPF = 32, 640
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on the shared 2-core machine two threads on these tiny shapes spin against
+    other jobs and run ~5x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _talking_face(frames: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]:
+    """A drifting ellipse face whose mouth opens with the audio's per-frame energy.
+
+    Returns frames (N, S, S, 3) uint8, audio (N * 640,) float32, mouth box (x, y, w, h)."""
+    rng = np.random.default_rng(seed)
+    amp = np.clip(np.sin(np.arange(frames) * rng.uniform(0.4, 0.9) + rng.uniform(0, 6)), 0, None)  # (N,)
+    t = np.arange(frames * SPF) / 16000
+    audio = (0.5 * np.repeat(amp, SPF) * np.sin(2 * np.pi * rng.uniform(150, 300) * t)).astype(np.float32)
+    bg, skin = rng.integers(0, 256, 3), rng.integers(90, 256, 3)
+    yy, xx = np.mgrid[:size, :size]
+    out = np.empty((frames, size, size, 3), np.uint8)
+    for i in range(frames):
+        img = np.empty((size, size, 3), np.uint8)
+        img[:] = bg
+        cx, cy = size / 2 + 2 * np.sin(0.3 * i + seed), size / 2
+        img[((xx - cx) / (0.35 * size)) ** 2 + ((yy - cy) / (0.42 * size)) ** 2 <= 1] = skin
+        mh = 0.02 * size + 0.1 * size * amp[i]
+        img[((xx - cx) / (0.15 * size)) ** 2 + ((yy - cy - 0.18 * size) / mh) ** 2 <= 1] = (40, 10, 10)
+        out[i] = img
+    box = (int(size / 2 - 0.2 * size), int(size / 2 + 0.05 * size), int(0.4 * size), int(0.28 * size))
+    return out, audio, box
+
+
+def make_shards(root: Path, size: int = SIZE, clips: int = 4, frames: int = 24) -> Path:
+    """A prepared-shards directory (index.json + shard_0000.safetensors) written with the shard writer."""
+    from letstalk_rt.train.prepare import _ShardWriter
+
+    root.mkdir(parents=True, exist_ok=True)
+    writer = _ShardWriter(root, 10_000, size)
+    for c in range(clips):
+        f, a, _ = _talking_face(frames, size, seed=c)
+        writer.add(f"clip{c}.mp4", 0, f, a, np.zeros((frames, 3), np.float32))
+    writer.flush()
+    (root / "index.json").write_text(json.dumps({"format": "letstalk-prepared", "size": size, "shards": writer.shards}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return make_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory) -> Path:
+    """Two synth-format clips (mp4 + json + manifest), 48 px so the cache must resize to 32."""
+    from letstalk_rt.media import VideoWriter
+
+    root = tmp_path_factory.mktemp("synth")
+    names = []
+    for c in range(2):
+        name = f"clip_{c:05d}"
+        frames, audio, box = _talking_face(12, 48, seed=10 + c)
+        with VideoWriter(root / f"{name}.mp4", 48, preset="ultrafast") as w:
+            for i, fr in enumerate(frames):
+                w.write_frame(fr)
+                w.write_audio(audio[i * SPF:(i + 1) * SPF])
+        (root / f"{name}.json").write_text(json.dumps({"clip": name, "split": "train", "size": 48,
+                                                       "num_frames": 12, "mouth_box": list(box)}))
+        names.append(name)
+    (root / "manifest.json").write_text(json.dumps({"format": "letstalk-synth", "size": 48,
+                                                    "splits": {"train": names, "validation": [], "test": []}}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def init_dir(tmp_path_factory) -> Path:
+    comps = build_components(model_preset("tiny"), seed=0)
+    return save_model(comps, tmp_path_factory.mktemp("init") / "tiny")
+
+
+def _cfg(stage: str, data: Path, init: Path, run: Path, **kw) -> TrainConfig:
+    base = dict(steps=3, batch=4, lr=1e-3, warmup=2, ckpt_every=100, log_every=1, progress=False, device="cpu")
+    base.update(kw)
+    return TrainConfig(stage=stage, data=data, init=init, run=run, **base)
+
+
+def _generates(model_dir: Path, frames: np.ndarray, audio: np.ndarray) -> np.ndarray:
+    pipe = LetsTalkPipeline.from_pretrained(model_dir)
+    portrait = pipe.prepare_portrait(frames[0], detect=False)
+    out = np.stack(list(pipe.generate(portrait, audio[:6 * SPF])))
+    assert out.shape == (6, SIZE, SIZE, 3) and out.dtype == np.uint8
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def test_audio_tokens_match_inference(init_dir, shards):
+    """Tokens the trainer builds for frames [s, s + T) == pipeline.audio_tokens(whole clip)[s:s + T]."""
+    pipe = LetsTalkPipeline.from_pretrained(init_dir)
+    obj = FlowObjective(pipe.audio_encoder, pipe.audio_projector, pipe.transformer)
+    enc, T, m = pipe.audio_encoder, pipe.window, pipe.config.audio.margin
+    _, audio, _ = _talking_face(24, SIZE, seed=3)
+    full = pipe.audio_tokens(audio)  # (24, M, Dt)
+    assert full.shape[0] == 24
+    starts = [0, 1, 2, 7, 24 - T - 1, 24 - T]
+    segs, idxs = zip(*(audio_window(audio, s, T, m, enc.left_samples, enc.right_samples) for s in starts))
+    with torch.no_grad():
+        tokens = obj.audio_tokens(torch.from_numpy(np.stack(segs)), torch.from_numpy(np.stack(idxs)))  # (B, T, M, Dt)
+    for i, s in enumerate(starts):
+        torch.testing.assert_close(tokens[i], full[s:s + T], rtol=1e-5, atol=1e-5)
+
+
+def test_window_plans_are_pure_and_cover_stream_start(shards):
+    ds = open_dataset(shards, SIZE, progress=False)
+    a = plan_windows(ds, 0, 5, range(64), 4)
+    assert a == plan_windows(ds, 0, 5, range(64), 4)
+    assert a[10:20] == plan_windows(ds, 0, 5, range(10, 20), 4)  # a rank's slice is the same samples
+    assert any(p.start == 0 for p in a) and all(0 <= p.start <= 20 for p in a)
+    assert all(not p.start <= p.ref < p.start + 4 for p in a)
+
+
+def test_stages_write_loadable_models(tmp_path, init_dir, shards, synth_dir):
+    frames, audio, _ = _talking_face(24, SIZE, seed=0)
+    ae = train(_cfg("autoencoder", synth_dir, init_dir, tmp_path / "r_ae", out=tmp_path / "ae"))
+    assert (synth_dir / ".letstalk_cache" / "frames-32" / "clip_00000.safetensors").is_file()
+    cfg = json.loads((ae / "config.json").read_text())
+    assert cfg["trained"] and "autoencoder" in cfg["description"]
+    assert cfg["autoencoder"]["scaling_factor"] != 1.0
+    _generates(ae, frames, audio)
+
+    dit = train(_cfg("transformer", shards, ae, tmp_path / "r_dit", out=tmp_path / "dit"))
+    assert torch.equal(load_file(str(dit / "autoencoder.safetensors"))["encoder.conv_in.weight"],
+                       load_file(str(ae / "autoencoder.safetensors"))["encoder.conv_in.weight"])
+    assert len(list((shards / ".letstalk_cache").glob("latents-32-*"))) >= 1
+    _generates(dit, frames, audio)
+
+    final = train(_cfg("distill", shards, dit, tmp_path / "r_dis", out=tmp_path / "final", steps=2,
+                       teacher_steps=4, student_steps=1))
+    cfg = json.loads((final / "config.json").read_text())
+    assert cfg["sampling"]["num_steps"] == 1
+    assert "autoencoder" in cfg["description"] and "distill" in cfg["description"]
+    _generates(final, frames, audio)
+    log = [json.loads(x) for x in (tmp_path / "r_dis" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and all(np.isfinite(r["loss"]) for r in log)
+    assert set(log[0]) >= {"step", "loss", "lr", "grad_norm", "samples_per_s", "seconds"}
+
+
+def test_transformer_without_latent_cache_runs(tmp_path, init_dir, shards):
+    out = train(_cfg("transformer", shards, init_dir, tmp_path / "run", out=tmp_path / "m", steps=2,
+                     latent_cache=False))
+    assert (out / "transformer.safetensors").is_file()
+
+
+def test_transformer_loss_goes_down(tmp_path, init_dir, shards):
+    cfg = _cfg("transformer", shards, init_dir, tmp_path / "run", out=tmp_path / "m", steps=40, batch=8,
+               lr=2e-3, warmup=5, ema=0.5, schedule="constant")
+
+    def fixed_loss(model_dir: Path) -> float:
+        comps = load_model(model_dir)
+        stage = TransformerStage(cfg, comps, open_dataset(shards, SIZE, progress=False), Dist())
+        batch = stage.finish(stage.make_batch(10**6, range(16)))  # a fixed batch no training step sees
+        with torch.no_grad():
+            return float(stage.loss(stage.module, batch))
+
+    before = fixed_loss(init_dir)
+    after = fixed_loss(train(cfg))
+    print(f"fixed-batch loss {before:.4f} -> {after:.4f}")
+    assert after < 0.7 * before, (before, after)
+
+
+def test_exact_resume(tmp_path, init_dir, shards):
+    kw = dict(steps=6, ema=0.9, ckpt_every=2, keep=2)
+    a = train(_cfg("transformer", shards, init_dir, tmp_path / "a", out=tmp_path / "out_a", **kw))
+    assert train(_cfg("transformer", shards, init_dir, tmp_path / "b", out=tmp_path / "out_b",
+                      stop_after=3, **kw)) is None
+    assert not (tmp_path / "out_b").exists()
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step_0000002", "step_0000003"]
+    with pytest.raises(InputError, match="--resume"):
+        train(_cfg("transformer", shards, init_dir, tmp_path / "b", **kw))
+    b = train(_cfg("transformer", shards, init_dir, tmp_path / "b", out=tmp_path / "out_b", resume=True, **kw))
+    for name in ("transformer", "audio_encoder", "audio_projector", "autoencoder"):
+        wa, wb = load_file(str(a / f"{name}.safetensors")), load_file(str(b / f"{name}.safetensors"))
+        assert wa.keys() == wb.keys()
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+    sa = torch.load(tmp_path / "a" / "checkpoints" / "step_0000006" / "trainer_state.pt", weights_only=False)
+    sb = torch.load(tmp_path / "b" / "checkpoints" / "step_0000006" / "trainer_state.pt", weights_only=False)
+    assert all(torch.equal(sa["module"][k], sb["module"][k]) for k in sa["module"])
+    la = (tmp_path / "a" / "log.jsonl").read_text().splitlines()
+    lb = (tmp_path / "b" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["loss"] for x in la] == [json.loads(x)["loss"] for x in lb]
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
+def test_ddp_two_ranks_match_one_process(tmp_path, init_dir, shards):
+    args = ["--stage", "transformer", "--data", str(shards), "--init", str(init_dir), "--steps", "2",
+            "--batch", "4", "--lr", "1e-3", "--warmup", "1", "--log-every", "1", "--device", "cpu", "--quiet"]
+    train(_cfg("transformer", shards, init_dir, tmp_path / "one", steps=2, warmup=1))  # also builds the caches
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
+    proc = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "letstalk_rt.train.trainer",
+                           *args, "--run-dir", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = [json.loads(x) for x in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
+    two = [json.loads(x) for x in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in two] == [1, 2]
+    np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-4)
+    np.testing.assert_allclose([r["grad_norm"] for r in two], [r["grad_norm"] for r in one], rtol=1e-3)
+
+
+def test_bad_inputs(tmp_path, init_dir, shards, capsys):
+    with pytest.raises(InputError, match="does not exist"):
+        train(_cfg("transformer", tmp_path / "nope", init_dir, tmp_path / "run"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="neither a synthetic corpus"):
+        train(_cfg("transformer", tmp_path / "empty", init_dir, tmp_path / "run"))
+    with pytest.raises(ModelError, match="not a model directory"):
+        train(_cfg("transformer", shards, tmp_path / "empty", tmp_path / "run"))
+    with pytest.raises(InputError, match="--split"):
+        train(_cfg("autoencoder", _manifest_only(tmp_path), init_dir, tmp_path / "run", split="dev"))
+    with pytest.raises(InputError, match="frames a training window needs"):
+        short = make_shards(tmp_path / "short", clips=1, frames=3)
+        train(_cfg("transformer", short, init_dir, tmp_path / "run"))
+    # the CLI prints one line and exits 2
+    code = cli_main(["train", "--stage", "autoencoder", "--data", str(tmp_path / "empty"), "--init", str(init_dir),
+                     "--run", str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("letstalk: error: --data")
+    assert issubclass(InputError, LetsTalkError)
+
+
+def _manifest_only(tmp_path: Path) -> Path:
+    root = tmp_path / "manifest_only"
+    root.mkdir(exist_ok=True)
+    (root / "manifest.json").write_text(json.dumps({"splits": {"train": ["clip_00000"]}}))
+    return root
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))
