@@ -3,7 +3,9 @@
     letstalk generate --portrait face.jpg --audio speech.wav --out talk.mp4   # offline file
     letstalk demo                                                            # bundled portrait + speech
     letstalk new-model --preset cpu-128 --out models/mine                     # untrained model directory
-    letstalk bench | serve | data synth | data prepare                       # see --help of each
+    letstalk eval --data data/synth --model models/mine                      # lip sync, identity, drift report
+    letstalk train --stage transformer --data data/synth --init models/ae --run runs/dit --out models/dit
+    letstalk bench | serve | data synth | data prepare | train               # see --help of each
 
 Every failure the user can fix prints one line, `letstalk: error: ...`, and exits with status 2.
 """
@@ -177,6 +179,24 @@ def cmd_new_model(args: argparse.Namespace) -> None:
     print(f"wrote untrained model '{args.preset}' to {path}")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .eval import evaluate
+
+    try:
+        steps_list = [int(x) for x in args.steps_list.split(",")] if args.steps_list else []
+    except ValueError:
+        raise LetsTalkError(f"--steps-list {args.steps_list!r}: give step counts like 1,2,4,8") from None
+    device = _device(args.device)
+    report = evaluate(args.data, args.model or [None], args.out, split=args.split, clips=args.clips,
+                      steps=args.steps, steps_list=steps_list, long_seconds=args.long_seconds,
+                      probe_clips=args.probe_clips, seed=args.seed, device=device,
+                      dtype=_dtype(args.dtype, device), progress=not args.quiet)
+    for m in report["models"]:
+        marks = [f"{k.replace('_', ' ')} {'PASS' if t['pass'] else 'FAIL'}" for k, t in m["targets"].items()]
+        print(f"{m['label']}: {', '.join(marks)}")
+    print(f"wrote {Path(args.out) / 'report.md'} (+ report.json, plots) in {report['runtime_s']:.0f} s")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="letstalk", description="LetsTalk real-time talking avatars")
     parser.add_argument("--version", action="version", version=f"letstalk-rt {__version__}")
@@ -226,6 +246,33 @@ def build_parser() -> argparse.ArgumentParser:
     q = data.add_parser("prepare", help="folder of talking-head videos -> 25 fps face crops + 16 kHz audio shards")
     prepare.add_arguments(q)
     q.set_defaults(func=prepare.main)
+
+    p = sub.add_parser("train", help="train a model: autoencoder, transformer, or few-step distillation "
+                                     "(docs/training.md)")
+    from .train import trainer
+
+    trainer.add_arguments(p)
+    p.set_defaults(func=trainer.main)
+
+    p = sub.add_parser("eval", help="score models on a synth corpus: lip sync, identity, flicker, long-run drift")
+    p.add_argument("--data", type=Path, required=True, help="corpus folder written by `letstalk data synth`")
+    p.add_argument("--model", type=Path, action="append", default=None,
+                   help="model directory; repeat to compare several (default: the bundled model)")
+    p.add_argument("--split", default="test", help="corpus split to score (default test)")
+    p.add_argument("--clips", type=int, default=8, help="clips of the split to generate and score (default 8)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps per window, 1..50 (default: the model's)")
+    p.add_argument("--steps-list", default="", help="also score lip sync and PSNR at these step counts, e.g. 1,2,4,8")
+    p.add_argument("--long-seconds", type=float, default=180.0,
+                   help="seconds of the long run for drift, memory bank on and off (default 180; 0 skips it)")
+    p.add_argument("--probe-clips", type=int, default=128,
+                   help="train clips the mouth-state probe is fitted on (default 128)")
+    p.add_argument("--out", type=Path, default=Path("eval_report"), help="report folder (default eval_report)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed of every generation")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("new-model", help="write an UNTRAINED model directory for a preset (training start, benchmarks)")
     p.add_argument("--preset", required=True, choices=sorted(PRESETS_MODEL))

@@ -115,6 +115,7 @@ class LetsTalkPipeline:
         portrait_guidance: float | None = None,
         audio_guidance: float | None = None,
         memory_noise: float | None = None,
+        use_memory: bool = True,
     ) -> None:
         self.components = components
         self.config: ModelConfig = components.config
@@ -125,6 +126,9 @@ class LetsTalkPipeline:
         self.portrait_guidance = s.portrait_guidance if portrait_guidance is None else portrait_guidance
         self.audio_guidance = s.audio_guidance if audio_guidance is None else audio_guidance
         self.memory_noise = s.memory_noise if memory_noise is None else memory_noise
+        # False is an ablation (`letstalk eval`'s memory-off run): the memory bank is never filled, so every
+        # window is generated like a stream's first one, with all memory slots masked.
+        self.use_memory = use_memory
         self.sampler = EulerSampler(shift=s.shift)
         self.sampler.set_timesteps(self.num_steps)  # raises on a bad step count before any work
         for module in components.modules().values():
@@ -258,7 +262,8 @@ class LetsTalkPipeline:
             v = combine_guidance(list(v.float().chunk(R)), self.portrait_guidance, self.audio_guidance)  # (B, ...)
             x = self.sampler.step(v, t, x)  # (B, T, C, h, w)
         for i, s in enumerate(streams):
-            s.memory.update(x[i].float().cpu())
+            if self.use_memory:
+                s.memory.update(x[i].float().cpu())
             s.windows_done += 1
         return x
 

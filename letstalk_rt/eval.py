@@ -1,0 +1,801 @@
+"""`letstalk eval`: lip sync, identity, temporal quality and long-run drift of models on a synth corpus.
+
+    letstalk eval --data data/synth --model models/mine --clips 8 --out eval_report
+    letstalk eval --data data/synth --model models/direct --model models/symbiotic --steps-list 1,2,4,8
+
+Every figure compares generated video with the corpus's ground truth (`letstalk data synth`, docs/data.md),
+at the model's own frame size (ground-truth frames and boxes are resized to it):
+
+- lip sync: a mouth-state probe (ridge regression on mouth-crop pixels, `MouthProbe`) is fitted on
+  ground-truth frames of the TRAIN split only, checked on ground-truth frames of the evaluated split,
+  frozen, then run on generated frames. The metric is the correlation over time between its opening and
+  the ground-truth opening, and the lag (-5..+5 frames) where that correlation peaks;
+- identity: PSNR and SSIM outside the (padded) mouth box, against the ground truth and the portrait;
+- temporal quality: mean absolute frame-to-frame change outside the mouth box (flicker);
+- long duration: minutes of concatenated test speech on one portrait, PSNR against the portrait over the
+  first and the last 10 s, with the memory bank on and off (`LetsTalkPipeline(use_memory=False)`).
+
+Generated clips animate the clip's first rest frame (mouth closed, eyes open) with the clip's audio; the
+corpus frames already are the face crop, so the portrait is prepared with a centre crop (detect=False)
+and the generated video is framed like the ground truth. Outputs: REPORT_DIR/report.md, report.json and
+PNG plots (drawn with Pillow, no plotting library needed). See docs/eval.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import InputError, LetsTalkError
+
+# Targets printed beside the figures (DESIGN: lips in sync, identity kept, no drift over minutes).
+SYNC_MIN = 0.8  # correlation of the probe's opening on generated frames with the ground truth, at offset 0
+PROBE_MIN = 0.9  # the probe's own correlation on ground-truth test frames; below it lip sync is not measurable
+PSNR_MIN = 28.0  # dB, generated vs ground truth outside the mouth box
+DRIFT_MAX = 10.0  # %, PSNR vs portrait over the last 10 s below the first 10 s of the long run (memory on)
+MAX_LAG = 5  # frames searched either way for the audio/video offset
+
+MOUTH_PAD = 0.25  # the mouth box grows by this share of its size on each side (head motion, jaw drop)
+PROBE_CROP = (24, 16)  # (width, height) the mouth crop is resized to for the probe
+PROBE_RIDGES = (1.0, 10.0, 100.0, 1000.0)  # ridge strengths tried; the best on held-out train clips wins
+EDGE_SECONDS = 10.0  # the long run's first and last windows
+
+
+# --------------------------------------------------------------------------------------------------
+# The corpus
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Clip:
+    """One ground-truth clip at the evaluation size."""
+
+    name: str
+    frames: np.ndarray  # (N, S, S, 3) uint8, resized to the evaluation size
+    audio: np.ndarray  # (n,) float32 mono at 16 kHz
+    opening: np.ndarray  # (N,) ground-truth mouth opening in [0, 1]
+    box: tuple[int, int, int, int]  # padded mouth box (x0, y0, x1, y1) at the evaluation size
+    rest: int  # index of the frame used as portrait: mouth closed, eyes open
+
+    @property
+    def portrait(self) -> np.ndarray:
+        return self.frames[self.rest]
+
+
+def _resize(frames: np.ndarray, size: int) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> (N, size, size, 3), with the resampling `prepare_portrait` uses (Lanczos)."""
+    from PIL import Image
+
+    if frames.shape[1:3] == (size, size):
+        return frames
+    return np.stack([np.asarray(Image.fromarray(f).resize((size, size), Image.LANCZOS)) for f in frames])
+
+
+def mouth_region(box: list[float], frame_size: int, size: int, pad: float = MOUTH_PAD) -> tuple[int, int, int, int]:
+    """A clip's `mouth_box` [x, y, w, h] at `frame_size` -> padded (x0, y0, x1, y1) at `size`, clipped."""
+    x, y, w, h = (float(v) * size / frame_size for v in box)
+    px, py = max(1.0, pad * w), max(1.0, pad * h)
+    x0, y0 = max(0, math.floor(x - px)), max(0, math.floor(y - py))
+    x1, y1 = min(size, math.ceil(x + w + px)), min(size, math.ceil(y + h + py))
+    return x0, y0, x1, y1
+
+
+class Corpus:
+    """A `letstalk data synth` folder: manifest.json plus clip_XXXXX.mp4 / .json per clip."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        path = self.root / "manifest.json"
+        if not self.root.is_dir():
+            raise InputError(f"corpus folder '{self.root}' does not exist; make one with "
+                             f"`letstalk data synth --out {self.root}`")
+        if not path.is_file():
+            raise InputError(f"'{self.root}' has no manifest.json; give a corpus written by `letstalk data synth` "
+                             f"(an unfinished one gets its manifest only at the end)")
+        try:
+            self.manifest = json.loads(path.read_text())
+            self.splits: dict[str, list[str]] = {k: list(v) for k, v in self.manifest["splits"].items()}
+            self.frame_size = int(self.manifest["size"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise InputError(f"'{path}' is not a corpus manifest ({type(e).__name__}: {e}); "
+                             f"remake it with `letstalk data synth`") from None
+
+    def names(self, split: str) -> list[str]:
+        """The clip names of a split; InputError naming the splits there are when it is missing or empty."""
+        names = self.splits.get(split) or []
+        if not names:
+            have = ", ".join(f"{k} ({len(v)} clips)" for k, v in self.splits.items()) or "none"
+            raise InputError(f"corpus '{self.root}' has no clips in split '{split}'; it has: {have}")
+        return sorted(names)
+
+    def meta(self, name: str) -> dict[str, Any]:
+        path = self.root / f"{name}.json"
+        try:
+            meta = json.loads(path.read_text())
+            missing = [k for k in ("mouth_box", "frames") if k not in meta]
+            missing += [] if missing or "opening" in meta["frames"] else ["frames.opening"]
+        except (OSError, ValueError, TypeError) as e:
+            raise InputError(f"clip metadata '{path}' cannot be read ({type(e).__name__}: {e}); "
+                             f"remake the corpus with `letstalk data synth`") from None
+        if missing:
+            raise InputError(f"clip metadata '{path}' lacks {', '.join(missing)}; remake the corpus with "
+                             f"`letstalk data synth`")
+        return meta
+
+    def audio(self, name: str) -> np.ndarray:
+        from .media import load_audio
+
+        return load_audio(self.root / f"{name}.mp4")
+
+    def clip(self, name: str, size: int) -> Clip:
+        """Load a clip with its frames resized to `size` (the model's frame side)."""
+        from .media import read_frames
+
+        meta = self.meta(name)
+        frames = np.stack(list(read_frames(self.root / f"{name}.mp4")))  # (N', H, W, 3)
+        opening = np.asarray(meta["frames"]["opening"], dtype=np.float32)
+        n = min(len(frames), len(opening))
+        blink = np.asarray(meta["frames"].get("blink", [0.0] * n), dtype=np.float32)[:n]
+        rest = np.flatnonzero((opening[:n] == 0) & (blink == 0))
+        return Clip(
+            name=name,
+            frames=_resize(frames[:n], size),
+            audio=self.audio(name),
+            opening=opening[:n],
+            box=mouth_region(meta["mouth_box"], frames.shape[1], size),
+            rest=int(rest[0]) if len(rest) else 0,
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------------
+
+
+def outside_mask(size: int, box: tuple[int, int, int, int]) -> np.ndarray:
+    """(S, S) bool: True everywhere except the mouth region."""
+    x0, y0, x1, y1 = box
+    mask = np.ones((size, size), dtype=bool)
+    mask[y0:y1, x0:x1] = False
+    return mask
+
+
+def psnr_outside(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    """PSNR (dB) of two uint8 (S, S, 3) frames over the pixels where mask is True; inf when equal there."""
+    from skimage.metrics import peak_signal_noise_ratio
+
+    with np.errstate(divide="ignore"):
+        return float(peak_signal_noise_ratio(a[mask], b[mask], data_range=255))
+
+
+def ssim_outside(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    """Mean SSIM of two uint8 (S, S, 3) frames over the pixels where mask is True (7x7 windows)."""
+    from skimage.metrics import structural_similarity
+
+    _, full = structural_similarity(a, b, data_range=255, channel_axis=2, full=True)  # full: (S, S, 3)
+    return float(full[mask].mean())
+
+
+def mse_outside(frames: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(N, S, S, 3) frames against one (S, S, 3) or N frames -> (N,) mean squared error outside the mouth."""
+    diff = frames[:, mask].astype(np.float32) - ref[..., mask, :].astype(np.float32)  # (N, P, 3)
+    return (diff ** 2).mean(axis=(1, 2))
+
+
+def psnr_of_mse(mse: float) -> float:
+    return float("inf") if mse <= 0 else 10.0 * math.log10(255.0 ** 2 / mse)
+
+
+def flicker(frames: np.ndarray, mask: np.ndarray) -> float:
+    """Mean absolute frame-to-frame change (0..255) outside the mouth: (N, S, S, 3) -> float."""
+    if len(frames) < 2:
+        return 0.0
+    x = frames[:, mask].astype(np.float32)  # (N, P, 3)
+    return float(np.abs(np.diff(x, axis=0)).mean())
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Correlation of two series; 0 when either is (nearly) constant, where it is undefined."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    a, b = a - a.mean(), b - b.mean()
+    den = math.sqrt(float((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / den) if den > 1e-9 * max(len(a), 1) else 0.0
+
+
+def lag_correlations(pred: np.ndarray, truth: np.ndarray, max_lag: int = MAX_LAG) -> np.ndarray:
+    """Correlation of pred[t + lag] with truth[t] for lag = -max_lag..max_lag -> (2 max_lag + 1,).
+
+    A positive lag means the video is late: frame t + lag shows the mouth for the audio of frame t.
+    """
+    n = min(len(pred), len(truth))
+    out = np.zeros(2 * max_lag + 1)
+    for i, lag in enumerate(range(-max_lag, max_lag + 1)):
+        if lag >= 0:
+            out[i] = pearson(pred[lag:n], truth[:n - lag])
+        else:
+            out[i] = pearson(pred[:n + lag], truth[-lag:n])
+    return out
+
+
+def best_offset(curve: np.ndarray) -> int:
+    """The lag (frames) where a `lag_correlations` curve peaks."""
+    return int(np.argmax(curve)) - (len(curve) - 1) // 2
+
+
+# --------------------------------------------------------------------------------------------------
+# The mouth-state probe
+# --------------------------------------------------------------------------------------------------
+
+
+def mouth_features(frames: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """(N, S, S, 3) frames -> (N, F) probe features of the mouth crop.
+
+    The crop is made grey and small, then described four ways: its pixels standardised per crop
+    (shape, independent of skin tone and lighting); the sorted standardised and raw intensities (how
+    much of the crop is dark mouth interior, wherever the head moved it); and the vertical edge
+    strength per row (lip edges, which move apart as the mouth opens).
+    """
+    from PIL import Image
+
+    x0, y0, x1, y1 = box
+    crops = np.stack([
+        np.asarray(Image.fromarray(f[y0:y1, x0:x1]).convert("L").resize(PROBE_CROP, Image.BILINEAR), np.float32)
+        for f in frames
+    ]) / 255.0  # (N, h, w)
+    flat = crops.reshape(len(frames), -1)  # (N, P)
+    std = flat.std(1, keepdims=True) + 1e-3  # (N, 1)
+    z = (flat - flat.mean(1, keepdims=True)) / std  # (N, P)
+    edges = np.abs(np.diff(crops, axis=1)).mean(2) / std  # (N, h - 1)
+    return np.concatenate([z, np.sort(z, axis=1)[:, ::8], np.sort(flat, axis=1)[:, ::8], edges], axis=1)  # (N, F)
+
+
+@dataclass
+class MouthProbe:
+    """Linear ridge regression from `mouth_features` to the mouth opening; fitted on ground truth only."""
+
+    mean: np.ndarray  # (F,) feature means of the training frames
+    scale: np.ndarray  # (F,) feature standard deviations
+    weights: np.ndarray  # (F,)
+    bias: float  # mean training opening
+    ridge: float  # the ridge strength chosen on held-out training clips
+    train_frames: int
+    train_clips: int
+
+    def predict(self, frames: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+        """(N, S, S, 3) uint8 frames -> (N,) predicted opening."""
+        return ((mouth_features(frames, box) - self.mean) / self.scale) @ self.weights + self.bias
+
+    @classmethod
+    def fit(cls, features: list[np.ndarray], openings: list[np.ndarray]) -> "MouthProbe":
+        """Fit on per-clip features (N_i, F) and openings (N_i,). The ridge strength is the one whose
+        fit on the first ~85 % of the clips best predicts the rest (mean per-clip correlation); the
+        final probe is then refitted on every clip. Closed form, so deterministic."""
+        if not features:
+            raise InputError("no training clips to fit the mouth probe on; the corpus needs a train split")
+        cut = max(1, len(features) - max(1, len(features) // 7)) if len(features) > 1 else 1
+        held = list(zip(features[cut:], openings[cut:])) or list(zip(features, openings))
+
+        def solve(xs: list[np.ndarray], ys: list[np.ndarray], ridge: float) -> "MouthProbe":
+            x, y = np.concatenate(xs).astype(np.float64), np.concatenate(ys).astype(np.float64)  # (N, F), (N,)
+            mean, scale = x.mean(0), x.std(0) + 1e-6
+            a = (x - mean) / scale  # (N, F)
+            w = np.linalg.solve(a.T @ a + ridge * np.eye(a.shape[1]), a.T @ (y - y.mean()))  # (F,)
+            return cls(mean, scale, w, float(y.mean()), ridge, len(y), len(xs))
+
+        def score(p: "MouthProbe") -> float:
+            return float(np.mean([pearson(((x - p.mean) / p.scale) @ p.weights, y) for x, y in held]))
+
+        best = max(PROBE_RIDGES, key=lambda r: score(solve(features[:cut], openings[:cut], r)))
+        return solve(features, openings, best)
+
+
+def train_probe(corpus: Corpus, size: int, max_clips: int, progress: bool = False) -> MouthProbe:
+    """Fit the probe on ground-truth frames of up to `max_clips` train clips, resized to `size`."""
+    from tqdm import tqdm
+
+    names = corpus.names("train")[:max_clips]
+    feats, opens = [], []
+    for name in tqdm(names, desc=f"mouth probe ({size} px)", unit="clip", disable=not progress, dynamic_ncols=True):
+        clip = corpus.clip(name, size)
+        feats.append(mouth_features(clip.frames, clip.box))
+        opens.append(clip.opening)
+    return MouthProbe.fit(feats, opens)
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring generated clips
+# --------------------------------------------------------------------------------------------------
+
+
+def score_clip(clip: Clip, generated: np.ndarray, portrait: np.ndarray, probe: MouthProbe,
+               full: bool = True) -> dict[str, Any]:
+    """Every per-clip figure for generated frames (N, S, S, 3) of `clip` animated from `portrait`.
+
+    full=False computes lip sync and PSNR vs ground truth only (the quality-vs-steps table).
+    """
+    n = min(len(generated), len(clip.frames))
+    gen, gt = generated[:n], clip.frames[:n]
+    mask = outside_mask(gt.shape[1], clip.box)
+    pred = probe.predict(gen, clip.box)  # (n,)
+    curve = lag_correlations(pred, clip.opening[:n])
+    out: dict[str, Any] = {
+        "clip": clip.name,
+        "frames": n,
+        "sync_correlation": float(curve[MAX_LAG]),
+        "sync_offset": best_offset(curve),
+        "lag_curve": [float(v) for v in curve],
+        "psnr_gt": psnr_of_mse(float(mse_outside(gen, gt, mask).mean())),
+    }
+    if full:
+        step = max(1, n // 25)  # SSIM on ~25 frames per clip: it is the slow metric
+        out.update({
+            "probe_opening": [float(v) for v in pred],
+            "ssim_gt": float(np.mean([ssim_outside(gen[i], gt[i], mask) for i in range(0, n, step)])),
+            "psnr_portrait": psnr_of_mse(float(mse_outside(gen, portrait, mask).mean())),
+            "ssim_portrait": float(np.mean([ssim_outside(gen[i], portrait, mask) for i in range(0, n, step)])),
+            "flicker": flicker(gen, mask),
+            "flicker_gt": flicker(gt, mask),
+        })
+    return out
+
+
+def summarise(scores: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean figures over clips; the offset is where the mean lag curve peaks."""
+    curve = np.mean([s["lag_curve"] for s in scores], axis=0)
+    out: dict[str, Any] = {
+        "sync_correlation": float(np.mean([s["sync_correlation"] for s in scores])),
+        "sync_offset": best_offset(curve),
+        "lag_curve": [float(v) for v in curve],
+        "psnr_gt": float(np.mean([s["psnr_gt"] for s in scores])),
+    }
+    for key in ("ssim_gt", "psnr_portrait", "ssim_portrait", "flicker", "flicker_gt"):
+        if key in scores[0]:
+            out[key] = float(np.mean([s[key] for s in scores]))
+    if "flicker" in out:
+        out["flicker_ratio"] = out["flicker"] / max(out["flicker_gt"], 1e-6)
+    return out
+
+
+def generate_frames(pipe: Any, portrait: np.ndarray, audio: np.ndarray, seed: int, bar: Any = None) -> np.ndarray:
+    """Animate a corpus frame (already the face crop) with audio -> (N, S, S, 3) uint8 at the model's size."""
+    prepared = pipe.prepare_portrait(portrait, detect=False)
+    frames = []
+    for frame in pipe.generate(prepared, audio, seed=seed):
+        frames.append(frame)
+        if bar is not None:
+            bar.update(1)
+    return np.stack(frames)
+
+
+def long_run(pipe: Any, clip: Clip, audio: np.ndarray, seed: int, bar: Any = None) -> dict[str, Any]:
+    """Animate `clip`'s portrait with long `audio`; PSNR vs the portrait outside the mouth, per second
+    and over the first and last EDGE_SECONDS (shorter runs use halves). Frames are scored as they come."""
+    prepared = pipe.prepare_portrait(clip.portrait, detect=False)
+    mask = outside_mask(prepared.image.shape[0], clip.box)
+    mse = []
+    for frame in pipe.generate(prepared, audio, seed=seed):
+        mse.append(float(mse_outside(frame[None], prepared.image, mask)[0]))
+        if bar is not None:
+            bar.update(1)
+    mse_a = np.asarray(mse)
+    fps = pipe.fps
+    edge = max(1, min(int(EDGE_SECONDS * fps), len(mse_a) // 2))
+    first, last = psnr_of_mse(float(mse_a[:edge].mean())), psnr_of_mse(float(mse_a[-edge:].mean()))
+    per_second = [psnr_of_mse(float(mse_a[i:i + fps].mean())) for i in range(0, len(mse_a), fps)]
+    drift = 100.0 * (first - last) / first if math.isfinite(first) and first > 0 else 0.0
+    return {"seconds": len(mse_a) / fps, "edge_seconds": edge / fps, "psnr_first": first, "psnr_last": last,
+            "drift_percent": drift, "psnr_per_second": per_second}
+
+
+def long_audio(corpus: Corpus, names: list[str], seconds: float, rate: int = 16000) -> np.ndarray:
+    """`seconds` of speech: the clips' audio concatenated in order, cycling if they are too short."""
+    need = int(seconds * rate)
+    parts, have = [], 0
+    while have < need:
+        for name in names:
+            a = corpus.audio(name)
+            parts.append(a)
+            have += len(a)
+            if have >= need:
+                break
+    return np.concatenate(parts)[:need]
+
+
+# --------------------------------------------------------------------------------------------------
+# Targets
+# --------------------------------------------------------------------------------------------------
+
+
+def judge(model: dict[str, Any], probe_valid: bool) -> dict[str, dict[str, Any]]:
+    """Pass/fail per target, each with the figure and a one-line reason."""
+    s = model["summary"]
+    sync_ok = probe_valid and s["sync_correlation"] >= SYNC_MIN and s["sync_offset"] == 0
+    sync_note = (f"r = {s['sync_correlation']:.3f}, offset {s['sync_offset']:+d} frames"
+                 + ("" if probe_valid else "; the probe is not accurate enough to measure lip sync"))
+    psnr_ok = s["psnr_gt"] >= PSNR_MIN
+    out = {
+        "lip_sync": {"pass": sync_ok, "target": f"r >= {SYNC_MIN} at offset 0", "value": sync_note},
+        "identity": {"pass": psnr_ok, "target": f"PSNR outside mouth >= {PSNR_MIN:g} dB",
+                     "value": f"{s['psnr_gt']:.2f} dB"},
+    }
+    long = model.get("long")
+    if long is None:
+        out["drift"] = {"pass": False, "target": f"drift <= {DRIFT_MAX:g} %", "value": "not run (--long-seconds 0)"}
+    else:
+        d = long["memory_on"]["drift_percent"]
+        ok = d <= DRIFT_MAX and psnr_ok
+        note = f"{d:+.1f} % over {long['memory_on']['seconds']:.0f} s (memory on)"
+        if d <= DRIFT_MAX and not psnr_ok:
+            note += "; not counted: the identity target fails, so there is no identity to keep"
+        out["drift"] = {"pass": ok, "target": f"drift <= {DRIFT_MAX:g} %", "value": note}
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots (Pillow only)
+# --------------------------------------------------------------------------------------------------
+
+COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+
+
+def line_plot(path: Path, panels: list[dict[str, Any]], xlabel: str, x_scale: float = 1.0) -> Path:
+    """Stacked line-plot panels into a PNG: each panel {"title", "series": [(label, values), ...]}.
+
+    x is the index times `x_scale`; non-finite values are left out. Deliberately plain: axes, min/max
+    ticks, a legend. matplotlib is not needed.
+    """
+    from PIL import Image, ImageDraw
+
+    w, ph, left, right, top, bottom = 720, 210, 56, 12, 24, 30
+    img = Image.new("RGB", (w, ph * len(panels)), "white")
+    d = ImageDraw.Draw(img)
+    for k, panel in enumerate(panels):
+        oy = k * ph
+        x0, x1, y0, y1 = left, w - right, oy + top, oy + ph - bottom
+        values = [np.asarray(v, np.float64) for _, v in panel["series"]]
+        finite = np.concatenate([v[np.isfinite(v)] for v in values] + [np.zeros(0)])
+        lo, hi = (float(finite.min()), float(finite.max())) if len(finite) else (0.0, 1.0)
+        if hi - lo < 1e-9:
+            lo, hi = lo - 0.5, hi + 0.5
+        n = max(max((len(v) for v in values), default=1), 2)
+        d.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
+        d.text((x0, oy + 6), panel["title"], fill=(0, 0, 0))
+        d.text((4, y0), f"{hi:.3g}", fill=(0, 0, 0))
+        d.text((4, y1 - 10), f"{lo:.3g}", fill=(0, 0, 0))
+        d.text((x0, y1 + 4), "0", fill=(0, 0, 0))
+        d.text((x1 - 40, y1 + 4), f"{(n - 1) * x_scale:.3g}", fill=(0, 0, 0))
+        d.text(((x0 + x1) // 2 - 20, y1 + 4), xlabel, fill=(0, 0, 0))
+        for j, v in enumerate(values):
+            pts = [(x0 + (x1 - x0) * i / (n - 1), y1 - (y1 - y0) * (val - lo) / (hi - lo))
+                   for i, val in enumerate(v) if math.isfinite(val)]
+            if len(pts) > 1:
+                d.line(pts, fill=COLOURS[j % len(COLOURS)], width=2)
+        d.rectangle([x1 - 200, y0 + 2, x1 - 2, y0 + 6 + 12 * len(values)], fill="white", outline=(160, 160, 160))
+        for j, (label, _) in enumerate(panel["series"]):
+            d.text((x1 - 194, y0 + 4 + 12 * j), f"-- {label}", fill=COLOURS[j % len(COLOURS)])
+    img.save(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# The evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
+
+
+def _labels(paths: list[Path]) -> list[str]:
+    """Short unique labels: the directory name, or the path when names repeat."""
+    names = [p.name for p in paths]
+    return [str(p) if names.count(n) > 1 else n for n, p in zip(names, paths)]
+
+
+def _json_safe(x: Any) -> Any:
+    """Numbers and containers for JSON: numpy scalars to Python, inf/nan to null (standard JSON has none)."""
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def check_probe(probe: MouthProbe, test: list[Clip]) -> dict[str, Any]:
+    """The probe's accuracy on the evaluated clips' ground-truth frames, and the ground truth scored as if
+    generated (the best any model can reach on these clips)."""
+    checks = [pearson(probe.predict(c.frames, c.box), c.opening) for c in test]
+    return {
+        "size": test[0].frames.shape[1], "ridge": probe.ridge, "train_clips": probe.train_clips,
+        "train_frames": probe.train_frames, "per_clip": {c.name: r for c, r in zip(test, checks)},
+        "correlation": float(np.mean(checks)), "valid": float(np.mean(checks)) >= PROBE_MIN,
+        "ground_truth": summarise([score_clip(c, c.frames, c.portrait, probe) for c in test]),
+    }
+
+
+def evaluate_model(components: Any, label: str, test: list[Clip], probe: MouthProbe, steps: int | None,
+                   steps_list: list[int], speech: np.ndarray | None, settings: dict[str, Any]) -> dict[str, Any]:
+    """Generate and score one model: the test clips, optionally at other step counts, and the long run
+    on `speech` with the memory bank on and off. `settings`: device, dtype, seed, progress."""
+    from tqdm import tqdm
+
+    from .pipeline import LetsTalkPipeline
+
+    config, seed = components.config, settings["seed"]
+
+    def pipeline(num_steps: int | None, use_memory: bool = True) -> LetsTalkPipeline:
+        return LetsTalkPipeline(components, device=settings["device"], dtype=settings["dtype"],
+                                num_steps=num_steps, use_memory=use_memory)
+
+    def bar(total: int, what: str) -> Any:
+        return tqdm(total=total, desc=f"{label}: {what}", unit="frame", disable=not settings["progress"],
+                    dynamic_ncols=True)
+
+    pipe = pipeline(steps)
+    model: dict[str, Any] = {
+        "label": label, "description": config.description, "trained": config.trained, "size": config.image_size,
+        "num_steps": pipe.num_steps, "num_memory": config.transformer.num_memory,
+        "fusion": f"portrait {config.transformer.portrait_fusion}, audio {config.transformer.audio_fusion}",
+    }
+    total = sum(math.ceil(len(c.audio) / pipe.samples_per_frame) for c in test)
+    with bar(total, f"{len(test)} clips") as b:
+        scores = [score_clip(c, generate_frames(pipe, c.portrait, c.audio, seed, b), c.portrait, probe) for c in test]
+    model["clips"], model["summary"] = scores, summarise(scores)
+
+    model["steps"] = []
+    for s in steps_list:
+        if s == pipe.num_steps:  # already generated
+            row = {k: model["summary"][k] for k in ("sync_correlation", "sync_offset", "psnr_gt")}
+        else:
+            p2 = pipeline(s)
+            with bar(total, f"{s} steps") as b:
+                rows = [score_clip(c, generate_frames(p2, c.portrait, c.audio, seed, b), c.portrait, probe,
+                                   full=False) for c in test]
+            row = {k: v for k, v in summarise(rows).items() if k != "lag_curve"}
+        model["steps"].append({"steps": s, **row})
+
+    model["long"] = None
+    if speech is not None:
+        frames = math.ceil(len(speech) / pipe.samples_per_frame)
+        model["long"] = {}
+        for key, use_memory in (("memory_on", True), ("memory_off", False)):
+            with bar(frames, f"{len(speech) / config.audio.sample_rate:g} s, {key.replace('_', ' ')}") as b:
+                model["long"][key] = long_run(pipeline(steps, use_memory), test[0], speech, seed, b)
+    return model
+
+
+def evaluate(
+    data: str | Path,
+    models: list[Path | None],
+    out: str | Path,
+    split: str = "test",
+    clips: int = 8,
+    steps: int | None = None,
+    steps_list: list[int] | None = None,
+    long_seconds: float = 180.0,
+    probe_clips: int = 128,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate every model directory (None = the bundled model) and write REPORT_DIR = `out`.
+
+    Returns the report (what report.json holds). Cheap checks (corpus, split, model directories,
+    step counts) come first, so a typo fails before any work.
+    """
+    from .checkpoint import DEFAULT_MODEL_DIR, load_model, read_config
+
+    start = time.perf_counter()
+    corpus = Corpus(data)
+    names = corpus.names(split)[:clips] if clips >= 1 else []
+    if not names:
+        raise InputError(f"--clips {clips}: evaluate at least 1 clip")
+    corpus.names("train")  # the probe needs ground truth it is not scored on
+    if long_seconds < 0:
+        raise InputError(f"--long-seconds {long_seconds:g}: give 0 (skip) or more seconds")
+    for s in [steps, *(steps_list or [])]:
+        if s is not None and not 1 <= s <= 50:
+            raise InputError(f"sampling steps {s}: choose 1..50")
+    paths = [Path(p) if p is not None else DEFAULT_MODEL_DIR for p in models]
+    configs = [read_config(p) for p in paths]  # ModelError, one line
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LetsTalkError(f"cannot create report folder '{out}': {e.strerror}; choose another --out") from None
+
+    probes: dict[int, MouthProbe] = {}
+    probe_checks: dict[int, dict[str, Any]] = {}
+    clips_at: dict[int, list[Clip]] = {}
+    speech = long_audio(corpus, corpus.names(split), long_seconds) if long_seconds > 0 else None
+    results = []
+    for path, label, config in zip(paths, _labels(paths), configs):
+        size = config.image_size
+        if size not in probes:  # one probe per frame size, fitted on ground truth only
+            probes[size] = train_probe(corpus, size, probe_clips, progress)
+            clips_at[size] = [corpus.clip(n, size) for n in names]
+            probe_checks[size] = check_probe(probes[size], clips_at[size])
+        settings = dict(device=device, dtype=dtype, seed=seed, progress=progress)
+        model = evaluate_model(load_model(path), label, clips_at[size], probes[size], steps, steps_list or [],
+                               speech, settings)
+        model["path"] = str(path)
+        model["targets"] = judge(model, probe_checks[size]["valid"])
+        model["plots"] = _plots(out, f"{len(results) + 1}_{_slug(label)}", model, clips_at[size])
+        results.append(model)
+
+    report = {
+        "corpus": str(corpus.root), "split": split, "clips": names, "seed": seed, "device": str(device),
+        "long_seconds": long_seconds, "steps_list": list(steps_list or []),
+        "probe": {str(k): v for k, v in probe_checks.items()},
+        "probe_plots": [_probe_plot(out, probes[k], clips_at[k]) for k in probes],
+        "targets": {"sync_min": SYNC_MIN, "probe_min": PROBE_MIN, "psnr_min": PSNR_MIN, "drift_max_percent": DRIFT_MAX},
+        "models": results,
+        "runtime_s": time.perf_counter() - start,
+    }
+    (out / "report.json").write_text(json.dumps(_json_safe(report), indent=1) + "\n")
+    (out / "report.md").write_text(render_markdown(report))
+    return report
+
+
+def _plots(out: Path, slug: str, model: dict[str, Any], test: list[Clip]) -> list[str]:
+    panels = [{"title": f"{s['clip']}: mouth opening (r = {s['sync_correlation']:.2f})",
+               "series": [("ground truth", c.opening[:s["frames"]]), ("probe on generated", s["probe_opening"])]}
+              for s, c in list(zip(model["clips"], test))[:3]]
+    files = [line_plot(out / f"sync_{slug}.png", panels, "frame").name]
+    if model["long"]:
+        series = [(k.replace("_", " "), v["psnr_per_second"]) for k, v in model["long"].items()]
+        files.append(line_plot(out / f"long_{slug}.png",
+                               [{"title": "PSNR vs portrait outside the mouth (dB), per second", "series": series}],
+                               "seconds").name)
+    return files
+
+
+def _probe_plot(out: Path, probe: MouthProbe, test: list[Clip]) -> str:
+    size = test[0].frames.shape[1]
+    panels = [{"title": f"{c.name}: probe on ground-truth frames ({size} px)",
+               "series": [("ground truth", c.opening), ("probe on ground truth", probe.predict(c.frames, c.box))]}
+              for c in test[:3]]
+    return line_plot(out / f"probe_{size}px.png", panels, "frame").name
+
+
+# --------------------------------------------------------------------------------------------------
+# report.md
+# --------------------------------------------------------------------------------------------------
+
+
+def _f(x: float | None, digits: int = 2) -> str:
+    if x is None:
+        return "-"
+    return "inf" if x == float("inf") else f"{x:.{digits}f}"
+
+
+def _mark(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    models = report["models"]
+    lines = [
+        "# letstalk eval report", "",
+        f"Corpus `{report['corpus']}`, split `{report['split']}`, {len(report['clips'])} clips "
+        f"({', '.join(report['clips'])}), seed {report['seed']}, device {report['device']}; "
+        f"took {report['runtime_s']:.0f} s.", "",
+        "Frames are compared at each model's own size; the mouth region is the clip's `mouth_box` grown by "
+        f"{MOUTH_PAD:.0%} on each side. Portrait = the clip's first rest frame (mouth closed, eyes open), "
+        "centre-cropped (the corpus frame already is the face crop), audio = the clip's audio.", "",
+    ]
+    untrained = [m["label"] for m in models if not m["trained"]]
+    if untrained:
+        lines += [f"**Untrained models** (random weights; their figures are a floor, not a result): "
+                  f"{', '.join(untrained)}.", ""]
+
+    lines += ["## Targets", ""]
+    rows = []
+    for m in models:
+        for key, t in m["targets"].items():
+            rows.append([m["label"], key.replace("_", " "), t["target"], t["value"], _mark(t["pass"])])
+    lines += _table(["model", "target", "goal", "measured", "result"], rows) + [""]
+
+    lines += ["## Comparison", "",
+              "One row per model; `ground truth` rows score the real frames as if generated (the ceiling: the "
+              "probe's own accuracy, and how far the real head moves from the portrait).", ""]
+    rows = []
+    for size, p in report["probe"].items():
+        s = p["ground_truth"]
+        rows.append([f"ground truth ({size} px)", "reference", "-", "-", _f(s["sync_correlation"], 3),
+                     f"{s['sync_offset']:+d}", "inf", _f(s["ssim_gt"], 3), _f(s["psnr_portrait"]), "1.00",
+                     "-", "-", "-"])
+    for m in models:
+        s, lg = m["summary"], m["long"] or {}
+        on, off = lg.get("memory_on"), lg.get("memory_off")
+        rows.append([m["label"], m["description"] or "-", m["fusion"], str(m["num_steps"]),
+                     _f(s["sync_correlation"], 3), f"{s['sync_offset']:+d}", _f(s["psnr_gt"]), _f(s["ssim_gt"], 3),
+                     _f(s["psnr_portrait"]), _f(s["flicker_ratio"]),
+                     _f(on["drift_percent"], 1) if on else "-", _f(off["drift_percent"], 1) if off else "-",
+                     f"{sum(t['pass'] for t in m['targets'].values())}/{len(m['targets'])}"])
+    lines += _table(["model", "description", "fusion", "steps", "sync r", "offset", "PSNR gt (dB)", "SSIM gt",
+                     "PSNR portrait (dB)", "flicker vs gt", "drift mem on (%)", "drift mem off (%)", "targets"],
+                    rows) + [""]
+
+    lines += ["## Mouth-state probe (is the lip-sync metric meaningful?)", ""]
+    for size, p in report["probe"].items():
+        lines += [
+            f"Ridge regression (strength {p['ridge']:g}) on {PROBE_CROP[0]}x{PROBE_CROP[1]} grey mouth crops at "
+            f"{size} px, fitted on {p['train_frames']} ground-truth frames of {p['train_clips']} train clips only. "
+            f"On the ground-truth frames of the evaluated clips its opening correlates with the true opening at "
+            f"**r = {p['correlation']:.3f}** (needs >= {PROBE_MIN}: "
+            + ("met, so the lip-sync figures below measure the mouth)." if p["valid"] else
+               "NOT met, so the lip-sync figures below are NOT meaningful; train the probe on more clips "
+               "(--probe-clips) or check the corpus)."),
+            "", "Per clip: " + ", ".join(f"{k} {v:.3f}" for k, v in p["per_clip"].items()), "",
+        ]
+    lines += [f"![probe]({name})" for name in report["probe_plots"]] + [""]
+
+    lines += ["## Lip sync", "",
+              f"Correlation over time between the frozen probe's opening on generated frames and the ground-truth "
+              f"opening (target >= {SYNC_MIN}), and the offset: the lag in -{MAX_LAG}..+{MAX_LAG} frames where the "
+              "clip-averaged cross-correlation peaks (positive = video late; target 0).", ""]
+    for m in models:
+        rows = [[c["clip"], str(c["frames"]), _f(c["sync_correlation"], 3), f"{c['sync_offset']:+d}"]
+                for c in m["clips"]]
+        rows.append(["**mean**", "", _f(m["summary"]["sync_correlation"], 3), f"{m['summary']['sync_offset']:+d}"])
+        lines += [f"### {m['label']}", ""] + _table(["clip", "frames", "r", "offset"], rows) + [""]
+        lines += [f"![sync {m['label']}]({m['plots'][0]})", ""]
+
+    lines += ["## Identity", "",
+              f"PSNR and SSIM outside the mouth region, against the ground-truth frames (target PSNR >= "
+              f"{PSNR_MIN:g} dB) and against the portrait (the ground truth moves its head and blinks, so even it "
+              "is not identical to the portrait).", ""]
+    rows = [[m["label"], c["clip"], _f(c["psnr_gt"]), _f(c["ssim_gt"], 3), _f(c["psnr_portrait"]),
+             _f(c["ssim_portrait"], 3)] for m in models for c in m["clips"]]
+    lines += _table(["model", "clip", "PSNR gt (dB)", "SSIM gt", "PSNR portrait (dB)", "SSIM portrait"], rows) + [""]
+
+    lines += ["## Temporal quality", "",
+              "Flicker: mean absolute frame-to-frame change (0..255) outside the mouth region, generated vs "
+              "ground truth (a ratio near 1 moves as much as the real thing; far above 1 flickers).", ""]
+    rows = [[m["label"], c["clip"], _f(c["flicker"]), _f(c["flicker_gt"]),
+             _f(c["flicker"] / max(c["flicker_gt"], 1e-6))] for m in models for c in m["clips"]]
+    lines += _table(["model", "clip", "flicker generated", "flicker gt", "ratio"], rows) + [""]
+
+    lines += ["## Long duration", ""]
+    if report["long_seconds"] <= 0:
+        lines += ["Not run (--long-seconds 0).", ""]
+    else:
+        lines += [f"{report['long_seconds']:g} s of the split's speech concatenated, one portrait (the first "
+                  f"evaluated clip's). PSNR against the portrait outside the mouth over the first and the last "
+                  f"{EDGE_SECONDS:g} s (half the run when it is shorter); drift = relative drop (target <= "
+                  f"{DRIFT_MAX:g} % with the memory bank on).", ""]
+        rows = []
+        for m in models:
+            for key, r in (m["long"] or {}).items():
+                rows.append([m["label"], key.replace("_", " "), _f(r["seconds"], 1), _f(r["edge_seconds"], 1),
+                             _f(r["psnr_first"]), _f(r["psnr_last"]), _f(r["drift_percent"], 1)])
+        lines += _table(["model", "memory bank", "seconds", "window (s)", "PSNR first (dB)", "PSNR last (dB)",
+                         "drift (%)"], rows) + [""]
+        lines += [f"![long {m['label']}]({m['plots'][1]})" for m in models if len(m["plots"]) > 1] + [""]
+
+    lines += ["## Quality vs sampling steps", ""]
+    if not report["steps_list"]:
+        lines += ["Not run (give --steps-list 1,2,4,8).", ""]
+    else:
+        rows = [[m["label"], str(r["steps"]), _f(r["sync_correlation"], 3), f"{r['sync_offset']:+d}",
+                 _f(r["psnr_gt"])] for m in models for r in m["steps"]]
+        lines += _table(["model", "steps", "sync r", "offset", "PSNR gt (dB)"], rows) + [""]
+    return "\n".join(lines)

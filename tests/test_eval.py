@@ -1,0 +1,199 @@
+"""`letstalk eval`: the metrics are checked on ground truth fed in as if generated, then the command runs end
+to end on the untrained tiny model. The corpus is a tiny one in the synth format written here (no espeak-ng):
+drawn 32 px faces whose mouth opening follows the audio energy and whose head drifts by sub-pixel amounts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from letstalk_rt.cli import main
+from letstalk_rt.eval import (Corpus, lag_correlations, best_offset, outside_mask, pearson, psnr_outside,
+                              score_clip, ssim_outside, train_probe)
+from letstalk_rt.media import VideoWriter
+
+SIZE, FRAMES, SPF = 32, 50, 640
+MOUTH_BOX = [12, 18, 8, 8]  # x, y, w, h: covers the fully open mouth at the rest pose
+SPLITS = {"train": 6, "validation": 1, "test": 2}
+
+
+def _opening(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Syllable-like mouth opening in [0, 1]: 0 for the first 4 frames and in pauses, smooth bumps else."""
+    out = np.zeros(n)
+    t = 4
+    while t < n:
+        length = int(rng.integers(3, 8))
+        bump = np.sin(np.linspace(0, np.pi, length + 2)[1:-1]) * rng.uniform(0.4, 1.0)
+        out[t:t + length] = bump[:n - t]
+        t += length + int(rng.integers(0, 4))
+    return np.clip(out, 0, 1)[:n]
+
+
+def _face(opening: float, dx: float, dy: float, skin: tuple[int, int, int], bg: tuple[int, int, int]) -> np.ndarray:
+    """One 32 px frame, drawn at 4x and downsampled so sub-pixel motion and opening stay continuous."""
+    k = 4
+    img = Image.new("RGB", (SIZE * k, SIZE * k), bg)
+    d = ImageDraw.Draw(img)
+    cx, cy = (16 + dx) * k, (16 + dy) * k
+    d.ellipse([cx - 10 * k, cy - 12 * k, cx + 10 * k, cy + 12 * k], fill=skin)
+    for ex in (-4.5, 4.5):
+        d.ellipse([cx + (ex - 1.5) * k, cy - 5 * k, cx + (ex + 1.5) * k, cy - 3 * k], fill=(30, 30, 40))
+    my, half = cy + 6 * k, (0.4 + 3.2 * opening) * k
+    d.ellipse([cx - 4 * k, my - half, cx + 4 * k, my + half], fill=(60, 10, 20), outline=(170, 60, 70), width=k)
+    return np.asarray(img.resize((SIZE, SIZE), Image.BOX))
+
+
+def _audio(opening: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A voiced tone whose energy in frame i follows opening[i] (frame i owns samples 640 i .. 640 (i + 1))."""
+    t = np.arange(len(opening) * SPF) / 16000
+    env = np.repeat(opening, SPF)
+    tone = np.sin(2 * np.pi * 160 * t) + 0.4 * np.sin(2 * np.pi * 480 * t)
+    return (0.4 * env * tone + 0.001 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+def _render(index: int, frozen: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(index)
+    opening = _opening(rng, FRAMES)
+    skin = tuple(int(v) for v in rng.integers(120, 240, 3))
+    bg = tuple(int(v) for v in rng.integers(0, 255, 3))
+    phase = rng.uniform(0, 2 * np.pi)
+    frames = np.stack([
+        _face(0.0 if frozen else float(o), 0.7 * math.sin(0.2 * i + phase), 0.5 * math.sin(0.13 * i + 2 * phase),
+              skin, bg)
+        for i, o in enumerate(opening)
+    ])
+    return frames, _audio(opening, rng), opening
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Generate on one thread: on the shared 2-core machine, two threads contending with other jobs run the
+    tiny model ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory) -> Path:
+    """A tiny corpus in the `letstalk data synth` format, with the keys `letstalk eval` reads."""
+    root = tmp_path_factory.mktemp("corpus")
+    splits: dict[str, list[str]] = {s: [] for s in SPLITS}
+    index = 0
+    for split, count in SPLITS.items():
+        for _ in range(count):
+            name = f"clip_{index:05d}"
+            frames, audio, opening = _render(index)
+            with VideoWriter(root / f"{name}.mp4", SIZE) as writer:
+                for i, frame in enumerate(frames):
+                    writer.write_frame(frame)
+                    writer.write_audio(audio[i * SPF:(i + 1) * SPF])
+            meta = {"clip": name, "split": split, "size": SIZE, "fps": 25, "sample_rate": 16000,
+                    "num_frames": FRAMES, "face_box": [6, 4, 20, 24], "mouth_box": MOUTH_BOX,
+                    "frames": {"opening": [round(float(v), 3) for v in opening], "blink": [0.0] * FRAMES,
+                               "speech": [int(v > 0) for v in opening]}}
+            (root / f"{name}.json").write_text(json.dumps(meta))
+            splits[split].append(name)
+            index += 1
+    (root / "manifest.json").write_text(json.dumps({"format": "letstalk-synth", "size": SIZE, "fps": 25,
+                                                    "sample_rate": 16000, "splits": splits}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def probe_and_clips(corpus_dir):
+    corpus = Corpus(corpus_dir)
+    probe = train_probe(corpus, SIZE, max_clips=64)
+    return probe, [corpus.clip(name, SIZE) for name in corpus.names("test")]
+
+
+def test_probe_reads_ground_truth_opening_and_ignores_a_frozen_mouth(probe_and_clips):
+    probe, clips = probe_and_clips
+    for clip in clips:  # held out: test-split clips, never seen in fitting
+        assert pearson(probe.predict(clip.frames, clip.box), clip.opening) > 0.9
+    frozen, _, opening = _render(7, frozen=True)  # clip 7's head motion, mouth held shut
+    pred = probe.predict(frozen, clips[0].box)
+    assert abs(pearson(pred, opening)) < 0.3
+    assert float(np.mean(pred)) < 0.15
+
+
+def test_sync_metric_finds_offset_zero_for_ground_truth_and_a_known_delay(probe_and_clips):
+    probe, clips = probe_and_clips
+    for clip in clips:  # ground truth scored as if it were generated: this tests the metric, not a model
+        s = score_clip(clip, clip.frames, clip.portrait, probe)
+        assert s["sync_offset"] == 0 and s["sync_correlation"] > 0.9
+        delayed = np.concatenate([clip.frames[:1].repeat(2, axis=0), clip.frames[:-2]])  # video 2 frames late
+        assert score_clip(clip, delayed, clip.portrait, probe)["sync_offset"] == 2
+    pred = np.arange(20.0) % 7
+    assert best_offset(lag_correlations(np.roll(pred, -3), pred)) == -3  # video early -> negative
+
+
+def test_psnr_outside_the_mouth_sees_only_outside_changes(probe_and_clips):
+    _, clips = probe_and_clips
+    clip = clips[0]
+    frame, mask = clip.frames[10], outside_mask(SIZE, clip.box)
+    assert psnr_outside(frame, frame.copy(), mask) == float("inf")
+    assert ssim_outside(frame, frame.copy(), mask) == pytest.approx(1.0)
+    x0, y0, x1, y1 = clip.box
+    inside = frame.copy()
+    inside[y0:y1, x0:x1] = 255 - inside[y0:y1, x0:x1]
+    assert psnr_outside(frame, inside, mask) == float("inf")
+    outside = frame.copy()
+    outside[:4] = 255 - outside[:4]  # the top rows: hair/background, far from the mouth
+    assert psnr_outside(frame, outside, mask) < 25
+    assert ssim_outside(frame, outside, mask) < 0.99
+
+
+def _run(capsys, *argv) -> tuple[int, str, str]:
+    code = main(list(map(str, argv)))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_eval_on_an_untrained_model_writes_every_section_with_targets_failed(capsys, tmp_path, corpus_dir,
+                                                                             tiny_model_dir):
+    out = tmp_path / "report"
+    code, stdout, err = _run(capsys, "eval", "--data", corpus_dir, "--model", tiny_model_dir, "--clips", 1,
+                             "--long-seconds", 2, "--steps-list", "1,2", "--device", "cpu", "--out", out, "--quiet")
+    assert code == 0, err
+    md = (out / "report.md").read_text()
+    for section in ("## Targets", "## Comparison", "## Mouth-state probe", "## Lip sync", "## Identity",
+                    "## Temporal quality", "## Long duration", "## Quality vs sampling steps"):
+        assert section in md
+    assert "PASS" not in md and "FAIL" in md
+    report = json.loads((out / "report.json").read_text())
+    assert report["probe"][str(SIZE)]["valid"]  # the metric is meaningful; the model is what fails
+    (model,) = report["models"]
+    assert set(model["targets"]) == {"lip_sync", "identity", "drift"}
+    assert not any(t["pass"] for t in model["targets"].values())
+    assert [r["steps"] for r in model["steps"]] == [1, 2]
+    assert set(model["long"]) == {"memory_on", "memory_off"}
+    for name in model["plots"] + report["probe_plots"]:
+        assert (out / name).is_file() and Image.open(out / name).format == "PNG"
+    assert "FAIL" in stdout
+
+
+@pytest.mark.parametrize("case,match", [("no-manifest", "manifest.json"), ("split", "no clips in split"),
+                                        ("model", "does not exist")])
+def test_bad_input_fails_with_one_line(capsys, tmp_path, corpus_dir, tiny_model_dir, case, match):
+    data, model, split = corpus_dir, tiny_model_dir, "test"
+    if case == "no-manifest":
+        data = tmp_path
+    elif case == "split":
+        split = "dev"
+    else:
+        model = tmp_path / "nope"
+    code, _, err = _run(capsys, "eval", "--data", data, "--model", model, "--split", split, "--out",
+                        tmp_path / "r", "--quiet")
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("letstalk: error:")]
+    assert len(lines) == 1 and match in lines[0], err
+    assert "Traceback" not in err
