@@ -99,12 +99,13 @@ async def _feed(session, audio: np.ndarray, seconds: float) -> None:
         session.push_audio(audio[j:j + chunk])
 
 
-async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np.ndarray, portrait) -> RunResult:
+async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np.ndarray, portrait,
+                       window: int = 0) -> RunResult:
     from .stream import EngineConfig, StreamEngine
 
     if pipe.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(pipe.device)
-    engine = await StreamEngine(pipe, EngineConfig(max_sessions=n, max_batch=n)).start()
+    engine = await StreamEngine(pipe, EngineConfig(max_sessions=n, max_batch=n, window=window)).start()
     sessions = [await engine.open_session(portrait, seed=i) for i in range(n)]
     offsets: list[float] = []
     t0 = time.monotonic()
@@ -130,12 +131,13 @@ async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np
     )
 
 
-def window_breakdown(pipe: LetsTalkPipeline, batch: int = 1, repeats: int = 5) -> dict:
-    """Milliseconds of one window (batch sessions) split into audio encode, each step, decode."""
+def window_breakdown(pipe: LetsTalkPipeline, batch: int = 1, repeats: int = 5, window: int = 0) -> dict:
+    """Milliseconds of one window (batch sessions, `window` frames, 0: the model's) split into audio encode,
+    each step, decode."""
     from .pipeline import Portrait
 
     cfg = pipe.config
-    T = pipe.window
+    T = window or pipe.window
     sync = (lambda: torch.cuda.synchronize(pipe.device)) if pipe.device.type == "cuda" else (lambda: None)
     wav = np.random.default_rng(0).standard_normal(T * cfg.audio.samples_per_frame).astype(np.float32) * 0.1
     latent = torch.zeros(cfg.transformer.latent_channels, cfg.autoencoder.latent_size, cfg.autoencoder.latent_size,
@@ -182,12 +184,12 @@ def window_breakdown(pipe: LetsTalkPipeline, batch: int = 1, repeats: int = 5) -
     return out
 
 
-def transformer_flops(pipe: LetsTalkPipeline, batch: int = 1) -> float:
+def transformer_flops(pipe: LetsTalkPipeline, batch: int = 1, window: int = 0) -> float:
     """Arithmetic of one transformer evaluation for a window (multiply-adds x 2), counted by torch."""
     from torch.utils.flop_counter import FlopCounterMode
 
     cfg = pipe.config
-    T, tc = pipe.window, cfg.transformer
+    T, tc = window or pipe.window, cfg.transformer
     dev = pipe.device
     x = torch.zeros(batch, T, tc.latent_channels, tc.latent_size, tc.latent_size, device=dev)
     args = (x, torch.ones(batch, device=dev), torch.zeros(batch, tc.latent_channels, tc.latent_size, tc.latent_size,
@@ -213,16 +215,16 @@ def machine() -> dict:
 
 
 def run_bench(pipe: LetsTalkPipeline, session_counts: list[int], seconds: float, audio: np.ndarray, portrait,
-              json_path: Path | None = None, breakdown: bool = True) -> dict:
+              json_path: Path | None = None, breakdown: bool = True, window: int = 0) -> dict:
     report: dict = {"machine": machine(), "model": pipe.config.description or "untrained",
                     "device": str(pipe.device), "dtype": str(pipe.dtype).replace("torch.", ""),
-                    "steps": pipe.num_steps, "window": pipe.window, "runs": []}
+                    "steps": pipe.num_steps, "window": window or pipe.window, "runs": []}
     if breakdown:
-        report["window_ms"] = window_breakdown(pipe)
+        report["window_ms"] = window_breakdown(pipe, window=window)
         print("one window (ms):", json.dumps(report["window_ms"]))
-        report["transformer_gflops_per_window"] = round(transformer_flops(pipe) / 1e9, 2)
+        report["transformer_gflops_per_window"] = round(transformer_flops(pipe, window=window) / 1e9, 2)
     for n in session_counts:
-        result = asyncio.run(run_sessions(pipe, n, seconds, audio, portrait))
+        result = asyncio.run(run_sessions(pipe, n, seconds, audio, portrait, window=window))
         report["runs"].append(asdict(result))
         print(json.dumps(asdict(result)))
     if json_path is not None:

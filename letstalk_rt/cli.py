@@ -115,7 +115,7 @@ async def _demo(pipe, image, speech: Path, args: argparse.Namespace) -> None:
 
     source = FileSource(speech, realtime=True)
     ticks = math.ceil((source.seconds + 1.0) * pipe.fps)  # the speech and one second of rest after it
-    async with StreamEngine(pipe, EngineConfig(max_sessions=1, max_batch=1)) as engine:
+    async with StreamEngine(pipe, EngineConfig(max_sessions=1, max_batch=1, window=args.window)) as engine:
         session = await engine.open_session(image, seed=args.seed, detect_face=not args.no_face_detect)
         feeder = asyncio.create_task(source.run(session))
         video, audio = session.video_track(), session.audio_track()
@@ -166,7 +166,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
             raise LetsTalkError(f"--sessions {args.sessions!r}: give counts like 1,2,4") from None
         seconds = args.seconds
     run_bench(pipe, counts, seconds, np.asarray(audio), portrait, json_path=args.json,
-              breakdown=not args.soak)
+              breakdown=not args.soak, window=args.window)
 
 
 def cmd_new_model(args: argparse.Namespace) -> None:
@@ -197,6 +197,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"wrote {Path(args.out) / 'report.md'} (+ report.json, plots) in {report['runtime_s']:.0f} s")
 
 
+WINDOW_HELP = ("frames per live window, 1..the model's (default 0: the model's); fewer frames cut the "
+               "speech-to-screen latency and cost more compute per frame")
+
+
+def _add_window_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--window", type=int, default=0, help=WINDOW_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="letstalk", description="LetsTalk real-time talking avatars")
     parser.add_argument("--version", action="version", version=f"letstalk-rt {__version__}")
@@ -212,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="stream the bundled speech through the live engine; record the tracks to mp4")
     p.add_argument("--out", type=Path, default=Path("letstalk_demo.mp4"), help="output .mp4")
     _add_model_args(p)
+    _add_window_arg(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="measure real-time capacity: fps, latency, A/V offset, memory")
@@ -222,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=20.0, help="seconds of streaming per session count")
     p.add_argument("--soak", type=float, default=0.0, help="one session for this many seconds (A/V drift)")
     p.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    _add_window_arg(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("serve", help="the WebRTC/HTTP server for browsers and the Python SDK")

@@ -261,7 +261,9 @@ PRESETS_MODEL: dict[str, Any] = {
         for size in ("S", "B", "L", "XL")
     },
     # 128x128 frames, f16c16 autoencoder -> 8x8x16 latents, 8-frame windows: real time on 2 CPU cores.
-    "cpu-128": lambda: _model(128, (16, 32, 64, 128, 128), 16, "cpu", 8,
+    # The two full-resolution stages are narrow (8, 16): decoding is the largest cost of a CPU window, and
+    # (16, 32, 64, ...) spent 7.2 GFLOP per 8 frames there against 4.6 GFLOP now (docs/benchmarks.md).
+    "cpu-128": lambda: _model(128, (8, 16, 64, 128, 128), 16, "cpu", 8,
                               dict(encoder="mel", n_mels=64, feature_layers=4, feature_dim=128,
                                    num_tokens=8, token_dim=128), layers_per_block=1, num_steps=2),
     # 32x32 frames, f4c4 -> 8x8x4 latents: for tests, runs in milliseconds.

@@ -598,6 +598,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps per window, 1..50 (default: the model's)")
+    parser.add_argument("--window", type=int, default=0,
+                        help="frames per live window, 1..the model's (default 0: the model's); fewer frames cut the "
+                             "speech-to-screen latency and cost more compute per frame")
     parser.add_argument("--max-sessions", type=int, default=None,
                         help="admission cap: concurrent sessions on this device (default 8; measure with `letstalk bench`)")
     parser.add_argument("--api-key", default=None,
@@ -666,7 +669,7 @@ def _build_engine(args: argparse.Namespace):
     defaults = EngineConfig()
     cap = args.max_sessions or defaults.max_sessions
     return StreamEngine(pipe, EngineConfig(max_sessions=cap, max_batch=min(cap, defaults.max_batch),
-                                           warmup=not args.no_warmup))
+                                           window=args.window, warmup=not args.no_warmup))
 
 
 async def _serve(app: web.Application, config: ServerConfig) -> None:

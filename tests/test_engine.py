@@ -254,3 +254,27 @@ def test_admission_cap_refuses_at_once(tiny_pipeline):
 
     refused_in, again = run(main())
     assert again.closed  # engine.stop() closed it
+
+
+def test_a_shorter_live_window_is_used_and_out_of_range_windows_are_refused(tiny_pipeline):
+    """EngineConfig.window trades compute for latency: every window after the first has that many frames."""
+    from letstalk_rt.errors import LetsTalkError
+
+    assert tiny_pipeline.window == 4
+    with pytest.raises(LetsTalkError, match="1..4"):
+        StreamEngine(tiny_pipeline, EngineConfig(window=5))
+
+    async def main():
+        engine = await _engine(tiny_pipeline, window=3, first_window=1)
+        session = await engine.open_session(_portrait(tiny_pipeline, 70))
+        session.push_audio(speechlike(1.0))
+        session.end_speech()
+        frames = await _collect(session, 1.5)
+        events = _drain_events(session)
+        await engine.stop()
+        return frames, events
+
+    frames, events = run(main())
+    sizes = [e.frames for e in events if isinstance(e, WindowTimings)]
+    assert sizes[0] == 1 and len(sizes) > 5 and set(sizes[1:]) == {3}
+    assert len([f for f in frames if f.audio.any()]) == 25  # still every frame of the speech, once

@@ -62,6 +62,8 @@ class AudioBufferFull(LetsTalkError):
 class EngineConfig:
     max_sessions: int = 8  # admission cap for this device (set it from `letstalk bench`)
     max_batch: int = 8  # sessions per forward pass
+    window: int = 0  # frames per window, 1..the model's window (0: the model's). Fewer frames cut the
+    # speech-to-screen latency (a window waits for all its audio) but cost more compute per frame.
     first_window: int = 2  # frames of a session's first window and of the first after an interrupt
     lead_windows: float = 1.5  # generate at most this many windows ahead of playback
     safety_ms: float = 30.0  # start a deadline window this long before the estimated need
@@ -441,6 +443,10 @@ class StreamEngine:
     def __init__(self, pipeline: LetsTalkPipeline, config: EngineConfig | None = None) -> None:
         self.pipeline = pipeline
         self.config = config or EngineConfig()
+        if not 0 <= self.config.window <= pipeline.window:
+            raise LetsTalkError(f"EngineConfig.window={self.config.window}: this model generates 1..{pipeline.window} "
+                                "frames per window (0 uses the model's)")
+        self.window = self.config.window or pipeline.window  # frames per window
         self.sessions: dict[str, Session] = {}
         self._reserved = 0
         self._cond = threading.Condition()
@@ -484,8 +490,8 @@ class StreamEngine:
         portrait = Portrait(image=np.zeros((size, size, 3), np.uint8),
                             latent=torch.zeros(cfg.transformer.latent_channels, cfg.autoencoder.latent_size,
                                                cfg.autoencoder.latent_size, device=p.device))
-        tokens = p.silence_tokens(p.window)
-        for t in sorted({p.window, min(self.config.first_window, p.window)}):
+        tokens = p.silence_tokens(self.window)
+        for t in sorted({self.window, min(self.config.first_window, self.window)}):
             streams = [p.new_stream(portrait) for _ in range(self.config.max_batch)]
             try:
                 start = time.perf_counter()
@@ -578,7 +584,7 @@ class StreamEngine:
                 w.fresh = True
                 s._reset = None
             epoch = s._epoch
-        window = self.pipeline.window
+        window = self.window
         t0 = time.perf_counter()
         # Tokenize queued audio, but hold no more than two windows of tokens: the rest waits, bounded, in _pcm_in.
         while w.n_tokens < 2 * window:
