@@ -64,9 +64,14 @@ class FlowMatching:
         """The velocity the network regresses."""
         return noise - x0
 
-    def loss(self, model_output: Tensor, x0: Tensor, noise: Tensor) -> Tensor:
-        """Mean squared velocity error (fp32)."""
-        return torch.mean((model_output.float() - self.target(x0, noise).float()) ** 2)
+    def loss(self, model_output: Tensor, x0: Tensor, noise: Tensor, weight: Tensor | None = None) -> Tensor:
+        """Mean squared velocity error (fp32); `weight` (broadcastable to x0, e.g. (B, 1, 1, h, w)) makes it a
+        weighted mean."""
+        err = (model_output.float() - self.target(x0, noise).float()) ** 2
+        if weight is None:
+            return torch.mean(err)
+        w = weight.float().expand_as(err)
+        return (err * w).sum() / w.sum()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -111,3 +111,18 @@ def test_training_regularisation_noise_and_mask_ratio():
     assert mask.shape == (64, 2, 8, 8)
     assert abs(float(1 - mask.mean()) - 0.25) < 0.03
     assert 0 < float((noised - mem).abs().mean()) < 0.1
+
+
+def test_weighted_flow_loss_is_a_weighted_mean_and_reduces_to_the_plain_one():
+    from letstalk_rt.diffusion import FlowMatching
+
+    g = torch.Generator().manual_seed(0)
+    x0, z, v = (torch.randn(2, 3, 4, 8, 8, generator=g) for _ in range(3))
+    flow = FlowMatching()
+    plain = flow.loss(v, x0, z)
+    assert torch.allclose(flow.loss(v, x0, z, weight=torch.ones(2, 1, 1, 8, 8)), plain)
+    w = torch.ones(2, 1, 1, 8, 8)
+    w[..., 5:7, 3:5] += 4.0  # the "mouth" cells count 5x
+    err = (v - flow.target(x0, z)) ** 2
+    expected = (err.sum() + 4 * err[..., 5:7, 3:5].sum()) / (err.numel() + 4 * 2 * 3 * 4 * 2 * 2)
+    assert torch.allclose(flow.loss(v, x0, z, weight=w), expected)

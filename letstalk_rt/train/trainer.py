@@ -107,7 +107,7 @@ class TrainConfig:
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps of this invocation
     split: str = "train"  # synth corpus split to train on
     workers: int = 1  # threads assembling the next batches ahead of the step (0 = in the loop)
-    mouth_weight: float = 1.0  # autoencoder: extra loss weight inside the clip's mouth box
+    mouth_weight: float = 1.0  # extra loss weight inside the clip's mouth box (pixels; latent cells for the DiT)
     latent_cache: bool = True  # transformer/distill: read cached latents instead of encoding every step
     teacher_steps: int = 8  # distill: Euler steps of the teacher per target
     student_steps: int = 2  # distill: the student's sampling steps (written to sampling.num_steps)
@@ -306,6 +306,21 @@ class TransformerStage(Stage):
     def objective(self, comps: Components) -> nn.Module:
         return FlowObjective(comps.audio_encoder, comps.audio_projector, comps.transformer)
 
+    def latent_weight(self, box: tuple[int, int, int, int] | None) -> Tensor:
+        """(1, 1, h, w) loss weight: 1 + mouth_weight on the latent cells the mouth box touches, else 1.
+
+        The mouth is a few latent cells of an 8x8 map: unweighted, its share of the loss is too small for
+        the audio to be learned early, while the rest of the face is a near-copy of the portrait."""
+        h = self.comps.config.transformer.latent_size
+        w = torch.ones((1, 1, h, h))  # (1, 1, h, w)
+        if box is not None and self.cfg.mouth_weight:
+            f = self.dataset.image_size / h  # pixels per latent cell
+            bx, by, bw, bh = box
+            x0, y0 = max(int(bx // f), 0), max(int(by // f), 0)
+            x1, y1 = min(int(math.ceil((bx + bw) / f)), h), min(int(math.ceil((by + bh) / f)), h)
+            w[..., y0:y1, x0:x1] += self.cfg.mouth_weight
+        return w
+
     def sample_t(self, g: torch.Generator) -> Tensor:
         return self.flow.sample_t(1, generator=g)  # (1,)
 
@@ -315,7 +330,7 @@ class TransformerStage(Stage):
         cfg, sc = self.cfg, self.comps.config.sampling
         enc = self.module.audio_encoder
         out: dict[str, list] = {k: [] for k in ("latents", "frames", "pix", "avail", "audio", "feat_index",
-                                                "z", "t", "drop_p", "drop_a", "gen")}
+                                                "z", "t", "drop_p", "drop_a", "gen", "weight")}
         tc = self.comps.config.transformer
         shape = (tc.latent_channels, tc.latent_size, tc.latent_size)
         for i, plan in zip(indices, plan_windows(self.dataset, cfg.seed, step, indices, self.T)):
@@ -346,6 +361,7 @@ class TransformerStage(Stage):
             out["drop_p"].append(drop[0] < sc.drop_portrait_prob)
             out["drop_a"].append(drop[1] < sc.drop_audio_prob)
             out["gen"].append(g)
+            out["weight"].append(self.latent_weight(clip.mouth_box))
         batch: Batch = {k: torch.stack(v) for k, v in out.items() if v and k != "gen" and k != "t"}
         batch["t"] = torch.cat(out["t"])  # (B,)
         batch["gen"] = out["gen"]
@@ -392,7 +408,7 @@ class TransformerStage(Stage):
         x_t = self.flow.add_noise(x0, z, t)  # (B, T, C, h, w)
         with self._autocast():
             v = model(batch["audio"], batch["feat_index"], x_t, t, *self.conditions(batch))  # (B, T, C, h, w)
-        return self.flow.loss(v, x0, z)
+        return self.flow.loss(v, x0, z, weight=batch["weight"])  # weight (B, 1, 1, h, w): the mouth counts more
 
 
 class DistillStage(TransformerStage):
@@ -777,7 +793,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop after this many steps of this invocation, with a checkpoint (time-sliced jobs)")
     p.add_argument("--split", default=d.split, help="synth corpus split (default train)")
     p.add_argument("--workers", type=int, default=d.workers, help="threads building batches ahead (default 1)")
-    p.add_argument("--mouth-weight", type=float, default=d.mouth_weight, help="autoencoder: extra weight in the mouth box")
+    p.add_argument("--mouth-weight", type=float, default=d.mouth_weight,
+                   help="extra loss weight in the clip's mouth box: pixels (autoencoder), latent cells (transformer, "
+                        "distill)")
     p.add_argument("--no-latent-cache", action="store_true",
                    help="transformer/distill: encode frames with the AE every step (exact pixel noise, slower)")
     p.add_argument("--teacher-steps", type=int, default=d.teacher_steps, help="distill: teacher Euler steps")
