@@ -148,9 +148,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     device = _device(args.device)
     if args.preset:
-        from .config import model_preset
-
-        pipe = LetsTalkPipeline.from_config(model_preset(args.preset), device=device,
+        pipe = LetsTalkPipeline.from_config(_preset_config(args), device=device,
                                             dtype=_dtype(args.dtype, device), num_steps=args.steps)
         print(f"benchmarking preset {args.preset} with RANDOM weights (speed only)", file=sys.stderr)
     else:
@@ -169,11 +167,23 @@ def cmd_bench(args: argparse.Namespace) -> None:
               breakdown=not args.soak, window=args.window)
 
 
-def cmd_new_model(args: argparse.Namespace) -> None:
-    from .checkpoint import build_components, save_model
+def _preset_config(args: argparse.Namespace):
+    """The preset's ModelConfig, with --wav2vec2 applied (presets that use wav2vec2 need a local checkpoint)."""
     from .config import model_preset
 
     config = model_preset(args.preset)
+    if args.wav2vec2 is not None:
+        if config.audio.encoder != "wav2vec2":
+            raise LetsTalkError(f"--wav2vec2: preset {args.preset!r} uses the {config.audio.encoder!r} audio encoder; "
+                                "drop --wav2vec2 or pick a letstalk-* preset")
+        config.audio.wav2vec2_path = str(args.wav2vec2)
+    return config
+
+
+def cmd_new_model(args: argparse.Namespace) -> None:
+    from .checkpoint import build_components, save_model
+
+    config = _preset_config(args)
     config.description = f"untrained: preset {args.preset}, random init seed {args.seed}"
     path = save_model(build_components(config, seed=args.seed), args.out)
     print(f"wrote untrained model '{args.preset}' to {path}")
@@ -227,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--preset", choices=sorted(PRESETS_MODEL), default=None,
                    help="benchmark a preset with RANDOM weights instead of a model directory (speed only)")
+    p.add_argument("--wav2vec2", type=Path, default=None,
+                   help="local transformers Wav2Vec2 directory, for the letstalk-* presets (their audio encoder)")
     p.add_argument("--sessions", default="1", help="comma-separated concurrent session counts (default 1)")
     p.add_argument("--seconds", type=float, default=20.0, help="seconds of streaming per session count")
     p.add_argument("--soak", type=float, default=0.0, help="one session for this many seconds (A/V drift)")
@@ -287,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("new-model", help="write an UNTRAINED model directory for a preset (training start, benchmarks)")
     p.add_argument("--preset", required=True, choices=sorted(PRESETS_MODEL))
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--wav2vec2", type=Path, default=None,
+                   help="local transformers Wav2Vec2 directory, for the letstalk-* presets (their audio encoder)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_new_model)
     return parser
