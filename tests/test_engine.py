@@ -278,3 +278,49 @@ def test_a_shorter_live_window_is_used_and_out_of_range_windows_are_refused(tiny
     sizes = [e.frames for e in events if isinstance(e, WindowTimings)]
     assert sizes[0] == 1 and len(sizes) > 5 and set(sizes[1:]) == {3}
     assert len([f for f in frames if f.audio.any()]) == 25  # still every frame of the speech, once
+
+
+def _catch_up_run(pipe, catch_up: bool):
+    """1 s of speech pushed at once (a backlog, as after a stall), then 2 s of silence and 1 s of speech
+    pushed in real time: returns the session's latencies, its skipped silence, the frames' audio, the target."""
+    burst, tail = speechlike(1.0, seed=1) + 0.05, speechlike(1.0, seed=2) + 0.05  # never below speech_rms
+
+    async def main():
+        engine = await _engine(pipe, catch_up=catch_up)
+        session = await engine.open_session(_portrait(pipe, 90))
+        session.push_audio(burst)
+        live = np.concatenate([np.zeros(32000, np.float32), tail])
+
+        async def feed():
+            start = time.monotonic()
+            for i, pos in enumerate(range(0, len(live), 320)):
+                await asyncio.sleep(max(0.0, start + i * 0.02 - time.monotonic()))
+                session.push_audio(live[pos:pos + 320])
+            session.end_speech()
+
+        feeder = asyncio.create_task(feed())
+        frames = await _collect(session, 5.5)
+        await feeder
+        out = (list(session.latencies), session.silence_skipped_s, np.concatenate([f.audio for f in frames]),
+               engine.target_latency_s())
+        await engine.stop()
+        return out
+
+    return (*run(main()), burst, tail)
+
+
+def test_latency_catches_up_in_pauses_without_cutting_speech(tiny_pipeline):
+    """A session that fell behind (here: a 1 s burst) is pulled back to its target latency by skipping
+    silence in the next pause; with catch-up off it stays 1 s late. Speech itself is never cut."""
+    lat, skipped, audio, target, burst, tail = _catch_up_run(tiny_pipeline, catch_up=True)
+    late_lat, late_skipped, late_audio, _, _, _ = _catch_up_run(tiny_pipeline, catch_up=False)
+    assert late_skipped == 0.0
+    assert 0.5 <= skipped <= 1.8  # about the backlog, never the whole 2 s pause
+    last = np.median(lat[-20:])  # the speech after the pause
+    assert last <= target + 0.25, (last, target)
+    assert np.median(late_lat[-20:]) >= last + 0.6  # without catch-up the backlog stays
+    for out in (audio, late_audio):  # both utterances come out whole and in order
+        start = int(np.flatnonzero(out)[0])
+        np.testing.assert_array_equal(out[start:start + len(burst)], burst)
+        end = start + len(burst) + int(np.flatnonzero(out[start + len(burst):])[0])
+        np.testing.assert_array_equal(out[end:end + len(tail)], tail)

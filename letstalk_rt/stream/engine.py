@@ -72,6 +72,14 @@ class EngineConfig:
     speech_hangover_ms: float = 300.0  # silence needed before `speech_stopped`
     event_queue_size: int = 256  # per session; when full, the oldest event is dropped
     late_skip_ms: float = 200.0  # a reader this far behind the clock skips ahead (frames dropped)
+    # Latency catch-up. Start-up, underruns (held frames) and deadline silence each push playback later,
+    # and nothing pulls it back: a session would keep its worst moment's latency for hours. So while a
+    # session runs behind its target, silent pushed audio (RMS < speech_rms) is skipped before it is
+    # encoded -- pauses get shorter, speech is never cut, lips and sound stay matched (both skip it).
+    catch_up: bool = True
+    catch_up_keep_ms: float = 200.0  # the first this-many ms of every pause are never skipped
+    target_latency_ms: float = 0.0  # 0: auto = (window - 1) frames + encoder lookahead + window compute
+    # + safety_ms + 1 frame, the least that never runs dry
     warmup: bool = True  # run the largest batch once at start: refuse to start if it cannot run
 
 
@@ -214,6 +222,7 @@ class Session:
         self.first_frame_s: float | None = None  # open -> first frame generated
         self.latencies: collections.deque[float] = collections.deque(maxlen=10000)  # speech arrival -> shown
         self.dropped = collections.Counter()
+        self.silence_skipped_s = 0.0  # pushed silence skipped by the latency catch-up
         self._events: asyncio.Queue[Event] = asyncio.Queue(maxsize=engine.config.event_queue_size)
         self._resampler = None
         # shared with the worker thread (guarded by _lock)
@@ -321,6 +330,7 @@ class Session:
             "ticks": self.player.tick,
             "fillers": self.player.fillers,
             "dropped": dict(self.dropped),
+            "silence_skipped_s": round(self.silence_skipped_s, 3),
             "first_frame_s": self.first_frame_s,
             "latency_ms_p50": pct(0.50),
             "latency_ms_p95": pct(0.95),
@@ -399,6 +409,7 @@ class _WorkerState:
         self.fresh = True  # next window is a short one (session start / after interrupt)
         self.frames_generated = 0
         self.encode_ms = 0.0
+        self.silent_run_s = 0.0  # seconds of silent pushed audio in a row (latency catch-up)
 
     def peek_tokens(self, n: int) -> torch.Tensor:
         """The next n tokens, left in place until drop_tokens (a failed batch is retried per session)."""
@@ -447,6 +458,7 @@ class StreamEngine:
             raise LetsTalkError(f"EngineConfig.window={self.config.window}: this model generates 1..{pipeline.window} "
                                 "frames per window (0 uses the model's)")
         self.window = self.config.window or pipeline.window  # frames per window
+        self._lookahead_s = pipeline.audio_tokenizer().lookahead_ms / 1000  # the audio encoder's delay
         self.sessions: dict[str, Session] = {}
         self._reserved = 0
         self._cond = threading.Condition()
@@ -593,6 +605,9 @@ class StreamEngine:
                     break
                 pcm, arrival, speech = s._pcm_in.popleft()
                 s._pending_samples -= len(pcm)
+            if speech and self.config.catch_up and self._skip_silence(s, pcm, arrival, now):
+                s.silence_skipped_s += len(pcm) / s.sample_rate
+                continue
             self._feed(w, pcm, arrival, speech)
         want = min(self.config.first_window, window) if w.fresh else window
         player = s.player
@@ -618,6 +633,32 @@ class StreamEngine:
                 self._feed(w, silence, now, False)
         w.encode_ms += (time.perf_counter() - t0) * 1000
         return (dry_at, s, want, epoch)
+
+    def target_latency_s(self) -> float:
+        """Speech-to-screen latency the catch-up steers to (EngineConfig.target_latency_ms; 0 = auto)."""
+        if self.config.target_latency_ms > 0:
+            return self.config.target_latency_ms / 1000
+        fps = self.pipeline.config.fps
+        lookahead = self._lookahead_s
+        gen = self._gen_ms.get(self.window, 50.0) / 1000
+        return self.window / fps + lookahead + gen + self.config.safety_ms / 1000
+
+    def _skip_silence(self, s: Session, pcm: np.ndarray, arrival: float, now: float) -> bool:
+        """Skip this pushed chunk? Only inside a pause (after `catch_up_keep_ms` of it, so gaps between
+        syllables and short pauses are kept whole) and only while it would reach the screen later than
+        the target plus one frame."""
+        w = s._w
+        if not len(pcm) or float(np.sqrt(np.mean(np.square(pcm)))) > self.config.speech_rms:
+            w.silent_run_s = 0.0
+            return False
+        w.silent_run_s += len(pcm) / s.sample_rate
+        player = s.player
+        if player.start is None or w.silent_run_s * 1000 <= self.config.catch_up_keep_ms:
+            return False
+        fps = self.pipeline.config.fps
+        ahead = w.n_tokens + s._inflight + len(player.queue)  # frames that will play before this one
+        predicted = (now - arrival) + ahead / fps + self._lookahead_s
+        return predicted > self.target_latency_s() + 1 / fps
 
     @staticmethod
     def _feed(w: _WorkerState, pcm: np.ndarray, arrival: float, speech: bool) -> None:
