@@ -132,6 +132,17 @@ class SamplingConfig:
     portrait_guidance: float = 1.0  # CFG scale of the portrait condition (1 = no guidance pass)
     audio_guidance: float = 1.0  # CFG scale of the audio condition (1 = no guidance pass)
     memory_noise: float = 0.02  # flow time the memory latents are forward-diffused to at inference
+    memory_anchor: bool = True  # inference: memory slot 0 holds the portrait latent for the whole stream
+    # (the others carry the last frames; at the start every slot does). Temporal attention copies from
+    # memory far more readily than spatial linear attention copies from the portrait tokens, so this keeps
+    # identity over hours and makes the first window look like the portrait (docs/eval.md).
+    anchor_mouth_box: tuple[float, float, float, float] | None = None  # x, y, w, h of the face crop
+    # (fractions) masked out of the anchor so the mouth is not copied from the portrait, e.g.
+    # (0.35, 0.55, 0.3, 0.2) for the synth corpus's mouths; None masks nothing (docs/eval.md: on the
+    # default model masking cost more identity than it gained lip sync)
+    train_anchor_prob: float = 0.75  # training: fraction of samples whose memory is anchored as at
+    # inference (slot 0 and the slots before the clip's start hold the portrait); the rest see the
+    # plain bank (empty slots masked), which the memory-off ablation uses
     # training-time memory-bank regularisation (paper: first 5% of the schedule, ~25% masked)
     train_memory_noise_max: float = 0.05  # memory noised to t ~ U(0, this) in training
     train_memory_mask_ratio: float = 0.25  # fraction of memory latent positions masked in training

@@ -116,6 +116,7 @@ class LetsTalkPipeline:
         audio_guidance: float | None = None,
         memory_noise: float | None = None,
         use_memory: bool = True,
+        memory_anchor: bool | None = None,
     ) -> None:
         self.components = components
         self.config: ModelConfig = components.config
@@ -129,6 +130,7 @@ class LetsTalkPipeline:
         # False is an ablation (`letstalk eval`'s memory-off run): the memory bank is never filled, so every
         # window is generated like a stream's first one, with all memory slots masked.
         self.use_memory = use_memory
+        self.memory_anchor = s.memory_anchor if memory_anchor is None else memory_anchor
         self.sampler = EulerSampler(shift=s.shift)
         self.sampler.set_timesteps(self.num_steps)  # raises on a bad step count before any work
         for module in components.modules().values():
@@ -193,7 +195,9 @@ class LetsTalkPipeline:
     def new_stream(self, portrait: Portrait, seed: int = 0) -> StreamState:
         return StreamState(
             portrait=portrait,
-            memory=MemoryBank(self.config.transformer.num_memory),
+            memory=MemoryBank(self.config.transformer.num_memory, anchor=portrait.latent.float().cpu()
+                              if self.memory_anchor and self.use_memory else None,
+                              anchor_hide=self.config.sampling.anchor_mouth_box),
             generator=torch.Generator().manual_seed(seed),
         )
 

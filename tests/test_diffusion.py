@@ -104,6 +104,22 @@ def test_memory_bank_keeps_last_k_and_masks_empty_slots():
     assert bank.latents is None
 
 
+def test_an_anchored_bank_keeps_the_portrait_in_slot_0_and_starts_from_it():
+    cpu, f32 = torch.device("cpu"), torch.float32
+    portrait = torch.full((3, 4, 4), 7.0)
+    bank = MemoryBank(2, anchor=portrait)
+    mem, mask = bank.condition((3, 4, 4), 0.0, None, cpu, f32)
+    assert torch.all(mask == 1) and torch.all(mem == 7.0)  # start of a stream: the portrait everywhere
+    bank.update(torch.arange(5.0)[:, None, None, None].expand(5, 3, 4, 4))
+    mem, mask = bank.condition((3, 4, 4), 0.0, None, cpu, f32)
+    assert torch.all(mask == 1) and mem[:, 0, 0, 0].tolist() == [7.0, 4.0]  # anchor + the last frame
+    bank.reset()  # an interrupt: back to the anchor alone
+    assert bank.condition((3, 4, 4), 0.0, None, cpu, f32)[0][:, 0, 0, 0].tolist() == [7.0, 7.0]
+    one = MemoryBank(1, anchor=portrait)  # a single slot must carry frames, or there is no continuity
+    one.update(torch.ones(2, 3, 4, 4))
+    assert one.condition((3, 4, 4), 0.0, None, cpu, f32)[0][:, 0, 0, 0].tolist() == [1.0]
+
+
 def test_training_regularisation_noise_and_mask_ratio():
     g = torch.Generator().manual_seed(0)
     mem = torch.randn(64, 2, 4, 8, 8, generator=g)

@@ -134,6 +134,23 @@ def test_memory_bank_carries_between_windows(tiny_pipeline):
                           tiny_pipeline.generate_windows([b], [tok[T:2 * T]])[0])
 
 
+def test_the_portrait_anchor_conditions_the_first_window_and_memory_off_drops_it(tiny_model_dir):
+    from letstalk_rt.pipeline import LetsTalkPipeline
+
+    on = LetsTalkPipeline.from_pretrained(tiny_model_dir)
+    off = LetsTalkPipeline.from_pretrained(tiny_model_dir, memory_anchor=False)
+    ablation = LetsTalkPipeline.from_pretrained(tiny_model_dir, use_memory=False)
+    assert on.memory_anchor and ablation.new_stream(_flat(on), 0).memory.anchor is None
+    tok = on.audio_tokens(speechlike(on.window / 25))
+    first = [p.generate_windows([p.new_stream(_flat(p), seed=0)], [tok])[0] for p in (on, off, ablation)]
+    assert not np.array_equal(first[0], first[1])  # the anchor reaches the network
+    np.testing.assert_array_equal(first[1], first[2])  # memory off = no anchor, no carried frames
+
+
+def _flat(pipe):
+    return pipe.prepare_portrait(np.full((40, 40, 3), 90, np.uint8), detect=False)
+
+
 def test_bad_step_count_is_refused(tiny_model_dir):
     with pytest.raises(ValueError, match="1 to 50"):
         LetsTalkPipeline.from_pretrained(tiny_model_dir, num_steps=0)

@@ -196,6 +196,27 @@ def test_transformer_loss_goes_down(tmp_path, init_dir, shards):
     assert after < 0.7 * before, (before, after)
 
 
+def test_anchored_memory_is_trained_as_inference_uses_it(tmp_path, init_dir, shards):
+    """With train_anchor_prob 1, memory slot 0 holds the sample's portrait (only the small forward
+    diffusion apart) and is visible except where the regularisation masks it; with 0, it never does."""
+    comps = load_model(init_dir)
+    sc = comps.config.sampling
+    sc.train_memory_noise_max = 1e-4
+    data = open_dataset(shards, SIZE, progress=False)
+    cfg = _cfg("transformer", shards, init_dir, tmp_path / "run")
+    gap = {}
+    for prob in (1.0, 0.0):
+        sc.train_anchor_prob = prob
+        stage = TransformerStage(cfg, comps, data, Dist())
+        b = stage.finish(stage.make_batch(7, range(8)))
+        seen = b["memory_mask"][:, 0] > 0  # (B, h, w)
+        diff = (b["memory"][:, 0] - b["portrait"]).abs().amax(dim=1)  # (B, h, w)
+        if prob:
+            assert 0.5 < seen.float().mean() < 0.95  # ~25 % masked, as the paper's regularisation
+        gap[prob] = float(diff[seen].mean()) if seen.any() else float("inf")
+    assert gap[1.0] < 0.02 and gap[0.0] > 5 * gap[1.0], gap  # the portrait itself vs real past frames
+
+
 def test_exact_resume(tmp_path, init_dir, shards):
     kw = dict(steps=6, ema=0.9, ckpt_every=2, keep=2)
     a = train(_cfg("transformer", shards, init_dir, tmp_path / "a", out=tmp_path / "out_a", **kw))

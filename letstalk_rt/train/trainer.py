@@ -70,7 +70,7 @@ from torch import Tensor, nn
 from ..checkpoint import Components, load_model, save_model
 from ..diffusion import EulerSampler, FlowMatching
 from ..errors import InputError, LetsTalkError, ModelError, OutputError
-from ..memory import regularize_memory
+from ..memory import anchor_cell_mask, regularize_memory
 from .data import (ClipDataset, LatentCache, audio_window, open_dataset, plan_frames, plan_windows,
                    sample_generator, window_frame_indices)
 
@@ -330,7 +330,7 @@ class TransformerStage(Stage):
         cfg, sc = self.cfg, self.comps.config.sampling
         enc = self.module.audio_encoder
         out: dict[str, list] = {k: [] for k in ("latents", "frames", "pix", "avail", "audio", "feat_index",
-                                                "z", "t", "drop_p", "drop_a", "gen", "weight")}
+                                                "z", "t", "drop_p", "drop_a", "anchored", "gen", "weight")}
         tc = self.comps.config.transformer
         shape = (tc.latent_channels, tc.latent_size, tc.latent_size)
         for i, plan in zip(indices, plan_windows(self.dataset, cfg.seed, step, indices, self.T)):
@@ -360,6 +360,8 @@ class TransformerStage(Stage):
             drop = torch.rand(2, generator=g)  # (2,)
             out["drop_p"].append(drop[0] < sc.drop_portrait_prob)
             out["drop_a"].append(drop[1] < sc.drop_audio_prob)
+            anchored = sc.memory_anchor and bool(torch.rand(1, generator=g) < sc.train_anchor_prob)
+            out["anchored"].append(torch.tensor(anchored))
             out["gen"].append(g)
             out["weight"].append(self.latent_weight(clip.mouth_box))
         batch: Batch = {k: torch.stack(v) for k, v in out.items() if v and k != "gen" and k != "t"}
@@ -380,13 +382,25 @@ class TransformerStage(Stage):
             batch["latents"] = rearrange(lat, "(b n) c h w -> b n c h w", b=f.shape[0])  # (B, K+T+1, C, h, w)
         lat = batch.pop("latents")  # (B, K + T + 1, C, h, w)
         memory, batch["x0"], batch["portrait"] = lat[:, :K], lat[:, K:-1], lat[:, -1]
+        avail = batch.pop("avail").to(lat.device)  # (B, K)
+        anchored = batch.pop("anchored").to(lat.device)  # (B,)
+        anchor_slots = torch.zeros_like(avail, dtype=torch.bool)  # (B, K)
+        if K:  # as MemoryBank does at inference: slot 0 (when K >= 2) and empty slots hold the portrait
+            anchor_slots = ~avail.bool()
+            if K >= 2:
+                anchor_slots[:, 0] = True
+            anchor_slots &= anchored[:, None].bool()
+            memory = torch.where(anchor_slots[:, :, None, None, None], batch["portrait"][:, None], memory)
+            avail = torch.where(anchor_slots, torch.ones_like(avail), avail)
         mems, masks = [], []
         for j, g in enumerate(batch.pop("gen")):  # per-sample generators: independent of the batching
             m, keep = regularize_memory(memory[j:j + 1].cpu(), sc.train_memory_noise_max,
                                         sc.train_memory_mask_ratio, generator=g)  # (1, K, C, h, w), (1, K, h, w)
             mems.append(m)
             masks.append(keep)
-        mask = torch.cat(masks).to(lat.device) * batch.pop("avail")[:, :, None, None]  # (B, K, h, w)
+        mask = torch.cat(masks).to(lat.device) * avail[:, :, None, None]  # (B, K, h, w)
+        hidden = anchor_cell_mask(*lat.shape[-2:], sc.anchor_mouth_box).to(lat.device)  # (h, w)
+        mask = torch.where(anchor_slots[:, :, None, None], mask * hidden, mask)  # the anchor's hidden cells
         batch["memory"] = torch.cat(mems).to(lat.device) * mask[:, :, None]  # (B, K, C, h, w)
         batch["memory_mask"] = mask
         return batch
