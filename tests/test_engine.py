@@ -60,7 +60,7 @@ def test_every_pushed_sample_comes_out_once_in_order_on_whole_frames(tiny_pipeli
         return frames
 
     frames = run(main())
-    audio = np.concatenate([f.audio for f in frames])
+    audio = np.concatenate([f.audio for f in frames if not f.filler])  # held frames (a slow machine) are silent
     nonzero = np.flatnonzero(audio)
     start = nonzero[0]
     assert start % 640 == 0
@@ -299,7 +299,7 @@ def _catch_up_run(pipe, catch_up: bool):
             session.end_speech()
 
         feeder = asyncio.create_task(feed())
-        frames = await _collect(session, 5.5)
+        frames = await _collect(session, 6.5)  # 4 s of sound, the latency and any held frames
         await feeder
         out = (list(session.latencies), session.silence_skipped_s, np.concatenate([f.audio for f in frames]),
                engine.target_latency_s())
@@ -319,8 +319,6 @@ def test_latency_catches_up_in_pauses_without_cutting_speech(tiny_pipeline):
     last = np.median(lat[-20:])  # the speech after the pause
     assert last <= target + 0.25, (last, target)
     assert np.median(late_lat[-20:]) >= last + 0.6  # without catch-up the backlog stays
-    for out in (audio, late_audio):  # both utterances come out whole and in order
-        start = int(np.flatnonzero(out)[0])
-        np.testing.assert_array_equal(out[start:start + len(burst)], burst)
-        end = start + len(burst) + int(np.flatnonzero(out[start + len(burst):])[0])
-        np.testing.assert_array_equal(out[end:end + len(tail)], tail)
+    for out in (audio, late_audio):  # both utterances come out whole and in order: only silence differs
+        # (a loaded machine may also insert silence at a deadline; speech samples are never exactly 0)
+        np.testing.assert_array_equal(out[out != 0], np.concatenate([burst, tail]))

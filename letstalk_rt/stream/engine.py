@@ -15,6 +15,12 @@ silence, so the avatar keeps moving and never freezes. A session never runs more
 frames ahead of playback, which bounds every queue. The first window of a session, and the first after
 an interrupt, is short (`first_window` frames) so the first frame shows quickly.
 
+Latency. A window waits for its audio plus the encoder's lookahead, so the least latency that never
+runs dry is about window + lookahead + one window's compute + safety (`StreamEngine.target_latency_s`).
+Anything that delays playback beyond that (the start-up, a late window, silence inserted at a
+deadline) would otherwise stay for the rest of the session; the catch-up skips silent pushed audio
+inside pauses while the session is behind (`EngineConfig.catch_up`), so it returns to the target.
+
 Sync. Each generated frame carries exactly the 640 samples it was conditioned on (`AVFrame`), and the
 player releases frame i at `start + i / fps` on one absolute clock for both tracks, so the audio the
 user hears is the audio the lips were made from, delayed to match them.
