@@ -17,6 +17,8 @@ owns the loop:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -159,3 +161,24 @@ def combine_guidance(outputs: list[Tensor], portrait_scale: float, audio_scale: 
         none = outputs[k]
         k += 1
     return none + portrait_scale * (portrait - none) + audio_scale * (full - portrait)
+
+
+def guided_velocity(model: Callable[..., Tensor], x: Tensor, t: Tensor, portrait_scale: float, audio_scale: float,
+                    **conditions: Tensor) -> Tensor:
+    """The guided velocity for x (B, ...) at times t (B,): every `guidance_rows` row in ONE batched call.
+
+    `model(x, t, **conditions, drop_portrait=(R*B,), drop_audio=(R*B,))` is called once on the R rows stacked
+    along the batch (each condition tensor repeated R times); the result is `combine_guidance` of the rows,
+    in fp32. With both scales 1 it is one plain evaluation.
+    """
+    rows = guidance_rows(portrait_scale, audio_scale)
+    R, B = len(rows), x.shape[0]
+    drop_p = torch.tensor([r[0] for r in rows for _ in range(B)], device=x.device)  # (R*B,)
+    drop_a = torch.tensor([r[1] for r in rows for _ in range(B)], device=x.device)  # (R*B,)
+
+    def rep(z: Tensor) -> Tensor:  # (B, ...) -> (R*B, ...)
+        return z if R == 1 else z.repeat(R, *([1] * (z.dim() - 1)))
+
+    v = model(rep(x), rep(t), **{k: rep(c) for k, c in conditions.items()},
+              drop_portrait=drop_p, drop_audio=drop_a)  # (R*B, ...)
+    return combine_guidance(list(v.float().chunk(R)), portrait_scale, audio_scale)  # (B, ...)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .checkpoint import Components, build_components, load_model
 from .config import ModelConfig
-from .diffusion import EulerSampler, combine_guidance, guidance_rows
+from .diffusion import EulerSampler, guided_velocity
 from .errors import InputError
 from .memory import MemoryBank
 
@@ -252,18 +252,12 @@ class LetsTalkPipeline:
         msk = torch.stack(mask).to(dev)  # (B, K, h, w)
         por = torch.stack([s.portrait.latent for s in streams]).to(dev)  # (B, C, h, w)
         aud = torch.stack(tokens).to(dev)  # (B, T, M, Dt)
-        rows = guidance_rows(self.portrait_guidance, self.audio_guidance)
-        R, B = len(rows), len(streams)
-        drop_p = torch.tensor([r[0] for r in rows for _ in range(B)], device=dev)  # (R*B,)
-        drop_a = torch.tensor([r[1] for r in rows for _ in range(B)], device=dev)  # (R*B,)
-        rep = lambda z: z.repeat(R, *([1] * (z.dim() - 1)))  # noqa: E731  (B, ...) -> (R*B, ...)
-        por_r, aud_r, mem_r, msk_r = rep(por), rep(aud), rep(mem), rep(msk)
+        B = len(streams)
         for t in self.sampler.timesteps:
-            tt = torch.full((R * B,), float(t), device=dev)  # (R*B,)
+            tt = torch.full((B,), float(t), device=dev)  # (B,)
             with self._autocast():
-                v = self.transformer(rep(x), tt, por_r, aud_r, memory=mem_r, memory_mask=msk_r,
-                                     drop_portrait=drop_p, drop_audio=drop_a)  # (R*B, T, C, h, w)
-            v = combine_guidance(list(v.float().chunk(R)), self.portrait_guidance, self.audio_guidance)  # (B, ...)
+                v = guided_velocity(self.transformer, x, tt, self.portrait_guidance, self.audio_guidance,
+                                    portrait=por, audio=aud, memory=mem, memory_mask=msk)  # (B, T, C, h, w)
             x = self.sampler.step(v, t, x)  # (B, T, C, h, w)
         for i, s in enumerate(streams):
             if self.use_memory:

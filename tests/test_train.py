@@ -20,7 +20,7 @@ from letstalk_rt.config import model_preset
 from letstalk_rt.errors import InputError, LetsTalkError, ModelError
 from letstalk_rt.pipeline import LetsTalkPipeline
 from letstalk_rt.train.data import audio_window, open_dataset, plan_windows
-from letstalk_rt.train.trainer import Dist, FlowObjective, TrainConfig, TransformerStage, train
+from letstalk_rt.train.trainer import Dist, DistillStage, FlowObjective, TrainConfig, TransformerStage, train
 
 SIZE, SPF = 32, 640
 
@@ -215,6 +215,36 @@ def test_anchored_memory_is_trained_as_inference_uses_it(tmp_path, init_dir, sha
             assert 0.5 < seen.float().mean() < 0.95  # ~25 % masked, as the paper's regularisation
         gap[prob] = float(diff[seen].mean()) if seen.any() else float("inf")
     assert gap[1.0] < 0.02 and gap[0.0] > 5 * gap[1.0], gap  # the portrait itself vs real past frames
+
+
+def test_guidance_distillation_targets_the_teachers_guided_velocity(tmp_path, init_dir, shards):
+    """--distill-target velocity: the target pair lies on the training x_t and its velocity is the
+    teacher's guided one, so a student equal to the teacher has zero loss only when the teacher is
+    unguided; trajectory targets run the teacher's guided steps. Conditions are never dropped."""
+    comps = load_model(init_dir)
+    torch.manual_seed(0)
+    with torch.no_grad():  # random weights that depend on the audio, so guidance changes the output
+        for p in comps.transformer.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    data = open_dataset(shards, SIZE, progress=False)
+    losses = {}
+    for scale in (1.0, 3.0):
+        comps.config.sampling.audio_guidance = scale
+        cfg = _cfg("distill", shards, init_dir, tmp_path / "run", distill_target="velocity", teacher_steps=2)
+        stage = DistillStage(cfg, comps, data, Dist())
+        b = stage.finish(stage.make_batch(3, range(4)))
+        assert not b["drop_p"].any() and not b["drop_a"].any()
+        x0p, zp = stage.targets(b)
+        x_t = stage.flow.add_noise(b["x0"], b["z"], b["t"])
+        torch.testing.assert_close(stage.flow.add_noise(x0p, zp, b["t"]), x_t, rtol=1e-4, atol=1e-4)
+        with torch.no_grad():
+            losses[scale] = float(stage.loss(stage.module, b))
+        if scale != 1.0:
+            assert stage.export(stage.module.state_dict()).config.sampling.audio_guidance == 1.0
+            stage.cfg.distill_target = "trajectory"
+            x0_traj, z = stage.targets(b)
+            assert torch.equal(z, b["z"]) and x0_traj.shape == b["x0"].shape
+    assert losses[1.0] < 1e-8 < losses[3.0], losses
 
 
 def test_exact_resume(tmp_path, init_dir, shards):

@@ -26,10 +26,15 @@ Three stages, each its own run, each starting from a model directory and ending 
    (memory.regularize_memory), and conditions are dropped with drop_portrait_prob / drop_audio_prob.
    Audio tokens come from the clip's 16 kHz audio exactly as `LetsTalkPipeline.audio_tokens` makes them
    at inference (data.audio_window: same lookahead, same +-margin window, same edge padding).
-3. **distill** (reflow): a frozen copy of the trained model integrates `--teacher-steps` Euler steps
-   from noise z under the real conditions to x0_T; the student (initialised from it) regresses the
-   straight path's velocity z - x0_T at x_t = (1 - t) x0_T + t z, with t half the time on its own
-   `--student-steps` sampling times and otherwise uniform. The output config samples in that many steps.
+3. **distill**: the student (initialised from the trained model) learns to do in one network evaluation
+   per step what the frozen teacher does with its config's guidance scales (audio guidance 2 = two
+   evaluations per step). `--distill-target trajectory` (reflow): the teacher integrates `--teacher-steps`
+   guided Euler steps from noise z under the real conditions to x0_T; the student regresses the straight
+   path's velocity z - x0_T at x_t = (1 - t) x0_T + t z. `--distill-target velocity` (guidance
+   distillation, one teacher call per step): the student regresses the teacher's guided velocity at the
+   training x_t. t is half the time one of the student's `--student-steps` sampling times, otherwise
+   uniform; conditions are never dropped. The output config samples in `--student-steps` steps with both
+   guidance scales 1.
 
 Every stage: AdamW, linear warm-up then cosine (to 10 %) or constant LR, gradient clipping, an EMA of the
 trained weights (what is exported), bf16 autocast on CUDA (fp32 on the CPU), checkpoints every
@@ -68,7 +73,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..checkpoint import Components, load_model, save_model
-from ..diffusion import EulerSampler, FlowMatching
+from ..diffusion import EulerSampler, FlowMatching, guided_velocity
 from ..errors import InputError, LetsTalkError, ModelError, OutputError
 from ..memory import anchor_cell_mask, regularize_memory
 from .data import (ClipDataset, LatentCache, audio_window, open_dataset, plan_frames, plan_windows,
@@ -111,6 +116,7 @@ class TrainConfig:
     latent_cache: bool = True  # transformer/distill: read cached latents instead of encoding every step
     teacher_steps: int = 8  # distill: Euler steps of the teacher per target
     student_steps: int = 2  # distill: the student's sampling steps (written to sampling.num_steps)
+    distill_target: str = "trajectory"  # distill: "trajectory" (reflow) or "velocity" (guidance only)
     fsdp: bool = False  # shard parameters with FSDP instead of replicating them with DDP (multi-GPU)
     progress: bool = True  # tqdm bar on rank 0
 
@@ -426,14 +432,25 @@ class TransformerStage(Stage):
 
 
 class DistillStage(TransformerStage):
+    """Few-step and guidance distillation: the student learns, in ONE network evaluation per step, what the
+    frozen teacher does with its config's guidance scales (2-3 evaluations per step).
+
+    target "trajectory" (reflow): the teacher integrates `teacher_steps` guided Euler steps from z to x0_T;
+    the student regresses the straight path's velocity z - x0_T. target "velocity" (guidance distillation):
+    the student regresses the teacher's guided velocity at the training x_t itself, one batched teacher call
+    per step (cheap; the step count stays what the teacher needed).
+    """
+
     name = "distill"
 
     def __init__(self, cfg: TrainConfig, comps: Components, dataset: ClipDataset, dist: Dist) -> None:
         super().__init__(cfg, comps, dataset, dist)
+        sc = comps.config.sampling
+        self.guidance = (sc.portrait_guidance, sc.audio_guidance)  # the teacher's; the student's become 1
         self.teacher = copy.deepcopy(self.module).to(dist.device).eval().requires_grad_(False)
-        self.teacher_sampler = EulerSampler(shift=comps.config.sampling.shift)
+        self.teacher_sampler = EulerSampler(shift=sc.shift)
         self.teacher_sampler.set_timesteps(cfg.teacher_steps)
-        student = EulerSampler(shift=comps.config.sampling.shift)
+        student = EulerSampler(shift=sc.shift)
         student.set_timesteps(cfg.student_steps)
         assert student.timesteps is not None
         self.student_times = student.timesteps.clone()  # (S,)
@@ -446,24 +463,42 @@ class DistillStage(TransformerStage):
         return u[1:].clamp(1e-3, 1.0)  # (1,)
 
     @torch.no_grad()
+    def finish(self, batch: Batch) -> Batch:
+        batch = super().finish(batch)
+        batch["drop_p"] = torch.zeros_like(batch["drop_p"])  # the student learns the guided, full-condition
+        batch["drop_a"] = torch.zeros_like(batch["drop_a"])  # output (the flags were drawn: same random stream)
+        return batch
+
+    def _teacher_v(self, x: Tensor, t: Tensor, tokens: Tensor, batch: Batch) -> Tensor:
+        """The teacher's guided velocity (B, T, C, h, w) at x, times t (B,)."""
+        with self._autocast():
+            return guided_velocity(self.teacher.transformer, x, t, *self.guidance, portrait=batch["portrait"],
+                                   audio=tokens, memory=batch["memory"], memory_mask=batch["memory_mask"])
+
+    @torch.no_grad()
     def targets(self, batch: Batch) -> tuple[Tensor, Tensor]:
-        """(x0_T, z): where the teacher's `teacher_steps` Euler steps from z land under the same conditions."""
-        z = batch["z"]  # (B, T, C, h, w)
+        """(x0', z') whose straight path has the teacher's velocity: for "trajectory", where the teacher's
+        guided Euler steps from z land, and z; for "velocity", the pair through the training x_t whose
+        velocity z' - x0' is the teacher's guided velocity there."""
+        x0, z, t = batch["x0"], batch["z"], batch["t"]  # (B, T, C, h, w) x2, (B,)
         with self._autocast():
             tokens = self.teacher.audio_tokens(batch["audio"], batch["feat_index"])  # (B, T, M, Dt)
-        portrait, memory, mask, drop_p, drop_a = self.conditions(batch)
+        if self.cfg.distill_target == "velocity":
+            x_t = self.flow.add_noise(x0, z, t)  # (B, T, C, h, w)
+            v = self._teacher_v(x_t, t, tokens, batch)  # (B, T, C, h, w)
+            tt = t.reshape(-1, *([1] * (x0.dim() - 1)))  # (B, 1, 1, 1, 1)
+            return x_t - tt * v, x_t + (1 - tt) * v
         x = z
-        for t in self.teacher_sampler.timesteps:
-            tt = torch.full((z.shape[0],), float(t), device=z.device)  # (B,)
-            with self._autocast():
-                v = self.teacher.transformer(x, tt, portrait, tokens, memory=memory, memory_mask=mask,
-                                             drop_portrait=drop_p, drop_audio=drop_a)  # (B, T, C, h, w)
-            x = self.teacher_sampler.step(v.float(), t, x)  # (B, T, C, h, w)
+        for s in self.teacher_sampler.timesteps:
+            v = self._teacher_v(x, torch.full((z.shape[0],), float(s), device=z.device), tokens, batch)
+            x = self.teacher_sampler.step(v, s, x)  # (B, T, C, h, w)
         return x, z
 
     def export(self, ema_state: dict[str, Tensor]) -> Components:
         comps = super().export(ema_state)
-        comps.config.sampling.num_steps = self.cfg.student_steps
+        sc = comps.config.sampling
+        sc.num_steps = self.cfg.student_steps
+        sc.portrait_guidance = sc.audio_guidance = 1.0  # baked in: one evaluation per step
         return comps
 
 
@@ -571,6 +606,8 @@ def _check(cfg: TrainConfig, dist: Dist) -> None:
         raise InputError(f"--schedule {cfg.schedule!r}: choose cosine or constant")
     if not 1 <= cfg.student_steps <= 4 or not 1 <= cfg.teacher_steps <= 50:
         raise InputError("--student-steps must be 1..4 and --teacher-steps 1..50")
+    if cfg.distill_target not in ("trajectory", "velocity"):
+        raise InputError(f"--distill-target {cfg.distill_target!r}: choose trajectory or velocity")
     ckpts = checkpoint_dirs(cfg.run)
     if ckpts and not cfg.resume:
         raise InputError(f"--run '{cfg.run}' already has checkpoints (latest {ckpts[-1].name}); pass --resume "
@@ -814,6 +851,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="transformer/distill: encode frames with the AE every step (exact pixel noise, slower)")
     p.add_argument("--teacher-steps", type=int, default=d.teacher_steps, help="distill: teacher Euler steps")
     p.add_argument("--student-steps", type=int, default=d.student_steps, help="distill: student sampling steps")
+    p.add_argument("--distill-target", choices=("trajectory", "velocity"), default=d.distill_target,
+                   help="distill: regress the teacher's guided trajectory end (reflow, few-step) or its guided "
+                        "velocity at x_t (guidance distillation, cheap)")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP instead of DDP (multi-GPU, L/XL)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -826,7 +866,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         log_every=args.log_every, seed=args.seed, device=args.device, resume=args.resume,
         stop_after=args.stop_after, split=args.split, workers=args.workers, mouth_weight=args.mouth_weight,
         latent_cache=not args.no_latent_cache, teacher_steps=args.teacher_steps,
-        student_steps=args.student_steps, fsdp=args.fsdp, progress=not args.quiet)
+        student_steps=args.student_steps, distill_target=args.distill_target, fsdp=args.fsdp, progress=not args.quiet)
 
 
 def main(args: argparse.Namespace) -> None:
