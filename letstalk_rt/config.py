@@ -128,6 +128,9 @@ PRESETS_TRANSFORMER: dict[str, dict[str, Any]] = {
 @dataclass
 class SamplingConfig:
     num_steps: int = 2  # network evaluations per window (1..50); few-step is the product's point
+    stream_window: int = 0  # frames per generated window, live and offline (1..transformer.num_frames;
+    # 0: num_frames). A window waits for all its audio, so fewer frames cut the speech-to-screen latency,
+    # at more compute per frame (the engine's EngineConfig.window and eval's --window override it)
     shift: float = 1.0  # timestep shift t' = s t / (1 + (s-1) t); >1 spends more steps at high noise
     portrait_guidance: float = 1.0  # CFG scale of the portrait condition (1 = no guidance pass)
     audio_guidance: float = 1.0  # CFG scale of the audio condition (1 = no guidance pass)
@@ -196,6 +199,9 @@ class ModelConfig:
                 raise ModelError(f"transformer.{name}={getattr(tr, name)!r}; choose one of {FUSIONS}")
         if au.encoder not in ("mel", "wav2vec2"):
             raise ModelError(f"audio.encoder={au.encoder!r}; choose 'mel' or 'wav2vec2'")
+        if not 0 <= self.sampling.stream_window <= tr.num_frames:
+            raise ModelError(f"sampling.stream_window={self.sampling.stream_window}: choose 1..{tr.num_frames} "
+                             "(transformer.num_frames) or 0 for num_frames")
         if au.sample_rate % au.fps:
             raise ModelError(f"audio.sample_rate {au.sample_rate} must be a multiple of fps {au.fps}")
 

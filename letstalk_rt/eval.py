@@ -537,7 +537,7 @@ def evaluate_model(components: Any, label: str, test: list[Clip], probe: MouthPr
 
     def pipeline(num_steps: int | None, use_memory: bool = True) -> LetsTalkPipeline:
         return LetsTalkPipeline(components, device=settings["device"], dtype=settings["dtype"],
-                                num_steps=num_steps, use_memory=use_memory)
+                                num_steps=num_steps, use_memory=use_memory, window=settings["window"])
 
     def bar(total: int, what: str) -> Any:
         return tqdm(total=total, desc=f"{label}: {what}", unit="frame", disable=not settings["progress"],
@@ -546,7 +546,7 @@ def evaluate_model(components: Any, label: str, test: list[Clip], probe: MouthPr
     pipe = pipeline(steps)
     model: dict[str, Any] = {
         "label": label, "description": config.description, "trained": config.trained, "size": config.image_size,
-        "num_steps": pipe.num_steps, "num_memory": config.transformer.num_memory,
+        "num_steps": pipe.num_steps, "window": pipe.window, "num_memory": config.transformer.num_memory,
         "fusion": f"portrait {config.transformer.portrait_fusion}, audio {config.transformer.audio_fusion}",
     }
     total = sum(math.ceil(len(c.audio) / pipe.samples_per_frame) for c in test)
@@ -586,6 +586,7 @@ def evaluate(
     steps_list: list[int] | None = None,
     long_seconds: float = 180.0,
     probe_clips: int = 128,
+    window: int | None = None,
     seed: int = 0,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -611,6 +612,9 @@ def evaluate(
             raise InputError(f"sampling steps {s}: choose 1..50")
     paths = [Path(p) if p is not None else DEFAULT_MODEL_DIR for p in models]
     configs = [read_config(p) for p in paths]  # ModelError, one line
+    for p, c in zip(paths, configs):
+        if window is not None and not 1 <= window <= c.transformer.num_frames:
+            raise InputError(f"--window {window}: model '{p}' generates 1..{c.transformer.num_frames} frames per window")
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -628,7 +632,7 @@ def evaluate(
             probes[size] = train_probe(corpus, size, probe_clips, progress)
             clips_at[size] = [corpus.clip(n, size) for n in names]
             probe_checks[size] = check_probe(probes[size], clips_at[size])
-        settings = dict(device=device, dtype=dtype, seed=seed, progress=progress)
+        settings = dict(device=device, dtype=dtype, seed=seed, progress=progress, window=window)
         model = evaluate_model(load_model(path), label, clips_at[size], probes[size], steps, steps_list or [],
                                speech, settings)
         model["path"] = str(path)
@@ -725,12 +729,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     for m in models:
         s, lg = m["summary"], m["long"] or {}
         on, off = lg.get("memory_on"), lg.get("memory_off")
-        rows.append([m["label"], m["description"] or "-", m["fusion"], str(m["num_steps"]),
+        rows.append([m["label"], m["description"] or "-", m["fusion"], f"{m['num_steps']} / {m.get('window', '-')}",
                      _f(s["sync_correlation"], 3), f"{s['sync_offset']:+d}", _f(s["psnr_gt"]), _f(s["ssim_gt"], 3),
                      _f(s["psnr_portrait"]), _f(s["flicker_ratio"]),
                      _f(on["drift_percent"], 1) if on else "-", _f(off["drift_percent"], 1) if off else "-",
                      f"{sum(t['pass'] for t in m['targets'].values())}/{len(m['targets'])}"])
-    lines += _table(["model", "description", "fusion", "steps", "sync r", "offset", "PSNR gt (dB)", "SSIM gt",
+    lines += _table(["model", "description", "fusion", "steps / window", "sync r", "offset", "PSNR gt (dB)", "SSIM gt",
                      "PSNR portrait (dB)", "flicker vs gt", "drift mem on (%)", "drift mem off (%)", "targets"],
                     rows) + [""]
 

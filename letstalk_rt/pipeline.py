@@ -117,6 +117,7 @@ class LetsTalkPipeline:
         memory_noise: float | None = None,
         use_memory: bool = True,
         memory_anchor: bool | None = None,
+        window: int | None = None,
     ) -> None:
         self.components = components
         self.config: ModelConfig = components.config
@@ -133,6 +134,9 @@ class LetsTalkPipeline:
         self.memory_anchor = s.memory_anchor if memory_anchor is None else memory_anchor
         self.sampler = EulerSampler(shift=s.shift)
         self.sampler.set_timesteps(self.num_steps)  # raises on a bad step count before any work
+        self.window = window or s.stream_window or self.max_window  # frames per window by default
+        if not 1 <= self.window <= self.max_window:
+            raise InputError(f"window {self.window}: this model generates 1..{self.max_window} frames per window")
         for module in components.modules().values():
             module.to(self.device).eval().requires_grad_(False)
         self.autoencoder = components.autoencoder
@@ -153,8 +157,8 @@ class LetsTalkPipeline:
         return cls(build_components(config, seed=seed), **kwargs)
 
     @property
-    def window(self) -> int:
-        """Frames generated per window."""
+    def max_window(self) -> int:
+        """The most frames one window can have: the transformer's num_frames."""
         return self.config.transformer.num_frames
 
     @property
@@ -237,8 +241,8 @@ class LetsTalkPipeline:
         tcfg = self.config.transformer
         T = tokens[0].shape[0]
         shape = (tcfg.latent_channels, tcfg.latent_size, tcfg.latent_size)
-        if not 1 <= T <= self.window or any(tok.shape[0] != T for tok in tokens):
-            raise ValueError(f"every stream of a batch needs tokens for the same 1..{self.window} frames, "
+        if not 1 <= T <= self.max_window or any(tok.shape[0] != T for tok in tokens):
+            raise ValueError(f"every stream of a batch needs tokens for the same 1..{self.max_window} frames, "
                              f"got {[tok.shape[0] for tok in tokens]}")
         dev = self.device
         noise, memory, mask = [], [], []

@@ -162,7 +162,8 @@ def test_eval_on_an_untrained_model_writes_every_section_with_targets_failed(cap
                                                                              tiny_model_dir):
     out = tmp_path / "report"
     code, stdout, err = _run(capsys, "eval", "--data", corpus_dir, "--model", tiny_model_dir, "--clips", 1,
-                             "--long-seconds", 2, "--steps-list", "1,2", "--device", "cpu", "--out", out, "--quiet")
+                             "--long-seconds", 2, "--steps-list", "1,2", "--window", 2, "--device", "cpu", "--out", out,
+                             "--quiet")
     assert code == 0, err
     md = (out / "report.md").read_text()
     for section in ("## Targets", "## Comparison", "## Mouth-state probe", "## Lip sync", "## Identity",
@@ -174,7 +175,7 @@ def test_eval_on_an_untrained_model_writes_every_section_with_targets_failed(cap
     (model,) = report["models"]
     assert set(model["targets"]) == {"lip_sync", "identity", "drift"}
     assert not any(t["pass"] for t in model["targets"].values())
-    assert [r["steps"] for r in model["steps"]] == [1, 2]
+    assert [r["steps"] for r in model["steps"]] == [1, 2] and model["window"] == 2
     assert set(model["long"]) == {"memory_on", "memory_off"}
     for name in model["plots"] + report["probe_plots"]:
         assert (out / name).is_file() and Image.open(out / name).format == "PNG"
@@ -182,17 +183,18 @@ def test_eval_on_an_untrained_model_writes_every_section_with_targets_failed(cap
 
 
 @pytest.mark.parametrize("case,match", [("no-manifest", "manifest.json"), ("split", "no clips in split"),
-                                        ("model", "does not exist")])
+                                        ("model", "does not exist"), ("window", "--window 9")])
 def test_bad_input_fails_with_one_line(capsys, tmp_path, corpus_dir, tiny_model_dir, case, match):
     data, model, split = corpus_dir, tiny_model_dir, "test"
     if case == "no-manifest":
         data = tmp_path
     elif case == "split":
         split = "dev"
-    else:
+    elif case == "model":
         model = tmp_path / "nope"
+    extra = ["--window", 9] if case == "window" else []
     code, _, err = _run(capsys, "eval", "--data", data, "--model", model, "--split", split, "--out",
-                        tmp_path / "r", "--quiet")
+                        tmp_path / "r", "--quiet", *extra)
     assert code == 2
     lines = [line for line in err.splitlines() if line.startswith("letstalk: error:")]
     assert len(lines) == 1 and match in lines[0], err

@@ -154,3 +154,30 @@ def _flat(pipe):
 def test_bad_step_count_is_refused(tiny_model_dir):
     with pytest.raises(ValueError, match="1 to 50"):
         LetsTalkPipeline.from_pretrained(tiny_model_dir, num_steps=0)
+
+
+def test_stream_window_is_the_models_default_window_live_and_offline(tiny_model_dir, tmp_path):
+    """sampling.stream_window picks the frames per window of a model (offline and, through the pipeline,
+    the engine); a pipeline argument overrides it; out-of-range values are refused with the range."""
+    from letstalk_rt.errors import InputError
+    from letstalk_rt.stream import EngineConfig, StreamEngine
+
+    comps = load_model(tiny_model_dir)
+    assert comps.config.transformer.num_frames == 4
+    comps.config.sampling.stream_window = 2
+    d = save_model(comps, tmp_path / "w2")
+    pipe = LetsTalkPipeline.from_pretrained(d)
+    assert pipe.window == 2 and pipe.max_window == 4
+    assert LetsTalkPipeline.from_pretrained(d, window=3).window == 3
+    assert StreamEngine(pipe, EngineConfig()).window == 2
+    assert StreamEngine(pipe, EngineConfig(window=4)).window == 4
+    windows = []
+    frames = list(pipe.generate(_flat(pipe), speechlike(0.4), on_window=lambda done, total: windows.append(total)))
+    assert len(frames) == 10 and windows[-1] == 5  # 10 frames in windows of 2
+    with pytest.raises(InputError, match="1..4"):
+        LetsTalkPipeline.from_pretrained(d, window=5)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["sampling"]["stream_window"] = 9
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match="stream_window=9"):
+        load_model(d)

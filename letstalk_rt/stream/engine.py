@@ -68,7 +68,8 @@ class AudioBufferFull(LetsTalkError):
 class EngineConfig:
     max_sessions: int = 8  # admission cap for this device (set it from `letstalk bench`)
     max_batch: int = 8  # sessions per forward pass
-    window: int = 0  # frames per window, 1..the model's window (0: the model's). Fewer frames cut the
+    window: int = 0  # frames per window, 1..the model's num_frames (0: the pipeline's, i.e. the model's
+    # sampling.stream_window unless the pipeline was built with another). Fewer frames cut the
     # speech-to-screen latency (a window waits for all its audio) but cost more compute per frame.
     first_window: int = 2  # frames of a session's first window and of the first after an interrupt
     lead_windows: float = 1.5  # generate at most this many windows ahead of playback
@@ -460,8 +461,8 @@ class StreamEngine:
     def __init__(self, pipeline: LetsTalkPipeline, config: EngineConfig | None = None) -> None:
         self.pipeline = pipeline
         self.config = config or EngineConfig()
-        if not 0 <= self.config.window <= pipeline.window:
-            raise LetsTalkError(f"EngineConfig.window={self.config.window}: this model generates 1..{pipeline.window} "
+        if not 0 <= self.config.window <= pipeline.max_window:
+            raise LetsTalkError(f"EngineConfig.window={self.config.window}: this model generates 1..{pipeline.max_window} "
                                 "frames per window (0 uses the model's)")
         self.window = self.config.window or pipeline.window  # frames per window
         self._lookahead_s = pipeline.audio_tokenizer().lookahead_ms / 1000  # the audio encoder's delay
