@@ -163,9 +163,9 @@ def test_stages_write_loadable_models(tmp_path, init_dir, shards, synth_dir):
     _generates(dit, frames, audio)
 
     final = train(_cfg("distill", shards, dit, tmp_path / "r_dis", out=tmp_path / "final", steps=2,
-                       teacher_steps=4, student_steps=1))
+                       teacher_steps=4, student_steps=1, window=2))
     cfg = json.loads((final / "config.json").read_text())
-    assert cfg["sampling"]["num_steps"] == 1
+    assert cfg["sampling"]["num_steps"] == 1 and cfg["sampling"]["stream_window"] == 2
     assert "autoencoder" in cfg["description"] and "distill" in cfg["description"]
     _generates(final, frames, audio)
     log = [json.loads(x) for x in (tmp_path / "r_dis" / "log.jsonl").read_text().splitlines()]

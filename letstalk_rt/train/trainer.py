@@ -117,6 +117,8 @@ class TrainConfig:
     teacher_steps: int = 8  # distill: Euler steps of the teacher per target
     student_steps: int = 2  # distill: the student's sampling steps (written to sampling.num_steps)
     distill_target: str = "trajectory"  # distill: "trajectory" (reflow) or "velocity" (guidance only)
+    window: int = 0  # transformer/distill: frames per training window, 1..num_frames (0: num_frames); train
+    # a student on the model's sampling.stream_window when it streams shorter windows than num_frames
     fsdp: bool = False  # shard parameters with FSDP instead of replicating them with DDP (multi-GPU)
     progress: bool = True  # tqdm bar on rank 0
 
@@ -296,7 +298,9 @@ class TransformerStage(Stage):
 
     def __init__(self, cfg: TrainConfig, comps: Components, dataset: ClipDataset, dist: Dist) -> None:
         tc = comps.config.transformer
-        self.T, self.K, self.margin = tc.num_frames, tc.num_memory, comps.config.audio.margin
+        if not 0 <= cfg.window <= tc.num_frames:
+            raise InputError(f"--window {cfg.window}: this model's windows have 1..{tc.num_frames} frames (0: all)")
+        self.T, self.K, self.margin = cfg.window or tc.num_frames, tc.num_memory, comps.config.audio.margin
         self.min_frames = self.T
         super().__init__(cfg, comps, dataset.with_min_frames(self.T), dist)
         self.flow = FlowMatching(shift=comps.config.sampling.shift)
@@ -311,6 +315,13 @@ class TransformerStage(Stage):
 
     def objective(self, comps: Components) -> nn.Module:
         return FlowObjective(comps.audio_encoder, comps.audio_projector, comps.transformer)
+
+    def export(self, ema_state: dict[str, Tensor]) -> Components:
+        """...streaming the window length it was trained on when --window was given."""
+        comps = super().export(ema_state)
+        if self.cfg.window:
+            comps.config.sampling.stream_window = self.cfg.window
+        return comps
 
     def latent_weight(self, box: tuple[int, int, int, int] | None) -> Tensor:
         """(1, 1, h, w) loss weight: 1 + mouth_weight on the latent cells the mouth box touches, else 1.
@@ -854,6 +865,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distill-target", choices=("trajectory", "velocity"), default=d.distill_target,
                    help="distill: regress the teacher's guided trajectory end (reflow, few-step) or its guided "
                         "velocity at x_t (guidance distillation, cheap)")
+    p.add_argument("--window", type=int, default=d.window,
+                   help="transformer/distill: frames per training window (default 0: the model's num_frames)")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP instead of DDP (multi-GPU, L/XL)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -866,7 +879,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         log_every=args.log_every, seed=args.seed, device=args.device, resume=args.resume,
         stop_after=args.stop_after, split=args.split, workers=args.workers, mouth_weight=args.mouth_weight,
         latent_cache=not args.no_latent_cache, teacher_steps=args.teacher_steps,
-        student_steps=args.student_steps, distill_target=args.distill_target, fsdp=args.fsdp, progress=not args.quiet)
+        student_steps=args.student_steps, distill_target=args.distill_target, window=args.window, fsdp=args.fsdp, progress=not args.quiet)
 
 
 def main(args: argparse.Namespace) -> None:
