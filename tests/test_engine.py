@@ -322,3 +322,52 @@ def test_latency_catches_up_in_pauses_without_cutting_speech(tiny_pipeline):
     for out in (audio, late_audio):  # both utterances come out whole and in order: only silence differs
         # (a loaded machine may also insert silence at a deadline; speech samples are never exactly 0)
         np.testing.assert_array_equal(out[out != 0], np.concatenate([burst, tail]))
+
+
+def test_windows_are_decoded_in_their_own_thread_and_a_decode_failure_ends_only_that_session(tiny_pipeline,
+                                                                                            monkeypatch):
+    """The worker samples, the decode thread decodes (the two overlap); a failing decode ends its session
+    with an error event, and the decode thread lives on for the next session. decode_thread=False decodes
+    in the worker."""
+    import threading
+
+    seen: dict[str, set] = {"sample": set(), "decode": set()}
+    broken = {"on": False}
+    sample, decode = tiny_pipeline.generate_latents, tiny_pipeline.decode
+
+    def spy_sample(*a, **k):
+        seen["sample"].add(threading.current_thread().name)
+        return sample(*a, **k)
+
+    def spy_decode(lat):
+        seen["decode"].add(threading.current_thread().name)
+        if broken["on"]:
+            raise RuntimeError("decoder exploded")
+        return decode(lat)
+
+    monkeypatch.setattr(tiny_pipeline, "generate_latents", spy_sample)
+    monkeypatch.setattr(tiny_pipeline, "decode", spy_decode)
+
+    async def main(decode_thread: bool):
+        engine = await _engine(tiny_pipeline, decode_thread=decode_thread)
+        s = await engine.open_session(_portrait(tiny_pipeline, 30))
+        frames = await _collect(s, 1.0)
+        if decode_thread:
+            broken["on"] = True
+            bad = await engine.open_session(_portrait(tiny_pipeline, 200))
+            events = [e async for e in bad.events()]
+            assert isinstance(events[-1], SessionClosed) and events[-1].reason == "error"
+            assert any(isinstance(e, SessionError) and "decoder exploded" in e.message for e in events)
+            broken["on"] = False
+            again = await engine.open_session(_portrait(tiny_pipeline, 90))
+            assert len([f for f in await _collect(again, 0.6) if not f.filler]) >= 10
+        await engine.stop()
+        return frames
+
+    frames = run(main(True))
+    assert len([f for f in frames if not f.filler]) >= 20
+    assert seen == {"sample": {"letstalk-engine"}, "decode": {"letstalk-decode"}}
+    seen["sample"], seen["decode"] = set(), set()
+    frames = run(main(False))
+    assert len([f for f in frames if not f.filler]) >= 20
+    assert seen == {"sample": {"letstalk-engine"}, "decode": {"letstalk-engine"}}

@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import itertools
 import logging
 import math
+import queue
 import threading
 import time
 import uuid
@@ -88,6 +90,11 @@ class EngineConfig:
     target_latency_ms: float = 0.0  # 0: auto = (window - 1) frames + encoder lookahead + window compute
     # + safety_ms + 1 frame, the least that never runs dry
     warmup: bool = True  # run the largest batch once at start: refuse to start if it cannot run
+    decode_thread: bool | None = None  # decode each window in a second thread while the worker samples the
+    # next, so the two stages overlap; None: on for CUDA (the decode's launches and copies overlap the next
+    # window's), off on a CPU. On a 2-core CPU the two stages fight over the cores when torch uses both per
+    # op: measured no better, often worse, than decoding in the worker; with OMP_NUM_THREADS=1 the two are
+    # about even (docs/benchmarks.md).
 
 
 # --------------------------------------------------------------------------------------------------
@@ -471,8 +478,10 @@ class StreamEngine:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._gen_ms: dict[int, float] = {}  # EMA of batch generation time by window length
+        self._gen_ms: dict[int, float] = {}  # EMA of window start -> frames delivered, by window length
         self.windows_run = 0
+        self._decode_q: queue.Queue | None = None  # worker -> decode thread, one window in hand at most
+        self._decoder: threading.Thread | None = None
 
     # -- lifecycle
 
@@ -482,6 +491,13 @@ class StreamEngine:
         if self.config.warmup:
             await asyncio.to_thread(self._warmup)
         self._stopping = False
+        decode_thread = self.config.decode_thread
+        if decode_thread is None:
+            decode_thread = self.pipeline.device.type == "cuda"
+        if decode_thread:
+            self._decode_q = queue.Queue(maxsize=1)
+            self._decoder = threading.Thread(target=self._decode_loop, name="letstalk-decode", daemon=True)
+            self._decoder.start()
         self._thread = threading.Thread(target=self._run, name="letstalk-engine", daemon=True)
         self._thread.start()
         return self
@@ -494,6 +510,11 @@ class StreamEngine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10)
             self._thread = None
+        if self._decoder is not None:
+            assert self._decode_q is not None
+            await asyncio.to_thread(self._decode_q.put, None)  # after the worker's last window
+            await asyncio.to_thread(self._decoder.join, 10)
+            self._decoder = None
 
     async def __aenter__(self) -> "StreamEngine":
         return await self.start()
@@ -676,9 +697,11 @@ class StreamEngine:
             w.n_tokens += tokens.shape[0]
 
     def _execute(self, jobs: list[tuple[Session, int, int]]) -> None:
+        """Sample one batch of windows (this thread), then decode and deliver it (the decode thread)."""
         frames = jobs[0][1]
+        t0 = time.perf_counter()
         try:
-            results = self._generate([s for s, _, _ in jobs], frames)
+            gen_ms, latents = self._sample([s for s, _, _ in jobs], frames)
         except Exception as e:
             if len(jobs) == 1:
                 s = jobs[0][0]
@@ -688,37 +711,77 @@ class StreamEngine:
             for job in jobs:  # find the culprit: run each alone, the healthy ones continue
                 self._execute([job])
             return
-        gen_ms, dec_ms, latents, videos = results
-        self._gen_ms[frames] = 0.8 * self._gen_ms.get(frames, gen_ms + dec_ms) + 0.2 * (gen_ms + dec_ms)
         self.windows_run += 1
+        batch = []
         for b, (s, n, epoch) in enumerate(jobs):
             w = s._w
-            out = []
+            meta = []
             for i in range(n):
                 audio, speech, arrival = w.take_audio(s.samples_per_frame)
                 speech = speech and float(np.sqrt(np.mean(audio ** 2))) > self.config.speech_rms
-                out.append(AVFrame(index=w.frames_generated + i, video=videos[b][i], audio=audio, speech=speech,
-                                   latent=latents[b, i], audio_time=arrival if speech else None))
+                meta.append((w.frames_generated + i, audio, speech, arrival if speech else None))
             w.frames_generated += n
             w.fresh = False
             timings = WindowTimings(s.id, window=w.stream.windows_done, frames=n, batch=len(jobs),
-                                    encode_ms=w.encode_ms, generate_ms=gen_ms, decode_ms=dec_ms,
-                                    lead_frames=len(s.player.queue) + n)
+                                    encode_ms=w.encode_ms, generate_ms=gen_ms,
+                                    lead_frames=len(s.player.queue) + s._inflight + n)
             w.encode_ms = 0.0
-            s._inflight += n
+            s._inflight += n  # until _deliver: the planner counts them as generated
+            batch.append((s, epoch, latents[b], meta, timings))  # latents (T, C, h, w) on the device
+        if self._decode_q is not None:
+            self._decode_q.put((t0, batch))  # blocks while the decoder still holds the previous window
+        else:
+            self._decode(t0, batch)
+
+    def _decode_loop(self) -> None:
+        torch.set_grad_enabled(False)
+        assert self._decode_q is not None
+        while (item := self._decode_q.get()) is not None:
+            try:
+                self._decode(*item)
+            except Exception:  # never let the decoder die: the sessions' errors were sent in _decode
+                log.exception("engine decode stage failed")
+
+    def _decode(self, t0: float, batch: list) -> None:
+        """Decode a sampled batch and hand each session its frames (a failing session alone gets the error)."""
+        p = self.pipeline
+        t1 = time.perf_counter()
+        try:
+            lat = torch.cat([z for _, _, z, _, _ in batch])  # (B*T, C, h, w) on the device
+            video = p.decode(lat)  # (B*T, H, W, 3) uint8
+            lat = lat.float().cpu()  # each frame keeps its latent (an interrupt restarts the memory from it)
+        except Exception as e:
+            if len(batch) == 1:
+                s = batch[0][0]
+                log.exception("decoding failed for session %s", s.id)
+                s.loop.call_soon_threadsafe(s._fail, f"generation failed: {type(e).__name__}: {e}")
+                return
+            for item in batch:
+                self._decode(t0, [item])
+            return
+        dec_ms = (time.perf_counter() - t1) * 1000
+        frames = len(batch[0][3])
+        total = (time.perf_counter() - t0) * 1000
+        self._gen_ms[frames] = 0.8 * self._gen_ms.get(frames, total) + 0.2 * total
+        k = 0
+        for s, epoch, _, meta, timings in batch:
+            out = []
+            for index, audio, speech, audio_time in meta:
+                out.append(AVFrame(index=index, video=video[k], audio=audio, speech=speech, latent=lat[k],
+                                   audio_time=audio_time))
+                k += 1
+            timings = dataclasses.replace(timings, decode_ms=dec_ms)
             s.loop.call_soon_threadsafe(s._deliver, epoch, out, timings)
 
-    def _generate(self, sessions: list[Session], frames: int):
+    def _sample(self, sessions: list[Session], frames: int) -> tuple[float, torch.Tensor]:
+        """One window's latents for each session: (milliseconds, (B, T, C, h, w) on the device)."""
         p = self.pipeline
         tokens = [s._w.peek_tokens(frames) for s in sessions]
         t0 = time.perf_counter()
         lat = p.generate_latents([s._w.stream for s in sessions], tokens)  # (B, T, C, h, w)
         if p.device.type == "cuda":
             torch.cuda.synchronize(p.device)
-        t1 = time.perf_counter()
-        video = p.decode(lat.flatten(0, 1))  # (B*T, H, W, 3)
-        t2 = time.perf_counter()
-        video = video.reshape(len(sessions), frames, *video.shape[1:])
+        gen_ms = (time.perf_counter() - t0) * 1000
         for s in sessions:
             s._w.drop_tokens(frames)
-        return (t1 - t0) * 1000, (t2 - t1) * 1000, lat.float().cpu(), video
+        return gen_ms, lat
