@@ -181,3 +181,21 @@ def test_stream_window_is_the_models_default_window_live_and_offline(tiny_model_
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelError, match="stream_window=9"):
         load_model(d)
+
+
+def test_the_bundled_default_is_trained_small_and_few_step():
+    """The shipped contract of the default model: trained weights under 50 MB that sample a window in at
+    most 2 network evaluations (steps x guidance rows), and generate frames of its size from speech."""
+    from letstalk_rt.checkpoint import DEFAULT_MODEL_DIR
+    from letstalk_rt.diffusion import guidance_rows
+
+    size = sum(f.stat().st_size for f in DEFAULT_MODEL_DIR.iterdir())
+    assert size < 50 * 2**20
+    pipe = LetsTalkPipeline.from_pretrained(None)
+    assert pipe.config.trained
+    assert pipe.num_steps * len(guidance_rows(pipe.portrait_guidance, pipe.audio_guidance)) <= 2
+    assert 1 <= pipe.window <= pipe.max_window
+    s = pipe.config.image_size
+    frames = list(pipe.generate(pipe.prepare_portrait(np.full((s, s, 3), 128, np.uint8), detect=False),
+                                speechlike(0.2)))
+    assert len(frames) == 5 and frames[0].shape == (s, s, 3)
