@@ -704,10 +704,7 @@ class StreamEngine:
             gen_ms, latents = self._sample([s for s, _, _ in jobs], frames)
         except Exception as e:
             if len(jobs) == 1:
-                s = jobs[0][0]
-                log.exception("generation failed for session %s", s.id)
-                s.loop.call_soon_threadsafe(s._fail, f"generation failed: {type(e).__name__}: {e}")
-                return
+                return self._fail_session(jobs[0][0], "sampling", e)
             for job in jobs:  # find the culprit: run each alone, the healthy ones continue
                 self._execute([job])
             return
@@ -733,6 +730,12 @@ class StreamEngine:
         else:
             self._decode(t0, batch)
 
+    @staticmethod
+    def _fail_session(s: Session, stage: str, e: Exception) -> None:
+        """End one session with an error event (from a worker thread); the others keep running."""
+        log.exception("%s failed for session %s", stage, s.id)
+        s.loop.call_soon_threadsafe(s._fail, f"generation failed ({stage}): {type(e).__name__}: {e}")
+
     def _decode_loop(self) -> None:
         torch.set_grad_enabled(False)
         assert self._decode_q is not None
@@ -752,11 +755,8 @@ class StreamEngine:
             lat = lat.float().cpu()  # each frame keeps its latent (an interrupt restarts the memory from it)
         except Exception as e:
             if len(batch) == 1:
-                s = batch[0][0]
-                log.exception("decoding failed for session %s", s.id)
-                s.loop.call_soon_threadsafe(s._fail, f"generation failed: {type(e).__name__}: {e}")
-                return
-            for item in batch:
+                return self._fail_session(batch[0][0], "decoding", e)
+            for item in batch:  # find the culprit, as in _execute
                 self._decode(t0, [item])
             return
         dec_ms = (time.perf_counter() - t1) * 1000
