@@ -163,22 +163,32 @@ def combine_guidance(outputs: list[Tensor], portrait_scale: float, audio_scale: 
     return none + portrait_scale * (portrait - none) + audio_scale * (full - portrait)
 
 
-def guided_velocity(model: Callable[..., Tensor], x: Tensor, t: Tensor, portrait_scale: float, audio_scale: float,
-                    **conditions: Tensor) -> Tensor:
-    """The guided velocity for x (B, ...) at times t (B,): every `guidance_rows` row in ONE batched call.
+class Guidance:
+    """Classifier-free guidance for one batch of B samples: the `guidance_rows` rows stacked along the
+    batch, their drop flags and the conditions repeated R times, built ONCE (per window); `velocity` is then
+    one batched model call per sampling step.
 
-    `model(x, t, **conditions, drop_portrait=(R*B,), drop_audio=(R*B,))` is called once on the R rows stacked
-    along the batch (each condition tensor repeated R times); the result is `combine_guidance` of the rows,
-    in fp32. With both scales 1 it is one plain evaluation.
+    `model(x, t, **conditions, drop_portrait=(R*B,), drop_audio=(R*B,))` must accept the stacked rows; the
+    result is `combine_guidance` of them, in fp32. With both scales 1 it is one plain evaluation.
     """
-    rows = guidance_rows(portrait_scale, audio_scale)
-    R, B = len(rows), x.shape[0]
-    drop_p = torch.tensor([r[0] for r in rows for _ in range(B)], device=x.device)  # (R*B,)
-    drop_a = torch.tensor([r[1] for r in rows for _ in range(B)], device=x.device)  # (R*B,)
 
-    def rep(z: Tensor) -> Tensor:  # (B, ...) -> (R*B, ...)
-        return z if R == 1 else z.repeat(R, *([1] * (z.dim() - 1)))
+    def __init__(self, portrait_scale: float, audio_scale: float, **conditions: Tensor) -> None:
+        if not conditions:
+            raise ValueError("Guidance needs the batch's conditions")
+        self.portrait_scale, self.audio_scale = portrait_scale, audio_scale
+        rows = guidance_rows(portrait_scale, audio_scale)
+        self.R = len(rows)
+        first = next(iter(conditions.values()))
+        B, dev = first.shape[0], first.device
+        self.drop_portrait = torch.tensor([r[0] for r in rows for _ in range(B)], device=dev)  # (R*B,)
+        self.drop_audio = torch.tensor([r[1] for r in rows for _ in range(B)], device=dev)  # (R*B,)
+        self.conditions = {k: self._rep(c) for k, c in conditions.items()}  # each (R*B, ...)
 
-    v = model(rep(x), rep(t), **{k: rep(c) for k, c in conditions.items()},
-              drop_portrait=drop_p, drop_audio=drop_a)  # (R*B, ...)
-    return combine_guidance(list(v.float().chunk(R)), portrait_scale, audio_scale)  # (B, ...)
+    def _rep(self, z: Tensor) -> Tensor:  # (B, ...) -> (R*B, ...)
+        return z if self.R == 1 else z.repeat(self.R, *([1] * (z.dim() - 1)))
+
+    def velocity(self, model: Callable[..., Tensor], x: Tensor, t: Tensor) -> Tensor:
+        """The guided velocity (B, ...) for x (B, ...) at times t (B,)."""
+        v = model(self._rep(x), self._rep(t), **self.conditions, drop_portrait=self.drop_portrait,
+                  drop_audio=self.drop_audio)  # (R*B, ...)
+        return combine_guidance(list(v.float().chunk(self.R)), self.portrait_scale, self.audio_scale)  # (B, ...)

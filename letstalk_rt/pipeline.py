@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .checkpoint import Components, build_components, load_model
 from .config import ModelConfig
-from .diffusion import EulerSampler, guided_velocity
+from .diffusion import EulerSampler, Guidance
 from .errors import InputError
 from .memory import MemoryBank
 
@@ -256,12 +256,12 @@ class LetsTalkPipeline:
         msk = torch.stack(mask).to(dev)  # (B, K, h, w)
         por = torch.stack([s.portrait.latent for s in streams]).to(dev)  # (B, C, h, w)
         aud = torch.stack(tokens).to(dev)  # (B, T, M, Dt)
-        B = len(streams)
+        guide = Guidance(self.portrait_guidance, self.audio_guidance, portrait=por, audio=aud, memory=mem,
+                         memory_mask=msk)  # conditions stacked once per window, for every guidance row
         for t in self.sampler.timesteps:
-            tt = torch.full((B,), float(t), device=dev)  # (B,)
+            tt = torch.full((len(streams),), float(t), device=dev)  # (B,)
             with self._autocast():
-                v = guided_velocity(self.transformer, x, tt, self.portrait_guidance, self.audio_guidance,
-                                    portrait=por, audio=aud, memory=mem, memory_mask=msk)  # (B, T, C, h, w)
+                v = guide.velocity(self.transformer, x, tt)  # (B, T, C, h, w)
             x = self.sampler.step(v, t, x)  # (B, T, C, h, w)
         for i, s in enumerate(streams):
             if self.use_memory:

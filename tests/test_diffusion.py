@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from letstalk_rt.diffusion import (EulerSampler, FlowMatching, combine_guidance, guidance_rows, guided_velocity,
+from letstalk_rt.diffusion import (EulerSampler, FlowMatching, Guidance, combine_guidance, guidance_rows,
                                    shift_time)
 from letstalk_rt.memory import MemoryBank, regularize_memory
 
@@ -86,7 +86,7 @@ def test_guidance_rows_and_combination():
         combine_guidance([full], 2.0, 1.0)
 
 
-def test_guided_velocity_is_one_batched_call_of_every_row():
+def test_guidance_is_one_batched_call_of_every_row():
     """A model whose output depends on x, t, a condition and the two drop flags: the one batched call
     must give combine_guidance of the rows evaluated one by one, and pass each row its own flags."""
     calls = []
@@ -100,12 +100,12 @@ def test_guided_velocity_is_one_batched_call_of_every_row():
     for sp, sa in [(1.0, 1.0), (1.0, 2.0), (1.5, 3.0)]:
         calls.clear()
         rows = guidance_rows(sp, sa)
-        got = guided_velocity(model, x, t, sp, sa, cond=cond)
+        got = Guidance(sp, sa, cond=cond).velocity(model, x, t)
         assert calls == [3 * len(rows)]  # one call, all rows stacked
         each = [model(x, t, cond, torch.full((3,), dp), torch.full((3,), da)) for dp, da in rows]
         torch.testing.assert_close(got, combine_guidance(each, sp, sa))
-    assert not torch.allclose(guided_velocity(model, x, t, 1.0, 2.0, cond=cond),
-                              guided_velocity(model, x, t, 1.0, 1.0, cond=cond))
+    assert not torch.allclose(Guidance(1.0, 2.0, cond=cond).velocity(model, x, t),
+                              Guidance(1.0, 1.0, cond=cond).velocity(model, x, t))
 
 
 def test_memory_bank_keeps_last_k_and_masks_empty_slots():

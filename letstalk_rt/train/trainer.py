@@ -73,7 +73,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..checkpoint import Components, load_model, save_model
-from ..diffusion import EulerSampler, FlowMatching, guided_velocity
+from ..diffusion import EulerSampler, FlowMatching, Guidance
 from ..errors import InputError, LetsTalkError, ModelError, OutputError
 from ..memory import anchor_cell_mask, regularize_memory
 from .data import (ClipDataset, LatentCache, audio_window, open_dataset, plan_frames, plan_windows,
@@ -480,12 +480,6 @@ class DistillStage(TransformerStage):
         batch["drop_a"] = torch.zeros_like(batch["drop_a"])  # output (the flags were drawn: same random stream)
         return batch
 
-    def _teacher_v(self, x: Tensor, t: Tensor, tokens: Tensor, batch: Batch) -> Tensor:
-        """The teacher's guided velocity (B, T, C, h, w) at x, times t (B,)."""
-        with self._autocast():
-            return guided_velocity(self.teacher.transformer, x, t, *self.guidance, portrait=batch["portrait"],
-                                   audio=tokens, memory=batch["memory"], memory_mask=batch["memory_mask"])
-
     @torch.no_grad()
     def targets(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """(x0', z') whose straight path has the teacher's velocity: for "trajectory", where the teacher's
@@ -494,15 +488,21 @@ class DistillStage(TransformerStage):
         x0, z, t = batch["x0"], batch["z"], batch["t"]  # (B, T, C, h, w) x2, (B,)
         with self._autocast():
             tokens = self.teacher.audio_tokens(batch["audio"], batch["feat_index"])  # (B, T, M, Dt)
+        guide = Guidance(*self.guidance, portrait=batch["portrait"], audio=tokens, memory=batch["memory"],
+                         memory_mask=batch["memory_mask"])
+
+        def teacher_v(x: Tensor, tt: Tensor) -> Tensor:  # the teacher's guided velocity (B, T, C, h, w)
+            with self._autocast():
+                return guide.velocity(self.teacher.transformer, x, tt)
+
         if self.cfg.distill_target == "velocity":
             x_t = self.flow.add_noise(x0, z, t)  # (B, T, C, h, w)
-            v = self._teacher_v(x_t, t, tokens, batch)  # (B, T, C, h, w)
+            v = teacher_v(x_t, t)  # (B, T, C, h, w)
             tt = t.reshape(-1, *([1] * (x0.dim() - 1)))  # (B, 1, 1, 1, 1)
             return x_t - tt * v, x_t + (1 - tt) * v
         x = z
         for s in self.teacher_sampler.timesteps:
-            v = self._teacher_v(x, torch.full((z.shape[0],), float(s), device=z.device), tokens, batch)
-            x = self.teacher_sampler.step(v, s, x)  # (B, T, C, h, w)
+            x = self.teacher_sampler.step(teacher_v(x, torch.full_like(t, float(s))), s, x)  # (B, T, C, h, w)
         return x, z
 
     def export(self, ema_state: dict[str, Tensor]) -> Components:
@@ -879,7 +879,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         log_every=args.log_every, seed=args.seed, device=args.device, resume=args.resume,
         stop_after=args.stop_after, split=args.split, workers=args.workers, mouth_weight=args.mouth_weight,
         latent_cache=not args.no_latent_cache, teacher_steps=args.teacher_steps,
-        student_steps=args.student_steps, distill_target=args.distill_target, window=args.window, fsdp=args.fsdp, progress=not args.quiet)
+        student_steps=args.student_steps, distill_target=args.distill_target, window=args.window, fsdp=args.fsdp,
+        progress=not args.quiet)
 
 
 def main(args: argparse.Namespace) -> None:
