@@ -39,6 +39,22 @@ def tiny_pipeline(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
+def w2v_dir(tmp_path_factory) -> Path:
+    """A tiny randomly initialised transformers wav2vec2 checkpoint, saved to disk (nothing downloaded)."""
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    cfg = Wav2Vec2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        conv_dim=(8,) * 7,  # the real kernels/strides: 400-sample receptive field, 320x downsampling
+        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+    )
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("w2v") / "tiny-wav2vec2"
+    Wav2Vec2Model(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def astronaut_png(tmp_path_factory) -> Path:
     from PIL import Image
     from skimage import data

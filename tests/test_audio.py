@@ -189,21 +189,6 @@ def test_projector_shapes_and_padding(tiny_audio):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def w2v_dir(tmp_path_factory):
-    from transformers import Wav2Vec2Config, Wav2Vec2Model
-
-    cfg = Wav2Vec2Config(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        conv_dim=(8,) * 7,  # the real kernels/strides: 400-sample receptive field, 320x downsampling
-        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
-    )
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("w2v") / "tiny-wav2vec2"
-    Wav2Vec2Model(cfg).save_pretrained(path)
-    return path
-
-
 def w2v_config(path, **kw) -> AudioConfig:
     base = {"encoder": "wav2vec2", "wav2vec2_path": None if path is None else str(path), "feature_layers": 2,
             "feature_dim": 32, "wav2vec2_chunk_seconds": 0.4, "wav2vec2_context_seconds": 0.2}

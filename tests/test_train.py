@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -136,6 +137,58 @@ def test_audio_tokens_match_inference(init_dir, shards):
         tokens = obj.audio_tokens(torch.from_numpy(np.stack(segs)), torch.from_numpy(np.stack(idxs)))  # (B, T, M, Dt)
     for i, s in enumerate(starts):
         torch.testing.assert_close(tokens[i], full[s:s + T], rtol=1e-5, atol=1e-5)
+
+
+def _w2v_init(root: Path, w2v_dir: Path) -> Path:
+    """The tiny preset with a (tiny, randomly initialised) wav2vec2 audio encoder in 0.4 s chunks."""
+    config = model_preset("tiny")
+    config.audio = dataclasses.replace(config.audio, encoder="wav2vec2", wav2vec2_path=str(w2v_dir),
+                                       feature_layers=2, feature_dim=32, wav2vec2_chunk_seconds=0.4,
+                                       wav2vec2_context_seconds=0.2)
+    return save_model(build_components(config, seed=0), root / "w2v-init")
+
+
+def test_wav2vec2_tokens_come_from_cached_features_as_inference_makes_them(tmp_path, w2v_dir, shards):
+    """A chunked encoder cannot encode a window alone: the trainer reads each clip's features, encoded
+    once whole, and its tokens equal pipeline.audio_tokens(whole clip)[s:s + T] (fp16 cache)."""
+    init = _w2v_init(tmp_path, w2v_dir)
+    pipe = LetsTalkPipeline.from_pretrained(init)
+    comps = load_model(init)
+    cfg = _cfg("transformer", shards, init, tmp_path / "run")
+    stage = TransformerStage(cfg, comps, open_dataset(shards, SIZE, progress=False), Dist())
+    assert stage.module.audio_encoder is None  # neither run, trained nor checkpointed
+    assert not any(p.requires_grad for p in comps.audio_encoder.parameters())
+    indices = range(64)
+    batch = stage.make_batch(5, indices)
+    plans = plan_windows(stage.dataset, cfg.seed, 5, indices, stage.T)
+    with torch.no_grad():
+        tokens = stage.module.audio_tokens(batch["audio"], batch["feat_index"])  # (64, T, M, Dt)
+    chunk = comps.audio_encoder.block_frames  # 10 frames
+    for i, plan in enumerate(plans):
+        full = pipe.audio_tokens(np.array(stage.dataset.clips[plan.clip].audio))  # (24, M, Dt)
+        torch.testing.assert_close(tokens[i], full[plan.start:plan.start + stage.T], rtol=2e-2, atol=2e-2)
+    starts = {p.start for p in plans}
+    assert 0 in starts and any(s % chunk > chunk - stage.T for s in starts)  # stream start; across a chunk edge
+    assert not torch.allclose(tokens[0], tokens[1])
+
+
+def test_wav2vec2_models_train_with_the_encoder_frozen(tmp_path, w2v_dir, shards):
+    from letstalk_rt.train.trainer import checkpoint_dirs
+
+    init = _w2v_init(tmp_path, w2v_dir)
+    dit = train(_cfg("transformer", shards, init, tmp_path / "r_dit", out=tmp_path / "dit"))
+    assert not (dit / "audio_encoder.safetensors").exists()  # wav2vec2 stays where config.json points
+    assert json.loads((dit / "config.json").read_text())["audio"]["wav2vec2_path"] == str(w2v_dir)
+    assert len(list((shards / ".letstalk_cache").glob("audio-*"))) == 1
+    state = torch.load(checkpoint_dirs(tmp_path / "r_dit")[-1] / "trainer_state.pt", weights_only=False)
+    assert state["module"] and not any(k.startswith("audio_encoder.") for k in state["module"])
+    before, after = (load_file(str(d / "audio_projector.safetensors")) for d in (init, dit))
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the projector trained
+    frames, audio, _ = _talking_face(24, SIZE, seed=0)
+    _generates(dit, frames, audio)
+    final = train(_cfg("distill", shards, dit, tmp_path / "r_dis", out=tmp_path / "final", steps=2,
+                       teacher_steps=2, student_steps=1))
+    _generates(final, frames, audio)
 
 
 def test_window_plans_are_pure_and_cover_stream_start(shards):

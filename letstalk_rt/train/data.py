@@ -363,14 +363,19 @@ def audio_window(audio: np.ndarray, start: int, num_frames: int, margin: int, le
 # --------------------------------------------------------------------------------------------------
 
 
-def autoencoder_fingerprint(ae: torch.nn.Module) -> str:
-    """16 hex digits over the autoencoder's weights and scaling factor: the cache key."""
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """16 hex digits over a module's config and weights: the key of a cache of what it computes."""
     h = hashlib.sha256()
-    h.update(repr(ae.config).encode())
-    for name, t in sorted(ae.state_dict().items()):
+    h.update(repr(module.config).encode())
+    for name, t in sorted(module.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def autoencoder_fingerprint(ae: torch.nn.Module) -> str:
+    """The latent cache's key: the autoencoder's weights and config (scaling factor included)."""
+    return module_fingerprint(ae)
 
 
 class LatentCache:
@@ -426,3 +431,51 @@ class LatentCache:
             tmp.write_text(json.dumps(meta, indent=1))
             os.replace(tmp, directory / "meta.json")
         return cls(directory, dataset)
+
+
+# --------------------------------------------------------------------------------------------------
+# Audio feature cache (frozen chunked encoders: wav2vec2)
+# --------------------------------------------------------------------------------------------------
+
+
+class AudioFeatureCache:
+    """Every frame's audio features (F, L, D), fp16, per clip, in `DATA/.letstalk_cache/audio-FINGERPRINT/`.
+
+    For an encoder that works on chunks of many frames (wav2vec2: 2 s chunks with 1 s of left context),
+    a training window cannot be encoded on its own the way inference encodes it: a frame's features depend
+    on where its chunk starts, and chunks start at the stream's first sample. The encoder is frozen, so
+    each clip is encoded once, whole, exactly as `LetsTalkPipeline.audio_tokens` does at inference (the
+    chunk grid starting at the clip's first frame, zeros after its end), and a window reads its frames'
+    rows. Keyed by a fingerprint of the encoder's weights and config (chunk and context lengths included).
+    """
+
+    def __init__(self, directory: Path, dataset: ClipDataset) -> None:
+        self.directory = directory
+        self.features = [read_safetensors_mmap(directory / f"{_safe_name(c.name)}.safetensors")[0]["features"]
+                         for c in dataset.clips]  # (F, L, D) float16 each
+
+    def get(self, clip: int, frames: np.ndarray) -> Tensor:
+        return torch.from_numpy(np.array(self.features[clip][frames], dtype=np.float32))  # (n, L, D)
+
+    @staticmethod
+    def path_for(dataset: ClipDataset, encoder: torch.nn.Module) -> Path:
+        return dataset.cache_dir / f"audio-{module_fingerprint(encoder)}"
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, dataset: ClipDataset, encoder: torch.nn.Module, device: torch.device,
+              progress: bool = True) -> "AudioFeatureCache":
+        """Encode the clips not yet cached (resumable: finished clips are kept); returns the cache."""
+        from tqdm import tqdm
+
+        directory = cls.path_for(dataset, encoder)
+        encoder = encoder.to(device).eval()
+        todo = [c for c in dataset.clips if not (directory / f"{_safe_name(c.name)}.safetensors").is_file()]
+        for clip in tqdm(todo, desc="audio feature cache", unit="clip", disable=not progress, leave=False):
+            wav = torch.from_numpy(np.array(clip.audio, dtype=np.float32)).to(device)[None]  # (1, N * 640)
+            feats = encoder(wav)[0][:clip.num_frames]  # (N, L, D)
+            write_safetensors_atomic(directory / f"{_safe_name(clip.name)}.safetensors",
+                                     {"features": feats.float().cpu().half().numpy()}, {"clip": clip.name})
+        encoder.to("cpu")
+        return cls(directory, dataset)
+

@@ -76,8 +76,8 @@ from ..checkpoint import Components, load_model, save_model
 from ..diffusion import EulerSampler, FlowMatching, Guidance
 from ..errors import InputError, LetsTalkError, ModelError, OutputError
 from ..memory import anchor_cell_mask, regularize_memory
-from .data import (ClipDataset, LatentCache, audio_window, open_dataset, plan_frames, plan_windows,
-                   sample_generator, window_frame_indices)
+from .data import (AudioFeatureCache, ClipDataset, LatentCache, audio_window, open_dataset, plan_frames,
+                   plan_windows, sample_generator, window_frame_indices)
 
 STAGES = ("autoencoder", "transformer", "distill")
 MIN_LR_RATIO = 0.1  # the cosine schedule ends at this fraction of --lr
@@ -182,26 +182,39 @@ class AutoencoderObjective(nn.Module):
         return recon
 
 
-class FlowObjective(nn.Module):
-    """Audio encoder + projector + transformer: raw audio windows and noisy latents in, velocity out."""
+def encodes_per_frame(audio_encoder: nn.Module) -> bool:
+    """True for an encoder whose frames depend on their own audio window only (mel): it trains with the
+    rest, on the fly. A chunked one (wav2vec2, frozen) is read from data.AudioFeatureCache instead."""
+    return getattr(audio_encoder, "block_frames", 1) == 1
 
-    def __init__(self, audio_encoder: nn.Module, audio_projector: nn.Module, transformer: nn.Module) -> None:
+
+class FlowObjective(nn.Module):
+    """Audio encoder + projector + transformer: audio windows and noisy latents in, velocity out.
+
+    `audio_encoder=None` for a frozen chunked encoder (wav2vec2): the batch then carries its cached
+    features instead of samples, and the encoder is neither run nor trained nor checkpointed."""
+
+    def __init__(self, audio_encoder: nn.Module | None, audio_projector: nn.Module, transformer: nn.Module) -> None:
         super().__init__()
-        if getattr(audio_encoder, "block_frames", 1) != 1:
-            raise ModelError("training encodes each frame's audio window on the fly, which needs a per-frame "
-                             "encoder (audio.encoder='mel'); wav2vec2 chunked encoders are not supported yet")
+        if audio_encoder is not None and not encodes_per_frame(audio_encoder):
+            raise ModelError("a chunked audio encoder (wav2vec2) cannot encode a training window on its own; "
+                             "pass audio_encoder=None and its cached features (data.AudioFeatureCache)")
         self.audio_encoder = audio_encoder
         self.audio_projector = audio_projector
         self.transformer = transformer
 
     def audio_tokens(self, audio: Tensor, feat_index: Tensor) -> Tensor:
-        """audio (B, W) from data.audio_window, feat_index (B, T + 2m) -> tokens (B, T, M, Dt), equal to
-        `LetsTalkPipeline.audio_tokens(whole clip)[start:start + T]`."""
-        enc = self.audio_encoder
+        """audio (B, W) samples from data.audio_window -- or, without an encoder, the cached features
+        (B, T + 2m, L, D) of the same frames -- and feat_index (B, T + 2m) -> tokens (B, T, M, Dt), equal
+        to `LetsTalkPipeline.audio_tokens(whole clip)[start:start + T]`."""
         b = audio.shape[0]
-        windows = audio.unfold(1, enc.window_samples, enc.block_samples)  # (B, T + 2m, Wn)
-        feats = enc._encode_windows(windows.flatten(0, 1))  # (B * (T + 2m), L, D)
-        feats = rearrange(feats, "(b f) l d -> b f l d", b=b)  # (B, T + 2m, L, D)
+        enc = self.audio_encoder
+        if enc is None:
+            feats = audio  # (B, T + 2m, L, D)
+        else:
+            windows = audio.unfold(1, enc.window_samples, enc.block_samples)  # (B, T + 2m, Wn)
+            feats = enc._encode_windows(windows.flatten(0, 1))  # (B * (T + 2m), L, D)
+            feats = rearrange(feats, "(b f) l d -> b f l d", b=b)  # (B, T + 2m, L, D)
         feats = feats[torch.arange(b, device=feats.device)[:, None], feat_index]  # (B, T + 2m, L, D) edge-padded
         return self.audio_projector(feats, pad_left=False, pad_right=False)  # (B, T, M, Dt)
 
@@ -312,9 +325,18 @@ class TransformerStage(Stage):
                 LatentCache.build(self.dataset, self.ae, pixel_noise, dist.device, progress=cfg.progress)
             dist.barrier()
             self.cache = LatentCache(LatentCache.path_for(self.dataset, self.ae), self.dataset)
+        self.features: AudioFeatureCache | None = None  # a chunked encoder's frozen features
+        if not encodes_per_frame(comps.audio_encoder):
+            comps.audio_encoder.requires_grad_(False)
+            if dist.main:
+                AudioFeatureCache.build(self.dataset, comps.audio_encoder, dist.device, progress=cfg.progress)
+            dist.barrier()
+            self.features = AudioFeatureCache(AudioFeatureCache.path_for(self.dataset, comps.audio_encoder),
+                                              self.dataset)
 
     def objective(self, comps: Components) -> nn.Module:
-        return FlowObjective(comps.audio_encoder, comps.audio_projector, comps.transformer)
+        enc = comps.audio_encoder
+        return FlowObjective(enc if encodes_per_frame(enc) else None, comps.audio_projector, comps.transformer)
 
     def export(self, ema_state: dict[str, Tensor]) -> Components:
         """...streaming the window length it was trained on when --window was given."""
@@ -345,7 +367,7 @@ class TransformerStage(Stage):
         """Per sample, from its own generator, in a fixed order: augmentation noise (memory + portrait),
         noise z, time t, the two drop flags; finish() then regularises the memory with the same generator."""
         cfg, sc = self.cfg, self.comps.config.sampling
-        enc = self.module.audio_encoder
+        enc = self.comps.audio_encoder
         out: dict[str, list] = {k: [] for k in ("latents", "frames", "pix", "avail", "audio", "feat_index",
                                                 "z", "t", "drop_p", "drop_a", "anchored", "gen", "weight")}
         tc = self.comps.config.transformer
@@ -369,7 +391,12 @@ class TransformerStage(Stage):
                                   * torch.randn((len(idx), 3, *frames.shape[1:3]), generator=g))  # (K+T+1, 3, S, S)
             seg, fidx = audio_window(clip.audio, plan.start, self.T, self.margin, enc.left_samples,
                                      enc.right_samples, enc.samples_per_frame)
-            out["audio"].append(torch.from_numpy(seg))  # (W,)
+            if self.features is not None:  # the same frames' cached features, edge-replicated already
+                first = plan.start - self.margin
+                out["audio"].append(self.features.get(plan.clip, first + fidx))  # (T + 2m, L, D)
+                fidx = np.arange(len(fidx))
+            else:
+                out["audio"].append(torch.from_numpy(seg))  # (W,)
             out["feat_index"].append(torch.from_numpy(fidx))  # (T + 2m,)
             out["avail"].append(torch.from_numpy(avail))  # (K,)
             out["z"].append(torch.randn((self.T, *shape), generator=g))  # (T, C, h, w)
