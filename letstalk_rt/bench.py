@@ -4,6 +4,7 @@
     letstalk bench --preset letstalk-b --device cuda --sessions 1,4,8,12 --seconds 30
     letstalk bench --soak 1800                       # A/V offset after 30 minutes of streaming
     letstalk bench --json out.json                   # machine-readable, for docs/benchmarks.md
+    letstalk bench --seconds 30 --repeat 3           # each session count 3 times: median, min, max
 
 For each session count N: N sessions are fed real-time speech (the bundled clip, looped) in 20 ms
 chunks, and each session's video and audio tracks are read by a consumer at their own pace, exactly
@@ -214,19 +215,39 @@ def machine() -> dict:
     return info
 
 
+SPREAD_FIELDS = ("realtime_factor", "first_frame_ms_max", "latency_ms_p50", "latency_ms_p95", "held_frames")
+
+
+def spread(results: list[RunResult]) -> dict:
+    """Median, min and max of the figures that vary from run to run (a shared VM's speed does)."""
+    out: dict = {"sessions": results[0].sessions, "repeats": len(results),
+                 "realtime_all": all(r.realtime for r in results)}
+    for name in SPREAD_FIELDS:
+        values = [getattr(r, name) for r in results if getattr(r, name) is not None]
+        if values:
+            out[name] = {"median": round(float(np.median(values)), 3), "min": min(values), "max": max(values)}
+    return out
+
+
 def run_bench(pipe: LetsTalkPipeline, session_counts: list[int], seconds: float, audio: np.ndarray, portrait,
-              json_path: Path | None = None, breakdown: bool = True, window: int = 0) -> dict:
+              json_path: Path | None = None, breakdown: bool = True, window: int = 0, repeat: int = 1) -> dict:
     report: dict = {"machine": machine(), "model": pipe.config.description or "untrained",
                     "device": str(pipe.device), "dtype": str(pipe.dtype).replace("torch.", ""),
-                    "steps": pipe.num_steps, "window": window or pipe.window, "runs": []}
+                    "steps": pipe.num_steps, "window": window or pipe.window, "runs": [], "spread": []}
     if breakdown:
         report["window_ms"] = window_breakdown(pipe, window=window)
         print("one window (ms):", json.dumps(report["window_ms"]))
         report["transformer_gflops_per_window"] = round(transformer_flops(pipe, window=window) / 1e9, 2)
     for n in session_counts:
-        result = asyncio.run(run_sessions(pipe, n, seconds, audio, portrait, window=window))
-        report["runs"].append(asdict(result))
-        print(json.dumps(asdict(result)))
+        results = []
+        for _ in range(repeat):
+            result = asyncio.run(run_sessions(pipe, n, seconds, audio, portrait, window=window))
+            results.append(result)
+            report["runs"].append(asdict(result))
+            print(json.dumps(asdict(result)))
+        if repeat > 1:
+            report["spread"].append(spread(results))
+            print("spread:", json.dumps(report["spread"][-1]))
     if json_path is not None:
         json_path.write_text(json.dumps(report, indent=2) + "\n")
     return report

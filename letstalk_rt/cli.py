@@ -146,6 +146,18 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from .media import load_audio, load_image
     from .pipeline import LetsTalkPipeline
 
+    if args.repeat < 1:
+        raise LetsTalkError(f"--repeat {args.repeat}: give 1 or more runs per session count")
+    if args.soak:
+        counts, seconds = [1], float(args.soak)
+    else:
+        try:
+            counts = [int(x) for x in args.sessions.split(",")]
+        except ValueError:
+            raise LetsTalkError(f"--sessions {args.sessions!r}: give counts like 1,2,4") from None
+        if min(counts) < 1:
+            raise LetsTalkError(f"--sessions {args.sessions!r}: session counts start at 1")
+        seconds = args.seconds
     device = _device(args.device)
     if args.preset:
         pipe = LetsTalkPipeline.from_config(_preset_config(args), device=device,
@@ -155,16 +167,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         pipe = _load_pipeline(args)
     portrait = pipe.prepare_portrait(load_image(ASSETS / "portrait.png"))
     audio = load_audio(ASSETS / DEMO_SPEECH)
-    if args.soak:
-        counts, seconds = [1], float(args.soak)
-    else:
-        try:
-            counts = [int(x) for x in args.sessions.split(",")]
-        except ValueError:
-            raise LetsTalkError(f"--sessions {args.sessions!r}: give counts like 1,2,4") from None
-        seconds = args.seconds
     run_bench(pipe, counts, seconds, np.asarray(audio), portrait, json_path=args.json,
-              breakdown=not args.soak, window=args.window)
+              breakdown=not args.soak, window=args.window, repeat=args.repeat)
 
 
 def _preset_config(args: argparse.Namespace):
@@ -242,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sessions", default="1", help="comma-separated concurrent session counts (default 1)")
     p.add_argument("--seconds", type=float, default=20.0, help="seconds of streaming per session count")
     p.add_argument("--soak", type=float, default=0.0, help="one session for this many seconds (A/V drift)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run each session count this many times and report the median, min and max "
+                        "(speed on shared machines varies from run to run)")
     p.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     _add_window_arg(p)
     p.set_defaults(func=cmd_bench)

@@ -1,0 +1,46 @@
+"""`letstalk bench` on the tiny model: the figures it reports are measured from what the tracks emitted."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from letstalk_rt.bench import run_bench
+from letstalk_rt.cli import main
+
+from conftest import speechlike
+
+
+def test_bench_reports_every_run_and_the_spread_of_repeats(tiny_pipeline, tmp_path, astronaut_png):
+    from letstalk_rt.media import load_image
+
+    portrait = tiny_pipeline.prepare_portrait(load_image(astronaut_png), detect=False)
+    audio = np.concatenate([speechlike(0.6, seed=3), np.zeros(3200, np.float32)])  # speech and a pause
+    out = tmp_path / "bench.json"
+    report = run_bench(tiny_pipeline, [1, 2], 1.5, audio, portrait, json_path=out, breakdown=True, repeat=2)
+
+    assert json.loads(out.read_text()) == report
+    assert [r["sessions"] for r in report["runs"]] == [1, 1, 2, 2]
+    for run in report["runs"]:
+        needed = run["fps_generated"] * run["seconds"] / run["realtime_factor"]  # frames the clock asked for
+        assert needed <= run["sessions"] * 25 * run["seconds"] + run["sessions"]  # never more than real time
+        assert run["latency_ms_p50"] is not None and run["latency_ms_p50"] <= run["latency_ms_p95"]
+        assert run["av_offset_ms_max"] < 40  # both tracks release the same 40 ms together
+    assert [s["sessions"] for s in report["spread"]] == [1, 2]
+    for s, runs in zip(report["spread"], (report["runs"][:2], report["runs"][2:])):
+        assert s["repeats"] == 2
+        rtf = sorted(r["realtime_factor"] for r in runs)
+        assert (s["realtime_factor"]["min"], s["realtime_factor"]["max"]) == (rtf[0], rtf[1])
+        assert rtf[0] <= s["realtime_factor"]["median"] <= rtf[1]
+    w = report["window_ms"]
+    assert w["frames"] == tiny_pipeline.window and "step_1" in w and w["decode"] > 0
+    assert w["total"] >= w["step_1"] + w["decode"]
+
+
+def test_bench_rejects_bad_counts_before_loading_a_model(capsys):
+    for argv in (["bench", "--repeat", "0"], ["bench", "--sessions", "0,1"], ["bench", "--sessions", "two"]):
+        assert main(argv + ["--model", "/nonexistent"]) == 2
+        err = capsys.readouterr().err
+        assert "--repeat" in err or "--sessions" in err, err
+        assert "/nonexistent" not in err  # the arguments fail first, not the model
