@@ -338,6 +338,41 @@ def test_ddp_two_ranks_match_one_process(tmp_path, init_dir, shards):
     np.testing.assert_allclose([r["grad_norm"] for r in two], [r["grad_norm"] for r in one], rtol=1e-3)
 
 
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
+def test_fsdp_two_ranks_match_one_process_and_resume_exactly(tmp_path, init_dir, shards):
+    """FSDP (parameters, gradients and AdamW state sharded over 2 gloo ranks) reaches the losses of one
+    process; its checkpoints hold full tensors, and an interrupted FSDP run resumes to the same weights."""
+    args = ["--stage", "transformer", "--data", str(shards), "--init", str(init_dir), "--steps", "3",
+            "--batch", "4", "--lr", "1e-3", "--warmup", "1", "--log-every", "1", "--device", "cpu", "--quiet"]
+    train(_cfg("transformer", shards, init_dir, tmp_path / "one", steps=3, warmup=1))  # also builds the caches
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
+
+    def torchrun(run: str, *extra: str) -> None:
+        proc = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "letstalk_rt.train.trainer",
+                               *args, "--fsdp", "--run-dir", str(tmp_path / run), *extra],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    torchrun("fsdp", "--out", str(tmp_path / "m_fsdp"))
+    one = [json.loads(x) for x in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
+    two = [json.loads(x) for x in (tmp_path / "fsdp" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in two] == [1, 2, 3]
+    np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-4)
+    np.testing.assert_allclose([r["grad_norm"] for r in two], [r["grad_norm"] for r in one], rtol=1e-3)
+    state = torch.load(tmp_path / "fsdp" / "checkpoints" / "step_0000003" / "trainer_state.pt", weights_only=False)
+    ref = load_model(init_dir).transformer.state_dict()
+    assert state["fsdp"] and all(state["module"][f"transformer.{k}"].shape == v.shape for k, v in ref.items())
+
+    torchrun("cut", "--stop-after", "2")
+    torchrun("cut", "--resume", "--out", str(tmp_path / "m_cut"))
+    for name in ("transformer", "audio_projector"):
+        wa, wb = (load_file(str(tmp_path / m / f"{name}.safetensors")) for m in ("m_fsdp", "m_cut"))
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], rtol=1e-6, atol=1e-7)
+    with pytest.raises(InputError, match="--fsdp"):  # a sharded run is resumed sharded
+        train(_cfg("transformer", shards, init_dir, tmp_path / "cut", steps=4, resume=True))
+
+
 def test_bad_inputs(tmp_path, init_dir, shards, capsys):
     with pytest.raises(InputError, match="does not exist"):
         train(_cfg("transformer", tmp_path / "nope", init_dir, tmp_path / "run"))

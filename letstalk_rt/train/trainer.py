@@ -43,8 +43,9 @@ trainer_state.pt; written to a temporary folder and renamed; the last `--keep` k
 latest one, bitwise exactly on the CPU: the samples of step s are a pure function of (seed, s) (see
 data.py). RUN/log.jsonl gets one line per `--log-every` steps; TensorBoard events too if it is installed.
 Under torchrun (WORLD_SIZE set) the step's global batch is the same list of samples for any world size,
-each rank taking its contiguous slice; gradients are averaged by DistributedDataParallel; only rank 0
-writes files.
+each rank taking its contiguous slice; gradients are averaged by DistributedDataParallel, or with `--fsdp`
+the parameters, gradients and optimizer state are sharded by FSDP2 (`shard_fsdp`: one unit per transformer
+block; checkpoints gather full tensors); only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -71,6 +73,7 @@ import numpy as np
 import torch
 from einops import rearrange
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..checkpoint import Components, load_model, save_model
 from ..diffusion import EulerSampler, FlowMatching, Guidance
@@ -243,6 +246,7 @@ class Stage:
     def __init__(self, cfg: TrainConfig, comps: Components, dataset: ClipDataset, dist: Dist) -> None:
         self.cfg, self.comps, self.dataset, self.dist = cfg, comps, dataset, dist
         self.module = self.objective(comps)
+        self.export_base: Components | None = None  # unsharded copy to export from (FSDP shards self.comps)
 
     def objective(self, comps: Components) -> nn.Module:
         raise NotImplementedError
@@ -259,7 +263,7 @@ class Stage:
 
     def export(self, ema_state: dict[str, Tensor]) -> Components:
         """A copy of the components with the EMA weights loaded (config adjusted by the stage)."""
-        comps = copy.deepcopy(self.comps)
+        comps = copy.deepcopy(self.export_base or self.comps)
         self.objective(comps).load_state_dict(ema_state)
         return comps
 
@@ -295,7 +299,7 @@ class AutoencoderStage(Stage):
     def export(self, ema_state: dict[str, Tensor]) -> Components:
         """...and scaling_factor so that the latents of 4 fixed batches (64+ frames) have std 1."""
         comps = super().export(ema_state)
-        ae = comps.autoencoder.eval()
+        ae = comps.autoencoder.to(self.dist.device).eval()
         n = max(16, self.cfg.batch)
         stds = []
         for k in range(4):
@@ -581,6 +585,38 @@ class EMA:
             else:
                 self.state[k].copy_(v)
 
+    def full_state(self) -> dict[str, Tensor]:
+        """Unsharded copies (under FSDP the entries are sharded DTensors: gathered, on every rank)."""
+        return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in self.state.items()}
+
+    @torch.no_grad()
+    def load_full(self, state: dict[str, Tensor]) -> None:
+        """Restore from unsharded tensors (a checkpoint), sharding them like the current state."""
+        for k, v in self.state.items():
+            full = state[k].to(v.to_local().device if isinstance(v, DTensor) else v.device)
+            if isinstance(v, DTensor):
+                full = distribute_tensor(full.to(v.dtype), v.device_mesh, v.placements)
+            v.copy_(full)
+
+
+def shard_fsdp(module: nn.Module, dist: Dist) -> None:
+    """FSDP2 (`fully_shard`): each transformer block (the backbone's and any siamese branch's) is one unit,
+    the rest of the module the root unit; parameters become DTensors sharded over the ranks, gathered
+    for each unit's forward and backward and reduce-scattered after. For models (L/XL) whose replicated
+    parameters, gradients and AdamW state do not fit one GPU."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    # Every stage's loss reads the module's output out of place (FlowMatching.loss, the AE's error), which is
+    # what FSDP2's warning about view outputs asks for; silence it instead of printing it every step.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    mesh = init_device_mesh(dist.device.type, (dist.world,))
+    for name, m in module.named_modules():
+        if name.endswith("blocks") and isinstance(m, nn.ModuleList):
+            for block in m:
+                fully_shard(block, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+
 
 def _rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
@@ -650,8 +686,6 @@ def _check(cfg: TrainConfig, dist: Dist) -> None:
     if ckpts and not cfg.resume:
         raise InputError(f"--run '{cfg.run}' already has checkpoints (latest {ckpts[-1].name}); pass --resume "
                          "to continue it, or choose a new --run")
-    if cfg.fsdp:
-        raise InputError("--fsdp is not implemented yet; DDP (the default under torchrun) fits letstalk-B and smaller")
     if not (cfg.init / "config.json").is_file():
         raise ModelError(f"--init '{cfg.init}' is not a model directory (no config.json); make one with "
                          "`letstalk new-model --preset cpu-128 --out DIR` or pass a previous stage's --out")
@@ -689,33 +723,51 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path | None:
         for name in ("audio_encoder", "audio_projector", "transformer"):
             getattr(comps, name).requires_grad_(False)
 
-    # state: optimizer, schedule, EMA; restored from the latest checkpoint with --resume
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    ema = EMA(module, cfg.ema)
-    start = 0
+    # state: optimizer, schedule, EMA; restored from the latest checkpoint with --resume. Checkpoints hold
+    # full (unsharded) tensors, so the module is restored before FSDP shards it, and the optimizer and
+    # the EMA are made after (their state then lives sharded, like the parameters).
+    state = None
     ckpts = checkpoint_dirs(cfg.run)
     if cfg.resume and ckpts:
         state = torch.load(ckpts[-1] / "trainer_state.pt", map_location="cpu", weights_only=False)
         if state["stage"] != cfg.stage:
             raise InputError(f"--resume: '{cfg.run}' is a {state['stage']} run, not {cfg.stage}")
+        if state.get("fsdp", False) != cfg.fsdp:
+            raise InputError(f"--resume: '{cfg.run}' was trained {'with' if state.get('fsdp') else 'without'} "
+                             "--fsdp; resume it the same way")
         module.load_state_dict(state["module"])
-        optimizer.load_state_dict(state["optimizer"])
+    if cfg.fsdp:
+        if dist.main:  # checkpoints and the final model are exported from an unsharded copy, on the CPU
+            stage.export_base = copy.deepcopy(comps)
+            for m in stage.export_base.modules().values():
+                m.to("cpu")
+        shard_fsdp(module, dist)
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    ema = EMA(module, cfg.ema)
+    start = 0
+    if state is not None:
+        if cfg.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(module, optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        ema.state = {k: v.to(dist.device) for k, v in state["ema"].items()}
+        ema.load_full(state["ema"])
         _set_rng_state(state["rng"])
         start = int(state["step"])
-    ema.state = {k: v.to(dist.device) for k, v in ema.state.items()}
     if cfg.resume and not ckpts and dist.main:
         print(f"--resume: '{cfg.run}' has no checkpoint yet; starting from step 0", file=sys.stderr)
-    if dist.enabled:
+    if dist.enabled and not cfg.fsdp:
         from torch.nn.parallel import DistributedDataParallel
 
         model: nn.Module = DistributedDataParallel(
             module, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
     else:
-        model = module
+        model = module  # FSDP: sharded in place
 
     log_file = cfg.run / "log.jsonl"
     writer = None
@@ -802,8 +854,9 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path | None:
     final = end if end > start else start
     if final < cfg.steps or cfg.out is None:
         return None
+    ema_state = ema.full_state()  # under FSDP a collective: every rank gathers
     if dist.main:
-        comps_out = stage.export(ema.state)
+        comps_out = stage.export(ema_state)
         comps_out.config.trained = True
         comps_out.config.description = _description(cfg, comps.config.description if comps.config.trained else "",
                                                     dataset, dist)
@@ -830,13 +883,23 @@ def _trim_log(log_file: Path, step: int) -> None:
 
 def _save_checkpoint(cfg: TrainConfig, dist: Dist, stage: Stage, module: nn.Module, optimizer, scheduler,
                      ema: EMA, step: int, dataset: ClipDataset) -> None:
+    if cfg.fsdp:  # full tensors from the shards: collectives, so every rank takes part
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        module_state = get_model_state_dict(module, options=opts)
+        optimizer_state = get_optimizer_state_dict(module, optimizer, options=opts)
+    else:
+        module_state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+        optimizer_state = optimizer.state_dict()
+    ema_state = ema.full_state()
     if dist.main:
-        comps = stage.export(ema.state)
+        comps = stage.export(ema_state)
         comps.config.description = f"checkpoint: {cfg.stage} step {step} of {cfg.steps} on {dataset.describe()}"
-        state = {"stage": cfg.stage, "step": step, "world_size": dist.world,
-                 "module": {k: v.detach().cpu() for k, v in module.state_dict().items()},
-                 "ema": {k: v.cpu() for k, v in ema.state.items()},
-                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+        state = {"stage": cfg.stage, "step": step, "world_size": dist.world, "fsdp": cfg.fsdp,
+                 "module": module_state, "ema": {k: v.cpu() for k, v in ema_state.items()},
+                 "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": _rng_state(),
                  "config": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}}
 
         def write(tmp: Path) -> None:
@@ -894,7 +957,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "velocity at x_t (guidance distillation, cheap)")
     p.add_argument("--window", type=int, default=d.window,
                    help="transformer/distill: frames per training window (default 0: the model's num_frames)")
-    p.add_argument("--fsdp", action="store_true", help="shard with FSDP instead of DDP (multi-GPU, L/XL)")
+    p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state with FSDP2 instead of replicating them with DDP (L/XL)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
