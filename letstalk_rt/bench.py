@@ -45,6 +45,7 @@ class RunResult:
     dropped_frames: int  # frames skipped (interrupt / consumer)
     peak_rss_mb: float
     peak_cuda_mb: float | None
+    steps: int  # sampling steps per window the engine ran (more than the model's with --max-steps)
     realtime: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -101,12 +102,14 @@ async def _feed(session, audio: np.ndarray, seconds: float) -> None:
 
 
 async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np.ndarray, portrait,
-                       window: int = 0) -> RunResult:
+                       window: int = 0, max_steps: int = 0) -> RunResult:
     from .stream import EngineConfig, StreamEngine
 
     if pipe.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(pipe.device)
-    engine = await StreamEngine(pipe, EngineConfig(max_sessions=n, max_batch=n, window=window)).start()
+    engine = await StreamEngine(pipe, EngineConfig(max_sessions=n, max_batch=n, window=window,
+                                                   max_steps=max_steps)).start()
+    steps = pipe.num_steps  # what warm-up chose
     sessions = [await engine.open_session(portrait, seed=i) for i in range(n)]
     offsets: list[float] = []
     t0 = time.monotonic()
@@ -128,7 +131,7 @@ async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np
         first_frame_ms_max=round(max(st["first_frame_s"] or 0 for st in stats) * 1000, 1),
         latency_ms_p50=pct(0.5), latency_ms_p95=pct(0.95), latency_ms_p99=pct(0.99),
         av_offset_ms_max=round(max(offsets) if offsets else 0.0, 1), held_frames=held, dropped_frames=dropped,
-        peak_rss_mb=round(_rss_mb(), 1), peak_cuda_mb=None if cuda is None else round(cuda, 1),
+        peak_rss_mb=round(_rss_mb(), 1), peak_cuda_mb=None if cuda is None else round(cuda, 1), steps=steps,
     )
 
 
@@ -230,7 +233,8 @@ def spread(results: list[RunResult]) -> dict:
 
 
 def run_bench(pipe: LetsTalkPipeline, session_counts: list[int], seconds: float, audio: np.ndarray, portrait,
-              json_path: Path | None = None, breakdown: bool = True, window: int = 0, repeat: int = 1) -> dict:
+              json_path: Path | None = None, breakdown: bool = True, window: int = 0, repeat: int = 1,
+              max_steps: int = 0) -> dict:
     report: dict = {"machine": machine(), "model": pipe.config.description or "untrained",
                     "device": str(pipe.device), "dtype": str(pipe.dtype).replace("torch.", ""),
                     "steps": pipe.num_steps, "window": window or pipe.window, "runs": [], "spread": []}
@@ -241,7 +245,7 @@ def run_bench(pipe: LetsTalkPipeline, session_counts: list[int], seconds: float,
     for n in session_counts:
         results = []
         for _ in range(repeat):
-            result = asyncio.run(run_sessions(pipe, n, seconds, audio, portrait, window=window))
+            result = asyncio.run(run_sessions(pipe, n, seconds, audio, portrait, window=window, max_steps=max_steps))
             results.append(result)
             report["runs"].append(asdict(result))
             print(json.dumps(asdict(result)))

@@ -97,6 +97,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     """Stream the bundled speech through the live engine in real time and record what the tracks emit."""
     from .media import load_image
 
+    _check_max_steps(args)
     image = load_image(ASSETS / "portrait.png")
     pipe = _load_pipeline(args)
     asyncio.run(_demo(pipe, image, ASSETS / DEMO_SPEECH, args))
@@ -115,7 +116,11 @@ async def _demo(pipe, image, speech: Path, args: argparse.Namespace) -> None:
 
     source = FileSource(speech, realtime=True)
     ticks = math.ceil((source.seconds + 1.0) * pipe.fps)  # the speech and one second of rest after it
-    async with StreamEngine(pipe, EngineConfig(max_sessions=1, max_batch=1, window=args.window)) as engine:
+    config = EngineConfig(max_sessions=1, max_batch=1, window=args.window, max_steps=args.max_steps)
+    async with StreamEngine(pipe, config) as engine:
+        if args.max_steps:
+            print(f"sampling {pipe.num_steps} step(s) per window on this machine (--max-steps {args.max_steps})",
+                  file=sys.stderr)
         session = await engine.open_session(image, seed=args.seed, detect_face=not args.no_face_detect)
         feeder = asyncio.create_task(source.run(session))
         video, audio = session.video_track(), session.audio_track()
@@ -146,6 +151,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from .media import load_audio, load_image
     from .pipeline import LetsTalkPipeline
 
+    _check_max_steps(args)
     if args.repeat < 1:
         raise LetsTalkError(f"--repeat {args.repeat}: give 1 or more runs per session count")
     if args.soak:
@@ -168,7 +174,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     portrait = pipe.prepare_portrait(load_image(ASSETS / "portrait.png"))
     audio = load_audio(ASSETS / DEMO_SPEECH)
     run_bench(pipe, counts, seconds, np.asarray(audio), portrait, json_path=args.json,
-              breakdown=not args.soak, window=args.window, repeat=args.repeat)
+              breakdown=not args.soak, window=args.window, repeat=args.repeat, max_steps=args.max_steps)
 
 
 def _preset_config(args: argparse.Namespace):
@@ -215,8 +221,18 @@ WINDOW_HELP = ("frames per live window, 1..the model's (default 0: the model's);
                "speech-to-screen latency and cost more compute per frame")
 
 
+MAX_STEPS_HELP = ("at start, raise the sampling steps per window up to N while a window still takes at most half "
+                  "its real-time duration (better lips where the machine has headroom; default 0: the model's steps)")
+
+
+def _check_max_steps(args: argparse.Namespace) -> None:
+    if not 0 <= args.max_steps <= 50:
+        raise LetsTalkError(f"--max-steps {args.max_steps}: choose 0 (off) or up to 50")
+
+
 def _add_window_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=0, help=WINDOW_HELP)
+    p.add_argument("--max-steps", type=int, default=0, metavar="N", help=MAX_STEPS_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:

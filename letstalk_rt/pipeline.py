@@ -133,7 +133,7 @@ class LetsTalkPipeline:
         self.use_memory = use_memory
         self.memory_anchor = s.memory_anchor if memory_anchor is None else memory_anchor
         self.sampler = EulerSampler(shift=s.shift)
-        self.sampler.set_timesteps(self.num_steps)  # raises on a bad step count before any work
+        self.set_num_steps(self.num_steps)  # raises on a bad step count before any work
         self.window = window or s.stream_window or self.max_window  # frames per window by default
         if not 1 <= self.window <= self.max_window:
             raise InputError(f"window {self.window}: this model generates 1..{self.max_window} frames per window")
@@ -214,6 +214,11 @@ class LetsTalkPipeline:
         return self.audio_projector(feats[None].to(self.device), pad_left=pad_left, pad_right=pad_right)[0]
 
     @torch.no_grad()
+    def set_num_steps(self, num_steps: int) -> None:
+        """Sampling steps per window from the next window on (checked first: a bad count changes nothing)."""
+        self.sampler.set_timesteps(num_steps)
+        self.num_steps = num_steps
+
     def audio_tokens(self, wav: np.ndarray) -> Tensor:
         """Offline: a whole 16 kHz mono signal -> tokens (F, M, Dt), F = ceil(len / samples_per_frame)."""
         x = torch.as_tensor(np.asarray(wav, dtype=np.float32), device=self.device)[None]  # (1, S)

@@ -601,6 +601,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", type=int, default=0,
                         help="frames per live window, 1..the model's (default 0: the model's); fewer frames cut the "
                              "speech-to-screen latency and cost more compute per frame")
+    parser.add_argument("--max-steps", type=int, default=0, metavar="N",
+                        help="at start, raise the sampling steps per window up to N while a window of --max-sessions "
+                             "sessions still takes at most half its real-time duration (default 0: --steps / the "
+                             "model's)")
     parser.add_argument("--max-sessions", type=int, default=None,
                         help="admission cap: concurrent sessions on this device (default 8; measure with `letstalk bench`)")
     parser.add_argument("--api-key", default=None,
@@ -662,6 +666,8 @@ def _build_engine(args: argparse.Namespace):
         args.dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
     if args.steps is not None and not 1 <= args.steps <= 50:
         raise LetsTalkError(f"--steps {args.steps}: choose 1..50")
+    if not 0 <= args.max_steps <= 50:
+        raise LetsTalkError(f"--max-steps {args.max_steps}: choose 0 (off) or up to 50")
     pipe = LetsTalkPipeline.from_pretrained(args.model, device=device, dtype=dtype, num_steps=args.steps)
     if not pipe.config.trained:
         print("letstalk serve: warning: this model is UNTRAINED (random weights): the avatar will not look like a "
@@ -669,7 +675,8 @@ def _build_engine(args: argparse.Namespace):
     defaults = EngineConfig()
     cap = args.max_sessions or defaults.max_sessions
     return StreamEngine(pipe, EngineConfig(max_sessions=cap, max_batch=min(cap, defaults.max_batch),
-                                           window=args.window, warmup=not args.no_warmup))
+                                           window=args.window, warmup=not args.no_warmup,
+                                           max_steps=args.max_steps))
 
 
 async def _serve(app: web.Application, config: ServerConfig) -> None:

@@ -38,9 +38,10 @@ def test_bench_reports_every_run_and_the_spread_of_repeats(tiny_pipeline, tmp_pa
     assert w["total"] >= w["step_1"] + w["decode"]
 
 
-def test_bench_rejects_bad_counts_before_loading_a_model(capsys):
-    for argv in (["bench", "--repeat", "0"], ["bench", "--sessions", "0,1"], ["bench", "--sessions", "two"]):
+def test_bad_counts_fail_before_a_model_loads(capsys):
+    for argv in (["bench", "--repeat", "0"], ["bench", "--sessions", "0,1"], ["bench", "--sessions", "two"],
+                 ["bench", "--max-steps", "51"], ["demo", "--max-steps", "-1"]):
         assert main(argv + ["--model", "/nonexistent"]) == 2
         err = capsys.readouterr().err
-        assert "--repeat" in err or "--sessions" in err, err
+        assert argv[1] in err, err
         assert "/nonexistent" not in err  # the arguments fail first, not the model

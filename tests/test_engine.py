@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import speechlike
+from letstalk_rt.errors import LetsTalkError
 from letstalk_rt.stream import AudioBufferFull, CapacityError, EngineConfig, StreamEngine
 from letstalk_rt.stream.events import SessionClosed, SessionError, SpeechStarted, SpeechStopped, WindowTimings
 
@@ -371,3 +372,31 @@ def test_windows_are_decoded_in_their_own_thread_and_a_decode_failure_ends_only_
     frames = run(main(False))
     assert len([f for f in frames if not f.filler]) >= 20
     assert seen == {"sample": {"letstalk-engine"}, "decode": {"letstalk-engine"}}
+
+
+def test_max_steps_spends_the_machines_headroom_on_sampling_steps(tiny_pipeline, monkeypatch):
+    """Warm-up raises the steps per window while a full batch fits the budget, every window then runs
+    that many transformer evaluations, and stop() gives the pipeline back its own step count."""
+    base = tiny_pipeline.num_steps
+    calls = []
+    forward = tiny_pipeline.transformer.forward
+    monkeypatch.setattr(tiny_pipeline.transformer, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+
+    async def main(**kw):
+        engine = await _engine(tiny_pipeline, warmup=True, max_batch=2, **kw)
+        chosen = tiny_pipeline.num_steps
+        calls.clear()  # warm-up's evaluations
+        session = await engine.open_session(_portrait(tiny_pipeline, 7))
+        session.push_audio(speechlike(0.8))
+        session.end_speech()
+        await _collect(session, 1.0)
+        await engine.stop()  # the worker finishes its window first
+        return chosen, len(calls), session._w.stream.windows_done
+
+    chosen, n_calls, windows = run(main(max_steps=base + 2, steps_budget=1e6))  # the tiny model fits anything
+    assert chosen == base + 2 and n_calls == chosen * windows
+    assert tiny_pipeline.num_steps == base
+    chosen, n_calls, windows = run(main(max_steps=base + 2, steps_budget=1e-6))  # nothing fits: the model's
+    assert chosen == base and n_calls == base * windows
+    with pytest.raises(LetsTalkError, match="max_steps"):
+        StreamEngine(tiny_pipeline, EngineConfig(max_steps=51))

@@ -91,6 +91,10 @@ class EngineConfig:
     target_latency_ms: float = 0.0  # 0: auto = (window - 1) frames + encoder lookahead + window compute
     # + safety_ms + 1 frame, the least that never runs dry
     warmup: bool = True  # run the largest batch once at start: refuse to start if it cannot run
+    max_steps: int = 0  # quality headroom: at warm-up, raise the sampling steps per window step by step up
+    # to this many while a window of max_batch sessions still takes <= steps_budget of its real-time
+    # duration (more steps: better lips from a distilled model, docs/eval.md); 0: the model's steps, fixed
+    steps_budget: float = 0.5
     decode_thread: bool | None = None  # decode each window in a second thread while the worker samples the
     # next, so the two stages overlap; None: on for CUDA (the decode's launches and copies overlap the next
     # window's), off on a CPU. On a 2-core CPU the two stages fight over the cores when torch uses both per
@@ -473,7 +477,11 @@ class StreamEngine:
         if not 0 <= self.config.window <= pipeline.max_window:
             raise LetsTalkError(f"EngineConfig.window={self.config.window}: this model generates 1..{pipeline.max_window} "
                                 "frames per window (0 uses the model's)")
+        if not 0 <= self.config.max_steps <= 50 or self.config.steps_budget <= 0:
+            raise LetsTalkError(f"EngineConfig.max_steps={self.config.max_steps} must be 0 (off) .. 50 and "
+                                f"steps_budget={self.config.steps_budget} above 0")
         self.window = self.config.window or pipeline.window  # frames per window
+        self.base_steps = pipeline.num_steps  # restored at stop(); warm-up may choose more (max_steps)
         self._lookahead_s = pipeline.audio_tokenizer().lookahead_ms / 1000  # the audio encoder's delay
         self.sessions: dict[str, Session] = {}
         self._reserved = 0
@@ -517,6 +525,7 @@ class StreamEngine:
             await asyncio.to_thread(self._decode_q.put, None)  # after the worker's last window
             await asyncio.to_thread(self._decoder.join, 10)
             self._decoder = None
+        self.pipeline.set_num_steps(self.base_steps)
 
     async def __aenter__(self) -> "StreamEngine":
         return await self.start()
@@ -533,16 +542,36 @@ class StreamEngine:
                             latent=torch.zeros(cfg.transformer.latent_channels, cfg.autoencoder.latent_size,
                                                cfg.autoencoder.latent_size, device=p.device))
         tokens = p.silence_tokens(self.window)
-        for t in sorted({self.window, min(self.config.first_window, self.window)}):
+
+        def window_ms(t: int) -> float:
             streams = [p.new_stream(portrait) for _ in range(self.config.max_batch)]
             try:
                 start = time.perf_counter()
                 lat = p.generate_latents(streams, [tokens[:t]] * len(streams))
                 p.decode(lat.flatten(0, 1))
-                self._gen_ms[t] = (time.perf_counter() - start) * 1000
+                if p.device.type == "cuda":
+                    torch.cuda.synchronize(p.device)
+                return (time.perf_counter() - start) * 1000
             except torch.cuda.OutOfMemoryError:  # type: ignore[attr-defined]
                 raise LetsTalkError(f"warm-up with {self.config.max_batch} sessions per batch ran out of GPU memory; "
                                     "lower max_batch / max_sessions") from None
+
+        p.set_num_steps(self.base_steps)
+        for t in sorted({self.window, min(self.config.first_window, self.window)}):
+            self._gen_ms[t] = window_ms(t)
+        budget = self.config.steps_budget * 1000 * self.window / p.config.fps
+        for steps in range(self.base_steps + 1, self.config.max_steps + 1):  # max_steps: more while they fit
+            p.set_num_steps(steps)
+            ms = min(window_ms(self.window) for _ in range(2))  # the first run of a new shape warms caches
+            if ms > budget:
+                p.set_num_steps(steps - 1)
+                break
+            self._gen_ms[self.window] = ms
+        if p.num_steps != self.base_steps:
+            self._gen_ms[min(self.config.first_window, self.window)] = window_ms(min(self.config.first_window,
+                                                                                     self.window))
+        log.info("engine: %d sampling steps per %d-frame window (%.0f ms for %d sessions)", p.num_steps,
+                 self.window, self._gen_ms[self.window], self.config.max_batch)
 
     # -- sessions
 
