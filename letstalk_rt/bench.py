@@ -10,7 +10,8 @@ For each session count N: N sessions are fed real-time speech (the bundled clip,
 chunks, and each session's video and audio tracks are read by a consumer at their own pace, exactly
 as aiortc's senders read them. Reported: generated frames/s, real-time factor (generated / needed),
 time to first frame, speech-to-screen latency p50/p95/p99, A/V offset at the track output, dropped and
-held frames, peak memory (RSS and CUDA). Then one window's cost broken down: audio encoding, each
+held frames, audio gaps (silence inserted before pushed speech that missed its deadline), peak memory
+(RSS and CUDA). Then one window's cost broken down: audio encoding, each
 sampling step, decoding, so the slowest part is visible.
 """
 
@@ -42,6 +43,7 @@ class RunResult:
     latency_ms_p99: float | None
     av_offset_ms_max: float  # |audio release - video release| for the same 40 ms, at the tracks
     held_frames: int  # frames shown as held (generation late)
+    gap_seconds: float  # silence inserted before pushed audio that missed its deadline (heard as a gap)
     dropped_frames: int  # frames skipped (interrupt / consumer)
     peak_rss_mb: float
     peak_cuda_mb: float | None
@@ -130,7 +132,8 @@ async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np
         realtime_factor=round(generated / needed, 3),
         first_frame_ms_max=round(max(st["first_frame_s"] or 0 for st in stats) * 1000, 1),
         latency_ms_p50=pct(0.5), latency_ms_p95=pct(0.95), latency_ms_p99=pct(0.99),
-        av_offset_ms_max=round(max(offsets) if offsets else 0.0, 1), held_frames=held, dropped_frames=dropped,
+        av_offset_ms_max=round(max(offsets) if offsets else 0.0, 1), held_frames=held,
+        gap_seconds=round(sum(st["gap_inserted_s"] for st in stats), 3), dropped_frames=dropped,
         peak_rss_mb=round(_rss_mb(), 1), peak_cuda_mb=None if cuda is None else round(cuda, 1), steps=steps,
     )
 
@@ -218,7 +221,8 @@ def machine() -> dict:
     return info
 
 
-SPREAD_FIELDS = ("realtime_factor", "first_frame_ms_max", "latency_ms_p50", "latency_ms_p95", "held_frames")
+SPREAD_FIELDS = ("realtime_factor", "first_frame_ms_max", "latency_ms_p50", "latency_ms_p95", "held_frames",
+                 "gap_seconds")
 
 
 def spread(results: list[RunResult]) -> dict:

@@ -121,6 +121,7 @@ def test_silence_keeps_the_avatar_alive_without_speech_events(tiny_pipeline):
         frames = await _collect(session, 2.0)
         events = _drain_events(session)
         await engine.stop()
+        assert session.stats()["gap_inserted_s"] == 0  # idle filler is not a gap: nothing was pushed
         return frames, events
 
     frames, events = run(main())
@@ -400,3 +401,25 @@ def test_max_steps_spends_the_machines_headroom_on_sampling_steps(tiny_pipeline,
     assert chosen == base and n_calls == base * windows
     with pytest.raises(LetsTalkError, match="max_steps"):
         StreamEngine(tiny_pipeline, EngineConfig(max_steps=51))
+
+
+def test_a_stalled_pusher_is_counted_as_an_audio_gap(tiny_pipeline):
+    """Speech that stops arriving mid-utterance: at the deadline the engine inserts silence before the
+    queued speech (the avatar keeps moving) and counts it as a gap; the speech itself is kept, in order."""
+    first, rest = speechlike(0.2, seed=4) + 0.05, speechlike(0.4, seed=5) + 0.05
+
+    async def main():
+        engine = await _engine(tiny_pipeline)
+        session = await engine.open_session(_portrait(tiny_pipeline, 8))
+        reader = asyncio.create_task(_collect(session, 2.5))  # playback runs from the start
+        session.push_audio(first)  # its last frames wait for the encoder's lookahead ...
+        await asyncio.sleep(0.8)  # ... which arrives late: the avatar keeps moving on silence meanwhile
+        session.push_audio(rest)
+        session.end_speech()
+        frames = await reader
+        await engine.stop()
+        return session.stats(), np.concatenate([f.audio for f in frames])
+
+    stats, audio = run(main())
+    assert stats["gap_inserted_s"] >= 0.2
+    np.testing.assert_array_equal(audio[audio != 0], np.concatenate([first, rest]))

@@ -242,6 +242,8 @@ class Session:
         self.latencies: collections.deque[float] = collections.deque(maxlen=10000)  # speech arrival -> shown
         self.dropped = collections.Counter()
         self.silence_skipped_s = 0.0  # pushed silence skipped by the latency catch-up
+        self.gap_inserted_s = 0.0  # silence inserted at a deadline inside an utterance (its last pushed audio
+        # was speech, no end_speech() yet): a gap the user hears, because the speech came too late for its frame
         self._events: asyncio.Queue[Event] = asyncio.Queue(maxsize=engine.config.event_queue_size)
         self._resampler = None
         # shared with the worker thread (guarded by _lock)
@@ -350,6 +352,7 @@ class Session:
             "fillers": self.player.fillers,
             "dropped": dict(self.dropped),
             "silence_skipped_s": round(self.silence_skipped_s, 3),
+            "gap_inserted_s": round(self.gap_inserted_s, 3),
             "first_frame_s": self.first_frame_s,
             "latency_ms_p50": pct(0.50),
             "latency_ms_p95": pct(0.95),
@@ -430,6 +433,7 @@ class _WorkerState:
         self.frames_generated = 0
         self.encode_ms = 0.0
         self.silent_run_s = 0.0  # seconds of silent pushed audio in a row (latency catch-up)
+        self.in_utterance = False  # the last pushed audio was speech (deadline silence now is a gap)
 
     def peek_tokens(self, n: int) -> torch.Tensor:
         """The next n tokens, left in place until drop_tokens (a failed batch is retried per session)."""
@@ -664,7 +668,9 @@ class StreamEngine:
                     break
                 pcm, arrival, speech = s._pcm_in.popleft()
                 s._pending_samples -= len(pcm)
-            if speech and self.config.catch_up and self._skip_silence(s, pcm, arrival, now):
+            voiced = speech and len(pcm) > 0 and float(np.sqrt(np.mean(np.square(pcm)))) > self.config.speech_rms
+            w.in_utterance = voiced  # pushed silence or end_speech() closes an utterance
+            if speech and self.config.catch_up and self._skip_silence(s, pcm, arrival, now, voiced):
                 s.silence_skipped_s += len(pcm) / s.sample_rate
                 continue
             self._feed(w, pcm, arrival, speech)
@@ -690,6 +696,8 @@ class StreamEngine:
                 if w.n_tokens >= want:
                     break
                 self._feed(w, silence, now, False)
+                if w.in_utterance:  # the rest of the utterance will play after this silence
+                    s.gap_inserted_s += len(silence) / s.sample_rate
         w.encode_ms += (time.perf_counter() - t0) * 1000
         return (dry_at, s, want, epoch)
 
@@ -704,12 +712,12 @@ class StreamEngine:
         gen = self._gen_ms.get(self.window, 50.0) / 1000
         return (self.window - 1) / fps + self._lookahead_s + gen + self.config.safety_ms / 1000
 
-    def _skip_silence(self, s: Session, pcm: np.ndarray, arrival: float, now: float) -> bool:
+    def _skip_silence(self, s: Session, pcm: np.ndarray, arrival: float, now: float, voiced: bool) -> bool:
         """Skip this pushed chunk? Only inside a pause (after `catch_up_keep_ms` of it, so gaps between
         syllables and short pauses are kept whole) and only while it would reach the screen later than
         the target plus one frame."""
         w = s._w
-        if not len(pcm) or float(np.sqrt(np.mean(np.square(pcm)))) > self.config.speech_rms:
+        if not len(pcm) or voiced:
             w.silent_run_s = 0.0
             return False
         w.silent_run_s += len(pcm) / s.sample_rate
