@@ -652,6 +652,7 @@ class StreamEngine:
             if s._reset is not None:  # interrupt: start over from what is on screen
                 w.tokenizer = self.pipeline.audio_tokenizer()
                 w.tokens, w.n_tokens, w.timeline = [], 0, collections.deque()
+                w.in_utterance = False
                 latents = s._reset
                 w.stream.memory.reset()
                 if latents:
