@@ -116,7 +116,7 @@ def test_tracks_are_paced_on_one_clock_with_monotonic_pts_and_matching_audio(tin
 
 def test_silence_keeps_the_avatar_alive_without_speech_events(tiny_pipeline):
     async def main():
-        engine = await _engine(tiny_pipeline)
+        engine = await _engine(tiny_pipeline, warmup=True)  # measured window time: deadlines start in time
         session = await engine.open_session(_portrait(tiny_pipeline, 60))
         frames = await _collect(session, 2.0)
         events = _drain_events(session)
