@@ -737,10 +737,8 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path | None:
                              "--fsdp; resume it the same way")
         module.load_state_dict(state["module"])
     if cfg.fsdp:
-        if dist.main:  # checkpoints and the final model are exported from an unsharded copy, on the CPU
-            stage.export_base = copy.deepcopy(comps)
-            for m in stage.export_base.modules().values():
-                m.to("cpu")
+        if dist.main:  # checkpoints and the final model are exported from an unsharded copy on the CPU (read
+            stage.export_base = load_model(cfg.init)  # again: copying the device modules would need GPU memory)
         shard_fsdp(module, dist)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
