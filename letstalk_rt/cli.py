@@ -230,7 +230,7 @@ def _check_max_steps(args: argparse.Namespace) -> None:
         raise LetsTalkError(f"--max-steps {args.max_steps}: choose 0 (off) or up to 50")
 
 
-def _add_window_arg(p: argparse.ArgumentParser) -> None:
+def _add_live_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=0, help=WINDOW_HELP)
     p.add_argument("--max-steps", type=int, default=0, metavar="N", help=MAX_STEPS_HELP)
 
@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="stream the bundled speech through the live engine; record the tracks to mp4")
     p.add_argument("--out", type=Path, default=Path("letstalk_demo.mp4"), help="output .mp4")
     _add_model_args(p)
-    _add_window_arg(p)
+    _add_live_args(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="measure real-time capacity: fps, latency, A/V offset, memory")
@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run each session count this many times and report the median, min and max "
                         "(speed on shared machines varies from run to run)")
     p.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
-    _add_window_arg(p)
+    _add_live_args(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("serve", help="the WebRTC/HTTP server for browsers and the Python SDK")

@@ -213,12 +213,12 @@ class LetsTalkPipeline:
         """Per-frame features (F, L, D) -> tokens (F', M, Dt) (see AudioProjector)."""
         return self.audio_projector(feats[None].to(self.device), pad_left=pad_left, pad_right=pad_right)[0]
 
-    @torch.no_grad()
     def set_num_steps(self, num_steps: int) -> None:
         """Sampling steps per window from the next window on (checked first: a bad count changes nothing)."""
         self.sampler.set_timesteps(num_steps)
         self.num_steps = num_steps
 
+    @torch.no_grad()
     def audio_tokens(self, wav: np.ndarray) -> Tensor:
         """Offline: a whole 16 kHz mono signal -> tokens (F, M, Dt), F = ceil(len / samples_per_frame)."""
         x = torch.as_tensor(np.asarray(wav, dtype=np.float32), device=self.device)[None]  # (1, S)

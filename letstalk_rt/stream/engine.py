@@ -561,19 +561,14 @@ class StreamEngine:
                                     "lower max_batch / max_sessions") from None
 
         p.set_num_steps(self.base_steps)
-        for t in sorted({self.window, min(self.config.first_window, self.window)}):
-            self._gen_ms[t] = window_ms(t)
         budget = self.config.steps_budget * 1000 * self.window / p.config.fps
         for steps in range(self.base_steps + 1, self.config.max_steps + 1):  # max_steps: more while they fit
             p.set_num_steps(steps)
-            ms = min(window_ms(self.window) for _ in range(2))  # the first run of a new shape warms caches
-            if ms > budget:
+            if min(window_ms(self.window) for _ in range(2)) > budget:  # the first run of a shape warms caches
                 p.set_num_steps(steps - 1)
                 break
-            self._gen_ms[self.window] = ms
-        if p.num_steps != self.base_steps:
-            self._gen_ms[min(self.config.first_window, self.window)] = window_ms(min(self.config.first_window,
-                                                                                     self.window))
+        for t in sorted({self.window, min(self.config.first_window, self.window)}):  # at the steps chosen
+            self._gen_ms[t] = window_ms(t)
         log.info("engine: %d sampling steps per %d-frame window (%.0f ms for %d sessions)", p.num_steps,
                  self.window, self._gen_ms[self.window], self.config.max_batch)
 

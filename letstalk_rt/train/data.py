@@ -364,7 +364,8 @@ def audio_window(audio: np.ndarray, start: int, num_frames: int, margin: int, le
 
 
 def module_fingerprint(module: torch.nn.Module) -> str:
-    """16 hex digits over a module's config and weights: the key of a cache of what it computes."""
+    """16 hex digits over a module's config and weights: the key of a cache of what it computes (for the
+    autoencoder the scaling factor is in its config, for wav2vec2 the chunk and context lengths)."""
     h = hashlib.sha256()
     h.update(repr(module.config).encode())
     for name, t in sorted(module.state_dict().items()):
@@ -373,12 +374,32 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def autoencoder_fingerprint(ae: torch.nn.Module) -> str:
-    """The latent cache's key: the autoencoder's weights and config (scaling factor included)."""
-    return module_fingerprint(ae)
+class _ClipRowCache:
+    """One fp16 safetensors file per clip holding a row per frame (tensor `KEY`), memory-mapped; built by
+    `_fill`, which encodes only the clips not cached yet (resumable) and writes each file atomically."""
+
+    KEY = ""
+
+    def __init__(self, directory: Path, dataset: ClipDataset) -> None:
+        self.directory = directory
+        self.rows = [read_safetensors_mmap(directory / f"{_safe_name(c.name)}.safetensors")[0][self.KEY]
+                     for c in dataset.clips]  # (N, ...) float16 each
+
+    def get(self, clip: int, frames: np.ndarray) -> Tensor:
+        return torch.from_numpy(np.array(self.rows[clip][frames], dtype=np.float32))  # (n, ...)
+
+    @classmethod
+    def _fill(cls, directory: Path, dataset: ClipDataset, encode, desc: str, progress: bool) -> None:
+        """encode(clip) -> (N, ...) tensor for every clip without a file yet."""
+        from tqdm import tqdm
+
+        todo = [c for c in dataset.clips if not (directory / f"{_safe_name(c.name)}.safetensors").is_file()]
+        for clip in tqdm(todo, desc=desc, unit="clip", disable=not progress, leave=False):
+            write_safetensors_atomic(directory / f"{_safe_name(clip.name)}.safetensors",
+                                     {cls.KEY: encode(clip).float().cpu().half().numpy()}, {"clip": clip.name})
 
 
-class LatentCache:
+class LatentCache(_ClipRowCache):
     """Every frame's scaled latent (fp16) per clip, in `DATA/.letstalk_cache/latents-S-FINGERPRINT/`.
 
     `noise_std` is the latent-space stand-in for the paper's pixel noise on memory and reference frames:
@@ -387,37 +408,28 @@ class LatentCache:
     where the true perturbation is shaped by the encoder's Jacobian: the documented approximation).
     """
 
-    def __init__(self, directory: Path, dataset: ClipDataset) -> None:
-        self.directory = directory
-        meta = json.loads((directory / "meta.json").read_text())
-        self.noise_std = float(meta["noise_std"])
-        self.latents = [read_safetensors_mmap(directory / f"{_safe_name(c.name)}.safetensors")[0]["latents"]
-                        for c in dataset.clips]  # (N, C, h, w) float16 each
+    KEY = "latents"
 
-    def get(self, clip: int, frames: np.ndarray) -> Tensor:
-        return torch.from_numpy(np.array(self.latents[clip][frames], dtype=np.float32))  # (n, C, h, w)
+    def __init__(self, directory: Path, dataset: ClipDataset) -> None:
+        super().__init__(directory, dataset)
+        self.noise_std = float(json.loads((directory / "meta.json").read_text())["noise_std"])
 
     @staticmethod
     def path_for(dataset: ClipDataset, ae: torch.nn.Module) -> Path:
-        return dataset.cache_dir / f"latents-{dataset.image_size}-{autoencoder_fingerprint(ae)}"
+        return dataset.cache_dir / f"latents-{dataset.image_size}-{module_fingerprint(ae)}"
 
     @classmethod
     @torch.no_grad()
     def build(cls, dataset: ClipDataset, ae: torch.nn.Module, pixel_noise: float, device: torch.device,
               batch_size: int = 64, progress: bool = True) -> "LatentCache":
         """Encode the clips not yet cached (resumable: finished clips are kept); returns the cache."""
-        from tqdm import tqdm
-
         from ..models.autoencoder import encode_frames
 
         directory = cls.path_for(dataset, ae)
         ae = ae.to(device).eval()
-        todo = [c for c in dataset.clips if not (directory / f"{_safe_name(c.name)}.safetensors").is_file()]
-        for clip in tqdm(todo, desc="latent cache", unit="clip", disable=not progress, leave=False):
-            lat = torch.cat([encode_frames(ae, np.array(clip.frames[i:i + batch_size]))
-                             for i in range(0, clip.num_frames, batch_size)])  # (N, C, h, w)
-            write_safetensors_atomic(directory / f"{_safe_name(clip.name)}.safetensors",
-                                     {"latents": lat.cpu().half().numpy()}, {"clip": clip.name})
+        cls._fill(directory, dataset, lambda clip: torch.cat([
+            encode_frames(ae, np.array(clip.frames[i:i + batch_size]))
+            for i in range(0, clip.num_frames, batch_size)]), "latent cache", progress)  # (N, C, h, w) a clip
         if not (directory / "meta.json").is_file():
             frames = np.array(dataset.clips[0].frames[:min(16, dataset.clips[0].num_frames)])  # (n, S, S, 3)
             x = torch.from_numpy(frames).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (n, 3, S, S)
@@ -438,7 +450,7 @@ class LatentCache:
 # --------------------------------------------------------------------------------------------------
 
 
-class AudioFeatureCache:
+class AudioFeatureCache(_ClipRowCache):
     """Every frame's audio features (F, L, D), fp16, per clip, in `DATA/.letstalk_cache/audio-FINGERPRINT/`.
 
     For an encoder that works on chunks of many frames (wav2vec2: 2 s chunks with 1 s of left context),
@@ -449,13 +461,7 @@ class AudioFeatureCache:
     rows. Keyed by a fingerprint of the encoder's weights and config (chunk and context lengths included).
     """
 
-    def __init__(self, directory: Path, dataset: ClipDataset) -> None:
-        self.directory = directory
-        self.features = [read_safetensors_mmap(directory / f"{_safe_name(c.name)}.safetensors")[0]["features"]
-                         for c in dataset.clips]  # (F, L, D) float16 each
-
-    def get(self, clip: int, frames: np.ndarray) -> Tensor:
-        return torch.from_numpy(np.array(self.features[clip][frames], dtype=np.float32))  # (n, L, D)
+    KEY = "features"
 
     @staticmethod
     def path_for(dataset: ClipDataset, encoder: torch.nn.Module) -> Path:
@@ -466,16 +472,13 @@ class AudioFeatureCache:
     def build(cls, dataset: ClipDataset, encoder: torch.nn.Module, device: torch.device,
               progress: bool = True) -> "AudioFeatureCache":
         """Encode the clips not yet cached (resumable: finished clips are kept); returns the cache."""
-        from tqdm import tqdm
-
         directory = cls.path_for(dataset, encoder)
         encoder = encoder.to(device).eval()
-        todo = [c for c in dataset.clips if not (directory / f"{_safe_name(c.name)}.safetensors").is_file()]
-        for clip in tqdm(todo, desc="audio feature cache", unit="clip", disable=not progress, leave=False):
+
+        def encode(clip: Clip) -> Tensor:
             wav = torch.from_numpy(np.array(clip.audio, dtype=np.float32)).to(device)[None]  # (1, N * 640)
-            feats = encoder(wav)[0][:clip.num_frames]  # (N, L, D)
-            write_safetensors_atomic(directory / f"{_safe_name(clip.name)}.safetensors",
-                                     {"features": feats.float().cpu().half().numpy()}, {"clip": clip.name})
+            return encoder(wav)[0][:clip.num_frames]  # (N, L, D)
+
+        cls._fill(directory, dataset, encode, "audio feature cache", progress)
         encoder.to("cpu")
         return cls(directory, dataset)
-
