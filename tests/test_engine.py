@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -423,3 +426,33 @@ def test_a_stalled_pusher_is_counted_as_an_audio_gap(tiny_pipeline):
     stats, audio = run(main())
     assert stats["gap_inserted_s"] >= 0.2
     np.testing.assert_array_equal(audio[audio != 0], np.concatenate([first, rest]))
+
+
+_FAULTS = """
+import resource, sys
+import torch
+from letstalk_rt.stream.engine import keep_heap
+kept = keep_heap() if sys.argv[1] == "keep" else None
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(6):  # a 40 MB block, freed and allocated again (above glibc's adaptive 32 MB mmap limit)
+    a = torch.ones(10 * 2**20)
+    del a
+print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
+def test_keep_heap_reuses_freed_blocks_instead_of_faulting_them_in_again():
+    def run(mode: str, **env) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True,
+                             env={**os.environ, **env}).stdout.split()
+        return out[0], int(out[1])
+
+    _, default_faults = run("default")
+    kept, kept_faults = run("keep")
+    if kept != "True":
+        pytest.skip("not glibc")
+    pages = 40 * 2**20 // 4096
+    assert default_faults > 5 * pages  # every allocation mapped and faulted in anew
+    assert kept_faults < 3 * pages  # faulted in once (torch.ones touches it twice), then reused
+    assert run("keep", MALLOC_TRIM_THRESHOLD_="1")[0] == "False"  # the user's own malloc settings win

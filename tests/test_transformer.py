@@ -8,7 +8,7 @@ import torch
 
 from letstalk_rt.config import FUSIONS, TransformerConfig, model_preset
 from letstalk_rt.errors import ModelError
-from letstalk_rt.models.letstalk import LetsTalkTransformer, LinearAttention, relu_linear_attention
+from letstalk_rt.models.letstalk import LetsTalkTransformer, LinearAttention, relu_linear_attention, softmax_attention
 
 
 def tiny_config(**overrides) -> TransformerConfig:
@@ -85,6 +85,18 @@ def test_relu_linear_attention_equals_explicit_kernel_formula():
     q0 = q.clone()
     q0[0, 0, 0] = -q0[0, 0, 0].abs()
     assert torch.equal(relu_linear_attention(q0, k, v)[0, 0, 0], torch.zeros(8))
+
+
+@pytest.mark.parametrize("q_len,kv_len", [(6, 6), (64, 8), (1, 5)])
+def test_cpu_softmax_attention_equals_the_fused_kernel(q_len, kv_len):
+    # the CPU path writes the attention out (faster for the model's short sequences); it must be the same function
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 4, q_len, 32, generator=g)
+    k, v = torch.randn(2, 3, 4, kv_len, 32, generator=g)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(softmax_attention(q, k, v), ref, rtol=1e-5, atol=1e-5)
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    torch.testing.assert_close(softmax_attention(qb, kb, vb).float(), ref, rtol=0.05, atol=0.05)
 
 
 def test_linear_attention_module_equals_explicit_per_head_formula():

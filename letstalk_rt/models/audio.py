@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from ..config import AudioConfig
 from ..errors import ModelError
+from .letstalk import softmax_attention
 
 # --------------------------------------------------------------------------------------------------
 # Mel front end
@@ -307,7 +308,7 @@ class _EncoderLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         qkv = self.qkv(self.norm1(x))  # (N, W, 3D)
         q, k, v = rearrange(qkv, "n w (three h e) -> three n h w e", three=3, h=self.num_heads)  # (N, h, W, e)
-        a = F.scaled_dot_product_attention(q, k, v)  # (N, h, W, e)
+        a = softmax_attention(q, k, v)  # (N, h, W, e)
         x = x + self.proj(rearrange(a, "n h w e -> n w (h e)"))  # (N, W, D)
         return x + self.mlp(self.norm2(x))  # (N, W, D)
 
