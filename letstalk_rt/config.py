@@ -35,6 +35,13 @@ class AutoencoderConfig:
     block_channels: tuple[int, ...] = (128, 256, 512, 512, 1024, 1024)
     layers_per_block: int = 2  # residual blocks per stage (encoder and decoder alike)
     scaling_factor: float = 1.0  # latents are multiplied by this after encode so their std is ~1
+    # The decoder's stage widths when they differ from the encoder's (as many entries, finest first): a
+    # narrower decoder for the same latent space, trained by `letstalk train --stage decoder`. None: block_channels.
+    decoder_channels: tuple[int, ...] | None = None
+
+    @property
+    def decoder_widths(self) -> tuple[int, ...]:
+        return self.decoder_channels or self.block_channels
 
     @property
     def downsample(self) -> int:

@@ -21,7 +21,8 @@ from letstalk_rt.config import model_preset
 from letstalk_rt.errors import InputError, LetsTalkError, ModelError
 from letstalk_rt.pipeline import LetsTalkPipeline
 from letstalk_rt.train.data import audio_window, open_dataset, plan_windows
-from letstalk_rt.train.trainer import Dist, DistillStage, FlowObjective, TrainConfig, TransformerStage, train
+from letstalk_rt.train.trainer import (DecoderStage, Dist, DistillStage, FlowObjective, TrainConfig, TransformerStage, train,
+                                      with_decoder)
 
 SIZE, SPF = 32, 640
 
@@ -249,6 +250,43 @@ def test_transformer_loss_goes_down(tmp_path, init_dir, shards):
     assert after < 0.7 * before, (before, after)
 
 
+def test_decoder_stage_trains_a_narrower_decoder_for_the_same_latent_space(tmp_path, init_dir, shards):
+    narrow = (4, 8, 16)  # the tiny preset's autoencoder is (8, 16, 16)
+    cfg = _cfg("decoder", shards, init_dir, tmp_path / "run", out=tmp_path / "m", steps=40, batch=8, lr=3e-3,
+               warmup=5, ema=0.5, schedule="constant", decoder_channels=narrow)
+    out = train(cfg)
+
+    def fixed_loss(comps) -> float:
+        stage = DecoderStage(cfg, comps, open_dataset(shards, SIZE, progress=False), Dist())
+        batch = stage.finish(stage.make_batch(10**6, range(16)))  # frames no training step saw
+        with torch.no_grad():
+            return float(stage.loss(stage.module, batch))
+
+    torch.manual_seed(0)
+    before = fixed_loss(with_decoder(load_model(init_dir), narrow))  # the freshly initialised narrow decoder
+    after = fixed_loss(load_model(out))
+    print(f"fixed-batch reconstruction loss {before:.4f} -> {after:.4f}")
+    assert after < 0.7 * before, (before, after)
+
+    old, new = json.loads((init_dir / "config.json").read_text()), json.loads((out / "config.json").read_text())
+    assert new["autoencoder"]["decoder_channels"] == list(narrow)
+    assert new["autoencoder"]["scaling_factor"] == old["autoencoder"]["scaling_factor"]  # the latents are the same
+    assert {k: v for k, v in new.items() if k not in ("autoencoder", "trained", "description")} == \
+        {k: v for k, v in old.items() if k not in ("autoencoder", "trained", "description")}
+    for name in ("transformer", "audio_projector", "audio_encoder"):
+        a, b = load_file(str(init_dir / f"{name}.safetensors")), load_file(str(out / f"{name}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    a, b = load_file(str(init_dir / "autoencoder.safetensors")), load_file(str(out / "autoencoder.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("encoder."))
+    assert sum(v.numel() for k, v in b.items() if k.startswith("decoder.")) < \
+        sum(v.numel() for k, v in a.items() if k.startswith("decoder."))
+    frames, audio, _ = _talking_face(24, SIZE, seed=0)
+    _generates(out, frames, audio)  # the pipeline streams with the new decoder
+
+    with pytest.raises(InputError, match="decoder-channels"):  # resuming with other widths: told what to pass
+        train(dataclasses.replace(cfg, steps=45, resume=True, decoder_channels=(8, 8, 16)))
+
+
 def test_anchored_memory_is_trained_as_inference_uses_it(tmp_path, init_dir, shards):
     """With train_anchor_prob 1, memory slot 0 holds the sample's portrait (only the small forward
     diffusion apart) and is visible except where the regularisation masks it; with 0, it never does."""
@@ -386,6 +424,10 @@ def test_bad_inputs(tmp_path, init_dir, shards, capsys):
     with pytest.raises(InputError, match="frames a training window needs"):
         short = make_shards(tmp_path / "short", clips=1, frames=3)
         train(_cfg("transformer", short, init_dir, tmp_path / "run"))
+    with pytest.raises(ModelError, match="as many stages"):  # the latent grid must stay the same
+        train(_cfg("decoder", shards, init_dir, tmp_path / "run", decoder_channels=(8, 16)))
+    with pytest.raises(ModelError, match="to divide 4"):
+        train(_cfg("decoder", shards, init_dir, tmp_path / "run", decoder_channels=(4, 32, 16)))
     # the CLI prints one line and exits 2
     code = cli_main(["train", "--stage", "autoencoder", "--data", str(tmp_path / "empty"), "--init", str(init_dir),
                      "--run", str(tmp_path / "run"), "--quiet"])

@@ -16,6 +16,9 @@ every change of resolution or width has a parameter-free *residual shortcut* bes
 So the convs only learn residuals on top of a fixed, lossless-as-possible reshuffle of the pixels, which
 is what makes high compression trainable. Everything here is convolution at fixed stride, so the
 autoencoder works on any H, W divisible by f and each frame is processed independently (batch = frames).
+The decoder may be narrower than the encoder (`AutoencoderConfig.decoder_channels`): decoding runs every
+window of a live stream, encoding only once per portrait, so a CPU deployment trains a cheaper decoder
+for the same latents (`letstalk train --stage decoder`).
 
 Also here: `DiffusersDCAE` / `load_diffusers_dcae`, which wrap public DC-AE weights a user has on disk in
 diffusers format behind the same encode/decode contract, and the uint8 <-> [-1, 1] frame helpers the
@@ -186,12 +189,13 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
     """conv_in from the latent + channel-repeat shortcut; then per stage i, coarsest first: an
-    UpShortcut from block_channels[i+1] (not in the coarsest stage) and layers_per_block ResBlocks at
-    block_channels[i]; out: RMSNorm, SiLU, conv3x3 to RGB."""
+    UpShortcut from ch[i+1] (not in the coarsest stage) and layers_per_block ResBlocks at ch[i]; out:
+    RMSNorm, SiLU, conv3x3 to RGB. ch = config.decoder_widths (block_channels unless the decoder was
+    made narrower than the encoder)."""
 
     def __init__(self, config: AutoencoderConfig) -> None:
         super().__init__()
-        ch = config.block_channels
+        ch = config.decoder_widths
         self.conv_in = nn.Conv2d(config.latent_channels, ch[-1], 3, padding=1)
         stages = []
         for i in reversed(range(len(ch))):
@@ -220,17 +224,20 @@ class Decoder(nn.Module):
 
 def check_config(config: AutoencoderConfig) -> None:
     """Raise ModelError with the fix when the widths do not allow the parameter-free shortcuts."""
-    ch = config.block_channels
-    if len(ch) < 1 or config.layers_per_block < 0:
+    if len(config.block_channels) < 1 or config.layers_per_block < 0:
         raise ModelError(f"autoencoder needs at least one stage and layers_per_block >= 0, got {config}")
-    for a, b in itertools.pairwise(ch):
-        if (4 * a) % b:
-            raise ModelError(f"autoencoder block_channels {ch}: a {a}->{b} stage needs {b} to divide 4*{a} "
-                             "(the space-to-channel and channel-to-space shortcuts); make each width "
-                             "equal to, twice or four times the previous one")
-    if ch[-1] % config.latent_channels:
-        raise ModelError(f"autoencoder latent_channels {config.latent_channels} must divide the last block "
-                         f"width {ch[-1]} (bottleneck shortcut)")
+    if config.decoder_channels is not None and len(config.decoder_channels) != len(config.block_channels):
+        raise ModelError(f"autoencoder decoder_channels {config.decoder_channels} must have as many stages as "
+                         f"block_channels {config.block_channels} (the same latent grid)")
+    for name, ch in (("block_channels", config.block_channels), ("decoder_channels", config.decoder_widths)):
+        for a, b in itertools.pairwise(ch):
+            if (4 * a) % b:
+                raise ModelError(f"autoencoder {name} {ch}: a {a}->{b} stage needs {b} to divide 4*{a} (the "
+                                 "space-to-channel and channel-to-space shortcuts); make each width equal to, "
+                                 "twice or four times the previous one")
+        if ch[-1] % config.latent_channels:
+            raise ModelError(f"autoencoder latent_channels {config.latent_channels} must divide the last width "
+                             f"of {name} {ch} (bottleneck shortcut)")
 
 
 class DCAutoencoder(nn.Module):

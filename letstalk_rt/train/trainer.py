@@ -35,6 +35,11 @@ Three stages, each its own run, each starting from a model directory and ending 
    training x_t. t is half the time one of the student's `--student-steps` sampling times, otherwise
    uniform; conditions are never dropped. The output config samples in `--student-steps` steps with both
    guidance scales 1.
+4. **decoder** (optional, any time after 1): a new decoder for the frozen encoder's latent space, e.g. a
+   narrower one for CPUs (`--decoder-channels 8,16,32,64,128`; without it the current decoder is
+   fine-tuned). The encoder, its scaling factor, the audio modules and the transformer are copied
+   unchanged, so a transformer trained on those latents works with the new decoder as it is. Same loss
+   and batches as the autoencoder stage; the encoder runs without gradients.
 
 Every stage: AdamW, linear warm-up then cosine (to 10 %) or constant LR, gradient clipping, an EMA of the
 trained weights (what is exported), bf16 autocast on CUDA (fp32 on the CPU), checkpoints every
@@ -79,10 +84,11 @@ from ..checkpoint import Components, load_model, save_model
 from ..diffusion import EulerSampler, FlowMatching, Guidance
 from ..errors import InputError, LetsTalkError, ModelError, OutputError
 from ..memory import anchor_cell_mask, regularize_memory
+from ..models.autoencoder import DCAutoencoder
 from .data import (AudioFeatureCache, ClipDataset, LatentCache, audio_window, open_dataset, plan_frames,
                    plan_windows, sample_generator, window_frame_indices)
 
-STAGES = ("autoencoder", "transformer", "distill")
+STAGES = ("autoencoder", "transformer", "distill", "decoder")
 MIN_LR_RATIO = 0.1  # the cosine schedule ends at this fraction of --lr
 
 
@@ -123,6 +129,7 @@ class TrainConfig:
     window: int = 0  # transformer/distill: frames per training window, 1..num_frames (0: num_frames); train
     # a student on the model's sampling.stream_window when it streams shorter windows than num_frames
     fsdp: bool = False  # shard parameters with FSDP instead of replicating them with DDP (multi-GPU)
+    decoder_channels: tuple[int, ...] | None = None  # decoder stage: the new decoder's widths (None: the current)
     progress: bool = True  # tqdm bar on rank 0
 
 
@@ -308,6 +315,55 @@ class AutoencoderStage(Stage):
         comps.config.autoencoder.scaling_factor = float(comps.config.autoencoder.scaling_factor
                                                         / torch.stack(stds).mean().clamp_min(1e-6))
         return comps
+
+
+class DecoderObjective(nn.Module):
+    """A decoder trained on the frozen encoder's latents: images -> unclamped reconstruction."""
+
+    def __init__(self, autoencoder: nn.Module) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder
+        autoencoder.encoder.requires_grad_(False)
+
+    def forward(self, images: Tensor) -> Tensor:
+        with torch.no_grad():
+            z = self.autoencoder.encoder(images)  # (B, C, h, w), unscaled
+        return self.autoencoder.decoder(z)  # (B, 3, H, W)
+
+
+def with_decoder(comps: Components, channels: tuple[int, ...] | None) -> Components:
+    """comps with a freshly initialised decoder of these widths (the encoder's weights kept); as is for None
+    or the widths it has."""
+    ae_cfg = comps.config.autoencoder
+    if channels is None or tuple(channels) == ae_cfg.decoder_widths:
+        return comps
+    if not isinstance(comps.autoencoder, DCAutoencoder):
+        raise InputError("--decoder-channels: this model's autoencoder is a loaded diffusers DC-AE; a new decoder "
+                         "can be trained for the project's own autoencoder only (omit the flag to fine-tune)")
+    ae_cfg = dataclasses.replace(ae_cfg, decoder_channels=tuple(channels))
+    ae = DCAutoencoder(ae_cfg)  # checks the widths (ModelError names the rule)
+    ae.encoder.load_state_dict(comps.autoencoder.encoder.state_dict())
+    comps.autoencoder = ae.to(next(comps.autoencoder.parameters()).device)
+    comps.config.autoencoder = ae_cfg
+    return comps
+
+
+class DecoderStage(AutoencoderStage):
+    """A new (or fine-tuned) decoder for the frozen latent space; everything else exported unchanged."""
+
+    name = "decoder"
+
+    def __init__(self, cfg: TrainConfig, comps: Components, dataset: ClipDataset, dist: Dist) -> None:
+        super().__init__(cfg, with_decoder(comps, cfg.decoder_channels), dataset, dist)
+
+    def objective(self, comps: Components) -> nn.Module:
+        return DecoderObjective(comps.autoencoder)
+
+    def export(self, ema_state: dict[str, Tensor]) -> Components:
+        """Stage.export: the latents' scale is the encoder's and stays as it is."""
+        if self.export_base is not None:  # FSDP: the unsharded copy was read from --init (the old decoder)
+            self.export_base = with_decoder(self.export_base, self.cfg.decoder_channels)
+        return Stage.export(self, ema_state)
 
 
 class TransformerStage(Stage):
@@ -544,7 +600,8 @@ class DistillStage(TransformerStage):
         return comps
 
 
-STAGE_CLASSES: dict[str, type[Stage]] = {"autoencoder": AutoencoderStage, "transformer": TransformerStage,
+STAGE_CLASSES: dict[str, type[Stage]] = {"autoencoder": AutoencoderStage, "decoder": DecoderStage,
+                                         "transformer": TransformerStage,
                                          "distill": DistillStage}
 
 
@@ -719,7 +776,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path | None:
         dataset = open_dataset(cfg.data, comps.config.image_size, cfg.split, build_cache=False, progress=False)
     stage = STAGE_CLASSES[cfg.stage](cfg, comps, dataset, dist)
     module = stage.module.to(dist.device)
-    if cfg.stage == "autoencoder":
+    if cfg.stage in ("autoencoder", "decoder"):
         for name in ("audio_encoder", "audio_projector", "transformer"):
             getattr(comps, name).requires_grad_(False)
 
@@ -735,7 +792,12 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path | None:
         if state.get("fsdp", False) != cfg.fsdp:
             raise InputError(f"--resume: '{cfg.run}' was trained {'with' if state.get('fsdp') else 'without'} "
                              "--fsdp; resume it the same way")
-        module.load_state_dict(state["module"])
+        try:
+            module.load_state_dict(state["module"])
+        except RuntimeError as e:
+            raise InputError(f"--resume: the checkpoint in '{cfg.run}' does not fit the model built from --init "
+                             f"'{cfg.init}' and these flags (pass the same --init and --decoder-channels as the run "
+                             f"that wrote it): {str(e).splitlines()[0]}") from None
     if cfg.fsdp:
         if dist.main:  # checkpoints and the final model are exported from an unsharded copy on the CPU (read
             stage.export_base = load_model(cfg.init)  # again: copying the device modules would need GPU memory)
@@ -956,7 +1018,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=d.window,
                    help="transformer/distill: frames per training window (default 0: the model's num_frames)")
     p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state with FSDP2 instead of replicating them with DDP (L/XL)")
+    p.add_argument("--decoder-channels", type=_widths, default=None, metavar="W0,W1,...",
+                   help="decoder stage: widths of the new decoder's stages, finest first, as many as the "
+                        "autoencoder's (e.g. 8,16,32,64,128: a cheaper decoder for CPUs); default: fine-tune the current one")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 8,16,32,64,128") from None
+    if not widths or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: widths must be positive integers")
+    return widths
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -968,7 +1043,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         stop_after=args.stop_after, split=args.split, workers=args.workers, mouth_weight=args.mouth_weight,
         latent_cache=not args.no_latent_cache, teacher_steps=args.teacher_steps,
         student_steps=args.student_steps, distill_target=args.distill_target, window=args.window, fsdp=args.fsdp,
-        progress=not args.quiet)
+        decoder_channels=args.decoder_channels, progress=not args.quiet)
 
 
 def main(args: argparse.Namespace) -> None:
