@@ -37,7 +37,9 @@ class AutoencoderConfig:
     scaling_factor: float = 1.0  # latents are multiplied by this after encode so their std is ~1
     # The decoder's stage widths when they differ from the encoder's (as many entries, finest first): a
     # narrower decoder for the same latent space, trained by `letstalk train --stage decoder`. None: block_channels.
-    decoder_channels: tuple[int, ...] | None = None
+    # Left out of repr(): caches of what the autoencoder computes are keyed by repr(config) + weights
+    # (train.data.module_fingerprint), and the keys of models without it must stay what they were.
+    decoder_channels: tuple[int, ...] | None = field(default=None, repr=False)
 
     @property
     def decoder_widths(self) -> tuple[int, ...]:

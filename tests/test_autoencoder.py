@@ -279,3 +279,15 @@ def test_diffusers_dcae_loads_from_disk_and_matches_the_original(tmp_path):
 
     frames = np.random.default_rng(2).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
     assert decode_to_uint8(ae, encode_frames(ae, frames)).shape == (2, 32, 32, 3)
+
+
+def test_decoder_widths_default_to_the_encoders_and_leave_cache_keys_unchanged():
+    # caches of latents are keyed by repr(config) + weights; models without a narrower decoder keep their keys
+    cfg = AutoencoderConfig(image_size=32, latent_channels=4, block_channels=(8, 16, 16), layers_per_block=1)
+    assert cfg.decoder_widths == (8, 16, 16) and "decoder_channels" not in repr(cfg)
+    narrow = dataclasses.replace(cfg, decoder_channels=(4, 8, 16))
+    ae = DCAutoencoder(narrow)
+    assert ae.decoder.conv_out.in_channels == 4 and ae.encoder.conv_in.out_channels == 8
+    assert ae.decode(torch.zeros(2, 4, 8, 8)).shape == (2, 3, 32, 32)
+    with pytest.raises(ModelError, match="as many stages"):
+        DCAutoencoder(dataclasses.replace(cfg, decoder_channels=(8, 16)))
