@@ -262,7 +262,8 @@ def test_decoder_stage_trains_a_narrower_decoder_for_the_same_latent_space(tmp_p
         with torch.no_grad():
             return float(stage.loss(stage.module, batch))
 
-    torch.manual_seed(0)
+    fresh = [with_decoder(load_model(init_dir), narrow, seed=0).autoencoder.decoder.state_dict() for _ in range(2)]
+    assert all(torch.equal(fresh[0][k], fresh[1][k]) for k in fresh[0])  # the new decoder's init follows --seed
     before = fixed_loss(with_decoder(load_model(init_dir), narrow))  # the freshly initialised narrow decoder
     after = fixed_loss(load_model(out))
     print(f"fixed-batch reconstruction loss {before:.4f} -> {after:.4f}")

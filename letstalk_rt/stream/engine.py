@@ -31,10 +31,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
+import ctypes.util
 import dataclasses
 import itertools
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -116,10 +119,6 @@ def keep_heap(mmap_threshold_mb: int = 64, trim_threshold_mb: int = 256) -> bool
     (False) where the C library is not glibc. Environment variables `MALLOC_MMAP_THRESHOLD_` /
     `MALLOC_TRIM_THRESHOLD_`, where set, win.
     """
-    import ctypes
-    import ctypes.util
-    import os
-
     if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
         return False
     try:

@@ -331,9 +331,9 @@ class DecoderObjective(nn.Module):
         return self.autoencoder.decoder(z)  # (B, 3, H, W)
 
 
-def with_decoder(comps: Components, channels: tuple[int, ...] | None) -> Components:
-    """comps with a freshly initialised decoder of these widths (the encoder's weights kept); as is for None
-    or the widths it has."""
+def with_decoder(comps: Components, channels: tuple[int, ...] | None, seed: int = 0) -> Components:
+    """comps with a decoder of these widths initialised from `seed` (the encoder's weights kept); as is for
+    None or the widths it has."""
     ae_cfg = comps.config.autoencoder
     if channels is None or tuple(channels) == ae_cfg.decoder_widths:
         return comps
@@ -341,7 +341,9 @@ def with_decoder(comps: Components, channels: tuple[int, ...] | None) -> Compone
         raise InputError("--decoder-channels: this model's autoencoder is a loaded diffusers DC-AE; a new decoder "
                          "can be trained for the project's own autoencoder only (omit the flag to fine-tune)")
     ae_cfg = dataclasses.replace(ae_cfg, decoder_channels=tuple(channels))
-    ae = DCAutoencoder(ae_cfg)  # checks the widths (ModelError names the rule)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        ae = DCAutoencoder(ae_cfg)  # checks the widths (ModelError names the rule)
     ae.encoder.load_state_dict(comps.autoencoder.encoder.state_dict())
     comps.autoencoder = ae.to(next(comps.autoencoder.parameters()).device)
     comps.config.autoencoder = ae_cfg
@@ -354,7 +356,7 @@ class DecoderStage(AutoencoderStage):
     name = "decoder"
 
     def __init__(self, cfg: TrainConfig, comps: Components, dataset: ClipDataset, dist: Dist) -> None:
-        super().__init__(cfg, with_decoder(comps, cfg.decoder_channels), dataset, dist)
+        super().__init__(cfg, with_decoder(comps, cfg.decoder_channels, cfg.seed), dataset, dist)
 
     def objective(self, comps: Components) -> nn.Module:
         return DecoderObjective(comps.autoencoder)
@@ -362,7 +364,7 @@ class DecoderStage(AutoencoderStage):
     def export(self, ema_state: dict[str, Tensor]) -> Components:
         """Stage.export: the latents' scale is the encoder's and stays as it is."""
         if self.export_base is not None:  # FSDP: the unsharded copy was read from --init (the old decoder)
-            self.export_base = with_decoder(self.export_base, self.cfg.decoder_channels)
+            self.export_base = with_decoder(self.export_base, self.cfg.decoder_channels, self.cfg.seed)
         return Stage.export(self, ema_state)
 
 
