@@ -454,5 +454,5 @@ def test_keep_heap_reuses_freed_blocks_instead_of_faulting_them_in_again():
         pytest.skip("not glibc")
     pages = 40 * 2**20 // 4096
     assert default_faults > 5 * pages  # every allocation mapped and faulted in anew
-    assert kept_faults < 3 * pages  # faulted in once (torch.ones touches it twice), then reused
+    assert kept_faults < 3 * pages  # faulted in once or twice (where the heap places it), then reused
     assert run("keep", MALLOC_TRIM_THRESHOLD_="1")[0] == "False"  # the user's own malloc settings win

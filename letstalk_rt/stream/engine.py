@@ -113,8 +113,8 @@ def keep_heap(mmap_threshold_mb: int = 64, trim_threshold_mb: int = 256) -> bool
     By default glibc serves blocks over 128 KiB (raised adaptively, up to 32 MiB) with fresh mmaps and
     trims the heap's free top, so the MB-sized tensors a window allocates and frees come back as new pages
     that the kernel zeroes and faults in one by one, window after window. With larger blocks kept in the
-    heap they are reused: on the 2-core CPU a 15 s benchmark of the default model took 111 000 instead of
-    375 000 page faults and 1.8 instead of 2.7 s of kernel time (docs/benchmarks.md). The price is that
+    heap they are reused: on the 2-core CPU a 30 s benchmark of the default model took 135-145 k instead of
+    0.37-1.5 M page faults and 2.8 instead of 3.5-7.6 s of kernel time (docs/benchmarks.md). The price is that
     up to `trim_threshold_mb` of freed memory stays mapped to the process. Process-wide, once; a no-op
     (False) where the C library is not glibc. Environment variables `MALLOC_MMAP_THRESHOLD_` /
     `MALLOC_TRIM_THRESHOLD_`, where set, win.

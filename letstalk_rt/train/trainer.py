@@ -39,7 +39,7 @@ Three stages, each its own run, each starting from a model directory and ending 
    narrower one for CPUs (`--decoder-channels 8,16,32,64,128`; without it the current decoder is
    fine-tuned). The encoder, its scaling factor, the audio modules and the transformer are copied
    unchanged, so a transformer trained on those latents works with the new decoder as it is. Same loss
-   and batches as the autoencoder stage; the encoder runs without gradients.
+   and batches as the autoencoder stage; the encoder is frozen.
 
 Every stage: AdamW, linear warm-up then cosine (to 10 %) or constant LR, gradient clipping, an EMA of the
 trained weights (what is exported), bf16 autocast on CUDA (fp32 on the CPU), checkpoints every
@@ -317,20 +317,6 @@ class AutoencoderStage(Stage):
         return comps
 
 
-class DecoderObjective(nn.Module):
-    """A decoder trained on the frozen encoder's latents: images -> unclamped reconstruction."""
-
-    def __init__(self, autoencoder: nn.Module) -> None:
-        super().__init__()
-        self.autoencoder = autoencoder
-        autoencoder.encoder.requires_grad_(False)
-
-    def forward(self, images: Tensor) -> Tensor:
-        with torch.no_grad():
-            z = self.autoencoder.encoder(images)  # (B, C, h, w), unscaled
-        return self.autoencoder.decoder(z)  # (B, 3, H, W)
-
-
 def with_decoder(comps: Components, channels: tuple[int, ...] | None, seed: int = 0) -> Components:
     """comps with a decoder of these widths initialised from `seed` (the encoder's weights kept); as is for
     None or the widths it has."""
@@ -359,7 +345,8 @@ class DecoderStage(AutoencoderStage):
         super().__init__(cfg, with_decoder(comps, cfg.decoder_channels, cfg.seed), dataset, dist)
 
     def objective(self, comps: Components) -> nn.Module:
-        return DecoderObjective(comps.autoencoder)
+        comps.autoencoder.encoder.requires_grad_(False)  # no gradient reaches it: the latents stay as they are
+        return AutoencoderObjective(comps.autoencoder)
 
     def export(self, ema_state: dict[str, Tensor]) -> Components:
         """Stage.export: the latents' scale is the encoder's and stays as it is."""
