@@ -48,6 +48,8 @@ class RunResult:
     peak_rss_mb: float
     peak_cuda_mb: float | None
     steps: int  # sampling steps per window the engine ran (more than the model's with --max-steps)
+    silence_skipped_seconds: float = 0.0  # the latency catch-up: pauses shortened ...
+    speech_compressed_seconds: float = 0.0  # ... and speech played faster (seconds of input) while behind
     realtime: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -104,13 +106,13 @@ async def _feed(session, audio: np.ndarray, seconds: float) -> None:
 
 
 async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np.ndarray, portrait,
-                       window: int = 0, max_steps: int = 0) -> RunResult:
+                       live: dict | None = None) -> RunResult:
+    """n sessions for `seconds`; `live`: EngineConfig fields (window, max_steps, catch_up_tempo ...)."""
     from .stream import EngineConfig, StreamEngine
 
     if pipe.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(pipe.device)
-    engine = await StreamEngine(pipe, EngineConfig(max_sessions=n, max_batch=n, window=window,
-                                                   max_steps=max_steps)).start()
+    engine = await StreamEngine(pipe, EngineConfig(max_sessions=n, max_batch=n, **(live or {}))).start()
     steps = pipe.num_steps  # what warm-up chose
     sessions = [await engine.open_session(portrait, seed=i) for i in range(n)]
     offsets: list[float] = []
@@ -135,6 +137,8 @@ async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np
         av_offset_ms_max=round(max(offsets) if offsets else 0.0, 1), held_frames=held,
         gap_seconds=round(sum(st["gap_inserted_s"] for st in stats), 3), dropped_frames=dropped,
         peak_rss_mb=round(_rss_mb(), 1), peak_cuda_mb=None if cuda is None else round(cuda, 1), steps=steps,
+        silence_skipped_seconds=round(sum(st["silence_skipped_s"] for st in stats), 2),
+        speech_compressed_seconds=round(sum(st["speech_compressed_s"] for st in stats), 2),
     )
 
 
@@ -237,11 +241,13 @@ def spread(results: list[RunResult]) -> dict:
 
 
 def run_bench(pipe: LetsTalkPipeline, session_counts: list[int], seconds: float, audio: np.ndarray, portrait,
-              json_path: Path | None = None, breakdown: bool = True, window: int = 0, repeat: int = 1,
-              max_steps: int = 0) -> dict:
+              json_path: Path | None = None, breakdown: bool = True, repeat: int = 1, live: dict | None = None) -> dict:
+    """`live`: EngineConfig fields for every run (window, max_steps, catch_up_tempo ...)."""
+    live = live or {}
+    window = live.get("window", 0)
     report: dict = {"machine": machine(), "model": pipe.config.description or "untrained",
                     "device": str(pipe.device), "dtype": str(pipe.dtype).replace("torch.", ""),
-                    "steps": pipe.num_steps, "window": window or pipe.window, "runs": [], "spread": []}
+                    "steps": pipe.num_steps, "window": window or pipe.window, "live": live, "runs": [], "spread": []}
     if breakdown:
         report["window_ms"] = window_breakdown(pipe, window=window)
         print("one window (ms):", json.dumps(report["window_ms"]))
@@ -249,7 +255,7 @@ def run_bench(pipe: LetsTalkPipeline, session_counts: list[int], seconds: float,
     for n in session_counts:
         results = []
         for _ in range(repeat):
-            result = asyncio.run(run_sessions(pipe, n, seconds, audio, portrait, window=window, max_steps=max_steps))
+            result = asyncio.run(run_sessions(pipe, n, seconds, audio, portrait, live=live))
             results.append(result)
             report["runs"].append(asdict(result))
             print(json.dumps(asdict(result)))

@@ -97,7 +97,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     """Stream the bundled speech through the live engine in real time and record what the tracks emit."""
     from .media import load_image
 
-    _check_max_steps(args)
+    _check_live_args(args)
     image = load_image(ASSETS / "portrait.png")
     pipe = _load_pipeline(args)
     asyncio.run(_demo(pipe, image, ASSETS / DEMO_SPEECH, args))
@@ -116,7 +116,7 @@ async def _demo(pipe, image, speech: Path, args: argparse.Namespace) -> None:
 
     source = FileSource(speech, realtime=True)
     ticks = math.ceil((source.seconds + 1.0) * pipe.fps)  # the speech and one second of rest after it
-    config = EngineConfig(max_sessions=1, max_batch=1, window=args.window, max_steps=args.max_steps)
+    config = EngineConfig(max_sessions=1, max_batch=1, **_live_config(args))
     async with StreamEngine(pipe, config) as engine:
         if args.max_steps:
             print(f"sampling {pipe.num_steps} step(s) per window on this machine (--max-steps {args.max_steps})",
@@ -151,7 +151,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from .media import load_audio, load_image
     from .pipeline import LetsTalkPipeline
 
-    _check_max_steps(args)
+    _check_live_args(args)
     if args.repeat < 1:
         raise LetsTalkError(f"--repeat {args.repeat}: give 1 or more runs per session count")
     if args.soak:
@@ -174,7 +174,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     portrait = pipe.prepare_portrait(load_image(ASSETS / "portrait.png"))
     audio = load_audio(ASSETS / DEMO_SPEECH)
     run_bench(pipe, counts, seconds, np.asarray(audio), portrait, json_path=args.json,
-              breakdown=not args.soak, window=args.window, repeat=args.repeat, max_steps=args.max_steps)
+              breakdown=not args.soak, repeat=args.repeat, live=_live_config(args))
 
 
 def _preset_config(args: argparse.Namespace):
@@ -223,16 +223,31 @@ WINDOW_HELP = ("frames per live window, 1..the model's (default 0: the model's);
 
 MAX_STEPS_HELP = ("at start, raise the sampling steps per window up to N while a window still takes at most half "
                   "its real-time duration (better lips where the machine has headroom; default 0: the model's steps)")
+CATCH_UP_TEMPO_HELP = ("while a session runs behind its target latency in continuous speech (a slow stretch of the "
+                       "machine), play the speech this much faster, pitch kept, until it is back (1.0 .. 2.0; "
+                       "1.0: off; default 1.25)")
 
 
-def _check_max_steps(args: argparse.Namespace) -> None:
+def _check_live_args(args: argparse.Namespace) -> None:
+    """Fail before the model loads, naming the flag (EngineConfig checks the same again)."""
     if not 0 <= args.max_steps <= 50:
         raise LetsTalkError(f"--max-steps {args.max_steps}: choose 0 (off) or up to 50")
+    if args.catch_up_tempo is not None and not 1.0 <= args.catch_up_tempo <= 2.0:
+        raise LetsTalkError(f"--catch-up-tempo {args.catch_up_tempo}: choose 1.0 (off) .. 2.0")
 
 
 def _add_live_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=0, help=WINDOW_HELP)
     p.add_argument("--max-steps", type=int, default=0, metavar="N", help=MAX_STEPS_HELP)
+    p.add_argument("--catch-up-tempo", type=float, default=None, metavar="X", help=CATCH_UP_TEMPO_HELP)
+
+
+def _live_config(args: argparse.Namespace) -> dict:
+    """The EngineConfig fields _add_live_args sets."""
+    out = {"window": args.window, "max_steps": args.max_steps}
+    if args.catch_up_tempo is not None:
+        out["catch_up_tempo"] = args.catch_up_tempo
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:

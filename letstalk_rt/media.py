@@ -207,6 +207,64 @@ class PcmResampler:
         return _concat(self._converter.flush())
 
 
+class TempoStretcher:
+    """Streaming speed-up of float32 mono PCM with FFmpeg's `atempo` filter (WSOLA: pitch and timbre kept).
+
+    `push(samples)` returns the stretched samples available so far (the filter holds back ~30 ms);
+    `flush()` returns the rest, and the next push starts a fresh stream. n samples pushed and flushed come
+    out as about n / tempo samples. The engine's latency catch-up plays speech through it while a session
+    runs behind (`EngineConfig.catch_up_tempo`), as WebRTC's jitter buffer accelerates speech.
+    """
+
+    def __init__(self, tempo: float, sample_rate: int = SAMPLE_RATE) -> None:
+        if not 0.5 <= tempo <= 2.0:
+            raise LetsTalkError(f"tempo {tempo}: atempo in one stage takes 0.5 .. 2.0")
+        self.tempo = tempo
+        self.sample_rate = sample_rate
+        self._graph: Any = None
+        self._pts = 0
+
+    def _open(self) -> Any:
+        graph = av.filter.Graph()
+        src = graph.add_abuffer(format="flt", sample_rate=self.sample_rate, layout="mono",
+                                time_base=f"1/{self.sample_rate}")
+        tempo = graph.add("atempo", f"{self.tempo}")
+        src.link_to(tempo)
+        tempo.link_to(graph.add("abuffersink"))
+        graph.configure()
+        self._pts = 0
+        return graph
+
+    def _pull(self) -> list[np.ndarray]:
+        out = []
+        while True:
+            try:
+                out.append(self._graph.pull().to_ndarray().reshape(-1))
+            except (av.error.BlockingIOError, av.error.EOFError):
+                return out
+
+    def push(self, samples: np.ndarray) -> np.ndarray:
+        pcm = np.ascontiguousarray(samples, dtype=np.float32).reshape(1, -1)
+        if not pcm.shape[1]:
+            return np.zeros(0, np.float32)
+        if self._graph is None:
+            self._graph = self._open()
+        frame = av.AudioFrame.from_ndarray(pcm, format="flt", layout="mono")
+        frame.sample_rate, frame.pts, frame.time_base = self.sample_rate, self._pts, Fraction(1, self.sample_rate)
+        self._pts += pcm.shape[1]
+        self._graph.push(frame)
+        return _concat(self._pull())
+
+    def flush(self) -> np.ndarray:
+        """The samples still inside the filter; the next push starts a fresh stream."""
+        if self._graph is None:
+            return np.zeros(0, np.float32)
+        self._graph.push(None)
+        out = _concat(self._pull())
+        self._graph = None
+        return out
+
+
 # --------------------------------------------------------------------------------------------------
 # Images in
 # --------------------------------------------------------------------------------------------------

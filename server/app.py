@@ -605,6 +605,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="at start, raise the sampling steps per window up to N while a window of --max-sessions "
                              "sessions still takes at most half its real-time duration (default 0: --steps / the "
                              "model's)")
+    parser.add_argument("--catch-up-tempo", type=float, default=None, metavar="X",
+                        help="while a session runs behind its target latency in continuous speech, play the speech "
+                             "this much faster, pitch kept, until it is back (1.0 .. 2.0; 1.0: off; default 1.25)")
     parser.add_argument("--max-sessions", type=int, default=None,
                         help="admission cap: concurrent sessions on this device (default 8; measure with `letstalk bench`)")
     parser.add_argument("--api-key", default=None,
@@ -674,9 +677,10 @@ def _build_engine(args: argparse.Namespace):
               "talking face. " + pipe.config.description, file=sys.stderr)
     defaults = EngineConfig()
     cap = args.max_sessions or defaults.max_sessions
+    tempo = {} if args.catch_up_tempo is None else {"catch_up_tempo": args.catch_up_tempo}
     return StreamEngine(pipe, EngineConfig(max_sessions=cap, max_batch=min(cap, defaults.max_batch),
                                            window=args.window, warmup=not args.no_warmup,
-                                           max_steps=args.max_steps))
+                                           max_steps=args.max_steps, **tempo))
 
 
 async def _serve(app: web.Application, config: ServerConfig) -> None:

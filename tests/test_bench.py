@@ -40,7 +40,8 @@ def test_bench_reports_every_run_and_the_spread_of_repeats(tiny_pipeline, tmp_pa
 
 def test_bad_counts_fail_before_a_model_loads(capsys):
     for argv in (["bench", "--repeat", "0"], ["bench", "--sessions", "0,1"], ["bench", "--sessions", "two"],
-                 ["bench", "--max-steps", "51"], ["demo", "--max-steps", "-1"]):
+                 ["bench", "--max-steps", "51"], ["demo", "--max-steps", "-1"], ["bench", "--catch-up-tempo", "3"],
+                 ["demo", "--catch-up-tempo", "0.9"]):
         assert main(argv + ["--model", "/nonexistent"]) == 2
         err = capsys.readouterr().err
         assert argv[1] in err, err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import subprocess
 import sys
@@ -327,6 +328,84 @@ def test_latency_catches_up_in_pauses_without_cutting_speech(tiny_pipeline):
     for out in (audio, late_audio):  # both utterances come out whole and in order: only silence differs
         # (a loaded machine may also insert silence at a deadline; speech samples are never exactly 0)
         np.testing.assert_array_equal(out[out != 0], np.concatenate([burst, tail]))
+
+
+def _slow_stretch_run(pipe, monkeypatch, tempo: float):
+    """5 s of continuous speech (no pause to skip) pushed in real time, while for its first 1.5 s every
+    window costs 0.25 s more (a slow stretch of the machine): the session's latencies, its stats, the
+    frames' audio, the pushed speech and the target."""
+    speech = speechlike(5.0, seed=6) + 0.05  # never below speech_rms
+    generate = pipe.generate_latents
+    slow_until = [math.inf]
+
+    def slow(*a, **k):
+        if time.monotonic() < slow_until[0]:
+            time.sleep(0.25)
+        return generate(*a, **k)
+
+    monkeypatch.setattr(pipe, "generate_latents", slow)
+
+    async def main():
+        engine = await _engine(pipe, catch_up_tempo=tempo)
+        session = await engine.open_session(_portrait(pipe, 70))
+
+        async def feed():
+            start = time.monotonic()
+            slow_until[0] = start + 1.5
+            for i, pos in enumerate(range(0, len(speech), 320)):
+                await asyncio.sleep(max(0.0, start + i * 0.02 - time.monotonic()))
+                session.push_audio(speech[pos:pos + 320])
+            session.end_speech()
+
+        feeder = asyncio.create_task(feed())
+        frames = await _collect(session, 6.5)
+        await feeder
+        out = (list(session.latencies), session.stats(), np.concatenate([f.audio for f in frames]),
+               engine.target_latency_s())
+        await engine.stop()
+        return out
+
+    try:
+        return (*run(main()), speech)
+    finally:
+        monkeypatch.setattr(pipe, "generate_latents", generate)
+
+
+def test_a_slow_stretch_in_continuous_speech_is_caught_up_by_playing_it_faster(tiny_pipeline, monkeypatch):
+    """No pause to skip: the speech that queued up while the engine ran slow is played faster (pitch kept),
+    lips and sound alike, until the latency is back near the target. At tempo 1.0 the lateness stays."""
+    lat, stats, audio, target, speech = _slow_stretch_run(tiny_pipeline, monkeypatch, tempo=1.5)
+    late_lat, late_stats, late_audio, _, _ = _slow_stretch_run(tiny_pipeline, monkeypatch, tempo=1.0)
+    assert late_stats["speech_compressed_s"] == 0.0 and late_stats["silence_skipped_s"] == 0.0
+    assert np.median(late_lat[-20:]) >= target + 0.5  # the slow stretch's backlog is still there at the end
+    assert 0.5 <= stats["speech_compressed_s"] <= 4.0
+    last = np.median(lat[-20:])
+    assert last <= target + 0.25, (last, target)  # back within catch_up_speech_ms (200 ms) of the target
+    assert np.median(late_lat[-20:]) >= last + 0.4
+    # Nothing is cut: the compressed part comes out 1 / 1.5 as long (atempo's edges: +-30 ms a run).
+    voiced, late_voiced = np.count_nonzero(audio), np.count_nonzero(late_audio)
+    assert late_voiced == len(speech)
+    expected = len(speech) - stats["speech_compressed_s"] * 16000 * (1 - 1 / 1.5)
+    assert abs(voiced - expected) <= 0.05 * 16000, (voiced, expected)
+
+
+def test_speech_pushed_ahead_of_time_keeps_its_pace(tiny_pipeline):
+    """An application that pushes a whole utterance at once (a TTS) hears it at its own pace: the audio
+    waits for its frames, but that is not lateness to catch up -- nothing is compressed or skipped."""
+    speech = speechlike(3.0, seed=7) + 0.05
+
+    async def main():
+        engine = await _engine(tiny_pipeline, catch_up_tempo=1.5)
+        session = await engine.open_session(_portrait(tiny_pipeline, 60))
+        session.push_audio(speech)
+        session.end_speech()
+        frames = await _collect(session, 3.6)
+        await engine.stop()
+        return session.stats(), np.concatenate([f.audio for f in frames])
+
+    stats, audio = run(main())
+    assert stats["speech_compressed_s"] == 0.0
+    np.testing.assert_array_equal(audio[audio != 0], speech)
 
 
 def test_windows_are_decoded_in_their_own_thread_and_a_decode_failure_ends_only_that_session(tiny_pipeline,

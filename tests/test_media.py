@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from letstalk_rt.errors import InputError, OutputError
+from letstalk_rt.errors import InputError, LetsTalkError, OutputError
 from letstalk_rt.media import (
     FPS,
     SAMPLE_RATE,
     MediaInfo,
     PcmResampler,
+    TempoStretcher,
     VideoWriter,
     load_audio,
     load_image,
@@ -416,6 +417,25 @@ def test_pcm_resampler_formats_and_rate_change():
         r.push(np.zeros((2, 2, 2), np.float32), 16000)
     with pytest.raises(InputError):
         r.push(np.zeros(10, np.float32), 0)
+
+
+@pytest.mark.parametrize("tempo", [1.25, 1.5])
+def test_tempo_stretcher_shortens_speech_in_a_stream_and_keeps_its_pitch(tempo):
+    """Streamed in 640-sample pieces, 2 s come out 2 / tempo s long, in runs that flush and restart;
+    the voice's fundamental stays where it was (WSOLA drops whole periods, it does not resample)."""
+    rate = SAMPLE_RATE
+    t = np.arange(2 * rate) / rate
+    tone = (0.3 * np.sin(2 * np.pi * 150 * t) + 0.1 * np.sin(2 * np.pi * 450 * t)).astype(np.float32)
+    s = TempoStretcher(tempo)
+    for _ in range(2):  # a second run after the flush starts a fresh stream
+        out = np.concatenate([s.push(tone[i:i + SPF]) for i in range(0, len(tone), SPF)] + [s.flush()])
+        assert abs(len(out) - len(tone) / tempo) <= 0.02 * rate, len(out)
+        spectrum = np.abs(np.fft.rfft(out[: rate]))
+        peak_hz = np.argmax(spectrum) * rate / rate  # 1 s of output: bins are 1 Hz apart
+        assert abs(peak_hz - 150) <= 2, peak_hz
+    assert len(s.push(np.zeros(0, np.float32))) == 0 and len(s.flush()) == 0
+    with pytest.raises(LetsTalkError):
+        TempoStretcher(3.0)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,7 +20,9 @@ runs dry is about (window - 1) frames + lookahead + one window's compute + safet
 (`StreamEngine.target_latency_s`).
 Anything that delays playback beyond that (the start-up, a late window, silence inserted at a
 deadline) would otherwise stay for the rest of the session; the catch-up skips silent pushed audio
-inside pauses while the session is behind (`EngineConfig.catch_up`), so it returns to the target.
+inside pauses while the session is behind (`EngineConfig.catch_up`), so it returns to the target. A slow
+stretch of the machine in continuous speech leaves no pause to skip: then the speech itself is played
+faster (`catch_up_tempo`, pitch kept) until the session is back near its target.
 
 Sync. Each generated frame carries exactly the 640 samples it was conditioned on (`AVFrame`), and the
 player releases frame i at `start + i / fps` on one absolute clock for both tracks, so the audio the
@@ -49,6 +51,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError, LetsTalkError
+from ..media import TempoStretcher
 from ..pipeline import AudioTokenizer, LetsTalkPipeline, Portrait
 from .events import (
     AVFrame, Event, FramesDropped, Interrupted, PlaybackPosition, SessionClosed, SessionError,
@@ -91,6 +94,13 @@ class EngineConfig:
     # encoded -- pauses get shorter, speech is never cut, lips and sound stay matched (both skip it).
     catch_up: bool = True
     catch_up_keep_ms: float = 200.0  # the first this-many ms of every pause are never skipped
+    # Speech is not skipped, but while a session's speech runs more than `catch_up_speech_ms` behind its
+    # target because the engine fell behind real time (a slow stretch of the machine, not audio pushed
+    # ahead of time: that keeps its pace), it is played `catch_up_tempo` times faster (pitch kept: FFmpeg's
+    # atempo, as WebRTC's jitter buffer accelerates speech), lips and sound alike, until it is back within
+    # half that. Each second of speech then needs 1 / tempo seconds of frames. 1.0: off.
+    catch_up_tempo: float = 1.25
+    catch_up_speech_ms: float = 200.0
     target_latency_ms: float = 0.0  # 0: auto = (window - 1) frames + encoder lookahead + window compute
     # + safety_ms + 1 frame, the least that never runs dry
     warmup: bool = True  # run the largest batch once at start: refuse to start if it cannot run
@@ -270,13 +280,18 @@ class Session:
         self.latencies: collections.deque[float] = collections.deque(maxlen=10000)  # speech arrival -> shown
         self.dropped = collections.Counter()
         self.silence_skipped_s = 0.0  # pushed silence skipped by the latency catch-up
+        self.speech_compressed_s = 0.0  # pushed audio the catch-up played faster (seconds before compression)
         self.gap_inserted_s = 0.0  # silence inserted at a deadline inside an utterance (its last pushed audio
         # was speech, no end_speech() yet): a gap the user hears, because the speech came too late for its frame
         self._events: asyncio.Queue[Event] = asyncio.Queue(maxsize=engine.config.event_queue_size)
         self._resampler = None
         # shared with the worker thread (guarded by _lock)
         self._lock = threading.Lock()
-        self._pcm_in: collections.deque[tuple[np.ndarray, float, bool]] = collections.deque()
+        # (samples, arrival, speech, paced arrival): the paced arrival is when the piece would have arrived
+        # had the audio been pushed at real-time pace from its first piece on (audio pushed ahead of time
+        # keeps its pace; only lateness the engine causes is caught up with faster speech)
+        self._pcm_in: collections.deque[tuple[np.ndarray, float, bool, float]] = collections.deque()
+        self._paced_until = 0.0
         self._pending_samples = 0
         self._epoch = 0
         self._reset: list | None = None  # latents to roll the memory back to, set by interrupt()
@@ -314,7 +329,8 @@ class Session:
             # Queue in pieces of one frame's audio at most, so the worker tokenizes only what it needs.
             now, step = time.monotonic(), self.samples_per_frame
             for i in range(0, len(mono), step):
-                self._pcm_in.append((mono[i:i + step], now, True))
+                piece = mono[i:i + step]
+                self._pcm_in.append((piece, now, True, self._pace(now, len(piece))))
             self._pending_samples += len(mono)
         self.engine._wake()
 
@@ -324,7 +340,8 @@ class Session:
         lookahead = self._w.tokenizer.lookahead_ms / 1000
         silence = np.zeros(int(math.ceil(lookahead * self.sample_rate)) + self.samples_per_frame, np.float32)
         with self._lock:
-            self._pcm_in.append((silence, time.monotonic(), False))
+            now = time.monotonic()
+            self._pcm_in.append((silence, now, False, self._pace(now, len(silence))))
             self._pending_samples += len(silence)
         self.engine._wake()
 
@@ -334,6 +351,7 @@ class Session:
         with self._lock:
             self._pcm_in.clear()
             self._pending_samples = 0
+            self._paced_until = 0.0
             self._epoch += 1
             self._reset = [z for z in self.player.recent_latents if z is not None]
         dropped = self.player.clear()
@@ -341,6 +359,12 @@ class Session:
             self._count_drop(dropped, "interrupt")
         self._emit(Interrupted(self.id, dropped_frames=dropped))
         self.engine._wake()
+
+    def _pace(self, now: float, samples: int) -> float:
+        """The paced arrival of the next `samples` pushed at `now` (under _lock)."""
+        paced = max(now, self._paced_until)
+        self._paced_until = paced + samples / self.sample_rate
+        return paced
 
     # -- frames and events out
 
@@ -380,6 +404,7 @@ class Session:
             "fillers": self.player.fillers,
             "dropped": dict(self.dropped),
             "silence_skipped_s": round(self.silence_skipped_s, 3),
+            "speech_compressed_s": round(self.speech_compressed_s, 3),
             "gap_inserted_s": round(self.gap_inserted_s, 3),
             "first_frame_s": self.first_frame_s,
             "latency_ms_p50": pct(0.50),
@@ -462,6 +487,33 @@ class _WorkerState:
         self.encode_ms = 0.0
         self.silent_run_s = 0.0  # seconds of silent pushed audio in a row (latency catch-up)
         self.in_utterance = False  # the last pushed audio was speech (deadline silence now is a gap)
+        self.stretch: TempoStretcher | None = None  # latency catch-up: speech played faster while behind
+        self.compressing = False
+
+    def feed(self, pcm: np.ndarray, arrival: float, speech: bool) -> None:
+        """Tokenize pushed (or inserted) audio and keep it for the frames it conditions."""
+        self.unstretch(arrival)
+        self._feed(pcm, arrival, speech)
+
+    def feed_stretched(self, pcm: np.ndarray, arrival: float) -> None:
+        """Speech through the tempo stretcher (its ~30 ms delay comes out with the next piece)."""
+        assert self.stretch is not None
+        self._feed(self.stretch.push(pcm), arrival, True)
+
+    def unstretch(self, arrival: float) -> None:
+        """End a stretched run: what the stretcher still holds goes before the next unstretched audio."""
+        if self.stretch is not None:
+            self._feed(self.stretch.flush(), arrival, True)
+            self.stretch = None
+
+    def _feed(self, pcm: np.ndarray, arrival: float, speech: bool) -> None:
+        if not len(pcm):
+            return
+        tokens = self.tokenizer.push(pcm)
+        self.timeline.append([pcm, arrival, speech])
+        if tokens.shape[0]:
+            self.tokens.append(tokens)
+            self.n_tokens += tokens.shape[0]
 
     def peek_tokens(self, n: int) -> torch.Tensor:
         """The next n tokens, left in place until drop_tokens (a failed batch is retried per session)."""
@@ -512,6 +564,8 @@ class StreamEngine:
         if not 0 <= self.config.max_steps <= 50 or self.config.steps_budget <= 0:
             raise LetsTalkError(f"EngineConfig.max_steps={self.config.max_steps} must be 0 (off) .. 50 and "
                                 f"steps_budget={self.config.steps_budget} above 0")
+        if not 1.0 <= self.config.catch_up_tempo <= 2.0:
+            raise LetsTalkError(f"catch_up_tempo (--catch-up-tempo) {self.config.catch_up_tempo}: choose 1.0 (off) .. 2.0")
         self.window = self.config.window or pipeline.window  # frames per window
         self.base_steps = pipeline.num_steps  # restored at stop(); warm-up may choose more (max_steps)
         self._lookahead_s = pipeline.audio_tokenizer().lookahead_ms / 1000  # the audio encoder's delay
@@ -678,6 +732,7 @@ class StreamEngine:
                 w.tokenizer = self.pipeline.audio_tokenizer()
                 w.tokens, w.n_tokens, w.timeline = [], 0, collections.deque()
                 w.in_utterance = False
+                w.stretch, w.compressing = None, False
                 latents = s._reset
                 w.stream.memory.reset()
                 if latents:
@@ -692,14 +747,18 @@ class StreamEngine:
             with s._lock:
                 if not s._pcm_in:
                     break
-                pcm, arrival, speech = s._pcm_in.popleft()
+                pcm, arrival, speech, paced = s._pcm_in.popleft()
                 s._pending_samples -= len(pcm)
             voiced = speech and len(pcm) > 0 and float(np.sqrt(np.mean(np.square(pcm)))) > self.config.speech_rms
             w.in_utterance = voiced  # pushed silence or end_speech() closes an utterance
             if speech and self.config.catch_up and self._skip_silence(s, pcm, arrival, now, voiced):
                 s.silence_skipped_s += len(pcm) / s.sample_rate
                 continue
-            self._feed(w, pcm, arrival, speech)
+            if speech and self._compress(s, paced, now):
+                w.feed_stretched(pcm, arrival)
+                s.speech_compressed_s += len(pcm) / s.sample_rate
+            else:
+                w.feed(pcm, arrival, speech)
         want = min(self.config.first_window, window) if w.fresh else window
         player = s.player
         ahead = len(player.queue) + s._inflight  # generated, not yet shown
@@ -721,7 +780,7 @@ class StreamEngine:
             for _ in range(10 * window):  # keep the avatar alive: fill with silence up to a window
                 if w.n_tokens >= want:
                     break
-                self._feed(w, silence, now, False)
+                w.feed(silence, now, False)
                 if w.in_utterance:  # the rest of the utterance will play after this silence
                     s.gap_inserted_s += len(silence) / s.sample_rate
         w.encode_ms += (time.perf_counter() - t0) * 1000
@@ -747,21 +806,29 @@ class StreamEngine:
             w.silent_run_s = 0.0
             return False
         w.silent_run_s += len(pcm) / s.sample_rate
-        player = s.player
-        if player.start is None or w.silent_run_s * 1000 <= self.config.catch_up_keep_ms:
+        if s.player.start is None or w.silent_run_s * 1000 <= self.config.catch_up_keep_ms:
             return False
-        fps = self.pipeline.config.fps
-        ahead = w.n_tokens + s._inflight + len(player.queue)  # frames that will play before this one
-        predicted = (now - arrival) + ahead / fps + self._lookahead_s
-        return predicted > self.target_latency_s() + 1 / fps
+        return self._behind_s(s, arrival, now) > 1 / self.pipeline.config.fps
 
-    @staticmethod
-    def _feed(w: _WorkerState, pcm: np.ndarray, arrival: float, speech: bool) -> None:
-        tokens = w.tokenizer.push(pcm)
-        w.timeline.append([pcm, arrival, speech])
-        if tokens.shape[0]:
-            w.tokens.append(tokens)
-            w.n_tokens += tokens.shape[0]
+    def _compress(self, s: Session, paced: float, now: float) -> bool:
+        """Play this pushed speech faster? While its paced arrival would reach the screen more than
+        `catch_up_speech_ms` after the target (until back within half that): lateness the engine caused."""
+        cfg, w = self.config, s._w
+        if not cfg.catch_up or cfg.catch_up_tempo <= 1.0 or s.player.start is None:
+            w.compressing = False
+            return False
+        behind_ms = self._behind_s(s, paced, now) * 1000
+        w.compressing = behind_ms > cfg.catch_up_speech_ms / (2 if w.compressing else 1)
+        if w.compressing and w.stretch is None:
+            w.stretch = TempoStretcher(cfg.catch_up_tempo, s.sample_rate)
+        return w.compressing
+
+    def _behind_s(self, s: Session, arrival: float, now: float) -> float:
+        """How much later than the target audio that arrived at `arrival` and is tokenized now will be shown."""
+        w, player = s._w, s.player
+        ahead = w.n_tokens + s._inflight + len(player.queue)  # frames that will play before it
+        predicted = (now - arrival) + ahead / self.pipeline.config.fps + self._lookahead_s
+        return predicted - self.target_latency_s()
 
     def _execute(self, jobs: list[tuple[Session, int, int]]) -> None:
         """Sample one batch of windows (this thread), then decode and deliver it (the decode thread)."""
