@@ -5,6 +5,7 @@
     letstalk bench --soak 1800                       # A/V offset after 30 minutes of streaming
     letstalk bench --json out.json                   # machine-readable, for docs/benchmarks.md
     letstalk bench --seconds 30 --repeat 3           # each session count 3 times: median, min, max
+    letstalk bench --seconds 120 --neighbours 2      # with 2 CPU-bound processes busy 30 s of every 60
 
 For each session count N: N sessions are fed real-time speech (the bundled clip, looped) in 20 ms
 chunks, and each session's video and audio tracks are read by a consumer at their own pace, exactly
@@ -13,14 +14,21 @@ time to first frame, speech-to-screen latency p50/p95/p99, A/V offset at the tra
 held frames, audio gaps (silence inserted before pushed speech that missed its deadline), peak memory
 (RSS and CUDA). Then one window's cost broken down: audio encoding, each
 sampling step, decoding, so the slowest part is visible.
+
+`--neighbours N` reproduces a shared machine's noisy neighbours: N CPU-bound processes run beside the
+engine for the whole benchmark, each busy BUSY seconds of every PERIOD (`--neighbour-duty 30/60`, busy
+first), so that figures for a contended machine can be re-run rather than waited for.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import platform
 import resource
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import LetsTalkError
 from .pipeline import LetsTalkPipeline
 
 
@@ -48,6 +57,7 @@ class RunResult:
     peak_rss_mb: float
     peak_cuda_mb: float | None
     steps: int  # sampling steps per window the engine ran (more than the model's with --max-steps)
+    threads: int  # torch intra-op threads of the engine's worker (EngineConfig.threads)
     silence_skipped_seconds: float = 0.0  # the latency catch-up: pauses shortened ...
     speech_compressed_seconds: float = 0.0  # ... and speech played faster (seconds of input) while behind
     realtime: bool = field(init=False)
@@ -114,6 +124,7 @@ async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np
         torch.cuda.reset_peak_memory_stats(pipe.device)
     engine = await StreamEngine(pipe, EngineConfig(max_sessions=n, max_batch=n, **(live or {}))).start()
     steps = pipe.num_steps  # what warm-up chose
+    threads = engine.threads or torch.get_num_threads()
     sessions = [await engine.open_session(portrait, seed=i) for i in range(n)]
     offsets: list[float] = []
     t0 = time.monotonic()
@@ -137,6 +148,7 @@ async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np
         av_offset_ms_max=round(max(offsets) if offsets else 0.0, 1), held_frames=held,
         gap_seconds=round(sum(st["gap_inserted_s"] for st in stats), 3), dropped_frames=dropped,
         peak_rss_mb=round(_rss_mb(), 1), peak_cuda_mb=None if cuda is None else round(cuda, 1), steps=steps,
+        threads=threads,
         silence_skipped_seconds=round(sum(st["silence_skipped_s"] for st in stats), 2),
         speech_compressed_seconds=round(sum(st["speech_compressed_s"] for st in stats), 2),
     )
@@ -211,6 +223,37 @@ def transformer_flops(pipe: LetsTalkPipeline, batch: int = 1, window: int = 0) -
     return float(counter.get_total_flops())
 
 
+_SPIN = """
+import sys, time
+busy, period = float(sys.argv[1]), float(sys.argv[2])
+t0 = time.monotonic()
+while True:
+    phase = (time.monotonic() - t0) % period
+    if phase < busy:
+        end = time.monotonic() + 0.01
+        while time.monotonic() < end:
+            pass
+    else:
+        time.sleep(min(0.1, period - phase))
+"""
+
+
+@contextlib.contextmanager
+def busy_neighbours(n: int, busy: float = 30.0, period: float = 60.0):
+    """n CPU-bound processes beside this one, each busy `busy` seconds of every `period`, busy first: a
+    shared machine's noisy neighbours, reproducibly. They are killed when the block ends."""
+    if n < 0 or not 0 < busy <= period:
+        raise LetsTalkError(f"{n} neighbours busy {busy} s of every {period} s: give a count >= 0 and "
+                            "0 < busy <= period")
+    procs = [subprocess.Popen([sys.executable, "-c", _SPIN, str(busy), str(period)]) for _ in range(n)]
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
 def machine() -> dict:
     info = {"date": time.strftime("%Y-%m-%d"), "python": platform.python_version(), "torch": torch.__version__,
             "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
@@ -241,13 +284,21 @@ def spread(results: list[RunResult]) -> dict:
 
 
 def run_bench(pipe: LetsTalkPipeline, session_counts: list[int], seconds: float, audio: np.ndarray, portrait,
-              json_path: Path | None = None, breakdown: bool = True, repeat: int = 1, live: dict | None = None) -> dict:
-    """`live`: EngineConfig fields for every run (window, max_steps, catch_up_tempo ...)."""
-    live = live or {}
+              json_path: Path | None = None, breakdown: bool = True, repeat: int = 1, live: dict | None = None,
+              neighbours: tuple[int, float, float] = (0, 30.0, 60.0)) -> dict:
+    """`live`: EngineConfig fields for every run (window, max_steps, catch_up_tempo ...). `neighbours`:
+    (count, busy s, period s) of CPU-bound processes beside the engine for every run (busy_neighbours)."""
+    with busy_neighbours(*neighbours):
+        return _run_bench(pipe, session_counts, seconds, audio, portrait, json_path, breakdown, repeat,
+                          live or {}, neighbours)
+
+
+def _run_bench(pipe, session_counts, seconds, audio, portrait, json_path, breakdown, repeat, live, neighbours) -> dict:
     window = live.get("window", 0)
     report: dict = {"machine": machine(), "model": pipe.config.description or "untrained",
                     "device": str(pipe.device), "dtype": str(pipe.dtype).replace("torch.", ""),
-                    "steps": pipe.num_steps, "window": window or pipe.window, "live": live, "runs": [], "spread": []}
+                    "steps": pipe.num_steps, "window": window or pipe.window, "live": live,
+                    "neighbours": dict(zip(("count", "busy_s", "period_s"), neighbours)), "runs": [], "spread": []}
     if breakdown:
         report["window_ms"] = window_breakdown(pipe, window=window)
         print("one window (ms):", json.dumps(report["window_ms"]))

@@ -154,6 +154,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
     _check_live_args(args)
     if args.repeat < 1:
         raise LetsTalkError(f"--repeat {args.repeat}: give 1 or more runs per session count")
+    try:
+        busy, period = (float(x) for x in args.neighbour_duty.split("/"))
+    except ValueError:
+        raise LetsTalkError(f"--neighbour-duty {args.neighbour_duty!r}: give BUSY/PERIOD seconds, like 30/60") from None
+    if args.neighbours < 0 or not 0 < busy <= period:
+        raise LetsTalkError(f"--neighbours {args.neighbours} --neighbour-duty {args.neighbour_duty}: give a count "
+                            ">= 0 and 0 < BUSY <= PERIOD")
     if args.soak:
         counts, seconds = [1], float(args.soak)
     else:
@@ -174,7 +181,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     portrait = pipe.prepare_portrait(load_image(ASSETS / "portrait.png"))
     audio = load_audio(ASSETS / DEMO_SPEECH)
     run_bench(pipe, counts, seconds, np.asarray(audio), portrait, json_path=args.json,
-              breakdown=not args.soak, repeat=args.repeat, live=_live_config(args))
+              breakdown=not args.soak, repeat=args.repeat, live=_live_config(args),
+              neighbours=(args.neighbours, busy, period))
 
 
 def _preset_config(args: argparse.Namespace):
@@ -226,6 +234,9 @@ MAX_STEPS_HELP = ("at start, raise the sampling steps per window up to N while a
 CATCH_UP_TEMPO_HELP = ("while a session runs behind its target latency in continuous speech (a slow stretch of the "
                        "machine), play the speech this much faster, pitch kept, until it is back (1.0 .. 2.0; "
                        "1.0: off; default 1.25)")
+THREADS_HELP = ("torch threads of the engine on a CPU: 0 (default): at start, the fewest (1, 2, 4 ...) whose window "
+                "takes at most 0.7 of its real-time duration, which holds real time when other work wants the "
+                "cores; N: exactly N; -1: leave torch's setting (and OMP_NUM_THREADS) alone")
 
 
 def _check_live_args(args: argparse.Namespace) -> None:
@@ -234,17 +245,20 @@ def _check_live_args(args: argparse.Namespace) -> None:
         raise LetsTalkError(f"--max-steps {args.max_steps}: choose 0 (off) or up to 50")
     if args.catch_up_tempo is not None and not 1.0 <= args.catch_up_tempo <= 2.0:
         raise LetsTalkError(f"--catch-up-tempo {args.catch_up_tempo}: choose 1.0 (off) .. 2.0")
+    if args.threads < -1:
+        raise LetsTalkError(f"--threads {args.threads}: choose 0 (auto), -1 (torch's own) or a count")
 
 
 def _add_live_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=0, help=WINDOW_HELP)
     p.add_argument("--max-steps", type=int, default=0, metavar="N", help=MAX_STEPS_HELP)
     p.add_argument("--catch-up-tempo", type=float, default=None, metavar="X", help=CATCH_UP_TEMPO_HELP)
+    p.add_argument("--threads", type=int, default=0, metavar="N", help=THREADS_HELP)
 
 
 def _live_config(args: argparse.Namespace) -> dict:
     """The EngineConfig fields _add_live_args sets."""
-    out = {"window": args.window, "max_steps": args.max_steps}
+    out = {"window": args.window, "max_steps": args.max_steps, "threads": args.threads}
     if args.catch_up_tempo is not None:
         out["catch_up_tempo"] = args.catch_up_tempo
     return out
@@ -281,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run each session count this many times and report the median, min and max "
                         "(speed on shared machines varies from run to run)")
     p.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    p.add_argument("--neighbours", type=int, default=0, metavar="N",
+                   help="run N CPU-bound processes beside the engine, as a shared machine's noisy neighbours "
+                        "(default 0)")
+    p.add_argument("--neighbour-duty", default="30/60", metavar="BUSY/PERIOD",
+                   help="each neighbour is busy BUSY seconds of every PERIOD, busy first (default 30/60)")
     _add_live_args(p)
     p.set_defaults(func=cmd_bench)
 

@@ -608,6 +608,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--catch-up-tempo", type=float, default=None, metavar="X",
                         help="while a session runs behind its target latency in continuous speech, play the speech "
                              "this much faster, pitch kept, until it is back (1.0 .. 2.0; 1.0: off; default 1.25)")
+    parser.add_argument("--threads", type=int, default=0, metavar="N",
+                        help="torch threads of the engine on a CPU: 0 (default): at start, the fewest whose window "
+                             "takes at most 0.7 of its real-time duration; N: exactly N; -1: leave torch's setting")
     parser.add_argument("--max-sessions", type=int, default=None,
                         help="admission cap: concurrent sessions on this device (default 8; measure with `letstalk bench`)")
     parser.add_argument("--api-key", default=None,
@@ -671,6 +674,8 @@ def _build_engine(args: argparse.Namespace):
         raise LetsTalkError(f"--steps {args.steps}: choose 1..50")
     if not 0 <= args.max_steps <= 50:
         raise LetsTalkError(f"--max-steps {args.max_steps}: choose 0 (off) or up to 50")
+    if args.threads < -1:
+        raise LetsTalkError(f"--threads {args.threads}: choose 0 (auto), -1 (torch's own) or a count")
     pipe = LetsTalkPipeline.from_pretrained(args.model, device=device, dtype=dtype, num_steps=args.steps)
     if not pipe.config.trained:
         print("letstalk serve: warning: this model is UNTRAINED (random weights): the avatar will not look like a "
@@ -680,7 +685,7 @@ def _build_engine(args: argparse.Namespace):
     tempo = {} if args.catch_up_tempo is None else {"catch_up_tempo": args.catch_up_tempo}
     return StreamEngine(pipe, EngineConfig(max_sessions=cap, max_batch=min(cap, defaults.max_batch),
                                            window=args.window, warmup=not args.no_warmup,
-                                           max_steps=args.max_steps, **tempo))
+                                           max_steps=args.max_steps, threads=args.threads, **tempo))
 
 
 async def _serve(app: web.Application, config: ServerConfig) -> None:

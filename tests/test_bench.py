@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import resource
+import time
 
 import numpy as np
 
-from letstalk_rt.bench import run_bench
+from letstalk_rt.bench import busy_neighbours, run_bench
 from letstalk_rt.cli import main
 
 from conftest import speechlike
@@ -41,8 +43,21 @@ def test_bench_reports_every_run_and_the_spread_of_repeats(tiny_pipeline, tmp_pa
 def test_bad_counts_fail_before_a_model_loads(capsys):
     for argv in (["bench", "--repeat", "0"], ["bench", "--sessions", "0,1"], ["bench", "--sessions", "two"],
                  ["bench", "--max-steps", "51"], ["demo", "--max-steps", "-1"], ["bench", "--catch-up-tempo", "3"],
-                 ["demo", "--catch-up-tempo", "0.9"]):
+                 ["demo", "--catch-up-tempo", "0.9"], ["bench", "--threads", "-2"], ["bench", "--neighbours", "-1"],
+                 ["bench", "--neighbour-duty", "60/30"], ["bench", "--neighbour-duty", "half"]):
         assert main(argv + ["--model", "/nonexistent"]) == 2
         err = capsys.readouterr().err
         assert argv[1] in err, err
         assert "/nonexistent" not in err  # the arguments fail first, not the model
+
+
+def test_busy_neighbours_load_the_cpu_for_their_duty_and_are_gone_after():
+    """--neighbours: each process burns CPU for `busy` of every `period` seconds, busy first, and none
+    outlives the benchmark (their CPU time is counted once they are reaped)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime
+    with busy_neighbours(1, busy=0.6, period=1.2) as procs:
+        time.sleep(1.2)
+        assert all(p.poll() is None for p in procs)
+    used = resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime - before
+    assert all(p.poll() is not None for p in procs)
+    assert 0.3 <= used <= 0.95, used  # ~0.6 s busy of the 1.2 s it lived; idle for the rest

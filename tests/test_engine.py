@@ -485,6 +485,37 @@ def test_max_steps_spends_the_machines_headroom_on_sampling_steps(tiny_pipeline,
         StreamEngine(tiny_pipeline, EngineConfig(max_steps=51))
 
 
+@pytest.mark.skipif(torch.get_num_threads() < 2 or "OMP_NUM_THREADS" in os.environ,
+                    reason="needs 2+ torch threads to choose from")
+def test_warmup_gives_the_worker_the_fewest_torch_threads_that_fit(tiny_pipeline, monkeypatch):
+    """threads=0: warm-up picks the fewest threads whose window fits threads_budget (the tiny model fits
+    in one), the worker samples with that many, and stop() gives the process its count back; with no
+    count fitting, the worker samples with the fastest count; threads=N sets N."""
+    before = torch.get_num_threads()
+    seen = []
+    generate = tiny_pipeline.generate_latents
+    monkeypatch.setattr(tiny_pipeline, "generate_latents",
+                        lambda *a, **k: seen.append(torch.get_num_threads()) or generate(*a, **k))
+
+    async def main(**kw):
+        engine = await _engine(tiny_pipeline, **{"warmup": True, **kw})
+        seen.clear()  # warm-up's windows
+        session = await engine.open_session(_portrait(tiny_pipeline, 5))
+        session.push_audio(speechlike(0.4))
+        session.end_speech()
+        await _collect(session, 0.5)
+        chosen = engine.threads
+        await engine.stop()
+        return chosen, set(seen)
+
+    assert run(main(threads_budget=1e6)) == (1, {1})
+    assert torch.get_num_threads() == before
+    chosen, seen_threads = run(main(threads_budget=1e-6))
+    assert chosen in (1, before) and seen_threads == {chosen}
+    assert run(main(threads=1, warmup=False)) == (1, {1})
+    assert torch.get_num_threads() == before
+
+
 def test_a_stalled_pusher_is_counted_as_an_audio_gap(tiny_pipeline):
     """Speech that stops arriving mid-utterance: at the deadline the engine inserts silence before the
     queued speech (the avatar keeps moving) and counts it as a gap; the speech itself is kept, in order."""

@@ -108,6 +108,13 @@ class EngineConfig:
     # to this many while a window of max_batch sessions still takes <= steps_budget of its real-time
     # duration (more steps: better lips from a distilled model, docs/eval.md); 0: the model's steps, fixed
     steps_budget: float = 0.5
+    threads: int = 0  # torch intra-op threads on a CPU device. 0: auto, at warm-up: the fewest (1, 2, 4 ...)
+    # whose window of max_batch sessions takes <= threads_budget of its real-time duration, else the
+    # fastest count; left alone where OMP_NUM_THREADS is set. A parallel region waits for its slowest thread, so
+    # when anything else wants the cores (the event loop, the tracks' encoders, another process) all-core
+    # torch stalls: on 2 cores with a busy neighbour, 1 thread kept 0.99 of real time where 2 fell to 0.92
+    # (docs/benchmarks.md). -1: never touch them. Ignored on CUDA.
+    threads_budget: float = 0.7
     keep_heap: bool = True  # at start, make glibc keep freed memory for reuse (`keep_heap`): a window's
     # activations are reallocated every window, and returned to the kernel they are faulted in again
     decode_thread: bool | None = None  # decode each window in a second thread while the worker samples the
@@ -564,10 +571,15 @@ class StreamEngine:
         if not 0 <= self.config.max_steps <= 50 or self.config.steps_budget <= 0:
             raise LetsTalkError(f"EngineConfig.max_steps={self.config.max_steps} must be 0 (off) .. 50 and "
                                 f"steps_budget={self.config.steps_budget} above 0")
+        if self.config.threads < -1 or self.config.threads_budget <= 0:
+            raise LetsTalkError(f"EngineConfig.threads={self.config.threads} must be -1 (untouched), 0 (auto) or a count, "
+                                f"and threads_budget={self.config.threads_budget} above 0")
         if not 1.0 <= self.config.catch_up_tempo <= 2.0:
             raise LetsTalkError(f"catch_up_tempo (--catch-up-tempo) {self.config.catch_up_tempo}: choose 1.0 (off) .. 2.0")
         self.window = self.config.window or pipeline.window  # frames per window
         self.base_steps = pipeline.num_steps  # restored at stop(); warm-up may choose more (max_steps)
+        self.threads: int | None = None  # torch threads the engine set (EngineConfig.threads); None: untouched
+        self._threads_before = torch.get_num_threads()  # restored at stop()
         self._lookahead_s = pipeline.audio_tokenizer().lookahead_ms / 1000  # the audio encoder's delay
         self.sessions: dict[str, Session] = {}
         self._reserved = 0
@@ -586,6 +598,9 @@ class StreamEngine:
             return self
         if self.config.keep_heap:
             keep_heap()
+        if self.config.threads > 0 and self.pipeline.device.type == "cpu":
+            torch.set_num_threads(self.config.threads)
+            self.threads = self.config.threads
         if self.config.warmup:
             await asyncio.to_thread(self._warmup)
         self._stopping = False
@@ -614,6 +629,8 @@ class StreamEngine:
             await asyncio.to_thread(self._decoder.join, 10)
             self._decoder = None
         self.pipeline.set_num_steps(self.base_steps)
+        if self.threads is not None:
+            torch.set_num_threads(self._threads_before)
 
     async def __aenter__(self) -> "StreamEngine":
         return await self.start()
@@ -645,6 +662,9 @@ class StreamEngine:
                                     "lower max_batch / max_sessions") from None
 
         p.set_num_steps(self.base_steps)
+        if self.threads is None and self.config.threads == 0 and p.device.type == "cpu" \
+                and "OMP_NUM_THREADS" not in os.environ:
+            self._choose_threads(window_ms)
         budget = self.config.steps_budget * 1000 * self.window / p.config.fps
         for steps in range(self.base_steps + 1, self.config.max_steps + 1):  # max_steps: more while they fit
             p.set_num_steps(steps)
@@ -653,8 +673,24 @@ class StreamEngine:
                 break
         for t in sorted({self.window, min(self.config.first_window, self.window)}):  # at the steps chosen
             self._gen_ms[t] = window_ms(t)
-        log.info("engine: %d sampling steps per %d-frame window (%.0f ms for %d sessions)", p.num_steps,
-                 self.window, self._gen_ms[self.window], self.config.max_batch)
+        log.info("engine: %d sampling steps per %d-frame window (%.0f ms for %d sessions, %d torch threads)",
+                 p.num_steps, self.window, self._gen_ms[self.window], self.config.max_batch, torch.get_num_threads())
+
+    def _choose_threads(self, window_ms) -> None:
+        """EngineConfig.threads = 0 on a CPU: the fewest threads whose window fits threads_budget; if none
+        fits (a slow or crowded machine), the count whose window was fastest."""
+        most = self._threads_before
+        budget = self.config.threads_budget * 1000 * self.window / self.pipeline.config.fps
+        took = {}
+        for n in [*itertools.takewhile(lambda k: k < most, (2 ** i for i in itertools.count())), most]:
+            torch.set_num_threads(n)
+            took[n] = min(window_ms(self.window) for _ in range(2))  # the first run of a shape warms caches
+            if took[n] <= budget:
+                break
+        self.threads = n if took[n] <= budget else min(took, key=took.get)
+        torch.set_num_threads(self.threads)
+        log.info("engine: %d torch threads (window %s ms by thread count; budget %.0f ms)", self.threads,
+                 {k: round(v) for k, v in took.items()}, budget)
 
     # -- sessions
 
@@ -691,6 +727,8 @@ class StreamEngine:
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
+        if self.threads is not None:  # each thread's OpenMP team size is its own: set it here too
+            torch.set_num_threads(self.threads)
         while not self._stopping:
             try:
                 jobs = self._plan()
@@ -873,6 +911,8 @@ class StreamEngine:
 
     def _decode_loop(self) -> None:
         torch.set_grad_enabled(False)
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
         assert self._decode_q is not None
         while (item := self._decode_q.get()) is not None:
             try:
