@@ -112,8 +112,8 @@ class EngineConfig:
     # whose window of max_batch sessions takes <= threads_budget of its real-time duration, else the
     # fastest count; left alone where OMP_NUM_THREADS is set. A parallel region waits for its slowest thread, so
     # when anything else wants the cores (the event loop, the tracks' encoders, another process) all-core
-    # torch stalls: on 2 cores with a busy neighbour, 1 thread kept 0.99 of real time where 2 fell to 0.92
-    # (docs/benchmarks.md). -1: never touch them. Ignored on CUDA.
+    # torch stalls: on 2 cores beside 2 busy processes, 1 thread kept 0.98-0.99 of real time where 2 fell
+    # to 0.88-0.92 (`letstalk bench --neighbours 2`, docs/benchmarks.md). -1: never touch them. Ignored on CUDA.
     threads_budget: float = 0.7
     keep_heap: bool = True  # at start, make glibc keep freed memory for reuse (`keep_heap`): a window's
     # activations are reallocated every window, and returned to the kernel they are faulted in again
