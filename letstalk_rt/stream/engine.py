@@ -100,7 +100,7 @@ class EngineConfig:
     # atempo, as WebRTC's jitter buffer accelerates speech), lips and sound alike, until it is back within
     # half that. Each second of speech then needs 1 / tempo seconds of frames. 1.0: off.
     catch_up_tempo: float = 1.25
-    catch_up_speech_ms: float = 200.0
+    catch_up_speech_ms: float = 100.0  # 200 left contended runs 100-200 ms late for good (docs/benchmarks.md)
     target_latency_ms: float = 0.0  # 0: auto = (window - 1) frames + encoder lookahead + window compute
     # + safety_ms + 1 frame, the least that never runs dry
     warmup: bool = True  # run the largest batch once at start: refuse to start if it cannot run
