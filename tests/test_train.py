@@ -37,10 +37,11 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _talking_face(frames: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]:
+def _talking_face(frames: int, size: int, seed: int, opening: bool = False):
     """A drifting ellipse face whose mouth opens with the audio's per-frame energy.
 
-    Returns frames (N, S, S, 3) uint8, audio (N * 640,) float32, mouth box (x, y, w, h)."""
+    Returns frames (N, S, S, 3) uint8, audio (N * 640,) float32, mouth box (x, y, w, h), and with
+    opening=True the mouth's opening per frame (N,) in [0, 1]."""
     rng = np.random.default_rng(seed)
     amp = np.clip(np.sin(np.arange(frames) * rng.uniform(0.4, 0.9) + rng.uniform(0, 6)), 0, None)  # (N,)
     t = np.arange(frames * SPF) / 16000
@@ -57,7 +58,7 @@ def _talking_face(frames: int, size: int, seed: int) -> tuple[np.ndarray, np.nda
         img[((xx - cx) / (0.15 * size)) ** 2 + ((yy - cy - 0.18 * size) / mh) ** 2 <= 1] = (40, 10, 10)
         out[i] = img
     box = (int(size / 2 - 0.2 * size), int(size / 2 + 0.05 * size), int(0.4 * size), int(0.28 * size))
-    return out, audio, box
+    return (out, audio, box, amp.astype(np.float32)) if opening else (out, audio, box)
 
 
 def make_shards(root: Path, size: int = SIZE, clips: int = 4, frames: int = 24) -> Path:
@@ -79,26 +80,33 @@ def shards(tmp_path_factory) -> Path:
     return make_shards(tmp_path_factory.mktemp("shards"))
 
 
-@pytest.fixture(scope="module")
-def synth_dir(tmp_path_factory) -> Path:
-    """Two synth-format clips (mp4 + json + manifest), 48 px so the cache must resize to 32."""
+def make_synth(root: Path, clips: int = 2, frames: int = 12) -> Path:
+    """Synth-format clips (mp4 + json with the per-frame mouth state + manifest), 48 px so the cache must
+    resize to 32."""
     from letstalk_rt.media import VideoWriter
 
-    root = tmp_path_factory.mktemp("synth")
+    root.mkdir(parents=True, exist_ok=True)
     names = []
-    for c in range(2):
+    for c in range(clips):
         name = f"clip_{c:05d}"
-        frames, audio, box = _talking_face(12, 48, seed=10 + c)
+        video, audio, box, opening = _talking_face(frames, 48, seed=10 + c, opening=True)
         with VideoWriter(root / f"{name}.mp4", 48, preset="ultrafast") as w:
-            for i, fr in enumerate(frames):
+            for i, fr in enumerate(video):
                 w.write_frame(fr)
                 w.write_audio(audio[i * SPF:(i + 1) * SPF])
+        per_frame = {"opening": opening.tolist(), "width": [0.5] * frames, "rounding": [0.0] * frames}
         (root / f"{name}.json").write_text(json.dumps({"clip": name, "split": "train", "size": 48,
-                                                       "num_frames": 12, "mouth_box": list(box)}))
+                                                       "num_frames": frames, "mouth_box": list(box),
+                                                       "frames": per_frame}))
         names.append(name)
     (root / "manifest.json").write_text(json.dumps({"format": "letstalk-synth", "size": 48,
                                                     "splits": {"train": names, "validation": [], "test": []}}))
     return root
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory) -> Path:
+    return make_synth(tmp_path_factory.mktemp("synth"))
 
 
 @pytest.fixture(scope="module")
@@ -337,6 +345,40 @@ def test_guidance_distillation_targets_the_teachers_guided_velocity(tmp_path, in
             x0_traj, z = stage.targets(b)
             assert torch.equal(z, b["z"]) and x0_traj.shape == b["x0"].shape
     assert losses[1.0] < 1e-8 < losses[3.0], losses
+
+
+def test_sync_loss_teaches_the_mouth_the_expert_reads_from_ground_truth(tmp_path, init_dir):
+    """The mouth expert (fitted on ground-truth latents only) reads the opening on held-out clips, and a
+    transformer trained with --sync-weight moves its clean estimate's mouth toward the truth further than
+    the same run without it."""
+    data = make_synth(tmp_path / "synth", clips=6, frames=24)
+    base = dict(steps=30, batch=8, lr=2e-3, warmup=3, ema=0.5, schedule="constant")
+    with_sync = _cfg("transformer", data, init_dir, tmp_path / "r1", out=tmp_path / "m1", sync_weight=1.0, **base)
+    out_sync = train(with_sync)
+    out_plain = train(_cfg("transformer", data, init_dir, tmp_path / "r0", out=tmp_path / "m0", **base))
+    log = [json.loads(x) for x in (tmp_path / "r1" / "log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["sync"]) for r in log)
+
+    def expert_error(model_dir: Path) -> float:
+        stage = TransformerStage(with_sync, load_model(model_dir), open_dataset(data, SIZE, progress=False), Dist())
+        assert stage.expert is not None and stage.expert.held_out_r[0] > 0.8, stage.expert.describe()
+        assert stage.expert.taught.tolist() == [1.0, 0.0, 0.0]  # width and rounding never change here: not taught
+        batch = stage.finish(stage.make_batch(10**6, range(16)))  # a fixed batch no training step sees
+        with torch.no_grad():
+            stage.loss(stage.module, batch)
+        assert stage.last_sync is not None
+        return float(stage.last_sync)
+
+    before, plain, synced = expert_error(init_dir), expert_error(out_plain), expert_error(out_sync)
+    print(f"expert error on a fixed batch: init {before:.3f}, trained without sync {plain:.3f}, with {synced:.3f}")
+    assert synced < 0.8 * plain, (before, plain, synced)
+
+    with pytest.raises(InputError, match="only a synthetic corpus"):  # prepared shards have no mouth state
+        train(_cfg("transformer", make_shards(tmp_path / "shards"), init_dir, tmp_path / "r2", sync_weight=1.0))
+    with pytest.raises(InputError, match="--sync-weight must be"):
+        train(_cfg("transformer", data, init_dir, tmp_path / "r2", sync_weight=-1.0))
+    with pytest.raises(InputError, match="transformer and distill stages"):
+        train(_cfg("autoencoder", data, init_dir, tmp_path / "r2", sync_weight=1.0))
 
 
 def test_exact_resume(tmp_path, init_dir, shards):

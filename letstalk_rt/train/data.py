@@ -111,6 +111,7 @@ class Clip:
     frames: np.ndarray  # (N, S, S, 3) uint8, memory-mapped
     audio: np.ndarray  # (N * 640,) float32, memory-mapped
     mouth_box: tuple[int, int, int, int] | None = None  # (x, y, w, h) at size S, synth clips only
+    mouth: np.ndarray | None = None  # (N, 3) ground-truth opening, width, rounding per frame, synth clips only
 
     @property
     def num_frames(self) -> int:
@@ -210,8 +211,19 @@ def _open_synth(root: Path, size: int, split: str, build: bool, progress: bool) 
             s = size / float(meta["size"])
             x, y, w, h = meta["mouth_box"]
             box = (int(round(x * s)), int(round(y * s)), max(1, int(round(w * s))), max(1, int(round(h * s))))
-        clips.append(Clip(name, tensors["frames"], tensors["audio"], box))
+        clips.append(Clip(name, tensors["frames"], tensors["audio"], box, _mouth_states(meta, len(tensors["frames"]))))
     return ClipDataset(root, "synth", split, size, clips)
+
+
+MOUTH_STATES = ("opening", "width", "rounding")  # the synth corpus's per-frame mouth ground truth
+
+
+def _mouth_states(meta: dict[str, Any], n: int) -> np.ndarray | None:
+    """(n, 3) float32 per-frame MOUTH_STATES from a synth clip's json, or None where it has none."""
+    per_frame = meta.get("frames") or {}
+    if not all(isinstance(per_frame.get(k), list) and len(per_frame[k]) >= n for k in MOUTH_STATES):
+        return None
+    return np.stack([np.asarray(per_frame[k][:n], dtype=np.float32) for k in MOUTH_STATES], axis=1)
 
 
 def _decode_clip(video: Path, size: int) -> tuple[np.ndarray, np.ndarray]:

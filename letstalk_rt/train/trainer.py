@@ -87,6 +87,7 @@ from ..memory import anchor_cell_mask, regularize_memory
 from ..models.autoencoder import DCAutoencoder
 from .data import (AudioFeatureCache, ClipDataset, LatentCache, audio_window, open_dataset, plan_frames,
                    plan_windows, sample_generator, window_frame_indices)
+from .sync import MouthExpert, crop_origin
 
 STAGES = ("autoencoder", "transformer", "distill", "decoder")
 MIN_LR_RATIO = 0.1  # the cosine schedule ends at this fraction of --lr
@@ -122,6 +123,7 @@ class TrainConfig:
     split: str = "train"  # synth corpus split to train on
     workers: int = 1  # threads assembling the next batches ahead of the step (0 = in the loop)
     mouth_weight: float = 1.0  # extra loss weight inside the clip's mouth box (pixels; latent cells for the DiT)
+    sync_weight: float = 0.0  # transformer/distill: weight of the mouth expert's loss on x0_hat (train/sync.py)
     latent_cache: bool = True  # transformer/distill: read cached latents instead of encoding every step
     teacher_steps: int = 8  # distill: Euler steps of the teacher per target
     student_steps: int = 2  # distill: the student's sampling steps (written to sampling.num_steps)
@@ -382,6 +384,16 @@ class TransformerStage(Stage):
             dist.barrier()
             self.features = AudioFeatureCache(AudioFeatureCache.path_for(self.dataset, comps.audio_encoder),
                                               self.dataset)
+        self.expert: MouthExpert | None = None  # the frozen lip-sync judge of --sync-weight
+        self.last_sync: Tensor | None = None  # its loss in the last step, for the log
+        if cfg.sync_weight:
+            if self.cache is None:
+                raise InputError("--sync-weight reads the latent cache; drop --no-latent-cache")
+            self.clip_means = MouthExpert.clip_means(self.dataset, self.cache)  # (C, h, w) per clip
+            self.expert = MouthExpert.fit(self.dataset, self.cache, self.clip_means, tc.latent_size,
+                                          cfg.seed).to(dist.device)
+            if dist.main:
+                print(self.expert.describe(), file=sys.stderr)
 
     def objective(self, comps: Components) -> nn.Module:
         enc = comps.audio_encoder
@@ -418,7 +430,8 @@ class TransformerStage(Stage):
         cfg, sc = self.cfg, self.comps.config.sampling
         enc = self.comps.audio_encoder
         out: dict[str, list] = {k: [] for k in ("latents", "frames", "pix", "avail", "audio", "feat_index",
-                                                "z", "t", "drop_p", "drop_a", "anchored", "gen", "weight")}
+                                                "z", "t", "drop_p", "drop_a", "anchored", "gen", "weight",
+                                                "mouth", "mouth_ref", "mouth_origin")}
         tc = self.comps.config.transformer
         shape = (tc.latent_channels, tc.latent_size, tc.latent_size)
         for i, plan in zip(indices, plan_windows(self.dataset, cfg.seed, step, indices, self.T)):
@@ -457,6 +470,12 @@ class TransformerStage(Stage):
             out["anchored"].append(torch.tensor(anchored))
             out["gen"].append(g)
             out["weight"].append(self.latent_weight(clip.mouth_box))
+            if self.expert is not None:
+                assert clip.mouth is not None  # MouthExpert.fit checked every clip
+                out["mouth"].append(torch.from_numpy(clip.mouth[plan.start:plan.start + self.T]))  # (T, 3)
+                out["mouth_ref"].append(self.clip_means[plan.clip])  # (C, h, w)
+                out["mouth_origin"].append(torch.tensor(crop_origin(clip.mouth_box, self.dataset.image_size,
+                                                                    tc.latent_size)))  # (2,)
         batch: Batch = {k: torch.stack(v) for k, v in out.items() if v and k != "gen" and k != "t"}
         batch["t"] = torch.cat(out["t"])  # (B,)
         batch["gen"] = out["gen"]
@@ -515,7 +534,17 @@ class TransformerStage(Stage):
         x_t = self.flow.add_noise(x0, z, t)  # (B, T, C, h, w)
         with self._autocast():
             v = model(batch["audio"], batch["feat_index"], x_t, t, *self.conditions(batch))  # (B, T, C, h, w)
-        return self.flow.loss(v, x0, z, weight=batch["weight"])  # weight (B, 1, 1, h, w): the mouth counts more
+        loss = self.flow.loss(v, x0, z, weight=batch["weight"])  # weight (B, 1, 1, h, w): the mouth counts more
+        if self.expert is None:
+            return loss
+        x0_hat = x_t - t.reshape(-1, 1, 1, 1, 1) * v.float()  # (B, T, C, h, w): for 1 step at t = 1, the output
+        n = x0_hat.shape[1]
+        origins = batch["mouth_origin"][:, None].expand(-1, n, -1)  # (B, T, 2)
+        ref = batch["mouth_ref"][:, None].expand(-1, n, -1, -1, -1)  # (B, T, C, h, w)
+        sync = self.expert.loss(x0_hat.flatten(0, 1), ref.flatten(0, 1), origins.flatten(0, 1),
+                                batch["mouth"].flatten(0, 1))
+        self.last_sync = sync.detach()
+        return loss + self.cfg.sync_weight * sync
 
 
 class DistillStage(TransformerStage):
@@ -718,6 +747,10 @@ def _check(cfg: TrainConfig, dist: Dist) -> None:
     for name in ("steps", "batch", "ckpt_every", "log_every", "keep"):
         if getattr(cfg, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.sync_weight < 0 or not math.isfinite(cfg.sync_weight):
+        raise InputError(f"--sync-weight must be a number >= 0, got {cfg.sync_weight}")
+    if cfg.sync_weight and cfg.stage not in ("transformer", "distill"):
+        raise InputError(f"--sync-weight applies to the transformer and distill stages, not {cfg.stage}")
     if cfg.batch % dist.world:
         raise InputError(f"--batch {cfg.batch} (global) must be divisible by the {dist.world} ranks")
     if cfg.lr <= 0 or not 0 <= cfg.ema < 1 or cfg.warmup < 0 or cfg.grad_clip < 0:
@@ -848,6 +881,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path | None:
 
         bar = tqdm(total=cfg.steps, initial=start, desc=cfg.stage, unit="step", dynamic_ncols=True)
     loss_sum = torch.zeros((), device=dist.device)
+    sync_sum = torch.zeros((), device=dist.device)  # the mouth expert's share (--sync-weight), unweighted
     norm_sum, n_logged, t_log, t_start = 0.0, 0, time.perf_counter(), time.perf_counter()
     step = start
     try:
@@ -867,6 +901,8 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path | None:
             scheduler.step()
             ema.update(module, step)
             loss_sum += loss.detach().float()
+            if getattr(stage, "last_sync", None) is not None:
+                sync_sum += stage.last_sync.float()
             norm_sum += float(norm)
             n_logged += 1
             done = step + 1
@@ -874,10 +910,14 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path | None:
                 if dist.enabled:
                     torch.distributed.all_reduce(loss_sum)
                     loss_sum /= dist.world
+                    torch.distributed.all_reduce(sync_sum)
+                    sync_sum /= dist.world
                 now = time.perf_counter()
                 row = {"step": done, "loss": float(loss_sum) / n_logged, "lr": scheduler.get_last_lr()[0],
                        "grad_norm": norm_sum / n_logged, "samples_per_s": n_logged * cfg.batch / (now - t_log),
                        "steps_per_s": n_logged / (now - t_log), "seconds": now - t_start}
+                if cfg.sync_weight:
+                    row["sync"] = float(sync_sum) / n_logged
                 if dist.main:
                     with open(log_file, "a") as f:
                         f.write(json.dumps(row) + "\n")
@@ -887,6 +927,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path | None:
                     if bar is not None:
                         bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
                 loss_sum.zero_()
+                sync_sum.zero_()
                 norm_sum, n_logged, t_log = 0.0, 0, time.perf_counter()
             if bar is not None:
                 bar.update(1)
@@ -997,6 +1038,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mouth-weight", type=float, default=d.mouth_weight,
                    help="extra loss weight in the clip's mouth box: pixels (autoencoder), latent cells (transformer, "
                         "distill)")
+    p.add_argument("--sync-weight", type=float, default=d.sync_weight,
+                   help="transformer/distill: weight of a frozen mouth expert's loss on the network's clean "
+                        "estimate (synth corpora: their per-frame mouth state; default 0 = off)")
     p.add_argument("--no-latent-cache", action="store_true",
                    help="transformer/distill: encode frames with the AE every step (exact pixel noise, slower)")
     p.add_argument("--teacher-steps", type=int, default=d.teacher_steps, help="distill: teacher Euler steps")
@@ -1030,6 +1074,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         ema=args.ema, grad_clip=args.grad_clip, ckpt_every=args.ckpt_every, keep=args.keep,
         log_every=args.log_every, seed=args.seed, device=args.device, resume=args.resume,
         stop_after=args.stop_after, split=args.split, workers=args.workers, mouth_weight=args.mouth_weight,
+        sync_weight=args.sync_weight,
         latent_cache=not args.no_latent_cache, teacher_steps=args.teacher_steps,
         student_steps=args.student_steps, distill_target=args.distill_target, window=args.window, fsdp=args.fsdp,
         decoder_channels=args.decoder_channels, progress=not args.quiet)
