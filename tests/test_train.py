@@ -110,6 +110,12 @@ def synth_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def synth_sync(tmp_path_factory) -> Path:
+    """Enough synth-format clips for the mouth expert (one held out)."""
+    return make_synth(tmp_path_factory.mktemp("synth_sync"), clips=6, frames=24)
+
+
+@pytest.fixture(scope="module")
 def init_dir(tmp_path_factory) -> Path:
     comps = build_components(model_preset("tiny"), seed=0)
     return save_model(comps, tmp_path_factory.mktemp("init") / "tiny")
@@ -347,11 +353,11 @@ def test_guidance_distillation_targets_the_teachers_guided_velocity(tmp_path, in
     assert losses[1.0] < 1e-8 < losses[3.0], losses
 
 
-def test_sync_loss_teaches_the_mouth_the_expert_reads_from_ground_truth(tmp_path, init_dir):
+def test_sync_loss_teaches_the_mouth_the_expert_reads_from_ground_truth(tmp_path, init_dir, synth_sync):
     """The mouth expert (fitted on ground-truth latents only) reads the opening on held-out clips, and a
     transformer trained with --sync-weight moves its clean estimate's mouth toward the truth further than
     the same run without it."""
-    data = make_synth(tmp_path / "synth", clips=6, frames=24)
+    data = synth_sync
     base = dict(steps=30, batch=8, lr=2e-3, warmup=3, ema=0.5, schedule="constant")
     with_sync = _cfg("transformer", data, init_dir, tmp_path / "r1", out=tmp_path / "m1", sync_weight=1.0, **base)
     out_sync = train(with_sync)
@@ -381,8 +387,11 @@ def test_sync_loss_teaches_the_mouth_the_expert_reads_from_ground_truth(tmp_path
         train(_cfg("autoencoder", data, init_dir, tmp_path / "r2", sync_weight=1.0))
 
 
-def test_exact_resume(tmp_path, init_dir, shards):
+@pytest.mark.parametrize("sync", [False, True], ids=["plain", "sync-loss"])
+def test_exact_resume(tmp_path, init_dir, shards, synth_sync, sync):
     kw = dict(steps=6, ema=0.9, ckpt_every=2, keep=2)
+    if sync:  # the mouth expert is fitted again on resume: it must come out the same
+        shards, kw = synth_sync, dict(kw, sync_weight=0.5)
     a = train(_cfg("transformer", shards, init_dir, tmp_path / "a", out=tmp_path / "out_a", **kw))
     assert train(_cfg("transformer", shards, init_dir, tmp_path / "b", out=tmp_path / "out_b",
                       stop_after=3, **kw)) is None
