@@ -84,8 +84,11 @@ class MouthExpert(nn.Module):
 
     def forward(self, latents: Tensor, reference: Tensor, origins: Tensor) -> Tensor:
         """latents and reference (N, C, h, w) (the clip's mean latent), origins (N, 2) -> (N, 3) mouth state."""
-        x = (mouth_cells(latents.float() - reference.float(), origins) - self.mean) / self.scale  # (N, F)
-        return self.net(x) * self.target_std + self.target_mean
+        return self._read(mouth_cells(latents.float() - reference.float(), origins))
+
+    def _read(self, cells: Tensor) -> Tensor:
+        """mouth_cells features (N, F) -> (N, 3) mouth state."""
+        return self.net((cells - self.mean) / self.scale) * self.target_std + self.target_mean
 
     def loss(self, latents: Tensor, reference: Tensor, origins: Tensor, truth: Tensor) -> Tensor:
         """Mean squared error against truth (N, 3) over the taught states, each in units of its ground-truth std."""
@@ -136,15 +139,13 @@ class MouthExpert(nn.Module):
         opt = torch.optim.AdamW(expert.net.parameters(), lr=FIT_LR, weight_decay=1e-2)
         for _ in range(FIT_STEPS):
             idx = torch.randint(len(x), (FIT_BATCH,), generator=g)
-            loss = (((expert.net((x[idx] - expert.mean) / expert.scale) * expert.target_std + expert.target_mean
-                      - y[idx]) / expert.target_std) ** 2).mean()
+            loss = (((expert._read(x[idx]) - y[idx]) / expert.target_std) ** 2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         expert.eval().requires_grad_(False)
         with torch.no_grad():
-            xh = torch.cat(feats[cut:])
-            pred = (expert.net((xh - expert.mean) / expert.scale) * expert.target_std + expert.target_mean).numpy()
+            pred = expert._read(torch.cat(feats[cut:])).numpy()  # (M, 3)
         truth = torch.cat(truths[cut:]).numpy()
         expert.held_out_r = tuple(_pearson(pred[:, k], truth[:, k]) for k in range(truth.shape[1]))
         taught = [r >= TEACH_MIN_R for r in expert.held_out_r]
