@@ -382,11 +382,13 @@ def test_a_slow_stretch_in_continuous_speech_is_caught_up_by_playing_it_faster(t
     last = np.median(lat[-20:])
     assert last <= target + 0.25, (last, target)  # back near the target (catch_up_speech_ms: 100 ms)
     assert np.median(late_lat[-20:]) >= last + 0.4
-    # Nothing is cut: the compressed part comes out 1 / 1.5 as long (atempo's edges: +-30 ms a run).
+    # Nothing is cut: the compressed part comes out 1 / 1.5 as long (atempo's edges: +-30 ms a run; the
+    # catch-up can stop and start again when the latency hovers at its threshold).
     voiced, late_voiced = np.count_nonzero(audio), np.count_nonzero(late_audio)
-    assert late_voiced == len(speech)
+    assert late_voiced == len(speech) and late_stats["catch_up_runs"] == 0
     expected = len(speech) - stats["speech_compressed_s"] * 16000 * (1 - 1 / 1.5)
-    assert abs(voiced - expected) <= 0.05 * 16000, (voiced, expected)
+    assert stats["catch_up_runs"] >= 1, stats  # (this fake slow stretch: 1-9 runs seen)
+    assert abs(voiced - expected) <= (0.02 + 0.03 * stats["catch_up_runs"]) * 16000, (voiced, expected, stats)
 
 
 def test_speech_pushed_ahead_of_time_keeps_its_pace(tiny_pipeline):

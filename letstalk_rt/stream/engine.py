@@ -288,6 +288,7 @@ class Session:
         self.dropped = collections.Counter()
         self.silence_skipped_s = 0.0  # pushed silence skipped by the latency catch-up
         self.speech_compressed_s = 0.0  # pushed audio the catch-up played faster (seconds before compression)
+        self.catch_up_runs = 0  # stretches of speech played faster (each starts and ends one atempo stream)
         self.gap_inserted_s = 0.0  # silence inserted at a deadline inside an utterance (its last pushed audio
         # was speech, no end_speech() yet): a gap the user hears, because the speech came too late for its frame
         self._events: asyncio.Queue[Event] = asyncio.Queue(maxsize=engine.config.event_queue_size)
@@ -412,6 +413,7 @@ class Session:
             "dropped": dict(self.dropped),
             "silence_skipped_s": round(self.silence_skipped_s, 3),
             "speech_compressed_s": round(self.speech_compressed_s, 3),
+            "catch_up_runs": self.catch_up_runs,
             "gap_inserted_s": round(self.gap_inserted_s, 3),
             "first_frame_s": self.first_frame_s,
             "latency_ms_p50": pct(0.50),
@@ -856,7 +858,9 @@ class StreamEngine:
             w.compressing = False
             return False
         behind_ms = self._behind_s(s, paced, now) * 1000
+        was = w.compressing
         w.compressing = behind_ms > cfg.catch_up_speech_ms / (2 if w.compressing else 1)
+        s.catch_up_runs += w.compressing and not was
         if w.compressing and w.stretch is None:
             w.stretch = TempoStretcher(cfg.catch_up_tempo, s.sample_rate)
         return w.compressing
