@@ -238,13 +238,18 @@ while True:
 """
 
 
+def check_neighbours(n: int, busy: float, period: float) -> None:
+    """LetsTalkError unless `--neighbours n --neighbour-duty busy/period` can run."""
+    if n < 0 or not 0 < busy <= period:
+        raise LetsTalkError(f"--neighbours {n} --neighbour-duty {busy:g}/{period:g}: give a count >= 0 and "
+                            "0 < BUSY <= PERIOD seconds")
+
+
 @contextlib.contextmanager
 def busy_neighbours(n: int, busy: float = 30.0, period: float = 60.0):
     """n CPU-bound processes beside this one, each busy `busy` seconds of every `period`, busy first: a
     shared machine's noisy neighbours, reproducibly. They are killed when the block ends."""
-    if n < 0 or not 0 < busy <= period:
-        raise LetsTalkError(f"{n} neighbours busy {busy} s of every {period} s: give a count >= 0 and "
-                            "0 < busy <= period")
+    check_neighbours(n, busy, period)
     procs = [subprocess.Popen([sys.executable, "-c", _SPIN, str(busy), str(period)]) for _ in range(n)]
     try:
         yield procs

@@ -147,7 +147,7 @@ async def _demo(pipe, image, speech: Path, args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from .bench import run_bench
+    from .bench import check_neighbours, run_bench
     from .media import load_audio, load_image
     from .pipeline import LetsTalkPipeline
 
@@ -158,9 +158,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         busy, period = (float(x) for x in args.neighbour_duty.split("/"))
     except ValueError:
         raise LetsTalkError(f"--neighbour-duty {args.neighbour_duty!r}: give BUSY/PERIOD seconds, like 30/60") from None
-    if args.neighbours < 0 or not 0 < busy <= period:
-        raise LetsTalkError(f"--neighbours {args.neighbours} --neighbour-duty {args.neighbour_duty}: give a count "
-                            ">= 0 and 0 < BUSY <= PERIOD")
+    check_neighbours(args.neighbours, busy, period)
     if args.soak:
         counts, seconds = [1], float(args.soak)
     else:

@@ -860,7 +860,8 @@ class StreamEngine:
         behind_ms = self._behind_s(s, paced, now) * 1000
         was = w.compressing
         w.compressing = behind_ms > cfg.catch_up_speech_ms / (2 if w.compressing else 1)
-        s.catch_up_runs += w.compressing and not was
+        if w.compressing and not was:
+            s.catch_up_runs += 1
         if w.compressing and w.stretch is None:
             w.stretch = TempoStretcher(cfg.catch_up_tempo, s.sample_rate)
         return w.compressing

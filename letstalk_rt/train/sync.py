@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError
+from ..eval import pearson
 from .data import MOUTH_STATES, ClipDataset, LatentCache
 
 CROP = 3  # latent cells per side of the square the expert reads, centred on the mouth box
@@ -58,12 +59,6 @@ def mouth_cells(latents: Tensor, origins: Tensor) -> Tensor:
     batch = torch.arange(n, device=latents.device)[:, None, None]  # (N, 1, 1)
     cells = latents.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (N, CROP, CROP, C)
     return cells.reshape(n, -1)
-
-
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a - a.mean(), b - b.mean()
-    den = math.sqrt(float((a * a).sum() * (b * b).sum()))
-    return float((a * b).sum() / den) if den > 0 else 0.0
 
 
 class MouthExpert(nn.Module):
@@ -101,20 +96,24 @@ class MouthExpert(nn.Module):
         return f"mouth expert on ground-truth latents (held-out clips): r {rs}"
 
     @staticmethod
-    def clip_means(dataset: ClipDataset, cache: LatentCache) -> list[Tensor]:
-        """Every clip's mean latent (C, h, w): the expert's reference."""
-        return [cache.get(i, np.arange(c.num_frames)).mean(0) for i, c in enumerate(dataset.clips)]
-
-    @classmethod
-    def fit(cls, dataset: ClipDataset, cache: LatentCache, means: list[Tensor], latent_size: int,
-            seed: int = 0) -> "MouthExpert":
-        """Fit on the ground-truth latents of the first 1 - HELD_OUT of the clips (at most MAX_FIT_FRAMES
-        frames), report the correlation on the rest; deterministic for a seed. Returned frozen, in eval mode."""
+    def references(dataset: ClipDataset, cache: LatentCache, latent_size: int) -> tuple[list[Tensor], list[Tensor]]:
+        """Per clip, what the expert reads a frame against: the clip's mean latent (C, h, w) and the origin
+        (2,) of its mouth crop. InputError for a clip without per-frame mouth state (not a synth corpus)."""
         missing = [c.name for c in dataset.clips if c.mouth is None or c.mouth_box is None]
         if missing:
             raise InputError(f"--sync-weight needs each clip's per-frame mouth state, which only a synthetic corpus "
                              f"has (`letstalk data synth`); '{missing[0]}' of {dataset.root} has none. Train with "
                              "--sync-weight 0 on prepared video shards")
+        means = [cache.get(i, np.arange(c.num_frames)).mean(0) for i, c in enumerate(dataset.clips)]
+        origins = [torch.tensor(crop_origin(c.mouth_box, dataset.image_size, latent_size)) for c in dataset.clips]
+        return means, origins
+
+    @classmethod
+    def fit(cls, dataset: ClipDataset, cache: LatentCache, means: list[Tensor], origins: list[Tensor],
+            seed: int = 0) -> "MouthExpert":
+        """Fit on the ground-truth latents of the first 1 - HELD_OUT of the clips (at most MAX_FIT_FRAMES
+        frames), read against `references`, and report the correlation on the rest; deterministic for a
+        seed. Returned frozen, in eval mode."""
         cut = min(len(dataset.clips) - 1, max(1, int(round(len(dataset.clips) * (1 - HELD_OUT)))))
         if cut < 1:
             raise InputError(f"--sync-weight: {dataset.root} has {len(dataset.clips)} training clip(s); the mouth "
@@ -124,8 +123,8 @@ class MouthExpert(nn.Module):
         for i, clip in enumerate(dataset.clips):
             frames = np.arange(0, clip.num_frames, stride)
             lat = cache.get(i, frames) - means[i]  # (n, C, h, w)
-            origin = torch.tensor([crop_origin(clip.mouth_box, dataset.image_size, latent_size)]).expand(len(frames), 2)
-            feats.append(mouth_cells(lat, origin))  # (n, F)
+            feats.append(mouth_cells(lat, origins[i].expand(len(frames), 2)))  # (n, F)
+            assert clip.mouth is not None  # references() checked every clip
             truths.append(torch.from_numpy(clip.mouth[frames]))  # (n, 3)
         x, y = torch.cat(feats[:cut]), torch.cat(truths[:cut])  # (N, F), (N, 3)
         g = torch.Generator().manual_seed(seed)
@@ -147,7 +146,7 @@ class MouthExpert(nn.Module):
         with torch.no_grad():
             pred = expert._read(torch.cat(feats[cut:])).numpy()  # (M, 3)
         truth = torch.cat(truths[cut:]).numpy()
-        expert.held_out_r = tuple(_pearson(pred[:, k], truth[:, k]) for k in range(truth.shape[1]))
+        expert.held_out_r = tuple(pearson(pred[:, k], truth[:, k]) for k in range(truth.shape[1]))
         taught = [r >= TEACH_MIN_R for r in expert.held_out_r]
         if not any(taught):
             raise InputError(f"--sync-weight: the mouth expert reads the mouth of held-out clips at r "

@@ -87,7 +87,7 @@ from ..memory import anchor_cell_mask, regularize_memory
 from ..models.autoencoder import DCAutoencoder
 from .data import (AudioFeatureCache, ClipDataset, LatentCache, audio_window, open_dataset, plan_frames,
                    plan_windows, sample_generator, window_frame_indices)
-from .sync import MouthExpert, crop_origin
+from .sync import MouthExpert
 
 STAGES = ("autoencoder", "transformer", "distill", "decoder")
 MIN_LR_RATIO = 0.1  # the cosine schedule ends at this fraction of --lr
@@ -251,6 +251,7 @@ class Stage:
 
     name = ""
     min_frames = 1  # clips shorter than this are not sampled
+    last_sync: Tensor | None = None  # the unweighted lip-sync loss of the last step (--sync-weight), for the log
 
     def __init__(self, cfg: TrainConfig, comps: Components, dataset: ClipDataset, dist: Dist) -> None:
         self.cfg, self.comps, self.dataset, self.dist = cfg, comps, dataset, dist
@@ -385,13 +386,11 @@ class TransformerStage(Stage):
             self.features = AudioFeatureCache(AudioFeatureCache.path_for(self.dataset, comps.audio_encoder),
                                               self.dataset)
         self.expert: MouthExpert | None = None  # the frozen lip-sync judge of --sync-weight
-        self.last_sync: Tensor | None = None  # its loss in the last step, for the log
         if cfg.sync_weight:
             if self.cache is None:
                 raise InputError("--sync-weight reads the latent cache; drop --no-latent-cache")
-            self.clip_means = MouthExpert.clip_means(self.dataset, self.cache)  # (C, h, w) per clip
-            self.expert = MouthExpert.fit(self.dataset, self.cache, self.clip_means, tc.latent_size,
-                                          cfg.seed).to(dist.device)
+            self.mouth_refs = MouthExpert.references(self.dataset, self.cache, tc.latent_size)  # means, origins
+            self.expert = MouthExpert.fit(self.dataset, self.cache, *self.mouth_refs, cfg.seed).to(dist.device)
             if dist.main:
                 print(self.expert.describe(), file=sys.stderr)
 
@@ -471,11 +470,10 @@ class TransformerStage(Stage):
             out["gen"].append(g)
             out["weight"].append(self.latent_weight(clip.mouth_box))
             if self.expert is not None:
-                assert clip.mouth is not None  # MouthExpert.fit checked every clip
+                assert clip.mouth is not None  # MouthExpert.references checked every clip
                 out["mouth"].append(torch.from_numpy(clip.mouth[plan.start:plan.start + self.T]))  # (T, 3)
-                out["mouth_ref"].append(self.clip_means[plan.clip])  # (C, h, w)
-                out["mouth_origin"].append(torch.tensor(crop_origin(clip.mouth_box, self.dataset.image_size,
-                                                                    tc.latent_size)))  # (2,)
+                out["mouth_ref"].append(self.mouth_refs[0][plan.clip])  # (C, h, w)
+                out["mouth_origin"].append(self.mouth_refs[1][plan.clip])  # (2,)
         batch: Batch = {k: torch.stack(v) for k, v in out.items() if v and k != "gen" and k != "t"}
         batch["t"] = torch.cat(out["t"])  # (B,)
         batch["gen"] = out["gen"]
@@ -901,7 +899,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path | None:
             scheduler.step()
             ema.update(module, step)
             loss_sum += loss.detach().float()
-            if getattr(stage, "last_sync", None) is not None:
+            if stage.last_sync is not None:
                 sync_sum += stage.last_sync.float()
             norm_sum += float(norm)
             n_logged += 1
