@@ -60,6 +60,7 @@ class RunResult:
     threads: int  # torch intra-op threads of the engine's worker (EngineConfig.threads)
     silence_skipped_seconds: float = 0.0  # the latency catch-up: pauses shortened ...
     speech_compressed_seconds: float = 0.0  # ... and speech played faster (seconds of input) while behind
+    catch_up_runs: int = 0  # ... in this many speed-ups
     realtime: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -151,6 +152,7 @@ async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np
         threads=threads,
         silence_skipped_seconds=round(sum(st["silence_skipped_s"] for st in stats), 2),
         speech_compressed_seconds=round(sum(st["speech_compressed_s"] for st in stats), 2),
+        catch_up_runs=sum(st["catch_up_runs"] for st in stats),
     )
 
 

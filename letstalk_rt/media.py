@@ -212,27 +212,47 @@ class TempoStretcher:
 
     `push(samples)` returns the stretched samples available so far (the filter holds back ~30 ms);
     `flush()` returns the rest, and the next push starts a fresh stream. n samples pushed and flushed come
-    out as about n / tempo samples. The engine's latency catch-up plays speech through it while a session
-    runs behind (`EngineConfig.catch_up_tempo`), as WebRTC's jitter buffer accelerates speech.
+    out as about n / tempo samples. `set_tempo()` changes the speed inside the stream, without a flush,
+    so speech can go from faster back to its own pace (1.0) seamlessly. The engine's latency catch-up
+    plays speech through it while a session runs behind (`EngineConfig.catch_up_tempo`), as WebRTC's
+    jitter buffer accelerates speech.
     """
 
     def __init__(self, tempo: float, sample_rate: int = SAMPLE_RATE) -> None:
-        if not 0.5 <= tempo <= 2.0:
-            raise LetsTalkError(f"tempo {tempo}: atempo in one stage takes 0.5 .. 2.0")
-        self.tempo = tempo
+        self.tempo = self._check(tempo)
         self.sample_rate = sample_rate
         self._graph: Any = None
+        self._atempo: Any = None
         self._pts = 0
+        self._owed = 0.0  # output samples the pushed input will come to, less those already returned
+
+    @staticmethod
+    def _check(tempo: float) -> float:
+        if not 0.5 <= tempo <= 2.0:
+            raise LetsTalkError(f"tempo {tempo}: atempo in one stage takes 0.5 .. 2.0")
+        return float(tempo)
+
+    @property
+    def pending_samples(self) -> float:
+        """About how many output samples the filter still holds (they come with later pushes or flush)."""
+        return max(self._owed, 0.0)
+
+    def set_tempo(self, tempo: float) -> None:
+        """Change the speed from the next pushed sample on (inside the running stream: no flush)."""
+        tempo = self._check(tempo)
+        if tempo != self.tempo and self._atempo is not None:
+            self._atempo.process_command("tempo", f"{tempo}")
+        self.tempo = tempo
 
     def _open(self) -> Any:
         graph = av.filter.Graph()
         src = graph.add_abuffer(format="flt", sample_rate=self.sample_rate, layout="mono",
                                 time_base=f"1/{self.sample_rate}")
-        tempo = graph.add("atempo", f"{self.tempo}")
-        src.link_to(tempo)
-        tempo.link_to(graph.add("abuffersink"))
+        self._atempo = graph.add("atempo", f"{self.tempo}")
+        src.link_to(self._atempo)
+        self._atempo.link_to(graph.add("abuffersink"))
         graph.configure()
-        self._pts = 0
+        self._pts, self._owed = 0, 0.0
         return graph
 
     def _pull(self) -> list[np.ndarray]:
@@ -252,8 +272,11 @@ class TempoStretcher:
         frame = av.AudioFrame.from_ndarray(pcm, format="flt", layout="mono")
         frame.sample_rate, frame.pts, frame.time_base = self.sample_rate, self._pts, Fraction(1, self.sample_rate)
         self._pts += pcm.shape[1]
+        self._owed += pcm.shape[1] / self.tempo
         self._graph.push(frame)
-        return _concat(self._pull())
+        out = _concat(self._pull())
+        self._owed -= len(out)
+        return out
 
     def flush(self) -> np.ndarray:
         """The samples still inside the filter; the next push starts a fresh stream."""
@@ -261,7 +284,7 @@ class TempoStretcher:
             return np.zeros(0, np.float32)
         self._graph.push(None)
         out = _concat(self._pull())
-        self._graph = None
+        self._graph, self._atempo, self._owed = None, None, 0.0
         return out
 
 

@@ -68,6 +68,12 @@ class AudioTokenizer:
         cfg = self.pipeline.config.audio
         return 1000.0 * (self.pipeline.audio_encoder.lookahead_samples + self.margin * cfg.samples_per_frame) / cfg.sample_rate
 
+    @property
+    def pending_frames(self) -> float:
+        """Frames of audio pushed but not yet out as tokens (the lookahead plus a part-frame; fractional)."""
+        spf = self.pipeline.config.audio.samples_per_frame
+        return self.stream.samples_received / spf - self.frames_out
+
     def _take(self, feats: Tensor, final: bool) -> Tensor:
         """Append new features (n, L, D) and project every frame whose window is complete."""
         m = self.margin

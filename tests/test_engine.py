@@ -380,15 +380,16 @@ def test_a_slow_stretch_in_continuous_speech_is_caught_up_by_playing_it_faster(t
     assert np.median(late_lat[-20:]) >= target + 0.5  # the slow stretch's backlog is still there at the end
     assert 0.5 <= stats["speech_compressed_s"] <= 4.0
     last = np.median(lat[-20:])
-    assert last <= target + 0.25, (last, target)  # back near the target (catch_up_speech_ms: 100 ms)
+    assert last <= target + 0.1, (last, target)  # back at the target (catch_up_speech_ms: 100 ms)
     assert np.median(late_lat[-20:]) >= last + 0.4
-    # Nothing is cut: the compressed part comes out 1 / 1.5 as long (atempo's edges: +-30 ms a run; the
-    # catch-up can stop and start again when the latency hovers at its threshold).
+    # Nothing is cut: the compressed part comes out 1 / 1.5 as long. The speech never pauses, so one
+    # stretcher stream carries every speed-up (back at tempo 1.0 in between) and is flushed once, at the
+    # end: atempo's edges cost +-30 ms once, not once per speed-up.
     voiced, late_voiced = np.count_nonzero(audio), np.count_nonzero(late_audio)
     assert late_voiced == len(speech) and late_stats["catch_up_runs"] == 0
     expected = len(speech) - stats["speech_compressed_s"] * 16000 * (1 - 1 / 1.5)
-    assert stats["catch_up_runs"] >= 1, stats  # (this fake slow stretch: 1-9 runs seen)
-    assert abs(voiced - expected) <= (0.02 + 0.03 * stats["catch_up_runs"]) * 16000, (voiced, expected, stats)
+    assert stats["catch_up_runs"] >= 1, stats  # (each window of the slow stretch adds lateness: 4-7 seen)
+    assert abs(voiced - expected) <= 0.07 * 16000, (voiced, expected, stats)
 
 
 def test_speech_pushed_ahead_of_time_keeps_its_pace(tiny_pipeline):

@@ -438,6 +438,29 @@ def test_tempo_stretcher_shortens_speech_in_a_stream_and_keeps_its_pitch(tempo):
         TempoStretcher(3.0)
 
 
+def test_tempo_stretcher_changes_speed_inside_a_stream():
+    """Faster, then back at its own pace in the same stream (no flush): the length adds up, the pitch is
+    kept in both parts, and pending_samples says what the filter still holds."""
+    rate = SAMPLE_RATE
+    t = np.arange(2 * rate) / rate
+    tone = (0.3 * np.sin(2 * np.pi * 150 * t)).astype(np.float32)
+    s = TempoStretcher(1.5)
+    out = []
+    for i in range(0, len(tone), SPF):
+        if i == rate:
+            s.set_tempo(1.0)
+        out.append(s.push(tone[i:i + SPF]))
+        assert 0 <= s.pending_samples <= 0.1 * rate, s.pending_samples
+    out.append(s.flush())
+    assert s.pending_samples == 0
+    out = np.concatenate(out)
+    assert abs(len(out) - (rate / 1.5 + rate)) <= 0.02 * rate, len(out)
+    for part in (out[: rate // 2], out[-rate // 2:]):  # 0.5 s each: bins 2 Hz apart
+        assert abs(np.argmax(np.abs(np.fft.rfft(part))) * 2 - 150) <= 2
+    with pytest.raises(LetsTalkError):
+        s.set_tempo(0.1)
+
+
 # --------------------------------------------------------------------------------------------------
 # bundled assets
 # --------------------------------------------------------------------------------------------------

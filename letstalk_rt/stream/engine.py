@@ -16,13 +16,17 @@ frames ahead of playback, which bounds every queue. The first window of a sessio
 an interrupt, is short (`first_window` frames) so the first frame shows quickly.
 
 Latency. A window waits for its audio plus the encoder's lookahead, so the least latency that never
-runs dry is about (window - 1) frames + lookahead + one window's compute + safety
-(`StreamEngine.target_latency_s`).
+runs dry is about a window of frames + lookahead + one window's compute + safety
+(`StreamEngine.target_latency_s`; the last frame of it is the frame grid's phase against the audio).
 Anything that delays playback beyond that (the start-up, a late window, silence inserted at a
 deadline) would otherwise stay for the rest of the session; the catch-up skips silent pushed audio
 inside pauses while the session is behind (`EngineConfig.catch_up`), so it returns to the target. A slow
 stretch of the machine in continuous speech leaves no pause to skip: then the speech itself is played
-faster (`catch_up_tempo`, pitch kept) until the session is back near its target.
+faster (`catch_up_tempo`, pitch kept) until the session is back near its target. How late a session
+runs is counted exactly (`_behind_s`: the player's clock, then every queued frame of audio), so the
+catch-up does not chase the saw-tooth that frames playing and tokens arriving in steps would draw; one
+stretcher stream lasts until the next pause and goes back to tempo 1.0 in between, so a slow stretch
+that adds lateness window after window is caught up without a break in the sound.
 
 Sync. Each generated frame carries exactly the 640 samples it was conditioned on (`AVFrame`), and the
 player releases frame i at `start + i / fps` on one absolute clock for both tracks, so the audio the
@@ -510,10 +514,17 @@ class _WorkerState:
         self._feed(self.stretch.push(pcm), arrival, True)
 
     def unstretch(self, arrival: float) -> None:
-        """End a stretched run: what the stretcher still holds goes before the next unstretched audio."""
+        """End a catch-up run (at a pause, an interrupt or end of speech): what the stretcher still holds
+        goes before the next unstretched audio."""
         if self.stretch is not None:
             self._feed(self.stretch.flush(), arrival, True)
-            self.stretch = None
+            self.stretch, self.compressing = None, False
+
+    @property
+    def queued_frames(self) -> float:
+        """Frames of fed audio not generated yet: tokens, audio inside the tokenizer and the stretcher."""
+        held = self.stretch.pending_samples / self.tokenizer.pipeline.config.audio.samples_per_frame if self.stretch else 0.0
+        return self.n_tokens + self.tokenizer.pending_frames + held
 
     def _feed(self, pcm: np.ndarray, arrival: float, speech: bool) -> None:
         if not len(pcm):
@@ -794,9 +805,14 @@ class StreamEngine:
             if speech and self.config.catch_up and self._skip_silence(s, pcm, arrival, now, voiced):
                 s.silence_skipped_s += len(pcm) / s.sample_rate
                 continue
-            if speech and self._compress(s, paced, now):
+            if speech:
+                self._catch_up(s, pcm, paced, now)
+            # A catch-up run keeps one stretcher open through its speech, back at tempo 1.0 once caught
+            # up, and ends it (flush) at the next pause: no seams or speed wobble inside an utterance.
+            if speech and w.stretch is not None and (w.compressing or voiced):
                 w.feed_stretched(pcm, arrival)
-                s.speech_compressed_s += len(pcm) / s.sample_rate
+                if w.compressing:
+                    s.speech_compressed_s += len(pcm) / s.sample_rate
             else:
                 w.feed(pcm, arrival, speech)
         want = min(self.config.first_window, window) if w.fresh else window
@@ -832,10 +848,11 @@ class StreamEngine:
             return self.config.target_latency_ms / 1000
         # All frames of a steady stream have the same latency (audio and frames both advance 1 / fps), and
         # a window's first frame is the binding one: it waits for the rest of its window's audio
-        # ((window - 1) frames), the encoder's lookahead, and the window's compute.
+        # ((window - 1) frames), the encoder's lookahead, the window's compute and safety margin, and then
+        # for its tick (up to one frame: the frame grid's phase against the audio's is set at the start).
         fps = self.pipeline.config.fps
         gen = self._gen_ms.get(self.window, 50.0) / 1000
-        return (self.window - 1) / fps + self._lookahead_s + gen + self.config.safety_ms / 1000
+        return self.window / fps + self._lookahead_s + gen + self.config.safety_ms / 1000
 
     def _skip_silence(self, s: Session, pcm: np.ndarray, arrival: float, now: float, voiced: bool) -> bool:
         """Skip this pushed chunk? Only inside a pause (after `catch_up_keep_ms` of it, so gaps between
@@ -848,30 +865,42 @@ class StreamEngine:
         w.silent_run_s += len(pcm) / s.sample_rate
         if s.player.start is None or w.silent_run_s * 1000 <= self.config.catch_up_keep_ms:
             return False
-        return self._behind_s(s, arrival, now) > 1 / self.pipeline.config.fps
+        return self._behind_s(s, arrival, now, len(pcm)) > 1 / self.pipeline.config.fps
 
-    def _compress(self, s: Session, paced: float, now: float) -> bool:
-        """Play this pushed speech faster? While its paced arrival would reach the screen more than
-        `catch_up_speech_ms` after the target (until back within half that): lateness the engine caused."""
+    def _catch_up(self, s: Session, pcm: np.ndarray, paced: float, now: float) -> None:
+        """Play this pushed speech faster? Yes from when its paced arrival would reach the screen more than
+        `catch_up_speech_ms` after the target (lateness the engine caused) until it is back within half
+        that. The first speed-up opens a stretcher that stays open, at tempo 1.0 in between, until the
+        next pause; each speed-up counts as one catch-up run."""
         cfg, w = self.config, s._w
         if not cfg.catch_up or cfg.catch_up_tempo <= 1.0 or s.player.start is None:
-            w.compressing = False
-            return False
-        behind_ms = self._behind_s(s, paced, now) * 1000
-        was = w.compressing
-        w.compressing = behind_ms > cfg.catch_up_speech_ms / (2 if w.compressing else 1)
-        if w.compressing and not was:
+            return
+        behind_ms = self._behind_s(s, paced, now, len(pcm)) * 1000
+        on = behind_ms > cfg.catch_up_speech_ms / (2 if w.compressing else 1)
+        if on and not w.compressing:
             s.catch_up_runs += 1
-        if w.compressing and w.stretch is None:
+        if on and w.stretch is None:
             w.stretch = TempoStretcher(cfg.catch_up_tempo, s.sample_rate)
-        return w.compressing
+        elif w.stretch is not None and on != w.compressing:
+            w.stretch.set_tempo(cfg.catch_up_tempo if on else 1.0)
+        w.compressing = on
 
-    def _behind_s(self, s: Session, arrival: float, now: float) -> float:
-        """How much later than the target audio that arrived at `arrival` and is tokenized now will be shown."""
+    def _behind_s(self, s: Session, arrival: float, now: float, samples: int = 0) -> float:
+        """How much later than the target the audio pushed at `arrival` (`samples` long, fed now) will be
+        shown: the latency its frame will have (`Session.latencies`) less the target.
+
+        Counted exactly, so the figure does not saw up and down as frames play and tokens come out in
+        steps: the generated frames play on the player's clock, then one frame per queued frame of audio
+        (tokens, the tokenizer's lookahead, what the tempo stretcher holds) up to the frame that holds
+        the end of this audio."""
         w, player = s._w, s.player
-        ahead = w.n_tokens + s._inflight + len(player.queue)  # frames that will play before it
-        predicted = (now - arrival) + ahead / self.pipeline.config.fps + self._lookahead_s
-        return predicted - self.target_latency_s()
+        fps = self.pipeline.config.fps
+        if player.start is None:
+            played_at = now + len(player.queue) / fps
+        else:
+            played_at = max(now, player.due(player.tick + len(player.queue)))
+        frame = math.ceil(s._inflight + w.queued_frames + samples / s.samples_per_frame - 1e-6) - 1
+        return played_at + max(frame, 0) / fps - arrival - self.target_latency_s()
 
     def _execute(self, jobs: list[tuple[Session, int, int]]) -> None:
         """Sample one batch of windows (this thread), then decode and deliver it (the decode thread)."""
