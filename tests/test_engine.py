@@ -392,6 +392,36 @@ def test_a_slow_stretch_in_continuous_speech_is_caught_up_by_playing_it_faster(t
     assert abs(voiced - expected) <= 0.07 * 16000, (voiced, expected, stats)
 
 
+def test_speech_pushed_in_real_time_on_a_quiet_machine_is_never_sped_up(tiny_pipeline):
+    """A settled session that keeps up sits at its target: the catch-up leaves its speech alone, sample
+    for sample (its lateness measure must not saw across the threshold as frames play and tokens come
+    out). The session first settles on 1 s of pushed silence: the start-up can leave it late once (one
+    run in the silence's first 200 ms, 0.1-0.3 s into the session, in about half of the runs here)."""
+    silence, speech = np.zeros(16000, np.float32), speechlike(3.0, seed=8) + 0.05  # speech: never below speech_rms
+    pushed = np.concatenate([silence, speech])
+
+    async def main():
+        engine = await _engine(tiny_pipeline, catch_up_tempo=1.5, warmup=True)
+        session = await engine.open_session(_portrait(tiny_pipeline, 80))
+
+        async def feed():
+            start = time.monotonic()
+            for i, pos in enumerate(range(0, len(pushed), 320)):
+                await asyncio.sleep(max(0.0, start + i * 0.02 - time.monotonic()))
+                session.push_audio(pushed[pos:pos + 320])
+            session.end_speech()
+
+        feeder = asyncio.create_task(feed())
+        frames = await _collect(session, 4.8)
+        await feeder
+        await engine.stop()
+        return session.stats(), np.concatenate([f.audio for f in frames])
+
+    stats, audio = run(main())
+    assert stats["catch_up_runs"] <= 1 and stats["speech_compressed_s"] <= 0.5, stats  # the start-up's silence
+    np.testing.assert_array_equal(audio[audio != 0], speech)  # the speech: untouched
+
+
 def test_speech_pushed_ahead_of_time_keeps_its_pace(tiny_pipeline):
     """An application that pushes a whole utterance at once (a TTS) hears it at its own pace: the audio
     waits for its frames, but that is not lateness to catch up -- nothing is compressed or skipped."""
