@@ -50,15 +50,31 @@ def crop_origin(box: tuple[int, int, int, int] | None, image_size: int, latent_s
     return min(max(cy - CROP // 2, 0), hi), min(max(cx - CROP // 2, 0), hi)
 
 
-def mouth_cells(latents: Tensor, origins: Tensor) -> Tensor:
-    """latents (N, C, h, w) and origins (N, 2) long -> (N, C * CROP * CROP) features (differentiable)."""
+def mouth_square(latents: Tensor, origins: Tensor) -> Tensor:
+    """latents (N, C, h, w) and origins (N, 2) long -> (N, C, CROP, CROP), the latent square around the
+    mouth (differentiable)."""
     n = latents.shape[0]
     ar = torch.arange(CROP, device=latents.device)  # (CROP,)
     rows = origins[:, 0:1].to(latents.device) + ar  # (N, CROP)
     cols = origins[:, 1:2].to(latents.device) + ar  # (N, CROP)
     batch = torch.arange(n, device=latents.device)[:, None, None]  # (N, 1, 1)
     cells = latents.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (N, CROP, CROP, C)
-    return cells.reshape(n, -1)
+    return cells.permute(0, 3, 1, 2)
+
+
+def mouth_cells(latents: Tensor, origins: Tensor) -> Tensor:
+    """latents (N, C, h, w) and origins (N, 2) long -> (N, C * CROP * CROP) features (differentiable)."""
+    return mouth_square(latents, origins).permute(0, 2, 3, 1).reshape(latents.shape[0], -1)  # (N, CROP CROP C)
+
+
+def decoded_mouth_loss(decoder: nn.Module, estimate: Tensor, truth: Tensor, origins: Tensor) -> Tensor:
+    """Mean absolute difference, in pixels in [-1, 1], between the mouth squares of `estimate` and `truth`
+    (N, C, h, w) each decoded alone by the frozen `decoder` (the autoencoder's decode): the mouth compared
+    as it will look, not cell by cell in latent space (`letstalk train --pixel-mouth-weight`). Decoding the
+    CROP x CROP square alone costs ~1/7 of a frame at 8x8 latents; both sides see the same border effects."""
+    with torch.no_grad():
+        target = decoder(mouth_square(truth, origins).float())  # (N, 3, CROP f, CROP f)
+    return (decoder(mouth_square(estimate, origins).float()) - target).abs().mean()
 
 
 class MouthExpert(nn.Module):
@@ -96,14 +112,16 @@ class MouthExpert(nn.Module):
         return f"mouth expert on ground-truth latents (held-out clips): r {rs}"
 
     @staticmethod
-    def references(dataset: ClipDataset, cache: LatentCache, latent_size: int) -> tuple[list[Tensor], list[Tensor]]:
+    def references(dataset: ClipDataset, cache: LatentCache, latent_size: int,
+                   flag: str = "--sync-weight") -> tuple[list[Tensor], list[Tensor]]:
         """Per clip, what the expert reads a frame against: the clip's mean latent (C, h, w) and the origin
-        (2,) of its mouth crop. InputError for a clip without per-frame mouth state (not a synth corpus)."""
+        (2,) of its mouth crop. InputError naming `flag` for a clip without per-frame mouth state (not a
+        synth corpus)."""
         missing = [c.name for c in dataset.clips if c.mouth is None or c.mouth_box is None]
         if missing:
-            raise InputError(f"--sync-weight needs each clip's per-frame mouth state, which only a synthetic corpus "
-                             f"has (`letstalk data synth`); '{missing[0]}' of {dataset.root} has none. Train with "
-                             "--sync-weight 0 on prepared video shards")
+            raise InputError(f"{flag} needs each clip's mouth box and per-frame mouth state, which only a synthetic "
+                             f"corpus has (`letstalk data synth`); '{missing[0]}' of {dataset.root} has none. Train "
+                             f"with {flag} 0 on prepared video shards")
         means = [cache.get(i, np.arange(c.num_frames)).mean(0) for i, c in enumerate(dataset.clips)]
         origins = [torch.tensor(crop_origin(c.mouth_box, dataset.image_size, latent_size)) for c in dataset.clips]
         return means, origins

@@ -87,7 +87,7 @@ from ..memory import anchor_cell_mask, regularize_memory
 from ..models.autoencoder import DCAutoencoder
 from .data import (AudioFeatureCache, ClipDataset, LatentCache, audio_window, open_dataset, plan_frames,
                    plan_windows, sample_generator, window_frame_indices)
-from .sync import MouthExpert
+from .sync import MouthExpert, decoded_mouth_loss
 
 STAGES = ("autoencoder", "transformer", "distill", "decoder")
 MIN_LR_RATIO = 0.1  # the cosine schedule ends at this fraction of --lr
@@ -124,6 +124,7 @@ class TrainConfig:
     workers: int = 1  # threads assembling the next batches ahead of the step (0 = in the loop)
     mouth_weight: float = 1.0  # extra loss weight inside the clip's mouth box (pixels; latent cells for the DiT)
     sync_weight: float = 0.0  # transformer/distill: weight of the mouth expert's loss on x0_hat (train/sync.py)
+    pixel_mouth_weight: float = 0.0  # transformer/distill: weight of the L1 between x0_hat's and the truth's decoded mouth
     latent_cache: bool = True  # transformer/distill: read cached latents instead of encoding every step
     teacher_steps: int = 8  # distill: Euler steps of the teacher per target
     student_steps: int = 2  # distill: the student's sampling steps (written to sampling.num_steps)
@@ -251,7 +252,7 @@ class Stage:
 
     name = ""
     min_frames = 1  # clips shorter than this are not sampled
-    last_sync: Tensor | None = None  # the unweighted lip-sync loss of the last step (--sync-weight), for the log
+    last_terms: dict[str, Tensor] = {}  # unweighted extra loss terms of the last step ("sync", "pixel"), for the log
 
     def __init__(self, cfg: TrainConfig, comps: Components, dataset: ClipDataset, dist: Dist) -> None:
         self.cfg, self.comps, self.dataset, self.dist = cfg, comps, dataset, dist
@@ -386,10 +387,14 @@ class TransformerStage(Stage):
             self.features = AudioFeatureCache(AudioFeatureCache.path_for(self.dataset, comps.audio_encoder),
                                               self.dataset)
         self.expert: MouthExpert | None = None  # the frozen lip-sync judge of --sync-weight
-        if cfg.sync_weight:
+        self.mouth_refs: tuple[list[Tensor], list[Tensor]] | None = None  # per clip: mean latent, mouth origin
+        if cfg.sync_weight or cfg.pixel_mouth_weight:
+            flag = "--sync-weight" if cfg.sync_weight else "--pixel-mouth-weight"
             if self.cache is None:
-                raise InputError("--sync-weight reads the latent cache; drop --no-latent-cache")
-            self.mouth_refs = MouthExpert.references(self.dataset, self.cache, tc.latent_size)  # means, origins
+                raise InputError(f"{flag} reads the latent cache; drop --no-latent-cache")
+            self.mouth_refs = MouthExpert.references(self.dataset, self.cache, tc.latent_size, flag)
+        if cfg.sync_weight:
+            assert self.mouth_refs is not None and self.cache is not None
             self.expert = MouthExpert.fit(self.dataset, self.cache, *self.mouth_refs, cfg.seed).to(dist.device)
             if dist.main:
                 print(self.expert.describe(), file=sys.stderr)
@@ -469,11 +474,12 @@ class TransformerStage(Stage):
             out["anchored"].append(torch.tensor(anchored))
             out["gen"].append(g)
             out["weight"].append(self.latent_weight(clip.mouth_box))
+            if self.mouth_refs is not None:
+                out["mouth_origin"].append(self.mouth_refs[1][plan.clip])  # (2,)
             if self.expert is not None:
-                assert clip.mouth is not None  # MouthExpert.references checked every clip
+                assert clip.mouth is not None and self.mouth_refs is not None  # references() checked every clip
                 out["mouth"].append(torch.from_numpy(clip.mouth[plan.start:plan.start + self.T]))  # (T, 3)
                 out["mouth_ref"].append(self.mouth_refs[0][plan.clip])  # (C, h, w)
-                out["mouth_origin"].append(self.mouth_refs[1][plan.clip])  # (2,)
         batch: Batch = {k: torch.stack(v) for k, v in out.items() if v and k != "gen" and k != "t"}
         batch["t"] = torch.cat(out["t"])  # (B,)
         batch["gen"] = out["gen"]
@@ -533,16 +539,21 @@ class TransformerStage(Stage):
         with self._autocast():
             v = model(batch["audio"], batch["feat_index"], x_t, t, *self.conditions(batch))  # (B, T, C, h, w)
         loss = self.flow.loss(v, x0, z, weight=batch["weight"])  # weight (B, 1, 1, h, w): the mouth counts more
-        if self.expert is None:
+        if self.mouth_refs is None:
             return loss
         x0_hat = x_t - t.reshape(-1, 1, 1, 1, 1) * v.float()  # (B, T, C, h, w): for 1 step at t = 1, the output
         n = x0_hat.shape[1]
-        origins = batch["mouth_origin"][:, None].expand(-1, n, -1)  # (B, T, 2)
-        ref = batch["mouth_ref"][:, None].expand(-1, n, -1, -1, -1)  # (B, T, C, h, w)
-        sync = self.expert.loss(x0_hat.flatten(0, 1), ref.flatten(0, 1), origins.flatten(0, 1),
-                                batch["mouth"].flatten(0, 1))
-        self.last_sync = sync.detach()
-        return loss + self.cfg.sync_weight * sync
+        origins = batch["mouth_origin"][:, None].expand(-1, n, -1).flatten(0, 1)  # (B T, 2)
+        terms = {}
+        if self.expert is not None:
+            ref = batch["mouth_ref"][:, None].expand(-1, n, -1, -1, -1)  # (B, T, C, h, w)
+            terms["sync"] = self.expert.loss(x0_hat.flatten(0, 1), ref.flatten(0, 1), origins, batch["mouth"].flatten(0, 1))
+            loss = loss + self.cfg.sync_weight * terms["sync"]
+        if self.cfg.pixel_mouth_weight:  # against the ground truth (the distill stage's x0 is the teacher's)
+            terms["pixel"] = decoded_mouth_loss(self.ae.decode, x0_hat.flatten(0, 1), batch["x0"].flatten(0, 1), origins)
+            loss = loss + self.cfg.pixel_mouth_weight * terms["pixel"]
+        self.last_terms = {k: v.detach() for k, v in terms.items()}
+        return loss
 
 
 class DistillStage(TransformerStage):
@@ -745,10 +756,11 @@ def _check(cfg: TrainConfig, dist: Dist) -> None:
     for name in ("steps", "batch", "ckpt_every", "log_every", "keep"):
         if getattr(cfg, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.sync_weight < 0 or not math.isfinite(cfg.sync_weight):
-        raise InputError(f"--sync-weight must be a number >= 0, got {cfg.sync_weight}")
-    if cfg.sync_weight and cfg.stage not in ("transformer", "distill"):
-        raise InputError(f"--sync-weight applies to the transformer and distill stages, not {cfg.stage}")
+    for flag, w in (("--sync-weight", cfg.sync_weight), ("--pixel-mouth-weight", cfg.pixel_mouth_weight)):
+        if w < 0 or not math.isfinite(w):
+            raise InputError(f"{flag} must be a number >= 0, got {w}")
+        if w and cfg.stage not in ("transformer", "distill"):
+            raise InputError(f"{flag} applies to the transformer and distill stages, not {cfg.stage}")
     if cfg.batch % dist.world:
         raise InputError(f"--batch {cfg.batch} (global) must be divisible by the {dist.world} ranks")
     if cfg.lr <= 0 or not 0 <= cfg.ema < 1 or cfg.warmup < 0 or cfg.grad_clip < 0:
@@ -879,7 +891,8 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path | None:
 
         bar = tqdm(total=cfg.steps, initial=start, desc=cfg.stage, unit="step", dynamic_ncols=True)
     loss_sum = torch.zeros((), device=dist.device)
-    sync_sum = torch.zeros((), device=dist.device)  # the mouth expert's share (--sync-weight), unweighted
+    terms = [k for k, w in (("sync", cfg.sync_weight), ("pixel", cfg.pixel_mouth_weight)) if w]
+    term_sums = torch.zeros(len(terms), device=dist.device)  # the extra loss terms, unweighted (logged)
     norm_sum, n_logged, t_log, t_start = 0.0, 0, time.perf_counter(), time.perf_counter()
     step = start
     try:
@@ -899,8 +912,8 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path | None:
             scheduler.step()
             ema.update(module, step)
             loss_sum += loss.detach().float()
-            if stage.last_sync is not None:
-                sync_sum += stage.last_sync.float()
+            for i, k in enumerate(terms):
+                term_sums[i] += stage.last_terms[k].float()
             norm_sum += float(norm)
             n_logged += 1
             done = step + 1
@@ -908,14 +921,13 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path | None:
                 if dist.enabled:
                     torch.distributed.all_reduce(loss_sum)
                     loss_sum /= dist.world
-                    torch.distributed.all_reduce(sync_sum)
-                    sync_sum /= dist.world
+                    torch.distributed.all_reduce(term_sums)
+                    term_sums /= dist.world
                 now = time.perf_counter()
                 row = {"step": done, "loss": float(loss_sum) / n_logged, "lr": scheduler.get_last_lr()[0],
                        "grad_norm": norm_sum / n_logged, "samples_per_s": n_logged * cfg.batch / (now - t_log),
                        "steps_per_s": n_logged / (now - t_log), "seconds": now - t_start}
-                if cfg.sync_weight:
-                    row["sync"] = float(sync_sum) / n_logged
+                row.update({k: float(term_sums[i]) / n_logged for i, k in enumerate(terms)})
                 if dist.main:
                     with open(log_file, "a") as f:
                         f.write(json.dumps(row) + "\n")
@@ -925,7 +937,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path | None:
                     if bar is not None:
                         bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
                 loss_sum.zero_()
-                sync_sum.zero_()
+                term_sums.zero_()
                 norm_sum, n_logged, t_log = 0.0, 0, time.perf_counter()
             if bar is not None:
                 bar.update(1)
@@ -1039,6 +1051,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sync-weight", type=float, default=d.sync_weight,
                    help="transformer/distill: weight of a frozen mouth expert's loss on the network's clean "
                         "estimate (synth corpora: their per-frame mouth state; default 0 = off)")
+    p.add_argument("--pixel-mouth-weight", type=float, default=d.pixel_mouth_weight,
+                   help="transformer/distill: weight of the L1 between the decoded mouth of the network's clean "
+                        "estimate and of the ground truth (synth corpora; default 0 = off)")
     p.add_argument("--no-latent-cache", action="store_true",
                    help="transformer/distill: encode frames with the AE every step (exact pixel noise, slower)")
     p.add_argument("--teacher-steps", type=int, default=d.teacher_steps, help="distill: teacher Euler steps")
@@ -1072,7 +1087,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         ema=args.ema, grad_clip=args.grad_clip, ckpt_every=args.ckpt_every, keep=args.keep,
         log_every=args.log_every, seed=args.seed, device=args.device, resume=args.resume,
         stop_after=args.stop_after, split=args.split, workers=args.workers, mouth_weight=args.mouth_weight,
-        sync_weight=args.sync_weight,
+        sync_weight=args.sync_weight, pixel_mouth_weight=args.pixel_mouth_weight,
         latent_cache=not args.no_latent_cache, teacher_steps=args.teacher_steps,
         student_steps=args.student_steps, distill_target=args.distill_target, window=args.window, fsdp=args.fsdp,
         decoder_channels=args.decoder_channels, progress=not args.quiet)
