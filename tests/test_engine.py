@@ -42,6 +42,17 @@ async def _collect(session, seconds: float) -> list:
     return out
 
 
+async def _push_in_real_time(session, pcm: np.ndarray, started=None) -> None:
+    """Push `pcm` in 20 ms chunks at real-time pace, then end_speech(); `started(t0)` is called first."""
+    start = time.monotonic()
+    if started is not None:
+        started(start)
+    for i, pos in enumerate(range(0, len(pcm), 320)):
+        await asyncio.sleep(max(0.0, start + i * 0.02 - time.monotonic()))
+        session.push_audio(pcm[pos:pos + 320])
+    session.end_speech()
+
+
 def _drain_events(session) -> list:
     out = []
     while not session._events.empty():
@@ -297,14 +308,7 @@ def _catch_up_run(pipe, catch_up: bool):
         session.push_audio(burst)
         live = np.concatenate([np.zeros(32000, np.float32), tail])
 
-        async def feed():
-            start = time.monotonic()
-            for i, pos in enumerate(range(0, len(live), 320)):
-                await asyncio.sleep(max(0.0, start + i * 0.02 - time.monotonic()))
-                session.push_audio(live[pos:pos + 320])
-            session.end_speech()
-
-        feeder = asyncio.create_task(feed())
+        feeder = asyncio.create_task(_push_in_real_time(session, live))
         frames = await _collect(session, 6.5)  # 4 s of sound, the latency and any held frames
         await feeder
         out = (list(session.latencies), session.silence_skipped_s, np.concatenate([f.audio for f in frames]),
@@ -349,15 +353,10 @@ def _slow_stretch_run(pipe, monkeypatch, tempo: float):
         engine = await _engine(pipe, catch_up_tempo=tempo)
         session = await engine.open_session(_portrait(pipe, 70))
 
-        async def feed():
-            start = time.monotonic()
+        def slow_from(start: float) -> None:
             slow_until[0] = start + 1.5
-            for i, pos in enumerate(range(0, len(speech), 320)):
-                await asyncio.sleep(max(0.0, start + i * 0.02 - time.monotonic()))
-                session.push_audio(speech[pos:pos + 320])
-            session.end_speech()
 
-        feeder = asyncio.create_task(feed())
+        feeder = asyncio.create_task(_push_in_real_time(session, speech, slow_from))
         frames = await _collect(session, 6.5)
         await feeder
         out = (list(session.latencies), session.stats(), np.concatenate([f.audio for f in frames]),
@@ -404,14 +403,7 @@ def test_speech_pushed_in_real_time_on_a_quiet_machine_is_never_sped_up(tiny_pip
         engine = await _engine(tiny_pipeline, catch_up_tempo=1.5, warmup=True)
         session = await engine.open_session(_portrait(tiny_pipeline, 80))
 
-        async def feed():
-            start = time.monotonic()
-            for i, pos in enumerate(range(0, len(pushed), 320)):
-                await asyncio.sleep(max(0.0, start + i * 0.02 - time.monotonic()))
-                session.push_audio(pushed[pos:pos + 320])
-            session.end_speech()
-
-        feeder = asyncio.create_task(feed())
+        feeder = asyncio.create_task(_push_in_real_time(session, pushed))
         frames = await _collect(session, 4.8)
         await feeder
         await engine.stop()

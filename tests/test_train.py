@@ -353,6 +353,14 @@ def test_guidance_distillation_targets_the_teachers_guided_velocity(tmp_path, in
     assert losses[1.0] < 1e-8 < losses[3.0], losses
 
 
+def _unseen_term(stage: TransformerStage, term: str) -> float:
+    """An extra loss term ("sync", "pixel") of `stage`'s model on a fixed batch no training step sees."""
+    batch = stage.finish(stage.make_batch(10**6, range(16)))
+    with torch.no_grad():
+        stage.loss(stage.module, batch)
+    return float(stage.last_terms[term])
+
+
 def test_sync_loss_teaches_the_mouth_the_expert_reads_from_ground_truth(tmp_path, init_dir, synth_sync):
     """The mouth expert (fitted on ground-truth latents only) reads the opening on held-out clips, and a
     transformer trained with --sync-weight moves its clean estimate's mouth toward the truth further than
@@ -369,10 +377,7 @@ def test_sync_loss_teaches_the_mouth_the_expert_reads_from_ground_truth(tmp_path
         stage = TransformerStage(with_sync, load_model(model_dir), open_dataset(data, SIZE, progress=False), Dist())
         assert stage.expert is not None and stage.expert.held_out_r[0] > 0.8, stage.expert.describe()
         assert stage.expert.taught.tolist() == [1.0, 0.0, 0.0]  # width and rounding never change here: not taught
-        batch = stage.finish(stage.make_batch(10**6, range(16)))  # a fixed batch no training step sees
-        with torch.no_grad():
-            stage.loss(stage.module, batch)
-        return float(stage.last_terms["sync"])
+        return _unseen_term(stage, "sync")
 
     before, plain, synced = expert_error(init_dir), expert_error(out_plain), expert_error(out_sync)
     print(f"expert error on a fixed batch: init {before:.3f}, trained without sync {plain:.3f}, with {synced:.3f}")
@@ -405,10 +410,7 @@ def test_pixel_mouth_loss_brings_the_decoded_mouth_toward_the_truth(tmp_path, in
     def pixel_error(model_dir: Path) -> float:
         stage = TransformerStage(with_pixel, load_model(model_dir), open_dataset(data, SIZE, progress=False), Dist())
         assert stage.expert is None
-        batch = stage.finish(stage.make_batch(10**6, range(16)))  # a fixed batch no training step sees
-        with torch.no_grad():
-            stage.loss(stage.module, batch)
-        return float(stage.last_terms["pixel"])
+        return _unseen_term(stage, "pixel")
 
     before, plain, pixel = pixel_error(init_dir), pixel_error(out_plain), pixel_error(out_pixel)
     print(f"decoded-mouth L1 on a fixed batch: init {before:.4f}, trained without {plain:.4f}, with {pixel:.4f}")
