@@ -391,18 +391,20 @@ def test_sync_loss_teaches_the_mouth_the_expert_reads_from_ground_truth(tmp_path
         train(_cfg("autoencoder", data, init_dir, tmp_path / "r2", sync_weight=1.0))
 
 
-def test_pixel_mouth_loss_brings_the_decoded_mouth_toward_the_truth(tmp_path, init_dir, synth_sync):
-    """--pixel-mouth-weight: the L1 between the decoded mouth squares of the clean estimate and of the
-    ground truth is logged, and on a fixed batch no step saw it ends lower than after the same run
-    without it; the decoder stays frozen. Bad inputs fail before any step."""
-    data = synth_sync
+@pytest.mark.parametrize("flag", ["pixel_mouth_weight", "pixel_frame_weight"], ids=["mouth", "frame"])
+def test_pixel_losses_bring_the_decoded_output_toward_the_truth(tmp_path, init_dir, synth_sync, flag):
+    """--pixel-mouth-weight / --pixel-frame-weight: the L1 between the decoded clean estimate and the
+    decoded ground truth (the mouth square / whole frames) is logged, and on a fixed batch no step saw it
+    ends lower than after the same run without it; the decoder stays frozen. Bad inputs fail before any
+    step."""
+    data, term = synth_sync, {"pixel_mouth_weight": "pixel", "pixel_frame_weight": "frame"}[flag]
+    weight = {"pixel_mouth_weight": 5.0, "pixel_frame_weight": 20.0}[flag]
     base = dict(steps=30, batch=8, lr=2e-3, warmup=3, ema=0.5, schedule="constant")
-    with_pixel = _cfg("transformer", data, init_dir, tmp_path / "r1", out=tmp_path / "m1", pixel_mouth_weight=5.0,
-                      **base)
+    with_pixel = _cfg("transformer", data, init_dir, tmp_path / "r1", out=tmp_path / "m1", **{flag: weight}, **base)
     out_pixel = train(with_pixel)
     out_plain = train(_cfg("transformer", data, init_dir, tmp_path / "r0", out=tmp_path / "m0", **base))
     log = [json.loads(x) for x in (tmp_path / "r1" / "log.jsonl").read_text().splitlines()]
-    assert all(np.isfinite(r["pixel"]) and "sync" not in r for r in log)
+    assert all(np.isfinite(r[term]) and "sync" not in r for r in log)
     ae_before = load_model(init_dir).autoencoder.state_dict()
     for k, v in load_model(out_pixel).autoencoder.state_dict().items():
         assert torch.equal(v, ae_before[k]), k  # gradients pass through the decoder; it is not trained
@@ -410,18 +412,20 @@ def test_pixel_mouth_loss_brings_the_decoded_mouth_toward_the_truth(tmp_path, in
     def pixel_error(model_dir: Path) -> float:
         stage = TransformerStage(with_pixel, load_model(model_dir), open_dataset(data, SIZE, progress=False), Dist())
         assert stage.expert is None
-        return _unseen_term(stage, "pixel")
+        return _unseen_term(stage, term)
 
     before, plain, pixel = pixel_error(init_dir), pixel_error(out_plain), pixel_error(out_pixel)
-    print(f"decoded-mouth L1 on a fixed batch: init {before:.4f}, trained without {plain:.4f}, with {pixel:.4f}")
-    assert pixel < 0.88 * plain, (before, plain, pixel)  # seen: 0.84x
+    print(f"decoded {term} L1 on a fixed batch: init {before:.4f}, trained without {plain:.4f}, with {pixel:.4f}")
+    assert pixel < 0.88 * plain, (before, plain, pixel)  # seen: 0.84x (mouth), 0.85x (frame)
 
-    with pytest.raises(InputError, match="--pixel-mouth-weight needs each clip's mouth box"):
-        train(_cfg("transformer", make_shards(tmp_path / "shards"), init_dir, tmp_path / "r2", pixel_mouth_weight=1.0))
-    with pytest.raises(InputError, match="--pixel-mouth-weight must be"):
-        train(_cfg("transformer", data, init_dir, tmp_path / "r2", pixel_mouth_weight=float("nan")))
+    cli = "--" + flag.replace("_", "-")
+    if flag == "pixel_mouth_weight":
+        with pytest.raises(InputError, match=f"{cli} needs each clip's mouth box"):
+            train(_cfg("transformer", make_shards(tmp_path / "shards"), init_dir, tmp_path / "r2", **{flag: 1.0}))
+    with pytest.raises(InputError, match=f"{cli} must be"):
+        train(_cfg("transformer", data, init_dir, tmp_path / "r2", **{flag: float("nan")}))
     with pytest.raises(InputError, match="transformer and distill stages"):
-        train(_cfg("decoder", data, init_dir, tmp_path / "r2", pixel_mouth_weight=1.0))
+        train(_cfg("decoder", data, init_dir, tmp_path / "r2", **{flag: 1.0}))
 
 
 @pytest.mark.parametrize("sync", [False, True], ids=["plain", "sync-loss"])

@@ -125,6 +125,7 @@ class TrainConfig:
     mouth_weight: float = 1.0  # extra loss weight inside the clip's mouth box (pixels; latent cells for the DiT)
     sync_weight: float = 0.0  # transformer/distill: weight of the mouth expert's loss on x0_hat (train/sync.py)
     pixel_mouth_weight: float = 0.0  # transformer/distill: weight of the L1 between x0_hat's and the truth's decoded mouth
+    pixel_frame_weight: float = 0.0  # transformer/distill: the same over whole decoded frames
     latent_cache: bool = True  # transformer/distill: read cached latents instead of encoding every step
     teacher_steps: int = 8  # distill: Euler steps of the teacher per target
     student_steps: int = 2  # distill: the student's sampling steps (written to sampling.num_steps)
@@ -539,12 +540,20 @@ class TransformerStage(Stage):
         with self._autocast():
             v = model(batch["audio"], batch["feat_index"], x_t, t, *self.conditions(batch))  # (B, T, C, h, w)
         loss = self.flow.loss(v, x0, z, weight=batch["weight"])  # weight (B, 1, 1, h, w): the mouth counts more
-        if self.mouth_refs is None:
+        if self.mouth_refs is None and not self.cfg.pixel_frame_weight:
             return loss
         x0_hat = x_t - t.reshape(-1, 1, 1, 1, 1) * v.float()  # (B, T, C, h, w): for 1 step at t = 1, the output
         n = x0_hat.shape[1]
-        origins = batch["mouth_origin"][:, None].expand(-1, n, -1).flatten(0, 1)  # (B T, 2)
         terms = {}
+        if self.cfg.pixel_frame_weight:  # whole frames, decoded, against the decoded ground truth
+            with torch.no_grad():
+                target = self.ae.decode(batch["x0"].flatten(0, 1).float())  # (B T, 3, H, W)
+            terms["frame"] = (self.ae.decode(x0_hat.flatten(0, 1)) - target).abs().mean()
+            loss = loss + self.cfg.pixel_frame_weight * terms["frame"]
+        if self.mouth_refs is None:
+            self.last_terms = {k: v.detach() for k, v in terms.items()}
+            return loss
+        origins = batch["mouth_origin"][:, None].expand(-1, n, -1).flatten(0, 1)  # (B T, 2)
         if self.expert is not None:
             ref = batch["mouth_ref"][:, None].expand(-1, n, -1, -1, -1)  # (B, T, C, h, w)
             terms["sync"] = self.expert.loss(x0_hat.flatten(0, 1), ref.flatten(0, 1), origins, batch["mouth"].flatten(0, 1))
@@ -756,7 +765,8 @@ def _check(cfg: TrainConfig, dist: Dist) -> None:
     for name in ("steps", "batch", "ckpt_every", "log_every", "keep"):
         if getattr(cfg, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    for flag, w in (("--sync-weight", cfg.sync_weight), ("--pixel-mouth-weight", cfg.pixel_mouth_weight)):
+    for flag, w in (("--sync-weight", cfg.sync_weight), ("--pixel-mouth-weight", cfg.pixel_mouth_weight),
+                    ("--pixel-frame-weight", cfg.pixel_frame_weight)):
         if w < 0 or not math.isfinite(w):
             raise InputError(f"{flag} must be a number >= 0, got {w}")
         if w and cfg.stage not in ("transformer", "distill"):
@@ -891,7 +901,8 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path | None:
 
         bar = tqdm(total=cfg.steps, initial=start, desc=cfg.stage, unit="step", dynamic_ncols=True)
     loss_sum = torch.zeros((), device=dist.device)
-    terms = [k for k, w in (("sync", cfg.sync_weight), ("pixel", cfg.pixel_mouth_weight)) if w]
+    terms = [k for k, w in (("sync", cfg.sync_weight), ("pixel", cfg.pixel_mouth_weight),
+                            ("frame", cfg.pixel_frame_weight)) if w]
     term_sums = torch.zeros(len(terms), device=dist.device)  # the extra loss terms, unweighted (logged)
     norm_sum, n_logged, t_log, t_start = 0.0, 0, time.perf_counter(), time.perf_counter()
     step = start
@@ -1054,6 +1065,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pixel-mouth-weight", type=float, default=d.pixel_mouth_weight,
                    help="transformer/distill: weight of the L1 between the decoded mouth of the network's clean "
                         "estimate and of the ground truth (synth corpora; default 0 = off)")
+    p.add_argument("--pixel-frame-weight", type=float, default=d.pixel_frame_weight,
+                   help="transformer/distill: weight of the L1 between the network's clean estimate and the "
+                        "ground truth, both decoded to whole frames (default 0 = off)")
     p.add_argument("--no-latent-cache", action="store_true",
                    help="transformer/distill: encode frames with the AE every step (exact pixel noise, slower)")
     p.add_argument("--teacher-steps", type=int, default=d.teacher_steps, help="distill: teacher Euler steps")
@@ -1088,6 +1102,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         log_every=args.log_every, seed=args.seed, device=args.device, resume=args.resume,
         stop_after=args.stop_after, split=args.split, workers=args.workers, mouth_weight=args.mouth_weight,
         sync_weight=args.sync_weight, pixel_mouth_weight=args.pixel_mouth_weight,
+        pixel_frame_weight=args.pixel_frame_weight,
         latent_cache=not args.no_latent_cache, teacher_steps=args.teacher_steps,
         student_steps=args.student_steps, distill_target=args.distill_target, window=args.window, fsdp=args.fsdp,
         decoder_channels=args.decoder_channels, progress=not args.quiet)
