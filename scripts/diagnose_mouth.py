@@ -23,7 +23,7 @@ from letstalk_rt.checkpoint import DEFAULT_MODEL_DIR, load_model
 from letstalk_rt.eval import Corpus, pearson, train_probe
 from letstalk_rt.models.autoencoder import decode_to_uint8, encode_frames
 from letstalk_rt.train.data import LatentCache, open_dataset
-from letstalk_rt.train.sync import MouthExpert, crop_origin
+from letstalk_rt.train.sync import MouthExpert, crop_origin, mouth_origins
 
 
 def in_batches(fn, x, n: int = 16):
@@ -46,7 +46,8 @@ def main() -> None:
     train = open_dataset(args.data, size, "train", progress=False)
     LatentCache.build(train, ae, comps.config.sampling.train_pixel_noise, torch.device("cpu"), progress=False)
     cache = LatentCache(LatentCache.path_for(train, ae), train)
-    expert = MouthExpert.fit(train, cache, *MouthExpert.references(train, cache, latent_size), seed=0)
+    expert = MouthExpert.fit(train, cache, MouthExpert.clip_means(train, cache),
+                             mouth_origins(train, latent_size, "--sync-weight"), seed=0)
     print(expert.describe())
     print("| clip | identity | mouth box (w x h px) | probe on frames | probe on AE reconstruction | latent expert |")
     print("|---|---|---|---|---|---|")

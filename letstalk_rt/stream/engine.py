@@ -292,7 +292,7 @@ class Session:
         self.dropped = collections.Counter()
         self.silence_skipped_s = 0.0  # pushed silence skipped by the latency catch-up
         self.speech_compressed_s = 0.0  # pushed audio the catch-up played faster (seconds before compression)
-        self.catch_up_runs = 0  # stretches of speech played faster (each starts and ends one atempo stream)
+        self.catch_up_runs = 0  # speed-ups of the speech catch-up (within an utterance they share one atempo stream)
         self.gap_inserted_s = 0.0  # silence inserted at a deadline inside an utterance (its last pushed audio
         # was speech, no end_speech() yet): a gap the user hears, because the speech came too late for its frame
         self._events: asyncio.Queue[Event] = asyncio.Queue(maxsize=engine.config.event_queue_size)
@@ -523,7 +523,8 @@ class _WorkerState:
     @property
     def queued_frames(self) -> float:
         """Frames of fed audio not generated yet: tokens, audio inside the tokenizer and the stretcher."""
-        held = self.stretch.pending_samples / self.tokenizer.pipeline.config.audio.samples_per_frame if self.stretch else 0.0
+        spf = self.tokenizer.pipeline.config.audio.samples_per_frame
+        held = self.stretch.pending_samples / spf if self.stretch is not None else 0.0
         return self.n_tokens + self.tokenizer.pending_frames + held
 
     def _feed(self, pcm: np.ndarray, arrival: float, speech: bool) -> None:
@@ -868,10 +869,10 @@ class StreamEngine:
         return self._behind_s(s, arrival, now, len(pcm)) > 1 / self.pipeline.config.fps
 
     def _catch_up(self, s: Session, pcm: np.ndarray, paced: float, now: float) -> None:
-        """Play this pushed speech faster? Yes from when its paced arrival would reach the screen more than
-        `catch_up_speech_ms` after the target (lateness the engine caused) until it is back within half
-        that. The first speed-up opens a stretcher that stays open, at tempo 1.0 in between, until the
-        next pause; each speed-up counts as one catch-up run."""
+        """Set the speech catch-up for this pushed chunk (`w.compressing`): on from when its paced arrival
+        would reach the screen more than `catch_up_speech_ms` after the target (lateness the engine caused)
+        until it is back within half that. The first speed-up opens a stretcher that stays open, at tempo
+        1.0 in between, until the next pause; each speed-up counts as one catch-up run."""
         cfg, w = self.config, s._w
         if not cfg.catch_up or cfg.catch_up_tempo <= 1.0 or s.player.start is None:
             return

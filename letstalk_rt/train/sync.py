@@ -67,14 +67,26 @@ def mouth_cells(latents: Tensor, origins: Tensor) -> Tensor:
     return mouth_square(latents, origins).permute(0, 2, 3, 1).reshape(latents.shape[0], -1)  # (N, CROP CROP C)
 
 
-def decoded_mouth_loss(decoder: nn.Module, estimate: Tensor, truth: Tensor, origins: Tensor) -> Tensor:
-    """Mean absolute difference, in pixels in [-1, 1], between the mouth squares of `estimate` and `truth`
-    (N, C, h, w) each decoded alone by the frozen `decoder` (the autoencoder's decode): the mouth compared
-    as it will look, not cell by cell in latent space (`letstalk train --pixel-mouth-weight`). Decoding the
-    CROP x CROP square alone costs ~1/7 of a frame at 8x8 latents; both sides see the same border effects."""
+def mouth_origins(dataset: ClipDataset, latent_size: int, flag: str) -> list[Tensor]:
+    """Per clip, the (row, col) origin (2,) of its CROP x CROP mouth square. InputError naming `flag` when a
+    clip has no mouth box (prepared video shards)."""
+    missing = [c.name for c in dataset.clips if c.mouth_box is None]
+    if missing:
+        raise InputError(f"{flag} needs each clip's mouth box, which only a synthetic corpus has (`letstalk data "
+                         f"synth`); '{missing[0]}' of {dataset.root} has none. Train with {flag} 0 on prepared video "
+                         "shards")
+    return [torch.tensor(crop_origin(c.mouth_box, dataset.image_size, latent_size)) for c in dataset.clips]
+
+
+def decoded_l1(decoder: nn.Module, estimate: Tensor, truth: Tensor) -> Tensor:
+    """Mean absolute difference, in pixels in [-1, 1], between latents `estimate` and `truth` (N, C, h, w)
+    decoded by the frozen `decoder` (the autoencoder's decode; gradients reach `estimate` only): the
+    output compared as it will look, not cell by cell in latent space (`--pixel-frame-weight`; on mouth
+    squares, `--pixel-mouth-weight`: decoding a CROP x CROP square alone costs ~1/7 of an 8x8 frame, and
+    both sides see the same border effects)."""
     with torch.no_grad():
-        target = decoder(mouth_square(truth, origins).float())  # (N, 3, CROP f, CROP f)
-    return (decoder(mouth_square(estimate, origins).float()) - target).abs().mean()
+        target = decoder(truth.float())  # (N, 3, H, W)
+    return (decoder(estimate.float()) - target).abs().mean()
 
 
 class MouthExpert(nn.Module):
@@ -112,26 +124,22 @@ class MouthExpert(nn.Module):
         return f"mouth expert on ground-truth latents (held-out clips): r {rs}"
 
     @staticmethod
-    def references(dataset: ClipDataset, cache: LatentCache, latent_size: int,
-                   flag: str = "--sync-weight") -> tuple[list[Tensor], list[Tensor]]:
-        """Per clip, what the expert reads a frame against: the clip's mean latent (C, h, w) and the origin
-        (2,) of its mouth crop. InputError naming `flag` for a clip without per-frame mouth state (not a
-        synth corpus)."""
-        missing = [c.name for c in dataset.clips if c.mouth is None or c.mouth_box is None]
+    def clip_means(dataset: ClipDataset, cache: LatentCache) -> list[Tensor]:
+        """Every clip's mean latent (C, h, w): what the expert reads a frame against. InputError for a clip
+        without per-frame mouth state (not a synth corpus)."""
+        missing = [c.name for c in dataset.clips if c.mouth is None]
         if missing:
-            raise InputError(f"{flag} needs each clip's mouth box and per-frame mouth state, which only a synthetic "
-                             f"corpus has (`letstalk data synth`); '{missing[0]}' of {dataset.root} has none. Train "
-                             f"with {flag} 0 on prepared video shards")
-        means = [cache.get(i, np.arange(c.num_frames)).mean(0) for i, c in enumerate(dataset.clips)]
-        origins = [torch.tensor(crop_origin(c.mouth_box, dataset.image_size, latent_size)) for c in dataset.clips]
-        return means, origins
+            raise InputError(f"--sync-weight needs each clip's per-frame mouth state, which only a synthetic corpus "
+                             f"has (`letstalk data synth`); '{missing[0]}' of {dataset.root} has none. Train with "
+                             "--sync-weight 0 on prepared video shards")
+        return [cache.get(i, np.arange(c.num_frames)).mean(0) for i, c in enumerate(dataset.clips)]
 
     @classmethod
     def fit(cls, dataset: ClipDataset, cache: LatentCache, means: list[Tensor], origins: list[Tensor],
             seed: int = 0) -> "MouthExpert":
         """Fit on the ground-truth latents of the first 1 - HELD_OUT of the clips (at most MAX_FIT_FRAMES
-        frames), read against `references`, and report the correlation on the rest; deterministic for a
-        seed. Returned frozen, in eval mode."""
+        frames), read against `clip_means` at `mouth_origins`, and report the correlation on the rest;
+        deterministic for a seed. Returned frozen, in eval mode."""
         cut = min(len(dataset.clips) - 1, max(1, int(round(len(dataset.clips) * (1 - HELD_OUT)))))
         if cut < 1:
             raise InputError(f"--sync-weight: {dataset.root} has {len(dataset.clips)} training clip(s); the mouth "
@@ -142,7 +150,7 @@ class MouthExpert(nn.Module):
             frames = np.arange(0, clip.num_frames, stride)
             lat = cache.get(i, frames) - means[i]  # (n, C, h, w)
             feats.append(mouth_cells(lat, origins[i].expand(len(frames), 2)))  # (n, F)
-            assert clip.mouth is not None  # references() checked every clip
+            assert clip.mouth is not None  # clip_means() checked every clip
             truths.append(torch.from_numpy(clip.mouth[frames]))  # (n, 3)
         x, y = torch.cat(feats[:cut]), torch.cat(truths[:cut])  # (N, F), (N, 3)
         g = torch.Generator().manual_seed(seed)

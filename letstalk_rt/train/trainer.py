@@ -87,7 +87,7 @@ from ..memory import anchor_cell_mask, regularize_memory
 from ..models.autoencoder import DCAutoencoder
 from .data import (AudioFeatureCache, ClipDataset, LatentCache, audio_window, open_dataset, plan_frames,
                    plan_windows, sample_generator, window_frame_indices)
-from .sync import MouthExpert, decoded_mouth_loss
+from .sync import MouthExpert, decoded_l1, mouth_origins, mouth_square
 
 STAGES = ("autoencoder", "transformer", "distill", "decoder")
 MIN_LR_RATIO = 0.1  # the cosine schedule ends at this fraction of --lr
@@ -124,7 +124,7 @@ class TrainConfig:
     workers: int = 1  # threads assembling the next batches ahead of the step (0 = in the loop)
     mouth_weight: float = 1.0  # extra loss weight inside the clip's mouth box (pixels; latent cells for the DiT)
     sync_weight: float = 0.0  # transformer/distill: weight of the mouth expert's loss on x0_hat (train/sync.py)
-    pixel_mouth_weight: float = 0.0  # transformer/distill: weight of the L1 between x0_hat's and the truth's decoded mouth
+    pixel_mouth_weight: float = 0.0  # transformer/distill: L1 weight, x0_hat's vs the truth's decoded mouth square
     pixel_frame_weight: float = 0.0  # transformer/distill: the same over whole decoded frames
     latent_cache: bool = True  # transformer/distill: read cached latents instead of encoding every step
     teacher_steps: int = 8  # distill: Euler steps of the teacher per target
@@ -247,13 +247,19 @@ class FlowObjective(nn.Module):
 Batch = dict[str, Any]
 
 
+def extra_loss_weights(cfg: TrainConfig) -> dict[str, float]:
+    """The transformer/distill loss terms beyond the flow loss that are on, by their log name."""
+    weights = {"sync": cfg.sync_weight, "pixel": cfg.pixel_mouth_weight, "frame": cfg.pixel_frame_weight}
+    return {k: w for k, w in weights.items() if w}
+
+
 class Stage:
     """One training stage. `make_batch` runs on the CPU (possibly in a worker thread) and must be a pure
     function of (step, indices); `finish` moves it to the device; `loss` runs the wrapped module."""
 
     name = ""
     min_frames = 1  # clips shorter than this are not sampled
-    last_terms: dict[str, Tensor] = {}  # unweighted extra loss terms of the last step ("sync", "pixel"), for the log
+    last_terms: dict[str, Tensor] = {}  # the last step's extra loss terms (extra_loss_weights), unweighted, for the log
 
     def __init__(self, cfg: TrainConfig, comps: Components, dataset: ClipDataset, dist: Dist) -> None:
         self.cfg, self.comps, self.dataset, self.dist = cfg, comps, dataset, dist
@@ -388,15 +394,17 @@ class TransformerStage(Stage):
             self.features = AudioFeatureCache(AudioFeatureCache.path_for(self.dataset, comps.audio_encoder),
                                               self.dataset)
         self.expert: MouthExpert | None = None  # the frozen lip-sync judge of --sync-weight
-        self.mouth_refs: tuple[list[Tensor], list[Tensor]] | None = None  # per clip: mean latent, mouth origin
+        self.mouth_origins: list[Tensor] | None = None  # per clip, its mouth square (--sync/--pixel-mouth-weight)
         if cfg.sync_weight or cfg.pixel_mouth_weight:
             flag = "--sync-weight" if cfg.sync_weight else "--pixel-mouth-weight"
-            if self.cache is None:
-                raise InputError(f"{flag} reads the latent cache; drop --no-latent-cache")
-            self.mouth_refs = MouthExpert.references(self.dataset, self.cache, tc.latent_size, flag)
+            self.mouth_origins = mouth_origins(self.dataset, tc.latent_size, flag)
         if cfg.sync_weight:
-            assert self.mouth_refs is not None and self.cache is not None
-            self.expert = MouthExpert.fit(self.dataset, self.cache, *self.mouth_refs, cfg.seed).to(dist.device)
+            if self.cache is None:
+                raise InputError("--sync-weight reads the latent cache; drop --no-latent-cache")
+            assert self.mouth_origins is not None
+            self.clip_means = MouthExpert.clip_means(self.dataset, self.cache)  # (C, h, w) per clip
+            self.expert = MouthExpert.fit(self.dataset, self.cache, self.clip_means, self.mouth_origins,
+                                          cfg.seed).to(dist.device)
             if dist.main:
                 print(self.expert.describe(), file=sys.stderr)
 
@@ -475,12 +483,12 @@ class TransformerStage(Stage):
             out["anchored"].append(torch.tensor(anchored))
             out["gen"].append(g)
             out["weight"].append(self.latent_weight(clip.mouth_box))
-            if self.mouth_refs is not None:
-                out["mouth_origin"].append(self.mouth_refs[1][plan.clip])  # (2,)
+            if self.mouth_origins is not None:
+                out["mouth_origin"].append(self.mouth_origins[plan.clip])  # (2,)
             if self.expert is not None:
-                assert clip.mouth is not None and self.mouth_refs is not None  # references() checked every clip
+                assert clip.mouth is not None  # MouthExpert.clip_means checked every clip
                 out["mouth"].append(torch.from_numpy(clip.mouth[plan.start:plan.start + self.T]))  # (T, 3)
-                out["mouth_ref"].append(self.mouth_refs[0][plan.clip])  # (C, h, w)
+                out["mouth_ref"].append(self.clip_means[plan.clip])  # (C, h, w)
         batch: Batch = {k: torch.stack(v) for k, v in out.items() if v and k != "gen" and k != "t"}
         batch["t"] = torch.cat(out["t"])  # (B,)
         batch["gen"] = out["gen"]
@@ -540,29 +548,24 @@ class TransformerStage(Stage):
         with self._autocast():
             v = model(batch["audio"], batch["feat_index"], x_t, t, *self.conditions(batch))  # (B, T, C, h, w)
         loss = self.flow.loss(v, x0, z, weight=batch["weight"])  # weight (B, 1, 1, h, w): the mouth counts more
-        if self.mouth_refs is None and not self.cfg.pixel_frame_weight:
+        weights = extra_loss_weights(self.cfg)
+        if not weights:
             return loss
         x0_hat = x_t - t.reshape(-1, 1, 1, 1, 1) * v.float()  # (B, T, C, h, w): for 1 step at t = 1, the output
         n = x0_hat.shape[1]
+        # (B T, C, h, w) each; the terms compare with the ground truth (the distill stage's x0 is the teacher's)
+        estimate, truth = x0_hat.flatten(0, 1), batch["x0"].flatten(0, 1)
+        origins = batch["mouth_origin"][:, None].expand(-1, n, -1).flatten(0, 1) if "mouth_origin" in batch else None
         terms = {}
-        if self.cfg.pixel_frame_weight:  # whole frames, decoded, against the decoded ground truth
-            with torch.no_grad():
-                target = self.ae.decode(batch["x0"].flatten(0, 1).float())  # (B T, 3, H, W)
-            terms["frame"] = (self.ae.decode(x0_hat.flatten(0, 1)) - target).abs().mean()
-            loss = loss + self.cfg.pixel_frame_weight * terms["frame"]
-        if self.mouth_refs is None:
-            self.last_terms = {k: v.detach() for k, v in terms.items()}
-            return loss
-        origins = batch["mouth_origin"][:, None].expand(-1, n, -1).flatten(0, 1)  # (B T, 2)
         if self.expert is not None:
-            ref = batch["mouth_ref"][:, None].expand(-1, n, -1, -1, -1)  # (B, T, C, h, w)
-            terms["sync"] = self.expert.loss(x0_hat.flatten(0, 1), ref.flatten(0, 1), origins, batch["mouth"].flatten(0, 1))
-            loss = loss + self.cfg.sync_weight * terms["sync"]
-        if self.cfg.pixel_mouth_weight:  # against the ground truth (the distill stage's x0 is the teacher's)
-            terms["pixel"] = decoded_mouth_loss(self.ae.decode, x0_hat.flatten(0, 1), batch["x0"].flatten(0, 1), origins)
-            loss = loss + self.cfg.pixel_mouth_weight * terms["pixel"]
+            ref = batch["mouth_ref"][:, None].expand(-1, n, -1, -1, -1).flatten(0, 1)  # (B T, C, h, w)
+            terms["sync"] = self.expert.loss(estimate, ref, origins, batch["mouth"].flatten(0, 1))
+        if "pixel" in weights:
+            terms["pixel"] = decoded_l1(self.ae.decode, mouth_square(estimate, origins), mouth_square(truth, origins))
+        if "frame" in weights:
+            terms["frame"] = decoded_l1(self.ae.decode, estimate, truth)
         self.last_terms = {k: v.detach() for k, v in terms.items()}
-        return loss
+        return loss + sum(weights[k] * v for k, v in terms.items())
 
 
 class DistillStage(TransformerStage):
@@ -901,8 +904,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path | None:
 
         bar = tqdm(total=cfg.steps, initial=start, desc=cfg.stage, unit="step", dynamic_ncols=True)
     loss_sum = torch.zeros((), device=dist.device)
-    terms = [k for k, w in (("sync", cfg.sync_weight), ("pixel", cfg.pixel_mouth_weight),
-                            ("frame", cfg.pixel_frame_weight)) if w]
+    terms = list(extra_loss_weights(cfg))
     term_sums = torch.zeros(len(terms), device=dist.device)  # the extra loss terms, unweighted (logged)
     norm_sum, n_logged, t_log, t_start = 0.0, 0, time.perf_counter(), time.perf_counter()
     step = start
