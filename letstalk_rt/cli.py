@@ -215,7 +215,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     device = _device(args.device)
     report = evaluate(args.data, args.model or [None], args.out, split=args.split, clips=args.clips,
                       steps=args.steps, steps_list=steps_list, long_seconds=args.long_seconds,
-                      probe_clips=args.probe_clips, window=args.window, seed=args.seed, device=device,
+                      probe_clips=args.probe_clips, window=args.window, detail_transfer=args.detail_transfer,
+                      seed=args.seed, device=device,
                       dtype=_dtype(args.dtype, device), progress=not args.quiet)
     for m in report["models"]:
         marks = [f"{k.replace('_', ' ')} {'PASS' if t['pass'] else 'FAIL'}" for k, t in m["targets"].items()]
@@ -341,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps-list", default="", help="also score lip sync and PSNR at these step counts, e.g. 1,2,4,8")
     p.add_argument("--window", type=int, default=None,
                    help="frames per window (default: each model's sampling.stream_window, what streams use)")
+    p.add_argument("--detail-transfer", type=float, default=None,
+                   help="gate width of the portrait detail transfer in grey levels, 0 = off "
+                        "(default: each model's sampling.detail_transfer)")
     p.add_argument("--long-seconds", type=float, default=180.0,
                    help="seconds of the long run for drift, memory bank on and off (default 180; 0 skips it)")
     p.add_argument("--probe-clips", type=int, default=128,

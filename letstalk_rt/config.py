@@ -152,6 +152,13 @@ class SamplingConfig:
     # (fractions) masked out of the anchor so the mouth is not copied from the portrait, e.g.
     # (0.35, 0.55, 0.3, 0.2) for the synth corpus's mouths; None masks nothing (docs/eval.md: on the
     # default model masking cost more identity than it gained lip sync)
+    detail_transfer: float = 0.0  # inference: add back the portrait's fine detail that the autoencoder loses
+    # (portrait minus its reconstruction) wherever a frame still looks like the portrait, i.e. their blurred
+    # difference is small: this is the gate's width in grey levels (0..255); 0 = off. It sharpens skin, hair and
+    # background; the gate keeps it off where the frame has moved away from the portrait (an open mouth, a
+    # blink, a turned head) so nothing of the portrait is pasted over motion (docs/eval.md)
+    detail_blur: float = 0.025  # the gate compares frames blurred by a Gaussian of this sigma (fraction of the side)
+    detail_half_life_s: float = 2.5  # how long a region that moved stays without the detail (half-life)
     train_anchor_prob: float = 0.75  # training: fraction of samples whose memory is anchored as at
     # inference (slot 0 and the slots before the clip's start hold the portrait); the rest see the
     # plain bank (empty slots masked), which the memory-off ablation uses
@@ -211,6 +218,10 @@ class ModelConfig:
         if not 0 <= self.sampling.stream_window <= tr.num_frames:
             raise ModelError(f"sampling.stream_window={self.sampling.stream_window}: choose 1..{tr.num_frames} "
                              "(transformer.num_frames) or 0 for num_frames")
+        sa = self.sampling
+        if sa.detail_transfer < 0 or sa.detail_blur <= 0 or sa.detail_half_life_s <= 0:
+            raise ModelError(f"sampling.detail_transfer={sa.detail_transfer} must be >= 0 (0 = off), and "
+                             f"detail_blur={sa.detail_blur} and detail_half_life_s={sa.detail_half_life_s} > 0")
         if au.sample_rate % au.fps:
             raise ModelError(f"audio.sample_rate {au.sample_rate} must be a multiple of fps {au.fps}")
 

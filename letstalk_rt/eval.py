@@ -537,7 +537,8 @@ def evaluate_model(components: Any, label: str, test: list[Clip], probe: MouthPr
 
     def pipeline(num_steps: int | None, use_memory: bool = True) -> LetsTalkPipeline:
         return LetsTalkPipeline(components, device=settings["device"], dtype=settings["dtype"],
-                                num_steps=num_steps, use_memory=use_memory, window=settings["window"])
+                                num_steps=num_steps, use_memory=use_memory, window=settings["window"],
+                                detail_transfer=settings["detail_transfer"])
 
     def bar(total: int, what: str) -> Any:
         return tqdm(total=total, desc=f"{label}: {what}", unit="frame", disable=not settings["progress"],
@@ -547,6 +548,7 @@ def evaluate_model(components: Any, label: str, test: list[Clip], probe: MouthPr
     model: dict[str, Any] = {
         "label": label, "description": config.description, "trained": config.trained, "size": config.image_size,
         "num_steps": pipe.num_steps, "window": pipe.window, "num_memory": config.transformer.num_memory,
+        "detail_transfer": pipe.detail_transfer,
         "fusion": f"portrait {config.transformer.portrait_fusion}, audio {config.transformer.audio_fusion}",
     }
     total = sum(math.ceil(len(c.audio) / pipe.samples_per_frame) for c in test)
@@ -587,6 +589,7 @@ def evaluate(
     long_seconds: float = 180.0,
     probe_clips: int = 128,
     window: int | None = None,
+    detail_transfer: float | None = None,
     seed: int = 0,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -632,7 +635,8 @@ def evaluate(
             probes[size] = train_probe(corpus, size, probe_clips, progress)
             clips_at[size] = [corpus.clip(n, size) for n in names]
             probe_checks[size] = check_probe(probes[size], clips_at[size])
-        settings = dict(device=device, dtype=dtype, seed=seed, progress=progress, window=window)
+        settings = dict(device=device, dtype=dtype, seed=seed, progress=progress, window=window,
+                        detail_transfer=detail_transfer)
         model = evaluate_model(load_model(path), label, clips_at[size], probes[size], steps, steps_list or [],
                                speech, settings)
         model["path"] = str(path)
@@ -723,18 +727,19 @@ def render_markdown(report: dict[str, Any]) -> str:
     rows = []
     for size, p in report["probe"].items():
         s = p["ground_truth"]
-        rows.append([f"ground truth ({size} px)", "reference", "-", "-", _f(s["sync_correlation"], 3),
+        rows.append([f"ground truth ({size} px)", "reference", "-", "-", "-", _f(s["sync_correlation"], 3),
                      f"{s['sync_offset']:+d}", "inf", _f(s["ssim_gt"], 3), _f(s["psnr_portrait"]), "1.00",
                      "-", "-", "-"])
     for m in models:
         s, lg = m["summary"], m["long"] or {}
         on, off = lg.get("memory_on"), lg.get("memory_off")
         rows.append([m["label"], m["description"] or "-", m["fusion"], f"{m['num_steps']} / {m['window']}",
+                     _f(m.get("detail_transfer", 0.0), 0) if m.get("detail_transfer") else "off",
                      _f(s["sync_correlation"], 3), f"{s['sync_offset']:+d}", _f(s["psnr_gt"]), _f(s["ssim_gt"], 3),
                      _f(s["psnr_portrait"]), _f(s["flicker_ratio"]),
                      _f(on["drift_percent"], 1) if on else "-", _f(off["drift_percent"], 1) if off else "-",
                      f"{sum(t['pass'] for t in m['targets'].values())}/{len(m['targets'])}"])
-    lines += _table(["model", "description", "fusion", "steps / window", "sync r", "offset", "PSNR gt (dB)", "SSIM gt",
+    lines += _table(["model", "description", "fusion", "steps / window", "detail transfer", "sync r", "offset", "PSNR gt (dB)", "SSIM gt",
                      "PSNR portrait (dB)", "flicker vs gt", "drift mem on (%)", "drift mem off (%)", "targets"],
                     rows) + [""]
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .checkpoint import Components, build_components, load_model
@@ -35,6 +36,9 @@ class Portrait:
 
     image: np.ndarray  # (S, S, 3) uint8, the crop the model animates
     latent: Tensor  # (C, h, w) on the pipeline's device, fp32
+    # For detail transfer (SamplingConfig.detail_transfer), made on first use by LetsTalkPipeline.decode:
+    detail: Tensor | None = None  # (3, S, S) the crop less its autoencoder reconstruction, in [-1, 1] units
+    recon_blur: Tensor | None = None  # (3, S, S) the reconstruction, blurred as the gate blurs each frame
 
 
 @dataclass
@@ -45,6 +49,7 @@ class StreamState:
     memory: MemoryBank
     generator: torch.Generator  # CPU generator: the stream's noise, reproducible on any device
     windows_done: int = 0
+    detail_moved: Tensor | None = None  # (1, H, W) recent movement away from the portrait (transfer_detail)
     extra: dict = field(default_factory=dict)  # room for the caller's bookkeeping
 
 
@@ -124,6 +129,7 @@ class LetsTalkPipeline:
         use_memory: bool = True,
         memory_anchor: bool | None = None,
         window: int | None = None,
+        detail_transfer: float | None = None,
     ) -> None:
         self.components = components
         self.config: ModelConfig = components.config
@@ -138,6 +144,9 @@ class LetsTalkPipeline:
         # window is generated like a stream's first one, with all memory slots masked.
         self.use_memory = use_memory
         self.memory_anchor = s.memory_anchor if memory_anchor is None else memory_anchor
+        self.detail_transfer = s.detail_transfer if detail_transfer is None else detail_transfer
+        if self.detail_transfer < 0:
+            raise InputError(f"detail_transfer {self.detail_transfer}: give a gate width in grey levels >= 0 (0 = off)")
         self.sampler = EulerSampler(shift=s.shift)
         self.set_num_steps(self.num_steps)  # raises on a bad step count before any work
         self.window = window or s.stream_window or self.max_window  # frames per window by default
@@ -281,17 +290,56 @@ class LetsTalkPipeline:
         return x
 
     @torch.no_grad()
-    def decode(self, latents: Tensor) -> np.ndarray:
-        """Latents (N, C, h, w) -> uint8 RGB frames (N, H, W, 3)."""
-        from .models.autoencoder import decode_to_uint8
+    def decode(self, latents: Tensor, streams: list[StreamState] | None = None) -> np.ndarray:
+        """Latents (N, C, h, w) -> uint8 RGB frames (N, H, W, 3).
+
+        With `streams` (one per latent, each stream's frames consecutive and in order) and detail transfer on,
+        each frame gets back the fine detail of its stream's portrait that the autoencoder loses, wherever
+        that part of the picture has kept still (see `transfer_detail`)."""
+        from .models.autoencoder import decode_frames, frames_to_uint8
 
         with self._autocast():
-            return decode_to_uint8(self.autoencoder, latents)
+            x = decode_frames(self.autoencoder, latents)  # (N, 3, H, W) in [-1, 1]
+        if self.detail_transfer > 0 and streams is not None:
+            if len(streams) != x.shape[0]:
+                raise ValueError(f"decode got {x.shape[0]} latents but {len(streams)} streams")
+            sampling = self.config.sampling
+            sigma = sampling.detail_blur * x.shape[-1]
+            decay = 0.5 ** (1 / (sampling.detail_half_life_s * self.fps))
+            out, i = [], 0
+            while i < len(streams):  # each stream's run of consecutive frames
+                s, j = streams[i], i + 1
+                while j < len(streams) and streams[j] is s:
+                    j += 1
+                self._prepare_detail(s.portrait, sigma)
+                y, s.detail_moved = transfer_detail(x[i:j], s.portrait.detail, s.portrait.recon_blur,  # type: ignore[arg-type]
+                                                    s.detail_moved, self.detail_transfer / 127.5, sigma, decay)
+                out.append(y)
+                i = j
+            x = torch.cat(out)
+        return frames_to_uint8(x)
+
+    @torch.no_grad()
+    def _prepare_detail(self, portrait: Portrait, sigma: float) -> None:
+        """Fill the portrait's detail and blurred reconstruction (once: a stream's portrait does not change)."""
+        from .models.autoencoder import decode_frames
+
+        if portrait.detail is not None:
+            return
+        with self._autocast():
+            recon = decode_frames(self.autoencoder, portrait.latent[None].to(self.device))  # (1, 3, H, W)
+        image = torch.from_numpy(np.ascontiguousarray(portrait.image)).to(recon.device)  # (H, W, 3) uint8
+        image = image.permute(2, 0, 1)[None].float() / 127.5 - 1.0  # (1, 3, H, W) in [-1, 1]
+        if image.shape != recon.shape:
+            raise InputError(f"portrait image {tuple(portrait.image.shape)} does not match the model's "
+                             f"{recon.shape[-1]} px frames")
+        portrait.detail = image[0] - recon[0]
+        portrait.recon_blur = gaussian_blur(recon, sigma)[0]
 
     def generate_windows(self, streams: list[StreamState], tokens: list[Tensor]) -> list[np.ndarray]:
         """One window per stream, batched; returns (T, H, W, 3) uint8 frames per stream."""
         lat = self.generate_latents(streams, tokens)  # (B, T, C, h, w)
-        frames = self.decode(lat.flatten(0, 1))  # (B*T, H, W, 3)
+        frames = self.decode(lat.flatten(0, 1), [s for s in streams for _ in range(lat.shape[1])])  # (B*T, H, W, 3)
         return list(frames.reshape(len(streams), lat.shape[1], *frames.shape[1:]))
 
     def generate(
@@ -340,6 +388,36 @@ class LetsTalkPipeline:
                 yield frame
         if emitted == 0:
             raise InputError("audio too short to make a single frame")
+
+
+def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian blur of images (N, C, H, W), edges reflected."""
+    r = max(1, min(math.ceil(3 * sigma), x.shape[-1] - 1, x.shape[-2] - 1))
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, device=x.device, dtype=x.dtype) / sigma) ** 2)
+    k = k / k.sum()  # (2r+1,)
+    c = x.shape[1]
+    x = F.pad(x, (r, r, r, r), mode="reflect")
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)  # along W
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)  # along H
+
+
+def transfer_detail(frames: Tensor, detail: Tensor, recon_blur: Tensor, moved: Tensor | None, width: float,
+                    sigma: float, decay: float) -> tuple[Tensor, Tensor]:
+    """Add a portrait's lost detail (3, H, W) to consecutive frames (T, 3, H, W) of its stream, all in [-1, 1].
+
+    Per pixel, d = channel-mean |blurred frame - blurred reconstruction| says how far the picture has moved
+    away from the portrait; `moved` (1, H, W) keeps the largest recent d, fading by `decay` per frame, and
+    the detail is weighted by exp(-(moved / width)^2). So a region the stream animates (the mouth while
+    talking, blinking eyes, a turned head) keeps its generated look for a while, instead of having the
+    portrait's detail switched on and off with every small movement, and nothing of the portrait is pasted
+    over motion. Returns the frames and the updated `moved` (None: the stream's first frame)."""
+    d = (gaussian_blur(frames, sigma) - recon_blur).abs().mean(1, keepdim=True)  # (T, 1, H, W)
+    held = []
+    for t in range(d.shape[0]):
+        moved = d[t] if moved is None else torch.maximum(moved * decay, d[t])  # (1, H, W)
+        held.append(moved)
+    weight = torch.exp(-(torch.stack(held) / width) ** 2)  # (T, 1, H, W)
+    return frames + weight * detail, moved  # type: ignore[return-value]
 
 
 @dataclass

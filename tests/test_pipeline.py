@@ -11,7 +11,7 @@ import torch
 
 from conftest import speechlike
 from letstalk_rt.checkpoint import load_model, save_model
-from letstalk_rt.errors import ModelError
+from letstalk_rt.errors import InputError, ModelError
 from letstalk_rt.pipeline import LetsTalkPipeline
 
 
@@ -199,3 +199,42 @@ def test_the_bundled_default_is_trained_small_and_few_step():
     frames = list(pipe.generate(pipe.prepare_portrait(np.full((s, s, 3), 128, np.uint8), detect=False),
                                 speechlike(0.2)))
     assert len(frames) == 5 and frames[0].shape == (s, s, 3)
+
+
+def test_detail_transfer_restores_the_portrait_where_it_kept_still_and_never_over_motion(tiny_model_dir):
+    """The portrait's fine detail that the autoencoder loses is added back to frames that look like the
+    portrait, but not to a frame that moved away from it, nor for a while after (the stream's memory of
+    movement fades with detail_half_life_s); batched streams each get their own portrait's detail."""
+    from letstalk_rt.models.autoencoder import decode_to_uint8
+
+    pipe = LetsTalkPipeline.from_pretrained(tiny_model_dir, detail_transfer=12)
+    rng = np.random.default_rng(3)
+    images = [rng.integers(128, 255, (32, 32, 3), dtype=np.uint8), np.full((32, 32, 3), 10, np.uint8)]  # far apart
+    a, b = (pipe.prepare_portrait(im, detect=False) for im in images)
+    plain = decode_to_uint8(pipe.autoencoder, a.latent[None])[0]
+    assert np.abs(plain.astype(int) - images[0]).mean() > 20  # the untrained autoencoder loses a lot
+
+    sa = pipe.new_stream(a)
+    still = pipe.decode(a.latent[None], [sa])[0]
+    assert np.abs(still.astype(int) - images[0]).max() <= 1  # nothing moved: the portrait itself
+
+    moving = pipe.new_stream(a)  # first a frame far from the portrait, then the portrait's own latent
+    fps = pipe.fps
+    seq = torch.stack([-a.latent] + [a.latent] * (10 * fps))  # 10 s, 4 half-lives of the default 2.5 s
+    out = pipe.decode(seq, [moving] * len(seq)).astype(int)
+    far = decode_to_uint8(pipe.autoencoder, -a.latent[None])[0]
+    lost = np.abs(plain.astype(int) - images[0]).mean()  # what the transfer adds back when fully on
+    assert np.abs(out[0] - far).mean() < 0.05 * lost  # nothing of the portrait pasted over the movement
+    err = [np.abs(f - images[0]).mean() for f in out[1:]]
+    assert err[0] > 0.8 * lost  # right after it: still held off, although the frame is the portrait again
+    assert err[-1] < 0.1 * lost and all(x >= y - 0.5 for x, y in zip(err, err[1:]))  # fades back in, steadily
+
+    sa, sb = pipe.new_stream(a), pipe.new_stream(b)
+    both = pipe.decode(torch.stack([a.latent, b.latent]), [sa, sb])
+    np.testing.assert_array_equal(both[0], still)
+    assert np.abs(both[1].astype(int) - images[1]).max() <= 1
+
+    off = LetsTalkPipeline.from_pretrained(tiny_model_dir, detail_transfer=0)
+    np.testing.assert_array_equal(off.decode(a.latent[None], [off.new_stream(a)])[0], plain)
+    with pytest.raises(InputError, match="detail_transfer"):
+        LetsTalkPipeline.from_pretrained(tiny_model_dir, detail_transfer=-1)

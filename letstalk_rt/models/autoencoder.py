@@ -391,12 +391,21 @@ def encode_frames(ae: nn.Module, frames_uint8: np.ndarray) -> Tensor:
 
 
 @torch.no_grad()
-def decode_to_uint8(ae: nn.Module, latents: Tensor) -> np.ndarray:
-    """Scaled latents (N, C, h, w) -> RGB uint8 frames (N, H, W, 3) on the CPU."""
+def decode_frames(ae: nn.Module, latents: Tensor) -> Tensor:
+    """Scaled latents (N, C, h, w) -> RGB frames (N, 3, H, W) in [-1, 1], fp32 on the autoencoder's device."""
     if latents.dim() != 4:
-        raise ValueError(f"decode_to_uint8 takes latents (N, C, h, w), got shape {tuple(latents.shape)}; "
+        raise ValueError(f"decoding takes latents (N, C, h, w), got shape {tuple(latents.shape)}; "
                          "flatten batch and time first")
     p = _param(ae)
-    x = ae.decode(latents.to(p.device, p.dtype)).float()  # (N, 3, H, W) in [-1, 1]
+    return ae.decode(latents.to(p.device, p.dtype)).float()
+
+
+def frames_to_uint8(x: Tensor) -> np.ndarray:
+    """RGB frames (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3) on the CPU."""
     x = ((x + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)  # (N, 3, H, W)
     return rearrange(x, "n c h w -> n h w c").cpu().numpy()  # (N, H, W, 3)
+
+
+def decode_to_uint8(ae: nn.Module, latents: Tensor) -> np.ndarray:
+    """Scaled latents (N, C, h, w) -> RGB uint8 frames (N, H, W, 3) on the CPU."""
+    return frames_to_uint8(decode_frames(ae, latents))
