@@ -48,6 +48,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="model directory (config.json + *.safetensors); default: the bundled model")
     p.add_argument("--steps", type=int, default=None, help="sampling steps per window, 1..50 (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same video")
+    p.add_argument("--detail-transfer", type=float, default=None, metavar="GREY",
+                   help="add back the portrait's fine detail where the face keeps still: the gate's width in grey "
+                        "levels, 0 = off (default: the model's, 12 for the bundled one)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
@@ -62,7 +65,7 @@ def _load_pipeline(args: argparse.Namespace):
     device = _device(args.device)
     try:
         pipe = LetsTalkPipeline.from_pretrained(args.model, device=device, dtype=_dtype(args.dtype, device),
-                                                num_steps=args.steps)
+                                                num_steps=args.steps, detail_transfer=args.detail_transfer)
     except ValueError as e:  # a bad --steps
         raise LetsTalkError(f"--steps: {e}") from None
     if not pipe.config.trained:

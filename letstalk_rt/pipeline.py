@@ -146,7 +146,8 @@ class LetsTalkPipeline:
         self.memory_anchor = s.memory_anchor if memory_anchor is None else memory_anchor
         self.detail_transfer = s.detail_transfer if detail_transfer is None else detail_transfer
         if self.detail_transfer < 0:
-            raise InputError(f"detail_transfer {self.detail_transfer}: give a gate width in grey levels >= 0 (0 = off)")
+            raise InputError(f"detail transfer {self.detail_transfer}: give the gate's width in grey levels, > 0, "
+                             "or 0 to turn it off")
         self.sampler = EulerSampler(shift=s.shift)
         self.set_num_steps(self.num_steps)  # raises on a bad step count before any work
         self.window = window or s.stream_window or self.max_window  # frames per window by default

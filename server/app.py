@@ -598,6 +598,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps per window, 1..50 (default: the model's)")
+    parser.add_argument("--detail-transfer", type=float, default=None, metavar="GREY",
+                        help="add back the portrait's fine detail where the face keeps still: the gate's width in "
+                             "grey levels, 0 = off (default: the model's)")
     parser.add_argument("--window", type=int, default=0,
                         help="frames per live window, 1..the model's (default 0: the model's); fewer frames cut the "
                              "speech-to-screen latency and cost more compute per frame")
@@ -676,7 +679,8 @@ def _build_engine(args: argparse.Namespace):
         raise LetsTalkError(f"--max-steps {args.max_steps}: choose 0 (off) or up to 50")
     if args.threads < -1:
         raise LetsTalkError(f"--threads {args.threads}: choose 0 (auto), -1 (torch's own) or a count")
-    pipe = LetsTalkPipeline.from_pretrained(args.model, device=device, dtype=dtype, num_steps=args.steps)
+    pipe = LetsTalkPipeline.from_pretrained(args.model, device=device, dtype=dtype, num_steps=args.steps,
+                                            detail_transfer=args.detail_transfer)
     if not pipe.config.trained:
         print("letstalk serve: warning: this model is UNTRAINED (random weights): the avatar will not look like a "
               "talking face. " + pipe.config.description, file=sys.stderr)

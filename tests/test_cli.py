@@ -42,10 +42,10 @@ def test_generate_writes_exact_frames_and_synced_audio(capsys, tmp_path, tiny_mo
     assert _leftovers(out.parent) == ["talk.mp4"]  # no temporary file left behind
 
 
-def _expect_error(capsys, tmp_path, tiny_model_dir, portrait, audio, match, out=None, model=None):
+def _expect_error(capsys, tmp_path, tiny_model_dir, portrait, audio, match, out=None, model=None, extra=()):
     out = out or tmp_path / "result.mp4"
     code, err = _run(capsys, "generate", "--portrait", portrait, "--audio", audio, "--out", out,
-                     "--model", model or tiny_model_dir, "--quiet")
+                     "--model", model or tiny_model_dir, "--quiet", *extra)
     assert code == 2
     lines = [line for line in err.splitlines() if line.startswith("letstalk: error:")]
     assert len(lines) == 1, err
@@ -76,6 +76,8 @@ def test_missing_model_and_unwritable_output(capsys, tmp_path, tiny_model_dir, a
                   model=tmp_path / "no_such_model")
     _expect_error(capsys, tmp_path, tiny_model_dir, astronaut_png, audio, "no_such_dir",
                   out=tmp_path / "no_such_dir" / "x.mp4")
+    _expect_error(capsys, tmp_path, tiny_model_dir, astronaut_png, audio, "detail transfer",
+                  extra=("--detail-transfer", "-1"))
 
 
 def test_console_script_reports_errors_without_traceback(tmp_path, astronaut_png):

@@ -236,5 +236,5 @@ def test_detail_transfer_restores_the_portrait_where_it_kept_still_and_never_ove
 
     off = LetsTalkPipeline.from_pretrained(tiny_model_dir, detail_transfer=0)
     np.testing.assert_array_equal(off.decode(a.latent[None], [off.new_stream(a)])[0], plain)
-    with pytest.raises(InputError, match="detail_transfer"):
+    with pytest.raises(InputError, match="detail transfer"):
         LetsTalkPipeline.from_pretrained(tiny_model_dir, detail_transfer=-1)
