@@ -392,10 +392,10 @@ def test_a_slow_stretch_in_continuous_speech_is_caught_up_by_playing_it_faster(t
 
 
 def test_speech_pushed_in_real_time_on_a_quiet_machine_is_never_sped_up(tiny_pipeline):
-    """A settled session that keeps up sits at its target: the catch-up leaves its speech alone, sample
-    for sample (its lateness measure must not saw across the threshold as frames play and tokens come
-    out). The session first settles on 1 s of pushed silence: the start-up can leave it late once (one
-    run in the silence's first 200 ms, 0.1-0.3 s into the session, in about half of the runs here)."""
+    """A session that keeps up sits at its target: the catch-up leaves its speech alone, sample for sample
+    (its lateness measure must not saw across the threshold as frames play and tokens come out). It starts
+    on 1 s of pushed silence, which the start-up must not leave late either (idle frames wait for the
+    audio's lookahead instead of silence padded into the tokenizer)."""
     silence, speech = np.zeros(16000, np.float32), speechlike(3.0, seed=8) + 0.05  # speech: never below speech_rms
     pushed = np.concatenate([silence, speech])
 
@@ -410,8 +410,32 @@ def test_speech_pushed_in_real_time_on_a_quiet_machine_is_never_sped_up(tiny_pip
         return session.stats(), np.concatenate([f.audio for f in frames])
 
     stats, audio = run(main())
-    assert stats["catch_up_runs"] <= 1 and stats["speech_compressed_s"] <= 0.5, stats  # the start-up's silence
+    assert stats["catch_up_runs"] == 0 and stats["speech_compressed_s"] == 0, stats
     np.testing.assert_array_equal(audio[audio != 0], speech)  # the speech: untouched
+
+
+def test_speech_from_the_first_moment_waits_whole_for_its_lookahead_behind_idle_frames(tiny_pipeline):
+    """Speech pushed in real time from the moment the session opens: the first frames (due before the
+    speech's encoder lookahead has arrived) are idle frames in front of it, not silence padded after its
+    first 20 ms, so the utterance is never split, nothing is counted as a gap, and the session starts at
+    its target latency instead of behind it (no catch-up)."""
+    speech = speechlike(2.0, seed=9) + 0.05  # never below speech_rms
+
+    async def main():
+        engine = await _engine(tiny_pipeline, catch_up_tempo=1.5, warmup=True)
+        session = await engine.open_session(_portrait(tiny_pipeline, 60))
+        feeder = asyncio.create_task(_push_in_real_time(session, speech))
+        frames = await _collect(session, 2.8)
+        await feeder
+        await engine.stop()
+        return session.stats(), frames
+
+    stats, frames = run(main())
+    audio = np.concatenate([f.audio for f in frames])
+    assert stats["gap_inserted_s"] == 0 and stats["catch_up_runs"] == 0, stats
+    assert not frames[0].speech  # the first frame came before the speech could be shown ...
+    first = np.flatnonzero(audio)[0]
+    np.testing.assert_array_equal(audio[first:first + len(speech)], speech)  # ... then all of it, unsplit
 
 
 def test_speech_pushed_ahead_of_time_keeps_its_pace(tiny_pipeline):
@@ -448,11 +472,11 @@ def test_windows_are_decoded_in_their_own_thread_and_a_decode_failure_ends_only_
         seen["sample"].add(threading.current_thread().name)
         return sample(*a, **k)
 
-    def spy_decode(lat):
+    def spy_decode(lat, streams=None):
         seen["decode"].add(threading.current_thread().name)
         if broken["on"]:
             raise RuntimeError("decoder exploded")
-        return decode(lat)
+        return decode(lat, streams)
 
     monkeypatch.setattr(tiny_pipeline, "generate_latents", spy_sample)
     monkeypatch.setattr(tiny_pipeline, "decode", spy_decode)

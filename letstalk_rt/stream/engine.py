@@ -293,8 +293,8 @@ class Session:
         self.silence_skipped_s = 0.0  # pushed silence skipped by the latency catch-up
         self.speech_compressed_s = 0.0  # pushed audio the catch-up played faster (seconds before compression)
         self.catch_up_runs = 0  # speed-ups of the speech catch-up (within an utterance they share one atempo stream)
-        self.gap_inserted_s = 0.0  # silence inserted at a deadline inside an utterance (its last pushed audio
-        # was speech, no end_speech() yet): a gap the user hears, because the speech came too late for its frame
+        self.gap_inserted_s = 0.0  # silence the engine inserted at deadlines that ended up between two frames of
+        # pushed speech (no pushed pause between): a gap the user hears, because the speech came too late
         self._events: asyncio.Queue[Event] = asyncio.Queue(maxsize=engine.config.event_queue_size)
         self._resampler = None
         # shared with the worker thread (guarded by _lock)
@@ -495,18 +495,27 @@ class _WorkerState:
         self.tokens: list[torch.Tensor] = []  # (n, M, Dt) chunks not yet generated
         self.n_tokens = 0
         self.timeline: collections.deque[list] = collections.deque()  # [samples, arrival, speech] fed to the tokenizer
+        # (arrival None: idle frames put in front, see prepend_idle)
         self.fresh = True  # next window is a short one (session start / after interrupt)
         self.frames_generated = 0
         self.encode_ms = 0.0
         self.silent_run_s = 0.0  # seconds of silent pushed audio in a row (latency catch-up)
-        self.in_utterance = False  # the last pushed audio was speech (deadline silence now is a gap)
         self.stretch: TempoStretcher | None = None  # latency catch-up: speech played faster while behind
         self.compressing = False
+        self.after_speech = False  # the last frame generated from pushed audio carried speech ...
+        self.inserted_run = 0  # ... and this many frames the engine inserted (idle, padding) followed it
+        self.last_push = self.last_paced = 0.0  # arrival and paced arrival (monotonic s) of the last chunk fed
+        self.unflushed = False  # pushed audio was fed since the tokenizer's last padding flush (see _prepare)
 
     def feed(self, pcm: np.ndarray, arrival: float, speech: bool) -> None:
         """Tokenize pushed (or inserted) audio and keep it for the frames it conditions."""
         self.unstretch(arrival)
         self._feed(pcm, arrival, speech)
+
+    def pad(self, pcm: np.ndarray, arrival: float) -> None:
+        """Tokenize silence the engine inserts after the pushed audio (it flushes the tokenizer's lookahead)."""
+        self.unstretch(arrival)
+        self._feed(pcm, None, False)
 
     def feed_stretched(self, pcm: np.ndarray, arrival: float) -> None:
         """Speech through the tempo stretcher (its ~30 ms delay comes out with the next piece)."""
@@ -536,6 +545,14 @@ class _WorkerState:
             self.tokens.append(tokens)
             self.n_tokens += tokens.shape[0]
 
+    def prepend_idle(self, tokens: torch.Tensor) -> None:
+        """Put idle frames (their tokens (k, M, Dt), silent audio) in front of everything queued: they play
+        next, and the queued audio, the tokenizer's and the stretcher's follow unchanged and unsplit."""
+        spf = self.tokenizer.pipeline.config.audio.samples_per_frame
+        self.tokens.insert(0, tokens)
+        self.n_tokens += tokens.shape[0]
+        self.timeline.appendleft([np.zeros(tokens.shape[0] * spf, np.float32), None, False])  # None: idle
+
     def peek_tokens(self, n: int) -> torch.Tensor:
         """The next n tokens, left in place until drop_tokens (a failed batch is retried per session)."""
         allt = torch.cat(self.tokens)  # (n_tokens, M, Dt)
@@ -547,13 +564,15 @@ class _WorkerState:
         self.tokens = [rest] if rest.shape[0] else []
         self.n_tokens = rest.shape[0]
 
-    def take_audio(self, n: int) -> tuple[np.ndarray, bool, float | None]:
-        """The next n samples of the timeline, whether any were speech, and the last speech arrival."""
-        out, speech, arrival, need = [], False, None, n
+    def take_audio(self, n: int) -> tuple[np.ndarray, bool, float | None, bool]:
+        """The next n samples of the timeline, whether any were speech, the last speech arrival, and whether
+        the engine inserted them all (idle frames, padding) rather than any coming from pushed audio."""
+        out, speech, arrival, need, pushed = [], False, None, n, False
         while need and self.timeline:
             chunk = self.timeline[0]
             take = chunk[0][:need]
             out.append(take)
+            pushed = pushed or chunk[1] is not None
             if chunk[2]:
                 speech = True
                 arrival = chunk[1]
@@ -565,7 +584,17 @@ class _WorkerState:
         audio = np.concatenate(out) if out else np.zeros(0, np.float32)
         if len(audio) < n:
             audio = np.pad(audio, (0, n - len(audio)))
-        return audio, speech, arrival
+        return audio, speech, arrival, not pushed
+
+    def gap_frames(self, inserted: bool, speech: bool) -> int:
+        """Per generated frame, in order: how many inserted frames turned out to be a gap in the speech
+        (they sat between two frames of pushed speech, with no pushed pause between)."""
+        if inserted:
+            self.inserted_run += self.after_speech
+            return 0
+        n = self.inserted_run if speech and self.after_speech else 0
+        self.after_speech, self.inserted_run = speech, 0
+        return n
 
 
 # --------------------------------------------------------------------------------------------------
@@ -601,6 +630,7 @@ class StreamEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._gen_ms: dict[int, float] = {}  # EMA of window start -> frames delivered, by window length
+        self._idle: torch.Tensor | None = None  # tokens of a window of silence (_idle_tokens)
         self.windows_run = 0
         self._decode_q: queue.Queue | None = None  # worker -> decode thread, one window in hand at most
         self._decoder: threading.Thread | None = None
@@ -783,7 +813,8 @@ class StreamEngine:
             if s._reset is not None:  # interrupt: start over from what is on screen
                 w.tokenizer = self.pipeline.audio_tokenizer()
                 w.tokens, w.n_tokens, w.timeline = [], 0, collections.deque()
-                w.in_utterance = False
+                w.unflushed = w.after_speech = False
+                w.inserted_run = 0
                 w.stretch, w.compressing = None, False
                 latents = s._reset
                 w.stream.memory.reset()
@@ -802,10 +833,11 @@ class StreamEngine:
                 pcm, arrival, speech, paced = s._pcm_in.popleft()
                 s._pending_samples -= len(pcm)
             voiced = speech and len(pcm) > 0 and float(np.sqrt(np.mean(np.square(pcm)))) > self.config.speech_rms
-            w.in_utterance = voiced  # pushed silence or end_speech() closes an utterance
+            w.last_push, w.last_paced = arrival, paced
             if speech and self.config.catch_up and self._skip_silence(s, pcm, arrival, now, voiced):
                 s.silence_skipped_s += len(pcm) / s.sample_rate
                 continue
+            w.unflushed = w.unflushed or len(pcm) > 0
             if speech:
                 self._catch_up(s, pcm, paced, now)
             # A catch-up run keeps one stretcher open through its speech, back at tempo 1.0 once caught
@@ -833,15 +865,37 @@ class StreamEngine:
             if dry_at - now > gen_s + self.config.safety_ms / 1000:
                 w.encode_ms += (time.perf_counter() - t0) * 1000
                 return None  # speech may still arrive in time
-            silence = np.zeros(s.samples_per_frame, np.float32)
-            for _ in range(10 * window):  # keep the avatar alive: fill with silence up to a window
-                if w.n_tokens >= want:
-                    break
-                w.feed(silence, now, False)
-                if w.in_utterance:  # the rest of the utterance will play after this silence
-                    s.gap_inserted_s += len(silence) / s.sample_rate
+            fps = self.pipeline.fps
+            if w.unflushed and now - w.last_push > self._lookahead_s + 1 / fps:
+                # Audio stopped arriving (pushed all at once, or a stalled pusher) while the tokenizer still
+                # holds its last frames, waiting for a lookahead that is not coming: pad silence after it
+                # so they come out.
+                silence = np.zeros(s.samples_per_frame, np.float32)
+                for _ in range(10 * window):
+                    if w.n_tokens >= want:
+                        break
+                    w.pad(silence, now)
+                w.unflushed = False
+            else:
+                # Nothing pushed is waiting, or audio is arriving and the frames it completes are due any
+                # moment: keep the avatar alive with idle frames in front of everything queued. Silence fed
+                # to the tokenizer instead would delay all later audio by the encoder's lookahead, and
+                # split an utterance that is starting (at a session's start, after a pause) at its live
+                # edge. (Inserted frames that end up inside an utterance count as a gap: gap_frames.)
+                k = want - w.n_tokens
+                if not w.after_speech:  # enough idle frames that what was pushed last plays at the target
+                    # latency, not sooner: else each of the next windows would reach its deadline before its audio
+                    early = -self._behind_s(s, w.last_paced, now) if w.unflushed else 0.0
+                    k = min(max(k, math.ceil(early * fps - 1e-6)), 2 * window)
+                w.prepend_idle(self._idle_tokens(k))
         w.encode_ms += (time.perf_counter() - t0) * 1000
         return (dry_at, s, want, epoch)
+
+    def _idle_tokens(self, n: int) -> torch.Tensor:
+        """Audio tokens of n frames of silence (n <= 2 windows), made once."""
+        if self._idle is None:
+            self._idle = self.pipeline.silence_tokens(2 * self.window)  # (2 window, M, Dt)
+        return self._idle[:n]
 
     def target_latency_s(self) -> float:
         """Speech-to-screen latency the catch-up steers to (EngineConfig.target_latency_ms; 0 = auto)."""
@@ -921,8 +975,9 @@ class StreamEngine:
             w = s._w
             meta = []
             for i in range(n):
-                audio, speech, arrival = w.take_audio(s.samples_per_frame)
+                audio, speech, arrival, inserted = w.take_audio(s.samples_per_frame)
                 speech = speech and float(np.sqrt(np.mean(audio ** 2))) > self.config.speech_rms
+                s.gap_inserted_s += w.gap_frames(inserted, speech) / self.pipeline.fps
                 meta.append((w.frames_generated + i, audio, speech, arrival if speech else None))
             w.frames_generated += n
             w.fresh = False
