@@ -53,6 +53,21 @@ async def _push_in_real_time(session, pcm: np.ndarray, started=None) -> None:
     session.end_speech()
 
 
+def _real_time_session(pipe, pushed: np.ndarray, seconds: float, portrait: int) -> tuple[dict, list]:
+    """A fresh session on a warmed-up engine (catch-up tempo 1.5) fed `pushed` in real time from the moment
+    it opens: its stats and the first `seconds` of frames."""
+    async def main():
+        engine = await _engine(pipe, catch_up_tempo=1.5, warmup=True)
+        session = await engine.open_session(_portrait(pipe, portrait))
+        feeder = asyncio.create_task(_push_in_real_time(session, pushed))
+        frames = await _collect(session, seconds)
+        await feeder
+        await engine.stop()
+        return session.stats(), frames
+
+    return run(main())
+
+
 def _drain_events(session) -> list:
     out = []
     while not session._events.empty():
@@ -397,19 +412,8 @@ def test_speech_pushed_in_real_time_on_a_quiet_machine_is_never_sped_up(tiny_pip
     on 1 s of pushed silence, which the start-up must not leave late either (idle frames wait for the
     audio's lookahead instead of silence padded into the tokenizer)."""
     silence, speech = np.zeros(16000, np.float32), speechlike(3.0, seed=8) + 0.05  # speech: never below speech_rms
-    pushed = np.concatenate([silence, speech])
-
-    async def main():
-        engine = await _engine(tiny_pipeline, catch_up_tempo=1.5, warmup=True)
-        session = await engine.open_session(_portrait(tiny_pipeline, 80))
-
-        feeder = asyncio.create_task(_push_in_real_time(session, pushed))
-        frames = await _collect(session, 4.8)
-        await feeder
-        await engine.stop()
-        return session.stats(), np.concatenate([f.audio for f in frames])
-
-    stats, audio = run(main())
+    stats, frames = _real_time_session(tiny_pipeline, np.concatenate([silence, speech]), 4.8, portrait=80)
+    audio = np.concatenate([f.audio for f in frames])
     assert stats["catch_up_runs"] == 0 and stats["speech_compressed_s"] == 0, stats
     np.testing.assert_array_equal(audio[audio != 0], speech)  # the speech: untouched
 
@@ -420,17 +424,7 @@ def test_speech_from_the_first_moment_waits_whole_for_its_lookahead_behind_idle_
     first 20 ms, so the utterance is never split, nothing is counted as a gap, and the session starts at
     its target latency instead of behind it (no catch-up)."""
     speech = speechlike(2.0, seed=9) + 0.05  # never below speech_rms
-
-    async def main():
-        engine = await _engine(tiny_pipeline, catch_up_tempo=1.5, warmup=True)
-        session = await engine.open_session(_portrait(tiny_pipeline, 60))
-        feeder = asyncio.create_task(_push_in_real_time(session, speech))
-        frames = await _collect(session, 2.8)
-        await feeder
-        await engine.stop()
-        return session.stats(), frames
-
-    stats, frames = run(main())
+    stats, frames = _real_time_session(tiny_pipeline, speech, 2.8, portrait=60)
     audio = np.concatenate([f.audio for f in frames])
     assert stats["gap_inserted_s"] == 0 and stats["catch_up_runs"] == 0, stats
     assert not frames[0].speech  # the first frame came before the speech could be shown ...
