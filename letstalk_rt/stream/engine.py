@@ -508,7 +508,7 @@ class _WorkerState:
         self.unflushed = False  # pushed audio was fed since the tokenizer's last padding flush (see _prepare)
 
     def feed(self, pcm: np.ndarray, arrival: float, speech: bool) -> None:
-        """Tokenize pushed (or inserted) audio and keep it for the frames it conditions."""
+        """Tokenize pushed audio and keep it for the frames it conditions."""
         self.unstretch(arrival)
         self._feed(pcm, arrival, speech)
 
