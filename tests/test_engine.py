@@ -392,7 +392,11 @@ def test_a_slow_stretch_in_continuous_speech_is_caught_up_by_playing_it_faster(t
     late_lat, late_stats, late_audio, _, _ = _slow_stretch_run(tiny_pipeline, monkeypatch, tempo=1.0)
     assert late_stats["speech_compressed_s"] == 0.0 and late_stats["silence_skipped_s"] == 0.0
     assert np.median(late_lat[-20:]) >= target + 0.5  # the slow stretch's backlog is still there at the end
-    assert 0.5 <= stats["speech_compressed_s"] <= 4.0
+    # Bounded, not all 5 s: 1.9-4.1 s measured (2.5-3.9 before the idle-frame start-up). More than the
+    # 0.7 s of lateness needs at 1.5x (2.1 s): while compressing, the window's audio arrives 1.5x slower
+    # than it plays, the queue runs dry near the target, and the idle frames inserted then (gap_inserted_s
+    # 0.4-0.5 s in those runs) add lateness that is caught up again (docs/benchmarks.md, catch-up section).
+    assert 0.5 <= stats["speech_compressed_s"] <= 4.5
     last = np.median(lat[-20:])
     assert last <= target + 0.1, (last, target)  # back at the target (catch_up_speech_ms: 100 ms)
     assert np.median(late_lat[-20:]) >= last + 0.4
