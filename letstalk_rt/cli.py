@@ -48,6 +48,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="model directory (config.json + *.safetensors); default: the bundled model")
     p.add_argument("--steps", type=int, default=None, help="sampling steps per window, 1..50 (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same video")
+    p.add_argument("--audio-guidance", type=float, default=None, metavar="G",
+                   help="classifier-free guidance of the audio: G > 1 moves the mouth more, at one more network "
+                        "row per step (default: the model's, 1 = off; --steps 2 --audio-guidance 1.25 is the "
+                        "bundled model's best offline setting, docs/eval.md)")
     p.add_argument("--detail-transfer", type=float, default=None, metavar="GREY",
                    help="add back the portrait's fine detail where the face keeps still: the gate's width in grey "
                         "levels, 0 = off (default: the model's, 12 for the bundled one)")
@@ -65,7 +69,8 @@ def _load_pipeline(args: argparse.Namespace):
     device = _device(args.device)
     try:
         pipe = LetsTalkPipeline.from_pretrained(args.model, device=device, dtype=_dtype(args.dtype, device),
-                                                num_steps=args.steps, detail_transfer=args.detail_transfer)
+                                                num_steps=args.steps, detail_transfer=args.detail_transfer,
+                                                audio_guidance=args.audio_guidance)
     except ValueError as e:  # a bad --steps
         raise LetsTalkError(f"--steps: {e}") from None
     if not pipe.config.trained:

@@ -139,6 +139,9 @@ class LetsTalkPipeline:
         self.num_steps = num_steps if num_steps is not None else s.num_steps
         self.portrait_guidance = s.portrait_guidance if portrait_guidance is None else portrait_guidance
         self.audio_guidance = s.audio_guidance if audio_guidance is None else audio_guidance
+        if self.audio_guidance < 0 or self.portrait_guidance < 0:
+            raise InputError(f"guidance scales must be >= 0 (1 = off), got audio {self.audio_guidance}, "
+                             f"portrait {self.portrait_guidance}")
         self.memory_noise = s.memory_noise if memory_noise is None else memory_noise
         # False is an ablation (`letstalk eval`'s memory-off run): the memory bank is never filled, so every
         # window is generated like a stream's first one, with all memory slots masked.

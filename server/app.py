@@ -598,6 +598,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps per window, 1..50 (default: the model's)")
+    parser.add_argument("--audio-guidance", type=float, default=None, metavar="G",
+                        help="classifier-free guidance of the audio, > 1 moves the mouth more at one more network "
+                             "row per step (default: the model's)")
     parser.add_argument("--detail-transfer", type=float, default=None, metavar="GREY",
                         help="add back the portrait's fine detail where the face keeps still: the gate's width in "
                              "grey levels, 0 = off (default: the model's)")
@@ -680,7 +683,7 @@ def _build_engine(args: argparse.Namespace):
     if args.threads < -1:
         raise LetsTalkError(f"--threads {args.threads}: choose 0 (auto), -1 (torch's own) or a count")
     pipe = LetsTalkPipeline.from_pretrained(args.model, device=device, dtype=dtype, num_steps=args.steps,
-                                            detail_transfer=args.detail_transfer)
+                                            detail_transfer=args.detail_transfer, audio_guidance=args.audio_guidance)
     if not pipe.config.trained:
         print("letstalk serve: warning: this model is UNTRAINED (random weights): the avatar will not look like a "
               "talking face. " + pipe.config.description, file=sys.stderr)
