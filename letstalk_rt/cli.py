@@ -43,11 +43,9 @@ def _dtype(name: str, device: str):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, default=None,
-                   help="model directory (config.json + *.safetensors); default: the bundled model")
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """How a loaded model samples (the CLI's commands and `letstalk serve`); `sampling_kwargs` reads them."""
     p.add_argument("--steps", type=int, default=None, help="sampling steps per window, 1..50 (default: the model's)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same video")
     p.add_argument("--audio-guidance", type=float, default=None, metavar="G",
                    help="classifier-free guidance of the audio: G > 1 moves the mouth more, at one more network "
                         "row per step (default: the model's, 1 = off; --steps 2 --audio-guidance 1.25 is the "
@@ -55,6 +53,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detail-transfer", type=float, default=None, metavar="GREY",
                    help="add back the portrait's fine detail where the face keeps still: the gate's width in grey "
                         "levels, 0 = off (default: the model's, 12 for the bundled one)")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    """LetsTalkPipeline keyword arguments from add_sampling_args' flags (None: the model's own setting)."""
+    return {"num_steps": args.steps, "audio_guidance": args.audio_guidance, "detail_transfer": args.detail_transfer}
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, default=None,
+                   help="model directory (config.json + *.safetensors); default: the bundled model")
+    add_sampling_args(p)
+    p.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same video")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
@@ -69,8 +79,7 @@ def _load_pipeline(args: argparse.Namespace):
     device = _device(args.device)
     try:
         pipe = LetsTalkPipeline.from_pretrained(args.model, device=device, dtype=_dtype(args.dtype, device),
-                                                num_steps=args.steps, detail_transfer=args.detail_transfer,
-                                                audio_guidance=args.audio_guidance)
+                                                **sampling_kwargs(args))
     except ValueError as e:  # a bad --steps
         raise LetsTalkError(f"--steps: {e}") from None
     if not pipe.config.trained:

@@ -734,7 +734,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         s, lg = m["summary"], m["long"] or {}
         on, off = lg.get("memory_on"), lg.get("memory_off")
         rows.append([m["label"], m["description"] or "-", m["fusion"], f"{m['num_steps']} / {m['window']}",
-                     _f(m.get("detail_transfer", 0.0), 0) if m.get("detail_transfer") else "off",
+                     _f(m["detail_transfer"], 0) if m["detail_transfer"] else "off",
                      _f(s["sync_correlation"], 3), f"{s['sync_offset']:+d}", _f(s["psnr_gt"]), _f(s["ssim_gt"], 3),
                      _f(s["psnr_portrait"]), _f(s["flicker_ratio"]),
                      _f(on["drift_percent"], 1) if on else "-", _f(off["drift_percent"], 1) if off else "-",

@@ -297,43 +297,38 @@ class LetsTalkPipeline:
     def decode(self, latents: Tensor, streams: list[StreamState] | None = None) -> np.ndarray:
         """Latents (N, C, h, w) -> uint8 RGB frames (N, H, W, 3).
 
-        With `streams` (one per latent, each stream's frames consecutive and in order) and detail transfer on,
-        each frame gets back the fine detail of its stream's portrait that the autoencoder loses, wherever
-        that part of the picture has kept still (see `transfer_detail`)."""
+        With the B `streams` they belong to (N = B * T, stream by stream, each stream's T frames in order) and
+        detail transfer on, each frame gets back the fine detail of its stream's portrait that the autoencoder
+        loses, wherever that part of the picture has kept still (see `transfer_detail`)."""
         from .models.autoencoder import decode_frames, frames_to_uint8
 
         with self._autocast():
             x = decode_frames(self.autoencoder, latents)  # (N, 3, H, W) in [-1, 1]
         if self.detail_transfer > 0 and streams is not None:
-            if len(streams) != x.shape[0]:
-                raise ValueError(f"decode got {x.shape[0]} latents but {len(streams)} streams")
+            if not streams or x.shape[0] % len(streams):
+                raise ValueError(f"decode got {x.shape[0]} latents for {len(streams)} streams; give each the same count")
             sampling = self.config.sampling
             sigma = sampling.detail_blur * x.shape[-1]
             decay = 0.5 ** (1 / (sampling.detail_half_life_s * self.fps))
-            out, i = [], 0
-            while i < len(streams):  # each stream's run of consecutive frames
-                s, j = streams[i], i + 1
-                while j < len(streams) and streams[j] is s:
-                    j += 1
+            out = []
+            for s, frames in zip(streams, x.chunk(len(streams))):  # (T, 3, H, W) each
                 self._prepare_detail(s.portrait, sigma)
-                y, s.detail_moved = transfer_detail(x[i:j], s.portrait.detail, s.portrait.recon_blur,  # type: ignore[arg-type]
+                y, s.detail_moved = transfer_detail(frames, s.portrait.detail, s.portrait.recon_blur,  # type: ignore[arg-type]
                                                     s.detail_moved, self.detail_transfer / 127.5, sigma, decay)
                 out.append(y)
-                i = j
             x = torch.cat(out)
         return frames_to_uint8(x)
 
     @torch.no_grad()
     def _prepare_detail(self, portrait: Portrait, sigma: float) -> None:
         """Fill the portrait's detail and blurred reconstruction (once: a stream's portrait does not change)."""
-        from .models.autoencoder import decode_frames
+        from .models.autoencoder import decode_frames, frames_from_uint8
 
         if portrait.detail is not None:
             return
         with self._autocast():
             recon = decode_frames(self.autoencoder, portrait.latent[None].to(self.device))  # (1, 3, H, W)
-        image = torch.from_numpy(np.ascontiguousarray(portrait.image)).to(recon.device)  # (H, W, 3) uint8
-        image = image.permute(2, 0, 1)[None].float() / 127.5 - 1.0  # (1, 3, H, W) in [-1, 1]
+        image = frames_from_uint8(portrait.image[None], recon.device)  # (1, 3, H, W) in [-1, 1]
         if image.shape != recon.shape:
             raise InputError(f"portrait image {tuple(portrait.image.shape)} does not match the model's "
                              f"{recon.shape[-1]} px frames")
@@ -343,7 +338,7 @@ class LetsTalkPipeline:
     def generate_windows(self, streams: list[StreamState], tokens: list[Tensor]) -> list[np.ndarray]:
         """One window per stream, batched; returns (T, H, W, 3) uint8 frames per stream."""
         lat = self.generate_latents(streams, tokens)  # (B, T, C, h, w)
-        frames = self.decode(lat.flatten(0, 1), [s for s in streams for _ in range(lat.shape[1])])  # (B*T, H, W, 3)
+        frames = self.decode(lat.flatten(0, 1), streams)  # (B*T, H, W, 3)
         return list(frames.reshape(len(streams), lat.shape[1], *frames.shape[1:]))
 
     def generate(

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from aiohttp import WSMsgType, web
 
+from letstalk_rt.cli import add_sampling_args, sampling_kwargs
 from letstalk_rt.errors import InputError, LetsTalkError, NoFaceError
 from letstalk_rt.stream import CapacityError
 
@@ -597,13 +598,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps per window, 1..50 (default: the model's)")
-    parser.add_argument("--audio-guidance", type=float, default=None, metavar="G",
-                        help="classifier-free guidance of the audio, > 1 moves the mouth more at one more network "
-                             "row per step (default: the model's)")
-    parser.add_argument("--detail-transfer", type=float, default=None, metavar="GREY",
-                        help="add back the portrait's fine detail where the face keeps still: the gate's width in "
-                             "grey levels, 0 = off (default: the model's)")
+    add_sampling_args(parser)
     parser.add_argument("--window", type=int, default=0,
                         help="frames per live window, 1..the model's (default 0: the model's); fewer frames cut the "
                              "speech-to-screen latency and cost more compute per frame")
@@ -682,8 +677,7 @@ def _build_engine(args: argparse.Namespace):
         raise LetsTalkError(f"--max-steps {args.max_steps}: choose 0 (off) or up to 50")
     if args.threads < -1:
         raise LetsTalkError(f"--threads {args.threads}: choose 0 (auto), -1 (torch's own) or a count")
-    pipe = LetsTalkPipeline.from_pretrained(args.model, device=device, dtype=dtype, num_steps=args.steps,
-                                            detail_transfer=args.detail_transfer, audio_guidance=args.audio_guidance)
+    pipe = LetsTalkPipeline.from_pretrained(args.model, device=device, dtype=dtype, **sampling_kwargs(args))
     if not pipe.config.trained:
         print("letstalk serve: warning: this model is UNTRAINED (random weights): the avatar will not look like a "
               "talking face. " + pipe.config.description, file=sys.stderr)

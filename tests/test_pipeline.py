@@ -221,7 +221,7 @@ def test_detail_transfer_restores_the_portrait_where_it_kept_still_and_never_ove
     moving = pipe.new_stream(a)  # first a frame far from the portrait, then the portrait's own latent
     fps = pipe.fps
     seq = torch.stack([-a.latent] + [a.latent] * (10 * fps))  # 10 s, 4 half-lives of the default 2.5 s
-    out = pipe.decode(seq, [moving] * len(seq)).astype(int)
+    out = pipe.decode(seq, [moving]).astype(int)
     far = decode_to_uint8(pipe.autoencoder, -a.latent[None])[0]
     lost = np.abs(plain.astype(int) - images[0]).mean()  # what the transfer adds back when fully on
     assert np.abs(out[0] - far).mean() < 0.05 * lost  # nothing of the portrait pasted over the movement

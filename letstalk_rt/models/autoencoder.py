@@ -385,9 +385,7 @@ def encode_frames(ae: nn.Module, frames_uint8: np.ndarray) -> Tensor:
         raise InputError(f"frame size {frames.shape[1]}x{frames.shape[2]} is not a multiple of the "
                          f"autoencoder's {f}x downsampling; resize to {ae.config.image_size}x{ae.config.image_size}")
     p = _param(ae)
-    x = torch.from_numpy(np.ascontiguousarray(frames)).to(p.device)  # (N, H, W, 3) uint8
-    x = (rearrange(x, "n h w c -> n c h w").float() / 127.5 - 1.0).to(p.dtype)  # (N, 3, H, W) in [-1, 1]
-    return ae.encode(x).float()  # (N, C, h, w)
+    return ae.encode(frames_from_uint8(frames, p.device).to(p.dtype)).float()  # (N, C, h, w)
 
 
 @torch.no_grad()
@@ -398,6 +396,12 @@ def decode_frames(ae: nn.Module, latents: Tensor) -> Tensor:
                          "flatten batch and time first")
     p = _param(ae)
     return ae.decode(latents.to(p.device, p.dtype)).float()
+
+
+def frames_from_uint8(frames: np.ndarray, device: torch.device | str = "cpu") -> Tensor:
+    """RGB uint8 frames (N, H, W, 3) -> fp32 (N, 3, H, W) in [-1, 1] on `device`."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).to(device)  # (N, H, W, 3) uint8
+    return rearrange(x, "n h w c -> n c h w").float() / 127.5 - 1.0
 
 
 def frames_to_uint8(x: Tensor) -> np.ndarray:

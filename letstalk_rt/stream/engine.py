@@ -697,7 +697,7 @@ class StreamEngine:
             try:
                 start = time.perf_counter()
                 lat = p.generate_latents(streams, [tokens[:t]] * len(streams))
-                p.decode(lat.flatten(0, 1), [st for st in streams for _ in range(t)])
+                p.decode(lat.flatten(0, 1), streams)
                 if p.device.type == "cuda":
                     torch.cuda.synchronize(p.device)
                 return (time.perf_counter() - start) * 1000
@@ -1016,7 +1016,7 @@ class StreamEngine:
         t1 = time.perf_counter()
         try:
             lat = torch.cat([z for _, _, z, _, _ in batch])  # (B*T, C, h, w) on the device
-            video = p.decode(lat, [s._w.stream for s, _, _, meta, _ in batch for _ in meta])  # (B*T, H, W, 3) uint8
+            video = p.decode(lat, [s._w.stream for s, _, _, _, _ in batch])  # (B*T, H, W, 3) uint8
             lat = lat.float().cpu()  # each frame keeps its latent (an interrupt restarts the memory from it)
         except Exception as e:
             if len(batch) == 1:
