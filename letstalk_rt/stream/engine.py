@@ -102,7 +102,9 @@ class EngineConfig:
     # target because the engine fell behind real time (a slow stretch of the machine, not audio pushed
     # ahead of time: that keeps its pace), it is played `catch_up_tempo` times faster (pitch kept: FFmpeg's
     # atempo, as WebRTC's jitter buffer accelerates speech), lips and sound alike, until it is back within
-    # half that. Each second of speech then needs 1 / tempo seconds of frames. 1.0: off.
+    # half that. Compressed speech cannot get that close at every tempo and window: the speed-up then stops
+    # a little above as close as it can get, and starts that much higher too (_catch_up_thresholds_ms); the
+    # next pause takes back the rest. Each second of speech needs 1 / tempo seconds of frames. 1.0: off.
     catch_up_tempo: float = 1.25
     catch_up_speech_ms: float = 100.0  # 200 left contended runs 100-200 ms late for good (docs/benchmarks.md)
     target_latency_ms: float = 0.0  # 0: auto = (window - 1) frames + encoder lookahead + window compute
@@ -931,7 +933,8 @@ class StreamEngine:
         if not cfg.catch_up or cfg.catch_up_tempo <= 1.0 or s.player.start is None:
             return
         behind_ms = self._behind_s(s, paced, now, len(pcm)) * 1000
-        on = behind_ms > cfg.catch_up_speech_ms / (2 if w.compressing else 1)
+        off_ms, on_ms = self._catch_up_thresholds_ms()
+        on = behind_ms > (off_ms if w.compressing else on_ms)
         if on and not w.compressing:
             s.catch_up_runs += 1
         if on and w.stretch is None:
@@ -939,6 +942,20 @@ class StreamEngine:
         elif w.stretch is not None and on != w.compressing:
             w.stretch.set_tempo(cfg.catch_up_tempo if on else 1.0)
         w.compressing = on
+
+    def _catch_up_thresholds_ms(self) -> tuple[float, float]:
+        """Lateness (ms over the target) below which a speed-up stops, and above which one starts.
+
+        Compressed speech cannot be shown as early as speech at its own pace: a window's audio and the
+        encoder's lookahead arrive `tempo` times slower than they play, so a window is complete that much
+        later. Compressing below that floor runs the queue dry, and the idle frames the engine then inserts
+        are gaps in the speech and new lateness (docs/benchmarks.md, "The latency catch-up"). So a speed-up
+        stops a quarter of `catch_up_speech_ms` above the floor (the rest waits for the next pause, where
+        silence is skipped) and starts half of it above where it stops."""
+        cfg, fps = self.config, self.pipeline.config.fps
+        floor_ms = ((self.window - 1) / fps + self._lookahead_s) * (cfg.catch_up_tempo - 1) * 1000
+        off_ms = max(cfg.catch_up_speech_ms / 2, floor_ms + cfg.catch_up_speech_ms / 4)
+        return off_ms, max(cfg.catch_up_speech_ms, off_ms + cfg.catch_up_speech_ms / 2)
 
     def _behind_s(self, s: Session, arrival: float, now: float, samples: int = 0) -> float:
         """How much later than the target the audio pushed at `arrival` (`samples` long, fed now) will be
