@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import platform
 import resource
@@ -171,7 +172,7 @@ def window_breakdown(pipe: LetsTalkPipeline, batch: int = 1, repeats: int = 5, w
     tokens = pipe.audio_tokens(wav)[:T]
     streams = [pipe.new_stream(portrait, seed=i) for i in range(batch)]
     results: dict[str, list[float]] = {"audio_encode": [], "decode": []}
-    for _ in range(repeats + 1):
+    for rep in range(repeats + 1):
         sync()
         t = time.perf_counter()
         tok = pipe.audio_tokenizer()
@@ -179,22 +180,21 @@ def window_breakdown(pipe: LetsTalkPipeline, batch: int = 1, repeats: int = 5, w
         tok.flush()
         sync()
         results["audio_encode"].append((time.perf_counter() - t) * 1000)
-        step_times: list[float] = []
-        orig = pipe.transformer.forward
+        marks: list[float] = []
+        orig = pipe.sampler.step
 
-        def timed(*a, **k):
-            sync()
-            s = time.perf_counter()
-            out = orig(*a, **k)
-            sync()
-            step_times.append((time.perf_counter() - s) * 1000)
-            return out
+        def marked(*a, **k):  # each sampling step ends in the sampler's update (the network stays untouched:
+            sync()  # patching its forward would make a compiled model compile again)
+            marks.append(time.perf_counter())
+            return orig(*a, **k)
 
-        pipe.transformer.forward = timed  # type: ignore[method-assign]
+        pipe.sampler.step = marked  # type: ignore[method-assign]
         try:
+            marks.append(time.perf_counter())
             lat = pipe.generate_latents(streams, [tokens] * batch)
         finally:
-            del pipe.transformer.forward
+            del pipe.sampler.step
+        step_times = [(b - a) * 1000 for a, b in itertools.pairwise(marks)]
         for i, ms in enumerate(step_times):
             results.setdefault(f"step_{i + 1}", []).append(ms)
         sync()
@@ -206,6 +206,7 @@ def window_breakdown(pipe: LetsTalkPipeline, batch: int = 1, repeats: int = 5, w
     out["total"] = round(sum(out.values()), 2)
     out["frames"] = T * batch
     out["budget_ms"] = round(1000 * T / cfg.fps, 1)  # real time allows this much per window
+    out["threads"] = torch.get_num_threads() if pipe.device.type == "cpu" else None
     return out
 
 
@@ -306,10 +307,14 @@ def _run_bench(pipe, session_counts, seconds, audio, portrait, json_path, breakd
                     "device": str(pipe.device), "dtype": str(pipe.dtype).replace("torch.", ""),
                     "steps": pipe.num_steps, "window": window or pipe.window, "live": live,
                     "neighbours": dict(zip(("count", "busy_s", "period_s"), neighbours)), "runs": [], "spread": []}
-    if breakdown:
+
+    def window_cost() -> None:
         report["window_ms"] = window_breakdown(pipe, window=window)
         print("one window (ms):", json.dumps(report["window_ms"]))
         report["transformer_gflops_per_window"] = round(transformer_flops(pipe, window=window) / 1e9, 2)
+
+    if breakdown and not live.get("compile"):
+        window_cost()
     for n in session_counts:
         results = []
         for _ in range(repeat):
@@ -317,6 +322,13 @@ def _run_bench(pipe, session_counts, seconds, audio, portrait, json_path, breakd
             results.append(result)
             report["runs"].append(asdict(result))
             print(json.dumps(asdict(result)))
+        if breakdown and "window_ms" not in report:  # --compile: the engine compiled one session's full window
+            before = torch.get_num_threads()  # (at the torch threads it chose: the compiled kernels keep them)
+            torch.set_num_threads(results[-1].threads)
+            try:
+                window_cost()
+            finally:
+                torch.set_num_threads(before)
         if repeat > 1:
             report["spread"].append(spread(results))
             print("spread:", json.dumps(report["spread"][-1]))

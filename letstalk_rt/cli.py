@@ -114,7 +114,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     """Stream the bundled speech through the live engine in real time and record what the tracks emit."""
     from .media import load_image
 
-    _check_live_args(args)
+    check_live_args(args)
     image = load_image(ASSETS / "portrait.png")
     pipe = _load_pipeline(args)
     asyncio.run(_demo(pipe, image, ASSETS / DEMO_SPEECH, args))
@@ -133,7 +133,7 @@ async def _demo(pipe, image, speech: Path, args: argparse.Namespace) -> None:
 
     source = FileSource(speech, realtime=True)
     ticks = math.ceil((source.seconds + 1.0) * pipe.fps)  # the speech and one second of rest after it
-    config = EngineConfig(max_sessions=1, max_batch=1, **_live_config(args))
+    config = EngineConfig(max_sessions=1, max_batch=1, **live_config(args))
     async with StreamEngine(pipe, config) as engine:
         if args.max_steps:
             print(f"sampling {pipe.num_steps} step(s) per window on this machine (--max-steps {args.max_steps})",
@@ -168,7 +168,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from .media import load_audio, load_image
     from .pipeline import LetsTalkPipeline
 
-    _check_live_args(args)
+    check_live_args(args)
     if args.repeat < 1:
         raise LetsTalkError(f"--repeat {args.repeat}: give 1 or more runs per session count")
     try:
@@ -196,7 +196,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     portrait = pipe.prepare_portrait(load_image(ASSETS / "portrait.png"))
     audio = load_audio(ASSETS / DEMO_SPEECH)
     run_bench(pipe, counts, seconds, np.asarray(audio), portrait, json_path=args.json,
-              breakdown=not args.soak, repeat=args.repeat, live=_live_config(args),
+              breakdown=not args.soak, repeat=args.repeat, live=live_config(args),
               neighbours=(args.neighbours, busy, period))
 
 
@@ -245,17 +245,21 @@ WINDOW_HELP = ("frames per live window, 1..the model's (default 0: the model's);
                "speech-to-screen latency and cost more compute per frame")
 
 
-MAX_STEPS_HELP = ("at start, raise the sampling steps per window up to N while a window still takes at most half "
-                  "its real-time duration (better lips where the machine has headroom; default 0: the model's steps)")
+MAX_STEPS_HELP = ("at start, raise the sampling steps per window up to N while a window (of all the sessions a batch "
+                  "may hold) still takes at most half its real-time duration (better lips where the machine has "
+                  "headroom; default 0: the model's steps)")
 CATCH_UP_TEMPO_HELP = ("while a session runs behind its target latency in continuous speech (a slow stretch of the "
                        "machine), play the speech this much faster, pitch kept, until it is back (1.0 .. 2.0; "
                        "1.0: off; default 1.25)")
 THREADS_HELP = ("torch threads of the engine on a CPU: 0 (default): at start, the fewest (1, 2, 4 ...) whose window "
                 "takes at most 0.7 of its real-time duration, which holds real time when other work wants the "
                 "cores; N: exactly N; -1: leave torch's setting (and OMP_NUM_THREADS) alone")
+COMPILE_HELP = ("torch.compile the transformer and decoder at start, for full windows: about half the compute per "
+                "window on a 2-core CPU, after minutes of compiling the first time (cached on disk after); needs "
+                "a C++ compiler (apt-get install g++)")
 
 
-def _check_live_args(args: argparse.Namespace) -> None:
+def check_live_args(args: argparse.Namespace) -> None:
     """Fail before the model loads, naming the flag (EngineConfig checks the same again)."""
     if not 0 <= args.max_steps <= 50:
         raise LetsTalkError(f"--max-steps {args.max_steps}: choose 0 (off) or up to 50")
@@ -265,16 +269,18 @@ def _check_live_args(args: argparse.Namespace) -> None:
         raise LetsTalkError(f"--threads {args.threads}: choose 0 (auto), -1 (torch's own) or a count")
 
 
-def _add_live_args(p: argparse.ArgumentParser) -> None:
+def add_live_args(p: argparse.ArgumentParser) -> None:
+    """The live engine's flags (demo, bench and `letstalk serve`); `live_config` reads them."""
     p.add_argument("--window", type=int, default=0, help=WINDOW_HELP)
     p.add_argument("--max-steps", type=int, default=0, metavar="N", help=MAX_STEPS_HELP)
     p.add_argument("--catch-up-tempo", type=float, default=None, metavar="X", help=CATCH_UP_TEMPO_HELP)
     p.add_argument("--threads", type=int, default=0, metavar="N", help=THREADS_HELP)
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
 
 
-def _live_config(args: argparse.Namespace) -> dict:
-    """The EngineConfig fields _add_live_args sets."""
-    out = {"window": args.window, "max_steps": args.max_steps, "threads": args.threads}
+def live_config(args: argparse.Namespace) -> dict:
+    """The EngineConfig fields add_live_args sets."""
+    out = {"window": args.window, "max_steps": args.max_steps, "threads": args.threads, "compile": args.compile}
     if args.catch_up_tempo is not None:
         out["catch_up_tempo"] = args.catch_up_tempo
     return out
@@ -295,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="stream the bundled speech through the live engine; record the tracks to mp4")
     p.add_argument("--out", type=Path, default=Path("letstalk_demo.mp4"), help="output .mp4")
     _add_model_args(p)
-    _add_live_args(p)
+    add_live_args(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="measure real-time capacity: fps, latency, A/V offset, memory")
@@ -316,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 0)")
     p.add_argument("--neighbour-duty", default="30/60", metavar="BUSY/PERIOD",
                    help="each neighbour is busy BUSY seconds of every PERIOD, busy first (default 30/60)")
-    _add_live_args(p)
+    add_live_args(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("serve", help="the WebRTC/HTTP server for browsers and the Python SDK")

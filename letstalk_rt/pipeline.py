@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,6 +115,25 @@ class AudioTokenizer:
         return self._take(self.stream.flush().to(self.pipeline.device), final=True)
 
 
+class ShapeCompiled:
+    """A module or function run through torch.compile for the input shapes (of its first argument) it met
+    while `warming`, and eagerly for every other shape."""
+
+    def __init__(self, fn: Callable[..., Tensor]) -> None:
+        self.fn = fn
+        self.compiled = torch.compile(fn, dynamic=False)  # static shapes: dynamic ones were barely faster
+        self.shapes: set[tuple[int, ...]] = set()
+        self.warming = False
+
+    def __call__(self, x: Tensor, *args, **kwargs) -> Tensor:
+        key = tuple(x.shape)
+        if key in self.shapes or self.warming:
+            out = self.compiled(x, *args, **kwargs)
+            self.shapes.add(key)
+            return out
+        return self.fn(x, *args, **kwargs)
+
+
 class LetsTalkPipeline:
     """The loaded model plus the sampling settings; stateless across streams (state is in StreamState)."""
 
@@ -162,6 +182,8 @@ class LetsTalkPipeline:
         self.audio_encoder = components.audio_encoder
         self.audio_projector = components.audio_projector
         self.transformer = components.transformer
+        self._transformer_fn: Callable[..., Tensor] = self.transformer  # sampling calls this (see compile)
+        self._decode_fn: Callable[[Tensor], Tensor] = self.autoencoder.decode
 
     # ---------------------------------------------------------------------------------- construction
 
@@ -187,6 +209,41 @@ class LetsTalkPipeline:
     @property
     def samples_per_frame(self) -> int:
         return self.config.audio.samples_per_frame
+
+    @property
+    def compiled(self) -> bool:
+        return isinstance(self._transformer_fn, ShapeCompiled)
+
+    def compile(self) -> None:
+        """Run the transformer and the decoder through torch.compile (static shapes) for the input shapes
+        warmed up inside `compiling()`, eagerly for any other (a new shape never stalls a live stream for a
+        compile, which takes minutes on a small CPU). Compiled code is cached on disk by torch, so a later
+        start compiles much faster. Needs a C++ compiler on a CPU (Triton on CUDA)."""
+        import shutil
+
+        if self.compiled:
+            return
+        if self.device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+            raise InputError("compiling the model needs a C++ compiler on the PATH (Debian / Ubuntu: "
+                             "apt-get install g++); or run without --compile")
+        self._transformer_fn = ShapeCompiled(self.transformer)
+        self._decode_fn = ShapeCompiled(self.autoencoder.decode)
+
+    def uncompile(self) -> None:
+        """Back to eager execution (a compile that failed at warm-up)."""
+        self._transformer_fn, self._decode_fn = self.transformer, self.autoencoder.decode
+
+    @contextmanager
+    def compiling(self) -> Iterator[None]:
+        """Inside: every input shape the compiled transformer and decoder meet is compiled and kept."""
+        fns = [f for f in (self._transformer_fn, self._decode_fn) if isinstance(f, ShapeCompiled)]
+        for f in fns:
+            f.warming = True
+        try:
+            yield
+        finally:
+            for f in fns:
+                f.warming = False
 
     def _autocast(self):
         enabled = self.dtype != torch.float32
@@ -285,7 +342,7 @@ class LetsTalkPipeline:
         for t in self.sampler.timesteps:
             tt = torch.full((len(streams),), float(t), device=dev)  # (B,)
             with self._autocast():
-                v = guide.velocity(self.transformer, x, tt)  # (B, T, C, h, w)
+                v = guide.velocity(self._transformer_fn, x, tt)  # (B, T, C, h, w)
             x = self.sampler.step(v, t, x)  # (B, T, C, h, w)
         for i, s in enumerate(streams):
             if self.use_memory:
@@ -303,7 +360,7 @@ class LetsTalkPipeline:
         from .models.autoencoder import decode_frames, frames_to_uint8
 
         with self._autocast():
-            x = decode_frames(self.autoencoder, latents)  # (N, 3, H, W) in [-1, 1]
+            x = decode_frames(self.autoencoder, latents, self._decode_fn)  # (N, 3, H, W) in [-1, 1]
         if self.detail_transfer > 0 and streams is not None:
             if not streams or x.shape[0] % len(streams):
                 raise ValueError(f"decode got {x.shape[0]} latents for {len(streams)} streams; give each the same count")

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from aiohttp import WSMsgType, web
 
-from letstalk_rt.cli import add_sampling_args, sampling_kwargs
+from letstalk_rt.cli import add_live_args, add_sampling_args, check_live_args, live_config, sampling_kwargs
 from letstalk_rt.errors import InputError, LetsTalkError, NoFaceError
 from letstalk_rt.stream import CapacityError
 
@@ -599,19 +599,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
     add_sampling_args(parser)
-    parser.add_argument("--window", type=int, default=0,
-                        help="frames per live window, 1..the model's (default 0: the model's); fewer frames cut the "
-                             "speech-to-screen latency and cost more compute per frame")
-    parser.add_argument("--max-steps", type=int, default=0, metavar="N",
-                        help="at start, raise the sampling steps per window up to N while a window of --max-sessions "
-                             "sessions still takes at most half its real-time duration (default 0: --steps / the "
-                             "model's)")
-    parser.add_argument("--catch-up-tempo", type=float, default=None, metavar="X",
-                        help="while a session runs behind its target latency in continuous speech, play the speech "
-                             "this much faster, pitch kept, until it is back (1.0 .. 2.0; 1.0: off; default 1.25)")
-    parser.add_argument("--threads", type=int, default=0, metavar="N",
-                        help="torch threads of the engine on a CPU: 0 (default): at start, the fewest whose window "
-                             "takes at most 0.7 of its real-time duration; N: exactly N; -1: leave torch's setting")
+    add_live_args(parser)
     parser.add_argument("--max-sessions", type=int, default=None,
                         help="admission cap: concurrent sessions on this device (default 8; measure with `letstalk bench`)")
     parser.add_argument("--api-key", default=None,
@@ -673,20 +661,15 @@ def _build_engine(args: argparse.Namespace):
         args.dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
     if args.steps is not None and not 1 <= args.steps <= 50:
         raise LetsTalkError(f"--steps {args.steps}: choose 1..50")
-    if not 0 <= args.max_steps <= 50:
-        raise LetsTalkError(f"--max-steps {args.max_steps}: choose 0 (off) or up to 50")
-    if args.threads < -1:
-        raise LetsTalkError(f"--threads {args.threads}: choose 0 (auto), -1 (torch's own) or a count")
+    check_live_args(args)
     pipe = LetsTalkPipeline.from_pretrained(args.model, device=device, dtype=dtype, **sampling_kwargs(args))
     if not pipe.config.trained:
         print("letstalk serve: warning: this model is UNTRAINED (random weights): the avatar will not look like a "
               "talking face. " + pipe.config.description, file=sys.stderr)
     defaults = EngineConfig()
     cap = args.max_sessions or defaults.max_sessions
-    tempo = {} if args.catch_up_tempo is None else {"catch_up_tempo": args.catch_up_tempo}
     return StreamEngine(pipe, EngineConfig(max_sessions=cap, max_batch=min(cap, defaults.max_batch),
-                                           window=args.window, warmup=not args.no_warmup,
-                                           max_steps=args.max_steps, threads=args.threads, **tempo))
+                                           warmup=not args.no_warmup, **live_config(args)))
 
 
 async def _serve(app: web.Application, config: ServerConfig) -> None:

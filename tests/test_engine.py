@@ -617,3 +617,49 @@ def test_keep_heap_reuses_freed_blocks_instead_of_faulting_them_in_again():
     assert default_faults > 5 * pages  # every allocation mapped and faulted in anew
     assert kept_faults < 3 * pages  # faulted in once or twice (where the heap places it), then reused
     assert run("keep", MALLOC_TRIM_THRESHOLD_="1")[0] == "False"  # the user's own malloc settings win
+
+
+def test_a_compiled_engine_runs_its_full_windows_compiled_the_rest_eagerly_with_the_same_frames(tiny_model_dir):
+    """EngineConfig.compile: warm-up compiles a full window of one session (torch.compile, static shapes);
+    the short first window, never compiled, runs eagerly instead of stalling the stream for a compile; and
+    the compiled model makes the frames the eager one makes."""
+    from letstalk_rt.pipeline import LetsTalkPipeline
+
+    eager, fast = LetsTalkPipeline.from_pretrained(tiny_model_dir), LetsTalkPipeline.from_pretrained(tiny_model_dir)
+
+    async def main():
+        engine = await StreamEngine(fast, EngineConfig(compile=True, max_sessions=1, max_batch=1)).start()
+        session = await engine.open_session(_portrait(fast, 30))
+        session.push_audio(speechlike(1.0, seed=3))
+        session.end_speech()
+        frames = await _collect(session, 1.5)
+        await engine.stop()
+        return frames, session.stats()
+
+    frames, stats = asyncio.run(asyncio.wait_for(main(), timeout=900))  # a cold compile: ~1 min on 2 cores
+    assert len(frames) >= 35 and stats["frames_generated"] >= 35, stats
+    assert fast.compiled
+    c, n = fast.config.transformer.latent_channels, fast.config.transformer.latent_size
+    assert fast._transformer_fn.shapes == {(1, fast.window, c, n, n)}  # not the 2-frame first window
+    assert fast._decode_fn.shapes == {(fast.window, c, n, n)}
+    out = []
+    for p in (eager, fast):  # the same window from each: same seed, portrait and speech
+        stream = p.new_stream(_portrait(p, 30), seed=5)
+        tokens = p.audio_tokens(speechlike(0.5, seed=3))[:p.window]
+        out.append([p.generate_windows([stream], [tokens])[0] for _ in range(3)])  # the memory bank carries on
+    assert np.abs(np.stack(out[0]).astype(int) - np.stack(out[1]).astype(int)).max() <= 1
+
+
+def test_compile_without_a_cxx_compiler_says_how_to_get_one(tiny_model_dir, monkeypatch):
+    import shutil
+
+    from letstalk_rt.errors import InputError
+    from letstalk_rt.pipeline import LetsTalkPipeline
+
+    pipe = LetsTalkPipeline.from_pretrained(tiny_model_dir)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(InputError, match="apt-get install g\\+\\+"):
+        pipe.compile()
+    assert not pipe.compiled
+    with pytest.raises(LetsTalkError, match="warm-up"):
+        StreamEngine(pipe, EngineConfig(compile=True, warmup=False))

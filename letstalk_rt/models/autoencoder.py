@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -389,13 +390,14 @@ def encode_frames(ae: nn.Module, frames_uint8: np.ndarray) -> Tensor:
 
 
 @torch.no_grad()
-def decode_frames(ae: nn.Module, latents: Tensor) -> Tensor:
-    """Scaled latents (N, C, h, w) -> RGB frames (N, 3, H, W) in [-1, 1], fp32 on the autoencoder's device."""
+def decode_frames(ae: nn.Module, latents: Tensor, decode: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """Scaled latents (N, C, h, w) -> RGB frames (N, 3, H, W) in [-1, 1], fp32 on the autoencoder's device
+    (`decode`: ae.decode, or a compiled version of it)."""
     if latents.dim() != 4:
         raise ValueError(f"decoding takes latents (N, C, h, w), got shape {tuple(latents.shape)}; "
                          "flatten batch and time first")
     p = _param(ae)
-    return ae.decode(latents.to(p.device, p.dtype)).float()
+    return (decode or ae.decode)(latents.to(p.device, p.dtype)).float()
 
 
 def frames_from_uint8(frames: np.ndarray, device: torch.device | str = "cpu") -> Tensor:

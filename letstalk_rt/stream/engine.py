@@ -128,6 +128,10 @@ class EngineConfig:
     # window's), off on a CPU. On a 2-core CPU the two stages fight over the cores when torch uses both per
     # op: measured no better, often worse, than decoding in the worker; with OMP_NUM_THREADS=1 the two are
     # about even (docs/benchmarks.md).
+    compile: bool = False  # torch.compile the transformer and the decoder at warm-up, for a full window of 1
+    # and of max_batch sessions (other shapes, e.g. the short first window, run eagerly): about half the
+    # compute per window on a 2-core CPU, after a compile of ~2-4 minutes per shape there the first time
+    # (torch caches it on disk: later starts are faster). Needs a C++ compiler (CPU) and warmup on.
 
 
 def keep_heap(mmap_threshold_mb: int = 64, trim_threshold_mb: int = 256) -> bool:
@@ -621,6 +625,8 @@ class StreamEngine:
                                 f"and threads_budget={self.config.threads_budget} above 0")
         if not 1.0 <= self.config.catch_up_tempo <= 2.0:
             raise LetsTalkError(f"catch_up_tempo (--catch-up-tempo) {self.config.catch_up_tempo}: choose 1.0 (off) .. 2.0")
+        if self.config.compile and not self.config.warmup:
+            raise LetsTalkError("EngineConfig.compile (--compile) compiles at warm-up: leave warmup on (no --no-warmup)")
         self.window = self.config.window or pipeline.window  # frames per window
         self.base_steps = pipeline.num_steps  # restored at stop(); warm-up may choose more (max_steps)
         self.threads: int | None = None  # torch threads the engine set (EngineConfig.threads); None: untouched
@@ -694,8 +700,8 @@ class StreamEngine:
                                                cfg.autoencoder.latent_size, device=p.device))
         tokens = p.silence_tokens(self.window)
 
-        def window_ms(t: int) -> float:
-            streams = [p.new_stream(portrait) for _ in range(self.config.max_batch)]
+        def window_ms(t: int, batch: int = self.config.max_batch) -> float:
+            streams = [p.new_stream(portrait) for _ in range(batch)]
             try:
                 start = time.perf_counter()
                 lat = p.generate_latents(streams, [tokens[:t]] * len(streams))
@@ -711,6 +717,8 @@ class StreamEngine:
         if self.threads is None and self.config.threads == 0 and p.device.type == "cpu" \
                 and "OMP_NUM_THREADS" not in os.environ:
             self._choose_threads(window_ms)
+        if self.config.compile:
+            self._compile(window_ms)
         budget = self.config.steps_budget * 1000 * self.window / p.config.fps
         for steps in range(self.base_steps + 1, self.config.max_steps + 1):  # max_steps: more while they fit
             p.set_num_steps(steps)
@@ -721,6 +729,26 @@ class StreamEngine:
             self._gen_ms[t] = window_ms(t)
         log.info("engine: %d sampling steps per %d-frame window (%.0f ms for %d sessions, %d torch threads)",
                  p.num_steps, self.window, self._gen_ms[self.window], self.config.max_batch, torch.get_num_threads())
+
+    def _compile(self, window_ms) -> None:
+        """EngineConfig.compile: compile a full window of one session and of max_batch (at the threads chosen);
+        if torch cannot compile here, say why and run eagerly."""
+        p = self.pipeline
+        p.compile()
+        start = time.perf_counter()
+        log.warning("engine: compiling the model for full windows of %s session(s); this takes minutes on a "
+                    "small CPU the first time (torch caches it on disk)", sorted({1, self.config.max_batch}))
+        try:
+            with p.compiling():
+                for batch in sorted({1, self.config.max_batch}):
+                    window_ms(self.window, batch)
+        except LetsTalkError:
+            raise
+        except Exception as e:  # an inductor / compiler failure: the eager model still works
+            log.warning("engine: compiling failed (%s: %s); running the model eagerly", type(e).__name__, e)
+            p.uncompile()
+            return
+        log.info("engine: compiled in %.0f s", time.perf_counter() - start)
 
     def _choose_threads(self, window_ms) -> None:
         """EngineConfig.threads = 0 on a CPU: the fewest threads whose window fits threads_budget; if none
