@@ -124,10 +124,13 @@ class ShapeCompiled:
         self.compiled = torch.compile(fn, dynamic=False)  # static shapes: dynamic ones were barely faster
         self.shapes: set[tuple[int, ...]] = set()
         self.warming = False
+        self.threads: int | None = None  # torch threads at the first compile: the generated CPU kernels keep them
 
     def __call__(self, x: Tensor, *args, **kwargs) -> Tensor:
         key = tuple(x.shape)
         if key in self.shapes or self.warming:
+            if self.threads is None:
+                self.threads = torch.get_num_threads()
             out = self.compiled(x, *args, **kwargs)
             self.shapes.add(key)
             return out
@@ -228,6 +231,11 @@ class LetsTalkPipeline:
                              "apt-get install g++); or run without --compile")
         self._transformer_fn = ShapeCompiled(self.transformer)
         self._decode_fn = ShapeCompiled(self.autoencoder.decode)
+
+    @property
+    def compiled_threads(self) -> int | None:
+        """The torch threads the compiled model's CPU kernels were generated for (None: nothing compiled yet)."""
+        return self._transformer_fn.threads if isinstance(self._transformer_fn, ShapeCompiled) else None
 
     def uncompile(self) -> None:
         """Back to eager execution (a compile that failed at warm-up)."""

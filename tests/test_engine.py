@@ -621,8 +621,8 @@ def test_keep_heap_reuses_freed_blocks_instead_of_faulting_them_in_again():
 
 def test_a_compiled_engine_runs_its_full_windows_compiled_the_rest_eagerly_with_the_same_frames(tiny_model_dir):
     """EngineConfig.compile: warm-up compiles a full window of one session (torch.compile, static shapes);
-    the short first window, never compiled, runs eagerly instead of stalling the stream for a compile; and
-    the compiled model makes the frames the eager one makes."""
+    the short first window, never compiled, runs eagerly instead of stalling the stream for a compile; the
+    compiled model makes the frames the eager one makes; a later engine reuses it at the same threads."""
     from letstalk_rt.pipeline import LetsTalkPipeline
 
     eager, fast = LetsTalkPipeline.from_pretrained(tiny_model_dir), LetsTalkPipeline.from_pretrained(tiny_model_dir)
@@ -634,9 +634,13 @@ def test_a_compiled_engine_runs_its_full_windows_compiled_the_rest_eagerly_with_
         session.end_speech()
         frames = await _collect(session, 1.5)
         await engine.stop()
-        return frames, session.stats()
+        again = await StreamEngine(fast, EngineConfig(compile=True, max_sessions=1, max_batch=1)).start()
+        await again.stop()  # a second engine on the compiled model keeps the threads its kernels were made for
+        return frames, session.stats(), again.threads
 
-    frames, stats = asyncio.run(asyncio.wait_for(main(), timeout=900))  # a cold compile: ~1 min on 2 cores
+    frames, stats, threads = asyncio.run(asyncio.wait_for(main(), timeout=900))  # cold compile: ~1 min on 2 cores
+    if "OMP_NUM_THREADS" not in os.environ:
+        assert threads == fast.compiled_threads is not None
     assert len(frames) >= 35 and stats["frames_generated"] >= 35, stats
     assert fast.compiled
     c, n = fast.config.transformer.latent_channels, fast.config.transformer.latent_size

@@ -716,7 +716,11 @@ class StreamEngine:
         p.set_num_steps(self.base_steps)
         if self.threads is None and self.config.threads == 0 and p.device.type == "cpu" \
                 and "OMP_NUM_THREADS" not in os.environ:
-            self._choose_threads(window_ms)
+            if p.compiled_threads:  # compiled before (an earlier engine): its kernels were made for this many
+                self.threads = p.compiled_threads
+                torch.set_num_threads(self.threads)
+            else:
+                self._choose_threads(window_ms)
         if self.config.compile:
             self._compile(window_ms)
         budget = self.config.steps_budget * 1000 * self.window / p.config.fps
@@ -729,6 +733,11 @@ class StreamEngine:
             self._gen_ms[t] = window_ms(t)
         log.info("engine: %d sampling steps per %d-frame window (%.0f ms for %d sessions, %d torch threads)",
                  p.num_steps, self.window, self._gen_ms[self.window], self.config.max_batch, torch.get_num_threads())
+        real_ms = 1000 * self.window / p.config.fps
+        if p.device.type == "cpu" and not p.compiled and self._gen_ms[self.window] > self.config.threads_budget * real_ms:
+            log.warning("engine: a window takes %.0f ms of the %.0f ms it lasts on this CPU, too close to real time "
+                        "to hold it when anything else runs; --compile (EngineConfig.compile) makes it about half "
+                        "as costly after a compile of a few minutes", self._gen_ms[self.window], real_ms)
 
     def _compile(self, window_ms) -> None:
         """EngineConfig.compile: compile a full window of one session and of max_batch (at the threads chosen);
