@@ -25,7 +25,7 @@ from .errors import LetsTalkError
 ASSETS = Path(__file__).parent / "assets"
 
 
-def _device(name: str) -> str:
+def resolve_device(name: str) -> str:
     import torch
 
     if name == "auto":
@@ -35,7 +35,7 @@ def _device(name: str) -> str:
     return name
 
 
-def _dtype(name: str, device: str):
+def resolve_dtype(name: str, device: str):
     import torch
 
     if name == "auto":
@@ -60,14 +60,25 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
     return {"num_steps": args.steps, "audio_guidance": args.audio_guidance, "detail_transfer": args.detail_transfer}
 
 
+def check_sampling_args(args: argparse.Namespace) -> None:
+    """Fail before the model loads, naming the flag."""
+    if args.steps is not None and not 1 <= args.steps <= 50:
+        raise LetsTalkError(f"--steps {args.steps}: choose 1..50")
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    """--device and --dtype (the CLI's commands and `letstalk serve`): resolve_device / resolve_dtype read them."""
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None,
                    help="model directory (config.json + *.safetensors); default: the bundled model")
     add_sampling_args(p)
     p.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same video")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    add_device_args(p)
     p.add_argument("--no-face-detect", action="store_true",
                    help="use a centre crop of the image instead of detecting the face")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -76,9 +87,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _load_pipeline(args: argparse.Namespace):
     from .pipeline import LetsTalkPipeline
 
-    device = _device(args.device)
+    device = resolve_device(args.device)
     try:
-        pipe = LetsTalkPipeline.from_pretrained(args.model, device=device, dtype=_dtype(args.dtype, device),
+        pipe = LetsTalkPipeline.from_pretrained(args.model, device=device, dtype=resolve_dtype(args.dtype, device),
                                                 **sampling_kwargs(args))
     except ValueError as e:  # a bad --steps
         raise LetsTalkError(f"--steps: {e}") from None
@@ -95,8 +106,7 @@ def _generate(args: argparse.Namespace, portrait: Path, audio: Path, out: Path) 
     # Check the cheap things first, so a typo does not wait for the model to load.
     load_image(portrait)
     load_audio(audio)
-    if args.steps is not None and not 1 <= args.steps <= 50:
-        raise LetsTalkError(f"--steps {args.steps}: choose 1..50")
+    check_sampling_args(args)
     pipe = _load_pipeline(args)
     start = time.perf_counter()
     result = generate_video(portrait, audio, out, pipeline=pipe, seed=args.seed,
@@ -186,10 +196,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
         if min(counts) < 1:
             raise LetsTalkError(f"--sessions {args.sessions!r}: session counts start at 1")
         seconds = args.seconds
-    device = _device(args.device)
+    device = resolve_device(args.device)
     if args.preset:
         pipe = LetsTalkPipeline.from_config(_preset_config(args), device=device,
-                                            dtype=_dtype(args.dtype, device), num_steps=args.steps)
+                                            dtype=resolve_dtype(args.dtype, device), num_steps=args.steps)
         print(f"benchmarking preset {args.preset} with RANDOM weights (speed only)", file=sys.stderr)
     else:
         pipe = _load_pipeline(args)
@@ -229,12 +239,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
         steps_list = [int(x) for x in args.steps_list.split(",")] if args.steps_list else []
     except ValueError:
         raise LetsTalkError(f"--steps-list {args.steps_list!r}: give step counts like 1,2,4,8") from None
-    device = _device(args.device)
+    device = resolve_device(args.device)
     report = evaluate(args.data, args.model or [None], args.out, split=args.split, clips=args.clips,
                       steps=args.steps, steps_list=steps_list, long_seconds=args.long_seconds,
                       probe_clips=args.probe_clips, window=args.window, detail_transfer=args.detail_transfer,
                       seed=args.seed, device=device,
-                      dtype=_dtype(args.dtype, device), progress=not args.quiet)
+                      dtype=resolve_dtype(args.dtype, device), progress=not args.quiet)
     for m in report["models"]:
         marks = [f"{k.replace('_', ' ')} {'PASS' if t['pass'] else 'FAIL'}" for k, t in m["targets"].items()]
         print(f"{m['label']}: {', '.join(marks)}")

@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from aiohttp import WSMsgType, web
 
-from letstalk_rt.cli import add_live_args, add_sampling_args, check_live_args, live_config, sampling_kwargs
+from letstalk_rt.cli import (add_device_args, add_live_args, add_sampling_args, check_live_args, check_sampling_args,
+                             live_config, resolve_device, resolve_dtype, sampling_kwargs)
 from letstalk_rt.errors import InputError, LetsTalkError, NoFaceError
 from letstalk_rt.stream import CapacityError
 
@@ -595,9 +596,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")
     parser.add_argument("--port", type=int, default=d.port, help=f"port (default {d.port})")
     parser.add_argument("--model", type=Path, default=None, help="model directory (default: the bundled model)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                        help="compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    add_device_args(parser)
     add_sampling_args(parser)
     add_live_args(parser)
     parser.add_argument("--max-sessions", type=int, default=None,
@@ -647,22 +646,14 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 
 def _build_engine(args: argparse.Namespace):
-    import torch
-
     from letstalk_rt.pipeline import LetsTalkPipeline
     from letstalk_rt.stream import EngineConfig, StreamEngine
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device.startswith("cuda") and not torch.cuda.is_available():
-        raise LetsTalkError(f"--device {device}: no CUDA device is available here; use --device cpu")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
-        args.dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    if args.steps is not None and not 1 <= args.steps <= 50:
-        raise LetsTalkError(f"--steps {args.steps}: choose 1..50")
+    device = resolve_device(args.device)
+    check_sampling_args(args)
     check_live_args(args)
-    pipe = LetsTalkPipeline.from_pretrained(args.model, device=device, dtype=dtype, **sampling_kwargs(args))
+    pipe = LetsTalkPipeline.from_pretrained(args.model, device=device, dtype=resolve_dtype(args.dtype, device),
+                                            **sampling_kwargs(args))
     if not pipe.config.trained:
         print("letstalk serve: warning: this model is UNTRAINED (random weights): the avatar will not look like a "
               "talking face. " + pipe.config.description, file=sys.stderr)
