@@ -343,7 +343,10 @@ def test_latency_catches_up_in_pauses_without_cutting_speech(tiny_pipeline):
     assert 0.5 <= skipped <= 1.8  # about the backlog, never the whole 2 s pause
     last = np.median(lat[-20:])  # the speech after the pause
     assert last <= target + 0.25, (last, target)
-    assert np.median(late_lat[-20:]) >= last + 0.6  # without catch-up the backlog stays
+    # Without catch-up the backlog stays: ~1 s plus the first window's start-up (1.03-1.15 s measured),
+    # against a target that grows with the machine's window time (0.36 s here, ~0.43 s on a slower CI run,
+    # where a margin of 0.6 over the caught-up latency failed at 0.58).
+    assert np.median(late_lat[-20:]) >= max(last, target) + 0.45
     for out in (audio, late_audio):  # both utterances come out whole and in order: only silence differs
         # (a loaded machine may also insert silence at a deadline; speech samples are never exactly 0)
         np.testing.assert_array_equal(out[out != 0], np.concatenate([burst, tail]))
