@@ -262,7 +262,7 @@ CATCH_UP_TEMPO_HELP = ("while a session runs behind its target latency in contin
                        "machine), play the speech this much faster, pitch kept, until it is back (1.0 .. 2.0; "
                        "1.0: off; default 1.25)")
 THREADS_HELP = ("torch threads of the engine on a CPU: 0 (default): at start, the fewest (1, 2, 4 ...) whose window "
-                "takes at most 0.7 of its real-time duration, which holds real time when other work wants the "
+                "takes at most 0.55 of its real-time duration, which holds real time when other work wants the "
                 "cores; N: exactly N; -1: leave torch's setting (and OMP_NUM_THREADS) alone")
 COMPILE_HELP = ("torch.compile the transformer and decoder at start, for full windows: about half the compute per "
                 "window on a 2-core CPU, after minutes of compiling the first time (cached on disk after); needs "

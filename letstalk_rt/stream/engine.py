@@ -64,6 +64,8 @@ from .events import (
 
 log = logging.getLogger(__name__)
 
+_NEAR_REAL_TIME = 0.7  # an eager CPU window over this fraction of its real-time duration: warm-up suggests --compile
+
 
 class CapacityError(LetsTalkError):
     """The engine already runs its maximum number of sessions; retry later."""
@@ -120,7 +122,11 @@ class EngineConfig:
     # when anything else wants the cores (the event loop, the tracks' encoders, another process) all-core
     # torch stalls: on 2 cores beside 2 busy processes, 1 thread kept 0.98-0.99 of real time where 2 fell
     # to 0.88-0.92 (`letstalk bench --neighbours 2`, docs/benchmarks.md). -1: never touch them. Ignored on CUDA.
-    threads_budget: float = 0.7
+    # The budget leaves room for what the warm-up does not time (audio encoding, the event loop's share of
+    # the GIL, the machine's minute-to-minute speed): on a 2-core EPYC without AVX-512 at 0.7, 1 thread
+    # (warm-up 103 ms of 160) was chosen and ran at 114 ms a window sustained, 0.96-0.98 of real time
+    # where 2 threads held 1.003 (docs/benchmarks.md).
+    threads_budget: float = 0.55
     keep_heap: bool = True  # at start, make glibc keep freed memory for reuse (`keep_heap`): a window's
     # activations are reallocated every window, and returned to the kernel they are faulted in again
     decode_thread: bool | None = None  # decode each window in a second thread while the worker samples the
@@ -734,7 +740,7 @@ class StreamEngine:
         log.info("engine: %d sampling steps per %d-frame window (%.0f ms for %d sessions, %d torch threads)",
                  p.num_steps, self.window, self._gen_ms[self.window], self.config.max_batch, torch.get_num_threads())
         real_ms = 1000 * self.window / p.config.fps
-        if p.device.type == "cpu" and not p.compiled and self._gen_ms[self.window] > self.config.threads_budget * real_ms:
+        if p.device.type == "cpu" and not p.compiled and self._gen_ms[self.window] > _NEAR_REAL_TIME * real_ms:
             log.warning("engine: a window takes %.0f ms of the %.0f ms it lasts on this CPU, too close to real time "
                         "to hold it when anything else runs; --compile (EngineConfig.compile) makes it about half "
                         "as costly after a compile of a few minutes", self._gen_ms[self.window], real_ms)
