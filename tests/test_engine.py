@@ -314,7 +314,8 @@ def test_a_shorter_live_window_is_used_and_out_of_range_windows_are_refused(tiny
 
 def _catch_up_run(pipe, catch_up: bool):
     """1 s of speech pushed at once (a backlog, as after a stall), then 2 s of silence and 1 s of speech
-    pushed in real time: returns the session's latencies, its skipped silence, the frames' audio, the target."""
+    pushed in real time: returns the session's latencies, its skipped silence, the frames' audio, the target,
+    the frames held (a frame not ready when due: each one makes all that follows 40 ms later)."""
     burst, tail = speechlike(1.0, seed=1) + 0.05, speechlike(1.0, seed=2) + 0.05  # never below speech_rms
 
     async def main():
@@ -327,7 +328,7 @@ def _catch_up_run(pipe, catch_up: bool):
         frames = await _collect(session, 6.5)  # 4 s of sound, the latency and any held frames
         await feeder
         out = (list(session.latencies), session.silence_skipped_s, np.concatenate([f.audio for f in frames]),
-               engine.target_latency_s())
+               engine.target_latency_s(), session.player.fillers)
         await engine.stop()
         return out
 
@@ -337,16 +338,17 @@ def _catch_up_run(pipe, catch_up: bool):
 def test_latency_catches_up_in_pauses_without_cutting_speech(tiny_pipeline):
     """A session that fell behind (here: a 1 s burst) is pulled back to its target latency by skipping
     silence in the next pause; with catch-up off it stays 1 s late. Speech itself is never cut."""
-    lat, skipped, audio, target, burst, tail = _catch_up_run(tiny_pipeline, catch_up=True)
-    late_lat, late_skipped, late_audio, _, _, _ = _catch_up_run(tiny_pipeline, catch_up=False)
+    lat, skipped, audio, target, held, burst, tail = _catch_up_run(tiny_pipeline, catch_up=True)
+    late_lat, late_skipped, late_audio, _, _, _, _ = _catch_up_run(tiny_pipeline, catch_up=False)
     assert late_skipped == 0.0
     assert 0.5 <= skipped <= 1.8  # about the backlog, never the whole 2 s pause
     last = np.median(lat[-20:])  # the speech after the pause
-    assert last <= target + 0.25, (last, target)
-    # Without catch-up the backlog stays: ~1 s plus the first window's start-up (1.03-1.15 s measured),
-    # against a target that grows with the machine's window time (0.36 s here, ~0.43 s on a slower CI run,
-    # where a margin of 0.6 over the caught-up latency failed at 0.58).
-    assert np.median(late_lat[-20:]) >= max(last, target) + 0.45
+    # Back near the target, give or take the lateness a loaded machine adds after the pause: each held
+    # frame is 40 ms more (the test machine busy: 0.69 s, target 0.37, in 1 of 4 runs; quiet: 0.37-0.39).
+    assert last <= target + 0.25 + held / 25, (last, target, held)
+    # Without catch-up the backlog stays: ~1 s plus the first window's start-up (1.03-1.16 s measured,
+    # target 0.35-0.37 here; a slower CI machine has a larger target: there 1.03 against ~0.43).
+    assert np.median(late_lat[-20:]) >= target + 0.5, (np.median(late_lat[-20:]), target)
     for out in (audio, late_audio):  # both utterances come out whole and in order: only silence differs
         # (a loaded machine may also insert silence at a deadline; speech samples are never exactly 0)
         np.testing.assert_array_equal(out[out != 0], np.concatenate([burst, tail]))
