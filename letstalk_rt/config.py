@@ -82,6 +82,13 @@ class AudioConfig:
     margin: int = 2  # each frame sees features of frames i-margin..i+margin (paper: +-2)
     num_tokens: int = 32  # audio tokens per frame after the projection MLP (paper: 32)
     token_dim: int = 768  # width of each audio token (paper: 768)
+    # Live input level (`pipeline.SpeechLevel`): speech whose running level (RMS of its voiced 20 ms blocks)
+    # is below level_min or above level_max is scaled to it before it is encoded. The model only knows the
+    # loudness it was trained on (the synth corpus's clips: 0.05-0.19 from the 5th to the 95th percentile,
+    # median 0.09); 26 dB quieter speech halved the default's lip sync, and louder speech helped it a little
+    # (docs/eval.md), so by default speech quieter than the corpus's loud end is raised to it. 0: no scaling.
+    level_min: float = 0.2
+    level_max: float = 0.0
 
     @property
     def samples_per_frame(self) -> int:

@@ -54,8 +54,55 @@ class StreamState:
     extra: dict = field(default_factory=dict)  # room for the caller's bookkeeping
 
 
+class SpeechLevel:
+    """Scales live speech into the loudness range the model was trained on (AudioConfig.level_min/max).
+
+    The level is the RMS of the voiced 20 ms blocks (above `floor`, -50 dBFS, over a microphone's usual
+    noise; and above a third of the level so far, so pauses and breath do not pull it down), rising fast
+    (a speech onset) and falling slowly; it counts once `settle` voiced blocks (100 ms) were seen. At -54
+    dBFS the floor let a test clip's background noise seed the level and be raised as speech. The gain brings it
+    to the nearest edge of the range and is 1 inside it, so speech at the trained loudness is encoded
+    untouched. It only ever sees audio on its way to the encoder: what is played back keeps its level."""
+
+    def __init__(self, low: float, high: float, max_gain: float = 16.0, floor: float = 0.003,
+                 block: int = 320, attack: float = 0.3, release: float = 0.05, settle: int = 5) -> None:
+        self.low, self.high, self.max_gain, self.floor = low, high, max_gain, floor
+        self.block, self.attack, self.release, self.settle = block, attack, release, settle
+        self.level: float | None = None  # None until the first voiced block
+        self.voiced_blocks = 0
+
+    @property
+    def gain(self) -> float:
+        if self.level is None or self.voiced_blocks < self.settle:
+            return 1.0
+        if self.low > 0 and self.level < self.low:
+            return min(self.max_gain, self.low / self.level)
+        if self.high > 0 and self.level > self.high:
+            return self.high / self.level
+        return 1.0
+
+    def __call__(self, pcm: np.ndarray) -> np.ndarray:
+        """The same samples, each block scaled by the gain of the level before it (clipped to [-1, 1])."""
+        if not len(pcm) or (self.low <= 0 and self.high <= 0):
+            return pcm
+        out = np.empty_like(pcm)
+        for i in range(0, len(pcm), self.block):
+            x = pcm[i:i + self.block]
+            out[i:i + len(x)] = x * self.gain
+            rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
+            if rms > self.floor and (self.level is None or rms > self.level / 3):
+                self.voiced_blocks += 1
+                if self.level is None:
+                    self.level = rms
+                else:
+                    a = self.attack if rms > self.level else self.release
+                    self.level = math.sqrt((1 - a) * self.level ** 2 + a * rms ** 2)
+        return np.clip(out, -1.0, 1.0, out=out)
+
+
 class AudioTokenizer:
-    """Incremental audio -> per-frame audio tokens; equals offline `pipeline.audio_tokens(...)`.
+    """Incremental audio -> per-frame audio tokens; equals offline `pipeline.audio_tokens(...)` for speech
+    at the loudness the model was trained on (other speech is first scaled into it: `SpeechLevel`).
 
     Frame i's tokens need features of frames i-margin..i+margin, so tokens lag the features by
     `margin` frames, and features lag the audio by the encoder's `lookahead_samples`. Total lookahead:
@@ -68,6 +115,8 @@ class AudioTokenizer:
         self.stream = pipeline.audio_encoder.stream()
         self.buffer: Tensor | None = None  # (n, L, D) features not yet fully used, left-padded at the start
         self.frames_out = 0
+        cfg = pipeline.config.audio
+        self.level = SpeechLevel(cfg.level_min, cfg.level_max, block=cfg.sample_rate // 50)  # 20 ms blocks
 
     @property
     def lookahead_ms(self) -> float:
@@ -107,6 +156,7 @@ class AudioTokenizer:
     @torch.no_grad()
     def push(self, pcm: np.ndarray) -> Tensor:
         """16 kHz mono float32 samples in; tokens (n, M, Dt) for the frames that became final out."""
+        pcm = self.level(np.asarray(pcm, dtype=np.float32))
         return self._take(self.stream.push(pcm).to(self.pipeline.device), final=False)
 
     @torch.no_grad()

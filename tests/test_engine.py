@@ -183,6 +183,29 @@ def test_speech_events_follow_playback(tiny_pipeline):
     assert started.frame == first_speech
 
 
+def test_quiet_speech_counts_as_speech(tiny_pipeline):
+    """Speech 28 dB quieter than usual (RMS ~0.006, under speech_rms) is raised for the encoder, and
+    counted as speech at that level too: events fire for it, and it comes out whole and unraised."""
+    speech = (speechlike(2.0, seed=5) * 0.04).astype(np.float32)
+
+    async def main():
+        engine = await _engine(tiny_pipeline)
+        session = await engine.open_session(_portrait(tiny_pipeline, 65))
+        session.push_audio(speech)
+        session.end_speech()
+        frames = await _collect(session, 3.5)
+        events = _drain_events(session)
+        await engine.stop()
+        return frames, events
+
+    frames, events = run(main())
+    assert any(isinstance(e, SpeechStarted) for e in events)
+    assert sum(f.speech for f in frames) >= 25  # most of its 50 frames (onsets and tails are quieter)
+    audio = np.concatenate([f.audio for f in frames])
+    start = np.flatnonzero(audio)[0]
+    np.testing.assert_array_equal(audio[start:start + len(speech)], speech)  # played back as pushed
+
+
 def test_interrupt_flushes_speech_and_continues_quickly(tiny_pipeline):
     async def main():
         engine = await _engine(tiny_pipeline)

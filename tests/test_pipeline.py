@@ -12,7 +12,7 @@ import torch
 from conftest import speechlike
 from letstalk_rt.checkpoint import load_model, save_model
 from letstalk_rt.errors import InputError, ModelError
-from letstalk_rt.pipeline import LetsTalkPipeline
+from letstalk_rt.pipeline import LetsTalkPipeline, SpeechLevel
 
 
 def test_checkpoint_round_trip_gives_identical_weights(tiny_model_dir, tmp_path):
@@ -60,6 +60,7 @@ def test_incremental_tokens_equal_offline(tiny_pipeline):
     assert offline.shape[0] == math.ceil(len(wav) / 640)
     rng = np.random.default_rng(0)
     tok = tiny_pipeline.audio_tokenizer()
+    tok.level = SpeechLevel(0.0, 0.0)  # the encoder path alone (the level raising has its own tests below)
     parts, pos = [], 0
     while pos < len(wav):
         n = int(rng.integers(1, 3000))
@@ -70,6 +71,45 @@ def test_incremental_tokens_equal_offline(tiny_pipeline):
     assert online.shape == offline.shape
     torch.testing.assert_close(online, offline, atol=1e-4, rtol=1e-4)
     assert tok.lookahead_ms >= 80  # margin of 2 frames at least
+
+
+def _voiced_level(pcm: np.ndarray, block: int = 320, floor: float = 0.002) -> float:
+    rms = np.sqrt(np.mean(pcm[: len(pcm) // block * block].reshape(-1, block) ** 2, axis=1))
+    return float(np.sqrt(np.mean(rms[rms > max(floor, rms.max() / 3)] ** 2)))
+
+
+def test_speech_level_scales_quiet_and_loud_speech_into_the_trained_range_and_leaves_the_rest():
+    wav = speechlike(3.0)
+    assert 0.05 <= _voiced_level(wav) <= 0.4  # the test voice is inside the range: untouched
+    level = SpeechLevel(0.05, 0.4)
+    np.testing.assert_array_equal(np.concatenate([level(wav[i:i + 320]) for i in range(0, len(wav), 320)]), wav)
+    for scale, expect in ((0.04, 0.05), (4.0, 0.4)):  # 28 dB quieter (a far microphone); 12 dB louder
+        level = SpeechLevel(0.05, 0.4)
+        x = (wav * scale).astype(np.float32)
+        out = np.concatenate([level(x[i:i + 320]) for i in range(0, len(x), 320)])
+        assert abs(_voiced_level(out[8000:]) / expect - 1) < 0.25, (scale, _voiced_level(out[8000:]))
+    silence = np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.001  # below the floor
+    np.testing.assert_array_equal(SpeechLevel(0.05, 0.2)(silence), silence)
+    level, x = SpeechLevel(0.05, 0.2, max_gain=2.0), (wav * 0.04).astype(np.float32)  # would need ~7x
+    assert _voiced_level(level(x)) <= 2.0 * _voiced_level(x) * 1.001  # gain capped
+    off = SpeechLevel(0.0, 0.0)
+    np.testing.assert_array_equal(off(wav * 0.02), wav * 0.02)
+
+
+def test_quiet_speech_is_encoded_about_as_speech_at_the_trained_loudness(tiny_pipeline):
+    """Live input comes at any level; the tokenizer scales it into the model's range first, so a quiet
+    microphone conditions the model nearly as a normal one does, where unscaled it would not."""
+    wav = speechlike(2.0, seed=4)
+    quiet = (wav * 0.04).astype(np.float32)
+    gain = min(16.0, tiny_pipeline.config.audio.level_min / _voiced_level(quiet))  # SpeechLevel's cap: 16
+    at_edge = tiny_pipeline.audio_tokens(quiet * gain)  # what the raising aims at
+    tok = tiny_pipeline.audio_tokenizer()
+    live = torch.cat([*(tok.push(quiet[i:i + 320]) for i in range(0, len(quiet), 320)), tok.flush()])
+    raw = tiny_pipeline.audio_tokens(quiet)
+    skip = 10  # the level is known after the first voiced block; skip the frames around it
+    err_live = (live[skip:] - at_edge[skip:]).abs().mean().item()
+    err_raw = (raw[skip:] - at_edge[skip:]).abs().mean().item()
+    assert err_live < 0.3 * err_raw, (err_live, err_raw)
 
 
 @pytest.mark.parametrize("seconds", [0.04, 0.5, 1.0, 1.33])

@@ -90,7 +90,8 @@ class EngineConfig:
     lead_windows: float = 1.5  # generate at most this many windows ahead of playback
     safety_ms: float = 30.0  # start a deadline window this long before the estimated need
     max_pending_seconds: float = 30.0  # pushed audio not yet generated; more raises AudioBufferFull
-    speech_rms: float = 0.01  # frame audio RMS above which it counts as speech (for events)
+    speech_rms: float = 0.01  # frame audio RMS above which it counts as speech (for events, the catch-up),
+    # after the gain that raises quiet speech for the audio encoder (AudioConfig.level_min)
     speech_hangover_ms: float = 300.0  # silence needed before `speech_stopped`
     event_queue_size: int = 256  # per session; when full, the oldest event is dropped
     late_skip_ms: float = 200.0  # a reader this far behind the clock skips ahead (frames dropped)
@@ -877,7 +878,9 @@ class StreamEngine:
                     break
                 pcm, arrival, speech, paced = s._pcm_in.popleft()
                 s._pending_samples -= len(pcm)
-            voiced = speech and len(pcm) > 0 and float(np.sqrt(np.mean(np.square(pcm)))) > self.config.speech_rms
+            # (levels as the encoder hears them: quiet speech is raised for it, pipeline.SpeechLevel)
+            voiced = speech and len(pcm) > 0 and \
+                float(np.sqrt(np.mean(np.square(pcm)))) * w.tokenizer.level.gain > self.config.speech_rms
             w.last_push, w.last_paced = arrival, paced
             if speech and self.config.catch_up and self._skip_silence(s, pcm, arrival, now, voiced):
                 s.silence_skipped_s += len(pcm) / s.sample_rate
@@ -1036,7 +1039,7 @@ class StreamEngine:
             meta = []
             for i in range(n):
                 audio, speech, arrival, inserted = w.take_audio(s.samples_per_frame)
-                speech = speech and float(np.sqrt(np.mean(audio ** 2))) > self.config.speech_rms
+                speech = speech and float(np.sqrt(np.mean(audio ** 2))) * w.tokenizer.level.gain > self.config.speech_rms
                 s.gap_inserted_s += w.gap_frames(inserted, speech) / self.pipeline.fps
                 meta.append((w.frames_generated + i, audio, speech, arrival if speech else None))
             w.frames_generated += n
