@@ -84,9 +84,9 @@ class AudioConfig:
     token_dim: int = 768  # width of each audio token (paper: 768)
     # Live input level (`pipeline.SpeechLevel`): speech whose running level (RMS of its voiced 20 ms blocks)
     # is below level_min or above level_max is scaled to it before it is encoded. The model only knows the
-    # loudness it was trained on (the synth corpus's clips: 0.05-0.19 from the 5th to the 95th percentile,
-    # median 0.09); 26 dB quieter speech halved the default's lip sync, and louder speech helped it a little
-    # (docs/eval.md), so by default speech quieter than the corpus's loud end is raised to it. 0: no scaling.
+    # loudness it was trained on (by SpeechLevel's measure the synth corpus's clips sit at 0.07 / 0.14 / 0.26,
+    # 5th / 50th / 95th percentile); 26 dB quieter speech halved the default's lip sync and louder speech
+    # helped it a little, and of 0.05 / 0.1 / 0.2 tried, 0.2 scored best (docs/eval.md). 0: no scaling.
     level_min: float = 0.2
     level_max: float = 0.0
 

@@ -58,10 +58,10 @@ class SpeechLevel:
     """Scales live speech into the loudness range the model was trained on (AudioConfig.level_min/max).
 
     The level is the RMS of the voiced 20 ms blocks (above `floor`, -50 dBFS, over a microphone's usual
-    noise; and above a third of the level so far, so pauses and breath do not pull it down), rising fast
-    (a speech onset) and falling slowly; it counts once `settle` voiced blocks (100 ms) were seen. At -54
-    dBFS the floor let a test clip's background noise seed the level and be raised as speech. The gain brings it
-    to the nearest edge of the range and is 1 inside it, so speech at the trained loudness is encoded
+    noise: at -54 dBFS a test clip's background noise seeded the level and was raised as speech; and above
+    a third of the level so far, so pauses and breath do not pull it down), rising fast (a speech onset)
+    and falling slowly; it counts once `settle` voiced blocks (100 ms) were seen. The gain brings it to
+    the nearest edge of the range and is 1 inside it, so speech at the trained loudness is encoded
     untouched. It only ever sees audio on its way to the encoder: what is played back keeps its level."""
 
     def __init__(self, low: float, high: float, max_gain: float = 16.0, floor: float = 0.003,

@@ -164,18 +164,25 @@ def test_silence_keeps_the_avatar_alive_without_speech_events(tiny_pipeline):
     assert any(isinstance(e, WindowTimings) for e in events)
 
 
-def test_speech_events_follow_playback(tiny_pipeline):
+def _say(pipe, pcm: np.ndarray, seconds: float, portrait_seed: int, then=None) -> tuple:
+    """One session says `pcm` (pushed at once, then end_speech): its frames over `seconds`, its events, and
+    what `await then(session)` returns, run before the engine stops."""
     async def main():
-        engine = await _engine(tiny_pipeline)
-        session = await engine.open_session(_portrait(tiny_pipeline, 60))
-        session.push_audio(speechlike(1.0) + 0.05)
+        engine = await _engine(pipe)
+        session = await engine.open_session(_portrait(pipe, portrait_seed))
+        session.push_audio(pcm)
         session.end_speech()
-        frames = await _collect(session, 2.5)
+        frames = await _collect(session, seconds)
         events = _drain_events(session)
+        after = await then(session) if then is not None else None
         await engine.stop()
-        return frames, events
+        return frames, events, after
 
-    frames, events = run(main())
+    return run(main())
+
+
+def test_speech_events_follow_playback(tiny_pipeline):
+    frames, events, _ = _say(tiny_pipeline, speechlike(1.0) + 0.05, 2.5, 60)
     kinds = [type(e) for e in events if isinstance(e, (SpeechStarted, SpeechStopped))]
     assert kinds == [SpeechStarted, SpeechStopped]
     first_speech = next(i for i, f in enumerate(frames) if f.speech)
@@ -185,20 +192,20 @@ def test_speech_events_follow_playback(tiny_pipeline):
 
 def test_quiet_speech_counts_as_speech(tiny_pipeline):
     """Speech 28 dB quieter than usual (RMS ~0.006, under speech_rms) is raised for the encoder, and
-    counted as speech at that level too: events fire for it, and it comes out whole and unraised."""
+    counted as speech at that level too: events fire for it, and it comes out whole and unraised. The
+    raise outlives an interrupt (the microphone did not change)."""
     speech = (speechlike(2.0, seed=5) * 0.04).astype(np.float32)
 
-    async def main():
-        engine = await _engine(tiny_pipeline)
-        session = await engine.open_session(_portrait(tiny_pipeline, 65))
-        session.push_audio(speech)
-        session.end_speech()
-        frames = await _collect(session, 3.5)
-        events = _drain_events(session)
-        await engine.stop()
-        return frames, events
+    async def interrupted(session):
+        before = session.stats()["input_gain"]
+        session.interrupt()
+        await _collect(session, 0.4)  # idle frames: the worker has started over
+        return before, session.stats()["input_gain"]
 
-    frames, events = run(main())
+    frames, events, (gain, gain_after) = _say(tiny_pipeline, speech, 3.5, 65, then=interrupted)
+    # ~16x (its cap) before; after, still raised, not back to 1 (the level may have moved on a little
+    # with the last chunks the worker fed as the interrupt came)
+    assert gain > 4 and gain_after > 4, (gain, gain_after)
     assert any(isinstance(e, SpeechStarted) for e in events)
     assert sum(f.speech for f in frames) >= 25  # most of its 50 frames (onsets and tails are quieter)
     audio = np.concatenate([f.audio for f in frames])

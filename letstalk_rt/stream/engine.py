@@ -432,6 +432,7 @@ class Session:
             "speech_compressed_s": round(self.speech_compressed_s, 3),
             "catch_up_runs": self.catch_up_runs,
             "gap_inserted_s": round(self.gap_inserted_s, 3),
+            "input_gain": round(self._w.tokenizer.level.gain, 2),
             "first_frame_s": self.first_frame_s,
             "latency_ms_p50": pct(0.50),
             "latency_ms_p95": pct(0.95),
@@ -541,6 +542,10 @@ class _WorkerState:
         if self.stretch is not None:
             self._feed(self.stretch.flush(), arrival, True)
             self.stretch, self.compressing = None, False
+
+    def heard_rms(self, pcm: np.ndarray) -> float:
+        """RMS of audio as the encoder hears it: quiet speech is raised for it (pipeline.SpeechLevel)."""
+        return float(np.sqrt(np.mean(np.square(pcm)))) * self.tokenizer.level.gain
 
     @property
     def queued_frames(self) -> float:
@@ -857,7 +862,9 @@ class StreamEngine:
         w = s._w
         with s._lock:
             if s._reset is not None:  # interrupt: start over from what is on screen
+                level = w.tokenizer.level  # the speaker's loudness outlives an interrupt
                 w.tokenizer = self.pipeline.audio_tokenizer()
+                w.tokenizer.level = level
                 w.tokens, w.n_tokens, w.timeline = [], 0, collections.deque()
                 w.unflushed = w.after_speech = False
                 w.inserted_run = 0
@@ -878,9 +885,7 @@ class StreamEngine:
                     break
                 pcm, arrival, speech, paced = s._pcm_in.popleft()
                 s._pending_samples -= len(pcm)
-            # (levels as the encoder hears them: quiet speech is raised for it, pipeline.SpeechLevel)
-            voiced = speech and len(pcm) > 0 and \
-                float(np.sqrt(np.mean(np.square(pcm)))) * w.tokenizer.level.gain > self.config.speech_rms
+            voiced = speech and len(pcm) > 0 and w.heard_rms(pcm) > self.config.speech_rms
             w.last_push, w.last_paced = arrival, paced
             if speech and self.config.catch_up and self._skip_silence(s, pcm, arrival, now, voiced):
                 s.silence_skipped_s += len(pcm) / s.sample_rate
@@ -1039,7 +1044,7 @@ class StreamEngine:
             meta = []
             for i in range(n):
                 audio, speech, arrival, inserted = w.take_audio(s.samples_per_frame)
-                speech = speech and float(np.sqrt(np.mean(audio ** 2))) * w.tokenizer.level.gain > self.config.speech_rms
+                speech = speech and w.heard_rms(audio) > self.config.speech_rms
                 s.gap_inserted_s += w.gap_frames(inserted, speech) / self.pipeline.fps
                 meta.append((w.frames_generated + i, audio, speech, arrival if speech else None))
             w.frames_generated += n
