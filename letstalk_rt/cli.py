@@ -43,6 +43,11 @@ def resolve_dtype(name: str, device: str):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
+START_TIME_HELP = ("flow time sampling starts at, 0 < T <= 1: each window starts from the portrait noised to T "
+                   "instead of pure noise (1); lower leaves less of the face and mouth to the noise (default: the "
+                   "model's, 0.4 for the bundled one)")
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     """How a loaded model samples (the CLI's commands and `letstalk serve`); `sampling_kwargs` reads them."""
     p.add_argument("--steps", type=int, default=None, help="sampling steps per window, 1..50 (default: the model's)")
@@ -53,17 +58,22 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detail-transfer", type=float, default=None, metavar="GREY",
                    help="add back the portrait's fine detail where the face keeps still: the gate's width in grey "
                         "levels, 0 = off (default: the model's, 12 for the bundled one)")
+    p.add_argument("--start-time", type=float, default=None, metavar="T",
+                   help=START_TIME_HELP)
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
     """LetsTalkPipeline keyword arguments from add_sampling_args' flags (None: the model's own setting)."""
-    return {"num_steps": args.steps, "audio_guidance": args.audio_guidance, "detail_transfer": args.detail_transfer}
+    return {"num_steps": args.steps, "audio_guidance": args.audio_guidance, "detail_transfer": args.detail_transfer,
+            "start_time": args.start_time}
 
 
 def check_sampling_args(args: argparse.Namespace) -> None:
     """Fail before the model loads, naming the flag."""
     if args.steps is not None and not 1 <= args.steps <= 50:
         raise LetsTalkError(f"--steps {args.steps}: choose 1..50")
+    if args.start_time is not None and not 0 < args.start_time <= 1:
+        raise LetsTalkError(f"--start-time {args.start_time:g}: choose a flow time in (0, 1] (1 = pure noise)")
 
 
 def add_device_args(p: argparse.ArgumentParser) -> None:
@@ -243,7 +253,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     report = evaluate(args.data, args.model or [None], args.out, split=args.split, clips=args.clips,
                       steps=args.steps, steps_list=steps_list, long_seconds=args.long_seconds,
                       probe_clips=args.probe_clips, window=args.window, detail_transfer=args.detail_transfer,
-                      seed=args.seed, device=device,
+                      start_time=args.start_time, seed=args.seed, device=device,
                       dtype=resolve_dtype(args.dtype, device), progress=not args.quiet)
     for m in report["models"]:
         marks = [f"{k.replace('_', ' ')} {'PASS' if t['pass'] else 'FAIL'}" for k, t in m["targets"].items()]
@@ -378,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detail-transfer", type=float, default=None,
                    help="gate width of the portrait detail transfer in grey levels, 0 = off "
                         "(default: each model's sampling.detail_transfer)")
+    p.add_argument("--start-time", type=float, default=None, metavar="T", help=START_TIME_HELP)
     p.add_argument("--long-seconds", type=float, default=180.0,
                    help="seconds of the long run for drift, memory bank on and off (default 180; 0 skips it)")
     p.add_argument("--probe-clips", type=int, default=128,

@@ -148,6 +148,10 @@ class SamplingConfig:
     # 0: num_frames). A window waits for all its audio, so fewer frames cut the speech-to-screen latency,
     # at more compute per frame (the engine's EngineConfig.window and eval's --window override it)
     shift: float = 1.0  # timestep shift t' = s t / (1 + (s-1) t); >1 spends more steps at high noise
+    start_time: float = 1.0  # flow time sampling starts at, 0 < start_time <= 1: a window's latents start as
+    # the portrait latent noised to it, (1 - start_time) portrait + start_time noise (SDEdit), instead of pure
+    # noise (1). Below 1 the noise decides less of the face and of the mouth: on the bundled 1-step model
+    # 0.4 raised both lip sync and identity (docs/eval.md, "Starting from the portrait")
     portrait_guidance: float = 1.0  # CFG scale of the portrait condition (1 = no guidance pass)
     audio_guidance: float = 1.0  # CFG scale of the audio condition (1 = no guidance pass)
     memory_noise: float = 0.02  # flow time the memory latents are forward-diffused to at inference
@@ -229,6 +233,8 @@ class ModelConfig:
         if sa.detail_transfer < 0 or sa.detail_blur <= 0 or sa.detail_half_life_s <= 0:
             raise ModelError(f"sampling.detail_transfer={sa.detail_transfer} must be >= 0 (0 = off), and "
                              f"detail_blur={sa.detail_blur} and detail_half_life_s={sa.detail_half_life_s} > 0")
+        if not 0 < sa.start_time <= 1:
+            raise ModelError(f"sampling.start_time={sa.start_time}: choose a flow time in (0, 1] (1 = pure noise)")
         if au.sample_rate % au.fps:
             raise ModelError(f"audio.sample_rate {au.sample_rate} must be a multiple of fps {au.fps}")
 

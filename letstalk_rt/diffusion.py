@@ -6,7 +6,8 @@ The network knows nothing of the schedule (DiT's `diffusion/`, diffusers' schedu
     v   = noise - x0                   (the network's target: the velocity dx_t/dt)
     x0  = x_t - t * v
 
-The sampler walks t from 1 to 0 with Euler steps; the caller (offline pipeline or streaming engine)
+The sampler walks t from 1 (or a chosen start below it, from a clean guess noised to it) to 0 with Euler
+steps; the caller (offline pipeline or streaming engine)
 owns the loop:
 
     sampler.set_timesteps(2)
@@ -89,11 +90,15 @@ class EulerSampler:
         self.timesteps: Tensor | None = None  # (num_steps,) the times the network is evaluated at
         self.sigmas: Tensor | None = None  # (num_steps + 1,) the same plus the final 0
 
-    def set_timesteps(self, num_steps: int) -> None:
+    def set_timesteps(self, num_steps: int, start: float = 1.0) -> None:
+        """`num_steps` steps from t = `start` (1: pure noise; below 1 the caller starts from a clean guess
+        noised to `start`, SDEdit) to 0: the shifted grid, scaled to begin at `start`."""
         if not isinstance(num_steps, int) or not 1 <= num_steps <= MAX_STEPS:
             raise ValueError(f"num_steps must be an integer from 1 to {MAX_STEPS}, got {num_steps!r}")
+        if not 0 < start <= 1:
+            raise ValueError(f"start must be a flow time in (0, 1], got {start!r}")
         grid = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)  # (S+1,)
-        self.sigmas = shift_time(grid, self.shift).float()  # (S+1,)
+        self.sigmas = (start * shift_time(grid, self.shift)).float()  # (S+1,)
         self.timesteps = self.sigmas[:-1]  # (S,)
 
     @property

@@ -538,7 +538,7 @@ def evaluate_model(components: Any, label: str, test: list[Clip], probe: MouthPr
     def pipeline(num_steps: int | None, use_memory: bool = True) -> LetsTalkPipeline:
         return LetsTalkPipeline(components, device=settings["device"], dtype=settings["dtype"],
                                 num_steps=num_steps, use_memory=use_memory, window=settings["window"],
-                                detail_transfer=settings["detail_transfer"])
+                                detail_transfer=settings["detail_transfer"], start_time=settings["start_time"])
 
     def bar(total: int, what: str) -> Any:
         return tqdm(total=total, desc=f"{label}: {what}", unit="frame", disable=not settings["progress"],
@@ -548,7 +548,7 @@ def evaluate_model(components: Any, label: str, test: list[Clip], probe: MouthPr
     model: dict[str, Any] = {
         "label": label, "description": config.description, "trained": config.trained, "size": config.image_size,
         "num_steps": pipe.num_steps, "window": pipe.window, "num_memory": config.transformer.num_memory,
-        "detail_transfer": pipe.detail_transfer,
+        "detail_transfer": pipe.detail_transfer, "start_time": pipe.start_time,
         "fusion": f"portrait {config.transformer.portrait_fusion}, audio {config.transformer.audio_fusion}",
     }
     total = sum(math.ceil(len(c.audio) / pipe.samples_per_frame) for c in test)
@@ -590,6 +590,7 @@ def evaluate(
     probe_clips: int = 128,
     window: int | None = None,
     detail_transfer: float | None = None,
+    start_time: float | None = None,
     seed: int = 0,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -613,6 +614,8 @@ def evaluate(
     for s in [steps, *(steps_list or [])]:
         if s is not None and not 1 <= s <= 50:
             raise InputError(f"sampling steps {s}: choose 1..50")
+    if start_time is not None and not 0 < start_time <= 1:
+        raise InputError(f"--start-time {start_time:g}: choose a flow time in (0, 1] (1 = pure noise)")
     paths = [Path(p) if p is not None else DEFAULT_MODEL_DIR for p in models]
     configs = [read_config(p) for p in paths]  # ModelError, one line
     for p, c in zip(paths, configs):
@@ -636,7 +639,7 @@ def evaluate(
             clips_at[size] = [corpus.clip(n, size) for n in names]
             probe_checks[size] = check_probe(probes[size], clips_at[size])
         settings = dict(device=device, dtype=dtype, seed=seed, progress=progress, window=window,
-                        detail_transfer=detail_transfer)
+                        detail_transfer=detail_transfer, start_time=start_time)
         model = evaluate_model(load_model(path), label, clips_at[size], probes[size], steps, steps_list or [],
                                speech, settings)
         model["path"] = str(path)
@@ -733,13 +736,13 @@ def render_markdown(report: dict[str, Any]) -> str:
     for m in models:
         s, lg = m["summary"], m["long"] or {}
         on, off = lg.get("memory_on"), lg.get("memory_off")
-        rows.append([m["label"], m["description"] or "-", m["fusion"], f"{m['num_steps']} / {m['window']}",
+        rows.append([m["label"], m["description"] or "-", m["fusion"], f"{m['num_steps']} / {m['window']} / {m['start_time']:g}",
                      _f(m["detail_transfer"], 0) if m["detail_transfer"] else "off",
                      _f(s["sync_correlation"], 3), f"{s['sync_offset']:+d}", _f(s["psnr_gt"]), _f(s["ssim_gt"], 3),
                      _f(s["psnr_portrait"]), _f(s["flicker_ratio"]),
                      _f(on["drift_percent"], 1) if on else "-", _f(off["drift_percent"], 1) if off else "-",
                      f"{sum(t['pass'] for t in m['targets'].values())}/{len(m['targets'])}"])
-    lines += _table(["model", "description", "fusion", "steps / window", "detail transfer", "sync r", "offset", "PSNR gt (dB)", "SSIM gt",
+    lines += _table(["model", "description", "fusion", "steps / window / start", "detail transfer", "sync r", "offset", "PSNR gt (dB)", "SSIM gt",
                      "PSNR portrait (dB)", "flicker vs gt", "drift mem on (%)", "drift mem off (%)", "targets"],
                     rows) + [""]
 

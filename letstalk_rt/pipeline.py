@@ -203,6 +203,7 @@ class LetsTalkPipeline:
         memory_anchor: bool | None = None,
         window: int | None = None,
         detail_transfer: float | None = None,
+        start_time: float | None = None,
     ) -> None:
         self.components = components
         self.config: ModelConfig = components.config
@@ -224,6 +225,10 @@ class LetsTalkPipeline:
         if self.detail_transfer < 0:
             raise InputError(f"detail transfer {self.detail_transfer}: give the gate's width in grey levels, > 0, "
                              "or 0 to turn it off")
+        self.start_time = s.start_time if start_time is None else start_time
+        if not 0 < self.start_time <= 1:
+            raise InputError(f"start time {self.start_time}: choose a flow time in (0, 1]; 1 samples from pure noise, "
+                             "lower starts from the portrait noised to it")
         self.sampler = EulerSampler(shift=s.shift)
         self.set_num_steps(self.num_steps)  # raises on a bad step count before any work
         self.window = window or s.stream_window or self.max_window  # frames per window by default
@@ -349,7 +354,7 @@ class LetsTalkPipeline:
 
     def set_num_steps(self, num_steps: int) -> None:
         """Sampling steps per window from the next window on (checked first: a bad count changes nothing)."""
-        self.sampler.set_timesteps(num_steps)
+        self.sampler.set_timesteps(num_steps, self.start_time)
         self.num_steps = num_steps
 
     @torch.no_grad()
@@ -394,6 +399,8 @@ class LetsTalkPipeline:
         mem = torch.stack(memory).to(dev)  # (B, K, C, h, w)
         msk = torch.stack(mask).to(dev)  # (B, K, h, w)
         por = torch.stack([s.portrait.latent for s in streams]).to(dev)  # (B, C, h, w)
+        if self.start_time < 1:  # start from the portrait noised to start_time (SDEdit), not from pure noise
+            x = self.start_time * x + (1 - self.start_time) * por[:, None]  # (B, T, C, h, w)
         aud = torch.stack(tokens).to(dev)  # (B, T, M, Dt)
         guide = Guidance(self.portrait_guidance, self.audio_guidance, portrait=por, audio=aud, memory=mem,
                          memory_mask=msk)  # conditions stacked once per window, for every guidance row

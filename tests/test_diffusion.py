@@ -20,6 +20,24 @@ def test_sampler_step_count_and_grid():
             s.set_timesteps(bad)
 
 
+def test_a_later_start_scales_the_grid_and_still_lands_on_x0():
+    """From x_s = (1 - s) x0 + s noise (SDEdit's start), the exact velocity reaches x0 from t = s."""
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    for n, shift, start in ((1, 1.0, 0.4), (3, 1.0, 0.7), (4, 3.0, 0.5)):
+        s = EulerSampler(shift=shift)
+        s.set_timesteps(n, start)
+        assert s.num_steps == n and abs(float(s.timesteps[0]) - start) < 1e-6 and s.sigmas[-1] == 0.0
+        assert torch.all(s.sigmas[1:] < s.sigmas[:-1])
+        x = (1 - start) * x0 + start * noise
+        for t in s.timesteps:
+            x = s.step(noise - x0, t, x)
+        torch.testing.assert_close(x, x0, atol=1e-5, rtol=0)
+    for bad in (0.0, -0.2, 1.5):
+        with pytest.raises(ValueError, match="start"):
+            EulerSampler().set_timesteps(1, bad)
+
+
 def test_step_before_set_timesteps_says_the_fix():
     with pytest.raises(RuntimeError, match="set_timesteps"):
         EulerSampler().step(torch.zeros(1), 1.0, torch.zeros(1))

@@ -191,6 +191,45 @@ def _flat(pipe):
     return pipe.prepare_portrait(np.full((40, 40, 3), 90, np.uint8), detect=False)
 
 
+def test_a_later_start_time_starts_from_the_portrait_and_leaves_less_to_the_noise(tiny_model_dir, tmp_path):
+    """start_time s: a window starts as the portrait latent noised to s, so as s falls the seed decides less of
+    the window and at s -> 0 it is the portrait; s = 1 (the config default) is plain sampling from noise."""
+    base = LetsTalkPipeline.from_pretrained(tiny_model_dir)
+    assert base.start_time == 1.0
+    por = _flat(base)
+    tok = base.audio_tokens(speechlike(base.window / 25))
+
+    def window(pipe, seed):  # clean latents of a stream's first window
+        return pipe.generate_latents([pipe.new_stream(por, seed=seed)], [tok])[0]  # (T, C, h, w)
+
+    def seed_spread(start):
+        pipe = LetsTalkPipeline.from_pretrained(tiny_model_dir, start_time=start)
+        return float((window(pipe, 0) - window(pipe, 1)).abs().mean())
+
+    torch.testing.assert_close(window(LetsTalkPipeline.from_pretrained(tiny_model_dir, start_time=1.0), 0),
+                               window(base, 0), atol=0, rtol=0)
+    spreads = [seed_spread(s) for s in (1.0, 0.5, 0.1)]
+    assert spreads[0] > spreads[1] > spreads[2] > 0, spreads
+    near = window(LetsTalkPipeline.from_pretrained(tiny_model_dir, start_time=1e-4), 0)
+    far = window(base, 0)
+    portrait = por.latent.float().cpu()[None]  # (1, C, h, w)
+    assert float((near - portrait).abs().max()) < 1e-2 < float((far - portrait).abs().mean())
+    two = LetsTalkPipeline.from_pretrained(tiny_model_dir, start_time=0.5, num_steps=2)
+    assert [round(float(t), 6) for t in two.sampler.timesteps] == [0.5, 0.25]
+    for bad in (0.0, 1.2):
+        with pytest.raises(InputError, match="start time"):
+            LetsTalkPipeline.from_pretrained(tiny_model_dir, start_time=bad)
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    cfg["sampling"]["start_time"] = 0
+    bad_dir = tmp_path / "bad_start"
+    bad_dir.mkdir()
+    (bad_dir / "config.json").write_text(json.dumps(cfg))
+    for f in tiny_model_dir.glob("*.safetensors"):
+        (bad_dir / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(ModelError, match="start_time"):
+        load_model(bad_dir)
+
+
 def test_bad_step_count_is_refused(tiny_model_dir):
     with pytest.raises(ValueError, match="1 to 50"):
         LetsTalkPipeline.from_pretrained(tiny_model_dir, num_steps=0)
