@@ -225,10 +225,11 @@ class LetsTalkPipeline:
         if self.detail_transfer < 0:
             raise InputError(f"detail transfer {self.detail_transfer}: give the gate's width in grey levels, > 0, "
                              "or 0 to turn it off")
-        self.start_time = s.start_time if start_time is None else start_time
-        if not 0 < self.start_time <= 1:
-            raise InputError(f"start time {self.start_time}: choose a flow time in (0, 1]; 1 samples from pure noise, "
+        if start_time is not None and not 0 < start_time <= 1:
+            raise InputError(f"start time {start_time}: choose a flow time in (0, 1]; 1 samples from pure noise, "
                              "lower starts from the portrait noised to it")
+        self._start_time = start_time  # None: the model's, for its own step count (see set_num_steps)
+        self.start_time = 1.0
         self.sampler = EulerSampler(shift=s.shift)
         self.set_num_steps(self.num_steps)  # raises on a bad step count before any work
         self.window = window or s.stream_window or self.max_window  # frames per window by default
@@ -353,9 +354,16 @@ class LetsTalkPipeline:
         return self.audio_projector(feats[None].to(self.device), pad_left=pad_left, pad_right=pad_right)[0]
 
     def set_num_steps(self, num_steps: int) -> None:
-        """Sampling steps per window from the next window on (checked first: a bad count changes nothing)."""
-        self.sampler.set_timesteps(num_steps, self.start_time)
-        self.num_steps = num_steps
+        """Sampling steps per window from the next window on (checked first: a bad count changes nothing).
+
+        The start time is the one given, else the model's `sampling.start_time` when sampling with the model's
+        own step count (it is tuned for that count), else 1: on the bundled model starting from the portrait
+        helps its 1 step and costs lip sync at 2 and 4 (docs/eval.md)."""
+        s = self.config.sampling
+        start = self._start_time if self._start_time is not None else (
+            s.start_time if num_steps == s.num_steps else 1.0)
+        self.sampler.set_timesteps(num_steps, start)
+        self.num_steps, self.start_time = num_steps, start
 
     @torch.no_grad()
     def audio_tokens(self, wav: np.ndarray) -> Tensor:

@@ -219,15 +219,27 @@ def test_a_later_start_time_starts_from_the_portrait_and_leaves_less_to_the_nois
     for bad in (0.0, 1.2):
         with pytest.raises(InputError, match="start time"):
             LetsTalkPipeline.from_pretrained(tiny_model_dir, start_time=bad)
-    cfg = json.loads((tiny_model_dir / "config.json").read_text())
-    cfg["sampling"]["start_time"] = 0
-    bad_dir = tmp_path / "bad_start"
-    bad_dir.mkdir()
-    (bad_dir / "config.json").write_text(json.dumps(cfg))
-    for f in tiny_model_dir.glob("*.safetensors"):
-        (bad_dir / f.name).write_bytes(f.read_bytes())
+
+    def model_with_start(start, name):  # the tiny model with sampling.start_time set in its config.json
+        cfg = json.loads((tiny_model_dir / "config.json").read_text())
+        cfg["sampling"]["start_time"] = start
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(cfg))
+        for f in tiny_model_dir.glob("*.safetensors"):
+            (d / f.name).write_bytes(f.read_bytes())
+        return d, cfg["sampling"]["num_steps"]
+
+    # the model's start time is tuned for its own step count; another count starts from noise unless told
+    tuned, own = model_with_start(0.5, "tuned")
+    assert LetsTalkPipeline.from_pretrained(tuned).start_time == 0.5
+    other = LetsTalkPipeline.from_pretrained(tuned, num_steps=own + 1)
+    assert other.start_time == 1.0 and float(other.sampler.timesteps[0]) == 1.0
+    assert LetsTalkPipeline.from_pretrained(tuned, num_steps=own + 1, start_time=0.7).start_time == 0.7
+    other.set_num_steps(own)  # the engine's step raising goes through set_num_steps too
+    assert other.start_time == 0.5
     with pytest.raises(ModelError, match="start_time"):
-        load_model(bad_dir)
+        load_model(model_with_start(0, "bad")[0])
 
 
 def test_bad_step_count_is_refused(tiny_model_dir):
