@@ -87,6 +87,8 @@ class AudioConfig:
     # loudness it was trained on (by SpeechLevel's measure the synth corpus's clips sit at 0.07 / 0.14 / 0.26,
     # 5th / 50th / 95th percentile); 26 dB quieter speech halved the default's lip sync and louder speech
     # helped it a little, and of 0.05 / 0.1 / 0.2 tried, 0.2 scored best (docs/eval.md). 0: no scaling.
+    # The transformer and distill stages write their corpus's own loud end here (`pipeline.corpus_level_min`:
+    # the 80th percentile of the clips' speech levels; 0.197 on the synth corpus) unless it is 0.
     level_min: float = 0.2
     level_max: float = 0.0
 

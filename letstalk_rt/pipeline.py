@@ -14,7 +14,7 @@ noise from its own seeded generator, so a stream's frames do not depend on who i
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,8 +72,13 @@ class SpeechLevel:
         self.voiced_blocks = 0
 
     @property
+    def settled(self) -> bool:
+        """True once `settle` voiced blocks were seen: from then on the level counts."""
+        return self.level is not None and self.voiced_blocks >= self.settle
+
+    @property
     def gain(self) -> float:
-        if self.level is None or self.voiced_blocks < self.settle:
+        if not self.settled:
             return 1.0
         if self.low > 0 and self.level < self.low:
             return min(self.max_gain, self.low / self.level)
@@ -89,15 +94,43 @@ class SpeechLevel:
         for i in range(0, len(pcm), self.block):
             x = pcm[i:i + self.block]
             out[i:i + len(x)] = x * self.gain
-            rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
-            if rms > self.floor and (self.level is None or rms > self.level / 3):
-                self.voiced_blocks += 1
-                if self.level is None:
-                    self.level = rms
-                else:
-                    a = self.attack if rms > self.level else self.release
-                    self.level = math.sqrt((1 - a) * self.level ** 2 + a * rms ** 2)
+            self.observe(x)
         return np.clip(out, -1.0, 1.0, out=out)
+
+    def observe(self, x: np.ndarray) -> None:
+        """Update the level with one block of samples."""
+        rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
+        if rms > self.floor and (self.level is None or rms > self.level / 3):
+            self.voiced_blocks += 1
+            if self.level is None:
+                self.level = rms
+            else:
+                a = self.attack if rms > self.level else self.release
+                self.level = math.sqrt((1 - a) * self.level ** 2 + a * rms ** 2)
+
+
+LEVEL_MIN_PERCENTILE = 80  # a trained model's AudioConfig.level_min: this percentile of its clips' speech levels
+
+
+def speech_level(pcm: np.ndarray, block: int = 320) -> float | None:
+    """A whole signal's speech level as `SpeechLevel` tracks it live: the median of its running level over the
+    blocks after it settled; None when it never settles on speech (silence, noise under the floor)."""
+    tracker = SpeechLevel(0.0, 0.0, block=block)
+    levels = []
+    for i in range(0, len(pcm), block):
+        tracker.observe(pcm[i:i + block])
+        if tracker.settled:
+            levels.append(tracker.level)
+    return float(np.median(levels)) if levels else None
+
+
+def corpus_level_min(signals: Iterable[np.ndarray], block: int = 320) -> float | None:
+    """The `AudioConfig.level_min` for a model trained on these 16 kHz clips: the LEVEL_MIN_PERCENTILE-th
+    percentile of their speech levels, the corpus's loud end (None when no clip has speech). Quieter live
+    speech is raised to it: on the synth corpus (0.197) that beat lower levels and raising nothing
+    (docs/eval.md, "Input loudness")."""
+    levels = [v for v in (speech_level(np.asarray(x, dtype=np.float32), block) for x in signals) if v is not None]
+    return float(np.percentile(levels, LEVEL_MIN_PERCENTILE)) if levels else None
 
 
 class AudioTokenizer:

@@ -96,6 +96,21 @@ def test_speech_level_scales_quiet_and_loud_speech_into_the_trained_range_and_le
     np.testing.assert_array_equal(off(wav * 0.02), wav * 0.02)
 
 
+def test_a_corpus_level_is_its_loud_end_measured_as_live_speech_is():
+    """corpus_level_min (what training writes to audio.level_min) scales with the corpus's loudness, is its
+    loud end (80th percentile), measures a clip as SpeechLevel tracks live speech, and ignores silence."""
+    from letstalk_rt.pipeline import corpus_level_min, speech_level
+
+    wav = speechlike(3.0)
+    one = speech_level(wav)
+    assert one is not None and abs(one / _voiced_level(wav) - 1) < 0.3
+    assert abs(speech_level(wav * 0.25) / one - 0.25) < 1e-3  # proportional: a level, not a threshold count
+    quiet = np.random.default_rng(0).standard_normal(48000).astype(np.float32) * 0.001  # under the floor
+    assert speech_level(quiet) is None and corpus_level_min([quiet]) is None
+    clips = [wav * g for g in (0.1, 0.2, 0.3, 0.4, 0.5)] + [quiet]
+    assert abs(corpus_level_min(clips) / one - 0.42) < 1e-3  # np.percentile(0.1..0.5, 80) = 0.42
+
+
 def test_quiet_speech_is_encoded_about_as_speech_at_the_trained_loudness(tiny_pipeline):
     """Live input comes at any level; the tokenizer scales it into the model's range first, so a quiet
     microphone conditions the model nearly as a normal one does, where unscaled it would not."""

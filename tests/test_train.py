@@ -19,7 +19,7 @@ from letstalk_rt.checkpoint import build_components, load_model, save_model
 from letstalk_rt.cli import main as cli_main
 from letstalk_rt.config import model_preset
 from letstalk_rt.errors import InputError, LetsTalkError, ModelError
-from letstalk_rt.pipeline import LetsTalkPipeline
+from letstalk_rt.pipeline import LetsTalkPipeline, corpus_level_min
 from letstalk_rt.train.data import audio_window, open_dataset, plan_windows
 from letstalk_rt.train.trainer import (DecoderStage, Dist, DistillStage, FlowObjective, TrainConfig, TransformerStage, train,
                                       with_decoder)
@@ -229,6 +229,9 @@ def test_stages_write_loadable_models(tmp_path, init_dir, shards, synth_dir):
                        load_file(str(ae / "autoencoder.safetensors"))["encoder.conv_in.weight"])
     assert len(list((shards / ".letstalk_cache").glob("latents-32-*"))) >= 1
     _generates(dit, frames, audio)
+    level = corpus_level_min(c.audio for c in open_dataset(shards, SIZE, progress=False).clips)
+    assert level is not None  # quiet live speech is raised to the loud end of what this model was trained on
+    assert json.loads((dit / "config.json").read_text())["audio"]["level_min"] == round(level, 4) != 0.2
 
     final = train(_cfg("distill", shards, dit, tmp_path / "r_dis", out=tmp_path / "final", steps=2,
                        teacher_steps=4, student_steps=1, window=2))

@@ -85,6 +85,7 @@ from ..diffusion import EulerSampler, FlowMatching, Guidance
 from ..errors import InputError, LetsTalkError, ModelError, OutputError
 from ..memory import anchor_cell_mask, regularize_memory
 from ..models.autoencoder import DCAutoencoder
+from ..pipeline import corpus_level_min
 from .data import (AudioFeatureCache, ClipDataset, LatentCache, audio_window, open_dataset, plan_frames,
                    plan_windows, sample_generator, window_frame_indices)
 from .sync import MouthExpert, decoded_l1, mouth_origins, mouth_square
@@ -378,6 +379,7 @@ class TransformerStage(Stage):
         super().__init__(cfg, comps, dataset.with_min_frames(self.T), dist)
         self.flow = FlowMatching(shift=comps.config.sampling.shift)
         self.ae = comps.autoencoder.to(dist.device).eval().requires_grad_(False)
+        self.level_min: float | None = None  # the corpus's loud end, measured at the first export
         self.cache: LatentCache | None = None
         if cfg.latent_cache:
             pixel_noise = comps.config.sampling.train_pixel_noise
@@ -413,10 +415,18 @@ class TransformerStage(Stage):
         return FlowObjective(enc if encodes_per_frame(enc) else None, comps.audio_projector, comps.transformer)
 
     def export(self, ema_state: dict[str, Tensor]) -> Components:
-        """...streaming the window length it was trained on when --window was given."""
+        """...streaming the window length it was trained on when --window was given, and raising quiet live
+        speech to the loud end of the loudness it was trained on (audio.level_min from `corpus_level_min`,
+        unless the config turned raising off with level_min 0)."""
         comps = super().export(ema_state)
         if self.cfg.window:
             comps.config.sampling.stream_window = self.cfg.window
+        audio = comps.config.audio
+        if audio.level_min > 0:
+            if self.level_min is None:
+                self.level_min = corpus_level_min(c.audio for c in self.dataset.clips)
+            if self.level_min is not None:
+                audio.level_min = round(self.level_min, 4)
         return comps
 
     def latent_weight(self, box: tuple[int, int, int, int] | None) -> Tensor:
