@@ -162,8 +162,8 @@ def test_eval_on_an_untrained_model_writes_every_section_with_targets_failed(cap
                                                                              tiny_model_dir):
     out = tmp_path / "report"
     code, stdout, err = _run(capsys, "eval", "--data", corpus_dir, "--model", tiny_model_dir, "--clips", 1,
-                             "--long-seconds", 2, "--steps-list", "1,2", "--window", 2, "--device", "cpu", "--out", out,
-                             "--quiet")
+                             "--long-seconds", 2, "--steps-list", "1,2", "--window", 2, "--start-time", 0.5,
+                             "--device", "cpu", "--out", out, "--quiet")
     assert code == 0, err
     md = (out / "report.md").read_text()
     for section in ("## Targets", "## Comparison", "## Mouth-state probe", "## Lip sync", "## Identity",
@@ -176,6 +176,7 @@ def test_eval_on_an_untrained_model_writes_every_section_with_targets_failed(cap
     assert set(model["targets"]) == {"lip_sync", "identity", "drift"}
     assert not any(t["pass"] for t in model["targets"].values())
     assert [r["steps"] for r in model["steps"]] == [1, 2] and model["window"] == 2
+    assert model["start_time"] == 0.5 and f"{model['num_steps']} / 2 / 0.5" in md  # the sampling that was scored
     assert set(model["long"]) == {"memory_on", "memory_off"}
     for name in model["plots"] + report["probe_plots"]:
         assert (out / name).is_file() and Image.open(out / name).format == "PNG"
@@ -183,7 +184,8 @@ def test_eval_on_an_untrained_model_writes_every_section_with_targets_failed(cap
 
 
 @pytest.mark.parametrize("case,match", [("no-manifest", "manifest.json"), ("split", "no clips in split"),
-                                        ("model", "does not exist"), ("window", "--window 9")])
+                                        ("model", "does not exist"), ("window", "--window 9"),
+                                        ("start", "--start-time 1.5")])
 def test_bad_input_fails_with_one_line(capsys, tmp_path, corpus_dir, tiny_model_dir, case, match):
     data, model, split = corpus_dir, tiny_model_dir, "test"
     if case == "no-manifest":
@@ -192,7 +194,7 @@ def test_bad_input_fails_with_one_line(capsys, tmp_path, corpus_dir, tiny_model_
         split = "dev"
     elif case == "model":
         model = tmp_path / "nope"
-    extra = ["--window", 9] if case == "window" else []
+    extra = {"window": ["--window", 9], "start": ["--start-time", 1.5]}.get(case, [])
     code, _, err = _run(capsys, "eval", "--data", data, "--model", model, "--split", split, "--out",
                         tmp_path / "r", "--quiet", *extra)
     assert code == 2
