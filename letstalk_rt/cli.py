@@ -45,7 +45,7 @@ def resolve_dtype(name: str, device: str):
 
 START_TIME_HELP = ("flow time sampling starts at, 0 < T <= 1: each window starts from the portrait noised to T "
                    "instead of pure noise (1); lower leaves less of the face and mouth to the noise (default: the "
-                   "model's at its own step count, 0.4 for the bundled one's 1 step; 1 at other --steps)")
+                   "model's at its own step count, 0.6 for the bundled one's 1 step; 1 at other --steps)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

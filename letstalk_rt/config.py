@@ -153,8 +153,9 @@ class SamplingConfig:
     start_time: float = 1.0  # flow time sampling starts at, 0 < start_time <= 1: a window's latents start as
     # the portrait latent noised to it, (1 - start_time) portrait + start_time noise (SDEdit), instead of pure
     # noise (1). Below 1 the noise decides less of the face and of the mouth: on the bundled 1-step model
-    # 0.4 raised both lip sync and identity (docs/eval.md, "Starting from the portrait"). Tuned for num_steps:
-    # sampling with another step count starts from pure noise unless a start time is given explicitly
+    # 0.6 raised both lip sync and identity; lower starts open the mouth less (docs/eval.md, "Starting from
+    # the portrait"). Tuned for num_steps: sampling with another step count starts from pure noise unless a
+    # start time is given explicitly
     portrait_guidance: float = 1.0  # CFG scale of the portrait condition (1 = no guidance pass)
     audio_guidance: float = 1.0  # CFG scale of the audio condition (1 = no guidance pass)
     memory_noise: float = 0.02  # flow time the memory latents are forward-diffused to at inference
