@@ -356,6 +356,28 @@ def test_guidance_distillation_targets_the_teachers_guided_velocity(tmp_path, in
     assert losses[1.0] < 1e-8 < losses[3.0], losses
 
 
+def test_portrait_start_trains_the_step_a_portrait_started_model_samples(tmp_path, init_dir, shards):
+    """--portrait-start T: the network sees x_t = (1 - T) portrait + T z at t = T and is scored on reaching the
+    clean target from there, the one step a model with sampling.start_time T takes; its export samples so."""
+    comps = load_model(init_dir)
+    data = open_dataset(shards, SIZE, progress=False)
+    stage = TransformerStage(_cfg("transformer", shards, init_dir, tmp_path / "run", portrait_start=0.4), comps,
+                             data, Dist())
+    b = stage.finish(stage.make_batch(2, range(4)))
+    seen = {}
+
+    def spy(audio, feat_index, x_t, t, *conditions):  # the network's inputs; its velocity: the exact one
+        seen["x_t"], seen["t"] = x_t, t
+        return (x_t - b["x0"]) / 0.4
+
+    assert float(stage.loss(spy, b)) < 1e-10  # the exact velocity from the portrait start scores zero
+    torch.testing.assert_close(seen["x_t"], 0.6 * b["portrait"][:, None] + 0.4 * b["z"], rtol=0, atol=1e-5)
+    assert torch.all(seen["t"] == 0.4)
+    assert stage.export(stage.module.state_dict()).config.sampling.start_time == 0.4
+    with pytest.raises(InputError, match="--portrait-start"):
+        train(_cfg("autoencoder", shards, init_dir, tmp_path / "ae", portrait_start=0.5))
+
+
 def _unseen_term(stage: TransformerStage, term: str) -> float:
     """An extra loss term ("sync", "pixel") of `stage`'s model on a fixed batch no training step sees."""
     batch = stage.finish(stage.make_batch(10**6, range(16)))

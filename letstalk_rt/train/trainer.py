@@ -131,6 +131,9 @@ class TrainConfig:
     teacher_steps: int = 8  # distill: Euler steps of the teacher per target
     student_steps: int = 2  # distill: the student's sampling steps (written to sampling.num_steps)
     distill_target: str = "trajectory"  # distill: "trajectory" (reflow) or "velocity" (guidance only)
+    portrait_start: float = 1.0  # transformer/distill: below 1, every sample is trained as a model whose
+    # sampling.start_time is this samples its first step: x_t = (1 - T) portrait + T z at t = T, toward the clean
+    # target (written to the exported sampling.start_time); 1 = off (x_t made from the target, t drawn)
     window: int = 0  # transformer/distill: frames per training window, 1..num_frames (0: num_frames); train
     # a student on the model's sampling.stream_window when it streams shorter windows than num_frames
     fsdp: bool = False  # shard parameters with FSDP instead of replicating them with DDP (multi-GPU)
@@ -421,6 +424,8 @@ class TransformerStage(Stage):
         comps = super().export(ema_state)
         if self.cfg.window:
             comps.config.sampling.stream_window = self.cfg.window
+        if self.cfg.portrait_start < 1:
+            comps.config.sampling.start_time = self.cfg.portrait_start
         audio = comps.config.audio
         if audio.level_min > 0:
             if self.level_min is None:
@@ -554,6 +559,10 @@ class TransformerStage(Stage):
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         x0, z = self.targets(batch)  # (B, T, C, h, w) each
         t = batch["t"]  # (B,)
+        if self.cfg.portrait_start < 1:  # x_t = (1 - T) portrait + T z: the z' with (1 - T) x0 + T z' = x_t
+            T = self.cfg.portrait_start
+            t = torch.full_like(t, T)
+            z = z + (1 - T) / T * (batch["portrait"][:, None] - x0)  # (B, T, C, h, w)
         x_t = self.flow.add_noise(x0, z, t)  # (B, T, C, h, w)
         with self._autocast():
             v = model(batch["audio"], batch["feat_index"], x_t, t, *self.conditions(batch))  # (B, T, C, h, w)
@@ -784,6 +793,10 @@ def _check(cfg: TrainConfig, dist: Dist) -> None:
             raise InputError(f"{flag} must be a number >= 0, got {w}")
         if w and cfg.stage not in ("transformer", "distill"):
             raise InputError(f"{flag} applies to the transformer and distill stages, not {cfg.stage}")
+    if not 0 < cfg.portrait_start <= 1:
+        raise InputError(f"--portrait-start {cfg.portrait_start:g}: choose a flow time in (0, 1) (1 = off)")
+    if cfg.portrait_start < 1 and cfg.stage not in ("transformer", "distill"):
+        raise InputError(f"--portrait-start applies to the transformer and distill stages, not {cfg.stage}")
     if cfg.batch % dist.world:
         raise InputError(f"--batch {cfg.batch} (global) must be divisible by the {dist.world} ranks")
     if cfg.lr <= 0 or not 0 <= cfg.ema < 1 or cfg.warmup < 0 or cfg.grad_clip < 0:
@@ -1087,6 +1100,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distill-target", choices=("trajectory", "velocity"), default=d.distill_target,
                    help="distill: regress the teacher's guided trajectory end (reflow, few-step) or its guided "
                         "velocity at x_t (guidance distillation, cheap)")
+    p.add_argument("--portrait-start", type=float, default=d.portrait_start, metavar="T",
+                   help="transformer/distill: train every sample from the portrait noised to flow time T (0 < T < 1), "
+                        "as a model with sampling.start_time T samples its first step (default 1 = off)")
     p.add_argument("--window", type=int, default=d.window,
                    help="transformer/distill: frames per training window (default 0: the model's num_frames)")
     p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state with FSDP2 instead of replicating them with DDP (L/XL)")
@@ -1117,6 +1133,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         pixel_frame_weight=args.pixel_frame_weight,
         latent_cache=not args.no_latent_cache, teacher_steps=args.teacher_steps,
         student_steps=args.student_steps, distill_target=args.distill_target, window=args.window, fsdp=args.fsdp,
+        portrait_start=args.portrait_start,
         decoder_channels=args.decoder_channels, progress=not args.quiet)
 
 
