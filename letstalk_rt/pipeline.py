@@ -99,7 +99,10 @@ class SpeechLevel:
 
     def observe(self, x: np.ndarray) -> None:
         """Update the level with one block of samples."""
-        rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
+        self.update(float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))))
+
+    def update(self, rms: float) -> None:
+        """Update the level with one block's RMS."""
         if rms > self.floor and (self.level is None or rms > self.level / 3):
             self.voiced_blocks += 1
             if self.level is None:
@@ -116,9 +119,13 @@ def speech_level(pcm: np.ndarray, block: int = 320) -> float | None:
     """A whole signal's speech level as `SpeechLevel` tracks it live: the median of its running level over the
     blocks after it settled; None when it never settles on speech (silence, noise under the floor)."""
     tracker = SpeechLevel(0.0, 0.0, block=block)
+    pcm = np.asarray(pcm, dtype=np.float64)
+    padded = np.pad(pcm, (0, -len(pcm) % block))
+    power = np.square(padded).reshape(-1, block).sum(1)  # (blocks,), one numpy pass, not one call per block
+    counts = np.minimum(block, len(pcm) - block * np.arange(len(power)))  # the last block may be short
     levels = []
-    for i in range(0, len(pcm), block):
-        tracker.observe(pcm[i:i + block])
+    for rms in np.sqrt(power / counts).tolist():
+        tracker.update(rms)
         if tracker.settled:
             levels.append(tracker.level)
     return float(np.median(levels)) if levels else None
@@ -129,7 +136,7 @@ def corpus_level_min(signals: Iterable[np.ndarray], block: int = 320) -> float |
     percentile of their speech levels, the corpus's loud end (None when no clip has speech). Quieter live
     speech is raised to it: on the synth corpus (0.197) that beat lower levels and raising nothing
     (docs/eval.md, "Input loudness")."""
-    levels = [v for v in (speech_level(np.asarray(x, dtype=np.float32), block) for x in signals) if v is not None]
+    levels = [v for v in (speech_level(x, block) for x in signals) if v is not None]
     return float(np.percentile(levels, LEVEL_MIN_PERCENTILE)) if levels else None
 
 
@@ -261,8 +268,7 @@ class LetsTalkPipeline:
         if start_time is not None and not 0 < start_time <= 1:
             raise InputError(f"start time {start_time}: choose a flow time in (0, 1]; 1 samples from pure noise, "
                              "lower starts from the portrait noised to it")
-        self._start_time = start_time  # None: the model's, for its own step count (see set_num_steps)
-        self.start_time = 1.0
+        self._start_time = start_time  # None: the model's, for its own step count (set_num_steps sets start_time)
         self.sampler = EulerSampler(shift=s.shift)
         self.set_num_steps(self.num_steps)  # raises on a bad step count before any work
         self.window = window or s.stream_window or self.max_window  # frames per window by default
