@@ -47,6 +47,7 @@ MOUTH_PAD = 0.25  # the mouth box grows by this share of its size on each side (
 PROBE_CROP = (24, 16)  # (width, height) the mouth crop is resized to for the probe
 PROBE_RIDGES = (1.0, 10.0, 100.0, 1000.0)  # ridge strengths tried; the best on held-out train clips wins
 EDGE_SECONDS = 10.0  # the long run's first and last windows
+MAX_SEEDS = 16  # noise seeds per clip (--seeds): one seed moves the mean lip sync of 12 clips by ~0.03
 
 
 # --------------------------------------------------------------------------------------------------
@@ -347,8 +348,27 @@ def score_clip(clip: Clip, generated: np.ndarray, portrait: np.ndarray, probe: M
     return out
 
 
+MEANED = ("sync_correlation", "psnr_gt", "ssim_gt", "psnr_portrait", "ssim_portrait", "flicker", "flicker_gt")
+
+
+def mean_over_seeds(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One clip's figures from several noise seeds -> their mean (lag curve too; the offset is where the mean
+    curve peaks), with each seed's lip sync kept in `sync_by_seed`. The probe curve shown is the first seed's."""
+    out = dict(rows[0])
+    if len(rows) == 1:
+        return out
+    for key in MEANED:
+        if key in out:
+            out[key] = float(np.mean([r[key] for r in rows]))
+    curve = np.mean([r["lag_curve"] for r in rows], axis=0)
+    out["lag_curve"], out["sync_offset"] = [float(v) for v in curve], best_offset(curve)
+    out["sync_by_seed"] = [r["sync_correlation"] for r in rows]
+    return out
+
+
 def summarise(scores: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean figures over clips; the offset is where the mean lag curve peaks."""
+    """Mean figures over clips; the offset is where the mean lag curve peaks. With several seeds,
+    `sync_by_seed` is the clip-mean lip sync each seed alone would have given and `sync_seed_std` its spread."""
     curve = np.mean([s["lag_curve"] for s in scores], axis=0)
     out: dict[str, Any] = {
         "sync_correlation": float(np.mean([s["sync_correlation"] for s in scores])),
@@ -356,6 +376,9 @@ def summarise(scores: list[dict[str, Any]]) -> dict[str, Any]:
         "lag_curve": [float(v) for v in curve],
         "psnr_gt": float(np.mean([s["psnr_gt"] for s in scores])),
     }
+    if "sync_by_seed" in scores[0]:
+        by_seed = np.mean([s["sync_by_seed"] for s in scores], axis=0)  # (seeds,)
+        out["sync_by_seed"], out["sync_seed_std"] = [float(v) for v in by_seed], float(by_seed.std())
     for key in ("ssim_gt", "psnr_portrait", "ssim_portrait", "flicker", "flicker_gt"):
         if key in scores[0]:
             out[key] = float(np.mean([s[key] for s in scores]))
@@ -533,7 +556,7 @@ def evaluate_model(components: Any, label: str, test: list[Clip], probe: MouthPr
 
     from .pipeline import LetsTalkPipeline
 
-    config, seed = components.config, settings["seed"]
+    config, seeds = components.config, settings["seeds"]
 
     def pipeline(num_steps: int | None, use_memory: bool = True) -> LetsTalkPipeline:
         return LetsTalkPipeline(components, device=settings["device"], dtype=settings["dtype"],
@@ -551,20 +574,24 @@ def evaluate_model(components: Any, label: str, test: list[Clip], probe: MouthPr
         "detail_transfer": pipe.detail_transfer, "start_time": pipe.start_time,
         "fusion": f"portrait {config.transformer.portrait_fusion}, audio {config.transformer.audio_fusion}",
     }
-    total = sum(math.ceil(len(c.audio) / pipe.samples_per_frame) for c in test)
-    with bar(total, f"{len(test)} clips") as b:
-        scores = [score_clip(c, generate_frames(pipe, c.portrait, c.audio, seed, b), c.portrait, probe) for c in test]
+    def score(p: LetsTalkPipeline, clip: Clip, b: Any, full: bool = True) -> dict[str, Any]:
+        return mean_over_seeds([score_clip(clip, generate_frames(p, clip.portrait, clip.audio, seed, b),
+                                           clip.portrait, probe, full=full) for seed in seeds])
+
+    total = sum(math.ceil(len(c.audio) / pipe.samples_per_frame) for c in test) * len(seeds)
+    with bar(total, f"{len(test)} clips x {len(seeds)} seed{'s' * (len(seeds) > 1)}") as b:
+        scores = [score(pipe, c, b) for c in test]
     model["clips"], model["summary"] = scores, summarise(scores)
 
     model["steps"] = []
     for s in steps_list:
         if s == pipe.num_steps:  # already generated
-            row = {k: model["summary"][k] for k in ("sync_correlation", "sync_offset", "psnr_gt")}
+            row = {k: v for k, v in model["summary"].items()
+                   if k in ("sync_correlation", "sync_offset", "psnr_gt", "sync_by_seed", "sync_seed_std")}
         else:
             p2 = pipeline(s)
             with bar(total, f"{s} steps") as b:
-                rows = [score_clip(c, generate_frames(p2, c.portrait, c.audio, seed, b), c.portrait, probe,
-                                   full=False) for c in test]
+                rows = [score(p2, c, b, full=False) for c in test]
             row = {k: v for k, v in summarise(rows).items() if k != "lag_curve"}
         model["steps"].append({"steps": s, **row})
 
@@ -574,7 +601,7 @@ def evaluate_model(components: Any, label: str, test: list[Clip], probe: MouthPr
         model["long"] = {}
         for key, use_memory in (("memory_on", True), ("memory_off", False)):
             with bar(frames, f"{len(speech) / config.audio.sample_rate:g} s, {key.replace('_', ' ')}") as b:
-                model["long"][key] = long_run(pipeline(steps, use_memory), test[0], speech, seed, b)
+                model["long"][key] = long_run(pipeline(steps, use_memory), test[0], speech, seeds[0], b)
     return model
 
 
@@ -592,6 +619,7 @@ def evaluate(
     detail_transfer: float | None = None,
     start_time: float | None = None,
     seed: int = 0,
+    seeds: int = 1,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
@@ -616,6 +644,8 @@ def evaluate(
             raise InputError(f"sampling steps {s}: choose 1..50")
     if start_time is not None and not 0 < start_time <= 1:
         raise InputError(f"--start-time {start_time:g}: choose a flow time in (0, 1] (1 = pure noise)")
+    if not 1 <= seeds <= MAX_SEEDS:
+        raise InputError(f"--seeds {seeds}: choose 1..{MAX_SEEDS} noise seeds per clip")
     paths = [Path(p) if p is not None else DEFAULT_MODEL_DIR for p in models]
     configs = [read_config(p) for p in paths]  # ModelError, one line
     for p, c in zip(paths, configs):
@@ -638,7 +668,7 @@ def evaluate(
             probes[size] = train_probe(corpus, size, probe_clips, progress)
             clips_at[size] = [corpus.clip(n, size) for n in names]
             probe_checks[size] = check_probe(probes[size], clips_at[size])
-        settings = dict(device=device, dtype=dtype, seed=seed, progress=progress, window=window,
+        settings = dict(device=device, dtype=dtype, seeds=list(range(seed, seed + seeds)), progress=progress, window=window,
                         detail_transfer=detail_transfer, start_time=start_time)
         model = evaluate_model(load_model(path), label, clips_at[size], probes[size], steps, steps_list or [],
                                speech, settings)
@@ -648,7 +678,7 @@ def evaluate(
         results.append(model)
 
     report = {
-        "corpus": str(corpus.root), "split": split, "clips": names, "seed": seed, "device": str(device),
+        "corpus": str(corpus.root), "split": split, "clips": names, "seed": seed, "seeds": seeds, "device": str(device),
         "long_seconds": long_seconds, "steps_list": list(steps_list or []),
         "probe": {str(k): v for k, v in probe_checks.items()},
         "probe_plots": [_probe_plot(out, probes[k], clips_at[k]) for k in probes],
@@ -701,12 +731,26 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def _seeds_text(report: dict[str, Any]) -> str:
+    n, first = report.get("seeds", 1), report["seed"]
+    if n == 1:
+        return f"seed {first}"
+    return f"seeds {first}-{first + n - 1} (every per-clip figure is their mean)"
+
+
+def _sync_cell(s: dict[str, Any]) -> str:
+    """Lip sync, with the spread of the per-seed means when several seeds were run."""
+    if "sync_seed_std" not in s:
+        return _f(s["sync_correlation"], 3)
+    return f"{_f(s['sync_correlation'], 3)} +- {_f(s['sync_seed_std'], 3)}"
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     models = report["models"]
     lines = [
         "# letstalk eval report", "",
         f"Corpus `{report['corpus']}`, split `{report['split']}`, {len(report['clips'])} clips "
-        f"({', '.join(report['clips'])}), seed {report['seed']}, device {report['device']}; "
+        f"({', '.join(report['clips'])}), {_seeds_text(report)}, device {report['device']}; "
         f"took {report['runtime_s']:.0f} s.", "",
         "Frames are compared at each model's own size; the mouth region is the clip's `mouth_box` grown by "
         f"{MOUTH_PAD:.0%} on each side. Portrait = the clip's first rest frame (mouth closed, eyes open), "
@@ -738,7 +782,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         on, off = lg.get("memory_on"), lg.get("memory_off")
         rows.append([m["label"], m["description"] or "-", m["fusion"], f"{m['num_steps']} / {m['window']} / {m['start_time']:g}",
                      _f(m["detail_transfer"], 0) if m["detail_transfer"] else "off",
-                     _f(s["sync_correlation"], 3), f"{s['sync_offset']:+d}", _f(s["psnr_gt"]), _f(s["ssim_gt"], 3),
+                     _sync_cell(s), f"{s['sync_offset']:+d}", _f(s["psnr_gt"]), _f(s["ssim_gt"], 3),
                      _f(s["psnr_portrait"]), _f(s["flicker_ratio"]),
                      _f(on["drift_percent"], 1) if on else "-", _f(off["drift_percent"], 1) if off else "-",
                      f"{sum(t['pass'] for t in m['targets'].values())}/{len(m['targets'])}"])
@@ -764,11 +808,17 @@ def render_markdown(report: dict[str, Any]) -> str:
               f"Correlation over time between the frozen probe's opening on generated frames and the ground-truth "
               f"opening (target >= {SYNC_MIN}), and the offset: the lag in -{MAX_LAG}..+{MAX_LAG} frames where the "
               "clip-averaged cross-correlation peaks (positive = video late; target 0).", ""]
+    if report.get("seeds", 1) > 1:
+        lines += ["With several seeds, `+-` is the standard deviation of the clip-mean lip sync between seeds (how "
+                  "far one seed alone could have moved the headline), and each clip lists every seed's r.", ""]
     for m in models:
+        many = "sync_by_seed" in m["summary"]
         rows = [[c["clip"], str(c["frames"]), _f(c["sync_correlation"], 3), f"{c['sync_offset']:+d}"]
-                for c in m["clips"]]
-        rows.append(["**mean**", "", _f(m["summary"]["sync_correlation"], 3), f"{m['summary']['sync_offset']:+d}"])
-        lines += [f"### {m['label']}", ""] + _table(["clip", "frames", "r", "offset"], rows) + [""]
+                + ([" / ".join(_f(v) for v in c["sync_by_seed"])] if many else []) for c in m["clips"]]
+        rows.append(["**mean**", "", _sync_cell(m["summary"]), f"{m['summary']['sync_offset']:+d}"]
+                    + ([" / ".join(_f(v, 3) for v in m["summary"]["sync_by_seed"])] if many else []))
+        lines += [f"### {m['label']}", ""] + _table(["clip", "frames", "r", "offset"] + (["r per seed"] if many else []),
+                                                   rows) + [""]
         lines += [f"![sync {m['label']}]({m['plots'][0]})", ""]
 
     lines += ["## Identity", "",
@@ -807,7 +857,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     if not report["steps_list"]:
         lines += ["Not run (give --steps-list 1,2,4,8).", ""]
     else:
-        rows = [[m["label"], str(r["steps"]), _f(r["sync_correlation"], 3), f"{r['sync_offset']:+d}",
+        rows = [[m["label"], str(r["steps"]), _sync_cell(r), f"{r['sync_offset']:+d}",
                  _f(r["psnr_gt"])] for m in models for r in m["steps"]]
         lines += _table(["model", "steps", "sync r", "offset", "PSNR gt (dB)"], rows) + [""]
     return "\n".join(lines)

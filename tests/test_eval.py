@@ -183,9 +183,35 @@ def test_eval_on_an_untrained_model_writes_every_section_with_targets_failed(cap
     assert "FAIL" in stdout
 
 
+def test_seeds_average_each_clip_over_its_noises_and_report_their_spread(capsys, tmp_path, corpus_dir,
+                                                                          tiny_model_dir):
+    reports = {}
+    for seeds in (1, 2):
+        out = tmp_path / f"s{seeds}"
+        code, _, err = _run(capsys, "eval", "--data", corpus_dir, "--model", tiny_model_dir, "--clips", 2,
+                            "--long-seconds", 0, "--steps-list", "1,2", "--seeds", seeds, "--window", 2,
+                            "--device", "cpu", "--out", out, "--quiet")
+        assert code == 0, err
+        reports[seeds] = json.loads((out / "report.json").read_text())["models"][0]
+    one, two = reports[1], reports[2]
+    for c1, c2 in zip(one["clips"], two["clips"]):
+        first, second = c2["sync_by_seed"]
+        assert first == pytest.approx(c1["sync_correlation"])  # seed 0 alone is the single-seed run
+        assert first != pytest.approx(second, abs=1e-4)  # another noise, another mouth
+        assert c2["sync_correlation"] == pytest.approx((first + second) / 2)
+        assert "sync_by_seed" not in c1
+    summary = two["summary"]
+    by_seed = [np.mean([c["sync_by_seed"][i] for c in two["clips"]]) for i in range(2)]
+    assert summary["sync_by_seed"] == pytest.approx(by_seed)
+    assert summary["sync_seed_std"] == pytest.approx(np.std(by_seed)) and summary["sync_seed_std"] > 0
+    assert "sync_seed_std" in two["steps"][1]  # the other step counts are averaged over the same seeds
+    md = (tmp_path / "s2" / "report.md").read_text()
+    assert "seeds 0-1" in md and f"{summary['sync_correlation']:.3f} +- {summary['sync_seed_std']:.3f}" in md
+
+
 @pytest.mark.parametrize("case,match", [("no-manifest", "manifest.json"), ("split", "no clips in split"),
                                         ("model", "does not exist"), ("window", "--window 9"),
-                                        ("start", "--start-time 1.5")])
+                                        ("start", "--start-time 1.5"), ("seeds", "--seeds 0")])
 def test_bad_input_fails_with_one_line(capsys, tmp_path, corpus_dir, tiny_model_dir, case, match):
     data, model, split = corpus_dir, tiny_model_dir, "test"
     if case == "no-manifest":
@@ -194,7 +220,7 @@ def test_bad_input_fails_with_one_line(capsys, tmp_path, corpus_dir, tiny_model_
         split = "dev"
     elif case == "model":
         model = tmp_path / "nope"
-    extra = {"window": ["--window", 9], "start": ["--start-time", 1.5]}.get(case, [])
+    extra = {"window": ["--window", 9], "start": ["--start-time", 1.5], "seeds": ["--seeds", 0]}.get(case, [])
     code, _, err = _run(capsys, "eval", "--data", data, "--model", model, "--split", split, "--out",
                         tmp_path / "r", "--quiet", *extra)
     assert code == 2
