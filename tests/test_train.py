@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -376,6 +377,43 @@ def test_portrait_start_trains_the_step_a_portrait_started_model_samples(tmp_pat
     assert stage.export(stage.module.state_dict()).config.sampling.start_time == 0.4
     with pytest.raises(InputError, match="--portrait-start"):
         train(_cfg("autoencoder", shards, init_dir, tmp_path / "ae", portrait_start=0.5))
+
+
+def test_teacher_start_runs_the_teacher_from_the_portrait_noised_with_the_students_noise(tmp_path, init_dir,
+                                                                                         shards):
+    """--teacher-start T: the reflow teacher's Euler steps begin at x = (1 - T) portrait + T z, on the grid
+    scaled to start at T; with --portrait-start T the student then learns to take that whole path in one step
+    from the very point the teacher started at."""
+    comps = load_model(init_dir)
+    comps.config.sampling.audio_guidance = 1.0
+    data = open_dataset(shards, SIZE, progress=False)
+    cfg = _cfg("distill", shards, init_dir, tmp_path / "run", teacher_steps=2, teacher_start=0.5,
+               portrait_start=0.5, student_steps=1)
+    stage = DistillStage(cfg, comps, data, Dist())
+    b = stage.finish(stage.make_batch(4, range(3)))
+    calls = []
+
+    def spy(x, t, **conditions):  # the teacher's transformer: records where it is asked, moves toward 0
+        calls.append((x.clone(), t.clone()))
+        return x / t.reshape(-1, 1, 1, 1, 1)
+
+    stage.teacher = types.SimpleNamespace(audio_tokens=stage.teacher.audio_tokens, transformer=spy)
+    x0_teacher, z = stage.targets(b)
+    start = 0.5 * b["portrait"][:, None] + 0.5 * b["z"]  # (B, T, C, h, w)
+    torch.testing.assert_close(calls[0][0], start, rtol=0, atol=1e-6)
+    assert [float(t[0]) for _, t in calls] == pytest.approx([0.5, 0.25])
+    torch.testing.assert_close(x0_teacher, torch.zeros_like(start), rtol=0, atol=1e-5)  # v = x / t lands on 0
+    seen = {}
+
+    def student(audio, feat_index, x_t, t, *conditions):
+        seen["x_t"], seen["t"] = x_t, t
+        return torch.zeros_like(x_t)
+
+    stage.loss(student, b)
+    torch.testing.assert_close(seen["x_t"], start, rtol=0, atol=1e-5)  # the student starts where the teacher did
+    assert torch.all(seen["t"] == 0.5)
+    with pytest.raises(InputError, match="--teacher-start"):
+        train(_cfg("distill", shards, init_dir, tmp_path / "v", teacher_start=0.5, distill_target="velocity"))
 
 
 def _unseen_term(stage: TransformerStage, term: str) -> float:

@@ -134,6 +134,8 @@ class TrainConfig:
     portrait_start: float = 1.0  # transformer/distill: below 1, every sample is trained as a model whose
     # sampling.start_time is this samples its first step: x_t = (1 - T) portrait + T z at t = T, toward the clean
     # target (written to the exported sampling.start_time); 1 = off (x_t made from the target, t drawn)
+    teacher_start: float = 1.0  # distill (trajectory): the teacher integrates from the portrait noised to this
+    # flow time with the same noise, x = (1 - T) portrait + T z (1 = from pure noise z)
     window: int = 0  # transformer/distill: frames per training window, 1..num_frames (0: num_frames); train
     # a student on the model's sampling.stream_window when it streams shorter windows than num_frames
     fsdp: bool = False  # shard parameters with FSDP instead of replicating them with DDP (multi-GPU)
@@ -605,7 +607,7 @@ class DistillStage(TransformerStage):
         self.guidance = (sc.portrait_guidance, sc.audio_guidance)  # the teacher's; the student's become 1
         self.teacher = copy.deepcopy(self.module).to(dist.device).eval().requires_grad_(False)
         self.teacher_sampler = EulerSampler(shift=sc.shift)
-        self.teacher_sampler.set_timesteps(cfg.teacher_steps)
+        self.teacher_sampler.set_timesteps(cfg.teacher_steps, cfg.teacher_start)
         student = EulerSampler(shift=sc.shift)
         student.set_timesteps(cfg.student_steps)
         assert student.timesteps is not None
@@ -645,7 +647,8 @@ class DistillStage(TransformerStage):
             v = teacher_v(x_t, t)  # (B, T, C, h, w)
             tt = t.reshape(-1, *([1] * (x0.dim() - 1)))  # (B, 1, 1, 1, 1)
             return x_t - tt * v, x_t + (1 - tt) * v
-        x = z
+        T = self.cfg.teacher_start
+        x = z if T == 1 else (1 - T) * batch["portrait"][:, None] + T * z  # (B, T, C, h, w)
         for s in self.teacher_sampler.timesteps:
             x = self.teacher_sampler.step(teacher_v(x, torch.full_like(t, float(s))), s, x)  # (B, T, C, h, w)
         return x, z
@@ -797,6 +800,10 @@ def _check(cfg: TrainConfig, dist: Dist) -> None:
         raise InputError(f"--portrait-start {cfg.portrait_start:g}: choose a flow time in (0, 1) (1 = off)")
     if cfg.portrait_start < 1 and cfg.stage not in ("transformer", "distill"):
         raise InputError(f"--portrait-start applies to the transformer and distill stages, not {cfg.stage}")
+    if not 0 < cfg.teacher_start <= 1:
+        raise InputError(f"--teacher-start {cfg.teacher_start:g}: choose a flow time in (0, 1) (1 = off)")
+    if cfg.teacher_start < 1 and (cfg.stage != "distill" or cfg.distill_target != "trajectory"):
+        raise InputError("--teacher-start applies to the distill stage with --distill-target trajectory")
     if cfg.batch % dist.world:
         raise InputError(f"--batch {cfg.batch} (global) must be divisible by the {dist.world} ranks")
     if cfg.lr <= 0 or not 0 <= cfg.ema < 1 or cfg.warmup < 0 or cfg.grad_clip < 0:
@@ -1103,6 +1110,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--portrait-start", type=float, default=d.portrait_start, metavar="T",
                    help="transformer/distill: train every sample from the portrait noised to flow time T (0 < T < 1), "
                         "as a model with sampling.start_time T samples its first step (default 1 = off)")
+    p.add_argument("--teacher-start", type=float, default=d.teacher_start, metavar="T",
+                   help="distill (trajectory): the teacher samples from the portrait noised to flow time T with the "
+                        "same noise, in --teacher-steps steps from T (default 1 = from pure noise)")
     p.add_argument("--window", type=int, default=d.window,
                    help="transformer/distill: frames per training window (default 0: the model's num_frames)")
     p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state with FSDP2 instead of replicating them with DDP (L/XL)")
@@ -1133,7 +1143,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         pixel_frame_weight=args.pixel_frame_weight,
         latent_cache=not args.no_latent_cache, teacher_steps=args.teacher_steps,
         student_steps=args.student_steps, distill_target=args.distill_target, window=args.window, fsdp=args.fsdp,
-        portrait_start=args.portrait_start,
+        portrait_start=args.portrait_start, teacher_start=args.teacher_start,
         decoder_channels=args.decoder_channels, progress=not args.quiet)
 
 
