@@ -82,6 +82,12 @@ class FlowMatching:
 # --------------------------------------------------------------------------------------------------
 
 
+def from_portrait(portrait: Tensor, noise: Tensor, t: float) -> Tensor:
+    """Where sampling from flow time t < 1 starts (SDEdit): the portrait latent (B, C, h, w) noised to t for
+    every frame of noise (B, T, C, h, w), (1 - t) portrait + t noise."""
+    return (1 - t) * portrait[:, None] + t * noise
+
+
 class EulerSampler:
     """Euler integration of the flow ODE from t = 1 to t = 0 in `num_steps` network evaluations."""
 

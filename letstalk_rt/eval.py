@@ -348,6 +348,7 @@ def score_clip(clip: Clip, generated: np.ndarray, portrait: np.ndarray, probe: M
     return out
 
 
+# per-clip figures averaged over seeds and clips: always scored, then only by a full score_clip
 MEANED = ("sync_correlation", "psnr_gt", "ssim_gt", "psnr_portrait", "ssim_portrait", "flicker", "flicker_gt")
 
 
@@ -379,7 +380,7 @@ def summarise(scores: list[dict[str, Any]]) -> dict[str, Any]:
     if "sync_by_seed" in scores[0]:
         by_seed = np.mean([s["sync_by_seed"] for s in scores], axis=0)  # (seeds,)
         out["sync_by_seed"], out["sync_seed_std"] = [float(v) for v in by_seed], float(by_seed.std())
-    for key in ("ssim_gt", "psnr_portrait", "ssim_portrait", "flicker", "flicker_gt"):
+    for key in MEANED[2:]:  # the full-score figures, when scored
         if key in scores[0]:
             out[key] = float(np.mean([s[key] for s in scores]))
     if "flicker" in out:

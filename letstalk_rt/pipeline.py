@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .checkpoint import Components, build_components, load_model
 from .config import ModelConfig
-from .diffusion import EulerSampler, Guidance
+from .diffusion import EulerSampler, Guidance, from_portrait
 from .errors import InputError
 from .memory import MemoryBank
 
@@ -447,7 +447,7 @@ class LetsTalkPipeline:
         msk = torch.stack(mask).to(dev)  # (B, K, h, w)
         por = torch.stack([s.portrait.latent for s in streams]).to(dev)  # (B, C, h, w)
         if self.start_time < 1:  # start from the portrait noised to start_time (SDEdit), not from pure noise
-            x = self.start_time * x + (1 - self.start_time) * por[:, None]  # (B, T, C, h, w)
+            x = from_portrait(por, x, self.start_time)  # (B, T, C, h, w)
         aud = torch.stack(tokens).to(dev)  # (B, T, M, Dt)
         guide = Guidance(self.portrait_guidance, self.audio_guidance, portrait=por, audio=aud, memory=mem,
                          memory_mask=msk)  # conditions stacked once per window, for every guidance row

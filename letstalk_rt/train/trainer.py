@@ -81,7 +81,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..checkpoint import Components, load_model, save_model
-from ..diffusion import EulerSampler, FlowMatching, Guidance
+from ..diffusion import EulerSampler, FlowMatching, Guidance, from_portrait
 from ..errors import InputError, LetsTalkError, ModelError, OutputError
 from ..memory import anchor_cell_mask, regularize_memory
 from ..models.autoencoder import DCAutoencoder
@@ -648,7 +648,7 @@ class DistillStage(TransformerStage):
             tt = t.reshape(-1, *([1] * (x0.dim() - 1)))  # (B, 1, 1, 1, 1)
             return x_t - tt * v, x_t + (1 - tt) * v
         T = self.cfg.teacher_start
-        x = z if T == 1 else (1 - T) * batch["portrait"][:, None] + T * z  # (B, T, C, h, w)
+        x = z if T == 1 else from_portrait(batch["portrait"], z, T)  # (B, T, C, h, w)
         for s in self.teacher_sampler.timesteps:
             x = self.teacher_sampler.step(teacher_v(x, torch.full_like(t, float(s))), s, x)  # (B, T, C, h, w)
         return x, z
@@ -797,11 +797,11 @@ def _check(cfg: TrainConfig, dist: Dist) -> None:
         if w and cfg.stage not in ("transformer", "distill"):
             raise InputError(f"{flag} applies to the transformer and distill stages, not {cfg.stage}")
     if not 0 < cfg.portrait_start <= 1:
-        raise InputError(f"--portrait-start {cfg.portrait_start:g}: choose a flow time in (0, 1) (1 = off)")
+        raise InputError(f"--portrait-start {cfg.portrait_start:g}: choose a flow time in (0, 1], 1 = off")
     if cfg.portrait_start < 1 and cfg.stage not in ("transformer", "distill"):
         raise InputError(f"--portrait-start applies to the transformer and distill stages, not {cfg.stage}")
     if not 0 < cfg.teacher_start <= 1:
-        raise InputError(f"--teacher-start {cfg.teacher_start:g}: choose a flow time in (0, 1) (1 = off)")
+        raise InputError(f"--teacher-start {cfg.teacher_start:g}: choose a flow time in (0, 1], 1 = off")
     if cfg.teacher_start < 1 and (cfg.stage != "distill" or cfg.distill_target != "trajectory"):
         raise InputError("--teacher-start applies to the distill stage with --distill-target trajectory")
     if cfg.batch % dist.world:
