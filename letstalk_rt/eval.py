@@ -65,6 +65,8 @@ class Clip:
     opening: np.ndarray  # (N,) ground-truth mouth opening in [0, 1]
     box: tuple[int, int, int, int]  # padded mouth box (x0, y0, x1, y1) at the evaluation size
     rest: int  # index of the frame used as portrait: mouth closed, eyes open
+    identity: str = ""  # the corpus identity (a face appears in several clips); "" when the metadata has none
+    skin_tone: float | None = None  # procedural faces: 0 (lightest) .. 1 (darkest); None for photographs
 
     @property
     def portrait(self) -> np.ndarray:
@@ -87,6 +89,13 @@ def mouth_region(box: list[float], frame_size: int, size: int, pad: float = MOUT
     x0, y0 = max(0, math.floor(x - px)), max(0, math.floor(y - py))
     x1, y1 = min(size, math.ceil(x + w + px)), min(size, math.ceil(y + h + py))
     return x0, y0, x1, y1
+
+
+def identity_of(meta: dict[str, Any]) -> dict[str, Any]:
+    """A clip's `identity` id and its procedural `skin_tone` (None for photographs or older corpora)."""
+    ident = meta.get("identity") if isinstance(meta.get("identity"), dict) else {}
+    tone = (ident.get("params") or {}).get("skin_tone")
+    return {"identity": str(ident.get("id", "")), "skin_tone": float(tone) if isinstance(tone, (int, float)) else None}
 
 
 class Corpus:
@@ -153,6 +162,7 @@ class Corpus:
             opening=opening[:n],
             box=mouth_region(meta["mouth_box"], frames.shape[1], size),
             rest=int(rest[0]) if len(rest) else 0,
+            **identity_of(meta),
         )
 
 
@@ -329,6 +339,8 @@ def score_clip(clip: Clip, generated: np.ndarray, portrait: np.ndarray, probe: M
     curve = lag_correlations(pred, clip.opening[:n])
     out: dict[str, Any] = {
         "clip": clip.name,
+        "identity": clip.identity,
+        "skin_tone": clip.skin_tone,
         "frames": n,
         "sync_correlation": float(curve[MAX_LAG]),
         "sync_offset": best_offset(curve),
@@ -386,6 +398,36 @@ def summarise(scores: list[dict[str, Any]]) -> dict[str, Any]:
     if "flicker" in out:
         out["flicker_ratio"] = out["flicker"] / max(out["flicker_gt"], 1e-6)
     return out
+
+
+# skin-tone groups of procedural faces (synth `skin_tone`: 0 lightest .. 1 darkest); upper bounds
+SKIN_GROUPS = (("light", 1 / 3), ("medium", 2 / 3), ("dark", 1.0 + 1e-9))
+
+
+def by_skin_tone(scores: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-clip scores -> one row per skin-tone group present ("unrecorded": faces without a tone, photographs):
+    clips, identities, mean lip sync and PSNR, and the group's worst identity (its clips' mean lip sync).
+    A model that animates some faces far worse than others shows it here, not in the overall mean."""
+    def group(s: dict[str, Any]) -> str:
+        tone = s.get("skin_tone")
+        if tone is None:
+            return "unrecorded"
+        return next(name for name, top in SKIN_GROUPS if tone < top)
+
+    rows = []
+    for name in [g for g, _ in SKIN_GROUPS] + ["unrecorded"]:
+        members = [s for s in scores if group(s) == name]
+        if not members:
+            continue
+        faces: dict[str, list[float]] = {}
+        for s in members:
+            faces.setdefault(s.get("identity") or s["clip"], []).append(s["sync_correlation"])
+        worst = min(faces, key=lambda k: float(np.mean(faces[k])))
+        rows.append({"group": name, "clips": len(members), "identities": len(faces),
+                     "sync_correlation": float(np.mean([s["sync_correlation"] for s in members])),
+                     "psnr_gt": float(np.mean([s["psnr_gt"] for s in members])),
+                     "worst_identity": worst, "worst_sync": float(np.mean(faces[worst]))})
+    return rows
 
 
 def generate_frames(pipe: Any, portrait: np.ndarray, audio: np.ndarray, seed: int, bar: Any = None) -> np.ndarray:
@@ -583,6 +625,7 @@ def evaluate_model(components: Any, label: str, test: list[Clip], probe: MouthPr
     with bar(total, f"{len(test)} clips x {len(seeds)} seed{'s' * (len(seeds) > 1)}") as b:
         scores = [score(pipe, c, b) for c in test]
     model["clips"], model["summary"] = scores, summarise(scores)
+    model["by_skin_tone"] = by_skin_tone(scores)
 
     model["steps"] = []
     for s in steps_list:
@@ -821,6 +864,17 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [f"### {m['label']}", ""] + _table(["clip", "frames", "r", "offset"] + (["r per seed"] if many else []),
                                                    rows) + [""]
         lines += [f"![sync {m['label']}]({m['plots'][0]})", ""]
+
+    lines += ["## By skin tone", "",
+              "The clips grouped by their face's skin tone (procedural faces: light < 1/3 <= medium < 2/3 <= dark; "
+              "faces without a recorded tone, the photographs, as unrecorded), with each group's worst face (the "
+              "mean over its clips). A face the model animates far worse than the rest hides in the overall "
+              "mean and shows here.", ""]
+    rows = [[m["label"], g["group"], str(g["clips"]), str(g["identities"]), _f(g["sync_correlation"], 3),
+             _f(g["psnr_gt"]), f"{g['worst_identity']} ({_f(g['worst_sync'], 3)})"]
+            for m in models for g in m.get("by_skin_tone", [])]
+    lines += _table(["model", "skin tone", "clips", "faces", "sync r", "PSNR gt (dB)", "worst face (sync r)"],
+                    rows) + [""]
 
     lines += ["## Identity", "",
               f"PSNR and SSIM outside the mouth region, against the ground-truth frames (target PSNR >= "

@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from letstalk_rt.cli import main
-from letstalk_rt.eval import (Corpus, lag_correlations, best_offset, outside_mask, pearson, psnr_outside,
+from letstalk_rt.eval import (Corpus, by_skin_tone, lag_correlations, best_offset, outside_mask, pearson, psnr_outside,
                               score_clip, ssim_outside, train_probe)
 from letstalk_rt.media import VideoWriter
 
@@ -98,6 +98,8 @@ def corpus_dir(tmp_path_factory) -> Path:
                     writer.write_audio(audio[i * SPF:(i + 1) * SPF])
             meta = {"clip": name, "split": split, "size": SIZE, "fps": 25, "sample_rate": 16000,
                     "num_frames": FRAMES, "face_box": [6, 4, 20, 24], "mouth_box": MOUTH_BOX,
+                    "identity": {"id": f"face-{index % 3}", "kind": "procedural",
+                                 "params": {"skin_tone": (0.1, 0.5, 0.9)[index % 3]}},
                     "frames": {"opening": [round(float(v), 3) for v in opening], "blink": [0.0] * FRAMES,
                                "speech": [int(v > 0) for v in opening]}}
             (root / f"{name}.json").write_text(json.dumps(meta))
@@ -166,7 +168,7 @@ def test_eval_on_an_untrained_model_writes_every_section_with_targets_failed(cap
                              "--device", "cpu", "--out", out, "--quiet")
     assert code == 0, err
     md = (out / "report.md").read_text()
-    for section in ("## Targets", "## Comparison", "## Mouth-state probe", "## Lip sync", "## Identity",
+    for section in ("## Targets", "## Comparison", "## Mouth-state probe", "## Lip sync", "## By skin tone", "## Identity",
                     "## Temporal quality", "## Long duration", "## Quality vs sampling steps"):
         assert section in md
     assert "PASS" not in md and "FAIL" in md
@@ -185,10 +187,10 @@ def test_eval_on_an_untrained_model_writes_every_section_with_targets_failed(cap
 
 def test_seeds_average_each_clip_over_its_noises_and_report_their_spread(capsys, tmp_path, corpus_dir,
                                                                           tiny_model_dir):
-    reports = {}
+    reports, printed = {}, {}
     for seeds in (1, 2):
         out = tmp_path / f"s{seeds}"
-        code, _, err = _run(capsys, "eval", "--data", corpus_dir, "--model", tiny_model_dir, "--clips", 2,
+        code, printed[seeds], err = _run(capsys, "eval", "--data", corpus_dir, "--model", tiny_model_dir, "--clips", 2,
                             "--long-seconds", 0, "--steps-list", "1,2", "--seeds", seeds, "--window", 2,
                             "--device", "cpu", "--out", out, "--quiet")
         assert code == 0, err
@@ -205,8 +207,31 @@ def test_seeds_average_each_clip_over_its_noises_and_report_their_spread(capsys,
     assert summary["sync_by_seed"] == pytest.approx(by_seed)
     assert summary["sync_seed_std"] == pytest.approx(np.std(by_seed)) and summary["sync_seed_std"] > 0
     assert "sync_seed_std" in two["steps"][1]  # the other step counts are averaged over the same seeds
+    # the test clips (7, 8) are faces 1 and 2 of the fixture: one medium, one dark skin tone
+    assert [(g["group"], g["clips"], g["worst_identity"]) for g in two["by_skin_tone"]] == [
+        ("medium", 1, "face-1"), ("dark", 1, "face-2")]
+    for g, c in zip(two["by_skin_tone"], two["clips"]):
+        assert g["sync_correlation"] == pytest.approx(c["sync_correlation"])
+        assert g["worst_sync"] == pytest.approx(c["sync_correlation"])  # one clip: its face is the worst
     md = (tmp_path / "s2" / "report.md").read_text()
-    assert "seeds 0-1" in md and f"{summary['sync_correlation']:.3f} +- {summary['sync_seed_std']:.3f}" in md
+    assert "| dark | 1 | 1 |" in md and "seeds 0-1" in md
+    assert f"{summary['sync_correlation']:.3f} +- {summary['sync_seed_std']:.3f}" in md
+    assert "lip sync by skin tone: medium" in printed[2] and "worst face face-" in printed[2]
+
+
+def test_skin_tone_groups_name_the_face_a_mean_hides():
+    def row(clip, face, tone, r):
+        return {"clip": clip, "identity": face, "skin_tone": tone, "sync_correlation": r, "psnr_gt": 30.0 - r}
+
+    scores = [row("a", "f1", 0.1, 0.9), row("b", "f1", 0.1, 0.7), row("c", "f2", 0.3, 0.85),
+              row("d", "f3", 0.9, -0.5), row("e", "f4", 0.7, 0.8), row("f", "photo-1", None, 0.6)]
+    light, dark, unrecorded = by_skin_tone(scores)
+    assert (light["group"], light["clips"], light["identities"]) == ("light", 3, 2)
+    assert light["sync_correlation"] == pytest.approx(0.8166667, abs=1e-6)
+    assert (light["worst_identity"], light["worst_sync"]) == ("f1", pytest.approx(0.8))  # the mean of its clips
+    assert (dark["group"], dark["clips"], dark["worst_identity"], dark["worst_sync"]) == ("dark", 2, "f3", -0.5)
+    assert dark["psnr_gt"] == pytest.approx(29.85)
+    assert (unrecorded["group"], unrecorded["worst_identity"]) == ("unrecorded", "photo-1")
 
 
 @pytest.mark.parametrize("case,match", [("no-manifest", "manifest.json"), ("split", "no clips in split"),
