@@ -404,10 +404,12 @@ def summarise(scores: list[dict[str, Any]]) -> dict[str, Any]:
 SKIN_GROUPS = (("light", 1 / 3), ("medium", 2 / 3), ("dark", 1.0 + 1e-9))
 
 
-def by_skin_tone(scores: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def by_skin_tone(scores: list[dict[str, Any]], probe_per_clip: dict[str, float] | None = None) -> list[dict[str, Any]]:
     """Per-clip scores -> one row per skin-tone group present ("unrecorded": faces without a tone, photographs):
     clips, identities, mean lip sync and PSNR, and the group's worst identity (its clips' mean lip sync).
-    A model that animates some faces far worse than others shows it here, not in the overall mean."""
+    A model that animates some faces far worse than others shows it here, not in the overall mean.
+    With `probe_per_clip` (clip -> the probe's r on its ground truth), each group also gets the probe's own
+    accuracy on it: a group whose real frames the probe misreads has no meaningful lip-sync figure."""
     def group(s: dict[str, Any]) -> str:
         tone = s.get("skin_tone")
         if tone is None:
@@ -423,10 +425,13 @@ def by_skin_tone(scores: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for s in members:
             faces.setdefault(s.get("identity") or s["clip"], []).append(s["sync_correlation"])
         worst = min(faces, key=lambda k: float(np.mean(faces[k])))
-        rows.append({"group": name, "clips": len(members), "identities": len(faces),
-                     "sync_correlation": float(np.mean([s["sync_correlation"] for s in members])),
-                     "psnr_gt": float(np.mean([s["psnr_gt"] for s in members])),
-                     "worst_identity": worst, "worst_sync": float(np.mean(faces[worst]))})
+        row = {"group": name, "clips": len(members), "identities": len(faces),
+               "sync_correlation": float(np.mean([s["sync_correlation"] for s in members])),
+               "psnr_gt": float(np.mean([s["psnr_gt"] for s in members])),
+               "worst_identity": worst, "worst_sync": float(np.mean(faces[worst]))}
+        if probe_per_clip is not None:
+            row["probe_correlation"] = float(np.mean([probe_per_clip[s["clip"]] for s in members]))
+        rows.append(row)
     return rows
 
 
@@ -625,7 +630,6 @@ def evaluate_model(components: Any, label: str, test: list[Clip], probe: MouthPr
     with bar(total, f"{len(test)} clips x {len(seeds)} seed{'s' * (len(seeds) > 1)}") as b:
         scores = [score(pipe, c, b) for c in test]
     model["clips"], model["summary"] = scores, summarise(scores)
-    model["by_skin_tone"] = by_skin_tone(scores)
 
     model["steps"] = []
     for s in steps_list:
@@ -717,6 +721,7 @@ def evaluate(
         model = evaluate_model(load_model(path), label, clips_at[size], probes[size], steps, steps_list or [],
                                speech, settings)
         model["path"] = str(path)
+        model["by_skin_tone"] = by_skin_tone(model["clips"], probe_checks[size]["per_clip"])
         model["targets"] = judge(model, probe_checks[size]["valid"])
         model["plots"] = _plots(out, f"{len(results) + 1}_{_slug(label)}", model, clips_at[size])
         results.append(model)
@@ -869,12 +874,13 @@ def render_markdown(report: dict[str, Any]) -> str:
               "The clips grouped by their face's skin tone (procedural faces: light < 1/3 <= medium < 2/3 <= dark; "
               "faces without a recorded tone, the photographs, as unrecorded), with each group's worst face (the "
               "mean over its clips). A face the model animates far worse than the rest hides in the overall "
-              "mean and shows here.", ""]
+              "mean and shows here. `probe on truth`: the probe's r on the group's real frames (the group's "
+              "ceiling; a low one means its lip sync is not measured well).", ""]
     rows = [[m["label"], g["group"], str(g["clips"]), str(g["identities"]), _f(g["sync_correlation"], 3),
-             _f(g["psnr_gt"]), f"{g['worst_identity']} ({_f(g['worst_sync'], 3)})"]
+             _f(g.get("probe_correlation"), 3), _f(g["psnr_gt"]), f"{g['worst_identity']} ({_f(g['worst_sync'], 3)})"]
             for m in models for g in m.get("by_skin_tone", [])]
-    lines += _table(["model", "skin tone", "clips", "faces", "sync r", "PSNR gt (dB)", "worst face (sync r)"],
-                    rows) + [""]
+    lines += _table(["model", "skin tone", "clips", "faces", "sync r", "probe on truth", "PSNR gt (dB)",
+                     "worst face (sync r)"], rows) + [""]
 
     lines += ["## Identity", "",
               f"PSNR and SSIM outside the mouth region, against the ground-truth frames (target PSNR >= "

@@ -214,7 +214,8 @@ def test_seeds_average_each_clip_over_its_noises_and_report_their_spread(capsys,
         assert g["sync_correlation"] == pytest.approx(c["sync_correlation"])
         assert g["worst_sync"] == pytest.approx(c["sync_correlation"])  # one clip: its face is the worst
     md = (tmp_path / "s2" / "report.md").read_text()
-    assert "| dark | 1 | 1 |" in md and "seeds 0-1" in md
+    assert "| dark | 1 | 1 |" in md and "seeds 0-1" in md and "probe on truth" in md
+    assert all(g["probe_correlation"] > 0.9 for g in two["by_skin_tone"])  # the fixture's faces are read well
     assert f"{summary['sync_correlation']:.3f} +- {summary['sync_seed_std']:.3f}" in md
     assert "lip sync by skin tone: medium" in printed[2] and "worst face face-" in printed[2]
 
@@ -225,13 +226,15 @@ def test_skin_tone_groups_name_the_face_a_mean_hides():
 
     scores = [row("a", "f1", 0.1, 0.9), row("b", "f1", 0.1, 0.7), row("c", "f2", 0.3, 0.85),
               row("d", "f3", 0.9, -0.5), row("e", "f4", 0.7, 0.8), row("f", "photo-1", None, 0.6)]
-    light, dark, unrecorded = by_skin_tone(scores)
+    light, dark, unrecorded = by_skin_tone(scores, {"a": 0.9, "b": 0.8, "c": 1.0, "d": 0.5, "e": 0.7, "f": 0.95})
     assert (light["group"], light["clips"], light["identities"]) == ("light", 3, 2)
     assert light["sync_correlation"] == pytest.approx(0.8166667, abs=1e-6)
     assert (light["worst_identity"], light["worst_sync"]) == ("f1", pytest.approx(0.8))  # the mean of its clips
     assert (dark["group"], dark["clips"], dark["worst_identity"], dark["worst_sync"]) == ("dark", 2, "f3", -0.5)
     assert dark["psnr_gt"] == pytest.approx(29.85)
     assert (unrecorded["group"], unrecorded["worst_identity"]) == ("unrecorded", "photo-1")
+    assert (light["probe_correlation"], dark["probe_correlation"]) == (pytest.approx(0.9), pytest.approx(0.6))
+    assert "probe_correlation" not in by_skin_tone(scores)[0]  # without the probe's figures, none
 
 
 @pytest.mark.parametrize("case,match", [("no-manifest", "manifest.json"), ("split", "no clips in split"),
