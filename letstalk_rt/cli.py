@@ -258,12 +258,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     for m in report["models"]:
         marks = [f"{k.replace('_', ' ')} {'PASS' if t['pass'] else 'FAIL'}" for k, t in m["targets"].items()]
         print(f"{m['label']}: {', '.join(marks)}")
-        groups = m.get("by_skin_tone") or []
-        if len(groups) > 1 or any(g["identities"] > 1 for g in groups):
-            worst = min(groups, key=lambda g: g["worst_sync"])
-            print("  lip sync by skin tone: " + ", ".join(f"{g['group']} {g['sync_correlation']:.3f} ({g['clips']} clips)"
-                                                   for g in groups)
-                  + f"; worst face {worst['worst_identity']} ({worst['group']}) {worst['worst_sync']:.3f}")
+        groups = m["by_skin_tone"]
+        worst = min(groups, key=lambda g: g["worst_sync"])
+        print("  lip sync by skin tone: " + ", ".join(f"{g['group']} {g['sync_correlation']:.3f} ({g['clips']} clips)"
+                                               for g in groups)
+              + f"; worst face {worst['worst_identity']} ({worst['group']}) {worst['worst_sync']:.3f}")
     print(f"wrote {Path(args.out) / 'report.md'} (+ report.json, plots) in {report['runtime_s']:.0f} s")
 
 

@@ -400,38 +400,34 @@ def summarise(scores: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-# skin-tone groups of procedural faces (synth `skin_tone`: 0 lightest .. 1 darkest); upper bounds
-SKIN_GROUPS = (("light", 1 / 3), ("medium", 2 / 3), ("dark", 1.0 + 1e-9))
+# skin-tone groups of procedural faces (synth `skin_tone`: 0 lightest .. 1 darkest), by upper bound; faces
+# without a tone (photographs) are "unrecorded"
+SKIN_GROUPS = (("light", 1 / 3), ("medium", 2 / 3), ("dark", math.inf))
 
 
-def by_skin_tone(scores: list[dict[str, Any]], probe_per_clip: dict[str, float] | None = None) -> list[dict[str, Any]]:
-    """Per-clip scores -> one row per skin-tone group present ("unrecorded": faces without a tone, photographs):
-    clips, identities, mean lip sync and PSNR, and the group's worst identity (its clips' mean lip sync).
-    A model that animates some faces far worse than others shows it here, not in the overall mean.
-    With `probe_per_clip` (clip -> the probe's r on its ground truth), each group also gets the probe's own
-    accuracy on it: a group whose real frames the probe misreads has no meaningful lip-sync figure."""
-    def group(s: dict[str, Any]) -> str:
-        tone = s.get("skin_tone")
-        if tone is None:
-            return "unrecorded"
-        return next(name for name, top in SKIN_GROUPS if tone < top)
-
+def by_skin_tone(scores: list[dict[str, Any]], probe_per_clip: dict[str, float]) -> list[dict[str, Any]]:
+    """Per-clip scores -> one row per skin-tone group present: clips, identities, mean lip sync and PSNR, the
+    group's worst identity (its clips' mean lip sync), and the probe's own r on the group's ground truth
+    (`probe_per_clip`: clip -> r; a group whose real frames the probe misreads has no meaningful lip sync).
+    A model that animates some faces far worse than others shows it here, not in the overall mean."""
+    groups: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in SKIN_GROUPS}
+    groups["unrecorded"] = []
+    for s in scores:
+        tone = s["skin_tone"]
+        groups["unrecorded" if tone is None else next(n for n, top in SKIN_GROUPS if tone < top)].append(s)
     rows = []
-    for name in [g for g, _ in SKIN_GROUPS] + ["unrecorded"]:
-        members = [s for s in scores if group(s) == name]
+    for name, members in groups.items():
         if not members:
             continue
         faces: dict[str, list[float]] = {}
         for s in members:
-            faces.setdefault(s.get("identity") or s["clip"], []).append(s["sync_correlation"])
+            faces.setdefault(s["identity"] or s["clip"], []).append(s["sync_correlation"])
         worst = min(faces, key=lambda k: float(np.mean(faces[k])))
-        row = {"group": name, "clips": len(members), "identities": len(faces),
-               "sync_correlation": float(np.mean([s["sync_correlation"] for s in members])),
-               "psnr_gt": float(np.mean([s["psnr_gt"] for s in members])),
-               "worst_identity": worst, "worst_sync": float(np.mean(faces[worst]))}
-        if probe_per_clip is not None:
-            row["probe_correlation"] = float(np.mean([probe_per_clip[s["clip"]] for s in members]))
-        rows.append(row)
+        rows.append({"group": name, "clips": len(members), "identities": len(faces),
+                     "sync_correlation": float(np.mean([s["sync_correlation"] for s in members])),
+                     "probe_correlation": float(np.mean([probe_per_clip[s["clip"]] for s in members])),
+                     "psnr_gt": float(np.mean([s["psnr_gt"] for s in members])),
+                     "worst_identity": worst, "worst_sync": float(np.mean(faces[worst]))})
     return rows
 
 
@@ -877,8 +873,8 @@ def render_markdown(report: dict[str, Any]) -> str:
               "mean and shows here. `probe on truth`: the probe's r on the group's real frames (the group's "
               "ceiling; a low one means its lip sync is not measured well).", ""]
     rows = [[m["label"], g["group"], str(g["clips"]), str(g["identities"]), _f(g["sync_correlation"], 3),
-             _f(g.get("probe_correlation"), 3), _f(g["psnr_gt"]), f"{g['worst_identity']} ({_f(g['worst_sync'], 3)})"]
-            for m in models for g in m.get("by_skin_tone", [])]
+             _f(g["probe_correlation"], 3), _f(g["psnr_gt"]), f"{g['worst_identity']} ({_f(g['worst_sync'], 3)})"]
+            for m in models for g in m["by_skin_tone"]]
     lines += _table(["model", "skin tone", "clips", "faces", "sync r", "probe on truth", "PSNR gt (dB)",
                      "worst face (sync r)"], rows) + [""]
 

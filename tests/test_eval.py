@@ -234,7 +234,6 @@ def test_skin_tone_groups_name_the_face_a_mean_hides():
     assert dark["psnr_gt"] == pytest.approx(29.85)
     assert (unrecorded["group"], unrecorded["worst_identity"]) == ("unrecorded", "photo-1")
     assert (light["probe_correlation"], dark["probe_correlation"]) == (pytest.approx(0.9), pytest.approx(0.6))
-    assert "probe_correlation" not in by_skin_tone(scores)[0]  # without the probe's figures, none
 
 
 @pytest.mark.parametrize("case,match", [("no-manifest", "manifest.json"), ("split", "no clips in split"),
