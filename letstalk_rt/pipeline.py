@@ -154,9 +154,12 @@ class AudioTokenizer:
         self.margin = pipeline.config.audio.margin
         self.stream = pipeline.audio_encoder.stream()
         self.buffer: Tensor | None = None  # (n, L, D) features not yet fully used, left-padded at the start
-        self.frames_out = 0
+        self.frames_out = 0  # tokens out, counting those defer() owes
         cfg = pipeline.config.audio
         self.level = SpeechLevel(cfg.level_min, cfg.level_max, block=cfg.sample_rate // 50)  # 20 ms blocks
+        self._windows: list[Tensor] = []  # encoder windows defer() cut and complete() has not had features for
+        self.owed = 0  # tokens defer() counted and complete() has not made yet
+        self._held: int | None = None  # rows `buffer` will hold once every window is complete (None: no features yet)
 
     @property
     def lookahead_ms(self) -> float:
@@ -165,7 +168,7 @@ class AudioTokenizer:
 
     @property
     def pending_frames(self) -> float:
-        """Frames of audio pushed but not yet out as tokens (the lookahead plus a part-frame; fractional)."""
+        """Frames of audio pushed but not yet counted as tokens (the lookahead plus a part-frame; fractional)."""
         spf = self.pipeline.config.audio.samples_per_frame
         return self.stream.samples_received / spf - self.frames_out
 
@@ -186,23 +189,80 @@ class AudioTokenizer:
         self.buffer = self.buffer[-2 * m:] if m else self.buffer[:0]  # (2m, L, D) context for what follows
         if final:
             self.buffer = None
-        self.frames_out += tokens.shape[0]
         return tokens
 
     def _empty(self) -> Tensor:
         cfg = self.pipeline.config.audio
         return torch.zeros((0, cfg.num_tokens, cfg.token_dim), device=self.pipeline.device)
 
+    # push() in two halves, so that many streams' audio is encoded in one call (`encode_together`): defer()
+    # takes the samples and counts the tokens they complete, complete() turns the windows' features into them.
+
+    def defer(self, pcm: np.ndarray) -> int:
+        """Take 16 kHz mono float32 samples; keep the encoder windows they complete (`windows`) and return how
+        many tokens those make (known from the sample count alone; counted in frames_out at once)."""
+        pcm = self.level(np.asarray(pcm, dtype=np.float32))
+        windows = self.stream.cut(pcm)  # (n, W)
+        if not windows.shape[0]:
+            return 0
+        self._windows.append(windows)
+        m = self.margin  # what _take will do with these features, by count: it projects all rows past 2m
+        self._held = (m if self._held is None else self._held) + windows.shape[0] * self.stream.encoder.block_frames
+        n = max(0, self._held - 2 * m)
+        self._held -= n
+        self.owed += n
+        self.frames_out += n
+        return n
+
+    @property
+    def windows(self) -> Tensor:
+        """The encoder windows (N, window_samples) defer() kept, oldest first, on the CPU."""
+        if not self._windows:
+            return torch.zeros((0, self.stream.encoder.window_samples))
+        if len(self._windows) > 1:
+            self._windows = [torch.cat(self._windows)]
+        return self._windows[0]
+
+    def complete(self, feats: Tensor) -> Tensor:
+        """The encoder's features of `windows` (N * block_frames, L, D) -> the tokens defer() owed (n, M, Dt)."""
+        tokens = self._take(feats.to(self.pipeline.device), final=False)
+        if tokens.shape[0] != self.owed:
+            raise RuntimeError(f"AudioTokenizer.complete: {tokens.shape[0]} tokens made, {self.owed} owed")
+        self._windows, self.owed = [], 0
+        return tokens
+
+    def _encode(self) -> Tensor:
+        windows = self.windows
+        if not windows.shape[0]:
+            return self.stream._empty()
+        return self.pipeline.audio_encoder._encode_windows(windows)  # (N * bf, L, D)
+
     @torch.no_grad()
     def push(self, pcm: np.ndarray) -> Tensor:
         """16 kHz mono float32 samples in; tokens (n, M, Dt) for the frames that became final out."""
-        pcm = self.level(np.asarray(pcm, dtype=np.float32))
-        return self._take(self.stream.push(pcm).to(self.pipeline.device), final=False)
+        self.defer(pcm)
+        return self.complete(self._encode())
 
     @torch.no_grad()
     def flush(self) -> Tensor:
         """End of audio: tokens for the remaining frames (total = ceil(samples / samples_per_frame))."""
-        return self._take(self.stream.flush().to(self.pipeline.device), final=True)
+        head = self.complete(self._encode())  # (owed, M, Dt)
+        tail = self._take(self.stream.flush().to(self.pipeline.device), final=True)  # (n, M, Dt)
+        self.frames_out += tail.shape[0]
+        return torch.cat([head, tail])
+
+
+@torch.no_grad()
+def encode_together(tokenizers: list[AudioTokenizer]) -> list[Tensor]:
+    """Every tokenizer's owed tokens, their audio encoded in one call: many sessions' new audio as one batch
+    (a GPU runs a small batch in about the time of one window: the cost is the encoder's kernel launches)."""
+    if not tokenizers:
+        return []
+    enc = tokenizers[0].pipeline.audio_encoder
+    windows = [t.windows for t in tokenizers]  # [(N_i, W)]
+    feats = enc._encode_windows(torch.cat(windows))  # (sum N_i * bf, L, D)
+    parts = feats.split([w.shape[0] * enc.block_frames for w in windows])
+    return [t.complete(f) for t, f in zip(tokenizers, parts)]
 
 
 class ShapeCompiled:

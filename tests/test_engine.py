@@ -276,6 +276,32 @@ def test_two_sessions_are_batched_and_stay_separate(tiny_pipeline):
     assert all(not np.array_equal(x, y) for x, y in zip(ra, rb))
 
 
+def test_sessions_audio_is_encoded_together_and_each_keeps_its_own(tiny_pipeline, monkeypatch):
+    """Two sessions speaking at once: their new audio goes through the encoder in one call per plan (a
+    GPU's cost there is per call), and each session's frames still carry exactly its own speech."""
+    from letstalk_rt.stream import engine as engine_module
+
+    sizes = []
+    real = engine_module.encode_together
+    monkeypatch.setattr(engine_module, "encode_together", lambda toks: sizes.append(len(toks)) or real(toks))
+    speech = [speechlike(1.0, seed=21) + 0.05, speechlike(1.0, seed=22) + 0.05]
+
+    async def main():
+        engine = await _engine(tiny_pipeline)
+        sessions = [await engine.open_session(_portrait(tiny_pipeline, v)) for v in (40, 200)]
+        pushed = asyncio.gather(*(_push_in_real_time(s, x) for s, x in zip(sessions, speech)))
+        frames = await asyncio.gather(*(_collect(s, 2.0) for s in sessions))
+        await pushed
+        await engine.stop()
+        return frames
+
+    for frames, pushed in zip(run(main()), speech):
+        audio = np.concatenate([f.audio for f in frames if not f.filler])
+        start = np.flatnonzero(audio)[0]
+        np.testing.assert_array_equal(audio[start:start + len(pushed)], pushed)
+    assert max(sizes) == 2, sizes
+
+
 def test_a_failing_session_ends_with_an_error_and_the_others_keep_running(tiny_pipeline):
     async def main():
         engine = await _engine(tiny_pipeline)

@@ -12,7 +12,7 @@ import torch
 from conftest import speechlike
 from letstalk_rt.checkpoint import load_model, save_model
 from letstalk_rt.errors import InputError, ModelError
-from letstalk_rt.pipeline import LetsTalkPipeline, SpeechLevel
+from letstalk_rt.pipeline import LetsTalkPipeline, SpeechLevel, encode_together
 
 
 def test_checkpoint_round_trip_gives_identical_weights(tiny_model_dir, tmp_path):
@@ -71,6 +71,39 @@ def test_incremental_tokens_equal_offline(tiny_pipeline):
     assert online.shape == offline.shape
     torch.testing.assert_close(online, offline, atol=1e-4, rtol=1e-4)
     assert tok.lookahead_ms >= 80  # margin of 2 frames at least
+
+
+def test_many_streams_encoded_in_one_call_equal_each_encoded_alone(tiny_pipeline, monkeypatch):
+    """The engine encodes every session's new audio in one encoder call (encode_together): each stream's
+    tokens are its own offline tokens, in order, and defer() counts exactly the tokens complete() makes."""
+    wavs = [speechlike(1.0 + 0.3 * i, seed=10 + i) for i in range(3)]
+    offline = [tiny_pipeline.audio_tokens(w) for w in wavs]
+    toks = [tiny_pipeline.audio_tokenizer() for _ in wavs]
+    for t in toks:
+        t.level = SpeechLevel(0.0, 0.0)
+    enc = tiny_pipeline.audio_encoder
+    calls = []
+    real = enc._encode_windows
+    monkeypatch.setattr(enc, "_encode_windows", lambda w: calls.append(w.shape[0]) or real(w))
+    rng = np.random.default_rng(1)
+    pos, out = [0] * 3, [[] for _ in wavs]
+    while any(p < len(w) for p, w in zip(pos, wavs)):
+        owed = []
+        for i, (t, w) in enumerate(zip(toks, wavs)):  # each stream pushed in its own chunk sizes
+            n = int(rng.integers(100, 2500))
+            owed.append(t.defer(w[pos[i]:pos[i] + n]))
+            pos[i] += n
+        before = len(calls)
+        made = encode_together(toks)
+        assert len(calls) - before <= 1  # one call for all of them (none when no window completed)
+        assert [m.shape[0] for m in made] == owed
+        for o, m in zip(out, made):
+            o.append(m)
+    assert max(calls) > 1
+    for o, t, ref in zip(out, toks, offline):
+        online = torch.cat([*o, t.flush()])
+        assert online.shape == ref.shape
+        torch.testing.assert_close(online, ref, atol=1e-4, rtol=1e-4)
 
 
 def _voiced_level(pcm: np.ndarray, block: int = 320, floor: float = 0.002) -> float:

@@ -174,6 +174,7 @@ class AudioEncoder(nn.Module):
     def _encode_windows(self, windows: Tensor) -> Tensor:
         """(N, window_samples) -> (N * block_frames, L, D), in batches of `max_blocks_per_call`."""
         cfg = self.config
+        windows = windows.to(self.device)  # (N, W)
         out = [self.encode_blocks(windows[s:s + self.max_blocks_per_call])  # (n, bf, L, D)
                for s in range(0, windows.shape[0], self.max_blocks_per_call)]
         if not out:
@@ -236,25 +237,21 @@ class AudioStream:
         cfg = self.encoder.config
         return torch.zeros((0, cfg.feature_layers, cfg.feature_dim), device=self.encoder.device)  # (0, L, D)
 
-    @torch.no_grad()
-    def _encode(self, n_blocks: int, keep_frames: int | None = None) -> Tensor:
-        """Encode the next `n_blocks` complete windows, drop the samples they alone needed."""
+    def _cut(self, n_blocks: int) -> Tensor:
+        """The next `n_blocks` complete windows (n_blocks, W) on the CPU; drops the samples they alone needed."""
         enc = self.encoder
         buf = np.concatenate(self._chunks) if len(self._chunks) > 1 else self._chunks[0]  # (n,)
         used = n_blocks * enc.block_samples
         span = used - enc.block_samples + enc.window_samples
-        x = torch.from_numpy(buf[:span]).to(enc.device)  # (span,)
-        windows = x.unfold(0, enc.window_samples, enc.block_samples)  # (n_blocks, W)
-        feats = enc._encode_windows(windows)  # (n_blocks * bf, L, D)
-        rest = buf[used:].copy()  # a copy, so the old buffer's memory is released
+        windows = torch.from_numpy(buf[:span]).unfold(0, enc.window_samples, enc.block_samples)  # (n_blocks, W)
+        rest = buf[used:].copy()  # a copy, so the old buffer's memory goes with the windows
         self._chunks, self._buffered = [rest], len(rest)
-        if keep_frames is not None:
-            feats = feats[:keep_frames]  # (keep, L, D)
-        self.frames_emitted += feats.shape[0]
-        return feats
+        return windows
 
-    def push(self, pcm) -> Tensor:
-        """Append 16 kHz mono float samples (any length, even 0); returns (n, L, D) newly final frames."""
+    def cut(self, pcm) -> Tensor:
+        """push() without the encoding: append the samples and return the windows (n, W) they complete,
+        whose `encoder._encode_windows` is what push() returns. Lets many streams' windows be encoded in
+        one call (`pipeline.encode_together`)."""
         if self._finished:
             raise RuntimeError("AudioStream.push after flush(): start a new stream with encoder.stream()")
         x = self._as_samples(pcm)
@@ -264,10 +261,18 @@ class AudioStream:
             self.samples_received += len(x)
         enc = self.encoder
         if self._buffered < enc.window_samples:
-            return self._empty()
+            return torch.zeros((0, enc.window_samples))  # (0, W)
         n_blocks = (self._buffered - enc.window_samples) // enc.block_samples + 1
-        return self._encode(n_blocks)
+        self.frames_emitted += n_blocks * enc.block_frames
+        return self._cut(n_blocks)
 
+    @torch.no_grad()
+    def push(self, pcm) -> Tensor:
+        """Append 16 kHz mono float samples (any length, even 0); returns (n, L, D) newly final frames."""
+        windows = self.cut(pcm)
+        return self.encoder._encode_windows(windows) if windows.shape[0] else self._empty()
+
+    @torch.no_grad()
     def flush(self) -> Tensor:
         """End of audio: zero-pad as forward() does and return the remaining frames (n, L, D).
         The stream is finished afterwards (push raises; flush again returns nothing)."""
@@ -282,8 +287,9 @@ class AudioStream:
         n_blocks = -(-left // enc.block_frames)
         need = (n_blocks - 1) * enc.block_samples + enc.window_samples
         self._chunks.append(np.zeros(max(0, need - self._buffered), dtype=np.float32))
-        feats = self._encode(n_blocks, keep_frames=left)  # (left, L, D)
+        feats = self.encoder._encode_windows(self._cut(n_blocks))[:left]  # (left, L, D)
         self._chunks, self._buffered = [], 0
+        self.frames_emitted += left
         return feats
 
 

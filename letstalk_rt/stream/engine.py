@@ -56,7 +56,7 @@ import torch
 
 from ..errors import InputError, LetsTalkError
 from ..media import TempoStretcher
-from ..pipeline import AudioTokenizer, LetsTalkPipeline, Portrait
+from ..pipeline import AudioTokenizer, LetsTalkPipeline, Portrait, encode_together
 from .events import (
     AVFrame, Event, FramesDropped, Interrupted, PlaybackPosition, SessionClosed, SessionError,
     SpeechStarted, SpeechStopped, WindowTimings,
@@ -555,13 +555,17 @@ class _WorkerState:
         return self.n_tokens + self.tokenizer.pending_frames + held
 
     def _feed(self, pcm: np.ndarray, arrival: float, speech: bool) -> None:
+        """Queue audio for the tokenizer: its tokens count at once, and are made when the engine encodes
+        every session's new audio together (complete), before any window uses them."""
         if not len(pcm):
             return
-        tokens = self.tokenizer.push(pcm)
+        self.n_tokens += self.tokenizer.defer(pcm)
         self.timeline.append([pcm, arrival, speech])
+
+    def complete(self, tokens: torch.Tensor) -> None:
+        """The tokens the tokenizer owed (they follow everything queued, idle frames put in front included)."""
         if tokens.shape[0]:
             self.tokens.append(tokens)
-            self.n_tokens += tokens.shape[0]
 
     def prepend_idle(self, tokens: torch.Tensor) -> None:
         """Put idle frames (their tokens (k, M, Dt), silent audio) in front of everything queued: they play
@@ -573,6 +577,7 @@ class _WorkerState:
 
     def peek_tokens(self, n: int) -> torch.Tensor:
         """The next n tokens, left in place until drop_tokens (a failed batch is retried per session)."""
+        assert not self.tokenizer.owed, "peek_tokens before the engine encoded the session's audio"
         allt = torch.cat(self.tokens)  # (n_tokens, M, Dt)
         self.tokens = [allt]
         return allt[:n]
@@ -838,27 +843,45 @@ class StreamEngine:
             self._execute(jobs)
 
     def _plan(self) -> list[tuple[Session, int, int]]:
-        """Ingest audio of every session and pick one batch: [(session, frames, epoch)]."""
+        """Ingest audio of every session and pick one batch: [(session, frames, epoch)].
+
+        The batch is the sessions whose playback runs dry soonest; a session that would run dry while this
+        batch is being made joins it (it could not start its own window before the batch ends anyway), so
+        sessions opened moments apart share forward passes instead of each waiting for the other's."""
         now = time.monotonic()
         ready: list[tuple[float, Session, int, int]] = []
+        waiting: list[Session] = []
         for s in list(self.sessions.values()):
             if s.closed:
                 continue
-            try:
-                item = self._prepare(s, now)
-            except Exception as e:  # a broken session must not stop the others
-                log.exception("session %s failed while preparing a window", s.id)
-                s.loop.call_soon_threadsafe(s._fail, f"audio processing failed: {e}")
-                continue
-            if item is not None:
+            item = self._try_prepare(s, now)
+            if item is None:
+                waiting.append(s)
+            else:
                 ready.append(item)
+        if ready and waiting:
+            ready.sort(key=lambda r: r[0])
+            horizon = self._gen_ms.get(ready[0][2], 50.0) / 1000
+            ready += [item for s in waiting if (item := self._try_prepare(s, now, horizon)) is not None]
+        failed = self._encode_audio([s for s in list(self.sessions.values()) if not s.closed and s._w.tokenizer.owed])
+        ready = [r for r in ready if r[1] not in failed]
         if not ready:
             return []
         ready.sort(key=lambda r: r[0])  # earliest deadline first
         frames = ready[0][2]
         return [(s, n, epoch) for _, s, n, epoch in ready if n == frames][: self.config.max_batch]
 
-    def _prepare(self, s: Session, now: float) -> tuple[float, Session, int, int] | None:
+    def _try_prepare(self, s: Session, now: float, horizon: float = 0.0) -> tuple[float, Session, int, int] | None:
+        try:
+            return self._prepare(s, now, horizon)
+        except Exception as e:  # a broken session must not stop the others
+            log.exception("session %s failed while preparing a window", s.id)
+            s.loop.call_soon_threadsafe(s._fail, f"audio processing failed: {e}")
+            return None
+
+    def _prepare(self, s: Session, now: float, horizon: float = 0.0) -> tuple[float, Session, int, int] | None:
+        """Ingest the session's queued audio; its window job (deadline, session, frames, epoch) if it needs one
+        now, or would run dry within `horizon` seconds of the window's compute; else None."""
         w = s._w
         with s._lock:
             if s._reset is not None:  # interrupt: start over from what is on screen
@@ -908,14 +931,16 @@ class StreamEngine:
         if ahead >= lead_cap or (player.start is None and w.frames_generated > 0 and ahead >= want):
             w.encode_ms += (time.perf_counter() - t0) * 1000
             return None
-        # When does playback run dry? (now for a session with no frame yet)
+        # When does playback run dry? (now for a session with no frame yet.) Frames in flight count: they are
+        # made and reach the queue within moments, so a plan that runs between a window's end and its delivery
+        # must not take the queue for nearly empty and put idle frames in front of the speech.
         if player.start is None:
             dry_at = now if w.frames_generated == 0 else math.inf
         else:
-            dry_at = player.due(player.tick + len(player.queue))
+            dry_at = player.due(player.tick + ahead)
         if w.n_tokens < want:
             gen_s = self._gen_ms.get(want, 50.0) / 1000
-            if dry_at - now > gen_s + self.config.safety_ms / 1000:
+            if dry_at - now > gen_s + self.config.safety_ms / 1000 + horizon:
                 w.encode_ms += (time.perf_counter() - t0) * 1000
                 return None  # speech may still arrive in time
             fps = self.pipeline.fps
@@ -943,6 +968,27 @@ class StreamEngine:
                 w.prepend_idle(self._idle_tokens(k))
         w.encode_ms += (time.perf_counter() - t0) * 1000
         return (dry_at, s, want, epoch)
+
+    def _encode_audio(self, sessions: list[Session]) -> set[Session]:
+        """Encode the audio every session took since the last plan in one encoder call (on a GPU its cost is
+        per call, not per session); returns the sessions whose audio failed (they end with an error)."""
+        if not sessions:
+            return set()
+        t0 = time.perf_counter()
+        try:
+            tokens = encode_together([s._w.tokenizer for s in sessions])
+        except Exception as e:
+            if len(sessions) > 1:  # find the culprit: encode each alone, the healthy ones continue
+                return set().union(*(self._encode_audio([s]) for s in sessions))
+            s = sessions[0]
+            log.exception("audio encoding failed for session %s", s.id)
+            s.loop.call_soon_threadsafe(s._fail, f"audio processing failed: {e}")
+            return {s}
+        share = (time.perf_counter() - t0) * 1000 / len(sessions)
+        for s, t in zip(sessions, tokens):
+            s._w.complete(t)
+            s._w.encode_ms += share
+        return set()
 
     def _idle_tokens(self, n: int) -> torch.Tensor:
         """Audio tokens of n frames of silence (n <= 2 windows), made once."""
