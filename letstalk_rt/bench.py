@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from .errors import LetsTalkError
+from .diffusion import guidance_rows
 from .pipeline import LetsTalkPipeline
 
 
@@ -226,6 +227,37 @@ def transformer_flops(pipe: LetsTalkPipeline, batch: int = 1, window: int = 0) -
     return float(counter.get_total_flops())
 
 
+ARITHMETIC_KEYS = ("transformer_gflops_per_window", "transformer_tflops", "matmul_peak_tflops", "fraction_of_peak")
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, repeats: int = 10) -> float:
+    """What this device reaches on one large square matrix product in `dtype` (TFLOP/s): the practical peak
+    that a window's arithmetic is compared with (8192 on a GPU, 1024 on a CPU)."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    torch.mm(a, b)  # warm-up
+    sync()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    sync()
+    return 2 * n ** 3 * repeats / (time.perf_counter() - t) / 1e12
+
+
+def arithmetic_rate(pipe: LetsTalkPipeline, step_ms: float, window: int = 0) -> dict:
+    """One sampling step's transformer arithmetic (every guidance row: one batched call) against the time the
+    step took, and against this device's matrix-product peak in the model's dtype (issue 4's 'fraction of
+    the GPU's peak that one window's arithmetic reaches')."""
+    rows = len(guidance_rows(pipe.portrait_guidance, pipe.audio_guidance))
+    flops = transformer_flops(pipe, window=window) * rows
+    achieved = flops / (step_ms / 1000) / 1e12
+    peak = matmul_peak_tflops(pipe.device, pipe.dtype)
+    return {"transformer_gflops_per_window": round(flops / 1e9, 2), "transformer_tflops": round(achieved, 3),
+            "matmul_peak_tflops": round(peak, 2), "fraction_of_peak": round(achieved / peak, 4)}
+
+
 _SPIN = """
 import sys, time
 busy, period = float(sys.argv[1]), float(sys.argv[2])
@@ -311,7 +343,8 @@ def _run_bench(pipe, session_counts, seconds, audio, portrait, json_path, breakd
     def window_cost() -> None:
         report["window_ms"] = window_breakdown(pipe, window=window)
         print("one window (ms):", json.dumps(report["window_ms"]))
-        report["transformer_gflops_per_window"] = round(transformer_flops(pipe, window=window) / 1e9, 2)
+        report.update(arithmetic_rate(pipe, report["window_ms"]["step_1"], window=window))
+        print("one step's arithmetic:", json.dumps({k: report[k] for k in ARITHMETIC_KEYS}))
 
     if breakdown and not live.get("compile"):
         window_cost()

@@ -76,7 +76,10 @@ class AudioConfig:
     feature_layers: int = 12  # hidden states stacked per frame (wav2vec2-base has 12)
     feature_dim: int = 768  # width of each hidden state
     wav2vec2_path: str | None = None  # local directory with a transformers Wav2Vec2 checkpoint
-    wav2vec2_chunk_seconds: float = 2.0  # wav2vec2 runs on fixed chunks so streaming equals offline
+    # wav2vec2 runs on fixed chunks (plus left context) so streaming equals offline; a frame's features are
+    # final only when its whole chunk is in, so the chunk is the encoder's latency: 2 s here (offline-like
+    # features), one frame (0.04 s, lookahead 5 ms) in the live letstalk-* presets
+    wav2vec2_chunk_seconds: float = 2.0
     wav2vec2_context_seconds: float = 1.0  # left context prepended to each wav2vec2 chunk
     # per-frame projection
     margin: int = 2  # each frame sees features of frames i-margin..i+margin (paper: +-2)
@@ -311,7 +314,7 @@ PRESETS_MODEL: dict[str, Any] = {
     **{
         f"letstalk-{size.lower()}": (lambda size=size: _model(
             256, (128, 256, 512, 512, 1024, 1024), 32, size, 16,
-            dict(encoder="wav2vec2", num_tokens=32, token_dim=768), num_steps=2))
+            dict(encoder="wav2vec2", num_tokens=32, token_dim=768, wav2vec2_chunk_seconds=0.04), num_steps=2))
         for size in ("S", "B", "L", "XL")
     },
     # 128x128 frames, f16c16 autoencoder -> 8x8x16 latents, 8-frame windows: real time on 2 CPU cores.

@@ -222,6 +222,18 @@ def test_wav2vec2_stream_equals_offline(w2v):
         torch.testing.assert_close(stream_all(w2v, x, sizes), offline, atol=1e-5, rtol=1e-5)
 
 
+def test_wav2vec2_in_one_frame_chunks_streams_with_80_samples_of_lookahead(w2v_dir):
+    """The letstalk-* presets' live setting: wav2vec2 once per video frame (with its left context), so a
+    frame is final 80 samples (the conv front end's spill-over) after it ends, and still equals offline."""
+    enc = build_audio_encoder(w2v_config(w2v_dir, wav2vec2_chunk_seconds=0.04))
+    assert (enc.block_frames, enc.lookahead_samples) == (1, 80)
+    assert enc.max_blocks_per_call > 8  # ~24 s of audio per call, as with longer chunks
+    x = speech_like(2 * 16000 + 321, seed=9)
+    offline = enc(torch.from_numpy(x)[None])[0]
+    torch.testing.assert_close(stream_all(enc, x, [320]), offline, atol=1e-5, rtol=1e-5)
+    assert model_preset("letstalk-b").audio.wav2vec2_chunk_seconds == 0.04
+
+
 def test_wav2vec2_lookahead_is_honest(w2v):
     i = 12  # second frame of the second chunk
     x = speech_like(40 * SPF, seed=8)

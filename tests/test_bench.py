@@ -38,6 +38,20 @@ def test_bench_reports_every_run_and_the_spread_of_repeats(tiny_pipeline, tmp_pa
     w = report["window_ms"]
     assert w["frames"] == tiny_pipeline.window and "step_1" in w and w["decode"] > 0
     assert w["total"] >= w["step_1"] + w["decode"]
+    # the step's arithmetic against this CPU's own matrix-product rate: a real fraction, below 1
+    assert report["transformer_gflops_per_window"] > 0 and report["matmul_peak_tflops"] > 0
+    assert 0 < report["fraction_of_peak"] < 1
+    rate = report["transformer_gflops_per_window"] / w["step_1"]  # GFLOP per ms = TFLOP/s
+    assert abs(report["transformer_tflops"] - rate) <= 0.01 * rate + 1e-3
+
+
+def test_the_matrix_product_peak_is_measured_not_assumed():
+    import torch
+
+    from letstalk_rt.bench import matmul_peak_tflops
+
+    fast = matmul_peak_tflops(torch.device("cpu"), torch.float32, repeats=3)
+    assert 0.001 < fast < 10  # a 2-core CPU: tens to hundreds of GFLOP/s, never a datasheet figure
 
 
 def test_bad_counts_fail_before_a_model_loads(capsys):

@@ -27,8 +27,9 @@ keeps only the samples of windows not yet encoded (at most `window_samples` plus
     `wav2vec2_chunk_seconds` (a whole number of video frames) with `wav2vec2_context_seconds` of left
     context and the conv front end's spill-over (80 samples for wav2vec2-base) on the right. Features of
     a chunk are final only once the whole chunk is in: lookahead_samples is the worst case, the chunk's
-    first frame: chunk - 640 + 80 samples = 1.965 s at the 2 s default. The 50 Hz hidden states are
-    averaged in pairs to 25 fps.
+    first frame: chunk - 640 + 80 samples = 1.965 s at the 2 s default, 5 ms at the live presets' one
+    frame (wav2vec2 then runs once per frame on 1.045 s of audio: streams share the call, see
+    `pipeline.encode_together`). The 50 Hz hidden states are averaged in pairs to 25 fps.
 
 Sections: mel front end, the encoder interface and its stream, mel encoder, wav2vec2 encoder, projector,
 factory.
@@ -437,7 +438,6 @@ class Wav2Vec2AudioEncoder(AudioEncoder):
     each window is normalised to zero mean, unit variance (eps 1e-7, as Wav2Vec2FeatureExtractor).
     """
 
-    max_blocks_per_call = 8  # 3 s windows at the defaults: ~24 s of audio per wav2vec2 call
 
     def __init__(self, config: AudioConfig) -> None:
         super().__init__(config)
@@ -461,6 +461,8 @@ class Wav2Vec2AudioEncoder(AudioEncoder):
         n = self.left_samples + self.block_samples
         self.right_samples = next(r for r in range(sum(kernels) * self.stride + 1)
                                   if _conv_out_len(n + r, kernels, strides) >= n // self.stride)  # 80
+        # ~24 s of audio per wav2vec2 call (8 windows of 3 s at a 2 s chunk, 23 of 1.045 s at one frame)
+        self.max_blocks_per_call = max(1, round(24 * config.sample_rate / self.window_samples))
         self.normalize = _wants_normalize(Path(config.wav2vec2_path).expanduser())
         self.model = model.eval().requires_grad_(False)
 

@@ -845,13 +845,15 @@ class StreamEngine:
     def _plan(self) -> list[tuple[Session, int, int]]:
         """Ingest audio of every session and pick one batch: [(session, frames, epoch)].
 
-        The batch is the sessions whose playback runs dry soonest; a session that would run dry while this
-        batch is being made joins it (it could not start its own window before the batch ends anyway), so
-        sessions opened moments apart share forward passes instead of each waiting for the other's."""
+        The batch is the sessions whose playback runs dry soonest; a session outside an utterance that would
+        run dry while this batch is being made joins it (it could not start its own window before the batch
+        ends anyway), so sessions opened moments apart, or falling out of step, share forward passes again
+        at their next pause instead of each waiting for the other's."""
         now = time.monotonic()
         ready: list[tuple[float, Session, int, int]] = []
         waiting: list[Session] = []
-        for s in list(self.sessions.values()):
+        sessions = list(self.sessions.values())
+        for s in sessions:
             if s.closed:
                 continue
             item = self._try_prepare(s, now)
@@ -863,7 +865,7 @@ class StreamEngine:
             ready.sort(key=lambda r: r[0])
             horizon = self._gen_ms.get(ready[0][2], 50.0) / 1000
             ready += [item for s in waiting if (item := self._try_prepare(s, now, horizon)) is not None]
-        failed = self._encode_audio([s for s in list(self.sessions.values()) if not s.closed and s._w.tokenizer.owed])
+        failed = self._encode_audio([s for s in sessions if s._w.tokenizer.owed])  # every session taken into a plan
         ready = [r for r in ready if r[1] not in failed]
         if not ready:
             return []
@@ -881,7 +883,7 @@ class StreamEngine:
 
     def _prepare(self, s: Session, now: float, horizon: float = 0.0) -> tuple[float, Session, int, int] | None:
         """Ingest the session's queued audio; its window job (deadline, session, frames, epoch) if it needs one
-        now, or would run dry within `horizon` seconds of the window's compute; else None."""
+        now, or (not in an utterance) would run dry within `horizon` seconds; else None."""
         w = s._w
         with s._lock:
             if s._reset is not None:  # interrupt: start over from what is on screen
@@ -940,7 +942,10 @@ class StreamEngine:
             dry_at = player.due(player.tick + ahead)
         if w.n_tokens < want:
             gen_s = self._gen_ms.get(want, 50.0) / 1000
-            if dry_at - now > gen_s + self.config.safety_ms / 1000 + horizon:
+            # Joining a batch early (horizon) fills the window with idle frames now: not in the middle of an
+            # utterance, whose next frames may still arrive in time (the idle frames would be a gap in it).
+            join = 0.0 if w.after_speech else horizon
+            if dry_at - now > gen_s + self.config.safety_ms / 1000 + join:
                 w.encode_ms += (time.perf_counter() - t0) * 1000
                 return None  # speech may still arrive in time
             fps = self.pipeline.fps

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The GPU figures issue 4 asks for, in one command that fits one call on a lent GPU machine (~6 minutes).
+#
+#   bash scripts/device_bench.sh OUT_DIR          # from the repository root, on a machine with CUDA
+#
+# Measures, with random weights (speed only), bf16:
+#   1. letstalk-b, windows of 2 frames (the only window whose latency floor is under 250 ms, see
+#      docs/benchmarks.md "What latency the GPU target allows"): 1, 8, 12 and 16 sessions
+#   2. letstalk-b, windows of 4 frames: 8 and 16 sessions (capacity at less compute per frame)
+#   3. one window's cost broken down, its transformer arithmetic against the GPU's bf16 matrix-product
+#      rate measured on the spot (fraction of peak), CUDA peak memory
+#   4. a 120 s soak of one session (A/V offset at the tracks)
+# Each writes OUT_DIR/NAME.json and NAME.log. Needs a CUDA torch and transformers where it runs; PyAV
+# (not in the lent machines' image) is installed from wheels in .whl/ if there are any:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 -d .whl av==18.1.0
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${1:-${OUT:-device_out}}
+mkdir -p "$OUT_DIR"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
+W2V=/tmp/w2v-base  # a wav2vec2-base-sized checkpoint, random weights: the cost is the same as the real one's
+python3 -c "from transformers import Wav2Vec2Config, Wav2Vec2Model; Wav2Vec2Model(Wav2Vec2Config()).save_pretrained('$W2V')" \
+    || exit 1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT_DIR/gpu.txt"
+python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT_DIR/gpu.txt"
+
+bench() {  # NAME ARGS...
+    local name=$1; shift
+    echo "== $name: letstalk bench $* ($(date +%T))"
+    timeout 240 python3 -c "from letstalk_rt.cli import main; raise SystemExit(main())" bench --device cuda --dtype bf16 \
+        --json "$OUT_DIR/$name.json" "$@" 2>&1 | tee "$OUT_DIR/$name.log" | grep -E '^\{|one window|arithmetic|rror'
+}
+B=(--preset letstalk-b --wav2vec2 "$W2V")
+bench b_w2 "${B[@]}" --window 2 --sessions 1,8,12,16 --seconds 15
+bench b_w4 "${B[@]}" --window 4 --sessions 8,16 --seconds 15
+bench b_soak "${B[@]}" --window 2 --soak 120
+echo "done ($(date +%T))"
