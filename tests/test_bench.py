@@ -54,6 +54,23 @@ def test_the_matrix_product_peak_is_measured_not_assumed():
     assert 0.001 < fast < 10  # a 2-core CPU: tens to hundreds of GFLOP/s, never a datasheet figure
 
 
+def test_a_run_that_shows_no_frame_is_not_real_time(tiny_pipeline, monkeypatch, astronaut_png):
+    """A first window slower than the whole run (a 256 px preset on a CPU) leaves nothing on screen: the
+    report says so (no first frame, real-time factor ~0), never 'real time' from frames made but not shown."""
+    import asyncio
+
+    from letstalk_rt.bench import run_sessions
+    from letstalk_rt.media import load_image
+
+    generate = tiny_pipeline.generate_latents
+    monkeypatch.setattr(tiny_pipeline, "generate_latents", lambda *a, **k: time.sleep(1.5) or generate(*a, **k))
+    portrait = tiny_pipeline.prepare_portrait(load_image(astronaut_png), detect=False)
+    result = asyncio.run(run_sessions(tiny_pipeline, 1, 0.8, speechlike(1.0, seed=4), portrait,
+                                      live={"warmup": False}))
+    assert result.first_frame_ms_max is None and result.latency_ms_p95 is None
+    assert result.realtime_factor < 0.2 and not result.realtime
+
+
 def test_bad_counts_fail_before_a_model_loads(capsys):
     for argv in (["bench", "--repeat", "0"], ["bench", "--sessions", "0,1"], ["bench", "--sessions", "two"],
                  ["bench", "--max-steps", "51"], ["demo", "--max-steps", "-1"], ["bench", "--catch-up-tempo", "3"],

@@ -778,7 +778,7 @@ class StreamEngine:
 
     def _choose_threads(self, window_ms) -> None:
         """EngineConfig.threads = 0 on a CPU: the fewest threads whose window fits threads_budget; if none
-        fits (a slow or crowded machine), the count whose window was fastest."""
+        fits (a slow or crowded machine), the count whose window was fastest, measured in turns."""
         most = self._threads_before
         budget = self.config.threads_budget * 1000 * self.window / self.pipeline.config.fps
         took = {}
@@ -787,6 +787,16 @@ class StreamEngine:
             took[n] = min(window_ms(self.window) for _ in range(2))  # the first run of a shape warms caches
             if took[n] <= budget:
                 break
+        if took[n] > budget and len(took) > 1:
+            # None fits. Such a machine's speed moves from second to second: time the counts again in turns, so
+            # that a slow burst cannot fall on one count alone (one picked 1 thread in a burst and then ran at
+            # 0.92 of real time, where 2 threads held it: docs/benchmarks.md, the thirteenth session).
+            turns: dict[int, list[float]] = {k: [] for k in took}
+            for _ in range(3):
+                for k in turns:
+                    torch.set_num_threads(k)
+                    turns[k].append(window_ms(self.window))
+            took = {k: float(np.median(v)) for k, v in turns.items()}
         self.threads = n if took[n] <= budget else min(took, key=took.get)
         torch.set_num_threads(self.threads)
         log.info("engine: %d torch threads (window %s ms by thread count; budget %.0f ms)", self.threads,
