@@ -953,8 +953,10 @@ class StreamEngine:
         if w.n_tokens < want:
             gen_s = self._gen_ms.get(want, 50.0) / 1000
             # Joining a batch early (horizon) fills the window with idle frames now: not in the middle of an
-            # utterance, whose next frames may still arrive in time (the idle frames would be a gap in it).
-            join = 0.0 if w.after_speech else horizon
+            # utterance, whose next frames may still arrive in time (the idle frames would be a gap in it);
+            # a session nobody is pushing audio to joins up to a window early (two such sessions out of step
+            # by more than a window's compute would never share a pass otherwise).
+            join = 0.0 if w.after_speech else horizon if w.unflushed else horizon + want / self.pipeline.fps
             if dry_at - now > gen_s + self.config.safety_ms / 1000 + join:
                 w.encode_ms += (time.perf_counter() - t0) * 1000
                 return None  # speech may still arrive in time
