@@ -302,6 +302,35 @@ def test_sessions_audio_is_encoded_together_and_each_keeps_its_own(tiny_pipeline
     assert max(sizes) == 2, sizes
 
 
+def test_frames_in_flight_keep_a_playing_session_from_looking_dry(tiny_pipeline):
+    """Between a window's end and its delivery, a session's queue holds 1 frame and 4 are in flight: the
+    planner must not take it for nearly dry and put idle frames in front of what it is about to play
+    (with several sessions that happened every few windows and cost 20-45 % of real time)."""
+    async def main():
+        engine = await _engine(tiny_pipeline)
+        session = await engine.open_session(_portrait(tiny_pipeline, 60))
+        await _collect(session, 0.2)
+        engine._stopping = True  # stop the worker: the test plays the planner itself, on a state it sets
+        engine._wake()
+        await asyncio.to_thread(engine._thread.join)
+        w, player = session._w, session.player
+        w.tokens, w.n_tokens, w.after_speech, w.unflushed = [], 0, False, False
+        player.queue.clear()
+        player.queue.append(None)  # one frame left to show
+        player.start = time.monotonic() - player.tick / 25  # the next tick is due now
+        verdicts = []
+        for inflight in (4, 0):
+            session._inflight = inflight
+            verdicts.append((engine._prepare(session, time.monotonic()), w.n_tokens))
+        player.queue.clear()
+        engine._thread = None
+        return verdicts
+
+    (in_flight, tokens_then), (dry, tokens_now) = run(main())
+    assert in_flight is None and tokens_then == 0  # 5 frames ahead: nothing to do yet
+    assert dry is not None and tokens_now >= 1  # 1 frame ahead: idle frames, a window now
+
+
 def test_a_failing_session_ends_with_an_error_and_the_others_keep_running(tiny_pipeline):
     async def main():
         engine = await _engine(tiny_pipeline)

@@ -956,7 +956,7 @@ class StreamEngine:
             # utterance, whose next frames may still arrive in time (the idle frames would be a gap in it);
             # a session nobody is pushing audio to joins up to a window early (two such sessions out of step
             # by more than a window's compute would never share a pass otherwise).
-            join = 0.0 if w.after_speech else horizon if w.unflushed else horizon + want / self.pipeline.fps
+            join = 0.0 if w.after_speech or not horizon else horizon if w.unflushed else horizon + want / self.pipeline.fps
             if dry_at - now > gen_s + self.config.safety_ms / 1000 + join:
                 w.encode_ms += (time.perf_counter() - t0) * 1000
                 return None  # speech may still arrive in time
