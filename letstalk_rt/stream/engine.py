@@ -869,12 +869,12 @@ class StreamEngine:
             item = self._try_prepare(s, now)
             if item is None:
                 waiting.append(s)
-            else:
+            elif item:
                 ready.append(item)
         if ready and waiting:
             ready.sort(key=lambda r: r[0])
             horizon = self._gen_ms.get(ready[0][2], 50.0) / 1000
-            ready += [item for s in waiting if (item := self._try_prepare(s, now, horizon)) is not None]
+            ready += [item for s in waiting if (item := self._try_prepare(s, now, horizon))]
         failed = self._encode_audio([s for s in sessions if s._w.tokenizer.owed])  # every session taken into a plan
         ready = [r for r in ready if r[1] not in failed]
         if not ready:
@@ -883,13 +883,14 @@ class StreamEngine:
         frames = ready[0][2]
         return [(s, n, epoch) for _, s, n, epoch in ready if n == frames][: self.config.max_batch]
 
-    def _try_prepare(self, s: Session, now: float, horizon: float = 0.0) -> tuple[float, Session, int, int] | None:
+    def _try_prepare(self, s: Session, now: float, horizon: float = 0.0) -> tuple[float, Session, int, int] | None | bool:
+        """_prepare; a session that raises ends with an error event (False), and the others go on."""
         try:
             return self._prepare(s, now, horizon)
         except Exception as e:  # a broken session must not stop the others
             log.exception("session %s failed while preparing a window", s.id)
             s.loop.call_soon_threadsafe(s._fail, f"audio processing failed: {e}")
-            return None
+            return False
 
     def _prepare(self, s: Session, now: float, horizon: float = 0.0) -> tuple[float, Session, int, int] | None:
         """Ingest the session's queued audio; its window job (deadline, session, frames, epoch) if it needs one
@@ -956,7 +957,12 @@ class StreamEngine:
             # utterance, whose next frames may still arrive in time (the idle frames would be a gap in it);
             # a session nobody is pushing audio to joins up to a window early (two such sessions out of step
             # by more than a window's compute would never share a pass otherwise).
-            join = 0.0 if w.after_speech or not horizon else horizon if w.unflushed else horizon + want / self.pipeline.fps
+            if w.after_speech or not horizon:
+                join = 0.0
+            elif w.unflushed:
+                join = horizon
+            else:
+                join = horizon + want / self.pipeline.fps
             if dry_at - now > gen_s + self.config.safety_ms / 1000 + join:
                 w.encode_ms += (time.perf_counter() - t0) * 1000
                 return None  # speech may still arrive in time
