@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import LetsTalkError
 from .diffusion import guidance_rows
+from .errors import LetsTalkError
 from .pipeline import LetsTalkPipeline
 
 

@@ -159,7 +159,6 @@ class AudioTokenizer:
         self.level = SpeechLevel(cfg.level_min, cfg.level_max, block=cfg.sample_rate // 50)  # 20 ms blocks
         self._windows: list[Tensor] = []  # encoder windows defer() cut and complete() has not had features for
         self.owed = 0  # tokens defer() counted and complete() has not made yet
-        self._held: int | None = None  # rows `buffer` will hold once every window is complete (None: no features yet)
 
     @property
     def lookahead_ms(self) -> float:
@@ -206,10 +205,11 @@ class AudioTokenizer:
         if not windows.shape[0]:
             return 0
         self._windows.append(windows)
-        m = self.margin  # what _take will do with these features, by count: it projects all rows past 2m
-        self._held = (m if self._held is None else self._held) + windows.shape[0] * self.stream.encoder.block_frames
-        n = max(0, self._held - 2 * m)
-        self._held -= n
+        # what _take will do once these features come, by count: project every buffered row past 2m
+        m = self.margin
+        kept = sum(w.shape[0] for w in self._windows) * self.stream.encoder.block_frames
+        rows = (m if self.buffer is None else self.buffer.shape[0]) + kept
+        n = max(0, rows - 2 * m) - self.owed
         self.owed += n
         self.frames_out += n
         return n
@@ -231,22 +231,16 @@ class AudioTokenizer:
         self._windows, self.owed = [], 0
         return tokens
 
-    def _encode(self) -> Tensor:
-        windows = self.windows
-        if not windows.shape[0]:
-            return self.stream._empty()
-        return self.pipeline.audio_encoder._encode_windows(windows)  # (N * bf, L, D)
-
     @torch.no_grad()
     def push(self, pcm: np.ndarray) -> Tensor:
         """16 kHz mono float32 samples in; tokens (n, M, Dt) for the frames that became final out."""
         self.defer(pcm)
-        return self.complete(self._encode())
+        return encode_together([self])[0]
 
     @torch.no_grad()
     def flush(self) -> Tensor:
         """End of audio: tokens for the remaining frames (total = ceil(samples / samples_per_frame))."""
-        head = self.complete(self._encode())  # (owed, M, Dt)
+        head = encode_together([self])[0]  # (owed, M, Dt)
         tail = self._take(self.stream.flush().to(self.pipeline.device), final=True)  # (n, M, Dt)
         self.frames_out += tail.shape[0]
         return torch.cat([head, tail])

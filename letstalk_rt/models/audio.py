@@ -438,7 +438,6 @@ class Wav2Vec2AudioEncoder(AudioEncoder):
     each window is normalised to zero mean, unit variance (eps 1e-7, as Wav2Vec2FeatureExtractor).
     """
 
-
     def __init__(self, config: AudioConfig) -> None:
         super().__init__(config)
         model = load_wav2vec2(config.wav2vec2_path)

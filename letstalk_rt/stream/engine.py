@@ -872,8 +872,8 @@ class StreamEngine:
             elif item:
                 ready.append(item)
         if ready and waiting:
-            ready.sort(key=lambda r: r[0])
-            horizon = self._gen_ms.get(ready[0][2], 50.0) / 1000
+            lead = min(ready, key=lambda r: r[0])  # the batch's frames: the earliest deadline's
+            horizon = self._gen_ms.get(lead[2], 50.0) / 1000
             ready += [item for s in waiting if (item := self._try_prepare(s, now, horizon))]
         failed = self._encode_audio([s for s in sessions if s._w.tokenizer.owed])  # every session taken into a plan
         ready = [r for r in ready if r[1] not in failed]

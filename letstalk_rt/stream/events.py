@@ -76,7 +76,7 @@ class WindowTimings(Event):
     window: int = 0
     frames: int = 0
     batch: int = 1  # sessions in the forward pass
-    encode_ms: float = 0.0  # audio encoding for this session's new audio
+    encode_ms: float = 0.0  # audio encoding for this session's new audio (its share of the one call for all sessions)
     generate_ms: float = 0.0  # the sampling steps, whole batch
     decode_ms: float = 0.0  # DC-AE decode, whole batch
     lead_frames: int = 0  # frames generated ahead of playback after delivery
