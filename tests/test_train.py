@@ -491,11 +491,54 @@ def test_pixel_losses_bring_the_decoded_output_toward_the_truth(tmp_path, init_d
         train(_cfg("decoder", data, init_dir, tmp_path / "r2", **{flag: 1.0}))
 
 
-@pytest.mark.parametrize("sync", [False, True], ids=["plain", "sync-loss"])
-def test_exact_resume(tmp_path, init_dir, shards, synth_sync, sync):
+def test_adversarial_mouth_critic_trains_beside_the_network(tmp_path, init_dir, synth_sync):
+    """--adv-mouth-weight: a critic learns, beside the network, to tell the ground truth's decoded mouth from
+    the network's; its hinge loss and the network's adversarial term are logged; the network's term reaches
+    the network and not the critic (which learns only from its own loss); the decoder stays frozen."""
+    cfg = _cfg("transformer", synth_sync, init_dir, tmp_path / "r", out=tmp_path / "m", steps=40, batch=8,
+               lr=2e-3, warmup=3, ema=0.5, schedule="constant", adv_mouth_weight=0.5)
+    out = train(cfg)
+    log = [json.loads(x) for x in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["adv"]) and np.isfinite(r["critic"]) for r in log)
+    assert log[0]["critic"] > 1.5 and log[-1]["critic"] < 1.2, [r["critic"] for r in log]  # 2 = chance
+    ae_before = load_model(init_dir).autoencoder.state_dict()
+    for k, v in load_model(out).autoencoder.state_dict().items():
+        assert torch.equal(v, ae_before[k]), k
+
+    state = torch.load(tmp_path / "r" / "checkpoints" / "step_0000040" / "trainer_state.pt", weights_only=False)
+    stage = TransformerStage(cfg, load_model(out), open_dataset(synth_sync, SIZE, progress=False), Dist())
+    stage.load_extra_state(state["extra"])
+    batch = stage.finish(stage.make_batch(10**6, range(8)))  # windows no step saw
+    loss = stage.loss(stage.module, batch)
+    real, fake = stage._mouths
+    with torch.no_grad():
+        assert float(stage.critic(real).mean()) > float(stage.critic(fake).mean()) + 0.5
+    stage.module.zero_grad()
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in stage.module.transformer.parameters())
+    assert all(p.grad is None for p in stage.critic.parameters())
+    # the decoder stage: the critic compares the real frames' mouths with the reconstruction's
+    dec = _cfg("decoder", synth_sync, init_dir, tmp_path / "d", out=tmp_path / "dm", steps=40, batch=8, lr=2e-3,
+               warmup=3, ema=0.5, schedule="constant", adv_mouth_weight=0.5)
+    out = train(dec)
+    log = [json.loads(x) for x in (tmp_path / "d" / "log.jsonl").read_text().splitlines()]
+    assert log[0]["critic"] > 1.5 and log[-1]["critic"] < 1.2 and all(np.isfinite(r["adv"]) for r in log)
+    enc_before = load_model(init_dir).autoencoder.encoder.state_dict()
+    for k, v in load_model(out).autoencoder.encoder.state_dict().items():
+        assert torch.equal(v, enc_before[k]), k  # the latents stay as they are
+    with pytest.raises(InputError, match="--adv-mouth-weight needs each clip's mouth box"):
+        train(_cfg("transformer", make_shards(tmp_path / "shards"), init_dir, tmp_path / "r2", adv_mouth_weight=1.0))
+    with pytest.raises(InputError, match="--adv-mouth-weight must be"):
+        train(_cfg("transformer", synth_sync, init_dir, tmp_path / "r2", adv_mouth_weight=-1.0))
+
+
+@pytest.mark.parametrize("extra", ["plain", "sync", "adv"], ids=["plain", "sync-loss", "adversarial"])
+def test_exact_resume(tmp_path, init_dir, shards, synth_sync, extra):
     kw = dict(steps=6, ema=0.9, ckpt_every=2, keep=2)
-    if sync:  # the mouth expert is fitted again on resume: it must come out the same
+    if extra == "sync":  # the mouth expert is fitted again on resume: it must come out the same
         shards, kw = synth_sync, dict(kw, sync_weight=0.5)
+    if extra == "adv":  # the critic and its optimizer come back from the checkpoint
+        shards, kw = synth_sync, dict(kw, adv_mouth_weight=0.5)
     a = train(_cfg("transformer", shards, init_dir, tmp_path / "a", out=tmp_path / "out_a", **kw))
     assert train(_cfg("transformer", shards, init_dir, tmp_path / "b", out=tmp_path / "out_b",
                       stop_after=3, **kw)) is None
@@ -511,6 +554,9 @@ def test_exact_resume(tmp_path, init_dir, shards, synth_sync, sync):
     sa = torch.load(tmp_path / "a" / "checkpoints" / "step_0000006" / "trainer_state.pt", weights_only=False)
     sb = torch.load(tmp_path / "b" / "checkpoints" / "step_0000006" / "trainer_state.pt", weights_only=False)
     assert all(torch.equal(sa["module"][k], sb["module"][k]) for k in sa["module"])
+    if extra == "adv":
+        assert sa["extra"]["critic"].keys() == sb["extra"]["critic"].keys()
+        assert all(torch.equal(sa["extra"]["critic"][k], sb["extra"]["critic"][k]) for k in sa["extra"]["critic"])
     la = (tmp_path / "a" / "log.jsonl").read_text().splitlines()
     lb = (tmp_path / "b" / "log.jsonl").read_text().splitlines()
     assert [json.loads(x)["loss"] for x in la] == [json.loads(x)["loss"] for x in lb]

@@ -36,6 +36,7 @@ HELD_OUT = 0.15  # fraction of the training clips (the last ones) held out to re
 MAX_FIT_FRAMES = 60_000  # frames the expert is fitted on at most (evenly subsampled)
 FIT_STEPS, FIT_BATCH, FIT_LR = 3000, 512, 1e-3  # AdamW on the standardised features (~10 s on a 2-core CPU)
 HIDDEN = 256
+CRITIC_LR_SCALE = 4.0  # the adversarial critic's learning rate, in units of the run's (two time-scale updates)
 TEACH_MIN_R = 0.9  # a state the expert reads less well than this on held-out clips is not taught (its error is noise)
 
 
@@ -50,15 +51,15 @@ def crop_origin(box: tuple[int, int, int, int] | None, image_size: int, latent_s
     return min(max(cy - CROP // 2, 0), hi), min(max(cx - CROP // 2, 0), hi)
 
 
-def mouth_square(latents: Tensor, origins: Tensor) -> Tensor:
-    """latents (N, C, h, w) and origins (N, 2) long -> (N, C, CROP, CROP), the latent square around the
-    mouth (differentiable)."""
+def mouth_square(latents: Tensor, origins: Tensor, size: int = CROP) -> Tensor:
+    """latents (N, C, h, w) and origins (N, 2) long -> (N, C, size, size), the square around the mouth
+    (differentiable; CROP latent cells, or in pixels of decoded frames, CROP x the downsampling)."""
     n = latents.shape[0]
-    ar = torch.arange(CROP, device=latents.device)  # (CROP,)
-    rows = origins[:, 0:1].to(latents.device) + ar  # (N, CROP)
-    cols = origins[:, 1:2].to(latents.device) + ar  # (N, CROP)
+    ar = torch.arange(size, device=latents.device)  # (size,)
+    rows = origins[:, 0:1].to(latents.device) + ar  # (N, size)
+    cols = origins[:, 1:2].to(latents.device) + ar  # (N, size)
     batch = torch.arange(n, device=latents.device)[:, None, None]  # (N, 1, 1)
-    cells = latents.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (N, CROP, CROP, C)
+    cells = latents.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (N, size, size, C)
     return cells.permute(0, 3, 1, 2)
 
 
@@ -180,3 +181,38 @@ class MouthExpert(nn.Module):
                              "uniform clips to teach lip sync from; train with --sync-weight 0")
         expert.taught.copy_(torch.tensor(taught, dtype=torch.float32))
         return expert
+
+
+class MouthCritic(nn.Module):
+    """A patch discriminator on mouth squares, for the adversarial mouth loss (`letstalk train
+    --adv-mouth-weight W`; docs/training.md).
+
+    The regressions (reconstruction L1/L2, the decoded L1 terms, the expert above) reward the average of
+    what the input leaves open to doubt: a soft blur where the truth has white teeth in a dark mouth, which
+    on dark skin hardly shows. A critic that learns to tell the true mouth from the network's rewards a mouth
+    that looks like one. Real and fake are the CROP x CROP-cell square around the mouth: frames against
+    their reconstruction (autoencoder / decoder stages), or the truth's latents against the clean estimate,
+    both through the frozen decoder (transformer / distill). It trains beside the network with the hinge
+    loss (its own Adam at CRITIC_LR_SCALE x the run's rate; checkpointed, so resume is exact); the network
+    adds W x -critic(its mouth). No spectral normalisation: the two sides can differ by a few pixels, and
+    a 1-Lipschitz critic could not score them a margin apart (with it, its loss stayed at chance, 2.0,
+    through 60 steps of the default's fine-tune).
+    Input (N, 3, S, S) in [-1, 1] (S = 48 px at 128 px frames); output (N,), the mean of its patch scores
+    after three stride-2 convolutions.
+    """
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        chans = (3, width, 2 * width, 4 * width)
+        layers: list[nn.Module] = []
+        for cin, cout in zip(chans[:-1], chans[1:]):
+            layers += [nn.Conv2d(cin, cout, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        layers.append(nn.Conv2d(chans[-1], 1, 3, padding=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.net(images.float()).mean(dim=(1, 2, 3))  # (N,)
+
+    def loss(self, real: Tensor, fake: Tensor) -> Tensor:
+        """The critic's hinge loss on (N, 3, S, S) squares (fake detached by the caller)."""
+        return torch.relu(1 - self(real)).mean() + torch.relu(1 + self(fake)).mean()

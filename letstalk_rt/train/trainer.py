@@ -88,7 +88,7 @@ from ..models.autoencoder import DCAutoencoder
 from ..pipeline import corpus_level_min
 from .data import (AudioFeatureCache, ClipDataset, LatentCache, audio_window, open_dataset, plan_frames,
                    plan_windows, sample_generator, window_frame_indices)
-from .sync import MouthExpert, decoded_l1, mouth_origins, mouth_square
+from .sync import CROP, CRITIC_LR_SCALE, MouthCritic, MouthExpert, crop_origin, decoded_l1, mouth_origins, mouth_square
 
 STAGES = ("autoencoder", "transformer", "distill", "decoder")
 MIN_LR_RATIO = 0.1  # the cosine schedule ends at this fraction of --lr
@@ -127,6 +127,7 @@ class TrainConfig:
     sync_weight: float = 0.0  # transformer/distill: weight of the mouth expert's loss on x0_hat (train/sync.py)
     pixel_mouth_weight: float = 0.0  # transformer/distill: L1 weight, x0_hat's vs the truth's decoded mouth square
     pixel_frame_weight: float = 0.0  # transformer/distill: the same over whole decoded frames
+    adv_mouth_weight: float = 0.0  # weight of a critic's verdict on the network's mouth (train/sync.py MouthCritic)
     latent_cache: bool = True  # transformer/distill: read cached latents instead of encoding every step
     teacher_steps: int = 8  # distill: Euler steps of the teacher per target
     student_steps: int = 2  # distill: the student's sampling steps (written to sampling.num_steps)
@@ -255,8 +256,14 @@ Batch = dict[str, Any]
 
 def extra_loss_weights(cfg: TrainConfig) -> dict[str, float]:
     """The transformer/distill loss terms beyond the flow loss that are on, by their log name."""
-    weights = {"sync": cfg.sync_weight, "pixel": cfg.pixel_mouth_weight, "frame": cfg.pixel_frame_weight}
+    weights = {"sync": cfg.sync_weight, "pixel": cfg.pixel_mouth_weight, "frame": cfg.pixel_frame_weight,
+               "adv": cfg.adv_mouth_weight}
     return {k: w for k, w in weights.items() if w}
+
+
+def logged_terms(cfg: TrainConfig) -> list[str]:
+    """What `Stage.last_terms` holds each step: the extra loss terms, and the critic's own loss when one trains."""
+    return list(extra_loss_weights(cfg)) + (["critic"] if cfg.adv_mouth_weight else [])
 
 
 class Stage:
@@ -271,6 +278,14 @@ class Stage:
         self.cfg, self.comps, self.dataset, self.dist = cfg, comps, dataset, dist
         self.module = self.objective(comps)
         self.export_base: Components | None = None  # unsharded copy to export from (FSDP shards self.comps)
+        self.critic: MouthCritic | None = None  # --adv-mouth-weight: trained beside the network (after_step)
+        if cfg.adv_mouth_weight:
+            mouth_origins(self.dataset, comps.config.transformer.latent_size, "--adv-mouth-weight")  # boxes or fail
+            with torch.random.fork_rng(devices=[]):  # its initial weights from the seed, the global RNG untouched
+                torch.manual_seed(cfg.seed)
+                self.critic = MouthCritic().to(dist.device)
+            self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=CRITIC_LR_SCALE * cfg.lr, betas=(0.5, 0.999))
+            self._mouths: tuple[Tensor, Tensor] | None = None  # the last step's (truth, output) mouth squares
 
     def objective(self, comps: Components) -> nn.Module:
         raise NotImplementedError
@@ -284,6 +299,46 @@ class Stage:
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         raise NotImplementedError
+
+    def adversarial(self, real: Tensor, fake: Tensor) -> Tensor:
+        """The network's adversarial term on its mouth squares `fake` (N, 3, S, S), with gradients to the network
+        only; (real, fake) are kept for the critic's own step in `after_step`."""
+        assert self.critic is not None
+        self.critic.requires_grad_(False)
+        self._mouths = (real.detach(), fake.detach())
+        return -self.critic(fake).mean()
+
+    def after_step(self) -> None:
+        """One step of the critic (hinge loss) on the mouths the network just drew and their truths. Under
+        DDP its gradients are averaged over the ranks, as the network's are, so every rank's copy stays equal."""
+        if self.critic is None or self._mouths is None:
+            return
+        real, fake = self._mouths
+        self._mouths = None
+        self.critic.requires_grad_(True)
+        loss = self.critic.loss(real, fake)
+        self.critic_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.dist.enabled:
+            for p in self.critic.parameters():
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= self.dist.world
+        self.critic_opt.step()
+        self.last_terms["critic"] = loss.detach()
+
+    def extra_state(self) -> dict[str, Any]:
+        if self.critic is None:
+            return {}
+        return {"critic": {k: v.detach().cpu() for k, v in self.critic.state_dict().items()},
+                "critic_optimizer": self.critic_opt.state_dict()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if self.critic is None:
+            return
+        if "critic" not in state:
+            raise InputError("--resume: this run was trained without --adv-mouth-weight; resume it the same way")
+        self.critic.load_state_dict(state["critic"])
+        self.critic_opt.load_state_dict(state["critic_optimizer"])
 
     def export(self, ema_state: dict[str, Tensor]) -> Components:
         """A copy of the components with the EMA weights loaded (config adjusted by the stage)."""
@@ -311,13 +366,28 @@ class AutoencoderStage(Stage):
         return x, weight
 
     def make_batch(self, step: int, indices: range) -> Batch:
-        images, weight = self._images(plan_frames(self.dataset, self.cfg.seed, step, indices))
-        return {"images": images, "weight": weight}
+        plans = plan_frames(self.dataset, self.cfg.seed, step, indices)
+        images, weight = self._images(plans)
+        batch = {"images": images, "weight": weight}
+        if self.critic is not None:  # the mouth squares the critic compares, in pixels (on the latent grid)
+            latent = self.comps.config.transformer.latent_size
+            f = self.dataset.image_size // latent
+            batch["mouth_origin"] = torch.tensor([crop_origin(self.dataset.clips[p.clip].mouth_box,
+                                                              self.dataset.image_size, latent) for p in plans]) * f
+        return batch
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         x, w = batch["images"], batch["weight"]  # (B, 3, S, S), (B, 1, S, S)
-        err = model(x).float() - x  # (B, 3, S, S)
-        return ((err.abs() + err.square()) * w).mean() / w.mean()
+        recon = model(x).float()  # (B, 3, S, S)
+        err = recon - x
+        loss = ((err.abs() + err.square()) * w).mean() / w.mean()
+        if self.critic is None:
+            return loss
+        size = CROP * self.dataset.image_size // self.comps.config.transformer.latent_size
+        origins = batch["mouth_origin"]  # (B, 2) pixels
+        adv = self.adversarial(mouth_square(x, origins, size), mouth_square(recon, origins, size))
+        self.last_terms = {"adv": adv.detach()}
+        return loss + self.cfg.adv_mouth_weight * adv
 
     @torch.no_grad()
     def export(self, ema_state: dict[str, Tensor]) -> Components:
@@ -402,8 +472,9 @@ class TransformerStage(Stage):
                                               self.dataset)
         self.expert: MouthExpert | None = None  # the frozen lip-sync judge of --sync-weight
         self.mouth_origins: list[Tensor] | None = None  # per clip, its mouth square (--sync/--pixel-mouth-weight)
-        if cfg.sync_weight or cfg.pixel_mouth_weight:
-            flag = "--sync-weight" if cfg.sync_weight else "--pixel-mouth-weight"
+        if cfg.sync_weight or cfg.pixel_mouth_weight or cfg.adv_mouth_weight:
+            flag = ("--sync-weight" if cfg.sync_weight else
+                    "--pixel-mouth-weight" if cfg.pixel_mouth_weight else "--adv-mouth-weight")
             self.mouth_origins = mouth_origins(self.dataset, tc.latent_size, flag)
         if cfg.sync_weight:
             if self.cache is None:
@@ -581,8 +652,14 @@ class TransformerStage(Stage):
         if self.expert is not None:
             ref = batch["mouth_ref"][:, None].expand(-1, n, -1, -1, -1).flatten(0, 1)  # (B T, C, h, w)
             terms["sync"] = self.expert.loss(estimate, ref, origins, batch["mouth"].flatten(0, 1))
-        if "pixel" in weights:
-            terms["pixel"] = decoded_l1(self.ae.decode, mouth_square(estimate, origins), mouth_square(truth, origins))
+        if "pixel" in weights or "adv" in weights:  # both compare the mouth as decoded
+            with torch.no_grad():
+                real = self.ae.decode(mouth_square(truth, origins).float())  # (B T, 3, S, S)
+            fake = self.ae.decode(mouth_square(estimate, origins).float())  # (B T, 3, S, S)
+            if "pixel" in weights:
+                terms["pixel"] = (fake - real).abs().mean()
+            if self.critic is not None:
+                terms["adv"] = self.adversarial(real, fake)
         if "frame" in weights:
             terms["frame"] = decoded_l1(self.ae.decode, estimate, truth)
         self.last_terms = {k: v.detach() for k, v in terms.items()}
@@ -791,10 +868,10 @@ def _check(cfg: TrainConfig, dist: Dist) -> None:
         if getattr(cfg, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     for flag, w in (("--sync-weight", cfg.sync_weight), ("--pixel-mouth-weight", cfg.pixel_mouth_weight),
-                    ("--pixel-frame-weight", cfg.pixel_frame_weight)):
+                    ("--pixel-frame-weight", cfg.pixel_frame_weight), ("--adv-mouth-weight", cfg.adv_mouth_weight)):
         if w < 0 or not math.isfinite(w):
             raise InputError(f"{flag} must be a number >= 0, got {w}")
-        if w and cfg.stage not in ("transformer", "distill"):
+        if w and cfg.stage not in ("transformer", "distill") and flag != "--adv-mouth-weight":
             raise InputError(f"{flag} applies to the transformer and distill stages, not {cfg.stage}")
     if not 0 < cfg.portrait_start <= 1:
         raise InputError(f"--portrait-start {cfg.portrait_start:g}: choose a flow time in (0, 1], 1 = off")
@@ -893,6 +970,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path | None:
         scheduler.load_state_dict(state["scheduler"])
         ema.load_full(state["ema"])
         _set_rng_state(state["rng"])
+        stage.load_extra_state(state.get("extra", {}))
         start = int(state["step"])
     if cfg.resume and not ckpts and dist.main:
         print(f"--resume: '{cfg.run}' has no checkpoint yet; starting from step 0", file=sys.stderr)
@@ -934,7 +1012,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path | None:
 
         bar = tqdm(total=cfg.steps, initial=start, desc=cfg.stage, unit="step", dynamic_ncols=True)
     loss_sum = torch.zeros((), device=dist.device)
-    terms = list(extra_loss_weights(cfg))
+    terms = logged_terms(cfg)
     term_sums = torch.zeros(len(terms), device=dist.device)  # the extra loss terms, unweighted (logged)
     norm_sum, n_logged, t_log, t_start = 0.0, 0, time.perf_counter(), time.perf_counter()
     step = start
@@ -953,6 +1031,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path | None:
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             optimizer.step()
             scheduler.step()
+            stage.after_step()
             ema.update(module, step)
             loss_sum += loss.detach().float()
             for i, k in enumerate(terms):
@@ -1043,6 +1122,7 @@ def _save_checkpoint(cfg: TrainConfig, dist: Dist, stage: Stage, module: nn.Modu
         state = {"stage": cfg.stage, "step": step, "world_size": dist.world, "fsdp": cfg.fsdp,
                  "module": module_state, "ema": {k: v.cpu() for k, v in ema_state.items()},
                  "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+                 "extra": stage.extra_state(),
                  "config": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}}
 
         def write(tmp: Path) -> None:
@@ -1100,6 +1180,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pixel-frame-weight", type=float, default=d.pixel_frame_weight,
                    help="transformer/distill: weight of the L1 between the network's clean estimate and the "
                         "ground truth, both decoded to whole frames (default 0 = off)")
+    p.add_argument("--adv-mouth-weight", type=float, default=d.adv_mouth_weight,
+                   help="weight of an adversarial critic's verdict on the mouth the network makes (the reconstruction's; "
+                        "for transformer/distill the clean estimate's, decoded), the critic trained beside it on the "
+                        "true mouth (synth corpora; try 0.01; default 0 = off)")
     p.add_argument("--no-latent-cache", action="store_true",
                    help="transformer/distill: encode frames with the AE every step (exact pixel noise, slower)")
     p.add_argument("--teacher-steps", type=int, default=d.teacher_steps, help="distill: teacher Euler steps")
@@ -1140,7 +1224,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         log_every=args.log_every, seed=args.seed, device=args.device, resume=args.resume,
         stop_after=args.stop_after, split=args.split, workers=args.workers, mouth_weight=args.mouth_weight,
         sync_weight=args.sync_weight, pixel_mouth_weight=args.pixel_mouth_weight,
-        pixel_frame_weight=args.pixel_frame_weight,
+        pixel_frame_weight=args.pixel_frame_weight, adv_mouth_weight=args.adv_mouth_weight,
         latent_cache=not args.no_latent_cache, teacher_steps=args.teacher_steps,
         student_steps=args.student_steps, distill_target=args.distill_target, window=args.window, fsdp=args.fsdp,
         portrait_start=args.portrait_start, teacher_start=args.teacher_start,
