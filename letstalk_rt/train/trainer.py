@@ -255,7 +255,8 @@ Batch = dict[str, Any]
 
 
 def extra_loss_weights(cfg: TrainConfig) -> dict[str, float]:
-    """The transformer/distill loss terms beyond the flow loss that are on, by their log name."""
+    """The loss terms beyond the stage's own (flow, or reconstruction) that are on, by their log name; all but
+    "adv" are transformer/distill only."""
     weights = {"sync": cfg.sync_weight, "pixel": cfg.pixel_mouth_weight, "frame": cfg.pixel_frame_weight,
                "adv": cfg.adv_mouth_weight}
     return {k: w for k, w in weights.items() if w}
@@ -1183,7 +1184,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adv-mouth-weight", type=float, default=d.adv_mouth_weight,
                    help="weight of an adversarial critic's verdict on the mouth the network makes (the reconstruction's; "
                         "for transformer/distill the clean estimate's, decoded), the critic trained beside it on the "
-                        "true mouth (synth corpora; try 0.01; default 0 = off)")
+                        "true mouth (synth corpora; the default model's distill run used 0.05, a decoder run 0.01; default 0 = off)")
     p.add_argument("--no-latent-cache", action="store_true",
                    help="transformer/distill: encode frames with the AE every step (exact pixel noise, slower)")
     p.add_argument("--teacher-steps", type=int, default=d.teacher_steps, help="distill: teacher Euler steps")
