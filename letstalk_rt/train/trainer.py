@@ -88,7 +88,7 @@ from ..models.autoencoder import DCAutoencoder
 from ..pipeline import corpus_level_min
 from .data import (AudioFeatureCache, ClipDataset, LatentCache, audio_window, open_dataset, plan_frames,
                    plan_windows, sample_generator, window_frame_indices)
-from .sync import CROP, CRITIC_LR_SCALE, MouthCritic, MouthExpert, crop_origin, decoded_l1, mouth_origins, mouth_square
+from .sync import CROP, CRITIC_LR_SCALE, MouthCritic, MouthExpert, decoded_l1, mouth_origins, mouth_square
 
 STAGES = ("autoencoder", "transformer", "distill", "decoder")
 MIN_LR_RATIO = 0.1  # the cosine schedule ends at this fraction of --lr
@@ -279,9 +279,13 @@ class Stage:
         self.cfg, self.comps, self.dataset, self.dist = cfg, comps, dataset, dist
         self.module = self.objective(comps)
         self.export_base: Components | None = None  # unsharded copy to export from (FSDP shards self.comps)
+        # per clip, the (row, col) latent cell of its mouth square, for the terms that read the mouth
+        flags = [f for f, w in (("--sync-weight", cfg.sync_weight), ("--pixel-mouth-weight", cfg.pixel_mouth_weight),
+                                ("--adv-mouth-weight", cfg.adv_mouth_weight)) if w]
+        self.mouth_origins: list[Tensor] | None = (
+            mouth_origins(self.dataset, comps.config.transformer.latent_size, flags[0]) if flags else None)
         self.critic: MouthCritic | None = None  # --adv-mouth-weight: trained beside the network (after_step)
         if cfg.adv_mouth_weight:
-            mouth_origins(self.dataset, comps.config.transformer.latent_size, "--adv-mouth-weight")  # boxes or fail
             with torch.random.fork_rng(devices=[]):  # its initial weights from the seed, the global RNG untouched
                 torch.manual_seed(cfg.seed)
                 self.critic = MouthCritic().to(dist.device)
@@ -370,12 +374,14 @@ class AutoencoderStage(Stage):
         plans = plan_frames(self.dataset, self.cfg.seed, step, indices)
         images, weight = self._images(plans)
         batch = {"images": images, "weight": weight}
-        if self.critic is not None:  # the mouth squares the critic compares, in pixels (on the latent grid)
-            latent = self.comps.config.transformer.latent_size
-            f = self.dataset.image_size // latent
-            batch["mouth_origin"] = torch.tensor([crop_origin(self.dataset.clips[p.clip].mouth_box,
-                                                              self.dataset.image_size, latent) for p in plans]) * f
+        if self.mouth_origins is not None:  # the mouth squares the critic compares, in pixels (on the latent grid)
+            batch["mouth_origin"] = torch.stack([self.mouth_origins[p.clip] for p in plans]) * self._cell_px
         return batch
+
+    @property
+    def _cell_px(self) -> int:
+        """Pixels per latent cell."""
+        return self.dataset.image_size // self.comps.config.transformer.latent_size
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         x, w = batch["images"], batch["weight"]  # (B, 3, S, S), (B, 1, S, S)
@@ -384,8 +390,7 @@ class AutoencoderStage(Stage):
         loss = ((err.abs() + err.square()) * w).mean() / w.mean()
         if self.critic is None:
             return loss
-        size = CROP * self.dataset.image_size // self.comps.config.transformer.latent_size
-        origins = batch["mouth_origin"]  # (B, 2) pixels
+        origins, size = batch["mouth_origin"], CROP * self._cell_px  # (B, 2) pixels
         adv = self.adversarial(mouth_square(x, origins, size), mouth_square(recon, origins, size))
         self.last_terms = {"adv": adv.detach()}
         return loss + self.cfg.adv_mouth_weight * adv
@@ -472,11 +477,6 @@ class TransformerStage(Stage):
             self.features = AudioFeatureCache(AudioFeatureCache.path_for(self.dataset, comps.audio_encoder),
                                               self.dataset)
         self.expert: MouthExpert | None = None  # the frozen lip-sync judge of --sync-weight
-        self.mouth_origins: list[Tensor] | None = None  # per clip, its mouth square (--sync/--pixel-mouth-weight)
-        if cfg.sync_weight or cfg.pixel_mouth_weight or cfg.adv_mouth_weight:
-            flag = ("--sync-weight" if cfg.sync_weight else
-                    "--pixel-mouth-weight" if cfg.pixel_mouth_weight else "--adv-mouth-weight")
-            self.mouth_origins = mouth_origins(self.dataset, tc.latent_size, flag)
         if cfg.sync_weight:
             if self.cache is None:
                 raise InputError("--sync-weight reads the latent cache; drop --no-latent-cache")
@@ -868,11 +868,13 @@ def _check(cfg: TrainConfig, dist: Dist) -> None:
     for name in ("steps", "batch", "ckpt_every", "log_every", "keep"):
         if getattr(cfg, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    for flag, w in (("--sync-weight", cfg.sync_weight), ("--pixel-mouth-weight", cfg.pixel_mouth_weight),
-                    ("--pixel-frame-weight", cfg.pixel_frame_weight), ("--adv-mouth-weight", cfg.adv_mouth_weight)):
+    denoiser_only = (("--sync-weight", cfg.sync_weight), ("--pixel-mouth-weight", cfg.pixel_mouth_weight),
+                     ("--pixel-frame-weight", cfg.pixel_frame_weight))
+    for flag, w in (*denoiser_only, ("--adv-mouth-weight", cfg.adv_mouth_weight)):
         if w < 0 or not math.isfinite(w):
             raise InputError(f"{flag} must be a number >= 0, got {w}")
-        if w and cfg.stage not in ("transformer", "distill") and flag != "--adv-mouth-weight":
+    for flag, w in denoiser_only:
+        if w and cfg.stage not in ("transformer", "distill"):
             raise InputError(f"{flag} applies to the transformer and distill stages, not {cfg.stage}")
     if not 0 < cfg.portrait_start <= 1:
         raise InputError(f"--portrait-start {cfg.portrait_start:g}: choose a flow time in (0, 1], 1 = off")
