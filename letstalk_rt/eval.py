@@ -431,6 +431,21 @@ def by_skin_tone(scores: list[dict[str, Any]], probe_per_clip: dict[str, float])
     return rows
 
 
+@torch.no_grad()
+def reconstruct(ae: torch.nn.Module, frames: np.ndarray, device: str, dtype: torch.dtype,
+                batch: int = 64) -> np.ndarray:
+    """Ground-truth frames (N, S, S, 3) uint8 through the model's autoencoder (encode, decode) -> uint8.
+
+    Scored like a generation, they show what the latents keep of the mouth (lip sync: the most any
+    transformer on this autoencoder can reach) and of the face (PSNR; detail transfer can beat it)."""
+    from .models.autoencoder import decode_to_uint8, encode_frames
+
+    ae = ae.to(device)
+    with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
+        return np.concatenate([decode_to_uint8(ae, encode_frames(ae, frames[i:i + batch]))
+                               for i in range(0, len(frames), batch)])
+
+
 def generate_frames(pipe: Any, portrait: np.ndarray, audio: np.ndarray, seed: int, bar: Any = None) -> np.ndarray:
     """Animate a corpus frame (already the face crop) with audio -> (N, S, S, 3) uint8 at the model's size."""
     prepared = pipe.prepare_portrait(portrait, detect=False)
@@ -626,6 +641,9 @@ def evaluate_model(components: Any, label: str, test: list[Clip], probe: MouthPr
     with bar(total, f"{len(test)} clips x {len(seeds)} seed{'s' * (len(seeds) > 1)}") as b:
         scores = [score(pipe, c, b) for c in test]
     model["clips"], model["summary"] = scores, summarise(scores)
+    recon = [score_clip(c, reconstruct(components.autoencoder, c.frames, settings["device"], settings["dtype"]),
+                        c.portrait, probe) for c in test]
+    model["autoencoder"] = {"clips": recon, "summary": summarise(recon)}
 
     model["steps"] = []
     for s in steps_list:
@@ -718,6 +736,8 @@ def evaluate(
                                speech, settings)
         model["path"] = str(path)
         model["by_skin_tone"] = by_skin_tone(model["clips"], probe_checks[size]["per_clip"])
+        model["autoencoder"]["by_skin_tone"] = by_skin_tone(model["autoencoder"]["clips"],
+                                                            probe_checks[size]["per_clip"])
         model["targets"] = judge(model, probe_checks[size]["valid"])
         model["plots"] = _plots(out, f"{len(results) + 1}_{_slug(label)}", model, clips_at[size])
         results.append(model)
@@ -815,7 +835,11 @@ def render_markdown(report: dict[str, Any]) -> str:
 
     lines += ["## Comparison", "",
               "One row per model; `ground truth` rows score the real frames as if generated (the ceiling: the "
-              "probe's own accuracy, and how far the real head moves from the portrait).", ""]
+              "probe's own accuracy, and how far the real head moves from the portrait); each model's `its "
+              "autoencoder` row scores the ground truth encoded and decoded by that model's autoencoder: what the "
+              "latents keep of the mouth (its lip sync is the most the transformer can reach) and of the face (detail "
+              "transfer puts the portrait's fine detail back, so a generation can beat its PSNR where the head "
+              "stays still).", ""]
     rows = []
     for size, p in report["probe"].items():
         s = p["ground_truth"]
@@ -831,6 +855,10 @@ def render_markdown(report: dict[str, Any]) -> str:
                      _f(s["psnr_portrait"]), _f(s["flicker_ratio"]),
                      _f(on["drift_percent"], 1) if on else "-", _f(off["drift_percent"], 1) if off else "-",
                      f"{sum(t['pass'] for t in m['targets'].values())}/{len(m['targets'])}"])
+        a = m["autoencoder"]["summary"]
+        rows.append([f"{m['label']}: its autoencoder", "ground truth encoded and decoded", "-", "-", "-",
+                     _f(a["sync_correlation"], 3), f"{a['sync_offset']:+d}", _f(a["psnr_gt"]), _f(a["ssim_gt"], 3),
+                     _f(a["psnr_portrait"]), _f(a["flicker_ratio"]), "-", "-", "-"])
     lines += _table(["model", "description", "fusion", "steps / window / start", "detail transfer", "sync r", "offset", "PSNR gt (dB)", "SSIM gt",
                      "PSNR portrait (dB)", "flicker vs gt", "drift mem on (%)", "drift mem off (%)", "targets"],
                     rows) + [""]
@@ -871,12 +899,18 @@ def render_markdown(report: dict[str, Any]) -> str:
               "faces without a recorded tone, the photographs, as unrecorded), with each group's worst face (the "
               "mean over its clips). A face the model animates far worse than the rest hides in the overall "
               "mean and shows here. `probe on truth`: the probe's r on the group's real frames (the group's "
-              "ceiling; a low one means its lip sync is not measured well).", ""]
-    rows = [[m["label"], g["group"], str(g["clips"]), str(g["identities"]), _f(g["sync_correlation"], 3),
-             _f(g["probe_correlation"], 3), _f(g["psnr_gt"]), f"{g['worst_identity']} ({_f(g['worst_sync'], 3)})"]
-            for m in models for g in m["by_skin_tone"]]
-    lines += _table(["model", "skin tone", "clips", "faces", "sync r", "probe on truth", "PSNR gt (dB)",
-                     "worst face (sync r)"], rows) + [""]
+              "ceiling; a low one means its lip sync is not measured well); `probe through autoencoder` and "
+              "`autoencoder PSNR gt`: the group's real frames encoded and decoded by the model's autoencoder (a "
+              "low lip sync there is lost in the latents, before the transformer).", ""]
+    rows = []
+    for m in models:
+        through = {g["group"]: g for g in m["autoencoder"]["by_skin_tone"]}
+        rows += [[m["label"], g["group"], str(g["clips"]), str(g["identities"]), _f(g["sync_correlation"], 3),
+                  _f(g["probe_correlation"], 3), _f(through[g["group"]]["sync_correlation"], 3), _f(g["psnr_gt"]),
+                  _f(through[g["group"]]["psnr_gt"]), f"{g['worst_identity']} ({_f(g['worst_sync'], 3)})"]
+                 for g in m["by_skin_tone"]]
+    lines += _table(["model", "skin tone", "clips", "faces", "sync r", "probe on truth", "probe through autoencoder",
+                     "PSNR gt (dB)", "autoencoder PSNR gt (dB)", "worst face (sync r)"], rows) + [""]
 
     lines += ["## Identity", "",
               f"PSNR and SSIM outside the mouth region, against the ground-truth frames (target PSNR >= "

@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 
 from letstalk_rt.cli import main
 from letstalk_rt.eval import (Corpus, by_skin_tone, lag_correlations, best_offset, outside_mask, pearson, psnr_outside,
-                              score_clip, ssim_outside, train_probe)
+                              reconstruct, score_clip, ssim_outside, train_probe)
 from letstalk_rt.media import VideoWriter
 
 SIZE, FRAMES, SPF = 32, 50, 640
@@ -180,6 +180,10 @@ def test_eval_on_an_untrained_model_writes_every_section_with_targets_failed(cap
     assert [r["steps"] for r in model["steps"]] == [1, 2] and model["window"] == 2
     assert model["start_time"] == 0.5 and f"{model['num_steps']} / 2 / 0.5" in md  # the sampling that was scored
     assert set(model["long"]) == {"memory_on", "memory_off"}
+    # the ground truth through the model's (untrained) autoencoder: scored like a generation, far from the truth
+    recon = model["autoencoder"]["summary"]
+    assert math.isfinite(recon["psnr_gt"]) and recon["psnr_gt"] < 20 and "its autoencoder" in md
+    assert [g["group"] for g in model["autoencoder"]["by_skin_tone"]] == [g["group"] for g in model["by_skin_tone"]]
     for name in model["plots"] + report["probe_plots"]:
         assert (out / name).is_file() and Image.open(out / name).format == "PNG"
     assert "FAIL" in stdout
@@ -218,6 +222,35 @@ def test_seeds_average_each_clip_over_its_noises_and_report_their_spread(capsys,
     assert all(g["probe_correlation"] > 0.9 for g in two["by_skin_tone"])  # the fixture's faces are read well
     assert f"{summary['sync_correlation']:.3f} +- {summary['sync_seed_std']:.3f}" in md
     assert "lip sync by skin tone: medium" in printed[2] and "worst face face-" in printed[2]
+
+
+class _Lossless(torch.nn.Module):
+    """An autoencoder that keeps every pixel (latents = the image at 1x): its reconstruction is the truth."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.config = type("C", (), {"downsample": 1, "image_size": SIZE})()
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return (z / self.scale).clamp(-1, 1)
+
+
+def test_the_autoencoder_row_scores_what_the_latents_keep(corpus_dir):
+    corpus = Corpus(corpus_dir)
+    probe = train_probe(corpus, SIZE, max_clips=6)
+    clip = corpus.clip(corpus.names("test")[0], SIZE)
+    kept = reconstruct(_Lossless(), clip.frames, "cpu", torch.float32, batch=7)  # batches that do not divide N
+    np.testing.assert_array_equal(kept, clip.frames)  # uint8 -> [-1, 1] -> uint8 loses nothing
+    truth = score_clip(clip, clip.frames, clip.portrait, probe)
+    assert score_clip(clip, kept, clip.portrait, probe)["sync_correlation"] == pytest.approx(truth["sync_correlation"])
+    blurring = _Lossless()
+    blurring.decode = lambda z: torch.nn.functional.avg_pool2d(z, 5, 1, 2, count_include_pad=False)  # loses detail
+    blurred = score_clip(clip, reconstruct(blurring, clip.frames, "cpu", torch.float32), clip.portrait, probe)
+    assert blurred["psnr_gt"] < 30 and blurred["sync_correlation"] < truth["sync_correlation"]
 
 
 def test_skin_tone_groups_name_the_face_a_mean_hides():
