@@ -15,6 +15,7 @@ from skimage import data
 from letstalk_rt.face import detect_face
 from letstalk_rt.media import VideoWriter
 from letstalk_rt.train import prepare
+from letstalk_rt.train.synth import PHOTO_LANDMARKS
 
 
 def _write_video(path: Path, frames: list[np.ndarray], fps: int, audio: np.ndarray | None) -> None:
@@ -88,6 +89,17 @@ def test_prepare_writes_crops_audio_and_skips_bad_videos(prepared, capsys):
     assert np.corrcoef(audio, speechlike(2.0))[0, 1] > 0.95  # same samples, same place (AAC round trip)
     # The crop follows the face (it moved right) and keeps it centred and about the inference size.
     assert boxes[-1, 0] > boxes[0, 0] + 4
+    # Every crop's mouth is where index.json says (the mouth-weighted training losses use it): the astronaut's
+    # lips (placed by hand in synth.PHOTO_LANDMARKS, on the photo at 512 px; here at 320 px, moved by dx).
+    mx, my, mw, mh = index["mouth_box"]
+    assert 0.15 < mw < 0.35 and 0.1 < mh < 0.25  # the mouth, not the lower face
+    lips = PHOTO_LANDMARKS["astronaut"]
+    for i in range(50):
+        dx = (i * 30 // 25) // 6  # the 30 fps source frame shown at output frame i
+        x0, y0, side = boxes[i]
+        for px in (lips["mouth"][0] - lips["mouth_width"] / 2, lips["mouth"][0] + lips["mouth_width"] / 2):
+            u, v = (px * 0.625 + dx - x0) / side, (lips["mouth"][1] * 0.625 - y0) / side
+            assert mx < u < mx + mw and my < v < my + mh, (i, u, v)  # both lip corners inside
     for i in (0, 49):
         x, y, w, h = detect_face(np.asarray(Image.fromarray(frames[i]).resize((128, 128))))
         assert abs(x + w / 2 - 64) < 16 and abs(y + h / 2 - 64) < 20

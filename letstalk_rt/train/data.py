@@ -110,7 +110,7 @@ class Clip:
     name: str  # unique within the dataset, safe as a file name
     frames: np.ndarray  # (N, S, S, 3) uint8, memory-mapped
     audio: np.ndarray  # (N * 640,) float32, memory-mapped
-    mouth_box: tuple[int, int, int, int] | None = None  # (x, y, w, h) at size S, synth clips only
+    mouth_box: tuple[int, int, int, int] | None = None  # (x, y, w, h) at size S: synth clips' own, shards' fixed
     mouth: np.ndarray | None = None  # (N, 3) ground-truth opening, width, rounding per frame, synth clips only
 
     @property
@@ -237,11 +237,26 @@ def _decode_clip(video: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
     return frames, audio
 
 
+def prepared_mouth_box(index: dict[str, Any], size: int) -> tuple[int, int, int, int]:
+    """The mouth's (x, y, w, h) at `size` in every crop of a prepared-shards dir: its index's `mouth_box`
+    (fractions of the side), or, for shards prepared before it was written, the one its `margin` implies."""
+    from .prepare import crop_mouth_box
+
+    frac = index.get("mouth_box") or crop_mouth_box(float(index.get("margin", 0.6)))
+    if not (isinstance(frac, (list, tuple)) and len(frac) == 4 and all(isinstance(v, (int, float)) for v in frac)
+            and 0 <= frac[0] < 1 and 0 <= frac[1] < 1 and 0 < frac[2] <= 1 and 0 < frac[3] <= 1):
+        raise InputError(f"'mouth_box' in index.json must be [x, y, w, h] fractions of the crop side in [0, 1], got "
+                         f"{frac!r}; re-run `letstalk data prepare`")
+    x, y = int(round(frac[0] * size)), int(round(frac[1] * size))
+    return x, y, max(1, min(size - x, int(round(frac[2] * size)))), max(1, min(size - y, int(round(frac[3] * size))))
+
+
 def _open_prepared(root: Path, size: int, build: bool, progress: bool) -> ClipDataset:
     index = _read_json(root / "index.json")
     shards = index.get("shards")
     if not isinstance(shards, list):
         raise InputError(f"'{root / 'index.json'}' lists no shards; re-run `letstalk data prepare`")
+    box = prepared_mouth_box(index, size)
     clips = []
     for shard in shards:
         file = root / shard["file"]
@@ -264,7 +279,7 @@ def _open_prepared(root: Path, size: int, build: bool, progress: bool) -> ClipDa
         for seg in shard.get("segments") or [{"offset": 0, "num_frames": len(frames)}]:
             o, n = int(seg["offset"]), int(seg["num_frames"])
             clips.append(Clip(f"{stem}_{o:06d}", frames[o:o + n],
-                              audio[o * SAMPLES_PER_FRAME:(o + n) * SAMPLES_PER_FRAME]))
+                              audio[o * SAMPLES_PER_FRAME:(o + n) * SAMPLES_PER_FRAME], box))
     if not clips:
         raise InputError(f"'{root}' holds no frames; re-run `letstalk data prepare` on a folder with videos")
     return ClipDataset(root, "prepared", None, size, clips)

@@ -18,7 +18,9 @@ Every video PyAV reads in the folder (recursively: mp4, mov, mkv, webm, avi, m4v
 Output: `shard_XXXX.safetensors` files, each holding `frames` (N, S, S, 3) uint8, `audio` (N * 640,)
 float32, `boxes` (N, 3) float32 (crop x0, y0, side in source pixels) and, in the safetensors metadata,
 `segments`: a JSON list of the pieces of videos it holds (video, first frame, frame count, offset).
-`index.json` lists the shards, every video with its status, and a summary. Videos that cannot be
+`index.json` lists the shards, every video with its status, a summary, and `mouth_box`: where the mouth
+is in every crop (x, y, w, h as fractions of the side; fixed by the framing, `crop_mouth_box`), which the
+mouth-weighted training losses use. Videos that cannot be
 decoded, have no audio, or show no face are skipped with one warning line each and counted.
 The whole step decodes every video twice (detection pass, crop pass), so memory stays flat.
 """
@@ -45,6 +47,27 @@ SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
 MIN_FRAMES = 8  # shorter videos (< 0.32 s) are skipped: too short for a training window
 MIN_FACE_SHARE = 0.5  # a video whose sampled frames show a face less often than this is skipped
+# Where the mouth sits in the detected face box (`face.detect_face`'s LBP cascade box spans brows to upper
+# lip): centre offset (dx, dy) from the box centre and size (w, h), in box sides, covering the lips from
+# closed to fully open. Measured: on skimage's astronaut (lips placed by hand, synth.PHOTO_LANDMARKS) the
+# closed lips' centre is 0.32 sides below the box centre and 0.42 sides wide, the nose 0.15 and the chin 0.71
+# below; on 162 first frames of the synthetic corpus (106 procedural faces, 56 looks of that photograph,
+# detected like a video's) the box around the fully open mouth is centred 0.41 +- 0.07 sides below, 0.47 x
+# 0.38 sides, its centre 0.00 +- 0.06 sides across. This box spans 0.22-0.58 sides below the centre (nose to
+# above the chin) and +-0.32 across (the astronaut's turned face puts a lip corner 0.28 sides left; the
+# smoothed track lags a moving face a little).
+FACE_MOUTH = (0.0, 0.40, 0.64, 0.36)
+
+
+def crop_mouth_box(margin: float) -> tuple[float, float, float, float]:
+    """(x, y, w, h) of the mouth as fractions of a crop's side, for crops of side face * (1 + 2 margin)
+    centred on the face (`crop_frame` here, `face.crop_portrait` at inference); clipped to the crop."""
+    dx, dy, w, h = FACE_MOUTH
+    k = 1.0 + 2.0 * margin
+    x0, y0 = max(0.0, 0.5 + (dx - w / 2) / k), max(0.0, 0.5 + (dy - h / 2) / k)
+    x1, y1 = min(1.0, 0.5 + (dx + w / 2) / k), min(1.0, 0.5 + (dy + h / 2) / k)
+    return x0, y0, x1 - x0, y1 - y0
+
 
 
 class SkipVideo(Exception):
@@ -349,6 +372,7 @@ def prepare_videos(videos_dir: str | Path, out_dir: str | Path, size: int = 128,
     writer.flush()
     summary.shards = len(writer.shards)
     index = {"format": "letstalk-prepared", "fps": FPS, "sample_rate": SAMPLE_RATE, "size": size, "margin": margin,
+             "mouth_box": [round(v, 4) for v in crop_mouth_box(margin)],
              "detect_every": detect_every, "smooth_seconds": smooth_seconds, "shards": writer.shards,
              "videos": records, "summary": {"videos": summary.videos, "prepared": summary.prepared,
                                             "frames": summary.frames, "shards": summary.shards,

@@ -70,12 +70,11 @@ def mouth_cells(latents: Tensor, origins: Tensor) -> Tensor:
 
 def mouth_origins(dataset: ClipDataset, latent_size: int, flag: str) -> list[Tensor]:
     """Per clip, the (row, col) origin (2,) of its CROP x CROP mouth square. InputError naming `flag` when a
-    clip has no mouth box (prepared video shards)."""
+    clip has no mouth box (synth corpora record one per clip, prepared shards one for every crop)."""
     missing = [c.name for c in dataset.clips if c.mouth_box is None]
     if missing:
-        raise InputError(f"{flag} needs each clip's mouth box, which only a synthetic corpus has (`letstalk data "
-                         f"synth`); '{missing[0]}' of {dataset.root} has none. Train with {flag} 0 on prepared video "
-                         "shards")
+        raise InputError(f"{flag} needs each clip's mouth box; '{missing[0]}' of {dataset.root} has none. Make the "
+                         f"data with `letstalk data synth` or `letstalk data prepare`, or train with {flag} 0")
     return [torch.tensor(crop_origin(c.mouth_box, dataset.image_size, latent_size)) for c in dataset.clips]
 
 

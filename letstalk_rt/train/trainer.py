@@ -15,7 +15,7 @@ Three stages, each its own run, each starting from a model directory and ending 
         --data data/synth --init models/ae --run runs/dit --out models/dit --steps 100000 --batch 256
 
 1. **autoencoder**: DCAutoencoder on random frames, L1 + MSE reconstruction, pixels inside the clip's
-   mouth box (synth corpora) weighted `1 + --mouth-weight`. At export `scaling_factor` is set so the
+   mouth box (synth clips' own; prepared shards' fixed by their framing) weighted `1 + --mouth-weight`. At export `scaling_factor` is set so the
    encoded latents of a few fixed batches have std 1.
 2. **transformer**: autoencoder frozen; mel audio encoder + AudioProjector + LetsTalkTransformer trained
    together on the flow-matching loss. A sample is a window of T frames of one clip, the K frames before
@@ -1172,21 +1172,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default=d.split, help="synth corpus split (default train)")
     p.add_argument("--workers", type=int, default=d.workers, help="threads building batches ahead (default 1)")
     p.add_argument("--mouth-weight", type=float, default=d.mouth_weight,
-                   help="extra loss weight in the clip's mouth box: pixels (autoencoder), latent cells (transformer, "
-                        "distill)")
+                   help="extra loss weight in the clip's mouth box (synth clips' own; prepared shards: the box their "
+                        "framing fixes): pixels (autoencoder), latent cells (transformer, distill)")
     p.add_argument("--sync-weight", type=float, default=d.sync_weight,
                    help="transformer/distill: weight of a frozen mouth expert's loss on the network's clean "
                         "estimate (synth corpora: their per-frame mouth state; default 0 = off)")
     p.add_argument("--pixel-mouth-weight", type=float, default=d.pixel_mouth_weight,
                    help="transformer/distill: weight of the L1 between the decoded mouth of the network's clean "
-                        "estimate and of the ground truth (synth corpora; default 0 = off)")
+                        "estimate and of the ground truth (in the mouth box; default 0 = off)")
     p.add_argument("--pixel-frame-weight", type=float, default=d.pixel_frame_weight,
                    help="transformer/distill: weight of the L1 between the network's clean estimate and the "
                         "ground truth, both decoded to whole frames (default 0 = off)")
     p.add_argument("--adv-mouth-weight", type=float, default=d.adv_mouth_weight,
                    help="weight of an adversarial critic's verdict on the mouth the network makes (the reconstruction's; "
                         "for transformer/distill the clean estimate's, decoded), the critic trained beside it on the "
-                        "true mouth (synth corpora; the default model's distill run used 0.05, a decoder run 0.01; default 0 = off)")
+                        "true mouth (in the mouth box; the default model's distill run used 0.05, a decoder run 0.01; default 0 = off)")
     p.add_argument("--no-latent-cache", action="store_true",
                    help="transformer/distill: encode frames with the AE every step (exact pixel noise, slower)")
     p.add_argument("--teacher-steps", type=int, default=d.teacher_steps, help="distill: teacher Euler steps")
