@@ -93,9 +93,10 @@ def mouth_region(box: list[float], frame_size: int, size: int, pad: float = MOUT
 
 def identity_of(meta: dict[str, Any]) -> dict[str, Any]:
     """A clip's `identity` id and its procedural `skin_tone` (None for photographs or older corpora)."""
+    from .train.data import skin_tone_of
+
     ident = meta.get("identity") if isinstance(meta.get("identity"), dict) else {}
-    tone = (ident.get("params") or {}).get("skin_tone")
-    return {"identity": str(ident.get("id", "")), "skin_tone": float(tone) if isinstance(tone, (int, float)) else None}
+    return {"identity": str(ident.get("id", "")), "skin_tone": skin_tone_of(meta)}
 
 
 class Corpus:

@@ -81,9 +81,9 @@ def shards(tmp_path_factory) -> Path:
     return make_shards(tmp_path_factory.mktemp("shards"))
 
 
-def make_synth(root: Path, clips: int = 2, frames: int = 12) -> Path:
+def make_synth(root: Path, clips: int = 2, frames: int = 12, tones: list[float | None] | None = None) -> Path:
     """Synth-format clips (mp4 + json with the per-frame mouth state + manifest), 48 px so the cache must
-    resize to 32."""
+    resize to 32; `tones`: each clip's recorded skin tone (None: a photograph's clip, none recorded)."""
     from letstalk_rt.media import VideoWriter
 
     root.mkdir(parents=True, exist_ok=True)
@@ -96,9 +96,12 @@ def make_synth(root: Path, clips: int = 2, frames: int = 12) -> Path:
                 w.write_frame(fr)
                 w.write_audio(audio[i * SPF:(i + 1) * SPF])
         per_frame = {"opening": opening.tolist(), "width": [0.5] * frames, "rounding": [0.0] * frames}
+        tone = tones[c] if tones else None
+        identity = {"id": f"face-{c}", "kind": "photo"} if tone is None else \
+            {"id": f"face-{c}", "kind": "procedural", "params": {"skin_tone": tone}}
         (root / f"{name}.json").write_text(json.dumps({"clip": name, "split": "train", "size": 48,
                                                        "num_frames": frames, "mouth_box": list(box),
-                                                       "frames": per_frame}))
+                                                       "frames": per_frame, "identity": identity}))
         names.append(name)
     (root / "manifest.json").write_text(json.dumps({"format": "letstalk-synth", "size": 48,
                                                     "splits": {"train": names, "validation": [], "test": []}}))
@@ -214,6 +217,31 @@ def test_window_plans_are_pure_and_cover_stream_start(shards):
     assert a[10:20] == plan_windows(ds, 0, 5, range(10, 20), 4)  # a rank's slice is the same samples
     assert any(p.start == 0 for p in a) and all(0 <= p.start <= 20 for p in a)
     assert all(not p.start <= p.ref < p.start + 4 for p in a)
+
+
+def test_balance_skin_tone_gives_every_band_an_equal_share_of_the_samples(tmp_path, init_dir, shards):
+    """Three light faces, one medium, one very dark and a photograph: unbalanced, each clip is a sixth of the
+    windows; balanced, each band (light, medium, dark, photographs) a quarter, so the dark face is drawn 1.5x
+    as often and each light one half as often. The plans stay pure functions of (seed, step, index)."""
+    data = make_synth(tmp_path / "synth", clips=6, frames=12, tones=[0.05, 0.1, 0.15, 0.5, 0.95, None])
+    ds = open_dataset(data, SIZE, progress=False)
+    assert [c.skin_tone for c in ds.clips] == [0.05, 0.1, 0.15, 0.5, 0.95, None]
+    balanced = ds.balance_skin_tone()
+
+    def shares(d) -> np.ndarray:
+        clips = [p.clip for p in plan_windows(d, 0, 1, range(6000), 4)]
+        return np.bincount(clips, minlength=6) / len(clips)
+
+    assert shares(ds) == pytest.approx([1 / 6] * 6, abs=0.02)
+    light, medium, dark, photo = shares(balanced)[:3].sum(), *shares(balanced)[3:]
+    assert (light, medium, dark, photo) == pytest.approx([0.25] * 4, abs=0.02)
+    assert plan_windows(balanced, 0, 1, range(50), 4) == plan_windows(balanced, 0, 1, range(50), 4)
+    assert "balanced by skin tone" in balanced.describe() and "balanced" not in ds.describe()
+    out = train(_cfg("transformer", data, init_dir, tmp_path / "r", out=tmp_path / "m", steps=2, warmup=1,
+                     balance_skin_tone=True))
+    assert "balanced by skin tone" in load_model(out).config.description  # the model says how it was trained
+    with pytest.raises(InputError, match="--balance-skin-tone needs clips with a recorded skin tone"):
+        train(_cfg("transformer", shards, init_dir, tmp_path / "r2", balance_skin_tone=True))
 
 
 def test_stages_write_loadable_models(tmp_path, init_dir, shards, synth_dir):

@@ -31,7 +31,7 @@ import json
 import os
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from ..errors import InputError, OutputError
 
 CACHE_DIR = ".letstalk_cache"  # created inside the data directory
 SAMPLES_PER_FRAME = 640  # 16 kHz / 25 fps
+SKIN_TONE_BINS = 5  # bands of the synth skin tone that --balance-skin-tone gives equal shares
 STREAM_START_PROB = 0.1  # share of windows forced to start at frame 0 (the empty-memory stream start)
 
 
@@ -112,6 +113,8 @@ class Clip:
     audio: np.ndarray  # (N * 640,) float32, memory-mapped
     mouth_box: tuple[int, int, int, int] | None = None  # (x, y, w, h) at size S: synth clips' own, shards' fixed
     mouth: np.ndarray | None = None  # (N, 3) ground-truth opening, width, rounding per frame, synth clips only
+    skin_tone: float | None = None  # procedural synth faces: 0 lightest .. 1 darkest; None: photos, real video
+    weight: float = 1.0  # sampling weight per frame relative to other clips (`balance_skin_tone`)
 
     @property
     def num_frames(self) -> int:
@@ -136,7 +139,26 @@ class ClipDataset:
 
     def describe(self) -> str:
         what = f"synthetic corpus, {self.split} split" if self.kind == "synth" else "prepared shards"
-        return f"{self.root.name} ({what}: {len(self.clips)} clips, {self.num_frames / 25 / 60:.1f} min)"
+        balanced = ", balanced by skin tone" if any(c.weight != 1.0 for c in self.clips) else ""
+        return f"{self.root.name} ({what}: {len(self.clips)} clips, {self.num_frames / 25 / 60:.1f} min{balanced})"
+
+    def balance_skin_tone(self, bins: int = SKIN_TONE_BINS) -> "ClipDataset":
+        """The same clips weighted so that every skin-tone band (`bins` equal bands of 0..1, plus the faces
+        without a recorded tone, the photographs) gets the same share of the training samples.
+
+        The synth corpus draws tones from Beta(1.3, 1.3), so the ends are thin: in the default corpus's
+        train split 36 of 534 clips have a tone >= 0.83, and those are the faces the default animates worst
+        (docs/eval.md). InputError when no clip has a recorded tone (prepared real-video shards)."""
+        groups = [-1 if c.skin_tone is None else min(int(c.skin_tone * bins), bins - 1) for c in self.clips]
+        if all(g == -1 for g in groups):
+            raise InputError(f"--balance-skin-tone needs clips with a recorded skin tone (a synthetic corpus's "
+                             f"procedural faces); '{self.root}' has none")
+        frames: dict[int, int] = {}
+        for g, c in zip(groups, self.clips):
+            frames[g] = frames.get(g, 0) + c.num_frames
+        mean = self.num_frames / len(frames)  # every band gets the frames an average band has
+        clips = [replace(c, weight=mean / frames[g]) for g, c in zip(groups, self.clips)]
+        return ClipDataset(self.root, self.kind, self.split, self.image_size, clips)
 
     def with_min_frames(self, n: int) -> "ClipDataset":
         """The clips with at least n frames; InputError when none is that long."""
@@ -211,8 +233,16 @@ def _open_synth(root: Path, size: int, split: str, build: bool, progress: bool) 
             s = size / float(meta["size"])
             x, y, w, h = meta["mouth_box"]
             box = (int(round(x * s)), int(round(y * s)), max(1, int(round(w * s))), max(1, int(round(h * s))))
-        clips.append(Clip(name, tensors["frames"], tensors["audio"], box, _mouth_states(meta, len(tensors["frames"]))))
+        clips.append(Clip(name, tensors["frames"], tensors["audio"], box, _mouth_states(meta, len(tensors["frames"])),
+                          skin_tone_of(meta)))
     return ClipDataset(root, "synth", split, size, clips)
+
+
+def skin_tone_of(meta: dict[str, Any]) -> float | None:
+    """A synth clip's procedural `skin_tone` (0 lightest .. 1 darkest); None for photographs or older corpora."""
+    ident = meta.get("identity") if isinstance(meta.get("identity"), dict) else {}
+    tone = (ident.get("params") or {}).get("skin_tone")
+    return float(tone) if isinstance(tone, (int, float)) else None
 
 
 MOUTH_STATES = ("opening", "width", "rounding")  # the synth corpus's per-frame mouth ground truth
@@ -315,8 +345,8 @@ class WindowPlan:
 
 
 def plan_frames(dataset: ClipDataset, seed: int, step: int, indices: range) -> list[FramePlan]:
-    """Random frames (clips weighted by length, so every frame is equally likely)."""
-    lengths = np.array([c.num_frames for c in dataset.clips], dtype=np.float64)
+    """Random frames (clips weighted by length times their `weight`: by default every frame is equally likely)."""
+    lengths = np.array([c.num_frames * c.weight for c in dataset.clips], dtype=np.float64)
     p = lengths / lengths.sum()
     out = []
     for i in indices:
@@ -327,12 +357,12 @@ def plan_frames(dataset: ClipDataset, seed: int, step: int, indices: range) -> l
 
 
 def plan_windows(dataset: ClipDataset, seed: int, step: int, indices: range, num_frames: int) -> list[WindowPlan]:
-    """Random windows of `num_frames` frames (clips weighted by their number of windows).
+    """Random windows of `num_frames` frames (clips weighted by their number of windows times their `weight`).
 
     STREAM_START_PROB of the windows start at frame 0, so the stream start (empty memory) is trained
     as often as it matters at inference, not 1 / (N - T + 1) of the time.
     """
-    counts = np.array([max(0, c.num_frames - num_frames + 1) for c in dataset.clips], dtype=np.float64)
+    counts = np.array([max(0, c.num_frames - num_frames + 1) * c.weight for c in dataset.clips], dtype=np.float64)
     p = counts / counts.sum()
     out = []
     for i in indices:

@@ -122,6 +122,7 @@ class TrainConfig:
     resume: bool = False  # continue from RUN's latest checkpoint
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps of this invocation
     split: str = "train"  # synth corpus split to train on
+    balance_skin_tone: bool = False  # synth corpora: every skin-tone band gets the same share of the samples
     workers: int = 1  # threads assembling the next batches ahead of the step (0 = in the loop)
     mouth_weight: float = 1.0  # extra loss weight inside the clip's mouth box (pixels; latent cells for the DiT)
     sync_weight: float = 0.0  # transformer/distill: weight of the mouth expert's loss on x0_hat (train/sync.py)
@@ -929,6 +930,8 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path | None:
     dist.barrier()
     if not dist.main:
         dataset = open_dataset(cfg.data, comps.config.image_size, cfg.split, build_cache=False, progress=False)
+    if cfg.balance_skin_tone:
+        dataset = dataset.balance_skin_tone()
     stage = STAGE_CLASSES[cfg.stage](cfg, comps, dataset, dist)
     module = stage.module.to(dist.device)
     if cfg.stage in ("autoencoder", "decoder"):
@@ -1170,6 +1173,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop after this many steps of this invocation, with a checkpoint (time-sliced jobs)")
     p.add_argument("--split", default=d.split, help="synth corpus split (default train)")
+    p.add_argument("--balance-skin-tone", action="store_true",
+                   help="synth corpora: sample every skin-tone band (5 bands of the faces' tone, and the photographs) "
+                        "equally often, instead of in the corpus's proportions (its darkest and lightest faces are rare)")
     p.add_argument("--workers", type=int, default=d.workers, help="threads building batches ahead (default 1)")
     p.add_argument("--mouth-weight", type=float, default=d.mouth_weight,
                    help="extra loss weight in the clip's mouth box (synth clips' own; prepared shards: the box their "
@@ -1225,7 +1231,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         batch=args.batch, lr=args.lr, warmup=args.warmup, schedule=args.schedule, weight_decay=args.weight_decay,
         ema=args.ema, grad_clip=args.grad_clip, ckpt_every=args.ckpt_every, keep=args.keep,
         log_every=args.log_every, seed=args.seed, device=args.device, resume=args.resume,
-        stop_after=args.stop_after, split=args.split, workers=args.workers, mouth_weight=args.mouth_weight,
+        stop_after=args.stop_after, split=args.split, balance_skin_tone=args.balance_skin_tone, workers=args.workers,
+        mouth_weight=args.mouth_weight,
         sync_weight=args.sync_weight, pixel_mouth_weight=args.pixel_mouth_weight,
         pixel_frame_weight=args.pixel_frame_weight, adv_mouth_weight=args.adv_mouth_weight,
         latent_cache=not args.no_latent_cache, teacher_steps=args.teacher_steps,
