@@ -269,6 +269,22 @@ def mouth_features(frames: np.ndarray, box: tuple[int, int, int, int]) -> np.nda
     return np.concatenate([z, np.sort(z, axis=1)[:, ::8], np.sort(flat, axis=1)[:, ::8], edges], axis=1)  # (N, F)
 
 
+def mouth_direction(real: np.ndarray, generated: np.ndarray, box: tuple[int, int, int, int]) -> float:
+    """Does the generated mouth change the way the real one does? Correlation over time of the two clips'
+    projections on the real mouth's main change: the first principal component of the real frames'
+    `mouth_features`, standardised on the real frames. Label-free (no opening needed); near 1 when the
+    generation brightens and darkens the mouth where the truth does, negative when it runs it backwards
+    (a mouth drawn darker where the real one shows teeth), whatever a probe makes of either."""
+    fr, fg = mouth_features(real, box), mouth_features(generated, box)  # (N, F)
+    mean, scale = fr.mean(0), fr.std(0) + 1e-6
+    a = (fr - mean) / scale
+    u = np.linalg.svd(a, full_matrices=False)[2][0]  # (F,) the main direction of the real mouth's change
+    real_path, gen_path = a @ u, ((fg - mean) / scale) @ u  # (N,) each
+    if np.ptp(gen_path) <= 1e-6 * np.ptp(real_path):  # a still mouth (up to float rounding) follows nothing
+        return 0.0
+    return pearson(gen_path, real_path)
+
+
 @dataclass
 class MouthProbe:
     """Linear ridge regression from `mouth_features` to the mouth opening; fitted on ground truth only."""
@@ -352,6 +368,7 @@ def score_clip(clip: Clip, generated: np.ndarray, portrait: np.ndarray, probe: M
         step = max(1, n // 25)  # SSIM on ~25 frames per clip: it is the slow metric
         out.update({
             "probe_opening": [float(v) for v in pred],
+            "mouth_direction": mouth_direction(gt, gen, clip.box),
             "ssim_gt": float(np.mean([ssim_outside(gen[i], gt[i], mask) for i in range(0, n, step)])),
             "psnr_portrait": psnr_of_mse(float(mse_outside(gen, portrait, mask).mean())),
             "ssim_portrait": float(np.mean([ssim_outside(gen[i], portrait, mask) for i in range(0, n, step)])),
@@ -362,7 +379,8 @@ def score_clip(clip: Clip, generated: np.ndarray, portrait: np.ndarray, probe: M
 
 
 # per-clip figures averaged over seeds and clips: always scored, then only by a full score_clip
-MEANED = ("sync_correlation", "psnr_gt", "ssim_gt", "psnr_portrait", "ssim_portrait", "flicker", "flicker_gt")
+MEANED = ("sync_correlation", "psnr_gt", "ssim_gt", "psnr_portrait", "ssim_portrait", "flicker", "flicker_gt",
+          "mouth_direction")
 
 
 def mean_over_seeds(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -428,6 +446,7 @@ def by_skin_tone(scores: list[dict[str, Any]], probe_per_clip: dict[str, float])
                      "sync_correlation": float(np.mean([s["sync_correlation"] for s in members])),
                      "probe_correlation": float(np.mean([probe_per_clip[s["clip"]] for s in members])),
                      "psnr_gt": float(np.mean([s["psnr_gt"] for s in members])),
+                     "mouth_direction": float(np.mean([s.get("mouth_direction", math.nan) for s in members])),
                      "worst_identity": worst, "worst_sync": float(np.mean(faces[worst]))})
     return rows
 
@@ -902,16 +921,21 @@ def render_markdown(report: dict[str, Any]) -> str:
               "mean and shows here. `probe on truth`: the probe's r on the group's real frames (the group's "
               "ceiling; a low one means its lip sync is not measured well); `probe through autoencoder` and "
               "`autoencoder PSNR gt`: the group's real frames encoded and decoded by the model's autoencoder (a "
-              "low lip sync there is lost in the latents, before the transformer).", ""]
+              "low lip sync there is lost in the latents, before the transformer). `mouth direction`: the "
+              "correlation over time between the generated and the real mouth along the real mouth's main change "
+              "(first principal component of its probe features; no probe or labels involved): near 1 when the "
+              "generated mouth brightens and darkens where the real one does, negative when it runs backwards.", ""]
     rows = []
     for m in models:
         through = {g["group"]: g for g in m["autoencoder"]["by_skin_tone"]}
         rows += [[m["label"], g["group"], str(g["clips"]), str(g["identities"]), _f(g["sync_correlation"], 3),
-                  _f(g["probe_correlation"], 3), _f(through[g["group"]]["sync_correlation"], 3), _f(g["psnr_gt"]),
+                  _f(g["probe_correlation"], 3), _f(through[g["group"]]["sync_correlation"], 3),
+                  _f(g["mouth_direction"]), _f(through[g["group"]]["mouth_direction"]), _f(g["psnr_gt"]),
                   _f(through[g["group"]]["psnr_gt"]), f"{g['worst_identity']} ({_f(g['worst_sync'], 3)})"]
                  for g in m["by_skin_tone"]]
     lines += _table(["model", "skin tone", "clips", "faces", "sync r", "probe on truth", "probe through autoencoder",
-                     "PSNR gt (dB)", "autoencoder PSNR gt (dB)", "worst face (sync r)"], rows) + [""]
+                     "mouth direction", "through autoencoder", "PSNR gt (dB)", "autoencoder PSNR gt (dB)",
+                     "worst face (sync r)"], rows) + [""]
 
     lines += ["## Identity", "",
               f"PSNR and SSIM outside the mouth region, against the ground-truth frames (target PSNR >= "

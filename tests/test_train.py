@@ -452,13 +452,15 @@ def _unseen_term(stage: TransformerStage, term: str) -> float:
     return float(stage.last_terms[term])
 
 
-def test_sync_loss_teaches_the_mouth_the_expert_reads_from_ground_truth(tmp_path, init_dir, synth_sync):
-    """The mouth expert (fitted on ground-truth latents only) reads the opening on held-out clips, and a
-    transformer trained with --sync-weight moves its clean estimate's mouth toward the truth further than
-    the same run without it."""
+@pytest.mark.parametrize("decoded", [False, True], ids=["latent", "decoded"])
+def test_sync_loss_teaches_the_mouth_the_expert_reads_from_ground_truth(tmp_path, init_dir, synth_sync, decoded):
+    """The mouth expert (fitted on ground truth only: its latent cells, or with --sync-decoded its mouth
+    decoded to pixels) reads the opening on held-out clips, and a transformer trained with --sync-weight
+    moves its clean estimate's mouth toward the truth further than the same run without it."""
     data = synth_sync
     base = dict(steps=30, batch=8, lr=2e-3, warmup=3, ema=0.5, schedule="constant")
-    with_sync = _cfg("transformer", data, init_dir, tmp_path / "r1", out=tmp_path / "m1", sync_weight=1.0, **base)
+    with_sync = _cfg("transformer", data, init_dir, tmp_path / "r1", out=tmp_path / "m1", sync_weight=1.0,
+                     sync_decoded=decoded, **base)
     out_sync = train(with_sync)
     out_plain = train(_cfg("transformer", data, init_dir, tmp_path / "r0", out=tmp_path / "m0", **base))
     log = [json.loads(x) for x in (tmp_path / "r1" / "log.jsonl").read_text().splitlines()]
@@ -467,6 +469,7 @@ def test_sync_loss_teaches_the_mouth_the_expert_reads_from_ground_truth(tmp_path
     def expert_error(model_dir: Path) -> float:
         stage = TransformerStage(with_sync, load_model(model_dir), open_dataset(data, SIZE, progress=False), Dist())
         assert stage.expert is not None and stage.expert.held_out_r[0] > 0.8, stage.expert.describe()
+        assert (stage.expert.decoder is not None) == decoded and ("decoded" in stage.expert.describe()) == decoded
         assert stage.expert.taught.tolist() == [1.0, 0.0, 0.0]  # width and rounding never change here: not taught
         return _unseen_term(stage, "sync")
 
@@ -474,6 +477,10 @@ def test_sync_loss_teaches_the_mouth_the_expert_reads_from_ground_truth(tmp_path
     print(f"expert error on a fixed batch: init {before:.3f}, trained without sync {plain:.3f}, with {synced:.3f}")
     assert synced < 0.8 * plain, (before, plain, synced)
 
+    if decoded:
+        return
+    with pytest.raises(InputError, match="give --sync-weight too"):
+        train(_cfg("transformer", data, init_dir, tmp_path / "r2", sync_decoded=True))
     with pytest.raises(InputError, match="only a synthetic corpus"):  # prepared shards have no mouth state
         train(_cfg("transformer", make_shards(tmp_path / "shards"), init_dir, tmp_path / "r2", sync_weight=1.0))
     with pytest.raises(InputError, match="--sync-weight must be"):

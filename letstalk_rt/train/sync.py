@@ -13,6 +13,11 @@ In training the expert reads the network's clean estimate x0_hat = x_t - t v (fo
 t = 1 that *is* the shipped output) and the squared error against the window's ground-truth mouth state,
 in units of its std, is added to the loss with weight `--sync-weight`.
 
+With `--sync-decoded` the expert reads the mouth as it will be shown instead: the same square decoded by
+the frozen decoder and average-pooled (POOL), minus the decoded square of the clip's mean latent. The latent
+expert can be content with a mouth whose cells say "open" but decode darker where the real one shows teeth
+(what the default draws on dark faces, docs/eval.md); the decoded one sees the pixels.
+
 It is not the evaluation's probe (eval.MouthProbe reads decoded pixels of the test split with its own
 features); both are fitted on ground truth only. Prepared real-video shards have no per-frame mouth state:
 a sync expert for them would be a SyncNet-style audio-video model, which this module does not provide.
@@ -21,10 +26,12 @@ a sync expert for them would be a SyncNet-style audio-video model, which this mo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import InputError
@@ -36,6 +43,8 @@ HELD_OUT = 0.15  # fraction of the training clips (the last ones) held out to re
 MAX_FIT_FRAMES = 60_000  # frames the expert is fitted on at most (evenly subsampled)
 FIT_STEPS, FIT_BATCH, FIT_LR = 3000, 512, 1e-3  # AdamW on the standardised features (~10 s on a 2-core CPU)
 HIDDEN = 256
+POOL = 4  # the decoded expert reads the mouth square average-pooled by this (48 -> 12 px at 128 px frames)
+MAX_FIT_DECODED = 20_000  # frames the decoded expert is fitted on at most (each one decoded once)
 CRITIC_LR_SCALE = 4.0  # the adversarial critic's learning rate, in units of the run's (two time-scale updates)
 TEACH_MIN_R = 0.9  # a state the expert reads less well than this on held-out clips is not taught (its error is noise)
 
@@ -78,6 +87,23 @@ def mouth_origins(dataset: ClipDataset, latent_size: int, flag: str) -> list[Ten
     return [torch.tensor(crop_origin(c.mouth_box, dataset.image_size, latent_size)) for c in dataset.clips]
 
 
+def expert_features(latents: Tensor, reference: Tensor, origins: Tensor, decoder: Callable[[Tensor], Tensor] | None = None
+                    ) -> Tensor:
+    """What a MouthExpert reads: latents and reference (N, C, h, w) (the clip's mean latent), origins (N, 2)
+    -> (N, F). Without `decoder`, the mouth cells of latents - reference; with it (the frozen autoencoder's
+    decode), the decoded mouth squares, average-pooled by POOL, of latents minus that of the reference
+    (differentiable in `latents` either way)."""
+    if decoder is None:
+        return mouth_cells(latents.float() - reference.float(), origins)
+
+    def look(z: Tensor) -> Tensor:
+        return F.avg_pool2d(decoder(mouth_square(z.float(), origins)).float(), POOL).flatten(1)  # (N, 3 s s)
+
+    with torch.no_grad():
+        base = look(reference)
+    return look(latents) - base
+
+
 def decoded_l1(decoder: nn.Module, estimate: Tensor, truth: Tensor) -> Tensor:
     """Mean absolute difference, in pixels in [-1, 1], between latents `estimate` and `truth` (N, C, h, w)
     decoded by the frozen `decoder` (the autoencoder's decode; gradients reach `estimate` only): the
@@ -96,8 +122,9 @@ class MouthExpert(nn.Module):
     of the raw cells reaches r = 0.70 for the opening on held-out clips, of the mean-subtracted ones 0.90,
     and this MLP 0.95 (docs/training.md). Training-only: at inference there is no clip mean and no expert."""
 
-    def __init__(self, features: int) -> None:
+    def __init__(self, features: int, decoder: Callable[[Tensor], Tensor] | None = None) -> None:
         super().__init__()
+        self.decoder = decoder  # the frozen autoencoder's decode: read decoded mouths (`--sync-decoded`)
         self.net = nn.Sequential(nn.Linear(features, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, HIDDEN), nn.GELU(),
                                  nn.Linear(HIDDEN, len(MOUTH_STATES)))
         for name in ("mean", "scale", "target_mean", "target_std"):
@@ -107,7 +134,7 @@ class MouthExpert(nn.Module):
 
     def forward(self, latents: Tensor, reference: Tensor, origins: Tensor) -> Tensor:
         """latents and reference (N, C, h, w) (the clip's mean latent), origins (N, 2) -> (N, 3) mouth state."""
-        return self._read(mouth_cells(latents.float() - reference.float(), origins))
+        return self._read(expert_features(latents, reference, origins, self.decoder))
 
     def _read(self, cells: Tensor) -> Tensor:
         """mouth_cells features (N, F) -> (N, 3) mouth state."""
@@ -121,7 +148,8 @@ class MouthExpert(nn.Module):
     def describe(self) -> str:
         rs = ", ".join(f"{k} {r:.3f}{'' if t else ' (not taught)'}"
                        for k, r, t in zip(MOUTH_STATES, self.held_out_r, self.taught.tolist()))
-        return f"mouth expert on ground-truth latents (held-out clips): r {rs}"
+        what = "decoded ground-truth mouths" if self.decoder is not None else "ground-truth latents"
+        return f"mouth expert on {what} (held-out clips): r {rs}"
 
     @staticmethod
     def clip_means(dataset: ClipDataset, cache: LatentCache) -> list[Tensor]:
@@ -136,27 +164,30 @@ class MouthExpert(nn.Module):
 
     @classmethod
     def fit(cls, dataset: ClipDataset, cache: LatentCache, means: list[Tensor], origins: list[Tensor],
-            seed: int = 0) -> "MouthExpert":
+            seed: int = 0, decoder: Callable[[Tensor], Tensor] | None = None,
+            device: torch.device | str = "cpu") -> "MouthExpert":
         """Fit on the ground-truth latents of the first 1 - HELD_OUT of the clips (at most MAX_FIT_FRAMES
-        frames), read against `clip_means` at `mouth_origins`, and report the correlation on the rest;
-        deterministic for a seed. Returned frozen, in eval mode."""
+        frames; MAX_FIT_DECODED with `decoder`, run on `device`), read against `clip_means` at `mouth_origins`,
+        and report the correlation on the rest; deterministic for a seed. Returned frozen, in eval mode."""
         cut = min(len(dataset.clips) - 1, max(1, int(round(len(dataset.clips) * (1 - HELD_OUT)))))
         if cut < 1:
             raise InputError(f"--sync-weight: {dataset.root} has {len(dataset.clips)} training clip(s); the mouth "
                              "expert needs at least 2 (one held out to measure it)")
-        stride = max(1, math.ceil(dataset.num_frames / MAX_FIT_FRAMES))
+        stride = max(1, math.ceil(dataset.num_frames / (MAX_FIT_FRAMES if decoder is None else MAX_FIT_DECODED)))
         feats, truths = [], []
         for i, clip in enumerate(dataset.clips):
             frames = np.arange(0, clip.num_frames, stride)
-            lat = cache.get(i, frames) - means[i]  # (n, C, h, w)
-            feats.append(mouth_cells(lat, origins[i].expand(len(frames), 2)))  # (n, F)
+            lat = cache.get(i, frames).to(device)  # (n, C, h, w)
+            with torch.no_grad():
+                feats.append(expert_features(lat, means[i].to(device).expand_as(lat),
+                                             origins[i].to(device).expand(len(frames), 2), decoder).cpu())  # (n, F)
             assert clip.mouth is not None  # clip_means() checked every clip
             truths.append(torch.from_numpy(clip.mouth[frames]))  # (n, 3)
         x, y = torch.cat(feats[:cut]), torch.cat(truths[:cut])  # (N, F), (N, 3)
         g = torch.Generator().manual_seed(seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            expert = cls(x.shape[1])
+            expert = cls(x.shape[1], decoder)
         expert.mean.copy_(x.mean(0))
         expert.scale.copy_(x.std(0).clamp_min(1e-6))
         expert.target_mean.copy_(y.mean(0))

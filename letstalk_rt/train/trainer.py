@@ -126,6 +126,7 @@ class TrainConfig:
     workers: int = 1  # threads assembling the next batches ahead of the step (0 = in the loop)
     mouth_weight: float = 1.0  # extra loss weight inside the clip's mouth box (pixels; latent cells for the DiT)
     sync_weight: float = 0.0  # transformer/distill: weight of the mouth expert's loss on x0_hat (train/sync.py)
+    sync_decoded: bool = False  # the expert reads decoded mouth squares instead of latent cells
     pixel_mouth_weight: float = 0.0  # transformer/distill: L1 weight, x0_hat's vs the truth's decoded mouth square
     pixel_frame_weight: float = 0.0  # transformer/distill: the same over whole decoded frames
     adv_mouth_weight: float = 0.0  # weight of a critic's verdict on the network's mouth (train/sync.py MouthCritic)
@@ -483,8 +484,8 @@ class TransformerStage(Stage):
                 raise InputError("--sync-weight reads the latent cache; drop --no-latent-cache")
             assert self.mouth_origins is not None
             self.clip_means = MouthExpert.clip_means(self.dataset, self.cache)  # (C, h, w) per clip
-            self.expert = MouthExpert.fit(self.dataset, self.cache, self.clip_means, self.mouth_origins,
-                                          cfg.seed).to(dist.device)
+            self.expert = MouthExpert.fit(self.dataset, self.cache, self.clip_means, self.mouth_origins, cfg.seed,
+                                          self.ae.decode if cfg.sync_decoded else None, dist.device).to(dist.device)
             if dist.main:
                 print(self.expert.describe(), file=sys.stderr)
 
@@ -877,6 +878,8 @@ def _check(cfg: TrainConfig, dist: Dist) -> None:
     for flag, w in denoiser_only:
         if w and cfg.stage not in ("transformer", "distill"):
             raise InputError(f"{flag} applies to the transformer and distill stages, not {cfg.stage}")
+    if cfg.sync_decoded and not cfg.sync_weight:
+        raise InputError("--sync-decoded chooses what the lip-sync expert reads; give --sync-weight too")
     if not 0 < cfg.portrait_start <= 1:
         raise InputError(f"--portrait-start {cfg.portrait_start:g}: choose a flow time in (0, 1], 1 = off")
     if cfg.portrait_start < 1 and cfg.stage not in ("transformer", "distill"):
@@ -1183,6 +1186,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sync-weight", type=float, default=d.sync_weight,
                    help="transformer/distill: weight of a frozen mouth expert's loss on the network's clean "
                         "estimate (synth corpora: their per-frame mouth state; default 0 = off)")
+    p.add_argument("--sync-decoded", action="store_true",
+                   help="with --sync-weight: the expert reads the mouth decoded to pixels (through the frozen decoder) "
+                        "instead of its latent cells")
     p.add_argument("--pixel-mouth-weight", type=float, default=d.pixel_mouth_weight,
                    help="transformer/distill: weight of the L1 between the decoded mouth of the network's clean "
                         "estimate and of the ground truth (in the mouth box; default 0 = off)")
@@ -1233,7 +1239,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         log_every=args.log_every, seed=args.seed, device=args.device, resume=args.resume,
         stop_after=args.stop_after, split=args.split, balance_skin_tone=args.balance_skin_tone, workers=args.workers,
         mouth_weight=args.mouth_weight,
-        sync_weight=args.sync_weight, pixel_mouth_weight=args.pixel_mouth_weight,
+        sync_weight=args.sync_weight, sync_decoded=args.sync_decoded, pixel_mouth_weight=args.pixel_mouth_weight,
         pixel_frame_weight=args.pixel_frame_weight, adv_mouth_weight=args.adv_mouth_weight,
         latent_cache=not args.no_latent_cache, teacher_steps=args.teacher_steps,
         student_steps=args.student_steps, distill_target=args.distill_target, window=args.window, fsdp=args.fsdp,
