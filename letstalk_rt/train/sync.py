@@ -14,9 +14,9 @@ t = 1 that *is* the shipped output) and the squared error against the window's g
 in units of its std, is added to the loss with weight `--sync-weight`.
 
 With `--sync-decoded` the expert reads the mouth as it will be shown instead: the same square decoded by
-the frozen decoder and average-pooled (POOL), minus the decoded square of the clip's mean latent. The latent
-expert can be content with a mouth whose cells say "open" but decode darker where the real one shows teeth
-(what the default draws on dark faces, docs/eval.md); the decoded one sees the pixels.
+the frozen decoder and average-pooled (POOL), minus the decoded square of the clip's mean latent. (Both
+read "open" mostly from the lips: neither objects to the default's dark-skinned mouths drawn darker where
+the real ones show teeth; docs/eval.md.)
 
 It is not the evaluation's probe (eval.MouthProbe reads decoded pixels of the test split with its own
 features); both are fitted on ground truth only. Prepared real-video shards have no per-frame mouth state:
