@@ -69,7 +69,6 @@ def crop_mouth_box(margin: float) -> tuple[float, float, float, float]:
     return x0, y0, x1 - x0, y1 - y0
 
 
-
 class SkipVideo(Exception):
     """A video that cannot be used; the message is the one-line reason."""
 
