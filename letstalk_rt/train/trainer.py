@@ -15,8 +15,8 @@ Three stages, each its own run, each starting from a model directory and ending 
         --data data/synth --init models/ae --run runs/dit --out models/dit --steps 100000 --batch 256
 
 1. **autoencoder**: DCAutoencoder on random frames, L1 + MSE reconstruction, pixels inside the clip's
-   mouth box (synth clips' own; prepared shards' fixed by their framing) weighted `1 + --mouth-weight`. At export `scaling_factor` is set so the
-   encoded latents of a few fixed batches have std 1.
+   mouth box (synth clips' own; prepared shards' fixed by their framing) weighted `1 + --mouth-weight`.
+   At export `scaling_factor` is set so the encoded latents of a few fixed batches have std 1.
 2. **transformer**: autoencoder frozen; mel audio encoder + AudioProjector + LetsTalkTransformer trained
    together on the flow-matching loss. A sample is a window of T frames of one clip, the K frames before
    it as memory (slots before the clip's start masked, as MemoryBank.condition does at a stream start),
