@@ -269,13 +269,13 @@ def mouth_features(frames: np.ndarray, box: tuple[int, int, int, int]) -> np.nda
     return np.concatenate([z, np.sort(z, axis=1)[:, ::8], np.sort(flat, axis=1)[:, ::8], edges], axis=1)  # (N, F)
 
 
-def mouth_direction(real: np.ndarray, generated: np.ndarray, box: tuple[int, int, int, int]) -> float:
-    """Does the generated mouth change the way the real one does? Correlation over time of the two clips'
-    projections on the real mouth's main change: the first principal component of the real frames'
-    `mouth_features`, standardised on the real frames. Label-free (no opening needed); near 1 when the
-    generation brightens and darkens the mouth where the truth does, negative when it runs it backwards
-    (a mouth drawn darker where the real one shows teeth), whatever a probe makes of either."""
-    fr, fg = mouth_features(real, box), mouth_features(generated, box)  # (N, F)
+def mouth_direction(fr: np.ndarray, fg: np.ndarray) -> float:
+    """Does the generated mouth change the way the real one does? `mouth_features` (N, F) of the real and
+    the generated frames -> the correlation over time of their projections on the real mouth's main change:
+    the first principal component of the real features, standardised on them. Label-free (no opening
+    needed); near 1 when the generation brightens and darkens the mouth where the truth does, negative when
+    it runs it backwards (a mouth drawn darker where the real one shows teeth), whatever a probe makes of
+    either."""
     mean, scale = fr.mean(0), fr.std(0) + 1e-6
     a = (fr - mean) / scale
     u = np.linalg.svd(a, full_matrices=False)[2][0]  # (F,) the main direction of the real mouth's change
@@ -299,7 +299,11 @@ class MouthProbe:
 
     def predict(self, frames: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
         """(N, S, S, 3) uint8 frames -> (N,) predicted opening."""
-        return ((mouth_features(frames, box) - self.mean) / self.scale) @ self.weights + self.bias
+        return self.read(mouth_features(frames, box))
+
+    def read(self, features: np.ndarray) -> np.ndarray:
+        """`mouth_features` (N, F) -> (N,) predicted opening."""
+        return ((features - self.mean) / self.scale) @ self.weights + self.bias
 
     @classmethod
     def fit(cls, features: list[np.ndarray], openings: list[np.ndarray]) -> "MouthProbe":
@@ -352,7 +356,8 @@ def score_clip(clip: Clip, generated: np.ndarray, portrait: np.ndarray, probe: M
     n = min(len(generated), len(clip.frames))
     gen, gt = generated[:n], clip.frames[:n]
     mask = outside_mask(gt.shape[1], clip.box)
-    pred = probe.predict(gen, clip.box)  # (n,)
+    feats = mouth_features(gen, clip.box)  # (n, F): read by the probe and by mouth_direction
+    pred = probe.read(feats)  # (n,)
     curve = lag_correlations(pred, clip.opening[:n])
     out: dict[str, Any] = {
         "clip": clip.name,
@@ -368,7 +373,7 @@ def score_clip(clip: Clip, generated: np.ndarray, portrait: np.ndarray, probe: M
         step = max(1, n // 25)  # SSIM on ~25 frames per clip: it is the slow metric
         out.update({
             "probe_opening": [float(v) for v in pred],
-            "mouth_direction": mouth_direction(gt, gen, clip.box),
+            "mouth_direction": mouth_direction(mouth_features(gt, clip.box), feats),
             "ssim_gt": float(np.mean([ssim_outside(gen[i], gt[i], mask) for i in range(0, n, step)])),
             "psnr_portrait": psnr_of_mse(float(mse_outside(gen, portrait, mask).mean())),
             "ssim_portrait": float(np.mean([ssim_outside(gen[i], portrait, mask) for i in range(0, n, step)])),

@@ -89,9 +89,9 @@ def test_prepare_writes_crops_audio_and_skips_bad_videos(prepared, capsys):
     assert np.corrcoef(audio, speechlike(2.0))[0, 1] > 0.95  # same samples, same place (AAC round trip)
     # The crop follows the face (it moved right) and keeps it centred and about the inference size.
     assert boxes[-1, 0] > boxes[0, 0] + 4
-    # Every crop's mouth is where index.json says (the mouth-weighted training losses use it): the astronaut's
+    # Every crop's mouth is where the framing (index.json's margin) puts it (the mouth-weighted training losses use it): the astronaut's
     # lips (placed by hand in synth.PHOTO_LANDMARKS, on the photo at 512 px; here at 320 px, moved by dx).
-    mx, my, mw, mh = index["mouth_box"]
+    mx, my, mw, mh = prepare.crop_mouth_box(index["margin"])
     assert 0.15 < mw < 0.35 and 0.1 < mh < 0.25  # the mouth, not the lower face
     lips = PHOTO_LANDMARKS["astronaut"]
     for i in range(50):

@@ -564,13 +564,13 @@ def test_adversarial_mouth_critic_trains_beside_the_network(tmp_path, init_dir, 
 
 def test_prepared_shards_train_the_mouth_losses_on_the_box_their_framing_fixes(tmp_path, init_dir):
     """Real-video shards have no per-clip mouth box: every crop is framed the same around the detected face,
-    so the mouth's place comes from that framing (index.json's mouth_box; the margin for older shards), and
+    so the mouth's place comes from that framing (the margin in index.json), and
     the mouth-weighted, decoded-mouth and adversarial terms train on it. The lip-sync loss needs per-frame
     mouth states, which only the synthetic corpus has."""
     from letstalk_rt.train.data import prepared_mouth_box
     from letstalk_rt.train.prepare import crop_mouth_box
 
-    data = make_shards(tmp_path / "shards")  # an index.json from before mouth_box: derived from margin 0.6
+    data = make_shards(tmp_path / "shards")  # an index.json without a margin: the default, 0.6
     box = prepared_mouth_box({}, SIZE)
     x, y, w, h = (round(v * SIZE) for v in crop_mouth_box(0.6))
     assert box == (x, y, w, h) and y > SIZE / 2 and x + w / 2 == pytest.approx(SIZE / 2, abs=1)  # low, centred
@@ -580,11 +580,9 @@ def test_prepared_shards_train_the_mouth_losses_on_the_box_their_framing_fixes(t
     log = [json.loads(x) for x in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
     assert load_model(out) and all(np.isfinite(r["adv"]) and np.isfinite(r["critic"]) for r in log)
     index = json.loads((data / "index.json").read_text())
-    (data / "index.json").write_text(json.dumps(dict(index, mouth_box=[0.3, 0.6, 0.4, 0.25])))
-    assert open_dataset(data, SIZE, progress=False).clips[0].mouth_box == (10, 19, 13, 8)  # the index's own
-    (data / "index.json").write_text(json.dumps(dict(index, mouth_box=[0.3, 0.6, 1.4])))
-    with pytest.raises(InputError, match="'mouth_box' in index.json must be"):
-        open_dataset(data, SIZE, progress=False)
+    (data / "index.json").write_text(json.dumps(dict(index, margin=0.3)))  # a tighter framing: a bigger mouth
+    tight = open_dataset(data, SIZE, progress=False).clips[0].mouth_box
+    assert tight == prepared_mouth_box({"margin": 0.3}, SIZE) and tight[2] > w and tight[3] > h
 
 
 @pytest.mark.parametrize("extra", ["plain", "sync", "adv"], ids=["plain", "sync-loss", "adversarial"])

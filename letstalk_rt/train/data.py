@@ -268,17 +268,13 @@ def _decode_clip(video: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def prepared_mouth_box(index: dict[str, Any], size: int) -> tuple[int, int, int, int]:
-    """The mouth's (x, y, w, h) at `size` in every crop of a prepared-shards dir: its index's `mouth_box`
-    (fractions of the side), or, for shards prepared before it was written, the one its `margin` implies."""
+    """The mouth's (x, y, w, h) at `size` in every crop of a prepared-shards dir: fixed by the framing, so
+    derived from the index's `margin` (`prepare.crop_mouth_box`)."""
     from .prepare import crop_mouth_box
 
-    frac = index.get("mouth_box") or crop_mouth_box(float(index.get("margin", 0.6)))
-    if not (isinstance(frac, (list, tuple)) and len(frac) == 4 and all(isinstance(v, (int, float)) for v in frac)
-            and 0 <= frac[0] < 1 and 0 <= frac[1] < 1 and 0 < frac[2] <= 1 and 0 < frac[3] <= 1):
-        raise InputError(f"'mouth_box' in index.json must be [x, y, w, h] fractions of the crop side in [0, 1], got "
-                         f"{frac!r}; re-run `letstalk data prepare`")
-    x, y = int(round(frac[0] * size)), int(round(frac[1] * size))
-    return x, y, max(1, min(size - x, int(round(frac[2] * size)))), max(1, min(size - y, int(round(frac[3] * size))))
+    fx, fy, fw, fh = crop_mouth_box(float(index.get("margin", 0.6)))
+    x, y = int(round(fx * size)), int(round(fy * size))
+    return x, y, max(1, min(size - x, int(round(fw * size)))), max(1, min(size - y, int(round(fh * size))))
 
 
 def _open_prepared(root: Path, size: int, build: bool, progress: bool) -> ClipDataset:

@@ -18,9 +18,8 @@ Every video PyAV reads in the folder (recursively: mp4, mov, mkv, webm, avi, m4v
 Output: `shard_XXXX.safetensors` files, each holding `frames` (N, S, S, 3) uint8, `audio` (N * 640,)
 float32, `boxes` (N, 3) float32 (crop x0, y0, side in source pixels) and, in the safetensors metadata,
 `segments`: a JSON list of the pieces of videos it holds (video, first frame, frame count, offset).
-`index.json` lists the shards, every video with its status, a summary, and `mouth_box`: where the mouth
-is in every crop (x, y, w, h as fractions of the side; fixed by the framing, `crop_mouth_box`), which the
-mouth-weighted training losses use. Videos that cannot be
+`index.json` lists the shards, every video with its status, a summary, and the `margin` of the framing,
+which fixes where the mouth is in every crop (`crop_mouth_box`; the mouth-weighted training losses use it). Videos that cannot be
 decoded, have no audio, or show no face are skipped with one warning line each and counted.
 The whole step decodes every video twice (detection pass, crop pass), so memory stays flat.
 """
@@ -371,7 +370,6 @@ def prepare_videos(videos_dir: str | Path, out_dir: str | Path, size: int = 128,
     writer.flush()
     summary.shards = len(writer.shards)
     index = {"format": "letstalk-prepared", "fps": FPS, "sample_rate": SAMPLE_RATE, "size": size, "margin": margin,
-             "mouth_box": [round(v, 4) for v in crop_mouth_box(margin)],
              "detect_every": detect_every, "smooth_seconds": smooth_seconds, "shards": writer.shards,
              "videos": records, "summary": {"videos": summary.videos, "prepared": summary.prepared,
                                             "frames": summary.frames, "shards": summary.shards,
