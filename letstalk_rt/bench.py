@@ -211,6 +211,9 @@ def window_breakdown(pipe: LetsTalkPipeline, batch: int = 1, repeats: int = 5, w
     out["frames"] = T * batch
     out["budget_ms"] = round(1000 * T / cfg.fps, 1)  # real time allows this much per window
     out["threads"] = torch.get_num_threads() if pipe.device.type == "cpu" else None
+    if pipe.device.type == "cuda":
+        out["cuda_graphs"] = pipe.cuda_graphs  # and what could not be captured (runs eagerly): {} = nothing
+        out["graph_failures"] = pipe.graph_failures()
     return out
 
 

@@ -81,6 +81,9 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="on a GPU, launch the model's kernels one by one instead of replaying CUDA graphs of them "
+                        "(slower; for debugging)")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -100,7 +103,7 @@ def _load_pipeline(args: argparse.Namespace):
     device = resolve_device(args.device)
     try:
         pipe = LetsTalkPipeline.from_pretrained(args.model, device=device, dtype=resolve_dtype(args.dtype, device),
-                                                **sampling_kwargs(args))
+                                                cuda_graphs=not args.no_cuda_graphs, **sampling_kwargs(args))
     except ValueError as e:  # a bad --steps
         raise LetsTalkError(f"--steps: {e}") from None
     if not pipe.config.trained:
@@ -209,7 +212,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     if args.preset:
         pipe = LetsTalkPipeline.from_config(_preset_config(args), device=device,
-                                            dtype=resolve_dtype(args.dtype, device), num_steps=args.steps)
+                                            dtype=resolve_dtype(args.dtype, device), num_steps=args.steps,
+                                            cuda_graphs=not args.no_cuda_graphs)
         print(f"benchmarking preset {args.preset} with RANDOM weights (speed only)", file=sys.stderr)
     else:
         pipe = _load_pipeline(args)

@@ -13,6 +13,7 @@ noise from its own seeded generator, so a stream's frames do not depend on who i
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -29,6 +30,8 @@ from .config import ModelConfig
 from .diffusion import EulerSampler, Guidance, from_portrait
 from .errors import InputError
 from .memory import MemoryBank
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -281,6 +284,87 @@ class ShapeCompiled:
         return self.fn(x, *args, **kwargs)
 
 
+GRAPH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)  # batch sizes CUDA graphs are captured for
+
+
+class CudaGraphed:
+    """`fn` (inference on a CUDA device) replayed from CUDA graphs: one graph per input signature, captured
+    the first time it is met, then every call is a copy of the inputs into the graph's own buffers, one
+    replay and a copy of the output.
+
+    A few milliseconds of arithmetic per window are spread over hundreds of small kernels; launched one by
+    one from Python they kept an H100 99.5 % idle (a 2-frame window's transformer step took 24 ms for
+    0.1 TFLOP, docs/benchmarks.md), and the launches hold the GIL the event loop needs. A replay launches
+    them all at once.
+
+    A batch is padded up to the next of `buckets` (copies of its last row; rows never mix: every model here
+    is per-sample at inference), so a handful of graphs serve every batch size: each tensor argument whose
+    first dimension is the batch's (that of the first argument) is padded, and the output's first
+    dimension is cut back. A larger batch, grad mode, a CPU tensor, or a capture that failed (logged once)
+    run `fn` eagerly. Each wrapper keeps its graphs' memory in one pool; one thread at a time may call it.
+    """
+
+    def __init__(self, fn: Callable[..., Tensor], buckets: tuple[int, ...] = GRAPH_BUCKETS) -> None:
+        self.fn = fn
+        self.buckets = buckets
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list, Tensor]] = {}
+        self.pool = None  # a graph memory pool shared by this wrapper's graphs (made at the first capture)
+        self.failed: str | None = None  # why capturing failed: everything runs eagerly from then on
+
+    def __call__(self, x: Tensor, *args, **kwargs) -> Tensor:
+        n = x.shape[0] if x.dim() else 0
+        size = next((b for b in self.buckets if b >= n), None)
+        values = [x, *args, *kwargs.values()]
+        if (self.failed or size is None or not n or not x.is_cuda or torch.is_grad_enabled()
+                or any(v is not None and not isinstance(v, (Tensor, bool, int, float, str)) for v in values)):
+            return self.fn(x, *args, **kwargs)
+        padded = [pad_batch(v, n, size) if isinstance(v, Tensor) else v for v in values]
+        key = (tuple(kwargs), len(args), torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
+               *((tuple(v.shape), v.dtype, v.device) if isinstance(v, Tensor) else v for v in padded))
+        if key not in self.graphs:
+            try:
+                self.graphs[key] = self._capture(padded, list(kwargs), len(args))
+            except Exception as e:  # an op that cannot be captured: run eagerly (correct, just slower)
+                self.failed = f"{type(e).__name__}: {e}"
+                log.warning("CUDA graph capture of %s failed (%s); running it eagerly",
+                            getattr(self.fn, "__qualname__", self.fn), self.failed)
+                torch.cuda.synchronize()
+                return self.fn(x, *args, **kwargs)
+        graph, static, out = self.graphs[key]
+        for dst, src in zip(static, padded):
+            if isinstance(dst, Tensor):
+                dst.copy_(src)
+        graph.replay()
+        return out[:n].clone()
+
+    def _call(self, values: list, names: list[str], n_args: int) -> Tensor:
+        kw = dict(zip(names, values[1 + n_args:]))
+        return self.fn(values[0], *values[1:1 + n_args], **kw)
+
+    def _capture(self, values: list, names: list[str], n_args: int) -> tuple[torch.cuda.CUDAGraph, list, Tensor]:
+        static = [v.clone() if isinstance(v, Tensor) else v for v in values]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up runs off the capture (lazy initialisations, cuBLAS handles)
+            for _ in range(2):
+                self._call(static, names, n_args)
+        torch.cuda.current_stream().wait_stream(side)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the engine's decode thread may launch work while the worker captures a new shape
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            out = self._call(static, names, n_args)
+        return graph, static, out
+
+
+def pad_batch(v: Tensor, n: int, size: int) -> Tensor:
+    """v with its first dimension n padded to `size` with copies of its last row; any other tensor as it is."""
+    if v.dim() == 0 or v.shape[0] != n or size == n or n == 0:
+        return v
+    return torch.cat([v, v[-1:].expand(size - n, *v.shape[1:])])
+
+
 class LetsTalkPipeline:
     """The loaded model plus the sampling settings; stateless across streams (state is in StreamState)."""
 
@@ -298,6 +382,7 @@ class LetsTalkPipeline:
         window: int | None = None,
         detail_transfer: float | None = None,
         start_time: float | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         self.components = components
         self.config: ModelConfig = components.config
@@ -334,8 +419,12 @@ class LetsTalkPipeline:
         self.audio_encoder = components.audio_encoder
         self.audio_projector = components.audio_projector
         self.transformer = components.transformer
+        # On a GPU the transformer, the decoder and the audio encoder run from CUDA graphs (CudaGraphed);
+        # `cuda_graphs=False` launches their kernels one by one (eager), as on a CPU.
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._transformer_fn: Callable[..., Tensor] = self.transformer  # sampling calls this (see compile)
         self._decode_fn: Callable[[Tensor], Tensor] = self.autoencoder.decode
+        self.uncompile()
 
     # ---------------------------------------------------------------------------------- construction
 
@@ -387,8 +476,19 @@ class LetsTalkPipeline:
         return self._transformer_fn.threads if isinstance(self._transformer_fn, ShapeCompiled) else None
 
     def uncompile(self) -> None:
-        """Back to eager execution (a compile that failed at warm-up)."""
+        """Back to eager execution, from CUDA graphs where the pipeline has them (a compile that failed)."""
         self._transformer_fn, self._decode_fn = self.transformer, self.autoencoder.decode
+        self.audio_encoder.encode_fn = None
+        if self.cuda_graphs:
+            self._transformer_fn = CudaGraphed(self.transformer)
+            self._decode_fn = CudaGraphed(self.autoencoder.decode)
+            self.audio_encoder.encode_fn = CudaGraphed(self.audio_encoder.encode_blocks)
+
+    def graph_failures(self) -> dict[str, str]:
+        """What could not be captured in CUDA graphs (and runs eagerly), by part; {} when all could."""
+        fns = {"transformer": self._transformer_fn, "decoder": self._decode_fn,
+               "audio encoder": self.audio_encoder.encode_fn}
+        return {k: f.failed for k, f in fns.items() if isinstance(f, CudaGraphed) and f.failed}
 
     @contextmanager
     def compiling(self) -> Iterator[None]:
@@ -404,7 +504,9 @@ class LetsTalkPipeline:
 
     def _autocast(self):
         enabled = self.dtype != torch.float32
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype, enabled=enabled)
+        # No cast cache: a CUDA graph captured with one would replay casts into memory the cache freed when
+        # the region ended (and each weight is cast once per region here anyway).
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype, enabled=enabled, cache_enabled=False)
 
     # ---------------------------------------------------------------------------------- conditions
 

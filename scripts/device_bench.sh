@@ -10,10 +10,15 @@
 #   3. one window's cost broken down, its transformer arithmetic against the GPU's bf16 matrix-product
 #      rate measured on the spot (fraction of peak), CUDA peak memory
 #   4. a 120 s soak of one session (A/V offset at the tracks)
+# after the CUDA-graph test (graphed and eager pipelines agree). Shorter: BENCH_SECONDS, W2_SESSIONS,
+# W4_SESSIONS, SOAK (environment).
 # Each writes OUT_DIR/NAME.json and NAME.log. Needs a CUDA torch and transformers where it runs; PyAV
-# (not in the lent machines' image) is installed from wheels in .whl/ if there are any:
+# and aiortc with its needs (the tracks the bench reads are aiortc tracks; none of them is in the lent
+# machines' image) are installed from wheels in .whl/ if there are any:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux_2_28_x86_64 -d .whl av==18.1.0
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#       -d .whl av==18.1.0 aiortc==1.16.0 aioice==0.13.0 cffi==2.0.0 cryptography==50.0.2 dnspython==2.9.2 \
+#       google-crc32c==1.9.0 ifaddr==0.2.0 pycparser==3.0 pyee==13.0.1 pylibsrtp==1.0.0 pyOpenSSL==26.4.0
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-device_out}}
@@ -23,6 +28,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
         && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
+python3 -c "import av, aiortc, letstalk_rt.stream.tracks" || exit 1
 W2V=/tmp/w2v-base  # a wav2vec2-base-sized checkpoint, random weights: the cost is the same as the real one's
 python3 -c "from transformers import Wav2Vec2Config, Wav2Vec2Model; Wav2Vec2Model(Wav2Vec2Config()).save_pretrained('$W2V')" \
     || exit 1
@@ -35,8 +41,11 @@ bench() {  # NAME ARGS...
     timeout 240 python3 -c "from letstalk_rt.cli import main; raise SystemExit(main())" bench --device cuda --dtype bf16 \
         --json "$OUT_DIR/$name.json" "$@" 2>&1 | tee "$OUT_DIR/$name.log" | grep -E '^\{|one window|arithmetic|rror'
 }
+echo "== the CUDA-graph test ($(date +%T))"
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_pipeline.py -k cuda_graph 2>&1 | tail -15 | tee "$OUT_DIR/test.log"
+S=${BENCH_SECONDS:-15}  # seconds per session count
 B=(--preset letstalk-b --wav2vec2 "$W2V")
-bench b_w2 "${B[@]}" --window 2 --sessions 1,8,12,16 --seconds 15
-bench b_w4 "${B[@]}" --window 4 --sessions 8,16 --seconds 15
-bench b_soak "${B[@]}" --window 2 --soak 120
+bench b_w2 "${B[@]}" --window 2 --sessions ${W2_SESSIONS:-1,8,12,16} --seconds "$S"
+bench b_w4 "${B[@]}" --window 4 --sessions ${W4_SESSIONS:-8,16} --seconds "$S"
+bench b_soak "${B[@]}" --window 2 --soak ${SOAK:-120}
 echo "done ($(date +%T))"

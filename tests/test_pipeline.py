@@ -377,3 +377,49 @@ def test_detail_transfer_restores_the_portrait_where_it_kept_still_and_never_ove
     np.testing.assert_array_equal(off.decode(a.latent[None], [off.new_stream(a)])[0], plain)
     with pytest.raises(InputError, match="detail transfer"):
         LetsTalkPipeline.from_pretrained(tiny_model_dir, detail_transfer=-1)
+
+
+def test_cuda_graph_batches_are_padded_with_copies_and_cut_back():
+    """CudaGraphed pads a batch up to its bucket with copies of the last row (the rows of these models never
+    mix at inference) and leaves tensors of another leading size, scalars and None alone; off a GPU it is
+    the plain function."""
+    from letstalk_rt.pipeline import CudaGraphed, pad_batch
+
+    x = torch.arange(6.0).reshape(3, 2)
+    p = pad_batch(x, 3, 4)
+    assert p.shape == (4, 2) and torch.equal(p[:3], x) and torch.equal(p[3], x[2])
+    assert pad_batch(x, 5, 8) is x and pad_batch(torch.tensor(1.0), 3, 4).dim() == 0
+    calls = []
+    f = CudaGraphed(lambda a, b=None: calls.append(a.shape) or a * 2)
+    assert torch.equal(f(x, b=None), x * 2) and calls == [(3, 2)] and not f.graphs  # CPU: eager, nothing captured
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphs_give_what_eager_gives_for_every_batch_size(tiny_model_dir, tmp_path, w2v_dir):
+    """On a GPU the transformer, decoder and wav2vec2 run from CUDA graphs, one per padded batch size: windows
+    of 1, 3 and 4 streams (3 padded to 4) and their audio tokens match the eager pipeline's."""
+    import dataclasses
+
+    from letstalk_rt.checkpoint import build_components
+    from letstalk_rt.config import model_preset
+
+    config = model_preset("tiny")
+    config.audio = dataclasses.replace(config.audio, encoder="wav2vec2", wav2vec2_path=str(w2v_dir),
+                                       feature_layers=2, feature_dim=32, wav2vec2_chunk_seconds=0.4,
+                                       wav2vec2_context_seconds=0.2)
+    model = save_model(build_components(config, seed=0), tmp_path / "w2v")
+    graphed = LetsTalkPipeline.from_pretrained(model, device="cuda", dtype=torch.bfloat16)
+    eager = LetsTalkPipeline.from_pretrained(model, device="cuda", dtype=torch.bfloat16, cuda_graphs=False)
+    assert graphed.cuda_graphs and not eager.cuda_graphs
+    portrait = eager.prepare_portrait(np.full((64, 64, 3), 128, np.uint8), detect=False)
+    wav = speechlike(1.0, seed=3)
+    for b in (1, 3, 4, 3):
+        toks = [p.audio_tokens(wav)[: p.window] for p in (graphed, eager)]
+        torch.testing.assert_close(toks[0], toks[1], rtol=1e-4, atol=1e-4)
+        outs = [p.generate_windows([p.new_stream(portrait, seed=i) for i in range(b)], [t] * b)
+                for p, t in zip((graphed, eager), toks)]
+        for g, e in zip(*outs):
+            assert g.shape == e.shape
+            assert np.abs(g.astype(int) - e.astype(int)).mean() < 1.0  # bf16: the same frames to a grey level
+    assert graphed.graph_failures() == {}
+    assert len(graphed._transformer_fn.graphs) == 2  # 3 streams ran in the graph of 4 (x the guidance rows)

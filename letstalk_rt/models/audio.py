@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -168,6 +169,10 @@ class AudioEncoder(nn.Module):
 
     # -- the work
 
+    # What _encode_windows calls for encode_blocks: a pipeline on a GPU sets a CUDA-graphed version of it
+    # (pipeline.CudaGraphed); None: encode_blocks itself.
+    encode_fn: Callable[[Tensor], Tensor] | None = None
+
     def encode_blocks(self, windows: Tensor) -> Tensor:
         """(N, window_samples) -> (N, block_frames, L, D)."""
         raise NotImplementedError
@@ -176,7 +181,8 @@ class AudioEncoder(nn.Module):
         """(N, window_samples) -> (N * block_frames, L, D), in batches of `max_blocks_per_call`."""
         cfg = self.config
         windows = windows.to(self.device)  # (N, W)
-        out = [self.encode_blocks(windows[s:s + self.max_blocks_per_call])  # (n, bf, L, D)
+        encode = self.encode_fn or self.encode_blocks
+        out = [encode(windows[s:s + self.max_blocks_per_call])  # (n, bf, L, D)
                for s in range(0, windows.shape[0], self.max_blocks_per_call)]
         if not out:
             return windows.new_zeros((0, cfg.feature_layers, cfg.feature_dim))  # (0, L, D)

@@ -56,7 +56,7 @@ import torch
 
 from ..errors import InputError, LetsTalkError
 from ..media import TempoStretcher
-from ..pipeline import AudioTokenizer, LetsTalkPipeline, Portrait, encode_together
+from ..pipeline import GRAPH_BUCKETS, AudioTokenizer, LetsTalkPipeline, Portrait, encode_together
 from .events import (
     AVFrame, Event, FramesDropped, Interrupted, PlaybackPosition, SessionClosed, SessionError,
     SpeechStarted, SpeechStopped, WindowTimings,
@@ -748,6 +748,8 @@ class StreamEngine:
                 break
         for t in sorted({self.window, min(self.config.first_window, self.window)}):  # at the steps chosen
             self._gen_ms[t] = window_ms(t)
+        if p.cuda_graphs:
+            self._capture_graphs(window_ms)
         log.info("engine: %d sampling steps per %d-frame window (%.0f ms for %d sessions, %d torch threads)",
                  p.num_steps, self.window, self._gen_ms[self.window], self.config.max_batch, torch.get_num_threads())
         real_ms = 1000 * self.window / p.config.fps
@@ -755,6 +757,27 @@ class StreamEngine:
             log.warning("engine: a window takes %.0f ms of the %.0f ms it lasts on this CPU, too close to real time "
                         "to hold it when anything else runs; --compile (EngineConfig.compile) makes it about half "
                         "as costly after a compile of a few minutes", self._gen_ms[self.window], real_ms)
+
+    def _capture_graphs(self, window_ms) -> None:
+        """On a GPU: capture the CUDA graphs of every batch size the engine can run now (a capture met live
+        would hold that batch up for its warm-up runs), and say what runs eagerly because it cannot be."""
+        p = self.pipeline
+        start = time.perf_counter()
+        for t in sorted({self.window, min(self.config.first_window, self.window)}):
+            for b in GRAPH_BUCKETS:
+                if b >= self.config.max_batch:  # (max_batch itself ran in warm-up)
+                    break
+                window_ms(t, b)
+        enc = p.audio_encoder  # a plan encodes the blocks its sessions completed: about 1-2 per session
+        for n in GRAPH_BUCKETS:
+            if n > min(2 * self.config.max_batch, enc.max_blocks_per_call):
+                break
+            enc._encode_windows(torch.zeros(n, enc.window_samples))
+        torch.cuda.synchronize(p.device)
+        log.info("engine: CUDA graphs for up to %d sessions captured in %.1f s", self.config.max_batch,
+                 time.perf_counter() - start)
+        for part, why in p.graph_failures().items():
+            log.warning("engine: the %s runs without CUDA graphs (%s): slower, not wrong", part, why)
 
     def _compile(self, window_ms) -> None:
         """EngineConfig.compile: compile a full window of one session and of max_batch (at the threads chosen);
