@@ -352,12 +352,21 @@ def _run_bench(pipe, session_counts, seconds, audio, portrait, json_path, breakd
         report.update(arithmetic_rate(pipe, report["window_ms"]["step_1"], window=window))
         print("one step's arithmetic:", json.dumps({k: report[k] for k in ARITHMETIC_KEYS}))
 
+    def save() -> None:  # after every session count: a run cut short (a timeout, no memory for more) keeps the rest
+        if json_path is not None:
+            json_path.write_text(json.dumps(report, indent=2) + "\n")
+
     if breakdown and not live.get("compile"):
         window_cost()
     for n in session_counts:
         results = []
         for _ in range(repeat):
-            result = asyncio.run(run_sessions(pipe, n, seconds, audio, portrait, live=live))
+            try:
+                result = asyncio.run(run_sessions(pipe, n, seconds, audio, portrait, live=live))
+            except LetsTalkError as e:  # e.g. the GPU cannot hold this many sessions' batch
+                report["error"] = {"sessions": n, "message": str(e)}
+                save()
+                raise
             results.append(result)
             report["runs"].append(asdict(result))
             print(json.dumps(asdict(result)))
@@ -371,6 +380,6 @@ def _run_bench(pipe, session_counts, seconds, audio, portrait, json_path, breakd
         if repeat > 1:
             report["spread"].append(spread(results))
             print("spread:", json.dumps(report["spread"][-1]))
-    if json_path is not None:
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        save()
+    save()
     return report

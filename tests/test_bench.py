@@ -7,6 +7,7 @@ import resource
 import time
 
 import numpy as np
+import pytest
 
 from letstalk_rt.bench import busy_neighbours, run_bench
 from letstalk_rt.cli import main
@@ -43,6 +44,29 @@ def test_bench_reports_every_run_and_the_spread_of_repeats(tiny_pipeline, tmp_pa
     assert 0 < report["fraction_of_peak"] < 1
     rate = report["transformer_gflops_per_window"] / w["step_1"]  # GFLOP per ms = TFLOP/s
     assert abs(report["transformer_tflops"] - rate) <= 0.01 * rate + 1e-3
+
+
+def test_a_session_count_that_cannot_run_keeps_the_counts_before_it(tiny_pipeline, tmp_path, monkeypatch):
+    """A count the device cannot hold (warm-up out of GPU memory) ends the benchmark with its error, and the
+    JSON written so far holds every count measured before it and says which count failed."""
+    import letstalk_rt.bench as bench
+    from letstalk_rt.errors import LetsTalkError
+
+    real = bench.run_sessions
+
+    async def limited(pipe, n, *a, **k):
+        if n > 1:
+            raise LetsTalkError(f"warm-up with {n} sessions per batch ran out of GPU memory")
+        return await real(pipe, n, *a, **k)
+
+    monkeypatch.setattr(bench, "run_sessions", limited)
+    portrait = tiny_pipeline.prepare_portrait(np.full((64, 64, 3), 120, np.uint8), detect=False)
+    out = tmp_path / "bench.json"
+    with pytest.raises(LetsTalkError, match="2 sessions"):
+        run_bench(tiny_pipeline, [1, 2, 4], 1.0, speechlike(1.0, seed=4), portrait, json_path=out, breakdown=False)
+    saved = json.loads(out.read_text())
+    assert [r["sessions"] for r in saved["runs"]] == [1] and saved["runs"][0]["fps_generated"] > 0
+    assert saved["error"]["sessions"] == 2 and "GPU memory" in saved["error"]["message"]
 
 
 def test_the_matrix_product_peak_is_measured_not_assumed():
