@@ -284,6 +284,9 @@ class ShapeCompiled:
         return self.fn(x, *args, **kwargs)
 
 
+# Frames decoded per decoder call. The B preset's decoder holds ~100 MB of activations per 256 px frame:
+# 64 sessions' 4-frame windows decoded at once ran an H100 out of memory at warm-up (docs/benchmarks.md).
+DECODE_CHUNK = 16
 GRAPH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)  # batch sizes CUDA graphs are captured for
 
 
@@ -627,8 +630,9 @@ class LetsTalkPipeline:
         loses, wherever that part of the picture has kept still (see `transfer_detail`)."""
         from .models.autoencoder import decode_frames, frames_to_uint8
 
-        with self._autocast():
-            x = decode_frames(self.autoencoder, latents, self._decode_fn)  # (N, 3, H, W) in [-1, 1]
+        with self._autocast():  # in chunks: a big batch's full-resolution activations would need tens of GB
+            x = torch.cat([decode_frames(self.autoencoder, part, self._decode_fn)
+                           for part in latents.split(DECODE_CHUNK)])  # (N, 3, H, W) in [-1, 1]
         if self.detail_transfer > 0 and streams is not None:
             if not streams or x.shape[0] % len(streams):
                 raise ValueError(f"decode got {x.shape[0]} latents for {len(streams)} streams; give each the same count")

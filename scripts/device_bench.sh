@@ -10,9 +10,11 @@
 #   3. one window's cost broken down, its transformer arithmetic against the GPU's bf16 matrix-product
 #      rate measured on the spot (fraction of peak), CUDA peak memory
 #   4. a 120 s soak of one session (A/V offset at the tracks)
-# after the CUDA-graph test (graphed and eager pipelines agree). Shorter: BENCH_SECONDS, W2_SESSIONS,
+# after the CUDA-graph test (graphed and eager pipelines agree) and scripts/gpu_parts.py (sampling and
+# decoding per batch; the decoder eager, autotuned, graphed, and compiled with COMPILE=1). Shorter: BENCH_SECONDS, W2_SESSIONS,
 # W4_SESSIONS, SOAK (environment).
-# Each writes OUT_DIR/NAME.json and NAME.log. Needs a CUDA torch and transformers where it runs; PyAV
+# Each writes OUT_DIR/NAME.json; every log goes to OUT_DIR/log.txt (a device call returns at most 8 files).
+# Needs a CUDA torch and transformers where it runs; PyAV
 # and aiortc with its needs (the tracks the bench reads are aiortc tracks; none of them is in the lent
 # machines' image) are installed from wheels in .whl/ if there are any:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -39,10 +41,13 @@ bench() {  # NAME ARGS...
     local name=$1; shift
     echo "== $name: letstalk bench $* ($(date +%T))"
     timeout 240 python3 -c "from letstalk_rt.cli import main; raise SystemExit(main())" bench --device cuda --dtype bf16 \
-        --json "$OUT_DIR/$name.json" "$@" 2>&1 | tee "$OUT_DIR/$name.log" | grep -E '^\{|one window|arithmetic|rror'
+        --json "$OUT_DIR/$name.json" "$@" 2>&1 | tee -a "$OUT_DIR/log.txt" | grep -E '^\{|one window|arithmetic|rror'
 }
 echo "== the CUDA-graph test ($(date +%T))"
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_pipeline.py -k cuda_graph 2>&1 | tail -15 | tee "$OUT_DIR/test.log"
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_pipeline.py -k cuda_graph 2>&1 | tail -15 | tee -a "$OUT_DIR/log.txt"
+echo "== where a batch window's GPU time goes; the decoder's levers ($(date +%T))"
+timeout 240 python3 scripts/gpu_parts.py --preset letstalk-b --wav2vec2 "$W2V" --batches 1,8,16 ${COMPILE:+--compile} \
+    --json "$OUT_DIR/parts.json" 2>&1 | tee -a "$OUT_DIR/log.txt" | grep -E '^\{|rror'
 S=${BENCH_SECONDS:-15}  # seconds per session count
 B=(--preset letstalk-b --wav2vec2 "$W2V")
 bench b_w2 "${B[@]}" --window 2 --sessions ${W2_SESSIONS:-1,8,12,16} --seconds "$S"

@@ -423,3 +423,24 @@ def test_cuda_graphs_give_what_eager_gives_for_every_batch_size(tiny_model_dir, 
             assert np.abs(g.astype(int) - e.astype(int)).mean() < 1.0  # bf16: the same frames to a grey level
     assert graphed.graph_failures() == {}
     assert len(graphed._transformer_fn.graphs) == 2  # 3 streams ran in the graph of 4 (x the guidance rows)
+
+
+def test_a_batch_is_decoded_in_chunks_that_give_the_frames_of_one_call(tiny_pipeline):
+    """pipeline.decode splits a big batch into DECODE_CHUNK frames per decoder call (bounded memory); every
+    frame is what decoding it alone gives."""
+    from letstalk_rt.pipeline import DECODE_CHUNK
+
+    cfg = tiny_pipeline.config
+    n = DECODE_CHUNK + 3
+    lat = torch.randn(n, cfg.transformer.latent_channels, cfg.autoencoder.latent_size, cfg.autoencoder.latent_size,
+                      generator=torch.Generator().manual_seed(0))
+    calls = []
+    real = tiny_pipeline._decode_fn
+    tiny_pipeline._decode_fn = lambda z: calls.append(z.shape[0]) or real(z)
+    try:
+        frames = tiny_pipeline.decode(lat)
+    finally:
+        tiny_pipeline._decode_fn = real
+    assert calls == [DECODE_CHUNK, 3] and frames.shape[0] == n
+    alone = np.concatenate([tiny_pipeline.decode(lat[i:i + 1]) for i in (0, DECODE_CHUNK, n - 1)])
+    assert np.abs(alone.astype(int) - frames[[0, DECODE_CHUNK, n - 1]].astype(int)).max() <= 1
