@@ -3,20 +3,20 @@
 #
 #   bash scripts/device_bench.sh OUT_DIR          # from the repository root, on a machine with CUDA
 #
-# Measures, with random weights (speed only), bf16:
+# Measures, with random weights (speed only), bf16, after the CUDA-graph test (graphed and eager pipelines
+# agree) and scripts/gpu_parts.py (sampling and decoding per batch; the decoder eager, autotuned, graphed,
+# and with COMPILE=1 compiled):
 #   1. letstalk-b, windows of 2 frames (the only window whose latency floor is under 250 ms, see
 #      docs/benchmarks.md "What latency the GPU target allows"): 1, 8, 12 and 16 sessions
 #   2. letstalk-b, windows of 4 frames: 8 and 16 sessions (capacity at less compute per frame)
 #   3. one window's cost broken down, its transformer arithmetic against the GPU's bf16 matrix-product
 #      rate measured on the spot (fraction of peak), CUDA peak memory
 #   4. a 120 s soak of one session (A/V offset at the tracks)
-# after the CUDA-graph test (graphed and eager pipelines agree) and scripts/gpu_parts.py (sampling and
-# decoding per batch; the decoder eager, autotuned, graphed, and compiled with COMPILE=1). Shorter: BENCH_SECONDS, W2_SESSIONS,
-# W4_SESSIONS, SOAK (environment).
-# Each writes OUT_DIR/NAME.json; every log goes to OUT_DIR/log.txt (a device call returns at most 8 files).
-# Needs a CUDA torch and transformers where it runs; PyAV
-# and aiortc with its needs (the tracks the bench reads are aiortc tracks; none of them is in the lent
-# machines' image) are installed from wheels in .whl/ if there are any:
+# Shorter or other runs: BENCH_SECONDS, W2_SESSIONS, W4_SESSIONS, SOAK (environment). Each writes
+# OUT_DIR/NAME.json; every log goes to OUT_DIR/log.txt (a device call returns at most 8 files). Needs a
+# CUDA torch and transformers where it runs; PyAV and aiortc with its needs (the tracks the bench reads
+# are aiortc tracks; none of them is in the lent machines' image) are installed from wheels in .whl/ if
+# there are any:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #       -d .whl av==18.1.0 aiortc==1.16.0 aioice==0.13.0 cffi==2.0.0 cryptography==50.0.2 dnspython==2.9.2 \
