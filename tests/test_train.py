@@ -489,6 +489,46 @@ def test_sync_loss_teaches_the_mouth_the_expert_reads_from_ground_truth(tmp_path
         train(_cfg("autoencoder", data, init_dir, tmp_path / "r2", sync_weight=1.0))
 
 
+def test_the_mouth_direction_loss_charges_a_backwards_mouth_whatever_its_contrast():
+    """mouth_direction_loss: 0 for a mouth changing like the truth (at any size of change), 2 for one changing
+    the opposite way, the same for a low-contrast mouth as for a high-contrast one (where an L1 charges the
+    low-contrast one ~10x less); a window whose real mouth stays still counts in proportion to its change."""
+    from letstalk_rt.train.sync import DIRECTION_FLOOR, mouth_direction_loss
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.rand(2, 3, 6, 6, generator=g) * 2 - 1  # (B, 3, S, S)
+    change = torch.randn(2, 4, 3, 6, 6, generator=g) * 0.2  # (B, T, 3, S, S)
+    real = ref[:, None] + change
+    assert mouth_direction_loss(ref[:, None] + 0.5 * change, real, ref) < 1e-5  # same way, half as far
+    assert abs(mouth_direction_loss(ref[:, None] - change, real, ref) - 2) < 1e-5  # backwards
+    dim = 0.1  # a dark face: the same motion at a tenth of the contrast
+    dark_real, dark_back = ref[:, None] + dim * change, ref[:, None] - dim * change
+    assert abs(mouth_direction_loss(dark_back, dark_real, ref) - 2) < 1e-5
+    assert (dark_back - dark_real).abs().mean() < 0.11 * (ref[:, None] - change - real).abs().mean()
+    still = real.clone()
+    still[1] = ref[1] + change[1] * (0.25 * DIRECTION_FLOOR / change[1].pow(2).mean().sqrt())  # RMS floor / 4
+    back = 2 * ref[:, None] - still  # both windows backwards
+    loss = mouth_direction_loss(back, still, ref)
+    assert abs(loss - 2) < 1e-4  # each window is wholly backwards: weighting cannot change the mean
+    fake = still.clone()
+    fake[1] = back[1]  # only the nearly still window is backwards
+    assert abs(mouth_direction_loss(fake, still, ref) - 2 * 0.25 / 1.25) < 1e-4
+
+
+def test_the_mouth_direction_term_is_trained_and_logged(tmp_path, init_dir, synth_sync):
+    """--mouth-direction-weight: every step logs the term (finite, in [0, 2]) beside the flow loss, the
+    decoder stays frozen, and a stage that has no denoiser refuses the flag before any step."""
+    base = dict(steps=4, batch=4, lr=1e-3, warmup=1, schedule="constant")
+    out = train(_cfg("transformer", synth_sync, init_dir, tmp_path / "r", out=tmp_path / "m",
+                     mouth_direction_weight=1.0, **base))
+    log = [json.loads(x) for x in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    assert log and all(0 <= r["direction"] <= 2 for r in log)
+    ae_before = load_model(init_dir).autoencoder.state_dict()
+    assert all(torch.equal(v, ae_before[k]) for k, v in load_model(out).autoencoder.state_dict().items())
+    with pytest.raises(InputError, match="transformer and distill stages"):
+        train(_cfg("decoder", synth_sync, init_dir, tmp_path / "r2", mouth_direction_weight=1.0))
+
+
 @pytest.mark.parametrize("flag", ["pixel_mouth_weight", "pixel_frame_weight"], ids=["mouth", "frame"])
 def test_pixel_losses_bring_the_decoded_output_toward_the_truth(tmp_path, init_dir, synth_sync, flag):
     """--pixel-mouth-weight / --pixel-frame-weight: the L1 between the decoded clean estimate and the

@@ -46,6 +46,7 @@ HIDDEN = 256
 POOL = 4  # the decoded expert reads the mouth square average-pooled by this (48 -> 12 px at 128 px frames)
 MAX_FIT_DECODED = 20_000  # frames the decoded expert is fitted on at most (each one decoded once)
 CRITIC_LR_SCALE = 4.0  # the adversarial critic's learning rate, in units of the run's (two time-scale updates)
+DIRECTION_FLOOR = 0.02  # mouth_direction_loss: a window's real RMS change (in [-1, 1]) from which it counts fully
 TEACH_MIN_R = 0.9  # a state the expert reads less well than this on held-out clips is not taught (its error is noise)
 
 
@@ -113,6 +114,23 @@ def decoded_l1(decoder: nn.Module, estimate: Tensor, truth: Tensor) -> Tensor:
     with torch.no_grad():
         target = decoder(truth.float())  # (N, 3, H, W)
     return (decoder(estimate.float()) - target).abs().mean()
+
+
+def mouth_direction_loss(fake: Tensor, real: Tensor, ref: Tensor, floor: float = DIRECTION_FLOOR) -> Tensor:
+    """1 - cosine between how the generated mouth and the real one change from the portrait's, per window.
+
+    fake, real (B, T, 3, S, S): decoded mouth squares of the network's clean estimate and of the ground
+    truth; ref (B, 3, S, S): the portrait's. Each window's change (its T frames minus the portrait) is one
+    vector; the cosine ignores its size, so a low-contrast (dark-skinned) mouth that moves the wrong way --
+    darker where the real one shows teeth -- costs as much as a light one (up to 2), where an L1 charges it
+    little. A window whose real mouth hardly moves (RMS change under `floor`, in [-1, 1] units) has no
+    direction to follow and counts in proportion. `letstalk eval`'s "mouth direction" measures this on
+    generated video (docs/eval.md)."""
+    a = (fake - ref[:, None]).flatten(1)  # (B, T*3*S*S)
+    b = (real - ref[:, None]).flatten(1)  # (B, T*3*S*S)
+    cos = F.cosine_similarity(a, b, dim=1, eps=1e-8)  # (B,)
+    w = (b.pow(2).mean(dim=1).sqrt() / floor).clamp(max=1.0).detach()  # (B,)
+    return ((1 - cos) * w).sum() / w.sum().clamp_min(1e-6)
 
 
 class MouthExpert(nn.Module):
