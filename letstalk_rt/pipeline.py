@@ -325,8 +325,9 @@ class CudaGraphed:
         key = (tuple(kwargs), len(args), torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
                *((tuple(v.shape), v.dtype, v.device) if isinstance(v, Tensor) else v for v in padded))
         if key not in self.graphs:
+            static = self._warm(padded, list(kwargs), len(args))  # an error of the inputs' own is raised here
             try:
-                self.graphs[key] = self._capture(padded, list(kwargs), len(args))
+                self.graphs[key] = self._record(static, list(kwargs), len(args))
             except Exception as e:  # an op that cannot be captured: run eagerly (correct, just slower)
                 self.failed = f"{type(e).__name__}: {e}"
                 log.warning("CUDA graph capture of %s failed (%s); running it eagerly",
@@ -344,14 +345,19 @@ class CudaGraphed:
         kw = dict(zip(names, values[1 + n_args:]))
         return self.fn(values[0], *values[1:1 + n_args], **kw)
 
-    def _capture(self, values: list, names: list[str], n_args: int) -> tuple[torch.cuda.CUDAGraph, list, Tensor]:
+    def _warm(self, values: list, names: list[str], n_args: int) -> list:
+        """The graph's input buffers, after two eager runs on a side stream (lazy initialisations, cuBLAS
+        handles, cuDNN's choices: none of it may happen inside a capture)."""
         static = [v.clone() if isinstance(v, Tensor) else v for v in values]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up runs off the capture (lazy initialisations, cuBLAS handles)
+        with torch.cuda.stream(side):
             for _ in range(2):
                 self._call(static, names, n_args)
         torch.cuda.current_stream().wait_stream(side)
+        return static
+
+    def _record(self, static: list, names: list[str], n_args: int) -> tuple[torch.cuda.CUDAGraph, list, Tensor]:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
@@ -615,9 +621,10 @@ class LetsTalkPipeline:
             with self._autocast():
                 v = guide.velocity(self._transformer_fn, x, tt)  # (B, T, C, h, w)
             x = self.sampler.step(v, t, x)  # (B, T, C, h, w)
+        kept = x.float().cpu() if self.use_memory else None  # (B, T, C, h, w): one copy for the batch
         for i, s in enumerate(streams):
-            if self.use_memory:
-                s.memory.update(x[i].float().cpu())
+            if kept is not None:
+                s.memory.update(kept[i])
             s.windows_done += 1
         return x
 

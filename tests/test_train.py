@@ -515,18 +515,38 @@ def test_the_mouth_direction_loss_charges_a_backwards_mouth_whatever_its_contras
     assert abs(mouth_direction_loss(fake, still, ref) - 2 * 0.25 / 1.25) < 1e-4
 
 
+def test_the_mouth_pattern_loss_is_blind_to_skin_tone_and_not_to_a_backwards_mouth():
+    """mouth_pattern_loss: a mouth at a fifth of the contrast on a darker skin has nearly the pattern of the
+    same mouth on a light one, and the same mouth with its bright and dark parts swapped costs ~25x more,
+    about the same on either skin."""
+    from letstalk_rt.train.sync import mouth_pattern_loss
+
+    g = torch.Generator().manual_seed(1)
+    light = torch.rand(4, 3, 12, 12, generator=g) * 1.6 - 0.8  # (N, 3, S, S) in [-1, 1]
+    dark = (light + 1) * 0.2 - 0.9  # the same picture, darker and at a fifth of the contrast
+    assert mouth_pattern_loss(dark, light) < 0.06  # seen 0.053 (the epsilon's share of a low contrast)
+    def swapped(x):  # bright and dark parts swapped about the picture's mean brightness
+        return 2 * x.mean(dim=(1, 2, 3), keepdim=True) - x
+
+    swapped_light, swapped_dark = swapped(light), swapped(dark)
+    assert mouth_pattern_loss(swapped_light, light) > 1.5
+    assert mouth_pattern_loss(swapped_dark, dark) > 0.9 * mouth_pattern_loss(swapped_light, light)
+    assert (swapped_dark - dark).abs().mean() < 0.25 * (swapped_light - light).abs().mean()  # where an L1 is not
+
+
 def test_the_mouth_direction_term_is_trained_and_logged(tmp_path, init_dir, synth_sync):
-    """--mouth-direction-weight: every step logs the term (finite, in [0, 2]) beside the flow loss, the
+    """--mouth-direction-weight, --mouth-pattern-weight: every step logs the terms (finite, in [0, 2]) beside the flow loss, the
     decoder stays frozen, and a stage that has no denoiser refuses the flag before any step."""
     base = dict(steps=4, batch=4, lr=1e-3, warmup=1, schedule="constant")
     out = train(_cfg("transformer", synth_sync, init_dir, tmp_path / "r", out=tmp_path / "m",
-                     mouth_direction_weight=1.0, **base))
+                     mouth_direction_weight=1.0, mouth_pattern_weight=1.0, **base))
     log = [json.loads(x) for x in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
-    assert log and all(0 <= r["direction"] <= 2 for r in log)
+    assert log and all(0 <= r["direction"] <= 2 and 0 < r["pattern"] < 10 for r in log)
     ae_before = load_model(init_dir).autoencoder.state_dict()
     assert all(torch.equal(v, ae_before[k]) for k, v in load_model(out).autoencoder.state_dict().items())
-    with pytest.raises(InputError, match="transformer and distill stages"):
-        train(_cfg("decoder", synth_sync, init_dir, tmp_path / "r2", mouth_direction_weight=1.0))
+    for flag in ("mouth_direction_weight", "mouth_pattern_weight"):
+        with pytest.raises(InputError, match="transformer and distill stages"):
+            train(_cfg("decoder", synth_sync, init_dir, tmp_path / "r2", **{flag: 1.0}))
 
 
 @pytest.mark.parametrize("flag", ["pixel_mouth_weight", "pixel_frame_weight"], ids=["mouth", "frame"])

@@ -47,6 +47,7 @@ POOL = 4  # the decoded expert reads the mouth square average-pooled by this (48
 MAX_FIT_DECODED = 20_000  # frames the decoded expert is fitted on at most (each one decoded once)
 CRITIC_LR_SCALE = 4.0  # the adversarial critic's learning rate, in units of the run's (two time-scale updates)
 DIRECTION_FLOOR = 0.02  # mouth_direction_loss: a window's real RMS change (in [-1, 1]) from which it counts fully
+PATTERN_EPS = 0.005  # mouth_pattern_loss: added to each crop's grey standard deviation (in [-1, 1] units)
 TEACH_MIN_R = 0.9  # a state the expert reads less well than this on held-out clips is not taught (its error is noise)
 
 
@@ -131,6 +132,21 @@ def mouth_direction_loss(fake: Tensor, real: Tensor, ref: Tensor, floor: float =
     cos = F.cosine_similarity(a, b, dim=1, eps=1e-8)  # (B,)
     w = (b.pow(2).mean(dim=1).sqrt() / floor).clamp(max=1.0).detach()  # (B,)
     return ((1 - cos) * w).sum() / w.sum().clamp_min(1e-6)
+
+
+def mouth_pattern_loss(fake: Tensor, real: Tensor, eps: float = PATTERN_EPS) -> Tensor:
+    """L1 between the decoded mouth squares made grey and standardised per frame: fake, real (N, 3, S, S).
+
+    Standardising each crop (as `letstalk eval`'s probe features do) takes skin tone and contrast out: the
+    pattern of a dark-skinned mouth -- where its teeth and lips are brighter or darker than the rest of the
+    crop -- weighs as much as a light-skinned one's, and a mouth drawn darker where the real one shows teeth
+    costs the full difference of the patterns. `eps` (in [-1, 1] units) keeps a flat crop from dividing by
+    nothing."""
+    def pattern(x: Tensor) -> Tensor:
+        g = x.float().mean(dim=1).flatten(1)  # (N, S*S) grey
+        return (g - g.mean(dim=1, keepdim=True)) / (g.std(dim=1, keepdim=True) + eps)
+
+    return (pattern(fake) - pattern(real)).abs().mean()
 
 
 class MouthExpert(nn.Module):

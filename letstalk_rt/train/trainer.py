@@ -88,7 +88,8 @@ from ..models.autoencoder import DCAutoencoder
 from ..pipeline import corpus_level_min
 from .data import (AudioFeatureCache, ClipDataset, LatentCache, audio_window, open_dataset, plan_frames,
                    plan_windows, sample_generator, window_frame_indices)
-from .sync import CROP, CRITIC_LR_SCALE, MouthCritic, MouthExpert, decoded_l1, mouth_direction_loss, mouth_origins, mouth_square
+from .sync import (CROP, CRITIC_LR_SCALE, MouthCritic, MouthExpert, decoded_l1, mouth_direction_loss, mouth_origins,
+                   mouth_pattern_loss, mouth_square)
 
 STAGES = ("autoencoder", "transformer", "distill", "decoder")
 MIN_LR_RATIO = 0.1  # the cosine schedule ends at this fraction of --lr
@@ -132,6 +133,8 @@ class TrainConfig:
     adv_mouth_weight: float = 0.0  # weight of a critic's verdict on the network's mouth (train/sync.py MouthCritic)
     mouth_direction_weight: float = 0.0  # transformer/distill: 1 - cosine of the decoded mouth's change from the
     # portrait's, the network's clean estimate against the truth, per window (train/sync.py mouth_direction_loss)
+    mouth_pattern_weight: float = 0.0  # transformer/distill: L1 of the decoded mouth squares made grey and
+    # standardised per frame, clean estimate against truth: tone-free (train/sync.py mouth_pattern_loss)
     latent_cache: bool = True  # transformer/distill: read cached latents instead of encoding every step
     teacher_steps: int = 8  # distill: Euler steps of the teacher per target
     student_steps: int = 2  # distill: the student's sampling steps (written to sampling.num_steps)
@@ -262,7 +265,8 @@ def extra_loss_weights(cfg: TrainConfig) -> dict[str, float]:
     """The loss terms beyond the stage's own (flow, or reconstruction) that are on, by their log name; all but
     "adv" are transformer/distill only."""
     weights = {"sync": cfg.sync_weight, "pixel": cfg.pixel_mouth_weight, "frame": cfg.pixel_frame_weight,
-               "adv": cfg.adv_mouth_weight, "direction": cfg.mouth_direction_weight}
+               "adv": cfg.adv_mouth_weight, "direction": cfg.mouth_direction_weight,
+               "pattern": cfg.mouth_pattern_weight}
     return {k: w for k, w in weights.items() if w}
 
 
@@ -286,7 +290,8 @@ class Stage:
         # per clip, the (row, col) latent cell of its mouth square, for the terms that read the mouth
         flags = [f for f, w in (("--sync-weight", cfg.sync_weight), ("--pixel-mouth-weight", cfg.pixel_mouth_weight),
                                 ("--adv-mouth-weight", cfg.adv_mouth_weight),
-                                ("--mouth-direction-weight", cfg.mouth_direction_weight)) if w]
+                                ("--mouth-direction-weight", cfg.mouth_direction_weight),
+                                ("--mouth-pattern-weight", cfg.mouth_pattern_weight)) if w]
         self.mouth_origins: list[Tensor] | None = (
             mouth_origins(self.dataset, comps.config.transformer.latent_size, flags[0]) if flags else None)
         self.critic: MouthCritic | None = None  # --adv-mouth-weight: trained beside the network (after_step)
@@ -658,7 +663,7 @@ class TransformerStage(Stage):
         if self.expert is not None:
             ref = batch["mouth_ref"][:, None].expand(-1, n, -1, -1, -1).flatten(0, 1)  # (B T, C, h, w)
             terms["sync"] = self.expert.loss(estimate, ref, origins, batch["mouth"].flatten(0, 1))
-        if weights.keys() & {"pixel", "adv", "direction"}:  # these compare the mouth as decoded
+        if weights.keys() & {"pixel", "adv", "direction", "pattern"}:  # these compare the mouth as decoded
             with torch.no_grad():
                 real = self.ae.decode(mouth_square(truth, origins).float())  # (B T, 3, S, S)
             fake = self.ae.decode(mouth_square(estimate, origins).float())  # (B T, 3, S, S)
@@ -666,6 +671,8 @@ class TransformerStage(Stage):
                 terms["pixel"] = (fake - real).abs().mean()
             if self.critic is not None:
                 terms["adv"] = self.adversarial(real, fake)
+            if "pattern" in weights:
+                terms["pattern"] = mouth_pattern_loss(fake, real)
             if "direction" in weights:
                 with torch.no_grad():  # the portrait's own mouth square: what both changes are measured from
                     ref = self.ae.decode(mouth_square(batch["portrait"], batch["mouth_origin"]).float())  # (B, 3, S, S)
@@ -879,7 +886,8 @@ def _check(cfg: TrainConfig, dist: Dist) -> None:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     denoiser_only = (("--sync-weight", cfg.sync_weight), ("--pixel-mouth-weight", cfg.pixel_mouth_weight),
                      ("--pixel-frame-weight", cfg.pixel_frame_weight),
-                     ("--mouth-direction-weight", cfg.mouth_direction_weight))
+                     ("--mouth-direction-weight", cfg.mouth_direction_weight),
+                     ("--mouth-pattern-weight", cfg.mouth_pattern_weight))
     for flag, w in (*denoiser_only, ("--adv-mouth-weight", cfg.adv_mouth_weight)):
         if w < 0 or not math.isfinite(w):
             raise InputError(f"{flag} must be a number >= 0, got {w}")
@@ -1211,6 +1219,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="transformer/distill: weight of 1 - cosine between how the decoded mouth of the network's clean "
                         "estimate and the ground truth's change from the portrait's, per window: a mouth moving the "
                         "wrong way costs the same on low-contrast (dark) skin as on light (default 0 = off)")
+    p.add_argument("--mouth-pattern-weight", type=float, default=d.mouth_pattern_weight,
+                   help="transformer/distill: weight of the L1 between the decoded mouth squares of the network's clean "
+                        "estimate and of the ground truth, each made grey and standardised per frame (skin tone and "
+                        "contrast taken out, as the eval probe does; default 0 = off)")
     p.add_argument("--no-latent-cache", action="store_true",
                    help="transformer/distill: encode frames with the AE every step (exact pixel noise, slower)")
     p.add_argument("--teacher-steps", type=int, default=d.teacher_steps, help="distill: teacher Euler steps")
@@ -1253,7 +1265,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         mouth_weight=args.mouth_weight,
         sync_weight=args.sync_weight, sync_decoded=args.sync_decoded, pixel_mouth_weight=args.pixel_mouth_weight,
         pixel_frame_weight=args.pixel_frame_weight, adv_mouth_weight=args.adv_mouth_weight,
-        mouth_direction_weight=args.mouth_direction_weight,
+        mouth_direction_weight=args.mouth_direction_weight, mouth_pattern_weight=args.mouth_pattern_weight,
         latent_cache=not args.no_latent_cache, teacher_steps=args.teacher_steps,
         student_steps=args.student_steps, distill_target=args.distill_target, window=args.window, fsdp=args.fsdp,
         portrait_start=args.portrait_start, teacher_start=args.teacher_start,
