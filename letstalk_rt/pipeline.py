@@ -431,8 +431,8 @@ class LetsTalkPipeline:
         # On a GPU the transformer, the decoder and the audio encoder run from CUDA graphs (CudaGraphed);
         # `cuda_graphs=False` launches their kernels one by one (eager), as on a CPU.
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        self._transformer_fn: Callable[..., Tensor] = self.transformer  # sampling calls this (see compile)
-        self._decode_fn: Callable[[Tensor], Tensor] = self.autoencoder.decode
+        self._transformer_fn: Callable[..., Tensor]  # sampling calls this (see compile, uncompile)
+        self._decode_fn: Callable[[Tensor], Tensor]
         self.uncompile()
 
     # ---------------------------------------------------------------------------------- construction

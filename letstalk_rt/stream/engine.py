@@ -746,10 +746,10 @@ class StreamEngine:
             if min(window_ms(self.window) for _ in range(2)) > budget:  # the first run of a shape warms caches
                 p.set_num_steps(steps - 1)
                 break
+        if p.cuda_graphs:  # before the timing below: a first call of a shape includes its capture
+            self._capture_graphs(window_ms)
         for t in sorted({self.window, min(self.config.first_window, self.window)}):  # at the steps chosen
             self._gen_ms[t] = window_ms(t)
-        if p.cuda_graphs:
-            self._capture_graphs(window_ms)
         log.info("engine: %d sampling steps per %d-frame window (%.0f ms for %d sessions, %d torch threads)",
                  p.num_steps, self.window, self._gen_ms[self.window], self.config.max_batch, torch.get_num_threads())
         real_ms = 1000 * self.window / p.config.fps
@@ -763,15 +763,13 @@ class StreamEngine:
         would hold that batch up for its warm-up runs), and say what runs eagerly because it cannot be."""
         p = self.pipeline
         start = time.perf_counter()
+        sizes = [b for b in GRAPH_BUCKETS if b < self.config.max_batch] + [self.config.max_batch]
         for t in sorted({self.window, min(self.config.first_window, self.window)}):
-            for b in GRAPH_BUCKETS:
-                if b >= self.config.max_batch:  # (max_batch itself ran in warm-up)
-                    break
+            for b in sizes:
                 window_ms(t, b)
         enc = p.audio_encoder  # a plan encodes the blocks its sessions completed: about 1-2 per session
-        for n in GRAPH_BUCKETS:
-            if n > min(2 * self.config.max_batch, enc.max_blocks_per_call):
-                break
+        most = min(2 * self.config.max_batch, enc.max_blocks_per_call)
+        for n in [b for b in GRAPH_BUCKETS if b < most] + [most]:
             enc._encode_windows(torch.zeros(n, enc.window_samples))
         torch.cuda.synchronize(p.device)
         log.info("engine: CUDA graphs for up to %d sessions captured in %.1f s", self.config.max_batch,
