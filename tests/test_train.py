@@ -659,6 +659,11 @@ def test_exact_resume(tmp_path, init_dir, shards, synth_sync, extra):
     assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step_0000002", "step_0000003"]
     with pytest.raises(InputError, match="--resume"):
         train(_cfg("transformer", shards, init_dir, tmp_path / "b", **kw))
+    changed = dict(kw, seed=1, adv_mouth_weight=0.0)  # another recipe is not resumed: told what differs
+    with pytest.raises(InputError, match=r"--seed 0 \(now 1\)") as err:
+        train(_cfg("transformer", shards, init_dir, tmp_path / "b", resume=True, **changed))
+    assert ("--adv-mouth-weight 0.5 (now 0.0)" in str(err.value)) == (extra == "adv")
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step_0000002", "step_0000003"]
     b = train(_cfg("transformer", shards, init_dir, tmp_path / "b", out=tmp_path / "out_b", resume=True, **kw))
     for name in ("transformer", "audio_encoder", "audio_projector", "autoencoder"):
         wa, wb = load_file(str(a / f"{name}.safetensors")), load_file(str(b / f"{name}.safetensors"))

@@ -349,6 +349,9 @@ class Stage:
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         if self.critic is None:
+            if "critic" in state:  # recipe_changes stops this first; kept for checkpoints without a config
+                raise InputError("--resume: this run was trained with --adv-mouth-weight (its critic is in the "
+                                 "checkpoint); resume it the same way")
             return
         if "critic" not in state:
             raise InputError("--resume: this run was trained without --adv-mouth-weight; resume it the same way")
@@ -845,6 +848,37 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# TrainConfig fields a resumed run may change: how long it runs, where it writes and reads, how it is
+# watched. Every other field is the recipe; a resume that changes one would continue different training.
+RESUME_MAY_CHANGE = frozenset({"data", "init", "run", "out", "steps", "ckpt_every", "keep", "log_every", "device",
+                               "resume", "stop_after", "workers", "latent_cache", "progress"})
+
+
+def recipe_changes(saved: dict[str, Any] | None, cfg: TrainConfig) -> list[str]:
+    """The recipe flags `cfg` sets otherwise than the checkpointed run's `saved` config, as
+    '--flag SAVED (now NOW)'. A field the checkpoint lacks (written before that flag existed) counts as its
+    default, which is what that run trained with."""
+    if not saved:
+        return []
+
+    def norm(v: Any) -> Any:
+        return list(v) if isinstance(v, (tuple, list)) else (str(v) if isinstance(v, Path) else v)
+
+    def text(v: Any) -> str:
+        if v is None:
+            return "unset"
+        return ",".join(str(x) for x in v) if isinstance(v, list) else ("on" if v is True else "off" if v is False else f"{v}")
+
+    out = []
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in RESUME_MAY_CHANGE or f.default is dataclasses.MISSING:
+            continue
+        was, now = norm(saved.get(f.name, f.default)), norm(getattr(cfg, f.name))
+        if was != now:
+            out.append(f"--{f.name.replace('_', '-')} {text(was)} (now {text(now)})")
+    return out
+
+
 def checkpoint_dirs(run: Path) -> list[Path]:
     """Finished checkpoints of a run, oldest first."""
     root = run / "checkpoints"
@@ -969,6 +1003,11 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path | None:
         if state.get("fsdp", False) != cfg.fsdp:
             raise InputError(f"--resume: '{cfg.run}' was trained {'with' if state.get('fsdp') else 'without'} "
                              "--fsdp; resume it the same way")
+        changed = recipe_changes(state.get("config"), cfg)
+        if changed:
+            raise InputError(f"--resume: '{cfg.run}' was trained with other settings: {'; '.join(changed)}. Resume "
+                             "it with the flags it was started with (only --steps, --ckpt-every, --keep, --log-every, "
+                             "--workers, --device, --out and the paths may change), or start a new --run")
         try:
             module.load_state_dict(state["module"])
         except RuntimeError as e:
