@@ -260,10 +260,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
                       start_time=args.start_time, seed=args.seed, seeds=args.seeds, device=device,
                       dtype=resolve_dtype(args.dtype, device), progress=not args.quiet)
     for m in report["models"]:
-        marks = [f"{k.replace('_', ' ')} {'PASS' if t['pass'] else 'FAIL'}" for k, t in m["targets"].items()]
+        marks = [f"{k.replace('_', ' ')} {'n/a' if t['pass'] is None else 'PASS' if t['pass'] else 'FAIL'}"
+                 for k, t in m["targets"].items()]
         print(f"{m['label']}: {', '.join(marks)}")
         groups = m["by_skin_tone"]
         worst = min(groups, key=lambda g: g["worst_sync"])
+        if report["kind"] == "prepared":
+            s = m["summary"]
+            print(f"  real videos: mouth agreement {s['sync_correlation']:.3f} (label-free, not the lip-sync metric), "
+                  f"PSNR outside the mouth {s['psnr_gt']:.2f} dB; worst clip {worst['worst_identity']} "
+                  f"{worst['worst_sync']:.3f}")
+            continue
         print("  lip sync by skin tone: " + ", ".join(f"{g['group']} {g['sync_correlation']:.3f} ({g['clips']} clips)"
                                                for g in groups)
               + f"; worst face {worst['worst_identity']} ({worst['group']}) {worst['worst_sync']:.3f}")
@@ -384,11 +391,14 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_arguments(p)
     p.set_defaults(func=trainer.main)
 
-    p = sub.add_parser("eval", help="score models on a synth corpus: lip sync, identity, flicker, long-run drift")
-    p.add_argument("--data", type=Path, required=True, help="corpus folder written by `letstalk data synth`")
+    p = sub.add_parser("eval", help="score models on a synth corpus or real videos: lip sync, identity, flicker, "
+                                    "long-run drift")
+    p.add_argument("--data", type=Path, required=True,
+                   help="corpus folder written by `letstalk data synth`; or real talking-head videos: a folder "
+                        "`letstalk data prepare` wrote, or a folder of videos (prepared into OUT/prepared first)")
     p.add_argument("--model", type=Path, action="append", default=None,
                    help="model directory; repeat to compare several (default: the bundled model)")
-    p.add_argument("--split", default="test", help="corpus split to score (default test)")
+    p.add_argument("--split", default="test", help="corpus split to score (default test; real videos have none)")
     p.add_argument("--clips", type=int, default=8, help="clips of the split to generate and score (default 8)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps per window, 1..50 (default: the model's)")
     p.add_argument("--steps-list", default="", help="also score lip sync and PSNR at these step counts, e.g. 1,2,4,8")

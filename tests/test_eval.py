@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from letstalk_rt.cli import main
-from letstalk_rt.eval import (Corpus, by_skin_tone, lag_correlations, best_offset, outside_mask, pearson, psnr_outside,
+from letstalk_rt.eval import (Corpus, PreparedVideos, by_skin_tone, lag_correlations, best_offset, outside_mask, pearson, psnr_outside,
                               mouth_direction, mouth_features, reconstruct, score_clip, ssim_outside, train_probe)
 from letstalk_rt.media import VideoWriter
 
@@ -281,6 +281,60 @@ def test_skin_tone_groups_name_the_face_a_mean_hides():
     assert dark["psnr_gt"] == pytest.approx(29.85)
     assert (unrecorded["group"], unrecorded["worst_identity"]) == ("unrecorded", "photo-1")
     assert (light["probe_correlation"], dark["probe_correlation"]) == (pytest.approx(0.9), pytest.approx(0.6))
+
+
+@pytest.fixture(scope="module")
+def real_dir(tmp_path_factory) -> Path:
+    """Two of the fixture's faces as `letstalk data prepare` writes real videos: shards of face crops and audio,
+    index.json with the framing's margin, and no mouth labels anywhere."""
+    from letstalk_rt.train.prepare import _ShardWriter
+
+    root = tmp_path_factory.mktemp("real")
+    writer = _ShardWriter(root, shard_frames=1000, size=SIZE)
+    for i in (7, 8):
+        frames, audio, _ = _render(i)
+        writer.add(f"talk_{i}.mp4", 0, frames, audio, np.zeros((FRAMES, 3), np.float32))
+    writer.flush()
+    (root / "index.json").write_text(json.dumps({"format": "letstalk-prepared", "size": SIZE, "margin": 0.6,
+                                                 "shards": writer.shards, "videos": []}))
+    return root
+
+
+def test_real_videos_are_read_along_their_own_mouth_path(real_dir):
+    """Without labels, a generation is read along the real mouth's main change: the real frames themselves
+    agree fully at offset 0, the same frames two frames late are found two frames late, and a still mouth
+    follows nothing."""
+    videos = PreparedVideos(real_dir)
+    clip = videos.clip(videos.names("test")[0], SIZE)  # the split is ignored: real videos have none
+    assert clip.path is not None and clip.rest == 0 and clip.identity == "talk_7.mp4"
+    x0, y0, x1, y1 = clip.box
+    assert x0 <= 12 and x1 >= 20 and y0 <= 20 and y1 >= 24  # the framing's box holds the drawn mouth
+    truth = score_clip(clip, clip.frames, clip.portrait, None)
+    assert truth["sync_correlation"] == pytest.approx(1.0) and truth["sync_offset"] == 0
+    late = np.concatenate([np.repeat(clip.frames[:1], 2, axis=0), clip.frames[:-2]])
+    assert score_clip(clip, late, clip.portrait, None)["sync_offset"] == 2
+    frozen = np.repeat(clip.portrait[None], FRAMES, axis=0)
+    assert abs(score_clip(clip, frozen, clip.portrait, None)["sync_correlation"]) < 1e-6
+    # the path is the opening in all but scale and sign: on these faces the mouth's main change is its opening
+    assert abs(pearson(clip.opening, _render(7)[2])) > 0.9
+
+
+def test_eval_on_real_videos_judges_identity_and_drift_but_not_lip_sync(capsys, tmp_path, real_dir, tiny_model_dir):
+    out = tmp_path / "report"
+    code, stdout, err = _run(capsys, "eval", "--data", real_dir, "--model", tiny_model_dir, "--long-seconds", 2,
+                             "--window", 2, "--device", "cpu", "--out", out, "--quiet")
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["kind"] == "prepared" and report["split"] == "all" and len(report["clips"]) == 2
+    assert report["probe_plots"] == []
+    (model,) = report["models"]
+    assert model["targets"]["lip_sync"]["pass"] is None and "no mouth labels" in model["targets"]["lip_sync"]["value"]
+    assert model["targets"]["identity"]["pass"] is False and math.isfinite(model["summary"]["psnr_gt"])
+    assert set(model["long"]) == {"memory_on", "memory_off"}
+    assert [g["group"] for g in model["by_skin_tone"]] == ["unrecorded"]
+    md = (out / "report.md").read_text()
+    assert "Real videos" in md and "## Lip sync (mouth agreement with the real video)" in md and "| n/a |" in md
+    assert "lip sync n/a" in stdout and "mouth agreement" in stdout
 
 
 @pytest.mark.parametrize("case,match", [("no-manifest", "manifest.json"), ("split", "no clips in split"),

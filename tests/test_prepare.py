@@ -137,3 +137,22 @@ def test_cache_latents_encodes_every_shard(videos, tmp_path, tiny_model_dir):
     prepare.prepare_videos(videos, tmp_path / "big", size=64, progress=False)
     with pytest.raises(InputError, match="--size 32"):
         prepare.cache_latents(tmp_path / "big", tiny_model_dir, progress=False)
+
+
+def test_eval_prepares_a_folder_of_videos_and_scores_them(videos, tmp_path, tiny_model_dir, capsys):
+    """`letstalk eval --data VIDEOS`: the videos are prepared into the report folder at the model's size (the
+    bad ones skipped with a warning) and scored as real videos."""
+    from letstalk_rt.cli import main
+
+    out = tmp_path / "report"
+    code = main(["eval", "--data", str(videos), "--model", str(tiny_model_dir), "--long-seconds", "0",
+                 "--window", "2", "--device", "cpu", "--out", str(out), "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "prepared 1 of 3 videos" in captured.err and "skipping 'broken.mkv'" in captured.err
+    index = json.loads((out / "prepared" / "index.json").read_text())
+    assert index["size"] == 32 and index["summary"]["prepared"] == 1
+    report = json.loads((out / "report.json").read_text())
+    assert report["kind"] == "prepared" and report["clips"] == ["shard_0000_000000"]
+    assert report["models"][0]["clips"][0]["identity"] == "talk.mp4"
+    assert report["models"][0]["clips"][0]["frames"] == 50
