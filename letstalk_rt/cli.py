@@ -192,6 +192,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from .pipeline import LetsTalkPipeline
 
     check_live_args(args)
+    if args.decoder_channels is not None and not args.preset:
+        raise LetsTalkError("--decoder-channels changes a --preset's decoder; a model directory has its own")
     if args.repeat < 1:
         raise LetsTalkError(f"--repeat {args.repeat}: give 1 or more runs per session count")
     try:
@@ -229,12 +231,24 @@ def _preset_config(args: argparse.Namespace):
     from .config import model_preset
 
     config = model_preset(args.preset)
+    widths = getattr(args, "decoder_channels", None)
+    if widths is not None:  # a narrower decoder for the same latents (speed; `letstalk train --stage decoder`)
+        from .models.autoencoder import check_config
+
+        config.autoencoder.decoder_channels = widths
+        check_config(config.autoencoder)  # ModelError naming the rule a width breaks
     if args.wav2vec2 is not None:
         if config.audio.encoder != "wav2vec2":
             raise LetsTalkError(f"--wav2vec2: preset {args.preset!r} uses the {config.audio.encoder!r} audio encoder; "
                                 "drop --wav2vec2 or pick a letstalk-* preset")
         config.audio.wav2vec2_path = str(args.wav2vec2)
     return config
+
+
+def _decoder_widths(text: str) -> tuple[int, ...]:
+    from .train.trainer import _widths
+
+    return _widths(text)
 
 
 def cmd_new_model(args: argparse.Namespace) -> None:
@@ -346,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="benchmark a preset with RANDOM weights instead of a model directory (speed only)")
     p.add_argument("--wav2vec2", type=Path, default=None,
                    help="local transformers Wav2Vec2 directory, for the letstalk-* presets (their audio encoder)")
+    p.add_argument("--decoder-channels", type=_decoder_widths, default=None, metavar="W0,W1,...",
+                   help="with --preset: a decoder of these stage widths (finest first) for the preset's latents, "
+                        "as `letstalk train --stage decoder --decoder-channels` makes (speed of a narrower decoder)")
     p.add_argument("--sessions", default="1", help="comma-separated concurrent session counts (default 1)")
     p.add_argument("--seconds", type=float, default=20.0, help="seconds of streaming per session count")
     p.add_argument("--soak", type=float, default=0.0, help="one session for this many seconds (A/V drift)")

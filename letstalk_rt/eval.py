@@ -220,9 +220,10 @@ class PreparedVideos:
         frames = np.ascontiguousarray(c.frames)
         x, y, w, h = c.mouth_box
         box = (max(0, x), max(0, y), min(size, x + w), min(size, y + h))
-        path = MouthPath.fit(mouth_features(frames, box))
+        features = mouth_features(frames, box)
+        path = MouthPath.fit(features)
         return Clip(name=name, frames=frames, audio=np.asarray(c.audio, np.float32),
-                    opening=path.read(mouth_features(frames, box)), box=box, rest=0,
+                    opening=path.read(features), box=box, rest=0,
                     identity=_video_of(self.index, name), path=path)
 
 

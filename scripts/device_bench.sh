@@ -12,6 +12,8 @@
 #   3. one window's cost broken down, its transformer arithmetic against the GPU's bf16 matrix-product
 #      rate measured on the spot (fraction of peak), CUDA peak memory
 #   4. a 120 s soak of one session (A/V offset at the tracks)
+#   5. windows of 2 frames with a decoder of half the width (`--decoder-channels`): 8 and 16 sessions
+#      (HALF_SESSIONS; empty skips it)
 # Shorter or other runs: BENCH_SECONDS, W2_SESSIONS, W4_SESSIONS, SOAK (environment). Each writes
 # OUT_DIR/NAME.json; every log goes to OUT_DIR/log.txt (a device call returns at most 8 files). Needs a
 # CUDA torch and transformers where it runs; PyAV and aiortc with its needs (the tracks the bench reads
@@ -52,5 +54,8 @@ S=${BENCH_SECONDS:-15}  # seconds per session count
 B=(--preset letstalk-b --wav2vec2 "$W2V")
 bench b_w2 "${B[@]}" --window 2 --sessions ${W2_SESSIONS:-1,8,12,16} --seconds "$S"
 bench b_w4 "${B[@]}" --window 4 --sessions ${W4_SESSIONS:-8,16} --seconds "$S"
+# the lighter-decoder lever: B's latents through a decoder of half the width (a quarter of its arithmetic)
+[ -n "${HALF_SESSIONS-8,16}" ] && bench b_w2_half "${B[@]}" --decoder-channels 64,128,256,256,512,512 --window 2 \
+    --sessions "${HALF_SESSIONS:-8,16}" --seconds "$S"
 bench b_soak "${B[@]}" --window 2 --soak ${SOAK:-120}
 echo "done ($(date +%T))"

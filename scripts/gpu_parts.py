@@ -5,14 +5,16 @@
 Random weights (speed only), bf16 on CUDA (fp32 on a CPU, for trying the script). For each batch of B
 sessions' windows: the two sampling steps (CUDA graphs) and the decode of the B * window frames; then the
 decoder alone on 16 frames: eager, with cuDNN's autotuner (`torch.backends.cudnn.benchmark`), replayed
-from a CUDA graph, and (--compile) through torch.compile. Each figure is the median of 10 timed runs after
-3 warm-ups; TFLOP/s from torch's FLOP counter. docs/benchmarks.md says why: the B preset's decoder is
-~72 % of a frame's arithmetic and caps the sessions per GPU.
+from a CUDA graph, and (--compile) through torch.compile; and decoders of 1/2 and 1/4 the width (the
+narrower-decoder lever, `letstalk train --stage decoder --decoder-channels`). Each figure is the median
+of 10 timed runs after 3 warm-ups; TFLOP/s from torch's FLOP counter. docs/benchmarks.md says why: the B
+preset's decoder is ~72 % of a frame's arithmetic and caps the sessions per GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -26,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from letstalk_rt.config import model_preset  # noqa: E402
+from letstalk_rt.models.autoencoder import DCAutoencoder  # noqa: E402
 from letstalk_rt.pipeline import CudaGraphed, LetsTalkPipeline, Portrait  # noqa: E402
 
 
@@ -111,6 +114,17 @@ def main() -> None:
     report["decoder"] = {name: {"ms": ms, "ms_per_frame": round(ms / args.frames, 3),
                                 "tflops": round(gflop / ms, 1)} for name, ms in variants.items()}
     report["decoder_gflop_per_frame"] = round(gflop / args.frames, 1)
+    # The other lever: a narrower decoder for the same latents (`letstalk train --stage decoder
+    # --decoder-channels`, as the cpu-128 default was made). Random weights, so speed only; replayed from a
+    # CUDA graph where there is one, like the engine's.
+    for share in (2, 4):
+        widths = tuple(max(8, c // share) for c in config.autoencoder.block_channels)
+        narrow = DCAutoencoder(dataclasses.replace(config.autoencoder, decoder_channels=widths)).to(device).eval()
+        fn = CudaGraphed(narrow.decode) if device.type == "cuda" else narrow.decode
+        ms, g = timed(lambda: run(fn), device), flops(lambda: run(narrow.decode)) / 1e9
+        report["decoder"][f"1/{share} width {','.join(map(str, widths))}"] = {
+            "ms": ms, "ms_per_frame": round(ms / args.frames, 3), "tflops": round(g / ms, 1),
+            "gflop_per_frame": round(g / args.frames, 1)}
     print(json.dumps({"decoder_gflop_per_frame": report["decoder_gflop_per_frame"], **report["decoder"]}), flush=True)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

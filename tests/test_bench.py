@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from letstalk_rt.bench import busy_neighbours, run_bench
 from letstalk_rt.cli import main
@@ -99,7 +100,8 @@ def test_bad_counts_fail_before_a_model_loads(capsys):
     for argv in (["bench", "--repeat", "0"], ["bench", "--sessions", "0,1"], ["bench", "--sessions", "two"],
                  ["bench", "--max-steps", "51"], ["demo", "--max-steps", "-1"], ["bench", "--catch-up-tempo", "3"],
                  ["demo", "--catch-up-tempo", "0.9"], ["bench", "--threads", "-2"], ["bench", "--neighbours", "-1"],
-                 ["bench", "--neighbour-duty", "60/30"], ["bench", "--neighbour-duty", "half"]):
+                 ["bench", "--neighbour-duty", "60/30"], ["bench", "--neighbour-duty", "half"],
+                 ["bench", "--decoder-channels", "8,8,16"]):
         assert main(argv + ["--model", "/nonexistent"]) == 2
         err = capsys.readouterr().err
         assert argv[1] in err, err
@@ -116,3 +118,21 @@ def test_busy_neighbours_load_the_cpu_for_their_duty_and_are_gone_after():
     used = resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime - before
     assert all(p.poll() is not None for p in procs)
     assert 0.3 <= used <= 0.95, used  # ~0.6 s busy of the 1.2 s it lived; idle for the rest
+
+
+def test_a_preset_benchmarks_with_a_narrower_decoder_for_its_latents():
+    """--decoder-channels: the preset's decoder at other widths (the lever docs/benchmarks.md weighs for the
+    B preset), checked like any autoencoder config before anything is built."""
+    import argparse
+
+    from letstalk_rt.checkpoint import build_components
+    from letstalk_rt.cli import _preset_config
+    from letstalk_rt.errors import ModelError
+
+    args = argparse.Namespace(preset="tiny", wav2vec2=None, decoder_channels=(8, 8, 16))
+    config = _preset_config(args)
+    assert config.autoencoder.decoder_widths == (8, 8, 16) and config.autoencoder.block_channels == (8, 16, 16)
+    ae = build_components(config).autoencoder
+    assert ae.decoder.conv_out.in_channels == 8 and ae.decode(torch.zeros(1, 4, 8, 8)).shape == (1, 3, 32, 32)
+    with pytest.raises(ModelError, match="divide"):
+        _preset_config(argparse.Namespace(preset="tiny", wav2vec2=None, decoder_channels=(8, 16, 12)))
