@@ -217,7 +217,7 @@ class PreparedVideos:
 
     def clip(self, name: str, size: int) -> Clip:
         c = self._find(size, name)
-        frames = np.ascontiguousarray(c.frames)
+        frames = np.array(c.frames)  # a writable copy of the memory-mapped shard (torch warns on read-only arrays)
         x, y, w, h = c.mouth_box
         box = (max(0, x), max(0, y), min(size, x + w), min(size, y + h))
         features = mouth_features(frames, box)
