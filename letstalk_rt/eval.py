@@ -190,50 +190,33 @@ class PreparedVideos:
         from .train.data import _read_json
 
         self.root = Path(root)
-        self.index = _read_json(self.root / "index.json")
-        self.frame_size = int(self.index.get("size", 0))
+        self.frame_size = int(_read_json(self.root / "index.json").get("size", 0))
         self.progress = progress
-        self._datasets: dict[int, Any] = {}
+        self._clips: dict[int, dict[str, Any]] = {}  # frame size -> clip name -> train.data.Clip
 
-    def _dataset(self, size: int) -> Any:
+    def _at(self, size: int) -> dict[str, Any]:
         from .train.data import open_dataset
 
-        if size not in self._datasets:  # resized once into the folder's frame cache, like training does
-            self._datasets[size] = open_dataset(self.root, size, progress=self.progress)
-        return self._datasets[size]
+        if size not in self._clips:  # resized once into the folder's frame cache, like training does
+            self._clips[size] = {c.name: c for c in open_dataset(self.root, size, progress=self.progress).clips}
+        return self._clips[size]
 
     def names(self, split: str) -> list[str]:
         """Every clip (prepared videos have no splits; `split` is ignored)."""
-        return [c.name for c in self._dataset(self.frame_size).clips]
+        return list(self._at(self.frame_size))
 
     def audio(self, name: str) -> np.ndarray:
-        return np.asarray(self._find(self.frame_size, name).audio, np.float32)
-
-    def _find(self, size: int, name: str) -> Any:
-        for c in self._dataset(size).clips:
-            if c.name == name:
-                return c
-        raise InputError(f"'{self.root}' has no clip '{name}'")
+        return np.asarray(self._at(self.frame_size)[name].audio, np.float32)
 
     def clip(self, name: str, size: int) -> Clip:
-        c = self._find(size, name)
+        c = self._at(size)[name]
         frames = np.array(c.frames)  # a writable copy of the memory-mapped shard (torch warns on read-only arrays)
         x, y, w, h = c.mouth_box
         box = (max(0, x), max(0, y), min(size, x + w), min(size, y + h))
         features = mouth_features(frames, box)
         path = MouthPath.fit(features)
         return Clip(name=name, frames=frames, audio=np.asarray(c.audio, np.float32),
-                    opening=path.read(features), box=box, rest=0,
-                    identity=_video_of(self.index, name), path=path)
-
-
-def _video_of(index: dict[str, Any], name: str) -> str:
-    """The source video of a prepared clip named `shard_XXXX_OFFSET` (train.data's naming), or ''."""
-    for shard in index.get("shards") or []:
-        for seg in shard.get("segments") or []:
-            if f"{Path(shard['file']).stem}_{int(seg['offset']):06d}" == name:
-                return str(seg.get("video", ""))
-    return ""
+                    opening=path.read(features), box=box, rest=0, identity=c.source, path=path)
 
 
 def open_corpus(data: str | Path, out: Path, size: int, progress: bool) -> "Corpus | PreparedVideos":

@@ -115,6 +115,7 @@ class Clip:
     mouth: np.ndarray | None = None  # (N, 3) ground-truth opening, width, rounding per frame, synth clips only
     skin_tone: float | None = None  # procedural synth faces: 0 lightest .. 1 darkest; None: photos, real video
     weight: float = 1.0  # sampling weight per frame relative to other clips (`balance_skin_tone`)
+    source: str = ""  # prepared shards: the video the clip was cut from (its path under --videos)
 
     @property
     def num_frames(self) -> int:
@@ -305,7 +306,8 @@ def _open_prepared(root: Path, size: int, build: bool, progress: bool) -> ClipDa
         for seg in shard.get("segments") or [{"offset": 0, "num_frames": len(frames)}]:
             o, n = int(seg["offset"]), int(seg["num_frames"])
             clips.append(Clip(f"{stem}_{o:06d}", frames[o:o + n],
-                              audio[o * SAMPLES_PER_FRAME:(o + n) * SAMPLES_PER_FRAME], box))
+                              audio[o * SAMPLES_PER_FRAME:(o + n) * SAMPLES_PER_FRAME], box,
+                              source=str(seg.get("video", ""))))
     if not clips:
         raise InputError(f"'{root}' holds no frames; re-run `letstalk data prepare` on a folder with videos")
     return ClipDataset(root, "prepared", None, size, clips)
