@@ -22,8 +22,8 @@ from letstalk_rt.config import model_preset
 from letstalk_rt.errors import InputError, LetsTalkError, ModelError
 from letstalk_rt.pipeline import LetsTalkPipeline, corpus_level_min
 from letstalk_rt.train.data import audio_window, open_dataset, plan_windows
-from letstalk_rt.train.trainer import (DecoderStage, Dist, DistillStage, FlowObjective, TrainConfig, TransformerStage, train,
-                                      with_decoder)
+from letstalk_rt.train.trainer import (DecoderStage, Dist, DistillStage, FlowObjective, SampleDecoderStage, TrainConfig,
+                                      TransformerStage, train, with_decoder)
 
 SIZE, SPF = 32, 640
 
@@ -332,6 +332,54 @@ def test_decoder_stage_trains_a_narrower_decoder_for_the_same_latent_space(tmp_p
 
     with pytest.raises(InputError, match="decoder-channels"):  # resuming with other widths: told what to pass
         train(dataclasses.replace(cfg, steps=45, resume=True, decoder_channels=(8, 8, 16)))
+
+
+def test_decoder_stage_on_samples_learns_the_models_own_latents(tmp_path, init_dir, shards):
+    """--decode-samples 1: every window's latents are the frozen model's own one-step samples (its config's
+    sampling from the portrait start), decoded toward the real frames. The decoder's error on samples of
+    windows no step saw falls; the samples are what the model generates for the window (not the truth's
+    latents); nothing but the decoder changes; bad values fail before any step."""
+    comps = load_model(init_dir)
+    comps.config.sampling.num_steps, comps.config.sampling.start_time = 1, 0.6  # as the shipped default samples
+    init = save_model(comps, tmp_path / "init")
+    cfg = _cfg("decoder", shards, init, tmp_path / "run", out=tmp_path / "m", steps=80, batch=8, lr=3e-3, warmup=5,
+               ema=0.5, schedule="constant", window=2, decode_samples=1.0)
+    out = train(cfg)
+
+    def fixed(model_dir: Path, share: float = 1.0) -> tuple[float, dict]:
+        c = dataclasses.replace(cfg, decode_samples=share)
+        stage = SampleDecoderStage(c, load_model(model_dir), open_dataset(shards, SIZE, progress=False), Dist())
+        batch = stage.finish(stage.make_batch(10**6, range(8)))  # windows no training step saw
+        with torch.no_grad():
+            return float(stage.loss(stage.module, batch)), {"stage": stage, "batch": batch}
+
+    before, ctx = fixed(init)
+    after, _ = fixed(out)
+    print(f"fixed-batch loss on the model's samples {before:.4f} -> {after:.4f}")
+    assert after < 0.8 * before, (before, after)
+    stage, batch = ctx["stage"], ctx["batch"]
+    assert bool(batch["sampled"].all())
+    samples = stage._samples(batch)  # (B, T, C, h, w)
+    assert samples.shape == batch["x0"].shape and not torch.allclose(samples, batch["x0"], atol=1e-3)
+    assert torch.equal(samples, stage._samples(batch))  # a function of the batch (its noise), as inference is
+    assert not bool(fixed(init, share=0.0)[1]["batch"]["sampled"].any())  # share 0: the truth's latents only
+
+    old, new = json.loads((init / "config.json").read_text()), json.loads((out / "config.json").read_text())
+    assert {k: v for k, v in new.items() if k not in ("trained", "description")} == \
+        {k: v for k, v in old.items() if k not in ("trained", "description")}  # sampling and windows unchanged
+    for name in ("transformer", "audio_projector", "audio_encoder"):
+        a, b = load_file(str(init / f"{name}.safetensors")), load_file(str(out / f"{name}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    a, b = load_file(str(init / "autoencoder.safetensors")), load_file(str(out / "autoencoder.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("encoder."))
+    assert not all(torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))
+    assert "decoded from the model's own samples" in new["description"]
+    frames, audio, _ = _talking_face(24, SIZE, seed=0)
+    _generates(out, frames, audio)
+
+    for bad, stage_name, match in ((1.5, "decoder", "share of the windows"), (0.5, "transformer", "decoder stage")):
+        with pytest.raises(InputError, match=match):
+            train(_cfg(stage_name, shards, init, tmp_path / f"bad{bad}", decode_samples=bad))
 
 
 def test_anchored_memory_is_trained_as_inference_uses_it(tmp_path, init_dir, shards):

@@ -92,6 +92,7 @@ from .sync import (CROP, CRITIC_LR_SCALE, MouthCritic, MouthExpert, decoded_l1, 
                    mouth_pattern_loss, mouth_square)
 
 STAGES = ("autoencoder", "transformer", "distill", "decoder")
+SAMPLE_SEED_OFFSET = 7919  # SampleDecoderStage draws which windows it samples from seed + this (its own stream)
 MIN_LR_RATIO = 0.1  # the cosine schedule ends at this fraction of --lr
 
 
@@ -148,6 +149,9 @@ class TrainConfig:
     # a student on the model's sampling.stream_window when it streams shorter windows than num_frames
     fsdp: bool = False  # shard parameters with FSDP instead of replicating them with DDP (multi-GPU)
     decoder_channels: tuple[int, ...] | None = None  # decoder stage: the new decoder's widths (None: the current)
+    decode_samples: float = 0.0  # decoder stage: the share of training windows whose latents are the model's own
+    # samples (its config's sampling, from the window's audio, portrait and memory) instead of the truth's,
+    # decoded toward the real frames (SampleDecoderStage); 0 = the truth's latents only (DecoderStage)
     progress: bool = True  # tqdm bar on rank 0
 
 
@@ -686,6 +690,115 @@ class TransformerStage(Stage):
         return loss + sum(weights[k] * v for k, v in terms.items())
 
 
+class DecoderObjective(nn.Module):
+    """The DCAutoencoder's decoder alone: latents (scaled, as the transformer makes them) in, unclamped
+    [-1, 1] frames out. Holds the whole autoencoder, so its state matches AutoencoderObjective's."""
+
+    def __init__(self, autoencoder: nn.Module) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder
+
+    def forward(self, latents: Tensor) -> Tensor:
+        ae = self.autoencoder
+        return ae.decoder(latents / ae.config.scaling_factor)  # (N, 3, H, W)
+
+
+class SampleDecoderStage(TransformerStage):
+    """`--stage decoder --decode-samples P`: the decoder fine-tuned on what the frozen model generates.
+
+    A share P of the training windows is sampled by the model itself exactly as inference samples it (its
+    config's steps, start time and guidance, from the window's audio, portrait and memory: one network
+    evaluation per window for a distilled model); the rest keep the truth's latents, so the decoder still
+    decodes clean latents (the portrait's, for detail transfer). Either way the decoded frames are pulled
+    toward the REAL frames (L1 + L2, the mouth box weighted by --mouth-weight, as the autoencoder stage).
+    The decoder thus learns what the generated latents mean -- e.g. a mouth the transformer draws darker
+    where the real one shows teeth -- without any change to the latents the memory bank carries.
+    Everything but the decoder is exported unchanged."""
+
+    name = "decoder"
+
+    def __init__(self, cfg: TrainConfig, comps: Components, dataset: ClipDataset, dist: Dist) -> None:
+        comps = with_decoder(comps, cfg.decoder_channels, cfg.seed)
+        if not isinstance(comps.autoencoder, DCAutoencoder):
+            raise InputError("--decode-samples: this model's autoencoder is a loaded diffusers DC-AE; only the "
+                             "project's own autoencoder's decoder can be fine-tuned on samples")
+        super().__init__(cfg, comps, dataset, dist)
+        enc = comps.audio_encoder
+        self.student = FlowObjective(enc if encodes_per_frame(enc) else None, comps.audio_projector,
+                                     comps.transformer).to(dist.device).eval().requires_grad_(False)
+        comps.autoencoder.decoder.requires_grad_(True).train()  # TransformerStage froze the whole autoencoder
+        sc = comps.config.sampling
+        self.guidance = (sc.portrait_guidance, sc.audio_guidance)
+        self.sampler = EulerSampler(shift=sc.shift)
+        self.sampler.set_timesteps(sc.num_steps, sc.start_time)
+        self.start = sc.start_time
+
+    def objective(self, comps: Components) -> nn.Module:
+        comps.autoencoder.encoder.requires_grad_(False)
+        return DecoderObjective(comps.autoencoder)
+
+    def make_batch(self, step: int, indices: range) -> Batch:
+        """TransformerStage's window batch plus the window's real frames, their loss weight and, per window,
+        whether it is decoded from the model's sample (a draw of its own, so the rest of the batch is the
+        transformer stage's)."""
+        batch = super().make_batch(step, indices)
+        ds, s = self.dataset, self.dataset.image_size
+        frames, weights, sampled = [], [], []
+        for i, plan in zip(indices, plan_windows(ds, self.cfg.seed, step, indices, self.T)):
+            clip = ds.clips[plan.clip]
+            frames.append(torch.from_numpy(np.array(clip.frames[plan.start:plan.start + self.T])))  # (T, S, S, 3) copied
+            w = torch.ones((1, s, s))  # (1, S, S)
+            if clip.mouth_box is not None:
+                bx, by, bw, bh = clip.mouth_box
+                w[:, max(by, 0):by + bh, max(bx, 0):bx + bw] += self.cfg.mouth_weight
+            weights.append(w)
+            g = sample_generator(self.cfg.seed + SAMPLE_SEED_OFFSET, step, i)
+            sampled.append(bool(torch.rand(1, generator=g) < self.cfg.decode_samples))
+        batch["frames_gt"] = torch.stack(frames)  # (B, T, S, S, 3) uint8
+        batch["pixel_weight"] = torch.stack(weights)  # (B, 1, S, S)
+        batch["sampled"] = torch.tensor(sampled)  # (B,)
+        return batch
+
+    @torch.no_grad()
+    def finish(self, batch: Batch) -> Batch:
+        batch = super().finish(batch)
+        batch["drop_p"] = torch.zeros_like(batch["drop_p"])  # sampled as inference samples: full conditions
+        batch["drop_a"] = torch.zeros_like(batch["drop_a"])
+        return batch
+
+    @torch.no_grad()
+    def _samples(self, batch: Batch) -> Tensor:
+        """The frozen model's clean latents for the batch's windows (B, T, C, h, w), as inference makes them."""
+        tokens = self.student.audio_tokens(batch["audio"], batch["feat_index"])  # (B, T, M, Dt)
+        guide = Guidance(*self.guidance, portrait=batch["portrait"], audio=tokens, memory=batch["memory"],
+                         memory_mask=batch["memory_mask"])
+        z, t = batch["z"], batch["t"]  # (B, T, C, h, w), (B,)
+        x = z if self.start == 1 else from_portrait(batch["portrait"], z, self.start)  # (B, T, C, h, w)
+        for s in self.sampler.timesteps:
+            with self._autocast():
+                v = guide.velocity(self.student.transformer, x, torch.full_like(t, float(s)))  # (B, T, C, h, w)
+            x = self.sampler.step(v, s, x)
+        return x
+
+    def loss(self, model: nn.Module, batch: Batch) -> Tensor:
+        lat = batch["x0"]  # (B, T, C, h, w)
+        sampled = batch["sampled"]  # (B,)
+        if bool(sampled.any()):
+            lat = torch.where(sampled[:, None, None, None, None], self._samples(batch), lat)
+        with self._autocast():
+            recon = model(lat.flatten(0, 1)).float()  # (B T, 3, S, S)
+        x = rearrange(batch["frames_gt"], "b t h w c -> (b t) c h w").float() / 127.5 - 1.0  # (B T, 3, S, S)
+        w = batch["pixel_weight"].repeat_interleave(lat.shape[1], dim=0)  # (B T, 1, S, S)
+        err = recon - x
+        return ((err.abs() + err.square()) * w).mean() / w.mean()
+
+    def export(self, ema_state: dict[str, Tensor]) -> Components:
+        """Stage.export: only the decoder changed (no stream or sampling settings are written)."""
+        if self.export_base is not None:
+            self.export_base = with_decoder(self.export_base, self.cfg.decoder_channels, self.cfg.seed)
+        return Stage.export(self, ema_state)
+
+
 class DistillStage(TransformerStage):
     """Few-step and guidance distillation: the student learns, in ONE network evaluation per step, what the
     frozen teacher does with its config's guidance scales (2-3 evaluations per step).
@@ -938,6 +1051,10 @@ def _check(cfg: TrainConfig, dist: Dist) -> None:
         raise InputError(f"--teacher-start {cfg.teacher_start:g}: choose a flow time in (0, 1], 1 = off")
     if cfg.teacher_start < 1 and (cfg.stage != "distill" or cfg.distill_target != "trajectory"):
         raise InputError("--teacher-start applies to the distill stage with --distill-target trajectory")
+    if not 0 <= cfg.decode_samples <= 1:
+        raise InputError(f"--decode-samples {cfg.decode_samples:g}: choose a share of the windows in [0, 1]")
+    if cfg.decode_samples and cfg.stage != "decoder":
+        raise InputError(f"--decode-samples applies to the decoder stage, not {cfg.stage}")
     if cfg.batch % dist.world:
         raise InputError(f"--batch {cfg.batch} (global) must be divisible by the {dist.world} ranks")
     if cfg.lr <= 0 or not 0 <= cfg.ema < 1 or cfg.warmup < 0 or cfg.grad_clip < 0:
@@ -985,7 +1102,8 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path | None:
         dataset = open_dataset(cfg.data, comps.config.image_size, cfg.split, build_cache=False, progress=False)
     if cfg.balance_skin_tone:
         dataset = dataset.balance_skin_tone()
-    stage = STAGE_CLASSES[cfg.stage](cfg, comps, dataset, dist)
+    stage_class = SampleDecoderStage if cfg.stage == "decoder" and cfg.decode_samples else STAGE_CLASSES[cfg.stage]
+    stage = stage_class(cfg, comps, dataset, dist)
     module = stage.module.to(dist.device)
     if cfg.stage in ("autoencoder", "decoder"):
         for name in ("audio_encoder", "audio_projector", "transformer"):
@@ -1155,7 +1273,9 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path | None:
 def _description(cfg: TrainConfig, previous: str, dataset: ClipDataset, dist: Dist) -> str:
     date = datetime.date.today().isoformat()
     line = (f"{cfg.stage}: {cfg.steps} steps x batch {cfg.batch} on {dataset.describe()}, {_hardware(dist)}, {date}"
-            + (f", samples in {cfg.student_steps} steps" if cfg.stage == "distill" else ""))
+            + (f", samples in {cfg.student_steps} steps" if cfg.stage == "distill" else "")
+            + (f", {cfg.decode_samples:.0%} of the windows decoded from the model's own samples" if cfg.decode_samples
+               else ""))
     return f"{previous}; then {line}" if previous else line
 
 
@@ -1281,6 +1401,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoder-channels", type=_widths, default=None, metavar="W0,W1,...",
                    help="decoder stage: widths of the new decoder's stages, finest first, as many as the "
                         "autoencoder's (e.g. 8,16,32,64,128: a cheaper decoder for CPUs); default: fine-tune the current one")
+    p.add_argument("--decode-samples", type=float, default=0.0, metavar="P",
+                   help="decoder stage: the share of training windows decoded from the model's own samples (its "
+                        "config's sampling) instead of the truth's latents, toward the real frames: the decoder learns "
+                        "what the generated latents mean (default 0: the truth's latents only)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -1308,7 +1432,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         latent_cache=not args.no_latent_cache, teacher_steps=args.teacher_steps,
         student_steps=args.student_steps, distill_target=args.distill_target, window=args.window, fsdp=args.fsdp,
         portrait_start=args.portrait_start, teacher_start=args.teacher_start,
-        decoder_channels=args.decoder_channels, progress=not args.quiet)
+        decoder_channels=args.decoder_channels, decode_samples=args.decode_samples, progress=not args.quiet)
 
 
 def main(args: argparse.Namespace) -> None:
