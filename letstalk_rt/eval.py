@@ -459,9 +459,13 @@ def score_clip(clip: Clip, generated: np.ndarray, portrait: np.ndarray, probe: M
     }
     if full:
         step = max(1, n // 25)  # SSIM on ~25 frames per clip: it is the slow metric
+        real_feats = mouth_features(gt, clip.box)  # (n, F)
+        real_pred = (clip.path or probe).read(real_feats)  # (n,): the same reading of the real frames
         out.update({
             "probe_opening": [float(v) for v in pred],
-            "mouth_direction": mouth_direction(mouth_features(gt, clip.box), feats),
+            # how far the mouth moves against the real one (1 = as far): lip sync's correlation is blind to scale
+            "opening_spread": float(np.std(pred) / max(float(np.std(real_pred)), 1e-6)),
+            "mouth_direction": mouth_direction(real_feats, feats),
             "ssim_gt": float(np.mean([ssim_outside(gen[i], gt[i], mask) for i in range(0, n, step)])),
             "psnr_portrait": psnr_of_mse(float(mse_outside(gen, portrait, mask).mean())),
             "ssim_portrait": float(np.mean([ssim_outside(gen[i], portrait, mask) for i in range(0, n, step)])),
@@ -473,7 +477,7 @@ def score_clip(clip: Clip, generated: np.ndarray, portrait: np.ndarray, probe: M
 
 # per-clip figures averaged over seeds and clips: always scored, then only by a full score_clip
 MEANED = ("sync_correlation", "psnr_gt", "ssim_gt", "psnr_portrait", "ssim_portrait", "flicker", "flicker_gt",
-          "mouth_direction")
+          "mouth_direction", "opening_spread")
 
 
 def mean_over_seeds(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -1042,6 +1046,10 @@ def render_markdown(report: dict[str, Any]) -> str:
                     + ([" / ".join(_f(v, 3) for v in m["summary"]["sync_by_seed"])] if many else []))
         lines += [f"### {m['label']}", ""] + _table(["clip", "frames", "r", "offset"] + (["r per seed"] if many else []),
                                                    rows) + [""]
+        if "opening_spread" in m["summary"]:
+            lines += [f"Mouth opening spread: {_f(m['summary']['opening_spread'], 2)} (per clip, the standard deviation over "
+                      "time of the generated frames' opening as read above, over the same of the real frames; 1 = the "
+                      "mouth moves as far as the real one. The correlation `r` does not see how far it moves).", ""]
         lines += [f"![sync {m['label']}]({m['plots'][0]})", ""]
 
     lines += ["## By skin tone", "",

@@ -16,7 +16,8 @@ from PIL import Image, ImageDraw
 
 from letstalk_rt.cli import main
 from letstalk_rt.eval import (Corpus, PreparedVideos, by_skin_tone, lag_correlations, best_offset, outside_mask, pearson, psnr_outside,
-                              mouth_direction, mouth_features, reconstruct, score_clip, ssim_outside, train_probe)
+                              mouth_direction, mouth_features, reconstruct, score_clip, ssim_outside, summarise,
+                              train_probe)
 from letstalk_rt.media import VideoWriter
 
 SIZE, FRAMES, SPF = 32, 50, 640
@@ -265,6 +266,32 @@ def test_mouth_direction_tells_a_mouth_run_backwards_from_the_real_one(corpus_di
     assert mouth_direction(real, mouth_features(backwards, clip.box)) < -0.5
     frozen = np.repeat(clip.portrait[None], len(clip.frames), axis=0)
     assert mouth_direction(real, mouth_features(frozen, clip.box)) == 0.0  # a still mouth follows nothing
+
+
+def test_opening_spread_tells_how_far_the_mouth_moves(corpus_dir):
+    """Lip sync's correlation is blind to scale; the opening spread is not: the truth scores 1, a mouth that
+    moves a part of the way from the portrait toward the truth less the smaller the part (with about the same
+    r), a still mouth 0."""
+    corpus = Corpus(corpus_dir)
+    probe = train_probe(corpus, SIZE, max_clips=6)
+    clip = corpus.clip(corpus.names("test")[0], SIZE)
+    x0, y0, x1, y1 = clip.box
+    truth = score_clip(clip, clip.frames, clip.portrait, probe)
+    assert truth["opening_spread"] == pytest.approx(1.0)
+
+    def part_way(a: float) -> dict:
+        frames = clip.frames.copy()
+        inside = frames[:, y0:y1, x0:x1].astype(np.float32)
+        frames[:, y0:y1, x0:x1] = np.round(a * inside + (1 - a) * clip.portrait[y0:y1, x0:x1]).astype(np.uint8)
+        return score_clip(clip, frames, clip.portrait, probe)
+
+    quarter, half = part_way(0.25), part_way(0.5)
+    print(f"opening spread: quarter {quarter['opening_spread']:.2f}, half {half['opening_spread']:.2f}")
+    assert quarter["opening_spread"] < half["opening_spread"] - 0.1 and half["opening_spread"] < 0.85
+    assert half["sync_correlation"] > truth["sync_correlation"] - 0.1  # r barely notices
+    frozen = np.repeat(clip.portrait[None], len(clip.frames), axis=0)
+    assert score_clip(clip, frozen, clip.portrait, probe)["opening_spread"] < 1e-3
+    assert summarise([truth, half])["opening_spread"] == pytest.approx((1.0 + half["opening_spread"]) / 2)
 
 
 def test_skin_tone_groups_name_the_face_a_mean_hides():
