@@ -919,9 +919,9 @@ class StreamEngine:
         w = s._w
         with s._lock:
             if s._reset is not None:  # interrupt: start over from what is on screen
-                level = w.tokenizer.level  # the speaker's loudness outlives an interrupt
-                w.tokenizer = self.pipeline.audio_tokenizer()
-                w.tokenizer.level = level
+                fresh = self.pipeline.audio_tokenizer()
+                fresh.level = w.tokenizer.level  # the speaker's loudness outlives an interrupt; set before the
+                w.tokenizer = fresh  # swap, so stats() on the event loop never reads a fresh tokenizer's gain 1
                 w.tokens, w.n_tokens, w.timeline = [], 0, collections.deque()
                 w.unflushed = w.after_speech = False
                 w.inserted_run = 0
