@@ -369,6 +369,21 @@ class Stage:
         return comps
 
 
+def pixel_weight(box: tuple[int, int, int, int] | None, size: int, mouth_weight: float) -> Tensor:
+    """(1, S, S) loss weight of one frame: 1 + mouth_weight inside the clip's mouth box (pixels), else 1."""
+    w = torch.ones((1, size, size))  # (1, S, S)
+    if box is not None:
+        bx, by, bw, bh = box
+        w[:, max(by, 0):by + bh, max(bx, 0):bx + bw] += mouth_weight
+    return w
+
+
+def reconstruction_loss(recon: Tensor, x: Tensor, w: Tensor) -> Tensor:
+    """mean(w * (|recon - x| + (recon - x)^2)) / mean(w): frames (N, 3, S, S) in [-1, 1], w (N, 1, S, S)."""
+    err = recon - x
+    return ((err.abs() + err.square()) * w).mean() / w.mean()
+
+
 class AutoencoderStage(Stage):
     name = "autoencoder"
 
@@ -379,13 +394,8 @@ class AutoencoderStage(Stage):
         ds, s = self.dataset, self.dataset.image_size
         frames = np.stack([ds.clips[p.clip].frames[p.frame] for p in plans])  # (B, S, S, 3) uint8
         x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, S, S) in [-1, 1]
-        weight = torch.ones((len(plans), 1, s, s))  # (B, 1, S, S)
-        for i, p in enumerate(plans):
-            box = ds.clips[p.clip].mouth_box
-            if box is not None:
-                bx, by, bw, bh = box
-                weight[i, :, max(by, 0):by + bh, max(bx, 0):bx + bw] += self.cfg.mouth_weight
-        return x, weight
+        weight = torch.stack([pixel_weight(ds.clips[p.clip].mouth_box, s, self.cfg.mouth_weight) for p in plans])
+        return x, weight  # (B, 3, S, S), (B, 1, S, S)
 
     def make_batch(self, step: int, indices: range) -> Batch:
         plans = plan_frames(self.dataset, self.cfg.seed, step, indices)
@@ -403,8 +413,7 @@ class AutoencoderStage(Stage):
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         x, w = batch["images"], batch["weight"]  # (B, 3, S, S), (B, 1, S, S)
         recon = model(x).float()  # (B, 3, S, S)
-        err = recon - x
-        loss = ((err.abs() + err.square()) * w).mean() / w.mean()
+        loss = reconstruction_loss(recon, x, w)
         if self.critic is None:
             return loss
         origins, size = batch["mouth_origin"], CROP * self._cell_px  # (B, 2) pixels
@@ -647,6 +656,29 @@ class TransformerStage(Stage):
         """The clean latents the path starts from and the noise it ends at: (x0, z), (B, T, C, h, w)."""
         return batch["x0"], batch["z"]
 
+    @torch.no_grad()
+    def guide(self, objective: FlowObjective, batch: Batch, guidance: tuple[float, float]) -> Guidance:
+        """Classifier-free guidance at (portrait, audio) scales `guidance` over the batch's conditions."""
+        with self._autocast():
+            tokens = objective.audio_tokens(batch["audio"], batch["feat_index"])  # (B, T, M, Dt)
+        return Guidance(*guidance, portrait=batch["portrait"], audio=tokens, memory=batch["memory"],
+                        memory_mask=batch["memory_mask"])
+
+    @torch.no_grad()
+    def sample(self, objective: FlowObjective, batch: Batch, guidance: tuple[float, float], sampler: EulerSampler,
+               start: float) -> Tensor:
+        """Clean latents (B, T, C, h, w) of the batch's windows from `objective` (frozen) as inference samples
+        them: guided Euler steps of `sampler` from the batch's noise z, or from the portrait noised to `start`
+        with it (start < 1), with the batch's audio, portrait and memory."""
+        guide = self.guide(objective, batch, guidance)
+        z, t = batch["z"], batch["t"]  # (B, T, C, h, w), (B,)
+        x = z if start == 1 else from_portrait(batch["portrait"], z, start)  # (B, T, C, h, w)
+        for s in sampler.timesteps:
+            with self._autocast():
+                v = guide.velocity(objective.transformer, x, torch.full_like(t, float(s)))  # (B, T, C, h, w)
+            x = sampler.step(v, s, x)
+        return x
+
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         x0, z = self.targets(batch)  # (B, T, C, h, w) each
         t = batch["t"]  # (B,)
@@ -731,7 +763,6 @@ class SampleDecoderStage(TransformerStage):
         self.guidance = (sc.portrait_guidance, sc.audio_guidance)
         self.sampler = EulerSampler(shift=sc.shift)
         self.sampler.set_timesteps(sc.num_steps, sc.start_time)
-        self.start = sc.start_time
 
     def objective(self, comps: Components) -> nn.Module:
         comps.autoencoder.encoder.requires_grad_(False)
@@ -747,11 +778,7 @@ class SampleDecoderStage(TransformerStage):
         for i, plan in zip(indices, plan_windows(ds, self.cfg.seed, step, indices, self.T)):
             clip = ds.clips[plan.clip]
             frames.append(torch.from_numpy(np.array(clip.frames[plan.start:plan.start + self.T])))  # (T, S, S, 3) copied
-            w = torch.ones((1, s, s))  # (1, S, S)
-            if clip.mouth_box is not None:
-                bx, by, bw, bh = clip.mouth_box
-                w[:, max(by, 0):by + bh, max(bx, 0):bx + bw] += self.cfg.mouth_weight
-            weights.append(w)
+            weights.append(pixel_weight(clip.mouth_box, s, self.cfg.mouth_weight))
             g = sample_generator(self.cfg.seed + SAMPLE_SEED_OFFSET, step, i)
             sampled.append(bool(torch.rand(1, generator=g) < self.cfg.decode_samples))
         batch["frames_gt"] = torch.stack(frames)  # (B, T, S, S, 3) uint8
@@ -766,19 +793,10 @@ class SampleDecoderStage(TransformerStage):
         batch["drop_a"] = torch.zeros_like(batch["drop_a"])
         return batch
 
-    @torch.no_grad()
     def _samples(self, batch: Batch) -> Tensor:
         """The frozen model's clean latents for the batch's windows (B, T, C, h, w), as inference makes them."""
-        tokens = self.student.audio_tokens(batch["audio"], batch["feat_index"])  # (B, T, M, Dt)
-        guide = Guidance(*self.guidance, portrait=batch["portrait"], audio=tokens, memory=batch["memory"],
-                         memory_mask=batch["memory_mask"])
-        z, t = batch["z"], batch["t"]  # (B, T, C, h, w), (B,)
-        x = z if self.start == 1 else from_portrait(batch["portrait"], z, self.start)  # (B, T, C, h, w)
-        for s in self.sampler.timesteps:
-            with self._autocast():
-                v = guide.velocity(self.student.transformer, x, torch.full_like(t, float(s)))  # (B, T, C, h, w)
-            x = self.sampler.step(v, s, x)
-        return x
+        sc = self.comps.config.sampling
+        return self.sample(self.student, batch, self.guidance, self.sampler, sc.start_time)
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         lat = batch["x0"]  # (B, T, C, h, w)
@@ -789,8 +807,7 @@ class SampleDecoderStage(TransformerStage):
             recon = model(lat.flatten(0, 1)).float()  # (B T, 3, S, S)
         x = rearrange(batch["frames_gt"], "b t h w c -> (b t) c h w").float() / 127.5 - 1.0  # (B T, 3, S, S)
         w = batch["pixel_weight"].repeat_interleave(lat.shape[1], dim=0)  # (B T, 1, S, S)
-        err = recon - x
-        return ((err.abs() + err.square()) * w).mean() / w.mean()
+        return reconstruction_loss(recon, x, w)
 
     def export(self, ema_state: dict[str, Tensor]) -> Components:
         """Stage.export: only the decoder changed (no stream or sampling settings are written)."""
@@ -843,25 +860,13 @@ class DistillStage(TransformerStage):
         guided Euler steps from z land, and z; for "velocity", the pair through the training x_t whose
         velocity z' - x0' is the teacher's guided velocity there."""
         x0, z, t = batch["x0"], batch["z"], batch["t"]  # (B, T, C, h, w) x2, (B,)
-        with self._autocast():
-            tokens = self.teacher.audio_tokens(batch["audio"], batch["feat_index"])  # (B, T, M, Dt)
-        guide = Guidance(*self.guidance, portrait=batch["portrait"], audio=tokens, memory=batch["memory"],
-                         memory_mask=batch["memory_mask"])
-
-        def teacher_v(x: Tensor, tt: Tensor) -> Tensor:  # the teacher's guided velocity (B, T, C, h, w)
-            with self._autocast():
-                return guide.velocity(self.teacher.transformer, x, tt)
-
         if self.cfg.distill_target == "velocity":
             x_t = self.flow.add_noise(x0, z, t)  # (B, T, C, h, w)
-            v = teacher_v(x_t, t)  # (B, T, C, h, w)
+            with self._autocast():
+                v = self.guide(self.teacher, batch, self.guidance).velocity(self.teacher.transformer, x_t, t)
             tt = t.reshape(-1, *([1] * (x0.dim() - 1)))  # (B, 1, 1, 1, 1)
             return x_t - tt * v, x_t + (1 - tt) * v
-        T = self.cfg.teacher_start
-        x = z if T == 1 else from_portrait(batch["portrait"], z, T)  # (B, T, C, h, w)
-        for s in self.teacher_sampler.timesteps:
-            x = self.teacher_sampler.step(teacher_v(x, torch.full_like(t, float(s))), s, x)  # (B, T, C, h, w)
-        return x, z
+        return self.sample(self.teacher, batch, self.guidance, self.teacher_sampler, self.cfg.teacher_start), z
 
     def export(self, ema_state: dict[str, Tensor]) -> Components:
         comps = super().export(ema_state)
