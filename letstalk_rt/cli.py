@@ -288,6 +288,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print("  lip sync by skin tone: " + ", ".join(f"{g['group']} {g['sync_correlation']:.3f} ({g['clips']} clips)"
                                                for g in groups)
               + f"; worst face {worst['worst_identity']} ({worst['group']}) {worst['worst_sync']:.3f}")
+        if "interior_sync" in m["summary"]:
+            print("  mouth interior (teeth, cavity shown) against the real frames': "
+                  + ", ".join(f"{g['group']} sync {g['interior_sync']:.2f} spread {g['interior_spread']:.2f}"
+                              for g in groups))
     print(f"wrote {Path(args.out) / 'report.md'} (+ report.json, plots) in {report['runtime_s']:.0f} s")
 
 
