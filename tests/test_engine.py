@@ -442,7 +442,7 @@ def test_latency_catches_up_in_pauses_without_cutting_speech(tiny_pipeline):
 def _slow_stretch_run(pipe, monkeypatch, tempo: float):
     """5 s of continuous speech (no pause to skip) pushed in real time, while for its first 1.5 s every
     window costs 0.25 s more (a slow stretch of the machine): the session's latencies, its stats, the
-    frames' audio, the pushed speech, the target and the lateness over it where a speed-up stops."""
+    frames' audio, the pushed speech, the target and the lateness over it where a speed-up starts."""
     speech = speechlike(5.0, seed=6) + 0.05  # never below speech_rms
     generate = pipe.generate_latents
     slow_until = [math.inf]
@@ -465,7 +465,7 @@ def _slow_stretch_run(pipe, monkeypatch, tempo: float):
         frames = await _collect(session, 6.5)
         await feeder
         out = (list(session.latencies), session.stats(), np.concatenate([f.audio for f in frames]),
-               engine.target_latency_s(), engine._catch_up_thresholds_ms()[0] / 1000)
+               engine.target_latency_s(), engine._catch_up_thresholds_ms()[1] / 1000)
         await engine.stop()
         return out
 
@@ -478,18 +478,25 @@ def _slow_stretch_run(pipe, monkeypatch, tempo: float):
 def test_a_slow_stretch_in_continuous_speech_is_caught_up_by_playing_it_faster(tiny_pipeline, monkeypatch):
     """No pause to skip: the speech that queued up while the engine ran slow is played faster (pitch kept),
     lips and sound alike, until the latency is back near the target. At tempo 1.0 the lateness stays."""
-    lat, stats, audio, target, stop, speech = _slow_stretch_run(tiny_pipeline, monkeypatch, tempo=1.5)
+    lat, stats, audio, target, start, speech = _slow_stretch_run(tiny_pipeline, monkeypatch, tempo=1.5)
     late_lat, late_stats, late_audio, _, _, _ = _slow_stretch_run(tiny_pipeline, monkeypatch, tempo=1.0)
     assert late_stats["speech_compressed_s"] == 0.0 and late_stats["silence_skipped_s"] == 0.0
     assert np.median(late_lat[-20:]) >= target + 0.5  # the slow stretch's backlog is still there at the end
-    # Bounded, not all 5 s: 1.6-2.6 s measured, about what the ~0.7 s of lateness needs at 1.5x. The speed-up
-    # stops above the lateness compressed speech can reach (its window's audio arrives 1.5x slower than it
-    # plays): stopping lower ran the queue dry, and the idle frames inserted then were gaps of 0.16-0.32 s
-    # inside the speech in 4 of 10 runs, with 1.9-3.4 s compressed (docs/benchmarks.md, catch-up section).
-    assert 0.5 <= stats["speech_compressed_s"] <= 3.2
-    assert stats["gap_inserted_s"] == 0, stats
+    # Bounded by the lateness it took back, not all 5 s: each second played at 1.5x takes back 1/3 s, and
+    # 1.6-2.6 s were compressed for the ~0.6-0.7 s the slow stretch left (more on a slower machine, whose
+    # windows add lateness of their own: 3.5 s was seen in CI, so the bound is the lateness, not a fixed
+    # figure). The speed-up stops above the lateness compressed speech can reach (its window's audio
+    # arrives 1.5x slower than it plays): stopping lower ran the queue dry, and the idle frames inserted then
+    # were gaps of 0.16-0.32 s inside the speech in 4 of 10 runs (docs/benchmarks.md, catch-up section).
     last = np.median(lat[-20:])
-    assert last <= target + stop + 0.03, (last, target, stop)  # back where a speed-up stops (89-119 ms over)
+    taken_back = stats["speech_compressed_s"] * (1 - 1 / 1.5)
+    assert stats["speech_compressed_s"] >= 0.5 and abs(taken_back - (max(lat) - last)) <= 0.25, (stats, lat)
+    assert stats["speech_compressed_s"] < 4.5  # not the whole utterance
+    assert stats["gap_inserted_s"] == 0, stats
+    # Back within a frame of where a speed-up starts (199 ms over the target). It stops at 149 ms; lateness
+    # added after that waits for the next pause unless it reaches the start again: 89-119 ms over measured on
+    # a 2-core EPYC, 170-202 ms on a 2-core Xeon, where 2 of 3 runs ended over a bound at the stop + 30 ms.
+    assert last <= target + start + 0.04, (last, target, start)
     assert np.median(late_lat[-20:]) >= last + 0.4
     # Nothing is cut: the compressed part comes out 1 / 1.5 as long. The speech never pauses, so one
     # stretcher stream carries every speed-up (back at tempo 1.0 in between) and is flushed once, at the
