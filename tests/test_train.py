@@ -666,6 +666,10 @@ def test_adversarial_mouth_critic_trains_beside_the_network(tmp_path, init_dir, 
     enc_before = load_model(init_dir).autoencoder.encoder.state_dict()
     for k, v in load_model(out).autoencoder.encoder.state_dict().items():
         assert torch.equal(v, enc_before[k]), k  # the latents stay as they are
+    # ... and on the model's own samples (--decode-samples): the critic sees the sampled windows' decoded mouths
+    out = train(dataclasses.replace(dec, run=tmp_path / "s", out=tmp_path / "sm", decode_samples=1.0))
+    log = [json.loads(x) for x in (tmp_path / "s" / "log.jsonl").read_text().splitlines()]
+    assert log[0]["critic"] > 1.5 and log[-1]["critic"] < 1.2 and all(np.isfinite(r["adv"]) for r in log)
     with pytest.raises(InputError, match="--adv-mouth-weight must be"):
         train(_cfg("transformer", synth_sync, init_dir, tmp_path / "r2", adv_mouth_weight=-1.0))
 

@@ -807,7 +807,15 @@ class SampleDecoderStage(TransformerStage):
             recon = model(lat.flatten(0, 1)).float()  # (B T, 3, S, S)
         x = rearrange(batch["frames_gt"], "b t h w c -> (b t) c h w").float() / 127.5 - 1.0  # (B T, 3, S, S)
         w = batch["pixel_weight"].repeat_interleave(lat.shape[1], dim=0)  # (B T, 1, S, S)
-        return reconstruction_loss(recon, x, w)
+        loss = reconstruction_loss(recon, x, w)
+        if self.critic is None:
+            return loss
+        # --adv-mouth-weight: the critic tells the real frames' mouths from the decoded ones, as in the decoder stage
+        cell = self.dataset.image_size // self.comps.config.transformer.latent_size  # pixels per latent cell
+        origins = batch["mouth_origin"].repeat_interleave(lat.shape[1], dim=0) * cell  # (B T, 2) pixels
+        adv = self.adversarial(mouth_square(x, origins, CROP * cell), mouth_square(recon, origins, CROP * cell))
+        self.last_terms = {"adv": adv.detach()}
+        return loss + self.cfg.adv_mouth_weight * adv
 
     def export(self, ema_state: dict[str, Tensor]) -> Components:
         """Stage.export: only the decoder changed (no stream or sampling settings are written)."""
