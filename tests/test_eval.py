@@ -312,11 +312,11 @@ def test_mouth_interior_counts_the_inside_of_the_mouth_not_the_lips_parting(corp
     hollow = score_clip(clip, _render(int(name.split("_")[1]), hollow=True)[0], clip.portrait, probe)
     print(f"hollow mouth: probe r {hollow['sync_correlation']:.2f} spread {hollow['opening_spread']:.2f}, "
           f"interior sync {hollow['interior_sync']:.2f} spread {hollow['interior_spread']:.2f}")
-    # The probe sees the lips part and reads most of an opening; the interior figures see less than half of
-    # it (0.49 measured: this 32 px face's closed mouth is too thin to show its lips' own colour, so the parted
-    # lips themselves count; a real closed mouth shows its lips, docs/eval.md)
+    # The probe sees the lips part and reads most of an opening (0.80 measured); the interior figures see a
+    # third of one (0.33: this 32 px face's closed mouth is too thin to show its lips' own colour, so the
+    # parted lips themselves count a little; a real closed mouth shows its lips, docs/eval.md)
     assert hollow["sync_correlation"] > 0.8 and hollow["opening_spread"] > 0.7
-    assert hollow["interior_spread"] < min(0.6, hollow["opening_spread"] - 0.2)
+    assert hollow["interior_spread"] < min(0.45, hollow["opening_spread"] - 0.3)
     frozen = np.repeat(clip.portrait[None], len(clip.frames), axis=0)
     still = score_clip(clip, frozen, clip.portrait, probe)
     assert still["interior_sync"] == 0.0 and still["interior_spread"] == 0.0
