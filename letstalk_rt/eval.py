@@ -28,6 +28,7 @@ PNG plots (drawn with Pillow, no plotting library needed). See docs/eval.md.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -81,6 +82,12 @@ class Clip:
     @property
     def portrait(self) -> np.ndarray:
         return self.frames[self.rest]
+
+    @functools.cached_property
+    def real_mouth(self) -> tuple[np.ndarray, np.ndarray]:
+        """The real frames' `mouth_features` (N, F) and `mouth_interior` (N,), read once: every model, seed and
+        autoencoder row of a clip is compared with them."""
+        return mouth_features(self.frames, self.box), mouth_interior(self.frames, self.portrait, self.box)
 
 
 def _resize(frames: np.ndarray, size: int) -> np.ndarray:
@@ -484,14 +491,14 @@ def score_clip(clip: Clip, generated: np.ndarray, portrait: np.ndarray, probe: M
     }
     if full:
         step = max(1, n // 25)  # SSIM on ~25 frames per clip: it is the slow metric
-        real_feats = mouth_features(gt, clip.box)  # (n, F)
+        real_feats, real_interior = (a[:n] for a in clip.real_mouth)  # (n, F), (n,)
         real_pred = (clip.path or probe).read(real_feats)  # (n,): the same reading of the real frames
         out.update({
             "probe_opening": [float(v) for v in pred],
             # how far the mouth moves against the real one (1 = as far): lip sync's correlation is blind to scale
             "opening_spread": float(np.std(pred) / max(float(np.std(real_pred)), 1e-6)),
             "mouth_direction": mouth_direction(real_feats, feats),
-            **interior_figures(mouth_interior(gt, clip.portrait, clip.box), mouth_interior(gen, clip.portrait, clip.box)),
+            **interior_figures(real_interior, mouth_interior(gen, clip.portrait, clip.box)),
             "ssim_gt": float(np.mean([ssim_outside(gen[i], gt[i], mask) for i in range(0, n, step)])),
             "psnr_portrait": psnr_of_mse(float(mse_outside(gen, portrait, mask).mean())),
             "ssim_portrait": float(np.mean([ssim_outside(gen[i], portrait, mask) for i in range(0, n, step)])),
@@ -759,7 +766,7 @@ def check_probe(probe: MouthProbe | None, test: list[Clip]) -> dict[str, Any]:
     if probe is None:
         return {"size": test[0].frames.shape[1], "per_clip": {c.name: math.nan for c in test}, "correlation": None,
                 "valid": False, "ground_truth": truth}
-    checks = [pearson(probe.predict(c.frames, c.box), c.opening) for c in test]
+    checks = [pearson(probe.read(c.real_mouth[0]), c.opening) for c in test]
     return {
         "size": test[0].frames.shape[1], "ridge": probe.ridge, "train_clips": probe.train_clips,
         "train_frames": probe.train_frames, "per_clip": {c.name: r for c, r in zip(test, checks)},

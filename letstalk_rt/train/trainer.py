@@ -345,6 +345,24 @@ class Stage:
         self.critic_opt.step()
         self.last_terms["critic"] = loss.detach()
 
+    @property
+    def _cell_px(self) -> int:
+        """Pixels per latent cell."""
+        return self.dataset.image_size // self.comps.config.transformer.latent_size
+
+    def pixel_loss(self, recon: Tensor, x: Tensor, w: Tensor, origins: Tensor | None) -> Tensor:
+        """The frame stages' loss: `reconstruction_loss` of decoded frames `recon` against real frames `x`
+        (N, 3, S, S) with pixel weights w (N, 1, S, S), plus --adv-mouth-weight x the critic's verdict on the
+        mouth squares at `origins` (N, 2) latent cells, the real frames' against the decoded ones'."""
+        loss = reconstruction_loss(recon, x, w)
+        if self.critic is None:
+            return loss
+        assert origins is not None
+        px, size = origins * self._cell_px, CROP * self._cell_px  # (N, 2) pixels
+        adv = self.adversarial(mouth_square(x, px, size), mouth_square(recon, px, size))
+        self.last_terms = {"adv": adv.detach()}
+        return loss + self.cfg.adv_mouth_weight * adv
+
     def extra_state(self) -> dict[str, Any]:
         if self.critic is None:
             return {}
@@ -401,25 +419,14 @@ class AutoencoderStage(Stage):
         plans = plan_frames(self.dataset, self.cfg.seed, step, indices)
         images, weight = self._images(plans)
         batch = {"images": images, "weight": weight}
-        if self.mouth_origins is not None:  # the mouth squares the critic compares, in pixels (on the latent grid)
-            batch["mouth_origin"] = torch.stack([self.mouth_origins[p.clip] for p in plans]) * self._cell_px
+        if self.mouth_origins is not None:  # the mouth squares the critic compares (latent cells)
+            batch["mouth_origin"] = torch.stack([self.mouth_origins[p.clip] for p in plans])  # (B, 2)
         return batch
-
-    @property
-    def _cell_px(self) -> int:
-        """Pixels per latent cell."""
-        return self.dataset.image_size // self.comps.config.transformer.latent_size
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         x, w = batch["images"], batch["weight"]  # (B, 3, S, S), (B, 1, S, S)
         recon = model(x).float()  # (B, 3, S, S)
-        loss = reconstruction_loss(recon, x, w)
-        if self.critic is None:
-            return loss
-        origins, size = batch["mouth_origin"], CROP * self._cell_px  # (B, 2) pixels
-        adv = self.adversarial(mouth_square(x, origins, size), mouth_square(recon, origins, size))
-        self.last_terms = {"adv": adv.detach()}
-        return loss + self.cfg.adv_mouth_weight * adv
+        return self.pixel_loss(recon, x, w, batch.get("mouth_origin"))
 
     @torch.no_grad()
     def export(self, ema_state: dict[str, Tensor]) -> Components:
@@ -807,15 +814,8 @@ class SampleDecoderStage(TransformerStage):
             recon = model(lat.flatten(0, 1)).float()  # (B T, 3, S, S)
         x = rearrange(batch["frames_gt"], "b t h w c -> (b t) c h w").float() / 127.5 - 1.0  # (B T, 3, S, S)
         w = batch["pixel_weight"].repeat_interleave(lat.shape[1], dim=0)  # (B T, 1, S, S)
-        loss = reconstruction_loss(recon, x, w)
-        if self.critic is None:
-            return loss
-        # --adv-mouth-weight: the critic tells the real frames' mouths from the decoded ones, as in the decoder stage
-        cell = self.dataset.image_size // self.comps.config.transformer.latent_size  # pixels per latent cell
-        origins = batch["mouth_origin"].repeat_interleave(lat.shape[1], dim=0) * cell  # (B T, 2) pixels
-        adv = self.adversarial(mouth_square(x, origins, CROP * cell), mouth_square(recon, origins, CROP * cell))
-        self.last_terms = {"adv": adv.detach()}
-        return loss + self.cfg.adv_mouth_weight * adv
+        origins = batch.get("mouth_origin")  # (B, 2) latent cells, when a mouth term needs them
+        return self.pixel_loss(recon, x, w, None if origins is None else origins.repeat_interleave(lat.shape[1], dim=0))
 
     def export(self, ema_state: dict[str, Tensor]) -> Components:
         """Stage.export: only the decoder changed (no stream or sampling settings are written)."""
