@@ -305,6 +305,11 @@ class CudaGraphed:
     first dimension is the batch's (that of the first argument) is padded, and the output's first
     dimension is cut back. A larger batch, grad mode, a CPU tensor, or a capture that failed (logged once)
     run `fn` eagerly. Each wrapper keeps its graphs' memory in one pool; one thread at a time may call it.
+
+    With `capture` off, a signature met for the first time runs eagerly instead of being captured: the
+    engine captures every size it can run at warm-up, then turns capture off, because a capture while
+    another thread launches work can fail (an H100 run captured a decoder bucket in the decode thread while
+    the worker captured an audio-encoder bucket: both failed, and both parts ran eagerly from then on).
     """
 
     def __init__(self, fn: Callable[..., Tensor], buckets: tuple[int, ...] = GRAPH_BUCKETS) -> None:
@@ -313,6 +318,8 @@ class CudaGraphed:
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list, Tensor]] = {}
         self.pool = None  # a graph memory pool shared by this wrapper's graphs (made at the first capture)
         self.failed: str | None = None  # why capturing failed: everything runs eagerly from then on
+        self.capture = True  # off: a signature not captured yet runs eagerly (see the class's doc)
+        self.uncaptured: set[tuple] = set()  # signatures met with capture off (logged once each)
 
     def __call__(self, x: Tensor, *args, **kwargs) -> Tensor:
         n = x.shape[0] if x.dim() else 0
@@ -324,6 +331,12 @@ class CudaGraphed:
         padded = [pad_batch(v, n, size) if isinstance(v, Tensor) else v for v in values]
         key = (tuple(kwargs), len(args), torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
                *((tuple(v.shape), v.dtype, v.device) if isinstance(v, Tensor) else v for v in padded))
+        if key not in self.graphs and not self.capture:
+            if key not in self.uncaptured:
+                self.uncaptured.add(key)
+                log.warning("%s met a batch of %d (padded to %d) that was not captured at warm-up; it runs eagerly",
+                            getattr(self.fn, "__qualname__", self.fn), n, size)
+            return self.fn(x, *args, **kwargs)
         if key not in self.graphs:
             static = self._warm(padded, list(kwargs), len(args))  # an error of the inputs' own is raised here
             try:
@@ -493,11 +506,20 @@ class LetsTalkPipeline:
             self._decode_fn = CudaGraphed(self.autoencoder.decode)
             self.audio_encoder.encode_fn = CudaGraphed(self.audio_encoder.encode_blocks)
 
-    def graph_failures(self) -> dict[str, str]:
-        """What could not be captured in CUDA graphs (and runs eagerly), by part; {} when all could."""
+    def _graphed(self) -> dict[str, "CudaGraphed"]:
         fns = {"transformer": self._transformer_fn, "decoder": self._decode_fn,
                "audio encoder": self.audio_encoder.encode_fn}
-        return {k: f.failed for k, f in fns.items() if isinstance(f, CudaGraphed) and f.failed}
+        return {k: f for k, f in fns.items() if isinstance(f, CudaGraphed)}
+
+    def capture_graphs(self, on: bool) -> None:
+        """Whether a batch size met for the first time is captured (on; the default) or runs eagerly (off:
+        what the engine does live, after capturing every size it can run at warm-up)."""
+        for f in self._graphed().values():
+            f.capture = on
+
+    def graph_failures(self) -> dict[str, str]:
+        """What could not be captured in CUDA graphs (and runs eagerly), by part; {} when all could."""
+        return {k: f.failed for k, f in self._graphed().items() if f.failed}
 
     @contextmanager
     def compiling(self) -> Iterator[None]:

@@ -14,7 +14,10 @@
 #   4. a 120 s soak of one session (A/V offset at the tracks)
 #   5. windows of 2 frames with a decoder of half the width (`--decoder-channels`): 8 and 16 sessions
 #      (HALF_SESSIONS; empty skips it)
-# Shorter or other runs: BENCH_SECONDS, W2_SESSIONS, W4_SESSIONS, SOAK (environment). Each writes
+#   6. optional (their session counts unset skip them): STEPS1_SESSIONS (one sampling step), HALF_STEPS1_SESSIONS
+#      (half-width decoder, one step), QUARTER_SESSIONS (a decoder of a quarter of the width)
+# Shorter or other runs: BENCH_SECONDS, W2_SESSIONS, W4_SESSIONS, HALF_SESSIONS, SOAK (environment; set empty,
+# a group is skipped), PARTS=0 skips step 3's gpu_parts.py. Each writes
 # OUT_DIR/NAME.json; every log goes to OUT_DIR/log.txt (a device call returns at most 8 files). Needs a
 # CUDA torch and transformers where it runs; PyAV and aiortc with its needs (the tracks the bench reads
 # are aiortc tracks; none of them is in the lent machines' image) are installed from wheels in .whl/ if
@@ -47,15 +50,24 @@ bench() {  # NAME ARGS...
 }
 echo "== the CUDA-graph test ($(date +%T))"
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_pipeline.py -k cuda_graph 2>&1 | tail -15 | tee -a "$OUT_DIR/log.txt"
-echo "== where a batch window's GPU time goes; the decoder's levers ($(date +%T))"
-timeout 240 python3 scripts/gpu_parts.py --preset letstalk-b --wav2vec2 "$W2V" --batches 1,8,16 ${COMPILE:+--compile} \
-    --json "$OUT_DIR/parts.json" 2>&1 | tee -a "$OUT_DIR/log.txt" | grep -E '^\{|rror'
+if [ "${PARTS:-1}" != 0 ]; then
+    echo "== where a batch window's GPU time goes; the decoder's levers ($(date +%T))"
+    timeout 240 python3 scripts/gpu_parts.py --preset letstalk-b --wav2vec2 "$W2V" --batches 1,8,16 ${COMPILE:+--compile} \
+        --json "$OUT_DIR/parts.json" 2>&1 | tee -a "$OUT_DIR/log.txt" | grep -E '^\{|rror'
+fi
 S=${BENCH_SECONDS:-15}  # seconds per session count
 B=(--preset letstalk-b --wav2vec2 "$W2V")
-bench b_w2 "${B[@]}" --window 2 --sessions ${W2_SESSIONS:-1,8,12,16} --seconds "$S"
-bench b_w4 "${B[@]}" --window 4 --sessions ${W4_SESSIONS:-8,16} --seconds "$S"
-# the lighter-decoder lever: B's latents through a decoder of half the width (a quarter of its arithmetic)
-[ -n "${HALF_SESSIONS-8,16}" ] && bench b_w2_half "${B[@]}" --decoder-channels 64,128,256,256,512,512 --window 2 \
-    --sessions "${HALF_SESSIONS:-8,16}" --seconds "$S"
-bench b_soak "${B[@]}" --window 2 --soak ${SOAK:-120}
+HALF=(--decoder-channels 64,128,256,256,512,512)  # B's latents through a decoder of half the width
+QUARTER=(--decoder-channels 32,64,128,128,256,256)
+# each group runs when its session counts are not set empty
+[ -n "${W2_SESSIONS-1,8,12,16}" ] && bench b_w2 "${B[@]}" --window 2 --sessions "${W2_SESSIONS-1,8,12,16}" --seconds "$S"
+[ -n "${STEPS1_SESSIONS-}" ] && bench b_w2_s1 "${B[@]}" --steps 1 --window 2 --sessions "$STEPS1_SESSIONS" --seconds "$S"
+[ -n "${W4_SESSIONS-8,16}" ] && bench b_w4 "${B[@]}" --window 4 --sessions "${W4_SESSIONS-8,16}" --seconds "$S"
+[ -n "${HALF_SESSIONS-8,16}" ] && bench b_w2_half "${B[@]}" "${HALF[@]}" --window 2 --sessions "${HALF_SESSIONS-8,16}" \
+    --seconds "$S"
+[ -n "${HALF_STEPS1_SESSIONS-}" ] && bench b_w2_half_s1 "${B[@]}" "${HALF[@]}" --steps 1 --window 2 \
+    --sessions "$HALF_STEPS1_SESSIONS" --seconds "$S"
+[ -n "${QUARTER_SESSIONS-}" ] && bench b_w2_quarter "${B[@]}" "${QUARTER[@]}" --window 2 --sessions "$QUARTER_SESSIONS" \
+    --seconds "$S"
+[ -n "${SOAK-120}" ] && bench b_soak "${B[@]}" --window 2 --soak "${SOAK-120}"
 echo "done ($(date +%T))"

@@ -769,12 +769,24 @@ def test_compile_without_a_cxx_compiler_says_how_to_get_one(tiny_model_dir, monk
 def test_warm_up_captures_a_graph_for_every_batch_size_it_can_run(tiny_pipeline, monkeypatch):
     """On a GPU the warm-up runs every graph bucket below max_batch and max_batch itself, for both window
     lengths, and the audio encoder for every bucket up to the blocks two windows per session make: no
-    batch met live waits for a capture. (The captures themselves are checked on a GPU in test_pipeline.)"""
+    batch met live waits for a capture, and none is made live. (The captures themselves are checked on a GPU in
+    test_pipeline.)"""
     engine = StreamEngine(tiny_pipeline, EngineConfig(max_batch=10, window=4, first_window=2))
-    batches, blocks = [], []
+    from letstalk_rt.pipeline import DECODE_CHUNK, GRAPH_BUCKETS
+
+    batches, blocks, decoded, capture = [], [], [], []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     enc = tiny_pipeline.audio_encoder
     monkeypatch.setattr(enc, "_encode_windows", lambda w: blocks.append(w.shape[0]))
+    monkeypatch.setattr(tiny_pipeline, "decode", lambda lat, streams=None: decoded.append(lat.shape[0]))
+    monkeypatch.setattr(tiny_pipeline, "capture_graphs", capture.append)
     engine._capture_graphs(lambda t, b: batches.append((t, b)))
     assert batches == [(t, b) for t in (2, 4) for b in (1, 2, 4, 8, 10)]
     assert blocks == [1, 2, 4, 8, 12, 16, min(20, enc.max_blocks_per_call)]
+    # the decoder's chunks: a batch's last one can be any size, e.g. 3 sessions' 4-frame windows are 12 frames
+    assert decoded == [1, 2, 4, 8, 12, 16]
+    for t in (2, 4):
+        for b in range(1, 11):
+            for chunk in torch.zeros(t * b).split(DECODE_CHUNK):
+                assert next(x for x in GRAPH_BUCKETS if x >= len(chunk)) in decoded
+    assert capture == [False]  # live, a size met for the first time runs eagerly: no capture beside the decode thread

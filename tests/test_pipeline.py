@@ -423,6 +423,12 @@ def test_cuda_graphs_give_what_eager_gives_for_every_batch_size(tiny_model_dir, 
             assert np.abs(g.astype(int) - e.astype(int)).mean() < 1.0  # bf16: the same frames to a grey level
     assert graphed.graph_failures() == {}
     assert len(graphed._transformer_fn.graphs) == 2  # 3 streams ran in the graph of 4 (x the guidance rows)
+    graphed.capture_graphs(False)  # as the engine runs live: a size not captured yet runs eagerly, the same
+    outs = [p.generate_windows([p.new_stream(portrait, seed=i) for i in range(6)], [toks[1]] * 6)
+            for p in (graphed, eager)]
+    assert all(np.abs(g.astype(int) - e.astype(int)).mean() < 1.0 for g, e in zip(*outs))
+    assert len(graphed._transformer_fn.graphs) == 2 and len(graphed._transformer_fn.uncaptured) == 1
+    assert graphed.graph_failures() == {}
 
 
 def test_a_batch_is_decoded_in_chunks_that_give_the_frames_of_one_call(tiny_pipeline):

@@ -56,7 +56,7 @@ import torch
 
 from ..errors import InputError, LetsTalkError
 from ..media import TempoStretcher
-from ..pipeline import GRAPH_BUCKETS, AudioTokenizer, LetsTalkPipeline, Portrait, encode_together
+from ..pipeline import DECODE_CHUNK, GRAPH_BUCKETS, AudioTokenizer, LetsTalkPipeline, Portrait, encode_together
 from .events import (
     AVFrame, Event, FramesDropped, Interrupted, PlaybackPosition, SessionClosed, SessionError,
     SpeechStarted, SpeechStopped, WindowTimings,
@@ -698,6 +698,7 @@ class StreamEngine:
             await asyncio.to_thread(self._decoder.join, 10)
             self._decoder = None
         self.pipeline.set_num_steps(self.base_steps)
+        self.pipeline.capture_graphs(True)  # the pipeline used on its own captures each size as it meets it
         if self.threads is not None:
             torch.set_num_threads(self._threads_before)
 
@@ -731,6 +732,7 @@ class StreamEngine:
                                     "lower max_batch / max_sessions") from None
 
         p.set_num_steps(self.base_steps)
+        p.capture_graphs(True)  # until every size the engine can run is captured (_capture_graphs)
         if self.threads is None and self.config.threads == 0 and p.device.type == "cpu" \
                 and "OMP_NUM_THREADS" not in os.environ:
             if p.compiled_threads:  # compiled before (an earlier engine): its kernels were made for this many
@@ -767,11 +769,18 @@ class StreamEngine:
         for t in sorted({self.window, min(self.config.first_window, self.window)}):
             for b in sizes:
                 window_ms(t, b)
+        # The decoder runs in chunks of DECODE_CHUNK frames, and a batch's last chunk can be any size below it
+        # (3 sessions' 4-frame windows: 12 frames, which no size above decodes): capture each bucket there.
+        lat = p.config.transformer.latent_channels, p.config.autoencoder.latent_size, p.config.autoencoder.latent_size
+        most = min(DECODE_CHUNK, self.window * self.config.max_batch)
+        for n in [b for b in GRAPH_BUCKETS if b < most] + [most]:
+            p.decode(torch.zeros(n, *lat, device=p.device))
         enc = p.audio_encoder  # a plan encodes the blocks its sessions completed: about 1-2 per session
         most = min(2 * self.config.max_batch, enc.max_blocks_per_call)
         for n in [b for b in GRAPH_BUCKETS if b < most] + [most]:
             enc._encode_windows(torch.zeros(n, enc.window_samples))
         torch.cuda.synchronize(p.device)
+        p.capture_graphs(False)  # live, a size not captured above runs eagerly (CudaGraphed's doc says why)
         log.info("engine: CUDA graphs for up to %d sessions captured in %.1f s", self.config.max_batch,
                  time.perf_counter() - start)
         for part, why in p.graph_failures().items():
