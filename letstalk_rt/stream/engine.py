@@ -760,6 +760,7 @@ class StreamEngine:
                         "to hold it when anything else runs; --compile (EngineConfig.compile) makes it about half "
                         "as costly after a compile of a few minutes", self._gen_ms[self.window], real_ms)
 
+    @torch.no_grad()  # CudaGraphed runs eagerly with grad on: the audio encoder's buckets were never captured
     def _capture_graphs(self, window_ms) -> None:
         """On a GPU: capture the CUDA graphs of every batch size the engine can run now (a capture met live
         would hold that batch up for its warm-up runs), and say what runs eagerly because it cannot be."""
