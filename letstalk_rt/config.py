@@ -161,6 +161,9 @@ class SamplingConfig:
     # start time is given explicitly
     portrait_guidance: float = 1.0  # CFG scale of the portrait condition (1 = no guidance pass)
     audio_guidance: float = 1.0  # CFG scale of the audio condition (1 = no guidance pass)
+    audio_guidance_box: tuple[float, float, float, float] | None = None  # x, y, w, h of the face crop
+    # (fractions): audio guidance acts on these latent cells only (the mouth), the rest of the face gets the
+    # plain conditional velocity; None: the whole frame
     memory_noise: float = 0.02  # flow time the memory latents are forward-diffused to at inference
     memory_anchor: bool = True  # inference: memory slot 0 holds the portrait latent for the whole stream
     # (the others carry the last frames; at the start every slot does). Temporal attention copies from

@@ -152,11 +152,14 @@ def guidance_rows(portrait_scale: float, audio_scale: float) -> list[tuple[bool,
     return rows
 
 
-def combine_guidance(outputs: list[Tensor], portrait_scale: float, audio_scale: float) -> Tensor:
+def combine_guidance(outputs: list[Tensor], portrait_scale: float, audio_scale: float,
+                     audio_region: Tensor | None = None) -> Tensor:
     """Combine the outputs for `guidance_rows(...)` (same order) into one guided velocity.
 
     v = v_none + s_p (v_portrait - v_none) + s_a (v_full - v_portrait)   (InstructPix2Pix-style)
-    with v_none = v_portrait when s_p = 1 and v_portrait = v_full when s_a = 1.
+    with v_none = v_portrait when s_p = 1 and v_portrait = v_full when s_a = 1. With `audio_region` (a mask
+    broadcast over the outputs' last dimensions, e.g. (h, w) latent cells) the audio scale is s_a inside it
+    and 1 outside: audio guidance only where the audio acts (the mouth), no guidance on the rest of the face.
     """
     expected = len(guidance_rows(portrait_scale, audio_scale))
     if len(outputs) != expected:
@@ -171,7 +174,8 @@ def combine_guidance(outputs: list[Tensor], portrait_scale: float, audio_scale: 
     if portrait_scale != 1.0:
         none = outputs[k]
         k += 1
-    return none + portrait_scale * (portrait - none) + audio_scale * (full - portrait)
+    scale = audio_scale if audio_region is None else 1 + (audio_scale - 1) * audio_region
+    return none + portrait_scale * (portrait - none) + scale * (full - portrait)
 
 
 class Guidance:
@@ -183,10 +187,12 @@ class Guidance:
     result is `combine_guidance` of them, in fp32. With both scales 1 it is one plain evaluation.
     """
 
-    def __init__(self, portrait_scale: float, audio_scale: float, **conditions: Tensor) -> None:
+    def __init__(self, portrait_scale: float, audio_scale: float, audio_region: Tensor | None = None,
+                 **conditions: Tensor) -> None:
         if not conditions:
             raise ValueError("Guidance needs the batch's conditions")
         self.portrait_scale, self.audio_scale = portrait_scale, audio_scale
+        self.audio_region = audio_region  # (h, w) cells the audio scale acts on (combine_guidance); None: all
         rows = guidance_rows(portrait_scale, audio_scale)
         self.R = len(rows)
         first = next(iter(conditions.values()))
@@ -202,4 +208,5 @@ class Guidance:
         """The guided velocity (B, ...) for x (B, ...) at times t (B,)."""
         v = model(self._rep(x), self._rep(t), **self.conditions, drop_portrait=self.drop_portrait,
                   drop_audio=self.drop_audio)  # (R*B, ...)
-        return combine_guidance(list(v.float().chunk(self.R)), self.portrait_scale, self.audio_scale)  # (B, ...)
+        return combine_guidance(list(v.float().chunk(self.R)), self.portrait_scale, self.audio_scale,
+                                self.audio_region)  # (B, ...)

@@ -29,7 +29,7 @@ from .checkpoint import Components, build_components, load_model
 from .config import ModelConfig
 from .diffusion import EulerSampler, Guidance, from_portrait
 from .errors import InputError
-from .memory import MemoryBank
+from .memory import MemoryBank, anchor_cell_mask
 
 log = logging.getLogger(__name__)
 
@@ -417,6 +417,10 @@ class LetsTalkPipeline:
         if self.audio_guidance < 0 or self.portrait_guidance < 0:
             raise InputError(f"guidance scales must be >= 0 (1 = off), got audio {self.audio_guidance}, "
                              f"portrait {self.portrait_guidance}")
+        tc = self.config.transformer
+        # (h, w) latent cells audio guidance acts on (SamplingConfig.audio_guidance_box), None: everywhere
+        self._audio_region = None if s.audio_guidance_box is None else \
+            (1 - anchor_cell_mask(tc.latent_size, tc.latent_size, s.audio_guidance_box)).to(self.device)
         self.memory_noise = s.memory_noise if memory_noise is None else memory_noise
         # False is an ablation (`letstalk eval`'s memory-off run): the memory bank is never filled, so every
         # window is generated like a stream's first one, with all memory slots masked.
@@ -636,8 +640,8 @@ class LetsTalkPipeline:
         if self.start_time < 1:  # start from the portrait noised to start_time (SDEdit), not from pure noise
             x = from_portrait(por, x, self.start_time)  # (B, T, C, h, w)
         aud = torch.stack(tokens).to(dev)  # (B, T, M, Dt)
-        guide = Guidance(self.portrait_guidance, self.audio_guidance, portrait=por, audio=aud, memory=mem,
-                         memory_mask=msk)  # conditions stacked once per window, for every guidance row
+        guide = Guidance(self.portrait_guidance, self.audio_guidance, self._audio_region, portrait=por, audio=aud,
+                         memory=mem, memory_mask=msk)  # conditions stacked once per window, for every guidance row
         for t in self.sampler.timesteps:
             tt = torch.full((len(streams),), float(t), device=dev)  # (B,)
             with self._autocast():

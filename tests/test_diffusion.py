@@ -104,6 +104,20 @@ def test_guidance_rows_and_combination():
         combine_guidance([full], 2.0, 1.0)
 
 
+def test_audio_guidance_in_a_region_leaves_the_rest_unguided():
+    """With a region, the audio scale acts inside it and the rest gets the plain conditional velocity (the
+    face outside the mouth is not pushed by audio guidance); the portrait scale still acts everywhere."""
+    full, port, none = torch.full((2, 4, 4), 3.0), torch.full((2, 4, 4), 2.0), torch.full((2, 4, 4), 0.5)
+    region = torch.zeros(4, 4)
+    region[2:, 1:3] = 1.0
+    got = combine_guidance([full, port], 1.0, 2.5, region)
+    assert torch.equal(got[:, 2:, 1:3], combine_guidance([full, port], 1.0, 2.5)[:, 2:, 1:3])  # 2 + 2.5 * 1
+    outside = region == 0
+    assert torch.equal(got[:, outside], full[:, outside])
+    got = combine_guidance([full, port, none], 2.0, 3.0, region)
+    assert torch.equal(got[:, outside], (none + 2.0 * (port - none) + (full - port))[:, outside])
+
+
 def test_guidance_is_one_batched_call_of_every_row():
     """A model whose output depends on x, t, a condition and the two drop flags: the one batched call
     must give combine_guidance of the rows evaluated one by one, and pass each row its own flags."""

@@ -235,6 +235,30 @@ def test_the_portrait_anchor_conditions_the_first_window_and_memory_off_drops_it
     np.testing.assert_array_equal(first[1], first[2])  # memory off = no anchor, no carried frames
 
 
+def test_audio_guidance_in_the_mouth_box_leaves_the_rest_of_the_face_unguided(tiny_model_dir):
+    """sampling.audio_guidance_box: audio guidance acts on the box's latent cells only. Outside them a window
+    is what unguided sampling gives; inside it is the guided window (the same seed and audio)."""
+    import dataclasses
+
+    from letstalk_rt.memory import anchor_cell_mask
+
+    def pipe(box, scale):
+        comps = load_model(tiny_model_dir)
+        comps.config.sampling = dataclasses.replace(comps.config.sampling, audio_guidance_box=box)
+        return LetsTalkPipeline(comps, num_steps=1, audio_guidance=scale)  # one step: the cells outside see the same input
+
+    box = (0.25, 0.5, 0.5, 0.5)
+    plain, everywhere, boxed = pipe(None, 1.0), pipe(None, 3.0), pipe(box, 3.0)
+    tok = plain.audio_tokens(speechlike(plain.window / 25))
+    out = [p.generate_latents([p.new_stream(_flat(p), seed=0)], [tok])[0] for p in (plain, everywhere, boxed)]
+    h = out[0].shape[-1]
+    inside = anchor_cell_mask(h, h, box) == 0  # (h, w)
+    assert 0 < inside.sum() < h * h
+    torch.testing.assert_close(out[2][..., ~inside], out[0][..., ~inside], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out[2][..., inside], out[1][..., inside], rtol=1e-4, atol=1e-4)
+    assert (out[1] - out[0])[..., inside].abs().mean() > 1e-2  # the guidance does act there
+
+
 def _flat(pipe):
     return pipe.prepare_portrait(np.full((40, 40, 3), 90, np.uint8), detect=False)
 
