@@ -20,6 +20,7 @@ from letstalk_rt.checkpoint import build_components, load_model, save_model
 from letstalk_rt.cli import main as cli_main
 from letstalk_rt.config import model_preset
 from letstalk_rt.errors import InputError, LetsTalkError, ModelError
+from letstalk_rt.memory import anchor_cell_mask
 from letstalk_rt.pipeline import LetsTalkPipeline, corpus_level_min
 from letstalk_rt.train.data import audio_window, open_dataset, plan_windows
 from letstalk_rt.train.trainer import (DecoderStage, Dist, DistillStage, FlowObjective, SampleDecoderStage, TrainConfig,
@@ -431,6 +432,21 @@ def test_guidance_distillation_targets_the_teachers_guided_velocity(tmp_path, in
             x0_traj, z = stage.targets(b)
             assert torch.equal(z, b["z"]) and x0_traj.shape == b["x0"].shape
     assert losses[1.0] < 1e-8 < losses[3.0], losses
+    # sampling.audio_guidance_box: the teacher guides the mouth's cells only, as inference does; baked in
+    targets = {}
+    for scale, box in ((1.0, None), (3.0, None), (3.0, (0.25, 0.5, 0.5, 0.5))):
+        comps.config.sampling.audio_guidance, comps.config.sampling.audio_guidance_box = scale, box
+        cfg = _cfg("distill", shards, init_dir, tmp_path / "run", distill_target="velocity", teacher_steps=2)
+        stage = DistillStage(cfg, comps, data, Dist())
+        targets[scale, box] = stage.targets(stage.finish(stage.make_batch(3, range(4))))[0]  # x0' (B, T, C, h, w)
+    exported = stage.export(stage.module.state_dict()).config.sampling
+    assert exported.audio_guidance == 1.0 and exported.audio_guidance_box is None
+    h = targets[1.0, None].shape[-1]
+    inside = anchor_cell_mask(h, h, box) == 0  # (h, w)
+    plain, guided, boxed = targets[1.0, None], targets[3.0, None], targets[3.0, box]
+    torch.testing.assert_close(boxed[..., ~inside], plain[..., ~inside], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(boxed[..., inside], guided[..., inside], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(guided[..., inside], plain[..., inside], atol=1e-3)
 
 
 def test_portrait_start_trains_the_step_a_portrait_started_model_samples(tmp_path, init_dir, shards):

@@ -668,7 +668,9 @@ class TransformerStage(Stage):
         """Classifier-free guidance at (portrait, audio) scales `guidance` over the batch's conditions."""
         with self._autocast():
             tokens = objective.audio_tokens(batch["audio"], batch["feat_index"])  # (B, T, M, Dt)
-        return Guidance(*guidance, portrait=batch["portrait"], audio=tokens, memory=batch["memory"],
+        box = self.comps.config.sampling.audio_guidance_box  # audio guidance on the mouth only, as inference
+        region = None if box is None else (1 - anchor_cell_mask(*batch["portrait"].shape[-2:], box)).to(tokens.device)
+        return Guidance(*guidance, region, portrait=batch["portrait"], audio=tokens, memory=batch["memory"],
                         memory_mask=batch["memory_mask"])
 
     @torch.no_grad()
@@ -881,6 +883,7 @@ class DistillStage(TransformerStage):
         sc = comps.config.sampling
         sc.num_steps = self.cfg.student_steps
         sc.portrait_guidance = sc.audio_guidance = 1.0  # baked in: one evaluation per step
+        sc.audio_guidance_box = None
         return comps
 
 
