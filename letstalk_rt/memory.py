@@ -38,15 +38,20 @@ def regularize_memory(
     return noised, keep.to(memory.dtype)
 
 
+def box_cells(h: int, w: int, box: tuple[float, float, float, float]) -> Tensor:
+    """(h, w): 1 on the latent cells of `box` (x, y, w, h as fractions of the face crop; at least one cell
+    each way), else 0."""
+    x0, y0, bw, bh = box
+    mask = torch.zeros(h, w)
+    c0, c1 = int(x0 * w), max(int(x0 * w) + 1, int(round((x0 + bw) * w)))
+    r0, r1 = int(y0 * h), max(int(y0 * h) + 1, int(round((y0 + bh) * h)))
+    mask[r0:r1, c0:c1] = 1.0
+    return mask
+
+
 def anchor_cell_mask(h: int, w: int, hide: tuple[float, float, float, float] | None) -> Tensor:
     """(h, w) mask of an anchor slot: 0 on the latent cells of `hide` (x, y, w, h as fractions), else 1."""
-    mask = torch.ones(h, w)
-    if hide is not None:
-        x0, y0, bw, bh = hide
-        c0, c1 = int(x0 * w), max(int(x0 * w) + 1, int(round((x0 + bw) * w)))
-        r0, r1 = int(y0 * h), max(int(y0 * h) + 1, int(round((y0 + bh) * h)))
-        mask[r0:r1, c0:c1] = 0.0
-    return mask
+    return torch.ones(h, w) if hide is None else 1 - box_cells(h, w, hide)
 
 
 class MemoryBank:

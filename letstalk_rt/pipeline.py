@@ -29,7 +29,7 @@ from .checkpoint import Components, build_components, load_model
 from .config import ModelConfig
 from .diffusion import EulerSampler, Guidance, from_portrait
 from .errors import InputError
-from .memory import MemoryBank, anchor_cell_mask
+from .memory import MemoryBank, box_cells
 
 log = logging.getLogger(__name__)
 
@@ -420,7 +420,7 @@ class LetsTalkPipeline:
         tc = self.config.transformer
         # (h, w) latent cells audio guidance acts on (SamplingConfig.audio_guidance_box), None: everywhere
         self._audio_region = None if s.audio_guidance_box is None else \
-            (1 - anchor_cell_mask(tc.latent_size, tc.latent_size, s.audio_guidance_box)).to(self.device)
+            box_cells(tc.latent_size, tc.latent_size, s.audio_guidance_box).to(self.device)
         self.memory_noise = s.memory_noise if memory_noise is None else memory_noise
         # False is an ablation (`letstalk eval`'s memory-off run): the memory bank is never filled, so every
         # window is generated like a stream's first one, with all memory slots masked.

@@ -240,7 +240,7 @@ def test_audio_guidance_in_the_mouth_box_leaves_the_rest_of_the_face_unguided(ti
     is what unguided sampling gives; inside it is the guided window (the same seed and audio)."""
     import dataclasses
 
-    from letstalk_rt.memory import anchor_cell_mask
+    from letstalk_rt.memory import box_cells
 
     def pipe(box, scale):
         comps = load_model(tiny_model_dir)
@@ -252,7 +252,7 @@ def test_audio_guidance_in_the_mouth_box_leaves_the_rest_of_the_face_unguided(ti
     tok = plain.audio_tokens(speechlike(plain.window / 25))
     out = [p.generate_latents([p.new_stream(_flat(p), seed=0)], [tok])[0] for p in (plain, everywhere, boxed)]
     h = out[0].shape[-1]
-    inside = anchor_cell_mask(h, h, box) == 0  # (h, w)
+    inside = box_cells(h, h, box) > 0  # (h, w)
     assert 0 < inside.sum() < h * h
     torch.testing.assert_close(out[2][..., ~inside], out[0][..., ~inside], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out[2][..., inside], out[1][..., inside], rtol=1e-4, atol=1e-4)

@@ -20,7 +20,7 @@ from letstalk_rt.checkpoint import build_components, load_model, save_model
 from letstalk_rt.cli import main as cli_main
 from letstalk_rt.config import model_preset
 from letstalk_rt.errors import InputError, LetsTalkError, ModelError
-from letstalk_rt.memory import anchor_cell_mask
+from letstalk_rt.memory import box_cells
 from letstalk_rt.pipeline import LetsTalkPipeline, corpus_level_min
 from letstalk_rt.train.data import audio_window, open_dataset, plan_windows
 from letstalk_rt.train.trainer import (DecoderStage, Dist, DistillStage, FlowObjective, SampleDecoderStage, TrainConfig,
@@ -442,7 +442,7 @@ def test_guidance_distillation_targets_the_teachers_guided_velocity(tmp_path, in
     exported = stage.export(stage.module.state_dict()).config.sampling
     assert exported.audio_guidance == 1.0 and exported.audio_guidance_box is None
     h = targets[1.0, None].shape[-1]
-    inside = anchor_cell_mask(h, h, box) == 0  # (h, w)
+    inside = box_cells(h, h, box) > 0  # (h, w)
     plain, guided, boxed = targets[1.0, None], targets[3.0, None], targets[3.0, box]
     torch.testing.assert_close(boxed[..., ~inside], plain[..., ~inside], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(boxed[..., inside], guided[..., inside], rtol=1e-4, atol=1e-4)

@@ -83,7 +83,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from ..checkpoint import Components, load_model, save_model
 from ..diffusion import EulerSampler, FlowMatching, Guidance, from_portrait
 from ..errors import InputError, LetsTalkError, ModelError, OutputError
-from ..memory import anchor_cell_mask, regularize_memory
+from ..memory import anchor_cell_mask, box_cells, regularize_memory
 from ..models.autoencoder import DCAutoencoder
 from ..pipeline import corpus_level_min
 from .data import (AudioFeatureCache, ClipDataset, LatentCache, audio_window, open_dataset, plan_frames,
@@ -669,7 +669,7 @@ class TransformerStage(Stage):
         with self._autocast():
             tokens = objective.audio_tokens(batch["audio"], batch["feat_index"])  # (B, T, M, Dt)
         box = self.comps.config.sampling.audio_guidance_box  # audio guidance on the mouth only, as inference
-        region = None if box is None else (1 - anchor_cell_mask(*batch["portrait"].shape[-2:], box)).to(tokens.device)
+        region = None if box is None else box_cells(*batch["portrait"].shape[-2:], box).to(tokens.device)
         return Guidance(*guidance, region, portrait=batch["portrait"], audio=tokens, memory=batch["memory"],
                         memory_mask=batch["memory_mask"])
 
