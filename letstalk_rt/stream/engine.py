@@ -766,19 +766,20 @@ class StreamEngine:
         would hold that batch up for its warm-up runs), and say what runs eagerly because it cannot be."""
         p = self.pipeline
         start = time.perf_counter()
-        sizes = [b for b in GRAPH_BUCKETS if b < self.config.max_batch] + [self.config.max_batch]
+
+        def up_to(most: int) -> list[int]:  # every graph bucket below `most`, and `most` itself
+            return [b for b in GRAPH_BUCKETS if b < most] + [most]
+
         for t in sorted({self.window, min(self.config.first_window, self.window)}):
-            for b in sizes:
+            for b in up_to(self.config.max_batch):
                 window_ms(t, b)
         # The decoder runs in chunks of DECODE_CHUNK frames, and a batch's last chunk can be any size below it
         # (3 sessions' 4-frame windows: 12 frames, which no size above decodes): capture each bucket there.
         lat = p.config.transformer.latent_channels, p.config.autoencoder.latent_size, p.config.autoencoder.latent_size
-        most = min(DECODE_CHUNK, self.window * self.config.max_batch)
-        for n in [b for b in GRAPH_BUCKETS if b < most] + [most]:
+        for n in up_to(min(DECODE_CHUNK, self.window * self.config.max_batch)):
             p.decode(torch.zeros(n, *lat, device=p.device))
         enc = p.audio_encoder  # a plan encodes the blocks its sessions completed: about 1-2 per session
-        most = min(2 * self.config.max_batch, enc.max_blocks_per_call)
-        for n in [b for b in GRAPH_BUCKETS if b < most] + [most]:
+        for n in up_to(min(2 * self.config.max_batch, enc.max_blocks_per_call)):
             enc._encode_windows(torch.zeros(n, enc.window_samples))
         torch.cuda.synchronize(p.device)
         p.capture_graphs(False)  # live, a size not captured above runs eagerly (CudaGraphed's doc says why)
