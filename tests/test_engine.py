@@ -784,7 +784,17 @@ def test_warm_up_captures_a_graph_for_every_batch_size_it_can_run(tiny_pipeline,
     assert batches == [(t, b) for t in (2, 4) for b in (1, 2, 4, 8, 10)]
     # without autograd: CudaGraphed runs a call with grad on eagerly, and these were never captured (an H100 run
     # met every encoder batch size live for the first time)
-    assert blocks == [(n, False) for n in (1, 2, 4, 8, 12, 16, min(20, enc.max_blocks_per_call))]
+    # the encoder: a plan carries a window's blocks per session and one more when the next window's first frame
+    # is in (an H200 run met 23 blocks for 8 sessions' 2-frame windows, which 2 per session did not cover)
+    most = min((-(-4 // enc.block_frames) + 1) * 10, enc.max_blocks_per_call)
+    assert blocks == [(n, False) for n in GRAPH_BUCKETS if n < most] + [(most, False)]
+    def bucket(n):
+        return next(x for x in GRAPH_BUCKETS if x >= n)
+
+    captured = {bucket(n) for n, _ in blocks}
+    for b in range(1, 11):  # b sessions' plan: every size up to its most blocks pads to a captured bucket
+        for n in range(1, min((-(-4 // enc.block_frames) + 1) * b, enc.max_blocks_per_call) + 1):
+            assert bucket(n) in captured
     # the decoder's chunks: a batch's last one can be any size, e.g. 3 sessions' 4-frame windows are 12 frames
     assert decoded == [1, 2, 4, 8, 12, 16]
     for t in (2, 4):

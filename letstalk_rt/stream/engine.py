@@ -778,8 +778,11 @@ class StreamEngine:
         lat = p.config.transformer.latent_channels, p.config.autoencoder.latent_size, p.config.autoencoder.latent_size
         for n in up_to(min(DECODE_CHUNK, self.window * self.config.max_batch)):
             p.decode(torch.zeros(n, *lat, device=p.device))
-        enc = p.audio_encoder  # a plan encodes the blocks its sessions completed: about 1-2 per session
-        for n in up_to(min(2 * self.config.max_batch, enc.max_blocks_per_call)):
+        # A plan encodes the blocks its sessions completed since the last: a window's worth, and one more when
+        # the next window's first frame is already in (an H200 run met 23 blocks for 8 sessions' 2-frame windows)
+        enc = p.audio_encoder
+        per_session = -(-self.window // enc.block_frames) + 1
+        for n in up_to(min(per_session * self.config.max_batch, enc.max_blocks_per_call)):
             enc._encode_windows(torch.zeros(n, enc.window_samples))
         torch.cuda.synchronize(p.device)
         p.capture_graphs(False)  # live, a size not captured above runs eagerly (CudaGraphed's doc says why)
