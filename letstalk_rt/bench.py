@@ -63,6 +63,10 @@ class RunResult:
     silence_skipped_seconds: float = 0.0  # the latency catch-up: pauses shortened ...
     speech_compressed_seconds: float = 0.0  # ... and speech played faster (seconds of input) while behind
     catch_up_runs: int = 0  # ... in this many speed-ups
+    # what the latency was steered to (StreamEngine.target_latency_s) and the window compute in it (start of a
+    # batch window -> frames delivered, the engine's running average at the run's end): p50 sits near the first
+    target_latency_ms: float | None = None
+    window_compute_ms: float | None = None
     realtime: bool = field(init=False)
 
     def __post_init__(self) -> None:  # speech is fed throughout: a run that showed none of it is not real time
@@ -144,6 +148,7 @@ async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np
     first = [st["first_frame_s"] for st in stats]
     held = sum(st["fillers"] for st in stats)
     dropped = sum(v for st in stats for k, v in st["dropped"].items() if k != "late")
+    target_ms, compute_ms = engine.target_latency_s() * 1000, engine.window_compute_ms()
     await engine.stop()
     cuda = torch.cuda.max_memory_allocated(pipe.device) / 2**20 if pipe.device.type == "cuda" else None
     return RunResult(
@@ -158,6 +163,7 @@ async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np
         silence_skipped_seconds=round(sum(st["silence_skipped_s"] for st in stats), 2),
         speech_compressed_seconds=round(sum(st["speech_compressed_s"] for st in stats), 2),
         catch_up_runs=sum(st["catch_up_runs"] for st in stats),
+        target_latency_ms=round(target_ms, 1), window_compute_ms=round(compute_ms, 1),
     )
 
 

@@ -31,6 +31,9 @@ def test_bench_reports_every_run_and_the_spread_of_repeats(tiny_pipeline, tmp_pa
         assert needed <= run["sessions"] * 25 * run["seconds"] + run["sessions"]  # never more than real time
         assert run["latency_ms_p50"] is not None and run["latency_ms_p50"] <= run["latency_ms_p95"]
         assert run["av_offset_ms_max"] < 40  # both tracks release the same 40 ms together
+        # the latency steered to: the window's audio, the encoder's lookahead, the window's compute, a margin
+        assert run["window_compute_ms"] > 0
+        assert run["target_latency_ms"] > run["window_compute_ms"] + 1000 * tiny_pipeline.window / 25
     assert [s["sessions"] for s in report["spread"]] == [1, 2]
     for s, runs in zip(report["spread"], (report["runs"][:2], report["runs"][2:])):
         assert s["repeats"] == 2

@@ -1054,6 +1054,10 @@ class StreamEngine:
             self._idle = self.pipeline.silence_tokens(2 * self.window)  # (2 window, M, Dt)
         return self._idle[:n]
 
+    def window_compute_ms(self) -> float:
+        """A full window's compute, start -> frames delivered (running average; the warm-up's until one ran)."""
+        return self._gen_ms.get(self.window, 50.0)
+
     def target_latency_s(self) -> float:
         """Speech-to-screen latency the catch-up steers to (EngineConfig.target_latency_ms; 0 = auto)."""
         if self.config.target_latency_ms > 0:
@@ -1063,7 +1067,7 @@ class StreamEngine:
         # ((window - 1) frames), the encoder's lookahead, the window's compute and safety margin, and then
         # for its tick (up to one frame: the frame grid's phase against the audio's is set at the start).
         fps = self.pipeline.config.fps
-        gen = self._gen_ms.get(self.window, 50.0) / 1000
+        gen = self.window_compute_ms() / 1000
         return self.window / fps + self._lookahead_s + gen + self.config.safety_ms / 1000
 
     def _skip_silence(self, s: Session, pcm: np.ndarray, arrival: float, now: float, voiced: bool) -> bool:
