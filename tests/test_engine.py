@@ -768,7 +768,7 @@ def test_compile_without_a_cxx_compiler_says_how_to_get_one(tiny_model_dir, monk
 
 def test_warm_up_captures_a_graph_for_every_batch_size_it_can_run(tiny_pipeline, monkeypatch):
     """On a GPU the warm-up runs every graph bucket below max_batch and max_batch itself, for both window
-    lengths, and the audio encoder for every bucket up to the blocks two windows per session make: no
+    lengths, and the audio encoder for every bucket up to the blocks a window plus one frame per session make: no
     batch met live waits for a capture, and none is made live. (The captures themselves are checked on a GPU in
     test_pipeline.)"""
     engine = StreamEngine(tiny_pipeline, EngineConfig(max_batch=10, window=4, first_window=2))
@@ -786,15 +786,13 @@ def test_warm_up_captures_a_graph_for_every_batch_size_it_can_run(tiny_pipeline,
     # met every encoder batch size live for the first time)
     # the encoder: a plan carries a window's blocks per session and one more when the next window's first frame
     # is in (an H200 run met 23 blocks for 8 sessions' 2-frame windows, which 2 per session did not cover)
-    most = min((-(-4 // enc.block_frames) + 1) * 10, enc.max_blocks_per_call)
+    per_session = -(-4 // enc.block_frames) + 1
+    most = min(per_session * 10, enc.max_blocks_per_call)
     assert blocks == [(n, False) for n in GRAPH_BUCKETS if n < most] + [(most, False)]
-    def bucket(n):
-        return next(x for x in GRAPH_BUCKETS if x >= n)
-
-    captured = {bucket(n) for n, _ in blocks}
+    captured = {next(x for x in GRAPH_BUCKETS if x >= n) for n, _ in blocks}  # the buckets those pad to
     for b in range(1, 11):  # b sessions' plan: every size up to its most blocks pads to a captured bucket
-        for n in range(1, min((-(-4 // enc.block_frames) + 1) * b, enc.max_blocks_per_call) + 1):
-            assert bucket(n) in captured
+        for n in range(1, min(per_session * b, enc.max_blocks_per_call) + 1):
+            assert next(x for x in GRAPH_BUCKETS if x >= n) in captured
     # the decoder's chunks: a batch's last one can be any size, e.g. 3 sessions' 4-frame windows are 12 frames
     assert decoded == [1, 2, 4, 8, 12, 16]
     for t in (2, 4):
