@@ -779,7 +779,8 @@ class StreamEngine:
         for n in up_to(min(DECODE_CHUNK, self.window * self.config.max_batch)):
             p.decode(torch.zeros(n, *lat, device=p.device))
         # A plan encodes the blocks its sessions completed since the last: a window's worth, and one more when
-        # the next window's first frame is already in (an H200 run met 23 blocks for 8 sessions' 2-frame windows)
+        # the next window's first frame is already in (an H200 run met 23 blocks for 8 sessions' 2-frame windows).
+        # More (a plan after a stall) runs eagerly, logged once: correct, only slower.
         enc = p.audio_encoder
         per_session = -(-self.window // enc.block_frames) + 1
         for n in up_to(min(per_session * self.config.max_batch, enc.max_blocks_per_call)):
