@@ -67,6 +67,12 @@ class RunResult:
     # batch window -> frames delivered, the engine's running average at the run's end): p50 sits near the first
     target_latency_ms: float | None = None
     window_compute_ms: float | None = None
+    # the A/V offset's distribution, when its maximum happened (seconds into the run) and the largest offset of
+    # each minute: a drift grows minute by minute, a stall of the event loop is one spike
+    av_offset_ms_p50: float | None = None
+    av_offset_ms_p99: float | None = None
+    av_offset_max_at_s: float | None = None
+    av_offset_ms_by_minute: list[float] = field(default_factory=list)
     realtime: bool = field(init=False)
 
     def __post_init__(self) -> None:  # speech is fed throughout: a run that showed none of it is not real time
@@ -78,8 +84,9 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-async def _consume(session, seconds: float, offsets: list[float]) -> None:
-    """Read both tracks like aiortc's senders; record how far apart the same 40 ms leaves them."""
+async def _consume(session, seconds: float, offsets: list[tuple[float, float]]) -> None:
+    """Read both tracks like aiortc's senders; record how far apart the same 40 ms leaves them (ms), with
+    when (seconds since the session's clock started)."""
     video, audio = session.video_track(), session.audio_track()
     fps = session.player.fps
     v_times: dict[int, float] = {}
@@ -103,8 +110,25 @@ async def _consume(session, seconds: float, offsets: list[float]) -> None:
         t.cancel()
     video.stop()
     audio.stop()
-    for i in v_times.keys() & a_times.keys():
-        offsets.append(abs(v_times[i] - a_times[i]) * 1000)
+    start = session.player.start
+    for i in sorted(v_times.keys() & a_times.keys()):
+        offsets.append((abs(v_times[i] - a_times[i]) * 1000, min(v_times[i], a_times[i]) - (start or 0.0)))
+
+
+def offset_summary(offsets: list[tuple[float, float]]) -> dict:
+    """(ms, seconds) pairs -> the RunResult's A/V offset fields."""
+    if not offsets:
+        return {"av_offset_ms_max": 0.0}
+    ms = np.array([o for o, _ in offsets])
+    at = np.array([t for _, t in offsets])
+    minutes = (at // 60).astype(int)
+    return {
+        "av_offset_ms_max": round(float(ms.max()), 1),
+        "av_offset_ms_p50": round(float(np.percentile(ms, 50)), 1),
+        "av_offset_ms_p99": round(float(np.percentile(ms, 99)), 1),
+        "av_offset_max_at_s": round(float(at[ms.argmax()]), 1),
+        "av_offset_ms_by_minute": [round(float(ms[minutes == m].max()), 1) for m in np.unique(minutes)],
+    }
 
 
 async def _feed(session, audio: np.ndarray, seconds: float) -> None:
@@ -133,7 +157,7 @@ async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np
     steps = pipe.num_steps  # what warm-up chose
     threads = engine.threads or torch.get_num_threads()
     sessions = [await engine.open_session(portrait, seed=i) for i in range(n)]
-    offsets: list[float] = []
+    offsets: list[tuple[float, float]] = []
     t0 = time.monotonic()
     await asyncio.gather(*[_feed(s, audio, seconds) for s in sessions],
                          *[_consume(s, seconds, offsets) for s in sessions])
@@ -156,14 +180,14 @@ async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np
         realtime_factor=round(generated / needed, 3),
         first_frame_ms_max=None if None in first else round(max(first) * 1000, 1),
         latency_ms_p50=pct(0.5), latency_ms_p95=pct(0.95), latency_ms_p99=pct(0.99),
-        av_offset_ms_max=round(max(offsets) if offsets else 0.0, 1), held_frames=held,
+        held_frames=held,
         gap_seconds=round(sum(st["gap_inserted_s"] for st in stats), 3), dropped_frames=dropped,
         peak_rss_mb=round(_rss_mb(), 1), peak_cuda_mb=None if cuda is None else round(cuda, 1), steps=steps,
         threads=threads,
         silence_skipped_seconds=round(sum(st["silence_skipped_s"] for st in stats), 2),
         speech_compressed_seconds=round(sum(st["speech_compressed_s"] for st in stats), 2),
         catch_up_runs=sum(st["catch_up_runs"] for st in stats),
-        target_latency_ms=round(target_ms, 1), window_compute_ms=round(compute_ms, 1),
+        target_latency_ms=round(target_ms, 1), window_compute_ms=round(compute_ms, 1), **offset_summary(offsets),
     )
 
 

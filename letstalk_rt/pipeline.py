@@ -54,6 +54,7 @@ class StreamState:
     generator: torch.Generator  # CPU generator: the stream's noise, reproducible on any device
     windows_done: int = 0
     detail_moved: Tensor | None = None  # (1, H, W) recent movement away from the portrait (transfer_detail)
+    held_noise: Tensor | None = None  # (C, h, w) the noise every window reuses outside the mouth (noise_hold)
     extra: dict = field(default_factory=dict)  # room for the caller's bookkeeping
 
 
@@ -421,6 +422,9 @@ class LetsTalkPipeline:
         # (h, w) latent cells audio guidance acts on (SamplingConfig.audio_guidance_box), None: everywhere
         self._audio_region = None if s.audio_guidance_box is None else \
             box_cells(tc.latent_size, tc.latent_size, s.audio_guidance_box).to(self.device)
+        # (h, w): 1 where a frame's starting noise is fresh, 0 where it is partly the stream's held field
+        self._fresh_cells = torch.ones(tc.latent_size, tc.latent_size) if s.noise_hold_box is None else \
+            box_cells(tc.latent_size, tc.latent_size, s.noise_hold_box)
         self.memory_noise = s.memory_noise if memory_noise is None else memory_noise
         # False is an ablation (`letstalk eval`'s memory-off run): the memory bank is never filled, so every
         # window is generated like a stream's first one, with all memory slots masked.
@@ -629,7 +633,7 @@ class LetsTalkPipeline:
         dev = self.device
         noise, memory, mask = [], [], []
         for s in streams:
-            noise.append(torch.randn((T, *shape), generator=s.generator))  # (T, C, h, w)
+            noise.append(self._start_noise(s, T, shape))  # (T, C, h, w)
             m, k = s.memory.condition(shape, self.memory_noise, s.generator, torch.device("cpu"), torch.float32)
             memory.append(m)
             mask.append(k)
@@ -653,6 +657,19 @@ class LetsTalkPipeline:
                 s.memory.update(kept[i])
             s.windows_done += 1
         return x
+
+    def _start_noise(self, stream: StreamState, T: int, shape: tuple[int, int, int]) -> Tensor:
+        """The noise one window of `stream` starts from: (T, C, h, w), fresh from its generator, or outside
+        `noise_hold_box` partly the stream's held field (SamplingConfig.noise_hold)."""
+        fresh = torch.randn((T, *shape), generator=stream.generator)
+        hold = self.config.sampling.noise_hold
+        if hold <= 0:
+            return fresh
+        if stream.held_noise is None:  # drawn once, at the stream's first window
+            stream.held_noise = torch.randn(shape, generator=stream.generator)
+        mixed = math.sqrt(hold) * stream.held_noise + math.sqrt(1 - hold) * fresh  # unit variance, frames correlated by `hold`
+        keep = self._fresh_cells  # (h, w): 1 on the mouth's cells, which stay fresh
+        return keep * fresh + (1 - keep) * mixed
 
     @torch.no_grad()
     def decode(self, latents: Tensor, streams: list[StreamState] | None = None) -> np.ndarray:

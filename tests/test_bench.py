@@ -31,6 +31,9 @@ def test_bench_reports_every_run_and_the_spread_of_repeats(tiny_pipeline, tmp_pa
         assert needed <= run["sessions"] * 25 * run["seconds"] + run["sessions"]  # never more than real time
         assert run["latency_ms_p50"] is not None and run["latency_ms_p50"] <= run["latency_ms_p95"]
         assert run["av_offset_ms_max"] < 40  # both tracks release the same 40 ms together
+        assert run["av_offset_ms_p50"] <= run["av_offset_ms_p99"] <= run["av_offset_ms_max"]
+        assert 0 <= run["av_offset_max_at_s"] <= run["seconds"]
+        assert run["av_offset_ms_by_minute"] == [run["av_offset_ms_max"]]  # a 1.5 s run is in its first minute
         # the latency steered to: the window's audio, the encoder's lookahead, the window's compute, a margin
         assert run["window_compute_ms"] > 0
         assert run["target_latency_ms"] > run["window_compute_ms"] + 1000 * tiny_pipeline.window / 25
@@ -48,6 +51,21 @@ def test_bench_reports_every_run_and_the_spread_of_repeats(tiny_pipeline, tmp_pa
     assert 0 < report["fraction_of_peak"] < 1
     rate = report["transformer_gflops_per_window"] / w["step_1"]  # GFLOP per ms = TFLOP/s
     assert abs(report["transformer_tflops"] - rate) <= 0.01 * rate + 1e-3
+
+
+def test_the_av_offset_summary_tells_a_drift_from_one_stall():
+    """Offsets are summarised by minute with the moment of the largest, so a soak tells a drift (growing minute
+    by minute) from a single stall of the event loop (one spike)."""
+    from letstalk_rt.bench import offset_summary
+
+    times = np.arange(0, 180, 0.04)  # 3 minutes of frames
+    drift = offset_summary([(1 + t / 10, t) for t in times])
+    assert drift["av_offset_ms_by_minute"] == sorted(drift["av_offset_ms_by_minute"])
+    assert len(drift["av_offset_ms_by_minute"]) == 3 and drift["av_offset_max_at_s"] > 179
+    stall = offset_summary([(25.0 if abs(t - 70) < 0.01 else 1.0, t) for t in times])
+    assert stall["av_offset_ms_by_minute"] == [1.0, 25.0, 1.0]
+    assert stall["av_offset_max_at_s"] == 70.0 and stall["av_offset_ms_p99"] == 1.0 and stall["av_offset_ms_max"] == 25
+    assert offset_summary([]) == {"av_offset_ms_max": 0.0}
 
 
 def test_a_session_count_that_cannot_run_keeps_the_counts_before_it(tiny_pipeline, tmp_path, monkeypatch):

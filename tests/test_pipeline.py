@@ -259,6 +259,44 @@ def test_audio_guidance_in_the_mouth_box_leaves_the_rest_of_the_face_unguided(ti
     assert (out[1] - out[0])[..., inside].abs().mean() > 1e-2  # the guidance does act there
 
 
+def test_held_noise_keeps_the_face_outside_the_mouth_box_and_leaves_the_mouth_fresh(tiny_model_dir):
+    """sampling.noise_hold: outside noise_hold_box every frame of a stream starts from its one held noise field
+    (hold 1), so a still face is drawn the same frame after frame and window after window, while the box's cells
+    get fresh noise; hold 0 (the default) is plain fresh noise, the generator's draws unchanged."""
+    import dataclasses
+
+    from letstalk_rt.memory import box_cells
+
+    def pipe(hold, box=(0.25, 0.5, 0.5, 0.5)):
+        comps = load_model(tiny_model_dir)
+        comps.config.sampling = dataclasses.replace(comps.config.sampling, noise_hold=hold, noise_hold_box=box)
+        comps.config.validate()  # as loading a config.json does
+        return LetsTalkPipeline(comps, num_steps=1)
+
+    fresh, held = pipe(0.0), pipe(1.0)
+    por = _flat(fresh)
+    T, shape = fresh.window, (fresh.config.transformer.latent_channels,) + (fresh.config.transformer.latent_size,) * 2
+    s0, s1 = fresh.new_stream(por, seed=0), held.new_stream(por, seed=0)
+    plain = torch.randn((T, *shape), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(fresh._start_noise(s0, T, shape), plain, atol=0, rtol=0)
+    a, b = held._start_noise(s1, T, shape), held._start_noise(s1, T, shape)  # two windows of one stream
+    mouth = box_cells(shape[1], shape[2], (0.25, 0.5, 0.5, 0.5)) > 0
+    assert 0 < mouth.sum() < mouth.numel()
+    for n in (a[1:], b):  # outside the box: the first frame's noise again, in every later frame and window
+        torch.testing.assert_close(n[..., ~mouth], a[:1, ..., ~mouth].expand_as(n[..., ~mouth]), atol=0, rtol=0)
+    assert (a[1:] - a[:1])[..., mouth].abs().min() > 0 and (b - a)[..., mouth].abs().mean() > 0.5
+    part = pipe(0.6)._start_noise(fresh.new_stream(por, seed=3), 400, shape)[..., ~mouth].flatten(1)  # (400, n)
+    assert abs(float(part.std()) - 1) < 0.05  # unit variance kept
+    corr = torch.corrcoef(part)[0, 1:].mean()  # frame 0's noise against each later frame's, over the cells
+    assert abs(float(corr) - 0.6) < 0.1, corr
+    lat = held.generate_latents([held.new_stream(por, seed=0)], [held.audio_tokens(speechlike(T / 25))])[0]
+    gen = fresh.generate_latents([fresh.new_stream(por, seed=0)], [fresh.audio_tokens(speechlike(T / 25))])[0]
+    flick = lambda x: float((x[1:] - x[:-1])[..., ~mouth].abs().mean())  # noqa: E731
+    assert flick(lat) < 0.5 * flick(gen)  # the face outside the mouth changes far less from frame to frame
+    with pytest.raises(ModelError, match="noise_hold"):
+        pipe(1.5)
+
+
 def _flat(pipe):
     return pipe.prepare_portrait(np.full((40, 40, 3), 90, np.uint8), detect=False)
 
