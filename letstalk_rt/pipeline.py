@@ -54,7 +54,7 @@ class StreamState:
     generator: torch.Generator  # CPU generator: the stream's noise, reproducible on any device
     windows_done: int = 0
     detail_moved: Tensor | None = None  # (1, H, W) recent movement away from the portrait (transfer_detail)
-    held_noise: Tensor | None = None  # (C, h, w) the noise every window reuses outside the mouth (noise_hold)
+    held_noise: Tensor | None = None  # (C, h, w) the last frame's starting noise, the next one's start (noise_hold)
     extra: dict = field(default_factory=dict)  # room for the caller's bookkeeping
 
 
@@ -660,16 +660,21 @@ class LetsTalkPipeline:
 
     def _start_noise(self, stream: StreamState, T: int, shape: tuple[int, int, int]) -> Tensor:
         """The noise one window of `stream` starts from: (T, C, h, w), fresh from its generator, or outside
-        `noise_hold_box` partly the stream's held field (SamplingConfig.noise_hold)."""
+        `noise_hold_box` changing slowly from frame to frame (SamplingConfig.noise_hold)."""
         fresh = torch.randn((T, *shape), generator=stream.generator)
         hold = self.config.sampling.noise_hold
         if hold <= 0:
             return fresh
-        if stream.held_noise is None:  # drawn once, at the stream's first window
+        if stream.held_noise is None:  # the frame before the stream's first: a plain draw
             stream.held_noise = torch.randn(shape, generator=stream.generator)
-        mixed = math.sqrt(hold) * stream.held_noise + math.sqrt(1 - hold) * fresh  # unit variance, frames correlated by `hold`
+        frames, prev = [], stream.held_noise
+        for f in fresh:  # each frame's noise is the last one's times `hold` plus fresh noise (unit variance kept)
+            prev = hold * prev + math.sqrt(1 - hold * hold) * f
+            frames.append(prev)
+        stream.held_noise = prev
+        slow = torch.stack(frames)  # (T, C, h, w): frames k apart correlated by hold ** k
         keep = self._fresh_cells  # (h, w): 1 on the mouth's cells, which stay fresh
-        return keep * fresh + (1 - keep) * mixed
+        return keep * fresh + (1 - keep) * slow
 
     @torch.no_grad()
     def decode(self, latents: Tensor, streams: list[StreamState] | None = None) -> np.ndarray:
