@@ -170,9 +170,10 @@ class SamplingConfig:
     # model redraw the face's fine texture every frame (flicker); slowly changing noise keeps it, while the
     # mouth's cells keep fresh noise to move with. On the default 0.9 cut flicker 3.97x -> 2.85x the real
     # frames' for 0.14 dB of identity and 0.007 of lip sync (docs/eval.md, "Held noise outside the mouth").
-    # 0: fresh everywhere (the default's)
-    noise_hold_box: tuple[float, float, float, float] | None = None  # x, y, w, h of the face crop (fractions)
-    # whose latent cells always get fresh noise (the mouth); None: every cell follows noise_hold
+    # 0: fresh everywhere (the default's; `--noise-hold` on generate, demo, bench, serve and eval)
+    noise_hold_box: tuple[float, float, float, float] | None = (0.3, 0.48, 0.4, 0.4)  # x, y, w, h of the face
+    # crop (fractions) whose latent cells always get fresh noise: the mouth of the corpus's and `prepare_portrait`'s
+    # framing; None: every cell follows noise_hold
     memory_noise: float = 0.02  # flow time the memory latents are forward-diffused to at inference
     memory_anchor: bool = True  # inference: memory slot 0 holds the portrait latent for the whole stream
     # (the others carry the last frames; at the start every slot does). Temporal attention copies from

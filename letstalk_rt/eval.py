@@ -788,7 +788,8 @@ def evaluate_model(components: Any, label: str, test: list[Clip], probe: MouthPr
     def pipeline(num_steps: int | None, use_memory: bool = True) -> LetsTalkPipeline:
         return LetsTalkPipeline(components, device=settings["device"], dtype=settings["dtype"],
                                 num_steps=num_steps, use_memory=use_memory, window=settings["window"],
-                                detail_transfer=settings["detail_transfer"], start_time=settings["start_time"])
+                                detail_transfer=settings["detail_transfer"], start_time=settings["start_time"],
+                                noise_hold=settings["noise_hold"])
 
     def bar(total: int, what: str) -> Any:
         return tqdm(total=total, desc=f"{label}: {what}", unit="frame", disable=not settings["progress"],
@@ -798,7 +799,7 @@ def evaluate_model(components: Any, label: str, test: list[Clip], probe: MouthPr
     model: dict[str, Any] = {
         "label": label, "description": config.description, "trained": config.trained, "size": config.image_size,
         "num_steps": pipe.num_steps, "window": pipe.window, "num_memory": config.transformer.num_memory,
-        "detail_transfer": pipe.detail_transfer, "start_time": pipe.start_time,
+        "detail_transfer": pipe.detail_transfer, "start_time": pipe.start_time, "noise_hold": pipe.noise_hold,
         "fusion": f"portrait {config.transformer.portrait_fusion}, audio {config.transformer.audio_fusion}",
     }
     def score(p: LetsTalkPipeline, clip: Clip, b: Any, full: bool = True) -> dict[str, Any]:
@@ -848,6 +849,7 @@ def evaluate(
     window: int | None = None,
     detail_transfer: float | None = None,
     start_time: float | None = None,
+    noise_hold: float | None = None,
     seed: int = 0,
     seeds: int = 1,
     device: str = "cpu",
@@ -871,6 +873,8 @@ def evaluate(
             raise InputError(f"sampling steps {s}: choose 1..50")
     if start_time is not None and not 0 < start_time <= 1:
         raise InputError(f"--start-time {start_time:g}: choose a flow time in (0, 1] (1 = pure noise)")
+    if noise_hold is not None and not 0 <= noise_hold <= 1:
+        raise InputError(f"--noise-hold {noise_hold:g}: choose 0..1 (0 = fresh noise every frame)")
     if not 1 <= seeds <= MAX_SEEDS:
         raise InputError(f"--seeds {seeds}: choose 1..{MAX_SEEDS} noise seeds per clip")
     paths = [Path(p) if p is not None else DEFAULT_MODEL_DIR for p in models]
@@ -901,7 +905,7 @@ def evaluate(
             clips_at[size] = [corpus.clip(n, size) for n in names]
             probe_checks[size] = check_probe(probes[size], clips_at[size])
         settings = dict(device=device, dtype=dtype, seeds=list(range(seed, seed + seeds)), progress=progress, window=window,
-                        detail_transfer=detail_transfer, start_time=start_time)
+                        detail_transfer=detail_transfer, start_time=start_time, noise_hold=noise_hold)
         model = evaluate_model(load_model(path), label, clips_at[size], probes[size], steps, steps_list or [],
                                speech, settings)
         model["path"] = str(path)
@@ -1030,7 +1034,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     for m in models:
         s, lg = m["summary"], m["long"] or {}
         on, off = lg.get("memory_on"), lg.get("memory_off")
-        rows.append([m["label"], m["description"] or "-", m["fusion"], f"{m['num_steps']} / {m['window']} / {m['start_time']:g}",
+        rows.append([m["label"], m["description"] or "-", m["fusion"], f"{m['num_steps']} / {m['window']} / {m['start_time']:g}"
+                     + (f", noise hold {m['noise_hold']:g}" if m.get("noise_hold") else ""),
                      _f(m["detail_transfer"], 0) if m["detail_transfer"] else "off",
                      _sync_cell(s), f"{s['sync_offset']:+d}", _f(s["psnr_gt"]), _f(s["ssim_gt"], 3),
                      _f(s["psnr_portrait"]), _f(s["flicker_ratio"]),

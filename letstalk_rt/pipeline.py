@@ -405,6 +405,7 @@ class LetsTalkPipeline:
         window: int | None = None,
         detail_transfer: float | None = None,
         start_time: float | None = None,
+        noise_hold: float | None = None,
         cuda_graphs: bool = True,
     ) -> None:
         self.components = components
@@ -422,7 +423,11 @@ class LetsTalkPipeline:
         # (h, w) latent cells audio guidance acts on (SamplingConfig.audio_guidance_box), None: everywhere
         self._audio_region = None if s.audio_guidance_box is None else \
             box_cells(tc.latent_size, tc.latent_size, s.audio_guidance_box).to(self.device)
-        # (h, w): 1 where a frame's starting noise is fresh, 0 where it is partly the stream's held field
+        self.noise_hold = s.noise_hold if noise_hold is None else noise_hold
+        if not 0 <= self.noise_hold <= 1:
+            raise InputError(f"noise hold {self.noise_hold:g}: give the correlation of consecutive frames' noise "
+                             "outside the mouth in 0..1 (0 = fresh noise every frame)")
+        # (h, w): 1 where a frame's starting noise is always fresh (the mouth), 0 where it follows noise_hold
         self._fresh_cells = torch.ones(tc.latent_size, tc.latent_size) if s.noise_hold_box is None else \
             box_cells(tc.latent_size, tc.latent_size, s.noise_hold_box)
         self.memory_noise = s.memory_noise if memory_noise is None else memory_noise
@@ -662,7 +667,7 @@ class LetsTalkPipeline:
         """The noise one window of `stream` starts from: (T, C, h, w), fresh from its generator, or outside
         `noise_hold_box` changing slowly from frame to frame (SamplingConfig.noise_hold)."""
         fresh = torch.randn((T, *shape), generator=stream.generator)
-        hold = self.config.sampling.noise_hold
+        hold = self.noise_hold
         if hold <= 0:
             return fresh
         if stream.held_noise is None:  # the frame before the stream's first: a plain draw

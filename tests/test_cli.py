@@ -82,6 +82,8 @@ def test_missing_model_and_unwritable_output(capsys, tmp_path, tiny_model_dir, a
                   extra=("--audio-guidance", "-2"))
     _expect_error(capsys, tmp_path, tiny_model_dir, astronaut_png, audio, "--start-time 0",
                   extra=("--start-time", "0"))
+    _expect_error(capsys, tmp_path, tiny_model_dir, astronaut_png, audio, "--noise-hold 1.5",
+                  extra=("--noise-hold", "1.5"))
 
 
 def test_console_script_reports_errors_without_traceback(tmp_path, astronaut_png):
