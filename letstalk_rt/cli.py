@@ -49,8 +49,8 @@ START_TIME_HELP = ("flow time sampling starts at, 0 < T <= 1: each window starts
 
 
 NOISE_HOLD_HELP = ("a steadier face: outside the mouth each frame's starting noise keeps this much of the last "
-                   "frame's, 0..1 (default: the model's, 0 for the bundled one; 0.9 cut its flicker by ~30 %% for "
-                   "0.14 dB of identity and 0.007 of lip sync, docs/eval.md)")
+                   "frame's, 0..1 (default: the model's, 0 for the bundled one; 0.7 cut its flicker by a fifth for "
+                   "0.02 dB of identity, docs/eval.md)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -168,8 +168,8 @@ class SamplingConfig:
     # previous frame's: noise_t = hold * noise_(t-1) + sqrt(1 - hold^2) * fresh (unit variance; frames k apart
     # correlated by hold ** k, 1 = one field for the whole stream). Fresh noise in every frame makes a 1-step
     # model redraw the face's fine texture every frame (flicker); slowly changing noise keeps it, while the
-    # mouth's cells keep fresh noise to move with. On the default 0.9 cut flicker 3.97x -> 2.85x the real
-    # frames' for 0.14 dB of identity and 0.007 of lip sync (docs/eval.md, "Held noise outside the mouth").
+    # mouth's cells keep fresh noise to move with. On the default's 42 test clips 0.7 cut flicker 4.14x -> 3.35x
+    # the real frames' for 0.02 dB of identity (docs/eval.md, "Held noise outside the mouth").
     # 0: fresh everywhere (the default's; `--noise-hold` on generate, demo, bench, serve and eval)
     noise_hold_box: tuple[float, float, float, float] | None = (0.3, 0.48, 0.4, 0.4)  # x, y, w, h of the face
     # crop (fractions) whose latent cells always get fresh noise: the mouth of the corpus's and `prepare_portrait`'s

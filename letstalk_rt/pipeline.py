@@ -665,16 +665,15 @@ class LetsTalkPipeline:
 
     def _start_noise(self, stream: StreamState, T: int, shape: tuple[int, int, int]) -> Tensor:
         """The noise one window of `stream` starts from: (T, C, h, w), fresh from its generator, or outside
-        `noise_hold_box` changing slowly from frame to frame (SamplingConfig.noise_hold)."""
+        `noise_hold_box` changing slowly from frame to frame (SamplingConfig.noise_hold). The generator's draws are
+        the same either way, so a setting is compared with another on the same noise."""
         fresh = torch.randn((T, *shape), generator=stream.generator)
         hold = self.noise_hold
         if hold <= 0:
             return fresh
-        if stream.held_noise is None:  # the frame before the stream's first: a plain draw
-            stream.held_noise = torch.randn(shape, generator=stream.generator)
         frames, prev = [], stream.held_noise
         for f in fresh:  # each frame's noise is the last one's times `hold` plus fresh noise (unit variance kept)
-            prev = hold * prev + math.sqrt(1 - hold * hold) * f
+            prev = f if prev is None else hold * prev + math.sqrt(1 - hold * hold) * f  # a stream's first: as drawn
             frames.append(prev)
         stream.held_noise = prev
         slow = torch.stack(frames)  # (T, C, h, w): frames k apart correlated by hold ** k

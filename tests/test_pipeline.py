@@ -283,6 +283,7 @@ def test_held_noise_keeps_the_face_outside_the_mouth_box_and_leaves_the_mouth_fr
     a, b = held._start_noise(s1, T, shape), held._start_noise(s1, T, shape)  # two windows of one stream
     mouth = box_cells(shape[1], shape[2], (0.25, 0.5, 0.5, 0.5)) > 0
     assert 0 < mouth.sum() < mouth.numel()
+    torch.testing.assert_close(a, plain[:1].expand_as(a) * ~mouth + plain * mouth, atol=0, rtol=0)  # the same draws
     for n in (a[1:], b):  # outside the box: the first frame's noise again, in every later frame and window
         torch.testing.assert_close(n[..., ~mouth], a[:1, ..., ~mouth].expand_as(n[..., ~mouth]), atol=0, rtol=0)
     assert (a[1:] - a[:1])[..., mouth].abs().min() > 0 and (b - a)[..., mouth].abs().mean() > 0.5
