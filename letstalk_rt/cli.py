@@ -13,6 +13,7 @@ Every failure the user can fix prints one line, `letstalk: error: ...`, and exit
 from __future__ import annotations
 
 import argparse
+import json
 import asyncio
 import sys
 import time
@@ -268,6 +269,18 @@ def cmd_new_model(args: argparse.Namespace) -> None:
     print(f"wrote untrained model '{args.preset}' to {path}")
 
 
+def cmd_sync_check(args: argparse.Namespace) -> None:
+    from .eval import MAX_LAG, sync_check
+
+    rows = [sync_check(v, args.portrait, args.audio) for v in args.video]
+    for r in rows:
+        print(f"{r['video']}: {r['seconds']} s; speech to mouth r = {r['speech_sync']:.3f} at offset 0, peak "
+              f"{r['peak_sync']:.3f} at {r['speech_offset']:+d} frames (-{MAX_LAG}..+{MAX_LAG}; positive = video "
+              f"late); closed mouth from {r['closed_mouth']}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from .eval import evaluate
 
@@ -453,6 +466,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sync-check", help="label-free lip sync of talking-face videos (any photograph, any "
+                                          "language): the mouth against the speech's loudness, and the offset")
+    p.add_argument("video", type=Path, nargs="+", help="mp4 (or any video) with its audio, a square face crop as "
+                                                       "`letstalk generate` writes")
+    p.add_argument("--portrait", type=Path, default=None,
+                   help="an image of the face with its mouth closed, for real recordings whose quiet moments may "
+                        "not show one (default: the video's frame at the quietest moment of its speech, which suits "
+                        "generated videos best: a photograph's own colours are not what the autoencoder draws)")
+    p.add_argument("--audio", type=Path, default=None,
+                   help="score against this speech instead of the video's own audio (a control: speech the video was "
+                        "not made from should score near 0)")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    p.set_defaults(func=cmd_sync_check)
 
     p = sub.add_parser("new-model", help="write an UNTRAINED model directory for a preset (training start, benchmarks)")
     p.add_argument("--preset", required=True, choices=sorted(PRESETS_MODEL))

@@ -405,6 +405,60 @@ def mouth_interior(frames: np.ndarray, closed: np.ndarray, box: tuple[int, int, 
     return np.clip(dist - tolerance, 0, None).reshape(len(frames), -1).mean(1)  # (N,)
 
 
+def speech_energy(audio: np.ndarray, frames: int, samples_per_frame: int = 640) -> np.ndarray:
+    """16 kHz mono speech -> (frames,) its loudness per video frame: log RMS in dB, floored at -60 (a pause)."""
+    pcm = np.zeros(frames * samples_per_frame, np.float32)
+    a = np.asarray(audio, np.float32)[:len(pcm)]
+    pcm[:len(a)] = a
+    rms = np.sqrt(np.mean(pcm.reshape(frames, samples_per_frame) ** 2, axis=1))  # (frames,)
+    return 20 * np.log10(np.maximum(rms, 1e-3))
+
+
+def speech_mouth_curve(interior: np.ndarray, audio: np.ndarray) -> np.ndarray:
+    """Label-free lip sync: a video's `mouth_interior` (N,) against the loudness of its speech per frame, at
+    lags -MAX_LAG..+MAX_LAG (`lag_correlations`; positive = video late). A mouth that shows its inside while
+    the speech is loud and closes in the pauses correlates; a still mouth, or one moving out of step, does not.
+    It needs no ground truth (any photograph, any speech, any language) but reads speech only through its
+    loudness, so even a real speaker scores well below 1 (the report gives the real frames' figure beside it)."""
+    return lag_correlations(np.asarray(interior, np.float64), speech_energy(audio, len(interior)))
+
+
+def sync_check(video: str | Path, closed: str | Path | None = None, audio: str | Path | None = None,
+               margin: float = 0.6) -> dict[str, Any]:
+    """Label-free lip sync of any talking-face video with its own audio track (`letstalk sync-check`), e.g. what
+    `letstalk generate` wrote for a photograph and speech of any language: `speech_mouth_curve` on the mouth box
+    that a face crop of `margin` fixes (`prepare.crop_mouth_box`, grown like the corpus's boxes). `closed`: an
+    image of the same face with its mouth closed (the portrait; resized to the frames); without it, the frame
+    at the quietest moment of the speech after the first 0.2 s stands in. `audio`: score against this speech
+    instead of the video's own track (a control: a video scored against speech it was not made from reads ~0)."""
+    from .face import crop_portrait
+    from .media import load_audio, load_image, read_frames
+    from .train.prepare import crop_mouth_box
+
+    frames = np.stack(list(read_frames(video)))  # (N, H, W, 3)
+    speech = load_audio(audio if audio is not None else video)
+    n, (h, w) = len(frames), frames.shape[1:3]
+    if n < 2 * MAX_LAG + 3:
+        raise InputError(f"'{video}' has {n} frames; lip sync needs at least {2 * MAX_LAG + 3} (about half a second)")
+    if h != w:
+        raise InputError(f"'{video}' is {w}x{h}; give a square face crop such as `letstalk generate` writes")
+    fx, fy, fw, fh = crop_mouth_box(margin)
+    box = mouth_region([fx * w, fy * w, fw * w, fh * w], w, w)
+    loud = speech_energy(speech, n)  # (n,)
+    if closed is not None:  # a photograph is face-cropped as `generate` crops it; a crop of the frames' size is used as is
+        image = load_image(closed)
+        ref = image if image.shape[:2] == (w, w) else crop_portrait(image, w, margin, name=str(closed))
+        reference = f"'{closed}'"
+    else:
+        skip = min(n - 1, 5)
+        quiet = skip + int(np.argmin(loud[skip:]))
+        ref, reference = frames[quiet], f"frame {quiet} (the quietest)"
+    curve = speech_mouth_curve(mouth_interior(frames, ref, box), speech)
+    return {"video": str(video), "audio": str(audio or video), "frames": n, "seconds": round(n / 25, 2), "closed_mouth": reference,
+            "speech_sync": float(curve[MAX_LAG]), "speech_offset": best_offset(curve),
+            "peak_sync": float(curve.max()), "lag_curve": [float(v) for v in curve]}
+
+
 @dataclass
 class MouthProbe:
     """Linear ridge regression from `mouth_features` to the mouth opening; fitted on ground truth only."""
@@ -493,18 +547,22 @@ def score_clip(clip: Clip, generated: np.ndarray, portrait: np.ndarray, probe: M
         step = max(1, n // 25)  # SSIM on ~25 frames per clip: it is the slow metric
         real_feats, real_interior = (a[:n] for a in clip.real_mouth)  # (n, F), (n,)
         real_pred = (clip.path or probe).read(real_feats)  # (n,): the same reading of the real frames
+        gen_interior = mouth_interior(gen, clip.portrait, clip.box)  # (n,)
         out.update({
             "probe_opening": [float(v) for v in pred],
             # how far the mouth moves against the real one (1 = as far): lip sync's correlation is blind to scale
             "opening_spread": float(np.std(pred) / max(float(np.std(real_pred)), 1e-6)),
             "mouth_direction": mouth_direction(real_feats, feats),
-            **interior_figures(real_interior, mouth_interior(gen, clip.portrait, clip.box)),
+            **interior_figures(real_interior, gen_interior),
             "ssim_gt": float(np.mean([ssim_outside(gen[i], gt[i], mask) for i in range(0, n, step)])),
             "psnr_portrait": psnr_of_mse(float(mse_outside(gen, portrait, mask).mean())),
             "ssim_portrait": float(np.mean([ssim_outside(gen[i], portrait, mask) for i in range(0, n, step)])),
             "flicker": flicker(gen, mask),
             "flicker_gt": flicker(gt, mask),
         })
+        speech = speech_mouth_curve(gen_interior, clip.audio)
+        out.update({"speech_sync": float(speech[MAX_LAG]), "speech_offset": best_offset(speech),
+                    "speech_curve": [float(v) for v in speech]})
     return out
 
 
@@ -518,7 +576,7 @@ def interior_figures(real: np.ndarray, gen: np.ndarray) -> dict[str, float]:
 
 # per-clip figures averaged over seeds and clips: always scored, then only by a full score_clip
 MEANED = ("sync_correlation", "psnr_gt", "ssim_gt", "psnr_portrait", "ssim_portrait", "flicker", "flicker_gt",
-          "mouth_direction", "opening_spread", "interior_sync", "interior_spread")
+          "mouth_direction", "opening_spread", "interior_sync", "interior_spread", "speech_sync")
 
 
 def mean_over_seeds(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -532,6 +590,10 @@ def mean_over_seeds(rows: list[dict[str, Any]]) -> dict[str, Any]:
             out[key] = float(np.mean([r[key] for r in rows]))
     curve = np.mean([r["lag_curve"] for r in rows], axis=0)
     out["lag_curve"], out["sync_offset"] = [float(v) for v in curve], best_offset(curve)
+    if "speech_curve" in out:
+        speech = np.mean([r["speech_curve"] for r in rows], axis=0)
+        out["speech_curve"], out["speech_sync"] = [float(v) for v in speech], float(speech[MAX_LAG])
+        out["speech_offset"] = best_offset(speech)
     out["sync_by_seed"] = [r["sync_correlation"] for r in rows]
     return out
 
@@ -554,6 +616,9 @@ def summarise(scores: list[dict[str, Any]]) -> dict[str, Any]:
             out[key] = float(np.mean([s[key] for s in scores]))
     if "flicker" in out:
         out["flicker_ratio"] = out["flicker"] / max(out["flicker_gt"], 1e-6)
+    if "speech_curve" in scores[0]:
+        speech = np.mean([s["speech_curve"] for s in scores], axis=0)
+        out["speech_curve"], out["speech_offset"] = [float(v) for v in speech], best_offset(speech)
     return out
 
 
@@ -1103,6 +1168,15 @@ def render_markdown(report: dict[str, Any]) -> str:
                       "mouth lacks -- teeth, cavity, tongue -- correlated over time with the real frames' share, and its "
                       "standard deviation over theirs. A blur where the teeth should be, which the probe can read as "
                       "an opening, does not count here).", ""]
+        if "speech_sync" in m["summary"]:
+            truth = report["probe"].get(str(m["size"]), {}).get("ground_truth", {})
+            real_text = (f"; the real frames: r = {_f(truth['speech_sync'], 3)}, peak at {truth['speech_offset']:+d}"
+                         if "speech_sync" in truth else "")
+            lines += [f"Speech to mouth, label-free: r = {_f(m['summary']['speech_sync'], 3)} at offset 0, peak at "
+                      f"{m['summary']['speech_offset']:+d}{real_text} (the mouth interior reading above, correlated "
+                      "over time with the speech's loudness per frame: it needs no labels, so it also scores a "
+                      "photograph with speech of any language (`letstalk sync-check`); loudness is a rough stand-in "
+                      "for the opening, so even real frames score well below 1).", ""]
         lines += [f"![sync {m['label']}]({m['plots'][0]})", ""]
 
     lines += ["## By skin tone", "",

@@ -325,6 +325,43 @@ def test_mouth_interior_counts_the_inside_of_the_mouth_not_the_lips_parting(corp
     assert summarise([truth, hollow])["interior_spread"] == pytest.approx((1.0 + hollow["interior_spread"]) / 2)
 
 
+def test_speech_to_mouth_sync_needs_no_labels_and_finds_the_offset(corpus_dir, tmp_path, capsys):
+    """The label-free lip sync: the mouth interior against the speech's loudness. The real frames correlate at
+    offset 0, a video 2 frames late peaks at +2, a still mouth scores 0; `letstalk sync-check` reads the same from
+    an mp4 with no corpus, with or without the closed-mouth portrait, and refuses what is not a video."""
+    corpus = Corpus(corpus_dir)
+    probe = train_probe(corpus, SIZE, max_clips=6)
+    clip = corpus.clip(corpus.names("test")[0], SIZE)
+    truth = score_clip(clip, clip.frames, clip.portrait, probe)
+    assert truth["speech_sync"] > 0.7 and truth["speech_offset"] == 0, truth["speech_sync"]
+    late = np.concatenate([clip.frames[:1].repeat(2, axis=0), clip.frames[:-2]])  # video 2 frames late
+    assert score_clip(clip, late, clip.portrait, probe)["speech_offset"] == 2
+    still = score_clip(clip, np.repeat(clip.portrait[None], len(clip.frames), axis=0), clip.portrait, probe)
+    assert still["speech_sync"] == 0.0
+    assert summarise([truth, still])["speech_sync"] == pytest.approx(truth["speech_sync"] / 2)
+
+    def mp4(name, frames):
+        path = tmp_path / name
+        with VideoWriter(path, SIZE) as writer:
+            for i, frame in enumerate(frames):
+                writer.write_frame(frame)
+                writer.write_audio(clip.audio[i * SPF:(i + 1) * SPF])
+        return path
+
+    Image.fromarray(clip.portrait).save(tmp_path / "portrait.png")
+    code, out, err = _run(capsys, "sync-check", mp4("real.mp4", clip.frames), mp4("late.mp4", late),
+                          "--portrait", tmp_path / "portrait.png", "--json", tmp_path / "s.json")
+    assert code == 0, err
+    real, delayed = json.loads((tmp_path / "s.json").read_text())
+    assert real["speech_sync"] > 0.6 and real["speech_offset"] == 0, real
+    assert delayed["speech_offset"] == 2 and delayed["peak_sync"] > 0.6 and "+2 frames" in out
+    code, out, err = _run(capsys, "sync-check", tmp_path / "real.mp4")  # the quietest frame as the closed mouth
+    assert code == 0 and "quietest" in out
+    assert float(out.split("r = ")[1].split()[0]) > 0.6
+    code, _, err = _run(capsys, "sync-check", tmp_path / "portrait.png")
+    assert code == 2 and len([x for x in err.splitlines() if x.startswith("letstalk: error:")]) == 1, err
+
+
 def test_skin_tone_groups_name_the_face_a_mean_hides():
     def row(clip, face, tone, r):
         return {"clip": clip, "identity": face, "skin_tone": tone, "sync_correlation": r, "psnr_gt": 30.0 - r}
