@@ -298,6 +298,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         marks = [f"{k.replace('_', ' ')} {'n/a' if t['pass'] is None else 'PASS' if t['pass'] else 'FAIL'}"
                  for k, t in m["targets"].items()]
         print(f"{m['label']}: {', '.join(marks)}")
+        s, truth = m["summary"], report["probe"][str(m["size"])]["ground_truth"]
+        if "speech_sync" in s:
+            print(f"  speech to mouth (label-free): {s['speech_sync']:.3f} at offset 0, peak at {s['speech_offset']:+d}; "
+                  f"the real frames {truth['speech_sync']:.3f}")
         groups = m["by_skin_tone"]
         worst = min(groups, key=lambda g: g["worst_sync"])
         if report["kind"] == "prepared":

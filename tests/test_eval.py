@@ -184,6 +184,7 @@ def test_eval_on_an_untrained_model_writes_every_section_with_targets_failed(cap
     assert not any(t["pass"] for t in model["targets"].values())
     assert [r["steps"] for r in model["steps"]] == [1, 2] and model["window"] == 2
     assert model["start_time"] == 0.5 and model["noise_hold"] == 0.9
+    assert "speech to mouth (label-free)" in stdout and "Speech to mouth, label-free" in md
     assert f"{model['num_steps']} / 2 / 0.5, noise hold 0.9" in md  # the sampling that was scored
     assert set(model["long"]) == {"memory_on", "memory_off"}
     # the ground truth through the model's (untrained) autoencoder: scored like a generation, far from the truth
