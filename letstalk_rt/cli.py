@@ -13,8 +13,8 @@ Every failure the user can fix prints one line, `letstalk: error: ...`, and exit
 from __future__ import annotations
 
 import argparse
-import json
 import asyncio
+import json
 import sys
 import time
 from pathlib import Path
@@ -478,7 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--portrait", type=Path, default=None,
                    help="an image of the face with its mouth closed, for real recordings whose quiet moments may "
                         "not show one (default: the video's frame at the quietest moment of its speech, which suits "
-                        "generated videos best: a photograph's own colours are not what the autoencoder draws)")
+                        "generated videos a little better: a photograph's own colours are not what the autoencoder "
+                        "draws)")
     p.add_argument("--audio", type=Path, default=None,
                    help="score against this speech instead of the video's own audio (a control: speech the video was "
                         "not made from should score near 0)")

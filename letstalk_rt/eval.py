@@ -427,13 +427,13 @@ def sync_check(video: str | Path, closed: str | Path | None = None, audio: str |
                margin: float = 0.6) -> dict[str, Any]:
     """Label-free lip sync of any talking-face video with its own audio track (`letstalk sync-check`), e.g. what
     `letstalk generate` wrote for a photograph and speech of any language: `speech_mouth_curve` on the mouth box
-    that a face crop of `margin` fixes (`prepare.crop_mouth_box`, grown like the corpus's boxes). `closed`: an
-    image of the same face with its mouth closed (the portrait; resized to the frames); without it, the frame
+    that a face crop of `margin` fixes (`train.data.prepared_mouth_box`, as real-video clips are read). `closed`: an
+    image of the same face with its mouth closed (a photograph is face-cropped as `generate` does); without it, the frame
     at the quietest moment of the speech after the first 0.2 s stands in. `audio`: score against this speech
     instead of the video's own track (a control: a video scored against speech it was not made from reads ~0)."""
     from .face import crop_portrait
     from .media import load_audio, load_image, read_frames
-    from .train.prepare import crop_mouth_box
+    from .train.data import prepared_mouth_box
 
     frames = np.stack(list(read_frames(video)))  # (N, H, W, 3)
     speech = load_audio(audio if audio is not None else video)
@@ -442,16 +442,15 @@ def sync_check(video: str | Path, closed: str | Path | None = None, audio: str |
         raise InputError(f"'{video}' has {n} frames; lip sync needs at least {2 * MAX_LAG + 3} (about half a second)")
     if h != w:
         raise InputError(f"'{video}' is {w}x{h}; give a square face crop such as `letstalk generate` writes")
-    fx, fy, fw, fh = crop_mouth_box(margin)
-    box = mouth_region([fx * w, fy * w, fw * w, fh * w], w, w)
-    loud = speech_energy(speech, n)  # (n,)
+    x, y, bw, bh = prepared_mouth_box({"margin": margin}, w)  # the box real-video clips are read in
+    box = (x, y, x + bw, y + bh)
     if closed is not None:  # a photograph is face-cropped as `generate` crops it; a crop of the frames' size is used as is
         image = load_image(closed)
         ref = image if image.shape[:2] == (w, w) else crop_portrait(image, w, margin, name=str(closed))
         reference = f"'{closed}'"
     else:
         skip = min(n - 1, 5)
-        quiet = skip + int(np.argmin(loud[skip:]))
+        quiet = skip + int(np.argmin(speech_energy(speech, n)[skip:]))
         ref, reference = frames[quiet], f"frame {quiet} (the quietest)"
     curve = speech_mouth_curve(mouth_interior(frames, ref, box), speech)
     return {"video": str(video), "audio": str(audio or video), "frames": n, "seconds": round(n / 25, 2), "closed_mouth": reference,
