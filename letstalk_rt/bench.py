@@ -63,6 +63,9 @@ class RunResult:
     silence_skipped_seconds: float = 0.0  # the latency catch-up: pauses shortened ...
     speech_compressed_seconds: float = 0.0  # ... and speech played faster (seconds of input) while behind
     catch_up_runs: int = 0  # ... in this many speed-ups
+    idle_dropped_frames: int = 0  # ... and idle frames put in front of speech taken back (the start ran late)
+    latency_ms_p50_by_session: list[float] = field(default_factory=list)  # each session's own p50: a spread
+    # here is where each session settled; a p95 far above every session's p50 is stretches, not sessions
     # what the latency was steered to (StreamEngine.target_latency_s) and the window compute in it (start of a
     # batch window -> frames delivered, the engine's running average at the run's end): p50 sits near the first
     target_latency_ms: float | None = None
@@ -187,6 +190,8 @@ async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np
         silence_skipped_seconds=round(sum(st["silence_skipped_s"] for st in stats), 2),
         speech_compressed_seconds=round(sum(st["speech_compressed_s"] for st in stats), 2),
         catch_up_runs=sum(st["catch_up_runs"] for st in stats),
+        idle_dropped_frames=sum(st["idle_dropped"] for st in stats),
+        latency_ms_p50_by_session=[round(st["latency_ms_p50"], 1) for st in stats if st["latency_ms_p50"] is not None],
         target_latency_ms=round(target_ms, 1), window_compute_ms=round(compute_ms, 1), **offset_summary(offsets),
     )
 

@@ -16,7 +16,7 @@
 #      (HALF_SESSIONS; empty skips it)
 #   6. optional (their session counts unset skip them): STEPS1_SESSIONS (one sampling step), HALF_STEPS1_SESSIONS
 #      (half-width decoder, one step), QUARTER_SESSIONS (a decoder of a quarter of the width)
-# Shorter or other runs: BENCH_SECONDS, W2_SESSIONS, W4_SESSIONS, HALF_SESSIONS, SOAK (environment; set empty,
+# Shorter or other runs: BENCH_SECONDS, REPEAT (runs per session count, not the soak), W2_SESSIONS, W4_SESSIONS, HALF_SESSIONS, SOAK (environment; set empty,
 # a group is skipped), PARTS=0 skips step 3's gpu_parts.py. Each writes
 # OUT_DIR/NAME.json; every log goes to OUT_DIR/log.txt (a device call returns at most 8 files). Needs a
 # CUDA torch and transformers where it runs; PyAV and aiortc with its needs (the tracks the bench reads
@@ -45,8 +45,9 @@ python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT_DIR/
 bench() {  # NAME ARGS...
     local name=$1; shift
     echo "== $name: letstalk bench $* ($(date +%T))"
+    local rep=(); [ "$name" != b_soak ] && [ -n "${REPEAT-}" ] && rep=(--repeat "$REPEAT")
     timeout 240 python3 -c "from letstalk_rt.cli import main; raise SystemExit(main())" bench --device cuda --dtype bf16 \
-        --json "$OUT_DIR/$name.json" "$@" 2>&1 | tee -a "$OUT_DIR/log.txt" | grep -E '^\{|one window|arithmetic|rror'
+        --json "$OUT_DIR/$name.json" "${rep[@]}" "$@" 2>&1 | tee -a "$OUT_DIR/log.txt" | grep -E '^\{|one window|arithmetic|rror'
 }
 echo "== the CUDA-graph test ($(date +%T))"
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_pipeline.py -k cuda_graph 2>&1 | tail -15 | tee -a "$OUT_DIR/log.txt"

@@ -90,6 +90,9 @@ class EngineConfig:
     lead_windows: float = 1.5  # generate at most this many windows ahead of playback
     safety_ms: float = 30.0  # start a deadline window this long before the estimated need
     max_pending_seconds: float = 30.0  # pushed audio not yet generated; more raises AudioBufferFull
+    pace_restart_ms: float = 500.0  # audio pushed this much later than real-time pace from the previous pushes
+    # starts a new pace (the pusher paused); a push later by less (a stalled event loop delivering a live
+    # source's pieces in a burst) does not move the pace. See Session._pace.
     speech_rms: float = 0.01  # frame audio RMS above which it counts as speech (for events, the catch-up),
     # after the gain that raises quiet speech for the audio encoder (AudioConfig.level_min)
     speech_hangover_ms: float = 300.0  # silence needed before `speech_stopped`
@@ -304,6 +307,7 @@ class Session:
         self.latencies: collections.deque[float] = collections.deque(maxlen=10000)  # speech arrival -> shown
         self.dropped = collections.Counter()
         self.silence_skipped_s = 0.0  # pushed silence skipped by the latency catch-up
+        self.idle_dropped = 0  # idle frames put in front of pushed audio, then taken back because it ran late
         self.speech_compressed_s = 0.0  # pushed audio the catch-up played faster (seconds before compression)
         self.catch_up_runs = 0  # speed-ups of the speech catch-up (within an utterance they share one atempo stream)
         self.gap_inserted_s = 0.0  # silence the engine inserted at deadlines that ended up between two frames of
@@ -386,9 +390,19 @@ class Session:
         self.engine._wake()
 
     def _pace(self, now: float, samples: int) -> float:
-        """The paced arrival of the next `samples` pushed at `now` (under _lock)."""
+        """The paced arrival of the next `samples` pushed at `now` (under _lock): when they would have
+        arrived had this run of pushes come at real-time pace from its first piece on, or now if later.
+
+        A late push leaves the pace where it was unless it is more than `pace_restart_ms` late (the pusher
+        paused: a new run starts now). Restarting the pace at every late push would take the pieces of a
+        live source that a stalled event loop delivers in one burst for audio pushed ahead of time: the
+        pace would then run ahead of real time by the stall for the rest of the session, the catch-up
+        would count every later piece that much too early, and the latency would settle that much above
+        its target (a 120 ms stall at a session's start on a 2-core CPU cost 120 ms for good)."""
+        if now - self._paced_until > self.engine.config.pace_restart_ms / 1000:
+            self._paced_until = now
         paced = max(now, self._paced_until)
-        self._paced_until = paced + samples / self.sample_rate
+        self._paced_until += samples / self.sample_rate
         return paced
 
     # -- frames and events out
@@ -429,6 +443,7 @@ class Session:
             "fillers": self.player.fillers,
             "dropped": dict(self.dropped),
             "silence_skipped_s": round(self.silence_skipped_s, 3),
+            "idle_dropped": self.idle_dropped,
             "speech_compressed_s": round(self.speech_compressed_s, 3),
             "catch_up_runs": self.catch_up_runs,
             "gap_inserted_s": round(self.gap_inserted_s, 3),
@@ -508,6 +523,7 @@ class _WorkerState:
         self.tokenizer = tokenizer
         self.tokens: list[torch.Tensor] = []  # (n, M, Dt) chunks not yet generated
         self.n_tokens = 0
+        self.idle_ahead = 0  # of them, idle frames put in front (prepend_idle) and not generated yet
         self.timeline: collections.deque[list] = collections.deque()  # [samples, arrival, speech] fed to the tokenizer
         # (arrival None: idle frames put in front, see prepend_idle)
         self.fresh = True  # next window is a short one (session start / after interrupt)
@@ -573,7 +589,25 @@ class _WorkerState:
         spf = self.tokenizer.pipeline.config.audio.samples_per_frame
         self.tokens.insert(0, tokens)
         self.n_tokens += tokens.shape[0]
+        self.idle_ahead += tokens.shape[0]
         self.timeline.appendleft([np.zeros(tokens.shape[0] * spf, np.float32), None, False])  # None: idle
+
+    def drop_idle(self, n: int) -> None:
+        """Take back n of the idle frames put in front (n <= idle_ahead): what follows plays n frames sooner."""
+        spf = self.tokenizer.pipeline.config.audio.samples_per_frame
+        self.tokens = [torch.cat(self.tokens)[n:]]
+        self.n_tokens -= n
+        self.idle_ahead -= n
+        need = n * spf
+        while need:  # the idle frames lead the timeline
+            chunk = self.timeline[0]
+            assert chunk[1] is None and not chunk[2], "drop_idle: the timeline does not start with idle frames"
+            if len(chunk[0]) <= need:
+                need -= len(chunk[0])
+                self.timeline.popleft()
+            else:
+                chunk[0] = chunk[0][need:]
+                need = 0
 
     def peek_tokens(self, n: int) -> torch.Tensor:
         """The next n tokens, left in place until drop_tokens (a failed batch is retried per session)."""
@@ -586,6 +620,7 @@ class _WorkerState:
         rest = torch.cat(self.tokens)[n:]
         self.tokens = [rest] if rest.shape[0] else []
         self.n_tokens = rest.shape[0]
+        self.idle_ahead = max(0, self.idle_ahead - n)
 
     def take_audio(self, n: int) -> tuple[np.ndarray, bool, float | None, bool]:
         """The next n samples of the timeline, whether any were speech, the last speech arrival, and whether
@@ -937,7 +972,7 @@ class StreamEngine:
                 fresh = self.pipeline.audio_tokenizer()
                 fresh.level = w.tokenizer.level  # the speaker's loudness outlives an interrupt; set before the
                 w.tokenizer = fresh  # swap, so stats() on the event loop never reads a fresh tokenizer's gain 1
-                w.tokens, w.n_tokens, w.timeline = [], 0, collections.deque()
+                w.tokens, w.n_tokens, w.timeline, w.idle_ahead = [], 0, collections.deque(), 0
                 w.unflushed = w.after_speech = False
                 w.inserted_run = 0
                 w.stretch, w.compressing = None, False
@@ -973,8 +1008,17 @@ class StreamEngine:
                     s.speech_compressed_s += len(pcm) / s.sample_rate
             else:
                 w.feed(pcm, arrival, speech)
-        want = min(self.config.first_window, window) if w.fresh else window
         player = s.player
+        if w.idle_ahead and player.start is not None and w.queued_frames > w.idle_ahead:
+            # Idle frames were put in front of pushed audio so that it plays at the target latency; if the
+            # session has since fallen later than planned (the clock started late, a window was late), the
+            # ones not generated yet are taken back, whole frames only, so the audio is never early.
+            late = self._behind_s(s, w.last_paced, now)
+            n = min(w.idle_ahead, int(late * self.pipeline.config.fps + 1e-6))
+            if n > 0:
+                w.drop_idle(n)
+                s.idle_dropped += n
+        want = min(self.config.first_window, window) if w.fresh else window
         ahead = len(player.queue) + s._inflight  # generated, not yet shown
         lead_cap = int(self.config.lead_windows * window)
         if ahead >= lead_cap or (player.start is None and w.frames_generated > 0 and ahead >= want):
@@ -1020,9 +1064,15 @@ class StreamEngine:
                 # split an utterance that is starting (at a session's start, after a pause) at its live
                 # edge. (Inserted frames that end up inside an utterance count as a gap: gap_frames.)
                 k = want - w.n_tokens
-                if not w.after_speech:  # enough idle frames that what was pushed last plays at the target
-                    # latency, not sooner: else each of the next windows would reach its deadline before its audio
-                    early = -self._behind_s(s, w.last_paced, now) if w.unflushed else 0.0
+                # Enough idle frames that what was pushed last plays at the target latency, not sooner: else
+                # each of the next windows would reach its deadline before its audio. Not before the clock
+                # starts: when it will start (the first window's compute, on a busy machine much more than its
+                # estimate) is not known yet, and the next window's deadline, on the running clock, adds them.
+                # This window is due at dry_at and ready at about now + gen_s: held frames fill the difference,
+                # and each delays what follows by a frame, so fewer idle frames are needed.
+                if not w.after_speech and player.start is not None:
+                    held = max(0.0, now + gen_s - dry_at)
+                    early = -self._behind_s(s, w.last_paced, now) - held if w.unflushed else 0.0
                     k = min(max(k, math.ceil(early * fps - 1e-6)), 2 * window)
                 w.prepend_idle(self._idle_tokens(k))
         w.encode_ms += (time.perf_counter() - t0) * 1000
