@@ -16,8 +16,11 @@ from letstalk_rt.cli import main
 from conftest import speechlike
 
 
-def test_bench_reports_every_run_and_the_spread_of_repeats(tiny_pipeline, tmp_path, astronaut_png):
+def test_bench_reports_every_run_and_the_spread_of_repeats(tiny_pipeline, tmp_path, astronaut_png, monkeypatch):
+    from letstalk_rt import bench
     from letstalk_rt.media import load_image
+
+    monkeypatch.setattr(bench, "STEADY_AFTER_S", 0.5)  # the runs last 1.5 s
 
     portrait = tiny_pipeline.prepare_portrait(load_image(astronaut_png), detect=False)
     audio = np.concatenate([speechlike(0.6, seed=3), np.zeros(3200, np.float32)])  # speech and a pause
@@ -30,6 +33,11 @@ def test_bench_reports_every_run_and_the_spread_of_repeats(tiny_pipeline, tmp_pa
         needed = run["fps_generated"] * run["seconds"] / run["realtime_factor"]  # frames the clock asked for
         assert needed <= run["sessions"] * 25 * run["seconds"] + run["sessions"]  # never more than real time
         assert run["latency_ms_p50"] is not None and run["latency_ms_p50"] <= run["latency_ms_p95"]
+        # each session's own p50 (the pooled p50 lies among them), and the p95 without the start
+        by_session = run["latency_ms_p50_by_session"]
+        assert len(by_session) == run["sessions"] and min(by_session) <= run["latency_ms_p50"] <= max(by_session)
+        assert run["latency_ms_p95_after_start"] is not None
+        assert run["latency_ms_p95_after_start"] <= run["latency_ms_p99"] + 1
         assert run["av_offset_ms_max"] < 40  # both tracks release the same 40 ms together
         assert run["av_offset_ms_p50"] <= run["av_offset_ms_p99"] <= run["av_offset_ms_max"]
         assert 0 <= run["av_offset_max_at_s"] <= run["seconds"]

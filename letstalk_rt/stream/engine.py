@@ -259,6 +259,7 @@ class Player:
             self._silent_ticks = 0
             if frame.audio_time is not None:
                 s.latencies.append(now - frame.audio_time)
+                s.latency_ticks.append(tick)
             if not self._speaking:
                 self._speaking = True
                 s._emit(SpeechStarted(s.id, frame=tick))
@@ -305,6 +306,7 @@ class Session:
         self._started_at: float | None = None
         self.first_frame_s: float | None = None  # open -> first frame generated
         self.latencies: collections.deque[float] = collections.deque(maxlen=10000)  # speech arrival -> shown
+        self.latency_ticks: collections.deque[int] = collections.deque(maxlen=10000)  # the tick of each
         self.dropped = collections.Counter()
         self.silence_skipped_s = 0.0  # pushed silence skipped by the latency catch-up
         self.idle_dropped = 0  # idle frames put in front of pushed audio, then taken back because it ran late
