@@ -16,8 +16,8 @@
 #      (HALF_SESSIONS; empty skips it)
 #   6. optional (their session counts unset skip them): STEPS1_SESSIONS (one sampling step), HALF_STEPS1_SESSIONS
 #      (half-width decoder, one step), QUARTER_SESSIONS (a decoder of a quarter of the width)
-# Shorter or other runs: BENCH_SECONDS, REPEAT (runs per session count, not the soak), W2_SESSIONS, W4_SESSIONS, HALF_SESSIONS, SOAK (environment; set empty,
-# a group is skipped), PARTS=0 skips step 3's gpu_parts.py. Each writes
+# Shorter or other runs: BENCH_SECONDS, REPEAT (runs per session count, not the soak), W2_SESSIONS, W4_SESSIONS,
+# HALF_SESSIONS, SOAK (environment; set empty, a group is skipped), PARTS=0 skips step 3's gpu_parts.py. Each writes
 # OUT_DIR/NAME.json; every log goes to OUT_DIR/log.txt (a device call returns at most 8 files). Needs a
 # CUDA torch and transformers where it runs; PyAV and aiortc with its needs (the tracks the bench reads
 # are aiortc tracks; none of them is in the lent machines' image) are installed from wheels in .whl/ if

@@ -854,3 +854,34 @@ def test_a_stall_of_the_event_loop_at_the_start_does_not_leave_the_session_late(
     # Near the target: 0.04-0.09 s over it measured (lateness under catch_up_speech_ms waits for a pause),
     # plus 40 ms per frame held on a busy machine; before the fix 0.29 s over (the stall, for good).
     assert last <= target + 0.15 + 0.04 * stats["fillers"], (last, target, stats)
+
+
+def test_idle_frames_put_in_front_are_taken_back_whole_and_the_audio_after_them_is_untouched(tiny_pipeline):
+    """drop_idle takes back idle frames not generated yet (a session that turned out later than planned):
+    their tokens and their silent audio go together, the frames after them are unchanged."""
+    async def main():
+        engine = await _engine(tiny_pipeline)
+        session = await engine.open_session(_portrait(tiny_pipeline, 60))
+        await engine.stop()
+        return engine, session
+
+    engine, session = run(main())
+    w, spf = session._w, session.samples_per_frame
+    speech = speechlike(0.4, seed=12) + 0.05
+    w.feed(speech, 1.0, True)
+    engine._encode_audio([session])
+    speech_tokens = torch.cat(w.tokens).clone()
+    w.prepend_idle(engine._idle_tokens(4))
+    assert w.idle_ahead == 4
+    n = w.n_tokens
+    w.drop_idle(3)
+    assert (w.n_tokens, w.idle_ahead) == (n - 3, 1)
+    tokens = w.peek_tokens(w.n_tokens)
+    torch.testing.assert_close(tokens[0], engine._idle_tokens(1)[0])  # one idle frame left in front ...
+    torch.testing.assert_close(tokens[1:1 + len(speech_tokens)], speech_tokens)  # ... then the speech's tokens
+    audio, speech_flag, arrival, inserted = w.take_audio(spf)
+    assert inserted and not speech_flag and arrival is None and not audio.any()
+    out = np.concatenate([w.take_audio(spf)[0] for _ in range(len(speech) // spf)])
+    np.testing.assert_array_equal(out, speech[:len(out)])
+    w.drop_tokens(2)
+    assert w.idle_ahead == 0

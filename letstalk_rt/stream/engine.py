@@ -19,8 +19,9 @@ Latency. A window waits for its audio plus the encoder's lookahead, so the least
 runs dry is about a window of frames + lookahead + one window's compute + safety
 (`StreamEngine.target_latency_s`; the last frame of it is the frame grid's phase against the audio).
 Anything that delays playback beyond that (the start-up, a late window, silence inserted at a
-deadline) would otherwise stay for the rest of the session; the catch-up skips silent pushed audio
-inside pauses while the session is behind (`EngineConfig.catch_up`), so it returns to the target. A slow
+deadline) would otherwise stay for the rest of the session; idle frames put in front of speech and not
+generated yet are taken back first, and the catch-up skips silent pushed audio inside pauses while the
+session is behind (`EngineConfig.catch_up`), so it returns to the target. A slow
 stretch of the machine in continuous speech leaves no pause to skip: then the speech itself is played
 faster (`catch_up_tempo`, pitch kept) until the session is back near its target. How late a session
 runs is counted exactly (`_behind_s`: the player's clock, then every queued frame of audio), so the
