@@ -330,6 +330,8 @@ MAX_STEPS_HELP = ("at start, raise the sampling steps per window up to N while a
 CATCH_UP_TEMPO_HELP = ("while a session runs behind its target latency in continuous speech (a slow stretch of the "
                        "machine), play the speech this much faster, pitch kept, until it is back (1.0 .. 2.0; "
                        "1.0: off; default 1.25)")
+SAFETY_HELP = ("start a window this many ms before its frames are due (default 30): less lowers the latency by as "
+               "much where the window's compute is steady (a GPU), more avoids held frames where it varies (0 .. 200)")
 THREADS_HELP = ("torch threads of the engine on a CPU: 0 (default): at start, the fewest (1, 2, 4 ...) whose window "
                 "takes at most 0.55 of its real-time duration, which holds real time when other work wants the "
                 "cores; N: exactly N; -1: leave torch's setting (and OMP_NUM_THREADS) alone")
@@ -346,6 +348,8 @@ def check_live_args(args: argparse.Namespace) -> None:
         raise LetsTalkError(f"--catch-up-tempo {args.catch_up_tempo}: choose 1.0 (off) .. 2.0")
     if args.threads < -1:
         raise LetsTalkError(f"--threads {args.threads}: choose 0 (auto), -1 (torch's own) or a count")
+    if args.safety_ms is not None and not 0 <= args.safety_ms <= 200:
+        raise LetsTalkError(f"--safety-ms {args.safety_ms}: choose 0 .. 200 ms")
 
 
 def add_live_args(p: argparse.ArgumentParser) -> None:
@@ -354,6 +358,7 @@ def add_live_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=0, metavar="N", help=MAX_STEPS_HELP)
     p.add_argument("--catch-up-tempo", type=float, default=None, metavar="X", help=CATCH_UP_TEMPO_HELP)
     p.add_argument("--threads", type=int, default=0, metavar="N", help=THREADS_HELP)
+    p.add_argument("--safety-ms", type=float, default=None, metavar="MS", help=SAFETY_HELP)
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
 
 
@@ -362,6 +367,8 @@ def live_config(args: argparse.Namespace) -> dict:
     out = {"window": args.window, "max_steps": args.max_steps, "threads": args.threads, "compile": args.compile}
     if args.catch_up_tempo is not None:
         out["catch_up_tempo"] = args.catch_up_tempo
+    if args.safety_ms is not None:
+        out["safety_ms"] = args.safety_ms
     return out
 
 

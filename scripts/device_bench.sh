@@ -17,7 +17,8 @@
 #   6. optional (their session counts unset skip them): STEPS1_SESSIONS (one sampling step), HALF_STEPS1_SESSIONS
 #      (half-width decoder, one step), QUARTER_SESSIONS (a decoder of a quarter of the width)
 # Shorter or other runs: BENCH_SECONDS, REPEAT (runs per session count, not the soak), W2_SESSIONS, W4_SESSIONS,
-# HALF_SESSIONS, SOAK (environment; set empty, a group is skipped), PARTS=0 skips step 3's gpu_parts.py. Each writes
+# HALF_SESSIONS, SOAK (environment; set empty, a group is skipped), SAFETY_MS (the engine's --safety-ms for every
+# run), PARTS=0 skips step 3's gpu_parts.py. Each writes
 # OUT_DIR/NAME.json; every log goes to OUT_DIR/log.txt (a device call returns at most 8 files). Needs a
 # CUDA torch and transformers where it runs; PyAV and aiortc with its needs (the tracks the bench reads
 # are aiortc tracks; none of them is in the lent machines' image) are installed from wheels in .whl/ if
@@ -46,6 +47,7 @@ bench() {  # NAME ARGS...
     local name=$1; shift
     echo "== $name: letstalk bench $* ($(date +%T))"
     local rep=(); [ "$name" != b_soak ] && [ -n "${REPEAT-}" ] && rep=(--repeat "$REPEAT")
+    [ -n "${SAFETY_MS-}" ] && rep+=(--safety-ms "$SAFETY_MS")
     timeout 240 python3 -c "from letstalk_rt.cli import main; raise SystemExit(main())" bench --device cuda --dtype bf16 \
         --json "$OUT_DIR/$name.json" "${rep[@]}" "$@" 2>&1 | tee -a "$OUT_DIR/log.txt" | grep -E '^\{|one window|arithmetic|rror'
 }

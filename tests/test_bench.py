@@ -130,7 +130,7 @@ def test_bad_counts_fail_before_a_model_loads(capsys):
                  ["bench", "--max-steps", "51"], ["demo", "--max-steps", "-1"], ["bench", "--catch-up-tempo", "3"],
                  ["demo", "--catch-up-tempo", "0.9"], ["bench", "--threads", "-2"], ["bench", "--neighbours", "-1"],
                  ["bench", "--neighbour-duty", "60/30"], ["bench", "--neighbour-duty", "half"],
-                 ["bench", "--decoder-channels", "8,8,16"]):
+                 ["bench", "--decoder-channels", "8,8,16"], ["bench", "--safety-ms", "-5"], ["demo", "--safety-ms", "300"]):
         assert main(argv + ["--model", "/nonexistent"]) == 2
         err = capsys.readouterr().err
         assert argv[1] in err, err

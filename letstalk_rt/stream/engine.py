@@ -680,6 +680,8 @@ class StreamEngine:
                                 f"and threads_budget={self.config.threads_budget} above 0")
         if not 1.0 <= self.config.catch_up_tempo <= 2.0:
             raise LetsTalkError(f"catch_up_tempo (--catch-up-tempo) {self.config.catch_up_tempo}: choose 1.0 (off) .. 2.0")
+        if not 0 <= self.config.safety_ms <= 200:
+            raise LetsTalkError(f"safety_ms (--safety-ms) {self.config.safety_ms}: choose 0 .. 200 ms")
         if self.config.compile and not self.config.warmup:
             raise LetsTalkError("EngineConfig.compile (--compile) compiles at warm-up: leave warmup on (no --no-warmup)")
         self.window = self.config.window or pipeline.window  # frames per window
