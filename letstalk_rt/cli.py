@@ -274,7 +274,7 @@ def cmd_sync_check(args: argparse.Namespace) -> None:
 
     rows = [sync_check(v, args.portrait, args.audio) for v in args.video]
     for r in rows:
-        print(f"{r['video']}: {r['seconds']} s; speech to mouth r = {r['speech_sync']:.3f} at offset 0, peak "
+        print(f"{r['video']}: {r['seconds']} s at {r['fps']:g} fps; speech to mouth r = {r['speech_sync']:.3f} at offset 0, peak "
               f"{r['peak_sync']:.3f} at {r['speech_offset']:+d} frames (-{MAX_LAG}..+{MAX_LAG}; positive = video "
               f"late); closed mouth from {r['closed_mouth']}")
     if args.json is not None:

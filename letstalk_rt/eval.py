@@ -405,22 +405,24 @@ def mouth_interior(frames: np.ndarray, closed: np.ndarray, box: tuple[int, int, 
     return np.clip(dist - tolerance, 0, None).reshape(len(frames), -1).mean(1)  # (N,)
 
 
-def speech_energy(audio: np.ndarray, frames: int, samples_per_frame: int = 640) -> np.ndarray:
-    """16 kHz mono speech -> (frames,) its loudness per video frame: log RMS in dB, floored at -60 (a pause)."""
-    pcm = np.zeros(frames * samples_per_frame, np.float32)
-    a = np.asarray(audio, np.float32)[:len(pcm)]
+def speech_energy(audio: np.ndarray, frames: int, fps: float = 25.0, sample_rate: int = 16000) -> np.ndarray:
+    """Mono speech at `sample_rate` -> (frames,) its loudness per video frame at `fps` (frame i holds the samples
+    from i / fps to (i + 1) / fps): log RMS in dB, floored at -60 (a pause)."""
+    edges = np.round(np.arange(frames + 1) * sample_rate / fps).astype(int)  # (frames + 1,)
+    pcm = np.zeros(edges[-1], np.float64)
+    a = np.asarray(audio, np.float64)[:len(pcm)]
     pcm[:len(a)] = a
-    rms = np.sqrt(np.mean(pcm.reshape(frames, samples_per_frame) ** 2, axis=1))  # (frames,)
+    rms = np.sqrt(np.add.reduceat(pcm ** 2, edges[:-1]) / np.diff(edges))  # (frames,)
     return 20 * np.log10(np.maximum(rms, 1e-3))
 
 
-def speech_mouth_curve(interior: np.ndarray, audio: np.ndarray) -> np.ndarray:
+def speech_mouth_curve(interior: np.ndarray, audio: np.ndarray, fps: float = 25.0) -> np.ndarray:
     """Label-free lip sync: a video's `mouth_interior` (N,) against the loudness of its speech per frame, at
     lags -MAX_LAG..+MAX_LAG (`lag_correlations`; positive = video late). A mouth that shows its inside while
     the speech is loud and closes in the pauses correlates; a still mouth, or one moving out of step, does not.
     It needs no ground truth (any photograph, any speech, any language) but reads speech only through its
     loudness, so even a real speaker scores well below 1 (the report gives the real frames' figure beside it)."""
-    return lag_correlations(np.asarray(interior, np.float64), speech_energy(audio, len(interior)))
+    return lag_correlations(np.asarray(interior, np.float64), speech_energy(audio, len(interior), fps))
 
 
 def sync_check(video: str | Path, closed: str | Path | None = None, audio: str | Path | None = None,
@@ -432,9 +434,10 @@ def sync_check(video: str | Path, closed: str | Path | None = None, audio: str |
     at the quietest moment of the speech after the first 0.2 s stands in. `audio`: score against this speech
     instead of the video's own track (a control: a video scored against speech it was not made from reads ~0)."""
     from .face import crop_portrait
-    from .media import load_audio, load_image, read_frames
+    from .media import load_audio, load_image, read_frames, video_fps
     from .train.data import prepared_mouth_box
 
+    fps = video_fps(video)  # lags are in its frames, loudness is read per frame at its rate
     frames = np.stack(list(read_frames(video)))  # (N, H, W, 3)
     speech = load_audio(audio if audio is not None else video)
     n, (h, w) = len(frames), frames.shape[1:3]
@@ -449,11 +452,12 @@ def sync_check(video: str | Path, closed: str | Path | None = None, audio: str |
         ref = image if image.shape[:2] == (w, w) else crop_portrait(image, w, margin, name=str(closed))
         reference = f"'{closed}'"
     else:
-        skip = min(n - 1, 5)
-        quiet = skip + int(np.argmin(speech_energy(speech, n)[skip:]))
+        skip = min(n - 1, round(0.2 * fps))
+        quiet = skip + int(np.argmin(speech_energy(speech, n, fps)[skip:]))
         ref, reference = frames[quiet], f"frame {quiet} (the quietest)"
-    curve = speech_mouth_curve(mouth_interior(frames, ref, box), speech)
-    return {"video": str(video), "audio": str(audio or video), "frames": n, "seconds": round(n / 25, 2), "closed_mouth": reference,
+    curve = speech_mouth_curve(mouth_interior(frames, ref, box), speech, fps)
+    return {"video": str(video), "audio": str(audio or video), "frames": n, "fps": round(fps, 3),
+            "seconds": round(n / fps, 2), "closed_mouth": reference,
             "speech_sync": float(curve[MAX_LAG]), "speech_offset": best_offset(curve),
             "peak_sync": float(curve.max()), "lag_curve": [float(v) for v in curve]}
 
@@ -591,8 +595,7 @@ def mean_over_seeds(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out["lag_curve"], out["sync_offset"] = [float(v) for v in curve], best_offset(curve)
     if "speech_curve" in out:
         speech = np.mean([r["speech_curve"] for r in rows], axis=0)
-        out["speech_curve"], out["speech_sync"] = [float(v) for v in speech], float(speech[MAX_LAG])
-        out["speech_offset"] = best_offset(speech)
+        out["speech_curve"], out["speech_offset"] = [float(v) for v in speech], best_offset(speech)
     out["sync_by_seed"] = [r["sync_correlation"] for r in rows]
     return out
 

@@ -535,6 +535,27 @@ class MediaInfo:
     audio_rate: int  # the audio stream's sample rate (0 without audio)
 
 
+def stream_fps(stream, default: float = 0.0) -> float:
+    """A PyAV video stream's frame rate from its headers (average, else guessed), else `default`."""
+    return float(stream.average_rate or stream.guessed_rate or default)
+
+
+def video_fps(path: str | Path) -> float:
+    """The frame rate of the first video stream of `path`, without decoding it."""
+    path = Path(path)
+    _check_readable(path, "video", "give an mp4/mkv/webm/mov video")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise InputError(f"video file '{path}' has no video stream; give an mp4/mkv/webm/mov video")
+            fps = stream_fps(container.streams.video[0])
+    except _AV_ERRORS as e:
+        raise InputError(f"video file '{path}' could not be read: {_reason(e)}; give an mp4/mkv/webm/mov video") from e
+    if fps <= 0:
+        raise InputError(f"video file '{path}' declares no frame rate; re-encode it (e.g. ffmpeg -r 25)")
+    return fps
+
+
 def probe(path: str | Path) -> MediaInfo:
     """Decode `path` fully and count its video frames and audio samples."""
     path = Path(path)
@@ -557,7 +578,7 @@ def probe(path: str | Path) -> MediaInfo:
                 samples = _trim_to_declared(samples, _declared_samples(container, audio, rate), rate)
             return MediaInfo(
                 video_frames=frames,
-                fps=float(video.average_rate or video.guessed_rate or 0) if video is not None else 0.0,
+                fps=stream_fps(video) if video is not None else 0.0,
                 width=video.codec_context.width if video is not None else 0,
                 height=video.codec_context.height if video is not None else 0,
                 audio_seconds=samples / rate if rate else 0.0,

@@ -428,7 +428,7 @@ class LetsTalkPipeline:
             raise InputError(f"noise hold {self.noise_hold:g}: give the correlation of consecutive frames' noise "
                              "outside the mouth in 0..1 (0 = fresh noise every frame)")
         # (h, w): 1 where a frame's starting noise is always fresh (the mouth), 0 where it follows noise_hold
-        self._fresh_cells = torch.ones(tc.latent_size, tc.latent_size) if s.noise_hold_box is None else \
+        self._fresh_cells = torch.zeros(tc.latent_size, tc.latent_size) if s.noise_hold_box is None else \
             box_cells(tc.latent_size, tc.latent_size, s.noise_hold_box)
         self.memory_noise = s.memory_noise if memory_noise is None else memory_noise
         # False is an ablation (`letstalk eval`'s memory-off run): the memory bank is never filled, so every

@@ -46,10 +46,10 @@ python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT_DIR/
 bench() {  # NAME ARGS...
     local name=$1; shift
     echo "== $name: letstalk bench $* ($(date +%T))"
-    local rep=(); [ "$name" != b_soak ] && [ -n "${REPEAT-}" ] && rep=(--repeat "$REPEAT")
-    [ -n "${SAFETY_MS-}" ] && rep+=(--safety-ms "$SAFETY_MS")
+    local extra=(); [ "$name" != b_soak ] && [ -n "${REPEAT-}" ] && extra=(--repeat "$REPEAT")
+    [ -n "${SAFETY_MS-}" ] && extra+=(--safety-ms "$SAFETY_MS")
     timeout 240 python3 -c "from letstalk_rt.cli import main; raise SystemExit(main())" bench --device cuda --dtype bf16 \
-        --json "$OUT_DIR/$name.json" "${rep[@]}" "$@" 2>&1 | tee -a "$OUT_DIR/log.txt" | grep -E '^\{|one window|arithmetic|rror'
+        --json "$OUT_DIR/$name.json" "${extra[@]}" "$@" 2>&1 | tee -a "$OUT_DIR/log.txt" | grep -E '^\{|one window|arithmetic|rror'
 }
 echo "== the CUDA-graph test ($(date +%T))"
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_pipeline.py -k cuda_graph 2>&1 | tail -15 | tee -a "$OUT_DIR/log.txt"

@@ -341,12 +341,12 @@ def test_speech_to_mouth_sync_needs_no_labels_and_finds_the_offset(corpus_dir, t
     assert still["speech_sync"] == 0.0
     assert summarise([truth, still])["speech_sync"] == pytest.approx(truth["speech_sync"] / 2)
 
-    def mp4(name, frames):
-        path = tmp_path / name
-        with VideoWriter(path, SIZE) as writer:
+    def mp4(name, frames, fps=25):
+        path, spf = tmp_path / name, 16000 // fps
+        with VideoWriter(path, SIZE, fps=fps) as writer:
             for i, frame in enumerate(frames):
                 writer.write_frame(frame)
-                writer.write_audio(clip.audio[i * SPF:(i + 1) * SPF])
+                writer.write_audio(clip.audio[i * spf:(i + 1) * spf])
         return path
 
     Image.fromarray(clip.portrait).save(tmp_path / "portrait.png")
@@ -359,6 +359,13 @@ def test_speech_to_mouth_sync_needs_no_labels_and_finds_the_offset(corpus_dir, t
     code, out, err = _run(capsys, "sync-check", tmp_path / "real.mp4")  # the quietest frame as the closed mouth
     assert code == 0 and "quietest" in out
     assert float(out.split("r = ")[1].split()[0]) > 0.6
+    # a recording at 30 fps (the same speech, each 30 fps frame the 25 fps frame on screen at its time): the loudness
+    # is read per frame at the video's own rate, so it is in sync at offset 0 (read at 25 fps it drifts by 1/6)
+    frames30 = clip.frames[(np.arange(len(clip.frames) * 30 // 25) * 25) // 30]
+    code, out, err = _run(capsys, "sync-check", mp4("real30.mp4", frames30, fps=30), "--json", tmp_path / "s30.json")
+    assert code == 0 and "30 fps" in out, err
+    at30 = json.loads((tmp_path / "s30.json").read_text())[0]
+    assert at30["speech_offset"] == 0 and at30["speech_sync"] > 0.6, at30
     code, _, err = _run(capsys, "sync-check", tmp_path / "portrait.png")
     assert code == 2 and len([x for x in err.splitlines() if x.startswith("letstalk: error:")]) == 1, err
 

@@ -296,6 +296,8 @@ def test_held_noise_keeps_the_face_outside_the_mouth_box_and_leaves_the_mouth_fr
     gen = fresh.generate_latents([fresh.new_stream(por, seed=0)], [fresh.audio_tokens(speechlike(T / 25))])[0]
     flick = lambda x: float((x[1:] - x[:-1])[..., ~mouth].abs().mean())  # noqa: E731
     assert flick(lat) < 0.5 * flick(gen)  # the face outside the mouth changes far less from frame to frame
+    whole = pipe(1.0, box=None)._start_noise(fresh.new_stream(por, seed=0), T, shape)  # no box: no cell stays fresh
+    torch.testing.assert_close(whole, plain[:1].expand_as(whole), atol=0, rtol=0)
     with pytest.raises(ModelError, match="noise_hold"):
         pipe(1.5)
 

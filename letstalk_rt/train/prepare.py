@@ -86,13 +86,15 @@ def frames_at_25fps(path: str | Path, fps: int = FPS) -> Iterator[np.ndarray]:
     """
     import av
 
+    from ..media import stream_fps
+
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise SkipVideo("no video stream")
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            rate = float(stream.average_rate or stream.guessed_rate or fps)
+            rate = stream_fps(stream, fps)
             origin: float | None = None
             prev: np.ndarray | None = None
             t = 0.0
