@@ -24,7 +24,7 @@ from letstalk_rt.memory import box_cells
 from letstalk_rt.pipeline import LetsTalkPipeline, corpus_level_min
 from letstalk_rt.train.data import audio_window, open_dataset, plan_windows
 from letstalk_rt.train.trainer import (DecoderStage, Dist, DistillStage, FlowObjective, SampleDecoderStage, TrainConfig,
-                                      TransformerStage, train, with_decoder)
+                                      TransformerStage, batch_rows, train, with_decoder)
 
 SIZE, SPF = 32, 640
 
@@ -364,6 +364,20 @@ def test_decoder_stage_on_samples_learns_the_models_own_latents(tmp_path, init_d
     assert samples.shape == batch["x0"].shape and not torch.allclose(samples, batch["x0"], atol=1e-3)
     assert torch.equal(samples, stage._samples(batch))  # a function of the batch (its noise), as inference is
     assert not bool(fixed(init, share=0.0)[1]["batch"]["sampled"].any())  # share 0: the truth's latents only
+    # a share below 1 samples only its windows, each exactly as the whole batch sampled would have
+    part = fixed(init, share=0.5)[1]
+    rows = part["batch"]["sampled"]
+    assert 0 < int(rows.sum()) < len(rows), rows
+    calls = []
+    part["stage"]._samples = lambda b: (calls.append(len(b["x0"])), samples[rows])[1]
+    recon, decode = [], part["stage"].module.forward
+    part["stage"].module.forward = lambda lat: (recon.append(lat), decode(lat))[1]
+    part["stage"].loss(part["stage"].module, part["batch"])
+    assert calls == [int(rows.sum())]
+    mixed = recon[0].unflatten(0, (len(rows), -1))  # (B, T, C, h, w)
+    assert torch.equal(mixed[rows], samples[rows]) and torch.equal(mixed[~rows], batch["x0"][~rows])
+    sub = batch_rows(batch, rows.nonzero().squeeze(1))
+    assert torch.allclose(stage._samples(sub), samples[rows], atol=1e-5)
 
     old, new = json.loads((init / "config.json").read_text()), json.loads((out / "config.json").read_text())
     assert {k: v for k, v in new.items() if k not in ("trained", "description")} == \

@@ -744,6 +744,13 @@ class DecoderObjective(nn.Module):
         return ae.decoder(latents / ae.config.scaling_factor)  # (N, 3, H, W)
 
 
+def batch_rows(batch: Batch, rows: Tensor) -> Batch:
+    """The windows `rows` (b,) of a batch: every tensor with the batch's leading dimension indexed, the rest as is."""
+    n = len(batch["x0"])
+    return {k: v[rows.to(v.device)] if isinstance(v, Tensor) and v.dim() and v.shape[0] == n else v
+            for k, v in batch.items()}
+
+
 class SampleDecoderStage(TransformerStage):
     """`--stage decoder --decode-samples P`: the decoder fine-tuned on what the frozen model generates.
 
@@ -809,9 +816,9 @@ class SampleDecoderStage(TransformerStage):
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         lat = batch["x0"]  # (B, T, C, h, w)
-        sampled = batch["sampled"]  # (B,)
-        if bool(sampled.any()):
-            lat = torch.where(sampled[:, None, None, None, None], self._samples(batch), lat)
+        rows = batch["sampled"].nonzero().squeeze(1)  # (b,) the windows decoded from the model's own samples
+        if len(rows):  # only those are sampled: a share P < 1 costs P of a full batch's sampling
+            lat = lat.index_copy(0, rows.to(lat.device), self._samples(batch_rows(batch, rows)))
         with self._autocast():
             recon = model(lat.flatten(0, 1)).float()  # (B T, 3, S, S)
         x = rearrange(batch["frames_gt"], "b t h w c -> (b t) c h w").float() / 127.5 - 1.0  # (B T, 3, S, S)
