@@ -189,7 +189,8 @@ class Corpus:
 class PreparedVideos:
     """Real talking-head videos prepared by `letstalk data prepare` (index.json + shards): face crops and
     audio, but no splits and no mouth labels. Every piece of a video in a shard is a clip; the mouth box is
-    the one the framing fixes (`train.data.prepared_mouth_box`); the portrait is the clip's first frame, and
+    the one the framing fixes (`train.data.prepared_mouth_box`); the portrait, which is also the closed-mouth
+    reference of the mouth interior, is the frame at the quietest moment of the clip's speech (`quietest_frame`), and
     lip sync is read label-free along the real mouth's own path (`MouthPath`)."""
 
     kind = "prepared"
@@ -223,8 +224,9 @@ class PreparedVideos:
         box = (max(0, x), max(0, y), min(size, x + w), min(size, y + h))
         features = mouth_features(frames, box)
         path = MouthPath.fit(features)
-        return Clip(name=name, frames=frames, audio=np.asarray(c.audio, np.float32),
-                    opening=path.read(features), box=box, rest=0, identity=c.source, path=path)
+        audio = np.asarray(c.audio, np.float32)
+        return Clip(name=name, frames=frames, audio=audio, opening=path.read(features), box=box,
+                    rest=quietest_frame(audio, len(frames)), identity=c.source, path=path)
 
 
 def open_corpus(data: str | Path, out: Path, size: int, progress: bool) -> "Corpus | PreparedVideos":
@@ -416,6 +418,13 @@ def speech_energy(audio: np.ndarray, frames: int, fps: float = 25.0, sample_rate
     return 20 * np.log10(np.maximum(rms, 1e-3))
 
 
+def quietest_frame(audio: np.ndarray, frames: int, fps: float = 25.0, skip_s: float = 0.2) -> int:
+    """The frame (of `frames` at `fps`) at the quietest moment of the speech after its first `skip_s`: where a
+    talking face's mouth is most likely closed, the closed-mouth reference of a video that has no labels."""
+    skip = min(frames - 1, round(skip_s * fps))
+    return skip + int(np.argmin(speech_energy(audio, frames, fps)[skip:]))
+
+
 def speech_mouth_curve(interior: np.ndarray, audio: np.ndarray, fps: float = 25.0) -> np.ndarray:
     """Label-free lip sync: a video's `mouth_interior` (N,) against the loudness of its speech per frame, at
     lags -MAX_LAG..+MAX_LAG (`lag_correlations`; positive = video late). A mouth that shows its inside while
@@ -452,8 +461,7 @@ def sync_check(video: str | Path, closed: str | Path | None = None, audio: str |
         ref = image if image.shape[:2] == (w, w) else crop_portrait(image, w, margin, name=str(closed))
         reference = f"'{closed}'"
     else:
-        skip = min(n - 1, round(0.2 * fps))
-        quiet = skip + int(np.argmin(speech_energy(speech, n, fps)[skip:]))
+        quiet = quietest_frame(speech, n, fps)
         ref, reference = frames[quiet], f"frame {quiet} (the quietest)"
     curve = speech_mouth_curve(mouth_interior(frames, ref, box), speech, fps)
     return {"video": str(video), "audio": str(audio or video), "frames": n, "fps": round(fps, 3),
@@ -1061,8 +1069,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                  f"{len(report['clips'])} clips ({', '.join(report['clips'])}), {_seeds_text(report)}, device "
                  f"{report['device']}; took {report['runtime_s']:.0f} s.", "",
                  "Frames are compared at each model's own size; the mouth region is the box the crop's framing "
-                 "fixes (`train.data.prepared_mouth_box`). Portrait = the clip's first frame (already the face "
-                 "crop), audio = the clip's audio. **Real videos carry no mouth labels**, so there is no probe and no "
+                 "fixes (`train.data.prepared_mouth_box`). Portrait = the clip's frame at the quietest moment of "
+                 "its speech (already the face crop; the closed-mouth reference too), audio = the clip's audio. **Real videos carry no mouth labels**, so there is no probe and no "
                  "lip-sync figure in the synthetic corpus's sense: `sync r` below is the label-free *mouth "
                  "agreement* (see its section), and the lip-sync target is not judged.", ""]
     else:
