@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .config import PRESETS_MODEL
+from .config import PRESETS_MODEL, check_box
 from .errors import LetsTalkError
 
 ASSETS = Path(__file__).parent / "assets"
@@ -67,12 +67,28 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--start-time", type=float, default=None, metavar="T",
                    help=START_TIME_HELP)
     p.add_argument("--noise-hold", type=float, default=None, metavar="H", help=NOISE_HOLD_HELP)
+    p.add_argument("--audio-guidance-box", default=None, metavar="X,Y,W,H",
+                   help="with --audio-guidance: guide only this box of the face crop (fractions; the mouth is about "
+                        "0.3,0.48,0.4,0.4), the rest of the face gets the unguided velocity, which keeps more of the "
+                        "identity; 'all' guides the whole frame (default: the model's, the whole frame for the "
+                        "bundled one; docs/eval.md)")
+
+
+def audio_guidance_box(text: str | None) -> tuple[float, float, float, float] | str | None:
+    """--audio-guidance-box: 'all', x,y,w,h, or None (not given)."""
+    if text is None or text.strip().lower() == "all":
+        return None if text is None else "all"
+    try:
+        return check_box(text.split(","), f"--audio-guidance-box {text}", LetsTalkError)
+    except LetsTalkError as e:
+        raise LetsTalkError(f"{e} (or 'all')") from None
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
     """LetsTalkPipeline keyword arguments from add_sampling_args' flags (None: the model's own setting)."""
     return {"num_steps": args.steps, "audio_guidance": args.audio_guidance, "detail_transfer": args.detail_transfer,
-            "start_time": args.start_time, "noise_hold": args.noise_hold}
+            "start_time": args.start_time, "noise_hold": args.noise_hold,
+            "audio_guidance_box": audio_guidance_box(args.audio_guidance_box)}
 
 
 def check_sampling_args(args: argparse.Namespace) -> None:
@@ -83,6 +99,7 @@ def check_sampling_args(args: argparse.Namespace) -> None:
         raise LetsTalkError(f"--start-time {args.start_time:g}: choose a flow time in (0, 1] (1 = pure noise)")
     if args.noise_hold is not None and not 0 <= args.noise_hold <= 1:
         raise LetsTalkError(f"--noise-hold {args.noise_hold:g}: choose 0..1 (0 = fresh noise every frame)")
+    audio_guidance_box(args.audio_guidance_box)
 
 
 def add_device_args(p: argparse.ArgumentParser) -> None:
@@ -292,7 +309,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     report = evaluate(args.data, args.model or [None], args.out, split=args.split, clips=args.clips,
                       steps=args.steps, steps_list=steps_list, long_seconds=args.long_seconds,
                       probe_clips=args.probe_clips, window=args.window, detail_transfer=args.detail_transfer,
-                      start_time=args.start_time, noise_hold=args.noise_hold, seed=args.seed, seeds=args.seeds, device=device,
+                      start_time=args.start_time, noise_hold=args.noise_hold, audio_guidance=args.audio_guidance,
+                      audio_guidance_box=audio_guidance_box(args.audio_guidance_box), seed=args.seed, seeds=args.seeds, device=device,
                       dtype=resolve_dtype(args.dtype, device), progress=not args.quiet)
     for m in report["models"]:
         marks = [f"{k.replace('_', ' ')} {'n/a' if t['pass'] is None else 'PASS' if t['pass'] else 'FAIL'}"
@@ -453,15 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model directory; repeat to compare several (default: the bundled model)")
     p.add_argument("--split", default="test", help="corpus split to score (default test; real videos have none)")
     p.add_argument("--clips", type=int, default=8, help="clips of the split to generate and score (default 8)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps per window, 1..50 (default: the model's)")
+    add_sampling_args(p)  # each model's own setting where a flag is not given
     p.add_argument("--steps-list", default="", help="also score lip sync and PSNR at these step counts, e.g. 1,2,4,8")
     p.add_argument("--window", type=int, default=None,
                    help="frames per window (default: each model's sampling.stream_window, what streams use)")
-    p.add_argument("--detail-transfer", type=float, default=None,
-                   help="gate width of the portrait detail transfer in grey levels, 0 = off "
-                        "(default: each model's sampling.detail_transfer)")
-    p.add_argument("--start-time", type=float, default=None, metavar="T", help=START_TIME_HELP)
-    p.add_argument("--noise-hold", type=float, default=None, metavar="H", help=NOISE_HOLD_HELP)
     p.add_argument("--long-seconds", type=float, default=180.0,
                    help="seconds of the long run for drift, memory bank on and off (default 180; 0 skips it)")
     p.add_argument("--probe-clips", type=int, default=128,

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .errors import ModelError
+from .errors import InputError, LetsTalkError, ModelError
 
 Fusion = Literal["direct", "symbiotic", "siamese"]
 FUSIONS: tuple[str, ...] = ("direct", "symbiotic", "siamese")
@@ -146,6 +146,21 @@ PRESETS_TRANSFORMER: dict[str, dict[str, Any]] = {
 # --------------------------------------------------------------------------------------------------
 
 
+def check_box(box: Any, name: str, error: type[LetsTalkError] = InputError) -> tuple[float, float, float, float] | None:
+    """A box x, y, w, h of the face crop (fractions, inside it, w and h > 0) as a tuple; None stays None.
+    Anything else raises `error` naming `name`."""
+    if box is None:
+        return None
+    try:
+        x, y, w, h = (float(v) for v in box)
+    except (TypeError, ValueError):
+        raise error(f"{name} {box!r}: give x, y, w, h as fractions of the face crop, e.g. 0.3,0.48,0.4,0.4") from None
+    if not (0 <= x < 1 and 0 <= y < 1 and w > 0 and h > 0 and x + w <= 1 + 1e-6 and y + h <= 1 + 1e-6):
+        raise error(f"{name} {x:g},{y:g},{w:g},{h:g}: x, y, w, h must be fractions of the face crop with the box "
+                    "inside it (x + w <= 1, y + h <= 1) and w, h > 0")
+    return x, y, w, h
+
+
 @dataclass
 class SamplingConfig:
     num_steps: int = 2  # network evaluations per window (1..50); few-step is the product's point
@@ -260,6 +275,8 @@ class ModelConfig:
                              "noise in 0..1 (0 = fresh noise every frame)")
         if au.sample_rate % au.fps:
             raise ModelError(f"audio.sample_rate {au.sample_rate} must be a multiple of fps {au.fps}")
+        for name in ("audio_guidance_box", "noise_hold_box", "anchor_mouth_box"):
+            check_box(getattr(sa, name), f"sampling.{name}", ModelError)
 
     @property
     def fps(self) -> int:

@@ -864,7 +864,8 @@ def evaluate_model(components: Any, label: str, test: list[Clip], probe: MouthPr
         return LetsTalkPipeline(components, device=settings["device"], dtype=settings["dtype"],
                                 num_steps=num_steps, use_memory=use_memory, window=settings["window"],
                                 detail_transfer=settings["detail_transfer"], start_time=settings["start_time"],
-                                noise_hold=settings["noise_hold"])
+                                noise_hold=settings["noise_hold"], audio_guidance=settings["audio_guidance"],
+                                audio_guidance_box=settings["audio_guidance_box"])
 
     def bar(total: int, what: str) -> Any:
         return tqdm(total=total, desc=f"{label}: {what}", unit="frame", disable=not settings["progress"],
@@ -875,6 +876,7 @@ def evaluate_model(components: Any, label: str, test: list[Clip], probe: MouthPr
         "label": label, "description": config.description, "trained": config.trained, "size": config.image_size,
         "num_steps": pipe.num_steps, "window": pipe.window, "num_memory": config.transformer.num_memory,
         "detail_transfer": pipe.detail_transfer, "start_time": pipe.start_time, "noise_hold": pipe.noise_hold,
+        "audio_guidance": pipe.audio_guidance, "audio_guidance_box": pipe.audio_guidance_box,
         "fusion": f"portrait {config.transformer.portrait_fusion}, audio {config.transformer.audio_fusion}",
     }
     def score(p: LetsTalkPipeline, clip: Clip, b: Any, full: bool = True) -> dict[str, Any]:
@@ -925,6 +927,8 @@ def evaluate(
     detail_transfer: float | None = None,
     start_time: float | None = None,
     noise_hold: float | None = None,
+    audio_guidance: float | None = None,
+    audio_guidance_box: tuple[float, float, float, float] | str | None = None,
     seed: int = 0,
     seeds: int = 1,
     device: str = "cpu",
@@ -980,7 +984,8 @@ def evaluate(
             clips_at[size] = [corpus.clip(n, size) for n in names]
             probe_checks[size] = check_probe(probes[size], clips_at[size])
         settings = dict(device=device, dtype=dtype, seeds=list(range(seed, seed + seeds)), progress=progress, window=window,
-                        detail_transfer=detail_transfer, start_time=start_time, noise_hold=noise_hold)
+                        detail_transfer=detail_transfer, start_time=start_time, noise_hold=noise_hold,
+                        audio_guidance=audio_guidance, audio_guidance_box=audio_guidance_box)
         model = evaluate_model(load_model(path), label, clips_at[size], probes[size], steps, steps_list or [],
                                speech, settings)
         model["path"] = str(path)
@@ -1110,7 +1115,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         s, lg = m["summary"], m["long"] or {}
         on, off = lg.get("memory_on"), lg.get("memory_off")
         rows.append([m["label"], m["description"] or "-", m["fusion"], f"{m['num_steps']} / {m['window']} / {m['start_time']:g}"
-                     + (f", noise hold {m['noise_hold']:g}" if m.get("noise_hold") else ""),
+                     + (f", noise hold {m['noise_hold']:g}" if m.get("noise_hold") else "")
+                     + (f", audio guidance {m['audio_guidance']:g}" if m.get("audio_guidance", 1) != 1 else "")
+                     + (" on " + ",".join(f"{v:g}" for v in m["audio_guidance_box"])
+                        if m.get("audio_guidance", 1) != 1 and m.get("audio_guidance_box") else ""),
                      _f(m["detail_transfer"], 0) if m["detail_transfer"] else "off",
                      _sync_cell(s), f"{s['sync_offset']:+d}", _f(s["psnr_gt"]), _f(s["ssim_gt"], 3),
                      _f(s["psnr_portrait"]), _f(s["flicker_ratio"]),

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .checkpoint import Components, build_components, load_model
-from .config import ModelConfig
+from .config import ModelConfig, check_box
 from .diffusion import EulerSampler, Guidance, from_portrait
 from .errors import InputError
 from .memory import MemoryBank, box_cells
@@ -406,6 +406,7 @@ class LetsTalkPipeline:
         detail_transfer: float | None = None,
         start_time: float | None = None,
         noise_hold: float | None = None,
+        audio_guidance_box: tuple[float, float, float, float] | str | None = None,
         cuda_graphs: bool = True,
     ) -> None:
         self.components = components
@@ -420,9 +421,12 @@ class LetsTalkPipeline:
             raise InputError(f"guidance scales must be >= 0 (1 = off), got audio {self.audio_guidance}, "
                              f"portrait {self.portrait_guidance}")
         tc = self.config.transformer
-        # (h, w) latent cells audio guidance acts on (SamplingConfig.audio_guidance_box), None: everywhere
-        self._audio_region = None if s.audio_guidance_box is None else \
-            box_cells(tc.latent_size, tc.latent_size, s.audio_guidance_box).to(self.device)
+        # x, y, w, h of the face crop audio guidance acts on (SamplingConfig.audio_guidance_box; "all": everywhere)
+        box = s.audio_guidance_box if audio_guidance_box is None else audio_guidance_box
+        self.audio_guidance_box = None if box == "all" else check_box(box, "audio guidance box")
+        # (h, w) its latent cells, None: everywhere
+        self._audio_region = None if self.audio_guidance_box is None else \
+            box_cells(tc.latent_size, tc.latent_size, self.audio_guidance_box).to(self.device)
         self.noise_hold = s.noise_hold if noise_hold is None else noise_hold
         if not 0 <= self.noise_hold <= 1:
             raise InputError(f"noise hold {self.noise_hold:g}: give the correlation of consecutive frames' noise "

@@ -84,6 +84,9 @@ def test_missing_model_and_unwritable_output(capsys, tmp_path, tiny_model_dir, a
                   extra=("--start-time", "0"))
     _expect_error(capsys, tmp_path, tiny_model_dir, astronaut_png, audio, "--noise-hold 1.5",
                   extra=("--noise-hold", "1.5"))
+    for box in ("0.5,0.5,0.8,0.2", "0.3,0.4", "mouth"):  # outside the crop, too few numbers, not numbers
+        _expect_error(capsys, tmp_path, tiny_model_dir, astronaut_png, audio, f"--audio-guidance-box {box}",
+                      extra=("--audio-guidance", "1.5", "--audio-guidance-box", box))
 
 
 def test_console_script_reports_errors_without_traceback(tmp_path, astronaut_png):

@@ -257,6 +257,18 @@ def test_audio_guidance_in_the_mouth_box_leaves_the_rest_of_the_face_unguided(ti
     torch.testing.assert_close(out[2][..., ~inside], out[0][..., ~inside], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out[2][..., inside], out[1][..., inside], rtol=1e-4, atol=1e-4)
     assert (out[1] - out[0])[..., inside].abs().mean() > 1e-2  # the guidance does act there
+    # the box as a setting of the pipeline (--audio-guidance-box) over the model's own: a box, or "all" over one
+    given = LetsTalkPipeline(load_model(tiny_model_dir), num_steps=1, audio_guidance=3.0, audio_guidance_box=box)
+    unboxed = LetsTalkPipeline(pipe(box, 3.0).components, num_steps=1, audio_guidance=3.0, audio_guidance_box="all")
+    assert (given.audio_guidance_box, unboxed.audio_guidance_box) == (box, None)
+    for p, want in ((given, out[2]), (unboxed, out[1])):
+        torch.testing.assert_close(p.generate_latents([p.new_stream(_flat(p), seed=0)], [tok])[0], want)
+    with pytest.raises(InputError, match="audio guidance box"):
+        LetsTalkPipeline(load_model(tiny_model_dir), audio_guidance_box=(0.5, 0.5, 0.6, 0.2))
+    comps = load_model(tiny_model_dir)  # a config.json with a box outside the crop fails to load, naming it
+    comps.config.sampling = dataclasses.replace(comps.config.sampling, noise_hold_box=(0.9, 0.5, 0.3, 0.2))
+    with pytest.raises(ModelError, match="sampling.noise_hold_box"):
+        comps.config.validate()
 
 
 def test_held_noise_keeps_the_face_outside_the_mouth_box_and_leaves_the_mouth_fresh(tiny_model_dir):
