@@ -228,10 +228,16 @@ class AudioTokenizer:
         return self._windows[0]
 
     def complete(self, feats: Tensor) -> Tensor:
-        """The encoder's features of `windows` (N * block_frames, L, D) -> the tokens defer() owed (n, M, Dt)."""
-        tokens = self._take(feats.to(self.pipeline.device), final=False)
-        if tokens.shape[0] != self.owed:
-            raise RuntimeError(f"AudioTokenizer.complete: {tokens.shape[0]} tokens made, {self.owed} owed")
+        """The encoder's features of `windows` (N * block_frames, L, D) -> the tokens defer() owed (n, M, Dt).
+        All or nothing: if it raises, the tokenizer is as before, its windows still owed."""
+        buffer = self.buffer
+        try:
+            tokens = self._take(feats.to(self.pipeline.device), final=False)
+            if tokens.shape[0] != self.owed:
+                raise RuntimeError(f"AudioTokenizer.complete: {tokens.shape[0]} tokens made, {self.owed} owed")
+        except Exception:
+            self.buffer = buffer  # _take only ever replaces it
+            raise
         self._windows, self.owed = [], 0
         return tokens
 
@@ -251,16 +257,22 @@ class AudioTokenizer:
 
 
 @torch.no_grad()
-def encode_together(tokenizers: list[AudioTokenizer]) -> list[Tensor]:
-    """Every tokenizer's owed tokens, their audio encoded in one call: many sessions' new audio as one batch
-    (a GPU runs a small batch in about the time of one window: the cost is the encoder's kernel launches)."""
+def encode_features(tokenizers: list[AudioTokenizer]) -> list[Tensor]:
+    """The encoder's features of every tokenizer's kept windows, in one call: many sessions' new audio as one
+    batch (a GPU runs a small batch in about the time of one window: the cost is the encoder's kernel
+    launches). Changes no tokenizer: `AudioTokenizer.complete` turns each one's part into its tokens."""
     if not tokenizers:
         return []
     enc = tokenizers[0].pipeline.audio_encoder
     windows = [t.windows for t in tokenizers]  # [(N_i, W)]
     feats = enc._encode_windows(torch.cat(windows))  # (sum N_i * bf, L, D)
-    parts = feats.split([w.shape[0] * enc.block_frames for w in windows])
-    return [t.complete(f) for t, f in zip(tokenizers, parts)]
+    return list(feats.split([w.shape[0] * enc.block_frames for w in windows]))
+
+
+@torch.no_grad()
+def encode_together(tokenizers: list[AudioTokenizer]) -> list[Tensor]:
+    """Every tokenizer's owed tokens, their audio encoded in one call (`encode_features`)."""
+    return [t.complete(f) for t, f in zip(tokenizers, encode_features(tokenizers))]
 
 
 class ShapeCompiled:

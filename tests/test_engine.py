@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import subprocess
@@ -16,6 +17,7 @@ import torch
 from conftest import speechlike
 from letstalk_rt.errors import LetsTalkError
 from letstalk_rt.stream import AudioBufferFull, CapacityError, EngineConfig, StreamEngine
+from letstalk_rt.stream.engine import SessionClosedError
 from letstalk_rt.stream.events import SessionClosed, SessionError, SpeechStarted, SpeechStopped, WindowTimings
 
 
@@ -282,8 +284,8 @@ def test_sessions_audio_is_encoded_together_and_each_keeps_its_own(tiny_pipeline
     from letstalk_rt.stream import engine as engine_module
 
     sizes = []
-    real = engine_module.encode_together
-    monkeypatch.setattr(engine_module, "encode_together", lambda toks: sizes.append(len(toks)) or real(toks))
+    real = engine_module.encode_features
+    monkeypatch.setattr(engine_module, "encode_features", lambda toks: sizes.append(len(toks)) or real(toks))
     speech = [speechlike(1.0, seed=21) + 0.05, speechlike(1.0, seed=22) + 0.05]
 
     async def main():
@@ -352,8 +354,118 @@ def test_a_failing_session_ends_with_an_error_and_the_others_keep_running(tiny_p
 
     frames, events = run(main())
     assert len([f for f in frames if not f.filler]) >= 30
-    assert any(isinstance(e, SessionError) and "generation failed" in e.message for e in events)
+    errors = [e for e in events if isinstance(e, SessionError)]
+    assert len(errors) == 1 and "generation failed" in errors[0].message  # one failure, one event
     assert isinstance(events[-1], SessionClosed) and events[-1].reason == "error"
+
+
+def _one_session_fails(pipe, break_it) -> tuple[list, list, list]:
+    """Two sessions speaking at once; `break_it(bad)` breaks one of them. The good one's frames, the bad one's
+    events, and the speech the good one was given."""
+    speech = speechlike(2.0, seed=31) + 0.05
+
+    async def main():
+        engine = await _engine(pipe)
+        good = await engine.open_session(_portrait(pipe, 30))
+        bad = await engine.open_session(_portrait(pipe, 200))
+        break_it(bad)
+        events = []
+
+        async def watch():
+            async for e in bad.events():
+                events.append(e)
+
+        watcher = asyncio.create_task(watch())
+        async def push_bad():
+            with contextlib.suppress(SessionClosedError):  # it closes with its error while speaking
+                await _push_in_real_time(bad, speech[::-1].copy())
+
+        pushed = asyncio.gather(_push_in_real_time(good, speech), push_bad())
+        frames = await _collect(good, 3.0)
+        await pushed
+        await asyncio.wait_for(watcher, 5)
+        assert bad.closed and not good.closed
+        await engine.stop()
+        return frames, events
+
+    frames, events = run(main())
+    return frames, events, speech
+
+
+def test_an_audio_failure_in_a_shared_encoder_call_costs_the_other_sessions_nothing(tiny_pipeline):
+    """Sessions' new audio is encoded in one call; one session failing to turn its part into tokens ends that
+    session (one error event) and the others keep every sample of theirs, in order."""
+    def break_it(bad):
+        def complete(feats):
+            raise RuntimeError("tokens lost")
+        bad._w.tokenizer.complete = complete
+
+    frames, events, speech = _one_session_fails(tiny_pipeline, break_it)
+    errors = [e for e in events if isinstance(e, SessionError)]
+    assert len(errors) == 1 and "audio processing failed" in errors[0].message and "tokens lost" in errors[0].message
+    audio = np.concatenate([f.audio for f in frames if not f.filler])
+    start = np.flatnonzero(audio)[0]
+    np.testing.assert_array_equal(audio[start:start + len(speech)], speech)
+
+
+def test_an_error_outside_the_model_calls_ends_its_sessions_and_the_worker_keeps_running(tiny_pipeline):
+    """An exception in the worker's own bookkeeping for a window (not the model) ends the sessions of that batch
+    with an error event; the worker thread lives on and serves the sessions opened after."""
+    def break_it(bad):
+        def take_audio(n):
+            raise RuntimeError("bookkeeping")
+        bad._w.take_audio = take_audio
+
+    frames, events, speech = _one_session_fails(tiny_pipeline, break_it)
+    errors = [e for e in events if isinstance(e, SessionError)]
+    assert len(errors) == 1 and "generation failed (window)" in errors[0].message
+    assert len([f for f in frames if not f.filler]) >= 50  # the good one: 3 s, far more than its first batch
+
+
+def test_frames_start_at_the_present_and_a_stalled_reader_skips_ahead(tiny_pipeline):
+    """session.frames() reads from the frame due now, like the tracks: a second reader (or one that stalled past
+    late_skip_ms) gets paced frames from the present, the missed ones counted as dropped, never a burst of old
+    frames."""
+    async def main():
+        engine = await _engine(tiny_pipeline)
+        session = await engine.open_session(_portrait(tiny_pipeline, 60))
+        await _collect(session, 0.4)  # starts the clock
+        await asyncio.sleep(1.0)
+        t0 = time.monotonic()
+        second = await _collect(session, 0.4)  # a new reader, 1 s later
+        t_second = time.monotonic() - t0
+        stalled = []
+        async for f in session.frames():
+            stalled.append(f)
+            if len(stalled) == 3:
+                before = session.dropped["consumer"]
+                await asyncio.sleep(0.6)  # stall well past late_skip_ms (200)
+                t1 = time.monotonic()
+            if len(stalled) == 13:
+                break
+        t_stalled = time.monotonic() - t1
+        dropped = session.dropped["consumer"] - before
+        await engine.stop()
+        return second, t_second, t_stalled, dropped
+
+    second, t_second, t_stalled, dropped = run(main())
+    assert len(second) == 10 and t_second > 0.25  # paced (10 frames = 0.4 s), not 25 old frames at once
+    assert t_stalled > 0.25  # after the stall, paced again from the present
+    assert 10 <= dropped <= 20  # ~15 frames (0.6 s) skipped
+
+
+def test_an_interrupt_before_the_first_read_shows_the_new_state_not_a_black_frame(tiny_pipeline):
+    async def main():
+        engine = await _engine(tiny_pipeline)
+        session = await engine.open_session(_portrait(tiny_pipeline, 150))
+        await session.player.first_frame.wait()  # the first window is there; nobody has read it
+        session.interrupt()
+        frames = await _collect(session, 0.2)
+        await engine.stop()
+        return frames
+
+    frames = run(main())
+    assert not frames[0].filler and frames[0].video.max() > 0
 
 
 def test_admission_cap_refuses_at_once(tiny_pipeline):

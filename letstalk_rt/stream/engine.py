@@ -11,8 +11,9 @@ Threads and ownership:
 
 Scheduling. A session needs a window when (a) it has audio tokens for a whole window, or (b) its
 playback would run dry before a window could be generated (its deadline): then the engine inserts
-silence, so the avatar keeps moving and never freezes. A session never runs more than `max_lead`
-frames ahead of playback, which bounds every queue. The first window of a session, and the first after
+silence, so the avatar keeps moving and never freezes. A session starts no window once
+`lead_windows` windows of frames are generated and not yet shown, which bounds every queue (at most
+that lead plus the window being made). The first window of a session, and the first after
 an interrupt, is short (`first_window` frames) so the first frame shows quickly.
 
 Latency. A window waits for its audio plus the encoder's lookahead, so the least latency that never
@@ -49,15 +50,16 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import InputError, LetsTalkError
 from ..media import TempoStretcher
-from ..pipeline import DECODE_CHUNK, GRAPH_BUCKETS, AudioTokenizer, LetsTalkPipeline, Portrait, encode_together
+from ..pipeline import DECODE_CHUNK, GRAPH_BUCKETS, AudioTokenizer, LetsTalkPipeline, Portrait, encode_features
 from .events import (
     AVFrame, Event, FramesDropped, Interrupted, PlaybackPosition, SessionClosed, SessionError,
     SpeechStarted, SpeechStopped, WindowTimings,
@@ -168,6 +170,15 @@ def keep_heap(mmap_threshold_mb: int = 64, trim_threshold_mb: int = 256) -> bool
     return bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold_mb << 20) and mallopt(M_TRIM_THRESHOLD, trim_threshold_mb << 20))
 
 
+def _post(s: "Session", fn: Callable[..., Any], *args: Any) -> None:
+    """Run fn(*args) on the session's event loop (from a worker thread); nothing if that loop has closed (the
+    application exited without closing its sessions): a worker thread must outlive any one loop."""
+    try:
+        s.loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # "Event loop is closed"
+        log.debug("session %s: its event loop is closed", s.id)
+
+
 # --------------------------------------------------------------------------------------------------
 # Player: the output clock of one session (event loop side)
 # --------------------------------------------------------------------------------------------------
@@ -225,7 +236,10 @@ class Player:
         if delay > 0:
             await asyncio.sleep(delay)
         self._materialise(tick)
-        return self.shown.get(tick) or self.last  # type: ignore[return-value]
+        frame = self.shown.get(tick)
+        if frame is None:  # older than the kept history: the frame on screen, silent (its speech played already)
+            frame = self._filler()
+        return frame
 
     def _materialise(self, tick: int) -> None:
         while self.tick <= tick:
@@ -386,7 +400,10 @@ class Session:
             self._paced_until = 0.0
             self._epoch += 1
             self._reset = [z for z in self.player.recent_latents if z is not None]
+            self._resampler = None  # its few buffered samples are speech from before the interrupt
         dropped = self.player.clear()
+        if self.player.start is None:  # nothing shown yet: readers wait for the first window of the new state
+            self.player.first_frame.clear()
         if dropped:
             self._count_drop(dropped, "interrupt")
         self._emit(Interrupted(self.id, dropped_frames=dropped))
@@ -411,11 +428,23 @@ class Session:
     # -- frames and events out
 
     async def frames(self) -> AsyncIterator[AVFrame]:
-        """Paced frames, one per 1/fps from the first read (the same clock the tracks use)."""
-        for tick in itertools.count():
+        """Paced frames, one per 1/fps, from the frame due now (the same clock the tracks use; the first read
+        starts it). A reader that falls more than `late_skip_ms` behind skips to the present, as the tracks
+        do: the frames it missed are counted as dropped ("consumer"), never played back in a burst."""
+        player, tick = self.player, None
+        limit = self.engine.config.late_skip_ms / 1000 * player.fps
+        while not self.closed:
+            now = player.clock_tick()
+            if tick is None:
+                tick = now
+            elif now - tick > limit:
+                self._count_drop(now - tick, "consumer")
+                tick = now
+            frame = await player.get(tick)
             if self.closed:
                 return
-            yield await self.player.get(tick)
+            yield frame
+            tick += 1
 
     def video_track(self):
         from .tracks import AvatarVideoTrack
@@ -504,8 +533,11 @@ class Session:
     def _deliver(self, epoch: int, frames: list[AVFrame], timings: WindowTimings) -> None:
         with self._lock:  # the worker thread adds to it
             self._inflight -= len(frames)
-        if self.closed or epoch != self._epoch:
-            return  # generated before an interrupt: never shown
+        if self.closed:
+            return
+        if epoch != self._epoch:  # generated before an interrupt: never shown
+            self._count_drop(len(frames), "interrupt")
+            return
         if self.first_frame_s is None:
             self.first_frame_s = time.monotonic() - self.opened_at
         self.player.deliver(frames)
@@ -539,6 +571,7 @@ class _WorkerState:
         self.inserted_run = 0  # ... and this many frames the engine inserted (idle, padding) followed it
         self.last_push = self.last_paced = 0.0  # arrival and paced arrival (monotonic s) of the last chunk fed
         self.unflushed = False  # pushed audio was fed since the tokenizer's last padding flush (see _prepare)
+        self.failed = False  # the session failed in this thread; its error event and close are on their way
 
     def feed(self, pcm: np.ndarray, arrival: float, speech: bool) -> None:
         """Tokenize pushed audio and keep it for the frames it conditions."""
@@ -891,6 +924,8 @@ class StreamEngine:
         try:
             if not isinstance(portrait, Portrait):
                 portrait = await asyncio.to_thread(self.pipeline.prepare_portrait, portrait, detect_face)
+            if self._thread is None or self._stopping:  # stop() ran while the portrait was being prepared
+                raise LetsTalkError("the engine stopped while the session was opening")
             session = Session(self, portrait, seed, session_id)
             if session.id in self.sessions:
                 raise InputError(f"session id {session.id!r} is already in use")
@@ -926,7 +961,11 @@ class StreamEngine:
                     if not self._stopping:
                         self._cond.wait(timeout=0.01)
                 continue
-            self._execute(jobs)
+            try:
+                self._execute(jobs)
+            except Exception as e:  # a last resort (each session's own steps fail it alone): end the batch's
+                for s, _, _ in jobs:
+                    self._fail_session(s, "window", e)
 
     def _plan(self) -> list[tuple[Session, int, int]]:
         """Ingest audio of every session and pick one batch: [(session, frames, epoch)].
@@ -939,9 +978,8 @@ class StreamEngine:
         ready: list[tuple[float, Session, int, int]] = []
         waiting: list[Session] = []
         sessions = list(self.sessions.values())
+        sessions = [s for s in sessions if not (s.closed or s._w.failed)]
         for s in sessions:
-            if s.closed:
-                continue
             item = self._try_prepare(s, now)
             if item is None:
                 waiting.append(s)
@@ -964,8 +1002,7 @@ class StreamEngine:
         try:
             return self._prepare(s, now, horizon)
         except Exception as e:  # a broken session must not stop the others
-            log.exception("session %s failed while preparing a window", s.id)
-            s.loop.call_soon_threadsafe(s._fail, f"audio processing failed: {e}")
+            self._fail_session(s, "audio processing", e)
             return False
 
     def _prepare(self, s: Session, now: float, horizon: float = 0.0) -> tuple[float, Session, int, int] | None:
@@ -980,6 +1017,7 @@ class StreamEngine:
                 w.tokens, w.n_tokens, w.timeline, w.idle_ahead = [], 0, collections.deque(), 0
                 w.unflushed = w.after_speech = False
                 w.inserted_run = 0
+                w.silent_run_s = 0.0
                 w.stretch, w.compressing = None, False
                 latents = s._reset
                 w.stream.memory.reset()
@@ -1032,8 +1070,8 @@ class StreamEngine:
         # When does playback run dry? (now for a session with no frame yet.) Frames in flight count: they are
         # made and reach the queue within moments, so a plan that runs between a window's end and its delivery
         # must not take the queue for nearly empty and put idle frames in front of the speech.
-        if player.start is None:
-            dry_at = now if w.frames_generated == 0 else math.inf
+        if player.start is None:  # no frame yet (at the start, or all dropped by an interrupt): one now
+            dry_at = now if w.frames_generated == 0 or (w.fresh and not ahead) else math.inf
         else:
             dry_at = player.due(player.tick + ahead)
         if w.n_tokens < want:
@@ -1090,19 +1128,22 @@ class StreamEngine:
             return set()
         t0 = time.perf_counter()
         try:
-            tokens = encode_together([s._w.tokenizer for s in sessions])
+            feats = encode_features([s._w.tokenizer for s in sessions])  # changes no session
         except Exception as e:
             if len(sessions) > 1:  # find the culprit: encode each alone, the healthy ones continue
                 return set().union(*(self._encode_audio([s]) for s in sessions))
-            s = sessions[0]
-            log.exception("audio encoding failed for session %s", s.id)
-            s.loop.call_soon_threadsafe(s._fail, f"audio processing failed: {e}")
-            return {s}
+            self._fail_session(sessions[0], "audio processing", e)
+            return {sessions[0]}
         share = (time.perf_counter() - t0) * 1000 / len(sessions)
-        for s, t in zip(sessions, tokens):
-            s._w.complete(t)
+        failed = set()
+        for s, f in zip(sessions, feats):  # each session's tokens on its own: one failing loses no other's
+            try:
+                s._w.complete(s._w.tokenizer.complete(f))
+            except Exception as e:
+                self._fail_session(s, "audio processing", e)
+                failed.add(s)
             s._w.encode_ms += share
-        return set()
+        return failed
 
     def _idle_tokens(self, n: int) -> torch.Tensor:
         """Audio tokens of n frames of silence (n <= 2 windows), made once."""
@@ -1193,11 +1234,17 @@ class StreamEngine:
         """Sample one batch of windows (this thread), then decode and deliver it (the decode thread)."""
         frames = jobs[0][1]
         t0 = time.perf_counter()
+        streams = [s._w.stream for s, _, _ in jobs]
+        saved = [(st.generator.get_state(), st.held_noise) for st in streams]
         try:
             gen_ms, latents = self._sample([s for s, _, _ in jobs], frames)
         except Exception as e:
             if len(jobs) == 1:
                 return self._fail_session(jobs[0][0], "sampling", e)
+            log.warning("a batch of %d windows failed (%s: %s); running each alone", len(jobs), type(e).__name__, e)
+            for st, (state, held) in zip(streams, saved):  # each retry draws the noise the batch drew
+                st.generator.set_state(state)
+                st.held_noise = held
             for job in jobs:  # find the culprit: run each alone, the healthy ones continue
                 self._execute([job])
             return
@@ -1206,11 +1253,15 @@ class StreamEngine:
         for b, (s, n, epoch) in enumerate(jobs):
             w = s._w
             meta = []
-            for i in range(n):
-                audio, speech, arrival, inserted = w.take_audio(s.samples_per_frame)
-                speech = speech and w.heard_rms(audio) > self.config.speech_rms
-                s.gap_inserted_s += w.gap_frames(inserted, speech) / self.pipeline.fps
-                meta.append((w.frames_generated + i, audio, speech, arrival if speech else None))
+            try:
+                for i in range(n):
+                    audio, speech, arrival, inserted = w.take_audio(s.samples_per_frame)
+                    speech = speech and w.heard_rms(audio) > self.config.speech_rms
+                    s.gap_inserted_s += w.gap_frames(inserted, speech) / self.pipeline.fps
+                    meta.append((w.frames_generated + i, audio, speech, arrival if speech else None))
+            except Exception as e:  # this session's bookkeeping: it alone ends, the batch's others go on
+                self._fail_session(s, "window", e)
+                continue
             w.frames_generated += n
             w.fresh = False
             timings = WindowTimings(s.id, window=w.stream.windows_done, frames=n, batch=len(jobs),
@@ -1226,10 +1277,13 @@ class StreamEngine:
             self._decode(t0, batch)
 
     @staticmethod
-    def _fail_session(s: Session, stage: str, e: Exception) -> None:
-        """End one session with an error event (from a worker thread); the others keep running."""
-        log.exception("%s failed for session %s", stage, s.id)
-        s.loop.call_soon_threadsafe(s._fail, f"generation failed ({stage}): {type(e).__name__}: {e}")
+    def _fail_session(s: Session, stage: str, e: BaseException) -> None:
+        """End one session with an error event (from a worker thread); the others keep running. The worker
+        plans nothing more for it, so one failure is one error event, not one per plan until it closes."""
+        s._w.failed = True
+        log.error("%s failed for session %s", stage, s.id, exc_info=e)
+        what = "audio processing failed" if stage == "audio processing" else f"generation failed ({stage})"
+        _post(s, s._fail, f"{what}: {type(e).__name__}: {e}")
 
     def _decode_loop(self) -> None:
         torch.set_grad_enabled(False)
@@ -1246,13 +1300,19 @@ class StreamEngine:
         """Decode a sampled batch and hand each session its frames (a failing session alone gets the error)."""
         p = self.pipeline
         t1 = time.perf_counter()
+        streams = [s._w.stream for s, _, _, _, _ in batch]
+        moved = [st.detail_moved for st in streams]
         try:
             lat = torch.cat([z for _, _, z, _, _ in batch])  # (B*T, C, h, w) on the device
-            video = p.decode(lat, [s._w.stream for s, _, _, _, _ in batch])  # (B*T, H, W, 3) uint8
+            video = p.decode(lat, streams)  # (B*T, H, W, 3) uint8
             lat = lat.float().cpu()  # each frame keeps its latent (an interrupt restarts the memory from it)
         except Exception as e:
             if len(batch) == 1:
                 return self._fail_session(batch[0][0], "decoding", e)
+            log.warning("decoding a batch of %d windows failed (%s: %s); decoding each alone", len(batch),
+                        type(e).__name__, e)
+            for st, m in zip(streams, moved):  # the detail transfer's state as before the batch
+                st.detail_moved = m
             for item in batch:  # find the culprit, as in _execute
                 self._decode(t0, [item])
             return
@@ -1268,7 +1328,7 @@ class StreamEngine:
                                    audio_time=audio_time))
                 k += 1
             timings = dataclasses.replace(timings, decode_ms=dec_ms)
-            s.loop.call_soon_threadsafe(s._deliver, epoch, out, timings)
+            _post(s, s._deliver, epoch, out, timings)
 
     def _sample(self, sessions: list[Session], frames: int) -> tuple[float, torch.Tensor]:
         """One window's latents for each session: (milliseconds, (B, T, C, h, w) on the device)."""

@@ -27,7 +27,7 @@ class AVFrame:
     audio: np.ndarray  # (samples_per_frame,) float32 mono 16 kHz: what this frame says
     speech: bool  # True when the audio holds the user's speech (not silence the engine inserted)
     latent: Tensor | None = None  # (C, h, w) the frame's clean latent, kept to roll the memory back on interrupt
-    audio_time: float | None = None  # wall time the last sample of this frame's speech arrived (latency)
+    audio_time: float | None = None  # time.monotonic() when the last sample of this frame's speech arrived (latency)
     filler: bool = False  # True for a held frame shown because generation was late
 
 
