@@ -154,8 +154,9 @@ async def _feed(session, audio: np.ndarray, seconds: float) -> None:
 
 
 async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np.ndarray, portrait,
-                       live: dict | None = None) -> RunResult:
-    """n sessions for `seconds`; `live`: EngineConfig fields (window, max_steps, catch_up_tempo ...)."""
+                       live: dict | None = None, seed: int = 0) -> RunResult:
+    """n sessions for `seconds` (noise seeds seed, seed + 1, ...); `live`: EngineConfig fields (window, max_steps,
+    catch_up_tempo ...)."""
     from .stream import EngineConfig, StreamEngine
 
     if pipe.device.type == "cuda":
@@ -163,7 +164,7 @@ async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np
     engine = await StreamEngine(pipe, EngineConfig(max_sessions=n, max_batch=n, **(live or {}))).start()
     steps = pipe.num_steps  # what warm-up chose
     threads = engine.threads or torch.get_num_threads()
-    sessions = [await engine.open_session(portrait, seed=i) for i in range(n)]
+    sessions = [await engine.open_session(portrait, seed=seed + i) for i in range(n)]
     for s in sessions:  # every frame's latency, not a server's last 10000 (400 s): soaks run 30 minutes
         s.latencies, s.latency_ticks = collections.deque(), collections.deque()
     offsets: list[tuple[float, float]] = []
@@ -374,15 +375,16 @@ def spread(results: list[RunResult]) -> dict:
 
 def run_bench(pipe: LetsTalkPipeline, session_counts: list[int], seconds: float, audio: np.ndarray, portrait,
               json_path: Path | None = None, breakdown: bool = True, repeat: int = 1, live: dict | None = None,
-              neighbours: tuple[int, float, float] = (0, 30.0, 60.0)) -> dict:
+              neighbours: tuple[int, float, float] = (0, 30.0, 60.0), seed: int = 0) -> dict:
     """`live`: EngineConfig fields for every run (window, max_steps, catch_up_tempo ...). `neighbours`:
     (count, busy s, period s) of CPU-bound processes beside the engine for every run (busy_neighbours)."""
     with busy_neighbours(*neighbours):
         return _run_bench(pipe, session_counts, seconds, audio, portrait, json_path, breakdown, repeat,
-                          live or {}, neighbours)
+                          live or {}, neighbours, seed)
 
 
-def _run_bench(pipe, session_counts, seconds, audio, portrait, json_path, breakdown, repeat, live, neighbours) -> dict:
+def _run_bench(pipe, session_counts, seconds, audio, portrait, json_path, breakdown, repeat, live, neighbours,
+               seed) -> dict:
     window = live.get("window", 0)
     report: dict = {"machine": machine(), "model": pipe.config.description or "untrained",
                     "device": str(pipe.device), "dtype": str(pipe.dtype).replace("torch.", ""),
@@ -405,7 +407,7 @@ def _run_bench(pipe, session_counts, seconds, audio, portrait, json_path, breakd
         results = []
         for _ in range(repeat):
             try:
-                result = asyncio.run(run_sessions(pipe, n, seconds, audio, portrait, live=live))
+                result = asyncio.run(run_sessions(pipe, n, seconds, audio, portrait, live=live, seed=seed))
             except LetsTalkError as e:  # e.g. the GPU cannot hold this many sessions' batch
                 report["error"] = {"sessions": n, "message": str(e)}
                 save()

@@ -88,7 +88,7 @@ def read_config(path: str | Path) -> ModelConfig:
         raise ModelError(f"'{path}' is not a model directory: config.json is missing")
     try:
         data = json.loads(cfg_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelError(f"'{cfg_file}' is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise ModelError(f"'{cfg_file}' must hold a JSON object")

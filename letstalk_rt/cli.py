@@ -15,25 +15,53 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
 
 from . import __version__
 from .config import PRESETS_MODEL, check_box
-from .errors import LetsTalkError
+from .errors import LetsTalkError, OutputError
 
 ASSETS = Path(__file__).parent / "assets"
 
 
 def resolve_device(name: str) -> str:
+    """--device: auto, cpu, cuda or cuda:N, checked against this machine (a LetsTalkError naming the flag)."""
     import torch
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise LetsTalkError(f"--device {name}: choose cpu, cuda, cuda:N or auto") from None
+    if device.type == "cpu":
+        return name
+    if device.type != "cuda":
+        raise LetsTalkError(f"--device {name}: only cpu and cuda devices are supported; choose cpu, cuda, cuda:N "
+                            "or auto")
+    if not torch.cuda.is_available():
         raise LetsTalkError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise LetsTalkError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                            f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
     return name
+
+
+def check_output_file(path: Path | None, flag: str) -> None:
+    """Fail before a long run if `path` (an output file written at its end) cannot be written."""
+    if path is None:
+        return
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise OutputError(f"{flag} {path}: is a folder; give a file name")
+    if not parent.is_dir():
+        raise OutputError(f"{flag} {path}: folder '{parent}' does not exist; create it or choose another path")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise OutputError(f"{flag} {path}: not writable; choose another path")
 
 
 def resolve_dtype(name: str, device: str):
@@ -95,6 +123,10 @@ def check_sampling_args(args: argparse.Namespace) -> None:
     """Fail before the model loads, naming the flag."""
     if args.steps is not None and not 1 <= args.steps <= 50:
         raise LetsTalkError(f"--steps {args.steps}: choose 1..50")
+    for flag in ("audio_guidance", "detail_transfer", "start_time", "noise_hold"):
+        value = getattr(args, flag)
+        if value is not None and not math.isfinite(value):
+            raise LetsTalkError(f"--{flag.replace('_', '-')} {value}: give a finite number")
     if args.start_time is not None and not 0 < args.start_time <= 1:
         raise LetsTalkError(f"--start-time {args.start_time:g}: choose a flow time in (0, 1] (1 = pure noise)")
     if args.noise_hold is not None and not 0 <= args.noise_hold <= 1:
@@ -127,11 +159,9 @@ def _load_pipeline(args: argparse.Namespace):
     from .pipeline import LetsTalkPipeline
 
     device = resolve_device(args.device)
-    try:
-        pipe = LetsTalkPipeline.from_pretrained(args.model, device=device, dtype=resolve_dtype(args.dtype, device),
-                                                cuda_graphs=not args.no_cuda_graphs, **sampling_kwargs(args))
-    except ValueError as e:  # a bad --steps
-        raise LetsTalkError(f"--steps: {e}") from None
+    check_sampling_args(args)  # --steps and the rest, named (the model's own settings are checked when it loads)
+    pipe = LetsTalkPipeline.from_pretrained(args.model, device=device, dtype=resolve_dtype(args.dtype, device),
+                                            cuda_graphs=not args.no_cuda_graphs, **sampling_kwargs(args))
     if not pipe.config.trained:
         print("letstalk: warning: this model is UNTRAINED (random weights): the video will not look like a "
               "talking face. " + pipe.config.description, file=sys.stderr)
@@ -142,14 +172,15 @@ def _generate(args: argparse.Namespace, portrait: Path, audio: Path, out: Path) 
     from .media import load_audio, load_image
     from .pipeline import generate_video
 
-    # Check the cheap things first, so a typo does not wait for the model to load.
-    load_image(portrait)
-    load_audio(audio)
+    # Check the cheap things first, so a typo does not wait for the model to load. Each input is read once
+    # (a pipe such as <(ffmpeg ...) can be read only once).
+    image = load_image(portrait)
+    wav = load_audio(audio)
     check_sampling_args(args)
     pipe = _load_pipeline(args)
     start = time.perf_counter()
-    result = generate_video(portrait, audio, out, pipeline=pipe, seed=args.seed,
-                            detect_face=not args.no_face_detect, progress=not args.quiet)
+    result = generate_video(image, wav, out, pipeline=pipe, seed=args.seed, detect_face=not args.no_face_detect,
+                            progress=not args.quiet, name=str(portrait))
     took = time.perf_counter() - start
     print(f"wrote {result.path} ({result.frames} frames, {result.seconds:.2f} s of audio) in {took:.1f} s "
           f"= {result.frames / max(took, 1e-9):.1f} frames/s")
@@ -218,10 +249,18 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from .pipeline import LetsTalkPipeline
 
     check_live_args(args)
+    check_sampling_args(args)
     if args.decoder_channels is not None and not args.preset:
         raise LetsTalkError("--decoder-channels changes a --preset's decoder; a model directory has its own")
+    if args.preset and args.model is not None:
+        raise LetsTalkError("--preset benchmarks a preset's random weights; --model a trained model: give one")
+    if args.wav2vec2 is not None and not args.preset:
+        raise LetsTalkError("--wav2vec2 is for a letstalk-* --preset; a model directory names its own")
     if args.repeat < 1:
         raise LetsTalkError(f"--repeat {args.repeat}: give 1 or more runs per session count")
+    if not (math.isfinite(args.seconds) and args.seconds > 0) or not (math.isfinite(args.soak) and args.soak >= 0):
+        raise LetsTalkError(f"--seconds {args.seconds:g} / --soak {args.soak:g}: give seconds > 0 (--soak 0: no soak)")
+    check_output_file(args.json, "--json")  # before the run, not after it
     try:
         busy, period = (float(x) for x in args.neighbour_duty.split("/"))
     except ValueError:
@@ -240,16 +279,18 @@ def cmd_bench(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     if args.preset:
         pipe = LetsTalkPipeline.from_config(_preset_config(args), device=device,
-                                            dtype=resolve_dtype(args.dtype, device), num_steps=args.steps,
-                                            cuda_graphs=not args.no_cuda_graphs)
+                                            dtype=resolve_dtype(args.dtype, device),
+                                            cuda_graphs=not args.no_cuda_graphs, **sampling_kwargs(args))
         print(f"benchmarking preset {args.preset} with RANDOM weights (speed only)", file=sys.stderr)
     else:
         pipe = _load_pipeline(args)
-    portrait = pipe.prepare_portrait(load_image(ASSETS / "portrait.png"))
+    if args.window > pipe.max_window:
+        raise LetsTalkError(f"--window {args.window}: this model generates 1..{pipe.max_window} frames per window")
+    portrait = pipe.prepare_portrait(load_image(ASSETS / "portrait.png"), detect=not args.no_face_detect)
     audio = load_audio(ASSETS / DEMO_SPEECH)
     run_bench(pipe, counts, seconds, np.asarray(audio), portrait, json_path=args.json,
               breakdown=not args.soak, repeat=args.repeat, live=live_config(args),
-              neighbours=(args.neighbours, busy, period))
+              neighbours=(args.neighbours, busy, period), seed=args.seed)
 
 
 def _preset_config(args: argparse.Namespace):
@@ -267,7 +308,7 @@ def _preset_config(args: argparse.Namespace):
         if config.audio.encoder != "wav2vec2":
             raise LetsTalkError(f"--wav2vec2: preset {args.preset!r} uses the {config.audio.encoder!r} audio encoder; "
                                 "drop --wav2vec2 or pick a letstalk-* preset")
-        config.audio.wav2vec2_path = str(args.wav2vec2)
+        config.audio.wav2vec2_path = str(args.wav2vec2.resolve())  # read later, from wherever the model is used
     return config
 
 
@@ -280,15 +321,32 @@ def _decoder_widths(text: str) -> tuple[int, ...]:
 def cmd_new_model(args: argparse.Namespace) -> None:
     from .checkpoint import build_components, save_model
 
+    import shutil
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        raise LetsTalkError(f"--out {out}: already exists and is not an empty folder; choose a new --out, or add "
+                            "--force to replace it (a trained model there would be lost)")
     config = _preset_config(args)
     config.description = f"untrained: preset {args.preset}, random init seed {args.seed}"
-    path = save_model(build_components(config, seed=args.seed), args.out)
-    print(f"wrote untrained model '{args.preset}' to {path}")
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    try:
+        save_model(build_components(config, seed=args.seed), partial)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        partial.rename(out)  # whole or not at all: an interrupted run leaves no half-written model at --out
+    except OSError as e:
+        raise OutputError(f"cannot write the model to '{out}': {e.strerror or e}; choose another --out") from None
+    finally:
+        if partial.exists():
+            shutil.rmtree(partial, ignore_errors=True)
+    print(f"wrote untrained model '{args.preset}' to {out}")
 
 
 def cmd_sync_check(args: argparse.Namespace) -> None:
     from .eval import MAX_LAG, sync_check
 
+    check_output_file(args.json, "--json")
     rows = [sync_check(v, args.portrait, args.audio) for v in args.video]
     for r in rows:
         print(f"{r['video']}: {r['seconds']} s at {r['fps']:g} fps; speech to mouth r = {r['speech_sync']:.3f} at offset 0, peak "
@@ -360,6 +418,8 @@ COMPILE_HELP = ("torch.compile the transformer and decoder at start, for full wi
 
 def check_live_args(args: argparse.Namespace) -> None:
     """Fail before the model loads, naming the flag (EngineConfig checks the same again)."""
+    if args.window < 0:
+        raise LetsTalkError(f"--window {args.window}: give frames per window, 1..the model's, or 0 for its own")
     if not 0 <= args.max_steps <= 50:
         raise LetsTalkError(f"--max-steps {args.max_steps}: choose 0 (off) or up to 50")
     if args.catch_up_tempo is not None and not 1.0 <= args.catch_up_tempo <= 2.0:
@@ -512,6 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wav2vec2", type=Path, default=None,
                    help="local transformers Wav2Vec2 directory, for the letstalk-* presets (their audio encoder)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace --out if it exists (its model is lost)")
     p.set_defaults(func=cmd_new_model)
     return parser
 

@@ -273,8 +273,12 @@ class ModelConfig:
         if not 0 <= sa.noise_hold <= 1:
             raise ModelError(f"sampling.noise_hold={sa.noise_hold}: give the correlation of consecutive frames' "
                              "noise in 0..1 (0 = fresh noise every frame)")
-        if au.sample_rate % au.fps:
-            raise ModelError(f"audio.sample_rate {au.sample_rate} must be a multiple of fps {au.fps}")
+        if au.sample_rate != 16000 or au.fps != 25:  # media, the tracks and the encoders decode and pace at these
+            raise ModelError(f"audio.sample_rate {au.sample_rate} / fps {au.fps}: this version runs 16000 Hz audio "
+                             "and 25 fps video only")
+        if not 1 <= sa.num_steps <= 50 or not sa.shift > 0:
+            raise ModelError(f"sampling.num_steps={sa.num_steps} / shift={sa.shift}: choose 1..50 steps and a "
+                             "shift > 0")
         for name in ("audio_guidance_box", "noise_hold_box", "anchor_mouth_box"):
             check_box(getattr(sa, name), f"sampling.{name}", ModelError)
 
@@ -308,12 +312,30 @@ class ModelConfig:
                 for k, v in value.items():
                     if isinstance(v, list):
                         value[k] = tuple(v)
+                _check_types(key, sub[key], value)
                 kwargs[key] = sub[key](**value)
             elif key in ("trained", "description"):
                 kwargs[key] = value
             else:
                 raise ModelError(f"config.json: unknown key {key!r}")
         return cls(**kwargs)
+
+
+def _check_types(section: str, cls: type, values: dict[str, Any]) -> None:
+    """config.json values of the kind each field's default has (a number where a number goes, ...): a wrong one
+    fails at load, naming it, not deep inside a generation. Fields whose default is None are free."""
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else \
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+        value = values[f.name]
+        if default is None or value is None and "None" in str(f.type):
+            continue
+        kind = (int, float) if isinstance(default, float) else type(default)
+        if not isinstance(value, kind) or isinstance(value, bool) and not isinstance(default, bool):
+            raise ModelError(f"config.json: {section}.{f.name} is {value!r}; it takes a "
+                             f"{type(default).__name__} like {default!r}")
 
 
 def _model(

@@ -91,6 +91,8 @@ class _MonoConverter:
     def push(self, frame: av.AudioFrame) -> list[np.ndarray]:
         if frame.samples == 0:
             return []
+        if not _named_layout(frame.layout.nb_channels):
+            frame = _downmix(frame)  # FFmpeg has no layout for this count (9, 11, 13 ... channels) to convert from
         key = (frame.format.name, frame.layout.nb_channels, frame.layout.name, frame.sample_rate)
         out = self.flush() if key != self._key else []
         if self._resampler is None:
@@ -111,6 +113,30 @@ class _MonoConverter:
         out = [f.to_ndarray().reshape(-1) for f in self._resampler.resample(None)]
         self._resampler, self._key = None, None
         return out
+
+
+def _named_layout(channels: int) -> bool:
+    """Whether FFmpeg has a channel layout for this many channels (it has none for 9, 11, 13, ...)."""
+    try:
+        av.AudioLayout(f"{channels}c")
+    except ValueError:
+        return False
+    return True
+
+
+_SCALE = {"u8": 128.0, "s16": 32768.0, "s32": 2.0 ** 31, "s64": 2.0 ** 63, "flt": 1.0, "dbl": 1.0}
+
+
+def _downmix(frame: av.AudioFrame) -> av.AudioFrame:
+    """The mean of a frame's channels as a float32 mono frame at its rate (for counts FFmpeg cannot rematrix)."""
+    x = frame.to_ndarray().astype(np.float64)  # planar (channels, n), packed (1, n * channels)
+    channels = frame.layout.nb_channels
+    x = x if frame.format.is_planar else x.reshape(-1, channels).T  # (channels, n)
+    base = frame.format.name.rstrip("p")
+    x = (x - 128.0 if base == "u8" else x) / _SCALE.get(base, 1.0)
+    mono = av.AudioFrame.from_ndarray(x.mean(axis=0, keepdims=True).astype(np.float32), format="flt", layout="mono")
+    mono.sample_rate = frame.sample_rate
+    return mono
 
 
 def _concat(chunks: list[np.ndarray]) -> np.ndarray:
@@ -196,6 +222,9 @@ class PcmResampler:
             fmt = "s16"
         else:
             fmt, pcm = "flt", pcm.astype(np.float32, copy=False)
+        if not _named_layout(channels):  # FFmpeg has no layout for this count: average the channels here
+            pcm = pcm.astype(np.float32) / (32768.0 if fmt == "s16" else 1.0)
+            fmt, pcm, channels = "flt", pcm.mean(axis=1, keepdims=True, dtype=np.float32), 1
         layout = {1: "mono", 2: "stereo"}.get(channels, f"{channels}c")
         data = np.ascontiguousarray(pcm).reshape(1, n * channels)  # packed: (1, n * channels)
         frame = av.AudioFrame.from_ndarray(data, format=fmt, layout=layout)

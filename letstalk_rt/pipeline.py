@@ -429,7 +429,7 @@ class LetsTalkPipeline:
         self.num_steps = num_steps if num_steps is not None else s.num_steps
         self.portrait_guidance = s.portrait_guidance if portrait_guidance is None else portrait_guidance
         self.audio_guidance = s.audio_guidance if audio_guidance is None else audio_guidance
-        if self.audio_guidance < 0 or self.portrait_guidance < 0:
+        if not (self.audio_guidance >= 0 and self.portrait_guidance >= 0):  # NaN fails too
             raise InputError(f"guidance scales must be >= 0 (1 = off), got audio {self.audio_guidance}, "
                              f"portrait {self.portrait_guidance}")
         tc = self.config.transformer
@@ -452,7 +452,7 @@ class LetsTalkPipeline:
         self.use_memory = use_memory
         self.memory_anchor = s.memory_anchor if memory_anchor is None else memory_anchor
         self.detail_transfer = s.detail_transfer if detail_transfer is None else detail_transfer
-        if self.detail_transfer < 0:
+        if not self.detail_transfer >= 0:  # NaN fails too
             raise InputError(f"detail transfer {self.detail_transfer}: give the gate's width in grey levels, > 0, "
                              "or 0 to turn it off")
         if start_time is not None and not 0 < start_time <= 1:
@@ -831,8 +831,8 @@ class GenerationResult:
 
 
 def generate_video(
-    portrait: str | Path,
-    audio: str | Path,
+    portrait: str | Path | np.ndarray,
+    audio: str | Path | np.ndarray,
     out: str | Path,
     model: str | Path | None = None,
     pipeline: LetsTalkPipeline | None = None,
@@ -841,18 +841,24 @@ def generate_video(
     device: str = "cpu",
     detect_face: bool = True,
     progress: bool = True,
+    name: str | None = None,
 ) -> GenerationResult:
-    """Animate `portrait` with `audio` and write an H.264 + AAC mp4 to `out` (atomically).
+    """Animate `portrait` (an image file, or (H, W, 3) uint8 RGB) with `audio` (a file PyAV reads, or 16 kHz mono
+    float32 samples) and write an H.264 + AAC mp4 to `out` (atomically). `name`: the portrait in messages.
 
     Every input is checked before the model runs; on any error nothing is left at `out`.
     """
     from .media import VideoWriter, load_audio, load_image
 
-    wav = load_audio(audio)  # InputError: unreadable / empty
-    image = load_image(portrait)  # InputError: not an image
+    wav = audio if isinstance(audio, np.ndarray) else load_audio(audio)  # InputError: unreadable / empty
+    if not len(wav):
+        raise InputError("the audio is empty; give speech to animate")
+    image = portrait if isinstance(portrait, np.ndarray) else load_image(portrait)  # InputError: not an image
+    if name is None:
+        name = "the portrait" if isinstance(portrait, np.ndarray) else str(portrait)
     if pipeline is None:
         pipeline = LetsTalkPipeline.from_pretrained(model, device=device, num_steps=num_steps)
-    prepared = pipeline.prepare_portrait(image, detect=detect_face, name=str(portrait))  # NoFaceError
+    prepared = pipeline.prepare_portrait(image, detect=detect_face, name=name)  # NoFaceError
     spf = pipeline.samples_per_frame
     n_frames = max(1, math.ceil(len(wav) / spf))
     bar = None

@@ -130,7 +130,10 @@ def test_bad_counts_fail_before_a_model_loads(capsys):
                  ["bench", "--max-steps", "51"], ["demo", "--max-steps", "-1"], ["bench", "--catch-up-tempo", "3"],
                  ["demo", "--catch-up-tempo", "0.9"], ["bench", "--threads", "-2"], ["bench", "--neighbours", "-1"],
                  ["bench", "--neighbour-duty", "60/30"], ["bench", "--neighbour-duty", "half"],
-                 ["bench", "--decoder-channels", "8,8,16"], ["bench", "--safety-ms", "-5"], ["demo", "--safety-ms", "300"]):
+                 ["bench", "--decoder-channels", "8,8,16"], ["bench", "--safety-ms", "-5"], ["demo", "--safety-ms", "300"],
+                 ["bench", "--window", "-1"], ["bench", "--seconds", "-1"], ["bench", "--soak", "-5"],
+                 ["bench", "--noise-hold", "9"], ["bench", "--steps", "0"], ["bench", "--audio-guidance", "nan"],
+                 ["bench", "--json", "/no_such_dir/x.json"], ["demo", "--window", "-2"]):
         assert main(argv + ["--model", "/nonexistent"]) == 2
         err = capsys.readouterr().err
         assert argv[1] in err, err
@@ -165,3 +168,12 @@ def test_a_preset_benchmarks_with_a_narrower_decoder_for_its_latents():
     assert ae.decoder.conv_out.in_channels == 8 and ae.decode(torch.zeros(1, 4, 8, 8)).shape == (1, 3, 32, 32)
     with pytest.raises(ModelError, match="divide"):
         _preset_config(argparse.Namespace(preset="tiny", wav2vec2=None, decoder_channels=(8, 16, 12)))
+
+
+def test_a_preset_bench_takes_the_sampling_flags_and_checks_its_window(capsys):
+    """--preset benchmarks with the sampling flags it was given (not silently its own), and a window the model
+    cannot make fails with one line before any run."""
+    assert main(["bench", "--preset", "tiny", "--window", "99", "--device", "cpu"]) == 2
+    assert "--window 99" in capsys.readouterr().err
+    assert main(["bench", "--preset", "tiny", "--model", "x", "--device", "cpu"]) == 2
+    assert "--preset" in capsys.readouterr().err

@@ -84,6 +84,9 @@ def test_missing_model_and_unwritable_output(capsys, tmp_path, tiny_model_dir, a
                   extra=("--start-time", "0"))
     _expect_error(capsys, tmp_path, tiny_model_dir, astronaut_png, audio, "--noise-hold 1.5",
                   extra=("--noise-hold", "1.5"))
+    for flag, value, match in (("--audio-guidance", "nan", "finite"), ("--device", "gpu", "--device gpu"),
+                               ("--device", "mps", "--device mps")):
+        _expect_error(capsys, tmp_path, tiny_model_dir, astronaut_png, audio, match, extra=(flag, value))
     for box in ("0.5,0.5,0.8,0.2", "0.3,0.4", "mouth"):  # outside the crop, too few numbers, not numbers
         _expect_error(capsys, tmp_path, tiny_model_dir, astronaut_png, audio, f"--audio-guidance-box {box}",
                       extra=("--audio-guidance", "1.5", "--audio-guidance-box", box))
@@ -97,3 +100,61 @@ def test_console_script_reports_errors_without_traceback(tmp_path, astronaut_png
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("letstalk: error:") and "Traceback" not in proc.stderr
     assert not (tmp_path / "o.mp4").exists()
+
+
+def test_a_wrongly_typed_model_config_fails_at_load_naming_the_field(capsys, tmp_path, tiny_model_dir, astronaut_png,
+                                                                      wav_file):
+    import json
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config["audio"]["level_min"] = None
+    (model / "config.json").write_text(json.dumps(config))
+    _expect_error(capsys, tmp_path, tiny_model_dir, astronaut_png, wav_file(0.5), "audio.level_min", model=model)
+    (model / "config.json").write_bytes(b"\x89PNG\r\n")  # not even text
+    _expect_error(capsys, tmp_path, tiny_model_dir, astronaut_png, wav_file(0.5), "config.json", model=model)
+
+
+def test_generate_reads_each_input_once_so_pipes_work(capsys, tmp_path, tiny_model_dir, astronaut_png, wav_file):
+    """`--audio <(ffmpeg ...)` and `--portrait <(curl ...)`: a pipe can be read only once."""
+    import os
+    import threading
+    import time
+
+    pipes = {}
+    for name, source in (("portrait", astronaut_png), ("audio", wav_file(0.5))):
+        pipes[name] = tmp_path / f"{name}.fifo"
+        os.mkfifo(pipes[name])
+
+        def feed(path=pipes[name], data=Path(source).read_bytes()):
+            with open(path, "wb") as f:  # blocks until the reader opens it
+                f.write(data)
+            end = time.monotonic() + 5  # a second reader (the bug) then gets an empty pipe, not a hang
+            while time.monotonic() < end:
+                try:
+                    os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+                except OSError:  # no reader yet
+                    time.sleep(0.05)
+        threading.Thread(target=feed, daemon=True).start()
+    out = tmp_path / "talk.mp4"
+    code, err = _run(capsys, "generate", "--portrait", pipes["portrait"], "--audio", pipes["audio"], "--out", out,
+                     "--model", tiny_model_dir, "--quiet", "--no-face-detect")
+    assert code == 0, err
+    assert probe(out).video_frames == 13
+
+
+def test_new_model_never_overwrites_a_model_unless_forced(capsys, tmp_path):
+    out = tmp_path / "m"
+    assert main(["new-model", "--preset", "tiny", "--out", str(out)]) == 0
+    before = (out / "transformer.safetensors").read_bytes()
+    assert main(["new-model", "--preset", "tiny", "--out", str(out), "--seed", "1"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (out / "transformer.safetensors").read_bytes() == before
+    assert main(["new-model", "--preset", "tiny", "--out", str(out), "--seed", "1", "--force"]) == 0
+    assert (out / "transformer.safetensors").read_bytes() != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no partial folder left
+    (tmp_path / "file").write_text("x")
+    assert main(["new-model", "--preset", "tiny", "--out", str(tmp_path / "file" / "m")]) == 2
+    assert "cannot write the model" in capsys.readouterr().err

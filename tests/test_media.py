@@ -419,6 +419,26 @@ def test_pcm_resampler_formats_and_rate_change():
         r.push(np.zeros(10, np.float32), 0)
 
 
+def test_channel_counts_ffmpeg_has_no_layout_for_are_averaged(tmp_path):
+    """9, 11, 13 ... channels (no FFmpeg layout): a file and pushed PCM come out as the mean of the channels,
+    not as an error."""
+    import wave
+
+    rng = np.random.default_rng(0)
+    pcm = (rng.standard_normal((16000, 9)) * 3000).astype(np.int16)
+    path = tmp_path / "nine.wav"
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(9)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(pcm.tobytes())
+    mean = pcm.mean(axis=1) / 32768
+    np.testing.assert_allclose(load_audio(path), mean, atol=1e-6)
+    r = PcmResampler()
+    np.testing.assert_allclose(np.concatenate([r.push(pcm, 16000), r.flush()]), mean, atol=1e-6)
+    assert abs(len(np.concatenate([r.push(pcm[:, :2].repeat(6, 1)[:, :11], 48000), r.flush()])) - 5333) <= 2
+
+
 @pytest.mark.parametrize("tempo", [1.25, 1.5])
 def test_tempo_stretcher_shortens_speech_in_a_stream_and_keeps_its_pitch(tempo):
     """Streamed in 640-sample pieces, 2 s come out 2 / tempo s long, in runs that flush and restart;
