@@ -997,3 +997,26 @@ def test_idle_frames_put_in_front_are_taken_back_whole_and_the_audio_after_them_
     np.testing.assert_array_equal(out, speech[:len(out)])
     w.drop_tokens(2)
     assert w.idle_ahead == 0
+
+
+def test_a_file_pushed_faster_than_real_time_waits_for_room_instead_of_failing(tiny_pipeline, tmp_path, wav_file):
+    """FileSource(realtime=False) on a file longer than the engine's max_pending_seconds: run() keeps the queue at
+    that bound and delivers every sample (it raised AudioBufferFull part-way through)."""
+    from letstalk_rt.stream import FileSource
+
+    source = FileSource(wav_file(3.0), realtime=False)
+
+    async def main():
+        engine = await _engine(tiny_pipeline, max_pending_seconds=1.0)
+        session = await engine.open_session(_portrait(tiny_pipeline, 70))
+        reader = asyncio.create_task(_collect(session, 4.0))
+        await source.run(session)
+        frames = await reader
+        await engine.stop()
+        return frames
+
+    frames = run(main())
+    audio = np.concatenate([f.audio for f in frames if not f.filler])
+    start, first = np.flatnonzero(audio)[0], np.flatnonzero(source.audio)[0]
+    pushed = source.audio[first:]
+    np.testing.assert_allclose(audio[start:start + len(pushed)], pushed, atol=1e-6)

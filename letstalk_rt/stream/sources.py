@@ -27,28 +27,40 @@ if TYPE_CHECKING:
 
 
 class AudioSource(ABC):
+    paced = True  # chunks come at real-time pace; False: as fast as they are made (run() waits for room)
+
     @abstractmethod
     def chunks(self) -> AsyncIterator[tuple[np.ndarray, int]]:
         """Yield (samples, sample_rate); samples int16/float32 shaped (n,) or (n, channels)."""
 
     async def run(self, session: "Session", end_speech: bool = True) -> None:
         """Push every chunk into `session` until the source ends (or the session closes)."""
+        from .engine import AudioBufferFull
+
         async for pcm, rate in self.chunks():
-            if session.closed:
-                return
-            session.push_audio(pcm, rate)
+            while True:
+                if session.closed:
+                    return
+                try:
+                    session.push_audio(pcm, rate)
+                    break
+                except AudioBufferFull:
+                    if self.paced:  # a live source this far ahead of playback: the application must hear of it
+                        raise
+                    await asyncio.sleep(0.05)  # faster than real time: wait until playback makes room
         if end_speech and not session.closed:
             session.end_speech()
 
 
 class FileSource(AudioSource):
-    """A file decoded with PyAV and released at real-time pace (or as fast as possible)."""
+    """A file decoded with PyAV and released at real-time pace, or (realtime=False) as fast as the session takes
+    it: run() then keeps up to the engine's `max_pending_seconds` queued, however long the file."""
 
     def __init__(self, path: str | Path, realtime: bool = True, chunk_ms: int = 20, sample_rate: int = 16000) -> None:
         from ..media import load_audio
 
         self.audio = load_audio(path, sample_rate)  # InputError at construction: fail before streaming
-        self.realtime = realtime
+        self.realtime = self.paced = realtime
         self.rate = sample_rate
         self.chunk = int(sample_rate * chunk_ms / 1000)
 
