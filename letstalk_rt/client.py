@@ -21,8 +21,9 @@
 session's speech instead of (or besides) `send_audio`. Server errors become exceptions carrying the
 server's message: `AuthenticationError` (401), `ServerBusyError` (503, `.retry_after`),
 `SessionNotFoundError` (404), `RequestError` (other 4xx), `AvatarClientError` (the rest, and a
-websocket the server closed, with its reason). Errors the server reports while streaming (audio
-dropped, a bad control message) arrive as `error` events.
+websocket the server closed, with its reason: sends fail with it, and `events()` ends with it when no
+`closed` event came). Errors the server reports while streaming (audio dropped, a bad control
+message) arrive as `error` events.
 
 Received frames wait in small bounded buffers (about 2 s); when nobody reads, the oldest are dropped,
 so an application that only wants events never accumulates media.
@@ -139,13 +140,14 @@ class AudioChunk:
 
 
 class _Buffer:
-    """Drop-oldest bounded queue with async iteration that ends when the buffer is closed."""
+    """Drop-oldest bounded queue with async iteration that ends when the buffer is closed (or fails)."""
 
     def __init__(self, maxlen: int) -> None:
         self.items: collections.deque = collections.deque(maxlen=maxlen)
         self.dropped = 0
         self.received = 0
         self.closed = False
+        self.error: BaseException | None = None
         self._event = asyncio.Event()
 
     def put(self, item: Any) -> None:
@@ -155,14 +157,18 @@ class _Buffer:
         self.received += 1
         self._event.set()
 
-    def close(self) -> None:
-        self.closed = True
+    def close(self, error: BaseException | None = None) -> None:
+        """No more items; once drained, readers get StopAsyncIteration, or `error` if one is given."""
+        if not self.closed:
+            self.closed, self.error = True, error
         self._event.set()
 
     async def get(self) -> Any:
-        """The next item, or raises StopAsyncIteration once closed and drained."""
+        """The next item, or raises StopAsyncIteration (or the close error) once closed and drained."""
         while not self.items:
             if self.closed:
+                if self.error is not None:
+                    raise self.error
                 raise StopAsyncIteration
             self._event.clear()
             await self._event.wait()
@@ -329,6 +335,8 @@ class AvatarSession:
                     raise SessionNotFoundError(str(fake), e.status) from None
                 raise fake from None
             self._ws, self._ws_close, self._format = ws, None, (16000, 1)
+            if self._events.error is not None:  # the last websocket failed the event stream: a fresh one
+                self._events = _Buffer(1000)
             self._spawn(self._read_ws(ws), "ws")
             return ws
 
@@ -352,12 +360,18 @@ class AvatarSession:
             if isinstance(event, dict):
                 self._dispatch(event)
         self._ws_close = f"code {ws.close_code}" + (f": {reason}" if reason else "")
-        if self._ws is ws:
+        current = self._ws is ws
+        if current:
             self._ws = None
         for future in self._pongs.values():
             if not future.done():
                 future.set_exception(AvatarClientError(f"websocket closed by the server ({self._ws_close})"))
         self._pongs.clear()
+        if current and not self.closed:
+            # Ended without a `closed` event (replaced by a newer websocket, a protocol error, the server
+            # gone, the network down): no event will ever come, so end events() with why, not a hang.
+            self._events.close(AvatarClientError(f"session {self.id}: websocket closed by the server "
+                                                 f"({self._ws_close}); no more events"))
 
     def _dispatch(self, event: dict) -> None:
         kind = event.get("type")
@@ -421,7 +435,7 @@ class AvatarSession:
         if (sample_rate, channels) != self._format:
             await self._control({"type": "audio_format", "sample_rate": sample_rate, "channels": channels})
             self._format = (sample_rate, channels)
-        step = sample_rate * frame_bytes // 2  # 0.5 s per message: well under the server's 1 s limit
+        step = (sample_rate // 2) * frame_bytes  # 0.5 s of whole samples per message (server limit: 1 s)
         for pos in range(0, len(data), step):
             chunk = data[pos:pos + step]
             await self._send(lambda ws, c=chunk: ws.send_bytes(c))
@@ -460,8 +474,12 @@ class AvatarSession:
         return register(callback) if callback is not None else register
 
     async def events(self) -> AsyncIterator[dict]:
-        """Events as dicts until the session closes (the last one has type "closed")."""
-        if self._ws is None and not self.closed:
+        """Events as dicts until the session closes (the last one has type "closed").
+
+        Raises AvatarClientError, with the close code and reason, when the server ends the websocket
+        without closing the session (a newer websocket replaced it, a protocol error, the server gone).
+        """
+        if self._ws is None and not self.closed and self._ws_close is None:  # like sends: no silent reconnect
             await self._open_ws()
         while True:
             try:
@@ -490,28 +508,33 @@ class AvatarSession:
         if self.closed:
             return
         self.closed = True
-        if self._ws is not None:
-            try:
-                await asyncio.wait_for(self._ws.close(), 2.0)
-            except (asyncio.TimeoutError, ConnectionError, RuntimeError):
-                pass
-        if self.pc is not None:
-            pc, self.pc = self.pc, None
-            await _close_pc(pc)
-        http = self.client._http
-        if http is not None and not http.closed:
-            try:
-                async with http.delete(self.client._url(f"/v1/sessions/{self.id}"), headers=self._headers()) as resp:
-                    if resp.status not in (204, 401, 404):  # 404/401: already gone or expired, fine
-                        await _raise_for_status(resp)
-            except aiohttp.ClientError as e:
-                log.info("session %s: DELETE failed: %s", self.id, e)
-        for task in list(self._tasks):
-            task.cancel()
-        self._video.close()
-        self._audio.close()
-        self._events.close()
-        self.client._sessions.discard(self)
+        try:
+            if self._ws is not None:
+                try:
+                    await asyncio.wait_for(self._ws.close(), 2.0)
+                except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+                    pass
+            if self.pc is not None:
+                pc, self.pc = self.pc, None
+                await _close_pc(pc)
+            http = self.client._http
+            if http is not None and not http.closed:
+                try:
+                    async with http.delete(self.client._url(f"/v1/sessions/{self.id}"),
+                                           headers=self._headers()) as resp:
+                        if resp.status not in (204, 401, 404):  # 404/401: already gone or expired, fine
+                            await _raise_for_status(resp)
+                except (aiohttp.ClientError, asyncio.TimeoutError, AvatarClientError) as e:
+                    # Unreachable, slow or failing: the server frees the session itself once it is idle.
+                    log.warning("session %s: DELETE failed (%s); the server frees it after its idle timeout",
+                                self.id, str(e) or type(e).__name__)
+        finally:  # whatever the server said: nothing of this session may outlive close() here
+            for task in list(self._tasks):
+                task.cancel()
+            self._video.close()
+            self._audio.close()
+            self._events.close()
+            self.client._sessions.discard(self)
 
     async def __aenter__(self) -> AvatarSession:
         return self

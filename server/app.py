@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from aiohttp import WSMsgType, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from letstalk_rt.cli import (add_device_args, add_live_args, add_sampling_args, check_live_args, check_sampling_args,
                              live_config, resolve_device, resolve_dtype, sampling_kwargs)
@@ -46,6 +47,7 @@ from .sessions import (
     SdpRejected,
     ServerConfig,
     ServerSession,
+    SessionGone,
     SessionManager,
     check_offer,
     render_metrics,
@@ -67,6 +69,7 @@ MAX_CONTROL_MESSAGE = 4096  # JSON control messages are tiny
 MAX_FORM_FIELD = 1024  # non-file multipart fields (seed, steps, avatar_id)
 MAX_FORM_PARTS = 8
 SESSION_FIELDS = ("portrait", "avatar_id", "seed", "steps")
+UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP")  # what the docs promise; Pillow's other decoders are never reached
 
 
 @dataclass
@@ -104,10 +107,21 @@ async def error_middleware(request: web.Request, handler):
         raise
     except asyncio.CancelledError:
         raise
-    except Exception:
+    except Exception as e:
+        if isinstance(e, ConnectionError) and _client_gone(request):
+            # The client hung up mid-request (an upload cut off): not a server error, and nobody is left
+            # to read an answer (aiohttp drops it quietly).
+            log.info("%s %s: the client disconnected before the request was read (%s)", request.method,
+                     request.path, _describe(e))
+            return web.Response(status=400)
         log.exception("internal error on %s %s", request.method, request.path)
         request.app[MANAGER].metrics.errors_total += 1
         return web.json_response({"error": "internal server error"}, status=500)
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 def require_api_key(request: web.Request) -> None:
@@ -145,7 +159,10 @@ def authorize_session(request: web.Request, allow_api_key: bool = False) -> Serv
 
 async def health(request: web.Request) -> web.Response:
     manager = request.app[MANAGER]
-    return web.json_response({"status": "ok", "sessions": len(manager.sessions), "max_sessions": manager.max_sessions})
+    # `sessions` counts every slot taken, those held by requests still uploading or preparing included:
+    # sessions == max_sessions is exactly when POST /v1/sessions answers 503.
+    return web.json_response({"status": "ok", "sessions": len(manager.sessions) + manager.admitting,
+                              "admitting": manager.admitting, "max_sessions": manager.max_sessions})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -164,21 +181,25 @@ async def list_avatars(request: web.Request) -> web.Response:
 # --------------------------------------------------------------------------------------------------
 
 
+class ImageTooLarge(InputError):
+    """An image over the pixel limit (HTTP 413); every other unreadable image is a plain InputError (415)."""
+
+
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
-    """Uploaded bytes -> (H, W, 3) uint8 RGB; InputError (not an image) / ValueError (too large)."""
+    """Uploaded JPEG / PNG / WebP bytes -> (H, W, 3) uint8 RGB; ImageTooLarge, or InputError (not one of those)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as img:
             w, h = img.size  # read from the header: nothing is decoded yet
             if w * h > max_pixels:
-                raise ValueError(f"the portrait is {w}x{h} pixels; at most {max_pixels // 1_000_000} megapixels")
+                raise ImageTooLarge(f"the portrait is {w}x{h} pixels; at most {max_pixels // 1_000_000} megapixels")
             return np.array(img.convert("RGB"))  # writable (H, W, 3) uint8
     except UnidentifiedImageError:
         raise InputError("`portrait` is not an image this server can read (send JPEG, PNG or WebP)") from None
     except Image.DecompressionBombError as e:
-        raise ValueError(f"the portrait is too large to decode: {e}") from None
-    except (OSError, SyntaxError) as e:  # truncated / corrupt files
+        raise ImageTooLarge(f"the portrait is too large to decode: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:  # truncated / corrupt files (Pillow raises all three)
         raise InputError(f"`portrait` image is corrupt or truncated ({e})") from None
 
 
@@ -198,6 +219,22 @@ async def read_body(request: web.Request, limit: int) -> bytes | None:
         buf += chunk
         if len(buf) > limit:
             return None
+
+
+async def read_in_time(request: web.Request, reading):
+    """Await `reading` (the body being read) within --upload-timeout, or answer 408.
+
+    aiohttp puts no deadline on a request body: a client that announces 10 bytes and sends one would
+    otherwise hold its admission slot (or its session's negotiation) forever.
+    """
+    timeout = request.app[CONFIG].upload_timeout_s
+    try:
+        return await asyncio.wait_for(reading, timeout)
+    except asyncio.TimeoutError:
+        err = api_error(408, f"the request body did not arrive within {timeout:g} s (--upload-timeout); "
+                             "send it at once, or raise the limit")
+        err.force_close()  # no keep-alive: aiohttp drains what still comes for its lingering time, then closes
+        raise err from None
 
 
 async def _read_limited(part, limit: int, what: str) -> bytes:
@@ -241,8 +278,10 @@ async def _read_session_request(request: web.Request) -> dict[str, Any]:
                 raise api_error(422, f"too many multipart fields; expected {', '.join(SESSION_FIELDS)}")
         except web.HTTPException:
             raise
-        except (ValueError, AssertionError, KeyError, UnicodeError) as e:  # aiohttp's multipart parser
-            raise api_error(400, f"malformed multipart body: {e}") from None
+        except (ValueError, AssertionError, KeyError, UnicodeError, HttpProcessingError) as e:  # aiohttp's parser
+            # HttpProcessingError: a part's headers are malformed (InvalidHeader) or too long (LineTooLong)
+            message = e.message if isinstance(e, HttpProcessingError) else str(e)
+            raise api_error(400, f"malformed multipart body: {' '.join(str(message).split())[:200]}") from None
     elif ctype == "application/x-www-form-urlencoded":  # a plain HTML form / FormData without a file
         body = await read_body(request, 64 * 1024)
         if body is None:
@@ -298,7 +337,7 @@ async def create_session(request: web.Request) -> web.Response:
         raise api_error(503, f"all {manager.max_sessions} sessions are in use; retry later",
                         headers={"Retry-After": str(config.retry_after_s)})
     try:
-        fields = await _read_session_request(request)
+        fields = await read_in_time(request, _read_session_request(request))
         seed = _int_field(fields, "seed", 0, 2**31 - 1) or 0
         steps = _int_field(fields, "steps", 1, 50)
         if steps is not None and steps != engine.pipeline.num_steps:
@@ -319,7 +358,7 @@ async def create_session(request: web.Request) -> web.Response:
                 raise api_error(422, "the `portrait` upload is empty")
             try:
                 portrait = await asyncio.to_thread(decode_image, upload, config.max_image_pixels)
-            except ValueError as e:
+            except ImageTooLarge as e:
                 raise api_error(413, str(e)) from None
             except InputError as e:
                 raise api_error(415, str(e)) from None
@@ -374,27 +413,40 @@ async def offer(request: web.Request) -> web.Response:
         raise api_error(409, "this session already has a peer connection; DELETE it and create a new session")
     ss.negotiating = True
     try:
-        body = await read_body(request, config.max_sdp_bytes)
+        body = await read_in_time(request, read_body(request, config.max_sdp_bytes))
+        if ss.closing:  # DELETE / the watchdog closed it while the offer arrived
+            raise _session_gone(ss)
         try:
             if body is None:
                 raise SdpRejected(413, f"the SDP offer is larger than the limit of {config.max_sdp_bytes} bytes")
             text = check_offer(body, config)
             answer = await asyncio.wait_for(ss.negotiate(text), config.negotiation_timeout_s)
-        except SdpRejected as e:
-            raise api_error(e.status, str(e)) from None
-        except asyncio.TimeoutError:
-            request.app[MANAGER].metrics.errors_total += 1
-            raise api_error(504, f"WebRTC negotiation did not finish within {config.negotiation_timeout_s:g} s") from None
         except web.HTTPException:
             raise
-        except Exception as e:  # aiortc: raw ValueError / AssertionError / OperationError on hostile offers
+        except Exception as e:
+            if ss.closing or isinstance(e, SessionGone):  # negotiate() closed its pc (or close() did)
+                raise _session_gone(ss) from None
+            if isinstance(e, SdpRejected):
+                raise api_error(e.status, str(e)) from None
+            if isinstance(e, asyncio.TimeoutError):
+                request.app[MANAGER].metrics.errors_total += 1
+                raise api_error(504, f"WebRTC negotiation did not finish within {config.negotiation_timeout_s:g} s"
+                                ) from None
+            # aiortc: raw ValueError / AssertionError / OperationError on hostile offers
             log.info("session %s: offer rejected: %r", ss.id, e)
             raise api_error(400, f"the SDP offer cannot be negotiated: {_describe(e)}") from None
+        if ss.closing:  # closed right after negotiate() returned: close() found this pc and closes it
+            raise _session_gone(ss)
     finally:
         ss.negotiating = False
     ss.touch()
     return web.Response(status=201, text=answer, content_type="application/sdp",
                         headers={"Location": f"/v1/sessions/{ss.id}"})
+
+
+def _session_gone(ss: ServerSession) -> web.HTTPException:
+    reason = ss.session.close_reason or "closed"
+    return api_error(404, f"session {ss.id} was closed ({reason}) before its WebRTC negotiation finished")
 
 
 def _describe(e: BaseException) -> str:
@@ -419,16 +471,19 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     if not ws.can_prepare(request).ok:
         raise api_error(400, "this URL expects a websocket upgrade")
     await ws.prepare(request)
+    if ss.closing:  # closed during the handshake: its close() did not see this socket, so nobody else would
+        await ss._close_ws(ws, 1000, f"session closed: {ss.session.close_reason or 'closed'}")
+        return ws
     old, ss.ws = ss.ws, ws
     ss.had_ws, ss.ws_left_at = True, None
     ss.audio_format = (ss.session.sample_rate, 1)  # every websocket starts at 16 kHz mono
     ss.touch()
-    if old is not None:
-        await ss._close_ws(old, 1000, "replaced by a newer websocket")
-    rate, channels = ss.audio_format
-    await ss.send_json({"type": "ready", "session_id": ss.id, "sample_rate": rate, "channels": channels,
-                        "max_seconds_per_message": 1.0, "time": time.time()})
     try:
+        if old is not None:
+            await ss._close_ws(old, 1000, "replaced by a newer websocket")
+        rate, channels = ss.audio_format
+        await ss.send_json({"type": "ready", "session_id": ss.id, "sample_rate": rate, "channels": channels,
+                            "max_seconds_per_message": 1.0, "time": time.time()})
         async for msg in ws:
             if ss.closing:
                 break
@@ -445,6 +500,12 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                 await _on_control(ss, msg.data)
             else:  # ERROR (e.g. a message over the transport cap: aiohttp closes with 1009)
                 break
+    except Exception:
+        # A bug, not the client's doing. Escaping, it would reach the error middleware, which would write
+        # an HTTP 500 into the upgraded socket; close it with 1011 instead (the session stays open).
+        log.exception("session %s: websocket handler failed", ss.id)
+        ss.manager.metrics.errors_total += 1
+        await ss._close_ws(ws, 1011, "internal server error (see the server log); reconnect")
     finally:
         if ss.ws is ws:
             ss.ws, ss.ws_left_at = None, time.monotonic()
@@ -488,8 +549,9 @@ async def _on_control(ss: ServerSession, text: str) -> None:
             ss.session.interrupt()
         elif kind == "audio_format":
             rate, channels = message.get("sample_rate", 16000), message.get("channels", 1)
+            # ints only: 2.0 == 2 would pass `in (1, 2)` and later break the reshape of every message
             if (not isinstance(rate, int) or isinstance(rate, bool) or not 8000 <= rate <= 96000
-                    or channels not in (1, 2) or isinstance(channels, bool)):
+                    or not isinstance(channels, int) or isinstance(channels, bool) or channels not in (1, 2)):
                 await ss.error_event("audio_format: sample_rate must be an integer 8000..96000 and channels 1 or 2",
                                      "bad_message")
                 return
@@ -611,6 +673,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"close sessions idle this many seconds (default {d.idle_timeout_s:g})")
     parser.add_argument("--max-upload-mb", type=float, default=d.max_upload_mb,
                         help=f"portrait upload limit in MB (default {d.max_upload_mb:g})")
+    parser.add_argument("--upload-timeout", type=float, default=d.upload_timeout_s,
+                        help="seconds a request body (portrait upload, SDP offer) may take to arrive; 408 after "
+                             f"(default {d.upload_timeout_s:g})")
     parser.add_argument("--ice-server", action="append", default=[], metavar="URL",
                         help="STUN/TURN server for WebRTC, e.g. stun:stun.example.org:3478 (repeatable; default none)")
     parser.add_argument("--no-face-detect", action="store_true",
@@ -632,7 +697,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     if not _is_loopback(args.host) and not api_key and not args.insecure_no_auth:
         raise LetsTalkError(f"refusing to listen on {args.host} without authentication: set --api-key "
                             "(or LETSTALK_API_KEY), or pass --insecure-no-auth to allow it")
-    for name, value in (("--idle-timeout", args.idle_timeout), ("--max-upload-mb", args.max_upload_mb)):
+    for name, value in (("--idle-timeout", args.idle_timeout), ("--max-upload-mb", args.max_upload_mb),
+                        ("--upload-timeout", args.upload_timeout)):
         if not value > 0:
             raise LetsTalkError(f"{name} must be positive, got {value}")
     if args.max_sessions is not None and args.max_sessions < 1:
@@ -640,7 +706,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         host=args.host, port=args.port, api_key=api_key,
         token_secret=args.token_secret or os.environ.get("LETSTALK_TOKEN_SECRET") or None,
-        idle_timeout_s=args.idle_timeout, max_upload_mb=args.max_upload_mb, ice_servers=list(args.ice_server),
+        idle_timeout_s=args.idle_timeout, max_upload_mb=args.max_upload_mb, upload_timeout_s=args.upload_timeout,
+        ice_servers=list(args.ice_server),
         detect_face=not args.no_face_detect, stop_engine_on_cleanup=True,
     )
 

@@ -12,7 +12,8 @@ when the engine is full), and a watchdog closes what nobody uses any more:
 
 - idle: no audio, no websocket message and no media pulled for `idle_timeout_s`;
 - a peer connection that failed or closed (at once), or whose peer went silent (no RTCP receiver
-  report and no RTP for `peer_timeout_s`: a killed client never says goodbye);
+  report and no RTP for `peer_timeout_s`: a killed client never says goodbye); while the session's
+  websocket is open only the peer connection goes (`peer_gone`), and a new offer reconnects;
 - a websocket that went away from a session without a peer connection (after `ws_grace_s`).
 """
 
@@ -69,6 +70,7 @@ class ServerConfig:
     peer_timeout_s: float = 6.0  # a connected peer silent this long (no RTCP, no RTP) is gone: closed
     ws_grace_s: float = 3.0  # a session without a peer connection whose websocket left: closed after this
     max_upload_mb: float = 10.0  # portrait upload limit (HTTP 413 above)
+    upload_timeout_s: float = 30.0  # a request body (upload, SDP offer) not all there after this: 408
     max_image_pixels: int = 40_000_000  # decoded portrait size limit: no decompression bombs
     max_sdp_bytes: int = 64 * 1024  # an SDP offer is a few kB; more is refused (413)
     max_media_sections: int = 3  # audio + video (+ an ignored data channel)
@@ -98,6 +100,10 @@ class SdpRejected(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+class SessionGone(Exception):
+    """The session was closed (DELETE, watchdog, engine) while a request on it was still being served."""
 
 
 def _short(e: BaseException) -> str:
@@ -345,8 +351,19 @@ class ServerSession:
 
     # -- WebRTC
 
+    def _check_open(self) -> None:
+        # SessionManager.close() frees whatever pc it finds when it gets there; a pc made (or still being
+        # negotiated) after that point would never be closed, nor its mic/discard tasks cancelled.
+        if self.closing:
+            raise SessionGone(f"session {self.id} was closed during the WebRTC negotiation")
+
     async def negotiate(self, offer_sdp: str) -> str:
-        """Apply the offer, attach the session's tracks, return the answer SDP (closes the pc on failure)."""
+        """Apply the offer, attach the session's tracks, return the answer SDP (closes the pc on failure).
+
+        Raises SessionGone, with the pc closed, when the session starts closing at any point of it: the
+        session's close() then either finds no pc or closes this one, so none outlives the session.
+        """
+        self._check_open()
         pc = RTCPeerConnection(self.config.rtc_configuration())
         self.pc = pc
         received: list = []
@@ -366,10 +383,11 @@ class ServerSession:
             if state == "connected":
                 self.last_peer_seen = time.monotonic()
             elif state in ("failed", "closed") and self.pc is pc:
-                self.spawn(self.manager.close(self, f"peer connection {state}"), "close")
+                self.peer_gone(f"peer connection {state}")
 
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+            self._check_open()
             kinds = {t.kind for t in pc.getTransceivers()}
             if not kinds & {"audio", "video"}:
                 raise SdpRejected(400, "the offer has no audio or video section")
@@ -378,10 +396,13 @@ class ServerSession:
             if "audio" in kinds:
                 pc.addTrack(self.session.audio_track())
             answer = await pc.createAnswer()
+            self._check_open()
             await pc.setLocalDescription(answer)
+            self._check_open()
             return pc.localDescription.sdp
         except BaseException:
-            self.pc = None
+            if self.pc is pc:
+                self.pc = None
             for track in received:
                 track.stop()
             await self.close_pc(pc)
@@ -443,6 +464,22 @@ class ServerSession:
                             self.last_peer_seen = now
         return now - self.last_peer_seen <= self.config.peer_timeout_s
 
+    def peer_gone(self, reason: str) -> bool:
+        """The peer left (its connection failed or closed, or it went silent). With the session's websocket
+        still open (the program that drives it, e.g. behind an OBS overlay that reloads) only the peer
+        connection goes, and a new offer may reconnect; else the session closes. True if it stays."""
+        pc = self.pc
+        if self.ws is not None and not self.ws.closed and not self.closing:
+            log.info("session %s: %s; the session stays for its websocket (a new offer reconnects)", self.id, reason)
+            self.pc = None
+            self.last_peer_seen = None
+            self._peer_marks.clear()
+            if pc is not None:
+                self.spawn(self.close_pc(pc), "close-pc")
+            return True
+        self.spawn(self.manager.close(self, reason), "close")
+        return False
+
     # -- watchdog
 
     async def check(self, now: float) -> str | None:
@@ -452,9 +489,11 @@ class ServerSession:
             self._last_tick = tick
             self.touch()
         if self.pc is not None and self.pc.connectionState in ("failed", "closed"):
-            return f"peer connection {self.pc.connectionState}"
+            self.peer_gone(f"peer connection {self.pc.connectionState}")  # closes the session itself, or not
+            return None
         if not await self.peer_alive(now):
-            return f"peer unreachable (no RTCP/RTP for {self.config.peer_timeout_s:.0f} s)"
+            self.peer_gone(f"peer unreachable (no RTCP/RTP for {self.config.peer_timeout_s:.0f} s)")
+            return None
         if (self.had_ws and self.ws is None and self.pc is None and self.ws_left_at is not None
                 and not self.negotiating and now - self.ws_left_at > self.config.ws_grace_s):
             return "websocket disconnected"
@@ -494,6 +533,11 @@ class SessionManager:
 
     def release(self) -> None:
         self._admitting -= 1
+
+    @property
+    def admitting(self) -> int:
+        """Slots reserved by session requests not finished yet (reading, decoding, preparing)."""
+        return self._admitting
 
     def add(self, session: Session) -> ServerSession:
         token, exp = self.signer.issue(session.id, self.config.token_ttl_s)

@@ -165,11 +165,18 @@ def test_overlay_page_shows_a_session_driven_by_the_sdk(tiny_pipeline, tmp_path)
                     await asyncio.wait_for(started.wait(), 20)
                     assert await session.ping() >= 0  # the SDK's websocket is still the session's
                     state = (await session.stats())
+                    await page.close()  # leaving the overlay hangs up its side, never the owner's session
+                    await asyncio.sleep(1.0)
+                    after = await session.stats()  # AvatarClientError (404) if it had been deleted
+                    page = await context.new_page()  # the overlay reloaded (OBS does on a scene change)
+                    await page.goto(session.overlay_url(chroma="00ff00"))
+                    await page.wait_for_function("window.letstalk?.frames?.frames > 10", timeout=30000)
             finally:
                 await context.close()
-            return background, size, state
+            return background, size, state, after
 
-    background, size, state = run(main())
+    background, size, state, after = run(main())
+    assert after["websocket"] is True and after["peer_connection"] is None
     assert background == "rgb(0, 255, 0)"
     assert size == [32, 32]
     assert state["peer_connection"] == "connected" and state["websocket"] is True

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import time
 
+import aiohttp
 import numpy as np
 import pytest
+from aiohttp import web
 from conftest import speechlike
 from server_helpers import SpeechTrack, run, running_server, wait_until
 
@@ -143,3 +146,91 @@ def test_sdk_raises_the_servers_errors(tiny_pipeline):
 
     run(main())
 
+
+
+def test_sdk_events_end_when_the_websocket_ends_and_odd_rates_are_sent_whole(tiny_pipeline):
+    """events() raises the server's close reason when its websocket ends without a `closed` event (here:
+    another client's websocket replaces it) instead of waiting forever; audio at a rate whose half second
+    is an odd number of samples (11025 Hz) is still sent as whole PCM16 samples."""
+    from letstalk_rt.client import AvatarClient, AvatarClientError
+
+    async def main():
+        async with running_server(tiny_pipeline) as srv, aiohttp.ClientSession() as http:
+            async with AvatarClient(srv.url) as client:
+                session = await client.start_session()
+                ss = srv.manager.sessions[session.id]
+                pushed: list[int] = []
+                push_audio = ss.push_audio
+                ss.push_audio = lambda pcm, rate: pushed.append(len(pcm)) or push_audio(pcm, rate)
+                speech = speechlike(1.0, 11025)
+                await session.send_audio(speech, sample_rate=11025)  # 5512 samples per message, not 5512.5
+                await session.send_audio(np.stack([speech, speech], axis=1), sample_rate=11025)  # and stereo
+                assert await session.ping() >= 0  # the server kept the websocket: every message was whole
+                assert sum(pushed) == 2 * 11025
+
+                types: list[str] = []
+
+                async def read_events():
+                    async for event in session.events():
+                        types.append(event["type"])
+
+                reader = asyncio.ensure_future(read_events())
+                await asyncio.sleep(0.2)
+                other = await http.ws_connect(session.ws_url, headers={"Authorization": f"Bearer {session.token}"})
+                with pytest.raises(AvatarClientError, match="replaced by a newer websocket"):
+                    await asyncio.wait_for(reader, 10)
+                assert "ready" in types and "closed" not in types
+                with pytest.raises(AvatarClientError, match="replaced"):  # and again: the stream stays ended
+                    async for _ in session.events():
+                        pass
+                await other.close()
+
+    run(main())
+
+
+@contextlib.asynccontextmanager
+async def _fake_server(delete_handler):
+    """A stand-in server: POST /v1/sessions answers like the real one, DELETE as `delete_handler` says."""
+
+    async def create(request: web.Request) -> web.Response:
+        return web.json_response({"session_id": "s1", "token": "t", "expires_at": 0,
+                                  "offer_url": "/v1/sessions/s1/offer", "ws_url": "/v1/sessions/s1/ws"}, status=201)
+
+    app = web.Application()
+    app.router.add_post("/v1/sessions", create)
+    app.router.add_delete("/v1/sessions/{id}", delete_handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("failure", ["timeout", "500"])
+def test_sdk_close_cleans_up_when_the_delete_fails(failure, caplog):
+    """A DELETE that times out or gets a 5xx is logged; close() still ends the streams, cancels the
+    session's tasks and forgets the session, and does not raise."""
+    from letstalk_rt.client import AvatarClient
+
+    async def delete(request: web.Request) -> web.Response:
+        if failure == "timeout":
+            await asyncio.sleep(5)
+        return web.json_response({"error": "internal server error"}, status=500)
+
+    async def main():
+        async with _fake_server(delete) as url:
+            async with AvatarClient(url, timeout=0.5) as client:
+                session = await client.start_session()
+                task = session._spawn(asyncio.sleep(60), "background")
+                await session.close()
+                await asyncio.sleep(0)
+                assert task.cancelled()
+                assert session not in client._sessions
+                assert [event async for event in session.events()] == []  # ended, not waiting
+                assert [frame async for frame in session.video_frames()] == []
+
+    run(main())
+    assert "DELETE failed" in caplog.text

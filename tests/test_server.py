@@ -7,6 +7,7 @@ import base64
 import gc
 import io
 import json
+import logging
 import os
 import re
 import subprocess
@@ -68,6 +69,23 @@ async def _ws_json(ws, kind: str, timeout: float = 10.0) -> dict:
             return event
 
 
+async def _raw_request(port: int, head: bytes, body: bytes = b""):
+    """An HTTP request written by hand on a raw socket (to stall or cut a body); (reader, writer)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head + b"\r\n" + body)
+    await writer.drain()
+    return reader, writer
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+async def _health(http, url: str) -> dict:
+    async with http.get(f"{url}/health") as r:
+        return await r.json()
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -86,7 +104,7 @@ def test_health_metrics_and_avatars(tiny_pipeline):
         async with running_server(tiny_pipeline, max_sessions=3) as srv, aiohttp.ClientSession() as http:
             async with http.get(f"{srv.url}/health") as r:
                 assert r.status == 200
-                assert await r.json() == {"status": "ok", "sessions": 0, "max_sessions": 3}
+                assert await r.json() == {"status": "ok", "sessions": 0, "admitting": 0, "max_sessions": 3}
             async with http.get(f"{srv.url}/v1/avatars") as r:
                 assert (await r.json())["avatars"] == [{"id": "default", "name": "Bundled portrait"}]
             info = await create_session(http, srv.url)
@@ -205,7 +223,7 @@ def test_python_m_server_serves_and_stops_cleanly_on_sigterm(tiny_model_dir):
             url = m.group(1) if m else None
         assert url, "server did not print its URL"
         with urllib.request.urlopen(f"{url}/health", timeout=10) as r:
-            assert json.load(r) == {"status": "ok", "sessions": 0, "max_sessions": 2}
+            assert json.load(r) == {"status": "ok", "sessions": 0, "admitting": 0, "max_sessions": 2}
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
@@ -296,8 +314,16 @@ def test_session_creation_errors_are_clear_json(tiny_pipeline, astronaut_png):
                     return r.status, await r.json()
 
             noise = np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)
+            corrupt = bytearray(astronaut_png.read_bytes())
+            corrupt[11] = 0  # IHDR chunk length 13 -> 0: Pillow raises ValueError, which once meant "too large"
+            from PIL import Image
+
+            bmp = io.BytesIO()
+            Image.open(astronaut_png).resize((256, 256)).save(bmp, format="BMP")  # a face Pillow could decode
             cases = [
                 ({"portrait": b"this is not an image"}, 415, "not an image"),
+                ({"portrait": bytes(corrupt)}, 415, "corrupt"),
+                ({"portrait": bmp.getvalue()}, 415, "JPEG, PNG or WebP"),
                 ({"portrait": _png(noise)}, 422, "face"),
                 ({"portrait": b""}, 422, "empty"),
                 ({"portrait": b"\0" * (600 * 1024)}, 413, "limit"),
@@ -310,12 +336,17 @@ def test_session_creation_errors_are_clear_json(tiny_pipeline, astronaut_png):
             for fields, status, words in cases:
                 got, body = await post_form(fields)
                 assert got == status and words in body["error"], (fields.keys(), got, body)
+            multipart = "multipart/form-data; boundary=xyz"
             for data, ctype, status in ((b"{not json", "application/json", 400), (b"[1, 2]", "application/json", 422),
+                                        # malformed part headers: aiohttp's InvalidHeader / LineTooLong
+                                        (b"--xyz\r\nContent-Disposition form-data\r\n\r\nx\r\n--xyz--\r\n",
+                                         multipart, 400),
+                                        (b"--xyz\r\nX: " + b"a" * 9000 + b"\r\n\r\nx\r\n--xyz--\r\n", multipart, 400),
                                         (b"avatar_id=default", "text/plain", 415),
                                         (json.dumps({"avatar_id": "default", "seed": -1}).encode(), "application/json", 422),
                                         (json.dumps({"avatar_id": "default", "seed": True}).encode(), "application/json", 422)):
                 async with http.post(f"{url}/v1/sessions", data=data, headers={"Content-Type": ctype}) as r:
-                    assert r.status == status, (data, r.status, await r.text())
+                    assert r.status == status, (data[:60], r.status, await r.text())
                     assert "error" in await r.json()
             async with http.get(f"{url}/v1/nowhere") as r:
                 assert r.status == 404 and "error" in await r.json()
@@ -328,7 +359,65 @@ def test_session_creation_errors_are_clear_json(tiny_pipeline, astronaut_png):
             assert body["video"] == {"width": 32, "height": 32, "fps": 25}
             assert body["expires_at"] > time.time()
             assert len(srv.engine.sessions) == 1  # none of the refused requests left a session behind
+            assert srv.manager.metrics.errors_total == 0  # every refusal was a 4xx, none an internal error
 
+    run(main())
+
+
+def test_stalled_or_cut_off_uploads_free_their_slot(tiny_pipeline, caplog):
+    """A client that announces a body and stops sending gets 408 after --upload-timeout and its slot is
+    free again (/health counts it while it is held); a stalled SDP offer does not block the session's
+    negotiation; a client that hangs up mid-upload is a quiet disconnect, not an internal error."""
+
+    async def main():
+        async with running_server(tiny_pipeline, max_sessions=1, upload_timeout_s=1.0) as srv, \
+                aiohttp.ClientSession() as http:
+            url, port = srv.url, _port(srv.url)
+            head = (b"POST /v1/sessions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 10\r\n")
+            reader, writer = await _raw_request(port, head, b"{")  # 1 byte of 10, then nothing
+            await wait_until(lambda: srv.manager.admitting == 1, 5, "the stalled request to hold a slot")
+            assert await _health(http, url) == {"status": "ok", "sessions": 1, "admitting": 1, "max_sessions": 1}
+            async with http.post(f"{url}/v1/sessions", json={"avatar_id": "default"}) as r:
+                assert r.status == 503  # the slot is held while the body is awaited ...
+            t0 = time.monotonic()
+            answer = await asyncio.wait_for(reader.read(4096), 10)
+            assert answer.startswith(b"HTTP/1.1 408 ") and b"--upload-timeout" in answer, answer
+            assert time.monotonic() - t0 < 3
+            writer.close()
+            assert (await _health(http, url))["sessions"] == 0  # ... and only until the deadline
+            info = await create_session(http, url)
+
+            # a stalled SDP offer: 408, and the session can still negotiate
+            offer_head = (f"POST /v1/sessions/{info['session_id']}/offer HTTP/1.1\r\nHost: x\r\n"
+                          f"Authorization: Bearer {info['token']}\r\nContent-Type: application/sdp\r\n"
+                          "Content-Length: 100\r\n").encode()
+            reader, writer = await _raw_request(port, offer_head, b"v=0\r\n")
+            answer = await asyncio.wait_for(reader.read(4096), 10)
+            assert answer.startswith(b"HTTP/1.1 408 "), answer
+            writer.close()
+            peer = Peer()
+            await peer.connect(http, info)  # not 409: the stalled offer let go of the negotiation
+            await peer.close()
+            async with http.delete(f"{url}/v1/sessions/{info['session_id']}", headers=_bearer(info["token"])) as r:
+                assert r.status == 204
+
+            # hanging up mid-upload (JSON, then multipart): quiet, not counted as an error, slot freed
+            multipart = (b"POST /v1/sessions HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+                         b"boundary=xyz\r\nContent-Length: 100000\r\n")
+            part = b'--xyz\r\nContent-Disposition: form-data; name="portrait"; filename="a.png"\r\n\r\n\x89PNG'
+            for cut_head, cut_body in ((head, b"{"), (multipart, part)):
+                caplog.clear()
+                _, writer = await _raw_request(port, cut_head, cut_body)
+                await wait_until(lambda: srv.manager.admitting == 1, 5, "the upload to start")
+                writer.close()
+                await wait_until(lambda: srv.manager.admitting == 0, 5, "the cut-off upload to free its slot")
+                assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+                assert "disconnected" in caplog.text
+            assert srv.manager.metrics.errors_total == 0
+            await create_session(http, url)
+
+    caplog.set_level(logging.INFO, logger="letstalk.server")
     run(main())
 
 
@@ -403,6 +492,70 @@ def test_malformed_sdp_is_refused_while_other_sessions_stream(tiny_pipeline):
     run(main())
 
 
+def test_an_offer_racing_a_delete_leaves_no_peer_connection(tiny_pipeline, monkeypatch):
+    """DELETE while the offer's body is still arriving, and a close while aiortc negotiates: the offer
+    gets 404 (not a 201 for a dead session), and every peer connection the server made is closed, with
+    none of its tasks (the client's microphone) left running."""
+    import server.sessions
+    from aiortc import RTCPeerConnection
+
+    made: list = []
+
+    class Recorded(RTCPeerConnection):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(server.sessions, "RTCPeerConnection", Recorded)
+
+    async def main():
+        async with running_server(tiny_pipeline) as srv, aiohttp.ClientSession() as http:
+            # 1. the DELETE lands while the offer's body trickles in
+            info = await create_session(http, srv.url)
+            ss = srv.manager.sessions[info["session_id"]]
+            sdp = (await Peer(send_audio=SpeechTrack(1.0)).offer()).encode()
+            half, go = asyncio.Event(), asyncio.Event()
+
+            async def trickle():
+                yield sdp[:100]
+                half.set()
+                await go.wait()
+                yield sdp[100:]
+
+            offer = asyncio.ensure_future(http.post(info["offer_url"], data=trickle(), headers={
+                **_bearer(info["token"]), "Content-Type": "application/sdp"}))
+            await half.wait()
+            await wait_until(lambda: ss.negotiating, 5, "the offer handler to start reading")
+            async with http.delete(f"{srv.url}/v1/sessions/{ss.id}", headers=_bearer(info["token"])) as r:
+                assert r.status == 204
+            go.set()
+            async with await offer as r:
+                assert r.status == 404 and "closed" in (await r.json())["error"], (r.status, await r.text())
+
+            # 2. the session closes while aiortc is negotiating (after the tracks are attached)
+            info = await create_session(http, srv.url)
+            ss = srv.manager.sessions[info["session_id"]]
+            video_track = ss.session.video_track
+
+            def close_meanwhile():
+                ss.spawn(srv.manager.close(ss, "closed by the watchdog"), "close")
+                return video_track()
+
+            monkeypatch.setattr(ss.session, "video_track", close_meanwhile)
+            async with http.post(info["offer_url"], data=await Peer(send_audio=SpeechTrack(1.0)).offer(),
+                                 headers={**_bearer(info["token"]), "Content-Type": "application/sdp"}) as r:
+                assert r.status == 404, (r.status, await r.text())
+            await ss.closed.wait()
+
+            await wait_until(lambda: all(pc.connectionState == "closed" for pc in made), 10,
+                             "every server-side peer connection to be closed")
+            await wait_until(lambda: not ss.tasks, 5, "the session's tasks to end")
+            assert not srv.manager.sessions and not srv.engine.sessions
+            return len(made)
+
+    assert run(main()) >= 1  # the second offer made one (the first never got that far, or it was closed)
+
+
 # --------------------------------------------------------------------------------------------------
 # The websocket
 # --------------------------------------------------------------------------------------------------
@@ -434,7 +587,9 @@ def test_websocket_audio_control_events_and_bad_input(tiny_pipeline):
             assert (await _ws_json(ws, "interrupted"))["type"] == "interrupted"
             # bad text messages: an error event each, the connection stays up
             for bad in ("{not json", "[1, 2]", '{"type": 5}', '{"type": "dance"}', json.dumps({"x": "y" * 5000}),
-                        '{"type": "audio_format", "sample_rate": 1, "channels": 9}'):
+                        '{"type": "audio_format", "sample_rate": 1, "channels": 9}',
+                        '{"type": "audio_format", "sample_rate": 16000, "channels": 2.0}',  # 2.0 == 2, not an int
+                        '{"type": "audio_format", "sample_rate": 16000.0, "channels": 1}'):
                 await ws.send_str(bad)
                 err = await _ws_json(ws, "error")
                 assert err["message"] and err["code"] == "bad_message", (bad, err)
@@ -526,6 +681,25 @@ def test_dead_and_idle_clients_free_their_sessions(tiny_pipeline):
             await wait_until(lambda: survivor["session_id"] not in srv.manager.sessions, 8,
                              "session freed after its peer closed")
             await doomed.close()
+            # a peer killed while the session's websocket is open (a program behind an OBS overlay): only the peer
+            # connection goes, a new peer reconnects to the same session, and once both are gone it is freed
+            driven = await create_session(http, srv.url)
+            ws = await http.ws_connect(driven["ws_url"], headers=_bearer(driven["token"]))
+            first = Peer()
+            await first.connect(http, driven)
+            await first.wait_frames(video=5)
+            first.kill()
+            ss = srv.manager.sessions[driven["session_id"]]
+            await wait_until(lambda: ss.pc is None, 10, "the dead peer's connection dropped")
+            await ws.send_str(json.dumps({"type": "ping"}))  # the program is still there
+            assert driven["session_id"] in srv.manager.sessions and not ss.closing
+            second = Peer()
+            await second.connect(http, driven)
+            await second.wait_frames(video=5)
+            await second.close()
+            await first.close()
+            await ws.close()
+            await wait_until(lambda: driven["session_id"] not in srv.manager.sessions, 8, "freed once both left")
             return freed
 
     freed = run(main())
@@ -566,6 +740,53 @@ def test_fifty_connect_disconnect_cycles_keep_memory_flat(tiny_pipeline):
 
     start, end = run(main(), timeout=600)
     assert end <= start * 1.10, f"RSS grew from {start / 2**20:.0f} MiB to {end / 2**20:.0f} MiB"
+
+
+def test_websocket_bug_closes_with_1011_and_a_handshake_racing_a_close_is_closed(tiny_pipeline, monkeypatch,
+                                                                                  caplog):
+    """An unexpected error while handling a message closes that websocket with 1011 and a reason (logged
+    once, counted as an error; the session stays open), never an HTTP 500 written into the socket; and a
+    websocket whose session closes during the handshake is closed with the reason, not left open."""
+    from aiohttp import web
+
+    async def main():
+        async with running_server(tiny_pipeline) as srv, aiohttp.ClientSession() as http:
+            info = await create_session(http, srv.url)
+            ss = srv.manager.sessions[info["session_id"]]
+            ws = await http.ws_connect(info["ws_url"], headers=_bearer(info["token"]))
+            await _ws_json(ws, "ready")
+
+            def broken(pcm, rate):
+                raise RuntimeError("a bug")
+
+            monkeypatch.setattr(ss, "push_audio", broken)
+            await ws.send_bytes(np.zeros(320, "<i2").tobytes())
+            msg = await ws.receive(timeout=5)
+            assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1011 and "internal" in msg.extra, msg
+            assert srv.manager.metrics.errors_total == 1
+            assert len([r for r in caplog.records if r.name == "letstalk.server" and r.exc_info]) == 1, caplog.text
+            monkeypatch.undo()
+            ws = await http.ws_connect(info["ws_url"], headers=_bearer(info["token"]))  # the session lives on
+            await ws.send_json({"type": "ping", "id": 3})
+            assert (await _ws_json(ws, "pong"))["id"] == 3
+            await ws.close()
+
+            # the session is closed while the websocket handshake is under way
+            prepare = web.WebSocketResponse.prepare
+
+            async def prepare_then_close(self, request):
+                out = await prepare(self, request)
+                await srv.manager.close(ss, "deleted by the client")
+                return out
+
+            monkeypatch.setattr(web.WebSocketResponse, "prepare", prepare_then_close)
+            ws = await http.ws_connect(info["ws_url"], headers=_bearer(info["token"]))
+            msg = await ws.receive(timeout=5)
+            assert msg.type == aiohttp.WSMsgType.CLOSE and "session closed" in msg.extra, msg
+            assert ss.ws is None and not srv.manager.sessions
+
+    caplog.set_level(logging.INFO, logger="letstalk.server")
+    run(main())
 
 
 def test_second_websocket_replaces_the_first(tiny_pipeline):

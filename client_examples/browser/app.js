@@ -7,6 +7,7 @@
 //   const conn = new AvatarConnection(info, { onEvent: (e) => console.log(e) });
 //   await conn.start({ audioStream });                                   // a MediaStream with one audio track, or null
 //   videoElement.srcObject = conn.stream;
+//   await conn.connected();                                              // media flows from here on
 //   conn.interrupt(); conn.endSpeech(); await conn.close();
 
 function authHeaders(apiKey) {
@@ -60,8 +61,10 @@ export async function createSession({ apiKey = null, avatarId = "default", file 
   return resp.json();
 }
 
-// Play a decoded audio file into a MediaStream (WebAudio), to send it like a microphone.
-export async function fileToStream(file, { loop = false } = {}) {
+// Decode an audio file into a MediaStream (WebAudio), to send it like a microphone. It plays from
+// play(): call that once the peer connection is connected (conn.connected()), or the first seconds
+// play into a track nobody sends yet and the avatar never says them.
+export async function fileToStream(file, { loop = false, autoplay = false } = {}) {
   const ctx = new AudioContext();
   const buffer = await ctx.decodeAudioData(await file.arrayBuffer());
   const source = ctx.createBufferSource();
@@ -69,8 +72,20 @@ export async function fileToStream(file, { loop = false } = {}) {
   source.loop = loop;
   const dest = ctx.createMediaStreamDestination();
   source.connect(dest);
-  source.start();
-  return { stream: dest.stream, stop: () => { try { source.stop(); } catch {} ctx.close(); }, duration: buffer.duration };
+  let started = false;
+  const play = () => {
+    if (!started) {
+      started = true;
+      source.start();
+    }
+  };
+  if (autoplay) play();
+  return {
+    stream: dest.stream,
+    play,
+    stop: () => { try { source.stop(); } catch {} ctx.close(); },
+    duration: buffer.duration,
+  };
 }
 
 export class AvatarConnection {
@@ -88,7 +103,18 @@ export class AvatarConnection {
     return this.info.session_id;
   }
 
-  async start({ audioStream = null, receiveAudio = true, websocket = true } = {}) {
+  // Negotiate WebRTC (and open the websocket). On failure the peer connection and websocket are closed
+  // again before the error is thrown; the session itself is left to its owner (close() deletes it).
+  async start(options = {}) {
+    try {
+      await this._start(options);
+    } catch (e) {
+      this._hangUp();
+      throw e;
+    }
+  }
+
+  async _start({ audioStream = null, receiveAudio = true, websocket = true } = {}) {
     const pc = new RTCPeerConnection({ iceServers: [] });
     this.pc = pc;
     pc.ontrack = (e) => {
@@ -115,6 +141,29 @@ export class AvatarConnection {
     if (!resp.ok) throw new Error(`offer: HTTP ${resp.status}: ${await errorText(resp)}`);
     await pc.setRemoteDescription({ type: "answer", sdp: await resp.text() });
     if (websocket) this._openSocket(); // one websocket per session: an overlay of another client's session opens none
+  }
+
+  // Resolves once the peer connection is connected (media flows); rejects when it fails or takes too long.
+  connected(timeoutMs = 20000) {
+    const pc = this.pc;
+    if (!pc) return Promise.reject(new Error("start() the connection first"));
+    return new Promise((resolve, reject) => {
+      const finish = (error) => {
+        clearTimeout(timer);
+        pc.removeEventListener("connectionstatechange", check);
+        if (error) reject(error);
+        else resolve();
+      };
+      const check = () => {
+        const s = pc.connectionState;
+        if (s === "connected") finish();
+        else if (s === "failed" || s === "closed") finish(new Error(`peer connection ${s}`));
+      };
+      const timer = setTimeout(() => finish(new Error(`peer connection not connected within ${timeoutMs / 1000} s`)),
+        timeoutMs);
+      pc.addEventListener("connectionstatechange", check);
+      check();
+    });
   }
 
   _gathered(timeoutMs) {
@@ -173,12 +222,22 @@ export class AvatarConnection {
     return out;
   }
 
-  async close() {
-    if (this.closed) return;
+  // Leave the session without ending it: for a page attached to a session another client owns.
+  hangUp() {
     this.closed = true;
+    this._hangUp();
+  }
+
+  _hangUp() {
     clearInterval(this._keepAlive);
     if (this.ws) this.ws.close();
     if (this.pc) this.pc.close();
+  }
+
+  async close() {
+    if (this.closed) return;
+    this.closed = true;
+    this._hangUp();
     try {
       await fetch(`/v1/sessions/${this.info.session_id}`, {
         method: "DELETE", headers: { Authorization: `Bearer ${this.info.token}` }, keepalive: true,
