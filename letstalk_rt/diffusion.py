@@ -70,11 +70,17 @@ class FlowMatching:
     def loss(self, model_output: Tensor, x0: Tensor, noise: Tensor, weight: Tensor | None = None) -> Tensor:
         """Mean squared velocity error (fp32); `weight` (broadcastable to x0, e.g. (B, 1, 1, h, w)) makes it a
         weighted mean."""
-        err = (model_output.float() - self.target(x0, noise).float()) ** 2
         if weight is None:
-            return torch.mean(err)
+            return torch.mean((model_output.float() - self.target(x0, noise).float()) ** 2)
+        num, den = self.weighted_sums(model_output, x0, noise, weight)
+        return num / den
+
+    def weighted_sums(self, model_output: Tensor, x0: Tensor, noise: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+        """`loss`'s weighted mean as (sum of weight x squared error, sum of weight): ranks that each hold part of a
+        batch add both up before dividing (their weights differ when their clips' mouth boxes do)."""
+        err = (model_output.float() - self.target(x0, noise).float()) ** 2
         w = weight.float().expand_as(err)
-        return (err * w).sum() / w.sum()
+        return (err * w).sum(), w.sum()
 
 
 # --------------------------------------------------------------------------------------------------

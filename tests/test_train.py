@@ -763,17 +763,25 @@ def test_exact_resume(tmp_path, init_dir, shards, synth_sync, extra):
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
-def test_ddp_two_ranks_match_one_process(tmp_path, init_dir, shards):
-    args = ["--stage", "transformer", "--data", str(shards), "--init", str(init_dir), "--steps", "2",
-            "--batch", "4", "--lr", "1e-3", "--warmup", "1", "--log-every", "1", "--device", "cpu", "--quiet"]
-    train(_cfg("transformer", shards, init_dir, tmp_path / "one", steps=2, warmup=1))  # also builds the caches
+def test_ddp_two_ranks_match_one_process(tmp_path, init_dir):
+    """2 gloo ranks reach one process's losses and gradients, on clips whose mouth boxes differ in size (the
+    weighted losses' weight sums then differ between the ranks: each is divided by the whole batch's)."""
+    data = make_synth(tmp_path / "synth", clips=6, frames=24)
+    boxes = ([4, 24, 40, 20], [20, 30, 6, 6], [10, 26, 28, 14], [22, 32, 4, 4], [0, 16, 48, 30], [16, 28, 14, 10])
+    for c, box in enumerate(boxes):  # 48 px frames; step 1's halves hold 288 and 528 of latent weight
+        meta = json.loads((data / f"clip_{c:05d}.json").read_text())
+        (data / f"clip_{c:05d}.json").write_text(json.dumps({**meta, "mouth_box": box}))
+    args = ["--stage", "transformer", "--data", str(data), "--init", str(init_dir), "--steps", "3",
+            "--batch", "4", "--lr", "1e-3", "--warmup", "1", "--log-every", "1", "--device", "cpu", "--quiet",
+            "--mouth-weight", "8"]
+    train(_cfg("transformer", data, init_dir, tmp_path / "one", steps=3, warmup=1, mouth_weight=8.0))  # + caches
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
     proc = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "letstalk_rt.train.trainer",
                            *args, "--run-dir", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = [json.loads(x) for x in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
     two = [json.loads(x) for x in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in two] == [1, 2]
+    assert [r["step"] for r in two] == [1, 2, 3]
     np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-4)
     np.testing.assert_allclose([r["grad_norm"] for r in two], [r["grad_norm"] for r in one], rtol=1e-3)
 

@@ -127,11 +127,17 @@ def mouth_direction_loss(fake: Tensor, real: Tensor, ref: Tensor, floor: float =
     little. A window whose real mouth hardly moves (RMS change under `floor`, in [-1, 1] units) has no
     direction to follow and counts in proportion. `letstalk eval`'s "mouth direction" measures this on
     generated video (docs/eval.md)."""
+    num, den = mouth_direction_sums(fake, real, ref, floor)
+    return num / den.clamp_min(1e-6)
+
+
+def mouth_direction_sums(fake: Tensor, real: Tensor, ref: Tensor, floor: float = DIRECTION_FLOOR) -> tuple[Tensor, Tensor]:
+    """`mouth_direction_loss` as (weighted sum, sum of weights), for ranks that each hold part of a batch."""
     a = (fake - ref[:, None]).flatten(1)  # (B, T*3*S*S)
     b = (real - ref[:, None]).flatten(1)  # (B, T*3*S*S)
     cos = F.cosine_similarity(a, b, dim=1, eps=1e-8)  # (B,)
     w = (b.pow(2).mean(dim=1).sqrt() / floor).clamp(max=1.0).detach()  # (B,)
-    return ((1 - cos) * w).sum() / w.sum().clamp_min(1e-6)
+    return ((1 - cos) * w).sum(), w.sum()
 
 
 def mouth_pattern_loss(fake: Tensor, real: Tensor, eps: float = PATTERN_EPS) -> Tensor:

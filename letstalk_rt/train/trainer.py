@@ -88,7 +88,7 @@ from ..models.autoencoder import DCAutoencoder
 from ..pipeline import corpus_level_min
 from .data import (AudioFeatureCache, ClipDataset, LatentCache, audio_window, open_dataset, plan_frames,
                    plan_windows, sample_generator, window_frame_indices)
-from .sync import (CROP, CRITIC_LR_SCALE, MouthCritic, MouthExpert, decoded_l1, mouth_direction_loss, mouth_origins,
+from .sync import (CROP, CRITIC_LR_SCALE, MouthCritic, MouthExpert, decoded_l1, mouth_direction_sums, mouth_origins,
                    mouth_pattern_loss, mouth_square)
 
 STAGES = ("autoencoder", "transformer", "distill", "decoder")
@@ -319,6 +319,17 @@ class Stage:
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         raise NotImplementedError
 
+    def weighted_mean(self, num: Tensor, den: Tensor) -> Tensor:
+        """num / den over the step's whole batch, every rank's part of it: each rank holds (num, den) of its own
+        samples, and DDP (or FSDP) averages the ranks' gradients, so a rank's share is world x num / the
+        ranks' summed den. A ratio per rank instead would weigh a rank whose clips' mouth boxes are larger (more
+        weight) like one with smaller ones, and 2 processes would not train as 1 does."""
+        if not self.dist.enabled:
+            return num / den.clamp_min(1e-12)
+        total = den.detach().clone()
+        torch.distributed.all_reduce(total)
+        return num * self.dist.world / total.clamp_min(1e-12)
+
     def adversarial(self, real: Tensor, fake: Tensor) -> Tensor:
         """The network's adversarial term on its mouth squares `fake` (N, 3, S, S), with gradients to the network
         only; (real, fake) are kept for the critic's own step in `after_step`."""
@@ -351,10 +362,10 @@ class Stage:
         return self.dataset.image_size // self.comps.config.transformer.latent_size
 
     def pixel_loss(self, recon: Tensor, x: Tensor, w: Tensor, origins: Tensor | None) -> Tensor:
-        """The frame stages' loss: `reconstruction_loss` of decoded frames `recon` against real frames `x`
+        """The frame stages' loss: `reconstruction_sums` of decoded frames `recon` against real frames `x`
         (N, 3, S, S) with pixel weights w (N, 1, S, S), plus --adv-mouth-weight x the critic's verdict on the
         mouth squares at `origins` (N, 2) latent cells, the real frames' against the decoded ones'."""
-        loss = reconstruction_loss(recon, x, w)
+        loss = self.weighted_mean(*reconstruction_sums(recon, x, w))
         if self.critic is None:
             return loss
         assert origins is not None
@@ -396,10 +407,11 @@ def pixel_weight(box: tuple[int, int, int, int] | None, size: int, mouth_weight:
     return w
 
 
-def reconstruction_loss(recon: Tensor, x: Tensor, w: Tensor) -> Tensor:
-    """mean(w * (|recon - x| + (recon - x)^2)) / mean(w): frames (N, 3, S, S) in [-1, 1], w (N, 1, S, S)."""
+def reconstruction_sums(recon: Tensor, x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """The frame stages' reconstruction loss, mean(w * (|recon - x| + (recon - x)^2)) / mean(w), as (weighted
+    sum, sum of weights) (`Stage.weighted_mean` divides): frames (N, 3, S, S) in [-1, 1], w (N, 1, S, S)."""
     err = recon - x
-    return ((err.abs() + err.square()) * w).mean() / w.mean()
+    return ((err.abs() + err.square()) * w).sum(), w.expand_as(err).sum()
 
 
 class AutoencoderStage(Stage):
@@ -698,7 +710,8 @@ class TransformerStage(Stage):
         x_t = self.flow.add_noise(x0, z, t)  # (B, T, C, h, w)
         with self._autocast():
             v = model(batch["audio"], batch["feat_index"], x_t, t, *self.conditions(batch))  # (B, T, C, h, w)
-        loss = self.flow.loss(v, x0, z, weight=batch["weight"])  # weight (B, 1, 1, h, w): the mouth counts more
+        # weight (B, 1, 1, h, w): the mouth counts more
+        loss = self.weighted_mean(*self.flow.weighted_sums(v, x0, z, batch["weight"]))
         weights = extra_loss_weights(self.cfg)
         if not weights:
             return loss
@@ -724,7 +737,8 @@ class TransformerStage(Stage):
             if "direction" in weights:
                 with torch.no_grad():  # the portrait's own mouth square: what both changes are measured from
                     ref = self.ae.decode(mouth_square(batch["portrait"], batch["mouth_origin"]).float())  # (B, 3, S, S)
-                terms["direction"] = mouth_direction_loss(fake.unflatten(0, (-1, n)), real.unflatten(0, (-1, n)), ref)
+                terms["direction"] = self.weighted_mean(*mouth_direction_sums(fake.unflatten(0, (-1, n)),
+                                                                               real.unflatten(0, (-1, n)), ref))
         if "frame" in weights:
             terms["frame"] = decoded_l1(self.ae.decode, estimate, truth)
         self.last_terms = {k: v.detach() for k, v in terms.items()}
