@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from letstalk_rt.checkpoint import build_components, load_model, save_model
 from letstalk_rt.cli import main as cli_main
@@ -729,7 +729,7 @@ def test_prepared_shards_train_the_mouth_losses_on_the_box_their_framing_fixes(t
 
 @pytest.mark.parametrize("extra", ["plain", "sync", "adv"], ids=["plain", "sync-loss", "adversarial"])
 def test_exact_resume(tmp_path, init_dir, shards, synth_sync, extra):
-    kw = dict(steps=6, ema=0.9, ckpt_every=2, keep=2)
+    kw = dict(steps=6, ema=0.9, ckpt_every=2, keep=2, log_every=4)  # stopped at 3: in the middle of a log row
     if extra == "sync":  # the mouth expert is fitted again on resume: it must come out the same
         shards, kw = synth_sync, dict(kw, sync_weight=0.5)
     if extra == "adv":  # the critic and its optimizer come back from the checkpoint
@@ -746,6 +746,16 @@ def test_exact_resume(tmp_path, init_dir, shards, synth_sync, extra):
         train(_cfg("transformer", shards, init_dir, tmp_path / "b", resume=True, **changed))
     assert ("--adv-mouth-weight 0.5 (now 0.0)" in str(err.value)) == (extra == "adv")
     assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step_0000002", "step_0000003"]
+    other = tmp_path / "other_init"  # --init's weights changed since the run started: refused, not mixed in
+    shutil.copytree(init_dir, other)
+    ae = load_file(str(other / "autoencoder.safetensors"))
+    save_file({k: v + 0.01 if k == next(iter(ae)) else v for k, v in ae.items()}, str(other / "autoencoder.safetensors"))
+    with pytest.raises(InputError, match="not the model the run"):
+        train(_cfg("transformer", shards, other, tmp_path / "b", resume=True, **kw))
+    if extra == "plain":  # the latest checkpoint unreadable (a power cut mid-write): resumed from the one before
+        (tmp_path / "b" / "checkpoints" / "step_0000003" / "trainer_state.pt").write_bytes(b"torn")
+        with open(tmp_path / "b" / "log.jsonl", "a") as f:
+            f.write('{"step": 3, "lo')  # and a log line torn by the kill
     b = train(_cfg("transformer", shards, init_dir, tmp_path / "b", out=tmp_path / "out_b", resume=True, **kw))
     for name in ("transformer", "audio_encoder", "audio_projector", "autoencoder"):
         wa, wb = load_file(str(a / f"{name}.safetensors")), load_file(str(b / f"{name}.safetensors"))
@@ -757,9 +767,10 @@ def test_exact_resume(tmp_path, init_dir, shards, synth_sync, extra):
     if extra == "adv":
         assert sa["extra"]["critic"].keys() == sb["extra"]["critic"].keys()
         assert all(torch.equal(sa["extra"]["critic"][k], sb["extra"]["critic"][k]) for k in sa["extra"]["critic"])
-    la = (tmp_path / "a" / "log.jsonl").read_text().splitlines()
-    lb = (tmp_path / "b" / "log.jsonl").read_text().splitlines()
-    assert [json.loads(x)["loss"] for x in la] == [json.loads(x)["loss"] for x in lb]
+    la = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in la] == [4, 6]  # the same rows, the one across the resume too
+    assert [(r["step"], r["loss"], r["grad_norm"]) for r in la] == [(r["step"], r["loss"], r["grad_norm"]) for r in lb]
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
@@ -838,6 +849,9 @@ def test_bad_inputs(tmp_path, init_dir, shards, capsys):
         train(_cfg("decoder", shards, init_dir, tmp_path / "run", decoder_channels=(8, 16)))
     with pytest.raises(ModelError, match="to divide 4"):
         train(_cfg("decoder", shards, init_dir, tmp_path / "run", decoder_channels=(4, 32, 16)))
+    for bad in (dict(seed=-1), dict(weight_decay=-0.1), dict(mouth_weight=-2.0), dict(stop_after=0)):
+        with pytest.raises(InputError, match=f"--{next(iter(bad)).replace('_', '-')}"):
+            train(_cfg("transformer", shards, init_dir, tmp_path / "run", **bad))
     # the CLI prints one line and exits 2
     code = cli_main(["train", "--stage", "autoencoder", "--data", str(tmp_path / "empty"), "--init", str(init_dir),
                      "--run", str(tmp_path / "run"), "--quiet"])

@@ -59,6 +59,7 @@ import argparse
 import copy
 import dataclasses
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -1000,8 +1001,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 # TrainConfig fields a resumed run may change: how long it runs, where it writes and reads, how it is
 # watched. Every other field is the recipe; a resume that changes one would continue different training.
+# (--no-latent-cache may not change: with and without the cache a batch draws different noise from its samples'
+# generators, so the run would go on on other noise. --init's path may change, its content not: init_fingerprint.)
 RESUME_MAY_CHANGE = frozenset({"data", "init", "run", "out", "steps", "ckpt_every", "keep", "log_every", "device",
-                               "resume", "stop_after", "workers", "latent_cache", "progress"})
+                               "resume", "stop_after", "workers", "progress"})
 
 
 def recipe_changes(saved: dict[str, Any] | None, cfg: TrainConfig) -> list[str]:
@@ -1037,6 +1040,31 @@ def checkpoint_dirs(run: Path) -> list[Path]:
     return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / "trainer_state.pt").is_file())
 
 
+def _fsync_dir(folder: Path) -> None:
+    """Flush a folder's files and the folder itself to disk."""
+    for f in folder.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _load_latest_state(ckpts: list[Path]) -> dict:
+    """The newest checkpoint's trainer state that loads; one that does not (cut short by a power loss or a full
+    disk) is reported and the one before it is used."""
+    for ckpt in reversed(ckpts):
+        try:
+            return torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+        except Exception as e:
+            print(f"--resume: checkpoint '{ckpt}' cannot be read ({type(e).__name__}: {e}); trying the one before",
+                  file=sys.stderr)
+    raise InputError(f"--resume: no checkpoint of '{ckpts[-1].parent.parent}' can be read; start a new --run")
+
+
 def _write_dir_atomic(final: Path, write: Callable[[Path], None]) -> None:
     """write(tmp) into a temporary sibling folder, then rename it to `final` (replacing a model dir there)."""
     tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
@@ -1052,9 +1080,10 @@ def _write_dir_atomic(final: Path, write: Callable[[Path], None]) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save raises RuntimeError on a full disk
         shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(f"cannot write '{final}': {e.strerror or e}; free disk space or choose another path") from e
+        raise OutputError(f"cannot write '{final}': {getattr(e, 'strerror', None) or e}; free disk space or choose "
+                          "another path") from e
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1096,6 +1125,10 @@ def _check(cfg: TrainConfig, dist: Dist) -> None:
         raise InputError(f"--batch {cfg.batch} (global) must be divisible by the {dist.world} ranks")
     if cfg.lr <= 0 or not 0 <= cfg.ema < 1 or cfg.warmup < 0 or cfg.grad_clip < 0:
         raise InputError("--lr must be > 0, --ema in [0, 1), --warmup and --grad-clip >= 0")
+    if cfg.seed < 0 or cfg.weight_decay < 0 or cfg.mouth_weight < 0 or (cfg.stop_after is not None and cfg.stop_after < 1):
+        raise InputError(f"--seed {cfg.seed}, --weight-decay {cfg.weight_decay:g}, --mouth-weight {cfg.mouth_weight:g}"
+                         f" and --stop-after {cfg.stop_after}: give a seed, a decay and a mouth weight >= 0 and "
+                         "--stop-after >= 1")
     if cfg.schedule not in ("cosine", "constant"):
         raise InputError(f"--schedule {cfg.schedule!r}: choose cosine or constant")
     if not 1 <= cfg.student_steps <= 4 or not 1 <= cfg.teacher_steps <= 50:
@@ -1127,9 +1160,22 @@ def train(cfg: TrainConfig) -> Path | None:
             torch.distributed.destroy_process_group()
 
 
+def init_fingerprint(comps: Components) -> str:
+    """A digest of a model's config and every weight: what a resumed run must start from again (the frozen
+    parts -- the autoencoder, a distill teacher, the sample decoder's model -- and the settings come from --init,
+    not from the checkpoint)."""
+    digest = hashlib.sha256(comps.config.to_json().encode())
+    for name, module in sorted(comps.modules().items()):
+        for key, value in sorted(module.state_dict().items()):
+            digest.update(f"{name}.{key}".encode())
+            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _train(cfg: TrainConfig, dist: Dist) -> Path | None:
     _check(cfg, dist)
     comps = load_model(cfg.init)
+    fingerprint = init_fingerprint(comps)
     for m in comps.modules().values():
         m.requires_grad_(True).train()
     if dist.main:
@@ -1152,12 +1198,16 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path | None:
     state = None
     ckpts = checkpoint_dirs(cfg.run)
     if cfg.resume and ckpts:
-        state = torch.load(ckpts[-1] / "trainer_state.pt", map_location="cpu", weights_only=False)
+        state = _load_latest_state(ckpts)
         if state["stage"] != cfg.stage:
             raise InputError(f"--resume: '{cfg.run}' is a {state['stage']} run, not {cfg.stage}")
         if state.get("fsdp", False) != cfg.fsdp:
             raise InputError(f"--resume: '{cfg.run}' was trained {'with' if state.get('fsdp') else 'without'} "
                              "--fsdp; resume it the same way")
+        if state.get("init_fingerprint", fingerprint) != fingerprint:
+            raise InputError(f"--resume: --init '{cfg.init}' is not the model the run in '{cfg.run}' started from (its "
+                             "weights or config changed since): the frozen parts and settings come from it. Resume "
+                             "with the same --init, or start a new --run")
         changed = recipe_changes(state.get("config"), cfg)
         if changed:
             raise InputError(f"--resume: '{cfg.run}' was trained with other settings: {'; '.join(changed)}. Resume "
@@ -1191,6 +1241,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path | None:
         _set_rng_state(state["rng"])
         stage.load_extra_state(state.get("extra", {}))
         start = int(state["step"])
+    logged = state.get("log_interval") if state is not None else None  # the log row's sums so far, if mid-row
     if cfg.resume and not ckpts and dist.main:
         print(f"--resume: '{cfg.run}' has no checkpoint yet; starting from step 0", file=sys.stderr)
     if dist.enabled and not cfg.fsdp:
@@ -1234,6 +1285,11 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path | None:
     terms = logged_terms(cfg)
     term_sums = torch.zeros(len(terms), device=dist.device)  # the extra loss terms, unweighted (logged)
     norm_sum, n_logged, t_log, t_start = 0.0, 0, time.perf_counter(), time.perf_counter()
+    n_timed = 0  # steps of this invocation in the row (speed), n_logged may include some from before a resume
+    if logged and logged["terms"] == terms:  # resumed in the middle of a log row: it goes on where it was
+        loss_sum.fill_(logged["loss"])
+        term_sums.copy_(torch.tensor(logged["term_sums"], dtype=term_sums.dtype))
+        norm_sum, n_logged = logged["norm"], logged["n"]
     step = start
     try:
         for step in range(start, end):
@@ -1257,8 +1313,9 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path | None:
                 term_sums[i] += stage.last_terms[k].float()
             norm_sum += float(norm)
             n_logged += 1
+            n_timed += 1
             done = step + 1
-            if done % cfg.log_every == 0 or done == end:
+            if done % cfg.log_every == 0 or done == cfg.steps:
                 if dist.enabled:
                     torch.distributed.all_reduce(loss_sum)
                     loss_sum /= dist.world
@@ -1266,8 +1323,8 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path | None:
                     term_sums /= dist.world
                 now = time.perf_counter()
                 row = {"step": done, "loss": float(loss_sum) / n_logged, "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": norm_sum / n_logged, "samples_per_s": n_logged * cfg.batch / (now - t_log),
-                       "steps_per_s": n_logged / (now - t_log), "seconds": now - t_start}
+                       "grad_norm": norm_sum / n_logged, "samples_per_s": n_timed * cfg.batch / (now - t_log),
+                       "steps_per_s": n_timed / (now - t_log), "seconds": now - t_start}
                 row.update({k: float(term_sums[i]) / n_logged for i, k in enumerate(terms)})
                 if dist.main:
                     with open(log_file, "a") as f:
@@ -1279,11 +1336,21 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path | None:
                         bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
                 loss_sum.zero_()
                 term_sums.zero_()
-                norm_sum, n_logged, t_log = 0.0, 0, time.perf_counter()
+                norm_sum, n_logged, n_timed, t_log = 0.0, 0, 0, time.perf_counter()
             if bar is not None:
                 bar.update(1)
             if done % cfg.ckpt_every == 0 or done == end:
-                _save_checkpoint(cfg, dist, stage, module, optimizer, scheduler, ema, done, dataset)
+                interval = None
+                if n_logged:  # mid-row: its sums go into the checkpoint, so a resumed run logs the same row
+                    if dist.enabled:  # every rank then holds the ranks' mean (the next row's mean stays exact)
+                        torch.distributed.all_reduce(loss_sum)
+                        loss_sum /= dist.world
+                        torch.distributed.all_reduce(term_sums)
+                        term_sums /= dist.world
+                    interval = {"loss": float(loss_sum), "term_sums": term_sums.tolist(), "norm": norm_sum,
+                                "n": n_logged, "terms": list(terms)}
+                _save_checkpoint(cfg, dist, stage, module, optimizer, scheduler, ema, done, dataset,
+                                 extra_state={"init_fingerprint": fingerprint, "log_interval": interval})
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -1320,12 +1387,21 @@ def _trim_log(log_file: Path, step: int) -> None:
     """Keep the log lines up to `step` (a resumed run rewrites what the interrupted one logged after it)."""
     if not log_file.is_file():
         return
-    lines = [ln for ln in log_file.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    log_file.write_text("".join(ln + "\n" for ln in lines))
+    lines = []
+    for ln in log_file.read_text().splitlines():
+        try:
+            row = json.loads(ln)
+        except json.JSONDecodeError:  # a line torn by the kill that interrupted the run
+            continue
+        if row["step"] <= step:
+            lines.append(ln)
+    tmp = log_file.with_name(f".{log_file.name}.partial-{os.getpid()}")
+    tmp.write_text("".join(ln + "\n" for ln in lines))
+    os.replace(tmp, log_file)
 
 
 def _save_checkpoint(cfg: TrainConfig, dist: Dist, stage: Stage, module: nn.Module, optimizer, scheduler,
-                     ema: EMA, step: int, dataset: ClipDataset) -> None:
+                     ema: EMA, step: int, dataset: ClipDataset, extra_state: dict | None = None) -> None:
     if cfg.fsdp:  # full tensors from the shards: collectives, so every rank takes part
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                              get_optimizer_state_dict)
@@ -1343,12 +1419,13 @@ def _save_checkpoint(cfg: TrainConfig, dist: Dist, stage: Stage, module: nn.Modu
         state = {"stage": cfg.stage, "step": step, "world_size": dist.world, "fsdp": cfg.fsdp,
                  "module": module_state, "ema": {k: v.cpu() for k, v in ema_state.items()},
                  "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": _rng_state(),
-                 "extra": stage.extra_state(),
+                 "extra": stage.extra_state(), **(extra_state or {}),
                  "config": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}}
 
         def write(tmp: Path) -> None:
             save_model(comps, tmp)
             torch.save(state, tmp / "trainer_state.pt")
+            _fsync_dir(tmp)  # on disk before the rename makes it the latest: a power cut leaves the previous one
 
         root = cfg.run / "checkpoints"
         root.mkdir(parents=True, exist_ok=True)
