@@ -617,8 +617,20 @@ def probe(path: str | Path) -> MediaInfo:
         raise InputError(f"media file '{path}' could not be decoded: {_reason(e)}; give a video or audio file") from e
 
 
+def upright_rgb(frame: av.VideoFrame) -> np.ndarray:
+    """A decoded video frame as uint8 (H, W, 3) RGB the way players show it: turned by the stream's display
+    matrix (a phone video is stored sideways with a rotation to apply, which `to_ndarray` ignores).
+
+    `frame.rotation` (PyAV >= 14) is the angle the display matrix turns the picture counter-clockwise, so a
+    phone clip tagged "rotate=90" (turn 90 degrees clockwise to show) reads -90; rounded to quarter turns,
+    mirroring matrices are not undone. Older PyAV has no `rotation`: frames come as stored."""
+    rgb = frame.to_ndarray(format="rgb24")  # (H, W, 3) as stored
+    quarters = int(round(float(getattr(frame, "rotation", 0) or 0) / 90.0)) % 4
+    return np.ascontiguousarray(np.rot90(rgb, quarters)) if quarters else rgb  # np.rot90 turns counter-clockwise
+
+
 def read_frames(path: str | Path) -> Iterator[np.ndarray]:
-    """Yield the uint8 (H, W, 3) RGB frames of the first video stream of `path`."""
+    """Yield the uint8 (H, W, 3) RGB frames of the first video stream of `path`, upright (`upright_rgb`)."""
     path = Path(path)
     _check_readable(path, "video", "give an mp4/mkv/webm/mov video")  # eager: fail at the call, not mid-loop
 
@@ -630,7 +642,7 @@ def read_frames(path: str | Path) -> Iterator[np.ndarray]:
                 stream = container.streams.video[0]
                 stream.thread_type = "AUTO"
                 for frame in container.decode(stream):
-                    yield frame.to_ndarray(format="rgb24")  # (H, W, 3) uint8
+                    yield upright_rgb(frame)  # (H, W, 3) uint8
         except _AV_ERRORS as e:
             raise InputError(f"video file '{path}' could not be decoded: {_reason(e)}; "
                              f"give an mp4/mkv/webm/mov video") from e

@@ -156,3 +156,169 @@ def test_eval_prepares_a_folder_of_videos_and_scores_them(videos, tmp_path, tiny
     assert report["kind"] == "prepared" and report["clips"] == ["shard_0000_000000"]
     assert report["models"][0]["clips"][0]["identity"] == "talk.mp4"
     assert report["models"][0]["clips"][0]["frames"] == 50
+
+
+# ------------------------------------------------------------------------------------------------
+# Phone videos stored sideways, audio timelines with gaps, silent tracks, skip reasons, re-runs
+# ------------------------------------------------------------------------------------------------
+
+# QuickTime track matrices (a, b, c, d, tx, ty) that show the stored picture turned clockwise by 90, 180
+# or 270 degrees, as FFmpeg's mov muxer writes for the "rotate" tag (phones write 90 for portrait video):
+# a stored point (x, y) is shown at (a x + c y + tx, b x + d y + ty).
+_CLOCKWISE = {90: lambda w, h: (0, 1, -1, 0, h, 0), 180: lambda w, h: (-1, 0, 0, -1, w, h),
+              270: lambda w, h: (0, -1, 1, 0, 0, w)}
+
+
+def _show_turned(path: Path, clockwise: int) -> None:
+    """Patch the video track's tkhd matrix of an mp4 so players show its frames turned `clockwise` degrees
+    (the display matrix a phone writes), independently of the PyAV API that reads it back."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    at = data.find(b"tkhd")
+    while at >= 0:
+        version = data[at + 4]
+        matrix = at + 8 + (20 if version == 0 else 32) + 16  # type, version/flags, times/ids, reserved/layer/volume
+        width, height = struct.unpack(">II", data[matrix + 36:matrix + 44])
+        if width:  # the video track (the audio track's tkhd has no size)
+            a, b, c, d, tx, ty = _CLOCKWISE[clockwise](width >> 16, height >> 16)
+            data[matrix:matrix + 36] = struct.pack(">9i", a << 16, b << 16, 0, c << 16, d << 16, 0,
+                                                   tx << 16, ty << 16, 1 << 30)
+            path.write_bytes(bytes(data))
+            return
+        at = data.find(b"tkhd", at + 4)
+    raise AssertionError(f"no video tkhd in {path}")
+
+
+@pytest.mark.parametrize("clockwise", [90, 180, 270])
+def test_rotated_videos_are_read_upright(tmp_path, clockwise):
+    """A phone stores portrait video sideways with a display matrix; both decoders must show it upright."""
+    import av
+
+    from letstalk_rt.media import read_frames
+
+    upright = np.full((48, 64, 3), 60, np.uint8)  # landscape, with a bright top-left and a grey bottom-right
+    upright[:12, :16] = 250
+    upright[-12:, -20:] = 150
+    stored = np.ascontiguousarray(np.rot90(upright, clockwise // 90))  # turned counter-clockwise: shown clockwise
+    path = tmp_path / "phone.mp4"
+    _write_video(path, [stored] * 5, 25, None)
+    _show_turned(path, clockwise)
+    with av.open(str(path)) as c:  # PyAV's sign: the angle the matrix turns the picture counter-clockwise
+        assert next(c.decode(c.streams.video[0])).rotation % 360 == -clockwise % 360
+    for frames in (list(prepare.frames_at_25fps(path)), list(read_frames(path))):
+        assert len(frames) == 5
+        for f in frames:
+            assert f.shape == upright.shape
+            assert np.abs(f.astype(int) - upright).mean() < 4
+
+
+def test_a_sideways_phone_video_is_prepared_upright(tmp_path):
+    """The astronaut talking, stored sideways with a rotate=90 matrix: prepared 'ok' with the face in every crop."""
+    photo = np.asarray(Image.fromarray(data.astronaut()).resize((320, 320)))
+    frame = np.full((240, 320, 3), 90, np.uint8)
+    frame[:, 10:310] = photo[0:240, 10:310]
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    path = videos / "portrait.mp4"
+    _write_video(path, [np.ascontiguousarray(np.rot90(frame))] * 30, 30, speechlike(1.0))
+    _show_turned(path, 90)
+    out = tmp_path / "out"
+    summary = prepare.prepare_videos(videos, out, size=64, progress=False)
+    index = json.loads((out / "index.json").read_text())
+    assert summary.prepared == 1, index["videos"]
+    frames, _, boxes, _ = prepare.load_shard(out / "shard_0000.safetensors")
+    assert len(frames) == 25
+    for i in (0, 24):
+        x, y, w, h = detect_face(np.asarray(Image.fromarray(frames[i]).resize((128, 128))))
+        assert abs(x + w / 2 - 64) < 16 and abs(y + h / 2 - 64) < 20 and 0.3 < w / 128 < 0.6
+    assert boxes[0, 2] < 240  # crop boxes in the upright frame's pixels (the face is ~62 px wide)
+
+
+def _write_gappy_mkv(path: Path, seconds: float, gap: tuple[float, float], click: float) -> None:
+    """An mkv (as OBS and browsers record) with 16 kHz PCM audio whose packets between gap[0] and gap[1] s
+    are missing (the timeline jumps over them) and a click at `click` s of the video's timeline."""
+    from fractions import Fraction
+
+    import av
+
+    t = np.arange(int(seconds * 16000)) / 16000
+    pcm = (0.05 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    pcm[int(click * 16000):int(click * 16000) + 64] = 0.9
+    with av.open(str(path), "w", format="matroska") as c:
+        video = c.add_stream("libx264", rate=25)
+        video.width, video.height, video.pix_fmt = 32, 32, "yuv420p"
+        audio = c.add_stream("pcm_s16le", rate=16000, layout="mono")
+        for i in range(int(seconds * 25)):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 90, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, 25)
+            for packet in video.encode(frame):
+                c.mux(packet)
+            lo = i * 640
+            if gap[0] * 16000 <= lo < gap[1] * 16000:
+                continue  # dropped
+            chunk = av.AudioFrame.from_ndarray((pcm[lo:lo + 640] * 32767).astype(np.int16)[None], format="s16",
+                                               layout="mono")
+            chunk.sample_rate, chunk.pts, chunk.time_base = 16000, lo, Fraction(1, 16000)
+            for packet in audio.encode(chunk):
+                c.mux(packet)
+        for stream in (video, audio):
+            for packet in stream.encode(None):
+                c.mux(packet)
+
+
+def test_audio_is_placed_by_timestamp_across_a_gap(tmp_path):
+    """0.5 s of audio packets missing: the click at 2.0 s still lands on frame 50 (glued end to end: frame 37)."""
+    path = tmp_path / "webcam.mkv"
+    _write_gappy_mkv(path, 3.0, gap=(1.0, 1.5), click=2.0)
+    audio = prepare.load_track_audio(path, 75)
+    assert audio.shape == (75 * 640,)
+    assert int(np.argmax(np.abs(audio))) // 640 == 50
+    assert np.abs(audio[int(1.05 * 16000):int(1.45 * 16000)]).max() == 0  # the gap is silence
+    assert np.abs(audio[int(0.5 * 16000):int(0.9 * 16000)]).max() > 0.04  # the tone before it is kept
+
+
+def test_silent_audio_is_skipped_and_quiet_speech_kept(tmp_path):
+    frames = [np.full((32, 32, 3), 90, np.uint8)] * 25
+    silent, quiet = tmp_path / "silent.mp4", tmp_path / "quiet.mp4"
+    _write_video(silent, frames, 25, np.zeros(16000, np.float32))
+    speech = speechlike(1.0)
+    speech *= 10 ** (-50 / 20) / np.sqrt(np.mean(speech ** 2))  # speech at -50 dBFS RMS: very quiet, but speech
+    _write_video(quiet, frames, 25, speech)
+    with pytest.raises(prepare.SkipVideo, match="silent audio") as e:
+        prepare.load_track_audio(silent, 25)
+    assert e.value.kind == "silent audio"
+    kept = prepare.load_track_audio(quiet, 25)
+    assert np.corrcoef(kept, speech)[0, 1] > 0.9
+
+
+def test_skip_reasons_are_counted_by_kind_not_by_the_file_name(tmp_path):
+    """Broken files named like a reason ('face', 'audio', 'short') are counted as unreadable: the kind travels
+    with the exception instead of being read out of a message that can hold the file's path."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for name in ("face_cam.mp4", "audio_x.mov", "short_take.mkv"):
+        (videos / name).write_bytes(b"\x1a\x45\xdf\xa3 not really a video" * 10)
+    summary = prepare.prepare_videos(videos, tmp_path / "out", size=32, progress=False)
+    assert summary.skipped == {"unreadable": 3}
+    reasons = {v["video"]: v["reason"] for v in json.loads((tmp_path / "out" / "index.json").read_text())["videos"]}
+    assert str(videos) not in reasons["face_cam.mp4"]  # the warning line names the file; the reason does not repeat it
+
+
+def test_a_rerun_clears_the_previous_shards_and_caches_first(videos, tmp_path, monkeypatch):
+    """Clip names (shard_0000_000000) come back with new content, so the trainer's caches of the old shards and
+    cache_latents's files go, and the old index.json goes before any shard is written: a run stopped part-way
+    leaves no index describing shards it did not write."""
+    out = tmp_path / "out"
+    prepare.prepare_videos(videos, out, size=32, progress=False)
+    (out / ".letstalk_cache" / "latents-32-0123456789abcdef").mkdir(parents=True)
+    (out / ".letstalk_cache" / "latents-32-0123456789abcdef" / "shard_0000_000000.safetensors").write_bytes(b"old")
+    (out / "latents_0000.safetensors").write_bytes(b"old")
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare, "_prepare_one", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare_videos(videos, out, size=32, margin=0.3, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == []

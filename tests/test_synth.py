@@ -245,3 +245,41 @@ def test_tiny_corpus_files_manifest_and_resume(tmp_path):
     assert (out / "clip_00000.mp4").stat().st_mtime_ns == mtimes["clip_00000.mp4"]
     assert (out / "clip_00001.json").exists()
     assert json.loads((out / "manifest.json").read_text()) == manifest
+
+
+# ------------------------------------------------------------------------------------------------
+# Voices that exist, corpora re-made in place
+# ------------------------------------------------------------------------------------------------
+
+
+def test_voice_variants_espeak_lacks_are_left_out(monkeypatch, capsys):
+    """espeak-ng speaks an unknown LANG+VARIANT with the default voice without a word: a split would hear the
+    default timbre another split owns. Missing variants are dropped from the pool with a warning."""
+    installed = synth._installed_variants()
+    assert {"m1", "f1", "klatt", "Annie", "grandma"} <= installed  # the parser reads `espeak-ng --voices=variant`
+    monkeypatch.setattr(synth, "_installed_variants", lambda: installed - {"m1", "klatt2"})
+    monkeypatch.setattr(synth, "_warned", set())
+    pool = synth.voice_pool()
+    assert {var for _, var in pool} == set(synth.VARIANTS) - {"m1", "klatt2"}
+    assert "lacks voice variants ['m1', 'klatt2']" in capsys.readouterr().err
+    specs = synth.make_clip_specs(200, (3, 8), 64, seed=0)
+    assert not {s.voice["variant"] for s in specs} & {"m1", "klatt2"}
+    monkeypatch.setattr(synth, "_installed_variants", lambda: frozenset({"m1"}))  # "" and m1: fewer than the splits
+    with pytest.raises(synth.InputError, match="voice variants"):
+        synth.voice_pool()
+
+
+def test_a_stopped_run_with_another_seed_is_refused_by_the_reader(tmp_path):
+    """A seed-0 corpus, then a seed-1 run into the same folder stopped after re-rendering clip 0: the old
+    manifest no longer describes clip 0 (other face, other voice partition); training on it is refused."""
+    from letstalk_rt.errors import InputError
+    from letstalk_rt.train.data import open_dataset
+
+    out = tmp_path / "corpus"
+    synth.synthesize_corpus(out, 1, (1, 1), 64, seed=0, progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["clips"][0]["spec_digest"] == json.loads((out / "clip_00000.json").read_text())["spec_digest"]
+    assert len(open_dataset(out, 32, "train", progress=False).clips) == 1
+    synth.write_clip(synth.make_clip_specs(1, (1, 1), 64, seed=1)[0], out)  # ... and the run stopped here
+    with pytest.raises(InputError, match="empty folder"):
+        open_dataset(out, 32, "train", progress=False)

@@ -22,6 +22,12 @@ the number of DDP ranks that split it.
 
 `LatentCache` holds every frame's autoencoder latent (fp16, one safetensors per clip) for the
 transformer stages, keyed by a fingerprint of the autoencoder weights so retraining the AE invalidates it.
+
+Clip names outlive their content: `letstalk data prepare` re-run on other videos, or `letstalk data synth`
+re-run with another seed into the same folder, writes new shard_0000_000000 / clip_00000 clips. So every
+cache entry (frames, latents, audio features) stores its clip's content key (`Clip.key`: a synth clip's
+spec digest, a prepared clip's shard digest and segment; else the files' size and modification time) and
+is rebuilt when the clip's key differs; a cache folder's name only says which model computed it.
 """
 
 from __future__ import annotations
@@ -116,6 +122,7 @@ class Clip:
     skin_tone: float | None = None  # procedural synth faces: 0 lightest .. 1 darkest; None: photos, real video
     weight: float = 1.0  # sampling weight per frame relative to other clips (`balance_skin_tone`)
     source: str = ""  # prepared shards: the video the clip was cut from (its path under --videos)
+    key: str = ""  # the content's key (`_content_key`): every cache entry of the clip stores it, rebuilt on a change
 
     @property
     def num_frames(self) -> int:
@@ -175,6 +182,32 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
+def _file_stamp(path: Path) -> str:
+    """Byte size and modification time (ns) of a file: both change when it is written again."""
+    try:
+        st = path.stat()
+    except OSError:
+        return "missing"
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def _content_key(*parts: Any) -> str:
+    """16 hex digits over what a clip's frames and audio are made from (the `Clip.key` of cache entries)."""
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _entry_key(path: Path) -> str | None:
+    """The content key a cache file was made from (its safetensors metadata), None for no file or none."""
+    if not path.is_file():
+        return None
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            return (json.loads(f.read(n)).get("__metadata__") or {}).get("key")
+    except (OSError, ValueError, struct.error):
+        return None  # a damaged entry is rebuilt like a stale one
+
+
 def open_dataset(root: str | Path, image_size: int, split: str = "train", build_cache: bool = True,
                  progress: bool = True) -> ClipDataset:
     """Open a synth corpus or a prepared-shards dir; decode/resize into the frame cache on first use.
@@ -214,20 +247,26 @@ def _open_synth(root: Path, size: int, split: str, build: bool, progress: bool) 
     names = list(splits[split])
     if not names:
         raise InputError(f"the {split!r} split of '{root}' has no clips")
+    rows = {c.get("name"): c for c in manifest.get("clips") or [] if isinstance(c, dict)}
     cache = root / CACHE_DIR / f"frames-{size}"
     clips = []
     for name in tqdm(names, desc=f"frame cache ({split})", unit="clip", disable=not progress, leave=False):
         video, meta_file = root / f"{name}.mp4", root / f"{name}.json"
         meta = _read_json(meta_file) if meta_file.is_file() else {}
+        _check_synth_clip(root, manifest, rows.get(name) or {}, meta, meta_file, split)
+        # The spec digest names what was rendered (it survives copying the corpus; the mp4's size catches an
+        # mp4 replaced without its json); corpora without one fall back on the files' size and mtime.
+        if isinstance(meta.get("spec_digest"), str):
+            key = _content_key("synth", meta["spec_digest"], video.stat().st_size if video.is_file() else "missing")
+        else:
+            key = _content_key("synth", _file_stamp(video), _file_stamp(meta_file))
         file = cache / f"{_safe_name(name)}.safetensors"
-        stamp = str(video.stat().st_size) if video.is_file() else "missing"
         tensors, tmeta = read_safetensors_mmap(file) if file.is_file() else ({}, {})
-        if tmeta.get("source_bytes") != stamp:
+        if tmeta.get("key") != key:
             if not build:
                 raise InputError(f"frame cache '{file}' is missing or stale; rank 0 should have built it")
             frames, audio = _decode_clip(video, size)
-            write_safetensors_atomic(file, {"frames": frames, "audio": audio},
-                                     {"source": video.name, "source_bytes": stamp})
+            write_safetensors_atomic(file, {"frames": frames, "audio": audio}, {"source": video.name, "key": key})
             tensors, _ = read_safetensors_mmap(file)
         box = None
         if "mouth_box" in meta and meta.get("size"):
@@ -235,8 +274,30 @@ def _open_synth(root: Path, size: int, split: str, build: bool, progress: bool) 
             x, y, w, h = meta["mouth_box"]
             box = (int(round(x * s)), int(round(y * s)), max(1, int(round(w * s))), max(1, int(round(h * s))))
         clips.append(Clip(name, tensors["frames"], tensors["audio"], box, _mouth_states(meta, len(tensors["frames"])),
-                          skin_tone_of(meta)))
+                          skin_tone_of(meta), key=key))
     return ClipDataset(root, "synth", split, size, clips)
+
+
+def _check_synth_clip(root: Path, manifest: dict[str, Any], row: dict[str, Any], meta: dict[str, Any],
+                      meta_file: Path, split: str) -> None:
+    """InputError when a clip's json was not made for the corpus manifest.json describes.
+
+    `letstalk data synth` writes manifest.json last, so a run with another seed (or generator) stopped part-way
+    leaves the old manifest beside re-rendered clips: its split lists would then put clips whose identity and
+    voice belong to another split into this one. Only what both sides record is compared (older corpora and
+    hand-made ones have fewer fields)."""
+    spec = meta.get("spec") if isinstance(meta.get("spec"), dict) else {}
+    why = None
+    if meta.get("split") not in (None, split):
+        why = f"its split is {meta['split']!r}, the manifest lists it in {split!r}"
+    elif "seed" in spec and "seed" in manifest and spec["seed"] != manifest["seed"]:
+        why = f"it was made with seed {spec['seed']}, the manifest's corpus with seed {manifest['seed']}"
+    elif row.get("spec_digest") and meta.get("spec_digest") and row["spec_digest"] != meta["spec_digest"]:
+        why = "its spec digest is not the one the manifest lists"
+    if why:
+        raise InputError(f"'{meta_file}' does not belong to the corpus '{root / 'manifest.json'}' describes ({why}): "
+                         "a `letstalk data synth` run with other settings into this folder stopped part-way; "
+                         "re-run `letstalk data synth` into an empty folder")
 
 
 def skin_tone_of(meta: dict[str, Any]) -> float | None:
@@ -289,17 +350,18 @@ def _open_prepared(root: Path, size: int, build: bool, progress: bool) -> ClipDa
         file = root / shard["file"]
         if not file.is_file():
             raise InputError(f"'{file}' listed in index.json is missing; re-run `letstalk data prepare`")
-        tensors, _ = read_safetensors_mmap(file)
+        tensors, smeta = read_safetensors_mmap(file)
+        # The digest `prepare` stores of the shard's content (it survives copying); older shards: size and mtime.
+        shard_key = _content_key("shard", smeta.get("digest") or _file_stamp(file))
         frames, audio = tensors["frames"], tensors["audio"]
         if frames.shape[1] != size:
             cached = root / CACHE_DIR / f"frames-{size}" / file.name
-            stamp = str(file.stat().st_size)
             ctensors, cmeta = read_safetensors_mmap(cached) if cached.is_file() else ({}, {})
-            if cmeta.get("source_bytes") != stamp:
+            if cmeta.get("key") != shard_key:
                 if not build:
                     raise InputError(f"frame cache '{cached}' is missing or stale; rank 0 should have built it")
                 resized = np.concatenate([_resize(frames[i:i + 256], size) for i in range(0, len(frames), 256)])
-                write_safetensors_atomic(cached, {"frames": resized}, {"source_bytes": stamp})
+                write_safetensors_atomic(cached, {"frames": resized}, {"key": shard_key})
                 ctensors, _ = read_safetensors_mmap(cached)
             frames = ctensors["frames"]
         stem = Path(shard["file"]).stem
@@ -307,7 +369,7 @@ def _open_prepared(root: Path, size: int, build: bool, progress: bool) -> ClipDa
             o, n = int(seg["offset"]), int(seg["num_frames"])
             clips.append(Clip(f"{stem}_{o:06d}", frames[o:o + n],
                               audio[o * SAMPLES_PER_FRAME:(o + n) * SAMPLES_PER_FRAME], box,
-                              source=str(seg.get("video", ""))))
+                              source=str(seg.get("video", "")), key=_content_key(shard_key, seg)))
     if not clips:
         raise InputError(f"'{root}' holds no frames; re-run `letstalk data prepare` on a folder with videos")
     return ClipDataset(root, "prepared", None, size, clips)
@@ -431,14 +493,25 @@ def module_fingerprint(module: torch.nn.Module) -> str:
 
 class _ClipRowCache:
     """One fp16 safetensors file per clip holding a row per frame (tensor `KEY`), memory-mapped; built by
-    `_fill`, which encodes only the clips not cached yet (resumable) and writes each file atomically."""
+    `_fill`, which encodes only the clips not cached yet (resumable) and writes each file atomically.
+
+    Each file stores its clip's content key (`Clip.key`) and counts as cached only while the clip's key is
+    the same: a clip name re-used for other content (re-prepared shards, a re-synthesised corpus) is encoded
+    again instead of pairing the old clip's rows with the new clip's audio."""
 
     KEY = ""
+    WHAT = "cache"
 
     def __init__(self, directory: Path, dataset: ClipDataset) -> None:
         self.directory = directory
-        self.rows = [read_safetensors_mmap(directory / f"{_safe_name(c.name)}.safetensors")[0][self.KEY]
-                     for c in dataset.clips]  # (N, ...) float16 each
+        self.rows = []  # (N, ...) float16 each
+        for c in dataset.clips:
+            file = directory / f"{_safe_name(c.name)}.safetensors"
+            tensors, meta = read_safetensors_mmap(file) if file.is_file() else ({}, {})
+            if self.KEY not in tensors or meta.get("key") != c.key:
+                raise InputError(f"{self.WHAT} '{file}' is missing or was made from other data than clip "
+                                 f"{c.name!r}; build it first ({type(self).__name__}.build, rank 0 in training)")
+            self.rows.append(tensors[self.KEY])
 
     def get(self, clip: int, frames: np.ndarray) -> Tensor:
         return torch.from_numpy(np.array(self.rows[clip][frames], dtype=np.float32))  # (n, ...)
@@ -448,10 +521,11 @@ class _ClipRowCache:
         """encode(clip) -> (N, ...) tensor for every clip without a file yet."""
         from tqdm import tqdm
 
-        todo = [c for c in dataset.clips if not (directory / f"{_safe_name(c.name)}.safetensors").is_file()]
+        todo = [c for c in dataset.clips if _entry_key(directory / f"{_safe_name(c.name)}.safetensors") != c.key]
         for clip in tqdm(todo, desc=desc, unit="clip", disable=not progress, leave=False):
             write_safetensors_atomic(directory / f"{_safe_name(clip.name)}.safetensors",
-                                     {cls.KEY: encode(clip).float().cpu().half().numpy()}, {"clip": clip.name})
+                                     {cls.KEY: encode(clip).float().cpu().half().numpy()},
+                                     {"clip": clip.name, "key": clip.key})
 
 
 class LatentCache(_ClipRowCache):
@@ -464,10 +538,18 @@ class LatentCache(_ClipRowCache):
     """
 
     KEY = "latents"
+    WHAT = "latent cache"
 
-    def __init__(self, directory: Path, dataset: ClipDataset) -> None:
+    def __init__(self, directory: Path, dataset: ClipDataset, pixel_noise: float | None = None) -> None:
+        """pixel_noise: the run's train_pixel_noise, checked against the one meta.json's noise_std was measured
+        for (None: not checked; `build` makes them agree)."""
         super().__init__(directory, dataset)
-        self.noise_std = float(json.loads((directory / "meta.json").read_text())["noise_std"])
+        meta = json.loads((directory / "meta.json").read_text())
+        if pixel_noise is not None and meta.get("pixel_noise") != pixel_noise:
+            raise InputError(f"'{directory / 'meta.json'}' was measured for train_pixel_noise "
+                             f"{meta.get('pixel_noise')}, not {pixel_noise}; build the cache first "
+                             "(LatentCache.build, rank 0 in training)")
+        self.noise_std = float(meta["noise_std"])
 
     @staticmethod
     def path_for(dataset: ClipDataset, ae: torch.nn.Module) -> Path:
@@ -485,19 +567,35 @@ class LatentCache(_ClipRowCache):
         cls._fill(directory, dataset, lambda clip: torch.cat([
             encode_frames(ae, np.array(clip.frames[i:i + batch_size]))
             for i in range(0, clip.num_frames, batch_size)]), "latent cache", progress)  # (N, C, h, w) a clip
-        if not (directory / "meta.json").is_file():
-            frames = np.array(dataset.clips[0].frames[:min(16, dataset.clips[0].num_frames)])  # (n, S, S, 3)
+        if cls._meta_stale(directory / "meta.json", dataset, pixel_noise):
+            first = dataset.clips[0]
+            frames = np.array(first.frames[:min(16, first.num_frames)])  # (n, S, S, 3)
             x = torch.from_numpy(frames).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (n, 3, S, S)
             g = torch.Generator().manual_seed(0)
             noisy = x + pixel_noise * torch.randn(x.shape, generator=g).to(device)  # (n, 3, S, S)
             delta = ae.encode(noisy) - ae.encode(x)  # (n, C, h, w)
             meta = {"noise_std": float(delta.float().std()), "pixel_noise": pixel_noise,
-                    "fingerprint": directory.name}
+                    "fingerprint": directory.name, "measured_on": {"clip": first.name, "key": first.key}}
             tmp = directory / f".meta.json.partial-{os.getpid()}"
             directory.mkdir(parents=True, exist_ok=True)
             tmp.write_text(json.dumps(meta, indent=1))
             os.replace(tmp, directory / "meta.json")
-        return cls(directory, dataset)
+        return cls(directory, dataset, pixel_noise)
+
+    @staticmethod
+    def _meta_stale(path: Path, dataset: ClipDataset, pixel_noise: float) -> bool:
+        """Whether meta.json's noise_std must be measured again: missing, measured for another pixel noise, or
+        on frames that have changed since (a clip of this dataset with the same name and another key). The
+        latents themselves do not depend on the pixel noise, so they are kept."""
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return True
+        measured = meta.get("measured_on")
+        if meta.get("pixel_noise") != pixel_noise or not isinstance(measured, dict) or "noise_std" not in meta:
+            return True
+        keys = {c.name: c.key for c in dataset.clips}
+        return measured.get("clip") in keys and keys[measured.get("clip")] != measured.get("key")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -517,6 +615,7 @@ class AudioFeatureCache(_ClipRowCache):
     """
 
     KEY = "features"
+    WHAT = "audio feature cache"
 
     @staticmethod
     def path_for(dataset: ClipDataset, encoder: torch.nn.Module) -> Path:

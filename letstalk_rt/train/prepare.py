@@ -5,28 +5,33 @@
 
 Every video PyAV reads in the folder (recursively: mp4, mov, mkv, webm, avi, m4v) is
 
-1. resampled to 25 fps by frame timestamps: output frame k (time k / 25 s after the first frame)
-   shows the last source frame whose timestamp is <= k / 25, so any rate, and variable frame rates,
-   come out at 25 fps with the right timing;
+1. turned upright by the stream's display matrix (phones store portrait video sideways) and resampled
+   to 25 fps by frame timestamps: output frame k (time k / 25 s after the first frame) shows the last
+   source frame whose timestamp is <= k / 25, so any rate, and variable frame rates, come out at 25 fps
+   with the right timing;
 2. searched for a face with `letstalk_rt.face.detect_face` every `--detect-every` output frames; the
    detections (outliers in size dropped) are interpolated to every frame and smoothed with a centred
    moving average of their centre and size over `--smooth-seconds`, so the crop does not jitter;
 3. cropped to a square of side face * (1 + 2 * margin) around the smoothed face (the framing
    `face.crop_portrait` gives the model at inference; borders replicated) and resized to `--size`;
-4. paired with its first audio track as 16 kHz mono float32, exactly 640 samples per frame.
+4. paired with its first audio track as 16 kHz mono float32, exactly 640 samples per frame, each decoded
+   audio frame placed at its own timestamp (a gap in the audio timeline, as dropped packets leave in
+   webcam or WebRTC recordings, becomes silence instead of pulling all later audio early).
 
 Output: `shard_XXXX.safetensors` files, each holding `frames` (N, S, S, 3) uint8, `audio` (N * 640,)
 float32, `boxes` (N, 3) float32 (crop x0, y0, side in source pixels) and, in the safetensors metadata,
 `segments`: a JSON list of the pieces of videos it holds (video, first frame, frame count, offset).
 `index.json` lists the shards, every video with its status, a summary, and the `margin` of the framing,
 which fixes where the mouth is in every crop (`crop_mouth_box`; the mouth-weighted training losses use it). Videos that cannot be
-decoded, have no audio, or show no face are skipped with one warning line each and counted.
-The whole step decodes every video twice (detection pass, crop pass), so memory stays flat.
+decoded, have no audio or a silent one, or show no face are skipped with one warning line each and counted.
+The whole step decodes every video twice (detection pass, crop pass), so memory stays flat. A re-run
+replaces what a previous run wrote in --out: index, shards, `cache_latents` files and the trainer's caches.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -68,8 +73,22 @@ def crop_mouth_box(margin: float) -> tuple[float, float, float, float]:
     return x0, y0, x1 - x0, y1 - y0
 
 
+SILENT_PEAK = 1e-4  # a track whose peak stays below this (-80 dBFS) is digital silence or dither
+SILENT_RMS_DB = -70.0  # or whose RMS is below this: 20 dB under a quiet room's noise floor, far under quiet speech
+AUDIO_JITTER = 0.01  # s: audio timestamps this far off the running sample count are rounding, not a gap
+AUDIO_MAX_OVERLAP = 0.1  # s: an audio frame starting further back than this means the timeline restarted
+
+
 class SkipVideo(Exception):
-    """A video that cannot be used; the message is the one-line reason."""
+    """A video that cannot be used; the message is the one-line reason, `kind` what the summary counts it as
+    (SKIP_KINDS). The kind is carried, not guessed from the message, which can hold the file's own name."""
+
+    def __init__(self, reason: str, kind: str = "unreadable") -> None:
+        super().__init__(reason)
+        self.kind = kind
+
+
+SKIP_KINDS = ("unreadable", "no audio", "silent audio", "audio timing", "too short", "no face")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -86,7 +105,7 @@ def frames_at_25fps(path: str | Path, fps: int = FPS) -> Iterator[np.ndarray]:
     """
     import av
 
-    from ..media import stream_fps
+    from ..media import _reason, stream_fps, upright_rgb
 
     try:
         with av.open(str(path)) as container:
@@ -109,7 +128,7 @@ def frames_at_25fps(path: str | Path, fps: int = FPS) -> Iterator[np.ndarray]:
                 while prev is not None and k / fps < t - 1e-4:  # output times before this frame show prev
                     yield prev
                     k += 1
-                prev = frame.to_ndarray(format="rgb24")
+                prev = upright_rgb(frame)  # turned by the display matrix: phones store portrait video sideways
             if prev is None:
                 raise SkipVideo("no decodable video frames")
             end = t + 1.0 / rate
@@ -119,44 +138,93 @@ def frames_at_25fps(path: str | Path, fps: int = FPS) -> Iterator[np.ndarray]:
     except SkipVideo:
         raise
     except (av.error.FFmpegError, OSError, ValueError, EOFError, RuntimeError) as e:
-        raise SkipVideo(f"cannot be decoded ({' '.join(str(e).split()) or type(e).__name__})") from e
+        raise SkipVideo(f"cannot be decoded ({_reason(e)})") from e  # without the path: the warning names the file
 
 
-def _audio_offset(path: Path) -> float:
-    """Seconds the first audio frame starts after the first video frame (negative: before)."""
+def _first_video_time(path: Path) -> float:
+    """Timestamp (s) of the first decoded video frame: time 0 of frames_at_25fps's output."""
     import av
-
-    def first_time(container: Any, stream: Any) -> float | None:
-        for frame in container.decode(stream):
-            return float(frame.time) if frame.time is not None else None
-        return None
 
     try:
         with av.open(str(path)) as c:
-            tv = first_time(c, c.streams.video[0])
-        with av.open(str(path)) as c:
-            ta = first_time(c, c.streams.audio[0])
-    except Exception:  # noqa: BLE001 - the offset is a refinement; the decode errors surface elsewhere
-        return 0.0
-    return 0.0 if tv is None or ta is None else ta - tv
+            for frame in c.decode(c.streams.video[0]):
+                return float(frame.time) if frame.time is not None else 0.0
+    except Exception:  # noqa: BLE001 - pass 1 decoded this video; an error here surfaces in pass 2
+        pass
+    return 0.0
 
 
 def load_track_audio(path: Path, num_frames: int) -> np.ndarray:
-    """The video's audio as 16 kHz mono float32, aligned to its first video frame, exactly num_frames * 640."""
-    from ..media import load_audio
+    """The first audio track as 16 kHz mono float32 on the video's timeline: exactly num_frames * 640 samples,
+    sample 0 at the first video frame.
 
-    try:
-        audio = load_audio(path)
-    except InputError as e:
-        raise SkipVideo("no usable audio track" if "no audio stream" in str(e) else str(e)) from e
-    shift = int(round(_audio_offset(path) * SAMPLE_RATE))
-    if shift > 0:
-        audio = np.concatenate([np.zeros(shift, np.float32), audio])
-    elif shift < 0:
-        audio = audio[-shift:]
+    Every decoded audio frame goes where its timestamp says, not after the previous one: frames that follow
+    each other (within AUDIO_JITTER) are resampled together, and a jump forward in the timeline (packets a
+    webcam, WebRTC or OBS recording dropped) is left silent, so the audio after it stays on its frames.
+    Raises SkipVideo for no audio track, undecodable audio, a timeline that jumps back more than
+    AUDIO_MAX_OVERLAP, or a silent track (peak under SILENT_PEAK or RMS under SILENT_RMS_DB over the video).
+    """
+    import av
+
+    from ..media import _MonoConverter, _concat, _declared_samples, _reason
+
     n = num_frames * SAMPLES_PER_FRAME
     out = np.zeros(n, np.float32)
-    out[:min(n, len(audio))] = audio[:n]
+    origin = _first_video_time(path)
+    decoded = 0
+
+    def place(start: float, chunks: list[np.ndarray]) -> None:
+        pcm = _concat(chunks)
+        at = int(round(start * SAMPLE_RATE))  # sample of the video timeline the run starts at
+        lo, hi = max(at, 0), min(at + len(pcm), n)
+        if hi > lo:
+            out[lo:hi] = pcm[lo - at:hi - at]
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise SkipVideo("no audio track", "no audio")
+            stream = container.streams.audio[0]
+            converter = _MonoConverter(SAMPLE_RATE)
+            run_start: float | None = None  # video-timeline seconds where the current continuous run starts
+            run_in, run_rate = 0, 0  # input samples in the run so far, at run_rate
+            chunks: list[np.ndarray] = []
+            for frame in container.decode(stream):
+                if frame.samples == 0:
+                    continue
+                t = float(frame.time) - origin if frame.time is not None else None
+                if run_start is not None:
+                    expected = run_start + run_in / run_rate
+                    t = expected if t is None else t
+                    if t < expected - AUDIO_MAX_OVERLAP:
+                        raise SkipVideo(f"the audio timeline jumps back {expected - t:.2f} s at {expected:.2f} s "
+                                        "(a restarted recording?)", "audio timing")
+                    if abs(t - expected) > AUDIO_JITTER or frame.sample_rate != run_rate:
+                        place(run_start, chunks + converter.flush())  # a gap (or overlap): a new run at t
+                        run_start, chunks = None, []
+                if run_start is None:
+                    run_start, run_in, run_rate = (0.0 if t is None else t), 0, frame.sample_rate
+                chunks += converter.push(frame)
+                run_in += frame.samples
+                decoded += frame.samples
+            if run_start is not None:
+                place(run_start, chunks + converter.flush())
+            declared = _declared_samples(container, stream, SAMPLE_RATE)
+            if declared is not None and stream.start_time is not None:
+                # mp4/mov: decoding yields the AAC encoder's zero padding past the declared end; drop it
+                end = int(round((float(stream.start_time * stream.time_base) - origin) * SAMPLE_RATE)) + declared
+                out[max(0, end):] = 0.0
+    except SkipVideo:
+        raise
+    except (av.error.FFmpegError, OSError, ValueError, EOFError, RuntimeError, TypeError) as e:
+        raise SkipVideo(f"the audio track cannot be decoded ({_reason(e)})", "no audio") from e
+    if not decoded:
+        raise SkipVideo("the audio track holds no samples", "no audio")
+    out = np.clip(np.nan_to_num(out, nan=0.0, posinf=1.0, neginf=-1.0), -1.0, 1.0)
+    peak, rms = float(np.abs(out).max()), float(np.sqrt(np.mean(np.square(out, dtype=np.float64))))
+    if peak < SILENT_PEAK or rms < 10 ** (SILENT_RMS_DB / 20):
+        level = f"{20 * np.log10(rms):.0f} dBFS" if rms > 0 else "digital silence"
+        raise SkipVideo(f"silent audio track (RMS {level} while the video plays)", "silent audio")
     return out
 
 
@@ -187,9 +255,9 @@ def detect_track(path: Path, detect_every: int) -> tuple[int, list[tuple[int, fl
             continue
         found.append((k, x + w / 2, y + h / 2, float(max(w, h))))
     if not found:
-        raise SkipVideo(f"no face found in {tried} sampled frame{'s' if tried != 1 else ''}")
+        raise SkipVideo(f"no face found in {tried} sampled frame{'s' if tried != 1 else ''}", "no face")
     if len(found) < MIN_FACE_SHARE * tried:
-        raise SkipVideo(f"a face was found in only {len(found)} of {tried} sampled frames")
+        raise SkipVideo(f"a face was found in only {len(found)} of {tried} sampled frames", "no face")
     return n, found, shape
 
 
@@ -269,8 +337,11 @@ class _ShardWriter:
         tensors = {"frames": np.ascontiguousarray(np.concatenate(self._frames)),  # (N, S, S, 3) uint8
                    "audio": np.ascontiguousarray(np.concatenate(self._audio)),  # (N * 640,) float32
                    "boxes": np.ascontiguousarray(np.concatenate(self._boxes).astype(np.float32))}  # (N, 3)
+        digest = hashlib.sha1()  # of the content: the trainer's caches of this shard are keyed by it (train.data)
+        for t in tensors.values():
+            digest.update(memoryview(t).cast("B"))
         meta = {"fps": str(FPS), "sample_rate": str(SAMPLE_RATE), "size": str(self.size),
-                "segments": json.dumps(self._segments)}
+                "segments": json.dumps(self._segments), "digest": digest.hexdigest()[:16]}
         try:
             save_file(tensors, str(tmp), metadata=meta)
             os.replace(tmp, path)
@@ -315,18 +386,28 @@ class PrepareSummary:
                 + (f" ({kinds})" if kinds else ""))
 
 
-def _reason_kind(reason: str) -> str:
-    if "face" in reason:
-        return "no face"
-    if "audio" in reason:
-        return "no audio"
-    if "short" in reason:
-        return "too short"
-    return "unreadable"
-
-
 def find_videos(videos_dir: Path) -> list[Path]:
     return sorted(p for p in videos_dir.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+
+
+def _clear_previous_run(out: Path) -> None:
+    """Remove what an earlier run wrote in `out`: a re-run replaces it. The clip names (shard_0000_000000 ...)
+    come back with other content, so the trainer's caches of the old shards (`.letstalk_cache/`) and
+    `cache_latents`'s files go too, and index.json first: a run stopped part-way leaves no index that
+    describes shards it has not written."""
+    import shutil
+
+    from .data import CACHE_DIR
+
+    try:
+        (out / "index.json").unlink(missing_ok=True)
+        for stale in [*out.glob("shard_*.safetensors"), *out.glob("latents_*.safetensors")]:
+            stale.unlink()
+        if (out / CACHE_DIR).is_dir():
+            shutil.rmtree(out / CACHE_DIR)
+    except OSError as e:
+        raise OutputError(f"cannot clear the previous run in '{out}': {e.strerror or e}; "
+                          "make it writable or choose another --out") from e
 
 
 def prepare_videos(videos_dir: str | Path, out_dir: str | Path, size: int = 128, margin: float = 0.6,
@@ -349,8 +430,7 @@ def prepare_videos(videos_dir: str | Path, out_dir: str | Path, size: int = 128,
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"cannot create '{out}': {e.strerror or e}; choose another --out") from e
-    for stale in out.glob("shard_*.safetensors"):  # a re-run replaces the previous shards
-        stale.unlink()
+    _clear_previous_run(out)
     writer = _ShardWriter(out, shard_frames, size)
     summary = PrepareSummary(videos=len(videos))
     records: list[dict[str, Any]] = []
@@ -362,8 +442,7 @@ def prepare_videos(videos_dir: str | Path, out_dir: str | Path, size: int = 128,
         except SkipVideo as e:
             reason = str(e)
             print(f"letstalk: warning: skipping '{rel}': {reason}", file=sys.stderr)
-            kind = _reason_kind(reason)
-            summary.skipped[kind] = summary.skipped.get(kind, 0) + 1
+            summary.skipped[e.kind] = summary.skipped.get(e.kind, 0) + 1
             records.append({"video": rel, "status": "skipped", "reason": reason})
             continue
         summary.prepared += 1
@@ -387,7 +466,7 @@ def _prepare_one(path: Path, rel: str, writer: _ShardWriter, size: int, margin: 
     """Both passes for one video; returns the frames written."""
     n, found, _ = detect_track(path, detect_every)
     if n < MIN_FRAMES:
-        raise SkipVideo(f"too short ({n} frames at 25 fps)")
+        raise SkipVideo(f"too short ({n} frames at 25 fps)", "too short")
     audio = load_track_audio(path, n)  # before pass 2: a video without audio is skipped cheaply
     track = smooth_boxes(found, n, window)
     sides = track[:, 2] * (1 + 2 * margin)

@@ -153,17 +153,38 @@ def _installed_languages() -> frozenset[str]:
     return frozenset(langs)
 
 
+@lru_cache(maxsize=1)
+def _installed_variants() -> frozenset[str]:
+    """Voice variant names (`-v LANG+NAME`) `espeak-ng --voices=variant` lists on this machine: the file
+    column's `!v/NAME`."""
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        raise InputError("espeak-ng is not installed; install it (Debian/Ubuntu: apt-get install espeak-ng)")
+    out = subprocess.run([exe, "--voices=variant"], capture_output=True, text=True, check=False).stdout
+    return frozenset(tok[3:] for line in out.splitlines()[1:] for tok in line.split()[:5] if tok.startswith("!v/"))
+
+
 def voice_pool() -> list[tuple[str, str]]:
     """Every (language, variant) pair the corpus draws voices from, in a fixed order.
 
-    Languages this espeak-ng lacks are left out (with a warning once), so a corpus is reproducible
-    on machines with the same espeak-ng data.
+    Languages and variants this espeak-ng lacks are left out (with a warning once), so a corpus is
+    reproducible on machines with the same espeak-ng data. A variant must be checked: espeak-ng speaks an
+    unknown `LANG+VARIANT` with the language's default voice without a word, so a split would hear the
+    default timbre, which another split owns.
     """
     installed = _installed_languages()
     missing = [lang for lang in LANGUAGES if lang not in installed]
     if missing:
         _warn_once(f"espeak-ng here lacks voices {missing}; the corpus leaves them out")
-    return [(lang, var) for lang in LANGUAGES if lang in installed for var in VARIANTS]
+    have = _installed_variants()
+    variants = [var for var in VARIANTS if not var or var in have]  # "": the default voice, always there
+    if len(variants) < len(VARIANTS):
+        _warn_once(f"espeak-ng here lacks voice variants {[v for v in VARIANTS if v not in variants]}; "
+                   "the corpus leaves them out")
+    if len(variants) < len(SPLITS):
+        raise InputError(f"espeak-ng here has {len(variants)} of the corpus's voice variants, fewer than one per "
+                         f"split; install the full espeak-ng data (Debian/Ubuntu: apt-get install espeak-ng-data)")
+    return [(lang, var) for lang in LANGUAGES if lang in installed for var in variants]
 
 
 _warned: set[str] = set()
@@ -1405,7 +1426,8 @@ def build_manifest(specs: list[ClipSpec], metas: dict[int, dict[str, Any]], seco
         clips.append({"name": spec.name, "split": spec.split, "video": f"{spec.name}.mp4",
                       "meta": f"{spec.name}.json", "identity": spec.identity["id"], "kind": spec.identity["kind"],
                       "voice": spec.voice["name"], "language": spec.voice["language"],
-                      "num_frames": meta["num_frames"], "seconds": meta["seconds"]})
+                      "num_frames": meta["num_frames"], "seconds": meta["seconds"],
+                      "spec_digest": spec.digest()})  # the reader checks each clip's json against it
     return {
         "format": "letstalk-synth",
         "generator_version": GENERATOR_VERSION,

@@ -513,7 +513,7 @@ class TransformerStage(Stage):
             if dist.main:
                 LatentCache.build(self.dataset, self.ae, pixel_noise, dist.device, progress=cfg.progress)
             dist.barrier()
-            self.cache = LatentCache(LatentCache.path_for(self.dataset, self.ae), self.dataset)
+            self.cache = LatentCache(LatentCache.path_for(self.dataset, self.ae), self.dataset, pixel_noise)
         self.features: AudioFeatureCache | None = None  # a chunked encoder's frozen features
         if not encodes_per_frame(comps.audio_encoder):
             comps.audio_encoder.requires_grad_(False)
