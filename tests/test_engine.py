@@ -1020,3 +1020,24 @@ def test_a_file_pushed_faster_than_real_time_waits_for_room_instead_of_failing(t
     start, first = np.flatnonzero(audio)[0], np.flatnonzero(source.audio)[0]
     pushed = source.audio[first:]
     np.testing.assert_allclose(audio[start:start + len(pushed)], pushed, atol=1e-6)
+
+
+def test_opening_a_session_touches_no_device_tensor_on_the_event_loop(tiny_pipeline, monkeypatch):
+    """A session's stream (its copy of the portrait latent) is made off the event loop: on a GPU that copy waits
+    for the window the worker is running, and every session's paced frames would wait with the loop."""
+    import threading
+
+    threads = []
+    real = tiny_pipeline.new_stream
+    monkeypatch.setattr(tiny_pipeline, "new_stream",
+                        lambda *a, **kw: (threads.append(threading.current_thread()), real(*a, **kw))[1])
+
+    async def main():
+        engine = await _engine(tiny_pipeline)
+        session = await engine.open_session(_portrait(tiny_pipeline, 40))  # a Portrait already: no preparation
+        frames = await _collect(session, 0.2)
+        await engine.stop()
+        return frames
+
+    frames = run(main())
+    assert threads and threading.main_thread() not in threads and len(frames) == 5

@@ -140,6 +140,12 @@ def test_sync_metric_finds_offset_zero_for_ground_truth_and_a_known_delay(probe_
         assert score_clip(clip, delayed, clip.portrait, probe)["sync_offset"] == 2
     pred = np.arange(20.0) % 7
     assert best_offset(lag_correlations(np.roll(pred, -3), pred)) == -3  # video early -> negative
+    # a still mouth correlates with nothing at any lag: no peak, not "5 frames early"
+    assert best_offset(lag_correlations(np.full(20, 0.3), pred)) == 0
+    # lags with too few frames left are not scored: 2-3 samples correlate at +-1 whatever they hold
+    short = np.array([0, 0, 1, 1, 0, 0, 1, 0, 1, 1.0])
+    curve = lag_correlations(short, short)
+    assert np.isnan(curve[0]) and np.isnan(curve[-1]) and best_offset(curve) == 0
 
 
 def test_psnr_outside_the_mouth_sees_only_outside_changes(probe_and_clips):
@@ -359,6 +365,18 @@ def test_speech_to_mouth_sync_needs_no_labels_and_finds_the_offset(corpus_dir, t
     code, out, err = _run(capsys, "sync-check", tmp_path / "real.mp4")  # the quietest frame as the closed mouth
     assert code == 0 and "quietest" in out
     assert float(out.split("r = ")[1].split()[0]) > 0.6
+    closed = out.split("closed mouth from ")[1].strip()
+    other = corpus.clip(corpus.names("test")[1], SIZE)  # the control: speech the video was not made from
+    import av
+    with av.open(str(tmp_path / "other.wav"), "w") as f:
+        stream = f.add_stream("pcm_s16le", rate=16000, layout="mono")
+        frame = av.AudioFrame.from_ndarray((other.audio * 32767).astype(np.int16)[None], format="s16", layout="mono")
+        frame.sample_rate = 16000
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            f.mux(packet)
+    code, out, err = _run(capsys, "sync-check", tmp_path / "real.mp4", "--audio", tmp_path / "other.wav")
+    assert code == 0, err
+    assert out.split("closed mouth from ")[1].strip() == closed  # the closed mouth from the video's own speech
     # a recording at 30 fps (the same speech, each 30 fps frame the 25 fps frame on screen at its time): the loudness
     # is read per frame at the video's own rate, so it is in sync at offset 0 (read at 25 fps it drifts by 1/6)
     frames30 = clip.frames[(np.arange(len(clip.frames) * 30 // 25) * 25) // 30]
@@ -368,6 +386,16 @@ def test_speech_to_mouth_sync_needs_no_labels_and_finds_the_offset(corpus_dir, t
     assert at30["speech_offset"] == 0 and at30["speech_sync"] > 0.6, at30
     code, _, err = _run(capsys, "sync-check", tmp_path / "portrait.png")
     assert code == 2 and len([x for x in err.splitlines() if x.startswith("letstalk: error:")]) == 1, err
+
+
+def test_the_probe_never_sees_the_clips_it_scores(corpus_dir, monkeypatch):
+    """--split train scores train clips: the probe is fitted on the other train clips, not on those."""
+    corpus = Corpus(corpus_dir)
+    seen, read = [], corpus.clip
+    monkeypatch.setattr(corpus, "clip", lambda name, size: (seen.append(name), read(name, size))[1])
+    scored = corpus.names("train")[:2]
+    train_probe(corpus, SIZE, max_clips=100, exclude=scored)
+    assert seen and not set(seen) & set(scored) and set(seen) < set(corpus.names("train"))
 
 
 def test_skin_tone_groups_name_the_face_a_mean_hides():
@@ -446,7 +474,8 @@ def test_eval_on_real_videos_judges_identity_and_drift_but_not_lip_sync(capsys, 
 @pytest.mark.parametrize("case,match", [("no-manifest", "manifest.json"), ("split", "no clips in split"),
                                         ("model", "does not exist"), ("window", "--window 9"),
                                         ("start", "--start-time 1.5"), ("seeds", "--seeds 0"),
-                                        ("hold", "--noise-hold -0.5")])
+                                        ("hold", "--noise-hold -0.5"), ("long", "--long-seconds 1"),
+                                        ("inf", "--long-seconds inf"), ("probe", "--probe-clips 0")])
 def test_bad_input_fails_with_one_line(capsys, tmp_path, corpus_dir, tiny_model_dir, case, match):
     data, model, split = corpus_dir, tiny_model_dir, "test"
     if case == "no-manifest":
@@ -456,7 +485,8 @@ def test_bad_input_fails_with_one_line(capsys, tmp_path, corpus_dir, tiny_model_
     elif case == "model":
         model = tmp_path / "nope"
     extra = {"window": ["--window", 9], "start": ["--start-time", 1.5], "seeds": ["--seeds", 0],
-             "hold": ["--noise-hold", -0.5]}.get(case, [])
+             "hold": ["--noise-hold", -0.5], "long": ["--long-seconds", 1], "inf": ["--long-seconds", "inf"],
+             "probe": ["--probe-clips", 0]}.get(case, [])
     code, _, err = _run(capsys, "eval", "--data", data, "--model", model, "--split", split, "--out",
                         tmp_path / "r", "--quiet", *extra)
     assert code == 2

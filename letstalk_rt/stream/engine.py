@@ -59,7 +59,8 @@ import torch
 
 from ..errors import InputError, LetsTalkError
 from ..media import TempoStretcher
-from ..pipeline import DECODE_CHUNK, GRAPH_BUCKETS, AudioTokenizer, LetsTalkPipeline, Portrait, encode_features
+from ..pipeline import (DECODE_CHUNK, GRAPH_BUCKETS, AudioTokenizer, LetsTalkPipeline, Portrait, StreamState,
+                        encode_features)
 from .events import (
     AVFrame, Event, FramesDropped, Interrupted, PlaybackPosition, SessionClosed, SessionError,
     SpeechStarted, SpeechStopped, WindowTimings,
@@ -306,7 +307,8 @@ class Player:
 class Session:
     """A live avatar: push audio, read paced frames (or attach WebRTC tracks), interrupt, close."""
 
-    def __init__(self, engine: "StreamEngine", portrait: Portrait, seed: int, session_id: str | None) -> None:
+    def __init__(self, engine: "StreamEngine", portrait: Portrait, seed: int, session_id: str | None,
+                 stream: StreamState | None = None) -> None:
         self.engine = engine
         self.pipeline: LetsTalkPipeline = engine.pipeline
         self.id = session_id or uuid.uuid4().hex[:16]
@@ -345,7 +347,8 @@ class Session:
         self._last_late_event = 0.0
         self._late_reported = 0
         # worker-thread state
-        self._w = _WorkerState(self.pipeline.new_stream(portrait, seed), self.pipeline.audio_tokenizer())
+        stream = stream if stream is not None else self.pipeline.new_stream(portrait, seed)
+        self._w = _WorkerState(stream, self.pipeline.audio_tokenizer())
 
     # -- audio in
 
@@ -924,9 +927,12 @@ class StreamEngine:
         try:
             if not isinstance(portrait, Portrait):
                 portrait = await asyncio.to_thread(self.pipeline.prepare_portrait, portrait, detect_face)
+            # Off the loop too: on a GPU the stream's copy of the portrait latent waits for the window the worker is
+            # running, and the loop would stall that long, every other session's paced frames with it.
+            stream = await asyncio.to_thread(self.pipeline.new_stream, portrait, seed)
             if self._thread is None or self._stopping:  # stop() ran while the portrait was being prepared
                 raise LetsTalkError("the engine stopped while the session was opening")
-            session = Session(self, portrait, seed, session_id)
+            session = Session(self, portrait, seed, session_id, stream)
             if session.id in self.sessions:
                 raise InputError(f"session id {session.id!r} is already in use")
         finally:
