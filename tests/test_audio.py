@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -265,3 +266,13 @@ def test_wav2vec2_loading_errors(w2v_dir, tmp_path):
         build_audio_encoder(w2v_config(other))
     with pytest.raises(ModelError, match="feature_layers=2 and audio.feature_dim=32"):
         build_audio_encoder(w2v_config(w2v_dir, feature_layers=12, feature_dim=768))
+    # a checkpoint missing a layer's weights: transformers would fill them at random and only log it
+    from safetensors.torch import load_file, save_file
+
+    partial = tmp_path / "partial"
+    shutil.copytree(w2v_dir, partial)
+    weights = next(partial.glob("*.safetensors"))
+    state = load_file(str(weights))
+    save_file({k: v for k, v in state.items() if ".layers.1." not in k}, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ModelError, match="partial.*lacks weights"):
+        build_audio_encoder(w2v_config(partial))

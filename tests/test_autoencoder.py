@@ -280,6 +280,15 @@ def test_diffusers_dcae_loads_from_disk_and_matches_the_original(tmp_path):
     frames = np.random.default_rng(2).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
     assert decode_to_uint8(ae, encode_frames(ae, frames)).shape == (2, 32, 32, 3)
 
+    # a checkpoint without its decoder: diffusers would initialise it at random (decoding NaN) and only log it
+    from safetensors.torch import load_file, save_file
+
+    weights = next((tmp_path / "dcae").glob("*.safetensors"))
+    state = load_file(str(weights))
+    save_file({k: v for k, v in state.items() if not k.startswith("decoder.")}, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ModelError, match="lacks weights"):
+        load_diffusers_dcae(tmp_path / "dcae", image_size=32)
+
 
 def test_decoder_widths_default_to_the_encoders_and_leave_cache_keys_unchanged():
     # caches of latents are keyed by repr(config) + weights; models without a narrower decoder keep their keys

@@ -416,11 +416,20 @@ def load_wav2vec2(path: str | Path | None):
     from transformers import Wav2Vec2Model
 
     try:
-        return Wav2Vec2Model.from_pretrained(str(p), local_files_only=True, dtype=torch.float32)
+        # no dtype keyword (transformers < 4.56 calls it torch_dtype): the weights are made fp32 below
+        model, info = Wav2Vec2Model.from_pretrained(str(p), local_files_only=True, output_loading_info=True)
     except Exception as e:  # noqa: BLE001 -- OSError, ValueError, SafetensorError...: all mean "broken checkpoint"
         reason = (str(e).strip().splitlines() or [""])[0][:200]
         raise ModelError(f"cannot load a wav2vec2 checkpoint from {str(p)!r} ({e.__class__.__name__}: {reason}); "
                          f"expected {_W2V_EXPECTED}") from None
+    # transformers fills weights a checkpoint lacks with random values and only logs it: features from a
+    # half-random encoder must not pass for the real thing (masked_spec_embed is used in pre-training only)
+    missing = [k for k in info.get("missing_keys", []) if k != "masked_spec_embed"]
+    mismatched = info.get("mismatched_keys", [])
+    if missing or mismatched:
+        raise ModelError(f"wav2vec2 checkpoint {str(p)!r} lacks weights the model needs ({len(missing)} missing, e.g. "
+                         f"{sorted(missing)[:3]}; {len(mismatched)} of another shape); expected {_W2V_EXPECTED}")
+    return model.float()
 
 
 def _wants_normalize(path: Path) -> bool:

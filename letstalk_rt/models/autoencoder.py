@@ -358,10 +358,17 @@ def load_diffusers_dcae(
     try:
         # low_cpu_mem_usage needs accelerate; without it diffusers would warn and fall back anyway
         low_mem = importlib.util.find_spec("accelerate") is not None
-        model = AutoencoderDC.from_pretrained(str(path), local_files_only=True, low_cpu_mem_usage=low_mem)
+        model, info = AutoencoderDC.from_pretrained(str(path), local_files_only=True, low_cpu_mem_usage=low_mem,
+                                                    output_loading_info=True)
     except Exception as e:  # diffusers raises OSError, ValueError, EnvironmentError, safetensors errors
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"'{path}' is not a loadable diffusers AutoencoderDC directory: {reason}") from None
+    # diffusers initialises weights the files lack at random and only logs it (a decoder without weights
+    # decodes NaN): refuse, naming what is missing
+    missing, mismatched = list(info.get("missing_keys", [])), list(info.get("mismatched_keys", []))
+    if missing or mismatched:
+        raise ModelError(f"'{path}' lacks weights the AutoencoderDC needs ({len(missing)} missing, e.g. "
+                         f"{sorted(missing)[:3]}; {len(mismatched)} of another shape): a damaged or different checkpoint")
     model = model.to(device=device, dtype=dtype).eval()
     return DiffusersDCAE(model, image_size=image_size)
 
