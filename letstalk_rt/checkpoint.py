@@ -2,7 +2,8 @@
 
     MODEL_DIR/
       config.json                   ModelConfig (letstalk_rt.config), incl. `trained` and `description`
-      autoencoder.safetensors       DCAutoencoder
+      autoencoder.safetensors       DCAutoencoder (absent for a diffusers DC-AE: it loads from
+                                    autoencoder.diffusers_path)
       audio_encoder.safetensors     MelAudioEncoder (absent for wav2vec2: it loads from audio.wav2vec2_path)
       audio_projector.safetensors   AudioProjector
       transformer.safetensors       LetsTalkTransformer
@@ -44,20 +45,40 @@ class Components:
 
 
 def _has_weights(config: ModelConfig, name: str) -> bool:
-    """wav2vec2 is frozen and loaded from its own directory, so it is not stored with the model."""
+    """wav2vec2 and a diffusers DC-AE are frozen and loaded from their own directories, so they are not stored
+    with the model."""
+    if name == "autoencoder":
+        return not config.autoencoder.diffusers_path
     return not (name == "audio_encoder" and config.audio.encoder == "wav2vec2")
+
+
+def build_autoencoder(config: ModelConfig) -> nn.Module:
+    """The project's DCAutoencoder (random init), or the diffusers DC-AE at autoencoder.diffusers_path (loaded),
+    which must give the latents the config describes."""
+    from .models.autoencoder import DCAutoencoder, load_diffusers_dcae
+
+    ac = config.autoencoder
+    if not ac.diffusers_path:
+        return DCAutoencoder(ac)
+    ae = load_diffusers_dcae(ac.diffusers_path, image_size=ac.image_size)
+    got = (ae.config.latent_channels, ae.config.downsample, ae.config.scaling_factor)
+    want = (ac.latent_channels, ac.downsample, ac.scaling_factor)
+    if got != want:
+        raise ModelError(f"the DC-AE at '{ac.diffusers_path}' makes latents of {got[0]} channels at {got[1]}x "
+                         f"downsampling with scaling factor {got[2]:g}; this model's config says {want[0]}, {want[1]}x, "
+                         f"{want[2]:g}: make the model with `letstalk new-model --dcae DIR`, which reads them from it")
+    return ae.requires_grad_(False)
 
 
 def build_components(config: ModelConfig, seed: int = 0) -> Components:
     """Fresh networks for `config`, randomly initialised from `seed` (benchmarks, training starts)."""
     from .models.audio import AudioProjector, build_audio_encoder
-    from .models.autoencoder import DCAutoencoder
     from .models.letstalk import LetsTalkTransformer
 
     torch.manual_seed(seed)
     return Components(
         config=config,
-        autoencoder=DCAutoencoder(config.autoencoder),
+        autoencoder=build_autoencoder(config),
         audio_encoder=build_audio_encoder(config.audio),
         audio_projector=AudioProjector(config.audio),
         transformer=LetsTalkTransformer(config.transformer),

@@ -329,6 +329,20 @@ def cmd_new_model(args: argparse.Namespace) -> None:
                             "--force to replace it (a trained model there would be lost)")
     config = _preset_config(args)
     config.description = f"untrained: preset {args.preset}, random init seed {args.seed}"
+    if args.dcae is not None:  # a pretrained DC-AE as the autoencoder: its latents decide the transformer's
+        import dataclasses
+
+        from .models.autoencoder import load_diffusers_dcae
+
+        dc = load_diffusers_dcae(args.dcae, image_size=config.autoencoder.image_size).config
+        config.autoencoder = dataclasses.replace(
+            config.autoencoder, latent_channels=dc.latent_channels, block_channels=dc.block_channels,
+            layers_per_block=dc.layers_per_block, scaling_factor=dc.scaling_factor,
+            diffusers_path=str(args.dcae.resolve()))
+        config.transformer.latent_channels = dc.latent_channels
+        config.transformer.latent_size = config.autoencoder.latent_size
+        config.validate()
+        config.description += f", the pretrained DC-AE at {args.dcae.resolve()} as its autoencoder"
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     try:
         save_model(build_components(config, seed=args.seed), partial)
@@ -573,6 +587,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local transformers Wav2Vec2 directory, for the letstalk-* presets (their audio encoder)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace --out if it exists (its model is lost)")
+    p.add_argument("--dcae", type=Path, default=None, metavar="DIR",
+                   help="a pretrained DC-AE in diffusers format (config.json + weights) as the autoencoder: frozen, "
+                        "loaded from DIR, not copied (needs `pip install 'letstalk-rt[diffusers]'`)")
     p.set_defaults(func=cmd_new_model)
     return parser
 

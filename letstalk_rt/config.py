@@ -40,6 +40,10 @@ class AutoencoderConfig:
     # Left out of repr(): caches of what the autoencoder computes are keyed by repr(config) + weights
     # (train.data.module_fingerprint), and the keys of models without it must stay what they were.
     decoder_channels: tuple[int, ...] | None = field(default=None, repr=False)
+    # A pretrained DC-AE in diffusers format (a folder with config.json + weights, e.g. mit-han-lab's f32c32) used
+    # as this model's autoencoder: loaded from there, frozen, not stored with the model (as audio.wav2vec2_path).
+    # "": the project's own DCAutoencoder, stored in autoencoder.safetensors. Not in repr(), like decoder_channels.
+    diffusers_path: str = field(default="", repr=False)
 
     @property
     def decoder_widths(self) -> tuple[int, ...]:

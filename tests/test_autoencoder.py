@@ -1,6 +1,7 @@
 """DC-AE autoencoder: shapes, the residual shortcuts, clamping, learning, uint8 helpers, diffusers loader."""
 
 import dataclasses
+import json
 import sys
 
 import numpy as np
@@ -288,6 +289,40 @@ def test_diffusers_dcae_loads_from_disk_and_matches_the_original(tmp_path):
     save_file({k: v for k, v in state.items() if not k.startswith("decoder.")}, str(weights), metadata={"format": "pt"})
     with pytest.raises(ModelError, match="lacks weights"):
         load_diffusers_dcae(tmp_path / "dcae", image_size=32)
+
+
+def test_a_model_made_on_a_pretrained_dcae_loads_it_from_its_folder_and_generates(tmp_path, capsys):
+    """`letstalk new-model --dcae DIR`: the DC-AE is the model's autoencoder, read from DIR (not copied), its
+    latents decide the transformer's; the model loads and talks, and its autoencoder cannot be trained."""
+    diffusers = pytest.importorskip("diffusers")
+    from letstalk_rt.checkpoint import load_model
+    from letstalk_rt.cli import main
+    from letstalk_rt.models.autoencoder import DiffusersDCAE
+    from letstalk_rt.pipeline import LetsTalkPipeline
+
+    torch.manual_seed(0)
+    diffusers.AutoencoderDC(
+        in_channels=3, latent_channels=4, attention_head_dim=8,
+        encoder_block_types=("ResBlock", "EfficientViTBlock"), decoder_block_types=("ResBlock", "EfficientViTBlock"),
+        encoder_block_out_channels=(8, 16), decoder_block_out_channels=(8, 16),
+        encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
+        encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)), scaling_factor=0.5,
+    ).save_pretrained(tmp_path / "dcae")
+    assert main(["new-model", "--preset", "tiny", "--dcae", str(tmp_path / "dcae"), "--out", str(tmp_path / "m")]) == 0
+    assert not (tmp_path / "m" / "autoencoder.safetensors").exists()
+    comps = load_model(tmp_path / "m")
+    assert isinstance(comps.autoencoder, DiffusersDCAE)
+    assert (comps.config.transformer.latent_channels, comps.config.transformer.latent_size) == (4, 16)
+    pipe = LetsTalkPipeline(comps)
+    face = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    frames = list(pipe.generate(pipe.prepare_portrait(face, detect=False), np.zeros(16000, np.float32)))
+    assert len(frames) == 25 and frames[0].shape == (32, 32, 3)
+    # the DC-AE's folder changed under the model: refused, not decoded with other latents
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["autoencoder"]["scaling_factor"] = 0.25
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="new-model --dcae"):
+        load_model(tmp_path / "m")
 
 
 def test_decoder_widths_default_to_the_encoders_and_leave_cache_keys_unchanged():

@@ -1175,6 +1175,10 @@ def init_fingerprint(comps: Components) -> str:
 def _train(cfg: TrainConfig, dist: Dist) -> Path | None:
     _check(cfg, dist)
     comps = load_model(cfg.init)
+    if comps.config.autoencoder.diffusers_path and cfg.stage in ("autoencoder", "decoder"):
+        raise InputError(f"--stage {cfg.stage}: --init's autoencoder is the pretrained DC-AE at "
+                         f"'{comps.config.autoencoder.diffusers_path}', which stays frozen; train the transformer "
+                         "and distill stages on its latents")
     fingerprint = init_fingerprint(comps)
     for m in comps.modules().values():
         m.requires_grad_(True).train()
