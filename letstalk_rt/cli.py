@@ -309,6 +309,10 @@ def _preset_config(args: argparse.Namespace):
             raise LetsTalkError(f"--wav2vec2: preset {args.preset!r} uses the {config.audio.encoder!r} audio encoder; "
                                 "drop --wav2vec2 or pick a letstalk-* preset")
         config.audio.wav2vec2_path = str(args.wav2vec2.resolve())  # read later, from wherever the model is used
+        if getattr(args, "record_digest", False):  # new-model: the model remembers which checkpoint it was made on
+            from .models.audio import load_wav2vec2, weights_digest
+
+            config.audio.wav2vec2_digest = weights_digest(load_wav2vec2(config.audio.wav2vec2_path))
     return config
 
 
@@ -327,6 +331,7 @@ def cmd_new_model(args: argparse.Namespace) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise LetsTalkError(f"--out {out}: already exists and is not an empty folder; choose a new --out, or add "
                             "--force to replace it (a trained model there would be lost)")
+    args.record_digest = True
     config = _preset_config(args)
     config.description = f"untrained: preset {args.preset}, random init seed {args.seed}"
     if args.dcae is not None:  # a pretrained DC-AE as the autoencoder: its latents decide the transformer's

@@ -80,6 +80,9 @@ class AudioConfig:
     feature_layers: int = 12  # hidden states stacked per frame (wav2vec2-base has 12)
     feature_dim: int = 768  # width of each hidden state
     wav2vec2_path: str | None = None  # local directory with a transformers Wav2Vec2 checkpoint
+    # digest of that checkpoint's weights, recorded by `new-model --wav2vec2`: a different checkpoint of the same
+    # size at the path (base instead of base-960h, a fine-tune) is refused, not silently encoded with ("": unchecked)
+    wav2vec2_digest: str = field(default="", repr=False)
     # wav2vec2 runs on fixed chunks (plus left context) so streaming equals offline; a frame's features are
     # final only when its whole chunk is in, so the chunk is the encoder's latency: 2 s here (offline-like
     # features), one frame (0.04 s, lookahead 5 ms) in the live letstalk-* presets

@@ -248,6 +248,15 @@ def test_wav2vec2_lookahead_is_honest(w2v):
     assert not torch.allclose(w2v(torch.from_numpy(inside)[None])[0, i], base[i])
 
 
+def test_a_model_remembers_which_wav2vec2_checkpoint_it_was_made_on(w2v_dir):
+    """audio.wav2vec2_digest (recorded by `new-model --wav2vec2`): the same checkpoint loads, another one of the
+    same size at the path is refused instead of giving silently different features."""
+    digest = build_audio_encoder(w2v_config(w2v_dir)).digest
+    assert build_audio_encoder(w2v_config(w2v_dir, wav2vec2_digest=digest)).digest == digest
+    with pytest.raises(ModelError, match="not the one this model was made with"):
+        build_audio_encoder(w2v_config(w2v_dir, wav2vec2_digest="0" * 16))
+
+
 def test_wav2vec2_loading_errors(w2v_dir, tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(ModelError, match="nowhere.*does not exist"):
