@@ -1264,7 +1264,8 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path | None:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(str(cfg.run / "tensorboard"))
+            # purge_step: a resumed run drops the events the interrupted one wrote after its checkpoint (as the log)
+            writer = SummaryWriter(str(cfg.run / "tensorboard"), purge_step=start + 1 if start else None)
         except ImportError:
             pass
         print(f"training {cfg.stage} on {dataset.describe()}: steps {start}..{cfg.steps}, global batch {cfg.batch}, "
