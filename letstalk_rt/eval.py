@@ -603,7 +603,7 @@ def score_clip(clip: Clip, generated: np.ndarray, portrait: np.ndarray, probe: M
         out.update({
             "probe_opening": [float(v) for v in pred],
             # how far the mouth moves against the real one (1 = as far): lip sync's correlation is blind to scale
-            "opening_spread": float(np.std(pred) / max(float(np.std(real_pred)), 1e-6)),
+            "opening_spread": _ratio(float(np.std(pred)), float(np.std(real_pred))),
             "mouth_direction": mouth_direction(real_feats, feats),
             **interior_figures(real_interior, gen_interior),
             "ssim_gt": float(np.mean([ssim_outside(gen[i], gt[i], mask) for i in range(0, n, step)])),
@@ -623,7 +623,7 @@ def interior_figures(real: np.ndarray, gen: np.ndarray) -> dict[str, float]:
     (does the inside of the mouth show when the real one's does), and `interior_spread`, the generated
     reading's standard deviation over the real one's (does as much of it show: 1 = as much)."""
     return {"interior_sync": pearson(gen, real),
-            "interior_spread": float(np.std(gen) / max(float(np.std(real)), 1e-6))}
+            "interior_spread": _ratio(float(np.std(gen)), float(np.std(real)))}
 
 
 # per-clip figures averaged over seeds and clips: always scored, then only by a full score_clip
@@ -649,6 +649,18 @@ def mean_over_seeds(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _ratio(a: float, b: float) -> float:
+    """a / b, NaN where b is ~0: a spread against a reference that does not move has no meaning (1e-6 in its
+    place made one still clip's ratio ~1e5, which swamped the mean over clips)."""
+    return a / b if b > 1e-6 else math.nan
+
+
+def _mean(values: list[float]) -> float:
+    """Mean over the clips that have the figure (NaN ones left out); NaN when none has it."""
+    v = np.asarray(values, np.float64)
+    return float(v[np.isfinite(v)].mean()) if np.isfinite(v).any() else math.nan
+
+
 def summarise(scores: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean figures over clips; the offset is where the mean lag curve peaks. With several seeds,
     `sync_by_seed` is the clip-mean lip sync each seed alone would have given and `sync_seed_std` its spread."""
@@ -664,9 +676,10 @@ def summarise(scores: list[dict[str, Any]]) -> dict[str, Any]:
         out["sync_by_seed"], out["sync_seed_std"] = [float(v) for v in by_seed], float(by_seed.std())
     for key in MEANED[2:]:  # the full-score figures, when scored
         if key in scores[0]:
-            out[key] = float(np.mean([s[key] for s in scores]))
+            out[key] = _mean([s[key] for s in scores]) if key.endswith("_spread") else \
+                float(np.mean([s[key] for s in scores]))
     if "flicker" in out:
-        out["flicker_ratio"] = out["flicker"] / max(out["flicker_gt"], 1e-6)
+        out["flicker_ratio"] = _ratio(out["flicker"], out["flicker_gt"])
     if "speech_curve" in scores[0]:
         speech = np.mean([s["speech_curve"] for s in scores], axis=0)
         out["speech_curve"], out["speech_offset"] = [float(v) for v in speech], best_offset(speech)
@@ -701,7 +714,8 @@ def by_skin_tone(scores: list[dict[str, Any]], probe_per_clip: dict[str, float])
                      "probe_correlation": float(np.mean([probe_per_clip[s["clip"]] for s in members])),
                      "psnr_gt": float(np.mean([s["psnr_gt"] for s in members])),
                      **{k: float(np.mean([s.get(k, math.nan) for s in members]))
-                        for k in ("mouth_direction", "interior_sync", "interior_spread")},
+                        for k in ("mouth_direction", "interior_sync")},
+                     "interior_spread": _mean([s.get("interior_spread", math.nan) for s in members]),
                      "worst_identity": worst, "worst_sync": float(np.mean(faces[worst]))})
     return rows
 

@@ -5,6 +5,7 @@ drawn 32 px faces whose mouth opening follows the audio energy and whose head dr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -386,6 +387,21 @@ def test_speech_to_mouth_sync_needs_no_labels_and_finds_the_offset(corpus_dir, t
     assert at30["speech_offset"] == 0 and at30["speech_sync"] > 0.6, at30
     code, _, err = _run(capsys, "sync-check", tmp_path / "portrait.png")
     assert code == 2 and len([x for x in err.splitlines() if x.startswith("letstalk: error:")]) == 1, err
+
+
+def test_a_spread_against_a_still_reference_is_left_out_not_a_huge_ratio(corpus_dir):
+    """opening / interior spread divide by the real frames' spread: a clip whose real mouth never moves has none,
+    and its ratio (1e-6 in the divisor read ~1e5) must not swamp the mean over clips."""
+    corpus = Corpus(corpus_dir)
+    probe = train_probe(corpus, SIZE, max_clips=6)
+    clip = corpus.clip(corpus.names("test")[0], SIZE)
+    moving = score_clip(clip, clip.frames, clip.portrait, probe)
+    still_clip = dataclasses.replace(clip, frames=np.repeat(clip.portrait[None], len(clip.frames), axis=0))
+    still = score_clip(still_clip, clip.frames, clip.portrait, probe)  # the generation moves, the truth does not
+    assert math.isnan(still["interior_spread"]) and math.isnan(still["opening_spread"])
+    summary = summarise([moving, still])
+    assert summary["interior_spread"] == pytest.approx(moving["interior_spread"])
+    assert summary["opening_spread"] == pytest.approx(moving["opening_spread"])
 
 
 def test_the_probe_never_sees_the_clips_it_scores(corpus_dir, monkeypatch):
