@@ -27,6 +27,7 @@ import collections
 import contextlib
 import itertools
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -92,32 +93,56 @@ def _rss_mb() -> float:
 
 
 async def _consume(session, seconds: float, offsets: list[tuple[float, float]]) -> None:
-    """Read both tracks like aiortc's senders; record how far apart the same 40 ms leaves them (ms), with
-    when (seconds since the session's clock started)."""
+    """Read both tracks like aiortc's senders; for every generated frame, record how far apart the video track
+    released its picture and the audio track the first 20 ms of its own speech (ms), with when (seconds since
+    the session's clock started).
+
+    Keyed by content (the frame each track was served for a tick, `AVFrame.index`), not by the tracks' own
+    timestamps: a track that served another frame's audio, or a clock that drifted, both show up. Held frames
+    (fillers) are left out: they have no speech of their own."""
     video, audio = session.video_track(), session.audio_track()
-    fps = session.player.fps
-    v_times: dict[int, float] = {}
-    a_times: dict[int, float] = {}
+    player = session.player
+    fps = player.fps
+    served: dict[tuple[str, int], int] = {}  # (track, tick) -> index of the frame the player gave it
+    get = player.get
+
+    async def serving(tick: int, at: float | None = None):
+        frame = await get(tick, at)
+        if not frame.filler:  # the audio track asks for each of a tick's two packets; the first one counts
+            served.setdefault(("audio" if at is not None else "video", tick), frame.index)
+        return frame
+
+    player.get = serving
+    v_times: dict[int, float] = {}  # frame index -> when its picture left the video track
+    a_times: dict[int, float] = {}  # frame index -> when its first audio packet left the audio track
 
     async def read_video():
         while True:
             f = await video.recv()
-            v_times[int(f.pts * fps / 90000)] = time.monotonic()
+            now = time.monotonic()
+            index = served.get(("video", int(f.pts * fps / 90000)))
+            if index is not None:
+                v_times.setdefault(index, now)
 
     async def read_audio():
         while True:
             f = await audio.recv()
+            now = time.monotonic()
             packet = int(f.pts // 320)
-            if packet % 2 == 0:
-                a_times[packet // 2] = time.monotonic()
+            index = served.get(("audio", packet // 2))
+            if packet % 2 == 0 and index is not None:
+                a_times.setdefault(index, now)
 
     tasks = [asyncio.create_task(read_video()), asyncio.create_task(read_audio())]
-    await asyncio.sleep(seconds)
-    for t in tasks:
-        t.cancel()
-    video.stop()
-    audio.stop()
-    start = session.player.start
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        for t in tasks:
+            t.cancel()
+        video.stop()
+        audio.stop()
+        player.get = get
+    start = player.start
     for i in sorted(v_times.keys() & a_times.keys()):
         offsets.append((abs(v_times[i] - a_times[i]) * 1000, min(v_times[i], a_times[i]) - (start or 0.0)))
 
@@ -182,13 +207,16 @@ async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np
     needed = sum(s.player.tick if s.player.start is not None else round(took * pipe.fps) for s in sessions) or 1
     first = [st["first_frame_s"] for st in stats]
     held = sum(st["fillers"] for st in stats)
+    # the real-time factor: of the ticks the clock asked for, those that showed a generated frame on time (not
+    # frames generated: up to 1.5 windows queued and a window in flight at the end were never shown, +2 % in 20 s)
+    shown = sum(s.player.tick - st["fillers"] for s, st in zip(sessions, stats) if s.player.start is not None)
     dropped = sum(v for st in stats for k, v in st["dropped"].items() if k != "late")
     target_ms, compute_ms = engine.target_latency_s() * 1000, engine.window_compute_ms()
     await engine.stop()
     cuda = torch.cuda.max_memory_allocated(pipe.device) / 2**20 if pipe.device.type == "cuda" else None
     return RunResult(
         sessions=n, seconds=round(took, 1), fps_generated=round(generated / took, 1),
-        realtime_factor=round(generated / needed, 3),
+        realtime_factor=round(shown / needed, 3),
         first_frame_ms_max=None if None in first else round(max(first) * 1000, 1),
         latency_ms_p50=pct(0.5), latency_ms_p95=pct(0.95), latency_ms_p99=pct(0.99),
         held_frames=held,
@@ -277,7 +305,7 @@ def transformer_flops(pipe: LetsTalkPipeline, batch: int = 1, window: int = 0) -
     return float(counter.get_total_flops())
 
 
-ARITHMETIC_KEYS = ("transformer_gflops_per_window", "transformer_tflops", "matmul_peak_tflops", "fraction_of_peak")
+ARITHMETIC_KEYS = ("transformer_gflops_per_step", "transformer_tflops", "matmul_peak_tflops", "fraction_of_peak")
 
 
 def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, repeats: int = 10) -> float:
@@ -304,15 +332,15 @@ def arithmetic_rate(pipe: LetsTalkPipeline, step_ms: float, window: int = 0) -> 
     flops = transformer_flops(pipe, window=window) * rows
     achieved = flops / (step_ms / 1000) / 1e12
     peak = matmul_peak_tflops(pipe.device, pipe.dtype)
-    return {"transformer_gflops_per_window": round(flops / 1e9, 2), "transformer_tflops": round(achieved, 3),
+    return {"transformer_gflops_per_step": round(flops / 1e9, 2), "transformer_tflops": round(achieved, 3),
             "matmul_peak_tflops": round(peak, 2), "fraction_of_peak": round(achieved / peak, 4)}
 
 
 _SPIN = """
-import sys, time
-busy, period = float(sys.argv[1]), float(sys.argv[2])
+import os, sys, time
+busy, period, parent = float(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
 t0 = time.monotonic()
-while True:
+while os.getppid() == parent:  # the bench was killed (SIGKILL, OOM): stop, do not spin on for good
     phase = (time.monotonic() - t0) % period
     if phase < busy:
         end = time.monotonic() + 0.01
@@ -335,8 +363,10 @@ def busy_neighbours(n: int, busy: float = 30.0, period: float = 60.0):
     """n CPU-bound processes beside this one, each busy `busy` seconds of every `period`, busy first: a
     shared machine's noisy neighbours, reproducibly. They are killed when the block ends."""
     check_neighbours(n, busy, period)
-    procs = [subprocess.Popen([sys.executable, "-c", _SPIN, str(busy), str(period)]) for _ in range(n)]
+    procs: list[subprocess.Popen] = []
     try:
+        for _ in range(n):  # inside the try: a failed start kills the ones already running
+            procs.append(subprocess.Popen([sys.executable, "-c", _SPIN, str(busy), str(period), str(os.getpid())]))
         yield procs
     finally:
         for proc in procs:
@@ -415,6 +445,7 @@ def _run_bench(pipe, session_counts, seconds, audio, portrait, json_path, breakd
             results.append(result)
             report["runs"].append(asdict(result))
             print(json.dumps(asdict(result)))
+            save()  # every run: a repeat cut short (a timeout) keeps the ones before it
         if breakdown and "window_ms" not in report:  # --compile: the engine compiled one session's full window
             before = torch.get_num_threads()  # (at the torch threads it chose: the compiled kernels keep them)
             torch.set_num_threads(results[-1].threads)

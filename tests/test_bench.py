@@ -30,8 +30,7 @@ def test_bench_reports_every_run_and_the_spread_of_repeats(tiny_pipeline, tmp_pa
     assert json.loads(out.read_text()) == report
     assert [r["sessions"] for r in report["runs"]] == [1, 1, 2, 2]
     for run in report["runs"]:
-        needed = run["fps_generated"] * run["seconds"] / run["realtime_factor"]  # frames the clock asked for
-        assert needed <= run["sessions"] * 25 * run["seconds"] + run["sessions"]  # never more than real time
+        assert 0.9 < run["realtime_factor"] <= 1.0  # ticks that showed a generated frame: never more than all
         assert run["latency_ms_p50"] is not None and run["latency_ms_p50"] <= run["latency_ms_p95"]
         # each session's own p50 (the pooled p50 lies among them), and the p95 without the start
         by_session = run["latency_ms_p50_by_session"]
@@ -55,9 +54,9 @@ def test_bench_reports_every_run_and_the_spread_of_repeats(tiny_pipeline, tmp_pa
     assert w["frames"] == tiny_pipeline.window and "step_1" in w and w["decode"] > 0
     assert w["total"] >= w["step_1"] + w["decode"]
     # the step's arithmetic against this CPU's own matrix-product rate: a real fraction, below 1
-    assert report["transformer_gflops_per_window"] > 0 and report["matmul_peak_tflops"] > 0
+    assert report["transformer_gflops_per_step"] > 0 and report["matmul_peak_tflops"] > 0
     assert 0 < report["fraction_of_peak"] < 1
-    rate = report["transformer_gflops_per_window"] / w["step_1"]  # GFLOP per ms = TFLOP/s
+    rate = report["transformer_gflops_per_step"] / w["step_1"]  # GFLOP per ms = TFLOP/s
     assert abs(report["transformer_tflops"] - rate) <= 0.01 * rate + 1e-3
 
 
@@ -177,3 +176,53 @@ def test_a_preset_bench_takes_the_sampling_flags_and_checks_its_window(capsys):
     assert "--window 99" in capsys.readouterr().err
     assert main(["bench", "--preset", "tiny", "--model", "x", "--device", "cpu"]) == 2
     assert "--preset" in capsys.readouterr().err
+
+
+def test_the_av_offset_is_read_by_content_so_a_track_serving_other_audio_shows(tiny_pipeline, astronaut_png,
+                                                                                 monkeypatch):
+    """The A/V offset pairs each frame's picture with its own speech, whichever tick each track released them at:
+    an audio track that serves the speech of 5 frames before reads ~200 ms (keyed by the tracks' timestamps, as
+    before, it read ~0 whatever audio went out)."""
+    from letstalk_rt.bench import run_sessions
+    from letstalk_rt.media import load_image
+    from letstalk_rt.stream.engine import Player
+    import asyncio
+
+    portrait = tiny_pipeline.prepare_portrait(load_image(astronaut_png), detect=False)
+    audio = speechlike(1.0, seed=4)
+    right = asyncio.run(run_sessions(tiny_pipeline, 1, 2.0, audio, portrait))
+    real_get = Player.get
+
+    async def late_audio(self, tick, at=None):
+        frame = await real_get(self, tick, at)
+        return self.shown.get(tick - 5, frame) if at is not None else frame  # the audio 5 frames behind the picture
+
+    monkeypatch.setattr(Player, "get", late_audio)
+    wrong = asyncio.run(run_sessions(tiny_pipeline, 1, 2.0, audio, portrait))
+    assert right.av_offset_ms_max < 40
+    assert 160 < wrong.av_offset_ms_p50 < 240, wrong.av_offset_ms_p50
+
+
+def test_neighbours_stop_when_the_bench_is_killed():
+    """A bench killed without its cleanup (SIGKILL, the OOM killer) leaves no neighbour spinning on the machine."""
+    import subprocess
+    import sys
+
+    code = ("import time\nfrom letstalk_rt.bench import busy_neighbours\n"
+            "with busy_neighbours(1, 0.05, 1.0) as procs:\n    print(procs[0].pid, flush=True)\n    time.sleep(60)\n")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    pid = int(child.stdout.readline())
+    child.kill()
+    child.wait()
+
+    def running() -> bool:
+        try:
+            state = open(f"/proc/{pid}/status").read().split("State:")[1].split()[0]
+        except (FileNotFoundError, IndexError):
+            return False
+        return state not in ("Z", "X")  # an exited orphan may stay a zombie where nothing reaps it
+
+    deadline = time.monotonic() + 5
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not running()
