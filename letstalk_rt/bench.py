@@ -9,7 +9,7 @@
 
 For each session count N: N sessions are fed real-time speech (the bundled clip, looped) in 20 ms
 chunks, and each session's video and audio tracks are read by a consumer at their own pace, exactly
-as aiortc's senders read them. Reported: generated frames/s, real-time factor (generated / needed),
+as aiortc's senders read them. Reported: generated frames/s, real-time factor (ticks that showed a generated frame / ticks needed),
 time to first frame, speech-to-screen latency p50/p95/p99, A/V offset at the track output, dropped and
 held frames, audio gaps (silence inserted before pushed speech that missed its deadline), peak memory
 (RSS and CUDA). Then one window's cost broken down: audio encoding, each
@@ -51,12 +51,12 @@ class RunResult:
     sessions: int
     seconds: float
     fps_generated: float  # all sessions together
-    realtime_factor: float  # generated frames / frames real time needs (>= 1 keeps up)
+    realtime_factor: float  # ticks that showed a generated frame / ticks the clock needed (1 - held / ticks)
     first_frame_ms_max: float | None  # None: a session showed no frame at all within the run
     latency_ms_p50: float | None
     latency_ms_p95: float | None
     latency_ms_p99: float | None
-    av_offset_ms_max: float  # |audio release - video release| for the same 40 ms, at the tracks
+    av_offset_ms_max: float  # |audio release - video release| of each frame's own picture and speech, at the tracks
     held_frames: int  # frames shown as held (generation late)
     gap_seconds: float  # silence inserted before pushed audio that missed its deadline (heard as a gap)
     dropped_frames: int  # frames skipped (interrupt / consumer)
@@ -101,37 +101,29 @@ async def _consume(session, seconds: float, offsets: list[tuple[float, float]]) 
     timestamps: a track that served another frame's audio, or a clock that drifted, both show up. Held frames
     (fillers) are left out: they have no speech of their own."""
     video, audio = session.video_track(), session.audio_track()
-    player = session.player
-    fps = player.fps
-    served: dict[tuple[str, int], int] = {}  # (track, tick) -> index of the frame the player gave it
-    get = player.get
+    start = session.player.start or 0.0
+    first: dict[str, dict[int, float]] = {"video": {}, "audio": {}}  # frame index -> when it first left, unpaired
 
-    async def serving(tick: int, at: float | None = None):
-        frame = await get(tick, at)
-        if not frame.filler:  # the audio track asks for each of a tick's two packets; the first one counts
-            served.setdefault(("audio" if at is not None else "video", tick), frame.index)
-        return frame
-
-    player.get = serving
-    v_times: dict[int, float] = {}  # frame index -> when its picture left the video track
-    a_times: dict[int, float] = {}  # frame index -> when its first audio packet left the audio track
+    def left(kind: str, index: int | None, now: float) -> None:
+        other = first["audio" if kind == "video" else "video"]
+        if index is None or index in first[kind]:
+            return
+        if index in other:  # both sides seen: one offset, and nothing kept (a 30-minute soak stays flat)
+            t = other.pop(index)
+            offsets.append((abs(now - t) * 1000, min(now, t) - (session.player.start or start)))
+        else:
+            first[kind][index] = now
 
     async def read_video():
         while True:
-            f = await video.recv()
-            now = time.monotonic()
-            index = served.get(("video", int(f.pts * fps / 90000)))
-            if index is not None:
-                v_times.setdefault(index, now)
+            await video.recv()
+            left("video", video.last_index, time.monotonic())
 
     async def read_audio():
         while True:
             f = await audio.recv()
-            now = time.monotonic()
-            packet = int(f.pts // 320)
-            index = served.get(("audio", packet // 2))
-            if packet % 2 == 0 and index is not None:
-                a_times.setdefault(index, now)
+            if int(f.pts // 320) % 2 == 0:  # a frame's first 20 ms packet
+                left("audio", audio.last_index, time.monotonic())
 
     tasks = [asyncio.create_task(read_video()), asyncio.create_task(read_audio())]
     try:
@@ -141,10 +133,11 @@ async def _consume(session, seconds: float, offsets: list[tuple[float, float]]) 
             t.cancel()
         video.stop()
         audio.stop()
-        player.get = get
-    start = player.start
-    for i in sorted(v_times.keys() & a_times.keys()):
-        offsets.append((abs(v_times[i] - a_times[i]) * 1000, min(v_times[i], a_times[i]) - (start or 0.0)))
+
+
+def _percentile_ms(values: list[float], q: float) -> float | None:
+    """The q-quantile of sorted seconds, in ms (nearest rank, as Session.stats reads its own), or None."""
+    return round(values[min(len(values) - 1, int(q * len(values)))] * 1000, 1) if values else None
 
 
 def offset_summary(offsets: list[tuple[float, float]]) -> dict:
@@ -199,7 +192,7 @@ async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np
     took = time.monotonic() - t0
     stats = [s.stats() for s in sessions]
     lat = sorted(x for s in sessions for x in s.latencies)
-    pct = lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1000, 1) if lat else None  # noqa: E731
+    pct = lambda q: _percentile_ms(lat, q)  # noqa: E731
     steady = [x for s in sessions for x, t in zip(s.latencies, s.latency_ticks) if t >= STEADY_AFTER_S * pipe.fps]
     generated = sum(st["frames_generated"] for st in stats)
     # frames the clock asked for: from each session's first frame on (the wait for it is first_frame), and
@@ -228,7 +221,7 @@ async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np
         catch_up_runs=sum(st["catch_up_runs"] for st in stats),
         idle_dropped_frames=sum(st["idle_dropped"] for st in stats),
         latency_ms_p50_by_session=[round(st["latency_ms_p50"], 1) for st in stats if st["latency_ms_p50"] is not None],
-        latency_ms_p95_after_start=round(float(np.percentile(steady, 95)) * 1000, 1) if steady else None,
+        latency_ms_p95_after_start=_percentile_ms(sorted(steady), 0.95),
         target_latency_ms=round(target_ms, 1), window_compute_ms=round(compute_ms, 1), **offset_summary(offsets),
     )
 
@@ -427,7 +420,7 @@ def _run_bench(pipe, session_counts, seconds, audio, portrait, json_path, breakd
         report.update(arithmetic_rate(pipe, report["window_ms"]["step_1"], window=window))
         print("one step's arithmetic:", json.dumps({k: report[k] for k in ARITHMETIC_KEYS}))
 
-    def save() -> None:  # after every session count: a run cut short (a timeout, no memory for more) keeps the rest
+    def save() -> None:  # after every run: a run cut short (a timeout, no memory for more) keeps the ones before
         if json_path is not None:
             json_path.write_text(json.dumps(report, indent=2) + "\n")
 

@@ -14,8 +14,11 @@ and random weights come only from `build_components(config, seed)`, which caller
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import ModelConfig
-from .errors import ModelError
+from .errors import ModelError, OutputError
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"
 COMPONENT_FILES = ("autoencoder", "audio_encoder", "audio_projector", "transformer")
@@ -144,3 +147,49 @@ def load_model(path: str | Path | None = None) -> Components:
     for module in components.modules().values():
         module.eval()
     return components
+
+
+def weights_digest(module: nn.Module) -> str:
+    """16 hex digits over a module's weights (names, shapes and values, in their own dtype): the one digest the
+    caches, a resumed run's --init and a model's wav2vec2 checkpoint are checked with."""
+    digest = hashlib.sha256()
+    for key, value in sorted(module.state_dict().items()):
+        digest.update(f"{key}{tuple(value.shape)}".encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def fsync_dir(folder: Path) -> None:
+    """Flush a folder's files and the folder itself to disk."""
+    for f in folder.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_dir_atomic(final: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) into a temporary sibling folder, flush it to disk, then rename it to `final` (replacing a model
+    dir there): a kill or a power cut leaves the old folder or the new one, never half of one."""
+    tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        fsync_dir(tmp)
+        if final.exists():
+            if not (final / "config.json").is_file() and any(final.iterdir()):
+                raise OutputError(f"'{final}' exists and is not a model directory; choose another --out")
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except (OSError, RuntimeError) as e:  # torch.save raises RuntimeError on a full disk
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"cannot write '{final}': {getattr(e, 'strerror', None) or e}; free disk space or choose "
+                          "another path") from e

@@ -159,7 +159,6 @@ def _load_pipeline(args: argparse.Namespace):
     from .pipeline import LetsTalkPipeline
 
     device = resolve_device(args.device)
-    check_sampling_args(args)  # --steps and the rest, named (the model's own settings are checked when it loads)
     pipe = LetsTalkPipeline.from_pretrained(args.model, device=device, dtype=resolve_dtype(args.dtype, device),
                                             cuda_graphs=not args.no_cuda_graphs, **sampling_kwargs(args))
     if not pipe.config.trained:
@@ -176,7 +175,6 @@ def _generate(args: argparse.Namespace, portrait: Path, audio: Path, out: Path) 
     # (a pipe such as <(ffmpeg ...) can be read only once).
     image = load_image(portrait)
     wav = load_audio(audio)
-    check_sampling_args(args)
     pipe = _load_pipeline(args)
     start = time.perf_counter()
     result = generate_video(image, wav, out, pipeline=pipe, seed=args.seed, detect_face=not args.no_face_detect,
@@ -249,7 +247,6 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from .pipeline import LetsTalkPipeline
 
     check_live_args(args)
-    check_sampling_args(args)
     if args.decoder_channels is not None and not args.preset:
         raise LetsTalkError("--decoder-channels changes a --preset's decoder; a model directory has its own")
     if args.preset and args.model is not None:
@@ -309,10 +306,6 @@ def _preset_config(args: argparse.Namespace):
             raise LetsTalkError(f"--wav2vec2: preset {args.preset!r} uses the {config.audio.encoder!r} audio encoder; "
                                 "drop --wav2vec2 or pick a letstalk-* preset")
         config.audio.wav2vec2_path = str(args.wav2vec2.resolve())  # read later, from wherever the model is used
-        if getattr(args, "record_digest", False):  # new-model: the model remembers which checkpoint it was made on
-            from .models.audio import load_wav2vec2, weights_digest
-
-            config.audio.wav2vec2_digest = weights_digest(load_wav2vec2(config.audio.wav2vec2_path))
     return config
 
 
@@ -323,15 +316,12 @@ def _decoder_widths(text: str) -> tuple[int, ...]:
 
 
 def cmd_new_model(args: argparse.Namespace) -> None:
-    from .checkpoint import build_components, save_model
-
-    import shutil
+    from .checkpoint import build_components, save_model, weights_digest, write_dir_atomic
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise LetsTalkError(f"--out {out}: already exists and is not an empty folder; choose a new --out, or add "
                             "--force to replace it (a trained model there would be lost)")
-    args.record_digest = True
     config = _preset_config(args)
     config.description = f"untrained: preset {args.preset}, random init seed {args.seed}"
     if args.dcae is not None:  # a pretrained DC-AE as the autoencoder: its latents decide the transformer's
@@ -348,17 +338,10 @@ def cmd_new_model(args: argparse.Namespace) -> None:
         config.transformer.latent_size = config.autoencoder.latent_size
         config.validate()
         config.description += f", the pretrained DC-AE at {args.dcae.resolve()} as its autoencoder"
-    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
-    try:
-        save_model(build_components(config, seed=args.seed), partial)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        partial.rename(out)  # whole or not at all: an interrupted run leaves no half-written model at --out
-    except OSError as e:
-        raise OutputError(f"cannot write the model to '{out}': {e.strerror or e}; choose another --out") from None
-    finally:
-        if partial.exists():
-            shutil.rmtree(partial, ignore_errors=True)
+    comps = build_components(config, seed=args.seed)
+    if config.audio.encoder == "wav2vec2":  # the model remembers which checkpoint it was made on
+        config.audio.wav2vec2_digest = weights_digest(comps.audio_encoder.model)
+    write_dir_atomic(out, lambda tmp: save_model(comps, tmp))  # whole or not at all
     print(f"wrote untrained model '{args.preset}' to {out}")
 
 
@@ -602,6 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if hasattr(args, "noise_hold"):  # every command with the sampling flags: checked once, before any work
+            check_sampling_args(args)
         args.func(args)
     except LetsTalkError as e:
         print(f"letstalk: error: {e}", file=sys.stderr)

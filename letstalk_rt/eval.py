@@ -487,7 +487,6 @@ def sync_check(video: str | Path, closed: str | Path | None = None, audio: str |
         raise InputError(f"'{video}' has no video frames that can be decoded")
     frames = np.stack(frames)  # (N, H, W, 3)
     speech = load_audio(audio if audio is not None else video)
-    own = speech if audio is None else _own_speech(video, speech)  # the closed frame: the video's own quiet moment
     n, (h, w) = len(frames), frames.shape[1:3]
     if n < MIN_CLIP_FRAMES:
         raise InputError(f"'{video}' has {n} frames; lip sync needs at least {MIN_CLIP_FRAMES} (about 0.7 s)")
@@ -500,6 +499,7 @@ def sync_check(video: str | Path, closed: str | Path | None = None, audio: str |
         ref = image if image.shape[:2] == (w, w) else crop_portrait(image, w, margin, name=str(closed))
         reference = f"'{closed}'"
     else:
+        own = speech if audio is None else _own_speech(video, speech)  # the closed frame: the video's own quiet
         quiet = quietest_frame(own, n, fps)
         ref, reference = frames[quiet], f"frame {quiet} (the quietest of its own speech)"
     curve = speech_mouth_curve(mouth_interior(frames, ref, box), speech, fps)

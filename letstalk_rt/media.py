@@ -26,6 +26,7 @@ PyAV facts this module relies on (PyAV 18 / FFmpeg 8):
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 from collections.abc import Iterator
@@ -115,6 +116,7 @@ class _MonoConverter:
         return out
 
 
+@functools.lru_cache(maxsize=None)
 def _named_layout(channels: int) -> bool:
     """Whether FFmpeg has a channel layout for this many channels (it has none for 9, 11, 13, ...)."""
     try:

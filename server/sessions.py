@@ -383,7 +383,9 @@ class ServerSession:
             if state == "connected":
                 self.last_peer_seen = time.monotonic()
             elif state in ("failed", "closed") and self.pc is pc:
-                self.peer_gone(f"peer connection {state}")
+                reason = f"peer connection {state}"
+                if not self.peer_gone(reason):
+                    self.spawn(self.manager.close(self, reason), "close")
 
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
@@ -467,18 +469,16 @@ class ServerSession:
     def peer_gone(self, reason: str) -> bool:
         """The peer left (its connection failed or closed, or it went silent). With the session's websocket
         still open (the program that drives it, e.g. behind an OBS overlay that reloads) only the peer
-        connection goes, and a new offer may reconnect; else the session closes. True if it stays."""
-        pc = self.pc
-        if self.ws is not None and not self.ws.closed and not self.closing:
-            log.info("session %s: %s; the session stays for its websocket (a new offer reconnects)", self.id, reason)
-            self.pc = None
-            self.last_peer_seen = None
-            self._peer_marks.clear()
-            if pc is not None:
-                self.spawn(self.close_pc(pc), "close-pc")
-            return True
-        self.spawn(self.manager.close(self, reason), "close")
-        return False
+        connection goes, and a new offer may reconnect: True. Else False, and the caller closes the session."""
+        if self.ws is None or self.ws.closed or self.closing:
+            return False
+        log.info("session %s: %s; the session stays for its websocket (a new offer reconnects)", self.id, reason)
+        pc, self.pc = self.pc, None
+        self.last_peer_seen = None
+        self._peer_marks.clear()
+        if pc is not None:
+            self.spawn(self.close_pc(pc), "close-pc")
+        return True
 
     # -- watchdog
 
@@ -488,12 +488,13 @@ class ServerSession:
         if tick != self._last_tick:  # media pulled by a peer (or frames read in-process)
             self._last_tick = tick
             self.touch()
+        gone = None
         if self.pc is not None and self.pc.connectionState in ("failed", "closed"):
-            self.peer_gone(f"peer connection {self.pc.connectionState}")  # closes the session itself, or not
-            return None
-        if not await self.peer_alive(now):
-            self.peer_gone(f"peer unreachable (no RTCP/RTP for {self.config.peer_timeout_s:.0f} s)")
-            return None
+            gone = f"peer connection {self.pc.connectionState}"
+        elif not await self.peer_alive(now):
+            gone = f"peer unreachable (no RTCP/RTP for {self.config.peer_timeout_s:.0f} s)"
+        if gone is not None:
+            return None if self.peer_gone(gone) else gone
         if (self.had_ws and self.ws is None and self.pc is None and self.ws_left_at is not None
                 and not self.negotiating and now - self.ws_left_at > self.config.ws_grace_s):
             return "websocket disconnected"

@@ -199,7 +199,7 @@ def test_the_av_offset_is_read_by_content_so_a_track_serving_other_audio_shows(t
 
     monkeypatch.setattr(Player, "get", late_audio)
     wrong = asyncio.run(run_sessions(tiny_pipeline, 1, 2.0, audio, portrait))
-    assert right.av_offset_ms_max < 40
+    assert right.av_offset_ms_p50 is not None and right.av_offset_ms_max < 40  # pairs were read, and they agree
     assert 160 < wrong.av_offset_ms_p50 < 240, wrong.av_offset_ms_p50
 
 

@@ -37,7 +37,6 @@ factory.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Callable
@@ -433,15 +432,6 @@ def load_wav2vec2(path: str | Path | None):
     return model.float()
 
 
-def weights_digest(module: nn.Module) -> str:
-    """16 hex digits over a module's weights (names, shapes and values)."""
-    digest = hashlib.sha256()
-    for key, value in sorted(module.state_dict().items()):
-        digest.update(f"{key}{tuple(value.shape)}".encode())
-        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def _wants_normalize(path: Path) -> bool:
     """Whether the checkpoint's feature extractor zero-mean/unit-variance normalises its input
     (preprocessor_config.json `do_normalize`; absent -> True, Wav2Vec2FeatureExtractor's default and
@@ -465,11 +455,12 @@ class Wav2Vec2AudioEncoder(AudioEncoder):
 
     def __init__(self, config: AudioConfig) -> None:
         super().__init__(config)
+        from ..checkpoint import weights_digest
+
         model = load_wav2vec2(config.wav2vec2_path)
-        self.digest = weights_digest(model)
-        if config.wav2vec2_digest and config.wav2vec2_digest != self.digest:
+        if config.wav2vec2_digest and config.wav2vec2_digest != (digest := weights_digest(model)):
             raise ModelError(f"the wav2vec2 checkpoint at {config.wav2vec2_path!r} is not the one this model was made "
-                             f"with (weights digest {self.digest}, the model's config records {config.wav2vec2_digest}): "
+                             f"with (weights digest {digest}, the model's config records {config.wav2vec2_digest}): "
                              "point audio.wav2vec2_path at that checkpoint")
         mc = model.config
         if (mc.num_hidden_layers, mc.hidden_size) != (config.feature_layers, config.feature_dim):

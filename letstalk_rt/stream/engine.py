@@ -983,8 +983,7 @@ class StreamEngine:
         now = time.monotonic()
         ready: list[tuple[float, Session, int, int]] = []
         waiting: list[Session] = []
-        sessions = list(self.sessions.values())
-        sessions = [s for s in sessions if not (s.closed or s._w.failed)]
+        sessions = [s for s in list(self.sessions.values()) if not (s.closed or s._w.failed)]
         for s in sessions:
             item = self._try_prepare(s, now)
             if item is None:

@@ -60,7 +60,7 @@ class FileSource(AudioSource):
         from ..media import load_audio
 
         self.audio = load_audio(path, sample_rate)  # InputError at construction: fail before streaming
-        self.realtime = self.paced = realtime
+        self.paced = realtime
         self.rate = sample_rate
         self.chunk = int(sample_rate * chunk_ms / 1000)
 
@@ -71,7 +71,7 @@ class FileSource(AudioSource):
     async def chunks(self) -> AsyncIterator[tuple[np.ndarray, int]]:
         start = time.monotonic()
         for i, pos in enumerate(range(0, len(self.audio), self.chunk)):
-            if self.realtime:  # absolute schedule: chunk i is released at start + i * chunk duration
+            if self.paced:  # absolute schedule: chunk i is released at start + i * chunk duration
                 delay = start + i * self.chunk / self.rate - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)

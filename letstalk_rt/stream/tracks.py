@@ -30,6 +30,7 @@ class _SessionTrack(MediaStreamTrack):
         super().__init__()
         self.session = session
         self.position = 0  # next video frame / audio packet index
+        self.last_index: int | None = None  # AVFrame.index of what the last recv() carried (None: a held frame)
 
     def _skip_if_behind(self, per_tick: float) -> None:
         player = self.session.player
@@ -59,6 +60,7 @@ class AvatarVideoTrack(_SessionTrack):
         tick = self.position
         frame = await player.get(tick)
         self.position += 1
+        self.last_index = None if frame.filler else frame.index
         out = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame.video), format="rgb24")
         out.pts = tick * VIDEO_CLOCK_RATE // player.fps
         out.time_base = fractions.Fraction(1, VIDEO_CLOCK_RATE)
@@ -79,6 +81,7 @@ class AvatarAudioTrack(_SessionTrack):
         tick, part = divmod(packet, per_frame)
         frame = await player.get(tick, at=player.start + packet * AUDIO_PTIME)  # type: ignore[operator]
         self.position += 1
+        self.last_index = None if frame.filler else frame.index
         chunk = frame.audio[part * per_packet:(part + 1) * per_packet]
         pcm = (np.clip(chunk, -1.0, 1.0) * 32767).astype(np.int16)[None]  # (1, 320)
         out = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")

@@ -483,12 +483,9 @@ def audio_window(audio: np.ndarray, start: int, num_frames: int, margin: int, le
 def module_fingerprint(module: torch.nn.Module) -> str:
     """16 hex digits over a module's config and weights: the key of a cache of what it computes (for the
     autoencoder the scaling factor is in its config, for wav2vec2 the chunk and context lengths)."""
-    h = hashlib.sha256()
-    h.update(repr(module.config).encode())
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    from ..checkpoint import weights_digest
+
+    return hashlib.sha256(f"{module.config!r}:{weights_digest(module)}".encode()).hexdigest()[:16]
 
 
 class _ClipRowCache:

@@ -85,6 +85,7 @@ class SkipVideo(Exception):
 
     def __init__(self, reason: str, kind: str = "unreadable") -> None:
         super().__init__(reason)
+        assert kind in SKIP_KINDS, kind
         self.kind = kind
 
 

@@ -81,7 +81,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from ..checkpoint import Components, load_model, save_model
+from ..checkpoint import Components, _has_weights, load_model, save_model, weights_digest, write_dir_atomic
 from ..diffusion import EulerSampler, FlowMatching, Guidance, from_portrait
 from ..errors import InputError, LetsTalkError, ModelError, OutputError
 from ..memory import anchor_cell_mask, box_cells, regularize_memory
@@ -973,7 +973,7 @@ def shard_fsdp(module: nn.Module, dist: Dist) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    # Every stage's loss reads the module's output out of place (FlowMatching.loss, the AE's error), which is
+    # Every stage's loss reads the module's output out of place (FlowMatching.weighted_sums, the AE's error), which is
     # what FSDP2's warning about view outputs asks for; silence it instead of printing it every step.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(dist.device.type, (dist.world,))
@@ -1040,19 +1040,6 @@ def checkpoint_dirs(run: Path) -> list[Path]:
     return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / "trainer_state.pt").is_file())
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Flush a folder's files and the folder itself to disk."""
-    for f in folder.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _load_latest_state(ckpts: list[Path]) -> dict:
     """The newest checkpoint's trainer state that loads; one that does not (cut short by a power loss or a full
     disk) is reported and the one before it is used."""
@@ -1065,25 +1052,7 @@ def _load_latest_state(ckpts: list[Path]) -> dict:
     raise InputError(f"--resume: no checkpoint of '{ckpts[-1].parent.parent}' can be read; start a new --run")
 
 
-def _write_dir_atomic(final: Path, write: Callable[[Path], None]) -> None:
-    """write(tmp) into a temporary sibling folder, then rename it to `final` (replacing a model dir there)."""
-    tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        write(tmp)
-        if final.exists():
-            if not (final / "config.json").is_file() and any(final.iterdir()):
-                raise OutputError(f"'{final}' exists and is not a model directory; choose another --out")
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except (OSError, RuntimeError) as e:  # torch.save raises RuntimeError on a full disk
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(f"cannot write '{final}': {getattr(e, 'strerror', None) or e}; free disk space or choose "
-                          "another path") from e
+
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1125,10 +1094,11 @@ def _check(cfg: TrainConfig, dist: Dist) -> None:
         raise InputError(f"--batch {cfg.batch} (global) must be divisible by the {dist.world} ranks")
     if cfg.lr <= 0 or not 0 <= cfg.ema < 1 or cfg.warmup < 0 or cfg.grad_clip < 0:
         raise InputError("--lr must be > 0, --ema in [0, 1), --warmup and --grad-clip >= 0")
-    if cfg.seed < 0 or cfg.weight_decay < 0 or cfg.mouth_weight < 0 or (cfg.stop_after is not None and cfg.stop_after < 1):
-        raise InputError(f"--seed {cfg.seed}, --weight-decay {cfg.weight_decay:g}, --mouth-weight {cfg.mouth_weight:g}"
-                         f" and --stop-after {cfg.stop_after}: give a seed, a decay and a mouth weight >= 0 and "
-                         "--stop-after >= 1")
+    for flag, value, ok in (("--seed", cfg.seed, cfg.seed >= 0), ("--weight-decay", cfg.weight_decay,
+                            cfg.weight_decay >= 0), ("--mouth-weight", cfg.mouth_weight, cfg.mouth_weight >= 0),
+                            ("--stop-after", cfg.stop_after, cfg.stop_after is None or cfg.stop_after >= 1)):
+        if not ok:
+            raise InputError(f"{flag} {value}: give {'1 or more' if flag == '--stop-after' else 'a number >= 0'}")
     if cfg.schedule not in ("cosine", "constant"):
         raise InputError(f"--schedule {cfg.schedule!r}: choose cosine or constant")
     if not 1 <= cfg.student_steps <= 4 or not 1 <= cfg.teacher_steps <= 50:
@@ -1164,12 +1134,15 @@ def init_fingerprint(comps: Components) -> str:
     """A digest of a model's config and every weight: what a resumed run must start from again (the frozen
     parts -- the autoencoder, a distill teacher, the sample decoder's model -- and the settings come from --init,
     not from the checkpoint)."""
-    digest = hashlib.sha256(comps.config.to_json().encode())
-    for name, module in sorted(comps.modules().items()):
-        for key, value in sorted(module.state_dict().items()):
-            digest.update(f"{name}.{key}".encode())
-            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
+    parts = [comps.config.to_json()] + [f"{name}:{weights_digest(module)}" for name, module in sorted(
+        comps.modules().items()) if _has_weights(comps.config, name) or not _pinned(comps.config, name)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _pinned(config, name: str) -> bool:
+    """A part loaded from its own folder whose digest the config already records (wav2vec2 with
+    audio.wav2vec2_digest): the config pins it, so its ~95M weights need not be hashed again."""
+    return name == "audio_encoder" and bool(config.audio.wav2vec2_digest)
 
 
 def _train(cfg: TrainConfig, dist: Dist) -> Path | None:
@@ -1291,7 +1264,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path | None:
     term_sums = torch.zeros(len(terms), device=dist.device)  # the extra loss terms, unweighted (logged)
     norm_sum, n_logged, t_log, t_start = 0.0, 0, time.perf_counter(), time.perf_counter()
     n_timed = 0  # steps of this invocation in the row (speed), n_logged may include some from before a resume
-    if logged and logged["terms"] == terms:  # resumed in the middle of a log row: it goes on where it was
+    if logged:  # resumed in the middle of a log row: it goes on where it was (the recipe, so the terms, is the same)
         loss_sum.fill_(logged["loss"])
         term_sums.copy_(torch.tensor(logged["term_sums"], dtype=term_sums.dtype))
         norm_sum, n_logged = logged["norm"], logged["n"]
@@ -1373,7 +1346,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path | None:
         comps_out.config.trained = True
         comps_out.config.description = _description(cfg, comps.config.description if comps.config.trained else "",
                                                     dataset, dist)
-        _write_dir_atomic(cfg.out, lambda tmp: save_model(comps_out, tmp))
+        write_dir_atomic(cfg.out, lambda tmp: save_model(comps_out, tmp))
         print(f"wrote {cfg.stage} model to {cfg.out}", file=sys.stderr)
     dist.barrier()
     return cfg.out
@@ -1430,11 +1403,10 @@ def _save_checkpoint(cfg: TrainConfig, dist: Dist, stage: Stage, module: nn.Modu
         def write(tmp: Path) -> None:
             save_model(comps, tmp)
             torch.save(state, tmp / "trainer_state.pt")
-            _fsync_dir(tmp)  # on disk before the rename makes it the latest: a power cut leaves the previous one
 
         root = cfg.run / "checkpoints"
         root.mkdir(parents=True, exist_ok=True)
-        _write_dir_atomic(root / f"step_{step:07d}", write)
+        write_dir_atomic(root / f"step_{step:07d}", write)  # flushed before the rename: a power cut leaves the last
         for old in checkpoint_dirs(cfg.run)[:-cfg.keep]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
