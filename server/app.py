@@ -39,7 +39,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from letstalk_rt.cli import (add_device_args, add_live_args, add_sampling_args, check_live_args, check_sampling_args,
                              live_config, resolve_device, resolve_dtype, sampling_kwargs)
 from letstalk_rt.errors import InputError, LetsTalkError, NoFaceError
-from letstalk_rt.stream import CapacityError
+from letstalk_rt.stream import CapacityError, run_off_loop
 
 from .auth import TokenError, api_key_matches, bearer
 from .sessions import (
@@ -600,7 +600,7 @@ async def _on_startup(app: web.Application) -> None:
     for avatar_id, source in config.avatars.items():
         try:
             image = await asyncio.to_thread(_load_avatar_image, source)
-            portrait = await asyncio.to_thread(engine.pipeline.prepare_portrait, image, config.detect_face)
+            portrait = await run_off_loop(engine.pipeline.prepare_portrait, image, config.detect_face)
         except (LetsTalkError, OSError) as e:
             log.warning("avatar %r is not available: %s", avatar_id, e)
             continue

@@ -828,6 +828,42 @@ def test_keep_heap_reuses_freed_blocks_instead_of_faulting_them_in_again():
     assert run("keep", MALLOC_TRIM_THRESHOLD_="1")[0] == "False"  # the user's own malloc settings win
 
 
+_TEAMS = """
+import asyncio, os
+import torch
+from letstalk_rt.stream.engine import release_openmp_threads, run_off_loop
+torch.set_num_threads(2)
+tasks = lambda: len(os.listdir("/proc/self/task"))
+parallel = lambda: torch.relu(torch.randn(4_000_000))  # one parallel region: the calling thread starts a team
+base = tasks()
+parallel()
+team = tasks()
+released = release_openmp_threads()
+after = tasks()
+
+async def main():
+    await asyncio.to_thread(lambda: None)  # the executor's thread exists before counting
+    before = tasks()
+    await run_off_loop(parallel)
+    return before, tasks()
+
+print(base, team, released, after, *asyncio.run(main()))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/task")
+def test_threads_other_than_the_worker_let_their_openmp_team_go():
+    """A second thread's idle OpenMP team made the worker's windows ~1.7x slower on 2 cores (GNU OpenMP stops
+    spinning once teams outnumber the CPUs): the loop's thread and run_off_loop's executor release theirs."""
+    out = subprocess.run([sys.executable, "-c", _TEAMS], capture_output=True, text=True, check=True).stdout.split()
+    base, team, released, after, off_before, off_after = out
+    if released != "True":
+        pytest.skip("no GNU OpenMP runtime in this torch")
+    assert int(team) > int(base)  # the op started a team
+    assert int(after) == int(base)  # and releasing ended it
+    assert int(off_after) == int(off_before)  # the executor's thread kept no team after run_off_loop
+
+
 def test_a_compiled_engine_runs_its_full_windows_compiled_the_rest_eagerly_with_the_same_frames(tiny_model_dir):
     """EngineConfig.compile: warm-up compiles a full window of one session (torch.compile, static shapes);
     the short first window, never compiled, runs eagerly instead of stalling the stream for a compile; the

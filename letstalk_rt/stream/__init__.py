@@ -1,10 +1,12 @@
 """The live part: engine, audio sources, paced WebRTC tracks, typed events."""
 
-from .engine import AudioBufferFull, CapacityError, EngineConfig, Session, SessionClosedError, StreamEngine
+from .engine import (AudioBufferFull, CapacityError, EngineConfig, Session, SessionClosedError, StreamEngine,
+                     release_openmp_threads, run_off_loop)
 from .events import AVFrame, Event
 from .sources import AudioSource, FileSource, MicrophoneSource, TrackSource
 
 __all__ = [
     "AVFrame", "AudioBufferFull", "AudioSource", "CapacityError", "EngineConfig", "Event", "FileSource",
-    "MicrophoneSource", "Session", "SessionClosedError", "StreamEngine", "TrackSource",
+    "MicrophoneSource", "Session", "SessionClosedError", "StreamEngine", "TrackSource", "release_openmp_threads",
+    "run_off_loop",
 ]

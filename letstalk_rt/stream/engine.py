@@ -42,16 +42,19 @@ import collections
 import ctypes
 import ctypes.util
 import dataclasses
+import functools
 import itertools
 import logging
 import math
 import os
 import queue
+import re
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -169,6 +172,53 @@ def keep_heap(mmap_threshold_mb: int = 64, trim_threshold_mb: int = 256) -> bool
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     return bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold_mb << 20) and mallopt(M_TRIM_THRESHOLD, trim_threshold_mb << 20))
+
+
+@functools.lru_cache(maxsize=1)
+def _gnu_openmp() -> tuple[ctypes.CDLL, ...]:
+    """The GNU OpenMP runtimes loaded in this process (torch's Linux wheels bundle one), which can free a
+    thread's team; none elsewhere (macOS, Windows, LLVM or Intel OpenMP: there a hard pause ends the whole
+    runtime, every thread's team at once)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return ()
+    libs = []
+    for path in sorted(set(re.findall(r"(/\S*/libgomp[^/\s]*\.so[^/\s]*)", maps))):
+        try:
+            lib = ctypes.CDLL(path)
+            lib.omp_pause_resource_all.argtypes, lib.omp_pause_resource_all.restype = [ctypes.c_int], ctypes.c_int
+        except (OSError, AttributeError):  # gone, or older than OpenMP 5 (GCC 9)
+            continue
+        libs.append(lib)
+    return tuple(libs)
+
+
+def release_openmp_threads() -> bool:
+    """Let go of the OpenMP worker threads that the calling thread's multi-threaded torch ops started.
+
+    Each thread that runs a parallel region keeps a team of its own, idle until that thread ends. GNU OpenMP
+    counts every team's threads, and once they outnumber the CPUs it stops letting idle workers spin
+    between parallel regions: they sleep, and each region waits for them to wake. A window is thousands of
+    small regions, so on a 2-core CPU one more team (the thread that loaded the model, or one that prepared a
+    portrait) made the worker's sampling 45 -> 75-85 ms a window (docs/benchmarks.md, twenty-seventh session).
+    So the engine runs torch on other threads through `run_off_loop`, which releases the team after, and
+    releases the starting thread's at `StreamEngine.start`. The next multi-threaded op starts a team again.
+    False where this cannot be done (no GNU OpenMP runtime; see `_gnu_openmp`)."""
+    libs = _gnu_openmp()
+    return bool(libs) and all(lib.omp_pause_resource_all(2) == 0 for lib in libs)  # 2: omp_pause_hard
+
+
+async def run_off_loop(fn: Callable[..., Any], *args: Any) -> Any:
+    """`await asyncio.to_thread(fn, *args)` for torch work beside a running engine: the executor's thread lets
+    its OpenMP team go when done (`release_openmp_threads`), so the engine's worker keeps the cores' only one."""
+    def call() -> Any:
+        try:
+            return fn(*args)
+        finally:
+            release_openmp_threads()
+
+    return await asyncio.to_thread(call)
 
 
 def _post(s: "Session", fn: Callable[..., Any], *args: Any) -> None:
@@ -746,8 +796,9 @@ class StreamEngine:
         if self.config.threads > 0 and self.pipeline.device.type == "cpu":
             torch.set_num_threads(self.config.threads)
             self.threads = self.config.threads
+        release_openmp_threads()  # this thread's team (it loaded the model?) would slow the worker's
         if self.config.warmup:
-            await asyncio.to_thread(self._warmup)
+            await run_off_loop(self._warmup)
         self._stopping = False
         decode_thread = self.config.decode_thread
         if decode_thread is None:
@@ -926,10 +977,10 @@ class StreamEngine:
         self._reserved += 1  # hold the slot through the (slow) portrait preparation
         try:
             if not isinstance(portrait, Portrait):
-                portrait = await asyncio.to_thread(self.pipeline.prepare_portrait, portrait, detect_face)
+                portrait = await run_off_loop(self.pipeline.prepare_portrait, portrait, detect_face)
             # Off the loop too: on a GPU the stream's copy of the portrait latent waits for the window the worker is
             # running, and the loop would stall that long, every other session's paced frames with it.
-            stream = await asyncio.to_thread(self.pipeline.new_stream, portrait, seed)
+            stream = await run_off_loop(self.pipeline.new_stream, portrait, seed)
             if self._thread is None or self._stopping:  # stop() ran while the portrait was being prepared
                 raise LetsTalkError("the engine stopped while the session was opening")
             session = Session(self, portrait, seed, session_id, stream)
