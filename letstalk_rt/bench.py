@@ -63,7 +63,7 @@ class RunResult:
     peak_rss_mb: float
     peak_cuda_mb: float | None
     steps: int  # sampling steps per window the engine ran (more than the model's with --max-steps)
-    threads: int  # torch intra-op threads of the engine's worker (EngineConfig.threads)
+    threads: int  # torch intra-op threads of the engine's worker at the start (EngineConfig.threads)
     silence_skipped_seconds: float = 0.0  # the latency catch-up: pauses shortened ...
     speech_compressed_seconds: float = 0.0  # ... and speech played faster (seconds of input) while behind
     catch_up_runs: int = 0  # ... in this many speed-ups
@@ -81,6 +81,10 @@ class RunResult:
     av_offset_ms_p99: float | None = None
     av_offset_max_at_s: float | None = None
     av_offset_ms_by_minute: list[float] = field(default_factory=list)
+    # the worker's threads at the end, and the seconds into the run it lowered them (windows overran: another
+    # process wants the cores; EngineConfig.threads_lower_after)
+    threads_end: int | None = None
+    threads_lowered_at_s: list[float] = field(default_factory=list)
     realtime: bool = field(init=False)
 
     def __post_init__(self) -> None:  # speech is fed throughout: a run that showed none of it is not real time
@@ -205,6 +209,8 @@ async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np
     shown = sum(s.player.tick - st["fillers"] for s, st in zip(sessions, stats) if s.player.start is not None)
     dropped = sum(v for st in stats for k, v in st["dropped"].items() if k != "late")
     target_ms, compute_ms = engine.target_latency_s() * 1000, engine.window_compute_ms()
+    threads_end = engine.threads or torch.get_num_threads()
+    lowered = [round(at - t0, 1) for at, _, _ in engine.threads_lowered]
     await engine.stop()
     cuda = torch.cuda.max_memory_allocated(pipe.device) / 2**20 if pipe.device.type == "cuda" else None
     return RunResult(
@@ -223,6 +229,7 @@ async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np
         latency_ms_p50_by_session=[round(st["latency_ms_p50"], 1) for st in stats if st["latency_ms_p50"] is not None],
         latency_ms_p95_after_start=_percentile_ms(sorted(steady), 0.95),
         target_latency_ms=round(target_ms, 1), window_compute_ms=round(compute_ms, 1), **offset_summary(offsets),
+        threads_end=threads_end, threads_lowered_at_s=lowered,
     )
 
 

@@ -798,6 +798,55 @@ def test_a_stalled_pusher_is_counted_as_an_audio_gap(tiny_pipeline):
     np.testing.assert_array_equal(audio[audio != 0], np.concatenate([first, rest]))
 
 
+@pytest.mark.skipif(torch.get_num_threads() < 2 or "OMP_NUM_THREADS" in os.environ,
+                    reason="needs 2+ torch threads to choose from")
+@pytest.mark.parametrize("every", [1, 2])
+def test_auto_threads_halve_after_full_windows_overrun_three_times_in_a_row(tiny_pipeline, monkeypatch, every):
+    """Auto threads (warm-up chose 2 here): when every full window at 2 threads takes longer than it lasts (another
+    process took the cores), the 4th and later windows run at 1 thread; windows that overrun only every other
+    time (a pause of the machine, not a lasting state) leave the count alone."""
+    before = torch.get_num_threads()
+    window, fps = tiny_pipeline.window, tiny_pipeline.fps
+    seen: list[tuple[int, int]] = []  # (torch threads, frames) of each window the worker sampled
+    generate, full_windows = tiny_pipeline.generate_latents, [0]
+
+    def contended(streams, tokens, *a, **k):
+        threads, frames = torch.get_num_threads(), len(tokens[0])
+        seen.append((threads, frames))
+        lat = generate(streams, tokens, *a, **k)
+        if frames == window and threads > 1:
+            full_windows[0] += 1
+            if full_windows[0] % every == 0:
+                time.sleep(1.3 * window / fps)
+        return lat
+
+    monkeypatch.setattr(tiny_pipeline, "generate_latents", contended)
+    monkeypatch.setattr(StreamEngine, "_choose_threads",
+                        lambda self, window_ms: (setattr(self, "threads", 2), torch.set_num_threads(2)))
+
+    async def main():
+        engine = await _engine(tiny_pipeline, warmup=True)
+        seen.clear()  # warm-up's windows
+        full_windows[0] = 0
+        session = await engine.open_session(_portrait(tiny_pipeline, 5))
+        session.push_audio(speechlike(2.4))
+        session.end_speech()
+        await _collect(session, 2.4)
+        threads, lowered = engine.threads, list(engine.threads_lowered)
+        await engine.stop()
+        return threads, lowered
+
+    threads, lowered = run(main())
+    full = [t for t, n in seen if n == window]
+    assert len(full) >= 8
+    if every == 1:
+        assert threads == 1 and [(a, b) for _, a, b in lowered] == [(2, 1)]
+        assert full[:3] == [2, 2, 2] and set(full[3:]) == {1}  # the window after the third overrun on
+    else:
+        assert threads == 2 and not lowered and set(full) == {2}
+    assert torch.get_num_threads() == before
+
+
 _FAULTS = """
 import resource, sys
 import torch

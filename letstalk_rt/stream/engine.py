@@ -7,7 +7,10 @@ Threads and ownership:
 - one worker thread per engine (= per device) owns the model: it moves each session's pushed PCM into
   that session's incremental audio tokenizer, decides which sessions need a window now, batches them
   into one forward pass (`LetsTalkPipeline.generate_latents`), decodes, and hands the frames back to the
-  loop with `call_soon_threadsafe`.
+  loop with `call_soon_threadsafe`;
+- other torch work (warm-up, preparing a portrait) runs in executor threads through `run_off_loop`, which
+  then lets the thread's OpenMP team go: on a CPU the worker's team must be the only one, or its helpers
+  stop spinning between parallel regions (`release_openmp_threads`).
 
 Scheduling. A session needs a window when (a) it has audio tokens for a whole window, or (b) its
 playback would run dry before a window could be generated (its deadline): then the engine inserts
@@ -129,15 +132,22 @@ class EngineConfig:
     steps_budget: float = 0.5
     threads: int = 0  # torch intra-op threads on a CPU device. 0: auto, at warm-up: the fewest (1, 2, 4 ...)
     # whose window of max_batch sessions takes <= threads_budget of its real-time duration, else the
-    # fastest count; left alone where OMP_NUM_THREADS is set. A parallel region waits for its slowest thread, so
-    # when anything else wants the cores (the event loop, the tracks' encoders, another process) all-core
-    # torch stalls: on 2 cores beside 2 busy processes, 1 thread kept 0.98-0.99 of real time where 2 fell
-    # to 0.88-0.92 (`letstalk bench --neighbours 2`, docs/benchmarks.md). -1: never touch them. Ignored on CUDA.
-    # The budget leaves room for what the warm-up does not time (audio encoding, the event loop's share of
-    # the GIL, the machine's minute-to-minute speed): on a 2-core EPYC without AVX-512 at 0.7, 1 thread
-    # (warm-up 103 ms of 160) was chosen and ran at 114 ms a window sustained, 0.96-0.98 of real time
-    # where 2 threads held 1.003 (docs/benchmarks.md).
-    threads_budget: float = 0.55
+    # fastest count; halved later if windows keep overrunning (threads_lower_after); left alone where
+    # OMP_NUM_THREADS is set. -1: never touch them. Ignored on CUDA. A parallel region waits for its slowest
+    # thread, so when another process wants the cores all-core torch stalls: on 2 cores beside 2 busy processes,
+    # 1 thread kept 0.97-0.99 of real time where 2 fell to 0.57-0.86 (`letstalk bench --neighbours 2`,
+    # docs/benchmarks.md). On a quiet machine more threads are faster: on a 2-core EPYC 2 threads' live window
+    # took 55-79 ms against 1 thread's ~100-107, p95 365-415 ms against ~450-500. The budget was 0.55 while a
+    # second OpenMP team made 2 threads slower than they are (release_openmp_threads; docs/benchmarks.md,
+    # twenty-seventh session); 1 thread then fitted on that EPYC at ~76-88 ms of 88 and cost ~60-100 ms of p95
+    # there. At 0.35 it is chosen where it is fast (~56 ms of a 160 ms window), and the lowering is the guard for
+    # a machine that gets busy after start.
+    threads_budget: float = 0.35
+    threads_lower_after: int = 3  # auto threads (threads = 0, eager): after this many full windows in a row that
+    # each took longer than they last, the worker halves its torch threads for the rest of the engine's life.
+    # The warm-up's choice holds for the machine at start; a process that starts later and wants the cores
+    # makes multi-threaded windows several times slower (2 threads beside 2 busy processes: windows of 300-750
+    # ms of their 160, 0.60-0.86 of real time, where 1 thread held 0.97-0.99; docs/benchmarks.md). 0: never.
     keep_heap: bool = True  # at start, make glibc keep freed memory for reuse (`keep_heap`): a window's
     # activations are reallocated every window, and returned to the kernel they are faulted in again
     decode_thread: bool | None = None  # decode each window in a second thread while the worker samples the
@@ -766,6 +776,8 @@ class StreamEngine:
                                 f"and threads_budget={self.config.threads_budget} above 0")
         if not 1.0 <= self.config.catch_up_tempo <= 2.0:
             raise LetsTalkError(f"catch_up_tempo (--catch-up-tempo) {self.config.catch_up_tempo}: choose 1.0 (off) .. 2.0")
+        if self.config.threads_lower_after < 0:
+            raise LetsTalkError(f"threads_lower_after {self.config.threads_lower_after}: choose 0 (never) or more windows")
         if not 0 <= self.config.safety_ms <= 200:
             raise LetsTalkError(f"safety_ms (--safety-ms) {self.config.safety_ms}: choose 0 .. 200 ms")
         if self.config.compile and not self.config.warmup:
@@ -781,6 +793,9 @@ class StreamEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._gen_ms: dict[int, float] = {}  # EMA of window start -> frames delivered, by window length
+        self._lower_threads = False  # auto threads may drop when windows overrun (threads_lower_after)
+        self._overruns = 0  # full windows in a row that took longer than they last
+        self.threads_lowered: list[tuple[float, int, int]] = []  # (time.monotonic(), from, to) each time
         self._idle: torch.Tensor | None = None  # tokens of a window of silence (_idle_tokens)
         self.windows_run = 0
         self._decode_q: queue.Queue | None = None  # worker -> decode thread, one window in hand at most
@@ -867,6 +882,8 @@ class StreamEngine:
                 torch.set_num_threads(self.threads)
             else:
                 self._choose_threads(window_ms)
+        self._lower_threads = (self.config.threads == 0 and self.threads is not None and self.config.threads_lower_after > 0
+                               and not self.config.compile and not p.compiled)  # compiled kernels keep their count
         if self.config.compile:
             self._compile(window_ms)
         budget = self.config.steps_budget * 1000 * self.window / p.config.fps
@@ -975,6 +992,7 @@ class StreamEngine:
         if len(self.sessions) + self._reserved >= self.config.max_sessions:
             raise CapacityError(f"this engine already runs {self.config.max_sessions} sessions; retry later")
         self._reserved += 1  # hold the slot through the (slow) portrait preparation
+        release_openmp_threads()  # the loop's thread may have prepared this portrait itself since start()
         try:
             if not isinstance(portrait, Portrait):
                 portrait = await run_off_loop(self.pipeline.prepare_portrait, portrait, detect_face)
@@ -1008,6 +1026,8 @@ class StreamEngine:
         if self.threads is not None:  # each thread's OpenMP team size is its own: set it here too
             torch.set_num_threads(self.threads)
         while not self._stopping:
+            if self.threads is not None and torch.get_num_threads() != self.threads:  # lowered (_note_window)
+                torch.set_num_threads(self.threads)
             try:
                 jobs = self._plan()
             except Exception:  # never let the worker die: planning errors are per session below
@@ -1347,6 +1367,8 @@ class StreamEngine:
             torch.set_num_threads(self.threads)
         assert self._decode_q is not None
         while (item := self._decode_q.get()) is not None:
+            if self.threads is not None and torch.get_num_threads() != self.threads:
+                torch.set_num_threads(self.threads)
             try:
                 self._decode(*item)
             except Exception:  # never let the decoder die: the sessions' errors were sent in _decode
@@ -1376,6 +1398,8 @@ class StreamEngine:
         frames = len(batch[0][3])
         total = (time.perf_counter() - t0) * 1000
         self._gen_ms[frames] = 0.8 * self._gen_ms.get(frames, total) + 0.2 * total
+        if frames == self.window:
+            self._note_window(total)
         k = 0
         for s, epoch, _, meta, timings in batch:
             out = []
@@ -1385,6 +1409,21 @@ class StreamEngine:
                 k += 1
             timings = dataclasses.replace(timings, decode_ms=dec_ms)
             _post(s, s._deliver, epoch, out, timings)
+
+    def _note_window(self, ms: float) -> None:
+        """Count full windows that took longer than they last; `threads_lower_after` of them in a row halve the
+        auto-chosen torch threads (the worker and the decode thread set the new count before their next window).
+        A single slow window (a pause of the machine) does not: the count restarts at every window that fits."""
+        if not self._lower_threads or self.threads is None or self.threads <= 1:
+            return
+        self._overruns = self._overruns + 1 if ms > 1000 * self.window / self.pipeline.config.fps else 0
+        if self._overruns < self.config.threads_lower_after:
+            return
+        before, self.threads, self._overruns = self.threads, max(1, self.threads // 2), 0
+        self.threads_lowered.append((time.monotonic(), before, self.threads))
+        log.warning("engine: %d windows in a row took longer than they last at %d torch threads (the last %.0f ms "
+                    "of %.0f; is another process busy on these cores?): going on with %d", self.config.threads_lower_after,
+                    before, ms, 1000 * self.window / self.pipeline.config.fps, self.threads)
 
     def _sample(self, sessions: list[Session], frames: int) -> tuple[float, torch.Tensor]:
         """One window's latents for each session: (milliseconds, (B, T, C, h, w) on the device)."""
