@@ -800,11 +800,13 @@ def test_a_stalled_pusher_is_counted_as_an_audio_gap(tiny_pipeline):
 
 @pytest.mark.skipif(torch.get_num_threads() < 2 or "OMP_NUM_THREADS" in os.environ,
                     reason="needs 2+ torch threads to choose from")
-@pytest.mark.parametrize("every", [1, 2])
-def test_auto_threads_halve_after_full_windows_overrun_three_times_in_a_row(tiny_pipeline, monkeypatch, every):
+@pytest.mark.parametrize("every, one_thread_ms, lowered", [(1, 1.0, True), (2, 1.0, False), (1, 1e4, False)])
+def test_auto_threads_are_lowered_after_full_windows_overrun_three_times_in_a_row(tiny_pipeline, monkeypatch, every,
+                                                                                  one_thread_ms, lowered):
     """Auto threads (warm-up chose 2 here): when every full window at 2 threads takes longer than it lasts (another
     process took the cores), the 4th and later windows run at 1 thread; windows that overrun only every other
-    time (a pause of the machine, not a lasting state) leave the count alone."""
+    time (a pause of the machine, not a lasting state) leave the count alone, and so does a warm-up whose
+    1-thread window could not keep real time (fewer threads would only be slower)."""
     before = torch.get_num_threads()
     window, fps = tiny_pipeline.window, tiny_pipeline.fps
     seen: list[tuple[int, int]] = []  # (torch threads, frames) of each window the worker sampled
@@ -817,12 +819,15 @@ def test_auto_threads_halve_after_full_windows_overrun_three_times_in_a_row(tiny
         if frames == window and threads > 1:
             full_windows[0] += 1
             if full_windows[0] % every == 0:
-                time.sleep(1.3 * window / fps)
+                time.sleep(1.5 * window / fps)  # 3 windows late by 1.5 windows' duration together
         return lat
 
     monkeypatch.setattr(tiny_pipeline, "generate_latents", contended)
-    monkeypatch.setattr(StreamEngine, "_choose_threads",
-                        lambda self, window_ms: (setattr(self, "threads", 2), torch.set_num_threads(2)))
+    def choose_two(self, window_ms):
+        self.threads, self._threads_ms = 2, {1: one_thread_ms, 2: 1.0}
+        torch.set_num_threads(2)
+
+    monkeypatch.setattr(StreamEngine, "_choose_threads", choose_two)
 
     async def main():
         engine = await _engine(tiny_pipeline, warmup=True)
@@ -836,14 +841,14 @@ def test_auto_threads_halve_after_full_windows_overrun_three_times_in_a_row(tiny
         await engine.stop()
         return threads, lowered
 
-    threads, lowered = run(main())
+    threads, engine_lowered = run(main())
     full = [t for t, n in seen if n == window]
     assert len(full) >= 8
-    if every == 1:
-        assert threads == 1 and [(a, b) for _, a, b in lowered] == [(2, 1)]
+    if lowered:
+        assert threads == 1 and [(a, b) for _, a, b in engine_lowered] == [(2, 1)]
         assert full[:3] == [2, 2, 2] and set(full[3:]) == {1}  # the window after the third overrun on
     else:
-        assert threads == 2 and not lowered and set(full) == {2}
+        assert threads == 2 and not engine_lowered and set(full) == {2}
     assert torch.get_num_threads() == before
 
 
@@ -878,7 +883,7 @@ def test_keep_heap_reuses_freed_blocks_instead_of_faulting_them_in_again():
 
 
 _TEAMS = """
-import asyncio, os
+import asyncio, concurrent.futures, os
 import torch
 from letstalk_rt.stream.engine import release_openmp_threads, run_off_loop
 torch.set_num_threads(2)
@@ -891,6 +896,7 @@ released = release_openmp_threads()
 after = tasks()
 
 async def main():
+    asyncio.get_running_loop().set_default_executor(concurrent.futures.ThreadPoolExecutor(1))  # one thread to count
     await asyncio.to_thread(lambda: None)  # the executor's thread exists before counting
     before = tasks()
     await run_off_loop(parallel)
@@ -911,6 +917,40 @@ def test_threads_other_than_the_worker_let_their_openmp_team_go():
     assert int(team) > int(base)  # the op started a team
     assert int(after) == int(base)  # and releasing ended it
     assert int(off_after) == int(off_before)  # the executor's thread kept no team after run_off_loop
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or torch.get_num_threads() < 2, reason="reads /proc/self/task")
+def test_a_started_engine_leaves_no_openmp_team_on_the_loop_or_its_executor(tiny_pipeline):
+    """start() ends the team of the thread that starts it (here one made just before, as loading a model makes),
+    and the warm-up and a portrait run in the executor without leaving one: releasing again ends nothing."""
+    import concurrent.futures
+
+    from letstalk_rt.stream.engine import _gnu_openmp, release_openmp_threads
+
+    if not _gnu_openmp():
+        pytest.skip("no GNU OpenMP runtime in this torch")
+    tasks = lambda: len(os.listdir("/proc/self/task"))  # noqa: E731
+
+    async def main():
+        asyncio.get_running_loop().set_default_executor(concurrent.futures.ThreadPoolExecutor(1))
+        torch.relu(torch.randn(4_000_000))  # this thread's team
+        engine = await _engine(tiny_pipeline, warmup=True, threads=2)
+        await engine.open_session(tiny_pipeline.prepare_portrait(np.full((40, 40, 3), 90, np.uint8), detect=False))
+        await engine.open_session(np.full((40, 40, 3), 120, np.uint8), detect_face=False)  # prepared off the loop
+        counts = [tasks()]
+        release_openmp_threads()
+        counts.append(tasks())
+        await asyncio.to_thread(release_openmp_threads)
+        counts.append(tasks())
+        await engine.stop()
+        return counts
+
+    before = torch.get_num_threads()
+    try:
+        started, loop_released, executor_released = run(main())
+    finally:
+        torch.set_num_threads(before)
+    assert started == loop_released == executor_released
 
 
 def test_a_compiled_engine_runs_its_full_windows_compiled_the_rest_eagerly_with_the_same_frames(tiny_model_dir):

@@ -131,20 +131,18 @@ class EngineConfig:
     # duration (more steps: better lips from a distilled model, docs/eval.md); 0: the model's steps, fixed
     steps_budget: float = 0.5
     threads: int = 0  # torch intra-op threads on a CPU device. 0: auto, at warm-up: the fewest (1, 2, 4 ...)
-    # whose window of max_batch sessions takes <= threads_budget of its real-time duration, else the
-    # fastest count; halved later if windows keep overrunning (threads_lower_after); left alone where
-    # OMP_NUM_THREADS is set. -1: never touch them. Ignored on CUDA. A parallel region waits for its slowest
-    # thread, so when another process wants the cores all-core torch stalls: on 2 cores beside 2 busy processes,
-    # 1 thread kept 0.97-0.99 of real time where 2 fell to 0.57-0.86 (`letstalk bench --neighbours 2`,
-    # docs/benchmarks.md). On a quiet machine more threads are faster: on a 2-core EPYC 2 threads' live window
-    # took 55-79 ms against 1 thread's ~100-107, p95 365-415 ms against ~450-500. The budget was 0.55 while a
-    # second OpenMP team made 2 threads slower than they are (release_openmp_threads; docs/benchmarks.md,
-    # twenty-seventh session); 1 thread then fitted on that EPYC at ~76-88 ms of 88 and cost ~60-100 ms of p95
-    # there. At 0.35 it is chosen where it is fast (~56 ms of a 160 ms window), and the lowering is the guard for
-    # a machine that gets busy after start.
+    # whose window of max_batch sessions takes <= threads_budget of its real-time duration, else the fastest,
+    # lowered later if windows keep overrunning (threads_lower_after); left alone where OMP_NUM_THREADS is set.
+    # -1: never touch them. Ignored on CUDA. On a quiet 2-core EPYC 2 threads' live window took 49-79 ms and 1
+    # thread's ~100-107 (p95 360-420 against ~500 ms); beside 2 busy processes 1 thread held 0.97-0.99 of real
+    # time where 2 fell to 0.57-0.86 (a parallel region waits for its slowest thread). The budget was 0.55 while
+    # a second OpenMP team slowed 2 threads down (release_openmp_threads), and 1 thread then fitted there about
+    # half the time; at 0.35 it is kept where it is fast (docs/benchmarks.md, twenty-seventh session).
     threads_budget: float = 0.35
-    threads_lower_after: int = 3  # auto threads (threads = 0, eager): after this many full windows in a row that
-    # each took longer than they last, the worker halves its torch threads for the rest of the engine's life.
+    threads_lower_after: int = 3  # auto threads (threads = 0, eager, no decode thread): after this many full windows
+    # in a row that each took longer than they last, late by a window's duration together, the worker goes on with
+    # the next count down whose warm-up window kept real time (2 -> 1 on 2 cores), for the rest of the engine's life
+    # (a restart keeps it too).
     # The warm-up's choice holds for the machine at start; a process that starts later and wants the cores
     # makes multi-threaded windows several times slower (2 threads beside 2 busy processes: windows of 300-750
     # ms of their 160, 0.60-0.86 of real time, where 1 thread held 0.97-0.99; docs/benchmarks.md). 0: never.
@@ -190,17 +188,18 @@ def _gnu_openmp() -> tuple[ctypes.CDLL, ...]:
     thread's team; none elsewhere (macOS, Windows, LLVM or Intel OpenMP: there a hard pause ends the whole
     runtime, every thread's team at once)."""
     try:
-        maps = Path("/proc/self/maps").read_text()
+        maps = Path("/proc/self/maps").read_bytes().decode(errors="surrogateescape")
     except OSError:
         return ()
     libs = []
     for path in sorted(set(re.findall(r"(/\S*/libgomp[^/\s]*\.so[^/\s]*)", maps))):
-        try:
-            lib = ctypes.CDLL(path)
+        try:  # only a library already loaded (RTLD_NOLOAD): never a second copy of the runtime
+            lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
             lib.omp_pause_resource_all.argtypes, lib.omp_pause_resource_all.restype = [ctypes.c_int], ctypes.c_int
         except (OSError, AttributeError):  # gone, or older than OpenMP 5 (GCC 9)
             continue
-        libs.append(lib)
+        if not hasattr(lib, "__kmpc_fork_call"):  # LLVM's runtime under GNU's name: its pause ends every team
+            libs.append(lib)
     return tuple(libs)
 
 
@@ -794,8 +793,9 @@ class StreamEngine:
         self._stopping = False
         self._gen_ms: dict[int, float] = {}  # EMA of window start -> frames delivered, by window length
         self._lower_threads = False  # auto threads may drop when windows overrun (threads_lower_after)
-        self._overruns = 0  # full windows in a row that took longer than they last
+        self._overruns, self._overrun_ms = 0, 0.0  # full windows in a row that took longer than they last, and by how much
         self.threads_lowered: list[tuple[float, int, int]] = []  # (time.monotonic(), from, to) each time
+        self._threads_ms: dict[int, float] = {}  # the warm-up's window of max_batch sessions by thread count
         self._idle: torch.Tensor | None = None  # tokens of a window of silence (_idle_tokens)
         self.windows_run = 0
         self._decode_q: queue.Queue | None = None  # worker -> decode thread, one window in hand at most
@@ -873,6 +873,8 @@ class StreamEngine:
                 raise LetsTalkError(f"warm-up with {self.config.max_batch} sessions per batch ran out of GPU memory; "
                                     "lower max_batch / max_sessions") from None
 
+        if self.threads is not None:  # a count given (or kept from before a stop()): this thread's is its own
+            torch.set_num_threads(self.threads)
         p.set_num_steps(self.base_steps)
         p.capture_graphs(True)  # until every size the engine can run is captured (_capture_graphs)
         if self.threads is None and self.config.threads == 0 and p.device.type == "cpu" \
@@ -978,6 +980,7 @@ class StreamEngine:
                     turns[k].append(window_ms(self.window))
             took = {k: float(np.median(v)) for k, v in turns.items()}
         self.threads = n if took[n] <= budget else min(took, key=took.get)
+        self._threads_ms = took
         torch.set_num_threads(self.threads)
         log.info("engine: %d torch threads (window %s ms by thread count; budget %.0f ms)", self.threads,
                  {k: round(v) for k, v in took.items()}, budget)
@@ -1367,15 +1370,14 @@ class StreamEngine:
             torch.set_num_threads(self.threads)
         assert self._decode_q is not None
         while (item := self._decode_q.get()) is not None:
-            if self.threads is not None and torch.get_num_threads() != self.threads:
-                torch.set_num_threads(self.threads)
             try:
                 self._decode(*item)
             except Exception:  # never let the decoder die: the sessions' errors were sent in _decode
                 log.exception("engine decode stage failed")
 
-    def _decode(self, t0: float, batch: list) -> None:
-        """Decode a sampled batch and hand each session its frames (a failing session alone gets the error)."""
+    def _decode(self, t0: float, batch: list, retry: bool = False) -> None:
+        """Decode a sampled batch and hand each session its frames (a failing session alone gets the error;
+        `retry`: one session of a batch that failed, timed from the batch's start, so not a window's time)."""
         p = self.pipeline
         t1 = time.perf_counter()
         streams = [s._w.stream for s, _, _, _, _ in batch]
@@ -1392,13 +1394,13 @@ class StreamEngine:
             for st, m in zip(streams, moved):  # the detail transfer's state as before the batch
                 st.detail_moved = m
             for item in batch:  # find the culprit, as in _execute
-                self._decode(t0, [item])
+                self._decode(t0, [item], retry=True)
             return
         dec_ms = (time.perf_counter() - t1) * 1000
         frames = len(batch[0][3])
         total = (time.perf_counter() - t0) * 1000
         self._gen_ms[frames] = 0.8 * self._gen_ms.get(frames, total) + 0.2 * total
-        if frames == self.window:
+        if frames == self.window and not retry:
             self._note_window(total)
         k = 0
         for s, epoch, _, meta, timings in batch:
@@ -1411,19 +1413,29 @@ class StreamEngine:
             _post(s, s._deliver, epoch, out, timings)
 
     def _note_window(self, ms: float) -> None:
-        """Count full windows that took longer than they last; `threads_lower_after` of them in a row halve the
-        auto-chosen torch threads (the worker and the decode thread set the new count before their next window).
-        A single slow window (a pause of the machine) does not: the count restarts at every window that fits."""
-        if not self._lower_threads or self.threads is None or self.threads <= 1:
+        """Lower the auto-chosen torch threads to the next count down whose warm-up window kept real time (the worker
+        sets it before its next window) after `threads_lower_after` full windows in a row that took longer than they
+        last and were late by a window's duration together. A slow minute of a quiet machine does not: on the
+        2-core EPYC one had 3 windows in a row at up to 186 ms of 160 (late by ~80 ms together), where 2 threads
+        beside 2 busy processes ran windows of 300-750 ms. The count restarts at every window that fits. Not with
+        a decode thread, whose windows' times overlap."""
+        if not self._lower_threads or self.threads is None or self._decode_q is not None:
             return
-        self._overruns = self._overruns + 1 if ms > 1000 * self.window / self.pipeline.config.fps else 0
-        if self._overruns < self.config.threads_lower_after:
+        real_ms = 1000 * self.window / self.pipeline.config.fps
+        lower = [k for k, took in self._threads_ms.items() if k < self.threads and took <= real_ms]
+        if not lower:  # none (1 thread, or a machine too slow at fewer): more overruns are not the threads'
             return
-        before, self.threads, self._overruns = self.threads, max(1, self.threads // 2), 0
+        if ms <= real_ms:
+            self._overruns, self._overrun_ms = 0, 0.0
+            return
+        self._overruns, self._overrun_ms = self._overruns + 1, self._overrun_ms + ms - real_ms
+        if self._overruns < self.config.threads_lower_after or self._overrun_ms < real_ms:
+            return
+        before, self.threads, self._overruns, self._overrun_ms = self.threads, max(lower), 0, 0.0
         self.threads_lowered.append((time.monotonic(), before, self.threads))
-        log.warning("engine: %d windows in a row took longer than they last at %d torch threads (the last %.0f ms "
-                    "of %.0f; is another process busy on these cores?): going on with %d", self.config.threads_lower_after,
-                    before, ms, 1000 * self.window / self.pipeline.config.fps, self.threads)
+        log.warning("engine: %d windows in a row took longer than they last at %d torch threads (the last %.0f ms of "
+                    "%.0f; is another process busy on these cores?): going on with %d", self.config.threads_lower_after,
+                    before, ms, real_ms, self.threads)
 
     def _sample(self, sessions: list[Session], frames: int) -> tuple[float, torch.Tensor]:
         """One window's latents for each session: (milliseconds, (B, T, C, h, w) on the device)."""
