@@ -81,8 +81,8 @@ class RunResult:
     av_offset_ms_p99: float | None = None
     av_offset_max_at_s: float | None = None
     av_offset_ms_by_minute: list[float] = field(default_factory=list)
-    # the worker's threads at the end, and the seconds into the run it lowered them (windows overran: another
-    # process wants the cores; EngineConfig.threads_lower_after)
+    # the worker's threads at the end, and the seconds into the run it lowered them (windows fell behind real time:
+    # another process wants the cores; EngineConfig.threads_lower_after)
     threads_end: int | None = None
     threads_lowered_at_s: list[float] = field(default_factory=list)
     realtime: bool = field(init=False)

@@ -412,8 +412,8 @@ SAFETY_HELP = ("start a window this many ms before its frames are due (default 3
                "much where the window's compute is steady (a GPU), more avoids held frames where it varies (0 .. 200)")
 THREADS_HELP = ("torch threads of the engine on a CPU: 0 (default): at start, the fewest (1, 2, 4 ...) whose window "
                 "takes at most 0.35 of its real-time duration, else the fastest, lowered later (not with --compile) "
-                "if 3 windows in a row overrun because another process took the cores; N: exactly N; -1: leave "
-                "torch's setting (and OMP_NUM_THREADS) alone")
+                "once windows fall 2 windows behind real time because another process took the cores; N: exactly "
+                "N; -1: leave torch's setting (and OMP_NUM_THREADS) alone")
 COMPILE_HELP = ("torch.compile the transformer and decoder at start, for full windows: about half the compute per "
                 "window on a 2-core CPU, after minutes of compiling the first time (cached on disk after); needs "
                 "a C++ compiler (apt-get install g++)")

@@ -132,20 +132,19 @@ class EngineConfig:
     steps_budget: float = 0.5
     threads: int = 0  # torch intra-op threads on a CPU device. 0: auto, at warm-up: the fewest (1, 2, 4 ...)
     # whose window of max_batch sessions takes <= threads_budget of its real-time duration, else the fastest,
-    # lowered later if windows keep overrunning (threads_lower_after); left alone where OMP_NUM_THREADS is set.
+    # lowered later if windows fall behind real time (threads_lower_after); left alone where OMP_NUM_THREADS is set.
     # -1: never touch them. Ignored on CUDA. On a quiet 2-core EPYC 2 threads' live window took 49-79 ms and 1
     # thread's ~100-107 (p95 360-420 against ~500 ms); beside 2 busy processes 1 thread held 0.97-0.99 of real
     # time where 2 fell to 0.57-0.86 (a parallel region waits for its slowest thread). The budget was 0.55 while
     # a second OpenMP team slowed 2 threads down (release_openmp_threads), and 1 thread then fitted there about
     # half the time; at 0.35 it is kept where it is fast (docs/benchmarks.md, twenty-seventh session).
     threads_budget: float = 0.35
-    threads_lower_after: int = 3  # auto threads (threads = 0, eager, no decode thread): after this many full windows
-    # in a row that each took longer than they last, late by a window's duration together, the worker goes on with
-    # the next count down whose warm-up window kept real time (2 -> 1 on 2 cores), for the rest of the engine's life
-    # (a restart keeps it too).
-    # The warm-up's choice holds for the machine at start; a process that starts later and wants the cores
-    # makes multi-threaded windows several times slower (2 threads beside 2 busy processes: windows of 300-750
-    # ms of their 160, 0.60-0.86 of real time, where 1 thread held 0.97-0.99; docs/benchmarks.md). 0: never.
+    threads_lower_after: float = 2.0  # auto threads (threads = 0, eager, no decode thread): once the worker's full
+    # windows have fallen this many windows' duration behind real time (each window adds what it took over its
+    # duration; faster ones pay it back), it goes on with the next count down whose warm-up window kept real time
+    # (2 -> 1 on 2 cores), for the rest of the engine's life (a restart keeps it too). A process that starts later
+    # and wants the cores makes multi-threaded windows slower than real time on average (2 threads beside 2 busy
+    # processes: 0.57-0.80 of real time, where 1 thread held 0.97-0.99; docs/benchmarks.md). 0: never.
     keep_heap: bool = True  # at start, make glibc keep freed memory for reuse (`keep_heap`): a window's
     # activations are reallocated every window, and returned to the kernel they are faulted in again
     decode_thread: bool | None = None  # decode each window in a second thread while the worker samples the
@@ -775,7 +774,7 @@ class StreamEngine:
                                 f"and threads_budget={self.config.threads_budget} above 0")
         if not 1.0 <= self.config.catch_up_tempo <= 2.0:
             raise LetsTalkError(f"catch_up_tempo (--catch-up-tempo) {self.config.catch_up_tempo}: choose 1.0 (off) .. 2.0")
-        if self.config.threads_lower_after < 0:
+        if not self.config.threads_lower_after >= 0:
             raise LetsTalkError(f"threads_lower_after {self.config.threads_lower_after}: choose 0 (never) or more windows")
         if not 0 <= self.config.safety_ms <= 200:
             raise LetsTalkError(f"safety_ms (--safety-ms) {self.config.safety_ms}: choose 0 .. 200 ms")
@@ -793,7 +792,7 @@ class StreamEngine:
         self._stopping = False
         self._gen_ms: dict[int, float] = {}  # EMA of window start -> frames delivered, by window length
         self._lower_threads = False  # auto threads may drop when windows overrun (threads_lower_after)
-        self._overruns, self._overrun_ms = 0, 0.0  # full windows in a row that took longer than they last, and by how much
+        self._behind_ms = 0.0  # how far the worker's full windows have fallen behind real time (_note_window)
         self.threads_lowered: list[tuple[float, int, int]] = []  # (time.monotonic(), from, to) each time
         self._threads_ms: dict[int, float] = {}  # the warm-up's window of max_batch sessions by thread count
         self._idle: torch.Tensor | None = None  # tokens of a window of silence (_idle_tokens)
@@ -1414,28 +1413,25 @@ class StreamEngine:
 
     def _note_window(self, ms: float) -> None:
         """Lower the auto-chosen torch threads to the next count down whose warm-up window kept real time (the worker
-        sets it before its next window) after `threads_lower_after` full windows in a row that took longer than they
-        last and were late by a window's duration together. A slow minute of a quiet machine does not: on the
-        2-core EPYC one had 3 windows in a row at up to 186 ms of 160 (late by ~80 ms together), where 2 threads
-        beside 2 busy processes ran windows of 300-750 ms. The count restarts at every window that fits. Not with
-        a decode thread, whose windows' times overlap."""
+        sets it before its next window) once full windows have fallen `threads_lower_after` windows' duration
+        behind real time: each adds what it took over its duration, and a faster one pays it back. Slow stretches
+        of a quiet machine are paid back (a 30-minute soak on the 2-core EPYC had 3 windows in a row over real time,
+        the third 186 ms of 160, among ~60 ms ones); a busy neighbour makes 2-thread windows slower than real time on
+        average. Not with a decode thread, whose windows' times overlap."""
         if not self._lower_threads or self.threads is None or self._decode_q is not None:
             return
         real_ms = 1000 * self.window / self.pipeline.config.fps
         lower = [k for k, took in self._threads_ms.items() if k < self.threads and took <= real_ms]
         if not lower:  # none (1 thread, or a machine too slow at fewer): more overruns are not the threads'
             return
-        if ms <= real_ms:
-            self._overruns, self._overrun_ms = 0, 0.0
+        self._behind_ms = max(0.0, self._behind_ms + ms - real_ms)
+        if self._behind_ms < self.config.threads_lower_after * real_ms:
             return
-        self._overruns, self._overrun_ms = self._overruns + 1, self._overrun_ms + ms - real_ms
-        if self._overruns < self.config.threads_lower_after or self._overrun_ms < real_ms:
-            return
-        before, self.threads, self._overruns, self._overrun_ms = self.threads, max(lower), 0, 0.0
+        before, behind_ms = self.threads, self._behind_ms
+        self.threads, self._behind_ms = max(lower), 0.0
         self.threads_lowered.append((time.monotonic(), before, self.threads))
-        log.warning("engine: %d windows in a row took longer than they last at %d torch threads (the last %.0f ms of "
-                    "%.0f; is another process busy on these cores?): going on with %d", self.config.threads_lower_after,
-                    before, ms, real_ms, self.threads)
+        log.warning("engine: windows at %d torch threads fell %.0f ms behind real time (is another process busy on "
+                    "these cores?): going on with %d", before, behind_ms, self.threads)
 
     def _sample(self, sessions: list[Session], frames: int) -> tuple[float, torch.Tensor]:
         """One window's latents for each session: (milliseconds, (B, T, C, h, w) on the device)."""
