@@ -105,7 +105,6 @@ async def _consume(session, seconds: float, offsets: list[tuple[float, float]]) 
     timestamps: a track that served another frame's audio, or a clock that drifted, both show up. Held frames
     (fillers) are left out: they have no speech of their own."""
     video, audio = session.video_track(), session.audio_track()
-    start = session.player.start or 0.0
     first: dict[str, dict[int, float]] = {"video": {}, "audio": {}}  # frame index -> when it first left, unpaired
 
     def left(kind: str, index: int | None, now: float) -> None:
@@ -114,7 +113,7 @@ async def _consume(session, seconds: float, offsets: list[tuple[float, float]]) 
             return
         if index in other:  # both sides seen: one offset, and nothing kept (a 30-minute soak stays flat)
             t = other.pop(index)
-            offsets.append((abs(now - t) * 1000, min(now, t) - (session.player.start or start)))
+            offsets.append((abs(now - t) * 1000, min(now, t) - session.player.start))  # started: a frame left
         else:
             first[kind][index] = now
 

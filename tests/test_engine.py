@@ -800,14 +800,16 @@ def test_a_stalled_pusher_is_counted_as_an_audio_gap(tiny_pipeline):
 
 @pytest.mark.skipif(torch.get_num_threads() < 2 or "OMP_NUM_THREADS" in os.environ,
                     reason="needs 2+ torch threads to choose from")
-@pytest.mark.parametrize("every, slow, one_thread_ms, lowered",
-                         [(1, 2.05, 1.0, True), (2, 1.6, 1.0, False), (1, 2.05, 1e4, False)])
+@pytest.mark.parametrize("every, slow, one_thread_ms, given, lowered",
+                         [(1, 2.05, 1.0, 0, True), (2, 1.6, 1.0, 0, False), (1, 2.05, 1e4, 0, False),
+                          (1, 2.05, 1.0, 2, False)])
 def test_auto_threads_are_lowered_once_windows_fall_two_windows_behind(tiny_pipeline, monkeypatch, every, slow,
-                                                                       one_thread_ms, lowered):
+                                                                       one_thread_ms, given, lowered):
     """Auto threads (warm-up chose 2 here): when every full window at 2 threads takes over 2x its duration (another
     process took the cores), the 2nd puts them 2 windows behind and the later ones run at 1 thread; when only every
     other window takes 1.6x (the fast ones pay it back: slow stretches of a quiet machine) the count stays, and so it
-    does when the warm-up's 1-thread window could not keep real time (fewer threads would only be slower)."""
+    does when the warm-up's 1-thread window could not keep real time (fewer threads would only be slower), or when
+    the count was given (--threads 2)."""
     before = torch.get_num_threads()
     window, fps = tiny_pipeline.window, tiny_pipeline.fps
     seen: list[tuple[int, int]] = []  # (torch threads, frames) of each window the worker sampled
@@ -824,6 +826,7 @@ def test_auto_threads_are_lowered_once_windows_fall_two_windows_behind(tiny_pipe
         return lat
 
     monkeypatch.setattr(tiny_pipeline, "generate_latents", contended)
+
     def choose_two(self, window_ms):
         self.threads, self._threads_ms = 2, {1: one_thread_ms, 2: 1.0}
         torch.set_num_threads(2)
@@ -831,7 +834,7 @@ def test_auto_threads_are_lowered_once_windows_fall_two_windows_behind(tiny_pipe
     monkeypatch.setattr(StreamEngine, "_choose_threads", choose_two)
 
     async def main():
-        engine = await _engine(tiny_pipeline, warmup=True)
+        engine = await _engine(tiny_pipeline, warmup=True, threads=given)
         seen.clear()  # warm-up's windows
         full_windows[0] = 0
         session = await engine.open_session(_portrait(tiny_pipeline, 5))

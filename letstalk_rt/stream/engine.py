@@ -366,7 +366,7 @@ class Session:
     """A live avatar: push audio, read paced frames (or attach WebRTC tracks), interrupt, close."""
 
     def __init__(self, engine: "StreamEngine", portrait: Portrait, seed: int, session_id: str | None,
-                 stream: StreamState | None = None) -> None:
+                 stream: StreamState) -> None:
         self.engine = engine
         self.pipeline: LetsTalkPipeline = engine.pipeline
         self.id = session_id or uuid.uuid4().hex[:16]
@@ -405,8 +405,7 @@ class Session:
         self._last_late_event = 0.0
         self._late_reported = 0
         # worker-thread state
-        stream = stream if stream is not None else self.pipeline.new_stream(portrait, seed)
-        self._w = _WorkerState(stream, self.pipeline.audio_tokenizer())
+        self._w = _WorkerState(stream, self.pipeline.audio_tokenizer())  # stream: made off the loop (open_session)
 
     # -- audio in
 
@@ -791,10 +790,9 @@ class StreamEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._gen_ms: dict[int, float] = {}  # EMA of window start -> frames delivered, by window length
-        self._lower_threads = False  # auto threads may drop when windows overrun (threads_lower_after)
         self._behind_ms = 0.0  # how far the worker's full windows have fallen behind real time (_note_window)
         self.threads_lowered: list[tuple[float, int, int]] = []  # (time.monotonic(), from, to) each time
-        self._threads_ms: dict[int, float] = {}  # the warm-up's window of max_batch sessions by thread count
+        self._threads_ms: dict[int, float] = {}  # the warm-up's window of max_batch sessions by thread count (auto)
         self._idle: torch.Tensor | None = None  # tokens of a window of silence (_idle_tokens)
         self.windows_run = 0
         self._decode_q: queue.Queue | None = None  # worker -> decode thread, one window in hand at most
@@ -883,8 +881,6 @@ class StreamEngine:
                 torch.set_num_threads(self.threads)
             else:
                 self._choose_threads(window_ms)
-        self._lower_threads = (self.config.threads == 0 and self.threads is not None and self.config.threads_lower_after > 0
-                               and not self.config.compile and not p.compiled)  # compiled kernels keep their count
         if self.config.compile:
             self._compile(window_ms)
         budget = self.config.steps_budget * 1000 * self.window / p.config.fps
@@ -1025,10 +1021,9 @@ class StreamEngine:
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
-        if self.threads is not None:  # each thread's OpenMP team size is its own: set it here too
-            torch.set_num_threads(self.threads)
         while not self._stopping:
-            if self.threads is not None and torch.get_num_threads() != self.threads:  # lowered (_note_window)
+            # each thread's OpenMP team size is its own: the engine's count, here too (and again once lowered)
+            if self.threads is not None and torch.get_num_threads() != self.threads:
                 torch.set_num_threads(self.threads)
             try:
                 jobs = self._plan()
@@ -1417,8 +1412,10 @@ class StreamEngine:
         behind real time: each adds what it took over its duration, and a faster one pays it back. Slow stretches
         of a quiet machine are paid back (a 30-minute soak on the 2-core EPYC had 3 windows in a row over real time,
         the third 186 ms of 160, among ~60 ms ones); a busy neighbour makes 2-thread windows slower than real time on
-        average. Not with a decode thread, whose windows' times overlap."""
-        if not self._lower_threads or self.threads is None or self._decode_q is not None:
+        average. Only for auto threads (the warm-up timed the counts), not compiled (its kernels keep their count),
+        not with a decode thread (its windows' times overlap)."""
+        if (not self._threads_ms or self.threads is None or self.pipeline.compiled or self._decode_q is not None
+                or self.config.threads_lower_after <= 0):
             return
         real_ms = 1000 * self.window / self.pipeline.config.fps
         lower = [k for k, took in self._threads_ms.items() if k < self.threads and took <= real_ms]
