@@ -773,6 +773,37 @@ def test_warmup_gives_the_worker_the_fewest_torch_threads_that_fit(tiny_pipeline
     assert torch.get_num_threads() == before
 
 
+@pytest.mark.skipif(torch.get_num_threads() < 2 or "OMP_NUM_THREADS" in os.environ,
+                    reason="needs 2+ torch threads to tell 1 from the default")
+@pytest.mark.parametrize("mode", ["auto", "given", "untouched"])
+def test_on_a_gpu_the_engines_own_threads_run_one_torch_thread(tiny_pipeline, monkeypatch, mode):
+    """A GPU device: the worker and decode threads run 1 torch thread by default (their host work is small,
+    and the idle OpenMP helpers of more spun on the cores the event loop and tracks need: 8 sessions on an
+    H100 lost real time), a given count as given, -1 torch's own; the caller's threads are never changed."""
+    before = torch.get_num_threads()
+    threads, want = {"auto": (0, 1), "given": (before + 1, before + 1), "untouched": (-1, before)}[mode]
+    seen: dict[str, int] = {}
+    engine = StreamEngine(tiny_pipeline, EngineConfig(warmup=False, threads=threads))
+    monkeypatch.setattr(tiny_pipeline, "device", torch.device("cuda"))  # no window runs: nothing is moved there
+    monkeypatch.setattr(engine, "_plan", lambda: seen.setdefault("worker", torch.get_num_threads()) and [])
+
+    async def main():
+        await engine.start()
+        assert engine._decoder is not None  # a GPU decodes in a thread of its own
+        monkeypatch.setattr(engine, "_decode", lambda *a: seen.setdefault("decoder", torch.get_num_threads()))
+        await asyncio.to_thread(engine._decode_q.put, (0.0, []))
+        for _ in range(100):
+            if len(seen) == 2:
+                break
+            await asyncio.sleep(0.02)
+        caller = torch.get_num_threads()
+        await engine.stop()
+        return caller
+
+    assert run(main()) == before and torch.get_num_threads() == before
+    assert seen == {"worker": want, "decoder": want}
+
+
 def test_a_stalled_pusher_is_counted_as_an_audio_gap(tiny_pipeline):
     """Speech that stops arriving mid-utterance: at the deadline the engine inserts silence before the
     queued speech (the avatar keeps moving) and counts it as a gap; the speech itself is kept, in order.

@@ -10,7 +10,8 @@ Threads and ownership:
   loop with `call_soon_threadsafe`;
 - other torch work (warm-up, preparing a portrait) runs in executor threads through `run_off_loop`, which
   then lets the thread's OpenMP team go: on a CPU the worker's team must be the only one, or its helpers
-  stop spinning between parallel regions (`release_openmp_threads`).
+  stop spinning between parallel regions (`release_openmp_threads`); on a GPU the engine's threads run one
+  torch thread, so no team is left spinning on the cores the event loop needs (`_GPU_HOST_THREADS`).
 
 Scheduling. A session needs a window when (a) it has audio tokens for a whole window, or (b) its
 playback would run dry before a window could be generated (its deadline): then the engine inserts
@@ -75,6 +76,12 @@ from .events import (
 log = logging.getLogger(__name__)
 
 _NEAR_REAL_TIME = 0.7  # an eager CPU window over this fraction of its real-time duration: warm-up suggests --compile
+# Torch threads of the engine's own threads on a GPU device (EngineConfig.threads = 0). Their host-side work is
+# small tensors (audio windows, the memory bank, copies), and with one thread per core (16 on the lent H100's host)
+# each such op woke an OpenMP team whose idle helpers then spun (GNU OpenMP spins while its teams do not outnumber
+# the cores) and took the cores the event loop and the tracks need: 8 sessions fell to 0.955-0.988 of real time
+# with 46-180 held frames; at 1 thread 1.000 and none (docs/benchmarks.md, twenty-eighth session).
+_GPU_HOST_THREADS = 1
 
 
 class CapacityError(LetsTalkError):
@@ -133,7 +140,8 @@ class EngineConfig:
     threads: int = 0  # torch intra-op threads on a CPU device. 0: auto, at warm-up: the fewest (1, 2, 4 ...)
     # whose window of max_batch sessions takes <= threads_budget of its real-time duration, else the fastest,
     # lowered later if windows fall behind real time (threads_lower_after); left alone where OMP_NUM_THREADS is set.
-    # -1: never touch them. Ignored on CUDA. On a quiet 2-core EPYC 2 threads' live window took 49-79 ms and 1
+    # -1: never touch them. On a GPU device: the engine's own threads' count (worker, decoder, warm-up), 0: 1
+    # (_GPU_HOST_THREADS). On a quiet 2-core EPYC 2 threads' live window took 49-79 ms and 1
     # thread's ~100-107 (p95 360-420 against ~500 ms); beside 2 busy processes 1 thread held 0.97-0.99 of real
     # time where 2 fell to 0.57-0.86 (a parallel region waits for its slowest thread). The budget was 0.55 while
     # a second OpenMP team slowed 2 threads down (release_openmp_threads), and 1 thread then fitted there about
@@ -805,9 +813,13 @@ class StreamEngine:
             return self
         if self.config.keep_heap:
             keep_heap()
-        if self.config.threads > 0 and self.pipeline.device.type == "cpu":
-            torch.set_num_threads(self.config.threads)
-            self.threads = self.config.threads
+        if self.pipeline.device.type == "cpu":
+            if self.config.threads > 0:
+                torch.set_num_threads(self.config.threads)
+                self.threads = self.config.threads
+        elif self.config.threads > 0 or (self.config.threads == 0 and "OMP_NUM_THREADS" not in os.environ):
+            # the engine's own threads only (worker, decoder, warm-up): the caller's are the application's
+            self.threads = self.config.threads or _GPU_HOST_THREADS
         release_openmp_threads()  # this thread's team (it loaded the model?) would slow the worker's
         if self.config.warmup:
             await run_off_loop(self._warmup)
