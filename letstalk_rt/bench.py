@@ -85,6 +85,7 @@ class RunResult:
     # another process wants the cores; EngineConfig.threads_lower_after)
     threads_end: int | None = None
     threads_lowered_at_s: list[float] = field(default_factory=list)
+    threads_raised_at_s: list[float] = field(default_factory=list)  # ... and went back up (threads_raise_after_s)
     realtime: bool = field(init=False)
 
     def __post_init__(self) -> None:  # speech is fed throughout: a run that showed none of it is not real time
@@ -210,6 +211,7 @@ async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np
     target_ms, compute_ms = engine.target_latency_s() * 1000, engine.window_compute_ms()
     threads_end = engine.threads or torch.get_num_threads()
     lowered = [round(at - t0, 1) for at, _, _ in engine.threads_lowered]
+    raised = [round(at - t0, 1) for at, _, _ in engine.threads_raised]
     await engine.stop()
     cuda = torch.cuda.max_memory_allocated(pipe.device) / 2**20 if pipe.device.type == "cuda" else None
     return RunResult(
@@ -228,7 +230,7 @@ async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np
         latency_ms_p50_by_session=[round(st["latency_ms_p50"], 1) for st in stats if st["latency_ms_p50"] is not None],
         latency_ms_p95_after_start=_percentile_ms(sorted(steady), 0.95),
         target_latency_ms=round(target_ms, 1), window_compute_ms=round(compute_ms, 1), **offset_summary(offsets),
-        threads_end=threads_end, threads_lowered_at_s=lowered,
+        threads_end=threads_end, threads_lowered_at_s=lowered, threads_raised_at_s=raised,
     )
 
 

@@ -412,7 +412,8 @@ SAFETY_HELP = ("start a window this many ms before its frames are due (default 3
                "much where the window's compute is steady (a GPU), more avoids held frames where it varies (0 .. 200)")
 THREADS_HELP = ("torch threads of the engine on a CPU: 0 (default): at start, the fewest (1, 2, 4 ...) whose window "
                 "takes at most 0.35 of its real-time duration, else the fastest, lowered later (not with --compile) "
-                "once windows fall 2 windows behind real time because another process took the cores; N: exactly "
+                "once windows fall 2 windows behind real time because another process took the cores, and tried "
+                "again after 60 s (a failed try doubles the wait); N: exactly "
                 "N; -1: leave torch's setting (and OMP_NUM_THREADS) alone. On a GPU the engine's own threads: 0: 1 "
                 "(their host work is small; more let idle OpenMP helpers spin on the cores the tracks need)")
 COMPILE_HELP = ("torch.compile the transformer and decoder at start, for full windows: about half the compute per "

@@ -253,6 +253,13 @@ def render_metrics(manager: SessionManager) -> str:
            q + [("_sum", float(sum(lat))), ("_count", len(lat))])
     metric("letstalk_errors_total", "counter", "Session errors, failed negotiations and internal server errors.",
            [("", m.errors_total)])
+    engine = manager.engine
+    metric("letstalk_engine_torch_threads", "gauge", "Torch threads the engine's worker runs (--threads); NaN: torch's own.",
+           [("", float(engine.threads) if engine.threads is not None else float("nan"))])
+    metric("letstalk_engine_threads_changes_total", "counter",
+           "Times the worker lowered its auto threads (windows fell behind real time: another process took the cores) "
+           "or tried more again.",
+           [('{direction="lowered"}', len(engine.threads_lowered)), ('{direction="raised"}', len(engine.threads_raised))])
     return "\n".join(lines) + "\n"
 
 

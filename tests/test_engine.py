@@ -887,6 +887,51 @@ def test_auto_threads_are_lowered_once_windows_fall_two_windows_behind(tiny_pipe
     assert torch.get_num_threads() == before
 
 
+@pytest.mark.skipif(torch.get_num_threads() < 2 or "OMP_NUM_THREADS" in os.environ,
+                    reason="needs 2+ torch threads to choose from")
+def test_lowered_threads_go_back_up_and_a_failed_try_doubles_the_wait(tiny_pipeline, monkeypatch):
+    """threads_raise_after_s: lowered to 1 thread while 2-thread windows take 2x their duration, the worker tries 2
+    again after the wait; still slow, it is lowered again within the wait, which doubles; once 2-thread windows
+    are fast again (the other process ended), the next try keeps 2."""
+    window, fps = tiny_pipeline.window, tiny_pipeline.fps
+    generate, holder = tiny_pipeline.generate_latents, {}
+
+    def contended(streams, tokens, *a, **k):
+        lat = generate(streams, tokens, *a, **k)
+        engine = holder.get("engine")
+        if len(tokens[0]) == window and torch.get_num_threads() > 1 and engine and len(engine.threads_lowered) < 2:
+            time.sleep(2.05 * window / fps)  # busy until the second lowering
+        return lat
+
+    monkeypatch.setattr(tiny_pipeline, "generate_latents", contended)
+
+    def choose_two(self, window_ms):
+        self.threads, self._threads_ms, self._threads_top = 2, {1: 1.0, 2: 1.0}, 2
+        torch.set_num_threads(2)
+
+    monkeypatch.setattr(StreamEngine, "_choose_threads", choose_two)
+
+    async def main():
+        engine = await _engine(tiny_pipeline, warmup=True, threads_raise_after_s=1.0)
+        holder["engine"] = engine
+        session = await engine.open_session(_portrait(tiny_pipeline, 5))
+        session.push_audio(speechlike(6.0))
+        session.end_speech()
+        await _collect(session, 6.0)
+        threads, lowered, raised = engine.threads, list(engine.threads_lowered), list(engine.threads_raised)
+        await engine.stop()
+        return threads, lowered, raised
+
+    before = torch.get_num_threads()
+    threads, lowered, raised = run(main())
+    assert [(a, b) for _, a, b in lowered] == [(2, 1), (2, 1)] and threads == 2
+    assert [(a, b) for _, a, b in raised] == [(1, 2), (1, 2)]
+    assert lowered[0][0] < raised[0][0] < lowered[1][0] < raised[1][0]
+    assert 1.0 <= raised[0][0] - lowered[0][0] < 2.0  # the first wait (raised at the next full window after it)
+    assert 2.0 <= raised[1][0] - lowered[1][0] < 3.5  # doubled: the try failed within it
+    assert torch.get_num_threads() == before
+
+
 _FAULTS = """
 import resource, sys
 import torch

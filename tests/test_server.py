@@ -8,6 +8,7 @@ import gc
 import io
 import json
 import logging
+import math
 import os
 import re
 import subprocess
@@ -144,6 +145,8 @@ def test_health_metrics_and_avatars(tiny_pipeline):
     assert 0 < p50 <= p95 < 5
     assert values["letstalk_speech_to_screen_latency_seconds_count"] > 0
     assert values["letstalk_errors_total"] == 0
+    assert values["letstalk_engine_torch_threads"] >= 1 or math.isnan(values["letstalk_engine_torch_threads"])
+    assert values['letstalk_engine_threads_changes_total{direction="lowered"}'] == 0
 
 
 # --------------------------------------------------------------------------------------------------

@@ -75,6 +75,7 @@ from .events import (
 
 log = logging.getLogger(__name__)
 
+_RAISE_WAIT_MAX_S = 1800.0  # EngineConfig.threads_raise_after_s doubles up to this
 _NEAR_REAL_TIME = 0.7  # an eager CPU window over this fraction of its real-time duration: warm-up suggests --compile
 # Torch threads of the engine's own threads on a GPU device (EngineConfig.threads = 0). Their host-side work is
 # small tensors (audio windows, the memory bank, copies), and with one thread per core (16 on the lent H100's host)
@@ -150,9 +151,12 @@ class EngineConfig:
     threads_lower_after: float = 2.0  # auto threads (threads = 0, eager, no decode thread): once the worker's full
     # windows have fallen this many windows' duration behind real time (each window adds what it took over its
     # duration; faster ones pay it back), it goes on with the next count down whose warm-up window kept real time
-    # (2 -> 1 on 2 cores), for the rest of the engine's life (a restart keeps it too). A process that starts later
+    # (2 -> 1 on 2 cores), until threads_raise_after_s (a restart keeps the count). A process that starts later
     # and wants the cores makes multi-threaded windows slower than real time on average (2 threads beside 2 busy
     # processes: 0.57-0.80 of real time, where 1 thread held 0.97-0.99; docs/benchmarks.md). 0: never.
+    threads_raise_after_s: float = 60.0  # lowered threads go back up one count after this long (the process that
+    # took the cores may have ended); a raise that is lowered again within the wait doubles it (up to 30 minutes),
+    # so a lasting neighbour costs a probe of a few windows' lateness ever more rarely. 0: never raised again.
     keep_heap: bool = True  # at start, make glibc keep freed memory for reuse (`keep_heap`): a window's
     # activations are reallocated every window, and returned to the kernel they are faulted in again
     decode_thread: bool | None = None  # decode each window in a second thread while the worker samples the
@@ -783,6 +787,9 @@ class StreamEngine:
             raise LetsTalkError(f"catch_up_tempo (--catch-up-tempo) {self.config.catch_up_tempo}: choose 1.0 (off) .. 2.0")
         if not self.config.threads_lower_after >= 0:
             raise LetsTalkError(f"threads_lower_after {self.config.threads_lower_after}: choose 0 (never) or more windows")
+        if not self.config.threads_raise_after_s >= 0:
+            raise LetsTalkError(f"threads_raise_after_s {self.config.threads_raise_after_s}: choose 0 (never) or more "
+                                "seconds")
         if not 0 <= self.config.safety_ms <= 200:
             raise LetsTalkError(f"safety_ms (--safety-ms) {self.config.safety_ms}: choose 0 .. 200 ms")
         if self.config.compile and not self.config.warmup:
@@ -800,6 +807,10 @@ class StreamEngine:
         self._gen_ms: dict[int, float] = {}  # EMA of window start -> frames delivered, by window length
         self._behind_ms = 0.0  # how far the worker's full windows have fallen behind real time (_note_window)
         self.threads_lowered: list[tuple[float, int, int]] = []  # (time.monotonic(), from, to) each time
+        self.threads_raised: list[tuple[float, int, int]] = []  # ... and each time they went back up
+        self._threads_top: int | None = None  # the count the warm-up chose: raised no higher
+        self._raise_at: float | None = None  # when lowered threads go back up (monotonic)
+        self._raise_wait = self.config.threads_raise_after_s  # doubled by a raise lowered again within it
         self._threads_ms: dict[int, float] = {}  # the warm-up's window of max_batch sessions by thread count (auto)
         self._idle: torch.Tensor | None = None  # tokens of a window of silence (_idle_tokens)
         self.windows_run = 0
@@ -987,7 +998,7 @@ class StreamEngine:
                     turns[k].append(window_ms(self.window))
             took = {k: float(np.median(v)) for k, v in turns.items()}
         self.threads = n if took[n] <= budget else min(took, key=took.get)
-        self._threads_ms = took
+        self._threads_ms, self._threads_top = took, self.threads
         torch.set_num_threads(self.threads)
         log.info("engine: %d torch threads (window %s ms by thread count; budget %.0f ms)", self.threads,
                  {k: round(v) for k, v in took.items()}, budget)
@@ -1429,6 +1440,10 @@ class StreamEngine:
         if (not self._threads_ms or self.threads is None or self.pipeline.compiled or self._decode_q is not None
                 or self.config.threads_lower_after <= 0):
             return
+        now = time.monotonic()
+        if self._raise_at is not None and now >= self._raise_at:
+            self._raise_threads(now)
+            return
         real_ms = 1000 * self.window / self.pipeline.config.fps
         lower = [k for k, took in self._threads_ms.items() if k < self.threads and took <= real_ms]
         if not lower:  # none (1 thread, or a machine too slow at fewer): more overruns are not the threads'
@@ -1438,9 +1453,30 @@ class StreamEngine:
             return
         before, behind_ms = self.threads, self._behind_ms
         self.threads, self._behind_ms = max(lower), 0.0
-        self.threads_lowered.append((time.monotonic(), before, self.threads))
+        self.threads_lowered.append((now, before, self.threads))
+        base = self.config.threads_raise_after_s
+        if self.threads_raised and now - self.threads_raised[-1][0] < self._raise_wait:  # the probe failed
+            self._raise_wait = min(2 * self._raise_wait, _RAISE_WAIT_MAX_S)
+        else:
+            self._raise_wait = base
+        self._raise_at = now + self._raise_wait if base > 0 else None
         log.warning("engine: windows at %d torch threads fell %.0f ms behind real time (is another process busy on "
-                    "these cores?): going on with %d", before, behind_ms, self.threads)
+                    "these cores?): going on with %d%s", before, behind_ms, self.threads,
+                    f", {before} again in {self._raise_wait:.0f} s" if base > 0 else "")
+
+    def _raise_threads(self, now: float) -> None:
+        """Lowered threads (`_note_window`) go back up one count once `threads_raise_after_s` has passed: the
+        process that took the cores may have ended. If it has not, the windows fall behind again within a few,
+        and the count is lowered with a doubled wait (that probe's lateness is taken back by the catch-up)."""
+        top = self._threads_top or max(self._threads_ms)
+        up = min((k for k in self._threads_ms if self.threads < k <= top), default=None)  # type: ignore[operator]
+        self._raise_at = None
+        if up is None:
+            return
+        before, self.threads, self._behind_ms = self.threads, up, 0.0
+        self.threads_raised.append((now, before, up))
+        log.info("engine: trying %d torch threads again (lowered to %d %.0f s ago)", up, before,
+                 now - self.threads_lowered[-1][0])
 
     def _sample(self, sessions: list[Session], frames: int) -> tuple[float, torch.Tensor]:
         """One window's latents for each session: (milliseconds, (B, T, C, h, w) on the device)."""
