@@ -55,6 +55,10 @@ log = logging.getLogger("letstalk.server")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_PORTRAIT = REPO_ROOT / "letstalk_rt" / "assets" / "portrait.png"
+# The browser client: in a checkout (an editable install) client_examples/browser; installed from a wheel, the same
+# files as server/browser (pyproject.toml)
+BROWSER_CLIENT = next((d for d in (REPO_ROOT / "client_examples" / "browser", Path(__file__).resolve().parent / "browser")
+                       if d.is_dir()), None)
 
 
 @dataclass
@@ -82,7 +86,7 @@ class ServerConfig:
     ice_servers: list[str] = field(default_factory=list)  # STUN/TURN URLs; none by default (LAN / localhost)
     avatars: dict[str, str | Path] = field(default_factory=lambda: {"default": BUNDLED_PORTRAIT})
     detect_face: bool = True  # crop uploaded portraits to the detected face (422 when there is none)
-    static_dir: Path | None = REPO_ROOT / "client_examples" / "browser"  # the browser client, served at /
+    static_dir: Path | None = BROWSER_CLIENT  # the browser client, served at /
     stop_engine_on_cleanup: bool = False  # serve_main owns its engine; tests own theirs
 
     @property

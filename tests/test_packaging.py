@@ -1,0 +1,51 @@
+"""What an install from a wheel holds: every package of the tree, the bundled model and assets, and the browser
+client (client_examples/browser, installed as server/browser so that `letstalk serve` serves it at / there too)."""
+
+import fnmatch
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _setuptools_table() -> dict:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+
+
+def test_the_listed_packages_are_the_trees_and_the_browser_client_is_package_data():
+    """pyproject.toml lists its packages (the browser client needs a package-dir of its own): a new subpackage
+    left off the list, or a browser file no package-data pattern takes, would be missing from a wheel."""
+    table = _setuptools_table()
+    found = {".".join(p.parent.relative_to(ROOT).parts) for top in ("letstalk_rt", "server")
+             for p in (ROOT / top).rglob("__init__.py")}
+    assert set(table["packages"]) == found | {"server.browser"}
+    browser = ROOT / table["package-dir"]["server.browser"]
+    assert browser == ROOT / "client_examples" / "browser"
+    files = sorted(p.name for p in browser.iterdir() if p.is_file())
+    assert {"index.html", "overlay.html", "app.js"} <= set(files)
+    patterns = table["package-data"]["server.browser"]
+    assert [f for f in files if not any(fnmatch.fnmatch(f, pat) for pat in patterns)] == []
+
+
+def test_a_wheel_holds_the_browser_client_the_openapi_file_and_the_bundled_model(tmp_path):
+    try:
+        import setuptools  # noqa: F401  (the build uses this environment's, not a download)
+        isolation = ["--no-build-isolation"]
+    except ImportError:
+        isolation = []
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation, "-w", str(tmp_path),
+                          str(ROOT)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (wheel,) = tmp_path.glob("letstalk_rt-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for name in ("server/browser/index.html", "server/browser/overlay.html", "server/browser/app.js",
+                 "server/openapi.yaml", "letstalk_rt/assets/portrait.png", "letstalk_rt/assets/speech.ogg",
+                 "letstalk_rt/assets/default_model/config.json", "letstalk_rt/stream/engine.py", "server/app.py"):
+        assert name in names, f"{name} is missing from the wheel"
+    model = {p.relative_to(ROOT).as_posix() for p in (ROOT / "letstalk_rt/assets/default_model").iterdir()}
+    assert model <= names
