@@ -443,12 +443,24 @@ def speech_energy(audio: np.ndarray, frames: int, fps: float = 25.0, sample_rate
     return 20 * np.log10(np.maximum(rms, 1e-3))
 
 
-def _own_speech(video: str | Path, fallback: np.ndarray) -> np.ndarray:
-    """A video's own audio track; `fallback` when it has none (a silent video scored against other speech)."""
-    from .media import load_audio
+def video_speech(video: str | Path, frames: int, fps: float) -> np.ndarray:
+    """A video's own audio track, 16 kHz mono, on the video's timeline for its `frames` at `fps`: sample 0 at the first
+    frame, each packet where its timestamp puts it (a track that starts after the video, or packets a recording
+    dropped, leave silence), as `letstalk data prepare` reads real videos. Decoded from its first sample, a track that
+    starts 0.4 s late would put all the speech 10 frames early."""
+    from .train.prepare import SAMPLES_PER_FRAME, SkipVideo, load_track_audio
 
+    try:  # load_track_audio counts in frames of 25 fps; cover the video's duration at its own rate
+        return load_track_audio(Path(video), math.ceil(frames * 16000 / fps / SAMPLES_PER_FRAME - 1e-6))
+    except SkipVideo as e:
+        raise InputError(f"'{video}': {e}") from None
+
+
+def _own_speech(video: str | Path, fallback: np.ndarray, frames: int, fps: float) -> np.ndarray:
+    """A video's own speech (`video_speech`); `fallback` when it has none (a silent video scored against other
+    speech)."""
     try:
-        return load_audio(video)
+        return video_speech(video, frames, fps)
     except InputError:
         return fallback
 
@@ -486,8 +498,8 @@ def sync_check(video: str | Path, closed: str | Path | None = None, audio: str |
     if not frames:
         raise InputError(f"'{video}' has no video frames that can be decoded")
     frames = np.stack(frames)  # (N, H, W, 3)
-    speech = load_audio(audio if audio is not None else video)
     n, (h, w) = len(frames), frames.shape[1:3]
+    speech = load_audio(audio) if audio is not None else video_speech(video, n, fps)
     if n < MIN_CLIP_FRAMES:
         raise InputError(f"'{video}' has {n} frames; lip sync needs at least {MIN_CLIP_FRAMES} (about 0.7 s)")
     if h != w:
@@ -499,7 +511,7 @@ def sync_check(video: str | Path, closed: str | Path | None = None, audio: str |
         ref = image if image.shape[:2] == (w, w) else crop_portrait(image, w, margin, name=str(closed))
         reference = f"'{closed}'"
     else:
-        own = speech if audio is None else _own_speech(video, speech)  # the closed frame: the video's own quiet
+        own = speech if audio is None else _own_speech(video, speech, n, fps)  # the closed frame: the video's own quiet
         quiet = quietest_frame(own, n, fps)
         ref, reference = frames[quiet], f"frame {quiet} (the quietest of its own speech)"
     curve = speech_mouth_curve(mouth_interior(frames, ref, box), speech, fps)
