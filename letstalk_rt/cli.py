@@ -415,7 +415,8 @@ THREADS_HELP = ("torch threads of the engine on a CPU: 0 (default): at start, th
                 "once windows fall 2 windows behind real time because another process took the cores, and tried "
                 "again after 60 s (a failed try doubles the wait); N: exactly "
                 "N; -1: leave torch's setting (and OMP_NUM_THREADS) alone. On a GPU the engine's own threads: 0: 1 "
-                "(their host work is small; more let idle OpenMP helpers spin on the cores the tracks need)")
+                "unless OMP_NUM_THREADS is set (their host work is small; more let idle OpenMP helpers spin on the "
+                "cores the tracks need)")
 COMPILE_HELP = ("torch.compile the transformer and decoder at start, for full windows: about half the compute per "
                 "window on a 2-core CPU, after minutes of compiling the first time (cached on disk after); needs "
                 "a C++ compiler (apt-get install g++)")

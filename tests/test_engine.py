@@ -792,7 +792,7 @@ def test_on_a_gpu_the_engines_own_threads_run_one_torch_thread(tiny_pipeline, mo
         assert engine._decoder is not None  # a GPU decodes in a thread of its own
         monkeypatch.setattr(engine, "_decode", lambda *a: seen.setdefault("decoder", torch.get_num_threads()))
         await asyncio.to_thread(engine._decode_q.put, (0.0, []))
-        for _ in range(100):
+        for _ in range(500):
             if len(seen) == 2:
                 break
             await asyncio.sleep(0.02)
@@ -887,49 +887,31 @@ def test_auto_threads_are_lowered_once_windows_fall_two_windows_behind(tiny_pipe
     assert torch.get_num_threads() == before
 
 
-@pytest.mark.skipif(torch.get_num_threads() < 2 or "OMP_NUM_THREADS" in os.environ,
-                    reason="needs 2+ torch threads to choose from")
-def test_lowered_threads_go_back_up_and_a_failed_try_doubles_the_wait(tiny_pipeline, monkeypatch):
-    """threads_raise_after_s: lowered to 1 thread while 2-thread windows take 2x their duration, the worker tries 2
-    again after the wait; still slow, it is lowered again within the wait, which doubles; once 2-thread windows
-    are fast again (the other process ended), the next try keeps 2."""
-    window, fps = tiny_pipeline.window, tiny_pipeline.fps
-    generate, holder = tiny_pipeline.generate_latents, {}
+def test_lowered_threads_go_back_up_a_count_per_wait_and_a_failed_try_doubles_the_wait(tiny_pipeline):
+    """threads_raise_after_s, on the worker's window timings (`_note_window`, fed made-up times: no sleeps): the
+    warm-up chose 4; windows at 2x real time lower it to 2, then 1; after the wait it goes back to 2, after another
+    to 4; slow again within the wait, it is lowered with the wait doubled, and the next try comes that much later."""
+    engine = StreamEngine(tiny_pipeline, EngineConfig(warmup=False, threads_raise_after_s=60.0))
+    engine.threads, engine._threads_ms, engine._threads_top = 4, {1: 10.0, 2: 10.0, 4: 10.0}, 4
+    real = 1000 * engine.window / tiny_pipeline.fps
 
-    def contended(streams, tokens, *a, **k):
-        lat = generate(streams, tokens, *a, **k)
-        engine = holder.get("engine")
-        if len(tokens[0]) == window and torch.get_num_threads() > 1 and engine and len(engine.threads_lowered) < 2:
-            time.sleep(2.05 * window / fps)  # busy until the second lowering
-        return lat
+    def windows(start: float, end: float, ms: float) -> None:
+        t = start
+        while t < end:
+            engine._note_window(ms, now=t)
+            t += 0.2
 
-    monkeypatch.setattr(tiny_pipeline, "generate_latents", contended)
-
-    def choose_two(self, window_ms):
-        self.threads, self._threads_ms, self._threads_top = 2, {1: 1.0, 2: 1.0}, 2
-        torch.set_num_threads(2)
-
-    monkeypatch.setattr(StreamEngine, "_choose_threads", choose_two)
-
-    async def main():
-        engine = await _engine(tiny_pipeline, warmup=True, threads_raise_after_s=1.0)
-        holder["engine"] = engine
-        session = await engine.open_session(_portrait(tiny_pipeline, 5))
-        session.push_audio(speechlike(6.0))
-        session.end_speech()
-        await _collect(session, 6.0)
-        threads, lowered, raised = engine.threads, list(engine.threads_lowered), list(engine.threads_raised)
-        await engine.stop()
-        return threads, lowered, raised
-
-    before = torch.get_num_threads()
-    threads, lowered, raised = run(main())
-    assert [(a, b) for _, a, b in lowered] == [(2, 1), (2, 1)] and threads == 2
-    assert [(a, b) for _, a, b in raised] == [(1, 2), (1, 2)]
-    assert lowered[0][0] < raised[0][0] < lowered[1][0] < raised[1][0]
-    assert 1.0 <= raised[0][0] - lowered[0][0] < 2.0  # the first wait (raised at the next full window after it)
-    assert 2.0 <= raised[1][0] - lowered[1][0] < 3.5  # doubled: the try failed within it
-    assert torch.get_num_threads() == before
+    windows(0.0, 1.0, 2.1 * real)  # busy: 2 windows 2 behind -> 2 threads, 2 more -> 1
+    assert engine.threads == 1 and [(a, b) for _, a, b in engine.threads_lowered] == [(4, 2), (2, 1)]
+    windows(1.0, 130.0, 0.5 * real)  # quiet: a count up per 60 s
+    assert [(round(t), a, b) for t, a, b in engine.threads_raised] == [(61, 1, 2), (121, 2, 4)] and engine.threads == 4
+    windows(130.0, 130.3, 2.1 * real)  # busy again 9 s after the last try (2 windows): it failed, the wait doubles
+    assert engine.threads_lowered[-1][1:] == (4, 2) and engine._raise_wait == 120.0
+    windows(130.4, 260.0, 0.5 * real)
+    assert [round(t) for t, _, _ in engine.threads_raised[2:]] == [250] and engine.threads == 4
+    assert engine._raise_wait == 120.0 and engine._raise_at is None
+    windows(1000.0, 1001.0, 2.1 * real)  # a lowering long after the last try: the wait is back to 60 s
+    assert engine._raise_wait == 60.0 and engine._raise_at == pytest.approx(engine.threads_lowered[-1][0] + 60.0)
 
 
 _FAULTS = """

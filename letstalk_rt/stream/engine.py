@@ -142,7 +142,7 @@ class EngineConfig:
     # whose window of max_batch sessions takes <= threads_budget of its real-time duration, else the fastest,
     # lowered later if windows fall behind real time (threads_lower_after); left alone where OMP_NUM_THREADS is set.
     # -1: never touch them. On a GPU device: the engine's own threads' count (worker, decoder, warm-up), 0: 1
-    # (_GPU_HOST_THREADS). On a quiet 2-core EPYC 2 threads' live window took 49-79 ms and 1
+    # (_GPU_HOST_THREADS) unless OMP_NUM_THREADS is set. On a quiet 2-core EPYC 2 threads' live window took 49-79 ms and 1
     # thread's ~100-107 (p95 360-420 against ~500 ms); beside 2 busy processes 1 thread held 0.97-0.99 of real
     # time where 2 fell to 0.57-0.86 (a parallel region waits for its slowest thread). The budget was 0.55 while
     # a second OpenMP team slowed 2 threads down (release_openmp_threads), and 1 thread then fitted there about
@@ -154,7 +154,7 @@ class EngineConfig:
     # (2 -> 1 on 2 cores), until threads_raise_after_s (a restart keeps the count). A process that starts later
     # and wants the cores makes multi-threaded windows slower than real time on average (2 threads beside 2 busy
     # processes: 0.57-0.80 of real time, where 1 thread held 0.97-0.99; docs/benchmarks.md). 0: never.
-    threads_raise_after_s: float = 60.0  # lowered threads go back up one count after this long (the process that
+    threads_raise_after_s: float = 60.0  # lowered threads go up a count after this long, and on (the process that
     # took the cores may have ended); a raise that is lowered again within the wait doubles it (up to 30 minutes),
     # so a lasting neighbour costs a probe of a few windows' lateness ever more rarely. 0: never raised again.
     keep_heap: bool = True  # at start, make glibc keep freed memory for reuse (`keep_heap`): a window's
@@ -829,11 +829,12 @@ class StreamEngine:
                 torch.set_num_threads(self.config.threads)
                 self.threads = self.config.threads
         elif self.config.threads > 0 or (self.config.threads == 0 and "OMP_NUM_THREADS" not in os.environ):
-            # the engine's own threads only (worker, decoder, warm-up): the caller's are the application's
+            # set in the engine's own threads only (worker, decoder, warm-up), not in the caller's; torch keeps one
+            # process-wide default too, which threads that start torch work later take up (the last count set)
             self.threads = self.config.threads or _GPU_HOST_THREADS
         release_openmp_threads()  # this thread's team (it loaded the model?) would slow the worker's
         if self.config.warmup:
-            await run_off_loop(self._warmup)
+            await run_off_loop(self._warmup_restoring_threads)
         self._stopping = False
         decode_thread = self.config.decode_thread
         if decode_thread is None:
@@ -869,6 +870,14 @@ class StreamEngine:
 
     async def __aexit__(self, *exc) -> None:
         await self.stop()
+
+    def _warmup_restoring_threads(self) -> None:
+        """`_warmup` in an executor thread, which the application's own work reuses: its torch threads as before."""
+        before = torch.get_num_threads()
+        try:
+            self._warmup()
+        finally:
+            torch.set_num_threads(before)
 
     def _warmup(self) -> None:
         """Run the largest batch once: a device that cannot hold it fails here, with the fix."""
@@ -1429,7 +1438,7 @@ class StreamEngine:
             timings = dataclasses.replace(timings, decode_ms=dec_ms)
             _post(s, s._deliver, epoch, out, timings)
 
-    def _note_window(self, ms: float) -> None:
+    def _note_window(self, ms: float, now: float | None = None) -> None:
         """Lower the auto-chosen torch threads to the next count down whose warm-up window kept real time (the worker
         sets it before its next window) once full windows have fallen `threads_lower_after` windows' duration
         behind real time: each adds what it took over its duration, and a faster one pays it back. Slow stretches
@@ -1440,7 +1449,7 @@ class StreamEngine:
         if (not self._threads_ms or self.threads is None or self.pipeline.compiled or self._decode_q is not None
                 or self.config.threads_lower_after <= 0):
             return
-        now = time.monotonic()
+        now = time.monotonic() if now is None else now
         if self._raise_at is not None and now >= self._raise_at:
             self._raise_threads(now)
             return
@@ -1465,15 +1474,19 @@ class StreamEngine:
                     f", {before} again in {self._raise_wait:.0f} s" if base > 0 else "")
 
     def _raise_threads(self, now: float) -> None:
-        """Lowered threads (`_note_window`) go back up one count once `threads_raise_after_s` has passed: the
-        process that took the cores may have ended. If it has not, the windows fall behind again within a few,
-        and the count is lowered with a doubled wait (that probe's lateness is taken back by the catch-up)."""
+        """Lowered threads (`_note_window`) go back up one count once `threads_raise_after_s` has passed (and on,
+        a count per wait, up to the warm-up's choice): the process that took the cores may have ended. If it has
+        not, the windows fall behind again within a few, and the count is lowered with a doubled wait (that try's
+        lateness is taken back by the catch-up). A raise that fell due while the engine was stopped is tried at
+        the first window after a restart."""
         top = self._threads_top or max(self._threads_ms)
         up = min((k for k in self._threads_ms if self.threads < k <= top), default=None)  # type: ignore[operator]
         self._raise_at = None
         if up is None:
             return
         before, self.threads, self._behind_ms = self.threads, up, 0.0
+        if up < top:  # lowered more than once (4 -> 2 -> 1): the next count up after another wait
+            self._raise_at = now + self._raise_wait
         self.threads_raised.append((now, before, up))
         log.info("engine: trying %d torch threads again (lowered to %d %.0f s ago)", up, before,
                  now - self.threads_lowered[-1][0])
