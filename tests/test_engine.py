@@ -914,6 +914,29 @@ def test_lowered_threads_go_back_up_a_count_per_wait_and_a_failed_try_doubles_th
     assert engine._raise_wait == 60.0 and engine._raise_at == pytest.approx(engine.threads_lowered[-1][0] + 60.0)
 
 
+def test_stretched_speech_keeps_the_arrival_of_the_audio_it_holds(tiny_pipeline):
+    """The catch-up's tempo stretcher gives audio out ~30 ms after it went in: each piece is tagged with the arrival
+    of the newest push it holds (a frame's latency counts from its own audio; tagged with the push that let it
+    out, latency read 20-40 ms low during every catch-up), and what a flush lets out with the last push's."""
+    from letstalk_rt.media import TempoStretcher
+    from letstalk_rt.stream.engine import _WorkerState
+
+    w = _WorkerState(None, tiny_pipeline.audio_tokenizer())
+    w.stretch = TempoStretcher(1.25, 16000)
+    pcm, chunk = speechlike(1.0, seed=2), 320  # 20 ms pushes, arriving 20 ms apart
+    lags = []
+    for i in range(len(pcm) // chunk):
+        before = len(w.timeline)
+        w.feed_stretched(pcm[i * chunk:(i + 1) * chunk], arrival=i * 0.02)
+        lags += [i * 0.02 - entry[1] for entry in list(w.timeline)[before:]]
+    tags = [entry[1] for entry in w.timeline]
+    assert tags == sorted(tags) and min(lags) >= 0
+    assert 0.015 <= float(np.mean(lags)) <= 0.06, np.mean(lags)  # the stretcher's hold, in pushes' time
+    w.unstretch(arrival=5.0)  # a pause: the rest comes out, it is the last push's audio
+    assert w.timeline[-1][1] == pytest.approx((len(pcm) // chunk - 1) * 0.02) and len(w.timeline[-1][0]) > 0
+    assert w.stretch is None and not w.stretched
+
+
 _FAULTS = """
 import resource, sys
 import torch

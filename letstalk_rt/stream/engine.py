@@ -638,6 +638,8 @@ class _WorkerState:
         self.encode_ms = 0.0
         self.silent_run_s = 0.0  # seconds of silent pushed audio in a row (latency catch-up)
         self.stretch: TempoStretcher | None = None  # latency catch-up: speech played faster while behind
+        self.stretched: collections.deque[list] = collections.deque()  # [arrival, output samples still to come out]
+        # of each push into the stretcher (its output is tagged with the arrival of the newest push it holds)
         self.compressing = False
         self.after_speech = False  # the last frame generated from pushed audio carried speech ...
         self.inserted_run = 0  # ... and this many frames the engine inserted (idle, padding) followed it
@@ -656,16 +658,29 @@ class _WorkerState:
         self._feed(pcm, None, False)
 
     def feed_stretched(self, pcm: np.ndarray, arrival: float) -> None:
-        """Speech through the tempo stretcher (its ~30 ms delay comes out with the next piece)."""
+        """Speech through the tempo stretcher. What comes out is ~30 ms behind what went in, so it is tagged with the
+        arrival of the newest push it holds, not of this one: a frame's latency counts from its own audio."""
         assert self.stretch is not None
-        self._feed(self.stretch.push(pcm), arrival, True)
+        self.stretched.append([arrival, len(pcm) / self.stretch.tempo])
+        out = self.stretch.push(pcm)
+        tag = arrival
+        need = float(len(out))
+        while need > 0 and self.stretched:
+            entry = self.stretched[0]
+            tag, take = entry[0], min(need, entry[1])
+            entry[1] -= take
+            need -= take
+            if entry[1] < 0.5:  # (sample counts at a tempo are fractions)
+                self.stretched.popleft()
+        self._feed(out, tag, True)
 
     def unstretch(self, arrival: float) -> None:
         """End a catch-up run (at a pause, an interrupt or end of speech): what the stretcher still holds
         goes before the next unstretched audio."""
         if self.stretch is not None:
-            self._feed(self.stretch.flush(), arrival, True)
+            self._feed(self.stretch.flush(), self.stretched[-1][0] if self.stretched else arrival, True)
             self.stretch, self.compressing = None, False
+            self.stretched.clear()
 
     def heard_rms(self, pcm: np.ndarray) -> float:
         """RMS of audio as the encoder hears it: quiet speech is raised for it (pipeline.SpeechLevel)."""
@@ -1124,6 +1139,7 @@ class StreamEngine:
                 w.inserted_run = 0
                 w.silent_run_s = 0.0
                 w.stretch, w.compressing = None, False
+                w.stretched.clear()
                 latents = s._reset
                 w.stream.memory.reset()
                 if latents:
