@@ -914,6 +914,36 @@ def test_lowered_threads_go_back_up_a_count_per_wait_and_a_failed_try_doubles_th
     assert engine._raise_wait == 60.0 and engine._raise_at == pytest.approx(engine.threads_lowered[-1][0] + 60.0)
 
 
+@pytest.mark.skipif(torch.get_num_threads() < 2 or "OMP_NUM_THREADS" in os.environ,
+                    reason="needs 2+ torch threads to choose from")
+@pytest.mark.parametrize("one, two, tries_two", [(0.75, 0.9, True), (0.2, 0.1, False), (1.2, 1.5, False)])
+def test_a_warm_up_on_a_busy_machine_tries_more_threads_later(tiny_pipeline, one, two, tries_two):
+    """When no count fits the warm-up's budget (something else busy while it timed them), the fastest is taken and
+    the worker tries 2 after threads_raise_after_s, as after a lowering; not when a count fitted (1 thread at 0.2
+    of real time), nor when the fastest did not keep real time (no count to come back to)."""
+    engine = StreamEngine(tiny_pipeline, EngineConfig(warmup=False, threads_raise_after_s=60.0))
+    engine._threads_before = 2
+    real = 1000 * engine.window / tiny_pipeline.config.fps
+    before = torch.get_num_threads()
+    try:
+        engine._choose_threads(lambda frames: {1: one, 2: two}[torch.get_num_threads()] * real)
+    finally:
+        torch.set_num_threads(before)
+    assert engine.threads == 1  # the fewest that fit, or the fastest
+    if not tries_two:
+        assert engine._raise_at is None
+        return
+    assert engine.threads == 1 and engine._threads_top == 2 and engine._raise_at is not None
+    start = engine._raise_at - 60.0
+    engine._note_window(0.8 * real, now=start + 30.0)
+    assert engine.threads == 1
+    engine._note_window(0.8 * real, now=start + 60.5)
+    assert engine.threads == 2 and engine.threads_raised[-1][1:] == (1, 2)
+    for k in range(3):  # still busy: 2-thread windows over real time, back to 1 with the wait doubled
+        engine._note_window(2.1 * real, now=start + 61.0 + k * 0.2)
+    assert engine.threads == 1 and engine._raise_wait == 120.0
+
+
 def test_stretched_speech_keeps_the_arrival_of_the_audio_it_holds(tiny_pipeline):
     """The catch-up's tempo stretcher gives audio out ~30 ms after it went in: each piece is tagged with the arrival
     of the newest push it holds (a frame's latency counts from its own audio; tagged with the push that let it

@@ -1023,6 +1023,15 @@ class StreamEngine:
             took = {k: float(np.median(v)) for k, v in turns.items()}
         self.threads = n if took[n] <= budget else min(took, key=took.get)
         self._threads_ms, self._threads_top = took, self.threads
+        real_ms = 1000 * self.window / self.pipeline.config.fps
+        if took[self.threads] > budget and took[self.threads] <= real_ms and self.threads < max(took):
+            # None fitted, most likely because something else was busy while this timed them (a machine started
+            # beside a busy one): the fastest then says little about a quiet minute. So the worker tries more
+            # threads after threads_raise_after_s, as after a lowering, and can come back to this count (it kept
+            # real time) if the windows fall behind.
+            self._threads_top = max(took)
+            if self.config.threads_raise_after_s > 0:
+                self._raise_at = time.monotonic() + self.config.threads_raise_after_s
         torch.set_num_threads(self.threads)
         log.info("engine: %d torch threads (window %s ms by thread count; budget %.0f ms)", self.threads,
                  {k: round(v) for k, v in took.items()}, budget)
@@ -1491,7 +1500,8 @@ class StreamEngine:
 
     def _raise_threads(self, now: float) -> None:
         """Lowered threads (`_note_window`) go back up one count once `threads_raise_after_s` has passed (and on,
-        a count per wait, up to the warm-up's choice): the process that took the cores may have ended. If it has
+        a count per wait, up to the warm-up's choice, or to the most it timed if none fitted its budget): the
+        process that took the cores may have ended. If it has
         not, the windows fall behind again within a few, and the count is lowered with a doubled wait (that try's
         lateness is taken back by the catch-up). A raise that fell due while the engine was stopped is tried at
         the first window after a restart."""
@@ -1504,8 +1514,7 @@ class StreamEngine:
         if up < top:  # lowered more than once (4 -> 2 -> 1): the next count up after another wait
             self._raise_at = now + self._raise_wait
         self.threads_raised.append((now, before, up))
-        log.info("engine: trying %d torch threads again (lowered to %d %.0f s ago)", up, before,
-                 now - self.threads_lowered[-1][0])
+        log.info("engine: trying %d torch threads (from %d)", up, before)
 
     def _sample(self, sessions: list[Session], frames: int) -> tuple[float, torch.Tensor]:
         """One window's latents for each session: (milliseconds, (B, T, C, h, w) on the device)."""
