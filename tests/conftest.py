@@ -64,6 +64,38 @@ def astronaut_png(tmp_path_factory) -> Path:
     return path
 
 
+def write_mkv_dropping_audio(path: Path, frames: list[np.ndarray] | np.ndarray, pcm: np.ndarray,
+                             dropped: tuple[float, float]) -> None:
+    """An mkv (as OBS and browsers record) of 25 fps frames and 16 kHz PCM audio, a frame's 640 samples per packet,
+    each stamped with its own time, and the packets between dropped[0] and dropped[1] s never written: the audio
+    timeline jumps over them (or, from 0, the track starts late)."""
+    from fractions import Fraction
+
+    import av
+
+    h, w = frames[0].shape[:2]
+    with av.open(str(path), "w", format="matroska") as c:
+        video = c.add_stream("libx264", rate=25)
+        video.width, video.height, video.pix_fmt = w, h, "yuv420p"
+        audio = c.add_stream("pcm_s16le", rate=16000, layout="mono")
+        for i, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, 25)
+            for packet in video.encode(frame):
+                c.mux(packet)
+            lo = i * 640
+            if dropped[0] * 16000 <= lo < dropped[1] * 16000:
+                continue
+            chunk = av.AudioFrame.from_ndarray((pcm[lo:lo + 640] * 32767).astype(np.int16)[None], format="s16",
+                                               layout="mono")
+            chunk.sample_rate, chunk.pts, chunk.time_base = 16000, lo, Fraction(1, 16000)
+            for packet in audio.encode(chunk):
+                c.mux(packet)
+        for stream in (video, audio):
+            for packet in stream.encode(None):
+                c.mux(packet)
+
+
 def speechlike(seconds: float, rate: int = 16000, seed: int = 0) -> np.ndarray:
     """A deterministic voiced signal with syllable-rate amplitude modulation (float32 mono)."""
     rng = np.random.default_rng(seed)

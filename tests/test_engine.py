@@ -914,8 +914,6 @@ def test_lowered_threads_go_back_up_a_count_per_wait_and_a_failed_try_doubles_th
     assert engine._raise_wait == 60.0 and engine._raise_at == pytest.approx(engine.threads_lowered[-1][0] + 60.0)
 
 
-@pytest.mark.skipif(torch.get_num_threads() < 2 or "OMP_NUM_THREADS" in os.environ,
-                    reason="needs 2+ torch threads to choose from")
 @pytest.mark.parametrize("one, two, tries_two", [(0.75, 0.9, True), (0.2, 0.1, False), (1.2, 1.5, False)])
 def test_a_warm_up_on_a_busy_machine_tries_more_threads_later(tiny_pipeline, one, two, tries_two):
     """When no count fits the warm-up's budget (something else busy while it timed them), the fastest is taken and
@@ -947,7 +945,8 @@ def test_a_warm_up_on_a_busy_machine_tries_more_threads_later(tiny_pipeline, one
 def test_stretched_speech_keeps_the_arrival_of_the_audio_it_holds(tiny_pipeline):
     """The catch-up's tempo stretcher gives audio out ~30 ms after it went in: each piece is tagged with the arrival
     of the newest push it holds (a frame's latency counts from its own audio; tagged with the push that let it
-    out, latency read 20-40 ms low during every catch-up), and what a flush lets out with the last push's."""
+    out, latency read 20-60 ms low, 36 on average, during every catch-up), and what a flush lets out with the last
+    push's. (The bounds on the mean lag are atempo's buffering, ~30 ms of output.)"""
     from letstalk_rt.media import TempoStretcher
     from letstalk_rt.stream.engine import _WorkerState
 

@@ -393,33 +393,12 @@ def test_sync_check_reads_the_speech_on_the_videos_timeline(corpus_dir, tmp_path
     """A recording whose audio track starts 0.4 s after its video (its first packets never written, as a webcam's
     or a browser's can be): sync-check places the speech by its timestamps, in sync at offset 0. Read from the
     track's first sample, as it was, the speech came 10 frames early (best offset 3 of at most 5)."""
-    from fractions import Fraction
-
-    import av
+    from conftest import write_mkv_dropping_audio
 
     corpus = Corpus(corpus_dir)
     clip = corpus.clip(corpus.names("test")[0], SIZE)
     path = tmp_path / "late_audio.mkv"
-    with av.open(str(path), "w", format="matroska") as c:
-        video = c.add_stream("libx264", rate=25)
-        video.width, video.height, video.pix_fmt = SIZE, SIZE, "yuv420p"
-        audio = c.add_stream("pcm_s16le", rate=16000, layout="mono")
-        for i, image in enumerate(clip.frames):
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-            frame.pts, frame.time_base = i, Fraction(1, 25)
-            for packet in video.encode(frame):
-                c.mux(packet)
-            lo = i * 640
-            if lo < 0.4 * 16000:
-                continue  # the audio track starts at 0.4 s
-            chunk = av.AudioFrame.from_ndarray((clip.audio[lo:lo + 640] * 32767).astype(np.int16)[None], format="s16",
-                                               layout="mono")
-            chunk.sample_rate, chunk.pts, chunk.time_base = 16000, lo, Fraction(1, 16000)
-            for packet in audio.encode(chunk):
-                c.mux(packet)
-        for stream in (video, audio):
-            for packet in stream.encode(None):
-                c.mux(packet)
+    write_mkv_dropping_audio(path, clip.frames, clip.audio, (0.0, 0.4))  # the audio track starts at 0.4 s
     Image.fromarray(clip.portrait).save(tmp_path / "portrait.png")  # (its quietest frame is in the silent start)
     code, out, err = _run(capsys, "sync-check", path, "--portrait", tmp_path / "portrait.png", "--json",
                           tmp_path / "s.json")

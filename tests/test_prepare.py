@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import speechlike
+from conftest import speechlike, write_mkv_dropping_audio
 from PIL import Image
 from skimage import data
 
@@ -236,35 +236,12 @@ def test_a_sideways_phone_video_is_prepared_upright(tmp_path):
 
 
 def _write_gappy_mkv(path: Path, seconds: float, gap: tuple[float, float], click: float) -> None:
-    """An mkv (as OBS and browsers record) with 16 kHz PCM audio whose packets between gap[0] and gap[1] s
-    are missing (the timeline jumps over them) and a click at `click` s of the video's timeline."""
-    from fractions import Fraction
-
-    import av
-
+    """An mkv with a tone whose packets between gap[0] and gap[1] s are missing (the timeline jumps over them) and
+    a click at `click` s of the video's timeline."""
     t = np.arange(int(seconds * 16000)) / 16000
     pcm = (0.05 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
     pcm[int(click * 16000):int(click * 16000) + 64] = 0.9
-    with av.open(str(path), "w", format="matroska") as c:
-        video = c.add_stream("libx264", rate=25)
-        video.width, video.height, video.pix_fmt = 32, 32, "yuv420p"
-        audio = c.add_stream("pcm_s16le", rate=16000, layout="mono")
-        for i in range(int(seconds * 25)):
-            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 90, np.uint8), format="rgb24")
-            frame.pts, frame.time_base = i, Fraction(1, 25)
-            for packet in video.encode(frame):
-                c.mux(packet)
-            lo = i * 640
-            if gap[0] * 16000 <= lo < gap[1] * 16000:
-                continue  # dropped
-            chunk = av.AudioFrame.from_ndarray((pcm[lo:lo + 640] * 32767).astype(np.int16)[None], format="s16",
-                                               layout="mono")
-            chunk.sample_rate, chunk.pts, chunk.time_base = 16000, lo, Fraction(1, 16000)
-            for packet in audio.encode(chunk):
-                c.mux(packet)
-        for stream in (video, audio):
-            for packet in stream.encode(None):
-                c.mux(packet)
+    write_mkv_dropping_audio(path, [np.full((32, 32, 3), 90, np.uint8)] * int(seconds * 25), pcm, gap)
 
 
 def test_audio_is_placed_by_timestamp_across_a_gap(tmp_path):

@@ -639,7 +639,8 @@ class _WorkerState:
         self.silent_run_s = 0.0  # seconds of silent pushed audio in a row (latency catch-up)
         self.stretch: TempoStretcher | None = None  # latency catch-up: speech played faster while behind
         self.stretched: collections.deque[list] = collections.deque()  # [arrival, output samples still to come out]
-        # of each push into the stretcher (its output is tagged with the arrival of the newest push it holds)
+        # of each push into the stretcher (its output is tagged with the arrival of the newest push it holds) ...
+        self.stretch_tag: float | None = None  # ... and the last tag given (a flush's, if the estimate ran short)
         self.compressing = False
         self.after_speech = False  # the last frame generated from pushed audio carried speech ...
         self.inserted_run = 0  # ... and this many frames the engine inserted (idle, padding) followed it
@@ -672,15 +673,19 @@ class _WorkerState:
             need -= take
             if entry[1] < 0.5:  # (sample counts at a tempo are fractions)
                 self.stretched.popleft()
+        if len(out):
+            self.stretch_tag = tag
         self._feed(out, tag, True)
 
     def unstretch(self, arrival: float) -> None:
         """End a catch-up run (at a pause, an interrupt or end of speech): what the stretcher still holds
         goes before the next unstretched audio."""
         if self.stretch is not None:
-            self._feed(self.stretch.flush(), self.stretched[-1][0] if self.stretched else arrival, True)
+            tag = self.stretched[-1][0] if self.stretched else self.stretch_tag
+            self._feed(self.stretch.flush(), arrival if tag is None else tag, True)
             self.stretch, self.compressing = None, False
             self.stretched.clear()
+            self.stretch_tag = None
 
     def heard_rms(self, pcm: np.ndarray) -> float:
         """RMS of audio as the encoder hears it: quiet speech is raised for it (pipeline.SpeechLevel)."""
@@ -823,7 +828,7 @@ class StreamEngine:
         self._behind_ms = 0.0  # how far the worker's full windows have fallen behind real time (_note_window)
         self.threads_lowered: list[tuple[float, int, int]] = []  # (time.monotonic(), from, to) each time
         self.threads_raised: list[tuple[float, int, int]] = []  # ... and each time they went back up
-        self._threads_top: int | None = None  # the count the warm-up chose: raised no higher
+        self._threads_top: int | None = None  # raised no higher: the warm-up's choice (the next count up if none fitted)
         self._raise_at: float | None = None  # when lowered threads go back up (monotonic)
         self._raise_wait = self.config.threads_raise_after_s  # doubled by a raise lowered again within it
         self._threads_ms: dict[int, float] = {}  # the warm-up's window of max_batch sessions by thread count (auto)
@@ -1026,10 +1031,11 @@ class StreamEngine:
         real_ms = 1000 * self.window / self.pipeline.config.fps
         if took[self.threads] > budget and took[self.threads] <= real_ms and self.threads < max(took):
             # None fitted, most likely because something else was busy while this timed them (a machine started
-            # beside a busy one): the fastest then says little about a quiet minute. So the worker tries more
-            # threads after threads_raise_after_s, as after a lowering, and can come back to this count (it kept
-            # real time) if the windows fall behind.
-            self._threads_top = max(took)
+            # beside a busy one): the fastest then says little about a quiet minute. So the worker tries the next
+            # count up after threads_raise_after_s, as after a lowering, and can come back to this count (it kept
+            # real time) if the windows fall behind. One count: more would be kept on a quiet machine wherever
+            # they keep real time, where the warm-up would have taken the fewest that fit.
+            self._threads_top = min(k for k in took if k > self.threads)
             if self.config.threads_raise_after_s > 0:
                 self._raise_at = time.monotonic() + self.config.threads_raise_after_s
         torch.set_num_threads(self.threads)
@@ -1149,6 +1155,7 @@ class StreamEngine:
                 w.silent_run_s = 0.0
                 w.stretch, w.compressing = None, False
                 w.stretched.clear()
+                w.stretch_tag = None
                 latents = s._reset
                 w.stream.memory.reset()
                 if latents:
@@ -1500,7 +1507,7 @@ class StreamEngine:
 
     def _raise_threads(self, now: float) -> None:
         """Lowered threads (`_note_window`) go back up one count once `threads_raise_after_s` has passed (and on,
-        a count per wait, up to the warm-up's choice, or to the most it timed if none fitted its budget): the
+        a count per wait, up to the warm-up's choice, or one count past it if none fitted its budget): the
         process that took the cores may have ended. If it has
         not, the windows fall behind again within a few, and the count is lowered with a doubled wait (that try's
         lateness is taken back by the catch-up). A raise that fell due while the engine was stopped is tried at
