@@ -417,6 +417,8 @@ THREADS_HELP = ("torch threads of the engine on a CPU: 0 (default): at start, th
                 "N; -1: leave torch's setting (and OMP_NUM_THREADS) alone. On a GPU the engine's own threads: 0: 1 "
                 "unless OMP_NUM_THREADS is set (their host work is small; more let idle OpenMP helpers spin on the "
                 "cores the tracks need)")
+RAISE_HELP = ("seconds after which auto threads that were lowered (or a warm-up that fitted no count) try one "
+              "count more (default 60; a failed try doubles the wait; 0: never)")
 COMPILE_HELP = ("torch.compile the transformer and decoder at start, for full windows: about half the compute per "
                 "window on a 2-core CPU, after minutes of compiling the first time (cached on disk after); needs "
                 "a C++ compiler (apt-get install g++)")
@@ -434,6 +436,9 @@ def check_live_args(args: argparse.Namespace) -> None:
         raise LetsTalkError(f"--threads {args.threads}: choose 0 (auto), -1 (torch's own) or a count")
     if args.safety_ms is not None and not 0 <= args.safety_ms <= 200:
         raise LetsTalkError(f"--safety-ms {args.safety_ms}: choose 0 .. 200 ms")
+    if args.threads_raise_after is not None and not (math.isfinite(args.threads_raise_after)
+                                                     and args.threads_raise_after >= 0):
+        raise LetsTalkError(f"--threads-raise-after {args.threads_raise_after}: choose 0 (never) or more seconds")
 
 
 def add_live_args(p: argparse.ArgumentParser) -> None:
@@ -443,6 +448,7 @@ def add_live_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--catch-up-tempo", type=float, default=None, metavar="X", help=CATCH_UP_TEMPO_HELP)
     p.add_argument("--threads", type=int, default=0, metavar="N", help=THREADS_HELP)
     p.add_argument("--safety-ms", type=float, default=None, metavar="MS", help=SAFETY_HELP)
+    p.add_argument("--threads-raise-after", type=float, default=None, metavar="S", help=RAISE_HELP)
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
 
 
@@ -453,6 +459,8 @@ def live_config(args: argparse.Namespace) -> dict:
         out["catch_up_tempo"] = args.catch_up_tempo
     if args.safety_ms is not None:
         out["safety_ms"] = args.safety_ms
+    if args.threads_raise_after is not None:
+        out["threads_raise_after_s"] = args.threads_raise_after
     return out
 
 

@@ -132,11 +132,21 @@ def test_bad_counts_fail_before_a_model_loads(capsys):
                  ["bench", "--decoder-channels", "8,8,16"], ["bench", "--safety-ms", "-5"], ["demo", "--safety-ms", "300"],
                  ["bench", "--window", "-1"], ["bench", "--seconds", "-1"], ["bench", "--soak", "-5"],
                  ["bench", "--noise-hold", "9"], ["bench", "--steps", "0"], ["bench", "--audio-guidance", "nan"],
-                 ["bench", "--json", "/no_such_dir/x.json"], ["demo", "--window", "-2"]):
+                 ["bench", "--json", "/no_such_dir/x.json"], ["demo", "--window", "-2"],
+                 ["bench", "--threads-raise-after", "-1"], ["demo", "--threads-raise-after", "nan"]):
         assert main(argv + ["--model", "/nonexistent"]) == 2
         err = capsys.readouterr().err
         assert argv[1] in err, err
         assert "/nonexistent" not in err  # the arguments fail first, not the model
+
+
+def test_the_live_flags_reach_the_engine_config():
+    from letstalk_rt.cli import build_parser, live_config
+
+    args = build_parser().parse_args(["bench", "--threads-raise-after", "0", "--safety-ms", "20", "--threads", "2"])
+    live = live_config(args)
+    assert live["threads_raise_after_s"] == 0 and live["safety_ms"] == 20 and live["threads"] == 2
+    assert "threads_raise_after_s" not in live_config(build_parser().parse_args(["bench"]))  # the engine's default
 
 
 def test_busy_neighbours_load_the_cpu_for_their_duty_and_are_gone_after():
