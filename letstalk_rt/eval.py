@@ -448,10 +448,10 @@ def video_speech(video: str | Path, frames: int, fps: float) -> np.ndarray:
     frame, each packet where its timestamp puts it (a track that starts after the video, or packets a recording
     dropped, leave silence), as `letstalk data prepare` reads real videos. Decoded from its first sample, a track that
     starts 0.4 s late would put all the speech 10 frames early."""
-    from .train.prepare import SAMPLES_PER_FRAME, SkipVideo, load_track_audio
+    from .train.prepare import FPS, SkipVideo, load_track_audio
 
     try:  # load_track_audio counts in frames of 25 fps; cover the video's duration at its own rate
-        return load_track_audio(Path(video), math.ceil(frames * 16000 / fps / SAMPLES_PER_FRAME - 1e-6))
+        return load_track_audio(Path(video), math.ceil(frames * FPS / fps - 1e-6))
     except SkipVideo as e:
         raise InputError(f"'{video}': {e}") from None
 

@@ -1508,12 +1508,12 @@ class StreamEngine:
     def _raise_threads(self, now: float) -> None:
         """Lowered threads (`_note_window`) go back up one count once `threads_raise_after_s` has passed (and on,
         a count per wait, up to the warm-up's choice, or one count past it if none fitted its budget): the
-        process that took the cores may have ended. If it has
-        not, the windows fall behind again within a few, and the count is lowered with a doubled wait (that try's
-        lateness is taken back by the catch-up). A raise that fell due while the engine was stopped is tried at
-        the first window after a restart."""
-        top = self._threads_top or max(self._threads_ms)
-        up = min((k for k in self._threads_ms if self.threads < k <= top), default=None)  # type: ignore[operator]
+        process that took the cores may have ended. If it has not, the windows fall behind again within a few,
+        and the count is lowered with a doubled wait (that try's lateness is taken back by the catch-up). A raise
+        that fell due while the engine was stopped is tried at the first window after a restart."""
+        top = self._threads_top  # set with _threads_ms by _choose_threads
+        assert top is not None and self.threads is not None
+        up = min((k for k in self._threads_ms if self.threads < k <= top), default=None)
         self._raise_at = None
         if up is None:
             return
