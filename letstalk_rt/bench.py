@@ -23,7 +23,6 @@ first), so that figures for a contended machine can be re-run rather than waited
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import itertools
 import json
@@ -41,6 +40,7 @@ import torch
 
 from .diffusion import guidance_rows
 from .errors import LetsTalkError
+from .media import write_file_atomic
 from .pipeline import LetsTalkPipeline
 
 STEADY_AFTER_S = 5.0  # latency_ms_p95_after_start leaves out each session's first seconds of playback
@@ -183,12 +183,12 @@ async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np
 
     if pipe.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(pipe.device)
-    engine = await StreamEngine(pipe, EngineConfig(max_sessions=n, max_batch=n, **(live or {}))).start()
+    # every frame's latency, not a server's last 10000 (400 s): soaks run 30 minutes
+    config = EngineConfig(max_sessions=n, max_batch=n, latency_history=0, **(live or {}))
+    engine = await StreamEngine(pipe, config).start()
     steps = pipe.num_steps  # what warm-up chose
     threads = engine.threads or torch.get_num_threads()
     sessions = [await engine.open_session(portrait, seed=seed + i) for i in range(n)]
-    for s in sessions:  # every frame's latency, not a server's last 10000 (400 s): soaks run 30 minutes
-        s.latencies, s.latency_ticks = collections.deque(), collections.deque()
     offsets: list[tuple[float, float]] = []
     t0 = time.monotonic()
     await asyncio.gather(*[_feed(s, audio, seconds) for s in sessions],
@@ -420,7 +420,8 @@ def _run_bench(pipe, session_counts, seconds, audio, portrait, json_path, breakd
     report: dict = {"machine": machine(), "model": pipe.config.description or "untrained",
                     "device": str(pipe.device), "dtype": str(pipe.dtype).replace("torch.", ""),
                     "steps": pipe.num_steps, "window": window or pipe.window, "live": live,
-                    "neighbours": dict(zip(("count", "busy_s", "period_s"), neighbours)), "runs": [], "spread": []}
+                    "neighbours": dict(zip(("count", "busy_s", "period_s"), neighbours)), "runs": [], "spread": [],
+                    "complete": False}  # True once every run asked for is in
 
     def window_cost() -> None:
         report["window_ms"] = window_breakdown(pipe, window=window)
@@ -430,7 +431,8 @@ def _run_bench(pipe, session_counts, seconds, audio, portrait, json_path, breakd
 
     def save() -> None:  # after every run: a run cut short (a timeout, no memory for more) keeps the ones before
         if json_path is not None:
-            json_path.write_text(json.dumps(report, indent=2) + "\n")
+            text = json.dumps(report, indent=2) + "\n"
+            write_file_atomic(json_path, lambda tmp: tmp.write_text(text))
 
     if breakdown and not live.get("compile"):
         window_cost()
@@ -458,5 +460,6 @@ def _run_bench(pipe, session_counts, seconds, audio, portrait, json_path, breakd
             report["spread"].append(spread(results))
             print("spread:", json.dumps(report["spread"][-1]))
         save()
+    report["complete"] = True
     save()
     return report

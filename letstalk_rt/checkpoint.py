@@ -73,15 +73,16 @@ def build_autoencoder(config: ModelConfig) -> nn.Module:
     return ae.requires_grad_(False)
 
 
-def build_components(config: ModelConfig, seed: int = 0) -> Components:
-    """Fresh networks for `config`, randomly initialised from `seed` (benchmarks, training starts)."""
+def build_components(config: ModelConfig, seed: int = 0, autoencoder: nn.Module | None = None) -> Components:
+    """Fresh networks for `config`, randomly initialised from `seed` (benchmarks, training starts); `autoencoder`:
+    one already built for it (a pretrained DC-AE loaded to read its config), not loaded again."""
     from .models.audio import AudioProjector, build_audio_encoder
     from .models.letstalk import LetsTalkTransformer
 
     torch.manual_seed(seed)
     return Components(
         config=config,
-        autoencoder=build_autoencoder(config),
+        autoencoder=build_autoencoder(config) if autoencoder is None else autoencoder,
         audio_encoder=build_audio_encoder(config.audio),
         audio_projector=AudioProjector(config.audio),
         transformer=LetsTalkTransformer(config.transformer),

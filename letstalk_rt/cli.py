@@ -16,14 +16,13 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 from . import __version__
 from .config import PRESETS_MODEL, check_box
-from .errors import LetsTalkError, OutputError
+from .errors import LetsTalkError
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -52,16 +51,11 @@ def resolve_device(name: str) -> str:
 
 
 def check_output_file(path: Path | None, flag: str) -> None:
-    """Fail before a long run if `path` (an output file written at its end) cannot be written."""
-    if path is None:
-        return
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise OutputError(f"{flag} {path}: is a folder; give a file name")
-    if not parent.is_dir():
-        raise OutputError(f"{flag} {path}: folder '{parent}' does not exist; create it or choose another path")
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise OutputError(f"{flag} {path}: not writable; choose another path")
+    """Fail before a long run if `path` (an output file written at its end, whole or not at all) cannot be."""
+    if path is not None:
+        from .media import check_output_path
+
+        check_output_path(path, flag)
 
 
 def resolve_dtype(name: str, device: str):
@@ -324,12 +318,14 @@ def cmd_new_model(args: argparse.Namespace) -> None:
                             "--force to replace it (a trained model there would be lost)")
     config = _preset_config(args)
     config.description = f"untrained: preset {args.preset}, random init seed {args.seed}"
+    dcae = None
     if args.dcae is not None:  # a pretrained DC-AE as the autoencoder: its latents decide the transformer's
         import dataclasses
 
         from .models.autoencoder import load_diffusers_dcae
 
-        dc = load_diffusers_dcae(args.dcae, image_size=config.autoencoder.image_size).config
+        dcae = load_diffusers_dcae(args.dcae, image_size=config.autoencoder.image_size).requires_grad_(False)
+        dc = dcae.config
         config.autoencoder = dataclasses.replace(
             config.autoencoder, latent_channels=dc.latent_channels, block_channels=dc.block_channels,
             layers_per_block=dc.layers_per_block, scaling_factor=dc.scaling_factor,
@@ -338,7 +334,7 @@ def cmd_new_model(args: argparse.Namespace) -> None:
         config.transformer.latent_size = config.autoencoder.latent_size
         config.validate()
         config.description += f", the pretrained DC-AE at {args.dcae.resolve()} as its autoencoder"
-    comps = build_components(config, seed=args.seed)
+    comps = build_components(config, seed=args.seed, autoencoder=dcae)
     if config.audio.encoder == "wav2vec2":  # the model remembers which checkpoint it was made on
         config.audio.wav2vec2_digest = weights_digest(comps.audio_encoder.model)
     write_dir_atomic(out, lambda tmp: save_model(comps, tmp))  # whole or not at all
@@ -355,7 +351,9 @@ def cmd_sync_check(args: argparse.Namespace) -> None:
               f"{r['peak_sync']:.3f} at {r['speech_offset']:+d} frames (-{MAX_LAG}..+{MAX_LAG}; positive = video "
               f"late); closed mouth from {r['closed_mouth']}")
     if args.json is not None:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        from .media import write_file_atomic
+
+        write_file_atomic(args.json, lambda tmp: tmp.write_text(json.dumps(rows, indent=2) + "\n"))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

@@ -221,12 +221,12 @@ class PreparedVideos:
         """Every clip long enough to read a lip-sync lag from (prepared videos have no splits; `split` is ignored):
         `letstalk data prepare` cuts a video where a shard fills, so a piece can be a few frames long."""
         clips = self._at(self.frame_size)
+        names = [n for n, c in clips.items() if c.num_frames >= MIN_CLIP_FRAMES]
         short = [n for n, c in clips.items() if c.num_frames < MIN_CLIP_FRAMES]
         if short and not self._warned:
             self._warned = True
             print(f"letstalk eval: skipping {len(short)} piece(s) under {MIN_CLIP_FRAMES} frames (too short to read a "
                   f"lip-sync lag): {', '.join(short[:5])}{' ...' if len(short) > 5 else ''}", file=sys.stderr)
-        names = [n for n in clips if n not in set(short)]
         if not names:
             raise InputError(f"'{self.root}' has no clip of {MIN_CLIP_FRAMES} frames or more to evaluate")
         return names

@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -369,6 +369,35 @@ def load_image(path: str | Path) -> np.ndarray:
 _partial_ids = itertools.count()
 
 
+def check_output_path(path: Path, what: str = "output path") -> Path:
+    """Fail before any work, with the fix, if a file cannot be written at `path` (written whole under a temporary
+    name beside it, then renamed onto it): its folder must exist and be writable and `path` must not be a folder.
+    Returns the folder."""
+    parent = path.parent
+    if path.is_dir():
+        raise OutputError(f"{what} '{path}' is a directory; give a file name such as '{path / 'out'}'")
+    if not parent.is_dir():
+        state = "is not a directory" if parent.exists() else "does not exist"
+        raise OutputError(f"{what} '{path}': its folder '{parent}' {state}; create it or choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{what} '{path}': its folder '{parent}' is not writable; choose another path")
+    return parent
+
+
+def write_file_atomic(path: Path, write: Callable[[Path], None], fix: str = "choose another output path") -> None:
+    """write(tmp) to a temporary name beside `path`, then rename it onto `path`: a kill, a full disk or an error
+    leaves the old file or the new one, never half of one. OutputError (ending in `fix`) if it cannot be written."""
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}-{next(_partial_ids)}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:  # Ctrl-C too: no partial file is left behind
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise OutputError(f"cannot write '{path}': {e.strerror or e}; {fix}") from e
+        raise
+
+
 class VideoWriter:
     """Stream RGB frames and mono audio into an H.264 (yuv420p, libx264) + AAC mp4.
 
@@ -417,14 +446,7 @@ class VideoWriter:
 
     def _create_partial(self) -> Path:
         """Check the destination and create the empty partial file; OutputError with the fix if not possible."""
-        path, parent = self.path, self.path.parent
-        if path.is_dir():
-            raise OutputError(f"output path '{path}' is a directory; give a file name such as '{path / 'talk.mp4'}'")
-        if not parent.is_dir():
-            what = "is not a directory" if parent.exists() else "does not exist"
-            raise OutputError(f"output directory '{parent}' {what}; create it or choose another output path")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise OutputError(f"output directory '{parent}' is not writable; choose another output path")
+        path, parent = self.path, check_output_path(self.path)
         for _ in range(100):
             tmp = parent / f".{path.name}.partial-{os.getpid()}-{next(_partial_ids)}"
             try:

@@ -291,12 +291,13 @@ def test_diffusers_dcae_loads_from_disk_and_matches_the_original(tmp_path):
         load_diffusers_dcae(tmp_path / "dcae", image_size=32)
 
 
-def test_a_model_made_on_a_pretrained_dcae_loads_it_from_its_folder_and_generates(tmp_path, capsys):
+def test_a_model_made_on_a_pretrained_dcae_loads_it_from_its_folder_and_generates(tmp_path, capsys, monkeypatch):
     """`letstalk new-model --dcae DIR`: the DC-AE is the model's autoencoder, read from DIR (not copied), its
     latents decide the transformer's; the model loads and talks, and its autoencoder cannot be trained."""
     diffusers = pytest.importorskip("diffusers")
     from letstalk_rt.checkpoint import load_model
     from letstalk_rt.cli import main
+    from letstalk_rt.models import autoencoder
     from letstalk_rt.models.autoencoder import DiffusersDCAE
     from letstalk_rt.pipeline import LetsTalkPipeline
 
@@ -308,7 +309,11 @@ def test_a_model_made_on_a_pretrained_dcae_loads_it_from_its_folder_and_generate
         encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
         encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)), scaling_factor=0.5,
     ).save_pretrained(tmp_path / "dcae")
+    loads = []  # a real DC-AE is hundreds of MB: new-model reads it once
+    monkeypatch.setattr(autoencoder, "load_diffusers_dcae",
+                        lambda *a, real=autoencoder.load_diffusers_dcae, **k: loads.append(a) or real(*a, **k))
     assert main(["new-model", "--preset", "tiny", "--dcae", str(tmp_path / "dcae"), "--out", str(tmp_path / "m")]) == 0
+    assert len(loads) == 1
     assert not (tmp_path / "m" / "autoencoder.safetensors").exists()
     comps = load_model(tmp_path / "m")
     assert isinstance(comps.autoencoder, DiffusersDCAE)

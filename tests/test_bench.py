@@ -27,7 +27,7 @@ def test_bench_reports_every_run_and_the_spread_of_repeats(tiny_pipeline, tmp_pa
     out = tmp_path / "bench.json"
     report = run_bench(tiny_pipeline, [1, 2], 1.5, audio, portrait, json_path=out, breakdown=True, repeat=2)
 
-    assert json.loads(out.read_text()) == report
+    assert json.loads(out.read_text()) == report and report["complete"]
     assert [r["sessions"] for r in report["runs"]] == [1, 1, 2, 2]
     for run in report["runs"]:
         assert 0.9 < run["realtime_factor"] <= 1.0  # ticks that showed a generated frame: never more than all
@@ -96,6 +96,8 @@ def test_a_session_count_that_cannot_run_keeps_the_counts_before_it(tiny_pipelin
     saved = json.loads(out.read_text())
     assert [r["sessions"] for r in saved["runs"]] == [1] and saved["runs"][0]["fps_generated"] > 0
     assert saved["error"]["sessions"] == 2 and "GPU memory" in saved["error"]["message"]
+    assert saved["complete"] is False  # read alone, the file says it is not the whole benchmark
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # no partial file beside it
 
 
 def test_the_matrix_product_peak_is_measured_not_assumed():

@@ -509,6 +509,30 @@ def test_a_shorter_live_window_is_used_and_out_of_range_windows_are_refused(tiny
     assert len([f for f in frames if f.audio.any()]) == 25  # still every frame of the speech, once
 
 
+def test_latency_history_bounds_what_a_session_keeps(tiny_pipeline):
+    """A server's sessions keep the last `latency_history` frames' latencies (memory flat for hours); 0 keeps
+    all of them (the benchmark's soak); a negative count is refused."""
+    from letstalk_rt.errors import LetsTalkError
+
+    with pytest.raises(LetsTalkError, match="latency_history"):
+        StreamEngine(tiny_pipeline, EngineConfig(latency_history=-1))
+
+    async def main(history):
+        engine = await _engine(tiny_pipeline, latency_history=history)
+        session = await engine.open_session(_portrait(tiny_pipeline, 60))
+        session.push_audio(speechlike(1.0) + 0.05)
+        session.end_speech()
+        await _collect(session, 1.5)
+        out = list(session.latencies), session.stats()
+        await engine.stop()
+        return out
+
+    kept, stats = run(main(5))
+    everything, _ = run(main(0))
+    assert len(everything) >= 25 and len(kept) == 5  # a second of speech is 25 frames, each with its latency
+    assert stats["latency_ms_p50"] == pytest.approx(sorted(kept)[2] * 1000)  # the stats read the kept ones
+
+
 def _catch_up_run(pipe, catch_up: bool):
     """1 s of speech pushed at once (a backlog, as after a stall), then 2 s of silence and 1 s of speech
     pushed in real time: returns the session's latencies, its skipped silence, the frames' audio, the target,

@@ -345,6 +345,27 @@ def test_unwritable_directory_fails_at_open(tmp_path, monkeypatch):
         locked.chmod(0o700)
 
 
+def test_write_file_atomic_keeps_the_old_file_on_any_failure(tmp_path):
+    """The JSON reports, caches and shards: a write that fails halfway leaves the previous file and no partial."""
+    from letstalk_rt.media import write_file_atomic
+
+    out = tmp_path / "report.json"
+    write_file_atomic(out, lambda tmp: tmp.write_text("old"))
+    assert out.read_text() == "old" and listing(tmp_path) == ["report.json"]
+
+    def half_then(error):
+        def write(tmp):
+            tmp.write_text("half")
+            raise error
+        return write
+
+    with pytest.raises(OutputError, match="No space left on device; free disk space"):
+        write_file_atomic(out, half_then(OSError(28, "No space left on device")), "free disk space")
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C mid-write is not turned into an OutputError
+        write_file_atomic(out, half_then(KeyboardInterrupt()))
+    assert out.read_text() == "old" and listing(tmp_path) == ["report.json"]
+
+
 def test_audio_and_video_packets_are_interleaved(tmp_path):
     """A frame then its 640 samples, repeatedly: the file keeps the two streams within ~0.1 s of each other."""
     out = tmp_path / "il.mp4"

@@ -115,6 +115,8 @@ class EngineConfig:
     # after the gain that raises quiet speech for the audio encoder (AudioConfig.level_min)
     speech_hangover_ms: float = 300.0  # silence needed before `speech_stopped`
     event_queue_size: int = 256  # per session; when full, the oldest event is dropped
+    latency_history: int = 10000  # frames whose latency each session keeps for stats() (400 s); 0: all (a
+    # benchmark's soak: 30 minutes are 45000 frames, 0.4 MB a session)
     late_skip_ms: float = 200.0  # a reader this far behind the clock skips ahead (frames dropped)
     # Latency catch-up. Start-up, underruns (held frames) and deadline silence each push playback later,
     # and nothing pulls it back: a session would keep its worst moment's latency for hours. So while a
@@ -392,8 +394,9 @@ class Session:
         self.opened_at = time.monotonic()
         self._started_at: float | None = None
         self.first_frame_s: float | None = None  # open -> first frame generated
-        self.latencies: collections.deque[float] = collections.deque(maxlen=10000)  # speech arrival -> shown
-        self.latency_ticks: collections.deque[int] = collections.deque(maxlen=10000)  # the tick of each
+        keep = engine.config.latency_history or None
+        self.latencies: collections.deque[float] = collections.deque(maxlen=keep)  # speech arrival -> shown
+        self.latency_ticks: collections.deque[int] = collections.deque(maxlen=keep)  # the tick of each
         self.dropped = collections.Counter()
         self.silence_skipped_s = 0.0  # pushed silence skipped by the latency catch-up
         self.idle_dropped = 0  # idle frames put in front of pushed audio, then taken back because it ran late
@@ -812,6 +815,9 @@ class StreamEngine:
                                 "seconds")
         if not 0 <= self.config.safety_ms <= 200:
             raise LetsTalkError(f"safety_ms (--safety-ms) {self.config.safety_ms}: choose 0 .. 200 ms")
+        if self.config.latency_history < 0:
+            raise LetsTalkError(f"EngineConfig.latency_history={self.config.latency_history}: choose 0 (all) or a "
+                                "frame count")
         if self.config.compile and not self.config.warmup:
             raise LetsTalkError("EngineConfig.compile (--compile) compiles at warm-up: leave warmup on (no --no-warmup)")
         self.window = self.config.window or pipeline.window  # frames per window

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import struct
 from dataclasses import dataclass, replace
@@ -84,15 +83,16 @@ def write_safetensors_atomic(path: Path, tensors: dict[str, np.ndarray], metadat
     """safetensors.numpy.save_file under a temporary name, renamed when complete."""
     from safetensors.numpy import save_file
 
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    from ..media import write_file_atomic
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write the training cache '{path}': {e.strerror or e}; "
-                          "free disk space or make the data directory writable") from e
+        raise OutputError(f"cannot create the training cache folder '{path.parent}': {e.strerror or e}; "
+                          "make the data directory writable") from e
+    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    write_file_atomic(path, lambda tmp: save_file(arrays, str(tmp), metadata=metadata),
+                      "free disk space or make the data directory writable")
 
 
 def _resize(frames: np.ndarray, size: int) -> np.ndarray:
@@ -573,10 +573,11 @@ class LatentCache(_ClipRowCache):
             delta = ae.encode(noisy) - ae.encode(x)  # (n, C, h, w)
             meta = {"noise_std": float(delta.float().std()), "pixel_noise": pixel_noise,
                     "fingerprint": directory.name, "measured_on": {"clip": first.name, "key": first.key}}
-            tmp = directory / f".meta.json.partial-{os.getpid()}"
+            from ..media import write_file_atomic
+
             directory.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(meta, indent=1))
-            os.replace(tmp, directory / "meta.json")
+            write_file_atomic(directory / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=1)),
+                              "free disk space or make the data directory writable")
         return cls(directory, dataset, pixel_noise)
 
     @staticmethod

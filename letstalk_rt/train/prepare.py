@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -167,16 +166,18 @@ def load_track_audio(path: Path, num_frames: int) -> np.ndarray:
     """
     import av
 
-    from ..media import _MonoConverter, _concat, _declared_samples, _reason
+    from ..media import _MonoConverter, _concat, _declared_samples, _reason, _trim_to_declared
 
     n = num_frames * SAMPLES_PER_FRAME
     out = np.zeros(n, np.float32)
     origin = _first_video_time(path)
-    decoded = 0
+    decoded, decoded_end = 0, 0  # decoded_end: the timeline sample after the last one decoded
 
     def place(start: float, chunks: list[np.ndarray]) -> None:
+        nonlocal decoded_end
         pcm = _concat(chunks)
         at = int(round(start * SAMPLE_RATE))  # sample of the video timeline the run starts at
+        decoded_end = max(decoded_end, at + len(pcm))
         lo, hi = max(at, 0), min(at + len(pcm), n)
         if hi > lo:
             out[lo:hi] = pcm[lo - at:hi - at]
@@ -212,9 +213,10 @@ def load_track_audio(path: Path, num_frames: int) -> np.ndarray:
                 place(run_start, chunks + converter.flush())
             declared = _declared_samples(container, stream, SAMPLE_RATE)
             if declared is not None and stream.start_time is not None:
-                # mp4/mov: decoding yields the AAC encoder's zero padding past the declared end; drop it
-                end = int(round((float(stream.start_time * stream.time_base) - origin) * SAMPLE_RATE)) + declared
-                out[max(0, end):] = 0.0
+                # mp4/mov: decoding yields the AAC encoder's zero padding past the declared end; drop it, as
+                # load_audio does (at most 0.1 s of it: a declared end further back is wrong, not padding)
+                start = int(round((float(stream.start_time * stream.time_base) - origin) * SAMPLE_RATE))
+                out[max(0, start + _trim_to_declared(decoded_end - start, declared, SAMPLE_RATE)):] = 0.0
     except SkipVideo:
         raise
     except (av.error.FFmpegError, OSError, ValueError, EOFError, RuntimeError, TypeError) as e:
@@ -330,11 +332,12 @@ class _ShardWriter:
     def flush(self) -> None:
         from safetensors.numpy import save_file
 
+        from ..media import write_file_atomic
+
         if not self._count:
             return
         name = f"shard_{len(self.shards):04d}.safetensors"
         path = self.out_dir / name
-        tmp = self.out_dir / f".{name}.partial-{os.getpid()}"
         tensors = {"frames": np.ascontiguousarray(np.concatenate(self._frames)),  # (N, S, S, 3) uint8
                    "audio": np.ascontiguousarray(np.concatenate(self._audio)),  # (N * 640,) float32
                    "boxes": np.ascontiguousarray(np.concatenate(self._boxes).astype(np.float32))}  # (N, 3)
@@ -343,12 +346,8 @@ class _ShardWriter:
             digest.update(memoryview(t).cast("B"))
         meta = {"fps": str(FPS), "sample_rate": str(SAMPLE_RATE), "size": str(self.size),
                 "segments": json.dumps(self._segments), "digest": digest.hexdigest()[:16]}
-        try:
-            save_file(tensors, str(tmp), metadata=meta)
-            os.replace(tmp, path)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise OutputError(f"cannot write '{path}': {e.strerror or e}; free disk space or choose another --out") from e
+        write_file_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta),
+                          "free disk space or choose another --out")
         self.shards.append({"file": name, "num_frames": self._count, "segments": self._segments})
         self._frames, self._audio, self._boxes, self._segments, self._count = [], [], [], [], 0
 
@@ -456,9 +455,9 @@ def prepare_videos(videos_dir: str | Path, out_dir: str | Path, size: int = 128,
              "videos": records, "summary": {"videos": summary.videos, "prepared": summary.prepared,
                                             "frames": summary.frames, "shards": summary.shards,
                                             "skipped": summary.skipped}}
-    tmp = out / f".index.json.partial-{os.getpid()}"
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, out / "index.json")
+    from ..media import write_file_atomic
+
+    write_file_atomic(out / "index.json", lambda tmp: tmp.write_text(json.dumps(index, indent=1)))
     return summary
 
 
@@ -511,6 +510,7 @@ def cache_latents(shards_dir: str | Path, model_dir: str | Path | None = None, b
     from tqdm import tqdm
 
     from ..checkpoint import load_model
+    from ..media import write_file_atomic
 
     shards_dir = Path(shards_dir)
     shards = sorted(shards_dir.glob("shard_*.safetensors"))
@@ -532,10 +532,9 @@ def cache_latents(shards_dir: str | Path, model_dir: str | Path | None = None, b
                 x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, S, S) in [-1, 1]
                 chunks.append(ae.encode(x).to(torch.float16).cpu().numpy())  # (B, C, h, w)
         path = shard.with_name(shard.name.replace("shard_", "latents_"))
-        tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-        save_file({"latents": np.ascontiguousarray(np.concatenate(chunks))}, str(tmp),
-                  metadata={"model": str(model_dir or "default"), "shard": shard.name})
-        os.replace(tmp, path)
+        latents = {"latents": np.ascontiguousarray(np.concatenate(chunks))}  # (N, C, h, w) float16
+        write_file_atomic(path, lambda tmp: save_file(latents, str(tmp), metadata={
+            "model": str(model_dir or "default"), "shard": shard.name}))
         written.append(path)
     return written
 

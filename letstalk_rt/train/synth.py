@@ -33,7 +33,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -142,12 +141,17 @@ def make_sentence(language: str, num_words: int, rng: np.random.Generator) -> st
     return " ".join(out).capitalize() + end
 
 
-@lru_cache(maxsize=1)
-def _installed_languages() -> frozenset[str]:
-    """Language codes `espeak-ng --voices` lists on this machine."""
+def _espeak_exe() -> str:
     exe = shutil.which("espeak-ng")
     if exe is None:
         raise InputError("espeak-ng is not installed; install it (Debian/Ubuntu: apt-get install espeak-ng)")
+    return exe
+
+
+@lru_cache(maxsize=1)
+def _installed_languages() -> frozenset[str]:
+    """Language codes `espeak-ng --voices` lists on this machine."""
+    exe = _espeak_exe()
     out = subprocess.run([exe, "--voices"], capture_output=True, text=True, check=False).stdout
     langs = {line.split()[1] for line in out.splitlines()[1:] if len(line.split()) > 1}
     return frozenset(langs)
@@ -157,9 +161,7 @@ def _installed_languages() -> frozenset[str]:
 def _installed_variants() -> frozenset[str]:
     """Voice variant names (`-v LANG+NAME`) `espeak-ng --voices=variant` lists on this machine: the file
     column's `!v/NAME`."""
-    exe = shutil.which("espeak-ng")
-    if exe is None:
-        raise InputError("espeak-ng is not installed; install it (Debian/Ubuntu: apt-get install espeak-ng)")
+    exe = _espeak_exe()
     out = subprocess.run([exe, "--voices=variant"], capture_output=True, text=True, check=False).stdout
     return frozenset(tok[3:] for line in out.splitlines()[1:] for tok in line.split()[:5] if tok.startswith("!v/"))
 
@@ -347,9 +349,7 @@ def espeak(text: str, voice: dict[str, Any], workdir: Path) -> np.ndarray:
     """Synthesise one phrase -> float32 mono at 16 kHz, leading/trailing silence trimmed."""
     from ..media import load_audio
 
-    exe = shutil.which("espeak-ng")
-    if exe is None:
-        raise InputError("espeak-ng is not installed; install it (Debian/Ubuntu: apt-get install espeak-ng)")
+    exe = _espeak_exe()
     wav = workdir / "phrase.wav"
     cmd = [exe, "-v", voice["name"], "-s", str(voice["rate"]), "-p", str(voice["pitch"]),
            "-g", str(voice["word_gap"]), "-w", str(wav), text]
@@ -1341,13 +1341,10 @@ def write_clip(spec: ClipSpec, out_dir: str | Path) -> dict[str, Any]:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(obj, indent=1))
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write '{path}': {e.strerror or e}; choose another output directory") from e
+    from ..media import write_file_atomic
+
+    text = json.dumps(obj, indent=1)
+    write_file_atomic(path, lambda tmp: tmp.write_text(text), "choose another output directory")
 
 
 # ------------------------------------------------------------------------------------------------

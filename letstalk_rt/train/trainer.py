@@ -83,7 +83,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..checkpoint import Components, _has_weights, load_model, save_model, weights_digest, write_dir_atomic
 from ..diffusion import EulerSampler, FlowMatching, Guidance, from_portrait
-from ..errors import InputError, LetsTalkError, ModelError, OutputError
+from ..errors import InputError, LetsTalkError, ModelError
 from ..memory import anchor_cell_mask, box_cells, regularize_memory
 from ..models.autoencoder import DCAutoencoder
 from ..pipeline import corpus_level_min
@@ -1373,9 +1373,9 @@ def _trim_log(log_file: Path, step: int) -> None:
             continue
         if row["step"] <= step:
             lines.append(ln)
-    tmp = log_file.with_name(f".{log_file.name}.partial-{os.getpid()}")
-    tmp.write_text("".join(ln + "\n" for ln in lines))
-    os.replace(tmp, log_file)
+    from ..media import write_file_atomic
+
+    write_file_atomic(log_file, lambda tmp: tmp.write_text("".join(ln + "\n" for ln in lines)))
 
 
 def _save_checkpoint(cfg: TrainConfig, dist: Dist, stage: Stage, module: nn.Module, optimizer, scheduler,
