@@ -14,74 +14,75 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import fractions
 import sys
 import time
 from pathlib import Path
 
-import av
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from letstalk_rt.client import AvatarClient, AvatarClientError
 from letstalk_rt.errors import LetsTalkError
-from letstalk_rt.media import load_audio
+from letstalk_rt.media import VideoWriter, check_output_path, load_audio
 
 FPS = 25
 
 
 class Recorder:
-    """Received RGB frames and audio chunks -> an MP4, timed from the first video frame."""
+    """Received RGB frames and audio chunks -> an MP4 (media.VideoWriter: written under a temporary name and
+    renamed into place by `close()`, so a server that vanishes mid-stream leaves no half-written reply.mp4),
+    timed from the first video frame."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.container = None
-        self.video = self.audio = None
+        self.writer: VideoWriter | None = None
         self.frames = 0
-        self.samples = 0
 
-    def _open(self, size: tuple[int, int], rate: int, channels: int) -> None:
-        self.container = av.open(str(self.path), "w")
-        self.video = self.container.add_stream("libx264", rate=FPS)
-        self.video.width, self.video.height = size[1] + size[1] % 2, size[0] + size[0] % 2
-        self.video.pix_fmt = "yuv420p"
-        self.audio = self.container.add_stream("aac", rate=rate, layout="stereo" if channels == 2 else "mono")
-
-    def add_frame(self, rgb: np.ndarray, audio_rate: int = 48000, audio_channels: int = 2) -> None:
-        if self.container is None:
-            self._open(rgb.shape[:2], audio_rate, audio_channels)
-        h, w = self.video.height, self.video.width
-        rgb = np.pad(rgb, ((0, h - rgb.shape[0]), (0, w - rgb.shape[1]), (0, 0)), mode="edge")
-        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
-        frame.pts = self.frames
-        frame.time_base = fractions.Fraction(1, FPS)
+    def add_frame(self, rgb: np.ndarray, audio_rate: int = 48000) -> None:
+        if self.writer is None:  # yuv420p needs even sides: pad an odd one by a row / column
+            h, w = rgb.shape[0] + rgb.shape[0] % 2, rgb.shape[1] + rgb.shape[1] % 2
+            self.writer = VideoWriter(self.path, (w, h), fps=FPS, sample_rate=audio_rate, preset="veryfast")
+        w, h = self.writer.width, self.writer.height
+        self.writer.write_frame(np.pad(rgb, ((0, h - rgb.shape[0]), (0, w - rgb.shape[1]), (0, 0)), mode="edge"))
         self.frames += 1
-        self.container.mux(self.video.encode(frame))
 
     def add_audio(self, pcm: np.ndarray, rate: int) -> None:
-        if self.container is None:
+        """int16 (n, channels) as received; the avatar speaks in mono, so the channels are averaged."""
+        if self.writer is None:
             return  # audio before the first frame: not part of the recording
-        layout = "stereo" if pcm.shape[1] == 2 else "mono"
-        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm).reshape(1, -1), format="s16", layout=layout)
-        frame.sample_rate = rate
-        frame.pts = self.samples
-        frame.time_base = fractions.Fraction(1, rate)
-        self.samples += pcm.shape[0]
-        self.container.mux(self.audio.encode(frame))
+        if rate != self.writer.sample_rate:
+            raise LetsTalkError(f"the server's audio changed rate mid-stream ({self.writer.sample_rate} -> {rate} Hz)")
+        self.writer.write_audio(pcm.astype(np.float32).mean(axis=1) / 32768.0)
 
     def close(self) -> None:
-        if self.container is None:
-            return
-        self.container.mux(self.video.encode(None))
-        self.container.mux(self.audio.encode(None))
-        self.container.close()
+        """Finish the file and put it at `path` (OutputError if nothing was received: no file is written)."""
+        if self.writer is not None:
+            self.writer.close()
+
+    def abort(self) -> None:
+        """Delete what was written: `path` is left as it was."""
+        if self.writer is not None:
+            self.writer.abort()
 
 
 async def speak(args: argparse.Namespace) -> None:
     speech = load_audio(args.audio, 16000)  # float32 mono 16 kHz; InputError with a reason if unreadable
-    seconds = len(speech) / 16000
+    check_output_path(args.out, "--out")  # before connecting, not after the whole speech
     recorder = Recorder(args.out)
+    try:
+        await _stream(args, speech, recorder)
+    except BaseException:
+        recorder.abort()
+        raise
+    if recorder.writer is None:
+        raise LetsTalkError("no video frame arrived from the server; nothing was recorded")
+    recorder.close()
+    print(f"wrote {args.out}: {recorder.frames} frames ({recorder.frames / FPS:.1f} s)")
+
+
+async def _stream(args: argparse.Namespace, speech: np.ndarray, recorder: Recorder) -> None:
+    seconds = len(speech) / 16000
     async with AvatarClient(args.server, api_key=args.api_key) as client:
         session = await client.start_session(portrait=args.portrait) if args.portrait else \
             await client.start_session(avatar_id=args.avatar)
@@ -110,10 +111,9 @@ async def speak(args: argparse.Namespace) -> None:
         stats = await session.stats()
         await session.close()
         await asyncio.gather(*tasks)
-    recorder.close()
     s = stats["stats"]
-    print(f"wrote {args.out}: {recorder.frames} frames ({recorder.frames / FPS:.1f} s); server: first frame "
-          f"{(s['first_frame_s'] or 0) * 1000:.0f} ms, speech-to-screen p50 {s['latency_ms_p50'] or 0:.0f} ms")
+    print(f"server: first frame {(s['first_frame_s'] or 0) * 1000:.0f} ms, speech-to-screen p50 "
+          f"{s['latency_ms_p50'] or 0:.0f} ms")
 
 
 def main() -> int:

@@ -234,3 +234,55 @@ def test_sdk_close_cleans_up_when_the_delete_fails(failure, caplog):
 
     run(main())
     assert "DELETE failed" in caplog.text
+
+
+def _speak_file_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "client_examples" / "speak_file.py"
+    spec = importlib.util.spec_from_file_location("speak_file", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _speak_args(url, audio, out):
+    import argparse
+
+    return argparse.Namespace(audio=audio, out=out, server=url, api_key=None, portrait=None, avatar="default",
+                              tail=0.6)
+
+
+def test_speak_file_example_records_the_reply_and_leaves_nothing_when_the_server_drops_it(tiny_pipeline,
+                                                                                           wav_file, tmp_path):
+    """client_examples/speak_file.py, as a user runs it: the reply is an mp4 of the speech's length with the
+    avatar's sound; when the server closes the session mid-speech it fails and leaves no file (none looking
+    complete, no partial one)."""
+    from letstalk_rt.client import AvatarClientError
+    from letstalk_rt.errors import LetsTalkError
+    from letstalk_rt.media import load_audio, read_frames
+
+    speak_file = _speak_file_module()
+    speech = wav_file(1.5)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+
+    async def main():
+        async with running_server(tiny_pipeline) as srv:
+            await speak_file.speak(_speak_args(srv.url, speech, out_dir / "reply.mp4"))
+            task = asyncio.ensure_future(speak_file.speak(_speak_args(srv.url, speech, out_dir / "dropped.mp4")))
+            await wait_until(lambda: any(ss.session.player.tick > 5 for ss in srv.manager.sessions.values()),
+                             30, "frames of the second reply")
+            for ss in list(srv.manager.sessions.values()):
+                await srv.manager.close(ss, "closed by the watchdog")
+            with pytest.raises((AvatarClientError, LetsTalkError)):
+                await task
+
+    run(main())
+    assert sorted(p.name for p in out_dir.iterdir()) == ["reply.mp4"]
+    frames = list(read_frames(out_dir / "reply.mp4"))
+    # 1.5 s of speech and 0.6 s of tail, give or take the first frame's wait and the close
+    assert 1.6 * 25 <= len(frames) <= 3.0 * 25, len(frames)
+    audio = load_audio(out_dir / "reply.mp4")
+    assert np.sqrt(np.mean(audio ** 2)) > 0.01  # the avatar's speech came back with its frames
