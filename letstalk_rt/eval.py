@@ -1079,8 +1079,11 @@ def evaluate(
         "models": results,
         "runtime_s": time.perf_counter() - start,
     }
-    (out / "report.json").write_text(json.dumps(_json_safe(report), indent=1) + "\n")
-    (out / "report.md").write_text(render_markdown(report))
+    from .media import write_file_atomic
+
+    text, markdown = json.dumps(_json_safe(report), indent=1) + "\n", render_markdown(report)
+    write_file_atomic(out / "report.json", lambda tmp: tmp.write_text(text))  # each whole or the old one
+    write_file_atomic(out / "report.md", lambda tmp: tmp.write_text(markdown))
     return report
 
 
