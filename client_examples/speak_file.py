@@ -22,11 +22,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from letstalk_rt.client import AvatarClient, AvatarClientError
+from letstalk_rt.client import AudioChunk, AvatarClient, AvatarClientError
 from letstalk_rt.errors import LetsTalkError
 from letstalk_rt.media import VideoWriter, check_output_path, load_audio
 
 FPS = 25
+OPUS_RATE = 48000  # what the received audio track decodes to
 
 
 class Recorder:
@@ -37,26 +38,28 @@ class Recorder:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.writer: VideoWriter | None = None
-        self.frames = 0
 
-    def add_frame(self, rgb: np.ndarray, audio_rate: int = 48000) -> None:
+    def add_frame(self, rgb: np.ndarray) -> None:
         if self.writer is None:  # yuv420p needs even sides: pad an odd one by a row / column
             h, w = rgb.shape[0] + rgb.shape[0] % 2, rgb.shape[1] + rgb.shape[1] % 2
-            self.writer = VideoWriter(self.path, (w, h), fps=FPS, sample_rate=audio_rate, preset="veryfast")
+            self.writer = VideoWriter(self.path, (w, h), fps=FPS, sample_rate=OPUS_RATE, preset="veryfast")
         w, h = self.writer.width, self.writer.height
         self.writer.write_frame(np.pad(rgb, ((0, h - rgb.shape[0]), (0, w - rgb.shape[1]), (0, 0)), mode="edge"))
-        self.frames += 1
 
-    def add_audio(self, pcm: np.ndarray, rate: int) -> None:
-        """int16 (n, channels) as received; the avatar speaks in mono, so the channels are averaged."""
+    def add_audio(self, chunk: AudioChunk) -> None:
+        """The avatar speaks in mono: the received channels are averaged."""
         if self.writer is None:
             return  # audio before the first frame: not part of the recording
-        if rate != self.writer.sample_rate:
-            raise LetsTalkError(f"the server's audio changed rate mid-stream ({self.writer.sample_rate} -> {rate} Hz)")
-        self.writer.write_audio(pcm.astype(np.float32).mean(axis=1) / 32768.0)
+        if chunk.sample_rate != OPUS_RATE:
+            raise LetsTalkError(f"received audio at {chunk.sample_rate} Hz; WebRTC's Opus decodes to {OPUS_RATE}")
+        self.writer.write_audio(chunk.mono_float())
+
+    @property
+    def frames(self) -> int:
+        return self.writer.frames_written if self.writer is not None else 0
 
     def close(self) -> None:
-        """Finish the file and put it at `path` (OutputError if nothing was received: no file is written)."""
+        """Finish the file and rename it onto `path`."""
         if self.writer is not None:
             self.writer.close()
 
@@ -98,19 +101,24 @@ async def _stream(args: argparse.Namespace, speech: np.ndarray, recorder: Record
 
         async def record_audio():
             async for chunk in session.audio_frames():
-                recorder.add_audio(chunk.pcm, chunk.sample_rate)
+                recorder.add_audio(chunk)
 
         tasks = [asyncio.ensure_future(record_video()), asyncio.ensure_future(record_audio())]
-        chunk = 1600  # 100 ms
-        start = time.monotonic()
-        for i, pos in enumerate(range(0, len(speech), chunk)):  # real-time pace on an absolute schedule
-            await asyncio.sleep(max(0.0, start + i * chunk / 16000 - time.monotonic()))
-            await session.send_audio(speech[pos:pos + chunk], sample_rate=16000)
-        await session.end_speech()
-        await asyncio.sleep(args.tail)  # the last frames of the utterance, then a moment of rest
-        stats = await session.stats()
-        await session.close()
-        await asyncio.gather(*tasks)
+        try:
+            chunk = 1600  # 100 ms
+            start = time.monotonic()
+            for i, pos in enumerate(range(0, len(speech), chunk)):  # real-time pace on an absolute schedule
+                await asyncio.sleep(max(0.0, start + i * chunk / 16000 - time.monotonic()))
+                await session.send_audio(speech[pos:pos + chunk], sample_rate=16000)
+            await session.end_speech()
+            await asyncio.sleep(args.tail)  # the last frames of the utterance, then a moment of rest
+            stats = await session.stats()
+            await session.close()
+            await asyncio.gather(*tasks)  # the readers end with the connection, or raise what failed them
+        finally:  # on a failure: no reader writes on into the recording, which the caller throws away
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
     s = stats["stats"]
     print(f"server: first frame {(s['first_frame_s'] or 0) * 1000:.0f} ms, speech-to-screen p50 "
           f"{s['latency_ms_p50'] or 0:.0f} ms")

@@ -393,8 +393,10 @@ def write_file_atomic(path: Path, write: Callable[[Path], None], fix: str = "cho
         os.replace(tmp, path)
     except BaseException as e:  # Ctrl-C too: no partial file is left behind
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise OutputError(f"cannot write '{path}': {e.strerror or e}; {fix}") from e
+        from safetensors import SafetensorError  # what safetensors' writers raise for a full disk
+
+        if isinstance(e, (OSError, SafetensorError)):
+            raise OutputError(f"cannot write '{path}': {getattr(e, 'strerror', None) or e}; {fix}") from e
         raise
 
 

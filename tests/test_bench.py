@@ -97,7 +97,7 @@ def test_a_session_count_that_cannot_run_keeps_the_counts_before_it(tiny_pipelin
     assert [r["sessions"] for r in saved["runs"]] == [1] and saved["runs"][0]["fps_generated"] > 0
     assert saved["error"]["sessions"] == 2 and "GPU memory" in saved["error"]["message"]
     assert saved["complete"] is False  # read alone, the file says it is not the whole benchmark
-    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # no partial file beside it
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # each rewrite removed its temporary file
 
 
 def test_the_matrix_product_peak_is_measured_not_assumed():

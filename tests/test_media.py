@@ -361,6 +361,10 @@ def test_write_file_atomic_keeps_the_old_file_on_any_failure(tmp_path):
 
     with pytest.raises(OutputError, match="No space left on device; free disk space"):
         write_file_atomic(out, half_then(OSError(28, "No space left on device")), "free disk space")
+    from safetensors import SafetensorError  # safetensors' writers raise this, not OSError, for a full disk
+
+    with pytest.raises(OutputError, match="I/O error"):
+        write_file_atomic(out, half_then(SafetensorError("Error while serializing: I/O error")))
     with pytest.raises(KeyboardInterrupt):  # Ctrl-C mid-write is not turned into an OutputError
         write_file_atomic(out, half_then(KeyboardInterrupt()))
     assert out.read_text() == "old" and listing(tmp_path) == ["report.json"]

@@ -457,7 +457,8 @@ def prepare_videos(videos_dir: str | Path, out_dir: str | Path, size: int = 128,
                                             "skipped": summary.skipped}}
     from ..media import write_file_atomic
 
-    write_file_atomic(out / "index.json", lambda tmp: tmp.write_text(json.dumps(index, indent=1)))
+    write_file_atomic(out / "index.json", lambda tmp: tmp.write_text(json.dumps(index, indent=1)),
+                      "free disk space or choose another --out")
     return summary
 
 
@@ -534,7 +535,8 @@ def cache_latents(shards_dir: str | Path, model_dir: str | Path | None = None, b
         path = shard.with_name(shard.name.replace("shard_", "latents_"))
         latents = {"latents": np.ascontiguousarray(np.concatenate(chunks))}  # (N, C, h, w) float16
         write_file_atomic(path, lambda tmp: save_file(latents, str(tmp), metadata={
-            "model": str(model_dir or "default"), "shard": shard.name}))
+            "model": str(model_dir or "default"), "shard": shard.name}),
+            "free disk space or make the shards' folder writable")
         written.append(path)
     return written
 

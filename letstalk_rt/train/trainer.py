@@ -1375,7 +1375,8 @@ def _trim_log(log_file: Path, step: int) -> None:
             lines.append(ln)
     from ..media import write_file_atomic
 
-    write_file_atomic(log_file, lambda tmp: tmp.write_text("".join(ln + "\n" for ln in lines)))
+    write_file_atomic(log_file, lambda tmp: tmp.write_text("".join(ln + "\n" for ln in lines)),
+                      "free disk space or make the run folder writable")
 
 
 def _save_checkpoint(cfg: TrainConfig, dist: Dist, stage: Stage, module: nn.Module, optimizer, scheduler,
