@@ -40,7 +40,7 @@ import torch
 
 from .diffusion import guidance_rows
 from .errors import LetsTalkError
-from .media import write_file_atomic
+from .media import write_text_atomic
 from .pipeline import LetsTalkPipeline
 
 STEADY_AFTER_S = 5.0  # latency_ms_p95_after_start leaves out each session's first seconds of playback
@@ -431,8 +431,7 @@ def _run_bench(pipe, session_counts, seconds, audio, portrait, json_path, breakd
 
     def save() -> None:  # after every run: a run cut short (a timeout, no memory for more) keeps the ones before
         if json_path is not None:
-            text = json.dumps(report, indent=2) + "\n"
-            write_file_atomic(json_path, lambda tmp: tmp.write_text(text))
+            write_text_atomic(json_path, json.dumps(report, indent=2) + "\n")
 
     if breakdown and not live.get("compile"):
         window_cost()

@@ -351,9 +351,9 @@ def cmd_sync_check(args: argparse.Namespace) -> None:
               f"{r['peak_sync']:.3f} at {r['speech_offset']:+d} frames (-{MAX_LAG}..+{MAX_LAG}; positive = video "
               f"late); closed mouth from {r['closed_mouth']}")
     if args.json is not None:
-        from .media import write_file_atomic
+        from .media import write_text_atomic
 
-        write_file_atomic(args.json, lambda tmp: tmp.write_text(json.dumps(rows, indent=2) + "\n"))
+        write_text_atomic(args.json, json.dumps(rows, indent=2) + "\n")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

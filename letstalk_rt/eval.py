@@ -1079,11 +1079,10 @@ def evaluate(
         "models": results,
         "runtime_s": time.perf_counter() - start,
     }
-    from .media import write_file_atomic
+    from .media import write_text_atomic
 
-    text, markdown = json.dumps(_json_safe(report), indent=1) + "\n", render_markdown(report)
-    write_file_atomic(out / "report.json", lambda tmp: tmp.write_text(text))  # each whole or the old one
-    write_file_atomic(out / "report.md", lambda tmp: tmp.write_text(markdown))
+    write_text_atomic(out / "report.json", json.dumps(_json_safe(report), indent=1) + "\n")  # each whole or the old
+    write_text_atomic(out / "report.md", render_markdown(report))
     return report
 
 

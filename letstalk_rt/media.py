@@ -387,7 +387,7 @@ def check_output_path(path: Path, what: str = "output path") -> Path:
 def write_file_atomic(path: Path, write: Callable[[Path], None], fix: str = "choose another output path") -> None:
     """write(tmp) to a temporary name beside `path`, then rename it onto `path`: a kill, a full disk or an error
     leaves the old file or the new one, never half of one. OutputError (ending in `fix`) if it cannot be written."""
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}-{next(_partial_ids)}")
+    tmp = _partial_path(path)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -398,6 +398,16 @@ def write_file_atomic(path: Path, write: Callable[[Path], None], fix: str = "cho
         if isinstance(e, (OSError, SafetensorError)):
             raise OutputError(f"cannot write '{path}': {getattr(e, 'strerror', None) or e}; {fix}") from e
         raise
+
+
+def write_text_atomic(path: Path, text: str, fix: str = "choose another output path") -> None:
+    """`path.write_text(text)`, whole or not at all (`write_file_atomic`)."""
+    write_file_atomic(path, lambda tmp: tmp.write_text(text), fix)
+
+
+def _partial_path(path: Path) -> Path:
+    """A temporary name beside `path`, unique in this process (and, by the pid, among processes)."""
+    return path.with_name(f".{path.name}.partial-{os.getpid()}-{next(_partial_ids)}")
 
 
 class VideoWriter:
@@ -450,7 +460,7 @@ class VideoWriter:
         """Check the destination and create the empty partial file; OutputError with the fix if not possible."""
         path, parent = self.path, check_output_path(self.path)
         for _ in range(100):
-            tmp = parent / f".{path.name}.partial-{os.getpid()}-{next(_partial_ids)}"
+            tmp = _partial_path(path)
             try:
                 os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
                 return tmp

@@ -79,8 +79,9 @@ def read_safetensors_mmap(path: str | Path) -> tuple[dict[str, np.ndarray], dict
     return out, meta
 
 
-def write_safetensors_atomic(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
-    """safetensors.numpy.save_file under a temporary name, renamed when complete."""
+def write_safetensors_atomic(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str],
+                             fix: str = "free disk space or make the data directory writable") -> None:
+    """safetensors.numpy.save_file under a temporary name, renamed when complete (its folder made first)."""
     from safetensors.numpy import save_file
 
     from ..media import write_file_atomic
@@ -88,11 +89,9 @@ def write_safetensors_atomic(path: Path, tensors: dict[str, np.ndarray], metadat
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OutputError(f"cannot create the training cache folder '{path.parent}': {e.strerror or e}; "
-                          "make the data directory writable") from e
+        raise OutputError(f"cannot create the folder '{path.parent}': {e.strerror or e}; {fix}") from e
     arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    write_file_atomic(path, lambda tmp: save_file(arrays, str(tmp), metadata=metadata),
-                      "free disk space or make the data directory writable")
+    write_file_atomic(path, lambda tmp: save_file(arrays, str(tmp), metadata=metadata), fix)
 
 
 def _resize(frames: np.ndarray, size: int) -> np.ndarray:
@@ -573,10 +572,10 @@ class LatentCache(_ClipRowCache):
             delta = ae.encode(noisy) - ae.encode(x)  # (n, C, h, w)
             meta = {"noise_std": float(delta.float().std()), "pixel_noise": pixel_noise,
                     "fingerprint": directory.name, "measured_on": {"clip": first.name, "key": first.key}}
-            from ..media import write_file_atomic
+            from ..media import write_text_atomic
 
             directory.mkdir(parents=True, exist_ok=True)
-            write_file_atomic(directory / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=1)),
+            write_text_atomic(directory / "meta.json", json.dumps(meta, indent=1),
                               "free disk space or make the data directory writable")
         return cls(directory, dataset, pixel_noise)
 

@@ -330,9 +330,7 @@ class _ShardWriter:
             self.flush()
 
     def flush(self) -> None:
-        from safetensors.numpy import save_file
-
-        from ..media import write_file_atomic
+        from .data import write_safetensors_atomic
 
         if not self._count:
             return
@@ -346,8 +344,7 @@ class _ShardWriter:
             digest.update(memoryview(t).cast("B"))
         meta = {"fps": str(FPS), "sample_rate": str(SAMPLE_RATE), "size": str(self.size),
                 "segments": json.dumps(self._segments), "digest": digest.hexdigest()[:16]}
-        write_file_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta),
-                          "free disk space or choose another --out")
+        write_safetensors_atomic(path, tensors, meta, "free disk space or choose another --out")
         self.shards.append({"file": name, "num_frames": self._count, "segments": self._segments})
         self._frames, self._audio, self._boxes, self._segments, self._count = [], [], [], [], 0
 
@@ -455,10 +452,9 @@ def prepare_videos(videos_dir: str | Path, out_dir: str | Path, size: int = 128,
              "videos": records, "summary": {"videos": summary.videos, "prepared": summary.prepared,
                                             "frames": summary.frames, "shards": summary.shards,
                                             "skipped": summary.skipped}}
-    from ..media import write_file_atomic
+    from ..media import write_text_atomic
 
-    write_file_atomic(out / "index.json", lambda tmp: tmp.write_text(json.dumps(index, indent=1)),
-                      "free disk space or choose another --out")
+    write_text_atomic(out / "index.json", json.dumps(index, indent=1), "free disk space or choose another --out")
     return summary
 
 
@@ -507,11 +503,10 @@ def cache_latents(shards_dir: str | Path, model_dir: str | Path | None = None, b
     model's audio encoder computes them from the shard audio on the fly. Returns the written paths.
     """
     import torch
-    from safetensors.numpy import save_file
     from tqdm import tqdm
 
     from ..checkpoint import load_model
-    from ..media import write_file_atomic
+    from .data import write_safetensors_atomic
 
     shards_dir = Path(shards_dir)
     shards = sorted(shards_dir.glob("shard_*.safetensors"))
@@ -533,10 +528,9 @@ def cache_latents(shards_dir: str | Path, model_dir: str | Path | None = None, b
                 x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, S, S) in [-1, 1]
                 chunks.append(ae.encode(x).to(torch.float16).cpu().numpy())  # (B, C, h, w)
         path = shard.with_name(shard.name.replace("shard_", "latents_"))
-        latents = {"latents": np.ascontiguousarray(np.concatenate(chunks))}  # (N, C, h, w) float16
-        write_file_atomic(path, lambda tmp: save_file(latents, str(tmp), metadata={
-            "model": str(model_dir or "default"), "shard": shard.name}),
-            "free disk space or make the shards' folder writable")
+        write_safetensors_atomic(path, {"latents": np.concatenate(chunks)},  # (N, C, h, w) float16
+                                 {"model": str(model_dir or "default"), "shard": shard.name},
+                                 "free disk space or make the shards' folder writable")
         written.append(path)
     return written
 

@@ -1341,10 +1341,9 @@ def write_clip(spec: ClipSpec, out_dir: str | Path) -> dict[str, Any]:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    from ..media import write_file_atomic
+    from ..media import write_text_atomic
 
-    text = json.dumps(obj, indent=1)
-    write_file_atomic(path, lambda tmp: tmp.write_text(text), "choose another output directory")
+    write_text_atomic(path, json.dumps(obj, indent=1), "choose another output directory")
 
 
 # ------------------------------------------------------------------------------------------------

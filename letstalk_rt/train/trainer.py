@@ -1373,10 +1373,9 @@ def _trim_log(log_file: Path, step: int) -> None:
             continue
         if row["step"] <= step:
             lines.append(ln)
-    from ..media import write_file_atomic
+    from ..media import write_text_atomic
 
-    write_file_atomic(log_file, lambda tmp: tmp.write_text("".join(ln + "\n" for ln in lines)),
-                      "free disk space or make the run folder writable")
+    write_text_atomic(log_file, "".join(ln + "\n" for ln in lines), "free disk space or make the run folder writable")
 
 
 def _save_checkpoint(cfg: TrainConfig, dist: Dist, stage: Stage, module: nn.Module, optimizer, scheduler,
