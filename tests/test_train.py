@@ -196,10 +196,12 @@ def test_wav2vec2_models_train_with_the_encoder_frozen(tmp_path, w2v_dir, shards
     from letstalk_rt.train.trainer import checkpoint_dirs
 
     init = _w2v_init(tmp_path, w2v_dir)
-    dit = train(_cfg("transformer", shards, init, tmp_path / "r_dit", out=tmp_path / "dit"))
+    dit = train(_cfg("transformer", shards, init, tmp_path / "r_dit", out=tmp_path / "dit", recolour_copies=1))
     assert not (dit / "audio_encoder.safetensors").exists()  # wav2vec2 stays where config.json points
     assert json.loads((dit / "config.json").read_text())["audio"]["wav2vec2_path"] == str(w2v_dir)
-    assert len(list((shards / ".letstalk_cache").glob("audio-*"))) == 1
+    (features,) = (shards / ".letstalk_cache").glob("audio-*")
+    clips = open_dataset(shards, SIZE, progress=False).clips
+    assert sorted(f.stem for f in features.glob("*.safetensors")) == sorted(c.name for c in clips)  # copies share
     state = torch.load(checkpoint_dirs(tmp_path / "r_dit")[-1] / "trainer_state.pt", weights_only=False)
     assert state["module"] and not any(k.startswith("audio_encoder.") for k in state["module"])
     before, after = (load_file(str(d / "audio_projector.safetensors")) for d in (init, dit))
@@ -243,6 +245,57 @@ def test_balance_skin_tone_gives_every_band_an_equal_share_of_the_samples(tmp_pa
     assert "balanced by skin tone" in load_model(out).config.description  # the model says how it was trained
     with pytest.raises(InputError, match="--balance-skin-tone needs clips with a recorded skin tone"):
         train(_cfg("transformer", shards, init_dir, tmp_path / "r2", balance_skin_tone=True))
+
+
+def test_recolour_transforms_colour_and_keeps_grey():
+    from letstalk_rt.train.data import Recolour
+
+    frames = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    assert np.array_equal(Recolour((1.0, 1.0, 1.0), 1.0)(frames), frames)
+    grey = np.full((1, 2, 2, 3), 100, np.uint8)
+    assert np.array_equal(Recolour((1.0, 1.0, 1.0), 1.7)(grey), grey)  # saturation moves colours, not greys
+    skin = np.array([[[106, 61, 41]]], np.uint8)  # a dark training face; more saturated, less green: redder
+    out = Recolour((1.0, 0.85, 0.95), 1.4)(skin)[0, 0].astype(int)
+    assert out[1] / out[0] < 0.5 and abs(out[0] - 106) < 20
+    draws = [Recolour.draw(np.random.default_rng(i)) for i in range(200)]
+    assert draws[3] == Recolour.draw(np.random.default_rng(3))
+    sat = np.array([d.saturation for d in draws])
+    assert sat.min() < 0.75 and sat.max() > 1.35 and 0.9 < np.median(sat) < 1.1
+
+
+def test_recoloured_copies_train_as_their_own_clips(tmp_path, init_dir):
+    """Each clip is followed by its copies, which recolour the same memory-mapped frames whole (portrait included),
+    share the audio, mouth and weight, and get their own name and key; the transformer stage caches a latent per
+    copy, different from its source's, and the model's description says what it was trained on."""
+    from safetensors.numpy import load_file as load_np
+
+    from letstalk_rt.train.data import RecolouredFrames
+
+    data = make_synth(tmp_path / "synth", clips=2, frames=12, tones=[0.3, 0.9])
+    ds = open_dataset(data, SIZE, progress=False).balance_skin_tone()
+    rc = ds.with_recoloured_copies(2)
+    assert [c.name for c in rc.clips] == ["clip_00000", "clip_00000.rc1", "clip_00000.rc2",
+                                          "clip_00001", "clip_00001.rc1", "clip_00001.rc2"]
+    src, copy = rc.clips[3], rc.clips[4]
+    assert isinstance(copy.frames, RecolouredFrames) and copy.frames.source is src.frames
+    assert np.array_equal(copy.frames[2:5], copy.frames.recolour(np.asarray(src.frames[2:5])))
+    assert not np.array_equal(copy.frames[2:5], src.frames[2:5]) and np.asarray(copy.frames).shape == src.frames.shape
+    assert copy.audio is src.audio and copy.weight == src.weight and copy.skin_tone == src.skin_tone
+    assert len({c.key for c in rc.clips}) == 6 and copy.recoloured_from is src
+    again = ds.with_recoloured_copies(2)  # deterministic: the same draw for the same clip name and copy
+    assert [c.frames.recolour for c in again.clips[1::3]] == [c.frames.recolour for c in rc.clips[1::3]]
+    assert "4 of them recoloured copies" in rc.describe()
+
+    out = train(_cfg("transformer", data, init_dir, tmp_path / "r", out=tmp_path / "m", steps=2, warmup=1,
+                     recolour_copies=1))
+    latents = next((data / ".letstalk_cache").glob("latents-32-*"))
+    assert sorted(f.stem for f in latents.glob("*.safetensors")) == sorted(
+        ["clip_00000", "clip_00000.rc1", "clip_00001", "clip_00001.rc1"])
+    a, b = (load_np(str(latents / f"clip_00001{s}.safetensors"))["latents"] for s in ("", ".rc1"))
+    assert a.shape == b.shape and not np.allclose(a, b)
+    assert "2 of them recoloured copies" in load_model(out).config.description
+    with pytest.raises(InputError, match="--recolour-copies must be 0 or more"):
+        train(_cfg("transformer", data, init_dir, tmp_path / "r2", recolour_copies=-1))
 
 
 def test_stages_write_loadable_models(tmp_path, init_dir, shards, synth_dir):

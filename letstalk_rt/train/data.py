@@ -122,6 +122,7 @@ class Clip:
     weight: float = 1.0  # sampling weight per frame relative to other clips (`balance_skin_tone`)
     source: str = ""  # prepared shards: the video the clip was cut from (its path under --videos)
     key: str = ""  # the content's key (`_content_key`): every cache entry of the clip stores it, rebuilt on a change
+    recoloured_from: "Clip | None" = None  # `with_recoloured_copies`: the clip this one recolours (same audio)
 
     @property
     def num_frames(self) -> int:
@@ -147,7 +148,10 @@ class ClipDataset:
     def describe(self) -> str:
         what = f"synthetic corpus, {self.split} split" if self.kind == "synth" else "prepared shards"
         balanced = ", balanced by skin tone" if any(c.weight != 1.0 for c in self.clips) else ""
-        return f"{self.root.name} ({what}: {len(self.clips)} clips, {self.num_frames / 25 / 60:.1f} min{balanced})"
+        recoloured = sum(isinstance(c.frames, RecolouredFrames) for c in self.clips)
+        recoloured_text = f", {recoloured} of them recoloured copies" if recoloured else ""
+        return (f"{self.root.name} ({what}: {len(self.clips)} clips{recoloured_text}, "
+                f"{self.num_frames / 25 / 60:.1f} min{balanced})")
 
     def balance_skin_tone(self, bins: int = SKIN_TONE_BINS) -> "ClipDataset":
         """The same clips weighted so that every skin-tone band (`bins` equal bands of 0..1, plus the faces
@@ -167,6 +171,25 @@ class ClipDataset:
         clips = [replace(c, weight=mean / frames[g]) for g, c in zip(groups, self.clips)]
         return ClipDataset(self.root, self.kind, self.split, self.image_size, clips)
 
+    def with_recoloured_copies(self, copies: int) -> "ClipDataset":
+        """The clips, each followed by `copies` recoloured copies of itself (`Recolour.draw`: brightness, white
+        balance and saturation, one draw per copy for the whole clip, its portrait frames included).
+
+        A synthetic corpus's faces cover only the skin and lip colours its generator drew, and a real-video
+        corpus only its people and cameras: a test face outside them is a face the model never saw (the
+        shipped default's one failing face, docs/eval.md). The copies share their source's memory-mapped
+        frames and audio (`RecolouredFrames` recolours what is read), its sampling weight and skin-tone band,
+        and get their own name and content key, so the latent cache keeps them apart; the audio feature
+        cache reads their source's rows."""
+        clips = []
+        for c in self.clips:
+            clips.append(c)
+            for k in range(1, copies + 1):
+                recolour = Recolour.draw(np.random.default_rng([k, int(_content_key(c.name)[:12], 16)]))
+                clips.append(replace(c, name=f"{c.name}.rc{k}", frames=RecolouredFrames(c.frames, recolour),
+                                     key=_content_key(c.key, recolour), recoloured_from=c))
+        return ClipDataset(self.root, self.kind, self.split, self.image_size, clips)
+
     def with_min_frames(self, n: int) -> "ClipDataset":
         """The clips with at least n frames; InputError when none is that long."""
         keep = [c for c in self.clips if c.num_frames >= n]
@@ -175,6 +198,57 @@ class ClipDataset:
             raise InputError(f"no clip in '{self.root}' has the {n} frames a training window needs "
                              f"(longest: {longest}); use longer clips")
         return ClipDataset(self.root, self.kind, self.split, self.image_size, keep)
+
+
+@dataclass(frozen=True)
+class Recolour:
+    """A colour transform of RGB frames: saturation about each pixel's grey, then per-channel gains (white
+    balance times brightness). Drawn log-normally around the identity, wide enough to carry a corpus's
+    dark faces past its darkest, most saturated one (a red-brown skin with little green)."""
+
+    gains: tuple[float, float, float]
+    saturation: float
+
+    BRIGHTNESS_STD = 0.2  # log-normal stds of the draw
+    WHITE_BALANCE_STD = 0.1
+    SATURATION_STD = 0.3
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> "Recolour":
+        brightness = float(np.exp(np.clip(rng.normal(0, cls.BRIGHTNESS_STD), -0.5, 0.4)))
+        balance = np.exp(np.clip(rng.normal(0, cls.WHITE_BALANCE_STD, 3), -0.25, 0.25))
+        saturation = float(np.exp(np.clip(rng.normal(0, cls.SATURATION_STD), -0.6, 0.6)))
+        gains = tuple(round(float(g) * brightness, 4) for g in balance)
+        return cls(gains, round(saturation, 4))  # type: ignore[arg-type]
+
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        """(..., 3) uint8 -> (..., 3) uint8."""
+        x = frames.astype(np.float32)
+        grey = x.mean(-1, keepdims=True)
+        x = (grey + self.saturation * (x - grey)) * np.asarray(self.gains, np.float32)
+        return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+class RecolouredFrames:
+    """A clip's (N, S, S, 3) uint8 frames seen through a `Recolour`: indexing reads the frames it selects
+    from the (memory-mapped) source and recolours only those."""
+
+    def __init__(self, frames: np.ndarray, recolour: Recolour) -> None:
+        self.source = frames
+        self.recolour = recolour
+        self.shape = frames.shape
+        self.dtype = np.dtype(np.uint8)
+        self.ndim = frames.ndim
+
+    def __len__(self) -> int:
+        return int(self.shape[0])
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        return self.recolour(np.asarray(self.source[index]))
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self.recolour(np.asarray(self.source))
+        return out if dtype is None else out.astype(dtype)
 
 
 def _safe_name(name: str) -> str:
@@ -498,10 +572,15 @@ class _ClipRowCache:
     KEY = ""
     WHAT = "cache"
 
+    @staticmethod
+    def _owner(clip: Clip) -> Clip:
+        """The clip whose file holds this clip's rows (itself; the audio cache: a recoloured copy's source)."""
+        return clip
+
     def __init__(self, directory: Path, dataset: ClipDataset) -> None:
         self.directory = directory
         self.rows = []  # (N, ...) float16 each
-        for c in dataset.clips:
+        for c in map(self._owner, dataset.clips):
             file = directory / f"{_safe_name(c.name)}.safetensors"
             tensors, meta = read_safetensors_mmap(file) if file.is_file() else ({}, {})
             if self.KEY not in tensors or meta.get("key") != c.key:
@@ -517,7 +596,8 @@ class _ClipRowCache:
         """encode(clip) -> (N, ...) tensor for every clip without a file yet."""
         from tqdm import tqdm
 
-        todo = [c for c in dataset.clips if _entry_key(directory / f"{_safe_name(c.name)}.safetensors") != c.key]
+        owners = {c.name: c for c in map(cls._owner, dataset.clips)}
+        todo = [c for c in owners.values() if _entry_key(directory / f"{_safe_name(c.name)}.safetensors") != c.key]
         for clip in tqdm(todo, desc=desc, unit="clip", disable=not progress, leave=False):
             write_safetensors_atomic(directory / f"{_safe_name(clip.name)}.safetensors",
                                      {cls.KEY: encode(clip).float().cpu().half().numpy()},
@@ -613,6 +693,10 @@ class AudioFeatureCache(_ClipRowCache):
 
     KEY = "features"
     WHAT = "audio feature cache"
+
+    @staticmethod
+    def _owner(clip: Clip) -> Clip:
+        return clip.recoloured_from or clip  # a recoloured copy's audio is its source's
 
     @staticmethod
     def path_for(dataset: ClipDataset, encoder: torch.nn.Module) -> Path:

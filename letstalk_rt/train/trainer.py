@@ -126,6 +126,7 @@ class TrainConfig:
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps of this invocation
     split: str = "train"  # synth corpus split to train on
     balance_skin_tone: bool = False  # synth corpora: every skin-tone band gets the same share of the samples
+    recolour_copies: int = 0  # recoloured copies of every clip trained on beside it (data.Recolour)
     workers: int = 1  # threads assembling the next batches ahead of the step (0 = in the loop)
     mouth_weight: float = 1.0  # extra loss weight inside the clip's mouth box (pixels; latent cells for the DiT)
     sync_weight: float = 0.0  # transformer/distill: weight of the mouth expert's loss on x0_hat (train/sync.py)
@@ -1070,6 +1071,8 @@ def _check(cfg: TrainConfig, dist: Dist) -> None:
                      ("--pixel-frame-weight", cfg.pixel_frame_weight),
                      ("--mouth-direction-weight", cfg.mouth_direction_weight),
                      ("--mouth-pattern-weight", cfg.mouth_pattern_weight))
+    if cfg.recolour_copies < 0:
+        raise InputError(f"--recolour-copies must be 0 or more, got {cfg.recolour_copies}")
     for flag, w in (*denoiser_only, ("--adv-mouth-weight", cfg.adv_mouth_weight)):
         if w < 0 or not math.isfinite(w):
             raise InputError(f"{flag} must be a number >= 0, got {w}")
@@ -1162,6 +1165,8 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path | None:
         dataset = open_dataset(cfg.data, comps.config.image_size, cfg.split, build_cache=False, progress=False)
     if cfg.balance_skin_tone:
         dataset = dataset.balance_skin_tone()
+    if cfg.recolour_copies:
+        dataset = dataset.with_recoloured_copies(cfg.recolour_copies)
     stage_class = SampleDecoderStage if cfg.stage == "decoder" and cfg.decode_samples else STAGE_CLASSES[cfg.stage]
     stage = stage_class(cfg, comps, dataset, dist)
     module = stage.module.to(dist.device)
@@ -1445,6 +1450,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--balance-skin-tone", action="store_true",
                    help="synth corpora: sample every skin-tone band (5 bands of the faces' tone, and the photographs) "
                         "equally often, instead of in the corpus's proportions (its darkest and lightest faces are rare)")
+    p.add_argument("--recolour-copies", type=int, default=d.recolour_copies, metavar="K",
+                   help="train on K recoloured copies of every clip beside it (brightness, white balance and saturation "
+                        "drawn per copy): faces of colours the corpus lacks; caches grow K+1-fold (default 0)")
     p.add_argument("--workers", type=int, default=d.workers, help="threads building batches ahead (default 1)")
     p.add_argument("--mouth-weight", type=float, default=d.mouth_weight,
                    help="extra loss weight in the clip's mouth box (synth clips' own; prepared shards: the box their "
@@ -1515,7 +1523,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         batch=args.batch, lr=args.lr, warmup=args.warmup, schedule=args.schedule, weight_decay=args.weight_decay,
         ema=args.ema, grad_clip=args.grad_clip, ckpt_every=args.ckpt_every, keep=args.keep,
         log_every=args.log_every, seed=args.seed, device=args.device, resume=args.resume,
-        stop_after=args.stop_after, split=args.split, balance_skin_tone=args.balance_skin_tone, workers=args.workers,
+        stop_after=args.stop_after, split=args.split, balance_skin_tone=args.balance_skin_tone,
+        recolour_copies=args.recolour_copies, workers=args.workers,
         mouth_weight=args.mouth_weight,
         sync_weight=args.sync_weight, sync_decoded=args.sync_decoded, pixel_mouth_weight=args.pixel_mouth_weight,
         pixel_frame_weight=args.pixel_frame_weight, adv_mouth_weight=args.adv_mouth_weight,
