@@ -872,7 +872,9 @@ def line_plot(path: Path, panels: list[dict[str, Any]], xlabel: str, x_scale: fl
         d.rectangle([x1 - 200, y0 + 2, x1 - 2, y0 + 6 + 12 * len(values)], fill="white", outline=(160, 160, 160))
         for j, (label, _) in enumerate(panel["series"]):
             d.text((x1 - 194, y0 + 4 + 12 * j), f"-- {label}", fill=COLOURS[j % len(COLOURS)])
-    img.save(path)
+    from .media import write_file_atomic
+
+    write_file_atomic(path, lambda tmp: img.save(tmp, format="PNG"))  # whole, as the report files are
     return path
 
 

@@ -89,10 +89,12 @@ from ..models.autoencoder import DCAutoencoder
 from ..pipeline import corpus_level_min
 from .data import (AudioFeatureCache, ClipDataset, LatentCache, audio_window, open_dataset, plan_frames,
                    plan_windows, sample_generator, window_frame_indices)
-from .sync import (CROP, CRITIC_LR_SCALE, MouthCritic, MouthExpert, decoded_l1, mouth_direction_sums, mouth_origins,
+from .sync import (CROP, CRITIC_LR_SCALE, AudioSyncExpert, MouthCritic, MouthExpert, clip_log_mels, clip_mean_latents,
+                   decoded_l1, mel_windows, mouth_direction_sums, mouth_origins,
                    mouth_pattern_loss, mouth_square)
 
 STAGES = ("autoencoder", "transformer", "distill", "decoder")
+SYNC_EXPERTS = ("auto", "states", "audio")  # --sync-expert
 SAMPLE_SEED_OFFSET = 7919  # SampleDecoderStage draws which windows it samples from seed + this (its own stream)
 MIN_LR_RATIO = 0.1  # the cosine schedule ends at this fraction of --lr
 
@@ -131,6 +133,7 @@ class TrainConfig:
     mouth_weight: float = 1.0  # extra loss weight inside the clip's mouth box (pixels; latent cells for the DiT)
     sync_weight: float = 0.0  # transformer/distill: weight of the mouth expert's loss on x0_hat (train/sync.py)
     sync_decoded: bool = False  # the expert reads decoded mouth squares instead of latent cells
+    sync_expert: str = "auto"  # states (MouthExpert), audio (AudioSyncExpert), auto: states where every clip has them
     pixel_mouth_weight: float = 0.0  # transformer/distill: L1 weight, x0_hat's vs the truth's decoded mouth square
     pixel_frame_weight: float = 0.0  # transformer/distill: the same over whole decoded frames
     adv_mouth_weight: float = 0.0  # weight of a critic's verdict on the network's mouth (train/sync.py MouthCritic)
@@ -523,14 +526,25 @@ class TransformerStage(Stage):
             dist.barrier()
             self.features = AudioFeatureCache(AudioFeatureCache.path_for(self.dataset, comps.audio_encoder),
                                               self.dataset)
-        self.expert: MouthExpert | None = None  # the frozen lip-sync judge of --sync-weight
+        self.expert: MouthExpert | AudioSyncExpert | None = None  # the frozen lip-sync judge of --sync-weight
+        self.sync_mels: list[Tensor] | None = None  # the audio expert's log-mel per clip
         if cfg.sync_weight:
             if self.cache is None:
                 raise InputError("--sync-weight reads the latent cache; drop --no-latent-cache")
             assert self.mouth_origins is not None
-            self.clip_means = MouthExpert.clip_means(self.dataset, self.cache)  # (C, h, w) per clip
-            self.expert = MouthExpert.fit(self.dataset, self.cache, self.clip_means, self.mouth_origins, cfg.seed,
-                                          self.ae.decode if cfg.sync_decoded else None, dist.device).to(dist.device)
+            kind = cfg.sync_expert
+            if kind == "auto":
+                kind = "states" if all(c.mouth is not None for c in self.dataset.clips) else "audio"
+            decoder = self.ae.decode if cfg.sync_decoded else None
+            if kind == "states":
+                self.clip_means = MouthExpert.clip_means(self.dataset, self.cache)  # (C, h, w) per clip
+                self.expert = MouthExpert.fit(self.dataset, self.cache, self.clip_means, self.mouth_origins, cfg.seed,
+                                              decoder, dist.device).to(dist.device)
+            else:
+                self.clip_means = clip_mean_latents(self.dataset, self.cache)
+                self.sync_mels = clip_log_mels(self.dataset)
+                self.expert = AudioSyncExpert.fit(self.dataset, self.cache, self.clip_means, self.mouth_origins,
+                                                  self.sync_mels, cfg.seed, decoder, dist.device).to(dist.device)
             if dist.main:
                 print(self.expert.describe(), file=sys.stderr)
 
@@ -580,7 +594,7 @@ class TransformerStage(Stage):
         enc = self.comps.audio_encoder
         out: dict[str, list] = {k: [] for k in ("latents", "frames", "pix", "avail", "audio", "feat_index",
                                                 "z", "t", "drop_p", "drop_a", "anchored", "gen", "weight",
-                                                "mouth", "mouth_ref", "mouth_origin")}
+                                                "sync_target", "mouth_ref", "mouth_origin")}
         tc = self.comps.config.transformer
         shape = (tc.latent_channels, tc.latent_size, tc.latent_size)
         for i, plan in zip(indices, plan_windows(self.dataset, cfg.seed, step, indices, self.T)):
@@ -621,9 +635,13 @@ class TransformerStage(Stage):
             out["weight"].append(self.latent_weight(clip.mouth_box))
             if self.mouth_origins is not None:
                 out["mouth_origin"].append(self.mouth_origins[plan.clip])  # (2,)
-            if self.expert is not None:
-                assert clip.mouth is not None  # MouthExpert.clip_means checked every clip
-                out["mouth"].append(torch.from_numpy(clip.mouth[plan.start:plan.start + self.T]))  # (T, 3)
+            if self.expert is not None:  # what the window's truth tells the expert: mouth states, or speech
+                frames = np.arange(plan.start, plan.start + self.T)  # (T,)
+                if self.sync_mels is not None:
+                    out["sync_target"].append(mel_windows(self.sync_mels[plan.clip], frames))  # (T, W, SYNC_MELS)
+                else:
+                    assert clip.mouth is not None  # MouthExpert.clip_means checked every clip
+                    out["sync_target"].append(torch.from_numpy(clip.mouth[frames]))  # (T, 3)
                 out["mouth_ref"].append(self.clip_means[plan.clip])  # (C, h, w)
         batch: Batch = {k: torch.stack(v) for k, v in out.items() if v and k != "gen" and k != "t"}
         batch["t"] = torch.cat(out["t"])  # (B,)
@@ -725,7 +743,7 @@ class TransformerStage(Stage):
         terms = {}
         if self.expert is not None:
             ref = batch["mouth_ref"][:, None].expand(-1, n, -1, -1, -1).flatten(0, 1)  # (B T, C, h, w)
-            terms["sync"] = self.expert.loss(estimate, ref, origins, batch["mouth"].flatten(0, 1))
+            terms["sync"] = self.expert.loss(estimate, ref, origins, batch["sync_target"].flatten(0, 1))
         if weights.keys() & {"pixel", "adv", "direction", "pattern"}:  # these compare the mouth as decoded
             with torch.no_grad():
                 real = self.ae.decode(mouth_square(truth, origins).float())  # (B T, 3, S, S)
@@ -1081,6 +1099,10 @@ def _check(cfg: TrainConfig, dist: Dist) -> None:
             raise InputError(f"{flag} applies to the transformer and distill stages, not {cfg.stage}")
     if cfg.sync_decoded and not cfg.sync_weight:
         raise InputError("--sync-decoded chooses what the lip-sync expert reads; give --sync-weight too")
+    if cfg.sync_expert not in SYNC_EXPERTS:
+        raise InputError(f"--sync-expert {cfg.sync_expert!r}: choose one of {', '.join(SYNC_EXPERTS)}")
+    if cfg.sync_expert != "auto" and not cfg.sync_weight:
+        raise InputError("--sync-expert chooses the lip-sync expert; give --sync-weight too")
     if not 0 < cfg.portrait_start <= 1:
         raise InputError(f"--portrait-start {cfg.portrait_start:g}: choose a flow time in (0, 1], 1 = off")
     if cfg.portrait_start < 1 and cfg.stage not in ("transformer", "distill"):
@@ -1458,8 +1480,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="extra loss weight in the clip's mouth box (synth clips' own; prepared shards: the box their "
                         "framing fixes): pixels (autoencoder), latent cells (transformer, distill)")
     p.add_argument("--sync-weight", type=float, default=d.sync_weight,
-                   help="transformer/distill: weight of a frozen mouth expert's loss on the network's clean "
-                        "estimate (synth corpora: their per-frame mouth state; default 0 = off)")
+                   help="transformer/distill: weight of a frozen lip-sync expert's loss on the network's clean "
+                        "estimate (default 0 = off)")
+    p.add_argument("--sync-expert", choices=SYNC_EXPERTS, default=d.sync_expert,
+                   help="with --sync-weight: states (reads the synth corpus's per-frame mouth states), audio (a "
+                        "SyncNet-style judge of mouth and speech, for real video), auto (default): states where "
+                        "every clip has them, else audio")
     p.add_argument("--sync-decoded", action="store_true",
                    help="with --sync-weight: the expert reads the mouth decoded to pixels (through the frozen decoder) "
                         "instead of its latent cells")
@@ -1526,7 +1552,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         stop_after=args.stop_after, split=args.split, balance_skin_tone=args.balance_skin_tone,
         recolour_copies=args.recolour_copies, workers=args.workers,
         mouth_weight=args.mouth_weight,
-        sync_weight=args.sync_weight, sync_decoded=args.sync_decoded, pixel_mouth_weight=args.pixel_mouth_weight,
+        sync_weight=args.sync_weight, sync_decoded=args.sync_decoded, sync_expert=args.sync_expert, pixel_mouth_weight=args.pixel_mouth_weight,
         pixel_frame_weight=args.pixel_frame_weight, adv_mouth_weight=args.adv_mouth_weight,
         mouth_direction_weight=args.mouth_direction_weight, mouth_pattern_weight=args.mouth_pattern_weight,
         latent_cache=not args.no_latent_cache, teacher_steps=args.teacher_steps,
