@@ -1221,7 +1221,7 @@ def test_a_stall_of_the_event_loop_at_the_start_does_not_leave_the_session_late(
         engine = await _engine(tiny_pipeline, warmup=True)
         session = await engine.open_session(_portrait(tiny_pipeline, 70))
         feeder = asyncio.create_task(feed(session))
-        frames = await _collect(session, 4.4)
+        await _collect(session, 4.4)  # consumes the frames as a player would
         await feeder
         out = list(session.latencies), session.stats(), engine.target_latency_s()
         await engine.stop()

@@ -187,7 +187,7 @@ class ClipDataset:
             for k in range(1, copies + 1):
                 recolour = Recolour.draw(np.random.default_rng([k, int(_content_key(c.name)[:12], 16)]))
                 clips.append(replace(c, name=f"{c.name}.rc{k}", frames=RecolouredFrames(c.frames, recolour),
-                                     key=_content_key(c.key, recolour), recoloured_from=c))
+                                     key=_content_key(c.key, "recolour-v1", recolour), recoloured_from=c))
         return ClipDataset(self.root, self.kind, self.split, self.image_size, clips)
 
     def with_min_frames(self, n: int) -> "ClipDataset":

@@ -60,7 +60,7 @@ SYNC_MELS, SYNC_N_FFT, SYNC_HOP = 40, 400, 160  # its log-mel: 25 ms windows eve
 SYNC_DIM = 128  # its embeddings
 SYNC_SHIFT = (3, 8)  # frames between a frame and the shifted audio of its own clip that is a negative
 SYNC_OFFSETS = 8  # held-out offset search: -8..+8 frames
-SYNC_FIT_STEPS, SYNC_FIT_BATCH = 1500, 256  # its fit (~20 s on the 2-core CPU for the 600-clip corpus)
+SYNC_FIT_STEPS, SYNC_FIT_BATCH = 1500, 256  # its fit (~30 s on the 2-core CPU for the 600-clip corpus)
 SYNC_MIN_ACCURACY = 0.5  # share of held-out clips whose best offset must be 0 for the expert to be used
 
 
@@ -174,12 +174,15 @@ def clip_mean_latents(dataset: ClipDataset, cache: LatentCache) -> list[Tensor]:
 
 
 def held_out_cut(dataset: ClipDataset, flag: str) -> int:
-    """How many of the clips (the first ones) an expert is fitted on; the rest measure it. InputError when
-    there are too few to hold one out."""
+    """How many of the clips (the first ones) an expert is fitted on; the rest measure it (a clip and its
+    recoloured copies on the same side). InputError when there are too few to hold one out."""
     cut = min(len(dataset.clips) - 1, max(1, int(round(len(dataset.clips) * (1 - HELD_OUT)))))
-    if cut < 1:
-        raise InputError(f"{flag}: {dataset.root} has {len(dataset.clips)} training clip(s); the lip-sync expert "
-                         "needs at least 2 (one held out to measure it)")
+    while 0 < cut < len(dataset.clips) and dataset.clips[cut].recoloured_from is not None:
+        cut += 1  # a clip's recoloured copies stay on its side
+    if not 1 <= cut < len(dataset.clips):
+        distinct = sum(c.recoloured_from is None for c in dataset.clips)
+        raise InputError(f"{flag}: {dataset.root} has {distinct} training clip(s) (recoloured copies not counted); "
+                         "the lip-sync expert needs at least 2 (one held out to measure it)")
     return cut
 
 
@@ -284,13 +287,15 @@ def clip_log_mels(dataset: ClipDataset) -> list[Tensor]:
     from ..models.audio import LogMel
 
     logmel = LogMel(16000, SYNC_N_FFT, SYNC_HOP, SYNC_MELS)
-    left = SYNC_CONTEXT * SAMPLES_PER_FRAME + (SYNC_N_FFT - SYNC_HOP) // 2  # mel frame j centred on hop j's middle
+    left = SYNC_CONTEXT * SAMPLES_PER_FRAME + (SYNC_N_FFT - SYNC_HOP) // 2  # mel frame 4 SYNC_CONTEXT + k: hop k
     right = SYNC_CONTEXT * SAMPLES_PER_FRAME + SYNC_N_FFT
     done: dict[int, Tensor] = {}
     out = []
     for c in dataset.clips:
         if id(c.audio) not in done:
-            audio = np.pad(np.asarray(c.audio, np.float32)[:c.num_frames * SAMPLES_PER_FRAME], (left, right))
+            audio = np.zeros(c.num_frames * SAMPLES_PER_FRAME, np.float32)  # exactly the clip's frames' samples
+            audio[:min(len(c.audio), len(audio))] = c.audio[:len(audio)]
+            audio = np.pad(audio, (left, right))
             with torch.no_grad():
                 done[id(c.audio)] = logmel(torch.from_numpy(audio)[None])[0]  # (J, SYNC_MELS)
         out.append(done[id(c.audio)])
@@ -299,7 +304,7 @@ def clip_log_mels(dataset: ClipDataset) -> list[Tensor]:
 
 def mel_windows(mels: Tensor, frames: np.ndarray | Tensor) -> Tensor:
     """A clip's `clip_log_mels` and frame indices (n,) -> (n, W, SYNC_MELS), W = 4 (2 SYNC_CONTEXT + 1): the
-    log-mel of speech frames f - SYNC_CONTEXT .. f + SYNC_CONTEXT (zeros outside the clip)."""
+    log-mel of speech frames f - SYNC_CONTEXT .. f + SYNC_CONTEXT (silence outside the clip)."""
     per = SAMPLES_PER_FRAME // SYNC_HOP
     width = per * (2 * SYNC_CONTEXT + 1)
     idx = per * torch.as_tensor(np.asarray(frames), dtype=torch.long)[:, None] + torch.arange(width)  # (n, W)
@@ -355,13 +360,15 @@ class AudioSyncExpert(nn.Module):
             device: torch.device | str = "cpu") -> "AudioSyncExpert":
         """Fit on the ground truth of the first 1 - HELD_OUT of the clips (MAX_FIT_FRAMES frames at most; with
         `decoder`, MAX_FIT_DECODED): half the pairs a frame with its own speech, a quarter with its clip's
-        speech SYNC_SHIFT frames away, a quarter with another clip's. Measured on the rest; deterministic for a
-        seed; returned frozen. InputError when it cannot find the offset of most held-out clips."""
-        cut = held_out_cut(dataset, "--sync-expert audio")
-        stride = max(1, math.ceil(dataset.num_frames / (MAX_FIT_FRAMES if decoder is None else MAX_FIT_DECODED)))
-        feats, where = [], []  # per clip: (n, F) features of frames `where` (n,)
+        speech SYNC_SHIFT frames away, a quarter with another clip's. Measured on every frame of the rest;
+        deterministic for a seed; returned frozen. InputError when it cannot find the offset of most held-out
+        clips."""
+        cut = held_out_cut(dataset, "--sync-weight (the audio sync expert)")
+        stride = max(1, math.ceil(sum(c.num_frames for c in dataset.clips[:cut])
+                                  / (MAX_FIT_FRAMES if decoder is None else MAX_FIT_DECODED)))
+        feats, where = [], []  # per clip: (n, F) features of frames `where` (n,): fitted ones strided, held-out all
         for i, clip in enumerate(dataset.clips):
-            frames = np.arange(0, clip.num_frames, stride)
+            frames = np.arange(i % stride if i < cut else 0, clip.num_frames, stride if i < cut else 1)
             lat = cache.get(i, frames).to(device)  # (n, C, h, w)
             with torch.no_grad():
                 feats.append(expert_features(lat, means[i].to(device).expand_as(lat),
@@ -370,20 +377,25 @@ class AudioSyncExpert(nn.Module):
         x = torch.cat(feats[:cut])  # (N, F)
         clip_of = np.concatenate([np.full(len(w), i) for i, w in enumerate(where[:cut])])  # (N,)
         frame_of = np.concatenate(where[:cut])  # (N,)
+        # every distinct soundtrack once (recoloured copies share their source's), end to end
+        tracks, starts_of, at = [], {}, 0
+        for m in mels[:cut]:
+            if id(m) not in starts_of:
+                starts_of[id(m)], at = at, at + len(m)
+                tracks.append(m)
+        flat = torch.cat(tracks)  # (sum J, SYNC_MELS)
+        starts = np.array([starts_of[id(m)] for m in mels[:cut]])  # (cut,) where each clip's speech begins in
+        # `flat`; clips with the same start share their soundtrack
         rng = np.random.default_rng(seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             expert = cls(x.shape[1], decoder)
         expert.mean.copy_(x.mean(0))
         expert.scale.copy_(x.std(0).clamp_min(1e-6))
-        sample = torch.cat([mels[i] for i in range(cut)])  # (J, SYNC_MELS)
-        expert.mel_mean.copy_(sample.mean(0))
-        expert.mel_std.copy_(sample.std(0).clamp_min(1e-3))
-        params = [p for p in expert.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=FIT_LR, weight_decay=1e-2)
-        lengths = np.array([dataset.clips[i].num_frames for i in range(cut)])
-        flat = torch.cat(mels[:cut])  # (sum J, SYNC_MELS): every fitted clip's log-mel, end to end
-        starts = np.cumsum([0] + [len(m) for m in mels[:cut - 1]])  # (cut,) where each clip's begins
+        expert.mel_mean.copy_(flat.mean(0))
+        expert.mel_std.copy_(flat.std(0).clamp_min(1e-3))
+        opt = torch.optim.AdamW([p for p in expert.parameters() if p.requires_grad], lr=FIT_LR, weight_decay=1e-2)
+        lengths = np.array([c.num_frames for c in dataset.clips[:cut]])
         per = SAMPLES_PER_FRAME // SYNC_HOP
         span = torch.arange(per * (2 * SYNC_CONTEXT + 1))  # (W,)
         n = SYNC_FIT_BATCH
@@ -398,37 +410,39 @@ class AudioSyncExpert(nn.Module):
             clips = np.where(kind == 3, other, clips)
             frames = np.where(kind == 3, rng.integers(0, lengths[clips]), frames)
             mel = flat[torch.from_numpy(starts[clips] + per * frames)[:, None] + span]  # (B, W, SYNC_MELS)
-            label = torch.from_numpy((kind < 2) | ((frames == frame_of[idx]) & (clips == clip_of[idx]))).float()
+            same = (frames == frame_of[idx]) & (starts[clips] == starts[clip_of[idx]])  # the very speech of the frame
+            label = torch.from_numpy((kind < 2) | same).float()
             loss = F.binary_cross_entropy_with_logits(expert._logit(x[idx], mel), label)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         expert.eval().requires_grad_(False)
-        expert._measure(feats[cut:], where[cut:], mels[cut:], [c.num_frames for c in dataset.clips[cut:]])
-        if not expert.offset_accuracy >= SYNC_MIN_ACCURACY:
-            raise InputError(f"--sync-expert audio: the sync expert finds the right offset of {expert.offset_accuracy:.0%} "
-                             f"of the held-out clips (it needs {SYNC_MIN_ACCURACY:.0%}): too few, too short or too "
-                             "uniform clips to teach lip sync from; train with --sync-weight 0")
+        expert._measure(feats[cut:], mels[cut:])
+        if math.isnan(expert.offset_accuracy):
+            raise InputError(f"--sync-weight (the audio sync expert): no held-out clip has the "
+                             f"{2 * SYNC_OFFSETS + 2} frames it is measured on; use longer clips")
+        if expert.offset_accuracy < SYNC_MIN_ACCURACY:
+            raise InputError(f"--sync-weight (the audio sync expert): it finds the right offset of "
+                             f"{expert.offset_accuracy:.0%} of the held-out clips (it needs {SYNC_MIN_ACCURACY:.0%}): "
+                             "too few or too uniform clips to teach lip sync from; train with --sync-weight 0")
         return expert
 
     @torch.no_grad()
-    def _measure(self, feats: list[Tensor], where: list[np.ndarray], mels: list[Tensor], lengths: list[int]) -> None:
-        """offset_accuracy and pair_accuracy over held-out clips (their features at frames `where`)."""
+    def _measure(self, feats: list[Tensor], mels: list[Tensor]) -> None:
+        """offset_accuracy and pair_accuracy over held-out clips (features (n, F) of all their frames): each
+        offset -SYNC_OFFSETS..+SYNC_OFFSETS is scored on the same frames, those with speech at every offset."""
         hits, pairs, wins = [], 0, 0
-        for x, frames, mel, n in zip(feats, where, mels, lengths):
-            scores = {}
-            for d in range(-SYNC_OFFSETS, SYNC_OFFSETS + 1):
-                keep = (frames + d >= 0) & (frames + d < n)
-                if keep.sum() >= max(2, len(frames) // 2):
-                    scores[d] = self._logit(x[keep], mel_windows(mel, frames[keep] + d))  # (n_d,)
-            if 0 not in scores or len(scores) < 3:
+        for x, mel in zip(feats, mels):
+            frames = np.arange(SYNC_OFFSETS, len(x) - SYNC_OFFSETS)  # (m,)
+            if len(frames) < 2:
                 continue
-            hits.append(max(scores, key=lambda d: float(scores[d].mean())) == 0)
-            own = self._logit(x, mel_windows(mel, frames))  # (n,)
+            scores = [float(self._logit(x[frames], mel_windows(mel, frames + d)).mean())
+                      for d in range(-SYNC_OFFSETS, SYNC_OFFSETS + 1)]
+            hits.append(int(np.argmax(scores)) == SYNC_OFFSETS)
+            own = self._logit(x[frames], mel_windows(mel, frames))  # (m,)
             for d in (-5, 5):
-                keep = (frames + d >= 0) & (frames + d < n)
-                wins += int((own[keep] > self._logit(x[keep], mel_windows(mel, frames[keep] + d))).sum())
-                pairs += int(keep.sum())
+                wins += int((own > self._logit(x[frames], mel_windows(mel, frames + d))).sum())
+                pairs += len(frames)
         self.offset_accuracy = float(np.mean(hits)) if hits else float("nan")
         self.pair_accuracy = wins / pairs if pairs else float("nan")
 

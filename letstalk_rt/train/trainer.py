@@ -564,7 +564,7 @@ class TransformerStage(Stage):
         audio = comps.config.audio
         if audio.level_min > 0:
             if self.level_min is None:
-                self.level_min = corpus_level_min(c.audio for c in self.dataset.clips)
+                self.level_min = corpus_level_min(c.audio for c in self.dataset.clips if c.recoloured_from is None)
             if self.level_min is not None:
                 audio.level_min = round(self.level_min, 4)
         return comps
@@ -1474,7 +1474,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "equally often, instead of in the corpus's proportions (its darkest and lightest faces are rare)")
     p.add_argument("--recolour-copies", type=int, default=d.recolour_copies, metavar="K",
                    help="train on K recoloured copies of every clip beside it (brightness, white balance and saturation "
-                        "drawn per copy): faces of colours the corpus lacks; caches grow K+1-fold (default 0)")
+                        "drawn per copy): faces of colours the corpus lacks; the latent cache grows K+1-fold (default 0)")
     p.add_argument("--workers", type=int, default=d.workers, help="threads building batches ahead (default 1)")
     p.add_argument("--mouth-weight", type=float, default=d.mouth_weight,
                    help="extra loss weight in the clip's mouth box (synth clips' own; prepared shards: the box their "
