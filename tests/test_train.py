@@ -612,8 +612,7 @@ def test_sync_loss_teaches_the_mouth_the_expert_reads_from_ground_truth(tmp_path
     with pytest.raises(InputError, match="give --sync-weight too"):
         train(_cfg("transformer", data, init_dir, tmp_path / "r2", sync_decoded=True))
     with pytest.raises(InputError, match="only a synthetic corpus"):  # prepared shards have no mouth state
-        train(_cfg("transformer", make_shards(tmp_path / "shards"), init_dir, tmp_path / "r2", sync_weight=1.0,
-                   sync_expert="states"))
+        train(_cfg("transformer", make_shards(tmp_path / "shards"), init_dir, tmp_path / "r2", sync_weight=1.0))
     with pytest.raises(InputError, match="give --sync-weight too"):
         train(_cfg("transformer", data, init_dir, tmp_path / "r2", sync_expert="audio"))
     with pytest.raises(InputError, match="--sync-expert 'lips'"):
@@ -643,14 +642,15 @@ def test_sync_mel_windows_centre_each_frame_on_its_own_speech():
 
 
 def test_audio_sync_expert_teaches_lip_sync_on_video_shards_without_mouth_labels(tmp_path, init_dir):
-    """Prepared shards have no per-frame mouth state, so --sync-weight fits the SyncNet-style expert on their
+    """Prepared shards have no per-frame mouth state; --sync-expert audio fits the SyncNet-style expert on their
     ground truth (mouth vs speech): it finds the held-out clip's offset, and a transformer trained with it
     scores better by it on a fixed batch than the same run without it."""
     from letstalk_rt.train.sync import AudioSyncExpert
 
     data = make_shards(tmp_path / "shards", clips=8, frames=48)
     base = dict(steps=30, batch=8, lr=2e-3, warmup=3, ema=0.5, schedule="constant")
-    with_sync = _cfg("transformer", data, init_dir, tmp_path / "r1", out=tmp_path / "m1", sync_weight=1.0, **base)
+    with_sync = _cfg("transformer", data, init_dir, tmp_path / "r1", out=tmp_path / "m1", sync_weight=1.0,
+                     sync_expert="audio", **base)
     out_sync = train(with_sync)
     out_plain = train(_cfg("transformer", data, init_dir, tmp_path / "r0", out=tmp_path / "m0", **base))
     log = [json.loads(x) for x in (tmp_path / "r1" / "log.jsonl").read_text().splitlines()]

@@ -186,6 +186,29 @@ def held_out_cut(dataset: ClipDataset, flag: str) -> int:
     return cut
 
 
+def ground_truth_features(dataset: ClipDataset, cache: LatentCache, means: list[Tensor], origins: list[Tensor],
+                          frames: list[np.ndarray], decoder: Callable[[Tensor], Tensor] | None,
+                          device: torch.device | str) -> list[Tensor]:
+    """Per clip, `expert_features` (n, F) of its cached ground-truth latents at `frames` (n,), on the CPU."""
+    out = []
+    for i, idx in enumerate(frames):
+        lat = cache.get(i, idx).to(device)  # (n, C, h, w)
+        with torch.no_grad():
+            out.append(expert_features(lat, means[i].to(device).expand_as(lat),
+                                       origins[i].to(device).expand(len(idx), 2), decoder).cpu())  # (n, F)
+    return out
+
+
+def _new_expert(cls: type, x: Tensor, decoder: Callable[[Tensor], Tensor] | None, seed: int) -> nn.Module:
+    """An expert with its initial weights drawn from `seed` and its input standardised over features x (N, F)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        expert = cls(x.shape[1], decoder)
+    expert.mean.copy_(x.mean(0))
+    expert.scale.copy_(x.std(0).clamp_min(1e-6))
+    return expert
+
+
 class MouthExpert(nn.Module):
     """MLP from the mouth cells of (latent - the clip's mean latent) to (opening, width, rounding).
 
@@ -228,8 +251,9 @@ class MouthExpert(nn.Module):
         missing = [c.name for c in dataset.clips if c.mouth is None]
         if missing:
             raise InputError(f"--sync-expert states needs each clip's per-frame mouth state, which only a synthetic "
-                             f"corpus has (`letstalk data synth`); '{missing[0]}' of {dataset.root} has none. Use "
-                             "--sync-expert audio (or auto) on prepared video shards")
+                             f"corpus has (`letstalk data synth`); '{missing[0]}' of {dataset.root} has none. On prepared video shards "
+                             "use --sync-expert audio (docs/training.md: it has not yet helped a trained model) or "
+                             "--sync-weight 0")
         return clip_mean_latents(dataset, cache)
 
     @classmethod
@@ -241,22 +265,13 @@ class MouthExpert(nn.Module):
         and report the correlation on the rest; deterministic for a seed. Returned frozen, in eval mode."""
         cut = held_out_cut(dataset, "--sync-weight")
         stride = max(1, math.ceil(dataset.num_frames / (MAX_FIT_FRAMES if decoder is None else MAX_FIT_DECODED)))
-        feats, truths = [], []
-        for i, clip in enumerate(dataset.clips):
-            frames = np.arange(0, clip.num_frames, stride)
-            lat = cache.get(i, frames).to(device)  # (n, C, h, w)
-            with torch.no_grad():
-                feats.append(expert_features(lat, means[i].to(device).expand_as(lat),
-                                             origins[i].to(device).expand(len(frames), 2), decoder).cpu())  # (n, F)
-            assert clip.mouth is not None  # clip_means() checked every clip
-            truths.append(torch.from_numpy(clip.mouth[frames]))  # (n, 3)
+        where = [np.arange(0, clip.num_frames, stride) for clip in dataset.clips]
+        feats = ground_truth_features(dataset, cache, means, origins, where, decoder, device)  # (n, F) per clip
+        assert all(c.mouth is not None for c in dataset.clips)  # clip_means() checked every clip
+        truths = [torch.from_numpy(c.mouth[w]) for c, w in zip(dataset.clips, where)]  # (n, 3) per clip
         x, y = torch.cat(feats[:cut]), torch.cat(truths[:cut])  # (N, F), (N, 3)
         g = torch.Generator().manual_seed(seed)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            expert = cls(x.shape[1], decoder)
-        expert.mean.copy_(x.mean(0))
-        expert.scale.copy_(x.std(0).clamp_min(1e-6))
+        expert = _new_expert(cls, x, decoder, seed)
         expert.target_mean.copy_(y.mean(0))
         expert.target_std.copy_(y.std(0).clamp_min(1e-3))
         opt = torch.optim.AdamW(expert.net.parameters(), lr=FIT_LR, weight_decay=1e-2)
@@ -366,14 +381,9 @@ class AudioSyncExpert(nn.Module):
         cut = held_out_cut(dataset, "--sync-weight (the audio sync expert)")
         stride = max(1, math.ceil(sum(c.num_frames for c in dataset.clips[:cut])
                                   / (MAX_FIT_FRAMES if decoder is None else MAX_FIT_DECODED)))
-        feats, where = [], []  # per clip: (n, F) features of frames `where` (n,): fitted ones strided, held-out all
-        for i, clip in enumerate(dataset.clips):
-            frames = np.arange(i % stride if i < cut else 0, clip.num_frames, stride if i < cut else 1)
-            lat = cache.get(i, frames).to(device)  # (n, C, h, w)
-            with torch.no_grad():
-                feats.append(expert_features(lat, means[i].to(device).expand_as(lat),
-                                             origins[i].to(device).expand(len(frames), 2), decoder).cpu())  # (n, F)
-            where.append(frames)
+        where = [np.arange(i % stride if i < cut else 0, clip.num_frames, stride if i < cut else 1)
+                 for i, clip in enumerate(dataset.clips)]  # fitted clips strided, held-out ones whole
+        feats = ground_truth_features(dataset, cache, means, origins, where, decoder, device)  # (n, F) per clip
         x = torch.cat(feats[:cut])  # (N, F)
         clip_of = np.concatenate([np.full(len(w), i) for i, w in enumerate(where[:cut])])  # (N,)
         frame_of = np.concatenate(where[:cut])  # (N,)
@@ -387,11 +397,7 @@ class AudioSyncExpert(nn.Module):
         starts = np.array([starts_of[id(m)] for m in mels[:cut]])  # (cut,) where each clip's speech begins in
         # `flat`; clips with the same start share their soundtrack
         rng = np.random.default_rng(seed)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            expert = cls(x.shape[1], decoder)
-        expert.mean.copy_(x.mean(0))
-        expert.scale.copy_(x.std(0).clamp_min(1e-6))
+        expert = _new_expert(cls, x, decoder, seed)
         expert.mel_mean.copy_(flat.mean(0))
         expert.mel_std.copy_(flat.std(0).clamp_min(1e-3))
         opt = torch.optim.AdamW([p for p in expert.parameters() if p.requires_grad], lr=FIT_LR, weight_decay=1e-2)

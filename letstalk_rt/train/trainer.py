@@ -94,7 +94,7 @@ from .sync import (CROP, CRITIC_LR_SCALE, AudioSyncExpert, MouthCritic, MouthExp
                    mouth_pattern_loss, mouth_square)
 
 STAGES = ("autoencoder", "transformer", "distill", "decoder")
-SYNC_EXPERTS = ("auto", "states", "audio")  # --sync-expert
+SYNC_EXPERTS = ("states", "audio")  # --sync-expert
 SAMPLE_SEED_OFFSET = 7919  # SampleDecoderStage draws which windows it samples from seed + this (its own stream)
 MIN_LR_RATIO = 0.1  # the cosine schedule ends at this fraction of --lr
 
@@ -133,7 +133,7 @@ class TrainConfig:
     mouth_weight: float = 1.0  # extra loss weight inside the clip's mouth box (pixels; latent cells for the DiT)
     sync_weight: float = 0.0  # transformer/distill: weight of the mouth expert's loss on x0_hat (train/sync.py)
     sync_decoded: bool = False  # the expert reads decoded mouth squares instead of latent cells
-    sync_expert: str = "auto"  # states (MouthExpert), audio (AudioSyncExpert), auto: states where every clip has them
+    sync_expert: str = "states"  # the lip-sync judge: states (MouthExpert, synth labels) or audio (AudioSyncExpert)
     pixel_mouth_weight: float = 0.0  # transformer/distill: L1 weight, x0_hat's vs the truth's decoded mouth square
     pixel_frame_weight: float = 0.0  # transformer/distill: the same over whole decoded frames
     adv_mouth_weight: float = 0.0  # weight of a critic's verdict on the network's mouth (train/sync.py MouthCritic)
@@ -532,11 +532,8 @@ class TransformerStage(Stage):
             if self.cache is None:
                 raise InputError("--sync-weight reads the latent cache; drop --no-latent-cache")
             assert self.mouth_origins is not None
-            kind = cfg.sync_expert
-            if kind == "auto":
-                kind = "states" if all(c.mouth is not None for c in self.dataset.clips) else "audio"
             decoder = self.ae.decode if cfg.sync_decoded else None
-            if kind == "states":
+            if cfg.sync_expert == "states":
                 self.clip_means = MouthExpert.clip_means(self.dataset, self.cache)  # (C, h, w) per clip
                 self.expert = MouthExpert.fit(self.dataset, self.cache, self.clip_means, self.mouth_origins, cfg.seed,
                                               decoder, dist.device).to(dist.device)
@@ -1101,7 +1098,7 @@ def _check(cfg: TrainConfig, dist: Dist) -> None:
         raise InputError("--sync-decoded chooses what the lip-sync expert reads; give --sync-weight too")
     if cfg.sync_expert not in SYNC_EXPERTS:
         raise InputError(f"--sync-expert {cfg.sync_expert!r}: choose one of {', '.join(SYNC_EXPERTS)}")
-    if cfg.sync_expert != "auto" and not cfg.sync_weight:
+    if cfg.sync_expert != "states" and not cfg.sync_weight:
         raise InputError("--sync-expert chooses the lip-sync expert; give --sync-weight too")
     if not 0 < cfg.portrait_start <= 1:
         raise InputError(f"--portrait-start {cfg.portrait_start:g}: choose a flow time in (0, 1], 1 = off")
@@ -1483,9 +1480,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="transformer/distill: weight of a frozen lip-sync expert's loss on the network's clean "
                         "estimate (default 0 = off)")
     p.add_argument("--sync-expert", choices=SYNC_EXPERTS, default=d.sync_expert,
-                   help="with --sync-weight: states (reads the synth corpus's per-frame mouth states), audio (a "
-                        "SyncNet-style judge of mouth and speech, for real video), auto (default): states where "
-                        "every clip has them, else audio")
+                   help="with --sync-weight: states (default; reads the synth corpus's per-frame mouth states), audio (a "
+                        "SyncNet-style judge of mouth and speech, for video without mouth labels; on the synth "
+                        "corpus it did not help the default model: docs/training.md)")
     p.add_argument("--sync-decoded", action="store_true",
                    help="with --sync-weight: the expert reads the mouth decoded to pixels (through the frozen decoder) "
                         "instead of its latent cells")
