@@ -18,8 +18,8 @@ the frozen decoder and average-pooled (POOL), minus the decoded square of the cl
 read "open" mostly from the lips: neither objects to the default's dark-skinned mouths drawn darker where
 the real ones show teeth; docs/eval.md.)
 
-Prepared real-video shards have no per-frame mouth state. For them (or any corpus, `--sync-expert audio`)
-`AudioSyncExpert` is the judge instead: SyncNet's idea (Chung & Zisserman 2016, as Wav2Lip uses it) on the same
+Prepared real-video shards have no per-frame mouth state. For them (or any corpus) `--sync-expert audio` makes
+`AudioSyncExpert` the judge instead (opt-in: it has not yet helped a trained model, docs/training.md): SyncNet's idea (Chung & Zisserman 2016, as Wav2Lip uses it) on the same
 mouth features. Two small towers embed a frame's mouth and the log-mel of the 0.2 s of speech around it;
 their cosine, scaled, is the logit of "this mouth goes with this speech", fitted on ground truth only: each
 frame against its own audio, against its own clip's audio 3-8 frames away, and against another clip's. Its
