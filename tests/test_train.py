@@ -639,6 +639,8 @@ def test_sync_mel_windows_centre_each_frame_on_its_own_speech():
     assert loud[0, 8:12].all() and not loud[0, :7].any() and not loud[0, 13:].any()
     assert loud[1, :4].all() and not loud[1, 5:].any()
     assert not loud[2].any()
+    both = torch.cat([torch.zeros(5, mels.shape[1]), mels])  # clips end to end: each frame read from its own start
+    assert torch.equal(mel_windows(both, np.array([7, 9]), np.array([5, 5])), mel_windows(mels, np.array([7, 9])))
 
 
 def test_audio_sync_expert_teaches_lip_sync_on_video_shards_without_mouth_labels(tmp_path, init_dir):

@@ -148,7 +148,7 @@ class ClipDataset:
     def describe(self) -> str:
         what = f"synthetic corpus, {self.split} split" if self.kind == "synth" else "prepared shards"
         balanced = ", balanced by skin tone" if any(c.weight != 1.0 for c in self.clips) else ""
-        recoloured = sum(isinstance(c.frames, RecolouredFrames) for c in self.clips)
+        recoloured = sum(c.recoloured_from is not None for c in self.clips)
         recoloured_text = f", {recoloured} of them recoloured copies" if recoloured else ""
         return (f"{self.root.name} ({what}: {len(self.clips)} clips{recoloured_text}, "
                 f"{self.num_frames / 25 / 60:.1f} min{balanced})")
@@ -237,8 +237,6 @@ class RecolouredFrames:
         self.source = frames
         self.recolour = recolour
         self.shape = frames.shape
-        self.dtype = np.dtype(np.uint8)
-        self.ndim = frames.ndim
 
     def __len__(self) -> int:
         return int(self.shape[0])

@@ -19,12 +19,13 @@ read "open" mostly from the lips: neither objects to the default's dark-skinned 
 the real ones show teeth; docs/eval.md.)
 
 Prepared real-video shards have no per-frame mouth state. For them (or any corpus) `--sync-expert audio` makes
-`AudioSyncExpert` the judge instead (opt-in: it has not yet helped a trained model, docs/training.md): SyncNet's idea (Chung & Zisserman 2016, as Wav2Lip uses it) on the same
-mouth features. Two small towers embed a frame's mouth and the log-mel of the 0.2 s of speech around it;
-their cosine, scaled, is the logit of "this mouth goes with this speech", fitted on ground truth only: each
-frame against its own audio, against its own clip's audio 3-8 frames away, and against another clip's. Its
-loss on the network's clean estimate is -log sigmoid(logit) with the window's own audio. Measured on the
-held-out clips as SyncNet is: over offsets -8..+8 frames, how often a clip's best-scoring offset is 0.
+`AudioSyncExpert` the judge instead (opt-in: it has not yet helped a trained model, docs/training.md):
+SyncNet's idea (Chung & Zisserman 2016, as Wav2Lip uses it) on the same mouth features. Two small towers
+embed a frame's mouth and the log-mel of the 0.2 s of speech around it; their cosine, scaled, is the logit of
+"this mouth goes with this speech", fitted on ground truth only: each frame against its own audio, against its
+own clip's audio 3-8 frames away, and against another clip's. Its loss on the network's clean estimate is
+-log sigmoid(logit) with the window's own audio. Measured on the held-out clips as SyncNet is: over offsets
+-8..+8 frames, how often a clip's best-scoring offset is 0.
 
 Neither is the evaluation's probe (eval.MouthProbe reads decoded pixels of the test split with its own
 features); all are fitted on ground truth only.
@@ -251,9 +252,9 @@ class MouthExpert(nn.Module):
         missing = [c.name for c in dataset.clips if c.mouth is None]
         if missing:
             raise InputError(f"--sync-expert states needs each clip's per-frame mouth state, which only a synthetic "
-                             f"corpus has (`letstalk data synth`); '{missing[0]}' of {dataset.root} has none. On prepared video shards "
-                             "use --sync-expert audio (docs/training.md: it has not yet helped a trained model) or "
-                             "--sync-weight 0")
+                             f"corpus has (`letstalk data synth`); '{missing[0]}' of {dataset.root} has none. On "
+                             "prepared video shards use --sync-expert audio (docs/training.md: it has not yet helped a "
+                             "trained model) or --sync-weight 0")
         return clip_mean_latents(dataset, cache)
 
     @classmethod
@@ -317,13 +318,13 @@ def clip_log_mels(dataset: ClipDataset) -> list[Tensor]:
     return out
 
 
-def mel_windows(mels: Tensor, frames: np.ndarray | Tensor) -> Tensor:
+def mel_windows(mels: Tensor, frames: np.ndarray | Tensor, start: np.ndarray | int = 0) -> Tensor:
     """A clip's `clip_log_mels` and frame indices (n,) -> (n, W, SYNC_MELS), W = 4 (2 SYNC_CONTEXT + 1): the
-    log-mel of speech frames f - SYNC_CONTEXT .. f + SYNC_CONTEXT (silence outside the clip)."""
+    log-mel of speech frames f - SYNC_CONTEXT .. f + SYNC_CONTEXT (silence outside the clip). `start` (n,): the
+    row where each frame's clip begins, for many clips' log-mels concatenated."""
     per = SAMPLES_PER_FRAME // SYNC_HOP
-    width = per * (2 * SYNC_CONTEXT + 1)
-    idx = per * torch.as_tensor(np.asarray(frames), dtype=torch.long)[:, None] + torch.arange(width)  # (n, W)
-    return mels[idx]
+    first = torch.as_tensor(np.asarray(start) + per * np.asarray(frames), dtype=torch.long)  # (n,)
+    return mels[first[:, None] + torch.arange(per * (2 * SYNC_CONTEXT + 1))]  # (n, W, SYNC_MELS)
 
 
 class AudioSyncExpert(nn.Module):
@@ -402,8 +403,6 @@ class AudioSyncExpert(nn.Module):
         expert.mel_std.copy_(flat.std(0).clamp_min(1e-3))
         opt = torch.optim.AdamW([p for p in expert.parameters() if p.requires_grad], lr=FIT_LR, weight_decay=1e-2)
         lengths = np.array([c.num_frames for c in dataset.clips[:cut]])
-        per = SAMPLES_PER_FRAME // SYNC_HOP
-        span = torch.arange(per * (2 * SYNC_CONTEXT + 1))  # (W,)
         n = SYNC_FIT_BATCH
         for _ in range(SYNC_FIT_STEPS):
             idx = rng.integers(len(x), size=n)  # (B,)
@@ -415,7 +414,7 @@ class AudioSyncExpert(nn.Module):
             other = (clips + rng.integers(1, max(cut, 2), size=n)) % cut
             clips = np.where(kind == 3, other, clips)
             frames = np.where(kind == 3, rng.integers(0, lengths[clips]), frames)
-            mel = flat[torch.from_numpy(starts[clips] + per * frames)[:, None] + span]  # (B, W, SYNC_MELS)
+            mel = mel_windows(flat, frames, starts[clips])  # (B, W, SYNC_MELS)
             same = (frames == frame_of[idx]) & (starts[clips] == starts[clip_of[idx]])  # the very speech of the frame
             label = torch.from_numpy((kind < 2) | same).float()
             loss = F.binary_cross_entropy_with_logits(expert._logit(x[idx], mel), label)

@@ -1082,12 +1082,12 @@ def _check(cfg: TrainConfig, dist: Dist) -> None:
     for name in ("steps", "batch", "ckpt_every", "log_every", "keep"):
         if getattr(cfg, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.recolour_copies < 0:
+        raise InputError(f"--recolour-copies must be 0 or more, got {cfg.recolour_copies}")
     denoiser_only = (("--sync-weight", cfg.sync_weight), ("--pixel-mouth-weight", cfg.pixel_mouth_weight),
                      ("--pixel-frame-weight", cfg.pixel_frame_weight),
                      ("--mouth-direction-weight", cfg.mouth_direction_weight),
                      ("--mouth-pattern-weight", cfg.mouth_pattern_weight))
-    if cfg.recolour_copies < 0:
-        raise InputError(f"--recolour-copies must be 0 or more, got {cfg.recolour_copies}")
     for flag, w in (*denoiser_only, ("--adv-mouth-weight", cfg.adv_mouth_weight)):
         if w < 0 or not math.isfinite(w):
             raise InputError(f"{flag} must be a number >= 0, got {w}")
@@ -1549,7 +1549,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         stop_after=args.stop_after, split=args.split, balance_skin_tone=args.balance_skin_tone,
         recolour_copies=args.recolour_copies, workers=args.workers,
         mouth_weight=args.mouth_weight,
-        sync_weight=args.sync_weight, sync_decoded=args.sync_decoded, sync_expert=args.sync_expert, pixel_mouth_weight=args.pixel_mouth_weight,
+        sync_weight=args.sync_weight, sync_decoded=args.sync_decoded, sync_expert=args.sync_expert,
+        pixel_mouth_weight=args.pixel_mouth_weight,
         pixel_frame_weight=args.pixel_frame_weight, adv_mouth_weight=args.adv_mouth_weight,
         mouth_direction_weight=args.mouth_direction_weight, mouth_pattern_weight=args.mouth_pattern_weight,
         latent_cache=not args.no_latent_cache, teacher_steps=args.teacher_steps,
