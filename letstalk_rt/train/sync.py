@@ -187,9 +187,8 @@ def held_out_cut(dataset: ClipDataset, flag: str) -> int:
     return cut
 
 
-def ground_truth_features(dataset: ClipDataset, cache: LatentCache, means: list[Tensor], origins: list[Tensor],
-                          frames: list[np.ndarray], decoder: Callable[[Tensor], Tensor] | None,
-                          device: torch.device | str) -> list[Tensor]:
+def ground_truth_features(cache: LatentCache, means: list[Tensor], origins: list[Tensor], frames: list[np.ndarray],
+                          decoder: Callable[[Tensor], Tensor] | None, device: torch.device | str) -> list[Tensor]:
     """Per clip, `expert_features` (n, F) of its cached ground-truth latents at `frames` (n,), on the CPU."""
     out = []
     for i, idx in enumerate(frames):
@@ -267,7 +266,7 @@ class MouthExpert(nn.Module):
         cut = held_out_cut(dataset, "--sync-weight")
         stride = max(1, math.ceil(dataset.num_frames / (MAX_FIT_FRAMES if decoder is None else MAX_FIT_DECODED)))
         where = [np.arange(0, clip.num_frames, stride) for clip in dataset.clips]
-        feats = ground_truth_features(dataset, cache, means, origins, where, decoder, device)  # (n, F) per clip
+        feats = ground_truth_features(cache, means, origins, where, decoder, device)  # (n, F) per clip
         assert all(c.mouth is not None for c in dataset.clips)  # clip_means() checked every clip
         truths = [torch.from_numpy(c.mouth[w]) for c, w in zip(dataset.clips, where)]  # (n, 3) per clip
         x, y = torch.cat(feats[:cut]), torch.cat(truths[:cut])  # (N, F), (N, 3)
@@ -384,7 +383,7 @@ class AudioSyncExpert(nn.Module):
                                   / (MAX_FIT_FRAMES if decoder is None else MAX_FIT_DECODED)))
         where = [np.arange(i % stride if i < cut else 0, clip.num_frames, stride if i < cut else 1)
                  for i, clip in enumerate(dataset.clips)]  # fitted clips strided, held-out ones whole
-        feats = ground_truth_features(dataset, cache, means, origins, where, decoder, device)  # (n, F) per clip
+        feats = ground_truth_features(cache, means, origins, where, decoder, device)  # (n, F) per clip
         x = torch.cat(feats[:cut])  # (N, F)
         clip_of = np.concatenate([np.full(len(w), i) for i, w in enumerate(where[:cut])])  # (N,)
         frame_of = np.concatenate(where[:cut])  # (N,)
