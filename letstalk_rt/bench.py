@@ -64,6 +64,7 @@ class RunResult:
     peak_cuda_mb: float | None
     steps: int  # sampling steps per window the engine ran (more than the model's with --max-steps)
     threads: int  # torch intra-op threads of the engine's worker at the start (EngineConfig.threads)
+    noise_draws: int = 1  # samples averaged per window the engine ran (1 where the model's did not fit: draws_budget)
     silence_skipped_seconds: float = 0.0  # the latency catch-up: pauses shortened ...
     speech_compressed_seconds: float = 0.0  # ... and speech played faster (seconds of input) while behind
     catch_up_runs: int = 0  # ... in this many speed-ups
@@ -86,6 +87,8 @@ class RunResult:
     threads_end: int | None = None
     threads_lowered_at_s: list[float] = field(default_factory=list)
     threads_raised_at_s: list[float] = field(default_factory=list)  # ... and went back up (threads_raise_after_s)
+    draws_lowered_at_s: list[float] = field(default_factory=list)  # ... and the noise draws went down to 1 (before
+    # the threads: EngineConfig.threads_lower_after)
     realtime: bool = field(init=False)
 
     def __post_init__(self) -> None:  # speech is fed throughout: a run that showed none of it is not real time
@@ -186,7 +189,7 @@ async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np
     # every frame's latency, not a server's last 10000 (400 s): soaks run 30 minutes
     config = EngineConfig(max_sessions=n, max_batch=n, latency_history=0, **(live or {}))
     engine = await StreamEngine(pipe, config).start()
-    steps = pipe.num_steps  # what warm-up chose
+    steps, draws = pipe.num_steps, pipe.noise_draws  # what warm-up chose
     threads = engine.threads or torch.get_num_threads()
     sessions = [await engine.open_session(portrait, seed=seed + i) for i in range(n)]
     offsets: list[tuple[float, float]] = []
@@ -211,6 +214,7 @@ async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np
     target_ms, compute_ms = engine.target_latency_s() * 1000, engine.window_compute_ms()
     threads_end = engine.threads or torch.get_num_threads()
     lowered = [round(at - t0, 1) for at, _, _ in engine.threads_lowered]
+    draws_lowered = [round(at - t0, 1) for at in engine.draws_lowered]
     raised = [round(at - t0, 1) for at, _, _ in engine.threads_raised]
     await engine.stop()
     cuda = torch.cuda.max_memory_allocated(pipe.device) / 2**20 if pipe.device.type == "cuda" else None
@@ -222,7 +226,7 @@ async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np
         held_frames=held,
         gap_seconds=round(sum(st["gap_inserted_s"] for st in stats), 3), dropped_frames=dropped,
         peak_rss_mb=round(_rss_mb(), 1), peak_cuda_mb=None if cuda is None else round(cuda, 1), steps=steps,
-        threads=threads,
+        threads=threads, noise_draws=draws,
         silence_skipped_seconds=round(sum(st["silence_skipped_s"] for st in stats), 2),
         speech_compressed_seconds=round(sum(st["speech_compressed_s"] for st in stats), 2),
         catch_up_runs=sum(st["catch_up_runs"] for st in stats),
@@ -231,6 +235,7 @@ async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np
         latency_ms_p95_after_start=_percentile_ms(sorted(steady), 0.95),
         target_latency_ms=round(target_ms, 1), window_compute_ms=round(compute_ms, 1), **offset_summary(offsets),
         threads_end=threads_end, threads_lowered_at_s=lowered, threads_raised_at_s=raised,
+        draws_lowered_at_s=draws_lowered,
     )
 
 
@@ -326,10 +331,10 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, repeats: int = 
 
 
 def arithmetic_rate(pipe: LetsTalkPipeline, step_ms: float, window: int = 0) -> dict:
-    """One sampling step's transformer arithmetic (every guidance row: one batched call) against the time the
-    step took, and against this device's matrix-product peak in the model's dtype (issue 4's 'fraction of
-    the GPU's peak that one window's arithmetic reaches')."""
-    rows = len(guidance_rows(pipe.portrait_guidance, pipe.audio_guidance))
+    """One sampling step's transformer arithmetic (every guidance row of every noise draw: one batched call) against
+    the time the step took, and against this device's matrix-product peak in the model's dtype (issue 4's
+    'fraction of the GPU's peak that one window's arithmetic reaches')."""
+    rows = len(guidance_rows(pipe.portrait_guidance, pipe.audio_guidance)) * pipe.noise_draws
     flops = transformer_flops(pipe, window=window) * rows
     achieved = flops / (step_ms / 1000) / 1e12
     peak = matmul_peak_tflops(pipe.device, pipe.dtype)
@@ -419,7 +424,8 @@ def _run_bench(pipe, session_counts, seconds, audio, portrait, json_path, breakd
     window = live.get("window", 0)
     report: dict = {"machine": machine(), "model": pipe.config.description or "untrained",
                     "device": str(pipe.device), "dtype": str(pipe.dtype).replace("torch.", ""),
-                    "steps": pipe.num_steps, "window": window or pipe.window, "live": live,
+                    "steps": pipe.num_steps, "noise_draws": pipe.noise_draws, "window": window or pipe.window,
+                    "live": live,
                     "neighbours": dict(zip(("count", "busy_s", "period_s"), neighbours)), "runs": [], "spread": [],
                     "complete": False}  # True once every run asked for is in
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .config import PRESETS_MODEL, check_box
+from .config import MAX_NOISE_DRAWS, PRESETS_MODEL, check_box
 from .errors import LetsTalkError
 
 ASSETS = Path(__file__).parent / "assets"
@@ -76,6 +76,11 @@ NOISE_HOLD_HELP = ("a steadier face: outside the mouth each frame's starting noi
                    "0.02 dB of identity, docs/eval.md)")
 
 
+NOISE_DRAWS_HELP = ("sample each window from K starting noises and show their mean, at K network rows per step: "
+                    f"1..{MAX_NOISE_DRAWS} (default: the model's, 2 for the bundled one; 1 is half the compute, with "
+                    "a little less lip sync and more flicker, docs/eval.md)")
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     """How a loaded model samples (the CLI's commands and `letstalk serve`); `sampling_kwargs` reads them."""
     p.add_argument("--steps", type=int, default=None, help="sampling steps per window, 1..50 (default: the model's)")
@@ -89,6 +94,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--start-time", type=float, default=None, metavar="T",
                    help=START_TIME_HELP)
     p.add_argument("--noise-hold", type=float, default=None, metavar="H", help=NOISE_HOLD_HELP)
+    p.add_argument("--noise-draws", type=int, default=None, metavar="K", help=NOISE_DRAWS_HELP)
     p.add_argument("--audio-guidance-box", default=None, metavar="X,Y,W,H",
                    help="with --audio-guidance: guide only this box of the face crop (fractions; the mouth is about "
                         "0.3,0.48,0.4,0.4), the rest of the face gets the unguided velocity, which keeps more of the "
@@ -109,7 +115,7 @@ def audio_guidance_box(text: str | None) -> tuple[float, float, float, float] | 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
     """LetsTalkPipeline keyword arguments from add_sampling_args' flags (None: the model's own setting)."""
     return {"num_steps": args.steps, "audio_guidance": args.audio_guidance, "detail_transfer": args.detail_transfer,
-            "start_time": args.start_time, "noise_hold": args.noise_hold,
+            "start_time": args.start_time, "noise_hold": args.noise_hold, "noise_draws": args.noise_draws,
             "audio_guidance_box": audio_guidance_box(args.audio_guidance_box)}
 
 
@@ -125,6 +131,8 @@ def check_sampling_args(args: argparse.Namespace) -> None:
         raise LetsTalkError(f"--start-time {args.start_time:g}: choose a flow time in (0, 1] (1 = pure noise)")
     if args.noise_hold is not None and not 0 <= args.noise_hold <= 1:
         raise LetsTalkError(f"--noise-hold {args.noise_hold:g}: choose 0..1 (0 = fresh noise every frame)")
+    if args.noise_draws is not None and not 1 <= args.noise_draws <= MAX_NOISE_DRAWS:
+        raise LetsTalkError(f"--noise-draws {args.noise_draws}: choose 1..{MAX_NOISE_DRAWS} samples per window")
     audio_guidance_box(args.audio_guidance_box)
 
 
@@ -368,7 +376,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
                       steps=args.steps, steps_list=steps_list, long_seconds=args.long_seconds,
                       probe_clips=args.probe_clips, window=args.window, detail_transfer=args.detail_transfer,
                       start_time=args.start_time, noise_hold=args.noise_hold, audio_guidance=args.audio_guidance,
-                      audio_guidance_box=audio_guidance_box(args.audio_guidance_box), seed=args.seed, seeds=args.seeds, device=device,
+                      noise_draws=args.noise_draws, audio_guidance_box=audio_guidance_box(args.audio_guidance_box),
+                      seed=args.seed, seeds=args.seeds, device=device,
                       dtype=resolve_dtype(args.dtype, device), progress=not args.quiet)
     for m in report["models"]:
         marks = [f"{k.replace('_', ' ')} {'n/a' if t['pass'] is None else 'PASS' if t['pass'] else 'FAIL'}"

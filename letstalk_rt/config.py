@@ -168,6 +168,9 @@ def check_box(box: Any, name: str, error: type[LetsTalkError] = InputError) -> t
     return x, y, w, h
 
 
+MAX_NOISE_DRAWS = 8  # SamplingConfig.noise_draws: more costs a row each for ever less (the noise's share falls as 1/n)
+
+
 @dataclass
 class SamplingConfig:
     num_steps: int = 2  # network evaluations per window (1..50); few-step is the product's point
@@ -196,6 +199,10 @@ class SamplingConfig:
     noise_hold_box: tuple[float, float, float, float] | None = (0.3, 0.48, 0.4, 0.4)  # x, y, w, h of the face
     # crop (fractions) whose latent cells always get fresh noise: the mouth of the corpus's and `prepare_portrait`'s
     # framing; None: every cell follows noise_hold
+    noise_draws: int = 1  # inference: a window's clean latents are the mean of this many samples, each from its own
+    # starting noise (one batched network row per draw and step). A 1-step model commits to its noise; the mean of
+    # two draws keeps less of it: on the bundled model's 42 test clips 2 draws raised lip sync 0.796 -> 0.803 and cut
+    # flicker by a quarter (docs/eval.md, "Two noise draws averaged"). 1: one sample
     memory_noise: float = 0.02  # flow time the memory latents are forward-diffused to at inference
     memory_anchor: bool = True  # inference: memory slot 0 holds the portrait latent for the whole stream
     # (the others carry the last frames; at the start every slot does). Temporal attention copies from
@@ -280,6 +287,8 @@ class ModelConfig:
         if not 0 <= sa.noise_hold <= 1:
             raise ModelError(f"sampling.noise_hold={sa.noise_hold}: give the correlation of consecutive frames' "
                              "noise in 0..1 (0 = fresh noise every frame)")
+        if not 1 <= sa.noise_draws <= MAX_NOISE_DRAWS:
+            raise ModelError(f"sampling.noise_draws={sa.noise_draws}: choose 1..{MAX_NOISE_DRAWS} samples per window")
         if au.sample_rate != 16000 or au.fps != 25:  # media, the tracks and the encoders decode and pace at these
             raise ModelError(f"audio.sample_rate {au.sample_rate} / fps {au.fps}: this version runs 16000 Hz audio "
                              "and 25 fps video only")

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .config import MAX_NOISE_DRAWS
 from .errors import InputError, LetsTalkError
 
 # Targets printed beside the figures (DESIGN: lips in sync, identity kept, no drift over minutes).
@@ -937,7 +938,7 @@ def evaluate_model(components: Any, label: str, test: list[Clip], probe: MouthPr
                                 num_steps=num_steps, use_memory=use_memory, window=settings["window"],
                                 detail_transfer=settings["detail_transfer"], start_time=settings["start_time"],
                                 noise_hold=settings["noise_hold"], audio_guidance=settings["audio_guidance"],
-                                audio_guidance_box=settings["audio_guidance_box"])
+                                noise_draws=settings["noise_draws"], audio_guidance_box=settings["audio_guidance_box"])
 
     def bar(total: int, what: str) -> Any:
         return tqdm(total=total, desc=f"{label}: {what}", unit="frame", disable=not settings["progress"],
@@ -948,7 +949,8 @@ def evaluate_model(components: Any, label: str, test: list[Clip], probe: MouthPr
         "label": label, "description": config.description, "trained": config.trained, "size": config.image_size,
         "num_steps": pipe.num_steps, "window": pipe.window, "num_memory": config.transformer.num_memory,
         "detail_transfer": pipe.detail_transfer, "start_time": pipe.start_time, "noise_hold": pipe.noise_hold,
-        "audio_guidance": pipe.audio_guidance, "audio_guidance_box": pipe.audio_guidance_box,
+        "noise_draws": pipe.noise_draws, "audio_guidance": pipe.audio_guidance,
+        "audio_guidance_box": pipe.audio_guidance_box,
         "fusion": f"portrait {config.transformer.portrait_fusion}, audio {config.transformer.audio_fusion}",
     }
     def score(p: LetsTalkPipeline, clip: Clip, b: Any, full: bool = True) -> dict[str, Any]:
@@ -1001,6 +1003,7 @@ def evaluate(
     noise_hold: float | None = None,
     audio_guidance: float | None = None,
     audio_guidance_box: tuple[float, float, float, float] | str | None = None,
+    noise_draws: int | None = None,
     seed: int = 0,
     seeds: int = 1,
     device: str = "cpu",
@@ -1029,6 +1032,8 @@ def evaluate(
         raise InputError(f"--start-time {start_time:g}: choose a flow time in (0, 1] (1 = pure noise)")
     if noise_hold is not None and not 0 <= noise_hold <= 1:
         raise InputError(f"--noise-hold {noise_hold:g}: choose 0..1 (0 = fresh noise every frame)")
+    if noise_draws is not None and not 1 <= noise_draws <= MAX_NOISE_DRAWS:
+        raise InputError(f"--noise-draws {noise_draws}: choose 1..{MAX_NOISE_DRAWS} samples per window")
     if not 1 <= seeds <= MAX_SEEDS:
         raise InputError(f"--seeds {seeds}: choose 1..{MAX_SEEDS} noise seeds per clip")
     paths = [Path(p) if p is not None else DEFAULT_MODEL_DIR for p in models]
@@ -1061,7 +1066,7 @@ def evaluate(
             probe_checks[size] = check_probe(probes[size], clips_at[size])
         settings = dict(device=device, dtype=dtype, seeds=list(range(seed, seed + seeds)), progress=progress, window=window,
                         detail_transfer=detail_transfer, start_time=start_time, noise_hold=noise_hold,
-                        audio_guidance=audio_guidance, audio_guidance_box=audio_guidance_box)
+                        audio_guidance=audio_guidance, audio_guidance_box=audio_guidance_box, noise_draws=noise_draws)
         model = evaluate_model(load_model(path), label, clips_at[size], probes[size], steps, steps_list or [],
                                speech, settings)
         model["path"] = str(path)
@@ -1194,6 +1199,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         on, off = lg.get("memory_on"), lg.get("memory_off")
         rows.append([m["label"], m["description"] or "-", m["fusion"], f"{m['num_steps']} / {m['window']} / {m['start_time']:g}"
                      + (f", noise hold {m['noise_hold']:g}" if m.get("noise_hold") else "")
+                     + (f", mean of {m['noise_draws']} noise draws" if m.get("noise_draws", 1) > 1 else "")
                      + (f", audio guidance {m['audio_guidance']:g}" if m.get("audio_guidance", 1) != 1 else "")
                      + (" on " + ",".join(f"{v:g}" for v in m["audio_guidance_box"])
                         if m.get("audio_guidance", 1) != 1 and m.get("audio_guidance_box") else ""),

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .checkpoint import Components, build_components, load_model
-from .config import ModelConfig, check_box
+from .config import MAX_NOISE_DRAWS, ModelConfig, check_box
 from .diffusion import EulerSampler, Guidance, from_portrait
 from .errors import InputError
 from .memory import MemoryBank, box_cells
@@ -54,7 +54,9 @@ class StreamState:
     generator: torch.Generator  # CPU generator: the stream's noise, reproducible on any device
     windows_done: int = 0
     detail_moved: Tensor | None = None  # (1, H, W) recent movement away from the portrait (transfer_detail)
-    held_noise: Tensor | None = None  # (C, h, w) the last frame's starting noise, the next one's start (noise_hold)
+    # noise draw -> (C, h, w) its last frame's starting noise, the next one's start (noise_hold); replaced, never
+    # changed in place, so a caller can save it and put it back
+    held_noise: dict[int, Tensor] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # room for the caller's bookkeeping
 
 
@@ -419,6 +421,7 @@ class LetsTalkPipeline:
         start_time: float | None = None,
         noise_hold: float | None = None,
         audio_guidance_box: tuple[float, float, float, float] | str | None = None,
+        noise_draws: int | None = None,
         cuda_graphs: bool = True,
     ) -> None:
         self.components = components
@@ -446,6 +449,10 @@ class LetsTalkPipeline:
         # (h, w): 1 where a frame's starting noise is always fresh (the mouth), 0 where it follows noise_hold
         self._fresh_cells = torch.zeros(tc.latent_size, tc.latent_size) if s.noise_hold_box is None else \
             box_cells(tc.latent_size, tc.latent_size, s.noise_hold_box)
+        self.noise_draws = s.noise_draws if noise_draws is None else noise_draws
+        if not 1 <= self.noise_draws <= MAX_NOISE_DRAWS:
+            raise InputError(f"noise draws {self.noise_draws}: average 1..{MAX_NOISE_DRAWS} samples per window "
+                             "(each one more network row per step)")
         self.memory_noise = s.memory_noise if memory_noise is None else memory_noise
         # False is an ablation (`letstalk eval`'s memory-off run): the memory bank is never filled, so every
         # window is generated like a stream's first one, with all memory slots masked.
@@ -641,7 +648,8 @@ class LetsTalkPipeline:
 
         Updates each stream's memory bank. All streams of a batch generate the same number of frames
         T, 1 <= T <= window (short windows let a live stream show its first frame, or the frame after
-        an interrupt, sooner).
+        an interrupt, sooner). With noise_draws K > 1 each stream is sampled K times in the same batch, from
+        K starting noises, and its window is their mean.
         """
         if len(streams) != len(tokens) or not streams:
             raise ValueError("generate_latents needs one token tensor per stream, and at least one stream")
@@ -651,27 +659,33 @@ class LetsTalkPipeline:
         if not 1 <= T <= self.max_window or any(tok.shape[0] != T for tok in tokens):
             raise ValueError(f"every stream of a batch needs tokens for the same 1..{self.max_window} frames, "
                              f"got {[tok.shape[0] for tok in tokens]}")
-        dev = self.device
+        dev, K = self.device, self.noise_draws
         noise, memory, mask = [], [], []
         for s in streams:
-            noise.append(self._start_noise(s, T, shape))  # (T, C, h, w)
+            noise += [self._start_noise(s, T, shape, d) for d in range(K)]  # K x (T, C, h, w)
             m, k = s.memory.condition(shape, self.memory_noise, s.generator, torch.device("cpu"), torch.float32)
             memory.append(m)
             mask.append(k)
-        x = torch.stack(noise).to(dev)  # (B, T, C, h, w)
-        mem = torch.stack(memory).to(dev)  # (B, K, C, h, w)
-        msk = torch.stack(mask).to(dev)  # (B, K, h, w)
-        por = torch.stack([s.portrait.latent for s in streams]).to(dev)  # (B, C, h, w)
+
+        def each_draw(z: list[Tensor]) -> Tensor:  # B x (...) -> (B K, ...): a stream's draws side by side
+            return torch.stack(z).to(dev).repeat_interleave(K, dim=0)
+
+        x = torch.stack(noise).to(dev)  # (B K, T, C, h, w)
+        mem = each_draw(memory)  # (B K, K_mem, C, h, w)
+        msk = each_draw(mask)  # (B K, K_mem, h, w)
+        por = each_draw([s.portrait.latent for s in streams])  # (B K, C, h, w)
         if self.start_time < 1:  # start from the portrait noised to start_time (SDEdit), not from pure noise
-            x = from_portrait(por, x, self.start_time)  # (B, T, C, h, w)
-        aud = torch.stack(tokens).to(dev)  # (B, T, M, Dt)
+            x = from_portrait(por, x, self.start_time)  # (B K, T, C, h, w)
+        aud = each_draw(tokens)  # (B K, T, M, Dt)
         guide = Guidance(self.portrait_guidance, self.audio_guidance, self._audio_region, portrait=por, audio=aud,
                          memory=mem, memory_mask=msk)  # conditions stacked once per window, for every guidance row
         for t in self.sampler.timesteps:
-            tt = torch.full((len(streams),), float(t), device=dev)  # (B,)
+            tt = torch.full((x.shape[0],), float(t), device=dev)  # (B K,)
             with self._autocast():
-                v = guide.velocity(self._transformer_fn, x, tt)  # (B, T, C, h, w)
-            x = self.sampler.step(v, t, x)  # (B, T, C, h, w)
+                v = guide.velocity(self._transformer_fn, x, tt)  # (B K, T, C, h, w)
+            x = self.sampler.step(v, t, x)  # (B K, T, C, h, w)
+        if K > 1:
+            x = x.unflatten(0, (len(streams), K)).mean(1)  # (B, T, C, h, w)
         kept = x.float().cpu() if self.use_memory else None  # (B, T, C, h, w): one copy for the batch
         for i, s in enumerate(streams):
             if kept is not None:
@@ -679,19 +693,20 @@ class LetsTalkPipeline:
             s.windows_done += 1
         return x
 
-    def _start_noise(self, stream: StreamState, T: int, shape: tuple[int, int, int]) -> Tensor:
-        """The noise one window of `stream` starts from: (T, C, h, w), fresh from its generator, or outside
-        `noise_hold_box` changing slowly from frame to frame (SamplingConfig.noise_hold). The generator's draws are
-        the same either way, so a setting is compared with another on the same noise."""
+    def _start_noise(self, stream: StreamState, T: int, shape: tuple[int, int, int], draw: int = 0) -> Tensor:
+        """The noise one window of `stream` starts from (its noise draw `draw`): (T, C, h, w), fresh from its
+        generator, or outside `noise_hold_box` changing slowly from frame to frame (SamplingConfig.noise_hold),
+        each draw its own slowly changing field. The generator's draws are the same either way, so a setting is
+        compared with another on the same noise."""
         fresh = torch.randn((T, *shape), generator=stream.generator)
         hold = self.noise_hold
         if hold <= 0:
             return fresh
-        frames, prev = [], stream.held_noise
+        frames, prev = [], stream.held_noise.get(draw)
         for f in fresh:  # each frame's noise is the last one's times `hold` plus fresh noise (unit variance kept)
             prev = f if prev is None else hold * prev + math.sqrt(1 - hold * hold) * f  # a stream's first: as drawn
             frames.append(prev)
-        stream.held_noise = prev
+        stream.held_noise = {**stream.held_noise, draw: prev}
         slow = torch.stack(frames)  # (T, C, h, w): frames k apart correlated by hold ** k
         keep = self._fresh_cells  # (h, w): 1 on the mouth's cells, which stay fresh
         return keep * fresh + (1 - keep) * slow

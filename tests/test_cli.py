@@ -84,6 +84,8 @@ def test_missing_model_and_unwritable_output(capsys, tmp_path, tiny_model_dir, a
                   extra=("--start-time", "0"))
     _expect_error(capsys, tmp_path, tiny_model_dir, astronaut_png, audio, "--noise-hold 1.5",
                   extra=("--noise-hold", "1.5"))
+    _expect_error(capsys, tmp_path, tiny_model_dir, astronaut_png, audio, "--noise-draws 0",
+                  extra=("--noise-draws", "0"))
     for flag, value, match in (("--audio-guidance", "nan", "finite"), ("--device", "gpu", "--device gpu"),
                                ("--device", "mps", "--device mps")):
         _expect_error(capsys, tmp_path, tiny_model_dir, astronaut_png, audio, match, extra=(flag, value))

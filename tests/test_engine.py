@@ -769,6 +769,38 @@ def test_max_steps_spends_the_machines_headroom_on_sampling_steps(tiny_pipeline,
         StreamEngine(tiny_pipeline, EngineConfig(max_steps=51))
 
 
+def test_warmup_keeps_the_models_noise_draws_only_where_they_fit(tiny_model_dir, monkeypatch):
+    """A model that averages 2 noise draws per window keeps them while a full batch fits draws_budget at warm-up,
+    every window then running 2 rows per session; where it does not fit, every window samples 1 draw (half the
+    rows); stop() gives the pipeline its own draws back."""
+    from letstalk_rt.diffusion import guidance_rows
+    from letstalk_rt.pipeline import LetsTalkPipeline
+
+    pipe = LetsTalkPipeline.from_pretrained(tiny_model_dir, noise_draws=2)
+    per_draw = len(guidance_rows(pipe.portrait_guidance, pipe.audio_guidance))
+    rows = []
+    forward = pipe.transformer.forward
+    monkeypatch.setattr(pipe.transformer, "forward", lambda x, *a, **k: rows.append(x.shape[0]) or forward(x, *a, **k))
+
+    async def main(**kw):
+        engine = await _engine(pipe, warmup=True, max_batch=1, **kw)
+        chosen = pipe.noise_draws
+        rows.clear()  # warm-up's evaluations
+        session = await engine.open_session(_portrait(pipe, 7))
+        session.push_audio(speechlike(0.8))
+        session.end_speech()
+        await _collect(session, 1.0)
+        await engine.stop()
+        return chosen, set(rows)
+
+    assert run(main(draws_budget=1e6)) == (2, {2 * per_draw})  # the tiny model fits anything
+    assert pipe.noise_draws == 2
+    assert run(main(draws_budget=1e-6)) == (1, {per_draw})  # nothing fits: one draw
+    assert pipe.noise_draws == 2  # the pipeline's own, back after stop()
+    with pytest.raises(LetsTalkError, match="draws_budget"):
+        StreamEngine(pipe, EngineConfig(draws_budget=0))
+
+
 @pytest.mark.skipif(torch.get_num_threads() < 2 or "OMP_NUM_THREADS" in os.environ,
                     reason="needs 2+ torch threads to choose from")
 def test_warmup_gives_the_worker_the_fewest_torch_threads_that_fit(tiny_pipeline, monkeypatch):
@@ -912,6 +944,44 @@ def test_auto_threads_are_lowered_once_windows_fall_two_windows_behind(tiny_pipe
     else:
         assert threads == 2 and not engine_lowered and set(full) == {2}
     assert torch.get_num_threads() == before
+
+
+def test_noise_draws_are_lowered_before_the_threads_once_windows_fall_two_windows_behind(tiny_model_dir,
+                                                                                         monkeypatch):
+    """A model averaging 2 noise draws whose full windows take over 2x their duration (another process took the
+    cores) samples 1 draw from the 3rd full window on, before any thread is lowered; stop() gives the pipeline its
+    2 draws back."""
+    from letstalk_rt.pipeline import LetsTalkPipeline
+
+    pipe = LetsTalkPipeline.from_pretrained(tiny_model_dir, noise_draws=2)
+    window, fps = pipe.window, pipe.fps
+    seen: list[tuple[int, int]] = []  # (noise draws, frames) of each window the worker sampled
+    generate = pipe.generate_latents
+
+    def contended(streams, tokens, *a, **k):
+        seen.append((pipe.noise_draws, len(tokens[0])))
+        lat = generate(streams, tokens, *a, **k)
+        if len(tokens[0]) == window and pipe.noise_draws > 1:
+            time.sleep(2.2 * window / fps)
+        return lat
+
+    monkeypatch.setattr(pipe, "generate_latents", contended)
+
+    async def main():
+        engine = await _engine(pipe, threads=-1)
+        session = await engine.open_session(_portrait(pipe, 5))
+        session.push_audio(speechlike(2.4))
+        session.end_speech()
+        await _collect(session, 2.4)
+        lowered, threads_lowered = list(engine.draws_lowered), list(engine.threads_lowered)
+        await engine.stop()
+        return lowered, threads_lowered
+
+    lowered, threads_lowered = run(main())
+    full = [d for d, n in seen if n == window]
+    assert len(lowered) == 1 and not threads_lowered
+    assert full[:2] == [2, 2] and len(full) >= 4 and set(full[2:]) == {1}
+    assert pipe.noise_draws == 2
 
 
 def test_lowered_threads_go_back_up_a_count_per_wait_and_a_failed_try_doubles_the_wait(tiny_pipeline):

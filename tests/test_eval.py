@@ -176,7 +176,7 @@ def test_eval_on_an_untrained_model_writes_every_section_with_targets_failed(cap
     out = tmp_path / "report"
     code, stdout, err = _run(capsys, "eval", "--data", corpus_dir, "--model", tiny_model_dir, "--clips", 1,
                              "--long-seconds", 2, "--steps-list", "1,2", "--window", 2, "--start-time", 0.5,
-                             "--noise-hold", 0.9,
+                             "--noise-hold", 0.9, "--noise-draws", 2,
                              "--device", "cpu", "--out", out, "--quiet")
     assert code == 0, err
     md = (out / "report.md").read_text()
@@ -190,9 +190,9 @@ def test_eval_on_an_untrained_model_writes_every_section_with_targets_failed(cap
     assert set(model["targets"]) == {"lip_sync", "identity", "drift"}
     assert not any(t["pass"] for t in model["targets"].values())
     assert [r["steps"] for r in model["steps"]] == [1, 2] and model["window"] == 2
-    assert model["start_time"] == 0.5 and model["noise_hold"] == 0.9
+    assert model["start_time"] == 0.5 and model["noise_hold"] == 0.9 and model["noise_draws"] == 2
     assert "speech to mouth (label-free)" in stdout and "Speech to mouth, label-free" in md
-    assert f"{model['num_steps']} / 2 / 0.5, noise hold 0.9" in md  # the sampling that was scored
+    assert f"{model['num_steps']} / 2 / 0.5, noise hold 0.9, mean of 2 noise draws" in md  # the sampling scored
     assert set(model["long"]) == {"memory_on", "memory_off"}
     # the ground truth through the model's (untrained) autoencoder: scored like a generation, far from the truth
     recon = model["autoencoder"]["summary"]
@@ -508,7 +508,8 @@ def test_eval_on_real_videos_judges_identity_and_drift_but_not_lip_sync(capsys, 
 @pytest.mark.parametrize("case,match", [("no-manifest", "manifest.json"), ("split", "no clips in split"),
                                         ("model", "does not exist"), ("window", "--window 9"),
                                         ("start", "--start-time 1.5"), ("seeds", "--seeds 0"),
-                                        ("hold", "--noise-hold -0.5"), ("long", "--long-seconds 1"),
+                                        ("hold", "--noise-hold -0.5"), ("draws", "--noise-draws 9"),
+                                        ("long", "--long-seconds 1"),
                                         ("inf", "--long-seconds inf"), ("probe", "--probe-clips 0")])
 def test_bad_input_fails_with_one_line(capsys, tmp_path, corpus_dir, tiny_model_dir, case, match):
     data, model, split = corpus_dir, tiny_model_dir, "test"
@@ -519,7 +520,8 @@ def test_bad_input_fails_with_one_line(capsys, tmp_path, corpus_dir, tiny_model_
     elif case == "model":
         model = tmp_path / "nope"
     extra = {"window": ["--window", 9], "start": ["--start-time", 1.5], "seeds": ["--seeds", 0],
-             "hold": ["--noise-hold", -0.5], "long": ["--long-seconds", 1], "inf": ["--long-seconds", "inf"],
+             "hold": ["--noise-hold", -0.5], "draws": ["--noise-draws", 9],
+             "long": ["--long-seconds", 1], "inf": ["--long-seconds", "inf"],
              "probe": ["--probe-clips", 0]}.get(case, [])
     code, _, err = _run(capsys, "eval", "--data", data, "--model", model, "--split", split, "--out",
                         tmp_path / "r", "--quiet", *extra)

@@ -318,6 +318,52 @@ def _flat(pipe):
     return pipe.prepare_portrait(np.full((40, 40, 3), 90, np.uint8), detect=False)
 
 
+def test_noise_draws_show_the_mean_of_samples_from_their_own_noises(tiny_model_dir):
+    """sampling.noise_draws K: a window is the mean of K samples of the stream, each from its own starting noise,
+    batched side by side; batched streams still get what they get alone, and held noise is held per draw."""
+    import dataclasses
+
+    one = LetsTalkPipeline.from_pretrained(tiny_model_dir, num_steps=2, memory_noise=0)
+    two = LetsTalkPipeline.from_pretrained(tiny_model_dir, num_steps=2, memory_noise=0, noise_draws=2)
+    por, T = _flat(one), one.window
+    tok = one.audio_tokens(speechlike(T / 25))[:T]
+    shape = (one.config.transformer.latent_channels,) + (one.config.transformer.latent_size,) * 2
+    draws = [torch.randn((T, *shape), generator=torch.Generator().manual_seed(s)) for s in (5, 6)]
+
+    def start_from(pipe, noises):  # the pipeline's streams start from these noises, in turn
+        it = iter(noises)
+        pipe._start_noise = lambda stream, T, shape, draw=0: next(it)
+
+    start_from(one, draws)
+    a, b = (one.generate_latents([one.new_stream(por)], [tok])[0] for _ in draws)
+    start_from(two, draws)
+    mean = two.generate_latents([two.new_stream(por)], [tok])[0]
+    assert (a - b).abs().mean() > 0.05  # the two noises give two different samples
+    torch.testing.assert_close(mean, (a + b) / 2, atol=1e-5, rtol=1e-5)
+
+    two = LetsTalkPipeline.from_pretrained(tiny_model_dir, noise_draws=2)
+    portraits = [two.prepare_portrait(np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8),
+                                      detect=False) for i in range(2)]
+    solo = [two.generate_latents([two.new_stream(p, seed=i)], [tok])[0] for i, p in enumerate(portraits)]
+    both = two.generate_latents([two.new_stream(p, seed=i) for i, p in enumerate(portraits)], [tok, tok])
+    for i in range(2):
+        torch.testing.assert_close(both[i], solo[i], atol=1e-4, rtol=1e-4)
+
+    comps = load_model(tiny_model_dir)
+    comps.config.sampling = dataclasses.replace(comps.config.sampling, noise_hold=1.0, noise_draws=2)
+    comps.config.validate()  # as loading a config.json does
+    held = LetsTalkPipeline(comps, num_steps=1)
+    assert held.noise_draws == 2  # the model's own setting
+    s = held.new_stream(por)
+    held.generate_latents([s], [tok])
+    assert set(s.held_noise) == {0, 1} and (s.held_noise[0] - s.held_noise[1]).abs().mean() > 0.5  # a field each
+    with pytest.raises(InputError, match="noise draws"):
+        LetsTalkPipeline.from_pretrained(tiny_model_dir, noise_draws=0)
+    comps.config.sampling = dataclasses.replace(comps.config.sampling, noise_draws=9)
+    with pytest.raises(ModelError, match="noise_draws"):
+        comps.config.validate()
+
+
 def test_a_later_start_time_starts_from_the_portrait_and_leaves_less_to_the_noise(tiny_model_dir, tmp_path):
     """start_time s: a window starts as the portrait latent noised to s, so as s falls the seed decides less of
     the window and at s -> 0 it is the portrait; s = 1 (the config default) is plain sampling from noise."""
@@ -403,7 +449,7 @@ def test_stream_window_is_the_models_default_window_live_and_offline(tiny_model_
 
 def test_the_bundled_default_is_trained_small_and_few_step():
     """The shipped contract of the default model: trained weights under 50 MB that sample a window in at
-    most 2 network evaluations (steps x guidance rows), and generate frames of its size from speech."""
+    most 2 network evaluations (steps x guidance rows x noise draws), and generate frames of its size from speech."""
     from letstalk_rt.checkpoint import DEFAULT_MODEL_DIR
     from letstalk_rt.diffusion import guidance_rows
 
@@ -411,7 +457,7 @@ def test_the_bundled_default_is_trained_small_and_few_step():
     assert size < 50 * 2**20
     pipe = LetsTalkPipeline.from_pretrained(None)
     assert pipe.config.trained
-    assert pipe.num_steps * len(guidance_rows(pipe.portrait_guidance, pipe.audio_guidance)) <= 2
+    assert pipe.num_steps * len(guidance_rows(pipe.portrait_guidance, pipe.audio_guidance)) * pipe.noise_draws <= 2
     assert 1 <= pipe.window <= pipe.max_window
     s = pipe.config.image_size
     frames = list(pipe.generate(pipe.prepare_portrait(np.full((s, s, 3), 128, np.uint8), detect=False),

@@ -64,6 +64,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..diffusion import guidance_rows
 from ..errors import InputError, LetsTalkError
 from ..media import TempoStretcher
 from ..pipeline import (DECODE_CHUNK, GRAPH_BUCKETS, AudioTokenizer, LetsTalkPipeline, Portrait, StreamState,
@@ -140,6 +141,10 @@ class EngineConfig:
     # to this many while a window of max_batch sessions still takes <= steps_budget of its real-time
     # duration (more steps: better lips from a distilled model, docs/eval.md); 0: the model's steps, fixed
     steps_budget: float = 0.5
+    draws_budget: float = 0.75  # a model that averages several noise draws per window (sampling.noise_draws, a
+    # network row each) keeps them while a window of max_batch sessions takes <= this fraction of its real-time
+    # duration at warm-up, else samples one draw (half the transformer's work, a little more flicker): the 2-core
+    # EPYC with AVX-512 runs the bundled model's 2 draws at ~0.65, slower CPUs fall back to 1 (docs/benchmarks.md)
     threads: int = 0  # torch intra-op threads on a CPU device. 0: auto, at warm-up: the fewest (1, 2, 4 ...)
     # whose window of max_batch sessions takes <= threads_budget of its real-time duration, else the fastest,
     # lowered later if windows fall behind real time (threads_lower_after); left alone where OMP_NUM_THREADS is set.
@@ -800,6 +805,9 @@ class StreamEngine:
         if not 0 <= self.config.window <= pipeline.max_window:
             raise LetsTalkError(f"EngineConfig.window={self.config.window}: this model generates 1..{pipeline.max_window} "
                                 "frames per window (0 uses the model's)")
+        if not self.config.draws_budget > 0:
+            raise LetsTalkError(f"EngineConfig.draws_budget={self.config.draws_budget}: give a fraction of real time "
+                                "above 0")
         if not 0 <= self.config.max_steps <= 50 or self.config.steps_budget <= 0:
             raise LetsTalkError(f"EngineConfig.max_steps={self.config.max_steps} must be 0 (off) .. 50 and "
                                 f"steps_budget={self.config.steps_budget} above 0")
@@ -822,6 +830,7 @@ class StreamEngine:
             raise LetsTalkError("EngineConfig.compile (--compile) compiles at warm-up: leave warmup on (no --no-warmup)")
         self.window = self.config.window or pipeline.window  # frames per window
         self.base_steps = pipeline.num_steps  # restored at stop(); warm-up may choose more (max_steps)
+        self.base_draws = pipeline.noise_draws  # restored at stop(); warm-up may choose 1 (draws_budget)
         self.threads: int | None = None  # torch threads the engine set (EngineConfig.threads); None: untouched
         self._threads_before = torch.get_num_threads()  # restored at stop()
         self._lookahead_s = pipeline.audio_tokenizer().lookahead_ms / 1000  # the audio encoder's delay
@@ -833,6 +842,7 @@ class StreamEngine:
         self._gen_ms: dict[int, float] = {}  # EMA of window start -> frames delivered, by window length
         self._behind_ms = 0.0  # how far the worker's full windows have fallen behind real time (_note_window)
         self.threads_lowered: list[tuple[float, int, int]] = []  # (time.monotonic(), from, to) each time
+        self.draws_lowered: list[float] = []  # time.monotonic() when windows fell behind at the model's noise draws
         self.threads_raised: list[tuple[float, int, int]] = []  # ... and each time they went back up
         self._threads_top: int | None = None  # raised no higher: the warm-up's choice (the next count up if none fitted)
         self._raise_at: float | None = None  # when lowered threads go back up (monotonic)
@@ -887,6 +897,7 @@ class StreamEngine:
             await asyncio.to_thread(self._decoder.join, 10)
             self._decoder = None
         self.pipeline.set_num_steps(self.base_steps)
+        self.pipeline.noise_draws = self.base_draws
         self.pipeline.capture_graphs(True)  # the pipeline used on its own captures each size as it meets it
         if self.threads is not None:
             torch.set_num_threads(self._threads_before)
@@ -941,7 +952,16 @@ class StreamEngine:
                 self._choose_threads(window_ms)
         if self.config.compile:
             self._compile(window_ms)
-        budget = self.config.steps_budget * 1000 * self.window / p.config.fps
+        real_ms = 1000 * self.window / p.config.fps
+        p.noise_draws = self.base_draws
+        if p.noise_draws > 1:  # a network row per draw: where they do not fit, one draw (the first run warms caches)
+            took = min(window_ms(self.window) for _ in range(2))
+            if took > self.config.draws_budget * real_ms:
+                p.noise_draws = 1
+                log.warning("engine: a window of %d sessions at %d noise draws took %.0f ms of the %.0f ms it lasts; "
+                            "sampling 1 draw per window (half the transformer's work, a little more flicker)",
+                            self.config.max_batch, self.base_draws, took, real_ms)
+        budget = self.config.steps_budget * real_ms
         for steps in range(self.base_steps + 1, self.config.max_steps + 1):  # max_steps: more while they fit
             p.set_num_steps(steps)
             if min(window_ms(self.window) for _ in range(2)) > budget:  # the first run of a shape warms caches
@@ -951,9 +971,9 @@ class StreamEngine:
             self._capture_graphs(window_ms)
         for t in sorted({self.window, min(self.config.first_window, self.window)}):  # at the steps chosen
             self._gen_ms[t] = window_ms(t)
-        log.info("engine: %d sampling steps per %d-frame window (%.0f ms for %d sessions, %d torch threads)",
-                 p.num_steps, self.window, self._gen_ms[self.window], self.config.max_batch, torch.get_num_threads())
-        real_ms = 1000 * self.window / p.config.fps
+        log.info("engine: %d sampling steps x %d noise draws per %d-frame window (%.0f ms for %d sessions, %d torch "
+                 "threads)", p.num_steps, p.noise_draws, self.window, self._gen_ms[self.window], self.config.max_batch,
+                 torch.get_num_threads())
         if p.device.type == "cpu" and not p.compiled and self._gen_ms[self.window] > _NEAR_REAL_TIME * real_ms:
             log.warning("engine: a window takes %.0f ms of the %.0f ms it lasts on this CPU, too close to real time "
                         "to hold it when anything else runs; --compile (EngineConfig.compile) makes it about half "
@@ -969,8 +989,14 @@ class StreamEngine:
         def up_to(most: int) -> list[int]:  # every graph bucket below `most`, and `most` itself
             return [b for b in GRAPH_BUCKETS if b < most] + [most]
 
+        # sessions whose windows fill each transformer bucket up to max_batch sessions': a session is a row per noise
+        # draw and guidance row (3 sessions at 2 draws are 6 rows, padded to the bucket of 8 that 4 sessions capture;
+        # 6 sessions fill the bucket of 12)
+        most = self.config.max_batch
+        rows = p.noise_draws * len(guidance_rows(p.portrait_guidance, p.audio_guidance))
+        sessions = sorted({max(1, b // rows) for b in GRAPH_BUCKETS if b < most * rows} | {most})
         for t in sorted({self.window, min(self.config.first_window, self.window)}):
-            for b in up_to(self.config.max_batch):
+            for b in sessions:
                 window_ms(t, b)
         # The decoder runs in chunks of DECODE_CHUNK frames, and a batch's last chunk can be any size below it
         # (3 sessions' 4-frame windows: 12 frames, which no size above decodes): capture each bucket there.
@@ -1484,10 +1510,13 @@ class StreamEngine:
         the third 186 ms of 160, among ~60 ms ones); a busy neighbour makes 2-thread windows slower than real time on
         average. Only for auto threads (the warm-up timed the counts), not compiled (its kernels keep their count),
         not with a decode thread (its windows' times overlap)."""
+        now = time.monotonic() if now is None else now
+        if self.pipeline.noise_draws > 1:
+            self._lower_draws(ms, now)  # first: one draw halves the transformer's work, fewer threads slow it
+            return
         if (not self._threads_ms or self.threads is None or self.pipeline.compiled or self._decode_q is not None
                 or self.config.threads_lower_after <= 0):
             return
-        now = time.monotonic() if now is None else now
         if self._raise_at is not None and now >= self._raise_at:
             self._raise_threads(now)
             return
@@ -1510,6 +1539,22 @@ class StreamEngine:
         log.warning("engine: windows at %d torch threads fell %.0f ms behind real time (is another process busy on "
                     "these cores?): going on with %d%s", before, behind_ms, self.threads,
                     f", {before} again in {self._raise_wait:.0f} s" if base > 0 else "")
+
+    def _lower_draws(self, ms: float, now: float) -> None:
+        """A model averaging several noise draws per window (sampling.noise_draws) samples 1 from the next window on
+        once full windows have fallen `threads_lower_after` windows' duration behind real time, counted as for the
+        threads, until stop() (which gives the pipeline its draws back); the threads are lowered only after that.
+        Not with a decode thread (its windows' times overlap)."""
+        if self._decode_q is not None or self.config.threads_lower_after <= 0:
+            return
+        real_ms = 1000 * self.window / self.pipeline.config.fps
+        self._behind_ms = max(0.0, self._behind_ms + ms - real_ms)
+        if self._behind_ms < self.config.threads_lower_after * real_ms:
+            return
+        log.warning("engine: windows at %d noise draws fell %.0f ms behind real time (is another process busy on "
+                    "these cores?): sampling 1 draw per window from now on", self.pipeline.noise_draws, self._behind_ms)
+        self.pipeline.noise_draws, self._behind_ms = 1, 0.0
+        self.draws_lowered.append(now)
 
     def _raise_threads(self, now: float) -> None:
         """Lowered threads (`_note_window`) go back up one count once `threads_raise_after_s` has passed (and on,
