@@ -741,6 +741,19 @@ def test_windows_are_decoded_in_their_own_thread_and_a_decode_failure_ends_only_
     assert seen == {"sample": {"letstalk-engine"}, "decode": {"letstalk-engine"}}
 
 
+async def _speak_after_warmup(pipe, after_warmup, **kw) -> tuple:
+    """Start an engine with warm-up on, call `after_warmup()` (it reads what warm-up chose and forgets the warm-up's
+    evaluations), speak 0.8 s through one session and stop -> (what it returned, the session's windows)."""
+    engine = await _engine(pipe, warmup=True, **kw)
+    chosen = after_warmup()
+    session = await engine.open_session(_portrait(pipe, 7))
+    session.push_audio(speechlike(0.8))
+    session.end_speech()
+    await _collect(session, 1.0)
+    await engine.stop()  # the worker finishes its window first
+    return chosen, session._w.stream.windows_done
+
+
 def test_max_steps_spends_the_machines_headroom_on_sampling_steps(tiny_pipeline, monkeypatch):
     """Warm-up raises the steps per window while a full batch fits the budget, every window then runs
     that many transformer evaluations, and stop() gives the pipeline back its own step count."""
@@ -749,22 +762,18 @@ def test_max_steps_spends_the_machines_headroom_on_sampling_steps(tiny_pipeline,
     forward = tiny_pipeline.transformer.forward
     monkeypatch.setattr(tiny_pipeline.transformer, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
 
-    async def main(**kw):
-        engine = await _engine(tiny_pipeline, warmup=True, max_batch=2, **kw)
-        chosen = tiny_pipeline.num_steps
+    def steps_chosen():
         calls.clear()  # warm-up's evaluations
-        session = await engine.open_session(_portrait(tiny_pipeline, 7))
-        session.push_audio(speechlike(0.8))
-        session.end_speech()
-        await _collect(session, 1.0)
-        await engine.stop()  # the worker finishes its window first
-        return chosen, len(calls), session._w.stream.windows_done
+        return tiny_pipeline.num_steps
 
-    chosen, n_calls, windows = run(main(max_steps=base + 2, steps_budget=1e6))  # the tiny model fits anything
-    assert chosen == base + 2 and n_calls == chosen * windows
+    def main(**kw):
+        return run(_speak_after_warmup(tiny_pipeline, steps_chosen, max_batch=2, max_steps=base + 2, **kw))
+
+    chosen, windows = main(steps_budget=1e6)  # the tiny model fits anything
+    assert chosen == base + 2 and len(calls) == chosen * windows
     assert tiny_pipeline.num_steps == base
-    chosen, n_calls, windows = run(main(max_steps=base + 2, steps_budget=1e-6))  # nothing fits: the model's
-    assert chosen == base and n_calls == base * windows
+    chosen, windows = main(steps_budget=1e-6)  # nothing fits: the model's
+    assert chosen == base and len(calls) == base * windows
     with pytest.raises(LetsTalkError, match="max_steps"):
         StreamEngine(tiny_pipeline, EngineConfig(max_steps=51))
 
@@ -782,20 +791,18 @@ def test_warmup_keeps_the_models_noise_draws_only_where_they_fit(tiny_model_dir,
     forward = pipe.transformer.forward
     monkeypatch.setattr(pipe.transformer, "forward", lambda x, *a, **k: rows.append(x.shape[0]) or forward(x, *a, **k))
 
-    async def main(**kw):
-        engine = await _engine(pipe, warmup=True, max_batch=1, **kw)
-        chosen = pipe.noise_draws
+    def draws_chosen():
         rows.clear()  # warm-up's evaluations
-        session = await engine.open_session(_portrait(pipe, 7))
-        session.push_audio(speechlike(0.8))
-        session.end_speech()
-        await _collect(session, 1.0)
-        await engine.stop()
+        return pipe.noise_draws
+
+    def main(**kw):
+        chosen, windows = run(_speak_after_warmup(pipe, draws_chosen, max_batch=1, **kw))
+        assert len(rows) == windows * pipe.num_steps
         return chosen, set(rows)
 
-    assert run(main(draws_budget=1e6)) == (2, {2 * per_draw})  # the tiny model fits anything
+    assert main(draws_budget=1e6) == (2, {2 * per_draw})  # the tiny model fits anything
     assert pipe.noise_draws == 2
-    assert run(main(draws_budget=1e-6)) == (1, {per_draw})  # nothing fits: one draw
+    assert main(draws_budget=1e-6) == (1, {per_draw})  # nothing fits: one draw
     assert pipe.noise_draws == 2  # the pipeline's own, back after stop()
     with pytest.raises(LetsTalkError, match="draws_budget"):
         StreamEngine(pipe, EngineConfig(draws_budget=0))
