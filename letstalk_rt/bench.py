@@ -64,7 +64,7 @@ class RunResult:
     peak_cuda_mb: float | None
     steps: int  # sampling steps per window the engine ran (more than the model's with --max-steps)
     threads: int  # torch intra-op threads of the engine's worker at the start (EngineConfig.threads)
-    noise_draws: int = 1  # samples averaged per window the engine ran (1 where the model's did not fit: draws_budget)
+    noise_draws: int = 1  # samples averaged per window at the start (1 where the model's did not fit: draws_budget)
     silence_skipped_seconds: float = 0.0  # the latency catch-up: pauses shortened ...
     speech_compressed_seconds: float = 0.0  # ... and speech played faster (seconds of input) while behind
     catch_up_runs: int = 0  # ... in this many speed-ups

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .config import MAX_NOISE_DRAWS, PRESETS_MODEL, check_box
+from .config import MAX_NOISE_DRAWS, PRESETS_MODEL, check_box, check_noise_draws
 from .errors import LetsTalkError
 
 ASSETS = Path(__file__).parent / "assets"
@@ -131,8 +131,8 @@ def check_sampling_args(args: argparse.Namespace) -> None:
         raise LetsTalkError(f"--start-time {args.start_time:g}: choose a flow time in (0, 1] (1 = pure noise)")
     if args.noise_hold is not None and not 0 <= args.noise_hold <= 1:
         raise LetsTalkError(f"--noise-hold {args.noise_hold:g}: choose 0..1 (0 = fresh noise every frame)")
-    if args.noise_draws is not None and not 1 <= args.noise_draws <= MAX_NOISE_DRAWS:
-        raise LetsTalkError(f"--noise-draws {args.noise_draws}: choose 1..{MAX_NOISE_DRAWS} samples per window")
+    if args.noise_draws is not None:
+        check_noise_draws(args.noise_draws, "--noise-draws", LetsTalkError)
     audio_guidance_box(args.audio_guidance_box)
 
 

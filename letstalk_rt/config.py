@@ -171,6 +171,14 @@ def check_box(box: Any, name: str, error: type[LetsTalkError] = InputError) -> t
 MAX_NOISE_DRAWS = 8  # SamplingConfig.noise_draws: more costs a row each for ever less (the noise's share falls as 1/n)
 
 
+def check_noise_draws(draws: int, name: str, error: type[LetsTalkError] = InputError) -> int:
+    """A count of noise draws averaged per window (SamplingConfig.noise_draws), 1..MAX_NOISE_DRAWS, or `error`
+    naming it as `name` (the flag or config field)."""
+    if not 1 <= draws <= MAX_NOISE_DRAWS:
+        raise error(f"{name} {draws}: choose 1..{MAX_NOISE_DRAWS} samples per window, each a network row per step")
+    return draws
+
+
 @dataclass
 class SamplingConfig:
     num_steps: int = 2  # network evaluations per window (1..50); few-step is the product's point
@@ -287,8 +295,7 @@ class ModelConfig:
         if not 0 <= sa.noise_hold <= 1:
             raise ModelError(f"sampling.noise_hold={sa.noise_hold}: give the correlation of consecutive frames' "
                              "noise in 0..1 (0 = fresh noise every frame)")
-        if not 1 <= sa.noise_draws <= MAX_NOISE_DRAWS:
-            raise ModelError(f"sampling.noise_draws={sa.noise_draws}: choose 1..{MAX_NOISE_DRAWS} samples per window")
+        check_noise_draws(sa.noise_draws, "sampling.noise_draws", ModelError)
         if au.sample_rate != 16000 or au.fps != 25:  # media, the tracks and the encoders decode and pace at these
             raise ModelError(f"audio.sample_rate {au.sample_rate} / fps {au.fps}: this version runs 16000 Hz audio "
                              "and 25 fps video only")

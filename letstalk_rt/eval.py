@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import MAX_NOISE_DRAWS
+from .config import check_noise_draws
 from .errors import InputError, LetsTalkError
 
 # Targets printed beside the figures (DESIGN: lips in sync, identity kept, no drift over minutes).
@@ -1032,8 +1032,8 @@ def evaluate(
         raise InputError(f"--start-time {start_time:g}: choose a flow time in (0, 1] (1 = pure noise)")
     if noise_hold is not None and not 0 <= noise_hold <= 1:
         raise InputError(f"--noise-hold {noise_hold:g}: choose 0..1 (0 = fresh noise every frame)")
-    if noise_draws is not None and not 1 <= noise_draws <= MAX_NOISE_DRAWS:
-        raise InputError(f"--noise-draws {noise_draws}: choose 1..{MAX_NOISE_DRAWS} samples per window")
+    if noise_draws is not None:
+        check_noise_draws(noise_draws, "--noise-draws")
     if not 1 <= seeds <= MAX_SEEDS:
         raise InputError(f"--seeds {seeds}: choose 1..{MAX_SEEDS} noise seeds per clip")
     paths = [Path(p) if p is not None else DEFAULT_MODEL_DIR for p in models]

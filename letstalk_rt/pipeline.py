@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .checkpoint import Components, build_components, load_model
-from .config import MAX_NOISE_DRAWS, ModelConfig, check_box
+from .config import ModelConfig, check_box, check_noise_draws
 from .diffusion import EulerSampler, Guidance, from_portrait
 from .errors import InputError
 from .memory import MemoryBank, box_cells
@@ -449,10 +449,7 @@ class LetsTalkPipeline:
         # (h, w): 1 where a frame's starting noise is always fresh (the mouth), 0 where it follows noise_hold
         self._fresh_cells = torch.zeros(tc.latent_size, tc.latent_size) if s.noise_hold_box is None else \
             box_cells(tc.latent_size, tc.latent_size, s.noise_hold_box)
-        self.noise_draws = s.noise_draws if noise_draws is None else noise_draws
-        if not 1 <= self.noise_draws <= MAX_NOISE_DRAWS:
-            raise InputError(f"noise draws {self.noise_draws}: average 1..{MAX_NOISE_DRAWS} samples per window "
-                             "(each one more network row per step)")
+        self.noise_draws = check_noise_draws(s.noise_draws if noise_draws is None else noise_draws, "noise draws")
         self.memory_noise = s.memory_noise if memory_noise is None else memory_noise
         # False is an ablation (`letstalk eval`'s memory-off run): the memory bank is never filled, so every
         # window is generated like a stream's first one, with all memory slots masked.
@@ -668,7 +665,8 @@ class LetsTalkPipeline:
             mask.append(k)
 
         def each_draw(z: list[Tensor]) -> Tensor:  # B x (...) -> (B K, ...): a stream's draws side by side
-            return torch.stack(z).to(dev).repeat_interleave(K, dim=0)
+            stacked = torch.stack(z).to(dev)
+            return stacked if K == 1 else stacked.repeat_interleave(K, dim=0)
 
         x = torch.stack(noise).to(dev)  # (B K, T, C, h, w)
         mem = each_draw(memory)  # (B K, K_mem, C, h, w)

@@ -953,13 +953,15 @@ def test_auto_threads_are_lowered_once_windows_fall_two_windows_behind(tiny_pipe
     assert torch.get_num_threads() == before
 
 
+@pytest.mark.skipif("OMP_NUM_THREADS" in os.environ, reason="the engine leaves the threads alone where it is set")
 def test_noise_draws_are_lowered_before_the_threads_once_windows_fall_two_windows_behind(tiny_model_dir,
                                                                                          monkeypatch):
     """A model averaging 2 noise draws whose full windows take over 2x their duration (another process took the
-    cores) samples 1 draw from the 3rd full window on, before any thread is lowered; stop() gives the pipeline its
-    2 draws back."""
+    cores) samples 1 draw from the 3rd full window on, and the auto threads, which could go down too, stay where
+    they are (1-draw windows keep real time); stop() gives the pipeline its 2 draws back."""
     from letstalk_rt.pipeline import LetsTalkPipeline
 
+    before = torch.get_num_threads()
     pipe = LetsTalkPipeline.from_pretrained(tiny_model_dir, noise_draws=2)
     window, fps = pipe.window, pipe.fps
     seen: list[tuple[int, int]] = []  # (noise draws, frames) of each window the worker sampled
@@ -974,21 +976,28 @@ def test_noise_draws_are_lowered_before_the_threads_once_windows_fall_two_window
 
     monkeypatch.setattr(pipe, "generate_latents", contended)
 
+    def choose_two(self, window_ms):  # as the threads test: 2 auto threads, and 1 would keep real time
+        self.threads, self._threads_ms = 2, {1: 1.0, 2: 1.0}
+        torch.set_num_threads(2)
+
+    monkeypatch.setattr(StreamEngine, "_choose_threads", choose_two)
+
     async def main():
-        engine = await _engine(pipe, threads=-1)
+        engine = await _engine(pipe, warmup=True, draws_budget=1e6)  # warm-up keeps the 2 draws
+        seen.clear()  # warm-up's windows
         session = await engine.open_session(_portrait(pipe, 5))
         session.push_audio(speechlike(2.4))
         session.end_speech()
         await _collect(session, 2.4)
-        lowered, threads_lowered = list(engine.draws_lowered), list(engine.threads_lowered)
+        lowered, threads_lowered, threads = list(engine.draws_lowered), list(engine.threads_lowered), engine.threads
         await engine.stop()
-        return lowered, threads_lowered
+        return lowered, threads_lowered, threads
 
-    lowered, threads_lowered = run(main())
+    lowered, threads_lowered, threads = run(main())
     full = [d for d, n in seen if n == window]
-    assert len(lowered) == 1 and not threads_lowered
+    assert len(lowered) == 1 and not threads_lowered and threads == 2
     assert full[:2] == [2, 2] and len(full) >= 4 and set(full[2:]) == {1}
-    assert pipe.noise_draws == 2
+    assert pipe.noise_draws == 2 and torch.get_num_threads() == before
 
 
 def test_lowered_threads_go_back_up_a_count_per_wait_and_a_failed_try_doubles_the_wait(tiny_pipeline):

@@ -1509,7 +1509,8 @@ class StreamEngine:
         of a quiet machine are paid back (a 30-minute soak on the 2-core EPYC had 3 windows in a row over real time,
         the third 186 ms of 160, among ~60 ms ones); a busy neighbour makes 2-thread windows slower than real time on
         average. Only for auto threads (the warm-up timed the counts), not compiled (its kernels keep their count),
-        not with a decode thread (its windows' times overlap)."""
+        not with a decode thread (its windows' times overlap). While the pipeline averages several noise draws the
+        lateness goes to `_lower_draws` instead (and a raise of the threads that fell due waits for it)."""
         now = time.monotonic() if now is None else now
         if self.pipeline.noise_draws > 1:
             self._lower_draws(ms, now)  # first: one draw halves the transformer's work, fewer threads slow it
