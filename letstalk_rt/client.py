@@ -464,7 +464,7 @@ class AvatarSession:
         """Call `callback(event)` for each event of `event_type` ("*" for all); usable as a decorator.
 
         Types: ready, speech_started, speech_stopped, playback_position, window_timings, frames_dropped,
-        interrupted, error, closed. Coroutine callbacks run as tasks. Events flow once the websocket is
+        interrupted, engine_adjusted, error, closed. Coroutine callbacks run as tasks. Events flow once the websocket is
         open (`connect()` opens it; so does the first `send_audio`).
         """
         def register(cb: Callable[[dict], Any]) -> Callable[[dict], Any]:

@@ -264,6 +264,11 @@ def render_metrics(manager: SessionManager) -> str:
            "Times the worker lowered its auto threads (windows fell behind real time: another process took the cores) "
            "or tried more again.",
            [('{direction="lowered"}', len(engine.threads_lowered)), ('{direction="raised"}', len(engine.threads_raised))])
+    metric("letstalk_engine_noise_draws", "gauge", "Noise draws averaged per window now (the model's, or 1 after the "
+           "engine fell behind real time with more).", [("", engine.pipeline.noise_draws)])
+    metric("letstalk_engine_draws_lowered_total", "counter",
+           "Times the worker dropped to 1 noise draw per window because windows fell behind real time.",
+           [("", len(engine.draws_lowered))])
     return "\n".join(lines) + "\n"
 
 

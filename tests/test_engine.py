@@ -18,7 +18,8 @@ from conftest import speechlike
 from letstalk_rt.errors import LetsTalkError
 from letstalk_rt.stream import AudioBufferFull, CapacityError, EngineConfig, StreamEngine
 from letstalk_rt.stream.engine import SessionClosedError
-from letstalk_rt.stream.events import SessionClosed, SessionError, SpeechStarted, SpeechStopped, WindowTimings
+from letstalk_rt.stream.events import (EngineAdjusted, SessionClosed, SessionError, SpeechStarted, SpeechStopped,
+                                      WindowTimings)
 
 
 def run(coro):
@@ -990,12 +991,18 @@ def test_noise_draws_are_lowered_before_the_threads_once_windows_fall_two_window
         session.end_speech()
         await _collect(session, 2.4)
         lowered, threads_lowered, threads = list(engine.draws_lowered), list(engine.threads_lowered), engine.threads
+        events = []
+        while not session._events.empty():
+            events.append(session._events.get_nowait())
         await engine.stop()
-        return lowered, threads_lowered, threads
+        return lowered, threads_lowered, threads, events
 
-    lowered, threads_lowered, threads = run(main())
+    lowered, threads_lowered, threads, events = run(main())
     full = [d for d, n in seen if n == window]
     assert len(lowered) == 1 and not threads_lowered and threads == 2
+    adjusted = [e.to_dict() for e in events if e.type == "engine_adjusted"]  # the application is told, once
+    assert len(adjusted) == 1 and adjusted[0]["change"] == "noise_draws"
+    assert (adjusted[0]["before"], adjusted[0]["after"]) == (2, 1) and adjusted[0]["behind_ms"] >= 2 * 1000 * window / fps
     assert full[:2] == [2, 2] and len(full) >= 4 and set(full[2:]) == {1}
     assert pipe.noise_draws == 2 and torch.get_num_threads() == before
 
@@ -1007,6 +1014,9 @@ def test_lowered_threads_go_back_up_a_count_per_wait_and_a_failed_try_doubles_th
     engine = StreamEngine(tiny_pipeline, EngineConfig(warmup=False, threads_raise_after_s=60.0))
     engine.threads, engine._threads_ms, engine._threads_top = 4, {1: 10.0, 2: 10.0, 4: 10.0}, 4
     real = 1000 * engine.window / tiny_pipeline.fps
+    announced = []
+    engine._announce = lambda change, before, after, behind_ms: announced.append(  # type: ignore[method-assign]
+        EngineAdjusted("", change=change, before=before, after=after, behind_ms=behind_ms))
 
     def windows(start: float, end: float, ms: float) -> None:
         t = start
@@ -1016,8 +1026,10 @@ def test_lowered_threads_go_back_up_a_count_per_wait_and_a_failed_try_doubles_th
 
     windows(0.0, 1.0, 2.1 * real)  # busy: 2 windows 2 behind -> 2 threads, 2 more -> 1
     assert engine.threads == 1 and [(a, b) for _, a, b in engine.threads_lowered] == [(4, 2), (2, 1)]
+    assert [(e.before, e.after) for e in announced] == [(4, 2), (2, 1)]  # each change told to the sessions
     windows(1.0, 130.0, 0.5 * real)  # quiet: a count up per 60 s
     assert [(round(t), a, b) for t, a, b in engine.threads_raised] == [(61, 1, 2), (121, 2, 4)] and engine.threads == 4
+    assert [(e.before, e.after, e.behind_ms) for e in announced[2:]] == [(1, 2, 0.0), (2, 4, 0.0)]
     windows(130.0, 130.3, 2.1 * real)  # busy again 9 s after the last try (2 windows): it failed, the wait doubles
     assert engine.threads_lowered[-1][1:] == (4, 2) and engine._raise_wait == 120.0
     windows(130.4, 260.0, 0.5 * real)
@@ -1263,6 +1275,35 @@ def test_warm_up_captures_a_graph_for_every_batch_size_it_can_run(tiny_pipeline,
             for chunk in torch.zeros(t * b).split(DECODE_CHUNK):
                 assert next(x for x in GRAPH_BUCKETS if x >= len(chunk)) in decoded
     assert capture == [False]  # live, a size met for the first time runs eagerly: no capture beside the decode thread
+
+
+@pytest.mark.parametrize("decode_thread", [False, True])
+def test_warm_up_captures_the_transformer_buckets_of_every_noise_draw_count_it_can_run(tiny_pipeline, monkeypatch,
+                                                                                      decode_thread):
+    """At 2 noise draws a session is 2 transformer rows: every bucket that 1..max_batch sessions' rows pad to is
+    captured, and, where a running engine can fall back to 1 draw (no decode thread), every bucket at 1 draw too
+    (1 session's single row pads to the bucket of 1, which no 2-draw batch reaches)."""
+    from letstalk_rt.diffusion import guidance_rows
+    from letstalk_rt.pipeline import GRAPH_BUCKETS
+    from letstalk_rt.stream.engine import graph_sessions
+
+    monkeypatch.setattr(tiny_pipeline, "noise_draws", 2)
+    engine = StreamEngine(tiny_pipeline, EngineConfig(max_batch=10, window=4, first_window=4,
+                                                      decode_thread=decode_thread))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(tiny_pipeline.audio_encoder, "_encode_windows", lambda w: None)
+    monkeypatch.setattr(tiny_pipeline, "decode", lambda lat, streams=None: None)
+    monkeypatch.setattr(tiny_pipeline, "capture_graphs", lambda on: None)
+    seen = []  # (noise draws, sessions) of each window the warm-up ran
+    engine._capture_graphs(lambda t, b: seen.append((tiny_pipeline.noise_draws, b)))
+    assert tiny_pipeline.noise_draws == 2  # given back
+    bucket = lambda rows: next(x for x in GRAPH_BUCKETS if x >= rows)  # noqa: E731
+    assert len(guidance_rows(tiny_pipeline.portrait_guidance, tiny_pipeline.audio_guidance)) == 1  # a row per draw
+    assert {d for d, _ in seen} == ({2} if decode_thread else {1, 2})
+    for draws in {d for d, _ in seen}:
+        captured = {bucket(b * draws) for d, b in seen if d == draws}
+        assert {bucket(n * draws) for n in range(1, 11)} == captured
+    assert graph_sessions(10, 2) == [1, 2, 4, 6, 8, 10] and graph_sessions(10, 1) == [1, 2, 4, 8, 10]
 
 
 def test_a_burst_of_pieces_after_a_stalled_event_loop_does_not_move_the_pace(tiny_pipeline):

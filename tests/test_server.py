@@ -147,6 +147,8 @@ def test_health_metrics_and_avatars(tiny_pipeline):
     assert values["letstalk_errors_total"] == 0
     assert values["letstalk_engine_torch_threads"] >= 1 or math.isnan(values["letstalk_engine_torch_threads"])
     assert values['letstalk_engine_threads_changes_total{direction="lowered"}'] == 0
+    assert values["letstalk_engine_noise_draws"] == tiny_pipeline.noise_draws >= 1
+    assert values["letstalk_engine_draws_lowered_total"] == 0
 
 
 # --------------------------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ from ..media import TempoStretcher
 from ..pipeline import (DECODE_CHUNK, GRAPH_BUCKETS, AudioTokenizer, LetsTalkPipeline, Portrait, StreamState,
                         encode_features)
 from .events import (
-    AVFrame, Event, FramesDropped, Interrupted, PlaybackPosition, SessionClosed, SessionError,
+    AVFrame, EngineAdjusted, Event, FramesDropped, Interrupted, PlaybackPosition, SessionClosed, SessionError,
     SpeechStarted, SpeechStopped, WindowTimings,
 )
 
@@ -246,6 +246,13 @@ async def run_off_loop(fn: Callable[..., Any], *args: Any) -> Any:
             release_openmp_threads()
 
     return await asyncio.to_thread(call)
+
+
+def graph_sessions(most: int, rows: int) -> list[int]:
+    """Session counts whose windows fill every CUDA graph bucket that up to `most` sessions of `rows` transformer
+    rows each (a row per noise draw and guidance row) can reach: 3 sessions at 2 rows are 6, padded to the bucket
+    of 8 that 4 sessions capture; 6 sessions fill the bucket of 12."""
+    return sorted({max(1, b // rows) for b in GRAPH_BUCKETS if b < most * rows} | {most})
 
 
 def _post(s: "Session", fn: Callable[..., Any], *args: Any) -> None:
@@ -872,16 +879,18 @@ class StreamEngine:
         if self.config.warmup:
             await run_off_loop(self._warmup_restoring_threads)
         self._stopping = False
-        decode_thread = self.config.decode_thread
-        if decode_thread is None:
-            decode_thread = self.pipeline.device.type == "cuda"
-        if decode_thread:
+        if self._decodes_in_thread():
             self._decode_q = queue.Queue(maxsize=1)
             self._decoder = threading.Thread(target=self._decode_loop, name="letstalk-decode", daemon=True)
             self._decoder.start()
         self._thread = threading.Thread(target=self._run, name="letstalk-engine", daemon=True)
         self._thread.start()
         return self
+
+    def _decodes_in_thread(self) -> bool:
+        """EngineConfig.decode_thread, whose default (None) is a decode thread on a GPU."""
+        d = self.config.decode_thread
+        return self.pipeline.device.type == "cuda" if d is None else d
 
     async def stop(self) -> None:
         for s in list(self.sessions.values()):
@@ -989,15 +998,18 @@ class StreamEngine:
         def up_to(most: int) -> list[int]:  # every graph bucket below `most`, and `most` itself
             return [b for b in GRAPH_BUCKETS if b < most] + [most]
 
-        # sessions whose windows fill each transformer bucket up to max_batch sessions': a session is a row per noise
-        # draw and guidance row (3 sessions at 2 draws are 6 rows, padded to the bucket of 8 that 4 sessions capture;
-        # 6 sessions fill the bucket of 12)
-        most = self.config.max_batch
-        rows = p.noise_draws * len(guidance_rows(p.portrait_guidance, p.audio_guidance))
-        sessions = sorted({max(1, b // rows) for b in GRAPH_BUCKETS if b < most * rows} | {most})
-        for t in sorted({self.window, min(self.config.first_window, self.window)}):
-            for b in sessions:
-                window_ms(t, b)
+        # every transformer bucket up to max_batch sessions', at the model's noise draws and, where a running engine
+        # may fall back to it (_lower_draws: not with a decode thread), at 1 draw
+        most, base = self.config.max_batch, p.noise_draws
+        guided = len(guidance_rows(p.portrait_guidance, p.audio_guidance))
+        try:
+            for draws in sorted({base} if self._decodes_in_thread() else {base, 1}):
+                p.noise_draws = draws
+                for t in sorted({self.window, min(self.config.first_window, self.window)}):
+                    for b in graph_sessions(most, draws * guided):
+                        window_ms(t, b)
+        finally:
+            p.noise_draws = base
         # The decoder runs in chunks of DECODE_CHUNK frames, and a batch's last chunk can be any size below it
         # (3 sessions' 4-frame windows: 12 frames, which no size above decodes): capture each bucket there.
         lat = p.config.transformer.latent_channels, p.config.autoencoder.latent_size, p.config.autoencoder.latent_size
@@ -1531,6 +1543,7 @@ class StreamEngine:
         before, behind_ms = self.threads, self._behind_ms
         self.threads, self._behind_ms = max(lower), 0.0
         self.threads_lowered.append((now, before, self.threads))
+        self._announce("threads", before, self.threads, behind_ms)
         base = self.config.threads_raise_after_s
         if self.threads_raised and now - self.threads_raised[-1][0] < self._raise_wait:  # the probe failed
             self._raise_wait = min(2 * self._raise_wait, _RAISE_WAIT_MAX_S)
@@ -1554,8 +1567,17 @@ class StreamEngine:
             return
         log.warning("engine: windows at %d noise draws fell %.0f ms behind real time (is another process busy on "
                     "these cores?): sampling 1 draw per window from now on", self.pipeline.noise_draws, self._behind_ms)
+        before, behind_ms = self.pipeline.noise_draws, self._behind_ms
         self.pipeline.noise_draws, self._behind_ms = 1, 0.0
         self.draws_lowered.append(now)
+        self._announce("noise_draws", before, 1, behind_ms)
+
+    def _announce(self, change: str, before: int, after: int, behind_ms: float) -> None:
+        """Tell every open session's subscribers (worker thread: posted to each session's loop)."""
+        for s in list(self.sessions.values()):
+            if not s.closed:
+                _post(s, s._emit, EngineAdjusted(s.id, change=change, before=before, after=after,  # type: ignore[arg-type]
+                                                 behind_ms=round(behind_ms, 1)))
 
     def _raise_threads(self, now: float) -> None:
         """Lowered threads (`_note_window`) go back up one count once `threads_raise_after_s` has passed (and on,
@@ -1573,6 +1595,7 @@ class StreamEngine:
         if up < top:  # lowered more than once (4 -> 2 -> 1): the next count up after another wait
             self._raise_at = now + self._raise_wait
         self.threads_raised.append((now, before, up))
+        self._announce("threads", before, up, 0.0)
         log.info("engine: trying %d torch threads (from %d)", up, before)
 
     def _sample(self, sessions: list[Session], frames: int) -> tuple[float, torch.Tensor]:

@@ -105,6 +105,19 @@ class SessionClosed(Event):
     reason: str = "closed"
 
 
+@dataclass(frozen=True)
+class EngineAdjusted(Event):
+    """The shared engine changed how much work a window gets, for every session on it: its windows fell
+    `behind_ms` behind real time (another process took the cores), so it went from `before` to `after`
+    noise draws per window (a little less lip sync, more flicker) or torch threads; or, later, tried more
+    threads again (`behind_ms` 0). Noise draws come back only when the engine is restarted."""
+
+    change: Literal["noise_draws", "threads"] = "threads"
+    before: int = 0
+    after: int = 0
+    behind_ms: float = 0.0
+
+
 _EVENT_NAMES: dict[type, str] = {
     SpeechStarted: "speech_started",
     SpeechStopped: "speech_stopped",
@@ -114,4 +127,5 @@ _EVENT_NAMES: dict[type, str] = {
     Interrupted: "interrupted",
     SessionError: "error",
     SessionClosed: "closed",
+    EngineAdjusted: "engine_adjusted",
 }
