@@ -89,6 +89,7 @@ class RunResult:
     threads_raised_at_s: list[float] = field(default_factory=list)  # ... and went back up (threads_raise_after_s)
     draws_lowered_at_s: list[float] = field(default_factory=list)  # ... and the noise draws went down to 1 (before
     # the threads: EngineConfig.threads_lower_after)
+    draws_raised_at_s: list[float] = field(default_factory=list)  # ... and back to the model's (threads_raise_after_s)
     realtime: bool = field(init=False)
 
     def __post_init__(self) -> None:  # speech is fed throughout: a run that showed none of it is not real time
@@ -215,6 +216,7 @@ async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np
     threads_end = engine.threads or torch.get_num_threads()
     lowered = [round(at - t0, 1) for at, _, _ in engine.threads_lowered]
     draws_lowered = [round(at - t0, 1) for at in engine.draws_lowered]
+    draws_raised = [round(at - t0, 1) for at in engine.draws_raised]
     raised = [round(at - t0, 1) for at, _, _ in engine.threads_raised]
     await engine.stop()
     cuda = torch.cuda.max_memory_allocated(pipe.device) / 2**20 if pipe.device.type == "cuda" else None
@@ -235,7 +237,7 @@ async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np
         latency_ms_p95_after_start=_percentile_ms(sorted(steady), 0.95),
         target_latency_ms=round(target_ms, 1), window_compute_ms=round(compute_ms, 1), **offset_summary(offsets),
         threads_end=threads_end, threads_lowered_at_s=lowered, threads_raised_at_s=raised,
-        draws_lowered_at_s=draws_lowered,
+        draws_lowered_at_s=draws_lowered, draws_raised_at_s=draws_raised,
     )
 
 

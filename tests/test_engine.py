@@ -1039,6 +1039,48 @@ def test_lowered_threads_go_back_up_a_count_per_wait_and_a_failed_try_doubles_th
     assert engine._raise_wait == 60.0 and engine._raise_at == pytest.approx(engine.threads_lowered[-1][0] + 60.0)
 
 
+def test_lowered_noise_draws_go_back_up_after_the_threads_and_a_failed_try_doubles_the_wait(tiny_model_dir):
+    """On made-up window times (`_note_window`, no sleeps): 2 draws fall behind -> 1 draw; still behind -> fewer
+    threads; quiet again, the threads go back up first (after 60 s), then the draws (at their own 60 s, once no
+    thread count waits), each change told to the sessions; behind again within the wait -> 1 draw with the wait
+    doubled; stop() gives the pipeline its 2 draws back and forgets a pending try."""
+    from letstalk_rt.pipeline import LetsTalkPipeline
+
+    pipe = LetsTalkPipeline.from_pretrained(tiny_model_dir, noise_draws=2)
+    engine = StreamEngine(pipe, EngineConfig(warmup=False, threads_raise_after_s=60.0))
+    engine.threads, engine._threads_ms, engine._threads_top = 2, {1: 10.0, 2: 10.0}, 2
+    real = 1000 * engine.window / pipe.fps
+    announced = []
+    engine._announce = lambda change, before, after, behind_ms: announced.append(  # type: ignore[method-assign]
+        (change, before, after))
+
+    def windows(start: float, end: float, ms: float) -> None:
+        t = start
+        while t < end:
+            engine._note_window(ms, now=t)
+            t += 0.2
+
+    windows(0.0, 1.0, 2.1 * real)  # busy: 2 windows behind -> 1 draw, 2 more -> 1 thread
+    assert pipe.noise_draws == 1 and engine.threads == 1
+    assert announced == [("noise_draws", 2, 1), ("threads", 2, 1)]
+    windows(1.0, 59.0, 0.5 * real)  # quiet, but not for 60 s yet
+    assert pipe.noise_draws == 1 and engine.threads == 1
+    windows(59.0, 70.0, 0.5 * real)  # the threads' wait (from 0.6 s) ends first, then the draws' (from 0.2 s)
+    assert engine.threads == 2 and pipe.noise_draws == 2
+    assert [round(t) for t, _, _ in engine.threads_raised] == [61] and [round(t) for t in engine.draws_raised] == [61]
+    assert announced[2:] == [("threads", 1, 2), ("noise_draws", 1, 2)]  # threads first: one change per window
+    windows(70.0, 70.5, 2.1 * real)  # busy again within the wait: the try failed, the next waits 120 s
+    assert pipe.noise_draws == 1 and engine._draws_wait == 120.0
+    windows(70.5, 185.0, 0.5 * real)
+    assert pipe.noise_draws == 1
+    windows(185.0, 200.0, 0.5 * real)
+    assert pipe.noise_draws == 2 and round(engine.draws_raised[-1]) == 190
+    windows(200.0, 201.0, 2.1 * real)
+    assert pipe.noise_draws == 1 and engine._draws_raise_at is not None
+    run(engine.stop())
+    assert pipe.noise_draws == 2 and engine._draws_raise_at is None
+
+
 @pytest.mark.parametrize("one, two, tries_two", [(0.75, 0.9, True), (0.2, 0.1, False), (1.2, 1.5, False)])
 def test_a_warm_up_on_a_busy_machine_tries_more_threads_later(tiny_pipeline, one, two, tries_two):
     """When no count fits the warm-up's budget (something else busy while it timed them), the fastest is taken and

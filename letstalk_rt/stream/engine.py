@@ -163,7 +163,8 @@ class EngineConfig:
     # processes: 0.57-0.80 of real time, where 1 thread held 0.97-0.99; docs/benchmarks.md). 0: never.
     threads_raise_after_s: float = 60.0  # lowered threads go up a count after this long, and on (the process that
     # took the cores may have ended); a raise that is lowered again within the wait doubles it (up to 30 minutes),
-    # so a lasting neighbour costs a probe of a few windows' lateness ever more rarely. 0: never raised again.
+    # so a lasting neighbour costs a probe of a few windows' lateness ever more rarely. Noise draws lowered live go
+    # back to the model's the same way, once no thread count waits to. 0: never raised again.
     keep_heap: bool = True  # at start, make glibc keep freed memory for reuse (`keep_heap`): a window's
     # activations are reallocated every window, and returned to the kernel they are faulted in again
     decode_thread: bool | None = None  # decode each window in a second thread while the worker samples the
@@ -850,6 +851,9 @@ class StreamEngine:
         self._behind_ms = 0.0  # how far the worker's full windows have fallen behind real time (_note_window)
         self.threads_lowered: list[tuple[float, int, int]] = []  # (time.monotonic(), from, to) each time
         self.draws_lowered: list[float] = []  # time.monotonic() when windows fell behind at the model's noise draws
+        self.draws_raised: list[float] = []  # ... and when the engine tried the model's draws again
+        self._draws_raise_at: float | None = None  # when lowered draws are tried again (monotonic)
+        self._draws_wait = self.config.threads_raise_after_s  # doubled by a raise lowered again within it
         self.threads_raised: list[tuple[float, int, int]] = []  # ... and each time they went back up
         self._threads_top: int | None = None  # raised no higher: the warm-up's choice (the next count up if none fitted)
         self._raise_at: float | None = None  # when lowered threads go back up (monotonic)
@@ -906,7 +910,7 @@ class StreamEngine:
             await asyncio.to_thread(self._decoder.join, 10)
             self._decoder = None
         self.pipeline.set_num_steps(self.base_steps)
-        self.pipeline.noise_draws = self.base_draws
+        self.pipeline.noise_draws, self._draws_raise_at = self.base_draws, None  # a restart's warm-up chooses again
         self.pipeline.capture_graphs(True)  # the pipeline used on its own captures each size as it meets it
         if self.threads is not None:
             torch.set_num_threads(self._threads_before)
@@ -1527,6 +1531,9 @@ class StreamEngine:
         if self.pipeline.noise_draws > 1:
             self._lower_draws(ms, now)  # first: one draw halves the transformer's work, fewer threads slow it
             return
+        if self._draws_raise_at is not None and now >= self._draws_raise_at and self._raise_at is None:
+            self._raise_draws(now)  # the threads are back where the warm-up put them: the draws next
+            return
         if (not self._threads_ms or self.threads is None or self.pipeline.compiled or self._decode_q is not None
                 or self.config.threads_lower_after <= 0):
             return
@@ -1557,8 +1564,8 @@ class StreamEngine:
     def _lower_draws(self, ms: float, now: float) -> None:
         """A model averaging several noise draws per window (sampling.noise_draws) samples 1 from the next window on
         once full windows have fallen `threads_lower_after` windows' duration behind real time, counted as for the
-        threads, until stop() (which gives the pipeline its draws back); the threads are lowered only after that.
-        Not with a decode thread (its windows' times overlap)."""
+        threads, until `_raise_draws` tries its draws again (or stop() gives them back); the threads are lowered only
+        after that. Not with a decode thread (its windows' times overlap)."""
         if self._decode_q is not None or self.config.threads_lower_after <= 0:
             return
         real_ms = 1000 * self.window / self.pipeline.config.fps
@@ -1570,7 +1577,23 @@ class StreamEngine:
         before, behind_ms = self.pipeline.noise_draws, self._behind_ms
         self.pipeline.noise_draws, self._behind_ms = 1, 0.0
         self.draws_lowered.append(now)
+        base = self.config.threads_raise_after_s
+        if self.draws_raised and now - self.draws_raised[-1] < self._draws_wait:  # the try failed
+            self._draws_wait = min(2 * self._draws_wait, _RAISE_WAIT_MAX_S)
+        else:
+            self._draws_wait = base
+        self._draws_raise_at = now + self._draws_wait if base > 0 else None
         self._announce("noise_draws", before, 1, behind_ms)
+
+    def _raise_draws(self, now: float) -> None:
+        """Draws lowered by `_lower_draws` go back to the model's once `threads_raise_after_s` has passed (doubled after
+        each try that fell behind again within it, as for the threads) and no lowered thread count waits to go back
+        up first: the process that took the cores may have ended."""
+        self._draws_raise_at, self._behind_ms = None, 0.0
+        self.pipeline.noise_draws = self.base_draws
+        self.draws_raised.append(now)
+        self._announce("noise_draws", 1, self.base_draws, 0.0)
+        log.info("engine: trying %d noise draws per window again", self.base_draws)
 
     def _announce(self, change: str, before: int, after: int, behind_ms: float) -> None:
         """Tell every open session's subscribers (worker thread: posted to each session's loop)."""

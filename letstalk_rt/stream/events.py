@@ -110,7 +110,7 @@ class EngineAdjusted(Event):
     """The shared engine changed how much work a window gets, for every session on it: its windows fell
     `behind_ms` behind real time (another process took the cores), so it went from `before` to `after`
     noise draws per window (a little less lip sync, more flicker) or torch threads; or, later, tried more
-    threads again (`behind_ms` 0). Noise draws come back only when the engine is restarted."""
+    threads or draws again (`behind_ms` 0; EngineConfig.threads_raise_after_s)."""
 
     change: Literal["noise_draws", "threads"] = "threads"
     before: int = 0
