@@ -809,6 +809,39 @@ def test_warmup_keeps_the_models_noise_draws_only_where_they_fit(tiny_model_dir,
         StreamEngine(pipe, EngineConfig(draws_budget=0))
 
 
+@pytest.mark.parametrize("decode_thread", [False, True])
+def test_a_warm_up_that_fell_back_to_one_draw_tries_the_models_draws_later(tiny_model_dir, decode_thread):
+    """Something busy during warm-up may pass: a warm-up that fell back to 1 draw tries the model's 2 after
+    threads_raise_after_s (on made-up window times), as after a live fallback; not with a decode thread, where a
+    running engine could not lower them again."""
+    from letstalk_rt.pipeline import LetsTalkPipeline
+
+    pipe = LetsTalkPipeline.from_pretrained(tiny_model_dir, noise_draws=2)
+
+    async def main():
+        engine = await _engine(pipe, warmup=True, draws_budget=1e-6, threads=1, threads_raise_after_s=60.0,
+                               decode_thread=decode_thread)
+        try:
+            at, chosen = engine._draws_raise_at, pipe.noise_draws
+            if at is None:
+                return chosen, None, None, None
+            real = 1000 * engine.window / pipe.fps
+            engine._note_window(0.5 * real, now=at - 1.0)
+            before = pipe.noise_draws
+            engine._note_window(0.5 * real, now=at + 0.1)
+            return chosen, at - time.monotonic(), before, pipe.noise_draws
+        finally:
+            await engine.stop()
+
+    chosen, wait, before, after = run(main())
+    assert chosen == 1
+    if decode_thread:
+        assert wait is None
+    else:
+        assert 50 < wait <= 60 and (before, after) == (1, 2)
+    assert pipe.noise_draws == 2
+
+
 @pytest.mark.skipif(torch.get_num_threads() < 2 or "OMP_NUM_THREADS" in os.environ,
                     reason="needs 2+ torch threads to choose from")
 def test_warmup_gives_the_worker_the_fewest_torch_threads_that_fit(tiny_pipeline, monkeypatch):

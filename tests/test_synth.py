@@ -283,3 +283,26 @@ def test_a_stopped_run_with_another_seed_is_refused_by_the_reader(tmp_path):
     synth.write_clip(synth.make_clip_specs(1, (1, 1), 64, seed=1)[0], out)  # ... and the run stopped here
     with pytest.raises(InputError, match="empty folder"):
         open_dataset(out, 32, "train", progress=False)
+
+
+def test_only_some_splits_are_written_as_the_whole_corpus_would_hold_them(tmp_path):
+    """`--only test --only train:1` of 12 planned clips: every test clip and the first train clip, each the same
+    spec (digest) the whole corpus plans, no other clip rendered, and a manifest of just those that the eval's
+    corpus reader opens; an unknown split or one with no clip planned is a clear error."""
+    from letstalk_rt.errors import InputError
+    from letstalk_rt.eval import Corpus
+
+    plan = synth.make_clip_specs(12, (1, 1), 64, seed=3)
+    want = [s for s in plan if s.split == "test"] + [s for s in plan if s.split == "train"][:1]
+    out = tmp_path / "aside"
+    synth.synthesize_corpus(out, 12, (1, 1), 64, seed=3, progress=False, only={"test": None, "train": 1})
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(c["name"] for c in manifest["clips"]) == sorted(s.name for s in want)
+    assert {c["name"]: c["spec_digest"] for c in manifest["clips"]} == {s.name: s.digest() for s in want}
+    assert sorted(p.stem for p in out.glob("*.mp4")) == sorted(s.name for s in want)
+    assert manifest["splits"]["validation"] == [] and len(manifest["splits"]["train"]) == 1
+    assert Corpus(out).names("test") == [s.name for s in plan if s.split == "test"]
+    with pytest.raises(InputError, match="the splits are"):
+        synth.synthesize_corpus(out, 12, (1, 1), 64, seed=3, progress=False, only={"tests": None})
+    with pytest.raises(InputError, match="plan more with --clips"):
+        synth.synthesize_corpus(tmp_path / "none", 1, (1, 1), 64, seed=3, progress=False, only={"test": None})

@@ -971,9 +971,16 @@ class StreamEngine:
             took = min(window_ms(self.window) for _ in range(2))
             if took > self.config.draws_budget * real_ms:
                 p.noise_draws = 1
+                # something busy at start may pass: tried again as after a live fallback (_raise_draws), the wait
+                # doubling while they do not fit (a CPU too slow for them pays a few windows of lateness ever more
+                # rarely); not where they could not be lowered live again
+                live = not self._decodes_in_thread() and self.config.threads_lower_after > 0  # can lower them again
+                wait = self.config.threads_raise_after_s if live else 0.0
+                self._draws_raise_at, self._draws_wait = (time.monotonic() + wait if wait > 0 else None), wait
                 log.warning("engine: a window of %d sessions at %d noise draws took %.0f ms of the %.0f ms it lasts; "
-                            "sampling 1 draw per window (half the transformer's work, a little more flicker)",
-                            self.config.max_batch, self.base_draws, took, real_ms)
+                            "sampling 1 draw per window (half the transformer's work, a little more flicker)%s",
+                            self.config.max_batch, self.base_draws, took, real_ms,
+                            f"; trying {self.base_draws} again in {wait:.0f} s" if wait > 0 else "")
         budget = self.config.steps_budget * real_ms
         for steps in range(self.base_steps + 1, self.config.max_steps + 1):  # max_steps: more while they fit
             p.set_num_steps(steps)
@@ -1002,12 +1009,12 @@ class StreamEngine:
         def up_to(most: int) -> list[int]:  # every graph bucket below `most`, and `most` itself
             return [b for b in GRAPH_BUCKETS if b < most] + [most]
 
-        # every transformer bucket up to max_batch sessions', at the model's noise draws and, where a running engine
-        # may fall back to it (_lower_draws: not with a decode thread), at 1 draw
+        # every transformer bucket up to max_batch sessions', at the draws chosen and, where a running engine may
+        # change them (_lower_draws, _raise_draws: not with a decode thread), at the model's draws and at 1
         most, base = self.config.max_batch, p.noise_draws
         guided = len(guidance_rows(p.portrait_guidance, p.audio_guidance))
         try:
-            for draws in sorted({base} if self._decodes_in_thread() else {base, 1}):
+            for draws in sorted({base} if self._decodes_in_thread() else {self.base_draws, 1}):
                 p.noise_draws = draws
                 for t in sorted({self.window, min(self.config.first_window, self.window)}):
                     for b in graph_sessions(most, draws * guided):

@@ -1358,11 +1358,13 @@ def _write_clip_job(job: tuple[dict[str, Any], str]) -> dict[str, Any]:
 
 def synthesize_corpus(out_dir: str | Path, num_clips: int, seconds_range: tuple[float, float] = (3, 8),
                       size: int = 128, seed: int = 0, real_photo_fraction: float = 0.3, workers: int = 1,
-                      progress: bool = True) -> Path:
+                      progress: bool = True, only: dict[str, int | None] | None = None) -> Path:
     """Write num_clips clips and manifest.json into out_dir; returns the manifest's path.
 
     Resumable: clips whose mp4 + json already exist for the same spec are kept. `workers` > 1 renders
-    clips in that many processes.
+    clips in that many processes. `only` {split: most clips or None for all} writes just those clips of the
+    num_clips planned (each the clip the whole corpus would hold) and a manifest of them: e.g. a held-aside test
+    set, with a few train clips for the eval's mouth probe, without rendering the rest.
     """
     from tqdm import tqdm
 
@@ -1376,6 +1378,17 @@ def synthesize_corpus(out_dir: str | Path, num_clips: int, seconds_range: tuple[
     except OSError as e:
         raise OutputError(f"cannot create '{out}': {e.strerror or e}; choose another output directory") from e
     specs = make_clip_specs(num_clips, seconds_range, size, seed, real_photo_fraction)
+    if only is not None:
+        unknown = set(only) - set(SPLITS)
+        if unknown:
+            raise InputError(f"--only {', '.join(sorted(unknown))}: the splits are {', '.join(SPLITS)}")
+        chosen = []
+        for split, most in only.items():
+            chosen += [c for c in specs if c.split == split][:most]
+        specs = sorted(chosen, key=lambda c: c.index)
+        if not specs:
+            raise InputError(f"--only {', '.join(only)}: none of the {num_clips} clips planned is in those splits; "
+                             "plan more with --clips")
     for name in {s.identity.get("photo") for s in specs} - {None}:
         _load_photo(name)  # fail early (and once) if a real photo's face is not found
     metas: dict[int, dict[str, Any]] = {}
@@ -1386,7 +1399,7 @@ def synthesize_corpus(out_dir: str | Path, num_clips: int, seconds_range: tuple[
             metas[s.index] = done
         else:
             todo.append(s)
-    bar = tqdm(total=num_clips, initial=len(metas), desc="synth clips", unit="clip", disable=not progress)
+    bar = tqdm(total=len(specs), initial=len(metas), desc="synth clips", unit="clip", disable=not progress)
     try:
         if workers == 1 or len(todo) <= 1:
             for s in todo:
@@ -1460,7 +1473,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--real-photo-fraction", type=float, default=0.3,
                         help="share of training clips animating a real photo instead of a drawn face (default 0.3)")
     parser.add_argument("--workers", type=int, default=1, help="processes rendering clips (default 1)")
+    parser.add_argument("--only", action="append", type=_only, metavar="SPLIT[:N]",
+                        help="write only this split's clips of the --clips planned (at most N of them); repeat for "
+                             "more splits, e.g. a held-aside test set: --seed 1 --only test --only train:120 (the "
+                             "eval's mouth probe is fitted on train clips)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _only(text: str) -> tuple[str, int | None]:
+    split, _, most = text.partition(":")
+    if split not in SPLITS or (most and not (most.isdigit() and int(most) > 0)):
+        raise argparse.ArgumentTypeError(f"{text!r}: give SPLIT or SPLIT:N, SPLIT one of {', '.join(SPLITS)}, N >= 1")
+    return split, int(most) if most else None
 
 
 def main(args: argparse.Namespace) -> None:
@@ -1468,7 +1492,8 @@ def main(args: argparse.Namespace) -> None:
 
     start = time.perf_counter()
     path = synthesize_corpus(args.out, args.clips, tuple(args.seconds), args.size, args.seed,
-                             args.real_photo_fraction, args.workers, progress=not args.quiet)
+                             args.real_photo_fraction, args.workers, progress=not args.quiet,
+                             only=dict(args.only) if args.only else None)
     manifest = json.loads(path.read_text())
     counts = ", ".join(f"{len(v)} {k}" for k, v in manifest["splits"].items())
     print(f"wrote {manifest['num_clips']} clips ({counts}; {manifest['total_seconds'] / 60:.1f} min of video) "
