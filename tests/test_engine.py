@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import os
 import subprocess
@@ -826,9 +827,10 @@ def test_a_warm_up_that_fell_back_to_one_draw_tries_the_models_draws_later(tiny_
             if at is None:
                 return chosen, None, None, None
             real = 1000 * engine.window / pipe.fps
-            engine._note_window(0.5 * real, now=at - 1.0)
+            engine.config = dataclasses.replace(engine.config, draws_budget=0.75)  # the busy spell has passed
+            engine._note_window(0.3 * real, now=at - 1.0)
             before = pipe.noise_draws
-            engine._note_window(0.5 * real, now=at + 0.1)
+            engine._note_window(0.3 * real, now=at + 0.1)
             return chosen, at - time.monotonic(), before, pipe.noise_draws
         finally:
             await engine.stop()
@@ -1076,7 +1078,8 @@ def test_lowered_noise_draws_go_back_up_after_the_threads_and_a_failed_try_doubl
     """On made-up window times (`_note_window`, no sleeps): 2 draws fall behind -> 1 draw; still behind -> fewer
     threads; quiet again, the threads go back up first (after 60 s), then the draws (at their own 60 s, once no
     thread count waits), each change told to the sessions; behind again within the wait -> 1 draw with the wait
-    doubled; stop() gives the pipeline its 2 draws back and forgets a pending try."""
+    doubled; a try falls due but waits while 1-draw windows say 2 would not fit draws_budget; stop() gives the
+    pipeline its 2 draws back and forgets a pending try."""
     from letstalk_rt.pipeline import LetsTalkPipeline
 
     pipe = LetsTalkPipeline.from_pretrained(tiny_model_dir, noise_draws=2)
@@ -1096,20 +1099,27 @@ def test_lowered_noise_draws_go_back_up_after_the_threads_and_a_failed_try_doubl
     windows(0.0, 1.0, 2.1 * real)  # busy: 2 windows behind -> 1 draw, 2 more -> 1 thread
     assert pipe.noise_draws == 1 and engine.threads == 1
     assert announced == [("noise_draws", 2, 1), ("threads", 2, 1)]
-    windows(1.0, 59.0, 0.5 * real)  # quiet, but not for 60 s yet
+    windows(1.0, 59.0, 0.3 * real)  # quiet, but not for 60 s yet
     assert pipe.noise_draws == 1 and engine.threads == 1
-    windows(59.0, 70.0, 0.5 * real)  # the threads' wait (from 0.6 s) ends first, then the draws' (from 0.2 s)
+    windows(59.0, 70.0, 0.3 * real)  # the threads' wait (from 0.6 s) ends first, then the draws' (from 0.2 s)
     assert engine.threads == 2 and pipe.noise_draws == 2
     assert [round(t) for t, _, _ in engine.threads_raised] == [61] and [round(t) for t in engine.draws_raised] == [61]
     assert announced[2:] == [("threads", 1, 2), ("noise_draws", 1, 2)]  # threads first: one change per window
     windows(70.0, 70.5, 2.1 * real)  # busy again within the wait: the try failed, the next waits 120 s
     assert pipe.noise_draws == 1 and engine._draws_wait == 120.0
-    windows(70.5, 185.0, 0.5 * real)
+    windows(70.5, 185.0, 0.3 * real)
     assert pipe.noise_draws == 1
-    windows(185.0, 200.0, 0.5 * real)
+    windows(185.0, 200.0, 0.3 * real)
     assert pipe.noise_draws == 2 and round(engine.draws_raised[-1]) == 190
     windows(200.0, 201.0, 2.1 * real)
     assert pipe.noise_draws == 1 and engine._draws_raise_at is not None
+    # due (at 440 s), but 1-draw windows at 0.5 of real time say 2 draws would not fit 0.75 of it: no try (it would
+    # only add lateness); once they take 0.25 (sampling 0.1 of it), the draws come back
+    windows(201.0, 460.0, 0.5 * real)
+    assert pipe.noise_draws == 1
+    for k in range(10):
+        engine._note_window(0.25 * real, now=460.0 + k * 0.2, sample_ms=0.1 * real)
+    assert pipe.noise_draws == 2 and 460 < engine.draws_raised[-1] < 462
     run(engine.stop())
     assert pipe.noise_draws == 2 and engine._draws_raise_at is None
 

@@ -854,6 +854,7 @@ class StreamEngine:
         self.draws_raised: list[float] = []  # ... and when the engine tried the model's draws again
         self._draws_raise_at: float | None = None  # when lowered draws are tried again (monotonic)
         self._draws_wait = self.config.threads_raise_after_s  # doubled by a raise lowered again within it
+        self._draws_ms: float | None = None  # what a full window at the model's draws would take now (_note_window)
         self.threads_raised: list[tuple[float, int, int]] = []  # ... and each time they went back up
         self._threads_top: int | None = None  # raised no higher: the warm-up's choice (the next count up if none fitted)
         self._raise_at: float | None = None  # when lowered threads go back up (monotonic)
@@ -910,7 +911,7 @@ class StreamEngine:
             await asyncio.to_thread(self._decoder.join, 10)
             self._decoder = None
         self.pipeline.set_num_steps(self.base_steps)
-        self.pipeline.noise_draws, self._draws_raise_at = self.base_draws, None  # a restart's warm-up chooses again
+        self.pipeline.noise_draws, self._draws_raise_at, self._draws_ms = self.base_draws, None, None  # warm-up chooses
         self.pipeline.capture_graphs(True)  # the pipeline used on its own captures each size as it meets it
         if self.threads is not None:
             torch.set_num_threads(self._threads_before)
@@ -1514,7 +1515,7 @@ class StreamEngine:
         total = (time.perf_counter() - t0) * 1000
         self._gen_ms[frames] = 0.8 * self._gen_ms.get(frames, total) + 0.2 * total
         if frames == self.window and not retry:
-            self._note_window(total)
+            self._note_window(total, sample_ms=batch[0][4].generate_ms)
         k = 0
         for s, epoch, _, meta, timings in batch:
             out = []
@@ -1525,7 +1526,7 @@ class StreamEngine:
             timings = dataclasses.replace(timings, decode_ms=dec_ms)
             _post(s, s._deliver, epoch, out, timings)
 
-    def _note_window(self, ms: float, now: float | None = None) -> None:
+    def _note_window(self, ms: float, now: float | None = None, sample_ms: float | None = None) -> None:
         """Lower the auto-chosen torch threads to the next count down whose warm-up window kept real time (the worker
         sets it before its next window) once full windows have fallen `threads_lower_after` windows' duration
         behind real time: each adds what it took over its duration, and a faster one pays it back. Slow stretches
@@ -1533,14 +1534,23 @@ class StreamEngine:
         the third 186 ms of 160, among ~60 ms ones); a busy neighbour makes 2-thread windows slower than real time on
         average. Only for auto threads (the warm-up timed the counts), not compiled (its kernels keep their count),
         not with a decode thread (its windows' times overlap). While the pipeline averages several noise draws the
-        lateness goes to `_lower_draws` instead (and a raise of the threads that fell due waits for it)."""
+        lateness goes to `_lower_draws` instead (and a raise of the threads that fell due waits for it). `sample_ms`:
+        the window's sampling, which grows with the noise draws (`_raise_draws` waits until they would fit)."""
         now = time.monotonic() if now is None else now
         if self.pipeline.noise_draws > 1:
             self._lower_draws(ms, now)  # first: one draw halves the transformer's work, fewer threads slow it
             return
-        if self._draws_raise_at is not None and now >= self._draws_raise_at and self._raise_at is None:
-            self._raise_draws(now)  # the threads are back where the warm-up put them: the draws next
-            return
+        if self._draws_raise_at is not None:
+            # what a window at the model's draws would take now (its sampling times the draws; batched it is a little
+            # less), averaged over a few windows: a try where they cannot fit would only cost lateness, and at 1
+            # draw on a busy CPU there is little room to pay it back (docs/benchmarks.md)
+            would = ms + (self.base_draws - 1) * (ms if sample_ms is None else sample_ms)
+            self._draws_ms = would if self._draws_ms is None else 0.7 * self._draws_ms + 0.3 * would
+            real_ms = 1000 * self.window / self.pipeline.config.fps
+            if (now >= self._draws_raise_at and self._raise_at is None
+                    and self._draws_ms <= self.config.draws_budget * real_ms):
+                self._raise_draws(now)  # the threads are back where the warm-up put them: the draws next
+                return
         if (not self._threads_ms or self.threads is None or self.pipeline.compiled or self._decode_q is not None
                 or self.config.threads_lower_after <= 0):
             return
@@ -1582,7 +1592,7 @@ class StreamEngine:
         log.warning("engine: windows at %d noise draws fell %.0f ms behind real time (is another process busy on "
                     "these cores?): sampling 1 draw per window from now on", self.pipeline.noise_draws, self._behind_ms)
         before, behind_ms = self.pipeline.noise_draws, self._behind_ms
-        self.pipeline.noise_draws, self._behind_ms = 1, 0.0
+        self.pipeline.noise_draws, self._behind_ms, self._draws_ms = 1, 0.0, None
         self.draws_lowered.append(now)
         base = self.config.threads_raise_after_s
         if self.draws_raised and now - self.draws_raised[-1] < self._draws_wait:  # the try failed
@@ -1593,9 +1603,10 @@ class StreamEngine:
         self._announce("noise_draws", before, 1, behind_ms)
 
     def _raise_draws(self, now: float) -> None:
-        """Draws lowered by `_lower_draws` go back to the model's once `threads_raise_after_s` has passed (doubled after
-        each try that fell behind again within it, as for the threads) and no lowered thread count waits to go back
-        up first: the process that took the cores may have ended."""
+        """Draws lowered by `_lower_draws` (or by the warm-up) go back to the model's once `threads_raise_after_s` has
+        passed (doubled after each try that fell behind again within it, as for the threads), no lowered thread count
+        waits to go back up first, and the last windows' times say a window at the model's draws would fit
+        `draws_budget` again: the process that took the cores has ended."""
         self._draws_raise_at, self._behind_ms = None, 0.0
         self.pipeline.noise_draws = self.base_draws
         self.draws_raised.append(now)
