@@ -425,8 +425,8 @@ THREADS_HELP = ("torch threads of the engine on a CPU: 0 (default): at start, th
                 "unless OMP_NUM_THREADS is set (their host work is small; more let idle OpenMP helpers spin on the "
                 "cores the tracks need)")
 RAISE_HELP = ("seconds after which auto threads that were lowered (or a warm-up that fitted no count) try one "
-              "count more, and noise draws lowered live the model's again (default 60; a failed try doubles the "
-              "wait; 0: never)")
+              "count more, and noise draws lowered (at start or live) the model's again once they would fit "
+              "(default 60; a failed try doubles the wait; 0: never)")
 COMPILE_HELP = ("torch.compile the transformer and decoder at start, for full windows: about half the compute per "
                 "window on a 2-core CPU, after minutes of compiling the first time (cached on disk after); needs "
                 "a C++ compiler (apt-get install g++)")

@@ -163,8 +163,9 @@ class EngineConfig:
     # processes: 0.57-0.80 of real time, where 1 thread held 0.97-0.99; docs/benchmarks.md). 0: never.
     threads_raise_after_s: float = 60.0  # lowered threads go up a count after this long, and on (the process that
     # took the cores may have ended); a raise that is lowered again within the wait doubles it (up to 30 minutes),
-    # so a lasting neighbour costs a probe of a few windows' lateness ever more rarely. Noise draws lowered live go
-    # back to the model's the same way, once no thread count waits to. 0: never raised again.
+    # so a lasting neighbour costs a probe of a few windows' lateness ever more rarely. Noise draws lowered (at
+    # warm-up or live) go back to the model's the same way, once no thread count waits to and the last windows say
+    # they would fit draws_budget. 0: never raised again.
     keep_heap: bool = True  # at start, make glibc keep freed memory for reuse (`keep_heap`): a window's
     # activations are reallocated every window, and returned to the kernel they are faulted in again
     decode_thread: bool | None = None  # decode each window in a second thread while the worker samples the
