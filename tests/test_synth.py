@@ -306,3 +306,11 @@ def test_only_some_splits_are_written_as_the_whole_corpus_would_hold_them(tmp_pa
         synth.synthesize_corpus(out, 12, (1, 1), 64, seed=3, progress=False, only={"tests": None})
     with pytest.raises(InputError, match="plan more with --clips"):
         synth.synthesize_corpus(tmp_path / "none", 1, (1, 1), 64, seed=3, progress=False, only={"test": None})
+    # a whole corpus in the folder is not shrunk to the selection (its training runs read that manifest)
+    whole = tmp_path / "whole"
+    synth.synthesize_corpus(whole, 3, (1, 1), 64, seed=3, progress=False)
+    before = (whole / "manifest.json").read_text()
+    with pytest.raises(InputError, match="would drop 2 of them"):
+        synth.synthesize_corpus(whole, 3, (1, 1), 64, seed=3, progress=False, only={"test": None})
+    assert (whole / "manifest.json").read_text() == before
+    synth.synthesize_corpus(out, 12, (1, 1), 64, seed=3, progress=False, only={"test": None, "train": 1})  # the same again

@@ -838,6 +838,7 @@ class StreamEngine:
         if self.config.compile and not self.config.warmup:
             raise LetsTalkError("EngineConfig.compile (--compile) compiles at warm-up: leave warmup on (no --no-warmup)")
         self.window = self.config.window or pipeline.window  # frames per window
+        self.window_real_ms = 1000 * self.window / pipeline.config.fps  # how long a full window lasts when played
         self.base_steps = pipeline.num_steps  # restored at stop(); warm-up may choose more (max_steps)
         self.base_draws = pipeline.noise_draws  # restored at stop(); warm-up may choose 1 (draws_budget)
         self.threads: int | None = None  # torch threads the engine set (EngineConfig.threads); None: untouched
@@ -967,7 +968,7 @@ class StreamEngine:
                 self._choose_threads(window_ms)
         if self.config.compile:
             self._compile(window_ms)
-        real_ms = 1000 * self.window / p.config.fps
+        real_ms = self.window_real_ms
         p.noise_draws = self.base_draws
         if p.noise_draws > 1:  # a network row per draw: where they do not fit, one draw (the first run warms caches)
             took = min(window_ms(self.window) for _ in range(2))
@@ -1066,7 +1067,7 @@ class StreamEngine:
         """EngineConfig.threads = 0 on a CPU: the fewest threads whose window fits threads_budget; if none
         fits (a slow or crowded machine), the count whose window was fastest, measured in turns."""
         most = self._threads_before
-        budget = self.config.threads_budget * 1000 * self.window / self.pipeline.config.fps
+        budget = self.config.threads_budget * self.window_real_ms
         took = {}
         for n in [*itertools.takewhile(lambda k: k < most, (2 ** i for i in itertools.count())), most]:
             torch.set_num_threads(n)
@@ -1085,7 +1086,7 @@ class StreamEngine:
             took = {k: float(np.median(v)) for k, v in turns.items()}
         self.threads = n if took[n] <= budget else min(took, key=took.get)
         self._threads_ms, self._threads_top = took, self.threads
-        real_ms = 1000 * self.window / self.pipeline.config.fps
+        real_ms = self.window_real_ms
         if took[self.threads] > budget and took[self.threads] <= real_ms and self.threads < max(took):
             # None fitted, most likely because something else was busy while this timed them (a machine started
             # beside a busy one): the fastest then says little about a quiet minute. So the worker tries the next
@@ -1547,9 +1548,8 @@ class StreamEngine:
             # draw on a busy CPU there is little room to pay it back (docs/benchmarks.md)
             would = ms + (self.base_draws - 1) * (ms if sample_ms is None else sample_ms)
             self._draws_ms = would if self._draws_ms is None else 0.7 * self._draws_ms + 0.3 * would
-            real_ms = 1000 * self.window / self.pipeline.config.fps
             if (now >= self._draws_raise_at and self._raise_at is None
-                    and self._draws_ms <= self.config.draws_budget * real_ms):
+                    and self._draws_ms <= self.config.draws_budget * self.window_real_ms):
                 self._raise_draws(now)  # the threads are back where the warm-up put them: the draws next
                 return
         if (not self._threads_ms or self.threads is None or self.pipeline.compiled or self._decode_q is not None
@@ -1558,50 +1558,54 @@ class StreamEngine:
         if self._raise_at is not None and now >= self._raise_at:
             self._raise_threads(now)
             return
-        real_ms = 1000 * self.window / self.pipeline.config.fps
+        real_ms = self.window_real_ms
         lower = [k for k, took in self._threads_ms.items() if k < self.threads and took <= real_ms]
         if not lower:  # none (1 thread, or a machine too slow at fewer): more overruns are not the threads'
             return
-        self._behind_ms = max(0.0, self._behind_ms + ms - real_ms)
-        if self._behind_ms < self.config.threads_lower_after * real_ms:
+        if not self._fell_behind(ms):
             return
         before, behind_ms = self.threads, self._behind_ms
         self.threads, self._behind_ms = max(lower), 0.0
         self.threads_lowered.append((now, before, self.threads))
         self._announce("threads", before, self.threads, behind_ms)
-        base = self.config.threads_raise_after_s
-        if self.threads_raised and now - self.threads_raised[-1][0] < self._raise_wait:  # the probe failed
-            self._raise_wait = min(2 * self._raise_wait, _RAISE_WAIT_MAX_S)
-        else:
-            self._raise_wait = base
-        self._raise_at = now + self._raise_wait if base > 0 else None
+        last = self.threads_raised[-1][0] if self.threads_raised else None
+        self._raise_wait, self._raise_at = self._next_try(last, self._raise_wait, now)
         log.warning("engine: windows at %d torch threads fell %.0f ms behind real time (is another process busy on "
                     "these cores?): going on with %d%s", before, behind_ms, self.threads,
-                    f", {before} again in {self._raise_wait:.0f} s" if base > 0 else "")
+                    f", {before} again in {self._raise_wait:.0f} s" if self._raise_at is not None else "")
+
+    def _fell_behind(self, ms: float) -> bool:
+        """Add a full window's time over its real-time duration to how far the windows have fallen behind (a faster
+        one pays it back); True once that is `threads_lower_after` windows' duration."""
+        real_ms = self.window_real_ms
+        self._behind_ms = max(0.0, self._behind_ms + ms - real_ms)
+        return self._behind_ms >= self.config.threads_lower_after * real_ms
+
+    def _next_try(self, last_try: float | None, wait: float, now: float) -> tuple[float, float | None]:
+        """After lowering threads or draws at `now`: the wait before trying more again, doubled (up to 30 minutes)
+        when the last try (`last_try`) came within the current `wait` (it failed), else threads_raise_after_s; and
+        when that is (None: never, threads_raise_after_s 0)."""
+        base = self.config.threads_raise_after_s
+        wait = min(2 * wait, _RAISE_WAIT_MAX_S) if last_try is not None and now - last_try < wait else base
+        return wait, (now + wait if base > 0 else None)
 
     def _lower_draws(self, ms: float, now: float) -> None:
         """A model averaging several noise draws per window (sampling.noise_draws) samples 1 from the next window on
         once full windows have fallen `threads_lower_after` windows' duration behind real time, counted as for the
         threads, until `_raise_draws` tries its draws again (or stop() gives them back); the threads are lowered only
         after that. Not with a decode thread (its windows' times overlap)."""
-        if self._decode_q is not None or self.config.threads_lower_after <= 0:
+        if self._decode_q is not None or self.config.threads_lower_after <= 0 or not self._fell_behind(ms):
             return
-        real_ms = 1000 * self.window / self.pipeline.config.fps
-        self._behind_ms = max(0.0, self._behind_ms + ms - real_ms)
-        if self._behind_ms < self.config.threads_lower_after * real_ms:
-            return
-        log.warning("engine: windows at %d noise draws fell %.0f ms behind real time (is another process busy on "
-                    "these cores?): sampling 1 draw per window from now on", self.pipeline.noise_draws, self._behind_ms)
         before, behind_ms = self.pipeline.noise_draws, self._behind_ms
         self.pipeline.noise_draws, self._behind_ms, self._draws_ms = 1, 0.0, None
         self.draws_lowered.append(now)
-        base = self.config.threads_raise_after_s
-        if self.draws_raised and now - self.draws_raised[-1] < self._draws_wait:  # the try failed
-            self._draws_wait = min(2 * self._draws_wait, _RAISE_WAIT_MAX_S)
-        else:
-            self._draws_wait = base
-        self._draws_raise_at = now + self._draws_wait if base > 0 else None
+        last = self.draws_raised[-1] if self.draws_raised else None
+        self._draws_wait, self._draws_raise_at = self._next_try(last, self._draws_wait, now)
         self._announce("noise_draws", before, 1, behind_ms)
+        log.warning("engine: windows at %d noise draws fell %.0f ms behind real time (is another process busy on "
+                    "these cores?): sampling 1 draw per window%s", before, behind_ms,
+                    f", {before} again once they fit, in {self._draws_wait:.0f} s at the earliest"
+                    if self._draws_raise_at is not None else "")
 
     def _raise_draws(self, now: float) -> None:
         """Draws lowered by `_lower_draws` (or by the warm-up) go back to the model's once `threads_raise_after_s` has

@@ -1389,6 +1389,7 @@ def synthesize_corpus(out_dir: str | Path, num_clips: int, seconds_range: tuple[
         if not specs:
             raise InputError(f"--only {', '.join(only)}: none of the {num_clips} clips planned is in those splits; "
                              "plan more with --clips")
+        _refuse_to_shrink(out / "manifest.json", {c.name for c in specs})
     for name in {s.identity.get("photo") for s in specs} - {None}:
         _load_photo(name)  # fail early (and once) if a real photo's face is not found
     metas: dict[int, dict[str, Any]] = {}
@@ -1419,6 +1420,22 @@ def synthesize_corpus(out_dir: str | Path, num_clips: int, seconds_range: tuple[
     path = out / "manifest.json"
     _write_json_atomic(path, manifest)
     return path
+
+
+def _refuse_to_shrink(manifest: Path, names: set[str]) -> None:
+    """InputError when `manifest` (a corpus already in the folder) lists clips outside `names`: writing a manifest
+    of `names` alone (--only) would drop them from the corpus its training runs read."""
+    try:
+        listed = {c["name"] for c in json.loads(manifest.read_text())["clips"]}
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"'{manifest}' is not a corpus manifest ({type(e).__name__}: {e}); give --only an empty "
+                         "or new folder") from None
+    dropped = listed - names
+    if dropped:
+        raise InputError(f"'{manifest.parent}' already holds a corpus of {len(listed)} clips; --only would drop "
+                         f"{len(dropped)} of them from its manifest: write the selection to a new folder")
 
 
 def build_manifest(specs: list[ClipSpec], metas: dict[int, dict[str, Any]], seconds_range: tuple[float, float],
