@@ -1128,7 +1128,8 @@ def test_lowered_noise_draws_go_back_up_after_the_threads_and_a_failed_try_doubl
 def test_a_warm_up_on_a_busy_machine_tries_more_threads_later(tiny_pipeline, one, two, tries_two):
     """When no count fits the warm-up's budget (something else busy while it timed them), the fastest is taken and
     the worker tries 2 after threads_raise_after_s, as after a lowering; not when a count fitted (1 thread at 0.2
-    of real time), nor when the fastest did not keep real time (no count to come back to)."""
+    of real time), nor when the fastest did not keep real time (no count to come back to, until the live windows
+    show one: the next test)."""
     engine = StreamEngine(tiny_pipeline, EngineConfig(warmup=False, threads_raise_after_s=60.0))
     engine._threads_before = 2
     real = 1000 * engine.window / tiny_pipeline.config.fps
@@ -1150,6 +1151,57 @@ def test_a_warm_up_on_a_busy_machine_tries_more_threads_later(tiny_pipeline, one
     for k in range(3):  # still busy: 2-thread windows over real time, back to 1 with the wait doubled
         engine._note_window(2.1 * real, now=start + 61.0 + k * 0.2)
     assert engine.threads == 1 and engine._raise_wait == 120.0
+
+
+@pytest.mark.parametrize("quiet", [0.6, 0.3])
+def test_a_warm_up_too_busy_to_keep_real_time_tries_more_threads_and_draws_once_the_machine_quietens(tiny_model_dir,
+                                                                                                     quiet):
+    """A warm-up in a spell so busy that no thread count kept real time takes the fastest (1) and, with nothing to
+    come back to, plans no try of 2; its 2 noise draws did not fit either. Before, such an engine kept 1 thread and
+    1 draw until restarted. Now: once most of the last 10 live 1-thread windows are under 0.75 of real time, their
+    time replaces the warm-up's and 2 threads are tried after threads_raise_after_s; then the draws, once they fit. If 2
+    threads fall behind again, the engine goes back to 1 (now a count that keeps real time) with the wait doubled.
+    Windows still near real time plan nothing; 1-thread windows that fit threads_budget (0.3 of real time: where a
+    quiet warm-up stops) keep 1 thread and get the draws back there."""
+    from letstalk_rt.pipeline import LetsTalkPipeline
+
+    pipe = LetsTalkPipeline.from_pretrained(tiny_model_dir, noise_draws=2)
+    engine = StreamEngine(pipe, EngineConfig(warmup=False, threads_raise_after_s=60.0))
+    engine._threads_before = 2
+    real = 1000 * engine.window / pipe.config.fps
+    before = torch.get_num_threads()
+    try:
+        engine._choose_threads(lambda frames: {1: 1.2, 2: 1.5}[torch.get_num_threads()] * real)
+    finally:
+        torch.set_num_threads(before)
+    assert engine.threads == 1 and engine._raise_at is None  # nothing to come back to: no try planned
+    pipe.noise_draws, engine._draws_raise_at = 1, 0.0  # as the warm-up leaves it: 2 draws did not fit
+    announced = []
+    engine._announce = lambda change, before, after, behind_ms: announced.append(  # type: ignore[method-assign]
+        (change, before, after))
+
+    def windows(start: float, end: float, ms: float, sample: float) -> None:
+        t = start
+        while t < end:
+            engine._note_window(ms * real, now=t, sample_ms=sample * real)
+            t += 0.2
+
+    windows(0.0, 100.0, 0.95, 0.5)  # still busy: windows near real time plan nothing
+    assert engine._raise_at is None and engine.threads == 1 and pipe.noise_draws == 1 and not announced
+    if quiet < engine.config.threads_budget:
+        windows(100.0, 200.0, quiet, 0.2)
+        assert engine.threads == 1 and engine._raise_at is None and announced == [("noise_draws", 1, 2)]
+        return
+    windows(100.0, 102.0, 0.6, 0.4)  # quiet: 1-thread windows at 0.6 of real time (2 draws would take 1.0)
+    assert engine._raise_at is not None and 100.0 < engine._raise_at - 60.0 < 102.0  # once most of the last 10 are
+    assert engine._threads_ms[1] == pytest.approx(0.6 * real) and engine._threads_top == 2
+    windows(102.0, 165.0, 0.6, 0.4)
+    assert engine.threads == 2 and pipe.noise_draws == 1 and announced == [("threads", 1, 2)]
+    windows(165.0, 170.0, 0.35, 0.25)  # 2 threads: 2 draws would take 0.6, within draws_budget (0.75)
+    assert pipe.noise_draws == 2 and announced[1:] == [("noise_draws", 1, 2)]
+    windows(170.0, 171.0, 2.1, 1.0)  # busy again: the draws first, then back to 1 thread, which keeps real time
+    assert pipe.noise_draws == 1 and engine.threads == 1 and announced[2:] == [("noise_draws", 2, 1), ("threads", 2, 1)]
+    assert engine._raise_wait == 120.0 and engine._raise_at is not None  # the try at 161 s failed within the wait
 
 
 def test_stretched_speech_keeps_the_arrival_of_the_audio_it_holds(tiny_pipeline):

@@ -78,6 +78,8 @@ log = logging.getLogger(__name__)
 
 _RAISE_WAIT_MAX_S = 1800.0  # EngineConfig.threads_raise_after_s doubles up to this
 _NEAR_REAL_TIME = 0.7  # an eager CPU window over this fraction of its real-time duration: warm-up suggests --compile
+_QUIET_AGAIN = 0.75  # a thread count whose warm-up window did not keep real time (a busy start) and whose last
+_QUIET_WINDOWS = 10  # live windows' median is under this fraction of it: the machine has quietened (_quietened)
 # Torch threads of the engine's own threads on a GPU device (EngineConfig.threads = 0). Their host-side work is
 # small tensors (audio windows, the memory bank, copies), and with one thread per core (16 on the lent H100's host)
 # each such op woke an OpenMP team whose idle helpers then spun (GNU OpenMP spins while its teams do not outnumber
@@ -165,7 +167,8 @@ class EngineConfig:
     # took the cores may have ended); a raise that is lowered again within the wait doubles it (up to 30 minutes),
     # so a lasting neighbour costs a probe of a few windows' lateness ever more rarely. Noise draws lowered (at
     # warm-up or live) go back to the model's the same way, once no thread count waits to and the last windows say
-    # they would fit draws_budget. 0: never raised again.
+    # they would fit draws_budget. A warm-up so busy that no count kept real time tries the next count up once the
+    # live windows say the machine has quietened (_QUIET_AGAIN). 0: never raised again.
     keep_heap: bool = True  # at start, make glibc keep freed memory for reuse (`keep_heap`): a window's
     # activations are reallocated every window, and returned to the kernel they are faulted in again
     decode_thread: bool | None = None  # decode each window in a second thread while the worker samples the
@@ -862,6 +865,8 @@ class StreamEngine:
         self._raise_at: float | None = None  # when lowered threads go back up (monotonic)
         self._raise_wait = self.config.threads_raise_after_s  # doubled by a raise lowered again within it
         self._threads_ms: dict[int, float] = {}  # the warm-up's window of max_batch sessions by thread count (auto)
+        self._live: tuple[int, collections.deque] | None = None  # (threads, last full windows' ms) at a count the
+        # warm-up timed over real time (_quietened)
         self._idle: torch.Tensor | None = None  # tokens of a window of silence (_idle_tokens)
         self.windows_run = 0
         self._decode_q: queue.Queue | None = None  # worker -> decode thread, one window in hand at most
@@ -1559,6 +1564,8 @@ class StreamEngine:
             self._raise_threads(now)
             return
         real_ms = self.window_real_ms
+        if self._threads_ms.get(self.threads, 0.0) > real_ms:
+            self._quietened(ms, now)
         lower = [k for k, took in self._threads_ms.items() if k < self.threads and took <= real_ms]
         if not lower:  # none (1 thread, or a machine too slow at fewer): more overruns are not the threads'
             return
@@ -1573,6 +1580,31 @@ class StreamEngine:
         log.warning("engine: windows at %d torch threads fell %.0f ms behind real time (is another process busy on "
                     "these cores?): going on with %d%s", before, behind_ms, self.threads,
                     f", {before} again in {self._raise_wait:.0f} s" if self._raise_at is not None else "")
+
+    def _quietened(self, ms: float, now: float) -> None:
+        """The warm-up timed the count running now over real time: it started in a busy spell, and no more threads
+        were ever to be tried (nothing to come back to if they fell behind), nor the model's noise draws (the last
+        windows at 1 thread would not fit them). Once the median of the last _QUIET_WINDOWS live windows at this
+        count is under _QUIET_AGAIN of real time, the spell has passed: it replaces the warm-up's time (this count is
+        one to come back to) and, unless it fits threads_budget (where a quiet warm-up would have stopped), the next
+        count up is tried after threads_raise_after_s, as after a lowering. The draws follow once they fit."""
+        assert self.threads is not None and self._threads_top is not None
+        if self._live is None or self._live[0] != self.threads:
+            self._live = self.threads, collections.deque(maxlen=_QUIET_WINDOWS)
+        self._live[1].append(ms)
+        live = float(np.median(self._live[1]))
+        if len(self._live[1]) < _QUIET_WINDOWS or live > _QUIET_AGAIN * self.window_real_ms:
+            return
+        warmup_ms, self._threads_ms[self.threads], self._live = self._threads_ms[self.threads], live, None
+        up = min((k for k in self._threads_ms if k > self.threads), default=None)
+        budget = self.config.threads_budget * self.window_real_ms
+        log.info("engine: windows at %d torch threads take %.0f ms now (%.0f at warm-up)%s", self.threads, live,
+                 warmup_ms, f": trying {up} in {self.config.threads_raise_after_s:.0f} s"
+                 if up is not None and live > budget and self.config.threads_raise_after_s > 0 else "")
+        if up is None or live <= budget or self.config.threads_raise_after_s <= 0 or self._raise_at is not None:
+            return
+        self._threads_top = max(self._threads_top, up)
+        self._raise_at = now + self.config.threads_raise_after_s
 
     def _fell_behind(self, ms: float) -> bool:
         """Add a full window's time over its real-time duration to how far the windows have fallen behind (a faster
