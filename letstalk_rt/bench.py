@@ -44,6 +44,7 @@ from .media import write_text_atomic
 from .pipeline import LetsTalkPipeline
 
 STEADY_AFTER_S = 5.0  # latency_ms_p95_after_start leaves out each session's first seconds of playback
+RSS_EVERY_S = 60.0  # rss_mb_by_minute: the resident memory sampled this often
 
 
 @dataclass
@@ -90,6 +91,10 @@ class RunResult:
     draws_lowered_at_s: list[float] = field(default_factory=list)  # ... and the noise draws went down to 1 (before
     # the threads: EngineConfig.threads_lower_after)
     draws_raised_at_s: list[float] = field(default_factory=list)  # ... and back to the model's (threads_raise_after_s)
+    # what an hours-long soak must show flat: each minute's latency p95 (frames shown in that minute of playback) and
+    # the process's resident memory at the end of each minute (and of the run); a leak or a slow creep grows here
+    latency_ms_p95_by_minute: list[float] = field(default_factory=list)
+    rss_mb_by_minute: list[float] = field(default_factory=list)
     realtime: bool = field(init=False)
 
     def __post_init__(self) -> None:  # speech is fed throughout: a run that showed none of it is not real time
@@ -99,6 +104,30 @@ class RunResult:
 
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _rss_now_mb() -> float | None:
+    """This process's resident memory now (Linux's /proc; None elsewhere: only the peak is known there)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+async def _sample_rss(out: list[float]) -> None:
+    """Append the resident memory every RSS_EVERY_S until cancelled."""
+    while True:
+        await asyncio.sleep(RSS_EVERY_S)
+        rss = _rss_now_mb()
+        if rss is not None:
+            out.append(round(rss, 1))
+
+
+def by_minute(values: np.ndarray, at_s: np.ndarray, reduce) -> list[float]:
+    """`reduce` of the values that fell in each minute (at_s: seconds), minute by minute, rounded."""
+    minutes = (at_s // 60).astype(int)
+    return [round(float(reduce(values[minutes == m])), 1) for m in np.unique(minutes)]
 
 
 async def _consume(session, seconds: float, offsets: list[tuple[float, float]]) -> None:
@@ -154,13 +183,12 @@ def offset_summary(offsets: list[tuple[float, float]]) -> dict:
         return {"av_offset_ms_max": 0.0}
     ms = np.array([o for o, _ in offsets])
     at = np.array([t for _, t in offsets])
-    minutes = (at // 60).astype(int)
     return {
         "av_offset_ms_max": round(float(ms.max()), 1),
         "av_offset_ms_p50": round(float(np.percentile(ms, 50)), 1),
         "av_offset_ms_p99": round(float(np.percentile(ms, 99)), 1),
         "av_offset_max_at_s": round(float(at[ms.argmax()]), 1),
-        "av_offset_ms_by_minute": [round(float(ms[minutes == m].max()), 1) for m in np.unique(minutes)],
+        "av_offset_ms_by_minute": by_minute(ms, at, np.max),
     }
 
 
@@ -194,14 +222,24 @@ async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np
     threads = engine.threads or torch.get_num_threads()
     sessions = [await engine.open_session(portrait, seed=seed + i) for i in range(n)]
     offsets: list[tuple[float, float]] = []
+    rss: list[float] = []
+    sampler = asyncio.create_task(_sample_rss(rss))
     t0 = time.monotonic()
-    await asyncio.gather(*[_feed(s, audio, seconds) for s in sessions],
-                         *[_consume(s, seconds, offsets) for s in sessions])
+    try:
+        await asyncio.gather(*[_feed(s, audio, seconds) for s in sessions],
+                             *[_consume(s, seconds, offsets) for s in sessions])
+    finally:
+        sampler.cancel()
     took = time.monotonic() - t0
+    if (end := _rss_now_mb()) is not None:
+        rss.append(round(end, 1))
     stats = [s.stats() for s in sessions]
     lat = sorted(x for s in sessions for x in s.latencies)
     pct = lambda q: _percentile_ms(lat, q)  # noqa: E731
     steady = [x for s in sessions for x, t in zip(s.latencies, s.latency_ticks) if t >= STEADY_AFTER_S * pipe.fps]
+    shown_at = np.array([t / pipe.fps for s in sessions for t in s.latency_ticks])  # playback seconds, by frame
+    p95_by_minute = by_minute(np.array([x * 1000 for s in sessions for x in s.latencies]), shown_at,
+                              lambda v: np.percentile(v, 95)) if len(shown_at) else []
     generated = sum(st["frames_generated"] for st in stats)
     # frames the clock asked for: from each session's first frame on (the wait for it is first_frame), and
     # the whole run for a session that never showed one (its first window outlasted the run)
@@ -238,6 +276,7 @@ async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np
         target_latency_ms=round(target_ms, 1), window_compute_ms=round(compute_ms, 1), **offset_summary(offsets),
         threads_end=threads_end, threads_lowered_at_s=lowered, threads_raised_at_s=raised,
         draws_lowered_at_s=draws_lowered, draws_raised_at_s=draws_raised,
+        latency_ms_p95_by_minute=p95_by_minute, rss_mb_by_minute=rss,
     )
 
 

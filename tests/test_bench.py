@@ -21,6 +21,7 @@ def test_bench_reports_every_run_and_the_spread_of_repeats(tiny_pipeline, tmp_pa
     from letstalk_rt.media import load_image
 
     monkeypatch.setattr(bench, "STEADY_AFTER_S", 0.5)  # the runs last 1.5 s
+    monkeypatch.setattr(bench, "RSS_EVERY_S", 0.6)  # resident memory at 0.6 s, 1.2 s and the end
 
     portrait = tiny_pipeline.prepare_portrait(load_image(astronaut_png), detect=False)
     audio = np.concatenate([speechlike(0.6, seed=3), np.zeros(3200, np.float32)])  # speech and a pause
@@ -41,6 +42,10 @@ def test_bench_reports_every_run_and_the_spread_of_repeats(tiny_pipeline, tmp_pa
         assert run["av_offset_ms_p50"] <= run["av_offset_ms_p99"] <= run["av_offset_ms_max"]
         assert 0 <= run["av_offset_max_at_s"] <= run["seconds"]
         assert run["av_offset_ms_by_minute"] == [run["av_offset_ms_max"]]  # a 1.5 s run is in its first minute
+        (p95,) = run["latency_ms_p95_by_minute"]  # ... whose p95 is the run's, interpolated
+        assert run["latency_ms_p50"] <= p95 <= run["latency_ms_p99"] + 1
+        assert len(run["rss_mb_by_minute"]) >= 2 and 0 < min(run["rss_mb_by_minute"])
+        assert max(run["rss_mb_by_minute"]) <= run["peak_rss_mb"] + 1  # now, never above the peak so far
         # the latency steered to: the window's audio, the encoder's lookahead, the window's compute, a margin
         assert run["window_compute_ms"] > 0
         assert run["target_latency_ms"] > run["window_compute_ms"] + 1000 * tiny_pipeline.window / 25
