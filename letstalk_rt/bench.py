@@ -239,7 +239,7 @@ async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np
     steady = [x for s in sessions for x, t in zip(s.latencies, s.latency_ticks) if t >= STEADY_AFTER_S * pipe.fps]
     shown_at = np.array([t / pipe.fps for s in sessions for t in s.latency_ticks])  # playback seconds, by frame
     p95_by_minute = by_minute(np.array([x * 1000 for s in sessions for x in s.latencies]), shown_at,
-                              lambda v: np.percentile(v, 95)) if len(shown_at) else []
+                              lambda v: np.percentile(v, 95))  # [] for a run that showed no frame
     generated = sum(st["frames_generated"] for st in stats)
     # frames the clock asked for: from each session's first frame on (the wait for it is first_frame), and
     # the whole run for a session that never showed one (its first window outlasted the run)

@@ -1092,15 +1092,14 @@ class StreamEngine:
         self.threads = n if took[n] <= budget else min(took, key=took.get)
         self._threads_ms, self._threads_top = took, self.threads
         real_ms = self.window_real_ms
-        if took[self.threads] > budget and took[self.threads] <= real_ms and self.threads < max(took):
+        if took[self.threads] <= real_ms:
             # None fitted, most likely because something else was busy while this timed them (a machine started
             # beside a busy one): the fastest then says little about a quiet minute. So the worker tries the next
             # count up after threads_raise_after_s, as after a lowering, and can come back to this count (it kept
             # real time) if the windows fall behind. One count: more would be kept on a quiet machine wherever
-            # they keep real time, where the warm-up would have taken the fewest that fit.
-            self._threads_top = min(k for k in took if k > self.threads)
-            if self.config.threads_raise_after_s > 0:
-                self._raise_at = time.monotonic() + self.config.threads_raise_after_s
+            # they keep real time, where the warm-up would have taken the fewest that fit. (Over real time: once
+            # the live windows show the machine has quietened, _quietened.)
+            self._plan_more_threads(took[self.threads], time.monotonic())
         torch.set_num_threads(self.threads)
         log.info("engine: %d torch threads (window %s ms by thread count; budget %.0f ms)", self.threads,
                  {k: round(v) for k, v in took.items()}, budget)
@@ -1596,15 +1595,22 @@ class StreamEngine:
         if len(self._live[1]) < _QUIET_WINDOWS or live > _QUIET_AGAIN * self.window_real_ms:
             return
         warmup_ms, self._threads_ms[self.threads], self._live = self._threads_ms[self.threads], live, None
-        up = min((k for k in self._threads_ms if k > self.threads), default=None)
-        budget = self.config.threads_budget * self.window_real_ms
+        up = self._plan_more_threads(live, now)
         log.info("engine: windows at %d torch threads take %.0f ms now (%.0f at warm-up)%s", self.threads, live,
-                 warmup_ms, f": trying {up} in {self.config.threads_raise_after_s:.0f} s"
-                 if up is not None and live > budget and self.config.threads_raise_after_s > 0 else "")
-        if up is None or live <= budget or self.config.threads_raise_after_s <= 0 or self._raise_at is not None:
-            return
+                 warmup_ms, f": trying {up} in {self.config.threads_raise_after_s:.0f} s" if up else "")
+
+    def _plan_more_threads(self, ms: float, now: float) -> int | None:
+        """Where a window at the count running now (`ms`) misses threads_budget but keeps real time, and a larger
+        count was timed: try the next one up after threads_raise_after_s (raised to, no higher), unless a raise is
+        already planned or raises are off. The count planned, or None."""
+        assert self.threads is not None and self._threads_top is not None
+        up = min((k for k in self._threads_ms if k > self.threads), default=None)
+        if (up is None or not self.config.threads_budget * self.window_real_ms < ms <= self.window_real_ms
+                or self.config.threads_raise_after_s <= 0 or self._raise_at is not None):
+            return None
         self._threads_top = max(self._threads_top, up)
         self._raise_at = now + self.config.threads_raise_after_s
+        return up
 
     def _fell_behind(self, ms: float) -> bool:
         """Add a full window's time over its real-time duration to how far the windows have fallen behind (a faster
