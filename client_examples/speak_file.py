@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from letstalk_rt.client import AudioChunk, AvatarClient, AvatarClientError
+from letstalk_rt.client import AudioChunk, AvatarClient, AvatarClientError, TimedFrame
 from letstalk_rt.errors import LetsTalkError
 from letstalk_rt.media import VideoWriter, check_output_path, load_audio
 
@@ -31,28 +31,41 @@ OPUS_RATE = 48000  # what the received audio track decodes to
 
 
 class Recorder:
-    """Received RGB frames and audio chunks -> an MP4 (media.VideoWriter: written under a temporary name and
-    renamed into place by `close()`, so a server that vanishes mid-stream leaves no half-written reply.mp4),
-    timed from the first video frame."""
+    """Received frames and audio chunks -> an MP4 (media.VideoWriter: written under a temporary name and renamed into
+    place by `close()`, so a server that vanishes mid-stream leaves no half-written reply.mp4), from the first video
+    frame on. Each audio chunk goes where its media time puts it against the first frame's (`AudioChunk.time`,
+    `TimedFrame.time`), not where it happened to arrive: lips and sound in the file are as the server sent them."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.writer: VideoWriter | None = None
+        self.start = 0.0  # the first frame's media time
+        self.early: list[AudioChunk] = []  # audio that arrived before the first frame
 
-    def add_frame(self, rgb: np.ndarray) -> None:
+    def add_frame(self, frame: TimedFrame) -> None:
+        rgb = frame.rgb
         if self.writer is None:  # yuv420p needs even sides: pad an odd one by a row / column
             h, w = rgb.shape[0] + rgb.shape[0] % 2, rgb.shape[1] + rgb.shape[1] % 2
             self.writer = VideoWriter(self.path, (w, h), fps=FPS, sample_rate=OPUS_RATE, preset="veryfast")
+            self.start = frame.time
+            for chunk in self.early:
+                self.add_audio(chunk)
+            self.early.clear()
         w, h = self.writer.width, self.writer.height
         self.writer.write_frame(np.pad(rgb, ((0, h - rgb.shape[0]), (0, w - rgb.shape[1]), (0, 0)), mode="edge"))
 
     def add_audio(self, chunk: AudioChunk) -> None:
         """The avatar speaks in mono: the received channels are averaged."""
-        if self.writer is None:
-            return  # audio before the first frame: not part of the recording
         if chunk.sample_rate != OPUS_RATE:
             raise LetsTalkError(f"received audio at {chunk.sample_rate} Hz; WebRTC's Opus decodes to {OPUS_RATE}")
-        self.writer.write_audio(chunk.mono_float())
+        if self.writer is None:
+            self.early = [*self.early[-49:], chunk]  # the last second before the first frame: it may belong to it
+            return
+        at = round((chunk.time - self.start) * OPUS_RATE)  # the sample of the recording where it belongs
+        if at > self.writer.samples_written:  # packets that never came: silence in their place
+            self.writer.write_audio(np.zeros(at - self.writer.samples_written, np.float32))
+        # what lies before the recording, or was already written, is left out
+        self.writer.write_audio(chunk.mono_float()[self.writer.samples_written - at:])
 
     @property
     def frames(self) -> int:
@@ -96,7 +109,7 @@ async def _stream(args: argparse.Namespace, speech: np.ndarray, recorder: Record
         print(f"session {session.id}: streaming {seconds:.1f} s of speech ...")
 
         async def record_video():
-            async for frame in session.video_frames():
+            async for frame in session.timed_video_frames():
                 recorder.add_frame(frame)
 
         async def record_audio():

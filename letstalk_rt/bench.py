@@ -57,7 +57,8 @@ class RunResult:
     latency_ms_p50: float | None
     latency_ms_p95: float | None
     latency_ms_p99: float | None
-    av_offset_ms_max: float  # |audio release - video release| of each frame's own picture and speech, at the tracks
+    av_offset_ms_max: float | None  # |audio release - video release| of each frame's own picture and speech, at the
+    # tracks (None with --webrtc: aiortc's senders read the tracks; `webrtc` has the offset where the peer receives)
     held_frames: int  # frames shown as held (generation late)
     gap_seconds: float  # silence inserted before pushed audio that missed its deadline (heard as a gap)
     dropped_frames: int  # frames skipped (interrupt / consumer)
@@ -95,6 +96,9 @@ class RunResult:
     # the process's resident memory at the end of each minute (and of the run); a leak or a slow creep grows here
     latency_ms_p95_by_minute: list[float] = field(default_factory=list)
     rss_mb_by_minute: list[float] = field(default_factory=list)
+    # --webrtc: each session's figures at its receiving peer (bench_webrtc.summary): frame pacing, lip-to-sound offset,
+    # speech to sound, lip sync of what arrived; the engine's own figures above are the same as without
+    webrtc: list[dict] = field(default_factory=list)
     realtime: bool = field(init=False)
 
     def __post_init__(self) -> None:  # speech is fed throughout: a run that showed none of it is not real time
@@ -180,7 +184,7 @@ def _percentile_ms(values: list[float], q: float) -> float | None:
 def offset_summary(offsets: list[tuple[float, float]]) -> dict:
     """(ms, seconds) pairs -> the RunResult's A/V offset fields."""
     if not offsets:
-        return {"av_offset_ms_max": 0.0}
+        return {"av_offset_ms_max": None}
     ms = np.array([o for o, _ in offsets])
     at = np.array([t for _, t in offsets])
     return {
@@ -208,9 +212,10 @@ async def _feed(session, audio: np.ndarray, seconds: float) -> None:
 
 
 async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np.ndarray, portrait,
-                       live: dict | None = None, seed: int = 0) -> RunResult:
+                       live: dict | None = None, seed: int = 0, webrtc: bool = False) -> RunResult:
     """n sessions for `seconds` (noise seeds seed, seed + 1, ...); `live`: EngineConfig fields (window, max_steps,
-    catch_up_tempo ...)."""
+    catch_up_tempo ...). `webrtc`: each session through the server and a real WebRTC peer instead (bench_webrtc; the
+    server's default avatar, its own seeds)."""
     from .stream import EngineConfig, StreamEngine
 
     if pipe.device.type == "cuda":
@@ -220,14 +225,20 @@ async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np
     engine = await StreamEngine(pipe, config).start()
     steps, draws = pipe.num_steps, pipe.noise_draws  # what warm-up chose
     threads = engine.threads or torch.get_num_threads()
-    sessions = [await engine.open_session(portrait, seed=seed + i) for i in range(n)]
     offsets: list[tuple[float, float]] = []
+    received: list[dict] = []
     rss: list[float] = []
     sampler = asyncio.create_task(_sample_rss(rss))
     t0 = time.monotonic()
     try:
-        await asyncio.gather(*[_feed(s, audio, seconds) for s in sessions],
-                             *[_consume(s, seconds, offsets) for s in sessions])
+        if webrtc:
+            from .bench_webrtc import stream
+
+            sessions, received = await stream(engine, n, seconds, audio)
+        else:
+            sessions = [await engine.open_session(portrait, seed=seed + i) for i in range(n)]
+            await asyncio.gather(*[_feed(s, audio, seconds) for s in sessions],
+                                 *[_consume(s, seconds, offsets) for s in sessions])
     finally:
         sampler.cancel()
     took = time.monotonic() - t0
@@ -276,7 +287,7 @@ async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np
         target_latency_ms=round(target_ms, 1), window_compute_ms=round(compute_ms, 1), **offset_summary(offsets),
         threads_end=threads_end, threads_lowered_at_s=lowered, threads_raised_at_s=raised,
         draws_lowered_at_s=draws_lowered, draws_raised_at_s=draws_raised,
-        latency_ms_p95_by_minute=p95_by_minute, rss_mb_by_minute=rss,
+        latency_ms_p95_by_minute=p95_by_minute, rss_mb_by_minute=rss, webrtc=received,
     )
 
 
@@ -452,22 +463,24 @@ def spread(results: list[RunResult]) -> dict:
 
 def run_bench(pipe: LetsTalkPipeline, session_counts: list[int], seconds: float, audio: np.ndarray, portrait,
               json_path: Path | None = None, breakdown: bool = True, repeat: int = 1, live: dict | None = None,
-              neighbours: tuple[int, float, float] = (0, 30.0, 60.0), seed: int = 0) -> dict:
+              neighbours: tuple[int, float, float] = (0, 30.0, 60.0), seed: int = 0, webrtc: bool = False) -> dict:
     """`live`: EngineConfig fields for every run (window, max_steps, catch_up_tempo ...). `neighbours`:
-    (count, busy s, period s) of CPU-bound processes beside the engine for every run (busy_neighbours)."""
+    (count, busy s, period s) of CPU-bound processes beside the engine for every run (busy_neighbours). `webrtc`:
+    every session through the server and a real WebRTC peer (bench_webrtc)."""
     with busy_neighbours(*neighbours):
         return _run_bench(pipe, session_counts, seconds, audio, portrait, json_path, breakdown, repeat,
-                          live or {}, neighbours, seed)
+                          live or {}, neighbours, seed, webrtc)
 
 
 def _run_bench(pipe, session_counts, seconds, audio, portrait, json_path, breakdown, repeat, live, neighbours,
-               seed) -> dict:
+               seed, webrtc) -> dict:
     window = live.get("window", 0)
     report: dict = {"machine": machine(), "model": pipe.config.description or "untrained",
                     "device": str(pipe.device), "dtype": str(pipe.dtype).replace("torch.", ""),
                     "steps": pipe.num_steps, "noise_draws": pipe.noise_draws, "window": window or pipe.window,
                     "live": live,
-                    "neighbours": dict(zip(("count", "busy_s", "period_s"), neighbours)), "runs": [], "spread": [],
+                    "neighbours": dict(zip(("count", "busy_s", "period_s"), neighbours)), "webrtc": webrtc,
+                    "runs": [], "spread": [],
                     "complete": False}  # True once every run asked for is in
 
     def window_cost() -> None:
@@ -486,7 +499,8 @@ def _run_bench(pipe, session_counts, seconds, audio, portrait, json_path, breakd
         results = []
         for _ in range(repeat):
             try:
-                result = asyncio.run(run_sessions(pipe, n, seconds, audio, portrait, live=live, seed=seed))
+                result = asyncio.run(run_sessions(pipe, n, seconds, audio, portrait, live=live, seed=seed,
+                                                  webrtc=webrtc))
             except LetsTalkError as e:  # e.g. the GPU cannot hold this many sessions' batch
                 report["error"] = {"sessions": n, "message": str(e)}
                 save()

@@ -289,7 +289,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     audio = load_audio(ASSETS / DEMO_SPEECH)
     run_bench(pipe, counts, seconds, np.asarray(audio), portrait, json_path=args.json,
               breakdown=not args.soak, repeat=args.repeat, live=live_config(args),
-              neighbours=(args.neighbours, busy, period), seed=args.seed)
+              neighbours=(args.neighbours, busy, period), seed=args.seed, webrtc=args.webrtc)
 
 
 def _preset_config(args: argparse.Namespace):
@@ -511,6 +511,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 0)")
     p.add_argument("--neighbour-duty", default="30/60", metavar="BUSY/PERIOD",
                    help="each neighbour is busy BUSY seconds of every PERIOD, busy first (default 30/60)")
+    p.add_argument("--webrtc", action="store_true",
+                   help="each session through the WebRTC server on 127.0.0.1 and a real aiortc peer (speech sent as "
+                        "its microphone): adds frame pacing, the lip-to-sound offset and speech-to-sound latency "
+                        "where the peer receives")
     add_live_args(p)
     p.set_defaults(func=cmd_bench)
 

@@ -11,11 +11,20 @@
         await session.interrupt()                                       # drop queued speech at once
         async for frame in session.video_frames():                      # (H, W, 3) uint8 RGB, 25 fps
             ...
+        async for frame in session.timed_video_frames():                # TimedFrame: .rgb, .time, .received_at
+            ...
         async for chunk in session.audio_frames():                      # AudioChunk: int16 (n, channels) + rate
             ...
         async for event in session.events():                            # dicts: {"type": "speech_started", ...}
             ...
         await session.close()                                           # also done by the client's `async with`
+
+Each received frame and audio chunk carries its media time (`time`: seconds since its stream's first packet,
+from the RTP timestamps; the server starts both streams together, so a frame and the audio of the same `time`
+belong together) and when the SDK handed it over (`received_at`, `time.monotonic()`). aiortc's receiver hands over each audio
+packet ~40 ms after the frame of the same time (it waits for 4 audio packets, and for a frame only until the next
+one starts); so that frames and audio read as they come play in step, a frame is handed over once the audio of its
+time has arrived (at most `ALIGN_MAX_S` later; `connect(align=False)`: as soon as it is decoded).
 
 `connect(audio_track=track)` sends a local aiortc audio track (a microphone, a file player) as the
 session's speech instead of (or besides) `send_audio`. Server errors become exceptions carrying the
@@ -33,6 +42,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import functools
 import inspect
 import json
 import logging
@@ -43,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import av
 import numpy as np
 from aiortc import (
     RTCConfiguration,
@@ -57,9 +69,11 @@ from .errors import LetsTalkError
 
 log = logging.getLogger(__name__)
 
+ALIGN_MAX_S = 0.2  # connect(align=True): a video frame waits at most this long for the audio of its media time
+
 __all__ = [
     "AudioChunk", "AuthenticationError", "AvatarClient", "AvatarClientError", "AvatarSession", "RequestError",
-    "ServerBusyError", "SessionNotFoundError",
+    "ServerBusyError", "SessionNotFoundError", "TimedFrame",
 ]
 
 
@@ -129,6 +143,7 @@ class AudioChunk:
     pcm: np.ndarray  # (n, channels) int16
     sample_rate: int
     time: float  # seconds since the stream's first packet (from the RTP timestamps)
+    received_at: float = 0.0  # time.monotonic() when it arrived (the SDK handed it over)
 
     @property
     def channels(self) -> int:
@@ -137,6 +152,20 @@ class AudioChunk:
     def mono_float(self) -> np.ndarray:
         """(n,) float32 in [-1, 1], channels averaged."""
         return self.pcm.astype(np.float32).mean(axis=1) / 32768.0
+
+
+@dataclass
+class TimedFrame:
+    """A received video frame with its media time and arrival; converted to RGB when `rgb` is first read."""
+
+    frame: av.VideoFrame
+    time: float  # seconds since the stream's first frame (from the RTP timestamps), on the audio's timeline
+    received_at: float  # time.monotonic() when the SDK handed it over (with `align`, once its audio had arrived)
+
+    @functools.cached_property
+    def rgb(self) -> np.ndarray:
+        """(H, W, 3) uint8 RGB."""
+        return self.frame.to_ndarray(format="rgb24")
 
 
 class _Buffer:
@@ -206,6 +235,9 @@ class AvatarSession:
         self._connected = asyncio.Event()
         self._failed: str | None = None
         self.closed = False
+        self._align = False  # connect(align=...) with audio received
+        self._audio_until = -1.0  # media time up to which audio has arrived
+        self._audio_moved = asyncio.Event()
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
@@ -219,8 +251,9 @@ class AvatarSession:
     # -- WebRTC
 
     async def connect(self, audio_track: MediaStreamTrack | None = None, *, video: bool = True, audio: bool = True,
-                      websocket: bool = True, timeout: float = 20.0) -> None:
-        """Negotiate WebRTC (receive video/audio; send `audio_track` if given) and open the websocket."""
+                      websocket: bool = True, timeout: float = 20.0, align: bool = True) -> None:
+        """Negotiate WebRTC (receive video/audio; send `audio_track` if given) and open the websocket. `align`: hand
+        each video frame over once the audio of its media time has arrived (module docstring)."""
         if self.closed:
             raise AvatarClientError(f"session {self.id} is closed")
         if self.pc is not None:
@@ -231,6 +264,7 @@ class AvatarSession:
             await self._open_ws()
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(u) for u in self.client.ice_servers]))
         self.pc = pc
+        self._align = align and audio and video
 
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
@@ -280,26 +314,44 @@ class AvatarSession:
             except MediaStreamError:
                 buffer.close()
                 return
-            if track.kind == "video":
-                buffer.put(frame)  # converted to RGB only when read: unread frames cost no conversion
+            t = float(frame.pts * frame.time_base) if frame.pts is not None and frame.time_base else 0.0
+            first_pts = t if first_pts is None else first_pts
+            if track.kind == "video":  # converted to RGB only when read: unread frames cost no conversion
+                if self._align:
+                    await self._wait_audio(t - first_pts)
+                buffer.put(TimedFrame(frame, t - first_pts, time.monotonic()))
             else:
-                t = float(frame.pts * frame.time_base) if frame.pts is not None and frame.time_base else 0.0
-                first_pts = t if first_pts is None else first_pts
                 channels = len(frame.layout.channels)
                 pcm = frame.to_ndarray()  # packed s16: (1, n * channels)
                 pcm = pcm.T if frame.format.is_planar else pcm.reshape(-1, channels)  # (n, channels)
                 if pcm.dtype != np.int16:
                     pcm = (np.clip(pcm, -1, 1) * 32767).astype(np.int16)
-                buffer.put(AudioChunk(pcm=pcm, sample_rate=frame.sample_rate, time=t - first_pts))
+                buffer.put(AudioChunk(pcm=pcm, sample_rate=frame.sample_rate, time=t - first_pts,
+                                      received_at=time.monotonic()))
+                self._audio_until = t - first_pts + frame.samples / frame.sample_rate
+                self._audio_moved.set()
+
+    async def _wait_audio(self, until: float) -> None:
+        """Until audio past media time `until` has arrived, the audio track has ended, or ALIGN_MAX_S has passed."""
+        deadline = time.monotonic() + ALIGN_MAX_S
+        while self._audio_until <= until and not self._audio.closed and (left := deadline - time.monotonic()) > 0:
+            self._audio_moved.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._audio_moved.wait(), left)
 
     async def video_frames(self) -> AsyncIterator[np.ndarray]:
         """Received video frames as (H, W, 3) uint8 RGB, until the connection ends (one reader)."""
+        async for frame in self.timed_video_frames():
+            yield frame.rgb
+
+    async def timed_video_frames(self) -> AsyncIterator[TimedFrame]:
+        """Received video frames with their media time and arrival (`TimedFrame`), until the connection ends (one
+        reader, of this or of `video_frames`)."""
         while True:
             try:
-                frame = await self._video.get()
+                yield await self._video.get()
             except StopAsyncIteration:
                 return
-            yield frame.to_ndarray(format="rgb24")
 
     async def audio_frames(self) -> AsyncIterator[AudioChunk]:
         """Received audio packets (20 ms each), until the connection ends (one reader)."""

@@ -492,7 +492,6 @@ def sync_check(video: str | Path, closed: str | Path | None = None, audio: str |
     instead of the video's own track (a control: a video scored against speech it was not made from reads ~0)."""
     from .face import crop_portrait
     from .media import load_audio, load_image, read_frames, video_fps
-    from .train.data import prepared_mouth_box
 
     fps = video_fps(video)  # lags are in its frames, loudness is read per frame at its rate
     frames = list(read_frames(video))
@@ -505,8 +504,6 @@ def sync_check(video: str | Path, closed: str | Path | None = None, audio: str |
         raise InputError(f"'{video}' has {n} frames; lip sync needs at least {MIN_CLIP_FRAMES} (about 0.7 s)")
     if h != w:
         raise InputError(f"'{video}' is {w}x{h}; give a square face crop such as `letstalk generate` writes")
-    x, y, bw, bh = prepared_mouth_box({"margin": margin}, w)  # the box real-video clips are read in
-    box = (x, y, x + bw, y + bh)
     if closed is not None:  # a photograph is face-cropped as `generate` crops it; a crop of the frames' size is used as is
         image = load_image(closed)
         ref = image if image.shape[:2] == (w, w) else crop_portrait(image, w, margin, name=str(closed))
@@ -515,11 +512,21 @@ def sync_check(video: str | Path, closed: str | Path | None = None, audio: str |
         own = speech if audio is None else _own_speech(video, speech, n, fps)  # the closed frame: the video's own quiet
         quiet = quietest_frame(own, n, fps)
         ref, reference = frames[quiet], f"frame {quiet} (the quietest of its own speech)"
-    curve = speech_mouth_curve(mouth_interior(frames, ref, box), speech, fps)
     return {"video": str(video), "audio": str(audio or video), "frames": n, "fps": round(fps, 3),
-            "seconds": round(n / fps, 2), "closed_mouth": reference,
-            "speech_sync": float(curve[MAX_LAG]), "speech_offset": best_offset(curve),
-            "peak_sync": float(curve.max()), "lag_curve": [float(v) for v in curve]}
+            "seconds": round(n / fps, 2), "closed_mouth": reference, **sync_of_frames(frames, speech, ref, fps, margin)}
+
+
+def sync_of_frames(frames: np.ndarray, speech: np.ndarray, closed: np.ndarray, fps: float = 25.0,
+                   margin: float = 0.6) -> dict[str, Any]:
+    """`sync_check` on frames in memory: (N, S, S, 3) uint8 face crops of `margin`, their speech (16 kHz mono, sample 0
+    at frame 0) and a frame of the same face with its mouth closed -> the lip sync at offset 0, the best offset
+    (frames, positive = video late), the peak and the whole lag curve."""
+    from .train.data import prepared_mouth_box
+
+    x, y, bw, bh = prepared_mouth_box({"margin": margin}, frames.shape[2])  # the box real-video clips are read in
+    curve = speech_mouth_curve(mouth_interior(frames, closed, (x, y, x + bw, y + bh)), speech, fps)
+    return {"speech_sync": float(curve[MAX_LAG]), "speech_offset": best_offset(curve), "peak_sync": float(curve.max()),
+            "lag_curve": [float(v) for v in curve]}
 
 
 @dataclass

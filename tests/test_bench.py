@@ -77,7 +77,7 @@ def test_the_av_offset_summary_tells_a_drift_from_one_stall():
     stall = offset_summary([(25.0 if abs(t - 70) < 0.01 else 1.0, t) for t in times])
     assert stall["av_offset_ms_by_minute"] == [1.0, 25.0, 1.0]
     assert stall["av_offset_max_at_s"] == 70.0 and stall["av_offset_ms_p99"] == 1.0 and stall["av_offset_ms_max"] == 25
-    assert offset_summary([]) == {"av_offset_ms_max": 0.0}
+    assert offset_summary([]) == {"av_offset_ms_max": None}  # nothing paired (--webrtc: the peer measures it)
 
 
 def test_a_session_count_that_cannot_run_keeps_the_counts_before_it(tiny_pipeline, tmp_path, monkeypatch):

@@ -286,3 +286,38 @@ def test_speak_file_example_records_the_reply_and_leaves_nothing_when_the_server
     assert 1.6 * 25 <= len(frames) <= 3.0 * 25, len(frames)
     audio = load_audio(out_dir / "reply.mp4")
     assert np.sqrt(np.mean(audio ** 2)) > 0.01  # the avatar's speech came back with its frames
+
+
+def test_speak_file_places_the_audio_by_media_time_not_by_arrival(tmp_path):
+    """The SDK hands a frame over once its audio has arrived, so audio of the first frame's time comes before it, and
+    packets can be missing: the recording puts each chunk where its media time says, against the first frame's."""
+    import av
+
+    from letstalk_rt.client import AudioChunk, TimedFrame
+    from letstalk_rt.media import load_audio
+
+    speak_file = _speak_file_module()
+    out = tmp_path / "reply.mp4"
+    rec = speak_file.Recorder(out)
+    rate, n = 48000, 960
+
+    def chunk(t: float, loud: bool) -> AudioChunk:
+        pcm = np.full((n, 2), 12000 if loud else 0, np.int16)
+        return AudioChunk(pcm=pcm, sample_rate=rate, time=t)
+
+    def frame(t: float) -> TimedFrame:
+        return TimedFrame(av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8), format="rgb24"), t, 0.0)
+
+    for j in range(10):  # 0.40 .. 0.58 s: arrived before the first frame; from 0.48 s on they belong to the recording
+        rec.add_audio(chunk(0.40 + j * 0.02, loud=False))
+    for i in range(25):
+        rec.add_frame(frame(0.48 + i * 0.04))
+    for j in range(10, 50):  # 0.60 .. 1.38 s; loud from 0.88 s (0.40 s into the recording); 1.00 s never came
+        if j != 30:
+            rec.add_audio(chunk(0.40 + j * 0.02, loud=j >= 24))
+    rec.close()
+    audio = load_audio(out, sample_rate=16000)
+    first_loud = int(np.argmax(np.abs(audio) > 0.1))
+    assert abs(first_loud / 16000 - 0.40) < 0.01, first_loud / 16000
+    level = lambda a, b: float(np.abs(audio[round(a * 16000):round(b * 16000)]).mean())  # noqa: E731
+    assert level(0.525, 0.535) < 0.1 < level(0.50, 0.51)  # 1.00-1.02 s of media time: silence in its place

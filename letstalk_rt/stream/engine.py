@@ -543,10 +543,13 @@ class Session:
 
         return AvatarVideoTrack(self)
 
-    def audio_track(self):
-        from .tracks import AvatarAudioTrack
+    def audio_track(self, opus: bool = False):
+        """The session's audio, 16 kHz mono packets of 20 ms (`opus`: as 48 kHz stereo, what aiortc's Opus encoder
+        sends without holding each packet back; the server's WebRTC senders get this one)."""
+        from .tracks import AvatarAudioTrack, OpusAudioTrack
 
-        return AvatarAudioTrack(self)
+        track = AvatarAudioTrack(self)
+        return OpusAudioTrack(track) if opus else track
 
     async def events(self) -> AsyncIterator[Event]:
         """Events until the session closes (the last one is SessionClosed)."""

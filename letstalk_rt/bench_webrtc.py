@@ -1,0 +1,322 @@
+"""`letstalk bench --webrtc`: the engine measured from the far side of a real WebRTC connection.
+
+Each session is a real server session (`server.create_app` on 127.0.0.1, an ephemeral port) reached through the
+Python SDK (`AvatarClient`): the bench's speech is the client's microphone (an aiortc audio track played in real
+time and sent as Opus, as a browser sends it), and the avatar's video (VP8) and audio (Opus) come back over RTP.
+What the receiving peer measures, per session:
+
+- **frame pacing**: the gaps between the arrivals of consecutive video frames (40 ms at 25 fps);
+- **lip-to-sound offset**: for every received frame, its arrival against the arrival of the audio of the same media
+  time (RTP timestamps; positive: the picture after its sound), twice: as the application gets them from the SDK
+  (after aiortc's receive buffers: what a player that shows and plays on arrival shows) and as their first RTP packets
+  came off the wire (what the server sent; a browser lines the two up by the RTP timestamps and RTCP itself);
+- **speech to sound**: how long after the microphone sent a piece of speech the avatar's audio carrying it arrived
+  (the loudness of what was sent and of what came back, cross-correlated over each `SEGMENT_S`); the picture of
+  that speech arrives the lip-to-sound offset later;
+- **lip sync of what arrived** (`sync_of_frames`, the first `CONTENT_S`): the received frames' mouth against the
+  received speech placed by media time. Its best offset is 0 when a frame and the audio of the same media time
+  belong together; it reads as much lip sync as the model has (a model with random weights has none).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fractions
+import time
+from dataclasses import dataclass, field
+
+import av
+import numpy as np
+from aiortc import MediaStreamTrack
+from aiortc.mediastreams import MediaStreamError
+
+PACKET_S = 0.020  # the microphone's packets
+LEVEL_S = 0.010  # loudness is read per 10 ms on both sides
+SEGMENT_S = 10.0  # speech to sound: one cross-correlation per this many seconds of the run
+MAX_ROUND_TRIP_S = 3.0  # ... looking this far for the speech coming back
+CONTENT_S = 60.0  # the lip sync of what arrived is read on the first this many seconds (frames kept in memory)
+FLOOR_DB = -60.0  # a pause's loudness
+
+
+def levels_db(pcm: np.ndarray, per_level: int) -> np.ndarray:
+    """Mono float samples -> their loudness per `per_level` samples (dB, floored at FLOOR_DB; a partial tail dropped)."""
+    n = len(pcm) // per_level
+    rms = np.sqrt(np.mean(np.asarray(pcm[:n * per_level], np.float64).reshape(n, per_level) ** 2, axis=1))
+    return np.maximum(20 * np.log10(np.maximum(rms, 1e-9)), FLOOR_DB)
+
+
+class MicrophoneTrack(MediaStreamTrack):
+    """Speech played in real time as a browser's microphone sends it: 48 kHz stereo in 20 ms packets on an absolute
+    schedule (what aiortc's Opus encoder sends at once; at another rate it holds each packet back 20 ms), `speech`
+    (16 kHz mono float) looped for `seconds`. `sent` keeps when each 10 ms of it left and how loud it was."""
+
+    kind = "audio"
+
+    def __init__(self, speech: np.ndarray, seconds: float, rate: int = 48000) -> None:
+        from scipy.signal import resample_poly
+
+        super().__init__()
+        total = int(seconds * rate)
+        speech = resample_poly(np.asarray(speech, np.float32), rate // 16000, 1) if rate != 16000 else speech
+        reps = -(-total // len(speech))
+        self.pcm = np.tile(np.asarray(speech, np.float32), reps)[:total]
+        self.rate = rate
+        self.position = 0
+        self.start: float | None = None
+        self.sent: list[tuple[float, float]] = []  # (monotonic, dB) per 10 ms sent
+        self.sent_at: list[tuple[float, float]] = []  # (media s, monotonic) per packet
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        n = int(self.rate * PACKET_S)
+        if self.start is None:
+            self.start = time.monotonic()
+        due = self.start + self.position / self.rate
+        if (wait := due - time.monotonic()) > 0:
+            await asyncio.sleep(wait)
+        chunk = self.pcm[self.position:self.position + n]
+        chunk = np.pad(chunk, (0, n - len(chunk)))
+        now = time.monotonic()
+        self.sent_at.append((self.position / self.rate, now))
+        per = int(self.rate * LEVEL_S)
+        self.sent.extend((now + i * LEVEL_S, float(db)) for i, db in enumerate(levels_db(chunk, per)))
+        pcm = np.repeat((np.clip(chunk, -1, 1) * 32767).astype(np.int16), 2)[None]  # (1, 2 n) packed stereo
+        frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="stereo")
+        frame.sample_rate = self.rate
+        frame.pts = self.position
+        frame.time_base = fractions.Fraction(1, self.rate)
+        self.position += n
+        return frame
+
+
+@dataclass
+class Received:
+    """What one receiving peer saw: each video frame's and audio packet's media time and arrival, the loudness of
+    the audio that arrived, and the first CONTENT_S of both (for the lip sync of what arrived)."""
+
+    video: list[tuple[float, float]] = field(default_factory=list)  # (media s, arrival monotonic)
+    audio: list[tuple[float, float]] = field(default_factory=list)
+    levels: list[tuple[float, float]] = field(default_factory=list)  # (arrival monotonic, dB) per 10 ms
+    frames: dict[int, np.ndarray] = field(default_factory=dict)  # frame index (media time x fps) -> RGB
+    speech: dict[int, np.ndarray] = field(default_factory=dict)  # first 16 kHz sample -> mono float
+    wire: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # kind -> (media s, first RTP packet's
+    # arrival monotonic), from `wire_arrivals`
+    mic_wire: list[tuple[float, float]] = field(default_factory=list)  # the microphone's packets at the server
+
+
+RTP_CLOCK = {"video": 90000, "audio": 48000}  # VP8 / H.264 and Opus RTP clock rates
+
+
+@contextlib.contextmanager
+def wire_arrivals():
+    """While open, every aiortc receiver of this process notes when the first RTP packet of each media timestamp
+    arrived: yields {receiver: {rtp timestamp: monotonic}}. aiortc has no public hook for a packet's arrival, so this
+    wraps its receivers' packet handler (a private method: where aiortc no longer has it, nothing is noted and the
+    wire figures are left out)."""
+    from aiortc import RTCRtpReceiver
+
+    seen: dict = {}
+    original = getattr(RTCRtpReceiver, "_handle_rtp_packet", None)
+    if original is None:
+        yield seen
+        return
+
+    async def handle(self, packet, *args, **kwargs):
+        seen.setdefault(self, {}).setdefault(packet.timestamp, time.monotonic())
+        return await original(self, packet, *args, **kwargs)
+
+    RTCRtpReceiver._handle_rtp_packet = handle  # type: ignore[method-assign]
+    try:
+        yield seen
+    finally:
+        RTCRtpReceiver._handle_rtp_packet = original  # type: ignore[method-assign]
+
+
+def on_the_wire(pc, seen: dict) -> dict[str, list[tuple[float, float]]]:
+    """A peer connection's receivers' `wire_arrivals` -> kind -> (media seconds since its first packet, arrival)."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    for receiver in pc.getReceivers():
+        marks = sorted(seen.get(receiver, {}).items(), key=lambda item: item[1])
+        kind = receiver.track.kind if receiver.track is not None else None
+        if marks and kind in RTP_CLOCK:
+            first = marks[0][0]
+            out[kind] = [(((ts - first) % 2**32) / RTP_CLOCK[kind], at) for ts, at in marks]
+    return out
+
+
+async def receive(session, out: Received, fps: float) -> None:
+    """Read a connected `AvatarSession`'s video and audio until the connection ends."""
+
+    async def video():
+        async for f in session.timed_video_frames():
+            out.video.append((f.time, f.received_at))
+            if f.time < CONTENT_S:
+                out.frames[round(f.time * fps)] = f.rgb
+
+    async def audio():
+        async for chunk in session.audio_frames():
+            out.audio.append((chunk.time, chunk.received_at))
+            mono = chunk.mono_float()
+            per = int(chunk.sample_rate * LEVEL_S)
+            out.levels.extend((chunk.received_at + i * LEVEL_S, float(db)) for i, db in enumerate(levels_db(mono, per)))
+            if chunk.time < CONTENT_S:
+                step = chunk.sample_rate // 16000  # Opus decodes at 48 kHz: every third sample (loudness only)
+                out.speech[round(chunk.time * 16000)] = mono[::max(1, step)]
+
+    await asyncio.gather(video(), audio())
+
+
+def _quantiles_ms(values: np.ndarray) -> dict:
+    return {"p50": round(float(np.percentile(values, 50)), 1), "p99": round(float(np.percentile(values, 99)), 1),
+            "max": round(float(values.max()), 1)}
+
+
+def pacing(video: list[tuple[float, float]]) -> dict:
+    """Received frames per second and the gaps between consecutive arrivals (ms): p50 near 40 at 25 fps; the p99 and
+    the max show bursts and stalls."""
+    if len(video) < 2:
+        return {"frames": len(video)}
+    arrivals = np.array([a for _, a in video])
+    gaps = np.diff(arrivals) * 1000
+    return {"frames": len(video), "fps": round((len(video) - 1) / (arrivals[-1] - arrivals[0]), 2),
+            "gap_ms": _quantiles_ms(gaps)}
+
+
+def arrival_offsets(later: list[tuple[float, float]], earlier: list[tuple[float, float]]) -> dict:
+    """(media s, arrival) of two streams -> each of `later`'s arrivals minus the arrival of `earlier`'s media of the same
+    time (interpolated between its packets), ms. The signed median, the largest either way, and each minute's
+    largest |offset| (minutes of media time): a drift grows minute by minute. `lip_to_sound`: the video against the
+    audio, positive when the picture comes after its sound."""
+    from .bench import by_minute
+
+    if not later or len(earlier) < 2:
+        return {}
+    e_time, e_arrival = (np.array(x) for x in zip(*earlier))
+    v = np.array([(t, arr) for t, arr in later if e_time[0] <= t <= e_time[-1]])
+    if not len(v):
+        return {}
+    offsets = (v[:, 1] - np.interp(v[:, 0], e_time, e_arrival)) * 1000
+    size = np.abs(offsets)
+    return {"p50": round(float(np.median(offsets)), 1), "min": round(float(offsets.min()), 1),
+            "max": round(float(offsets.max()), 1), "abs_p99": round(float(np.percentile(size, 99)), 1),
+            "abs_max_by_minute": by_minute(size, v[:, 0], np.max)}
+
+
+def speech_to_sound(sent: list[tuple[float, float]], came_back: list[tuple[float, float]]) -> dict:
+    """How long after the microphone sent speech the avatar's audio carrying it arrived: the loudness sent and the
+    loudness received, on one 10 ms grid of arrival time, cross-correlated over each SEGMENT_S of sent speech that
+    holds speech and pauses; the lag of the best correlation per segment (ms), and that correlation (the same speech
+    reads near 1)."""
+    if len(sent) < 2 or len(came_back) < 2:
+        return {}
+    s_t, s_db = (np.array(x) for x in zip(*sent))
+    r_t, r_db = (np.array(x) for x in zip(*came_back))
+    grid = np.arange(s_t[0], r_t[-1], LEVEL_S)
+    s = np.interp(grid, s_t, s_db, left=FLOOR_DB, right=FLOOR_DB)
+    r = np.interp(grid, r_t, r_db, left=FLOOR_DB, right=FLOOR_DB)
+    seg, max_lag = round(SEGMENT_S / LEVEL_S), round(MAX_ROUND_TRIP_S / LEVEL_S)
+    lags, peaks = [], []
+    for start in range(0, int((s_t[-1] - s_t[0]) / LEVEL_S) - seg + 1, seg):
+        x = s[start:start + seg]
+        if x.std() < 3.0 or start + seg + max_lag > len(r):  # no speech in it, or its echo not all back
+            continue
+        x = (x - x.mean()) / x.std()
+        corr = []
+        for lag in range(max_lag + 1):
+            y = r[start + lag:start + lag + seg]
+            corr.append(float(np.mean(x * (y - y.mean()) / y.std())) if y.std() > 0 else -1.0)
+        best = int(np.argmax(corr))
+        lags.append(best * LEVEL_S * 1000)
+        peaks.append(corr[best])
+    if not lags:
+        return {}
+    ms = np.array(lags)
+    return {"segments": len(ms), "p50": round(float(np.median(ms)), 1), "min": round(float(ms.min()), 1),
+            "max": round(float(ms.max()), 1), "correlation_min": round(min(peaks), 3)}
+
+
+def content_sync(got: Received, fps: float) -> dict:
+    """The received frames' mouth against the received speech, both placed by media time (`sync_of_frames`, the
+    closed mouth from the quietest moment): the best offset in frames (0: what arrived together belongs together)."""
+    from .eval import MIN_CLIP_FRAMES, quietest_frame, sync_of_frames
+
+    if len(got.frames) < MIN_CLIP_FRAMES or not got.speech:
+        return {}
+    n = max(got.frames) + 1
+    shape = next(iter(got.frames.values())).shape
+    frames, last = np.zeros((n,) + shape, np.uint8), np.zeros(shape, np.uint8)
+    for i in range(n):  # a frame that did not arrive: the one before it, as a player holds it
+        last = frames[i] = got.frames.get(i, last)
+    speech = np.zeros(round(n / fps * 16000), np.float32)
+    for at, pcm in got.speech.items():
+        part = pcm[:max(0, len(speech) - at)]
+        speech[at:at + len(part)] = part
+    sync = sync_of_frames(frames, speech, frames[quietest_frame(speech, n, fps)], fps)
+    return {"frames": n, "speech_sync": round(sync["speech_sync"], 3), "speech_offset": sync["speech_offset"],
+            "peak_sync": round(sync["peak_sync"], 3)}
+
+
+def summary(got: Received, sent: list[tuple[float, float]], sent_at: list[tuple[float, float]], fps: float) -> dict:
+    """One session's receiver-side figures (the RunResult's `webrtc`)."""
+    wire = arrival_offsets(got.wire.get("video", []), got.wire.get("audio", []))
+    return {"pacing": pacing(got.video), "lip_to_sound_ms": arrival_offsets(got.video, got.audio),
+            "lip_to_sound_wire_ms": wire,
+            # where speech to sound goes, outside the engine's own latency: the microphone's packets from its track to
+            # the server's wire, and the avatar's audio from the client's wire to the application (aiortc's buffers)
+            "mic_to_server_wire_ms": arrival_offsets(got.mic_wire, sent_at),
+            "audio_wire_to_app_ms": arrival_offsets(got.audio, got.wire.get("audio", [])),
+            "speech_to_sound_ms": speech_to_sound(sent, got.levels), "content_sync": content_sync(got, fps)}
+
+
+@contextlib.asynccontextmanager
+async def local_server(engine):
+    """The WebRTC server (`server.create_app`) around `engine` on 127.0.0.1, an ephemeral port: yields its URL and
+    its SessionManager."""
+    from aiohttp import web
+
+    from server import ServerConfig, create_app
+    from server.app import MANAGER
+
+    app = create_app(engine, ServerConfig(port=0))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}", app[MANAGER]
+    finally:
+        await runner.cleanup()
+
+
+async def stream(engine, n: int, seconds: float, speech: np.ndarray) -> tuple[list, list[dict]]:
+    """n sessions through the server, each with a microphone playing `speech` for `seconds` and a receiving peer ->
+    (the engine's sessions, read after the run, and each session's receiver-side summary)."""
+    from .client import AvatarClient
+
+    fps = engine.pipeline.fps
+    with wire_arrivals() as seen:
+        async with local_server(engine) as (url, manager), AvatarClient(url) as client:
+            sessions, got, mics = await _run(client, manager, n, seconds, speech, fps, seen)
+    return sessions, [summary(out, mic.sent, mic.sent_at, fps) for out, mic in zip(got, mics)]
+
+
+async def _run(client, manager, n, seconds, speech, fps, seen):
+    avatars = [await client.start_session(avatar_id="default") for _ in range(n)]
+    sessions = [manager.sessions[a.id].session for a in avatars]
+    mics = [MicrophoneTrack(speech, seconds) for _ in range(n)]
+    got = [Received() for _ in range(n)]
+    readers = []
+    for avatar, mic, out in zip(avatars, mics, got):
+        await avatar.connect(audio_track=mic)
+        readers.append(asyncio.create_task(receive(avatar, out, fps)))
+    await asyncio.sleep(seconds)
+    for avatar, out in zip(avatars, got):
+        out.wire = on_the_wire(avatar.pc, seen)  # before close(): it drops the peer connection
+        server_pc = manager.sessions[avatar.id].pc
+        out.mic_wire = on_the_wire(server_pc, seen).get("audio", []) if server_pc is not None else []
+        await avatar.close()
+    await asyncio.gather(*readers, return_exceptions=True)
+    return sessions, got, mics

@@ -1,0 +1,160 @@
+"""`letstalk bench --webrtc`: the engine measured where a real aiortc peer receives it, and the fixes it led to."""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+
+import av
+import numpy as np
+import pytest
+
+from letstalk_rt import bench_webrtc
+from letstalk_rt.bench import run_bench
+from letstalk_rt.bench_webrtc import arrival_offsets, pacing, speech_to_sound
+
+from conftest import speechlike
+
+
+def test_webrtc_bench_measures_pacing_lip_to_sound_and_speech_to_sound_at_the_peer(tiny_pipeline, astronaut_png,
+                                                                                 monkeypatch):
+    """Through the server and a real aiortc peer (speech sent as its microphone): frames arrive at 25 fps; the
+    application gets each frame together with the audio of its media time (the SDK's `align`: without it aiortc
+    hands the audio over ~40-60 ms after its picture); on the wire audio and video of the same time leave together
+    (the Opus track: before it, each audio packet left 20 ms late); the speech comes back with the engine's latency
+    in it."""
+    from letstalk_rt.media import load_image
+
+    monkeypatch.setattr(bench_webrtc, "SEGMENT_S", 2.0)  # the run lasts 6 s
+    monkeypatch.setattr(bench_webrtc, "MAX_ROUND_TRIP_S", 1.5)
+    portrait = tiny_pipeline.prepare_portrait(load_image(astronaut_png), detect=False)
+    audio = np.concatenate([speechlike(1.2, seed=5), np.zeros(8000, np.float32)])  # speech, then half a second's pause
+    report = run_bench(tiny_pipeline, [1], 6.0, audio, portrait, breakdown=False, webrtc=True)
+
+    assert report["webrtc"] and report["complete"]
+    (run,) = report["runs"]
+    assert run["av_offset_ms_max"] is None  # aiortc's senders read the tracks: the offset is measured at the peer
+    assert 0.9 < run["realtime_factor"] <= 1.0
+    (peer,) = run["webrtc"]
+    assert peer["pacing"]["frames"] > 100 and 22 < peer["pacing"]["fps"] < 28
+    assert 30 < peer["pacing"]["gap_ms"]["p50"] < 50
+    assert abs(peer["lip_to_sound_ms"]["p50"]) < 20, peer["lip_to_sound_ms"]
+    assert abs(peer["lip_to_sound_wire_ms"]["p50"]) < 15, peer["lip_to_sound_wire_ms"]
+    assert peer["mic_to_server_wire_ms"]["p50"] < 15  # 48 kHz stereo: the microphone's packets leave at once
+    assert peer["audio_wire_to_app_ms"]["p50"] > 30  # aiortc's audio receive buffer, on the SDK's side
+    trip = peer["speech_to_sound_ms"]
+    assert trip["segments"] >= 2 and trip["correlation_min"] > 0.5
+    assert trip["p50"] > run["latency_ms_p50"] - 40  # the engine's own latency is part of it
+    assert peer["content_sync"]["frames"] > 100  # the tiny model has no lip sync to read; the real one: docs
+
+
+def test_arrival_offsets_pacing_and_speech_to_sound_read_made_up_arrivals():
+    fps = 25
+    audio = [(j * 0.02, 10.0 + j * 0.02 + 0.005) for j in range(6000)]  # 2 minutes of 20 ms packets, 5 ms in transit
+    video = [(i / fps, 10.0 + i / fps + 0.035 + 0.0002 * i / fps) for i in range(3000)]  # 30 ms after, drifting 0.2 ms/s
+    off = arrival_offsets(video, audio)
+    assert off["p50"] == pytest.approx(30 + 0.2 * 60, abs=0.2)  # positive: the picture after its sound
+    assert off["min"] == pytest.approx(30, abs=0.1) and off["max"] == pytest.approx(54, abs=0.2)
+    assert off["abs_max_by_minute"] == pytest.approx([42, 54], abs=0.2)  # a drift grows minute by minute
+    assert arrival_offsets([], audio) == {} and arrival_offsets(video, audio[:1]) == {}
+
+    stalled = video[:100] + [(t, a + 0.2) for t, a in video[100:]]  # one 200 ms stall, then on time again
+    p = pacing(stalled)
+    assert p["frames"] == 3000 and p["gap_ms"]["p50"] == pytest.approx(40, abs=0.1)
+    assert p["gap_ms"]["max"] == pytest.approx(240, abs=0.5)
+
+    rng = np.random.default_rng(0)
+    loud = np.repeat(rng.choice([-60.0, -20.0, -10.0], size=400), 15)  # 60 s of syllables and pauses, 10 ms each
+    sent = [(100.0 + k * 0.01, float(db)) for k, db in enumerate(loud)]
+    back = [(t + 0.437, db + rng.normal(0, 1)) for t, db in sent]  # the same speech 437 ms later, a little changed
+    trip = speech_to_sound(sent, back)
+    assert trip["segments"] == 5  # the last 10 s has no 3 s of echo after it
+    assert trip["p50"] == pytest.approx(440, abs=10) and trip["correlation_min"] > 0.9
+    assert speech_to_sound(sent, []) == {}
+
+
+class _Sine16k:
+    """A 16 kHz mono source in 20 ms s16 frames, like a session's AvatarAudioTrack."""
+
+    def __init__(self) -> None:
+        self.position = 0
+        self.pcm = (np.sin(2 * np.pi * 440 * np.arange(16000) / 16000) * 12000).astype(np.int16)
+        self.stopped = False
+
+    async def recv(self) -> av.AudioFrame:
+        chunk = self.pcm[self.position:self.position + 320]
+        frame = av.AudioFrame.from_ndarray(chunk[None], format="s16", layout="mono")
+        frame.sample_rate, frame.pts, frame.time_base = 16000, self.position, fractions.Fraction(1, 16000)
+        self.position += 320
+        return frame
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def test_the_opus_track_gives_aiortcs_encoder_whole_packets_so_none_is_held_back():
+    """48 kHz stereo, 960 samples a frame from the first on, pts in 48 kHz: aiortc's Opus encoder sends a packet for
+    every frame it is given (given the 16 kHz frames themselves it sends each one a frame late). The sound is the
+    source's, about 1 ms late (the resampler's lead, filled with silence once)."""
+    from aiortc.codecs.opus import OpusEncoder
+
+    from letstalk_rt.stream.tracks import OpusAudioTrack
+
+    source = _Sine16k()
+    track = OpusAudioTrack(source)  # type: ignore[arg-type]
+    encoder = OpusEncoder()
+
+    async def read(n):
+        return [await track.recv() for _ in range(n)]
+
+    frames = asyncio.run(read(40))
+    for j, f in enumerate(frames):
+        assert (f.samples, f.sample_rate, f.layout.name, f.format.name) == (960, 48000, "stereo", "s16")
+        assert f.pts == j * 960
+        packets, _ = encoder.encode(f)
+        assert len(packets) == 1, f"frame {j} was held back"
+    out = np.concatenate([f.to_ndarray().reshape(-1, 2)[:, 0] for f in frames]).astype(np.float64)
+    ref = np.repeat(source.pcm[:len(out) // 3].astype(np.float64), 3)  # the source, held to 48 kHz
+    lags = range(0, 200)
+    corr = [np.dot(out[2000 + k:30000 + k], ref[2000:30000]) for k in lags]
+    assert np.argmax(corr) <= 96  # at most 2 ms late
+    track.stop()
+    assert source.stopped
+
+
+def test_the_servers_microphone_receiver_hands_audio_over_at_once():
+    """aiortc's audio receiver prefetches 4 packets (80 ms of latency) unless the server releases it: then a packet
+    is handed over as soon as the next one has come in."""
+    from aiortc import RTCPeerConnection
+    from aiortc.rtp import RtpPacket
+
+    from server.sessions import release_audio_at_once
+
+    def handed_over_after(buffer) -> int:
+        for seq in range(10):
+            packet = RtpPacket(payload_type=111, sequence_number=seq, timestamp=seq * 960)
+            packet._data = b"\xfc"  # the depayloaded Opus frame, as aiortc's receiver sets it before buffering
+            _, frame = buffer.add(packet)
+            if frame is not None:
+                return seq
+        return -1
+
+    async def main():
+        client = RTCPeerConnection()
+        client.addTransceiver("audio", direction="sendrecv")
+        await client.setLocalDescription(await client.createOffer())
+        servers = [RTCPeerConnection(), RTCPeerConnection()]  # two sessions' peer connections, as the server has them
+        tracks = []
+        for pc in servers:
+            pc.on("track", tracks.append)
+            await pc.setRemoteDescription(client.localDescription)
+        assert [t.kind for t in tracks] == ["audio", "audio"]
+        assert not release_audio_at_once(servers[0], tracks[1])  # not this peer connection's track
+        assert release_audio_at_once(servers[0], tracks[0])
+        after = [handed_over_after(pc.getReceivers()[0]._RTCRtpReceiver__jitter_buffer) for pc in servers]
+        for pc in [client, *servers]:
+            await pc.close()
+        return after
+
+    released, default = asyncio.run(main())
+    assert released == 1 and default > 3
