@@ -36,6 +36,7 @@ def test_webrtc_bench_measures_pacing_lip_to_sound_and_speech_to_sound_at_the_pe
     assert run["av_offset_ms_max"] is None  # aiortc's senders read the tracks: the offset is measured at the peer
     assert 0.9 < run["realtime_factor"] <= 1.0
     (peer,) = run["webrtc"]
+    assert 0 < peer["first_frame_received_ms"] < 5000
     assert peer["pacing"]["frames"] > 100 and 22 < peer["pacing"]["fps"] < 28
     assert 30 < peer["pacing"]["gap_ms"]["p50"] < 50
     assert abs(peer["lip_to_sound_ms"]["p50"]) < 20, peer["lip_to_sound_ms"]
