@@ -277,22 +277,21 @@ def summary(got: Received, sent: list[tuple[float, float]], sent_at: list[tuple[
 
 
 @contextlib.asynccontextmanager
-async def local_server(engine):
-    """The WebRTC server (`server.create_app`) around `engine` on 127.0.0.1, an ephemeral port: yields its URL and
-    its SessionManager."""
+async def local_server(engine, config=None):
+    """The WebRTC server (`server.create_app`, `config`: a ServerConfig) around `engine` on 127.0.0.1, an ephemeral
+    port: yields its URL and the aiohttp application."""
     from aiohttp import web
 
     from server import ServerConfig, create_app
-    from server.app import MANAGER
 
-    app = create_app(engine, ServerConfig(port=0))
+    app = create_app(engine, config or ServerConfig(port=0))
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
-        yield f"http://127.0.0.1:{port}", app[MANAGER]
+        yield f"http://127.0.0.1:{port}", app
     finally:
         await runner.cleanup()
 
@@ -303,9 +302,11 @@ async def stream(engine, n: int, seconds: float, speech: np.ndarray) -> tuple[li
     from .client import AvatarClient
 
     fps = engine.pipeline.fps
+    from server.app import MANAGER
+
     with wire_arrivals() as seen:
-        async with local_server(engine) as (url, manager), AvatarClient(url) as client:
-            sessions, got, mics = await _run(client, manager, n, seconds, speech, fps, seen)
+        async with local_server(engine) as (url, app), AvatarClient(url) as client:
+            sessions, got, mics = await _run(client, app[MANAGER], n, seconds, speech, fps, seen)
     return sessions, [summary(out, mic.sent, mic.sent_at, fps) for out, mic in zip(got, mics)]
 
 

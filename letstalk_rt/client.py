@@ -24,7 +24,7 @@ from the RTP timestamps; the server starts both streams together, so a frame and
 belong together) and when the SDK handed it over (`received_at`, `time.monotonic()`). aiortc's receiver hands over each audio
 packet ~40 ms after the frame of the same time (it waits for 4 audio packets, and for a frame only until the next
 one starts); so that frames and audio read as they come play in step, a frame is handed over once the audio of its
-time has arrived (at most `ALIGN_MAX_S` later; `connect(align=False)`: as soon as it is decoded).
+time has arrived (while the audio stalls, at most `ALIGN_MAX_S`; `connect(align=False)`: as soon as it is decoded).
 
 `connect(audio_track=track)` sends a local aiortc audio track (a microphone, a file player) as the
 session's speech instead of (or besides) `send_audio`. Server errors become exceptions carrying the
@@ -69,7 +69,7 @@ from .errors import LetsTalkError
 
 log = logging.getLogger(__name__)
 
-ALIGN_MAX_S = 0.2  # connect(align=True): a video frame waits at most this long for the audio of its media time
+ALIGN_MAX_S = 0.2  # connect(align=True): frames wait for the audio of their media time unless it has not moved this long
 
 __all__ = [
     "AudioChunk", "AuthenticationError", "AvatarClient", "AvatarClientError", "AvatarSession", "RequestError",
@@ -237,6 +237,7 @@ class AvatarSession:
         self.closed = False
         self._align = False  # connect(align=...) with audio received
         self._audio_until = -1.0  # media time up to which audio has arrived
+        self._audio_at = 0.0  # monotonic: when it last moved (or the first frame came, before any audio)
         self._audio_moved = asyncio.Event()
 
     def _headers(self) -> dict[str, str]:
@@ -315,7 +316,10 @@ class AvatarSession:
                 buffer.close()
                 return
             t = float(frame.pts * frame.time_base) if frame.pts is not None and frame.time_base else 0.0
-            first_pts = t if first_pts is None else first_pts
+            if first_pts is None:
+                first_pts = t
+                if track.kind == "video" and self._audio_until < 0:  # the audio's wait starts with the first frame
+                    self._audio_at = time.monotonic()
             if track.kind == "video":  # converted to RGB only when read: unread frames cost no conversion
                 if self._align:
                     await self._wait_audio(t - first_pts)
@@ -329,12 +333,17 @@ class AvatarSession:
                 buffer.put(AudioChunk(pcm=pcm, sample_rate=frame.sample_rate, time=t - first_pts,
                                       received_at=time.monotonic()))
                 self._audio_until = t - first_pts + frame.samples / frame.sample_rate
+                self._audio_at = time.monotonic()
                 self._audio_moved.set()
 
     async def _wait_audio(self, until: float) -> None:
-        """Until audio past media time `until` has arrived, the audio track has ended, or ALIGN_MAX_S has passed."""
-        deadline = time.monotonic() + ALIGN_MAX_S
-        while self._audio_until <= until and not self._audio.closed and (left := deadline - time.monotonic()) > 0:
+        """Until audio past media time `until` has arrived or the audio track has ended; but never while the audio
+        has not moved for ALIGN_MAX_S: a stalled audio stream holds no frame back longer than that, however many
+        frames queue behind the first (a cap per frame would add up, frame after frame)."""
+        while self._audio_until <= until and not self._audio.closed:
+            left = self._audio_at + ALIGN_MAX_S - time.monotonic()
+            if left <= 0:
+                return
             self._audio_moved.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._audio_moved.wait(), left)

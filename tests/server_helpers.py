@@ -37,21 +37,16 @@ class Server:
 @contextlib.asynccontextmanager
 async def running_server(pipeline, max_sessions: int = 4, **config):
     """The app on 127.0.0.1:<ephemeral> around a fresh engine (no warm-up) on `pipeline`."""
+    from letstalk_rt.bench_webrtc import local_server
     from letstalk_rt.stream import EngineConfig, StreamEngine
-    from server import ServerConfig, create_app
+    from server import ServerConfig
 
     engine = StreamEngine(pipeline, EngineConfig(warmup=False, max_sessions=max_sessions,
                                                  max_batch=min(max_sessions, 4)))
-    app = create_app(engine, ServerConfig(port=0, **config))
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
-        yield Server(f"http://127.0.0.1:{port}", app, engine)
+        async with local_server(engine, ServerConfig(port=0, **config)) as (url, app):
+            yield Server(url, app, engine)
     finally:
-        await runner.cleanup()
         await engine.stop()
 
 

@@ -321,3 +321,35 @@ def test_speak_file_places_the_audio_by_media_time_not_by_arrival(tmp_path):
     assert abs(first_loud / 16000 - 0.40) < 0.01, first_loud / 16000
     level = lambda a, b: float(np.abs(audio[round(a * 16000):round(b * 16000)]).mean())  # noqa: E731
     assert level(0.525, 0.535) < 0.1 < level(0.50, 0.51)  # 1.00-1.02 s of media time: silence in its place
+
+
+def test_aligned_frames_wait_for_their_audio_but_a_stalled_audio_stream_holds_none_back():
+    """`connect(align=True)`: a frame is handed over once the audio of its media time is in; while the audio has not
+    moved for ALIGN_MAX_S no frame waits at all, so frames queued behind a stall do not add their waits up."""
+    import time
+
+    from letstalk_rt.client import ALIGN_MAX_S, AvatarClient, AvatarSession
+
+    async def main():
+        session = AvatarSession(AvatarClient("http://127.0.0.1:9"), {
+            "session_id": "s", "token": "t", "expires_at": 0, "offer_url": "/o", "ws_url": "/w"})
+        session._audio_until, session._audio_at = 1.0, time.monotonic()  # audio in up to 1.0 s of media time
+
+        async def audio_arrives(after: float, until: float):
+            await asyncio.sleep(after)
+            session._audio_until, session._audio_at = until, time.monotonic()
+            session._audio_moved.set()
+
+        t = time.monotonic()
+        await session._wait_audio(0.96)  # its audio is in: no wait
+        assert time.monotonic() - t < 0.01
+        arrive = asyncio.ensure_future(audio_arrives(0.05, 1.02))
+        await session._wait_audio(1.0)  # waits for its audio, 50 ms
+        assert 0.04 < time.monotonic() - t < 0.05 + ALIGN_MAX_S / 2
+        await arrive
+        t = time.monotonic()
+        for i in range(10):  # the audio stalls: the first frame waits ALIGN_MAX_S, the ones queued behind it nothing
+            await session._wait_audio(1.04 + 0.04 * i)
+        assert ALIGN_MAX_S - 0.01 < time.monotonic() - t < ALIGN_MAX_S + 0.05
+
+    asyncio.run(main())
