@@ -7,8 +7,7 @@ One throwaway session is connected first (`warm_up`), as a running server has se
 receiving peer measures, per session:
 
 - **first frame received**: from asking the server for the session (HTTP) to its first frame in the SDK;
-
-- **frame pacing**: the gaps between the arrivals of consecutive video frames (40 ms at 25 fps);
+- **frame pacing**: the gaps between the SDK's hand-overs of consecutive video frames (40 ms at 25 fps);
 - **lip-to-sound offset**: for every received frame, its arrival against the arrival of the audio of the same media
   time (RTP timestamps; positive: the picture after its sound), twice: as the application gets them from the SDK
   (after aiortc's receive buffers: what a player that shows and plays on arrival shows) and as their first RTP packets

@@ -350,6 +350,6 @@ def test_aligned_frames_wait_for_their_audio_but_a_stalled_audio_stream_holds_no
         t = time.monotonic()
         for i in range(10):  # the audio stalls: the first frame waits ALIGN_MAX_S, the ones queued behind it nothing
             await session._wait_audio(1.04 + 0.04 * i)
-        assert ALIGN_MAX_S - 0.01 < time.monotonic() - t < ALIGN_MAX_S + 0.05
+        assert ALIGN_MAX_S - 0.01 < time.monotonic() - t < ALIGN_MAX_S + 0.1  # not 10 x ALIGN_MAX_S
 
     asyncio.run(main())
