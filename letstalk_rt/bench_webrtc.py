@@ -56,11 +56,12 @@ class MicrophoneTrack(MediaStreamTrack):
     kind = "audio"
 
     def __init__(self, speech: np.ndarray, seconds: float, rate: int = 48000) -> None:
-        from scipy.signal import resample_poly
+        from .media import PcmResampler
 
         super().__init__()
         total = int(seconds * rate)
-        speech = resample_poly(np.asarray(speech, np.float32), rate // 16000, 1) if rate != 16000 else speech
+        resampler = PcmResampler(rate)
+        speech = np.concatenate([resampler.push(np.asarray(speech, np.float32), 16000), resampler.flush()])
         reps = -(-total // len(speech))
         self.pcm = np.tile(np.asarray(speech, np.float32), reps)[:total]
         self.rate = rate
