@@ -41,17 +41,19 @@ CONTENT_S = 60.0  # the lip sync of what arrived is read on the first this many 
 FLOOR_DB = -60.0  # a pause's loudness
 
 
-def levels_db(pcm: np.ndarray, per_level: int) -> np.ndarray:
-    """Mono float samples -> their loudness per `per_level` samples (dB, floored at FLOOR_DB; a partial tail dropped)."""
-    n = len(pcm) // per_level
-    rms = np.sqrt(np.mean(np.asarray(pcm[:n * per_level], np.float64).reshape(n, per_level) ** 2, axis=1))
-    return np.maximum(20 * np.log10(np.maximum(rms, 1e-9)), FLOOR_DB)
+def levels_db(pcm: np.ndarray, rate: int, levels: int | None = None) -> np.ndarray:
+    """Mono float samples at `rate` -> their loudness per LEVEL_S (`eval.speech_energy`: dB, a pause at FLOOR_DB), for
+    `levels` of them (default: the whole ones in `pcm`; past its end: silence)."""
+    from .eval import speech_energy
+
+    n = int(len(pcm) / (rate * LEVEL_S)) if levels is None else levels
+    return speech_energy(pcm, n, fps=1 / LEVEL_S, sample_rate=rate)
 
 
 class MicrophoneTrack(MediaStreamTrack):
     """Speech played in real time as a browser's microphone sends it: 48 kHz stereo in 20 ms packets on an absolute
     schedule (what aiortc's Opus encoder sends at once; at another rate it holds each packet back 20 ms), `speech`
-    (16 kHz mono float) looped for `seconds`. `sent` keeps when each 10 ms of it left and how loud it was."""
+    (16 kHz mono float) looped for `seconds`. `sent_at` keeps when each packet left."""
 
     kind = "audio"
 
@@ -67,7 +69,6 @@ class MicrophoneTrack(MediaStreamTrack):
         self.rate = rate
         self.position = 0
         self.start: float | None = None
-        self.sent: list[tuple[float, float]] = []  # (monotonic, dB) per 10 ms sent
         self.sent_at: list[tuple[float, float]] = []  # (media s, monotonic) per packet
 
     async def recv(self) -> av.AudioFrame:
@@ -83,8 +84,6 @@ class MicrophoneTrack(MediaStreamTrack):
         chunk = np.pad(chunk, (0, n - len(chunk)))
         now = time.monotonic()
         self.sent_at.append((self.position / self.rate, now))
-        per = int(self.rate * LEVEL_S)
-        self.sent.extend((now + i * LEVEL_S, float(db)) for i, db in enumerate(levels_db(chunk, per)))
         pcm = np.repeat((np.clip(chunk, -1, 1) * 32767).astype(np.int16), 2)[None]  # (1, 2 n) packed stereo
         frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="stereo")
         frame.sample_rate = self.rate
@@ -92,6 +91,13 @@ class MicrophoneTrack(MediaStreamTrack):
         frame.time_base = fractions.Fraction(1, self.rate)
         self.position += n
         return frame
+
+    def sent(self) -> list[tuple[float, float]]:
+        """(monotonic, dB) per LEVEL_S of what was sent: the loudness of the speech each packet carried (packets are
+        sent in order from the start), timed from when the packet left."""
+        per_packet = round(PACKET_S / LEVEL_S)
+        db = levels_db(self.pcm, self.rate, len(self.sent_at) * per_packet)
+        return [(self.sent_at[j // per_packet][1] + (j % per_packet) * LEVEL_S, float(v)) for j, v in enumerate(db)]
 
 
 @dataclass
@@ -163,8 +169,8 @@ async def receive(session, out: Received, fps: float) -> None:
         async for chunk in session.audio_frames():
             out.audio.append((chunk.time, chunk.received_at))
             mono = chunk.mono_float()
-            per = int(chunk.sample_rate * LEVEL_S)
-            out.levels.extend((chunk.received_at + i * LEVEL_S, float(db)) for i, db in enumerate(levels_db(mono, per)))
+            out.levels.extend((chunk.received_at + i * LEVEL_S, float(db))
+                              for i, db in enumerate(levels_db(mono, chunk.sample_rate)))
             if chunk.time < CONTENT_S:
                 step = chunk.sample_rate // 16000  # Opus decodes at 48 kHz: every third sample (loudness only)
                 out.speech[round(chunk.time * 16000)] = mono[::max(1, step)]
@@ -301,13 +307,13 @@ async def stream(engine, n: int, seconds: float, speech: np.ndarray) -> tuple[li
     (the engine's sessions, read after the run, and each session's receiver-side summary)."""
     from .client import AvatarClient
 
-    fps = engine.pipeline.fps
     from server.app import MANAGER
 
+    fps = engine.pipeline.fps
     with wire_arrivals() as seen:
         async with local_server(engine) as (url, app), AvatarClient(url) as client:
             sessions, got, mics = await _run(client, app[MANAGER], n, seconds, speech, fps, seen)
-    return sessions, [summary(out, mic.sent, mic.sent_at, fps) for out, mic in zip(got, mics)]
+    return sessions, [summary(out, mic.sent(), mic.sent_at, fps) for out, mic in zip(got, mics)]
 
 
 async def warm_up(client, manager) -> None:
