@@ -53,7 +53,9 @@ def levels_db(pcm: np.ndarray, rate: int, levels: int | None = None) -> np.ndarr
 class MicrophoneTrack(MediaStreamTrack):
     """Speech played in real time as a browser's microphone sends it: 48 kHz stereo in 20 ms packets on an absolute
     schedule (what aiortc's Opus encoder sends at once; at another rate it holds each packet back 20 ms), `speech`
-    (16 kHz mono float) looped for `seconds`. `sent_at` keeps when each packet left."""
+    (16 kHz mono float, padded with silence to whole packets) looped for `seconds` (whole packets), then silence.
+    Only one loop is kept (a 30-minute soak's speech written out would be 350 MB and ~1 s to build); `sent_at` keeps
+    when each packet left."""
 
     kind = "audio"
 
@@ -61,43 +63,48 @@ class MicrophoneTrack(MediaStreamTrack):
         from .media import PcmResampler
 
         super().__init__()
-        total = int(seconds * rate)
+        self.rate, self.packet = rate, int(rate * PACKET_S)
         resampler = PcmResampler(rate)
-        speech = np.concatenate([resampler.push(np.asarray(speech, np.float32), 16000), resampler.flush()])
-        reps = -(-total // len(speech))
-        self.pcm = np.tile(np.asarray(speech, np.float32), reps)[:total]
-        self.rate = rate
-        self.position = 0
+        loop = np.concatenate([resampler.push(np.asarray(speech, np.float32), 16000), resampler.flush()])
+        self.loop = np.pad(loop, (0, -len(loop) % self.packet))  # packets never straddle the loop's end
+        self.packets = round(seconds / PACKET_S)  # then silence
         self.start: float | None = None
         self.sent_at: list[tuple[float, float]] = []  # (media s, monotonic) per packet
+
+    def _chunk(self, k: int) -> np.ndarray:
+        """Packet k's speech (float, `self.packet` samples)."""
+        if k >= self.packets:
+            return np.zeros(self.packet, np.float32)
+        at = k * self.packet % len(self.loop)
+        return self.loop[at:at + self.packet]
 
     async def recv(self) -> av.AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
-        n = int(self.rate * PACKET_S)
+        k = len(self.sent_at)
         if self.start is None:
             self.start = time.monotonic()
-        due = self.start + self.position / self.rate
+        due = self.start + k * PACKET_S
         if (wait := due - time.monotonic()) > 0:
             await asyncio.sleep(wait)
-        chunk = self.pcm[self.position:self.position + n]
-        chunk = np.pad(chunk, (0, n - len(chunk)))
         now = time.monotonic()
-        self.sent_at.append((self.position / self.rate, now))
-        pcm = np.repeat((np.clip(chunk, -1, 1) * 32767).astype(np.int16), 2)[None]  # (1, 2 n) packed stereo
+        self.sent_at.append((k * PACKET_S, now))
+        pcm = np.repeat((np.clip(self._chunk(k), -1, 1) * 32767).astype(np.int16), 2)[None]  # (1, 2 n) packed stereo
         frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="stereo")
         frame.sample_rate = self.rate
-        frame.pts = self.position
+        frame.pts = k * self.packet
         frame.time_base = fractions.Fraction(1, self.rate)
-        self.position += n
         return frame
 
     def sent(self) -> list[tuple[float, float]]:
-        """(monotonic, dB) per LEVEL_S of what was sent: the loudness of the speech each packet carried (packets are
-        sent in order from the start), timed from when the packet left."""
+        """(monotonic, dB) per LEVEL_S of what was sent: the loudness of the speech each packet carried (read once for
+        the loop: a level never straddles a packet), timed from when the packet left."""
         per_packet = round(PACKET_S / LEVEL_S)
-        db = levels_db(self.pcm, self.rate, len(self.sent_at) * per_packet)
-        return [(self.sent_at[j // per_packet][1] + (j % per_packet) * LEVEL_S, float(v)) for j, v in enumerate(db)]
+        loop_db = levels_db(self.loop, self.rate)
+        k = np.arange(len(self.sent_at))
+        db = loop_db[(k * per_packet % len(loop_db))[:, None] + np.arange(per_packet)]  # (packets, per_packet)
+        db[k >= self.packets] = FLOOR_DB
+        return [(at + j * LEVEL_S, float(v)) for (_, at), row in zip(self.sent_at, db) for j, v in enumerate(row)]
 
 
 @dataclass
@@ -332,7 +339,8 @@ async def _run(client, manager, n, seconds, speech, fps, seen):
     await warm_up(client, manager)
     avatars, sessions, mics, got, readers = [], [], [], [], []
     for _ in range(n):  # each session opened and connected as a user's is: one after another
-        out, mic = Received(opened_at=time.monotonic()), MicrophoneTrack(speech, seconds)
+        mic = MicrophoneTrack(speech, seconds)
+        out = Received(opened_at=time.monotonic())
         avatar = await client.start_session(avatar_id="default")
         await avatar.connect(audio_track=mic)
         readers.append(asyncio.create_task(receive(avatar, out, fps)))

@@ -93,6 +93,30 @@ class _Sine16k:
         self.stopped = True
 
 
+def test_the_microphone_loops_its_speech_for_the_run_and_reads_what_it_sent():
+    """The bench's microphone keeps one loop of speech (a 30-minute soak's written out took ~1 s to build, inside the
+    measured first frame): its packets are the speech looped for the run's whole packets, then silence, and its
+    loudness is that of the sent speech, timed from each packet's departure."""
+    speech = speechlike(0.5, seed=2)  # 0.5 s: 25 packets at 48 kHz after padding
+    mic = bench_webrtc.MicrophoneTrack(speech, seconds=1.3)
+
+    async def send(packets):
+        return [await mic.recv() for _ in range(packets)]
+
+    frames = asyncio.run(send(70))  # 1.4 s: the last 5 packets after the run
+    pcm = np.concatenate([f.to_ndarray()[0, ::2] for f in frames]).astype(np.float32) / 32767  # left channel
+    assert [f.pts for f in frames] == [k * 960 for k in range(70)]
+    expected = np.tile(mic.loop, 3)[:65 * 960]
+    assert len(mic.loop) % 960 == 0 and len(mic.loop) >= 0.5 * 48000
+    assert np.abs(pcm[:65 * 960] - expected).max() < 1 / 16000 and not pcm[65 * 960:].any()
+    sent = mic.sent()
+    assert len(sent) == 140
+    assert [t for t, _ in sent[:2]] == pytest.approx([mic.sent_at[0][1], mic.sent_at[0][1] + 0.01])
+    levels = bench_webrtc.levels_db(pcm, 48000)
+    assert np.array([v for _, v in sent]) == pytest.approx(levels, abs=0.05)
+    assert levels[10] > -40 and levels[-1] == bench_webrtc.FLOOR_DB
+
+
 def test_the_opus_track_gives_aiortcs_encoder_whole_packets_so_none_is_held_back():
     """48 kHz stereo, 960 samples a frame from the first on, pts in 48 kHz: aiortc's Opus encoder sends a packet for
     every frame it is given (given the 16 kHz frames themselves it sends each one a frame late). The sound is the
