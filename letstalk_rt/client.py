@@ -21,10 +21,11 @@
 
 Each received frame and audio chunk carries its media time (`time`: seconds since its stream's first packet,
 from the RTP timestamps; the server starts both streams together, so a frame and the audio of the same `time`
-belong together) and when the SDK handed it over (`received_at`, `time.monotonic()`). aiortc's receiver hands over each audio
-packet ~40 ms after the frame of the same time (it waits for 4 audio packets, and for a frame only until the next
-one starts); so that frames and audio read as they come play in step, a frame is handed over once the audio of its
-time has arrived (while the audio stalls, at most `ALIGN_MAX_S`; `connect(align=False)`: as soon as it is decoded).
+belong together) and when the SDK handed it over (`received_at`, `time.monotonic()`). The SDK's receivers hand each
+audio packet and video frame over as soon as it is whole (`rtc.release_frames_at_once`; aiortc alone holds audio back
+80 ms and video 40 ms). So that frames and audio read as they come play in step, a frame is handed over once the audio
+of its time has arrived (while the audio stalls, at most `ALIGN_MAX_S`; `connect(align=False)`: as soon as it is
+decoded).
 
 `connect(audio_track=track)` sends a local aiortc audio track (a microphone, a file player) as the
 session's speech instead of (or besides) `send_audio`. Server errors become exceptions carrying the
@@ -66,6 +67,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from yarl import URL
 
 from .errors import LetsTalkError
+from .rtc import release_frames_at_once
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +271,9 @@ class AvatarSession:
 
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
+            if not release_frames_at_once(pc, track):
+                log.info("session %s: this aiortc's %s receiver holds frames back (%s ms more latency)", self.id,
+                         track.kind, "~80" if track.kind == "audio" else "~40")
             self._spawn(self._read_track(track), f"recv-{track.kind}")
 
         @pc.on("connectionstatechange")

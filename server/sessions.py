@@ -41,6 +41,7 @@ from aiortc import (
 from aiortc.mediastreams import MediaStreamError
 
 from letstalk_rt.errors import LetsTalkError
+from letstalk_rt.rtc import release_frames_at_once
 from letstalk_rt.stream import TrackSource
 from letstalk_rt.stream.events import SessionClosed
 
@@ -53,22 +54,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("letstalk.server")
 
-
-def release_audio_at_once(pc: RTCPeerConnection, track) -> bool:
-    """Let the receiver of `track` (the client's microphone) hand each audio packet over as soon as it is whole.
-
-    aiortc's audio receiver holds 4 packets back before it hands one over (a jitter buffer's prefetch, for a player
-    that must not run dry): 80 ms of every user's speech-to-screen latency (`letstalk bench --webrtc` measured it on
-    the SDK's side). The engine is no such player: it keeps its own pace and its own deadlines, and a burst costs it
-    nothing. Packets still come out in order, each once the next has arrived (20 ms). aiortc has no setting for it;
-    this sets its private prefetch, and where a version has none leaves the receiver as it is (False)."""
-    for receiver in pc.getReceivers():
-        if track is not None and receiver.track is track:
-            buffer = getattr(receiver, "_RTCRtpReceiver__jitter_buffer", None)
-            if buffer is not None and isinstance(getattr(buffer, "_prefetch", None), int):
-                buffer._prefetch = 0
-                return True
-    return False
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_PORTRAIT = REPO_ROOT / "letstalk_rt" / "assets" / "portrait.png"
@@ -405,9 +390,9 @@ class ServerSession:
         def on_track(track) -> None:
             received.append(track)
             if track.kind == "audio":
-                if not release_audio_at_once(pc, track):
+                if not release_frames_at_once(pc, track):
                     log.info("session %s: this aiortc's audio receiver holds packets back (~80 ms more latency)",
-                             self.id)
+                             self.id)  # rtc.release_frames_at_once
                 self.spawn(self._consume_audio(track), "mic")
             else:  # every received track is read, or aiortc buffers it without bound
                 self.spawn(self._discard(track), f"discard-{track.kind}")

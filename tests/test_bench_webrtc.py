@@ -19,8 +19,8 @@ from conftest import speechlike
 def test_webrtc_bench_measures_pacing_lip_to_sound_and_speech_to_sound_at_the_peer(tiny_pipeline, astronaut_png,
                                                                                  monkeypatch):
     """Through the server and a real aiortc peer (speech sent as its microphone): frames arrive at 25 fps; the
-    application gets each frame together with the audio of its media time (the SDK's `align`: without it aiortc
-    hands the audio over ~40-60 ms after its picture); on the wire audio and video of the same time leave together
+    application gets each frame together with the audio of its media time (the SDK's `align`), and each audio packet
+    once the next has come in (the SDK's receiver released: aiortc alone holds 4 packets back); on the wire audio and video of the same time leave together
     (the Opus track: before it, each audio packet left 20 ms late); the speech comes back with the engine's latency
     in it."""
     from letstalk_rt.media import load_image
@@ -42,7 +42,7 @@ def test_webrtc_bench_measures_pacing_lip_to_sound_and_speech_to_sound_at_the_pe
     assert abs(peer["lip_to_sound_ms"]["p50"]) < 20, peer["lip_to_sound_ms"]
     assert abs(peer["lip_to_sound_wire_ms"]["p50"]) < 15, peer["lip_to_sound_wire_ms"]
     assert peer["mic_to_server_wire_ms"]["p50"] < 15  # 48 kHz stereo: the microphone's packets leave at once
-    assert peer["audio_wire_to_app_ms"]["p50"] > 30  # aiortc's audio receive buffer, on the SDK's side
+    assert peer["audio_wire_to_app_ms"]["p50"] < 10  # each packet on arrival (aiortc alone: 80 ms)
     trip = peer["speech_to_sound_ms"]
     assert trip["segments"] >= 2 and trip["correlation_min"] > 0.5
     assert trip["p50"] > run["latency_ms_p50"] - 40  # the engine's own latency is part of it
@@ -147,25 +147,32 @@ def test_the_opus_track_gives_aiortcs_encoder_whole_packets_so_none_is_held_back
     assert source.stopped
 
 
-def test_the_servers_microphone_receiver_hands_audio_over_at_once():
-    """aiortc's audio receiver prefetches 4 packets (80 ms of latency) unless the server releases it: then a packet
-    is handed over as soon as the next one has come in."""
+def test_released_receivers_hand_each_frame_over_as_soon_as_it_is_whole():
+    """aiortc's receivers hand a frame over only once the next one starts, and audio only after 4 whole packets (80 ms
+    of audio latency, 40 ms of video at 25 fps); released (`rtc.release_frames_at_once`, on the server's microphone
+    receiver and the SDK's), an audio packet is handed over on arrival and a video frame with its marker packet; in
+    order after reordering, and a frame whose marker was lost when the next starts."""
     from aiortc import RTCPeerConnection
     from aiortc.rtp import RtpPacket
 
-    from server.sessions import release_audio_at_once
+    from letstalk_rt.rtc import release_frames_at_once
 
-    def handed_over_after(buffer) -> int:
-        for seq in range(10):
-            packet = RtpPacket(payload_type=111, sequence_number=seq, timestamp=seq * 960)
-            packet._data = b"\xfc"  # the depayloaded Opus frame, as aiortc's receiver sets it before buffering
-            _, frame = buffer.add(packet)
-            if frame is not None:
-                return seq
-        return -1
+    def packet(seq, timestamp, marker=0, data=b"x"):
+        p = RtpPacket(payload_type=96, sequence_number=seq, timestamp=timestamp, marker=marker)
+        p._data = data  # the depayloaded payload, as aiortc's receiver sets it before buffering
+        return p
+
+    def handed_over(buffer, packets) -> list:  # per packet added: the timestamp of the frame handed over, or None
+        return [(f.timestamp, f.data) if (f := buffer.add(p)[1]) is not None else None for p in packets]
+
+    audio = [packet(seq, seq * 960) for seq in range(6)]
+    video = [packet(0, 0, data=b"a"), packet(1, 0, 1, b"b"), packet(2, 3600, 1, b"c"),  # frames of 2 and 1 packets
+             packet(4, 7200, 1, b"e"), packet(3, 7200, 0, b"d"),  # one frame's packets reordered
+             packet(5, 10800, 0, b"f"), packet(6, 14400, 1, b"g")]  # 10800's marker lost: handed over when 14400 starts
 
     async def main():
         client = RTCPeerConnection()
+        client.addTransceiver("video", direction="sendrecv")
         client.addTransceiver("audio", direction="sendrecv")
         await client.setLocalDescription(await client.createOffer())
         servers = [RTCPeerConnection(), RTCPeerConnection()]  # two sessions' peer connections, as the server has them
@@ -173,13 +180,19 @@ def test_the_servers_microphone_receiver_hands_audio_over_at_once():
         for pc in servers:
             pc.on("track", tracks.append)
             await pc.setRemoteDescription(client.localDescription)
-        assert [t.kind for t in tracks] == ["audio", "audio"]
-        assert not release_audio_at_once(servers[0], tracks[1])  # not this peer connection's track
-        assert release_audio_at_once(servers[0], tracks[0])
-        after = [handed_over_after(pc.getReceivers()[0]._RTCRtpReceiver__jitter_buffer) for pc in servers]
+        assert [t.kind for t in tracks] == ["video", "audio"] * 2
+        assert not release_frames_at_once(servers[0], tracks[3])  # not this peer connection's track
+        assert all(release_frames_at_once(servers[0], t) for t in tracks[:2])
+        assert not release_frames_at_once(servers[0], tracks[0])  # already released
+        buffers = [{r.track.kind: getattr(r, "_RTCRtpReceiver__jitter_buffer") for r in pc.getReceivers()}
+                   for pc in servers]
+        got = [(handed_over(b["audio"], audio), handed_over(b["video"], video)) for b in buffers]
         for pc in [client, *servers]:
             await pc.close()
-        return after
+        return got
 
-    released, default = asyncio.run(main())
-    assert released == 1 and default > 3
+    (audio_released, video_released), (audio_default, video_default) = asyncio.run(main())
+    assert audio_released == [(seq * 960, b"x") for seq in range(6)]  # each on arrival
+    assert audio_default == [None] * 4 + [(0, b"x"), (960, b"x")]  # aiortc: each 4 packets (80 ms) later
+    assert video_released == [None, (0, b"ab"), (3600, b"c"), None, (7200, b"de"), None, (10800, b"f")]
+    assert video_default == [None, None, (0, b"ab"), None, (3600, b"c"), (7200, b"de"), (10800, b"f")]
