@@ -17,7 +17,11 @@ class FrameAtOnceJitterBuffer(JitterBuffer):
     reordered ones are put back in order either way, and a lost one holds the rest back until the buffer overflows
     either way. Here an audio packet is a whole frame (one RTP packet per Opus frame) and a video frame ends with the
     packet carrying the RTP marker bit (RFC 7741 for VP8, RFC 6184 for H.264; aiortc's sender and browsers set it);
-    a frame whose marker never came is handed over when the next one starts, as aiortc does."""
+    a frame whose marker never came is handed over when the next one starts, as aiortc does.
+
+    Like aiortc's, it hands over at most one frame per packet that arrives: a reorder leaves it one frame behind
+    (where aiortc's always is) until a frame of several packets catches it up, and frames that queued behind a lost
+    packet it waited for stay queued (aiortc's too: that is a receiver's limit, not the buffer's)."""
 
     def _remove_frame(self, sequence_number: int) -> JitterFrame | None:
         packets = []

@@ -168,7 +168,9 @@ def test_released_receivers_hand_each_frame_over_as_soon_as_it_is_whole():
     audio = [packet(seq, seq * 960) for seq in range(6)]
     video = [packet(0, 0, data=b"a"), packet(1, 0, 1, b"b"), packet(2, 3600, 1, b"c"),  # frames of 2 and 1 packets
              packet(4, 7200, 1, b"e"), packet(3, 7200, 0, b"d"),  # one frame's packets reordered
-             packet(5, 10800, 0, b"f"), packet(6, 14400, 1, b"g")]  # 10800's marker lost: handed over when 14400 starts
+             packet(5, 10800, 0, b"f"), packet(6, 14400, 1, b"g"),  # 10800's marker lost: handed over when 14400 starts
+             packet(8, 21600, 1, b"i"), packet(7, 18000, 1, b"h"), packet(9, 25200, 1, b"j"),  # one frame behind...
+             packet(10, 28800, 0, b"k"), packet(11, 28800, 1, b"l")]  # ... until a frame of two packets
 
     async def main():
         client = RTCPeerConnection()
@@ -194,5 +196,7 @@ def test_released_receivers_hand_each_frame_over_as_soon_as_it_is_whole():
     (audio_released, video_released), (audio_default, video_default) = asyncio.run(main())
     assert audio_released == [(seq * 960, b"x") for seq in range(6)]  # each on arrival
     assert audio_default == [None] * 4 + [(0, b"x"), (960, b"x")]  # aiortc: each 4 packets (80 ms) later
-    assert video_released == [None, (0, b"ab"), (3600, b"c"), None, (7200, b"de"), None, (10800, b"f")]
-    assert video_default == [None, None, (0, b"ab"), None, (3600, b"c"), (7200, b"de"), (10800, b"f")]
+    assert video_released == [None, (0, b"ab"), (3600, b"c"), None, (7200, b"de"), None, (10800, b"f"),
+                              (14400, b"g"), (18000, b"h"), (21600, b"i"), (25200, b"j"), (28800, b"kl")]
+    assert video_default == [None, None, (0, b"ab"), None, (3600, b"c"), (7200, b"de"), (10800, b"f"),
+                             None, (14400, b"g"), (18000, b"h"), (21600, b"i"), (25200, b"j")]
