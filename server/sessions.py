@@ -392,7 +392,7 @@ class ServerSession:
             if track.kind == "audio":
                 if not release_frames_at_once(pc, track):
                     log.info("session %s: this aiortc's audio receiver holds packets back (~80 ms more latency)",
-                             self.id)  # rtc.release_frames_at_once
+                             self.id)
                 self.spawn(self._consume_audio(track), "mic")
             else:  # every received track is read, or aiortc buffers it without bound
                 self.spawn(self._discard(track), f"discard-{track.kind}")
