@@ -54,7 +54,7 @@ class MicrophoneTrack(MediaStreamTrack):
     """Speech played in real time as a browser's microphone sends it: 48 kHz stereo in 20 ms packets on an absolute
     schedule (what aiortc's Opus encoder sends at once; at another rate it holds each packet back 20 ms), `speech`
     (16 kHz mono float, padded with silence to whole packets) looped for `seconds` (whole packets), then silence.
-    Only one loop is kept (a 30-minute soak's speech written out would be 350 MB and ~1 s to build); `sent_at` keeps
+    Only one loop is kept (a 30-minute soak's speech written out would be 350 MB and ~0.7 s to build); `sent_at` keeps
     when each packet left."""
 
     kind = "audio"
