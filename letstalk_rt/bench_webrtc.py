@@ -10,7 +10,7 @@ receiving peer measures, per session:
 - **frame pacing**: the gaps between the SDK's hand-overs of consecutive video frames (40 ms at 25 fps);
 - **lip-to-sound offset**: for every received frame, its arrival against the arrival of the audio of the same media
   time (RTP timestamps; positive: the picture after its sound), twice: as the application gets them from the SDK
-  (after aiortc's receive buffers: what a player that shows and plays on arrival shows) and as their first RTP packets
+  (after the SDK's receive buffers: what a player that shows and plays on arrival shows) and as their first RTP packets
   came off the wire (what the server sent; a browser lines the two up by the RTP timestamps and RTCP itself);
 - **speech to sound**: how long after the microphone sent a piece of speech the avatar's audio carrying it arrived
   (the loudness of what was sent and of what came back, cross-correlated over each `SEGMENT_S`); the picture of
@@ -283,7 +283,7 @@ def summary(got: Received, sent: list[tuple[float, float]], sent_at: list[tuple[
             "pacing": pacing(got.video), "lip_to_sound_ms": arrival_offsets(got.video, got.audio),
             "lip_to_sound_wire_ms": wire,
             # where speech to sound goes, outside the engine's own latency: the microphone's packets from its track to
-            # the server's wire, and the avatar's audio from the client's wire to the application (aiortc's buffers)
+            # the server's wire, and the avatar's audio from the client's wire to the application (the SDK's receive buffer)
             "mic_to_server_wire_ms": arrival_offsets(got.mic_wire, sent_at),
             "audio_wire_to_app_ms": arrival_offsets(got.audio, got.wire.get("audio", [])),
             "speech_to_sound_ms": speech_to_sound(sent, got.levels), "content_sync": content_sync(got, fps)}

@@ -27,13 +27,17 @@ class FrameAtOnceJitterBuffer(JitterBuffer):
         packets = []
         for count in range(self.capacity):
             packet = self._packets[(self._origin + count) % self.capacity]
-            if packet is None or (packets and packet.timestamp != packets[0].timestamp):
+            if packet is None:  # the frame is not whole yet
+                return None
+            if packets and packet.timestamp != packets[0].timestamp:  # its marker never came: the next frame started
                 break
             packets.append(packet)
             if packet.marker or not self._is_video:
-                self.remove(count + 1)
-                return JitterFrame(data=b"".join(p._data for p in packets), timestamp=packet.timestamp)
-        return super()._remove_frame(sequence_number)
+                break
+        else:
+            return None
+        self.remove(len(packets))
+        return JitterFrame(data=b"".join(p._data for p in packets), timestamp=packets[0].timestamp)
 
 
 def release_frames_at_once(pc: RTCPeerConnection, track) -> bool:
