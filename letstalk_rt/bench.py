@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import itertools
 import json
 import os
@@ -45,6 +46,7 @@ from .pipeline import LetsTalkPipeline
 
 STEADY_AFTER_S = 5.0  # latency_ms_p95_after_start leaves out each session's first seconds of playback
 RSS_EVERY_S = 60.0  # rss_mb_by_minute: the resident memory sampled this often
+LAG_EVERY_S = 0.01  # LoopWatch: its task asks to wake this often
 
 
 @dataclass
@@ -99,6 +101,13 @@ class RunResult:
     # --webrtc: each session's figures at its receiving peer (bench_webrtc.summary): frame pacing, lip-to-sound offset,
     # speech to sound, lip sync of what arrived; the engine's own figures above are the same as without
     webrtc: list[dict] = field(default_factory=list)
+    # the process's event loop and garbage collector (LoopWatch): each minute's largest lateness of the loop and
+    # longest collection, each full collection's [seconds into the run, ms], and the objects the engine froze at
+    # start (EngineConfig.freeze_gc; 0: none); with --webrtc the server, the engine and the peers share the loop
+    loop_lag_ms_by_minute: list[float] = field(default_factory=list)
+    gc_pause_ms_by_minute: list[float] = field(default_factory=list)
+    gc_full_collections: list[list[float]] = field(default_factory=list)
+    gc_frozen_objects: int = 0
     realtime: bool = field(init=False)
 
     def __post_init__(self) -> None:  # speech is fed throughout: a run that showed none of it is not real time
@@ -126,6 +135,60 @@ async def _sample_rss(out: list[float]) -> None:
         rss = _rss_now_mb()
         if rss is not None:
             out.append(round(rss, 1))
+
+
+class LoopWatch:
+    """How late this process's event loop gets round to things and how long the garbage collector held it, minute by
+    minute, while open (`async with LoopWatch() as watch`): a task asks to wake every LAG_EVERY_S and notes how much
+    later it woke; gc.callbacks time every collection, in whichever thread it ran (it holds the GIL for all of them).
+    Kept per minute, so an hours-long soak stays flat."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.lag_ms: dict[int, float] = {}  # minute -> the loop's largest lateness in it
+        self.gc_ms: dict[int, float] = {}  # minute -> the longest collection in it
+        self.full: list[list[float]] = []  # [seconds into the run, ms] of each full (generation 2) collection
+        self._gc_started = 0.0
+        self._task: asyncio.Task | None = None
+
+    def _note(self, into: dict[int, float], at: float, ms: float) -> None:
+        minute = int((at - self.t0) // 60)
+        into[minute] = max(into.get(minute, 0.0), ms)
+
+    def _collection(self, phase: str, info: dict) -> None:
+        now = time.monotonic()
+        if phase == "start":
+            self._gc_started = now
+            return
+        ms = (now - self._gc_started) * 1000
+        self._note(self.gc_ms, now, ms)
+        if info["generation"] == 2:
+            self.full.append([round(now - self.t0, 1), round(ms, 1)])
+
+    async def _watch(self) -> None:
+        while True:
+            due = time.monotonic() + LAG_EVERY_S
+            await asyncio.sleep(LAG_EVERY_S)
+            now = time.monotonic()
+            self._note(self.lag_ms, now, (now - due) * 1000)
+
+    async def __aenter__(self) -> "LoopWatch":
+        gc.callbacks.append(self._collection)
+        self._task = asyncio.create_task(self._watch())
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        gc.callbacks.remove(self._collection)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def figures(self) -> dict:
+        """RunResult's loop and collector fields (minutes without a collection: 0)."""
+        minutes = range(max([*self.lag_ms, *self.gc_ms], default=-1) + 1)
+        return {"loop_lag_ms_by_minute": [round(self.lag_ms.get(m, 0.0), 1) for m in minutes],
+                "gc_pause_ms_by_minute": [round(self.gc_ms.get(m, 0.0), 1) for m in minutes],
+                "gc_full_collections": list(self.full), "gc_frozen_objects": gc.get_freeze_count()}
 
 
 def by_minute(values: np.ndarray, at_s: np.ndarray, reduce) -> list[float]:
@@ -231,14 +294,15 @@ async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np
     sampler = asyncio.create_task(_sample_rss(rss))
     t0 = time.monotonic()
     try:
-        if webrtc:
-            from .bench_webrtc import stream
+        async with LoopWatch() as watch:
+            if webrtc:
+                from .bench_webrtc import stream
 
-            sessions, received = await stream(engine, n, seconds, audio)
-        else:
-            sessions = [await engine.open_session(portrait, seed=seed + i) for i in range(n)]
-            await asyncio.gather(*[_feed(s, audio, seconds) for s in sessions],
-                                 *[_consume(s, seconds, offsets) for s in sessions])
+                sessions, received = await stream(engine, n, seconds, audio)
+            else:
+                sessions = [await engine.open_session(portrait, seed=seed + i) for i in range(n)]
+                await asyncio.gather(*[_feed(s, audio, seconds) for s in sessions],
+                                     *[_consume(s, seconds, offsets) for s in sessions])
     finally:
         sampler.cancel()
     took = time.monotonic() - t0
@@ -287,7 +351,7 @@ async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np
         target_latency_ms=round(target_ms, 1), window_compute_ms=round(compute_ms, 1), **offset_summary(offsets),
         threads_end=threads_end, threads_lowered_at_s=lowered, threads_raised_at_s=raised,
         draws_lowered_at_s=draws_lowered, draws_raised_at_s=draws_raised,
-        latency_ms_p95_by_minute=p95_by_minute, rss_mb_by_minute=rss, webrtc=received,
+        latency_ms_p95_by_minute=p95_by_minute, rss_mb_by_minute=rss, webrtc=received, **watch.figures(),
     )
 
 

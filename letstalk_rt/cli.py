@@ -458,11 +458,15 @@ def add_live_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--safety-ms", type=float, default=None, metavar="MS", help=SAFETY_HELP)
     p.add_argument("--threads-raise-after", type=float, default=None, metavar="S", help=RAISE_HELP)
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    p.add_argument("--no-freeze-gc", dest="freeze_gc", action="store_false",
+                   help="leave the garbage collector alone at start (by default everything loaded by then is frozen, "
+                        "so a full collection does not stall streaming for ~180 ms; EngineConfig.freeze_gc)")
 
 
 def live_config(args: argparse.Namespace) -> dict:
     """The EngineConfig fields add_live_args sets."""
-    out = {"window": args.window, "max_steps": args.max_steps, "threads": args.threads, "compile": args.compile}
+    out = {"window": args.window, "max_steps": args.max_steps, "threads": args.threads, "compile": args.compile,
+           "freeze_gc": args.freeze_gc}
     if args.catch_up_tempo is not None:
         out["catch_up_tempo"] = args.catch_up_tempo
     if args.safety_ms is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,14 @@ import torch
 torch.set_num_threads(2)
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(autouse=True)
+def _unfreeze_collector():
+    """Every engine start freezes what the process holds (EngineConfig.freeze_gc): give it back after each test, so
+    one test's objects are collected as always once it is done."""
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture(scope="session")

@@ -154,6 +154,37 @@ def test_the_live_flags_reach_the_engine_config():
     live = live_config(args)
     assert live["threads_raise_after_s"] == 0 and live["safety_ms"] == 20 and live["threads"] == 2
     assert "threads_raise_after_s" not in live_config(build_parser().parse_args(["bench"]))  # the engine's default
+    assert live["freeze_gc"] and not live_config(build_parser().parse_args(["demo", "--no-freeze-gc"]))["freeze_gc"]
+
+
+def test_the_loop_watch_puts_a_stalled_loop_and_a_collection_in_their_minute():
+    """LoopWatch: how late the event loop woke and how long the collector held it, the largest of each minute."""
+    import asyncio
+    import gc
+
+    from letstalk_rt.bench import LAG_EVERY_S, LoopWatch
+
+    async def main():
+        async with LoopWatch() as watch:
+            await asyncio.sleep(0.05)
+            time.sleep(0.12)  # a blocking call holds the loop
+            await asyncio.sleep(0.05)
+            watch.t0 -= 90  # 90 s on: minute 1
+            gc.collect()  # a full collection
+            await asyncio.sleep(0.05)
+        return watch
+
+    watch = asyncio.run(main())
+    figures = watch.figures()
+    lag, pauses, full = figures["loop_lag_ms_by_minute"], figures["gc_pause_ms_by_minute"], figures["gc_full_collections"]
+    assert len(lag) == len(pauses) == 2
+    assert 100 <= lag[0] < 1000  # the blocked loop woke >= 110 ms late, in its minute
+    assert pauses[0] < lag[0] and pauses[1] > 0 and [at for at, _ in full if at >= 90] and full[-1][1] == pauses[1]
+    assert lag[1] >= pauses[1] - 1000 * LAG_EVERY_S  # the collection held the loop as long
+    assert figures["gc_frozen_objects"] == gc.get_freeze_count()
+    seen = len(watch.full)
+    gc.collect()  # closed: no longer listening
+    assert len(watch.full) == seen
 
 
 def test_busy_neighbours_load_the_cpu_for_their_duty_and_are_gone_after():

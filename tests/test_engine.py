@@ -1228,6 +1228,34 @@ def test_stretched_speech_keeps_the_arrival_of_the_audio_it_holds(tiny_pipeline)
     assert w.stretch is None and not w.stretched
 
 
+def test_the_engine_freezes_what_the_process_holds_at_start_so_full_collections_skip_it(tiny_pipeline):
+    """EngineConfig.freeze_gc: a full collection walked the ~200 k objects of the imports and the model (~180 ms with
+    the GIL held, a stall of every stream); from the engine's start it walks only what came after."""
+    import gc
+
+    def walked(obj) -> bool:  # gc.get_objects(): what the collector's generations hold (not the frozen)
+        return any(o is obj for o in gc.get_objects())
+
+    before = [object()]  # a container: the collector tracks it
+    gc.unfreeze()
+    assert walked(before)
+
+    async def main():
+        engine = await _engine(tiny_pipeline, freeze_gc=False)
+        assert walked(before) and gc.get_freeze_count() == 0
+        await engine.stop()
+        engine = await _engine(tiny_pipeline)
+        after = [object()]
+        assert not walked(before) and gc.get_freeze_count() > 10_000  # the imports (torch) and the model
+        assert walked(after)  # what comes later is collected as always
+        await engine.stop()
+
+    try:
+        run(main())
+    finally:
+        gc.unfreeze()
+
+
 _FAULTS = """
 import resource, sys
 import torch

@@ -47,6 +47,7 @@ import ctypes
 import ctypes.util
 import dataclasses
 import functools
+import gc
 import itertools
 import logging
 import math
@@ -176,6 +177,9 @@ class EngineConfig:
     # window's), off on a CPU. On a 2-core CPU the two stages fight over the cores when torch uses both per
     # op: measured no better, often worse, than decoding in the worker; with OMP_NUM_THREADS=1 the two are
     # about even (docs/benchmarks.md).
+    freeze_gc: bool = True  # at start, after warm-up: collect once and move everything the process holds into the
+    # garbage collector's permanent generation (`freeze_collector`), so its full collections never walk the imports
+    # and the model again (~180 ms with the GIL held, every ~19 minutes of streaming on the 2-core CPU)
     compile: bool = False  # torch.compile the transformer and the decoder at warm-up, for a full window of 1
     # and of max_batch sessions (other shapes, e.g. the short first window, run eagerly): about half the
     # compute per window on a 2-core CPU, after a compile of ~2-4 minutes per shape there the first time
@@ -203,6 +207,22 @@ def keep_heap(mmap_threshold_mb: int = 64, trim_threshold_mb: int = 256) -> bool
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     return bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold_mb << 20) and mallopt(M_TRIM_THRESHOLD, trim_threshold_mb << 20))
+
+
+def freeze_collector() -> int:
+    """Collect cyclic garbage once, then move every object this process holds into the garbage collector's permanent
+    generation (gc.freeze): its full collections walk only what is created later. -> the objects frozen.
+
+    Importing torch, transformers, aiortc and the server leaves ~200 k objects the collector tracks, and a full
+    collection walks all of them: 180-190 ms on the 2-core CPU, holding the GIL, so the event loop (the tracks'
+    pacing, every peer's packets) and the worker stand still. Streaming allocates steadily and ~50 k survivors start
+    one every ~19 minutes: the 90-minute WebRTC soak's five stalls of 160-250 ms (docs/benchmarks.md). Frozen, a
+    full collection walks the sessions' own objects. The price: a frozen object that later becomes part of a
+    reference cycle no one holds is never freed (one that just loses its last reference is, as always);
+    gc.unfreeze() gives them back. Process-wide: the engine does it at start (EngineConfig.freeze_gc)."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 @functools.lru_cache(maxsize=1)
@@ -893,6 +913,8 @@ class StreamEngine:
         release_openmp_threads()  # this thread's team (it loaded the model?) would slow the worker's
         if self.config.warmup:
             await run_off_loop(self._warmup_restoring_threads)
+        if self.config.freeze_gc:
+            freeze_collector()
         self._stopping = False
         if self._decodes_in_thread():
             self._decode_q = queue.Queue(maxsize=1)
