@@ -144,6 +144,9 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="on a GPU, launch the model's kernels one by one instead of replaying CUDA graphs of them "
                         "(slower; for debugging)")
+    p.add_argument("--no-trace", action="store_true",
+                   help="on a CPU, run the model eagerly instead of from TorchScript traces of it (slower, and "
+                        "more so beside a busy event loop; for debugging)")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -162,7 +165,8 @@ def _load_pipeline(args: argparse.Namespace):
 
     device = resolve_device(args.device)
     pipe = LetsTalkPipeline.from_pretrained(args.model, device=device, dtype=resolve_dtype(args.dtype, device),
-                                            cuda_graphs=not args.no_cuda_graphs, **sampling_kwargs(args))
+                                            cuda_graphs=not args.no_cuda_graphs,
+                                            traced=not args.no_trace, **sampling_kwargs(args))
     if not pipe.config.trained:
         print("letstalk: warning: this model is UNTRAINED (random weights): the video will not look like a "
               "talking face. " + pipe.config.description, file=sys.stderr)
@@ -279,7 +283,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.preset:
         pipe = LetsTalkPipeline.from_config(_preset_config(args), device=device,
                                             dtype=resolve_dtype(args.dtype, device),
-                                            cuda_graphs=not args.no_cuda_graphs, **sampling_kwargs(args))
+                                            cuda_graphs=not args.no_cuda_graphs,
+                                            traced=not args.no_trace, **sampling_kwargs(args))
         print(f"benchmarking preset {args.preset} with RANDOM weights (speed only)", file=sys.stderr)
     else:
         pipe = _load_pipeline(args)

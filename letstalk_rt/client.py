@@ -27,8 +27,10 @@ audio packet and video frame over as soon as it is whole (`rtc.release_frames_at
 of its time has arrived (while the audio stalls, at most `ALIGN_MAX_S`; `connect(align=False)`: as soon as it is
 decoded).
 
-`connect(audio_track=track)` sends a local aiortc audio track (a microphone, a file player) as the
-session's speech instead of (or besides) `send_audio`. Server errors become exceptions carrying the
+`connect(audio_track=track)` sends a local aiortc audio track (a microphone, a file player; any rate, channel count
+and sample format) as the session's speech instead of (or besides) `send_audio`. It goes through `rtc.OpusAudioTrack`,
+as the server's own audio does: aiortc's Opus encoder alone holds each packet of a non-48 kHz track back 20 ms, and
+refuses float audio. Server errors become exceptions carrying the
 server's message: `AuthenticationError` (401), `ServerBusyError` (503, `.retry_after`),
 `SessionNotFoundError` (404), `RequestError` (other 4xx), `AvatarClientError` (the rest, and a
 websocket the server closed, with its reason: sends fail with it, and `events()` ends with it when no
@@ -67,7 +69,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from yarl import URL
 
 from .errors import LetsTalkError
-from .rtc import release_frames_at_once
+from .rtc import OpusAudioTrack, release_frames_at_once
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +292,7 @@ class AvatarSession:
             if video:
                 pc.addTransceiver("video", direction="recvonly")
             if audio_track is not None:
-                pc.addTransceiver(audio_track, direction="sendrecv" if audio else "sendonly")
+                pc.addTransceiver(OpusAudioTrack(audio_track), direction="sendrecv" if audio else "sendonly")
             elif audio:
                 pc.addTransceiver("audio", direction="recvonly")
             await pc.setLocalDescription(await pc.createOffer())  # gathers candidates: the offer is complete

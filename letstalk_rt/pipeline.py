@@ -395,6 +395,62 @@ class CudaGraphed:
         return graph, static, out
 
 
+class Traced:
+    """`fn` (inference on a CPU) run from TorchScript traces (torch.jit.trace): one per call signature (the
+    arguments given, their shapes and dtypes), traced the first time it is met while `capture` is on, eagerly
+    otherwise, and eagerly in grad mode or with an argument that is neither a tensor nor None.
+
+    Eager, every one of the ~2000 ops of a window is dispatched from Python, and the worker takes the GIL back
+    between any two: while the event loop works (WebRTC's packets, the tracks' pacing), each wait lasts until the
+    loop lets it go. On the 2-core EPYC without AVX-512 a transformer call took 320 ms instead of 209 beside a Python
+    thread busy 40 % of the time; traced, 168 and 167, and 107 instead of 120 with 2 torch threads on a quiet
+    machine: a trace runs its graph in C++ without the GIL (docs/benchmarks.md). The trace records the ops
+    the call ran: the models here branch in Python only on shapes, configuration and which arguments are None,
+    all of which the signature holds. The engine traces every size it can run at warm-up, then turns capture
+    off (a trace takes about as long as ~6 calls: live it would hold every session's window up)."""
+
+    def __init__(self, fn: Callable[..., Tensor]) -> None:
+        self.fn = fn
+        self.traces: dict[tuple, Callable[..., Tensor]] = {}
+        self.failed: str | None = None  # why tracing failed: everything runs eagerly from then on
+        self.capture = True  # off: a signature not traced yet runs eagerly
+
+    def __call__(self, *args, **kwargs) -> Tensor:
+        values = [*args, *kwargs.values()]
+        if (self.failed or torch.is_grad_enabled()
+                or any(v is not None and not isinstance(v, Tensor) for v in values)):
+            return self.fn(*args, **kwargs)
+        names = [k for k, v in kwargs.items() if v is not None]
+        tensors = (*args, *(kwargs[k] for k in names))
+        key = (len(args), tuple(names), torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
+               *((tuple(v.shape), v.dtype, v.device) for v in tensors))
+        traced = self.traces.get(key)
+        if traced is None:
+            if not self.capture:
+                return self.fn(*args, **kwargs)
+            traced = self._trace(tensors, len(args), names)
+            if traced is None:
+                return self.fn(*args, **kwargs)
+            self.traces[key] = traced
+        return traced(*tensors)
+
+    def _trace(self, tensors: tuple, n_args: int, names: list[str]) -> Callable[..., Tensor] | None:
+        import warnings
+
+        def call(*ts: Tensor) -> Tensor:
+            return self.fn(*ts[:n_args], **dict(zip(names, ts[n_args:])))
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks: the signature holds them
+                return torch.jit.trace(call, tensors, check_trace=False)
+        except Exception as e:  # an op the tracer cannot record: run eagerly (correct, just slower)
+            self.failed = f"{type(e).__name__}: {e}"
+            log.warning("tracing %s failed (%s); running it eagerly", getattr(self.fn, "__qualname__", self.fn),
+                        self.failed)
+            return None
+
+
 def pad_batch(v: Tensor, n: int, size: int) -> Tensor:
     """v with its first dimension n padded to `size` with copies of its last row; any other tensor as it is."""
     if v.dim() == 0 or v.shape[0] != n or size == n or n == 0:
@@ -423,6 +479,7 @@ class LetsTalkPipeline:
         audio_guidance_box: tuple[float, float, float, float] | str | None = None,
         noise_draws: int | None = None,
         cuda_graphs: bool = True,
+        traced: bool = True,
     ) -> None:
         self.components = components
         self.config: ModelConfig = components.config
@@ -477,6 +534,8 @@ class LetsTalkPipeline:
         # On a GPU the transformer, the decoder and the audio encoder run from CUDA graphs (CudaGraphed);
         # `cuda_graphs=False` launches their kernels one by one (eager), as on a CPU.
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        # On a CPU they run from TorchScript traces (Traced: no GIL inside a call); `traced=False`: eager.
+        self.traced = traced and self.device.type == "cpu"
         self._transformer_fn: Callable[..., Tensor]  # sampling calls this (see compile, uncompile)
         self._decode_fn: Callable[[Tensor], Tensor]
         self.uncompile()
@@ -531,22 +590,25 @@ class LetsTalkPipeline:
         return self._transformer_fn.threads if isinstance(self._transformer_fn, ShapeCompiled) else None
 
     def uncompile(self) -> None:
-        """Back to eager execution, from CUDA graphs where the pipeline has them (a compile that failed)."""
+        """Back from a compile (one that failed) to CUDA graphs or traces where the pipeline has them, else eager."""
         self._transformer_fn, self._decode_fn = self.transformer, self.autoencoder.decode
         self.audio_encoder.encode_fn = None
         if self.cuda_graphs:
             self._transformer_fn = CudaGraphed(self.transformer)
             self._decode_fn = CudaGraphed(self.autoencoder.decode)
             self.audio_encoder.encode_fn = CudaGraphed(self.audio_encoder.encode_blocks)
+        elif self.traced:
+            self._transformer_fn = Traced(self.transformer)
+            self._decode_fn = Traced(self.autoencoder.decode)
 
-    def _graphed(self) -> dict[str, "CudaGraphed"]:
+    def _graphed(self) -> dict[str, "CudaGraphed | Traced"]:
         fns = {"transformer": self._transformer_fn, "decoder": self._decode_fn,
                "audio encoder": self.audio_encoder.encode_fn}
-        return {k: f for k, f in fns.items() if isinstance(f, CudaGraphed)}
+        return {k: f for k, f in fns.items() if isinstance(f, (CudaGraphed, Traced))}
 
     def capture_graphs(self, on: bool) -> None:
-        """Whether a batch size met for the first time is captured (on; the default) or runs eagerly (off:
-        what the engine does live, after capturing every size it can run at warm-up)."""
+        """Whether a batch size met for the first time is captured in a CUDA graph or traced (on; the default)
+        or runs eagerly (off: what the engine does live, after capturing every size it can run at warm-up)."""
         for f in self._graphed().values():
             f.capture = on
 

@@ -720,7 +720,8 @@ def _build_engine(args: argparse.Namespace):
     check_sampling_args(args)
     check_live_args(args)
     pipe = LetsTalkPipeline.from_pretrained(args.model, device=device, dtype=resolve_dtype(args.dtype, device),
-                                            cuda_graphs=not args.no_cuda_graphs, **sampling_kwargs(args))
+                                            cuda_graphs=not args.no_cuda_graphs,
+                                            traced=not args.no_trace, **sampling_kwargs(args))
     if not pipe.config.trained:
         print("letstalk serve: warning: this model is UNTRAINED (random weights): the avatar will not look like a "
               "talking face. " + pipe.config.description, file=sys.stderr)

@@ -123,7 +123,7 @@ def test_the_opus_track_gives_aiortcs_encoder_whole_packets_so_none_is_held_back
     source's, about 1 ms late (the resampler's lead, filled with silence once)."""
     from aiortc.codecs.opus import OpusEncoder
 
-    from letstalk_rt.stream.tracks import OpusAudioTrack
+    from letstalk_rt.rtc import OpusAudioTrack
 
     source = _Sine16k()
     track = OpusAudioTrack(source)  # type: ignore[arg-type]
@@ -145,6 +145,63 @@ def test_the_opus_track_gives_aiortcs_encoder_whole_packets_so_none_is_held_back
     assert np.argmax(corr) <= 96  # at most 2 ms late
     track.stop()
     assert source.stopped
+
+
+class _FloatTone:
+    """A 24 kHz float mono tone in 10 ms frames (an application's text-to-speech track), which skips 5 frames (50 ms)
+    ahead at its 20th frame, as a source that fell behind does."""
+
+    def __init__(self) -> None:
+        self.frames = 0  # frames read
+
+    def samples(self, index: int) -> np.ndarray:  # frame `index` of the tone's time line
+        t = (index * 240 + np.arange(240)) / 24000
+        return (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+
+    def index(self, read: int) -> int:
+        return read + 5 * (read >= 20)
+
+    async def recv(self) -> av.AudioFrame:
+        i = self.index(self.frames)
+        self.frames += 1
+        frame = av.AudioFrame.from_ndarray(self.samples(i)[None], format="flt", layout="mono")
+        frame.sample_rate, frame.pts, frame.time_base = 24000, i * 240, fractions.Fraction(1, 24000)
+        return frame
+
+    def stop(self) -> None:
+        pass
+
+
+def test_any_audio_track_reaches_aiortcs_encoder_as_whole_packets_at_once():
+    """The SDK sends an application's own track through the same `rtc.OpusAudioTrack`: 24 kHz float mono in 10 ms
+    frames (aiortc's encoder alone fails on float, and holds a 24 kHz track's packets back a packet) comes out as
+    48 kHz stereo s16 packets, each as soon as its second source frame is in, each sent by the encoder at once, its
+    pts the source's time (across the source's skip too), its sound the source's."""
+    from aiortc.codecs.opus import OpusEncoder
+
+    from letstalk_rt.rtc import OpusAudioTrack
+
+    source = _FloatTone()
+    track = OpusAudioTrack(source)  # type: ignore[arg-type]
+    encoder = OpusEncoder()
+
+    async def read(n):
+        out = []
+        for j in range(n):
+            out.append(await track.recv())
+            assert source.frames == 2 * (j + 1), "the track waited for more than its packet's audio"
+        return out
+
+    frames = asyncio.run(read(20))
+    for j, f in enumerate(frames):
+        assert (f.samples, f.sample_rate, f.layout.name, f.format.name) == (960, 48000, "stereo", "s16")
+        assert f.pts == j * 960 + 2400 * (j >= 10)  # 5 frames of 10 ms skipped with source frame 20 (packet 10)
+        packets, _ = encoder.encode(f)
+        assert len(packets) == 1, f"frame {j} was held back"
+    out = np.concatenate([f.to_ndarray().reshape(-1, 2)[:, 0] for f in frames[:10]]).astype(np.float64) / 32767
+    ref = np.repeat(np.concatenate([source.samples(i) for i in range(20)]).astype(np.float64), 2)  # at 48 kHz
+    corr = [np.dot(out[500 + k:9000 + k], ref[500:9000]) for k in range(200)]
+    assert np.argmax(corr) <= 96 and np.std(out[500:]) == pytest.approx(np.std(ref[500:9600]), rel=0.05)
 
 
 def test_released_receivers_hand_each_frame_over_as_soon_as_it_is_whole():

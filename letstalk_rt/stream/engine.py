@@ -566,7 +566,8 @@ class Session:
     def audio_track(self, opus: bool = False):
         """The session's audio, 16 kHz mono packets of 20 ms (`opus`: as 48 kHz stereo, what aiortc's Opus encoder
         sends without holding each packet back; the server's WebRTC senders get this one)."""
-        from .tracks import AvatarAudioTrack, OpusAudioTrack
+        from ..rtc import OpusAudioTrack
+        from .tracks import AvatarAudioTrack
 
         track = AvatarAudioTrack(self)
         return OpusAudioTrack(track) if opus else track
@@ -988,7 +989,9 @@ class StreamEngine:
         if self.threads is not None:  # a count given (or kept from before a stop()): this thread's is its own
             torch.set_num_threads(self.threads)
         p.set_num_steps(self.base_steps)
-        p.capture_graphs(True)  # until every size the engine can run is captured (_capture_graphs)
+        p.capture_graphs(True)  # until every size the engine can run is captured (_capture_graphs, _trace)
+        if p.traced and not self.config.compile:  # first: the timings below are of the traced model
+            self._trace(window_ms)
         if self.threads is None and self.config.threads == 0 and p.device.type == "cpu" \
                 and "OMP_NUM_THREADS" not in os.environ:
             if p.compiled_threads:  # compiled before (an earlier engine): its kernels were made for this many
@@ -1072,6 +1075,28 @@ class StreamEngine:
                  time.perf_counter() - start)
         for part, why in p.graph_failures().items():
             log.warning("engine: the %s runs without CUDA graphs (%s): slower, not wrong", part, why)
+
+    @torch.no_grad()
+    def _trace(self, window_ms) -> None:
+        """On a CPU (LetsTalkPipeline.traced): trace the transformer and the decoder for every window the engine can
+        run (1..max_batch sessions, full and first windows, at the model's noise draws and at 1: a running engine may
+        change them), then turn tracing off: live, a call met for the first time runs eagerly (`Traced`)."""
+        p = self.pipeline
+        start = time.perf_counter()
+        base = p.noise_draws
+        try:
+            for draws in sorted({self.base_draws, 1}):
+                p.noise_draws = draws
+                for t in sorted({self.window, min(self.config.first_window, self.window)}):
+                    for batch in range(1, self.config.max_batch + 1):
+                        window_ms(t, batch)
+        finally:
+            p.noise_draws = base
+        p.capture_graphs(False)
+        log.info("engine: the model traced for up to %d sessions in %.1f s", self.config.max_batch,
+                 time.perf_counter() - start)
+        for part, why in p.graph_failures().items():
+            log.warning("engine: the %s runs eagerly (%s): slower, not wrong", part, why)
 
     def _compile(self, window_ms) -> None:
         """EngineConfig.compile: compile a full window of one session and of max_batch (at the threads chosen);

@@ -6,8 +6,8 @@ tracks read the same `Player`: video frame i is due at `start + i / fps`, audio 
 time is computed from `start`, so nothing drifts however long the stream runs. A reader that falls
 more than `late_skip_ms` behind (a stalled consumer) jumps to the present instead of bursting.
 
-`OpusAudioTrack` hands the same audio to a WebRTC sender as 48 kHz stereo: what aiortc's Opus encoder sends the
-moment it gets it.
+The server hands the audio track to its WebRTC sender through `rtc.OpusAudioTrack`: as 48 kHz stereo, what aiortc's
+Opus encoder sends the moment it gets it.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 
 VIDEO_CLOCK_RATE = 90000
 AUDIO_PTIME = 0.020  # seconds per audio packet
-OPUS_RATE = 48000  # what aiortc's Opus encoder encodes (stereo, 960 samples per 20 ms packet)
 
 
 class _SessionTrack(MediaStreamTrack):
@@ -93,45 +92,3 @@ class AvatarAudioTrack(_SessionTrack):
         out.pts = packet * per_packet
         out.time_base = fractions.Fraction(1, rate)
         return out
-
-
-class OpusAudioTrack(MediaStreamTrack):
-    """A session's audio track as aiortc's Opus encoder takes it without delay: 48 kHz stereo s16, 20 ms a frame.
-
-    Given the session's 16 kHz mono, the encoder resamples it itself into 20 ms frames, and its resampler's lead
-    (1 ms) leaves each frame short until the next has come in: every packet went onto the wire one packet (20 ms)
-    after its due time, behind the picture it belongs to (`letstalk bench --webrtc` measured the picture 18 ms
-    ahead on the wire). Resampled here, with that lead filled with silence once at the start, each packet leaves
-    when the clock releases it, its sound ~1 ms late."""
-
-    kind = "audio"
-
-    def __init__(self, source: AvatarAudioTrack) -> None:
-        super().__init__()
-        self.source = source
-        self._resampler = av.AudioResampler(format="s16", layout="stereo", rate=OPUS_RATE)
-        self._pending = np.zeros((0, 2), np.int16)  # resampled, not yet sent: (n, 2)
-        self._started = False
-
-    async def recv(self) -> av.AudioFrame:
-        if self.readyState != "live":
-            raise MediaStreamError
-        frame = await self.source.recv()
-        per_packet = int(OPUS_RATE * AUDIO_PTIME)  # 960
-        parts = [self._pending] + [f.to_ndarray().reshape(-1, 2) for f in self._resampler.resample(frame)]
-        pcm = np.concatenate(parts)
-        if not self._started:  # the resampler's lead: silence once, so every later packet is whole at once
-            self._started = True
-            pcm = np.concatenate([np.zeros((max(0, per_packet - len(pcm)), 2), np.int16), pcm])
-        if len(pcm) < per_packet:  # a rate whose 20 ms is not a whole number of samples ran a sample short
-            pcm = np.concatenate([pcm, np.zeros((per_packet - len(pcm), 2), np.int16)])
-        out_pcm, self._pending = pcm[:per_packet], pcm[per_packet:]
-        out = av.AudioFrame.from_ndarray(np.ascontiguousarray(out_pcm).reshape(1, -1), format="s16", layout="stereo")
-        out.sample_rate = OPUS_RATE
-        out.pts = int(frame.pts) * OPUS_RATE // frame.sample_rate
-        out.time_base = fractions.Fraction(1, OPUS_RATE)
-        return out
-
-    def stop(self) -> None:
-        super().stop()
-        self.source.stop()
