@@ -787,7 +787,7 @@ def test_warmup_keeps_the_models_noise_draws_only_where_they_fit(tiny_model_dir,
     from letstalk_rt.diffusion import guidance_rows
     from letstalk_rt.pipeline import LetsTalkPipeline
 
-    pipe = LetsTalkPipeline.from_pretrained(tiny_model_dir, noise_draws=2)
+    pipe = LetsTalkPipeline.from_pretrained(tiny_model_dir, noise_draws=2, traced=False)  # a trace runs no forward
     per_draw = len(guidance_rows(pipe.portrait_guidance, pipe.audio_guidance))
     rows = []
     forward = pipe.transformer.forward
@@ -1254,6 +1254,28 @@ def test_the_engine_freezes_what_the_process_holds_at_start_so_full_collections_
         run(main())
     finally:
         gc.unfreeze()
+
+
+def test_warm_up_traces_every_window_the_engine_can_run_and_then_stops_tracing(tiny_model_dir):
+    """On a CPU: every batch of 1..max_batch sessions, full and first windows, at 1 noise draw and the model's, is
+    traced at warm-up (Traced); live, tracing is off (a new signature runs eagerly instead of holding windows up)."""
+    from letstalk_rt.diffusion import guidance_rows
+    from letstalk_rt.pipeline import LetsTalkPipeline
+
+    pipe = LetsTalkPipeline.from_pretrained(tiny_model_dir, noise_draws=2)
+
+    async def main():
+        engine = await _engine(pipe, warmup=True, max_batch=3, max_sessions=3, first_window=2, threads=1)
+        assert not pipe._transformer_fn.capture and not pipe._decode_fn.capture  # live
+        await engine.stop()
+        assert pipe._transformer_fn.capture  # the pipeline on its own again traces what it meets
+
+    run(main())
+    guided = len(guidance_rows(pipe.portrait_guidance, pipe.audio_guidance))  # transformer rows per noise draw
+    x_shapes = {key[4][0][:2] for key in pipe._transformer_fn.traces}  # x: (rows, frames, ...)
+    assert x_shapes == {(b * d * guided, t) for b in (1, 2, 3) for d in (1, 2) for t in (pipe.window, 2)}
+    assert {key[4][0][0] for key in pipe._decode_fn.traces} >= {b * t for b in (1, 2, 3) for t in (pipe.window, 2)}
+    assert pipe._transformer_fn.failed is None and pipe._decode_fn.failed is None
 
 
 _FAULTS = """

@@ -575,3 +575,44 @@ def test_a_batch_is_decoded_in_chunks_that_give_the_frames_of_one_call(tiny_pipe
     assert calls == [DECODE_CHUNK, 3] and frames.shape[0] == n
     alone = np.concatenate([tiny_pipeline.decode(lat[i:i + 1]) for i in (0, DECODE_CHUNK, n - 1)])
     assert np.abs(alone.astype(int) - frames[[0, DECODE_CHUNK, n - 1]].astype(int)).max() <= 1
+
+
+def test_traced_model_gives_what_eager_gives_for_each_signature_and_new_ones_run_eagerly_once_capture_is_off(
+        tiny_model_dir):
+    """On a CPU the transformer and the decoder run from TorchScript traces, one per call signature (which
+    arguments are given, shapes, dtypes): the same frames as eager for windows with and without memory, solo and
+    batched; with capture off a new signature runs eagerly, and grad mode always does."""
+    from letstalk_rt.pipeline import Traced
+
+    traced = LetsTalkPipeline.from_pretrained(tiny_model_dir)
+    eager = LetsTalkPipeline.from_pretrained(tiny_model_dir, traced=False)
+    assert isinstance(traced._transformer_fn, Traced) and isinstance(traced._decode_fn, Traced)
+    assert eager._transformer_fn is eager.transformer
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 255, (40, 40, 3), dtype=np.uint8) for _ in range(2)]
+    T = traced.window
+    tokens = [traced.audio_tokens(speechlike(T / 25, seed=i))[:T] for i in range(2)]
+
+    def windows(pipe, n):  # 2 windows of n sessions: the first without memory, the second with
+        streams = [pipe.new_stream(pipe.prepare_portrait(images[i], detect=False), seed=i) for i in range(n)]
+        return [pipe.generate_windows(streams, tokens[:n]) for _ in range(2)]
+
+    for n in (1, 2):
+        got, want = windows(traced, n), windows(eager, n)
+        for w in range(2):
+            for i in range(n):
+                assert np.abs(got[w][i].astype(int) - want[w][i].astype(int)).max() <= 1
+    made = len(traced._transformer_fn.traces)
+    assert made >= 2 and len(traced._decode_fn.traces) >= 2  # solo and batched (and the memory's signature)
+    traced.capture_graphs(False)
+    streams = [traced.new_stream(traced.prepare_portrait(images[0], detect=False)) for _ in range(3)]
+    traced.generate_windows(streams, [tokens[0]] * 3)  # 3 sessions: not traced, eager
+    assert len(traced._transformer_fn.traces) == made
+    calls = []
+    f = Traced(lambda x, y=None: calls.append(1) or x * 2)
+    f(torch.ones(2))  # grad mode: eager
+    with torch.no_grad():
+        f(torch.ones(2), y=3)  # not a tensor: eager
+        assert len(calls) == 2 and not f.traces
+        assert torch.equal(f(torch.ones(3)), torch.full((3,), 2.0)) and len(f.traces) == 1  # traced: ran once more
+        assert torch.equal(f(torch.arange(3.0)), torch.arange(3.0) * 2) and len(calls) == 3  # the trace, not fn
