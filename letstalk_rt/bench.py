@@ -15,6 +15,9 @@ held frames, audio gaps (silence inserted before pushed speech that missed its d
 (RSS and CUDA). Then one window's cost broken down: audio encoding, each
 sampling step, decoding, so the slowest part is visible.
 
+Every run also records how late the process's event loop woke at worst in each minute and its garbage collector's
+pauses (`LoopWatch`): a stall of every stream shows there with its cause.
+
 `--neighbours N` reproduces a shared machine's noisy neighbours: N CPU-bound processes run beside the
 engine for the whole benchmark, each busy BUSY seconds of every PERIOD (`--neighbour-duty 30/60`, busy
 first), so that figures for a contended machine can be re-run rather than waited for.
