@@ -1256,9 +1256,10 @@ def test_the_engine_freezes_what_the_process_holds_at_start_so_full_collections_
         gc.unfreeze()
 
 
-def test_warm_up_traces_every_window_the_engine_can_run_and_then_stops_tracing(tiny_model_dir):
-    """On a CPU: every batch of 1..max_batch sessions, full and first windows, at 1 noise draw and the model's, is
-    traced at warm-up (Traced); live, tracing is off (a new signature runs eagerly instead of holding windows up)."""
+def test_warm_up_traces_the_windows_of_one_and_two_sessions_and_then_stops_tracing(tiny_model_dir):
+    """On a CPU: batches of 1 and 2 sessions (of max_batch 3), full and first windows, at 1 noise draw and the
+    model's, are traced at warm-up (Traced); live, tracing is off (a new signature runs eagerly instead of holding
+    windows up)."""
     from letstalk_rt.diffusion import guidance_rows
     from letstalk_rt.pipeline import LetsTalkPipeline
 
@@ -1273,8 +1274,8 @@ def test_warm_up_traces_every_window_the_engine_can_run_and_then_stops_tracing(t
     run(main())
     guided = len(guidance_rows(pipe.portrait_guidance, pipe.audio_guidance))  # transformer rows per noise draw
     x_shapes = {key[4][0][:2] for key in pipe._transformer_fn.traces}  # x: (rows, frames, ...)
-    assert x_shapes == {(b * d * guided, t) for b in (1, 2, 3) for d in (1, 2) for t in (pipe.window, 2)}
-    assert {key[4][0][0] for key in pipe._decode_fn.traces} >= {b * t for b in (1, 2, 3) for t in (pipe.window, 2)}
+    assert x_shapes == {(b * d * guided, t) for b in (1, 2) for d in (1, 2) for t in (pipe.window, 2)}
+    assert {key[4][0][0] for key in pipe._decode_fn.traces} >= {b * t for b in (1, 2) for t in (pipe.window, 2)}
     assert pipe._transformer_fn.failed is None and pipe._decode_fn.failed is None
 
 

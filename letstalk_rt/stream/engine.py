@@ -209,6 +209,9 @@ def keep_heap(mmap_threshold_mb: int = 64, trim_threshold_mb: int = 256) -> bool
     return bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold_mb << 20) and mallopt(M_TRIM_THRESHOLD, trim_threshold_mb << 20))
 
 
+_TRACED_SESSIONS = 2  # on a CPU, batches of up to this many sessions run from traces (StreamEngine._trace)
+
+
 def freeze_collector() -> int:
     """Collect cyclic garbage once, then move every object this process holds into the garbage collector's permanent
     generation (gc.freeze): its full collections walk only what is created later. -> the objects frozen.
@@ -1079,23 +1082,25 @@ class StreamEngine:
 
     @torch.no_grad()
     def _trace(self, window_ms) -> None:
-        """On a CPU (LetsTalkPipeline.traced): trace the transformer and the decoder for every window the engine can
-        run (1..max_batch sessions, full and first windows, at the model's noise draws and at 1: a running engine may
-        change them), then turn tracing off: live, a call met for the first time runs eagerly (`Traced`)."""
+        """On a CPU (LetsTalkPipeline.traced): trace the transformer and the decoder for the windows of 1 ..
+        _TRACED_SESSIONS sessions (full and first windows, at the model's noise draws and at 1: a running engine may
+        change them), then turn tracing off: live, a call met for the first time runs eagerly (`Traced`). Each
+        signature holds ~20 MB of the default model's and a traced call's activations peak higher than eager ones
+        (docs/benchmarks.md), and a CPU runs few sessions in real time: larger batches run eagerly."""
         p = self.pipeline
         start = time.perf_counter()
         base = p.noise_draws
+        most = min(self.config.max_batch, _TRACED_SESSIONS)
         try:
             for draws in sorted({self.base_draws, 1}):
                 p.noise_draws = draws
                 for t in sorted({self.window, min(self.config.first_window, self.window)}):
-                    for batch in range(1, self.config.max_batch + 1):
+                    for batch in range(1, most + 1):
                         window_ms(t, batch)
         finally:
             p.noise_draws = base
         p.capture_graphs(False)
-        log.info("engine: the model traced for up to %d sessions in %.1f s", self.config.max_batch,
-                 time.perf_counter() - start)
+        log.info("engine: the model traced for up to %d sessions in %.1f s", most, time.perf_counter() - start)
         for part, why in p.graph_failures().items():
             log.warning("engine: the %s runs eagerly (%s): slower, not wrong", part, why)
 
@@ -1114,8 +1119,11 @@ class StreamEngine:
         except LetsTalkError:
             raise
         except Exception as e:  # an inductor / compiler failure: the eager model still works
-            log.warning("engine: compiling failed (%s: %s); running the model eagerly", type(e).__name__, e)
+            log.warning("engine: compiling failed (%s: %s); running the model %s", type(e).__name__, e,
+                        "traced" if p.traced else "eagerly")
             p.uncompile()
+            if p.traced:
+                self._trace(window_ms)
             return
         log.info("engine: compiled in %.0f s", time.perf_counter() - start)
 
