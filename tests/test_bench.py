@@ -176,7 +176,8 @@ def test_the_loop_watch_puts_a_stalled_loop_and_a_collection_in_their_minute():
 
     watch = asyncio.run(main())
     figures = watch.figures()
-    lag, pauses, full = figures["loop_lag_ms_by_minute"], figures["gc_pause_ms_by_minute"], figures["gc_full_collections"]
+    lag, pauses = figures["loop_lag_ms_by_minute"], figures["gc_pause_ms_by_minute"]
+    full = figures["gc_full_collections"]
     assert len(lag) == len(pauses) == 2
     assert 100 <= lag[0] < 1000  # the blocked loop woke >= 110 ms late, in its minute
     assert pauses[0] < lag[0] and pauses[1] > 0 and [at for at, _ in full if at >= 90] and full[-1][1] == pauses[1]

@@ -221,8 +221,8 @@ def freeze_collector() -> int:
     event loop (the tracks' pacing, every peer's packets) and the worker stand still. One comes whenever the objects
     that survived into the oldest generation since the last reach a quarter of it: every ~19 minutes of streaming,
     the 90-minute WebRTC soak's five stalls of 160-250 ms (docs/benchmarks.md). Frozen, a full collection walks only
-    what was made later (0.01 ms instead of 183 on the same heap). The price: a frozen object that later becomes part of a
-    reference cycle no one holds is never freed (one that just loses its last reference is, as always);
+    what was made later (0.01 ms instead of 183 on the same heap). The price: a frozen object that later becomes part
+    of a reference cycle no one holds is never freed (one that just loses its last reference is, as always);
     gc.unfreeze() gives them back. Process-wide: the engine does it at start (EngineConfig.freeze_gc)."""
     gc.collect()
     gc.freeze()
