@@ -265,6 +265,9 @@ class AvatarSession:
             raise AvatarClientError(f"session {self.id} is already connected")
         if not (video or audio or audio_track is not None):
             raise ValueError("connect(): nothing to negotiate (video=False, audio=False and no audio_track)")
+        if audio_track is not None and getattr(audio_track, "kind", None) != "audio":
+            raise ValueError(f"connect(audio_track=...): expected an audio track, got a "
+                             f"{getattr(audio_track, 'kind', type(audio_track).__name__)!s} one")
         if websocket:
             await self._open_ws()
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(u) for u in self.client.ice_servers]))

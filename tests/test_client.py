@@ -88,6 +88,8 @@ def test_sdk_streams_speech_and_receives_frames_audio_and_events(tiny_pipeline):
 
 
 def test_sdk_sends_a_local_audio_track_and_uploads_a_portrait(tiny_pipeline, astronaut_png):
+    from aiortc import VideoStreamTrack
+
     from letstalk_rt.client import AvatarClient
 
     async def main():
@@ -96,6 +98,8 @@ def test_sdk_sends_a_local_audio_track_and_uploads_a_portrait(tiny_pipeline, ast
                 session = await client.start_session(portrait=astronaut_png)
                 started = asyncio.Event()
                 session.on("speech_started", lambda ev: started.set())
+                with pytest.raises(ValueError, match="expected an audio track, got a video one"):
+                    await session.connect(audio_track=VideoStreamTrack())  # refused before anything is opened
                 await session.connect(audio_track=SpeechTrack(1.5))
                 await asyncio.wait_for(started.wait(), 20)
                 same = await client.start_session(portrait=astronaut_png.read_bytes())

@@ -57,7 +57,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -1051,16 +1051,10 @@ class StreamEngine:
 
         # every transformer bucket up to max_batch sessions', at the draws chosen and, where a running engine may
         # change them (_lower_draws, _raise_draws: not with a decode thread), at the model's draws and at 1
-        most, base = self.config.max_batch, p.noise_draws
+        most = self.config.max_batch
         guided = len(guidance_rows(p.portrait_guidance, p.audio_guidance))
-        try:
-            for draws in sorted({base} if self._decodes_in_thread() else {self.base_draws, 1}):
-                p.noise_draws = draws
-                for t in sorted({self.window, min(self.config.first_window, self.window)}):
-                    for b in graph_sessions(most, draws * guided):
-                        window_ms(t, b)
-        finally:
-            p.noise_draws = base
+        draw_counts = {p.noise_draws} if self._decodes_in_thread() else {self.base_draws, 1}
+        self._run_windows(window_ms, draw_counts, lambda draws: graph_sessions(most, draws * guided))
         # The decoder runs in chunks of DECODE_CHUNK frames, and a batch's last chunk can be any size below it
         # (3 sessions' 4-frame windows: 12 frames, which no size above decodes): capture each bucket there.
         lat = p.config.transformer.latent_channels, p.config.autoencoder.latent_size, p.config.autoencoder.latent_size
@@ -1080,6 +1074,20 @@ class StreamEngine:
         for part, why in p.graph_failures().items():
             log.warning("engine: the %s runs without CUDA graphs (%s): slower, not wrong", part, why)
 
+    def _run_windows(self, window_ms, draw_counts: set[int], sessions: Callable[[int], Iterable[int]]) -> None:
+        """A full and a first window of each session count in `sessions(draws)` at each of `draw_counts` noise draws
+        (warm-up's capture and tracing); the pipeline's own draws back after."""
+        p = self.pipeline
+        base = p.noise_draws
+        try:
+            for draws in sorted(draw_counts):
+                p.noise_draws = draws
+                for t in sorted({self.window, min(self.config.first_window, self.window)}):
+                    for batch in sessions(draws):
+                        window_ms(t, batch)
+        finally:
+            p.noise_draws = base
+
     @torch.no_grad()
     def _trace(self, window_ms) -> None:
         """On a CPU (LetsTalkPipeline.traced): trace the transformer and the decoder for the windows of 1 ..
@@ -1089,16 +1097,9 @@ class StreamEngine:
         (docs/benchmarks.md), and a CPU runs few sessions in real time: larger batches run eagerly."""
         p = self.pipeline
         start = time.perf_counter()
-        base = p.noise_draws
         most = min(self.config.max_batch, _TRACED_SESSIONS)
-        try:
-            for draws in sorted({self.base_draws, 1}):
-                p.noise_draws = draws
-                for t in sorted({self.window, min(self.config.first_window, self.window)}):
-                    for batch in range(1, most + 1):
-                        window_ms(t, batch)
-        finally:
-            p.noise_draws = base
+        # before warm-up chooses the draws: it may choose either (and a running engine may change them)
+        self._run_windows(window_ms, {self.base_draws, 1}, lambda draws: range(1, most + 1))
         p.capture_graphs(False)
         log.info("engine: the model traced for up to %d sessions in %.1f s", most, time.perf_counter() - start)
         for part, why in p.graph_failures().items():
