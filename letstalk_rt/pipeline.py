@@ -408,7 +408,12 @@ class Traced:
     the call ran: the models here branch in Python only on shapes, configuration and which arguments are None,
     all of which the signature holds. A trace holds ~20 MB of the default model's, and its calls' activations
     peak higher than eager ones. The engine traces the windows of 1-2 sessions at warm-up, then turns capture off
-    (a trace takes about as long as ~6 calls: live it would hold every session's window up)."""
+    (a trace takes about as long as ~6 calls: live it would hold every session's window up).
+
+    Traces run without the graph executor's optimisation (`torch.jit.optimized_execution(False)`, a per-thread
+    setting): with it, a trace's second call profiled and optimised the graph, 290-450 ms where the calls before
+    and after took ~60 (a window of the default model; the warm-up called some signatures only once, so the stall
+    came live), and the optimised graph ran no faster."""
 
     def __init__(self, fn: Callable[..., Tensor]) -> None:
         self.fn = fn
@@ -433,7 +438,8 @@ class Traced:
             if traced is None:
                 return self.fn(*args, **kwargs)
             self.traces[key] = traced
-        return traced(*tensors)
+        with torch.jit.optimized_execution(False):
+            return traced(*tensors)
 
     def _trace(self, tensors: tuple, n_args: int, names: list[str]) -> Callable[..., Tensor] | None:
         import warnings
@@ -442,7 +448,7 @@ class Traced:
             return self.fn(*ts[:n_args], **dict(zip(names, ts[n_args:])))
 
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), torch.jit.optimized_execution(False):
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks: the signature holds them
                 return torch.jit.trace(call, tensors, check_trace=False)
         except Exception as e:  # an op the tracer cannot record: run eagerly (correct, just slower)

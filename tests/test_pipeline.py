@@ -616,3 +616,9 @@ def test_traced_model_gives_what_eager_gives_for_each_signature_and_new_ones_run
         assert len(calls) == 2 and not f.traces
         assert torch.equal(f(torch.ones(3)), torch.full((3,), 2.0)) and len(f.traces) == 1  # traced: ran once more
         assert torch.equal(f(torch.arange(3.0)), torch.arange(3.0) * 2) and len(calls) == 3  # the trace, not fn
+        # a trace runs unoptimised: optimising profiled the graph at its second call (a 290-450 ms stall live)
+        key, trace = next(iter(f.traces.items()))
+        optimise = []
+        f.traces[key] = lambda *ts: optimise.append(torch._C._get_graph_executor_optimize()) or trace(*ts)
+        f(torch.ones(3))
+        assert optimise == [False] and torch._C._get_graph_executor_optimize()  # this thread's setting restored
