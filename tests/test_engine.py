@@ -743,6 +743,85 @@ def test_windows_are_decoded_in_their_own_thread_and_a_decode_failure_ends_only_
     assert seen == {"sample": {"letstalk-engine"}, "decode": {"letstalk-engine"}}
 
 
+def test_at_one_thread_a_cpu_decodes_beside_the_next_windows_sampling_and_frames_stay_in_order(tiny_pipeline,
+                                                                                              monkeypatch):
+    """decode_thread None on a CPU of 2+ cores: while the engine runs 1 torch thread the decode thread decodes each
+    window and the worker samples the next meanwhile; at 2 threads the worker decodes again, after the decode
+    thread's last window. Across both switches every frame comes out once and in order."""
+    import threading
+
+    seen: list[str] = []
+    decode = tiny_pipeline.decode
+
+    def spy(lat, streams=None):
+        seen.append(threading.current_thread().name)
+        return decode(lat, streams)
+
+    monkeypatch.setattr(tiny_pipeline, "decode", spy)
+
+    async def main():
+        engine = StreamEngine(tiny_pipeline, EngineConfig(warmup=False, threads=1))
+        engine._threads_before = 2  # a 2-core CPU, whatever this one is
+        await engine.start()
+        s = await engine.open_session(_portrait(tiny_pipeline, 40))
+        s.push_audio(speechlike(3.0))
+        paced, frames = s.frames(), []
+        for threads in (1, 2, 1):  # 2: as a raise of the threads does (the worker sets it before its next window)
+            engine.threads = threads
+            frames += [await anext(paced) for _ in range(20)]
+        await engine.stop()
+        return frames
+
+    frames = run(main())
+    shown = [f.index for f in frames if not f.filler]
+    assert len(shown) >= 45 and shown == list(range(shown[0], shown[0] + len(shown)))
+    runs = [name for i, name in enumerate(seen) if i == 0 or seen[i - 1] != name]  # who decoded, in turns
+    assert runs == ["letstalk-decode", "letstalk-engine", "letstalk-decode"]
+
+
+def test_a_windows_time_counts_its_plan_and_an_overlapped_window_costs_its_longer_stage(tiny_model_dir,
+                                                                                        monkeypatch):
+    """The lateness the engine adjusts to counts each full window's plan (its audio taken in and encoded: ~11-14 ms of
+    a 160 ms window on the 2-core EPYC without AVX-512, where windows just under real time without it never fell
+    behind) with its sampling and decoding. A window decoded in the decode thread while the worker sampled the next
+    costs the longer of the two stages: stages each under real time lower nothing, however long their sum; a stage
+    over it lowers the noise draws as before."""
+    from letstalk_rt.pipeline import LetsTalkPipeline
+
+    pipe = LetsTalkPipeline.from_pretrained(tiny_model_dir, traced=False)
+    engine = StreamEngine(pipe, EngineConfig(warmup=False))
+    plan, noted = engine._plan, []
+
+    def slow_plan():
+        jobs = plan()
+        if jobs:
+            time.sleep(0.2)
+        return jobs
+
+    monkeypatch.setattr(engine, "_plan", slow_plan)
+    monkeypatch.setattr(engine, "_note_window", lambda ms, **k: noted.append(ms))
+
+    async def main():
+        await engine.start()
+        s = await engine.open_session(_portrait(pipe, 70))
+        s.push_audio(speechlike(2.0))
+        await _collect(s, 1.0)
+        await engine.stop()
+
+    run(main())
+    assert noted and min(noted) >= 200
+
+    pipe.noise_draws = 2
+    engine = StreamEngine(pipe, EngineConfig(warmup=False))
+    real = engine.window_real_ms
+    for k in range(20):  # worker 0.8, decoder 0.7 of real time: 1.5 in a row, but overlapped they keep up
+        engine._note_window(0.8 * real, now=k * 0.2, sample_ms=0.6 * real, decode_ms=0.7 * real)
+    assert pipe.noise_draws == 2 and engine._behind_ms == 0.0
+    for k in range(3):  # the decoder's stage over real time: behind by 2 windows -> 1 draw
+        engine._note_window(0.5 * real, now=10 + k * 0.2, sample_ms=0.4 * real, decode_ms=2.1 * real)
+    assert pipe.noise_draws == 1 and engine.draws_lowered
+
+
 async def _speak_after_warmup(pipe, after_warmup, **kw) -> tuple:
     """Start an engine with warm-up on, call `after_warmup()` (it reads what warm-up chose and forgets the warm-up's
     evaluations), speak 0.8 s through one session and stop -> (what it returned, the session's windows)."""
@@ -892,8 +971,8 @@ def test_on_a_gpu_the_engines_own_threads_run_one_torch_thread(tiny_pipeline, mo
     async def main():
         await engine.start()
         assert engine._decoder is not None  # a GPU decodes in a thread of its own
-        monkeypatch.setattr(engine, "_decode", lambda *a: seen.setdefault("decoder", torch.get_num_threads()))
-        await asyncio.to_thread(engine._decode_q.put, (0.0, []))
+        monkeypatch.setattr(engine, "_decode", lambda *a, **k: seen.setdefault("decoder", torch.get_num_threads()))
+        await asyncio.to_thread(engine._decode_q.put, (0.0, 0.0, []))
         for _ in range(500):
             if len(seen) == 2:
                 break

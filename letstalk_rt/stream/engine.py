@@ -173,10 +173,12 @@ class EngineConfig:
     keep_heap: bool = True  # at start, make glibc keep freed memory for reuse (`keep_heap`): a window's
     # activations are reallocated every window, and returned to the kernel they are faulted in again
     decode_thread: bool | None = None  # decode each window in a second thread while the worker samples the
-    # next, so the two stages overlap; None: on for CUDA (the decode's launches and copies overlap the next
-    # window's), off on a CPU. On a 2-core CPU the two stages fight over the cores when torch uses both per
-    # op: measured no better, often worse, than decoding in the worker; with OMP_NUM_THREADS=1 the two are
-    # about even (docs/benchmarks.md).
+    # next, so the two stages overlap. None: on a GPU always (the decode's launches and copies overlap the next
+    # window's); on a CPU of 2+ cores while the engine runs 1 torch thread (chosen, lowered or given), each stage on
+    # a core of its own. On 2 cores the stages fight over the cores when torch uses both per op (measured no better,
+    # often worse, than decoding in the worker), but at 1 thread each has no OpenMP barrier to wait at: through
+    # WebRTC on the 2-core EPYC without AVX-512, 0.98 of real time instead of 0.92 (docs/benchmarks.md).
+    # True: always; False: never (the worker decodes).
     freeze_gc: bool = True  # at start, after warm-up: collect once and move everything the process holds into the
     # garbage collector's permanent generation (`freeze_collector`), so its full collections never walk the imports
     # and the model again (~180 ms with the GIL held, every ~19 minutes of streaming on the 2-core CPU)
@@ -921,7 +923,7 @@ class StreamEngine:
         if self.config.freeze_gc:
             freeze_collector()
         self._stopping = False
-        if self._decodes_in_thread():
+        if self._decodes_in_thread() or self._may_overlap_decode():
             self._decode_q = queue.Queue(maxsize=1)
             self._decoder = threading.Thread(target=self._decode_loop, name="letstalk-decode", daemon=True)
             self._decoder.start()
@@ -930,9 +932,23 @@ class StreamEngine:
         return self
 
     def _decodes_in_thread(self) -> bool:
-        """EngineConfig.decode_thread, whose default (None) is a decode thread on a GPU."""
+        """Every window decoded in the decode thread: EngineConfig.decode_thread, whose default (None) is that on a
+        GPU. The engine's live adjustments (threads, noise draws) are off then: a window's two stages overlap."""
         d = self.config.decode_thread
         return self.pipeline.device.type == "cuda" if d is None else d
+
+    def _may_overlap_decode(self) -> bool:
+        """EngineConfig.decode_thread None on a CPU of 2+ cores: windows go to the decode thread while the engine
+        runs 1 torch thread (`_overlaps_decode`)."""
+        return self.config.decode_thread is None and self.pipeline.device.type == "cpu" and self._threads_before >= 2
+
+    def _overlaps_decode(self) -> bool:
+        """Whether the worker hands the window it sampled to the decode thread (and samples the next meanwhile)."""
+        if self._decode_q is None:
+            return False
+        if self._decodes_in_thread():
+            return True
+        return (self.threads if self.threads is not None else torch.get_num_threads()) == 1
 
     async def stop(self) -> None:
         for s in list(self.sessions.values()):
@@ -1209,6 +1225,7 @@ class StreamEngine:
             # each thread's OpenMP team size is its own: the engine's count, here too (and again once lowered)
             if self.threads is not None and torch.get_num_threads() != self.threads:
                 torch.set_num_threads(self.threads)
+            planned = time.perf_counter()
             try:
                 jobs = self._plan()
             except Exception:  # never let the worker die: planning errors are per session below
@@ -1220,7 +1237,7 @@ class StreamEngine:
                         self._cond.wait(timeout=0.01)
                 continue
             try:
-                self._execute(jobs)
+                self._execute(jobs, plan_ms=(time.perf_counter() - planned) * 1000)
             except Exception as e:  # a last resort (each session's own steps fail it alone): end the batch's
                 for s, _, _ in jobs:
                     self._fail_session(s, "window", e)
@@ -1489,8 +1506,10 @@ class StreamEngine:
         frame = math.ceil(s._inflight + w.queued_frames + samples / s.samples_per_frame - 1e-6) - 1
         return played_at + max(frame, 0) / fps - arrival - self.target_latency_s()
 
-    def _execute(self, jobs: list[tuple[Session, int, int]]) -> None:
-        """Sample one batch of windows (this thread), then decode and deliver it (the decode thread)."""
+    def _execute(self, jobs: list[tuple[Session, int, int]], plan_ms: float = 0.0) -> None:
+        """Sample one batch of windows (this thread), then decode and deliver it (here, or in the decode thread while
+        this one plans and samples the next: `_overlaps_decode`). `plan_ms`: the plan's time (audio in and
+        encoded), which with the sampling is the worker's share of the window."""
         frames = jobs[0][1]
         t0 = time.perf_counter()
         streams = [s._w.stream for s, _, _ in jobs]
@@ -1530,10 +1549,14 @@ class StreamEngine:
             with s._lock:  # the event loop subtracts in _deliver
                 s._inflight += n  # until _deliver: the planner counts them as generated
             batch.append((s, epoch, latents[b], meta, timings))  # latents (T, C, h, w) on the device
-        if self._decode_q is not None:
-            self._decode_q.put((t0, batch))  # blocks while the decoder still holds the previous window
+        worker_ms = plan_ms + (time.perf_counter() - t0) * 1000
+        if self._overlaps_decode():
+            assert self._decode_q is not None
+            self._decode_q.put((t0, worker_ms, batch))  # blocks while the decoder still holds the previous window
         else:
-            self._decode(t0, batch)
+            if self._decode_q is not None:  # overlapped until now (1 thread, raised since): its windows first
+                self._decode_q.join()
+            self._decode(t0, worker_ms, batch)
 
     @staticmethod
     def _fail_session(s: Session, stage: str, e: BaseException) -> None:
@@ -1546,18 +1569,25 @@ class StreamEngine:
 
     def _decode_loop(self) -> None:
         torch.set_grad_enabled(False)
-        if self.threads is not None:
-            torch.set_num_threads(self.threads)
         assert self._decode_q is not None
-        while (item := self._decode_q.get()) is not None:
+        while True:
+            item = self._decode_q.get()
             try:
-                self._decode(*item)
+                if item is None:
+                    return
+                if self.threads is not None and torch.get_num_threads() != self.threads:
+                    torch.set_num_threads(self.threads)
+                self._decode(*item, overlapped=True)
             except Exception:  # never let the decoder die: the sessions' errors were sent in _decode
                 log.exception("engine decode stage failed")
+            finally:
+                self._decode_q.task_done()  # the worker's join() before it decodes a window itself
 
-    def _decode(self, t0: float, batch: list, retry: bool = False) -> None:
+    def _decode(self, t0: float, worker_ms: float, batch: list, retry: bool = False, overlapped: bool = False) -> None:
         """Decode a sampled batch and hand each session its frames (a failing session alone gets the error;
-        `retry`: one session of a batch that failed, timed from the batch's start, so not a window's time)."""
+        `retry`: one session of a batch that failed, timed from the batch's start, so not a window's time).
+        `worker_ms`: the worker's share of the window (plan and sampling); `overlapped`: this is the decode thread,
+        and the worker sampled the next window meanwhile."""
         p = self.pipeline
         t1 = time.perf_counter()
         streams = [s._w.stream for s, _, _, _, _ in batch]
@@ -1574,14 +1604,15 @@ class StreamEngine:
             for st, m in zip(streams, moved):  # the detail transfer's state as before the batch
                 st.detail_moved = m
             for item in batch:  # find the culprit, as in _execute
-                self._decode(t0, [item], retry=True)
+                self._decode(t0, worker_ms, [item], retry=True)
             return
         dec_ms = (time.perf_counter() - t1) * 1000
         frames = len(batch[0][3])
         total = (time.perf_counter() - t0) * 1000
         self._gen_ms[frames] = 0.8 * self._gen_ms.get(frames, total) + 0.2 * total
         if frames == self.window and not retry:
-            self._note_window(total, sample_ms=batch[0][4].generate_ms)
+            self._note_window(worker_ms if overlapped else worker_ms + dec_ms, sample_ms=batch[0][4].generate_ms,
+                              decode_ms=dec_ms if overlapped else None)
         k = 0
         for s, epoch, _, meta, timings in batch:
             out = []
@@ -1592,17 +1623,23 @@ class StreamEngine:
             timings = dataclasses.replace(timings, decode_ms=dec_ms)
             _post(s, s._deliver, epoch, out, timings)
 
-    def _note_window(self, ms: float, now: float | None = None, sample_ms: float | None = None) -> None:
+    def _note_window(self, ms: float, now: float | None = None, sample_ms: float | None = None,
+                     decode_ms: float | None = None) -> None:
         """Lower the auto-chosen torch threads to the next count down whose warm-up window kept real time (the worker
         sets it before its next window) once full windows have fallen `threads_lower_after` windows' duration
         behind real time: each adds what it took over its duration, and a faster one pays it back. Slow stretches
         of a quiet machine are paid back (a 30-minute soak on the 2-core EPYC had 3 windows in a row over real time,
         the third 186 ms of 160, among ~60 ms ones); a busy neighbour makes 2-thread windows slower than real time on
         average. Only for auto threads (the warm-up timed the counts), not compiled (its kernels keep their count),
-        not with a decode thread (its windows' times overlap). While the pipeline averages several noise draws the
-        lateness goes to `_lower_draws` instead (and a raise of the threads that fell due waits for it). `sample_ms`:
-        the window's sampling, which grows with the noise draws (`_raise_draws` waits until they would fit)."""
+        not where every window is decoded in a thread of its own (a GPU). While the pipeline averages several noise
+        draws the lateness goes to `_lower_draws` instead (and a raise of the threads that fell due waits for it).
+        `ms`: the worker's time for the window (its plan, with the audio encoding, and the sampling) and, unless
+        `decode_ms` is given, the decoding; `decode_ms`: the decode thread decoded it while the worker went on, so
+        the window costs the longer of the two stages. `sample_ms`: the window's sampling, which grows with the
+        noise draws (`_raise_draws` waits until they would fit)."""
         now = time.monotonic() if now is None else now
+        worker_ms, decode_ms = ms, decode_ms or 0.0
+        ms = max(worker_ms, decode_ms)  # overlapped, the longer stage; else decode_ms is 0
         if self.pipeline.noise_draws > 1:
             self._lower_draws(ms, now)  # first: one draw halves the transformer's work, fewer threads slow it
             return
@@ -1610,13 +1647,13 @@ class StreamEngine:
             # what a window at the model's draws would take now (its sampling times the draws; batched it is a little
             # less), averaged over a few windows: a try where they cannot fit would only cost lateness, and at 1
             # draw on a busy CPU there is little room to pay it back (docs/benchmarks.md)
-            would = ms + (self.base_draws - 1) * (ms if sample_ms is None else sample_ms)
+            would = max(worker_ms + (self.base_draws - 1) * (worker_ms if sample_ms is None else sample_ms), decode_ms)
             self._draws_ms = would if self._draws_ms is None else 0.7 * self._draws_ms + 0.3 * would
             if (now >= self._draws_raise_at and self._raise_at is None
                     and self._draws_ms <= self.config.draws_budget * self.window_real_ms):
                 self._raise_draws(now)  # the threads are back where the warm-up put them: the draws next
                 return
-        if (not self._threads_ms or self.threads is None or self.pipeline.compiled or self._decode_q is not None
+        if (not self._threads_ms or self.threads is None or self.pipeline.compiled or self._decodes_in_thread()
                 or self.config.threads_lower_after <= 0):
             return
         if self._raise_at is not None and now >= self._raise_at:
@@ -1691,8 +1728,8 @@ class StreamEngine:
         """A model averaging several noise draws per window (sampling.noise_draws) samples 1 from the next window on
         once full windows have fallen `threads_lower_after` windows' duration behind real time, counted as for the
         threads, until `_raise_draws` tries its draws again (or stop() gives them back); the threads are lowered only
-        after that. Not with a decode thread (its windows' times overlap)."""
-        if self._decode_q is not None or self.config.threads_lower_after <= 0 or not self._fell_behind(ms):
+        after that. Not where every window is decoded in a thread of its own (a GPU)."""
+        if self._decodes_in_thread() or self.config.threads_lower_after <= 0 or not self._fell_behind(ms):
             return
         before, behind_ms = self.pipeline.noise_draws, self._behind_ms
         self.pipeline.noise_draws, self._behind_ms, self._draws_ms = 1, 0.0, None
