@@ -1203,6 +1203,31 @@ def test_lowered_noise_draws_go_back_up_after_the_threads_and_a_failed_try_doubl
     assert pipe.noise_draws == 2 and engine._draws_raise_at is None
 
 
+@pytest.mark.parametrize("decode_thread", [None, False])
+def test_a_lower_thread_count_is_judged_at_the_draws_sampled_now_and_overlapped_at_one_thread(tiny_model_dir,
+                                                                                              decode_thread):
+    """The warm-up timed each thread count at the model's 2 noise draws: 1 thread took twice real time, 60 % of it
+    sampling. Once the engine samples 1 draw, a 1-thread window would take 0.6 of real time sampling and 0.8 decoding:
+    over real time one after the other, 0.8 overlapped (the decode thread decodes beside the next window's sampling,
+    decode_thread None on a CPU of 2+ cores). So 2-thread windows that fall behind at 1 draw go on at 1 thread where
+    the decode can overlap, and stay at 2 where it cannot (no count that would keep real time)."""
+    from letstalk_rt.pipeline import LetsTalkPipeline
+
+    pipe = LetsTalkPipeline.from_pretrained(tiny_model_dir, noise_draws=2, traced=False)
+    engine = StreamEngine(pipe, EngineConfig(warmup=False, decode_thread=decode_thread))
+    engine._threads_before = 2
+    real = engine.window_real_ms
+    engine.threads, engine._threads_ms, engine._threads_top = 2, {1: 2.0 * real, 2: 0.7 * real}, 2
+    engine._sample_share = {1: 0.6, 2: 0.6}
+    overlap = decode_thread is None
+    assert engine._window_at_ms(1) == pytest.approx((1.2 if overlap else 2.0) * real)
+    pipe.noise_draws = 1  # as the warm-up or a live fallback leaves it
+    assert engine._window_at_ms(1) == pytest.approx((0.8 if overlap else 1.4) * real)
+    for k in range(10):  # 0.3 of real time behind each: 2 windows' worth after 7
+        engine._note_window(1.3 * real, now=k * 0.2)
+    assert engine.threads == (1 if overlap else 2)
+
+
 @pytest.mark.parametrize("one, two, tries_two", [(0.75, 0.9, True), (0.2, 0.1, False), (1.2, 1.5, False)])
 def test_a_warm_up_on_a_busy_machine_tries_more_threads_later(tiny_pipeline, one, two, tries_two):
     """When no count fits the warm-up's budget (something else busy while it timed them), the fastest is taken and

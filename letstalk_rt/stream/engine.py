@@ -895,6 +895,8 @@ class StreamEngine:
         self._raise_at: float | None = None  # when lowered threads go back up (monotonic)
         self._raise_wait = self.config.threads_raise_after_s  # doubled by a raise lowered again within it
         self._threads_ms: dict[int, float] = {}  # the warm-up's window of max_batch sessions by thread count (auto)
+        self._sample_share: dict[int, float] = {}  # ... the sampling's share of it, at the model's noise draws
+        self._sampled = 1.0  # the sampling's share of the warm-up's last window
         self._live: tuple[int, collections.deque] | None = None  # (threads, last full windows' ms) at a count the
         # warm-up timed over real time (_quietened)
         self._idle: torch.Tensor | None = None  # tokens of a window of silence (_idle_tokens)
@@ -998,10 +1000,15 @@ class StreamEngine:
             try:
                 start = time.perf_counter()
                 lat = p.generate_latents(streams, [tokens[:t]] * len(streams))
+                if p.device.type == "cuda":
+                    torch.cuda.synchronize(p.device)
+                sampled = time.perf_counter()
                 p.decode(lat.flatten(0, 1), streams)
                 if p.device.type == "cuda":
                     torch.cuda.synchronize(p.device)
-                return (time.perf_counter() - start) * 1000
+                end = time.perf_counter()
+                self._sampled = (sampled - start) / max(end - start, 1e-9)
+                return (end - start) * 1000
             except torch.cuda.OutOfMemoryError:  # type: ignore[attr-defined]
                 raise LetsTalkError(f"warm-up with {self.config.max_batch} sessions per batch ran out of GPU memory; "
                                     "lower max_batch / max_sessions") from None
@@ -1153,6 +1160,7 @@ class StreamEngine:
         for n in [*itertools.takewhile(lambda k: k < most, (2 ** i for i in itertools.count())), most]:
             torch.set_num_threads(n)
             took[n] = min(window_ms(self.window) for _ in range(2))  # the first run of a shape warms caches
+            self._sample_share[n] = self._sampled  # steady from run to run
             if took[n] <= budget:
                 break
         if took[n] > budget and len(took) > 1:
@@ -1164,6 +1172,7 @@ class StreamEngine:
                 for k in turns:
                     torch.set_num_threads(k)
                     turns[k].append(window_ms(self.window))
+                    self._sample_share[k] = self._sampled
             took = {k: float(np.median(v)) for k, v in turns.items()}
         self.threads = n if took[n] <= budget else min(took, key=took.get)
         self._threads_ms, self._threads_top = took, self.threads
@@ -1662,7 +1671,7 @@ class StreamEngine:
         real_ms = self.window_real_ms
         if self._threads_ms.get(self.threads, 0.0) > real_ms:
             self._quietened(ms, now)
-        lower = [k for k, took in self._threads_ms.items() if k < self.threads and took <= real_ms]
+        lower = [k for k in self._threads_ms if k < self.threads and self._window_at_ms(k) <= real_ms]
         if not lower:  # none (1 thread, or a machine too slow at fewer): more overruns are not the threads'
             return
         if not self._fell_behind(ms):
@@ -1676,6 +1685,20 @@ class StreamEngine:
         log.warning("engine: windows at %d torch threads fell %.0f ms behind real time (is another process busy on "
                     "these cores?): going on with %d%s", before, behind_ms, self.threads,
                     f", {before} again in {self._raise_wait:.0f} s" if self._raise_at is not None else "")
+
+    def _window_at_ms(self, threads: int) -> float:
+        """What a full window would take at `threads` now, from the warm-up's time at that count: its sampling
+        scaled to the noise draws sampled now (the warm-up timed the model's), and at 1 thread, where the decode
+        thread decodes beside the next window's sampling (`_may_overlap_decode`), the longer of the two stages. On the
+        2-core EPYC without AVX-512 a 1-thread window of 2 draws took over real time at warm-up, so a 2-thread engine
+        that fell behind at 1 draw through WebRTC (~200 ms windows) had no count to go to, where 1 thread, overlapped,
+        held 0.98 of real time."""
+        took = self._threads_ms[threads]
+        share = self._sample_share.get(threads)
+        if share is None:  # timed live (_quietened): at the draws and in the way it runs now
+            return took
+        sample, decode = took * share * self.pipeline.noise_draws / self.base_draws, took * (1 - share)
+        return max(sample, decode) if threads == 1 and self._may_overlap_decode() else sample + decode
 
     def _quietened(self, ms: float, now: float) -> None:
         """The warm-up timed the count running now over real time: it started in a busy spell, and no more threads
@@ -1692,6 +1715,7 @@ class StreamEngine:
         if len(self._live[1]) < _QUIET_WINDOWS or live > _QUIET_AGAIN * self.window_real_ms:
             return
         warmup_ms, self._threads_ms[self.threads], self._live = self._threads_ms[self.threads], live, None
+        self._sample_share.pop(self.threads, None)  # the live time is what it takes as it runs now
         up = self._plan_more_threads(live, now)
         log.info("engine: windows at %d torch threads take %.0f ms now (%.0f at warm-up)%s", self.threads, live,
                  warmup_ms, f": trying {up} in {self.config.threads_raise_after_s:.0f} s" if up else "")
