@@ -158,7 +158,7 @@ class EngineConfig:
     # a second OpenMP team slowed 2 threads down (release_openmp_threads), and 1 thread then fitted there about
     # half the time; at 0.35 it is kept where it is fast (docs/benchmarks.md, twenty-seventh session).
     threads_budget: float = 0.35
-    threads_lower_after: float = 2.0  # auto threads (threads = 0, eager, no decode thread): once the worker's full
+    threads_lower_after: float = 2.0  # auto threads (threads = 0, not compiled, not on a GPU): once the worker's full
     # windows have fallen this many windows' duration behind real time (each window adds what it took over its
     # duration; faster ones pay it back), it goes on with the next count down whose warm-up window kept real time
     # (2 -> 1 on 2 cores), until threads_raise_after_s (a restart keeps the count). A process that starts later
@@ -1073,7 +1073,8 @@ class StreamEngine:
             return [b for b in GRAPH_BUCKETS if b < most] + [most]
 
         # every transformer bucket up to max_batch sessions', at the draws chosen and, where a running engine may
-        # change them (_lower_draws, _raise_draws: not with a decode thread), at the model's draws and at 1
+        # change them (_lower_draws, _raise_draws: not where every window is decoded in its own thread), at the
+        # model's draws and at 1
         most = self.config.max_batch
         guided = len(guidance_rows(p.portrait_guidance, p.audio_guidance))
         draw_counts = {p.noise_draws} if self._decodes_in_thread() else {self.base_draws, 1}
