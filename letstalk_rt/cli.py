@@ -119,6 +119,12 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
             "audio_guidance_box": audio_guidance_box(args.audio_guidance_box)}
 
 
+def pipeline_kwargs(args: argparse.Namespace, device) -> dict:
+    """LetsTalkPipeline keyword arguments from add_device_args' and add_sampling_args' flags, on `device`."""
+    return {"device": device, "dtype": resolve_dtype(args.dtype, device), "cuda_graphs": not args.no_cuda_graphs,
+            "traced": not args.no_trace, **sampling_kwargs(args)}
+
+
 def check_sampling_args(args: argparse.Namespace) -> None:
     """Fail before the model loads, naming the flag."""
     if args.steps is not None and not 1 <= args.steps <= 50:
@@ -164,9 +170,7 @@ def _load_pipeline(args: argparse.Namespace):
     from .pipeline import LetsTalkPipeline
 
     device = resolve_device(args.device)
-    pipe = LetsTalkPipeline.from_pretrained(args.model, device=device, dtype=resolve_dtype(args.dtype, device),
-                                            cuda_graphs=not args.no_cuda_graphs,
-                                            traced=not args.no_trace, **sampling_kwargs(args))
+    pipe = LetsTalkPipeline.from_pretrained(args.model, **pipeline_kwargs(args, device))
     if not pipe.config.trained:
         print("letstalk: warning: this model is UNTRAINED (random weights): the video will not look like a "
               "talking face. " + pipe.config.description, file=sys.stderr)
@@ -281,10 +285,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         seconds = args.seconds
     device = resolve_device(args.device)
     if args.preset:
-        pipe = LetsTalkPipeline.from_config(_preset_config(args), device=device,
-                                            dtype=resolve_dtype(args.dtype, device),
-                                            cuda_graphs=not args.no_cuda_graphs,
-                                            traced=not args.no_trace, **sampling_kwargs(args))
+        pipe = LetsTalkPipeline.from_config(_preset_config(args), **pipeline_kwargs(args, device))
         print(f"benchmarking preset {args.preset} with RANDOM weights (speed only)", file=sys.stderr)
     else:
         pipe = _load_pipeline(args)

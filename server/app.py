@@ -37,7 +37,7 @@ from aiohttp import WSMsgType, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from letstalk_rt.cli import (add_device_args, add_live_args, add_sampling_args, check_live_args, check_sampling_args,
-                             live_config, resolve_device, resolve_dtype, sampling_kwargs)
+                             live_config, pipeline_kwargs, resolve_device)
 from letstalk_rt.errors import InputError, LetsTalkError, NoFaceError
 from letstalk_rt.stream import CapacityError, run_off_loop
 
@@ -719,9 +719,7 @@ def _build_engine(args: argparse.Namespace):
     device = resolve_device(args.device)
     check_sampling_args(args)
     check_live_args(args)
-    pipe = LetsTalkPipeline.from_pretrained(args.model, device=device, dtype=resolve_dtype(args.dtype, device),
-                                            cuda_graphs=not args.no_cuda_graphs,
-                                            traced=not args.no_trace, **sampling_kwargs(args))
+    pipe = LetsTalkPipeline.from_pretrained(args.model, **pipeline_kwargs(args, device))
     if not pipe.config.trained:
         print("letstalk serve: warning: this model is UNTRAINED (random weights): the avatar will not look like a "
               "talking face. " + pipe.config.description, file=sys.stderr)

@@ -941,16 +941,18 @@ class StreamEngine:
 
     def _may_overlap_decode(self) -> bool:
         """EngineConfig.decode_thread None on a CPU of 2+ cores: windows go to the decode thread while the engine
-        runs 1 torch thread (`_overlaps_decode`)."""
+        runs 1 torch thread (`_overlaps_at`)."""
         return self.config.decode_thread is None and self.pipeline.device.type == "cpu" and self._threads_before >= 2
 
+    def _overlaps_at(self, threads: int) -> bool:
+        """Whether windows sampled at `threads` torch threads are decoded in the decode thread while the worker
+        samples the next."""
+        return self._decodes_in_thread() or (threads == 1 and self._may_overlap_decode())
+
     def _overlaps_decode(self) -> bool:
-        """Whether the worker hands the window it sampled to the decode thread (and samples the next meanwhile)."""
-        if self._decode_q is None:
-            return False
-        if self._decodes_in_thread():
-            return True
-        return (self.threads if self.threads is not None else torch.get_num_threads()) == 1
+        """Whether the worker hands the window it sampled now to the decode thread."""
+        threads = self.threads if self.threads is not None else torch.get_num_threads()
+        return self._decode_q is not None and self._overlaps_at(threads)
 
     async def stop(self) -> None:
         for s in list(self.sessions.values()):
@@ -1117,8 +1119,9 @@ class StreamEngine:
         """On a CPU (LetsTalkPipeline.traced): trace the transformer and the decoder for the windows of 1 ..
         _TRACED_SESSIONS sessions (full and first windows, at the model's noise draws and at 1: a running engine may
         change them), then turn tracing off: live, a call met for the first time runs eagerly (`Traced`). Each
-        signature holds ~20 MB of the default model's and a traced call's activations peak higher than eager ones
-        (docs/benchmarks.md), and a CPU runs few sessions in real time: larger batches run eagerly."""
+        signature holds ~30-45 MB of the default model's (not its weights, which are shared; 216 MB for all of them
+        against 17 MB eager, docs/benchmarks.md) and a traced call's activations peak higher than eager ones, and a CPU
+        runs few sessions in real time: larger batches run eagerly."""
         p = self.pipeline
         start = time.perf_counter()
         most = min(self.config.max_batch, _TRACED_SESSIONS)
@@ -1689,8 +1692,8 @@ class StreamEngine:
 
     def _window_at_ms(self, threads: int) -> float:
         """What a full window would take at `threads` now, from the warm-up's time at that count: its sampling
-        scaled to the noise draws sampled now (the warm-up timed the model's), and at 1 thread, where the decode
-        thread decodes beside the next window's sampling (`_may_overlap_decode`), the longer of the two stages. On the
+        scaled to the noise draws sampled now (the warm-up timed the model's), and where the decode thread decodes
+        beside the next window's sampling at that count (1 thread, `_overlaps_at`), the longer of the two stages. On the
         2-core EPYC without AVX-512 a 1-thread window of 2 draws took over real time at warm-up, so a 2-thread engine
         that fell behind at 1 draw through WebRTC (~200 ms windows) had no count to go to, where 1 thread, overlapped,
         held 0.98 of real time."""
@@ -1699,7 +1702,7 @@ class StreamEngine:
         if share is None:  # timed live (_quietened): at the draws and in the way it runs now
             return took
         sample, decode = took * share * self.pipeline.noise_draws / self.base_draws, took * (1 - share)
-        return max(sample, decode) if threads == 1 and self._may_overlap_decode() else sample + decode
+        return max(sample, decode) if self._overlaps_at(threads) else sample + decode
 
     def _quietened(self, ms: float, now: float) -> None:
         """The warm-up timed the count running now over real time: it started in a busy spell, and no more threads
