@@ -196,8 +196,13 @@ class LinearAttention(nn.Module):
 class MixFFN(nn.Module):
     """Sana GLUMBConv over a token grid: 1x1 conv to 2*hidden + SiLU, 3x3 depthwise conv, GLU with a
     SiLU gate, 1x1 conv back to D. The depthwise conv gives the spatial attention's tokens the local
-    neighbourhood that linear attention (which has no position bias) does not. (Writing the 1x1 convs
-    as token-axis linears measured no faster on the cpu preset, so they stay Sana's convs.)"""
+    neighbourhood that linear attention (which has no position bias) does not.
+
+    The weights are Sana's convs (checkpoints keep their names and shapes), but the 1x1 convs run as linears
+    over the token axis, and the depthwise conv over a channels-last view of their output, so the tokens are
+    never transposed. On the 2-core EPYC without AVX-512 at 1 torch thread (where a batch under 16 sends a 1x1
+    conv to torch's im2col path) a window's 128 -> 640 conv took 2.2-2.7 ms against 1.8-2.4 as a linear, and the
+    depthwise conv 1.0-1.2 ms over NCHW against 0.6 channels-last (docs/benchmarks.md, thirty-ninth session)."""
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
@@ -206,12 +211,12 @@ class MixFFN(nn.Module):
         self.point_conv = nn.Conv2d(hidden, dim, 1, bias=False)
 
     def forward(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
-        b = x.shape[0]
-        y = rearrange(x, "b s (gh gw) d -> (b s) d gh gw", gh=grid[0], gw=grid[1])  # (B*S, D, gh, gw)
-        y = self.depth_conv(F.silu(self.inverted_conv(y)))  # (B*S, 2*hid, gh, gw)
-        y, gate = y.chunk(2, dim=1)  # (B*S, hid, gh, gw) each
-        y = self.point_conv(y * F.silu(gate))  # (B*S, D, gh, gw)
-        return rearrange(y, "(b s) d gh gw -> b s (gh gw) d", b=b)  # (B, S, L, D)
+        y = F.silu(F.linear(x, self.inverted_conv.weight.flatten(1), self.inverted_conv.bias))  # (B, S, L, 2*hid)
+        y = y.flatten(0, 1).unflatten(1, grid).permute(0, 3, 1, 2)  # (B*S, 2*hid, gh, gw) channels-last, no copy
+        y = self.depth_conv(y).permute(0, 2, 3, 1)  # (B*S, gh, gw, 2*hid)
+        y, gate = y.chunk(2, dim=-1)  # (B*S, gh, gw, hid) each
+        y = F.linear(y * F.silu(gate), self.point_conv.weight.flatten(1))  # (B*S, gh, gw, D)
+        return y.reshape(x.shape)  # (B, S, L, D)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -292,7 +297,9 @@ class LetsTalkBlock(nn.Module):
         b, f = x.shape[:2]
         k = num_memory
         # 1. temporal self-attention at each spatial position, over memory + clip frames
-        h = rearrange(self.norm_temporal(x), "b f n d -> (b n) f d")  # (B*N, F, D)
+        # contiguous: a linear over the transposed view runs as a batched product with the weight repeated per
+        # position (~2x the time of one product on the CPU)
+        h = rearrange(self.norm_temporal(x), "b f n d -> (b n) f d").contiguous()  # (B*N, F, D)
         x = x + rearrange(self.temporal_attn(h), "(b n) f d -> b f n d", b=b)  # (B, F, N, D)
         # 2. direct fusion: per-frame audio cross-attention (clip frames only), portrait cross-attention
         if self.audio_attn is not None and audio_kv is not None:
