@@ -1230,6 +1230,69 @@ def test_a_lower_thread_count_is_judged_at_the_draws_sampled_now_and_overlapped_
     assert engine.threads == (1 if overlap else 2)
 
 
+@pytest.mark.parametrize("decode_thread", [None, False])
+def test_windows_that_fall_behind_at_two_draws_go_to_the_thread_count_cheapest_at_one(tiny_model_dir, decode_thread):
+    """At the model's 2 draws 2 threads' window (0.9 of real time, 0.6 of it sampling) cost less than 1 thread's
+    (1.2, 0.8 of it sampling: 0.96 overlapped); at 1 draw 1 thread's costs 0.48 (its sampling), 2 threads' 0.27 + 0.36
+    (sampling and decoding, one after the other). Windows that fall behind
+    at 2 draws go to 1 draw and, where the decode can overlap, to 1 thread in the same step (through WebRTC on the
+    2-core EPYC without AVX-512 the 2-thread windows fell behind again a few seconds later), with a try of 2
+    threads planned as after any lowering, and the draws tried after it. Without the decode thread, 2 threads stay."""
+    from letstalk_rt.pipeline import LetsTalkPipeline
+
+    pipe = LetsTalkPipeline.from_pretrained(tiny_model_dir, noise_draws=2, traced=False)
+    engine = StreamEngine(pipe, EngineConfig(warmup=False, decode_thread=decode_thread, threads_raise_after_s=60.0))
+    engine._threads_before = 2
+    real = engine.window_real_ms
+    engine.threads, engine._threads_ms, engine._threads_top = 2, {1: 1.2 * real, 2: 0.9 * real}, 2
+    engine._sample_share = {1: 0.8, 2: 0.6}
+    for k in range(10):  # 0.3 of real time behind each: 2 windows' worth after 7
+        engine._note_window(1.3 * real, now=k * 0.2)
+    overlap = decode_thread is None
+    assert pipe.noise_draws == 1 and len(engine.draws_lowered) == 1
+    assert engine.threads == (1 if overlap else 2)
+    assert [lowered[1:] for lowered in engine.threads_lowered] == ([(2, 1)] if overlap else [])
+    if overlap:
+        assert engine._raise_at == pytest.approx(engine.draws_lowered[0] + 60.0)
+
+
+@pytest.mark.parametrize("two, kept", [(0.9, False), (0.4, True)])
+def test_a_try_of_more_threads_goes_back_as_soon_as_its_windows_take_longer(tiny_pipeline, two, kept):
+    """Lowered to 1 thread, the engine tries 2 after threads_raise_after_s. Its first 3 windows decide: slower than
+    the 1-thread windows before (0.9 of real time against 0.6, still within real time, so they would never have
+    fallen behind) -> back to 1 at once, the next try after twice the wait; faster (0.4) -> 2 threads stay. A
+    change of sessions per window in the try leaves it to the lateness."""
+    engine = StreamEngine(tiny_pipeline, EngineConfig(warmup=False, threads_raise_after_s=60.0))
+    engine._threads_before = 2
+    real = engine.window_real_ms
+    engine.threads, engine._threads_ms, engine._threads_top = 2, {1: 0.9 * real, 2: 0.5 * real}, 2
+    for k in range(10):  # 2 threads beside something busy: 1.3 of real time, lowered to 1 after 7
+        engine._note_window(1.3 * real, now=k * 0.2)
+    assert engine.threads == 1 and engine._raise_at == pytest.approx(1.2 + 60.0)
+    t = 2.0
+    while engine.threads == 1:
+        engine._note_window(0.6 * real, now=t)
+        t += 0.2
+    assert engine.threads_raised[-1][1:] == (1, 2) and 61.2 <= t < 61.8
+    for _ in range(3):
+        engine._note_window(two * real, now=t)
+        t += 0.2
+    if kept:
+        assert engine.threads == 2 and engine._try is None
+        return
+    assert engine.threads == 1 and engine.threads_lowered[-1][1:] == (2, 1) and engine._raise_wait == 120.0
+    # sessions per window changed during a try: not judged on the windows (no window fell behind either)
+    engine._raise_at = t + 0.5
+    for _ in range(4):
+        engine._note_window(0.6 * real, now=t)
+        t += 0.2
+    assert engine.threads == 2 and engine._try is not None
+    for batch in (1, 2, 2):
+        engine._note_window(two * real, now=t, batch=batch)
+        t += 0.2
+    assert engine.threads == 2 and engine._try is None
+
+
 @pytest.mark.parametrize("one, two, tries_two", [(0.75, 0.9, True), (0.2, 0.1, False), (1.2, 1.5, False)])
 def test_a_warm_up_on_a_busy_machine_tries_more_threads_later(tiny_pipeline, one, two, tries_two):
     """When no count fits the warm-up's budget (something else busy while it timed them), the fastest is taken and
@@ -1257,6 +1320,31 @@ def test_a_warm_up_on_a_busy_machine_tries_more_threads_later(tiny_pipeline, one
     for k in range(3):  # still busy: 2-thread windows over real time, back to 1 with the wait doubled
         engine._note_window(2.1 * real, now=start + 61.0 + k * 0.2)
     assert engine.threads == 1 and engine._raise_wait == 120.0
+
+
+@pytest.mark.parametrize("decode_thread", [None, False])
+def test_the_warm_up_judges_1_thread_with_its_decode_overlapped(tiny_pipeline, decode_thread):
+    """Warm-up windows run one stage after the other, but live at 1 thread on a CPU of 2+ cores the decode thread
+    decodes each beside the next one's sampling: 1 thread's window (0.8 of real time, 0.6 of it sampling) costs its
+    longer stage, 0.48, less than 2 threads' 0.55, so 1 thread is taken, and no try of 2 is planned (2 threads ran
+    a window faster alone: not a busy warm-up, the machine's shape). Without the decode thread, 2 threads."""
+    engine = StreamEngine(tiny_pipeline, EngineConfig(warmup=False, decode_thread=decode_thread,
+                                                      threads_raise_after_s=60.0))
+    engine._threads_before = 2
+    real = 1000 * engine.window / tiny_pipeline.config.fps
+
+    def window_ms(frames: int) -> float:
+        engine._sampled = 0.6
+        return {1: 0.8, 2: 0.55}[torch.get_num_threads()] * real
+
+    before = torch.get_num_threads()
+    try:
+        engine._choose_threads(window_ms)
+    finally:
+        torch.set_num_threads(before)
+    assert engine.threads == (1 if decode_thread is None else 2)
+    assert engine._window_at_ms(1) == pytest.approx((0.48 if decode_thread is None else 0.8) * real)
+    assert engine._raise_at is None
 
 
 @pytest.mark.parametrize("quiet", [0.6, 0.3])

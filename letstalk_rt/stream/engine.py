@@ -81,6 +81,13 @@ _RAISE_WAIT_MAX_S = 1800.0  # EngineConfig.threads_raise_after_s doubles up to t
 _NEAR_REAL_TIME = 0.7  # an eager CPU window over this fraction of its real-time duration: warm-up suggests --compile
 _QUIET_AGAIN = 0.75  # a thread count whose warm-up window did not keep real time (a busy start) and whose last
 _QUIET_WINDOWS = 10  # live windows' median is under this fraction of it: the machine has quietened (_quietened)
+# Where no thread count fits threads_budget, more threads are taken only where their window costs under this fraction
+# of fewer threads' (`_pick_threads`): a team on every core waits at each barrier for the member whatever else the
+# process runs (the event loop, WebRTC, the decode thread) took its core from, so near a tie the fewer hold real time
+# better (the 2-core EPYC without AVX-512 timed 1 and 2 threads at 1 draw within a few % of each other; through
+# WebRTC the 2-thread windows then took ~200 ms, the 1-thread ones ~100).
+_MORE_THREADS_GAIN = 0.85
+_TRIAL_WINDOWS = 3  # a try of more threads (_raise_threads) is judged on its first this-many windows (_judge_try)
 # Torch threads of the engine's own threads on a GPU device (EngineConfig.threads = 0). Their host-side work is
 # small tensors (audio windows, the memory bank, copies), and with one thread per core (16 on the lent H100's host)
 # each such op woke an OpenMP team whose idle helpers then spun (GNU OpenMP spins while its teams do not outnumber
@@ -149,8 +156,11 @@ class EngineConfig:
     # duration at warm-up, else samples one draw (half the transformer's work, a little more flicker): the 2-core
     # EPYC with AVX-512 runs the bundled model's 2 draws at ~0.65, slower CPUs fall back to 1 (docs/benchmarks.md)
     threads: int = 0  # torch intra-op threads on a CPU device. 0: auto, at warm-up: the fewest (1, 2, 4 ...)
-    # whose window of max_batch sessions takes <= threads_budget of its real-time duration, else the fastest,
-    # lowered later if windows fall behind real time (threads_lower_after); left alone where OMP_NUM_THREADS is set.
+    # whose window of max_batch sessions takes <= threads_budget of its real-time duration, else the cheapest (more
+    # threads only where clearly cheaper: _MORE_THREADS_GAIN), a window's cost at 1 thread being its longer stage
+    # where the decode overlaps (decode_thread), chosen again at 1 draw if the draws do not fit; lowered later if
+    # windows fall behind real time (threads_lower_after), tried again later and kept only if their first windows
+    # are faster; left alone where OMP_NUM_THREADS is set.
     # -1: never touch them. On a GPU device: the engine's own threads' count (worker, decoder, warm-up), 0: 1
     # (_GPU_HOST_THREADS) unless OMP_NUM_THREADS is set. On a quiet 2-core EPYC 2 threads' live window took 49-79 ms and 1
     # thread's ~100-107 (p95 360-420 against ~500 ms); beside 2 busy processes 1 thread held 0.97-0.99 of real
@@ -899,6 +909,10 @@ class StreamEngine:
         self._sampled = 1.0  # the sampling's share of the warm-up's last window
         self._live: tuple[int, collections.deque] | None = None  # (threads, last full windows' ms) at a count the
         # warm-up timed over real time (_quietened)
+        self._recent_ms: collections.deque[float] = collections.deque(maxlen=_QUIET_WINDOWS)  # at the count, draws
+        self._recent_batch = 0  # and sessions per window now
+        self._try: tuple[int, float, int, list[float]] | None = None  # a try of more threads (_judge_try): the
+        # count before, its recent windows' median, the sessions per window, the tried count's windows so far
         self._idle: torch.Tensor | None = None  # tokens of a window of silence (_idle_tokens)
         self.windows_run = 0
         self._decode_q: queue.Queue | None = None  # worker -> decode thread, one window in hand at most
@@ -1021,6 +1035,7 @@ class StreamEngine:
         p.capture_graphs(True)  # until every size the engine can run is captured (_capture_graphs, _trace)
         if p.traced and not self.config.compile:  # first: the timings below are of the traced model
             self._trace(window_ms)
+        chose_threads = False
         if self.threads is None and self.config.threads == 0 and p.device.type == "cpu" \
                 and "OMP_NUM_THREADS" not in os.environ:
             if p.compiled_threads:  # compiled before (an earlier engine): its kernels were made for this many
@@ -1028,14 +1043,18 @@ class StreamEngine:
                 torch.set_num_threads(self.threads)
             else:
                 self._choose_threads(window_ms)
+                chose_threads = True
         if self.config.compile:
             self._compile(window_ms)
         real_ms = self.window_real_ms
         p.noise_draws = self.base_draws
         if p.noise_draws > 1:  # a network row per draw: where they do not fit, one draw (the first run warms caches)
             took = min(window_ms(self.window) for _ in range(2))
+            took = self._window_cost_ms(took * self._sampled, took * (1 - self._sampled), torch.get_num_threads())
             if took > self.config.draws_budget * real_ms:
                 p.noise_draws = 1
+                if chose_threads and self._raise_at is None:  # (a try planned: the warm-up was busy; it stays)
+                    self._pick_threads()  # the auto threads, again at 1 draw
                 # something busy at start may pass: tried again as after a live fallback (_raise_draws), the wait
                 # doubling while they do not fit (a CPU too slow for them pays a few windows of lateness ever more
                 # rarely); not where they could not be lowered live again
@@ -1157,17 +1176,23 @@ class StreamEngine:
 
     def _choose_threads(self, window_ms) -> None:
         """EngineConfig.threads = 0 on a CPU: the fewest threads whose window fits threads_budget; if none
-        fits (a slow or crowded machine), the count whose window was fastest, measured in turns."""
+        fits (a slow or crowded machine), the count whose window was fastest, measured in turns. A count's window
+        is what it costs there (`_window_at_ms`): at 1 thread on a CPU of 2+ cores, where the decode thread decodes
+        it beside the next window's sampling, its longer stage. On the 2-core EPYC without AVX-512 that is 1 thread
+        (~75 ms against 2 threads' ~85, one stage after the other): through WebRTC 2 threads then fell behind at
+        every start (the event loop wants part of a core, and a 2-thread team waits at each barrier for the
+        thread it lost) and held 0.96-0.98 of real time, 1 thread 0.99 (docs/benchmarks.md, thirty-ninth session)."""
         most = self._threads_before
         budget = self.config.threads_budget * self.window_real_ms
-        took = {}
+        took: dict[int, float] = {}
+        self._threads_ms = took  # _window_at_ms reads each count's time as it is measured
         for n in [*itertools.takewhile(lambda k: k < most, (2 ** i for i in itertools.count())), most]:
             torch.set_num_threads(n)
             took[n] = min(window_ms(self.window) for _ in range(2))  # the first run of a shape warms caches
             self._sample_share[n] = self._sampled  # steady from run to run
-            if took[n] <= budget:
+            if self._window_at_ms(n) <= budget:
                 break
-        if took[n] > budget and len(took) > 1:
+        if self._window_at_ms(n) > budget and len(took) > 1:
             # None fits. Such a machine's speed moves from second to second: time the counts again in turns, so
             # that a slow burst cannot fall on one count alone (one picked 1 thread in a burst and then ran at
             # 0.92 of real time, where 2 threads held it: docs/benchmarks.md, the thirteenth session).
@@ -1177,21 +1202,40 @@ class StreamEngine:
                     torch.set_num_threads(k)
                     turns[k].append(window_ms(self.window))
                     self._sample_share[k] = self._sampled
-            took = {k: float(np.median(v)) for k, v in turns.items()}
-        self.threads = n if took[n] <= budget else min(took, key=took.get)
-        self._threads_ms, self._threads_top = took, self.threads
-        real_ms = self.window_real_ms
-        if took[self.threads] <= real_ms:
-            # None fitted, most likely because something else was busy while this timed them (a machine started
-            # beside a busy one): the fastest then says little about a quiet minute. So the worker tries the next
-            # count up after threads_raise_after_s, as after a lowering, and can come back to this count (it kept
-            # real time) if the windows fall behind. One count: more would be kept on a quiet machine wherever
-            # they keep real time, where the warm-up would have taken the fewest that fit. (Over real time: once
-            # the live windows show the machine has quietened, _quietened.)
-            self._plan_more_threads(took[self.threads], time.monotonic())
+            took.update({k: float(np.median(v)) for k, v in turns.items()})
+        self._pick_threads(plan=True)
+
+    def _pick_threads(self, plan: bool = False) -> None:
+        """Of the counts the warm-up timed (`_choose_threads`), the fewest whose window fits threads_budget at the
+        noise draws sampled now, else the one whose window costs least; `plan`: and plan a try of more threads
+        where the timings look like a busy machine. Called again after the warm-up lowers the draws: the 2-core
+        EPYC without AVX-512 timed 2 threads faster at 2 draws (126 ms a window against 133 at 1 thread) and slower
+        at the 1 draw it then sampled (~78 against ~67)."""
+        took = self._threads_ms
+        budget = self.config.threads_budget * self.window_real_ms
+        cost = {k: self._window_at_ms(k) for k in took}
+        fit = [k for k in sorted(cost) if cost[k] <= budget]
+        cheapest = min(cost)
+        for k in sorted(cost):  # none fits: more threads only where clearly cheaper (_MORE_THREADS_GAIN)
+            cheapest = k if cost[k] < _MORE_THREADS_GAIN * cost[cheapest] else cheapest
+        self.threads = fit[0] if fit else cheapest
+        self._threads_top = self.threads
+        up = min((k for k in took if k > self.threads), default=None)
+        if plan and not fit and cost[self.threads] <= self.window_real_ms and up is not None \
+                and took[up] >= took[self.threads]:
+            # None fitted, and more threads did not even run a window faster one stage after the other: most
+            # likely something else was busy while this timed them (a machine started beside a busy one), and the
+            # fastest says little about a quiet minute. So the worker tries the next count up after
+            # threads_raise_after_s, as after a lowering, and can come back to this count (it kept real time) if
+            # the windows fall behind. One count: more would be kept on a quiet machine wherever they keep real
+            # time, where the warm-up would have taken the fewest that fit. (Over real time: once the live windows
+            # show the machine has quietened, _quietened.) Where more threads were faster alone but the overlapped
+            # decode made fewer cost less, that is the machine's shape, which a quiet minute does not change.
+            self._plan_more_threads(cost[self.threads], time.monotonic())
         torch.set_num_threads(self.threads)
-        log.info("engine: %d torch threads (window %s ms by thread count; budget %.0f ms)", self.threads,
-                 {k: round(v) for k, v in took.items()}, budget)
+        log.info("engine: %d torch threads (window %s ms by thread count, %s as they would run at %d noise draws; "
+                 "budget %.0f ms)", self.threads, {k: round(v) for k, v in took.items()},
+                 {k: round(v) for k, v in cost.items()}, self.pipeline.noise_draws, budget)
 
     # -- sessions
 
@@ -1625,7 +1669,7 @@ class StreamEngine:
         self._gen_ms[frames] = 0.8 * self._gen_ms.get(frames, total) + 0.2 * total
         if frames == self.window and not retry:
             self._note_window(worker_ms if overlapped else worker_ms + dec_ms, sample_ms=batch[0][4].generate_ms,
-                              decode_ms=dec_ms if overlapped else None)
+                              decode_ms=dec_ms if overlapped else None, batch=len(batch))
         k = 0
         for s, epoch, _, meta, timings in batch:
             out = []
@@ -1637,7 +1681,7 @@ class StreamEngine:
             _post(s, s._deliver, epoch, out, timings)
 
     def _note_window(self, ms: float, now: float | None = None, sample_ms: float | None = None,
-                     decode_ms: float | None = None) -> None:
+                     decode_ms: float | None = None, batch: int = 1) -> None:
         """Lower the auto-chosen torch threads to the next count down whose warm-up window kept real time (the worker
         sets it before its next window) once full windows have fallen `threads_lower_after` windows' duration
         behind real time: each adds what it took over its duration, and a faster one pays it back. Slow stretches
@@ -1649,7 +1693,7 @@ class StreamEngine:
         `ms`: the worker's time for the window (its plan, with the audio encoding, and the sampling) and, unless
         `decode_ms` is given, the decoding; `decode_ms`: the decode thread decoded it while the worker went on, so
         the window costs the longer of the two stages. `sample_ms`: the window's sampling, which grows with the
-        noise draws (`_raise_draws` waits until they would fit)."""
+        noise draws (`_raise_draws` waits until they would fit). `batch`: the sessions it generated."""
         now = time.monotonic() if now is None else now
         worker_ms, decode_ms = ms, decode_ms or 0.0
         ms = max(worker_ms, decode_ms)  # overlapped, the longer stage; else decode_ms is 0
@@ -1666,33 +1710,72 @@ class StreamEngine:
                     and self._draws_ms <= self.config.draws_budget * self.window_real_ms):
                 self._raise_draws(now)  # the threads are back where the warm-up put them: the draws next
                 return
-        if (not self._threads_ms or self.threads is None or self.pipeline.compiled or self._decodes_in_thread()
-                or self.config.threads_lower_after <= 0):
+        if not self._adjusts_threads():
             return
+        if self._judge_try(ms, now, batch):
+            return
+        if batch != self._recent_batch:
+            self._recent_ms.clear()
+            self._recent_batch = batch
+        self._recent_ms.append(ms)
         if self._raise_at is not None and now >= self._raise_at:
             self._raise_threads(now)
             return
         real_ms = self.window_real_ms
-        if self._threads_ms.get(self.threads, 0.0) > real_ms:
-            self._quietened(ms, now)
+        if self.threads in self._threads_ms and self._window_at_ms(self.threads, self.base_draws) > real_ms:
+            self._quietened(ms, now)  # the warm-up timed this count over real time
         lower = [k for k in self._threads_ms if k < self.threads and self._window_at_ms(k) <= real_ms]
         if not lower:  # none (1 thread, or a machine too slow at fewer): more overruns are not the threads'
             return
-        if not self._fell_behind(ms):
-            return
-        before, behind_ms = self.threads, self._behind_ms
-        self.threads, self._behind_ms = max(lower), 0.0
-        self.threads_lowered.append((now, before, self.threads))
-        self._announce("threads", before, self.threads, behind_ms)
+        if self._fell_behind(ms):
+            self._lower_threads(max(lower), self._behind_ms, now)
+
+    def _adjusts_threads(self) -> bool:
+        """Whether the live windows move the torch threads: auto threads (the warm-up timed the counts), not compiled
+        (its kernels keep their count), not where every window is decoded in a thread of its own (a GPU), lowering on."""
+        return (bool(self._threads_ms) and self.threads in self._threads_ms and not self.pipeline.compiled
+                and not self._decodes_in_thread() and self.config.threads_lower_after > 0)
+
+    def _judge_try(self, ms: float, now: float, batch: int) -> bool:
+        """While more threads are tried (`_raise_threads`): once the first _TRIAL_WINDOWS windows at the tried count
+        are in, go back to the count before where their median took longer than that count's last windows did (True),
+        with the wait before the next try doubled, instead of waiting for them to fall `threads_lower_after` windows
+        behind: through WebRTC on the 2-core EPYC without AVX-512 each try of 2 threads took ~200 ms windows against
+        1 thread's ~100, and 10-45 frames were held at each until the lateness built up."""
+        if self._try is None:
+            return False
+        before, before_ms, before_batch, tried = self._try
+        if batch != before_batch:  # sessions came or went: the windows compare no more (the lateness decides)
+            self._try = None
+            return False
+        tried.append(ms)
+        if len(tried) < _TRIAL_WINDOWS:
+            return False
+        self._try = None
+        if float(np.median(tried)) <= before_ms:
+            return False
+        log.info("engine: windows at %d torch threads took %.0f ms against %.0f at %d", self.threads,
+                 float(np.median(tried)), before_ms, before)
+        self._lower_threads(before, self._behind_ms, now)
+        return True
+
+    def _lower_threads(self, to: int, behind_ms: float, now: float) -> None:
+        """Go on at `to` torch threads from the next window, and plan the try of more (`_raise_threads`)."""
+        assert self.threads is not None
+        before, self.threads, self._behind_ms = self.threads, to, 0.0
+        self._recent_ms.clear()
+        self._try = None
+        self.threads_lowered.append((now, before, to))
+        self._announce("threads", before, to, behind_ms)
         last = self.threads_raised[-1][0] if self.threads_raised else None
         self._raise_wait, self._raise_at = self._next_try(last, self._raise_wait, now)
         log.warning("engine: windows at %d torch threads fell %.0f ms behind real time (is another process busy on "
-                    "these cores?): going on with %d%s", before, behind_ms, self.threads,
+                    "these cores?): going on with %d%s", before, behind_ms, to,
                     f", {before} again in {self._raise_wait:.0f} s" if self._raise_at is not None else "")
 
-    def _window_at_ms(self, threads: int) -> float:
+    def _window_at_ms(self, threads: int, draws: int | None = None) -> float:
         """What a full window would take at `threads` now, from the warm-up's time at that count: its sampling
-        scaled to the noise draws sampled now (the warm-up timed the model's), and where the decode thread decodes
+        scaled to the noise draws sampled now (`draws`: at that many; the warm-up timed the model's), and where the decode thread decodes
         beside the next window's sampling at that count (1 thread, `_overlaps_at`), the longer of the two stages. On the
         2-core EPYC without AVX-512 a 1-thread window of 2 draws took over real time at warm-up, so a 2-thread engine
         that fell behind at 1 draw through WebRTC (~200 ms windows) had no count to go to, where 1 thread, overlapped,
@@ -1701,8 +1784,13 @@ class StreamEngine:
         share = self._sample_share.get(threads)
         if share is None:  # timed live (_quietened): at the draws and in the way it runs now
             return took
-        sample, decode = took * share * self.pipeline.noise_draws / self.base_draws, took * (1 - share)
-        return max(sample, decode) if self._overlaps_at(threads) else sample + decode
+        draws = self.pipeline.noise_draws if draws is None else draws
+        return self._window_cost_ms(took * share * draws / self.base_draws, took * (1 - share), threads)
+
+    def _window_cost_ms(self, sample_ms: float, decode_ms: float, threads: int) -> float:
+        """What a window of these two stages costs the engine's real time at `threads`: the longer one where the
+        decode thread decodes it beside the next window's sampling (`_overlaps_at`), else both."""
+        return max(sample_ms, decode_ms) if self._overlaps_at(threads) else sample_ms + decode_ms
 
     def _quietened(self, ms: float, now: float) -> None:
         """The warm-up timed the count running now over real time: it started in a busy spell, and no more threads
@@ -1756,11 +1844,13 @@ class StreamEngine:
         """A model averaging several noise draws per window (sampling.noise_draws) samples 1 from the next window on
         once full windows have fallen `threads_lower_after` windows' duration behind real time, counted as for the
         threads, until `_raise_draws` tries its draws again (or stop() gives them back); the threads are lowered only
-        after that. Not where every window is decoded in a thread of its own (a GPU)."""
+        after that, or with it where a lower count's window costs less at 1 draw. Not where every window is decoded in
+        a thread of its own (a GPU)."""
         if self._decodes_in_thread() or self.config.threads_lower_after <= 0 or not self._fell_behind(ms):
             return
         before, behind_ms = self.pipeline.noise_draws, self._behind_ms
         self.pipeline.noise_draws, self._behind_ms, self._draws_ms = 1, 0.0, None
+        self._recent_ms.clear()  # windows at other draws
         self.draws_lowered.append(now)
         last = self.draws_raised[-1] if self.draws_raised else None
         self._draws_wait, self._draws_raise_at = self._next_try(last, self._draws_wait, now)
@@ -1769,6 +1859,14 @@ class StreamEngine:
                     "these cores?): sampling 1 draw per window%s", before, behind_ms,
                     f", {before} again once they fit, in {self._draws_wait:.0f} s at the earliest"
                     if self._draws_raise_at is not None else "")
+        if self._adjusts_threads():
+            # at 1 draw fewer threads may cost less, their decode overlapped: both at once, one fall behind (2 -> 1
+            # thread on the 2-core EPYC without AVX-512, ~60 ms a window against ~76; through WebRTC the 2-thread
+            # windows at 1 draw fell behind a second time a few seconds later)
+            cost = {k: self._window_at_ms(k) for k in self._threads_ms if k <= self.threads}
+            cheapest = min(cost, key=cost.get)
+            if cost[cheapest] < cost[self.threads]:
+                self._lower_threads(cheapest, behind_ms, now)
 
     def _raise_draws(self, now: float) -> None:
         """Draws lowered by `_lower_draws` (or by the warm-up) go back to the model's once `threads_raise_after_s` has
@@ -1777,6 +1875,7 @@ class StreamEngine:
         `draws_budget` again: the process that took the cores has ended."""
         self._draws_raise_at, self._behind_ms = None, 0.0
         self.pipeline.noise_draws = self.base_draws
+        self._recent_ms.clear()  # windows at other draws
         self.draws_raised.append(now)
         self._announce("noise_draws", 1, self.base_draws, 0.0)
         log.info("engine: trying %d noise draws per window again", self.base_draws)
@@ -1801,6 +1900,10 @@ class StreamEngine:
         if up is None:
             return
         before, self.threads, self._behind_ms = self.threads, up, 0.0
+        recent = list(self._recent_ms)  # judged against these once a few windows at `up` are in (_judge_try)
+        self._try = (before, float(np.median(recent)), self._recent_batch, []) if len(recent) >= _TRIAL_WINDOWS \
+            else None
+        self._recent_ms.clear()
         if up < top:  # lowered more than once (4 -> 2 -> 1): the next count up after another wait
             self._raise_at = now + self._raise_wait
         self.threads_raised.append((now, before, up))
