@@ -607,6 +607,7 @@ class LetsTalkPipeline:
         elif self.traced:
             self._transformer_fn = Traced(self.transformer)
             self._decode_fn = Traced(self.autoencoder.decode)
+            self.audio_encoder.encode_fn = Traced(self.audio_encoder.encode_blocks)
 
     def _graphed(self) -> dict[str, "CudaGraphed | Traced"]:
         fns = {"transformer": self._transformer_fn, "decoder": self._decode_fn,

@@ -579,15 +579,20 @@ def test_a_batch_is_decoded_in_chunks_that_give_the_frames_of_one_call(tiny_pipe
 
 def test_traced_model_gives_what_eager_gives_for_each_signature_and_new_ones_run_eagerly_once_capture_is_off(
         tiny_model_dir):
-    """On a CPU the transformer and the decoder run from TorchScript traces, one per call signature (which
-    arguments are given, shapes, dtypes): the same frames as eager for windows with and without memory, solo and
-    batched; with capture off a new signature runs eagerly, and grad mode always does."""
+    """On a CPU the transformer, the decoder and the audio encoder run from TorchScript traces, one per call
+    signature (which arguments are given, shapes, dtypes): the same audio tokens as eager, and the same frames for
+    windows with and without memory, solo and batched; with capture off a new signature runs eagerly, and grad mode
+    always does."""
     from letstalk_rt.pipeline import Traced
 
     traced = LetsTalkPipeline.from_pretrained(tiny_model_dir)
     eager = LetsTalkPipeline.from_pretrained(tiny_model_dir, traced=False)
     assert isinstance(traced._transformer_fn, Traced) and isinstance(traced._decode_fn, Traced)
+    assert isinstance(traced.audio_encoder.encode_fn, Traced) and eager.audio_encoder.encode_fn is None
     assert eager._transformer_fn is eager.transformer
+    speech = speechlike(1.0, seed=5)
+    assert torch.allclose(traced.audio_tokens(speech), eager.audio_tokens(speech), atol=1e-5)
+    assert traced.audio_encoder.encode_fn.traces  # type: ignore[union-attr]
     rng = np.random.default_rng(3)
     images = [rng.integers(0, 255, (40, 40, 3), dtype=np.uint8) for _ in range(2)]
     T = traced.window

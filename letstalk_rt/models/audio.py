@@ -170,7 +170,7 @@ class AudioEncoder(nn.Module):
     # -- the work
 
     # What _encode_windows calls for encode_blocks: a pipeline on a GPU sets a CUDA-graphed version of it
-    # (pipeline.CudaGraphed); None: encode_blocks itself.
+    # (pipeline.CudaGraphed), on a CPU a traced one (pipeline.Traced); None: encode_blocks itself.
     encode_fn: Callable[[Tensor], Tensor] | None = None
 
     def encode_blocks(self, windows: Tensor) -> Tensor:

@@ -1105,12 +1105,8 @@ class StreamEngine:
         lat = p.config.transformer.latent_channels, p.config.autoencoder.latent_size, p.config.autoencoder.latent_size
         for n in up_to(min(DECODE_CHUNK, self.window * self.config.max_batch)):
             p.decode(torch.zeros(n, *lat, device=p.device))
-        # A plan encodes the blocks its sessions completed since the last: a window's worth, and one more when
-        # the next window's first frame is already in (an H200 run met 23 blocks for 8 sessions' 2-frame windows).
-        # More (a plan after a stall) runs eagerly, logged once: correct, only slower.
         enc = p.audio_encoder
-        per_session = -(-self.window // enc.block_frames) + 1
-        for n in up_to(min(per_session * self.config.max_batch, enc.max_blocks_per_call)):
+        for n in up_to(self._plan_blocks(self.config.max_batch)):
             enc._encode_windows(torch.zeros(n, enc.window_samples))
         torch.cuda.synchronize(p.device)
         p.capture_graphs(False)  # live, a size not captured above runs eagerly (CudaGraphed's doc says why)
@@ -1118,6 +1114,13 @@ class StreamEngine:
                  time.perf_counter() - start)
         for part, why in p.graph_failures().items():
             log.warning("engine: the %s runs without CUDA graphs (%s): slower, not wrong", part, why)
+
+    def _plan_blocks(self, sessions: int) -> int:
+        """The most audio encoder blocks a plan of `sessions` encodes in the normal run of things: what they
+        completed since the last, a window's worth each, and one more when the next window's first frame is already
+        in (an H200 run met 23 blocks for 8 sessions' 2-frame windows). More (a plan after a stall) runs eagerly."""
+        enc = self.pipeline.audio_encoder
+        return min((-(-self.window // enc.block_frames) + 1) * sessions, enc.max_blocks_per_call)
 
     def _run_windows(self, window_ms, draw_counts: set[int], sessions: Callable[[int], Iterable[int]]) -> None:
         """A full and a first window of each session count in `sessions(draws)` at each of `draw_counts` noise draws
@@ -1137,7 +1140,7 @@ class StreamEngine:
     def _trace(self, window_ms) -> None:
         """On a CPU (LetsTalkPipeline.traced): trace the transformer and the decoder for the windows of 1 ..
         _TRACED_SESSIONS sessions (full and first windows, at the model's noise draws and at 1: a running engine may
-        change them), then turn tracing off: live, a call met for the first time runs eagerly (`Traced`). Each
+        change them) and the audio encoder for their plans, then turn tracing off: live, a call met for the first time runs eagerly (`Traced`). Each
         signature holds ~30-45 MB of the default model's (not its weights, which are shared; 216 MB for all of them
         against 17 MB eager, docs/benchmarks.md) and a traced call's activations peak higher than eager ones, and a CPU
         runs few sessions in real time: larger batches run eagerly."""
@@ -1146,6 +1149,9 @@ class StreamEngine:
         most = min(self.config.max_batch, _TRACED_SESSIONS)
         # before warm-up chooses the draws: it may choose either (and a running engine may change them)
         self._run_windows(window_ms, {self.base_draws, 1}, lambda draws: range(1, most + 1))
+        enc = p.audio_encoder  # every block count a plan meets (a trace is of one shape; each holds ~1 MB)
+        for n in range(1, self._plan_blocks(most) + 1):
+            enc._encode_windows(torch.zeros(n, enc.window_samples))
         p.capture_graphs(False)
         log.info("engine: the model traced for up to %d sessions in %.1f s", most, time.perf_counter() - start)
         for part, why in p.graph_failures().items():
