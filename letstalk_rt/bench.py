@@ -26,6 +26,7 @@ first), so that figures for a contended machine can be re-run rather than waited
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import gc
 import itertools
@@ -101,6 +102,8 @@ class RunResult:
     # the process's resident memory at the end of each minute (and of the run); a leak or a slow creep grows here
     latency_ms_p95_by_minute: list[float] = field(default_factory=list)
     rss_mb_by_minute: list[float] = field(default_factory=list)
+    held_frames_by_minute: list[int] = field(default_factory=list)  # held frames by minute of playback: a start's
+    # burst, a try of more threads, a slow spell of the machine each show where they fell
     # --webrtc: each session's figures at its receiving peer (bench_webrtc.summary): frame pacing, lip-to-sound offset,
     # speech to sound, lip sync of what arrived; the engine's own figures above are the same as without
     webrtc: list[dict] = field(default_factory=list)
@@ -324,6 +327,7 @@ async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np
     needed = sum(s.player.tick if s.player.start is not None else round(took * pipe.fps) for s in sessions) or 1
     first = [st["first_frame_s"] for st in stats]
     held = sum(st["fillers"] for st in stats)
+    held_by_minute = sum((s.player.fillers_by_minute for s in sessions), collections.Counter())
     # the real-time factor: of the ticks the clock asked for, those that showed a generated frame on time (not
     # frames generated: up to 1.5 windows queued and a window in flight at the end were never shown, +2 % in 20 s)
     shown = sum(s.player.tick - st["fillers"] for s, st in zip(sessions, stats) if s.player.start is not None)
@@ -354,7 +358,9 @@ async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np
         target_latency_ms=round(target_ms, 1), window_compute_ms=round(compute_ms, 1), **offset_summary(offsets),
         threads_end=threads_end, threads_lowered_at_s=lowered, threads_raised_at_s=raised,
         draws_lowered_at_s=draws_lowered, draws_raised_at_s=draws_raised,
-        latency_ms_p95_by_minute=p95_by_minute, rss_mb_by_minute=rss, webrtc=received, **watch.figures(),
+        latency_ms_p95_by_minute=p95_by_minute, rss_mb_by_minute=rss,
+        held_frames_by_minute=[held_by_minute[m] for m in range(max(held_by_minute, default=-1) + 1)],
+        webrtc=received, **watch.figures(),
     )
 
 

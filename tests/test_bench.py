@@ -46,6 +46,7 @@ def test_bench_reports_every_run_and_the_spread_of_repeats(tiny_pipeline, tmp_pa
         assert run["latency_ms_p50"] <= p95 <= run["latency_ms_p99"] + 1
         assert len(run["rss_mb_by_minute"]) >= 2 and 0 < min(run["rss_mb_by_minute"])
         assert max(run["rss_mb_by_minute"]) <= run["peak_rss_mb"] + 1  # now, never above the peak so far
+        assert sum(run["held_frames_by_minute"]) == run["held_frames"] and len(run["held_frames_by_minute"]) <= 1
         # the latency steered to: the window's audio, the encoder's lookahead, the window's compute, a margin
         assert run["window_compute_ms"] > 0
         assert run["target_latency_ms"] > run["window_compute_ms"] + 1000 * tiny_pipeline.window / 25

@@ -1816,3 +1816,23 @@ def test_opening_a_session_touches_no_device_tensor_on_the_event_loop(tiny_pipel
 
     frames = run(main())
     assert threads and threading.main_thread() not in threads and len(frames) == 5
+
+
+def test_held_frames_are_counted_by_the_minute_of_playback_they_fell_in(tiny_pipeline):
+    """A tick whose frame is not ready shows the last one again (held); the player counts them by the minute of
+    playback they fell in (the bench's held_frames_by_minute), so a soak shows when they came."""
+
+    async def main():
+        engine = await _engine(tiny_pipeline)
+        session = await engine.open_session(_portrait(tiny_pipeline, 90))
+        await _collect(session, 0.2)
+        await engine.stop()
+        player = session.player
+        player.queue.clear()  # nothing generated from here on: every tick is held
+        before, start = player.fillers, player.tick
+        player._materialise(60 * 25 + 9)  # through the 10th tick of the second minute
+        return player, before, start
+
+    player, before, start = run(main())
+    assert player.fillers - before == 60 * 25 + 10 - start
+    assert player.fillers_by_minute[1] == 10 and sum(player.fillers_by_minute.values()) == player.fillers

@@ -333,6 +333,7 @@ class Player:
         self._silent_ticks = 0
         self.speech_frames = 0
         self.fillers = 0
+        self.fillers_by_minute: collections.Counter[int] = collections.Counter()  # by minute of playback
 
     # -- clock
 
@@ -375,6 +376,7 @@ class Player:
             else:
                 frame = self._filler()
                 self.fillers += 1
+                self.fillers_by_minute[self.tick // (60 * self.fps)] += 1
                 if self.last is not None:
                     self.session._count_drop(1, "late")
             self.shown[self.tick] = frame
@@ -1760,13 +1762,13 @@ class StreamEngine:
         self._try = None
         if float(np.median(tried)) <= before_ms:
             return False
-        log.info("engine: windows at %d torch threads took %.0f ms against %.0f at %d", self.threads,
-                 float(np.median(tried)), before_ms, before)
-        self._lower_threads(before, self._behind_ms, now)
+        self._lower_threads(before, self._behind_ms, now, f"took {np.median(tried):.0f} ms against {before_ms:.0f} "
+                                                          f"at {before}")
         return True
 
-    def _lower_threads(self, to: int, behind_ms: float, now: float) -> None:
-        """Go on at `to` torch threads from the next window, and plan the try of more (`_raise_threads`)."""
+    def _lower_threads(self, to: int, behind_ms: float, now: float, why: str = "") -> None:
+        """Go on at `to` torch threads from the next window, and plan the try of more (`_raise_threads`); `why`:
+        what the windows did (default: how far they fell behind)."""
         assert self.threads is not None
         before, self.threads, self._behind_ms = self.threads, to, 0.0
         self._recent_ms.clear()
@@ -1775,8 +1777,8 @@ class StreamEngine:
         self._announce("threads", before, to, behind_ms)
         last = self.threads_raised[-1][0] if self.threads_raised else None
         self._raise_wait, self._raise_at = self._next_try(last, self._raise_wait, now)
-        log.warning("engine: windows at %d torch threads fell %.0f ms behind real time (is another process busy on "
-                    "these cores?): going on with %d%s", before, behind_ms, to,
+        why = why or f"fell {behind_ms:.0f} ms behind real time (is another process busy on these cores?)"
+        log.warning("engine: windows at %d torch threads %s: going on with %d%s", before, why, to,
                     f", {before} again in {self._raise_wait:.0f} s" if self._raise_at is not None else "")
 
     def _window_at_ms(self, threads: int, draws: int | None = None) -> float:
