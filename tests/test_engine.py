@@ -751,10 +751,12 @@ def test_at_one_thread_a_cpu_decodes_beside_the_next_windows_sampling_and_frames
     import threading
 
     seen: list[str] = []
+    sizes: dict[str, set] = {"letstalk-decode": set(), "letstalk-engine": set()}
     decode = tiny_pipeline.decode
 
     def spy(lat, streams=None):
         seen.append(threading.current_thread().name)
+        sizes[seen[-1]].add(lat.shape[0])
         return decode(lat, streams)
 
     monkeypatch.setattr(tiny_pipeline, "decode", spy)
@@ -777,6 +779,43 @@ def test_at_one_thread_a_cpu_decodes_beside_the_next_windows_sampling_and_frames
     assert len(shown) >= 45 and shown == list(range(shown[0], shown[0] + len(shown)))
     runs = [name for i, name in enumerate(seen) if i == 0 or seen[i - 1] != name]  # who decoded, in turns
     assert runs == ["letstalk-decode", "letstalk-engine", "letstalk-decode"]
+    # the decode thread hands each frame over as soon as it is decoded; the worker decodes a window at once
+    assert sizes["letstalk-decode"] == {1} and max(sizes["letstalk-engine"]) == tiny_pipeline.window
+
+
+def test_frame_by_frame_a_decode_failure_mid_window_ends_only_its_session(tiny_pipeline, monkeypatch):
+    """The decode thread decodes a window frame by frame: a failure at a later frame of a batch decodes each
+    session on its own from that frame on; the failing one ends with an error, the other gets every frame once, in
+    order."""
+    decode = tiny_pipeline.decode
+    bad = _portrait(tiny_pipeline, 200)
+    calls = {"bad": 0}
+
+    def spy(lat, streams=None):
+        if streams and any(st.portrait is bad for st in streams):
+            calls["bad"] += 1
+            if calls["bad"] >= 3:  # from the bad session's third frame on
+                raise RuntimeError("decoder exploded")
+        return decode(lat, streams)
+
+    monkeypatch.setattr(tiny_pipeline, "decode", spy)
+
+    async def main():
+        engine = await _engine(tiny_pipeline, decode_thread=True)
+        good = await engine.open_session(_portrait(tiny_pipeline, 30))
+        broken = await engine.open_session(bad)
+        good.push_audio(speechlike(2.0))
+        broken.push_audio(speechlike(2.0))
+        frames = await _collect(good, 1.6)
+        events = [e async for e in broken.events()]
+        await engine.stop()
+        return frames, events
+
+    frames, events = run(main())
+    assert isinstance(events[-1], SessionClosed) and events[-1].reason == "error"
+    assert any(isinstance(e, SessionError) and "decoder exploded" in e.message for e in events)
+    shown = [f.index for f in frames if not f.filler]
+    assert len(shown) >= 30 and shown == list(range(shown[0], shown[0] + len(shown)))
 
 
 def test_a_windows_time_counts_its_plan_and_an_overlapped_window_costs_its_longer_stage(tiny_model_dir,

@@ -664,7 +664,8 @@ class Session:
             self._late_reported = self.dropped["late"]
         self._emit(FramesDropped(self.id, count=n, reason=reason))  # type: ignore[arg-type]
 
-    def _deliver(self, epoch: int, frames: list[AVFrame], timings: WindowTimings) -> None:
+    def _deliver(self, epoch: int, frames: list[AVFrame], timings: WindowTimings | None) -> None:
+        """Frames of a window in order (all of them, or a part: `timings` with its last part only)."""
         with self._lock:  # the worker thread adds to it
             self._inflight -= len(frames)
         if self.closed:
@@ -675,7 +676,8 @@ class Session:
         if self.first_frame_s is None:
             self.first_frame_s = time.monotonic() - self.opened_at
         self.player.deliver(frames)
-        self._emit(timings)
+        if timings is not None:
+            self._emit(timings)
 
     def _fail(self, message: str) -> None:
         if self.closed:
@@ -1154,6 +1156,10 @@ class StreamEngine:
         enc = p.audio_encoder  # every block count a plan meets (a trace is of one shape; each holds ~1 MB)
         for n in range(1, self._plan_blocks(most) + 1):
             enc._encode_windows(torch.zeros(n, enc.window_samples))
+        if self._may_overlap_decode():  # the decode thread decodes a frame of each session at a time (_decode)
+            c, h = p.config.transformer.latent_channels, p.config.autoencoder.latent_size
+            for n in range(1, most + 1):
+                p.decode(torch.zeros(n, c, h, h, device=p.device))
         p.capture_graphs(False)
         log.info("engine: the model traced for up to %d sessions in %.1f s", most, time.perf_counter() - start)
         for part, why in p.graph_failures().items():
@@ -1652,32 +1658,55 @@ class StreamEngine:
         """Decode a sampled batch and hand each session its frames (a failing session alone gets the error;
         `retry`: one session of a batch that failed, timed from the batch's start, so not a window's time).
         `worker_ms`: the worker's share of the window (plan and sampling); `overlapped`: this is the decode thread,
-        and the worker sampled the next window meanwhile."""
+        and the worker sampled the next window meanwhile.
+
+        Overlapped on a CPU, frame by frame: each frame of every session in the batch is decoded and handed over
+        before the next, since a window's frames are due one frame's time apart and a frame decodes in less
+        (~15-20 ms of the 2-core EPYC's 1 thread): its first frame then waits for its own decoding, not the
+        window's (~50 ms sooner there), and the target latency with it (`_gen_ms`: the window's compute as its
+        frames need it, the latest of each frame's ready time less its place in the window)."""
         p = self.pipeline
         t1 = time.perf_counter()
-        streams = [s._w.stream for s, _, _, _, _ in batch]
-        moved = [st.detail_moved for st in streams]
-        try:
-            lat = torch.cat([z for _, _, z, _, _ in batch])  # (B*T, C, h, w) on the device
-            video = p.decode(lat, streams)  # (B*T, H, W, 3) uint8
-            lat = lat.float().cpu()  # each frame keeps its latent (an interrupt restarts the memory from it)
-        except Exception as e:
-            if len(batch) == 1:
-                return self._fail_session(batch[0][0], "decoding", e)
-            log.warning("decoding a batch of %d windows failed (%s: %s); decoding each alone", len(batch),
-                        type(e).__name__, e)
-            for st, m in zip(streams, moved):  # the detail transfer's state as before the batch
-                st.detail_moved = m
-            for item in batch:  # find the culprit, as in _execute
-                self._decode(t0, worker_ms, [item], retry=True)
-            return
-        dec_ms = (time.perf_counter() - t1) * 1000
         frames = len(batch[0][3])
-        total = (time.perf_counter() - t0) * 1000
-        self._gen_ms[frames] = 0.8 * self._gen_ms.get(frames, total) + 0.2 * total
+        step = 1 if overlapped and p.device.type == "cpu" else frames
+        need_ms, done = 0.0, 0
+        while done < frames:
+            part = [(s, epoch, z[done:done + step], meta[done:done + step], timings)
+                    for s, epoch, z, meta, timings in batch]
+            try:
+                self._decode_part(part, t1 if done + step >= frames else None)
+            except Exception as e:
+                if len(batch) == 1:
+                    return self._fail_session(batch[0][0], "decoding", e)
+                log.warning("decoding a batch of %d windows failed (%s: %s); decoding each alone", len(batch),
+                            type(e).__name__, e)
+                for s, epoch, z, meta, timings in batch:  # find the culprit, as in _execute; from this frame on
+                    self._decode(t0, worker_ms, [(s, epoch, z[done:], meta[done:], timings)], retry=True)
+                return
+            done += step
+            need_ms = max(need_ms, (time.perf_counter() - t0) * 1000 - (done - step) * 1000 / p.fps)
+        dec_ms = (time.perf_counter() - t1) * 1000
+        self._gen_ms[frames] = 0.8 * self._gen_ms.get(frames, need_ms) + 0.2 * need_ms
         if frames == self.window and not retry:
             self._note_window(worker_ms if overlapped else worker_ms + dec_ms, sample_ms=batch[0][4].generate_ms,
                               decode_ms=dec_ms if overlapped else None, batch=len(batch))
+
+    def _decode_part(self, batch: list, final: float | None) -> None:
+        """Decode the frames of each session in `batch` ((session, epoch, latents, frames' meta, timings) each) and
+        hand them over, with the window's timings where this is its last part (`final`: when its decoding
+        started). If it raises, the sessions' detail transfer is as before."""
+        p = self.pipeline
+        streams = [s._w.stream for s, _, _, _, _ in batch]
+        moved = [st.detail_moved for st in streams]
+        try:
+            lat = torch.cat([z for _, _, z, _, _ in batch])  # (B*n, C, h, w) on the device
+            video = p.decode(lat, streams)  # (B*n, H, W, 3) uint8
+            lat = lat.float().cpu()  # each frame keeps its latent (an interrupt restarts the memory from it)
+        except Exception:
+            for st, m in zip(streams, moved):  # the detail transfer's state as before the batch
+                st.detail_moved = m
+            raise
+        dec_ms = None if final is None else (time.perf_counter() - final) * 1000
         k = 0
         for s, epoch, _, meta, timings in batch:
             out = []
@@ -1685,8 +1714,7 @@ class StreamEngine:
                 out.append(AVFrame(index=index, video=video[k], audio=audio, speech=speech, latent=lat[k],
                                    audio_time=audio_time))
                 k += 1
-            timings = dataclasses.replace(timings, decode_ms=dec_ms)
-            _post(s, s._deliver, epoch, out, timings)
+            _post(s, s._deliver, epoch, out, None if dec_ms is None else dataclasses.replace(timings, decode_ms=dec_ms))
 
     def _note_window(self, ms: float, now: float | None = None, sample_ms: float | None = None,
                      decode_ms: float | None = None, batch: int = 1) -> None:
