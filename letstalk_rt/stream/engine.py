@@ -1144,10 +1144,11 @@ class StreamEngine:
     def _trace(self, window_ms) -> None:
         """On a CPU (LetsTalkPipeline.traced): trace the transformer and the decoder for the windows of 1 ..
         _TRACED_SESSIONS sessions (full and first windows, at the model's noise draws and at 1: a running engine may
-        change them) and the audio encoder for their plans, then turn tracing off: live, a call met for the first time runs eagerly (`Traced`). Each
-        signature holds ~30-45 MB of the default model's (not its weights, which are shared; 216 MB for all of them
-        against 17 MB eager, docs/benchmarks.md) and a traced call's activations peak higher than eager ones, and a CPU
-        runs few sessions in real time: larger batches run eagerly."""
+        change them) and the audio encoder for their plans, then turn tracing off: live, a call met for the first
+        time runs eagerly (`Traced`). Each transformer signature holds ~30-45 MB of the default model's (not its
+        weights, which are shared; 216 MB for all of them against 17 MB eager, docs/benchmarks.md) and a traced call's
+        activations peak higher than eager ones, and a CPU runs few sessions in real time: larger batches run
+        eagerly."""
         p = self.pipeline
         start = time.perf_counter()
         most = min(self.config.max_batch, _TRACED_SESSIONS)
@@ -1767,8 +1768,9 @@ class StreamEngine:
             self._lower_threads(max(lower), self._behind_ms, now)
 
     def _adjusts_threads(self) -> bool:
-        """Whether the live windows move the torch threads: auto threads (the warm-up timed the counts), not compiled
-        (its kernels keep their count), not where every window is decoded in a thread of its own (a GPU), lowering on."""
+        """Whether the live windows move the torch threads: auto threads (the warm-up timed the counts), not
+        compiled (its kernels keep their count), not where every window is decoded in a thread of its own (a GPU),
+        lowering on."""
         return (bool(self._threads_ms) and self.threads in self._threads_ms and not self.pipeline.compiled
                 and not self._decodes_in_thread() and self.config.threads_lower_after > 0)
 
@@ -1811,11 +1813,11 @@ class StreamEngine:
 
     def _window_at_ms(self, threads: int, draws: int | None = None) -> float:
         """What a full window would take at `threads` now, from the warm-up's time at that count: its sampling
-        scaled to the noise draws sampled now (`draws`: at that many; the warm-up timed the model's), and where the decode thread decodes
-        beside the next window's sampling at that count (1 thread, `_overlaps_at`), the longer of the two stages. On the
-        2-core EPYC without AVX-512 a 1-thread window of 2 draws took over real time at warm-up, so a 2-thread engine
-        that fell behind at 1 draw through WebRTC (~200 ms windows) had no count to go to, where 1 thread, overlapped,
-        held 0.98 of real time."""
+        scaled to the noise draws sampled now (`draws`: at that many; the warm-up timed the model's), and where the
+        decode thread decodes beside the next window's sampling at that count (1 thread, `_overlaps_at`), the longer
+        of the two stages. On the 2-core EPYC without AVX-512 a 1-thread window of 2 draws took over real time at
+        warm-up, so a 2-thread engine that fell behind at 1 draw through WebRTC (~200 ms windows) had no count to go
+        to, where 1 thread, overlapped, held 0.98 of real time."""
         took = self._threads_ms[threads]
         share = self._sample_share.get(threads)
         if share is None:  # timed live (_quietened): at the draws and in the way it runs now
