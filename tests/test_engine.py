@@ -1332,6 +1332,38 @@ def test_a_try_of_more_threads_goes_back_as_soon_as_its_windows_take_longer(tiny
     assert engine.threads == 2 and engine._try is None
 
 
+def test_the_draws_wait_for_a_try_of_more_threads_to_be_judged(tiny_model_dir):
+    """Threads and draws both lowered; the threads are tried again first. While the try's first windows are judged
+    the draws stay (raised at once, the try would compare 2-draw windows with the 1-draw ones before it: a 10-minute
+    soak tried both within 0.1 s and went back on both); once the try is kept, the draws follow."""
+    from letstalk_rt.pipeline import LetsTalkPipeline
+
+    pipe = LetsTalkPipeline.from_pretrained(tiny_model_dir, noise_draws=2, traced=False)
+    engine = StreamEngine(pipe, EngineConfig(warmup=False, threads_raise_after_s=60.0))
+    engine._threads_before = 2
+    real = engine.window_real_ms
+    engine.threads, engine._threads_ms, engine._threads_top = 2, {1: 0.9 * real, 2: 0.5 * real}, 2
+    pipe.noise_draws, engine._draws_raise_at = 1, 0.0  # lowered before
+    engine.threads, engine._raise_at = 1, 10.0  # lowered before, to be tried again at 10 s
+    t = 0.0
+    while t < 10.0:  # 1-thread windows at 0.3 of real time: 2 draws would fit (0.3 + 0.2 < 0.75)
+        engine._note_window(0.3 * real, now=t, sample_ms=0.2 * real)
+        t += 0.2
+    assert engine.threads == 1 and pipe.noise_draws == 1
+    engine._note_window(0.3 * real, now=t, sample_ms=0.2 * real)
+    assert engine.threads == 2 and engine._try is not None and pipe.noise_draws == 1
+    for _ in range(2):
+        t += 0.2
+        engine._note_window(0.2 * real, now=t, sample_ms=0.1 * real)
+        assert pipe.noise_draws == 1
+    t += 0.2
+    engine._note_window(0.2 * real, now=t, sample_ms=0.1 * real)  # the third: 2 threads kept
+    assert engine._try is None and engine.threads == 2
+    t += 0.2
+    engine._note_window(0.2 * real, now=t, sample_ms=0.1 * real)
+    assert pipe.noise_draws == 2
+
+
 @pytest.mark.parametrize("one, two, tries_two", [(0.75, 0.9, True), (0.2, 0.1, False), (1.2, 1.5, False)])
 def test_a_warm_up_on_a_busy_machine_tries_more_threads_later(tiny_pipeline, one, two, tries_two):
     """When no count fits the warm-up's budget (something else busy while it timed them), the fastest is taken and

@@ -1743,9 +1743,9 @@ class StreamEngine:
             # draw on a busy CPU there is little room to pay it back (docs/benchmarks.md)
             would = max(worker_ms + (self.base_draws - 1) * (worker_ms if sample_ms is None else sample_ms), decode_ms)
             self._draws_ms = would if self._draws_ms is None else 0.7 * self._draws_ms + 0.3 * would
-            if (now >= self._draws_raise_at and self._raise_at is None
+            if (now >= self._draws_raise_at and self._raise_at is None and self._try is None
                     and self._draws_ms <= self.config.draws_budget * self.window_real_ms):
-                self._raise_draws(now)  # the threads are back where the warm-up put them: the draws next
+                self._raise_draws(now)  # the threads are back where the warm-up put them (and kept): the draws next
                 return
         if not self._adjusts_threads():
             return
