@@ -1621,6 +1621,8 @@ class StreamEngine:
             with s._lock:  # the event loop subtracts in _deliver
                 s._inflight += n  # until _deliver: the planner counts them as generated
             batch.append((s, epoch, latents[b], meta, timings))  # latents (T, C, h, w) on the device
+        if not batch:  # every session of it ended above
+            return
         worker_ms = plan_ms + (time.perf_counter() - t0) * 1000
         if self._overlaps_decode():
             assert self._decode_q is not None
