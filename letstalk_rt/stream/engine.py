@@ -1157,7 +1157,7 @@ class StreamEngine:
         enc = p.audio_encoder  # every block count a plan meets (a trace is of one shape; each holds ~1 MB)
         for n in range(1, self._plan_blocks(most) + 1):
             enc._encode_windows(torch.zeros(n, enc.window_samples))
-        if self._may_overlap_decode():  # the decode thread decodes a frame of each session at a time (_decode)
+        if self._decodes_in_thread() or self._may_overlap_decode():  # the decode thread decodes frame by frame
             c, h = p.config.transformer.latent_channels, p.config.autoencoder.latent_size
             for n in range(1, most + 1):
                 p.decode(torch.zeros(n, c, h, h, device=p.device))
