@@ -1244,6 +1244,80 @@ def test_lowered_noise_draws_go_back_up_after_the_threads_and_a_failed_try_doubl
     assert pipe.noise_draws == 2 and engine._draws_raise_at is None
 
 
+@pytest.mark.parametrize("two, one", [(1.2, 0.6), (1.2, 1.5), (0.5, 0.3)])
+def test_the_first_windows_try_fewer_threads_where_the_chosen_count_runs_near_real_time(tiny_pipeline, two, one):
+    """The warm-up chose 2 threads on a quiet process (1 thread kept real time too). Beside a stream the first 3
+    windows at 2 threads take `two` x real time: over 0.75 of it, 1 thread is tried (the application told), kept where
+    its first 3 windows are faster (a lowering: 2 threads are tried again after threads_raise_after_s), else 2 come back
+    at once with nothing planned. Windows well within real time try nothing, and only the first windows try."""
+    engine = StreamEngine(tiny_pipeline, EngineConfig(warmup=False, threads_raise_after_s=60.0))
+    real = engine.window_real_ms
+    engine.threads, engine._threads_ms, engine._threads_top, engine._try_fewer = 2, {1: 0.9 * real, 2: 0.5 * real}, 2, True
+    announced = []
+    engine._announce = lambda change, before, after, behind_ms: announced.append(  # type: ignore[method-assign]
+        (change, before, after))
+    for k in range(3):
+        engine._note_window(two * real, now=0.2 * k)
+    if two < 0.75:
+        assert engine.threads == 2 and not announced and not engine._try_fewer
+        return
+    assert engine.threads == 1 and announced == [("threads", 2, 1)] and engine._try is not None
+    for k in range(3, 6):
+        engine._note_window(one * real, now=0.2 * k)
+    if one < two:
+        assert engine.threads == 1 and engine._raise_at == pytest.approx(0.4 + 60.0)
+        assert announced == [("threads", 2, 1)]
+    else:
+        assert engine.threads == 2 and engine._raise_at is None and engine._try is None
+        assert announced == [("threads", 2, 1), ("threads", 1, 2)] and [(a, b) for _, a, b in engine.threads_raised] == [(1, 2)]
+    for k in range(6, 12):  # once only: no more tries
+        engine._note_window(two * real, now=0.2 * k)
+    assert len(announced) == (1 if one < two else 2) and not engine._try_fewer
+
+
+def test_draws_kept_at_start_or_tried_again_are_judged_on_their_first_windows(tiny_model_dir):
+    """The warm-up kept the model's 2 noise draws on a quiet process; through WebRTC the first windows take a little
+    over real time (1.2x: the lateness would take 10 windows to reach 2 windows' duration). The median of the first 3
+    windows since start says so: 1 draw from the 4th window, the application told why. A try of the draws later is
+    judged alike (a failed one doubles the wait); windows that keep real time keep the draws, and from then on only
+    the lateness lowers them. Made-up window times (`_note_window`), on a started engine without sessions."""
+    from letstalk_rt.pipeline import LetsTalkPipeline
+
+    pipe = LetsTalkPipeline.from_pretrained(tiny_model_dir, noise_draws=2, traced=False)
+    announced = []
+
+    async def main():
+        engine = await _engine(pipe, threads_raise_after_s=60.0)
+        engine._announce = lambda change, before, after, behind_ms: announced.append(  # type: ignore[method-assign]
+            (change, before, after, behind_ms))
+        real = engine.window_real_ms
+        engine._note_window(1.3 * real, now=0.0)
+        engine._note_window(1.1 * real, now=0.2)
+        assert pipe.noise_draws == 2
+        engine._note_window(1.2 * real, now=0.4)  # median 1.2x real: over it, 0.6 of a window behind
+        assert pipe.noise_draws == 1 and engine.draws_lowered == [0.4]
+        assert announced == [("noise_draws", 2, 1, pytest.approx(0.6 * real))]
+        t = 0.6
+        while pipe.noise_draws == 1:  # quiet: 1-draw windows say 2 would fit; tried after 60 s
+            engine._note_window(0.3 * real, now=t, sample_ms=0.1 * real)
+            t += 0.2
+        assert engine.draws_raised == [pytest.approx(60.4)]
+        for k in range(3):  # the try takes 1.1x real time: back to 1 draw at its 3rd window, the next in 120 s
+            engine._note_window(1.1 * real, now=t + 0.2 * k)
+        assert pipe.noise_draws == 1 and engine._draws_wait == 120.0 and len(engine.draws_lowered) == 2
+        t += 0.6
+        while pipe.noise_draws == 1:
+            engine._note_window(0.3 * real, now=t, sample_ms=0.1 * real)
+            t += 0.2
+        assert engine.draws_raised[-1] == pytest.approx(t - 0.2) and t > 180
+        for k in range(8):  # 0.9x real time: kept, and single slower windows are paid back
+            engine._note_window((0.9 if k % 3 else 1.05) * real, now=t + 0.2 * k)
+        assert pipe.noise_draws == 2 and engine._draws_try is None and len(engine.draws_lowered) == 2
+        await engine.stop()
+
+    run(main())
+
+
 @pytest.mark.parametrize("decode_thread", [None, False])
 def test_a_lower_thread_count_is_judged_at_the_draws_sampled_now_and_overlapped_at_one_thread(tiny_model_dir,
                                                                                               decode_thread):

@@ -87,7 +87,8 @@ _QUIET_WINDOWS = 10  # live windows' median is under this fraction of it: the ma
 # better (the 2-core EPYC without AVX-512 timed 1 and 2 threads at 1 draw within a few % of each other; through
 # WebRTC the 2-thread windows then took ~200 ms, the 1-thread ones ~100).
 _MORE_THREADS_GAIN = 0.85
-_TRIAL_WINDOWS = 3  # a try of more threads (_raise_threads) is judged on its first this-many windows (_judge_try)
+_TRIAL_WINDOWS = 3  # a try of more threads (_raise_threads) or of the model's noise draws (at start, _raise_draws) is
+# judged on its first this-many windows (_judge_try, _lower_draws)
 # Torch threads of the engine's own threads on a GPU device (EngineConfig.threads = 0). Their host-side work is
 # small tensors (audio windows, the memory bank, copies), and with one thread per core (16 on the lent H100's host)
 # each such op woke an OpenMP team whose idle helpers then spun (GNU OpenMP spins while its teams do not outnumber
@@ -904,6 +905,7 @@ class StreamEngine:
         self._draws_raise_at: float | None = None  # when lowered draws are tried again (monotonic)
         self._draws_wait = self.config.threads_raise_after_s  # doubled by a raise lowered again within it
         self._draws_ms: float | None = None  # what a full window at the model's draws would take now (_note_window)
+        self._draws_try: list[float] | None = None  # the first windows at the model's draws since start or a raise
         self.threads_raised: list[tuple[float, int, int]] = []  # ... and each time they went back up
         self._threads_top: int | None = None  # raised no higher: the warm-up's choice (the next count up if none fitted)
         self._raise_at: float | None = None  # when lowered threads go back up (monotonic)
@@ -915,8 +917,9 @@ class StreamEngine:
         # warm-up timed over real time (_quietened)
         self._recent_ms: collections.deque[float] = collections.deque(maxlen=_QUIET_WINDOWS)  # at the count, draws
         self._recent_batch = 0  # and sessions per window now
-        self._try: tuple[int, float, int, list[float]] | None = None  # a try of more threads (_judge_try): the
-        # count before, its recent windows' median, the sessions per window, the tried count's windows so far
+        self._try: tuple[int, float, int, list[float]] | None = None  # a try of more or fewer threads (_judge_try):
+        # the count before, its recent windows' median, the sessions per window, the tried count's windows so far
+        self._try_fewer = False  # the first windows at 1 draw since start may try fewer threads (_try_fewer_threads)
         self._idle: torch.Tensor | None = None  # tokens of a window of silence (_idle_tokens)
         self.windows_run = 0
         self._decode_q: queue.Queue | None = None  # worker -> decode thread, one window in hand at most
@@ -943,6 +946,10 @@ class StreamEngine:
         if self.config.freeze_gc:
             freeze_collector()
         self._stopping = False
+        # the warm-up kept the draws on a quiet process; the first windows beside what streaming adds (WebRTC's
+        # encoders, the event loop) say whether they keep real time (_lower_draws)
+        self._draws_try = [] if self.pipeline.noise_draws > 1 else None
+        self._try_fewer = self._adjusts_threads()
         if self._decodes_in_thread() or self._may_overlap_decode():
             self._decode_q = queue.Queue(maxsize=1)
             self._decoder = threading.Thread(target=self._decode_loop, name="letstalk-decode", daemon=True)
@@ -987,6 +994,7 @@ class StreamEngine:
             self._decoder = None
         self.pipeline.set_num_steps(self.base_steps)
         self.pipeline.noise_draws, self._draws_raise_at, self._draws_ms = self.base_draws, None, None  # warm-up chooses
+        self._draws_try = None
         self.pipeline.capture_graphs(True)  # the pipeline used on its own captures each size as it meets it
         if self.threads is not None:
             torch.set_num_threads(self._threads_before)
@@ -1760,6 +1768,9 @@ class StreamEngine:
         if self._raise_at is not None and now >= self._raise_at:
             self._raise_threads(now)
             return
+        if self._try_fewer and len(self._recent_ms) >= _TRIAL_WINDOWS:
+            self._try_fewer_threads(now)
+            return
         real_ms = self.window_real_ms
         if self.threads in self._threads_ms and self._window_at_ms(self.threads, self.base_draws) > real_ms:
             self._quietened(ms, now)  # the warm-up timed this count over real time
@@ -1781,7 +1792,8 @@ class StreamEngine:
         are in, go back to the count before where their median took longer than that count's last windows did (True),
         with the wait before the next try doubled, instead of waiting for them to fall `threads_lower_after` windows
         behind: through WebRTC on the 2-core EPYC without AVX-512 each try of 2 threads took ~200 ms windows against
-        1 thread's ~100, and 10-45 frames were held at each until the lateness built up."""
+        1 thread's ~100, and 10-45 frames were held at each until the lateness built up. A try of fewer threads
+        (`_try_fewer_threads`) is judged alike: slower, back up to the count before, no try of it planned."""
         if self._try is None:
             return False
         before, before_ms, before_batch, tried = self._try
@@ -1794,9 +1806,35 @@ class StreamEngine:
         self._try = None
         if float(np.median(tried)) <= before_ms:
             return False
-        self._lower_threads(before, self._behind_ms, now, f"took {np.median(tried):.0f} ms against {before_ms:.0f} "
-                                                          f"at {before}")
+        why = f"took {np.median(tried):.0f} ms against {before_ms:.0f} at {before}"
+        if before < self.threads:
+            self._lower_threads(before, self._behind_ms, now, why)
+            return True
+        # a try of fewer (_try_fewer_threads): back to the count before, with no try of it to plan
+        up, self.threads, self._behind_ms, self._raise_at = self.threads, before, 0.0, None
+        self._recent_ms.clear()
+        self.threads_raised.append((now, up, before))
+        self._announce("threads", up, before, 0.0)
+        log.info("engine: windows at %d torch threads %s: back to %d", up, why, before)
         return True
+
+    def _try_fewer_threads(self, now: float) -> None:
+        """Once, at the first _TRIAL_WINDOWS windows at 1 noise draw since start: where their median took over
+        _QUIET_AGAIN of real time and a count below the warm-up's choice kept real time there, try that count, judged
+        on its own first windows against these (`_judge_try`). The warm-up timed the counts on a quiet process;
+        beside a stream's encoders and event loop a team of threads waits at each barrier for the thread that lost
+        its core: through WebRTC on the 2-core EPYC without AVX-512, 2-thread windows the warm-up timed at ~76 ms took
+        ~200, where 1 thread took ~100, and the engine lowered them only once 2 windows behind, 20-30 s in (12-31 held
+        frames). Kept, it is a lowering (a try of the count above follows after threads_raise_after_s); slower, the
+        count before comes back at once."""
+        self._try_fewer = False
+        real_ms, recent = self.window_real_ms, float(np.median(self._recent_ms))
+        lower = [k for k in self._threads_ms if k < (self.threads or 0) and self._window_at_ms(k) <= real_ms]
+        if not lower or recent <= _QUIET_AGAIN * real_ms or self._try is not None or self._raise_at is not None:
+            return  # none to try, or the windows are far enough from real time that nothing is to be won
+        before = self.threads
+        self._lower_threads(max(lower), self._behind_ms, now, f"took {recent:.0f} ms beside the stream, trying fewer")
+        self._try = (before, recent, self._recent_batch, [])
 
     def _lower_threads(self, to: int, behind_ms: float, now: float, why: str = "") -> None:
         """Go on at `to` torch threads from the next window, and plan the try of more (`_raise_threads`); `why`:
@@ -1883,20 +1921,32 @@ class StreamEngine:
     def _lower_draws(self, ms: float, now: float) -> None:
         """A model averaging several noise draws per window (sampling.noise_draws) samples 1 from the next window on
         once full windows have fallen `threads_lower_after` windows' duration behind real time, counted as for the
-        threads, until `_raise_draws` tries its draws again (or stop() gives them back); the threads are lowered only
-        after that, or with it where a lower count's window costs less at 1 draw. Not where every window is decoded in
-        a thread of its own (a GPU)."""
-        if self._decodes_in_thread() or self.config.threads_lower_after <= 0 or not self._fell_behind(ms):
+        threads, or at once where the median of the first _TRIAL_WINDOWS windows since start (the warm-up kept the
+        draws on a quiet process) or since `_raise_draws` took over real time: waiting for the lateness to build up
+        held 12-14 frames at the start of a WebRTC stream on the 2-core EPYC without AVX-512, where 2-draw windows
+        took a little over real time beside the encoders. Until `_raise_draws` tries the draws again (or stop() gives
+        them back); the threads are lowered only after that, or with it where a lower count's window costs less at 1
+        draw. Not where every window is decoded in a thread of its own (a GPU)."""
+        if self._decodes_in_thread() or self.config.threads_lower_after <= 0:
+            return
+        why = ""
+        if self._draws_try is not None:
+            self._draws_try.append(ms)
+            if len(self._draws_try) >= _TRIAL_WINDOWS:
+                took, self._draws_try = float(np.median(self._draws_try)), None
+                if took > self.window_real_ms:
+                    why = f"took {took:.0f} ms a window, over its {self.window_real_ms:.0f} ms of real time"
+        if not self._fell_behind(ms) and not why:
             return
         before, behind_ms = self.pipeline.noise_draws, self._behind_ms
-        self.pipeline.noise_draws, self._behind_ms, self._draws_ms = 1, 0.0, None
+        self.pipeline.noise_draws, self._behind_ms, self._draws_ms, self._draws_try = 1, 0.0, None, None
         self._recent_ms.clear()  # windows at other draws
         self.draws_lowered.append(now)
         last = self.draws_raised[-1] if self.draws_raised else None
         self._draws_wait, self._draws_raise_at = self._next_try(last, self._draws_wait, now)
         self._announce("noise_draws", before, 1, behind_ms)
-        log.warning("engine: windows at %d noise draws fell %.0f ms behind real time (is another process busy on "
-                    "these cores?): sampling 1 draw per window%s", before, behind_ms,
+        log.warning("engine: windows at %d noise draws %s (is another process busy on these cores?): sampling 1 draw "
+                    "per window%s", before, why or f"fell {behind_ms:.0f} ms behind real time",
                     f", {before} again once they fit, in {self._draws_wait:.0f} s at the earliest"
                     if self._draws_raise_at is not None else "")
         if self._adjusts_threads():
@@ -1906,14 +1956,15 @@ class StreamEngine:
             cost = {k: self._window_at_ms(k) for k in self._threads_ms if k <= self.threads}
             cheapest = min(cost, key=cost.get)
             if cost[cheapest] < cost[self.threads]:
-                self._lower_threads(cheapest, behind_ms, now)
+                self._lower_threads(cheapest, behind_ms, now, why and f"{why} at {before} draws")
 
     def _raise_draws(self, now: float) -> None:
         """Draws lowered by `_lower_draws` (or by the warm-up) go back to the model's once `threads_raise_after_s` has
         passed (doubled after each try that fell behind again within it, as for the threads), no lowered thread count
         waits to go back up first, and the last windows' times say a window at the model's draws would fit
-        `draws_budget` again: the process that took the cores has ended."""
-        self._draws_raise_at, self._behind_ms = None, 0.0
+        `draws_budget` again: the process that took the cores has ended. Its first windows are judged as the start's
+        (`_lower_draws`)."""
+        self._draws_raise_at, self._behind_ms, self._draws_try = None, 0.0, []  # judged on its first windows
         self.pipeline.noise_draws = self.base_draws
         self._recent_ms.clear()  # windows at other draws
         self.draws_raised.append(now)
