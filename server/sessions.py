@@ -259,18 +259,21 @@ def render_metrics(manager: SessionManager) -> str:
            q + [("_sum", float(sum(lat))), ("_count", len(lat))])
     metric("letstalk_errors_total", "counter", "Session errors, failed negotiations and internal server errors.",
            [("", m.errors_total)])
-    engine = manager.engine
+    state = manager.engine.running_state()
+    threads = state["torch_threads"]
     metric("letstalk_engine_torch_threads", "gauge", "Torch threads the engine's worker runs (--threads); NaN: torch's own.",
-           [("", float(engine.threads) if engine.threads is not None else float("nan"))])
+           [("", float(threads) if threads is not None else float("nan"))])
     metric("letstalk_engine_threads_changes_total", "counter",
            "Times the worker lowered its auto threads (windows fell behind real time: another process took the cores) "
            "or tried more again.",
-           [('{direction="lowered"}', len(engine.threads_lowered)), ('{direction="raised"}', len(engine.threads_raised))])
+           [('{direction="lowered"}', state["threads_lowered"]), ('{direction="raised"}', state["threads_raised"])])
     metric("letstalk_engine_noise_draws", "gauge", "Noise draws averaged per window now (the model's, or 1 after the "
-           "engine fell behind real time with more).", [("", engine.pipeline.noise_draws)])
+           "engine fell behind real time with more).", [("", state["noise_draws"])])
     metric("letstalk_engine_draws_lowered_total", "counter",
            "Times the worker dropped to 1 noise draw per window because windows fell behind real time.",
-           [("", len(engine.draws_lowered))])
+           [("", state["draws_lowered"])])
+    metric("letstalk_engine_decode_overlapped", "gauge", "1 where a window is decoded beside the next one's sampling.",
+           [("", int(state["decode_overlapped"]))])
     return "\n".join(lines) + "\n"
 
 

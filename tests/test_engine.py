@@ -1146,13 +1146,16 @@ def test_noise_draws_are_lowered_before_the_threads_once_windows_fall_two_window
         session.end_speech()
         await _collect(session, 2.4)
         lowered, threads_lowered, threads = list(engine.draws_lowered), list(engine.threads_lowered), engine.threads
+        state = session.stats()["engine"]
         events = []
         while not session._events.empty():
             events.append(session._events.get_nowait())
         await engine.stop()
-        return lowered, threads_lowered, threads, events
+        return lowered, threads_lowered, threads, events, state
 
-    lowered, threads_lowered, threads, events = run(main())
+    lowered, threads_lowered, threads, events, state = run(main())
+    assert state == {"torch_threads": 2, "steps": pipe.num_steps, "noise_draws": 1, "decode_overlapped": False,
+                     "threads_lowered": 0, "threads_raised": 0, "draws_lowered": 1, "draws_raised": 0}
     full = [d for d, n in seen if n == window]
     assert len(lowered) == 1 and not threads_lowered and threads == 2
     adjusted = [e.to_dict() for e in events if e.type == "engine_adjusted"]  # the application is told, once

@@ -121,10 +121,11 @@ def test_health_metrics_and_avatars(tiny_pipeline):
             async with http.get(f"{srv.url}/metrics") as r:
                 assert r.status == 200 and r.content_type == "text/plain"
                 text = await r.text()
+            state = srv.engine.running_state()
             player.cancel()
-        return text
+        return text, state
 
-    text = run(main())
+    text, state = run(main())
     values = {}
     for line in text.splitlines():
         if line.startswith("#"):
@@ -149,6 +150,7 @@ def test_health_metrics_and_avatars(tiny_pipeline):
     assert values['letstalk_engine_threads_changes_total{direction="lowered"}'] == 0
     assert values["letstalk_engine_noise_draws"] == tiny_pipeline.noise_draws >= 1
     assert values["letstalk_engine_draws_lowered_total"] == 0
+    assert values["letstalk_engine_decode_overlapped"] == int(state["decode_overlapped"])
 
 
 # --------------------------------------------------------------------------------------------------

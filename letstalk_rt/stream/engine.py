@@ -619,6 +619,7 @@ class Session:
             "latency_ms_p50": pct(0.50),
             "latency_ms_p95": pct(0.95),
             "latency_ms_p99": pct(0.99),
+            "engine": self.engine.running_state(),
         }
 
     async def close(self, reason: str = "closed") -> None:
@@ -1506,6 +1507,21 @@ class StreamEngine:
         if self._idle is None:
             self._idle = self.pipeline.silence_tokens(2 * self.window)  # (2 window, M, Dt)
         return self._idle[:n]
+
+    def running_state(self) -> dict:
+        """How the engine runs now, as it adjusts to the machine: torch threads (None: torch's own), sampling steps
+        and noise draws per window, whether a window is decoded beside the next one's sampling, and how often it
+        lowered and raised its threads and draws."""
+        return {
+            "torch_threads": self.threads,
+            "steps": self.pipeline.num_steps,
+            "noise_draws": self.pipeline.noise_draws,
+            "decode_overlapped": self._overlaps_decode(),
+            "threads_lowered": len(self.threads_lowered),
+            "threads_raised": len(self.threads_raised),
+            "draws_lowered": len(self.draws_lowered),
+            "draws_raised": len(self.draws_raised),
+        }
 
     def window_compute_ms(self) -> float:
         """A full window's compute, start -> frames delivered (running average; the warm-up's until one ran)."""
