@@ -427,6 +427,32 @@ def test_an_error_outside_the_model_calls_ends_its_sessions_and_the_worker_keeps
     assert len([f for f in frames if not f.filler]) >= 50  # the good one: 3 s, far more than its first batch
 
 
+def test_a_window_whose_only_session_fails_in_its_bookkeeping_decodes_nothing(tiny_pipeline):
+    """The session alone in its window fails in the worker's bookkeeping: the window has nothing left to decode
+    (the frame-by-frame decode once read the empty batch's first item, and the session got a second error event).
+    One error event; a session opened after it streams."""
+    async def main():
+        engine = await _engine(tiny_pipeline)
+        bad = await engine.open_session(_portrait(tiny_pipeline, 200))
+
+        def take_audio(n):
+            raise RuntimeError("bookkeeping")
+
+        bad._w.take_audio = take_audio
+        events = []
+        async for e in bad.events():
+            events.append(e)
+        good = await engine.open_session(_portrait(tiny_pipeline, 30))
+        frames = await _collect(good, 1.0)
+        await engine.stop()
+        return events, frames
+
+    events, frames = run(main())
+    errors = [e for e in events if isinstance(e, SessionError)]
+    assert len(errors) == 1 and "generation failed (window)" in errors[0].message
+    assert isinstance(events[-1], SessionClosed) and len([f for f in frames if not f.filler]) >= 20
+
+
 def test_frames_start_at_the_present_and_a_stalled_reader_skips_ahead(tiny_pipeline):
     """session.frames() reads from the frame due now, like the tracks: a second reader (or one that stalled past
     late_skip_ms) gets paced frames from the present, the missed ones counted as dropped, never a burst of old
