@@ -406,9 +406,10 @@ class Traced:
     thread busy 40 % of the time; traced, 168 and 167, and 107 instead of 120 with 2 torch threads on a quiet
     machine: a trace runs its graph in C++ without the GIL (docs/benchmarks.md). The trace records the ops
     the call ran: the models here branch in Python only on shapes, configuration and which arguments are None,
-    all of which the signature holds. A trace holds ~30-45 MB of the default model's (not the weights: they are
-    shared; what it is was not found, docs/benchmarks.md), and its calls' activations peak higher than eager ones. The engine traces the windows of 1-2 sessions at warm-up, then turns capture off
-    (a trace takes about as long as ~6 calls: live it would hold every session's window up).
+    all of which the signature holds. A transformer trace holds ~30-45 MB of the default model's (not the weights:
+    they are shared; what it is was not found, docs/benchmarks.md), an audio-encoder trace ~1 MB, and a traced
+    call's activations peak higher than an eager one's. The engine traces the windows of 1-2 sessions at warm-up,
+    then turns capture off (a trace takes about as long as ~6 calls: live it would hold every session's window up).
 
     Traces run without the graph executor's optimisation (`torch.jit.optimized_execution(False)`, a per-thread
     setting): with it, a trace's second call profiled and optimised the graph, 290-450 ms where the calls before
