@@ -43,6 +43,7 @@ from aiortc.mediastreams import MediaStreamError
 from letstalk_rt.errors import LetsTalkError
 from letstalk_rt.rtc import release_frames_at_once
 from letstalk_rt.stream import TrackSource
+from letstalk_rt.stream.engine import quantiles
 from letstalk_rt.stream.events import SessionClosed
 
 from .auth import TokenSigner
@@ -197,10 +198,9 @@ class Metrics:
         self._fps_samples: collections.deque[tuple[float, int]] = collections.deque(maxlen=16)
 
     def absorb(self, session: Session) -> None:
-        stats = session.stats()
-        self.closed_frames += stats["frames_generated"]
-        self.closed_held += stats["fillers"]
-        self.closed_dropped.update(stats["dropped"])
+        self.closed_frames += session.frames_generated
+        self.closed_held += session.player.fillers
+        self.closed_dropped.update(session.dropped)
         self.closed_latencies.extend(session.latencies)
 
     def sample_fps(self, frames_total: int) -> None:
@@ -225,13 +225,12 @@ def render_metrics(manager: SessionManager) -> str:
     """Prometheus text exposition format 0.0.4, written by hand (no client library needed)."""
     m = manager.metrics
     live = [ss.session for ss in manager.sessions.values()]
-    stats = [s.stats() for s in live]
-    frames = m.closed_frames + sum(s["frames_generated"] for s in stats)
-    held = m.closed_held + sum(s["fillers"] for s in stats)
+    frames = manager.frames_total()
+    held = m.closed_held + sum(s.player.fillers for s in live)
     dropped = collections.Counter(m.closed_dropped)
-    for s in stats:
-        dropped.update(s["dropped"])
-    lat = sorted(list(m.closed_latencies) + [x for s in live for x in s.latencies])
+    for s in live:
+        dropped.update(s.dropped)
+    lat = [*m.closed_latencies, *(x for s in live for x in s.latencies)]
     lines: list[str] = []
 
     def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
@@ -252,8 +251,7 @@ def render_metrics(manager: SessionManager) -> str:
            [(f'{{reason="{r}"}}', dropped.get(r, 0)) for r in ("interrupt", "late", "consumer")])
     metric("letstalk_generated_fps", "gauge", "Frames generated per second over the last ~15 s, all sessions.",
            [("", float(m.fps()))])
-    q = [(f'{{quantile="{p}"}}', float(lat[min(len(lat) - 1, int(p * len(lat)))]) if lat else float("nan"))
-         for p in (0.5, 0.95)]
+    q = [(f'{{quantile="{p}"}}', v) for p, v in zip((0.5, 0.95), quantiles(lat, (0.5, 0.95)) or [float("nan")] * 2)]
     metric("letstalk_speech_to_screen_latency_seconds", "summary",
            "Speech arrival to the frame that says it being shown (recent sessions).",
            q + [("_sum", float(sum(lat))), ("_count", len(lat))])
@@ -621,8 +619,8 @@ class SessionManager:
         await self.close_all()
 
     def frames_total(self) -> int:
-        return self.metrics.closed_frames + sum(ss.session.stats()["frames_generated"]
-                                                for ss in self.sessions.values())
+        """Frames generated since start, every second (the watchdog): counters only, not the sessions' stats()."""
+        return self.metrics.closed_frames + sum(ss.session.frames_generated for ss in self.sessions.values())
 
     async def _watch(self) -> None:
         while True:

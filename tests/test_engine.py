@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import math
@@ -425,6 +426,20 @@ def test_an_error_outside_the_model_calls_ends_its_sessions_and_the_worker_keeps
     errors = [e for e in events if isinstance(e, SessionError)]
     assert len(errors) == 1 and "generation failed (window)" in errors[0].message
     assert len([f for f in frames if not f.filler]) >= 50  # the good one: 3 s, far more than its first batch
+
+
+def test_latency_quantiles_are_the_sorted_entries_the_stats_always_read():
+    """`quantiles` (partial sorts) gives the sorted list's entry at int(q x n), as the stats read them before, for
+    every length from 1 (and None for no values)."""
+    from letstalk_rt.stream.engine import quantiles
+
+    rng = np.random.default_rng(3)
+    assert quantiles([], (0.5,)) is None
+    for n in (1, 2, 5, 20, 101, 10000):
+        values = list(rng.exponential(0.4, n))
+        got = quantiles(collections.deque(values), (0.0, 0.5, 0.95, 0.99, 1.0))
+        want = [sorted(values)[min(n - 1, int(q * n))] for q in (0.0, 0.5, 0.95, 0.99, 1.0)]
+        assert got == want
 
 
 def test_a_window_whose_only_session_fails_in_its_bookkeeping_decodes_nothing(tiny_pipeline):

@@ -97,9 +97,21 @@ def _rss_bytes() -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def test_health_metrics_and_avatars(tiny_pipeline):
+def test_health_metrics_and_avatars(tiny_pipeline, monkeypatch):
     """/health reports occupancy, /metrics is valid Prometheus text whose counters move while a session
-    streams, and the bundled portrait is preloaded as the `default` avatar."""
+    streams, and the bundled portrait is preloaded as the `default` avatar. Neither the watchdog (every second) nor
+    a scrape asks the sessions for their stats(): those read every kept latency (up to 10000 a session), which cost
+    the event loop milliseconds a second and more the longer a session ran."""
+    from letstalk_rt.stream import Session
+
+    stats_calls = [0]
+    stats = Session.stats
+
+    def counted(self):
+        stats_calls[0] += 1
+        return stats(self)
+
+    monkeypatch.setattr(Session, "stats", counted)
 
     async def main():
         async with running_server(tiny_pipeline, max_sessions=3) as srv, aiohttp.ClientSession() as http:
@@ -115,12 +127,14 @@ def test_health_metrics_and_avatars(tiny_pipeline):
             session.end_speech()
             await wait_until(lambda: session.stats()["frames_generated"] >= 25 and session.latencies, 30,
                              "frames and a latency sample")
+            stats_calls[0] = 0
             await asyncio.sleep(1.5)  # the fps gauge samples once a second
             async with http.get(f"{srv.url}/health") as r:
                 assert (await r.json())["sessions"] == 1
             async with http.get(f"{srv.url}/metrics") as r:
                 assert r.status == 200 and r.content_type == "text/plain"
                 text = await r.text()
+            assert stats_calls[0] == 0
             state = srv.engine.running_state()
             player.cancel()
         return text, state
