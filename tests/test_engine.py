@@ -555,6 +555,28 @@ def test_a_shorter_live_window_is_used_and_out_of_range_windows_are_refused(tiny
     assert len([f for f in frames if f.audio.any()]) == 25  # still every frame of the speech, once
 
 
+def test_before_its_clock_starts_a_session_gets_its_first_window_and_one_full_window_ahead(tiny_pipeline):
+    """A session nobody reads yet (a WebRTC peer still connecting) and nobody speaks to gets its short first window
+    and then one full window of idle frames, no more: once the clock starts, the first frames play while the next
+    window is made (before, the second waited for the clock and had a full window's compute to make in the first's
+    80 ms: 3-5 held frames at the start of every WebRTC stream). Reading then starts from the first frame."""
+    async def main():
+        engine = await _engine(tiny_pipeline, first_window=2)
+        session = await engine.open_session(_portrait(tiny_pipeline, 70))
+        await asyncio.sleep(1.0)  # far longer than a few windows of the tiny model
+        before_reading = session.frames_generated
+        frames = await _collect(session, 0.4)
+        events = _drain_events(session)
+        await engine.stop()
+        return before_reading, frames, events
+
+    before_reading, frames, events = run(main())
+    assert before_reading == 2 + tiny_pipeline.window
+    sizes = [e.frames for e in events if isinstance(e, WindowTimings)]
+    assert sizes[:2] == [2, tiny_pipeline.window]
+    assert [f.index for f in frames[:6]] == list(range(6))  # from the first frame on, none skipped
+
+
 def test_latency_history_bounds_what_a_session_keeps(tiny_pipeline):
     """A server's sessions keep the last `latency_history` frames' latencies (memory flat for hours); 0 keeps
     all of them (the benchmark's soak); a negative count is refused."""

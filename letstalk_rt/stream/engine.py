@@ -1443,8 +1443,17 @@ class StreamEngine:
         # When does playback run dry? (now for a session with no frame yet.) Frames in flight count: they are
         # made and reach the queue within moments, so a plan that runs between a window's end and its delivery
         # must not take the queue for nearly empty and put idle frames in front of the speech.
-        if player.start is None:  # no frame yet (at the start, or all dropped by an interrupt): one now
-            dry_at = now if w.frames_generated == 0 or (w.fresh and not ahead) else math.inf
+        if player.start is None:
+            # No frame shown yet: the first (short) window now, and the next as if the clock had started when the
+            # first frame came, so that it is there when the first frames have played. Before, the next waited
+            # for the clock (unless its speech was in): through WebRTC, where the peer's audio comes only once
+            # connected, every stream then held 3-5 frames in its first 0.5 s while a full window was made in the
+            # first one's 80 ms. No more before the clock starts (`ahead >= want` above).
+            first = s.first_frame_s  # None while the first window is in flight
+            if w.frames_generated == 0 or (w.fresh and not ahead):
+                dry_at = now
+            else:
+                dry_at = math.inf if first is None else s.opened_at + first + ahead / self.pipeline.fps
         else:
             dry_at = player.due(player.tick + ahead)
         if w.n_tokens < want:
