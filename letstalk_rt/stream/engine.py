@@ -1449,11 +1449,12 @@ class StreamEngine:
             # for the clock (unless its speech was in): through WebRTC, where the peer's audio comes only once
             # connected, every stream then held 3-5 frames in its first 0.5 s while a full window was made in the
             # first one's 80 ms. No more before the clock starts (`ahead >= want` above).
-            first = s.first_frame_s  # None while the first window is in flight
             if w.frames_generated == 0 or (w.fresh and not ahead):
                 dry_at = now
+            elif s.first_frame_s is None:  # the first window is still in flight
+                dry_at = math.inf
             else:
-                dry_at = math.inf if first is None else s.opened_at + first + ahead / self.pipeline.fps
+                dry_at = s.opened_at + s.first_frame_s + ahead / self.pipeline.fps
         else:
             dry_at = player.due(player.tick + ahead)
         if w.n_tokens < want:
