@@ -1853,11 +1853,8 @@ class StreamEngine:
             self._lower_threads(before, self._behind_ms, now, why)
             return True
         # a try of fewer (_try_fewer_threads): back to the count before, with no try of it to plan
-        up, self.threads, self._behind_ms, self._raise_at = self.threads, before, 0.0, None
-        self._recent_ms.clear()
-        self.threads_raised.append((now, up, before))
-        self._announce("threads", up, before, 0.0)
-        log.info("engine: windows at %d torch threads %s: back to %d", up, why, before)
+        self._raise_at = None
+        log.info("engine: windows at %d torch threads %s: back to %d", self._switch_threads(before, now), why, before)
         return True
 
     def _try_fewer_threads(self, now: float) -> None:
@@ -1881,12 +1878,8 @@ class StreamEngine:
     def _lower_threads(self, to: int, behind_ms: float, now: float, why: str = "") -> None:
         """Go on at `to` torch threads from the next window, and plan the try of more (`_raise_threads`); `why`:
         what the windows did (default: how far they fell behind)."""
-        assert self.threads is not None
-        before, self.threads, self._behind_ms = self.threads, to, 0.0
-        self._recent_ms.clear()
         self._try = None
-        self.threads_lowered.append((now, before, to))
-        self._announce("threads", before, to, behind_ms)
+        before = self._switch_threads(to, now, behind_ms)
         last = self.threads_raised[-1][0] if self.threads_raised else None
         self._raise_wait, self._raise_at = self._next_try(last, self._raise_wait, now)
         why = why or f"fell {behind_ms:.0f} ms behind real time (is another process busy on these cores?)"
@@ -2032,16 +2025,23 @@ class StreamEngine:
         self._raise_at = None
         if up is None:
             return
-        before, self.threads, self._behind_ms = self.threads, up, 0.0
         recent = list(self._recent_ms)  # judged against these once a few windows at `up` are in (_judge_try)
-        self._try = (before, float(np.median(recent)), self._recent_batch, []) if len(recent) >= _TRIAL_WINDOWS \
-            else None
-        self._recent_ms.clear()
+        self._try = (self.threads, float(np.median(recent)), self._recent_batch, []) \
+            if len(recent) >= _TRIAL_WINDOWS else None
         if up < top:  # lowered more than once (4 -> 2 -> 1): the next count up after another wait
             self._raise_at = now + self._raise_wait
-        self.threads_raised.append((now, before, up))
-        self._announce("threads", before, up, 0.0)
-        log.info("engine: trying %d torch threads (from %d)", up, before)
+        log.info("engine: trying %d torch threads (from %d)", up, self._switch_threads(up, now))
+
+    def _switch_threads(self, to: int, now: float, behind_ms: float = 0.0) -> int:
+        """Go on at `to` torch threads from the next window (the worker sets them): the lateness and the recent
+        windows start again, and the change is recorded (`threads_lowered` / `threads_raised`) and announced with
+        how far the windows had fallen behind. Returns the count before."""
+        assert self.threads is not None
+        before, self.threads, self._behind_ms = self.threads, to, 0.0
+        self._recent_ms.clear()
+        (self.threads_lowered if to < before else self.threads_raised).append((now, before, to))
+        self._announce("threads", before, to, behind_ms)
+        return before
 
     def _sample(self, sessions: list[Session], frames: int) -> tuple[float, torch.Tensor]:
         """One window's latents for each session: (milliseconds, (B, T, C, h, w) on the device)."""
