@@ -25,6 +25,7 @@ first), so that figures for a contended machine can be re-run rather than waited
 
 from __future__ import annotations
 
+import array
 import asyncio
 import collections
 import contextlib
@@ -197,13 +198,44 @@ class LoopWatch:
                 "gc_full_collections": list(self.full), "gc_frozen_objects": gc.get_freeze_count()}
 
 
+class Marks:
+    """Pairs of numbers a run notes as it goes (a media time and its arrival, a level and when ...), kept in one flat
+    array of doubles: 16 bytes a pair and no Python object for the collector to walk. A list of (float, float)
+    tuples costs ~110 bytes a pair: a `--webrtc` soak's ~350 pairs a second were 1.4 MB a minute of the bench's own
+    growth and the objects its full collections walked (docs/benchmarks.md). `np.asarray(marks)`: (n, 2) float64,
+    as of a list of pairs."""
+
+    def __init__(self) -> None:
+        self._flat = array.array("d")
+
+    def append(self, pair: tuple[float, float]) -> None:
+        self._flat.extend(pair)
+
+    def extend_columns(self, first: np.ndarray, second: np.ndarray) -> None:
+        """Many pairs at once: first[i], second[i]."""
+        self._flat.frombytes(np.stack([first, second], -1).astype(np.float64).tobytes())
+
+    def __len__(self) -> int:
+        return len(self._flat) // 2
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        pairs = np.frombuffer(self._flat, np.float64).reshape(-1, 2).copy()  # a copy: the array may grow on
+        return pairs if dtype is None else pairs.astype(dtype)
+
+
+def pairs(values) -> tuple[np.ndarray, np.ndarray]:
+    """`Marks` or a sequence of pairs -> its two columns (float arrays)."""
+    a = np.asarray(values, np.float64).reshape(-1, 2)
+    return a[:, 0], a[:, 1]
+
+
 def by_minute(values: np.ndarray, at_s: np.ndarray, reduce) -> list[float]:
     """`reduce` of the values that fell in each minute (at_s: seconds), minute by minute, rounded."""
     minutes = (at_s // 60).astype(int)
     return [round(float(reduce(values[minutes == m])), 1) for m in np.unique(minutes)]
 
 
-async def _consume(session, seconds: float, offsets: list[tuple[float, float]]) -> None:
+async def _consume(session, seconds: float, offsets: Marks) -> None:
     """Read both tracks like aiortc's senders; for every generated frame, record how far apart the video track
     released its picture and the audio track the first 20 ms of its own speech (ms), with when (seconds since
     the session's clock started).
@@ -250,12 +282,11 @@ def _percentile_ms(values: list[float], q: float) -> float | None:
     return round(values[min(len(values) - 1, int(q * len(values)))] * 1000, 1) if values else None
 
 
-def offset_summary(offsets: list[tuple[float, float]]) -> dict:
+def offset_summary(offsets: Marks) -> dict:
     """(ms, seconds) pairs -> the RunResult's A/V offset fields."""
-    if not offsets:
+    if not len(offsets):
         return {"av_offset_ms_max": None}
-    ms = np.array([o for o, _ in offsets])
-    at = np.array([t for _, t in offsets])
+    ms, at = pairs(offsets)
     return {
         "av_offset_ms_max": round(float(ms.max()), 1),
         "av_offset_ms_p50": round(float(np.percentile(ms, 50)), 1),
@@ -294,7 +325,7 @@ async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np
     engine = await StreamEngine(pipe, config).start()
     steps, draws = pipe.num_steps, pipe.noise_draws  # what warm-up chose
     threads = engine.threads or torch.get_num_threads()
-    offsets: list[tuple[float, float]] = []
+    offsets = Marks()
     received: list[dict] = []
     rss: list[float] = []
     sampler = asyncio.create_task(_sample_rss(rss))

@@ -33,6 +33,8 @@ import numpy as np
 from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
+from .bench import Marks, by_minute, pairs
+
 PACKET_S = 0.020  # the microphone's packets
 LEVEL_S = 0.010  # loudness is read per 10 ms on both sides
 SEGMENT_S = 10.0  # speech to sound: one cross-correlation per this many seconds of the run
@@ -69,7 +71,7 @@ class MicrophoneTrack(MediaStreamTrack):
         self.loop = np.pad(loop, (0, -len(loop) % self.packet))  # packets never straddle the loop's end
         self.packets = round(seconds / PACKET_S)  # then silence
         self.start: float | None = None
-        self.sent_at: list[tuple[float, float]] = []  # (media s, monotonic) per packet
+        self.sent_at = Marks()  # (media s, monotonic) per packet
 
     def _chunk(self, k: int) -> np.ndarray:
         """Packet k's speech (float, `self.packet` samples)."""
@@ -96,30 +98,33 @@ class MicrophoneTrack(MediaStreamTrack):
         frame.time_base = fractions.Fraction(1, self.rate)
         return frame
 
-    def sent(self) -> list[tuple[float, float]]:
-        """(monotonic, dB) per LEVEL_S of what was sent: the loudness of the speech each packet carried (read once for
-        the loop: a level never straddles a packet), timed from when the packet left."""
+    def sent(self) -> np.ndarray:
+        """(monotonic, dB) per LEVEL_S of what was sent, (n, 2): the loudness of the speech each packet carried (read
+        once for the loop: a level never straddles a packet), timed from when the packet left."""
         per_packet = round(PACKET_S / LEVEL_S)
         loop_db = levels_db(self.loop, self.rate)
-        k = np.arange(len(self.sent_at))
+        _, left_at = pairs(self.sent_at)
+        k = np.arange(len(left_at))
         db = loop_db[(k * per_packet % len(loop_db))[:, None] + np.arange(per_packet)]  # (packets, per_packet)
         db[k >= self.packets] = FLOOR_DB
-        return [(at + j * LEVEL_S, float(v)) for (_, at), row in zip(self.sent_at, db) for j, v in enumerate(row)]
+        at = left_at[:, None] + np.arange(per_packet) * LEVEL_S
+        return np.stack([at.ravel(), db.ravel()], -1)
 
 
 @dataclass
 class Received:
     """What one receiving peer saw: each video frame's and audio packet's media time and arrival, the loudness of
-    the audio that arrived, and the first CONTENT_S of both (for the lip sync of what arrived)."""
+    the audio that arrived, and the first CONTENT_S of both (for the lip sync of what arrived). The pairs a soak
+    notes all along are `Marks` (flat arrays, no object per pair)."""
 
-    video: list[tuple[float, float]] = field(default_factory=list)  # (media s, arrival monotonic)
-    audio: list[tuple[float, float]] = field(default_factory=list)
-    levels: list[tuple[float, float]] = field(default_factory=list)  # (arrival monotonic, dB) per 10 ms
+    video: Marks = field(default_factory=Marks)  # (media s, arrival monotonic)
+    audio: Marks = field(default_factory=Marks)
+    levels: Marks = field(default_factory=Marks)  # (arrival monotonic, dB) per 10 ms
     frames: dict[int, np.ndarray] = field(default_factory=dict)  # frame index (media time x fps) -> RGB
     speech: dict[int, np.ndarray] = field(default_factory=dict)  # first 16 kHz sample -> mono float
-    wire: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # kind -> (media s, first RTP packet's
-    # arrival monotonic), from `wire_arrivals`
-    mic_wire: list[tuple[float, float]] = field(default_factory=list)  # the microphone's packets at the server
+    wire: dict[str, np.ndarray] = field(default_factory=dict)  # kind -> (media s, first RTP packet's arrival
+    # monotonic), (n, 2), from `wire_arrivals`
+    mic_wire: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))  # the microphone's packets at the server
     opened_at: float = 0.0  # monotonic, before the session was asked for
 
 
@@ -129,19 +134,23 @@ RTP_CLOCK = {"video": 90000, "audio": 48000}  # VP8 / H.264 and Opus RTP clock r
 @contextlib.contextmanager
 def wire_arrivals():
     """While open, every aiortc receiver of this process notes when the first RTP packet of each media timestamp
-    arrived: yields {receiver: {rtp timestamp: monotonic}}. aiortc has no public hook for a packet's arrival, so this
-    wraps its receivers' packet handler (a private method: where aiortc no longer has it, nothing is noted and the
-    wire figures are left out)."""
+    arrived: yields {receiver: Marks of (rtp timestamp, monotonic)}, a mark whenever a packet's timestamp is not the
+    one before it (a frame's packets share one; `on_the_wire` keeps the first arrival of each). aiortc has no public
+    hook for a packet's arrival, so this wraps its receivers' packet handler (a private method: where aiortc no
+    longer has it, nothing is noted and the wire figures are left out)."""
     from aiortc import RTCRtpReceiver
 
     seen: dict = {}
+    last: dict = {}  # receiver -> the timestamp of its last packet
     original = getattr(RTCRtpReceiver, "_handle_rtp_packet", None)
     if original is None:
         yield seen
         return
 
     async def handle(self, packet, *args, **kwargs):
-        seen.setdefault(self, {}).setdefault(packet.timestamp, time.monotonic())
+        if last.get(self) != packet.timestamp:
+            last[self] = packet.timestamp
+            seen.setdefault(self, Marks()).append((packet.timestamp, time.monotonic()))
         return await original(self, packet, *args, **kwargs)
 
     RTCRtpReceiver._handle_rtp_packet = handle  # type: ignore[method-assign]
@@ -151,15 +160,18 @@ def wire_arrivals():
         RTCRtpReceiver._handle_rtp_packet = original  # type: ignore[method-assign]
 
 
-def on_the_wire(pc, seen: dict) -> dict[str, list[tuple[float, float]]]:
-    """A peer connection's receivers' `wire_arrivals` -> kind -> (media seconds since its first packet, arrival)."""
-    out: dict[str, list[tuple[float, float]]] = {}
+def on_the_wire(pc, seen: dict) -> dict[str, np.ndarray]:
+    """A peer connection's receivers' `wire_arrivals` -> kind -> (media seconds since its first packet, arrival) per
+    RTP timestamp (its first arrival), (n, 2) in order of arrival."""
+    out: dict[str, np.ndarray] = {}
     for receiver in pc.getReceivers():
-        marks = sorted(seen.get(receiver, {}).items(), key=lambda item: item[1])
+        ts, at = pairs(seen.get(receiver, Marks()))  # in order of arrival
         kind = receiver.track.kind if receiver.track is not None else None
-        if marks and kind in RTP_CLOCK:
-            first = marks[0][0]
-            out[kind] = [(((ts - first) % 2**32) / RTP_CLOCK[kind], at) for ts, at in marks]
+        if len(ts) and kind in RTP_CLOCK:
+            _, first = np.unique(ts, return_index=True)  # a timestamp seen again (a packet out of order): its first
+            first.sort()
+            media = ((ts[first].astype(np.int64) - int(ts[0])) % 2**32) / RTP_CLOCK[kind]
+            out[kind] = np.stack([media, at[first]], -1)
     return out
 
 
@@ -176,8 +188,8 @@ async def receive(session, out: Received, fps: float) -> None:
         async for chunk in session.audio_frames():
             out.audio.append((chunk.time, chunk.received_at))
             mono = chunk.mono_float()
-            out.levels.extend((chunk.received_at + i * LEVEL_S, float(db))
-                              for i, db in enumerate(levels_db(mono, chunk.sample_rate)))
+            db = levels_db(mono, chunk.sample_rate)
+            out.levels.extend_columns(chunk.received_at + np.arange(len(db)) * LEVEL_S, db)
             if chunk.time < CONTENT_S:
                 step = chunk.sample_rate // 16000  # Opus decodes at 48 kHz: every third sample (loudness only)
                 out.speech[round(chunk.time * 16000)] = mono[::max(1, step)]
@@ -190,28 +202,27 @@ def _quantiles_ms(values: np.ndarray) -> dict:
             "max": round(float(values.max()), 1)}
 
 
-def pacing(video: list[tuple[float, float]]) -> dict:
-    """Received frames per second and the gaps between consecutive arrivals (ms): p50 near 40 at 25 fps; the p99 and
-    the max show bursts and stalls."""
+def pacing(video) -> dict:
+    """Received frames per second and the gaps between consecutive arrivals (ms), from (media s, arrival) pairs: p50
+    near 40 at 25 fps; the p99 and the max show bursts and stalls."""
     if len(video) < 2:
         return {"frames": len(video)}
-    arrivals = np.array([a for _, a in video])
+    _, arrivals = pairs(video)
     gaps = np.diff(arrivals) * 1000
     return {"frames": len(video), "fps": round((len(video) - 1) / (arrivals[-1] - arrivals[0]), 2),
             "gap_ms": _quantiles_ms(gaps)}
 
 
-def arrival_offsets(later: list[tuple[float, float]], earlier: list[tuple[float, float]]) -> dict:
+def arrival_offsets(later, earlier) -> dict:
     """(media s, arrival) of two streams -> each of `later`'s arrivals minus the arrival of `earlier`'s media of the same
     time (interpolated between its packets), ms. The signed median, the largest either way, and each minute's
     largest |offset| (minutes of media time): a drift grows minute by minute. `lip_to_sound`: the video against the
     audio, positive when the picture comes after its sound."""
-    from .bench import by_minute
-
-    if not later or len(earlier) < 2:
+    if not len(later) or len(earlier) < 2:
         return {}
-    e_time, e_arrival = (np.array(x) for x in zip(*earlier))
-    v = np.array([(t, arr) for t, arr in later if e_time[0] <= t <= e_time[-1]])
+    e_time, e_arrival = pairs(earlier)
+    v = np.asarray(later, np.float64).reshape(-1, 2)
+    v = v[(e_time[0] <= v[:, 0]) & (v[:, 0] <= e_time[-1])]
     if not len(v):
         return {}
     offsets = (v[:, 1] - np.interp(v[:, 0], e_time, e_arrival)) * 1000
@@ -221,15 +232,15 @@ def arrival_offsets(later: list[tuple[float, float]], earlier: list[tuple[float,
             "abs_max_by_minute": by_minute(size, v[:, 0], np.max)}
 
 
-def speech_to_sound(sent: list[tuple[float, float]], came_back: list[tuple[float, float]]) -> dict:
+def speech_to_sound(sent, came_back) -> dict:
     """How long after the microphone sent speech the avatar's audio carrying it arrived: the loudness sent and the
     loudness received, on one 10 ms grid of arrival time, cross-correlated over each SEGMENT_S of sent speech that
     holds speech and pauses; the lag of the best correlation per segment (ms), and that correlation (the same speech
     reads near 1)."""
     if len(sent) < 2 or len(came_back) < 2:
         return {}
-    s_t, s_db = (np.array(x) for x in zip(*sent))
-    r_t, r_db = (np.array(x) for x in zip(*came_back))
+    s_t, s_db = pairs(sent)
+    r_t, r_db = pairs(came_back)
     grid = np.arange(s_t[0], r_t[-1], LEVEL_S)
     s = np.interp(grid, s_t, s_db, left=FLOOR_DB, right=FLOOR_DB)
     r = np.interp(grid, r_t, r_db, left=FLOOR_DB, right=FLOOR_DB)
@@ -275,17 +286,18 @@ def content_sync(got: Received, fps: float) -> dict:
             "peak_sync": round(sync["peak_sync"], 3)}
 
 
-def summary(got: Received, sent: list[tuple[float, float]], sent_at: list[tuple[float, float]], fps: float) -> dict:
+def summary(got: Received, sent: np.ndarray, sent_at: Marks, fps: float) -> dict:
     """One session's receiver-side figures (the RunResult's `webrtc`)."""
-    wire = arrival_offsets(got.wire.get("video", []), got.wire.get("audio", []))
-    first = round((got.video[0][1] - got.opened_at) * 1000, 1) if got.video else None
+    none = np.zeros((0, 2))
+    wire = arrival_offsets(got.wire.get("video", none), got.wire.get("audio", none))
+    first = round((pairs(got.video)[1][0] - got.opened_at) * 1000, 1) if len(got.video) else None
     return {"first_frame_received_ms": first,  # from asking for the session (HTTP) to its first frame in the SDK
             "pacing": pacing(got.video), "lip_to_sound_ms": arrival_offsets(got.video, got.audio),
             "lip_to_sound_wire_ms": wire,
             # where speech to sound goes, outside the engine's own latency: the microphone's packets from its track to
             # the server's wire, and the avatar's audio from the client's wire to the application (the SDK's receive buffer)
             "mic_to_server_wire_ms": arrival_offsets(got.mic_wire, sent_at),
-            "audio_wire_to_app_ms": arrival_offsets(got.audio, got.wire.get("audio", [])),
+            "audio_wire_to_app_ms": arrival_offsets(got.audio, got.wire.get("audio", none)),
             "speech_to_sound_ms": speech_to_sound(sent, got.levels), "content_sync": content_sync(got, fps)}
 
 
@@ -349,7 +361,8 @@ async def _run(client, manager, n, seconds, speech, fps, seen):
     for avatar, out in zip(avatars, got):
         out.wire = on_the_wire(avatar.pc, seen)  # before close(): it drops the peer connection
         server_pc = manager.sessions[avatar.id].pc
-        out.mic_wire = on_the_wire(server_pc, seen).get("audio", []) if server_pc is not None else []
+        if server_pc is not None:
+            out.mic_wire = on_the_wire(server_pc, seen).get("audio", out.mic_wire)
         await avatar.close()
     await asyncio.gather(*readers, return_exceptions=True)
     return sessions, got, mics

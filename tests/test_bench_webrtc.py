@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import fractions
+import sys
 
 import av
 import numpy as np
@@ -74,6 +75,63 @@ def test_arrival_offsets_pacing_and_speech_to_sound_read_made_up_arrivals():
     assert speech_to_sound(sent, []) == {}
 
 
+def test_the_wire_keeps_each_rtp_timestamps_first_arrival_in_flat_marks(monkeypatch):
+    """`wire_arrivals` notes a packet whose timestamp is not the one before it (a frame's packets share one), as a
+    flat pair, not a dict entry per timestamp; `on_the_wire` gives each timestamp its first arrival (a packet out of
+    order repeats an older one), in media seconds from the first, across the 32-bit wrap. A soak's marks stay flat
+    arrays: no Python object per pair."""
+    import gc
+
+    from aiortc import RTCRtpReceiver
+
+    from letstalk_rt.bench import Marks, pairs
+
+    async def handled(self, packet):  # aiortc's own handler, as wire_arrivals wraps it
+        return None
+
+    monkeypatch.setattr(RTCRtpReceiver, "_handle_rtp_packet", handled)
+
+    class Packet:
+        def __init__(self, timestamp):
+            self.timestamp = timestamp
+
+    class Track:
+        kind = "video"
+
+    class Receiver:
+        track = Track()
+
+    class Pc:
+        def getReceivers(self):
+            return [receiver]
+
+    receiver = Receiver()
+    start = 2**32 - 3000  # the wrap comes after the second frame
+    stamps = [start, start, start, start + 3000, start + 3000, start, 1500, 1500, 4500]  # one late packet of frame 0
+    async def arrive(handle):
+        for ts in stamps:
+            await handle(receiver, Packet(ts))
+
+    with bench_webrtc.wire_arrivals() as seen:
+        asyncio.run(arrive(RTCRtpReceiver._handle_rtp_packet))
+    assert RTCRtpReceiver._handle_rtp_packet is handled  # put back
+    assert len(seen[receiver]) == 5  # a mark per change of timestamp: start, +3000, start (late), 1500, 4500
+    wire = bench_webrtc.on_the_wire(Pc(), seen)["video"]
+    media, at = wire[:, 0], wire[:, 1]
+    assert media == pytest.approx([0.0, 3000 / 90000, 4500 / 90000, 7500 / 90000])
+    noted = pairs(seen[receiver])[1]
+    assert list(at) == list(noted[[0, 1, 3, 4]])  # frame 0's first arrival, not its late packet's
+
+    marks = Marks()
+    for i in range(1000):
+        marks.append((i * 0.04, 10.0 + i))
+    marks.extend_columns(np.array([40.0, 40.04]), np.array([1010.0, 1011.0]))
+    first, second = pairs(marks)
+    assert len(marks) == 1002 and first[-1] == 40.04 and second[:3] == pytest.approx([10, 11, 12])
+    # one array of doubles, 16 bytes a pair: no object per pair for the collector to walk (a tuple of two floats: ~110)
+    assert gc.get_referents(marks._flat) == [type(marks._flat)] and sys.getsizeof(marks._flat) < 16 * 1002 + 8192
+
+
 class _Sine16k:
     """A 16 kHz mono source in 20 ms s16 frames, like a session's AvatarAudioTrack."""
 
@@ -111,7 +169,8 @@ def test_the_microphone_loops_its_speech_for_the_run_and_reads_what_it_sent():
     assert np.abs(pcm[:65 * 960] - expected).max() < 1 / 16000 and not pcm[65 * 960:].any()
     sent = mic.sent()
     assert len(sent) == 140
-    assert [t for t, _ in sent[:2]] == pytest.approx([mic.sent_at[0][1], mic.sent_at[0][1] + 0.01])
+    first_left = np.asarray(mic.sent_at)[0, 1]
+    assert [t for t, _ in sent[:2]] == pytest.approx([first_left, first_left + 0.01])
     levels = bench_webrtc.levels_db(pcm, 48000)
     assert np.array([v for _, v in sent]) == pytest.approx(levels, abs=0.05)
     assert levels[10] > -40 and levels[-1] == bench_webrtc.FLOOR_DB
