@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -1712,6 +1713,59 @@ def test_keep_heap_reuses_freed_blocks_instead_of_faulting_them_in_again():
     assert default_faults > 5 * pages  # every allocation mapped and faulted in anew
     assert kept_faults < 3 * pages  # faulted in once or twice (where the heap places it), then reused
     assert run("keep", MALLOC_TRIM_THRESHOLD_="1")[0] == "False"  # the user's own malloc settings win
+
+
+_HOLES = """
+import os
+from letstalk_rt.stream.engine import keep_heap, trim_heap
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+keep_heap()
+blocks = [bytearray(100_000) for _ in range(2000)]  # 200 MB in the heap (under keep_heap's mmap threshold)
+kept = blocks[::50]  # a block kept every 5 MB: the freed ones are holes, not the heap's free top
+del blocks
+before = rss_mb()
+trimmed = trim_heap()
+print(trimmed, before - rss_mb())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc is Linux-only")
+def test_trim_heap_hands_the_freed_holes_keep_heap_holds_back_to_the_kernel():
+    """What a stream frees between live blocks stays resident under keep_heap (no threshold trims a hole): the
+    engine's `trim_heap` (every EngineConfig.trim_heap_every_s) gives it back."""
+    out = subprocess.run([sys.executable, "-c", _HOLES], capture_output=True, text=True, check=True).stdout.split()
+    if out[0] != "True":
+        pytest.skip("not glibc")
+    assert float(out[1]) > 150  # of the ~196 MB freed in holes
+
+
+def test_a_running_engine_trims_the_heap_every_few_seconds_until_it_stops(tiny_pipeline, monkeypatch):
+    from letstalk_rt.stream import engine as engine_module
+
+    trims = []
+    monkeypatch.setattr(engine_module, "trim_heap", lambda: trims.append(threading.current_thread().name) or True)
+
+    async def run() -> tuple[int, int, dict]:
+        engine = await StreamEngine(tiny_pipeline, EngineConfig(warmup=False, trim_heap_every_s=0.05)).start()
+        await asyncio.sleep(0.4)
+        state = engine.running_state()
+        await engine.stop()
+        stopped = len(trims)
+        await asyncio.sleep(0.2)
+        off = await StreamEngine(tiny_pipeline, EngineConfig(warmup=False, trim_heap_every_s=0)).start()
+        await asyncio.sleep(0.2)
+        await off.stop()
+        return stopped, len(trims), state
+
+    stopped, after, state = asyncio.run(run())
+    if engine_module._glibc("malloc_trim") is None:
+        assert stopped == 0  # nothing to trim with
+        return
+    assert 3 <= stopped <= 9 and after == stopped  # every 50 ms while running; none once stopped, none when off
+    assert state["heap_trims"] >= 2
+    assert threading.main_thread().name not in trims  # off the event loop's thread
 
 
 _TEAMS = """

@@ -183,6 +183,10 @@ class EngineConfig:
     # live windows say the machine has quietened (_QUIET_AGAIN). 0: never raised again.
     keep_heap: bool = True  # at start, make glibc keep freed memory for reuse (`keep_heap`): a window's
     # activations are reallocated every window, and returned to the kernel they are faulted in again
+    trim_heap_every_s: float = 60.0  # while running, hand the freed memory glibc holds back to the kernel this often
+    # (`trim_heap`, in a thread off the event loop; 4-20 ms there on the 2-core CPU). Kept, it crept: a WebRTC
+    # stream's resident memory grew ~1 MB a minute that no Python object held; trimmed each minute, it stayed flat
+    # (docs/benchmarks.md). What a window reuses is faulted in once a minute instead. 0: never.
     decode_thread: bool | None = None  # decode each window in a second thread while the worker samples the
     # next, so the two stages overlap. None: on a GPU always (the decode's launches and copies overlap the next
     # window's); on a CPU of 2+ cores while the engine runs 1 torch thread (chosen, lowered or given), each stage on
@@ -213,13 +217,30 @@ def keep_heap(mmap_threshold_mb: int = 64, trim_threshold_mb: int = 256) -> bool
     """
     if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl without mallopt)
+    mallopt = _glibc("mallopt")
+    if mallopt is None:
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     return bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold_mb << 20) and mallopt(M_TRIM_THRESHOLD, trim_threshold_mb << 20))
+
+
+def trim_heap() -> bool:
+    """Hand the memory glibc's malloc holds freed (in every arena: `keep_heap` keeps it for reuse, and holes between
+    live blocks it never gives back) to the kernel: malloc_trim(0). -> whether any went back; False where the C
+    library is not glibc. It releases the GIL; the malloc calls of other threads may wait for an arena it walks.
+    Through WebRTC on the 2-core CPU the bench's resident memory crept ~1 MB a minute, none of it Python objects;
+    trimmed each minute it stayed flat, 20-30 MB handed back each time (docs/benchmarks.md)."""
+    trim = _glibc("malloc_trim")
+    return bool(trim(0)) if trim is not None else False
+
+
+@functools.lru_cache(maxsize=None)
+def _glibc(name: str):
+    """glibc's function `name` (ctypes), or None where the C library has none (macOS, Windows, musl)."""
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
 
 
 _TRACED_SESSIONS = 2  # on a CPU, batches of up to this many sessions run from traces (StreamEngine._trace)
@@ -941,6 +962,8 @@ class StreamEngine:
         self.windows_run = 0
         self._decode_q: queue.Queue | None = None  # worker -> decode thread, one window in hand at most
         self._decoder: threading.Thread | None = None
+        self._trimmer: asyncio.Task | None = None  # trim_heap every EngineConfig.trim_heap_every_s
+        self.heap_trims = 0
 
     # -- lifecycle
 
@@ -973,7 +996,16 @@ class StreamEngine:
             self._decoder.start()
         self._thread = threading.Thread(target=self._run, name="letstalk-engine", daemon=True)
         self._thread.start()
+        if self.config.trim_heap_every_s > 0 and _glibc("malloc_trim") is not None:
+            self._trimmer = asyncio.create_task(self._trim_heap_every(self.config.trim_heap_every_s))
         return self
+
+    async def _trim_heap_every(self, seconds: float) -> None:
+        """`trim_heap` every `seconds` until stop(), in a thread of the loop's executor."""
+        while True:
+            await asyncio.sleep(seconds)
+            await asyncio.to_thread(trim_heap)
+            self.heap_trims += 1
 
     def _decodes_in_thread(self) -> bool:
         """Every window decoded in the decode thread: EngineConfig.decode_thread, whose default (None) is that on a
@@ -997,6 +1029,9 @@ class StreamEngine:
         return self._decode_q is not None and self._overlaps_at(threads)
 
     async def stop(self) -> None:
+        if self._trimmer is not None:
+            self._trimmer.cancel()
+            self._trimmer = None
         for s in list(self.sessions.values()):
             await s.close(reason="engine stopped")
         self._stopping = True
@@ -1536,8 +1571,8 @@ class StreamEngine:
 
     def running_state(self) -> dict:
         """How the engine runs now, as it adjusts to the machine: torch threads (None: torch's own), sampling steps
-        and noise draws per window, whether a window is decoded beside the next one's sampling, and how often it
-        lowered and raised its threads and draws."""
+        and noise draws per window, whether a window is decoded beside the next one's sampling, how often it
+        lowered and raised its threads and draws, and how often it handed freed memory back (`trim_heap`)."""
         return {
             "torch_threads": self.threads,
             "steps": self.pipeline.num_steps,
@@ -1547,6 +1582,7 @@ class StreamEngine:
             "threads_raised": len(self.threads_raised),
             "draws_lowered": len(self.draws_lowered),
             "draws_raised": len(self.draws_raised),
+            "heap_trims": self.heap_trims,
         }
 
     def window_compute_ms(self) -> float:
