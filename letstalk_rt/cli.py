@@ -450,6 +450,8 @@ def check_live_args(args: argparse.Namespace) -> None:
         raise LetsTalkError(f"--threads {args.threads}: choose 0 (auto), -1 (torch's own) or a count")
     if args.safety_ms is not None and not 0 <= args.safety_ms <= 200:
         raise LetsTalkError(f"--safety-ms {args.safety_ms}: choose 0 .. 200 ms")
+    if args.trim_heap_every is not None and not (math.isfinite(args.trim_heap_every) and args.trim_heap_every >= 0):
+        raise LetsTalkError(f"--trim-heap-every {args.trim_heap_every}: choose 0 (never) or more seconds")
     if args.threads_raise_after is not None and not (math.isfinite(args.threads_raise_after)
                                                      and args.threads_raise_after >= 0):
         raise LetsTalkError(f"--threads-raise-after {args.threads_raise_after}: choose 0 (never) or more seconds")
@@ -467,6 +469,10 @@ def add_live_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-freeze-gc", dest="freeze_gc", action="store_false",
                    help="leave the garbage collector alone at start (by default everything loaded by then is frozen, "
                         "so a full collection does not stall streaming for ~180 ms; EngineConfig.freeze_gc)")
+    p.add_argument("--trim-heap-every", type=float, default=None, metavar="S",
+                   help="hand the memory the C library holds freed back to the system every S seconds while running "
+                        "(default 60; 0: never; glibc only): through WebRTC 20-30 MB each minute "
+                        "(EngineConfig.trim_heap_every_s)")
 
 
 def live_config(args: argparse.Namespace) -> dict:
@@ -479,6 +485,8 @@ def live_config(args: argparse.Namespace) -> dict:
         out["safety_ms"] = args.safety_ms
     if args.threads_raise_after is not None:
         out["threads_raise_after_s"] = args.threads_raise_after
+    if args.trim_heap_every is not None:
+        out["trim_heap_every_s"] = args.trim_heap_every
     return out
 
 

@@ -141,7 +141,8 @@ def test_bad_counts_fail_before_a_model_loads(capsys):
                  ["bench", "--window", "-1"], ["bench", "--seconds", "-1"], ["bench", "--soak", "-5"],
                  ["bench", "--noise-hold", "9"], ["bench", "--steps", "0"], ["bench", "--audio-guidance", "nan"],
                  ["bench", "--json", "/no_such_dir/x.json"], ["demo", "--window", "-2"],
-                 ["bench", "--threads-raise-after", "-1"], ["demo", "--threads-raise-after", "nan"]):
+                 ["bench", "--threads-raise-after", "-1"], ["demo", "--threads-raise-after", "nan"],
+                 ["bench", "--trim-heap-every", "-1"], ["demo", "--trim-heap-every", "inf"]):
         assert main(argv + ["--model", "/nonexistent"]) == 2
         err = capsys.readouterr().err
         assert argv[1] in err, err
@@ -156,6 +157,8 @@ def test_the_live_flags_reach_the_engine_config():
     assert live["threads_raise_after_s"] == 0 and live["safety_ms"] == 20 and live["threads"] == 2
     assert "threads_raise_after_s" not in live_config(build_parser().parse_args(["bench"]))  # the engine's default
     assert live["freeze_gc"] and not live_config(build_parser().parse_args(["demo", "--no-freeze-gc"]))["freeze_gc"]
+    assert "trim_heap_every_s" not in live
+    assert live_config(build_parser().parse_args(["demo", "--trim-heap-every", "0"]))["trim_heap_every_s"] == 0
 
 
 def test_the_loop_watch_puts_a_stalled_loop_and_a_collection_in_their_minute():

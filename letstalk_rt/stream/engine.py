@@ -184,9 +184,10 @@ class EngineConfig:
     keep_heap: bool = True  # at start, make glibc keep freed memory for reuse (`keep_heap`): a window's
     # activations are reallocated every window, and returned to the kernel they are faulted in again
     trim_heap_every_s: float = 60.0  # while running, hand the freed memory glibc holds back to the kernel this often
-    # (`trim_heap`, in a thread off the event loop; 4-20 ms there on the 2-core CPU). Kept, it crept: a WebRTC
-    # stream's resident memory grew ~1 MB a minute that no Python object held; trimmed each minute, it stayed flat
-    # (docs/benchmarks.md). What a window reuses is faulted in once a minute instead. 0: never.
+    # (`trim_heap`, in a thread off the event loop; 4-20 ms there on the 2-core CPU). Through WebRTC it held 20-30 MB
+    # freed at any time and more each minute: trimmed each minute, a 10-minute stream's process was 35-45 MB smaller
+    # and grew 0.8 MB a minute instead of 1.0, half of that the bench's own records (docs/benchmarks.md). What a
+    # window reuses is faulted in again once a minute. 0: never.
     decode_thread: bool | None = None  # decode each window in a second thread while the worker samples the
     # next, so the two stages overlap. None: on a GPU always (the decode's launches and copies overlap the next
     # window's); on a CPU of 2+ cores while the engine runs 1 torch thread (chosen, lowered or given), each stage on
@@ -228,8 +229,7 @@ def trim_heap() -> bool:
     """Hand the memory glibc's malloc holds freed (in every arena: `keep_heap` keeps it for reuse, and holes between
     live blocks it never gives back) to the kernel: malloc_trim(0). -> whether any went back; False where the C
     library is not glibc. It releases the GIL; the malloc calls of other threads may wait for an arena it walks.
-    Through WebRTC on the 2-core CPU the bench's resident memory crept ~1 MB a minute, none of it Python objects;
-    trimmed each minute it stayed flat, 20-30 MB handed back each time (docs/benchmarks.md)."""
+    Through WebRTC on the 2-core CPU, once a minute, it handed 20-30 MB back each time (docs/benchmarks.md)."""
     trim = _glibc("malloc_trim")
     return bool(trim(0)) if trim is not None else False
 
@@ -916,6 +916,9 @@ class StreamEngine:
         if not self.config.threads_raise_after_s >= 0:
             raise LetsTalkError(f"threads_raise_after_s {self.config.threads_raise_after_s}: choose 0 (never) or more "
                                 "seconds")
+        if not (math.isfinite(self.config.trim_heap_every_s) and self.config.trim_heap_every_s >= 0):
+            raise LetsTalkError(f"trim_heap_every_s (--trim-heap-every) {self.config.trim_heap_every_s}: choose 0 "
+                                "(never) or more seconds")
         if not 0 <= self.config.safety_ms <= 200:
             raise LetsTalkError(f"safety_ms (--safety-ms) {self.config.safety_ms}: choose 0 .. 200 ms")
         if self.config.latency_history < 0:
