@@ -128,11 +128,9 @@ def _rss_mb() -> float:
 
 def _rss_now_mb() -> float | None:
     """This process's resident memory now (Linux's /proc; None elsewhere: only the peak is known there)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return None
+    from .stream.engine import resident_memory_bytes
+
+    return None if (now := resident_memory_bytes()) is None else now / 2**20
 
 
 async def _sample_rss(out: list[float]) -> None:

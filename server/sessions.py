@@ -43,7 +43,7 @@ from aiortc.mediastreams import MediaStreamError
 from letstalk_rt.errors import LetsTalkError
 from letstalk_rt.rtc import release_frames_at_once
 from letstalk_rt.stream import TrackSource
-from letstalk_rt.stream.engine import quantiles
+from letstalk_rt.stream.engine import quantiles, resident_memory_bytes
 from letstalk_rt.stream.events import SessionClosed
 
 from .auth import TokenSigner
@@ -272,6 +272,10 @@ def render_metrics(manager: SessionManager) -> str:
            [("", state["draws_lowered"])])
     metric("letstalk_engine_decode_overlapped", "gauge", "1 where a window is decoded beside the next one's sampling.",
            [("", int(state["decode_overlapped"]))])
+    metric("letstalk_engine_heap_trims_total", "counter", "Times the engine handed the memory the C library held freed "
+           "back to the system (--trim-heap-every).", [("", state["heap_trims"])])
+    if (rss := resident_memory_bytes()) is not None:  # Linux
+        metric("letstalk_process_resident_memory_bytes", "gauge", "The server process's resident memory.", [("", rss)])
     return "\n".join(lines) + "\n"
 
 

@@ -1219,7 +1219,7 @@ def test_noise_draws_are_lowered_before_the_threads_once_windows_fall_two_window
 
     lowered, threads_lowered, threads, events, state = run(main())
     assert state == {"torch_threads": 2, "steps": pipe.num_steps, "noise_draws": 1, "decode_overlapped": False,
-                     "threads_lowered": 0, "threads_raised": 0, "draws_lowered": 1, "draws_raised": 0}
+                     "threads_lowered": 0, "threads_raised": 0, "draws_lowered": 1, "draws_raised": 0, "heap_trims": 0}
     full = [d for d, n in seen if n == window]
     assert len(lowered) == 1 and not threads_lowered and threads == 2
     adjusted = [e.to_dict() for e in events if e.type == "engine_adjusted"]  # the application is told, once

@@ -165,6 +165,9 @@ def test_health_metrics_and_avatars(tiny_pipeline, monkeypatch):
     assert values["letstalk_engine_noise_draws"] == tiny_pipeline.noise_draws >= 1
     assert values["letstalk_engine_draws_lowered_total"] == 0
     assert values["letstalk_engine_decode_overlapped"] == int(state["decode_overlapped"])
+    assert values["letstalk_engine_heap_trims_total"] == state["heap_trims"]
+    if sys.platform.startswith("linux"):
+        assert 50 * 2**20 < values["letstalk_process_resident_memory_bytes"] < 64 * 2**30
 
 
 # --------------------------------------------------------------------------------------------------

@@ -234,6 +234,15 @@ def trim_heap() -> bool:
     return bool(trim(0)) if trim is not None else False
 
 
+def resident_memory_bytes() -> int | None:
+    """This process's resident memory now (Linux's /proc; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 @functools.lru_cache(maxsize=None)
 def _glibc(name: str):
     """glibc's function `name` (ctypes), or None where the C library has none (macOS, Windows, musl)."""
