@@ -217,8 +217,8 @@ class Marks:
         return len(self._flat) // 2
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        pairs = np.frombuffer(self._flat, np.float64).reshape(-1, 2).copy()  # a copy: the array may grow on
-        return pairs if dtype is None else pairs.astype(dtype)
+        out = np.frombuffer(self._flat, np.float64).reshape(-1, 2).copy()  # a copy: the array may grow on
+        return out if dtype is None else out.astype(dtype)
 
 
 def pairs(values) -> tuple[np.ndarray, np.ndarray]:

@@ -1741,7 +1741,7 @@ def test_trim_heap_hands_the_freed_holes_keep_heap_holds_back_to_the_kernel():
     assert float(out[1]) > 150  # of the ~196 MB freed in holes
 
 
-def test_a_running_engine_trims_the_heap_every_few_seconds_until_it_stops(tiny_pipeline, monkeypatch):
+def test_a_running_engine_trims_the_heap_at_its_interval_off_the_loop_until_it_stops(tiny_pipeline, monkeypatch):
     from letstalk_rt.stream import engine as engine_module
 
     trims = []
