@@ -35,14 +35,15 @@ class Server:
 
 
 @contextlib.asynccontextmanager
-async def running_server(pipeline, max_sessions: int = 4, **config):
-    """The app on 127.0.0.1:<ephemeral> around a fresh engine (no warm-up) on `pipeline`."""
+async def running_server(pipeline, max_sessions: int = 4, engine_config: dict | None = None, **config):
+    """The app on 127.0.0.1:<ephemeral> around a fresh engine (no warm-up, `engine_config`'s EngineConfig fields)
+    on `pipeline`."""
     from letstalk_rt.bench_webrtc import local_server
     from letstalk_rt.stream import EngineConfig, StreamEngine
     from server import ServerConfig
 
-    engine = StreamEngine(pipeline, EngineConfig(warmup=False, max_sessions=max_sessions,
-                                                 max_batch=min(max_sessions, 4)))
+    engine = StreamEngine(pipeline, EngineConfig(**{"warmup": False, "max_sessions": max_sessions,
+                                                    "max_batch": min(max_sessions, 4), **(engine_config or {})}))
     try:
         async with local_server(engine, ServerConfig(port=0, **config)) as (url, app):
             yield Server(url, app, engine)

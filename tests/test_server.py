@@ -114,7 +114,9 @@ def test_health_metrics_and_avatars(tiny_pipeline, monkeypatch):
     monkeypatch.setattr(Session, "stats", counted)
 
     async def main():
-        async with running_server(tiny_pipeline, max_sessions=3) as srv, aiohttp.ClientSession() as http:
+        # the heap trimmed every 0.3 s, so its counter has moved by the time /metrics is read
+        async with running_server(tiny_pipeline, max_sessions=3, engine_config={"trim_heap_every_s": 0.3}) as srv, \
+                aiohttp.ClientSession() as http:
             async with http.get(f"{srv.url}/health") as r:
                 assert r.status == 200
                 assert await r.json() == {"status": "ok", "sessions": 0, "admitting": 0, "max_sessions": 3}
@@ -165,7 +167,10 @@ def test_health_metrics_and_avatars(tiny_pipeline, monkeypatch):
     assert values["letstalk_engine_noise_draws"] == tiny_pipeline.noise_draws >= 1
     assert values["letstalk_engine_draws_lowered_total"] == 0
     assert values["letstalk_engine_decode_overlapped"] == int(state["decode_overlapped"])
-    assert values["letstalk_engine_heap_trims_total"] == state["heap_trims"]
+    from letstalk_rt.stream.engine import _glibc
+
+    trims = 2 if _glibc("malloc_trim") is not None else 0  # glibc only; 1.5 s of the stream alone holds 5 trims
+    assert values["letstalk_engine_heap_trims_total"] == state["heap_trims"] >= trims
     if sys.platform.startswith("linux"):
         assert 50 * 2**20 < values["letstalk_process_resident_memory_bytes"] < 64 * 2**30
 
