@@ -111,6 +111,7 @@ class RunResult:
     # the process's event loop and garbage collector (LoopWatch): each minute's largest lateness of the loop and
     # longest collection, each full collection's [seconds into the run, ms], and the objects the engine froze at
     # start (EngineConfig.freeze_gc; 0: none); with --webrtc the server, the engine and the peers share the loop
+    # (with --peer-process, the peers have their own)
     loop_lag_ms_by_minute: list[float] = field(default_factory=list)
     gc_pause_ms_by_minute: list[float] = field(default_factory=list)
     gc_full_collections: list[list[float]] = field(default_factory=list)
@@ -310,10 +311,11 @@ async def _feed(session, audio: np.ndarray, seconds: float) -> None:
 
 
 async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np.ndarray, portrait,
-                       live: dict | None = None, seed: int = 0, webrtc: bool = False) -> RunResult:
+                       live: dict | None = None, seed: int = 0, webrtc: bool = False,
+                       peer_process: bool = False) -> RunResult:
     """n sessions for `seconds` (noise seeds seed, seed + 1, ...); `live`: EngineConfig fields (window, max_steps,
     catch_up_tempo ...). `webrtc`: each session through the server and a real WebRTC peer instead (bench_webrtc; the
-    server's default avatar, its own seeds)."""
+    server's default avatar, its own seeds); `peer_process`: those peers in a process of their own."""
     from .stream import EngineConfig, StreamEngine
 
     if pipe.device.type == "cuda":
@@ -333,7 +335,7 @@ async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np
             if webrtc:
                 from .bench_webrtc import stream
 
-                sessions, received = await stream(engine, n, seconds, audio)
+                sessions, received = await stream(engine, n, seconds, audio, peer_process)
             else:
                 sessions = [await engine.open_session(portrait, seed=seed + i) for i in range(n)]
                 await asyncio.gather(*[_feed(s, audio, seconds) for s in sessions],
@@ -565,23 +567,26 @@ def spread(results: list[RunResult]) -> dict:
 
 def run_bench(pipe: LetsTalkPipeline, session_counts: list[int], seconds: float, audio: np.ndarray, portrait,
               json_path: Path | None = None, breakdown: bool = True, repeat: int = 1, live: dict | None = None,
-              neighbours: tuple[int, float, float] = (0, 30.0, 60.0), seed: int = 0, webrtc: bool = False) -> dict:
+              neighbours: tuple[int, float, float] = (0, 30.0, 60.0), seed: int = 0, webrtc: bool = False,
+              peer_process: bool = False) -> dict:
     """`live`: EngineConfig fields for every run (window, max_steps, catch_up_tempo ...). `neighbours`:
     (count, busy s, period s) of CPU-bound processes beside the engine for every run (busy_neighbours). `webrtc`:
-    every session through the server and a real WebRTC peer (bench_webrtc)."""
+    every session through the server and a real WebRTC peer (bench_webrtc); `peer_process`: the peers in a process of
+    their own, not sharing the server's event loop."""
     with busy_neighbours(*neighbours):
         return _run_bench(pipe, session_counts, seconds, audio, portrait, json_path, breakdown, repeat,
-                          live or {}, neighbours, seed, webrtc)
+                          live or {}, neighbours, seed, webrtc, peer_process)
 
 
 def _run_bench(pipe, session_counts, seconds, audio, portrait, json_path, breakdown, repeat, live, neighbours,
-               seed, webrtc) -> dict:
+               seed, webrtc, peer_process) -> dict:
     window = live.get("window", 0)
     report: dict = {"machine": machine(), "model": pipe.config.description or "untrained",
                     "device": str(pipe.device), "dtype": str(pipe.dtype).replace("torch.", ""),
                     "steps": pipe.num_steps, "noise_draws": pipe.noise_draws, "window": window or pipe.window,
                     "live": live,
                     "neighbours": dict(zip(("count", "busy_s", "period_s"), neighbours)), "webrtc": webrtc,
+                    "peer_process": peer_process,
                     "runs": [], "spread": [],
                     "complete": False}  # True once every run asked for is in
 
@@ -602,7 +607,7 @@ def _run_bench(pipe, session_counts, seconds, audio, portrait, json_path, breakd
         for _ in range(repeat):
             try:
                 result = asyncio.run(run_sessions(pipe, n, seconds, audio, portrait, live=live, seed=seed,
-                                                  webrtc=webrtc))
+                                                  webrtc=webrtc, peer_process=peer_process))
             except LetsTalkError as e:  # e.g. the GPU cannot hold this many sessions' batch
                 report["error"] = {"sessions": n, "message": str(e)}
                 save()

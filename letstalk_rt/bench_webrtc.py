@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fractions
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -34,6 +35,7 @@ from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
 from .bench import Marks, by_minute, pairs
+from .errors import LetsTalkError
 
 PACKET_S = 0.020  # the microphone's packets
 LEVEL_S = 0.010  # loudness is read per 10 ms on both sides
@@ -321,48 +323,204 @@ async def local_server(engine, config=None):
         await runner.cleanup()
 
 
-async def stream(engine, n: int, seconds: float, speech: np.ndarray) -> tuple[list, list[dict]]:
+async def stream(engine, n: int, seconds: float, speech: np.ndarray, peer_process: bool = False
+                 ) -> tuple[list, list[dict]]:
     """n sessions through the server, each with a microphone playing `speech` for `seconds` and a receiving peer ->
-    (the engine's sessions, read after the run, and each session's receiver-side summary)."""
+    (the engine's sessions, read after the run, and each session's receiver-side summary). `peer_process`: the peers
+    (microphones and SDK) in a process of their own (`python -m letstalk_rt.bench_webrtc`), as a user's peer is; else
+    in this one, sharing the server's event loop."""
     from .client import AvatarClient
 
     from server.app import MANAGER
 
-    fps = engine.pipeline.fps
     with wire_arrivals() as seen:
-        async with local_server(engine) as (url, app), AvatarClient(url) as client:
-            sessions, got, mics = await _run(client, app[MANAGER], n, seconds, speech, fps, seen)
-    return sessions, [summary(out, mic.sent(), mic.sent_at, fps) for out, mic in zip(got, mics)]
+        async with local_server(engine) as (url, app):
+            if peer_process:
+                return await _run_peer_process(url, app[MANAGER], n, seconds, speech, seen)
+            async with AvatarClient(url) as client:
+                sessions, peers = await _run(client, app[MANAGER], n, seconds, speech, seen)
+    return sessions, [summary(p.got, p.mic.sent(), p.mic.sent_at, fps_of(p.avatar)) for p in peers]
 
 
-async def warm_up(client, manager) -> None:
+@dataclass
+class Peer:
+    """One measured session at the receiving side: the SDK's session, its microphone, what it received and the task
+    reading it."""
+
+    avatar: object  # client.AvatarSession
+    mic: MicrophoneTrack
+    got: Received
+    reader: asyncio.Task
+
+
+async def start_session(client, patience_s: float = 15.0):
+    """`client.start_session()` on the server's default avatar, asking again while the server is busy (the warm-up's
+    slot is still being freed) for up to `patience_s`."""
+    from .client import ServerBusyError
+
+    give_up = time.monotonic() + patience_s
+    while True:
+        try:
+            return await client.start_session(avatar_id="default")
+        except ServerBusyError:
+            if time.monotonic() > give_up:
+                raise
+            await asyncio.sleep(0.1)
+
+
+async def warm_up(client, manager=None) -> None:
     """One throwaway session connected and closed: a process's first WebRTC connection pays aiortc's one-time set-up
-    (~0.7 s on 2 cores, and it held the engine's first window back as long); a running server has paid it."""
-    avatar = await client.start_session(avatar_id="default")
+    (~0.7 s on 2 cores, and it held the engine's first window back as long); a running server has paid it. With the
+    server's `manager` (same process), waits until its slot is free again before the measured sessions ask."""
+    avatar = await start_session(client)
     await avatar.connect(audio_track=MicrophoneTrack(np.zeros(1600, np.float32), 1.0))
     async for _ in avatar.timed_video_frames():
         break
     await avatar.close()
-    while manager.sessions or manager.admitting:  # its slot is free again before the measured sessions ask
+    while manager is not None and (manager.sessions or manager.admitting):
         await asyncio.sleep(0.05)
 
 
-async def _run(client, manager, n, seconds, speech, fps, seen):
-    await warm_up(client, manager)
-    avatars, sessions, mics, got, readers = [], [], [], [], []
-    for _ in range(n):  # each session opened and connected as a user's is: one after another
+def fps_of(avatar) -> float:
+    """The frame rate the server stated for a session."""
+    return float(avatar.info["video"]["fps"])
+
+
+async def open_peers(client, n: int, seconds: float, speech: np.ndarray, opened=None) -> list[Peer]:
+    """n sessions opened and connected as a user's are (one after another), each sending `speech` for `seconds` as
+    its microphone and read by `receive`; `opened(avatar)` after each connects."""
+    peers = []
+    for _ in range(n):
         mic = MicrophoneTrack(speech, seconds)
-        out = Received(opened_at=time.monotonic())
-        avatar = await client.start_session(avatar_id="default")
+        got = Received(opened_at=time.monotonic())
+        avatar = await start_session(client)
         await avatar.connect(audio_track=mic)
-        readers.append(asyncio.create_task(receive(avatar, out, fps)))
-        avatars.append(avatar), sessions.append(manager.sessions[avatar.id].session), mics.append(mic), got.append(out)
+        peers.append(Peer(avatar, mic, got, asyncio.create_task(receive(avatar, got, fps_of(avatar)))))
+        if opened is not None:
+            opened(avatar)
+    return peers
+
+
+async def close_peers(peers: list[Peer], seen: dict) -> None:
+    """Note each peer's wire arrivals, then close its session and wait for its reader."""
+    for p in peers:
+        p.got.wire = on_the_wire(p.avatar.pc, seen)  # before close(): it drops the peer connection
+        await p.avatar.close()
+    await asyncio.gather(*(p.reader for p in peers), return_exceptions=True)
+
+
+def mic_on_the_server(pc, seen: dict) -> np.ndarray:
+    """The server side of a session's peer connection -> its microphone packets' (media s, wire arrival)."""
+    return on_the_wire(pc, seen).get("audio", np.zeros((0, 2))) if pc is not None else np.zeros((0, 2))
+
+
+async def _run(client, manager, n, seconds, speech, seen):
+    await warm_up(client, manager)
+    sessions = []
+    peers = await open_peers(client, n, seconds, speech,
+                             opened=lambda avatar: sessions.append(manager.sessions[avatar.id].session))
     await asyncio.sleep(seconds)
-    for avatar, out in zip(avatars, got):
-        out.wire = on_the_wire(avatar.pc, seen)  # before close(): it drops the peer connection
-        server_pc = manager.sessions[avatar.id].pc
-        if server_pc is not None:
-            out.mic_wire = on_the_wire(server_pc, seen).get("audio", out.mic_wire)
-        await avatar.close()
-    await asyncio.gather(*readers, return_exceptions=True)
-    return sessions, got, mics
+    for p in peers:
+        p.got.mic_wire = mic_on_the_server(manager.sessions[p.avatar.id].pc, seen)
+    await close_peers(peers, seen)
+    return sessions, peers
+
+
+async def _run_peer_process(url, manager, n, seconds, speech, seen) -> tuple[list, list[dict]]:
+    """`stream` with the peers in a child process (`main`): the engine's session and the server's peer connection of
+    each session the child reports opened are kept here; the child's summaries come back on its last line, and the
+    microphone-to-server figure is made here from the server's wire and the child's send times (one monotonic clock
+    for the machine)."""
+    import json
+    import sys
+    import tempfile
+    import wave
+
+    sessions, server_pcs = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/speech.wav"
+        with wave.open(path, "wb") as w:  # the same speech, as the child's --audio (PCM16: what the microphone sends)
+            w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+            w.writeframes((np.clip(speech, -1, 1) * 32767).astype("<i2").tobytes())
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "letstalk_rt.bench_webrtc", url, "--sessions", str(n), "--seconds", str(seconds),
+            "--audio", path, "--send-times", stdout=asyncio.subprocess.PIPE, limit=2**28)
+        result = None
+        try:
+            async for line in child.stdout:
+                message = json.loads(line)
+                if "opened" in message:
+                    ss = manager.sessions[message["opened"]]
+                    sessions.append(ss.session), server_pcs.append(ss.pc)
+                else:
+                    result = message
+        finally:
+            if child.returncode is None and result is None:
+                child.kill()
+            code = await child.wait()
+    if code != 0 or result is None:
+        raise LetsTalkError(f"the bench's peer process failed (exit code {code}); its error is printed above")
+    for peer, pc in zip(result["peers"], server_pcs):
+        sent_at = peer.pop("send_times")
+        peer["mic_to_server_wire_ms"] = arrival_offsets(mic_on_the_server(pc, seen), sent_at)
+    return sessions, result["peers"]
+
+
+async def peers_main(url: str, n: int, seconds: float, speech: np.ndarray, api_key: str | None = None,
+                     send_times: bool = False) -> None:
+    """The peers of `stream(peer_process=True)`, or of anyone measuring a running server from the far side: n
+    sessions on its default avatar for `seconds`; each line of stdout one JSON object: {"opened": session id} as
+    each connects, then {"peers": [each session's summary]} (+ its microphone packets' "send_times", (media s,
+    monotonic) pairs, with `send_times`)."""
+    import json
+
+    from .client import AvatarClient
+
+    with wire_arrivals() as seen:
+        async with AvatarClient(url, api_key) as client:
+            await warm_up(client)
+            peers = await open_peers(client, n, seconds, speech, opened=lambda avatar: print(
+                json.dumps({"opened": avatar.id}), flush=True))
+            await asyncio.sleep(seconds)
+            await close_peers(peers, seen)
+    out = []
+    for p in peers:
+        out.append({**summary(p.got, p.mic.sent(), p.mic.sent_at, fps_of(p.avatar)), "peer_pid": os.getpid()})
+        if send_times:
+            out[-1]["send_times"] = np.asarray(p.mic.sent_at).tolist()
+    print(json.dumps({"peers": out}), flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m letstalk_rt.bench_webrtc URL: the receiving side of `letstalk bench --webrtc` against any server."""
+    import argparse
+    import sys
+
+    from .media import load_audio
+
+    p = argparse.ArgumentParser(prog="python -m letstalk_rt.bench_webrtc", description=(
+        "Measure a running letstalk-rt server from the far side of WebRTC: N sessions on its default avatar, each "
+        "sending speech as its microphone; prints one JSON object per line (each session as it opens, then each "
+        "session's frame pacing, lip-to-sound offset, speech-to-sound latency and lip sync of what arrived)."))
+    p.add_argument("url", help="the server, like http://127.0.0.1:8080")
+    p.add_argument("--sessions", type=int, default=1, help="concurrent sessions (default 1)")
+    p.add_argument("--seconds", type=float, default=20.0, help="seconds of speech per session (default 20)")
+    p.add_argument("--audio", default=None, help="the speech to send (any format PyAV reads; default: the bundled "
+                                                   "speech)")
+    p.add_argument("--api-key", default=None, help="the server's API key, if it has one")
+    p.add_argument("--send-times", action="store_true", help="add each microphone packet's send time (monotonic)")
+    args = p.parse_args(argv)
+    if args.sessions < 1 or args.seconds <= 0:
+        p.error("--sessions and --seconds must be positive")
+    try:
+        from pathlib import Path
+
+        speech = load_audio(args.audio or Path(__file__).parent / "assets" / "speech.ogg")
+        asyncio.run(peers_main(args.url, args.sessions, args.seconds, np.asarray(speech), args.api_key,
+                               args.send_times))
+    except (LetsTalkError, OSError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

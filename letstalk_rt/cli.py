@@ -295,7 +295,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     audio = load_audio(ASSETS / DEMO_SPEECH)
     run_bench(pipe, counts, seconds, np.asarray(audio), portrait, json_path=args.json,
               breakdown=not args.soak, repeat=args.repeat, live=live_config(args),
-              neighbours=(args.neighbours, busy, period), seed=args.seed, webrtc=args.webrtc)
+              neighbours=(args.neighbours, busy, period), seed=args.seed, webrtc=args.webrtc or args.peer_process,
+              peer_process=args.peer_process)
 
 
 def _preset_config(args: argparse.Namespace):
@@ -533,6 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="each session through the WebRTC server on 127.0.0.1 and a real aiortc peer (speech sent as "
                         "its microphone): adds frame pacing, the lip-to-sound offset and speech-to-sound latency "
                         "where the peer receives")
+    p.add_argument("--peer-process", action="store_true",
+                   help="with --webrtc (implies it): the receiving peers in a process of their own, as a user's "
+                        "peer is, instead of sharing the server's event loop")
     add_live_args(p)
     p.set_defaults(func=cmd_bench)
 

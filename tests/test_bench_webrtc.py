@@ -50,6 +50,36 @@ def test_webrtc_bench_measures_pacing_lip_to_sound_and_speech_to_sound_at_the_pe
     assert peer["content_sync"]["frames"] > 100  # the tiny model has no lip sync to read; the real one: docs
 
 
+def test_webrtc_bench_with_the_peers_in_a_process_of_their_own(tiny_pipeline, astronaut_png):
+    """--peer-process: the microphones and the SDK run in a child process (`python -m letstalk_rt.bench_webrtc`), as a
+    user's peer does, not on the server's event loop; the engine's figures are read here, the peers' come back from
+    the child, and the microphone-to-server figure joins the server's wire here to the child's send times (one
+    monotonic clock for the machine: a wrong join reads seconds, or negative)."""
+    import os
+
+    from letstalk_rt.media import load_image
+
+    portrait = tiny_pipeline.prepare_portrait(load_image(astronaut_png), detect=False)
+    audio = speechlike(1.2, seed=5)
+    report = run_bench(tiny_pipeline, [1], 5.0, audio, portrait, breakdown=False, webrtc=True, peer_process=True)
+
+    assert report["peer_process"] and report["complete"]
+    (run,) = report["runs"]
+    assert 0.9 < run["realtime_factor"] <= 1.0 and run["latency_ms_p50"] is not None
+    (peer,) = run["webrtc"]
+    assert peer["peer_pid"] != os.getpid()
+    assert peer["pacing"]["frames"] > 80 and 22 < peer["pacing"]["fps"] < 28
+    assert abs(peer["lip_to_sound_wire_ms"]["p50"]) < 15, peer["lip_to_sound_wire_ms"]
+    assert 0 < peer["mic_to_server_wire_ms"]["p50"] < 15, peer["mic_to_server_wire_ms"]
+    assert "send_times" not in peer
+
+
+def test_the_peer_command_says_what_is_wrong_with_a_server_it_cannot_reach():
+    with pytest.raises(SystemExit) as e:
+        bench_webrtc.main(["http://127.0.0.1:9", "--seconds", "1"])
+    assert str(e.value).startswith("error:") and "127.0.0.1:9" in str(e.value)
+
+
 def test_arrival_offsets_pacing_and_speech_to_sound_read_made_up_arrivals():
     fps = 25
     audio = [(j * 0.02, 10.0 + j * 0.02 + 0.005) for j in range(6000)]  # 2 minutes of 20 ms packets, 5 ms in transit
