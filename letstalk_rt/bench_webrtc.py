@@ -34,7 +34,7 @@ import numpy as np
 from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
-from .bench import Marks, by_minute, pairs
+from .bench import LoopWatch, Marks, by_minute, pairs
 from .errors import LetsTalkError
 
 PACKET_S = 0.020  # the microphone's packets
@@ -470,22 +470,26 @@ async def peers_main(url: str, n: int, seconds: float, speech: np.ndarray, api_k
                      send_times: bool = False) -> None:
     """The peers of `stream(peer_process=True)`, or of anyone measuring a running server from the far side: n
     sessions on its default avatar for `seconds`; each line of stdout one JSON object: {"opened": session id} as
-    each connects, then {"peers": [each session's summary]} (+ its microphone packets' "send_times", (media s,
-    monotonic) pairs, with `send_times`)."""
+    each connects, then {"peers": [each session's summary]} (+ "peer_loop": this process's event loop and collector
+    by minute, as `LoopWatch`; + its microphone packets' "send_times", (media s, monotonic) pairs, with
+    `send_times`)."""
     import json
 
     from .client import AvatarClient
 
     with wire_arrivals() as seen:
-        async with AvatarClient(url, api_key) as client:
+        async with AvatarClient(url, api_key) as client, LoopWatch() as watch:
             await warm_up(client)
             peers = await open_peers(client, n, seconds, speech, opened=lambda avatar: print(
                 json.dumps({"opened": avatar.id}), flush=True))
             await asyncio.sleep(seconds)
             await close_peers(peers, seen)
+    loop = watch.figures()  # this process's, which the bench's own LoopWatch does not see
+    loop.pop("gc_frozen_objects")
     out = []
     for p in peers:
-        out.append({**summary(p.got, p.mic.sent(), p.mic.sent_at, fps_of(p.avatar)), "peer_pid": os.getpid()})
+        out.append({**summary(p.got, p.mic.sent(), p.mic.sent_at, fps_of(p.avatar)), "peer_pid": os.getpid(),
+                    "peer_loop": loop})
         if send_times:
             out[-1]["send_times"] = np.asarray(p.mic.sent_at).tolist()
     print(json.dumps({"peers": out}), flush=True)

@@ -67,7 +67,7 @@ def test_webrtc_bench_with_the_peers_in_a_process_of_their_own(tiny_pipeline, as
     (run,) = report["runs"]
     assert 0.9 < run["realtime_factor"] <= 1.0 and run["latency_ms_p50"] is not None
     (peer,) = run["webrtc"]
-    assert peer["peer_pid"] != os.getpid()
+    assert peer["peer_pid"] != os.getpid() and peer["peer_loop"]["loop_lag_ms_by_minute"]  # its own loop, watched
     assert peer["pacing"]["frames"] > 80 and 22 < peer["pacing"]["fps"] < 28
     assert abs(peer["lip_to_sound_wire_ms"]["p50"]) < 15, peer["lip_to_sound_wire_ms"]
     assert 0 < peer["mic_to_server_wire_ms"]["p50"] < 15, peer["mic_to_server_wire_ms"]
