@@ -448,7 +448,13 @@ async def _run_peer_process(url, manager, n, seconds, speech, seen) -> tuple[lis
         result = None
         try:
             async for line in child.stdout:
-                message = json.loads(line)
+                try:
+                    message = json.loads(line)
+                except ValueError:
+                    message = None
+                if not isinstance(message, dict):  # not the peer's own (a library printing to stdout): passed on
+                    sys.stderr.write(line.decode(errors="replace"))
+                    continue
                 if "opened" in message:
                     ss = manager.sessions[message["opened"]]
                     sessions.append(ss.session), server_pcs.append(ss.pc)
