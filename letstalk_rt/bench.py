@@ -572,7 +572,8 @@ def run_bench(pipe: LetsTalkPipeline, session_counts: list[int], seconds: float,
     """`live`: EngineConfig fields for every run (window, max_steps, catch_up_tempo ...). `neighbours`:
     (count, busy s, period s) of CPU-bound processes beside the engine for every run (busy_neighbours). `webrtc`:
     every session through the server and a real WebRTC peer (bench_webrtc); `peer_process`: the peers in a process of
-    their own, not sharing the server's event loop."""
+    their own, not sharing the server's event loop (implies `webrtc`)."""
+    webrtc = webrtc or peer_process
     with busy_neighbours(*neighbours):
         return _run_bench(pipe, session_counts, seconds, audio, portrait, json_path, breakdown, repeat,
                           live or {}, neighbours, seed, webrtc, peer_process)

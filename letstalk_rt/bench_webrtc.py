@@ -496,6 +496,7 @@ async def peers_main(url: str, n: int, seconds: float, speech: np.ndarray, api_k
     for p in peers:
         out.append({**summary(p.got, p.mic.sent(), p.mic.sent_at, fps_of(p.avatar)), "peer_pid": os.getpid(),
                     "peer_loop": loop})
+        del out[-1]["mic_to_server_wire_ms"]  # the server's side of it is not here (`stream` adds it where it is)
         if send_times:
             out[-1]["send_times"] = np.asarray(p.mic.sent_at).tolist()
     print(json.dumps({"peers": out}), flush=True)

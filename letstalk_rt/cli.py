@@ -295,7 +295,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     audio = load_audio(ASSETS / DEMO_SPEECH)
     run_bench(pipe, counts, seconds, np.asarray(audio), portrait, json_path=args.json,
               breakdown=not args.soak, repeat=args.repeat, live=live_config(args),
-              neighbours=(args.neighbours, busy, period), seed=args.seed, webrtc=args.webrtc or args.peer_process,
+              neighbours=(args.neighbours, busy, period), seed=args.seed, webrtc=args.webrtc,
               peer_process=args.peer_process)
 
 

@@ -61,9 +61,9 @@ def test_webrtc_bench_with_the_peers_in_a_process_of_their_own(tiny_pipeline, as
 
     portrait = tiny_pipeline.prepare_portrait(load_image(astronaut_png), detect=False)
     audio = speechlike(1.2, seed=5)
-    report = run_bench(tiny_pipeline, [1], 5.0, audio, portrait, breakdown=False, webrtc=True, peer_process=True)
+    report = run_bench(tiny_pipeline, [1], 5.0, audio, portrait, breakdown=False, peer_process=True)
 
-    assert report["peer_process"] and report["complete"]
+    assert report["peer_process"] and report["webrtc"] and report["complete"]
     (run,) = report["runs"]
     assert 0.9 < run["realtime_factor"] <= 1.0 and run["latency_ms_p50"] is not None
     (peer,) = run["webrtc"]
