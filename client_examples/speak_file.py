@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from letstalk_rt.client import AudioChunk, AvatarClient, AvatarClientError, TimedFrame
 from letstalk_rt.errors import LetsTalkError
-from letstalk_rt.media import VideoWriter, check_output_path, load_audio
+from letstalk_rt.media import VideoWriter, check_video_path, load_audio
 
 FPS = 25
 OPUS_RATE = 48000  # what the received audio track decodes to
@@ -84,7 +84,7 @@ class Recorder:
 
 async def speak(args: argparse.Namespace) -> None:
     speech = load_audio(args.audio, 16000)  # float32 mono 16 kHz; InputError with a reason if unreadable
-    check_output_path(args.out, "--out")  # before connecting, not after the whole speech
+    check_video_path(args.out, "--out")  # before connecting, not after the whole speech
     recorder = Recorder(args.out)
     try:
         await _stream(args, speech, recorder)

@@ -50,12 +50,13 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def check_output_file(path: Path | None, flag: str) -> None:
-    """Fail before a long run if `path` (an output file written at its end, whole or not at all) cannot be."""
+def check_output_file(path: Path | None, flag: str, video: bool = False) -> None:
+    """Fail before a long run if `path` (an output file written at its end, whole or not at all) cannot be;
+    `video`: it is an mp4 `VideoWriter` writes (`media.check_video_path`)."""
     if path is not None:
-        from .media import check_output_path
+        from .media import check_output_path, check_video_path
 
-        check_output_path(path, flag)
+        (check_video_path if video else check_output_path)(path, flag)
 
 
 def resolve_dtype(name: str, device: str):
@@ -185,6 +186,7 @@ def _generate(args: argparse.Namespace, portrait: Path, audio: Path, out: Path) 
     # (a pipe such as <(ffmpeg ...) can be read only once).
     image = load_image(portrait)
     wav = load_audio(audio)
+    check_output_file(out, "--out", video=True)
     pipe = _load_pipeline(args)
     start = time.perf_counter()
     result = generate_video(image, wav, out, pipeline=pipe, seed=args.seed, detect_face=not args.no_face_detect,
@@ -203,6 +205,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from .media import load_image
 
     check_live_args(args)
+    check_output_file(args.out, "--out", video=True)
     image = load_image(ASSETS / "portrait.png")
     pipe = _load_pipeline(args)
     asyncio.run(_demo(pipe, image, ASSETS / DEMO_SPEECH, args))

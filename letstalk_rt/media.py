@@ -384,6 +384,19 @@ def check_output_path(path: Path, what: str = "output path") -> Path:
     return parent
 
 
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov")  # containers that hold what VideoWriter writes (H.264 + AAC, MP4)
+
+
+def check_video_path(path: Path, what: str = "output path") -> Path:
+    """`check_output_path` for a video VideoWriter writes: also its name must end as an MP4 file's does, so a
+    player picks the right format (a `talk.txt` or `talk.webm` holding MP4 data would not). Returns the folder."""
+    parent = check_output_path(path, what)
+    if path.suffix.lower() not in VIDEO_SUFFIXES:
+        raise OutputError(f"{what} '{path}': the video is written as MP4 (H.264 + AAC); give a name ending in "
+                          f"{' / '.join(VIDEO_SUFFIXES)}, such as '{path.with_suffix('.mp4')}'")
+    return parent
+
+
 def write_file_atomic(path: Path, write: Callable[[Path], None], fix: str = "choose another output path") -> None:
     """write(tmp) to a temporary name beside `path`, then rename it onto `path`: a kill, a full disk or an error
     leaves the old file or the new one, never half of one. OutputError (ending in `fix`) if it cannot be written."""
@@ -458,7 +471,7 @@ class VideoWriter:
 
     def _create_partial(self) -> Path:
         """Check the destination and create the empty partial file; OutputError with the fix if not possible."""
-        path, parent = self.path, check_output_path(self.path)
+        path, parent = self.path, check_video_path(self.path)
         for _ in range(100):
             tmp = _partial_path(path)
             try:

@@ -76,6 +76,12 @@ def test_missing_model_and_unwritable_output(capsys, tmp_path, tiny_model_dir, a
                   model=tmp_path / "no_such_model")
     _expect_error(capsys, tmp_path, tiny_model_dir, astronaut_png, audio, "no_such_dir",
                   out=tmp_path / "no_such_dir" / "x.mp4")
+    # the output is checked before the model loads (a missing model would be reported first otherwise), and
+    # a name a player would read as another format is refused: the file is always MP4
+    _expect_error(capsys, tmp_path, tiny_model_dir, astronaut_png, audio, "no_such_dir",
+                  out=tmp_path / "no_such_dir" / "x.mp4", model=tmp_path / "no_such_model")
+    _expect_error(capsys, tmp_path, tiny_model_dir, astronaut_png, audio, "ending in .mp4",
+                  out=tmp_path / "talk.webm", model=tmp_path / "no_such_model")
     _expect_error(capsys, tmp_path, tiny_model_dir, astronaut_png, audio, "detail transfer",
                   extra=("--detail-transfer", "-1"))
     _expect_error(capsys, tmp_path, tiny_model_dir, astronaut_png, audio, "guidance scales",

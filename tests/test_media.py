@@ -327,6 +327,9 @@ def test_bad_output_paths_fail_at_open(tmp_path):
         VideoWriter(tmp_path / "file" / "x.mp4", 32)
     with pytest.raises(OutputError, match="even"):
         VideoWriter(tmp_path / "odd.mp4", 33)
+    with pytest.raises(OutputError, match="such as .*talk.mp4'"):  # MP4 data under another format's name
+        VideoWriter(tmp_path / "talk.mkv", 32)
+    VideoWriter(tmp_path / "talk.MOV", 32).abort()  # the MP4 family, any case
     assert listing(tmp_path) == ["file"]
 
 
