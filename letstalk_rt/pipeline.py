@@ -13,6 +13,7 @@ noise from its own seeded generator, so a stream's frames do not depend on who i
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
@@ -878,14 +879,30 @@ class LetsTalkPipeline:
 
 
 def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur of images (N, C, H, W), edges reflected."""
+    """Separable Gaussian blur of images (N, C, H, W), edges reflected.
+
+    Each pass is a product with an (n, n) matrix that holds the kernel and the reflection (`blur_matrix`):
+    the same sums as a reflect-padded depthwise conv, ~5x faster on a CPU (a window of 4 frames of 128 px at
+    1 torch thread: 8.0 -> 1.5 ms, where oneDNN's depthwise conv with a 1x21 kernel was slow)."""
     r = max(1, min(math.ceil(3 * sigma), x.shape[-1] - 1, x.shape[-2] - 1))
-    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, device=x.device, dtype=x.dtype) / sigma) ** 2)
-    k = k / k.sum()  # (2r+1,)
-    c = x.shape[1]
-    x = F.pad(x, (r, r, r, r), mode="reflect")
-    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)  # along W
-    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)  # along H
+    along_w = blur_matrix(x.shape[-1], sigma, r, x.device, x.dtype)  # (W, W)
+    along_h = blur_matrix(x.shape[-2], sigma, r, x.device, x.dtype)  # (H, H)
+    return along_h.t() @ (x @ along_w)  # (N, C, H, W)
+
+
+@functools.lru_cache(maxsize=16)
+def blur_matrix(n: int, sigma: float, r: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(n, n) M with `signal @ M` = a Gaussian of `sigma` (radius r < n) along a length-n signal whose edges are
+    reflected (F.pad's "reflect": ... x2 x1 | x0 x1 x2 ...). Cached: not an inference tensor, whatever mode the
+    first call ran in, so a later call with autograd on can use it."""
+    with torch.inference_mode(False):
+        k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float64) / sigma) ** 2)
+        k = k / k.sum()  # (2r+1,)
+        src = (torch.arange(n)[:, None] + torch.arange(-r, r + 1)[None]).abs()  # (n, 2r+1): output i's input taps
+        src = torch.where(src > n - 1, 2 * (n - 1) - src, src)  # reflected at the far edge
+        m = torch.zeros(n, n, dtype=torch.float64)  # row: input position, column: output position
+        m.index_put_((src.flatten(), torch.arange(n).repeat_interleave(2 * r + 1)), k.repeat(n), accumulate=True)
+        return m.to(device, dtype)
 
 
 def transfer_detail(frames: Tensor, detail: Tensor, recon_blur: Tensor, moved: Tensor | None, width: float,

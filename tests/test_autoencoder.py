@@ -145,6 +145,42 @@ def test_decoder_with_zeroed_convs_is_exactly_the_channel_to_space_shortcut():
     assert torch.allclose(y, expected, atol=1e-5)
 
 
+def test_res_block_is_conv3x3_silu_conv1x1_norm_and_the_weights_stay_channels_last(tmp_path):
+    """The pointwise conv runs as a linear over the channels-last view: the block is still
+    x + RMSNorm_C(conv1x1(silu(conv3x3(x)))) of the NCHW formula, for channels-last and for contiguous input. The
+    conv weights are kept channels-last (no per-call copy to that layout), and a model saved and loaded
+    again keeps that layout and decodes the same."""
+    from letstalk_rt.checkpoint import load_model, save_model
+    from letstalk_rt.models.autoencoder import ResBlock
+
+    torch.manual_seed(0)
+    block = ResBlock(8)
+    with torch.no_grad():
+        nn.init.normal_(block.norm.weight)  # not the identity block it starts as
+        x = torch.randn(2, 8, 6, 5)
+        h = F.conv2d(F.silu(block.conv1(x)), block.conv2.weight)  # (2, 8, 6, 5)
+        expected = x + h * torch.rsqrt(h.pow(2).mean(1, keepdim=True) + block.norm.eps) * block.norm.weight[:, None, None]
+        for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+            assert torch.allclose(block(inp), expected, atol=1e-5)
+
+    model = load_model(save_model(_components(), tmp_path / "m"))
+    ae = model.autoencoder
+    convs = [m for m in ae.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    assert any(not c.weight.is_contiguous() for c in convs)  # the check is not vacuous: 3x3 weights differ
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    again = load_model(save_model(model, tmp_path / "again")).autoencoder
+    with torch.no_grad():
+        assert torch.equal(ae.decode(z), again.decode(z))
+
+
+def _components():
+    from letstalk_rt.checkpoint import build_components
+    from letstalk_rt.config import model_preset as preset
+
+    return build_components(preset("tiny"), seed=0)
+
+
 def test_decode_output_is_clamped_to_unit_range():
     ae = make_ae(tiny_config()).eval()
     with torch.no_grad():

@@ -504,6 +504,31 @@ def test_detail_transfer_restores_the_portrait_where_it_kept_still_and_never_ove
         LetsTalkPipeline.from_pretrained(tiny_model_dir, detail_transfer=-1)
 
 
+def test_gaussian_blur_is_the_reflect_padded_separable_conv():
+    """The blur's matrix products give the sums of the reflect-padded depthwise conv they replaced, on frames
+    that are not square, for a radius clipped by a small frame too; the cached matrices are not inference
+    tensors, so a call with autograd on works after one in inference mode."""
+    import torch.nn.functional as F
+
+    from letstalk_rt.pipeline import gaussian_blur
+
+    def reference(x, sigma):
+        r = max(1, min(math.ceil(3 * sigma), x.shape[-1] - 1, x.shape[-2] - 1))
+        k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=x.dtype) / sigma) ** 2)
+        k, c = k / k.sum(), x.shape[1]
+        x = F.pad(x, (r, r, r, r), mode="reflect")
+        x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+        return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+    x = torch.randn(2, 3, 20, 28, generator=torch.Generator().manual_seed(0))
+    for sigma in (0.5, 3.2, 12.0):  # 12: the radius is clipped to the frame
+        with torch.inference_mode():
+            assert torch.allclose(gaussian_blur(x, sigma), reference(x, sigma), atol=1e-5)
+        y = x.clone().requires_grad_()
+        gaussian_blur(y, sigma).sum().backward()
+        assert y.grad is not None and torch.isfinite(y.grad).all()
+
+
 def test_cuda_graph_batches_are_padded_with_copies_and_cut_back():
     """CudaGraphed pads a batch up to its bucket with copies of the last row (the rows of these models never
     mix at inference) and leaves tensors of another leading size, scalars and None alone; off a GPU it is

@@ -69,9 +69,12 @@ class ChannelRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float().permute(0, 2, 3, 1)  # (B, H, W, C)
-        y = F.rms_norm(xf, (xf.shape[-1],), self.weight.float(), self.eps)  # (B, H, W, C)
-        return y.permute(0, 3, 1, 2).to(x.dtype)  # (B, C, H, W)
+        return self.forward_nhwc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, C, H, W)
+
+    def forward_nhwc(self, x: Tensor) -> Tensor:
+        """The same over the channels-last axis of (B, H, W, C)."""
+        y = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)  # (B, H, W, C)
+        return y.to(x.dtype)
 
 
 class ResBlock(nn.Module):
@@ -82,6 +85,11 @@ class ResBlock(nn.Module):
     cores -- while the first conv and the resampling convs still see the 3x3 neighbourhood.
     The norm closes the residual branch, so zeroing its weight (in `initialize_weights`) makes the block
     start as the identity.
+
+    The pointwise conv keeps its conv weight (checkpoints keep names and shapes) but runs as a linear over the
+    channels-last view, where the norm then reads its output: a 1x1 conv of a batch under 16 at 1 torch thread
+    goes to torch's im2col path, which copies the channels-last map first (docs/benchmarks.md, forty-fourth
+    session).
     """
 
     def __init__(self, channels: int) -> None:
@@ -92,9 +100,9 @@ class ResBlock(nn.Module):
         self.norm = ChannelRMSNorm(channels)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.act(self.conv1(x))  # (B, C, H, W)
-        h = self.norm(self.conv2(h))  # (B, C, H, W)
-        return x + h  # (B, C, H, W)
+        h = self.act(self.conv1(x)).permute(0, 2, 3, 1)  # (B, H, W, C), a view of the channels-last map
+        h = self.norm.forward_nhwc(F.linear(h, self.conv2.weight.flatten(1)))  # (B, H, W, C)
+        return x + h.permute(0, 3, 1, 2)  # (B, C, H, W)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -246,8 +254,11 @@ class DCAutoencoder(nn.Module):
 
     Inside, the maps are kept channels-last (NHWC in memory, NCHW in shape): oneDNN's convs on the
     narrow full-resolution maps run up to 3x faster on it and the per-pixel norm reads contiguous
-    channels; encode and decode hand back ordinary contiguous tensors. Frames are independent: a
-    frame's output does not depend on what else is in the batch.
+    channels; encode and decode hand back ordinary contiguous tensors. The conv weights are channels-last
+    too: torch's im2col conv path (the small maps, at 1 torch thread) otherwise copied every weight to that
+    layout at every call (~1.5 ms of a 128 px frame's ~16 ms decode). Checkpoints are saved contiguous and load
+    into these weights unchanged. Frames are independent: a frame's output does not depend on what else is in
+    the batch.
     """
 
     def __init__(self, config: AutoencoderConfig) -> None:
@@ -257,6 +268,7 @@ class DCAutoencoder(nn.Module):
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         self.initialize_weights()
+        self.to(memory_format=torch.channels_last)  # the conv weights (see the class docstring)
 
     def initialize_weights(self) -> None:
         """All initialisation in one place.
