@@ -288,12 +288,16 @@ def content_sync(got: Received, fps: float) -> dict:
             "peak_sync": round(sync["peak_sync"], 3)}
 
 
+def first_frame_ms(got: Received) -> float | None:
+    """From asking for the session (HTTP) to its first frame in the SDK (None: none came)."""
+    return round((pairs(got.video)[1][0] - got.opened_at) * 1000, 1) if len(got.video) else None
+
+
 def summary(got: Received, sent: np.ndarray, sent_at: Marks, fps: float) -> dict:
     """One session's receiver-side figures (the RunResult's `webrtc`)."""
     none = np.zeros((0, 2))
     wire = arrival_offsets(got.wire.get("video", none), got.wire.get("audio", none))
-    first = round((pairs(got.video)[1][0] - got.opened_at) * 1000, 1) if len(got.video) else None
-    return {"first_frame_received_ms": first,  # from asking for the session (HTTP) to its first frame in the SDK
+    return {"first_frame_received_ms": first_frame_ms(got),
             "pacing": pacing(got.video), "lip_to_sound_ms": arrival_offsets(got.video, got.audio),
             "lip_to_sound_wire_ms": wire,
             # where speech to sound goes, outside the engine's own latency: the microphone's packets from its track to
@@ -502,6 +506,54 @@ async def peers_main(url: str, n: int, seconds: float, speech: np.ndarray, api_k
     print(json.dumps({"peers": out}), flush=True)
 
 
+RSS_METRIC = "letstalk_process_resident_memory_bytes"
+
+
+async def churn_main(url: str, n: int, seconds: float, speech: np.ndarray, api_key: str | None = None) -> None:
+    """n sessions one after another, each connected as a user's is, sending `speech` for `seconds`, then closed: does a
+    server that opens and closes sessions for days keep its memory and its service? One JSON line per session
+    ({"churn": i, first frame, what arrived, the server's resident memory from its /metrics after the close}), then
+    {"churn_summary": ...} with the memory's growth per 100 sessions fitted over the second half (the first fills
+    allocator arenas and caches)."""
+    import json
+
+    from .client import AvatarClient
+
+    rows = []
+    async with AvatarClient(url, api_key) as client:
+        await warm_up(client)
+        for i in range(n):
+            peers = await open_peers(client, 1, seconds, speech)
+            await asyncio.sleep(seconds)
+            await close_peers(peers, {})
+            got = peers[0].got
+            metrics = await client.metrics()
+            rss = metrics.get(RSS_METRIC)
+            rows.append({"churn": i, "first_frame_received_ms": first_frame_ms(got), "pacing": pacing(got.video),
+                         "server_rss_mb": None if rss is None else round(rss / 2**20, 1),
+                         "server_sessions_active": metrics.get("letstalk_sessions_active")})
+            print(json.dumps(rows[-1]), flush=True)
+    print(json.dumps({"churn_summary": churn_summary(rows, seconds)}), flush=True)
+
+
+def churn_summary(rows: list[dict], seconds: float) -> dict:
+    """What `churn_main`'s sessions add up to: frames each received (against seconds x 25), first frames, and the
+    server's resident memory (first, last, most; growth per 100 sessions over the second half, None without the
+    server's figure)."""
+    frames = [r["pacing"]["frames"] for r in rows]
+    firsts = [r["first_frame_received_ms"] for r in rows if r["first_frame_received_ms"] is not None]
+    rss = np.array([r["server_rss_mb"] for r in rows if r["server_rss_mb"] is not None], np.float64)
+    half = rss[len(rss) // 2:]
+    slope = float(np.polyfit(np.arange(len(half)), half, 1)[0]) * 100 if len(half) >= 3 else None
+    return {"sessions": len(rows), "seconds_each": seconds,
+            "frames_received": {"min": min(frames), "max": max(frames)} if frames else {},
+            "sessions_without_frames": sum(f == 0 for f in frames),
+            "first_frame_received_ms": {"p50": round(float(np.median(firsts)), 1), "max": max(firsts)} if firsts else {},
+            "server_rss_mb": {"first": float(rss[0]), "last": float(rss[-1]), "max": float(rss.max()),
+                              "growth_per_100_sessions_second_half": None if slope is None else round(slope, 1)}
+            if len(rss) else None}
+
+
 def main(argv: list[str] | None = None) -> None:
     """python -m letstalk_rt.bench_webrtc URL: the receiving side of `letstalk bench --webrtc` against any server."""
     import argparse
@@ -520,15 +572,22 @@ def main(argv: list[str] | None = None) -> None:
                                                    "speech)")
     p.add_argument("--api-key", default=None, help="the server's API key, if it has one")
     p.add_argument("--send-times", action="store_true", help="add each microphone packet's send time (monotonic)")
+    p.add_argument("--churn", type=int, default=0, metavar="N", help=(
+        "instead: N sessions one after another, each for --seconds, then closed; one line per session with the "
+        "server's resident memory (from its /metrics), then a summary with its growth per 100 sessions"))
     args = p.parse_args(argv)
-    if args.sessions < 1 or args.seconds <= 0:
-        p.error("--sessions and --seconds must be positive")
+    if args.sessions < 1 or args.seconds <= 0 or args.churn < 0:
+        p.error("--sessions and --seconds must be positive, --churn 0 or more")
+    if args.churn and args.sessions != 1:
+        p.error("--churn opens one session at a time; leave out --sessions")
     try:
         from pathlib import Path
 
-        speech = load_audio(args.audio or Path(__file__).parent / "assets" / "speech.ogg")
-        asyncio.run(peers_main(args.url, args.sessions, args.seconds, np.asarray(speech), args.api_key,
-                               args.send_times))
+        speech = np.asarray(load_audio(args.audio or Path(__file__).parent / "assets" / "speech.ogg"))
+        if args.churn:
+            asyncio.run(churn_main(args.url, args.churn, args.seconds, speech, args.api_key))
+        else:
+            asyncio.run(peers_main(args.url, args.sessions, args.seconds, speech, args.api_key, args.send_times))
     except (LetsTalkError, OSError) as e:
         sys.exit(f"error: {e}")
 

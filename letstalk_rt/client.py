@@ -677,6 +677,19 @@ class AvatarClient:
             await _raise_for_status(resp)
             return await resp.json()
 
+    async def metrics(self) -> dict[str, float]:
+        """The server's /metrics (Prometheus text) as {sample: value}, a sample named with its labels as the server
+        writes them: {"letstalk_sessions_active": 1.0, 'letstalk_frames_dropped_total{reason="stale"}': 0.0, ...}."""
+        async with self._require_http().get(self._url("/metrics")) as resp:
+            await _raise_for_status(resp)
+            text = await resp.text()
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+        return out
+
     async def avatars(self) -> list[dict]:
         """The server's preloaded avatars: [{"id": "default", "name": ...}, ...]."""
         async with self._require_http().get(self._url("/v1/avatars"), headers=self._auth()) as resp:

@@ -80,6 +80,45 @@ def test_the_peer_command_says_what_is_wrong_with_a_server_it_cannot_reach():
     assert str(e.value).startswith("error:") and "127.0.0.1:9" in str(e.value)
 
 
+def test_churn_opens_and_closes_sessions_one_after_another_and_reads_the_servers_memory(tiny_pipeline, capsys):
+    """--churn N: N sessions one after another, each connected, fed speech, received and closed; each line has what
+    arrived, the server's resident memory from its /metrics and its sessions then active (0: the close freed it),
+    and the summary adds them up."""
+    import json
+
+    from server_helpers import run, running_server
+
+    async def main():
+        async with running_server(tiny_pipeline, max_sessions=1) as srv:
+            await bench_webrtc.churn_main(srv.url, 3, 1.0, speechlike(1.0, seed=3))
+            assert not srv.manager.sessions and not srv.engine.sessions
+
+    run(main())
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    rows, (last,) = lines[:-1], lines[-1:]
+    assert [r["churn"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        assert 20 <= r["pacing"]["frames"] <= 30, r  # 1 s at 25 fps
+        assert r["server_rss_mb"] > 50 and r["server_sessions_active"] == 0
+    summary = last["churn_summary"]
+    assert summary["sessions"] == 3 and summary["sessions_without_frames"] == 0
+    assert summary["server_rss_mb"]["max"] == max(r["server_rss_mb"] for r in rows)
+
+
+def test_churn_summary_reads_a_leak_per_session_over_the_second_half():
+    """A server that keeps 1.5 MB a session after its first sessions filled its arenas reads +150 MB per 100
+    sessions; a flat one ~0; frames and first frames are added up."""
+    def rows(per_session):
+        return [{"pacing": {"frames": 0 if i == 3 else 75}, "first_frame_received_ms": None if i == 3 else 100.0 + i,
+                 "server_rss_mb": 700 + (50 if i < 10 else 0) + per_session * i} for i in range(40)]
+
+    leak = bench_webrtc.churn_summary(rows(1.5), 3.0)
+    assert leak["server_rss_mb"]["growth_per_100_sessions_second_half"] == pytest.approx(150)
+    assert bench_webrtc.churn_summary(rows(0.0), 3.0)["server_rss_mb"]["growth_per_100_sessions_second_half"] == 0
+    assert leak["sessions_without_frames"] == 1 and leak["frames_received"] == {"min": 0, "max": 75}
+    assert leak["first_frame_received_ms"]["max"] == 139.0
+
+
 def test_arrival_offsets_pacing_and_speech_to_sound_read_made_up_arrivals():
     fps = 25
     audio = [(j * 0.02, 10.0 + j * 0.02 + 0.005) for j in range(6000)]  # 2 minutes of 20 ms packets, 5 ms in transit
