@@ -128,6 +128,7 @@ class Received:
     # monotonic), (n, 2), from `wire_arrivals`
     mic_wire: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))  # the microphone's packets at the server
     opened_at: float = 0.0  # monotonic, before the session was asked for
+    connected_at: float = 0.0  # monotonic, when `connect()` returned (session made, offer answered, ICE and DTLS done)
 
 
 RTP_CLOCK = {"video": 90000, "audio": 48000}  # VP8 / H.264 and Opus RTP clock rates
@@ -399,6 +400,7 @@ async def open_peers(client, n: int, seconds: float, speech: np.ndarray, opened=
         got = Received(opened_at=time.monotonic())
         avatar = await start_session(client)
         await avatar.connect(audio_track=mic)
+        got.connected_at = time.monotonic()
         peers.append(Peer(avatar, mic, got, asyncio.create_task(receive(avatar, got, fps_of(avatar)))))
         if opened is not None:
             opened(avatar)
@@ -529,7 +531,9 @@ async def churn_main(url: str, n: int, seconds: float, speech: np.ndarray, api_k
             got = peers[0].got
             metrics = await client.metrics()
             rss = metrics.get(RSS_METRIC)
-            rows.append({"churn": i, "first_frame_received_ms": first_frame_ms(got), "pacing": pacing(got.video),
+            connect_ms = round((got.connected_at - got.opened_at) * 1000, 1)
+            rows.append({"churn": i, "first_frame_received_ms": first_frame_ms(got), "connect_ms": connect_ms,
+                         "pacing": pacing(got.video),
                          "server_rss_mb": None if rss is None else round(rss / 2**20, 1),
                          "server_sessions_active": metrics.get("letstalk_sessions_active")})
             print(json.dumps(rows[-1]), flush=True)

@@ -100,6 +100,7 @@ def test_churn_opens_and_closes_sessions_one_after_another_and_reads_the_servers
     for r in rows:
         assert 20 <= r["pacing"]["frames"] <= 30, r  # 1 s at 25 fps
         assert r["server_rss_mb"] > 50 and r["server_sessions_active"] == 0
+        assert 0 < r["connect_ms"] < r["first_frame_received_ms"]  # media flows once the connection is up
     summary = last["churn_summary"]
     assert summary["sessions"] == 3 and summary["sessions_without_frames"] == 0
     assert summary["server_rss_mb"]["max"] == max(r["server_rss_mb"] for r in rows)
