@@ -515,8 +515,8 @@ async def churn_main(url: str, n: int, seconds: float, speech: np.ndarray, api_k
     """n sessions one after another, each connected as a user's is, sending `speech` for `seconds`, then closed: does a
     server that opens and closes sessions for days keep its memory and its service? One JSON line per session
     ({"churn": i, first frame, what arrived, the server's resident memory from its /metrics after the close}), then
-    {"churn_summary": ...} with the memory's growth per 100 sessions fitted over the second half (the first fills
-    allocator arenas and caches)."""
+    {"churn_summary": ...} with the memory's lows and their growth per 100 sessions over the second half (the first
+    half fills allocator arenas and caches; `churn_summary`)."""
     import json
 
     from .client import AvatarClient
@@ -542,20 +542,28 @@ async def churn_main(url: str, n: int, seconds: float, speech: np.ndarray, api_k
 
 def churn_summary(rows: list[dict], seconds: float) -> dict:
     """What `churn_main`'s sessions add up to: frames each received (against seconds x 25), first frames, and the
-    server's resident memory (first, last, most; growth per 100 sessions over the second half, None without the
-    server's figure)."""
+    server's resident memory: first, last, most, the lowest of each sixth of the run, and the growth per 100 sessions
+    of those lows over the second half (None under 6 sessions with the server's figure). The lows, not every reading:
+    the memory saws up and down as the server hands freed memory back (every `--trim-heap-every` seconds), and a fit
+    through the saw reads its phase; a leak raises the lows."""
     frames = [r["pacing"]["frames"] for r in rows]
     firsts = [r["first_frame_received_ms"] for r in rows if r["first_frame_received_ms"] is not None]
     rss = np.array([r["server_rss_mb"] for r in rows if r["server_rss_mb"] is not None], np.float64)
-    half = rss[len(rss) // 2:]
-    slope = float(np.polyfit(np.arange(len(half)), half, 1)[0]) * 100 if len(half) >= 3 else None
+    memory = None
+    if len(rss):
+        memory = {"first": float(rss[0]), "last": float(rss[-1]), "max": float(rss.max()),
+                  "lowest_by_sixth": None, "growth_per_100_sessions_second_half": None}
+        if len(rss) >= 6:
+            edges = np.linspace(0, len(rss), 7).astype(int)
+            at = [int(a + np.argmin(rss[a:b])) for a, b in zip(edges[:-1], edges[1:])]  # each sixth's lowest reading
+            memory["lowest_by_sixth"] = [float(rss[i]) for i in at]
+            slope = np.polyfit(at[3:], rss[at[3:]], 1)[0]
+            memory["growth_per_100_sessions_second_half"] = round(float(slope) * 100, 1)
     return {"sessions": len(rows), "seconds_each": seconds,
             "frames_received": {"min": min(frames), "max": max(frames)} if frames else {},
             "sessions_without_frames": sum(f == 0 for f in frames),
             "first_frame_received_ms": {"p50": round(float(np.median(firsts)), 1), "max": max(firsts)} if firsts else {},
-            "server_rss_mb": {"first": float(rss[0]), "last": float(rss[-1]), "max": float(rss.max()),
-                              "growth_per_100_sessions_second_half": None if slope is None else round(slope, 1)}
-            if len(rss) else None}
+            "server_rss_mb": memory}
 
 
 def main(argv: list[str] | None = None) -> None:

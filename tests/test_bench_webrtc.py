@@ -108,7 +108,8 @@ def test_churn_opens_and_closes_sessions_one_after_another_and_reads_the_servers
 
 def test_churn_summary_reads_a_leak_per_session_over_the_second_half():
     """A server that keeps 1.5 MB a session after its first sessions filled its arenas reads +150 MB per 100
-    sessions; a flat one ~0; frames and first frames are added up."""
+    sessions; a flat one 0, also when its memory saws up and down (freed memory handed back now and then: the
+    lows are fitted, not every reading); frames and first frames are added up."""
     def rows(per_session):
         return [{"pacing": {"frames": 0 if i == 3 else 75}, "first_frame_received_ms": None if i == 3 else 100.0 + i,
                  "server_rss_mb": 700 + (50 if i < 10 else 0) + per_session * i} for i in range(40)]
@@ -116,6 +117,11 @@ def test_churn_summary_reads_a_leak_per_session_over_the_second_half():
     leak = bench_webrtc.churn_summary(rows(1.5), 3.0)
     assert leak["server_rss_mb"]["growth_per_100_sessions_second_half"] == pytest.approx(150)
     assert bench_webrtc.churn_summary(rows(0.0), 3.0)["server_rss_mb"]["growth_per_100_sessions_second_half"] == 0
+    saw = rows(0.0)
+    for i, r in enumerate(saw):
+        r["server_rss_mb"] += 5.0 * (i % 7)  # +5 MB a session, handed back every 7th
+    flat = bench_webrtc.churn_summary(saw, 3.0)["server_rss_mb"]
+    assert len(flat["lowest_by_sixth"]) == 6 and flat["growth_per_100_sessions_second_half"] == 0
     assert leak["sessions_without_frames"] == 1 and leak["frames_received"] == {"min": 0, "max": 75}
     assert leak["first_frame_received_ms"]["max"] == 139.0
 
