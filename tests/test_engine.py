@@ -1603,7 +1603,7 @@ def test_a_warm_up_too_busy_to_keep_real_time_tries_more_threads_and_draws_once_
     assert engine._threads_ms[1] == pytest.approx(0.6 * real) and engine._threads_top == 2
     windows(102.0, 165.0, 0.6, 0.4)
     assert engine.threads == 2 and pipe.noise_draws == 1 and announced == [("threads", 1, 2)]
-    windows(165.0, 170.0, 0.35, 0.25)  # 2 threads: 2 draws would take 0.6, within draws_budget (0.75)
+    windows(165.0, 170.0, 0.35, 0.25)  # 2 threads: 2 draws would take 0.6, within draws_budget (0.7)
     assert pipe.noise_draws == 2 and announced[1:] == [("noise_draws", 1, 2)]
     windows(170.0, 171.0, 2.1, 1.0)  # busy again: the draws first, then back to 1 thread, which keeps real time
     assert pipe.noise_draws == 1 and engine.threads == 1 and announced[2:] == [("noise_draws", 2, 1), ("threads", 2, 1)]

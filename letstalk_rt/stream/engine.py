@@ -152,10 +152,11 @@ class EngineConfig:
     # to this many while a window of max_batch sessions still takes <= steps_budget of its real-time
     # duration (more steps: better lips from a distilled model, docs/eval.md); 0: the model's steps, fixed
     steps_budget: float = 0.5
-    draws_budget: float = 0.75  # a model that averages several noise draws per window (sampling.noise_draws, a
+    draws_budget: float = 0.7  # a model that averages several noise draws per window (sampling.noise_draws, a
     # network row each) keeps them while a window of max_batch sessions takes <= this fraction of its real-time
     # duration at warm-up, else samples one draw (half the transformer's work, a little more flicker): the 2-core
-    # EPYC with AVX-512 runs the bundled model's 2 draws at ~0.65, slower CPUs fall back to 1 (docs/benchmarks.md)
+    # EPYC with AVX-512 runs the bundled model's 2 draws at ~0.65, slower CPUs fall back to 1; 0.75 until the
+    # forty-fourth session, where the EPYC without AVX-512 kept them at 0.73-0.74 and ran late (docs/benchmarks.md)
     threads: int = 0  # torch intra-op threads on a CPU device. 0: auto, at warm-up: the fewest (1, 2, 4 ...)
     # whose window of max_batch sessions takes <= threads_budget of its real-time duration, else the cheapest (more
     # threads only where clearly cheaper: _MORE_THREADS_GAIN), a window's cost at 1 thread being its longer stage
