@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .checkpoint import Components, build_components, load_model
@@ -882,8 +881,8 @@ def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     """Separable Gaussian blur of images (N, C, H, W), edges reflected.
 
     Each pass is a product with an (n, n) matrix that holds the kernel and the reflection (`blur_matrix`):
-    the same sums as a reflect-padded depthwise conv, ~5x faster on a CPU (a window of 4 frames of 128 px at
-    1 torch thread: 8.0 -> 1.5 ms, where oneDNN's depthwise conv with a 1x21 kernel was slow)."""
+    the same sums as a reflect-padded depthwise conv, about twice as fast on a CPU (a 128 px frame at 1 torch
+    thread: 0.89 -> 0.39 ms, where oneDNN's depthwise conv with a 1x21 kernel was slow; docs/benchmarks.md)."""
     r = max(1, min(math.ceil(3 * sigma), x.shape[-1] - 1, x.shape[-2] - 1))
     along_w = blur_matrix(x.shape[-1], sigma, r, x.device, x.dtype)  # (W, W)
     along_h = blur_matrix(x.shape[-2], sigma, r, x.device, x.dtype)  # (H, H)

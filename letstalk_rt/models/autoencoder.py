@@ -256,9 +256,9 @@ class DCAutoencoder(nn.Module):
     narrow full-resolution maps run up to 3x faster on it and the per-pixel norm reads contiguous
     channels; encode and decode hand back ordinary contiguous tensors. The conv weights are channels-last
     too: torch's im2col conv path (the small maps, at 1 torch thread) otherwise copied every weight to that
-    layout at every call (~1.5 ms of a 128 px frame's ~16 ms decode). Checkpoints are saved contiguous and load
-    into these weights unchanged. Frames are independent: a frame's output does not depend on what else is in
-    the batch.
+    layout at every call (with the ResBlocks' pointwise conv, ~0.9 ms of a 128 px frame's ~13 ms traced decode
+    at 1 thread; docs/benchmarks.md). Checkpoints are saved contiguous and load into these weights unchanged.
+    Frames are independent: a frame's output does not depend on what else is in the batch.
     """
 
     def __init__(self, config: AutoencoderConfig) -> None:
