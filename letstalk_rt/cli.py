@@ -50,13 +50,12 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def check_output_file(path: Path | None, flag: str, video: bool = False) -> None:
-    """Fail before a long run if `path` (an output file written at its end, whole or not at all) cannot be;
-    `video`: it is an mp4 `VideoWriter` writes (`media.check_video_path`)."""
+def check_output_file(path: Path | None, flag: str) -> None:
+    """Fail before a long run if `path` (an output file written at its end, whole or not at all) cannot be."""
     if path is not None:
-        from .media import check_output_path, check_video_path
+        from .media import check_output_path
 
-        (check_video_path if video else check_output_path)(path, flag)
+        check_output_path(path, flag)
 
 
 def resolve_dtype(name: str, device: str):
@@ -179,14 +178,14 @@ def _load_pipeline(args: argparse.Namespace):
 
 
 def _generate(args: argparse.Namespace, portrait: Path, audio: Path, out: Path) -> None:
-    from .media import load_audio, load_image
+    from .media import check_video_path, load_audio, load_image
     from .pipeline import generate_video
 
     # Check the cheap things first, so a typo does not wait for the model to load. Each input is read once
     # (a pipe such as <(ffmpeg ...) can be read only once).
     image = load_image(portrait)
     wav = load_audio(audio)
-    check_output_file(out, "--out", video=True)
+    check_video_path(out, "--out")
     pipe = _load_pipeline(args)
     start = time.perf_counter()
     result = generate_video(image, wav, out, pipeline=pipe, seed=args.seed, detect_face=not args.no_face_detect,
@@ -202,10 +201,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """Stream the bundled speech through the live engine in real time and record what the tracks emit."""
-    from .media import load_image
+    from .media import check_video_path, load_image
 
     check_live_args(args)
-    check_output_file(args.out, "--out", video=True)
+    check_video_path(args.out, "--out")
     image = load_image(ASSETS / "portrait.png")
     pipe = _load_pipeline(args)
     asyncio.run(_demo(pipe, image, ASSETS / DEMO_SPEECH, args))

@@ -145,7 +145,7 @@ def test_decoder_with_zeroed_convs_is_exactly_the_channel_to_space_shortcut():
     assert torch.allclose(y, expected, atol=1e-5)
 
 
-def test_res_block_is_conv3x3_silu_conv1x1_norm_and_the_weights_stay_channels_last(tmp_path):
+def test_res_block_is_conv3x3_silu_conv1x1_norm_and_the_weights_stay_channels_last(tmp_path, tiny_model_dir):
     """The pointwise conv runs as a linear over the channels-last view: the block is still
     x + RMSNorm_C(conv1x1(silu(conv3x3(x)))) of the NCHW formula, for channels-last and for contiguous input. The
     conv weights are kept channels-last (no per-call copy to that layout), and a model saved and loaded
@@ -163,7 +163,7 @@ def test_res_block_is_conv3x3_silu_conv1x1_norm_and_the_weights_stay_channels_la
         for inp in (x, x.contiguous(memory_format=torch.channels_last)):
             assert torch.allclose(block(inp), expected, atol=1e-5)
 
-    model = load_model(save_model(_components(), tmp_path / "m"))
+    model = load_model(tiny_model_dir)
     ae = model.autoencoder
     convs = [m for m in ae.modules() if isinstance(m, nn.Conv2d)]
     assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
@@ -172,13 +172,6 @@ def test_res_block_is_conv3x3_silu_conv1x1_norm_and_the_weights_stay_channels_la
     again = load_model(save_model(model, tmp_path / "again")).autoencoder
     with torch.no_grad():
         assert torch.equal(ae.decode(z), again.decode(z))
-
-
-def _components():
-    from letstalk_rt.checkpoint import build_components
-    from letstalk_rt.config import model_preset as preset
-
-    return build_components(preset("tiny"), seed=0)
 
 
 def test_decode_output_is_clamped_to_unit_range():
