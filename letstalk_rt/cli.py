@@ -155,6 +155,28 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
                         "more so beside a busy event loop; for debugging)")
 
 
+def _full_frame_side(text: str) -> int:
+    from .framing import MAX_PHOTO_SIDE
+
+    try:
+        side = int(text)
+    except ValueError:
+        side = -1
+    if not 16 <= side <= MAX_PHOTO_SIDE:
+        raise argparse.ArgumentTypeError(f"expected the frames' longest side in pixels, 16..{MAX_PHOTO_SIDE}, "
+                                         f"got {text!r}")
+    return side
+
+
+def _add_full_frame_arg(p: argparse.ArgumentParser) -> None:
+    from .framing import FULL_FRAME_SIDE
+
+    p.add_argument("--full-frame", type=_full_frame_side, nargs="?", const=FULL_FRAME_SIDE, default=0, metavar="PX",
+                   help="the whole photo talks: each animated face is pasted back into the portrait photo, frames "
+                        f"scaled to fit PX on the longest side (default {FULL_FRAME_SIDE}); without it, the face "
+                        "crop at the model's size")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None,
                    help="model directory (config.json + *.safetensors); default: the bundled model")
@@ -189,7 +211,7 @@ def _generate(args: argparse.Namespace, portrait: Path, audio: Path, out: Path) 
     pipe = _load_pipeline(args)
     start = time.perf_counter()
     result = generate_video(image, wav, out, pipeline=pipe, seed=args.seed, detect_face=not args.no_face_detect,
-                            progress=not args.quiet, name=str(portrait))
+                            progress=not args.quiet, name=str(portrait), full_frame=args.full_frame)
     took = time.perf_counter() - start
     print(f"wrote {result.path} ({result.frames} frames, {result.seconds:.2f} s of audio) in {took:.1f} s "
           f"= {result.frames / max(took, 1e-9):.1f} frames/s")
@@ -228,11 +250,12 @@ async def _demo(pipe, image, speech: Path, args: argparse.Namespace) -> None:
         if args.max_steps:
             print(f"sampling {pipe.num_steps} step(s) per window on this machine (--max-steps {args.max_steps})",
                   file=sys.stderr)
-        session = await engine.open_session(image, seed=args.seed, detect_face=not args.no_face_detect)
+        session = await engine.open_session(image, seed=args.seed, detect_face=not args.no_face_detect,
+                                            full_frame=args.full_frame)
         feeder = asyncio.create_task(source.run(session))
         video, audio = session.video_track(), session.audio_track()
         print(f"streaming {source.seconds:.1f} s of speech in real time through the engine ...", file=sys.stderr)
-        with VideoWriter(args.out, pipe.config.image_size, fps=pipe.fps) as writer:
+        with VideoWriter(args.out, session.frame_size, fps=pipe.fps) as writer:
             for i in range(ticks):
                 frame = await video.recv()
                 writer.write_frame(frame.to_ndarray(format="rgb24"))
@@ -502,11 +525,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--portrait", type=Path, required=True, help="image with one front-facing face")
     p.add_argument("--audio", type=Path, required=True, help="speech: wav, mp3, m4a, ogg, flac (any rate)")
     p.add_argument("--out", type=Path, required=True, help="output .mp4 (written atomically)")
+    _add_full_frame_arg(p)
     _add_model_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="stream the bundled speech through the live engine; record the tracks to mp4")
     p.add_argument("--out", type=Path, default=Path("letstalk_demo.mp4"), help="output .mp4")
+    _add_full_frame_arg(p)
     _add_model_args(p)
     add_live_args(p)
     p.set_defaults(func=cmd_demo)

@@ -86,22 +86,38 @@ def detect_face(image: np.ndarray, name: str | None = None) -> tuple[int, int, i
     return x, y, w, h
 
 
-def crop_portrait(image: np.ndarray, size: int, margin: float = 0.6, name: str | None = None) -> np.ndarray:
-    """Square crop centred on the face, side = face side * (1 + 2 * margin), resized to (size, size, 3) uint8.
-
-    Where the square reaches past the photo's border the border pixels are replicated, so the face
-    stays centred. Raises NoFaceError when no face is found.
-    """
-    from PIL import Image
-
-    _check_image(image, name)
-    if image.ndim == 2 or image.shape[2] != 3 or image.dtype != np.uint8:
-        image = np.asarray(_gray(image).convert("RGB")) if image.ndim == 2 or image.shape[2] == 1 else \
-            np.clip(image[:, :, :3], 0, 255).astype(np.uint8)
+def face_square(image: np.ndarray, margin: float = 0.6, name: str | None = None) -> tuple[int, int, int]:
+    """(x0, y0, side) in pixels of the square `crop_portrait` cuts: centred on the largest face, side = face
+    side * (1 + 2 * margin). It may reach past the photo's border. Raises NoFaceError when no face is found."""
     x, y, w, h = detect_face(image, name)
     side = max(2, round(max(w, h) * (1 + 2 * margin)))
-    x0 = round(x + w / 2 - side / 2)
-    y0 = round(y + h / 2 - side / 2)
+    return round(x + w / 2 - side / 2), round(y + h / 2 - side / 2), side
+
+
+def centre_square(image: np.ndarray) -> tuple[int, int, int]:
+    """(x0, y0, side) of the largest square centred in the photo (the crop without face detection)."""
+    h, w = image.shape[:2]
+    side = min(h, w)
+    return (w - side) // 2, (h - side) // 2, side
+
+
+def rgb_uint8(image: np.ndarray, name: str | None = None) -> np.ndarray:
+    """Any (H, W), (H, W, 1|3|4) image array -> (H, W, 3) uint8 RGB (the input itself when it already is)."""
+    _check_image(image, name)
+    if image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8:
+        return image
+    if image.ndim == 2 or image.shape[2] == 1:
+        return np.asarray(_gray(image).convert("RGB"))
+    return np.clip(image[:, :, :3], 0, 255).astype(np.uint8)
+
+
+def cut_square(image: np.ndarray, box: tuple[int, int, int], size: int) -> np.ndarray:
+    """The square `box` (x0, y0, side) of an (H, W, 3) uint8 image resized to (size, size, 3) uint8 (Lanczos).
+
+    Where the square reaches past the photo's border the border pixels are replicated."""
+    from PIL import Image
+
+    x0, y0, side = box
     H, W = image.shape[:2]
     pads = ((max(0, -y0), max(0, y0 + side - H)), (max(0, -x0), max(0, x0 + side - W)), (0, 0))
     crop = image[max(0, y0):y0 + side, max(0, x0):x0 + side]  # (<=side, <=side, 3)
@@ -109,3 +125,13 @@ def crop_portrait(image: np.ndarray, size: int, margin: float = 0.6, name: str |
         crop = np.pad(crop, pads, mode="edge")  # (side, side, 3)
     out = Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.LANCZOS)
     return np.array(out, dtype=np.uint8)  # (size, size, 3), writable
+
+
+def crop_portrait(image: np.ndarray, size: int, margin: float = 0.6, name: str | None = None) -> np.ndarray:
+    """Square crop centred on the face (`face_square`), resized to (size, size, 3) uint8.
+
+    Where the square reaches past the photo's border the border pixels are replicated, so the face
+    stays centred. Raises NoFaceError when no face is found.
+    """
+    image = rgb_uint8(image, name)
+    return cut_square(image, face_square(image, margin, name), size)

@@ -29,6 +29,7 @@ from .checkpoint import Components, build_components, load_model
 from .config import ModelConfig, check_box, check_noise_draws
 from .diffusion import EulerSampler, Guidance, from_portrait
 from .errors import InputError
+from .framing import FULL_FRAME_SIDE, MAX_PHOTO_SIDE, FullFrame
 from .memory import MemoryBank, box_cells
 
 log = logging.getLogger(__name__)
@@ -40,9 +41,19 @@ class Portrait:
 
     image: np.ndarray  # (S, S, 3) uint8, the crop the model animates
     latent: Tensor  # (C, h, w) on the pipeline's device, fp32
+    # The photo it was cut from, scaled to at most framing.MAX_PHOTO_SIDE, and the crop's square in it
+    # (x0, y0, side): what full frames (`full_frame()`) paste each animated crop back into.
+    photo: np.ndarray | None = None  # (H, W, 3) uint8
+    box: tuple[int, int, int] | None = None
     # For detail transfer (SamplingConfig.detail_transfer), made on first use by LetsTalkPipeline.decode:
     detail: Tensor | None = None  # (3, S, S) the crop less its autoencoder reconstruction, in [-1, 1] units
     recon_blur: Tensor | None = None  # (3, S, S) the reconstruction, blurred as the gate blurs each frame
+
+    def full_frame(self, max_side: int = FULL_FRAME_SIDE) -> "FullFrame":
+        """A paster of this portrait's animated crops back into its photo, frames at most `max_side` px."""
+        if self.photo is None or self.box is None:
+            raise InputError("this portrait was prepared without its photo; prepare it from the photo for full frames")
+        return FullFrame(self.photo, self.box, max_side)
 
 
 @dataclass
@@ -648,23 +659,22 @@ class LetsTalkPipeline:
     @torch.no_grad()
     def prepare_portrait(self, image: np.ndarray, detect: bool = True, name: str = "portrait") -> Portrait:
         """Crop the face (detect=True) or centre-crop a square, resize, and encode it."""
-        from .face import crop_portrait
+        from PIL import Image
+
+        from .face import centre_square, cut_square, face_square
         from .models.autoencoder import encode_frames
 
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise InputError(f"{name}: expected an RGB uint8 image (H, W, 3), got {image.dtype} {image.shape}")
-        size = self.config.image_size
-        if detect:
-            crop = crop_portrait(image, size, name=name)
-        else:
-            from PIL import Image
-
-            h, w = image.shape[:2]
-            s = min(h, w)
-            y0, x0 = (h - s) // 2, (w - s) // 2
-            crop = np.array(Image.fromarray(image[y0:y0 + s, x0:x0 + s]).resize((size, size), Image.LANCZOS))
+        box = face_square(image, name=name) if detect else centre_square(image)
+        crop = cut_square(image, box, self.config.image_size)
         latent = encode_frames(self.autoencoder, crop[None]).to(self.device, torch.float32)[0]  # (C, h, w)
-        return Portrait(image=crop, latent=latent)
+        h, w = image.shape[:2]
+        scale = min(1.0, MAX_PHOTO_SIDE / max(h, w))
+        photo = image.copy() if scale == 1 else \
+            np.array(Image.fromarray(image).resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.LANCZOS))
+        box = tuple(round(v * scale) for v in box)
+        return Portrait(image=crop, latent=latent, photo=photo, box=box)  # type: ignore[arg-type]
 
     def new_stream(self, portrait: Portrait, seed: int = 0) -> StreamState:
         return StreamState(
@@ -942,9 +952,12 @@ def generate_video(
     detect_face: bool = True,
     progress: bool = True,
     name: str | None = None,
+    full_frame: int = 0,
 ) -> GenerationResult:
     """Animate `portrait` (an image file, or (H, W, 3) uint8 RGB) with `audio` (a file PyAV reads, or 16 kHz mono
     float32 samples) and write an H.264 + AAC mp4 to `out` (atomically). `name`: the portrait in messages.
+    `full_frame` N > 0: the whole photo talks, its longest side at most N px (`framing.FullFrame`); 0: the face
+    crop at the model's size.
 
     Every input is checked before the model runs; on any error nothing is left at `out`.
     """
@@ -959,6 +972,7 @@ def generate_video(
     if pipeline is None:
         pipeline = LetsTalkPipeline.from_pretrained(model, device=device, num_steps=num_steps)
     prepared = pipeline.prepare_portrait(image, detect=detect_face, name=name)  # NoFaceError
+    paste = prepared.full_frame(full_frame) if full_frame else None  # InputError: a size out of range
     spf = pipeline.samples_per_frame
     n_frames = max(1, math.ceil(len(wav) / spf))
     bar = None
@@ -966,9 +980,10 @@ def generate_video(
         from tqdm import tqdm
 
         bar = tqdm(total=n_frames, unit="frame", desc="generating", dynamic_ncols=True)
-    with VideoWriter(out, pipeline.config.image_size, fps=pipeline.fps) as writer:  # OutputError at open
+    size = pipeline.config.image_size if paste is None else paste.size
+    with VideoWriter(out, size, fps=pipeline.fps) as writer:  # OutputError at open
         for i, frame in enumerate(pipeline.generate(prepared, wav, seed=seed)):
-            writer.write_frame(frame)
+            writer.write_frame(frame if paste is None else paste(frame))
             writer.write_audio(wav[i * spf:(i + 1) * spf])
             if bar is not None:
                 bar.update(1)

@@ -39,6 +39,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from letstalk_rt.cli import (add_device_args, add_live_args, add_sampling_args, check_live_args, check_sampling_args,
                              live_config, pipeline_kwargs, resolve_device)
 from letstalk_rt.errors import InputError, LetsTalkError, NoFaceError
+from letstalk_rt.framing import MAX_PHOTO_SIDE
 from letstalk_rt.stream import CapacityError, run_off_loop
 
 from .auth import TokenError, api_key_matches, bearer
@@ -66,9 +67,9 @@ ENGINE = web.AppKey("engine", object)
 
 MAX_WS_MESSAGE = 512 * 1024  # transport cap (1 s of 96 kHz stereo PCM16 is 384 kB); the 1 s rule is checked per format
 MAX_CONTROL_MESSAGE = 4096  # JSON control messages are tiny
-MAX_FORM_FIELD = 1024  # non-file multipart fields (seed, steps, avatar_id)
+MAX_FORM_FIELD = 1024  # non-file multipart fields (seed, steps, avatar_id, full_frame)
 MAX_FORM_PARTS = 8
-SESSION_FIELDS = ("portrait", "avatar_id", "seed", "steps")
+SESSION_FIELDS = ("portrait", "avatar_id", "seed", "steps", "full_frame")
 UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP")  # what the docs promise; Pillow's other decoders are never reached
 
 
@@ -289,7 +290,7 @@ async def _read_session_request(request: web.Request) -> dict[str, Any]:
         pairs = urllib.parse.parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
         for name, value in pairs:
             if name not in SESSION_FIELDS or name == "portrait":
-                raise api_error(422, f"unknown field {name[:40]!r}; expected avatar_id, seed, steps "
+                raise api_error(422, f"unknown field {name[:40]!r}; expected avatar_id, seed, steps, full_frame "
                                      "(upload a portrait as multipart/form-data)")
             fields[name] = value
     elif ctype in ("application/json", "application/octet-stream") or not request.body_exists:
@@ -304,7 +305,7 @@ async def _read_session_request(request: web.Request) -> dict[str, Any]:
             raise api_error(422, "the JSON body must be an object like {\"avatar_id\": \"default\"}")
         unknown = sorted(set(data) - set(SESSION_FIELDS) - {"portrait"})
         if unknown:
-            raise api_error(422, f"unknown field(s) {unknown}; expected avatar_id, seed, steps")
+            raise api_error(422, f"unknown field(s) {unknown}; expected avatar_id, seed, steps, full_frame")
         if "portrait" in data:
             raise api_error(422, "send a portrait file as multipart/form-data (field `portrait`), not in JSON")
         fields.update(data)
@@ -340,6 +341,7 @@ async def create_session(request: web.Request) -> web.Response:
         fields = await read_in_time(request, _read_session_request(request))
         seed = _int_field(fields, "seed", 0, 2**31 - 1) or 0
         steps = _int_field(fields, "steps", 1, 50)
+        full_frame = _int_field(fields, "full_frame", 0, config.max_full_frame) or 0
         if steps is not None and steps != engine.pipeline.num_steps:
             raise api_error(422, f"`steps`: this server samples {engine.pipeline.num_steps} step(s) per window for "
                                  "every session (sessions are batched together); set it at start with --steps")
@@ -363,7 +365,8 @@ async def create_session(request: web.Request) -> web.Response:
             except InputError as e:
                 raise api_error(415, str(e)) from None
         try:
-            session = await engine.open_session(portrait, seed=seed, detect_face=config.detect_face)
+            session = await engine.open_session(portrait, seed=seed, detect_face=config.detect_face,
+                                                full_frame=full_frame)
         except NoFaceError as e:
             raise api_error(422, str(e)) from None
         except InputError as e:
@@ -375,14 +378,14 @@ async def create_session(request: web.Request) -> web.Response:
     ss = manager.add(session)
     origin = request.url.origin()
     ws_origin = origin.with_scheme("wss" if origin.scheme == "https" else "ws")
-    size = engine.pipeline.config.image_size
+    width, height = session.frame_size
     return web.json_response({
         "session_id": ss.id,
         "token": ss.token,
         "expires_at": ss.expires_at,
         "offer_url": str(origin.with_path(f"/v1/sessions/{ss.id}/offer")),
         "ws_url": str(ws_origin.with_path(f"/v1/sessions/{ss.id}/ws")),
-        "video": {"width": size, "height": size, "fps": engine.pipeline.fps},
+        "video": {"width": width, "height": height, "fps": engine.pipeline.fps},
         "audio": {"sample_rate": session.sample_rate, "channels": 1, "format": "pcm_s16le"},
     }, status=201)
 
@@ -680,6 +683,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="STUN/TURN server for WebRTC, e.g. stun:stun.example.org:3478 (repeatable; default none)")
     parser.add_argument("--no-face-detect", action="store_true",
                         help="centre-crop uploaded portraits instead of detecting the face")
+    parser.add_argument("--max-full-frame", type=int, default=d.max_full_frame, metavar="PX",
+                        help="the largest `full_frame` a session may ask for: the longest side of whole-photo frames, "
+                             f"which cost the server's video encoder in proportion to their area (default {d.max_full_frame})")
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up forward pass at start")
 
 
@@ -701,13 +707,15 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                         ("--upload-timeout", args.upload_timeout)):
         if not value > 0:
             raise LetsTalkError(f"{name} must be positive, got {value}")
+    if not 0 <= args.max_full_frame <= MAX_PHOTO_SIDE:
+        raise LetsTalkError(f"--max-full-frame must be 0 (whole-photo frames off) .. {MAX_PHOTO_SIDE}, got {args.max_full_frame}")
     if args.max_sessions is not None and args.max_sessions < 1:
         raise LetsTalkError(f"--max-sessions must be at least 1, got {args.max_sessions}")
     return ServerConfig(
         host=args.host, port=args.port, api_key=api_key,
         token_secret=args.token_secret or os.environ.get("LETSTALK_TOKEN_SECRET") or None,
         idle_timeout_s=args.idle_timeout, max_upload_mb=args.max_upload_mb, upload_timeout_s=args.upload_timeout,
-        ice_servers=list(args.ice_server),
+        ice_servers=list(args.ice_server), max_full_frame=args.max_full_frame,
         detect_face=not args.no_face_detect, stop_engine_on_cleanup=True,
     )
 

@@ -79,6 +79,7 @@ class ServerConfig:
     max_upload_mb: float = 10.0  # portrait upload limit (HTTP 413 above)
     upload_timeout_s: float = 30.0  # a request body (upload, SDP offer) not all there after this: 408
     max_image_pixels: int = 40_000_000  # decoded portrait size limit: no decompression bombs
+    max_full_frame: int = 720  # the largest `full_frame` (whole-photo frames' longest side) a session may ask for
     max_sdp_bytes: int = 64 * 1024  # an SDP offer is a few kB; more is refused (413)
     max_media_sections: int = 3  # audio + video (+ an ignored data channel)
     negotiation_timeout_s: float = 10.0  # setRemoteDescription + answer + ICE gathering, all together

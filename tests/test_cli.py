@@ -42,6 +42,23 @@ def test_generate_writes_exact_frames_and_synced_audio(capsys, tmp_path, tiny_mo
     assert _leftovers(out.parent) == ["talk.mp4"]  # no temporary file left behind
 
 
+def test_generate_full_frame_writes_the_whole_photo(capsys, tmp_path, tiny_model_dir, astronaut_png, wav_file):
+    """--full-frame [PX]: frames of the whole photo fit to PX (default 512; a 512 px photo is not enlarged)."""
+    audio = wav_file(0.5)
+    for extra, size in ((("--full-frame", "200"), (200, 200)), (("--full-frame",), (512, 512))):
+        out = tmp_path / f"whole{size[0]}.mp4"
+        code, err = _run(capsys, "generate", "--portrait", astronaut_png, "--audio", audio, "--out", out,
+                         "--model", tiny_model_dir, "--quiet", *extra)
+        assert code == 0, err
+        info = probe(out)
+        assert (info.width, info.height) == size and info.video_frames == 13
+    with pytest.raises(SystemExit) as exit_info:
+        _run(capsys, "generate", "--portrait", astronaut_png, "--audio", audio, "--out", tmp_path / "x.mp4",
+             "--full-frame", "8")
+    assert exit_info.value.code == 2 and "16..1280" in capsys.readouterr().err
+    assert not (tmp_path / "x.mp4").exists()
+
+
 def _expect_error(capsys, tmp_path, tiny_model_dir, portrait, audio, match, out=None, model=None, extra=()):
     out = out or tmp_path / "result.mp4"
     code, err = _run(capsys, "generate", "--portrait", portrait, "--audio", audio, "--out", out,

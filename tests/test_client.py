@@ -109,6 +109,40 @@ def test_sdk_sends_a_local_audio_track_and_uploads_a_portrait(tiny_pipeline, ast
     run(main())
 
 
+def test_sdk_full_frame_session_receives_the_whole_photo(tiny_pipeline, astronaut_png):
+    """start_session(full_frame=N): the server answers with the whole photo's size, fit to N, and the video that
+    arrives over WebRTC is the photo: away from the face, what the peer receives is the photo itself."""
+    import io
+
+    from PIL import Image
+
+    from letstalk_rt.client import AvatarClient
+
+    photo = Image.open(astronaut_png).convert("RGB").crop((0, 0, 512, 384))  # 4:3, the face near the top centre
+    upload = io.BytesIO()
+    photo.save(upload, format="PNG")
+    expected = np.asarray(photo.resize((96, 72), Image.LANCZOS)).astype(int)
+
+    async def main():
+        async with running_server(tiny_pipeline) as srv:
+            async with AvatarClient(srv.url) as client:
+                session = await client.start_session(portrait=upload.getvalue(), full_frame=96)
+                assert session.info["video"] == {"width": 96, "height": 72, "fps": 25}
+                await session.connect()
+                frames = []
+                async for frame in session.video_frames():
+                    frames.append(frame)
+                    if len(frames) == 10:
+                        break
+                await session.close()
+                return frames
+
+    frames = run(main())
+    assert {f.shape for f in frames} == {(72, 96, 3)}
+    corner = np.abs(frames[-1][40:, :16].astype(int) - expected[40:, :16])  # the flag, left of the face's square
+    assert corner.mean() < 12, corner.mean()  # the photo, through VP8 at 96 x 72
+
+
 def test_sdk_raises_the_servers_errors(tiny_pipeline):
     from letstalk_rt.client import (
         AuthenticationError,

@@ -2101,3 +2101,36 @@ def test_held_frames_are_counted_by_the_minute_of_playback_they_fell_in(tiny_pip
     player, before, start = run(main())
     assert player.fillers - before == 60 * 25 + 10 - start
     assert player.fillers_by_minute[1] == 10 and sum(player.fillers_by_minute.values()) == player.fillers
+
+
+def test_full_frame_sessions_stream_the_whole_photo_with_the_face_pasted_in(tiny_pipeline):
+    """A session opened with full_frame gets frames of the whole photo (fit to the size asked for) in which only
+    the face crop's square changed, holding exactly the frames a face-crop session of the same portrait and seed
+    gets, pasted back."""
+    rng = np.random.default_rng(5)
+    photo = np.array(__import__("PIL.Image").Image.fromarray(rng.integers(0, 255, (7, 10, 3), dtype=np.uint8))
+                     .resize((100, 70)))  # 100 x 70, no face: the centre square (15, 0, 70) is animated
+
+    async def main():
+        engine = await _engine(tiny_pipeline)
+        try:
+            whole = await engine.open_session(photo, detect_face=False, full_frame=64)
+            crop = await engine.open_session(photo, detect_face=False)
+            speech = speechlike(1.2)
+            feeders = [asyncio.ensure_future(_push_in_real_time(s, speech)) for s in (whole, crop)]
+            got = await asyncio.gather(_collect(whole, 1.2), _collect(crop, 1.2))
+            await asyncio.gather(*feeders)
+            return whole, got
+        finally:
+            await engine.stop()
+
+    whole, (big, small) = run(main())
+    assert whole.frame_size == (64, 44) and {f.video.shape for f in big} == {(44, 64, 3)}
+    canvas = whole.paste.canvas
+    outside = np.stack([f.video for f in big])[:, :, 55:]  # right of the square (15 + 70 px) x 0.64
+    assert np.array_equal(outside, np.broadcast_to(canvas[:, 55:], outside.shape))
+    by_index = {s.index: s for s in small if not s.filler}
+    pairs = [(b, by_index[b.index]) for b in big if not b.filler and b.index in by_index]
+    assert len(pairs) > 20 and len({s.video.tobytes() for _, s in pairs}) > 10  # the face moved
+    for b, s in pairs:
+        assert np.abs(b.video.astype(int) - whole.paste(s.video).astype(int)).max() <= 2

@@ -361,6 +361,8 @@ def test_session_creation_errors_are_clear_json(tiny_pipeline, astronaut_png):
                 ({"avatar_id": "nobody"}, 422, "unknown avatar_id"),
                 ({"avatar_id": "default", "color": "red"}, 422, "unknown field"),
                 ({"avatar_id": "default", "steps": "7"}, 422, "steps"),
+                ({"avatar_id": "default", "full_frame": "2000"}, 422, "`full_frame` must be an integer 0..720"),
+                ({"avatar_id": "default", "full_frame": "8"}, 422, "longest side must be 16.."),
             ]
             for fields, status, words in cases:
                 got, body = await post_form(fields)

@@ -3,7 +3,7 @@
 // Used by index.html (the full page) and overlay.html (avatar only, for OBS). No build step, no
 // dependencies: an ES module the server serves at /static/app.js.
 //
-//   const info = await createSession({ avatarId: "default" });          // or { file: aFileObject }
+//   const info = await createSession({ avatarId: "default" });          // or { file: aFileObject }, fullFrame: 512
 //   const conn = new AvatarConnection(info, { onEvent: (e) => console.log(e) });
 //   await conn.start({ audioStream });                                   // a MediaStream with one audio track, or null
 //   videoElement.srcObject = conn.stream;
@@ -38,16 +38,19 @@ export async function listAvatars(apiKey = null) {
   return (await resp.json()).avatars;
 }
 
-export async function createSession({ apiKey = null, avatarId = "default", file = null, seed = null } = {}) {
+// fullFrame: the video is the whole photo, its longest side at most this many px (the face pasted back in).
+export async function createSession({ apiKey = null, avatarId = "default", file = null, seed = null, fullFrame = null } = {}) {
   let resp;
   if (file) {
     const form = new FormData();
     form.append("portrait", file, file.name || "portrait");
     if (seed !== null) form.append("seed", String(seed));
+    if (fullFrame !== null) form.append("full_frame", String(fullFrame));
     resp = await fetch("/v1/sessions", { method: "POST", body: form, headers: authHeaders(apiKey) });
   } else {
     const body = { avatar_id: avatarId };
     if (seed !== null) body.seed = seed;
+    if (fullFrame !== null) body.full_frame = fullFrame;
     resp = await fetch("/v1/sessions", {
       method: "POST",
       body: JSON.stringify(body),

@@ -67,6 +67,7 @@ import torch
 
 from ..diffusion import guidance_rows
 from ..errors import InputError, LetsTalkError
+from ..framing import FullFrame
 from ..media import TempoStretcher
 from ..pipeline import (DECODE_CHUNK, GRAPH_BUCKETS, AudioTokenizer, LetsTalkPipeline, Portrait, StreamState,
                         encode_features)
@@ -435,8 +436,9 @@ class Player:
     def _filler(self) -> AVFrame:
         silent = np.zeros(self.samples_per_frame, np.float32)
         if self.last is None:  # nothing generated yet: not reachable after first_frame, kept for safety
-            size = self.session.pipeline.config.image_size
-            return AVFrame(index=-1, video=np.zeros((size, size, 3), np.uint8), audio=silent, speech=False, filler=True)
+            width, height = self.session.frame_size
+            return AVFrame(index=-1, video=np.zeros((height, width, 3), np.uint8), audio=silent, speech=False,
+                           filler=True)
         return AVFrame(index=self.last.index, video=self.last.video, audio=silent, speech=False, filler=True)
 
     def _observe(self, tick: int, frame: AVFrame) -> None:
@@ -480,9 +482,10 @@ class Session:
     """A live avatar: push audio, read paced frames (or attach WebRTC tracks), interrupt, close."""
 
     def __init__(self, engine: "StreamEngine", portrait: Portrait, seed: int, session_id: str | None,
-                 stream: StreamState) -> None:
+                 stream: StreamState, paste: FullFrame | None = None) -> None:
         self.engine = engine
         self.pipeline: LetsTalkPipeline = engine.pipeline
+        self.paste = paste  # full frames: pastes each decoded crop back into the photo (in the decoding thread)
         self.id = session_id or uuid.uuid4().hex[:16]
         self.loop = asyncio.get_running_loop()
         cfg = self.pipeline.config
@@ -521,6 +524,14 @@ class Session:
         self._late_reported = 0
         # worker-thread state
         self._w = _WorkerState(stream, self.pipeline.audio_tokenizer())  # stream: made off the loop (open_session)
+
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        """(width, height) of the session's video frames."""
+        if self.paste is not None:
+            return self.paste.size
+        size = self.pipeline.config.image_size
+        return size, size
 
     # -- audio in
 
@@ -1328,8 +1339,12 @@ class StreamEngine:
     # -- sessions
 
     async def open_session(self, portrait: np.ndarray | Portrait, seed: int = 0, detect_face: bool = True,
-                           session_id: str | None = None) -> Session:
-        """Admit (or refuse at once with CapacityError), prepare the portrait, start generating."""
+                           session_id: str | None = None, full_frame: int = 0) -> Session:
+        """Admit (or refuse at once with CapacityError), prepare the portrait, start generating.
+
+        `full_frame` N > 0: the session's frames are the whole portrait photo, its longest side at most N px, with
+        each animated face pasted back in (`framing.FullFrame`, ~1 ms a frame in the decoding thread); 0: the face
+        crop at the model's size."""
         if self._thread is None:
             raise LetsTalkError("call `await engine.start()` before opening sessions")
         if len(self.sessions) + self._reserved >= self.config.max_sessions:
@@ -1342,9 +1357,10 @@ class StreamEngine:
             # Off the loop too: on a GPU the stream's copy of the portrait latent waits for the window the worker is
             # running, and the loop would stall that long, every other session's paced frames with it.
             stream = await run_off_loop(self.pipeline.new_stream, portrait, seed)
+            paste = await run_off_loop(portrait.full_frame, full_frame) if full_frame else None
             if self._thread is None or self._stopping:  # stop() ran while the portrait was being prepared
                 raise LetsTalkError("the engine stopped while the session was opening")
-            session = Session(self, portrait, seed, session_id, stream)
+            session = Session(self, portrait, seed, session_id, stream, paste)
             if session.id in self.sessions:
                 raise InputError(f"session id {session.id!r} is already in use")
         finally:
@@ -1813,8 +1829,8 @@ class StreamEngine:
         for s, epoch, _, meta, timings in batch:
             out = []
             for index, audio, speech, audio_time in meta:
-                out.append(AVFrame(index=index, video=video[k], audio=audio, speech=speech, latent=lat[k],
-                                   audio_time=audio_time))
+                out.append(AVFrame(index=index, video=video[k] if s.paste is None else s.paste(video[k]), audio=audio,
+                                   speech=speech, latent=lat[k], audio_time=audio_time))
                 k += 1
             _post(s, s._deliver, epoch, out, None if dec_ms is None else dataclasses.replace(timings, decode_ms=dec_ms))
 

@@ -1,0 +1,94 @@
+"""The whole photo talking: each animated face crop pasted back into the portrait photo it was cut from.
+
+The model animates a small square crop around the face (128 px for the bundled model). A user who gives a
+photo expects that photo to talk, hair, shoulders and background included, at a size a video call shows.
+`FullFrame` keeps the photo, scaled to fit `max_side`, and pastes each generated crop back where it was cut,
+resized to the crop's size there and faded into the photo over a band along the crop's edges (`feather`),
+so the generated picture and the still photo meet without a seam. Edges of the crop that lie outside the
+photo (a face near the border, where the crop replicated the border pixels) are not faded: the crop reaches
+the photo's edge there.
+
+Cost per frame: one resize of the crop and one blend over the crop's area (~1 ms for a 512 px frame on one
+CPU core); the rest of the photo is copied as it is.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import InputError
+
+MAX_PHOTO_SIDE = 1280  # a portrait keeps its photo scaled to at most this side (the largest full frame)
+FULL_FRAME_SIDE = 512  # default longest side of full frames (even): a video call's size, cheap to encode
+
+
+def even_size(width: float, height: float, max_side: int) -> tuple[int, int]:
+    """(width, height) scaled to fit `max_side` (never enlarged), each rounded down to an even number >= 2."""
+    scale = min(1.0, max_side / max(width, height))
+    return max(2, int(width * scale) // 2 * 2), max(2, int(height * scale) // 2 * 2)
+
+
+def _ramp(n: int, band: float, fade_start: bool, fade_end: bool) -> np.ndarray:
+    """(n,) weights along one side of the crop: 1 inside, falling smoothly to 0 over `band` pixels toward
+    each end that fades (smoothstep, so the blend has no visible edge of its own)."""
+    pos = np.arange(n, dtype=np.float32) + 0.5
+    w = np.ones(n, np.float32)
+    if band > 0:
+        for fade, dist in ((fade_start, pos), (fade_end, n - pos)):
+            if fade:
+                t = np.clip(dist / band, 0.0, 1.0)
+                w *= t * t * (3 - 2 * t)
+    return w
+
+
+class FullFrame:
+    """Paste (S, S, 3) uint8 crops back into `photo` (H, W, 3) uint8 at `box` (x0, y0, side, in the photo's
+    pixels; it may reach past the border), giving frames of the whole photo scaled to fit `max_side`."""
+
+    def __init__(self, photo: np.ndarray, box: tuple[int, int, int], max_side: int = FULL_FRAME_SIDE,
+                 feather: float = 0.15) -> None:
+        from PIL import Image
+
+        if photo.ndim != 3 or photo.shape[2] != 3 or photo.dtype != np.uint8:
+            raise InputError(f"full frame: expected an RGB uint8 photo (H, W, 3), got {photo.dtype} {photo.shape}")
+        if not 16 <= max_side <= MAX_PHOTO_SIDE:
+            raise InputError(f"full frame: the longest side must be 16..{MAX_PHOTO_SIDE} px, got {max_side}")
+        if not 0 <= feather <= 0.5:
+            raise InputError(f"full frame: feather must be 0..0.5 of the crop's side, got {feather}")
+        H, W = photo.shape[:2]
+        self.width, self.height = even_size(W, H, max_side)
+        sx, sy = self.width / W, self.height / H
+        self.canvas = np.array(Image.fromarray(photo).resize((self.width, self.height), Image.LANCZOS))  # (h, w, 3)
+        x0, y0, side = box
+        # the crop's square in the canvas, on whole pixels: [bx0, bx0 + bw) x [by0, by0 + bh)
+        bx0, by0 = round(x0 * sx), round(y0 * sy)
+        self.crop_size = (max(1, round((x0 + side) * sx) - bx0), max(1, round((y0 + side) * sy) - by0))  # (bw, bh)
+        bw, bh = self.crop_size
+        # the part of that square inside the canvas, in canvas and in crop coordinates
+        cx0, cy0 = max(0, bx0), max(0, by0)
+        cx1, cy1 = min(self.width, bx0 + bw), min(self.height, by0 + bh)
+        if cx1 <= cx0 or cy1 <= cy0:
+            raise InputError(f"full frame: the face box {box} lies outside the {W}x{H} photo")
+        self.region = (slice(cy0, cy1), slice(cx0, cx1))
+        self.inner = (slice(cy0 - by0, cy1 - by0), slice(cx0 - bx0, cx1 - bx0))
+        # fade only where the crop's edge lies inside the photo: where it reaches past, the crop meets the border
+        mx = _ramp(bw, feather * bw, bx0 > 0, bx0 + bw < self.width)
+        my = _ramp(bh, feather * bh, by0 > 0, by0 + bh < self.height)
+        mask = (my[:, None] * mx[None, :])[self.inner][..., None]  # (rh, rw, 1)
+        self.mask = mask
+        self.background = self.canvas[self.region].astype(np.float32) * (1 - mask)  # (rh, rw, 3): the photo's share
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the frames, both even."""
+        return self.width, self.height
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        """(S, S, 3) uint8 crop -> (height, width, 3) uint8 frame of the whole photo with the crop pasted in."""
+        from PIL import Image
+
+        up = np.asarray(Image.fromarray(frame).resize(self.crop_size, Image.BICUBIC))[self.inner]  # (rh, rw, 3)
+        out = self.canvas.copy()
+        blend = self.background + up.astype(np.float32) * self.mask
+        out[self.region] = np.clip(blend + 0.5, 0, 255).astype(np.uint8)
+        return out

@@ -1,0 +1,94 @@
+"""Full frames: the animated face crop pasted back into the portrait photo (letstalk_rt.framing)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from letstalk_rt.errors import InputError
+from letstalk_rt.face import cut_square
+from letstalk_rt.framing import MAX_PHOTO_SIDE, FullFrame, even_size
+
+
+def _photo(h: int = 300, w: int = 400, seed: int = 0) -> np.ndarray:
+    """A smooth photo (a gradient with low-frequency blobs) whose crops resize back almost exactly."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)
+    return np.array(Image.fromarray(small).resize((w, h), Image.BICUBIC))
+
+
+def test_sizes_are_even_fit_the_limit_and_never_enlarge():
+    assert even_size(401, 300, 512) == (400, 300)  # not enlarged; the odd width rounded down
+    assert even_size(1000, 500, 512) == (512, 256)
+    assert even_size(3, 3000, 720) == (2, 720)
+    paste = FullFrame(_photo(w=401), (150, 60, 120), max_side=200)
+    assert paste.size == (200, 148) and paste.canvas.shape == (148, 200, 3)
+
+
+def test_the_photos_own_crop_pasted_back_gives_the_photo_back():
+    photo = _photo()
+    box = (150, 60, 120)
+    paste = FullFrame(photo, box, max_side=400)
+    out = paste(cut_square(photo, box, 64))  # the model's 64 px crop, unchanged by any model
+    assert out.shape == (300, 400, 3) and out.dtype == np.uint8
+    diff = np.abs(out.astype(int) - paste.canvas.astype(int))
+    assert diff.max() <= 6 and diff.mean() < 0.5
+
+
+def test_a_new_face_fills_the_box_and_fades_into_the_untouched_photo():
+    photo = _photo()
+    x0, y0, side = 150, 60, 120
+    paste = FullFrame(photo, (x0, y0, side), max_side=400, feather=0.2)
+    out = paste(np.full((64, 64, 3), (255, 0, 0), np.uint8)).astype(int)
+    canvas = paste.canvas.astype(int)
+    outside = np.ones(out.shape[:2], bool)
+    outside[y0:y0 + side, x0:x0 + side] = False
+    assert np.array_equal(out[outside], canvas[outside])  # not one pixel outside the box changed
+    core = slice(y0 + 25, y0 + side - 25), slice(x0 + 25, x0 + side - 25)  # inside the 24 px band
+    assert np.array_equal(out[core], np.broadcast_to([255, 0, 0], out[core].shape))
+    # across the band, the new face's share rises smoothly from the box's edge inward
+    row = y0 + side // 2
+    share = [(out[row, x, 0] - canvas[row, x, 0]) / max(1, 255 - canvas[row, x, 0]) for x in range(x0, x0 + 25)]
+    assert share[0] < 0.01 and share[-1] > 0.99 and all(b >= a - 1e-6 for a, b in zip(share, share[1:]))
+
+
+def test_a_box_past_the_photos_border_is_not_faded_there():
+    photo = _photo()
+    paste = FullFrame(photo, (-40, -30, 120), max_side=400)  # a face at the top-left corner
+    out = paste(np.full((64, 64, 3), 255, np.uint8))
+    assert (out[0, :60] == 255).all() and (out[:60, 0] == 255).all()  # the face reaches the photo's edges
+    assert np.array_equal(out[:, 100:], paste.canvas[:, 100:])
+    assert out[5, 79].mean() < 255  # faded toward the photo on its inner edges
+
+
+def test_bad_photos_boxes_and_sizes_are_refused():
+    photo = _photo()
+    with pytest.raises(InputError, match="outside"):
+        FullFrame(photo, (500, 10, 50))
+    with pytest.raises(InputError, match="longest side"):
+        FullFrame(photo, (10, 10, 50), max_side=8)
+    with pytest.raises(InputError, match="longest side"):
+        FullFrame(photo, (10, 10, 50), max_side=MAX_PHOTO_SIDE + 2)
+    with pytest.raises(InputError, match="RGB uint8"):
+        FullFrame(photo.astype(np.float32), (10, 10, 50))
+
+
+def test_a_prepared_portrait_keeps_its_photo_scaled_and_its_box(tiny_pipeline, astronaut_png):
+    from letstalk_rt.media import load_image
+
+    image = load_image(astronaut_png)  # 512 x 512, the face near the top centre
+    portrait = tiny_pipeline.prepare_portrait(image)
+    x0, y0, side = portrait.box
+    assert portrait.photo.shape == image.shape and 100 < x0 + side / 2 < 330 and side > 100
+    assert np.abs(cut_square(portrait.photo, portrait.box, 32).astype(int) - portrait.image.astype(int)).max() <= 1
+    big = np.array(Image.fromarray(image).resize((2560, 2560), Image.BICUBIC))
+    large = tiny_pipeline.prepare_portrait(big)
+    assert large.photo.shape == (MAX_PHOTO_SIDE, MAX_PHOTO_SIDE, 3)  # kept at most 1280 px: 2.5x less than given
+    assert np.abs(np.array(large.box) - np.array(portrait.box) * 2.5).max() < 0.1 * side * 2.5, large.box  # the same face
+    frame = large.full_frame(256)(portrait.image)
+    assert frame.shape == (256, 256, 3)
+    centre = tiny_pipeline.prepare_portrait(image[:, :400], detect=False)  # no detection: the centre square
+    assert centre.box == (0, 56, 400)
+    with pytest.raises(InputError, match="without its photo"):
+        type(portrait)(image=portrait.image, latent=portrait.latent).full_frame()
