@@ -685,7 +685,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="centre-crop uploaded portraits instead of detecting the face")
     parser.add_argument("--max-full-frame", type=int, default=d.max_full_frame, metavar="PX",
                         help="the largest `full_frame` a session may ask for: the longest side of whole-photo frames, "
-                             f"which cost the server's video encoder in proportion to their area (default {d.max_full_frame})")
+                             "which cost the server's video encoder in proportion to their area; 0: none "
+                             f"(default {d.max_full_frame})")
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up forward pass at start")
 
 
@@ -708,7 +709,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         if not value > 0:
             raise LetsTalkError(f"{name} must be positive, got {value}")
     if not 0 <= args.max_full_frame <= MAX_PHOTO_SIDE:
-        raise LetsTalkError(f"--max-full-frame must be 0 (whole-photo frames off) .. {MAX_PHOTO_SIDE}, got {args.max_full_frame}")
+        raise LetsTalkError(f"--max-full-frame must be 0 (no whole-photo frames) .. {MAX_PHOTO_SIDE}, "
+                            f"got {args.max_full_frame}")
     if args.max_sessions is not None and args.max_sessions < 1:
         raise LetsTalkError(f"--max-sessions must be at least 1, got {args.max_sessions}")
     return ServerConfig(

@@ -33,16 +33,15 @@ pytestmark = [
                                                         "no `playwright install`: the system chromium is used)"),
 ]
 
-# The lower-middle of the frame (where the mouth of a centred face crop is), as RGBA bytes.
-MOUTH_SNAPSHOT_JS = """() => {
+# A region of the frame, [x, y, width, height] as fractions of its size, as RGBA bytes.
+MOUTH_SNAPSHOT_JS = """([x, y, rw, rh]) => {
   const v = document.getElementById('video');
   const c = document.createElement('canvas');
   c.width = v.videoWidth; c.height = v.videoHeight;
   const g = c.getContext('2d');
   g.drawImage(v, 0, 0);
   const w = c.width, h = c.height;
-  return Array.from(g.getImageData(Math.floor(w * 0.3), Math.floor(h * 0.55),
-                                   Math.ceil(w * 0.4), Math.ceil(h * 0.35)).data);
+  return Array.from(g.getImageData(Math.floor(w * x), Math.floor(h * y), Math.ceil(w * rw), Math.ceil(h * rh)).data);
 }"""
 
 
@@ -71,10 +70,14 @@ def _chromium_args(wav: Path) -> list[str]:
 def test_browser_page_shows_the_talking_avatar(tiny_pipeline, tmp_path, astronaut_png, mode):
     """index.html: the page creates a session (the bundled avatar, or an uploaded photo), sends speech as
     its WebRTC audio track (Chromium's fake microphone playing a WAV, or the WAV chosen as a file and
-    played through WebAudio), and shows the avatar: frames of the model's size, audio, a moving mouth."""
+    played through WebAudio), and shows the avatar: frames of the model's size (the uploaded photo: the whole photo,
+    `full_frame=128`), audio, a moving mouth."""
     wav = tmp_path / "speech.wav"
     _write_wav(wav)
     args = _chromium_args(wav)
+    # the mouth: the lower middle of a face crop; in the whole astronaut photo, of the face's square (122, 6, 218)
+    mouth = [0.3, 0.55, 0.4, 0.35] if mode == "microphone+avatar" else [0.36, 0.25, 0.18, 0.15]
+    side = 32 if mode == "microphone+avatar" else 128
 
     async def main():
         async with running_server(tiny_pipeline) as srv, async_playwright() as pw:
@@ -87,7 +90,7 @@ def test_browser_page_shows_the_talking_avatar(tiny_pipeline, tmp_path, astronau
                 if mode == "microphone+avatar":
                     await page.goto(f"{srv.url}/?autostart=1&source=mic")
                 else:
-                    await page.goto(f"{srv.url}/?source=file")
+                    await page.goto(f"{srv.url}/?source=file&full_frame=128")
                     await page.set_input_files("#audiofile", str(wav))
                     await page.set_input_files("#photo", str(astronaut_png))
                     await page.check("input[name=face][value=upload]")
@@ -107,7 +110,7 @@ def test_browser_page_shows_the_talking_avatar(tiny_pipeline, tmp_path, astronau
                 frames_first = await page.evaluate("window.letstalk.frames.frames")
                 snaps = []
                 for _ in range(6):  # a few snapshots, 0.4 s apart, while the speech plays
-                    snaps.append(np.array(await page.evaluate(MOUTH_SNAPSHOT_JS), np.int16))
+                    snaps.append(np.array(await page.evaluate(MOUTH_SNAPSHOT_JS, mouth), np.int16))
                     await asyncio.sleep(0.4)
                 await page.wait_for_function("window.letstalk.events.includes('speech_started')", timeout=20000)
                 later = await page.evaluate("window.letstalk.conn.stats()")
@@ -121,8 +124,8 @@ def test_browser_page_shows_the_talking_avatar(tiny_pipeline, tmp_path, astronau
             return size, first, later, frames_first, frames_later, snaps, server_sessions, remaining
 
     size, first, later, frames_first, frames_later, snaps, sessions, remaining = run(main())
-    assert size == [32, 32]
-    assert later["video"]["frameWidth"] == 32 and later["video"]["frameHeight"] == 32
+    assert size == [side, side]
+    assert later["video"]["frameWidth"] == side and later["video"]["frameHeight"] == side
     assert frames_later > frames_first + 20  # ~25 fps kept coming
     assert later["audio"]["packetsReceived"] > first["audio"]["packetsReceived"] > 0
     assert later["audio"]["bytesReceived"] > first["audio"]["bytesReceived"] > 0

@@ -85,7 +85,8 @@ def test_a_prepared_portrait_keeps_its_photo_scaled_and_its_box(tiny_pipeline, a
     big = np.array(Image.fromarray(image).resize((2560, 2560), Image.BICUBIC))
     large = tiny_pipeline.prepare_portrait(big)
     assert large.photo.shape == (MAX_PHOTO_SIDE, MAX_PHOTO_SIDE, 3)  # kept at most 1280 px: 2.5x less than given
-    assert np.abs(np.array(large.box) - np.array(portrait.box) * 2.5).max() < 0.1 * side * 2.5, large.box  # the same face
+    # the same face, found in the larger photo, in the kept photo's pixels
+    assert np.abs(np.array(large.box) - np.array(portrait.box) * 2.5).max() < 0.1 * side * 2.5, large.box
     frame = large.full_frame(256)(portrait.image)
     assert frame.shape == (256, 256, 3)
     centre = tiny_pipeline.prepare_portrait(image[:, :400], detect=False)  # no detection: the centre square

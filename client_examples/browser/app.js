@@ -39,7 +39,9 @@ export async function listAvatars(apiKey = null) {
 }
 
 // fullFrame: the video is the whole photo, its longest side at most this many px (the face pasted back in).
-export async function createSession({ apiKey = null, avatarId = "default", file = null, seed = null, fullFrame = null } = {}) {
+export async function createSession({
+  apiKey = null, avatarId = "default", file = null, seed = null, fullFrame = null,
+} = {}) {
   let resp;
   if (file) {
     const form = new FormData();
