@@ -328,12 +328,13 @@ async def local_server(engine, config=None):
         await runner.cleanup()
 
 
-async def stream(engine, n: int, seconds: float, speech: np.ndarray, peer_process: bool = False
+async def stream(engine, n: int, seconds: float, speech: np.ndarray, peer_process: bool = False, full_frame: int = 0
                  ) -> tuple[list, list[dict]]:
     """n sessions through the server, each with a microphone playing `speech` for `seconds` and a receiving peer ->
     (the engine's sessions, read after the run, and each session's receiver-side summary). `peer_process`: the peers
     (microphones and SDK) in a process of their own (`python -m letstalk_rt.bench_webrtc`), as a user's peer is; else
-    in this one, sharing the server's event loop."""
+    in this one, sharing the server's event loop. `full_frame`: the sessions' frames the whole photo, fit to this many
+    px (0: the face crop)."""
     from .client import AvatarClient
 
     from server.app import MANAGER
@@ -341,9 +342,9 @@ async def stream(engine, n: int, seconds: float, speech: np.ndarray, peer_proces
     with wire_arrivals() as seen:
         async with local_server(engine) as (url, app):
             if peer_process:
-                return await _run_peer_process(url, app[MANAGER], n, seconds, speech, seen)
+                return await _run_peer_process(url, app[MANAGER], n, seconds, speech, seen, full_frame)
             async with AvatarClient(url) as client:
-                sessions, peers = await _run(client, app[MANAGER], n, seconds, speech, seen)
+                sessions, peers = await _run(client, app[MANAGER], n, seconds, speech, seen, full_frame)
     return sessions, [summary(p.got, p.mic.sent(), p.mic.sent_at, fps_of(p.avatar)) for p in peers]
 
 
@@ -358,15 +359,15 @@ class Peer:
     reader: asyncio.Task
 
 
-async def start_session(client, patience_s: float = 15.0):
+async def start_session(client, patience_s: float = 15.0, full_frame: int = 0):
     """`client.start_session()` on the server's default avatar, asking again while the server is busy (the warm-up's
-    slot is still being freed) for up to `patience_s`."""
+    slot is still being freed) for up to `patience_s`; `full_frame` as the server takes it."""
     from .client import ServerBusyError
 
     give_up = time.monotonic() + patience_s
     while True:
         try:
-            return await client.start_session(avatar_id="default")
+            return await client.start_session(avatar_id="default", full_frame=full_frame or None)
         except ServerBusyError:
             if time.monotonic() > give_up:
                 raise
@@ -391,14 +392,15 @@ def fps_of(avatar) -> float:
     return float(avatar.info["video"]["fps"])
 
 
-async def open_peers(client, n: int, seconds: float, speech: np.ndarray, opened=None) -> list[Peer]:
+async def open_peers(client, n: int, seconds: float, speech: np.ndarray, opened=None, full_frame: int = 0
+                     ) -> list[Peer]:
     """n sessions opened and connected as a user's are (one after another), each sending `speech` for `seconds` as
     its microphone and read by `receive`; `opened(avatar)` after each connects."""
     peers = []
     for _ in range(n):
         mic = MicrophoneTrack(speech, seconds)
         got = Received(opened_at=time.monotonic())
-        avatar = await start_session(client)
+        avatar = await start_session(client, full_frame=full_frame)
         await avatar.connect(audio_track=mic)
         got.connected_at = time.monotonic()
         peers.append(Peer(avatar, mic, got, asyncio.create_task(receive(avatar, got, fps_of(avatar)))))
@@ -420,11 +422,12 @@ def mic_on_the_server(pc, seen: dict) -> np.ndarray:
     return on_the_wire(pc, seen).get("audio", np.zeros((0, 2))) if pc is not None else np.zeros((0, 2))
 
 
-async def _run(client, manager, n, seconds, speech, seen):
+async def _run(client, manager, n, seconds, speech, seen, full_frame=0):
     await warm_up(client, manager)
     sessions = []
     peers = await open_peers(client, n, seconds, speech,
-                             opened=lambda avatar: sessions.append(manager.sessions[avatar.id].session))
+                             opened=lambda avatar: sessions.append(manager.sessions[avatar.id].session),
+                             full_frame=full_frame)
     await asyncio.sleep(seconds)
     for p in peers:
         p.got.mic_wire = mic_on_the_server(manager.sessions[p.avatar.id].pc, seen)
@@ -432,7 +435,7 @@ async def _run(client, manager, n, seconds, speech, seen):
     return sessions, peers
 
 
-async def _run_peer_process(url, manager, n, seconds, speech, seen) -> tuple[list, list[dict]]:
+async def _run_peer_process(url, manager, n, seconds, speech, seen, full_frame=0) -> tuple[list, list[dict]]:
     """`stream` with the peers in a child process (`main`): the engine's session and the server's peer connection of
     each session the child reports opened are kept here; the child's summaries come back on its last line, and the
     microphone-to-server figure is made here from the server's wire and the child's send times (one monotonic clock
@@ -450,7 +453,8 @@ async def _run_peer_process(url, manager, n, seconds, speech, seen) -> tuple[lis
             w.writeframes((np.clip(speech, -1, 1) * 32767).astype("<i2").tobytes())
         child = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "letstalk_rt.bench_webrtc", url, "--sessions", str(n), "--seconds", str(seconds),
-            "--audio", path, "--send-times", stdout=asyncio.subprocess.PIPE, limit=2**28)
+            "--audio", path, "--send-times", "--full-frame", str(full_frame), stdout=asyncio.subprocess.PIPE,
+            limit=2**28)
         result = None
         try:
             async for line in child.stdout:
@@ -479,12 +483,12 @@ async def _run_peer_process(url, manager, n, seconds, speech, seen) -> tuple[lis
 
 
 async def peers_main(url: str, n: int, seconds: float, speech: np.ndarray, api_key: str | None = None,
-                     send_times: bool = False) -> None:
+                     send_times: bool = False, full_frame: int = 0) -> None:
     """The peers of `stream(peer_process=True)`, or of anyone measuring a running server from the far side: n
     sessions on its default avatar for `seconds`; each line of stdout one JSON object: {"opened": session id} as
     each connects, then {"peers": [each session's summary]} (+ "peer_loop": this process's event loop and collector
     by minute, as `LoopWatch`; + its microphone packets' "send_times", (media s, monotonic) pairs, with
-    `send_times`)."""
+    `send_times`). `full_frame`: the sessions' frames the whole photo, fit to this many px (0: the face crop)."""
     import json
 
     from .client import AvatarClient
@@ -493,7 +497,7 @@ async def peers_main(url: str, n: int, seconds: float, speech: np.ndarray, api_k
         async with AvatarClient(url, api_key) as client, LoopWatch() as watch:
             await warm_up(client)
             peers = await open_peers(client, n, seconds, speech, opened=lambda avatar: print(
-                json.dumps({"opened": avatar.id}), flush=True))
+                json.dumps({"opened": avatar.id}), flush=True), full_frame=full_frame)
             await asyncio.sleep(seconds)
             await close_peers(peers, seen)
     loop = watch.figures()  # this process's, which the bench's own LoopWatch does not see
@@ -584,6 +588,9 @@ def main(argv: list[str] | None = None) -> None:
                                                    "speech)")
     p.add_argument("--api-key", default=None, help="the server's API key, if it has one")
     p.add_argument("--send-times", action="store_true", help="add each microphone packet's send time (monotonic)")
+    p.add_argument("--full-frame", type=int, default=0, metavar="PX",
+                   help="sessions whose video is the whole photo, fit to PX (the server's full_frame; default 0: the "
+                        "face crop)")
     p.add_argument("--churn", type=int, default=0, metavar="N", help=(
         "instead: N sessions one after another, each for --seconds, then closed; one line per session with the "
         "server's resident memory (from its /metrics), then a summary with its growth per 100 sessions"))
@@ -599,7 +606,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.churn:
             asyncio.run(churn_main(args.url, args.churn, args.seconds, speech, args.api_key))
         else:
-            asyncio.run(peers_main(args.url, args.sessions, args.seconds, speech, args.api_key, args.send_times))
+            asyncio.run(peers_main(args.url, args.sessions, args.seconds, speech, args.api_key, args.send_times,
+                                   args.full_frame))
     except (LetsTalkError, OSError) as e:
         sys.exit(f"error: {e}")
 

@@ -321,7 +321,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     run_bench(pipe, counts, seconds, np.asarray(audio), portrait, json_path=args.json,
               breakdown=not args.soak, repeat=args.repeat, live=live_config(args),
               neighbours=(args.neighbours, busy, period), seed=args.seed, webrtc=args.webrtc,
-              peer_process=args.peer_process)
+              peer_process=args.peer_process, full_frame=args.full_frame)
 
 
 def _preset_config(args: argparse.Namespace):
@@ -564,6 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer-process", action="store_true",
                    help="with --webrtc (implies it): the receiving peers in a process of their own, as a user's "
                         "peer is, instead of sharing the server's event loop")
+    _add_full_frame_arg(p)
     add_live_args(p)
     p.set_defaults(func=cmd_bench)
 

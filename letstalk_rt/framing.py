@@ -8,11 +8,19 @@ so the generated picture and the still photo meet without a seam. Edges of the c
 photo (a face near the border, where the crop replicated the border pixels) are not faded: the crop reaches
 the photo's edge there.
 
-Cost per frame: one resize of the crop and one blend over the crop's area (~1 ms for a 512 px frame on one
-CPU core); the rest of the photo is copied as it is.
+Resized up, the model's crop is softer than the photo around it. So, given the portrait's crop and a gate
+(`DetailGate`), each pasted crop gets back the photo's own detail at the frame's resolution (the photo less
+the portrait's crop resized up) wherever the picture has kept still, gated as `pipeline.transfer_detail` gates
+the portrait's detail at the model's resolution: a region that moved (the mouth while talking, blinking eyes)
+keeps its generated look for a while, so the detail does not switch on and off with every small movement.
+
+Cost per frame: one resize of the crop, the gate at the model's resolution and one blend over the crop's area;
+the rest of the photo is copied as it is (docs/benchmarks.md, "Full frames").
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -20,6 +28,17 @@ from .errors import InputError
 
 MAX_PHOTO_SIDE = 1280  # a portrait keeps its photo scaled to at most this side (the largest full frame)
 FULL_FRAME_SIDE = 512  # default longest side of full frames (even): a video call's size, cheap to encode
+
+
+@dataclass(frozen=True)
+class DetailGate:
+    """How the photo's detail is gated per pixel, as `pipeline.transfer_detail` gates the portrait's: frames and the
+    portrait's crop are compared blurred by `sigma` (px at the model's resolution); the largest recent
+    difference (channel mean, grey levels), fading by `decay` per frame, weighs the detail exp(-(d / width)^2)."""
+
+    width: float = 12.0
+    sigma: float = 3.2
+    decay: float = 0.5 ** (1 / (2.5 * 25))
 
 
 def even_size(width: float, height: float, max_side: int) -> tuple[int, int]:
@@ -46,7 +65,10 @@ class FullFrame:
     pixels; it may reach past the border), giving frames of the whole photo scaled to fit `max_side`."""
 
     def __init__(self, photo: np.ndarray, box: tuple[int, int, int], max_side: int = FULL_FRAME_SIDE,
-                 feather: float = 0.15) -> None:
+                 feather: float = 0.15, crop: np.ndarray | None = None, gate: DetailGate | None = None) -> None:
+        """`crop` (S, S, 3) uint8, the portrait's crop the model animates, and `gate`: give each pasted crop the
+        photo's detail back where it kept still (both needed; without them, the crops are pasted as they are).
+        With them a FullFrame is one stream's: it remembers where that stream's frames moved."""
         from PIL import Image
 
         if photo.ndim != 3 or photo.shape[2] != 3 or photo.dtype != np.uint8:
@@ -77,18 +99,46 @@ class FullFrame:
         mask = (my[:, None] * mx[None, :])[self.inner][..., None]  # (rh, rw, 1)
         self.mask = mask
         self.background = self.canvas[self.region].astype(np.float32) * (1 - mask)  # (rh, rw, 3): the photo's share
+        self.gate = gate if crop is not None else None
+        self.moved: np.ndarray | None = None  # (S / k, S / k) the largest recent difference from the portrait
+        if self.gate is not None:
+            assert crop is not None
+            lo = np.asarray(Image.fromarray(crop).resize(self.crop_size, Image.BICUBIC))[self.inner]
+            self.detail = self.canvas[self.region].astype(np.float32) - lo  # (rh, rw, 3): what the crop lacks here
+            self.crop_blur = self._blur(crop)
 
     @property
     def size(self) -> tuple[int, int]:
         """(width, height) of the frames, both even."""
         return self.width, self.height
 
+    def _blur(self, image: np.ndarray) -> np.ndarray:
+        """(S, S, 3) uint8 -> (S / k, S / k, 3) float32 blurred by about the gate's sigma: reduced k = sigma times
+        (box averages, std ~0.3 k) then blurred by 1 px (std ~k at full size): 0.2 ms where a 3.2 px Gaussian at
+        full size took 1.1 ms, and the gate is as coarse as the blur anyway."""
+        from PIL import Image, ImageFilter
+
+        assert self.gate is not None
+        small = Image.fromarray(image).reduce(max(1, round(self.gate.sigma)))
+        return np.asarray(small.filter(ImageFilter.GaussianBlur(1.0)), np.float32)
+
+    def _detail_weight(self, frame: np.ndarray) -> np.ndarray:
+        """(rh, rw, 1) float32: how much of the photo's detail this frame of the stream gets, per pixel."""
+        from PIL import Image
+
+        assert self.gate is not None
+        d = np.abs(self._blur(frame) - self.crop_blur).mean(-1)  # (S / k, S / k)
+        self.moved = d if self.moved is None else np.maximum(self.moved * self.gate.decay, d)
+        weight = np.exp(-np.square(self.moved / self.gate.width)).astype(np.float32)
+        return np.asarray(Image.fromarray(weight, mode="F").resize(self.crop_size, Image.BILINEAR))[self.inner][..., None]
+
     def __call__(self, frame: np.ndarray) -> np.ndarray:
         """(S, S, 3) uint8 crop -> (height, width, 3) uint8 frame of the whole photo with the crop pasted in."""
         from PIL import Image
 
-        up = np.asarray(Image.fromarray(frame).resize(self.crop_size, Image.BICUBIC))[self.inner]  # (rh, rw, 3)
+        up = np.asarray(Image.fromarray(frame).resize(self.crop_size, Image.BICUBIC))[self.inner].astype(np.float32)
+        if self.gate is not None:  # (rh, rw, 3), may leave 0..255 until the clip below
+            up = up + self._detail_weight(frame) * self.detail
         out = self.canvas.copy()
-        blend = self.background + up.astype(np.float32) * self.mask
-        out[self.region] = np.clip(blend + 0.5, 0, 255).astype(np.uint8)
+        out[self.region] = np.clip(self.background + up * self.mask + 0.5, 0, 255).astype(np.uint8)
         return out

@@ -29,7 +29,7 @@ from .checkpoint import Components, build_components, load_model
 from .config import ModelConfig, check_box, check_noise_draws
 from .diffusion import EulerSampler, Guidance, from_portrait
 from .errors import InputError
-from .framing import FULL_FRAME_SIDE, MAX_PHOTO_SIDE, FullFrame
+from .framing import FULL_FRAME_SIDE, MAX_PHOTO_SIDE, DetailGate, FullFrame
 from .memory import MemoryBank, box_cells
 
 log = logging.getLogger(__name__)
@@ -42,18 +42,13 @@ class Portrait:
     image: np.ndarray  # (S, S, 3) uint8, the crop the model animates
     latent: Tensor  # (C, h, w) on the pipeline's device, fp32
     # The photo it was cut from, scaled to at most framing.MAX_PHOTO_SIDE, and the crop's square in it
-    # (x0, y0, side): what full frames (`full_frame()`) paste each animated crop back into.
+    # (x0, y0, side): what full frames (`LetsTalkPipeline.full_frame`) paste each animated crop back into.
     photo: np.ndarray | None = None  # (H, W, 3) uint8
     box: tuple[int, int, int] | None = None
     # For detail transfer (SamplingConfig.detail_transfer), made on first use by LetsTalkPipeline.decode:
     detail: Tensor | None = None  # (3, S, S) the crop less its autoencoder reconstruction, in [-1, 1] units
     recon_blur: Tensor | None = None  # (3, S, S) the reconstruction, blurred as the gate blurs each frame
 
-    def full_frame(self, max_side: int = FULL_FRAME_SIDE) -> "FullFrame":
-        """A paster of this portrait's animated crops back into its photo, frames at most `max_side` px."""
-        if self.photo is None or self.box is None:
-            raise InputError("this portrait was prepared without its photo; prepare it from the photo for full frames")
-        return FullFrame(self.photo, self.box, max_side)
 
 
 @dataclass
@@ -676,6 +671,17 @@ class LetsTalkPipeline:
         box = tuple(round(v * scale) for v in box)
         return Portrait(image=crop, latent=latent, photo=photo, box=box)  # type: ignore[arg-type]
 
+    def full_frame(self, portrait: Portrait, max_side: int = FULL_FRAME_SIDE) -> FullFrame:
+        """One stream's paster of `portrait`'s animated crops back into its photo, frames at most `max_side` px, with
+        the photo's detail back where the face keeps still (gated as the model's detail transfer is)."""
+        if portrait.photo is None or portrait.box is None:
+            raise InputError("this portrait was prepared without its photo; prepare it from the photo for full frames")
+        sampling = self.config.sampling
+        gate = DetailGate(width=sampling.detail_transfer or DetailGate.width,
+                          sigma=sampling.detail_blur * self.config.image_size,
+                          decay=0.5 ** (1 / (sampling.detail_half_life_s * self.fps)))
+        return FullFrame(portrait.photo, portrait.box, max_side, crop=portrait.image, gate=gate)
+
     def new_stream(self, portrait: Portrait, seed: int = 0) -> StreamState:
         return StreamState(
             portrait=portrait,
@@ -972,7 +978,7 @@ def generate_video(
     if pipeline is None:
         pipeline = LetsTalkPipeline.from_pretrained(model, device=device, num_steps=num_steps)
     prepared = pipeline.prepare_portrait(image, detect=detect_face, name=name)  # NoFaceError
-    paste = prepared.full_frame(full_frame) if full_frame else None  # InputError: a size out of range
+    paste = pipeline.full_frame(prepared, full_frame) if full_frame else None  # InputError: a size out of range
     spf = pipeline.samples_per_frame
     n_frames = max(1, math.ceil(len(wav) / spf))
     bar = None

@@ -8,7 +8,7 @@ from PIL import Image
 
 from letstalk_rt.errors import InputError
 from letstalk_rt.face import cut_square
-from letstalk_rt.framing import MAX_PHOTO_SIDE, FullFrame, even_size
+from letstalk_rt.framing import MAX_PHOTO_SIDE, DetailGate, FullFrame, even_size
 
 
 def _photo(h: int = 300, w: int = 400, seed: int = 0) -> np.ndarray:
@@ -62,6 +62,31 @@ def test_a_box_past_the_photos_border_is_not_faded_there():
     assert out[5, 79].mean() < 255  # faded toward the photo on its inner edges
 
 
+def test_the_photos_detail_comes_back_where_the_face_kept_still():
+    """With the portrait's crop and a gate, a still face is the photo itself at the frame's resolution (sharper than
+    the crop resized up); where the face moved it stays the generated crop resized, for a while after it stops."""
+    rng = np.random.default_rng(1)
+    photo = np.clip(_photo(seed=2).astype(int) + rng.integers(-40, 40, (300, 400, 3)), 0, 255).astype(np.uint8)  # fine grain
+    box, S = (100, 40, 200), 50
+    crop = cut_square(photo, box, S)
+    gate = DetailGate(width=12.0, sigma=1.5, decay=0.5 ** (1 / 5))  # a 5-frame half-life
+    paste = FullFrame(photo, box, max_side=400, crop=crop, gate=gate)
+    plain = FullFrame(photo, box, max_side=400)
+    core = slice(40 + 35, 240 - 35), slice(100 + 35, 300 - 35)  # inside the fading band
+    still = paste(crop).astype(int)
+    assert np.abs(still[core] - photo[core].astype(int)).max() <= 1  # the photo's grain back, exactly
+    assert np.abs(plain(crop)[core].astype(int) - photo[core].astype(int)).mean() > 10  # resized up it is lost
+    talking = crop.copy()
+    talking[30:42, 15:35] = 0  # an open mouth: the lower middle of the crop turns dark
+    mouth = slice(40 + 30 * 4 + 6, 40 + 42 * 4 - 6), slice(100 + 15 * 4 + 6, 100 + 35 * 4 - 6)  # in the frame: x4
+    out = paste(talking).astype(int)
+    assert np.abs(out[mouth] - plain(talking)[mouth].astype(int)).max() <= 1  # the generated mouth, no photo grain on it
+    assert np.abs(out[75:100, 135:265] - photo[75:100, 135:265].astype(int)).max() <= 1  # the eyes' rows kept still
+    closed = [paste(crop).astype(int) for _ in range(30)]  # the mouth closes and stays closed
+    err = [np.abs(c[mouth] - photo[mouth].astype(int)).mean() for c in closed]
+    assert err[0] > 5 and err[-1] < 1 and all(b <= a + 1e-9 for a, b in zip(err, err[1:]))  # the grain returns slowly
+
+
 def test_bad_photos_boxes_and_sizes_are_refused():
     photo = _photo()
     with pytest.raises(InputError, match="outside"):
@@ -87,9 +112,9 @@ def test_a_prepared_portrait_keeps_its_photo_scaled_and_its_box(tiny_pipeline, a
     assert large.photo.shape == (MAX_PHOTO_SIDE, MAX_PHOTO_SIDE, 3)  # kept at most 1280 px: 2.5x less than given
     # the same face, found in the larger photo, in the kept photo's pixels
     assert np.abs(np.array(large.box) - np.array(portrait.box) * 2.5).max() < 0.1 * side * 2.5, large.box
-    frame = large.full_frame(256)(portrait.image)
+    frame = tiny_pipeline.full_frame(large, 256)(portrait.image)
     assert frame.shape == (256, 256, 3)
     centre = tiny_pipeline.prepare_portrait(image[:, :400], detect=False)  # no detection: the centre square
     assert centre.box == (0, 56, 400)
     with pytest.raises(InputError, match="without its photo"):
-        type(portrait)(image=portrait.image, latent=portrait.latent).full_frame()
+        tiny_pipeline.full_frame(type(portrait)(image=portrait.image, latent=portrait.latent))

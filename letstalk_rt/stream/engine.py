@@ -1357,7 +1357,7 @@ class StreamEngine:
             # Off the loop too: on a GPU the stream's copy of the portrait latent waits for the window the worker is
             # running, and the loop would stall that long, every other session's paced frames with it.
             stream = await run_off_loop(self.pipeline.new_stream, portrait, seed)
-            paste = await run_off_loop(portrait.full_frame, full_frame) if full_frame else None
+            paste = await run_off_loop(self.pipeline.full_frame, portrait, full_frame) if full_frame else None
             if self._thread is None or self._stopping:  # stop() ran while the portrait was being prepared
                 raise LetsTalkError("the engine stopped while the session was opening")
             session = Session(self, portrait, seed, session_id, stream, paste)
