@@ -76,8 +76,8 @@ async def run(args: argparse.Namespace) -> None:
     fmt, device = MIC_DEFAULTS.get(platform.system(), ("pulse", "default"))
     mic = open_microphone(args.mic_format or fmt, args.mic_device or device)
     async with AvatarClient(args.server, api_key=args.api_key) as client:
-        session = await client.start_session(portrait=args.portrait) if args.portrait else \
-            await client.start_session(avatar_id=args.avatar)
+        session = await client.start_session(portrait=args.portrait, full_frame=args.full_frame) if args.portrait \
+            else await client.start_session(avatar_id=args.avatar, full_frame=args.full_frame)
         session.on("speech_started", lambda ev: print("\n[avatar talking]"))
         session.on("error", lambda ev: print(f"\nserver: {ev['message']}", file=sys.stderr))
         await session.connect(audio_track=mic.audio)
@@ -94,6 +94,8 @@ def main() -> int:
     p.add_argument("--api-key", default=None)
     p.add_argument("--avatar", default="default")
     p.add_argument("--portrait", type=Path, default=None)
+    p.add_argument("--full-frame", type=int, default=None, metavar="PX",
+                   help="the whole photo talks, fit to PX (e.g. 512); default: the face crop")
     p.add_argument("--mic-format", default=None, help="FFmpeg input format: pulse, alsa, avfoundation, dshow")
     p.add_argument("--mic-device", default=None, help="FFmpeg input device, e.g. default, hw:0, :0")
     p.add_argument("--cam-size", type=int, default=512, help="virtual camera size in pixels (upscaled)")

@@ -100,8 +100,8 @@ async def speak(args: argparse.Namespace) -> None:
 async def _stream(args: argparse.Namespace, speech: np.ndarray, recorder: Recorder) -> None:
     seconds = len(speech) / 16000
     async with AvatarClient(args.server, api_key=args.api_key) as client:
-        session = await client.start_session(portrait=args.portrait) if args.portrait else \
-            await client.start_session(avatar_id=args.avatar)
+        session = await client.start_session(portrait=args.portrait, full_frame=args.full_frame) if args.portrait \
+            else await client.start_session(avatar_id=args.avatar, full_frame=args.full_frame)
         session.on("speech_started", lambda ev: print(f"  avatar started talking (frame {ev['frame']})"))
         session.on("speech_stopped", lambda ev: print(f"  avatar stopped talking (frame {ev['frame']})"))
         session.on("error", lambda ev: print(f"  server: {ev['message']}", file=sys.stderr))
@@ -145,6 +145,8 @@ def main() -> int:
     p.add_argument("--api-key", default=None)
     p.add_argument("--portrait", type=Path, default=None, help="a photo to animate (default: the server's avatar)")
     p.add_argument("--avatar", default="default", help="a preloaded avatar id (GET /v1/avatars)")
+    p.add_argument("--full-frame", type=int, default=None, metavar="PX",
+                   help="the whole photo talks, fit to PX (e.g. 512); default: the face crop")
     p.add_argument("--tail", type=float, default=1.5, help="seconds recorded after the speech ends")
     args = p.parse_args()
     try:

@@ -129,6 +129,7 @@ class Received:
     mic_wire: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))  # the microphone's packets at the server
     opened_at: float = 0.0  # monotonic, before the session was asked for
     connected_at: float = 0.0  # monotonic, when `connect()` returned (session made, offer answered, ICE and DTLS done)
+    frame_size: list[int] | None = None  # [width, height] of the first frame that arrived
 
 
 RTP_CLOCK = {"video": 90000, "audio": 48000}  # VP8 / H.264 and Opus RTP clock rates
@@ -178,14 +179,28 @@ def on_the_wire(pc, seen: dict) -> dict[str, np.ndarray]:
     return out
 
 
+def face_square(rgb: np.ndarray, box) -> np.ndarray:
+    """The animated face square `box` (x, y, width, height; it may reach past the frame's edges, which are then
+    repeated) of a frame: a full frame's face as a face-crop session's frame shows it."""
+    x, y, w, h = box
+    H, W = rgb.shape[:2]
+    if (x, y, w, h) == (0, 0, W, H):
+        return rgb
+    rows, cols = np.clip(np.arange(y, y + h), 0, H - 1), np.clip(np.arange(x, x + w), 0, W - 1)
+    return rgb[rows[:, None], cols[None, :]]
+
+
 async def receive(session, out: Received, fps: float) -> None:
-    """Read a connected `AvatarSession`'s video and audio until the connection ends."""
+    """Read a connected `AvatarSession`'s video and audio until the connection ends (of the first CONTENT_S of video,
+    the face square the server names: `content_sync` reads its mouth)."""
+    box = session.info["video"].get("face_box")
 
     async def video():
         async for f in session.timed_video_frames():
             out.video.append((f.time, f.received_at))
+            out.frame_size = out.frame_size or [f.rgb.shape[1], f.rgb.shape[0]]
             if f.time < CONTENT_S:
-                out.frames[round(f.time * fps)] = f.rgb
+                out.frames[round(f.time * fps)] = f.rgb if box is None else face_square(f.rgb, box)
 
     async def audio():
         async for chunk in session.audio_frames():
@@ -298,7 +313,7 @@ def summary(got: Received, sent: np.ndarray, sent_at: Marks, fps: float) -> dict
     """One session's receiver-side figures (the RunResult's `webrtc`)."""
     none = np.zeros((0, 2))
     wire = arrival_offsets(got.wire.get("video", none), got.wire.get("audio", none))
-    return {"first_frame_received_ms": first_frame_ms(got),
+    return {"first_frame_received_ms": first_frame_ms(got), "frame_size": got.frame_size,
             "pacing": pacing(got.video), "lip_to_sound_ms": arrival_offsets(got.video, got.audio),
             "lip_to_sound_wire_ms": wire,
             # where speech to sound goes, outside the engine's own latency: the microphone's packets from its track to

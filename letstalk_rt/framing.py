@@ -86,6 +86,7 @@ class FullFrame:
         bx0, by0 = round(x0 * sx), round(y0 * sy)
         self.crop_size = (max(1, round((x0 + side) * sx) - bx0), max(1, round((y0 + side) * sy) - by0))  # (bw, bh)
         bw, bh = self.crop_size
+        self.face_box = (bx0, by0, bw, bh)  # (x, y, width, height) of the animated square in the frames
         # the part of that square inside the canvas, in canvas and in crop coordinates
         cx0, cy0 = max(0, bx0), max(0, by0)
         cx1, cy1 = min(self.width, bx0 + bw), min(self.height, by0 + bh)

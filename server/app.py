@@ -385,7 +385,7 @@ async def create_session(request: web.Request) -> web.Response:
         "expires_at": ss.expires_at,
         "offer_url": str(origin.with_path(f"/v1/sessions/{ss.id}/offer")),
         "ws_url": str(ws_origin.with_path(f"/v1/sessions/{ss.id}/ws")),
-        "video": {"width": width, "height": height, "fps": engine.pipeline.fps},
+        "video": {"width": width, "height": height, "fps": engine.pipeline.fps, "face_box": list(session.face_box)},
         "audio": {"sample_rate": session.sample_rate, "channels": 1, "format": "pcm_s16le"},
     }, status=201)
 

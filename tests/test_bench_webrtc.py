@@ -48,22 +48,24 @@ def test_webrtc_bench_measures_pacing_lip_to_sound_and_speech_to_sound_at_the_pe
     assert trip["segments"] >= 2 and trip["correlation_min"] > 0.5
     assert trip["p50"] > run["latency_ms_p50"] - 40  # the engine's own latency is part of it
     assert peer["content_sync"]["frames"] > 100  # the tiny model has no lip sync to read; the real one: docs
+    assert peer["frame_size"] == [32, 32]
 
 
 def test_webrtc_bench_with_the_peers_in_a_process_of_their_own(tiny_pipeline, astronaut_png):
     """--peer-process: the microphones and the SDK run in a child process (`python -m letstalk_rt.bench_webrtc`), as a
     user's peer does, not on the server's event loop; the engine's figures are read here, the peers' come back from
     the child, and the microphone-to-server figure joins the server's wire here to the child's send times (one
-    monotonic clock for the machine: a wrong join reads seconds, or negative)."""
+    monotonic clock for the machine: a wrong join reads seconds, or negative). `full_frame` reaches the child's
+    sessions: the whole bundled photo (320 px) arrives, fit to 48."""
     import os
 
     from letstalk_rt.media import load_image
 
     portrait = tiny_pipeline.prepare_portrait(load_image(astronaut_png), detect=False)
     audio = speechlike(1.2, seed=5)
-    report = run_bench(tiny_pipeline, [1], 5.0, audio, portrait, breakdown=False, peer_process=True)
+    report = run_bench(tiny_pipeline, [1], 5.0, audio, portrait, breakdown=False, peer_process=True, full_frame=48)
 
-    assert report["peer_process"] and report["webrtc"] and report["complete"]
+    assert report["peer_process"] and report["webrtc"] and report["complete"] and report["full_frame"] == 48
     (run,) = report["runs"]
     assert 0.9 < run["realtime_factor"] <= 1.0 and run["latency_ms_p50"] is not None
     (peer,) = run["webrtc"]
@@ -72,6 +74,7 @@ def test_webrtc_bench_with_the_peers_in_a_process_of_their_own(tiny_pipeline, as
     assert abs(peer["lip_to_sound_wire_ms"]["p50"]) < 15, peer["lip_to_sound_wire_ms"]
     assert 0 < peer["mic_to_server_wire_ms"]["p50"] < 15, peer["mic_to_server_wire_ms"]
     assert "send_times" not in peer
+    assert peer["frame_size"] == [48, 48] and peer["content_sync"]["frames"] > 80  # the face square read in them
 
 
 def test_the_peer_command_says_what_is_wrong_with_a_server_it_cannot_reach():
@@ -104,6 +107,15 @@ def test_churn_opens_and_closes_sessions_one_after_another_and_reads_the_servers
     summary = last["churn_summary"]
     assert summary["sessions"] == 3 and summary["sessions_without_frames"] == 0
     assert summary["server_rss_mb"]["max"] == max(r["server_rss_mb"] for r in rows)
+
+
+def test_the_face_square_of_a_full_frame_repeats_the_edges_it_reaches_past():
+    rgb = np.arange(8 * 10 * 3, dtype=np.uint8).reshape(8, 10, 3)
+    assert bench_webrtc.face_square(rgb, (0, 0, 10, 8)) is rgb  # a face crop: the frame itself
+    square = bench_webrtc.face_square(rgb, (-2, 5, 5, 5))  # past the left and the bottom edges
+    assert square.shape == (5, 5, 3)
+    assert np.array_equal(square[0, :3], np.repeat(rgb[5, :1], 3, axis=0)) and np.array_equal(square[0, 3:], rgb[5, 1:3])
+    assert np.array_equal(square[3:], np.repeat(square[2:3], 2, axis=0))  # rows past the bottom: the last row
 
 
 def test_churn_summary_reads_a_leak_per_session_over_the_second_half():

@@ -127,7 +127,10 @@ def test_sdk_full_frame_session_receives_the_whole_photo(tiny_pipeline, astronau
         async with running_server(tiny_pipeline) as srv:
             async with AvatarClient(srv.url) as client:
                 session = await client.start_session(portrait=upload.getvalue(), full_frame=96)
-                assert session.info["video"] == {"width": 96, "height": 72, "fps": 25}
+                video = dict(session.info["video"])
+                x, y, w, h = video.pop("face_box")  # the face's square, found in the photo, in the frame's pixels
+                assert video == {"width": 96, "height": 72, "fps": 25}
+                assert 15 <= x <= 30 and 0 <= y <= 5 and 35 <= w <= 50 and abs(w - h) <= 1, (x, y, w, h)
                 await session.connect()
                 frames = []
                 async for frame in session.video_frames():
@@ -285,11 +288,11 @@ def _speak_file_module():
     return module
 
 
-def _speak_args(url, audio, out):
+def _speak_args(url, audio, out, full_frame=None):
     import argparse
 
     return argparse.Namespace(audio=audio, out=out, server=url, api_key=None, portrait=None, avatar="default",
-                              tail=0.6)
+                              tail=0.6, full_frame=full_frame)
 
 
 def test_speak_file_example_records_the_reply_and_leaves_nothing_when_the_server_drops_it(tiny_pipeline,
@@ -307,7 +310,7 @@ def test_speak_file_example_records_the_reply_and_leaves_nothing_when_the_server
 
     async def main():
         async with running_server(tiny_pipeline) as srv:
-            await speak_file.speak(_speak_args(srv.url, speech, out_dir / "reply.mp4"))
+            await speak_file.speak(_speak_args(srv.url, speech, out_dir / "reply.mp4", full_frame=64))
             task = asyncio.ensure_future(speak_file.speak(_speak_args(srv.url, speech, out_dir / "dropped.mp4")))
             # the recording has begun (its partial file is there) when the server drops the session
             await wait_until(lambda: any(p.name.startswith(".dropped.mp4.partial") for p in out_dir.iterdir()),
@@ -320,6 +323,7 @@ def test_speak_file_example_records_the_reply_and_leaves_nothing_when_the_server
     run(main())
     assert sorted(p.name for p in out_dir.iterdir()) == ["reply.mp4"]
     frames = list(read_frames(out_dir / "reply.mp4"))
+    assert frames[0].shape == (64, 64, 3)  # --full-frame 64: the whole bundled photo (320 px), fit to 64
     # 1.5 s of speech and 0.6 s of tail, give or take the first frame's wait and the close
     assert 1.6 * 25 <= len(frames) <= 3.0 * 25, len(frames)
     audio = load_audio(out_dir / "reply.mp4")

@@ -387,7 +387,7 @@ def test_session_creation_errors_are_clear_json(tiny_pipeline, astronaut_png):
             assert set(body) >= {"session_id", "token", "expires_at", "offer_url", "ws_url"}
             assert body["offer_url"] == f"{url}/v1/sessions/{body['session_id']}/offer"
             assert body["ws_url"] == f"{url.replace('http', 'ws')}/v1/sessions/{body['session_id']}/ws"
-            assert body["video"] == {"width": 32, "height": 32, "fps": 25}
+            assert body["video"] == {"width": 32, "height": 32, "fps": 25, "face_box": [0, 0, 32, 32]}
             assert body["expires_at"] > time.time()
             assert len(srv.engine.sessions) == 1  # none of the refused requests left a session behind
             assert srv.manager.metrics.errors_total == 0  # every refusal was a 4xx, none an internal error

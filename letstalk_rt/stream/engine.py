@@ -533,6 +533,15 @@ class Session:
         size = self.pipeline.config.image_size
         return size, size
 
+    @property
+    def face_box(self) -> tuple[int, int, int, int]:
+        """(x, y, width, height) of the animated face square in the session's frames (in full frames it may reach past
+        their edges; in face crops it is the whole frame)."""
+        if self.paste is not None:
+            return self.paste.face_box
+        size = self.pipeline.config.image_size
+        return 0, 0, size, size
+
     # -- audio in
 
     def push_audio(self, pcm: np.ndarray, sample_rate: int | None = None) -> None:
