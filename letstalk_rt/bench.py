@@ -396,6 +396,19 @@ async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np
     )
 
 
+def full_frame_ms(pipe: LetsTalkPipeline, portrait, side: int, frames: int = 50) -> float:
+    """Milliseconds to paste one frame of `portrait` back into its photo fit to `side` (`LetsTalkPipeline.full_frame`,
+    the photo's detail gated in), on the calling thread: the portrait's crop with noise, so the gate has work to do."""
+    paste = pipe.full_frame(portrait, side)
+    rng = np.random.default_rng(0)
+    crops = [np.clip(portrait.image + rng.normal(0, 8, portrait.image.shape), 0, 255).astype(np.uint8) for _ in range(8)]
+    paste(crops[0])
+    start = time.perf_counter()
+    for i in range(frames):
+        paste(crops[i % len(crops)])
+    return round((time.perf_counter() - start) / frames * 1000, 2)
+
+
 def window_breakdown(pipe: LetsTalkPipeline, batch: int = 1, repeats: int = 5, window: int = 0) -> dict:
     """Milliseconds of one window (batch sessions, `window` frames, 0: the model's) split into audio encode,
     each step, decode."""
@@ -595,6 +608,8 @@ def _run_bench(pipe, session_counts, seconds, audio, portrait, json_path, breakd
 
     def window_cost() -> None:
         report["window_ms"] = window_breakdown(pipe, window=window)
+        if full_frame:
+            report["window_ms"]["full_frame_per_frame"] = full_frame_ms(pipe, portrait, full_frame)
         print("one window (ms):", json.dumps(report["window_ms"]))
         report.update(arithmetic_rate(pipe, report["window_ms"]["step_1"], window=window))
         print("one step's arithmetic:", json.dumps({k: report[k] for k in ARITHMETIC_KEYS}))

@@ -26,7 +26,8 @@ def test_bench_reports_every_run_and_the_spread_of_repeats(tiny_pipeline, tmp_pa
     portrait = tiny_pipeline.prepare_portrait(load_image(astronaut_png), detect=False)
     audio = np.concatenate([speechlike(0.6, seed=3), np.zeros(3200, np.float32)])  # speech and a pause
     out = tmp_path / "bench.json"
-    report = run_bench(tiny_pipeline, [1, 2], 1.5, audio, portrait, json_path=out, breakdown=True, repeat=2)
+    report = run_bench(tiny_pipeline, [1, 2], 1.5, audio, portrait, json_path=out, breakdown=True, repeat=2,
+                       full_frame=64)  # the whole photo talks: what the breakdown adds per frame for it
 
     assert json.loads(out.read_text()) == report and report["complete"]
     assert [r["sessions"] for r in report["runs"]] == [1, 1, 2, 2]
@@ -59,6 +60,7 @@ def test_bench_reports_every_run_and_the_spread_of_repeats(tiny_pipeline, tmp_pa
     w = report["window_ms"]
     assert w["frames"] == tiny_pipeline.window and "step_1" in w and w["decode"] > 0
     assert w["total"] >= w["step_1"] + w["decode"]
+    assert 0 < w["full_frame_per_frame"] < 1000 / 25 and report["full_frame"] == 64
     # the step's arithmetic against this CPU's own matrix-product rate: a real fraction, below 1
     assert report["transformer_gflops_per_step"] > 0 and report["matmul_peak_tflops"] > 0
     assert 0 < report["fraction_of_peak"] < 1

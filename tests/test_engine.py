@@ -2120,6 +2120,10 @@ def test_full_frame_sessions_stream_the_whole_photo_with_the_face_pasted_in(tiny
             feeders = [asyncio.ensure_future(_push_in_real_time(s, speech)) for s in (whole, crop)]
             got = await asyncio.gather(_collect(whole, 1.2), _collect(crop, 1.2))
             await asyncio.gather(*feeders)
+            assert crop.player.history == 100  # 4 s of small frames kept
+            large = await engine.open_session(np.full((1000, 1000, 3), 99, np.uint8), detect_face=False, full_frame=1000)
+            assert large.frame_size == (1000, 1000) and large.player.history == 10  # 16 MB; twice late_skip_ms
+            await large.close()
             return whole, got
         finally:
             await engine.stop()

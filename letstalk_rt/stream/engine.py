@@ -98,6 +98,9 @@ _TRIAL_WINDOWS = 3  # a try of more threads (_raise_threads) or of the model's n
 _GPU_HOST_THREADS = 1
 
 
+SHOWN_BYTES = 16 * 2**20  # a session keeps at most this much of the frames it showed last (Player.history)
+
+
 class CapacityError(LetsTalkError):
     """The engine already runs its maximum number of sessions; retry later."""
 
@@ -363,9 +366,11 @@ class Player:
     filler (the last frame held, silent audio), so the output never stalls; later frames shift by one.
     """
 
-    def __init__(self, session: "Session", fps: int, samples_per_frame: int, keep_latents: int) -> None:
+    def __init__(self, session: "Session", fps: int, samples_per_frame: int, keep_latents: int,
+                 history: int = 100) -> None:
         self.session = session
         self.fps = fps
+        self.history = history  # shown ticks kept (readers ask at most `late_skip_ms` behind the clock)
         self.samples_per_frame = samples_per_frame
         self.queue: collections.deque[AVFrame] = collections.deque()  # generated, not yet shown
         self.start: float | None = None  # monotonic time of tick 0
@@ -426,7 +431,7 @@ class Player:
                 if self.last is not None:
                     self.session._count_drop(1, "late")
             self.shown[self.tick] = frame
-            if len(self.shown) > 4 * self.fps:
+            if len(self.shown) > self.history:
                 self.shown.popitem(last=False)
             self._observe(self.tick, frame)
             self.last = frame
@@ -491,7 +496,12 @@ class Session:
         cfg = self.pipeline.config
         self.sample_rate = cfg.audio.sample_rate
         self.samples_per_frame = cfg.audio.samples_per_frame
-        self.player = Player(self, cfg.fps, self.samples_per_frame, cfg.transformer.num_memory)
+        # Shown ticks kept: 4 s, at most SHOWN_BYTES of frames (full frames are large), never fewer than twice what a
+        # reader may lag before it skips ahead (`late_skip_ms`)
+        width, height = self.frame_size
+        history = max(math.ceil(2 * engine.config.late_skip_ms / 1000 * cfg.fps),
+                      min(4 * cfg.fps, SHOWN_BYTES // (width * height * 3)))
+        self.player = Player(self, cfg.fps, self.samples_per_frame, cfg.transformer.num_memory, history)
         self.closed = False
         self.close_reason = ""
         self.opened_at = time.monotonic()
