@@ -50,7 +50,6 @@ class Portrait:
     recon_blur: Tensor | None = None  # (3, S, S) the reconstruction, blurred as the gate blurs each frame
 
 
-
 @dataclass
 class StreamState:
     """Everything one stream (an offline run or a live session) carries between windows."""

@@ -1362,7 +1362,7 @@ class StreamEngine:
         """Admit (or refuse at once with CapacityError), prepare the portrait, start generating.
 
         `full_frame` N > 0: the session's frames are the whole portrait photo, its longest side at most N px, with
-        each animated face pasted back in (`framing.FullFrame`, ~1 ms a frame in the decoding thread); 0: the face
+        each animated face pasted back in (`framing.FullFrame`, 2-3 ms a frame in the decoding thread); 0: the face
         crop at the model's size."""
         if self._thread is None:
             raise LetsTalkError("call `await engine.start()` before opening sessions")
