@@ -340,20 +340,28 @@ def _to_rgb(im: Any) -> np.ndarray:
     return np.array(im.convert("RGB"), dtype=np.uint8)
 
 
+def upright_image(im: Any) -> np.ndarray:
+    """A decoded Pillow image -> uint8 (H, W, 3) RGB, upright: its EXIF orientation applied (a phone portrait is
+    stored sideways with a tag saying so), then converted as `_to_rgb` converts."""
+    from PIL import ImageOps
+
+    return _to_rgb(ImageOps.exif_transpose(im))
+
+
 def load_image(path: str | Path) -> np.ndarray:
     """Read a still image -> uint8 (H, W, 3) RGB (grayscale, palette, alpha and 16-bit converted).
 
     The EXIF orientation is applied, so a phone portrait comes out upright. InputError for a missing
     file or a file Pillow cannot decode.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     _check_readable(path, "image", IMAGE_HINT)
     try:
         with Image.open(path) as im:
             im.load()
-            rgb = _to_rgb(ImageOps.exif_transpose(im))
+            rgb = upright_image(im)
     except UnidentifiedImageError:
         raise InputError(f"image file '{path}' is not an image Pillow can read; {IMAGE_HINT}") from None
     except Exception as e:  # Pillow raises OSError, SyntaxError, struct.error, ...: all mean a bad file here

@@ -40,6 +40,7 @@ from letstalk_rt.cli import (add_device_args, add_live_args, add_sampling_args, 
                              live_config, pipeline_kwargs, resolve_device)
 from letstalk_rt.errors import InputError, LetsTalkError, NoFaceError
 from letstalk_rt.framing import MAX_PHOTO_SIDE
+from letstalk_rt.media import upright_image
 from letstalk_rt.stream import CapacityError, run_off_loop
 
 from .auth import TokenError, api_key_matches, bearer
@@ -187,7 +188,8 @@ class ImageTooLarge(InputError):
 
 
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
-    """Uploaded JPEG / PNG / WebP bytes -> (H, W, 3) uint8 RGB; ImageTooLarge, or InputError (not one of those)."""
+    """Uploaded JPEG / PNG / WebP bytes -> (H, W, 3) uint8 RGB, upright (a phone photo's EXIF orientation applied,
+    transparency on white, as `letstalk generate` reads files); ImageTooLarge, or InputError (not one of those)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -195,7 +197,7 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
             w, h = img.size  # read from the header: nothing is decoded yet
             if w * h > max_pixels:
                 raise ImageTooLarge(f"the portrait is {w}x{h} pixels; at most {max_pixels // 1_000_000} megapixels")
-            return np.array(img.convert("RGB"))  # writable (H, W, 3) uint8
+            return upright_image(img)  # writable (H, W, 3) uint8
     except UnidentifiedImageError:
         raise InputError("`portrait` is not an image this server can read (send JPEG, PNG or WebP)") from None
     except Image.DecompressionBombError as e:

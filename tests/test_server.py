@@ -395,6 +395,31 @@ def test_session_creation_errors_are_clear_json(tiny_pipeline, astronaut_png):
     run(main())
 
 
+def test_a_phone_photo_stored_sideways_is_read_upright(tiny_pipeline, astronaut_png):
+    """Phones store a portrait's pixels sideways with an EXIF orientation tag. The server turns an upload upright, as
+    `letstalk generate` does with files: its face is found, and the whole photo (`full_frame`) comes back upright
+    (before, the pixels were read as stored: no frontal face in them, 422)."""
+    from PIL import Image
+
+    photo = Image.open(astronaut_png).convert("RGB").crop((0, 0, 512, 384))  # upright: wider than tall
+    exif = Image.Exif()
+    exif[274] = 6  # orientation: turn 90 degrees clockwise to view
+    upload = io.BytesIO()
+    photo.transpose(Image.Transpose.ROTATE_90).save(upload, format="JPEG", quality=95, exif=exif)  # stored sideways
+
+    async def main():
+        async with running_server(tiny_pipeline) as srv, aiohttp.ClientSession() as http:
+            form = aiohttp.FormData()
+            form.add_field("portrait", upload.getvalue(), filename="phone.jpg")
+            form.add_field("full_frame", "96")
+            async with http.post(f"{srv.url}/v1/sessions", data=form) as r:
+                return r.status, await r.json()
+
+    status, body = run(main())
+    assert status == 201, body
+    assert (body["video"]["width"], body["video"]["height"]) == (96, 72)
+
+
 def test_stalled_or_cut_off_uploads_free_their_slot(tiny_pipeline, caplog):
     """A client that announces a body and stops sending gets 408 after --upload-timeout and its slot is
     free again (/health counts it while it is held); a stalled SDP offer does not block the session's
