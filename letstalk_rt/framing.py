@@ -28,6 +28,7 @@ from .errors import InputError
 
 MAX_PHOTO_SIDE = 1280  # a portrait keeps its photo scaled to at most this side (the largest full frame)
 FULL_FRAME_SIDE = 512  # default longest side of full frames (even): a video call's size, cheap to encode
+DETAIL_WIDTH = 12.0  # grey levels: the gate's width for a model without detail transfer (the bundled model's own)
 
 
 @dataclass(frozen=True)
@@ -36,9 +37,9 @@ class DetailGate:
     portrait's crop are compared blurred by `sigma` (px at the model's resolution); the largest recent
     difference (channel mean, grey levels), fading by `decay` per frame, weighs the detail exp(-(d / width)^2)."""
 
-    width: float = 12.0
-    sigma: float = 3.2
-    decay: float = 0.5 ** (1 / (2.5 * 25))
+    width: float
+    sigma: float
+    decay: float
 
 
 def even_size(width: float, height: float, max_side: int) -> tuple[int, int]:
@@ -100,10 +101,11 @@ class FullFrame:
         mask = (my[:, None] * mx[None, :])[self.inner][..., None]  # (rh, rw, 1)
         self.mask = mask
         self.background = self.canvas[self.region].astype(np.float32) * (1 - mask)  # (rh, rw, 3): the photo's share
-        self.gate = gate if crop is not None else None
+        if (crop is None) != (gate is None):
+            raise ValueError("full frame: give the portrait's crop and the gate together, or neither")
+        self.gate = gate
         self.moved: np.ndarray | None = None  # (S / k, S / k) the largest recent difference from the portrait
-        if self.gate is not None:
-            assert crop is not None
+        if crop is not None:
             lo = np.asarray(Image.fromarray(crop).resize(self.crop_size, Image.BICUBIC))[self.inner]
             self.detail = self.canvas[self.region].astype(np.float32) - lo  # (rh, rw, 3): what the crop lacks here
             self.crop_blur = self._blur(crop)

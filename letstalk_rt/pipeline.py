@@ -29,7 +29,7 @@ from .checkpoint import Components, build_components, load_model
 from .config import ModelConfig, check_box, check_noise_draws
 from .diffusion import EulerSampler, Guidance, from_portrait
 from .errors import InputError
-from .framing import FULL_FRAME_SIDE, MAX_PHOTO_SIDE, DetailGate, FullFrame
+from .framing import DETAIL_WIDTH, FULL_FRAME_SIDE, MAX_PHOTO_SIDE, DetailGate, FullFrame
 from .memory import MemoryBank, box_cells
 
 log = logging.getLogger(__name__)
@@ -676,7 +676,7 @@ class LetsTalkPipeline:
         if portrait.photo is None or portrait.box is None:
             raise InputError("this portrait was prepared without its photo; prepare it from the photo for full frames")
         sampling = self.config.sampling
-        gate = DetailGate(width=sampling.detail_transfer or DetailGate.width,
+        gate = DetailGate(width=sampling.detail_transfer or DETAIL_WIDTH,
                           sigma=sampling.detail_blur * self.config.image_size,
                           decay=0.5 ** (1 / (sampling.detail_half_life_s * self.fps)))
         return FullFrame(portrait.photo, portrait.box, max_side, crop=portrait.image, gate=gate)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from letstalk_rt.framing import FullFrame
 from letstalk_rt.media import load_audio, load_image
 from letstalk_rt.pipeline import LetsTalkPipeline
 
@@ -37,9 +38,8 @@ def main() -> None:
     photo = gated.canvas[max(0, y):y + h, max(0, x):x + w].astype(np.float32)
     report = {"photo": str(args.photo), "frame": list(gated.size), "face_box": list(gated.face_box), "frames": len(crops)}
     for name in ("gated", "plain"):
-        paste = pipe.full_frame(portrait, args.side)
-        if name == "plain":
-            paste.gate = None
+        paste = pipe.full_frame(portrait, args.side) if name == "gated" else \
+            FullFrame(portrait.photo, portrait.box, args.side)  # the crops pasted as they are
         square = np.stack([paste(c) for c in crops])[:, max(0, y):y + h, max(0, x):x + w].astype(np.float32)
         H, W = square.shape[1:3]
         still = np.ones((H, W), bool)

@@ -97,6 +97,8 @@ def test_bad_photos_boxes_and_sizes_are_refused():
         FullFrame(photo, (10, 10, 50), max_side=MAX_PHOTO_SIDE + 2)
     with pytest.raises(InputError, match="RGB uint8"):
         FullFrame(photo.astype(np.float32), (10, 10, 50))
+    with pytest.raises(ValueError, match="together"):  # a gate without the crop it compares frames with
+        FullFrame(photo, (10, 10, 50), gate=DetailGate(width=12.0, sigma=1.5, decay=0.9))
 
 
 def test_a_prepared_portrait_keeps_its_photo_scaled_and_its_box(tiny_pipeline, astronaut_png):
