@@ -59,17 +59,13 @@ from typing import Any
 import aiohttp
 import av
 import numpy as np
-from aiortc import (
-    RTCConfiguration,
-    RTCIceServer,
-    RTCPeerConnection,
-    RTCSessionDescription,
-)
+from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from yarl import URL
 
 from .errors import LetsTalkError
-from .rtc import OpusAudioTrack, release_frames_at_once
+from .rtc import OpusAudioTrack, ice_configuration, relay_missing, release_frames_at_once
+from .rtc import ice_servers as parse_ice_servers
 
 log = logging.getLogger(__name__)
 
@@ -268,9 +264,15 @@ class AvatarSession:
         if audio_track is not None and getattr(audio_track, "kind", None) != "audio":
             raise ValueError(f"connect(audio_track=...): expected an audio track, got a "
                              f"{getattr(audio_track, 'kind', type(audio_track).__name__)!s} one")
+        servers = self.info.get("ice_servers", []) if self.client.ice_servers is None else self.client.ice_servers
+        try:
+            servers = parse_ice_servers(servers)
+            configuration = ice_configuration(servers, relay_only=self.client.relay_only)
+        except ValueError as e:
+            raise AvatarClientError(f"session {self.id}: {e}") from None
         if websocket:
             await self._open_ws()
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(u) for u in self.client.ice_servers]))
+        pc = RTCPeerConnection(configuration)
         self.pc = pc
         self._align = align and audio and video
 
@@ -299,6 +301,11 @@ class AvatarSession:
             elif audio:
                 pc.addTransceiver("audio", direction="recvonly")
             await pc.setLocalDescription(await pc.createOffer())  # gathers candidates: the offer is complete
+            missing = relay_missing(servers, pc.localDescription.sdp)
+            if missing and self.client.relay_only:
+                raise AvatarClientError(f"session {self.id}: cannot connect through the relay only: {missing}")
+            if missing:
+                log.warning("session %s: %s; connecting without it", self.id, missing)
             http = self.client._require_http()
             async with http.post(self.offer_url, data=pc.localDescription.sdp.encode(),
                                  headers={**self._headers(), "Content-Type": "application/sdp"}) as resp:
@@ -558,11 +565,14 @@ class AvatarSession:
             except StopAsyncIteration:
                 return
 
-    def overlay_url(self, chroma: str | None = None) -> str:
+    def overlay_url(self, chroma: str | None = None, relay: bool | None = None) -> str:
         """A page showing only this avatar (OBS browser source); it takes the WebRTC side, this object keeps
-        the websocket (audio, control, events). Call it instead of `connect()`, not after."""
+        the websocket (audio, control, events). Call it instead of `connect()`, not after. `relay`: the page connects
+        only through the server's TURN server (default: as this client does, `relay_only`)."""
+        relay = self.client.relay_only if relay is None else relay
         url = URL(self.client._url("/overlay")).with_query({"session": self.id, "token": self.token,
-                                                             **({"chroma": chroma} if chroma else {})})
+                                                             **({"chroma": chroma} if chroma else {}),
+                                                             **({"relay": "1"} if relay else {})})
         return str(url)
 
     async def stats(self) -> dict:
@@ -630,11 +640,15 @@ class AvatarClient:
     """Connection to one letstalk-rt server; `async with` closes every session it started."""
 
     def __init__(self, base_url: str, api_key: str | None = None, *, timeout: float = 30.0,
-                 ice_servers: list[str] | None = None) -> None:
+                 ice_servers: list[str | dict] | None = None, relay_only: bool = False) -> None:
+        """`ice_servers`: the STUN/TURN servers of every session's peer connection, as URLs or W3C RTCIceServer dicts
+        (`{"urls": ..., "username": ..., "credential": ...}`); by default the ones the server hands each session
+        (`--ice-server`, with TURN credentials made for it). `relay_only`: connect only through the TURN server."""
         self.base_url = URL(base_url.rstrip("/") + "/")
         self.api_key = api_key
         self.timeout = timeout
-        self.ice_servers = list(ice_servers or [])  # STUN/TURN URLs; none needed on a LAN or localhost
+        self.ice_servers = None if ice_servers is None else parse_ice_servers(ice_servers)  # a bad URL fails here
+        self.relay_only = relay_only
         self._http: aiohttp.ClientSession | None = None
         self._sessions: set[AvatarSession] = set()
 

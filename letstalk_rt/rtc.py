@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import fractions
+from collections.abc import Iterable, Mapping
 
 import av
 import numpy as np
-from aiortc import MediaStreamTrack, RTCPeerConnection
+from aiortc import MediaStreamTrack, RTCConfiguration, RTCIceServer, RTCIceTransportPolicy, RTCPeerConnection
 from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.mediastreams import MediaStreamError
+from aiortc.rtcicetransport import parse_stun_turn_uri
 
 JITTER_BUFFER = "_RTCRtpReceiver__jitter_buffer"  # aiortc's receiver keeps it in a private field
 OPUS_RATE = 48000  # what aiortc's Opus encoder encodes (stereo s16, 960 samples per 20 ms packet)
@@ -113,3 +115,53 @@ def release_frames_at_once(pc: RTCPeerConnection, track) -> bool:
                         FrameAtOnceJitterBuffer(capacity=buffer.capacity, is_video=buffer._is_video))
                 return True
     return False
+
+
+def ice_servers(servers: Iterable[str | Mapping]) -> list[dict]:
+    """STUN/TURN servers as W3C `RTCIceServer` dicts (`{"urls": [...], "username": ..., "credential": ...}`, what a
+    browser's `RTCPeerConnection` takes and the server's session answer lists), each given as a URL or such a dict.
+    Raises ValueError naming the server when a URL is malformed, or a TURN server has no username and credential."""
+    out = []
+    for server in servers:
+        entry = {"urls": server} if isinstance(server, str) else dict(server)
+        urls = entry.get("urls")
+        urls = [urls] if isinstance(urls, str) else list(urls or [])
+        if not urls or not all(isinstance(u, str) for u in urls):
+            raise ValueError(f"ICE server {server!r}: no URL (give 'stun:HOST[:PORT]' or 'turn:HOST[:PORT]')")
+        for url in urls:
+            try:
+                parse_stun_turn_uri(url)
+            except ValueError as e:
+                raise ValueError(f"ICE server {url!r}: {e} (expected stun:HOST[:PORT], turn:HOST[:PORT][?transport="
+                                 "udp|tcp] or turns:HOST[:PORT])") from None
+            if url.startswith("turn") and not (entry.get("username") and entry.get("credential")):
+                raise ValueError(f"TURN server {url!r} needs a username and a credential")
+        entry["urls"] = urls
+        out.append({k: v for k, v in entry.items() if k in ("urls", "username", "credential") and v is not None})
+    return out
+
+
+def ice_configuration(servers: Iterable[str | Mapping] = (), relay_only: bool = False) -> RTCConfiguration:
+    """aiortc's configuration for STUN/TURN `servers` (as `ice_servers` takes them). With none, an explicit empty
+    list: aiortc's default would query Google's STUN server on every gathering. aiortc uses the first STUN and the
+    first TURN server (turn: over udp or tcp, turns: over tcp) and ignores the rest. `relay_only`: only candidates
+    relayed through the TURN server (a browser's `iceTransportPolicy: "relay"`): the peer never learns this host's
+    addresses, and a connection is made only if the relay works."""
+    entries = ice_servers(servers)
+    if relay_only and not any(u.startswith("turn") for e in entries for u in e["urls"]):
+        raise ValueError("relay_only needs a TURN server (turn:HOST[:PORT] with a username and credential)")
+    return RTCConfiguration(
+        iceServers=[RTCIceServer(urls=e["urls"], username=e.get("username"), credential=e.get("credential"))
+                    for e in entries],
+        iceTransportPolicy=RTCIceTransportPolicy.RELAY if relay_only else RTCIceTransportPolicy.ALL)
+
+
+def relay_missing(servers: list[dict], sdp: str) -> str | None:
+    """What to tell the user when `servers` name a TURN server but the SDP `sdp` (a description with its candidates
+    gathered) holds no candidate relayed through it: the relay is unreachable or refused the credentials, and aioice
+    only logs that. None when there is no TURN server or a relayed candidate is there."""
+    turn = [u for e in servers for u in e["urls"] if u.startswith("turn")]
+    if not turn or " typ relay" in sdp:
+        return None
+    return (f"the TURN server {turn[0]} gave no relayed address: it is unreachable, or it refused the credentials "
+            "(a --turn-secret other than its static-auth-secret, or credentials that expired)")

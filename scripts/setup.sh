@@ -4,8 +4,9 @@
 #   bash scripts/setup.sh          runtime: torch (kept if present), then the package
 #   bash scripts/setup.sh --dev    also the test dependencies: pytest, playwright (python only; it drives
 #                                  Debian's chromium) and, through apt when we are root or have sudo,
-#                                  chromium (browser test), espeak-ng (synthetic corpus tests) and g++
-#                                  (torch.compile: --compile and its test)
+#                                  chromium (browser test), espeak-ng (synthetic corpus tests), g++
+#                                  (torch.compile: --compile and its test) and coturn (a TURN server: the
+#                                  tests of connecting through a relay)
 #
 # torch: an existing install is kept (so a CUDA build stays). Otherwise, with an NVIDIA driver present
 # pip's default (CUDA) build is installed; on a CPU-only machine the pinned CPU build is installed
@@ -30,6 +31,7 @@ if [ -n "$extras" ]; then
   command -v espeak-ng >/dev/null 2>&1 || apt_pkgs="$apt_pkgs espeak-ng"
   [ -x /usr/bin/chromium ] || apt_pkgs="$apt_pkgs chromium"
   command -v g++ >/dev/null 2>&1 || apt_pkgs="$apt_pkgs g++"
+  command -v turnserver >/dev/null 2>&1 || apt_pkgs="$apt_pkgs coturn"
   if [ -n "$apt_pkgs" ]; then
     SUDO=""
     [ "$(id -u)" = 0 ] || SUDO="sudo -n"

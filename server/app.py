@@ -389,6 +389,7 @@ async def create_session(request: web.Request) -> web.Response:
         "ws_url": str(ws_origin.with_path(f"/v1/sessions/{ss.id}/ws")),
         "video": {"width": width, "height": height, "fps": engine.pipeline.fps, "face_box": list(session.face_box)},
         "audio": {"sample_rate": session.sample_rate, "channels": 1, "format": "pcm_s16le"},
+        "ice_servers": ss.ice_servers,
     }, status=201)
 
 
@@ -399,6 +400,7 @@ async def get_session(request: web.Request) -> web.Response:
         "expires_at": ss.expires_at,
         "peer_connection": ss.pc.connectionState if ss.pc is not None else None,
         "websocket": ss.ws is not None,
+        "ice_servers": ss.ice_servers,
         "stats": ss.session.stats(),
     })
 
@@ -682,7 +684,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds a request body (portrait upload, SDP offer) may take to arrive; 408 after "
                              f"(default {d.upload_timeout_s:g})")
     parser.add_argument("--ice-server", action="append", default=[], metavar="URL",
-                        help="STUN/TURN server for WebRTC, e.g. stun:stun.example.org:3478 (repeatable; default none)")
+                        help="STUN/TURN server for WebRTC, e.g. stun:stun.example.org:3478 or "
+                             "turn:turn.example.org:3478 (repeatable; default none). Sessions hand them to their "
+                             "clients (browser and SDK) with the TURN credentials")
+    parser.add_argument("--turn-secret", default=None,
+                        help="the TURN server's shared secret (coturn: use-auth-secret, static-auth-secret): each "
+                             "session gets credentials of its own that expire (default: env LETSTALK_TURN_SECRET)")
+    parser.add_argument("--turn-ttl", type=float, default=d.turn_ttl_s, metavar="S",
+                        help=f"how long a session's TURN credentials from --turn-secret hold (default {d.turn_ttl_s:g})")
+    parser.add_argument("--turn-username", default=None, help="a fixed TURN username, for every session")
+    parser.add_argument("--turn-credential", default=None,
+                        help="the fixed TURN username's password (default: env LETSTALK_TURN_CREDENTIAL)")
     parser.add_argument("--no-face-detect", action="store_true",
                         help="centre-crop uploaded portraits instead of detecting the face")
     parser.add_argument("--max-full-frame", type=int, default=d.max_full_frame, metavar="PX",
@@ -707,7 +719,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise LetsTalkError(f"refusing to listen on {args.host} without authentication: set --api-key "
                             "(or LETSTALK_API_KEY), or pass --insecure-no-auth to allow it")
     for name, value in (("--idle-timeout", args.idle_timeout), ("--max-upload-mb", args.max_upload_mb),
-                        ("--upload-timeout", args.upload_timeout)):
+                        ("--upload-timeout", args.upload_timeout), ("--turn-ttl", args.turn_ttl)):
         if not value > 0:
             raise LetsTalkError(f"{name} must be positive, got {value}")
     if not 0 <= args.max_full_frame <= MAX_PHOTO_SIDE:
@@ -719,7 +731,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         host=args.host, port=args.port, api_key=api_key,
         token_secret=args.token_secret or os.environ.get("LETSTALK_TOKEN_SECRET") or None,
         idle_timeout_s=args.idle_timeout, max_upload_mb=args.max_upload_mb, upload_timeout_s=args.upload_timeout,
-        ice_servers=list(args.ice_server), max_full_frame=args.max_full_frame,
+        ice_servers=list(args.ice_server), turn_secret=args.turn_secret or os.environ.get("LETSTALK_TURN_SECRET") or None,
+        turn_ttl_s=args.turn_ttl, turn_username=args.turn_username,
+        turn_credential=args.turn_credential or os.environ.get("LETSTALK_TURN_CREDENTIAL") or None,
+        max_full_frame=args.max_full_frame,
         detect_face=not args.no_face_detect, stop_engine_on_cleanup=True,
     )
 

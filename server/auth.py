@@ -1,4 +1,5 @@
-"""Session tokens and the API key: HMAC-SHA256 signed, JWT-shaped, checked in constant time.
+"""Session tokens and the API key: HMAC-SHA256 signed, JWT-shaped, checked in constant time; and each session's
+TURN credentials (`turn_credentials`).
 
     token = base64url(header) "." base64url(payload) "." base64url(HMAC-SHA256(secret, header "." payload))
     header  = {"alg": "HS256", "typ": "JWT"}
@@ -109,3 +110,18 @@ def bearer(headers, query) -> str | None:
     if auth[:7].lower() == "bearer ":
         return auth[7:].strip()
     return query.get("token") or None
+
+
+def turn_credentials(secret: str, user: str, ttl_s: float, now: float | None = None) -> tuple[str, str]:
+    """Time-limited TURN credentials from a secret shared with the TURN server (the "TURN REST API" of
+    draft-uberti-behave-turn-rest; coturn's `use-auth-secret` / `static-auth-secret`):
+
+        username   = "<expiry, seconds since the epoch>:<user>"
+        credential = base64(HMAC-SHA1(secret, username))
+
+    The TURN server recomputes the credential and refuses it after the expiry; nothing is stored on either side,
+    and a leaked credential opens the relay for one session's lifetime, not for good."""
+    expires = int(time.time() if now is None else now) + max(1, int(ttl_s))
+    username = f"{expires}:{user}"
+    digest = hmac.new(secret.encode("utf-8"), username.encode("utf-8"), hashlib.sha1).digest()
+    return username, base64.b64encode(digest).decode("ascii")

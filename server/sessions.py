@@ -31,8 +31,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from aiortc import (
-    RTCConfiguration,
-    RTCIceServer,
     RTCPeerConnection,
     RTCRtpSender,
     RTCSessionDescription,
@@ -41,12 +39,12 @@ from aiortc import (
 from aiortc.mediastreams import MediaStreamError
 
 from letstalk_rt.errors import LetsTalkError
-from letstalk_rt.rtc import release_frames_at_once
+from letstalk_rt.rtc import ice_configuration, ice_servers, relay_missing, release_frames_at_once
 from letstalk_rt.stream import TrackSource
 from letstalk_rt.stream.engine import quantiles, resident_memory_bytes
 from letstalk_rt.stream.events import SessionClosed
 
-from .auth import TokenSigner
+from .auth import TokenSigner, turn_credentials
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -88,6 +86,10 @@ class ServerConfig:
     retry_after_s: int = 5  # `Retry-After` of a 503 when the engine is full
     watch_interval_s: float = 1.0  # how often the watchdog looks at every session
     ice_servers: list[str] = field(default_factory=list)  # STUN/TURN URLs; none by default (LAN / localhost)
+    turn_username: str | None = None  # long-term credentials of the TURN URLs in ice_servers, the same for every
+    turn_credential: str | None = None  # session; or, better:
+    turn_secret: str | None = None  # the secret shared with the TURN server: time-limited credentials per session
+    turn_ttl_s: float = 86400.0  # how long a session's TURN credentials hold (the relay is refused after it)
     avatars: dict[str, str | Path] = field(default_factory=lambda: {"default": BUNDLED_PORTRAIT})
     detect_face: bool = True  # crop uploaded portraits to the detected face (422 when there is none)
     static_dir: Path | None = BROWSER_CLIENT  # the browser client, served at /
@@ -97,9 +99,27 @@ class ServerConfig:
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
 
-    def rtc_configuration(self) -> RTCConfiguration:
-        # An explicit empty list: aiortc's default would query Google's STUN server on every gathering.
-        return RTCConfiguration(iceServers=[RTCIceServer(u) for u in self.ice_servers])
+    def __post_init__(self) -> None:
+        if self.turn_secret and (self.turn_username or self.turn_credential):
+            raise LetsTalkError("give the TURN server either a shared secret or a username and credential, not both")
+        try:
+            self.session_ice_servers("check", now=0.0)
+        except ValueError as e:
+            raise LetsTalkError(f"{e}: pass --turn-secret (the TURN server's static-auth-secret) or "
+                                "--turn-username and --turn-credential") from None
+
+    def session_ice_servers(self, session_id: str, now: float | None = None) -> list[dict]:
+        """The STUN/TURN servers of one session, as W3C RTCIceServer dicts: the server's peer connection and the
+        client's use the same. TURN URLs carry the configured credentials, or ones made from `turn_secret` for
+        this session, valid for `turn_ttl_s`."""
+        turn = [u for u in self.ice_servers if u.startswith("turn")]
+        servers: list[str | dict] = [u for u in self.ice_servers if not u.startswith("turn")]
+        if turn:
+            username, credential = self.turn_username, self.turn_credential
+            if self.turn_secret:
+                username, credential = turn_credentials(self.turn_secret, session_id, self.turn_ttl_s, now)
+            servers.append({"urls": turn, "username": username, "credential": credential})
+        return ice_servers(servers)
 
 
 class SdpRejected(Exception):
@@ -295,6 +315,7 @@ class ServerSession:
         self.id = session.id
         self.token = token
         self.expires_at = expires_at
+        self.ice_servers = self.config.session_ice_servers(self.id)  # this server's pc and the client's use them
         self.pc: RTCPeerConnection | None = None
         self.negotiating = False
         self.ws: web.WebSocketResponse | None = None
@@ -388,7 +409,7 @@ class ServerSession:
         session's close() then either finds no pc or closes this one, so none outlives the session.
         """
         self._check_open()
-        pc = RTCPeerConnection(self.config.rtc_configuration())
+        pc = RTCPeerConnection(ice_configuration(self.ice_servers))
         self.pc = pc
         received: list = []
 
@@ -428,6 +449,9 @@ class ServerSession:
             self._check_open()
             await pc.setLocalDescription(answer)
             self._check_open()
+            missing = relay_missing(self.ice_servers, pc.localDescription.sdp)
+            if missing:  # the peer may still reach this host directly; if it cannot, the connection fails
+                log.warning("session %s: %s", self.id, missing)
             return pc.localDescription.sdp
         except BaseException:
             if self.pc is pc:

@@ -5,11 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fractions
+import shutil
+import socket
+import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 import numpy as np
+import pytest
 from aiohttp import web
 from aiortc import (
     MediaStreamTrack,
@@ -49,6 +54,48 @@ async def running_server(pipeline, max_sessions: int = 4, engine_config: dict | 
             yield Server(url, app, engine)
     finally:
         await engine.stop()
+
+
+@dataclass
+class TurnServer:
+    url: str  # turn:127.0.0.1:PORT
+    secret: str  # its static-auth-secret: the letstalk server's --turn-secret
+    log: Path  # what coturn wrote: its allocations name the usernames that made them
+
+
+@contextlib.contextmanager
+def turn_server(tmp_path: Path, secret: str = "letstalk-test-secret"):
+    """A real TURN server (coturn, `apt-get install coturn`; scripts/setup.sh --dev installs it) on 127.0.0.1,
+    taking the TURN REST API's time-limited credentials made from `secret`, relaying to loopback peers."""
+    binary = shutil.which("turnserver")
+    if binary is None:
+        pytest.skip("needs coturn's turnserver (apt-get install coturn; scripts/setup.sh --dev installs it)")
+    with socket.socket() as s:  # a port free on both UDP and TCP, as coturn listens on both
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "turnserver.log"
+    proc = subprocess.Popen(
+        [binary, "-n", "-v", "--listening-ip", "127.0.0.1", "--listening-port", str(port), "--relay-ip", "127.0.0.1",
+         "--use-auth-secret", "--static-auth-secret", secret, "--realm", "letstalk", "--allow-loopback-peers",
+         "--no-cli", "--no-tls", "--no-dtls", "--userdb", str(tmp_path / "turndb"), "--pidfile", str(tmp_path / "pid"),
+         "--log-file", str(log), "--simple-log"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # ready once it answers on TCP (it opens UDP and TCP listeners together)
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"turnserver did not start (exit {proc.poll()}); its log: {log}")
+            time.sleep(0.05)
+        yield TurnServer(f"turn:127.0.0.1:{port}", secret, log)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def run(coro, timeout: float = 240):

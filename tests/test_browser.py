@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import speechlike
-from server_helpers import run, running_server
+from server_helpers import run, running_server, turn_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -134,6 +134,38 @@ def test_browser_page_shows_the_talking_avatar(tiny_pipeline, tmp_path, astronau
     assert len(sessions) == 1 and sessions[0].session.stats()["frames_generated"] > 50
     assert remaining == 0  # Stop deleted the session
 
+
+
+def test_overlay_connects_only_through_the_servers_turn_relay(tiny_pipeline, tmp_path):
+    """`?relay=1`: the overlay, attached to a session the SDK created (so given only its id and token), asks the
+    server for the session's STUN/TURN servers and credentials and connects through the (real, coturn) relay alone:
+    frames arrive, and the route Chromium chose is relayed."""
+    from letstalk_rt.client import AvatarClient
+
+    wav = tmp_path / "silence.wav"
+    _write_wav(wav, seconds=1.0)
+
+    async def main(turn):
+        async with running_server(tiny_pipeline, ice_servers=[turn.url], turn_secret=turn.secret) as srv, \
+                async_playwright() as pw:
+            context = await pw.chromium.launch_persistent_context(
+                str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=_chromium_args(wav))
+            try:
+                async with AvatarClient(srv.url, relay_only=True) as client:
+                    session = await client.start_session(avatar_id="default")
+                    await session.ping()
+                    page = await context.new_page()
+                    await page.goto(session.overlay_url())
+                    await page.wait_for_function("window.letstalk?.frames?.frames > 10", timeout=30000)
+                    return await page.evaluate("window.letstalk.conn.stats()"), session.info["ice_servers"]
+            finally:
+                await context.close()
+
+    with turn_server(tmp_path) as turn:
+        stats, (entry,) = run(main(turn))
+        assert stats["route"]["local"] == "relay", stats
+        assert stats["video"]["frameWidth"] == 32
+        assert entry["username"] in turn.log.read_text()
 
 
 def test_overlay_page_shows_a_session_driven_by_the_sdk(tiny_pipeline, tmp_path):

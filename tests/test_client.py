@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from aiohttp import web
 from conftest import speechlike
-from server_helpers import SpeechTrack, run, running_server, wait_until
+from server_helpers import SpeechTrack, run, running_server, turn_server, wait_until
 
 
 def test_sdk_never_imports_torch():
@@ -144,6 +144,83 @@ def test_sdk_full_frame_session_receives_the_whole_photo(tiny_pipeline, astronau
     assert {f.shape for f in frames} == {(72, 96, 3)}
     corner = np.abs(frames[-1][40:, :16].astype(int) - expected[40:, :16])  # the flag, left of the face's square
     assert corner.mean() < 12, corner.mean()  # the photo, through VP8 at 96 x 72
+
+
+def _nominated_pair(pc):
+    """(local candidate type, remote candidate type) of the pair ICE chose on `pc` (aiortc keeps it in aioice)."""
+    connection = pc.getTransceivers()[0].receiver.transport.transport._connection
+    pair = connection._nominated[1]
+    return pair.local_candidate.type, pair.remote_candidate.type
+
+
+def test_sdk_connects_through_the_servers_turn_relay_with_credentials_made_per_session(tiny_pipeline, tmp_path,
+                                                                                       caplog):
+    """A server given a TURN server and its shared secret hands each session its own time-limited credentials; a
+    client allowed only relayed candidates connects through the (real, coturn) relay with them and gets the avatar.
+    With credentials made from a wrong secret, the relay refuses them: a relay-only connect() says so at once, and
+    a client that may connect directly still does, both ends warning that the relay gave no address."""
+    from letstalk_rt.client import AvatarClient, AvatarClientError
+
+    async def main(turn, secret):
+        async with running_server(tiny_pipeline, ice_servers=[turn.url], turn_secret=secret, turn_ttl_s=600) as srv:
+            async with AvatarClient(srv.url, relay_only=True) as client:
+                session = await client.start_session()
+                if secret != turn.secret:
+                    with pytest.raises(AvatarClientError, match="relay only: the TURN server .* refused the cred"):
+                        await session.connect()
+                    assert session.pc is None
+                    async with AvatarClient(srv.url) as direct:  # not relay only: reaches the server directly
+                        other = await direct.start_session()
+                        await other.connect()
+                        assert _nominated_pair(other.pc) == ("host", "host")
+                        await other.close()
+                    return session.info, None, None
+                await session.connect()
+                frames = []
+                async for frame in session.video_frames():
+                    frames.append(frame)
+                    if len(frames) == 5:
+                        break
+                server_pc = srv.manager.sessions[session.id].pc
+                pairs = _nominated_pair(session.pc), _nominated_pair(server_pc)
+                await session.close()
+                return session.info, frames, pairs
+
+    with turn_server(tmp_path) as turn:
+        info, frames, (client_pair, server_pair) = run(main(turn, turn.secret))
+        (entry,) = info["ice_servers"]
+        assert entry["urls"] == [turn.url]
+        expires, _, user = entry["username"].partition(":")
+        assert user == info["session_id"] and abs(int(expires) - (time.time() + 600)) < 60
+        assert len(frames) == 5 and frames[0].shape == (32, 32, 3)
+        assert client_pair[0] == "relay" and server_pair[1] == "relay", (client_pair, server_pair)
+        assert entry["username"] in turn.log.read_text()  # coturn saw this session's own username
+
+        caplog.clear()
+        info, _, _ = run(main(turn, "not-the-turn-servers-secret"))
+        assert info["ice_servers"][0]["username"].endswith(info["session_id"])
+        warned = [r for r in caplog.records if "gave no relayed address" in r.getMessage()]
+        assert {r.name for r in warned} == {"letstalk_rt.client", "letstalk.server"}, warned
+
+
+def test_ice_servers_are_checked_when_the_server_and_client_start():
+    from letstalk_rt.client import AvatarClient
+    from letstalk_rt.errors import LetsTalkError
+    from server import ServerConfig
+
+    with pytest.raises(LetsTalkError, match="turn:relay.example.org.*needs a username.*--turn-secret"):
+        ServerConfig(ice_servers=["stun:stun.example.org", "turn:relay.example.org"])
+    with pytest.raises(LetsTalkError, match="malformed uri"):
+        ServerConfig(ice_servers=["relay.example.org:3478"])
+    with pytest.raises(LetsTalkError, match="either a shared secret or a username"):
+        ServerConfig(ice_servers=["turn:relay.example.org"], turn_secret="s", turn_username="u", turn_credential="c")
+    config = ServerConfig(ice_servers=["stun:stun.example.org", "turn:relay.example.org?transport=tcp"],
+                          turn_username="u", turn_credential="c")
+    assert config.session_ice_servers("abc") == [
+        {"urls": ["stun:stun.example.org"]},
+        {"urls": ["turn:relay.example.org?transport=tcp"], "username": "u", "credential": "c"}]
+    with pytest.raises(ValueError, match="needs a username"):
+        AvatarClient("http://127.0.0.1:1", ice_servers=["turns:relay.example.org"])
 
 
 def test_sdk_raises_the_servers_errors(tiny_pipeline):

@@ -5,7 +5,7 @@
 //
 //   const info = await createSession({ avatarId: "default" });          // or { file: aFileObject }, fullFrame: 512
 //   const conn = new AvatarConnection(info, { onEvent: (e) => console.log(e) });
-//   await conn.start({ audioStream });                                   // a MediaStream with one audio track, or null
+//   await conn.start({ audioStream });                                   // a MediaStream with one audio track, or null; relay: true: TURN only
 //   videoElement.srcObject = conn.stream;
 //   await conn.connected();                                              // media flows from here on
 //   conn.interrupt(); conn.endSpeech(); await conn.close();
@@ -119,8 +119,12 @@ export class AvatarConnection {
     }
   }
 
-  async _start({ audioStream = null, receiveAudio = true, websocket = true } = {}) {
-    const pc = new RTCPeerConnection({ iceServers: [] });
+  // relay: connect only through the server's TURN server (iceTransportPolicy "relay"), e.g. to check that it works.
+  async _start({ audioStream = null, receiveAudio = true, websocket = true, relay = false } = {}) {
+    const pc = new RTCPeerConnection({
+      iceServers: await this._iceServers(),
+      iceTransportPolicy: relay ? "relay" : "all",
+    });
     this.pc = pc;
     pc.ontrack = (e) => {
       this.stream.addTrack(e.track);
@@ -171,6 +175,19 @@ export class AvatarConnection {
     });
   }
 
+  // The STUN/TURN servers (with this session's TURN credentials) the server handed out: in the session's answer,
+  // or, for a session another client created (an overlay given its id and token), from GET /v1/sessions/{id}.
+  async _iceServers() {
+    if (!this.info.ice_servers) {
+      const resp = await fetch(sameOrigin(`/v1/sessions/${this.info.session_id}`), {
+        headers: { Authorization: `Bearer ${this.info.token}` },
+      });
+      if (!resp.ok) throw new Error(`session: HTTP ${resp.status}: ${await errorText(resp)}`);
+      this.info.ice_servers = (await resp.json()).ice_servers || [];
+    }
+    return this.info.ice_servers;
+  }
+
   _gathered(timeoutMs) {
     const pc = this.pc;
     if (pc.iceGatheringState === "complete") return Promise.resolve();
@@ -212,15 +229,24 @@ export class AvatarConnection {
     this.send({ type: "end_of_speech" });
   }
 
+  // What arrived, per kind, and the route ICE chose: route.local / route.remote are "host", "srflx" (through a
+  // NAT, found by STUN) or "relay" (through the TURN server).
   async stats() {
-    const out = { video: {}, audio: {} };
+    const out = { video: {}, audio: {}, route: {} };
     if (!this.pc) return out;
-    (await this.pc.getStats()).forEach((s) => {
+    const report = await this.pc.getStats();
+    report.forEach((s) => {
       if (s.type === "inbound-rtp" && (s.kind === "video" || s.kind === "audio")) {
         out[s.kind] = {
           bytesReceived: s.bytesReceived, packetsReceived: s.packetsReceived,
           framesDecoded: s.framesDecoded, frameWidth: s.frameWidth, frameHeight: s.frameHeight,
           framesPerSecond: s.framesPerSecond, totalSamplesReceived: s.totalSamplesReceived,
+        };
+      } else if (s.type === "transport" && s.selectedCandidatePairId) {
+        const pair = report.get(s.selectedCandidatePairId);
+        out.route = {
+          local: report.get(pair.localCandidateId)?.candidateType,
+          remote: report.get(pair.remoteCandidateId)?.candidateType,
         };
       }
     });
