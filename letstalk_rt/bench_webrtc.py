@@ -372,6 +372,7 @@ class Peer:
     mic: MicrophoneTrack
     got: Received
     reader: asyncio.Task
+    route: dict | None = None  # the candidate types ICE chose (`AvatarSession.route()`), noted at the close
 
 
 async def start_session(client, patience_s: float = 15.0, full_frame: int = 0):
@@ -428,6 +429,7 @@ async def close_peers(peers: list[Peer], seen: dict) -> None:
     """Note each peer's wire arrivals, then close its session and wait for its reader."""
     for p in peers:
         p.got.wire = on_the_wire(p.avatar.pc, seen)  # before close(): it drops the peer connection
+        p.route = p.avatar.route()
         await p.avatar.close()
     await asyncio.gather(*(p.reader for p in peers), return_exceptions=True)
 
@@ -498,18 +500,19 @@ async def _run_peer_process(url, manager, n, seconds, speech, seen, full_frame=0
 
 
 async def peers_main(url: str, n: int, seconds: float, speech: np.ndarray, api_key: str | None = None,
-                     send_times: bool = False, full_frame: int = 0) -> None:
+                     send_times: bool = False, full_frame: int = 0, relay: bool = False) -> None:
     """The peers of `stream(peer_process=True)`, or of anyone measuring a running server from the far side: n
     sessions on its default avatar for `seconds`; each line of stdout one JSON object: {"opened": session id} as
     each connects, then {"peers": [each session's summary]} (+ "peer_loop": this process's event loop and collector
     by minute, as `LoopWatch`; + its microphone packets' "send_times", (media s, monotonic) pairs, with
-    `send_times`). `full_frame`: the sessions' frames the whole photo, fit to this many px (0: the face crop)."""
+    `send_times`). `full_frame`: the sessions' frames the whole photo, fit to this many px (0: the face crop).
+    `relay`: connect only through the TURN server the server names (its --ice-server, --turn-secret)."""
     import json
 
     from .client import AvatarClient
 
     with wire_arrivals() as seen:
-        async with AvatarClient(url, api_key) as client, LoopWatch() as watch:
+        async with AvatarClient(url, api_key, relay_only=relay) as client, LoopWatch() as watch:
             await warm_up(client)
             peers = await open_peers(client, n, seconds, speech, opened=lambda avatar: print(
                 json.dumps({"opened": avatar.id}), flush=True), full_frame=full_frame)
@@ -520,7 +523,7 @@ async def peers_main(url: str, n: int, seconds: float, speech: np.ndarray, api_k
     out = []
     for p in peers:
         out.append({**summary(p.got, p.mic.sent(), p.mic.sent_at, fps_of(p.avatar)), "peer_pid": os.getpid(),
-                    "peer_loop": loop})
+                    "peer_loop": loop, "route": p.route})
         del out[-1]["mic_to_server_wire_ms"]  # the server's side of it is not here (`stream` adds it where it is)
         if send_times:
             out[-1]["send_times"] = np.asarray(p.mic.sent_at).tolist()
@@ -530,7 +533,8 @@ async def peers_main(url: str, n: int, seconds: float, speech: np.ndarray, api_k
 RSS_METRIC = "letstalk_process_resident_memory_bytes"
 
 
-async def churn_main(url: str, n: int, seconds: float, speech: np.ndarray, api_key: str | None = None) -> None:
+async def churn_main(url: str, n: int, seconds: float, speech: np.ndarray, api_key: str | None = None,
+                     relay: bool = False) -> None:
     """n sessions one after another, each connected as a user's is, sending `speech` for `seconds`, then closed: does a
     server that opens and closes sessions for days keep its memory and its service? One JSON line per session
     ({"churn": i, first frame, what arrived, the server's resident memory from its /metrics after the close}), then
@@ -541,7 +545,7 @@ async def churn_main(url: str, n: int, seconds: float, speech: np.ndarray, api_k
     from .client import AvatarClient
 
     rows = []
-    async with AvatarClient(url, api_key) as client:
+    async with AvatarClient(url, api_key, relay_only=relay) as client:
         await warm_up(client)
         for i in range(n):
             peers = await open_peers(client, 1, seconds, speech)
@@ -609,6 +613,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--churn", type=int, default=0, metavar="N", help=(
         "instead: N sessions one after another, each for --seconds, then closed; one line per session with the "
         "server's resident memory (from its /metrics), then a summary with its growth per 100 sessions"))
+    p.add_argument("--relay", action="store_true",
+                   help="connect only through the TURN server the server names (its --ice-server, --turn-secret): "
+                        "what a relayed user gets")
     args = p.parse_args(argv)
     if args.sessions < 1 or args.seconds <= 0 or args.churn < 0:
         p.error("--sessions and --seconds must be positive, --churn 0 or more")
@@ -619,10 +626,10 @@ def main(argv: list[str] | None = None) -> None:
 
         speech = np.asarray(load_audio(args.audio or Path(__file__).parent / "assets" / "speech.ogg"))
         if args.churn:
-            asyncio.run(churn_main(args.url, args.churn, args.seconds, speech, args.api_key))
+            asyncio.run(churn_main(args.url, args.churn, args.seconds, speech, args.api_key, args.relay))
         else:
             asyncio.run(peers_main(args.url, args.sessions, args.seconds, speech, args.api_key, args.send_times,
-                                   args.full_frame))
+                                   args.full_frame, args.relay))
     except (LetsTalkError, OSError) as e:
         sys.exit(f"error: {e}")
 

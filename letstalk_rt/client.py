@@ -64,7 +64,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from yarl import URL
 
 from .errors import LetsTalkError
-from .rtc import OpusAudioTrack, ice_configuration, relay_missing, release_frames_at_once
+from .rtc import OpusAudioTrack, ice_configuration, relay_missing, release_frames_at_once, selected_route
 from .rtc import ice_servers as parse_ice_servers
 
 log = logging.getLogger(__name__)
@@ -574,6 +574,11 @@ class AvatarSession:
                                                              **({"chroma": chroma} if chroma else {}),
                                                              **({"relay": "1"} if relay else {})})
         return str(url)
+
+    def route(self) -> dict | None:
+        """How this session's WebRTC connection went, once connected: {"local": ..., "remote": ...} candidate types,
+        "host", "srflx" (through a NAT, found by STUN), "prflx" or "relay" (through the TURN server); else None."""
+        return None if self.pc is None else selected_route(self.pc)
 
     async def stats(self) -> dict:
         """The server's view: peer connection state, websocket, frames generated, latency percentiles."""

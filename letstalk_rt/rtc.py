@@ -165,3 +165,15 @@ def relay_missing(servers: list[dict], sdp: str) -> str | None:
         return None
     return (f"the TURN server {turn[0]} gave no relayed address: it is unreachable, or it refused the credentials "
             "(a --turn-secret other than its static-auth-secret, or credentials that expired)")
+
+
+def selected_route(pc: RTCPeerConnection) -> dict | None:
+    """The candidate types of the pair ICE chose on `pc`, as a browser's stats give them: {"local": ..., "remote": ...},
+    each "host", "srflx" (through a NAT, found by STUN), "prflx" or "relay" (through the TURN server); None before a
+    pair is chosen. aiortc keeps it only inside aioice's connection (no getStats entry), read here defensively."""
+    for transceiver in pc.getTransceivers():
+        ice = getattr(getattr(transceiver.receiver.transport, "transport", None), "_connection", None)
+        pair = (getattr(ice, "_nominated", None) or {}).get(1)
+        if pair is not None:
+            return {"local": pair.local_candidate.type, "remote": pair.remote_candidate.type}
+    return None

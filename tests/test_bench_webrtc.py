@@ -73,7 +73,7 @@ def test_webrtc_bench_with_the_peers_in_a_process_of_their_own(tiny_pipeline, as
     assert peer["pacing"]["frames"] > 80 and 22 < peer["pacing"]["fps"] < 28
     assert abs(peer["lip_to_sound_wire_ms"]["p50"]) < 15, peer["lip_to_sound_wire_ms"]
     assert 0 < peer["mic_to_server_wire_ms"]["p50"] < 15, peer["mic_to_server_wire_ms"]
-    assert "send_times" not in peer
+    assert "send_times" not in peer and peer["route"] == {"local": "host", "remote": "host"}  # no TURN: direct
     assert peer["frame_size"] == [48, 48] and peer["content_sync"]["frames"] > 80  # the face square read in them
 
 

@@ -146,13 +146,6 @@ def test_sdk_full_frame_session_receives_the_whole_photo(tiny_pipeline, astronau
     assert corner.mean() < 12, corner.mean()  # the photo, through VP8 at 96 x 72
 
 
-def _nominated_pair(pc):
-    """(local candidate type, remote candidate type) of the pair ICE chose on `pc` (aiortc keeps it in aioice)."""
-    connection = pc.getTransceivers()[0].receiver.transport.transport._connection
-    pair = connection._nominated[1]
-    return pair.local_candidate.type, pair.remote_candidate.type
-
-
 def test_sdk_connects_through_the_servers_turn_relay_with_credentials_made_per_session(tiny_pipeline, tmp_path,
                                                                                        caplog):
     """A server given a TURN server and its shared secret hands each session its own time-limited credentials; a
@@ -160,6 +153,7 @@ def test_sdk_connects_through_the_servers_turn_relay_with_credentials_made_per_s
     With credentials made from a wrong secret, the relay refuses them: a relay-only connect() says so at once, and
     a client that may connect directly still does, both ends warning that the relay gave no address."""
     from letstalk_rt.client import AvatarClient, AvatarClientError
+    from letstalk_rt.rtc import selected_route
 
     async def main(turn, secret):
         async with running_server(tiny_pipeline, ice_servers=[turn.url], turn_secret=secret, turn_ttl_s=600) as srv:
@@ -172,7 +166,7 @@ def test_sdk_connects_through_the_servers_turn_relay_with_credentials_made_per_s
                     async with AvatarClient(srv.url) as direct:  # not relay only: reaches the server directly
                         other = await direct.start_session()
                         await other.connect()
-                        assert _nominated_pair(other.pc) == ("host", "host")
+                        assert other.route() == {"local": "host", "remote": "host"}
                         await other.close()
                     return session.info, None, None
                 await session.connect()
@@ -181,8 +175,7 @@ def test_sdk_connects_through_the_servers_turn_relay_with_credentials_made_per_s
                     frames.append(frame)
                     if len(frames) == 5:
                         break
-                server_pc = srv.manager.sessions[session.id].pc
-                pairs = _nominated_pair(session.pc), _nominated_pair(server_pc)
+                pairs = session.route(), selected_route(srv.manager.sessions[session.id].pc)
                 await session.close()
                 return session.info, frames, pairs
 
@@ -193,7 +186,7 @@ def test_sdk_connects_through_the_servers_turn_relay_with_credentials_made_per_s
         expires, _, user = entry["username"].partition(":")
         assert user == info["session_id"] and abs(int(expires) - (time.time() + 600)) < 60
         assert len(frames) == 5 and frames[0].shape == (32, 32, 3)
-        assert client_pair[0] == "relay" and server_pair[1] == "relay", (client_pair, server_pair)
+        assert client_pair["local"] == "relay" and server_pair["remote"] == "relay", (client_pair, server_pair)
         assert entry["username"] in turn.log.read_text()  # coturn saw this session's own username
 
         caplog.clear()
