@@ -64,7 +64,14 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from yarl import URL
 
 from .errors import LetsTalkError
-from .rtc import OpusAudioTrack, ice_configuration, relay_missing, release_frames_at_once, selected_route
+from .rtc import (
+    OpusAudioTrack,
+    answer_checks_at_once,
+    ice_configuration,
+    relay_missing,
+    release_frames_at_once,
+    selected_route,
+)
 from .rtc import ice_servers as parse_ice_servers
 
 log = logging.getLogger(__name__)
@@ -306,6 +313,9 @@ class AvatarSession:
                 raise AvatarClientError(f"session {self.id}: cannot connect through the relay only: {missing}")
             if missing:
                 log.warning("session %s: %s; connecting without it", self.id, missing)
+            if not answer_checks_at_once(pc):
+                log.info("session %s: this aioice retries ICE checks only on its timeout (~0.5 s more to connect "
+                         "through a NAT or relay)", self.id)
             http = self.client._require_http()
             async with http.post(self.offer_url, data=pc.localDescription.sdp.encode(),
                                  headers={**self._headers(), "Content-Type": "application/sdp"}) as resp:

@@ -39,7 +39,13 @@ from aiortc import (
 from aiortc.mediastreams import MediaStreamError
 
 from letstalk_rt.errors import LetsTalkError
-from letstalk_rt.rtc import ice_configuration, ice_servers, relay_missing, release_frames_at_once
+from letstalk_rt.rtc import (
+    answer_checks_at_once,
+    ice_configuration,
+    ice_servers,
+    relay_missing,
+    release_frames_at_once,
+)
 from letstalk_rt.stream import TrackSource
 from letstalk_rt.stream.engine import quantiles, resident_memory_bytes
 from letstalk_rt.stream.events import SessionClosed
@@ -447,6 +453,9 @@ class ServerSession:
                 pc.addTrack(self.session.audio_track(opus=True))
             answer = await pc.createAnswer()
             self._check_open()
+            if not answer_checks_at_once(pc):
+                log.info("session %s: this aioice retries ICE checks only on its timeout (~0.5 s more to connect "
+                         "through a NAT or relay)", self.id)
             await pc.setLocalDescription(answer)
             self._check_open()
             missing = relay_missing(self.ice_servers, pc.localDescription.sdp)

@@ -196,6 +196,53 @@ def test_sdk_connects_through_the_servers_turn_relay_with_credentials_made_per_s
         assert {r.name for r in warned} == {"letstalk_rt.client", "letstalk.server"}, warned
 
 
+@pytest.mark.parametrize("answer_at_once", [True, False])
+def test_a_check_that_the_relay_dropped_is_sent_again_when_the_peers_check_arrives(tmp_path, monkeypatch,
+                                                                                  answer_at_once):
+    """The answering side's first check to a relayed peer is dropped by the TURN server (the peer has not opened the
+    way yet); `answer_checks_at_once` sends it again as soon as the peer's own check arrives on that pair. Without it
+    aioice waits for its retransmission timeout (500 ms, made 3 s here so that the two cases cannot be confused)."""
+    import time
+
+    import aioice.stun
+    from aiortc import RTCPeerConnection, VideoStreamTrack
+
+    from letstalk_rt.rtc import answer_checks_at_once, ice_configuration
+
+    monkeypatch.setattr(aioice.stun, "RETRY_RTO", 3.0)
+
+    async def main(turn):
+        from server.auth import turn_credentials
+
+        username, credential = turn_credentials(turn.secret, "pair", 600)
+        relayed = [{"urls": [turn.url], "username": username, "credential": credential}]
+        offerer = RTCPeerConnection(ice_configuration(relayed, relay_only=True))
+        answerer = RTCPeerConnection(ice_configuration())
+        try:
+            offerer.addTransceiver("video", direction="recvonly")
+            await offerer.setLocalDescription(await offerer.createOffer())
+            await answerer.setRemoteDescription(offerer.localDescription)
+            answerer.addTrack(VideoStreamTrack())
+            if answer_at_once:
+                assert answer_checks_at_once(answerer) and answer_checks_at_once(offerer)
+            await answerer.setLocalDescription(await answerer.createAnswer())
+            start = time.monotonic()
+            await offerer.setRemoteDescription(answerer.localDescription)
+            while answerer.iceConnectionState != "completed":
+                await asyncio.sleep(0.005)
+            return time.monotonic() - start
+        finally:
+            await offerer.close()
+            await answerer.close()
+
+    with turn_server(tmp_path) as turn:
+        took = run(main(turn), timeout=60)
+    if answer_at_once:
+        assert took < 1.5, took
+    else:
+        assert took > 2.5, took  # the dropped check waited out its timeout
+
+
 def test_ice_servers_are_checked_when_the_server_and_client_start():
     from letstalk_rt.client import AvatarClient
     from letstalk_rt.errors import LetsTalkError
