@@ -771,6 +771,11 @@ async def _serve(app: web.Application, config: ServerConfig) -> None:
         print(f"letstalk serve: http://{config.host}:{port}/  (max {engine.config.max_sessions} sessions, "
               f"{engine.pipeline.config.image_size}px @ {engine.pipeline.fps} fps, auth: {auth}); Ctrl-C to stop",
               file=sys.stderr, flush=True)
+        if config.ice_servers:
+            turn = (f"TURN credentials made per session, valid {config.turn_ttl_s:g} s" if config.turn_secret
+                    else "fixed TURN credentials" if config.turn_username else "no TURN")
+            print(f"letstalk serve: ICE servers {', '.join(config.ice_servers)} ({turn}), handed to every session's "
+                  "client", file=sys.stderr, flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
