@@ -177,6 +177,28 @@ def _add_full_frame_arg(p: argparse.ArgumentParser) -> None:
                         "crop at the model's size")
 
 
+def _framing(text: str) -> float:
+    from .framing import FRAMING_RANGE
+
+    lo, hi = FRAMING_RANGE
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (value == 0 or lo <= value <= hi):
+        raise argparse.ArgumentTypeError(f"expected 0 (the whole photo) or {lo:g}..{hi:g}, got {text!r}")
+    return value
+
+
+def _add_framing_arg(p: argparse.ArgumentParser) -> None:
+    from .framing import FRAMING
+
+    p.add_argument("--framing", type=_framing, default=FRAMING, metavar="K",
+                   help="with --full-frame: a face small in a large photo (a full-body shot, a group) is shown with at "
+                        f"most K sides of its square on the frames' shorter side: head and shoulders (default "
+                        f"{FRAMING:g}); 0: the whole photo however small the face")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None,
                    help="model directory (config.json + *.safetensors); default: the bundled model")
@@ -211,7 +233,8 @@ def _generate(args: argparse.Namespace, portrait: Path, audio: Path, out: Path) 
     pipe = _load_pipeline(args)
     start = time.perf_counter()
     result = generate_video(image, wav, out, pipeline=pipe, seed=args.seed, detect_face=not args.no_face_detect,
-                            progress=not args.quiet, name=str(portrait), full_frame=args.full_frame)
+                            progress=not args.quiet, name=str(portrait), full_frame=args.full_frame,
+                            framing=args.framing)
     took = time.perf_counter() - start
     print(f"wrote {result.path} ({result.frames} frames, {result.seconds:.2f} s of audio) in {took:.1f} s "
           f"= {result.frames / max(took, 1e-9):.1f} frames/s")
@@ -251,7 +274,7 @@ async def _demo(pipe, image, speech: Path, args: argparse.Namespace) -> None:
             print(f"sampling {pipe.num_steps} step(s) per window on this machine (--max-steps {args.max_steps})",
                   file=sys.stderr)
         session = await engine.open_session(image, seed=args.seed, detect_face=not args.no_face_detect,
-                                            full_frame=args.full_frame)
+                                            full_frame=args.full_frame, framing=args.framing)
         feeder = asyncio.create_task(source.run(session))
         video, audio = session.video_track(), session.audio_track()
         print(f"streaming {source.seconds:.1f} s of speech in real time through the engine ...", file=sys.stderr)
@@ -526,12 +549,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio", type=Path, required=True, help="speech: wav, mp3, m4a, ogg, flac (any rate)")
     p.add_argument("--out", type=Path, required=True, help="output .mp4 (written atomically)")
     _add_full_frame_arg(p)
+    _add_framing_arg(p)
     _add_model_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="stream the bundled speech through the live engine; record the tracks to mp4")
     p.add_argument("--out", type=Path, default=Path("letstalk_demo.mp4"), help="output .mp4")
     _add_full_frame_arg(p)
+    _add_framing_arg(p)
     _add_model_args(p)
     add_live_args(p)
     p.set_defaults(func=cmd_demo)

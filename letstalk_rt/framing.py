@@ -14,6 +14,11 @@ the portrait's crop resized up) wherever the picture has kept still, gated as `p
 the portrait's detail at the model's resolution: a region that moved (the mouth while talking, blinking eyes)
 keeps its generated look for a while, so the detail does not switch on and off with every small movement.
 
+A face small in a large photo (a full-body shot, a group, a wide scene) would be a small face in a large frame, so
+full frames show at most `framing` sides of the animated square around the face on their shorter side (`framed`: a
+cut of the photo's own shape, centred on the face across, the face's centre 40 % of the way down): head and
+shoulders. A photo smaller than that, as most portraits are, is shown whole; `framing` 0 always shows it whole.
+
 Cost per frame: one resize of the crop, the gate at the model's resolution and one blend over the crop's area;
 the rest of the photo is copied as it is (docs/benchmarks.md, "Full frames").
 """
@@ -29,6 +34,9 @@ from .errors import InputError
 MAX_PHOTO_SIDE = 1280  # a portrait keeps its photo scaled to at most this side (the largest full frame)
 FULL_FRAME_SIDE = 512  # default longest side of full frames (even): a video call's size, cheap to encode
 DETAIL_WIDTH = 12.0  # grey levels: the gate's width for a model without detail transfer (the bundled model's own)
+FRAMING = 3.0  # full frames' shorter side shows at most this many sides of the face's square: head and shoulders
+FRAMING_RANGE = (2.0, 20.0)  # a `framing` other than 0 (the whole photo) lies in this range
+FACE_HEIGHT = 0.4  # a framed cut holds the face's centre this far down (of its height), where a portrait's is
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,27 @@ def even_size(width: float, height: float, max_side: int) -> tuple[int, int]:
     """(width, height) scaled to fit `max_side` (never enlarged), each rounded down to an even number >= 2."""
     scale = min(1.0, max_side / max(width, height))
     return max(2, int(width * scale) // 2 * 2), max(2, int(height * scale) // 2 * 2)
+
+
+def framed(photo: np.ndarray, box: tuple[int, int, int], framing: float = FRAMING
+           ) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """What full frames show of `photo` (H, W, 3), and the face's square `box` (x0, y0, side) in it: the whole photo
+    when its shorter side is at most `framing` sides of the square (or `framing` is 0); else a cut of the photo's
+    own shape whose shorter side is `framing` sides of the square, centred on it across and holding its centre
+    `FACE_HEIGHT` of the way down (moved inside the photo where the face is near an edge)."""
+    lo, hi = FRAMING_RANGE
+    if framing and not lo <= framing <= hi:
+        raise InputError(f"full frame: framing must be 0 (the whole photo) or {lo:g}..{hi:g} sides of the face's "
+                         f"square, got {framing:g}")
+    H, W = photo.shape[:2]
+    x0, y0, side = box
+    scale = framing * side / min(W, H)
+    if not framing or scale >= 1:
+        return photo, box
+    w, h = max(1, round(W * scale)), max(1, round(H * scale))
+    x = min(max(round(x0 + side / 2 - w / 2), 0), W - w)
+    y = min(max(round(y0 + side / 2 - FACE_HEIGHT * h), 0), H - h)
+    return photo[y:y + h, x:x + w], (x0 - x, y0 - y, side)
 
 
 def _ramp(n: int, band: float, fade_start: bool, fade_end: bool) -> np.ndarray:

@@ -29,7 +29,7 @@ from .checkpoint import Components, build_components, load_model
 from .config import ModelConfig, check_box, check_noise_draws
 from .diffusion import EulerSampler, Guidance, from_portrait
 from .errors import InputError
-from .framing import DETAIL_WIDTH, FULL_FRAME_SIDE, MAX_PHOTO_SIDE, DetailGate, FullFrame
+from .framing import DETAIL_WIDTH, FRAMING, FULL_FRAME_SIDE, MAX_PHOTO_SIDE, DetailGate, FullFrame, framed
 from .memory import MemoryBank, box_cells
 
 log = logging.getLogger(__name__)
@@ -670,16 +670,18 @@ class LetsTalkPipeline:
         box = tuple(round(v * scale) for v in box)
         return Portrait(image=crop, latent=latent, photo=photo, box=box)  # type: ignore[arg-type]
 
-    def full_frame(self, portrait: Portrait, max_side: int = FULL_FRAME_SIDE) -> FullFrame:
+    def full_frame(self, portrait: Portrait, max_side: int = FULL_FRAME_SIDE, framing: float = FRAMING) -> FullFrame:
         """One stream's paster of `portrait`'s animated crops back into its photo, frames at most `max_side` px, with
-        the photo's detail back where the face keeps still (gated as the model's detail transfer is)."""
+        the photo's detail back where the face keeps still (gated as the model's detail transfer is). The frames show
+        at most `framing` sides of the face's square around it on their shorter side (`framing.framed`; 0: the whole photo)."""
         if portrait.photo is None or portrait.box is None:
             raise InputError("this portrait was prepared without its photo; prepare it from the photo for full frames")
         sampling = self.config.sampling
         gate = DetailGate(width=sampling.detail_transfer or DETAIL_WIDTH,
                           sigma=sampling.detail_blur * self.config.image_size,
                           decay=0.5 ** (1 / (sampling.detail_half_life_s * self.fps)))
-        return FullFrame(portrait.photo, portrait.box, max_side, crop=portrait.image, gate=gate)
+        photo, box = framed(portrait.photo, portrait.box, framing)
+        return FullFrame(photo, box, max_side, crop=portrait.image, gate=gate)
 
     def new_stream(self, portrait: Portrait, seed: int = 0) -> StreamState:
         return StreamState(
@@ -958,11 +960,13 @@ def generate_video(
     progress: bool = True,
     name: str | None = None,
     full_frame: int = 0,
+    framing: float = FRAMING,
 ) -> GenerationResult:
     """Animate `portrait` (an image file, or (H, W, 3) uint8 RGB) with `audio` (a file PyAV reads, or 16 kHz mono
     float32 samples) and write an H.264 + AAC mp4 to `out` (atomically). `name`: the portrait in messages.
-    `full_frame` N > 0: the whole photo talks, its longest side at most N px (`framing.FullFrame`); 0: the face
-    crop at the model's size.
+    `full_frame` N > 0: the whole photo talks, its longest side at most N px (`framing.FullFrame`), showing at most
+    `framing` sides of the face's square around it on its shorter side (0: the whole photo however small the face); 0: the face crop
+    at the model's size.
 
     Every input is checked before the model runs; on any error nothing is left at `out`.
     """
@@ -977,7 +981,7 @@ def generate_video(
     if pipeline is None:
         pipeline = LetsTalkPipeline.from_pretrained(model, device=device, num_steps=num_steps)
     prepared = pipeline.prepare_portrait(image, detect=detect_face, name=name)  # NoFaceError
-    paste = pipeline.full_frame(prepared, full_frame) if full_frame else None  # InputError: a size out of range
+    paste = pipeline.full_frame(prepared, full_frame, framing) if full_frame else None  # InputError: out of range
     spf = pipeline.samples_per_frame
     n_frames = max(1, math.ceil(len(wav) / spf))
     bar = None

@@ -23,6 +23,7 @@ import io
 import ipaddress
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -39,7 +40,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from letstalk_rt.cli import (add_device_args, add_live_args, add_sampling_args, check_live_args, check_sampling_args,
                              live_config, pipeline_kwargs, resolve_device)
 from letstalk_rt.errors import InputError, LetsTalkError, NoFaceError
-from letstalk_rt.framing import MAX_PHOTO_SIDE
+from letstalk_rt.framing import FRAMING, FRAMING_RANGE, MAX_PHOTO_SIDE
 from letstalk_rt.media import upright_image
 from letstalk_rt.stream import CapacityError, run_off_loop
 
@@ -68,9 +69,9 @@ ENGINE = web.AppKey("engine", object)
 
 MAX_WS_MESSAGE = 512 * 1024  # transport cap (1 s of 96 kHz stereo PCM16 is 384 kB); the 1 s rule is checked per format
 MAX_CONTROL_MESSAGE = 4096  # JSON control messages are tiny
-MAX_FORM_FIELD = 1024  # non-file multipart fields (seed, steps, avatar_id, full_frame)
+MAX_FORM_FIELD = 1024  # non-file multipart fields (seed, steps, avatar_id, full_frame, framing)
 MAX_FORM_PARTS = 8
-SESSION_FIELDS = ("portrait", "avatar_id", "seed", "steps", "full_frame")
+SESSION_FIELDS = ("portrait", "avatar_id", "seed", "steps", "full_frame", "framing")
 UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP")  # what the docs promise; Pillow's other decoders are never reached
 
 
@@ -292,8 +293,8 @@ async def _read_session_request(request: web.Request) -> dict[str, Any]:
         pairs = urllib.parse.parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
         for name, value in pairs:
             if name not in SESSION_FIELDS or name == "portrait":
-                raise api_error(422, f"unknown field {name[:40]!r}; expected avatar_id, seed, steps, full_frame "
-                                     "(upload a portrait as multipart/form-data)")
+                raise api_error(422, f"unknown field {name[:40]!r}; expected avatar_id, seed, steps, full_frame, "
+                                     "framing (upload a portrait as multipart/form-data)")
             fields[name] = value
     elif ctype in ("application/json", "application/octet-stream") or not request.body_exists:
         body = await read_body(request, 64 * 1024) if request.body_exists else b"{}"
@@ -307,7 +308,7 @@ async def _read_session_request(request: web.Request) -> dict[str, Any]:
             raise api_error(422, "the JSON body must be an object like {\"avatar_id\": \"default\"}")
         unknown = sorted(set(data) - set(SESSION_FIELDS) - {"portrait"})
         if unknown:
-            raise api_error(422, f"unknown field(s) {unknown}; expected avatar_id, seed, steps, full_frame")
+            raise api_error(422, f"unknown field(s) {unknown}; expected avatar_id, seed, steps, full_frame, framing")
         if "portrait" in data:
             raise api_error(422, "send a portrait file as multipart/form-data (field `portrait`), not in JSON")
         fields.update(data)
@@ -332,6 +333,22 @@ def _int_field(fields: dict, name: str, lo: int, hi: int) -> int | None:
     return number
 
 
+def _framing_field(fields: dict) -> float:
+    """`framing`: 0 (the whole photo) or FRAMING_RANGE sides of the face's square; FRAMING when not given."""
+    value = fields.get("framing")
+    if value is None or value == "":
+        return FRAMING
+    lo, hi = FRAMING_RANGE
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not (number == 0 or lo <= number <= hi):
+        raise api_error(422, f"`framing` must be 0 (the whole photo) or {lo:g}..{hi:g} (sides of the face's square on "
+                             f"the frames' shorter side), got {str(value)[:40]!r}")
+    return number
+
+
 async def create_session(request: web.Request) -> web.Response:
     require_api_key(request)
     app = request.app
@@ -344,6 +361,7 @@ async def create_session(request: web.Request) -> web.Response:
         seed = _int_field(fields, "seed", 0, 2**31 - 1) or 0
         steps = _int_field(fields, "steps", 1, 50)
         full_frame = _int_field(fields, "full_frame", 0, config.max_full_frame) or 0
+        framing = _framing_field(fields)
         if steps is not None and steps != engine.pipeline.num_steps:
             raise api_error(422, f"`steps`: this server samples {engine.pipeline.num_steps} step(s) per window for "
                                  "every session (sessions are batched together); set it at start with --steps")
@@ -368,7 +386,7 @@ async def create_session(request: web.Request) -> web.Response:
                 raise api_error(415, str(e)) from None
         try:
             session = await engine.open_session(portrait, seed=seed, detect_face=config.detect_face,
-                                                full_frame=full_frame)
+                                                full_frame=full_frame, framing=framing)
         except NoFaceError as e:
             raise api_error(422, str(e)) from None
         except InputError as e:

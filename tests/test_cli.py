@@ -56,6 +56,10 @@ def test_generate_full_frame_writes_the_whole_photo(capsys, tmp_path, tiny_model
         _run(capsys, "generate", "--portrait", astronaut_png, "--audio", audio, "--out", tmp_path / "x.mp4",
              "--full-frame", "8")
     assert exit_info.value.code == 2 and "16..1280" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        _run(capsys, "generate", "--portrait", astronaut_png, "--audio", audio, "--out", tmp_path / "x.mp4",
+             "--full-frame", "--framing", "1")
+    assert exit_info.value.code == 2 and "expected 0 (the whole photo) or 2..20" in capsys.readouterr().err
     assert not (tmp_path / "x.mp4").exists()
 
 

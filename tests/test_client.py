@@ -111,7 +111,9 @@ def test_sdk_sends_a_local_audio_track_and_uploads_a_portrait(tiny_pipeline, ast
 
 def test_sdk_full_frame_session_receives_the_whole_photo(tiny_pipeline, astronaut_png):
     """start_session(full_frame=N): the server answers with the whole photo's size, fit to N, and the video that
-    arrives over WebRTC is the photo: away from the face, what the peer receives is the photo itself."""
+    arrives over WebRTC is the photo: away from the face, what the peer receives is the photo itself. The same face
+    small in a wide scene is framed head and shoulders (its square a third of the frames' height), or shown in the
+    whole scene with framing=0."""
     import io
 
     from PIL import Image
@@ -122,10 +124,21 @@ def test_sdk_full_frame_session_receives_the_whole_photo(tiny_pipeline, astronau
     upload = io.BytesIO()
     photo.save(upload, format="PNG")
     expected = np.asarray(photo.resize((96, 72), Image.LANCZOS)).astype(int)
+    scene = Image.new("RGB", (2048, 1152), (90, 90, 90))
+    scene.paste(Image.open(astronaut_png).convert("RGB").resize((400, 400)), (1200, 250))
+    wide = io.BytesIO()
+    scene.save(wide, format="PNG")
 
     async def main():
         async with running_server(tiny_pipeline) as srv:
             async with AvatarClient(srv.url) as client:
+                boxes = []
+                for framing in (None, 0):
+                    small = await client.start_session(portrait=wide.getvalue(), full_frame=192, framing=framing)
+                    boxes.append(small.info["video"]["face_box"])
+                    await small.close()
+                (x, y, w, h), whole = boxes
+                assert abs(h - 108 / 3) <= 2 and abs(x + w / 2 - 96) <= 2 and whole[2] < 0.5 * w, boxes
                 session = await client.start_session(portrait=upload.getvalue(), full_frame=96)
                 video = dict(session.info["video"])
                 x, y, w, h = video.pop("face_box")  # the face's square, found in the photo, in the frame's pixels

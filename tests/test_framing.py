@@ -8,7 +8,7 @@ from PIL import Image
 
 from letstalk_rt.errors import InputError
 from letstalk_rt.face import cut_square
-from letstalk_rt.framing import MAX_PHOTO_SIDE, DetailGate, FullFrame, even_size
+from letstalk_rt.framing import FACE_HEIGHT, MAX_PHOTO_SIDE, DetailGate, FullFrame, even_size, framed
 
 
 def _photo(h: int = 300, w: int = 400, seed: int = 0) -> np.ndarray:
@@ -120,3 +120,44 @@ def test_a_prepared_portrait_keeps_its_photo_scaled_and_its_box(tiny_pipeline, a
     assert centre.box == (0, 56, 400)
     with pytest.raises(InputError, match="without its photo"):
         tiny_pipeline.full_frame(type(portrait)(image=portrait.image, latent=portrait.latent))
+
+
+def test_a_small_face_in_a_large_photo_is_framed_head_and_shoulders():
+    """`framed`: a photo whose shorter side is more than K sides of the face's square is cut, in its own shape, to K
+    sides on the shorter side, centred on the face across with its centre 40 % down, the face's square moved with it;
+    near an edge the cut stays inside the photo; a portrait the face fills, or K = 0, keeps the whole photo."""
+    photo = _photo(1080, 1920)
+    cut, box = framed(photo, (900, 300, 120))
+    assert cut.shape == (360, 640, 3) and np.shares_memory(cut, photo)  # 3 x 120 on the shorter side, 16:9 kept
+    x, y, side = box
+    assert side == 120 and abs(x + 60 - 320) <= 1 and abs(y + 60 - FACE_HEIGHT * 360) <= 1
+    assert np.array_equal(cut[y:y + side, x:x + side], photo[300:420, 900:1020])  # the same face, moved
+    corner, (x, y, _) = framed(photo, (1850, 1000, 120), 2.0)  # the cut stops at the photo's corner
+    assert corner.shape == (240, 427, 3) and np.array_equal(corner, photo[-240:, -427:]) and (x, y) == (1850 - 1493, 160)
+    assert framed(photo, (800, 200, 400))[0] is photo  # 3 x 400 >= 1080: the whole photo
+    assert framed(photo, (900, 300, 120), 0)[0] is photo
+    for bad in (1.0, 25.0, -3.0):
+        with pytest.raises(InputError, match="framing must be 0"):
+            framed(photo, (900, 300, 120), bad)
+
+
+def test_full_frames_of_a_small_face_in_a_wide_scene_show_it_head_and_shoulders(tiny_pipeline, astronaut_png):
+    """pipeline.full_frame: the astronaut, small in a wide scene, is framed by default (her square a third of the
+    frames' height), and shown in the whole scene with framing 0; the frames hold the scene's own pixels."""
+    from letstalk_rt.media import load_image
+
+    face = np.asarray(Image.fromarray(load_image(astronaut_png)).resize((400, 400), Image.LANCZOS))
+    scene = np.full((1152, 2048, 3), 90, np.uint8)
+    scene[:, :, 2] = np.linspace(0, 255, 2048, dtype=np.uint8)  # a gradient: where the cut lies shows
+    scene[250:650, 1200:1600] = face  # her square ~160 px of the scene's 1152
+    portrait = tiny_pipeline.prepare_portrait(scene)
+    framed_frames = tiny_pipeline.full_frame(portrait, 512)
+    whole = tiny_pipeline.full_frame(portrait, 512, framing=0)
+    assert whole.size == (512, 288) and framed_frames.size[0] == 512 and abs(framed_frames.size[1] - 288) <= 2
+    fx, fy, fw, fh = framed_frames.face_box
+    wx, wy, ww, wh = whole.face_box
+    assert abs(fh - 288 / 3) <= 2 and abs(fw / ww - 1280 / (3 * portrait.box[2] * 16 / 9)) < 0.05, (fw, ww)
+    assert abs(fx + fw / 2 - 256) <= 2  # centred across
+    top = framed_frames.canvas[0, :, 2].astype(int), whole.canvas[0, :, 2].astype(int)  # the scene, above her
+    centre = (portrait.box[0] + portrait.box[2] / 2) / portrait.photo.shape[1] * 255  # the gradient above her face
+    assert np.ptp(top[0]) < 0.5 * np.ptp(top[1]) and abs(top[0].mean() - centre) < 8, (top[0].mean(), centre)

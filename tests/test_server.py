@@ -398,6 +398,9 @@ def test_session_creation_errors_are_clear_json(tiny_pipeline, astronaut_png):
                 ({"avatar_id": "default", "steps": "7"}, 422, "steps"),
                 ({"avatar_id": "default", "full_frame": "2000"}, 422, "`full_frame` must be an integer 0..720"),
                 ({"avatar_id": "default", "full_frame": "8"}, 422, "longest side must be 16.."),
+                ({"avatar_id": "default", "full_frame": "64", "framing": "1"}, 422, "`framing` must be 0 (the whole "
+                                                                                    "photo) or 2..20"),
+                ({"avatar_id": "default", "full_frame": "64", "framing": "wide"}, 422, "`framing` must be 0"),
             ]
             for fields, status, words in cases:
                 got, body = await post_form(fields)

@@ -38,9 +38,10 @@ export async function listAvatars(apiKey = null) {
   return (await resp.json()).avatars;
 }
 
-// fullFrame: the video is the whole photo, its longest side at most this many px (the face pasted back in).
+// fullFrame: the video is the whole photo, its longest side at most this many px (the face pasted back in);
+// framing: a small face is shown with at most this many sides of its square on the shorter side (0: the whole photo).
 export async function createSession({
-  apiKey = null, avatarId = "default", file = null, seed = null, fullFrame = null,
+  apiKey = null, avatarId = "default", file = null, seed = null, fullFrame = null, framing = null,
 } = {}) {
   let resp;
   if (file) {
@@ -48,11 +49,13 @@ export async function createSession({
     form.append("portrait", file, file.name || "portrait");
     if (seed !== null) form.append("seed", String(seed));
     if (fullFrame !== null) form.append("full_frame", String(fullFrame));
+    if (framing !== null) form.append("framing", String(framing));
     resp = await fetch("/v1/sessions", { method: "POST", body: form, headers: authHeaders(apiKey) });
   } else {
     const body = { avatar_id: avatarId };
     if (seed !== null) body.seed = seed;
     if (fullFrame !== null) body.full_frame = fullFrame;
+    if (framing !== null) body.framing = framing;
     resp = await fetch("/v1/sessions", {
       method: "POST",
       body: JSON.stringify(body),

@@ -67,7 +67,7 @@ import torch
 
 from ..diffusion import guidance_rows
 from ..errors import InputError, LetsTalkError
-from ..framing import FullFrame
+from ..framing import FRAMING, FullFrame
 from ..media import TempoStretcher
 from ..pipeline import (DECODE_CHUNK, GRAPH_BUCKETS, AudioTokenizer, LetsTalkPipeline, Portrait, StreamState,
                         encode_features)
@@ -1358,12 +1358,12 @@ class StreamEngine:
     # -- sessions
 
     async def open_session(self, portrait: np.ndarray | Portrait, seed: int = 0, detect_face: bool = True,
-                           session_id: str | None = None, full_frame: int = 0) -> Session:
+                           session_id: str | None = None, full_frame: int = 0, framing: float = FRAMING) -> Session:
         """Admit (or refuse at once with CapacityError), prepare the portrait, start generating.
 
         `full_frame` N > 0: the session's frames are the whole portrait photo, its longest side at most N px, with
-        each animated face pasted back in (`framing.FullFrame`, 2-3 ms a frame in the decoding thread); 0: the face
-        crop at the model's size."""
+        each animated face pasted back in (`framing.FullFrame`, 2-3 ms a frame in the decoding thread), showing at most
+        `framing` sides of the face's square around it on their shorter side (0: the whole photo); 0: the face crop at the model's size."""
         if self._thread is None:
             raise LetsTalkError("call `await engine.start()` before opening sessions")
         if len(self.sessions) + self._reserved >= self.config.max_sessions:
@@ -1376,7 +1376,8 @@ class StreamEngine:
             # Off the loop too: on a GPU the stream's copy of the portrait latent waits for the window the worker is
             # running, and the loop would stall that long, every other session's paced frames with it.
             stream = await run_off_loop(self.pipeline.new_stream, portrait, seed)
-            paste = await run_off_loop(self.pipeline.full_frame, portrait, full_frame) if full_frame else None
+            paste = (await run_off_loop(self.pipeline.full_frame, portrait, full_frame, framing)
+                     if full_frame else None)
             if self._thread is None or self._stopping:  # stop() ran while the portrait was being prepared
                 raise LetsTalkError("the engine stopped while the session was opening")
             session = Session(self, portrait, seed, session_id, stream, paste)
