@@ -673,7 +673,8 @@ class LetsTalkPipeline:
     def full_frame(self, portrait: Portrait, max_side: int = FULL_FRAME_SIDE, framing: float = FRAMING) -> FullFrame:
         """One stream's paster of `portrait`'s animated crops back into its photo, frames at most `max_side` px, with
         the photo's detail back where the face keeps still (gated as the model's detail transfer is). The frames show
-        at most `framing` sides of the face's square around it on their shorter side (`framing.framed`; 0: the whole photo)."""
+        at most `framing` sides of the face's square around it on their shorter side (`framing.framed`; 0: the whole
+        photo)."""
         if portrait.photo is None or portrait.box is None:
             raise InputError("this portrait was prepared without its photo; prepare it from the photo for full frames")
         sampling = self.config.sampling
@@ -965,8 +966,8 @@ def generate_video(
     """Animate `portrait` (an image file, or (H, W, 3) uint8 RGB) with `audio` (a file PyAV reads, or 16 kHz mono
     float32 samples) and write an H.264 + AAC mp4 to `out` (atomically). `name`: the portrait in messages.
     `full_frame` N > 0: the whole photo talks, its longest side at most N px (`framing.FullFrame`), showing at most
-    `framing` sides of the face's square around it on its shorter side (0: the whole photo however small the face); 0: the face crop
-    at the model's size.
+    `framing` sides of the face's square around it on its shorter side (0: the whole photo however small the face);
+    0: the face crop at the model's size.
 
     Every input is checked before the model runs; on any error nothing is left at `out`.
     """

@@ -709,7 +709,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the TURN server's shared secret (coturn: use-auth-secret, static-auth-secret): each "
                              "session gets credentials of its own that expire (default: env LETSTALK_TURN_SECRET)")
     parser.add_argument("--turn-ttl", type=float, default=d.turn_ttl_s, metavar="S",
-                        help=f"how long a session's TURN credentials from --turn-secret hold (default {d.turn_ttl_s:g})")
+                        help=f"how long a session's TURN credentials from --turn-secret hold (default "
+                             f"{d.turn_ttl_s:g})")
     parser.add_argument("--turn-username", default=None, help="a fixed TURN username, for every session")
     parser.add_argument("--turn-credential", default=None,
                         help="the fixed TURN username's password (default: env LETSTALK_TURN_CREDENTIAL)")
@@ -749,8 +750,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         host=args.host, port=args.port, api_key=api_key,
         token_secret=args.token_secret or os.environ.get("LETSTALK_TOKEN_SECRET") or None,
         idle_timeout_s=args.idle_timeout, max_upload_mb=args.max_upload_mb, upload_timeout_s=args.upload_timeout,
-        ice_servers=list(args.ice_server), turn_secret=args.turn_secret or os.environ.get("LETSTALK_TURN_SECRET") or None,
-        turn_ttl_s=args.turn_ttl, turn_username=args.turn_username,
+        ice_servers=list(args.ice_server), turn_ttl_s=args.turn_ttl, turn_username=args.turn_username,
+        turn_secret=args.turn_secret or os.environ.get("LETSTALK_TURN_SECRET") or None,
         turn_credential=args.turn_credential or os.environ.get("LETSTALK_TURN_CREDENTIAL") or None,
         max_full_frame=args.max_full_frame,
         detect_face=not args.no_face_detect, stop_engine_on_cleanup=True,

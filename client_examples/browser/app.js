@@ -5,7 +5,8 @@
 //
 //   const info = await createSession({ avatarId: "default" });          // or { file: aFileObject }, fullFrame: 512
 //   const conn = new AvatarConnection(info, { onEvent: (e) => console.log(e) });
-//   await conn.start({ audioStream });                                   // a MediaStream with one audio track, or null; relay: true: TURN only
+//   await conn.start({ audioStream });                                   // a MediaStream with one audio track, or null
+//                                                                        // (relay: true: only through the TURN server)
 //   videoElement.srcObject = conn.stream;
 //   await conn.connected();                                              // media flows from here on
 //   conn.interrupt(); conn.endSpeech(); await conn.close();

@@ -1363,7 +1363,8 @@ class StreamEngine:
 
         `full_frame` N > 0: the session's frames are the whole portrait photo, its longest side at most N px, with
         each animated face pasted back in (`framing.FullFrame`, 2-3 ms a frame in the decoding thread), showing at most
-        `framing` sides of the face's square around it on their shorter side (0: the whole photo); 0: the face crop at the model's size."""
+        `framing` sides of the face's square around it on their shorter side (0: the whole photo); 0: the face crop at
+        the model's size."""
         if self._thread is None:
             raise LetsTalkError("call `await engine.start()` before opening sessions")
         if len(self.sessions) + self._reserved >= self.config.max_sessions:
