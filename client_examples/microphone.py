@@ -75,9 +75,10 @@ async def show(session, args: argparse.Namespace) -> None:
 async def run(args: argparse.Namespace) -> None:
     fmt, device = MIC_DEFAULTS.get(platform.system(), ("pulse", "default"))
     mic = open_microphone(args.mic_format or fmt, args.mic_device or device)
-    async with AvatarClient(args.server, api_key=args.api_key) as client:
-        session = await client.start_session(portrait=args.portrait, full_frame=args.full_frame) if args.portrait \
-            else await client.start_session(avatar_id=args.avatar, full_frame=args.full_frame)
+    async with AvatarClient(args.server, api_key=args.api_key, relay_only=args.relay) as client:
+        shape = {"full_frame": args.full_frame, "framing": args.framing}
+        session = await client.start_session(portrait=args.portrait, **shape) if args.portrait \
+            else await client.start_session(avatar_id=args.avatar, **shape)
         session.on("speech_started", lambda ev: print("\n[avatar talking]"))
         session.on("error", lambda ev: print(f"\nserver: {ev['message']}", file=sys.stderr))
         await session.connect(audio_track=mic.audio)
@@ -96,6 +97,10 @@ def main() -> int:
     p.add_argument("--portrait", type=Path, default=None)
     p.add_argument("--full-frame", type=int, default=None, metavar="PX",
                    help="the whole photo talks, fit to PX (e.g. 512); default: the face crop")
+    p.add_argument("--framing", type=float, default=None, metavar="K",
+                   help="with --full-frame: a small face is shown with at most K sides of its square on the frames' "
+                        "shorter side (the server's default 3); 0: the whole photo")
+    p.add_argument("--relay", action="store_true", help="connect only through the server's TURN relay")
     p.add_argument("--mic-format", default=None, help="FFmpeg input format: pulse, alsa, avfoundation, dshow")
     p.add_argument("--mic-device", default=None, help="FFmpeg input device, e.g. default, hw:0, :0")
     p.add_argument("--cam-size", type=int, default=512, help="virtual camera size in pixels (upscaled)")

@@ -99,9 +99,10 @@ async def speak(args: argparse.Namespace) -> None:
 
 async def _stream(args: argparse.Namespace, speech: np.ndarray, recorder: Recorder) -> None:
     seconds = len(speech) / 16000
-    async with AvatarClient(args.server, api_key=args.api_key) as client:
-        session = await client.start_session(portrait=args.portrait, full_frame=args.full_frame) if args.portrait \
-            else await client.start_session(avatar_id=args.avatar, full_frame=args.full_frame)
+    async with AvatarClient(args.server, api_key=args.api_key, relay_only=args.relay) as client:
+        shape = {"full_frame": args.full_frame, "framing": args.framing}
+        session = await client.start_session(portrait=args.portrait, **shape) if args.portrait \
+            else await client.start_session(avatar_id=args.avatar, **shape)
         session.on("speech_started", lambda ev: print(f"  avatar started talking (frame {ev['frame']})"))
         session.on("speech_stopped", lambda ev: print(f"  avatar stopped talking (frame {ev['frame']})"))
         session.on("error", lambda ev: print(f"  server: {ev['message']}", file=sys.stderr))
@@ -147,6 +148,10 @@ def main() -> int:
     p.add_argument("--avatar", default="default", help="a preloaded avatar id (GET /v1/avatars)")
     p.add_argument("--full-frame", type=int, default=None, metavar="PX",
                    help="the whole photo talks, fit to PX (e.g. 512); default: the face crop")
+    p.add_argument("--framing", type=float, default=None, metavar="K",
+                   help="with --full-frame: a small face is shown with at most K sides of its square on the frames' "
+                        "shorter side (the server's default 3); 0: the whole photo")
+    p.add_argument("--relay", action="store_true", help="connect only through the server's TURN relay")
     p.add_argument("--tail", type=float, default=1.5, help="seconds recorded after the speech ends")
     args = p.parse_args()
     try:

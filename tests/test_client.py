@@ -422,7 +422,7 @@ def _speak_args(url, audio, out, full_frame=None):
     import argparse
 
     return argparse.Namespace(audio=audio, out=out, server=url, api_key=None, portrait=None, avatar="default",
-                              tail=0.6, full_frame=full_frame)
+                              tail=0.6, full_frame=full_frame, framing=None, relay=False)
 
 
 def test_speak_file_example_records_the_reply_and_leaves_nothing_when_the_server_drops_it(tiny_pipeline,
