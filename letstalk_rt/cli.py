@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import MAX_NOISE_DRAWS, PRESETS_MODEL, check_box, check_noise_draws
-from .errors import LetsTalkError
+from .errors import InputError, LetsTalkError
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -178,16 +178,12 @@ def _add_full_frame_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _framing(text: str) -> float:
-    from .framing import FRAMING_RANGE
+    from .framing import check_framing
 
-    lo, hi = FRAMING_RANGE
     try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not (value == 0 or lo <= value <= hi):
-        raise argparse.ArgumentTypeError(f"expected 0 (the whole photo) or {lo:g}..{hi:g}, got {text!r}")
-    return value
+        return check_framing(text, "--framing")
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _add_framing_arg(p: argparse.ArgumentParser) -> None:

@@ -25,6 +25,7 @@ the rest of the photo is copied as it is (docs/benchmarks.md, "Full frames").
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,16 +57,27 @@ def even_size(width: float, height: float, max_side: int) -> tuple[int, int]:
     return max(2, int(width * scale) // 2 * 2), max(2, int(height * scale) // 2 * 2)
 
 
+def check_framing(value: object, name: str = "framing") -> float:
+    """`value` (a number, or its text) as a `framing`: 0 or within FRAMING_RANGE, else InputError saying so (of
+    `name`, as the caller's user knows it)."""
+    lo, hi = FRAMING_RANGE
+    try:
+        number = math.nan if isinstance(value, bool) else float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = math.nan
+    if not (number == 0 or lo <= number <= hi):
+        raise InputError(f"{name} must be 0 (the whole photo) or {lo:g}..{hi:g} (sides of the face's square on the "
+                         f"frames' shorter side), got {str(value)[:40]!r}")
+    return number
+
+
 def framed(photo: np.ndarray, box: tuple[int, int, int], framing: float = FRAMING
            ) -> tuple[np.ndarray, tuple[int, int, int]]:
     """What full frames show of `photo` (H, W, 3), and the face's square `box` (x0, y0, side) in it: the whole photo
     when its shorter side is at most `framing` sides of the square (or `framing` is 0); else a cut of the photo's
     own shape whose shorter side is `framing` sides of the square, centred on it across and holding its centre
     `FACE_HEIGHT` of the way down (moved inside the photo where the face is near an edge)."""
-    lo, hi = FRAMING_RANGE
-    if framing and not lo <= framing <= hi:
-        raise InputError(f"full frame: framing must be 0 (the whole photo) or {lo:g}..{hi:g} sides of the face's "
-                         f"square, got {framing:g}")
+    check_framing(framing)
     H, W = photo.shape[:2]
     x0, y0, side = box
     scale = framing * side / min(W, H)

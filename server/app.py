@@ -23,7 +23,6 @@ import io
 import ipaddress
 import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -40,7 +39,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from letstalk_rt.cli import (add_device_args, add_live_args, add_sampling_args, check_live_args, check_sampling_args,
                              live_config, pipeline_kwargs, resolve_device)
 from letstalk_rt.errors import InputError, LetsTalkError, NoFaceError
-from letstalk_rt.framing import FRAMING, FRAMING_RANGE, MAX_PHOTO_SIDE
+from letstalk_rt.framing import FRAMING, MAX_PHOTO_SIDE, check_framing
 from letstalk_rt.media import upright_image
 from letstalk_rt.stream import CapacityError, run_off_loop
 
@@ -338,15 +337,10 @@ def _framing_field(fields: dict) -> float:
     value = fields.get("framing")
     if value is None or value == "":
         return FRAMING
-    lo, hi = FRAMING_RANGE
     try:
-        number = float(value) if not isinstance(value, bool) else math.nan
-    except (TypeError, ValueError):
-        number = math.nan
-    if not (number == 0 or lo <= number <= hi):
-        raise api_error(422, f"`framing` must be 0 (the whole photo) or {lo:g}..{hi:g} (sides of the face's square on "
-                             f"the frames' shorter side), got {str(value)[:40]!r}")
-    return number
+        return check_framing(value, "`framing`")
+    except InputError as e:
+        raise api_error(422, str(e)) from None
 
 
 async def create_session(request: web.Request) -> web.Response:

@@ -59,7 +59,7 @@ def test_generate_full_frame_writes_the_whole_photo(capsys, tmp_path, tiny_model
     with pytest.raises(SystemExit) as exit_info:
         _run(capsys, "generate", "--portrait", astronaut_png, "--audio", audio, "--out", tmp_path / "x.mp4",
              "--full-frame", "--framing", "1")
-    assert exit_info.value.code == 2 and "expected 0 (the whole photo) or 2..20" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--framing must be 0 (the whole photo) or 2..20" in capsys.readouterr().err
     assert not (tmp_path / "x.mp4").exists()
 
 
