@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fractions
+import logging
 from collections.abc import Iterable, Mapping
 
 import av
@@ -11,6 +12,8 @@ from aiortc import MediaStreamTrack, RTCConfiguration, RTCIceServer, RTCIceTrans
 from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.mediastreams import MediaStreamError
 from aiortc.rtcicetransport import parse_stun_turn_uri
+
+log = logging.getLogger(__name__)
 
 JITTER_BUFFER = "_RTCRtpReceiver__jitter_buffer"  # aiortc's receiver keeps it in a private field
 OPUS_RATE = 48000  # what aiortc's Opus encoder encodes (stereo s16, 960 samples per 20 ms packet)
@@ -187,15 +190,17 @@ def answer_checks_at_once(pc: RTCPeerConnection) -> bool:
     through a TURN server, that lets nothing in until the peer has sent out: each such connection took ~0.5 s longer
     (measured through coturn: ICE done on the peer's side in ~20 ms, on this side ~500 ms later). Call it once
     the peer connection has its ICE transports (after setting the remote offer, or the local one) and before the
-    checks start; a version of aiortc or aioice whose internals differ is left as it is (False)."""
+    checks start; a version of aiortc or aioice whose internals differ is left as it is (False, and logged)."""
     from aioice.ice import CandidatePair
 
     patched = False
     for transport in {t.receiver.transport for t in pc.getTransceivers() if t.receiver.transport is not None}:
         connection = getattr(getattr(transport, "transport", None), "_connection", None)
         original = getattr(connection, "check_incoming", None)
-        if original is None or getattr(original, "_answers_at_once", False) or not hasattr(connection, "_check_list"):
-            patched = patched or getattr(original, "_answers_at_once", False)
+        if getattr(original, "_answers_at_once", False):
+            patched = True
+            continue
+        if original is None or not hasattr(connection, "_check_list"):
             continue
 
         def check_incoming(message, addr, protocol, connection=connection, original=original) -> None:
@@ -211,4 +216,6 @@ def answer_checks_at_once(pc: RTCPeerConnection) -> bool:
         check_incoming._answers_at_once = True
         connection.check_incoming = check_incoming
         patched = True
+    if not patched:
+        log.info("this aioice retries ICE checks only on its timeout (~0.5 s more to connect through a NAT or relay)")
     return patched

@@ -71,6 +71,7 @@ MAX_CONTROL_MESSAGE = 4096  # JSON control messages are tiny
 MAX_FORM_FIELD = 1024  # non-file multipart fields (seed, steps, avatar_id, full_frame, framing)
 MAX_FORM_PARTS = 8
 SESSION_FIELDS = ("portrait", "avatar_id", "seed", "steps", "full_frame", "framing")
+FIELDS_NAMED = ", ".join(f for f in SESSION_FIELDS if f != "portrait")  # what the errors list as expected
 UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP")  # what the docs promise; Pillow's other decoders are never reached
 
 
@@ -292,8 +293,8 @@ async def _read_session_request(request: web.Request) -> dict[str, Any]:
         pairs = urllib.parse.parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
         for name, value in pairs:
             if name not in SESSION_FIELDS or name == "portrait":
-                raise api_error(422, f"unknown field {name[:40]!r}; expected avatar_id, seed, steps, full_frame, "
-                                     "framing (upload a portrait as multipart/form-data)")
+                raise api_error(422, f"unknown field {name[:40]!r}; expected {FIELDS_NAMED} (upload a portrait as "
+                                     "multipart/form-data)")
             fields[name] = value
     elif ctype in ("application/json", "application/octet-stream") or not request.body_exists:
         body = await read_body(request, 64 * 1024) if request.body_exists else b"{}"
@@ -307,7 +308,7 @@ async def _read_session_request(request: web.Request) -> dict[str, Any]:
             raise api_error(422, "the JSON body must be an object like {\"avatar_id\": \"default\"}")
         unknown = sorted(set(data) - set(SESSION_FIELDS) - {"portrait"})
         if unknown:
-            raise api_error(422, f"unknown field(s) {unknown}; expected avatar_id, seed, steps, full_frame, framing")
+            raise api_error(422, f"unknown field(s) {unknown}; expected {FIELDS_NAMED}")
         if "portrait" in data:
             raise api_error(422, "send a portrait file as multipart/form-data (field `portrait`), not in JSON")
         fields.update(data)

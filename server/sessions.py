@@ -453,9 +453,7 @@ class ServerSession:
                 pc.addTrack(self.session.audio_track(opus=True))
             answer = await pc.createAnswer()
             self._check_open()
-            if not answer_checks_at_once(pc):
-                log.info("session %s: this aioice retries ICE checks only on its timeout (~0.5 s more to connect "
-                         "through a NAT or relay)", self.id)
+            answer_checks_at_once(pc)
             await pc.setLocalDescription(answer)
             self._check_open()
             missing = relay_missing(self.ice_servers, pc.localDescription.sdp)
