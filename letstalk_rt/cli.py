@@ -217,14 +217,32 @@ def _load_pipeline(args: argparse.Namespace):
     return pipe
 
 
-def _generate(args: argparse.Namespace, portrait: Path, audio: Path, out: Path) -> None:
+def _add_speech_args(p: argparse.ArgumentParser) -> None:
+    from .tts import DEFAULT_VOICE, PITCH_RANGE, RATE_RANGE
+
+    p.add_argument("--voice", default=DEFAULT_VOICE, help=f"with --text: an espeak-ng voice (`espeak-ng --voices`), "
+                   f"optionally with a variant (`espeak-ng --voices=variant`) after '+', e.g. fr, en-us+f3 (default "
+                   f"{DEFAULT_VOICE})")
+    p.add_argument("--rate", type=int, default=175, help=f"with --text: words per minute, {RATE_RANGE[0]}..{RATE_RANGE[1]} "
+                   "(default 175)")
+    p.add_argument("--pitch", type=int, default=50, help=f"with --text: {PITCH_RANGE[0]}..{PITCH_RANGE[1]} (default 50)")
+
+
+def _speech(args: argparse.Namespace):
+    """--text's voice, rate and pitch, checked (InputError names what to give)."""
+    from .tts import Speech
+
+    return Speech(args.voice, args.rate, args.pitch)
+
+
+def _generate(args: argparse.Namespace, portrait: Path, audio: Path | None, out: Path) -> None:
     from .media import check_video_path, load_audio, load_image
     from .pipeline import generate_video
 
     # Check the cheap things first, so a typo does not wait for the model to load. Each input is read once
     # (a pipe such as <(ffmpeg ...) can be read only once).
     image = load_image(portrait)
-    wav = load_audio(audio)
+    wav = load_audio(audio) if audio is not None else _speech(args).speak(args.text)
     check_video_path(out, "--out")
     pipe = _load_pipeline(args)
     start = time.perf_counter()
@@ -246,15 +264,33 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     check_live_args(args)
     check_video_path(args.out, "--out")
+    voice = None
+    if args.text is not None:  # checked before the model loads
+        from .tts import check_text
+
+        check_text(args.text)
+        voice = _speech(args)
     image = load_image(ASSETS / "portrait.png")
     pipe = _load_pipeline(args)
-    asyncio.run(_demo(pipe, image, ASSETS / DEMO_SPEECH, args))
+    asyncio.run(_demo(pipe, image, ASSETS / DEMO_SPEECH, args, voice))
 
 
 DEMO_SPEECH = "speech.ogg"
 
 
-async def _demo(pipe, image, speech: Path, args: argparse.Namespace) -> None:
+async def _first_word(session) -> float | None:
+    """Seconds from now until `session` shows its first frame of speech (None: it closed first)."""
+    from .stream.events import SpeechStarted
+
+    start = time.time()
+    async for event in session.events():
+        if isinstance(event, SpeechStarted):
+            return event.time - start
+    return None
+
+
+async def _demo(pipe, image, speech: Path, args: argparse.Namespace, voice=None) -> None:
+    """`speech` played in real time, or with `voice` (a tts.Speech) `args.text` said as the server's `say` does."""
     import math
 
     import numpy as np
@@ -262,8 +298,7 @@ async def _demo(pipe, image, speech: Path, args: argparse.Namespace) -> None:
     from .media import VideoWriter
     from .stream import EngineConfig, FileSource, StreamEngine
 
-    source = FileSource(speech, realtime=True)
-    ticks = math.ceil((source.seconds + 1.0) * pipe.fps)  # the speech and one second of rest after it
+    source = FileSource(speech, realtime=True) if args.text is None else None
     config = EngineConfig(max_sessions=1, max_batch=1, **live_config(args))
     async with StreamEngine(pipe, config) as engine:
         if args.max_steps:
@@ -271,11 +306,22 @@ async def _demo(pipe, image, speech: Path, args: argparse.Namespace) -> None:
                   file=sys.stderr)
         session = await engine.open_session(image, seed=args.seed, detect_face=not args.no_face_detect,
                                             full_frame=args.full_frame, framing=args.framing)
-        feeder = asyncio.create_task(source.run(session))
+        if source is not None:
+            feeder = asyncio.create_task(source.run(session))
+            print(f"streaming {source.seconds:.1f} s of speech in real time through the engine ...", file=sys.stderr)
+        else:
+            first_word = asyncio.create_task(_first_word(session))
+            feeder = session.say(args.text, voice)
+            print(f"speaking {args.text[:40]!r}{'...' if len(args.text) > 40 else ''} ({voice.voice}) through "
+                  "the engine ...", file=sys.stderr)
         video, audio = session.video_track(), session.audio_track()
-        print(f"streaming {source.seconds:.1f} s of speech in real time through the engine ...", file=sys.stderr)
+        # the speech and one second of rest after it (said text: once its length is known)
+        ticks = math.ceil((source.seconds + 1.0) * pipe.fps) if source is not None else None
         with VideoWriter(args.out, session.frame_size, fps=pipe.fps) as writer:
-            for i in range(ticks):
+            i = 0
+            while ticks is None or i < ticks:
+                if ticks is None and feeder.done():
+                    ticks = math.ceil((feeder.result() + 1.0) * pipe.fps)
                 frame = await video.recv()
                 writer.write_frame(frame.to_ndarray(format="rgb24"))
                 for _ in range(2):  # this frame's two 20 ms packets
@@ -283,14 +329,23 @@ async def _demo(pipe, image, speech: Path, args: argparse.Namespace) -> None:
                     writer.write_audio(packet.to_ndarray()[0].astype(np.float32) / 32768.0)
                 if not args.quiet and i % pipe.fps == 0:
                     print(f"\r  {i / pipe.fps:5.1f} s streamed", end="", file=sys.stderr, flush=True)
+                i += 1
         await feeder
         stats = session.stats()
     if not args.quiet:
         print(file=sys.stderr)
     print(f"wrote {args.out} ({ticks} frames recorded from the WebRTC tracks)")
-    print(f"time to first frame {stats['first_frame_s'] * 1000:.0f} ms; speech-to-screen latency "
-          f"p50 {stats['latency_ms_p50'] or 0:.0f} ms, p95 {stats['latency_ms_p95'] or 0:.0f} ms; "
-          f"held (late) frames {stats['fillers']}; dropped {sum(stats['dropped'].values()) - stats['dropped'].get('late', 0)}")
+    if source is None:
+        # Said text is queued a sentence at a time, ahead of its frames: their latency would count that wait, so the
+        # figure here is how long the first word took to show.
+        said_at = first_word.result() if first_word.done() else None
+        latency = "time to first word (say() to its first frame on screen) " + (
+            f"{said_at * 1000:.0f} ms" if said_at is not None else "never: no speech was shown")
+    else:
+        latency = (f"speech-to-screen latency p50 {stats['latency_ms_p50'] or 0:.0f} ms, "
+                   f"p95 {stats['latency_ms_p95'] or 0:.0f} ms")
+    print(f"time to first frame {stats['first_frame_s'] * 1000:.0f} ms; {latency}; held (late) frames "
+          f"{stats['fillers']}; dropped {sum(stats['dropped'].values()) - stats['dropped'].get('late', 0)}")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -542,8 +597,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="animate a portrait with speech into an mp4 file")
     p.add_argument("--portrait", type=Path, required=True, help="image with one front-facing face")
-    p.add_argument("--audio", type=Path, required=True, help="speech: wav, mp3, m4a, ogg, flac (any rate)")
+    said = p.add_mutually_exclusive_group(required=True)
+    said.add_argument("--audio", type=Path, help="speech: wav, mp3, m4a, ogg, flac (any rate)")
+    said.add_argument("--text", help="text to speak instead, with espeak-ng (--voice, --rate, --pitch)")
     p.add_argument("--out", type=Path, required=True, help="output .mp4 (written atomically)")
+    _add_speech_args(p)
     _add_full_frame_arg(p)
     _add_framing_arg(p)
     _add_model_args(p)
@@ -551,6 +609,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="stream the bundled speech through the live engine; record the tracks to mp4")
     p.add_argument("--out", type=Path, default=Path("letstalk_demo.mp4"), help="output .mp4")
+    p.add_argument("--text", default=None, help="speak this text (espeak-ng, a sentence at a time, as the server's "
+                   "`say` does) instead of the bundled speech")
+    _add_speech_args(p)
     _add_full_frame_arg(p)
     _add_framing_arg(p)
     _add_model_args(p)

@@ -237,8 +237,8 @@ class AvatarSession:
         self._video = _Buffer(50)  # 2 s at 25 fps
         self._audio = _Buffer(100)  # 2 s of 20 ms packets
         self._tasks: set[asyncio.Task] = set()
-        self._pongs: dict[int, asyncio.Future] = {}
-        self._ping_id = 0
+        self._replies: dict[int, asyncio.Future] = {}  # control messages awaiting their answer (ping, say), by id
+        self._request_id = 0
         self._connected = asyncio.Event()
         self._failed: str | None = None
         self.closed = False
@@ -449,10 +449,10 @@ class AvatarSession:
         current = self._ws is ws
         if current:
             self._ws = None
-        for future in self._pongs.values():
+        for future in self._replies.values():
             if not future.done():
                 future.set_exception(AvatarClientError(f"websocket closed by the server ({self._ws_close})"))
-        self._pongs.clear()
+        self._replies.clear()
         if current and not self.closed:
             # Ended without a `closed` event (replaced by a newer websocket, a protocol error, the server
             # gone, the network down): no event will ever come, so end events() with why, not a hang.
@@ -461,10 +461,13 @@ class AvatarSession:
 
     def _dispatch(self, event: dict) -> None:
         kind = event.get("type")
+        future = self._replies.get(event.get("id")) if kind in ("pong", "say", "error") else None  # type: ignore
+        if future is not None and not future.done():
+            if kind == "error":
+                future.set_exception(AvatarClientError(f"session {self.id}: {event.get('message')}"))
+            else:
+                future.set_result((time.monotonic(), event))
         if kind == "pong":
-            future = self._pongs.get(event.get("id"))  # type: ignore[arg-type]
-            if future is not None and not future.done():
-                future.set_result(time.monotonic())
             return
         if kind == "ready":
             self._format = (event.get("sample_rate", 16000), event.get("channels", 1))
@@ -494,7 +497,7 @@ class AvatarSession:
                                     f"closed by the server: {self._ws_close or 'unknown'}") from None
 
     async def _control(self, message: dict) -> None:
-        await self._send(lambda ws: ws.send_str(json.dumps(message)))
+        await self._send(lambda ws: ws.send_str(json.dumps(message, ensure_ascii=False)))
 
     async def send_audio(self, pcm: bytes | bytearray | memoryview | np.ndarray, sample_rate: int = 16000,
                          channels: int | None = None) -> None:
@@ -534,17 +537,37 @@ class AvatarSession:
         """Drop queued speech and unshown frames (barge-in); the avatar goes on from the frame on screen."""
         await self._control({"type": "interrupt"})
 
+    async def _request(self, message: dict, timeout: float) -> tuple[float, dict]:
+        """Send a control message with a fresh id; (monotonic time, answer) once the server answers it."""
+        self._request_id += 1
+        rid = self._request_id
+        future = asyncio.get_running_loop().create_future()
+        self._replies[rid] = future
+        try:
+            await self._control({**message, "id": rid})
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self._replies.pop(rid, None)
+
     async def ping(self, timeout: float = 5.0) -> float:
         """Keep-alive; returns the websocket round trip in seconds."""
-        self._ping_id += 1
-        pid, start = self._ping_id, time.monotonic()
-        future = asyncio.get_running_loop().create_future()
-        self._pongs[pid] = future
-        await self._control({"type": "ping", "id": pid})
-        try:
-            return await asyncio.wait_for(future, timeout) - start
-        finally:
-            self._pongs.pop(pid, None)
+        start = time.monotonic()
+        answered, _ = await self._request({"type": "ping"}, timeout)
+        return answered - start
+
+    async def say(self, text: str, voice: str | None = None, rate: int | None = None, pitch: int | None = None,
+                  timeout: float = 10.0) -> dict:
+        """Have the avatar speak `text` with the server's text to speech (espeak-ng; `voice`: a language code from
+        `client.voices()`, e.g. "en-us", "fr", "en-us+f3"; `rate` 80..450 words a minute; `pitch` 0..99).
+
+        Spoken after any text said before, a sentence at a time; `interrupt()` drops what is not yet spoken. Returns
+        the server's acceptance ({"sentences", "voice"}) once it has checked the request; raises AvatarClientError
+        saying what is wrong (unknown voice, empty or over-long text, no espeak-ng on the server). A synthesis that
+        fails later comes as an `error` event with code "tts"."""
+        options = {"voice": voice, "rate": rate, "pitch": pitch}
+        _, answer = await self._request({"type": "say", "text": text,
+                                         **{k: v for k, v in options.items() if v is not None}}, timeout)
+        return answer
 
     def on(self, event_type: str, callback: Callable[[dict], Any] | None = None):
         """Call `callback(event)` for each event of `event_type` ("*" for all); usable as a decorator.
@@ -722,6 +745,12 @@ class AvatarClient:
         async with self._require_http().get(self._url("/v1/avatars"), headers=self._auth()) as resp:
             await _raise_for_status(resp)
             return (await resp.json())["avatars"]
+
+    async def voices(self) -> list[dict]:
+        """The voices `AvatarSession.say` speaks with: [{"id": "en-us", "name": "English_(America)"}, ...]."""
+        async with self._require_http().get(self._url("/v1/voices"), headers=self._auth()) as resp:
+            await _raise_for_status(resp)
+            return (await resp.json())["voices"]
 
     async def start_session(self, portrait: str | Path | bytes | None = None, *, avatar_id: str | None = None,
                             seed: int | None = None, steps: int | None = None,

@@ -27,6 +27,7 @@ PyAV facts this module relies on (PyAV 18 / FFmpeg 8):
 from __future__ import annotations
 
 import functools
+import io
 import itertools
 import os
 from collections.abc import Callable, Iterator
@@ -170,12 +171,20 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """
     path = Path(path)
     _check_readable(path, "audio", AUDIO_HINT)
+    return _decode_audio(str(path), f"audio file '{path}'", sample_rate)
+
+
+def decode_audio(data: bytes, what: str, sample_rate: int = SAMPLE_RATE, format: str | None = None) -> np.ndarray:
+    """`load_audio` of media held in memory (`what` names it in errors, e.g. "espeak-ng's output")."""
+    return _decode_audio(io.BytesIO(data), what, sample_rate, format)
+
+
+def _decode_audio(source: str | io.BytesIO, what: str, sample_rate: int, format: str | None = None) -> np.ndarray:
     try:
-        with av.open(str(path)) as container:
+        with av.open(source, format=format) as container:
             if not container.streams.audio:
                 kinds = sorted({s.type for s in container.streams}) or ["nothing"]
-                raise InputError(f"audio file '{path}' has no audio stream (it holds {', '.join(kinds)}); "
-                                 f"{AUDIO_HINT}")
+                raise InputError(f"{what} has no audio stream (it holds {', '.join(kinds)}); {AUDIO_HINT}")
             stream = container.streams.audio[0]
             converter = _MonoConverter(sample_rate)
             chunks: list[np.ndarray] = []
@@ -186,12 +195,11 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     except LetsTalkError:
         raise
     except _AV_ERRORS as e:
-        raise InputError(f"audio file '{path}' could not be decoded: {_reason(e)}; {AUDIO_HINT}") from e
+        raise InputError(f"{what} could not be decoded: {_reason(e)}; {AUDIO_HINT}") from e
     audio = _concat(chunks)
     audio = audio[:_trim_to_declared(len(audio), declared, sample_rate)]
     if len(audio) == 0:
-        raise InputError(f"audio file '{path}' decodes to zero samples (it is empty); "
-                         f"give a file that contains speech")
+        raise InputError(f"{what} decodes to zero samples (it is empty); give a file that contains speech")
     audio = np.nan_to_num(audio, nan=0.0, posinf=1.0, neginf=-1.0)
     return np.clip(audio, -1.0, 1.0)  # (n,) float32
 

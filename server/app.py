@@ -3,7 +3,7 @@
     letstalk serve --model DIR --max-sessions 4 --api-key SECRET        # or: python -m server ...
 
     GET  /health                      liveness + occupancy           GET /metrics   Prometheus text
-    GET  /v1/avatars                  preloaded portraits
+    GET  /v1/avatars                  preloaded portraits            GET /v1/voices  text-to-speech voices
     POST /v1/sessions                 portrait upload or avatar id -> session id + token   (503 when full)
     POST /v1/sessions/{id}/offer      WHIP-style: SDP offer in, SDP answer out
     GET  /v1/sessions/{id}/ws         websocket: PCM16 + control in, events out
@@ -42,6 +42,7 @@ from letstalk_rt.errors import InputError, LetsTalkError, NoFaceError
 from letstalk_rt.framing import FRAMING, MAX_PHOTO_SIDE, check_framing
 from letstalk_rt.media import upright_image
 from letstalk_rt.stream import CapacityError, run_off_loop
+from letstalk_rt.tts import DEFAULT_VOICE, SpeechUnavailable, voices
 
 from .auth import TokenError, api_key_matches, bearer
 from .sessions import (
@@ -67,7 +68,7 @@ AVATARS = web.AppKey("avatars", dict)
 ENGINE = web.AppKey("engine", object)
 
 MAX_WS_MESSAGE = 512 * 1024  # transport cap (1 s of 96 kHz stereo PCM16 is 384 kB); the 1 s rule is checked per format
-MAX_CONTROL_MESSAGE = 4096  # JSON control messages are tiny
+MAX_CONTROL_MESSAGE = 32768  # JSON control messages are small; `say` text is at most 5000 characters
 MAX_FORM_FIELD = 1024  # non-file multipart fields (seed, steps, avatar_id, full_frame, framing)
 MAX_FORM_PARTS = 8
 SESSION_FIELDS = ("portrait", "avatar_id", "seed", "steps", "full_frame", "framing")
@@ -177,6 +178,16 @@ async def metrics(request: web.Request) -> web.Response:
 async def list_avatars(request: web.Request) -> web.Response:
     require_api_key(request)
     return web.json_response({"avatars": [{"id": a.id, "name": a.name} for a in request.app[AVATARS].values()]})
+
+
+async def list_voices(request: web.Request) -> web.Response:
+    """The voices the `say` message speaks with (this machine's espeak-ng); 503 saying how to install it if absent."""
+    require_api_key(request)
+    try:
+        listed = await asyncio.to_thread(voices)
+    except SpeechUnavailable as e:
+        raise api_error(503, str(e)) from None
+    return web.json_response({"engine": "espeak-ng", "default": DEFAULT_VOICE, "voices": listed})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -567,6 +578,8 @@ async def _on_control(ss: ServerSession, text: str) -> None:
             ss.session.end_speech()
         elif kind == "interrupt":
             ss.session.interrupt()
+        elif kind == "say":
+            await ss.say(message)
         elif kind == "audio_format":
             rate, channels = message.get("sample_rate", 16000), message.get("channels", 1)
             # ints only: 2.0 == 2 would pass `in (1, 2)` and later break the reshape of every message
@@ -579,7 +592,7 @@ async def _on_control(ss: ServerSession, text: str) -> None:
             await ss.send_json({"type": "audio_format", "sample_rate": rate, "channels": channels})
         else:
             await ss.error_event(f"unknown message type {kind[:40]!r}; expected audio_format, end_of_speech, "
-                                 "interrupt or ping", "bad_message")
+                                 "interrupt, say or ping", "bad_message")
     except LetsTalkError as e:  # SessionClosedError and friends
         await ss.error_event(str(e), "session")
 
@@ -653,6 +666,7 @@ def create_app(engine: StreamEngine, config: ServerConfig | None = None) -> web.
     r.add_get("/metrics", metrics)
     r.add_get("/openapi.yaml", openapi)
     r.add_get("/v1/avatars", list_avatars)
+    r.add_get("/v1/voices", list_voices)
     r.add_post("/v1/sessions", create_session)
     r.add_get("/v1/sessions/{session_id}", get_session)
     r.add_delete("/v1/sessions/{session_id}", delete_session)

@@ -38,7 +38,7 @@ from aiortc import (
 )
 from aiortc.mediastreams import MediaStreamError
 
-from letstalk_rt.errors import LetsTalkError
+from letstalk_rt.errors import InputError, LetsTalkError
 from letstalk_rt.rtc import (
     answer_checks_at_once,
     ice_configuration,
@@ -49,6 +49,7 @@ from letstalk_rt.rtc import (
 from letstalk_rt.stream import TrackSource
 from letstalk_rt.stream.engine import quantiles, resident_memory_bytes
 from letstalk_rt.stream.events import SessionClosed
+from letstalk_rt.tts import Speech, SpeechUnavailable, sentences
 
 from .auth import TokenSigner, turn_credentials
 
@@ -369,9 +370,10 @@ class ServerSession:
             log.info("session %s: websocket stopped reading; closing it", self.id)
             await self._close_ws(ws, 1008, "client does not read its events")
 
-    async def error_event(self, message: str, code: str = "error") -> None:
+    async def error_event(self, message: str, code: str = "error", request: Any = None) -> None:
+        """An `error` the client can fix; `request`: the id of the control message it answers, if it had one."""
         await self.send_json({"type": "error", "session_id": self.id, "code": code, "message": message,
-                              "time": time.time()})
+                              "time": time.time(), **({"id": request} if request is not None else {})})
 
     async def _pump_events(self) -> None:
         async for event in self.session.events():
@@ -399,6 +401,32 @@ class ServerSession:
         except LetsTalkError as e:  # AudioBufferFull, SessionClosedError, InputError
             return str(e)
         return None
+
+    # -- text to speech
+
+    async def say(self, message: dict) -> None:
+        """The `say` control message: {"text", optional "voice", "rate", "pitch", "id"}. Accepted: a `say` reply
+        (sentences, voice) at once; refused, or failed later while synthesising: an `error` with its id (code
+        bad_message, tts_unavailable or tts). It is spoken after any text said before; `interrupt` drops it."""
+        self.touch()
+        request = message.get("id")
+        try:
+            speech = Speech(**{k: message[k] for k in ("voice", "rate", "pitch") if k in message})
+            task = self.session.say(message.get("text"), speech)
+        except SpeechUnavailable as e:
+            await self.error_event(f"say: {e}", "tts_unavailable", request)
+            return
+        except InputError as e:
+            await self.error_event(f"say: {e}", "bad_message", request)
+            return
+        await self.send_json({"type": "say", "id": request, "sentences": len(sentences(message["text"])),
+                              "voice": speech.voice, "time": time.time()})
+        self.spawn(self._said(task, request), "said")
+
+    async def _said(self, task: asyncio.Task, request: Any) -> None:
+        await asyncio.wait([task])
+        if not task.cancelled() and task.exception() is not None:
+            await self.error_event(f"say: {task.exception()}", "tts", request)
 
     # -- WebRTC
 

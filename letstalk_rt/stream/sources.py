@@ -3,9 +3,10 @@
     source = FileSource("speech.wav")                  # a file played at real-time pace
     source = TrackSource(remote_audio_track)          # an aiortc track received from a peer
     source = MicrophoneSource()                       # the local microphone (pip install 'letstalk-rt[mic]')
+    source = TextSource("Hello!", Speech("en-us"))    # text spoken by espeak-ng, a sentence at a time
     await source.run(session)                         # push every chunk, then end_speech()
 
-An application that produces PCM itself (a TTS stream, a websocket) calls `session.push_audio` directly.
+An application that produces PCM itself (another TTS, a websocket) calls `session.push_audio` directly.
 Any rate and channel count is accepted; the session resamples to 16 kHz mono with PyAV.
 """
 
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import InputError
+from ..tts import Speech, check_text, sentences
 
 if TYPE_CHECKING:
     from .engine import Session
@@ -138,3 +140,25 @@ class MicrophoneSource(AudioSource):
                             device=self.device, callback=callback):
             while True:
                 yield await queue.get(), self.rate
+
+
+class TextSource(AudioSource):
+    """Text spoken by espeak-ng (`letstalk_rt.tts`), a sentence at a time: each is synthesised off the event loop while
+    the avatar speaks the ones before it, and pushed as fast as it is made (run() keeps at most the engine's
+    `max_pending_seconds` queued). The text and voice are checked here, before anything is spoken."""
+
+    paced = False
+
+    def __init__(self, text: str, speech: Speech | None = None, sample_rate: int = 16000) -> None:
+        self.pieces = sentences(check_text(text))
+        if not self.pieces:
+            raise InputError(f"text to speak has no words: {text[:60]!r}")
+        self.speech = speech or Speech()
+        self.rate = sample_rate
+        self.seconds = 0.0  # of speech made so far
+
+    async def chunks(self) -> AsyncIterator[tuple[np.ndarray, int]]:
+        for piece in self.pieces:
+            pcm = await asyncio.to_thread(self.speech.synthesize, piece, self.rate)
+            self.seconds += len(pcm) / self.rate
+            yield pcm, self.rate

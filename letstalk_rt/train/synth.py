@@ -33,10 +33,7 @@ import dataclasses
 import hashlib
 import json
 import math
-import shutil
-import subprocess
 import sys
-import tempfile
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
@@ -46,6 +43,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, LetsTalkError, OutputError
+from ..tts import Speech
+from ..tts import installed_languages as _installed_languages
+from ..tts import installed_variants as _installed_variants
 
 SAMPLE_RATE = 16000  # Hz, config.AudioConfig.sample_rate
 FPS = 25  # config.AudioConfig.fps
@@ -139,31 +139,6 @@ def make_sentence(language: str, num_words: int, rng: np.random.Generator) -> st
         out[k - 1] += ","
     end = "?" if rng.random() < 0.2 else ("!" if rng.random() < 0.1 else ".")
     return " ".join(out).capitalize() + end
-
-
-def _espeak_exe() -> str:
-    exe = shutil.which("espeak-ng")
-    if exe is None:
-        raise InputError("espeak-ng is not installed; install it (Debian/Ubuntu: apt-get install espeak-ng)")
-    return exe
-
-
-@lru_cache(maxsize=1)
-def _installed_languages() -> frozenset[str]:
-    """Language codes `espeak-ng --voices` lists on this machine."""
-    exe = _espeak_exe()
-    out = subprocess.run([exe, "--voices"], capture_output=True, text=True, check=False).stdout
-    langs = {line.split()[1] for line in out.splitlines()[1:] if len(line.split()) > 1}
-    return frozenset(langs)
-
-
-@lru_cache(maxsize=1)
-def _installed_variants() -> frozenset[str]:
-    """Voice variant names (`-v LANG+NAME`) `espeak-ng --voices=variant` lists on this machine: the file
-    column's `!v/NAME`."""
-    exe = _espeak_exe()
-    out = subprocess.run([exe, "--voices=variant"], capture_output=True, text=True, check=False).stdout
-    return frozenset(tok[3:] for line in out.splitlines()[1:] for tok in line.split()[:5] if tok.startswith("!v/"))
 
 
 def voice_pool() -> list[tuple[str, str]]:
@@ -345,25 +320,16 @@ def make_clip_specs(num_clips: int, seconds_range: tuple[float, float] = (3, 8),
 # ------------------------------------------------------------------------------------------------
 
 
-def espeak(text: str, voice: dict[str, Any], workdir: Path) -> np.ndarray:
+def espeak(text: str, voice: dict[str, Any]) -> np.ndarray:
     """Synthesise one phrase -> float32 mono at 16 kHz, leading/trailing silence trimmed."""
-    from ..media import load_audio
-
-    exe = _espeak_exe()
-    wav = workdir / "phrase.wav"
-    cmd = [exe, "-v", voice["name"], "-s", str(voice["rate"]), "-p", str(voice["pitch"]),
-           "-g", str(voice["word_gap"]), "-w", str(wav), text]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0 or not wav.exists():
-        raise LetsTalkError(f"espeak-ng failed for voice {voice['name']!r}: {done.stderr.strip() or done.returncode}")
-    pcm = load_audio(wav)  # 22.05 kHz espeak output -> 16 kHz mono float32
+    pcm = Speech(voice["name"], voice["rate"], voice["pitch"], voice["word_gap"]).synthesize(text)
     loud = np.flatnonzero(np.abs(pcm) > 0.01 * max(1e-6, float(np.abs(pcm).max())))
     if len(loud) == 0:
         return np.zeros(0, np.float32)
     return pcm[max(0, loud[0] - 80):loud[-1] + 160]  # keep 5 ms before / 10 ms after
 
 
-def synthesize_speech(spec: ClipSpec, workdir: Path | None = None) -> tuple[np.ndarray, list[dict[str, Any]]]:
+def synthesize_speech(spec: ClipSpec) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """The clip's audio (exactly spec.num_samples float32 samples) and the phrases it holds.
 
     Phrases are spoken in order, each followed by its pause, while they fit; a phrase too long for the
@@ -371,43 +337,37 @@ def synthesize_speech(spec: ClipSpec, workdir: Path | None = None) -> tuple[np.n
     (if nothing fits at all, the first word is cut with a 20 ms fade). Returns phrase dicts with text,
     start and end in seconds.
     """
-    own_dir = workdir is None
-    workdir = Path(tempfile.mkdtemp(prefix="letstalk-synth-")) if own_dir else workdir
-    try:
-        total = spec.num_samples
-        audio = np.zeros(total, np.float32)
-        placed: list[dict[str, Any]] = []
-        pos = int(spec.pauses[0] * SAMPLE_RATE)
-        for k, text in enumerate(spec.phrases):
-            words = text.split()
-            tail = int(0.1 * SAMPLE_RATE)  # at least 100 ms of silence after the last phrase
-            pcm = None
-            while words:
-                said = " ".join(words)
-                pcm = espeak(said, spec.voice, workdir)
-                if pos + len(pcm) + tail <= total:
-                    break
-                words, pcm = words[:-1], None
-            if pcm is None:
-                if placed:
-                    break
-                # Nothing fits (very short clip): speak the first word, cut it to the room left.
-                said = spec.phrases[0].split()[0]
-                room = max(0, total - pos - tail)
-                pcm = espeak(said, spec.voice, workdir)[:room].copy()
-                fade = min(len(pcm), int(0.02 * SAMPLE_RATE))
-                if fade:
-                    pcm[-fade:] *= np.linspace(1, 0, fade, dtype=np.float32)
-            if len(pcm):
-                audio[pos:pos + len(pcm)] = pcm
-                placed.append({"text": said, "start": round(pos / SAMPLE_RATE, 4),
-                               "end": round((pos + len(pcm)) / SAMPLE_RATE, 4)})
-            pos += len(pcm) + int(spec.pauses[k + 1] * SAMPLE_RATE)
-            if pos >= total - tail:
+    total = spec.num_samples
+    audio = np.zeros(total, np.float32)
+    placed: list[dict[str, Any]] = []
+    pos = int(spec.pauses[0] * SAMPLE_RATE)
+    for k, text in enumerate(spec.phrases):
+        words = text.split()
+        tail = int(0.1 * SAMPLE_RATE)  # at least 100 ms of silence after the last phrase
+        pcm = None
+        while words:
+            said = " ".join(words)
+            pcm = espeak(said, spec.voice)
+            if pos + len(pcm) + tail <= total:
                 break
-    finally:
-        if own_dir:
-            shutil.rmtree(workdir, ignore_errors=True)
+            words, pcm = words[:-1], None
+        if pcm is None:
+            if placed:
+                break
+            # Nothing fits (very short clip): speak the first word, cut it to the room left.
+            said = spec.phrases[0].split()[0]
+            room = max(0, total - pos - tail)
+            pcm = espeak(said, spec.voice)[:room].copy()
+            fade = min(len(pcm), int(0.02 * SAMPLE_RATE))
+            if fade:
+                pcm[-fade:] *= np.linspace(1, 0, fade, dtype=np.float32)
+        if len(pcm):
+            audio[pos:pos + len(pcm)] = pcm
+            placed.append({"text": said, "start": round(pos / SAMPLE_RATE, 4),
+                           "end": round((pos + len(pcm)) / SAMPLE_RATE, 4)})
+        pos += len(pcm) + int(spec.pauses[k + 1] * SAMPLE_RATE)
+        if pos >= total - tail:
+            break
     peak = float(np.abs(audio).max())
     if peak > 0:
         audio *= spec.voice["gain"] / peak
