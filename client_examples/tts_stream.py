@@ -1,15 +1,23 @@
-"""Feed PCM to an avatar the way a TTS engine does: bursts of chunks per sentence, end of speech, barge-in.
+"""Drive an avatar from text, as a voice assistant does: sentence by sentence, end of speech, barge-in.
 
-    python client_examples/tts_stream.py                              # synthetic "TTS" (tones), 3 sentences
-    python client_examples/tts_stream.py --wav answer.wav --interrupt-after 2.5
+    python client_examples/tts_stream.py                               # the server speaks the text (`say`)
+    python client_examples/tts_stream.py --voice fr --text "Bonjour ! Je suis un avatar."
+    python client_examples/tts_stream.py --own-tts                     # your TTS streams PCM (`send_audio`)
+    python client_examples/tts_stream.py --own-tts --wav answer.wav --interrupt-after 2.5
     python client_examples/tts_stream.py --overlay                     # print a URL for an OBS browser source
 
-A real TTS (Piper, Coqui, a cloud API streaming PCM) yields audio chunks faster than real time; send each
-chunk as it comes (`session.send_audio`), call `end_speech()` when a sentence is complete so its last
-frames render at once, and `interrupt()` when the user talks over the avatar. The server queues up to
-~30 s ahead; past that it reports `audio_dropped` errors (events), so a TTS that runs far ahead should
-pace itself. Something must watch the avatar for its clock to run: this script connects over WebRTC
-(and just counts frames), or, with --overlay, leaves the watching to a browser page.
+Two ways to give the avatar its words:
+- `session.say(text, voice=...)`: the server speaks it with its espeak-ng (the voices the bundled model was
+  trained to follow; `client.voices()` lists them), a sentence at a time, each `say` after the one before.
+- `session.send_audio(chunk, sample_rate, ahead=True)`: your own TTS (Piper, Coqui, a cloud API) streams PCM
+  faster than real time; `ahead=True` says so, and the server plays it at its own pace, its pauses whole. Call
+  `end_speech()` when a sentence is complete so its last frames render at once. `--own-tts` stands such a TTS in
+  with espeak-ng on this machine (`letstalk_rt.tts`), cutting its output into 200 ms chunks produced 4x faster
+  than real time; `--wav` speaks a file as if a TTS made it.
+Either way `interrupt()` drops what is not yet spoken when the user talks over the avatar. The server queues up to
+~30 s ahead; past that, sent audio is refused with `audio_rejected` errors (events), so a TTS that runs far ahead
+should pace itself (`say` does). Something must watch the avatar for its clock to run: this script connects over
+WebRTC (and just counts frames), or, with --overlay, leaves the watching to a browser page.
 """
 
 from __future__ import annotations
@@ -28,37 +36,42 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from letstalk_rt.client import AvatarClient, AvatarClientError
 from letstalk_rt.errors import LetsTalkError
 
-RATE = 24000  # many TTS engines produce 22.05 or 24 kHz; the server resamples
+TEXT = "Hello there! I am a talking avatar, streamed in real time. Ask me anything."
+CHUNK_S = 0.2
 
 
-async def fake_tts(sentence: str, rate: int = RATE) -> AsyncIterator[np.ndarray]:
-    """Stands in for a TTS engine: ~0.08 s of audio per character, produced 4x faster than real time."""
-    seconds = 0.08 * len(sentence)
-    t = np.arange(int(seconds * rate)) / rate
-    f0 = 140 + 30 * np.sin(2 * np.pi * 0.7 * t)
-    voice = np.sin(2 * np.pi * np.cumsum(f0) / rate) * np.clip(np.sin(2 * np.pi * 4 * t), 0, None)
-    pcm = (0.4 * voice * 32767).astype(np.int16)
-    chunk = rate // 5  # 200 ms chunks
-    for pos in range(0, len(pcm), chunk):
-        await asyncio.sleep(chunk / rate / 4)
-        yield pcm[pos:pos + chunk]
+async def own_tts(sentence: str, voice: str) -> AsyncIterator[tuple[np.ndarray, int]]:
+    """Stands in for your TTS engine: espeak-ng here, yielding 200 ms chunks 4x faster than real time."""
+    from letstalk_rt.tts import Speech
+
+    rate = 22050  # what many TTS engines produce; the server resamples
+    pcm = (await asyncio.to_thread(Speech(voice).synthesize, sentence, rate) * 32767).astype(np.int16)
+    step = int(rate * CHUNK_S)
+    for pos in range(0, len(pcm), step):
+        await asyncio.sleep(CHUNK_S / 4)
+        yield pcm[pos:pos + step], rate
 
 
-async def wav_tts(path: Path) -> AsyncIterator[np.ndarray]:
+async def wav_tts(path: Path) -> AsyncIterator[tuple[np.ndarray, int]]:
     from letstalk_rt.media import load_audio
 
-    pcm = (load_audio(path, RATE) * 32767).astype(np.int16)
-    for pos in range(0, len(pcm), RATE // 5):
-        await asyncio.sleep(0.05)
-        yield pcm[pos:pos + RATE // 5]
+    rate = 24000
+    pcm = (load_audio(path, rate) * 32767).astype(np.int16)
+    step = int(rate * CHUNK_S)
+    for pos in range(0, len(pcm), step):
+        await asyncio.sleep(CHUNK_S / 4)
+        yield pcm[pos:pos + step], rate
 
 
-async def run(args: argparse.Namespace) -> None:
+async def run(args: argparse.Namespace) -> dict:
+    """Speak `args.text` (or `args.wav`) through a session; returns what was received (frames per kind)."""
+    from letstalk_rt.tts import sentences
+
     async with AvatarClient(args.server, api_key=args.api_key) as client:
         session = await client.start_session(avatar_id=args.avatar)
         t0 = time.monotonic()
         stamp = lambda: f"{time.monotonic() - t0:6.2f}s"
-        for kind in ("speech_started", "speech_stopped", "interrupted", "error", "closed"):
+        for kind in ("say", "speech_started", "speech_stopped", "interrupted", "error", "closed"):
             session.on(kind, lambda ev: print(f"{stamp()}  event {ev['type']}: "
                                               f"{ {k: v for k, v in ev.items() if k not in ('type', 'session_id', 'time')} }"))
         if args.overlay:
@@ -68,40 +81,53 @@ async def run(args: argparse.Namespace) -> None:
         else:
             await session.connect()
 
-        sentences = ["Hello there.", "I am a talking avatar, streamed in real time.", "Ask me anything!"]
-
         async def barge_in(delay: float) -> None:  # the user starts talking over the avatar
             await asyncio.sleep(delay)
             print(f"{stamp()}  user barged in: interrupt")
             await session.interrupt()
 
         barge = asyncio.ensure_future(barge_in(args.interrupt_after)) if args.interrupt_after else None
-        sources = [wav_tts(args.wav)] if args.wav else [fake_tts(s) for s in sentences]
-        for i, source in enumerate(sources):
-            sent = 0.0
-            async for chunk in source:
-                await session.send_audio(chunk, sample_rate=RATE)
-                sent += len(chunk) / RATE
-            await session.end_speech()  # the sentence is complete: render its tail now
-            print(f"{stamp()}  sentence {i + 1}: {sent:.1f} s of audio sent")
+        if not args.own_tts:
+            for sentence in sentences(args.text):  # one `say` each here; one `say` of the whole text also works
+                await session.say(sentence, voice=args.voice)
+                print(f"{stamp()}  said {sentence!r}")
+        else:
+            sources = [wav_tts(args.wav)] if args.wav else [own_tts(s, args.voice) for s in sentences(args.text)]
+            for i, source in enumerate(sources):
+                sent = 0.0
+                async for chunk, rate in source:
+                    await session.send_audio(chunk, sample_rate=rate, ahead=True)
+                    sent += len(chunk) / rate
+                await session.end_speech()  # the sentence is complete: render its tail now
+                print(f"{stamp()}  sentence {i + 1}: {sent:.1f} s of audio sent")
         await asyncio.sleep(args.linger)
         if barge is not None:
             barge.cancel()
+        received = session.frames_received
         if not args.overlay:
-            print(f"received {session.frames_received}")
+            print(f"received {received}")
         await session.close()
+        return received
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--server", default="http://127.0.0.1:8080")
     p.add_argument("--api-key", default=None)
     p.add_argument("--avatar", default="default")
-    p.add_argument("--wav", type=Path, default=None, help="speak this file as if a TTS produced it")
+    p.add_argument("--text", default=TEXT, help="what the avatar says, a sentence at a time")
+    p.add_argument("--voice", default="en-us", help="an espeak-ng voice (the server's: GET /v1/voices), e.g. fr, "
+                   "en-us+f3")
+    p.add_argument("--own-tts", action="store_true", help="synthesise here and stream PCM, as your own TTS would")
+    p.add_argument("--wav", type=Path, default=None, help="with --own-tts: speak this file as if a TTS produced it")
     p.add_argument("--interrupt-after", type=float, default=None, help="barge in after this many seconds")
     p.add_argument("--overlay", action="store_true", help="show the avatar in a browser instead of receiving it here")
     p.add_argument("--linger", type=float, default=8.0, help="seconds to keep the session after the last sentence")
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def main() -> int:
+    args = parse_args()
     try:
         asyncio.run(run(args))
     except (LetsTalkError, AvatarClientError) as e:

@@ -230,7 +230,7 @@ class AvatarSession:
         self.pc: RTCPeerConnection | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._ws_lock = asyncio.Lock()
-        self._format = (16000, 1)  # the server's default binary audio format
+        self._format = (16000, 1, False)  # the server's default binary audio format: (rate, channels, ahead)
         self._ws_close: str | None = None  # why the server closed the websocket
         self._callbacks: dict[str, list[Callable]] = collections.defaultdict(list)
         self._events = _Buffer(1000)
@@ -470,7 +470,7 @@ class AvatarSession:
         if kind == "pong":
             return
         if kind == "ready":
-            self._format = (event.get("sample_rate", 16000), event.get("channels", 1))
+            self._format = (event.get("sample_rate", 16000), event.get("channels", 1), False)
         self._events.put(event)
         for cb in self._callbacks.get(kind, []) + self._callbacks.get("*", []):  # type: ignore[arg-type]
             try:
@@ -500,11 +500,14 @@ class AvatarSession:
         await self._send(lambda ws: ws.send_str(json.dumps(message, ensure_ascii=False)))
 
     async def send_audio(self, pcm: bytes | bytearray | memoryview | np.ndarray, sample_rate: int = 16000,
-                         channels: int | None = None) -> None:
+                         channels: int | None = None, ahead: bool = False) -> None:
         """Stream speech: PCM16 LE bytes, or an int16/float ndarray shaped (n,) or (n, channels).
 
         Any rate 8-96 kHz and 1-2 channels; the format is announced to the server when it changes.
-        Pace it at about real time (the server queues at most ~30 s ahead and reports `audio_dropped`).
+        Live audio: send it at about real time (the server queues at most ~30 s ahead and reports `audio_rejected`);
+        audio that queues up behind earlier audio is late, and its pauses are shortened to catch up. `ahead=True`:
+        the audio is made faster than real time (a TTS) and sent before it is due: it plays at its own pace, its
+        pauses whole (still at most ~30 s queued).
         """
         if isinstance(pcm, (bytes, bytearray, memoryview)):
             data, channels = bytes(pcm), channels or 1
@@ -521,9 +524,10 @@ class AvatarSession:
         frame_bytes = 2 * channels
         if len(data) % frame_bytes:
             raise ValueError(f"PCM16 with {channels} channel(s) needs a multiple of {frame_bytes} bytes")
-        if (sample_rate, channels) != self._format:
-            await self._control({"type": "audio_format", "sample_rate": sample_rate, "channels": channels})
-            self._format = (sample_rate, channels)
+        if (sample_rate, channels, ahead) != self._format:
+            await self._control({"type": "audio_format", "sample_rate": sample_rate, "channels": channels,
+                                 "ahead": ahead})
+            self._format = (sample_rate, channels, ahead)
         step = (sample_rate // 2) * frame_bytes  # 0.5 s of whole samples per message (server limit: 1 s)
         for pos in range(0, len(data), step):
             chunk = data[pos:pos + step]

@@ -507,7 +507,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         return ws
     old, ss.ws = ss.ws, ws
     ss.had_ws, ss.ws_left_at = True, None
-    ss.audio_format = (ss.session.sample_rate, 1)  # every websocket starts at 16 kHz mono
+    ss.audio_format, ss.audio_ahead = (ss.session.sample_rate, 1), False  # every websocket starts at 16 kHz mono, live
     ss.touch()
     try:
         if old is not None:
@@ -554,7 +554,7 @@ def _on_audio(ss: ServerSession, data: bytes) -> tuple[int, str] | None:
     if not data:
         return None
     pcm = np.frombuffer(data, dtype="<i2").astype(np.int16, copy=False)  # (n * channels,)
-    problem = ss.push_audio(pcm.reshape(-1, channels) if channels > 1 else pcm, rate)
+    problem = ss.push_audio(pcm.reshape(-1, channels) if channels > 1 else pcm, rate, ss.audio_ahead)
     return None if problem is None else (0, problem)
 
 
@@ -582,14 +582,16 @@ async def _on_control(ss: ServerSession, text: str) -> None:
             await ss.say(message)
         elif kind == "audio_format":
             rate, channels = message.get("sample_rate", 16000), message.get("channels", 1)
+            ahead = message.get("ahead", False)
             # ints only: 2.0 == 2 would pass `in (1, 2)` and later break the reshape of every message
             if (not isinstance(rate, int) or isinstance(rate, bool) or not 8000 <= rate <= 96000
-                    or not isinstance(channels, int) or isinstance(channels, bool) or channels not in (1, 2)):
-                await ss.error_event("audio_format: sample_rate must be an integer 8000..96000 and channels 1 or 2",
-                                     "bad_message")
+                    or not isinstance(channels, int) or isinstance(channels, bool) or channels not in (1, 2)
+                    or not isinstance(ahead, bool)):
+                await ss.error_event("audio_format: sample_rate must be an integer 8000..96000, channels 1 or 2 and "
+                                     "ahead true or false", "bad_message")
                 return
-            ss.audio_format = (rate, channels)
-            await ss.send_json({"type": "audio_format", "sample_rate": rate, "channels": channels})
+            ss.audio_format, ss.audio_ahead = (rate, channels), ahead
+            await ss.send_json({"type": "audio_format", "sample_rate": rate, "channels": channels, "ahead": ahead})
         else:
             await ss.error_event(f"unknown message type {kind[:40]!r}; expected audio_format, end_of_speech, "
                                  "interrupt, say or ping", "bad_message")

@@ -49,7 +49,7 @@ from letstalk_rt.rtc import (
 from letstalk_rt.stream import TrackSource
 from letstalk_rt.stream.engine import quantiles, resident_memory_bytes
 from letstalk_rt.stream.events import SessionClosed
-from letstalk_rt.tts import Speech, SpeechUnavailable, sentences
+from letstalk_rt.tts import Speech, SpeechUnavailable, check_text, sentences
 
 from .auth import TokenSigner, turn_credentials
 
@@ -329,6 +329,7 @@ class ServerSession:
         self.had_ws = False
         self.ws_left_at: float | None = None
         self.audio_format = (session.sample_rate, 1)  # (rate, channels) of binary websocket messages
+        self.audio_ahead = False  # they are made ahead of real time (a TTS): push_audio(ahead=True)
         now = time.monotonic()
         self.last_activity = now  # audio in, websocket message, media pulled
         self.last_peer_seen: float | None = None  # RTCP from / RTP of the peer, once connected
@@ -393,11 +394,11 @@ class ServerSession:
 
     # -- audio in
 
-    def push_audio(self, pcm: np.ndarray, rate: int) -> str | None:
+    def push_audio(self, pcm: np.ndarray, rate: int, ahead: bool = False) -> str | None:
         """Push into the engine; returns an error message instead of raising for what the client can fix."""
         self.touch()
         try:
-            self.session.push_audio(pcm, rate)
+            self.session.push_audio(pcm, rate, ahead)
         except LetsTalkError as e:  # AudioBufferFull, SessionClosedError, InputError
             return str(e)
         return None
@@ -411,15 +412,16 @@ class ServerSession:
         self.touch()
         request = message.get("id")
         try:
+            text = check_text(message.get("text"))
             speech = Speech(**{k: message[k] for k in ("voice", "rate", "pitch") if k in message})
-            task = self.session.say(message.get("text"), speech)
+            task = self.session.say(text, speech)
         except SpeechUnavailable as e:
             await self.error_event(f"say: {e}", "tts_unavailable", request)
             return
         except InputError as e:
             await self.error_event(f"say: {e}", "bad_message", request)
             return
-        await self.send_json({"type": "say", "id": request, "sentences": len(sentences(message["text"])),
+        await self.send_json({"type": "say", "id": request, "sentences": len(sentences(text)),
                               "voice": speech.voice, "time": time.time()})
         self.spawn(self._said(task, request), "said")
 

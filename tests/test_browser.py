@@ -215,3 +215,39 @@ def test_overlay_page_shows_a_session_driven_by_the_sdk(tiny_pipeline, tmp_path)
     assert background == "rgb(0, 255, 0)"
     assert size == [32, 32]
     assert state["peer_connection"] == "connected" and state["websocket"] is True
+
+
+@pytest.mark.skipif(__import__("shutil").which("espeak-ng") is None, reason="needs espeak-ng (the server's TTS)")
+def test_browser_page_says_typed_text_in_the_chosen_voice(tiny_pipeline, tmp_path):
+    """index.html with nothing sent as speech: the voices come from GET /v1/voices, text typed and sent with Enter is
+    spoken by the server (`say`): accepted, then played (speech_started), the avatar's sound arriving."""
+    wav = tmp_path / "speech.wav"
+    _write_wav(wav, 1.0)
+
+    async def main():
+        async with running_server(tiny_pipeline) as srv, async_playwright() as pw:
+            context = await pw.chromium.launch_persistent_context(
+                str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=_chromium_args(wav))
+            try:
+                page = await context.new_page()
+                await page.goto(f"{srv.url}/?autostart=1&source=none")
+                await page.wait_for_function("window.letstalk?.conn?.pc?.connectionState === 'connected' && "
+                                             "!document.getElementById('say').disabled", timeout=30000)
+                voices = await page.evaluate("[...document.getElementById('voice').options].map((o) => o.value)")
+                await page.select_option("#voice", "fr-fr")
+                await page.fill("#saytext", "Hello there. How are you today?")
+                before = await page.evaluate("window.letstalk.conn.stats()")
+                await page.press("#saytext", "Enter")
+                await page.wait_for_function("window.letstalk.events.includes('speech_started')", timeout=20000)
+                await asyncio.sleep(1.0)
+                after = await page.evaluate("window.letstalk.conn.stats()")
+                log = await page.evaluate("document.getElementById('log').innerText")
+            finally:
+                await context.close()
+            return voices, before, after, log
+
+    voices, before, after, log = run(main())
+    assert "en-us" in voices and "fr-fr" in voices and len(voices) > 20
+    assert '"sentences":2' in log and '"voice":"fr-fr"' in log and "error" not in log
+    # the avatar's sound: silence before the text (nothing was sent), speech after
+    assert after["audio"]["totalAudioEnergy"] > 10 * before["audio"].get("totalAudioEnergy", 0) + 0.01, (before, after)

@@ -739,23 +739,35 @@ def test_speech_from_the_first_moment_waits_whole_for_its_lookahead_behind_idle_
     np.testing.assert_array_equal(audio[first:first + len(speech)], speech)  # ... then all of it, unsplit
 
 
-def test_speech_pushed_ahead_of_time_keeps_its_pace(tiny_pipeline):
-    """An application that pushes a whole utterance at once (a TTS) hears it at its own pace: the audio
-    waits for its frames, but that is not lateness to catch up -- nothing is compressed or skipped."""
-    speech = speechlike(3.0, seed=7) + 0.05
+@pytest.mark.parametrize("ahead", [True, False])
+def test_speech_pushed_ahead_of_time_keeps_its_pace(tiny_pipeline, ahead):
+    """An application that pushes a whole utterance at once (a TTS, `ahead=True`) hears it at its own pace: the
+    audio waits for its frames, but that is not lateness to catch up -- nothing is compressed, no pause is
+    shortened -- nor latency: each frame's counts from when its audio would have come at real-time pace (its last
+    frames would read ~3 s). Pushed as live audio the same utterance is a backlog: its pause is cut to
+    `catch_up_keep_ms`."""
+    word = speechlike(1.0, seed=7) + 0.05
+    speech = np.concatenate([word, np.zeros(16000, np.float32), word])  # a 1 s pause between two words
 
     async def main():
         engine = await _engine(tiny_pipeline, catch_up_tempo=1.5)
         session = await engine.open_session(_portrait(tiny_pipeline, 60))
-        session.push_audio(speech)
+        session.push_audio(speech, ahead=ahead)
         session.end_speech()
-        frames = await _collect(session, 3.6)
+        frames = await _collect(session, 4.6)
         await engine.stop()
         return session.stats(), np.concatenate([f.audio for f in frames])
 
     stats, audio = run(main())
     assert stats["speech_compressed_s"] == 0.0
-    np.testing.assert_array_equal(audio[audio != 0], speech)
+    np.testing.assert_array_equal(audio[audio != 0], np.concatenate([word, word]))
+    loud = np.flatnonzero(audio)
+    pause = loud[len(word)] - loud[len(word) - 1] - 1  # the silence between the two words as played
+    if ahead:
+        assert pause >= 16000 and stats["silence_skipped_s"] == 0.0
+        assert stats["latency_ms_p95"] < 1500
+    else:
+        assert pause < 12000 and stats["silence_skipped_s"] > 0.2
 
 
 def test_windows_are_decoded_in_their_own_thread_and_a_decode_failure_ends_only_that_session(tiny_pipeline,

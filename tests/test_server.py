@@ -680,16 +680,19 @@ def test_websocket_audio_control_events_and_bad_input(tiny_pipeline):
             await ws.send_json({"type": "interrupt"})
             assert (await _ws_json(ws, "interrupted"))["type"] == "interrupted"
             # bad text messages: an error event each, the connection stays up
-            for bad in ("{not json", "[1, 2]", '{"type": 5}', '{"type": "dance"}', json.dumps({"x": "y" * 5000}),
+            for bad in ("{not json", "[1, 2]", '{"type": 5}', '{"type": "dance"}', json.dumps({"x": "y" * 40000}),
                         '{"type": "audio_format", "sample_rate": 1, "channels": 9}',
                         '{"type": "audio_format", "sample_rate": 16000, "channels": 2.0}',  # 2.0 == 2, not an int
-                        '{"type": "audio_format", "sample_rate": 16000.0, "channels": 1}'):
+                        '{"type": "audio_format", "sample_rate": 16000.0, "channels": 1}',
+                        '{"type": "audio_format", "sample_rate": 16000, "channels": 1, "ahead": "yes"}'):
                 await ws.send_str(bad)
                 err = await _ws_json(ws, "error")
                 assert err["message"] and err["code"] == "bad_message", (bad, err)
-            # another format: 48 kHz stereo
-            await ws.send_json({"type": "audio_format", "sample_rate": 48000, "channels": 2})
-            assert (await _ws_json(ws, "audio_format"))["sample_rate"] == 48000
+            # another format: 48 kHz stereo, made ahead of real time (a TTS)
+            await ws.send_json({"type": "audio_format", "sample_rate": 48000, "channels": 2, "ahead": True})
+            answer = await _ws_json(ws, "audio_format")
+            assert answer["sample_rate"] == 48000 and answer["ahead"] is True
+            assert srv.manager.sessions[sid].audio_ahead
             stereo = np.repeat((speechlike(0.5, 48000) * 32767).astype("<i2"), 2)
             await ws.send_bytes(stereo.tobytes())
             # overflow the session's audio buffer (30 s): an error event, and the session goes on

@@ -9,6 +9,7 @@
 //                                                                        // (relay: true: only through the TURN server)
 //   videoElement.srcObject = conn.stream;
 //   await conn.connected();                                              // media flows from here on
+//   conn.say("Hello there!", { voice: "en-us" });                        // the server's text to speech (listVoices())
 //   conn.interrupt(); conn.endSpeech(); await conn.close();
 
 function authHeaders(apiKey) {
@@ -37,6 +38,14 @@ export async function listAvatars(apiKey = null) {
   const resp = await fetch("/v1/avatars", { headers: authHeaders(apiKey) });
   if (!resp.ok) throw new Error(`avatars: HTTP ${resp.status}: ${await errorText(resp)}`);
   return (await resp.json()).avatars;
+}
+
+// The voices the server's text to speech speaks with ([{id, name}]); throws with the server's reason (e.g. no
+// espeak-ng there: HTTP 503).
+export async function listVoices(apiKey = null) {
+  const resp = await fetch("/v1/voices", { headers: authHeaders(apiKey) });
+  if (!resp.ok) throw new Error(`text to speech: ${await errorText(resp)}`);
+  return (await resp.json()).voices;
 }
 
 // fullFrame: the video is the whole photo, its longest side at most this many px (the face pasted back in);
@@ -106,6 +115,7 @@ export class AvatarConnection {
     this.ws = null;
     this.stream = new MediaStream();
     this.closed = false;
+    this._said = 0;
   }
 
   get sessionId() {
@@ -229,6 +239,18 @@ export class AvatarConnection {
     this.send({ type: "interrupt" });
   }
 
+  // Speak text with the server's text to speech, after any text said before; the answer comes as a `say` event
+  // (or an `error` one) carrying the returned id.
+  say(text, { voice = null, rate = null, pitch = null } = {}) {
+    const id = `say-${++this._said}`;
+    const message = { type: "say", id, text };
+    if (voice) message.voice = voice;
+    if (rate !== null) message.rate = rate;
+    if (pitch !== null) message.pitch = pitch;
+    this.send(message);
+    return id;
+  }
+
   endSpeech() {
     this.send({ type: "end_of_speech" });
   }
@@ -245,6 +267,7 @@ export class AvatarConnection {
           bytesReceived: s.bytesReceived, packetsReceived: s.packetsReceived,
           framesDecoded: s.framesDecoded, frameWidth: s.frameWidth, frameHeight: s.frameHeight,
           framesPerSecond: s.framesPerSecond, totalSamplesReceived: s.totalSamplesReceived,
+          totalAudioEnergy: s.totalAudioEnergy, // grows with the loudness of the sound heard: ~0 in silence
         };
       } else if (s.type === "transport" && s.selectedCandidatePairId) {
         const pair = report.get(s.selectedCandidatePairId);

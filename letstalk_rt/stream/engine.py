@@ -522,10 +522,10 @@ class Session:
         self._resampler = None
         # shared with the worker thread (guarded by _lock)
         self._lock = threading.Lock()
-        # (samples, arrival, speech, paced arrival): the paced arrival is when the piece would have arrived
+        # (samples, arrival, speech, paced arrival, ahead): the paced arrival is when the piece would have arrived
         # had the audio been pushed at real-time pace from its first piece on (audio pushed ahead of time
-        # keeps its pace; only lateness the engine causes is caught up with faster speech)
-        self._pcm_in: collections.deque[tuple[np.ndarray, float, bool, float]] = collections.deque()
+        # keeps its pace; only lateness the engine causes is caught up with faster speech); ahead: push_audio's
+        self._pcm_in: collections.deque[tuple[np.ndarray, float, bool, float, bool]] = collections.deque()
         self._paced_until = 0.0
         self._pending_samples = 0
         self._epoch = 0
@@ -556,8 +556,13 @@ class Session:
 
     # -- audio in
 
-    def push_audio(self, pcm: np.ndarray, sample_rate: int | None = None) -> None:
-        """Queue speech: int16 or float32 samples, (n,) mono or (n, channels), at `sample_rate` (default 16 kHz)."""
+    def push_audio(self, pcm: np.ndarray, sample_rate: int | None = None, ahead: bool = False) -> None:
+        """Queue speech: int16 or float32 samples, (n,) mono or (n, channels), at `sample_rate` (default 16 kHz).
+
+        `ahead`: the audio is made faster than real time (a TTS) and pushed before it is due. It then plays at its
+        own pace: its pauses are kept whole, and a frame's latency counts from when its audio would have come at
+        real-time pace. Live audio (the default) that queues up behind earlier audio is late, and is caught up by
+        shortening its pauses (EngineConfig.catch_up)."""
         self._check_open()
         pcm = np.asarray(pcm)
         if pcm.dtype not in (np.int16, np.float32, np.float64) or pcm.ndim not in (1, 2):
@@ -583,7 +588,7 @@ class Session:
             now, step = time.monotonic(), self.samples_per_frame
             for i in range(0, len(mono), step):
                 piece = mono[i:i + step]
-                self._pcm_in.append((piece, now, True, self._pace(now, len(piece))))
+                self._pcm_in.append((piece, now, True, self._pace(now, len(piece)), ahead))
             self._pending_samples += len(mono)
         self.engine._wake()
 
@@ -594,7 +599,7 @@ class Session:
         silence = np.zeros(int(math.ceil(lookahead * self.sample_rate)) + self.samples_per_frame, np.float32)
         with self._lock:
             now = time.monotonic()
-            self._pcm_in.append((silence, now, False, self._pace(now, len(silence))))
+            self._pcm_in.append((silence, now, False, self._pace(now, len(silence)), False))
             self._pending_samples += len(silence)
         self.engine._wake()
 
@@ -1528,11 +1533,12 @@ class StreamEngine:
             with s._lock:
                 if not s._pcm_in:
                     break
-                pcm, arrival, speech, paced = s._pcm_in.popleft()
+                pcm, arrival, speech, paced, ahead = s._pcm_in.popleft()
                 s._pending_samples -= len(pcm)
             voiced = speech and len(pcm) > 0 and w.heard_rms(pcm) > self.config.speech_rms
             w.last_push, w.last_paced = arrival, paced
-            if speech and self.config.catch_up and self._skip_silence(s, pcm, arrival, now, voiced):
+            came = paced if ahead else arrival  # audio pushed ahead of time counts as come at its pace
+            if speech and self.config.catch_up and self._skip_silence(s, pcm, came, now, voiced):
                 s.silence_skipped_s += len(pcm) / s.sample_rate
                 continue
             w.unflushed = w.unflushed or len(pcm) > 0
@@ -1541,11 +1547,11 @@ class StreamEngine:
             # A catch-up run keeps one stretcher open through its speech, back at tempo 1.0 once caught
             # up, and ends it (flush) at the next pause: no seams or speed wobble inside an utterance.
             if speech and w.stretch is not None and (w.compressing or voiced):
-                w.feed_stretched(pcm, arrival)
+                w.feed_stretched(pcm, came)
                 if w.compressing:
                     s.speech_compressed_s += len(pcm) / s.sample_rate
             else:
-                w.feed(pcm, arrival, speech)
+                w.feed(pcm, came, speech)
         player = s.player
         if w.idle_ahead and player.start is not None and w.queued_frames > w.idle_ahead:
             # Idle frames were put in front of pushed audio so that it plays at the target latency; if the

@@ -44,7 +44,7 @@ class AudioSource(ABC):
                 if session.closed:
                     return
                 try:
-                    session.push_audio(pcm, rate)
+                    session.push_audio(pcm, rate, ahead=not self.paced)
                     break
                 except AudioBufferFull:
                     if self.paced:  # a live source this far ahead of playback: the application must hear of it
