@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up letstalk-rt in the current Python environment (a venv is recommended).
 #
-#   bash scripts/setup.sh          runtime: torch (kept if present), then the package
+#   bash scripts/setup.sh          runtime: torch (kept if present), then the package, and through apt (when we are
+#                                  root or have sudo) espeak-ng, the voice of `say` / --text
 #   bash scripts/setup.sh --dev    also the test dependencies: pytest, playwright (python only; it drives
 #                                  Debian's chromium) and, through apt when we are root or have sudo,
 #                                  chromium (browser test), espeak-ng (synthetic corpus tests), g++
@@ -26,22 +27,28 @@ else
 fi
 "$PY" -m pip install -e ".${extras}"
 
+# System packages through apt, when we are root or have sudo: espeak-ng always (the voice of `say` / --text; a few
+# MB), and for --dev what the tests drive. Without apt they are reported, not fatal: text to speech then says how to
+# get espeak-ng, and the tests that need the others are skipped.
+apt_pkgs=""
+command -v espeak-ng >/dev/null 2>&1 || apt_pkgs="$apt_pkgs espeak-ng"
 if [ -n "$extras" ]; then
-  apt_pkgs=""
-  command -v espeak-ng >/dev/null 2>&1 || apt_pkgs="$apt_pkgs espeak-ng"
   [ -x /usr/bin/chromium ] || apt_pkgs="$apt_pkgs chromium"
   command -v g++ >/dev/null 2>&1 || apt_pkgs="$apt_pkgs g++"
   command -v turnserver >/dev/null 2>&1 || apt_pkgs="$apt_pkgs coturn"
-  if [ -n "$apt_pkgs" ]; then
-    SUDO=""
-    [ "$(id -u)" = 0 ] || SUDO="sudo -n"
-    if command -v apt-get >/dev/null 2>&1 && { [ -z "$SUDO" ] || sudo -n true 2>/dev/null; }; then
-      echo "setup: apt-get install$apt_pkgs"
-      $SUDO apt-get update -qq
-      DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $apt_pkgs >/dev/null
-    else
-      echo "setup: could not install$apt_pkgs (needs apt-get as root); the tests that need them will be skipped"
+fi
+if [ -n "$apt_pkgs" ]; then
+  SUDO=""
+  [ "$(id -u)" = 0 ] || SUDO="sudo -n"
+  if command -v apt-get >/dev/null 2>&1 && { [ -z "$SUDO" ] || sudo -n true 2>/dev/null; }; then
+    echo "setup: apt-get install$apt_pkgs"
+    if ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $apt_pkgs >/dev/null; }; then
+      [ -n "$extras" ] && exit 1  # the tests would fail on what is missing: say so here
+      echo "setup: could not install$apt_pkgs; text to speech (say, --text) needs espeak-ng"
     fi
+  else
+    echo "setup: could not install$apt_pkgs (needs apt-get as root); text to speech needs espeak-ng," \
+         "and the tests that need the others will be skipped"
   fi
 fi
 echo "setup: done ($("$PY" -c 'import letstalk_rt; print("letstalk-rt", letstalk_rt.__version__)'))"

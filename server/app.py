@@ -42,7 +42,7 @@ from letstalk_rt.errors import InputError, LetsTalkError, NoFaceError
 from letstalk_rt.framing import FRAMING, MAX_PHOTO_SIDE, check_framing
 from letstalk_rt.media import upright_image
 from letstalk_rt.stream import CapacityError, run_off_loop
-from letstalk_rt.tts import DEFAULT_VOICE, SpeechUnavailable, voices
+from letstalk_rt.tts import DEFAULT_VOICE, SpeechUnavailable, espeak_exe, voices
 
 from .auth import TokenError, api_key_matches, bearer
 from .sessions import (
@@ -632,6 +632,10 @@ def _load_avatar_image(source) -> np.ndarray:
 async def _on_startup(app: web.Application) -> None:
     engine, config = app[ENGINE], app[CONFIG]
     await engine.start()  # no-op when the caller started it
+    try:
+        espeak_exe()
+    except SpeechUnavailable as e:  # the server runs; only `say` and GET /v1/voices answer with this
+        log.warning("text to speech (say) is off: %s", e)
     for avatar_id, source in config.avatars.items():
         try:
             image = await asyncio.to_thread(_load_avatar_image, source)
