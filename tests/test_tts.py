@@ -181,6 +181,15 @@ def test_say_checks_its_text_and_voice_before_anything_is_spoken(tiny_pipeline):
             session.say("   ")
         with pytest.raises(InputError, match="no language"):
             session.say("Hello.", Speech("xx"))
+        from letstalk_rt.stream.engine import MAX_SAYING
+
+        waiting = [session.say("Hello.") for _ in range(MAX_SAYING)]
+        with pytest.raises(InputError, match="already waiting"):
+            session.say("Hello.")
+        session.interrupt()  # drops them all: say() takes text again
+        await asyncio.wait(waiting)
+        assert all(task.cancelled() for task in waiting[1:])
+        session.say("Hello.")
         await session.close()
         from letstalk_rt.stream.engine import SessionClosedError
 

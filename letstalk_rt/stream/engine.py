@@ -102,6 +102,9 @@ _GPU_HOST_THREADS = 1
 SHOWN_BYTES = 16 * 2**20  # a session keeps at most this much of the frames it showed last (Player.history)
 
 
+MAX_SAYING = 16  # say() calls a session holds not yet queued in full (each up to tts.MAX_TEXT characters)
+
+
 class CapacityError(LetsTalkError):
     """The engine already runs its maximum number of sessions; retry later."""
 
@@ -613,6 +616,9 @@ class Session:
         from .sources import TextSource
 
         self._check_open()
+        if len(self._saying) >= MAX_SAYING:
+            raise InputError(f"session {self.id}: {MAX_SAYING} say() calls are already waiting to be spoken; wait for "
+                             "them, or interrupt()")
         source = TextSource(text, speech, self.sample_rate)
         task = self.loop.create_task(self._say(source, self._saying[-1] if self._saying else None),
                                      name=f"session-{self.id}-say")
