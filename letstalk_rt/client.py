@@ -77,6 +77,12 @@ from .rtc import ice_servers as parse_ice_servers
 log = logging.getLogger(__name__)
 
 ALIGN_MAX_S = 0.2  # connect(align=True): frames wait for the audio of their media time unless it has not moved this long
+# connect(reconnect=True): the server sends 25 frames and 50 audio packets a second, silence or not, so this long
+# without any is a connection gone (the server lets a new offer replace one whose peer was silent 2 s)
+RECONNECT_STALL_S = 2.0
+RECONNECT_POLL_S = 0.25
+RECONNECT_FIRST_WAIT_S = 0.5  # between tries, doubling up to 4 s
+RECONNECT_TIMEOUT_S = 30.0  # then give up: the iterators end, with an `error` event (code reconnect_failed)
 
 __all__ = [
     "AudioChunk", "AuthenticationError", "AvatarClient", "AvatarClientError", "AvatarSession", "RequestError",
@@ -239,8 +245,13 @@ class AvatarSession:
         self._tasks: set[asyncio.Task] = set()
         self._replies: dict[int, asyncio.Future] = {}  # control messages awaiting their answer (ping, say), by id
         self._request_id = 0
-        self._connected = asyncio.Event()
         self._failed: str | None = None
+        self._link: dict = {}  # how connect() connected: a reconnect connects the same way
+        self._watching = False  # connect(reconnect=True): a watchdog replaces a connection whose media stopped
+        self._ended = False  # the server said the session closed
+        self._media_at = 0.0  # monotonic: when media last arrived (or the connection came up)
+        self._time_offset = 0.0  # the current connection's media time 0 on the session's timeline (reconnects)
+        self._last_media_time = 0.0  # the end of the last video frame received, on that timeline
         self.closed = False
         self._align = False  # connect(align=...) with audio received
         self._audio_until = -1.0  # media time up to which audio has arrived
@@ -259,9 +270,16 @@ class AvatarSession:
     # -- WebRTC
 
     async def connect(self, audio_track: MediaStreamTrack | None = None, *, video: bool = True, audio: bool = True,
-                      websocket: bool = True, timeout: float = 20.0, align: bool = True) -> None:
+                      websocket: bool = True, timeout: float = 20.0, align: bool = True,
+                      reconnect: bool = True) -> None:
         """Negotiate WebRTC (receive video/audio; send `audio_track` if given) and open the websocket. `align`: hand
-        each video frame over once the audio of its media time has arrived (module docstring)."""
+        each video frame over once the audio of its media time has arrived (module docstring).
+
+        `reconnect`: when no media has arrived for RECONNECT_STALL_S (the network went: a Wi-Fi/cellular switch, a
+        laptop's sleep) or the peer connection fails, connect again with a new one (and a new websocket), for up to
+        RECONNECT_TIMEOUT_S; the frame, audio and event iterators go on across it, media times continuing from where
+        they were. Events `reconnecting` and `reconnected` (or an `error` with code `reconnect_failed`, after which
+        the iterators end) say so."""
         if self.closed:
             raise AvatarClientError(f"session {self.id} is closed")
         if self.pc is not None:
@@ -274,31 +292,43 @@ class AvatarSession:
         servers = self.info.get("ice_servers", []) if self.client.ice_servers is None else self.client.ice_servers
         try:
             servers = parse_ice_servers(servers)
-            configuration = ice_configuration(servers, relay_only=self.client.relay_only)
         except ValueError as e:
             raise AvatarClientError(f"session {self.id}: {e}") from None
         if websocket:
             await self._open_ws()
-        pc = RTCPeerConnection(configuration)
-        self.pc = pc
         self._align = align and audio and video
+        self._link = dict(servers=servers, audio_track=audio_track, video=video, audio=audio, websocket=websocket,
+                          timeout=timeout)
+        await self._negotiate(**self._link)
+        if reconnect:
+            self._spawn(self._watch_media(), "reconnect")
+
+    async def _negotiate(self, servers: list[dict], audio_track: MediaStreamTrack | None, video: bool, audio: bool,
+                         websocket: bool, timeout: float) -> None:
+        """One peer connection, offered and connected (self.pc); closed again if that fails."""
+        pc = RTCPeerConnection(ice_configuration(servers, relay_only=self.client.relay_only))
+        self.pc = pc
+        connected = asyncio.Event()
+        failed: list[str] = []
 
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
             if not release_frames_at_once(pc, track):
                 log.info("session %s: this aiortc's %s receiver holds frames back (%s ms more latency)", self.id,
                          track.kind, "~80" if track.kind == "audio" else "~40")
-            self._spawn(self._read_track(track), f"recv-{track.kind}")
+            self._spawn(self._read_track(track, pc), f"recv-{track.kind}")
 
         @pc.on("connectionstatechange")
         def on_state() -> None:
             if pc.connectionState == "connected":
-                self._connected.set()
+                connected.set()
             elif pc.connectionState in ("failed", "closed"):
-                self._failed = f"peer connection {pc.connectionState}"
-                self._connected.set()
-                self._video.close()
-                self._audio.close()
+                failed.append(f"peer connection {pc.connectionState}")
+                connected.set()
+                if self.pc is pc and not self._watching:  # with reconnect on, the watchdog decides
+                    self._failed = failed[0]
+                    self._video.close()
+                    self._audio.close()
 
         try:
             if video:
@@ -320,44 +350,107 @@ class AvatarSession:
                 await _raise_for_status(resp)
                 answer = await resp.text()
             await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
-            await asyncio.wait_for(self._connected.wait(), timeout)
-            if self._failed:
-                raise AvatarClientError(f"WebRTC connection to session {self.id} failed ({self._failed})")
+            await asyncio.wait_for(connected.wait(), timeout)
+            if failed:
+                raise AvatarClientError(f"WebRTC connection to session {self.id} failed ({failed[0]})")
+            self._media_at = time.monotonic()
         except BaseException as e:
-            self.pc = None
+            if self.pc is pc:
+                self.pc = None
             await _close_pc(pc)
             if isinstance(e, asyncio.TimeoutError):
                 raise AvatarClientError(f"WebRTC connection to session {self.id} not established within "
                                         f"{timeout:g} s") from None
             raise
 
-    async def _read_track(self, track: MediaStreamTrack) -> None:
+    async def _watch_media(self) -> None:
+        """Reconnect when media stops (connect(reconnect=True))."""
+        self._watching = True
+        while not self.closed:
+            await asyncio.sleep(RECONNECT_POLL_S)
+            if self._ended:  # its connection closes with it: the media iterators end once drained
+                self._video.close()
+                self._audio.close()
+                return
+            pc = self.pc
+            stalled = time.monotonic() - self._media_at > RECONNECT_STALL_S
+            if pc is not None and not stalled and pc.connectionState not in ("failed", "closed"):
+                continue
+            reason = (f"no media for {RECONNECT_STALL_S:g} s" if stalled
+                      else f"peer connection {pc.connectionState if pc else 'gone'}")
+            if not await self._reconnect(reason):
+                return
+
+    async def _reconnect(self, reason: str) -> bool:
+        """Replace the peer connection (and the websocket) until one connects or RECONNECT_TIMEOUT_S has passed;
+        False when it gave up (the iterators then end with the reason)."""
+        started = time.monotonic()
+        log.info("session %s: %s; reconnecting", self.id, reason)
+        self._dispatch({"type": "reconnecting", "session_id": self.id, "reason": reason, "time": time.time()})
+        # media times go on from where they stopped, by the time the outage took (both tracks start again at 0)
+        self._time_offset = max(self._last_media_time, self._audio_until) + (time.monotonic() - self._media_at)
+        old, self.pc = self.pc, None
+        if old is not None:
+            self._spawn(_close_pc(old), "close-pc")
+        wait, last = RECONNECT_FIRST_WAIT_S, reason
+        while not self.closed and time.monotonic() - started < RECONNECT_TIMEOUT_S:
+            try:
+                if self._link["websocket"]:  # over a network that went, the old one is dead too: a fresh one
+                    await self._open_ws(replace=True)
+                self._audio_until, self._audio_at = -1.0, time.monotonic()
+                await self._negotiate(**self._link)
+                self._dispatch({"type": "reconnected", "session_id": self.id, "time": time.time(),
+                                "after_s": round(time.monotonic() - started, 3)})
+                return True
+            except (SessionNotFoundError, AuthenticationError) as e:  # the session is gone: nothing to go back to
+                last = str(e)
+                break
+            except (AvatarClientError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+                last = str(e) or type(e).__name__  # 409 (the server still hears the old peer), no network yet
+            await asyncio.sleep(min(wait, max(0.0, RECONNECT_TIMEOUT_S - (time.monotonic() - started))))
+            wait = min(2 * wait, 4.0)
+        if self.closed:
+            return False
+        self._failed = f"reconnect failed: {last}"
+        self._dispatch({"type": "error", "session_id": self.id, "code": "reconnect_failed", "time": time.time(),
+                        "message": f"session {self.id}: lost the connection ({reason}) and could not reconnect "
+                                   f"within {RECONNECT_TIMEOUT_S:g} s: {last}"})
+        self._video.close()
+        self._audio.close()
+        self._events.close(AvatarClientError(self._failed))
+        return False
+
+    async def _read_track(self, track: MediaStreamTrack, pc: RTCPeerConnection) -> None:
         buffer = self._video if track.kind == "video" else self._audio
         first_pts: float | None = None
+        offset = self._time_offset  # where this connection's media time 0 lies on the session's timeline
         while True:
             try:
                 frame = await track.recv()
             except MediaStreamError:
-                buffer.close()
+                if self.pc is pc and not self._watching:  # a replaced connection's tracks end quietly
+                    buffer.close()
                 return
             t = float(frame.pts * frame.time_base) if frame.pts is not None and frame.time_base else 0.0
             if first_pts is None:
                 first_pts = t
                 if track.kind == "video" and self._audio_until < 0:  # the audio's wait starts with the first frame
                     self._audio_at = time.monotonic()
+            t = t - first_pts + offset
+            self._media_at = time.monotonic()
             if track.kind == "video":  # converted to RGB only when read: unread frames cost no conversion
                 if self._align:
-                    await self._wait_audio(t - first_pts)
-                buffer.put(TimedFrame(frame, t - first_pts, time.monotonic()))
+                    await self._wait_audio(t)
+                buffer.put(TimedFrame(frame, t, time.monotonic()))
+                self._last_media_time = max(self._last_media_time, t + 1 / 25)
             else:
                 channels = len(frame.layout.channels)
                 pcm = frame.to_ndarray()  # packed s16: (1, n * channels)
                 pcm = pcm.T if frame.format.is_planar else pcm.reshape(-1, channels)  # (n, channels)
                 if pcm.dtype != np.int16:
                     pcm = (np.clip(pcm, -1, 1) * 32767).astype(np.int16)
-                buffer.put(AudioChunk(pcm=pcm, sample_rate=frame.sample_rate, time=t - first_pts,
-                                      received_at=time.monotonic()))
-                self._audio_until = t - first_pts + frame.samples / frame.sample_rate
+                buffer.put(AudioChunk(pcm=pcm, sample_rate=frame.sample_rate, time=t, received_at=time.monotonic()))
+                self._audio_until = t + frame.samples / frame.sample_rate
                 self._audio_at = time.monotonic()
                 self._audio_moved.set()
 
@@ -403,9 +496,11 @@ class AvatarSession:
 
     # -- websocket: audio and control in, events out
 
-    async def _open_ws(self) -> aiohttp.ClientWebSocketResponse:
+    async def _open_ws(self, replace: bool = False) -> aiohttp.ClientWebSocketResponse:
+        """The session's websocket, opened if there is none (`replace`: a new one even so; the server closes the
+        old one, which may be dead already)."""
         async with self._ws_lock:
-            if self._ws is not None and not self._ws.closed:
+            if self._ws is not None and not self._ws.closed and not replace:
                 return self._ws
             if self.closed:
                 raise AvatarClientError(f"session {self.id} is closed")
@@ -420,7 +515,9 @@ class AvatarSession:
                 if e.status == 404:
                     raise SessionNotFoundError(str(fake), e.status) from None
                 raise fake from None
-            self._ws, self._ws_close, self._format = ws, None, (16000, 1)
+            old, self._ws, self._ws_close, self._format = self._ws, ws, None, (16000, 1, False)
+            if old is not None and not old.closed:
+                self._spawn(_close_quietly(old), "ws-close")
             if self._events.error is not None:  # the last websocket failed the event stream: a fresh one
                 self._events = _Buffer(1000)
             self._spawn(self._read_ws(ws), "ws")
@@ -445,15 +542,18 @@ class AvatarSession:
                 continue
             if isinstance(event, dict):
                 self._dispatch(event)
-        self._ws_close = f"code {ws.close_code}" + (f": {reason}" if reason else "")
         current = self._ws is ws
-        if current:
-            self._ws = None
+        if not current:  # replaced by a newer one of ours (a reconnect): nothing of it matters any more
+            return
+        self._ws_close = f"code {ws.close_code}" + (f": {reason}" if reason else "")
+        self._ws = None
         for future in self._replies.values():
             if not future.done():
                 future.set_exception(AvatarClientError(f"websocket closed by the server ({self._ws_close})"))
         self._replies.clear()
-        if current and not self.closed:
+        if self._watching and ws.close_code in (None, 1006):  # no close from the server: the network went, and the
+            return  # reconnect that follows opens a new one (if it gives up, it ends the events)
+        if not self.closed:
             # Ended without a `closed` event (replaced by a newer websocket, a protocol error, the server
             # gone, the network down): no event will ever come, so end events() with why, not a hang.
             self._events.close(AvatarClientError(f"session {self.id}: websocket closed by the server "
@@ -482,6 +582,7 @@ class AvatarSession:
             except Exception:
                 log.exception("event callback for %r failed", kind)
         if kind == "closed":
+            self._ended = True  # the server closed the session: nothing to reconnect to
             self._events.close()
 
     async def _send(self, send: Callable[[aiohttp.ClientWebSocketResponse], Any]) -> None:
@@ -662,6 +763,11 @@ class AvatarSession:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+async def _close_quietly(ws: aiohttp.ClientWebSocketResponse, timeout: float = 2.0) -> None:
+    with contextlib.suppress(Exception):  # over a network that went, the close handshake never completes
+        await asyncio.wait_for(ws.close(), timeout)
 
 
 async def _close_pc(pc: RTCPeerConnection, timeout: float = 5.0) -> None:

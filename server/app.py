@@ -440,10 +440,16 @@ async def offer(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     if request.content_type != "application/sdp":
         raise api_error(415, f"Content-Type {request.content_type!r}: send the SDP offer as application/sdp")
-    if ss.pc is not None or ss.negotiating:
-        raise api_error(409, "this session already has a peer connection; DELETE it and create a new session")
-    ss.negotiating = True
+    if ss.negotiating:
+        raise api_error(409, "this session's peer connection is being negotiated; wait for its answer")
+    ss.negotiating = True  # before any await: a second offer meanwhile is refused
     try:
+        if ss.pc is not None:
+            if not await ss.replaceable(time.monotonic()):
+                raise api_error(409, f"this session already has a peer connection, and its peer was heard within "
+                                     f"{config.peer_replace_s:g} s; a client whose network went reconnects once it "
+                                     "is silent that long; another viewer needs a session of its own")
+            ss.drop_pc("a new offer replaces the peer connection (its peer went silent: a reconnect)")
         body = await read_in_time(request, read_body(request, config.max_sdp_bytes))
         if ss.closing:  # DELETE / the watchdog closed it while the offer arrived
             raise _session_gone(ss)

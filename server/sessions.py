@@ -80,6 +80,8 @@ class ServerConfig:
     token_ttl_s: float = 3600.0  # a session token is accepted this long after the session was created
     idle_timeout_s: float = 60.0  # no audio, no websocket message, no media pulled for this long: closed
     peer_timeout_s: float = 6.0  # a connected peer silent this long (no RTCP, no RTP) is gone: closed
+    peer_replace_s: float = 2.0  # a new offer replaces a peer connection whose peer was silent this long (a client
+    # whose network changed reconnects); one whose peer was heard since is kept (409)
     ws_grace_s: float = 3.0  # a session without a peer connection whose websocket left: closed after this
     max_upload_mb: float = 10.0  # portrait upload limit (HTTP 413 above)
     upload_timeout_s: float = 30.0  # a request body (upload, SDP offer) not all there after this: 408
@@ -530,8 +532,9 @@ class ServerSession:
         except Exception:  # closing must never fail the caller
             log.exception("session %s: error while closing the peer connection", self.id)
 
-    async def peer_alive(self, now: float) -> bool:
-        """False when a connected peer sent neither an RTCP report nor an RTP packet for peer_timeout_s."""
+    async def peer_alive(self, now: float, timeout: float | None = None) -> bool:
+        """False when a connected peer sent neither an RTCP report nor an RTP packet for `timeout` (default
+        peer_timeout_s)."""
         pc = self.pc
         if pc is None or pc.connectionState != "connected" or self.last_peer_seen is None:
             return True
@@ -552,7 +555,27 @@ class ServerSession:
                         if self._peer_marks.get(k) != mark:
                             self._peer_marks[k] = mark
                             self.last_peer_seen = now
-        return now - self.last_peer_seen <= self.config.peer_timeout_s
+        return now - self.last_peer_seen <= (self.config.peer_timeout_s if timeout is None else timeout)
+
+    async def replaceable(self, now: float) -> bool:
+        """May a new offer replace this session's peer connection? When its peer left: the connection failed,
+        closed or disconnected, or its peer was silent for peer_replace_s (a client whose network went, back on
+        another one). A connection still being set up, or whose peer is heard, is kept."""
+        pc = self.pc
+        if pc is None:
+            return True
+        if pc.connectionState in ("failed", "closed", "disconnected"):
+            return True
+        return pc.connectionState == "connected" and not await self.peer_alive(now, self.config.peer_replace_s)
+
+    def drop_pc(self, reason: str) -> None:
+        """Let the peer connection go (closed in the background); the session stays."""
+        log.info("session %s: %s", self.id, reason)
+        pc, self.pc = self.pc, None
+        self.last_peer_seen = None
+        self._peer_marks.clear()
+        if pc is not None:
+            self.spawn(self.close_pc(pc), "close-pc")
 
     def peer_gone(self, reason: str) -> bool:
         """The peer left (its connection failed or closed, or it went silent). With the session's websocket
@@ -560,12 +583,7 @@ class ServerSession:
         connection goes, and a new offer may reconnect: True. Else False, and the caller closes the session."""
         if self.ws is None or self.ws.closed or self.closing:
             return False
-        log.info("session %s: %s; the session stays for its websocket (a new offer reconnects)", self.id, reason)
-        pc, self.pc = self.pc, None
-        self.last_peer_seen = None
-        self._peer_marks.clear()
-        if pc is not None:
-            self.spawn(self.close_pc(pc), "close-pc")
+        self.drop_pc(f"{reason}; the session stays for its websocket (a new offer reconnects)")
         return True
 
     # -- watchdog

@@ -256,6 +256,78 @@ def test_a_check_that_the_relay_dropped_is_sent_again_when_the_peers_check_arriv
         assert took > 2.5, took  # the dropped check waited out its timeout
 
 
+def _cut_network(pc) -> int:
+    """What a Wi-Fi/cellular switch does to a peer connection: nothing it sends arrives, nothing comes in, and nobody
+    says goodbye; its own ICE notices only when consent expires (~30 s). Returns how many sockets went deaf."""
+    cut = 0
+    for transceiver in pc.getTransceivers():
+        connection = transceiver.receiver.transport.transport._connection  # the aioice connection under ICE
+        for protocol in connection._protocols:
+            if protocol.transport is not None:
+                protocol.transport.sendto = lambda *args, **kwargs: None
+                protocol.datagram_received = lambda *args, **kwargs: None
+                cut += 1
+    return cut
+
+
+def test_sdk_reconnects_when_its_network_goes_and_its_iterators_go_on(tiny_pipeline):
+    """connect(reconnect=True), the default: the client's network goes mid-stream; once no media came for 2 s the
+    SDK offers a new peer connection (and opens a new websocket), the server lets it replace the one whose peer went
+    silent, and frames, audio and events go on, media times continuing. A second peer while the first is heard is
+    still refused (409)."""
+    from letstalk_rt.client import RECONNECT_STALL_S, AvatarClient
+
+    async def main():
+        async with running_server(tiny_pipeline) as srv, AvatarClient(srv.url) as client:
+            session = await client.start_session()
+            seen: list[dict] = []
+            session.on("*", seen.append)
+            await session.connect()
+            frames, chunks = [], []
+
+            async def read_video():
+                async for frame in session.timed_video_frames():
+                    frames.append(frame)
+
+            async def read_audio():
+                async for chunk in session.audio_frames():
+                    chunks.append(chunk)
+
+            readers = [asyncio.ensure_future(read_video()), asyncio.ensure_future(read_audio())]
+            await wait_until(lambda: len(frames) >= 25, 20, "a second of frames")
+            async with aiohttp.ClientSession() as http:  # another viewer, while this one is heard: refused
+                async with http.post(session.offer_url, data=b"v=0", headers={
+                        **session._headers(), "Content-Type": "application/sdp"}) as resp:
+                    assert resp.status == 409 and "heard" in (await resp.json())["error"]
+            server_pc = srv.manager.sessions[session.id].pc
+            assert _cut_network(session.pc) > 0
+            cut_at, before = time.monotonic(), len(frames)
+            took = await wait_until(lambda: any(e["type"] == "reconnected" for e in seen), 30, "the reconnect")
+            await wait_until(lambda: len(frames) >= before + 50, 20, "frames after the reconnect")
+            ss = srv.manager.sessions[session.id]
+            assert ss.pc is not server_pc and ss.pc.connectionState == "connected"
+            await session.send_audio(speechlike(1.0), sample_rate=16000)  # the new websocket carries speech
+            await session.end_speech()
+            await wait_until(lambda: any(e["type"] == "speech_started" for e in seen), 20, "speech after it")
+            await session.close()
+            await asyncio.gather(*readers)
+            return frames, chunks, seen, took, cut_at, before
+
+    frames, chunks, seen, took, cut_at, before = run(main())
+    types = [e["type"] for e in seen]
+    assert types.index("reconnecting") < types.index("reconnected") and "error" not in types
+    reason = next(e for e in seen if e["type"] == "reconnecting")["reason"]
+    assert reason == f"no media for {RECONNECT_STALL_S:g} s"
+    assert RECONNECT_STALL_S <= took < RECONNECT_STALL_S + 6, took
+    times = [f.time for f in frames]
+    assert all(b > a for a, b in zip(times, times[1:])), "media times go back after the reconnect"
+    gap = max(b - a for a, b in zip(times, times[1:]))
+    assert RECONNECT_STALL_S <= gap < took + 3  # the outage, on the media timeline too
+    audio_times = [c.time for c in chunks]
+    assert all(b > a for a, b in zip(audio_times, audio_times[1:]))
+    assert len(frames) >= before + 50
+
+
 def test_ice_servers_are_checked_when_the_server_and_client_start():
     from letstalk_rt.client import AvatarClient
     from letstalk_rt.errors import LetsTalkError
