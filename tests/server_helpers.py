@@ -241,6 +241,20 @@ class Peer:
             await asyncio.wait_for(self.pc.close(), 5)
 
 
+def cut_network(pc) -> int:
+    """What a Wi-Fi/cellular switch does to a peer connection: nothing it sends arrives, nothing comes in, and nobody
+    says goodbye; its own ICE notices only when consent expires (~30 s). Returns how many sockets went deaf."""
+    cut = 0
+    for transceiver in pc.getTransceivers():
+        connection = transceiver.receiver.transport.transport._connection  # the aioice connection under ICE
+        for protocol in connection._protocols:
+            if protocol.transport is not None:
+                protocol.transport.sendto = lambda *args, **kwargs: None
+                protocol.datagram_received = lambda *args, **kwargs: None
+                cut += 1
+    return cut
+
+
 async def wait_until(predicate, timeout: float, what: str, interval: float = 0.05) -> float:
     """Poll `predicate` until true; returns the seconds it took, fails with `what` after `timeout`."""
     start = time.monotonic()

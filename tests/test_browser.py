@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import speechlike
-from server_helpers import run, running_server, turn_server
+from server_helpers import cut_network, run, running_server, turn_server, wait_until
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -251,3 +251,43 @@ def test_browser_page_says_typed_text_in_the_chosen_voice(tiny_pipeline, tmp_pat
     assert '"sentences":2' in log and '"voice":"fr-fr"' in log and "error" not in log
     # the avatar's sound: silence before the text (nothing was sent), speech after
     assert after["audio"]["totalAudioEnergy"] > 10 * before["audio"].get("totalAudioEnergy", 0) + 0.01, (before, after)
+
+
+@pytest.mark.parametrize("page", ["index", "overlay"])
+def test_a_page_whose_connection_goes_silent_reconnects_and_the_avatar_goes_on(tiny_pipeline, tmp_path, page):
+    """The path between the page and the server goes dead mid-stream (here: the server's side of it stops sending
+    and hearing, as when the viewer's network changes). The page sees no media for 2 s, offers a new connection, the
+    server lets it replace the silent one, and the video goes on in the same page."""
+    wav = tmp_path / "speech.wav"
+    _write_wav(wav, 1.0)
+
+    async def main():
+        async with running_server(tiny_pipeline) as srv, async_playwright() as pw:
+            context = await pw.chromium.launch_persistent_context(
+                str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=_chromium_args(wav))
+            try:
+                tab = await context.new_page()
+                await tab.goto(f"{srv.url}/?autostart=1&source=none" if page == "index" else f"{srv.url}/overlay")
+                await tab.wait_for_function("window.letstalk?.frames?.frames > 25", timeout=30000)
+                (ss,) = srv.manager.sessions.values()
+                first_pc = ss.pc
+                assert cut_network(first_pc) > 0
+                await wait_until(lambda: ss.pc is not None and ss.pc is not first_pc
+                                 and ss.pc.connectionState == "connected", 30, "the page's new peer connection")
+                shown = await tab.evaluate("window.letstalk.frames.frames")
+                await tab.wait_for_function(f"window.letstalk.frames.frames > {shown + 25}", timeout=20000)
+                size = await tab.evaluate("[document.getElementById('video').videoWidth, "
+                                          "document.getElementById('video').videoHeight]")
+                text = await tab.evaluate("(document.getElementById('log') || document.getElementById('error'))"
+                                          ".innerText")
+                sessions = len(srv.manager.sessions)
+            finally:
+                await context.close()
+            return size, text, sessions
+
+    size, text, sessions = run(main())
+    assert size == [32, 32] and sessions == 1  # the same session, shown again
+    if page == "index":
+        assert "reconnecting" in text and "no media for 2 s" in text and "reconnected" in text, text
+    else:
+        assert text == "", text  # no error left on the overlay

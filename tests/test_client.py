@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from aiohttp import web
 from conftest import speechlike
-from server_helpers import SpeechTrack, run, running_server, turn_server, wait_until
+from server_helpers import SpeechTrack, cut_network, run, running_server, turn_server, wait_until
 
 
 def test_sdk_never_imports_torch():
@@ -256,20 +256,6 @@ def test_a_check_that_the_relay_dropped_is_sent_again_when_the_peers_check_arriv
         assert took > 2.5, took  # the dropped check waited out its timeout
 
 
-def _cut_network(pc) -> int:
-    """What a Wi-Fi/cellular switch does to a peer connection: nothing it sends arrives, nothing comes in, and nobody
-    says goodbye; its own ICE notices only when consent expires (~30 s). Returns how many sockets went deaf."""
-    cut = 0
-    for transceiver in pc.getTransceivers():
-        connection = transceiver.receiver.transport.transport._connection  # the aioice connection under ICE
-        for protocol in connection._protocols:
-            if protocol.transport is not None:
-                protocol.transport.sendto = lambda *args, **kwargs: None
-                protocol.datagram_received = lambda *args, **kwargs: None
-                cut += 1
-    return cut
-
-
 def test_sdk_reconnects_when_its_network_goes_and_its_iterators_go_on(tiny_pipeline):
     """connect(reconnect=True), the default: the client's network goes mid-stream; once no media came for 2 s the
     SDK offers a new peer connection (and opens a new websocket), the server lets it replace the one whose peer went
@@ -300,7 +286,7 @@ def test_sdk_reconnects_when_its_network_goes_and_its_iterators_go_on(tiny_pipel
                         **session._headers(), "Content-Type": "application/sdp"}) as resp:
                     assert resp.status == 409 and "heard" in (await resp.json())["error"]
             server_pc = srv.manager.sessions[session.id].pc
-            assert _cut_network(session.pc) > 0
+            assert cut_network(session.pc) > 0
             cut_at, before = time.monotonic(), len(frames)
             took = await wait_until(lambda: any(e["type"] == "reconnected" for e in seen), 30, "the reconnect")
             await wait_until(lambda: len(frames) >= before + 50, 20, "frames after the reconnect")

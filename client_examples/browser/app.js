@@ -124,6 +124,10 @@ export class AvatarConnection {
 
   // Negotiate WebRTC (and open the websocket). On failure the peer connection and websocket are closed
   // again before the error is thrown; the session itself is left to its owner (close() deletes it).
+  // reconnect (default true): once no media has come for 2 s (the network changed: Wi-Fi to cellular, a laptop
+  // waking up) or the connection failed, connect again with a new peer connection (and a new websocket if the old
+  // one closed) for up to 30 s; onState gets {type: "reconnecting", reason}, then "reconnected" (conn.stream is then
+  // a new MediaStream: show it) or "reconnect_failed".
   async start(options = {}) {
     try {
       await this._start(options);
@@ -131,6 +135,58 @@ export class AvatarConnection {
       this._hangUp();
       throw e;
     }
+    this._options = options;
+    if (options.reconnect !== false) {
+      this._mediaAt = Date.now();
+      this._packets = -1;
+      this._watch = setInterval(() => this._checkMedia(), 500);
+    }
+  }
+
+  async _checkMedia() {
+    if (this.closed || this._reconnecting || !this.pc) return;
+    const s = await this.stats();
+    const packets = (s.video.packetsReceived ?? 0) + (s.audio.packetsReceived ?? 0);
+    if (packets !== this._packets) {
+      this._packets = packets;
+      this._mediaAt = Date.now();
+    }
+    const state = this.pc?.connectionState;
+    if (state === "failed" || state === "closed") this._reconnect(`peer connection ${state}`);
+    else if (Date.now() - this._mediaAt > 2000) this._reconnect("no media for 2 s");
+  }
+
+  async _reconnect(reason) {
+    this._reconnecting = true;
+    const started = Date.now();
+    this.onState({ type: "reconnecting", reason });
+    const old = this.pc;
+    this.pc = null;
+    if (old) old.close();
+    let wait = 500;
+    let last = reason;
+    while (!this.closed && Date.now() - started < 30000) {
+      this.stream = new MediaStream(); // the new connection's tracks
+      try {
+        const socket = this._options.websocket !== false && (!this.ws || this.ws.readyState > WebSocket.OPEN);
+        await this._start({ ...this._options, websocket: socket });
+        await this.connected(10000);
+        this._packets = -1;
+        this._mediaAt = Date.now();
+        this._reconnecting = false;
+        this.onState({ type: "reconnected", after_ms: Date.now() - started });
+        return;
+      } catch (e) {
+        last = String(e); // 409: the server still hears the old connection; or no network yet
+        if (this.pc) this.pc.close();
+        this.pc = null;
+        if (String(e).includes("HTTP 404") || String(e).includes("HTTP 401")) break; // the session is gone
+      }
+      await new Promise((r) => setTimeout(r, wait));
+      wait = Math.min(2 * wait, 4000);
+    }
+    clearInterval(this._watch);
+    if (!this.closed) this.onState({ type: "reconnect_failed", reason: last });
   }
 
   // relay: connect only through the server's TURN server (iceTransportPolicy "relay"), e.g. to check that it works.
@@ -222,6 +278,7 @@ export class AvatarConnection {
     url.searchParams.set("token", this.info.token); // browsers cannot set headers on a WebSocket
     const ws = new WebSocket(url);
     this.ws = ws;
+    clearInterval(this._keepAlive); // a reconnect opens a new websocket
     ws.onmessage = (m) => {
       try {
         this.onEvent(JSON.parse(m.data));
@@ -288,6 +345,7 @@ export class AvatarConnection {
 
   _hangUp() {
     clearInterval(this._keepAlive);
+    clearInterval(this._watch);
     if (this.ws) this.ws.close();
     if (this.pc) this.pc.close();
   }
