@@ -373,7 +373,9 @@ class AvatarSession:
                 self._audio.close()
                 return
             pc = self.pc
-            stalled = time.monotonic() - self._media_at > RECONNECT_STALL_S
+            # (not before the first media: a server slow to its first frame is not a network gone)
+            stalled = (self._video.received + self._audio.received > 0
+                       and time.monotonic() - self._media_at > RECONNECT_STALL_S)
             if pc is not None and not stalled and pc.connectionState not in ("failed", "closed"):
                 continue
             reason = (f"no media for {RECONNECT_STALL_S:g} s" if stalled
