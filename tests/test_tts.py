@@ -128,12 +128,24 @@ def test_say_speaks_each_sentence_in_order_and_a_second_say_follows_the_first(ti
         frames = await _frames_until_quiet(session, 12.0)
         seconds = await one, await two
         await engine.stop()
-        return frames, seconds
+        events = []
+        async for event in session.events():
+            events.append(event)
+        return frames, seconds, events
 
-    frames, seconds = run(main())
+    frames, seconds, events = run(main())
     audio = np.concatenate([f.audio for f in frames])
-    spoken = [speech.synthesize(p) for p in ("Hello there.", "Good day.", "Bye now.")]
+    texts = ["Hello there.", "Good day.", "Bye now."]
+    spoken = [speech.synthesize(p) for p in texts]
     where = [_position(audio, pcm) for pcm in spoken]
+    # each sentence's caption comes with the frame its audio starts in, and as an event when that frame is shown
+    starts = [w - int(np.flatnonzero(np.abs(pcm) > 0.01)[0]) for w, pcm in zip(where, spoken)]
+    assert [(i, f.captions) for i, f in enumerate(frames) if f.captions] == [
+        (start // 640, (text,)) for start, text in zip(starts, texts)]
+    captions = [e for e in events if e.type == "caption"]
+    assert [e.text for e in captions] == texts
+    assert [b.frame - a.frame for a, b in zip(captions, captions[1:])] == [
+        b // 640 - a // 640 for a, b in zip(starts, starts[1:])]
     assert -1 not in where and where == sorted(where), where  # every sentence whole, sample-exact, in order
     assert where[1] == where[0] + len(spoken[0]) - int(np.flatnonzero(np.abs(spoken[0]) > 0.01)[0]) + \
         int(np.flatnonzero(np.abs(spoken[1]) > 0.01)[0])  # one say()'s sentences back to back
@@ -163,10 +175,15 @@ def test_interrupt_drops_the_sentences_not_yet_spoken_and_say_goes_on_after_it(t
         after = await _frames_until_quiet(session, 6.0)
         await again
         await engine.stop()
-        return after_interrupt, after, cancelled
+        captions = [e.text async for e in session.events() if e.type == "caption"]
+        return after_interrupt, after, cancelled, captions
 
-    after_interrupt, after, cancelled = run(main())
+    after_interrupt, after, cancelled, captions = run(main())
     assert cancelled
+    # what was said before the interrupt, and nothing of what was dropped
+    # (a second of speech is shown before the interrupt: the first sentence, ~1.5 s, at most the start of another)
+    assert captions[-1] == "Still here." and 1 <= len(captions) - 1 <= 2
+    assert captions[:-1] == [f"This is sentence number {n}." for n in range(1, len(captions))]
     # nothing of the rest of the text: not queued, not synthesised (the first frame read is the one due when the
     # interrupt came, already on screen)
     assert not any(f.speech for f in after_interrupt[1:])
@@ -222,12 +239,14 @@ def test_sdk_say_speaks_through_the_server_and_its_errors_come_back_as_exception
                 reader = asyncio.ensure_future(read_audio())
                 answer = await session.say("Hello there. How are you?", voice="en-us+f3", rate=200)
                 assert answer["sentences"] == 2 and answer["voice"] == "en-us+f3"
-                types = []
+                types, captions = [], []
                 async for event in session.events():
                     types.append(event["type"])
-                    if event["type"] == "speech_stopped":
+                    if event["type"] == "caption":  # each sentence as its audio starts playing: subtitles
+                        captions.append(event["text"])
+                    if len(captions) == 2:
                         break
-                assert "speech_started" in types
+                assert captions == ["Hello there.", "How are you?"] and "speech_started" in types
                 with pytest.raises(AvatarClientError, match="no language 'xx'"):
                     await session.say("Hello.", voice="xx")
                 with pytest.raises(AvatarClientError, match="at most 5000"):

@@ -73,7 +73,7 @@ from ..tts import Speech
 from ..pipeline import (DECODE_CHUNK, GRAPH_BUCKETS, AudioTokenizer, LetsTalkPipeline, Portrait, StreamState,
                         encode_features)
 from .events import (
-    AVFrame, EngineAdjusted, Event, FramesDropped, Interrupted, PlaybackPosition, SessionClosed, SessionError,
+    AVFrame, Caption, EngineAdjusted, Event, FramesDropped, Interrupted, PlaybackPosition, SessionClosed, SessionError,
     SpeechStarted, SpeechStopped, WindowTimings,
 )
 
@@ -453,6 +453,8 @@ class Player:
     def _observe(self, tick: int, frame: AVFrame) -> None:
         s = self.session
         now = time.monotonic()
+        for text in frame.captions:
+            s._emit(Caption(s.id, text=text, frame=tick))
         if frame.speech:
             self.speech_frames += 1
             self._silent_ticks = 0
@@ -525,10 +527,11 @@ class Session:
         self._resampler = None
         # shared with the worker thread (guarded by _lock)
         self._lock = threading.Lock()
-        # (samples, arrival, speech, paced arrival, ahead): the paced arrival is when the piece would have arrived
-        # had the audio been pushed at real-time pace from its first piece on (audio pushed ahead of time
-        # keeps its pace; only lateness the engine causes is caught up with faster speech); ahead: push_audio's
-        self._pcm_in: collections.deque[tuple[np.ndarray, float, bool, float, bool]] = collections.deque()
+        # (samples, arrival, speech, paced arrival, ahead, caption): the paced arrival is when the piece would have
+        # arrived had the audio been pushed at real-time pace from its first piece on (audio pushed ahead of time
+        # keeps its pace; only lateness the engine causes is caught up with faster speech); ahead, caption:
+        # push_audio's (the caption on the first piece of its push only)
+        self._pcm_in: collections.deque[tuple[np.ndarray, float, bool, float, bool, str | None]] = collections.deque()
         self._paced_until = 0.0
         self._pending_samples = 0
         self._epoch = 0
@@ -559,13 +562,17 @@ class Session:
 
     # -- audio in
 
-    def push_audio(self, pcm: np.ndarray, sample_rate: int | None = None, ahead: bool = False) -> None:
+    def push_audio(self, pcm: np.ndarray, sample_rate: int | None = None, ahead: bool = False,
+                   caption: str | None = None) -> None:
         """Queue speech: int16 or float32 samples, (n,) mono or (n, channels), at `sample_rate` (default 16 kHz).
 
         `ahead`: the audio is made faster than real time (a TTS) and pushed before it is due. It then plays at its
         own pace: its pauses are kept whole, and a frame's latency counts from when its audio would have come at
         real-time pace. Live audio (the default) that queues up behind earlier audio is late, and is caught up by
-        shortening its pauses (EngineConfig.catch_up)."""
+        shortening its pauses (EngineConfig.catch_up).
+
+        `caption`: the text this audio says; a `Caption` event carries it when the audio's first frame is shown
+        (never, if an interrupt drops it first)."""
         self._check_open()
         pcm = np.asarray(pcm)
         if pcm.dtype not in (np.int16, np.float32, np.float64) or pcm.ndim not in (1, 2):
@@ -591,7 +598,7 @@ class Session:
             now, step = time.monotonic(), self.samples_per_frame
             for i in range(0, len(mono), step):
                 piece = mono[i:i + step]
-                self._pcm_in.append((piece, now, True, self._pace(now, len(piece)), ahead))
+                self._pcm_in.append((piece, now, True, self._pace(now, len(piece)), ahead, caption if i == 0 else None))
             self._pending_samples += len(mono)
         self.engine._wake()
 
@@ -602,7 +609,7 @@ class Session:
         silence = np.zeros(int(math.ceil(lookahead * self.sample_rate)) + self.samples_per_frame, np.float32)
         with self._lock:
             now = time.monotonic()
-            self._pcm_in.append((silence, now, False, self._pace(now, len(silence)), False))
+            self._pcm_in.append((silence, now, False, self._pace(now, len(silence)), False, None))
             self._pending_samples += len(silence)
         self.engine._wake()
 
@@ -822,8 +829,10 @@ class _WorkerState:
         self.tokens: list[torch.Tensor] = []  # (n, M, Dt) chunks not yet generated
         self.n_tokens = 0
         self.idle_ahead = 0  # of them, idle frames put in front (prepend_idle) and not generated yet
-        self.timeline: collections.deque[list] = collections.deque()  # [samples, arrival, speech] fed to the tokenizer
-        # (arrival None: idle frames put in front, see prepend_idle)
+        # [samples, arrival, speech, captions] fed to the tokenizer (arrival None: idle frames put in front, see
+        # prepend_idle; captions: of the audio that starts with these samples)
+        self.timeline: collections.deque[list] = collections.deque()
+        self.captions: list[str] = []  # captions pushed, waiting for the next audio fed
         self.fresh = True  # next window is a short one (session start / after interrupt)
         self.frames_generated = 0
         self.encode_ms = 0.0
@@ -895,7 +904,8 @@ class _WorkerState:
         if not len(pcm):
             return
         self.n_tokens += self.tokenizer.defer(pcm)
-        self.timeline.append([pcm, arrival, speech])
+        self.timeline.append([pcm, arrival, speech, self.captions])
+        self.captions = []
 
     def complete(self, tokens: torch.Tensor) -> None:
         """The tokens the tokenizer owed (they follow everything queued, idle frames put in front included)."""
@@ -909,7 +919,7 @@ class _WorkerState:
         self.tokens.insert(0, tokens)
         self.n_tokens += tokens.shape[0]
         self.idle_ahead += tokens.shape[0]
-        self.timeline.appendleft([np.zeros(tokens.shape[0] * spf, np.float32), None, False])  # None: idle
+        self.timeline.appendleft([np.zeros(tokens.shape[0] * spf, np.float32), None, False, []])  # None: idle
 
     def drop_idle(self, n: int) -> None:
         """Take back n of the idle frames put in front (n <= idle_ahead): what follows plays n frames sooner."""
@@ -941,14 +951,18 @@ class _WorkerState:
         self.n_tokens = rest.shape[0]
         self.idle_ahead = max(0, self.idle_ahead - n)
 
-    def take_audio(self, n: int) -> tuple[np.ndarray, bool, float | None, bool]:
-        """The next n samples of the timeline, whether any were speech, the last speech arrival, and whether
-        the engine inserted them all (idle frames, padding) rather than any coming from pushed audio."""
-        out, speech, arrival, need, pushed = [], False, None, n, False
+    def take_audio(self, n: int) -> tuple[np.ndarray, bool, float | None, bool, list[str]]:
+        """The next n samples of the timeline, whether any were speech, the last speech arrival, whether
+        the engine inserted them all (idle frames, padding) rather than any coming from pushed audio, and the
+        captions of the audio that starts in them."""
+        out, speech, arrival, need, pushed, captions = [], False, None, n, False, []
         while need and self.timeline:
             chunk = self.timeline[0]
             take = chunk[0][:need]
             out.append(take)
+            if chunk[3]:
+                captions += chunk[3]
+                chunk[3] = []
             pushed = pushed or chunk[1] is not None
             if chunk[2]:
                 speech = True
@@ -961,7 +975,7 @@ class _WorkerState:
         audio = np.concatenate(out) if out else np.zeros(0, np.float32)
         if len(audio) < n:
             audio = np.pad(audio, (0, n - len(audio)))
-        return audio, speech, arrival, not pushed
+        return audio, speech, arrival, not pushed, captions
 
     def gap_frames(self, inserted: bool, speech: bool) -> int:
         """Per generated frame, in order: how many inserted frames turned out to be a gap in the speech
@@ -1519,6 +1533,7 @@ class StreamEngine:
                 fresh.level = w.tokenizer.level  # the speaker's loudness outlives an interrupt; set before the
                 w.tokenizer = fresh  # swap, so stats() on the event loop never reads a fresh tokenizer's gain 1
                 w.tokens, w.n_tokens, w.timeline, w.idle_ahead = [], 0, collections.deque(), 0
+                w.captions = []
                 w.unflushed = w.after_speech = False
                 w.inserted_run = 0
                 w.silent_run_s = 0.0
@@ -1539,8 +1554,10 @@ class StreamEngine:
             with s._lock:
                 if not s._pcm_in:
                     break
-                pcm, arrival, speech, paced, ahead = s._pcm_in.popleft()
+                pcm, arrival, speech, paced, ahead, caption = s._pcm_in.popleft()
                 s._pending_samples -= len(pcm)
+            if caption is not None:  # goes with the next audio fed, whatever the catch-up does with this piece
+                w.captions.append(caption)
             voiced = speech and len(pcm) > 0 and w.heard_rms(pcm) > self.config.speech_rms
             w.last_push, w.last_paced = arrival, paced
             came = paced if ahead else arrival  # audio pushed ahead of time counts as come at its pace
@@ -1790,10 +1807,10 @@ class StreamEngine:
             meta = []
             try:
                 for i in range(n):
-                    audio, speech, arrival, inserted = w.take_audio(s.samples_per_frame)
+                    audio, speech, arrival, inserted, captions = w.take_audio(s.samples_per_frame)
                     speech = speech and w.heard_rms(audio) > self.config.speech_rms
                     s.gap_inserted_s += w.gap_frames(inserted, speech) / self.pipeline.fps
-                    meta.append((w.frames_generated + i, audio, speech, arrival if speech else None))
+                    meta.append((w.frames_generated + i, audio, speech, arrival if speech else None, tuple(captions)))
             except Exception as e:  # this session's bookkeeping: it alone ends, the batch's others go on
                 self._fail_session(s, "window", e)
                 continue
@@ -1898,9 +1915,9 @@ class StreamEngine:
         k = 0
         for s, epoch, _, meta, timings in batch:
             out = []
-            for index, audio, speech, audio_time in meta:
+            for index, audio, speech, audio_time, captions in meta:
                 out.append(AVFrame(index=index, video=video[k] if s.paste is None else s.paste(video[k]), audio=audio,
-                                   speech=speech, latent=lat[k], audio_time=audio_time))
+                                   speech=speech, latent=lat[k], audio_time=audio_time, captions=captions))
                 k += 1
             _post(s, s._deliver, epoch, out, None if dec_ms is None else dataclasses.replace(timings, decode_ms=dec_ms))
 

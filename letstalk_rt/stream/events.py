@@ -29,6 +29,7 @@ class AVFrame:
     latent: Tensor | None = None  # (C, h, w) the frame's clean latent, kept to roll the memory back on interrupt
     audio_time: float | None = None  # time.monotonic() when the last sample of this frame's speech arrived (latency)
     filler: bool = False  # True for a held frame shown because generation was late
+    captions: tuple[str, ...] = ()  # captions of the audio that starts in this frame (push_audio(caption=...))
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,15 @@ class SpeechStarted(Event):
 class SpeechStopped(Event):
     """The avatar stopped talking (after a short hang-over of silence)."""
 
+    frame: int = 0
+
+
+@dataclass(frozen=True)
+class Caption(Event):
+    """The audio pushed with this caption (`push_audio(caption=...)`; each sentence of a `say()`) starts playing now:
+    subtitles in step with the lips, and, after an interrupt, exactly what was said before it."""
+
+    text: str = ""
     frame: int = 0
 
 
@@ -121,6 +131,7 @@ class EngineAdjusted(Event):
 _EVENT_NAMES: dict[type, str] = {
     SpeechStarted: "speech_started",
     SpeechStopped: "speech_stopped",
+    Caption: "caption",
     PlaybackPosition: "playback_position",
     WindowTimings: "window_timings",
     FramesDropped: "frames_dropped",

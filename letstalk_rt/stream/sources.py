@@ -32,19 +32,20 @@ class AudioSource(ABC):
     paced = True  # chunks come at real-time pace; False: as fast as they are made (run() waits for room)
 
     @abstractmethod
-    def chunks(self) -> AsyncIterator[tuple[np.ndarray, int]]:
-        """Yield (samples, sample_rate); samples int16/float32 shaped (n,) or (n, channels)."""
+    def chunks(self) -> AsyncIterator[tuple]:
+        """Yield (samples, sample_rate), or (samples, sample_rate, caption): samples int16/float32 shaped (n,) or
+        (n, channels); caption: the text they say (a `caption` event when they start playing)."""
 
     async def run(self, session: "Session", end_speech: bool = True) -> None:
         """Push every chunk into `session` until the source ends (or the session closes)."""
         from .engine import AudioBufferFull
 
-        async for pcm, rate in self.chunks():
+        async for pcm, rate, *caption in self.chunks():
             while True:
                 if session.closed:
                     return
                 try:
-                    session.push_audio(pcm, rate, ahead=not self.paced)
+                    session.push_audio(pcm, rate, ahead=not self.paced, caption=caption[0] if caption else None)
                     break
                 except AudioBufferFull:
                     if self.paced:  # a live source this far ahead of playback: the application must hear of it
@@ -157,8 +158,8 @@ class TextSource(AudioSource):
         self.rate = sample_rate
         self.seconds = 0.0  # of speech made so far
 
-    async def chunks(self) -> AsyncIterator[tuple[np.ndarray, int]]:
+    async def chunks(self) -> AsyncIterator[tuple[np.ndarray, int, str]]:
         for piece in self.pieces:
             pcm = await asyncio.to_thread(self.speech.synthesize, piece, self.rate)
             self.seconds += len(pcm) / self.rate
-            yield pcm, self.rate
+            yield pcm, self.rate, piece  # each sentence its caption
