@@ -703,14 +703,16 @@ class AvatarSession:
             except StopAsyncIteration:
                 return
 
-    def overlay_url(self, chroma: str | None = None, relay: bool | None = None) -> str:
+    def overlay_url(self, chroma: str | None = None, relay: bool | None = None, captions: bool = False) -> str:
         """A page showing only this avatar (OBS browser source); it takes the WebRTC side, this object keeps
         the websocket (audio, control, events). Call it instead of `connect()`, not after. `relay`: the page connects
-        only through the server's TURN server (default: as this client does, `relay_only`)."""
+        only through the server's TURN server (default: as this client does, `relay_only`). `captions`: the page shows
+        what the avatar says (`say` text, audio sent with a caption) as each sentence starts."""
         relay = self.client.relay_only if relay is None else relay
         url = URL(self.client._url("/overlay")).with_query({"session": self.id, "token": self.token,
                                                              **({"chroma": chroma} if chroma else {}),
-                                                             **({"relay": "1"} if relay else {})})
+                                                             **({"relay": "1"} if relay else {}),
+                                                             **({"captions": "1"} if captions else {})})
         return str(url)
 
     def route(self) -> dict | None:

@@ -7,6 +7,7 @@
     POST /v1/sessions                 portrait upload or avatar id -> session id + token   (503 when full)
     POST /v1/sessions/{id}/offer      WHIP-style: SDP offer in, SDP answer out
     GET  /v1/sessions/{id}/ws         websocket: PCM16 + control in, events out
+    GET  /v1/sessions/{id}/events     server-sent events: the session's events, read-only (overlays, dashboards)
     GET  /v1/sessions/{id}            state and stats             DELETE /v1/sessions/{id}   free it
     GET  /, /overlay                  the browser client (client_examples/browser)
 
@@ -46,6 +47,7 @@ from letstalk_rt.tts import DEFAULT_VOICE, SpeechUnavailable, espeak_exe, voices
 
 from .auth import TokenError, api_key_matches, bearer
 from .sessions import (
+    MAX_LISTENERS,
     REPO_ROOT,
     SdpRejected,
     ServerConfig,
@@ -417,6 +419,35 @@ async def create_session(request: web.Request) -> web.Response:
     }, status=201)
 
 
+async def session_events(request: web.Request) -> web.StreamResponse:
+    """The session's engine events as server-sent events (`data: {json}` each), read-only and for any number of
+    readers up to MAX_LISTENERS: an overlay showing captions of a session another client drives, a dashboard. Ends
+    with the session (its `closed` event); a comment line every 15 s keeps proxies from closing it."""
+    ss = authorize_session(request, allow_api_key=True)
+    queue = ss.listen()
+    if queue is None:
+        raise api_error(429, f"this session already has {MAX_LISTENERS} event streams open; close one")
+    try:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           "X-Accel-Buffering": "no"})
+        await resp.prepare(request)
+        await resp.write(f"retry: 2000\ndata: {json.dumps({'type': 'listening', 'session_id': ss.id})}\n\n".encode())
+        while True:
+            try:
+                message = await asyncio.wait_for(queue.get(), 15.0)
+            except asyncio.TimeoutError:
+                await resp.write(b": keep-alive\n\n")
+                continue
+            if message is None:
+                break
+            await resp.write(f"data: {json.dumps(message)}\n\n".encode())
+    except (ConnectionError, RuntimeError):  # the reader went away
+        pass
+    finally:
+        ss.listeners.discard(queue)
+    return resp
+
+
 async def get_session(request: web.Request) -> web.Response:
     ss = authorize_session(request, allow_api_key=True)
     return web.json_response({
@@ -684,6 +715,7 @@ def create_app(engine: StreamEngine, config: ServerConfig | None = None) -> web.
     r.add_delete("/v1/sessions/{session_id}", delete_session)
     r.add_post("/v1/sessions/{session_id}/offer", offer)
     r.add_get("/v1/sessions/{session_id}/ws", websocket)
+    r.add_get("/v1/sessions/{session_id}/events", session_events)
     r.add_get("/", _static_page("index.html"))
     r.add_get("/overlay", _static_page("overlay.html"))
     if config.static_dir is not None and config.static_dir.is_dir():

@@ -314,6 +314,10 @@ def render_metrics(manager: SessionManager) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
+MAX_LISTENERS = 8  # event streams (GET /v1/sessions/{id}/events) a session serves at once
+LISTENER_QUEUE = 256  # events held for one of them that does not read
+
+
 class ServerSession:
     """An engine session plus its peer connection, websocket and tasks."""
 
@@ -341,6 +345,7 @@ class ServerSession:
         self.closing = False
         self.closed = asyncio.Event()
         self.tasks: set[asyncio.Task] = set()
+        self.listeners: set[asyncio.Queue] = set()  # GET .../events streams: each gets the engine's events too
         self.pump = self.spawn(self._pump_events(), "events")
 
     # -- tasks
@@ -378,11 +383,28 @@ class ServerSession:
         await self.send_json({"type": "error", "session_id": self.id, "code": code, "message": message,
                               "time": time.time(), **({"id": request} if request is not None else {})})
 
+    def listen(self) -> asyncio.Queue | None:
+        """A queue that gets every engine event of this session from now on (None at its end); None when the session
+        has MAX_LISTENERS already."""
+        if len(self.listeners) >= MAX_LISTENERS:
+            return None
+        queue: asyncio.Queue = asyncio.Queue(LISTENER_QUEUE)
+        self.listeners.add(queue)
+        return queue
+
+    def tell_listeners(self, message: dict | None) -> None:
+        for queue in self.listeners:
+            if queue.full():  # a listener that does not read loses its oldest events, never the server's memory
+                queue.get_nowait()
+            queue.put_nowait(message)
+
     async def _pump_events(self) -> None:
         async for event in self.session.events():
             if event.type == "error":
                 self.manager.metrics.errors_total += 1
-            await self.send_json(event.to_dict())
+            message = event.to_dict()
+            self.tell_listeners(message)
+            await self.send_json(message)
             if isinstance(event, SessionClosed):
                 break
         # The engine closed the session (error, engine stop) or we did: free the rest.
@@ -680,6 +702,7 @@ class SessionManager:
         finally:
             self.sessions.pop(ss.id, None)
             self.metrics.absorb(ss.session)
+            ss.tell_listeners(None)  # their streams end
             ss.closed.set()
 
     async def close_all(self, reason: str = "server stopping") -> None:

@@ -291,3 +291,39 @@ def test_a_page_whose_connection_goes_silent_reconnects_and_the_avatar_goes_on(t
         assert "reconnecting" in text and "no media for 2 s" in text and "reconnected" in text, text
     else:
         assert text == "", text  # no error left on the overlay
+
+
+@pytest.mark.skipif(__import__("shutil").which("espeak-ng") is None, reason="needs espeak-ng (the server's TTS)")
+def test_an_overlay_of_an_sdk_session_shows_each_sentence_as_a_caption_when_it_starts(tiny_pipeline, tmp_path):
+    """overlay_url(captions=True): the SDK drives the session (its websocket, `say`); the overlay page shows the
+    avatar and, read from the session's event stream, each sentence's text as its audio starts playing."""
+    from letstalk_rt.client import AvatarClient
+
+    wav = tmp_path / "speech.wav"
+    _write_wav(wav, 1.0)
+
+    async def main():
+        async with running_server(tiny_pipeline) as srv, async_playwright() as pw, AvatarClient(srv.url) as client:
+            session = await client.start_session()
+            url = session.overlay_url(captions=True)
+            await session.ping()  # opens the websocket: the SDK keeps it
+            context = await pw.chromium.launch_persistent_context(
+                str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=_chromium_args(wav))
+            try:
+                page = await context.new_page()
+                await page.goto(url)
+                await page.wait_for_function("window.letstalk?.frames?.frames > 10", timeout=30000)
+                await session.say("Hello there. Goodbye now.", rate=160)
+                shown = []
+                for text in ("Hello there.", "Goodbye now."):
+                    await page.wait_for_function(f"document.getElementById('caption').textContent === {text!r}",
+                                                 timeout=20000)
+                    shown.append(text)
+                await page.wait_for_function("document.getElementById('caption').textContent === ''",
+                                             timeout=20000)  # cleared once the avatar stopped talking
+            finally:
+                await context.close()
+            await session.close()
+            return shown
+
+    assert run(main()) == ["Hello there.", "Goodbye now."]

@@ -913,3 +913,50 @@ def test_browser_client_and_spec_are_served(tiny_pipeline, path):
 
     text = run(main())
     assert len(text) > 500
+
+
+def test_the_event_stream_serves_a_sessions_events_to_readers_without_its_websocket(tiny_pipeline):
+    """GET /v1/sessions/{id}/events: server-sent events, read-only, for up to MAX_LISTENERS readers at once (429
+    past them), with the session token (401 without): every engine event (captions here, pushed in-process with
+    audio) and, last, `closed`, after which the stream ends."""
+    from server.sessions import MAX_LISTENERS
+
+    async def main():
+        async with running_server(tiny_pipeline) as srv, aiohttp.ClientSession() as http:
+            info = await create_session(http, srv.url)
+            sid, url = info["session_id"], f"{srv.url}/v1/sessions/{info['session_id']}/events"
+            async with http.get(url) as resp:
+                assert resp.status == 401
+            player = play_session(srv, sid)
+            resp = await http.get(url, params={"token": info["token"]})
+            assert resp.status == 200 and resp.headers["Content-Type"] == "text/event-stream"
+            others = [await http.get(url, params={"token": info["token"]}) for _ in range(MAX_LISTENERS - 1)]
+            async with http.get(url, params={"token": info["token"]}) as refused:
+                assert refused.status == 429 and str(MAX_LISTENERS) in (await refused.json())["error"]
+            for other in others:
+                other.close()
+            await wait_until(lambda: len(srv.manager.sessions[sid].listeners) == 1, 10, "the others to go")
+            session = srv.manager.sessions[sid].session
+            session.push_audio(speechlike(0.5) + 0.05, ahead=True, caption="first words")
+            session.push_audio(speechlike(0.5, seed=2) + 0.05, ahead=True, caption="second words")
+            session.end_speech()
+            events = []
+
+            async def read():
+                async for line in resp.content:
+                    if line.startswith(b"data: "):
+                        events.append(json.loads(line[6:]))
+                        if events[-1]["type"] == "caption" and events[-1]["text"] == "second words":
+                            async with http.delete(f"{srv.url}/v1/sessions/{sid}",
+                                                   headers={"Authorization": f"Bearer {info['token']}"}) as r:
+                                assert r.status == 204
+
+            await asyncio.wait_for(read(), 30)  # the stream ends with the session
+            player.cancel()
+            return events
+
+    events = run(main())
+    types = [e["type"] for e in events]
+    assert types[0] == "listening" and types[-1] == "closed"
+    assert [e["text"] for e in events if e["type"] == "caption"] == ["first words", "second words"]
+    assert "speech_started" in types and all(e.get("session_id") for e in events)
