@@ -481,6 +481,7 @@ async def offer(request: web.Request) -> web.Response:
                                      f"{config.peer_replace_s:g} s; a client whose network went reconnects once it "
                                      "is silent that long; another viewer needs a session of its own")
             ss.drop_pc("a new offer replaces the peer connection (its peer went silent: a reconnect)")
+            ss.manager.metrics.reconnects_total += 1
         body = await read_in_time(request, read_body(request, config.max_sdp_bytes))
         if ss.closing:  # DELETE / the watchdog closed it while the offer arrived
             raise _session_gone(ss)

@@ -220,6 +220,8 @@ class Metrics:
         self.sessions_total = 0
         self.refused_total = 0
         self.errors_total = 0
+        self.says_total = 0  # `say` messages accepted
+        self.reconnects_total = 0  # peer connections a new offer replaced (a client back after its network changed)
         # totals of sessions already closed (live ones are added at scrape time)
         self.closed_frames = 0
         self.closed_held = 0
@@ -287,6 +289,11 @@ def render_metrics(manager: SessionManager) -> str:
            q + [("_sum", float(sum(lat))), ("_count", len(lat))])
     metric("letstalk_errors_total", "counter", "Session errors, failed negotiations and internal server errors.",
            [("", m.errors_total)])
+    metric("letstalk_says_total", "counter", "Texts accepted to be spoken (`say`).", [("", m.says_total)])
+    metric("letstalk_reconnects_total", "counter", "Peer connections replaced by a new offer after their peer went "
+           "silent (a client back after its network changed).", [("", m.reconnects_total)])
+    metric("letstalk_event_streams", "gauge", "Event streams (GET /v1/sessions/{id}/events) open now.",
+           [("", sum(len(ss.listeners) for ss in manager.sessions.values()))])
     state = manager.engine.running_state()
     threads = state["torch_threads"]
     metric("letstalk_engine_torch_threads", "gauge", "Torch threads the engine's worker runs (--threads); NaN: torch's own.",
@@ -445,6 +452,7 @@ class ServerSession:
         except InputError as e:
             await self.error_event(f"say: {e}", "bad_message", request)
             return
+        self.manager.metrics.says_total += 1
         await self.send_json({"type": "say", "id": request, "sentences": len(sentences(text)),
                               "voice": speech.voice, "time": time.time()})
         self.spawn(self._said(task, request), "said")

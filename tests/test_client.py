@@ -292,6 +292,7 @@ def test_sdk_reconnects_when_its_network_goes_and_its_iterators_go_on(tiny_pipel
             await wait_until(lambda: len(frames) >= before + 50, 20, "frames after the reconnect")
             ss = srv.manager.sessions[session.id]
             assert ss.pc is not server_pc and ss.pc.connectionState == "connected"
+            assert (await client.metrics())["letstalk_reconnects_total"] == 1
             await session.send_audio(speechlike(1.0), sample_rate=16000)  # the new websocket carries speech
             await session.end_speech()
             await wait_until(lambda: any(e["type"] == "speech_started" for e in seen), 20, "speech after it")

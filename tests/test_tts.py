@@ -253,6 +253,7 @@ def test_sdk_say_speaks_through_the_server_and_its_errors_come_back_as_exception
                     await session.say("word " * 1001)
                 # the same websocket goes on after a refused say
                 assert (await session.say("Hé, ça va ? Très bien.", voice="fr"))["sentences"] == 2
+                assert (await client.metrics())["letstalk_says_total"] == 2  # the refused ones are not counted
                 await session.close()
                 await reader
                 return chunks
