@@ -335,15 +335,14 @@ async def _demo(pipe, image, speech: Path, args: argparse.Namespace, voice=None)
     if not args.quiet:
         print(file=sys.stderr)
     print(f"wrote {args.out} ({ticks} frames recorded from the WebRTC tracks)")
+    # said text is queued ahead of real time; its latency counts from when each piece would have come at real-time
+    # pace (push_audio(ahead=True)), and how long its first word took to show is printed beside it
+    latency = (f"speech-to-screen latency p50 {stats['latency_ms_p50'] or 0:.0f} ms, "
+               f"p95 {stats['latency_ms_p95'] or 0:.0f} ms")
     if source is None:
-        # Said text is queued a sentence at a time, ahead of its frames: their latency would count that wait, so the
-        # figure here is how long the first word took to show.
         said_at = first_word.result() if first_word.done() else None
-        latency = "time to first word (say() to its first frame on screen) " + (
+        latency += "; time to first word (say() to its first frame on screen) " + (
             f"{said_at * 1000:.0f} ms" if said_at is not None else "never: no speech was shown")
-    else:
-        latency = (f"speech-to-screen latency p50 {stats['latency_ms_p50'] or 0:.0f} ms, "
-                   f"p95 {stats['latency_ms_p95'] or 0:.0f} ms")
     print(f"time to first frame {stats['first_frame_s'] * 1000:.0f} ms; {latency}; held (late) frames "
           f"{stats['fillers']}; dropped {sum(stats['dropped'].values()) - stats['dropped'].get('late', 0)}")
 
