@@ -868,14 +868,17 @@ class AvatarClient:
 
     async def start_session(self, portrait: str | Path | bytes | None = None, *, avatar_id: str | None = None,
                             seed: int | None = None, steps: int | None = None,
-                            full_frame: int | None = None, framing: float | None = None) -> AvatarSession:
+                            full_frame: int | None = None, framing: float | None = None,
+                            voice: str | None = None) -> AvatarSession:
         """Create a session from a portrait (a path or image bytes) or a preloaded avatar (default "default").
 
         `full_frame` N: the video is the whole portrait photo, its longest side at most N px, with the animated face
         pasted back in (up to the server's `--max-full-frame`); by default the face crop at the model's size.
         `framing` K: a face small in a large photo is shown with at most K sides of its square on the frames' shorter
-        side (head and shoulders; the server's default 3); 0: the whole photo however small the face."""
+        side (head and shoulders; the server's default 3); 0: the whole photo however small the face.
+        `voice`: the voice `say` speaks with in this session unless a `say` names another (`voices()`)."""
         http = self._require_http()
+        options = (("seed", seed), ("steps", steps), ("full_frame", full_frame), ("framing", framing), ("voice", voice))
         if portrait is not None and avatar_id is not None:
             raise ValueError("give either portrait or avatar_id, not both")
         if portrait is not None:
@@ -883,14 +886,13 @@ class AvatarClient:
             form = aiohttp.FormData()
             form.add_field("portrait", data, filename=Path(str(portrait)).name if not isinstance(portrait, bytes)
                            else "portrait", content_type="application/octet-stream")
-            for name, value in (("seed", seed), ("steps", steps), ("full_frame", full_frame), ("framing", framing)):
+            for name, value in options:
                 if value is not None:
                     form.add_field(name, str(value))
             request = http.post(self._url("/v1/sessions"), data=form, headers=self._auth())
         else:
             body: dict[str, Any] = {"avatar_id": avatar_id or "default"}
-            body.update({k: v for k, v in (("seed", seed), ("steps", steps), ("full_frame", full_frame),
-                                           ("framing", framing)) if v is not None})
+            body.update({k: v for k, v in options if v is not None})
             request = http.post(self._url("/v1/sessions"), json=body, headers=self._auth())
         async with request as resp:
             await _raise_for_status(resp)

@@ -43,7 +43,7 @@ from letstalk_rt.errors import InputError, LetsTalkError, NoFaceError
 from letstalk_rt.framing import FRAMING, MAX_PHOTO_SIDE, check_framing
 from letstalk_rt.media import upright_image
 from letstalk_rt.stream import CapacityError, run_off_loop
-from letstalk_rt.tts import DEFAULT_VOICE, SpeechUnavailable, espeak_exe, voices
+from letstalk_rt.tts import DEFAULT_VOICE, SpeechUnavailable, check_voice, espeak_exe, voices
 
 from .auth import TokenError, api_key_matches, bearer
 from .sessions import (
@@ -73,7 +73,7 @@ MAX_WS_MESSAGE = 512 * 1024  # transport cap (1 s of 96 kHz stereo PCM16 is 384 
 MAX_CONTROL_MESSAGE = 32768  # JSON control messages are small; `say` text is at most 5000 characters
 MAX_FORM_FIELD = 1024  # non-file multipart fields (seed, steps, avatar_id, full_frame, framing)
 MAX_FORM_PARTS = 8
-SESSION_FIELDS = ("portrait", "avatar_id", "seed", "steps", "full_frame", "framing")
+SESSION_FIELDS = ("portrait", "avatar_id", "seed", "steps", "full_frame", "framing", "voice")
 FIELDS_NAMED = ", ".join(f for f in SESSION_FIELDS if f != "portrait")  # what the errors list as expected
 UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP")  # what the docs promise; Pillow's other decoders are never reached
 
@@ -357,6 +357,17 @@ def _framing_field(fields: dict) -> float:
         raise api_error(422, str(e)) from None
 
 
+async def _voice_field(fields: dict) -> str | None:
+    """`voice`: the session's voice for `say` (an espeak-ng voice this server has), or None."""
+    value = fields.get("voice")
+    if value is None or value == "":
+        return None
+    try:
+        return await asyncio.to_thread(check_voice, value)  # the first call lists espeak-ng's voices
+    except InputError as e:
+        raise api_error(422, f"`voice`: {e}") from None
+
+
 async def create_session(request: web.Request) -> web.Response:
     require_api_key(request)
     app = request.app
@@ -370,6 +381,7 @@ async def create_session(request: web.Request) -> web.Response:
         steps = _int_field(fields, "steps", 1, 50)
         full_frame = _int_field(fields, "full_frame", 0, config.max_full_frame) or 0
         framing = _framing_field(fields)
+        voice = await _voice_field(fields)
         if steps is not None and steps != engine.pipeline.num_steps:
             raise api_error(422, f"`steps`: this server samples {engine.pipeline.num_steps} step(s) per window for "
                                  "every session (sessions are batched together); set it at start with --steps")
@@ -404,6 +416,7 @@ async def create_session(request: web.Request) -> web.Response:
     finally:
         manager.release()
     ss = manager.add(session)
+    ss.voice = voice
     origin = request.url.origin()
     ws_origin = origin.with_scheme("wss" if origin.scheme == "https" else "ws")
     width, height = session.frame_size
@@ -416,6 +429,7 @@ async def create_session(request: web.Request) -> web.Response:
         "video": {"width": width, "height": height, "fps": engine.pipeline.fps, "face_box": list(session.face_box)},
         "audio": {"sample_rate": session.sample_rate, "channels": 1, "format": "pcm_s16le"},
         "ice_servers": ss.ice_servers,
+        **({"voice": voice} if voice else {}),
     }, status=201)
 
 

@@ -336,6 +336,7 @@ class ServerSession:
         self.token = token
         self.expires_at = expires_at
         self.ice_servers = self.config.session_ice_servers(self.id)  # this server's pc and the client's use them
+        self.voice: str | None = None  # the session's voice for `say` (the session request's `voice`)
         self.pc: RTCPeerConnection | None = None
         self.negotiating = False
         self.ws: web.WebSocketResponse | None = None
@@ -444,7 +445,10 @@ class ServerSession:
         request = message.get("id")
         try:
             text = check_text(message.get("text"))
-            speech = Speech(**{k: message[k] for k in ("voice", "rate", "pitch") if k in message})
+            options = {k: message[k] for k in ("voice", "rate", "pitch") if k in message}
+            if "voice" not in options and self.voice:
+                options["voice"] = self.voice
+            speech = Speech(**options)
             task = self.session.say(text, speech)
         except SpeechUnavailable as e:
             await self.error_event(f"say: {e}", "tts_unavailable", request)

@@ -221,7 +221,7 @@ def test_say_checks_its_text_and_voice_before_anything_is_spoken(tiny_pipeline):
 
 
 def test_sdk_say_speaks_through_the_server_and_its_errors_come_back_as_exceptions(tiny_pipeline):
-    from letstalk_rt.client import AvatarClient, AvatarClientError
+    from letstalk_rt.client import AvatarClient, AvatarClientError, RequestError
 
     async def main():
         async with running_server(tiny_pipeline) as srv:
@@ -253,7 +253,14 @@ def test_sdk_say_speaks_through_the_server_and_its_errors_come_back_as_exception
                     await session.say("word " * 1001)
                 # the same websocket goes on after a refused say
                 assert (await session.say("Hé, ça va ? Très bien.", voice="fr"))["sentences"] == 2
-                assert (await client.metrics())["letstalk_says_total"] == 2  # the refused ones are not counted
+                # a session's own voice: its says speak with it unless they name another; a bad one is refused at once
+                with pytest.raises(RequestError, match="`voice`: voice 'xx'"):
+                    await client.start_session(voice="xx")
+                french = await client.start_session(voice="fr")
+                assert french.info["voice"] == "fr" and (await french.say("Bonjour."))["voice"] == "fr"
+                assert (await french.say("Hello.", voice="en-us"))["voice"] == "en-us"
+                await french.close()
+                assert (await client.metrics())["letstalk_says_total"] == 4  # the refused ones are not counted
                 await session.close()
                 await reader
                 return chunks
