@@ -679,8 +679,8 @@ class AvatarSession:
     def on(self, event_type: str, callback: Callable[[dict], Any] | None = None):
         """Call `callback(event)` for each event of `event_type` ("*" for all); usable as a decorator.
 
-        Types: ready, speech_started, speech_stopped, playback_position, window_timings, frames_dropped,
-        interrupted, engine_adjusted, error, closed. Coroutine callbacks run as tasks. Events flow once the websocket is
+        Types: ready, speech_started, speech_stopped, caption, playback_position, window_timings, frames_dropped,
+        interrupted, engine_adjusted, say, error, closed; and this SDK's own reconnecting / reconnected. Coroutine callbacks run as tasks. Events flow once the websocket is
         open (`connect()` opens it; so does the first `send_audio`).
         """
         def register(cb: Callable[[dict], Any]) -> Callable[[dict], Any]:

@@ -11,6 +11,7 @@ the test points playwright at /usr/bin/chromium). Without either, this test is s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import wave
 from pathlib import Path
 
@@ -64,6 +65,19 @@ def _chromium_args(wav: Path) -> list[str]:
         "--autoplay-policy=no-user-gesture-required",
         "--disable-features=WebRtcHideLocalIpsWithMdns",  # plain host candidates, no mDNS names
     ]
+
+
+@contextlib.asynccontextmanager
+async def _chromium(pw, tmp_path: Path):
+    """Headless Chromium (its fake microphone playing a second of speech, unused by pages told `source=none`)."""
+    wav = tmp_path / "speech.wav"
+    _write_wav(wav, 1.0)
+    context = await pw.chromium.launch_persistent_context(
+        str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=_chromium_args(wav))
+    try:
+        yield context
+    finally:
+        await context.close()
 
 
 @pytest.mark.parametrize("mode", ["microphone+avatar", "file+photo"])
@@ -221,29 +235,22 @@ def test_overlay_page_shows_a_session_driven_by_the_sdk(tiny_pipeline, tmp_path)
 def test_browser_page_says_typed_text_in_the_chosen_voice(tiny_pipeline, tmp_path):
     """index.html with nothing sent as speech: the voices come from GET /v1/voices, text typed and sent with Enter is
     spoken by the server (`say`): accepted, then played (speech_started), the avatar's sound arriving."""
-    wav = tmp_path / "speech.wav"
-    _write_wav(wav, 1.0)
 
     async def main():
-        async with running_server(tiny_pipeline) as srv, async_playwright() as pw:
-            context = await pw.chromium.launch_persistent_context(
-                str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=_chromium_args(wav))
-            try:
-                page = await context.new_page()
-                await page.goto(f"{srv.url}/?autostart=1&source=none")
-                await page.wait_for_function("window.letstalk?.conn?.pc?.connectionState === 'connected' && "
-                                             "!document.getElementById('say').disabled", timeout=30000)
-                voices = await page.evaluate("[...document.getElementById('voice').options].map((o) => o.value)")
-                await page.select_option("#voice", "fr-fr")
-                await page.fill("#saytext", "Hello there. How are you today?")
-                before = await page.evaluate("window.letstalk.conn.stats()")
-                await page.press("#saytext", "Enter")
-                await page.wait_for_function("window.letstalk.events.includes('speech_started')", timeout=20000)
-                await asyncio.sleep(1.0)
-                after = await page.evaluate("window.letstalk.conn.stats()")
-                log = await page.evaluate("document.getElementById('log').innerText")
-            finally:
-                await context.close()
+        async with running_server(tiny_pipeline) as srv, async_playwright() as pw, _chromium(pw, tmp_path) as context:
+            page = await context.new_page()
+            await page.goto(f"{srv.url}/?autostart=1&source=none")
+            await page.wait_for_function("window.letstalk?.conn?.pc?.connectionState === 'connected' && "
+                                         "!document.getElementById('say').disabled", timeout=30000)
+            voices = await page.evaluate("[...document.getElementById('voice').options].map((o) => o.value)")
+            await page.select_option("#voice", "fr-fr")
+            await page.fill("#saytext", "Hello there. How are you today?")
+            before = await page.evaluate("window.letstalk.conn.stats()")
+            await page.press("#saytext", "Enter")
+            await page.wait_for_function("window.letstalk.events.includes('speech_started')", timeout=20000)
+            await asyncio.sleep(1.0)
+            after = await page.evaluate("window.letstalk.conn.stats()")
+            log = await page.evaluate("document.getElementById('log').innerText")
             return voices, before, after, log
 
     voices, before, after, log = run(main())
@@ -258,31 +265,24 @@ def test_a_page_whose_connection_goes_silent_reconnects_and_the_avatar_goes_on(t
     """The path between the page and the server goes dead mid-stream (here: the server's side of it stops sending
     and hearing, as when the viewer's network changes). The page sees no media for 2 s, offers a new connection, the
     server lets it replace the silent one, and the video goes on in the same page."""
-    wav = tmp_path / "speech.wav"
-    _write_wav(wav, 1.0)
 
     async def main():
-        async with running_server(tiny_pipeline) as srv, async_playwright() as pw:
-            context = await pw.chromium.launch_persistent_context(
-                str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=_chromium_args(wav))
-            try:
-                tab = await context.new_page()
-                await tab.goto(f"{srv.url}/?autostart=1&source=none" if page == "index" else f"{srv.url}/overlay")
-                await tab.wait_for_function("window.letstalk?.frames?.frames > 25", timeout=30000)
-                (ss,) = srv.manager.sessions.values()
-                first_pc = ss.pc
-                assert cut_network(first_pc) > 0
-                await wait_until(lambda: ss.pc is not None and ss.pc is not first_pc
-                                 and ss.pc.connectionState == "connected", 30, "the page's new peer connection")
-                shown = await tab.evaluate("window.letstalk.frames.frames")
-                await tab.wait_for_function(f"window.letstalk.frames.frames > {shown + 25}", timeout=20000)
-                size = await tab.evaluate("[document.getElementById('video').videoWidth, "
-                                          "document.getElementById('video').videoHeight]")
-                text = await tab.evaluate("(document.getElementById('log') || document.getElementById('error'))"
-                                          ".innerText")
-                sessions = len(srv.manager.sessions)
-            finally:
-                await context.close()
+        async with running_server(tiny_pipeline) as srv, async_playwright() as pw, _chromium(pw, tmp_path) as context:
+            tab = await context.new_page()
+            await tab.goto(f"{srv.url}/?autostart=1&source=none" if page == "index" else f"{srv.url}/overlay")
+            await tab.wait_for_function("window.letstalk?.frames?.frames > 25", timeout=30000)
+            (ss,) = srv.manager.sessions.values()
+            first_pc = ss.pc
+            assert cut_network(first_pc) > 0
+            await wait_until(lambda: ss.pc is not None and ss.pc is not first_pc
+                             and ss.pc.connectionState == "connected", 30, "the page's new peer connection")
+            shown = await tab.evaluate("window.letstalk.frames.frames")
+            await tab.wait_for_function(f"window.letstalk.frames.frames > {shown + 25}", timeout=20000)
+            size = await tab.evaluate("[document.getElementById('video').videoWidth, "
+                                      "document.getElementById('video').videoHeight]")
+            text = await tab.evaluate("(document.getElementById('log') || document.getElementById('error'))"
+                                      ".innerText")
+            sessions = len(srv.manager.sessions)
             return size, text, sessions
 
     size, text, sessions = run(main())
@@ -299,17 +299,12 @@ def test_an_overlay_of_an_sdk_session_shows_each_sentence_as_a_caption_when_it_s
     avatar and, read from the session's event stream, each sentence's text as its audio starts playing."""
     from letstalk_rt.client import AvatarClient
 
-    wav = tmp_path / "speech.wav"
-    _write_wav(wav, 1.0)
-
     async def main():
         async with running_server(tiny_pipeline) as srv, async_playwright() as pw, AvatarClient(srv.url) as client:
             session = await client.start_session()
             url = session.overlay_url(captions=True)
             await session.ping()  # opens the websocket: the SDK keeps it
-            context = await pw.chromium.launch_persistent_context(
-                str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=_chromium_args(wav))
-            try:
+            async with _chromium(pw, tmp_path) as context:
                 page = await context.new_page()
                 await page.goto(url)
                 await page.wait_for_function("window.letstalk?.frames?.frames > 10", timeout=30000)
@@ -321,8 +316,6 @@ def test_an_overlay_of_an_sdk_session_shows_each_sentence_as_a_caption_when_it_s
                     shown.append(text)
                 await page.wait_for_function("document.getElementById('caption').textContent === ''",
                                              timeout=20000)  # cleared once the avatar stopped talking
-            finally:
-                await context.close()
             await session.close()
             return shown
 
