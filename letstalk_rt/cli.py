@@ -236,12 +236,12 @@ def _speech(args: argparse.Namespace):
 
 
 def _generate(args: argparse.Namespace, portrait: Path, audio: Path | None, out: Path) -> None:
-    from .media import check_video_path, load_audio, load_image
+    from .media import WHITE, check_video_path, load_audio, load_image, parse_colour
     from .pipeline import generate_video
 
     # Check the cheap things first, so a typo does not wait for the model to load. Each input is read once
     # (a pipe such as <(ffmpeg ...) can be read only once).
-    image = load_image(portrait)
+    image = load_image(portrait, parse_colour(args.background, "--background") if args.background else WHITE)
     wav = load_audio(audio) if audio is not None else _speech(args).speak(args.text)
     check_video_path(out, "--out")
     pipe = _load_pipeline(args)
@@ -600,6 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
     said.add_argument("--audio", type=Path, help="speech: wav, mp3, m4a, ogg, flac (any rate)")
     said.add_argument("--text", help="text to speak instead, with espeak-ng (--voice, --rate, --pitch)")
     p.add_argument("--out", type=Path, required=True, help="output .mp4 (written atomically)")
+    p.add_argument("--background", default=None, metavar="RRGGBB",
+                   help="the colour a portrait's transparent parts go on (default white), e.g. 00ff00 to key it out")
     _add_speech_args(p)
     _add_full_frame_arg(p)
     _add_framing_arg(p)

@@ -703,16 +703,20 @@ class AvatarSession:
             except StopAsyncIteration:
                 return
 
-    def overlay_url(self, chroma: str | None = None, relay: bool | None = None, captions: bool = False) -> str:
+    def overlay_url(self, chroma: str | None = None, relay: bool | None = None, captions: bool = False,
+                    transparent: str | None = None) -> str:
         """A page showing only this avatar (OBS browser source); it takes the WebRTC side, this object keeps
         the websocket (audio, control, events). Call it instead of `connect()`, not after. `relay`: the page connects
         only through the server's TURN server (default: as this client does, `relay_only`). `captions`: the page shows
-        what the avatar says (`say` text, audio sent with a caption) as each sentence starts."""
+        what the avatar says (`say` text, audio sent with a caption) as each sentence starts. `transparent` "RRGGBB":
+        the page makes that colour of the video transparent (a portrait put on it with `start_session(background=)`),
+        so a compositor shows the avatar cut out with no chroma-key filter of its own."""
         relay = self.client.relay_only if relay is None else relay
         url = URL(self.client._url("/overlay")).with_query({"session": self.id, "token": self.token,
                                                              **({"chroma": chroma} if chroma else {}),
                                                              **({"relay": "1"} if relay else {}),
-                                                             **({"captions": "1"} if captions else {})})
+                                                             **({"captions": "1"} if captions else {}),
+                                                             **({"transparent": transparent} if transparent else {})})
         return str(url)
 
     def route(self) -> dict | None:
@@ -869,16 +873,19 @@ class AvatarClient:
     async def start_session(self, portrait: str | Path | bytes | None = None, *, avatar_id: str | None = None,
                             seed: int | None = None, steps: int | None = None,
                             full_frame: int | None = None, framing: float | None = None,
-                            voice: str | None = None) -> AvatarSession:
+                            voice: str | None = None, background: str | None = None) -> AvatarSession:
         """Create a session from a portrait (a path or image bytes) or a preloaded avatar (default "default").
 
         `full_frame` N: the video is the whole portrait photo, its longest side at most N px, with the animated face
         pasted back in (up to the server's `--max-full-frame`); by default the face crop at the model's size.
         `framing` K: a face small in a large photo is shown with at most K sides of its square on the frames' shorter
         side (head and shoulders; the server's default 3); 0: the whole photo however small the face.
-        `voice`: the voice `say` speaks with in this session unless a `say` names another (`voices()`)."""
+        `voice`: the voice `say` speaks with in this session unless a `say` names another (`voices()`).
+        `background` "RRGGBB": the colour a portrait's transparent parts go on (white by default): a key colour, which
+        `overlay_url(transparent=...)` turns back into transparency."""
         http = self._require_http()
-        options = (("seed", seed), ("steps", steps), ("full_frame", full_frame), ("framing", framing), ("voice", voice))
+        options = (("seed", seed), ("steps", steps), ("full_frame", full_frame), ("framing", framing), ("voice", voice),
+                   ("background", background))
         if portrait is not None and avatar_id is not None:
             raise ValueError("give either portrait or avatar_id, not both")
         if portrait is not None:

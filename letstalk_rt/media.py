@@ -332,8 +332,19 @@ class TempoStretcher:
 # --------------------------------------------------------------------------------------------------
 
 
-def _to_rgb(im: Any) -> np.ndarray:
-    """A Pillow image of any mode -> uint8 (H, W, 3); transparency is composited onto white."""
+WHITE = (255, 255, 255)
+
+
+def parse_colour(text: str, name: str) -> tuple[int, int, int]:
+    """"RRGGBB" or "#RRGGBB" -> (r, g, b); InputError naming `name` otherwise."""
+    hex_ = str(text).strip().removeprefix("#")
+    if len(hex_) != 6 or any(c not in "0123456789abcdefABCDEF" for c in hex_):
+        raise InputError(f"{name} must be a colour as RRGGBB hex digits, e.g. 00ff00, got {str(text)[:20]!r}")
+    return int(hex_[0:2], 16), int(hex_[2:4], 16), int(hex_[4:6], 16)
+
+
+def _to_rgb(im: Any, background: tuple[int, int, int] = WHITE) -> np.ndarray:
+    """A Pillow image of any mode -> uint8 (H, W, 3); transparency is composited onto `background` (white)."""
     from PIL import Image
 
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # 16/32-bit or float grayscale
@@ -343,21 +354,22 @@ def _to_rgb(im: Any) -> np.ndarray:
         return np.repeat(gray[:, :, None], 3, axis=2)
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(white, rgba)
+        under = Image.new("RGBA", rgba.size, (*background, 255))
+        im = Image.alpha_composite(under, rgba)
     return np.array(im.convert("RGB"), dtype=np.uint8)
 
 
-def upright_image(im: Any) -> np.ndarray:
+def upright_image(im: Any, background: tuple[int, int, int] = WHITE) -> np.ndarray:
     """A decoded Pillow image -> uint8 (H, W, 3) RGB, upright: its EXIF orientation applied (a phone portrait is
     stored sideways with a tag saying so), then converted as `_to_rgb` converts."""
     from PIL import ImageOps
 
-    return _to_rgb(ImageOps.exif_transpose(im))
+    return _to_rgb(ImageOps.exif_transpose(im), background)
 
 
-def load_image(path: str | Path) -> np.ndarray:
-    """Read a still image -> uint8 (H, W, 3) RGB (grayscale, palette, alpha and 16-bit converted).
+def load_image(path: str | Path, background: tuple[int, int, int] = WHITE) -> np.ndarray:
+    """Read a still image -> uint8 (H, W, 3) RGB (grayscale, palette, alpha and 16-bit converted; what is transparent
+    goes on `background`, white by default: a key colour for an overlay to key out).
 
     The EXIF orientation is applied, so a phone portrait comes out upright. InputError for a missing
     file or a file Pillow cannot decode.
@@ -369,7 +381,7 @@ def load_image(path: str | Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
-            rgb = upright_image(im)
+            rgb = upright_image(im, background)
     except UnidentifiedImageError:
         raise InputError(f"image file '{path}' is not an image Pillow can read; {IMAGE_HINT}") from None
     except Exception as e:  # Pillow raises OSError, SyntaxError, struct.error, ...: all mean a bad file here

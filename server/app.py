@@ -41,7 +41,7 @@ from letstalk_rt.cli import (add_device_args, add_live_args, add_sampling_args, 
                              live_config, pipeline_kwargs, resolve_device)
 from letstalk_rt.errors import InputError, LetsTalkError, NoFaceError
 from letstalk_rt.framing import FRAMING, MAX_PHOTO_SIDE, check_framing
-from letstalk_rt.media import upright_image
+from letstalk_rt.media import WHITE, parse_colour, upright_image
 from letstalk_rt.stream import CapacityError, run_off_loop
 from letstalk_rt.tts import DEFAULT_VOICE, SpeechUnavailable, check_voice, espeak_exe, voices
 
@@ -73,7 +73,7 @@ MAX_WS_MESSAGE = 512 * 1024  # transport cap (1 s of 96 kHz stereo PCM16 is 384 
 MAX_CONTROL_MESSAGE = 32768  # JSON control messages are small; `say` text is at most 5000 characters
 MAX_FORM_FIELD = 1024  # non-file multipart fields (seed, steps, avatar_id, full_frame, framing)
 MAX_FORM_PARTS = 8
-SESSION_FIELDS = ("portrait", "avatar_id", "seed", "steps", "full_frame", "framing", "voice")
+SESSION_FIELDS = ("portrait", "avatar_id", "seed", "steps", "full_frame", "framing", "voice", "background")
 FIELDS_NAMED = ", ".join(f for f in SESSION_FIELDS if f != "portrait")  # what the errors list as expected
 UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP")  # what the docs promise; Pillow's other decoders are never reached
 
@@ -201,9 +201,10 @@ class ImageTooLarge(InputError):
     """An image over the pixel limit (HTTP 413); every other unreadable image is a plain InputError (415)."""
 
 
-def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
+def decode_image(data: bytes, max_pixels: int, background: tuple[int, int, int] = WHITE) -> np.ndarray:
     """Uploaded JPEG / PNG / WebP bytes -> (H, W, 3) uint8 RGB, upright (a phone photo's EXIF orientation applied,
-    transparency on white, as `letstalk generate` reads files); ImageTooLarge, or InputError (not one of those)."""
+    transparency on `background`, white unless the request names a key colour, as `letstalk generate` reads files);
+    ImageTooLarge, or InputError (not one of those)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -211,7 +212,7 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
             w, h = img.size  # read from the header: nothing is decoded yet
             if w * h > max_pixels:
                 raise ImageTooLarge(f"the portrait is {w}x{h} pixels; at most {max_pixels // 1_000_000} megapixels")
-            return upright_image(img)  # writable (H, W, 3) uint8
+            return upright_image(img, background)  # writable (H, W, 3) uint8
     except UnidentifiedImageError:
         raise InputError("`portrait` is not an image this server can read (send JPEG, PNG or WebP)") from None
     except Image.DecompressionBombError as e:
@@ -357,6 +358,17 @@ def _framing_field(fields: dict) -> float:
         raise api_error(422, str(e)) from None
 
 
+def _background_field(fields: dict) -> tuple[int, int, int] | None:
+    """`background`: RRGGBB, the colour an uploaded portrait's transparent parts go on (a key colour), or None."""
+    value = fields.get("background")
+    if value is None or value == "":
+        return None
+    try:
+        return parse_colour(value, "`background`")
+    except InputError as e:
+        raise api_error(422, str(e)) from None
+
+
 async def _voice_field(fields: dict) -> str | None:
     """`voice`: the session's voice for `say` (an espeak-ng voice this server has), or None."""
     value = fields.get("voice")
@@ -382,6 +394,7 @@ async def create_session(request: web.Request) -> web.Response:
         full_frame = _int_field(fields, "full_frame", 0, config.max_full_frame) or 0
         framing = _framing_field(fields)
         voice = await _voice_field(fields)
+        background = _background_field(fields)
         if steps is not None and steps != engine.pipeline.num_steps:
             raise api_error(422, f"`steps`: this server samples {engine.pipeline.num_steps} step(s) per window for "
                                  "every session (sessions are batched together); set it at start with --steps")
@@ -389,6 +402,9 @@ async def create_session(request: web.Request) -> web.Response:
         upload = fields.get("portrait")
         if upload is not None and avatar_id:
             raise api_error(422, "give either a `portrait` upload or an `avatar_id`, not both")
+        if upload is None and background is not None:
+            raise api_error(422, "`background` is the colour an uploaded portrait's transparent parts go on; it "
+                                 "needs a `portrait` upload (a PNG or WebP with transparency)")
         if upload is None:
             avatar_id = avatar_id or "default"
             if not isinstance(avatar_id, str) or avatar_id not in app[AVATARS]:
@@ -399,7 +415,8 @@ async def create_session(request: web.Request) -> web.Response:
             if not upload:
                 raise api_error(422, "the `portrait` upload is empty")
             try:
-                portrait = await asyncio.to_thread(decode_image, upload, config.max_image_pixels)
+                portrait = await asyncio.to_thread(decode_image, upload, config.max_image_pixels,
+                                                   background or WHITE)
             except ImageTooLarge as e:
                 raise api_error(413, str(e)) from None
             except InputError as e:

@@ -320,3 +320,43 @@ def test_an_overlay_of_an_sdk_session_shows_each_sentence_as_a_caption_when_it_s
             return shown
 
     assert run(main()) == ["Hello there.", "Goodbye now."]
+
+
+def test_a_cut_out_portrait_on_a_key_colour_shows_transparent_around_the_avatar(tiny_pipeline, tmp_path,
+                                                                                 astronaut_png):
+    """A portrait PNG whose sides are transparent, uploaded with `background=00ff00` (full frames: the photo around
+    the animated face is the photo's own): the frames carry the key colour there, and the overlay's
+    `transparent=00ff00` turns it into transparency (alpha 0) in the page, the face opaque."""
+    from PIL import Image
+
+    from letstalk_rt.client import AvatarClient
+
+    rgba = np.array(Image.open(astronaut_png).convert("RGBA"))
+    rgba[:, :100, 3] = rgba[:, -100:, 3] = 0  # the sides cut away; the face's square (x 122..340) kept
+    cutout = tmp_path / "cutout.png"
+    Image.fromarray(rgba, "RGBA").save(cutout)
+    corner_js = """([x, y]) => {
+      const c = document.getElementById('keyed');
+      return Array.from(c.getContext('2d').getImageData(Math.floor(c.width * x), Math.floor(c.height * y), 1, 1).data);
+    }"""
+
+    async def main():
+        async with running_server(tiny_pipeline) as srv, async_playwright() as pw, AvatarClient(srv.url) as client:
+            session = await client.start_session(portrait=cutout, full_frame=128, background="00ff00")
+            await session.ping()  # the SDK keeps the websocket; the page takes the WebRTC side
+            async with _chromium(pw, tmp_path) as context:
+                page = await context.new_page()
+                await page.goto(session.overlay_url(transparent="00ff00"))
+                await page.wait_for_function("window.letstalk?.frames?.frames > 10 && window.letstalk.keyed?.width > 0",
+                                             timeout=30000)
+                await asyncio.sleep(0.5)
+                sides = [await page.evaluate(corner_js, [x, 0.5]) for x in (0.05, 0.95)]
+                face = await page.evaluate(corner_js, [0.45, 0.5])
+                video_opacity = await page.evaluate("getComputedStyle(document.getElementById('video')).opacity")
+            await session.close()
+            return sides, face, video_opacity
+
+    sides, face, video_opacity = run(main())
+    assert all(pixel[3] == 0 for pixel in sides), sides  # the key colour keyed out
+    assert face[3] == 255, face  # the astronaut (photo and generated face) stays
+    assert video_opacity == "0"

@@ -202,6 +202,21 @@ def test_load_image_alpha_composited_on_white(tmp_path):
     assert (load_image(tmp_path / "t.png") == 255).all()
 
 
+def test_transparency_goes_on_a_key_colour_when_asked(tmp_path):
+    from letstalk_rt.media import parse_colour
+
+    path = tmp_path / "cutout.png"
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[2:6, 2:6] = (200, 30, 40, 255)  # an opaque square in a transparent picture
+    Image.fromarray(rgba, "RGBA").save(path)
+    rgb = load_image(path, parse_colour("#00FF00", "--background"))
+    assert (rgb[0, 0] == (0, 255, 0)).all() and (rgb[3, 3] == (200, 30, 40)).all()
+    assert (load_image(path)[0, 0] == 255).all()  # white by default
+    for bad in ("00ff0", "green", "#00ff00ff", ""):
+        with pytest.raises(InputError, match="RRGGBB"):
+            parse_colour(bad, "--background")
+
+
 def test_load_image_applies_exif_rotation(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise for display
