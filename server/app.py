@@ -31,6 +31,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -347,37 +348,16 @@ def _int_field(fields: dict, name: str, lo: int, hi: int) -> int | None:
     return number
 
 
-def _framing_field(fields: dict) -> float:
-    """`framing`: 0 (the whole photo) or FRAMING_RANGE sides of the face's square; FRAMING when not given."""
-    value = fields.get("framing")
+def _checked_field(fields: dict, name: str, check: Callable[[Any], Any], default: Any = None) -> Any:
+    """`fields[name]` through `check`, which raises InputError saying what to give (answered 422); `default` when the
+    field is absent or empty."""
+    value = fields.get(name)
     if value is None or value == "":
-        return FRAMING
+        return default
     try:
-        return check_framing(value, "`framing`")
+        return check(value)
     except InputError as e:
         raise api_error(422, str(e)) from None
-
-
-def _background_field(fields: dict) -> tuple[int, int, int] | None:
-    """`background`: RRGGBB, the colour an uploaded portrait's transparent parts go on (a key colour), or None."""
-    value = fields.get("background")
-    if value is None or value == "":
-        return None
-    try:
-        return parse_colour(value, "`background`")
-    except InputError as e:
-        raise api_error(422, str(e)) from None
-
-
-async def _voice_field(fields: dict) -> str | None:
-    """`voice`: the session's voice for `say` (an espeak-ng voice this server has), or None."""
-    value = fields.get("voice")
-    if value is None or value == "":
-        return None
-    try:
-        return await asyncio.to_thread(check_voice, value)  # the first call lists espeak-ng's voices
-    except InputError as e:
-        raise api_error(422, f"`voice`: {e}") from None
 
 
 async def create_session(request: web.Request) -> web.Response:
@@ -392,9 +372,12 @@ async def create_session(request: web.Request) -> web.Response:
         seed = _int_field(fields, "seed", 0, 2**31 - 1) or 0
         steps = _int_field(fields, "steps", 1, 50)
         full_frame = _int_field(fields, "full_frame", 0, config.max_full_frame) or 0
-        framing = _framing_field(fields)
-        voice = await _voice_field(fields)
-        background = _background_field(fields)
+        # framing: 0 (the whole photo) or FRAMING_RANGE sides of the face's square; voice: the session's voice for
+        # `say` (the first check lists espeak-ng's voices: off the loop); background: RRGGBB, the colour an uploaded
+        # portrait's transparent parts go on (a key colour)
+        framing = _checked_field(fields, "framing", lambda v: check_framing(v, "`framing`"), FRAMING)
+        voice = await asyncio.to_thread(_checked_field, fields, "voice", check_voice)
+        background = _checked_field(fields, "background", lambda v: parse_colour(v, "`background`"))
         if steps is not None and steps != engine.pipeline.num_steps:
             raise api_error(422, f"`steps`: this server samples {engine.pipeline.num_steps} step(s) per window for "
                                  "every session (sessions are batched together); set it at start with --steps")

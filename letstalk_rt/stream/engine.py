@@ -69,9 +69,9 @@ from ..diffusion import guidance_rows
 from ..errors import InputError, LetsTalkError
 from ..framing import FRAMING, FullFrame
 from ..media import TempoStretcher
-from ..tts import Speech
 from ..pipeline import (DECODE_CHUNK, GRAPH_BUCKETS, AudioTokenizer, LetsTalkPipeline, Portrait, StreamState,
                         encode_features)
+from ..tts import Speech
 from .events import (
     AVFrame, Caption, EngineAdjusted, Event, FramesDropped, Interrupted, PlaybackPosition, SessionClosed, SessionError,
     SpeechStarted, SpeechStopped, WindowTimings,
