@@ -241,6 +241,21 @@ class Peer:
             await asyncio.wait_for(self.pc.close(), 5)
 
 
+def collect_media(session, timed: bool = False) -> tuple[list, list, list[asyncio.Task]]:
+    """Read an SDK session's video frames (`timed`: TimedFrame) and audio chunks into two lists as they come; returns
+    them and the two reading tasks (they end when the session's connection does)."""
+    frames: list = []
+    chunks: list = []
+
+    async def read(iterator, into: list) -> None:
+        async for item in iterator:
+            into.append(item)
+
+    video = session.timed_video_frames() if timed else session.video_frames()
+    readers = [asyncio.ensure_future(read(video, frames)), asyncio.ensure_future(read(session.audio_frames(), chunks))]
+    return frames, chunks, readers
+
+
 def cut_network(pc) -> int:
     """What a Wi-Fi/cellular switch does to a peer connection: nothing it sends arrives, nothing comes in, and nobody
     says goodbye; its own ICE notices only when consent expires (~30 s). Returns how many sockets went deaf."""

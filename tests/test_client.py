@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from aiohttp import web
 from conftest import speechlike
-from server_helpers import SpeechTrack, cut_network, run, running_server, turn_server, wait_until
+from server_helpers import SpeechTrack, collect_media, cut_network, run, running_server, turn_server, wait_until
 
 
 def test_sdk_never_imports_torch():
@@ -41,17 +41,7 @@ def test_sdk_streams_speech_and_receives_frames_audio_and_events(tiny_pipeline):
                     seen.append("any")
 
                 await session.connect()
-                frames, chunks = [], []
-
-                async def read_video():
-                    async for frame in session.video_frames():
-                        frames.append(frame)
-
-                async def read_audio():
-                    async for chunk in session.audio_frames():
-                        chunks.append(chunk)
-
-                readers = [asyncio.ensure_future(read_video()), asyncio.ensure_future(read_audio())]
+                frames, chunks, readers = collect_media(session)
                 speech = speechlike(1.5)
                 for i in range(0, len(speech), 1600):  # 100 ms chunks, float32, at real-time pace
                     await session.send_audio(speech[i:i + 1600], sample_rate=16000)
@@ -269,17 +259,7 @@ def test_sdk_reconnects_when_its_network_goes_and_its_iterators_go_on(tiny_pipel
             seen: list[dict] = []
             session.on("*", seen.append)
             await session.connect()
-            frames, chunks = [], []
-
-            async def read_video():
-                async for frame in session.timed_video_frames():
-                    frames.append(frame)
-
-            async def read_audio():
-                async for chunk in session.audio_frames():
-                    chunks.append(chunk)
-
-            readers = [asyncio.ensure_future(read_video()), asyncio.ensure_future(read_audio())]
+            frames, chunks, readers = collect_media(session, timed=True)
             await wait_until(lambda: len(frames) >= 25, 20, "a second of frames")
             async with aiohttp.ClientSession() as http:  # another viewer, while this one is heard: refused
                 async with http.post(session.offer_url, data=b"v=0", headers={

@@ -15,7 +15,7 @@ import pytest
 from letstalk_rt import tts
 from letstalk_rt.errors import InputError
 from letstalk_rt.tts import Speech, SpeechUnavailable, sentences
-from server_helpers import running_server
+from server_helpers import collect_media, running_server
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None,
                                 reason="espeak-ng is not installed (apt-get install espeak-ng); text is spoken with it")
@@ -230,13 +230,7 @@ def test_sdk_say_speaks_through_the_server_and_its_errors_come_back_as_exception
                 assert {"id": "en-us", "name": "English_(America)"} in voices
                 session = await client.start_session()
                 await session.connect()
-                chunks = []
-
-                async def read_audio():
-                    async for chunk in session.audio_frames():
-                        chunks.append(chunk)
-
-                reader = asyncio.ensure_future(read_audio())
+                _, chunks, readers = collect_media(session)
                 answer = await session.say("Hello there. How are you?", voice="en-us+f3", rate=200)
                 assert answer["sentences"] == 2 and answer["voice"] == "en-us+f3"
                 types, captions = [], []
@@ -262,7 +256,7 @@ def test_sdk_say_speaks_through_the_server_and_its_errors_come_back_as_exception
                 await french.close()
                 assert (await client.metrics())["letstalk_says_total"] == 4  # the refused ones are not counted
                 await session.close()
-                await reader
+                await asyncio.gather(*readers)
                 return chunks
 
     chunks = run(main())
