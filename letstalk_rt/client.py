@@ -32,7 +32,7 @@ and sample format) as the session's speech instead of (or besides) `send_audio`.
 as the server's own audio does: aiortc's Opus encoder alone holds each packet of a non-48 kHz track back 20 ms, and
 refuses float audio. Server errors become exceptions carrying the
 server's message: `AuthenticationError` (401), `ServerBusyError` (503, `.retry_after`),
-`SessionNotFoundError` (404), `RequestError` (other 4xx), `AvatarClientError` (the rest, and a
+`SessionNotFoundError` (404; `AvatarNotFoundError` for an avatar), `RequestError` (other 4xx), `AvatarClientError` (the rest, and a
 websocket the server closed, with its reason: sends fail with it, and `events()` ends with it when no
 `closed` event came). Errors the server reports while streaming (audio dropped, a bad control
 message) arrive as `error` events.
@@ -51,6 +51,7 @@ import inspect
 import json
 import logging
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +86,8 @@ RECONNECT_FIRST_WAIT_S = 0.5  # between tries, doubling up to 4 s
 RECONNECT_TIMEOUT_S = 30.0  # then give up: the iterators end, with an `error` event (code reconnect_failed)
 
 __all__ = [
-    "AudioChunk", "AuthenticationError", "AvatarClient", "AvatarClientError", "AvatarSession", "RequestError",
+    "AudioChunk", "AuthenticationError", "AvatarClient", "AvatarClientError", "AvatarNotFoundError", "AvatarSession",
+    "RequestError",
     "ServerBusyError", "SessionNotFoundError", "TimedFrame",
 ]
 
@@ -119,8 +121,25 @@ class SessionNotFoundError(AvatarClientError):
     """404: the session was closed (idle timeout, peer gone, deleted) or never existed."""
 
 
+class AvatarNotFoundError(AvatarClientError):
+    """404: no avatar of that id (deleted, or never uploaded): `AvatarClient.avatars()` lists them."""
+
+
 class RequestError(AvatarClientError):
     """Another 4xx: a bad portrait (415/422), a bad SDP offer (400), a second offer (409), too large (413)."""
+
+
+async def _portrait_form(portrait: str | Path | bytes, fields) -> aiohttp.FormData:
+    """A multipart body: the portrait (a path, read off the loop, or image bytes) and the (name, value) `fields` that
+    are not None."""
+    data = portrait if isinstance(portrait, bytes) else await asyncio.to_thread(Path(portrait).read_bytes)
+    form = aiohttp.FormData()
+    form.add_field("portrait", data, filename="portrait" if isinstance(portrait, bytes) else Path(portrait).name,
+                   content_type="application/octet-stream")
+    for name, value in fields:
+        if value is not None:
+            form.add_field(name, str(value))
+    return form
 
 
 async def _raise_for_status(resp: aiohttp.ClientResponse) -> None:
@@ -137,6 +156,8 @@ async def _raise_for_status(resp: aiohttp.ClientResponse) -> None:
     if resp.status == 503:
         retry = resp.headers.get("Retry-After")
         raise ServerBusyError(message, resp.status, float(retry) if retry and retry.isdigit() else None)
+    if resp.status == 404 and resp.url.path.startswith("/v1/avatars/"):
+        raise AvatarNotFoundError(message, resp.status)
     if resp.status == 404:
         raise SessionNotFoundError(message, resp.status)
     if 400 <= resp.status < 500:
@@ -859,10 +880,29 @@ class AvatarClient:
         return out
 
     async def avatars(self) -> list[dict]:
-        """The server's preloaded avatars: [{"id": "default", "name": ...}, ...]."""
+        """The server's avatars: [{"id": "default", "name": "Bundled portrait", "uploaded": False}, {"id": ...,
+        "name": ..., "uploaded": True, "created_at": unix time}, ...]."""
         async with self._require_http().get(self._url("/v1/avatars"), headers=self._auth()) as resp:
             await _raise_for_status(resp)
             return (await resp.json())["avatars"]
+
+    async def create_avatar(self, portrait: str | Path | bytes, *, name: str | None = None,
+                            avatar_id: str | None = None, background: str | None = None) -> dict:
+        """Upload a portrait once (a path or image bytes): the server finds the face and prepares it now, and sessions
+        then start on it by id (`start_session(avatar_id=...)`) with no upload and no preparation. `avatar_id`: 1-64
+        letters, digits, '-' or '_' (default: one the server makes); `background` "RRGGBB": as in `start_session`.
+        Returns {"id", "name", "uploaded": True, "created_at"}; kept across restarts where the server has an
+        `--avatar-dir`."""
+        form = await _portrait_form(portrait, (("id", avatar_id), ("name", name), ("background", background)))
+        async with self._require_http().post(self._url("/v1/avatars"), data=form, headers=self._auth()) as resp:
+            await _raise_for_status(resp)
+            return await resp.json()
+
+    async def delete_avatar(self, avatar_id: str) -> None:
+        """Delete an uploaded avatar (sessions already open on it go on)."""
+        url = self._url(f"/v1/avatars/{urllib.parse.quote(avatar_id, safe='')}")
+        async with self._require_http().delete(url, headers=self._auth()) as resp:
+            await _raise_for_status(resp)
 
     async def voices(self) -> list[dict]:
         """The voices `AvatarSession.say` speaks with: [{"id": "en-us", "name": "English_(America)"}, ...]."""
@@ -874,7 +914,8 @@ class AvatarClient:
                             seed: int | None = None, steps: int | None = None,
                             full_frame: int | None = None, framing: float | None = None,
                             voice: str | None = None, background: str | None = None) -> AvatarSession:
-        """Create a session from a portrait (a path or image bytes) or a preloaded avatar (default "default").
+        """Create a session from a portrait (a path or image bytes) or an avatar the server holds (default "default";
+        `avatars()`, `create_avatar()`): a portrait is uploaded and prepared for this session alone.
 
         `full_frame` N: the video is the whole portrait photo, its longest side at most N px, with the animated face
         pasted back in (up to the server's `--max-full-frame`); by default the face crop at the model's size.
@@ -889,13 +930,7 @@ class AvatarClient:
         if portrait is not None and avatar_id is not None:
             raise ValueError("give either portrait or avatar_id, not both")
         if portrait is not None:
-            data = portrait if isinstance(portrait, bytes) else await asyncio.to_thread(Path(portrait).read_bytes)
-            form = aiohttp.FormData()
-            form.add_field("portrait", data, filename=Path(str(portrait)).name if not isinstance(portrait, bytes)
-                           else "portrait", content_type="application/octet-stream")
-            for name, value in options:
-                if value is not None:
-                    form.add_field(name, str(value))
+            form = await _portrait_form(portrait, options)
             request = http.post(self._url("/v1/sessions"), data=form, headers=self._auth())
         else:
             body: dict[str, Any] = {"avatar_id": avatar_id or "default"}

@@ -3,7 +3,8 @@
     letstalk serve --model DIR --max-sessions 4 --api-key SECRET        # or: python -m server ...
 
     GET  /health                      liveness + occupancy           GET /metrics   Prometheus text
-    GET  /v1/avatars                  preloaded portraits            GET /v1/voices  text-to-speech voices
+    GET  /v1/avatars                  portraits prepared once        GET /v1/voices  text-to-speech voices
+    POST /v1/avatars                  upload a portrait once, open sessions on it by id   DELETE /v1/avatars/{id}
     POST /v1/sessions                 portrait upload or avatar id -> session id + token   (503 when full)
     POST /v1/sessions/{id}/offer      WHIP-style: SDP offer in, SDP answer out
     GET  /v1/sessions/{id}/ws         websocket: PCM16 + control in, events out
@@ -29,7 +30,6 @@ import signal
 import sys
 import time
 import urllib.parse
-from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -47,6 +47,7 @@ from letstalk_rt.stream import CapacityError, run_off_loop
 from letstalk_rt.tts import DEFAULT_VOICE, SpeechUnavailable, check_voice, espeak_exe, voices
 
 from .auth import TokenError, api_key_matches, bearer
+from .avatars import AVATAR_ID, Avatar, AvatarRefused, AvatarStore, check_name
 from .sessions import (
     MAX_LISTENERS,
     REPO_ROOT,
@@ -60,14 +61,13 @@ from .sessions import (
 )
 
 if TYPE_CHECKING:
-    from letstalk_rt.pipeline import Portrait
     from letstalk_rt.stream import StreamEngine
 
 log = logging.getLogger("letstalk.server")
 
 MANAGER = web.AppKey("manager", SessionManager)
 CONFIG = web.AppKey("config", ServerConfig)
-AVATARS = web.AppKey("avatars", dict)
+AVATARS = web.AppKey("avatars", AvatarStore)
 ENGINE = web.AppKey("engine", object)
 
 MAX_WS_MESSAGE = 512 * 1024  # transport cap (1 s of 96 kHz stereo PCM16 is 384 kB); the 1 s rule is checked per format
@@ -75,15 +75,8 @@ MAX_CONTROL_MESSAGE = 32768  # JSON control messages are small; `say` text is at
 MAX_FORM_FIELD = 1024  # non-file multipart fields (seed, steps, avatar_id, full_frame, framing)
 MAX_FORM_PARTS = 8
 SESSION_FIELDS = ("portrait", "avatar_id", "seed", "steps", "full_frame", "framing", "voice", "background")
-FIELDS_NAMED = ", ".join(f for f in SESSION_FIELDS if f != "portrait")  # what the errors list as expected
+AVATAR_FIELDS = ("portrait", "id", "name", "background")  # POST /v1/avatars
 UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP")  # what the docs promise; Pillow's other decoders are never reached
-
-
-@dataclass
-class Avatar:
-    id: str
-    name: str
-    portrait: Portrait
 
 
 # --------------------------------------------------------------------------------------------------
@@ -180,7 +173,69 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def list_avatars(request: web.Request) -> web.Response:
     require_api_key(request)
-    return web.json_response({"avatars": [{"id": a.id, "name": a.name} for a in request.app[AVATARS].values()]})
+    return web.json_response({"avatars": [a.describe() for a in request.app[AVATARS].values()]})
+
+
+def _avatar_refused(e: AvatarRefused) -> web.HTTPException:
+    return api_error(e.status, str(e))
+
+
+async def create_avatar(request: web.Request) -> web.Response:
+    """Upload a portrait once; sessions then open on it by id (`avatar_id`) with no upload and no preparation."""
+    require_api_key(request)
+    app = request.app
+    config, engine, store = app[CONFIG], app[ENGINE], app[AVATARS]
+    fields = await read_in_time(request, _read_fields(request, AVATAR_FIELDS))
+    upload = fields.get("portrait")
+    if not upload:
+        raise api_error(422, "upload the avatar's portrait as multipart/form-data, field `portrait` (JPEG, PNG or "
+                             "WebP)" + (": it is empty" if upload is not None else ""))
+    name = _checked_field(fields, "name", check_name)
+    background = _checked_field(fields, "background", lambda v: parse_colour(v, "`background`"))
+    try:
+        avatar_id = store.reserve(fields.get("id"))
+    except AvatarRefused as e:
+        raise _avatar_refused(e) from None
+    try:
+        image = await _decoded_upload(upload, config, background)
+        try:
+            portrait = await run_off_loop(engine.pipeline.prepare_portrait, image, config.detect_face)
+        except InputError as e:  # no face (NoFaceError) or an image the model cannot take
+            raise api_error(422, str(e)) from None
+        avatar = Avatar(avatar_id, name or avatar_id, portrait, uploaded=True, created_at=time.time())
+        try:
+            await asyncio.to_thread(store.save, avatar, upload, background)
+        except OSError as e:
+            log.error("avatar %s could not be saved under %s: %s", avatar_id, store.directory, e)
+            raise api_error(507, f"the avatar could not be saved on the server ({e.strerror or e}); "
+                                 "it was not added") from None
+        store.add(avatar)
+    finally:
+        store.release(avatar_id)
+    log.info("avatar %s (%r) uploaded", avatar.id, avatar.name)
+    return web.json_response(avatar.describe(), status=201)
+
+
+async def get_avatar(request: web.Request) -> web.Response:
+    require_api_key(request)
+    try:
+        avatar = request.app[AVATARS].get(request.match_info["avatar_id"])
+    except AvatarRefused as e:
+        raise _avatar_refused(e) from None
+    return web.json_response(avatar.describe())
+
+
+async def delete_avatar(request: web.Request) -> web.Response:
+    """Forget an uploaded avatar and its files; sessions open on it go on."""
+    require_api_key(request)
+    store = request.app[AVATARS]
+    try:
+        avatar = store.remove(request.match_info["avatar_id"])
+    except AvatarRefused as e:
+        raise _avatar_refused(e) from None
+    await asyncio.to_thread(store.delete_files, avatar.id)
+    log.info("avatar %s (%r) deleted", avatar.id, avatar.name)
+    return web.Response(status=204)
 
 
 async def list_voices(request: web.Request) -> web.Response:
@@ -220,6 +275,16 @@ def decode_image(data: bytes, max_pixels: int, background: tuple[int, int, int] 
         raise ImageTooLarge(f"the portrait is too large to decode: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:  # truncated / corrupt files (Pillow raises all three)
         raise InputError(f"`portrait` image is corrupt or truncated ({e})") from None
+
+
+async def _decoded_upload(upload: bytes, config: ServerConfig, background: tuple[int, int, int] | None) -> np.ndarray:
+    """A portrait upload decoded off the loop (decode_image); 413 over the pixel limit, 415 not an image."""
+    try:
+        return await asyncio.to_thread(decode_image, upload, config.max_image_pixels, background or WHITE)
+    except ImageTooLarge as e:
+        raise api_error(413, str(e)) from None
+    except InputError as e:
+        raise api_error(415, str(e)) from None
 
 
 async def read_body(request: web.Request, limit: int) -> bytes | None:
@@ -267,8 +332,10 @@ async def _read_limited(part, limit: int, what: str) -> bytes:
             raise api_error(413, f"{what} is larger than the limit of {limit} bytes")
 
 
-async def _read_session_request(request: web.Request) -> dict[str, Any]:
-    """The fields of POST /v1/sessions from multipart or JSON, every size bounded while reading."""
+async def _read_fields(request: web.Request, allowed: tuple[str, ...]) -> dict[str, Any]:
+    """The `allowed` fields of a request (POST /v1/sessions, /v1/avatars) from multipart or JSON, every size bounded
+    while reading; the file, `portrait`, comes only as multipart."""
+    named = ", ".join(f for f in allowed if f != "portrait")  # what the errors list as expected
     config = request.app[CONFIG]
     limit = config.max_upload_bytes
     if request.content_length is not None and request.content_length > limit + 64 * 1024:
@@ -286,15 +353,15 @@ async def _read_session_request(request: web.Request) -> dict[str, Any]:
                 if not hasattr(part, "read_chunk"):
                     raise api_error(422, "nested multipart bodies are not supported")
                 name = part.name or ""
-                if name not in SESSION_FIELDS:
-                    raise api_error(422, f"unknown field {name!r}; expected {', '.join(SESSION_FIELDS)}")
+                if name not in allowed:
+                    raise api_error(422, f"unknown field {name[:40]!r}; expected {', '.join(allowed)}")
                 if name == "portrait":
                     fields[name] = await _read_limited(part, limit, "the portrait upload")
                 else:
                     fields[name] = (await _read_limited(part, MAX_FORM_FIELD, f"field {name!r}")).decode(
                         "utf-8", "replace").strip()
             else:
-                raise api_error(422, f"too many multipart fields; expected {', '.join(SESSION_FIELDS)}")
+                raise api_error(422, f"too many multipart fields; expected {', '.join(allowed)}")
         except web.HTTPException:
             raise
         except (ValueError, AssertionError, KeyError, UnicodeError, HttpProcessingError) as e:  # aiohttp's parser
@@ -307,29 +374,29 @@ async def _read_session_request(request: web.Request) -> dict[str, Any]:
             raise api_error(413, "a form without a file is at most 64 kB")
         pairs = urllib.parse.parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
         for name, value in pairs:
-            if name not in SESSION_FIELDS or name == "portrait":
-                raise api_error(422, f"unknown field {name[:40]!r}; expected {FIELDS_NAMED} (upload a portrait as "
+            if name not in allowed or name == "portrait":
+                raise api_error(422, f"unknown field {name[:40]!r}; expected {named} (upload a portrait as "
                                      "multipart/form-data)")
             fields[name] = value
     elif ctype in ("application/json", "application/octet-stream") or not request.body_exists:
         body = await read_body(request, 64 * 1024) if request.body_exists else b"{}"
         if body is None:
-            raise api_error(413, "a JSON session request is at most 64 kB; upload portraits as multipart/form-data")
+            raise api_error(413, "a JSON request is at most 64 kB; upload portraits as multipart/form-data")
         try:
             data = json.loads(body or b"{}")
         except ValueError as e:
             raise api_error(400, f"the body is not valid JSON: {e}") from None
         if not isinstance(data, dict):
-            raise api_error(422, "the JSON body must be an object like {\"avatar_id\": \"default\"}")
-        unknown = sorted(set(data) - set(SESSION_FIELDS) - {"portrait"})
+            raise api_error(422, f"the JSON body must be an object with the fields {named}")
+        unknown = sorted(set(data) - set(allowed) - {"portrait"})
         if unknown:
-            raise api_error(422, f"unknown field(s) {unknown}; expected {FIELDS_NAMED}")
+            raise api_error(422, f"unknown field(s) {unknown}; expected {named}")
         if "portrait" in data:
             raise api_error(422, "send a portrait file as multipart/form-data (field `portrait`), not in JSON")
         fields.update(data)
     else:
-        raise api_error(415, f"Content-Type {ctype!r}: send multipart/form-data with a `portrait` file, "
-                             "or JSON like {\"avatar_id\": \"default\"}")
+        raise api_error(415, f"Content-Type {ctype!r}: send multipart/form-data with a `portrait` file"
+                             + (", or JSON like {\"avatar_id\": \"default\"}" if "avatar_id" in allowed else ""))
     return fields
 
 
@@ -368,7 +435,7 @@ async def create_session(request: web.Request) -> web.Response:
         raise api_error(503, f"all {manager.max_sessions} sessions are in use; retry later",
                         headers={"Retry-After": str(config.retry_after_s)})
     try:
-        fields = await read_in_time(request, _read_session_request(request))
+        fields = await read_in_time(request, _read_fields(request, SESSION_FIELDS))
         seed = _int_field(fields, "seed", 0, 2**31 - 1) or 0
         steps = _int_field(fields, "steps", 1, 50)
         full_frame = _int_field(fields, "full_frame", 0, config.max_full_frame) or 0
@@ -397,13 +464,7 @@ async def create_session(request: web.Request) -> web.Response:
         else:
             if not upload:
                 raise api_error(422, "the `portrait` upload is empty")
-            try:
-                portrait = await asyncio.to_thread(decode_image, upload, config.max_image_pixels,
-                                                   background or WHITE)
-            except ImageTooLarge as e:
-                raise api_error(413, str(e)) from None
-            except InputError as e:
-                raise api_error(415, str(e)) from None
+            portrait = await _decoded_upload(upload, config, background)
         try:
             session = await engine.open_session(portrait, seed=seed, detect_face=config.detect_face,
                                                 full_frame=full_frame, framing=framing)
@@ -688,6 +749,7 @@ async def _on_startup(app: web.Application) -> None:
         espeak_exe()
     except SpeechUnavailable as e:  # the server runs; only `say` and GET /v1/voices answer with this
         log.warning("text to speech (say) is off: %s", e)
+    store = app[AVATARS]
     for avatar_id, source in config.avatars.items():
         try:
             image = await asyncio.to_thread(_load_avatar_image, source)
@@ -697,7 +759,20 @@ async def _on_startup(app: web.Application) -> None:
             continue
         name = "Bundled portrait" if avatar_id == "default" else (
             Path(source).stem if not isinstance(source, np.ndarray) else avatar_id)
-        app[AVATARS][avatar_id] = Avatar(avatar_id, name, portrait)
+        store.add(Avatar(avatar_id, name, portrait))
+    for kept in await asyncio.to_thread(store.stored):  # uploaded ones, kept under --avatar-dir
+        if kept.id in store:
+            log.warning("uploaded avatar %r is not loaded: --avatar configures that id", kept.id)
+            continue
+        try:
+            image = await asyncio.to_thread(decode_image, kept.data, config.max_image_pixels, kept.background or WHITE)
+            portrait = await run_off_loop(engine.pipeline.prepare_portrait, image, config.detect_face)
+        except LetsTalkError as e:
+            log.warning("uploaded avatar %r is not loaded: %s", kept.id, e)
+            continue
+        store.add(Avatar(kept.id, kept.name, portrait, uploaded=True, created_at=kept.created_at))
+    if store.directory is not None:
+        log.info("%d uploaded avatar(s) loaded from %s", store.uploaded, store.directory)
     app[MANAGER].start()
 
 
@@ -718,12 +793,15 @@ def create_app(engine: StreamEngine, config: ServerConfig | None = None) -> web.
     app[ENGINE] = engine
     app[CONFIG] = config
     app[MANAGER] = SessionManager(engine, config)
-    app[AVATARS] = {}
+    app[AVATARS] = AvatarStore(config.avatar_dir, config.max_avatars)
     r = app.router
     r.add_get("/health", health)
     r.add_get("/metrics", metrics)
     r.add_get("/openapi.yaml", openapi)
     r.add_get("/v1/avatars", list_avatars)
+    r.add_post("/v1/avatars", create_avatar)
+    r.add_get("/v1/avatars/{avatar_id}", get_avatar)
+    r.add_delete("/v1/avatars/{avatar_id}", delete_avatar)
     r.add_get("/v1/voices", list_voices)
     r.add_post("/v1/sessions", create_session)
     r.add_get("/v1/sessions/{session_id}", get_session)
@@ -782,6 +860,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--turn-username", default=None, help="a fixed TURN username, for every session")
     parser.add_argument("--turn-credential", default=None,
                         help="the fixed TURN username's password (default: env LETSTALK_TURN_CREDENTIAL)")
+    parser.add_argument("--avatar", action="append", default=[], metavar="ID=IMAGE",
+                        help="preload a portrait as avatar ID (repeatable): sessions open on it by `avatar_id` with no "
+                             "upload and no preparation (the bundled portrait is `default`)")
+    parser.add_argument("--avatar-dir", type=Path, default=None, metavar="DIR",
+                        help="keep avatars uploaded through POST /v1/avatars in DIR, loaded again at start (default: "
+                             "in memory only, gone when the server stops)")
+    parser.add_argument("--max-avatars", type=int, default=d.max_avatars, metavar="N",
+                        help=f"how many uploaded avatars the server holds (default {d.max_avatars}; each keeps its "
+                             "photo, up to ~5 MB, in memory)")
     parser.add_argument("--no-face-detect", action="store_true",
                         help="centre-crop uploaded portraits instead of detecting the face")
     parser.add_argument("--max-full-frame", type=int, default=d.max_full_frame, metavar="PX",
@@ -814,6 +901,16 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                             f"got {args.max_full_frame}")
     if args.max_sessions is not None and args.max_sessions < 1:
         raise LetsTalkError(f"--max-sessions must be at least 1, got {args.max_sessions}")
+    if args.max_avatars < 0:
+        raise LetsTalkError(f"--max-avatars must be 0 (no uploads) or more, got {args.max_avatars}")
+    avatars: dict[str, str | Path] = {"default": ServerConfig().avatars["default"]}
+    for spec in args.avatar:
+        avatar_id, sep, path = spec.partition("=")
+        if not sep or not AVATAR_ID.fullmatch(avatar_id) or not path:
+            raise LetsTalkError(f"--avatar {spec!r}: give ID=IMAGE, the ID 1-64 letters, digits, '-' or '_'")
+        if not Path(path).is_file():
+            raise LetsTalkError(f"--avatar {avatar_id}: no such file {path!r}")
+        avatars[avatar_id] = Path(path)
     return ServerConfig(
         host=args.host, port=args.port, api_key=api_key,
         token_secret=args.token_secret or os.environ.get("LETSTALK_TOKEN_SECRET") or None,
@@ -821,7 +918,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         ice_servers=list(args.ice_server), turn_ttl_s=args.turn_ttl, turn_username=args.turn_username,
         turn_secret=args.turn_secret or os.environ.get("LETSTALK_TURN_SECRET") or None,
         turn_credential=args.turn_credential or os.environ.get("LETSTALK_TURN_CREDENTIAL") or None,
-        max_full_frame=args.max_full_frame,
+        max_full_frame=args.max_full_frame, avatars=avatars, avatar_dir=args.avatar_dir, max_avatars=args.max_avatars,
         detect_face=not args.no_face_detect, stop_engine_on_cleanup=True,
     )
 

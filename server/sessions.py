@@ -52,6 +52,7 @@ from letstalk_rt.stream.events import SessionClosed
 from letstalk_rt.tts import Speech, SpeechUnavailable, check_text, sentences
 
 from .auth import TokenSigner, turn_credentials
+from .avatars import DEFAULT_MAX_AVATARS
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -99,7 +100,9 @@ class ServerConfig:
     turn_credential: str | None = None  # session; or, better:
     turn_secret: str | None = None  # the secret shared with the TURN server: time-limited credentials per session
     turn_ttl_s: float = 86400.0  # how long a session's TURN credentials hold (the relay is refused after it)
-    avatars: dict[str, str | Path] = field(default_factory=lambda: {"default": BUNDLED_PORTRAIT})
+    avatars: dict[str, str | Path] = field(default_factory=lambda: {"default": BUNDLED_PORTRAIT})  # configured
+    avatar_dir: Path | None = None  # where uploaded avatars (POST /v1/avatars) are kept; None: in memory only
+    max_avatars: int = DEFAULT_MAX_AVATARS  # uploaded avatars held at once (409 past them)
     detect_face: bool = True  # crop uploaded portraits to the detected face (422 when there is none)
     static_dir: Path | None = BROWSER_CLIENT  # the browser client, served at /
     stop_engine_on_cleanup: bool = False  # serve_main owns its engine; tests own theirs

@@ -80,7 +80,7 @@ def test_sdk_streams_speech_and_receives_frames_audio_and_events(tiny_pipeline):
 def test_sdk_sends_a_local_audio_track_and_uploads_a_portrait(tiny_pipeline, astronaut_png):
     from aiortc import VideoStreamTrack
 
-    from letstalk_rt.client import AvatarClient
+    from letstalk_rt.client import AvatarClient, AvatarNotFoundError, RequestError
 
     async def main():
         async with running_server(tiny_pipeline) as srv:
@@ -94,6 +94,16 @@ def test_sdk_sends_a_local_audio_track_and_uploads_a_portrait(tiny_pipeline, ast
                 await asyncio.wait_for(started.wait(), 20)
                 same = await client.start_session(portrait=astronaut_png.read_bytes())
                 assert same.id != session.id and len(srv.manager.sessions) == 2
+                # uploaded once, opened by id
+                made = await client.create_avatar(astronaut_png, name="Astro", avatar_id="astro")
+                assert made["id"] == "astro" and made in await client.avatars()
+                on_avatar = await client.start_session(avatar_id="astro")
+                assert on_avatar.info["video"]["width"] == 32 and len(srv.manager.sessions) == 3
+                await client.delete_avatar("astro")
+                with pytest.raises(AvatarNotFoundError, match="HTTP 404.*does not exist"):
+                    await client.delete_avatar("astro")
+                with pytest.raises(RequestError, match="HTTP 415.*not an image"):
+                    await client.create_avatar(b"not an image")
             await wait_until(lambda: not srv.manager.sessions, 10, "the client's sessions to be closed")
 
     run(main())

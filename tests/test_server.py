@@ -122,7 +122,7 @@ def test_health_metrics_and_avatars(tiny_pipeline, monkeypatch):
                 assert r.status == 200
                 assert await r.json() == {"status": "ok", "sessions": 0, "admitting": 0, "max_sessions": 3}
             async with http.get(f"{srv.url}/v1/avatars") as r:
-                assert (await r.json())["avatars"] == [{"id": "default", "name": "Bundled portrait"}]
+                assert (await r.json())["avatars"] == [{"id": "default", "name": "Bundled portrait", "uploaded": False}]
             info = await create_session(http, srv.url)
             player = play_session(srv, info["session_id"])
             session = srv.engine.sessions[info["session_id"]]
