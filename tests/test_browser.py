@@ -80,12 +80,12 @@ async def _chromium(pw, tmp_path: Path):
         await context.close()
 
 
-@pytest.mark.parametrize("mode", ["microphone+avatar", "file+photo"])
+@pytest.mark.parametrize("mode", ["microphone+avatar", "file+photo", "file+photo kept"])
 def test_browser_page_shows_the_talking_avatar(tiny_pipeline, tmp_path, astronaut_png, mode):
-    """index.html: the page creates a session (the bundled avatar, or an uploaded photo), sends speech as
-    its WebRTC audio track (Chromium's fake microphone playing a WAV, or the WAV chosen as a file and
-    played through WebAudio), and shows the avatar: frames of the model's size (the uploaded photo: the whole photo,
-    `full_frame=128`), audio, a moving mouth."""
+    """index.html: the page creates a session (the bundled avatar, or an uploaded photo, or the photo kept as an avatar
+    first and the session started on it), sends speech as its WebRTC audio track (Chromium's fake microphone playing a
+    WAV, or the WAV chosen as a file and played through WebAudio), and shows the avatar: frames of the model's size
+    (the uploaded photo: the whole photo, `full_frame=128`), audio, a moving mouth."""
     wav = tmp_path / "speech.wav"
     _write_wav(wav)
     args = _chromium_args(wav)
@@ -108,6 +108,8 @@ def test_browser_page_shows_the_talking_avatar(tiny_pipeline, tmp_path, astronau
                     await page.set_input_files("#audiofile", str(wav))
                     await page.set_input_files("#photo", str(astronaut_png))
                     await page.check("input[name=face][value=upload]")
+                    if mode == "file+photo kept":
+                        await page.check("#keep")
                     await page.click("#start")
                 try:
                     await page.wait_for_function(
@@ -130,6 +132,14 @@ def test_browser_page_shows_the_talking_avatar(tiny_pipeline, tmp_path, astronau
                 later = await page.evaluate("window.letstalk.conn.stats()")
                 frames_later = await page.evaluate("window.letstalk.frames.frames")
                 server_sessions = list(srv.manager.sessions.values())
+                kept = [(a.name, a.portrait) for a in _avatars(srv) if a.uploaded]
+                if mode == "file+photo kept":  # kept, selected in the list, and the session started on it
+                    assert kept and kept[0][0] == "astronaut"
+                    assert await page.evaluate("document.getElementById('avatar').selectedOptions[0].text") == \
+                        f"astronaut ({_avatars(srv)[-1].id})"
+                    assert server_sessions[0].session._w.stream.portrait is kept[0][1]
+                else:
+                    assert not kept
                 await page.click("#stop")
                 await asyncio.sleep(1.0)
                 remaining = len(srv.manager.sessions)
@@ -148,6 +158,12 @@ def test_browser_page_shows_the_talking_avatar(tiny_pipeline, tmp_path, astronau
     assert len(sessions) == 1 and sessions[0].session.stats()["frames_generated"] > 50
     assert remaining == 0  # Stop deleted the session
 
+
+
+def _avatars(srv) -> list:
+    from server.app import AVATARS
+
+    return srv.app[AVATARS].values()
 
 
 def test_overlay_connects_only_through_the_servers_turn_relay(tiny_pipeline, tmp_path):

@@ -40,6 +40,18 @@ export async function listAvatars(apiKey = null) {
   return (await resp.json()).avatars;
 }
 
+// Upload a portrait once as an avatar: the server prepares its face now, and sessions start on its id
+// (createSession({ avatarId })) with no upload and no preparation. -> {id, name, uploaded, created_at}
+export async function createAvatar({ apiKey = null, file, name = null, id = null } = {}) {
+  const form = new FormData();
+  form.append("portrait", file, file.name || "portrait");
+  if (name) form.append("name", name);
+  if (id) form.append("id", id);
+  const resp = await fetch("/v1/avatars", { method: "POST", body: form, headers: authHeaders(apiKey) });
+  if (!resp.ok) throw new Error(`avatar upload: HTTP ${resp.status}: ${await errorText(resp)}`);
+  return resp.json();
+}
+
 // The voices the server's text to speech speaks with ([{id, name}]); throws with the server's reason (e.g. no
 // espeak-ng there: HTTP 503).
 export async function listVoices(apiKey = null) {
