@@ -3,10 +3,11 @@
 from .engine import (AudioBufferFull, CapacityError, EngineConfig, Session, SessionClosedError, StreamEngine,
                      release_openmp_threads, run_off_loop)
 from .events import AVFrame, Event
+from .recorder import Recording
 from .sources import AudioSource, FileSource, MicrophoneSource, TrackSource
 
 __all__ = [
     "AVFrame", "AudioBufferFull", "AudioSource", "CapacityError", "EngineConfig", "Event", "FileSource",
-    "MicrophoneSource", "Session", "SessionClosedError", "StreamEngine", "TrackSource", "release_openmp_threads",
+    "MicrophoneSource", "Recording", "Session", "SessionClosedError", "StreamEngine", "TrackSource", "release_openmp_threads",
     "run_off_loop",
 ]

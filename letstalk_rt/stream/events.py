@@ -116,6 +116,16 @@ class SessionClosed(Event):
 
 
 @dataclass(frozen=True)
+class RecordingStopped(Event):
+    """The session's recording ended (`Session.stop_recording()`, the session's close, or a failure): `path` the MP4
+    it saved, or "" and `error` saying why nothing was saved."""
+
+    path: str = ""
+    seconds: float = 0.0
+    error: str = ""
+
+
+@dataclass(frozen=True)
 class EngineAdjusted(Event):
     """The shared engine changed how much work a window gets, for every session on it: its windows fell
     `behind_ms` behind real time (another process took the cores), so it went from `before` to `after`
@@ -138,5 +148,6 @@ _EVENT_NAMES: dict[type, str] = {
     Interrupted: "interrupted",
     SessionError: "error",
     SessionClosed: "closed",
+    RecordingStopped: "recording_stopped",
     EngineAdjusted: "engine_adjusted",
 }
