@@ -50,6 +50,7 @@ import functools
 import inspect
 import json
 import logging
+import os
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
@@ -665,6 +666,11 @@ class AvatarSession:
         """Drop queued speech and unshown frames (barge-in); the avatar goes on from the frame on screen."""
         await self._control({"type": "interrupt"})
 
+    async def stop_recording(self) -> None:
+        """End the recording of a session started with `record=True` now (it is saved; a `recording_stopped` event
+        follows, or an `error` saying why not); `AvatarClient.download_recording` then fetches it."""
+        await self._control({"type": "stop_recording"})
+
     async def _request(self, message: dict, timeout: float) -> tuple[float, dict]:
         """Send a control message with a fresh id; (monotonic time, answer) once the server answers it."""
         self._request_id += 1
@@ -904,6 +910,35 @@ class AvatarClient:
         async with self._require_http().delete(url, headers=self._auth()) as resp:
             await _raise_for_status(resp)
 
+    async def recordings(self) -> list[dict]:
+        """The server's saved session recordings: [{"id": session id, "bytes", "saved_at": unix time}, ...]."""
+        async with self._require_http().get(self._url("/v1/recordings"), headers=self._auth()) as resp:
+            await _raise_for_status(resp)
+            return (await resp.json())["recordings"]
+
+    async def download_recording(self, session_id: str, path: str | Path) -> Path:
+        """Save a session's recording (once it ended, or stop_recording() was sent) to `path`: written under a
+        temporary name and renamed, so an interrupted download leaves nothing at `path`. 409 (RequestError) while it
+        is still recording."""
+        path = Path(path)
+        url = self._url(f"/v1/recordings/{urllib.parse.quote(session_id, safe='')}")
+        tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        try:
+            async with self._require_http().get(url, headers=self._auth()) as resp:
+                await _raise_for_status(resp)
+                with open(tmp, "wb") as f:
+                    async for chunk in resp.content.iter_chunked(256 * 1024):
+                        f.write(chunk)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    async def delete_recording(self, session_id: str) -> None:
+        url = self._url(f"/v1/recordings/{urllib.parse.quote(session_id, safe='')}")
+        async with self._require_http().delete(url, headers=self._auth()) as resp:
+            await _raise_for_status(resp)
+
     async def voices(self) -> list[dict]:
         """The voices `AvatarSession.say` speaks with: [{"id": "en-us", "name": "English_(America)"}, ...]."""
         async with self._require_http().get(self._url("/v1/voices"), headers=self._auth()) as resp:
@@ -913,7 +948,8 @@ class AvatarClient:
     async def start_session(self, portrait: str | Path | bytes | None = None, *, avatar_id: str | None = None,
                             seed: int | None = None, steps: int | None = None,
                             full_frame: int | None = None, framing: float | None = None,
-                            voice: str | None = None, background: str | None = None) -> AvatarSession:
+                            voice: str | None = None, background: str | None = None,
+                            record: bool | None = None) -> AvatarSession:
         """Create a session from a portrait (a path or image bytes) or an avatar the server holds (default "default";
         `avatars()`, `create_avatar()`): a portrait is uploaded and prepared for this session alone.
 
@@ -923,10 +959,11 @@ class AvatarClient:
         side (head and shoulders; the server's default 3); 0: the whole photo however small the face.
         `voice`: the voice `say` speaks with in this session unless a `say` names another (`voices()`).
         `background` "RRGGBB": the colour a portrait's transparent parts go on (white by default): a key colour, which
-        `overlay_url(transparent=...)` turns back into transparency."""
+        `overlay_url(transparent=...)` turns back into transparency. `record`: the server (started with
+        `--recordings-dir`) records what the session shows, saved when it ends (`download_recording(session.id)`)."""
         http = self._require_http()
         options = (("seed", seed), ("steps", steps), ("full_frame", full_frame), ("framing", framing), ("voice", voice),
-                   ("background", background))
+                   ("background", background), ("record", None if record is None else str(bool(record)).lower()))
         if portrait is not None and avatar_id is not None:
             raise ValueError("give either portrait or avatar_id, not both")
         if portrait is not None:

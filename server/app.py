@@ -9,6 +9,7 @@
     POST /v1/sessions/{id}/offer      WHIP-style: SDP offer in, SDP answer out
     GET  /v1/sessions/{id}/ws         websocket: PCM16 + control in, events out
     GET  /v1/sessions/{id}/events     server-sent events: the session's events, read-only (overlays, dashboards)
+    GET  /v1/recordings[/{id}]        sessions created with `record`, saved as MP4 when they end   DELETE one
     GET  /v1/sessions/{id}            state and stats             DELETE /v1/sessions/{id}   free it
     GET  /, /overlay                  the browser client (client_examples/browser)
 
@@ -26,6 +27,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -40,7 +42,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from letstalk_rt.cli import (add_device_args, add_live_args, add_sampling_args, check_live_args, check_sampling_args,
                              live_config, pipeline_kwargs, resolve_device)
-from letstalk_rt.errors import InputError, LetsTalkError, NoFaceError
+from letstalk_rt.errors import InputError, LetsTalkError, NoFaceError, OutputError
 from letstalk_rt.framing import FRAMING, MAX_PHOTO_SIDE, check_framing
 from letstalk_rt.media import WHITE, parse_colour, upright_image
 from letstalk_rt.stream import CapacityError, run_off_loop
@@ -74,8 +76,9 @@ MAX_WS_MESSAGE = 512 * 1024  # transport cap (1 s of 96 kHz stereo PCM16 is 384 
 MAX_CONTROL_MESSAGE = 32768  # JSON control messages are small; `say` text is at most 5000 characters
 MAX_FORM_FIELD = 1024  # non-file multipart fields (seed, steps, avatar_id, full_frame, framing)
 MAX_FORM_PARTS = 8
-SESSION_FIELDS = ("portrait", "avatar_id", "seed", "steps", "full_frame", "framing", "voice", "background")
+SESSION_FIELDS = ("portrait", "avatar_id", "seed", "steps", "full_frame", "framing", "voice", "background", "record")
 AVATAR_FIELDS = ("portrait", "id", "name", "background")  # POST /v1/avatars
+RECORDING_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a recording is named by its session's id
 UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP")  # what the docs promise; Pillow's other decoders are never reached
 
 
@@ -415,6 +418,18 @@ def _int_field(fields: dict, name: str, lo: int, hi: int) -> int | None:
     return number
 
 
+def _boolean(value: Any, name: str) -> bool:
+    """true/false, 1/0, yes/no (a form's text or JSON's boolean); InputError otherwise."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise InputError(f"{name} must be true or false, got {text[:20]!r}")
+
+
 def _checked_field(fields: dict, name: str, check: Callable[[Any], Any], default: Any = None) -> Any:
     """`fields[name]` through `check`, which raises InputError saying what to give (answered 422); `default` when the
     field is absent or empty."""
@@ -445,6 +460,9 @@ async def create_session(request: web.Request) -> web.Response:
         framing = _checked_field(fields, "framing", lambda v: check_framing(v, "`framing`"), FRAMING)
         voice = await asyncio.to_thread(_checked_field, fields, "voice", check_voice)
         background = _checked_field(fields, "background", lambda v: parse_colour(v, "`background`"))
+        record = _checked_field(fields, "record", lambda v: _boolean(v, "`record`"), False)
+        if record and config.recordings_dir is None:
+            raise api_error(422, "this server does not record sessions; start it with --recordings-dir DIR")
         if steps is not None and steps != engine.pipeline.num_steps:
             raise api_error(422, f"`steps`: this server samples {engine.pipeline.num_steps} step(s) per window for "
                                  "every session (sessions are batched together); set it at start with --steps")
@@ -478,6 +496,13 @@ async def create_session(request: web.Request) -> web.Response:
         manager.release()
     ss = manager.add(session)
     ss.voice = voice
+    if record:
+        try:
+            session.record(config.recordings_dir / f"{ss.id}.mp4")
+        except OutputError as e:
+            await manager.close(ss, "its recording could not start")
+            log.error("session %s: recording refused: %s", ss.id, e)
+            raise api_error(507, f"the session's recording could not start on the server ({e}); it was closed")
     origin = request.url.origin()
     ws_origin = origin.with_scheme("wss" if origin.scheme == "https" else "ws")
     width, height = session.frame_size
@@ -491,7 +516,64 @@ async def create_session(request: web.Request) -> web.Response:
         "audio": {"sample_rate": session.sample_rate, "channels": 1, "format": "pcm_s16le"},
         "ice_servers": ss.ice_servers,
         **({"voice": voice} if voice else {}),
+        **({"recording_url": str(origin.with_path(f"/v1/recordings/{ss.id}"))} if record else {}),
     }, status=201)
+
+
+# --------------------------------------------------------------------------------------------------
+# Handlers: recordings (sessions created with `record`, under --recordings-dir)
+# --------------------------------------------------------------------------------------------------
+
+
+def _recording(request: web.Request) -> tuple[str, Path]:
+    """The recording in the URL (its session's id) and its file, if the request carries the API key or that session's
+    token; 404 on a server that does not record."""
+    directory = request.app[CONFIG].recordings_dir
+    rid = request.match_info["recording_id"]
+    if directory is None:
+        raise api_error(404, "this server does not record sessions (start it with --recordings-dir DIR)")
+    if not RECORDING_ID.fullmatch(rid):
+        raise api_error(404, f"no recording {rid[:70]!r}")
+    try:
+        request.app[MANAGER].signer.verify(bearer(request.headers, request.query) or "", session_id=rid)
+    except TokenError:
+        require_api_key(request)
+    ss = request.app[MANAGER].sessions.get(rid)
+    if ss is not None and ss.session.recording is not None:
+        raise api_error(409, f"session {rid} is still recording; its file is saved when the session ends or its "
+                             "websocket sends stop_recording")
+    path = directory / f"{rid}.mp4"
+    if not path.is_file():
+        last = ss.session.last_recording if ss is not None else None
+        why = f" (it was not saved: {last.error})" if last is not None and last.error else ""
+        raise api_error(404, f"no recording {rid!r}{why}")
+    return rid, path
+
+
+async def list_recordings(request: web.Request) -> web.Response:
+    require_api_key(request)
+    directory = request.app[CONFIG].recordings_dir
+
+    def scan() -> list[dict]:
+        if directory is None or not directory.is_dir():
+            return []
+        found = [(p.stem, p.stat()) for p in directory.glob("*.mp4") if RECORDING_ID.fullmatch(p.stem)]
+        return [{"id": rid, "bytes": st.st_size, "saved_at": round(st.st_mtime, 3)}
+                for rid, st in sorted(found, key=lambda x: x[1].st_mtime)]
+
+    return web.json_response({"recordings": await asyncio.to_thread(scan)})
+
+
+async def get_recording(request: web.Request) -> web.StreamResponse:
+    rid, path = _recording(request)
+    return web.FileResponse(path, headers={"Content-Type": "video/mp4",
+                                           "Content-Disposition": f'attachment; filename="letstalk-{rid}.mp4"'})
+
+
+async def delete_recording(request: web.Request) -> web.Response:
+    _, path = _recording(request)
+    await asyncio.to_thread(path.unlink, True)
+    return web.Response(status=204)
 
 
 async def session_events(request: web.Request) -> web.StreamResponse:
@@ -693,6 +775,11 @@ async def _on_control(ss: ServerSession, text: str) -> None:
             ss.session.interrupt()
         elif kind == "say":
             await ss.say(message)
+        elif kind == "stop_recording":  # saved now; its recording_stopped event follows (or an error saying why not)
+            try:
+                await ss.session.stop_recording()
+            except OutputError as e:
+                await ss.error_event(str(e), "recording")
         elif kind == "audio_format":
             rate, channels = message.get("sample_rate", 16000), message.get("channels", 1)
             ahead = message.get("ahead", False)
@@ -707,7 +794,7 @@ async def _on_control(ss: ServerSession, text: str) -> None:
             await ss.send_json({"type": "audio_format", "sample_rate": rate, "channels": channels, "ahead": ahead})
         else:
             await ss.error_event(f"unknown message type {kind[:40]!r}; expected audio_format, end_of_speech, "
-                                 "interrupt, say or ping", "bad_message")
+                                 "interrupt, say, stop_recording or ping", "bad_message")
     except LetsTalkError as e:  # SessionClosedError and friends
         await ss.error_event(str(e), "session")
 
@@ -749,6 +836,8 @@ async def _on_startup(app: web.Application) -> None:
         espeak_exe()
     except SpeechUnavailable as e:  # the server runs; only `say` and GET /v1/voices answer with this
         log.warning("text to speech (say) is off: %s", e)
+    if config.recordings_dir is not None:
+        await asyncio.to_thread(config.recordings_dir.mkdir, parents=True, exist_ok=True)
     store = app[AVATARS]
     for avatar_id, source in config.avatars.items():
         try:
@@ -809,6 +898,9 @@ def create_app(engine: StreamEngine, config: ServerConfig | None = None) -> web.
     r.add_post("/v1/sessions/{session_id}/offer", offer)
     r.add_get("/v1/sessions/{session_id}/ws", websocket)
     r.add_get("/v1/sessions/{session_id}/events", session_events)
+    r.add_get("/v1/recordings", list_recordings)
+    r.add_get("/v1/recordings/{recording_id}", get_recording)
+    r.add_delete("/v1/recordings/{recording_id}", delete_recording)
     r.add_get("/", _static_page("index.html"))
     r.add_get("/overlay", _static_page("overlay.html"))
     if config.static_dir is not None and config.static_dir.is_dir():
@@ -869,6 +961,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-avatars", type=int, default=d.max_avatars, metavar="N",
                         help=f"how many uploaded avatars the server holds (default {d.max_avatars}; each keeps its "
                              "photo, up to ~5 MB, in memory)")
+    parser.add_argument("--recordings-dir", type=Path, default=None, metavar="DIR",
+                        help="let sessions ask to be recorded (`record`): each saved as DIR/SESSION_ID.mp4 when it "
+                             "ends, served at /v1/recordings/SESSION_ID (default: no recording)")
     parser.add_argument("--no-face-detect", action="store_true",
                         help="centre-crop uploaded portraits instead of detecting the face")
     parser.add_argument("--max-full-frame", type=int, default=d.max_full_frame, metavar="PX",
@@ -903,6 +998,13 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise LetsTalkError(f"--max-sessions must be at least 1, got {args.max_sessions}")
     if args.max_avatars < 0:
         raise LetsTalkError(f"--max-avatars must be 0 (no uploads) or more, got {args.max_avatars}")
+    if args.recordings_dir is not None:
+        try:
+            args.recordings_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LetsTalkError(f"--recordings-dir {args.recordings_dir}: cannot create it ({e.strerror or e})") from None
+        if not os.access(args.recordings_dir, os.W_OK | os.X_OK):
+            raise LetsTalkError(f"--recordings-dir {args.recordings_dir}: not writable; choose another folder")
     avatars: dict[str, str | Path] = {"default": ServerConfig().avatars["default"]}
     for spec in args.avatar:
         avatar_id, sep, path = spec.partition("=")
@@ -919,6 +1021,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         turn_secret=args.turn_secret or os.environ.get("LETSTALK_TURN_SECRET") or None,
         turn_credential=args.turn_credential or os.environ.get("LETSTALK_TURN_CREDENTIAL") or None,
         max_full_frame=args.max_full_frame, avatars=avatars, avatar_dir=args.avatar_dir, max_avatars=args.max_avatars,
+        recordings_dir=args.recordings_dir,
         detect_face=not args.no_face_detect, stop_engine_on_cleanup=True,
     )
 

@@ -103,6 +103,7 @@ class ServerConfig:
     avatars: dict[str, str | Path] = field(default_factory=lambda: {"default": BUNDLED_PORTRAIT})  # configured
     avatar_dir: Path | None = None  # where uploaded avatars (POST /v1/avatars) are kept; None: in memory only
     max_avatars: int = DEFAULT_MAX_AVATARS  # uploaded avatars held at once (409 past them)
+    recordings_dir: Path | None = None  # sessions created with `record` saved here as SESSION_ID.mp4; None: not recorded
     detect_face: bool = True  # crop uploaded portraits to the detected face (422 when there is none)
     static_dir: Path | None = BROWSER_CLIENT  # the browser client, served at /
     stop_engine_on_cleanup: bool = False  # serve_main owns its engine; tests own theirs

@@ -4,6 +4,7 @@ not at all, a failure saying why while the stream goes on."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import av
@@ -152,3 +153,88 @@ def test_a_recording_that_falls_behind_is_dropped_whole_and_the_stream_goes_on(t
     assert kinds.index(RecordingStopped) < kinds.index(SessionClosed)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["closed.mp4"]  # nothing left of the failed one
     assert len(read_mp4(tmp_path / "closed.mp4")[0]) >= 5  # the ticks shown after it started
+
+
+def test_the_server_records_a_session_when_asked_and_serves_its_file(tiny_pipeline, tmp_path):
+    """`record`: refused (422) by a server without --recordings-dir; else the session's recording is served at its
+    recording_url once saved (409 before: still recording) to the API key or that session's token only, saved by the
+    websocket's stop_recording or by the session's end, listed, and deleted."""
+    import aiohttp
+
+    from letstalk_rt.client import AvatarClient, RequestError
+    from server_helpers import create_session, play_session, running_server
+
+    key = {"Authorization": "Bearer k"}
+
+    async def main():
+        async with running_server(tiny_pipeline) as srv, aiohttp.ClientSession() as http:
+            async with http.post(f"{srv.url}/v1/sessions", json={"record": True}) as r:
+                assert r.status == 422 and "--recordings-dir" in (await r.json())["error"]
+            async with http.get(f"{srv.url}/v1/recordings/abc") as r:
+                assert r.status == 404
+        async with running_server(tiny_pipeline, api_key="k", recordings_dir=tmp_path / "recordings") as srv, \
+                aiohttp.ClientSession() as http:
+            async with http.post(f"{srv.url}/v1/sessions", json={"record": "maybe"}, headers=key) as r:
+                assert r.status == 422 and "true or false" in (await r.json())["error"]
+            info = await create_session(http, srv.url, headers=key, record=True)
+            other = await create_session(http, srv.url, headers=key)
+            assert "recording_url" not in other
+            url, mine = info["recording_url"], {"Authorization": f"Bearer {info['token']}"}
+            assert url == f"{srv.url}/v1/recordings/{info['session_id']}"
+            session = srv.engine.sessions[info["session_id"]]
+            player = play_session(srv, info["session_id"])
+            session.push_audio(speechlike(2.0))
+            session.end_speech()
+            while session.player.tick < 50:
+                await asyncio.sleep(0.05)
+            async with http.get(url, headers=mine) as r:
+                assert r.status == 409 and "still recording" in (await r.json())["error"]
+            async with http.get(url, headers={"Authorization": f"Bearer {other['token']}"}) as r:
+                assert r.status == 401
+            async with http.ws_connect(f"{info['ws_url']}?token={info['token']}") as ws:
+                await ws.send_json({"type": "stop_recording"})
+                while True:
+                    event = json.loads((await ws.receive(timeout=20)).data)
+                    if event["type"] == "recording_stopped":
+                        break
+            assert event["path"].endswith(f"{info['session_id']}.mp4") and event["seconds"] >= 2.0
+            async with http.get(url, headers=mine) as r:
+                assert r.status == 200 and r.content_type == "video/mp4"
+                body = await r.read()
+            async with http.get(f"{srv.url}/v1/recordings", headers=key) as r:
+                listed = (await r.json())["recordings"]
+            assert [(x["id"], x["bytes"]) for x in listed] == [(info["session_id"], len(body))]
+            async with http.delete(url, headers=mine) as r:
+                assert r.status == 204
+            async with http.get(url, headers=key) as r:
+                assert r.status == 404
+            # saved by the session's end
+            second = await create_session(http, srv.url, headers=key, record=True)
+            viewer = play_session(srv, second["session_id"])
+            while srv.engine.sessions[second["session_id"]].player.tick < 10:
+                await asyncio.sleep(0.05)
+            async with http.delete(f"{srv.url}/v1/sessions/{second['session_id']}", headers=key) as r:
+                assert r.status == 204
+            async with http.get(second["recording_url"], headers=key) as r:
+                assert r.status == 200
+                ended = await r.read()
+            async with AvatarClient(srv.url, api_key="k") as client:  # the SDK's side of it
+                saved = await client.download_recording(second["session_id"], tmp_path / "sdk.mp4")
+                assert saved.read_bytes() == ended
+                assert [x["id"] for x in await client.recordings()] == [second["session_id"]]
+                sdk_session = await client.start_session(record=True)
+                assert sdk_session.info["recording_url"].endswith(sdk_session.id)
+                with pytest.raises(RequestError, match="HTTP 409.*still recording"):
+                    await client.download_recording(sdk_session.id, tmp_path / "early.mp4")
+                assert not (tmp_path / "early.mp4").exists()
+            player.cancel()
+            viewer.cancel()
+            return body, ended
+
+    body, ended = run(main())
+    path = tmp_path / "check.mp4"
+    path.write_bytes(body)
+    frames, audio, _ = read_mp4(path)
+    assert len(frames) >= 50 and np.abs(audio).max() > 0.05  # the speech is in it
+    path.write_bytes(ended)
+    assert len(read_mp4(path)[0]) >= 10
