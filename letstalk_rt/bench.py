@@ -37,6 +37,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -108,6 +109,9 @@ class RunResult:
     # --webrtc: each session's figures at its receiving peer (bench_webrtc.summary): frame pacing, lip-to-sound offset,
     # speech to sound, lip sync of what arrived; the engine's own figures above are the same as without
     webrtc: list[dict] = field(default_factory=list)
+    # --record: every session recorded as it streamed (Session.record); what the files hold, per minute of a session
+    recorded_mb_per_minute: float | None = None
+    recordings_failed: list[str] = field(default_factory=list)
     # the process's event loop and garbage collector (LoopWatch): each minute's largest lateness of the loop and
     # longest collection, each full collection's [seconds into the run, ms], and the objects the engine froze at
     # start (EngineConfig.freeze_gc; 0: none); with --webrtc the server, the engine and the peers share the loop
@@ -312,11 +316,12 @@ async def _feed(session, audio: np.ndarray, seconds: float) -> None:
 
 async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np.ndarray, portrait,
                        live: dict | None = None, seed: int = 0, webrtc: bool = False,
-                       peer_process: bool = False, full_frame: int = 0) -> RunResult:
+                       peer_process: bool = False, full_frame: int = 0, record: bool = False) -> RunResult:
     """n sessions for `seconds` (noise seeds seed, seed + 1, ...); `live`: EngineConfig fields (window, max_steps,
     catch_up_tempo ...). `webrtc`: each session through the server and a real WebRTC peer instead (bench_webrtc; the
     server's default avatar, its own seeds); `peer_process`: those peers in a process of their own. `full_frame`: the
-    sessions' frames the whole photo, fit to this many px (0: the face crop)."""
+    sessions' frames the whole photo, fit to this many px (0: the face crop). `record`: each session recorded to an
+    MP4 as it streams (in-process sessions only), the files deleted after."""
     from .stream import EngineConfig, StreamEngine
 
     if pipe.device.type == "cuda":
@@ -339,8 +344,15 @@ async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np
                 sessions, received = await stream(engine, n, seconds, audio, peer_process, full_frame)
             else:
                 sessions = [await engine.open_session(portrait, seed=seed + i, full_frame=full_frame) for i in range(n)]
+                if record:
+                    folder = tempfile.TemporaryDirectory(prefix="letstalk-bench-")
+                    for i, s in enumerate(sessions):
+                        s.record(Path(folder.name) / f"{i}.mp4")
                 await asyncio.gather(*[_feed(s, audio, seconds) for s in sessions],
                                      *[_consume(s, seconds, offsets) for s in sessions])
+                if record:
+                    recorded, failed = await _stop_recordings(sessions)
+                    folder.cleanup()
     finally:
         sampler.cancel()
     took = time.monotonic() - t0
@@ -393,7 +405,41 @@ async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np
         latency_ms_p95_by_minute=p95_by_minute, rss_mb_by_minute=rss,
         held_frames_by_minute=[held_by_minute[m] for m in range(max(held_by_minute, default=-1) + 1)],
         webrtc=received, **watch.figures(),
+        **({"recorded_mb_per_minute": recorded, "recordings_failed": failed} if record else {}),
     )
+
+
+async def _stop_recordings(sessions) -> tuple[float | None, list[str]]:
+    """Save every session's recording: (MB per minute of recording, the errors of those not saved)."""
+    size, seconds, failed = 0, 0.0, []
+    for s in sessions:
+        recording = s.recording or s.last_recording
+        try:
+            size += (await s.stop_recording()).stat().st_size
+            seconds += recording.seconds
+        except LetsTalkError as e:
+            failed.append(str(e))
+    return (round(size / 2**20 / (seconds / 60), 2) if seconds else None), failed
+
+
+def recording_ms(size: tuple[int, int], fps: int = 25, sample_rate: int = 16000, frames: int = 100) -> float:
+    """Milliseconds to encode one tick of a recording (`Session.record`: H.264 veryfast + AAC) of frames `size`
+    (width, height), on the calling thread: noise frames over a still picture, as much to encode as a talking face."""
+    from .media import VideoWriter
+
+    width, height = size
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (height, width, 3)).astype(np.int16)
+    pictures = [np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8) for _ in range(8)]
+    sound = rng.normal(0, 0.1, sample_rate // fps).astype(np.float32)
+    with tempfile.TemporaryDirectory(prefix="letstalk-bench-") as folder:
+        writer = VideoWriter(Path(folder) / "cost.mp4", (width, height), fps, sample_rate, crf=23, preset="veryfast")
+        start = time.perf_counter()
+        for i in range(frames):
+            writer.write_frame(pictures[i % len(pictures)])
+            writer.write_audio(sound)
+        writer.close()
+        return round((time.perf_counter() - start) / frames * 1000, 2)
 
 
 def full_frame_ms(pipe: LetsTalkPipeline, portrait, side: int, frames: int = 50) -> float:
@@ -582,27 +628,27 @@ def spread(results: list[RunResult]) -> dict:
 def run_bench(pipe: LetsTalkPipeline, session_counts: list[int], seconds: float, audio: np.ndarray, portrait,
               json_path: Path | None = None, breakdown: bool = True, repeat: int = 1, live: dict | None = None,
               neighbours: tuple[int, float, float] = (0, 30.0, 60.0), seed: int = 0, webrtc: bool = False,
-              peer_process: bool = False, full_frame: int = 0) -> dict:
+              peer_process: bool = False, full_frame: int = 0, record: bool = False) -> dict:
     """`live`: EngineConfig fields for every run (window, max_steps, catch_up_tempo ...). `neighbours`:
     (count, busy s, period s) of CPU-bound processes beside the engine for every run (busy_neighbours). `webrtc`:
     every session through the server and a real WebRTC peer (bench_webrtc); `peer_process`: the peers in a process of
     their own, not sharing the server's event loop (implies `webrtc`). `full_frame`: every session's frames the whole
-    photo, fit to this many px (0: the face crop)."""
+    photo, fit to this many px (0: the face crop). `record`: every session recorded as it streams (not with webrtc)."""
     webrtc = webrtc or peer_process
     with busy_neighbours(*neighbours):
         return _run_bench(pipe, session_counts, seconds, audio, portrait, json_path, breakdown, repeat,
-                          live or {}, neighbours, seed, webrtc, peer_process, full_frame)
+                          live or {}, neighbours, seed, webrtc, peer_process, full_frame, record)
 
 
 def _run_bench(pipe, session_counts, seconds, audio, portrait, json_path, breakdown, repeat, live, neighbours,
-               seed, webrtc, peer_process, full_frame) -> dict:
+               seed, webrtc, peer_process, full_frame, record) -> dict:
     window = live.get("window", 0)
     report: dict = {"machine": machine(), "model": pipe.config.description or "untrained",
                     "device": str(pipe.device), "dtype": str(pipe.dtype).replace("torch.", ""),
                     "steps": pipe.num_steps, "noise_draws": pipe.noise_draws, "window": window or pipe.window,
                     "live": live,
                     "neighbours": dict(zip(("count", "busy_s", "period_s"), neighbours)), "webrtc": webrtc,
-                    "peer_process": peer_process, "full_frame": full_frame,
+                    "peer_process": peer_process, "full_frame": full_frame, "record": record,
                     "runs": [], "spread": [],
                     "complete": False}  # True once every run asked for is in
 
@@ -610,6 +656,9 @@ def _run_bench(pipe, session_counts, seconds, audio, portrait, json_path, breakd
         report["window_ms"] = window_breakdown(pipe, window=window)
         if full_frame:
             report["window_ms"]["full_frame_per_frame"] = full_frame_ms(pipe, portrait, full_frame)
+        if record:
+            size = pipe.full_frame(portrait, full_frame).size if full_frame else (pipe.config.image_size,) * 2
+            report["window_ms"]["record_per_frame"] = recording_ms(size, pipe.fps, pipe.config.audio.sample_rate)
         print("one window (ms):", json.dumps(report["window_ms"]))
         report.update(arithmetic_rate(pipe, report["window_ms"]["step_1"], window=window))
         print("one step's arithmetic:", json.dumps({k: report[k] for k in ARITHMETIC_KEYS}))
@@ -625,7 +674,8 @@ def _run_bench(pipe, session_counts, seconds, audio, portrait, json_path, breakd
         for _ in range(repeat):
             try:
                 result = asyncio.run(run_sessions(pipe, n, seconds, audio, portrait, live=live, seed=seed,
-                                                  webrtc=webrtc, peer_process=peer_process, full_frame=full_frame))
+                                                  webrtc=webrtc, peer_process=peer_process, full_frame=full_frame,
+                                                  record=record))
             except LetsTalkError as e:  # e.g. the GPU cannot hold this many sessions' batch
                 report["error"] = {"sessions": n, "message": str(e)}
                 save()

@@ -366,6 +366,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if not (math.isfinite(args.seconds) and args.seconds > 0) or not (math.isfinite(args.soak) and args.soak >= 0):
         raise LetsTalkError(f"--seconds {args.seconds:g} / --soak {args.soak:g}: give seconds > 0 (--soak 0: no soak)")
     check_output_file(args.json, "--json")  # before the run, not after it
+    if args.record and (args.webrtc or args.peer_process):
+        raise LetsTalkError("--record records in-process sessions; drop --webrtc / --peer-process to use it")
     try:
         busy, period = (float(x) for x in args.neighbour_duty.split("/"))
     except ValueError:
@@ -394,7 +396,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     run_bench(pipe, counts, seconds, np.asarray(audio), portrait, json_path=args.json,
               breakdown=not args.soak, repeat=args.repeat, live=live_config(args),
               neighbours=(args.neighbours, busy, period), seed=args.seed, webrtc=args.webrtc,
-              peer_process=args.peer_process, full_frame=args.full_frame)
+              peer_process=args.peer_process, full_frame=args.full_frame, record=args.record)
 
 
 def _preset_config(args: argparse.Namespace):
@@ -648,6 +650,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --webrtc (implies it): the receiving peers in a process of their own, as a user's "
                         "peer is, instead of sharing the server's event loop")
     _add_full_frame_arg(p)
+    p.add_argument("--record", action="store_true",
+                   help="record every session to an MP4 as it streams (Session.record, the server's `record`): its "
+                        "cost beside the sessions, and the files' size per minute (in-process sessions, not --webrtc)")
     add_live_args(p)
     p.set_defaults(func=cmd_bench)
 
