@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import io
 import ipaddress
@@ -209,6 +210,8 @@ async def create_avatar(request: web.Request) -> web.Response:
         try:
             await asyncio.to_thread(store.save, avatar, upload, background)
         except OSError as e:
+            with contextlib.suppress(OSError):  # an upload written without its record: not left behind
+                await asyncio.to_thread(store.delete_files, avatar_id)
             log.error("avatar %s could not be saved under %s: %s", avatar_id, store.directory, e)
             raise api_error(507, f"the avatar could not be saved on the server ({e.strerror or e}); "
                                  "it was not added") from None

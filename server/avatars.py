@@ -112,6 +112,8 @@ class AvatarStore:
     def reserve(self, avatar_id: str | None) -> str:
         """The id a new upload gets (`avatar_id`, checked, or a fresh random one), held until `release`; refused
         (AvatarRefused) if it is malformed or taken, or the store is full."""
+        if self.limit == 0:
+            raise AvatarRefused(409, "this server takes no avatar uploads (--max-avatars 0)")
         if self.uploaded + len(self._pending) >= self.limit:
             raise AvatarRefused(409, f"this server already holds {self.limit} uploaded avatars (--max-avatars); "
                                      "delete one (DELETE /v1/avatars/{id}) first")
