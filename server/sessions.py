@@ -226,6 +226,7 @@ class Metrics:
         self.errors_total = 0
         self.says_total = 0  # `say` messages accepted
         self.reconnects_total = 0  # peer connections a new offer replaced (a client back after its network changed)
+        self.recordings: collections.Counter[bool] = collections.Counter()  # recordings ended: saved (True) or not
         # totals of sessions already closed (live ones are added at scrape time)
         self.closed_frames = 0
         self.closed_held = 0
@@ -296,6 +297,11 @@ def render_metrics(manager: SessionManager) -> str:
     metric("letstalk_says_total", "counter", "Texts accepted to be spoken (`say`).", [("", m.says_total)])
     metric("letstalk_reconnects_total", "counter", "Peer connections replaced by a new offer after their peer went "
            "silent (a client back after its network changed).", [("", m.reconnects_total)])
+    metric("letstalk_recordings_active", "gauge", "Sessions being recorded now (`record`).",
+           [("", sum(s.recording is not None for s in live))])
+    metric("letstalk_recordings_total", "counter", "Recordings ended, by result (failed: a full disk, an encoder too "
+           "far behind; nothing saved).", [('{result="saved"}', m.recordings[True]),
+                                          ('{result="failed"}', m.recordings[False])])
     metric("letstalk_event_streams", "gauge", "Event streams (GET /v1/sessions/{id}/events) open now.",
            [("", sum(len(ss.listeners) for ss in manager.sessions.values()))])
     state = manager.engine.running_state()
@@ -414,6 +420,8 @@ class ServerSession:
         async for event in self.session.events():
             if event.type == "error":
                 self.manager.metrics.errors_total += 1
+            elif event.type == "recording_stopped":
+                self.manager.metrics.recordings[event.path != ""] += 1
             message = event.to_dict()
             self.tell_listeners(message)
             await self.send_json(message)

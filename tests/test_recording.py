@@ -198,6 +198,10 @@ def test_the_server_records_a_session_when_asked_and_serves_its_file(tiny_pipeli
                     if event["type"] == "recording_stopped":
                         break
             assert event["path"].endswith(f"{info['session_id']}.mp4") and event["seconds"] >= 2.0
+            async with http.get(f"{srv.url}/metrics") as r:
+                metrics = await r.text()
+            assert 'letstalk_recordings_total{result="saved"} 1' in metrics
+            assert "letstalk_recordings_active 0" in metrics
             async with http.get(url, headers=mine) as r:
                 assert r.status == 200 and r.content_type == "video/mp4"
                 body = await r.read()
