@@ -85,7 +85,8 @@ def test_browser_page_shows_the_talking_avatar(tiny_pipeline, tmp_path, astronau
     """index.html: the page creates a session (the bundled avatar, or an uploaded photo, or the photo kept as an avatar
     first and the session started on it), sends speech as its WebRTC audio track (Chromium's fake microphone playing a
     WAV, or the WAV chosen as a file and played through WebAudio), and shows the avatar: frames of the model's size
-    (the uploaded photo: the whole photo, `full_frame=128`), audio, a moving mouth."""
+    (the uploaded photo: the whole photo, `full_frame=128`), audio, a moving mouth. The microphone session is recorded
+    (`?record=1`): once stopped, the page offers the server's MP4 of it as a download."""
     wav = tmp_path / "speech.wav"
     _write_wav(wav)
     args = _chromium_args(wav)
@@ -94,7 +95,8 @@ def test_browser_page_shows_the_talking_avatar(tiny_pipeline, tmp_path, astronau
     side = 32 if mode == "microphone+avatar" else 128
 
     async def main():
-        async with running_server(tiny_pipeline) as srv, async_playwright() as pw:
+        async with running_server(tiny_pipeline, recordings_dir=tmp_path / "recordings") as srv, \
+                async_playwright() as pw:
             context = await pw.chromium.launch_persistent_context(
                 str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=args)
             try:
@@ -102,7 +104,7 @@ def test_browser_page_shows_the_talking_avatar(tiny_pipeline, tmp_path, astronau
                 console: list[str] = []
                 page.on("console", lambda m: console.append(m.text))
                 if mode == "microphone+avatar":
-                    await page.goto(f"{srv.url}/?autostart=1&source=mic")
+                    await page.goto(f"{srv.url}/?autostart=1&source=mic&record=1")
                 else:
                     await page.goto(f"{srv.url}/?source=file&full_frame=128")
                     await page.set_input_files("#audiofile", str(wav))
@@ -143,6 +145,14 @@ def test_browser_page_shows_the_talking_avatar(tiny_pipeline, tmp_path, astronau
                 await page.click("#stop")
                 await asyncio.sleep(1.0)
                 remaining = len(srv.manager.sessions)
+                if mode == "microphone+avatar":  # the recording, offered for download
+                    await page.wait_for_selector("#recording", timeout=20000)
+                    offered = await page.evaluate("fetch(document.getElementById('recording').href)"
+                                                  ".then((r) => r.blob()).then((b) => b.size)")
+                    saved = tmp_path / "recordings" / f"{server_sessions[0].id}.mp4"
+                    assert offered == saved.stat().st_size > 1000
+                else:
+                    assert not (tmp_path / "recordings").exists() or not any((tmp_path / "recordings").iterdir())
             finally:
                 await context.close()
             return size, first, later, frames_first, frames_later, snaps, server_sessions, remaining

@@ -62,8 +62,9 @@ export async function listVoices(apiKey = null) {
 
 // fullFrame: the video is the whole photo, its longest side at most this many px (the face pasted back in);
 // framing: a small face is shown with at most this many sides of its square on the shorter side (0: the whole photo).
+// record: the server (--recordings-dir) records the session; fetchRecording(info.recording_url, info.token) gets it.
 export async function createSession({
-  apiKey = null, avatarId = "default", file = null, seed = null, fullFrame = null, framing = null,
+  apiKey = null, avatarId = "default", file = null, seed = null, fullFrame = null, framing = null, record = false,
 } = {}) {
   let resp;
   if (file) {
@@ -72,12 +73,14 @@ export async function createSession({
     if (seed !== null) form.append("seed", String(seed));
     if (fullFrame !== null) form.append("full_frame", String(fullFrame));
     if (framing !== null) form.append("framing", String(framing));
+    if (record) form.append("record", "true");
     resp = await fetch("/v1/sessions", { method: "POST", body: form, headers: authHeaders(apiKey) });
   } else {
     const body = { avatar_id: avatarId };
     if (seed !== null) body.seed = seed;
     if (fullFrame !== null) body.full_frame = fullFrame;
     if (framing !== null) body.framing = framing;
+    if (record) body.record = true;
     resp = await fetch("/v1/sessions", {
       method: "POST",
       body: JSON.stringify(body),
@@ -89,6 +92,23 @@ export async function createSession({
     throw new Error(`HTTP ${resp.status}: ${await errorText(resp)}${retry ? ` (retry after ${retry} s)` : ""}`);
   }
   return resp.json();
+}
+
+// A session's recording (an MP4 Blob) once the server saved it: when the session ended (close()) or stopped
+// recording. It waits up to timeoutMs for the save; throws with the server's reason otherwise.
+export async function fetchRecording(url, token, timeoutMs = 15000) {
+  const start = performance.now();
+  for (;;) {
+    const resp = await fetch(sameOrigin(url), { headers: { Authorization: `Bearer ${token}` } });
+    if (resp.ok) return resp.blob();
+    const why = await errorText(resp);
+    const waited = performance.now() - start;
+    // 409: still recording; 404 in the first seconds: the session is closing and its file not yet in place
+    if (!(resp.status === 409 || (resp.status === 404 && waited < 3000)) || waited > timeoutMs) {
+      throw new Error(`recording: HTTP ${resp.status}: ${why}`);
+    }
+    await new Promise((r) => setTimeout(r, 300));
+  }
 }
 
 // Decode an audio file into a MediaStream (WebAudio), to send it like a microphone. It plays from
