@@ -123,6 +123,42 @@ async def error_middleware(request: web.Request, handler):
         return web.json_response({"error": "internal server error"}, status=500)
 
 
+def cors_headers(request: web.Request) -> dict[str, str] | None:
+    """The CORS headers of an answer to a page of an origin the server allows (`--cors-origin`), else None."""
+    origin, origins = request.headers.get("Origin"), request.app[CONFIG].cors_origins
+    if origin is None or not ("*" in origins or origin in origins):
+        return None
+    return {"Access-Control-Allow-Origin": origin, "Vary": "Origin",
+            "Access-Control-Expose-Headers": "Retry-After, Content-Disposition"}
+
+
+@web.middleware
+async def cors_middleware(request: web.Request, handler):
+    """Cross-origin access for the web pages of the allowed origins (`--cors-origin`; "*": any): a page served elsewhere (your
+    app at https://app.example.com) may call this API and read its answers. Preflight requests are answered here;
+    every answer to an allowed origin, errors too, carries Access-Control-Allow-Origin (a response a handler sends
+    itself, the event stream, adds `cors_headers` on its own). A page of another origin gets no such header, so its
+    browser keeps it out, as without this middleware."""
+    headers = cors_headers(request)
+    if headers is None:
+        if request.method == "OPTIONS" and "Origin" in request.headers:
+            raise api_error(403, f"origin {request.headers['Origin'][:100]} may not call this server (its "
+                                 "--cors-origin list)")
+        return await handler(request)
+    if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+        return web.Response(status=204, headers={
+            **headers, "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
+            "Access-Control-Allow-Headers": "Authorization, Content-Type, X-API-Key", "Access-Control-Max-Age": "600"})
+    try:
+        response = await handler(request)
+    except web.HTTPException as e:
+        e.headers.update(headers)
+        raise
+    if not response.prepared:
+        response.headers.update(headers)
+    return response
+
+
 def _client_gone(request: web.Request) -> bool:
     transport = request.transport
     return transport is None or transport.is_closing()
@@ -589,7 +625,7 @@ async def session_events(request: web.Request) -> web.StreamResponse:
         raise api_error(429, f"this session already has {MAX_LISTENERS} event streams open; close one")
     try:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                           "X-Accel-Buffering": "no"})
+                                           "X-Accel-Buffering": "no", **(cors_headers(request) or {})})
         await resp.prepare(request)
         await resp.write(f"retry: 2000\ndata: {json.dumps({'type': 'listening', 'session_id': ss.id})}\n\n".encode())
         while True:
@@ -881,7 +917,10 @@ async def _on_shutdown(app: web.Application) -> None:
 def create_app(engine: StreamEngine, config: ServerConfig | None = None) -> web.Application:
     """The aiohttp application around a (started or not) engine; the engine's max_sessions is the cap."""
     config = config or ServerConfig()
-    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_upload_bytes + 64 * 1024)
+    middlewares = [error_middleware]
+    if config.cors_origins:
+        middlewares.insert(0, cors_middleware)
+    app = web.Application(middlewares=middlewares, client_max_size=config.max_upload_bytes + 64 * 1024)
     app[ENGINE] = engine
     app[CONFIG] = config
     app[MANAGER] = SessionManager(engine, config)
@@ -967,6 +1006,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recordings-dir", type=Path, default=None, metavar="DIR",
                         help="let sessions ask to be recorded (`record`): each saved as DIR/SESSION_ID.mp4 when it "
                              "ends, served at /v1/recordings/SESSION_ID (default: no recording)")
+    parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                        help="let web pages of ORIGIN (e.g. https://app.example.com; repeatable; * for any) call this "
+                             "server's API from the browser (default: only the pages it serves itself)")
     parser.add_argument("--no-face-detect", action="store_true",
                         help="centre-crop uploaded portraits instead of detecting the face")
     parser.add_argument("--max-full-frame", type=int, default=d.max_full_frame, metavar="PX",
@@ -1008,6 +1050,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             raise LetsTalkError(f"--recordings-dir {args.recordings_dir}: cannot create it ({e.strerror or e})") from None
         if not os.access(args.recordings_dir, os.W_OK | os.X_OK):
             raise LetsTalkError(f"--recordings-dir {args.recordings_dir}: not writable; choose another folder")
+    for origin in args.cors_origin:
+        parsed = urllib.parse.urlsplit(origin)
+        if origin != "*" and (parsed.scheme not in ("http", "https") or not parsed.netloc or parsed.path
+                              or parsed.query or origin.endswith("/")):
+            raise LetsTalkError(f"--cors-origin {origin!r}: give an origin like https://app.example.com (scheme, host "
+                                "and port if not the default; no path), or *")
     avatars: dict[str, str | Path] = {"default": ServerConfig().avatars["default"]}
     for spec in args.avatar:
         avatar_id, sep, path = spec.partition("=")
@@ -1024,7 +1072,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         turn_secret=args.turn_secret or os.environ.get("LETSTALK_TURN_SECRET") or None,
         turn_credential=args.turn_credential or os.environ.get("LETSTALK_TURN_CREDENTIAL") or None,
         max_full_frame=args.max_full_frame, avatars=avatars, avatar_dir=args.avatar_dir, max_avatars=args.max_avatars,
-        recordings_dir=args.recordings_dir,
+        recordings_dir=args.recordings_dir, cors_origins=list(args.cors_origin),
         detect_face=not args.no_face_detect, stop_engine_on_cleanup=True,
     )
 

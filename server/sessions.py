@@ -104,6 +104,7 @@ class ServerConfig:
     avatar_dir: Path | None = None  # where uploaded avatars (POST /v1/avatars) are kept; None: in memory only
     max_avatars: int = DEFAULT_MAX_AVATARS  # uploaded avatars held at once (409 past them)
     recordings_dir: Path | None = None  # sessions created with `record` saved here as SESSION_ID.mp4; None: not recorded
+    cors_origins: list[str] = field(default_factory=list)  # web pages of these origins may call the API ("*": any)
     detect_face: bool = True  # crop uploaded portraits to the detected face (422 when there is none)
     static_dir: Path | None = BROWSER_CLIENT  # the browser client, served at /
     stop_engine_on_cleanup: bool = False  # serve_main owns its engine; tests own theirs

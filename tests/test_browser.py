@@ -386,3 +386,77 @@ def test_a_cut_out_portrait_on_a_key_colour_shows_transparent_around_the_avatar(
     assert all(pixel[3] == 0 for pixel in sides), sides  # the key colour keyed out
     assert face[3] == 255, face  # the astronaut (photo and generated face) stays
     assert video_opacity == "0"
+
+
+APP_PAGE = """<!doctype html><meta charset="utf-8"><title>an app elsewhere</title>
+<video id="video" autoplay playsinline muted></video>
+<script type="module">
+const server = new URLSearchParams(location.search).get("server");
+try {
+  const m = await import(`${server}/static/app.js`);  // a module from another origin: the server must allow this page
+  m.configure({ server });
+  const info = await m.createSession({ avatarId: "default" });  // JSON + Authorization: a preflight first
+  const conn = new m.AvatarConnection(info, {});
+  await conn.start({ audioStream: null });
+  document.getElementById("video").srcObject = conn.stream;
+  window.app = { frames: m.countFrames(document.getElementById("video")), conn, info };
+} catch (e) {
+  window.app = { error: String(e) };
+}
+</script>"""
+
+
+def test_a_page_of_another_origin_uses_the_server_it_allows(tiny_pipeline, tmp_path):
+    """--cors-origin: a page served by another origin (an app's own web server) imports app.js from the avatar server,
+    configures it, creates a session (its preflight answered), connects over WebRTC and shows the avatar, and its close
+    deletes the session. Requests from an origin not allowed get no CORS header (preflights: 403), and a server
+    without --cors-origin answers none."""
+    import aiohttp
+    from aiohttp import web
+
+    async def app_site():
+        app = web.Application()
+        async def page(request):
+            return web.Response(text=APP_PAGE, content_type="text/html")
+
+        app.router.add_get("/", page)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+
+    async def main():
+        runner, origin = await app_site()
+        try:
+            async with running_server(tiny_pipeline, cors_origins=[origin], api_key=None) as srv, \
+                    aiohttp.ClientSession() as http:
+                preflight = {"Origin": origin, "Access-Control-Request-Method": "POST",
+                             "Access-Control-Request-Headers": "content-type"}
+                async with http.options(f"{srv.url}/v1/sessions", headers=preflight) as r:
+                    assert r.status == 204 and r.headers["Access-Control-Allow-Origin"] == origin
+                    assert "POST" in r.headers["Access-Control-Allow-Methods"]
+                evil = {**preflight, "Origin": "http://evil.example"}
+                async with http.options(f"{srv.url}/v1/sessions", headers=evil) as r:
+                    assert r.status == 403 and "Access-Control-Allow-Origin" not in r.headers
+                async with http.get(f"{srv.url}/v1/avatars", headers={"Origin": "http://evil.example"}) as r:
+                    assert "Access-Control-Allow-Origin" not in r.headers
+                async with http.get(f"{srv.url}/v1/sessions/nobody", headers={"Origin": origin}) as r:
+                    assert r.status == 401 and r.headers["Access-Control-Allow-Origin"] == origin  # errors too
+                async with async_playwright() as pw, _chromium(pw, tmp_path) as context:
+                    page = await context.new_page()
+                    await page.goto(f"{origin}/?server={srv.url}")
+                    await page.wait_for_function("window.app !== undefined", timeout=30000)
+                    error = await page.evaluate("window.app.error || null")
+                    assert error is None, error
+                    await page.wait_for_function("window.app.frames.frames > 10", timeout=30000)
+                    assert len(srv.manager.sessions) == 1
+                    await page.evaluate("window.app.conn.close()")
+                    await wait_until(lambda: not srv.manager.sessions, 10, "the page's close to delete the session")
+            async with running_server(tiny_pipeline) as srv, aiohttp.ClientSession() as http:
+                async with http.get(f"{srv.url}/v1/avatars", headers={"Origin": origin}) as r:
+                    assert r.status == 200 and "Access-Control-Allow-Origin" not in r.headers
+        finally:
+            await runner.cleanup()
+
+    run(main())

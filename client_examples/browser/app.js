@@ -11,6 +11,24 @@
 //   await conn.connected();                                              // media flows from here on
 //   conn.say("Hello there!", { voice: "en-us" });                        // the server's text to speech (listVoices())
 //   conn.interrupt(); conn.endSpeech(); await conn.close();
+//
+// From a page served elsewhere (your app), import it from the server and say where the server is; the server must
+// allow your page's origin (letstalk serve --cors-origin https://app.example.com):
+//
+//   import { configure, createSession, AvatarConnection } from "https://avatar.example.com/static/app.js";
+//   configure({ server: "https://avatar.example.com" });
+
+let serverOrigin = null; // null: the page's own origin (the pages the server serves itself)
+
+// Where the letstalk server is, for a page served from another origin.
+export function configure({ server = null } = {}) {
+  serverOrigin = server ? new URL(server).origin : null;
+}
+
+// An API path as a URL on the server.
+export function apiUrl(path) {
+  return new URL(path, serverOrigin || location.href).toString();
+}
 
 function authHeaders(apiKey) {
   return apiKey ? { Authorization: `Bearer ${apiKey}` } : {};
@@ -25,17 +43,18 @@ async function errorText(resp) {
   }
 }
 
-// Server URLs are absolute as seen by the server; keep only their path so a proxy in front still works.
-function sameOrigin(url, websocket = false) {
+// Server URLs are absolute as seen by the server; keep only their path, on the origin the page reaches the server at,
+// so a proxy in front still works.
+export function sameOrigin(url, websocket = false) {
   const u = new URL(url, location.href);
-  const here = new URL(location.href);
+  const here = new URL(serverOrigin || location.href);
   u.protocol = websocket ? (here.protocol === "https:" ? "wss:" : "ws:") : here.protocol;
   u.host = here.host;
   return u.toString();
 }
 
 export async function listAvatars(apiKey = null) {
-  const resp = await fetch("/v1/avatars", { headers: authHeaders(apiKey) });
+  const resp = await fetch(apiUrl("/v1/avatars"), { headers: authHeaders(apiKey) });
   if (!resp.ok) throw new Error(`avatars: HTTP ${resp.status}: ${await errorText(resp)}`);
   return (await resp.json()).avatars;
 }
@@ -47,7 +66,7 @@ export async function createAvatar({ apiKey = null, file, name = null, id = null
   form.append("portrait", file, file.name || "portrait");
   if (name) form.append("name", name);
   if (id) form.append("id", id);
-  const resp = await fetch("/v1/avatars", { method: "POST", body: form, headers: authHeaders(apiKey) });
+  const resp = await fetch(apiUrl("/v1/avatars"), { method: "POST", body: form, headers: authHeaders(apiKey) });
   if (!resp.ok) throw new Error(`avatar upload: HTTP ${resp.status}: ${await errorText(resp)}`);
   return resp.json();
 }
@@ -55,7 +74,7 @@ export async function createAvatar({ apiKey = null, file, name = null, id = null
 // The voices the server's text to speech speaks with ([{id, name}]); throws with the server's reason (e.g. no
 // espeak-ng there: HTTP 503).
 export async function listVoices(apiKey = null) {
-  const resp = await fetch("/v1/voices", { headers: authHeaders(apiKey) });
+  const resp = await fetch(apiUrl("/v1/voices"), { headers: authHeaders(apiKey) });
   if (!resp.ok) throw new Error(`text to speech: ${await errorText(resp)}`);
   return (await resp.json()).voices;
 }
@@ -74,14 +93,14 @@ export async function createSession({
     if (fullFrame !== null) form.append("full_frame", String(fullFrame));
     if (framing !== null) form.append("framing", String(framing));
     if (record) form.append("record", "true");
-    resp = await fetch("/v1/sessions", { method: "POST", body: form, headers: authHeaders(apiKey) });
+    resp = await fetch(apiUrl("/v1/sessions"), { method: "POST", body: form, headers: authHeaders(apiKey) });
   } else {
     const body = { avatar_id: avatarId };
     if (seed !== null) body.seed = seed;
     if (fullFrame !== null) body.full_frame = fullFrame;
     if (framing !== null) body.framing = framing;
     if (record) body.record = true;
-    resp = await fetch("/v1/sessions", {
+    resp = await fetch(apiUrl("/v1/sessions"), {
       method: "POST",
       body: JSON.stringify(body),
       headers: { ...authHeaders(apiKey), "Content-Type": "application/json" },
@@ -387,7 +406,7 @@ export class AvatarConnection {
     this.closed = true;
     this._hangUp();
     try {
-      await fetch(`/v1/sessions/${this.info.session_id}`, {
+      await fetch(apiUrl(`/v1/sessions/${this.info.session_id}`), {
         method: "DELETE", headers: { Authorization: `Bearer ${this.info.token}` }, keepalive: true,
       });
     } catch {}
