@@ -134,8 +134,8 @@ def cors_headers(request: web.Request) -> dict[str, str] | None:
 
 @web.middleware
 async def cors_middleware(request: web.Request, handler):
-    """Cross-origin access for the web pages of the allowed origins (`--cors-origin`; "*": any): a page served elsewhere (your
-    app at https://app.example.com) may call this API and read its answers. Preflight requests are answered here;
+    """Cross-origin access for the web pages of the allowed origins (`--cors-origin`; "*": any): a page served
+    elsewhere (your app at https://app.example.com) may call this API and read its answers. Preflights are answered here;
     every answer to an allowed origin, errors too, carries Access-Control-Allow-Origin (a response a handler sends
     itself, the event stream, adds `cors_headers` on its own). A page of another origin gets no such header, so its
     browser keeps it out, as without this middleware."""
