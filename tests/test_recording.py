@@ -231,6 +231,16 @@ def test_the_server_records_a_session_when_asked_and_serves_its_file(tiny_pipeli
                 with pytest.raises(RequestError, match="HTTP 409.*still recording"):
                     await client.download_recording(sdk_session.id, tmp_path / "early.mp4")
                 assert not (tmp_path / "early.mp4").exists()
+                await sdk_session.connect()
+                async for _ in sdk_session.video_frames():
+                    break
+                await sdk_session.stop_recording()
+                async for event in sdk_session.events():
+                    if event["type"] == "recording_stopped":
+                        break
+                assert event["path"] and not event["error"]
+                await client.download_recording(sdk_session.id, tmp_path / "sdk2.mp4")
+                assert (tmp_path / "sdk2.mp4").stat().st_size > 0
             player.cancel()
             viewer.cancel()
             return body, ended
