@@ -625,7 +625,8 @@ class Session:
         audio that plays with them) to an MP4 at `path` (H.264 at `crf` and x264 `preset`, AAC), encoded in a
         thread of its own. The file appears at `path` only when the recording ends well: `stop_recording()` or
         `close()`. OutputError at once if `path` cannot be written; a failure later (a full disk, an encoder
-        `max_behind_s` behind) ends it with a `recording_stopped` event carrying the error, the stream going on."""
+        `max_behind_s` behind, or 128 MB of frames behind for large ones) ends it with a `recording_stopped` event
+        carrying the error, the stream going on."""
         self._check_open()
         if self.recording is not None:
             raise InputError(f"session {self.id} is already recording to '{self.recording.path}'; stop_recording() "

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from .engine import Session
 
 
+QUEUE_BYTES = 128 * 2**20  # frames waiting for a recording's encoder
+
+
 class Recording:
     """One session's recording to `path` (an .mp4; its folder must exist). Made by `Session.record`."""
 
@@ -39,8 +42,10 @@ class Recording:
         self.frames = 0  # ticks written
         self.state = "recording"  # then "finished" or "failed"
         self.error: str | None = None
-        self._queue: queue.Queue[AVFrame | None] = queue.Queue(maxsize=max(1, int(max_behind_s * self.fps)))
-        self._max_behind_s = max_behind_s
+        # At most max_behind_s of frames waiting, and at most QUEUE_BYTES of them (a 1280x720 frame is 2.8 MB)
+        most = min(int(max_behind_s * self.fps), QUEUE_BYTES // (width * height * 3))
+        self._queue: queue.Queue[AVFrame | None] = queue.Queue(maxsize=max(1, most))
+        self._max_behind_s = self._queue.maxsize / self.fps
         self._stopping = False
         self._ended = asyncio.Event()
         self._loop = asyncio.get_running_loop()
