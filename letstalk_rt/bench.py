@@ -424,7 +424,8 @@ async def _stop_recordings(sessions) -> tuple[float | None, list[str]]:
 
 def recording_ms(size: tuple[int, int], fps: int = 25, sample_rate: int = 16000, frames: int = 100) -> float:
     """Milliseconds to encode one tick of a recording (`Session.record`: H.264 veryfast + AAC) of frames `size`
-    (width, height), on the calling thread: noise frames over a still picture, as much to encode as a talking face."""
+    (width, height), on the calling thread: frames of noise, a little different each (harder to encode than a talking
+    face: an upper bound)."""
     from .media import VideoWriter
 
     width, height = size
