@@ -30,11 +30,10 @@ decoded).
 `connect(audio_track=track)` sends a local aiortc audio track (a microphone, a file player; any rate, channel count
 and sample format) as the session's speech instead of (or besides) `send_audio`. It goes through `rtc.OpusAudioTrack`,
 as the server's own audio does: aiortc's Opus encoder alone holds each packet of a non-48 kHz track back 20 ms, and
-refuses float audio. Server errors become exceptions carrying the
-server's message: `AuthenticationError` (401), `ServerBusyError` (503, `.retry_after`),
-`SessionNotFoundError` (404; `AvatarNotFoundError` for an avatar), `RequestError` (other 4xx), `AvatarClientError` (the rest, and a
-websocket the server closed, with its reason: sends fail with it, and `events()` ends with it when no
-`closed` event came). Errors the server reports while streaming (audio dropped, a bad control
+refuses float audio. Server errors become exceptions carrying the server's message: `AuthenticationError` (401),
+`ServerBusyError` (503, `.retry_after`), `SessionNotFoundError` (404; `AvatarNotFoundError` for an avatar),
+`RequestError` (other 4xx), `AvatarClientError` (the rest, and a websocket the server closed, with its reason: sends
+fail with it, and `events()` ends with it when no `closed` event came). Errors the server reports while streaming (audio dropped, a bad control
 message) arrive as `error` events.
 
 Received frames wait in small bounded buffers (about 2 s); when nobody reads, the oldest are dropped,
