@@ -27,6 +27,7 @@ import io
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -556,6 +557,7 @@ async def create_session(request: web.Request) -> web.Response:
         "ice_servers": ss.ice_servers,
         **({"voice": voice} if voice else {}),
         **({"recording_url": str(origin.with_path(f"/v1/recordings/{ss.id}"))} if record else {}),
+        **({"ends_at": round(ss.ends_at, 3)} if ss.ends_at is not None else {}),
     }, status=201)
 
 
@@ -1003,6 +1005,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-avatars", type=int, default=d.max_avatars, metavar="N",
                         help=f"how many uploaded avatars the server holds (default {d.max_avatars}; each keeps its "
                              "photo, up to ~5 MB, in memory)")
+    parser.add_argument("--max-session-minutes", type=float, default=0.0, metavar="M",
+                        help="close every session M minutes after it was created, its websocket told "
+                             "`session_ending` a minute before (default 0: no limit)")
     parser.add_argument("--recordings-dir", type=Path, default=None, metavar="DIR",
                         help="let sessions ask to be recorded (`record`): each saved as DIR/SESSION_ID.mp4 when it "
                              "ends, served at /v1/recordings/SESSION_ID (default: no recording)")
@@ -1032,6 +1037,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     if not _is_loopback(args.host) and not api_key and not args.insecure_no_auth:
         raise LetsTalkError(f"refusing to listen on {args.host} without authentication: set --api-key "
                             "(or LETSTALK_API_KEY), or pass --insecure-no-auth to allow it")
+    if not (math.isfinite(args.max_session_minutes) and args.max_session_minutes >= 0):
+        raise LetsTalkError(f"--max-session-minutes {args.max_session_minutes:g}: give minutes > 0, or 0 for no limit")
     for name, value in (("--idle-timeout", args.idle_timeout), ("--max-upload-mb", args.max_upload_mb),
                         ("--upload-timeout", args.upload_timeout), ("--turn-ttl", args.turn_ttl)):
         if not value > 0:
@@ -1073,6 +1080,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         turn_credential=args.turn_credential or os.environ.get("LETSTALK_TURN_CREDENTIAL") or None,
         max_full_frame=args.max_full_frame, avatars=avatars, avatar_dir=args.avatar_dir, max_avatars=args.max_avatars,
         recordings_dir=args.recordings_dir, cors_origins=list(args.cors_origin),
+        max_session_s=args.max_session_minutes * 60,
         detect_face=not args.no_face_detect, stop_engine_on_cleanup=True,
     )
 

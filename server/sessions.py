@@ -14,7 +14,8 @@ when the engine is full), and a watchdog closes what nobody uses any more:
 - a peer connection that failed or closed (at once), or whose peer went silent (no RTCP receiver
   report and no RTP for `peer_timeout_s`: a killed client never says goodbye); while the session's
   websocket is open only the peer connection goes (`peer_gone`), and a new offer reconnects;
-- a websocket that went away from a session without a peer connection (after `ws_grace_s`).
+- a websocket that went away from a session without a peer connection (after `ws_grace_s`);
+- one whose time limit (`max_session_s`) is up, told `session_ending` `session_end_warning_s` before.
 """
 
 from __future__ import annotations
@@ -103,6 +104,8 @@ class ServerConfig:
     avatars: dict[str, str | Path] = field(default_factory=lambda: {"default": BUNDLED_PORTRAIT})  # configured
     avatar_dir: Path | None = None  # where uploaded avatars (POST /v1/avatars) are kept; None: in memory only
     max_avatars: int = DEFAULT_MAX_AVATARS  # uploaded avatars held at once (409 past them)
+    max_session_s: float = 0.0  # a session is closed this long after it was created (0: no limit)
+    session_end_warning_s: float = 60.0  # ... its websocket and event streams told `session_ending` this long before
     recordings_dir: Path | None = None  # sessions created with `record` saved here as SESSION_ID.mp4; None: not recorded
     cors_origins: list[str] = field(default_factory=list)  # web pages of these origins may call the API ("*": any)
     detect_face: bool = True  # crop uploaded portraits to the detected face (422 when there is none)
@@ -356,6 +359,10 @@ class ServerSession:
         self.audio_format = (session.sample_rate, 1)  # (rate, channels) of binary websocket messages
         self.audio_ahead = False  # they are made ahead of real time (a TTS): push_audio(ahead=True)
         now = time.monotonic()
+        self.created = now
+        limit = self.config.max_session_s
+        self.ends_at = time.time() + limit if limit else None  # unix time: closed by its time limit
+        self.warned_end = False  # `session_ending` sent
         self.last_activity = now  # audio in, websocket message, media pulled
         self.last_peer_seen: float | None = None  # RTCP from / RTP of the peer, once connected
         self._peer_marks: dict[str, Any] = {}
@@ -653,6 +660,17 @@ class ServerSession:
             return "websocket disconnected"
         if now - self.last_activity > self.config.idle_timeout_s:
             return f"idle for {self.config.idle_timeout_s:.0f} s"
+        limit = self.config.max_session_s
+        if limit:
+            left = limit - (now - self.created)
+            if left <= 0:
+                return f"its time limit of {limit / 60:g} min is up (--max-session-minutes)"
+            if not self.warned_end and left <= self.config.session_end_warning_s:
+                self.warned_end = True  # the app can tell its user, or start a new session to go on
+                message = {"type": "session_ending", "session_id": self.id, "seconds_left": round(left, 1),
+                           "time": time.time()}
+                self.tell_listeners(message)
+                await self.send_json(message)
         return None
 
 

@@ -803,6 +803,33 @@ def test_dead_and_idle_clients_free_their_sessions(tiny_pipeline):
     assert freed < 6, f"killed peer freed after {freed:.1f} s"
 
 
+def test_a_session_is_closed_when_its_time_limit_is_up_after_a_warning(tiny_pipeline):
+    """--max-session-minutes: the session's answer says when it ends (ends_at); its websocket is told `session_ending`
+    (with the seconds left) session_end_warning_s before, then `closed` with the reason, and the slot is free, while
+    it streamed all along (a limit, not an idle timeout)."""
+
+    async def main():
+        async with running_server(tiny_pipeline, max_session_s=3.0, session_end_warning_s=1.5) as srv, \
+                aiohttp.ClientSession() as http:
+            started = time.time()
+            info = await create_session(http, srv.url)
+            assert started + 2.5 < info["ends_at"] < time.time() + 3.5
+            player = play_session(srv, info["session_id"])
+            ws = await http.ws_connect(info["ws_url"], headers=_bearer(info["token"]))
+            ending = await _ws_json(ws, "session_ending", timeout=10)
+            warned = time.time() - started
+            closed = await _ws_json(ws, "closed", timeout=10)
+            ended = time.time() - started
+            await wait_until(lambda: not srv.manager.sessions, 5, "the session freed")
+            player.cancel()
+            await ws.close()
+            return ending, warned, closed, ended
+
+    ending, warned, closed, ended = run(main())
+    assert 0 < ending["seconds_left"] <= 1.5 and 1.0 <= warned <= 3.0
+    assert "time limit" in closed["reason"] and 2.9 <= ended < 5.5
+
+
 def test_fifty_connect_disconnect_cycles_keep_memory_flat(tiny_pipeline):
     """Create, connect (WebRTC + websocket), stream, delete - 50 times; resident memory after the cycles
     stays within 10 % of what it was after a warm-up, and nothing is left behind."""
