@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import queue
 import threading
 from pathlib import Path
@@ -23,6 +24,8 @@ from .events import AVFrame, RecordingStopped
 
 if TYPE_CHECKING:
     from .engine import Session
+
+log = logging.getLogger(__name__)
 
 
 QUEUE_BYTES = 128 * 2**20  # frames waiting for a recording's encoder
@@ -105,8 +108,11 @@ class Recording:
             if self.state == "recording":
                 self._writer.close()  # OutputError (and no file) when not even one frame was shown
                 self.state = "finished"
-        except (OutputError, ValueError) as e:
+        except OutputError as e:  # what VideoWriter raises for the disk and the encoders
             self._fail(str(e))
+        except Exception as e:  # noqa: BLE001 - the thread's edge: anything else ends the recording too, said
+            log.exception("recording %s failed", self.path)
+            self._fail(f"{type(e).__name__}: {e}")
         finally:
             self._writer.abort()  # no-op once closed: a failed recording leaves no partial file
             try:
