@@ -136,8 +136,8 @@ def cors_headers(request: web.Request) -> dict[str, str] | None:
 @web.middleware
 async def cors_middleware(request: web.Request, handler):
     """Cross-origin access for the web pages of the allowed origins (`--cors-origin`; "*": any): a page served
-    elsewhere (your app at https://app.example.com) may call this API and read its answers. Preflights are answered here;
-    every answer to an allowed origin, errors too, carries Access-Control-Allow-Origin (a response a handler sends
+    elsewhere (your app at https://app.example.com) may call this API and read its answers. Preflights are answered
+    here; every answer to an allowed origin, errors too, carries Access-Control-Allow-Origin (a response a handler sends
     itself, the event stream, adds `cors_headers` on its own). A page of another origin gets no such header, so its
     browser keeps it out, as without this middleware."""
     headers = cors_headers(request)
@@ -246,12 +246,12 @@ async def create_avatar(request: web.Request) -> web.Response:
         avatar = Avatar(avatar_id, name or avatar_id, portrait, uploaded=True, created_at=time.time())
         try:
             await asyncio.to_thread(store.save, avatar, upload, background)
-        except OSError as e:
+        except (OSError, OutputError) as e:
             with contextlib.suppress(OSError):  # an upload written without its record: not left behind
                 await asyncio.to_thread(store.delete_files, avatar_id)
             log.error("avatar %s could not be saved under %s: %s", avatar_id, store.directory, e)
-            raise api_error(507, f"the avatar could not be saved on the server ({e.strerror or e}); "
-                                 "it was not added") from None
+            why = getattr(e, "strerror", None) or e
+            raise api_error(507, f"the avatar could not be saved on the server ({why}); it was not added") from None
         store.add(avatar)
     finally:
         store.release(avatar_id)
@@ -542,7 +542,8 @@ async def create_session(request: web.Request) -> web.Response:
         except OutputError as e:
             await manager.close(ss, "its recording could not start")
             log.error("session %s: recording refused: %s", ss.id, e)
-            raise api_error(507, f"the session's recording could not start on the server ({e}); it was closed")
+            raise api_error(507, f"the session's recording could not start on the server ({e}); it was "
+                                 "closed") from None
     origin = request.url.origin()
     ws_origin = origin.with_scheme("wss" if origin.scheme == "https" else "ws")
     width, height = session.frame_size

@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import secrets
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from letstalk_rt.errors import InputError
-from letstalk_rt.media import parse_colour
+from letstalk_rt.media import parse_colour, write_file_atomic
 
 if TYPE_CHECKING:
     from letstalk_rt.pipeline import Portrait
@@ -96,9 +94,6 @@ class AvatarStore:
     def __iter__(self) -> Iterator[str]:
         return iter(self._avatars)
 
-    def __len__(self) -> int:
-        return len(self._avatars)
-
     def values(self) -> list[Avatar]:
         return list(self._avatars.values())
 
@@ -150,14 +145,16 @@ class AvatarStore:
     # -- on disk (called off the event loop)
 
     def save(self, avatar: Avatar, data: bytes, background: tuple[int, int, int] | None) -> None:
-        """Keep an uploaded avatar under `directory` (nothing without one): the upload, then its record."""
+        """Keep an uploaded avatar under `directory` (nothing without one): the upload, then its record, each whole or
+        not at all (OSError: the folder cannot be made; OutputError: a file cannot be written)."""
         if self.directory is None:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
         record = {"id": avatar.id, "name": avatar.name, "created_at": avatar.created_at,
                   "background": None if background is None else "%02x%02x%02x" % background}
-        _write_atomically(self.directory / f"{avatar.id}.upload", data)
-        _write_atomically(self.directory / f"{avatar.id}.json", json.dumps(record).encode())
+        fix = "check --avatar-dir"
+        write_file_atomic(self.directory / f"{avatar.id}.upload", lambda tmp: tmp.write_bytes(data), fix)
+        write_file_atomic(self.directory / f"{avatar.id}.json", lambda tmp: tmp.write_text(json.dumps(record)), fix)
 
     def delete_files(self, avatar_id: str) -> None:
         """The files of an avatar `remove`d (off the loop); its id is free again after."""
@@ -188,15 +185,3 @@ class AvatarStore:
             except (OSError, ValueError, KeyError, TypeError, InputError) as e:
                 log.warning("uploaded avatar %s is not loaded: %s", path, e)
         return sorted(out, key=lambda a: a.created_at)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -251,3 +251,36 @@ def test_the_server_records_a_session_when_asked_and_serves_its_file(tiny_pipeli
     assert len(frames) >= 25 and np.abs(audio).max() > 0.05  # the speech is in it
     path.write_bytes(ended)
     assert len(read_mp4(path)[0]) >= 10
+
+
+def test_an_encoder_that_dies_behind_a_full_queue_still_lets_the_session_close(tiny_pipeline, tmp_path, monkeypatch):
+    """The encoder fails (here: its first frame, after the queue filled up behind it): stop_recording() and close()
+    return with the reason instead of waiting forever to queue their end marker, and no file is left."""
+    from letstalk_rt.media import VideoWriter
+
+    queues = []
+
+    def dies(self, rgb):  # once the frames behind it fill the queue
+        while not (queues and queues[0].full()):
+            time.sleep(0.01)
+        raise OutputError("the disk is full (made up)")
+
+    async def main():
+        engine = await StreamEngine(tiny_pipeline, EngineConfig(warmup=False)).start()
+        try:
+            session = await engine.open_session(_portrait(tiny_pipeline))
+            monkeypatch.setattr(VideoWriter, "write_frame", dies)
+            recording = session.record(tmp_path / "full.mp4", max_behind_s=0.2)  # 5 frames
+            queues.append(recording._queue)
+            async for _ in session.frames():
+                if recording._queue.full():
+                    break  # no more ticks are shown (none are read), so none is queued
+            await asyncio.sleep(0.3)  # the encoder has died by now
+            with pytest.raises(OutputError, match="disk is full"):
+                await asyncio.wait_for(session.stop_recording(), 5)
+            await asyncio.wait_for(session.close(), 5)
+        finally:
+            await engine.stop()
+
+    run(main())
+    assert list(tmp_path.iterdir()) == []

@@ -115,6 +115,9 @@ class Recording:
             self._fail(f"{type(e).__name__}: {e}")
         finally:
             self._writer.abort()  # no-op once closed: a failed recording leaves no partial file
+            with contextlib.suppress(queue.Empty):  # frames nobody will write: and room for stop()'s end marker,
+                while True:  # which would otherwise wait forever on the queue an encoder that died left full
+                    self._queue.get_nowait()
             try:
                 self._loop.call_soon_threadsafe(self._done)
             except RuntimeError:  # the event loop is gone (the process is exiting): nobody is left to tell
