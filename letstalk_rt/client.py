@@ -31,7 +31,8 @@ decoded).
 and sample format) as the session's speech instead of (or besides) `send_audio`. It goes through `rtc.OpusAudioTrack`,
 as the server's own audio does: aiortc's Opus encoder alone holds each packet of a non-48 kHz track back 20 ms, and
 refuses float audio. Server errors become exceptions carrying the server's message: `AuthenticationError` (401),
-`ServerBusyError` (503, `.retry_after`), `SessionNotFoundError` (404; `AvatarNotFoundError` for an avatar),
+`ServerBusyError` (503, `.retry_after`), `SessionNotFoundError` (404; `AvatarNotFoundError` for an avatar,
+`RecordingNotFoundError` for a recording or its captions),
 `RequestError` (other 4xx), `AvatarClientError` (the rest, and a websocket the server closed, with its reason: sends
 fail with it, and `events()` ends with it when no `closed` event came). Errors the server reports while streaming (audio dropped, a bad control
 message) arrive as `error` events.
@@ -87,7 +88,7 @@ RECONNECT_TIMEOUT_S = 30.0  # then give up: the iterators end, with an `error` e
 
 __all__ = [
     "AudioChunk", "AuthenticationError", "AvatarClient", "AvatarClientError", "AvatarNotFoundError", "AvatarSession",
-    "RequestError",
+    "RecordingNotFoundError", "RequestError",
     "ServerBusyError", "SessionNotFoundError", "TimedFrame",
 ]
 
@@ -125,6 +126,11 @@ class AvatarNotFoundError(AvatarClientError):
     """404: no avatar of that id (deleted, or never uploaded): `AvatarClient.avatars()` lists them."""
 
 
+class RecordingNotFoundError(AvatarClientError):
+    """404: no saved recording of that session (not recorded, not saved: the `recording_stopped` event says why, or
+    deleted), or, from `download_captions`, one that showed no captions: `AvatarClient.recordings()` lists them."""
+
+
 class RequestError(AvatarClientError):
     """Another 4xx: a bad portrait (415/422), a bad SDP offer (400), a second offer (409), too large (413)."""
 
@@ -158,6 +164,8 @@ async def _raise_for_status(resp: aiohttp.ClientResponse) -> None:
         raise ServerBusyError(message, resp.status, float(retry) if retry and retry.isdigit() else None)
     if resp.status == 404 and resp.url.path.startswith("/v1/avatars/"):
         raise AvatarNotFoundError(message, resp.status)
+    if resp.status == 404 and resp.url.path.startswith("/v1/recordings/"):
+        raise RecordingNotFoundError(message, resp.status)
     if resp.status == 404:
         raise SessionNotFoundError(message, resp.status)
     if 400 <= resp.status < 500:
@@ -911,7 +919,8 @@ class AvatarClient:
             await _raise_for_status(resp)
 
     async def recordings(self) -> list[dict]:
-        """The server's saved session recordings: [{"id": session id, "bytes", "saved_at": unix time}, ...]."""
+        """The server's saved session recordings: [{"id": session id, "bytes", "saved_at": unix time, "captions": whether
+        its captions were saved beside it}, ...]."""
         async with self._require_http().get(self._url("/v1/recordings"), headers=self._auth()) as resp:
             await _raise_for_status(resp)
             return (await resp.json())["recordings"]
@@ -920,8 +929,15 @@ class AvatarClient:
         """Save a session's recording (once it ended, or stop_recording() was sent) to `path`: written under a
         temporary name and renamed, so an interrupted download leaves nothing at `path`. 409 (RequestError) while it
         is still recording."""
-        path = Path(path)
-        url = self._url(f"/v1/recordings/{urllib.parse.quote(session_id, safe='')}")
+        return await self._download(f"/v1/recordings/{urllib.parse.quote(session_id, safe='')}", Path(path))
+
+    async def download_captions(self, session_id: str, path: str | Path) -> Path:
+        """Save the captions a session's recording showed (text said with `say`) to `path`, as WebVTT subtitles timed
+        to the MP4 (a player shows them with it). 404 (RequestError) when it showed none."""
+        return await self._download(f"/v1/recordings/{urllib.parse.quote(session_id, safe='')}/captions", Path(path))
+
+    async def _download(self, url_path: str, path: Path) -> Path:
+        url = self._url(url_path)
         tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
         try:
             async with self._require_http().get(url, headers=self._auth()) as resp:

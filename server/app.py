@@ -10,6 +10,7 @@
     GET  /v1/sessions/{id}/ws         websocket: PCM16 + control in, events out
     GET  /v1/sessions/{id}/events     server-sent events: the session's events, read-only (overlays, dashboards)
     GET  /v1/recordings[/{id}]        sessions created with `record`, saved as MP4 when they end   DELETE one
+    GET  /v1/recordings/{id}/captions the captions a recording showed (WebVTT)
     GET  /v1/sessions/{id}            state and stats             DELETE /v1/sessions/{id}   free it
     GET  /, /overlay                  the browser client (client_examples/browser)
 
@@ -29,7 +30,6 @@ import json
 import logging
 import math
 import os
-import re
 import signal
 import sys
 import time
@@ -51,6 +51,7 @@ from letstalk_rt.stream import CapacityError, run_off_loop
 from letstalk_rt.tts import DEFAULT_VOICE, SpeechUnavailable, check_voice, espeak_exe, voices
 
 from .auth import TokenError, api_key_matches, bearer
+from . import recordings
 from .avatars import AVATAR_ID, Avatar, AvatarRefused, AvatarStore, check_name
 from .sessions import (
     MAX_LISTENERS,
@@ -80,7 +81,6 @@ MAX_FORM_FIELD = 1024  # non-file multipart fields (seed, steps, avatar_id, full
 MAX_FORM_PARTS = 8
 SESSION_FIELDS = ("portrait", "avatar_id", "seed", "steps", "full_frame", "framing", "voice", "background", "record")
 AVATAR_FIELDS = ("portrait", "id", "name", "background")  # POST /v1/avatars
-RECORDING_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a recording is named by its session's id
 UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP")  # what the docs promise; Pillow's other decoders are never reached
 
 
@@ -574,7 +574,7 @@ def _recording(request: web.Request) -> tuple[str, Path]:
     rid = request.match_info["recording_id"]
     if directory is None:
         raise api_error(404, "this server does not record sessions (start it with --recordings-dir DIR)")
-    if not RECORDING_ID.fullmatch(rid):
+    if not recordings.RECORDING_ID.fullmatch(rid):
         raise api_error(404, f"no recording {rid[:70]!r}")
     try:
         request.app[MANAGER].signer.verify(bearer(request.headers, request.query) or "", session_id=rid)
@@ -596,14 +596,8 @@ async def list_recordings(request: web.Request) -> web.Response:
     require_api_key(request)
     directory = request.app[CONFIG].recordings_dir
 
-    def scan() -> list[dict]:
-        if directory is None or not directory.is_dir():
-            return []
-        found = [(p.stem, p.stat()) for p in directory.glob("*.mp4") if RECORDING_ID.fullmatch(p.stem)]
-        return [{"id": rid, "bytes": st.st_size, "saved_at": round(st.st_mtime, 3)}
-                for rid, st in sorted(found, key=lambda x: x[1].st_mtime)]
-
-    return web.json_response({"recordings": await asyncio.to_thread(scan)})
+    found = await asyncio.to_thread(recordings.saved, directory)
+    return web.json_response({"recordings": [r.describe() for r in found]})
 
 
 async def get_recording(request: web.Request) -> web.StreamResponse:
@@ -612,9 +606,19 @@ async def get_recording(request: web.Request) -> web.StreamResponse:
                                            "Content-Disposition": f'attachment; filename="letstalk-{rid}.mp4"'})
 
 
+async def get_recording_captions(request: web.Request) -> web.StreamResponse:
+    rid, path = _recording(request)
+    captions = path.with_suffix(".vtt")
+    if not captions.is_file():
+        raise api_error(404, f"recording {rid!r} has no captions: its session showed none (captions come with text "
+                             "said through `say`)")
+    return web.FileResponse(captions, headers={"Content-Type": "text/vtt; charset=utf-8",
+                                               "Content-Disposition": f'attachment; filename="letstalk-{rid}.vtt"'})
+
+
 async def delete_recording(request: web.Request) -> web.Response:
     _, path = _recording(request)
-    await asyncio.to_thread(path.unlink, True)
+    await asyncio.to_thread(recordings.delete, path)
     return web.Response(status=204)
 
 
@@ -945,6 +949,7 @@ def create_app(engine: StreamEngine, config: ServerConfig | None = None) -> web.
     r.add_get("/v1/sessions/{session_id}/events", session_events)
     r.add_get("/v1/recordings", list_recordings)
     r.add_get("/v1/recordings/{recording_id}", get_recording)
+    r.add_get("/v1/recordings/{recording_id}/captions", get_recording_captions)
     r.add_delete("/v1/recordings/{recording_id}", delete_recording)
     r.add_get("/", _static_page("index.html"))
     r.add_get("/overlay", _static_page("overlay.html"))
@@ -1012,6 +1017,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recordings-dir", type=Path, default=None, metavar="DIR",
                         help="let sessions ask to be recorded (`record`): each saved as DIR/SESSION_ID.mp4 when it "
                              "ends, served at /v1/recordings/SESSION_ID (default: no recording)")
+    parser.add_argument("--recordings-keep-hours", type=float, default=0.0, metavar="H",
+                        help="with --recordings-dir: delete saved recordings H hours after they were saved (default "
+                             "0: kept until deleted)")
+    parser.add_argument("--recordings-max-gb", type=float, default=0.0, metavar="G",
+                        help="with --recordings-dir: when the saved recordings hold more than G GB, delete the oldest "
+                             "until they fit, never the newest (default 0: no limit)")
     parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                         help="let web pages of ORIGIN (e.g. https://app.example.com; repeatable; * for any) call this "
                              "server's API from the browser (default: only the pages it serves itself)")
@@ -1058,6 +1069,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             raise LetsTalkError(f"--recordings-dir {args.recordings_dir}: cannot create it ({e.strerror or e})") from None
         if not os.access(args.recordings_dir, os.W_OK | os.X_OK):
             raise LetsTalkError(f"--recordings-dir {args.recordings_dir}: not writable; choose another folder")
+    for name, value in (("--recordings-keep-hours", args.recordings_keep_hours),
+                        ("--recordings-max-gb", args.recordings_max_gb)):
+        if not (math.isfinite(value) and value >= 0):
+            raise LetsTalkError(f"{name} must be 0 (no limit) or more, got {value}")
+        if value and args.recordings_dir is None:
+            raise LetsTalkError(f"{name} limits the recordings kept under --recordings-dir; give that folder too")
     for origin in args.cors_origin:
         parsed = urllib.parse.urlsplit(origin)
         if origin != "*" and (parsed.scheme not in ("http", "https") or not parsed.netloc or parsed.path
@@ -1080,7 +1097,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         turn_secret=args.turn_secret or os.environ.get("LETSTALK_TURN_SECRET") or None,
         turn_credential=args.turn_credential or os.environ.get("LETSTALK_TURN_CREDENTIAL") or None,
         max_full_frame=args.max_full_frame, avatars=avatars, avatar_dir=args.avatar_dir, max_avatars=args.max_avatars,
-        recordings_dir=args.recordings_dir, cors_origins=list(args.cors_origin),
+        recordings_dir=args.recordings_dir, recordings_keep_s=args.recordings_keep_hours * 3600,
+        recordings_max_bytes=int(args.recordings_max_gb * 1e9), cors_origins=list(args.cors_origin),
         max_session_s=args.max_session_minutes * 60,
         detect_face=not args.no_face_detect, stop_engine_on_cleanup=True,
     )

@@ -52,6 +52,7 @@ from letstalk_rt.stream.engine import quantiles, resident_memory_bytes
 from letstalk_rt.stream.events import SessionClosed
 from letstalk_rt.tts import Speech, SpeechUnavailable, check_text, sentences
 
+from . import recordings
 from .auth import TokenSigner, turn_credentials
 from .avatars import DEFAULT_MAX_AVATARS
 
@@ -107,6 +108,9 @@ class ServerConfig:
     max_session_s: float = 0.0  # a session is closed this long after it was created (0: no limit)
     session_end_warning_s: float = 60.0  # ... its websocket and event streams told `session_ending` this long before
     recordings_dir: Path | None = None  # sessions created with `record` saved here as SESSION_ID.mp4; None: not recorded
+    recordings_keep_s: float = 0.0  # saved recordings older than this are deleted (0: kept until deleted)
+    recordings_max_bytes: int = 0  # the oldest deleted while the saved MP4s hold more, the newest kept (0: no limit)
+    recordings_prune_every_s: float = 60.0  # how often the limits are applied (and after each recording saved)
     cors_origins: list[str] = field(default_factory=list)  # web pages of these origins may call the API ("*": any)
     detect_face: bool = True  # crop uploaded portraits to the detected face (422 when there is none)
     static_dir: Path | None = BROWSER_CLIENT  # the browser client, served at /
@@ -231,6 +235,8 @@ class Metrics:
         self.says_total = 0  # `say` messages accepted
         self.reconnects_total = 0  # peer connections a new offer replaced (a client back after its network changed)
         self.recordings: collections.Counter[bool] = collections.Counter()  # recordings ended: saved (True) or not
+        self.recordings_pruned = 0  # saved recordings deleted by the retention limits
+        self.recordings_bytes: int | None = None  # the saved MP4s' size at the last look (None: not looked yet)
         # totals of sessions already closed (live ones are added at scrape time)
         self.closed_frames = 0
         self.closed_held = 0
@@ -306,6 +312,12 @@ def render_metrics(manager: SessionManager) -> str:
     metric("letstalk_recordings_total", "counter", "Recordings ended, by result (failed: a full disk, an encoder too "
            "far behind; nothing saved).", [('{result="saved"}', m.recordings[True]),
                                           ('{result="failed"}', m.recordings[False])])
+    if manager.config.recordings_dir is not None:
+        metric("letstalk_recordings_pruned_total", "counter", "Saved recordings deleted by the retention limits "
+               "(--recordings-keep-hours, --recordings-max-gb).", [("", m.recordings_pruned)])
+        metric("letstalk_recordings_saved_bytes", "gauge", "Size of the saved recordings' MP4s (looked at every "
+               "minute and after each save).", [("", float("nan") if m.recordings_bytes is None
+                                                 else m.recordings_bytes)])
     metric("letstalk_event_streams", "gauge", "Event streams (GET /v1/sessions/{id}/events) open now.",
            [("", sum(len(ss.listeners) for ss in manager.sessions.values()))])
     state = manager.engine.running_state()
@@ -430,6 +442,8 @@ class ServerSession:
                 self.manager.metrics.errors_total += 1
             elif event.type == "recording_stopped":
                 self.manager.metrics.recordings[event.path != ""] += 1
+                if event.path:  # a new file: within the limits at once
+                    self.manager.prune_recordings()
             message = event.to_dict()
             self.tell_listeners(message)
             await self.send_json(message)
@@ -688,6 +702,9 @@ class SessionManager:
         self.sessions: dict[str, ServerSession] = {}
         self._admitting = 0  # slots reserved by requests still reading / decoding / preparing
         self._watchdog: asyncio.Task | None = None
+        self._pruning: asyncio.Task | None = None
+        self._prune_again = False
+        self._pruned_at = -math.inf
 
     @property
     def max_sessions(self) -> int:
@@ -757,6 +774,7 @@ class SessionManager:
     def start(self) -> None:
         if self._watchdog is None:
             self._watchdog = asyncio.get_running_loop().create_task(self._watch(), name="letstalk-watchdog")
+        self.prune_recordings()
 
     async def stop(self) -> None:
         if self._watchdog is not None:
@@ -767,16 +785,48 @@ class SessionManager:
                 pass
             self._watchdog = None
         await self.close_all()
+        if self._pruning is not None:
+            self._pruning.cancel()
 
     def frames_total(self) -> int:
         """Frames generated since start, every second (the watchdog): counters only, not the sessions' stats()."""
         return self.metrics.closed_frames + sum(ss.session.frames_generated for ss in self.sessions.values())
+
+    # -- saved recordings: the retention limits
+
+    def prune_recordings(self) -> None:
+        """Apply the recordings' retention limits off the loop (and read their size for /metrics); while a pass runs,
+        one more follows it."""
+        if self.config.recordings_dir is None:
+            return
+        self._pruned_at = time.monotonic()
+        if self._pruning is not None and not self._pruning.done():
+            self._prune_again = True
+            return
+        self._pruning = asyncio.get_running_loop().create_task(self._prune(), name="letstalk-recordings-prune")
+
+    async def _prune(self) -> None:
+        c = self.config
+        again = True
+        while again:
+            self._prune_again = False
+            try:
+                deleted, total = await asyncio.to_thread(recordings.prune, c.recordings_dir, c.recordings_keep_s,
+                                                         c.recordings_max_bytes)
+            except Exception:  # a folder gone or unreadable: said; the server serves on, and looks again later
+                log.exception("recordings: the retention limits could not be applied")
+                return
+            self.metrics.recordings_pruned += len(deleted)
+            self.metrics.recordings_bytes = total
+            again = self._prune_again
 
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self.config.watch_interval_s)
             now = time.monotonic()
             self.metrics.sample_fps(self.frames_total())
+            if now - self._pruned_at >= self.config.recordings_prune_every_s:
+                self.prune_recordings()
             for ss in list(self.sessions.values()):
                 if ss.closing:
                     continue

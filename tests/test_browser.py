@@ -267,12 +267,14 @@ def test_overlay_page_shows_a_session_driven_by_the_sdk(tiny_pipeline, tmp_path)
 @pytest.mark.skipif(__import__("shutil").which("espeak-ng") is None, reason="needs espeak-ng (the server's TTS)")
 def test_browser_page_says_typed_text_in_the_chosen_voice(tiny_pipeline, tmp_path):
     """index.html with nothing sent as speech: the voices come from GET /v1/voices, text typed and sent with Enter is
-    spoken by the server (`say`): accepted, then played (speech_started), the avatar's sound arriving."""
+    spoken by the server (`say`): accepted, then played (speech_started), the avatar's sound arriving. The session is
+    recorded (`?record=1`): once stopped, the page offers the recording and the captions it showed (WebVTT)."""
 
     async def main():
-        async with running_server(tiny_pipeline) as srv, async_playwright() as pw, _chromium(pw, tmp_path) as context:
+        async with running_server(tiny_pipeline, recordings_dir=tmp_path / "recordings") as srv, \
+                async_playwright() as pw, _chromium(pw, tmp_path) as context:
             page = await context.new_page()
-            await page.goto(f"{srv.url}/?autostart=1&source=none")
+            await page.goto(f"{srv.url}/?autostart=1&source=none&record=1")
             await page.wait_for_function("window.letstalk?.conn?.pc?.connectionState === 'connected' && "
                                          "!document.getElementById('say').disabled", timeout=30000)
             voices = await page.evaluate("[...document.getElementById('voice').options].map((o) => o.value)")
@@ -283,10 +285,17 @@ def test_browser_page_says_typed_text_in_the_chosen_voice(tiny_pipeline, tmp_pat
             await page.wait_for_function("window.letstalk.events.includes('speech_started')", timeout=20000)
             await asyncio.sleep(1.0)
             after = await page.evaluate("window.letstalk.conn.stats()")
+            await page.wait_for_function("window.letstalk.events.includes('speech_stopped')", timeout=20000)
+            await page.click("#stop")
+            await page.wait_for_selector("#captions", timeout=20000)
+            captions = await page.evaluate("fetch(document.getElementById('captions').href).then((r) => r.text())")
             log = await page.evaluate("document.getElementById('log').innerText")
-            return voices, before, after, log
+            return voices, before, after, log, captions
 
-    voices, before, after, log = run(main())
+    voices, before, after, log, captions = run(main())
+    # each sentence a cue, in the order said, the first from when its speech showed
+    assert captions.startswith("WEBVTT\n\n1\n") and "\nHello there.\n\n2\n" in captions
+    assert captions.endswith("\nHow are you today?\n\n")
     assert "en-us" in voices and "fr-fr" in voices and len(voices) > 20
     assert '"sentences":2' in log and '"voice":"fr-fr"' in log and "error" not in log
     # the avatar's sound: silence before the text (nothing was sent), speech after

@@ -3,8 +3,10 @@ not at all, a failure saying why while the stream goes on."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import os
 import time
 
 import av
@@ -24,11 +26,11 @@ def _portrait(pipe, value: int = 90):
     return pipe.prepare_portrait(img, detect=False)
 
 
-async def _push_in_real_time(session, pcm: np.ndarray) -> None:
+async def _push_in_real_time(session, pcm: np.ndarray, caption: str | None = None) -> None:
     start = time.monotonic()
     for i, pos in enumerate(range(0, len(pcm), 320)):
         await asyncio.sleep(max(0.0, start + i * 0.02 - time.monotonic()))
-        session.push_audio(pcm[pos:pos + 320])
+        session.push_audio(pcm[pos:pos + 320], caption=caption if i == 0 else None)
     session.end_speech()
 
 
@@ -45,7 +47,8 @@ def read_mp4(path) -> tuple[list[np.ndarray], np.ndarray, int]:
 def test_a_recording_holds_every_tick_shown_in_sync_and_appears_only_when_saved(tiny_pipeline, tmp_path):
     """The MP4 holds each tick the session showed, in order (the picture close to what the reader got, the sound the
     speech it played, not shifted); until it is saved only a hidden partial file exists; a second recording at once
-    is refused; stop_recording() saves it and a recording_stopped event names it."""
+    is refused; stop_recording() saves it and a recording_stopped event names it. The caption pushed with the speech is
+    saved beside it as WebVTT, from the tick its speech began to show, written before the MP4."""
     path = tmp_path / "talk.mp4"
 
     async def main():
@@ -56,7 +59,7 @@ def test_a_recording_holds_every_tick_shown_in_sync_and_appears_only_when_saved(
             recording = session.record(path)
             with pytest.raises(InputError, match="already recording"):
                 session.record(tmp_path / "other.mp4")
-            feeder = asyncio.ensure_future(_push_in_real_time(session, speechlike(2.0)))
+            feeder = asyncio.ensure_future(_push_in_real_time(session, speechlike(2.0), caption="Hi <you> & me"))
             shown = []
             async for frame in session.frames():
                 shown.append(frame)
@@ -76,9 +79,18 @@ def test_a_recording_holds_every_tick_shown_in_sync_and_appears_only_when_saved(
 
     shown, recording, saved, during, stopped, stats = run(main())
     assert len(during) == 1 and during[0].startswith(".talk.mp4.partial")  # nothing at the path before it is saved
-    assert saved == path and sorted(p.name for p in tmp_path.iterdir()) == ["talk.mp4"]
+    assert saved == path and sorted(p.name for p in tmp_path.iterdir()) == ["talk.mp4", "talk.vtt"]
     assert stopped.path == str(path) and stopped.error == "" and stopped.seconds == recording.seconds
-    assert stats == {"state": "finished", "path": str(path), "seconds": recording.seconds}
+    assert stopped.captions == str(tmp_path / "talk.vtt")
+    assert stats == {"state": "finished", "path": str(path), "seconds": recording.seconds, "captions": 1}
+    assert (tmp_path / "talk.vtt").stat().st_mtime_ns <= path.stat().st_mtime_ns
+    said = next(i for i, f in enumerate(shown) if f.captions)  # the tick its speech began to show at
+    assert shown[said].speech and not any(f.speech for f in shown[:said])
+    head, cue = (tmp_path / "talk.vtt").read_text().split("\n\n")[:2]
+    number, timing, text = cue.split("\n")
+    start, end = (_seconds(t) for t in timing.split(" --> "))
+    assert (head, number, text) == ("WEBVTT", "1", "Hi &lt;you&gt; &amp; me")
+    assert start == pytest.approx(said * 0.04) and end > start + 1.0
     frames, audio, rate = read_mp4(path)
     assert len(frames) == recording.frames >= len(shown) and rate == 16000
     assert abs(len(audio) - 640 * len(frames)) <= 1024  # the sound lasts as long as the picture
@@ -93,6 +105,38 @@ def test_a_recording_holds_every_tick_shown_in_sync_and_appears_only_when_saved(
     best = list(lags)[int(np.argmax(corr))]
     assert abs(best) <= 32, f"the recorded sound is {best} samples off its pictures"
     assert max(corr) > 0.8 * float(np.dot(played[2000:2000 + n], played[2000:2000 + n]))
+
+
+def _seconds(stamp: str) -> float:
+    h, m, s = stamp.split(":")
+    return int(h) * 3600 + int(m) * 60 + float(s)
+
+
+def test_caption_cues_last_while_their_speech_shows_and_a_moment_after():
+    """A caption's cue runs from its tick to the next caption's, or half a second after the last tick of speech under
+    it, whichever is first; two captions on one tick are one line; the WebVTT text is escaped and stamped to the ms."""
+    from letstalk_rt.stream.events import AVFrame
+    from letstalk_rt.stream.recorder import CaptionCues
+
+    def frame(speech, *captions):
+        return AVFrame(index=0, video=np.zeros((2, 2, 3), np.uint8), audio=np.zeros(640, np.float32), speech=speech,
+                       captions=captions)
+
+    cues = CaptionCues(fps=25)
+    ticks = ([frame(False)] * 3 + [frame(True, "One.")] + [frame(True)] * 9 + [frame(False)] * 40  # speech 3..12
+             + [frame(True, "Two,", "  and\nthree.")] + [frame(True)] * 4  # tick 53: cut by the next at 58
+             + [frame(True, "Four --> five")] + [frame(False)] * 2)  # tick 58, the stream ends at 61
+    for tick, f in enumerate(ticks):
+        cues.add(tick, f)
+    cues.close(len(ticks))
+    assert cues.cues == [(3, 13 + 12, "One."), (53, 58, "Two, and three."), (58, 61, "Four --> five")]
+    assert cues.webvtt() == ("WEBVTT\n\n1\n00:00:00.120 --> 00:00:01.000\nOne.\n\n"
+                             "2\n00:00:02.120 --> 00:00:02.320\nTwo, and three.\n\n"
+                             "3\n00:00:02.320 --> 00:00:02.440\nFour --&gt; five\n\n")
+    long = CaptionCues(fps=25)
+    long.add(90000, frame(True, "Late."))
+    long.close(90001)
+    assert "01:00:00.000 --> 01:00:00.040" in long.webvtt()
 
 
 def test_a_recording_that_falls_behind_is_dropped_whole_and_the_stream_goes_on(tiny_pipeline, tmp_path, monkeypatch):
@@ -161,7 +205,7 @@ def test_the_server_records_a_session_when_asked_and_serves_its_file(tiny_pipeli
     websocket's stop_recording or by the session's end, listed, and deleted."""
     import aiohttp
 
-    from letstalk_rt.client import AvatarClient, RequestError
+    from letstalk_rt.client import AvatarClient, RecordingNotFoundError, RequestError
     from server_helpers import create_session, play_session, running_server, wait_until
 
     key = {"Authorization": "Bearer k"}
@@ -183,7 +227,7 @@ def test_the_server_records_a_session_when_asked_and_serves_its_file(tiny_pipeli
             assert url == f"{srv.url}/v1/recordings/{info['session_id']}"
             session = srv.engine.sessions[info["session_id"]]
             player = play_session(srv, info["session_id"])
-            session.push_audio(speechlike(2.0))
+            session.push_audio(speechlike(2.0), caption="Hello there.")
             session.end_speech()
             await wait_until(lambda: session.player.speech_frames >= 25, 60, "a second of the speech shown")
             async with http.get(url, headers=mine) as r:
@@ -206,11 +250,16 @@ def test_the_server_records_a_session_when_asked_and_serves_its_file(tiny_pipeli
                 body = await r.read()
             async with http.get(f"{srv.url}/v1/recordings", headers=key) as r:
                 listed = (await r.json())["recordings"]
-            assert [(x["id"], x["bytes"]) for x in listed] == [(info["session_id"], len(body))]
+            assert [(x["id"], x["bytes"], x["captions"]) for x in listed] == [(info["session_id"], len(body), True)]
+            assert event["captions"].endswith(f"{info['session_id']}.vtt")
+            async with http.get(f"{url}/captions", headers=mine) as r:
+                assert r.status == 200 and r.content_type == "text/vtt"
+                assert (await r.text()).startswith("WEBVTT\n\n1\n00:00:") and "Hello there." in await r.text()
             async with http.delete(url, headers=mine) as r:
                 assert r.status == 204
             async with http.get(url, headers=key) as r:
                 assert r.status == 404
+            assert not any((tmp_path / "recordings").iterdir())  # its captions went with it
             # saved by the session's end
             second = await create_session(http, srv.url, headers=key, record=True)
             viewer = play_session(srv, second["session_id"])
@@ -224,6 +273,9 @@ def test_the_server_records_a_session_when_asked_and_serves_its_file(tiny_pipeli
             async with AvatarClient(srv.url, api_key="k") as client:  # the SDK's side of it
                 saved = await client.download_recording(second["session_id"], tmp_path / "sdk.mp4")
                 assert saved.read_bytes() == ended
+                with pytest.raises(RecordingNotFoundError, match="HTTP 404.*no captions"):  # nothing was said in it
+                    await client.download_captions(second["session_id"], tmp_path / "sdk.vtt")
+                assert not (tmp_path / "sdk.vtt").exists()
                 assert [x["id"] for x in await client.recordings()] == [second["session_id"]]
                 sdk_session = await client.start_session(record=True)
                 assert sdk_session.info["recording_url"].endswith(sdk_session.id)
@@ -284,3 +336,86 @@ def test_an_encoder_that_dies_behind_a_full_queue_still_lets_the_session_close(t
 
     run(main())
     assert list(tmp_path.iterdir()) == []
+
+
+def _saved_at(directory, name: str, nbytes: int, age_s: float, captions: bool = False) -> None:
+    path = directory / f"{name}.mp4"
+    path.write_bytes(b"x" * nbytes)
+    stamp = time.time() - age_s
+    os.utime(path, (stamp, stamp))
+    if captions:
+        path.with_suffix(".vtt").write_text("WEBVTT\n\n")
+
+
+def test_the_retention_limits_delete_the_oldest_recordings_and_keep_the_newest(tmp_path):
+    """recordings.prune: past --recordings-keep-hours a recording goes (with its captions); past --recordings-max-gb
+    the oldest go until the rest fit, but never the newest, even alone over the limit; recordings being made (hidden
+    partial files) and other files are never touched."""
+    from server import recordings
+
+    for name, size, age in [("a", 100, 7200), ("b", 300, 1800), ("c", 200, 600), ("d", 50, 60)]:
+        _saved_at(tmp_path, name, size, age, captions=name in "ab")
+    (tmp_path / ".e.mp4.partial-1-1").write_bytes(b"x" * 1000)  # a recording being made
+    (tmp_path / "notes.txt").write_text("mine")
+    assert [r.id for r in recordings.saved(tmp_path)] == ["a", "b", "c", "d"]  # oldest first
+
+    assert recordings.prune(tmp_path) == ([], 650)  # no limits: nothing goes
+    deleted, left = recordings.prune(tmp_path, keep_s=3600)
+    assert [r.id for r in deleted] == ["a"] and left == 550
+    deleted, left = recordings.prune(tmp_path, max_bytes=260)
+    assert [r.id for r in deleted] == ["b"] and left == 250  # 550 -> 250: c and d fit
+    deleted, left = recordings.prune(tmp_path, max_bytes=10)
+    assert [r.id for r in deleted] == ["c"] and left == 50  # d, the newest, stays though over the limit
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".e.mp4.partial-1-1", "d.mp4", "notes.txt"]
+
+
+def test_the_server_applies_its_retention_limits_at_start_and_after_each_save(tiny_pipeline, tmp_path):
+    """--recordings-keep-hours / --recordings-max-gb on a running server: a recording older than the limit is deleted
+    at start; a new one saved over the size limit makes the oldest go at once; /metrics counts them and the size
+    left. The options are refused without --recordings-dir, or below 0."""
+    import aiohttp
+
+    from letstalk_rt.errors import LetsTalkError
+    from server.app import add_serve_arguments, config_from_args
+    from server_helpers import create_session, play_session, running_server, wait_until
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    with pytest.raises(LetsTalkError, match="give that folder too"):
+        config_from_args(parser.parse_args(["--recordings-keep-hours", "24"]))
+    with pytest.raises(LetsTalkError, match="--recordings-max-gb must be 0"):
+        config_from_args(parser.parse_args(["--recordings-dir", str(tmp_path / "r"), "--recordings-max-gb", "-1"]))
+    config = config_from_args(parser.parse_args(["--recordings-dir", str(tmp_path / "r"), "--recordings-keep-hours",
+                                                 "0.5", "--recordings-max-gb", "0.001"]))
+    assert (config.recordings_keep_s, config.recordings_max_bytes) == (1800, 1_000_000)
+
+    directory = tmp_path / "recordings"
+    directory.mkdir()
+    _saved_at(directory, "old", 1000, 7200, captions=True)
+    _saved_at(directory, "recent", 3000, 600)
+
+    async def main():
+        async with running_server(tiny_pipeline, recordings_dir=directory, recordings_keep_s=3600,
+                                  recordings_max_bytes=3500) as srv, aiohttp.ClientSession() as http:
+            await wait_until(lambda: srv.manager.metrics.recordings_bytes is not None, 10, "the first look")
+            at_start = sorted(p.name for p in directory.iterdir())
+            info = await create_session(http, srv.url, record=True)
+            viewer = play_session(srv, info["session_id"])
+            session = srv.engine.sessions[info["session_id"]]
+            await wait_until(lambda: session.player.tick >= 10, 30, "ten ticks shown")
+            async with http.delete(f"{srv.url}/v1/sessions/{info['session_id']}",
+                                   headers={"Authorization": f"Bearer {info['token']}"}) as r:
+                assert r.status == 204
+            await wait_until(lambda: srv.manager.metrics.recordings_pruned == 2, 10, "the oldest deleted")
+            async with http.get(f"{srv.url}/metrics") as r:
+                metrics = await r.text()
+            async with http.get(f"{srv.url}/v1/recordings") as r:
+                listed = (await r.json())["recordings"]
+            viewer.cancel()
+            return at_start, metrics, listed, info["session_id"]
+
+    at_start, metrics, listed, sid = run(main())
+    assert at_start == ["recent.mp4"]  # 2 hours old: deleted with its captions at start
+    assert [x["id"] for x in listed] == [sid]  # the new one pushed the total (3000 + its size) over 3500
+    assert "letstalk_recordings_pruned_total 2" in metrics
+    assert f"letstalk_recordings_saved_bytes {listed[0]['bytes']}" in metrics

@@ -130,6 +130,15 @@ export async function fetchRecording(url, token, timeoutMs = 15000) {
   }
 }
 
+// The captions a saved recording showed (text said with `say`), as a WebVTT Blob, or null when it showed none.
+// Saved before the recording's MP4: call it once fetchRecording has the recording.
+export async function fetchCaptions(recordingUrl, token) {
+  const resp = await fetch(sameOrigin(`${recordingUrl}/captions`), { headers: { Authorization: `Bearer ${token}` } });
+  if (resp.status === 404) return null;
+  if (!resp.ok) throw new Error(`captions: HTTP ${resp.status}: ${await errorText(resp)}`);
+  return resp.blob();
+}
+
 // Decode an audio file into a MediaStream (WebAudio), to send it like a microphone. It plays from
 // play(): call that once the peer connection is connected (conn.connected()), or the first seconds
 // play into a track nobody sends yet and the avatar never says them.

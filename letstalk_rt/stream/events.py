@@ -118,9 +118,11 @@ class SessionClosed(Event):
 @dataclass(frozen=True)
 class RecordingStopped(Event):
     """The session's recording ended (`Session.stop_recording()`, the session's close, or a failure): `path` the MP4
-    it saved, or "" and `error` saying why nothing was saved."""
+    it saved, or "" and `error` saying why nothing was saved; `captions` the WebVTT file of the captions it showed, saved
+    beside it ("" when none were shown)."""
 
     path: str = ""
+    captions: str = ""
     seconds: float = 0.0
     error: str = ""
 

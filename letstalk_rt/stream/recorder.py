@@ -6,6 +6,10 @@ its stalls. The event loop only queues each frame; `media.VideoWriter` encodes i
 and the file appears at its path only when the recording ends well (`Session.stop_recording()`, the session's
 close). A failure (a full disk, an encoder that falls `max_behind_s` behind the stream on a CPU too busy) stops the
 recording, deletes its partial file and says why in a `recording_stopped` event; the session streams on.
+
+The captions the session showed (text said with `say`, or pushed with `caption=`) are saved beside the MP4 as WebVTT
+subtitles (`captions_path`: the same name, `.vtt`), timed to the ticks their speech showed at, written before the MP4
+moves into place.
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ import contextlib
 import logging
 import queue
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import OutputError
-from ..media import VideoWriter
+from ..media import VideoWriter, write_text_atomic
 from .events import AVFrame, RecordingStopped
 
 if TYPE_CHECKING:
@@ -29,6 +34,51 @@ log = logging.getLogger(__name__)
 
 
 QUEUE_BYTES = 128 * 2**20  # frames waiting for a recording's encoder
+
+
+@dataclass
+class CaptionCues:
+    """Captions timed to the ticks of a stream: each from the tick its speech began to show until the next caption, or
+    `linger_s` after the last tick of speech shown under it (a player keeps the line up while it is read)."""
+
+    fps: int
+    linger_s: float = 0.5
+    cues: list[tuple[int, int, str]] = field(default_factory=list)  # (first tick, tick after the last, text)
+    _open: tuple[int, str] | None = None
+    _last_speech: int = -1
+
+    def add(self, tick: int, frame: AVFrame) -> None:
+        """A shown tick (ticks in order, from 0)."""
+        for text in frame.captions:
+            text = " ".join(text.split())
+            if self._open is not None and self._open[0] == tick:  # two on one tick: one line
+                self._open = (tick, f"{self._open[1]} {text}")
+            elif text:
+                self.close(tick)
+                self._open = (tick, text)
+        if frame.speech:
+            self._last_speech = tick
+
+    def close(self, tick: int) -> None:
+        """End the open caption by `tick` at the latest (the next caption's tick, or the stream's end)."""
+        if self._open is None:
+            return
+        start, text = self._open
+        spoken = max(self._last_speech + 1, start + 1)
+        self.cues.append((start, max(start + 1, min(tick, spoken + round(self.linger_s * self.fps))), text))
+        self._open = None
+
+    def webvtt(self) -> str:
+        """The closed cues as a WebVTT file's text."""
+        def stamp(tick: int) -> str:
+            ms = round(tick * 1000 / self.fps)
+            return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d}.{ms % 1000:03d}"
+
+        def escape(text: str) -> str:  # a cue's text may not hold "-->", and '<' / '&' start markup
+            return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+        return "WEBVTT\n\n" + "".join(f"{i}\n{stamp(a)} --> {stamp(b)}\n{escape(text)}\n\n"
+                                       for i, (a, b, text) in enumerate(self.cues, 1))
 
 
 class Recording:
@@ -43,6 +93,8 @@ class Recording:
         # Opens the partial file now: a path that cannot be written raises OutputError here, before anything runs.
         self._writer = VideoWriter(self.path, (width, height), self.fps, session.sample_rate, crf=crf, preset=preset)
         self.frames = 0  # ticks written
+        self.captions_path = self.path.with_suffix(".vtt")
+        self.cues = CaptionCues(self.fps)  # the recording's thread adds to it
         self.state = "recording"  # then "finished" or "failed"
         self.error: str | None = None
         # At most max_behind_s of frames waiting, and at most QUEUE_BYTES of them (a 1280x720 frame is 2.8 MB)
@@ -62,7 +114,7 @@ class Recording:
 
     def describe(self) -> dict:
         return {"state": self.state, "path": str(self.path), "seconds": round(self.seconds, 2),
-                **({"error": self.error} if self.error else {})}
+                "captions": len(self.cues.cues), **({"error": self.error} if self.error else {})}
 
     def add(self, frame: AVFrame) -> None:
         """Queue a shown tick (event loop; never blocks). An encoder `max_behind_s` behind fails the recording."""
@@ -102,11 +154,21 @@ class Recording:
                 frame = self._queue.get()
                 if frame is None or self.state != "recording":
                     break
+                self.cues.add(self.frames, frame)
                 self._writer.write_frame(frame.video)
                 self._writer.write_audio(frame.audio)
                 self.frames += 1
             if self.state == "recording":
-                self._writer.close()  # OutputError (and no file) when not even one frame was shown
+                self.cues.close(self.frames)
+                captions = self.frames > 0 and bool(self.cues.cues)
+                if captions:  # before the MP4: a recording in place has its captions in place
+                    write_text_atomic(self.captions_path, self.cues.webvtt(), "free disk space")
+                try:
+                    self._writer.close()  # OutputError (and no file) when not even one frame was shown
+                except BaseException:
+                    if captions:
+                        self.captions_path.unlink(missing_ok=True)
+                    raise
                 self.state = "finished"
         except OutputError as e:  # what VideoWriter raises for the disk and the encoders
             self._fail(str(e))
@@ -126,7 +188,9 @@ class Recording:
     def _done(self) -> None:
         self._ended.set()
         s = self.session
-        s._emit(RecordingStopped(s.id, path=str(self.path) if self.state == "finished" else "",
+        saved = self.state == "finished"
+        s._emit(RecordingStopped(s.id, path=str(self.path) if saved else "",
+                                 captions=str(self.captions_path) if saved and self.cues.cues else "",
                                  seconds=round(self.seconds, 2), error=self.error or ""), force=True)
         if s.recording is self:
             s.recording = None
