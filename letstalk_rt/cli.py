@@ -242,7 +242,11 @@ def _generate(args: argparse.Namespace, portrait: Path, audio: Path | None, out:
     # Check the cheap things first, so a typo does not wait for the model to load. Each input is read once
     # (a pipe such as <(ffmpeg ...) can be read only once).
     image = load_image(portrait, parse_colour(args.background, "--background") if args.background else WHITE)
-    wav = load_audio(audio) if audio is not None else _speech(args).speak(args.text)
+    said: list[tuple[int, str]] = []  # --text: where each sentence starts
+    if audio is not None:
+        wav = load_audio(audio)
+    else:
+        wav, said = _speech(args).speak_timed(args.text)
     check_video_path(out, "--out")
     pipe = _load_pipeline(args)
     start = time.perf_counter()
@@ -252,6 +256,26 @@ def _generate(args: argparse.Namespace, portrait: Path, audio: Path | None, out:
     took = time.perf_counter() - start
     print(f"wrote {result.path} ({result.frames} frames, {result.seconds:.2f} s of audio) in {took:.1f} s "
           f"= {result.frames / max(took, 1e-9):.1f} frames/s")
+    if said:
+        _write_captions(out, said, len(wav), pipe.fps)
+
+
+def _write_captions(out: Path, said: list[tuple[int, str]], samples: int, fps: int) -> None:
+    """--text: each sentence a caption while it is spoken, WebVTT beside the video (`out` with .vtt)."""
+    from .stream.recorder import CaptionCues
+    from .tts import SAMPLE_RATE
+
+    ends = [a for a, _ in said[1:]] + [samples]
+    _save_captions(out, CaptionCues(fps, cues=[(round(a * fps / SAMPLE_RATE), round(b * fps / SAMPLE_RATE), text)
+                                               for (a, text), b in zip(said, ends)]))
+
+
+def _save_captions(out: Path, cues) -> None:
+    from .media import write_text_atomic
+
+    path = out.with_suffix(".vtt")
+    write_text_atomic(path, cues.webvtt(), "choose another --out")
+    print(f"wrote {path} ({len(cues.cues)} captions)")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -297,6 +321,8 @@ async def _demo(pipe, image, speech: Path, args: argparse.Namespace, voice=None)
 
     from .media import VideoWriter
     from .stream import EngineConfig, FileSource, StreamEngine
+    from .stream.recorder import CaptionCues
+    from .stream.tracks import VIDEO_CLOCK_RATE
 
     source = FileSource(speech, realtime=True) if args.text is None else None
     config = EngineConfig(max_sessions=1, max_batch=1, **live_config(args))
@@ -317,12 +343,15 @@ async def _demo(pipe, image, speech: Path, args: argparse.Namespace, voice=None)
         video, audio = session.video_track(), session.audio_track()
         # the speech and one second of rest after it (said text: once its length is known)
         ticks = math.ceil((source.seconds + 1.0) * pipe.fps) if source is not None else None
+        cues = CaptionCues(pipe.fps)  # said text: each sentence's caption, on the file's timeline
         with VideoWriter(args.out, session.frame_size, fps=pipe.fps) as writer:
             i = 0
             while ticks is None or i < ticks:
                 if ticks is None and feeder.done():
                     ticks = math.ceil((feeder.result() + 1.0) * pipe.fps)
                 frame = await video.recv()
+                if (shown := session.player.shown.get(frame.pts * pipe.fps // VIDEO_CLOCK_RATE)) is not None:
+                    cues.add(i, shown)
                 writer.write_frame(frame.to_ndarray(format="rgb24"))
                 for _ in range(2):  # this frame's two 20 ms packets
                     packet = await audio.recv()
@@ -335,6 +364,9 @@ async def _demo(pipe, image, speech: Path, args: argparse.Namespace, voice=None)
     if not args.quiet:
         print(file=sys.stderr)
     print(f"wrote {args.out} ({ticks} frames recorded from the WebRTC tracks)")
+    cues.close(ticks)
+    if cues.cues:
+        _save_captions(args.out, cues)
     # said text is queued ahead of real time; its latency counts from when each piece would have come at real-time
     # pace (push_audio(ahead=True)), and how long its first word took to show is printed beside it
     latency = (f"speech-to-screen latency p50 {stats['latency_ms_p50'] or 0:.0f} ms, "
@@ -600,7 +632,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--portrait", type=Path, required=True, help="image with one front-facing face")
     said = p.add_mutually_exclusive_group(required=True)
     said.add_argument("--audio", type=Path, help="speech: wav, mp3, m4a, ogg, flac (any rate)")
-    said.add_argument("--text", help="text to speak instead, with espeak-ng (--voice, --rate, --pitch)")
+    said.add_argument("--text", help="text to speak instead, with espeak-ng (--voice, --rate, --pitch); each "
+                      "sentence is also a caption in a WebVTT file beside --out (.vtt)")
     p.add_argument("--out", type=Path, required=True, help="output .mp4 (written atomically)")
     p.add_argument("--background", default=None, metavar="RRGGBB",
                    help="the colour a portrait's transparent parts go on (default white), e.g. 00ff00 to key it out")
@@ -613,7 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="stream the bundled speech through the live engine; record the tracks to mp4")
     p.add_argument("--out", type=Path, default=Path("letstalk_demo.mp4"), help="output .mp4")
     p.add_argument("--text", default=None, help="speak this text (espeak-ng, a sentence at a time, as the server's "
-                   "`say` does) instead of the bundled speech")
+                   "`say` does) instead of the bundled speech; its captions go to a WebVTT file beside --out (.vtt)")
     _add_speech_args(p)
     _add_full_frame_arg(p)
     _add_framing_arg(p)

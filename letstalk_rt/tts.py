@@ -161,7 +161,13 @@ class Speech:
 
     def speak(self, text: str, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
         """All of `text`, sentence by sentence, as one float32 mono array (offline: `letstalk generate --text`)."""
-        pieces = [self.synthesize(p, sample_rate) for p in sentences(check_text(text))]
+        return self.speak_timed(text, sample_rate)[0]
+
+    def speak_timed(self, text: str, sample_rate: int = SAMPLE_RATE) -> tuple[np.ndarray, list[tuple[int, str]]]:
+        """`speak`, and where each sentence starts in it: [(its first sample, the sentence), ...], for captions."""
+        said = sentences(check_text(text))
+        pieces = [self.synthesize(p, sample_rate) for p in said]
         if not pieces:
             raise InputError(f"text to speak has no words: {text[:60]!r}")
-        return np.concatenate(pieces)
+        starts = np.cumsum([0] + [len(p) for p in pieces[:-1]])
+        return np.concatenate(pieces), [(int(a), p) for a, p in zip(starts, said)]

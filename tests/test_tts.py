@@ -298,9 +298,18 @@ def test_generate_speaks_text_into_an_mp4_of_its_length(capsys, tmp_path, tiny_m
     code = main(["generate", "--portrait", str(astronaut_png), "--text", "Hello there. Nice to meet you.",
                  "--voice", "en-us+m3", "--rate", "200", "--out", str(out), "--model", str(tiny_model_dir), "--quiet"])
     assert code == 0, capsys.readouterr().err
-    seconds = len(Speech("en-us+m3", 200).speak("Hello there. Nice to meet you.")) / 16000
+    pcm, said = Speech("en-us+m3", 200).speak_timed("Hello there. Nice to meet you.")
+    seconds = len(pcm) / 16000
     info = probe(out)
     assert info.video_frames == math.ceil(seconds * 25) and abs(info.audio_seconds - seconds) <= 0.04
+    # its captions beside it: each sentence while it is spoken, the second from where its audio starts
+    assert said[0] == (0, "Hello there.") and said[1][1] == "Nice to meet you." and 0.3 < said[1][0] / 16000 < 2.0
+    ms = round(said[1][0] / 16000 * 25) * 40
+    second = f"00:00:{ms // 1000:02d}.{ms % 1000:03d}"
+    end = round(seconds * 25) * 40
+    assert (tmp_path / "said.vtt").read_text() == (
+        f"WEBVTT\n\n1\n00:00:00.000 --> {second}\nHello there.\n\n"
+        f"2\n{second} --> 00:00:{end // 1000:02d}.{end % 1000:03d}\nNice to meet you.\n\n")
     code = main(["generate", "--portrait", str(astronaut_png), "--text", "Hello.", "--voice", "xx",
                  "--out", str(tmp_path / "no.mp4"), "--model", str(tiny_model_dir), "--quiet"])
     assert code == 2 and "no language 'xx'" in capsys.readouterr().err and not (tmp_path / "no.mp4").exists()
