@@ -201,9 +201,12 @@ def authorize_session(request: web.Request, allow_api_key: bool = False) -> Serv
 async def health(request: web.Request) -> web.Response:
     manager = request.app[MANAGER]
     # `sessions` counts every slot taken, those held by requests still uploading or preparing included:
-    # sessions == max_sessions is exactly when POST /v1/sessions answers 503.
-    return web.json_response({"status": "ok", "sessions": len(manager.sessions) + manager.admitting,
-                              "admitting": manager.admitting, "max_sessions": manager.max_sessions})
+    # sessions == max_sessions is exactly when POST /v1/sessions answers 503. Draining (shutting down), 503: a load
+    # balancer's health check sends new sessions elsewhere while the open ones finish here.
+    return web.json_response({"status": "draining" if manager.draining else "ok",
+                              "sessions": len(manager.sessions) + manager.admitting,
+                              "admitting": manager.admitting, "max_sessions": manager.max_sessions},
+                             status=503 if manager.draining else 200)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -487,6 +490,8 @@ async def create_session(request: web.Request) -> web.Response:
     app = request.app
     manager, config, engine = app[MANAGER], app[CONFIG], app[ENGINE]
     if not manager.try_reserve():  # before reading the body: a full server answers at once
+        if manager.draining:
+            raise api_error(503, "this server is shutting down; start the session on another one")
         raise api_error(503, f"all {manager.max_sessions} sessions are in use; retry later",
                         headers={"Retry-After": str(config.retry_after_s)})
     try:
@@ -1014,6 +1019,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-session-minutes", type=float, default=0.0, metavar="M",
                         help="close every session M minutes after it was created, its websocket told "
                              "`session_ending` a minute before (default 0: no limit)")
+    parser.add_argument("--drain-seconds", type=float, default=0.0, metavar="S",
+                        help="on SIGTERM or Ctrl-C, shut down gently: refuse new sessions (503; /health answers "
+                             "503 'draining'), tell the open ones `session_ending` and let them go on until they end "
+                             "or S seconds pass; a second signal stops at once (default 0: close them at once)")
     parser.add_argument("--recordings-dir", type=Path, default=None, metavar="DIR",
                         help="let sessions ask to be recorded (`record`): each saved as DIR/SESSION_ID.mp4 when it "
                              "ends, served at /v1/recordings/SESSION_ID (default: no recording)")
@@ -1051,6 +1060,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                             "(or LETSTALK_API_KEY), or pass --insecure-no-auth to allow it")
     if not (math.isfinite(args.max_session_minutes) and args.max_session_minutes >= 0):
         raise LetsTalkError(f"--max-session-minutes {args.max_session_minutes:g}: give minutes > 0, or 0 for no limit")
+    if not (math.isfinite(args.drain_seconds) and args.drain_seconds >= 0):
+        raise LetsTalkError(f"--drain-seconds {args.drain_seconds:g}: give seconds > 0, or 0 to close sessions at once")
     for name, value in (("--idle-timeout", args.idle_timeout), ("--max-upload-mb", args.max_upload_mb),
                         ("--upload-timeout", args.upload_timeout), ("--turn-ttl", args.turn_ttl)):
         if not value > 0:
@@ -1099,7 +1110,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_full_frame=args.max_full_frame, avatars=avatars, avatar_dir=args.avatar_dir, max_avatars=args.max_avatars,
         recordings_dir=args.recordings_dir, recordings_keep_s=args.recordings_keep_hours * 3600,
         recordings_max_bytes=int(args.recordings_max_gb * 1e9), cors_origins=list(args.cors_origin),
-        max_session_s=args.max_session_minutes * 60,
+        max_session_s=args.max_session_minutes * 60, drain_s=args.drain_seconds,
         detect_face=not args.no_face_detect, stop_engine_on_cleanup=True,
     )
 
@@ -1141,14 +1152,23 @@ async def _serve(app: web.Application, config: ServerConfig) -> None:
                     else "fixed TURN credentials" if config.turn_username else "no TURN")
             print(f"letstalk serve: ICE servers {', '.join(config.ice_servers)} ({turn}), handed to every session's "
                   "client", file=sys.stderr, flush=True)
-        stop = asyncio.Event()
+        signals: asyncio.Queue[int] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
-                loop.add_signal_handler(sig, stop.set)
+                loop.add_signal_handler(sig, signals.put_nowait, sig)
             except (NotImplementedError, RuntimeError):
                 pass
-        await stop.wait()
+        await signals.get()
+        manager = app[MANAGER]
+        if config.drain_s > 0 and manager.sessions:
+            print(f"letstalk serve: draining: no new sessions; {len(manager.sessions)} open one(s) go on for up to "
+                  f"{config.drain_s:g} s (send the signal again to stop now) ...", file=sys.stderr, flush=True)
+            drained = asyncio.ensure_future(manager.drain(config.drain_s))
+            again = asyncio.ensure_future(signals.get())
+            await asyncio.wait({drained, again}, return_when=asyncio.FIRST_COMPLETED)
+            again.cancel()
+            drained.cancel()
         print("letstalk serve: stopping (closing sessions) ...", file=sys.stderr, flush=True)
     finally:
         await runner.cleanup()

@@ -238,12 +238,15 @@ def test_api_key_and_session_tokens(tiny_pipeline):
 
 
 def test_python_m_server_serves_and_stops_cleanly_on_sigterm(tiny_model_dir):
-    """`python -m server` (what `letstalk serve` runs): warm-up, listen, answer, stop on SIGTERM with 0."""
+    """`python -m server` (what `letstalk serve` runs): warm-up, listen, answer, stop on SIGTERM with 0. With
+    --drain-seconds and a session open, SIGTERM drains first (/health 503 "draining") and the server stops as soon as
+    the session ends."""
     import signal
+    import urllib.error
     import urllib.request
 
     proc = subprocess.Popen([sys.executable, "-m", "server", "--model", str(tiny_model_dir), "--port", "0",
-                             "--max-sessions", "2", "--device", "cpu"],
+                             "--max-sessions", "2", "--device", "cpu", "--drain-seconds", "120"],
                             stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
     try:
         url = None
@@ -256,8 +259,26 @@ def test_python_m_server_serves_and_stops_cleanly_on_sigterm(tiny_model_dir):
         assert url, "server did not print its URL"
         with urllib.request.urlopen(f"{url}/health", timeout=10) as r:
             assert json.load(r) == {"status": "ok", "sessions": 0, "admitting": 0, "max_sessions": 2}
+        request = urllib.request.Request(f"{url}/v1/sessions", data=b'{"avatar_id": "default"}',
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as r:
+            info = json.load(r)
         proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while True:  # draining: the load balancer's health check is told to send new sessions elsewhere
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=10).close()
+            except urllib.error.HTTPError as e:
+                assert e.code == 503 and json.load(e)["status"] == "draining"
+                break
+            assert time.monotonic() < deadline, "the server never started draining"
+            time.sleep(0.1)
+        assert proc.poll() is None  # the session is still open: the server waits for it
+        delete = urllib.request.Request(f"{url}/v1/sessions/{info['session_id']}", method="DELETE",
+                                        headers={"Authorization": f"Bearer {info['token']}"})
+        urllib.request.urlopen(delete, timeout=10).close()
         assert proc.wait(timeout=30) == 0
+        assert "draining: no new sessions; 1 open one(s)" in proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -826,8 +847,61 @@ def test_a_session_is_closed_when_its_time_limit_is_up_after_a_warning(tiny_pipe
             return ending, warned, closed, ended
 
     ending, warned, closed, ended = run(main())
-    assert 0 < ending["seconds_left"] <= 1.5 and 1.0 <= warned <= 3.0
+    assert 0 < ending["seconds_left"] <= 1.5 and 1.0 <= warned <= 3.0 and ending["reason"] == "time_limit"
     assert "time limit" in closed["reason"] and 2.9 <= ended < 5.5
+
+
+def test_a_draining_server_refuses_new_sessions_and_lets_the_open_ones_finish(tiny_pipeline):
+    """SessionManager.drain (what --drain-seconds runs on SIGTERM): /health answers 503 "draining", a new session is
+    refused with 503 saying why, the open session is told `session_ending` (reason server_stopping, the seconds left)
+    on its websocket and event stream and keeps streaming; drain returns True as soon as it ends. A session still
+    open when the time is up: drain returns False then, not before."""
+
+    async def main():
+        async with running_server(tiny_pipeline) as srv, aiohttp.ClientSession() as http:
+            info = await create_session(http, srv.url)
+            player = play_session(srv, info["session_id"])
+            ws = await http.ws_connect(info["ws_url"], headers=_bearer(info["token"]))
+            events = await http.get(f"{srv.url}/v1/sessions/{info['session_id']}/events",
+                                    headers=_bearer(info["token"]))
+            drain = asyncio.ensure_future(srv.manager.drain(30))
+            ending = await _ws_json(ws, "session_ending", timeout=10)
+            async for line in events.content:
+                if line.startswith(b"data: ") and b"session_ending" in line:
+                    streamed = json.loads(line[6:])
+                    break
+            async with http.get(f"{srv.url}/health") as r:
+                health = (r.status, await r.json())
+            async with http.post(f"{srv.url}/v1/sessions", json={"avatar_id": "default"}) as r:
+                refused = (r.status, (await r.json())["error"], r.headers.get("Retry-After"))
+            session = srv.engine.sessions[info["session_id"]]
+            tick = session.player.tick
+            await asyncio.sleep(1.0)
+            streaming = session.player.tick - tick
+            assert not drain.done()
+            started = time.monotonic()
+            async with http.delete(f"{srv.url}/v1/sessions/{info['session_id']}", headers=_bearer(info["token"])):
+                pass
+            drained = await asyncio.wait_for(drain, 10)
+            took = time.monotonic() - started
+            player.cancel()
+            events.close()
+            await ws.close()
+        async with running_server(tiny_pipeline) as srv, aiohttp.ClientSession() as http:
+            info = await create_session(http, srv.url)
+            started = time.monotonic()
+            late = await srv.manager.drain(0.5)
+            waited = time.monotonic() - started
+            left = list(srv.manager.sessions)
+        return ending, streamed, health, refused, streaming, drained, took, late, waited, left, info["session_id"]
+
+    ending, streamed, health, refused, streaming, drained, took, late, waited, left, sid = run(main())
+    assert ending["reason"] == streamed["reason"] == "server_stopping" and 29 <= ending["seconds_left"] <= 30
+    assert health[0] == 503 and health[1]["status"] == "draining" and health[1]["sessions"] == 1
+    assert refused[0] == 503 and "shutting down" in refused[1] and refused[2] is None
+    assert streaming >= 15  # ~25 ticks in the second: the open session goes on
+    assert drained is True and took < 2.0
+    assert late is False and 0.45 <= waited < 1.5 and left == [sid]
 
 
 def test_fifty_connect_disconnect_cycles_keep_memory_flat(tiny_pipeline):
