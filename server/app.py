@@ -541,6 +541,10 @@ async def create_session(request: web.Request) -> web.Response:
         manager.release()
     ss = manager.add(session)
     ss.voice = voice
+    origin = request.url.origin()
+    ss.recording_url = str(origin.with_path(f"/v1/recordings/{ss.id}")) if record else None
+    manager.webhooks.send("session.created", {"session_id": ss.id, "avatar_id": avatar_id if upload is None else None,
+                                              "record": record})
     if record:
         try:
             session.record(config.recordings_dir / f"{ss.id}.mp4")
@@ -549,7 +553,6 @@ async def create_session(request: web.Request) -> web.Response:
             log.error("session %s: recording refused: %s", ss.id, e)
             raise api_error(507, f"the session's recording could not start on the server ({e}); it was "
                                  "closed") from None
-    origin = request.url.origin()
     ws_origin = origin.with_scheme("wss" if origin.scheme == "https" else "ws")
     width, height = session.frame_size
     return web.json_response({
@@ -562,7 +565,7 @@ async def create_session(request: web.Request) -> web.Response:
         "audio": {"sample_rate": session.sample_rate, "channels": 1, "format": "pcm_s16le"},
         "ice_servers": ss.ice_servers,
         **({"voice": voice} if voice else {}),
-        **({"recording_url": str(origin.with_path(f"/v1/recordings/{ss.id}"))} if record else {}),
+        **({"recording_url": ss.recording_url} if record else {}),
         **({"ends_at": round(ss.ends_at, 3)} if ss.ends_at is not None else {}),
     }, status=201)
 
@@ -1019,6 +1022,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-session-minutes", type=float, default=0.0, metavar="M",
                         help="close every session M minutes after it was created, its websocket told "
                              "`session_ending` a minute before (default 0: no limit)")
+    parser.add_argument("--webhook", action="append", default=[], metavar="URL",
+                        help="POST what happens to sessions to URL as JSON (session.created, session.closed, "
+                             "recording.saved, recording.failed; repeatable; docs/server.md, 'Webhooks')")
+    parser.add_argument("--webhook-secret", default=None,
+                        help="sign each webhook (X-Letstalk-Signature: HMAC-SHA256 of 'timestamp.body') with this "
+                             "secret (default: env LETSTALK_WEBHOOK_SECRET, else unsigned)")
     parser.add_argument("--drain-seconds", type=float, default=0.0, metavar="S",
                         help="on SIGTERM or Ctrl-C, shut down gently: refuse new sessions (503; /health answers "
                              "503 'draining'), tell the open ones `session_ending` and let them go on until they end "
@@ -1060,6 +1069,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                             "(or LETSTALK_API_KEY), or pass --insecure-no-auth to allow it")
     if not (math.isfinite(args.max_session_minutes) and args.max_session_minutes >= 0):
         raise LetsTalkError(f"--max-session-minutes {args.max_session_minutes:g}: give minutes > 0, or 0 for no limit")
+    for url in args.webhook:
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise LetsTalkError(f"--webhook {url!r}: give an http(s) URL, e.g. https://api.example.com/letstalk-events")
     if not (math.isfinite(args.drain_seconds) and args.drain_seconds >= 0):
         raise LetsTalkError(f"--drain-seconds {args.drain_seconds:g}: give seconds > 0, or 0 to close sessions at once")
     for name, value in (("--idle-timeout", args.idle_timeout), ("--max-upload-mb", args.max_upload_mb),
@@ -1110,7 +1123,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_full_frame=args.max_full_frame, avatars=avatars, avatar_dir=args.avatar_dir, max_avatars=args.max_avatars,
         recordings_dir=args.recordings_dir, recordings_keep_s=args.recordings_keep_hours * 3600,
         recordings_max_bytes=int(args.recordings_max_gb * 1e9), cors_origins=list(args.cors_origin),
-        max_session_s=args.max_session_minutes * 60, drain_s=args.drain_seconds,
+        max_session_s=args.max_session_minutes * 60, drain_s=args.drain_seconds, webhooks=list(args.webhook),
+        webhook_secret=args.webhook_secret or os.environ.get("LETSTALK_WEBHOOK_SECRET") or None,
         detect_face=not args.no_face_detect, stop_engine_on_cleanup=True,
     )
 

@@ -54,6 +54,7 @@ from letstalk_rt.tts import Speech, SpeechUnavailable, check_text, sentences
 
 from . import recordings
 from .auth import TokenSigner, turn_credentials
+from .webhooks import Webhooks
 from .avatars import DEFAULT_MAX_AVATARS
 
 if TYPE_CHECKING:
@@ -108,6 +109,8 @@ class ServerConfig:
     max_session_s: float = 0.0  # a session is closed this long after it was created (0: no limit)
     session_end_warning_s: float = 60.0  # ... its websocket and event streams told `session_ending` this long before
     drain_s: float = 0.0  # on SIGTERM/SIGINT: refuse new sessions and let open ones go on this long before closing them
+    webhooks: list[str] = field(default_factory=list)  # URLs told what happens to sessions (webhooks.py)
+    webhook_secret: str | None = None  # signs each webhook (HMAC-SHA256)
     recordings_dir: Path | None = None  # sessions created with `record` saved here as SESSION_ID.mp4; None: not recorded
     recordings_keep_s: float = 0.0  # saved recordings older than this are deleted (0: kept until deleted)
     recordings_max_bytes: int = 0  # the oldest deleted while the saved MP4s hold more, the newest kept (0: no limit)
@@ -322,6 +325,12 @@ def render_metrics(manager: SessionManager) -> str:
         metric("letstalk_recordings_saved_bytes", "gauge", "Size of the saved recordings' MP4s (looked at every "
                "minute and after each save).", [("", float("nan") if m.recordings_bytes is None
                                                  else m.recordings_bytes)])
+    if manager.webhooks:
+        w = manager.webhooks
+        metric("letstalk_webhooks_total", "counter", "Webhook events by result (failed: every try; dropped: too many "
+               "waiting for a slow endpoint).", [(f'{{result="{r}"}}', w.results[r])
+                                                 for r in ("delivered", "failed", "dropped")])
+        metric("letstalk_webhooks_queued", "gauge", "Webhook events waiting to be delivered.", [("", w.queued)])
     metric("letstalk_event_streams", "gauge", "Event streams (GET /v1/sessions/{id}/events) open now.",
            [("", sum(len(ss.listeners) for ss in manager.sessions.values()))])
     state = manager.engine.running_state()
@@ -379,6 +388,7 @@ class ServerSession:
         limit = self.config.max_session_s
         self.ends_at = time.time() + limit if limit else None  # unix time: closed by its time limit
         self.warned_end = False  # `session_ending` sent
+        self.recording_url: str | None = None  # where its recording is served (created with `record`)
         self.last_activity = now  # audio in, websocket message, media pulled
         self.last_peer_seen: float | None = None  # RTCP from / RTP of the peer, once connected
         self._peer_marks: dict[str, Any] = {}
@@ -448,6 +458,7 @@ class ServerSession:
                 self.manager.metrics.recordings[event.path != ""] += 1
                 if event.path:  # a new file: within the limits at once
                     self.manager.prune_recordings()
+                self._recording_webhook(event)
             message = event.to_dict()
             self.tell_listeners(message)
             await self.send_json(message)
@@ -688,6 +699,30 @@ class ServerSession:
                 await self.tell_ending(left, "time_limit")
         return None
 
+    def summary(self, reason: str) -> dict:
+        """What the session did, for the `session.closed` webhook (once, at its close: the latency quantile reads every
+        kept latency)."""
+        s = self.session
+        p95 = quantiles(s.latencies, (0.95,))
+        return {"session_id": self.id, "reason": reason, "seconds": round(time.monotonic() - self.created, 2),
+                "frames_generated": s.frames_generated, "ticks": s.player.tick, "held_frames": s.player.fillers,
+                "speech_seconds": round(s.player.speech_frames / s.player.fps, 2),
+                "latency_ms_p95": round(p95[0] * 1000, 1) if p95 else None}
+
+    def _recording_webhook(self, event) -> None:
+        if not self.manager.webhooks:
+            return
+        if not event.path:
+            self.manager.webhooks.send("recording.failed", {"session_id": self.id, "error": event.error})
+            return
+        try:
+            size = Path(event.path).stat().st_size
+        except OSError:  # deleted already (the retention limits, a DELETE): said as it is
+            size = None
+        self.manager.webhooks.send("recording.saved", {
+            "session_id": self.id, "url": self.recording_url, "bytes": size, "seconds": event.seconds,
+            "captions_url": f"{self.recording_url}/captions" if event.captions and self.recording_url else None})
+
     async def tell_ending(self, seconds_left: float, reason: str) -> None:
         """`session_ending` to the websocket and the event streams: the app can tell its user, or open a new session
         (on another server, when this one is draining) to go on."""
@@ -715,6 +750,7 @@ class SessionManager:
         self._prune_again = False
         self._pruned_at = -math.inf
         self.draining = False  # shutting down: no new sessions; the open ones go on for a while (drain)
+        self.webhooks = Webhooks(config.webhooks, config.webhook_secret)
 
     @property
     def max_sessions(self) -> int:
@@ -774,6 +810,8 @@ class SessionManager:
             self.metrics.absorb(ss.session)
             ss.tell_listeners(None)  # their streams end
             ss.closed.set()
+            if self.webhooks:
+                self.webhooks.send("session.closed", ss.summary(reason))
 
     async def drain(self, seconds: float) -> bool:
         """Shut down gently: new sessions are refused (503, /health answers "draining" so a load balancer sends them
@@ -800,6 +838,7 @@ class SessionManager:
         if self._watchdog is None:
             self._watchdog = asyncio.get_running_loop().create_task(self._watch(), name="letstalk-watchdog")
         self.prune_recordings()
+        self.webhooks.start()
 
     async def stop(self) -> None:
         if self._watchdog is not None:
@@ -812,6 +851,7 @@ class SessionManager:
         await self.close_all()
         if self._pruning is not None:
             self._pruning.cancel()
+        await self.webhooks.stop()  # after close_all: the sessions it closed are told
 
     def frames_total(self) -> int:
         """Frames generated since start, every second (the watchdog): counters only, not the sessions' stats()."""
