@@ -254,13 +254,16 @@ class _Buffer:
 class AvatarSession:
     """One avatar on the server: WebRTC media, a websocket for audio/control/events, and its lifetime."""
 
-    def __init__(self, client: AvatarClient, info: dict) -> None:
+    def __init__(self, client: AvatarClient, info: dict, owner: bool = True) -> None:
         self.client = client
         self.info = info
+        self.owner = owner  # made by start_session: close() deletes the session; else (session()) only its viewer
         self.id: str = info["session_id"]
         self.token: str = info["token"]
         self.expires_at: int = info["expires_at"]
         self.offer_url = client._url(info["offer_url"])
+        self.viewers_url = client._url(f"/v1/sessions/{self.id}/viewers")
+        self.viewer_url: str | None = None  # connect(viewer=True): this client's viewer (its DELETE frees it)
         self.ws_url = client._url(info["ws_url"], websocket=True)
         self.pc: RTCPeerConnection | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
@@ -299,10 +302,15 @@ class AvatarSession:
     # -- WebRTC
 
     async def connect(self, audio_track: MediaStreamTrack | None = None, *, video: bool = True, audio: bool = True,
-                      websocket: bool = True, timeout: float = 20.0, align: bool = True,
-                      reconnect: bool = True) -> None:
+                      websocket: bool | None = None, timeout: float = 20.0, align: bool = True,
+                      reconnect: bool = True, viewer: bool = False) -> None:
         """Negotiate WebRTC (receive video/audio; send `audio_track` if given) and open the websocket. `align`: hand
         each video frame over once the audio of its media time has arrived (module docstring).
+
+        `viewer`: watch only, as one more viewer of a session another client drives (`AvatarClient.session(id,
+        token)`; POST /v1/sessions/{id}/viewers): its video and audio, on the session's one clock, with no websocket
+        and nothing sent; the session's own peer connection, and its other viewers, are left as they are. A session
+        has at most the server's `--max-viewers` (409 past it).
 
         `reconnect`: when no media has arrived for RECONNECT_STALL_S (the network went: a Wi-Fi/cellular switch, a
         laptop's sleep) or the peer connection fails, connect again with a new one (and a new websocket), for up to
@@ -315,6 +323,10 @@ class AvatarSession:
             raise AvatarClientError(f"session {self.id} is already connected")
         if not (video or audio or audio_track is not None):
             raise ValueError("connect(): nothing to negotiate (video=False, audio=False and no audio_track)")
+        if viewer and (audio_track is not None or websocket):
+            raise ValueError("connect(viewer=True) watches only: no audio_track, no websocket (the client driving the "
+                             "session has them)")
+        websocket = not viewer if websocket is None else websocket
         if audio_track is not None and getattr(audio_track, "kind", None) != "audio":
             raise ValueError(f"connect(audio_track=...): expected an audio track, got a "
                              f"{getattr(audio_track, 'kind', type(audio_track).__name__)!s} one")
@@ -327,13 +339,13 @@ class AvatarSession:
             await self._open_ws()
         self._align = align and audio and video
         self._link = dict(servers=servers, audio_track=audio_track, video=video, audio=audio, websocket=websocket,
-                          timeout=timeout)
+                          timeout=timeout, viewer=viewer)
         await self._negotiate(**self._link)
         if reconnect:
             self._spawn(self._watch_media(), "reconnect")
 
     async def _negotiate(self, servers: list[dict], audio_track: MediaStreamTrack | None, video: bool, audio: bool,
-                         websocket: bool, timeout: float) -> None:
+                         websocket: bool, timeout: float, viewer: bool = False) -> None:
         """One peer connection, offered and connected (self.pc); closed again if that fails."""
         pc = RTCPeerConnection(ice_configuration(servers, relay_only=self.client.relay_only))
         self.pc = pc
@@ -374,10 +386,18 @@ class AvatarSession:
                 log.warning("session %s: %s; connecting without it", self.id, missing)
             answer_checks_at_once(pc)
             http = self.client._require_http()
-            async with http.post(self.offer_url, data=pc.localDescription.sdp.encode(),
+            if viewer and self.viewer_url is not None:  # a reconnect: the old viewer goes now, not once silent
+                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                    async with http.delete(self.viewer_url, headers=self._headers(),
+                                           timeout=aiohttp.ClientTimeout(total=2)):
+                        pass
+                self.viewer_url = None
+            async with http.post(self.viewers_url if viewer else self.offer_url, data=pc.localDescription.sdp.encode(),
                                  headers={**self._headers(), "Content-Type": "application/sdp"}) as resp:
                 await _raise_for_status(resp)
                 answer = await resp.text()
+                if viewer:  # a reconnect's new viewer replaces this one, which the server drops once silent
+                    self.viewer_url = self.client._url(resp.headers["Location"])
             await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
             await asyncio.wait_for(connected.wait(), timeout)
             if failed:
@@ -739,9 +759,11 @@ class AvatarSession:
                 return
 
     def overlay_url(self, chroma: str | None = None, relay: bool | None = None, captions: bool = False,
-                    transparent: str | None = None) -> str:
+                    transparent: str | None = None, viewer: bool = False) -> str:
         """A page showing only this avatar (OBS browser source); it takes the WebRTC side, this object keeps
-        the websocket (audio, control, events). Call it instead of `connect()`, not after. `relay`: the page connects
+        the websocket (audio, control, events). Call it instead of `connect()`, not after, or with `viewer` True: the
+        page then watches as one more viewer (the server's `--max-viewers`), beside this object's own `connect()`
+        and any other overlay. `relay`: the page connects
         only through the server's TURN server (default: as this client does, `relay_only`). `captions`: the page shows
         what the avatar says (`say` text, audio sent with a caption) as each sentence starts. `transparent` "RRGGBB":
         the page makes that colour of the video transparent (a portrait put on it with `start_session(background=)`),
@@ -751,7 +773,8 @@ class AvatarSession:
                                                              **({"chroma": chroma} if chroma else {}),
                                                              **({"relay": "1"} if relay else {}),
                                                              **({"captions": "1"} if captions else {}),
-                                                             **({"transparent": transparent} if transparent else {})})
+                                                             **({"transparent": transparent} if transparent else {}),
+                                                             **({"viewer": "1"} if viewer else {})})
         return str(url)
 
     def route(self) -> dict | None:
@@ -769,7 +792,8 @@ class AvatarSession:
     # -- lifetime
 
     async def close(self) -> None:
-        """Hang up and free the session on the server (idempotent)."""
+        """Hang up and free the session on the server (idempotent). A session this client only attached to
+        (`AvatarClient.session`) is left open: only this client's viewer, if it connected one, is freed."""
         if self.closed:
             return
         self.closed = True
@@ -783,10 +807,10 @@ class AvatarSession:
                 pc, self.pc = self.pc, None
                 await _close_pc(pc)
             http = self.client._http
-            if http is not None and not http.closed:
+            target = self.client._url(f"/v1/sessions/{self.id}") if self.owner else self.viewer_url
+            if target is not None and http is not None and not http.closed:
                 try:
-                    async with http.delete(self.client._url(f"/v1/sessions/{self.id}"),
-                                           headers=self._headers()) as resp:
+                    async with http.delete(target, headers=self._headers()) as resp:
                         if resp.status not in (204, 401, 404):  # 404/401: already gone or expired, fine
                             await _raise_for_status(resp)
                 except (aiohttp.ClientError, asyncio.TimeoutError, AvatarClientError) as e:
@@ -960,6 +984,23 @@ class AvatarClient:
         async with self._require_http().get(self._url("/v1/voices"), headers=self._auth()) as resp:
             await _raise_for_status(resp)
             return (await resp.json())["voices"]
+
+    async def session(self, session_id: str, token: str | None = None) -> AvatarSession:
+        """A session another client created, to watch (`connect(viewer=True)`) or drive: its id and token (or this
+        client's API key). `close()` on it leaves the session open. SessionNotFoundError when it is gone."""
+        token = token or self.api_key
+        if not token:
+            raise ValueError("session(): give the session's token (or make the client with the API key)")
+        url = self._url(f"/v1/sessions/{urllib.parse.quote(session_id, safe='')}")
+        async with self._require_http().get(url, headers={"Authorization": f"Bearer {token}"}) as resp:
+            await _raise_for_status(resp)
+            state = await resp.json()
+        info = {"session_id": session_id, "token": token, "expires_at": state["expires_at"],
+                "offer_url": f"/v1/sessions/{session_id}/offer", "ws_url": f"/v1/sessions/{session_id}/ws",
+                "ice_servers": state["ice_servers"]}
+        session = AvatarSession(self, info, owner=False)
+        self._sessions.add(session)
+        return session
 
     async def start_session(self, portrait: str | Path | bytes | None = None, *, avatar_id: str | None = None,
                             seed: int | None = None, steps: int | None = None,

@@ -7,6 +7,7 @@
     POST /v1/avatars                  upload a portrait once, open sessions on it by id   DELETE /v1/avatars/{id}
     POST /v1/sessions                 portrait upload or avatar id -> session id + token   (503 when full)
     POST /v1/sessions/{id}/offer      WHIP-style: SDP offer in, SDP answer out
+    POST /v1/sessions/{id}/viewers    WHEP-style: one more watch-only peer (an overlay)   DELETE .../viewers/{vid}
     GET  /v1/sessions/{id}/ws         websocket: PCM16 + control in, events out
     GET  /v1/sessions/{id}/events     server-sent events: the session's events, read-only (overlays, dashboards)
     GET  /v1/recordings[/{id}]        sessions created with `record`, saved as MP4 when they end   DELETE one
@@ -61,6 +62,7 @@ from .sessions import (
     ServerSession,
     SessionGone,
     SessionManager,
+    ViewersFull,
     check_offer,
     render_metrics,
 )
@@ -130,7 +132,7 @@ def cors_headers(request: web.Request) -> dict[str, str] | None:
     if origin is None or not ("*" in origins or origin in origins):
         return None
     return {"Access-Control-Allow-Origin": origin, "Vary": "Origin",
-            "Access-Control-Expose-Headers": "Retry-After, Content-Disposition"}
+            "Access-Control-Expose-Headers": "Retry-After, Content-Disposition, Location"}
 
 
 @web.middleware
@@ -665,6 +667,7 @@ async def get_session(request: web.Request) -> web.Response:
         "session_id": ss.id,
         "expires_at": ss.expires_at,
         "peer_connection": ss.pc.connectionState if ss.pc is not None else None,
+        "viewers": len(ss.viewers),
         "websocket": ss.ws is not None,
         "ice_servers": ss.ice_servers,
         "stats": ss.session.stats(),
@@ -690,38 +693,69 @@ async def offer(request: web.Request) -> web.Response:
             if not await ss.replaceable(time.monotonic()):
                 raise api_error(409, f"this session already has a peer connection, and its peer was heard within "
                                      f"{config.peer_replace_s:g} s; a client whose network went reconnects once it "
-                                     "is silent that long; another viewer needs a session of its own")
+                                     "is silent that long; another viewer watches through POST "
+                                     f"/v1/sessions/{ss.id}/viewers")
             ss.drop_pc("a new offer replaces the peer connection (its peer went silent: a reconnect)")
             ss.manager.metrics.reconnects_total += 1
-        body = await read_in_time(request, read_body(request, config.max_sdp_bytes))
-        if ss.closing:  # DELETE / the watchdog closed it while the offer arrived
-            raise _session_gone(ss)
-        try:
-            if body is None:
-                raise SdpRejected(413, f"the SDP offer is larger than the limit of {config.max_sdp_bytes} bytes")
-            text = check_offer(body, config)
-            answer = await asyncio.wait_for(ss.negotiate(text), config.negotiation_timeout_s)
-        except web.HTTPException:
-            raise
-        except Exception as e:
-            if ss.closing or isinstance(e, SessionGone):  # negotiate() closed its pc (or close() did)
-                raise _session_gone(ss) from None
-            if isinstance(e, SdpRejected):
-                raise api_error(e.status, str(e)) from None
-            if isinstance(e, asyncio.TimeoutError):
-                request.app[MANAGER].metrics.errors_total += 1
-                raise api_error(504, f"WebRTC negotiation did not finish within {config.negotiation_timeout_s:g} s"
-                                ) from None
-            # aiortc: raw ValueError / AssertionError / OperationError on hostile offers
-            log.info("session %s: offer rejected: %r", ss.id, e)
-            raise api_error(400, f"the SDP offer cannot be negotiated: {_describe(e)}") from None
-        if ss.closing:  # closed right after negotiate() returned: close() found this pc and closes it
-            raise _session_gone(ss)
+        answer = await _answer_offer(request, ss, ss.negotiate)
     finally:
         ss.negotiating = False
     ss.touch()
     return web.Response(status=201, text=answer, content_type="application/sdp",
                         headers={"Location": f"/v1/sessions/{ss.id}"})
+
+
+async def _answer_offer(request: web.Request, ss: ServerSession, negotiate):
+    """Read the SDP offer (bounded in size and time), check it and `await negotiate(text)` within the negotiation
+    timeout: its result, or the HTTP error saying what went wrong."""
+    config = request.app[CONFIG]
+    body = await read_in_time(request, read_body(request, config.max_sdp_bytes))
+    if ss.closing:  # DELETE / the watchdog closed it while the offer arrived
+        raise _session_gone(ss)
+    try:
+        if body is None:
+            raise SdpRejected(413, f"the SDP offer is larger than the limit of {config.max_sdp_bytes} bytes")
+        result = await asyncio.wait_for(negotiate(check_offer(body, config)), config.negotiation_timeout_s)
+    except web.HTTPException:
+        raise
+    except Exception as e:
+        if ss.closing or isinstance(e, SessionGone):  # negotiate() closed its pc (or close() did)
+            raise _session_gone(ss) from None
+        if isinstance(e, SdpRejected):
+            raise api_error(e.status, str(e)) from None
+        if isinstance(e, ViewersFull):
+            raise api_error(409, str(e)) from None
+        if isinstance(e, asyncio.TimeoutError):
+            request.app[MANAGER].metrics.errors_total += 1
+            raise api_error(504, f"WebRTC negotiation did not finish within {config.negotiation_timeout_s:g} s"
+                            ) from None
+        # aiortc: raw ValueError / AssertionError / OperationError on hostile offers
+        log.info("session %s: offer rejected: %r", ss.id, e)
+        raise api_error(400, f"the SDP offer cannot be negotiated: {_describe(e)}") from None
+    if ss.closing:  # closed right after negotiate() returned: close() found this pc and closes it
+        raise _session_gone(ss)
+    return result
+
+
+async def add_viewer(request: web.Request) -> web.Response:
+    """WHEP-style: a watch-only peer connection of the session (an overlay beside the client that drives it)."""
+    ss = authorize_session(request, allow_api_key=True)
+    if request.content_type != "application/sdp":
+        raise api_error(415, f"Content-Type {request.content_type!r}: send the SDP offer as application/sdp")
+    if request.app[CONFIG].max_viewers <= 0:
+        raise api_error(403, "this server allows no viewers besides a session's own peer (--max-viewers 0)")
+    viewer_id, answer = await _answer_offer(request, ss, ss.add_viewer)
+    ss.touch()
+    return web.Response(status=201, text=answer, content_type="application/sdp",
+                        headers={"Location": f"/v1/sessions/{ss.id}/viewers/{viewer_id}"})
+
+
+async def delete_viewer(request: web.Request) -> web.Response:
+    ss = authorize_session(request, allow_api_key=True)
+    viewer_id = request.match_info["viewer_id"]
+    if not ss.remove_viewer(viewer_id, "deleted by the client"):
+        raise api_error(404, f"session {ss.id} has no viewer {viewer_id[:40]!r}")
+    return web.Response(status=204)
 
 
 def _session_gone(ss: ServerSession) -> web.HTTPException:
@@ -953,6 +987,8 @@ def create_app(engine: StreamEngine, config: ServerConfig | None = None) -> web.
     r.add_get("/v1/sessions/{session_id}", get_session)
     r.add_delete("/v1/sessions/{session_id}", delete_session)
     r.add_post("/v1/sessions/{session_id}/offer", offer)
+    r.add_post("/v1/sessions/{session_id}/viewers", add_viewer)
+    r.add_delete("/v1/sessions/{session_id}/viewers/{viewer_id}", delete_viewer)
     r.add_get("/v1/sessions/{session_id}/ws", websocket)
     r.add_get("/v1/sessions/{session_id}/events", session_events)
     r.add_get("/v1/recordings", list_recordings)
@@ -1028,6 +1064,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--webhook-secret", default=None,
                         help="sign each webhook (X-Letstalk-Signature: HMAC-SHA256 of 'timestamp.body') with this "
                              "secret (default: env LETSTALK_WEBHOOK_SECRET, else unsigned)")
+    parser.add_argument("--max-viewers", type=int, default=4, metavar="N",
+                        help="watch-only peer connections a session may have besides its own (POST "
+                             "/v1/sessions/{id}/viewers: an OBS overlay beside the app that drives the session); each "
+                             "costs the server one more video and audio encode (default 4; 0: none)")
     parser.add_argument("--drain-seconds", type=float, default=0.0, metavar="S",
                         help="on SIGTERM or Ctrl-C, shut down gently: refuse new sessions (503; /health answers "
                              "503 'draining'), tell the open ones `session_ending` and let them go on until they end "
@@ -1084,6 +1124,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                             f"got {args.max_full_frame}")
     if args.max_sessions is not None and args.max_sessions < 1:
         raise LetsTalkError(f"--max-sessions must be at least 1, got {args.max_sessions}")
+    if args.max_viewers < 0:
+        raise LetsTalkError(f"--max-viewers must be 0 (none) or more, got {args.max_viewers}")
     if args.max_avatars < 0:
         raise LetsTalkError(f"--max-avatars must be 0 (no uploads) or more, got {args.max_avatars}")
     if args.recordings_dir is not None:
@@ -1124,6 +1166,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         recordings_dir=args.recordings_dir, recordings_keep_s=args.recordings_keep_hours * 3600,
         recordings_max_bytes=int(args.recordings_max_gb * 1e9), cors_origins=list(args.cors_origin),
         max_session_s=args.max_session_minutes * 60, drain_s=args.drain_seconds, webhooks=list(args.webhook),
+        max_viewers=args.max_viewers,
         webhook_secret=args.webhook_secret or os.environ.get("LETSTALK_WEBHOOK_SECRET") or None,
         detect_face=not args.no_face_detect, stop_engine_on_cleanup=True,
     )

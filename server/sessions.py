@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -108,6 +109,7 @@ class ServerConfig:
     max_avatars: int = DEFAULT_MAX_AVATARS  # uploaded avatars held at once (409 past them)
     max_session_s: float = 0.0  # a session is closed this long after it was created (0: no limit)
     session_end_warning_s: float = 60.0  # ... its websocket and event streams told `session_ending` this long before
+    max_viewers: int = 4  # watch-only peer connections a session may have besides its own (POST .../viewers)
     drain_s: float = 0.0  # on SIGTERM/SIGINT: refuse new sessions and let open ones go on this long before closing them
     webhooks: list[str] = field(default_factory=list)  # URLs told what happens to sessions (webhooks.py)
     webhook_secret: str | None = None  # signs each webhook (HMAC-SHA256)
@@ -153,6 +155,10 @@ class SdpRejected(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+class ViewersFull(Exception):
+    """The session has its `max_viewers` already."""
 
 
 class SessionGone(Exception):
@@ -331,6 +337,8 @@ def render_metrics(manager: SessionManager) -> str:
                "waiting for a slow endpoint).", [(f'{{result="{r}"}}', w.results[r])
                                                  for r in ("delivered", "failed", "dropped")])
         metric("letstalk_webhooks_queued", "gauge", "Webhook events waiting to be delivered.", [("", w.queued)])
+    metric("letstalk_viewers", "gauge", "Watch-only peer connections open now (POST /v1/sessions/{id}/viewers).",
+           [("", sum(len(ss.viewers) for ss in manager.sessions.values()))])
     metric("letstalk_event_streams", "gauge", "Event streams (GET /v1/sessions/{id}/events) open now.",
            [("", sum(len(ss.listeners) for ss in manager.sessions.values()))])
     state = manager.engine.running_state()
@@ -364,8 +372,41 @@ MAX_LISTENERS = 8  # event streams (GET /v1/sessions/{id}/events) a session serv
 LISTENER_QUEUE = 256  # events held for one of them that does not read
 
 
+async def peer_heard(pc: RTCPeerConnection, marks: dict[str, Any]) -> bool:
+    """Whether the peer sent an RTCP receiver report or an RTP packet since `marks` (updated) were taken."""
+    heard = False
+    for t in pc.getTransceivers():
+        for key, part in (("s", t.sender), ("r", t.receiver)):
+            try:
+                report = await part.getStats()
+            except Exception:
+                continue
+            for stat in report.values():
+                mark = None
+                if stat.type == "remote-inbound-rtp":  # a receiver report about what we send
+                    mark = stat.timestamp
+                elif stat.type == "inbound-rtp":  # what the peer sends us
+                    mark = stat.packetsReceived
+                if mark is not None:
+                    k = f"{t.mid}{key}{stat.type}"
+                    if marks.get(k) != mark:
+                        marks[k] = mark
+                        heard = True
+    return heard
+
+
+@dataclass(eq=False)
+class Viewer:
+    """A watch-only peer connection of a session (POST /v1/sessions/{id}/viewers): its video and audio, nothing in."""
+
+    id: str
+    pc: RTCPeerConnection
+    last_seen: float | None = None  # monotonic: RTCP or RTP from it, once connected
+    marks: dict[str, Any] = field(default_factory=dict)
+
+
 class ServerSession:
-    """An engine session plus its peer connection, websocket and tasks."""
+    """An engine session plus its peer connection, websocket, viewers and tasks."""
 
     def __init__(self, manager: SessionManager, session: Session, token: str, expires_at: int) -> None:
         self.manager = manager
@@ -377,6 +418,7 @@ class ServerSession:
         self.ice_servers = self.config.session_ice_servers(self.id)  # this server's pc and the client's use them
         self.voice: str | None = None  # the session's voice for `say` (the session request's `voice`)
         self.pc: RTCPeerConnection | None = None
+        self.viewers: dict[str, Viewer] = {}  # watch-only peer connections besides `pc`
         self.negotiating = False
         self.ws: web.WebSocketResponse | None = None
         self.had_ws = False
@@ -615,29 +657,78 @@ class ServerSession:
         except Exception:  # closing must never fail the caller
             log.exception("session %s: error while closing the peer connection", self.id)
 
+    async def add_viewer(self, offer_sdp: str) -> tuple[str, str]:
+        """A watch-only peer connection: the session's video and audio to one more peer (an OBS overlay beside the
+        client that drives the session, a second screen), on the session's one clock. (viewer id, answer SDP);
+        ViewersFull past max_viewers; the pc is closed on any failure, SessionGone as negotiate()."""
+        self._check_open()
+        if len(self.viewers) >= self.config.max_viewers:
+            raise ViewersFull(f"session {self.id} has {len(self.viewers)} viewer(s), the most this server allows "
+                              "(--max-viewers); close one (DELETE its Location)")
+        pc = RTCPeerConnection(ice_configuration(self.ice_servers))
+        viewer = Viewer(uuid.uuid4().hex[:12], pc)
+        self.viewers[viewer.id] = viewer  # counted from now: two offers at once cannot both pass the cap
+
+        @pc.on("track")
+        def on_track(track) -> None:  # a viewer sends nothing the avatar uses: read and dropped
+            self.spawn(self._discard(track), f"discard-{track.kind}")
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            state = pc.connectionState
+            if state == "connected":
+                viewer.last_seen = time.monotonic()
+            elif state in ("failed", "closed"):
+                self.remove_viewer(viewer.id, f"peer connection {state}")
+
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+            self._check_open()
+            kinds = {t.kind for t in pc.getTransceivers()}
+            if not kinds & {"audio", "video"}:
+                raise SdpRejected(400, "the offer has no audio or video section")
+            if "video" in kinds:
+                pc.addTrack(self.session.video_track())
+            if "audio" in kinds:
+                pc.addTrack(self.session.audio_track(opus=True))
+            answer = await pc.createAnswer()
+            answer_checks_at_once(pc)
+            await pc.setLocalDescription(answer)
+            self._check_open()
+            log.info("session %s: viewer %s added (%d now)", self.id, viewer.id, len(self.viewers))
+            return viewer.id, pc.localDescription.sdp
+        except BaseException:
+            self.viewers.pop(viewer.id, None)
+            await self.close_pc(pc)
+            raise
+
+    def remove_viewer(self, viewer_id: str, reason: str) -> bool:
+        """Close one viewer's peer connection (in the background); the session goes on. False: no such viewer."""
+        viewer = self.viewers.pop(viewer_id, None)
+        if viewer is None:
+            return False
+        log.info("session %s: viewer %s removed (%s)", self.id, viewer_id, reason)
+        self.spawn(self.close_pc(viewer.pc), "close-viewer")
+        return True
+
+    async def _check_viewers(self, now: float) -> None:
+        """Drop viewers whose peer went silent (no RTCP, no RTP for peer_timeout_s): a closed tab never says so."""
+        for viewer in list(self.viewers.values()):
+            if viewer.pc.connectionState != "connected" or viewer.last_seen is None:
+                continue
+            if await peer_heard(viewer.pc, viewer.marks):
+                viewer.last_seen = now
+            elif now - viewer.last_seen > self.config.peer_timeout_s:
+                self.remove_viewer(viewer.id, f"peer unreachable (no RTCP/RTP for {self.config.peer_timeout_s:.0f} s)")
+
     async def peer_alive(self, now: float, timeout: float | None = None) -> bool:
         """False when a connected peer sent neither an RTCP report nor an RTP packet for `timeout` (default
         peer_timeout_s)."""
         pc = self.pc
         if pc is None or pc.connectionState != "connected" or self.last_peer_seen is None:
             return True
-        for t in pc.getTransceivers():
-            for key, part in (("s", t.sender), ("r", t.receiver)):
-                try:
-                    report = await part.getStats()
-                except Exception:
-                    continue
-                for stat in report.values():
-                    mark = None
-                    if stat.type == "remote-inbound-rtp":  # a receiver report about what we send
-                        mark = stat.timestamp
-                    elif stat.type == "inbound-rtp":  # what the peer sends us
-                        mark = stat.packetsReceived
-                    if mark is not None:
-                        k = f"{t.mid}{key}{stat.type}"
-                        if self._peer_marks.get(k) != mark:
-                            self._peer_marks[k] = mark
-                            self.last_peer_seen = now
+        if await peer_heard(pc, self._peer_marks):
+            self.last_peer_seen = now
         return now - self.last_peer_seen <= (self.config.peer_timeout_s if timeout is None else timeout)
 
     async def replaceable(self, now: float) -> bool:
@@ -674,9 +765,11 @@ class ServerSession:
     async def check(self, now: float) -> str | None:
         """A reason to close this session now, or None."""
         tick = self.session.player.tick
-        if tick != self._last_tick:  # media pulled by a peer (or frames read in-process)
+        if tick != self._last_tick:  # media pulled by a peer or a viewer (or frames read in-process)
             self._last_tick = tick
             self.touch()
+        if self.viewers:
+            await self._check_viewers(now)
         gone = None
         if self.pc is not None and self.pc.connectionState in ("failed", "closed"):
             gone = f"peer connection {self.pc.connectionState}"
@@ -801,6 +894,8 @@ class SessionManager:
             if ss.pc is not None:
                 pc, ss.pc = ss.pc, None
                 await ss.close_pc(pc)
+            viewers, ss.viewers = list(ss.viewers.values()), {}
+            await asyncio.gather(*(ss.close_pc(v.pc) for v in viewers))
             current = asyncio.current_task()
             for task in list(ss.tasks):
                 if task is not current:

@@ -476,3 +476,35 @@ def test_a_page_of_another_origin_uses_the_server_it_allows(tiny_pipeline, tmp_p
             await runner.cleanup()
 
     run(main())
+
+
+def test_an_overlay_watches_as_a_viewer_beside_the_sdk_connection_that_drives_the_session(tiny_pipeline, tmp_path):
+    """overlay_url(viewer=True): the SDK keeps its own WebRTC connection and websocket (its app shows the avatar too)
+    while the overlay page watches as one more viewer (POST .../viewers). Both get frames; when the page goes, its
+    viewer is freed and the session, and the SDK's connection, go on."""
+    from letstalk_rt.client import AvatarClient
+    from server_helpers import collect_media
+
+    async def main():
+        async with running_server(tiny_pipeline) as srv, async_playwright() as pw, \
+                _chromium(pw, tmp_path) as context, AvatarClient(srv.url) as client:
+            session = await client.start_session()
+            await session.connect()
+            frames, _, readers = collect_media(session)
+            page = await context.new_page()
+            await page.goto(session.overlay_url(viewer=True))
+            await page.wait_for_function("window.letstalk?.frames?.frames > 25", timeout=30000)
+            ss = srv.manager.sessions[session.id]
+            watching = (len(ss.viewers), ss.pc.connectionState, len(frames))
+            await page.close(run_before_unload=True)
+            await wait_until(lambda: not ss.viewers, 15, "the page's viewer freed")
+            before = len(frames)
+            await asyncio.sleep(1.0)
+            after = (session.id in srv.manager.sessions, ss.pc.connectionState, len(frames) - before)
+            for task in readers:
+                task.cancel()
+            return watching, after
+
+    watching, after = run(main())
+    assert watching[0] == 1 and watching[1] == "connected" and watching[2] > 0
+    assert after[0] and after[1] == "connected" and after[2] >= 15  # the SDK's frames go on at ~25 a second

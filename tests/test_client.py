@@ -12,6 +12,7 @@ import aiohttp
 import numpy as np
 import pytest
 from aiohttp import web
+from aiortc import RTCSessionDescription
 from conftest import speechlike
 from server_helpers import SpeechTrack, collect_media, cut_network, run, running_server, turn_server, wait_until
 
@@ -574,3 +575,71 @@ def test_aligned_frames_wait_for_their_audio_but_a_stalled_audio_stream_holds_no
         assert ALIGN_MAX_S - 0.01 < time.monotonic() - t < ALIGN_MAX_S + 0.1  # not 10 x ALIGN_MAX_S
 
     asyncio.run(main())
+
+
+def test_viewers_watch_a_session_beside_its_own_peer_and_leave_without_ending_it(tiny_pipeline):
+    """POST /v1/sessions/{id}/viewers: the client that drives a session keeps its own peer connection, while another
+    SDK client (attached by id and token, `connect(viewer=True)`) and a raw peer watch it too, its speech coming back
+    to each of them. Past --max-viewers a viewer is refused (409); a viewer that leaves (close(), DELETE) leaves the
+    session going; the session's end closes its viewers' connections."""
+    from letstalk_rt.client import AvatarClient, RequestError
+    from server_helpers import Peer
+
+    async def main():
+        async with running_server(tiny_pipeline, max_viewers=2) as srv, AvatarClient(srv.url) as owner, \
+                AvatarClient(srv.url) as other, aiohttp.ClientSession() as http:
+            session = await owner.start_session()
+            await session.connect()
+            watched = await other.session(session.id, session.token)
+            with pytest.raises(ValueError, match="watches only"):
+                await watched.connect(viewer=True, websocket=True)
+            await watched.connect(viewer=True)
+            assert watched._ws is None and watched.viewer_url.startswith(f"{srv.url}/v1/sessions/{session.id}/viewers/")
+            raw = Peer()
+            sdp = await raw.offer()
+            async with http.post(f"{srv.url}/v1/sessions/{session.id}/viewers", data=sdp, headers={
+                    "Authorization": f"Bearer {session.token}", "Content-Type": "application/sdp"}) as r:
+                assert r.status == 201, await r.text()
+                await raw.pc.setRemoteDescription(RTCSessionDescription(sdp=await r.text(), type="answer"))
+                raw_url = r.headers["Location"]
+            third = await other.session(session.id, session.token)
+            with pytest.raises(RequestError, match="HTTP 409.*--max-viewers"):
+                await third.connect(viewer=True, reconnect=False)
+            owner_media, viewer_media = collect_media(session), collect_media(watched)
+            speech = speechlike(1.5)
+            for i in range(0, len(speech), 1600):
+                await session.send_audio(speech[i:i + 1600], sample_rate=16000)
+                await asyncio.sleep(0.1)
+            await raw.wait_frames(video=25, audio=25)
+            await asyncio.sleep(1.0)
+            state = await session.stats()
+            metrics = await owner.metrics()
+            await watched.close()  # frees its viewer only
+            await wait_until(lambda: len(srv.manager.sessions[session.id].viewers) == 1, 10, "the viewer gone")
+            alive = session.id in srv.manager.sessions and srv.manager.sessions[session.id].pc is not None
+            async with http.delete(f"{srv.url}{raw_url}", headers={"Authorization": f"Bearer {session.token}"}) as r:
+                deleted = r.status
+            async with http.delete(f"{srv.url}{raw_url}", headers={"Authorization": f"Bearer {session.token}"}) as r:
+                again = r.status
+            raw2 = Peer()  # the session's end closes a viewer's connection
+            sdp = await raw2.offer()
+            async with http.post(f"{srv.url}/v1/sessions/{session.id}/viewers", data=sdp, headers={
+                    "Authorization": f"Bearer {session.token}", "Content-Type": "application/sdp"}) as r:
+                await raw2.pc.setRemoteDescription(RTCSessionDescription(sdp=await r.text(), type="answer"))
+            await raw2.wait_frames(video=3)
+            await session.close()
+            await wait_until(lambda: raw2.pc.connectionState == "closed" or raw2.pc.iceConnectionState in
+                             ("closed", "failed", "disconnected"), 20, "the viewer's connection closed")
+            for task in owner_media[2] + viewer_media[2]:
+                task.cancel()
+            await raw.close()
+            await raw2.close()
+            return owner_media, viewer_media, raw, state, metrics, alive, deleted, again
+
+    owner_media, viewer_media, raw, state, metrics, alive, deleted, again = run(main())
+    for frames, chunks, _ in (owner_media, viewer_media):
+        assert len(frames) >= 25 and frames[0].shape == (32, 32, 3)
+        assert max(float(np.abs(c.pcm).max()) for c in chunks) > 300  # the owner's speech, back to each
+    assert state["viewers"] == 2 and state["peer_connection"] == "connected" and metrics["letstalk_viewers"] == 2
+    assert alive and deleted == 204 and again == 404
+    assert len(raw.video_frames) >= 25 and max(raw.audio_rms) > 0.01

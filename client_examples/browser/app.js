@@ -250,7 +250,9 @@ export class AvatarConnection {
   }
 
   // relay: connect only through the server's TURN server (iceTransportPolicy "relay"), e.g. to check that it works.
-  async _start({ audioStream = null, receiveAudio = true, websocket = true, relay = false } = {}) {
+  // viewer: watch only, as one more viewer of the session (POST .../viewers), beside the peer connection of the
+  // client that drives it: no websocket, nothing sent; close() then frees this viewer, not the session.
+  async _start({ audioStream = null, receiveAudio = true, websocket = true, relay = false, viewer = false } = {}) {
     const pc = new RTCPeerConnection({
       iceServers: await this._iceServers(),
       iceTransportPolicy: relay ? "relay" : "all",
@@ -272,14 +274,22 @@ export class AvatarConnection {
     }
     await pc.setLocalDescription(await pc.createOffer());
     await this._gathered(3000); // WHIP-style: one offer with every candidate, no trickle
-    const resp = await fetch(sameOrigin(this.info.offer_url), {
+    if (viewer && this.viewerUrl) { // a reconnect: the old viewer goes now, not once the server finds it silent
+      try {
+        await fetch(this.viewerUrl, { method: "DELETE", headers: { Authorization: `Bearer ${this.info.token}` } });
+      } catch {}
+      this.viewerUrl = null;
+    }
+    const url = viewer ? apiUrl(`/v1/sessions/${this.info.session_id}/viewers`) : sameOrigin(this.info.offer_url);
+    const resp = await fetch(url, {
       method: "POST",
       body: pc.localDescription.sdp,
       headers: { "Content-Type": "application/sdp", Authorization: `Bearer ${this.info.token}` },
     });
     if (!resp.ok) throw new Error(`offer: HTTP ${resp.status}: ${await errorText(resp)}`);
+    if (viewer) this.viewerUrl = apiUrl(resp.headers.get("Location")); // a reconnect's new viewer replaces it
     await pc.setRemoteDescription({ type: "answer", sdp: await resp.text() });
-    if (websocket) this._openSocket(); // one websocket per session: an overlay of another client's session opens none
+    if (websocket && !viewer) this._openSocket(); // one websocket per session: an overlay of another client's session opens none
   }
 
   // Resolves once the peer connection is connected (media flows); rejects when it fails or takes too long.
@@ -414,10 +424,10 @@ export class AvatarConnection {
     if (this.closed) return;
     this.closed = true;
     this._hangUp();
+    const url = this._options?.viewer ? this.viewerUrl : apiUrl(`/v1/sessions/${this.info.session_id}`);
+    if (!url) return;
     try {
-      await fetch(apiUrl(`/v1/sessions/${this.info.session_id}`), {
-        method: "DELETE", headers: { Authorization: `Bearer ${this.info.token}` }, keepalive: true,
-      });
+      await fetch(url, { method: "DELETE", headers: { Authorization: `Bearer ${this.info.token}` }, keepalive: true });
     } catch {}
   }
 }
