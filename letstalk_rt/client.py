@@ -900,7 +900,13 @@ class AvatarClient:
         await self.close()
 
     async def health(self) -> dict:
+        """{"status": "ok", "sessions", "admitting", "max_sessions"}; "status": "draining" while the server shuts down
+        gently (its 503: open sessions go on, new ones are refused)."""
         async with self._require_http().get(self._url("/health")) as resp:
+            if resp.status == 503 and resp.content_type == "application/json":
+                body = await resp.json()
+                if isinstance(body, dict) and body.get("status") == "draining":
+                    return body
             await _raise_for_status(resp)
             return await resp.json()
 

@@ -51,8 +51,8 @@ from letstalk_rt.media import WHITE, parse_colour, upright_image
 from letstalk_rt.stream import CapacityError, run_off_loop
 from letstalk_rt.tts import DEFAULT_VOICE, SpeechUnavailable, check_voice, espeak_exe, voices
 
-from .auth import TokenError, api_key_matches, bearer
 from . import recordings
+from .auth import TokenError, api_key_matches, bearer
 from .avatars import AVATAR_ID, Avatar, AvatarRefused, AvatarStore, check_name
 from .sessions import (
     MAX_LISTENERS,

@@ -3,7 +3,8 @@
 One `ServerSession` wraps one engine `Session` and everything the network attached to it:
 
 - at most one `RTCPeerConnection` (the session's own video and audio tracks, one encoder per sender;
-  the client's audio track is fed into the session, any other received track is read and discarded);
+  the client's audio track is fed into the session, any other received track is read and discarded),
+  and up to `max_viewers` watch-only ones (`Viewer`: the same tracks to one more peer each);
 - at most one websocket at a time (a newer one replaces the older): PCM in, control in, events out;
 - a task that forwards the engine's events to the websocket (the engine bounds that queue itself).
 
@@ -16,6 +17,9 @@ when the engine is full), and a watchdog closes what nobody uses any more:
   websocket is open only the peer connection goes (`peer_gone`), and a new offer reconnects;
 - a websocket that went away from a session without a peer connection (after `ws_grace_s`);
 - one whose time limit (`max_session_s`) is up, told `session_ending` `session_end_warning_s` before.
+
+It also drains (`drain`: no new sessions, the open ones told `session_ending` and left to finish), applies the saved
+recordings' retention limits (`recordings.py`) and sends the webhooks (`webhooks.py`).
 """
 
 from __future__ import annotations
@@ -55,8 +59,8 @@ from letstalk_rt.tts import Speech, SpeechUnavailable, check_text, sentences
 
 from . import recordings
 from .auth import TokenSigner, turn_credentials
-from .webhooks import Webhooks
 from .avatars import DEFAULT_MAX_AVATARS
+from .webhooks import Webhooks
 
 if TYPE_CHECKING:
     from aiohttp import web

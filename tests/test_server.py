@@ -855,7 +855,8 @@ def test_a_draining_server_refuses_new_sessions_and_lets_the_open_ones_finish(ti
     """SessionManager.drain (what --drain-seconds runs on SIGTERM): /health answers 503 "draining", a new session is
     refused with 503 saying why, the open session is told `session_ending` (reason server_stopping, the seconds left)
     on its websocket and event stream and keeps streaming; drain returns True as soon as it ends. A session still
-    open when the time is up: drain returns False then, not before."""
+    open when the time is up: drain returns False then, not before. The SDK's health() reads "draining" as a state."""
+    from letstalk_rt.client import AvatarClient
 
     async def main():
         async with running_server(tiny_pipeline) as srv, aiohttp.ClientSession() as http:
@@ -872,6 +873,8 @@ def test_a_draining_server_refuses_new_sessions_and_lets_the_open_ones_finish(ti
                     break
             async with http.get(f"{srv.url}/health") as r:
                 health = (r.status, await r.json())
+            async with AvatarClient(srv.url) as client:  # the SDK reads it as a state, not an error
+                assert (await client.health())["status"] == "draining"
             async with http.post(f"{srv.url}/v1/sessions", json={"avatar_id": "default"}) as r:
                 refused = (r.status, (await r.json())["error"], r.headers.get("Retry-After"))
             session = srv.engine.sessions[info["session_id"]]
