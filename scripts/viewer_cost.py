@@ -1,12 +1,12 @@
 """What each extra viewer of a session (POST /v1/sessions/{id}/viewers) costs the server, on the bundled model.
 
-    python scripts/viewer_cost.py [--viewers 0,1,2,4] [--seconds 20] [--full-frame 0] [--device cpu]
+    python scripts/viewer_cost.py [--viewers 0,1,2,4] [--seconds 20] [--full-frame 0] [--threads 0] [--device cpu]
 
 Starts `python -m server` in a process of its own, opens one session (the bundled avatar; `--full-frame PX`: the whole
 photo at PX) whose owner connects with the SDK and sends speech in real time, then, for each count of `--viewers`,
 connects that many SDK viewers (`connect(viewer=True)`) and reads for `--seconds`: the server process's CPU (user +
-system, % of one core, from /proc), the ticks the session showed and how many of them were held (a late window), and
-the frames each viewer received per second. The viewers and the owner run in this process (they decode what they get),
+system, % of one core, from /proc) and this process's, the ticks the session showed and how many of them were held (a
+late window), the engine's threads and noise draws then, and the frames each viewer received per second. The viewers and the owner run in this process (they decode what they get),
 so on a small machine they take cores from the server as a remote viewer would not. The figures of 2026-11-30 are in
 docs/benchmarks.md ("Viewers of one session").
 """
@@ -73,16 +73,19 @@ async def measure(url: str, pid: int, args: argparse.Namespace) -> None:
             await asyncio.sleep(2.0)  # settle
             before = [c[0] for c in counters]
             state0 = (await owner.stats())["stats"]
-            cpu0, t0 = cpu_seconds(pid), time.monotonic()
+            cpu0, own0, t0 = cpu_seconds(pid), time.process_time(), time.monotonic()
             await asyncio.sleep(args.seconds)
-            cpu1, t1 = cpu_seconds(pid), time.monotonic()
+            cpu1, own1, t1 = cpu_seconds(pid), time.process_time(), time.monotonic()
             state1 = (await owner.stats())["stats"]
             ticks = state1["ticks"] - state0["ticks"]
             held = state1["fillers"] - state0["fillers"]
             rates = [(c[0] - b) / (t1 - t0) for c, b in zip(counters, before)]
-            print(f"viewers {count}: server CPU {100 * (cpu1 - cpu0) / (t1 - t0):5.1f} % of a core, ticks "
-                  f"{ticks / (t1 - t0):.1f}/s, held {held} ({100 * held / max(ticks, 1):.1f} %), viewers' frames/s "
-                  f"{', '.join(f'{r:.1f}' for r in rates) or '-'}", flush=True)
+            engine = state1["engine"]
+            print(f"viewers {count}: server CPU {100 * (cpu1 - cpu0) / (t1 - t0):5.1f} % of a core (the peers here "
+                  f"{100 * (own1 - own0) / (t1 - t0):5.1f} %), ticks {ticks / (t1 - t0):.1f}/s, held {held} "
+                  f"({100 * held / max(ticks, 1):.1f} %), engine {engine['torch_threads']} thread(s) "
+                  f"{engine['noise_draws']} draw(s), viewers' frames/s {', '.join(f'{r:.1f}' for r in rates) or '-'}",
+                  flush=True)
         for task in tasks:
             task.cancel()
         for viewer in viewers:
@@ -96,10 +99,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--full-frame", type=int, default=0, help="the session's full_frame (0: the face crop)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="the server's --threads (default 0: its own choice)")
     args = parser.parse_args()
     args.viewers = [int(v) for v in args.viewers.split(",")]
     proc = subprocess.Popen([sys.executable, "-m", "server", "--port", "0", "--device", args.device,
-                             "--max-viewers", str(max(args.viewers))], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+                             "--max-viewers", str(max(args.viewers)), "--threads", str(args.threads)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
     try:
         url = None
         while url is None:
