@@ -100,6 +100,7 @@ def main() -> None:
     parser.add_argument("--full-frame", type=int, default=0, help="the session's full_frame (0: the face crop)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="the server's --threads (default 0: its own choice)")
+    parser.add_argument("--server-log", type=Path, default=None, help="write the server's log to this file")
     args = parser.parse_args()
     args.viewers = [int(v) for v in args.viewers.split(",")]
     proc = subprocess.Popen([sys.executable, "-m", "server", "--port", "0", "--device", args.device,
@@ -112,8 +113,10 @@ def main() -> None:
                 raise SystemExit("the server exited before listening")
             if m := re.search(r"letstalk serve: (http://\S+)/ ", line):
                 url = m.group(1)
-        # the server logs on: read its stderr to the end, or a full pipe would stall it
-        threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
+        # the server logs on: read its stderr to the end (into --server-log), or a full pipe would stall it
+        log = open(args.server_log, "w") if args.server_log else None  # noqa: SIM115 - the thread's, to the end
+        threading.Thread(target=lambda: [log and (log.write(line), log.flush()) for line in proc.stderr],
+                         daemon=True).start()
         asyncio.run(measure(url, proc.pid, args))
     finally:
         proc.terminate()

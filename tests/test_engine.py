@@ -1528,7 +1528,7 @@ def test_a_warm_up_on_a_busy_machine_tries_more_threads_later(tiny_pipeline, one
     real = 1000 * engine.window / tiny_pipeline.config.fps
     before = torch.get_num_threads()
     try:
-        engine._choose_threads(lambda frames: {1: one, 2: two}[torch.get_num_threads()] * real)
+        engine._choose_threads(lambda frames, batch=1: {1: one, 2: two}[torch.get_num_threads()] * real)
     finally:
         torch.set_num_threads(before)
     assert engine.threads == 1  # the fewest that fit, or the fastest
@@ -1546,6 +1546,37 @@ def test_a_warm_up_on_a_busy_machine_tries_more_threads_later(tiny_pipeline, one
     assert engine.threads == 1 and engine._raise_wait == 120.0
 
 
+@pytest.mark.parametrize("full, chosen", [({1: 3.0, 2: 2.0}, 1), ({1: 0.9, 2: 0.5}, 2)])
+def test_threads_are_chosen_for_one_session_where_the_cpu_cannot_hold_a_full_batch(tiny_pipeline, full, chosen):
+    """`letstalk serve` admits 8 sessions; a 2-core CPU runs 8 sessions' window in over a second at any count. Timed
+    only there, 2 threads (faster for 8) were kept for the one session it serves, and no count was left to lower them
+    to (none kept real time). Now, where no count keeps max_batch sessions in real time, the counts are timed again
+    for 1 session and chosen there (1 thread: 2 threads are not 15 % cheaper), and the live windows can lower to a
+    count that keeps real time. A CPU that holds the full batch (0.5 of real time at 2 threads) still chooses for it."""
+    engine = StreamEngine(tiny_pipeline, EngineConfig(warmup=False, max_sessions=4, max_batch=4,
+                                                      decode_thread=False))
+    engine._threads_before = 2
+    real = 1000 * engine.window / tiny_pipeline.config.fps
+    one = {1: 0.5, 2: 0.45}  # 1 session's window, by thread count (x real time)
+    asked = []
+
+    def window_ms(frames: int, batch: int = 4) -> float:
+        asked.append(batch)
+        return (full if batch == 4 else one)[torch.get_num_threads()] * real
+
+    before = torch.get_num_threads()
+    try:
+        engine._choose_threads(window_ms)
+    finally:
+        torch.set_num_threads(before)
+    assert engine.threads == chosen
+    if chosen == 1:
+        assert set(asked) == {4, 1} and engine._threads_ms == pytest.approx({1: 0.5 * real, 2: 0.45 * real})
+        assert [k for k in engine._threads_ms if engine._window_at_ms(k) <= real]  # a count to lower to
+    else:
+        assert set(asked) == {4}
+
+
 @pytest.mark.parametrize("decode_thread", [None, False])
 def test_the_warm_up_judges_1_thread_with_its_decode_overlapped(tiny_pipeline, decode_thread):
     """Warm-up windows run one stage after the other, but live at 1 thread on a CPU of 2+ cores the decode thread
@@ -1557,7 +1588,7 @@ def test_the_warm_up_judges_1_thread_with_its_decode_overlapped(tiny_pipeline, d
     engine._threads_before = 2
     real = 1000 * engine.window / tiny_pipeline.config.fps
 
-    def window_ms(frames: int) -> float:
+    def window_ms(frames: int, batch: int = 1) -> float:
         engine._sampled = 0.6
         return {1: 0.8, 2: 0.55}[torch.get_num_threads()] * real
 
@@ -1589,7 +1620,7 @@ def test_a_warm_up_too_busy_to_keep_real_time_tries_more_threads_and_draws_once_
     real = 1000 * engine.window / pipe.config.fps
     before = torch.get_num_threads()
     try:
-        engine._choose_threads(lambda frames: {1: 1.2, 2: 1.5}[torch.get_num_threads()] * real)
+        engine._choose_threads(lambda frames, batch=1: {1: 1.2, 2: 1.5}[torch.get_num_threads()] * real)
     finally:
         torch.set_num_threads(before)
     assert engine.threads == 1 and engine._raise_at is None  # nothing to come back to: no try planned

@@ -1086,7 +1086,9 @@ class StreamEngine:
         self._threads_top: int | None = None  # raised no higher: the warm-up's choice (the next count up if none fitted)
         self._raise_at: float | None = None  # when lowered threads go back up (monotonic)
         self._raise_wait = self.config.threads_raise_after_s  # doubled by a raise lowered again within it
-        self._threads_ms: dict[int, float] = {}  # the warm-up's window of max_batch sessions by thread count (auto)
+        self._threads_ms: dict[int, float] = {}  # the warm-up's window by thread count (auto; _choose_threads)
+        self._warm_batch = self.config.max_batch  # the sessions per window the warm-up judged threads and draws for
+        self._full_batch_ms: dict[int, float] = {}  # a full batch's window by thread count, where that is not it
         self._sample_share: dict[int, float] = {}  # ... the sampling's share of it, at the model's noise draws
         self._sampled = 1.0  # the sampling's share of the warm-up's last window
         self._live: tuple[int, collections.deque] | None = None  # (threads, last full windows' ms) at a count the
@@ -1213,8 +1215,8 @@ class StreamEngine:
                                                cfg.autoencoder.latent_size, device=p.device))
         tokens = p.silence_tokens(self.window)
 
-        def window_ms(t: int, batch: int = self.config.max_batch) -> float:
-            streams = [p.new_stream(portrait) for _ in range(batch)]
+        def window_ms(t: int, batch: int | None = None) -> float:  # default: the sessions the warm-up judges for
+            streams = [p.new_stream(portrait) for _ in range(batch or self._warm_batch)]
             try:
                 start = time.perf_counter()
                 lat = p.generate_latents(streams, [tokens[:t]] * len(streams))
@@ -1231,6 +1233,7 @@ class StreamEngine:
                 raise LetsTalkError(f"warm-up with {self.config.max_batch} sessions per batch ran out of GPU memory; "
                                     "lower max_batch / max_sessions") from None
 
+        self._warm_batch = self.config.max_batch  # _choose_threads: 1, where the CPU cannot hold a full batch
         if self.threads is not None:  # a count given (or kept from before a stop()): this thread's is its own
             torch.set_num_threads(self.threads)
         p.set_num_steps(self.base_steps)
@@ -1265,7 +1268,7 @@ class StreamEngine:
                 self._draws_raise_at, self._draws_wait = (time.monotonic() + wait if wait > 0 else None), wait
                 log.warning("engine: a window of %d sessions at %d noise draws took %.0f ms of the %.0f ms it lasts; "
                             "sampling 1 draw per window (half the transformer's work, a little more flicker)%s",
-                            self.config.max_batch, self.base_draws, took, real_ms,
+                            self._warm_batch, self.base_draws, took, real_ms,
                             f"; trying {self.base_draws} again in {wait:.0f} s" if wait > 0 else "")
         budget = self.config.steps_budget * real_ms
         for steps in range(self.base_steps + 1, self.config.max_steps + 1):  # max_steps: more while they fit
@@ -1278,8 +1281,14 @@ class StreamEngine:
         for t in sorted({self.window, min(self.config.first_window, self.window)}):  # at the steps chosen
             self._gen_ms[t] = window_ms(t)
         log.info("engine: %d sampling steps x %d noise draws per %d-frame window (%.0f ms for %d sessions, %d torch "
-                 "threads)", p.num_steps, p.noise_draws, self.window, self._gen_ms[self.window], self.config.max_batch,
+                 "threads)", p.num_steps, p.noise_draws, self.window, self._gen_ms[self.window], self._warm_batch,
                  torch.get_num_threads())
+        if self._warm_batch < self.config.max_batch:
+            log.warning("engine: this CPU keeps fewer sessions in real time than the %d it admits (a window of %d "
+                        "took %.0f ms of the %.0f ms it lasts at the fastest thread count): more sessions than it "
+                        "holds all fall behind together; admit fewer (--max-sessions; `letstalk bench --sessions "
+                        "1,2,4` measures it)", self.config.max_batch, self.config.max_batch,
+                        min(self._full_batch_ms.values()), real_ms)
         if p.device.type == "cpu" and not p.compiled and self._gen_ms[self.window] > _NEAR_REAL_TIME * real_ms:
             log.warning("engine: a window takes %.0f ms of the %.0f ms it lasts on this CPU, too close to real time "
                         "to hold it when anything else runs; --compile (EngineConfig.compile) makes it about half "
@@ -1394,14 +1403,33 @@ class StreamEngine:
         it beside the next window's sampling, its longer stage. On the 2-core EPYC without AVX-512 that is 1 thread
         (~75 ms against 2 threads' ~85, one stage after the other): through WebRTC 2 threads then fell behind at
         every start (the event loop wants part of a core, and a 2-thread team waits at each barrier for the
-        thread it lost) and held 0.96-0.98 of real time, 1 thread 0.99 (docs/benchmarks.md, thirty-ninth session)."""
+        thread it lost) and held 0.96-0.98 of real time, 1 thread 0.99 (docs/benchmarks.md, thirty-ninth session).
+
+        The counts are timed for windows of max_batch sessions, and timed again for 1 session where no count keeps
+        max_batch sessions in real time: the CPU then serves fewer, and what its threads should be is what one
+        session's window costs. `letstalk serve` admits 8 sessions by default, whose windows the 2-core EPYC runs in
+        1.1-1.8 s; timed there, no count kept real time, so the live windows had no count to lower the threads to,
+        and 2 threads (~35 % faster for 8 sessions) were kept for the one session the CPU serves: through WebRTC
+        3-6 % of its ticks held, where 1 thread held 0.2 % (docs/benchmarks.md, forty-ninth session)."""
+        self._time_thread_counts(window_ms, self.config.max_batch)
+        if self.config.max_batch > 1 and min(map(self._window_at_ms, self._threads_ms)) > self.window_real_ms:
+            log.info("engine: no thread count keeps a window of %d sessions in real time (%s ms); choosing them for "
+                     "1 session", self.config.max_batch, {k: round(v) for k, v in self._threads_ms.items()})
+            self._full_batch_ms = dict(self._threads_ms)
+            self._warm_batch = 1  # and the warm-up's draws, steps and first compute estimate with them
+            self._time_thread_counts(window_ms, 1)
+        self._pick_threads(plan=True)
+
+    def _time_thread_counts(self, window_ms, batch: int) -> None:
+        """Time 1, 2, 4 ... threads up to the process's count (`_threads_ms`) for windows of `batch` sessions, until
+        one fits threads_budget; where none does, all of them again in turns."""
         most = self._threads_before
         budget = self.config.threads_budget * self.window_real_ms
         took: dict[int, float] = {}
         self._threads_ms = took  # _window_at_ms reads each count's time as it is measured
         for n in [*itertools.takewhile(lambda k: k < most, (2 ** i for i in itertools.count())), most]:
             torch.set_num_threads(n)
-            took[n] = min(window_ms(self.window) for _ in range(2))  # the first run of a shape warms caches
+            took[n] = min(window_ms(self.window, batch) for _ in range(2))  # the first run of a shape warms caches
             self._sample_share[n] = self._sampled  # steady from run to run
             if self._window_at_ms(n) <= budget:
                 break
@@ -1413,10 +1441,9 @@ class StreamEngine:
             for _ in range(3):
                 for k in turns:
                     torch.set_num_threads(k)
-                    turns[k].append(window_ms(self.window))
+                    turns[k].append(window_ms(self.window, batch))
                     self._sample_share[k] = self._sampled
             took.update({k: float(np.median(v)) for k, v in turns.items()})
-        self._pick_threads(plan=True)
 
     def _pick_threads(self, plan: bool = False) -> None:
         """Of the counts the warm-up timed (`_choose_threads`), the fewest whose window fits threads_budget at the
