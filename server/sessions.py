@@ -603,24 +603,7 @@ class ServerSession:
                     self.spawn(self.manager.close(self, reason), "close")
 
         try:
-            await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
-            self._check_open()
-            kinds = {t.kind for t in pc.getTransceivers()}
-            if not kinds & {"audio", "video"}:
-                raise SdpRejected(400, "the offer has no audio or video section")
-            if "video" in kinds:
-                pc.addTrack(self.session.video_track())
-            if "audio" in kinds:
-                pc.addTrack(self.session.audio_track(opus=True))
-            answer = await pc.createAnswer()
-            self._check_open()
-            answer_checks_at_once(pc)
-            await pc.setLocalDescription(answer)
-            self._check_open()
-            missing = relay_missing(self.ice_servers, pc.localDescription.sdp)
-            if missing:  # the peer may still reach this host directly; if it cannot, the connection fails
-                log.warning("session %s: %s", self.id, missing)
-            return pc.localDescription.sdp
+            return await self._answer(pc, offer_sdp)
         except BaseException:
             if self.pc is pc:
                 self.pc = None
@@ -628,6 +611,29 @@ class ServerSession:
                 track.stop()
             await self.close_pc(pc)
             raise
+
+    async def _answer(self, pc: RTCPeerConnection, offer_sdp: str) -> str:
+        """Apply the offer to `pc`, add the session's video and audio tracks for the sections it has (each peer
+        connection gets tracks of its own, all on the session's one clock) and return the answer SDP; SessionGone
+        whenever the session started closing meanwhile."""
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+        self._check_open()
+        kinds = {t.kind for t in pc.getTransceivers()}
+        if not kinds & {"audio", "video"}:
+            raise SdpRejected(400, "the offer has no audio or video section")
+        if "video" in kinds:
+            pc.addTrack(self.session.video_track())
+        if "audio" in kinds:
+            pc.addTrack(self.session.audio_track(opus=True))
+        answer = await pc.createAnswer()
+        self._check_open()
+        answer_checks_at_once(pc)
+        await pc.setLocalDescription(answer)
+        self._check_open()
+        missing = relay_missing(self.ice_servers, pc.localDescription.sdp)
+        if missing:  # the peer may still reach this host directly; if it cannot, the connection fails
+            log.warning("session %s: %s", self.id, missing)
+        return pc.localDescription.sdp
 
     async def _consume_audio(self, track) -> None:
         """The client's microphone: the avatar speaks what it hears. Read until the track ends, whatever
@@ -686,21 +692,9 @@ class ServerSession:
                 self.remove_viewer(viewer.id, f"peer connection {state}")
 
         try:
-            await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
-            self._check_open()
-            kinds = {t.kind for t in pc.getTransceivers()}
-            if not kinds & {"audio", "video"}:
-                raise SdpRejected(400, "the offer has no audio or video section")
-            if "video" in kinds:
-                pc.addTrack(self.session.video_track())
-            if "audio" in kinds:
-                pc.addTrack(self.session.audio_track(opus=True))
-            answer = await pc.createAnswer()
-            answer_checks_at_once(pc)
-            await pc.setLocalDescription(answer)
-            self._check_open()
+            answer = await self._answer(pc, offer_sdp)
             log.info("session %s: viewer %s added (%d now)", self.id, viewer.id, len(self.viewers))
-            return viewer.id, pc.localDescription.sdp
+            return viewer.id, answer
         except BaseException:
             self.viewers.pop(viewer.id, None)
             await self.close_pc(pc)
