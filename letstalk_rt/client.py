@@ -396,7 +396,7 @@ class AvatarSession:
                                  headers={**self._headers(), "Content-Type": "application/sdp"}) as resp:
                 await _raise_for_status(resp)
                 answer = await resp.text()
-                if viewer:  # a reconnect's new viewer replaces this one, which the server drops once silent
+                if viewer:  # DELETEd by close(), or by the next reconnect before it offers again
                     self.viewer_url = self.client._url(resp.headers["Location"])
             await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
             await asyncio.wait_for(connected.wait(), timeout)
@@ -735,8 +735,9 @@ class AvatarSession:
 
         Types: ready, speech_started, speech_stopped, caption, playback_position, window_timings, frames_dropped,
         interrupted, engine_adjusted, say, recording_stopped, session_ending (the server will close the session in
-        `seconds_left`: `reason` time_limit, or server_stopping), error, closed; and this SDK's own reconnecting / reconnected. Coroutine callbacks run as tasks. Events flow
-        once the websocket is open (`connect()` opens it; so does the first `send_audio`).
+        `seconds_left`: `reason` time_limit, or server_stopping), error, closed; and this SDK's own reconnecting /
+        reconnected. Coroutine callbacks run as tasks. Events flow once the websocket is open (`connect()` opens it;
+        so does the first `send_audio`).
         """
         def register(cb: Callable[[dict], Any]) -> Callable[[dict], Any]:
             self._callbacks[event_type].append(cb)

@@ -3,8 +3,8 @@
 Each event is one JSON POST, `{"type", "id", "time", "data": {...}}`:
 
 - `session.created`  a session was opened (`session_id`, `avatar_id` or null for an upload, `record`)
-- `session.closed`   it ended, any way (`session_id`, `reason`, `seconds` it lasted, and what it did: `frames_generated`,
-                     `ticks`, `held_frames`, `speech_seconds`, `latency_ms_p95`)
+- `session.closed`   it ended, any way (`session_id`, `reason`, `seconds` it lasted, and what it did:
+                     `frames_generated`, `ticks`, `held_frames`, `speech_seconds`, `latency_ms_p95`)
 - `recording.saved`  its recording is saved (`session_id`, `url`, `bytes`, `seconds`, `captions_url` or null)
 - `recording.failed` its recording was not saved (`session_id`, `error`)
 

@@ -59,6 +59,11 @@ class CaptionCues:
         if frame.speech:
             self._last_speech = tick
 
+    @property
+    def count(self) -> int:
+        """The captions so far, the one still showing included."""
+        return len(self.cues) + (self._open is not None)
+
     def close(self, tick: int) -> None:
         """End the open caption by `tick` at the latest (the next caption's tick, or the stream's end)."""
         if self._open is None:
@@ -114,7 +119,7 @@ class Recording:
 
     def describe(self) -> dict:
         return {"state": self.state, "path": str(self.path), "seconds": round(self.seconds, 2),
-                "captions": len(self.cues.cues), **({"error": self.error} if self.error else {})}
+                "captions": self.cues.count, **({"error": self.error} if self.error else {})}
 
     def add(self, frame: AVFrame) -> None:
         """Queue a shown tick (event loop; never blocks). An encoder `max_behind_s` behind fails the recording."""
