@@ -272,8 +272,9 @@ def _write_captions(out: Path, said: list[tuple[int, str]], samples: int, fps: i
 
 def _save_captions(out: Path, cues) -> None:
     from .media import write_text_atomic
+    from .stream.recorder import captions_path
 
-    path = out.with_suffix(".vtt")
+    path = captions_path(out)
     write_text_atomic(path, cues.webvtt(), "choose another --out")
     print(f"wrote {path} ({len(cues.cues)} captions)")
 

@@ -618,7 +618,7 @@ async def get_recording(request: web.Request) -> web.StreamResponse:
 
 async def get_recording_captions(request: web.Request) -> web.StreamResponse:
     rid, path = _recording(request)
-    captions = path.with_suffix(".vtt")
+    captions = recordings.captions_path(path)
     if not captions.is_file():
         raise api_error(404, f"recording {rid!r} has no captions: its session showed none (captions come with text "
                              "said through `say`)")
@@ -1064,10 +1064,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--webhook-secret", default=None,
                         help="sign each webhook (X-Letstalk-Signature: HMAC-SHA256 of 'timestamp.body') with this "
                              "secret (default: env LETSTALK_WEBHOOK_SECRET, else unsigned)")
-    parser.add_argument("--max-viewers", type=int, default=4, metavar="N",
+    parser.add_argument("--max-viewers", type=int, default=d.max_viewers, metavar="N",
                         help="watch-only peer connections a session may have besides its own (POST "
                              "/v1/sessions/{id}/viewers: an OBS overlay beside the app that drives the session); each "
-                             "costs the server one more video and audio encode (default 4; 0: none)")
+                             f"costs the server one more video and audio encode (default {d.max_viewers}; 0: none)")
     parser.add_argument("--drain-seconds", type=float, default=0.0, metavar="S",
                         help="on SIGTERM or Ctrl-C, shut down gently: refuse new sessions (503; /health answers "
                              "503 'draining'), tell the open ones `session_ending` and let them go on until they end "

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from letstalk_rt.stream.recorder import captions_path
+
 log = logging.getLogger(__name__)
 
 RECORDING_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a recording is named by its session's id
@@ -25,11 +27,7 @@ class SavedRecording:
     path: Path  # the MP4
     bytes: int  # the MP4's size
     saved_at: float  # unix time
-    captions: bool  # its WebVTT captions are saved beside it
-
-    @property
-    def captions_path(self) -> Path:
-        return self.path.with_suffix(".vtt")
+    captions: bool  # its WebVTT captions are saved beside it (recorder.captions_path)
 
     def describe(self) -> dict:
         return {"id": self.id, "bytes": self.bytes, "saved_at": round(self.saved_at, 3), "captions": self.captions}
@@ -47,14 +45,14 @@ def saved(directory: Path | None) -> list[SavedRecording]:
             st = path.stat()
         except FileNotFoundError:  # deleted while we looked
             continue
-        found.append(SavedRecording(path.stem, path, st.st_size, st.st_mtime, path.with_suffix(".vtt").is_file()))
+        found.append(SavedRecording(path.stem, path, st.st_size, st.st_mtime, captions_path(path).is_file()))
     return sorted(found, key=lambda r: (r.saved_at, r.id))
 
 
 def delete(path: Path) -> None:
     """Delete a recording: its MP4 first (what lists and serves it), then its captions."""
     path.unlink(missing_ok=True)
-    path.with_suffix(".vtt").unlink(missing_ok=True)
+    captions_path(path).unlink(missing_ok=True)
 
 
 def prune(directory: Path | None, keep_s: float = 0.0, max_bytes: int = 0,

@@ -287,7 +287,7 @@ export class AvatarConnection {
       headers: { "Content-Type": "application/sdp", Authorization: `Bearer ${this.info.token}` },
     });
     if (!resp.ok) throw new Error(`offer: HTTP ${resp.status}: ${await errorText(resp)}`);
-    if (viewer) this.viewerUrl = apiUrl(resp.headers.get("Location")); // a reconnect's new viewer replaces it
+    if (viewer) this.viewerUrl = apiUrl(resp.headers.get("Location")); // DELETEd by close() or the next reconnect
     await pc.setRemoteDescription({ type: "answer", sdp: await resp.text() });
     if (websocket && !viewer) this._openSocket(); // one websocket per session: an overlay of another client's session opens none
   }

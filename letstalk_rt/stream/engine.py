@@ -1088,7 +1088,6 @@ class StreamEngine:
         self._raise_wait = self.config.threads_raise_after_s  # doubled by a raise lowered again within it
         self._threads_ms: dict[int, float] = {}  # the warm-up's window by thread count (auto; _choose_threads)
         self._warm_batch = self.config.max_batch  # the sessions per window the warm-up judged threads and draws for
-        self._full_batch_ms: dict[int, float] = {}  # a full batch's window by thread count, where that is not it
         self._sample_share: dict[int, float] = {}  # ... the sampling's share of it, at the model's noise draws
         self._sampled = 1.0  # the sampling's share of the warm-up's last window
         self._live: tuple[int, collections.deque] | None = None  # (threads, last full windows' ms) at a count the
@@ -1286,12 +1285,6 @@ class StreamEngine:
         log.info("engine: %d sampling steps x %d noise draws per %d-frame window (%.0f ms for %d sessions, %d torch "
                  "threads)", p.num_steps, p.noise_draws, self.window, self._gen_ms[self.window], self._warm_batch,
                  torch.get_num_threads())
-        if self._warm_batch < self.config.max_batch:
-            log.warning("engine: this CPU keeps fewer sessions in real time than the %d it admits (a window of %d "
-                        "took %.0f ms of the %.0f ms it lasts at the fastest thread count): more sessions than it "
-                        "holds all fall behind together; admit fewer (--max-sessions; `letstalk bench --sessions "
-                        "1,2,4` measures it)", self.config.max_batch, self.config.max_batch,
-                        min(self._full_batch_ms.values()), real_ms)
         if p.device.type == "cpu" and not p.compiled and cost_ms > _NEAR_REAL_TIME * real_ms:
             log.warning("engine: a window takes %.0f ms of the %.0f ms it lasts on this CPU, too close to real time "
                         "to hold it when anything else runs; --compile (EngineConfig.compile) makes it about half "
@@ -1416,9 +1409,12 @@ class StreamEngine:
         3-6 % of its ticks held, where 1 thread held 0.2 % (docs/benchmarks.md, forty-ninth session)."""
         self._time_thread_counts(window_ms, self.config.max_batch)
         if self.config.max_batch > 1 and min(map(self._window_at_ms, self._threads_ms)) > self.window_real_ms:
-            log.info("engine: no thread count keeps a window of %d sessions in real time (%s ms); choosing them for "
-                     "1 session", self.config.max_batch, {k: round(v) for k, v in self._threads_ms.items()})
-            self._full_batch_ms = dict(self._threads_ms)
+            log.warning("engine: this CPU keeps fewer sessions in real time than the %d it admits (a window of %d "
+                        "takes %s ms by thread count, of the %.0f ms it lasts): more sessions than it holds all fall "
+                        "behind together; admit fewer (--max-sessions; `letstalk bench --sessions 1,2,4` measures "
+                        "it). Threads and noise draws are chosen for 1 session", self.config.max_batch,
+                        self.config.max_batch, {k: round(v) for k, v in self._threads_ms.items()},
+                        self.window_real_ms)
             self._warm_batch = 1  # and the warm-up's draws, steps and first compute estimate with them
             self._time_thread_counts(window_ms, 1)
         self._pick_threads(plan=True)

@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 QUEUE_BYTES = 128 * 2**20  # frames waiting for a recording's encoder
 
 
+def captions_path(video: str | Path) -> Path:
+    """Where the captions of a video are saved: beside it, the same name with `.vtt` (players look there)."""
+    return Path(video).with_suffix(".vtt")
+
+
 @dataclass
 class CaptionCues:
     """Captions timed to the ticks of a stream: each from the tick its speech began to show until the next caption, or
@@ -98,7 +103,7 @@ class Recording:
         # Opens the partial file now: a path that cannot be written raises OutputError here, before anything runs.
         self._writer = VideoWriter(self.path, (width, height), self.fps, session.sample_rate, crf=crf, preset=preset)
         self.frames = 0  # ticks written
-        self.captions_path = self.path.with_suffix(".vtt")
+        self.captions_path = captions_path(self.path)
         self.cues = CaptionCues(self.fps)  # the recording's thread adds to it
         self.state = "recording"  # then "finished" or "failed"
         self.error: str | None = None
