@@ -91,6 +91,9 @@ _QUIET_WINDOWS = 10  # live windows' median is under this fraction of it: the ma
 # better (the 2-core EPYC without AVX-512 timed 1 and 2 threads at 1 draw within a few % of each other; through
 # WebRTC the 2-thread windows then took ~200 ms, the 1-thread ones ~100).
 _MORE_THREADS_GAIN = 0.85
+# A warm-up timing whose every thread count's window costs over this many times what the caller throws it away over
+# is not timed again in turns (`_time_thread_counts`): a slow burst on one count cannot bring the best under it
+_CLEARLY_OVER = 1.5
 _TRIAL_WINDOWS = 3  # a try of more threads (_raise_threads) or of the model's noise draws (at start, _raise_draws) is
 # judged on its first this-many windows (_judge_try, _lower_draws)
 # Torch threads of the engine's own threads on a GPU device (EngineConfig.threads = 0). Their host-side work is
@@ -1407,8 +1410,9 @@ class StreamEngine:
         1.1-1.8 s; timed there, no count kept real time, so the live windows had no count to lower the threads to,
         and 2 threads (~35 % faster for 8 sessions) were kept for the one session the CPU serves: through WebRTC
         3-6 % of its ticks held, where 1 thread held 0.2 % (docs/benchmarks.md, forty-ninth session)."""
-        self._time_thread_counts(window_ms, self.config.max_batch)
-        if self.config.max_batch > 1 and min(map(self._window_at_ms, self._threads_ms)) > self.window_real_ms:
+        full = self.config.max_batch
+        self._time_thread_counts(window_ms, full, thrown_away_over=self.window_real_ms if full > 1 else None)
+        if full > 1 and min(map(self._window_at_ms, self._threads_ms)) > self.window_real_ms:
             log.warning("engine: this CPU keeps fewer sessions in real time than the %d it admits (a window of %d "
                         "takes %s ms by thread count, of the %.0f ms it lasts): more sessions than it holds all fall "
                         "behind together; admit fewer (--max-sessions; `letstalk bench --sessions 1,2,4` measures "
@@ -1419,9 +1423,12 @@ class StreamEngine:
             self._time_thread_counts(window_ms, 1)
         self._pick_threads(plan=True)
 
-    def _time_thread_counts(self, window_ms, batch: int) -> None:
+    def _time_thread_counts(self, window_ms, batch: int, thrown_away_over: float | None = None) -> None:
         """Time 1, 2, 4 ... threads up to the process's count (`_threads_ms`) for windows of `batch` sessions, until
-        one fits threads_budget; where none does, all of them again in turns."""
+        one fits threads_budget; where none does, all of them again in turns, unless `thrown_away_over` (ms) is given
+        and every count's window costs over _CLEARLY_OVER times it: the caller throws such timings away (a full
+        batch the CPU cannot hold: `_choose_threads` times 1 session instead). The turns of 8 sessions' windows were
+        ~9 s of the 2-core EPYC's 29-s server start (docs/benchmarks.md, fiftieth session)."""
         most = self._threads_before
         budget = self.config.threads_budget * self.window_real_ms
         took: dict[int, float] = {}
@@ -1432,7 +1439,9 @@ class StreamEngine:
             self._sample_share[n] = self._sampled  # steady from run to run
             if self._window_at_ms(n) <= budget:
                 break
-        if self._window_at_ms(n) > budget and len(took) > 1:
+        clearly_over = thrown_away_over is not None \
+            and min(map(self._window_at_ms, took)) > _CLEARLY_OVER * thrown_away_over
+        if self._window_at_ms(n) > budget and len(took) > 1 and not clearly_over:
             # None fits. Such a machine's speed moves from second to second: time the counts again in turns, so
             # that a slow burst cannot fall on one count alone (one picked 1 thread in a burst and then ran at
             # 0.92 of real time, where 2 threads held it: docs/benchmarks.md, the thirteenth session).
