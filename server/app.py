@@ -514,6 +514,8 @@ async def create_session(request: web.Request) -> web.Response:
             raise api_error(422, f"`steps`: this server samples {engine.pipeline.num_steps} step(s) per window for "
                                  "every session (sessions are batched together); set it at start with --steps")
         avatar_id = fields.get("avatar_id")
+        if avatar_id is not None and not isinstance(avatar_id, str):  # JSON's 0, [] or {} is not "none given"
+            raise api_error(422, f"`avatar_id` must be a string, got {json.dumps(avatar_id)[:40]}")
         upload = fields.get("portrait")
         if upload is not None and avatar_id:
             raise api_error(422, "give either a `portrait` upload or an `avatar_id`, not both")
@@ -522,7 +524,7 @@ async def create_session(request: web.Request) -> web.Response:
                                  "needs a `portrait` upload (a PNG or WebP with transparency)")
         if upload is None:
             avatar_id = avatar_id or "default"
-            if not isinstance(avatar_id, str) or avatar_id not in app[AVATARS]:
+            if avatar_id not in app[AVATARS]:
                 known = ", ".join(app[AVATARS]) or "none"
                 raise api_error(422, f"unknown avatar_id {str(avatar_id)[:64]!r} (available: {known})")
             portrait: Any = app[AVATARS][avatar_id].portrait

@@ -434,7 +434,10 @@ def test_session_creation_errors_are_clear_json(tiny_pipeline, astronaut_png):
                                         (b"--xyz\r\nX: " + b"a" * 9000 + b"\r\n\r\nx\r\n--xyz--\r\n", multipart, 400),
                                         (b"avatar_id=default", "text/plain", 415),
                                         (json.dumps({"avatar_id": "default", "seed": -1}).encode(), "application/json", 422),
-                                        (json.dumps({"avatar_id": "default", "seed": True}).encode(), "application/json", 422)):
+                                        (json.dumps({"avatar_id": "default", "seed": True}).encode(), "application/json", 422),
+                                        # JSON's 0 or [] is no string: once taken as "none given", the default avatar
+                                        (json.dumps({"avatar_id": 0}).encode(), "application/json", 422),
+                                        (json.dumps({"avatar_id": []}).encode(), "application/json", 422)):
                 async with http.post(f"{url}/v1/sessions", data=data, headers={"Content-Type": ctype}) as r:
                     assert r.status == status, (data[:60], r.status, await r.text())
                     assert "error" in await r.json()
