@@ -474,7 +474,7 @@ def window_breakdown(pipe: LetsTalkPipeline, batch: int = 1, repeats: int = 5, w
     for rep in range(repeats + 1):
         sync()
         t = time.perf_counter()
-        tok = pipe.audio_tokenizer()
+        tok = pipe.audio_tokenizer(live=True)
         tok.push(wav)
         tok.flush()
         sync()
@@ -647,6 +647,7 @@ def _run_bench(pipe, session_counts, seconds, audio, portrait, json_path, breakd
     report: dict = {"machine": machine(), "model": pipe.config.description or "untrained",
                     "device": str(pipe.device), "dtype": str(pipe.dtype).replace("torch.", ""),
                     "steps": pipe.num_steps, "noise_draws": pipe.noise_draws, "window": window or pipe.window,
+                    "audio_lookahead": pipe.live_audio_lookahead,
                     "live": live,
                     "neighbours": dict(zip(("count", "busy_s", "period_s"), neighbours)), "webrtc": webrtc,
                     "peer_process": peer_process, "full_frame": full_frame, "record": record,

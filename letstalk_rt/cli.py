@@ -81,6 +81,11 @@ NOISE_DRAWS_HELP = ("sample each window from K starting noises and show their me
                     "a little less lip sync and more flicker, docs/eval.md)")
 
 
+AUDIO_LOOKAHEAD_HELP = ("frames of audio after a frame that its mouth waits for, 0..2 (default: the model's, 2): each "
+                        "frame less is 40 ms less latency live and a little less lip sync (docs/eval.md, \"Less "
+                        "audio lookahead\")")
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     """How a loaded model samples (the CLI's commands and `letstalk serve`); `sampling_kwargs` reads them."""
     p.add_argument("--steps", type=int, default=None, help="sampling steps per window, 1..50 (default: the model's)")
@@ -95,6 +100,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help=START_TIME_HELP)
     p.add_argument("--noise-hold", type=float, default=None, metavar="H", help=NOISE_HOLD_HELP)
     p.add_argument("--noise-draws", type=int, default=None, metavar="K", help=NOISE_DRAWS_HELP)
+    p.add_argument("--audio-lookahead", type=int, default=None, metavar="F", help=AUDIO_LOOKAHEAD_HELP)
     p.add_argument("--audio-guidance-box", default=None, metavar="X,Y,W,H",
                    help="with --audio-guidance: guide only this box of the face crop (fractions; the mouth is about "
                         "0.3,0.48,0.4,0.4), the rest of the face gets the unguided velocity, which keeps more of the "
@@ -116,6 +122,7 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
     """LetsTalkPipeline keyword arguments from add_sampling_args' flags (None: the model's own setting)."""
     return {"num_steps": args.steps, "audio_guidance": args.audio_guidance, "detail_transfer": args.detail_transfer,
             "start_time": args.start_time, "noise_hold": args.noise_hold, "noise_draws": args.noise_draws,
+            "audio_lookahead": args.audio_lookahead,
             "audio_guidance_box": audio_guidance_box(args.audio_guidance_box)}
 
 
@@ -139,6 +146,9 @@ def check_sampling_args(args: argparse.Namespace) -> None:
         raise LetsTalkError(f"--noise-hold {args.noise_hold:g}: choose 0..1 (0 = fresh noise every frame)")
     if args.noise_draws is not None:
         check_noise_draws(args.noise_draws, "--noise-draws", LetsTalkError)
+    if args.audio_lookahead is not None and args.audio_lookahead < 0:
+        raise LetsTalkError(f"--audio-lookahead {args.audio_lookahead}: choose 0 up to the model's (2 for the "
+                            "bundled one)")
     audio_guidance_box(args.audio_guidance_box)
 
 
@@ -517,6 +527,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
                       probe_clips=args.probe_clips, window=args.window, detail_transfer=args.detail_transfer,
                       start_time=args.start_time, noise_hold=args.noise_hold, audio_guidance=args.audio_guidance,
                       noise_draws=args.noise_draws, audio_guidance_box=audio_guidance_box(args.audio_guidance_box),
+                      audio_lookahead=args.audio_lookahead,
                       seed=args.seed, seeds=args.seeds, device=device,
                       dtype=resolve_dtype(args.dtype, device), progress=not args.quiet)
     for m in report["models"]:

@@ -211,6 +211,12 @@ class SamplingConfig:
     # starting noise (one batched network row per draw and step). A 1-step model commits to its noise; the mean of
     # two draws keeps less of it: on the bundled model's 42 test clips 2 draws raised lip sync 0.796 -> 0.803 and cut
     # flicker by a quarter (docs/eval.md, "Two noise draws averaged"). 1: one sample
+    audio_lookahead: int | None = None  # inference: frames of audio after a frame whose features its tokens wait
+    # for (0..audio.margin; None: audio.margin, all the context the projector was trained on). Each frame less is
+    # 40 ms less speech-to-screen latency live; the missing features are copies of the newest one in, as at the end
+    # of the audio (pipeline.AudioTokenizer; docs/eval.md, "Less audio lookahead")
+    live_audio_lookahead: int | None = None  # the same for the live engine only (None: audio_lookahead), where
+    # each frame is 40 ms of latency: the bundled model's 1 (-0.002 of lip sync, 40 ms sooner); offline 2
     memory_noise: float = 0.02  # flow time the memory latents are forward-diffused to at inference
     memory_anchor: bool = True  # inference: memory slot 0 holds the portrait latent for the whole stream
     # (the others carry the last frames; at the start every slot does). Temporal attention copies from
@@ -296,6 +302,10 @@ class ModelConfig:
             raise ModelError(f"sampling.noise_hold={sa.noise_hold}: give the correlation of consecutive frames' "
                              "noise in 0..1 (0 = fresh noise every frame)")
         check_noise_draws(sa.noise_draws, "sampling.noise_draws", ModelError)
+        for name in ("audio_lookahead", "live_audio_lookahead"):
+            frames = getattr(sa, name)
+            if frames is not None and not 0 <= frames <= au.margin:
+                raise ModelError(f"sampling.{name}={frames}: choose 0..{au.margin} (audio.margin) or null")
         if au.sample_rate != 16000 or au.fps != 25:  # media, the tracks and the encoders decode and pace at these
             raise ModelError(f"audio.sample_rate {au.sample_rate} / fps {au.fps}: this version runs 16000 Hz audio "
                              "and 25 fps video only")

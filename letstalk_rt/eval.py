@@ -945,7 +945,8 @@ def evaluate_model(components: Any, label: str, test: list[Clip], probe: MouthPr
                                 num_steps=num_steps, use_memory=use_memory, window=settings["window"],
                                 detail_transfer=settings["detail_transfer"], start_time=settings["start_time"],
                                 noise_hold=settings["noise_hold"], audio_guidance=settings["audio_guidance"],
-                                noise_draws=settings["noise_draws"], audio_guidance_box=settings["audio_guidance_box"])
+                                noise_draws=settings["noise_draws"], audio_guidance_box=settings["audio_guidance_box"],
+                                audio_lookahead=settings["audio_lookahead"])
 
     def bar(total: int, what: str) -> Any:
         return tqdm(total=total, desc=f"{label}: {what}", unit="frame", disable=not settings["progress"],
@@ -956,7 +957,8 @@ def evaluate_model(components: Any, label: str, test: list[Clip], probe: MouthPr
         "label": label, "description": config.description, "trained": config.trained, "size": config.image_size,
         "num_steps": pipe.num_steps, "window": pipe.window, "num_memory": config.transformer.num_memory,
         "detail_transfer": pipe.detail_transfer, "start_time": pipe.start_time, "noise_hold": pipe.noise_hold,
-        "noise_draws": pipe.noise_draws, "audio_guidance": pipe.audio_guidance,
+        "noise_draws": pipe.noise_draws, "audio_guidance": pipe.audio_guidance, "audio_lookahead": pipe.audio_lookahead,
+        "audio_margin": config.audio.margin,
         "audio_guidance_box": pipe.audio_guidance_box,
         "fusion": f"portrait {config.transformer.portrait_fusion}, audio {config.transformer.audio_fusion}",
     }
@@ -1011,6 +1013,7 @@ def evaluate(
     audio_guidance: float | None = None,
     audio_guidance_box: tuple[float, float, float, float] | str | None = None,
     noise_draws: int | None = None,
+    audio_lookahead: int | None = None,
     seed: int = 0,
     seeds: int = 1,
     device: str = "cpu",
@@ -1073,7 +1076,8 @@ def evaluate(
             probe_checks[size] = check_probe(probes[size], clips_at[size])
         settings = dict(device=device, dtype=dtype, seeds=list(range(seed, seed + seeds)), progress=progress, window=window,
                         detail_transfer=detail_transfer, start_time=start_time, noise_hold=noise_hold,
-                        audio_guidance=audio_guidance, audio_guidance_box=audio_guidance_box, noise_draws=noise_draws)
+                        audio_guidance=audio_guidance, audio_guidance_box=audio_guidance_box, noise_draws=noise_draws,
+                        audio_lookahead=audio_lookahead)
         model = evaluate_model(load_model(path), label, clips_at[size], probes[size], steps, steps_list or [],
                                speech, settings)
         model["path"] = str(path)
@@ -1207,6 +1211,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         rows.append([m["label"], m["description"] or "-", m["fusion"], f"{m['num_steps']} / {m['window']} / {m['start_time']:g}"
                      + (f", noise hold {m['noise_hold']:g}" if m.get("noise_hold") else "")
                      + (f", mean of {m['noise_draws']} noise draws" if m.get("noise_draws", 1) > 1 else "")
+                     + (f", audio lookahead {m['audio_lookahead']} frames" if m.get("audio_lookahead") is not None
+                        and m["audio_lookahead"] != m.get("audio_margin", 2) else "")
                      + (f", audio guidance {m['audio_guidance']:g}" if m.get("audio_guidance", 1) != 1 else "")
                      + (" on " + ",".join(f"{v:g}" for v in m["audio_guidance_box"])
                         if m.get("audio_guidance", 1) != 1 and m.get("audio_guidance_box") else ""),

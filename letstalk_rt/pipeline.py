@@ -158,11 +158,18 @@ class AudioTokenizer:
     Frame i's tokens need features of frames i-margin..i+margin, so tokens lag the features by
     `margin` frames, and features lag the audio by the encoder's `lookahead_samples`. Total lookahead:
     `lookahead_samples + margin * samples_per_frame` (see `AudioTokenizer.lookahead_ms`).
+
+    With `lookahead` F < margin (default: the pipeline's `audio_lookahead`), frame i's tokens are made once the
+    features of i+F are in, the features of i+F+1..i+margin standing in as copies of i+F's (as at the end of the
+    audio): F frames of lookahead instead of margin, each frame's tokens 40 ms sooner per frame left out, from less
+    of what follows it.
     """
 
-    def __init__(self, pipeline: "LetsTalkPipeline") -> None:
+    def __init__(self, pipeline: "LetsTalkPipeline", lookahead: int | None = None) -> None:
         self.pipeline = pipeline
         self.margin = pipeline.config.audio.margin
+        lookahead = pipeline.audio_lookahead if lookahead is None else lookahead
+        self.copied = self.margin - lookahead  # right-context rows copied from the newest feature
         self.stream = pipeline.audio_encoder.stream()
         self.buffer: Tensor | None = None  # (n, L, D) features not yet fully used, left-padded at the start
         self.frames_out = 0  # tokens out, counting those defer() owes
@@ -174,7 +181,8 @@ class AudioTokenizer:
     @property
     def lookahead_ms(self) -> float:
         cfg = self.pipeline.config.audio
-        return 1000.0 * (self.pipeline.audio_encoder.lookahead_samples + self.margin * cfg.samples_per_frame) / cfg.sample_rate
+        frames = self.margin - self.copied
+        return 1000.0 * (self.pipeline.audio_encoder.lookahead_samples + frames * cfg.samples_per_frame) / cfg.sample_rate
 
     @property
     def pending_frames(self) -> float:
@@ -183,22 +191,22 @@ class AudioTokenizer:
         return self.stream.samples_received / spf - self.frames_out
 
     def _take(self, feats: Tensor, final: bool) -> Tensor:
-        """Append new features (n, L, D) and project every frame whose window is complete."""
-        m = self.margin
+        """Append new features (n, L, D) and project every frame whose window is complete (its newest `copied`
+        rows copies of the newest feature)."""
+        m, k = self.margin, self.copied
         if feats.shape[0]:
             if self.buffer is None:
                 self.buffer = feats[:1].expand(m, -1, -1)  # (m, L, D) edge-replicate the start
             self.buffer = torch.cat([self.buffer, feats], dim=0)  # (n', L, D)
         if self.buffer is None:
             return self._empty()
-        if final:
-            self.buffer = torch.cat([self.buffer, self.buffer[-1:].expand(m, -1, -1)], dim=0)  # (n'+m, L, D)
-        if self.buffer.shape[0] <= 2 * m:
+        pad = m if final else k  # the end of the audio: every frame left, its missing context copied
+        if self.buffer.shape[0] + pad <= 2 * m:
             return self._empty()
-        tokens = self.pipeline.project_audio(self.buffer, pad_left=False, pad_right=False)  # (n'-2m, M, Dt)
-        self.buffer = self.buffer[-2 * m:] if m else self.buffer[:0]  # (2m, L, D) context for what follows
-        if final:
-            self.buffer = None
+        rows = torch.cat([self.buffer, self.buffer[-1:].expand(pad, -1, -1)]) if pad else self.buffer  # (n'+pad,...)
+        tokens = self.pipeline.project_audio(rows, pad_left=False, pad_right=False)  # (n'+pad-2m, M, Dt)
+        keep = 2 * m - k  # the context of the next frame: its m rows before, and the m - k after it that are in
+        self.buffer = None if final else self.buffer[-keep:] if keep else self.buffer[:0]
         return tokens
 
     def _empty(self) -> Tensor:
@@ -220,7 +228,7 @@ class AudioTokenizer:
         m = self.margin
         kept = sum(w.shape[0] for w in self._windows) * self.stream.encoder.block_frames
         rows = (m if self.buffer is None else self.buffer.shape[0]) + kept
-        n = max(0, rows - 2 * m) - self.owed
+        n = max(0, rows + self.copied - 2 * m) - self.owed
         self.owed += n
         self.frames_out += n
         return n
@@ -491,6 +499,7 @@ class LetsTalkPipeline:
         noise_hold: float | None = None,
         audio_guidance_box: tuple[float, float, float, float] | str | None = None,
         noise_draws: int | None = None,
+        audio_lookahead: int | None = None,
         cuda_graphs: bool = True,
         traced: bool = True,
     ) -> None:
@@ -520,6 +529,20 @@ class LetsTalkPipeline:
         self._fresh_cells = torch.zeros(tc.latent_size, tc.latent_size) if s.noise_hold_box is None else \
             box_cells(tc.latent_size, tc.latent_size, s.noise_hold_box)
         self.noise_draws = check_noise_draws(s.noise_draws if noise_draws is None else noise_draws, "noise draws")
+        margin = self.config.audio.margin
+        # frames of audio after a frame whose features its tokens wait for (AudioTokenizer); the projector was trained
+        # on all `margin` of them: fewer is less latency live (SamplingConfig.audio_lookahead; docs/eval.md)
+        # `audio_lookahead` given: offline and live; else the model's for each (a live stream trades a little of it
+        # for latency where the model says so: the bundled one's live 1 frame, 40 ms sooner for -0.002 of lip sync)
+        self.audio_lookahead = self.live_audio_lookahead = audio_lookahead
+        if audio_lookahead is None:
+            self.audio_lookahead = margin if s.audio_lookahead is None else s.audio_lookahead
+            self.live_audio_lookahead = self.audio_lookahead if s.live_audio_lookahead is None \
+                else s.live_audio_lookahead
+        for frames in (self.audio_lookahead, self.live_audio_lookahead):
+            if isinstance(frames, bool) or not isinstance(frames, int) or not 0 <= frames <= margin:
+                raise InputError(f"audio lookahead {frames}: choose 0..{margin} frames (this model's tokens read "
+                                 f"{margin} frames of audio on each side of a frame)")
         self.memory_noise = s.memory_noise if memory_noise is None else memory_noise
         # False is an ablation (`letstalk eval`'s memory-off run): the memory bank is never filled, so every
         # window is generated like a stream's first one, with all memory slots masked.
@@ -693,8 +716,9 @@ class LetsTalkPipeline:
             generator=torch.Generator().manual_seed(seed),
         )
 
-    def audio_tokenizer(self) -> AudioTokenizer:
-        return AudioTokenizer(self)
+    def audio_tokenizer(self, live: bool = False) -> AudioTokenizer:
+        """An incremental tokenizer at the pipeline's audio lookahead; `live`: the live engine's."""
+        return AudioTokenizer(self, self.live_audio_lookahead if live else self.audio_lookahead)
 
     @torch.no_grad()
     def project_audio(self, feats: Tensor, pad_left: bool = True, pad_right: bool = True) -> Tensor:

@@ -113,6 +113,10 @@ def test_missing_model_and_unwritable_output(capsys, tmp_path, tiny_model_dir, a
                   extra=("--noise-hold", "1.5"))
     _expect_error(capsys, tmp_path, tiny_model_dir, astronaut_png, audio, "--noise-draws 0",
                   extra=("--noise-draws", "0"))
+    _expect_error(capsys, tmp_path, tiny_model_dir, astronaut_png, audio, "--audio-lookahead -1",
+                  extra=("--audio-lookahead", "-1"))
+    _expect_error(capsys, tmp_path, tiny_model_dir, astronaut_png, audio, "audio lookahead 3: choose 0..2",
+                  extra=("--audio-lookahead", "3"))
     for flag, value, match in (("--audio-guidance", "nan", "finite"), ("--device", "gpu", "--device gpu"),
                                ("--device", "mps", "--device mps")):
         _expect_error(capsys, tmp_path, tiny_model_dir, astronaut_png, audio, match, extra=(flag, value))

@@ -602,6 +602,32 @@ def test_latency_history_bounds_what_a_session_keeps(tiny_pipeline):
     assert stats["latency_ms_p50"] == pytest.approx(sorted(kept)[2] * 1000)  # the stats read the kept ones
 
 
+def test_less_audio_lookahead_steers_the_latency_lower_and_loses_no_speech(tiny_model_dir):
+    """A pipeline at audio_lookahead 0 (the tiny model's margin is 2 frames): the engine steers to a latency 80 ms
+    lower, and the speech comes out whole and in order, a frame for each 40 ms of it (the tokens' timing:
+    test_pipeline's test_less_audio_lookahead_...)."""
+    from letstalk_rt.pipeline import LetsTalkPipeline
+
+    speech = speechlike(1.5, seed=4) + 0.05  # never below speech_rms
+
+    async def main(pipe):
+        engine = await _engine(pipe, catch_up_tempo=1.0)  # a busy machine's speed-up would stretch the speech
+        session = await engine.open_session(_portrait(pipe, 80))
+        feeder = asyncio.create_task(_push_in_real_time(session, speech))
+        frames = await _collect(session, 6.0)  # the speech, its latency and whatever a busy machine holds
+        await feeder
+        target = engine.target_latency_s() - engine.window_compute_ms() / 1000  # less the compute each measured
+        out = target, np.concatenate([f.audio for f in frames]), list(session.latencies)
+        await engine.stop()
+        return out
+
+    full_target, _, _ = run(main(LetsTalkPipeline.from_pretrained(tiny_model_dir, traced=False)))
+    target, audio, lat = run(main(LetsTalkPipeline.from_pretrained(tiny_model_dir, traced=False, audio_lookahead=0)))
+    assert full_target - target == pytest.approx(0.080)  # 2 frames
+    np.testing.assert_array_equal(audio[audio != 0], speech)
+    assert len(lat) >= 1.5 * 25 - 1  # a latency for every frame of speech shown (how long: docs/benchmarks.md)
+
+
 def _catch_up_run(pipe, catch_up: bool):
     """1 s of speech pushed at once (a backlog, as after a stall), then 2 s of silence and 1 s of speech
     pushed in real time: returns the session's latencies, its skipped silence, the frames' audio, the target,

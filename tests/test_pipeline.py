@@ -73,6 +73,74 @@ def test_incremental_tokens_equal_offline(tiny_pipeline):
     assert tok.lookahead_ms >= 80  # margin of 2 frames at least
 
 
+@pytest.mark.parametrize("lookahead", [1, 0])
+def test_less_audio_lookahead_makes_each_frames_tokens_sooner_from_copies_of_its_newest_features(tiny_model_dir,
+                                                                                                 lookahead):
+    """`audio_lookahead` F < margin (2): frame i's tokens come once the features of i+F are in, 40 ms sooner per
+    frame left out, made as the projector makes them from frames i-2..i+2 with i+F+1..i+2 copies of i+F; at the end
+    of the audio (flush) the frames left get all the features there are, as before, so as many tokens in all."""
+    from letstalk_rt.pipeline import LetsTalkPipeline
+
+    full = LetsTalkPipeline.from_pretrained(tiny_model_dir, traced=False)
+    pipe = LetsTalkPipeline.from_pretrained(tiny_model_dir, traced=False, audio_lookahead=lookahead)
+    m, spf = pipe.config.audio.margin, pipe.samples_per_frame
+    assert pipe.audio_tokenizer().lookahead_ms == pytest.approx(full.audio_tokenizer().lookahead_ms
+                                                                - (m - lookahead) * 1000 * spf / 16000)
+    wav = speechlike(1.37)
+
+    def tokens_as_pushed(p):
+        tok = p.audio_tokenizer()
+        tok.level = SpeechLevel(0.0, 0.0)  # the encoder path alone
+        parts, first = [], None
+        for pos in range(0, len(wav), 160):
+            parts.append(tok.push(wav[pos:pos + 160]))
+            if first is None and tok.frames_out:
+                first = pos + 160
+        before_flush = tok.frames_out
+        parts.append(tok.flush())
+        return torch.cat(parts), first, before_flush
+
+    got, first, before_flush = tokens_as_pushed(pipe)
+    feats = pipe.audio_encoder(torch.as_tensor(wav)[None])[0]  # (F, L, D)
+    n = feats.shape[0]
+    rows = torch.cat([feats[:1].expand(m, -1, -1), feats, feats[-1:].expand(m, -1, -1)])  # the start and end copied
+    expected = []
+    for i in range(n):
+        ctx = rows[i:i + 2 * m + 1].clone()  # frames i-m..i+m
+        if i < before_flush:  # made while the audio came: the newest feature in was i+F's
+            ctx[m + lookahead + 1:] = rows[m + i + lookahead]
+        expected.append(pipe.project_audio(ctx, pad_left=False, pad_right=False))
+    assert got.shape[0] == n == math.ceil(len(wav) / spf) and 0 < before_flush < n
+    torch.testing.assert_close(got, torch.cat(expected), atol=1e-4, rtol=1e-4)
+    _, first_full, _ = tokens_as_pushed(full)
+    assert first_full - first == (m - lookahead) * spf  # the first frame's tokens (m - F) frames of audio sooner
+    with pytest.raises(InputError, match="audio lookahead 3: choose 0..2"):
+        LetsTalkPipeline.from_pretrained(tiny_model_dir, audio_lookahead=3)
+
+
+def test_a_models_live_audio_lookahead_is_the_live_engines_and_not_offline_generations(tiny_model_dir, tmp_path):
+    """sampling.live_audio_lookahead: the live engine's tokenizers wait for that many frames of audio (each frame 40
+    ms of latency), offline generation for the model's audio_lookahead (default: all of the margin); a lookahead given
+    to the pipeline is both; a config past the margin fails to load, naming the field."""
+    from letstalk_rt.pipeline import LetsTalkPipeline
+    from letstalk_rt.stream import StreamEngine
+
+    comps = load_model(tiny_model_dir)
+    comps.config.sampling.live_audio_lookahead = 1
+    model = save_model(comps, tmp_path / "live1")
+    pipe = LetsTalkPipeline.from_pretrained(model, traced=False)
+    frame_ms = 1000 * pipe.samples_per_frame / 16000
+    assert (pipe.audio_lookahead, pipe.live_audio_lookahead) == (2, 1)
+    offline, live = pipe.audio_tokenizer().lookahead_ms, pipe.audio_tokenizer(live=True).lookahead_ms
+    assert offline - live == pytest.approx(frame_ms)
+    assert StreamEngine(pipe)._lookahead_s == pytest.approx(live / 1000)
+    given = LetsTalkPipeline.from_pretrained(model, traced=False, audio_lookahead=2)
+    assert (given.audio_lookahead, given.live_audio_lookahead) == (2, 2)
+    comps.config.sampling.live_audio_lookahead = 3
+    with pytest.raises(ModelError, match="sampling.live_audio_lookahead=3: choose 0..2"):
+        load_model(save_model(comps, tmp_path / "live3"))
+
+
 def test_many_streams_encoded_in_one_call_equal_each_encoded_alone(tiny_pipeline, monkeypatch):
     """The engine encodes every session's new audio in one encoder call (encode_together): each stream's
     tokens are its own offline tokens, in order, and defer() counts exactly the tokens complete() makes."""

@@ -550,7 +550,7 @@ class Session:
         self._last_late_event = 0.0
         self._late_reported = 0
         # worker-thread state
-        self._w = _WorkerState(stream, self.pipeline.audio_tokenizer())  # stream: made off the loop (open_session)
+        self._w = _WorkerState(stream, self.pipeline.audio_tokenizer(live=True))  # stream: made off the loop (open_session)
 
     @property
     def frame_size(self) -> tuple[int, int]:
@@ -1070,7 +1070,7 @@ class StreamEngine:
         self.base_draws = pipeline.noise_draws  # restored at stop(); warm-up may choose 1 (draws_budget)
         self.threads: int | None = None  # torch threads the engine set (EngineConfig.threads); None: untouched
         self._threads_before = torch.get_num_threads()  # restored at stop()
-        self._lookahead_s = pipeline.audio_tokenizer().lookahead_ms / 1000  # the audio encoder's delay
+        self._lookahead_s = pipeline.audio_tokenizer(live=True).lookahead_ms / 1000  # the audio encoder's delay
         self.sessions: dict[str, Session] = {}
         self._reserved = 0
         self._cond = threading.Condition()
@@ -1597,7 +1597,7 @@ class StreamEngine:
         w = s._w
         with s._lock:
             if s._reset is not None:  # interrupt: start over from what is on screen
-                fresh = self.pipeline.audio_tokenizer()
+                fresh = self.pipeline.audio_tokenizer(live=True)
                 fresh.level = w.tokenizer.level  # the speaker's loudness outlives an interrupt; set before the
                 w.tokenizer = fresh  # swap, so stats() on the event loop never reads a fresh tokenizer's gain 1
                 w.tokens, w.n_tokens, w.timeline, w.idle_ahead = [], 0, collections.deque(), 0
