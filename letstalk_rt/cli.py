@@ -81,9 +81,9 @@ NOISE_DRAWS_HELP = ("sample each window from K starting noises and show their me
                     "a little less lip sync and more flicker, docs/eval.md)")
 
 
-AUDIO_LOOKAHEAD_HELP = ("frames of audio after a frame that its mouth waits for, 0..2 (default: the model's, 2): each "
-                        "frame less is 40 ms less latency live and a little less lip sync (docs/eval.md, \"Less "
-                        "audio lookahead\")")
+AUDIO_LOOKAHEAD_HELP = ("frames of audio after a frame that its mouth waits for, 0..2 (default: the model's; the "
+                        "bundled one's 2 offline, 1 live): each frame less is 40 ms less latency live and a little "
+                        "less lip sync (docs/eval.md, \"Less audio lookahead\")")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

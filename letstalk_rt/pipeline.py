@@ -530,10 +530,9 @@ class LetsTalkPipeline:
             box_cells(tc.latent_size, tc.latent_size, s.noise_hold_box)
         self.noise_draws = check_noise_draws(s.noise_draws if noise_draws is None else noise_draws, "noise draws")
         margin = self.config.audio.margin
-        # frames of audio after a frame whose features its tokens wait for (AudioTokenizer); the projector was trained
-        # on all `margin` of them: fewer is less latency live (SamplingConfig.audio_lookahead; docs/eval.md)
-        # `audio_lookahead` given: offline and live; else the model's for each (a live stream trades a little of it
-        # for latency where the model says so: the bundled one's live 1 frame, 40 ms sooner for -0.002 of lip sync)
+        # Frames of audio after a frame whose features its tokens wait for (AudioTokenizer); the projector was trained
+        # on all `margin` of them, and each one less is 40 ms less latency live. `audio_lookahead` given: offline and
+        # live; else the model's for each (SamplingConfig.audio_lookahead, live_audio_lookahead; docs/eval.md)
         self.audio_lookahead = self.live_audio_lookahead = audio_lookahead
         if audio_lookahead is None:
             self.audio_lookahead = margin if s.audio_lookahead is None else s.audio_lookahead
