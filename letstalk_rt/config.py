@@ -304,7 +304,8 @@ class ModelConfig:
         check_noise_draws(sa.noise_draws, "sampling.noise_draws", ModelError)
         for name in ("audio_lookahead", "live_audio_lookahead"):
             frames = getattr(sa, name)
-            if frames is not None and not 0 <= frames <= au.margin:
+            if frames is not None and (not isinstance(frames, int) or isinstance(frames, bool)
+                                       or not 0 <= frames <= au.margin):
                 raise ModelError(f"sampling.{name}={frames}: choose 0..{au.margin} (audio.margin) or null")
         if au.sample_rate != 16000 or au.fps != 25:  # media, the tracks and the encoders decode and pace at these
             raise ModelError(f"audio.sample_rate {au.sample_rate} / fps {au.fps}: this version runs 16000 Hz audio "
@@ -397,12 +398,15 @@ def model_preset(name: str) -> ModelConfig:
     return PRESETS_MODEL[name]()
 
 
-# Full-model presets: the published 256x256 f32c32 sizes, a CPU real-time size, and a test size.
+# Full-model presets: the published 256x256 f32c32 sizes, a CPU real-time size, and a test size. Live, the first two
+# wait for 1 frame of audio after a window, not the margin's 2: 40 ms less latency, for -0.002 of lip sync on the
+# bundled cpu-128 model (docs/eval.md, "Less audio lookahead"; not measured on the others).
 PRESETS_MODEL: dict[str, Any] = {
     **{
         f"letstalk-{size.lower()}": (lambda size=size: _model(
             256, (128, 256, 512, 512, 1024, 1024), 32, size, 16,
-            dict(encoder="wav2vec2", num_tokens=32, token_dim=768, wav2vec2_chunk_seconds=0.04), num_steps=2))
+            dict(encoder="wav2vec2", num_tokens=32, token_dim=768, wav2vec2_chunk_seconds=0.04), num_steps=2,
+            live_audio_lookahead=1))
         for size in ("S", "B", "L", "XL")
     },
     # 128x128 frames, f16c16 autoencoder -> 8x8x16 latents, 8-frame windows: real time on 2 CPU cores.
@@ -410,7 +414,8 @@ PRESETS_MODEL: dict[str, Any] = {
     # (16, 32, 64, ...) spent 7.2 GFLOP per 8 frames there against 4.6 GFLOP now (docs/benchmarks.md).
     "cpu-128": lambda: _model(128, (8, 16, 64, 128, 128), 16, "cpu", 8,
                               dict(encoder="mel", n_mels=64, feature_layers=4, feature_dim=128,
-                                   num_tokens=8, token_dim=128), layers_per_block=1, num_steps=2),
+                                   num_tokens=8, token_dim=128), layers_per_block=1, num_steps=2,
+                              live_audio_lookahead=1),
     # 32x32 frames, f4c4 -> 8x8x4 latents: for tests, runs in milliseconds.
     "tiny": lambda: _model(32, (8, 16, 16), 4, "tiny", 4,
                            dict(encoder="mel", n_mels=16, feature_layers=2, feature_dim=16,
