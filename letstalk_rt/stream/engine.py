@@ -1416,8 +1416,8 @@ class StreamEngine:
             log.warning("engine: this CPU keeps fewer sessions in real time than the %d it admits (a window of %d "
                         "takes %s ms by thread count, of the %.0f ms it lasts): more sessions than it holds all fall "
                         "behind together; admit fewer (--max-sessions; `letstalk bench --sessions 1,2,4` measures "
-                        "it). Threads and noise draws are chosen for 1 session", self.config.max_batch,
-                        self.config.max_batch, {k: round(v) for k, v in self._threads_ms.items()},
+                        "it). Threads and noise draws are chosen for 1 session", full, full,
+                        {k: round(v) for k, v in self._threads_ms.items()},
                         self.window_real_ms)
             self._warm_batch = 1  # and the warm-up's draws, steps and first compute estimate with them
             self._time_thread_counts(window_ms, 1)
