@@ -7,7 +7,8 @@
 
 The speech is streamed over the session's websocket at real-time pace (as a live source would), the
 avatar comes back over WebRTC, and both received tracks are encoded with PyAV (H.264 + AAC). Only the
-SDK is used (HTTP, WebRTC, websocket): no model, no torch on this side.
+SDK is used (HTTP, WebRTC, websocket): no model, no torch on this side. (To have the server make the MP4 itself and
+download it when done, with nothing streamed: `AvatarClient.render`, POST /v1/renders.)
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@
             ...
         await session.close()                                           # also done by the client's `async with`
 
+        await client.render("hello.mp4", text="Hello!", avatar_id="default")   # or audio="speech.wav": an MP4, made
+                                                                                # on the server at real-time pace
+
 Each received frame and audio chunk carries its media time (`time`: seconds since its stream's first packet,
 from the RTP timestamps; the server starts both streams together, so a frame and the audio of the same `time`
 belong together) and when the SDK handed it over (`received_at`, `time.monotonic()`). The SDK's receivers hand each
@@ -32,7 +35,7 @@ and sample format) as the session's speech instead of (or besides) `send_audio`.
 as the server's own audio does: aiortc's Opus encoder alone holds each packet of a non-48 kHz track back 20 ms, and
 refuses float audio. Server errors become exceptions carrying the server's message: `AuthenticationError` (401),
 `ServerBusyError` (503, `.retry_after`), `SessionNotFoundError` (404; `AvatarNotFoundError` for an avatar,
-`RecordingNotFoundError` for a recording or its captions),
+`RecordingNotFoundError` for a recording or its captions), `RenderFailedError` (a render that ended without a video),
 `RequestError` (other 4xx), `AvatarClientError` (the rest, and a websocket the server closed, with its reason: sends
 fail with it, and `events()` ends with it when no `closed` event came). Errors the server reports while streaming (audio dropped, a bad control
 message) arrive as `error` events.
@@ -88,7 +91,7 @@ RECONNECT_TIMEOUT_S = 30.0  # then give up: the iterators end, with an `error` e
 
 __all__ = [
     "AudioChunk", "AuthenticationError", "AvatarClient", "AvatarClientError", "AvatarNotFoundError", "AvatarSession",
-    "RecordingNotFoundError", "RequestError",
+    "RecordingNotFoundError", "RenderFailedError", "RequestError",
     "ServerBusyError", "SessionNotFoundError", "TimedFrame",
 ]
 
@@ -131,17 +134,25 @@ class RecordingNotFoundError(AvatarClientError):
     deleted), or, from `download_captions`, one that showed no captions: `AvatarClient.recordings()` lists them."""
 
 
+class RenderFailedError(AvatarClientError):
+    """A render (`AvatarClient.render`) that ended without a video: its session failed, it was cancelled, or the server
+    stopped; the message says which."""
+
+
 class RequestError(AvatarClientError):
     """Another 4xx: a bad portrait (415/422), a bad SDP offer (400), a second offer (409), too large (413)."""
 
 
-async def _portrait_form(portrait: str | Path | bytes, fields) -> aiohttp.FormData:
-    """A multipart body: the portrait (a path, read off the loop, or image bytes) and the (name, value) `fields` that
-    are not None."""
-    data = portrait if isinstance(portrait, bytes) else await asyncio.to_thread(Path(portrait).read_bytes)
+async def _form(fields, **files: str | Path | bytes | None) -> aiohttp.FormData:
+    """A multipart body: the `files` that are given (each a path, read off the loop, or bytes: `portrait`, `audio`) and
+    the (name, value) `fields` that are not None."""
     form = aiohttp.FormData()
-    form.add_field("portrait", data, filename="portrait" if isinstance(portrait, bytes) else Path(portrait).name,
-                   content_type="application/octet-stream")
+    for name, file in files.items():
+        if file is None:
+            continue
+        data = file if isinstance(file, bytes) else await asyncio.to_thread(Path(file).read_bytes)
+        form.add_field(name, data, filename=name if isinstance(file, bytes) else Path(file).name,
+                       content_type="application/octet-stream")
     for name, value in fields:
         if value is not None:
             form.add_field(name, str(value))
@@ -938,7 +949,7 @@ class AvatarClient:
         letters, digits, '-' or '_' (default: one the server makes); `background` "RRGGBB": as in `start_session`.
         Returns {"id", "name", "uploaded": True, "created_at"}; kept across restarts where the server has an
         `--avatar-dir`."""
-        form = await _portrait_form(portrait, (("id", avatar_id), ("name", name), ("background", background)))
+        form = await _form((("id", avatar_id), ("name", name), ("background", background)), portrait=portrait)
         async with self._require_http().post(self._url("/v1/avatars"), data=form, headers=self._auth()) as resp:
             await _raise_for_status(resp)
             return await resp.json()
@@ -986,6 +997,49 @@ class AvatarClient:
         async with self._require_http().delete(url, headers=self._auth()) as resp:
             await _raise_for_status(resp)
 
+    async def render(self, out: str | Path, *, audio: str | Path | bytes | None = None, text: str | None = None,
+                     portrait: str | Path | bytes | None = None, avatar_id: str | None = None,
+                     voice: str | None = None, rate: int | None = None, pitch: int | None = None,
+                     seed: int | None = None, full_frame: int | None = None, framing: float | None = None,
+                     background: str | None = None, poll_s: float = 0.5) -> dict:
+        """Have the server make a video of the avatar saying `audio` (a file's path or bytes, any format PyAV reads) or
+        `text` (spoken with `voice`, `rate`, `pitch`), and save it to `out` (MP4, written under a temporary name and
+        renamed). The avatar: `portrait` (uploaded for this render) or `avatar_id` (default "default"); `seed`,
+        `full_frame`, `framing` and `background` as in `start_session`. The server (started with `--recordings-dir`)
+        makes it at real-time pace in one of its session slots; this waits for it, asking every `poll_s`, and returns
+        the render's final state ({"render_id", "state": "done", "speech_seconds", "rendered_seconds", "video_url",
+        "captions_url"}: a text's captions, `download_captions(render_id, ...)`). Cancelled on the server if this is
+        cancelled. RenderFailedError when it ends without a video; RequestError (422) for what the server refuses
+        at once, ServerBusyError (503) when it is full."""
+        if (audio is None) == (text is None):
+            raise ValueError("render(): give either audio or text")
+        if portrait is not None and avatar_id is not None:
+            raise ValueError("give either portrait or avatar_id, not both")
+        options = (("avatar_id", avatar_id), ("text", text), ("voice", voice), ("rate", rate), ("pitch", pitch),
+                   ("seed", seed), ("full_frame", full_frame), ("framing", framing), ("background", background))
+        http = self._require_http()
+        form = await _form(options, portrait=portrait, audio=audio)
+        async with http.post(self._url("/v1/renders"), data=form, headers=self._auth()) as resp:
+            await _raise_for_status(resp)
+            state = await resp.json()
+        rid = state["render_id"]
+        url = self._url(f"/v1/renders/{urllib.parse.quote(rid, safe='')}")
+        try:
+            while state["state"] == "rendering":
+                await asyncio.sleep(poll_s)
+                async with http.get(url, headers=self._auth()) as resp:
+                    await _raise_for_status(resp)
+                    state = await resp.json()
+        except asyncio.CancelledError:
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                async with http.delete(url, headers=self._auth(), timeout=aiohttp.ClientTimeout(total=5)):
+                    pass
+            raise
+        if state["state"] != "done":
+            raise RenderFailedError(f"render {rid}: {state['state']}: {state.get('error') or 'no video'}")
+        await self._download(f"/v1/recordings/{urllib.parse.quote(rid, safe='')}", Path(out))
+        return state
+
     async def voices(self) -> list[dict]:
         """The voices `AvatarSession.say` speaks with: [{"id": "en-us", "name": "English_(America)"}, ...]."""
         async with self._require_http().get(self._url("/v1/voices"), headers=self._auth()) as resp:
@@ -1031,7 +1085,7 @@ class AvatarClient:
         if portrait is not None and avatar_id is not None:
             raise ValueError("give either portrait or avatar_id, not both")
         if portrait is not None:
-            form = await _portrait_form(portrait, options)
+            form = await _form(options, portrait=portrait)
             request = http.post(self._url("/v1/sessions"), data=form, headers=self._auth())
         else:
             body: dict[str, Any] = {"avatar_id": avatar_id or "default"}

@@ -12,6 +12,8 @@
     GET  /v1/sessions/{id}/events     server-sent events: the session's events, read-only (overlays, dashboards)
     GET  /v1/recordings[/{id}]        sessions created with `record`, saved as MP4 when they end   DELETE one
     GET  /v1/recordings/{id}/captions the captions a recording showed (WebVTT)
+    POST /v1/renders                  an avatar saying an audio file or a text -> an MP4 (a recording) when done
+    GET  /v1/renders/{id}             its state                   DELETE /v1/renders/{id}   cancel it
     GET  /v1/sessions/{id}            state and stats             DELETE /v1/sessions/{id}   free it
     GET  /, /overlay                  the browser client (client_examples/browser)
 
@@ -47,13 +49,15 @@ from letstalk_rt.cli import (add_device_args, add_live_args, add_sampling_args, 
                              live_config, pipeline_kwargs, resolve_device)
 from letstalk_rt.errors import InputError, LetsTalkError, NoFaceError, OutputError
 from letstalk_rt.framing import FRAMING, MAX_PHOTO_SIDE, check_framing
-from letstalk_rt.media import WHITE, parse_colour, upright_image
-from letstalk_rt.stream import CapacityError, run_off_loop
-from letstalk_rt.tts import DEFAULT_VOICE, SpeechUnavailable, check_voice, espeak_exe, voices
+from letstalk_rt.media import WHITE, decode_audio, parse_colour, upright_image
+from letstalk_rt.stream import CapacityError, FileSource, TextSource, run_off_loop
+from letstalk_rt.tts import (DEFAULT_VOICE, MAX_TEXT, PITCH_RANGE, RATE_RANGE, Speech, SpeechUnavailable, check_voice,
+                             espeak_exe, voices)
 
-from . import recordings
+from . import recordings, renders
 from .auth import TokenError, api_key_matches, bearer
 from .avatars import AVATAR_ID, Avatar, AvatarRefused, AvatarStore, check_name
+from .renders import Render
 from .sessions import (
     MAX_LISTENERS,
     REPO_ROOT,
@@ -80,8 +84,13 @@ ENGINE = web.AppKey("engine", object)
 MAX_WS_MESSAGE = 512 * 1024  # transport cap (1 s of 96 kHz stereo PCM16 is 384 kB); the 1 s rule is checked per format
 MAX_CONTROL_MESSAGE = 32768  # JSON control messages are small; `say` text is at most 5000 characters
 MAX_FORM_FIELD = 1024  # non-file multipart fields (seed, steps, avatar_id, full_frame, framing)
+MAX_TEXT_FIELD = 4 * MAX_TEXT  # a render's `text` field: MAX_TEXT characters of UTF-8
 MAX_FORM_PARTS = 8
 SESSION_FIELDS = ("portrait", "avatar_id", "seed", "steps", "full_frame", "framing", "voice", "background", "record")
+# POST /v1/renders: a session's fields but `record` (a render is recorded), and what it says: an `audio` upload, or a
+# `text` spoken with `voice` at `rate` and `pitch`
+RENDER_FIELDS = (*SESSION_FIELDS[:-1], "audio", "text", "rate", "pitch")
+FILE_FIELDS = ("portrait", "audio")  # multipart files; every other field is a short text
 AVATAR_FIELDS = ("portrait", "id", "name", "background")  # POST /v1/avatars
 UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP")  # what the docs promise; Pillow's other decoders are never reached
 
@@ -381,9 +390,10 @@ async def _read_limited(part, limit: int, what: str) -> bytes:
 
 
 async def _read_fields(request: web.Request, allowed: tuple[str, ...]) -> dict[str, Any]:
-    """The `allowed` fields of a request (POST /v1/sessions, /v1/avatars) from multipart or JSON, every size bounded
-    while reading; the file, `portrait`, comes only as multipart."""
-    named = ", ".join(f for f in allowed if f != "portrait")  # what the errors list as expected
+    """The `allowed` fields of a request (POST /v1/sessions, /v1/avatars, /v1/renders) from multipart or JSON, every
+    size bounded while reading; the files (`portrait`, `audio`) come only as multipart."""
+    named = ", ".join(f for f in allowed if f not in FILE_FIELDS)  # what the errors list as expected
+    files = [f for f in allowed if f in FILE_FIELDS]
     config = request.app[CONFIG]
     limit = config.max_upload_bytes
     if request.content_length is not None and request.content_length > limit + 64 * 1024:
@@ -403,10 +413,11 @@ async def _read_fields(request: web.Request, allowed: tuple[str, ...]) -> dict[s
                 name = part.name or ""
                 if name not in allowed:
                     raise api_error(422, f"unknown field {name[:40]!r}; expected {', '.join(allowed)}")
-                if name == "portrait":
-                    fields[name] = await _read_limited(part, limit, "the portrait upload")
+                if name in FILE_FIELDS:
+                    fields[name] = await _read_limited(part, limit, f"the {name} upload")
                 else:
-                    fields[name] = (await _read_limited(part, MAX_FORM_FIELD, f"field {name!r}")).decode(
+                    most = MAX_TEXT_FIELD if name == "text" else MAX_FORM_FIELD
+                    fields[name] = (await _read_limited(part, most, f"field {name!r}")).decode(
                         "utf-8", "replace").strip()
             else:
                 raise api_error(422, f"too many multipart fields; expected {', '.join(allowed)}")
@@ -422,9 +433,9 @@ async def _read_fields(request: web.Request, allowed: tuple[str, ...]) -> dict[s
             raise api_error(413, "a form without a file is at most 64 kB")
         pairs = urllib.parse.parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
         for name, value in pairs:
-            if name not in allowed or name == "portrait":
-                raise api_error(422, f"unknown field {name[:40]!r}; expected {named} (upload a portrait as "
-                                     "multipart/form-data)")
+            if name not in allowed or name in FILE_FIELDS:
+                raise api_error(422, f"unknown field {name[:40]!r}; expected {named} (upload "
+                                     f"{' or '.join(files)} files as multipart/form-data)")
             fields[name] = value
     elif ctype in ("application/json", "application/octet-stream") or not request.body_exists:
         body = await read_body(request, 64 * 1024) if request.body_exists else b"{}"
@@ -436,11 +447,12 @@ async def _read_fields(request: web.Request, allowed: tuple[str, ...]) -> dict[s
             raise api_error(400, f"the body is not valid JSON: {e}") from None
         if not isinstance(data, dict):
             raise api_error(422, f"the JSON body must be an object with the fields {named}")
-        unknown = sorted(set(data) - set(allowed) - {"portrait"})
+        unknown = sorted(set(data) - set(allowed))
         if unknown:
             raise api_error(422, f"unknown field(s) {unknown}; expected {named}")
-        if "portrait" in data:
-            raise api_error(422, "send a portrait file as multipart/form-data (field `portrait`), not in JSON")
+        for name in files:
+            if name in data:
+                raise api_error(422, f"send a {name} file as multipart/form-data (field `{name}`), not in JSON")
         fields.update(data)
     else:
         raise api_error(415, f"Content-Type {ctype!r}: send multipart/form-data with a `portrait` file"
@@ -487,7 +499,12 @@ def _checked_field(fields: dict, name: str, check: Callable[[Any], Any], default
         raise api_error(422, str(e)) from None
 
 
-async def create_session(request: web.Request) -> web.Response:
+async def _open_session(request: web.Request, allowed: tuple[str, ...], check: Callable[[dict], Any] | None = None
+                        ) -> tuple[ServerSession, dict, Any]:
+    """Admit a session and open it on the request's portrait upload or `avatar_id`, with its `seed`, `full_frame`,
+    `framing`, `voice` and `background`: the slot is taken before the body is read (503 at once when full), and
+    `check(fields)` (a coroutine) checks the handler's own fields before anything is opened, returning what the
+    handler needs. Returns (the session, its fields with `voice` and `avatar_id` checked, what `check` returned)."""
     require_api_key(request)
     app = request.app
     manager, config, engine = app[MANAGER], app[CONFIG], app[ENGINE]
@@ -497,7 +514,7 @@ async def create_session(request: web.Request) -> web.Response:
         raise api_error(503, f"all {manager.max_sessions} sessions are in use; retry later",
                         headers={"Retry-After": str(config.retry_after_s)})
     try:
-        fields = await read_in_time(request, _read_fields(request, SESSION_FIELDS))
+        fields = await read_in_time(request, _read_fields(request, allowed))
         seed = _int_field(fields, "seed", 0, 2**31 - 1) or 0
         steps = _int_field(fields, "steps", 1, 50)
         full_frame = _int_field(fields, "full_frame", 0, config.max_full_frame) or 0
@@ -505,11 +522,8 @@ async def create_session(request: web.Request) -> web.Response:
         # `say` (the first check lists espeak-ng's voices: off the loop); background: RRGGBB, the colour an uploaded
         # portrait's transparent parts go on (a key colour)
         framing = _checked_field(fields, "framing", lambda v: check_framing(v, "`framing`"), FRAMING)
-        voice = await asyncio.to_thread(_checked_field, fields, "voice", check_voice)
+        fields["voice"] = await asyncio.to_thread(_checked_field, fields, "voice", check_voice)
         background = _checked_field(fields, "background", lambda v: parse_colour(v, "`background`"))
-        record = _checked_field(fields, "record", lambda v: _boolean(v, "`record`"), False)
-        if record and config.recordings_dir is None:
-            raise api_error(422, "this server does not record sessions; start it with --recordings-dir DIR")
         if steps is not None and steps != engine.pipeline.num_steps:
             raise api_error(422, f"`steps`: this server samples {engine.pipeline.num_steps} step(s) per window for "
                                  "every session (sessions are batched together); set it at start with --steps")
@@ -531,6 +545,10 @@ async def create_session(request: web.Request) -> web.Response:
         else:
             if not upload:
                 raise api_error(422, "the `portrait` upload is empty")
+            avatar_id = None
+        fields["avatar_id"] = avatar_id
+        extra = await check(fields) if check is not None else None
+        if upload is not None:
             portrait = await _decoded_upload(upload, config, background)
         try:
             session = await engine.open_session(portrait, seed=seed, detect_face=config.detect_face,
@@ -544,34 +562,163 @@ async def create_session(request: web.Request) -> web.Response:
     finally:
         manager.release()
     ss = manager.add(session)
-    ss.voice = voice
+    ss.voice = fields["voice"]
+    return ss, fields, extra
+
+
+async def _start_recording(request: web.Request, ss: ServerSession, save_on_close: bool = True) -> None:
+    """Record the session to --recordings-dir/ID.mp4; 507 (the session closed) when the file cannot be made."""
+    try:
+        ss.session.record(request.app[CONFIG].recordings_dir / f"{ss.id}.mp4", save_on_close=save_on_close)
+    except OutputError as e:
+        await request.app[MANAGER].close(ss, "its recording could not start")
+        log.error("session %s: recording refused: %s", ss.id, e)
+        raise api_error(507, f"the recording could not start on the server ({e}); the session was closed") from None
+
+
+def _recordings_dir_needed(request: web.Request, what: str) -> None:
+    if request.app[CONFIG].recordings_dir is None:
+        raise api_error(422, f"this server does not record {what}; start it with --recordings-dir DIR")
+
+
+async def create_session(request: web.Request) -> web.Response:
+    async def check(fields: dict) -> bool:
+        record = _checked_field(fields, "record", lambda v: _boolean(v, "`record`"), False)
+        if record:
+            _recordings_dir_needed(request, "sessions")
+        return record
+
+    ss, fields, record = await _open_session(request, SESSION_FIELDS, check)
+    manager, session = request.app[MANAGER], ss.session
     origin = request.url.origin()
     ss.recording_url = str(origin.with_path(f"/v1/recordings/{ss.id}")) if record else None
-    manager.webhooks.send("session.created", {"session_id": ss.id, "avatar_id": avatar_id if upload is None else None,
-                                              "record": record})
+    manager.webhooks.send("session.created", {"session_id": ss.id, "avatar_id": fields["avatar_id"], "record": record})
     if record:
-        try:
-            session.record(config.recordings_dir / f"{ss.id}.mp4")
-        except OutputError as e:
-            await manager.close(ss, "its recording could not start")
-            log.error("session %s: recording refused: %s", ss.id, e)
-            raise api_error(507, f"the session's recording could not start on the server ({e}); it was "
-                                 "closed") from None
+        await _start_recording(request, ss)
     ws_origin = origin.with_scheme("wss" if origin.scheme == "https" else "ws")
     width, height = session.frame_size
+    voice = fields["voice"]
     return web.json_response({
         "session_id": ss.id,
         "token": ss.token,
         "expires_at": ss.expires_at,
         "offer_url": str(origin.with_path(f"/v1/sessions/{ss.id}/offer")),
         "ws_url": str(ws_origin.with_path(f"/v1/sessions/{ss.id}/ws")),
-        "video": {"width": width, "height": height, "fps": engine.pipeline.fps, "face_box": list(session.face_box)},
+        "video": {"width": width, "height": height, "fps": request.app[ENGINE].pipeline.fps,
+                  "face_box": list(session.face_box)},
         "audio": {"sample_rate": session.sample_rate, "channels": 1, "format": "pcm_s16le"},
         "ice_servers": ss.ice_servers,
         **({"voice": voice} if voice else {}),
         **({"recording_url": ss.recording_url} if record else {}),
         **({"ends_at": round(ss.ends_at, 3)} if ss.ends_at is not None else {}),
     }, status=201)
+
+
+# --------------------------------------------------------------------------------------------------
+# Handlers: renders (a video of an avatar saying an audio file or a text: server/renders.py)
+# --------------------------------------------------------------------------------------------------
+
+
+async def _render_source(request: web.Request, fields: dict) -> tuple[Any, float | None]:
+    """What a render says, checked before its session opens: (an AudioSource pushed ahead of time, its seconds, None
+    for a text until it is synthesised)."""
+    config, engine = request.app[CONFIG], request.app[ENGINE]
+    _recordings_dir_needed(request, "renders (a render's video is a recording)")
+    rate_hz = engine.pipeline.config.audio.sample_rate
+    audio, text = fields.get("audio"), fields.get("text")
+    if (audio is None) == (text is None or text == ""):
+        raise api_error(422, "give what the avatar says: either an `audio` file (multipart/form-data) or a `text`, "
+                             "not both")
+    rate, pitch = _int_field(fields, "rate", *RATE_RANGE), _int_field(fields, "pitch", *PITCH_RANGE)
+    if audio is not None:
+        if rate is not None or pitch is not None or fields["voice"]:
+            raise api_error(422, "`voice`, `rate` and `pitch` are how a `text` is spoken; an `audio` upload is "
+                                 "played as it is")
+        if not audio:
+            raise api_error(422, "the `audio` upload is empty")
+        try:
+            pcm = await asyncio.to_thread(decode_audio, audio, "the audio upload", rate_hz)
+        except InputError as e:
+            raise api_error(422, str(e)) from None
+        seconds = len(pcm) / rate_hz
+        most = min(renders.MAX_SPEECH_S,
+                   max(0.0, config.max_session_s - renders.SLACK_S) if config.max_session_s else math.inf)
+        if seconds > most:
+            raise api_error(422, f"the audio is {seconds:.0f} s long; a render here says at most {most:.0f} s ("
+                                 + ("its session's time limit, --max-session-minutes" if most < renders.MAX_SPEECH_S
+                                    else "render longer speech in parts") + ")")
+        return FileSource.from_samples(pcm, realtime=False, sample_rate=rate_hz), seconds
+    options = {k: v for k, v in (("voice", fields["voice"]), ("rate", rate), ("pitch", pitch)) if v is not None}
+    try:
+        speech = await asyncio.to_thread(lambda: Speech(**options))  # the voice's first check runs espeak-ng
+        return TextSource(text, speech, rate_hz), None
+    except SpeechUnavailable as e:
+        raise api_error(501, f"this server cannot speak text: {e}; send an `audio` file instead") from None
+    except InputError as e:
+        raise api_error(422, str(e)) from None
+
+
+async def create_render(request: web.Request) -> web.Response:
+    async def check(fields: dict) -> tuple[Any, float | None]:
+        return await _render_source(request, fields)
+
+    ss, fields, (source, seconds) = await _open_session(request, RENDER_FIELDS, check)
+    manager = request.app[MANAGER]
+    origin = request.url.origin()
+    ss.recording_url = str(origin.with_path(f"/v1/recordings/{ss.id}"))
+    render = Render(ss.id, source, seconds, ss.recording_url)
+    ss.render = render
+    manager.renders.add(render)
+    manager.webhooks.send("session.created", {"session_id": ss.id, "avatar_id": fields["avatar_id"], "record": True,
+                                              "render": True})
+    await _start_recording(request, ss, save_on_close=False)  # a render that does not finish saves nothing
+    ss.spawn(renders.run(ss, render), "render")
+    return web.json_response({**render.describe(), "token": ss.token, "expires_at": ss.expires_at,
+                              "status_url": str(origin.with_path(f"/v1/renders/{ss.id}")),
+                              "events_url": str(origin.with_path(f"/v1/sessions/{ss.id}/events"))}, status=202)
+
+
+def _render(request: web.Request) -> tuple[str, Render | None, ServerSession | None]:
+    """The render in the URL (its id, what is known of it, its session while it runs), if the request carries the API
+    key or the render's token."""
+    manager = request.app[MANAGER]
+    rid = request.match_info["render_id"]
+    if not recordings.RECORDING_ID.fullmatch(rid):
+        raise api_error(404, f"no render {rid[:70]!r}")
+    try:
+        manager.signer.verify(bearer(request.headers, request.query) or "", session_id=rid)
+    except TokenError:
+        require_api_key(request)
+    return rid, manager.renders.all.get(rid), manager.sessions.get(rid)
+
+
+async def get_render(request: web.Request) -> web.Response:
+    rid, render, ss = _render(request)
+    if render is None:  # finished long ago, or before the server restarted: its video, if it was saved
+        directory = request.app[CONFIG].recordings_dir
+        if directory is not None and await asyncio.to_thread((directory / f"{rid}.mp4").is_file):
+            return web.json_response({"render_id": rid, "state": "done",
+                                      "video_url": str(request.url.origin().with_path(f"/v1/recordings/{rid}"))})
+        raise api_error(404, f"no render {rid!r} (none was made, or its state is no longer kept and it has no video)")
+    live = ss is not None and render.state == "rendering"
+    return web.json_response(render.describe(ss.session.player.tick / ss.session.player.fps if live else None))
+
+
+async def delete_render(request: web.Request) -> web.Response:
+    """Cancel a render that is running, or delete a finished one: its video goes too."""
+    rid, render, ss = _render(request)
+    manager = request.app[MANAGER]
+    directory = request.app[CONFIG].recordings_dir
+    if render is None and not (directory is not None and await asyncio.to_thread((directory / f"{rid}.mp4").is_file)):
+        raise api_error(404, f"no render {rid!r}")
+    if render is not None and render.end("cancelled", "cancelled by the client"):
+        manager.render_ended(render)
+    if ss is not None:
+        await manager.close(ss, "render cancelled")
+    manager.renders.all.pop(rid, None)
+    if directory is not None:  # a video saved as the DELETE came goes too
+        await asyncio.to_thread(recordings.delete, directory / f"{rid}.mp4")
+    return web.Response(status=204)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -593,13 +740,18 @@ def _recording(request: web.Request) -> tuple[str, Path]:
     except TokenError:
         require_api_key(request)
     ss = request.app[MANAGER].sessions.get(rid)
+    render = request.app[MANAGER].renders.all.get(rid)
     if ss is not None and ss.session.recording is not None:
+        if render is not None:
+            raise api_error(409, f"render {rid} is still being made ({ss.session.player.tick / ss.session.player.fps:.0f}"
+                                 f" s so far); GET /v1/renders/{rid} says when it is done")
         raise api_error(409, f"session {rid} is still recording; its file is saved when the session ends or its "
                              "websocket sends stop_recording")
     path = directory / f"{rid}.mp4"
     if not path.is_file():
         last = ss.session.last_recording if ss is not None else None
-        why = f" (it was not saved: {last.error})" if last is not None and last.error else ""
+        error = render.error if render is not None and render.error else last.error if last is not None else None
+        why = f" (it was not saved: {error})" if error else ""
         raise api_error(404, f"no recording {rid!r}{why}")
     return rid, path
 
@@ -997,6 +1149,9 @@ def create_app(engine: StreamEngine, config: ServerConfig | None = None) -> web.
     r.add_get("/v1/recordings/{recording_id}", get_recording)
     r.add_get("/v1/recordings/{recording_id}/captions", get_recording_captions)
     r.add_delete("/v1/recordings/{recording_id}", delete_recording)
+    r.add_post("/v1/renders", create_render)
+    r.add_get("/v1/renders/{render_id}", get_render)
+    r.add_delete("/v1/renders/{render_id}", delete_render)
     r.add_get("/", _static_page("index.html"))
     r.add_get("/overlay", _static_page("overlay.html"))
     if config.static_dir is not None and config.static_dir.is_dir():

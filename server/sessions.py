@@ -58,6 +58,7 @@ from letstalk_rt.stream.events import SessionClosed
 from letstalk_rt.tts import Speech, SpeechUnavailable, check_text, sentences
 
 from . import recordings
+from .renders import Render, Renders
 from .auth import TokenSigner, turn_credentials
 from .avatars import DEFAULT_MAX_AVATARS
 from .webhooks import Webhooks
@@ -324,6 +325,10 @@ def render_metrics(manager: SessionManager) -> str:
     metric("letstalk_says_total", "counter", "Texts accepted to be spoken (`say`).", [("", m.says_total)])
     metric("letstalk_reconnects_total", "counter", "Peer connections replaced by a new offer after their peer went "
            "silent (a client back after its network changed).", [("", m.reconnects_total)])
+    metric("letstalk_renders_active", "gauge", "Renders being made now (POST /v1/renders; each is a session too).",
+           [("", manager.renders.active)])
+    metric("letstalk_renders_total", "counter", "Renders finished, by result (done: the video saved).",
+           [(f'{{result="{r}"}}', manager.renders.results[r]) for r in ("done", "failed", "cancelled")])
     metric("letstalk_recordings_active", "gauge", "Sessions being recorded now (`record`).",
            [("", sum(s.recording is not None for s in live))])
     metric("letstalk_recordings_total", "counter", "Recordings ended, by result (failed: a full disk, an encoder too "
@@ -435,6 +440,7 @@ class ServerSession:
         self.ends_at = time.time() + limit if limit else None  # unix time: closed by its time limit
         self.warned_end = False  # `session_ending` sent
         self.recording_url: str | None = None  # where its recording is served (created with `record`)
+        self.render: Render | None = None  # what it is making, if it is a render (POST /v1/renders)
         self.last_activity = now  # audio in, websocket message, media pulled
         self.last_peer_seen: float | None = None  # RTCP from / RTP of the peer, once connected
         self._peer_marks: dict[str, Any] = {}
@@ -500,6 +506,8 @@ class ServerSession:
         async for event in self.session.events():
             if event.type == "error":
                 self.manager.metrics.errors_total += 1
+                if self.render is not None:
+                    self.render.seen_error = event.message
             elif event.type == "recording_stopped":
                 self.manager.metrics.recordings[event.path != ""] += 1
                 if event.path:  # a new file: within the limits at once
@@ -842,6 +850,7 @@ class SessionManager:
         self._pruned_at = -math.inf
         self.draining = False  # shutting down: no new sessions; the open ones go on for a while (drain)
         self.webhooks = Webhooks(config.webhooks, config.webhook_secret)
+        self.renders = Renders()
 
     @property
     def max_sessions(self) -> int:
@@ -899,12 +908,25 @@ class SessionManager:
                 if task is not current:
                     task.cancel()
         finally:
+            render = ss.render
+            if render is not None and render.end("failed", render.seen_error or f"its session closed before the "
+                                                 f"speech was all shown ({reason})"):
+                self.render_ended(render)
             self.sessions.pop(ss.id, None)
             self.metrics.absorb(ss.session)
             ss.tell_listeners(None)  # their streams end
             ss.closed.set()
             if self.webhooks:
                 self.webhooks.send("session.closed", ss.summary(reason))
+
+    def render_ended(self, render: Render) -> None:
+        """A render was settled (done, failed or cancelled): counted, kept for GET /v1/renders/{id}, and told."""
+        self.renders.ended(render)
+        if render.state == "done":
+            log.info("render %s: done (%.1f s of video)", render.id, render.video_s or 0.0)
+        else:
+            log.info("render %s: %s (%s)", render.id, render.state, render.error)
+        self.webhooks.send(f"render.{render.state}", render.describe())
 
     async def drain(self, seconds: float) -> bool:
         """Shut down gently: new sessions are refused (503, /health answers "draining" so a load balancer sends them

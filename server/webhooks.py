@@ -7,6 +7,8 @@ Each event is one JSON POST, `{"type", "id", "time", "data": {...}}`:
                      `frames_generated`, `ticks`, `held_frames`, `speech_seconds`, `latency_ms_p95`)
 - `recording.saved`  its recording is saved (`session_id`, `url`, `bytes`, `seconds`, `captions_url` or null)
 - `recording.failed` its recording was not saved (`session_id`, `error`)
+- `render.done`, `render.failed`, `render.cancelled`  a render (POST /v1/renders) ended: its state (`render_id`,
+                     `state`, `speech_seconds`, `rendered_seconds`, `video_url`, `captions_url`, `error`)
 
 With a secret, each POST is signed: `X-Letstalk-Timestamp: T` (unix seconds) and
 `X-Letstalk-Signature: sha256=HEX`, HEX the HMAC-SHA256 of `T.BODY` under the secret, as Stripe and GitHub do: check

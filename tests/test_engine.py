@@ -2106,8 +2106,8 @@ def test_idle_frames_put_in_front_are_taken_back_whole_and_the_audio_after_them_
     tokens = w.peek_tokens(w.n_tokens)
     torch.testing.assert_close(tokens[0], engine._idle_tokens(1)[0])  # one idle frame left in front ...
     torch.testing.assert_close(tokens[1:1 + len(speech_tokens)], speech_tokens)  # ... then the speech's tokens
-    audio, speech_flag, arrival, inserted, captions = w.take_audio(spf)
-    assert inserted and not speech_flag and arrival is None and not audio.any() and captions == []
+    audio, speech_flag, arrival, inserted, captions, through = w.take_audio(spf)
+    assert inserted and not speech_flag and arrival is None and not audio.any() and captions == [] and through == 0
     out = np.concatenate([w.take_audio(spf)[0] for _ in range(len(speech) // spf)])
     np.testing.assert_array_equal(out, speech[:len(out)])
     w.drop_tokens(2)

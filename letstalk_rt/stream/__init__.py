@@ -4,10 +4,10 @@ from .engine import (AudioBufferFull, CapacityError, EngineConfig, Session, Sess
                      release_openmp_threads, run_off_loop)
 from .events import AVFrame, Event
 from .recorder import Recording
-from .sources import AudioSource, FileSource, MicrophoneSource, TrackSource
+from .sources import AudioSource, FileSource, MicrophoneSource, TextSource, TrackSource
 
 __all__ = [
     "AVFrame", "AudioBufferFull", "AudioSource", "CapacityError", "EngineConfig", "Event", "FileSource",
-    "MicrophoneSource", "Recording", "Session", "SessionClosedError", "StreamEngine", "TrackSource", "release_openmp_threads",
+    "MicrophoneSource", "Recording", "Session", "SessionClosedError", "StreamEngine", "TextSource", "TrackSource", "release_openmp_threads",
     "run_off_loop",
 ]

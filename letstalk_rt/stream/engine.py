@@ -392,6 +392,7 @@ class Player:
         self._speaking = False
         self._silent_ticks = 0
         self.speech_frames = 0
+        self.pieces_shown = 0  # the pushed audio shown up to this piece (AVFrame.pieces)
         self.fillers = 0
         self.fillers_by_minute: collections.Counter[int] = collections.Counter()  # by minute of playback
 
@@ -460,6 +461,7 @@ class Player:
         now = time.monotonic()
         if s.recording is not None:
             s.recording.add(frame)
+        self.pieces_shown = max(self.pieces_shown, frame.pieces)
         for text in frame.captions:
             s._emit(Caption(s.id, text=text, frame=tick))
         if frame.speech:
@@ -517,6 +519,9 @@ class Session:
         self.player = Player(self, cfg.fps, self.samples_per_frame, cfg.transformer.num_memory, history)
         self.closed = False
         self.close_reason = ""
+        # False: pushed audio is never shortened or sped up to win back latency the engine lost (EngineConfig.catch_up
+        # for this session alone): a recording of it holds the speech exactly as pushed, later where windows were late
+        self.catch_up = True
         self.opened_at = time.monotonic()
         self._started_at: float | None = None
         self.first_frame_s: float | None = None  # open -> first frame generated
@@ -534,11 +539,15 @@ class Session:
         self._resampler = None
         # shared with the worker thread (guarded by _lock)
         self._lock = threading.Lock()
-        # (samples, arrival, speech, paced arrival, ahead, caption): the paced arrival is when the piece would have
-        # arrived had the audio been pushed at real-time pace from its first piece on (audio pushed ahead of time
+        # (samples, arrival, speech, paced arrival, ahead, caption, piece): the paced arrival is when the piece would
+        # have arrived had the audio been pushed at real-time pace from its first piece on (audio pushed ahead of time
         # keeps its pace; only lateness the engine causes is caught up with faster speech); ahead, caption:
-        # push_audio's (the caption on the first piece of its push only)
-        self._pcm_in: collections.deque[tuple[np.ndarray, float, bool, float, bool, str | None]] = collections.deque()
+        # push_audio's (the caption on the first piece of its push only); piece: its number (1, 2, ... of the pieces
+        # pushed; 0: silence the session adds itself), which the frame that plays its end carries (AVFrame.pieces)
+        self._pcm_in: collections.deque[tuple[np.ndarray, float, bool, float, bool, str | None, int]] = \
+            collections.deque()
+        self._pieces = 0  # pieces of pushed audio queued so far (_lock)
+        self._pieces_dropped = 0  # of them, the ones up to this number dropped by an interrupt (_lock)
         self._paced_until = 0.0
         self._pending_samples = 0
         self._epoch = 0
@@ -547,6 +556,7 @@ class Session:
         self._saying: list[asyncio.Task] = []  # say() calls not yet queued in full, in order
         self.recording: Recording | None = None  # record(): the one running
         self.last_recording: Recording | None = None  # the last one that ended (stats)
+        self._save_recording_on_close = True  # record()'s save_on_close
         self._last_late_event = 0.0
         self._late_reported = 0
         # worker-thread state
@@ -607,7 +617,9 @@ class Session:
             now, step = time.monotonic(), self.samples_per_frame
             for i in range(0, len(mono), step):
                 piece = mono[i:i + step]
-                self._pcm_in.append((piece, now, True, self._pace(now, len(piece)), ahead, caption if i == 0 else None))
+                self._pieces += 1
+                self._pcm_in.append((piece, now, True, self._pace(now, len(piece)), ahead, caption if i == 0 else None,
+                                     self._pieces))
             self._pending_samples += len(mono)
         self.engine._wake()
 
@@ -618,23 +630,25 @@ class Session:
         silence = np.zeros(int(math.ceil(lookahead * self.sample_rate)) + self.samples_per_frame, np.float32)
         with self._lock:
             now = time.monotonic()
-            self._pcm_in.append((silence, now, False, self._pace(now, len(silence)), False, None))
+            self._pcm_in.append((silence, now, False, self._pace(now, len(silence)), False, None, 0))
             self._pending_samples += len(silence)
         self.engine._wake()
 
-    def record(self, path: str | Path, crf: int = 23, preset: str = "veryfast", max_behind_s: float = 10.0
-               ) -> Recording:
+    def record(self, path: str | Path, crf: int = 23, preset: str = "veryfast", max_behind_s: float = 10.0,
+               save_on_close: bool = True) -> Recording:
         """Record what this session shows from now on (every tick of its clock: generated and held frames with the
         audio that plays with them) to an MP4 at `path` (H.264 at `crf` and x264 `preset`, AAC), encoded in a
         thread of its own. The file appears at `path` only when the recording ends well: `stop_recording()` or
-        `close()`. OutputError at once if `path` cannot be written; a failure later (a full disk, an encoder
-        `max_behind_s` behind, or 128 MB of frames behind for large ones) ends it with a `recording_stopped` event
-        carrying the error, the stream going on."""
+        `close()` (`save_on_close` False: `stop_recording()` only; a close before it discards the recording, for a
+        video that is only worth having whole). OutputError at once if `path` cannot be written; a failure later (a
+        full disk, an encoder `max_behind_s` behind, or 128 MB of frames behind for large ones) ends it with a
+        `recording_stopped` event carrying the error, the stream going on."""
         self._check_open()
         if self.recording is not None:
             raise InputError(f"session {self.id} is already recording to '{self.recording.path}'; stop_recording() "
                              "first")
         self.recording = Recording(self, path, crf=crf, preset=preset, max_behind_s=max_behind_s)
+        self._save_recording_on_close = save_on_close
         return self.recording
 
     async def stop_recording(self) -> Path:
@@ -688,6 +702,7 @@ class Session:
         with self._lock:
             self._pcm_in.clear()
             self._pending_samples = 0
+            self._pieces_dropped = self._pieces
             self._paced_until = 0.0
             self._epoch += 1
             self._reset = [z for z in self.player.recent_latents if z is not None]
@@ -763,6 +778,14 @@ class Session:
     def frames_generated(self) -> int:
         return self._w.frames_generated
 
+    @property
+    def audio_shown(self) -> bool:
+        """Every piece of audio pushed so far has been shown (played by a frame a reader took from the session's clock),
+        or dropped by an interrupt: after `end_speech()`, the utterance has been seen and heard to its end. (Where the
+        latency catch-up plays speech faster, the tempo stretcher's last ~30 ms may still be to come.)"""
+        with self._lock:
+            return max(self.player.pieces_shown, self._pieces_dropped) >= self._pieces
+
     def stats(self) -> dict:
         p50, p95, p99 = [x * 1000 for x in q] if (q := quantiles(self.latencies, (0.5, 0.95, 0.99))) else [None] * 3
         return {
@@ -799,8 +822,11 @@ class Session:
         self.player.first_frame.set()  # release readers waiting for a first frame
         self.engine._remove(self)
         if self.recording is not None:  # saved with what was shown up to now (its recording_stopped comes first)
-            with contextlib.suppress(OutputError):
-                await self.recording.stop()
+            if not self._save_recording_on_close:
+                await self.recording.abort(f"the session closed ({reason}) before its recording was stopped")
+            else:
+                with contextlib.suppress(OutputError):
+                    await self.recording.stop()
         self._emit(SessionClosed(self.id, reason=reason), force=True)
 
     async def __aenter__(self) -> "Session":
@@ -865,10 +891,12 @@ class _WorkerState:
         self.tokens: list[torch.Tensor] = []  # (n, M, Dt) chunks not yet generated
         self.n_tokens = 0
         self.idle_ahead = 0  # of them, idle frames put in front (prepend_idle) and not generated yet
-        # [samples, arrival, speech, captions] fed to the tokenizer (arrival None: idle frames put in front, see
-        # prepend_idle; captions: of the audio that starts with these samples)
+        # [samples, arrival, speech, captions, piece] fed to the tokenizer (arrival None: idle frames put in front,
+        # see prepend_idle; captions: of the audio that starts with these samples; piece: the pushed audio taken up to
+        # this piece when they were fed, played through once their last sample is)
         self.timeline: collections.deque[list] = collections.deque()
         self.captions: list[str] = []  # captions pushed, waiting for the next audio fed
+        self.piece = 0  # the last piece of pushed audio taken from the session's queue (Session._pcm_in)
         self.fresh = True  # next window is a short one (session start / after interrupt)
         self.frames_generated = 0
         self.encode_ms = 0.0
@@ -940,7 +968,7 @@ class _WorkerState:
         if not len(pcm):
             return
         self.n_tokens += self.tokenizer.defer(pcm)
-        self.timeline.append([pcm, arrival, speech, self.captions])
+        self.timeline.append([pcm, arrival, speech, self.captions, self.piece])
         self.captions = []
 
     def complete(self, tokens: torch.Tensor) -> None:
@@ -955,7 +983,7 @@ class _WorkerState:
         self.tokens.insert(0, tokens)
         self.n_tokens += tokens.shape[0]
         self.idle_ahead += tokens.shape[0]
-        self.timeline.appendleft([np.zeros(tokens.shape[0] * spf, np.float32), None, False, []])  # None: idle
+        self.timeline.appendleft([np.zeros(tokens.shape[0] * spf, np.float32), None, False, [], 0])  # None: idle
 
     def drop_idle(self, n: int) -> None:
         """Take back n of the idle frames put in front (n <= idle_ahead): what follows plays n frames sooner."""
@@ -987,11 +1015,12 @@ class _WorkerState:
         self.n_tokens = rest.shape[0]
         self.idle_ahead = max(0, self.idle_ahead - n)
 
-    def take_audio(self, n: int) -> tuple[np.ndarray, bool, float | None, bool, list[str]]:
+    def take_audio(self, n: int) -> tuple[np.ndarray, bool, float | None, bool, list[str], int]:
         """The next n samples of the timeline, whether any were speech, the last speech arrival, whether
-        the engine inserted them all (idle frames, padding) rather than any coming from pushed audio, and the
-        captions of the audio that starts in them."""
-        out, speech, arrival, need, pushed, captions = [], False, None, n, False, []
+        the engine inserted them all (idle frames, padding) rather than any coming from pushed audio, the
+        captions of the audio that starts in them, and the pushed audio they play through (its last piece; 0: none
+        ends in them)."""
+        out, speech, arrival, need, pushed, captions, through = [], False, None, n, False, [], 0
         while need and self.timeline:
             chunk = self.timeline[0]
             take = chunk[0][:need]
@@ -1004,6 +1033,7 @@ class _WorkerState:
                 speech = True
                 arrival = chunk[1]
             if len(take) == len(chunk[0]):
+                through = max(through, chunk[4])
                 self.timeline.popleft()
             else:
                 chunk[0] = chunk[0][need:]
@@ -1011,7 +1041,7 @@ class _WorkerState:
         audio = np.concatenate(out) if out else np.zeros(0, np.float32)
         if len(audio) < n:
             audio = np.pad(audio, (0, n - len(audio)))
-        return audio, speech, arrival, not pushed, captions
+        return audio, speech, arrival, not pushed, captions, through
 
     def gap_frames(self, inserted: bool, speech: bool) -> int:
         """Per generated frame, in order: how many inserted frames turned out to be a gap in the speech
@@ -1622,14 +1652,15 @@ class StreamEngine:
             with s._lock:
                 if not s._pcm_in:
                     break
-                pcm, arrival, speech, paced, ahead, caption = s._pcm_in.popleft()
+                pcm, arrival, speech, paced, ahead, caption, piece = s._pcm_in.popleft()
                 s._pending_samples -= len(pcm)
+            w.piece = max(w.piece, piece)  # a piece skipped below is played through by the next audio fed
             if caption is not None:  # goes with the next audio fed, whatever the catch-up does with this piece
                 w.captions.append(caption)
             voiced = speech and len(pcm) > 0 and w.heard_rms(pcm) > self.config.speech_rms
             w.last_push, w.last_paced = arrival, paced
             came = paced if ahead else arrival  # audio pushed ahead of time counts as come at its pace
-            if speech and self.config.catch_up and self._skip_silence(s, pcm, came, now, voiced):
+            if speech and self.config.catch_up and s.catch_up and self._skip_silence(s, pcm, came, now, voiced):
                 s.silence_skipped_s += len(pcm) / s.sample_rate
                 continue
             w.unflushed = w.unflushed or len(pcm) > 0
@@ -1804,7 +1835,7 @@ class StreamEngine:
         until it is back within half that. The first speed-up opens a stretcher that stays open, at tempo
         1.0 in between, until the next pause; each speed-up counts as one catch-up run."""
         cfg, w = self.config, s._w
-        if not cfg.catch_up or cfg.catch_up_tempo <= 1.0 or s.player.start is None:
+        if not (cfg.catch_up and s.catch_up) or cfg.catch_up_tempo <= 1.0 or s.player.start is None:
             return
         behind_ms = self._behind_s(s, paced, now, len(pcm)) * 1000
         off_ms, on_ms = self._catch_up_thresholds_ms()
@@ -1875,10 +1906,11 @@ class StreamEngine:
             meta = []
             try:
                 for i in range(n):
-                    audio, speech, arrival, inserted, captions = w.take_audio(s.samples_per_frame)
+                    audio, speech, arrival, inserted, captions, through = w.take_audio(s.samples_per_frame)
                     speech = speech and w.heard_rms(audio) > self.config.speech_rms
                     s.gap_inserted_s += w.gap_frames(inserted, speech) / self.pipeline.fps
-                    meta.append((w.frames_generated + i, audio, speech, arrival if speech else None, tuple(captions)))
+                    meta.append((w.frames_generated + i, audio, speech, arrival if speech else None, tuple(captions),
+                                 through))
             except Exception as e:  # this session's bookkeeping: it alone ends, the batch's others go on
                 self._fail_session(s, "window", e)
                 continue
@@ -1983,9 +2015,10 @@ class StreamEngine:
         k = 0
         for s, epoch, _, meta, timings in batch:
             out = []
-            for index, audio, speech, audio_time, captions in meta:
+            for index, audio, speech, audio_time, captions, through in meta:
                 out.append(AVFrame(index=index, video=video[k] if s.paste is None else s.paste(video[k]), audio=audio,
-                                   speech=speech, latent=lat[k], audio_time=audio_time, captions=captions))
+                                   speech=speech, latent=lat[k], audio_time=audio_time, captions=captions,
+                                   pieces=through))
                 k += 1
             _post(s, s._deliver, epoch, out, None if dec_ms is None else dataclasses.replace(timings, decode_ms=dec_ms))
 

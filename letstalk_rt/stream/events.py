@@ -30,6 +30,7 @@ class AVFrame:
     audio_time: float | None = None  # time.monotonic() when the last sample of this frame's speech arrived (latency)
     filler: bool = False  # True for a held frame shown because generation was late
     captions: tuple[str, ...] = ()  # captions of the audio that starts in this frame (push_audio(caption=...))
+    pieces: int = 0  # the session's pushed audio played through by this frame: its last piece (Session.audio_shown)
 
 
 @dataclass(frozen=True)

@@ -152,6 +152,16 @@ class Recording:
             raise OutputError(f"the recording '{self.path}' was not saved: {self.error}")
         return self.path
 
+    async def abort(self, reason: str) -> None:
+        """End the recording without saving it: its partial file is deleted and `recording_stopped` carries `reason`
+        (what was shown so far is not the video that was asked for, and must not be left looking complete). A recording
+        already being finished (`stop`) is saved as it would have been."""
+        if not self._stopping:
+            self._fail(reason)
+            self._stopping = True
+            await asyncio.to_thread(self._queue.put, None)
+        await self._ended.wait()
+
     # -- the recording's thread
 
     def _fail(self, reason: str) -> None:

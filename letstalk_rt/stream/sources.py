@@ -62,7 +62,19 @@ class FileSource(AudioSource):
     def __init__(self, path: str | Path, realtime: bool = True, chunk_ms: int = 20, sample_rate: int = 16000) -> None:
         from ..media import load_audio
 
-        self.audio = load_audio(path, sample_rate)  # InputError at construction: fail before streaming
+        self._start(load_audio(path, sample_rate), realtime, chunk_ms, sample_rate)  # InputError at construction
+
+    @classmethod
+    def from_samples(cls, audio: np.ndarray, realtime: bool = True, chunk_ms: int = 20,
+                     sample_rate: int = 16000) -> "FileSource":
+        """Audio decoded already (float32 mono at `sample_rate`, e.g. `media.decode_audio` of an upload), played as a
+        file is."""
+        source = cls.__new__(cls)
+        source._start(audio, realtime, chunk_ms, sample_rate)
+        return source
+
+    def _start(self, audio: np.ndarray, realtime: bool, chunk_ms: int, sample_rate: int) -> None:
+        self.audio = audio
         self.paced = realtime
         self.rate = sample_rate
         self.chunk = int(sample_rate * chunk_ms / 1000)

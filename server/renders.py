@@ -1,0 +1,135 @@
+"""Renders (POST /v1/renders): a video of an avatar saying an audio file or a text, made on the server and fetched when
+it is done, for an application that wants a clip rather than a stream (a video message, a clip to post).
+
+A render is a session that nobody but the server watches: it is opened on the avatar like any session, recorded, read
+off its clock by the server itself (as a viewer's tracks would read it), and fed the whole speech ahead of time. Once
+every piece of the speech has been shown (`Session.audio_shown`) and `REST_S` of rest after it, its recording is
+saved and the session closed. So a render is made at real-time pace, batched with the live sessions like any other,
+and holds one of the server's session slots while it runs; its video is the session's recording
+(`/v1/recordings/{id}`, with captions for a text). A render that does not finish (cancelled, a failed synthesis or
+window, the server stopping) saves nothing: the recording is discarded, so no partial video is left looking complete.
+
+For many videos faster than real time on a machine of one's own, `letstalk generate` renders offline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from letstalk_rt.errors import LetsTalkError, OutputError
+
+if TYPE_CHECKING:
+    from letstalk_rt.stream.sources import AudioSource
+
+    from .sessions import ServerSession
+
+MAX_SPEECH_S = 3600.0  # an audio upload's length (a text is at most tts.MAX_TEXT characters, ~5 minutes)
+log = logging.getLogger("letstalk.server")
+
+REST_S = 0.5  # of the avatar at rest after the speech (the mouth closes within one window)
+SLACK_S = 30.0  # after the last audio is queued, the speech must be shown within the queue's length and this
+POLL_S = 0.05
+KEPT = 1000  # finished renders whose state GET /v1/renders/{id} still answers (their videos are recordings)
+
+
+@dataclass(eq=False)
+class Render:
+    id: str
+    source: AudioSource  # FileSource (an upload) or TextSource, pushed ahead of time
+    speech_s: float | None  # of speech (None: a text, until it is synthesised)
+    video_url: str
+    created_at: float = field(default_factory=time.time)
+    state: str = "rendering"  # then "done", "failed" or "cancelled"
+    error: str | None = None
+    video_s: float | None = None  # the saved video's length
+    captions: bool = False  # the saved video has captions (a text's sentences)
+    finished_at: float | None = None
+    seen_error: str | None = None  # the session's last error event (why it closed)
+
+    def describe(self, rendered_s: float | None = None) -> dict:
+        return {"render_id": self.id, "state": self.state, "created_at": round(self.created_at, 3),
+                "speech_seconds": None if self.speech_s is None else round(self.speech_s, 2),
+                "rendered_seconds": round(rendered_s if rendered_s is not None else self.video_s or 0.0, 2),
+                "video_url": self.video_url,
+                "captions_url": f"{self.video_url}/captions" if self.captions else None,
+                **({"error": self.error} if self.error else {}),
+                **({"finished_at": round(self.finished_at, 3)} if self.finished_at is not None else {})}
+
+    def end(self, state: str, error: str | None = None) -> bool:
+        """Settle it (once); False when it was settled already."""
+        if self.state != "rendering":
+            return False
+        self.state, self.error, self.finished_at = state, error, time.time()
+        return True
+
+
+class Renders:
+    """The renders of a server: those running and the last KEPT finished ones, by id."""
+
+    def __init__(self) -> None:
+        self.all: collections.OrderedDict[str, Render] = collections.OrderedDict()
+        self.results: collections.Counter[str] = collections.Counter()  # finished, by state
+
+    def add(self, render: Render) -> None:
+        self.all[render.id] = render
+
+    def ended(self, render: Render) -> None:
+        self.results[render.state] += 1
+        self.all.move_to_end(render.id)
+        finished = [r for r in self.all.values() if r.state != "rendering"]
+        for r in finished[:max(0, len(finished) - KEPT)]:
+            del self.all[r.id]
+
+    @property
+    def active(self) -> int:
+        return sum(r.state == "rendering" for r in self.all.values())
+
+
+async def _watch(ss: ServerSession) -> None:
+    """Read the session's frames off its clock, as a viewer would: the clock runs, and the recording gets every tick."""
+    async for _ in ss.session.frames():
+        pass
+
+
+async def run(ss: ServerSession, render: Render) -> None:
+    """Feed the speech, wait until it has all been shown and a rest after it, save the video, close the session.
+    Anything that stops it first (a failed synthesis, a window that failed, a DELETE, the server stopping) ends the
+    render without a video (`SessionManager.close` settles it)."""
+    session, manager = ss.session, ss.manager
+    fps = session.player.fps
+    session.catch_up = False  # the speech is kept whole, as it was given: nobody is waiting on its latency
+    ss.spawn(_watch(ss), "render-watch")
+    try:
+        await render.source.run(session)  # ahead of time: it waits for room in the session's audio queue
+        if render.speech_s is None:
+            render.speech_s = render.source.seconds
+        deadline = time.monotonic() + session.engine.config.max_pending_seconds + SLACK_S
+        while not session.audio_shown:
+            if session.closed:
+                return  # SessionManager.close settles it
+            if time.monotonic() > deadline:
+                raise OutputError(f"the speech was not all shown {SLACK_S:.0f} s after its end was due")
+            await asyncio.sleep(POLL_S)
+        rest_until = session.player.tick + round(REST_S * fps)
+        while session.player.tick < rest_until and not session.closed:
+            await asyncio.sleep(POLL_S)
+        if session.closed:
+            return
+        recording = session.recording
+        await session.stop_recording()
+        render.video_s = recording.seconds if recording is not None else None
+        render.captions = recording is not None and recording.cues.count > 0
+        if render.end("done"):
+            manager.render_ended(render)
+        await manager.close(ss, "rendered")
+    except Exception as e:  # the synthesis failed (tts), the recording was not saved (disk), too slow
+        if not isinstance(e, LetsTalkError):
+            log.exception("render %s failed", render.id)
+        if render.end("failed", str(e) if isinstance(e, LetsTalkError) else f"{type(e).__name__}: {e}"):
+            manager.render_ended(render)
+        await manager.close(ss, "render failed")

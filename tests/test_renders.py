@@ -1,0 +1,239 @@
+"""Renders (POST /v1/renders, `AvatarClient.render`): a video of an avatar saying an audio file or a text, made by a
+session the server watches itself, saved whole once all the speech has been shown, and nothing saved when it does not
+finish. Also what they stand on: `Session.audio_shown` and a recording that a close discards."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import speechlike
+from letstalk_rt.stream import EngineConfig, StreamEngine
+from letstalk_rt.stream.events import RecordingStopped
+from server_helpers import run
+from test_recording import _portrait, read_mp4
+
+KEY = {"Authorization": "Bearer k"}
+
+
+def test_audio_shown_turns_true_on_the_frame_that_plays_the_last_piece_pushed(tiny_pipeline, tmp_path):
+    """Pushed audio is shown whole exactly when the frame holding its last sample is (idle frames before it, the
+    silence end_speech adds after it, do not count); more audio pushed makes it false again, an interrupt true at once.
+    A recording made with save_on_close=False is discarded by a close (no file) and saved by stop_recording."""
+    speech = speechlike(1.0)  # 25 frames' audio exactly
+
+    async def main():
+        engine = await StreamEngine(tiny_pipeline, EngineConfig(warmup=False)).start()
+        try:
+            session = await engine.open_session(_portrait(tiny_pipeline))
+            assert session.audio_shown  # nothing pushed yet
+            kept = session.record(tmp_path / "kept.mp4", save_on_close=False)
+            session.push_audio(speech)
+            session.end_speech()
+            assert not session.audio_shown
+            shown = []
+            async for frame in session.frames():
+                shown.append(frame.audio)
+                if session.audio_shown:
+                    break
+                assert len(shown) < 200, "the speech was never all shown"
+            played = np.concatenate(shown)
+            start = int(np.flatnonzero(played)[0])  # idle frames' audio is silent; the speech's first sample is not
+            assert np.allclose(played[start:start + len(speech)], speech, atol=1e-6)
+            assert 0 <= len(played) - start - len(speech) < session.samples_per_frame  # true on its last frame
+            session.push_audio(speechlike(2.0, seed=1))
+            assert not session.audio_shown
+            async for _ in session.frames():
+                if session.player.pieces_shown > 25:  # some of the new speech is on screen
+                    break
+            session.interrupt()
+            assert session.audio_shown  # what an interrupt dropped is never shown
+            assert await session.stop_recording() == tmp_path / "kept.mp4"
+            assert kept.state == "finished" and (tmp_path / "kept.mp4").is_file()
+
+            events = session.events()
+            discarded = session.record(tmp_path / "discarded.mp4", save_on_close=False)
+            async for _ in session.frames():
+                if discarded.frames >= 5:
+                    break
+            await session.close()
+            async for event in events:
+                if isinstance(event, RecordingStopped) and event.error:
+                    break
+            assert "closed" in event.error and event.path == ""
+            assert discarded.state == "failed"
+        finally:
+            await engine.stop()
+
+    run(main())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.mp4"]  # no partial file of the discarded one
+
+
+def _envelope(audio: np.ndarray, rate: int, fps: int = 25) -> np.ndarray:
+    n = rate // fps
+    return np.sqrt(np.mean(np.square(audio[:len(audio) // n * n].reshape(-1, n)), axis=1))
+
+
+def test_a_render_of_an_audio_file_is_the_avatar_saying_all_of_it_saved_once_done(tiny_pipeline, tmp_path, wav_file):
+    """POST /v1/renders with an audio upload (22.05 kHz here): 202 at once, 409 for its video while it is made, then
+    `done`, and the video is the avatar saying the whole file, once, in order, and a short rest after it; the session
+    it used is closed and its slot free. Refused with a clear 422 before any session opens: no recordings folder,
+    audio and text both or neither, a file that is not audio, a voice for an upload; 404 for a render nobody made."""
+    import aiohttp
+
+    from server_helpers import running_server, wait_until
+
+    wav = wav_file(1.6, rate=22050)
+
+    async def main():
+        async with running_server(tiny_pipeline) as srv, aiohttp.ClientSession() as http:
+            form = aiohttp.FormData()
+            form.add_field("audio", wav.read_bytes(), filename="speech.wav")
+            async with http.post(f"{srv.url}/v1/renders", data=form) as r:
+                assert r.status == 422 and "--recordings-dir" in (await r.json())["error"]
+        async with running_server(tiny_pipeline, api_key="k", recordings_dir=tmp_path / "videos") as srv, \
+                aiohttp.ClientSession() as http:
+            for fields, says in [({"text": "Hi.", "audio": wav.read_bytes()}, "not both"),
+                                 ({"avatar_id": "default"}, "either an `audio` file"),
+                                 ({"audio": b"not audio at all"}, "audio upload"),
+                                 ({"audio": wav.read_bytes(), "voice": "en-us"}, "played as it is"),
+                                 ({"audio": wav.read_bytes(), "avatar_id": "nobody"}, "unknown avatar_id")]:
+                form = aiohttp.FormData()
+                for name, value in fields.items():
+                    form.add_field(name, value, **({"filename": name} if isinstance(value, bytes) else {}))
+                async with http.post(f"{srv.url}/v1/renders", data=form, headers=KEY) as r:
+                    assert r.status == 422 and says in (await r.json())["error"], (fields.keys(), await r.text())
+            assert not srv.engine.sessions  # none was opened
+            async with http.get(f"{srv.url}/v1/renders/nobody", headers=KEY) as r:
+                assert r.status == 404
+            form = aiohttp.FormData()
+            form.add_field("audio", wav.read_bytes(), filename="speech.wav")
+            async with http.post(f"{srv.url}/v1/renders", data=form, headers=KEY) as r:
+                assert r.status == 202, await r.text()
+                info = await r.json()
+            rid = info["render_id"]
+            assert info["state"] == "rendering" and info["speech_seconds"] == 1.6
+            assert info["status_url"] == f"{srv.url}/v1/renders/{rid}"
+            assert info["video_url"] == f"{srv.url}/v1/recordings/{rid}"
+            mine = {"Authorization": f"Bearer {info['token']}"}
+            async with http.get(info["video_url"], headers=mine) as r:
+                assert r.status == 409 and "still being made" in (await r.json())["error"]
+            state = info
+            while state["state"] == "rendering":
+                await asyncio.sleep(0.1)
+                async with http.get(info["status_url"], headers=mine) as r:
+                    assert r.status == 200
+                    state = await r.json()
+            assert state["state"] == "done", state
+            assert state["captions_url"] is None and state["rendered_seconds"] >= 1.6
+            async with http.get(info["video_url"], headers=mine) as r:
+                assert r.status == 200 and r.content_type == "video/mp4"
+                (tmp_path / "render.mp4").write_bytes(await r.read())
+            await wait_until(lambda: not srv.engine.sessions, 5, "the render's session to close")
+            async with http.get(f"{srv.url}/health") as r:
+                assert (await r.json())["sessions"] == 0
+            async with http.get(f"{srv.url}/metrics") as r:
+                metrics = await r.text()
+            assert 'letstalk_renders_total{result="done"} 1' in metrics and "letstalk_renders_active 0" in metrics
+            return state
+
+    state = run(main())
+    frames, audio, rate = read_mp4(tmp_path / "render.mp4")
+    assert abs(len(frames) / 25 - state["rendered_seconds"]) < 0.1
+    said, heard = _envelope(speechlike(1.6, 22050), 22050), _envelope(audio, rate)
+    scores = np.nan_to_num([np.corrcoef(said, heard[k:k + len(said)])[0, 1]
+                            for k in range(len(heard) - len(said) + 1)], nan=-1.0)  # nan: a window all silent
+    lag = int(np.argmax(scores))
+    assert scores[lag] > 0.9  # the whole speech is in it, in order (AAC and resampling blur it a little)
+    before = audio[:max(0, lag - 1) * rate // 25]
+    assert not before.size or np.abs(before).max() < 0.02  # before it, silence: nothing said twice or early
+    rest = len(heard) - lag - len(said)  # frames after it: the rest (REST_S), not long waiting
+    assert 12 <= rest <= 20, rest
+
+
+def test_a_render_that_does_not_finish_leaves_no_video(tiny_pipeline, tmp_path, wav_file):
+    """A render cancelled (DELETE /v1/renders/{id}) or whose session is closed under it (DELETE /v1/sessions/{id})
+    saves nothing: no file in the recordings folder, its state says why, the webhooks say so, and the SDK's render()
+    raises RenderFailedError."""
+    import aiohttp
+
+    from letstalk_rt.client import AvatarClient, RenderFailedError
+    from server_helpers import running_server, wait_until
+
+    wav = wav_file(20.0)
+    videos = tmp_path / "videos"
+
+    async def post(http, url):
+        form = aiohttp.FormData()
+        form.add_field("audio", wav.read_bytes(), filename="speech.wav")
+        async with http.post(f"{url}/v1/renders", data=form, headers=KEY) as r:
+            assert r.status == 202, await r.text()
+            return await r.json()
+
+    async def main():
+        async with running_server(tiny_pipeline, api_key="k", recordings_dir=videos) as srv, \
+                aiohttp.ClientSession() as http:
+            cancelled = await post(http, srv.url)
+            session = srv.engine.sessions[cancelled["render_id"]]
+            await wait_until(lambda: session.player.speech_frames >= 10, 60, "the render to be under way")
+            async with http.delete(cancelled["status_url"], headers=KEY) as r:
+                assert r.status == 204
+            async with http.get(cancelled["status_url"], headers=KEY) as r:
+                assert r.status == 404  # a cancelled render is forgotten
+            closed = await post(http, srv.url)
+            session = srv.engine.sessions[closed["render_id"]]
+            await wait_until(lambda: session.player.speech_frames >= 10, 60, "the second render to be under way")
+            async with http.delete(f"{srv.url}/v1/sessions/{closed['render_id']}", headers=KEY) as r:
+                assert r.status == 204
+            async with http.get(closed["status_url"], headers=KEY) as r:
+                state = await r.json()
+            assert state["state"] == "failed" and "deleted by the client" in state["error"], state
+            async with http.get(closed["video_url"], headers=KEY) as r:
+                assert r.status == 404 and "deleted by the client" in (await r.json())["error"]
+            async with http.get(f"{srv.url}/metrics") as r:
+                metrics = await r.text()
+            assert 'letstalk_renders_total{result="cancelled"} 1' in metrics
+            assert 'letstalk_renders_total{result="failed"} 1' in metrics
+
+            async with AvatarClient(srv.url, api_key="k") as client:
+                task = asyncio.ensure_future(client.render(tmp_path / "sdk.mp4", audio=wav))
+                await wait_until(lambda: any(s.player.speech_frames >= 10 for s in srv.engine.sessions.values()), 60,
+                                 "the SDK's render to be under way")
+                (rid,) = srv.engine.sessions
+                async with http.delete(f"{srv.url}/v1/sessions/{rid}", headers=KEY) as r:
+                    assert r.status == 204
+                with pytest.raises(RenderFailedError, match="failed: .*deleted by the client"):
+                    await task
+            assert not (tmp_path / "sdk.mp4").exists()
+
+    run(main())
+    assert list(videos.iterdir()) == []  # no partial video anywhere, hidden or not
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng (scripts/setup.sh installs it)")
+def test_the_sdk_renders_a_text_with_its_captions(tiny_pipeline, tmp_path):
+    """AvatarClient.render(text=...): the text is spoken with the voice asked for, the video and its captions saved."""
+    from letstalk_rt.client import AvatarClient, RequestError
+    from server_helpers import running_server
+
+    async def main():
+        async with running_server(tiny_pipeline, recordings_dir=tmp_path / "videos") as srv:
+            async with AvatarClient(srv.url) as client:
+                with pytest.raises(RequestError, match="HTTP 422.*rate"):
+                    await client.render(tmp_path / "x.mp4", text="Hello.", rate=5)
+                state = await client.render(tmp_path / "hello.mp4", text="Hello there. How are you?", voice="en-us",
+                                            poll_s=0.1)
+                await client.download_captions(state["render_id"], tmp_path / "hello.vtt")
+            return state
+
+    state = run(main())
+    assert state["state"] == "done" and state["speech_seconds"] > 1.0
+    assert state["captions_url"].endswith(f"/v1/recordings/{state['render_id']}/captions")
+    frames, audio, _ = read_mp4(tmp_path / "hello.mp4")
+    assert len(frames) / 25 >= state["speech_seconds"] and np.abs(audio).max() > 0.05
+    captions = (tmp_path / "hello.vtt").read_text()
+    assert "Hello there." in captions and "How are you?" in captions
+    assert not (tmp_path / "x.mp4").exists()
