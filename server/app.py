@@ -700,8 +700,7 @@ async def get_render(request: web.Request) -> web.Response:
             return web.json_response({"render_id": rid, "state": "done",
                                       "video_url": str(request.url.origin().with_path(f"/v1/recordings/{rid}"))})
         raise api_error(404, f"no render {rid!r} (none was made, or its state is no longer kept and it has no video)")
-    live = ss is not None and render.state == "rendering"
-    return web.json_response(render.describe(ss.session.player.tick / ss.session.player.fps if live else None))
+    return web.json_response(render.describe(ss.session if ss is not None and render.state == "rendering" else None))
 
 
 async def delete_render(request: web.Request) -> web.Response:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from letstalk_rt.errors import LetsTalkError, OutputError
 
 if TYPE_CHECKING:
+    from letstalk_rt.stream import Session
     from letstalk_rt.stream.sources import AudioSource
 
     from .sessions import ServerSession
@@ -47,14 +48,20 @@ class Render:
     state: str = "rendering"  # then "done", "failed" or "cancelled"
     error: str | None = None
     video_s: float | None = None  # the saved video's length
+    held_frames: int = 0  # of its frames, held ones (a window was late: the frame before shown again, silent)
     captions: bool = False  # the saved video has captions (a text's sentences)
     finished_at: float | None = None
     seen_error: str | None = None  # the session's last error event (why it closed)
 
-    def describe(self, rendered_s: float | None = None) -> dict:
+    def describe(self, session: Session | None = None) -> dict:
+        """Its state; `session`: its session while it is made (how far it got)."""
+        if session is not None:
+            rendered_s, held = session.player.tick / session.player.fps, session.player.fillers
+        else:
+            rendered_s, held = self.video_s or 0.0, self.held_frames
         return {"render_id": self.id, "state": self.state, "created_at": round(self.created_at, 3),
                 "speech_seconds": None if self.speech_s is None else round(self.speech_s, 2),
-                "rendered_seconds": round(rendered_s if rendered_s is not None else self.video_s or 0.0, 2),
+                "rendered_seconds": round(rendered_s, 2), "held_frames": held,
                 "video_url": self.video_url,
                 "captions_url": f"{self.video_url}/captions" if self.captions else None,
                 **({"error": self.error} if self.error else {}),
@@ -123,6 +130,7 @@ async def run(ss: ServerSession, render: Render) -> None:
         recording = session.recording
         await session.stop_recording()
         render.video_s = recording.seconds if recording is not None else None
+        render.held_frames = session.player.fillers
         render.captions = recording is not None and recording.cues.count > 0
         if render.end("done"):
             manager.render_ended(render)
