@@ -85,7 +85,7 @@ MAX_WS_MESSAGE = 512 * 1024  # transport cap (1 s of 96 kHz stereo PCM16 is 384 
 MAX_CONTROL_MESSAGE = 32768  # JSON control messages are small; `say` text is at most 5000 characters
 MAX_FORM_FIELD = 1024  # non-file multipart fields (seed, steps, avatar_id, full_frame, framing)
 MAX_TEXT_FIELD = 4 * MAX_TEXT  # a render's `text` field: MAX_TEXT characters of UTF-8
-MAX_FORM_PARTS = 8
+MAX_FORM_PARTS = 16  # more than any endpoint has fields (a render has 13)
 SESSION_FIELDS = ("portrait", "avatar_id", "seed", "steps", "full_frame", "framing", "voice", "background", "record")
 # POST /v1/renders: a session's fields but `record` (a render is recorded), and what it says: an `audio` upload, or a
 # `text` spoken with `voice` at `rate` and `pitch`
@@ -642,7 +642,7 @@ async def _render_source(request: web.Request, fields: dict) -> tuple[Any, float
             raise api_error(422, str(e)) from None
         seconds = len(pcm) / rate_hz
         most = min(renders.MAX_SPEECH_S,
-                   max(0.0, config.max_session_s - renders.SLACK_S) if config.max_session_s else math.inf)
+                   max(0.0, config.max_session_s - renders.MARGIN_S) if config.max_session_s else math.inf)
         if seconds > most:
             raise api_error(422, f"the audio is {seconds:.0f} s long; a render here says at most {most:.0f} s ("
                                  + ("its session's time limit, --max-session-minutes" if most < renders.MAX_SPEECH_S
@@ -833,8 +833,16 @@ async def delete_session(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+def _no_input_to_renders(ss: ServerSession, what: str) -> None:
+    """A render's session takes no speech or control (they would change the video): 409 saying how to follow it."""
+    if ss.render is not None:
+        raise api_error(409, f"session {ss.id} is a render: it takes no {what}. Watch it with POST "
+                             f"/v1/sessions/{ss.id}/viewers, follow its events at /v1/sessions/{ss.id}/events")
+
+
 async def offer(request: web.Request) -> web.Response:
     ss = authorize_session(request)
+    _no_input_to_renders(ss, "peer connection of its own (its microphone would be speech)")
     config = request.app[CONFIG]
     if request.content_type != "application/sdp":
         raise api_error(415, f"Content-Type {request.content_type!r}: send the SDP offer as application/sdp")
@@ -934,6 +942,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     connection stays open.
     """
     ss = authorize_session(request)
+    _no_input_to_renders(ss, "websocket (audio, say, interrupt)")
     ws = web.WebSocketResponse(max_msg_size=MAX_WS_MESSAGE, heartbeat=30.0)
     if not ws.can_prepare(request).ok:
         raise api_error(400, "this URL expects a websocket upgrade")

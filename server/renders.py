@@ -29,11 +29,12 @@ if TYPE_CHECKING:
 
     from .sessions import ServerSession
 
-MAX_SPEECH_S = 3600.0  # an audio upload's length (a text is at most tts.MAX_TEXT characters, ~5 minutes)
 log = logging.getLogger("letstalk.server")
 
+MAX_SPEECH_S = 3600.0  # an audio upload's length (a text is at most tts.MAX_TEXT characters, ~5 minutes)
 REST_S = 0.5  # of the avatar at rest after the speech (the mouth closes within one window)
-SLACK_S = 30.0  # after the last audio is queued, the speech must be shown within the queue's length and this
+MARGIN_S = 10.0  # a session's time limit (--max-session-minutes) must leave this after an upload's speech
+STALL_S = 30.0  # a render none of whose speech was shown for this long, all of it queued, has failed
 POLL_S = 0.05
 KEPT = 1000  # finished renders whose state GET /v1/renders/{id} still answers (their videos are recordings)
 
@@ -103,6 +104,15 @@ async def _watch(ss: ServerSession) -> None:
         pass
 
 
+async def _still_recording(session: Session) -> None:
+    """Wait a moment; OutputError (why) if the session's recording failed meanwhile (a full disk, an encoder too far
+    behind): the render is lost, and ends now rather than at the end of its speech. A closed session's render is
+    settled by SessionManager.close, which cancels this."""
+    await asyncio.sleep(POLL_S)
+    if session.recording is None and not session.closed:
+        await session.stop_recording()  # raises the recording's error
+
+
 async def run(ss: ServerSession, render: Render) -> None:
     """Feed the speech, wait until it has all been shown and a rest after it, save the video, close the session.
     Anything that stops it first (a failed synthesis, a window that failed, a DELETE, the server stopping) ends the
@@ -115,18 +125,16 @@ async def run(ss: ServerSession, render: Render) -> None:
         await render.source.run(session)  # ahead of time: it waits for room in the session's audio queue
         if render.speech_s is None:
             render.speech_s = render.source.seconds
-        deadline = time.monotonic() + session.engine.config.max_pending_seconds + SLACK_S
+        shown, since = session.player.pieces_shown, time.monotonic()
         while not session.audio_shown:
-            if session.closed:
-                return  # SessionManager.close settles it
-            if time.monotonic() > deadline:
-                raise OutputError(f"the speech was not all shown {SLACK_S:.0f} s after its end was due")
-            await asyncio.sleep(POLL_S)
+            if session.player.pieces_shown != shown:
+                shown, since = session.player.pieces_shown, time.monotonic()
+            elif time.monotonic() - since > STALL_S:
+                raise OutputError(f"the render stalled: none of its speech was shown for {STALL_S:.0f} s")
+            await _still_recording(session)
         rest_until = session.player.tick + round(REST_S * fps)
-        while session.player.tick < rest_until and not session.closed:
-            await asyncio.sleep(POLL_S)
-        if session.closed:
-            return
+        while session.player.tick < rest_until:
+            await _still_recording(session)
         recording = session.recording
         await session.stop_recording()
         render.video_s = recording.seconds if recording is not None else None

@@ -121,6 +121,11 @@ def test_a_render_of_an_audio_file_is_the_avatar_saying_all_of_it_saved_once_don
             mine = {"Authorization": f"Bearer {info['token']}"}
             async with http.get(info["video_url"], headers=mine) as r:
                 assert r.status == 409 and "still being made" in (await r.json())["error"]
+            offer = {**mine, "Content-Type": "application/sdp"}
+            async with http.post(f"{srv.url}/v1/sessions/{rid}/offer", data="v=0", headers=offer) as r:
+                assert r.status == 409 and "is a render" in (await r.json())["error"]  # no speech into it
+            async with http.get(f"{srv.url}/v1/sessions/{rid}/ws", headers=mine) as r:
+                assert r.status == 409 and "viewers" in (await r.json())["error"]
             state = info
             while state["state"] == "rendering":
                 await asyncio.sleep(0.1)
@@ -154,13 +159,15 @@ def test_a_render_of_an_audio_file_is_the_avatar_saying_all_of_it_saved_once_don
     assert 12 <= rest <= 20, rest
 
 
-def test_a_render_that_does_not_finish_leaves_no_video(tiny_pipeline, tmp_path, wav_file):
-    """A render cancelled (DELETE /v1/renders/{id}) or whose session is closed under it (DELETE /v1/sessions/{id})
-    saves nothing: no file in the recordings folder, its state says why, the webhooks say so, and the SDK's render()
-    raises RenderFailedError."""
+def test_a_render_that_does_not_finish_leaves_no_video(tiny_pipeline, tmp_path, wav_file, monkeypatch):
+    """A render cancelled (DELETE /v1/renders/{id}), whose session is closed under it (DELETE /v1/sessions/{id}) or
+    whose recording fails (a full disk) saves nothing: no file in the recordings folder, its state says why, and the
+    SDK's render() raises RenderFailedError. Speech longer than the session time limit allows is refused at once."""
     import aiohttp
 
     from letstalk_rt.client import AvatarClient, RenderFailedError
+    from letstalk_rt.errors import OutputError
+    from letstalk_rt.media import VideoWriter
     from server_helpers import running_server, wait_until
 
     wav = wav_file(20.0)
@@ -174,6 +181,12 @@ def test_a_render_that_does_not_finish_leaves_no_video(tiny_pipeline, tmp_path, 
             return await r.json()
 
     async def main():
+        async with running_server(tiny_pipeline, api_key="k", recordings_dir=videos, max_session_s=15) as srv, \
+                aiohttp.ClientSession() as http:
+            form = aiohttp.FormData()
+            form.add_field("audio", wav.read_bytes(), filename="speech.wav")
+            async with http.post(f"{srv.url}/v1/renders", data=form, headers=KEY) as r:
+                assert r.status == 422 and "at most 5 s (its session's time limit" in (await r.json())["error"]
         async with running_server(tiny_pipeline, api_key="k", recordings_dir=videos) as srv, \
                 aiohttp.ClientSession() as http:
             cancelled = await post(http, srv.url)
@@ -197,6 +210,17 @@ def test_a_render_that_does_not_finish_leaves_no_video(tiny_pipeline, tmp_path, 
                 metrics = await r.text()
             assert 'letstalk_renders_total{result="cancelled"} 1' in metrics
             assert 'letstalk_renders_total{result="failed"} 1' in metrics
+
+            def full(self, rgb):
+                raise OutputError("no space left on the device (made up)")
+
+            monkeypatch.setattr(VideoWriter, "write_frame", full)
+            disk = await post(http, srv.url)
+            await wait_until(lambda: disk["render_id"] not in srv.engine.sessions, 30, "the render to end at once")
+            async with http.get(disk["status_url"], headers=KEY) as r:
+                state = await r.json()
+            assert state["state"] == "failed" and "no space left" in state["error"], state
+            monkeypatch.undo()
 
             async with AvatarClient(srv.url, api_key="k") as client:
                 task = asyncio.ensure_future(client.render(tmp_path / "sdk.mp4", audio=wav))

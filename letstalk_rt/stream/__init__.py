@@ -8,6 +8,6 @@ from .sources import AudioSource, FileSource, MicrophoneSource, TextSource, Trac
 
 __all__ = [
     "AVFrame", "AudioBufferFull", "AudioSource", "CapacityError", "EngineConfig", "Event", "FileSource",
-    "MicrophoneSource", "Recording", "Session", "SessionClosedError", "StreamEngine", "TextSource", "TrackSource", "release_openmp_threads",
-    "run_off_loop",
+    "MicrophoneSource", "Recording", "Session", "SessionClosedError", "StreamEngine", "TextSource", "TrackSource",
+    "release_openmp_threads", "run_off_loop",
 ]

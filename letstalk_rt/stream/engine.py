@@ -556,7 +556,6 @@ class Session:
         self._saying: list[asyncio.Task] = []  # say() calls not yet queued in full, in order
         self.recording: Recording | None = None  # record(): the one running
         self.last_recording: Recording | None = None  # the last one that ended (stats)
-        self._save_recording_on_close = True  # record()'s save_on_close
         self._last_late_event = 0.0
         self._late_reported = 0
         # worker-thread state
@@ -647,8 +646,8 @@ class Session:
         if self.recording is not None:
             raise InputError(f"session {self.id} is already recording to '{self.recording.path}'; stop_recording() "
                              "first")
-        self.recording = Recording(self, path, crf=crf, preset=preset, max_behind_s=max_behind_s)
-        self._save_recording_on_close = save_on_close
+        self.recording = Recording(self, path, crf=crf, preset=preset, max_behind_s=max_behind_s,
+                                   save_on_close=save_on_close)
         return self.recording
 
     async def stop_recording(self) -> Path:
@@ -822,7 +821,7 @@ class Session:
         self.player.first_frame.set()  # release readers waiting for a first frame
         self.engine._remove(self)
         if self.recording is not None:  # saved with what was shown up to now (its recording_stopped comes first)
-            if not self._save_recording_on_close:
+            if not self.recording.save_on_close:
                 await self.recording.abort(f"the session closed ({reason}) before its recording was stopped")
             else:
                 with contextlib.suppress(OutputError):

@@ -95,9 +95,10 @@ class Recording:
     """One session's recording to `path` (an .mp4; its folder must exist). Made by `Session.record`."""
 
     def __init__(self, session: Session, path: str | Path, crf: int = 23, preset: str = "veryfast",
-                 max_behind_s: float = 10.0) -> None:
+                 max_behind_s: float = 10.0, save_on_close: bool = True) -> None:
         self.session = session
         self.path = Path(path)
+        self.save_on_close = save_on_close  # the session's close saves it (False: discards it; Session.record)
         self.fps = session.pipeline.fps
         width, height = session.frame_size
         # Opens the partial file now: a path that cannot be written raises OutputError here, before anything runs.
