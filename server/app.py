@@ -659,10 +659,8 @@ async def _render_source(request: web.Request, fields: dict) -> tuple[Any, float
 
 
 async def create_render(request: web.Request) -> web.Response:
-    async def check(fields: dict) -> tuple[Any, float | None]:
-        return await _render_source(request, fields)
-
-    ss, fields, (source, seconds) = await _open_session(request, RENDER_FIELDS, check)
+    ss, fields, (source, seconds) = await _open_session(request, RENDER_FIELDS,
+                                                        functools.partial(_render_source, request))
     manager = request.app[MANAGER]
     origin = request.url.origin()
     ss.recording_url = str(origin.with_path(f"/v1/recordings/{ss.id}"))
@@ -689,7 +687,10 @@ def _render(request: web.Request) -> tuple[str, Render | None, ServerSession | N
         manager.signer.verify(bearer(request.headers, request.query) or "", session_id=rid)
     except TokenError:
         require_api_key(request)
-    return rid, manager.renders.all.get(rid), manager.sessions.get(rid)
+    ss = manager.sessions.get(rid)
+    if ss is not None and ss.render is None:  # a live session's id (its recording is GET /v1/recordings/{id})
+        raise api_error(404, f"no render {rid!r}: {rid} is a live session")
+    return rid, manager.renders.all.get(rid), ss
 
 
 async def get_render(request: web.Request) -> web.Response:
@@ -742,8 +743,9 @@ def _recording(request: web.Request) -> tuple[str, Path]:
     render = request.app[MANAGER].renders.all.get(rid)
     if ss is not None and ss.session.recording is not None:
         if render is not None:
-            raise api_error(409, f"render {rid} is still being made ({ss.session.player.tick / ss.session.player.fps:.0f}"
-                                 f" s so far); GET /v1/renders/{rid} says when it is done")
+            made = ss.session.player.tick / ss.session.player.fps
+            raise api_error(409, f"render {rid} is still being made ({made:.0f} s so far); GET /v1/renders/{rid} says "
+                                 "when it is done")
         raise api_error(409, f"session {rid} is still recording; its file is saved when the session ends or its "
                              "websocket sends stop_recording")
     path = directory / f"{rid}.mp4"

@@ -84,7 +84,7 @@ def test_a_render_of_an_audio_file_is_the_avatar_saying_all_of_it_saved_once_don
     audio and text both or neither, a file that is not audio, a voice for an upload; 404 for a render nobody made."""
     import aiohttp
 
-    from server_helpers import running_server, wait_until
+    from server_helpers import create_session, running_server, wait_until
 
     wav = wav_file(1.6, rate=22050)
 
@@ -106,9 +106,15 @@ def test_a_render_of_an_audio_file_is_the_avatar_saying_all_of_it_saved_once_don
                     form.add_field(name, value, **({"filename": name} if isinstance(value, bytes) else {}))
                 async with http.post(f"{srv.url}/v1/renders", data=form, headers=KEY) as r:
                     assert r.status == 422 and says in (await r.json())["error"], (fields.keys(), await r.text())
-            assert not srv.engine.sessions  # none was opened
+            assert not srv.engine.sessions  # none was opened, by any of them
             async with http.get(f"{srv.url}/v1/renders/nobody", headers=KEY) as r:
                 assert r.status == 404
+            live = await create_session(http, srv.url, headers=KEY)
+            async with http.delete(f"{srv.url}/v1/renders/{live['session_id']}", headers=KEY) as r:
+                assert r.status == 404 and "is a live session" in (await r.json())["error"]
+            assert live["session_id"] in srv.engine.sessions  # a DELETE of renders never closes a live session
+            async with http.delete(f"{srv.url}/v1/sessions/{live['session_id']}", headers=KEY) as r:
+                assert r.status == 204
             form = aiohttp.FormData()
             form.add_field("audio", wav.read_bytes(), filename="speech.wav")
             async with http.post(f"{srv.url}/v1/renders", data=form, headers=KEY) as r:
