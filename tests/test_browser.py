@@ -508,3 +508,33 @@ def test_an_overlay_watches_as_a_viewer_beside_the_sdk_connection_that_drives_th
     watching, after = run(main())
     assert watching[0] == 1 and watching[1] == "connected" and watching[2] > 0
     assert after[0] and after[1] == "connected" and after[2] >= 15  # the SDK's frames go on at ~25 a second
+
+
+def test_the_page_makes_a_clip_of_the_typed_text_on_the_server(tiny_pipeline, tmp_path):
+    """"Make a clip" with text typed and no session started: the server makes the video (POST /v1/renders) and the
+    page shows it, playable, under the avatar with a link to download it: the server's MP4, whole."""
+
+    async def main():
+        async with running_server(tiny_pipeline, recordings_dir=tmp_path / "videos") as srv, \
+                async_playwright() as pw, _chromium(pw, tmp_path) as context:
+            page = await context.new_page()
+            await page.goto(f"{srv.url}/?source=none")
+            await page.wait_for_function("document.getElementById('voice').options.length > 0", timeout=30000)
+            await page.fill("#saytext", "Hello there. How are you today?")
+            await page.click("#clip")
+            await page.wait_for_selector("#clipdownload", timeout=60000)
+            duration = await page.evaluate("""new Promise((ok) => {
+              const v = document.getElementById('clipvideo');
+              if (v.readyState >= 1) ok(v.duration); else v.onloadedmetadata = () => ok(v.duration);
+              setTimeout(() => ok(-1), 10000);
+            })""")
+            size = await page.evaluate(
+                "fetch(document.getElementById('clipdownload').href).then((r) => r.blob()).then((b) => b.size)")
+            log = await page.evaluate("document.getElementById('log').innerText")
+            return duration, size, log
+
+    duration, size, log = run(main())
+    saved = list((tmp_path / "videos").glob("*.mp4"))
+    assert "error" not in log and " done: " in log, log
+    assert len(saved) == 1 and saved[0].stat().st_size == size  # the page's clip is the server's video, whole
+    assert duration > 1.5  # Chromium plays it: the speech's length and the rest after it

@@ -113,6 +113,41 @@ export async function createSession({
   return resp.json();
 }
 
+// A clip made on the server (POST /v1/renders): the avatar (avatarId, or a photo `file`) saying an `audio` file or a
+// `text` (spoken with `voice`). Made at real-time pace; waitForRender(info) waits for it. -> the render's info
+// ({render_id, token, status_url, video_url, ...}); throws with the server's reason (e.g. no --recordings-dir: 422).
+export async function createRender({
+  apiKey = null, avatarId = "default", file = null, audio = null, text = null, voice = null, fullFrame = null,
+  framing = null,
+} = {}) {
+  const form = new FormData();
+  if (file) form.append("portrait", file, file.name || "portrait");
+  else form.append("avatar_id", avatarId);
+  if (audio) form.append("audio", audio, audio.name || "audio");
+  if (text) form.append("text", text);
+  if (text && voice) form.append("voice", voice);
+  if (fullFrame !== null) form.append("full_frame", String(fullFrame));
+  if (framing !== null) form.append("framing", String(framing));
+  const resp = await fetch(apiUrl("/v1/renders"), { method: "POST", body: form, headers: authHeaders(apiKey) });
+  if (!resp.ok) throw new Error(`clip: HTTP ${resp.status}: ${await errorText(resp)}`);
+  return resp.json();
+}
+
+// Wait for a render to end, asking every pollMs (onProgress gets each state while it is made); its MP4 as a Blob, or
+// throws with why it has none.
+export async function waitForRender(info, { pollMs = 500, onProgress = null } = {}) {
+  const headers = { Authorization: `Bearer ${info.token}` };
+  for (;;) {
+    const resp = await fetch(sameOrigin(info.status_url), { headers });
+    if (!resp.ok) throw new Error(`clip: HTTP ${resp.status}: ${await errorText(resp)}`);
+    const state = await resp.json();
+    if (state.state === "done") return fetchRecording(state.video_url, info.token);
+    if (state.state !== "rendering") throw new Error(`clip ${state.state}: ${state.error || "no video"}`);
+    if (onProgress) onProgress(state);
+    await new Promise((r) => setTimeout(r, pollMs));
+  }
+}
+
 // A session's recording (an MP4 Blob) once the server saved it: when the session ended (close()) or stopped
 // recording. It waits up to timeoutMs for the save; throws with the server's reason otherwise.
 export async function fetchRecording(url, token, timeoutMs = 15000) {
