@@ -5,6 +5,7 @@ finish. Also what they stand on: `Session.audio_shown` and a recording that a cl
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 
 import numpy as np
@@ -167,14 +168,16 @@ def test_a_render_of_an_audio_file_is_the_avatar_saying_all_of_it_saved_once_don
 
 def test_a_render_that_does_not_finish_leaves_no_video(tiny_pipeline, tmp_path, wav_file, monkeypatch):
     """A render cancelled (DELETE /v1/renders/{id}), whose session is closed under it (DELETE /v1/sessions/{id}) or
-    whose recording fails (a full disk) saves nothing: no file in the recordings folder, its state says why, and the
-    SDK's render() raises RenderFailedError. Speech longer than the session time limit allows is refused at once."""
+    whose recording fails (a full disk) saves nothing: no file in the recordings folder, its state and the webhooks
+    say why, and the SDK's render() raises RenderFailedError. Speech longer than the session time limit allows is
+    refused at once."""
     import aiohttp
 
     from letstalk_rt.client import AvatarClient, RenderFailedError
     from letstalk_rt.errors import OutputError
     from letstalk_rt.media import VideoWriter
     from server_helpers import running_server, wait_until
+    from test_webhooks import receiver
 
     wav = wav_file(20.0)
     videos = tmp_path / "videos"
@@ -193,7 +196,8 @@ def test_a_render_that_does_not_finish_leaves_no_video(tiny_pipeline, tmp_path, 
             form.add_field("audio", wav.read_bytes(), filename="speech.wav")
             async with http.post(f"{srv.url}/v1/renders", data=form, headers=KEY) as r:
                 assert r.status == 422 and "at most 5 s (its session's time limit" in (await r.json())["error"]
-        async with running_server(tiny_pipeline, api_key="k", recordings_dir=videos) as srv, \
+        async with receiver() as (hook, got), \
+                running_server(tiny_pipeline, api_key="k", recordings_dir=videos, webhooks=[hook]) as srv, \
                 aiohttp.ClientSession() as http:
             cancelled = await post(http, srv.url)
             session = srv.engine.sessions[cancelled["render_id"]]
@@ -227,6 +231,12 @@ def test_a_render_that_does_not_finish_leaves_no_video(tiny_pipeline, tmp_path, 
                 state = await r.json()
             assert state["state"] == "failed" and "no space left" in state["error"], state
             monkeypatch.undo()
+            told = lambda: [e["data"] for e in map(json.loads, (body for _, body in got))  # noqa: E731
+                            if e["type"].startswith("render.")]
+            await wait_until(lambda: len(told()) == 3, 10, "the three renders' webhooks")
+            assert [(e["render_id"], e["state"]) for e in told()] == [
+                (cancelled["render_id"], "cancelled"), (closed["render_id"], "failed"), (disk["render_id"], "failed")]
+            assert "no space left" in told()[2]["error"] and told()[0]["error"] == "cancelled by the client"
 
             async with AvatarClient(srv.url, api_key="k") as client:
                 task = asyncio.ensure_future(client.render(tmp_path / "sdk.mp4", audio=wav))
