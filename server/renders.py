@@ -42,7 +42,8 @@ KEPT = 1000  # finished renders whose state GET /v1/renders/{id} still answers (
 @dataclass(eq=False)
 class Render:
     id: str
-    source: AudioSource  # FileSource (an upload) or TextSource, pushed ahead of time
+    source: AudioSource | None  # FileSource (an upload) or TextSource, pushed ahead of time; None once all queued
+    # or settled (a finished render kept for GET /v1/renders/{id} holds no audio)
     speech_s: float | None  # of speech (None: a text, until it is synthesised)
     video_url: str
     created_at: float = field(default_factory=time.time)
@@ -73,6 +74,7 @@ class Render:
         if self.state != "rendering":
             return False
         self.state, self.error, self.finished_at = state, error, time.time()
+        self.source = None
         return True
 
 
@@ -122,9 +124,10 @@ async def run(ss: ServerSession, render: Render) -> None:
     session.catch_up = False  # the speech is kept whole, as it was given: nobody is waiting on its latency
     ss.spawn(_watch(ss), "render-watch")
     try:
-        await render.source.run(session)  # ahead of time: it waits for room in the session's audio queue
-        if render.speech_s is None:
-            render.speech_s = render.source.seconds
+        source = render.source
+        assert source is not None, "a render runs once"
+        await source.run(session)  # ahead of time: it waits for room in the session's audio queue
+        render.speech_s, render.source = source.seconds, None  # all queued: the session holds what is left of it
         shown, since = session.player.pieces_shown, time.monotonic()
         while not session.audio_shown:
             if session.player.pieces_shown != shown:

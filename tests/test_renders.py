@@ -145,6 +145,7 @@ def test_a_render_of_an_audio_file_is_the_avatar_saying_all_of_it_saved_once_don
                 assert r.status == 200 and r.content_type == "video/mp4"
                 (tmp_path / "render.mp4").write_bytes(await r.read())
             await wait_until(lambda: not srv.engine.sessions, 5, "the render's session to close")
+            assert srv.manager.renders.all[rid].source is None  # a finished render kept holds no audio
             async with http.get(f"{srv.url}/health") as r:
                 assert (await r.json())["sessions"] == 0
             async with http.get(f"{srv.url}/metrics") as r:

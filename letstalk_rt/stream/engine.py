@@ -519,9 +519,9 @@ class Session:
         self.player = Player(self, cfg.fps, self.samples_per_frame, cfg.transformer.num_memory, history)
         self.closed = False
         self.close_reason = ""
-        # False: pushed audio is never shortened or sped up to win back latency the engine lost (EngineConfig.catch_up
-        # for this session alone): a recording of it holds the speech exactly as pushed, later where windows were late
-        self.catch_up = True
+        # EngineConfig.catch_up for this session: False, pushed audio is never shortened or sped up to win back latency
+        # the engine lost, so a recording of it holds the speech exactly as pushed (later where windows were late)
+        self.catch_up = engine.config.catch_up
         self.opened_at = time.monotonic()
         self._started_at: float | None = None
         self.first_frame_s: float | None = None  # open -> first frame generated
@@ -1659,7 +1659,7 @@ class StreamEngine:
             voiced = speech and len(pcm) > 0 and w.heard_rms(pcm) > self.config.speech_rms
             w.last_push, w.last_paced = arrival, paced
             came = paced if ahead else arrival  # audio pushed ahead of time counts as come at its pace
-            if speech and self.config.catch_up and s.catch_up and self._skip_silence(s, pcm, came, now, voiced):
+            if speech and s.catch_up and self._skip_silence(s, pcm, came, now, voiced):
                 s.silence_skipped_s += len(pcm) / s.sample_rate
                 continue
             w.unflushed = w.unflushed or len(pcm) > 0
@@ -1834,7 +1834,7 @@ class StreamEngine:
         until it is back within half that. The first speed-up opens a stretcher that stays open, at tempo
         1.0 in between, until the next pause; each speed-up counts as one catch-up run."""
         cfg, w = self.config, s._w
-        if not (cfg.catch_up and s.catch_up) or cfg.catch_up_tempo <= 1.0 or s.player.start is None:
+        if not s.catch_up or cfg.catch_up_tempo <= 1.0 or s.player.start is None:
             return
         behind_ms = self._behind_s(s, paced, now, len(pcm)) * 1000
         off_ms, on_ms = self._catch_up_thresholds_ms()
