@@ -50,6 +50,32 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def resolve_devices(spec: str) -> list[str]:
+    """`letstalk serve --device`: one device (resolve_device), or several comma-separated, one engine on each (an
+    EnginePool); `cuda:all`: every CUDA device here. Each device at most once."""
+    import torch
+
+    if spec == "cuda:all":
+        if not torch.cuda.is_available():
+            raise LetsTalkError("--device cuda:all: no CUDA device is available here; use --device cpu")
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    names = [n.strip() for n in spec.split(",")]
+    if len(names) == 1:
+        return [resolve_device(names[0])]
+    devices: list[str] = []
+    for name in names:
+        if name in ("", "auto"):
+            raise LetsTalkError(f"--device {spec}: name each device of a list (cuda:0,cuda:1), or give one, or auto")
+        device = resolve_device(name)
+        if device.startswith("cuda") and ":" not in device:
+            device = f"cuda:{torch.cuda.current_device()}"
+        if device in devices:
+            raise LetsTalkError(f"--device {spec}: {device} is named twice; each device runs one engine (one copy of "
+                                "the model, its sessions batched together)")
+        devices.append(device)
+    return devices
+
+
 def check_output_file(path: Path | None, flag: str) -> None:
     """Fail before a long run if `path` (an output file written at its end, whole or not at all) cannot be."""
     if path is not None:
@@ -152,9 +178,12 @@ def check_sampling_args(args: argparse.Namespace) -> None:
     audio_guidance_box(args.audio_guidance_box)
 
 
-def add_device_args(p: argparse.ArgumentParser) -> None:
-    """--device and --dtype (the CLI's commands and `letstalk serve`): resolve_device / resolve_dtype read them."""
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+def add_device_args(p: argparse.ArgumentParser, several: bool = False) -> None:
+    """--device and --dtype (the CLI's commands and `letstalk serve`): resolve_device / resolve_dtype read them;
+    `several`: --device may name several (resolve_devices)."""
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)" + (
+        "; or several, one engine and copy of the model on each, new sessions on the least busy: cuda:0,cuda:1 or "
+        "cuda:all" if several else ""))
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--no-cuda-graphs", action="store_true",

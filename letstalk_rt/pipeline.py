@@ -18,7 +18,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -356,6 +356,12 @@ class CudaGraphed:
         if (self.failed or size is None or not n or not x.is_cuda or torch.is_grad_enabled()
                 or any(v is not None and not isinstance(v, (Tensor, bool, int, float, str)) for v in values)):
             return self.fn(x, *args, **kwargs)
+        # on the inputs' device: streams, capture and replay are the current device's, and an engine's threads on
+        # cuda:1 (EnginePool) start with cuda:0 current
+        with torch.cuda.device(x.device):
+            return self._graphed(x, args, kwargs, values, n, size)
+
+    def _graphed(self, x: Tensor, args: tuple, kwargs: dict, values: list, n: int, size: int) -> Tensor:
         padded = [pad_batch(v, n, size) if isinstance(v, Tensor) else v for v in values]
         key = (tuple(kwargs), len(args), torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
                *((tuple(v.shape), v.dtype, v.device) if isinstance(v, Tensor) else v for v in padded))
@@ -691,6 +697,12 @@ class LetsTalkPipeline:
             np.array(Image.fromarray(image).resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.LANCZOS))
         box = tuple(round(v * scale) for v in box)
         return Portrait(image=crop, latent=latent, photo=photo, box=box)  # type: ignore[arg-type]
+
+    def portrait_on_device(self, portrait: Portrait) -> Portrait:
+        """A copy of a portrait another pipeline prepared (another device), its tensors on this one's device."""
+        return replace(portrait, latent=portrait.latent.to(self.device, torch.float32),
+                       detail=None if portrait.detail is None else portrait.detail.to(self.device),
+                       recon_blur=None if portrait.recon_blur is None else portrait.recon_blur.to(self.device))
 
     def full_frame(self, portrait: Portrait, max_side: int = FULL_FRAME_SIDE, framing: float = FRAMING) -> FullFrame:
         """One stream's paster of `portrait`'s animated crops back into its photo, frames at most `max_side` px, with

@@ -39,18 +39,18 @@ import time
 import urllib.parse
 from pathlib import Path
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from aiohttp import WSMsgType, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from letstalk_rt.cli import (add_device_args, add_live_args, add_sampling_args, check_live_args, check_sampling_args,
-                             live_config, pipeline_kwargs, resolve_device)
+                             live_config, pipeline_kwargs, resolve_devices)
 from letstalk_rt.errors import InputError, LetsTalkError, NoFaceError, OutputError
 from letstalk_rt.framing import FRAMING, MAX_PHOTO_SIDE, check_framing
 from letstalk_rt.media import WHITE, decode_audio, parse_colour, upright_image
-from letstalk_rt.stream import CapacityError, FileSource, TextSource, run_off_loop
+from letstalk_rt.stream import CapacityError, EnginePool, FileSource, StreamEngine, TextSource, run_off_loop
 from letstalk_rt.tts import (DEFAULT_VOICE, MAX_TEXT, PITCH_RANGE, RATE_RANGE, Speech, SpeechUnavailable, check_voice,
                              espeak_exe, voices)
 
@@ -71,15 +71,12 @@ from .sessions import (
     render_metrics,
 )
 
-if TYPE_CHECKING:
-    from letstalk_rt.stream import StreamEngine
-
 log = logging.getLogger("letstalk.server")
 
 MANAGER = web.AppKey("manager", SessionManager)
 CONFIG = web.AppKey("config", ServerConfig)
 AVATARS = web.AppKey("avatars", AvatarStore)
-ENGINE = web.AppKey("engine", object)
+ENGINES = web.AppKey("engines", EnginePool)  # one engine per device (--device cuda:0,cuda:1): one, mostly
 
 MAX_WS_MESSAGE = 512 * 1024  # transport cap (1 s of 96 kHz stereo PCM16 is 384 kB); the 1 s rule is checked per format
 MAX_CONTROL_MESSAGE = 32768  # JSON control messages are small; `say` text is at most 5000 characters
@@ -214,9 +211,13 @@ async def health(request: web.Request) -> web.Response:
     # `sessions` counts every slot taken, those held by requests still uploading or preparing included:
     # sessions == max_sessions is exactly when POST /v1/sessions answers 503. Draining (shutting down), 503: a load
     # balancer's health check sends new sessions elsewhere while the open ones finish here.
+    # `engines`: each device's sessions open and cap (new sessions go to the one with the most free slots)
     return web.json_response({"status": "draining" if manager.draining else "ok",
                               "sessions": len(manager.sessions) + manager.admitting,
-                              "admitting": manager.admitting, "max_sessions": manager.max_sessions},
+                              "admitting": manager.admitting, "max_sessions": manager.max_sessions,
+                              "engines": [{"device": str(e.pipeline.device), "sessions": len(e.sessions),
+                                           "max_sessions": e.config.max_sessions}
+                                          for e in manager.engines.engines]},
                              status=503 if manager.draining else 200)
 
 
@@ -239,7 +240,7 @@ async def create_avatar(request: web.Request) -> web.Response:
     """Upload a portrait once; sessions then open on it by id (`avatar_id`) with no upload and no preparation."""
     require_api_key(request)
     app = request.app
-    config, engine, store = app[CONFIG], app[ENGINE], app[AVATARS]
+    config, engines, store = app[CONFIG], app[ENGINES], app[AVATARS]
     fields = await read_in_time(request, _read_fields(request, AVATAR_FIELDS))
     upload = fields.get("portrait")
     if not upload:
@@ -254,7 +255,7 @@ async def create_avatar(request: web.Request) -> web.Response:
     try:
         image = await _decoded_upload(upload, config, background)
         try:
-            portrait = await run_off_loop(engine.pipeline.prepare_portrait, image, config.detect_face)
+            portrait = await run_off_loop(engines.pipeline.prepare_portrait, image, config.detect_face)
         except InputError as e:  # no face (NoFaceError) or an image the model cannot take
             raise api_error(422, str(e)) from None
         avatar = Avatar(avatar_id, name or avatar_id, portrait, uploaded=True, created_at=time.time())
@@ -507,7 +508,7 @@ async def _open_session(request: web.Request, allowed: tuple[str, ...], check: C
     handler needs. Returns (the session, its fields with `voice` and `avatar_id` checked, what `check` returned)."""
     require_api_key(request)
     app = request.app
-    manager, config, engine = app[MANAGER], app[CONFIG], app[ENGINE]
+    manager, config, engines = app[MANAGER], app[CONFIG], app[ENGINES]
     if not manager.try_reserve():  # before reading the body: a full server answers at once
         if manager.draining:
             raise api_error(503, "this server is shutting down; start the session on another one")
@@ -524,8 +525,8 @@ async def _open_session(request: web.Request, allowed: tuple[str, ...], check: C
         framing = _checked_field(fields, "framing", lambda v: check_framing(v, "`framing`"), FRAMING)
         fields["voice"] = await asyncio.to_thread(_checked_field, fields, "voice", check_voice)
         background = _checked_field(fields, "background", lambda v: parse_colour(v, "`background`"))
-        if steps is not None and steps != engine.pipeline.num_steps:
-            raise api_error(422, f"`steps`: this server samples {engine.pipeline.num_steps} step(s) per window for "
+        if steps is not None and steps != engines.pipeline.num_steps:
+            raise api_error(422, f"`steps`: this server samples {engines.pipeline.num_steps} step(s) per window for "
                                  "every session (sessions are batched together); set it at start with --steps")
         avatar_id = fields.get("avatar_id")
         if avatar_id is not None and not isinstance(avatar_id, str):  # JSON's 0, [] or {} is not "none given"
@@ -551,13 +552,13 @@ async def _open_session(request: web.Request, allowed: tuple[str, ...], check: C
         if upload is not None:
             portrait = await _decoded_upload(upload, config, background)
         try:
-            session = await engine.open_session(portrait, seed=seed, detect_face=config.detect_face,
-                                                full_frame=full_frame, framing=framing)
+            session = await engines.open_session(portrait, seed=seed, detect_face=config.detect_face,
+                                                 full_frame=full_frame, framing=framing)
         except NoFaceError as e:
             raise api_error(422, str(e)) from None
         except InputError as e:
             raise api_error(422, str(e)) from None
-        except CapacityError as e:  # not reached while the server is the engine's only user
+        except CapacityError as e:  # not reached while the server is its engines' only user
             raise api_error(503, str(e), headers={"Retry-After": str(config.retry_after_s)}) from None
     finally:
         manager.release()
@@ -604,7 +605,7 @@ async def create_session(request: web.Request) -> web.Response:
         "expires_at": ss.expires_at,
         "offer_url": str(origin.with_path(f"/v1/sessions/{ss.id}/offer")),
         "ws_url": str(ws_origin.with_path(f"/v1/sessions/{ss.id}/ws")),
-        "video": {"width": width, "height": height, "fps": request.app[ENGINE].pipeline.fps,
+        "video": {"width": width, "height": height, "fps": request.app[ENGINES].pipeline.fps,
                   "face_box": list(session.face_box)},
         "audio": {"sample_rate": session.sample_rate, "channels": 1, "format": "pcm_s16le"},
         "ice_servers": ss.ice_servers,
@@ -622,9 +623,9 @@ async def create_session(request: web.Request) -> web.Response:
 async def _render_source(request: web.Request, fields: dict) -> tuple[Any, float | None]:
     """What a render says, checked before its session opens: (an AudioSource pushed ahead of time, its seconds, None
     for a text until it is synthesised)."""
-    config, engine = request.app[CONFIG], request.app[ENGINE]
+    config = request.app[CONFIG]
     _recordings_dir_needed(request, "renders (a render's video is a recording)")
-    rate_hz = engine.pipeline.config.audio.sample_rate
+    rate_hz = request.app[ENGINES].pipeline.config.audio.sample_rate
     audio, text = fields.get("audio"), fields.get("text")
     if (audio is None) == (text is None or text == ""):
         raise api_error(422, "give what the avatar says: either an `audio` file (multipart/form-data) or a `text`, "
@@ -825,6 +826,7 @@ async def get_session(request: web.Request) -> web.Response:
         "viewers": len(ss.viewers),
         "websocket": ss.ws is not None,
         "ice_servers": ss.ice_servers,
+        "device": str(ss.session.pipeline.device),  # the engine it runs on (one per device), for its whole life
         "stats": ss.session.stats(),
     })
 
@@ -1082,8 +1084,8 @@ def _load_avatar_image(source) -> np.ndarray:
 
 
 async def _on_startup(app: web.Application) -> None:
-    engine, config = app[ENGINE], app[CONFIG]
-    await engine.start()  # no-op when the caller started it
+    engines, config = app[ENGINES], app[CONFIG]
+    await engines.start()  # no-op for an engine the caller started
     try:
         espeak_exe()
     except SpeechUnavailable as e:  # the server runs; only `say` and GET /v1/voices answer with this
@@ -1094,7 +1096,7 @@ async def _on_startup(app: web.Application) -> None:
     for avatar_id, source in config.avatars.items():
         try:
             image = await asyncio.to_thread(_load_avatar_image, source)
-            portrait = await run_off_loop(engine.pipeline.prepare_portrait, image, config.detect_face)
+            portrait = await run_off_loop(engines.pipeline.prepare_portrait, image, config.detect_face)
         except (LetsTalkError, OSError) as e:
             log.warning("avatar %r is not available: %s", avatar_id, e)
             continue
@@ -1107,7 +1109,7 @@ async def _on_startup(app: web.Application) -> None:
             continue
         try:
             image = await asyncio.to_thread(decode_image, kept.data, config.max_image_pixels, kept.background or WHITE)
-            portrait = await run_off_loop(engine.pipeline.prepare_portrait, image, config.detect_face)
+            portrait = await run_off_loop(engines.pipeline.prepare_portrait, image, config.detect_face)
         except LetsTalkError as e:
             log.warning("uploaded avatar %r is not loaded: %s", kept.id, e)
             continue
@@ -1120,23 +1122,26 @@ async def _on_startup(app: web.Application) -> None:
 async def _on_cleanup(app: web.Application) -> None:
     await app[MANAGER].stop()
     if app[CONFIG].stop_engine_on_cleanup:
-        await app[ENGINE].stop()
+        await app[ENGINES].stop()
 
 
 async def _on_shutdown(app: web.Application) -> None:
     await app[MANAGER].close_all("server stopping")
 
 
-def create_app(engine: StreamEngine, config: ServerConfig | None = None) -> web.Application:
-    """The aiohttp application around a (started or not) engine; the engine's max_sessions is the cap."""
+def create_app(engines: StreamEngine | EnginePool, config: ServerConfig | None = None) -> web.Application:
+    """The aiohttp application around a (started or not) engine, or a pool of them (one per device): the sum of their
+    max_sessions is the cap."""
+    if isinstance(engines, StreamEngine):
+        engines = EnginePool([engines])
     config = config or ServerConfig()
     middlewares = [error_middleware]
     if config.cors_origins:
         middlewares.insert(0, cors_middleware)
     app = web.Application(middlewares=middlewares, client_max_size=config.max_upload_bytes + 64 * 1024)
-    app[ENGINE] = engine
+    app[ENGINES] = engines
     app[CONFIG] = config
-    app[MANAGER] = SessionManager(engine, config)
+    app[MANAGER] = SessionManager(engines, config)
     app[AVATARS] = AvatarStore(config.avatar_dir, config.max_avatars)
     r = app.router
     r.add_get("/health", health)
@@ -1182,11 +1187,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")
     parser.add_argument("--port", type=int, default=d.port, help=f"port (default {d.port})")
     parser.add_argument("--model", type=Path, default=None, help="model directory (default: the bundled model)")
-    add_device_args(parser)
+    add_device_args(parser, several=True)
     add_sampling_args(parser)
     add_live_args(parser)
     parser.add_argument("--max-sessions", type=int, default=None,
-                        help="admission cap: concurrent sessions on this device (default 8; measure with `letstalk bench`)")
+                        help="admission cap: concurrent sessions on each device (default 8; measure with `letstalk "
+                             "bench`)")
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' to create sessions (default: env LETSTALK_API_KEY)")
     parser.add_argument("--insecure-no-auth", action="store_true",
@@ -1339,21 +1345,25 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
 
 
-def _build_engine(args: argparse.Namespace):
+def _build_engines(args: argparse.Namespace) -> EnginePool:
+    """One engine per --device, each with its own copy of the model; --max-sessions is each one's cap."""
     from letstalk_rt.pipeline import LetsTalkPipeline
-    from letstalk_rt.stream import EngineConfig, StreamEngine
+    from letstalk_rt.stream import EngineConfig
 
-    device = resolve_device(args.device)
+    devices = resolve_devices(args.device)
     check_sampling_args(args)
     check_live_args(args)
-    pipe = LetsTalkPipeline.from_pretrained(args.model, **pipeline_kwargs(args, device))
-    if not pipe.config.trained:
-        print("letstalk serve: warning: this model is UNTRAINED (random weights): the avatar will not look like a "
-              "talking face. " + pipe.config.description, file=sys.stderr)
     defaults = EngineConfig()
     cap = args.max_sessions or defaults.max_sessions
-    return StreamEngine(pipe, EngineConfig(max_sessions=cap, max_batch=min(cap, defaults.max_batch),
-                                           warmup=not args.no_warmup, **live_config(args)))
+    engines = []
+    for device in devices:
+        pipe = LetsTalkPipeline.from_pretrained(args.model, **pipeline_kwargs(args, device))
+        engines.append(StreamEngine(pipe, EngineConfig(max_sessions=cap, max_batch=min(cap, defaults.max_batch),
+                                                       warmup=not args.no_warmup, **live_config(args))))
+    if not engines[0].pipeline.config.trained:
+        print("letstalk serve: warning: this model is UNTRAINED (random weights): the avatar will not look like a "
+              "talking face. " + engines[0].pipeline.config.description, file=sys.stderr)
+    return EnginePool(engines)
 
 
 async def _serve(app: web.Application, config: ServerConfig) -> None:
@@ -1365,11 +1375,12 @@ async def _serve(app: web.Application, config: ServerConfig) -> None:
             await site.start()
         except OSError as e:
             raise LetsTalkError(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}") from None
-        engine = app[ENGINE]
+        engines = app[ENGINES]
         port = site._server.sockets[0].getsockname()[1] if site._server and site._server.sockets else config.port
         auth = "API key" if config.api_key else "none (loopback)" if _is_loopback(config.host) else "NONE (insecure)"
-        print(f"letstalk serve: http://{config.host}:{port}/  (max {engine.config.max_sessions} sessions, "
-              f"{engine.pipeline.config.image_size}px @ {engine.pipeline.fps} fps, auth: {auth}); Ctrl-C to stop",
+        on = ", ".join(str(e.pipeline.device) for e in engines.engines)
+        print(f"letstalk serve: http://{config.host}:{port}/  (max {engines.max_sessions} sessions on {on}, "
+              f"{engines.pipeline.config.image_size}px @ {engines.pipeline.fps} fps, auth: {auth}); Ctrl-C to stop",
               file=sys.stderr, flush=True)
         if config.ice_servers:
             turn = (f"TURN credentials made per session, valid {config.turn_ttl_s:g} s" if config.turn_secret
@@ -1403,8 +1414,8 @@ def serve_main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aioice").setLevel(logging.WARNING)  # one line per ICE check otherwise
     config = config_from_args(args)  # refuse an unauthenticated public bind before loading anything
-    engine = _build_engine(args)
-    asyncio.run(_serve(create_app(engine, config), config))
+    engines = _build_engines(args)
+    asyncio.run(_serve(create_app(engines, config), config))
 
 
 def main(argv: list[str] | None = None) -> int:

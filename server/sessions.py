@@ -66,7 +66,7 @@ from .webhooks import Webhooks
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from letstalk_rt.stream import Session, StreamEngine
+    from letstalk_rt.stream import EnginePool, Session
 
 log = logging.getLogger("letstalk.server")
 
@@ -302,7 +302,7 @@ def render_metrics(manager: SessionManager) -> str:
             lines.append(f"{name}{labels} {_fmt(value)}")
 
     metric("letstalk_sessions_active", "gauge", "Sessions open now.", [("", len(manager.sessions))])
-    metric("letstalk_sessions_max", "gauge", "Admission cap (engine max_sessions).", [("", manager.max_sessions)])
+    metric("letstalk_sessions_max", "gauge", "Admission cap (each engine's max_sessions, summed over the devices).", [("", manager.max_sessions)])
     metric("letstalk_draining", "gauge", "1 while the server shuts down gently: new sessions refused, open ones going "
            "on (--drain-seconds).", [("", int(manager.draining))])
     metric("letstalk_sessions_total", "counter", "Sessions created since start.", [("", m.sessions_total)])
@@ -350,23 +350,29 @@ def render_metrics(manager: SessionManager) -> str:
            [("", sum(len(ss.viewers) for ss in manager.sessions.values()))])
     metric("letstalk_event_streams", "gauge", "Event streams (GET /v1/sessions/{id}/events) open now.",
            [("", sum(len(ss.listeners) for ss in manager.sessions.values()))])
-    state = manager.engine.running_state()
-    threads = state["torch_threads"]
+    # one engine per device (--device cuda:0,cuda:1), labelled by its index; letstalk_engine_info names its device
+    engines = [(f'{{engine="{i}"}}', e, e.running_state()) for i, e in enumerate(manager.engines.engines)]
+    metric("letstalk_engine_info", "gauge", "1 for each engine (one per device, its own copy of the model).",
+           [(f'{{engine="{i}",device="{e.pipeline.device}"}}', 1) for i, e in enumerate(manager.engines.engines)])
+    metric("letstalk_engine_sessions", "gauge", "Sessions open on each engine now (new ones go to the least busy).",
+           [(label, len(e.sessions)) for label, e, _ in engines])
     metric("letstalk_engine_torch_threads", "gauge", "Torch threads the engine's worker runs (--threads); NaN: torch's own.",
-           [("", float(threads) if threads is not None else float("nan"))])
+           [(label, float("nan") if st["torch_threads"] is None else float(st["torch_threads"]))
+            for label, _, st in engines])
     metric("letstalk_engine_threads_changes_total", "counter",
            "Times the worker lowered its auto threads (windows fell behind real time: another process took the cores) "
            "or tried more again.",
-           [('{direction="lowered"}', state["threads_lowered"]), ('{direction="raised"}', state["threads_raised"])])
+           [(f'{label[:-1]},direction="{d}"}}', st[f"threads_{d}"]) for label, _, st in engines
+            for d in ("lowered", "raised")])
     metric("letstalk_engine_noise_draws", "gauge", "Noise draws averaged per window now (the model's, or 1 after the "
-           "engine fell behind real time with more).", [("", state["noise_draws"])])
+           "engine fell behind real time with more).", [(label, st["noise_draws"]) for label, _, st in engines])
     metric("letstalk_engine_draws_lowered_total", "counter",
            "Times the worker dropped to 1 noise draw per window because windows fell behind real time.",
-           [("", state["draws_lowered"])])
+           [(label, st["draws_lowered"]) for label, _, st in engines])
     metric("letstalk_engine_decode_overlapped", "gauge", "1 where a window is decoded beside the next one's sampling.",
-           [("", int(state["decode_overlapped"]))])
+           [(label, int(st["decode_overlapped"])) for label, _, st in engines])
     metric("letstalk_engine_heap_trims_total", "counter", "Times the engine handed the memory the C library held freed "
-           "back to the system (--trim-heap-every).", [("", state["heap_trims"])])
+           "back to the system (--trim-heap-every).", [(label, st["heap_trims"]) for label, _, st in engines])
     if (rss := resident_memory_bytes()) is not None:  # Linux
         metric("letstalk_process_resident_memory_bytes", "gauge", "The server process's resident memory.", [("", rss)])
     return "\n".join(lines) + "\n"
@@ -837,8 +843,8 @@ class ServerSession:
 
 
 class SessionManager:
-    def __init__(self, engine: StreamEngine, config: ServerConfig) -> None:
-        self.engine = engine
+    def __init__(self, engines: EnginePool, config: ServerConfig) -> None:
+        self.engines = engines  # one engine per device
         self.config = config
         self.signer = TokenSigner(config.token_secret)
         self.metrics = Metrics()
@@ -854,17 +860,21 @@ class SessionManager:
 
     @property
     def max_sessions(self) -> int:
-        return self.engine.config.max_sessions
+        return self.engines.max_sessions
 
     # -- admission
 
     def try_reserve(self) -> bool:
         """Take a slot before any expensive work, or say no at once."""
-        if self.draining or len(self.engine.sessions) + self._admitting >= self.max_sessions:
+        if self.draining or self.open_sessions() + self._admitting >= self.max_sessions:
             self.metrics.refused_total += 1
             return False
         self._admitting += 1
         return True
+
+    def open_sessions(self) -> int:
+        """Sessions open on the engines (renders and sessions not added yet included)."""
+        return sum(len(e.sessions) for e in self.engines.engines)
 
     def release(self) -> None:
         self._admitting -= 1

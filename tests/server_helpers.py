@@ -42,13 +42,15 @@ class Server:
 @contextlib.asynccontextmanager
 async def running_server(pipeline, max_sessions: int = 4, engine_config: dict | None = None, **config):
     """The app on 127.0.0.1:<ephemeral> around a fresh engine (no warm-up, `engine_config`'s EngineConfig fields)
-    on `pipeline`."""
+    on `pipeline`; a list of pipelines: an EnginePool of one such engine on each, `max_sessions` each."""
     from letstalk_rt.bench_webrtc import local_server
-    from letstalk_rt.stream import EngineConfig, StreamEngine
+    from letstalk_rt.stream import EngineConfig, EnginePool, StreamEngine
     from server import ServerConfig
 
-    engine = StreamEngine(pipeline, EngineConfig(**{"warmup": False, "max_sessions": max_sessions,
-                                                    "max_batch": min(max_sessions, 4), **(engine_config or {})}))
+    engines = [StreamEngine(p, EngineConfig(**{"warmup": False, "max_sessions": max_sessions,
+                                               "max_batch": min(max_sessions, 4), **(engine_config or {})}))
+               for p in (pipeline if isinstance(pipeline, list) else [pipeline])]
+    engine = engines[0] if len(engines) == 1 else EnginePool(engines)
     try:
         async with local_server(engine, ServerConfig(port=0, **config)) as (url, app):
             yield Server(url, app, engine)

@@ -120,7 +120,8 @@ def test_health_metrics_and_avatars(tiny_pipeline, monkeypatch):
                 aiohttp.ClientSession() as http:
             async with http.get(f"{srv.url}/health") as r:
                 assert r.status == 200
-                assert await r.json() == {"status": "ok", "sessions": 0, "admitting": 0, "max_sessions": 3}
+                assert await r.json() == {"status": "ok", "sessions": 0, "admitting": 0, "max_sessions": 3,
+                                          "engines": [{"device": "cpu", "sessions": 0, "max_sessions": 3}]}
             async with http.get(f"{srv.url}/v1/avatars") as r:
                 assert (await r.json())["avatars"] == [{"id": "default", "name": "Bundled portrait", "uploaded": False}]
             info = await create_session(http, srv.url)
@@ -149,7 +150,7 @@ def test_health_metrics_and_avatars(tiny_pipeline, monkeypatch):
         if line.startswith("#"):
             assert re.match(r"# (HELP|TYPE) letstalk_\w+ ", line), line
             continue
-        m = re.fullmatch(r'(letstalk_\w+)(\{\w+="[^"]*"\})? (-?[0-9.e+]+|NaN)', line)
+        m = re.fullmatch(r'(letstalk_\w+)(\{\w+="[^"]*"(?:,\w+="[^"]*")*\})? (-?[0-9.e+]+|NaN)', line)
         assert m, f"not Prometheus exposition format: {line!r}"
         values[m.group(1) + (m.group(2) or "")] = float(m.group(3))
     assert values["letstalk_sessions_active"] == 1
@@ -164,16 +165,19 @@ def test_health_metrics_and_avatars(tiny_pipeline, monkeypatch):
     assert 0 < p50 <= p95 < 5
     assert values["letstalk_speech_to_screen_latency_seconds_count"] > 0
     assert values["letstalk_errors_total"] == 0
-    assert values["letstalk_engine_torch_threads"] >= 1 or math.isnan(values["letstalk_engine_torch_threads"])
-    assert values['letstalk_engine_threads_changes_total{direction="lowered"}'] == 0
-    assert values["letstalk_engine_noise_draws"] == tiny_pipeline.noise_draws >= 1
-    assert values["letstalk_engine_draws_lowered_total"] == 0
-    assert values["letstalk_engine_decode_overlapped"] == int(state["decode_overlapped"])
+    assert values['letstalk_engine_info{engine="0",device="cpu"}'] == 1  # one engine: the device's
+    assert values['letstalk_engine_sessions{engine="0"}'] == 1
+    threads = values['letstalk_engine_torch_threads{engine="0"}']
+    assert threads >= 1 or math.isnan(threads)
+    assert values['letstalk_engine_threads_changes_total{engine="0",direction="lowered"}'] == 0
+    assert values['letstalk_engine_noise_draws{engine="0"}'] == tiny_pipeline.noise_draws >= 1
+    assert values['letstalk_engine_draws_lowered_total{engine="0"}'] == 0
+    assert values['letstalk_engine_decode_overlapped{engine="0"}'] == int(state["decode_overlapped"])
     from letstalk_rt.stream.engine import _glibc
 
     trims = 2 if _glibc("malloc_trim") is not None else 0  # glibc only; 1.5 s of the stream alone holds 5 trims
-    assert trims_before <= values["letstalk_engine_heap_trims_total"] <= state["heap_trims"]
-    assert values["letstalk_engine_heap_trims_total"] >= trims
+    assert trims_before <= values['letstalk_engine_heap_trims_total{engine="0"}'] <= state["heap_trims"]
+    assert values['letstalk_engine_heap_trims_total{engine="0"}'] >= trims
     if sys.platform.startswith("linux"):
         assert 50 * 2**20 < values["letstalk_process_resident_memory_bytes"] < 64 * 2**30
 
@@ -258,7 +262,8 @@ def test_python_m_server_serves_and_stops_cleanly_on_sigterm(tiny_model_dir):
             url = m.group(1) if m else None
         assert url, "server did not print its URL"
         with urllib.request.urlopen(f"{url}/health", timeout=10) as r:
-            assert json.load(r) == {"status": "ok", "sessions": 0, "admitting": 0, "max_sessions": 2}
+            assert json.load(r) == {"status": "ok", "sessions": 0, "admitting": 0, "max_sessions": 2,
+                                    "engines": [{"device": "cpu", "sessions": 0, "max_sessions": 2}]}
         request = urllib.request.Request(f"{url}/v1/sessions", data=b'{"avatar_id": "default"}',
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=30) as r:
@@ -495,7 +500,8 @@ def test_stalled_or_cut_off_uploads_free_their_slot(tiny_pipeline, caplog):
                     b"Content-Length: 10\r\n")
             reader, writer = await _raw_request(port, head, b"{")  # 1 byte of 10, then nothing
             await wait_until(lambda: srv.manager.admitting == 1, 5, "the stalled request to hold a slot")
-            assert await _health(http, url) == {"status": "ok", "sessions": 1, "admitting": 1, "max_sessions": 1}
+            assert await _health(http, url) == {"status": "ok", "sessions": 1, "admitting": 1, "max_sessions": 1,
+                                                 "engines": [{"device": "cpu", "sessions": 0, "max_sessions": 1}]}
             async with http.post(f"{url}/v1/sessions", json={"avatar_id": "default"}) as r:
                 assert r.status == 503  # the slot is held while the body is awaited ...
             t0 = time.monotonic()

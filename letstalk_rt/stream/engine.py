@@ -1131,6 +1131,7 @@ class StreamEngine:
         self._try_fewer = False  # the first windows at 1 draw since start may try fewer threads (_try_fewer_threads)
         self._idle: torch.Tensor | None = None  # tokens of a window of silence (_idle_tokens)
         self.windows_run = 0
+        self._failed_at = self._decoded_at = -math.inf  # monotonic: a window's last failure, its last whole decode
         self._decode_q: queue.Queue | None = None  # worker -> decode thread, one window in hand at most
         self._decoder: threading.Thread | None = None
         self._trimmer: asyncio.Task | None = None  # trim_heap every EngineConfig.trim_heap_every_s
@@ -1526,13 +1527,15 @@ class StreamEngine:
         the model's size."""
         if self._thread is None:
             raise LetsTalkError("call `await engine.start()` before opening sessions")
-        if len(self.sessions) + self._reserved >= self.config.max_sessions:
+        if self.free_slots() <= 0:
             raise CapacityError(f"this engine already runs {self.config.max_sessions} sessions; retry later")
         self._reserved += 1  # hold the slot through the (slow) portrait preparation
         release_openmp_threads()  # the loop's thread may have prepared this portrait itself since start()
         try:
             if not isinstance(portrait, Portrait):
                 portrait = await run_off_loop(self.pipeline.prepare_portrait, portrait, detect_face)
+            elif portrait.latent.device != self.pipeline.device:  # prepared by another engine (EnginePool)
+                portrait = await run_off_loop(self.pipeline.portrait_on_device, portrait)
             # Off the loop too: on a GPU the stream's copy of the portrait latent waits for the window the worker is
             # running, and the loop would stall that long, every other session's paced frames with it.
             stream = await run_off_loop(self.pipeline.new_stream, portrait, seed)
@@ -1549,6 +1552,10 @@ class StreamEngine:
             self.sessions[session.id] = session
             self._cond.notify()
         return session
+
+    def free_slots(self) -> int:
+        """Sessions this engine may still open: its cap less those open and those being opened."""
+        return self.config.max_sessions - len(self.sessions) - self._reserved
 
     def _remove(self, session: Session) -> None:
         with self._cond:
@@ -1933,11 +1940,19 @@ class StreamEngine:
                 self._decode_q.join()
             self._decode(t0, worker_ms, batch)
 
+    @property
+    def failing(self) -> bool:
+        """The last window this engine ran failed in the model (a device that fails every window: a lost GPU);
+        EnginePool opens new sessions elsewhere while it is."""
+        return self._failed_at > self._decoded_at
+
     @staticmethod
     def _fail_session(s: Session, stage: str, e: BaseException) -> None:
         """End one session with an error event (from a worker thread); the others keep running. The worker
         plans nothing more for it, so one failure is one error event, not one per plan until it closes."""
         s._w.failed = True
+        if stage != "audio processing":
+            s.engine._failed_at = time.monotonic()
         log.error("%s failed for session %s", stage, s.id, exc_info=e)
         what = "audio processing failed" if stage == "audio processing" else f"generation failed ({stage})"
         _post(s, s._fail, f"{what}: {type(e).__name__}: {e}")
@@ -1990,6 +2005,7 @@ class StreamEngine:
             done += step
             need_ms = max(need_ms, (time.perf_counter() - t0) * 1000 - (done - step) * 1000 / p.fps)
         dec_ms = (time.perf_counter() - t1) * 1000
+        self._decoded_at = time.monotonic()
         self._gen_ms[frames] = 0.8 * self._gen_ms.get(frames, need_ms) + 0.2 * need_ms
         if frames == self.window and not retry:
             self._note_window(worker_ms if overlapped else worker_ms + dec_ms, sample_ms=batch[0][4].generate_ms,
