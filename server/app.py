@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import io
 import ipaddress
@@ -1356,10 +1357,13 @@ def _build_engines(args: argparse.Namespace) -> EnginePool:
     defaults = EngineConfig()
     cap = args.max_sessions or defaults.max_sessions
     engines = []
-    for device in devices:
+    for i, device in enumerate(devices):
         pipe = LetsTalkPipeline.from_pretrained(args.model, **pipeline_kwargs(args, device))
-        engines.append(StreamEngine(pipe, EngineConfig(max_sessions=cap, max_batch=min(cap, defaults.max_batch),
-                                                       warmup=not args.no_warmup, **live_config(args))))
+        config = EngineConfig(max_sessions=cap, max_batch=min(cap, defaults.max_batch), warmup=not args.no_warmup,
+                              **live_config(args))
+        if i:  # handing freed memory back is the process's, not a device's: the first engine does it for all
+            config = dataclasses.replace(config, trim_heap_every_s=0)
+        engines.append(StreamEngine(pipe, config))
     if not engines[0].pipeline.config.trained:
         print("letstalk serve: warning: this model is UNTRAINED (random weights): the avatar will not look like a "
               "talking face. " + engines[0].pipeline.config.description, file=sys.stderr)
