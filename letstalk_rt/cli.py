@@ -33,6 +33,8 @@ def resolve_device(name: str) -> str:
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if "," in name or name == "cuda:all":
+        raise LetsTalkError(f"--device {name}: this command runs on one device; `letstalk serve` takes several")
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
@@ -64,8 +66,9 @@ def resolve_devices(spec: str) -> list[str]:
         return [resolve_device(names[0])]
     devices: list[str] = []
     for name in names:
-        if name in ("", "auto"):
-            raise LetsTalkError(f"--device {spec}: name each device of a list (cuda:0,cuda:1), or give one, or auto")
+        if name in ("", "auto", "cuda:all"):
+            raise LetsTalkError(f"--device {spec}: name each device of a list (cuda:0,cuda:1); auto and cuda:all "
+                                "stand alone")
         device = resolve_device(name)
         if device.startswith("cuda") and ":" not in device:
             device = f"cuda:{torch.cuda.current_device()}"

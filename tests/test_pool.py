@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import speechlike
-from letstalk_rt.cli import resolve_devices
+from letstalk_rt.cli import resolve_device, resolve_devices
 from letstalk_rt.errors import LetsTalkError
 from letstalk_rt.pipeline import LetsTalkPipeline
 from letstalk_rt.stream import CapacityError, EngineConfig, EnginePool, StreamEngine
@@ -139,6 +139,8 @@ def test_a_device_list_names_each_device_once():
         resolve_devices("cpu,cpu")
     with pytest.raises(LetsTalkError, match="name each device"):
         resolve_devices("cpu,auto")
+    with pytest.raises(LetsTalkError, match="runs on one device; `letstalk serve` takes several"):
+        resolve_device("cuda:0,cuda:1")  # every other command's --device
     if not torch.cuda.is_available():
         with pytest.raises(LetsTalkError, match="no CUDA device"):
             resolve_devices("cuda:all")
