@@ -912,8 +912,9 @@ class AvatarClient:
         await self.close()
 
     async def health(self) -> dict:
-        """{"status": "ok", "sessions", "admitting", "max_sessions"}; "status": "draining" while the server shuts down
-        gently (its 503: open sessions go on, new ones are refused)."""
+        """{"status": "ok", "sessions", "admitting", "max_sessions", "engines"} ("engines": each device's sessions and
+        cap); "status": "draining" while the server shuts down gently (its 503: open sessions go on, new ones are
+        refused)."""
         async with self._require_http().get(self._url("/health")) as resp:
             if resp.status == 503 and resp.content_type == "application/json":
                 body = await resp.json()
