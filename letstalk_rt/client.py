@@ -1007,8 +1007,9 @@ class AvatarClient:
         `text` (spoken with `voice`, `rate`, `pitch`), and save it to `out` (MP4, written under a temporary name and
         renamed). The avatar: `portrait` (uploaded for this render) or `avatar_id` (default "default"); `seed`,
         `full_frame`, `framing` and `background` as in `start_session`. The server (started with `--recordings-dir`)
-        makes it at real-time pace in one of its session slots; this waits for it, asking every `poll_s`, and returns
-        the render's final state ({"render_id", "state": "done", "speech_seconds", "rendered_seconds", "video_url",
+        makes it in one of its session slots, as fast as its live sessions leave the device room (faster than real
+        time where it has room); this waits for it, asking every `poll_s`, and returns the render's final state
+        ({"render_id", "state": "done", "speech_seconds", "rendered_seconds", "seconds_taken", "video_url",
         "captions_url"}: a text's captions, `download_captions(render_id, ...)`). Cancelled on the server if this is
         cancelled. RenderFailedError when it ends without a video; RequestError (422) for what the server refuses
         at once, ServerBusyError (503) when it is full."""

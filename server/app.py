@@ -839,10 +839,12 @@ async def delete_session(request: web.Request) -> web.Response:
 
 
 def _no_input_to_renders(ss: ServerSession, what: str) -> None:
-    """A render's session takes no speech or control (they would change the video): 409 saying how to follow it."""
+    """A render's session takes no speech or control (they would change the video) and has no live tracks (it is made
+    faster than real time): 409 saying how to follow it."""
     if ss.render is not None:
-        raise api_error(409, f"session {ss.id} is a render: it takes no {what}. Watch it with POST "
-                             f"/v1/sessions/{ss.id}/viewers, follow its events at /v1/sessions/{ss.id}/events")
+        raise api_error(409, f"session {ss.id} is a render: it takes no {what}. Follow it at /v1/renders/{ss.id} or "
+                             f"its events at /v1/sessions/{ss.id}/events, and fetch its video at "
+                             f"/v1/recordings/{ss.id} once it is done")
 
 
 async def offer(request: web.Request) -> web.Response:
@@ -906,6 +908,7 @@ async def _answer_offer(request: web.Request, ss: ServerSession, negotiate):
 async def add_viewer(request: web.Request) -> web.Response:
     """WHEP-style: a watch-only peer connection of the session (an overlay beside the client that drives it)."""
     ss = authorize_session(request, allow_api_key=True)
+    _no_input_to_renders(ss, "viewer (it is made as fast as the device allows, not in real time)")
     if request.content_type != "application/sdp":
         raise api_error(415, f"Content-Type {request.content_type!r}: send the SDP offer as application/sdp")
     if request.app[CONFIG].max_viewers <= 0:

@@ -1,15 +1,15 @@
 """Renders (POST /v1/renders): a video of an avatar saying an audio file or a text, made on the server and fetched when
 it is done, for an application that wants a clip rather than a stream (a video message, a clip to post).
 
-A render is a session that nobody but the server watches: it is opened on the avatar like any session, recorded, read
-off its clock by the server itself (as a viewer's tracks would read it), and fed the whole speech ahead of time. Once
-every piece of the speech has been shown (`Session.audio_shown`) and `REST_S` of rest after it, its recording is
-saved and the session closed. So a render is made at real-time pace, batched with the live sessions like any other,
-and holds one of the server's session slots while it runs; its video is the session's recording
-(`/v1/recordings/{id}`, with captions for a text). A render that does not finish (cancelled, a failed synthesis or
-window, the server stopping) saves nothing: the recording is discarded, so no partial video is left looking complete.
-
-For many videos faster than real time on a machine of one's own, `letstalk generate` renders offline.
+A render is a session that nobody but the server watches: it is opened on the avatar like any session, unpaced
+(`Session.unpace`: its frames come as fast as the engine makes them, with no real-time clock), recorded, read by the
+server itself, and fed the whole speech ahead of time. Once every piece of the speech has been shown
+(`Session.audio_shown`) and `REST_S` of rest after it, its recording is saved and the session closed. The engine
+makes its windows in the time the live sessions leave it, and batches them with theirs where it can: on a device with
+room a render goes faster than real time, and it never makes a live session late. It holds one of the server's
+session slots while it runs; its video is the session's recording (`/v1/recordings/{id}`, with captions for a text).
+A render that does not finish (cancelled, a failed synthesis or window, the server stopping) saves nothing: the
+recording is discarded, so no partial video is left looking complete.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ log = logging.getLogger("letstalk.server")
 MAX_SPEECH_S = 3600.0  # an audio upload's length (a text is at most tts.MAX_TEXT characters, ~5 minutes)
 REST_S = 0.5  # of the avatar at rest after the speech (the mouth closes within one window)
 MARGIN_S = 10.0  # a session's time limit (--max-session-minutes) must leave this after an upload's speech
-STALL_S = 30.0  # a render none of whose speech was shown for this long, all of it queued, has failed
-POLL_S = 0.05
+STALL_S = 30.0  # a render that got no frame for this long has failed
+BACKLOG_S = 2.0  # frames read ahead of the recording's encoder at most (it encodes more slowly than a GPU renders)
 KEPT = 1000  # finished renders whose state GET /v1/renders/{id} still answers (their videos are recordings)
 
 
@@ -50,20 +50,17 @@ class Render:
     state: str = "rendering"  # then "done", "failed" or "cancelled"
     error: str | None = None
     video_s: float | None = None  # the saved video's length
-    held_frames: int = 0  # of its frames, held ones (a window was late: the frame before shown again, silent)
     captions: bool = False  # the saved video has captions (a text's sentences)
     finished_at: float | None = None
     seen_error: str | None = None  # the session's last error event (why it closed)
 
     def describe(self, session: Session | None = None) -> dict:
         """Its state; `session`: its session while it is made (how far it got)."""
-        if session is not None:
-            rendered_s, held = session.player.tick / session.player.fps, session.player.fillers
-        else:
-            rendered_s, held = self.video_s or 0.0, self.held_frames
+        rendered_s = session.player.tick / session.player.fps if session is not None else self.video_s or 0.0
         return {"render_id": self.id, "state": self.state, "created_at": round(self.created_at, 3),
                 "speech_seconds": None if self.speech_s is None else round(self.speech_s, 2),
-                "rendered_seconds": round(rendered_s, 2), "held_frames": held,
+                "rendered_seconds": round(rendered_s, 2),
+                "seconds_taken": round((self.finished_at or time.time()) - self.created_at, 2),  # its speed
                 "video_url": self.video_url,
                 "captions_url": f"{self.video_url}/captions" if self.captions else None,
                 **({"error": self.error} if self.error else {}),
@@ -100,55 +97,64 @@ class Renders:
         return sum(r.state == "rendering" for r in self.all.values())
 
 
-async def _watch(ss: ServerSession) -> None:
-    """Read the session's frames off its clock, as a viewer would: the clock runs, and the recording gets every tick."""
-    async for _ in ss.session.frames():
-        pass
+async def _next_frame(frames) -> bool:
+    """Read the session's next frame: False when it closed; OutputError if none comes within STALL_S."""
+    try:
+        await asyncio.wait_for(anext(frames), STALL_S)
+        return True
+    except StopAsyncIteration:
+        return False
+    except asyncio.TimeoutError:
+        raise OutputError(f"the render stalled: no frame was made for {STALL_S:.0f} s") from None
 
 
-async def _still_recording(session: Session) -> None:
-    """Wait a moment; OutputError (why) if the session's recording failed meanwhile (a full disk, an encoder too far
-    behind): the render is lost, and ends now rather than at the end of its speech. A closed session's render is
-    settled by SessionManager.close, which cancels this."""
-    await asyncio.sleep(POLL_S)
-    if session.recording is None and not session.closed:
+async def _keep_recording(session: Session) -> None:
+    """Wait while the recording's encoder is more than BACKLOG_S behind; OutputError (why) if it failed meanwhile (a
+    full disk, an encoder too far behind): the render is lost, and ends now rather than at the end of its speech."""
+    recording = session.recording
+    while recording is not None and recording.queued > BACKLOG_S * session.player.fps:
+        await asyncio.sleep(0.02)
+        recording = session.recording
+    if recording is None and not session.closed:
         await session.stop_recording()  # raises the recording's error
 
 
 async def run(ss: ServerSession, render: Render) -> None:
-    """Feed the speech, wait until it has all been shown and a rest after it, save the video, close the session.
-    Anything that stops it first (a failed synthesis, a window that failed, a DELETE, the server stopping) ends the
-    render without a video (`SessionManager.close` settles it)."""
+    """Feed the speech, read every frame until it has all been shown and a rest after it, save the video, close the
+    session. Anything that stops it first (a failed synthesis, a window that failed, a DELETE, the server stopping)
+    ends the render without a video (`SessionManager.close` settles it, and cancels this)."""
     session, manager = ss.session, ss.manager
     fps = session.player.fps
-    session.catch_up = False  # the speech is kept whole, as it was given: nobody is waiting on its latency
-    ss.spawn(_watch(ss), "render-watch")
+    session.unpace()  # frames as fast as they are made; the speech kept whole, as it was given
+    source = render.source
+    assert source is not None, "a render runs once"
+    feeding = asyncio.ensure_future(source.run(session))  # ahead of time: it waits for room in the audio queue
+    frames = session.frames()
     try:
-        source = render.source
-        assert source is not None, "a render runs once"
-        await source.run(session)  # ahead of time: it waits for room in the session's audio queue
-        render.speech_s, render.source = source.seconds, None  # all queued: the session holds what is left of it
-        shown, since = session.player.pieces_shown, time.monotonic()
-        while not session.audio_shown:
-            if session.player.pieces_shown != shown:
-                shown, since = session.player.pieces_shown, time.monotonic()
-            elif time.monotonic() - since > STALL_S:
-                raise OutputError(f"the render stalled: none of its speech was shown for {STALL_S:.0f} s")
-            await _still_recording(session)
-        rest_until = session.player.tick + round(REST_S * fps)
-        while session.player.tick < rest_until:
-            await _still_recording(session)
+        rest_until = None
+        while rest_until is None or session.player.tick < rest_until:
+            if not await _next_frame(frames) or session.closed:  # settled by SessionManager.close
+                return
+            await _keep_recording(session)
+            if feeding.done():
+                feeding.result()  # a failed synthesis raises here
+                if render.source is not None:
+                    render.speech_s, render.source = source.seconds, None  # all queued: the session holds the rest
+                if rest_until is None and session.audio_shown:
+                    rest_until = session.player.tick + round(REST_S * fps)
         recording = session.recording
         await session.stop_recording()
         render.video_s = recording.seconds if recording is not None else None
-        render.held_frames = session.player.fillers
         render.captions = recording is not None and recording.cues.count > 0
         if render.end("done"):
             manager.render_ended(render)
         await manager.close(ss, "rendered")
-    except Exception as e:  # the synthesis failed (tts), the recording was not saved (disk), too slow
+    except Exception as e:  # the synthesis failed (tts), the recording was not saved (disk), stalled
         if not isinstance(e, LetsTalkError):
             log.exception("render %s failed", render.id)
         if render.end("failed", str(e) if isinstance(e, LetsTalkError) else f"{type(e).__name__}: {e}"):
             manager.render_ended(render)
         await manager.close(ss, "render failed")
+    finally:
+        feeding.cancel()
+        await frames.aclose()

@@ -8,7 +8,7 @@ Each event is one JSON POST, `{"type", "id", "time", "data": {...}}`:
 - `recording.saved`  its recording is saved (`session_id`, `url`, `bytes`, `seconds`, `captions_url` or null)
 - `recording.failed` its recording was not saved (`session_id`, `error`)
 - `render.done`, `render.failed`, `render.cancelled`  a render (POST /v1/renders) ended: its state (`render_id`,
-                     `state`, `speech_seconds`, `rendered_seconds`, `held_frames`, `video_url`, `captions_url`,
+                     `state`, `speech_seconds`, `rendered_seconds`, `seconds_taken`, `video_url`, `captions_url`,
                      `error`: as GET /v1/renders/{id})
 
 With a secret, each POST is signed: `X-Letstalk-Timestamp: T` (unix seconds) and

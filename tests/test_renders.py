@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from conftest import speechlike
 from letstalk_rt.stream import EngineConfig, StreamEngine
 from letstalk_rt.stream.events import RecordingStopped
 from server_helpers import run
+from test_engine import _push_in_real_time
 from test_recording import _portrait, read_mp4
 
 KEY = {"Authorization": "Bearer k"}
@@ -71,6 +73,111 @@ def test_audio_shown_turns_true_on_the_frame_that_plays_the_last_piece_pushed(ti
 
     run(main())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.mp4"]  # no partial file of the discarded one
+
+
+@pytest.mark.parametrize("free_rows", [0, 1])
+def test_an_unpaced_session_makes_its_speech_faster_than_real_time_and_leaves_a_live_one_on_time(tiny_pipeline,
+                                                                                                  monkeypatch,
+                                                                                                  free_rows):
+    """Unpaced (a render's session), frames come as soon as they are made: every pushed sample once and in order, no
+    held frame, no frame before its speech, in less time than the speech lasts. Beside it a paced (live) session
+    keeps real time: the unpaced one takes the time the live one leaves, and rides in its batches only where that is
+    free (a CUDA graph's padded rows: `free_rows` 1; on a CPU, 0: never)."""
+    from letstalk_rt.errors import LetsTalkError
+    from letstalk_rt.stream.events import WindowTimings
+
+    speech = speechlike(4.0, seed=5)  # 100 frames' audio exactly
+    if free_rows:
+        monkeypatch.setattr(StreamEngine, "_free_rows", lambda self, batch: free_rows)
+
+    async def main():
+        engine = await StreamEngine(tiny_pipeline, EngineConfig(warmup=False, max_batch=2)).start()
+        try:
+            live = await engine.open_session(_portrait(tiny_pipeline, 40))
+            fast = await engine.open_session(_portrait(tiny_pipeline, 200))
+            fast.unpace()
+            with pytest.raises(LetsTalkError, match="no real-time tracks"):
+                fast.video_track()
+            watched = []
+
+            async def watch_live():
+                async for frame in live.frames():
+                    watched.append(frame)
+
+            watching = asyncio.create_task(watch_live())
+            began = time.monotonic()
+            feeding = asyncio.create_task(_push_in_real_time(live, speechlike(12.0, seed=6)))  # a microphone's pace
+            await asyncio.sleep(1.0)  # the live session streams on its clock first
+            t0 = time.monotonic()
+            fast.push_audio(speech, ahead=True)
+            fast.end_speech()
+            shown = []
+            async for frame in fast.frames():
+                shown.append(frame)
+                if fast.audio_shown:
+                    break
+            took = time.monotonic() - t0
+            with pytest.raises(LetsTalkError, match="clock started at its first read"):
+                live.unpace()
+            await asyncio.sleep(0.5)
+            watching.cancel()
+            feeding.cancel()
+            watched_s = time.monotonic() - began
+            batches = [e.batch for e in _events(fast) if isinstance(e, WindowTimings)]
+            return shown, took, live.player.fillers, len(watched) / 25 / watched_s, batches, fast.stats()
+        finally:
+            await engine.stop()
+
+    shown, took, live_held, live_pace, batches, stats = run(main())
+    played = np.concatenate([f.audio for f in shown])
+    start = int(np.flatnonzero(played)[0])
+    assert start == 0  # no idle frame before the speech: nothing was waiting on a clock
+    assert np.allclose(played[:len(speech)], speech, atol=1e-6)  # all of it, once, in order, whole
+    assert not any(f.filler for f in shown) and stats["fillers"] == 0
+    assert stats["latency_ms_p50"] is None  # no clock: no latency figure
+    assert took < 0.75 * 4.0, took  # the tiny model makes a window in a fraction of its length
+    assert live_pace > 0.9 and live_held <= 2  # the live one kept its clock meanwhile (a held frame or 2 at its start)
+    assert (2 in batches) == bool(free_rows)  # it rode in the live one's batches only where that was free
+
+
+def test_an_unpaced_window_runs_alone_only_where_a_live_windows_deadline_leaves_room_for_both(tiny_pipeline):
+    """A window of unpaced sessions alone starts only if every paced session's playback runs dry later than it and
+    the paced one's own window would take (2 windows' compute + the safety margin): else the live one would be late."""
+    async def main():
+        engine = await StreamEngine(tiny_pipeline, EngineConfig(warmup=False, safety_ms=30)).start()
+        engine._plan = lambda: []  # the worker makes nothing: the sessions stay as set below
+        try:
+            live = await engine.open_session(_portrait(tiny_pipeline, 40))
+            fast = await engine.open_session(_portrait(tiny_pipeline, 200))
+            fast.unpace()
+            engine._gen_ms[4] = 50.0  # a window's compute: both need 130 ms before the live one runs dry
+            now = time.monotonic()
+            verdicts = [engine._time_for_unpaced([live, fast], 4, now)]  # the live clock has not started
+            for ahead_s in (0.1, 0.2):  # the live one's next frame is due in 100 ms, then 200 ms
+                live.player.start = now + ahead_s  # tick 0, nothing queued: it runs dry at its start
+                verdicts.append(engine._time_for_unpaced([live, fast], 4, now))
+            return verdicts
+        finally:
+            await engine.stop()
+
+    assert run(main()) == [True, False, True]
+
+
+def test_a_batch_takes_unpaced_sessions_along_only_in_the_rows_a_cuda_graph_pads_anyway(tiny_pipeline, monkeypatch):
+    engine = StreamEngine(tiny_pipeline, EngineConfig(warmup=False))
+    assert [engine._free_rows(b) for b in (1, 3, 4)] == [0, 0, 0]  # a CPU: every row costs its share
+    monkeypatch.setattr(tiny_pipeline, "cuda_graphs", True)
+    monkeypatch.setattr(tiny_pipeline, "noise_draws", 1)
+    assert [engine._free_rows(b) for b in (1, 3, 4, 9, 128, 129)] == [0, 1, 0, 3, 0, 0]  # buckets 1 4 4 12 128 -
+    monkeypatch.setattr(tiny_pipeline, "noise_draws", 2)
+    assert [engine._free_rows(b) for b in (1, 3, 5)] == [0, 1, 1]  # 2 draws each: rows 2 -> 2, 6 -> 8, 10 -> 12
+
+
+def _events(session) -> list:
+    out = []
+    while not session._events.empty():
+        out.append(session._events.get_nowait())
+    return out
 
 
 def _envelope(audio: np.ndarray, rate: int, fps: int = 25) -> np.ndarray:
@@ -132,7 +239,9 @@ def test_a_render_of_an_audio_file_is_the_avatar_saying_all_of_it_saved_once_don
             async with http.post(f"{srv.url}/v1/sessions/{rid}/offer", data="v=0", headers=offer) as r:
                 assert r.status == 409 and "is a render" in (await r.json())["error"]  # no speech into it
             async with http.get(f"{srv.url}/v1/sessions/{rid}/ws", headers=mine) as r:
-                assert r.status == 409 and "viewers" in (await r.json())["error"]
+                assert r.status == 409 and f"/v1/renders/{rid}" in (await r.json())["error"]
+            async with http.post(f"{srv.url}/v1/sessions/{rid}/viewers", data="v=0", headers=offer) as r:
+                assert r.status == 409 and "not in real time" in (await r.json())["error"]  # no live tracks
             state = info
             while state["state"] == "rendering":
                 await asyncio.sleep(0.1)

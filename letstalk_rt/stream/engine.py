@@ -373,6 +373,9 @@ class Player:
 
     The clock starts at the first read once a frame exists. A tick whose frame is not ready shows a
     filler (the last frame held, silent audio), so the output never stalls; later frames shift by one.
+
+    Unpaced (`Session.unpace`, a video made for a file): no clock. Frame i is released as soon as it is generated,
+    never a filler; the engine makes such a session's windows whenever the paced sessions leave it the time.
     """
 
     def __init__(self, session: "Session", fps: int, samples_per_frame: int, keep_latents: int,
@@ -395,19 +398,24 @@ class Player:
         self.pieces_shown = 0  # the pushed audio shown up to this piece (AVFrame.pieces)
         self.fillers = 0
         self.fillers_by_minute: collections.Counter[int] = collections.Counter()  # by minute of playback
+        self.paced = True  # False: frames released as they come (Session.unpace)
+        self._arrived = asyncio.Event()  # unpaced: a frame was delivered (or the session closed)
 
     # -- clock
 
     def clock_tick(self, now: float | None = None) -> int:
-        """The tick due now (0 before the clock starts)."""
+        """The tick due now (0 before the clock starts; unpaced, the next one to show)."""
+        if not self.paced:
+            return self.tick
         if self.start is None:
             return 0
         now = time.monotonic() if now is None else now
         return max(0, int((now - self.start) * self.fps))
 
     def due(self, tick: int) -> float:
+        """When `tick` is shown; unpaced, now: it is shown as soon as it is made."""
         assert self.start is not None
-        return self.start + tick / self.fps
+        return self.start + tick / self.fps if self.paced else time.monotonic()
 
     async def wait_start(self) -> None:
         """Start the clock at the first read once a frame exists (both tracks share it)."""
@@ -420,9 +428,16 @@ class Player:
     async def get(self, tick: int, at: float | None = None) -> AVFrame:
         """The frame for `tick`, released no earlier than its time (or than `at`, a later clock time)."""
         await self.wait_start()
-        delay = max(self.due(tick), at or 0.0) - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
+        if not self.paced:
+            while len(self.queue) <= tick - self.tick and not self.session.closed:
+                self._arrived.clear()
+                await self._arrived.wait()
+            if self.session.closed:
+                return self._filler()
+        else:
+            delay = max(self.due(tick), at or 0.0) - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
         self._materialise(tick)
         frame = self.shown.get(tick)
         if frame is None:  # older than the kept history: the frame on screen, silent (its speech played already)
@@ -467,7 +482,7 @@ class Player:
         if frame.speech:
             self.speech_frames += 1
             self._silent_ticks = 0
-            if frame.audio_time is not None:
+            if frame.audio_time is not None and self.paced:  # unpaced, a frame is shown as soon as it is made
                 s.latencies.append(now - frame.audio_time)
                 s.latency_ticks.append(tick)
             if not self._speaking:
@@ -486,6 +501,7 @@ class Player:
         self.queue.extend(frames)
         if frames:
             self.first_frame.set()
+            self._arrived.set()
 
     def clear(self) -> int:
         n = len(self.queue)
@@ -751,9 +767,28 @@ class Session:
             yield frame
             tick += 1
 
+    def unpace(self) -> None:
+        """Release frames as fast as the engine makes them, not on a real-time clock: a video made for a file (a
+        server's render). `frames()` then yields each frame as soon as it is generated, never a held one, and the
+        engine makes this session's windows in the time its paced sessions leave it, batched with theirs where it
+        can, so it goes faster than real time where the device has room and never makes a live session late. Call
+        it before the first read. Such a session has no WebRTC tracks and no latency figures, and speech pushed into
+        it is kept whole (no catch-up)."""
+        self._check_open()
+        if self.player.start is not None:
+            raise LetsTalkError(f"session {self.id}: its clock started at its first read; unpace() before it")
+        self.player.paced = False
+        self.catch_up = False
+
+    def _check_paced(self) -> None:
+        if not self.player.paced:
+            raise LetsTalkError(f"session {self.id} is unpaced (its frames come as fast as they are made, for a file): "
+                                "it has no real-time tracks")
+
     def video_track(self):
         from .tracks import AvatarVideoTrack
 
+        self._check_paced()
         return AvatarVideoTrack(self)
 
     def audio_track(self, opus: bool = False):
@@ -762,6 +797,7 @@ class Session:
         from ..rtc import OpusAudioTrack
         from .tracks import AvatarAudioTrack
 
+        self._check_paced()
         track = AvatarAudioTrack(self)
         return OpusAudioTrack(track) if opus else track
 
@@ -819,6 +855,7 @@ class Session:
             self._pending_samples = 0
         self.player.clear()
         self.player.first_frame.set()  # release readers waiting for a first frame
+        self.player._arrived.set()  # ... and an unpaced one's next
         self.engine._remove(self)
         if self.recording is not None:  # saved with what was shown up to now (its recording_stopped comes first)
             if not self.recording.save_on_close:
@@ -909,6 +946,7 @@ class _WorkerState:
         self.inserted_run = 0  # ... and this many frames the engine inserted (idle, padding) followed it
         self.last_push = self.last_paced = 0.0  # arrival and paced arrival (monotonic s) of the last chunk fed
         self.unflushed = False  # pushed audio was fed since the tokenizer's last padding flush (see _prepare)
+        self.ended = False  # the last audio fed was end_speech()'s: no more is coming for now (unpaced sessions)
         self.failed = False  # the session failed in this thread; its error event and close are on their way
 
     def feed(self, pcm: np.ndarray, arrival: float, speech: bool) -> None:
@@ -1615,9 +1653,39 @@ class StreamEngine:
         ready = [r for r in ready if r[1] not in failed]
         if not ready:
             return []
-        ready.sort(key=lambda r: r[0])  # earliest deadline first
+        # earliest deadline first, the paced sessions before the unpaced (always due: they take the time left over)
+        ready.sort(key=lambda r: (not r[1].player.paced, r[0]))
         frames = ready[0][2]
-        return [(s, n, epoch) for _, s, n, epoch in ready if n == frames][: self.config.max_batch]
+        same = [(s, n, epoch) for _, s, n, epoch in ready if n == frames]
+        paced = [job for job in same if job[0].player.paced][: self.config.max_batch]
+        if not paced:  # only unpaced sessions want a window now
+            return same[: self.config.max_batch] if self._time_for_unpaced(sessions, frames, now) else []
+        unpaced = [job for job in same if not job[0].player.paced]
+        return paced + unpaced[: min(self._free_rows(len(paced)), self.config.max_batch - len(paced))]
+
+    def _free_rows(self, batch: int) -> int:
+        """Unpaced sessions a batch of `batch` paced ones takes along at no cost: where CUDA graphs pad a batch up to
+        its bucket, the rows the padding fills anyway. None on a CPU, where each session costs its share of the
+        window (2 take about twice as long as 1): an unpaced session there runs only between the paced windows."""
+        p = self.pipeline
+        if not p.cuda_graphs:
+            return 0
+        draws = p.noise_draws  # the transformer's batch is sessions x draws
+        size = next((b for b in GRAPH_BUCKETS if b >= batch * draws), None)
+        return 0 if size is None else size // draws - batch
+
+    def _time_for_unpaced(self, sessions: list[Session], frames: int, now: float) -> bool:
+        """Whether a window of unpaced sessions alone fits before any paced session must start its next one: each
+        paced session's playback runs dry later than this window and that one would take (else the unpaced wait,
+        and join the paced sessions' next batch)."""
+        cost = 2 * self._gen_ms.get(frames, 50.0) / 1000 + self.config.safety_ms / 1000
+        for s in sessions:
+            player = s.player
+            if player.paced and player.start is not None:
+                dry_at = player.due(player.tick + len(player.queue) + s._inflight)
+                if dry_at - now < cost:
+                    return False
+        return True
 
     def _try_prepare(self, s: Session, now: float, horizon: float = 0.0) -> tuple[float, Session, int, int] | None | bool:
         """_prepare; a session that raises ends with an error event (False), and the others go on."""
@@ -1661,6 +1729,7 @@ class StreamEngine:
                 pcm, arrival, speech, paced, ahead, caption, piece = s._pcm_in.popleft()
                 s._pending_samples -= len(pcm)
             w.piece = max(w.piece, piece)  # a piece skipped below is played through by the next audio fed
+            w.ended = not speech
             if caption is not None:  # goes with the next audio fed, whatever the catch-up does with this piece
                 w.captions.append(caption)
             voiced = speech and len(pcm) > 0 and w.heard_rms(pcm) > self.config.speech_rms
@@ -1681,7 +1750,7 @@ class StreamEngine:
             else:
                 w.feed(pcm, came, speech)
         player = s.player
-        if w.idle_ahead and player.start is not None and w.queued_frames > w.idle_ahead:
+        if w.idle_ahead and player.start is not None and player.paced and w.queued_frames > w.idle_ahead:
             # Idle frames were put in front of pushed audio so that it plays at the target latency; if the
             # session has since fallen later than planned (the clock started late, a window was late), the
             # ones not generated yet are taken back, whole frames only, so the audio is never early.
@@ -1713,6 +1782,11 @@ class StreamEngine:
                 dry_at = s.opened_at + s.first_frame_s + ahead / self.pipeline.fps
         else:
             dry_at = player.due(player.tick + ahead)
+        if w.n_tokens < want and not player.paced and not w.ended:
+            # Unpaced: frames only from the speech pushed, however long it takes to come (the video waits, no clock
+            # runs); idle frames (the rest after it) once end_speech() says no more is coming.
+            w.encode_ms += (time.perf_counter() - t0) * 1000
+            return None
         if w.n_tokens < want:
             gen_s = self._gen_ms.get(want, 50.0) / 1000
             # Joining a batch early (horizon) fills the window with idle frames now: not in the middle of an
@@ -1729,7 +1803,7 @@ class StreamEngine:
                 w.encode_ms += (time.perf_counter() - t0) * 1000
                 return None  # speech may still arrive in time
             fps = self.pipeline.fps
-            if w.unflushed and now - w.last_push > self._lookahead_s + 1 / fps:
+            if w.unflushed and (now - w.last_push > self._lookahead_s + 1 / fps or not player.paced):
                 # Audio stopped arriving (pushed all at once, or a stalled pusher) while the tokenizer still
                 # holds its last frames, waiting for a lookahead that is not coming: pad silence after it
                 # so they come out.
@@ -1752,7 +1826,7 @@ class StreamEngine:
                 # estimate) is not known yet, and the next window's deadline, on the running clock, adds them.
                 # This window is due at dry_at and ready at about now + gen_s: held frames fill the difference,
                 # and each delays what follows by a frame, so fewer idle frames are needed.
-                if not w.after_speech and player.start is not None:
+                if not w.after_speech and player.start is not None and player.paced:
                     held = max(0.0, now + gen_s - dry_at)
                     early = -self._behind_s(s, w.last_paced, now) - held if w.unflushed else 0.0
                     k = min(max(k, math.ceil(early * fps - 1e-6)), 2 * window)

@@ -123,6 +123,11 @@ class Recording:
     def seconds(self) -> float:
         return self.frames / self.fps
 
+    @property
+    def queued(self) -> int:
+        """Frames waiting for the encoder (a reader faster than real time, an unpaced session's, waits on it)."""
+        return self._queue.qsize()
+
     def describe(self) -> dict:
         return {"state": self.state, "path": str(self.path), "seconds": round(self.seconds, 2),
                 "captions": self.cues.count, **({"error": self.error} if self.error else {})}
