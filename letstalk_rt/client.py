@@ -20,7 +20,8 @@
         await session.close()                                           # also done by the client's `async with`
 
         await client.render("hello.mp4", text="Hello!", avatar_id="default")   # or audio="speech.wav": an MP4, made
-                                                                                # on the server at real-time pace
+                                                                                # on the server (faster than real time
+                                                                                # where it has room)
 
 Each received frame and audio chunk carries its media time (`time`: seconds since its stream's first packet,
 from the RTP timestamps; the server starts both streams together, so a frame and the audio of the same `time`

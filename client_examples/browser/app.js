@@ -114,8 +114,9 @@ export async function createSession({
 }
 
 // A clip made on the server (POST /v1/renders): the avatar (avatarId, or a photo `file`) saying an `audio` file or a
-// `text` (spoken with `voice`). Made at real-time pace; waitForRender(info) waits for it. -> the render's info
-// ({render_id, token, status_url, video_url, ...}); throws with the server's reason (e.g. no --recordings-dir: 422).
+// `text` (spoken with `voice`). Made as fast as the server's live sessions leave it room (faster than real time where
+// the device has room); waitForRender(info) waits for it. -> the render's info ({render_id, token, status_url,
+// video_url, ...}); throws with the server's reason (e.g. no --recordings-dir: 422).
 export async function createRender({
   apiKey = null, avatarId = "default", file = null, audio = null, text = null, voice = null, fullFrame = null,
   framing = null,
