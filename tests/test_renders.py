@@ -14,6 +14,7 @@ import pytest
 
 from conftest import speechlike
 from letstalk_rt.stream import EngineConfig, StreamEngine
+from letstalk_rt.stream import engine as engine_module
 from letstalk_rt.stream.events import RecordingStopped
 from server_helpers import run
 from test_engine import _push_in_real_time
@@ -87,6 +88,7 @@ def test_an_unpaced_session_makes_its_speech_faster_than_real_time_and_leaves_a_
     from letstalk_rt.stream.events import WindowTimings
 
     speech = speechlike(4.0, seed=5)  # 100 frames' audio exactly
+    monkeypatch.setattr(engine_module, "UNPACED_BACKOFF_S", 0.0)  # a frame the live one held at its start: no pause
     if free_rows:
         monkeypatch.setattr(StreamEngine, "_free_rows", lambda self, batch: free_rows)
 
@@ -142,7 +144,8 @@ def test_an_unpaced_session_makes_its_speech_faster_than_real_time_and_leaves_a_
 
 def test_an_unpaced_window_runs_alone_only_where_a_live_windows_deadline_leaves_room_for_both(tiny_pipeline):
     """A window of unpaced sessions alone starts only if every paced session's playback runs dry later than it and
-    the paced one's own window would take (2 windows' compute + the safety margin): else the live one would be late."""
+    the paced one's own window would take (2 windows' compute + the safety margin): else the live one would be late.
+    Nor for a while after a live one held a frame (the machine has no room to spare)."""
     async def main():
         engine = await StreamEngine(tiny_pipeline, EngineConfig(warmup=False, safety_ms=30)).start()
         engine._plan = lambda: []  # the worker makes nothing: the sessions stay as set below
@@ -156,11 +159,13 @@ def test_an_unpaced_window_runs_alone_only_where_a_live_windows_deadline_leaves_
             for ahead_s in (0.1, 0.2):  # the live one's next frame is due in 100 ms, then 200 ms
                 live.player.start = now + ahead_s  # tick 0, nothing queued: it runs dry at its start
                 verdicts.append(engine._time_for_unpaced([live, fast], 4, now))
+            engine.held_at = now - engine_module.UNPACED_BACKOFF_S + 0.5  # the live one held a frame lately
+            verdicts.append(engine._time_for_unpaced([live, fast], 4, now))
             return verdicts
         finally:
             await engine.stop()
 
-    assert run(main()) == [True, False, True]
+    assert run(main()) == [True, False, True, False]
 
 
 def test_a_batch_takes_unpaced_sessions_along_only_in_the_rows_a_cuda_graph_pads_anyway(tiny_pipeline, monkeypatch):

@@ -368,6 +368,9 @@ def _post(s: "Session", fn: Callable[..., Any], *args: Any) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+UNPACED_BACKOFF_S = 5.0  # unpaced sessions get no window of their own this long after a paced one held a frame
+
+
 class Player:
     """Releases frame i at `start + i / fps`; both tracks and `Session.frames()` read from it.
 
@@ -453,6 +456,7 @@ class Player:
                 frame = self._filler()
                 self.fillers += 1
                 self.fillers_by_minute[self.tick // (60 * self.fps)] += 1
+                self.session.engine.held_at = time.monotonic()  # unpaced sessions back off (_time_for_unpaced)
                 if self.last is not None:
                     self.session._count_drop(1, "late")
             self.shown[self.tick] = frame
@@ -1170,6 +1174,7 @@ class StreamEngine:
         self._idle: torch.Tensor | None = None  # tokens of a window of silence (_idle_tokens)
         self.windows_run = 0
         self._failed_at = self._decoded_at = -math.inf  # monotonic: a window's last failure, its last whole decode
+        self.held_at = -math.inf  # monotonic: the last frame a paced session held (its window came late)
         self._decode_q: queue.Queue | None = None  # worker -> decode thread, one window in hand at most
         self._decoder: threading.Thread | None = None
         self._trimmer: asyncio.Task | None = None  # trim_heap every EngineConfig.trim_heap_every_s
@@ -1677,7 +1682,11 @@ class StreamEngine:
     def _time_for_unpaced(self, sessions: list[Session], frames: int, now: float) -> bool:
         """Whether a window of unpaced sessions alone fits before any paced session must start its next one: each
         paced session's playback runs dry later than this window and that one would take (else the unpaced wait,
-        and join the paced sessions' next batch)."""
+        and join the paced sessions' next batch). Not for UNPACED_BACKOFF_S after a paced session held a frame: the
+        work an unpaced window brings beside the worker's (its decoding, its recording's encoder) competes for the
+        same cores, and on a device near what it holds that alone makes the live windows late."""
+        if now - self.held_at < UNPACED_BACKOFF_S:
+            return False
         cost = 2 * self._gen_ms.get(frames, 50.0) / 1000 + self.config.safety_ms / 1000
         for s in sessions:
             player = s.player
