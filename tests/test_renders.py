@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import shutil
 import time
 
@@ -89,6 +90,7 @@ def test_an_unpaced_session_makes_its_speech_faster_than_real_time_and_leaves_a_
 
     speech = speechlike(4.0, seed=5)  # 100 frames' audio exactly
     monkeypatch.setattr(engine_module, "UNPACED_BACKOFF_S", 0.0)  # a frame the live one held at its start: no pause
+    monkeypatch.setitem(engine_module.UNPACED_LOAD, "cpu", 1.0)  # the tiny live one's load: the next test's business
     if free_rows:
         monkeypatch.setattr(StreamEngine, "_free_rows", lambda self, batch: free_rows)
 
@@ -145,7 +147,8 @@ def test_an_unpaced_session_makes_its_speech_faster_than_real_time_and_leaves_a_
 def test_an_unpaced_window_runs_alone_only_where_a_live_windows_deadline_leaves_room_for_both(tiny_pipeline):
     """A window of unpaced sessions alone starts only if every paced session's playback runs dry later than it and
     the paced one's own window would take (2 windows' compute + the safety margin): else the live one would be late.
-    Nor for a while after a live one held a frame (the machine has no room to spare)."""
+    Nor for a while after a live one held a frame, nor while the live windows take over a quarter of the worker's time
+    on a CPU (the machine has no room to spare)."""
     async def main():
         engine = await StreamEngine(tiny_pipeline, EngineConfig(warmup=False, safety_ms=30)).start()
         engine._plan = lambda: []  # the worker makes nothing: the sessions stay as set below
@@ -161,11 +164,17 @@ def test_an_unpaced_window_runs_alone_only_where_a_live_windows_deadline_leaves_
                 verdicts.append(engine._time_for_unpaced([live, fast], 4, now))
             engine.held_at = now - engine_module.UNPACED_BACKOFF_S + 0.5  # the live one held a frame lately
             verdicts.append(engine._time_for_unpaced([live, fast], 4, now))
+            engine.held_at = -math.inf
+            engine._paced_ms.append((now - 1.0, 600.0))  # the live windows took 0.3 of the last 2 s: over a CPU's 0.25
+            verdicts.append(engine._time_for_unpaced([live, fast], 4, now))
+            engine._paced_ms.popleft()
+            engine._paced_ms.append((now - 3.0, 1900.0))  # in the 2 s before: no more
+            verdicts.append(engine._time_for_unpaced([live, fast], 4, now))
             return verdicts
         finally:
             await engine.stop()
 
-    assert run(main()) == [True, False, True, False]
+    assert run(main()) == [True, False, True, False, False, True]
 
 
 def test_a_batch_takes_unpaced_sessions_along_only_in_the_rows_a_cuda_graph_pads_anyway(tiny_pipeline, monkeypatch):

@@ -369,6 +369,10 @@ def _post(s: "Session", fn: Callable[..., Any], *args: Any) -> None:
 
 
 UNPACED_BACKOFF_S = 5.0  # unpaced sessions get no window of their own this long after a paced one held a frame
+# ... nor while the paced sessions' windows took more than this share of the worker's last LOAD_SPAN_S: on a CPU half
+# as much, where each window's decoding, the streams' video encoders and the event loop share the worker's cores
+UNPACED_LOAD = {"cuda": 0.5, "cpu": 0.25}
+LOAD_SPAN_S = 2.0
 
 
 class Player:
@@ -1175,6 +1179,8 @@ class StreamEngine:
         self.windows_run = 0
         self._failed_at = self._decoded_at = -math.inf  # monotonic: a window's last failure, its last whole decode
         self.held_at = -math.inf  # monotonic: the last frame a paced session held (its window came late)
+        self._paced_ms: collections.deque[tuple[float, float]] = collections.deque()  # (monotonic, worker ms) of the
+        # windows with a paced session in the last LOAD_SPAN_S (worker thread)
         self._decode_q: queue.Queue | None = None  # worker -> decode thread, one window in hand at most
         self._decoder: threading.Thread | None = None
         self._trimmer: asyncio.Task | None = None  # trim_heap every EngineConfig.trim_heap_every_s
@@ -1650,8 +1656,9 @@ class StreamEngine:
                 waiting.append(s)
             elif item:
                 ready.append(item)
-        if ready and waiting:
-            lead = min(ready, key=lambda r: r[0])  # the batch's frames: the earliest deadline's
+        paced_ready = [r for r in ready if r[1].player.paced]  # an unpaced session (always due) pulls none in early
+        if paced_ready and waiting:
+            lead = min(paced_ready, key=lambda r: r[0])  # the batch's frames: the earliest deadline's
             horizon = self._gen_ms.get(lead[2], 50.0) / 1000
             ready += [item for s in waiting if (item := self._try_prepare(s, now, horizon))]
         failed = self._encode_audio([s for s in sessions if s._w.tokenizer.owed])  # every session taken into a plan
@@ -1668,6 +1675,12 @@ class StreamEngine:
         unpaced = [job for job in same if not job[0].player.paced]
         return paced + unpaced[: min(self._free_rows(len(paced)), self.config.max_batch - len(paced))]
 
+    def _paced_load(self, now: float) -> float:
+        """The share of the worker's last LOAD_SPAN_S its windows with a paced session took (worker thread)."""
+        while self._paced_ms and now - self._paced_ms[0][0] > LOAD_SPAN_S:
+            self._paced_ms.popleft()
+        return sum(ms for _, ms in self._paced_ms) / (LOAD_SPAN_S * 1000)
+
     def _free_rows(self, batch: int) -> int:
         """Unpaced sessions a batch of `batch` paced ones takes along at no cost: where CUDA graphs pad a batch up to
         its bucket, the rows the padding fills anyway. None on a CPU, where each session costs its share of the
@@ -1682,10 +1695,13 @@ class StreamEngine:
     def _time_for_unpaced(self, sessions: list[Session], frames: int, now: float) -> bool:
         """Whether a window of unpaced sessions alone fits before any paced session must start its next one: each
         paced session's playback runs dry later than this window and that one would take (else the unpaced wait,
-        and join the paced sessions' next batch). Not for UNPACED_BACKOFF_S after a paced session held a frame: the
-        work an unpaced window brings beside the worker's (its decoding, its recording's encoder) competes for the
-        same cores, and on a device near what it holds that alone makes the live windows late."""
-        if now - self.held_at < UNPACED_BACKOFF_S:
+        and join the paced sessions' next batch). Nor while the paced sessions' windows take more than UNPACED_LOAD
+        of the worker's time (a CPU's share, 0.25, is half a GPU's), nor for UNPACED_BACKOFF_S after a paced session held a frame: the work an unpaced window
+        brings beside the worker's (its decoding, its recording's encoder) competes for the same cores, and on a device
+        near what it holds that alone makes the live windows late (through WebRTC on the 2-core CPU, where one live
+        session's windows take 0.6-0.85 of the time, a render beside it took the live one's p95 to 2 s)."""
+        if now - self.held_at < UNPACED_BACKOFF_S or \
+                self._paced_load(now) > UNPACED_LOAD.get(self.pipeline.device.type, 0.25):
             return False
         cost = 2 * self._gen_ms.get(frames, 50.0) / 1000 + self.config.safety_ms / 1000
         for s in sessions:
@@ -1989,6 +2005,8 @@ class StreamEngine:
                 self._execute([job])
             return
         self.windows_run += 1
+        if any(s.player.paced for s, _, _ in jobs):
+            self._paced_ms.append((time.monotonic(), plan_ms + (time.perf_counter() - t0) * 1000))
         batch = []
         for b, (s, n, epoch) in enumerate(jobs):
             w = s._w
