@@ -302,7 +302,8 @@ def render_metrics(manager: SessionManager) -> str:
             lines.append(f"{name}{labels} {_fmt(value)}")
 
     metric("letstalk_sessions_active", "gauge", "Sessions open now.", [("", len(manager.sessions))])
-    metric("letstalk_sessions_max", "gauge", "Admission cap (each engine's max_sessions, summed over the devices).", [("", manager.max_sessions)])
+    metric("letstalk_sessions_max", "gauge", "Admission cap (each engine's max_sessions, summed over the devices).",
+           [("", manager.max_sessions)])
     metric("letstalk_draining", "gauge", "1 while the server shuts down gently: new sessions refused, open ones going "
            "on (--drain-seconds).", [("", int(manager.draining))])
     metric("letstalk_sessions_total", "counter", "Sessions created since start.", [("", m.sessions_total)])

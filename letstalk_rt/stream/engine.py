@@ -778,10 +778,10 @@ class Session:
     def unpace(self) -> None:
         """Release frames as fast as the engine makes them, not on a real-time clock: a video made for a file (a
         server's render). `frames()` then yields each frame as soon as it is generated, never a held one, and the
-        engine makes this session's windows in the time its paced sessions leave it, batched with theirs where it
-        can, so it goes faster than real time where the device has room and never makes a live session late. Call
-        it before the first read. Such a session has no WebRTC tracks and no latency figures, and speech pushed into
-        it is kept whole (no catch-up)."""
+        engine makes this session's windows in the time its paced sessions leave it (`_time_for_unpaced`), batched
+        with theirs only where that is free, so it goes faster than real time where the device has room and waits
+        where it has none. Call it before the first read. Such a session has no WebRTC tracks and no latency
+        figures, and speech pushed into it is kept whole (no catch-up)."""
         self._check_open()
         if self.player.start is not None:
             raise LetsTalkError(f"session {self.id}: its clock started at its first read; unpace() before it")
@@ -1696,10 +1696,11 @@ class StreamEngine:
         """Whether a window of unpaced sessions alone fits before any paced session must start its next one: each
         paced session's playback runs dry later than this window and that one would take (else the unpaced wait,
         and join the paced sessions' next batch). Nor while the paced sessions' windows take more than UNPACED_LOAD
-        of the worker's time (a CPU's share, 0.25, is half a GPU's), nor for UNPACED_BACKOFF_S after a paced session held a frame: the work an unpaced window
-        brings beside the worker's (its decoding, its recording's encoder) competes for the same cores, and on a device
-        near what it holds that alone makes the live windows late (through WebRTC on the 2-core CPU, where one live
-        session's windows take 0.6-0.85 of the time, a render beside it took the live one's p95 to 2 s)."""
+        of the worker's time (on a CPU half a GPU's share), nor for UNPACED_BACKOFF_S after a paced session held a
+        frame: the work an unpaced window brings beside the worker's (its decoding, its recording's encoder) competes
+        for the same cores, and on a device near what it holds that alone makes the live windows late (through WebRTC
+        on the 2-core CPU, where one live session's windows take 0.4-0.55 of the worker's time, a render beside it took
+        the live one's p95 to 2 s; docs/benchmarks.md)."""
         if now - self.held_at < UNPACED_BACKOFF_S or \
                 self._paced_load(now) > UNPACED_LOAD.get(self.pipeline.device.type, 0.25):
             return False
@@ -2007,6 +2008,7 @@ class StreamEngine:
         self.windows_run += 1
         if any(s.player.paced for s, _, _ in jobs):
             self._paced_ms.append((time.monotonic(), plan_ms + (time.perf_counter() - t0) * 1000))
+            self._paced_load(self._paced_ms[-1][0])  # drops what is older than LOAD_SPAN_S
         batch = []
         for b, (s, n, epoch) in enumerate(jobs):
             w = s._w
@@ -2107,7 +2109,10 @@ class StreamEngine:
             need_ms = max(need_ms, (time.perf_counter() - t0) * 1000 - (done - step) * 1000 / p.fps)
         dec_ms = (time.perf_counter() - t1) * 1000
         self._decoded_at = time.monotonic()
-        self._gen_ms[frames] = 0.8 * self._gen_ms.get(frames, need_ms) + 0.2 * need_ms
+        if frames not in self._gen_ms or any(s.player.paced for s, *_ in batch):
+            # the live sessions' window cost (their target latency): not an unpaced one's alone (a render's window of
+            # one session on a GPU is cheaper than the live batch it would have the latency planned by)
+            self._gen_ms[frames] = 0.8 * self._gen_ms.get(frames, need_ms) + 0.2 * need_ms
         if frames == self.window and not retry:
             self._note_window(worker_ms if overlapped else worker_ms + dec_ms, sample_ms=batch[0][4].generate_ms,
                               decode_ms=dec_ms if overlapped else None, batch=len(batch))
