@@ -5,8 +5,9 @@ A render is a session that nobody but the server watches: it is opened on the av
 (`Session.unpace`: its frames come as fast as the engine makes them, with no real-time clock), recorded, read by the
 server itself, and fed the whole speech ahead of time. Once every piece of the speech has been shown
 (`Session.audio_shown`) and `REST_S` of rest after it, its recording is saved and the session closed. The engine
-makes its windows in the time the live sessions leave it, and batches them with theirs where it can: on a device with
-room a render goes faster than real time, and it never makes a live session late. It holds one of the server's
+makes its windows in the time the live sessions leave it (`StreamEngine._time_for_unpaced`), and batches them with
+theirs only where that is free: on a device with room a render goes faster than real time; where the live sessions
+take the device (one on a 2-core CPU) it waits for them. It holds one of the server's
 session slots while it runs; its video is the session's recording (`/v1/recordings/{id}`, with captions for a text).
 A render that does not finish (cancelled, a failed synthesis or window, the server stopping) saves nothing: the
 recording is discarded, so no partial video is left looking complete.

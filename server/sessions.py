@@ -867,15 +867,11 @@ class SessionManager:
 
     def try_reserve(self) -> bool:
         """Take a slot before any expensive work, or say no at once."""
-        if self.draining or self.open_sessions() + self._admitting >= self.max_sessions:
+        if self.draining or len(self.engines.sessions) + self._admitting >= self.max_sessions:
             self.metrics.refused_total += 1
             return False
         self._admitting += 1
         return True
-
-    def open_sessions(self) -> int:
-        """Sessions open on the engines (renders and sessions not added yet included)."""
-        return sum(len(e.sessions) for e in self.engines.engines)
 
     def release(self) -> None:
         self._admitting -= 1
