@@ -30,6 +30,7 @@ import functools
 import io
 import itertools
 import os
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -480,22 +481,36 @@ class VideoWriter:
                               f"use even, positive width and height")
         self._tmp = self._create_partial()
         self._state = "open"
+        self._audio_rate = self.audio_stream_rate or self.sample_rate  # what the AAC stream carries
         try:
-            self._container = av.open(str(self._tmp), "w", format="mp4", options={"movflags": "+faststart"})
-            self._video = self._container.add_stream("libx264", rate=self.fps,
-                                                     options={"crf": str(crf), "preset": preset})
+            self._container = self._open_container()
+            self._video = self._container.add_stream("libx264", rate=self.fps, options=self._video_options(crf, preset))
             self._video.width, self._video.height = self.width, self.height
             self._video.pix_fmt = "yuv420p"
             self._audio = None
             if audio:
-                self._audio = self._container.add_stream("aac", rate=self.sample_rate, layout="mono")
-                self._audio.bit_rate = 48000 if self.sample_rate <= 16000 else 96000
+                self._audio = self._container.add_stream("aac", rate=self._audio_rate, layout="mono")
+                self._audio.bit_rate = 48000 if self._audio_rate <= 16000 else 96000
                 self._audio.codec_context.open()  # frame_size (1024) is known only once open
                 self._fifo = av.AudioFifo()
         except _AV_ERRORS as e:
             self.abort()
-            raise OutputError(f"cannot start encoding '{self.path}' ({self.width}x{self.height} @ {self.fps} fps, "
+            raise OutputError(f"cannot start encoding '{self.name}' ({self.width}x{self.height} @ {self.fps} fps, "
                               f"audio {self.sample_rate} Hz): {_reason(e)}") from e
+
+    _lost = "; nothing was saved"  # what a failure leaves
+    audio_stream_rate: int | None = None  # the AAC stream's rate (None: the input's; `_to_stream_rate` converts)
+
+    @property
+    def name(self) -> str:
+        """What messages call the output."""
+        return str(self.path)
+
+    def _open_container(self) -> Any:
+        return av.open(str(self._tmp), "w", format="mp4", options={"movflags": "+faststart"})
+
+    def _video_options(self, crf: int, preset: str) -> dict[str, str]:
+        return {"crf": str(crf), "preset": preset}
 
     def _create_partial(self) -> Path:
         """Check the destination and create the empty partial file; OutputError with the fix if not possible."""
@@ -513,7 +528,7 @@ class VideoWriter:
 
     def _check_open(self) -> None:
         if self._state != "open":
-            raise RuntimeError(f"VideoWriter for '{self.path}' is {self._state}; open a new one to write more")
+            raise RuntimeError(f"VideoWriter for '{self.name}' is {self._state}; open a new one to write more")
 
     def _mux(self, stream: Any, frame: Any) -> None:
         for packet in stream.encode(frame):
@@ -521,7 +536,7 @@ class VideoWriter:
 
     def _fail(self, e: BaseException, doing: str) -> OutputError:
         self.abort()
-        return OutputError(f"writing '{self.path}' failed while {doing}: {_reason(e)}; nothing was saved")
+        return OutputError(f"writing '{self.name}' failed while {doing}: {_reason(e)}{self._lost}")
 
     def write_frame(self, rgb: np.ndarray) -> None:
         """Encode one uint8 (H, W, 3) RGB frame; its presentation time is frames_written / fps."""
@@ -553,20 +568,28 @@ class VideoWriter:
         frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm), format="fltp", layout="mono")
         frame.sample_rate = self.sample_rate
         try:
-            self._fifo.write(frame)
+            for out in self._to_stream_rate(frame):
+                self._fifo.write(out)
             self._drain_audio(final=False)
         except _AV_ERRORS as e:
             raise self._fail(e, "encoding audio") from e
         self.samples_written += pcm.shape[1]
 
+    def _to_stream_rate(self, frame: Any) -> list[Any]:
+        """`frame` (None: the end) at the AAC stream's rate: itself here (LiveWriter resamples)."""
+        return [] if frame is None else [frame]
+
     def _drain_audio(self, final: bool) -> None:
         """Encode whole AAC frames from the FIFO; with final=True also the short last one."""
         assert self._audio is not None
+        if final:
+            for out in self._to_stream_rate(None):
+                self._fifo.write(out)
         size = self._audio.codec_context.frame_size or 1024
         while self._fifo.samples >= size or (final and self._fifo.samples):
             frame = self._fifo.read(min(size, self._fifo.samples))
             frame.pts = self._audio_pts
-            frame.time_base = Fraction(1, self.sample_rate)
+            frame.time_base = Fraction(1, self._audio_rate)
             self._audio_pts += frame.samples
             self._mux(self._audio, frame)
 
@@ -576,7 +599,7 @@ class VideoWriter:
             return
         if self.frames_written == 0:
             self.abort()
-            raise OutputError(f"no video frames were written to '{self.path}'; nothing was saved")
+            raise OutputError(f"no video frames were written to '{self.name}'{self._lost}")
         try:
             if self._audio is not None:
                 self._drain_audio(final=True)
@@ -586,7 +609,8 @@ class VideoWriter:
         except _AV_ERRORS as e:
             raise self._fail(e, "finalising the file") from e
         try:
-            os.replace(self._tmp, self.path)
+            if self._tmp is not None:  # None: a live stream, nothing on disk
+                os.replace(self._tmp, self.path)
         except OSError as e:
             raise self._fail(e, "renaming the finished file into place") from e
         self._state = "closed"
@@ -602,10 +626,8 @@ class VideoWriter:
                 container.close()
             except Exception:  # noqa: BLE001 - the file is being thrown away; its trailer does not matter
                 pass
-        try:
-            self._tmp.unlink()
-        except FileNotFoundError:
-            pass
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> VideoWriter:
         return self
@@ -622,6 +644,87 @@ class VideoWriter:
             self.abort()
         except Exception:  # noqa: BLE001
             pass
+
+
+LIVE_FORMATS = {"rtmp": "flv", "rtmps": "flv", "srt": "mpegts", "udp": "mpegts", "tcp": "mpegts"}
+LIVE_HINT = ("give an rtmp:// or rtmps:// ingest URL with its stream key (YouTube Live, Twitch, an OBS or nginx-rtmp "
+             "server), or srt://, udp:// or tcp:// for MPEG-TS")
+
+
+def check_live_url(url: str) -> str:
+    """The container a live stream to `url` is muxed in (flv for RTMP, mpegts otherwise); InputError for anything
+    else (a file path, http://, no host): FFmpeg would open those too, and a live output must not write files."""
+    parts = urllib.parse.urlsplit(str(url))
+    scheme = parts.scheme.lower()
+    if scheme not in LIVE_FORMATS or not parts.hostname:
+        raise InputError(f"'{redact_url(url)}' is not a live streaming URL; {LIVE_HINT}")
+    return LIVE_FORMATS[scheme]
+
+
+def redact_url(url: str) -> str:
+    """`url` as logs and messages may show it: an RTMP stream key (the path after the application) and any
+    password or query (SRT's `passphrase`) hidden."""
+    parts = urllib.parse.urlsplit(str(url))
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    path = parts.path
+    if parts.scheme.lower() in ("rtmp", "rtmps"):
+        app, _, key = path.lstrip("/").partition("/")
+        path = f"/{app}/***" if key else path
+    return urllib.parse.urlunsplit((parts.scheme, netloc, path, "***" if parts.query else "", ""))
+
+
+class LiveWriter(VideoWriter):
+    """Frames and their audio pushed live to a streaming server: `rtmp(s)://` (FLV; the ingest of YouTube Live, Twitch
+    or an OBS / nginx-rtmp server), `srt://`, `udp://` or `tcp://` (MPEG-TS). H.264 for live ingest (x264 tuned for
+    zero latency, a keyframe every 2 s, a capped bitrate) and AAC at 48 kHz (what ingest servers take; the frames'
+    audio is resampled). Nothing touches the disk.
+
+    The constructor connects (the header goes out at once, blocking up to `timeout_s`): a server that is not there
+    raises OutputError now, not at the first frame. A connection lost later raises OutputError from `write_frame` /
+    `write_audio`; `close()` sends the end of the stream.
+    """
+
+    _lost = "; the live stream ended"
+    audio_stream_rate = 48000
+
+    def __init__(self, url: str, size: int | tuple[int, int], fps: int = FPS, sample_rate: int = SAMPLE_RATE,
+                 bitrate_kbps: int = 0, preset: str = "veryfast", timeout_s: float = 10.0) -> None:
+        self.url = str(url)
+        self._format = check_live_url(self.url)
+        width, height = (size, size) if np.ndim(size) == 0 else size  # type: ignore[misc]
+        # ~0.1 bit a pixel at 25 fps: 128x128 -> 300 kb/s (the floor), 720x720 -> 1.3 Mb/s
+        self.bitrate_kbps = int(bitrate_kbps) or max(300, int(width) * int(height) * fps // 10_000)
+        self._timeout_s = timeout_s
+        self._resampler = av.AudioResampler(format="fltp", layout="mono", rate=48000)
+        super().__init__(self.url, size, fps, sample_rate, audio=True, preset=preset)
+        try:
+            self._container.start_encoding()  # connects and sends the header now
+        except _AV_ERRORS as e:
+            self.abort()
+            raise OutputError(f"cannot stream to '{self.name}': {_reason(e)}; check that the server is there and "
+                              "takes this URL (and its stream key)") from e
+
+    @property
+    def name(self) -> str:
+        return redact_url(self.url)
+
+    def _create_partial(self) -> None:  # type: ignore[override]
+        return None
+
+    def _open_container(self) -> Any:
+        # each packet sent as it is muxed, not held in a 32 KB buffer (~1 s at 300 kb/s); flv: no seek back to fill in
+        # the duration and size (a live stream has neither)
+        options = {"flush_packets": "1", **({"flvflags": "no_duration_filesize"} if self._format == "flv" else {})}
+        return av.open(self.url, "w", format=self._format, options=options, timeout=self._timeout_s)
+
+    def _video_options(self, crf: int, preset: str) -> dict[str, str]:
+        rate = f"{self.bitrate_kbps}k"
+        return {"preset": preset, "tune": "zerolatency", "g": str(2 * self.fps), "keyint_min": str(2 * self.fps),
+                "b": rate, "maxrate": rate, "bufsize": f"{2 * self.bitrate_kbps}k"}
+
+    def _to_stream_rate(self, frame: Any) -> list[Any]:
+        return list(self._resampler.resample(frame))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ import torch
 from ..diffusion import guidance_rows
 from ..errors import InputError, LetsTalkError, OutputError
 from ..framing import FRAMING, FullFrame
-from ..media import TempoStretcher
+from ..media import LiveWriter, TempoStretcher, check_live_url
 from ..pipeline import (DECODE_CHUNK, GRAPH_BUCKETS, AudioTokenizer, LetsTalkPipeline, Portrait, StreamState,
                         encode_features)
 from ..tts import Speech
@@ -77,7 +77,7 @@ from .events import (
     AVFrame, Caption, EngineAdjusted, Event, FramesDropped, Interrupted, PlaybackPosition, SessionClosed, SessionError,
     SpeechStarted, SpeechStopped, WindowTimings,
 )
-from .recorder import Recording
+from .recorder import Broadcast, Recording
 
 log = logging.getLogger(__name__)
 
@@ -484,6 +484,8 @@ class Player:
         now = time.monotonic()
         if s.recording is not None:
             s.recording.add(frame)
+        if s.broadcasting is not None:
+            s.broadcasting.add(frame)
         self.pieces_shown = max(self.pieces_shown, frame.pieces)
         for text in frame.captions:
             s._emit(Caption(s.id, text=text, frame=tick))
@@ -580,6 +582,8 @@ class Session:
         self._saying: list[asyncio.Task] = []  # say() calls not yet queued in full, in order
         self.recording: Recording | None = None  # record(): the one running
         self.last_recording: Recording | None = None  # the last one that ended (stats)
+        self.broadcasting: Broadcast | None = None  # broadcast(): the live stream running
+        self.last_broadcast: Broadcast | None = None  # the last one that ended
         self._last_late_event = 0.0
         self._late_reported = 0
         # worker-thread state
@@ -681,6 +685,36 @@ class Session:
         if recording is None:
             raise InputError(f"session {self.id} is not recording; start with record(path)")
         return await recording.stop()
+
+    async def broadcast(self, url: str, bitrate_kbps: int = 0, max_behind_s: float = 5.0,
+                        timeout_s: float = 10.0) -> Broadcast:
+        """Stream what this session shows, live, to a streaming server: `rtmp://` or `rtmps://` with the stream key
+        (YouTube Live, Twitch, OBS, nginx-rtmp), `srt://`, `udp://` or `tcp://` (MPEG-TS). H.264 at `bitrate_kbps`
+        (0: ~0.1 bit a pixel, at least 300 kb/s), a keyframe every 2 s, AAC at 48 kHz. Connects first (off the event
+        loop, up to `timeout_s`): InputError for a URL that is not one of those, OutputError when the server cannot be
+        reached. The session's clock runs while it lasts, watched or not. A failure later (the server gone, the
+        encoder `max_behind_s` behind) ends it with a `broadcast_stopped` event, the session streaming on."""
+        self._check_open()
+        self._check_paced()
+        check_live_url(url)
+        if self.broadcasting is not None:
+            raise InputError(f"session {self.id} is already streaming to '{self.broadcasting.url}'; stop_broadcast() "
+                             "first")
+        writer = await asyncio.to_thread(LiveWriter, url, self.frame_size, self.pipeline.fps, self.sample_rate,
+                                         bitrate_kbps=bitrate_kbps, timeout_s=timeout_s)
+        if self.closed or self.broadcasting is not None:  # closed, or another broadcast began, while it connected
+            await asyncio.to_thread(writer.abort)
+            self._check_open()
+            raise InputError(f"session {self.id} is already streaming to '{self.broadcasting.url}'")
+        self.broadcasting = Broadcast(self, writer, max_behind_s=max_behind_s)
+        return self.broadcasting
+
+    async def stop_broadcast(self) -> None:
+        """End the live stream (its end goes out to the server); OutputError if it had failed, saying why."""
+        broadcast = self.broadcasting or self.last_broadcast
+        if broadcast is None:
+            raise InputError(f"session {self.id} is not streaming; start with broadcast(url)")
+        await broadcast.stop()
 
     def say(self, text: str, speech: Speech | None = None) -> asyncio.Task:
         """Speak `text` with espeak-ng (`letstalk_rt.tts`; `speech`: voice, rate, pitch), after any text said before.
@@ -850,6 +884,7 @@ class Session:
             "latency_ms_p99": p99,
             "engine": self.engine.running_state(),
             **({"recording": r.describe()} if (r := self.recording or self.last_recording) is not None else {}),
+            **({"broadcast": b.describe()} if (b := self.broadcasting or self.last_broadcast) is not None else {}),
         }
 
     async def close(self, reason: str = "closed") -> None:
@@ -871,6 +906,9 @@ class Session:
             else:
                 with contextlib.suppress(OutputError):
                     await self.recording.stop()
+        if self.broadcasting is not None:
+            with contextlib.suppress(OutputError):
+                await self.broadcasting.stop()
         self._emit(SessionClosed(self.id, reason=reason), force=True)
 
     async def __aenter__(self) -> "Session":

@@ -129,6 +129,17 @@ class RecordingStopped(Event):
 
 
 @dataclass(frozen=True)
+class BroadcastStopped(Event):
+    """The session's live stream to a streaming server ended (`Session.stop_broadcast()`, the session's close, or a
+    failure: the server went away, the encoder fell behind): `url` with its stream key hidden, the `seconds` sent, and
+    `error` saying why when it failed."""
+
+    url: str = ""
+    seconds: float = 0.0
+    error: str = ""
+
+
+@dataclass(frozen=True)
 class EngineAdjusted(Event):
     """The shared engine changed how much work a window gets, for every session on it: its windows fell
     `behind_ms` behind real time (another process took the cores), so it went from `before` to `after`
@@ -152,5 +163,6 @@ _EVENT_NAMES: dict[type, str] = {
     SessionError: "error",
     SessionClosed: "closed",
     RecordingStopped: "recording_stopped",
+    BroadcastStopped: "broadcast_stopped",
     EngineAdjusted: "engine_adjusted",
 }

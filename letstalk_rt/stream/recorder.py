@@ -1,4 +1,4 @@
-"""Recording a live session: what its viewers were shown, to an MP4 (H.264 + AAC).
+"""Recording a live session: what its viewers were shown, to an MP4 (H.264 + AAC), or live to a streaming server.
 
 Every tick of the session's clock goes in as it is shown (`Player._observe`): the generated frames, the frames held
 while a window was late, and the audio that played with each, so the recording is the stream itself, in sync, with
@@ -10,6 +10,9 @@ recording, deletes its partial file and says why in a `recording_stopped` event;
 The captions the session showed (text said with `say`, or pushed with `caption=`) are saved beside the MP4 as WebVTT
 subtitles (`captions_path`: the same name, `.vtt`), timed to the ticks their speech showed at, written before the MP4
 moves into place.
+
+`Broadcast` sends the same ticks live to a streaming server instead (RTMP, SRT, MPEG-TS; `media.LiveWriter`), and keeps
+the session's clock running while it lasts, so a session needs no viewer to stream to a platform.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import OutputError
 from ..media import VideoWriter, write_text_atomic
-from .events import AVFrame, RecordingStopped
+from .events import AVFrame, BroadcastStopped, RecordingStopped
 
 if TYPE_CHECKING:
     from .engine import Session
@@ -95,14 +98,15 @@ class Recording:
     """One session's recording to `path` (an .mp4; its folder must exist). Made by `Session.record`."""
 
     def __init__(self, session: Session, path: str | Path, crf: int = 23, preset: str = "veryfast",
-                 max_behind_s: float = 10.0, save_on_close: bool = True) -> None:
+                 max_behind_s: float = 10.0, save_on_close: bool = True, writer: VideoWriter | None = None) -> None:
         self.session = session
         self.path = Path(path)
         self.save_on_close = save_on_close  # the session's close saves it (False: discards it; Session.record)
         self.fps = session.pipeline.fps
         width, height = session.frame_size
         # Opens the partial file now: a path that cannot be written raises OutputError here, before anything runs.
-        self._writer = VideoWriter(self.path, (width, height), self.fps, session.sample_rate, crf=crf, preset=preset)
+        self._writer = writer or VideoWriter(self.path, (width, height), self.fps, session.sample_rate, crf=crf,
+                                             preset=preset)
         self.frames = 0  # ticks written
         self.captions_path = captions_path(self.path)
         self.cues = CaptionCues(self.fps)  # the recording's thread adds to it
@@ -174,27 +178,33 @@ class Recording:
         if self.state == "recording":
             self.state, self.error = "failed", reason
 
+    def _write(self, frame: AVFrame) -> None:
+        self.cues.add(self.frames, frame)
+        self._writer.write_frame(frame.video)
+        self._writer.write_audio(frame.audio)
+
+    def _finish(self) -> None:
+        self.cues.close(self.frames)
+        captions = self.frames > 0 and bool(self.cues.cues)
+        if captions:  # before the MP4: a recording in place has its captions in place
+            write_text_atomic(self.captions_path, self.cues.webvtt(), "free disk space")
+        try:
+            self._writer.close()  # OutputError (and no file) when not even one frame was shown
+        except BaseException:
+            if captions:
+                self.captions_path.unlink(missing_ok=True)
+            raise
+
     def _run(self) -> None:
         try:
             while True:
                 frame = self._queue.get()
                 if frame is None or self.state != "recording":
                     break
-                self.cues.add(self.frames, frame)
-                self._writer.write_frame(frame.video)
-                self._writer.write_audio(frame.audio)
+                self._write(frame)
                 self.frames += 1
             if self.state == "recording":
-                self.cues.close(self.frames)
-                captions = self.frames > 0 and bool(self.cues.cues)
-                if captions:  # before the MP4: a recording in place has its captions in place
-                    write_text_atomic(self.captions_path, self.cues.webvtt(), "free disk space")
-                try:
-                    self._writer.close()  # OutputError (and no file) when not even one frame was shown
-                except BaseException:
-                    if captions:
-                        self.captions_path.unlink(missing_ok=True)
-                    raise
+                self._finish()
                 self.state = "finished"
         except OutputError as e:  # what VideoWriter raises for the disk and the encoders
             self._fail(str(e))
@@ -221,3 +231,55 @@ class Recording:
         if s.recording is self:
             s.recording = None
         s.last_recording = self
+
+
+class Broadcast(Recording):
+    """One session's live stream to a streaming server (`media.LiveWriter`: RTMP to YouTube Live, Twitch, OBS or
+    nginx-rtmp; SRT; MPEG-TS over UDP/TCP). Made by `Session.broadcast`, which connects first.
+
+    It sends what the session shows, tick by tick, as a recording does (the same queue and encoder thread), and it
+    keeps the session's clock running while it lasts: a broadcast needs no viewer, so an application that only pushes
+    speech (or `say`s text) streams a talking avatar to a platform. Nothing is written to disk and no captions are
+    kept. A failure (the server went away, an encoder `max_behind_s` behind) ends it with a `broadcast_stopped` event
+    carrying the error; the session streams on to its other viewers."""
+
+    def __init__(self, session: Session, writer: VideoWriter, max_behind_s: float = 5.0) -> None:
+        super().__init__(session, writer.name, max_behind_s=max_behind_s, writer=writer)
+        self.url = writer.name  # the stream key hidden
+        self._clock = session.loop.create_task(self._keep_clock(), name=f"session-{session.id}-broadcast-clock")
+
+    def describe(self) -> dict:
+        return {"state": self.state, "url": self.url, "seconds": round(self.seconds, 2),
+                **({"error": self.error} if self.error else {})}
+
+    async def _keep_clock(self) -> None:
+        """Read the session's frames on its clock (a viewer's reads and these share its ticks; each tick is sent once,
+        through `Player._observe`)."""
+        async for _ in self.session.frames():
+            if self._stopping or self.state != "recording":
+                return
+
+    async def stop(self) -> None:  # type: ignore[override]
+        """End the stream (the encoders' tail and the end of stream go out, off the loop); OutputError if it had
+        failed, saying why."""
+        try:
+            await super().stop()
+        except OutputError:
+            raise OutputError(f"the live stream to '{self.url}' failed: {self.error}") from None
+
+    def _write(self, frame: AVFrame) -> None:
+        self._writer.write_frame(frame.video)
+        self._writer.write_audio(frame.audio)
+
+    def _finish(self) -> None:
+        self._writer.close()
+
+    def _done(self) -> None:
+        self._ended.set()
+        self._clock.cancel()
+        s = self.session
+        s._emit(BroadcastStopped(s.id, url=self.url, seconds=round(self.seconds, 2), error=self.error or ""),
+                force=True)
+        if s.broadcasting is self:
+            s.broadcasting = None
+        s.last_broadcast = self

@@ -1,0 +1,77 @@
+"""A streaming server for the broadcast tests: FFmpeg (PyAV) listening for one RTMP or MPEG-TS-over-TCP stream, in a
+process of its own (as an ingest server is), saving what it received.
+
+    python live_receiver.py URL OUT.npz
+
+writes OUT.npz when the stream ends: `frames` (N, H, W, 3) uint8 RGB, `times` (N,) each frame's presentation time in
+seconds, `audio` float32 mono and `rate` its sample rate. `receiving(url)` runs it from a test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Receiver:
+    def __init__(self, url: str, out: Path) -> None:
+        self.url, self.out = url, out
+        self.proc = subprocess.Popen([sys.executable, __file__, url, str(out)])
+
+    def result(self, timeout: float = 20.0) -> dict:
+        """What it received, once the stream has ended (waits for the process)."""
+        self.proc.wait(timeout)
+        with np.load(self.out) as got:
+            return {k: got[k] for k in got.files}
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+@contextlib.contextmanager
+def receiving(url: str, out: Path):
+    receiver = Receiver(url, out)
+    try:
+        yield receiver
+    finally:
+        if receiver.proc.poll() is None:
+            receiver.kill()
+
+
+def main(url: str, out: str) -> None:
+    import av
+
+    frames, times, audio, rate = [], [], [], 0
+    container = av.open(url, mode="r", options={"listen": "1"}, timeout=(30, 10))
+    try:
+        for packet in container.demux():
+            for frame in packet.decode():
+                if isinstance(frame, av.VideoFrame):
+                    frames.append(frame.to_ndarray(format="rgb24"))
+                    times.append(float(frame.time))
+                else:
+                    audio.append(frame.to_ndarray().reshape(frame.samples, -1).mean(axis=1))
+                    rate = frame.sample_rate
+    except (av.error.EOFError, OSError):  # the sender closed the connection: the end of the stream
+        pass
+    tmp = f"{out}.partial.npz"
+    np.savez(tmp, frames=np.array(frames, np.uint8), times=np.array(times),
+             audio=np.concatenate(audio).astype(np.float32) if audio else np.zeros(0, np.float32), rate=rate)
+    os.replace(tmp, out)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

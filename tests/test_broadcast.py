@@ -1,0 +1,209 @@
+"""Streaming a session live to a streaming server (Session.broadcast): every tick shown reaches the server with its
+sound, in sync; an unwatched session streams on its own clock; a server that goes away ends the broadcast with a
+reason while the session streams on; bad URLs and unreachable servers are refused at once, the stream key never
+shown. The server is FFmpeg listening in a process of its own (tests/live_receiver.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from conftest import speechlike
+from letstalk_rt.errors import InputError, LetsTalkError, OutputError
+from letstalk_rt.media import LiveWriter, check_live_url, redact_url
+from letstalk_rt.stream import EngineConfig, StreamEngine
+from letstalk_rt.stream.events import BroadcastStopped
+from live_receiver import free_port, receiving
+from server_helpers import run
+from test_recording import _portrait, _push_in_real_time
+
+
+async def _connect(session, url: str, **kw):
+    """session.broadcast(url), again while the receiver is not listening yet (it starts in its own process)."""
+    for _ in range(100):
+        try:
+            return await session.broadcast(url, **kw)
+        except OutputError as e:
+            if "refused" not in str(e):
+                raise
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"nothing listened at {url}")
+
+
+async def _next(events, kind, timeout: float = 15.0):
+    async def find():
+        async for event in events:
+            if isinstance(event, kind):
+                return event
+    return await asyncio.wait_for(find(), timeout)
+
+
+def _rms_per_frame(audio: np.ndarray, rate: int, times: np.ndarray) -> np.ndarray:
+    """Each received frame's sound, by its presentation time: what a player plays with it."""
+    n = rate // 25
+    return np.array([np.sqrt(np.mean(audio[int(round(t * rate)):int(round(t * rate)) + n] ** 2))
+                     for t in times if int(round(t * rate)) + n <= len(audio)])
+
+
+@pytest.mark.parametrize("scheme", ["rtmp", "tcp"])
+def test_a_broadcast_sends_every_tick_shown_with_its_sound_in_sync(tiny_pipeline, tmp_path, scheme):
+    """The server receives each tick the session showed, in order and 40 ms apart (the pictures those a viewer got),
+    and the sound played with each frame is the speech that frame showed: lined up by presentation time, as a player
+    plays them. stop_broadcast() ends the stream, with a broadcast_stopped event; the stream key appears nowhere."""
+    port = free_port()
+    url = f"rtmp://127.0.0.1:{port}/live/s3cret-key" if scheme == "rtmp" else f"tcp://127.0.0.1:{port}"
+    with receiving(url, tmp_path / "got.npz") as receiver:
+        async def main():
+            engine = await StreamEngine(tiny_pipeline, EngineConfig(warmup=False)).start()
+            try:
+                session = await engine.open_session(_portrait(tiny_pipeline))
+                events = session.events()
+                broadcast = await _connect(session, url)
+                with pytest.raises(InputError, match="already streaming"):
+                    await session.broadcast(url)
+                feeder = asyncio.ensure_future(_push_in_real_time(session, speechlike(2.0)))
+                shown = []
+                async for frame in session.frames():
+                    shown.append(frame)
+                    if len(shown) == 75:
+                        break
+                await feeder
+                await session.stop_broadcast()
+                return shown, broadcast, await _next(events, BroadcastStopped), session.stats()
+            finally:
+                await engine.stop()
+
+        shown, broadcast, stopped, stats = run(main())
+        got = receiver.result()
+    frames, times = got["frames"], got["times"]
+    assert len(frames) == broadcast.frames >= len(shown)
+    assert np.allclose(np.diff(times), 0.04, atol=0.002)
+    assert stopped.error == "" and stopped.seconds == broadcast.seconds and "s3cret" not in stopped.url
+    assert "s3cret" not in str(stats["broadcast"]) and stats["broadcast"]["state"] == "finished"
+    # each received picture is nearest the one shown at its tick, from the one nearest the reader's first frame on
+    # (the tiny model's 32-px frames are noise-like: H.264 keeps them only roughly)
+    want = np.stack([f.video for f in shown]).astype(float)
+    k = int(np.argmin([np.abs(f.astype(float) - want[0]).mean() for f in frames]))
+    got_frames = frames[k:k + len(shown)].astype(float)
+    distance = np.abs(got_frames[:, None] - want[None, :len(got_frames)]).mean(axis=(2, 3, 4))
+    assert len(got_frames) >= len(shown) - 1  # (a held frame repeats the picture before it: ties allowed)
+    assert all(distance[i, i] <= distance[i].min() + 1e-9 for i in range(len(got_frames)))
+    # the sound under each received frame follows the loudness of the speech its shown frame played
+    sent = np.array([np.sqrt(np.mean(f.audio ** 2)) for f in shown])
+    heard = _rms_per_frame(got["audio"], int(got["rate"]), times)[k:k + len(shown)]
+    assert int(got["rate"]) == 48000 and len(heard) >= len(shown) - 1
+    sent = sent[:len(heard)]
+    assert any(f.speech for f in shown) and sent.max() > 0.1
+    lags = {lag: np.corrcoef(sent[5:-5], heard[5 + lag:len(heard) - 5 + lag])[0, 1] for lag in range(-3, 4)}
+    assert max(lags, key=lags.get) == 0 and lags[0] > 0.9, lags
+
+
+def test_an_unwatched_session_streams_on_its_own_clock(tiny_pipeline, tmp_path):
+    """With no reader and no track, a broadcasting session's clock runs at real time: the speech pushed to it is shown
+    and reaches the server, and the ticks sent match the time it streamed."""
+    port = free_port()
+    url = f"rtmp://127.0.0.1:{port}/live/key"
+    with receiving(url, tmp_path / "got.npz") as receiver:
+        async def main():
+            engine = await StreamEngine(tiny_pipeline, EngineConfig(warmup=False)).start()
+            try:
+                session = await engine.open_session(_portrait(tiny_pipeline))
+                broadcast = await _connect(session, url)
+                await _push_in_real_time(session, speechlike(1.5))
+                await asyncio.sleep(1.0)
+                started = session.player.start
+                await session.stop_broadcast()
+                return broadcast, time.monotonic() - started, session.player.speech_frames
+            finally:
+                await engine.stop()
+
+        broadcast, streamed_s, speech_frames = run(main())
+        got = receiver.result()
+    assert speech_frames >= 30  # the speech was shown with nobody watching
+    assert abs(broadcast.frames - streamed_s * 25) <= 5
+    assert len(got["frames"]) == broadcast.frames
+    heard = _rms_per_frame(got["audio"], int(got["rate"]), got["times"])
+    assert (heard > 0.05).sum() >= 0.5 * speech_frames and heard[-10:].max() < 0.02  # speech, then the silence after
+
+
+def test_a_server_that_goes_away_ends_the_broadcast_and_the_session_streams_on(tiny_pipeline, tmp_path):
+    """The receiving server killed mid-stream: a broadcast_stopped event says the stream failed, stop_broadcast()
+    raises saying why, the session keeps streaming to its reader, and a new broadcast to another server works."""
+    url = f"rtmp://127.0.0.1:{free_port()}/live/key"
+    url2 = f"rtmp://127.0.0.1:{free_port()}/live/key2"
+    with receiving(url, tmp_path / "got.npz") as receiver, receiving(url2, tmp_path / "got2.npz") as receiver2:
+        async def main():
+            engine = await StreamEngine(tiny_pipeline, EngineConfig(warmup=False)).start()
+            try:
+                session = await engine.open_session(_portrait(tiny_pipeline))
+                events = session.events()
+                await _connect(session, url)
+                shown = 0
+                stopped = None
+                stream = session.frames()
+                async for _ in stream:
+                    shown += 1
+                    if shown == 25:
+                        receiver.kill()
+                        stopping = asyncio.ensure_future(_next(events, BroadcastStopped))
+                    if shown > 25 and stopping.done():
+                        stopped = stopping.result()
+                        break
+                    assert shown < 25 * 20, "the broadcast did not notice its server was gone"
+                with pytest.raises(OutputError, match="failed"):
+                    await session.stop_broadcast()
+                after = 0
+                async for _ in stream:  # the session streams on
+                    after += 1
+                    if after == 10:
+                        break
+                second = await _connect(session, url2)
+                await asyncio.sleep(0.5)
+                await session.stop_broadcast()
+                return stopped, session.closed, session.broadcasting, second
+            finally:
+                await engine.stop()
+
+        stopped, closed, broadcasting, second = run(main())
+        got2 = receiver2.result()
+    assert stopped.error and "key" not in stopped.url.split("/")[-1]
+    assert not closed and broadcasting is None
+    assert second.state == "finished" and len(got2["frames"]) == second.frames > 0
+
+
+def test_broadcast_urls_are_checked_and_unreachable_servers_refused_at_once(tiny_pipeline, tmp_path):
+    """A file path, http:// or a URL without a host is refused (FFmpeg would write files or fetch pages); a server that
+    is not there is an OutputError naming the URL without its stream key; an unpaced session has no live stream."""
+    for bad in (str(tmp_path / "out.flv"), "file:///tmp/x.flv", "http://example.com/live", "rtmp:///live/key"):
+        with pytest.raises(InputError, match="rtmp://"):
+            check_live_url(bad)
+    assert check_live_url("rtmps://a.rtmp.youtube.com/live2/abcd") == "flv"
+    assert check_live_url("srt://ingest.example:9000?streamid=x") == "mpegts"
+    assert redact_url("rtmp://user:pw@host:1935/live2/abcd-efgh") == "rtmp://host:1935/live2/***"
+    assert redact_url("srt://host:9000?passphrase=xyz") == "srt://host:9000?***"
+    started = time.monotonic()
+    with pytest.raises(OutputError, match=r"rtmp://127\.0\.0\.1:\d+/live/\*\*\*") as refused:
+        LiveWriter(f"rtmp://127.0.0.1:{free_port()}/live/s3cret", 32, timeout_s=5)
+    assert "s3cret" not in str(refused.value) and time.monotonic() - started < 5
+
+    async def main():
+        engine = await StreamEngine(tiny_pipeline, EngineConfig(warmup=False)).start()
+        try:
+            session = await engine.open_session(_portrait(tiny_pipeline))
+            with pytest.raises(InputError, match="not a live streaming URL"):
+                await session.broadcast(str(tmp_path / "out.flv"))
+            with pytest.raises(OutputError, match="cannot stream"):
+                await session.broadcast(f"tcp://127.0.0.1:{free_port()}")
+            assert session.broadcasting is None
+            unpaced = await engine.open_session(_portrait(tiny_pipeline), session_id="file")
+            unpaced.unpace()
+            with pytest.raises(LetsTalkError, match="unpaced"):
+                await unpaced.broadcast(f"tcp://127.0.0.1:{free_port()}")
+        finally:
+            await engine.stop()
+
+    run(main())
+    assert list(tmp_path.iterdir()) == []  # nothing written
