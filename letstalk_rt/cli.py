@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import sys
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import MAX_NOISE_DRAWS, PRESETS_MODEL, check_box, check_noise_draws
-from .errors import InputError, LetsTalkError
+from .errors import InputError, LetsTalkError, OutputError
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -331,6 +332,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     check_live_args(args)
     check_video_path(args.out, "--out")
+    if args.broadcast is not None:
+        from .media import check_live_url
+
+        check_live_url(args.broadcast)
     voice = None
     if args.text is not None:  # checked before the model loads
         from .tts import check_text
@@ -384,6 +389,11 @@ async def _demo(pipe, image, speech: Path, args: argparse.Namespace, voice=None)
             print(f"speaking {args.text[:40]!r}{'...' if len(args.text) > 40 else ''} ({voice.voice}) through "
                   "the engine ...", file=sys.stderr)
         video, audio = session.video_track(), session.audio_track()
+        # connecting takes a few hundred ms: after the speech started, not in its time to first frame (the stream
+        # joins the session where it is, as a live stream does)
+        broadcast = await session.broadcast(args.broadcast) if args.broadcast is not None else None
+        if broadcast is not None:
+            print(f"streaming live to {broadcast.url}", file=sys.stderr)
         # the speech and one second of rest after it (said text: once its length is known)
         ticks = math.ceil((source.seconds + 1.0) * pipe.fps) if source is not None else None
         cues = CaptionCues(pipe.fps)  # said text: each sentence's caption, on the file's timeline
@@ -403,10 +413,16 @@ async def _demo(pipe, image, speech: Path, args: argparse.Namespace, voice=None)
                     print(f"\r  {i / pipe.fps:5.1f} s streamed", end="", file=sys.stderr, flush=True)
                 i += 1
         await feeder
+        if broadcast is not None:
+            with contextlib.suppress(OutputError):  # a failed stream is said below
+                await session.stop_broadcast()
         stats = session.stats()
     if not args.quiet:
         print(file=sys.stderr)
     print(f"wrote {args.out} ({ticks} frames recorded from the WebRTC tracks)")
+    if broadcast is not None:
+        print(f"streamed {broadcast.seconds:.1f} s live to {broadcast.url}" if broadcast.error is None else
+              f"the live stream to {broadcast.url} failed after {broadcast.seconds:.1f} s: {broadcast.error}")
     cues.close(ticks)
     if cues.cues:
         _save_captions(args.out, cues)
@@ -691,6 +707,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("letstalk_demo.mp4"), help="output .mp4")
     p.add_argument("--text", default=None, help="speak this text (espeak-ng, a sentence at a time, as the server's "
                    "`say` does) instead of the bundled speech; its captions go to a WebVTT file beside --out (.vtt)")
+    p.add_argument("--broadcast", default=None, metavar="URL",
+                   help="also stream it live to a streaming server: an RTMP ingest URL with its stream key (YouTube "
+                        "Live, Twitch; or `ffplay -listen 1 rtmp://127.0.0.1:1935/live/demo` to watch it here), "
+                        "srt://, udp:// or tcp://")
     _add_speech_args(p)
     _add_full_frame_arg(p)
     _add_framing_arg(p)

@@ -178,7 +178,7 @@ async def _raise_for_status(resp: aiohttp.ClientResponse) -> None:
         raise AvatarNotFoundError(message, resp.status)
     if resp.status == 404 and resp.url.path.startswith("/v1/recordings/"):
         raise RecordingNotFoundError(message, resp.status)
-    if resp.status == 404:
+    if resp.status == 404 and not resp.url.path.endswith("/broadcast"):  # (a session that is not streaming: 4xx)
         raise SessionNotFoundError(message, resp.status)
     if 400 <= resp.status < 500:
         raise RequestError(message, resp.status)
@@ -709,6 +709,27 @@ class AvatarSession:
         """End the recording of a session started with `record=True` now (it is saved; a `recording_stopped` event
         follows, or an `error` saying why not); `AvatarClient.download_recording` then fetches it."""
         await self._control({"type": "stop_recording"})
+
+    async def broadcast(self, url: str, bitrate_kbps: int | None = None) -> dict:
+        """Stream this session live to a streaming server: an RTMP ingest URL with its stream key (YouTube Live,
+        Twitch, OBS), `srt://`, `udp://` or `tcp://`, under a prefix the server allows (`letstalk serve --broadcast-to
+        PREFIX`). Returns its state (`url` with the key hidden). While it lasts the session needs no viewer; a
+        `broadcast_stopped` event says when it ended, and why if it failed. RequestError: 403 (the server does not
+        stream there), 422 (not a streaming URL), 409 (already streaming); AvatarClientError 502: the streaming server
+        could not be reached."""
+        http = self.client._require_http()
+        body = {"url": url, **({"bitrate_kbps": bitrate_kbps} if bitrate_kbps else {})}
+        async with http.post(self.client._url(f"/v1/sessions/{self.id}/broadcast"), json=body,
+                             headers=self._headers()) as resp:
+            await _raise_for_status(resp)
+            return (await resp.json())["broadcast"]
+
+    async def stop_broadcast(self) -> None:
+        """End the live stream (RequestError 404 when there is none running, saying why the last one ended if it
+        failed)."""
+        http = self.client._require_http()
+        async with http.delete(self.client._url(f"/v1/sessions/{self.id}/broadcast"), headers=self._headers()) as resp:
+            await _raise_for_status(resp)
 
     async def _request(self, message: dict, timeout: float) -> tuple[float, dict]:
         """Send a control message with a fresh id; (monotonic time, answer) once the server answers it."""

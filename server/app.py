@@ -8,6 +8,7 @@
     POST /v1/sessions                 portrait upload or avatar id -> session id + token   (503 when full)
     POST /v1/sessions/{id}/offer      WHIP-style: SDP offer in, SDP answer out
     POST /v1/sessions/{id}/viewers    WHEP-style: one more watch-only peer (an overlay)   DELETE .../viewers/{vid}
+    POST /v1/sessions/{id}/broadcast  stream it live to an RTMP/SRT server (--broadcast-to)   DELETE: end it
     GET  /v1/sessions/{id}/ws         websocket: PCM16 + control in, events out
     GET  /v1/sessions/{id}/events     server-sent events: the session's events, read-only (overlays, dashboards)
     GET  /v1/recordings[/{id}]        sessions created with `record`, saved as MP4 when they end   DELETE one
@@ -50,8 +51,9 @@ from letstalk_rt.cli import (add_device_args, add_live_args, add_sampling_args, 
                              live_config, pipeline_kwargs, resolve_devices)
 from letstalk_rt.errors import InputError, LetsTalkError, NoFaceError, OutputError
 from letstalk_rt.framing import FRAMING, MAX_PHOTO_SIDE, check_framing
-from letstalk_rt.media import WHITE, decode_audio, parse_colour, upright_image
+from letstalk_rt.media import LIVE_FORMATS, WHITE, check_live_url, decode_audio, parse_colour, redact_url, upright_image
 from letstalk_rt.stream import CapacityError, EnginePool, FileSource, StreamEngine, TextSource, run_off_loop
+from letstalk_rt.stream.engine import SessionClosedError
 from letstalk_rt.tts import (DEFAULT_VOICE, MAX_TEXT, PITCH_RANGE, RATE_RANGE, Speech, SpeechUnavailable, check_voice,
                              espeak_exe, voices)
 
@@ -927,9 +929,74 @@ async def delete_viewer(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-def _session_gone(ss: ServerSession) -> web.HTTPException:
+def broadcast_allowed(url: str, prefixes: list[str]) -> bool:
+    """`url` lies under one of `prefixes` (--broadcast-to): the same scheme, the same host and port (a prefix without a
+    host, `rtmp://`, allows any), and a path under the prefix's."""
+    u = urllib.parse.urlsplit(url)
+    for prefix in prefixes:
+        p = urllib.parse.urlsplit(prefix)
+        if u.scheme.lower() != p.scheme.lower():
+            continue
+        if p.hostname and (u.hostname != p.hostname or u.port != p.port):
+            continue
+        if u.path.startswith(p.path):
+            return True
+    return False
+
+
+async def start_broadcast(request: web.Request) -> web.Response:
+    """Stream the session live to a streaming server the operator allowed (--broadcast-to): an RTMP ingest (YouTube
+    Live, Twitch, OBS), SRT or MPEG-TS. The session needs no viewer while it lasts."""
+    ss = authorize_session(request, allow_api_key=True)
+    _no_input_to_renders(ss, "live stream (it is made as fast as the device allows, not in real time)")
+    allowed = request.app[CONFIG].broadcast_to
+    if not allowed:
+        raise api_error(403, "this server streams to no streaming server; start it with --broadcast-to PREFIX (such as "
+                             "rtmp://a.rtmp.youtube.com/live2/) to allow the URLs under PREFIX")
+    fields = await read_in_time(request, _read_fields(request, ("url", "bitrate_kbps")))
+    url = fields.get("url")
+    if not isinstance(url, str) or not url:
+        raise api_error(422, "give `url`: the streaming server's ingest URL with its stream key, such as "
+                             "rtmp://a.rtmp.youtube.com/live2/KEY")
+    try:
+        check_live_url(url)
+    except InputError as e:
+        raise api_error(422, str(e)) from None
+    if not broadcast_allowed(url, allowed):
+        raise api_error(403, f"'{redact_url(url)}' is not under a URL this server may stream to (--broadcast-to: "
+                             f"{', '.join(allowed)})")
+    bitrate = _int_field(fields, "bitrate_kbps", 100, 20_000) or 0
+    if ss.session.broadcasting is not None:
+        raise api_error(409, f"session {ss.id} is already streaming to '{ss.session.broadcasting.url}'; DELETE "
+                             f"/v1/sessions/{ss.id}/broadcast first")
+    try:
+        broadcast = await ss.session.broadcast(url, bitrate_kbps=bitrate)
+    except SessionClosedError:
+        raise _session_gone(ss, "its live stream connected") from None
+    except InputError as e:  # another request started one while this one connected
+        raise api_error(409, str(e)) from None
+    except OutputError as e:  # the streaming server cannot be reached
+        raise api_error(502, str(e)) from None
+    ss.touch()
+    return web.json_response({"broadcast": broadcast.describe()}, status=201)
+
+
+async def stop_broadcast(request: web.Request) -> web.Response:
+    ss = authorize_session(request, allow_api_key=True)
+    if ss.session.broadcasting is None:
+        last = ss.session.last_broadcast
+        failed = f" (its last one failed: {last.error})" if last is not None and last.error else ""
+        raise api_error(404, f"session {ss.id} is not streaming{failed}")
+    try:
+        await ss.session.stop_broadcast()
+    except OutputError as e:  # it failed while being stopped
+        raise api_error(502, str(e)) from None
+    return web.Response(status=204)
+
+
+def _session_gone(ss: ServerSession, before: str = "its WebRTC negotiation finished") -> web.HTTPException:
     reason = ss.session.close_reason or "closed"
-    return api_error(404, f"session {ss.id} was closed ({reason}) before its WebRTC negotiation finished")
+    return api_error(404, f"session {ss.id} was closed ({reason}) before {before}")
 
 
 def _describe(e: BaseException) -> str:
@@ -1162,6 +1229,8 @@ def create_app(engines: StreamEngine | EnginePool, config: ServerConfig | None =
     r.add_post("/v1/sessions/{session_id}/offer", offer)
     r.add_post("/v1/sessions/{session_id}/viewers", add_viewer)
     r.add_delete("/v1/sessions/{session_id}/viewers/{viewer_id}", delete_viewer)
+    r.add_post("/v1/sessions/{session_id}/broadcast", start_broadcast)
+    r.add_delete("/v1/sessions/{session_id}/broadcast", stop_broadcast)
     r.add_get("/v1/sessions/{session_id}/ws", websocket)
     r.add_get("/v1/sessions/{session_id}/events", session_events)
     r.add_get("/v1/recordings", list_recordings)
@@ -1245,6 +1314,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="watch-only peer connections a session may have besides its own (POST "
                              "/v1/sessions/{id}/viewers: an OBS overlay beside the app that drives the session); each "
                              f"costs the server one more video and audio encode (default {d.max_viewers}; 0: none)")
+    parser.add_argument("--broadcast-to", action="append", default=[], metavar="PREFIX",
+                        help="let sessions stream live to URLs under PREFIX (POST /v1/sessions/{id}/broadcast; "
+                             "repeatable): an RTMP ingest such as rtmp://a.rtmp.youtube.com/live2/ or "
+                             "rtmp://live.twitch.tv/app/, srt://HOST:PORT, udp:// or tcp://; a scheme alone "
+                             "(rtmp://) allows any host (default: none)")
     parser.add_argument("--drain-seconds", type=float, default=0.0, metavar="S",
                         help="on SIGTERM or Ctrl-C, shut down gently: refuse new sessions (503; /health answers "
                              "503 'draining'), tell the open ones `session_ending` and let them go on until they end "
@@ -1324,6 +1398,11 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                               or parsed.query or origin.endswith("/")):
             raise LetsTalkError(f"--cors-origin {origin!r}: give an origin like https://app.example.com (scheme, host "
                                 "and port if not the default; no path), or *")
+    for prefix in args.broadcast_to:
+        parts = urllib.parse.urlsplit(prefix)
+        if parts.scheme.lower() not in LIVE_FORMATS or not prefix.startswith(f"{parts.scheme}://") or parts.query:
+            raise LetsTalkError(f"--broadcast-to {redact_url(prefix)!r}: give a streaming URL prefix such as "
+                                "rtmp://a.rtmp.youtube.com/live2/ or srt://HOST:PORT, or a scheme alone (rtmp://)")
     avatars: dict[str, str | Path] = {"default": ServerConfig().avatars["default"]}
     for spec in args.avatar:
         avatar_id, sep, path = spec.partition("=")
@@ -1343,7 +1422,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         recordings_dir=args.recordings_dir, recordings_keep_s=args.recordings_keep_hours * 3600,
         recordings_max_bytes=int(args.recordings_max_gb * 1e9), cors_origins=list(args.cors_origin),
         max_session_s=args.max_session_minutes * 60, drain_s=args.drain_seconds, webhooks=list(args.webhook),
-        max_viewers=args.max_viewers,
+        max_viewers=args.max_viewers, broadcast_to=list(args.broadcast_to),
         webhook_secret=args.webhook_secret or os.environ.get("LETSTALK_WEBHOOK_SECRET") or None,
         detect_face=not args.no_face_detect, stop_engine_on_cleanup=True,
     )

@@ -115,6 +115,7 @@ class ServerConfig:
     max_session_s: float = 0.0  # a session is closed this long after it was created (0: no limit)
     session_end_warning_s: float = 60.0  # ... its websocket and event streams told `session_ending` this long before
     max_viewers: int = 4  # watch-only peer connections a session may have besides its own (POST .../viewers)
+    broadcast_to: list[str] = field(default_factory=list)  # URL prefixes sessions may stream live to (none: no broadcasts)
     drain_s: float = 0.0  # on SIGTERM/SIGINT: refuse new sessions and let open ones go on this long before closing them
     webhooks: list[str] = field(default_factory=list)  # URLs told what happens to sessions (webhooks.py)
     webhook_secret: str | None = None  # signs each webhook (HMAC-SHA256)
@@ -250,6 +251,7 @@ class Metrics:
         self.says_total = 0  # `say` messages accepted
         self.reconnects_total = 0  # peer connections a new offer replaced (a client back after its network changed)
         self.recordings: collections.Counter[bool] = collections.Counter()  # recordings ended: saved (True) or not
+        self.broadcasts: collections.Counter[bool] = collections.Counter()  # live streams ended: well (True) or failed
         self.recordings_pruned = 0  # saved recordings deleted by the retention limits
         self.recordings_bytes: int | None = None  # the saved MP4s' size at the last look (None: not looked yet)
         # totals of sessions already closed (live ones are added at scrape time)
@@ -335,6 +337,11 @@ def render_metrics(manager: SessionManager) -> str:
     metric("letstalk_recordings_total", "counter", "Recordings ended, by result (failed: a full disk, an encoder too "
            "far behind; nothing saved).", [('{result="saved"}', m.recordings[True]),
                                           ('{result="failed"}', m.recordings[False])])
+    metric("letstalk_broadcasts_active", "gauge", "Sessions streaming live to a streaming server now (POST "
+           ".../broadcast).", [("", sum(s.broadcasting is not None for s in live))])
+    metric("letstalk_broadcasts_total", "counter", "Live streams ended, by result (failed: the streaming server went "
+           "away, the encoder fell behind).", [('{result="ended"}', m.broadcasts[True]),
+                                               ('{result="failed"}', m.broadcasts[False])])
     if manager.config.recordings_dir is not None:
         metric("letstalk_recordings_pruned_total", "counter", "Saved recordings deleted by the retention limits "
                "(--recordings-keep-hours, --recordings-max-gb).", [("", m.recordings_pruned)])
@@ -520,6 +527,8 @@ class ServerSession:
                 if event.path:  # a new file: within the limits at once
                     self.manager.prune_recordings()
                 self._recording_webhook(event)
+            elif event.type == "broadcast_stopped":
+                self.manager.metrics.broadcasts[not event.error] += 1
             message = event.to_dict()
             self.tell_listeners(message)
             await self.send_json(message)

@@ -5,6 +5,7 @@ shown. The server is FFmpeg listening in a process of its own (tests/live_receiv
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import time
 
@@ -82,7 +83,7 @@ def test_a_broadcast_sends_every_tick_shown_with_its_sound_in_sync(tiny_pipeline
     assert len(frames) == broadcast.frames >= len(shown)
     assert np.allclose(np.diff(times), 0.04, atol=0.002)
     assert stopped.error == "" and stopped.seconds == broadcast.seconds and "s3cret" not in stopped.url
-    assert "s3cret" not in str(stats["broadcast"]) and stats["broadcast"]["state"] == "finished"
+    assert "s3cret" not in str(stats["broadcast"]) and stats["broadcast"]["state"] == "ended"
     # each received picture is nearest the one shown at its tick, from the one nearest the reader's first frame on
     # (the tiny model's 32-px frames are noise-like: H.264 keeps them only roughly)
     want = np.stack([f.video for f in shown]).astype(float)
@@ -171,7 +172,7 @@ def test_a_server_that_goes_away_ends_the_broadcast_and_the_session_streams_on(t
         got2 = receiver2.result()
     assert stopped.error and "key" not in stopped.url.split("/")[-1]
     assert not closed and broadcasting is None
-    assert second.state == "finished" and len(got2["frames"]) == second.frames > 0
+    assert second.describe()["state"] == "ended" and len(got2["frames"]) == second.frames > 0
 
 
 def test_broadcast_urls_are_checked_and_unreachable_servers_refused_at_once(tiny_pipeline, tmp_path):
@@ -207,3 +208,128 @@ def test_broadcast_urls_are_checked_and_unreachable_servers_refused_at_once(tiny
 
     run(main())
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_the_server_streams_a_session_to_an_allowed_url_with_no_viewer(tiny_pipeline, tmp_path):
+    """POST /v1/sessions/{id}/broadcast starts a live stream to a URL under --broadcast-to (201, the key hidden); the
+    session, with no peer and no viewer, shows the speech pushed to it and the streaming server receives it; GET shows
+    its state, /metrics counts it, DELETE ends it (204, then 404). A server without --broadcast-to, a URL outside the
+    prefixes, a file or http URL, a bad bitrate and an unreachable server are each refused with a reason."""
+    import aiohttp
+
+    from letstalk_rt.client import AvatarClient, AvatarClientError, RequestError
+    from server.app import add_serve_arguments, broadcast_allowed, config_from_args
+    from server_helpers import create_session, running_server, wait_until
+
+    port = free_port()
+    url = f"rtmp://127.0.0.1:{port}/live/s3cret"
+    key = {"Authorization": "Bearer k"}
+
+    async def main():
+        async with running_server(tiny_pipeline) as srv, aiohttp.ClientSession() as http:
+            info = await create_session(http, srv.url)
+            async with http.post(f"{srv.url}/v1/sessions/{info['session_id']}/broadcast", json={"url": url},
+                                 headers={"Authorization": f"Bearer {info['token']}"}) as r:
+                assert r.status == 403 and "--broadcast-to" in (await r.json())["error"]
+        closed = free_port()
+        async with running_server(tiny_pipeline, api_key="k", broadcast_to=[f"rtmp://127.0.0.1:{port}/live/",
+                                                                              f"tcp://127.0.0.1:{closed}"]) as srv, \
+                aiohttp.ClientSession() as http:
+            info = await create_session(http, srv.url, headers=key)
+            sid, mine = info["session_id"], {"Authorization": f"Bearer {info['token']}"}
+            endpoint = f"{srv.url}/v1/sessions/{sid}/broadcast"
+            for body, status, says in (({"url": f"rtmp://127.0.0.1:{port}/other/s3cret"}, 403, "not under"),
+                                       ({"url": f"rtmp://127.0.0.1:{port + 1}/live/s3cret"}, 403, "not under"),
+                                       ({"url": "file:///tmp/out.flv"}, 422, "not a live streaming URL"),
+                                       ({}, 422, "give `url`"),
+                                       ({"url": url, "bitrate_kbps": 5}, 422, "bitrate_kbps"),
+                                       ({"url": f"tcp://127.0.0.1:{closed}"}, 502, "cannot stream")):
+                async with http.post(endpoint, json=body, headers=mine) as r:
+                    error = (await r.json())["error"]
+                    assert r.status == status and says in error and "s3cret" not in error, (body, r.status, error)
+            async with http.delete(endpoint, headers=mine) as r:
+                assert r.status == 404
+            async with AvatarClient(srv.url) as client:
+                sdk = await client.session(sid, info["token"])
+                for _ in range(100):  # the receiver listens once its process is up
+                    try:
+                        state = await sdk.broadcast(url)
+                        break
+                    except AvatarClientError as e:
+                        assert e.status == 502
+                        await asyncio.sleep(0.1)
+                assert state == {"state": "streaming", "url": f"rtmp://127.0.0.1:{port}/live/***", "seconds": 0.0}
+                async with http.post(endpoint, json={"url": url}, headers=mine) as r:
+                    assert r.status == 409
+                session = srv.engine.sessions[sid]
+                session.push_audio(speechlike(1.5))
+                session.end_speech()
+                await wait_until(lambda: session.player.speech_frames >= 30, 30, "the speech shown with no viewer")
+                async with http.get(f"{srv.url}/v1/sessions/{sid}", headers=mine) as r:
+                    assert (await r.json())["stats"]["broadcast"]["state"] == "streaming"
+                async with http.get(f"{srv.url}/metrics") as r:
+                    assert "letstalk_broadcasts_active 1" in await r.text()
+                await sdk.stop_broadcast()
+                with pytest.raises(RequestError, match="not streaming"):
+                    await sdk.stop_broadcast()
+            async with http.get(f"{srv.url}/metrics") as r:
+                metrics = await r.text()
+            assert "letstalk_broadcasts_active 0" in metrics and 'letstalk_broadcasts_total{result="ended"} 1' in metrics
+            return session.last_broadcast.frames
+
+    with receiving(url, tmp_path / "got.npz") as receiver:
+        sent = run(main())
+        got = receiver.result()
+    assert len(got["frames"]) == sent >= 30
+    heard = _rms_per_frame(got["audio"], int(got["rate"]), got["times"])
+    assert (heard > 0.05).sum() >= 12  # (the speech-like signal is loud half the time)
+
+    assert broadcast_allowed("rtmp://a.example/live2/KEY", ["rtmp://"])
+    assert not broadcast_allowed("rtmp://a.example.evil/live2/KEY", ["rtmp://a.example/live2/"])
+    assert not broadcast_allowed("rtmps://a.example/live2/KEY", ["rtmp://a.example/live2/"])
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    assert config_from_args(parser.parse_args(["--broadcast-to", "rtmp://"])).broadcast_to == ["rtmp://"]
+    for bad in ("/tmp", "http://example.com/", "rtmp:/x"):
+        with pytest.raises(LetsTalkError, match="--broadcast-to"):
+            config_from_args(parser.parse_args(["--broadcast-to", bad]))
+
+
+def test_a_server_that_never_answers_costs_the_engine_nothing(tiny_pipeline):
+    """An RTMP server that accepts the connection and never answers its handshake: broadcast() fails after its timeout
+    with OutputError, and meanwhile the event loop and the session's stream never stall (the connection is made by the
+    broadcast's own process: PyAV holds the GIL while it connects)."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    url = f"rtmp://127.0.0.1:{listener.getsockname()[1]}/live/key"
+
+    async def main():
+        engine = await StreamEngine(tiny_pipeline, EngineConfig(warmup=False)).start()
+        try:
+            session = await engine.open_session(_portrait(tiny_pipeline))
+            lags, stop = [], False
+
+            async def watch():
+                while not stop:
+                    before = time.monotonic()
+                    await asyncio.sleep(0.01)
+                    lags.append(time.monotonic() - before - 0.01)
+
+            watcher = asyncio.ensure_future(watch())
+            started = time.monotonic()
+            with pytest.raises(OutputError, match=r"live/\*\*\*': it did not answer within 2 s"):
+                await session.broadcast(url, timeout_s=2.0)
+            took = time.monotonic() - started
+            stop = True
+            await watcher
+            return took, max(lags), session.broadcasting
+        finally:
+            await engine.stop()
+            listener.close()
+
+    took, worst_lag, broadcasting = run(main())
+    assert 1.9 < took < 4 and broadcasting is None
+    assert worst_lag < 0.15, f"the event loop stalled {worst_lag * 1000:.0f} ms while the broadcast connected"

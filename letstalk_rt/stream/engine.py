@@ -69,7 +69,8 @@ import torch
 from ..diffusion import guidance_rows
 from ..errors import InputError, LetsTalkError, OutputError
 from ..framing import FRAMING, FullFrame
-from ..media import LiveWriter, TempoStretcher, check_live_url
+from ..broadcaster import LiveOutput
+from ..media import TempoStretcher, check_live_url
 from ..pipeline import (DECODE_CHUNK, GRAPH_BUCKETS, AudioTokenizer, LetsTalkPipeline, Portrait, StreamState,
                         encode_features)
 from ..tts import Speech
@@ -690,9 +691,9 @@ class Session:
                         timeout_s: float = 10.0) -> Broadcast:
         """Stream what this session shows, live, to a streaming server: `rtmp://` or `rtmps://` with the stream key
         (YouTube Live, Twitch, OBS, nginx-rtmp), `srt://`, `udp://` or `tcp://` (MPEG-TS). H.264 at `bitrate_kbps`
-        (0: ~0.1 bit a pixel, at least 300 kb/s), a keyframe every 2 s, AAC at 48 kHz. Connects first (off the event
-        loop, up to `timeout_s`): InputError for a URL that is not one of those, OutputError when the server cannot be
-        reached. The session's clock runs while it lasts, watched or not. A failure later (the server gone, the
+        (0: ~0.1 bit a pixel, at least 300 kb/s), a keyframe every 2 s, AAC at 48 kHz, encoded and sent by a process of
+        its own (`broadcaster`: nothing here waits on the network). Connects first (up to `timeout_s`): InputError for
+        a URL that is not one of those, OutputError when the server cannot be reached. The session's clock runs while it lasts, watched or not. A failure later (the server gone, the
         encoder `max_behind_s` behind) ends it with a `broadcast_stopped` event, the session streaming on."""
         self._check_open()
         self._check_paced()
@@ -700,7 +701,7 @@ class Session:
         if self.broadcasting is not None:
             raise InputError(f"session {self.id} is already streaming to '{self.broadcasting.url}'; stop_broadcast() "
                              "first")
-        writer = await asyncio.to_thread(LiveWriter, url, self.frame_size, self.pipeline.fps, self.sample_rate,
+        writer = await asyncio.to_thread(LiveOutput, url, self.frame_size, self.pipeline.fps, self.sample_rate,
                                          bitrate_kbps=bitrate_kbps, timeout_s=timeout_s)
         if self.closed or self.broadcasting is not None:  # closed, or another broadcast began, while it connected
             await asyncio.to_thread(writer.abort)

@@ -11,7 +11,7 @@ The captions the session showed (text said with `say`, or pushed with `caption=`
 subtitles (`captions_path`: the same name, `.vtt`), timed to the ticks their speech showed at, written before the MP4
 moves into place.
 
-`Broadcast` sends the same ticks live to a streaming server instead (RTMP, SRT, MPEG-TS; `media.LiveWriter`), and keeps
+`Broadcast` sends the same ticks live to a streaming server instead (RTMP, SRT, MPEG-TS; `broadcaster.LiveOutput`), and keeps
 the session's clock running while it lasts, so a session needs no viewer to stream to a platform.
 """
 
@@ -24,13 +24,14 @@ import queue
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import OutputError
 from ..media import VideoWriter, write_text_atomic
 from .events import AVFrame, BroadcastStopped, RecordingStopped
 
 if TYPE_CHECKING:
+    from ..broadcaster import LiveOutput
     from .engine import Session
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ class Recording:
     """One session's recording to `path` (an .mp4; its folder must exist). Made by `Session.record`."""
 
     def __init__(self, session: Session, path: str | Path, crf: int = 23, preset: str = "veryfast",
-                 max_behind_s: float = 10.0, save_on_close: bool = True, writer: VideoWriter | None = None) -> None:
+                 max_behind_s: float = 10.0, save_on_close: bool = True, writer: Any = None) -> None:
         self.session = session
         self.path = Path(path)
         self.save_on_close = save_on_close  # the session's close saves it (False: discards it; Session.record)
@@ -234,8 +235,9 @@ class Recording:
 
 
 class Broadcast(Recording):
-    """One session's live stream to a streaming server (`media.LiveWriter`: RTMP to YouTube Live, Twitch, OBS or
-    nginx-rtmp; SRT; MPEG-TS over UDP/TCP). Made by `Session.broadcast`, which connects first.
+    """One session's live stream to a streaming server (RTMP to YouTube Live, Twitch, OBS or nginx-rtmp; SRT; MPEG-TS
+    over UDP/TCP), encoded and sent by a process of its own (`broadcaster.LiveOutput`). Made by `Session.broadcast`,
+    which connects first.
 
     It sends what the session shows, tick by tick, as a recording does (the same queue and encoder thread), and it
     keeps the session's clock running while it lasts: a broadcast needs no viewer, so an application that only pushes
@@ -243,13 +245,14 @@ class Broadcast(Recording):
     kept. A failure (the server went away, an encoder `max_behind_s` behind) ends it with a `broadcast_stopped` event
     carrying the error; the session streams on to its other viewers."""
 
-    def __init__(self, session: Session, writer: VideoWriter, max_behind_s: float = 5.0) -> None:
+    def __init__(self, session: Session, writer: LiveOutput, max_behind_s: float = 5.0) -> None:
         super().__init__(session, writer.name, max_behind_s=max_behind_s, writer=writer)
         self.url = writer.name  # the stream key hidden
         self._clock = session.loop.create_task(self._keep_clock(), name=f"session-{session.id}-broadcast-clock")
 
     def describe(self) -> dict:
-        return {"state": self.state, "url": self.url, "seconds": round(self.seconds, 2),
+        state = {"recording": "streaming", "finished": "ended"}.get(self.state, self.state)
+        return {"state": state, "url": self.url, "seconds": round(self.seconds, 2),
                 **({"error": self.error} if self.error else {})}
 
     async def _keep_clock(self) -> None:
@@ -268,11 +271,14 @@ class Broadcast(Recording):
             raise OutputError(f"the live stream to '{self.url}' failed: {self.error}") from None
 
     def _write(self, frame: AVFrame) -> None:
-        self._writer.write_frame(frame.video)
-        self._writer.write_audio(frame.audio)
+        self._writer.write(frame.video, frame.audio)
 
     def _finish(self) -> None:
         self._writer.close()
+
+    def _fail(self, reason: str) -> None:
+        super()._fail(reason)
+        self._writer.abort()  # its process killed: a write blocked on a stalled server returns, and the thread ends
 
     def _done(self) -> None:
         self._ended.set()

@@ -1,0 +1,166 @@
+"""A live stream's encoder and network connection in a process of its own (`Session.broadcast`).
+
+PyAV holds Python's GIL while it connects and sends a stream's header (`avio_open`, `avformat_write_header`) and its
+trailer: an RTMP handshake took ~270 ms on a loopback, a remote ingest takes round trips more, and a host that never
+answers takes the whole timeout. In the server's process that would stop every session's engine, decoding and event
+loop for as long. So the stream's `media.LiveWriter` runs in a child process (`python -m letstalk_rt.broadcaster`),
+fed each tick's raw frame and audio through a pipe, and the parent (`LiveOutput`) only ever writes to that pipe,
+never waiting on the network with the GIL. A server that stalls makes the pipe fill and the broadcast fall behind
+(its queue's limit); a broadcast that fails or is stopped can always be ended by killing the child.
+
+The child answers on its stdout with one JSON line when it has connected (`{"ok": true}` or `{"error": ...}`) and one
+when the stream ended (`{"frames": n}` or `{"error": ...}`).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+
+import numpy as np
+
+from .errors import OutputError
+from .media import LiveWriter, check_live_url, redact_url
+
+CLOSE_TIMEOUT_S = 5.0  # the child's last packets and the end of the stream; then it is killed
+
+
+class LiveOutput:
+    """The parent's side: `write(video, audio)` a tick at a time (each call may block while the child catches up;
+    call it off the event loop), `close()` to end the stream well, `abort()` to end it at once. OutputError, saying
+    why, when the child cannot connect or its stream failed."""
+
+    def __init__(self, url: str, size: tuple[int, int], fps: int, sample_rate: int, bitrate_kbps: int = 0,
+                 timeout_s: float = 10.0) -> None:
+        check_live_url(url)
+        self.url = url
+        self.name = redact_url(url)
+        self.width, self.height = size
+        self.samples_per_frame = sample_rate // fps
+        self.frames_written = 0
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "letstalk_rt.broadcaster", str(self.width), str(self.height), str(fps),
+             str(sample_rate), str(int(bitrate_kbps)), str(timeout_s)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(url.encode() + b"\n")  # not in argv: a stream key must not show in `ps`
+        self._proc.stdin.flush()
+        # PyAV connects without a timeout (its interrupt callback does not reach avio_open): a server that accepts the
+        # connection and never answers would keep the child waiting for good, so it is killed at `timeout_s`
+        timed_out = threading.Event()
+
+        def give_up() -> None:
+            timed_out.set()
+            self._proc.kill()
+
+        watchdog = threading.Timer(timeout_s, give_up)
+        watchdog.start()
+        try:
+            answer = self._answer()
+        finally:
+            watchdog.cancel()
+        if "error" in answer:
+            self.abort()
+            raise OutputError(f"cannot stream to '{self.name}': it did not answer within {timeout_s:g} s; check the URL "
+                              "and that the server is up and takes streams there" if timed_out.is_set()
+                              else answer["error"])
+
+    def _answer(self) -> dict:
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline()
+        try:
+            return json.loads(line)
+        except ValueError:
+            code = self._proc.poll()
+            return {"error": f"the live stream to '{self.name}' ended: its process exited"
+                             + (f" with status {code}" if code is not None else "")}
+
+    def write(self, video: np.ndarray, audio: np.ndarray) -> None:
+        """One tick: a uint8 (H, W, 3) frame and its samples_per_frame float32 samples."""
+        if video.shape != (self.height, self.width, 3) or len(audio) != self.samples_per_frame:
+            raise ValueError(f"a tick is a ({self.height}, {self.width}, 3) frame and {self.samples_per_frame} samples, "
+                             f"got {video.shape} and {len(audio)}")
+        try:
+            assert self._proc.stdin is not None
+            self._proc.stdin.write(np.ascontiguousarray(video, np.uint8).tobytes())
+            self._proc.stdin.write(np.ascontiguousarray(audio, np.float32).tobytes())
+        except (BrokenPipeError, ValueError, OSError):  # ValueError: the pipe was closed by abort()
+            raise OutputError(self._ended()) from None
+        self.frames_written += 1
+
+    def _ended(self) -> str:
+        """Why the child is gone (what it said, or how it exited)."""
+        try:
+            self._proc.wait(CLOSE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+        return self._answer().get("error") or f"the live stream to '{self.name}' ended"
+
+    def close(self) -> None:
+        """Send the rest and end the stream (the child flushes its encoders and says goodbye to the server)."""
+        try:
+            assert self._proc.stdin is not None
+            self._proc.stdin.close()
+        except (BrokenPipeError, OSError):
+            pass
+        try:
+            self._proc.wait(CLOSE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:  # a server that takes nothing more: the stream is over anyway
+            self._proc.kill()
+            self._proc.wait()
+            raise OutputError(f"the live stream to '{self.name}' did not end within {CLOSE_TIMEOUT_S:g} s (the "
+                              "server took nothing more); it was cut") from None
+        answer = self._answer()
+        if "error" in answer:
+            raise OutputError(answer["error"])
+
+    def abort(self) -> None:
+        """End the stream now (any thread)."""
+        self._proc.kill()
+        for pipe in (self._proc.stdin,):
+            try:
+                if pipe is not None:
+                    pipe.close()
+            except OSError:
+                pass
+
+
+def main(argv: list[str]) -> int:
+    width, height, fps, rate, bitrate = (int(x) for x in argv[:5])
+    timeout_s = float(argv[5])
+    stdin, stdout = sys.stdin.buffer, sys.stdout
+
+    def say(message: dict) -> None:
+        stdout.write(json.dumps(message) + "\n")
+        stdout.flush()
+
+    url = stdin.readline().decode().strip()
+    try:
+        writer = LiveWriter(url, (width, height), fps, rate, bitrate_kbps=bitrate, timeout_s=timeout_s)
+    except OutputError as e:
+        say({"error": str(e)})
+        return 1
+    say({"ok": True})
+    video_bytes, audio_bytes = width * height * 3, rate // fps * 4
+    try:
+        while True:
+            video = stdin.read(video_bytes)
+            audio = stdin.read(audio_bytes)
+            if len(video) < video_bytes or len(audio) < audio_bytes:  # the parent closed the pipe: the end
+                break
+            writer.write_frame(np.frombuffer(video, np.uint8).reshape(height, width, 3))
+            writer.write_audio(np.frombuffer(audio, np.float32))
+        frames = writer.frames_written
+        writer.close()
+    except OutputError as e:
+        writer.abort()
+        say({"error": str(e)})
+        return 1
+    say({"frames": frames})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
