@@ -930,14 +930,14 @@ async def delete_viewer(request: web.Request) -> web.Response:
 
 
 def broadcast_allowed(url: str, prefixes: list[str]) -> bool:
-    """`url` lies under one of `prefixes` (--broadcast-to): the same scheme, the same host and port (a prefix without a
-    host, `rtmp://`, allows any), and a path under the prefix's."""
+    """`url` lies under one of `prefixes` (--broadcast-to): the same scheme, the same host (a prefix without one,
+    `rtmp://`, allows any) and port (where the prefix names one), and a path under the prefix's."""
     u = urllib.parse.urlsplit(url)
     for prefix in prefixes:
         p = urllib.parse.urlsplit(prefix)
         if u.scheme.lower() != p.scheme.lower():
             continue
-        if p.hostname and (u.hostname != p.hostname or u.port != p.port):
+        if p.hostname and (u.hostname != p.hostname or p.port is not None and u.port != p.port):
             continue
         if u.path.startswith(p.path):
             return True

@@ -287,6 +287,8 @@ def test_the_server_streams_a_session_to_an_allowed_url_with_no_viewer(tiny_pipe
     assert broadcast_allowed("rtmp://a.example/live2/KEY", ["rtmp://"])
     assert not broadcast_allowed("rtmp://a.example.evil/live2/KEY", ["rtmp://a.example/live2/"])
     assert not broadcast_allowed("rtmps://a.example/live2/KEY", ["rtmp://a.example/live2/"])
+    assert broadcast_allowed("tcp://127.0.0.1:9000", ["tcp://127.0.0.1"])
+    assert not broadcast_allowed("tcp://127.0.0.1:9000", ["tcp://127.0.0.1:9001"])
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)
     assert config_from_args(parser.parse_args(["--broadcast-to", "rtmp://"])).broadcast_to == ["rtmp://"]
