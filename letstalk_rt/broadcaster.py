@@ -15,6 +15,7 @@ when the stream ended (`{"frames": n}` or `{"error": ...}`).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -137,6 +138,8 @@ def main(argv: list[str]) -> int:
         stdout.flush()
 
     url = stdin.readline().decode().strip()
+    if hasattr(os, "nice"):  # the live sessions' windows first: this stream has seconds of queue to wait in
+        os.nice(5)
     try:
         writer = LiveWriter(url, (width, height), fps, rate, bitrate_kbps=bitrate, timeout_s=timeout_s)
     except OutputError as e:

@@ -380,6 +380,10 @@ async def _demo(pipe, image, speech: Path, args: argparse.Namespace, voice=None)
                   file=sys.stderr)
         session = await engine.open_session(image, seed=args.seed, detect_face=not args.no_face_detect,
                                             full_frame=args.full_frame, framing=args.framing)
+        # connected (its process started) before the speech: the stream has it all
+        broadcast = await session.broadcast(args.broadcast) if args.broadcast is not None else None
+        if broadcast is not None:
+            print(f"streaming live to {broadcast.url}", file=sys.stderr)
         if source is not None:
             feeder = asyncio.create_task(source.run(session))
             print(f"streaming {source.seconds:.1f} s of speech in real time through the engine ...", file=sys.stderr)
@@ -389,11 +393,6 @@ async def _demo(pipe, image, speech: Path, args: argparse.Namespace, voice=None)
             print(f"speaking {args.text[:40]!r}{'...' if len(args.text) > 40 else ''} ({voice.voice}) through "
                   "the engine ...", file=sys.stderr)
         video, audio = session.video_track(), session.audio_track()
-        # connecting takes a few hundred ms: after the speech started, not in its time to first frame (the stream
-        # joins the session where it is, as a live stream does)
-        broadcast = await session.broadcast(args.broadcast) if args.broadcast is not None else None
-        if broadcast is not None:
-            print(f"streaming live to {broadcast.url}", file=sys.stderr)
         # the speech and one second of rest after it (said text: once its length is known)
         ticks = math.ceil((source.seconds + 1.0) * pipe.fps) if source is not None else None
         cues = CaptionCues(pipe.fps)  # said text: each sentence's caption, on the file's timeline
