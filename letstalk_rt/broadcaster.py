@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 
@@ -41,10 +42,13 @@ class LiveOutput:
         self.width, self.height = size
         self.samples_per_frame = sample_rate // fps
         self.frames_written = 0
+        # this package wherever it was imported from (an install, a checkout on sys.path), for the child to find
+        package_root = str(Path(__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "letstalk_rt.broadcaster", str(self.width), str(self.height), str(fps),
              str(sample_rate), str(int(bitrate_kbps)), str(timeout_s)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         assert self._proc.stdin is not None
         self._proc.stdin.write(url.encode() + b"\n")  # not in argv: a stream key must not show in `ps`
         self._proc.stdin.flush()
@@ -64,8 +68,8 @@ class LiveOutput:
             watchdog.cancel()
         if "error" in answer:
             self.abort()
-            raise OutputError(f"cannot stream to '{self.name}': it did not answer within {timeout_s:g} s; check the URL "
-                              "and that the server is up and takes streams there" if timed_out.is_set()
+            raise OutputError(f"cannot stream to '{self.name}': it did not answer within {timeout_s:g} s; check the "
+                              "URL and that the server is up and takes streams there" if timed_out.is_set()
                               else answer["error"])
 
     def _answer(self) -> dict:
@@ -81,13 +85,13 @@ class LiveOutput:
     def write(self, video: np.ndarray, audio: np.ndarray) -> None:
         """One tick: a uint8 (H, W, 3) frame and its samples_per_frame float32 samples."""
         if video.shape != (self.height, self.width, 3) or len(audio) != self.samples_per_frame:
-            raise ValueError(f"a tick is a ({self.height}, {self.width}, 3) frame and {self.samples_per_frame} samples, "
-                             f"got {video.shape} and {len(audio)}")
+            raise ValueError(f"a tick is a ({self.height}, {self.width}, 3) frame and {self.samples_per_frame} "
+                             f"samples, got {video.shape} and {len(audio)}")
         try:
             assert self._proc.stdin is not None
             self._proc.stdin.write(np.ascontiguousarray(video, np.uint8).tobytes())
             self._proc.stdin.write(np.ascontiguousarray(audio, np.float32).tobytes())
-        except (BrokenPipeError, ValueError, OSError):  # ValueError: the pipe was closed by abort()
+        except (OSError, ValueError):  # BrokenPipeError: the child is gone; ValueError: abort() closed the pipe
             raise OutputError(self._ended()) from None
         self.frames_written += 1
 
@@ -104,7 +108,7 @@ class LiveOutput:
         try:
             assert self._proc.stdin is not None
             self._proc.stdin.close()
-        except (BrokenPipeError, OSError):
+        except OSError:  # the child is gone: its answer says why
             pass
         try:
             self._proc.wait(CLOSE_TIMEOUT_S)
@@ -120,12 +124,11 @@ class LiveOutput:
     def abort(self) -> None:
         """End the stream now (any thread)."""
         self._proc.kill()
-        for pipe in (self._proc.stdin,):
-            try:
-                if pipe is not None:
-                    pipe.close()
-            except OSError:
-                pass
+        try:
+            if self._proc.stdin is not None:
+                self._proc.stdin.close()
+        except OSError:  # a write of the recording thread's was cut off: the pipe is gone anyway
+            pass
 
 
 def main(argv: list[str]) -> int:

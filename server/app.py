@@ -1306,7 +1306,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "`session_ending` a minute before (default 0: no limit)")
     parser.add_argument("--webhook", action="append", default=[], metavar="URL",
                         help="POST what happens to sessions to URL as JSON (session.created, session.closed, "
-                             "recording.saved, recording.failed; repeatable; docs/server.md, 'Webhooks')")
+                             "recording.saved, recording.failed, broadcast.stopped; repeatable; docs/server.md, "
+                             "'Webhooks')")
     parser.add_argument("--webhook-secret", default=None,
                         help="sign each webhook (X-Letstalk-Signature: HMAC-SHA256 of 'timestamp.body') with this "
                              "secret (default: env LETSTALK_WEBHOOK_SECRET, else unsigned)")

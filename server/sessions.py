@@ -529,6 +529,9 @@ class ServerSession:
                 self._recording_webhook(event)
             elif event.type == "broadcast_stopped":
                 self.manager.metrics.broadcasts[not event.error] += 1
+                if self.manager.webhooks:  # an unwatched stream to a platform that failed: its operator hears of it
+                    self.manager.webhooks.send("broadcast.stopped", {
+                        "session_id": self.id, "url": event.url, "seconds": event.seconds, "error": event.error})
             message = event.to_dict()
             self.tell_listeners(message)
             await self.send_json(message)

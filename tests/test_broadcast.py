@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import time
 
 import numpy as np
@@ -220,6 +221,7 @@ def test_the_server_streams_a_session_to_an_allowed_url_with_no_viewer(tiny_pipe
     from letstalk_rt.client import AvatarClient, AvatarClientError, RequestError
     from server.app import add_serve_arguments, broadcast_allowed, config_from_args
     from server_helpers import create_session, running_server, wait_until
+    from test_webhooks import receiver as hook_receiver
 
     port = free_port()
     url = f"rtmp://127.0.0.1:{port}/live/s3cret"
@@ -232,8 +234,9 @@ def test_the_server_streams_a_session_to_an_allowed_url_with_no_viewer(tiny_pipe
                                  headers={"Authorization": f"Bearer {info['token']}"}) as r:
                 assert r.status == 403 and "--broadcast-to" in (await r.json())["error"]
         closed = free_port()
-        async with running_server(tiny_pipeline, api_key="k", broadcast_to=[f"rtmp://127.0.0.1:{port}/live/",
-                                                                              f"tcp://127.0.0.1:{closed}"]) as srv, \
+        async with hook_receiver() as (hook, hooked), \
+                running_server(tiny_pipeline, api_key="k", webhooks=[hook],
+                               broadcast_to=[f"rtmp://127.0.0.1:{port}/live/", f"tcp://127.0.0.1:{closed}"]) as srv, \
                 aiohttp.ClientSession() as http:
             info = await create_session(http, srv.url, headers=key)
             sid, mine = info["session_id"], {"Authorization": f"Bearer {info['token']}"}
@@ -274,7 +277,12 @@ def test_the_server_streams_a_session_to_an_allowed_url_with_no_viewer(tiny_pipe
                     await sdk.stop_broadcast()
             async with http.get(f"{srv.url}/metrics") as r:
                 metrics = await r.text()
-            assert "letstalk_broadcasts_active 0" in metrics and 'letstalk_broadcasts_total{result="ended"} 1' in metrics
+            await wait_until(lambda: any(b'"broadcast.stopped"' in body for _, body in hooked), 10, "the webhook")
+            told = next(json.loads(body) for _, body in hooked if b'"broadcast.stopped"' in body)["data"]
+            assert told == {"session_id": sid, "url": f"rtmp://127.0.0.1:{port}/live/***",
+                            "seconds": session.last_broadcast.seconds, "error": ""}
+            assert "letstalk_broadcasts_active 0" in metrics
+            assert 'letstalk_broadcasts_total{result="ended"} 1' in metrics
             return session.last_broadcast.frames
 
     with receiving(url, tmp_path / "got.npz") as receiver:

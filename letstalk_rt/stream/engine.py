@@ -693,8 +693,9 @@ class Session:
         (YouTube Live, Twitch, OBS, nginx-rtmp), `srt://`, `udp://` or `tcp://` (MPEG-TS). H.264 at `bitrate_kbps`
         (0: ~0.1 bit a pixel, at least 300 kb/s), a keyframe every 2 s, AAC at 48 kHz, encoded and sent by a process of
         its own (`broadcaster`: nothing here waits on the network). Connects first (up to `timeout_s`): InputError for
-        a URL that is not one of those, OutputError when the server cannot be reached. The session's clock runs while it lasts, watched or not. A failure later (the server gone, the
-        encoder `max_behind_s` behind) ends it with a `broadcast_stopped` event, the session streaming on."""
+        a URL that is not one of those, OutputError when the server cannot be reached. The session's clock runs while
+        it lasts, watched or not. A failure later (the server gone, the encoder `max_behind_s` behind) ends it with a
+        `broadcast_stopped` event, the session streaming on."""
         self._check_open()
         self._check_paced()
         check_live_url(url)

@@ -11,8 +11,8 @@ The captions the session showed (text said with `say`, or pushed with `caption=`
 subtitles (`captions_path`: the same name, `.vtt`), timed to the ticks their speech showed at, written before the MP4
 moves into place.
 
-`Broadcast` sends the same ticks live to a streaming server instead (RTMP, SRT, MPEG-TS; `broadcaster.LiveOutput`), and keeps
-the session's clock running while it lasts, so a session needs no viewer to stream to a platform.
+`Broadcast` sends the same ticks live to a streaming server instead (RTMP, SRT, MPEG-TS; `broadcaster.LiveOutput`),
+and keeps the session's clock running while it lasts, so a session needs no viewer to stream to a platform.
 """
 
 from __future__ import annotations
