@@ -665,6 +665,8 @@ def redact_url(url: str) -> str:
     """`url` as logs and messages may show it: an RTMP stream key (the path after the application) and any
     password or query (SRT's `passphrase`) hidden."""
     parts = urllib.parse.urlsplit(str(url))
+    if not parts.netloc and not parts.path and not parts.query:  # a scheme alone (a --broadcast-to prefix)
+        return str(url)
     host = parts.hostname or ""
     netloc = f"{host}:{parts.port}" if parts.port else host
     path = parts.path

@@ -964,7 +964,7 @@ async def start_broadcast(request: web.Request) -> web.Response:
         raise api_error(422, str(e)) from None
     if not broadcast_allowed(url, allowed):
         raise api_error(403, f"'{redact_url(url)}' is not under a URL this server may stream to (--broadcast-to: "
-                             f"{', '.join(allowed)})")
+                             f"{', '.join(map(redact_url, allowed))})")
     bitrate = _int_field(fields, "bitrate_kbps", 100, 20_000) or 0
     if ss.session.broadcasting is not None:
         raise api_error(409, f"session {ss.id} is already streaming to '{ss.session.broadcasting.url}'; DELETE "

@@ -186,6 +186,7 @@ def test_broadcast_urls_are_checked_and_unreachable_servers_refused_at_once(tiny
     assert check_live_url("srt://ingest.example:9000?streamid=x") == "mpegts"
     assert redact_url("rtmp://user:pw@host:1935/live2/abcd-efgh") == "rtmp://host:1935/live2/***"
     assert redact_url("srt://host:9000?passphrase=xyz") == "srt://host:9000?***"
+    assert redact_url("rtmp://") == "rtmp://" and redact_url("rtmp://a.example/live2/") == "rtmp://a.example/live2/"
     started = time.monotonic()
     with pytest.raises(OutputError, match=r"rtmp://127\.0\.0\.1:\d+/live/\*\*\*") as refused:
         LiveWriter(f"rtmp://127.0.0.1:{free_port()}/live/s3cret", 32, timeout_s=5)
@@ -236,7 +237,8 @@ def test_the_server_streams_a_session_to_an_allowed_url_with_no_viewer(tiny_pipe
         closed = free_port()
         async with hook_receiver() as (hook, hooked), \
                 running_server(tiny_pipeline, api_key="k", webhooks=[hook],
-                               broadcast_to=[f"rtmp://127.0.0.1:{port}/live/", f"tcp://127.0.0.1:{closed}"]) as srv, \
+                               broadcast_to=[f"rtmp://127.0.0.1:{port}/live/", f"tcp://127.0.0.1:{closed}",
+                                             "rtmp://127.0.0.1/mine/pr1vate-key"]) as srv, \
                 aiohttp.ClientSession() as http:
             info = await create_session(http, srv.url, headers=key)
             sid, mine = info["session_id"], {"Authorization": f"Bearer {info['token']}"}
@@ -249,7 +251,8 @@ def test_the_server_streams_a_session_to_an_allowed_url_with_no_viewer(tiny_pipe
                                        ({"url": f"tcp://127.0.0.1:{closed}"}, 502, "cannot stream")):
                 async with http.post(endpoint, json=body, headers=mine) as r:
                     error = (await r.json())["error"]
-                    assert r.status == status and says in error and "s3cret" not in error, (body, r.status, error)
+                    assert r.status == status and says in error, (body, r.status, error)
+                    assert "s3cret" not in error and "pr1vate" not in error  # no stream key, the prefixes' neither
             async with http.delete(endpoint, headers=mine) as r:
                 assert r.status == 404
             async with AvatarClient(srv.url) as client:
