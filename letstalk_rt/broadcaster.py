@@ -91,6 +91,7 @@ class LiveOutput:
             assert self._proc.stdin is not None
             self._proc.stdin.write(np.ascontiguousarray(video, np.uint8).tobytes())
             self._proc.stdin.write(np.ascontiguousarray(audio, np.float32).tobytes())
+            self._proc.stdin.flush()  # the tick's sound too, now: not with the next tick's frame, 40 ms later
         except (OSError, ValueError):  # BrokenPipeError: the child is gone; ValueError: abort() closed the pipe
             raise OutputError(self._ended()) from None
         self.frames_written += 1
