@@ -47,7 +47,7 @@ class LiveOutput:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "letstalk_rt.broadcaster", str(self.width), str(self.height), str(fps),
-             str(sample_rate), str(int(bitrate_kbps)), str(timeout_s)],
+             str(sample_rate), str(int(bitrate_kbps))],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         assert self._proc.stdin is not None
         self._proc.stdin.write(url.encode() + b"\n")  # not in argv: a stream key must not show in `ps`
@@ -134,7 +134,6 @@ class LiveOutput:
 
 def main(argv: list[str]) -> int:
     width, height, fps, rate, bitrate = (int(x) for x in argv[:5])
-    timeout_s = float(argv[5])
     stdin, stdout = sys.stdin.buffer, sys.stdout
 
     def say(message: dict) -> None:
@@ -145,7 +144,7 @@ def main(argv: list[str]) -> int:
     if hasattr(os, "nice"):  # the live sessions' windows first: this stream has seconds of queue to wait in
         os.nice(5)
     try:
-        writer = LiveWriter(url, (width, height), fps, rate, bitrate_kbps=bitrate, timeout_s=timeout_s)
+        writer = LiveWriter(url, (width, height), fps, rate, bitrate_kbps=bitrate)
     except OutputError as e:
         say({"error": str(e)})
         return 1

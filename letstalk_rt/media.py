@@ -682,8 +682,10 @@ class LiveWriter(VideoWriter):
     zero latency, a keyframe every 2 s, a capped bitrate) and AAC at 48 kHz (what ingest servers take; the frames'
     audio is resampled). Nothing touches the disk.
 
-    The constructor connects (the header goes out at once, blocking up to `timeout_s`): a server that is not there
-    raises OutputError now, not at the first frame. A connection lost later raises OutputError from `write_frame` /
+    The constructor connects (the header goes out at once): a server that is not there raises OutputError now, not at
+    the first frame. PyAV holds the GIL while it connects and has no timeout for it (its interrupt callback does not
+    reach `avio_open`), so a server that never answers blocks it for good: `broadcaster.LiveOutput` runs it in a
+    process of its own and kills that at its timeout. A connection lost later raises OutputError from `write_frame` /
     `write_audio`; `close()` sends the end of the stream.
     """
 
@@ -691,13 +693,12 @@ class LiveWriter(VideoWriter):
     audio_stream_rate = 48000
 
     def __init__(self, url: str, size: int | tuple[int, int], fps: int = FPS, sample_rate: int = SAMPLE_RATE,
-                 bitrate_kbps: int = 0, preset: str = "veryfast", timeout_s: float = 10.0) -> None:
+                 bitrate_kbps: int = 0, preset: str = "veryfast") -> None:
         self.url = str(url)
         self._format = check_live_url(self.url)
         width, height = (size, size) if np.ndim(size) == 0 else size  # type: ignore[misc]
         # ~0.1 bit a pixel at 25 fps: 128x128 -> 300 kb/s (the floor), 720x720 -> 1.3 Mb/s
         self.bitrate_kbps = int(bitrate_kbps) or max(300, int(width) * int(height) * fps // 10_000)
-        self._timeout_s = timeout_s
         self._resampler = av.AudioResampler(format="fltp", layout="mono", rate=48000)
         super().__init__(self.url, size, fps, sample_rate, audio=True, preset=preset)
         try:
@@ -718,7 +719,7 @@ class LiveWriter(VideoWriter):
         # each packet sent as it is muxed, not held in a 32 KB buffer (~1 s at 300 kb/s); flv: no seek back to fill in
         # the duration and size (a live stream has neither)
         options = {"flush_packets": "1", **({"flvflags": "no_duration_filesize"} if self._format == "flv" else {})}
-        return av.open(self.url, "w", format=self._format, options=options, timeout=self._timeout_s)
+        return av.open(self.url, "w", format=self._format, options=options)
 
     def _video_options(self, crf: int, preset: str) -> dict[str, str]:
         rate = f"{self.bitrate_kbps}k"

@@ -189,7 +189,7 @@ def test_broadcast_urls_are_checked_and_unreachable_servers_refused_at_once(tiny
     assert redact_url("rtmp://") == "rtmp://" and redact_url("rtmp://a.example/live2/") == "rtmp://a.example/live2/"
     started = time.monotonic()
     with pytest.raises(OutputError, match=r"rtmp://127\.0\.0\.1:\d+/live/\*\*\*") as refused:
-        LiveWriter(f"rtmp://127.0.0.1:{free_port()}/live/s3cret", 32, timeout_s=5)
+        LiveWriter(f"rtmp://127.0.0.1:{free_port()}/live/s3cret", 32)
     assert "s3cret" not in str(refused.value) and time.monotonic() - started < 5
 
     async def main():
