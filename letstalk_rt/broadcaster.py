@@ -30,16 +30,17 @@ CLOSE_TIMEOUT_S = 5.0  # the child's last packets and the end of the stream; the
 
 
 class LiveOutput:
-    """The parent's side: `write(video, audio)` a tick at a time (each call may block while the child catches up;
-    call it off the event loop), `close()` to end the stream well, `abort()` to end it at once. OutputError, saying
-    why, when the child cannot connect or its stream failed."""
+    """The parent's side: made, it starts the child; `connect()` waits for it to reach the server (call it, and the
+    rest, off the event loop); `write(video, audio)` a tick at a time (each call may block while the child catches
+    up), `close()` to end the stream well, `abort()` (any thread) to end it at once, a `connect()` in progress
+    included. OutputError, saying why, when the child cannot connect or its stream failed."""
 
-    def __init__(self, url: str, size: tuple[int, int], fps: int, sample_rate: int, bitrate_kbps: int = 0,
-                 timeout_s: float = 10.0) -> None:
+    def __init__(self, url: str, size: tuple[int, int], fps: int, sample_rate: int, bitrate_kbps: int = 0) -> None:
         check_live_url(url)
         self.url = url
         self.name = redact_url(url)
         self.width, self.height = size
+        self.fps, self.sample_rate, self.bitrate_kbps = fps, sample_rate, bitrate_kbps
         self.samples_per_frame = sample_rate // fps
         self.frames_written = 0
         # this package wherever it was imported from (an install, a checkout on sys.path), for the child to find
@@ -52,6 +53,13 @@ class LiveOutput:
         assert self._proc.stdin is not None
         self._proc.stdin.write(url.encode() + b"\n")  # not in argv: a stream key must not show in `ps`
         self._proc.stdin.flush()
+
+    def again(self) -> LiveOutput:
+        """A new child for the same stream (not connected yet): a reconnection's."""
+        return LiveOutput(self.url, (self.width, self.height), self.fps, self.sample_rate, self.bitrate_kbps)
+
+    def connect(self, timeout_s: float = 10.0) -> None:
+        """Wait until the child has connected to the server and sent the stream's header (blocks up to `timeout_s`)."""
         # PyAV connects without a timeout (its interrupt callback does not reach avio_open): a server that accepts the
         # connection and never answers would keep the child waiting for good, so it is killed at `timeout_s`
         timed_out = threading.Event()

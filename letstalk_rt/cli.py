@@ -420,7 +420,8 @@ async def _demo(pipe, image, speech: Path, args: argparse.Namespace, voice=None)
         print(file=sys.stderr)
     print(f"wrote {args.out} ({ticks} frames recorded from the WebRTC tracks)")
     if broadcast is not None:
-        print(f"streamed {broadcast.seconds:.1f} s live to {broadcast.url}" if broadcast.error is None else
+        again = f" (its connection dropped and was made again {broadcast.reconnects}x)" if broadcast.reconnects else ""
+        print(f"streamed {broadcast.seconds:.1f} s live to {broadcast.url}{again}" if broadcast.error is None else
               f"the live stream to {broadcast.url} failed after {broadcast.seconds:.1f} s: {broadcast.error}")
     cues.close(ticks)
     if cues.cues:

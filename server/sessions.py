@@ -252,6 +252,7 @@ class Metrics:
         self.reconnects_total = 0  # peer connections a new offer replaced (a client back after its network changed)
         self.recordings: collections.Counter[bool] = collections.Counter()  # recordings ended: saved (True) or not
         self.broadcasts: collections.Counter[bool] = collections.Counter()  # live streams ended: well (True) or failed
+        self.broadcast_reconnects = 0  # live streams' connections made again after a drop
         self.recordings_pruned = 0  # saved recordings deleted by the retention limits
         self.recordings_bytes: int | None = None  # the saved MP4s' size at the last look (None: not looked yet)
         # totals of sessions already closed (live ones are added at scrape time)
@@ -342,6 +343,8 @@ def render_metrics(manager: SessionManager) -> str:
     metric("letstalk_broadcasts_total", "counter", "Live streams ended, by result (failed: the streaming server went "
            "away, the encoder fell behind).", [('{result="ended"}', m.broadcasts[True]),
                                                ('{result="failed"}', m.broadcasts[False])])
+    metric("letstalk_broadcast_reconnects_total", "counter", "Live streams' connections made again after they "
+           "dropped (the streaming server went away or stopped reading).", [("", m.broadcast_reconnects)])
     if manager.config.recordings_dir is not None:
         metric("letstalk_recordings_pruned_total", "counter", "Saved recordings deleted by the retention limits "
                "(--recordings-keep-hours, --recordings-max-gb).", [("", m.recordings_pruned)])
@@ -527,6 +530,8 @@ class ServerSession:
                 if event.path:  # a new file: within the limits at once
                     self.manager.prune_recordings()
                 self._recording_webhook(event)
+            elif event.type == "broadcast_resumed":
+                self.manager.metrics.broadcast_reconnects += 1
             elif event.type == "broadcast_stopped":
                 self.manager.metrics.broadcasts[not event.error] += 1
                 if self.manager.webhooks:  # an unwatched stream to a platform that failed: its operator hears of it

@@ -17,8 +17,8 @@ from conftest import speechlike
 from letstalk_rt.errors import InputError, LetsTalkError, OutputError
 from letstalk_rt.media import LiveWriter, check_live_url, redact_url
 from letstalk_rt.stream import EngineConfig, StreamEngine
-from letstalk_rt.stream.events import BroadcastStopped
-from live_receiver import free_port, receiving
+from letstalk_rt.stream.events import BroadcastReconnecting, BroadcastResumed, BroadcastStopped
+from live_receiver import Receiver, free_port, receiving
 from server_helpers import run
 from test_recording import _portrait, _push_in_real_time
 
@@ -131,49 +131,65 @@ def test_an_unwatched_session_streams_on_its_own_clock(tiny_pipeline, tmp_path):
     assert (heard > 0.05).sum() >= 0.5 * speech_frames and heard[-10:].max() < 0.02  # speech, then the silence after
 
 
-def test_a_server_that_goes_away_ends_the_broadcast_and_the_session_streams_on(tiny_pipeline, tmp_path):
-    """The receiving server killed mid-stream: a broadcast_stopped event says the stream failed, stop_broadcast()
-    raises saying why, the session keeps streaming to its reader, and a new broadcast to another server works."""
+def test_a_dropped_stream_reconnects_then_gives_up_and_the_session_streams_on(tiny_pipeline, tmp_path):
+    """The receiving server killed mid-stream: the broadcast connects again with back-off (broadcast_reconnecting, then
+    broadcast_resumed once a server listens there again) and the new server gets the ticks, 40 ms apart. A stream that
+    stalls (its process stopped: the pipe fills, the stream falls max_behind_s behind) is cut and tried again, and
+    stop_broadcast() during the wait ends it at once, well. A server gone for reconnect_s ends the broadcast with a
+    broadcast_stopped event saying why; stop_broadcast() raises it and the session keeps streaming to its reader."""
+    import os
+    import signal
+
     url = f"rtmp://127.0.0.1:{free_port()}/live/key"
     url2 = f"rtmp://127.0.0.1:{free_port()}/live/key2"
-    with receiving(url, tmp_path / "got.npz") as receiver, receiving(url2, tmp_path / "got2.npz") as receiver2:
+    with receiving(url, tmp_path / "got.npz") as receiver, receiving(url2, tmp_path / "got2.npz") as other:
         async def main():
             engine = await StreamEngine(tiny_pipeline, EngineConfig(warmup=False)).start()
             try:
                 session = await engine.open_session(_portrait(tiny_pipeline))
                 events = session.events()
-                await _connect(session, url)
-                shown = 0
-                stopped = None
+                broadcast = await _connect(session, url, reconnect_s=5.0, max_behind_s=0.5)
                 stream = session.frames()
-                async for _ in stream:
-                    shown += 1
-                    if shown == 25:
-                        receiver.kill()
-                        stopping = asyncio.ensure_future(_next(events, BroadcastStopped))
-                    if shown > 25 and stopping.done():
-                        stopped = stopping.result()
-                        break
-                    assert shown < 25 * 20, "the broadcast did not notice its server was gone"
-                with pytest.raises(OutputError, match="failed"):
-                    await session.stop_broadcast()
-                after = 0
-                async for _ in stream:  # the session streams on
-                    after += 1
-                    if after == 10:
-                        break
-                second = await _connect(session, url2)
+                for _ in range(25):
+                    await anext(stream)
+                receiver.kill()
+                again = Receiver(url, tmp_path / "again.npz")  # the server back at the same URL
+                tries = await _next(events, BroadcastReconnecting)
+                resumed = await _next(events, BroadcastResumed)
+                assert broadcast.describe()["state"] == "streaming"
+                for _ in range(25):
+                    await anext(stream)
+                os.kill(broadcast._writer._proc.pid, signal.SIGSTOP)  # a stream nobody takes from any more
+                behind = await _next(events, BroadcastReconnecting)
+                started = time.monotonic()
+                await session.stop_broadcast()  # while it waits to try again
+                stop_took = time.monotonic() - started
+                gone = await _connect(session, url2, reconnect_s=1.0)
                 await asyncio.sleep(0.5)
-                await session.stop_broadcast()
-                return stopped, session.closed, session.broadcasting, second
+                other.kill()
+                stopped = await _next(events, BroadcastStopped)
+                while stopped.url != gone.url:  # (the first broadcast's came first)
+                    stopped = await _next(events, BroadcastStopped)
+                with pytest.raises(OutputError, match="not reconnected"):
+                    await session.stop_broadcast()
+                for _ in range(10):  # the session streams on
+                    await anext(stream)
+                return (tries, resumed, behind, stop_took, stopped, broadcast, gone, session.closed,
+                        session.broadcasting, again)
             finally:
                 await engine.stop()
 
-        stopped, closed, broadcasting, second = run(main())
-        got2 = receiver2.result()
-    assert stopped.error and "key" not in stopped.url.split("/")[-1]
+        tries, resumed, behind, stop_took, stopped, broadcast, gone, closed, broadcasting, again = run(main())
+        got_again = again.result()
+    assert tries.attempt == 1 and tries.delay_s == 1.0 and tries.error and tries.url.endswith("/live/***")
+    assert resumed.attempts >= 1 and 0.9 < resumed.down_s < 5
+    assert 10 <= len(got_again["frames"]) and np.allclose(np.diff(got_again["times"]), 0.04, atol=0.002)
+    assert "s behind (the server took nothing" in behind.error and behind.attempt == 1
+    assert stop_took < 1.0 and broadcast.describe() == {"state": "ended", "url": broadcast.url, "reconnects": 1,
+                                                        "seconds": broadcast.seconds}
+    assert "not reconnected in 1 s (tries: 1;" in stopped.error and "key" not in stopped.url
+    assert gone.describe()["state"] == "failed" and gone.reconnects == 0
     assert not closed and broadcasting is None
-    assert second.describe()["state"] == "ended" and len(got2["frames"]) == second.frames > 0
 
 
 def test_broadcast_urls_are_checked_and_unreachable_servers_refused_at_once(tiny_pipeline, tmp_path):
@@ -248,6 +264,7 @@ def test_the_server_streams_a_session_to_an_allowed_url_with_no_viewer(tiny_pipe
                                        ({"url": "file:///tmp/out.flv"}, 422, "not a live streaming URL"),
                                        ({}, 422, "give `url`"),
                                        ({"url": url, "bitrate_kbps": 5}, 422, "bitrate_kbps"),
+                                       ({"url": url, "reconnect_s": -1}, 422, "reconnect_s"),
                                        ({"url": f"tcp://127.0.0.1:{closed}"}, 502, "cannot stream")):
                 async with http.post(endpoint, json=body, headers=mine) as r:
                     error = (await r.json())["error"]
@@ -286,6 +303,7 @@ def test_the_server_streams_a_session_to_an_allowed_url_with_no_viewer(tiny_pipe
                             "seconds": session.last_broadcast.seconds, "error": ""}
             assert "letstalk_broadcasts_active 0" in metrics
             assert 'letstalk_broadcasts_total{result="ended"} 1' in metrics
+            assert "letstalk_broadcast_reconnects_total 0" in metrics
             return session.last_broadcast.frames
 
     with receiving(url, tmp_path / "got.npz") as receiver:

@@ -687,15 +687,16 @@ class Session:
             raise InputError(f"session {self.id} is not recording; start with record(path)")
         return await recording.stop()
 
-    async def broadcast(self, url: str, bitrate_kbps: int = 0, max_behind_s: float = 5.0,
-                        timeout_s: float = 10.0) -> Broadcast:
+    async def broadcast(self, url: str, bitrate_kbps: int = 0, max_behind_s: float = 5.0, timeout_s: float = 10.0,
+                        reconnect_s: float = 60.0) -> Broadcast:
         """Stream what this session shows, live, to a streaming server: `rtmp://` or `rtmps://` with the stream key
         (YouTube Live, Twitch, OBS, nginx-rtmp), `srt://`, `udp://` or `tcp://` (MPEG-TS). H.264 at `bitrate_kbps`
         (0: ~0.1 bit a pixel, at least 300 kb/s), a keyframe every 2 s, AAC at 48 kHz, encoded and sent by a process of
         its own (`broadcaster`: nothing here waits on the network). Connects first (up to `timeout_s`): InputError for
         a URL that is not one of those, OutputError when the server cannot be reached. The session's clock runs while
-        it lasts, watched or not. A failure later (the server gone, the encoder `max_behind_s` behind) ends it with a
-        `broadcast_stopped` event, the session streaming on."""
+        it lasts, watched or not. A connection that drops later (the server gone, or the stream `max_behind_s` behind a
+        server that stopped reading) is made again with back-off for up to `reconnect_s` (`broadcast_reconnecting`,
+        `broadcast_resumed` events); then it ends with a `broadcast_stopped` event, the session streaming on."""
         self._check_open()
         self._check_paced()
         check_live_url(url)
@@ -703,12 +704,18 @@ class Session:
             raise InputError(f"session {self.id} is already streaming to '{self.broadcasting.url}'; stop_broadcast() "
                              "first")
         writer = await asyncio.to_thread(LiveOutput, url, self.frame_size, self.pipeline.fps, self.sample_rate,
-                                         bitrate_kbps=bitrate_kbps, timeout_s=timeout_s)
+                                         bitrate_kbps=bitrate_kbps)
+        try:
+            await asyncio.to_thread(writer.connect, timeout_s)
+        except BaseException:  # its caller gone (a cancelled request) or no server: no process left behind
+            writer.abort()
+            raise
         if self.closed or self.broadcasting is not None:  # closed, or another broadcast began, while it connected
             await asyncio.to_thread(writer.abort)
             self._check_open()
             raise InputError(f"session {self.id} is already streaming to '{self.broadcasting.url}'")
-        self.broadcasting = Broadcast(self, writer, max_behind_s=max_behind_s)
+        self.broadcasting = Broadcast(self, writer, max_behind_s=max_behind_s, reconnect_s=reconnect_s,
+                                      timeout_s=timeout_s)
         return self.broadcasting
 
     async def stop_broadcast(self) -> None:

@@ -140,6 +140,29 @@ class BroadcastStopped(Event):
 
 
 @dataclass(frozen=True)
+class BroadcastReconnecting(Event):
+    """The live stream's connection dropped (`error`: the server went away, or the stream fell behind a stalled one):
+    connection `attempt` (1, 2, ...) is made in `delay_s`. The session streams on; the ticks shown meanwhile are not
+    sent. Then `broadcast_resumed`, or `broadcast_stopped` with the error once `Session.broadcast`'s `reconnect_s` has
+    passed without a connection."""
+
+    url: str = ""
+    attempt: int = 1
+    delay_s: float = 0.0
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class BroadcastResumed(Event):
+    """The live stream is connected again after `attempts` tries, `down_s` seconds after it dropped: the server gets
+    the session's ticks from now on (a new stream to it: the viewers of a platform see it resume)."""
+
+    url: str = ""
+    attempts: int = 1
+    down_s: float = 0.0
+
+
+@dataclass(frozen=True)
 class EngineAdjusted(Event):
     """The shared engine changed how much work a window gets, for every session on it: its windows fell
     `behind_ms` behind real time (another process took the cores), so it went from `before` to `after`
@@ -164,5 +187,7 @@ _EVENT_NAMES: dict[type, str] = {
     SessionClosed: "closed",
     RecordingStopped: "recording_stopped",
     BroadcastStopped: "broadcast_stopped",
+    BroadcastReconnecting: "broadcast_reconnecting",
+    BroadcastResumed: "broadcast_resumed",
     EngineAdjusted: "engine_adjusted",
 }

@@ -19,16 +19,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import OutputError
 from ..media import VideoWriter, write_text_atomic
-from .events import AVFrame, BroadcastStopped, RecordingStopped
+from .events import AVFrame, BroadcastReconnecting, BroadcastResumed, BroadcastStopped, Event, RecordingStopped
 
 if TYPE_CHECKING:
     from ..broadcaster import LiveOutput
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 
 
 QUEUE_BYTES = 128 * 2**20  # frames waiting for a recording's encoder
+RECONNECT_MAX_DELAY_S = 15.0  # the longest wait between a dropped broadcast's tries to connect again
 
 
 def captions_path(video: str | Path) -> Path:
@@ -144,13 +147,17 @@ class Recording:
         try:
             self._queue.put_nowait(frame)
         except queue.Full:
-            self._fail(f"the encoder fell {self._max_behind_s:g} s behind the stream (the CPU is too busy to record "
-                       "this session too)")
-            self._stopping = True
-            with contextlib.suppress(queue.Empty):  # room for the end marker: the thread aborts and ends
-                self._queue.get_nowait()
-            with contextlib.suppress(queue.Full):
-                self._queue.put_nowait(None)
+            self._fell_behind()
+
+    def _fell_behind(self) -> None:
+        """The encoder is max_behind_s behind (event loop): the recording fails and ends."""
+        self._fail(f"the encoder fell {self._max_behind_s:g} s behind the stream (the CPU is too busy to record this "
+                   "session too)")
+        self._stopping = True
+        with contextlib.suppress(queue.Empty):  # room for the end marker: the thread aborts and ends
+            self._queue.get_nowait()
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(None)
 
     async def stop(self) -> Path:
         """Finish the file and move it into place (the encoder's tail and the MP4's index, off the loop); returns its
@@ -180,9 +187,11 @@ class Recording:
             self.state, self.error = "failed", reason
 
     def _write(self, frame: AVFrame) -> None:
+        """One shown tick into the file (and `frames`)."""
         self.cues.add(self.frames, frame)
         self._writer.write_frame(frame.video)
         self._writer.write_audio(frame.audio)
+        self.frames += 1
 
     def _finish(self) -> None:
         self.cues.close(self.frames)
@@ -203,7 +212,6 @@ class Recording:
                 if frame is None or self.state != "recording":
                     break
                 self._write(frame)
-                self.frames += 1
             if self.state == "recording":
                 self._finish()
                 self.state = "finished"
@@ -242,39 +250,128 @@ class Broadcast(Recording):
     It sends what the session shows, tick by tick, as a recording does (the same queue and encoder thread), and it
     keeps the session's clock running while it lasts: a broadcast needs no viewer, so an application that only pushes
     speech (or `say`s text) streams a talking avatar to a platform. Nothing is written to disk and no captions are
-    kept. A failure (the server went away, an encoder `max_behind_s` behind) ends it with a `broadcast_stopped` event
-    carrying the error; the session streams on to its other viewers."""
+    kept.
 
-    def __init__(self, session: Session, writer: LiveOutput, max_behind_s: float = 5.0) -> None:
+    When the connection drops (the server went away; or a server that stopped reading left the stream `max_behind_s`
+    behind) it connects again, as a streaming app does: after 1, 2, 4 ... up to RECONNECT_MAX_DELAY_S seconds (the
+    last try at `reconnect_s`), each try a `broadcast_reconnecting` event, then `broadcast_resumed`; the ticks shown
+    while it is down are not sent (a live stream does not catch up). Once `reconnect_s` has passed without a
+    connection (0: at once) it ends with a `broadcast_stopped` event carrying the error. The session streams on to its
+    other viewers throughout."""
+
+    def __init__(self, session: Session, writer: LiveOutput, max_behind_s: float = 5.0, reconnect_s: float = 60.0,
+                 timeout_s: float = 10.0) -> None:
         super().__init__(session, writer.name, max_behind_s=max_behind_s, writer=writer)
         self.url = writer.name  # the stream key hidden
+        self.reconnect_s, self._timeout_s = reconnect_s, timeout_s
+        self.reconnects = 0  # connections made again after a drop
+        self.down_s = 0.0  # time spent reconnecting, all drops together
+        self._behind: str | None = None  # why the event loop cut the connection (_fell_behind)
+        self._connected = True  # False once stopped while it was down: nothing left to end
+        self._wake = threading.Event()  # stop() during a reconnection's wait
         self._clock = session.loop.create_task(self._keep_clock(), name=f"session-{session.id}-broadcast-clock")
 
     def describe(self) -> dict:
         state = {"recording": "streaming", "finished": "ended"}.get(self.state, self.state)
         return {"state": state, "url": self.url, "seconds": round(self.seconds, 2),
+                **({"reconnects": self.reconnects} if self.reconnects else {}),
                 **({"error": self.error} if self.error else {})}
 
     async def _keep_clock(self) -> None:
         """Read the session's frames on its clock (a viewer's reads and these share its ticks; each tick is sent once,
         through `Player._observe`)."""
         async for _ in self.session.frames():
-            if self._stopping or self.state != "recording":
+            if self._stopping or self.state not in ("recording", "reconnecting"):
                 return
 
     async def stop(self) -> None:  # type: ignore[override]
-        """End the stream (the encoders' tail and the end of stream go out, off the loop); OutputError if it had
-        failed, saying why."""
+        """End the stream (the encoders' tail and the end of stream go out, off the loop; a reconnection in progress
+        is given up); OutputError if it had failed, saying why."""
+        self._wake.set()
+        if self.state == "reconnecting":
+            self._writer.abort()  # a connection being made: given up
         try:
             await super().stop()
         except OutputError:
             raise OutputError(f"the live stream to '{self.url}' failed: {self.error}") from None
 
+    def _fell_behind(self) -> None:
+        """A server that stopped reading (or a CPU too busy) left the stream max_behind_s behind: the connection is
+        cut (its process killed, so a write blocked on it returns) and made again, the backlog dropped."""
+        if self.reconnect_s <= 0:
+            return super()._fell_behind()
+        if self._behind is None:  # once: the ticks shown until the thread is reconnecting find the queue full
+            self._behind = (f"the stream fell {self._max_behind_s:g} s behind (the server took nothing, or the CPU is "
+                            "too busy)")
+            self._writer.abort()
+
+    # -- the broadcast's thread
+
     def _write(self, frame: AVFrame) -> None:
-        self._writer.write(frame.video, frame.audio)
+        try:
+            self._writer.write(frame.video, frame.audio)
+        except OutputError as e:
+            self._reconnect(self._behind or str(e))  # OutputError when it gives up
+            return
+        self.frames += 1
+
+    def _reconnect(self, error: str) -> None:
+        """The connection dropped with `error`: connect again with back-off until it works (the stream goes on), the
+        broadcast is stopped, or reconnect_s has passed (OutputError: why it dropped, and why the last try failed)."""
+        if self.reconnect_s <= 0 or self._stopping or self.state == "failed":
+            raise OutputError(error)
+        self.state = "reconnecting"
+        dropped, last = time.monotonic(), ""
+        for attempt in itertools.count(1):
+            waited = time.monotonic() - dropped
+            if waited >= self.reconnect_s:
+                self.down_s += waited
+                self.state = "recording"  # failing, as a stream that dropped for good (_run)
+                raise OutputError(f"{error}; not reconnected in {waited:.0f} s (tries: {attempt - 1}; the last: "
+                                  f"{last})")
+            delay = min(RECONNECT_MAX_DELAY_S, 2.0 ** (attempt - 1), self.reconnect_s - waited)  # last: at reconnect_s
+            self._tell(BroadcastReconnecting(self.session.id, url=self.url, attempt=attempt, delay_s=delay,
+                                             error=last or error))
+            if self._wake.wait(delay) or self._stopping:
+                break
+            self._writer = self._writer.again()
+            try:
+                self._writer.connect(self._timeout_s)
+            except OutputError as e:
+                if self._stopping:
+                    break
+                last = str(e)
+                continue
+            self.down_s += time.monotonic() - dropped
+            self.reconnects += 1
+            self._behind = None
+            self._drop_queued()  # shown while it was down: seconds old
+            self.state = "recording"
+            self._tell(BroadcastResumed(self.session.id, url=self.url, attempts=attempt,
+                                        down_s=round(time.monotonic() - dropped, 2)))
+            return
+        # stopped while down: the broadcast ends (well) with what it sent before
+        self.down_s += time.monotonic() - dropped
+        self._connected = False
+        self._drop_queued()
+        self.state = "recording"
+
+    def _drop_queued(self) -> None:
+        """Drop the ticks waiting; stop()'s end marker among them stays."""
+        ended = False
+        with contextlib.suppress(queue.Empty):
+            while True:
+                ended |= self._queue.get_nowait() is None
+        if ended:
+            self._queue.put_nowait(None)
+
+    def _tell(self, event: Event) -> None:
+        with contextlib.suppress(RuntimeError):  # the event loop is gone
+            self._loop.call_soon_threadsafe(self.session._emit, event)
 
     def _finish(self) -> None:
-        self._writer.close()
+        if self._connected:
+            self._writer.close()
 
     def _fail(self, reason: str) -> None:
         super()._fail(reason)
