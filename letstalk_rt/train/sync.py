@@ -276,7 +276,8 @@ class MouthExpert(nn.Module):
         expert.target_std.copy_(y.std(0).clamp_min(1e-3))
         opt = torch.optim.AdamW(expert.net.parameters(), lr=FIT_LR, weight_decay=1e-2)
         for _ in range(FIT_STEPS):
-            idx = torch.randint(len(x), (FIT_BATCH,), generator=g)
+            # a corpus of fewer frames than a batch: all of them each step (a batch drawn from them would repeat them)
+            idx = torch.arange(len(x)) if len(x) <= FIT_BATCH else torch.randint(len(x), (FIT_BATCH,), generator=g)
             loss = (((expert._read(x[idx]) - y[idx]) / expert.target_std) ** 2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
