@@ -538,3 +538,47 @@ def test_the_page_makes_a_clip_of_the_typed_text_on_the_server(tiny_pipeline, tm
     assert "error" not in log and " done: " in log, log
     assert len(saved) == 1 and saved[0].stat().st_size == size  # the page's clip is the server's video, whole
     assert duration > 1.5  # Chromium plays it: the speech's length and the rest after it
+
+
+def test_the_page_goes_live_to_a_streaming_server_with_its_key_hidden(tiny_pipeline, tmp_path):
+    """"Go live" with a server URL and a stream key: the server streams the session there (POST .../broadcast), the
+    page says where with the key hidden, the streaming server receives the avatar; "End live" ends it and the page says
+    so. A URL the server does not allow is refused with the server's reason, and the page can go live after it."""
+    from live_receiver import free_port, receiving
+
+    port = free_port()
+    url = f"rtmp://127.0.0.1:{port}/live/s3cret"
+
+    async def main():
+        async with running_server(tiny_pipeline, broadcast_to=[f"rtmp://127.0.0.1:{port}/live/"]) as srv, \
+                async_playwright() as pw, _chromium(pw, tmp_path) as context:
+            page = await context.new_page()
+            await page.goto(f"{srv.url}/?autostart=1&source=none")
+            await page.wait_for_function("window.letstalk?.conn?.pc?.connectionState === 'connected' && "
+                                         "!document.getElementById('golive').disabled", timeout=30000)
+            await page.fill("#liveurl", f"rtmp://127.0.0.1:{port}/elsewhere")
+            await page.fill("#livekey", "s3cret")
+            await page.click("#golive")
+            await page.wait_for_function("document.getElementById('log').innerText.includes('cannot go live (403)')",
+                                         timeout=10000)
+            await page.fill("#liveurl", f"rtmp://127.0.0.1:{port}/live/")
+            await page.click("#golive")
+            await page.wait_for_function("document.getElementById('livestate').innerText.startsWith('live to')",
+                                         timeout=15000)
+            live = await page.inner_text("#livestate")
+            await asyncio.sleep(1.5)
+            await page.click("#endlive")
+            await page.wait_for_function("document.getElementById('livestate').innerText.includes('ended')",
+                                         timeout=15000)
+            ended = await page.inner_text("#livestate")
+            can_go_again = await page.evaluate("!document.getElementById('golive').disabled")
+            log = await page.evaluate("document.getElementById('log').innerText")
+            return live, ended, can_go_again, log
+
+    with receiving(url, tmp_path / "got.npz") as receiver:
+        live, ended, can_go_again, log = run(main())
+        got = receiver.result()
+    assert live == f"live to rtmp://127.0.0.1:{port}/live/***"
+    assert ended.startswith("live stream ended (") and can_go_again
+    assert "s3cret" not in log and "broadcast_stopped" in log
+    assert len(got["frames"]) >= 25 and np.allclose(np.diff(got["times"]), 0.04, atol=0.002)

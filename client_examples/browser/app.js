@@ -418,6 +418,33 @@ export class AvatarConnection {
     this.send({ type: "end_of_speech" });
   }
 
+  // Stream this session live to a streaming server the letstalk server allows (`letstalk serve --broadcast-to
+  // PREFIX`): an RTMP URL with its stream key (YouTube Live, Twitch, OBS), srt://, udp:// or tcp://. -> its state
+  // ({state, url with the key hidden, seconds}); broadcast_reconnecting, broadcast_resumed and broadcast_stopped events
+  // follow it. An Error saying why when the server refuses (403: not allowed there; 502: not reachable).
+  async broadcast(url, { bitrateKbps = null, reconnectS = null } = {}) {
+    const body = { url };
+    if (bitrateKbps) body.bitrate_kbps = bitrateKbps;
+    if (reconnectS !== null) body.reconnect_s = reconnectS;
+    const resp = await fetch(apiUrl(`/v1/sessions/${this.info.session_id}/broadcast`), {
+      method: "POST",
+      body: JSON.stringify(body),
+      headers: { "Content-Type": "application/json", Authorization: `Bearer ${this.info.token}` },
+    });
+    if (!resp.ok) throw new Error(`cannot go live (${resp.status}): ${await errorText(resp)}`);
+    return (await resp.json()).broadcast;
+  }
+
+  // End the live stream (its broadcast_stopped event follows); nothing to end is not an error.
+  async stopBroadcast() {
+    const resp = await fetch(apiUrl(`/v1/sessions/${this.info.session_id}/broadcast`), {
+      method: "DELETE", headers: { Authorization: `Bearer ${this.info.token}` },
+    });
+    if (!resp.ok && resp.status !== 404) {
+      throw new Error(`ending the live stream (${resp.status}): ${await errorText(resp)}`);
+    }
+  }
+
   // What arrived, per kind, and the route ICE chose: route.local / route.remote are "host", "srflx" (through a
   // NAT, found by STUN) or "relay" (through the TURN server).
   async stats() {
