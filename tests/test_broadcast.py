@@ -186,9 +186,11 @@ def test_a_dropped_stream_reconnects_then_gives_up_and_the_session_streams_on(ti
     assert 10 <= len(got_again["frames"]) and np.allclose(np.diff(got_again["times"]), 0.04, atol=0.002)
     assert "s behind (the server took nothing" in behind.error and behind.attempt == 1
     assert stop_took < 1.0 and broadcast.describe() == {"state": "ended", "url": broadcast.url, "reconnects": 1,
+                                                        "down_s": round(broadcast.down_s, 2),
                                                         "seconds": broadcast.seconds}
+    assert resumed.down_s <= broadcast.down_s < resumed.down_s + 1  # and the wait it was stopped in
     assert "not reconnected in 1 s (tries: 1;" in stopped.error and "key" not in stopped.url
-    assert gone.describe()["state"] == "failed" and gone.reconnects == 0
+    assert gone.describe()["state"] == "failed" and gone.reconnects == 0 and 0.9 < gone.down_s < 2
     assert not closed and broadcasting is None
 
 

@@ -12,7 +12,8 @@ subtitles (`captions_path`: the same name, `.vtt`), timed to the ticks their spe
 moves into place.
 
 `Broadcast` sends the same ticks live to a streaming server instead (RTMP, SRT, MPEG-TS; `broadcaster.LiveOutput`),
-and keeps the session's clock running while it lasts, so a session needs no viewer to stream to a platform.
+and keeps the session's clock running while it lasts, so a session needs no viewer to stream to a platform. Both are
+a `TickStream`: the queue, the thread and the failure handling they share.
 """
 
 from __future__ import annotations
@@ -98,22 +99,18 @@ class CaptionCues:
                                        for i, (a, b, text) in enumerate(self.cues, 1))
 
 
-class Recording:
-    """One session's recording to `path` (an .mp4; its folder must exist). Made by `Session.record`."""
+class TickStream:
+    """What a session shows, tick by tick, to an encoder in a thread of its own: the base of a `Recording` (to an MP4)
+    and a `Broadcast` (live to a streaming server). The event loop only queues each tick (`add`, never blocking);
+    `stop()` lets the thread write the rest and finish; a failure ends it, saying why (`error`), the session streaming
+    on. Subclasses write a tick (`_write`, counting `frames`), finish (`_finish`) and say it ended (`_done`)."""
 
-    def __init__(self, session: Session, path: str | Path, crf: int = 23, preset: str = "veryfast",
-                 max_behind_s: float = 10.0, save_on_close: bool = True, writer: Any = None) -> None:
+    def __init__(self, session: Session, writer: Any, max_behind_s: float, name: str) -> None:
         self.session = session
-        self.path = Path(path)
-        self.save_on_close = save_on_close  # the session's close saves it (False: discards it; Session.record)
         self.fps = session.pipeline.fps
         width, height = session.frame_size
-        # Opens the partial file now: a path that cannot be written raises OutputError here, before anything runs.
-        self._writer = writer or VideoWriter(self.path, (width, height), self.fps, session.sample_rate, crf=crf,
-                                             preset=preset)
+        self._writer = writer
         self.frames = 0  # ticks written
-        self.captions_path = captions_path(self.path)
-        self.cues = CaptionCues(self.fps)  # the recording's thread adds to it
         self.state = "recording"  # then "finished" or "failed"
         self.error: str | None = None
         # At most max_behind_s of frames waiting, and at most QUEUE_BYTES of them (a 1280x720 frame is 2.8 MB)
@@ -124,7 +121,7 @@ class Recording:
         self._ended = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         # Not a daemon: a process that exits while a recording is being finished waits for its file.
-        self._thread = threading.Thread(target=self._run, name=f"record-{session.id}")
+        self._thread = threading.Thread(target=self._run, name=f"{name}-{session.id}")
         self._thread.start()
 
     @property
@@ -136,12 +133,8 @@ class Recording:
         """Frames waiting for the encoder (a reader faster than real time, an unpaced session's, waits on it)."""
         return self._queue.qsize()
 
-    def describe(self) -> dict:
-        return {"state": self.state, "path": str(self.path), "seconds": round(self.seconds, 2),
-                "captions": self.cues.count, **({"error": self.error} if self.error else {})}
-
     def add(self, frame: AVFrame) -> None:
-        """Queue a shown tick (event loop; never blocks). An encoder `max_behind_s` behind fails the recording."""
+        """Queue a shown tick (event loop; never blocks). An encoder `max_behind_s` behind: `_fell_behind`."""
         if self._stopping or self.state != "recording":
             return
         try:
@@ -150,7 +143,7 @@ class Recording:
             self._fell_behind()
 
     def _fell_behind(self) -> None:
-        """The encoder is max_behind_s behind (event loop): the recording fails and ends."""
+        """The encoder is max_behind_s behind (event loop): it fails and ends."""
         self._fail(f"the encoder fell {self._max_behind_s:g} s behind the stream (the CPU is too busy to record this "
                    "session too)")
         self._stopping = True
@@ -159,16 +152,86 @@ class Recording:
         with contextlib.suppress(queue.Full):
             self._queue.put_nowait(None)
 
-    async def stop(self) -> Path:
-        """Finish the file and move it into place (the encoder's tail and the MP4's index, off the loop); returns its
-        path, or raises OutputError saying why there is none."""
+    async def stop(self) -> None:
+        """Write the rest and finish (off the loop); OutputError saying why when it had failed (`_failure`)."""
         if not self._stopping:
             self._stopping = True
             await asyncio.to_thread(self._queue.put, None)
         await self._ended.wait()
         if self.state != "finished":
-            raise OutputError(f"the recording '{self.path}' was not saved: {self.error}")
+            raise OutputError(self._failure())
+
+    def _failure(self) -> str:
+        return str(self.error)
+
+    # -- the thread
+
+    def _fail(self, reason: str) -> None:
+        if self.state == "recording":
+            self.state, self.error = "failed", reason
+
+    def _write(self, frame: AVFrame) -> None:
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        try:
+            while True:
+                frame = self._queue.get()
+                if frame is None or self.state != "recording":
+                    break
+                self._write(frame)
+            if self.state == "recording":
+                self._finish()
+                self.state = "finished"
+        except OutputError as e:  # what the writers raise for the disk, the network and the encoders
+            self._fail(str(e))
+        except Exception as e:  # noqa: BLE001 - the thread's edge: anything else ends it too, said
+            log.exception("%s of session %s failed", type(self).__name__, self.session.id)
+            self._fail(f"{type(e).__name__}: {e}")
+        finally:
+            self._writer.abort()  # no-op once closed: a failed recording leaves no partial file
+            with contextlib.suppress(queue.Empty):  # frames nobody will write: and room for stop()'s end marker,
+                while True:  # which would otherwise wait forever on the queue an encoder that died left full
+                    self._queue.get_nowait()
+            try:
+                self._loop.call_soon_threadsafe(self._done)
+            except RuntimeError:  # the event loop is gone (the process is exiting): nobody is left to tell
+                pass
+
+    def _done(self) -> None:
+        """On the event loop once the thread has ended: wake stop() and say how it ended."""
+        self._ended.set()
+
+
+class Recording(TickStream):
+    """One session's recording to `path` (an .mp4; its folder must exist). Made by `Session.record`."""
+
+    def __init__(self, session: Session, path: str | Path, crf: int = 23, preset: str = "veryfast",
+                 max_behind_s: float = 10.0, save_on_close: bool = True) -> None:
+        self.path = Path(path)
+        self.save_on_close = save_on_close  # the session's close saves it (False: discards it; Session.record)
+        self.captions_path = captions_path(self.path)
+        self.cues = CaptionCues(session.pipeline.fps)  # the recording's thread adds to it
+        # Opens the partial file now: a path that cannot be written raises OutputError here, before anything runs.
+        writer = VideoWriter(self.path, session.frame_size, session.pipeline.fps, session.sample_rate, crf=crf,
+                             preset=preset)
+        super().__init__(session, writer, max_behind_s, "record")
+
+    def describe(self) -> dict:
+        return {"state": self.state, "path": str(self.path), "seconds": round(self.seconds, 2),
+                "captions": self.cues.count, **({"error": self.error} if self.error else {})}
+
+    async def stop(self) -> Path:  # type: ignore[override]
+        """Finish the file and move it into place (the encoder's tail and the MP4's index, off the loop); returns its
+        path, or raises OutputError saying why there is none."""
+        await super().stop()
         return self.path
+
+    def _failure(self) -> str:
+        return f"the recording '{self.path}' was not saved: {self.error}"
 
     async def abort(self, reason: str) -> None:
         """End the recording without saving it: its partial file is deleted and `recording_stopped` carries `reason`
@@ -181,10 +244,6 @@ class Recording:
         await self._ended.wait()
 
     # -- the recording's thread
-
-    def _fail(self, reason: str) -> None:
-        if self.state == "recording":
-            self.state, self.error = "failed", reason
 
     def _write(self, frame: AVFrame) -> None:
         """One shown tick into the file (and `frames`)."""
@@ -205,33 +264,8 @@ class Recording:
                 self.captions_path.unlink(missing_ok=True)
             raise
 
-    def _run(self) -> None:
-        try:
-            while True:
-                frame = self._queue.get()
-                if frame is None or self.state != "recording":
-                    break
-                self._write(frame)
-            if self.state == "recording":
-                self._finish()
-                self.state = "finished"
-        except OutputError as e:  # what VideoWriter raises for the disk and the encoders
-            self._fail(str(e))
-        except Exception as e:  # noqa: BLE001 - the thread's edge: anything else ends the recording too, said
-            log.exception("recording %s failed", self.path)
-            self._fail(f"{type(e).__name__}: {e}")
-        finally:
-            self._writer.abort()  # no-op once closed: a failed recording leaves no partial file
-            with contextlib.suppress(queue.Empty):  # frames nobody will write: and room for stop()'s end marker,
-                while True:  # which would otherwise wait forever on the queue an encoder that died left full
-                    self._queue.get_nowait()
-            try:
-                self._loop.call_soon_threadsafe(self._done)
-            except RuntimeError:  # the event loop is gone (the process is exiting): nobody is left to tell
-                pass
-
     def _done(self) -> None:
-        self._ended.set()
+        super()._done()
         s = self.session
         saved = self.state == "finished"
         s._emit(RecordingStopped(s.id, path=str(self.path) if saved else "",
@@ -242,7 +276,7 @@ class Recording:
         s.last_recording = self
 
 
-class Broadcast(Recording):
+class Broadcast(TickStream):
     """One session's live stream to a streaming server (RTMP to YouTube Live, Twitch, OBS or nginx-rtmp; SRT; MPEG-TS
     over UDP/TCP), encoded and sent by a process of its own (`broadcaster.LiveOutput`). Made by `Session.broadcast`,
     which connects first.
@@ -261,7 +295,6 @@ class Broadcast(Recording):
 
     def __init__(self, session: Session, writer: LiveOutput, max_behind_s: float = 5.0, reconnect_s: float = 60.0,
                  timeout_s: float = 10.0) -> None:
-        super().__init__(session, writer.name, max_behind_s=max_behind_s, writer=writer)
         self.url = writer.name  # the stream key hidden
         self.reconnect_s, self._timeout_s = reconnect_s, timeout_s
         self.reconnects = 0  # connections made again after a drop
@@ -269,12 +302,13 @@ class Broadcast(Recording):
         self._behind: str | None = None  # why the event loop cut the connection (_fell_behind)
         self._connected = True  # False once stopped while it was down: nothing left to end
         self._wake = threading.Event()  # stop() during a reconnection's wait
+        super().__init__(session, writer, max_behind_s, "broadcast")
         self._clock = session.loop.create_task(self._keep_clock(), name=f"session-{session.id}-broadcast-clock")
 
     def describe(self) -> dict:
         state = {"recording": "streaming", "finished": "ended"}.get(self.state, self.state)
         return {"state": state, "url": self.url, "seconds": round(self.seconds, 2),
-                **({"reconnects": self.reconnects} if self.reconnects else {}),
+                **({"reconnects": self.reconnects, "down_s": round(self.down_s, 2)} if self.down_s else {}),
                 **({"error": self.error} if self.error else {})}
 
     async def _keep_clock(self) -> None:
@@ -284,16 +318,16 @@ class Broadcast(Recording):
             if self._stopping or self.state not in ("recording", "reconnecting"):
                 return
 
-    async def stop(self) -> None:  # type: ignore[override]
+    async def stop(self) -> None:
         """End the stream (the encoders' tail and the end of stream go out, off the loop; a reconnection in progress
         is given up); OutputError if it had failed, saying why."""
         self._wake.set()
         if self.state == "reconnecting":
             self._writer.abort()  # a connection being made: given up
-        try:
-            await super().stop()
-        except OutputError:
-            raise OutputError(f"the live stream to '{self.url}' failed: {self.error}") from None
+        await super().stop()
+
+    def _failure(self) -> str:
+        return f"the live stream to '{self.url}' failed: {self.error}"
 
     def _fell_behind(self) -> None:
         """A server that stopped reading (or a CPU too busy) left the stream max_behind_s behind: the connection is
@@ -378,7 +412,7 @@ class Broadcast(Recording):
         self._writer.abort()  # its process killed: a write blocked on a stalled server returns, and the thread ends
 
     def _done(self) -> None:
-        self._ended.set()
+        super()._done()
         self._clock.cancel()
         s = self.session
         s._emit(BroadcastStopped(s.id, url=self.url, seconds=round(self.seconds, 2), error=self.error or ""),
