@@ -366,3 +366,37 @@ def test_a_server_that_never_answers_costs_the_engine_nothing(tiny_pipeline):
     took, worst_lag, broadcasting = run(main())
     assert 1.9 < took < 4 and broadcasting is None
     assert worst_lag < 0.15, f"the event loop stalled {worst_lag * 1000:.0f} ms while the broadcast connected"
+
+
+def test_the_go_live_example_streams_the_lines_it_says_then_ends(tiny_pipeline, tmp_path, capsys):
+    """client_examples/go_live.py as a user runs it, lines given: the server goes live, the avatar says them on the
+    stream (speech in its sound), the stream ends once they are said and the avatar is at rest, and the stream key is
+    printed nowhere."""
+    import importlib.util
+    from pathlib import Path
+
+    from server_helpers import running_server
+
+    path = Path(__file__).resolve().parent.parent / "client_examples" / "go_live.py"
+    spec = importlib.util.spec_from_file_location("go_live", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    port = free_port()
+    url = f"rtmp://127.0.0.1:{port}/live/s3cret"
+
+    async def main():
+        async with running_server(tiny_pipeline, broadcast_to=[f"rtmp://127.0.0.1:{port}/live/"]) as srv:
+            return await example.run(example.parse_args([url, "--server", srv.url, "--text", "Hello there.",
+                                                         "--text", "Bye now.", "--tail", "0.5"]))
+
+    with receiving(url, tmp_path / "got.npz") as receiver:
+        stopped = run(main())
+        got = receiver.result()
+    err = capsys.readouterr().err
+    assert stopped["error"] == "" and "s3cret" not in err + str(stopped)
+    assert f"live to rtmp://127.0.0.1:{port}/live/***" in err and "saying 1 sentence(s)" in err
+    heard = _rms_per_frame(got["audio"], int(got["rate"]), got["times"])
+    print(f"{len(got['frames'])} frames, {stopped['seconds']} s; loud frames {(heard > 0.02).sum()}, "
+          f"last 10 max {heard[-10:].max():.4f}, max {heard.max():.3f}")
+    assert abs(len(got["frames"]) - stopped["seconds"] * 25) <= 2
+    assert (heard > 0.02).sum() >= 25 and heard[-10:].max() < 0.005  # a second of speech or more, then rest
