@@ -770,7 +770,8 @@ class AvatarSession:
         """Call `callback(event)` for each event of `event_type` ("*" for all); usable as a decorator.
 
         Types: ready, speech_started, speech_stopped, caption, playback_position, window_timings, frames_dropped,
-        interrupted, engine_adjusted, say, recording_stopped, session_ending (the server will close the session in
+        interrupted, engine_adjusted, say, recording_stopped, broadcast_reconnecting, broadcast_resumed,
+        broadcast_stopped, session_ending (the server will close the session in
         `seconds_left`: `reason` time_limit, or server_stopping), error, closed; and this SDK's own reconnecting /
         reconnected. Coroutine callbacks run as tasks. Events flow once the websocket is open (`connect()` opens it;
         so does the first `send_audio`).
