@@ -107,6 +107,17 @@ def write_mkv_dropping_audio(path: Path, frames: list[np.ndarray] | np.ndarray, 
                 c.mux(packet)
 
 
+def client_example(name: str):
+    """client_examples/NAME.py imported as a module (its `run`, `parse_args`...), as a user's copy would run it."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "client_examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def speechlike(seconds: float, rate: int = 16000, seed: int = 0) -> np.ndarray:
     """A deterministic voiced signal with syllable-rate amplitude modulation (float32 mono)."""
     rng = np.random.default_rng(seed)

@@ -372,15 +372,10 @@ def test_the_go_live_example_streams_the_lines_it_says_then_ends(tiny_pipeline, 
     """client_examples/go_live.py as a user runs it, lines given: the server goes live, the avatar says them on the
     stream (speech in its sound), the stream ends once they are said and the avatar is at rest, and the stream key is
     printed nowhere."""
-    import importlib.util
-    from pathlib import Path
-
+    from conftest import client_example
     from server_helpers import running_server
 
-    path = Path(__file__).resolve().parent.parent / "client_examples" / "go_live.py"
-    spec = importlib.util.spec_from_file_location("go_live", path)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = client_example("go_live")
     port = free_port()
     url = f"rtmp://127.0.0.1:{port}/live/s3cret"
 

@@ -458,14 +458,9 @@ def test_sdk_close_cleans_up_when_the_delete_fails(failure, caplog):
 
 
 def _speak_file_module():
-    import importlib.util
-    from pathlib import Path
+    from conftest import client_example
 
-    path = Path(__file__).resolve().parent.parent / "client_examples" / "speak_file.py"
-    spec = importlib.util.spec_from_file_location("speak_file", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return client_example("speak_file")
 
 
 def _speak_args(url, audio, out, full_frame=None):

@@ -318,13 +318,9 @@ def test_generate_speaks_text_into_an_mp4_of_its_length(capsys, tmp_path, tiny_m
 def test_tts_stream_example_speaks_through_say_and_through_its_own_tts(tiny_pipeline, capsys):
     """client_examples/tts_stream.py as a user runs it: the server's `say`, then PCM from a TTS of its own sent
     ahead of real time; the avatar comes back either way."""
-    import importlib.util
-    from pathlib import Path
+    from conftest import client_example
 
-    path = Path(__file__).resolve().parent.parent / "client_examples" / "tts_stream.py"
-    spec = importlib.util.spec_from_file_location("tts_stream", path)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = client_example("tts_stream")
 
     async def main():
         async with running_server(tiny_pipeline) as srv:
