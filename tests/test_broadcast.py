@@ -157,7 +157,7 @@ def test_a_dropped_stream_reconnects_then_gives_up_and_the_session_streams_on(ti
                 tries = await _next(events, BroadcastReconnecting)
                 resumed = await _next(events, BroadcastResumed)
                 assert broadcast.describe()["state"] == "streaming"
-                for _ in range(25):
+                for _ in range(50):  # (the ticks in the pipe when it stalls never reach the server)
                     await anext(stream)
                 os.kill(broadcast._writer._proc.pid, signal.SIGSTOP)  # a stream nobody takes from any more
                 behind = await _next(events, BroadcastReconnecting)
@@ -183,12 +183,12 @@ def test_a_dropped_stream_reconnects_then_gives_up_and_the_session_streams_on(ti
         got_again = again.result()
     assert tries.attempt == 1 and tries.delay_s == 1.0 and tries.error and tries.url.endswith("/live/***")
     assert resumed.attempts >= 1 and 0.9 < resumed.down_s < 5
-    assert 10 <= len(got_again["frames"]) and np.allclose(np.diff(got_again["times"]), 0.04, atol=0.002)
+    assert 25 <= len(got_again["frames"]) and np.allclose(np.diff(got_again["times"]), 0.04, atol=0.002)
     assert "s behind (the server took nothing" in behind.error and behind.attempt == 1
     assert stop_took < 1.0 and broadcast.describe() == {"state": "ended", "url": broadcast.url, "reconnects": 1,
                                                         "down_s": round(broadcast.down_s, 2),
                                                         "seconds": broadcast.seconds}
-    assert resumed.down_s <= broadcast.down_s < resumed.down_s + 1  # and the wait it was stopped in
+    assert resumed.down_s - 0.005 <= broadcast.down_s < resumed.down_s + 1  # and the wait it was stopped in (~0)
     assert "not reconnected in 1 s (tries: 1;" in stopped.error and "key" not in stopped.url
     assert gone.describe()["state"] == "failed" and gone.reconnects == 0 and 0.9 < gone.down_s < 2
     assert not closed and broadcasting is None

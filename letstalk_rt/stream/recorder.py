@@ -376,13 +376,13 @@ class Broadcast(TickStream):
                     break
                 last = str(e)
                 continue
-            self.down_s += time.monotonic() - dropped
+            down = time.monotonic() - dropped
+            self.down_s += down
             self.reconnects += 1
             self._behind = None
             self._drop_queued()  # shown while it was down: seconds old
             self.state = "recording"
-            self._tell(BroadcastResumed(self.session.id, url=self.url, attempts=attempt,
-                                        down_s=round(time.monotonic() - dropped, 2)))
+            self._tell(BroadcastResumed(self.session.id, url=self.url, attempts=attempt, down_s=round(down, 2)))
             return
         # stopped while down: the broadcast ends (well) with what it sent before
         self.down_s += time.monotonic() - dropped
