@@ -712,7 +712,7 @@ class Session:
             writer.abort()
             raise
         if self.closed or self.broadcasting is not None:  # closed, or another broadcast began, while it connected
-            await asyncio.to_thread(writer.abort)
+            writer.abort()  # (a kill: it does not wait)
             self._check_open()
             raise InputError(f"session {self.id} is already streaming to '{self.broadcasting.url}'")
         self.broadcasting = Broadcast(self, writer, max_behind_s=max_behind_s, reconnect_s=reconnect_s,

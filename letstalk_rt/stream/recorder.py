@@ -18,6 +18,7 @@ a `TickStream`: the queue, the thread and the failure handling they share.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import itertools
@@ -99,7 +100,7 @@ class CaptionCues:
                                        for i, (a, b, text) in enumerate(self.cues, 1))
 
 
-class TickStream:
+class TickStream(abc.ABC):
     """What a session shows, tick by tick, to an encoder in a thread of its own: the base of a `Recording` (to an MP4)
     and a `Broadcast` (live to a streaming server). The event loop only queues each tick (`add`, never blocking);
     `stop()` lets the thread write the rest and finish; a failure ends it, saying why (`error`), the session streaming
@@ -170,11 +171,13 @@ class TickStream:
         if self.state == "recording":
             self.state, self.error = "failed", reason
 
+    @abc.abstractmethod
     def _write(self, frame: AVFrame) -> None:
-        raise NotImplementedError
+        """Write one tick (the thread), adding to `frames`; OutputError when the writer fails."""
 
+    @abc.abstractmethod
     def _finish(self) -> None:
-        raise NotImplementedError
+        """Write the end (the thread, after the last tick): the encoders' tail, the file's index or stream's end."""
 
     def _run(self) -> None:
         try:
