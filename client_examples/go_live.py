@@ -4,13 +4,15 @@
     python client_examples/go_live.py rtmp://a.rtmp.youtube.com/live2/xxxx-xxxx-xxxx-xxxx
     > Hello everyone, welcome to the stream!        # each line typed is said live; Ctrl-D ends the stream
     python client_examples/go_live.py rtmp://... --text "Hello there." --text "Bye now."   # lines given, then it ends
+    python client_examples/go_live.py rtmp://a.rtmp.youtube.com/live2/KEY1 rtmp://live.twitch.tv/app/KEY2  # both
 
 The server encodes the session and sends it to the streaming server itself (`AvatarSession.broadcast`, POST
 /v1/sessions/{id}/broadcast): this script only creates the session, starts the stream and sends text over the
 session's websocket (`say`), so it needs no WebRTC and no GPU. The session's clock runs while the stream lasts, so
 between lines the avatar idles live (blinks, small head motion). A dropped connection to the platform is made again by
 the server with back-off (`broadcast_reconnecting` / `broadcast_resumed`, printed here); a stream that cannot be
-resumed ends with `broadcast_stopped` and its reason, and so does this script. The stream key is never printed.
+resumed ends with `broadcast_stopped` and its reason; the others stream on, and the script ends with an error once
+all have ended. The stream keys are never printed.
 """
 
 from __future__ import annotations
@@ -38,56 +40,70 @@ async def lines(given: list[str] | None):
             yield line.strip()
 
 
-async def run(args: argparse.Namespace) -> dict:
-    """Go live, say each line, end the stream once the last one has been said; returns the stream's last state."""
+async def run(args: argparse.Namespace) -> list[dict]:
+    """Go live to each URL, say each line, end the streams once the last one has been said; returns each stream's
+    `broadcast_stopped` event."""
     async with AvatarClient(args.server, api_key=args.api_key) as client:
         session = await client.start_session(avatar_id=args.avatar, voice=args.voice)
-        ended = asyncio.get_running_loop().create_future()
+        streams: dict[str, dict] = {}  # broadcast id -> its state, then its broadcast_stopped event
+        ended = asyncio.Event()  # every stream has ended
         quiet = asyncio.Event()
         quiet.set()
 
         def on_stream(ev: dict) -> None:
             if ev["type"] == "broadcast_reconnecting":
-                print(f"the stream dropped ({ev['error']}): connecting again in {ev['delay_s']:g} s "
+                print(f"{ev['url']}: the stream dropped ({ev['error']}): connecting again in {ev['delay_s']:g} s "
                       f"(try {ev['attempt']})", file=sys.stderr)
             elif ev["type"] == "broadcast_resumed":
-                print(f"live again after {ev['down_s']:.1f} s", file=sys.stderr)
-            elif not ended.done():
-                ended.set_result(ev)
+                print(f"{ev['url']}: live again after {ev['down_s']:.1f} s", file=sys.stderr)
+            else:
+                streams[ev["broadcast_id"]] = ev
+                if ev["error"]:
+                    print(f"{ev['url']}: the live stream failed: {ev['error']}", file=sys.stderr)
+                if all(s["type"] == "broadcast_stopped" for s in streams.values()):
+                    ended.set()
 
         for kind in ("broadcast_reconnecting", "broadcast_resumed", "broadcast_stopped"):
             session.on(kind, on_stream)
         session.on("speech_started", lambda ev: quiet.clear())
         session.on("speech_stopped", lambda ev: quiet.set())
         try:
-            await session.ping()  # the websocket open first: the stream's events come over it
-            state = await session.broadcast(args.url, bitrate_kbps=args.bitrate)
-            print(f"live to {state['url']}; type what the avatar says (Ctrl-D ends the stream)", file=sys.stderr)
+            await session.ping()  # the websocket open first: the streams' events come over it
+            for url in args.url:
+                state = await session.broadcast(url, bitrate_kbps=args.bitrate)
+                streams.setdefault(state["id"], state)  # (unless it has ended already)
+                print(f"live to {state['url']}", file=sys.stderr)
+                if state["state"] != "broadcast_stopped":  # (one that failed before the next began set it)
+                    ended.clear()
+            print("type what the avatar says (Ctrl-D ends the stream)", file=sys.stderr)
             async for text in lines(args.text):
-                if ended.done():
+                if ended.is_set():
                     break
                 answer = await session.say(text)
                 print(f"saying {answer.get('sentences', 1)} sentence(s)", file=sys.stderr)
                 quiet.clear()  # until the speech has been shown and has stopped
-            while not ended.done():  # the last words shown, and a moment of the avatar at rest, then the end
+            while not ended.is_set():  # the last words shown, and a moment of the avatar at rest, then the end
                 await asyncio.wait_for(quiet.wait(), args.timeout)
                 await asyncio.sleep(args.tail)
                 if quiet.is_set():  # (not a pause between two sentences)
-                    await session.stop_broadcast()
+                    await session.stop_broadcast()  # every one still streaming
                     break
-            stopped = await asyncio.wait_for(ended, 10)
+            await asyncio.wait_for(ended.wait(), 10)
         finally:
             await session.close()
-        if stopped["error"]:
-            raise AvatarClientError(f"the live stream failed: {stopped['error']}")
-        print(f"streamed {stopped['seconds']:.1f} s live to {stopped['url']}", file=sys.stderr)
+        stopped = list(streams.values())
+        for ev in stopped:
+            if not ev["error"]:
+                print(f"streamed {ev['seconds']:.1f} s live to {ev['url']}", file=sys.stderr)
+        if failed := [ev for ev in stopped if ev["error"]]:
+            raise AvatarClientError("; ".join(f"the live stream to {ev['url']} failed: {ev['error']}" for ev in failed))
         return stopped
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("url", help="the ingest URL with its stream key: rtmp(s)://HOST/APP/KEY, srt://, udp:// or tcp:// "
-                   "(under one of the server's --broadcast-to prefixes)")
+    p.add_argument("url", nargs="+", help="the ingest URL with its stream key: rtmp(s)://HOST/APP/KEY, srt://, udp:// "
+                   "or tcp:// (under one of the server's --broadcast-to prefixes); several: one stream to each (up to 4)")
     p.add_argument("--server", default="http://127.0.0.1:8080")
     p.add_argument("--api-key", default=None)
     p.add_argument("--avatar", default="default")

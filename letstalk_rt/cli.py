@@ -332,10 +332,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     check_live_args(args)
     check_video_path(args.out, "--out")
-    if args.broadcast is not None:
+    if args.broadcast:
         from .media import check_live_url
 
-        check_live_url(args.broadcast)
+        for url in args.broadcast:
+            check_live_url(url)
     voice = None
     if args.text is not None:  # checked before the model loads
         from .tts import check_text
@@ -381,8 +382,8 @@ async def _demo(pipe, image, speech: Path, args: argparse.Namespace, voice=None)
         session = await engine.open_session(image, seed=args.seed, detect_face=not args.no_face_detect,
                                             full_frame=args.full_frame, framing=args.framing)
         # connected (its process started) before the speech: the stream has it all
-        broadcast = await session.broadcast(args.broadcast) if args.broadcast is not None else None
-        if broadcast is not None:
+        broadcasts = [await session.broadcast(url) for url in args.broadcast]
+        for broadcast in broadcasts:
             print(f"streaming live to {broadcast.url}", file=sys.stderr)
         if source is not None:
             feeder = asyncio.create_task(source.run(session))
@@ -412,14 +413,14 @@ async def _demo(pipe, image, speech: Path, args: argparse.Namespace, voice=None)
                     print(f"\r  {i / pipe.fps:5.1f} s streamed", end="", file=sys.stderr, flush=True)
                 i += 1
         await feeder
-        if broadcast is not None:
+        if broadcasts:
             with contextlib.suppress(OutputError):  # a failed stream is said below
                 await session.stop_broadcast()
         stats = session.stats()
     if not args.quiet:
         print(file=sys.stderr)
     print(f"wrote {args.out} ({ticks} frames recorded from the WebRTC tracks)")
-    if broadcast is not None:
+    for broadcast in broadcasts:
         again = f" (its connection dropped and was made again {broadcast.reconnects}x)" if broadcast.reconnects else ""
         print(f"streamed {broadcast.seconds:.1f} s live to {broadcast.url}{again}" if broadcast.error is None else
               f"the live stream to {broadcast.url} failed after {broadcast.seconds:.1f} s: {broadcast.error}")
@@ -707,10 +708,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("letstalk_demo.mp4"), help="output .mp4")
     p.add_argument("--text", default=None, help="speak this text (espeak-ng, a sentence at a time, as the server's "
                    "`say` does) instead of the bundled speech; its captions go to a WebVTT file beside --out (.vtt)")
-    p.add_argument("--broadcast", default=None, metavar="URL",
+    p.add_argument("--broadcast", action="append", default=[], metavar="URL",
                    help="also stream it live to a streaming server: an RTMP ingest URL with its stream key (YouTube "
                         "Live, Twitch; or `ffplay -listen 1 rtmp://127.0.0.1:1935/live/demo` to watch it here), "
-                        "srt://, udp:// or tcp://")
+                        "srt://, udp:// or tcp://; repeat it to stream to several at once (up to 4)")
     _add_speech_args(p)
     _add_full_frame_arg(p)
     _add_framing_arg(p)

@@ -178,7 +178,7 @@ async def _raise_for_status(resp: aiohttp.ClientResponse) -> None:
         raise AvatarNotFoundError(message, resp.status)
     if resp.status == 404 and resp.url.path.startswith("/v1/recordings/"):
         raise RecordingNotFoundError(message, resp.status)
-    if resp.status == 404 and not resp.url.path.endswith("/broadcast"):  # (a session that is not streaming: 4xx)
+    if resp.status == 404 and "/broadcast" not in resp.url.path:  # (a session not streaming there: a RequestError)
         raise SessionNotFoundError(message, resp.status)
     if 400 <= resp.status < 500:
         raise RequestError(message, resp.status)
@@ -713,12 +713,13 @@ class AvatarSession:
     async def broadcast(self, url: str, bitrate_kbps: int | None = None, reconnect_s: int | None = None) -> dict:
         """Stream this session live to a streaming server: an RTMP ingest URL with its stream key (YouTube Live,
         Twitch, OBS), `srt://`, `udp://` or `tcp://`, under a prefix the server allows (`letstalk serve --broadcast-to
-        PREFIX`). Returns its state (`url` with the key hidden). While it lasts the session needs no viewer. A dropped
+        PREFIX`). Returns its state (`id`, `url` with the key hidden). Each call adds a destination (YouTube and
+        Twitch at once, up to 4), each with its own connection. While one lasts the session needs no viewer. A dropped
         connection is made again for up to `reconnect_s` (the server's default: 60; 0: never), with
         `broadcast_reconnecting` / `broadcast_resumed` events; a `broadcast_stopped` event says when it ended, and why
-        if it failed. RequestError: 403 (the server does not
-        stream there), 422 (not a streaming URL), 409 (already streaming); AvatarClientError 502: the streaming server
-        could not be reached."""
+        if it failed (each event's `broadcast_id` says which). RequestError: 403 (the server does not stream there), 422
+        (not a streaming URL), 409 (already streaming to that URL, or to 4); AvatarClientError 502: the streaming
+        server could not be reached."""
         http = self.client._require_http()
         body = {"url": url, **({"bitrate_kbps": bitrate_kbps} if bitrate_kbps else {}),
                 **({"reconnect_s": reconnect_s} if reconnect_s is not None else {})}
@@ -727,11 +728,12 @@ class AvatarSession:
             await _raise_for_status(resp)
             return (await resp.json())["broadcast"]
 
-    async def stop_broadcast(self) -> None:
-        """End the live stream (RequestError 404 when there is none running, saying why the last one ended if it
-        failed)."""
+    async def stop_broadcast(self, broadcast_id: str | None = None) -> None:
+        """End the live stream `broadcast_id` (the `id` broadcast() returned), or every one (RequestError 404 when
+        none is running, saying why the last one ended if it failed)."""
         http = self.client._require_http()
-        async with http.delete(self.client._url(f"/v1/sessions/{self.id}/broadcast"), headers=self._headers()) as resp:
+        path = f"/v1/sessions/{self.id}/broadcast" + (f"/{urllib.parse.quote(broadcast_id)}" if broadcast_id else "")
+        async with http.delete(self.client._url(path), headers=self._headers()) as resp:
             await _raise_for_status(resp)
 
     async def _request(self, message: dict, timeout: float) -> tuple[float, dict]:

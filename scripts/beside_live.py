@@ -1,13 +1,14 @@
 """A live session beside a render or a live stream, through a running `letstalk serve` (docs/benchmarks.md).
 
-    python scripts/beside_live.py [--render | --broadcast] [--server http://127.0.0.1:8080]
+    python scripts/beside_live.py [--render | --broadcast [N]] [--server http://127.0.0.1:8080]
 
 A live session through WebRTC: the SDK sends the bundled speech, looped, for 40 s at real-time pace over its
 websocket and reads both tracks. With --render (a server started with --recordings-dir), a render of the bundled
 speech is posted 10 s in. With --broadcast (a server started with --broadcast-to tcp://127.0.0.1), the live session
-is also streamed from 5 s in, as MPEG-TS over TCP to a sink in this process that drops the bytes (a real ingest
-server is on another machine). Prints the server's figures of the live session (speech-to-screen latency, held
-frames), and the render's time or the broadcast's state, its process's CPU time and its bitrate.
+is also streamed from 5 s in, as MPEG-TS over TCP to N sinks in this process that drop the bytes (N destinations at
+once, as YouTube and Twitch; a real ingest server is on another machine). Prints the server's figures of the live
+session (speech-to-screen latency, held frames), and the render's time or the broadcasts' states, their processes'
+CPU time and their bitrates.
 """
 
 import argparse
@@ -42,13 +43,14 @@ def sink() -> tuple[str, list[int]]:
     return f"tcp://127.0.0.1:{server.getsockname()[1]}", got
 
 
-def broadcaster_cpu_s() -> float | None:
-    """CPU seconds of the broadcast's process (`python -m letstalk_rt.broadcaster`) so far."""
+def broadcaster_cpu_s() -> list[float]:
+    """CPU seconds of each broadcast's process (`python -m letstalk_rt.broadcaster`) so far."""
     pids = subprocess.run(["pgrep", "-f", "letstalk_rt.broadcaster"], capture_output=True, text=True).stdout.split()
-    if not pids:
-        return None
-    fields = Path(f"/proc/{pids[0]}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks
+    cpu = []
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        cpu.append((int(fields[11]) + int(fields[12])) / 100)  # utime + stime, in clock ticks
+    return cpu
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -71,13 +73,15 @@ async def main(args: argparse.Namespace) -> None:
             print(f"render: {state['speech_seconds']} s of speech, {state['rendered_seconds']} s of video, "
                   f"{time.monotonic() - t:.2f} s to the MP4 downloaded", flush=True)
 
-        sent, cpu = [0], None
+        sent, cpu = [], []
 
         async def broadcast():
-            nonlocal sent, cpu
+            nonlocal cpu
             await asyncio.sleep(5)
-            url, sent = sink()
-            print("broadcast:", await session.broadcast(url), flush=True)
+            for _ in range(args.broadcast):
+                url, got = sink()
+                sent.append(got)
+                print("broadcast:", await session.broadcast(url), flush=True)
             await asyncio.sleep(30)
             cpu = broadcaster_cpu_s()
 
@@ -92,10 +96,9 @@ async def main(args: argparse.Namespace) -> None:
         if args.broadcast:
             await beside
         stats = (await session.stats())["stats"]
-        if args.broadcast:
-            seconds = stats["broadcast"]["seconds"]
-            print(f"broadcast: {stats['broadcast']}; its process used {cpu:.2f} s of CPU in its first 30 s; "
-                  f"{sent[0] * 8 / 1000 / seconds:.0f} kb/s sent", flush=True)
+        for state, got, used in zip(stats.get("broadcasts", []), sent, cpu):
+            print(f"broadcast: {state}; its process used {used:.2f} s of CPU in its first 30 s; "
+                  f"{got[0] * 8 / 1000 / state['seconds']:.0f} kb/s sent", flush=True)
         print("live:", {k: stats[k] for k in ("latency_ms_p50", "latency_ms_p95", "latency_ms_p99", "fillers",
                                               "ticks")}, flush=True)
         await session.close()
@@ -109,7 +112,8 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     beside = p.add_mutually_exclusive_group()
     beside.add_argument("--render", action="store_true", help="post a render 10 s in")
-    beside.add_argument("--broadcast", action="store_true", help="stream the live session to a TCP sink 5 s in")
+    beside.add_argument("--broadcast", type=int, nargs="?", const=1, default=0, metavar="N",
+                        help="stream the live session to N TCP sinks (default 1) 5 s in")
     p.add_argument("--server", default="http://127.0.0.1:8080")
     p.add_argument("--api-key", default=None)
     p.add_argument("--out", default="render.mp4", help="where the render's MP4 goes")

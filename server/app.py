@@ -967,15 +967,12 @@ async def start_broadcast(request: web.Request) -> web.Response:
                              f"{', '.join(map(redact_url, allowed))})")
     bitrate = _int_field(fields, "bitrate_kbps", 100, 20_000) or 0
     reconnect = _int_field(fields, "reconnect_s", 0, 3600)
-    if ss.session.broadcasting is not None:
-        raise api_error(409, f"session {ss.id} is already streaming to '{ss.session.broadcasting.url}'; DELETE "
-                             f"/v1/sessions/{ss.id}/broadcast first")
     try:
         broadcast = await ss.session.broadcast(url, bitrate_kbps=bitrate,
                                                **({"reconnect_s": reconnect} if reconnect is not None else {}))
     except SessionClosedError:
         raise _session_gone(ss, "its live stream connected") from None
-    except InputError as e:  # another request started one while this one connected
+    except InputError as e:  # streaming to that URL already, or to as many destinations as a session may
         raise api_error(409, str(e)) from None
     except OutputError as e:  # the streaming server cannot be reached
         raise api_error(502, str(e)) from None
@@ -984,13 +981,18 @@ async def start_broadcast(request: web.Request) -> web.Response:
 
 
 async def stop_broadcast(request: web.Request) -> web.Response:
+    """End one live stream (DELETE .../broadcast/{broadcast_id}) or every one the session sends (.../broadcast)."""
     ss = authorize_session(request, allow_api_key=True)
-    if ss.session.broadcasting is None:
-        last = ss.session.last_broadcast
-        failed = f" (its last one failed: {last.error})" if last is not None and last.error else ""
-        raise api_error(404, f"session {ss.id} is not streaming{failed}")
+    broadcast_id = request.match_info.get("broadcast_id")
+    session = ss.session
+    running = bool(session.broadcasts) if broadcast_id is None else broadcast_id in session.broadcasts
+    if not running:
+        ended = [b for b in session.ended_broadcasts if broadcast_id in (None, b.id)][-1:]
+        failed = f" (it failed: {ended[0].error})" if ended and ended[0].error else ""
+        what = f"live stream {broadcast_id[:40]!r}" if broadcast_id is not None else "live stream"
+        raise api_error(404, f"session {ss.id} has no {what} running{failed}")
     try:
-        await ss.session.stop_broadcast()
+        await session.stop_broadcast(broadcast_id)
     except OutputError as e:  # it failed while being stopped
         raise api_error(502, str(e)) from None
     return web.Response(status=204)
@@ -1233,6 +1235,7 @@ def create_app(engines: StreamEngine | EnginePool, config: ServerConfig | None =
     r.add_delete("/v1/sessions/{session_id}/viewers/{viewer_id}", delete_viewer)
     r.add_post("/v1/sessions/{session_id}/broadcast", start_broadcast)
     r.add_delete("/v1/sessions/{session_id}/broadcast", stop_broadcast)
+    r.add_delete("/v1/sessions/{session_id}/broadcast/{broadcast_id}", stop_broadcast)
     r.add_get("/v1/sessions/{session_id}/ws", websocket)
     r.add_get("/v1/sessions/{session_id}/events", session_events)
     r.add_get("/v1/recordings", list_recordings)

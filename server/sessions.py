@@ -54,7 +54,7 @@ from letstalk_rt.rtc import (
 )
 from letstalk_rt.stream import TrackSource
 from letstalk_rt.stream.engine import quantiles, resident_memory_bytes
-from letstalk_rt.stream.events import SessionClosed
+from letstalk_rt.stream.events import Event, SessionClosed
 from letstalk_rt.tts import Speech, SpeechUnavailable, check_text, sentences
 
 from . import recordings
@@ -338,8 +338,8 @@ def render_metrics(manager: SessionManager) -> str:
     metric("letstalk_recordings_total", "counter", "Recordings ended, by result (failed: a full disk, an encoder too "
            "far behind; nothing saved).", [('{result="saved"}', m.recordings[True]),
                                           ('{result="failed"}', m.recordings[False])])
-    metric("letstalk_broadcasts_active", "gauge", "Sessions streaming live to a streaming server now (POST "
-           ".../broadcast).", [("", sum(s.broadcasting is not None for s in live))])
+    metric("letstalk_broadcasts_active", "gauge", "Live streams to streaming servers running now (POST "
+           ".../broadcast; a session may send several).", [("", sum(len(s.broadcasts) for s in live))])
     metric("letstalk_broadcasts_total", "counter", "Live streams ended, by result (failed: the streaming server went "
            "away, the encoder fell behind).", [('{result="ended"}', m.broadcasts[True]),
                                                ('{result="failed"}', m.broadcasts[False])])
@@ -530,13 +530,8 @@ class ServerSession:
                 if event.path:  # a new file: within the limits at once
                     self.manager.prune_recordings()
                 self._recording_webhook(event)
-            elif event.type == "broadcast_resumed":
-                self.manager.metrics.broadcast_reconnects += 1
-            elif event.type == "broadcast_stopped":
-                self.manager.metrics.broadcasts[not event.error] += 1
-                if self.manager.webhooks:  # an unwatched stream to a platform that failed: its operator hears of it
-                    self.manager.webhooks.send("broadcast.stopped", {
-                        "session_id": self.id, "url": event.url, "seconds": event.seconds, "error": event.error})
+            elif event.type.startswith("broadcast_"):
+                self._broadcast_event(event)
             message = event.to_dict()
             self.tell_listeners(message)
             await self.send_json(message)
@@ -544,6 +539,21 @@ class ServerSession:
                 break
         # The engine closed the session (error, engine stop) or we did: free the rest.
         self.spawn(self.manager.close(self, self.session.close_reason or "closed"), "close")
+
+    def _broadcast_event(self, event: Event) -> None:
+        """Count a live stream's drops and ends; tell the operator's backend (webhooks) of a stream to a platform that
+        dropped, came back or ended, which nobody may be watching here."""
+        data = {"session_id": self.id, "broadcast_id": event.broadcast_id, "url": event.url}
+        if event.type == "broadcast_reconnecting":
+            if event.attempt == 1:  # the drop itself (its later tries are events on the websocket only)
+                self.manager.webhooks.send("broadcast.dropped", {**data, "error": event.error})
+        elif event.type == "broadcast_resumed":
+            self.manager.metrics.broadcast_reconnects += 1
+            self.manager.webhooks.send("broadcast.resumed", {**data, "attempts": event.attempts,
+                                                             "down_s": event.down_s})
+        elif event.type == "broadcast_stopped":
+            self.manager.metrics.broadcasts[not event.error] += 1
+            self.manager.webhooks.send("broadcast.stopped", {**data, "seconds": event.seconds, "error": event.error})
 
     async def _close_ws(self, ws: web.WebSocketResponse, code: int, reason: str) -> None:
         try:

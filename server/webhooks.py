@@ -10,6 +10,11 @@ Each event is one JSON POST, `{"type", "id", "time", "data": {...}}`:
 - `render.done`, `render.failed`, `render.cancelled`  a render (POST /v1/renders) ended: its state (`render_id`,
                      `state`, `speech_seconds`, `rendered_seconds`, `seconds_taken`, `video_url`, `captions_url`,
                      `error`: as GET /v1/renders/{id})
+- `broadcast.stopped` a session's live stream to a streaming server ended (`session_id`, `broadcast_id`, `url` with
+                     its stream key hidden, `seconds` sent, `error`: empty when it was stopped, else why it failed)
+- `broadcast.dropped` its connection dropped and is being made again (`session_id`, `broadcast_id`, `url`, `error`)
+- `broadcast.resumed` ... and was made again (`session_id`, `broadcast_id`, `url`, `attempts`, `down_s`); one that
+                     never comes back ends with `broadcast.stopped` and its error
 
 With a secret, each POST is signed: `X-Letstalk-Timestamp: T` (unix seconds) and
 `X-Letstalk-Signature: sha256=HEX`, HEX the HMAC-SHA256 of `T.BODY` under the secret, as Stripe and GitHub do: check

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import time
 
@@ -50,6 +51,18 @@ def _rms_per_frame(audio: np.ndarray, rate: int, times: np.ndarray) -> np.ndarra
                      for t in times if int(round(t * rate)) + n <= len(audio)])
 
 
+def _shown_from(frames: np.ndarray, shown: list) -> int:
+    """The received frame the reader's first shown tick is at (k): from there on each received picture is nearest the
+    one shown at its tick (the tiny model's 32-px frames are noise-like: H.264 keeps them only roughly)."""
+    want = np.stack([f.video for f in shown]).astype(float)
+    k = int(np.argmin([np.abs(f.astype(float) - want[0]).mean() for f in frames]))
+    got_frames = frames[k:k + len(shown)].astype(float)
+    distance = np.abs(got_frames[:, None] - want[None, :len(got_frames)]).mean(axis=(2, 3, 4))
+    assert len(got_frames) >= len(shown) - 1  # (a held frame repeats the picture before it: ties allowed)
+    assert all(distance[i, i] <= distance[i].min() + 1e-9 for i in range(len(got_frames)))
+    return k
+
+
 @pytest.mark.parametrize("scheme", ["rtmp", "tcp"])
 def test_a_broadcast_sends_every_tick_shown_with_its_sound_in_sync(tiny_pipeline, tmp_path, scheme):
     """The server receives each tick the session showed, in order and 40 ms apart (the pictures those a viewer got),
@@ -84,15 +97,9 @@ def test_a_broadcast_sends_every_tick_shown_with_its_sound_in_sync(tiny_pipeline
     assert len(frames) == broadcast.frames >= len(shown)
     assert np.allclose(np.diff(times), 0.04, atol=0.002)
     assert stopped.error == "" and stopped.seconds == broadcast.seconds and "s3cret" not in stopped.url
-    assert "s3cret" not in str(stats["broadcast"]) and stats["broadcast"]["state"] == "ended"
-    # each received picture is nearest the one shown at its tick, from the one nearest the reader's first frame on
-    # (the tiny model's 32-px frames are noise-like: H.264 keeps them only roughly)
-    want = np.stack([f.video for f in shown]).astype(float)
-    k = int(np.argmin([np.abs(f.astype(float) - want[0]).mean() for f in frames]))
-    got_frames = frames[k:k + len(shown)].astype(float)
-    distance = np.abs(got_frames[:, None] - want[None, :len(got_frames)]).mean(axis=(2, 3, 4))
-    assert len(got_frames) >= len(shown) - 1  # (a held frame repeats the picture before it: ties allowed)
-    assert all(distance[i, i] <= distance[i].min() + 1e-9 for i in range(len(got_frames)))
+    assert "s3cret" not in str(stats["broadcasts"]) and stats["broadcasts"] == [broadcast.describe()]
+    assert broadcast.describe()["state"] == "ended" and stopped.broadcast_id == broadcast.id
+    k = _shown_from(frames, shown)
     # the sound under each received frame follows the loudness of the speech its shown frame played
     sent = np.array([np.sqrt(np.mean(f.audio ** 2)) for f in shown])
     heard = _rms_per_frame(got["audio"], int(got["rate"]), times)[k:k + len(shown)]
@@ -168,30 +175,91 @@ def test_a_dropped_stream_reconnects_then_gives_up_and_the_session_streams_on(ti
                 await asyncio.sleep(0.5)
                 other.kill()
                 stopped = await _next(events, BroadcastStopped)
-                while stopped.url != gone.url:  # (the first broadcast's came first)
+                while stopped.broadcast_id != gone.id:  # (the first broadcast's came first)
                     stopped = await _next(events, BroadcastStopped)
                 with pytest.raises(OutputError, match="not reconnected"):
                     await session.stop_broadcast()
                 for _ in range(10):  # the session streams on
                     await anext(stream)
                 return (tries, resumed, behind, stop_took, stopped, broadcast, gone, session.closed,
-                        session.broadcasting, again)
+                        session.broadcasts, again)
             finally:
                 await engine.stop()
 
-        tries, resumed, behind, stop_took, stopped, broadcast, gone, closed, broadcasting, again = run(main())
+        tries, resumed, behind, stop_took, stopped, broadcast, gone, closed, broadcasts, again = run(main())
         got_again = again.result()
     assert tries.attempt == 1 and tries.delay_s == 1.0 and tries.error and tries.url.endswith("/live/***")
     assert resumed.attempts >= 1 and 0.9 < resumed.down_s < 5
     assert 25 <= len(got_again["frames"]) and np.allclose(np.diff(got_again["times"]), 0.04, atol=0.002)
     assert "s behind (the server took nothing" in behind.error and behind.attempt == 1
-    assert stop_took < 1.0 and broadcast.describe() == {"state": "ended", "url": broadcast.url, "reconnects": 1,
+    assert stop_took < 1.0 and broadcast.describe() == {"id": "b1", "state": "ended", "url": broadcast.url,
+                                                        "reconnects": 1,
                                                         "down_s": round(broadcast.down_s, 2),
                                                         "seconds": broadcast.seconds}
     assert resumed.down_s - 0.005 <= broadcast.down_s < resumed.down_s + 1  # and the wait it was stopped in (~0)
     assert "not reconnected in 1 s (tries: 1;" in stopped.error and "key" not in stopped.url
     assert gone.describe()["state"] == "failed" and gone.reconnects == 0 and 0.9 < gone.down_s < 2
-    assert not closed and broadcasting is None
+    assert not closed and broadcasts == {}
+
+
+def test_a_session_streams_to_several_servers_at_once_each_on_its_own(tiny_pipeline, tmp_path, monkeypatch):
+    """Three destinations at once (as YouTube, Twitch and a recorder): each server gets every tick from its start, 40
+    ms apart, and the servers get the same pictures at the same ticks. Each broadcast has its own id in its events and
+    stats; the server of one going away ends that one with its error while the others stream on; stop_broadcast(id)
+    ends one, stop_broadcast() the rest. The same URL twice, or more than MAX_BROADCASTS, is refused before
+    connecting."""
+    from letstalk_rt.stream import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "MAX_BROADCASTS", 3)
+    url1, url3 = (f"rtmp://127.0.0.1:{free_port()}/live/{key}" for key in ("one", "three"))
+    url2 = f"tcp://127.0.0.1:{free_port()}"
+    with receiving(url1, tmp_path / "one.npz") as one, receiving(url2, tmp_path / "two.npz") as two, \
+            receiving(url3, tmp_path / "three.npz") as three:
+        async def main():
+            engine = await StreamEngine(tiny_pipeline, EngineConfig(warmup=False)).start()
+            try:
+                session = await engine.open_session(_portrait(tiny_pipeline))
+                events = session.events()
+                first = await _connect(session, url1)
+                second = await _connect(session, url2)
+                third = await _connect(session, url3, reconnect_s=0)
+                with pytest.raises(InputError, match="already streaming to 'rtmp://.*/live/\\*\\*\\*'"):
+                    await session.broadcast(url1)
+                with pytest.raises(InputError, match="already streaming to 3 destinations"):
+                    await session.broadcast(f"rtmp://127.0.0.1:{free_port()}/live/four")  # (nobody listens there)
+                feeder = asyncio.ensure_future(_push_in_real_time(session, speechlike(3.0)))
+                stream = session.frames()
+                shown = [await anext(stream) for _ in range(40)]
+                three.kill()
+                failed = await _next(events, BroadcastStopped)
+                shown += [await anext(stream) for _ in range(25)]  # the others stream on
+                await session.stop_broadcast(first.id)
+                ended = await _next(events, BroadcastStopped)
+                for _ in range(10):
+                    await anext(stream)
+                await session.stop_broadcast()  # the rest: the second
+                ended2 = await _next(events, BroadcastStopped)
+                await feeder
+                return (first, second, third), (failed, ended, ended2), session.broadcasts, session.stats(), shown
+            finally:
+                await engine.stop()
+
+        (first, second, third), (failed, ended, ended2), running, stats, shown = run(main())
+        got1, got2 = one.result(), two.result()
+    assert (first.id, second.id, third.id) == ("b1", "b2", "b3") and running == {}
+    assert failed.broadcast_id == "b3" and failed.error and "not reconnected" not in failed.error
+    assert (ended.broadcast_id, ended.error, ended2.broadcast_id, ended2.error) == ("b1", "", "b2", "")
+    assert [(b["id"], b["state"]) for b in stats["broadcasts"]] == [("b3", "failed"), ("b1", "ended"),
+                                                                     ("b2", "ended")]
+    for got, broadcast in ((got1, first), (got2, second)):
+        assert len(got["frames"]) == broadcast.frames and np.allclose(np.diff(got["times"]), 0.04, atol=0.002)
+    # both servers got the pictures shown at the ticks the reader read (each nearest its own tick's); the second
+    # joined k ticks after the first, and got the ticks after the first ended (up to the 10 read then: some had been
+    # shown before)
+    k = _shown_from(got1["frames"], shown) - _shown_from(got2["frames"], shown)
+    print(f"frames sent: {first.frames}, {second.frames}, {third.frames}; the second joined {k} ticks later")
+    assert 0 <= k <= 15, k
+    assert first.frames - k < second.frames <= first.frames - k + 12 and 25 <= third.frames < first.frames - 25
 
 
 def test_broadcast_urls_are_checked_and_unreachable_servers_refused_at_once(tiny_pipeline, tmp_path):
@@ -218,7 +286,7 @@ def test_broadcast_urls_are_checked_and_unreachable_servers_refused_at_once(tiny
                 await session.broadcast(str(tmp_path / "out.flv"))
             with pytest.raises(OutputError, match="cannot stream"):
                 await session.broadcast(f"tcp://127.0.0.1:{free_port()}")
-            assert session.broadcasting is None
+            assert session.broadcasts == {}
             unpaced = await engine.open_session(_portrait(tiny_pipeline), session_id="file")
             unpaced.unpace()
             with pytest.raises(LetsTalkError, match="unpaced"):
@@ -283,7 +351,8 @@ def test_the_server_streams_a_session_to_an_allowed_url_with_no_viewer(tiny_pipe
                     except AvatarClientError as e:
                         assert e.status == 502
                         await asyncio.sleep(0.1)
-                assert state == {"state": "streaming", "url": f"rtmp://127.0.0.1:{port}/live/***", "seconds": 0.0}
+                assert state == {"id": "b1", "state": "streaming", "url": f"rtmp://127.0.0.1:{port}/live/***",
+                                 "seconds": 0.0}
                 async with http.post(endpoint, json={"url": url}, headers=mine) as r:
                     assert r.status == 409
                 session = srv.engine.sessions[sid]
@@ -291,22 +360,24 @@ def test_the_server_streams_a_session_to_an_allowed_url_with_no_viewer(tiny_pipe
                 session.end_speech()
                 await wait_until(lambda: session.player.speech_frames >= 30, 30, "the speech shown with no viewer")
                 async with http.get(f"{srv.url}/v1/sessions/{sid}", headers=mine) as r:
-                    assert (await r.json())["stats"]["broadcast"]["state"] == "streaming"
+                    assert [b["state"] for b in (await r.json())["stats"]["broadcasts"]] == ["streaming"]
                 async with http.get(f"{srv.url}/metrics") as r:
                     assert "letstalk_broadcasts_active 1" in await r.text()
-                await sdk.stop_broadcast()
-                with pytest.raises(RequestError, match="not streaming"):
+                with pytest.raises(RequestError, match="no live stream 'b2' running"):
+                    await sdk.stop_broadcast("b2")
+                await sdk.stop_broadcast(state["id"])
+                with pytest.raises(RequestError, match="no live stream running"):
                     await sdk.stop_broadcast()
             async with http.get(f"{srv.url}/metrics") as r:
                 metrics = await r.text()
             await wait_until(lambda: any(b'"broadcast.stopped"' in body for _, body in hooked), 10, "the webhook")
             told = next(json.loads(body) for _, body in hooked if b'"broadcast.stopped"' in body)["data"]
-            assert told == {"session_id": sid, "url": f"rtmp://127.0.0.1:{port}/live/***",
-                            "seconds": session.last_broadcast.seconds, "error": ""}
+            assert told == {"session_id": sid, "broadcast_id": "b1", "url": f"rtmp://127.0.0.1:{port}/live/***",
+                            "seconds": session.ended_broadcasts[-1].seconds, "error": ""}
             assert "letstalk_broadcasts_active 0" in metrics
             assert 'letstalk_broadcasts_total{result="ended"} 1' in metrics
             assert "letstalk_broadcast_reconnects_total 0" in metrics
-            return session.last_broadcast.frames
+            return session.ended_broadcasts[-1].frames
 
     with receiving(url, tmp_path / "got.npz") as receiver:
         sent = run(main())
@@ -326,6 +397,53 @@ def test_the_server_streams_a_session_to_an_allowed_url_with_no_viewer(tiny_pipe
     for bad in ("/tmp", "http://example.com/", "rtmp:/x"):
         with pytest.raises(LetsTalkError, match="--broadcast-to"):
             config_from_args(parser.parse_args(["--broadcast-to", bad]))
+
+
+def test_the_server_tells_its_webhooks_of_a_stream_that_dropped_and_resumed(tiny_pipeline, tmp_path):
+    """A platform's server gone mid-stream and back: the operator's backend hears `broadcast.dropped` (why), then
+    `broadcast.resumed` (after how long), with the stream's id and no key; /metrics counts the reconnection."""
+    import aiohttp
+
+    from letstalk_rt.client import AvatarClient, AvatarClientError
+    from server_helpers import create_session, running_server, wait_until
+    from test_webhooks import receiver as hook_receiver
+
+    url = f"rtmp://127.0.0.1:{free_port()}/live/s3cret"
+
+    async def main(receiver):
+        async with hook_receiver() as (hook, hooked), \
+                running_server(tiny_pipeline, webhooks=[hook], broadcast_to=["rtmp://127.0.0.1"]) as srv, \
+                aiohttp.ClientSession() as http, AvatarClient(srv.url) as client:
+            info = await create_session(http, srv.url)
+            sdk = await client.session(info["session_id"], info["token"])
+            for _ in range(100):  # the receiver listens once its process is up
+                with contextlib.suppress(AvatarClientError):
+                    state = await sdk.broadcast(url, reconnect_s=20)
+                    break
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(0.5)
+            receiver.kill()
+            again = Receiver(url, tmp_path / "again.npz")
+            try:
+                def told(kind):
+                    return [json.loads(body)["data"] for _, body in hooked if f'"{kind}"'.encode() in body]
+
+                await wait_until(lambda: told("broadcast.resumed"), 20, "the resumed webhook")
+                async with http.get(f"{srv.url}/metrics") as r:
+                    metrics = await r.text()
+                await sdk.stop_broadcast()
+            finally:
+                again.kill()
+            return state, told("broadcast.dropped"), told("broadcast.resumed"), metrics
+
+    with receiving(url, tmp_path / "got.npz") as receiver:
+        state, dropped, resumed, metrics = run(main(receiver))
+    where = {"session_id": dropped[0]["session_id"], "broadcast_id": state["id"],
+             "url": url.replace("s3cret", "***")}
+    assert len(dropped) == 1 and dropped[0].items() >= where.items() and dropped[0]["error"]
+    assert len(resumed) == 1 and resumed[0].items() >= where.items() and 0.5 < resumed[0]["down_s"] < 10
+    assert resumed[0]["attempts"] >= 1 and "s3cret" not in str(dropped + resumed)
+    assert "letstalk_broadcast_reconnects_total 1" in metrics
 
 
 def test_a_server_that_never_answers_costs_the_engine_nothing(tiny_pipeline):
@@ -358,40 +476,42 @@ def test_a_server_that_never_answers_costs_the_engine_nothing(tiny_pipeline):
             took = time.monotonic() - started
             stop = True
             await watcher
-            return took, max(lags), session.broadcasting
+            return took, max(lags), session.broadcasts
         finally:
             await engine.stop()
             listener.close()
 
-    took, worst_lag, broadcasting = run(main())
-    assert 1.9 < took < 4 and broadcasting is None
+    took, worst_lag, broadcasts = run(main())
+    assert 1.9 < took < 4 and broadcasts == {}
     assert worst_lag < 0.15, f"the event loop stalled {worst_lag * 1000:.0f} ms while the broadcast connected"
 
 
 def test_the_go_live_example_streams_the_lines_it_says_then_ends(tiny_pipeline, tmp_path, capsys):
-    """client_examples/go_live.py as a user runs it, lines given: the server goes live, the avatar says them on the
-    stream (speech in its sound), the stream ends once they are said and the avatar is at rest, and the stream key is
-    printed nowhere."""
+    """client_examples/go_live.py as a user runs it, lines given, to two platforms at once: the server goes live to
+    both, the avatar says the lines on each stream (speech in its sound), the streams end once they are said and the
+    avatar is at rest, and no stream key is printed."""
     from conftest import client_example
     from server_helpers import running_server
 
     example = client_example("go_live")
     port = free_port()
-    url = f"rtmp://127.0.0.1:{port}/live/s3cret"
+    urls = [f"rtmp://127.0.0.1:{port}/live/s3cret", f"rtmp://127.0.0.1:{free_port()}/live/0ther"]
 
     async def main():
-        async with running_server(tiny_pipeline, broadcast_to=[f"rtmp://127.0.0.1:{port}/live/"]) as srv:
-            return await example.run(example.parse_args([url, "--server", srv.url, "--text", "Hello there.",
+        async with running_server(tiny_pipeline, broadcast_to=["rtmp://127.0.0.1"]) as srv:
+            return await example.run(example.parse_args([*urls, "--server", srv.url, "--text", "Hello there.",
                                                          "--text", "Bye now.", "--tail", "0.5"]))
 
-    with receiving(url, tmp_path / "got.npz") as receiver:
+    with receiving(urls[0], tmp_path / "got.npz") as receiver, receiving(urls[1], tmp_path / "got2.npz") as other:
         stopped = run(main())
-        got = receiver.result()
+        got = [receiver.result(), other.result()]
     err = capsys.readouterr().err
-    assert stopped["error"] == "" and "s3cret" not in err + str(stopped)
+    assert [ev["broadcast_id"] for ev in stopped] == ["b1", "b2"] and all(ev["error"] == "" for ev in stopped)
+    assert "s3cret" not in err + str(stopped) and "0ther" not in err + str(stopped)
     assert f"live to rtmp://127.0.0.1:{port}/live/***" in err and "saying 1 sentence(s)" in err
-    heard = _rms_per_frame(got["audio"], int(got["rate"]), got["times"])
-    print(f"{len(got['frames'])} frames, {stopped['seconds']} s; loud frames {(heard > 0.02).sum()}, "
-          f"last 10 max {heard[-10:].max():.4f}, max {heard.max():.3f}")
-    assert abs(len(got["frames"]) - stopped["seconds"] * 25) <= 2
-    assert (heard > 0.02).sum() >= 25 and heard[-10:].max() < 0.005  # a second of speech or more, then rest
+    for received, ev in zip(got, stopped):
+        heard = _rms_per_frame(received["audio"], int(received["rate"]), received["times"])
+        print(f"{len(received['frames'])} frames, {ev['seconds']} s; loud frames {(heard > 0.02).sum()}, "
+              f"last 10 max {heard[-10:].max():.4f}, max {heard.max():.3f}")
+        assert abs(len(received["frames"]) - ev["seconds"] * 25) <= 2
+        assert (heard > 0.02).sum() >= 25 and heard[-10:].max() < 0.005  # a second of speech or more, then rest

@@ -543,14 +543,16 @@ def test_the_page_makes_a_clip_of_the_typed_text_on_the_server(tiny_pipeline, tm
 def test_the_page_goes_live_to_a_streaming_server_with_its_key_hidden(tiny_pipeline, tmp_path):
     """"Go live" with a server URL and a stream key: the server streams the session there (POST .../broadcast), the
     page says where with the key hidden, the streaming server receives the avatar; "End live" ends it and the page says
-    so. A URL the server does not allow is refused with the server's reason, and the page can go live after it."""
+    so. A URL the server does not allow is refused with the server's reason, and the page can go live after it. Going
+    live again adds a second platform: the page shows a line for each, and "End live" ends both."""
     from live_receiver import free_port, receiving
 
-    port = free_port()
-    url = f"rtmp://127.0.0.1:{port}/live/s3cret"
+    port, port2 = free_port(), free_port()
+    url, url2 = f"rtmp://127.0.0.1:{port}/live/s3cret", f"rtmp://127.0.0.1:{port2}/live/0ther"
 
     async def main():
-        async with running_server(tiny_pipeline, broadcast_to=[f"rtmp://127.0.0.1:{port}/live/"]) as srv, \
+        async with running_server(tiny_pipeline, broadcast_to=[f"rtmp://127.0.0.1:{port}/live/",
+                                                              f"rtmp://127.0.0.1:{port2}/live/"]) as srv, \
                 async_playwright() as pw, _chromium(pw, tmp_path) as context:
             page = await context.new_page()
             await page.goto(f"{srv.url}/?autostart=1&source=none")
@@ -566,19 +568,29 @@ def test_the_page_goes_live_to_a_streaming_server_with_its_key_hidden(tiny_pipel
             await page.wait_for_function("document.getElementById('livestate').innerText.startsWith('live to')",
                                          timeout=15000)
             live = await page.inner_text("#livestate")
+            await page.fill("#liveurl", f"rtmp://127.0.0.1:{port2}/live/")
+            await page.fill("#livekey", "0ther")
+            await page.click("#golive")
+            await page.wait_for_function("document.getElementById('livestate').innerText.split('\\n').length == 2",
+                                         timeout=15000)
+            both = await page.inner_text("#livestate")
             await asyncio.sleep(1.5)
             await page.click("#endlive")
-            await page.wait_for_function("document.getElementById('livestate').innerText.includes('ended')",
+            await page.wait_for_function("document.getElementById('livestate').innerText.split('ended').length == 3",
                                          timeout=15000)
             ended = await page.inner_text("#livestate")
             can_go_again = await page.evaluate("!document.getElementById('golive').disabled")
             log = await page.evaluate("document.getElementById('log').innerText")
-            return live, ended, can_go_again, log
+            return live, both, ended, can_go_again, log
 
-    with receiving(url, tmp_path / "got.npz") as receiver:
-        live, ended, can_go_again, log = run(main())
-        got = receiver.result()
+    with receiving(url, tmp_path / "got.npz") as receiver, receiving(url2, tmp_path / "got2.npz") as other:
+        live, both, ended, can_go_again, log = run(main())
+        got = [receiver.result(), other.result()]
     assert live == f"live to rtmp://127.0.0.1:{port}/live/***"
-    assert ended.startswith("live stream ended (") and can_go_again
-    assert "s3cret" not in log and "broadcast_stopped" in log
-    assert len(got["frames"]) >= 25 and np.allclose(np.diff(got["times"]), 0.04, atol=0.002)
+    assert both.split("\n") == [live, f"live to rtmp://127.0.0.1:{port2}/live/***"]
+    assert [line.split(" ended (")[0] for line in ended.split("\n")] == [
+        f"live stream to rtmp://127.0.0.1:{port}/live/***", f"live stream to rtmp://127.0.0.1:{port2}/live/***"]
+    assert can_go_again and "s3cret" not in log + both + ended and "0ther" not in log + both + ended
+    assert log.count("broadcast_stopped") == 2
+    for received in got:
+        assert len(received["frames"]) >= 25 and np.allclose(np.diff(received["times"]), 0.04, atol=0.002)

@@ -419,9 +419,10 @@ export class AvatarConnection {
   }
 
   // Stream this session live to a streaming server the letstalk server allows (`letstalk serve --broadcast-to
-  // PREFIX`): an RTMP URL with its stream key (YouTube Live, Twitch, OBS), srt://, udp:// or tcp://. -> its state
-  // ({state, url with the key hidden, seconds}); broadcast_reconnecting, broadcast_resumed and broadcast_stopped events
-  // follow it. An Error saying why when the server refuses (403: not allowed there; 502: not reachable).
+  // PREFIX`): an RTMP URL with its stream key (YouTube Live, Twitch, OBS), srt://, udp:// or tcp://. Each call adds
+  // a destination (up to 4). -> its state ({id, state, url with the key hidden, seconds}); broadcast_reconnecting,
+  // broadcast_resumed and broadcast_stopped events follow it, their broadcast_id its id. An Error saying why when the
+  // server refuses (403: not allowed there; 409: already streaming there, or to 4; 502: not reachable).
   async broadcast(url, { bitrateKbps = null, reconnectS = null } = {}) {
     const body = { url };
     if (bitrateKbps) body.bitrate_kbps = bitrateKbps;
@@ -435,9 +436,11 @@ export class AvatarConnection {
     return (await resp.json()).broadcast;
   }
 
-  // End the live stream (its broadcast_stopped event follows); nothing to end is not an error.
-  async stopBroadcast() {
-    const resp = await fetch(apiUrl(`/v1/sessions/${this.info.session_id}/broadcast`), {
+  // End the live stream `id` (broadcast()'s), or every one (their broadcast_stopped events follow); nothing to end
+  // is not an error.
+  async stopBroadcast(id = null) {
+    const which = id ? `/${encodeURIComponent(id)}` : "";
+    const resp = await fetch(apiUrl(`/v1/sessions/${this.info.session_id}/broadcast${which}`), {
       method: "DELETE", headers: { Authorization: `Bearer ${this.info.token}` },
     });
     if (!resp.ok && resp.status !== 404) {

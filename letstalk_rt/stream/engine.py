@@ -70,7 +70,7 @@ from ..diffusion import guidance_rows
 from ..errors import InputError, LetsTalkError, OutputError
 from ..framing import FRAMING, FullFrame
 from ..broadcaster import LiveOutput
-from ..media import TempoStretcher, check_live_url
+from ..media import TempoStretcher, check_live_url, redact_url
 from ..pipeline import (DECODE_CHUNK, GRAPH_BUCKETS, AudioTokenizer, LetsTalkPipeline, Portrait, StreamState,
                         encode_features)
 from ..tts import Speech
@@ -108,6 +108,7 @@ _GPU_HOST_THREADS = 1
 SHOWN_BYTES = 16 * 2**20  # a session keeps at most this much of the frames it showed last (Player.history)
 
 
+MAX_BROADCASTS = 4  # live streams one session sends at once (each an encoder process: ~10 % of a core at 128 px)
 MAX_SAYING = 16  # say() calls a session holds not yet queued in full (each up to tts.MAX_TEXT characters)
 
 
@@ -485,8 +486,9 @@ class Player:
         now = time.monotonic()
         if s.recording is not None:
             s.recording.add(frame)
-        if s.broadcasting is not None:
-            s.broadcasting.add(frame)
+        if s.broadcasts:
+            for broadcast in tuple(s.broadcasts.values()):  # (one that falls behind may end and leave the dict)
+                broadcast.add(frame)
         self.pieces_shown = max(self.pieces_shown, frame.pieces)
         for text in frame.captions:
             s._emit(Caption(s.id, text=text, frame=tick))
@@ -583,8 +585,9 @@ class Session:
         self._saying: list[asyncio.Task] = []  # say() calls not yet queued in full, in order
         self.recording: Recording | None = None  # record(): the one running
         self.last_recording: Recording | None = None  # the last one that ended (stats)
-        self.broadcasting: Broadcast | None = None  # broadcast(): the live stream running
-        self.last_broadcast: Broadcast | None = None  # the last one that ended
+        self.broadcasts: dict[str, Broadcast] = {}  # broadcast(): the live streams running, by their id
+        self.ended_broadcasts: collections.deque[Broadcast] = collections.deque(maxlen=MAX_BROADCASTS)  # (stats)
+        self._broadcast_ids = itertools.count(1)
         self._last_late_event = 0.0
         self._late_reported = 0
         # worker-thread state
@@ -697,34 +700,52 @@ class Session:
         a URL that is not one of those, OutputError when the server cannot be reached. The session's clock runs while
         it lasts, watched or not. A connection that drops later (the server gone, or the stream `max_behind_s` behind a
         server that stopped reading) is made again with back-off for up to `reconnect_s` (`broadcast_reconnecting`,
-        `broadcast_resumed` events); then it ends with a `broadcast_stopped` event, the session streaming on."""
+        `broadcast_resumed` events); then it ends with a `broadcast_stopped` event, the session streaming on.
+
+        Each call adds a destination (YouTube and Twitch at once: up to MAX_BROADCASTS, each its own connection,
+        encoder and reconnections; one that fails leaves the others streaming): the returned Broadcast's `id` names it
+        to `stop_broadcast` and in its events. InputError for a URL (stream key included) already being streamed to."""
         self._check_open()
         self._check_paced()
         check_live_url(url)
-        if self.broadcasting is not None:
-            raise InputError(f"session {self.id} is already streaming to '{self.broadcasting.url}'; stop_broadcast() "
-                             "first")
+        self._check_broadcast_room(url)
         writer = await asyncio.to_thread(LiveOutput, url, self.frame_size, self.pipeline.fps, self.sample_rate,
                                          bitrate_kbps=bitrate_kbps)
         try:
             await asyncio.to_thread(writer.connect, timeout_s)
-        except BaseException:  # its caller gone (a cancelled request) or no server: no process left behind
-            writer.abort()
-            raise
-        if self.closed or self.broadcasting is not None:  # closed, or another broadcast began, while it connected
+            self._check_open()  # closed while it connected
+            self._check_broadcast_room(url)  # ... or another call took its place
+        except BaseException:  # its caller gone (a cancelled request), no server, or no room: no process left behind
             writer.abort()  # (a kill: it does not wait)
-            self._check_open()
-            raise InputError(f"session {self.id} is already streaming to '{self.broadcasting.url}'")
-        self.broadcasting = Broadcast(self, writer, max_behind_s=max_behind_s, reconnect_s=reconnect_s,
-                                      timeout_s=timeout_s)
-        return self.broadcasting
+            raise
+        broadcast = Broadcast(self, writer, f"b{next(self._broadcast_ids)}", max_behind_s=max_behind_s,
+                              reconnect_s=reconnect_s, timeout_s=timeout_s)
+        self.broadcasts[broadcast.id] = broadcast
+        return broadcast
 
-    async def stop_broadcast(self) -> None:
-        """End the live stream (its end goes out to the server); OutputError if it had failed, saying why."""
-        broadcast = self.broadcasting or self.last_broadcast
-        if broadcast is None:
-            raise InputError(f"session {self.id} is not streaming; start with broadcast(url)")
-        await broadcast.stop()
+    def _check_broadcast_room(self, url: str) -> None:
+        if any(b.target == url for b in self.broadcasts.values()):
+            raise InputError(f"session {self.id} is already streaming to '{redact_url(url)}'")
+        if len(self.broadcasts) >= MAX_BROADCASTS:
+            raise InputError(f"session {self.id} is already streaming to {MAX_BROADCASTS} destinations (the most one "
+                             "session sends to); stop_broadcast() one first")
+
+    async def stop_broadcast(self, broadcast_id: str | None = None) -> None:
+        """End the live stream `broadcast_id` (Broadcast.id), or every one running (none: the last that ended); its
+        end goes out to the server. OutputError if one had failed, saying why; InputError for an id never started."""
+        if broadcast_id is not None:
+            found = [b for b in (*self.broadcasts.values(), *self.ended_broadcasts) if b.id == broadcast_id]
+            if not found:
+                raise InputError(f"session {self.id} has no live stream {broadcast_id[:40]!r}")
+            stopping = found[:1]
+        else:
+            stopping = list(self.broadcasts.values()) or list(self.ended_broadcasts)[-1:]
+            if not stopping:
+                raise InputError(f"session {self.id} is not streaming; start with broadcast(url)")
+        results = await asyncio.gather(*(b.stop() for b in stopping), return_exceptions=True)
+        for result in results:  # every one ended; then the first failure is said
+            if isinstance(result, BaseException):
+                raise result
 
     def say(self, text: str, speech: Speech | None = None) -> asyncio.Task:
         """Speak `text` with espeak-ng (`letstalk_rt.tts`; `speech`: voice, rate, pitch), after any text said before.
@@ -894,7 +915,8 @@ class Session:
             "latency_ms_p99": p99,
             "engine": self.engine.running_state(),
             **({"recording": r.describe()} if (r := self.recording or self.last_recording) is not None else {}),
-            **({"broadcast": b.describe()} if (b := self.broadcasting or self.last_broadcast) is not None else {}),
+            **({"broadcasts": [b.describe() for b in (*self.ended_broadcasts, *self.broadcasts.values())]}
+               if self.broadcasts or self.ended_broadcasts else {}),
         }
 
     async def close(self, reason: str = "closed") -> None:
@@ -916,9 +938,8 @@ class Session:
             else:
                 with contextlib.suppress(OutputError):
                     await self.recording.stop()
-        if self.broadcasting is not None:
-            with contextlib.suppress(OutputError):
-                await self.broadcasting.stop()
+        if self.broadcasts:
+            await asyncio.gather(*(b.stop() for b in tuple(self.broadcasts.values())), return_exceptions=True)
         self._emit(SessionClosed(self.id, reason=reason), force=True)
 
     async def __aenter__(self) -> "Session":

@@ -134,6 +134,7 @@ class BroadcastStopped(Event):
     failure: the server went away, the encoder fell behind): `url` with its stream key hidden, the `seconds` sent, and
     `error` saying why when it failed."""
 
+    broadcast_id: str = ""  # which of the session's live streams (Broadcast.id)
     url: str = ""
     seconds: float = 0.0
     error: str = ""
@@ -146,6 +147,7 @@ class BroadcastReconnecting(Event):
     sent. Then `broadcast_resumed`, or `broadcast_stopped` with the error once `Session.broadcast`'s `reconnect_s` has
     passed without a connection."""
 
+    broadcast_id: str = ""  # which of the session's live streams (Broadcast.id)
     url: str = ""
     attempt: int = 1
     delay_s: float = 0.0
@@ -157,6 +159,7 @@ class BroadcastResumed(Event):
     """The live stream is connected again after `attempts` tries, `down_s` seconds after it dropped: the server gets
     the session's ticks from now on (a new stream to it: the viewers of a platform see it resume)."""
 
+    broadcast_id: str = ""  # which of the session's live streams (Broadcast.id)
     url: str = ""
     attempts: int = 1
     down_s: float = 0.0

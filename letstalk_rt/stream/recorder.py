@@ -282,7 +282,7 @@ class Recording(TickStream):
 class Broadcast(TickStream):
     """One session's live stream to a streaming server (RTMP to YouTube Live, Twitch, OBS or nginx-rtmp; SRT; MPEG-TS
     over UDP/TCP), encoded and sent by a process of its own (`broadcaster.LiveOutput`). Made by `Session.broadcast`,
-    which connects first.
+    which connects first; a session may send several at once (YouTube and Twitch), each on its own, named by `id`.
 
     It sends what the session shows, tick by tick, as a recording does (the same queue and encoder thread), and it
     keeps the session's clock running while it lasts: a broadcast needs no viewer, so an application that only pushes
@@ -296,9 +296,11 @@ class Broadcast(TickStream):
     connection (0: at once) it ends with a `broadcast_stopped` event carrying the error. The session streams on to its
     other viewers throughout."""
 
-    def __init__(self, session: Session, writer: LiveOutput, max_behind_s: float = 5.0, reconnect_s: float = 60.0,
-                 timeout_s: float = 10.0) -> None:
+    def __init__(self, session: Session, writer: LiveOutput, broadcast_id: str, max_behind_s: float = 5.0,
+                 reconnect_s: float = 60.0, timeout_s: float = 10.0) -> None:
+        self.id = broadcast_id  # names it among the session's broadcasts (stop_broadcast, events)
         self.url = writer.name  # the stream key hidden
+        self.target = writer.url  # the URL itself (the session streams to one only once)
         self.reconnect_s, self._timeout_s = reconnect_s, timeout_s
         self.reconnects = 0  # connections made again after a drop
         self.down_s = 0.0  # time spent reconnecting, all drops together
@@ -310,7 +312,7 @@ class Broadcast(TickStream):
 
     def describe(self) -> dict:
         state = {"recording": "streaming", "finished": "ended"}.get(self.state, self.state)
-        return {"state": state, "url": self.url, "seconds": round(self.seconds, 2),
+        return {"id": self.id, "state": state, "url": self.url, "seconds": round(self.seconds, 2),
                 **({"reconnects": self.reconnects, "down_s": round(self.down_s, 2)} if self.down_s else {}),
                 **({"error": self.error} if self.error else {})}
 
@@ -367,8 +369,8 @@ class Broadcast(TickStream):
                 raise OutputError(f"{error}; not reconnected in {waited:.0f} s (tries: {attempt - 1}; the last: "
                                   f"{last})")
             delay = min(RECONNECT_MAX_DELAY_S, 2.0 ** (attempt - 1), self.reconnect_s - waited)  # last: at reconnect_s
-            self._tell(BroadcastReconnecting(self.session.id, url=self.url, attempt=attempt, delay_s=delay,
-                                             error=last or error))
+            self._tell(BroadcastReconnecting(self.session.id, broadcast_id=self.id, url=self.url, attempt=attempt,
+                                             delay_s=delay, error=last or error))
             if self._wake.wait(delay) or self._stopping:
                 break
             self._writer = self._writer.again()
@@ -385,7 +387,8 @@ class Broadcast(TickStream):
             self._behind = None
             self._drop_queued()  # shown while it was down: seconds old
             self.state = "recording"
-            self._tell(BroadcastResumed(self.session.id, url=self.url, attempts=attempt, down_s=round(down, 2)))
+            self._tell(BroadcastResumed(self.session.id, broadcast_id=self.id, url=self.url, attempts=attempt,
+                                        down_s=round(down, 2)))
             return
         # stopped while down: the broadcast ends (well) with what it sent before
         self.down_s += time.monotonic() - dropped
@@ -418,8 +421,8 @@ class Broadcast(TickStream):
         super()._done()
         self._clock.cancel()
         s = self.session
-        s._emit(BroadcastStopped(s.id, url=self.url, seconds=round(self.seconds, 2), error=self.error or ""),
-                force=True)
-        if s.broadcasting is self:
-            s.broadcasting = None
-        s.last_broadcast = self
+        s._emit(BroadcastStopped(s.id, broadcast_id=self.id, url=self.url, seconds=round(self.seconds, 2),
+                                 error=self.error or ""), force=True)
+        if s.broadcasts.get(self.id) is self:
+            del s.broadcasts[self.id]
+            s.ended_broadcasts.append(self)
