@@ -9,7 +9,8 @@
 The server encodes the session and sends it to the streaming server itself (`AvatarSession.broadcast`, POST
 /v1/sessions/{id}/broadcast): this script only creates the session, starts the stream and sends text over the
 session's websocket (`say`), so it needs no WebRTC and no GPU. The session's clock runs while the stream lasts, so
-between lines the avatar idles live (blinks, small head motion). A dropped connection to the platform is made again by
+between lines the avatar idles live (blinks, small head motion). Each line is also a caption inside the video
+(CEA-608: the platform's CC button shows it). A dropped connection to the platform is made again by
 the server with back-off (`broadcast_reconnecting` / `broadcast_resumed`, printed here); a stream that cannot be
 resumed ends with `broadcast_stopped` and its reason; the others stream on, and the script ends with an error once
 all have ended. The stream keys are never printed.

@@ -8,6 +8,9 @@ fed each tick's raw frame and audio through a pipe, and the parent (`LiveOutput`
 never waiting on the network with the GIL. A server that stalls makes the pipe fill and the broadcast fall behind
 (its queue's limit); a broadcast that fails or is stopped can always be ended by killing the child.
 
+Each tick on the pipe is its frame's bytes, its sound's (float32), and the captions that start in it (UTF-8, one a
+line, after their length as 4 bytes); the child shows them in the video as CEA-608 (`cc608`).
+
 The child answers on its stdout with one JSON line when it has connected (`{"ok": true}` or `{"error": ...}`) and one
 when the stream ended (`{"frames": n}` or `{"error": ...}`).
 """
@@ -19,6 +22,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -90,15 +94,18 @@ class LiveOutput:
             return {"error": f"the live stream to '{self.name}' ended: its process exited"
                              + (f" with status {code}" if code is not None else "")}
 
-    def write(self, video: np.ndarray, audio: np.ndarray) -> None:
-        """One tick: a uint8 (H, W, 3) frame and its samples_per_frame float32 samples."""
+    def write(self, video: np.ndarray, audio: np.ndarray, captions: Sequence[str] = ()) -> None:
+        """One tick: a uint8 (H, W, 3) frame, its samples_per_frame float32 samples, and the captions that start in it
+        (shown in the stream as CEA-608: `LiveWriter.caption`)."""
         if video.shape != (self.height, self.width, 3) or len(audio) != self.samples_per_frame:
             raise ValueError(f"a tick is a ({self.height}, {self.width}, 3) frame and {self.samples_per_frame} "
                              f"samples, got {video.shape} and {len(audio)}")
+        text = "\n".join(" ".join(caption.split()) for caption in captions).encode()
         try:
             assert self._proc.stdin is not None
             self._proc.stdin.write(np.ascontiguousarray(video, np.uint8).tobytes())
             self._proc.stdin.write(np.ascontiguousarray(audio, np.float32).tobytes())
+            self._proc.stdin.write(len(text).to_bytes(4, "little") + text)
             self._proc.stdin.flush()  # the tick's sound too, now: not with the next tick's frame, 40 ms later
         except (OSError, ValueError):  # BrokenPipeError: the child is gone; ValueError: abort() closed the pipe
             raise OutputError(self._ended()) from None
@@ -159,11 +166,15 @@ def main(argv: list[str]) -> int:
     say({"ok": True})
     video_bytes, audio_bytes = width * height * 3, rate // fps * 4
     try:
-        while True:
+        while True:  # a tick: its frame, its sound, and its captions (their length first)
             video = stdin.read(video_bytes)
             audio = stdin.read(audio_bytes)
-            if len(video) < video_bytes or len(audio) < audio_bytes:  # the parent closed the pipe: the end
+            length = stdin.read(4)
+            text = stdin.read(int.from_bytes(length, "little")) if len(length) == 4 else b""
+            if len(video) < video_bytes or len(audio) < audio_bytes or len(length) < 4:  # the parent closed the pipe
                 break
+            for caption in filter(None, text.decode(errors="replace").split("\n")):
+                writer.caption(caption)
             writer.write_frame(np.frombuffer(video, np.uint8).reshape(height, width, 3))
             writer.write_audio(np.frombuffer(audio, np.float32))
         frames = writer.frames_written

@@ -694,6 +694,9 @@ class LiveWriter(VideoWriter):
 
     def __init__(self, url: str, size: int | tuple[int, int], fps: int = FPS, sample_rate: int = SAMPLE_RATE,
                  bitrate_kbps: int = 0, preset: str = "veryfast") -> None:
+        from .cc608 import RollUp
+
+        self.captions = RollUp()  # caption() queues, each video frame carries a few of its 608 byte pairs
         self.url = str(url)
         self._format = check_live_url(self.url)
         width, height = (size, size) if np.ndim(size) == 0 else size  # type: ignore[misc]
@@ -728,6 +731,23 @@ class LiveWriter(VideoWriter):
 
     def _to_stream_rate(self, frame: Any) -> list[Any]:
         return list(self._resampler.resample(frame))
+
+    def caption(self, text: str) -> None:
+        """Show `text` as a caption from the next frame on: CEA-608 roll-up inside the H.264 (`cc608`), what
+        YouTube Live, Twitch and OBS read from a stream, shown with a player's CC button."""
+        self.captions.add(text)
+
+    def _mux(self, stream: Any, frame: Any) -> None:
+        if stream is not self._video or not len(self.captions):
+            return super()._mux(stream, frame)
+        from .cc608 import a53_sei, with_sei
+
+        for packet in stream.encode(frame):
+            captioned = av.Packet(with_sei(bytes(packet), a53_sei(self.captions.take())))
+            captioned.pts, captioned.dts, captioned.duration = packet.pts, packet.dts, packet.duration
+            captioned.time_base, captioned.stream = packet.time_base, packet.stream
+            captioned.is_keyframe = packet.is_keyframe
+            self._container.mux(captioned)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ process of its own (as an ingest server is), saving what it received.
     python live_receiver.py URL OUT.npz
 
 writes OUT.npz when the stream ends: `frames` (N, H, W, 3) uint8 RGB, `times` (N,) each frame's presentation time in
-seconds, `audio` float32 mono and `rate` its sample rate. `receiving(url)` runs it from a test.
+seconds, `audio` float32 mono and `rate` its sample rate, `cc` (M, 4) the closed-caption triplets the H.264 carried
+(ATSC A/53 cc_data, as FFmpeg's decoder exports them): the frame each came with, and its 3 bytes. `receiving(url)` runs
+it from a test.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import os
 import socket
 import subprocess
 import sys
+import time
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +33,20 @@ class Receiver:
     def __init__(self, url: str, out: Path) -> None:
         self.url, self.out = url, out
         self.proc = subprocess.Popen([sys.executable, __file__, url, str(out)])
+
+    def wait_listening(self, timeout: float = 20.0) -> None:
+        """Until its port is listening (read from /proc/net/tcp: a probing connection would be the one it accepts)."""
+        port = f":{urllib.parse.urlsplit(self.url).port:04X}"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+                rows = []
+                with contextlib.suppress(OSError), open(table) as f:
+                    rows = [line.split() for line in f.readlines()[1:]]
+                if any(row[1].endswith(port) and row[3] == "0A" for row in rows):  # 0A: LISTEN
+                    return
+            time.sleep(0.05)
+        raise TimeoutError(f"nothing listened at {self.url} within {timeout:g} s")
 
     def result(self, timeout: float = 20.0) -> dict:
         """What it received, once the stream has ended (waits for the process)."""
@@ -54,12 +72,14 @@ def receiving(url: str, out: Path):
 def main(url: str, out: str) -> None:
     import av
 
-    frames, times, audio, rate = [], [], [], 0
+    frames, times, audio, rate, cc = [], [], [], 0, []
     container = av.open(url, mode="r", options={"listen": "1"}, timeout=(30, 10))
     try:
         for packet in container.demux():
             for frame in packet.decode():
                 if isinstance(frame, av.VideoFrame):
+                    cc += [(len(frames), *bytes(sd)[i:i + 3]) for sd in frame.side_data
+                           if sd.type.name == "A53_CC" for i in range(0, len(bytes(sd)) - 2, 3)]
                     frames.append(frame.to_ndarray(format="rgb24"))
                     times.append(float(frame.time))
                 else:
@@ -69,7 +89,8 @@ def main(url: str, out: str) -> None:
         pass
     tmp = f"{out}.partial.npz"
     np.savez(tmp, frames=np.array(frames, np.uint8), times=np.array(times),
-             audio=np.concatenate(audio).astype(np.float32) if audio else np.zeros(0, np.float32), rate=rate)
+             audio=np.concatenate(audio).astype(np.float32) if audio else np.zeros(0, np.float32), rate=rate,
+             cc=np.array(cc, np.int64).reshape(-1, 4))
     os.replace(tmp, out)
 
 

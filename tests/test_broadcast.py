@@ -9,12 +9,15 @@ import argparse
 import asyncio
 import contextlib
 import json
+import re
 import time
+from typing import Any
 
 import numpy as np
 import pytest
 
 from conftest import speechlike
+from letstalk_rt import cc608
 from letstalk_rt.errors import InputError, LetsTalkError, OutputError
 from letstalk_rt.media import LiveWriter, check_live_url, redact_url
 from letstalk_rt.stream import EngineConfig, StreamEngine
@@ -51,6 +54,28 @@ def _rms_per_frame(audio: np.ndarray, rate: int, times: np.ndarray) -> np.ndarra
                      for t in times if int(round(t * rate)) + n <= len(audio)])
 
 
+CAPTION = "Hello from the stream. Ça va très bien? Sí, señor; niño"
+
+
+def _cc_captions(cc: np.ndarray, rows: bool = False) -> list[tuple[int, Any]]:
+    """The captions a stream's CEA-608 carried (the receiver's `cc` triplets): the frame each began in (its roll-up
+    code), and its text (its rows joined by spaces; with `rows`, the list of them)."""
+    letters = {code: letter for letter, code in cc608.SPECIAL.items()}  # 608's own, at some ASCII codes
+    captions: list[tuple[int, list[str]]] = []
+    last = None
+    for frame, flags, b1, b2 in cc.tolist():
+        assert flags & 0x07 == 0x04 and bin(b1).count("1") % 2 and bin(b2).count("1") % 2  # valid, field 1, parity
+        pair = (b1 & 0x7F, b2 & 0x7F)
+        if pair == cc608.RU2 and last != pair:  # (control codes come twice)
+            captions.append((frame, []))
+        elif pair == cc608.CR and last != pair:
+            captions[-1][1].append("")
+        elif pair[0] >= 0x20:
+            captions[-1][1][-1] += "".join(letters.get(c, chr(c)) for c in pair if c >= 0x20)
+        last = pair
+    return [(frame, lines if rows else " ".join(lines)) for frame, lines in captions]
+
+
 def _shown_from(frames: np.ndarray, shown: list) -> int:
     """The received frame the reader's first shown tick is at (k): from there on each received picture is nearest the
     one shown at its tick (the tiny model's 32-px frames are noise-like: H.264 keeps them only roughly)."""
@@ -61,6 +86,29 @@ def _shown_from(frames: np.ndarray, shown: list) -> int:
     assert len(got_frames) >= len(shown) - 1  # (a held frame repeats the picture before it: ties allowed)
     assert all(distance[i, i] <= distance[i].min() + 1e-9 for i in range(len(got_frames)))
     return k
+
+
+def test_captions_become_608_rows_of_32_a_frame_carries_two_pairs_of(tmp_path):
+    """A long caption wraps into 608 rows of at most 32 characters at word boundaries; a frame carries 2 byte pairs;
+    captions faster than 608 carries them skip the backlog for the newest; the SEI goes before a frame's first slice,
+    after its parameter sets."""
+    rollup = cc608.RollUp()
+    text = "The quick brown fox jumps over the lazy dog, then naps in the warm afternoon sun."
+    rollup.add(text)
+    frames = []
+    while len(rollup):
+        frames.append(rollup.take())
+    assert all(len(pairs) == 2 for pairs in frames[:-1]) and 1 <= len(frames[-1]) <= 2
+    cc = np.array([(i, 0xFC, cc608.odd_parity(a), cc608.odd_parity(b)) for i, pairs in enumerate(frames)
+                   for a, b in pairs])
+    assert _cc_captions(cc, rows=True) == [(0, ["The quick brown fox jumps over", "the lazy dog, then naps in the",
+                                                "warm afternoon sun."])]
+    for _ in range(40):  # ~15 s of captions at once
+        rollup.add(text)
+    assert len(rollup) <= cc608.MAX_QUEUED and rollup.dropped >= 1
+    sps, pps, idr = b"\x00\x00\x00\x01\x67\x64", b"\x00\x00\x00\x01\x68\xee", b"\x00\x00\x01\x65\x88\x84"
+    sei = cc608.a53_sei([cc608.RU2])
+    assert cc608.with_sei(sps + pps + idr, sei) == sps + pps + sei + idr
 
 
 @pytest.mark.parametrize("scheme", ["rtmp", "tcp"])
@@ -79,7 +127,7 @@ def test_a_broadcast_sends_every_tick_shown_with_its_sound_in_sync(tiny_pipeline
                 broadcast = await _connect(session, url)
                 with pytest.raises(InputError, match="already streaming"):
                     await session.broadcast(url)
-                feeder = asyncio.ensure_future(_push_in_real_time(session, speechlike(2.0)))
+                feeder = asyncio.ensure_future(_push_in_real_time(session, speechlike(2.0), caption=CAPTION))
                 shown = []
                 async for frame in session.frames():
                     shown.append(frame)
@@ -108,6 +156,10 @@ def test_a_broadcast_sends_every_tick_shown_with_its_sound_in_sync(tiny_pipeline
     assert any(f.speech for f in shown) and sent.max() > 0.1
     lags = {lag: np.corrcoef(sent[5:-5], heard[5 + lag:len(heard) - 5 + lag])[0, 1] for lag in range(-3, 4)}
     assert max(lags, key=lags.get) == 0 and lags[0] > 0.9, lags
+    # the speech's caption is inside the video as CEA-608 (what a platform's CC button shows), from the frame the
+    # speech starts in, its accents dropped where 608 has no letter for them, wrapped into 32-character rows
+    (starts,) = [i for i, f in enumerate(shown) if f.captions]
+    assert _cc_captions(got["cc"]) == [(k + starts, "Hello from the stream. Ca va tres bien? Sí, señor; niño")]
 
 
 def test_an_unwatched_session_streams_on_its_own_clock(tiny_pipeline, tmp_path):
@@ -260,6 +312,41 @@ def test_a_session_streams_to_several_servers_at_once_each_on_its_own(tiny_pipel
     print(f"frames sent: {first.frames}, {second.frames}, {third.frames}; the second joined {k} ticks later")
     assert 0 <= k <= 15, k
     assert first.frames - k < second.frames <= first.frames - k + 12 and 25 <= third.frames < first.frames - 25
+
+
+def test_the_demo_streams_to_two_servers_and_writes_its_video(tiny_model_dir, tmp_path, capsys):
+    """`letstalk demo --broadcast URL --broadcast URL` (the README's first command, here on the tiny model saying a
+    short text): the MP4 of what the tracks emitted and its captions are written, and both servers receive the stream,
+    as many frames as the seconds it says it streamed to each. A destination nobody listens at fails the demo at once
+    with one clear line, and no video is left."""
+    from letstalk_rt.cli import main
+    from letstalk_rt.media import probe
+
+    urls = [f"rtmp://127.0.0.1:{free_port()}/live/k3y", f"tcp://127.0.0.1:{free_port()}"]
+    out = tmp_path / "demo.mp4"
+    demo = ["demo", "--model", str(tiny_model_dir), "--text", "Hello there.", "--quiet", "--out", str(out)]
+    with receiving(urls[0], tmp_path / "one.npz") as one, receiving(urls[1], tmp_path / "two.npz") as two:
+        one.wait_listening()
+        two.wait_listening()
+        code = main([*demo, "--broadcast", urls[0], "--broadcast", urls[1]])
+        said = capsys.readouterr()
+        got = [one.result(), two.result()]
+    assert code == 0, said.err
+    streamed = [float(re.search(rf"streamed ([\d.]+) s live to {re.escape(url)}\n", said.out).group(1))
+                for url in (urls[0].replace("k3y", "***"), urls[1])]
+    assert "k3y" not in said.out + said.err
+    for received, seconds in zip(got, streamed):
+        assert abs(len(received["frames"]) - seconds * 25) <= 1 and seconds >= 1.5
+        assert [text for _, text in _cc_captions(received["cc"])] == ["Hello there."]  # the text said, as 608
+    ticks = int(re.search(r"\((\d+) frames recorded", said.out).group(1))
+    assert probe(out).video_frames == ticks and out.with_suffix(".vtt").exists()
+
+    nowhere = tmp_path / "nowhere.mp4"
+    code = main([*demo[:-1], str(nowhere), "--broadcast", f"tcp://127.0.0.1:{free_port()}"])
+    err = capsys.readouterr().err
+    (error,) = [line for line in err.splitlines() if line.startswith("letstalk: error:")]  # (no traceback)
+    assert code != 0 and "cannot stream to 'tcp://127.0.0.1:" in error and "Traceback" not in err, err
+    assert not nowhere.exists()
 
 
 def test_broadcast_urls_are_checked_and_unreachable_servers_refused_at_once(tiny_pipeline, tmp_path):
@@ -515,3 +602,4 @@ def test_the_go_live_example_streams_the_lines_it_says_then_ends(tiny_pipeline, 
               f"last 10 max {heard[-10:].max():.4f}, max {heard.max():.3f}")
         assert abs(len(received["frames"]) - ev["seconds"] * 25) <= 2
         assert (heard > 0.02).sum() >= 25 and heard[-10:].max() < 0.005  # a second of speech or more, then rest
+        assert [text for _, text in _cc_captions(received["cc"])] == ["Hello there.", "Bye now."]  # each line, as 608

@@ -700,7 +700,8 @@ class Session:
         a URL that is not one of those, OutputError when the server cannot be reached. The session's clock runs while
         it lasts, watched or not. A connection that drops later (the server gone, or the stream `max_behind_s` behind a
         server that stopped reading) is made again with back-off for up to `reconnect_s` (`broadcast_reconnecting`,
-        `broadcast_resumed` events); then it ends with a `broadcast_stopped` event, the session streaming on.
+        `broadcast_resumed` events); then it ends with a `broadcast_stopped` event, the session streaming on. The
+        captions of what is said (`say`, `push_audio(caption=)`) go inside the video as CEA-608 (`cc608`).
 
         Each call adds a destination (YouTube and Twitch at once: up to MAX_BROADCASTS, each its own connection,
         encoder and reconnections; one that fails leaves the others streaming): the returned Broadcast's `id` names it

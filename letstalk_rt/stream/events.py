@@ -130,9 +130,9 @@ class RecordingStopped(Event):
 
 @dataclass(frozen=True)
 class BroadcastStopped(Event):
-    """The session's live stream to a streaming server ended (`Session.stop_broadcast()`, the session's close, or a
-    failure: the server went away, the encoder fell behind): `url` with its stream key hidden, the `seconds` sent, and
-    `error` saying why when it failed."""
+    """One of the session's live streams to a streaming server ended (`Session.stop_broadcast()`, the session's close,
+    or a failure: the server went away, the encoder fell behind): `url` with its stream key hidden, the `seconds` sent,
+    and `error` saying why when it failed."""
 
     broadcast_id: str = ""  # which of the session's live streams (Broadcast.id)
     url: str = ""

@@ -286,8 +286,9 @@ class Broadcast(TickStream):
 
     It sends what the session shows, tick by tick, as a recording does (the same queue and encoder thread), and it
     keeps the session's clock running while it lasts: a broadcast needs no viewer, so an application that only pushes
-    speech (or `say`s text) streams a talking avatar to a platform. Nothing is written to disk and no captions are
-    kept.
+    speech (or `say`s text) streams a talking avatar to a platform. Nothing is written to disk. The captions of what
+    is said (`say`'s sentences, `push_audio(caption=)`) go inside the video as CEA-608, from the frame their speech
+    starts in: a platform's viewers see them with the player's CC button.
 
     When the connection drops (the server went away; or a server that stopped reading left the stream `max_behind_s`
     behind) it connects again, as a streaming app does: after 1, 2, 4 ... up to RECONNECT_MAX_DELAY_S seconds (the
@@ -348,7 +349,7 @@ class Broadcast(TickStream):
 
     def _write(self, frame: AVFrame) -> None:
         try:
-            self._writer.write(frame.video, frame.audio)
+            self._writer.write(frame.video, frame.audio, frame.captions)
         except OutputError as e:
             self._reconnect(self._behind or str(e))  # OutputError when it gives up
             return

@@ -1,0 +1,113 @@
+"""Captions inside a live stream's video: CEA-608 carried in H.264 as ATSC A/53 cc_data (an SEI NAL unit).
+
+This is how live TV and live-streaming platforms take captions in the stream itself: YouTube Live, Twitch and OBS read
+608 captions from the H.264 of an RTMP stream, and a viewer turns them on with the player's CC button. FFmpeg's
+libx264 wrapper writes them from a frame's A53_CC side data, which PyAV cannot set; so `LiveWriter` adds the SEI to
+each encoded packet itself (`with_sei`), before the packet's first slice, as the encoder would have.
+
+    RollUp              text -> 608 byte pairs for caption channel 1, roll-up over 2 rows (live captioning's
+                        style: each new line pushes the last one up), 32 characters a row
+    a53_sei(pairs)      the SEI NAL unit (Annex B) that carries some pairs in one frame
+    with_sei(data, nal) an encoded frame (Annex B) with the NAL unit put before its first slice
+
+608 carries 30 byte pairs a second in its field 1 (2 characters each); `PAIRS_PER_FRAME` a frame at 25 fps keeps up with
+speech (a 60-character sentence and its control codes take ~0.8 s). Characters outside 608's basic set lose their
+accents, where they have one, or are left out.
+"""
+
+from __future__ import annotations
+
+import collections
+import textwrap
+import unicodedata
+
+PAIRS_PER_FRAME = 2
+ROW_CHARS = 32  # a 608 row
+MAX_QUEUED = 750  # pairs waiting (~15 s of them): past it the backlog is dropped for the newest caption
+
+RU2 = (0x14, 0x25)  # roll-up captions, 2 rows
+CR = (0x14, 0x2D)  # carriage return: the rows roll up, the cursor to the base row's start
+PAC_ROW15 = (0x14, 0x60)  # preamble address code: row 15 (the base row), column 0, white
+# letters 608 puts at these ASCII codes (its basic set is ASCII with these swapped in)
+SPECIAL = {"á": 0x2A, "é": 0x5C, "í": 0x5E, "ó": 0x5F, "ú": 0x60, "ç": 0x7B, "÷": 0x7C, "Ñ": 0x7D, "ñ": 0x7E}
+_SWAPPED = {chr(code) for code in SPECIAL.values()}
+
+
+def odd_parity(byte: int) -> int:
+    """608 sends 7 bits and an odd parity bit."""
+    byte &= 0x7F
+    return byte | (0x80 if bin(byte).count("1") % 2 == 0 else 0)
+
+
+def encode_text(text: str) -> bytes:
+    """`text` in 608's basic character set (one byte a character)."""
+    out = bytearray()
+    for ch in text:
+        if ch in SPECIAL:
+            out.append(SPECIAL[ch])
+        elif ch.isspace():
+            out.append(0x20)
+        elif " " <= ch < "\x7f" and ch not in _SWAPPED:
+            out.append(ord(ch))
+        else:  # "è" -> "e", "—" -> nothing
+            plain = unicodedata.normalize("NFKD", ch).encode("ascii", "ignore").decode()
+            out.extend(ord(c) for c in plain if " " <= c < "\x7f" and c not in _SWAPPED)
+    return b" ".join(bytes(out).split())  # (and no run of spaces where a character was left out)
+
+
+class RollUp:
+    """Captions queued as 608 byte pairs, taken a few a frame (`take`)."""
+
+    def __init__(self) -> None:
+        self._pairs: collections.deque[tuple[int, int]] = collections.deque()
+        self.dropped = 0  # captions of a backlog dropped for a newer one
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def add(self, text: str) -> None:
+        """Show `text` (a sentence or a few), wrapped into 608 rows, once the pairs before it have gone out."""
+        rows = textwrap.wrap(encode_text(text).decode("ascii"), ROW_CHARS)
+        if not rows:
+            return
+        pairs = [RU2, RU2]  # (control codes are sent twice: a receiver that lost one still gets it)
+        for row in rows:
+            data = row.encode("ascii")
+            pairs += [CR, CR, PAC_ROW15, PAC_ROW15]
+            pairs += [(data[i], data[i + 1] if i + 1 < len(data) else 0) for i in range(0, len(data), 2)]
+        if len(self._pairs) + len(pairs) > MAX_QUEUED:  # captions come faster than 608 carries them: skip ahead
+            self.dropped += 1
+            self._pairs.clear()
+        self._pairs.extend(pairs)
+
+    def take(self, most: int = PAIRS_PER_FRAME) -> list[tuple[int, int]]:
+        """The next pairs for one frame (none once all have gone out)."""
+        return [self._pairs.popleft() for _ in range(min(most, len(self._pairs)))]
+
+
+def a53_sei(pairs: list[tuple[int, int]]) -> bytes:
+    """An H.264 SEI NAL unit (Annex B) carrying `pairs` for 608 field 1 as ATSC A/53 cc_data (what FFmpeg's a53cc
+    writes): user_data_registered_itu_t_t35, country USA (0xB5), provider ATSC (0x0031), "GA94", cc_data."""
+    cc = bytes([0x40 | len(pairs), 0xFF])  # process_cc_data_flag, cc_count; em_data
+    cc += b"".join(bytes([0xFC, odd_parity(a), odd_parity(b)]) for a, b in pairs)  # cc_valid, type 0: field 1
+    payload = b"\xb5\x00\x31GA94\x03" + cc + b"\xff"
+    rbsp = bytes([4, len(payload)]) + payload + b"\x80"  # payload type 4, its size; the stop bit
+    escaped, zeros = bytearray(), 0
+    for byte in rbsp:  # emulation prevention: no 00 00 0x (x <= 3) inside a NAL unit
+        if zeros >= 2 and byte <= 3:
+            escaped.append(3)
+            zeros = 0
+        escaped.append(byte)
+        zeros = zeros + 1 if byte == 0 else 0
+    return b"\x00\x00\x00\x01\x06" + bytes(escaped)
+
+
+def with_sei(data: bytes, nal: bytes) -> bytes:
+    """An encoded frame in Annex B with `nal` put before its first slice (after its SPS, PPS and SEIs)."""
+    at = data.find(b"\x00\x00\x01")
+    while at >= 0 and at + 3 < len(data):
+        if data[at + 3] & 0x1F in (1, 5):  # a slice (coded picture) NAL unit
+            start = at - 1 if at > 0 and data[at - 1] == 0 else at  # its 4-byte start code
+            return data[:start] + nal + data[start:]
+        at = data.find(b"\x00\x00\x01", at + 3)
+    return nal + data
