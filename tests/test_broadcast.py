@@ -109,6 +109,36 @@ def test_captions_become_608_rows_of_32_a_frame_carries_two_pairs_of(tmp_path):
     sps, pps, idr = b"\x00\x00\x00\x01\x67\x64", b"\x00\x00\x00\x01\x68\xee", b"\x00\x00\x01\x65\x88\x84"
     sei = cc608.a53_sei([cc608.RU2])
     assert cc608.with_sei(sps + pps + idr, sei) == sps + pps + sei + idr
+    # FFmpeg's own 608 decoder (cc_dec, as players and platforms decode them) reads the rows from an H.264 stream
+    assert _ffmpeg_608(tmp_path / "cc.ts", [CAPTION, "A second caption."])[-1] == (
+        "Hello from the stream. Ca va\ntres bien? Sí, señor; niño")
+
+
+def _ffmpeg_608(path, captions: list[str]) -> list[str]:
+    """`captions` (one a second) in the H.264 of an MPEG-TS at `path`, as LiveWriter sends them; what FFmpeg's 608
+    decoder shows, each time it changes (the ASS text of its subtitles)."""
+    import av
+    from fractions import Fraction
+
+    rollup = cc608.RollUp()
+    with av.open(str(path), "w", format="mpegts") as out:
+        video = out.add_stream("libx264", rate=25, options={"preset": "veryfast", "tune": "zerolatency"})
+        video.width = video.height = 64
+        for i in range(25 * len(captions) + 10):
+            if i % 25 == 0 and i // 25 < len(captions):
+                rollup.add(captions[i // 25])
+            frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), i % 256, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, 25)
+            for packet in video.encode(frame):
+                captioned = av.Packet(cc608.with_sei(bytes(packet), cc608.a53_sei(rollup.take())))
+                captioned.pts, captioned.dts, captioned.time_base = packet.pts, packet.dts, packet.time_base
+                captioned.stream, captioned.is_keyframe = packet.stream, packet.is_keyframe
+                out.mux(captioned)
+        for packet in video.encode(None):
+            out.mux(packet)
+    with av.open(f"movie={path}[out0+subcc]", format="lavfi") as source:  # (its rows' positions are ASS {tags})
+        return [re.sub(r"{[^}]*}", "", sub.dialogue.decode()) for packet in source.demux(subtitles=0)
+                for sub in packet.decode()]
 
 
 @pytest.mark.parametrize("scheme", ["rtmp", "tcp"])
