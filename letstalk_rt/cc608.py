@@ -6,7 +6,8 @@ libx264 wrapper writes them from a frame's A53_CC side data, which PyAV cannot s
 each encoded packet itself (`with_sei`), before the packet's first slice, as the encoder would have.
 
     RollUp              text -> 608 byte pairs for caption channel 1, roll-up over 2 rows (live captioning's
-                        style: each new line pushes the last one up), 32 characters a row
+                        style: each new line pushes the last one up), 32 characters a row, erased after 4 s
+                        without a new one
     a53_sei(pairs)      the SEI NAL unit (Annex B) that carries some pairs in one frame
     with_sei(data, nal) an encoded frame (Annex B) with the NAL unit put before its first slice
 
@@ -22,12 +23,14 @@ import textwrap
 import unicodedata
 
 PAIRS_PER_FRAME = 2
+CLEAR_AFTER_FRAMES = 100  # 4 s at 25 fps without a new caption: the rows are erased, as live captioning does
 ROW_CHARS = 32  # a 608 row
 MAX_QUEUED = 750  # pairs waiting (~15 s of them): past it the backlog is dropped for the newest caption
 
 RU2 = (0x14, 0x25)  # roll-up captions, 2 rows
 CR = (0x14, 0x2D)  # carriage return: the rows roll up, the cursor to the base row's start
 PAC_ROW15 = (0x14, 0x60)  # preamble address code: row 15 (the base row), column 0, white
+EDM = (0x14, 0x2C)  # erase displayed memory: the rows shown go
 # letters 608 puts at these ASCII codes (its basic set is ASCII with these swapped in)
 SPECIAL = {"á": 0x2A, "é": 0x5C, "í": 0x5E, "ó": 0x5F, "ú": 0x60, "ç": 0x7B, "÷": 0x7C, "Ñ": 0x7D, "ñ": 0x7E}
 _SWAPPED = {chr(code) for code in SPECIAL.values()}
@@ -58,9 +61,11 @@ def encode_text(text: str) -> bytes:
 class RollUp:
     """Captions queued as 608 byte pairs, taken a few a frame (`take`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clear_after: int = CLEAR_AFTER_FRAMES) -> None:
         self._pairs: collections.deque[tuple[int, int]] = collections.deque()
         self.dropped = 0  # captions of a backlog dropped for a newer one
+        self.clear_after = clear_after
+        self._idle: int | None = None  # frames since the last pair went out while rows are shown (None: none are)
 
     def __len__(self) -> int:
         return len(self._pairs)
@@ -81,8 +86,18 @@ class RollUp:
         self._pairs.extend(pairs)
 
     def take(self, most: int = PAIRS_PER_FRAME) -> list[tuple[int, int]]:
-        """The next pairs for one frame (none once all have gone out)."""
-        return [self._pairs.popleft() for _ in range(min(most, len(self._pairs)))]
+        """The next pairs for one frame, called for every frame: none once all have gone out, then, `clear_after`
+        frames after the last caption, the code that erases it (a caption does not stay up through the silence
+        after its speech)."""
+        if self._pairs:
+            self._idle = 0
+            return [self._pairs.popleft() for _ in range(min(most, len(self._pairs)))]
+        if self._idle is not None:
+            self._idle += 1
+            if self._idle >= self.clear_after:
+                self._idle = None
+                return [EDM, EDM]
+        return []
 
 
 def a53_sei(pairs: list[tuple[int, int]]) -> bytes:

@@ -40,6 +40,7 @@ from typing import Any
 import av
 import numpy as np
 
+from .cc608 import RollUp, a53_sei, with_sei
 from .errors import InputError, LetsTalkError, OutputError
 
 SAMPLE_RATE = 16000  # Hz: every audio path converts to this
@@ -694,8 +695,6 @@ class LiveWriter(VideoWriter):
 
     def __init__(self, url: str, size: int | tuple[int, int], fps: int = FPS, sample_rate: int = SAMPLE_RATE,
                  bitrate_kbps: int = 0, preset: str = "veryfast") -> None:
-        from .cc608 import RollUp
-
         self.captions = RollUp()  # caption() queues, each video frame carries a few of its 608 byte pairs
         self.url = str(url)
         self._format = check_live_url(self.url)
@@ -738,16 +737,21 @@ class LiveWriter(VideoWriter):
         self.captions.add(text)
 
     def _mux(self, stream: Any, frame: Any) -> None:
-        if stream is not self._video or not len(self.captions):
+        if stream is not self._video:
             return super()._mux(stream, frame)
-        from .cc608 import a53_sei, with_sei
-
         for packet in stream.encode(frame):
-            captioned = av.Packet(with_sei(bytes(packet), a53_sei(self.captions.take())))
-            captioned.pts, captioned.dts, captioned.duration = packet.pts, packet.dts, packet.duration
-            captioned.time_base, captioned.stream = packet.time_base, packet.stream
-            captioned.is_keyframe = packet.is_keyframe
-            self._container.mux(captioned)
+            self._container.mux(with_captions(packet, self.captions.take()))
+
+
+def with_captions(packet: Any, pairs: list[tuple[int, int]]) -> Any:
+    """An encoded H.264 frame (a PyAV packet, Annex B) carrying CEA-608 byte `pairs` in an SEI (`cc608`); itself when
+    there are none."""
+    if not pairs:
+        return packet
+    captioned = av.Packet(with_sei(bytes(packet), a53_sei(pairs)))
+    captioned.pts, captioned.dts, captioned.duration = packet.pts, packet.dts, packet.duration
+    captioned.time_base, captioned.stream, captioned.is_keyframe = packet.time_base, packet.stream, packet.is_keyframe
+    return captioned
 
 
 # --------------------------------------------------------------------------------------------------

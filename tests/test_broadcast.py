@@ -110,35 +110,39 @@ def test_captions_become_608_rows_of_32_a_frame_carries_two_pairs_of(tmp_path):
     sei = cc608.a53_sei([cc608.RU2])
     assert cc608.with_sei(sps + pps + idr, sei) == sps + pps + sei + idr
     # FFmpeg's own 608 decoder (cc_dec, as players and platforms decode them) reads the rows from an H.264 stream
-    assert _ffmpeg_608(tmp_path / "cc.ts", [CAPTION, "A second caption."])[-1] == (
-        "Hello from the stream. Ca va\ntres bien? Sí, señor; niño")
+    # the rows as the viewer saw them, each change in turn: the second row, then the second caption rolling the
+    # first row up, then, 4 s after its last pair, the rows erased (cc_dec gives what was shown when it goes)
+    shown = _ffmpeg_608(tmp_path / "cc.ts", [CAPTION, "A second caption."])
+    assert [text for _, text in shown] == ["Hello from the stream. Ca va",
+                                           "Hello from the stream. Ca va\ntres bien? Sí, señor; niño",
+                                           "tres bien? Sí, señor; niño\nA second caption."]
+    assert 5.0 < shown[-1][0] < 5.6, shown  # the second caption's pairs out by ~1.3 s, then 4 s
 
 
-def _ffmpeg_608(path, captions: list[str]) -> list[str]:
-    """`captions` (one a second) in the H.264 of an MPEG-TS at `path`, as LiveWriter sends them; what FFmpeg's 608
-    decoder shows, each time it changes (the ASS text of its subtitles)."""
+def _ffmpeg_608(path, captions: list[str]) -> list[tuple[float, str]]:
+    """`captions` (one a second, then 5 s without) in the H.264 of an MPEG-TS at `path`, as LiveWriter sends them; what
+    FFmpeg's 608 decoder showed, each time it changed: (when it changed, in seconds; the text shown until then)."""
     import av
     from fractions import Fraction
+
+    from letstalk_rt.media import with_captions
 
     rollup = cc608.RollUp()
     with av.open(str(path), "w", format="mpegts") as out:
         video = out.add_stream("libx264", rate=25, options={"preset": "veryfast", "tune": "zerolatency"})
         video.width = video.height = 64
-        for i in range(25 * len(captions) + 10):
+        for i in range(25 * (len(captions) + 5)):
             if i % 25 == 0 and i // 25 < len(captions):
                 rollup.add(captions[i // 25])
             frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), i % 256, np.uint8), format="rgb24")
             frame.pts, frame.time_base = i, Fraction(1, 25)
             for packet in video.encode(frame):
-                captioned = av.Packet(cc608.with_sei(bytes(packet), cc608.a53_sei(rollup.take())))
-                captioned.pts, captioned.dts, captioned.time_base = packet.pts, packet.dts, packet.time_base
-                captioned.stream, captioned.is_keyframe = packet.stream, packet.is_keyframe
-                out.mux(captioned)
+                out.mux(with_captions(packet, rollup.take()))
         for packet in video.encode(None):
             out.mux(packet)
     with av.open(f"movie={path}[out0+subcc]", format="lavfi") as source:  # (its rows' positions are ASS {tags})
-        return [re.sub(r"{[^}]*}", "", sub.dialogue.decode()) for packet in source.demux(subtitles=0)
-                for sub in packet.decode()]
+        return [(float(packet.pts * packet.time_base), re.sub(r"{[^}]*}", "", sub.dialogue.decode()))
+                for packet in source.demux(subtitles=0) for sub in packet.decode()]
 
 
 @pytest.mark.parametrize("scheme", ["rtmp", "tcp"])
