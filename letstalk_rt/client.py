@@ -710,19 +710,22 @@ class AvatarSession:
         follows, or an `error` saying why not); `AvatarClient.download_recording` then fetches it."""
         await self._control({"type": "stop_recording"})
 
-    async def broadcast(self, url: str, bitrate_kbps: int | None = None, reconnect_s: int | None = None) -> dict:
+    async def broadcast(self, url: str, bitrate_kbps: int | None = None, reconnect_s: int | None = None,
+                        captions: bool = True) -> dict:
         """Stream this session live to a streaming server: an RTMP ingest URL with its stream key (YouTube Live,
         Twitch, OBS), `srt://`, `udp://` or `tcp://`, under a prefix the server allows (`letstalk serve --broadcast-to
         PREFIX`). Returns its state (`id`, `url` with the key hidden). Each call adds a destination (YouTube and
         Twitch at once, up to 4), each with its own connection. While one lasts the session needs no viewer. A dropped
         connection is made again for up to `reconnect_s` (the server's default: 60; 0: never), with
         `broadcast_reconnecting` / `broadcast_resumed` events; a `broadcast_stopped` event says when it ended, and why
-        if it failed (each event's `broadcast_id` says which). RequestError: 403 (the server does not stream there), 422
+        if it failed (each event's `broadcast_id` says which). What is said goes inside the video as CEA-608 captions
+        unless `captions` is False. RequestError: 403 (the server does not stream there), 422
         (not a streaming URL), 409 (already streaming to that URL, or to 4); AvatarClientError 502: the streaming
         server could not be reached."""
         http = self.client._require_http()
         body = {"url": url, **({"bitrate_kbps": bitrate_kbps} if bitrate_kbps else {}),
-                **({"reconnect_s": reconnect_s} if reconnect_s is not None else {})}
+                **({"reconnect_s": reconnect_s} if reconnect_s is not None else {}),
+                **({} if captions else {"captions": False})}
         async with http.post(self.client._url(f"/v1/sessions/{self.id}/broadcast"), json=body,
                              headers=self._headers()) as resp:
             await _raise_for_status(resp)

@@ -953,7 +953,7 @@ async def start_broadcast(request: web.Request) -> web.Response:
     if not allowed:
         raise api_error(403, "this server streams to no streaming server; start it with --broadcast-to PREFIX (such as "
                              "rtmp://a.rtmp.youtube.com/live2/) to allow the URLs under PREFIX")
-    fields = await read_in_time(request, _read_fields(request, ("url", "bitrate_kbps", "reconnect_s")))
+    fields = await read_in_time(request, _read_fields(request, ("url", "bitrate_kbps", "reconnect_s", "captions")))
     url = fields.get("url")
     if not isinstance(url, str) or not url:
         raise api_error(422, "give `url`: the streaming server's ingest URL with its stream key, such as "
@@ -967,8 +967,11 @@ async def start_broadcast(request: web.Request) -> web.Response:
                              f"{', '.join(map(redact_url, allowed))})")
     bitrate = _int_field(fields, "bitrate_kbps", 100, 20_000) or 0
     reconnect = _int_field(fields, "reconnect_s", 0, 3600)
+    captions = _checked_field(fields, "captions", lambda v: _boolean(v, "`captions` (what is said, as CEA-608 in the "
+                                                                       "video)"), True)
     try:
         broadcast = await ss.session.broadcast(url, bitrate_kbps=bitrate,
+                                               captions=captions,
                                                **({"reconnect_s": reconnect} if reconnect is not None else {}))
     except SessionClosedError:
         raise _session_gone(ss, "its live stream connected") from None

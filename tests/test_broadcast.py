@@ -198,7 +198,8 @@ def test_a_broadcast_sends_every_tick_shown_with_its_sound_in_sync(tiny_pipeline
 
 def test_an_unwatched_session_streams_on_its_own_clock(tiny_pipeline, tmp_path):
     """With no reader and no track, a broadcasting session's clock runs at real time: the speech pushed to it is shown
-    and reaches the server, and the ticks sent match the time it streamed."""
+    and reaches the server, and the ticks sent match the time it streamed. Asked for no captions, the video has none
+    (the speech's caption is not in it)."""
     port = free_port()
     url = f"rtmp://127.0.0.1:{port}/live/key"
     with receiving(url, tmp_path / "got.npz") as receiver:
@@ -206,8 +207,8 @@ def test_an_unwatched_session_streams_on_its_own_clock(tiny_pipeline, tmp_path):
             engine = await StreamEngine(tiny_pipeline, EngineConfig(warmup=False)).start()
             try:
                 session = await engine.open_session(_portrait(tiny_pipeline))
-                broadcast = await _connect(session, url)
-                await _push_in_real_time(session, speechlike(1.5))
+                broadcast = await _connect(session, url, captions=False)
+                await _push_in_real_time(session, speechlike(1.5), caption="Not in the video.")
                 await asyncio.sleep(1.0)
                 started = session.player.start
                 await session.stop_broadcast()
@@ -222,6 +223,7 @@ def test_an_unwatched_session_streams_on_its_own_clock(tiny_pipeline, tmp_path):
     assert len(got["frames"]) == broadcast.frames
     heard = _rms_per_frame(got["audio"], int(got["rate"]), got["times"])
     assert (heard > 0.05).sum() >= 0.5 * speech_frames and heard[-10:].max() < 0.02  # speech, then the silence after
+    assert len(got["cc"]) == 0 and not broadcast.describe()["captions"]
 
 
 def test_a_dropped_stream_reconnects_then_gives_up_and_the_session_streams_on(tiny_pipeline, tmp_path):
@@ -279,7 +281,7 @@ def test_a_dropped_stream_reconnects_then_gives_up_and_the_session_streams_on(ti
     assert 25 <= len(got_again["frames"]) and np.allclose(np.diff(got_again["times"]), 0.04, atol=0.002)
     assert "s behind (the server took nothing" in behind.error and behind.attempt == 1
     assert stop_took < 1.0 and broadcast.describe() == {"id": "b1", "state": "ended", "url": broadcast.url,
-                                                        "reconnects": 1,
+                                                        "captions": True, "reconnects": 1,
                                                         "down_s": round(broadcast.down_s, 2),
                                                         "seconds": broadcast.seconds}
     assert resumed.down_s - 0.005 <= broadcast.down_s < resumed.down_s + 1  # and the wait it was stopped in (~0)
@@ -456,6 +458,7 @@ def test_the_server_streams_a_session_to_an_allowed_url_with_no_viewer(tiny_pipe
                                        ({}, 422, "give `url`"),
                                        ({"url": url, "bitrate_kbps": 5}, 422, "bitrate_kbps"),
                                        ({"url": url, "reconnect_s": -1}, 422, "reconnect_s"),
+                                       ({"url": url, "captions": "maybe"}, 422, "`captions`"),
                                        ({"url": f"tcp://127.0.0.1:{closed}"}, 502, "cannot stream")):
                 async with http.post(endpoint, json=body, headers=mine) as r:
                     error = (await r.json())["error"]
@@ -473,7 +476,7 @@ def test_the_server_streams_a_session_to_an_allowed_url_with_no_viewer(tiny_pipe
                         assert e.status == 502
                         await asyncio.sleep(0.1)
                 assert state == {"id": "b1", "state": "streaming", "url": f"rtmp://127.0.0.1:{port}/live/***",
-                                 "seconds": 0.0}
+                                 "seconds": 0.0, "captions": True}
                 async with http.post(endpoint, json={"url": url}, headers=mine) as r:
                     assert r.status == 409
                 session = srv.engine.sessions[sid]

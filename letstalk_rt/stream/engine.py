@@ -692,7 +692,7 @@ class Session:
         return await recording.stop()
 
     async def broadcast(self, url: str, bitrate_kbps: int = 0, max_behind_s: float = 5.0, timeout_s: float = 10.0,
-                        reconnect_s: float = 60.0) -> Broadcast:
+                        reconnect_s: float = 60.0, captions: bool = True) -> Broadcast:
         """Stream what this session shows, live, to a streaming server: `rtmp://` or `rtmps://` with the stream key
         (YouTube Live, Twitch, OBS, nginx-rtmp), `srt://`, `udp://` or `tcp://` (MPEG-TS). H.264 at `bitrate_kbps`
         (0: ~0.1 bit a pixel, at least 300 kb/s), a keyframe every 2 s, AAC at 48 kHz, encoded and sent by a process of
@@ -701,7 +701,8 @@ class Session:
         it lasts, watched or not. A connection that drops later (the server gone, or the stream `max_behind_s` behind a
         server that stopped reading) is made again with back-off for up to `reconnect_s` (`broadcast_reconnecting`,
         `broadcast_resumed` events); then it ends with a `broadcast_stopped` event, the session streaming on. The
-        captions of what is said (`say`, `push_audio(caption=)`) go inside the video as CEA-608 (`cc608`).
+        captions of what is said (`say`, `push_audio(caption=)`) go inside the video as CEA-608 (`cc608`) unless
+        `captions` is False.
 
         Each call adds a destination (YouTube and Twitch at once: up to MAX_BROADCASTS, each its own connection,
         encoder and reconnections; one that fails leaves the others streaming): the returned Broadcast's `id` names it
@@ -720,7 +721,7 @@ class Session:
             writer.abort()  # (a kill: it does not wait)
             raise
         broadcast = Broadcast(self, writer, f"b{next(self._broadcast_ids)}", max_behind_s=max_behind_s,
-                              reconnect_s=reconnect_s, timeout_s=timeout_s)
+                              reconnect_s=reconnect_s, timeout_s=timeout_s, captions=captions)
         self.broadcasts[broadcast.id] = broadcast
         return broadcast
 

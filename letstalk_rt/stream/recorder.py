@@ -298,11 +298,12 @@ class Broadcast(TickStream):
     other viewers throughout."""
 
     def __init__(self, session: Session, writer: LiveOutput, broadcast_id: str, max_behind_s: float = 5.0,
-                 reconnect_s: float = 60.0, timeout_s: float = 10.0) -> None:
+                 reconnect_s: float = 60.0, timeout_s: float = 10.0, captions: bool = True) -> None:
         self.id = broadcast_id  # names it among the session's broadcasts (stop_broadcast, events)
         self.url = writer.name  # the stream key hidden
         self.target = writer.url  # the URL itself (the session streams to one only once)
         self.reconnect_s, self._timeout_s = reconnect_s, timeout_s
+        self.captions = captions  # the captions said go inside the video (CEA-608)
         self.reconnects = 0  # connections made again after a drop
         self.down_s = 0.0  # time spent reconnecting, all drops together
         self._behind: str | None = None  # why the event loop cut the connection (_fell_behind)
@@ -314,6 +315,7 @@ class Broadcast(TickStream):
     def describe(self) -> dict:
         state = {"recording": "streaming", "finished": "ended"}.get(self.state, self.state)
         return {"id": self.id, "state": state, "url": self.url, "seconds": round(self.seconds, 2),
+                "captions": self.captions,
                 **({"reconnects": self.reconnects, "down_s": round(self.down_s, 2)} if self.down_s else {}),
                 **({"error": self.error} if self.error else {})}
 
@@ -349,7 +351,7 @@ class Broadcast(TickStream):
 
     def _write(self, frame: AVFrame) -> None:
         try:
-            self._writer.write(frame.video, frame.audio, frame.captions)
+            self._writer.write(frame.video, frame.audio, frame.captions if self.captions else ())
         except OutputError as e:
             self._reconnect(self._behind or str(e))  # OutputError when it gives up
             return
@@ -411,8 +413,12 @@ class Broadcast(TickStream):
             self._loop.call_soon_threadsafe(self.session._emit, event)
 
     def _finish(self) -> None:
-        if self._connected:
-            self._writer.close()
+        if not self._connected:
+            return
+        if self.frames and not self._writer.frames_written:  # stopped as it resumed, before a tick went out again:
+            self._writer.abort()  # that connection has nothing to end (its encoder would call it a failure)
+            return
+        self._writer.close()
 
     def _fail(self, reason: str) -> None:
         super()._fail(reason)
