@@ -74,8 +74,8 @@ async def run(args: argparse.Namespace) -> list[dict]:
                 state = await session.broadcast(url, bitrate_kbps=args.bitrate)
                 streams.setdefault(state["id"], state)  # (unless it has ended already)
                 print(f"live to {state['url']}", file=sys.stderr)
-                if state["state"] != "broadcast_stopped":  # (one that failed before the next began set it)
-                    ended.clear()
+                if streams[state["id"]].get("type") != "broadcast_stopped":  # (one that failed before this one
+                    ended.clear()  # began set it)
             print("type what the avatar says (Ctrl-D ends the stream)", file=sys.stderr)
             async for text in lines(args.text):
                 if ended.is_set():

@@ -88,13 +88,15 @@ def _shown_from(frames: np.ndarray, shown: list) -> int:
     return k
 
 
-def test_captions_become_608_rows_of_32_a_frame_carries_two_pairs_of(tmp_path):
+def test_captions_become_608_rows_two_pairs_a_frame_that_ffmpeg_reads_back(tmp_path):
     """A long caption wraps into 608 rows of at most 32 characters at word boundaries; a frame carries 2 byte pairs;
     captions faster than 608 carries them skip the backlog for the newest; the SEI goes before a frame's first slice,
-    after its parameter sets."""
+    after its parameter sets; FFmpeg's own 608 decoder (cc_dec, as players decode them) reads the rows back from an
+    H.264 stream, and sees them erased 4 s after the last caption."""
     rollup = cc608.RollUp()
     text = "The quick brown fox jumps over the lazy dog, then naps in the warm afternoon sun."
     rollup.add(text)
+    per_caption = len(rollup)  # its pairs
     frames = []
     while len(rollup):
         frames.append(rollup.take())
@@ -105,11 +107,10 @@ def test_captions_become_608_rows_of_32_a_frame_carries_two_pairs_of(tmp_path):
                                                 "warm afternoon sun."])]
     for _ in range(40):  # ~15 s of captions at once
         rollup.add(text)
-    assert len(rollup) <= cc608.MAX_QUEUED and rollup.dropped >= 1
+    assert len(rollup) <= cc608.MAX_QUEUED and rollup.dropped >= 1 and len(rollup) % per_caption == 0  # (whole ones)
     sps, pps, idr = b"\x00\x00\x00\x01\x67\x64", b"\x00\x00\x00\x01\x68\xee", b"\x00\x00\x01\x65\x88\x84"
     sei = cc608.a53_sei([cc608.RU2])
     assert cc608.with_sei(sps + pps + idr, sei) == sps + pps + sei + idr
-    # FFmpeg's own 608 decoder (cc_dec, as players and platforms decode them) reads the rows from an H.264 stream
     # the rows as the viewer saw them, each change in turn: the second row, then the second caption rolling the
     # first row up, then, 4 s after its last pair, the rows erased (cc_dec gives what was shown when it goes)
     shown = _ffmpeg_608(tmp_path / "cc.ts", [CAPTION, "A second caption."])

@@ -108,7 +108,7 @@ _GPU_HOST_THREADS = 1
 SHOWN_BYTES = 16 * 2**20  # a session keeps at most this much of the frames it showed last (Player.history)
 
 
-MAX_BROADCASTS = 4  # live streams one session sends at once (each an encoder process: ~10 % of a core at 128 px)
+MAX_BROADCASTS = 4  # live streams one session sends at once (each an encoder process: 7.5-9.5 % of a core at 128 px)
 MAX_SAYING = 16  # say() calls a session holds not yet queued in full (each up to tts.MAX_TEXT characters)
 
 

@@ -301,7 +301,6 @@ class Broadcast(TickStream):
                  reconnect_s: float = 60.0, timeout_s: float = 10.0, captions: bool = True) -> None:
         self.id = broadcast_id  # names it among the session's broadcasts (stop_broadcast, events)
         self.url = writer.name  # the stream key hidden
-        self.target = writer.url  # the URL itself (the session streams to one only once)
         self.reconnect_s, self._timeout_s = reconnect_s, timeout_s
         self.captions = captions  # the captions said go inside the video (CEA-608)
         self.reconnects = 0  # connections made again after a drop
@@ -311,6 +310,11 @@ class Broadcast(TickStream):
         self._wake = threading.Event()  # stop() during a reconnection's wait
         super().__init__(session, writer, max_behind_s, "broadcast")
         self._clock = session.loop.create_task(self._keep_clock(), name=f"session-{session.id}-broadcast-clock")
+
+    @property
+    def target(self) -> str:
+        """The URL itself, its stream key too (a session streams to one only once)."""
+        return self._writer.url
 
     def describe(self) -> dict:
         state = {"recording": "streaming", "finished": "ended"}.get(self.state, self.state)
