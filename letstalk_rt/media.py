@@ -695,7 +695,7 @@ class LiveWriter(VideoWriter):
 
     def __init__(self, url: str, size: int | tuple[int, int], fps: int = FPS, sample_rate: int = SAMPLE_RATE,
                  bitrate_kbps: int = 0, preset: str = "veryfast") -> None:
-        self.captions = RollUp()  # caption() queues, each video frame carries a few of its 608 byte pairs
+        self._cc = RollUp()  # caption() queues, each video frame carries a few of its 608 byte pairs
         self.url = str(url)
         self._format = check_live_url(self.url)
         width, height = (size, size) if np.ndim(size) == 0 else size  # type: ignore[misc]
@@ -734,13 +734,13 @@ class LiveWriter(VideoWriter):
     def caption(self, text: str) -> None:
         """Show `text` as a caption from the next frame on: CEA-608 roll-up inside the H.264 (`cc608`), what
         YouTube Live, Twitch and OBS read from a stream, shown with a player's CC button."""
-        self.captions.add(text)
+        self._cc.add(text)
 
     def _mux(self, stream: Any, frame: Any) -> None:
         if stream is not self._video:
             return super()._mux(stream, frame)
         for packet in stream.encode(frame):
-            self._container.mux(with_captions(packet, self.captions.take()))
+            self._container.mux(with_captions(packet, self._cc.take()))
 
 
 def with_captions(packet: Any, pairs: list[tuple[int, int]]) -> Any:
