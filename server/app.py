@@ -71,6 +71,7 @@ from .sessions import (
     SessionManager,
     ViewersFull,
     check_offer,
+    close_ws,
     render_metrics,
 )
 
@@ -1030,18 +1031,17 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         raise api_error(400, "this URL expects a websocket upgrade")
     await ws.prepare(request)
     if ss.closing:  # closed during the handshake: its close() did not see this socket, so nobody else would
-        await ss._close_ws(ws, 1000, f"session closed: {ss.session.close_reason or 'closed'}")
+        await close_ws(ws, 1000, f"session closed: {ss.session.close_reason or 'closed'}")
         return ws
-    old, ss.ws = ss.ws, ws
-    ss.had_ws, ss.ws_left_at = True, None
+    out, old = ss.attach_ws(ws)
     ss.audio_format, ss.audio_ahead = (ss.session.sample_rate, 1), False  # every websocket starts at 16 kHz mono, live
     ss.touch()
     try:
         if old is not None:
-            await ss._close_ws(old, 1000, "replaced by a newer websocket")
+            await old.close(1000, "replaced by a newer websocket")
         rate, channels = ss.audio_format
-        await ss.send_json({"type": "ready", "session_id": ss.id, "sample_rate": rate, "channels": channels,
-                            "max_seconds_per_message": 1.0, "time": time.time()})
+        ss.send_json({"type": "ready", "session_id": ss.id, "sample_rate": rate, "channels": channels,
+                      "max_seconds_per_message": 1.0, "time": time.time()})
         async for msg in ws:
             if ss.closing:
                 break
@@ -1051,9 +1051,9 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                 if problem is not None:
                     code, reason = problem
                     if code:
-                        await ss._close_ws(ws, code, reason)
+                        await out.close(code, reason)
                         break
-                    await ss.error_event(reason, "audio_rejected")
+                    ss.error_event(reason, "audio_rejected")
             elif msg.type == WSMsgType.TEXT:
                 await _on_control(ss, msg.data)
             else:  # ERROR (e.g. a message over the transport cap: aiohttp closes with 1009)
@@ -1063,10 +1063,11 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         # an HTTP 500 into the upgraded socket; close it with 1011 instead (the session stays open).
         log.exception("session %s: websocket handler failed", ss.id)
         ss.manager.metrics.errors_total += 1
-        await ss._close_ws(ws, 1011, "internal server error (see the server log); reconnect")
+        await out.close(1011, "internal server error (see the server log); reconnect")
     finally:
-        if ss.ws is ws:
-            ss.ws, ss.ws_left_at = None, time.monotonic()
+        out.stop()
+        if ss.out is out:
+            ss.out, ss.ws_left_at = None, time.monotonic()
     return ws
 
 
@@ -1087,31 +1088,31 @@ def _on_audio(ss: ServerSession, data: bytes) -> tuple[int, str] | None:
 
 async def _on_control(ss: ServerSession, text: str) -> None:
     if len(text) > MAX_CONTROL_MESSAGE:
-        await ss.error_event(f"control messages are at most {MAX_CONTROL_MESSAGE} characters", "bad_message")
+        ss.error_event(f"control messages are at most {MAX_CONTROL_MESSAGE} characters", "bad_message")
         return
     try:
         message = json.loads(text)
     except ValueError as e:
-        await ss.error_event(f"control message is not JSON: {e}", "bad_message")
+        ss.error_event(f"control message is not JSON: {e}", "bad_message")
         return
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
-        await ss.error_event('a control message is a JSON object with a string "type"', "bad_message")
+        ss.error_event('a control message is a JSON object with a string "type"', "bad_message")
         return
     kind = message["type"]
     try:
         if kind == "ping":
-            await ss.send_json({"type": "pong", "id": message.get("id"), "time": time.time()})
+            ss.send_json({"type": "pong", "id": message.get("id"), "time": time.time()})
         elif kind == "end_of_speech":
             ss.session.end_speech()
         elif kind == "interrupt":
             ss.session.interrupt()
         elif kind == "say":
-            await ss.say(message)
+            ss.say(message)
         elif kind == "stop_recording":  # saved now; its recording_stopped event follows (or an error saying why not)
             try:
                 await ss.session.stop_recording()
             except OutputError as e:
-                await ss.error_event(str(e), "recording")
+                ss.error_event(str(e), "recording")
         elif kind == "audio_format":
             rate, channels = message.get("sample_rate", 16000), message.get("channels", 1)
             ahead = message.get("ahead", False)
@@ -1119,16 +1120,16 @@ async def _on_control(ss: ServerSession, text: str) -> None:
             if (not isinstance(rate, int) or isinstance(rate, bool) or not 8000 <= rate <= 96000
                     or not isinstance(channels, int) or isinstance(channels, bool) or channels not in (1, 2)
                     or not isinstance(ahead, bool)):
-                await ss.error_event("audio_format: sample_rate must be an integer 8000..96000, channels 1 or 2 and "
+                ss.error_event("audio_format: sample_rate must be an integer 8000..96000, channels 1 or 2 and "
                                      "ahead true or false", "bad_message")
                 return
             ss.audio_format, ss.audio_ahead = (rate, channels), ahead
-            await ss.send_json({"type": "audio_format", "sample_rate": rate, "channels": channels, "ahead": ahead})
+            ss.send_json({"type": "audio_format", "sample_rate": rate, "channels": channels, "ahead": ahead})
         else:
-            await ss.error_event(f"unknown message type {kind[:40]!r}; expected audio_format, end_of_speech, "
+            ss.error_event(f"unknown message type {kind[:40]!r}; expected audio_format, end_of_speech, "
                                  "interrupt, say, stop_recording or ping", "bad_message")
     except LetsTalkError as e:  # SessionClosedError and friends
-        await ss.error_event(str(e), "session")
+        ss.error_event(str(e), "session")
 
 
 # --------------------------------------------------------------------------------------------------

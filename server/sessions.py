@@ -6,7 +6,8 @@ One `ServerSession` wraps one engine `Session` and everything the network attach
   the client's audio track is fed into the session, any other received track is read and discarded),
   and up to `max_viewers` watch-only ones (`Viewer`: the same tracks to one more peer each);
 - at most one websocket at a time (a newer one replaces the older): PCM in, control in, events out;
-- a task that forwards the engine's events to the websocket (the engine bounds that queue itself).
+- a task that forwards the engine's events to the websocket (the engine bounds that queue itself), through the
+  websocket's `Outbox`: its own writer task, so a client that reads slowly delays nothing else.
 
 `SessionManager` admits sessions (the slot is reserved before any expensive work and refused at once
 when the engine is full), and a watchdog closes what nobody uses any more:
@@ -101,7 +102,7 @@ class ServerConfig:
     max_media_sections: int = 3  # audio + video (+ an ignored data channel)
     negotiation_timeout_s: float = 10.0  # setRemoteDescription + answer + ICE gathering, all together
     pc_close_timeout_s: float = 5.0  # `RTCPeerConnection.close()` can hang; give up waiting after this
-    ws_send_timeout_s: float = 5.0  # a websocket that does not take a message for this long is closed
+    ws_send_timeout_s: float = 5.0  # a websocket that does not take a message for this long is closed (Outbox)
     retry_after_s: int = 5  # `Retry-After` of a 503 when the engine is full
     watch_interval_s: float = 1.0  # how often the watchdog looks at every session
     ice_servers: list[str] = field(default_factory=list)  # STUN/TURN URLs; none by default (LAN / localhost)
@@ -396,6 +397,67 @@ def render_metrics(manager: SessionManager) -> str:
 
 MAX_LISTENERS = 8  # event streams (GET /v1/sessions/{id}/events) a session serves at once
 LISTENER_QUEUE = 256  # events held for one of them that does not read
+WS_OUTBOX = 256  # messages queued for a websocket; a client that many behind does not read its events
+
+
+async def close_ws(ws: web.WebSocketResponse, code: int, reason: str) -> None:
+    try:
+        await asyncio.wait_for(ws.close(code=code, message=reason.encode()[:120]), 2.0)
+    except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+        pass
+
+
+class Outbox:
+    """What goes out on one websocket, written by a task of its own: the session's event pump (webhooks, event
+    streams, metrics) and the handler reading the client's audio never wait on a client that reads slowly. One that
+    leaves a message unsent for `timeout_s`, or falls WS_OUTBOX messages behind, is closed (1008)."""
+
+    def __init__(self, ws: web.WebSocketResponse, timeout_s: float, session_id: str) -> None:
+        self.ws = ws
+        self.timeout_s = timeout_s
+        self.session_id = session_id
+        self.queue: asyncio.Queue = asyncio.Queue(WS_OUTBOX)
+        self.dropped = False
+        self.writer = asyncio.get_running_loop().create_task(self._write(), name=f"session-{session_id}-ws-out")
+
+    def put(self, message: dict) -> None:
+        if self.dropped or self.ws.closed:
+            return
+        try:
+            self.queue.put_nowait(message)
+        except asyncio.QueueFull:
+            self.writer.cancel()
+            self.writer = asyncio.get_running_loop().create_task(self._drop(f"{WS_OUTBOX} messages behind"))
+
+    async def _write(self) -> None:
+        while True:
+            message = await self.queue.get()
+            try:
+                await asyncio.wait_for(self.ws.send_str(json.dumps(message)), self.timeout_s)
+            except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+                if not self.ws.closed:  # else the client went: nothing to tell it
+                    await self._drop(f"a message unsent for {self.timeout_s:g} s")
+                return
+            self.queue.task_done()
+
+    async def _drop(self, why: str) -> None:
+        self.dropped = True
+        log.info("session %s: websocket stopped reading (%s); closing it", self.session_id, why)
+        await close_ws(self.ws, 1008, "client does not read its events")
+
+    async def close(self, code: int, reason: str, flush_s: float = 1.0) -> None:
+        """Close with `code` and `reason` once what is queued went out (for up to `flush_s`)."""
+        if not self.dropped and not self.writer.done():
+            try:
+                await asyncio.wait_for(self.queue.join(), flush_s)
+            except asyncio.TimeoutError:
+                pass
+        self.stop()
+        await close_ws(self.ws, code, reason)
+
+    def stop(self) -> None:
+        if not self.dropped:  # a drop's task closes the socket itself
+            self.writer.cancel()
 
 
 async def peer_heard(pc: RTCPeerConnection, marks: dict[str, Any]) -> bool:
@@ -446,7 +508,7 @@ class ServerSession:
         self.pc: RTCPeerConnection | None = None
         self.viewers: dict[str, Viewer] = {}  # watch-only peer connections besides `pc`
         self.negotiating = False
-        self.ws: web.WebSocketResponse | None = None
+        self.out: Outbox | None = None  # the current websocket's (a newer one replaces it)
         self.had_ws = False
         self.ws_left_at: float | None = None
         self.audio_format = (session.sample_rate, 1)  # (rate, channels) of binary websocket messages
@@ -488,20 +550,24 @@ class ServerSession:
 
     # -- events out
 
-    async def send_json(self, message: dict) -> None:
-        """Send to the current websocket, if any; a client that does not read for a while is dropped."""
-        ws = self.ws
-        if ws is None or ws.closed:
-            return
-        try:
-            await asyncio.wait_for(ws.send_str(json.dumps(message)), self.config.ws_send_timeout_s)
-        except (asyncio.TimeoutError, ConnectionError, RuntimeError):
-            log.info("session %s: websocket stopped reading; closing it", self.id)
-            await self._close_ws(ws, 1008, "client does not read its events")
+    @property
+    def ws(self) -> web.WebSocketResponse | None:
+        return None if self.out is None else self.out.ws
 
-    async def error_event(self, message: str, code: str = "error", request: Any = None) -> None:
+    def attach_ws(self, ws: web.WebSocketResponse) -> tuple[Outbox, Outbox | None]:
+        """`ws` is now the session's websocket: (its outbox, the one it replaces)."""
+        old, self.out = self.out, Outbox(ws, self.config.ws_send_timeout_s, self.id)
+        self.had_ws, self.ws_left_at = True, None
+        return self.out, old
+
+    def send_json(self, message: dict) -> None:
+        """Queue for the current websocket, if any (Outbox: nothing waits for it to go)."""
+        if self.out is not None:
+            self.out.put(message)
+
+    def error_event(self, message: str, code: str = "error", request: Any = None) -> None:
         """An `error` the client can fix; `request`: the id of the control message it answers, if it had one."""
-        await self.send_json({"type": "error", "session_id": self.id, "code": code, "message": message,
+        self.send_json({"type": "error", "session_id": self.id, "code": code, "message": message,
                               "time": time.time(), **({"id": request} if request is not None else {})})
 
     def listen(self) -> asyncio.Queue | None:
@@ -534,7 +600,7 @@ class ServerSession:
                 self._broadcast_event(event)
             message = event.to_dict()
             self.tell_listeners(message)
-            await self.send_json(message)
+            self.send_json(message)
             if isinstance(event, SessionClosed):
                 break
         # The engine closed the session (error, engine stop) or we did: free the rest.
@@ -555,12 +621,6 @@ class ServerSession:
             self.manager.metrics.broadcasts[not event.error] += 1
             self.manager.webhooks.send("broadcast.stopped", {**data, "seconds": event.seconds, "error": event.error})
 
-    async def _close_ws(self, ws: web.WebSocketResponse, code: int, reason: str) -> None:
-        try:
-            await asyncio.wait_for(ws.close(code=code, message=reason.encode()[:120]), 2.0)
-        except (asyncio.TimeoutError, ConnectionError, RuntimeError):
-            pass
-
     # -- audio in
 
     def push_audio(self, pcm: np.ndarray, rate: int, ahead: bool = False) -> str | None:
@@ -574,7 +634,7 @@ class ServerSession:
 
     # -- text to speech
 
-    async def say(self, message: dict) -> None:
+    def say(self, message: dict) -> None:
         """The `say` control message: {"text", optional "voice", "rate", "pitch", "id"}. Accepted: a `say` reply
         (sentences, voice) at once; refused, or failed later while synthesising: an `error` with its id (code
         bad_message, tts_unavailable or tts). It is spoken after any text said before; `interrupt` drops it."""
@@ -588,20 +648,20 @@ class ServerSession:
             speech = Speech(**options)
             task = self.session.say(text, speech)
         except SpeechUnavailable as e:
-            await self.error_event(f"say: {e}", "tts_unavailable", request)
+            self.error_event(f"say: {e}", "tts_unavailable", request)
             return
         except InputError as e:
-            await self.error_event(f"say: {e}", "bad_message", request)
+            self.error_event(f"say: {e}", "bad_message", request)
             return
         self.manager.metrics.says_total += 1
-        await self.send_json({"type": "say", "id": request, "sentences": len(sentences(text)),
-                              "voice": speech.voice, "time": time.time()})
+        self.send_json({"type": "say", "id": request, "sentences": len(sentences(text)), "voice": speech.voice,
+                        "time": time.time()})
         self.spawn(self._said(task, request), "said")
 
     async def _said(self, task: asyncio.Task, request: Any) -> None:
         await asyncio.wait([task])
         if not task.cancelled() and task.exception() is not None:
-            await self.error_event(f"say: {task.exception()}", "tts", request)
+            self.error_event(f"say: {task.exception()}", "tts", request)
 
     # -- WebRTC
 
@@ -690,7 +750,7 @@ class ServerSession:
                 problem = f"received audio could not be used: {type(e).__name__}"
             if problem and time.monotonic() - self._last_buffer_error > 1.0:  # at most one a second
                 self._last_buffer_error = time.monotonic()
-                await self.error_event(problem, "audio_dropped")
+                self.error_event(problem, "audio_dropped")
 
     @staticmethod
     async def _discard(track) -> None:
@@ -829,7 +889,7 @@ class ServerSession:
                 return f"its time limit of {limit / 60:g} min is up (--max-session-minutes)"
             if not self.warned_end and left <= self.config.session_end_warning_s:
                 self.warned_end = True  # the app can tell its user, or start a new session to go on
-                await self.tell_ending(left, "time_limit")
+                self.tell_ending(left, "time_limit")
         return None
 
     def summary(self, reason: str) -> dict:
@@ -856,13 +916,13 @@ class ServerSession:
             "session_id": self.id, "url": self.recording_url, "bytes": size, "seconds": event.seconds,
             "captions_url": f"{self.recording_url}/captions" if event.captions and self.recording_url else None})
 
-    async def tell_ending(self, seconds_left: float, reason: str) -> None:
+    def tell_ending(self, seconds_left: float, reason: str) -> None:
         """`session_ending` to the websocket and the event streams: the app can tell its user, or open a new session
         (on another server, when this one is draining) to go on."""
         message = {"type": "session_ending", "session_id": self.id, "seconds_left": round(seconds_left, 1),
                    "reason": reason, "time": time.time()}
         self.tell_listeners(message)
-        await self.send_json(message)
+        self.send_json(message)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -929,9 +989,9 @@ class SessionManager:
                 await ss.session.close(reason=reason)  # emits SessionClosed: the pump forwards it
             if ss.pump is not asyncio.current_task():  # let the last event (`closed`) reach the websocket
                 await asyncio.wait({ss.pump}, timeout=1.0)
-            if ss.ws is not None:
-                ws, ss.ws = ss.ws, None
-                await ss._close_ws(ws, 1000, f"session closed: {reason}")
+            if ss.out is not None:
+                out, ss.out = ss.out, None
+                await out.close(1000, f"session closed: {reason}")
             if ss.pc is not None:
                 pc, ss.pc = ss.pc, None
                 await ss.close_pc(pc)
@@ -968,8 +1028,9 @@ class SessionManager:
         or `seconds` pass. True when every session ended by itself. The caller then closes what is left."""
         self.draining = True
         deadline = time.monotonic() + seconds
-        await asyncio.gather(*(ss.tell_ending(seconds, "server_stopping") for ss in list(self.sessions.values())
-                               if not ss.closing), return_exceptions=True)
+        for ss in list(self.sessions.values()):
+            if not ss.closing:
+                ss.tell_ending(seconds, "server_stopping")
         while self.sessions or self._admitting:
             left = deadline - time.monotonic()
             if left <= 0:

@@ -999,6 +999,67 @@ def test_websocket_bug_closes_with_1011_and_a_handshake_racing_a_close_is_closed
     run(main())
 
 
+def test_a_websocket_that_does_not_read_delays_no_event_and_is_closed(tiny_pipeline, monkeypatch):
+    """A client whose websocket takes nothing more (its send hangs, the timeout far off): the session's events still
+    reach its event stream at once (and so its webhooks and metrics: the pump never waits on the socket); the client's
+    own messages queue up to WS_OUTBOX, past which it is closed (1008); a stalled send is closed at the timeout; the
+    session lives on for a new websocket."""
+    from aiohttp import web
+
+    from server.sessions import WS_OUTBOX
+
+    async def main():
+        async with running_server(tiny_pipeline, ws_send_timeout_s=120.0) as srv, aiohttp.ClientSession() as http:
+            info = await create_session(http, srv.url)
+            sid, auth = info["session_id"], _bearer(info["token"])
+            ss = srv.manager.sessions[sid]
+            player = play_session(srv, sid)
+            ws = await http.ws_connect(info["ws_url"], headers=auth)
+            await _ws_json(ws, "ready")
+            stuck = asyncio.Event()
+
+            async def hang(*args, **kwargs):
+                stuck.set()
+                await asyncio.Event().wait()
+
+            monkeypatch.setattr(ss.ws, "send_str", hang)
+            events = await http.get(f"{srv.url}/v1/sessions/{sid}/events", params={"token": info["token"]})
+            ss.session.push_audio(speechlike(0.5) + 0.05, ahead=True, caption="first words")
+            ss.session.push_audio(speechlike(0.5, seed=2) + 0.05, ahead=True, caption="second words")
+            ss.session.end_speech()
+            seen = []
+            async for line in events.content:  # long before the websocket's 120 s timeout
+                if line.startswith(b"data: "):
+                    seen.append(json.loads(line[6:]))
+                    if seen[-1]["type"] == "speech_stopped":
+                        break
+            events.close()
+            assert stuck.is_set() and [e["text"] for e in seen if e["type"] == "caption"] == ["first words",
+                                                                                           "second words"]
+            assert not ws.closed and ss.out.queue.qsize() >= 1  # the events wait for the client
+            for i in range(WS_OUTBOX):
+                await ws.send_json({"type": "ping", "id": i})
+            msg = await ws.receive(timeout=10)
+            while msg.type == aiohttp.WSMsgType.TEXT:  # "ready", sent before the socket stalled
+                msg = await ws.receive(timeout=10)
+            assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1008, msg
+            assert "does not read" in msg.extra
+
+            ss.config.ws_send_timeout_s = 0.5  # the next websocket stalls too, and is closed at its timeout
+            monkeypatch.setattr(web.WebSocketResponse, "send_str", hang)
+            ws = await http.ws_connect(info["ws_url"], headers=auth)
+            msg = await ws.receive(timeout=10)
+            assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1008, msg
+            monkeypatch.undo()
+            ws = await http.ws_connect(info["ws_url"], headers=auth)
+            await _ws_json(ws, "ready")
+            await ws.send_json({"type": "ping", "id": 9})
+            assert (await _ws_json(ws, "pong"))["id"] == 9 and sid in srv.manager.sessions
+            player.cancel()
+
+    run(main())
+
+
 def test_second_websocket_replaces_the_first(tiny_pipeline):
     async def main():
         async with running_server(tiny_pipeline) as srv, aiohttp.ClientSession() as http:
