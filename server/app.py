@@ -674,6 +674,7 @@ async def create_render(request: web.Request) -> web.Response:
     manager.renders.add(render)
     manager.webhooks.send("session.created", {"session_id": ss.id, "avatar_id": fields["avatar_id"], "record": True,
                                               "render": True})
+    ss.session.unpace()  # frames as fast as they are made, the speech kept whole; before its recording keeps a clock
     await _start_recording(request, ss, save_on_close=False)  # a render that does not finish saves nothing
     ss.spawn(renders.run(ss, render), "render")
     return web.json_response({**render.describe(), "token": ss.token, "expires_at": ss.expires_at,

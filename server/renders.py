@@ -134,7 +134,6 @@ async def run(ss: ServerSession, render: Render) -> None:
     ends the render without a video (`SessionManager.close` settles it, and cancels this)."""
     session, manager = ss.session, ss.manager
     fps = session.player.fps
-    session.unpace()  # frames as fast as they are made; the speech kept whole, as it was given
     source = render.source
     assert source is not None, "a render runs once"
     feeding = asyncio.ensure_future(source.run(session))  # ahead of time: it waits for room in the audio queue

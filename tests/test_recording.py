@@ -107,6 +107,37 @@ def test_a_recording_holds_every_tick_shown_in_sync_and_appears_only_when_saved(
     assert max(corr) > 0.8 * float(np.dot(played[2000:2000 + n], played[2000:2000 + n]))
 
 
+def test_a_session_nobody_watches_is_recorded_on_its_clock(tiny_pipeline, tmp_path):
+    """No track, no frames() reader, no broadcast: the recording keeps the session's clock running itself, so the file
+    holds every tick of the time it lasted (the idle avatar, then the speech and its caption), and the clock stops
+    being read when it ends."""
+    path = tmp_path / "alone.mp4"
+
+    async def main():
+        engine = await StreamEngine(tiny_pipeline, EngineConfig(warmup=False)).start()
+        try:
+            session = await engine.open_session(_portrait(tiny_pipeline))
+            recording = session.record(path)
+            t0 = time.monotonic()
+            await asyncio.sleep(0.5)
+            await _push_in_real_time(session, speechlike(1.5), caption="nobody watching")
+            await asyncio.sleep(1.0)
+            await session.stop_recording()
+            lasted = time.monotonic() - t0
+            tick = session.player.clock_tick()
+            await asyncio.sleep(0.5)
+            return recording, lasted, session.player.tick, tick, session.player.speech_frames
+        finally:
+            await engine.stop()
+
+    recording, lasted, materialised, due, speech = run(main())
+    frames, audio, _ = read_mp4(path)
+    assert len(frames) == recording.frames >= (lasted - 1.0) * 25  # the clock starts at the first frame made
+    assert speech >= 25 and np.abs(audio).max() > 0.05  # the speech was shown, and is in the file
+    assert "nobody watching" in (tmp_path / "alone.vtt").read_text()
+    assert materialised <= due + 2  # nothing reads the clock after the recording ended
+
+
 def _seconds(stamp: str) -> float:
     h, m, s = stamp.split(":")
     return int(h) * 3600 + int(m) * 60 + float(s)

@@ -673,8 +673,8 @@ class Session:
         `close()` (`save_on_close` False: `stop_recording()` only; a close before it discards the recording, for a
         video that is only worth having whole). OutputError at once if `path` cannot be written; a failure later (a
         full disk, an encoder `max_behind_s` behind, or 128 MB of frames behind for large ones) ends it with a
-        `recording_stopped` event carrying the error, the stream going on. The clock ticks while something reads the
-        session's frames (its tracks, `frames()`, a `broadcast`): a session nobody watches records nothing."""
+        `recording_stopped` event carrying the error, the stream going on. The session's clock runs while it records,
+        watched or not (a paced session's: an unpaced one records at the pace its reader takes its frames)."""
         self._check_open()
         if self.recording is not None:
             raise InputError(f"session {self.id} is already recording to '{self.recording.path}'; stop_recording() "

@@ -11,9 +11,9 @@ The captions the session showed (text said with `say`, or pushed with `caption=`
 subtitles (`captions_path`: the same name, `.vtt`), timed to the ticks their speech showed at, written before the MP4
 moves into place.
 
-`Broadcast` sends the same ticks live to a streaming server instead (RTMP, SRT, MPEG-TS; `broadcaster.LiveOutput`),
-and keeps the session's clock running while it lasts, so a session needs no viewer to stream to a platform. Both are
-a `TickStream`: the queue, the thread and the failure handling they share.
+`Broadcast` sends the same ticks live to a streaming server instead (RTMP, SRT, MPEG-TS; `broadcaster.LiveOutput`).
+Both are a `TickStream`: the queue, the thread and the failure handling they share, and the session's clock kept
+running while one lasts, so a session needs no viewer to be recorded or to stream to a platform.
 """
 
 from __future__ import annotations
@@ -124,6 +124,10 @@ class TickStream(abc.ABC):
         # Not a daemon: a process that exits while a recording is being finished waits for its file.
         self._thread = threading.Thread(target=self._run, name=f"{name}-{session.id}")
         self._thread.start()
+        # It keeps the session's clock running while it lasts (a paced session's: an unpaced one's reader sets the
+        # pace), so what it records or streams needs no viewer.
+        self._clock = (session.loop.create_task(self._keep_clock(), name=f"session-{session.id}-{name}-clock")
+                       if session.player.paced else None)
 
     @property
     def seconds(self) -> float:
@@ -164,6 +168,13 @@ class TickStream(abc.ABC):
 
     def _failure(self) -> str:
         return str(self.error)
+
+    async def _keep_clock(self) -> None:
+        """Read the session's frames on its clock (a viewer's reads and these share its ticks; each tick is written
+        once, through `Player._observe`)."""
+        async for _ in self.session.frames():
+            if self._stopping or self.state not in ("recording", "reconnecting"):
+                return
 
     # -- the thread
 
@@ -207,6 +218,8 @@ class TickStream(abc.ABC):
     def _done(self) -> None:
         """On the event loop once the thread has ended: wake stop() and say how it ended."""
         self._ended.set()
+        if self._clock is not None:
+            self._clock.cancel()
 
 
 class Recording(TickStream):
@@ -284,8 +297,8 @@ class Broadcast(TickStream):
     over UDP/TCP), encoded and sent by a process of its own (`broadcaster.LiveOutput`). Made by `Session.broadcast`,
     which connects first; a session may send several at once (YouTube and Twitch), each on its own, named by `id`.
 
-    It sends what the session shows, tick by tick, as a recording does (the same queue and encoder thread), and it
-    keeps the session's clock running while it lasts: a broadcast needs no viewer, so an application that only pushes
+    It sends what the session shows, tick by tick, as a recording does (the same queue, encoder thread and clock kept
+    running while it lasts): a broadcast needs no viewer, so an application that only pushes
     speech (or `say`s text) streams a talking avatar to a platform. Nothing is written to disk. The captions of what
     is said (`say`'s sentences, `push_audio(caption=)`) go inside the video as CEA-608, from the frame their speech
     starts in: a platform's viewers see them with the player's CC button.
@@ -309,7 +322,6 @@ class Broadcast(TickStream):
         self._connected = True  # False once stopped while it was down: nothing left to end
         self._wake = threading.Event()  # stop() during a reconnection's wait
         super().__init__(session, writer, max_behind_s, "broadcast")
-        self._clock = session.loop.create_task(self._keep_clock(), name=f"session-{session.id}-broadcast-clock")
 
     @property
     def target(self) -> str:
@@ -322,13 +334,6 @@ class Broadcast(TickStream):
                 "captions": self.captions,
                 **({"reconnects": self.reconnects, "down_s": round(self.down_s, 2)} if self.down_s else {}),
                 **({"error": self.error} if self.error else {})}
-
-    async def _keep_clock(self) -> None:
-        """Read the session's frames on its clock (a viewer's reads and these share its ticks; each tick is sent once,
-        through `Player._observe`)."""
-        async for _ in self.session.frames():
-            if self._stopping or self.state not in ("recording", "reconnecting"):
-                return
 
     async def stop(self) -> None:
         """End the stream (the encoders' tail and the end of stream go out, off the loop; a reconnection in progress
@@ -430,7 +435,6 @@ class Broadcast(TickStream):
 
     def _done(self) -> None:
         super()._done()
-        self._clock.cancel()
         s = self.session
         s._emit(BroadcastStopped(s.id, broadcast_id=self.id, url=self.url, seconds=round(self.seconds, 2),
                                  error=self.error or ""), force=True)
