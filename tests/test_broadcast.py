@@ -21,7 +21,7 @@ from letstalk_rt import cc608
 from letstalk_rt.errors import InputError, LetsTalkError, OutputError
 from letstalk_rt.media import LiveWriter, check_live_url, redact_url
 from letstalk_rt.stream import EngineConfig, StreamEngine
-from letstalk_rt.stream.events import BroadcastReconnecting, BroadcastResumed, BroadcastStopped
+from letstalk_rt.stream.events import BroadcastReconnecting, BroadcastResumed, BroadcastStopped, Caption
 from live_receiver import Receiver, free_port, receiving
 from server_helpers import run
 from test_recording import _portrait, _push_in_real_time
@@ -229,7 +229,8 @@ def test_an_unwatched_session_streams_on_its_own_clock(tiny_pipeline, tmp_path):
 
 def test_a_dropped_stream_reconnects_then_gives_up_and_the_session_streams_on(tiny_pipeline, tmp_path):
     """The receiving server killed mid-stream: the broadcast connects again with back-off (broadcast_reconnecting, then
-    broadcast_resumed once a server listens there again) and the new server gets the ticks, 40 ms apart. A stream that
+    broadcast_resumed once a server listens there again) and the new server gets the ticks, 40 ms apart, the caption
+    of the sentence said while it was down with the first of them. A stream that
     stalls (its process stopped: the pipe fills, the stream falls max_behind_s behind) is cut and tried again, and
     stop_broadcast() during the wait ends it at once, well. A server gone for reconnect_s ends the broadcast with a
     broadcast_stopped event saying why; stop_broadcast() raises it and the session keeps streaming to its reader."""
@@ -249,8 +250,11 @@ def test_a_dropped_stream_reconnects_then_gives_up_and_the_session_streams_on(ti
                 for _ in range(25):
                     await anext(stream)
                 receiver.kill()
-                again = Receiver(url, tmp_path / "again.npz")  # the server back at the same URL
                 tries = await _next(events, BroadcastReconnecting)
+                session.push_audio(speechlike(1.0) + 0.05, ahead=True, caption="Said while it was down.")
+                session.end_speech()
+                await _next(events, Caption)  # shown while the stream was down
+                again = Receiver(url, tmp_path / "again.npz")  # the server back at the same URL
                 resumed = await _next(events, BroadcastResumed)
                 assert broadcast.describe()["state"] == "streaming"
                 for _ in range(50):  # (the ticks in the pipe when it stalls never reach the server)
@@ -280,6 +284,8 @@ def test_a_dropped_stream_reconnects_then_gives_up_and_the_session_streams_on(ti
     assert tries.attempt == 1 and tries.delay_s == 1.0 and tries.error and tries.url.endswith("/live/***")
     assert resumed.attempts >= 1 and 0.9 < resumed.down_s < 5
     assert 25 <= len(got_again["frames"]) and np.allclose(np.diff(got_again["times"]), 0.04, atol=0.002)
+    # the caption said while it was down reaches the viewers with the first tick after the resume
+    assert _cc_captions(got_again["cc"]) == [(0, "Said while it was down.")]
     assert "s behind (the server took nothing" in behind.error and behind.attempt == 1
     assert stop_took < 1.0 and broadcast.describe() == {"id": "b1", "state": "ended", "url": broadcast.url,
                                                         "captions": True, "reconnects": 1,

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import cc608
 from ..errors import OutputError
 from ..media import VideoWriter, write_text_atomic
 from .events import AVFrame, BroadcastReconnecting, BroadcastResumed, BroadcastStopped, Event, RecordingStopped
@@ -320,6 +321,10 @@ class Broadcast(TickStream):
         self.down_s = 0.0  # time spent reconnecting, all drops together
         self._behind: str | None = None  # why the event loop cut the connection (_fell_behind)
         self._connected = True  # False once stopped while it was down: nothing left to end
+        # The last captions shown while it was down (and when), and those the first tick after it resumed carries: a
+        # sentence still being said then is captioned, as the rows a viewer would still see were it never down.
+        self._missed: tuple[tuple[str, ...], float] | None = None
+        self._carried: tuple[str, ...] = ()
         self._wake = threading.Event()  # stop() during a reconnection's wait
         super().__init__(session, writer, max_behind_s, "broadcast")
 
@@ -334,6 +339,11 @@ class Broadcast(TickStream):
                 "captions": self.captions,
                 **({"reconnects": self.reconnects, "down_s": round(self.down_s, 2)} if self.down_s else {}),
                 **({"error": self.error} if self.error else {})}
+
+    def add(self, frame: AVFrame) -> None:
+        if frame.captions and (self.state == "reconnecting" or self._queue.full()):  # a tick not sent: its captions
+            self._missed = (frame.captions, time.monotonic())  # wait for the resume
+        super().add(frame)
 
     async def stop(self) -> None:
         """End the stream (the encoders' tail and the end of stream go out, off the loop; a reconnection in progress
@@ -359,8 +369,9 @@ class Broadcast(TickStream):
     # -- the broadcast's thread
 
     def _write(self, frame: AVFrame) -> None:
+        captions, self._carried = (*self._carried, *frame.captions) if self.captions else (), ()
         try:
-            self._writer.write(frame.video, frame.audio, frame.captions if self.captions else ())
+            self._writer.write(frame.video, frame.audio, captions)
         except OutputError as e:
             self._reconnect(self._behind or str(e))  # OutputError when it gives up
             return
@@ -398,6 +409,9 @@ class Broadcast(TickStream):
             self.reconnects += 1
             self._behind = None
             self._drop_queued()  # shown while it was down: seconds old
+            missed, self._missed = self._missed, None
+            if missed is not None and time.monotonic() - missed[1] < cc608.CLEAR_AFTER_FRAMES / self.fps:
+                self._carried = missed[0]
             self.state = "recording"
             self._tell(BroadcastResumed(self.session.id, broadcast_id=self.id, url=self.url, attempts=attempt,
                                         down_s=round(down, 2)))
@@ -409,11 +423,16 @@ class Broadcast(TickStream):
         self.state = "recording"
 
     def _drop_queued(self) -> None:
-        """Drop the ticks waiting; stop()'s end marker among them stays."""
-        ended = False
+        """Drop the ticks waiting (the last captions among them kept as missed); stop()'s end marker stays."""
+        ended, last = False, None
         with contextlib.suppress(queue.Empty):
             while True:
-                ended |= self._queue.get_nowait() is None
+                frame = self._queue.get_nowait()
+                ended |= frame is None
+                if frame is not None and frame.captions:
+                    last = frame.captions
+        if last is not None and self._missed is None:  # (captions of ticks shown later, while it was down, win)
+            self._missed = (last, time.monotonic())
         if ended:
             self._queue.put_nowait(None)
 
