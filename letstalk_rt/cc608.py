@@ -12,8 +12,9 @@ each encoded packet itself (`with_sei`), before the packet's first slice, as the
     with_sei(data, nal) an encoded frame (Annex B) with the NAL unit put before its first slice
 
 608 carries 30 byte pairs a second in its field 1 (2 characters each); `PAIRS_PER_FRAME` a frame at 25 fps keeps up with
-speech (a 60-character sentence and its control codes take ~0.8 s). Characters outside 608's basic set lose their
-accents, where they have one, or are left out.
+speech (a 60-character sentence and its control codes take ~0.8 s). 608's own accented letters (its special and
+extended sets: French, Spanish, Portuguese, German, Italian, Dutch, Danish) are kept; other letters lose their accents,
+where they have one, and what 608 has no form for (other scripts) is left out.
 """
 
 from __future__ import annotations
@@ -34,6 +35,23 @@ EDM = (0x14, 0x2C)  # erase displayed memory: the rows shown go
 # letters 608 puts at these ASCII codes (its basic set is ASCII with these swapped in)
 SPECIAL = {"á": 0x2A, "é": 0x5C, "í": 0x5E, "ó": 0x5F, "ú": 0x60, "ç": 0x7B, "÷": 0x7C, "Ñ": 0x7D, "ñ": 0x7E}
 _SWAPPED = {chr(code) for code in SPECIAL.values()}
+# letters and signs sent as a code pair of their own (sent twice, as control codes are: a receiver ignores the
+# repeat): the special set (0x11), and the two extended sets (0x12: Spanish, French; 0x13: Portuguese, German, Danish),
+# whose codes replace the character before them, so a receiver without them shows the plain letter sent first
+CODED = {
+    **{ch: (0x11, 0x30 + i) for i, ch in enumerate("®°½¿™¢£♪à") },
+    **{ch: (0x11, 0x3A + i) for i, ch in enumerate("èâêîôû")},
+    **{ch: (0x12, 0x20 + i) for i, ch in enumerate("ÁÉÓÚÜü")},
+    "¡": (0x12, 0x27), "©": (0x12, 0x2B), "«": (0x12, 0x3E), "»": (0x12, 0x3F),
+    **{ch: (0x12, 0x30 + i) for i, ch in enumerate("ÀÂÇÈÊËëÎÏïÔÙùÛ")},
+    **{ch: (0x13, 0x20 + i) for i, ch in enumerate("ÃãÍÌìÒòÕõ")},
+    **{ch: (0x13, 0x30 + i) for i, ch in enumerate("ÄäÖöß")},
+    **{ch: (0x13, 0x38 + i) for i, ch in enumerate("ÅåØø")},
+}
+# typography 608 has no code for, as its plain ASCII
+PLAIN = {"‘": "'", "’": "'", "‚": "'", "“": '"', "”": '"', "„": '"', "–": "-", "—": "-", "…": "..."}
+# what an extended character replaces, where it is not its letter without the accent
+FALLBACK = {"Ø": "O", "ø": "o", "ß": "s", "¡": "!", "©": "c", "«": '"', "»": '"'}
 
 
 def odd_parity(byte: int) -> int:
@@ -42,20 +60,42 @@ def odd_parity(byte: int) -> int:
     return byte | (0x80 if bin(byte).count("1") % 2 == 0 else 0)
 
 
-def encode_text(text: str) -> bytes:
-    """`text` in 608's basic character set (one byte a character)."""
-    out = bytearray()
+def shown_text(text: str) -> str:
+    """`text` as 608 can show it: its own letters kept (accented ones included), typographic quotes and dashes as
+    ASCII, other letters without their accents, and what has no form in 608 (other scripts, emoji) left out."""
+    out = []
     for ch in text:
-        if ch in SPECIAL:
-            out.append(SPECIAL[ch])
+        if ch in SPECIAL or ch in CODED:
+            out.append(ch)
         elif ch.isspace():
-            out.append(0x20)
+            out.append(" ")
         elif " " <= ch < "\x7f" and ch not in _SWAPPED:
-            out.append(ord(ch))
-        else:  # "è" -> "e", "—" -> nothing
-            plain = unicodedata.normalize("NFKD", ch).encode("ascii", "ignore").decode()
-            out.extend(ord(c) for c in plain if " " <= c < "\x7f" and c not in _SWAPPED)
-    return b" ".join(bytes(out).split())  # (and no run of spaces where a character was left out)
+            out.append(ch)
+        else:  # "ō" -> "o", "…" -> "...", "中" -> nothing
+            plain = PLAIN.get(ch) or unicodedata.normalize("NFKD", ch).encode("ascii", "ignore").decode()
+            out.append("".join(c for c in plain if " " <= c < "\x7f" and c not in _SWAPPED))
+    return " ".join("".join(out).split())  # (and no run of spaces where a character was left out)
+
+
+def row_pairs(row: str) -> list[tuple[int, int]]:
+    """A row of `shown_text` as 608 byte pairs: two basic characters a pair, and each coded one a pair of its own,
+    twice; an extended one after the plain letter it replaces."""
+    pairs: list[tuple[int, int]] = []
+    waiting: list[int] = []  # a basic character without its pair yet
+    for ch in row:
+        code = CODED.get(ch)
+        if code is None:
+            waiting.append(SPECIAL.get(ch) or ord(ch))
+        elif code[0] != 0x11:  # extended: the plain letter first
+            waiting.append(ord(FALLBACK.get(ch) or unicodedata.normalize("NFKD", ch)[0]))
+        if len(waiting) == 2 or (code is not None and waiting):
+            pairs.append((waiting[0], waiting[1] if len(waiting) == 2 else 0))
+            waiting = []
+        if code is not None:
+            pairs += [code, code]
+    if waiting:
+        pairs.append((waiting[0], 0))
+    return pairs
 
 
 class RollUp:
@@ -72,14 +112,12 @@ class RollUp:
 
     def add(self, text: str) -> None:
         """Show `text` (a sentence or a few), wrapped into 608 rows, once the pairs before it have gone out."""
-        rows = textwrap.wrap(encode_text(text).decode("ascii"), ROW_CHARS)
+        rows = textwrap.wrap(shown_text(text), ROW_CHARS)
         if not rows:
             return
         pairs = [RU2, RU2]  # (control codes are sent twice: a receiver that lost one still gets it)
         for row in rows:
-            data = row.encode("ascii")
-            pairs += [CR, CR, PAC_ROW15, PAC_ROW15]
-            pairs += [(data[i], data[i + 1] if i + 1 < len(data) else 0) for i in range(0, len(data), 2)]
+            pairs += [CR, CR, PAC_ROW15, PAC_ROW15, *row_pairs(row)]
         if len(self._pairs) + len(pairs) > MAX_QUEUED:  # captions come faster than 608 carries them: skip ahead
             self.dropped += 1
             self._pairs.clear()

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import re
+import textwrap
 import time
 from typing import Any
 
@@ -61,6 +62,7 @@ def _cc_captions(cc: np.ndarray, rows: bool = False) -> list[tuple[int, Any]]:
     """The captions a stream's CEA-608 carried (the receiver's `cc` triplets): the frame each began in (its roll-up
     code), and its text (its rows joined by spaces; with `rows`, the list of them)."""
     letters = {code: letter for letter, code in cc608.SPECIAL.items()}  # 608's own, at some ASCII codes
+    coded = {code: letter for letter, code in cc608.CODED.items()}  # and its special and extended characters
     captions: list[tuple[int, list[str]]] = []
     last = None
     for frame, flags, b1, b2 in cc.tolist():
@@ -70,6 +72,9 @@ def _cc_captions(cc: np.ndarray, rows: bool = False) -> list[tuple[int, Any]]:
             captions.append((frame, []))
         elif pair == cc608.CR and last != pair:
             captions[-1][1].append("")
+        elif pair in coded and last != pair:  # (twice too); an extended one replaces the letter before it
+            row = captions[-1][1]
+            row[-1] = (row[-1][:-1] if pair[0] != 0x11 else row[-1]) + coded[pair]
         elif pair[0] >= 0x20:
             captions[-1][1][-1] += "".join(letters.get(c, chr(c)) for c in pair if c >= 0x20)
         last = pair
@@ -114,10 +119,20 @@ def test_captions_become_608_rows_two_pairs_a_frame_that_ffmpeg_reads_back(tmp_p
     # the rows as the viewer saw them, each change in turn: the second row, then the second caption rolling the
     # first row up, then, 4 s after its last pair, the rows erased (cc_dec gives what was shown when it goes)
     shown = _ffmpeg_608(tmp_path / "cc.ts", [CAPTION, "A second caption."])
-    assert [text for _, text in shown] == ["Hello from the stream. Ca va",
-                                           "Hello from the stream. Ca va\ntres bien? Sí, señor; niño",
-                                           "tres bien? Sí, señor; niño\nA second caption."]
+    assert [text for _, text in shown] == ["Hello from the stream. Ça va",
+                                           "Hello from the stream. Ça va\ntrès bien? Sí, señor; niño",
+                                           "très bien? Sí, señor; niño\nA second caption."]
     assert 5.0 < shown[-1][0] < 5.6, shown  # the second caption's pairs out by ~1.3 s, then 4 s
+    # 608's extended letters (each after the plain one it replaces), typography as ASCII, other scripts left out
+    text = "Grüße aus São Paulo — “Øresund”, don’t 中文 worry!"
+    rows = ['Grüße aus São Paulo - "Øresund",', "don't worry!"]
+    assert textwrap.wrap(cc608.shown_text(text), cc608.ROW_CHARS) == rows
+    rollup = cc608.RollUp()
+    rollup.add(text)
+    cc = np.array([(0, 0xFC, cc608.odd_parity(a), cc608.odd_parity(b)) for a, b in rollup.take(len(rollup))])
+    assert _cc_captions(cc, rows=True) == [(0, rows)]
+    shown = [text for _, text in _ffmpeg_608(tmp_path / "cc2.ts", [text])]
+    assert shown[:2] == [rows[0], "\n".join(rows).replace("'", "’")]  # (FFmpeg shows 608's apostrophe as ’)
 
 
 def _ffmpeg_608(path, captions: list[str]) -> list[tuple[float, str]]:
@@ -192,9 +207,9 @@ def test_a_broadcast_sends_every_tick_shown_with_its_sound_in_sync(tiny_pipeline
     lags = {lag: np.corrcoef(sent[5:-5], heard[5 + lag:len(heard) - 5 + lag])[0, 1] for lag in range(-3, 4)}
     assert max(lags, key=lags.get) == 0 and lags[0] > 0.9, lags
     # the speech's caption is inside the video as CEA-608 (what a platform's CC button shows), from the frame the
-    # speech starts in, its accents dropped where 608 has no letter for them, wrapped into 32-character rows
+    # speech starts in, its accented letters 608's own, wrapped into 32-character rows
     (starts,) = [i for i, f in enumerate(shown) if f.captions]
-    assert _cc_captions(got["cc"]) == [(k + starts, "Hello from the stream. Ca va tres bien? Sí, señor; niño")]
+    assert _cc_captions(got["cc"]) == [(k + starts, CAPTION)]
 
 
 def test_an_unwatched_session_streams_on_its_own_clock(tiny_pipeline, tmp_path):
