@@ -439,6 +439,76 @@ async def _demo(pipe, image, speech: Path, args: argparse.Namespace, voice=None)
           f"{stats['fillers']}; dropped {sum(stats['dropped'].values()) - stats['dropped'].get('late', 0)}")
 
 
+def cmd_camera(args: argparse.Namespace) -> None:
+    """Your microphone (or --audio) in; the avatar out as a virtual camera and its voice, in step, on --speaker."""
+    from .media import load_image
+    from .stream.devices import audio_devices, camera_size
+
+    if args.list_devices:
+        print(audio_devices())
+        return
+    check_live_args(args)
+    camera_size((1, 1), args.camera_size)  # (the size checked before the model loads)
+    if args.seconds is not None and not (math.isfinite(args.seconds) and args.seconds > 0):
+        raise LetsTalkError(f"--seconds {args.seconds}: give more than 0 (or leave it out: until Ctrl-C)")
+    if args.no_camera and args.speaker == "none":
+        raise LetsTalkError("--no-camera and --speaker none leave nothing to show the avatar on")
+    from .stream import FileSource, MicrophoneSource
+
+    # a file that is not speech, or a microphone that is not there: said now, before the model loads
+    source = FileSource(args.audio, realtime=True) if args.audio is not None else MicrophoneSource(args.mic)
+    image = load_image(args.portrait or ASSETS / "portrait.png")
+    pipe = _load_pipeline(args)
+    asyncio.run(_camera(pipe, image, source, args))
+
+
+async def _camera(pipe, image, source, args: argparse.Namespace) -> None:
+    from .stream import EngineConfig, StreamEngine
+    from .stream.devices import AudioOutput, VirtualCamera, show_on_devices
+
+    config = EngineConfig(max_sessions=1, max_batch=1, **live_config(args))
+    camera = voice = None
+    async with StreamEngine(pipe, config) as engine:
+        session = await engine.open_session(image, seed=args.seed, detect_face=not args.no_face_detect,
+                                            full_frame=args.full_frame, framing=args.framing)
+        try:
+            if not args.no_camera:
+                camera = VirtualCamera(session.frame_size, pipe.fps, size=args.camera_size, device=args.camera_device)
+                print(f"virtual camera: {camera.device} ({camera.width}x{camera.height}, {pipe.fps} fps)",
+                      file=sys.stderr)
+            if args.speaker != "none":
+                voice = AudioOutput(args.speaker, session.sample_rate)
+                print(f"the avatar's voice: {voice.name} ({voice.rate} Hz); make its loopback the call's microphone",
+                      file=sys.stderr)
+            feeder = asyncio.create_task(source.run(session, end_speech=args.audio is not None))
+            print(f"listening to {args.audio or 'the microphone'}; Ctrl-C to stop", file=sys.stderr)
+            ticks = None if args.seconds is None else math.ceil(args.seconds * pipe.fps)
+            shower = asyncio.create_task(show_on_devices(session, camera, voice, ticks))
+            while not shower.done():
+                await asyncio.wait([shower] if feeder.done() else [shower, feeder], timeout=1.0,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if feeder.done() and feeder.exception() is not None:  # the microphone failed: said, not hidden
+                    shower.cancel()
+                    raise feeder.exception()
+                if not args.quiet:
+                    stats = session.stats()
+                    print(f"\r  {session.player.tick / pipe.fps:6.1f} s shown, latency p95 "
+                          f"{stats['latency_ms_p95'] or 0:4.0f} ms, held {stats['fillers']}", end="", file=sys.stderr,
+                          flush=True)
+            shown = shower.result()
+            feeder.cancel()
+        finally:
+            for device in (camera, voice):
+                if device is not None:
+                    device.close()
+        stats = session.stats()
+    if not args.quiet:
+        print(file=sys.stderr)
+    dropped = {type(d).__name__: d.dropped for d in (camera, voice) if d is not None and d.dropped}
+    print(f"showed {shown / pipe.fps:.1f} s; speech-to-screen latency p95 {stats['latency_ms_p95'] or 0:.0f} ms; "
+          f"held (late) frames {stats['fillers']}" + (f"; ticks a device fell behind on {dropped}" if dropped else ""))
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     import numpy as np
 
@@ -718,6 +788,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     add_live_args(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("camera", help="the avatar as a webcam and a microphone for video calls: your microphone in, "
+                       "a virtual camera and the avatar's voice out, in step")
+    p.add_argument("--portrait", type=Path, default=None, help="image with one front-facing face (default: the "
+                   "bundled portrait)")
+    p.add_argument("--mic", default=None, metavar="DEVICE", help="the microphone: a name (or part of one) or number "
+                   "from --list-devices (default: the system's)")
+    p.add_argument("--audio", type=Path, default=None, help="play this speech file at real-time pace instead of "
+                   "listening to a microphone (to try the set-up)")
+    p.add_argument("--speaker", default=None, metavar="DEVICE", help="where the avatar's voice plays, in step with its "
+                   "lips: a loopback the call app takes as its microphone (a PulseAudio/PipeWire null sink, "
+                   "BlackHole, VB-Cable); default: the system's output; none: no voice")
+    p.add_argument("--no-camera", action="store_true", help="no virtual camera (the voice only)")
+    p.add_argument("--camera-device", default=None, help="which virtual camera, e.g. /dev/video2 (default: the "
+                   "first free one)")
+    p.add_argument("--camera-size", type=int, default=512, metavar="PX",
+                   help="the camera's frames scaled to PX on their longer side (default 512)")
+    p.add_argument("--seconds", type=float, default=None, help="stop after this long (default: at Ctrl-C)")
+    p.add_argument("--list-devices", action="store_true", help="list the audio devices and exit")
+    _add_full_frame_arg(p)
+    _add_framing_arg(p)
+    _add_model_args(p)
+    add_live_args(p)
+    p.set_defaults(func=cmd_camera)
 
     p = sub.add_parser("bench", help="measure real-time capacity: fps, latency, A/V offset, memory")
     _add_model_args(p)

@@ -6,8 +6,9 @@
 #   bash scripts/setup.sh --dev    also the test dependencies: pytest, playwright (python only; it drives
 #                                  Debian's chromium) and, through apt when we are root or have sudo,
 #                                  chromium (browser test), espeak-ng (synthetic corpus tests), g++
-#                                  (torch.compile: --compile and its test) and coturn (a TURN server: the
-#                                  tests of connecting through a relay)
+#                                  (torch.compile: --compile and its test), coturn (a TURN server: the
+#                                  tests of connecting through a relay) and libportaudio2 (PortAudio: the
+#                                  microphone and speaker tests of `letstalk camera`)
 #
 # torch: an existing install is kept (so a CUDA build stays). Otherwise, with an NVIDIA driver present
 # pip's default (CUDA) build is installed; on a CPU-only machine the pinned CPU build is installed
@@ -36,6 +37,7 @@ if [ -n "$extras" ]; then
   [ -x /usr/bin/chromium ] || apt_pkgs="$apt_pkgs chromium"
   command -v g++ >/dev/null 2>&1 || apt_pkgs="$apt_pkgs g++"
   command -v turnserver >/dev/null 2>&1 || apt_pkgs="$apt_pkgs coturn"
+  ldconfig -p 2>/dev/null | grep -q libportaudio.so.2 || apt_pkgs="$apt_pkgs libportaudio2"
 fi
 if [ -n "$apt_pkgs" ]; then
   SUDO=""

@@ -2,7 +2,7 @@
 
     source = FileSource("speech.wav")                  # a file played at real-time pace
     source = TrackSource(remote_audio_track)          # an aiortc track received from a peer
-    source = MicrophoneSource()                       # the local microphone (pip install 'letstalk-rt[mic]')
+    source = MicrophoneSource()                       # the local microphone (pip install 'letstalk-rt[devices]')
     source = TextSource("Hello!", Speech("en-us"))    # text spoken by espeak-ng, a sentence at a time
     await source.run(session)                         # push every chunk, then end_speech()
 
@@ -121,17 +121,21 @@ class TrackSource(AudioSource):
 
 
 class MicrophoneSource(AudioSource):
-    """The local microphone through sounddevice (optional extra `[mic]`)."""
+    """A microphone (or any input device) through sounddevice / PortAudio (optional extra `[devices]`): `device` a
+    name (or part of one) or a number (`devices.audio_devices()`), None the system's default. InputError naming the
+    devices when it cannot be opened."""
 
     def __init__(self, device: int | str | None = None, sample_rate: int = 16000, chunk_ms: int = 20,
                  max_queue: int = 100) -> None:
-        try:
-            import sounddevice  # noqa: F401
-        except (ImportError, OSError) as e:
-            raise InputError(f"the microphone source needs sounddevice and PortAudio: pip install 'letstalk-rt[mic]' "
-                             f"({e})") from None
+        from .devices import load_sounddevice
+
+        sd = load_sounddevice()  # InputError, saying what to install, before anything runs
         self.device = device
         self.rate = sample_rate
+        try:  # ... and for a device that is not there
+            sd.check_input_settings(device=device, channels=1, dtype="float32", samplerate=sample_rate)
+        except (ValueError, sd.PortAudioError) as e:
+            raise self._unusable(sd, e) from None
         self.blocksize = int(sample_rate * chunk_ms / 1000)
         self.max_queue = max_queue  # 2 s of 20 ms blocks; older blocks are dropped if the loop lags
 
@@ -149,10 +153,18 @@ class MicrophoneSource(AudioSource):
         def callback(indata, frames, time_info, status) -> None:  # PortAudio thread
             loop.call_soon_threadsafe(put, indata[:, 0].copy())
 
-        with sd.InputStream(samplerate=self.rate, channels=1, dtype="float32", blocksize=self.blocksize,
-                            device=self.device, callback=callback):
+        try:
+            stream = sd.InputStream(samplerate=self.rate, channels=1, dtype="float32", blocksize=self.blocksize,
+                                    device=self.device, callback=callback)
+        except (ValueError, sd.PortAudioError) as e:
+            raise self._unusable(sd, e) from None
+        with stream:
             while True:
                 yield await queue.get(), self.rate
+
+
+    def _unusable(self, sd, e: Exception) -> InputError:
+        return InputError(f"cannot open the microphone {self.device!r}: {e}; the devices:\n{sd.query_devices()}")
 
 
 class TextSource(AudioSource):

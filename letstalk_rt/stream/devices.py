@@ -1,0 +1,233 @@
+"""The avatar as a webcam and a microphone, for video calls (Zoom, Meet, Teams) and OBS (`letstalk camera`).
+
+    camera = VirtualCamera(session.frame_size, fps=25, size=512)   # pyvirtualcam: v4l2loopback (Linux), OBS's
+                                                                    # Virtual Camera (Windows, macOS)
+    voice = AudioOutput("letstalk", session.sample_rate)           # sounddevice: any output device
+    await show_on_devices(session, camera, voice)                   # each tick's frame and its sound, together
+
+Why the voice goes out here too: the avatar shows speech a few hundred ms after it was said (the audio it waits for
+and a window's generation). A call app that took the person's own microphone would send each word before the lips
+move. `AudioOutput` plays the speech each frame shows, queued when the frame is, so a call app whose camera is the
+virtual camera and whose microphone is this output's loopback (a PulseAudio / PipeWire null sink's monitor on Linux,
+BlackHole on macOS, VB-Cable on Windows) sends lips and voice together.
+
+Each device is written by a thread of its own from a bounded queue: a device that blocks or falls behind loses its
+oldest ticks (counted in `dropped`) and never holds up the session's clock or the event loop.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import InputError, OutputError
+
+if TYPE_CHECKING:
+    from .engine import Session
+
+log = logging.getLogger(__name__)
+
+QUEUED_TICKS = 25  # a device this many ticks (1 s) behind loses its oldest
+
+
+class _Writer:
+    """A thread that hands what the event loop queues to `write`, at most `most` waiting (the oldest dropped). A write
+    that raises ends it: `error` says why, and later puts are ignored."""
+
+    def __init__(self, name: str, write: Callable[[Any], None], most: int = QUEUED_TICKS) -> None:
+        self._write = write
+        self._items: collections.deque = collections.deque()
+        self._most = most
+        self._ready = threading.Condition()
+        self._closing = False
+        self.dropped = 0
+        self.error: str | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def put(self, item: Any) -> None:
+        with self._ready:
+            if self._closing or self.error is not None:
+                return
+            if len(self._items) >= self._most:
+                self._items.popleft()
+                self.dropped += 1
+            self._items.append(item)
+            self._ready.notify()
+
+    def close(self, timeout_s: float = 2.0) -> None:
+        """Write what is queued (for up to `timeout_s`), then end."""
+        with self._ready:
+            self._closing = True
+            self._ready.notify()
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._items and not self._closing:
+                    self._ready.wait()
+                if not self._items:
+                    return
+                item = self._items.popleft()
+            try:
+                self._write(item)
+            except Exception as e:  # noqa: BLE001 - the device's own errors: said, the session goes on
+                self.error = f"{type(e).__name__}: {e}"
+                log.error("%s failed: %s", self._thread.name, self.error)
+                return
+
+
+def camera_size(frame_size: tuple[int, int], size: int) -> tuple[int, int]:
+    """The camera's (width, height): the frames' shape scaled to `size` on their longer side, even (video formats).
+    InputError for a size no camera takes."""
+    if not 16 <= size <= 1920:
+        raise InputError(f"camera size {size}: choose 16..1920 pixels")
+    width, height = frame_size
+    scale = size / max(width, height)
+    return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
+
+
+class VirtualCamera:
+    """A virtual webcam (pyvirtualcam) showing frames of `frame_size`, scaled to `size` pixels on their longer side
+    (call apps want 320 or more; the bundled model's crop is 128). `device`: which one (e.g. /dev/video2 on Linux;
+    None: the first free). `backend`: an object with `send(rgb)`, `close()` and `device` instead of pyvirtualcam's
+    camera. InputError, saying how to get one, when there is no virtual camera."""
+
+    def __init__(self, frame_size: tuple[int, int], fps: int, size: int = 512, device: str | None = None,
+                 backend: Any = None) -> None:
+        self.width, self.height = camera_size(frame_size, size)
+        if backend is None:
+            backend = _open_camera(self.width, self.height, fps, device)
+        self._camera = backend
+        self.device = str(getattr(backend, "device", device))
+        self._writer = _Writer(f"camera-{self.device}", self._show)
+
+    @property
+    def dropped(self) -> int:
+        return self._writer.dropped
+
+    @property
+    def error(self) -> str | None:
+        return self._writer.error
+
+    def send(self, rgb: np.ndarray) -> None:
+        """Queue one frame, uint8 (H, W, 3) (the event loop: never blocks)."""
+        self._writer.put(rgb)
+
+    def _show(self, rgb: np.ndarray) -> None:
+        from PIL import Image
+
+        if rgb.shape[:2] != (self.height, self.width):
+            rgb = np.asarray(Image.fromarray(rgb).resize((self.width, self.height), Image.BILINEAR))
+        self._camera.send(np.ascontiguousarray(rgb))
+
+    def close(self) -> None:
+        self._writer.close()
+        self._camera.close()
+
+
+def _open_camera(width: int, height: int, fps: int, device: str | None):
+    try:
+        import pyvirtualcam
+    except ImportError:
+        raise InputError("the virtual camera needs pyvirtualcam: pip install 'letstalk-rt[devices]'") from None
+    try:
+        return pyvirtualcam.Camera(width=width, height=height, fps=fps, device=device)
+    except RuntimeError as e:  # no backend has a device: v4l2loopback not loaded, OBS's camera not installed
+        raise InputError(f"no virtual camera to show the avatar on ({e}). Linux: `sudo modprobe v4l2loopback "
+                         "exclusive_caps=1 card_label=letstalk` (package v4l2loopback-dkms); Windows and macOS: "
+                         "install OBS Studio and start its Virtual Camera once") from None
+
+
+def load_sounddevice():
+    try:
+        import sounddevice
+    except (ImportError, OSError) as e:  # OSError: PortAudio itself is missing
+        raise InputError(f"audio devices need sounddevice and PortAudio: pip install 'letstalk-rt[devices]' "
+                         f"(Linux: and apt install libportaudio2) ({e})") from None
+    return sounddevice
+
+
+def audio_devices() -> str:
+    """The audio devices PortAudio sees, one a line: what `--mic` and `--speaker` take (a name or its number)."""
+    return str(load_sounddevice().query_devices())
+
+
+class AudioOutput:
+    """Sound to an output device (sounddevice / PortAudio), `sample_rate` mono float32 in, played at the device's
+    `rate` (None: its default), resampled with PyAV. `device`: a name (or part of one) or a number
+    (`audio_devices()`), None the system's default. InputError naming the devices when it cannot be opened."""
+
+    def __init__(self, device: int | str | None, sample_rate: int, rate: int | None = None) -> None:
+        sd = load_sounddevice()
+        try:
+            info = sd.query_devices(device, "output")
+            self.rate = int(rate or info["default_samplerate"])
+            self._stream = sd.OutputStream(samplerate=self.rate, channels=1, dtype="float32", device=device,
+                                           latency="low")
+            self._stream.start()
+        except (ValueError, sd.PortAudioError) as e:
+            raise InputError(f"cannot play sound on {device!r}: {e}; the devices:\n{sd.query_devices()}") from None
+        self.name = info["name"]
+        self.sample_rate = sample_rate
+        self._resampler = None
+        if self.rate != sample_rate:
+            import av
+
+            self._resampler = av.AudioResampler(format="flt", layout="mono", rate=self.rate)
+        self.underflows = 0  # times the device ran out of sound (the session's clock slower than the device's)
+        self._writer = _Writer(f"speaker-{self.name}", self._play)
+
+    @property
+    def dropped(self) -> int:
+        return self._writer.dropped
+
+    @property
+    def error(self) -> str | None:
+        return self._writer.error
+
+    def play(self, pcm: np.ndarray) -> None:
+        """Queue float32 mono samples at `sample_rate` (the event loop: never blocks)."""
+        self._writer.put(pcm)
+
+    def _play(self, pcm: np.ndarray) -> None:
+        if self._resampler is not None:
+            import av
+
+            frame = av.AudioFrame.from_ndarray(pcm.astype(np.float32).reshape(1, -1), format="flt", layout="mono")
+            frame.sample_rate = self.sample_rate
+            pcm = np.concatenate([f.to_ndarray().reshape(-1) for f in self._resampler.resample(frame)] or
+                                 [np.zeros(0, np.float32)])
+        if len(pcm):
+            self.underflows += bool(self._stream.write(np.ascontiguousarray(pcm, np.float32).reshape(-1, 1)))
+
+    def close(self) -> None:
+        self._writer.close()
+        self._stream.stop()
+        self._stream.close()
+
+
+async def show_on_devices(session: Session, camera: VirtualCamera | None = None, audio: AudioOutput | None = None,
+                          ticks: int | None = None) -> int:
+    """Show `session` on the devices from one read of its clock (`Session.frames()`): each tick's frame to `camera`
+    and the sound that plays with it to `audio`, queued together, so lips and voice leave together. Until the session
+    closes or `ticks` have gone; returns the ticks shown. OutputError when a device failed (why)."""
+    shown = 0
+    async for frame in session.frames():
+        if camera is not None:
+            camera.send(frame.video)
+        if audio is not None:
+            audio.play(frame.audio)
+        shown += 1
+        for device in (camera, audio):
+            if device is not None and device.error is not None:
+                raise OutputError(f"{type(device).__name__} failed: {device.error}")
+        if ticks is not None and shown >= ticks:
+            break
+    return shown

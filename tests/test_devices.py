@@ -1,0 +1,180 @@
+"""The avatar on local devices (`stream.devices`, `letstalk camera`): a microphone read through PortAudio, each tick's
+frame to a virtual camera and its sound to an output device, together.
+
+The audio devices are real PortAudio (ALSA) devices: ALSA's `file` plugin, configured here, reads a microphone's
+samples from a file and writes what a speaker plays to one (untimed: over a `null` slave). No virtual camera can be
+made on a machine without the v4l2loopback kernel module, so the camera's frames go to a recording backend in place of
+pyvirtualcam's camera; pyvirtualcam itself is run as far as its search for a device (the error `letstalk camera`
+gives)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from conftest import speechlike
+from letstalk_rt.errors import InputError, OutputError
+from letstalk_rt.stream import EngineConfig, FileSource, MicrophoneSource, StreamEngine
+from server_helpers import run
+from test_recording import _portrait
+
+RATE = 16000
+
+
+@pytest.fixture
+def alsa(tmp_path, monkeypatch):
+    """ALSA devices `letstalk_mic` (plays `mic.raw`, float32 mono, as its input) and `letstalk_speaker` (writes what it
+    plays to `speaker.raw`), PortAudio started again to see them; the folder they use."""
+    try:
+        import sounddevice as sd
+    except (ImportError, OSError) as e:
+        pytest.skip(f"needs sounddevice and PortAudio ({e}; scripts/setup.sh --dev installs both)")
+    speechlike(1.0).astype("<f4").tofile(tmp_path / "mic.raw")
+    conf = tmp_path / "asound.conf"
+    conf.write_text(
+        f'pcm.letstalk_mic {{ type file; slave.pcm "null"; file "/dev/null"; infile "{tmp_path}/mic.raw"; '
+        f'format "raw"; hint {{ show on; description "test microphone" }} }}\n'
+        f'pcm.letstalk_speaker {{ type file; slave.pcm "null"; file "{tmp_path}/speaker.raw"; format "raw"; '
+        f'hint {{ show on; description "test speaker" }} }}\n')
+    monkeypatch.setenv("ALSA_CONFIG_PATH", f"/usr/share/alsa/alsa.conf:{conf}")
+    sd._terminate()  # PortAudio lists devices when it starts
+    sd._initialize()
+    yield tmp_path
+    monkeypatch.undo()
+    sd._terminate()
+    sd._initialize()
+
+
+def test_the_microphone_source_reads_an_input_device_in_order(alsa):
+    """What the device captures comes out in 20 ms blocks at the asked rate, every sample in order; a device that is
+    not there is refused with the list of those that are."""
+    async def main():
+        got = []
+        chunks = MicrophoneSource("letstalk_mic", max_queue=10_000).chunks()
+        async for pcm, rate in chunks:
+            assert rate == RATE and pcm.shape == (320,) and pcm.dtype == np.float32
+            got.append(pcm)
+            if len(got) == 50:
+                break
+        await chunks.aclose()
+        with pytest.raises(InputError, match="(?s)cannot open the microphone 'no such mic'.*letstalk_mic"):
+            MicrophoneSource("no such mic")
+        return np.concatenate(got)
+
+    heard = run(main())
+    assert np.array_equal(heard, np.fromfile(alsa / "mic.raw", "<f4")), "the device's samples, in order"
+
+
+class RecordingCamera:
+    """In place of pyvirtualcam's camera: keeps what it is sent; `hold` blocks its sends while set."""
+
+    device = "test camera"
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.frames: list[np.ndarray] = []
+        self.hold = threading.Event()
+        self.fail_after = fail_after
+        self.closed = False
+
+    def send(self, frame: np.ndarray) -> None:
+        while self.hold.is_set():
+            time.sleep(0.01)
+        if self.fail_after is not None and len(self.frames) >= self.fail_after:
+            raise RuntimeError("the camera went away")
+        self.frames.append(frame.copy())
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_each_tick_goes_to_the_camera_and_its_sound_to_the_speaker_together(tiny_pipeline, alsa):
+    """show_on_devices: the camera gets each tick's frame (scaled to its size) and the speaker plays the sound of those
+    same ticks, sample for sample, in order, through PortAudio; a camera that stalls loses its oldest ticks (counted)
+    while the clock and the voice go on; one that fails ends it with an OutputError naming it."""
+    from PIL import Image
+
+    from letstalk_rt.stream.devices import AudioOutput, VirtualCamera, show_on_devices
+
+    async def main():
+        engine = await StreamEngine(tiny_pipeline, EngineConfig(warmup=False)).start()
+        try:
+            session = await engine.open_session(_portrait(tiny_pipeline))
+            feeder = asyncio.ensure_future(FileSource.from_samples(speechlike(2.0) + 0.05).run(session))
+            backend = RecordingCamera()
+            camera = VirtualCamera(session.frame_size, 25, size=64, backend=backend)
+            voice = AudioOutput("letstalk_speaker", session.sample_rate, rate=RATE)
+            shown = await show_on_devices(session, camera, voice, ticks=60)
+            end = session.player.tick
+            ticks = [session.player.shown[t] for t in range(end - shown, end)]
+            camera.close()
+            voice.close()
+            await feeder
+            # a camera that stalls for 2 s, then one that fails
+            stalled = VirtualCamera(session.frame_size, 25, size=64, backend=RecordingCamera())
+            stalled._camera.hold.set()
+            asyncio.get_running_loop().call_later(2.0, stalled._camera.hold.clear)
+            late = await show_on_devices(session, stalled, None, ticks=75)
+            stalled.close()
+            failing = VirtualCamera(session.frame_size, 25, size=64, backend=RecordingCamera(fail_after=3))
+            with pytest.raises(OutputError, match="VirtualCamera failed: RuntimeError: the camera went away"):
+                await show_on_devices(session, failing, None, ticks=100)
+            failing.close()
+            return shown, ticks, backend, camera, voice, late, stalled, session.closed
+        finally:
+            await engine.stop()
+
+    shown, ticks, backend, camera, voice, late, stalled, closed = run(main())
+    assert shown == 60 and len(backend.frames) == 60 and backend.closed and camera.dropped == 0
+    assert all(f.shape == (64, 64, 3) for f in backend.frames)
+    want = [np.asarray(Image.fromarray(t.video).resize((64, 64), Image.BILINEAR)) for t in ticks]
+    assert all(np.array_equal(got, w) for got, w in zip(backend.frames, want)), "each tick's own frame, in order"
+    played = np.fromfile(alsa / "speaker.raw", "<f4")
+    sound = np.concatenate([t.audio for t in ticks])
+    assert any(t.speech for t in ticks) and np.abs(sound).max() > 0.1
+    assert np.array_equal(played[:len(sound)], sound), "the sound of the same ticks, sample for sample"
+    assert voice.dropped == 0 and voice.error is None
+    # the stalled camera: the clock went on (75 ticks in ~3 s), the camera got the newest second, not the backlog
+    assert late == 75 and stalled.dropped >= 20 and len(stalled._camera.frames) == 75 - stalled.dropped
+    assert not closed
+
+
+def test_letstalk_camera_plays_the_voice_in_step_and_says_what_is_missing(tiny_model_dir, alsa, tmp_path, capsys):
+    """`letstalk camera --audio F --speaker D --no-camera --seconds S` shows S seconds and plays the avatar's voice on
+    D at D's own rate (resampled), the speech where the file has it; without a virtual camera on the machine it stops
+    at once with one line saying how to get one; a microphone that is not there, the same."""
+    import av
+
+    from letstalk_rt.cli import main
+
+    speech = tmp_path / "speech.wav"
+    pcm = np.concatenate([np.zeros(RATE // 2, np.float32), speechlike(1.5) + 0.05, np.zeros(RATE, np.float32)])
+    with av.open(str(speech), "w") as out:
+        stream = out.add_stream("pcm_s16le", rate=RATE, layout="mono")
+        frame = av.AudioFrame.from_ndarray((pcm * 32767).astype(np.int16).reshape(1, -1), format="s16",
+                                           layout="mono")
+        frame.sample_rate = RATE
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            out.mux(packet)
+    base = ["camera", "--model", str(tiny_model_dir), "--quiet"]
+    code = main([*base, "--audio", str(speech), "--speaker", "letstalk_speaker", "--no-camera", "--seconds", "3"])
+    said = capsys.readouterr()
+    assert code == 0, said.err
+    assert re.search(r"showed 3\.0 s; speech-to-screen latency p95 \d+ ms", said.out), said.out
+    rate = int(re.search(r"letstalk_speaker \((\d+) Hz\)", said.err).group(1))
+    played = np.fromfile(alsa / "speaker.raw", "<f4")
+    assert abs(len(played) - 3 * rate) <= rate // 10, (len(played), rate)
+    loud = np.array([np.sqrt(np.mean(played[i:i + rate // 10] ** 2)) for i in range(0, 3 * rate, rate // 10)])
+    assert loud[:4].max() < 0.02 and loud[10:20].mean() > 0.1, loud  # its speech after half a second, shown late
+
+    code = main([*base, "--audio", str(speech), "--speaker", "none", "--seconds", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "virtual camera" in err and ("modprobe v4l2loopback" in err or "pip install" in err), err
+    code = main([*base, "--mic", "no such mic", "--speaker", "letstalk_speaker", "--no-camera", "--seconds", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot open the microphone 'no such mic'" in err, err
+    assert main([*base, "--no-camera", "--speaker", "none"]) == 2 and "nothing to show" in capsys.readouterr().err
