@@ -442,13 +442,13 @@ async def _demo(pipe, image, speech: Path, args: argparse.Namespace, voice=None)
 def cmd_camera(args: argparse.Namespace) -> None:
     """Your microphone (or --audio) in; the avatar out as a virtual camera and its voice, in step, on --speaker."""
     from .media import load_image
-    from .stream.devices import audio_devices, camera_size
+    from .stream.devices import audio_devices, check_camera_size
 
     if args.list_devices:
         print(audio_devices())
         return
     check_live_args(args)
-    camera_size((1, 1), args.camera_size)  # (the size checked before the model loads)
+    check_camera_size(args.camera_size)
     if args.seconds is not None and not (math.isfinite(args.seconds) and args.seconds > 0):
         raise LetsTalkError(f"--seconds {args.seconds}: give more than 0 (or leave it out: until Ctrl-C)")
     if args.no_camera and args.speaker == "none":

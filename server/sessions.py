@@ -568,7 +568,7 @@ class ServerSession:
     def error_event(self, message: str, code: str = "error", request: Any = None) -> None:
         """An `error` the client can fix; `request`: the id of the control message it answers, if it had one."""
         self.send_json({"type": "error", "session_id": self.id, "code": code, "message": message,
-                              "time": time.time(), **({"id": request} if request is not None else {})})
+                        "time": time.time(), **({"id": request} if request is not None else {})})
 
     def listen(self) -> asyncio.Queue | None:
         """A queue that gets every engine event of this session from now on (None at its end); None when the session

@@ -83,11 +83,16 @@ class _Writer:
                 return
 
 
-def camera_size(frame_size: tuple[int, int], size: int) -> tuple[int, int]:
-    """The camera's (width, height): the frames' shape scaled to `size` on their longer side, even (video formats).
-    InputError for a size no camera takes."""
+def check_camera_size(size: int) -> int:
+    """`size` (the camera's longer side, pixels), or InputError for one no camera takes."""
     if not 16 <= size <= 1920:
         raise InputError(f"camera size {size}: choose 16..1920 pixels")
+    return size
+
+
+def camera_size(frame_size: tuple[int, int], size: int) -> tuple[int, int]:
+    """The camera's (width, height): the frames' shape scaled to `size` on their longer side, even (video formats)."""
+    check_camera_size(size)
     width, height = frame_size
     scale = size / max(width, height)
     return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
