@@ -50,6 +50,13 @@ async def one_run(pipe, image, seconds: float, size: int | None, speaker: str | 
         shown = await show_on_devices(session, camera, voice, ticks=int(seconds * pipe.fps))
         took, cpu1 = time.monotonic() - t0, resource.getrusage(resource.RUSAGE_SELF)
         feeder.cancel()
+        scale_ms = None
+        if camera is not None:  # what the camera's thread does with one frame, timed alone
+            frame = session.player.last.video
+            start = time.perf_counter()
+            for _ in range(250):
+                camera._show(frame)
+            scale_ms = (time.perf_counter() - start) / 250 * 1000
         for device in (camera, voice):
             if device is not None:
                 device.close()
@@ -58,6 +65,7 @@ async def one_run(pipe, image, seconds: float, size: int | None, speaker: str | 
     return {"devices": " + ".join(filter(None, [f"camera {camera.width}x{camera.height}" if camera else "",
                                                  f"speaker {voice.name}" if voice else ""])) or "none",
             "shown": shown, "p50": stats["latency_ms_p50"], "p95": stats["latency_ms_p95"], "held": stats["fillers"],
+            "draws": pipe.noise_draws, "scale_ms": scale_ms,
             "cpu_per_s": cpu / took, "dropped": sum(d.dropped for d in (camera, voice) if d is not None)}
 
 
@@ -69,12 +77,14 @@ def main() -> None:
     args = p.parse_args()
     pipe = LetsTalkPipeline.from_pretrained(ASSETS / "default_model")
     image = load_image(ASSETS / "portrait.png")
-    print("| devices | ticks | latency p50 / p95 (ms) | held | process CPU (cores) | device ticks dropped |")
-    print("|---|---|---|---|---|---|")
+    print("| devices | ticks | latency p50 / p95 (ms) | held | noise draws at the end | process CPU (cores) | "
+          "device ticks dropped | camera's scaling and hand-over, a frame (ms) |")
+    print("|---|---|---|---|---|---|---|---|")
     for size, speaker in ((None, None), (args.size, args.speaker)):
         r = asyncio.run(one_run(pipe, image, args.seconds, size, speaker))
-        print(f"| {r['devices']} | {r['shown']} | {r['p50']:.0f} / {r['p95']:.0f} | {r['held']} | "
-              f"{r['cpu_per_s']:.2f} | {r['dropped']} |", flush=True)
+        scale = "-" if r["scale_ms"] is None else f"{r['scale_ms']:.2f}"
+        print(f"| {r['devices']} | {r['shown']} | {r['p50']:.0f} / {r['p95']:.0f} | {r['held']} | {r['draws']} | "
+              f"{r['cpu_per_s']:.2f} | {r['dropped']} | {scale} |", flush=True)
 
 
 if __name__ == "__main__":
