@@ -161,7 +161,14 @@ def load_sounddevice():
 
 def audio_devices() -> str:
     """The audio devices PortAudio sees, one a line: what `--mic` and `--speaker` take (a name or its number)."""
-    return str(load_sounddevice().query_devices())
+    listed = str(load_sounddevice().query_devices())
+    return listed or "none: PortAudio sees no audio device (no sound card, nor a PulseAudio / PipeWire server)"
+
+
+def unusable_device(kind: str, device: int | str | None, error: Exception) -> InputError:
+    """InputError for a microphone or speaker (`kind`) that cannot be opened: why, and the devices there are."""
+    name = f"the system's default {kind}" if device is None else f"the {kind} {device!r}"
+    return InputError(f"cannot open {name}: {error}; the audio devices:\n{audio_devices()}")
 
 
 class AudioOutput:
@@ -178,7 +185,7 @@ class AudioOutput:
                                            latency="low")
             self._stream.start()
         except (ValueError, sd.PortAudioError) as e:
-            raise InputError(f"cannot play sound on {device!r}: {e}; the devices:\n{sd.query_devices()}") from None
+            raise unusable_device("speaker", device, e) from None
         self.name = info["name"]
         self.sample_rate = sample_rate
         self._resampler = None

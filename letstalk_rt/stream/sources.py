@@ -127,7 +127,7 @@ class MicrophoneSource(AudioSource):
 
     def __init__(self, device: int | str | None = None, sample_rate: int = 16000, chunk_ms: int = 20,
                  max_queue: int = 100) -> None:
-        from .devices import load_sounddevice
+        from .devices import load_sounddevice, unusable_device
 
         sd = load_sounddevice()  # InputError, saying what to install, before anything runs
         self.device = device
@@ -135,12 +135,14 @@ class MicrophoneSource(AudioSource):
         try:  # ... and for a device that is not there
             sd.check_input_settings(device=device, channels=1, dtype="float32", samplerate=sample_rate)
         except (ValueError, sd.PortAudioError) as e:
-            raise self._unusable(sd, e) from None
+            raise unusable_device("microphone", self.device, e) from None
         self.blocksize = int(sample_rate * chunk_ms / 1000)
         self.max_queue = max_queue  # 2 s of 20 ms blocks; older blocks are dropped if the loop lags
 
     async def chunks(self) -> AsyncIterator[tuple[np.ndarray, int]]:
         import sounddevice as sd
+
+        from .devices import unusable_device
 
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[np.ndarray] = asyncio.Queue(self.max_queue)
@@ -157,14 +159,10 @@ class MicrophoneSource(AudioSource):
             stream = sd.InputStream(samplerate=self.rate, channels=1, dtype="float32", blocksize=self.blocksize,
                                     device=self.device, callback=callback)
         except (ValueError, sd.PortAudioError) as e:
-            raise self._unusable(sd, e) from None
+            raise unusable_device("microphone", self.device, e) from None
         with stream:
             while True:
                 yield await queue.get(), self.rate
-
-
-    def _unusable(self, sd, e: Exception) -> InputError:
-        return InputError(f"cannot open the microphone {self.device!r}: {e}; the devices:\n{sd.query_devices()}")
 
 
 class TextSource(AudioSource):
