@@ -1,13 +1,18 @@
-"""Your microphone drives the avatar; the avatar goes to a virtual camera (or to PNG snapshots + stats).
+"""Your microphone drives the avatar on a server; the avatar comes back as a virtual camera and its voice (or as PNG
+snapshots + stats).
 
     python client_examples/microphone.py                               # default mic of the platform
     python client_examples/microphone.py --mic-format alsa --mic-device hw:1
-    pip install pyvirtualcam   # then the avatar appears as a webcam in Zoom / Meet / OBS (needs v4l2loopback,
-                               # OBS virtual camera or Unity Capture, see pyvirtualcam's docs)
+    pip install 'letstalk-rt[devices]'   # then the avatar appears as a webcam in Zoom / Meet / OBS (needs
+                                         # v4l2loopback, or OBS's Virtual Camera: letstalk_rt.devices)
+    python client_examples/microphone.py --speaker pulse   # and its voice, in step with its lips, on an audio
+                                                           # device a call takes as its microphone (README)
 
-The microphone is sent as the session's WebRTC audio track (the server feeds it to the avatar: it
-speaks what it hears). Received frames go to pyvirtualcam when it is installed; otherwise, without any
-GUI dependency, the latest frame is saved to --snapshot every second and stats are printed.
+The microphone is sent as the session's WebRTC audio track (the server feeds it to the avatar: it speaks what it
+hears). Received frames go to a virtual camera when pyvirtualcam is installed and finds one, and the received voice
+to --speaker (the SDK hands each frame over with the audio of its media time, so they leave in step); otherwise,
+without any GUI dependency, the latest frame is saved to --snapshot every second and stats are printed. The same runs
+in-process, with no server, as `letstalk camera`.
 """
 
 from __future__ import annotations
@@ -45,31 +50,48 @@ def open_microphone(fmt: str, device: str):
 
 
 async def show(session, args: argparse.Namespace) -> None:
-    try:
-        import pyvirtualcam
-    except ImportError:
-        pyvirtualcam = None
-    frames, t0, last_report = 0, time.monotonic(), time.monotonic()
-    cam = None
-    async for rgb in session.video_frames():
-        frames += 1
-        if pyvirtualcam is not None:
-            scale = max(1, args.cam_size // rgb.shape[0])
-            big = rgb.repeat(scale, 0).repeat(scale, 1)  # nearest-neighbour upscale: cameras want >= 320 px
-            if cam is None:
-                cam = pyvirtualcam.Camera(width=big.shape[1], height=big.shape[0], fps=25)
-                print(f"virtual camera: {cam.device} ({big.shape[1]}x{big.shape[0]})")
-            cam.send(big)
-        elif time.monotonic() - last_report >= 1.0:
-            from PIL import Image
+    from letstalk_rt.devices import AudioOutput, VirtualCamera
 
-            Image.fromarray(rgb).save(args.snapshot)
-            last_report = time.monotonic()
-            counts = session.frames_received
-            print(f"\r{frames / (last_report - t0):5.1f} fps shown, {counts['audio']} audio packets, "
-                  f"snapshot -> {args.snapshot}", end="", flush=True)
-    if cam is not None:
-        cam.close()
+    info = session.info["video"]
+    try:
+        cam = VirtualCamera((info["width"], info["height"]), info["fps"], size=args.cam_size)
+        print(f"virtual camera: {cam.device} ({cam.width}x{cam.height})")
+    except LetsTalkError as e:
+        cam = None
+        print(f"no virtual camera ({e}); saving snapshots to {args.snapshot} instead")
+    voice = None
+
+    async def play_voice() -> None:
+        nonlocal voice
+        async for chunk in session.audio_frames():
+            if voice is None:  # at the rate the SDK hands over (48 kHz: Opus)
+                voice = AudioOutput(args.speaker, chunk.sample_rate)
+                print(f"the avatar's voice: {voice.name}")
+            voice.play(chunk.mono_float())
+
+    playing = asyncio.create_task(play_voice()) if args.speaker else None
+    frames, t0, last_report = 0, time.monotonic(), time.monotonic()
+    try:
+        async for rgb in session.video_frames():
+            frames += 1
+            if cam is not None:
+                cam.send(rgb)
+            elif time.monotonic() - last_report >= 1.0:
+                from PIL import Image
+
+                Image.fromarray(rgb).save(args.snapshot)
+                last_report = time.monotonic()
+                counts = session.frames_received
+                print(f"\r{frames / (last_report - t0):5.1f} fps shown, {counts['audio']} audio packets, "
+                      f"snapshot -> {args.snapshot}", end="", flush=True)
+            if playing is not None and playing.done():
+                playing.result()  # a speaker that cannot be opened: said
+    finally:
+        if playing is not None:
+            playing.cancel()
+        for device in (cam, voice):
+            if device is not None:
+                device.close()
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -89,7 +111,7 @@ async def run(args: argparse.Namespace) -> None:
             await session.close()
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--server", default="http://127.0.0.1:8080")
     p.add_argument("--api-key", default=None)
@@ -104,8 +126,14 @@ def main() -> int:
     p.add_argument("--mic-format", default=None, help="FFmpeg input format: pulse, alsa, avfoundation, dshow")
     p.add_argument("--mic-device", default=None, help="FFmpeg input device, e.g. default, hw:0, :0")
     p.add_argument("--cam-size", type=int, default=512, help="virtual camera size in pixels (upscaled)")
+    p.add_argument("--speaker", default=None, help="play the avatar's voice on this output device (a name from "
+                   "`letstalk camera --list-devices`, e.g. pulse), in step with the camera; default: not played")
     p.add_argument("--snapshot", type=Path, default=Path("avatar_latest.png"))
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def main() -> int:
+    args = parse_args()
     try:
         asyncio.run(run(args))
     except KeyboardInterrupt:

@@ -442,7 +442,7 @@ async def _demo(pipe, image, speech: Path, args: argparse.Namespace, voice=None)
 def cmd_camera(args: argparse.Namespace) -> None:
     """Your microphone (or --audio) in; the avatar out as a virtual camera and its voice, in step, on --speaker."""
     from .media import load_image
-    from .stream.devices import audio_devices, check_camera_size
+    from .devices import audio_devices, check_camera_size
 
     if args.list_devices:
         print(audio_devices())
@@ -464,7 +464,7 @@ def cmd_camera(args: argparse.Namespace) -> None:
 
 async def _camera(pipe, image, source, args: argparse.Namespace) -> None:
     from .stream import EngineConfig, StreamEngine
-    from .stream.devices import AudioOutput, VirtualCamera, show_on_devices
+    from .devices import AudioOutput, VirtualCamera, show_on_devices
 
     config = EngineConfig(max_sessions=1, max_batch=1, **live_config(args))
     camera = voice = None

@@ -1,4 +1,4 @@
-"""What showing a live session on local devices costs (`letstalk camera`, `stream.devices`): the bundled speech played in
+"""What showing a live session on local devices costs (`letstalk camera`, `letstalk_rt.devices`): the bundled speech played in
 real time through the engine, its frames read on the session's clock, alone and then sent to a virtual camera scaled
 to --size (a backend that takes the frames in place of pyvirtualcam's device: the scaling and the hand-over are what is
 timed) and to an audio device (--speaker, optional; e.g. an ALSA file device). Prints a markdown row per run.
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from letstalk_rt.media import load_image  # noqa: E402
 from letstalk_rt.pipeline import LetsTalkPipeline  # noqa: E402
 from letstalk_rt.stream import EngineConfig, FileSource, StreamEngine  # noqa: E402
-from letstalk_rt.stream.devices import AudioOutput, VirtualCamera, show_on_devices  # noqa: E402
+from letstalk_rt.devices import AudioOutput, VirtualCamera, show_on_devices  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parent.parent / "letstalk_rt" / "assets"
 

@@ -1,4 +1,4 @@
-"""The avatar on local devices (`stream.devices`, `letstalk camera`): a microphone read through PortAudio, each tick's
+"""The avatar on local devices (`letstalk_rt.devices`, `letstalk camera`): a microphone read through PortAudio, each tick's
 frame to a virtual camera and its sound to an output device, together.
 
 The audio devices are real PortAudio (ALSA) devices: ALSA's `file` plugin, configured here, reads a microphone's
@@ -98,7 +98,7 @@ def test_each_tick_goes_to_the_camera_and_its_sound_to_the_speaker_together(tiny
     while the clock and the voice go on; one that fails ends it with an OutputError naming it."""
     from PIL import Image
 
-    from letstalk_rt.stream.devices import AudioOutput, VirtualCamera, show_on_devices
+    from letstalk_rt.devices import AudioOutput, VirtualCamera, show_on_devices
 
     async def main():
         engine = await StreamEngine(tiny_pipeline, EngineConfig(warmup=False)).start()
@@ -178,3 +178,36 @@ def test_letstalk_camera_plays_the_voice_in_step_and_says_what_is_missing(tiny_m
     err = capsys.readouterr().err
     assert code == 2 and "cannot open the microphone 'no such mic'" in err, err
     assert main([*base, "--no-camera", "--speaker", "none"]) == 2 and "nothing to show" in capsys.readouterr().err
+
+
+def test_the_microphone_example_drives_a_server_and_plays_the_avatars_voice(tiny_pipeline, alsa, tmp_path):
+    """client_examples/microphone.py as a user runs it against a server: its microphone (an ALSA device read by
+    FFmpeg, as the example reads any) drives the avatar over WebRTC; the avatar's voice comes back and plays on the
+    speaker device, louder while it speaks; with no virtual camera on the machine it saves snapshots instead."""
+    import sounddevice as sd
+
+    from conftest import client_example
+    from server_helpers import running_server
+
+    example = client_example("microphone")
+    voice = np.concatenate([np.zeros(24000, np.float32), speechlike(3.0, rate=48000) + 0.05])
+    (np.clip(voice, -1, 1) * 32767).astype("<i2").tofile(alsa / "mic.raw")  # FFmpeg's ALSA input: 48 kHz s16
+    snapshot = tmp_path / "snap.png"
+    args = example.parse_args(["--mic-format", "alsa", "--mic-device", "letstalk_mic", "--speaker", "letstalk_speaker",
+                               "--cam-size", "64", "--snapshot", str(snapshot)])
+
+    async def main():
+        async with running_server(tiny_pipeline) as srv:
+            args.server = srv.url
+            try:
+                await asyncio.wait_for(example.run(args), 6.0)  # a user's Ctrl-C
+            except asyncio.TimeoutError:
+                pass
+
+    run(main())
+    played = np.fromfile(alsa / "speaker.raw", "<f4")
+    rate = int(sd.query_devices("letstalk_speaker", "output")["default_samplerate"])  # (the speaker's own)
+    assert len(played) >= 3 * rate, len(played) / rate  # the voice played for most of the run
+    loud = [float(np.sqrt(np.mean(played[i:i + rate // 2] ** 2))) for i in range(0, len(played) - rate // 2, rate // 2)]
+    assert max(loud) > 0.02 and min(loud) < 0.2 * max(loud), loud  # speech after silence, not a constant
+    assert snapshot.exists()

@@ -127,7 +127,7 @@ class MicrophoneSource(AudioSource):
 
     def __init__(self, device: int | str | None = None, sample_rate: int = 16000, chunk_ms: int = 20,
                  max_queue: int = 100) -> None:
-        from .devices import load_sounddevice, unusable_device
+        from ..devices import load_sounddevice, unusable_device
 
         sd = load_sounddevice()  # InputError, saying what to install, before anything runs
         self.device = device
@@ -142,7 +142,7 @@ class MicrophoneSource(AudioSource):
     async def chunks(self) -> AsyncIterator[tuple[np.ndarray, int]]:
         import sounddevice as sd
 
-        from .devices import unusable_device
+        from ..devices import unusable_device
 
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[np.ndarray] = asyncio.Queue(self.max_queue)

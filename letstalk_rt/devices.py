@@ -12,7 +12,9 @@ virtual camera and whose microphone is this output's loopback (a PulseAudio / Pi
 BlackHole on macOS, VB-Cable on Windows) sends lips and voice together.
 
 Each device is written by a thread of its own from a bounded queue: a device that blocks or falls behind loses its
-oldest ticks (counted in `dropped`) and never holds up the session's clock or the event loop.
+oldest ticks (counted in `dropped`) and never holds up the session's clock or the event loop. This module imports no
+torch: an application that receives the avatar from a server through the SDK (`client_examples/microphone.py`) shows
+it on the same devices.
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import InputError, OutputError
+from .errors import InputError, OutputError
 
 if TYPE_CHECKING:
-    from .engine import Session
+    from .stream.engine import Session
 
 log = logging.getLogger(__name__)
 
