@@ -167,10 +167,14 @@ def audio_devices() -> str:
     return listed or "none: PortAudio sees no audio device (no sound card, nor a PulseAudio / PipeWire server)"
 
 
+def device_name(kind: str, device: int | str | None) -> str:
+    """A microphone or speaker (`kind`) as the user named it: "the microphone 'USB'", "the system's default ..."."""
+    return f"the system's default {kind}" if device is None else f"the {kind} {device!r}"
+
+
 def unusable_device(kind: str, device: int | str | None, error: Exception) -> InputError:
     """InputError for a microphone or speaker (`kind`) that cannot be opened: why, and the devices there are."""
-    name = f"the system's default {kind}" if device is None else f"the {kind} {device!r}"
-    return InputError(f"cannot open {name}: {error}; the audio devices:\n{audio_devices()}")
+    return InputError(f"cannot open {device_name(kind, device)}: {error}; the audio devices:\n{audio_devices()}")
 
 
 class AudioOutput:

@@ -32,7 +32,10 @@ def test_bench_reports_every_run_and_the_spread_of_repeats(tiny_pipeline, tmp_pa
     assert json.loads(out.read_text()) == report and report["complete"]
     assert [r["sessions"] for r in report["runs"]] == [1, 1, 2, 2]
     for run in report["runs"]:
-        assert 0.9 < run["realtime_factor"] <= 1.0  # ticks that showed a generated frame: never more than all
+        # ticks that showed a generated frame: never more than all, short of all only by the held ones (how far short
+        # is the machine's speed, which the benchmark measures, not this test: a slow spell of a shared VM held 10 of
+        # 75 ticks of 2 sessions once)
+        assert 0 < run["realtime_factor"] <= 1.0 and (run["realtime_factor"] < 1.0) == (run["held_frames"] > 0)
         assert run["latency_ms_p50"] is not None and run["latency_ms_p50"] <= run["latency_ms_p95"]
         # each session's own p50 (the pooled p50 lies among them), and the p95 without the start
         by_session = run["latency_ms_p50_by_session"]

@@ -35,7 +35,7 @@ def test_webrtc_bench_measures_pacing_lip_to_sound_and_speech_to_sound_at_the_pe
     assert report["webrtc"] and report["complete"]
     (run,) = report["runs"]
     assert run["av_offset_ms_max"] is None  # aiortc's senders read the tracks: the offset is measured at the peer
-    assert 0.9 < run["realtime_factor"] <= 1.0
+    assert 0 < run["realtime_factor"] <= 1.0 and (run["realtime_factor"] < 1.0) == (run["held_frames"] > 0)
     (peer,) = run["webrtc"]
     assert 0 < peer["first_frame_received_ms"] < 5000
     assert peer["pacing"]["frames"] > 100 and 22 < peer["pacing"]["fps"] < 28
@@ -67,7 +67,8 @@ def test_webrtc_bench_with_the_peers_in_a_process_of_their_own(tiny_pipeline, as
 
     assert report["peer_process"] and report["webrtc"] and report["complete"] and report["full_frame"] == 48
     (run,) = report["runs"]
-    assert 0.9 < run["realtime_factor"] <= 1.0 and run["latency_ms_p50"] is not None
+    assert 0 < run["realtime_factor"] <= 1.0 and (run["realtime_factor"] < 1.0) == (run["held_frames"] > 0)
+    assert run["latency_ms_p50"] is not None
     (peer,) = run["webrtc"]
     assert peer["peer_pid"] != os.getpid() and peer["peer_loop"]["loop_lag_ms_by_minute"]  # its own loop, watched
     assert peer["pacing"]["frames"] > 80 and 22 < peer["pacing"]["fps"] < 28

@@ -70,6 +70,42 @@ def test_the_microphone_source_reads_an_input_device_in_order(alsa):
     assert np.array_equal(heard, np.fromfile(alsa / "mic.raw", "<f4")), "the device's samples, in order"
 
 
+def test_a_microphone_that_stops_or_goes_quiet_ends_its_source_saying_so(alsa, monkeypatch):
+    """A device delivers blocks all the time, silent or not: one whose stream PortAudio ends (unplugged) ends the
+    source with an InputError saying so, and one that stops delivering does too after `stall_s`. (PortAudio's stream is
+    replaced here by one that delivers a few blocks, then does either.)"""
+    import sounddevice as sd
+
+    class DyingStream:
+        def __init__(self, callback, finished_callback, blocksize, ends: bool, **_) -> None:
+            self.callback, self.finished, self.blocksize, self.ends = callback, finished_callback, blocksize, ends
+
+        def __enter__(self):
+            def deliver():
+                for _ in range(5):
+                    self.callback(np.zeros((self.blocksize, 1), np.float32), self.blocksize, None, None)
+                if self.ends:
+                    self.finished()
+            threading.Thread(target=deliver).start()
+            return self
+
+        def __exit__(self, *exc) -> None:
+            pass
+
+    async def read(ends: bool) -> tuple[int, str]:
+        monkeypatch.setattr(sd, "InputStream", lambda **kw: DyingStream(ends=ends, **kw))
+        got = 0
+        with pytest.raises(InputError) as e:
+            async for _ in MicrophoneSource("letstalk_mic", stall_s=0.5).chunks():
+                got += 1
+        return got, str(e.value)
+
+    assert run(read(ends=True)) == (5, "the microphone 'letstalk_mic' stopped (unplugged?)")
+    started = time.monotonic()
+    got, error = run(read(ends=False))
+    assert got == 5 and "sent no sound for 0.5 s" in error and 0.4 < time.monotonic() - started < 3
+
+
 class RecordingCamera:
     """In place of pyvirtualcam's camera: keeps what it is sent; `hold` blocks its sends while set."""
 

@@ -13,6 +13,7 @@ Any rate and channel count is accepted; the session resamples to 16 kHz mono wit
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
@@ -123,10 +124,11 @@ class TrackSource(AudioSource):
 class MicrophoneSource(AudioSource):
     """A microphone (or any input device) through sounddevice / PortAudio (optional extra `[devices]`): `device` a
     name (or part of one) or a number (`devices.audio_devices()`), None the system's default. InputError naming the
-    devices when it cannot be opened."""
+    devices when it cannot be opened, and when it stops sending sound (unplugged, or taken away by the system): a
+    device delivers its blocks, silent or not, all the time, so `stall_s` without one means it is gone."""
 
     def __init__(self, device: int | str | None = None, sample_rate: int = 16000, chunk_ms: int = 20,
-                 max_queue: int = 100) -> None:
+                 max_queue: int = 100, stall_s: float = 3.0) -> None:
         from ..devices import load_sounddevice, unusable_device
 
         sd = load_sounddevice()  # InputError, saying what to install, before anything runs
@@ -138,16 +140,17 @@ class MicrophoneSource(AudioSource):
             raise unusable_device("microphone", self.device, e) from None
         self.blocksize = int(sample_rate * chunk_ms / 1000)
         self.max_queue = max_queue  # 2 s of 20 ms blocks; older blocks are dropped if the loop lags
+        self.stall_s = stall_s
 
     async def chunks(self) -> AsyncIterator[tuple[np.ndarray, int]]:
         import sounddevice as sd
 
-        from ..devices import unusable_device
+        from ..devices import device_name, unusable_device
 
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[np.ndarray] = asyncio.Queue(self.max_queue)
+        queue: asyncio.Queue[np.ndarray | None] = asyncio.Queue(self.max_queue)
 
-        def put(block: np.ndarray) -> None:
+        def put(block: np.ndarray | None) -> None:
             if queue.full():
                 queue.get_nowait()
             queue.put_nowait(block)
@@ -155,14 +158,26 @@ class MicrophoneSource(AudioSource):
         def callback(indata, frames, time_info, status) -> None:  # PortAudio thread
             loop.call_soon_threadsafe(put, indata[:, 0].copy())
 
+        def finished() -> None:  # PortAudio thread: the stream ended (its device went, or we closed it)
+            with contextlib.suppress(RuntimeError):  # (the loop already gone)
+                loop.call_soon_threadsafe(put, None)
+
         try:
             stream = sd.InputStream(samplerate=self.rate, channels=1, dtype="float32", blocksize=self.blocksize,
-                                    device=self.device, callback=callback)
+                                    device=self.device, callback=callback, finished_callback=finished)
         except (ValueError, sd.PortAudioError) as e:
             raise unusable_device("microphone", self.device, e) from None
+        name = device_name("microphone", self.device)
         with stream:
             while True:
-                yield await queue.get(), self.rate
+                try:
+                    block = await asyncio.wait_for(queue.get(), self.stall_s)
+                except asyncio.TimeoutError:
+                    raise InputError(f"{name} sent no sound for {self.stall_s:g} s: unplugged, or taken by another "
+                                     "program?") from None
+                if block is None:
+                    raise InputError(f"{name} stopped (unplugged?)")
+                yield block, self.rate
 
 
 class TextSource(AudioSource):
