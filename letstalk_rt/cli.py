@@ -459,7 +459,15 @@ def cmd_camera(args: argparse.Namespace) -> None:
     source = FileSource(args.audio, realtime=True) if args.audio is not None else MicrophoneSource(args.mic)
     image = load_image(args.portrait or ASSETS / "portrait.png")
     pipe = _load_pipeline(args)
-    asyncio.run(_camera(pipe, image, source, args))
+    try:
+        asyncio.run(_camera(pipe, image, source, args))
+    except KeyboardInterrupt:  # how it is meant to stop: the devices were closed on the way out
+        print("\nletstalk camera: stopped", file=sys.stderr)
+
+
+def _audio_device(text: str) -> int | str:
+    """--mic / --speaker: a device's number, or (part of) its name."""
+    return int(text) if text.isdigit() else text
 
 
 async def _camera(pipe, image, source, args: argparse.Namespace) -> None:
@@ -793,11 +801,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "a virtual camera and the avatar's voice out, in step")
     p.add_argument("--portrait", type=Path, default=None, help="image with one front-facing face (default: the "
                    "bundled portrait)")
-    p.add_argument("--mic", default=None, metavar="DEVICE", help="the microphone: a name (or part of one) or number "
+    p.add_argument("--mic", type=_audio_device, default=None, metavar="DEVICE", help="the microphone: a name (or part of one) or number "
                    "from --list-devices (default: the system's)")
     p.add_argument("--audio", type=Path, default=None, help="play this speech file at real-time pace instead of "
                    "listening to a microphone (to try the set-up)")
-    p.add_argument("--speaker", default=None, metavar="DEVICE", help="where the avatar's voice plays, in step with its "
+    p.add_argument("--speaker", type=_audio_device, default=None, metavar="DEVICE", help="where the avatar's voice plays, in step with its "
                    "lips: a loopback the call app takes as its microphone (a PulseAudio/PipeWire null sink, "
                    "BlackHole, VB-Cable); default: the system's output; none: no voice")
     p.add_argument("--no-camera", action="store_true", help="no virtual camera (the voice only)")

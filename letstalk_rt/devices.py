@@ -85,6 +85,20 @@ class _Writer:
                 return
 
 
+class _Device:
+    """A device written by a thread of its own (`_Writer`): the ticks it lost falling behind, and why it failed."""
+
+    _writer: _Writer
+
+    @property
+    def dropped(self) -> int:
+        return self._writer.dropped
+
+    @property
+    def error(self) -> str | None:
+        return self._writer.error
+
+
 def check_camera_size(size: int) -> int:
     """`size` (the camera's longer side, pixels), or InputError for one no camera takes."""
     if not 16 <= size <= 1920:
@@ -100,7 +114,7 @@ def camera_size(frame_size: tuple[int, int], size: int) -> tuple[int, int]:
     return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
 
 
-class VirtualCamera:
+class VirtualCamera(_Device):
     """A virtual webcam (pyvirtualcam) showing frames of `frame_size`, scaled to `size` pixels on their longer side
     (call apps want 320 or more; the bundled model's crop is 128). `device`: which one (e.g. /dev/video2 on Linux;
     None: the first free). `backend`: an object with `send(rgb)`, `close()` and `device` instead of pyvirtualcam's
@@ -114,14 +128,6 @@ class VirtualCamera:
         self._camera = backend
         self.device = str(getattr(backend, "device", device))
         self._writer = _Writer(f"camera-{self.device}", self._show)
-
-    @property
-    def dropped(self) -> int:
-        return self._writer.dropped
-
-    @property
-    def error(self) -> str | None:
-        return self._writer.error
 
     def send(self, rgb: np.ndarray) -> None:
         """Queue one frame, uint8 (H, W, 3) (the event loop: never blocks)."""
@@ -177,7 +183,7 @@ def unusable_device(kind: str, device: int | str | None, error: Exception) -> In
     return InputError(f"cannot open {device_name(kind, device)}: {error}; the audio devices:\n{audio_devices()}")
 
 
-class AudioOutput:
+class AudioOutput(_Device):
     """Sound to an output device (sounddevice / PortAudio), `sample_rate` mono float32 in, played at the device's
     `rate` (None: its default), resampled with PyAV. `device`: a name (or part of one) or a number
     (`audio_devices()`), None the system's default. InputError naming the devices when it cannot be opened."""
@@ -201,14 +207,6 @@ class AudioOutput:
             self._resampler = av.AudioResampler(format="flt", layout="mono", rate=self.rate)
         self.underflows = 0  # times the device ran out of sound (the session's clock slower than the device's)
         self._writer = _Writer(f"speaker-{self.name}", self._play)
-
-    @property
-    def dropped(self) -> int:
-        return self._writer.dropped
-
-    @property
-    def error(self) -> str | None:
-        return self._writer.error
 
     def play(self, pcm: np.ndarray) -> None:
         """Queue float32 mono samples at `sample_rate` (the event loop: never blocks)."""

@@ -180,8 +180,8 @@ def test_each_tick_goes_to_the_camera_and_its_sound_to_the_speaker_together(tiny
 
 
 def test_letstalk_camera_plays_the_voice_in_step_and_says_what_is_missing(tiny_model_dir, alsa, tmp_path, capsys):
-    """`letstalk camera --audio F --speaker D --no-camera --seconds S` shows S seconds and plays the avatar's voice on
-    D at D's own rate (resampled), the speech where the file has it; without a virtual camera on the machine it stops
+    """`letstalk camera --audio F --speaker N --no-camera --seconds S` shows S seconds and plays the avatar's voice on
+    device number N at its own rate (resampled), the speech where the file has it; without a virtual camera on the machine it stops
     at once with one line saying how to get one; a microphone that is not there, the same."""
     import av
 
@@ -197,7 +197,10 @@ def test_letstalk_camera_plays_the_voice_in_step_and_says_what_is_missing(tiny_m
         for packet in [*stream.encode(frame), *stream.encode(None)]:
             out.mux(packet)
     base = ["camera", "--model", str(tiny_model_dir), "--quiet"]
-    code = main([*base, "--audio", str(speech), "--speaker", "letstalk_speaker", "--no-camera", "--seconds", "3"])
+    import sounddevice as sd
+
+    number = next(i for i, d in enumerate(sd.query_devices()) if d["name"] == "letstalk_speaker")  # (by its number)
+    code = main([*base, "--audio", str(speech), "--speaker", str(number), "--no-camera", "--seconds", "3"])
     said = capsys.readouterr()
     assert code == 0, said.err
     assert re.search(r"showed 3\.0 s; speech-to-screen latency p95 \d+ ms", said.out), said.out
