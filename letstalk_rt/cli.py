@@ -498,11 +498,10 @@ async def _camera(pipe, image, source, args: argparse.Namespace) -> None:
                 if feeder.done() and feeder.exception() is not None:  # the microphone failed: said, not hidden
                     shower.cancel()
                     raise feeder.exception()
-                if not args.quiet:
-                    stats = session.stats()
-                    print(f"\r  {session.player.tick / pipe.fps:6.1f} s shown, latency p95 "
-                          f"{stats['latency_ms_p95'] or 0:4.0f} ms, held {stats['fillers']}", end="", file=sys.stderr,
-                          flush=True)
+                if not args.quiet:  # counters only: stats() sorts every kept latency, too much each second for hours
+                    last = session.latencies[-1] * 1000 if session.latencies else 0.0
+                    print(f"\r  {session.player.tick / pipe.fps:6.1f} s shown, latency {last:4.0f} ms, held "
+                          f"{session.player.fillers}", end="", file=sys.stderr, flush=True)
             shown = shower.result()
             feeder.cancel()
         finally:

@@ -408,7 +408,7 @@ class Broadcast(TickStream):
             self.down_s += down
             self.reconnects += 1
             self._behind = None
-            self._drop_queued()  # shown while it was down: seconds old
+            self._drop_queued(dropped)  # shown before it dropped: seconds old
             missed, self._missed = self._missed, None
             if missed is not None and time.monotonic() - missed[1] < cc608.CLEAR_AFTER_FRAMES / self.fps:
                 self._carried = missed[0]
@@ -419,11 +419,12 @@ class Broadcast(TickStream):
         # stopped while down: the broadcast ends (well) with what it sent before
         self.down_s += time.monotonic() - dropped
         self._connected = False
-        self._drop_queued()
+        self._drop_queued(dropped)
         self.state = "recording"
 
-    def _drop_queued(self) -> None:
-        """Drop the ticks waiting (the last captions among them kept as missed); stop()'s end marker stays."""
+    def _drop_queued(self, shown_by: float) -> None:
+        """Drop the ticks waiting, all shown by `shown_by` (monotonic: when the stream dropped), the last captions among
+        them kept as missed, as of then; stop()'s end marker stays."""
         ended, last = False, None
         with contextlib.suppress(queue.Empty):
             while True:
@@ -432,7 +433,7 @@ class Broadcast(TickStream):
                 if frame is not None and frame.captions:
                     last = frame.captions
         if last is not None and self._missed is None:  # (captions of ticks shown later, while it was down, win)
-            self._missed = (last, time.monotonic())
+            self._missed = (last, shown_by)
         if ended:
             self._queue.put_nowait(None)
 
