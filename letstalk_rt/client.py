@@ -69,6 +69,7 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from yarl import URL
 
+from .aio import wait_for
 from .errors import LetsTalkError
 from .rtc import (
     OpusAudioTrack,
@@ -411,7 +412,7 @@ class AvatarSession:
                 if viewer:  # DELETEd by close(), or by the next reconnect before it offers again
                     self.viewer_url = self.client._url(resp.headers["Location"])
             await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
-            await asyncio.wait_for(connected.wait(), timeout)
+            await wait_for(connected.wait(), timeout)
             if failed:
                 raise AvatarClientError(f"WebRTC connection to session {self.id} failed ({failed[0]})")
             self._media_at = time.monotonic()
@@ -527,7 +528,7 @@ class AvatarSession:
                 return
             self._audio_moved.clear()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._audio_moved.wait(), left)
+                await wait_for(self._audio_moved.wait(), left)
 
     async def video_frames(self) -> AsyncIterator[np.ndarray]:
         """Received video frames as (H, W, 3) uint8 RGB, until the connection ends (one reader)."""
@@ -747,7 +748,7 @@ class AvatarSession:
         self._replies[rid] = future
         try:
             await self._control({**message, "id": rid})
-            return await asyncio.wait_for(future, timeout)
+            return await wait_for(future, timeout)
         finally:
             self._replies.pop(rid, None)
 
@@ -843,7 +844,7 @@ class AvatarSession:
         try:
             if self._ws is not None:
                 try:
-                    await asyncio.wait_for(self._ws.close(), 2.0)
+                    await wait_for(self._ws.close(), 2.0)
                 except (asyncio.TimeoutError, ConnectionError, RuntimeError):
                     pass
             if self.pc is not None:
@@ -877,12 +878,12 @@ class AvatarSession:
 
 async def _close_quietly(ws: aiohttp.ClientWebSocketResponse, timeout: float = 2.0) -> None:
     with contextlib.suppress(Exception):  # over a network that went, the close handshake never completes
-        await asyncio.wait_for(ws.close(), timeout)
+        await wait_for(ws.close(), timeout)
 
 
 async def _close_pc(pc: RTCPeerConnection, timeout: float = 5.0) -> None:
     try:
-        await asyncio.wait_for(pc.close(), timeout)  # RTCPeerConnection.close() can hang
+        await wait_for(pc.close(), timeout)  # RTCPeerConnection.close() can hang
     except Exception:  # asyncio.TimeoutError included
         log.warning("RTCPeerConnection.close() failed or timed out", exc_info=True)
 

@@ -47,6 +47,7 @@ import numpy as np
 from aiohttp import WSMsgType, web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from letstalk_rt.aio import wait_for
 from letstalk_rt.cli import (add_device_args, add_live_args, add_sampling_args, check_live_args, check_sampling_args,
                              live_config, pipeline_kwargs, resolve_devices)
 from letstalk_rt.errors import InputError, LetsTalkError, NoFaceError, OutputError
@@ -375,7 +376,7 @@ async def read_in_time(request: web.Request, reading):
     """
     timeout = request.app[CONFIG].upload_timeout_s
     try:
-        return await asyncio.wait_for(reading, timeout)
+        return await wait_for(reading, timeout)
     except asyncio.TimeoutError:
         err = api_error(408, f"the request body did not arrive within {timeout:g} s (--upload-timeout); "
                              "send it at once, or raise the limit")
@@ -808,7 +809,7 @@ async def session_events(request: web.Request) -> web.StreamResponse:
         await resp.write(f"retry: 2000\ndata: {json.dumps({'type': 'listening', 'session_id': ss.id})}\n\n".encode())
         while True:
             try:
-                message = await asyncio.wait_for(queue.get(), 15.0)
+                message = await wait_for(queue.get(), 15.0)
             except asyncio.TimeoutError:
                 await resp.write(b": keep-alive\n\n")
                 continue
@@ -887,7 +888,7 @@ async def _answer_offer(request: web.Request, ss: ServerSession, negotiate):
     try:
         if body is None:
             raise SdpRejected(413, f"the SDP offer is larger than the limit of {config.max_sdp_bytes} bytes")
-        result = await asyncio.wait_for(negotiate(check_offer(body, config)), config.negotiation_timeout_s)
+        result = await wait_for(negotiate(check_offer(body, config)), config.negotiation_timeout_s)
     except web.HTTPException:
         raise
     except Exception as e:

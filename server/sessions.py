@@ -45,6 +45,7 @@ from aiortc import (
 )
 from aiortc.mediastreams import MediaStreamError
 
+from letstalk_rt.aio import wait_for
 from letstalk_rt.errors import InputError, LetsTalkError
 from letstalk_rt.rtc import (
     answer_checks_at_once,
@@ -402,7 +403,7 @@ WS_OUTBOX = 256  # messages queued for a websocket; a client that many behind do
 
 async def close_ws(ws: web.WebSocketResponse, code: int, reason: str) -> None:
     try:
-        await asyncio.wait_for(ws.close(code=code, message=reason.encode()[:120]), 2.0)
+        await wait_for(ws.close(code=code, message=reason.encode()[:120]), 2.0)
     except (asyncio.TimeoutError, ConnectionError, RuntimeError):
         pass
 
@@ -433,7 +434,7 @@ class Outbox:
         while True:
             message = await self.queue.get()
             try:
-                await asyncio.wait_for(self.ws.send_str(json.dumps(message)), self.timeout_s)
+                await wait_for(self.ws.send_str(json.dumps(message)), self.timeout_s)
             except (asyncio.TimeoutError, ConnectionError, RuntimeError):
                 if not self.ws.closed:  # else the client went: nothing to tell it
                     await self._drop(f"a message unsent for {self.timeout_s:g} s")
@@ -449,7 +450,7 @@ class Outbox:
         """Close with `code` and `reason` once what is queued went out (for up to `flush_s`)."""
         if not self.dropped and not self.writer.done():
             try:
-                await asyncio.wait_for(self.queue.join(), flush_s)
+                await wait_for(self.queue.join(), flush_s)
             except asyncio.TimeoutError:
                 pass
         self.stop()
@@ -762,7 +763,7 @@ class ServerSession:
 
     async def close_pc(self, pc: RTCPeerConnection) -> None:
         try:
-            await asyncio.wait_for(pc.close(), self.config.pc_close_timeout_s)
+            await wait_for(pc.close(), self.config.pc_close_timeout_s)
         except asyncio.TimeoutError:
             log.warning("session %s: RTCPeerConnection.close() did not finish in %.0f s; abandoned",
                         self.id, self.config.pc_close_timeout_s)

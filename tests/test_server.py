@@ -999,6 +999,41 @@ def test_websocket_bug_closes_with_1011_and_a_handshake_racing_a_close_is_closed
     run(main())
 
 
+def test_a_websocket_writer_stopped_as_its_send_finishes_stops():
+    """Outbox.stop() landing just as a send completes: the writer task ends (asyncio.wait_for on 3.11 returned the
+    send's result and dropped the cancel; the writer went back to wait on its queue forever, and was later destroyed
+    pending: CI caught it once in the churn benchmark's test)."""
+    from server.sessions import Outbox
+
+    class Socket:
+        closed = False
+
+        def __init__(self):
+            self.gate, self.sent = None, []
+
+        async def send_str(self, text):
+            self.gate = asyncio.get_running_loop().create_future()
+            await self.gate
+            self.sent.append(text)
+
+    async def main():
+        for ticks in range(4):  # the cancel lands 0..3 loop turns after the send's future resolves
+            ws = Socket()
+            out = Outbox(ws, 5.0, "s")
+            out.put({"type": "caption", "text": "hello"})
+            while ws.gate is None:
+                await asyncio.sleep(0)
+            ws.gate.set_result(None)
+            for _ in range(ticks):
+                await asyncio.sleep(0)
+            out.stop()
+            await asyncio.wait({out.writer}, timeout=1.0)
+            assert out.writer.cancelled(), (ticks, out.writer)
+            assert len(ws.sent) <= 1
+
+    run(main())
+
+
 def test_a_websocket_that_does_not_read_delays_no_event_and_is_closed(tiny_pipeline, monkeypatch):
     """A client whose websocket takes nothing more (its send hangs, the timeout far off): the session's events still
     reach its event stream at once (and so its webhooks and metrics: the pump never waits on the socket); the client's

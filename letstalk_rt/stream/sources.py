@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..aio import wait_for
 from ..errors import InputError
 from ..tts import Speech, check_text, sentences
 
@@ -171,7 +172,7 @@ class MicrophoneSource(AudioSource):
         with stream:
             while True:
                 try:
-                    block = await asyncio.wait_for(queue.get(), self.stall_s)
+                    block = await wait_for(queue.get(), self.stall_s)
                 except asyncio.TimeoutError:
                     raise InputError(f"{name} sent no sound for {self.stall_s:g} s: unplugged, or taken by another "
                                      "program?") from None
