@@ -12,7 +12,9 @@ virtual camera and whose microphone is this output's loopback (a PulseAudio / Pi
 BlackHole on macOS, VB-Cable on Windows) sends lips and voice together.
 
 Each device is written by a thread of its own from a bounded queue: a device that blocks or falls behind loses its
-oldest ticks (counted in `dropped`) and never holds up the session's clock or the event loop. This module imports no
+oldest ticks (counted in `dropped`) and never holds up the session's clock or the event loop. The voice is kept in
+step with the camera over hours: sound that keeps waiting a frame or more (a sound card whose clock runs slower than
+the session's) is caught up by skipping pauses (`AudioOutput.skipped_s`). This module imports no
 torch: an application that receives the avatar from a server through the SDK (`client_examples/microphone.py`) shows
 it on the same devices.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -35,16 +38,26 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 QUEUED_TICKS = 25  # a device this many ticks (1 s) behind loses its oldest
+# The voice kept in step with the camera (AudioOutput): sound that waited at least LATE_S all through a LATE_CHECK_S
+# span is that late, and is caught up by skipping quiet sound (or, LOUD_LATE_S late, whatever comes next).
+LATE_CHECK_S = 0.5
+LATE_S = 0.04  # a frame at 25 fps
+LOUD_LATE_S = 0.2
+QUIET = 0.1  # sound this far below the loudest of the last seconds is quiet (RMS)
+QUIET_FLOOR = 1e-3  # and sound below this, always
 
 
 class _Writer:
     """A thread that hands what the event loop queues to `write`, at most `most` waiting (the oldest dropped). A write
     that raises ends it: `error` says why, and later puts are ignored."""
 
-    def __init__(self, name: str, write: Callable[[Any], None], most: int = QUEUED_TICKS) -> None:
+    def __init__(self, name: str, write: Callable[[Any], None], most: int = QUEUED_TICKS,
+                 size: Callable[[Any], float] = lambda item: 1) -> None:
         self._write = write
         self._items: collections.deque = collections.deque()
         self._most = most
+        self._size = size
+        self.queued = 0.0  # the sizes of the items waiting (`size`: 1 each by default)
         self._ready = threading.Condition()
         self._closing = False
         self.dropped = 0
@@ -57,9 +70,10 @@ class _Writer:
             if self._closing or self.error is not None:
                 return
             if len(self._items) >= self._most:
-                self._items.popleft()
+                self.queued -= self._size(self._items.popleft())
                 self.dropped += 1
             self._items.append(item)
+            self.queued += self._size(item)
             self._ready.notify()
 
     def close(self, timeout_s: float = 2.0) -> None:
@@ -77,6 +91,7 @@ class _Writer:
                 if not self._items:
                     return
                 item = self._items.popleft()
+                self.queued -= self._size(item)
             try:
                 self._write(item)
             except Exception as e:  # noqa: BLE001 - the device's own errors: said, the session goes on
@@ -206,13 +221,40 @@ class AudioOutput(_Device):
 
             self._resampler = av.AudioResampler(format="flt", layout="mono", rate=self.rate)
         self.underflows = 0  # times the device ran out of sound (the session's clock slower than the device's)
-        self._writer = _Writer(f"speaker-{self.name}", self._play)
+        self.skipped_s = 0.0  # quiet sound skipped to catch up with the camera
+        self._least, self._checked_s, self._loud, self._catching_up = math.inf, 0.0, 0.0, False
+        self._writer = _Writer(f"speaker-{self.name}", self._play, size=lambda pcm: len(pcm) / sample_rate)
 
     def play(self, pcm: np.ndarray) -> None:
         """Queue float32 mono samples at `sample_rate` (the event loop: never blocks)."""
         self._writer.put(pcm)
 
+    def _catch_up(self, pcm: np.ndarray) -> bool:
+        """Whether to skip `pcm` (the writer's thread, before playing it). The sound queued behind each piece of sound
+        is how late the voice is against the frames it was queued with. A device whose clock runs slower than the
+        session's (100 ppm: a frame every 7 minutes), or sound that came in a burst after a network stall, leaves it
+        late for good; a queue that only fills now and then does not. So once sound waited at least LATE_S all
+        through LATE_CHECK_S, quiet sound (a pause: nobody hears it) is skipped until less than LATE_S waits; so is
+        any sound while LOUD_LATE_S waits (speech with no pause)."""
+        seconds = len(pcm) / self.sample_rate
+        late = self._writer.queued
+        self._least, self._checked_s = min(self._least, late), self._checked_s + seconds
+        if self._checked_s >= LATE_CHECK_S:
+            self._catching_up |= self._least >= LATE_S
+            self._least, self._checked_s = math.inf, 0.0
+        rms = float(np.sqrt(np.mean(np.square(pcm, dtype=np.float32)))) if len(pcm) else 0.0
+        self._loud = max(rms, self._loud * 0.9 ** seconds)  # the loudest, fading by 10% a second
+        if self._catching_up and late < max(LATE_S, seconds):
+            self._catching_up = False
+        if not self._catching_up or (rms > max(QUIET_FLOOR, QUIET * self._loud) and late < LOUD_LATE_S):
+            return False
+        self.skipped_s += seconds
+        self._least, self._checked_s = math.inf, 0.0  # what waited before this skip says nothing of after
+        return True
+
     def _play(self, pcm: np.ndarray) -> None:
+        if self._catch_up(pcm):
+            return
         if self._resampler is not None:
             import av
 

@@ -173,7 +173,7 @@ def test_each_tick_goes_to_the_camera_and_its_sound_to_the_speaker_together(tiny
     sound = np.concatenate([t.audio for t in ticks])
     assert any(t.speech for t in ticks) and np.abs(sound).max() > 0.1
     assert np.array_equal(played[:len(sound)], sound), "the sound of the same ticks, sample for sample"
-    assert voice.dropped == 0 and voice.error is None
+    assert voice.dropped == 0 and voice.error is None and voice.skipped_s == 0  # a device that keeps up: nothing skipped
     # the stalled camera: the clock went on (75 ticks in ~3 s), the camera got the newest second, not the backlog
     assert late == 75 and stalled.dropped >= 20 and len(stalled._camera.frames) == 75 - stalled.dropped
     assert not closed
@@ -250,3 +250,57 @@ def test_the_microphone_example_drives_a_server_and_plays_the_avatars_voice(tiny
     loud = [float(np.sqrt(np.mean(played[i:i + rate // 2] ** 2))) for i in range(0, len(played) - rate // 2, rate // 2)]
     assert max(loud) > 0.02 and min(loud) < 0.2 * max(loud), loud  # speech after silence, not a constant
     assert snapshot.exists()
+
+
+def test_a_speaker_slower_than_the_sessions_clock_keeps_the_voice_in_step_by_skipping_pauses(alsa, monkeypatch):
+    """A sound card whose clock runs slower than the session's leaves its sound ever later against the camera's frames
+    (100 ppm: a frame every 7 minutes; here 3%, so that 10 s show it). AudioOutput catches up by skipping quiet sound
+    (the pauses between phrases): the voice stays within a few frames of when it was queued, and no speech is lost.
+    Without it the voice is 300 ms late after 10 s (more on a busy machine), and drifts on until a second of it is
+    dropped. (PortAudio's stream is replaced here by one that plays 3% slow.)"""
+    import sounddevice as sd
+
+    from letstalk_rt.devices import AudioOutput
+
+    tick, slow = 640, 1.03  # 40 ms at 16 kHz; plays 3% slow
+
+    class SlowStream:
+        def __init__(self, samplerate, **_) -> None:
+            self.rate, self.free_at, self.played = samplerate, 0.0, []
+
+        def start(self) -> None:
+            pass
+
+        def write(self, data) -> bool:
+            now = time.monotonic()
+            self.played.append((data[0, 0], now))
+            if now > self.free_at + 0.02:  # it ran dry: starts again now (else it plays on at its own pace)
+                self.free_at = now
+            self.free_at += len(data) / self.rate * slow
+            time.sleep(max(0.0, self.free_at - time.monotonic()))
+            return False
+
+        stop = close = start
+
+    monkeypatch.setattr(sd, "OutputStream", SlowStream)
+    voice = AudioOutput("letstalk_speaker", RATE, rate=RATE)
+    # 0.8 s of speech, 0.4 s of pause, again and again; each tick's samples say which tick it is
+    n = 250
+    loud = [i % 30 < 20 for i in range(n)]
+    queued = {}
+    start = time.monotonic()
+    for i in range(n):
+        time.sleep(max(0.0, start + i * 0.04 - time.monotonic()))
+        level = 0.5 + i * 1e-4 if loud[i] else i * 1e-6
+        queued[i] = time.monotonic()
+        voice.play(np.full(tick, level, np.float32))
+    voice.close()
+
+    played = [(round((v - 0.5) / 1e-4) if v >= 0.25 else round(v / 1e-6), at) for v, at in voice._stream.played]
+    order = [i for i, _ in played]
+    skipped = sorted(set(range(n)) - set(order))
+    assert order == sorted(order) and skipped, "in order; some sound skipped"
+    assert not any(loud[i] for i in skipped), f"only pauses are skipped: {skipped}"
+    assert voice.skipped_s == pytest.approx(len(skipped) * 0.04) and voice.dropped == 0
+    late = [at - queued[i] for i, at in played if queued[i] - start > 6.0]
+    assert max(late) < 0.2, f"the voice drifted: {max(late) * 1000:.0f} ms late"
