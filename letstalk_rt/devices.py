@@ -149,10 +149,11 @@ class VirtualCamera(_Device):
         self._writer.put(rgb)
 
     def _show(self, rgb: np.ndarray) -> None:
-        from PIL import Image
+        if rgb.shape[:2] != (self.height, self.width):  # bilinear, by FFmpeg's swscale: 2.6 ms 128 -> 512, PIL's 4.2
+            import av
 
-        if rgb.shape[:2] != (self.height, self.width):
-            rgb = np.asarray(Image.fromarray(rgb).resize((self.width, self.height), Image.BILINEAR))
+            rgb = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24").reformat(
+                width=self.width, height=self.height, interpolation="BILINEAR").to_ndarray()
         self._camera.send(np.ascontiguousarray(rgb))
 
     def close(self) -> None:

@@ -168,7 +168,7 @@ def test_each_tick_goes_to_the_camera_and_its_sound_to_the_speaker_together(tiny
     assert shown == 60 and len(backend.frames) == 60 and backend.closed and camera.dropped == 0
     assert all(f.shape == (64, 64, 3) for f in backend.frames)
     want = [np.asarray(Image.fromarray(t.video).resize((64, 64), Image.BILINEAR)) for t in ticks]
-    assert all(np.array_equal(got, w) for got, w in zip(backend.frames, want)), "each tick's own frame, in order"
+    assert all(np.abs(got.astype(int) - w).max() <= 2 for got, w in zip(backend.frames, want)), "each tick's frame, in order"
     played = np.fromfile(alsa / "speaker.raw", "<f4")
     sound = np.concatenate([t.audio for t in ticks])
     assert any(t.speech for t in ticks) and np.abs(sound).max() > 0.1
