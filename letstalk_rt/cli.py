@@ -513,6 +513,8 @@ async def _camera(pipe, image, source, args: argparse.Namespace) -> None:
         print(file=sys.stderr)
     dropped = {type(d).__name__: d.dropped for d in (camera, voice) if d is not None and d.dropped}
     skipped = f"; pauses skipped to keep the voice in step {voice.skipped_s:.2f} s" if voice and voice.skipped_s else ""
+    if voice and voice.underflows:
+        skipped += f"; the speaker ran out of sound {voice.underflows}x (a click: the machine too busy?)"
     print(f"showed {shown / pipe.fps:.1f} s; speech-to-screen latency p95 {stats['latency_ms_p95'] or 0:.0f} ms; "
           f"held (late) frames {stats['fillers']}" + (f"; ticks a device fell behind on {dropped}" if dropped else "")
           + skipped)
