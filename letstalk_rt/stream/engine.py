@@ -548,6 +548,7 @@ class Session:
         self.player = Player(self, cfg.fps, self.samples_per_frame, cfg.transformer.num_memory, history)
         self.closed = False
         self.close_reason = ""
+        self._failing: asyncio.Task | None = None  # close() after an error (held: the loop keeps only weak references)
         # EngineConfig.catch_up for this session: False, pushed audio is never shortened or sped up to win back latency
         # the engine lost, so a recording of it holds the speech exactly as pushed (later where windows were late)
         self.catch_up = engine.config.catch_up
@@ -994,7 +995,8 @@ class Session:
         if self.closed:
             return
         self._emit(SessionError(self.id, message=message))
-        self.loop.create_task(self.close(reason="error"))
+        if self._failing is None:
+            self._failing = self.loop.create_task(self.close(reason="error"), name=f"session-{self.id}-failing")
 
 
 class _WorkerState:
