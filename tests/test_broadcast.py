@@ -312,6 +312,84 @@ def test_a_dropped_stream_reconnects_then_gives_up_and_the_session_streams_on(ti
     assert not closed and broadcasts == {}
 
 
+@pytest.mark.parametrize("down_s, carried", [(0.3, True), (2.5, False)])
+def test_a_caption_queued_when_the_stream_dropped_is_carried_only_while_its_rows_would_still_show(
+        tiny_pipeline, monkeypatch, down_s, carried):
+    """A caption whose tick was still queued when the connection dropped (the server stalled, then went) goes out with
+    the first tick after the resume only if that is within the CLEAR_AFTER_FRAMES its rows would have shown (here 2 s):
+    it is dated when the stream dropped, not when it came back, so a long outage carries no stale caption. (The
+    broadcaster's process is replaced by a stand-in whose connection the test stalls, drops and brings back.)"""
+    import threading
+
+    from letstalk_rt.stream import engine as engine_module
+
+    monkeypatch.setattr(cc608, "CLEAR_AFTER_FRAMES", 50)
+    stall, drop, back = threading.Event(), threading.Event(), threading.Event()
+    writers = []
+
+    class StandIn:
+        """LiveOutput's interface: the first connection stalls at `stall` and drops at `drop`; the next connects at
+        `back`."""
+
+        def __init__(self, url, *args, **kwargs) -> None:
+            self.url, self.name, self.sent = url, redact_url(url), []
+            writers.append(self)
+
+        @property
+        def frames_written(self) -> int:
+            return len(self.sent)
+
+        def connect(self, timeout_s: float = 10.0) -> None:
+            if len(writers) > 1:
+                back.wait(30)
+
+        def again(self):
+            return StandIn(self.url)
+
+        def write(self, video, audio, captions=()) -> None:
+            if self is writers[0] and stall.is_set():
+                drop.wait(30)
+                raise OutputError("the server went away")
+            self.sent.append(tuple(captions))
+
+        def close(self) -> None:
+            pass
+
+        abort = close
+
+    monkeypatch.setattr(engine_module, "LiveOutput", StandIn)
+
+    async def main():
+        engine = await StreamEngine(tiny_pipeline, EngineConfig(warmup=False)).start()
+        try:
+            session = await engine.open_session(_portrait(tiny_pipeline))
+            events = session.events()
+            broadcast = await session.broadcast("rtmp://127.0.0.1:1935/live/key", reconnect_s=30.0)
+            while len(writers[0].sent) < 10:
+                await asyncio.sleep(0.04)
+            stall.set()  # the server stops reading: the ticks queue up, the caption's among them
+            session.push_audio(speechlike(0.5) + 0.05, ahead=True, caption="Queued when it dropped.")
+            session.end_speech()
+            await _next(events, Caption)
+            await asyncio.sleep(0.2)
+            drop.set()  # ... and goes away
+            await _next(events, BroadcastReconnecting)
+            await asyncio.sleep(down_s)  # the server back then (the first try comes 1 s after the drop)
+            back.set()
+            resumed = await _next(events, BroadcastResumed)
+            while len(writers[-1].sent) < 5:
+                await asyncio.sleep(0.04)
+            await session.stop_broadcast(broadcast.id)
+            return resumed, writers[-1].sent
+        finally:
+            await engine.stop()
+
+    resumed, sent = run(main())
+    assert len(writers) == 2 and max(1.0, down_s) <= resumed.down_s < max(1.0, down_s) + 0.5
+    assert sent[0] == (("Queued when it dropped.",) if carried else ()), (resumed.down_s, sent[:3])
+    assert not any(sent[1:]), "carried once, with the first tick"
+
+
 def test_a_session_streams_to_several_servers_at_once_each_on_its_own(tiny_pipeline, tmp_path, monkeypatch):
     """Three destinations at once (as YouTube, Twitch and a recorder): each server gets every tick from its start, 40
     ms apart, and the servers get the same pictures at the same ticks. Each broadcast has its own id in its events and
