@@ -819,10 +819,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=None, help="stop after this long (default: at Ctrl-C)")
     p.add_argument("--list-devices", action="store_true", help="list the audio devices and exit")
     _add_full_frame_arg(p)
+    p.add_argument("--face-crop", dest="full_frame", action="store_const", const=0,
+                   help="show only the face crop the model animates, scaled up (default: the whole photo, framed "
+                        "head and shoulders, as a webcam shows a person)")
     _add_framing_arg(p)
     _add_model_args(p)
     add_live_args(p)
-    p.set_defaults(func=cmd_camera)
+    from .framing import FULL_FRAME_SIDE
+
+    p.set_defaults(func=cmd_camera, full_frame=FULL_FRAME_SIDE)
 
     p = sub.add_parser("bench", help="measure real-time capacity: fps, latency, A/V offset, memory")
     _add_model_args(p)

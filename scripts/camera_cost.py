@@ -3,7 +3,7 @@ real time through the engine, its frames read on the session's clock, alone and 
 to --size (a backend that takes the frames in place of pyvirtualcam's device: the scaling and the hand-over are what is
 timed) and to an audio device (--speaker, optional; e.g. an ALSA file device). Prints a markdown row per run.
 
-    python scripts/camera_cost.py --seconds 20 [--size 512] [--speaker DEVICE]
+    python scripts/camera_cost.py --seconds 20 [--size 512] [--speaker DEVICE] [--portrait P] [--full-frame PX]
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ class NullCamera:
         pass
 
 
-async def one_run(pipe, image, seconds: float, size: int | None, speaker: str | None) -> dict:
+async def one_run(pipe, image, seconds: float, size: int | None, speaker: str | None, full_frame: int) -> dict:
     async with StreamEngine(pipe, EngineConfig(max_sessions=1, max_batch=1)) as engine:
-        session = await engine.open_session(image)
+        session = await engine.open_session(image, full_frame=full_frame)
         feeder = asyncio.create_task(FileSource(ASSETS / "speech.ogg", realtime=True).run(session))
         camera = VirtualCamera(session.frame_size, pipe.fps, size=size, backend=NullCamera()) if size else None
         voice = AudioOutput(speaker, session.sample_rate) if speaker else None
@@ -74,14 +74,17 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--size", type=int, default=512, help="the camera's longer side")
     p.add_argument("--speaker", default=None, help="an output device (sounddevice name or number); default: none")
+    p.add_argument("--portrait", type=Path, default=ASSETS / "portrait.png")
+    p.add_argument("--full-frame", type=int, default=0, metavar="PX", help="the whole photo, as `letstalk camera` "
+                   "shows it by default (0: the face crop)")
     args = p.parse_args()
     pipe = LetsTalkPipeline.from_pretrained(ASSETS / "default_model")
-    image = load_image(ASSETS / "portrait.png")
+    image = load_image(args.portrait)
     print("| devices | ticks | latency p50 / p95 (ms) | held | noise draws at the end | process CPU (cores) | "
           "device ticks dropped | camera's scaling and hand-over, a frame (ms) |")
     print("|---|---|---|---|---|---|---|---|")
     for size, speaker in ((None, None), (args.size, args.speaker)):
-        r = asyncio.run(one_run(pipe, image, args.seconds, size, speaker))
+        r = asyncio.run(one_run(pipe, image, args.seconds, size, speaker, args.full_frame))
         scale = "-" if r["scale_ms"] is None else f"{r['scale_ms']:.2f}"
         print(f"| {r['devices']} | {r['shown']} | {r['p50']:.0f} / {r['p95']:.0f} | {r['held']} | {r['draws']} | "
               f"{r['cpu_per_s']:.2f} | {r['dropped']} | {scale} |", flush=True)

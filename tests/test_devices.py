@@ -179,10 +179,12 @@ def test_each_tick_goes_to_the_camera_and_its_sound_to_the_speaker_together(tiny
     assert not closed
 
 
-def test_letstalk_camera_plays_the_voice_in_step_and_says_what_is_missing(tiny_model_dir, alsa, tmp_path, capsys):
+def test_letstalk_camera_plays_the_voice_in_step_and_says_what_is_missing(tiny_model_dir, alsa, tmp_path, capsys,
+                                                                         monkeypatch):
     """`letstalk camera --audio F --speaker N --no-camera --seconds S` shows S seconds and plays the avatar's voice on
-    device number N at its own rate (resampled), the speech where the file has it; without a virtual camera on the machine it stops
-    at once with one line saying how to get one; a microphone that is not there, the same."""
+    device number N at its own rate (resampled), the speech where the file has it; without a virtual camera on the
+    machine it stops at once with one line saying how to get one; a microphone that is not there, the same. The camera
+    shows the whole photo, as a webcam shows a person (`--face-crop`: the model's square crop)."""
     import av
 
     from letstalk_rt.cli import main
@@ -217,6 +219,27 @@ def test_letstalk_camera_plays_the_voice_in_step_and_says_what_is_missing(tiny_m
     err = capsys.readouterr().err
     assert code == 2 and "cannot open the microphone 'no such mic'" in err, err
     assert main([*base, "--no-camera", "--speaker", "none"]) == 2 and "nothing to show" in capsys.readouterr().err
+
+    from PIL import Image
+
+    import letstalk_rt.devices as devices
+    from letstalk_rt.cli import ASSETS
+
+    wide = tmp_path / "wide.png"  # the bundled 320x320 portrait on a 480x320 photo
+    photo = Image.new("RGB", (480, 320), (90, 120, 150))
+    photo.paste(Image.open(ASSETS / "portrait.png").convert("RGB"), (80, 0))
+    photo.save(wide)
+    cameras = []
+    monkeypatch.setattr(devices, "_open_camera", lambda width, height, fps, device: cameras.append(
+        (width, height, RecordingCamera())) or cameras[-1][2])
+    for extra in ([], ["--face-crop"]):
+        code = main([*base, "--portrait", str(wide), "--audio", str(speech), "--speaker", "none", "--seconds", "1",
+                     *extra])
+        assert code == 0, capsys.readouterr().err
+    (width, height, whole), (crop_width, crop_height, crop) = cameras
+    assert (width, height) == (512, 342) and (crop_width, crop_height) == (512, 512)
+    assert len(whole.frames) == len(crop.frames) == 25 and whole.frames[0].shape == (342, 512, 3)
+    assert np.abs(whole.frames[0][:, :40].astype(int) - (90, 120, 150)).max() <= 3, "the photo's own edge"
 
 
 def test_the_microphone_example_drives_a_server_and_plays_the_avatars_voice(tiny_pipeline, alsa, tmp_path):
