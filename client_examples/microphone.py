@@ -117,8 +117,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api-key", default=None)
     p.add_argument("--avatar", default="default")
     p.add_argument("--portrait", type=Path, default=None)
-    p.add_argument("--full-frame", type=int, default=None, metavar="PX",
-                   help="the whole photo talks, fit to PX (e.g. 512); default: the face crop")
+    p.add_argument("--full-frame", type=int, default=512, metavar="PX",
+                   help="the whole photo talks, fit to PX (default 512: framed head and shoulders, as a webcam shows "
+                        "a person); 0: the face crop, blown up")
     p.add_argument("--framing", type=float, default=None, metavar="K",
                    help="with --full-frame: a small face is shown with at most K sides of its square on the frames' "
                         "shorter side (the server's default 3); 0: the whole photo")
