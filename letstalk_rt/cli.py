@@ -453,14 +453,24 @@ def cmd_camera(args: argparse.Namespace) -> None:
         raise LetsTalkError(f"--seconds {args.seconds}: give more than 0 (or leave it out: until Ctrl-C)")
     if args.no_camera and args.speaker == "none":
         raise LetsTalkError("--no-camera and --speaker none leave nothing to show the avatar on")
+    if args.server is not None and args.model is not None:
+        raise LetsTalkError("--model is the server's with --server (letstalk serve --model ...); leave it out")
     from .stream import FileSource, MicrophoneSource
 
     # a file that is not speech, or a microphone that is not there: said now, before the model loads
     source = FileSource(args.audio, realtime=True) if args.audio is not None else MicrophoneSource(args.mic)
-    image = load_image(args.portrait or ASSETS / "portrait.png")
-    pipe = _load_pipeline(args)
     try:
-        asyncio.run(_camera(pipe, image, source, args))
+        if args.server is not None:
+            import aiohttp
+
+            try:
+                asyncio.run(_camera_remote(source, args))
+            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
+                raise LetsTalkError(f"cannot reach the server at {args.server} ({e or 'timed out'}); is `letstalk "
+                                    "serve` running there?") from None
+        else:
+            image = load_image(args.portrait or ASSETS / "portrait.png")
+            asyncio.run(_camera(_load_pipeline(args), image, source, args))
     except KeyboardInterrupt:  # how it is meant to stop: the devices were closed on the way out
         print("\nletstalk camera: stopped", file=sys.stderr)
 
@@ -470,9 +480,110 @@ def _audio_device(text: str) -> int | str:
     return int(text) if text.isdigit() else text
 
 
+def _open_camera(args: argparse.Namespace, frame_size: tuple[int, int], fps: int):
+    """`letstalk camera`'s virtual camera (None with --no-camera), said on stderr."""
+    from .devices import VirtualCamera
+
+    if args.no_camera:
+        return None
+    camera = VirtualCamera(frame_size, fps, size=args.camera_size, device=args.camera_device)
+    print(f"virtual camera: {camera.device} ({camera.width}x{camera.height}, {fps} fps)", file=sys.stderr)
+    return camera
+
+
+def _open_voice(args: argparse.Namespace, sample_rate: int):
+    """`letstalk camera`'s voice output (None with --speaker none), said on stderr."""
+    from .devices import AudioOutput
+
+    if args.speaker == "none":
+        return None
+    voice = AudioOutput(args.speaker, sample_rate)
+    print(f"the avatar's voice: {voice.name} ({voice.rate} Hz); make its loopback the call's microphone",
+          file=sys.stderr)
+    return voice
+
+
+def _camera_summary(shown_s: float, latency: str, held: int, camera, voice) -> None:
+    dropped = {type(d).__name__: d.dropped for d in (camera, voice) if d is not None and d.dropped}
+    skipped = f"; pauses skipped to keep the voice in step {voice.skipped_s:.2f} s" if voice and voice.skipped_s else ""
+    if voice and voice.underflows:
+        skipped += f"; the speaker ran out of sound {voice.underflows}x (a click: the machine too busy?)"
+    print(f"showed {shown_s:.1f} s; {latency}; held (late) frames {held}"
+          + (f"; ticks a device fell behind on {dropped}" if dropped else "") + skipped)
+
+
+async def _camera_remote(source, args: argparse.Namespace) -> None:
+    """`letstalk camera --server URL`: the avatar made by a server (`letstalk serve`, on a GPU), this machine only
+    listening and showing: the microphone's speech goes up the session's websocket, the video and voice come back over
+    WebRTC, where the SDK holds each frame for its sound (AvatarClient), and go to the devices as they come."""
+    from .client import AvatarClient
+    from .devices import device_failure
+
+    shown, ticks = 0, None
+    camera = voice = None
+    async with AvatarClient(args.server, api_key=args.api_key) as client:
+        shape = {"full_frame": args.full_frame or None, "framing": args.framing}
+        session = await (client.start_session(portrait=args.portrait, **shape) if args.portrait is not None
+                         else client.start_session(avatar_id=args.avatar, **shape))
+        async with session:
+            await session.connect()
+            video = session.info["video"]
+            if args.seconds is not None:
+                ticks = math.ceil(args.seconds * video["fps"])
+            print(f"the server's session {session.id}", file=sys.stderr)
+
+            async def feed() -> None:
+                async for pcm, rate in source.chunks():
+                    await session.send_audio(pcm, rate)
+                if args.audio is not None:
+                    await session.end_speech()
+
+            async def play() -> None:
+                nonlocal voice
+                async for chunk in session.audio_frames():
+                    if voice is None:  # at the rate the SDK hands over (48 kHz: Opus)
+                        voice = await asyncio.to_thread(_open_voice, args, chunk.sample_rate)
+                    voice.play(chunk.mono_float())
+
+            helpers: list[asyncio.Task] = []
+            try:
+                camera = _open_camera(args, (video["width"], video["height"]), video["fps"])
+                helpers.append(asyncio.create_task(feed()))
+                print(f"listening to {args.audio or 'the microphone'}; Ctrl-C to stop", file=sys.stderr)
+                if args.speaker != "none":
+                    helpers.append(asyncio.create_task(play()))
+                started = time.monotonic()
+                async for rgb in session.video_frames():
+                    if camera is not None:
+                        camera.send(rgb)
+                    shown += 1
+                    failed = device_failure(camera, voice)
+                    for helper in helpers:  # a microphone or speaker that failed: said, not hidden
+                        if helper.done() and not helper.cancelled() and helper.exception() is not None:
+                            raise helper.exception()
+                    if failed is not None:
+                        raise failed
+                    if not args.quiet and shown % video["fps"] == 0:
+                        print(f"\r  {shown / video['fps']:6.1f} s shown, {time.monotonic() - started:6.1f} s",
+                              end="", file=sys.stderr, flush=True)
+                    if ticks is not None and shown >= ticks:
+                        break
+            finally:
+                for helper in helpers:
+                    helper.cancel()
+                for device in (camera, voice):
+                    if device is not None:
+                        device.close()
+            stats = await session.stats()
+    if not args.quiet:
+        print(file=sys.stderr)
+    _camera_summary(shown / video["fps"], f"speech-to-screen latency p95 at the server "
+                    f"{stats.get('latency_ms_p95') or 0:.0f} ms", stats.get("fillers", 0), camera, voice)
+
+
 async def _camera(pipe, image, source, args: argparse.Namespace) -> None:
     from .stream import EngineConfig, StreamEngine
-    from .devices import AudioOutput, VirtualCamera, show_on_devices
+    from .devices import show_on_devices
 
     config = EngineConfig(max_sessions=1, max_batch=1, **live_config(args))
     camera = voice = None
@@ -480,14 +591,8 @@ async def _camera(pipe, image, source, args: argparse.Namespace) -> None:
         session = await engine.open_session(image, seed=args.seed, detect_face=not args.no_face_detect,
                                             full_frame=args.full_frame, framing=args.framing)
         try:
-            if not args.no_camera:
-                camera = VirtualCamera(session.frame_size, pipe.fps, size=args.camera_size, device=args.camera_device)
-                print(f"virtual camera: {camera.device} ({camera.width}x{camera.height}, {pipe.fps} fps)",
-                      file=sys.stderr)
-            if args.speaker != "none":
-                voice = AudioOutput(args.speaker, session.sample_rate)
-                print(f"the avatar's voice: {voice.name} ({voice.rate} Hz); make its loopback the call's microphone",
-                      file=sys.stderr)
+            camera = _open_camera(args, session.frame_size, pipe.fps)
+            voice = _open_voice(args, session.sample_rate)
             feeder = asyncio.create_task(source.run(session, end_speech=args.audio is not None))
             print(f"listening to {args.audio or 'the microphone'}; Ctrl-C to stop", file=sys.stderr)
             ticks = None if args.seconds is None else math.ceil(args.seconds * pipe.fps)
@@ -511,13 +616,8 @@ async def _camera(pipe, image, source, args: argparse.Namespace) -> None:
         stats = session.stats()
     if not args.quiet:
         print(file=sys.stderr)
-    dropped = {type(d).__name__: d.dropped for d in (camera, voice) if d is not None and d.dropped}
-    skipped = f"; pauses skipped to keep the voice in step {voice.skipped_s:.2f} s" if voice and voice.skipped_s else ""
-    if voice and voice.underflows:
-        skipped += f"; the speaker ran out of sound {voice.underflows}x (a click: the machine too busy?)"
-    print(f"showed {shown / pipe.fps:.1f} s; speech-to-screen latency p95 {stats['latency_ms_p95'] or 0:.0f} ms; "
-          f"held (late) frames {stats['fillers']}" + (f"; ticks a device fell behind on {dropped}" if dropped else "")
-          + skipped)
+    _camera_summary(shown / pipe.fps, f"speech-to-screen latency p95 {stats['latency_ms_p95'] or 0:.0f} ms",
+                    stats["fillers"], camera, voice)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -818,6 +918,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the camera's frames scaled to PX on their longer side (default 512)")
     p.add_argument("--seconds", type=float, default=None, help="stop after this long (default: at Ctrl-C)")
     p.add_argument("--list-devices", action="store_true", help="list the audio devices and exit")
+    p.add_argument("--server", default=None, metavar="URL", help="the avatar made by this server (letstalk serve, "
+                   "e.g. on a GPU machine) instead of here: only the microphone and the devices run on this machine")
+    p.add_argument("--api-key", default=None, help="with --server: its API key (letstalk serve --api-key)")
+    p.add_argument("--avatar", default="default", help="with --server and no --portrait: one of its avatars")
     _add_full_frame_arg(p)
     p.add_argument("--face-crop", dest="full_frame", action="store_const", const=0,
                    help="show only the face crop the model animates, scaled up (default: the whole photo, framed "

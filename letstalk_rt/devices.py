@@ -272,6 +272,14 @@ class AudioOutput(_Device):
         self._stream.close()
 
 
+def device_failure(*devices: _Device | None) -> OutputError | None:
+    """An OutputError naming the first of `devices` that failed (and why), or None."""
+    for device in devices:
+        if device is not None and device.error is not None:
+            return OutputError(f"{type(device).__name__} failed: {device.error}")
+    return None
+
+
 async def show_on_devices(session: Session, camera: VirtualCamera | None = None, audio: AudioOutput | None = None,
                           ticks: int | None = None) -> int:
     """Show `session` on the devices from one read of its clock (`Session.frames()`): each tick's frame to `camera`
@@ -284,9 +292,9 @@ async def show_on_devices(session: Session, camera: VirtualCamera | None = None,
         if audio is not None:
             audio.play(frame.audio)
         shown += 1
-        for device in (camera, audio):
-            if device is not None and device.error is not None:
-                raise OutputError(f"{type(device).__name__} failed: {device.error}")
+        failed = device_failure(camera, audio)
+        if failed is not None:
+            raise failed
         if ticks is not None and shown >= ticks:
             break
     return shown

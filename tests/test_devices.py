@@ -179,15 +179,9 @@ def test_each_tick_goes_to_the_camera_and_its_sound_to_the_speaker_together(tiny
     assert not closed
 
 
-def test_letstalk_camera_plays_the_voice_in_step_and_says_what_is_missing(tiny_model_dir, alsa, tmp_path, capsys,
-                                                                         monkeypatch):
-    """`letstalk camera --audio F --speaker N --no-camera --seconds S` shows S seconds and plays the avatar's voice on
-    device number N at its own rate (resampled), the speech where the file has it; without a virtual camera on the
-    machine it stops at once with one line saying how to get one; a microphone that is not there, the same. The camera
-    shows the whole photo, as a webcam shows a person (`--face-crop`: the model's square crop)."""
+def _speech_file(tmp_path) -> str:
+    """A WAV: half a second of silence, 1.5 s of speech-like sound, a second of silence."""
     import av
-
-    from letstalk_rt.cli import main
 
     speech = tmp_path / "speech.wav"
     pcm = np.concatenate([np.zeros(RATE // 2, np.float32), speechlike(1.5) + 0.05, np.zeros(RATE, np.float32)])
@@ -198,6 +192,18 @@ def test_letstalk_camera_plays_the_voice_in_step_and_says_what_is_missing(tiny_m
         frame.sample_rate = RATE
         for packet in [*stream.encode(frame), *stream.encode(None)]:
             out.mux(packet)
+    return str(speech)
+
+
+def test_letstalk_camera_plays_the_voice_in_step_and_says_what_is_missing(tiny_model_dir, alsa, tmp_path, capsys,
+                                                                         monkeypatch):
+    """`letstalk camera --audio F --speaker N --no-camera --seconds S` shows S seconds and plays the avatar's voice on
+    device number N at its own rate (resampled), the speech where the file has it; without a virtual camera on the
+    machine it stops at once with one line saying how to get one; a microphone that is not there, the same. The camera
+    shows the whole photo, as a webcam shows a person (`--face-crop`: the model's square crop)."""
+    from letstalk_rt.cli import main
+
+    speech = _speech_file(tmp_path)
     base = ["camera", "--model", str(tiny_model_dir), "--quiet"]
     import sounddevice as sd
 
@@ -233,7 +239,7 @@ def test_letstalk_camera_plays_the_voice_in_step_and_says_what_is_missing(tiny_m
     monkeypatch.setattr(devices, "_open_camera", lambda width, height, fps, device: cameras.append(
         (width, height, RecordingCamera())) or cameras[-1][2])
     for extra in ([], ["--face-crop"]):
-        code = main([*base, "--portrait", str(wide), "--audio", str(speech), "--speaker", "none", "--seconds", "1",
+        code = main([*base, "--portrait", str(wide), "--audio", speech, "--speaker", "none", "--seconds", "1",
                      *extra])
         assert code == 0, capsys.readouterr().err
     (width, height, whole), (crop_width, crop_height, crop) = cameras
@@ -327,3 +333,42 @@ def test_a_speaker_slower_than_the_sessions_clock_keeps_the_voice_in_step_by_ski
     assert voice.skipped_s == pytest.approx(len(skipped) * 0.04) and voice.dropped == 0
     late = [at - queued[i] for i, at in played if queued[i] - start > 6.0]
     assert max(late) < 0.2, f"the voice drifted: {max(late) * 1000:.0f} ms late"
+
+
+def test_letstalk_camera_shows_a_servers_avatar(tiny_pipeline, alsa, tmp_path, capsys, monkeypatch):
+    """`letstalk camera --server URL`: the avatar made by a server (this machine runs no model): the speech goes up to
+    it, and its frames (the whole photo, at the server's size) come back to the camera and its voice to the speaker,
+    the speech where the file has it; a server that is not there is one line."""
+    import sounddevice as sd
+
+    import letstalk_rt.devices as devices
+    from letstalk_rt.cli import main
+    from server_helpers import running_server
+
+    speech = _speech_file(tmp_path)
+    cameras = []
+    monkeypatch.setattr(devices, "_open_camera", lambda width, height, fps, device: cameras.append(
+        (width, height, RecordingCamera())) or cameras[-1][2])
+
+    async def serve():
+        async with running_server(tiny_pipeline) as srv:
+            return await asyncio.to_thread(main, ["camera", "--server", srv.url, "--audio", speech, "--speaker",
+                                                  "letstalk_speaker", "--camera-size", "64", "--seconds", "4",
+                                                  "--quiet"])
+
+    code = run(serve())
+    said = capsys.readouterr()
+    assert code == 0, said.err
+    assert re.search(r"showed 4\.0 s; speech-to-screen latency p95 at the server \d+ ms", said.out), said.out
+    (width, height, camera), = cameras
+    assert (width, height) == (64, 64) and len(camera.frames) == 100 and camera.closed
+    assert np.std(camera.frames[-1]) > 5, "a picture, not a blank"
+    rate = int(sd.query_devices("letstalk_speaker", "output")["default_samplerate"])
+    played = np.fromfile(alsa / "speaker.raw", "<f4")
+    assert len(played) >= 3 * rate, len(played) / rate
+    loud = np.array([np.sqrt(np.mean(played[i:i + rate // 10] ** 2)) for i in range(0, 3 * rate, rate // 10)])
+    assert loud[:4].max() < 0.02 and loud.max() > 0.1, loud  # silence, then the speech
+
+    code = main(["camera", "--server", "http://127.0.0.1:9", "--audio", speech, "--speaker", "none", "--seconds", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "127.0.0.1:9" in err and len(err.strip().splitlines()) == 1, err
