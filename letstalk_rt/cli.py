@@ -574,11 +574,11 @@ async def _camera_remote(source, args: argparse.Namespace) -> None:
                 for device in (camera, voice):
                     if device is not None:
                         device.close()
-            stats = await session.stats()
+            stats = (await session.stats())["stats"]
     if not args.quiet:
         print(file=sys.stderr)
     _camera_summary(shown / video["fps"], f"speech-to-screen latency p95 at the server "
-                    f"{stats.get('latency_ms_p95') or 0:.0f} ms", stats.get("fillers", 0), camera, voice)
+                    f"{stats['latency_ms_p95'] or 0:.0f} ms", stats["fillers"], camera, voice)
 
 
 async def _camera(pipe, image, source, args: argparse.Namespace) -> None:
