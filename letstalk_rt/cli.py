@@ -518,9 +518,10 @@ async def _camera_remote(source, args: argparse.Namespace) -> None:
     WebRTC, where the SDK holds each frame for its sound (AvatarClient), and go to the devices as they come."""
     from .client import AvatarClient
     from .devices import device_failure
+    from .rtc import OPUS_RATE  # the rate the SDK hands the voice over at
 
     shown, ticks = 0, None
-    camera = voice = None
+    camera, voice = None, _open_voice(args, OPUS_RATE)  # a speaker that is not there: said before the server is asked
     async with AvatarClient(args.server, api_key=args.api_key) as client:
         shape = {"full_frame": args.full_frame or None, "framing": args.framing}
         session = await (client.start_session(portrait=args.portrait, **shape) if args.portrait is not None
@@ -539,10 +540,9 @@ async def _camera_remote(source, args: argparse.Namespace) -> None:
                     await session.end_speech()
 
             async def play() -> None:
-                nonlocal voice
                 async for chunk in session.audio_frames():
-                    if voice is None:  # at the rate the SDK hands over (48 kHz: Opus)
-                        voice = await asyncio.to_thread(_open_voice, args, chunk.sample_rate)
+                    if chunk.sample_rate != OPUS_RATE:
+                        raise OutputError(f"the server's voice came at {chunk.sample_rate} Hz, not {OPUS_RATE}")
                     voice.play(chunk.mono_float())
 
             helpers: list[asyncio.Task] = []
@@ -550,7 +550,7 @@ async def _camera_remote(source, args: argparse.Namespace) -> None:
                 camera = _open_camera(args, (video["width"], video["height"]), video["fps"])
                 helpers.append(asyncio.create_task(feed()))
                 print(f"listening to {args.audio or 'the microphone'}; Ctrl-C to stop", file=sys.stderr)
-                if args.speaker != "none":
+                if voice is not None:
                     helpers.append(asyncio.create_task(play()))
                 started = time.monotonic()
                 async for rgb in session.video_frames():

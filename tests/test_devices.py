@@ -331,14 +331,17 @@ def test_a_speaker_slower_than_the_sessions_clock_keeps_the_voice_in_step_by_ski
     assert order == sorted(order) and skipped, "in order; some sound skipped"
     assert not any(loud[i] for i in skipped), f"only pauses are skipped: {skipped}"
     assert voice.skipped_s == pytest.approx(len(skipped) * 0.04) and voice.dropped == 0
-    late = [at - queued[i] for i, at in played if queued[i] - start > 6.0]
-    assert max(late) < 0.2, f"the voice drifted: {max(late) * 1000:.0f} ms late"
+    # over the last 3 s: back in step at each pause (the old code: never under 200 ms, and growing), and never far
+    # behind between them (loose: a slow spell of a shared VM delays the writer's thread too)
+    late = [at - queued[i] for i, at in played if queued[i] - start > 7.0]
+    assert min(late) < 0.1 and max(late) < 0.3, f"the voice drifted: {min(late) * 1000:.0f}-{max(late) * 1000:.0f} ms"
 
 
 def test_letstalk_camera_shows_a_servers_avatar(tiny_pipeline, alsa, tmp_path, capsys, monkeypatch):
     """`letstalk camera --server URL`: the avatar made by a server (this machine runs no model): the speech goes up to
     it, and its frames (the whole photo, at the server's size) come back to the camera and its voice to the speaker,
-    the speech where the file has it; a server that is not there is one line."""
+    the speech where the file has it; a server that is not there is one line, a speaker that is not there too (before
+    the server is asked)."""
     import sounddevice as sd
 
     import letstalk_rt.devices as devices
@@ -373,3 +376,6 @@ def test_letstalk_camera_shows_a_servers_avatar(tiny_pipeline, alsa, tmp_path, c
     code = main(["camera", "--server", "http://127.0.0.1:9", "--audio", speech, "--speaker", "none", "--seconds", "1"])
     err = capsys.readouterr().err
     assert code == 2 and "127.0.0.1:9" in err and len(err.strip().splitlines()) == 1, err
+    code = main(["camera", "--server", "http://127.0.0.1:9", "--audio", speech, "--speaker", "no such speaker"])
+    err = capsys.readouterr().err  # said before the server is asked
+    assert code == 2 and "cannot open the speaker 'no such speaker'" in err and "127.0.0.1:9" not in err, err
