@@ -532,6 +532,8 @@ async def _camera_remote(source, args: argparse.Namespace) -> None:
             if args.seconds is not None:
                 ticks = math.ceil(args.seconds * video["fps"])
             print(f"the server's session {session.id}", file=sys.stderr)
+            ended: list[str] = []  # why the server closed it, if it did (max session minutes, shutting down ...)
+            session.on("closed", lambda event: ended.append(event.get("reason") or "closed"))
 
             async def feed() -> None:
                 async for pcm, rate in source.chunks():
@@ -574,6 +576,8 @@ async def _camera_remote(source, args: argparse.Namespace) -> None:
                 for device in (camera, voice):
                     if device is not None:
                         device.close()
+            if ended:
+                raise LetsTalkError(f"the server closed the session after {shown / video['fps']:.1f} s: {ended[0]}")
             stats = (await session.stats())["stats"]
     if not args.quiet:
         print(file=sys.stderr)
