@@ -453,6 +453,9 @@ def cmd_camera(args: argparse.Namespace) -> None:
         raise LetsTalkError(f"--seconds {args.seconds}: give more than 0 (or leave it out: until Ctrl-C)")
     if args.no_camera and args.speaker == "none":
         raise LetsTalkError("--no-camera and --speaker none leave nothing to show the avatar on")
+    if args.speaker_latency is not None and not 1 <= args.speaker_latency <= 500:
+        raise LetsTalkError(f"--speaker-latency {args.speaker_latency:g}: give 1..500 ms (more than 80 if the voice "
+                            "clicks)")
     if args.server is not None and args.model is not None:
         raise LetsTalkError("--model is the server's with --server (letstalk serve --model ...); leave it out")
     from .stream import FileSource, MicrophoneSource
@@ -497,9 +500,10 @@ def _open_voice(args: argparse.Namespace, sample_rate: int):
 
     if args.speaker == "none":
         return None
-    voice = AudioOutput(args.speaker, sample_rate)
-    print(f"the avatar's voice: {voice.name} ({voice.rate} Hz); make its loopback the call's microphone",
-          file=sys.stderr)
+    voice = AudioOutput(args.speaker, sample_rate,
+                        **({} if args.speaker_latency is None else {"latency": args.speaker_latency / 1000}))
+    print(f"the avatar's voice: {voice.name} ({voice.rate} Hz, {voice.latency * 1000:.0f} ms buffered); make its "
+          "loopback the call's microphone", file=sys.stderr)
     return voice
 
 
@@ -507,7 +511,8 @@ def _camera_summary(shown_s: float, latency: str, held: int, camera, voice) -> N
     dropped = {type(d).__name__: d.dropped for d in (camera, voice) if d is not None and d.dropped}
     skipped = f"; pauses skipped to keep the voice in step {voice.skipped_s:.2f} s" if voice and voice.skipped_s else ""
     if voice and voice.underflows:
-        skipped += f"; the speaker ran out of sound {voice.underflows}x (a click: the machine too busy?)"
+        skipped += (f"; the speaker ran out of sound {voice.underflows}x (clicks: a larger --speaker-latency gives "
+                    "it more margin)")
     print(f"showed {shown_s:.1f} s; {latency}; held (late) frames {held}"
           + (f"; ticks a device fell behind on {dropped}" if dropped else "") + skipped)
 
@@ -915,6 +920,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speaker", type=_audio_device, default=None, metavar="DEVICE", help="where the avatar's voice plays, in step with its "
                    "lips: a loopback the call app takes as its microphone (a PulseAudio/PipeWire null sink, "
                    "BlackHole, VB-Cable); default: the system's output; none: no voice")
+    p.add_argument("--speaker-latency", type=float, default=None, metavar="MS",
+                   help="the speaker's buffer (default 80 ms, 40 of them kept filled ahead: the voice plays 40 ms "
+                        "after its frame, margin for a busy machine); more if the voice clicks")
     p.add_argument("--no-camera", action="store_true", help="no virtual camera (the voice only)")
     p.add_argument("--camera-device", default=None, help="which virtual camera, e.g. /dev/video2 (default: the "
                    "first free one)")

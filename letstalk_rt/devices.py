@@ -45,6 +45,11 @@ LATE_S = 0.04  # a frame at 25 fps
 LOUD_LATE_S = 0.2
 QUIET = 0.1  # sound this far below the loudest of the last seconds is quiet (RMS)
 QUIET_FLOOR = 1e-3  # and sound below this, always
+# The speaker's buffer, and the silence kept ahead in it (AudioOutput): the voice plays CUSHION_S after it is queued,
+# and an event loop up to that late leaves the device never dry (a click). Both far below the ~125 ms a voice may lag
+# its lips unnoticed (ITU-R BT.1359).
+BUFFER_S = 0.08
+CUSHION_S = 0.04
 
 
 class _Writer:
@@ -202,27 +207,37 @@ def unusable_device(kind: str, device: int | str | None, error: Exception) -> In
 class AudioOutput(_Device):
     """Sound to an output device (sounddevice / PortAudio), `sample_rate` mono float32 in, played at the device's
     `rate` (None: its default), resampled with PyAV. `device`: a name (or part of one) or a number
-    (`audio_devices()`), None the system's default. InputError naming the devices when it cannot be opened."""
+    (`audio_devices()`), None the system's default. InputError naming the devices when it cannot be opened.
 
-    def __init__(self, device: int | str | None, sample_rate: int, rate: int | None = None) -> None:
+    `latency`: the device's buffer, seconds or PortAudio's "low" / "high" (`self.latency`: what the device gave), of
+    which CUSHION_S is kept filled ahead: the stream starts with that much silence, and after the device ran dry
+    (`underflows`), the next pause gets it again. Without it, a blocking write leaves the buffer just full when it
+    returns, so the device runs dry whenever the next tick is later than the last was: in "low" (8.6 ms on ALSA),
+    ticks 0-6 ms late clicked 4-5 times in 100, one click a second (tests/test_devices.py, a device modelled on the
+    clock)."""
+
+    def __init__(self, device: int | str | None, sample_rate: int, rate: int | None = None,
+                 latency: float | str = BUFFER_S) -> None:
         sd = load_sounddevice()
         try:
             info = sd.query_devices(device, "output")
             self.rate = int(rate or info["default_samplerate"])
             self._stream = sd.OutputStream(samplerate=self.rate, channels=1, dtype="float32", device=device,
-                                           latency="low")
+                                           latency=latency)
             self._stream.start()
         except (ValueError, sd.PortAudioError) as e:
             raise unusable_device("speaker", device, e) from None
         self.name = info["name"]
+        self.latency = float(self._stream.latency)
         self.sample_rate = sample_rate
         self._resampler = None
         if self.rate != sample_rate:
             import av
 
             self._resampler = av.AudioResampler(format="flt", layout="mono", rate=self.rate)
-        self.underflows = 0  # times the device ran out of sound (the session's clock slower than the device's)
+        self.underflows = 0  # times the device ran dry (a click): the event loop late, or its clock fast
         self.skipped_s = 0.0  # quiet sound skipped to catch up with the camera
+        self._cushion_due = True  # CUSHION_S of silence to write ahead: at the start, then at a pause after a click
         self._least, self._checked_s, self._loud, self._catching_up = math.inf, 0.0, 0.0, False
         self._writer = _Writer(f"speaker-{self.name}", self._play, size=lambda pcm: len(pcm) / sample_rate)
 
@@ -230,31 +245,36 @@ class AudioOutput(_Device):
         """Queue float32 mono samples at `sample_rate` (the event loop: never blocks)."""
         self._writer.put(pcm)
 
-    def _catch_up(self, pcm: np.ndarray) -> bool:
-        """Whether to skip `pcm` (the writer's thread, before playing it). The sound queued behind each piece of sound
-        is how late the voice is against the frames it was queued with. A device whose clock runs slower than the
-        session's (100 ppm: a frame every 7 minutes), or sound that came in a burst after a network stall, leaves it
-        late for good; a queue that only fills now and then does not. So once sound waited at least LATE_S all
+    def _quiet(self, pcm: np.ndarray, seconds: float) -> bool:
+        """Whether `pcm` is quiet: far below the loudest sound of the last seconds (a pause), or silent."""
+        rms = float(np.sqrt(np.mean(np.square(pcm, dtype=np.float32)))) if len(pcm) else 0.0
+        self._loud = max(rms, self._loud * 0.9 ** seconds)  # the loudest, fading by 10% a second
+        return rms <= max(QUIET_FLOOR, QUIET * self._loud)
+
+    def _catch_up(self, seconds: float, quiet: bool) -> bool:
+        """Whether to skip this sound (the writer's thread, before playing it). The sound queued behind each piece of
+        sound is how late the voice is against the frames it was queued with. A device whose clock runs slower than
+        the session's (100 ppm: a frame every 7 minutes), or sound that came in a burst after a network stall, leaves
+        it late for good; a queue that only fills now and then does not. So once sound waited at least LATE_S all
         through LATE_CHECK_S, quiet sound (a pause: nobody hears it) is skipped until less than LATE_S waits; so is
         any sound while LOUD_LATE_S waits (speech with no pause)."""
-        seconds = len(pcm) / self.sample_rate
         late = self._writer.queued
         self._least, self._checked_s = min(self._least, late), self._checked_s + seconds
         if self._checked_s >= LATE_CHECK_S:
             self._catching_up |= self._least >= LATE_S
             self._least, self._checked_s = math.inf, 0.0
-        rms = float(np.sqrt(np.mean(np.square(pcm, dtype=np.float32)))) if len(pcm) else 0.0
-        self._loud = max(rms, self._loud * 0.9 ** seconds)  # the loudest, fading by 10% a second
         if self._catching_up and late < max(LATE_S, seconds):
             self._catching_up = False
-        if not self._catching_up or (rms > max(QUIET_FLOOR, QUIET * self._loud) and late < LOUD_LATE_S):
+        if not self._catching_up or (not quiet and late < LOUD_LATE_S):
             return False
         self.skipped_s += seconds
         self._least, self._checked_s = math.inf, 0.0  # what waited before this skip says nothing of after
         return True
 
     def _play(self, pcm: np.ndarray) -> None:
-        if self._catch_up(pcm):
+        seconds = len(pcm) / self.sample_rate
+        quiet = self._quiet(pcm, seconds)
+        if self._catch_up(seconds, quiet):
             return
         if self._resampler is not None:
             import av
@@ -263,8 +283,13 @@ class AudioOutput(_Device):
             frame.sample_rate = self.sample_rate
             pcm = np.concatenate([f.to_ndarray().reshape(-1) for f in self._resampler.resample(frame)] or
                                  [np.zeros(0, np.float32)])
-        if len(pcm):
-            self.underflows += bool(self._stream.write(np.ascontiguousarray(pcm, np.float32).reshape(-1, 1)))
+        if self._cushion_due and (quiet or self.underflows == 0):  # (at the start: nothing plays yet to break)
+            if cushion := round(CUSHION_S * self.rate):
+                self._stream.write(np.zeros((cushion, 1), np.float32))
+            self._cushion_due = False
+        if len(pcm) and self._stream.write(np.ascontiguousarray(pcm, np.float32).reshape(-1, 1)):
+            self.underflows += 1
+            self._cushion_due = True
 
     def close(self) -> None:
         self._writer.close()

@@ -134,7 +134,7 @@ def test_each_tick_goes_to_the_camera_and_its_sound_to_the_speaker_together(tiny
     while the clock and the voice go on; one that fails ends it with an OutputError naming it."""
     from PIL import Image
 
-    from letstalk_rt.devices import AudioOutput, VirtualCamera, show_on_devices
+    from letstalk_rt.devices import CUSHION_S, AudioOutput, VirtualCamera, show_on_devices
 
     async def main():
         engine = await StreamEngine(tiny_pipeline, EngineConfig(warmup=False)).start()
@@ -172,7 +172,9 @@ def test_each_tick_goes_to_the_camera_and_its_sound_to_the_speaker_together(tiny
     played = np.fromfile(alsa / "speaker.raw", "<f4")
     sound = np.concatenate([t.audio for t in ticks])
     assert any(t.speech for t in ticks) and np.abs(sound).max() > 0.1
-    assert np.array_equal(played[:len(sound)], sound), "the sound of the same ticks, sample for sample"
+    cushion = round(CUSHION_S * RATE)  # the silence the speaker starts with, kept ahead in its buffer
+    assert not played[:cushion].any() and np.array_equal(played[cushion:cushion + len(sound)], sound), \
+        "the sound of the same ticks, sample for sample"
     assert voice.dropped == 0 and voice.error is None and voice.skipped_s == 0  # a device that keeps up: nothing skipped
     # the stalled camera: the clock went on (75 ticks in ~3 s), the camera got the newest second, not the backlog
     assert late == 75 and stalled.dropped >= 20 and len(stalled._camera.frames) == 75 - stalled.dropped
@@ -208,11 +210,13 @@ def test_letstalk_camera_plays_the_voice_in_step_and_says_what_is_missing(tiny_m
     import sounddevice as sd
 
     number = next(i for i, d in enumerate(sd.query_devices()) if d["name"] == "letstalk_speaker")  # (by its number)
-    code = main([*base, "--audio", str(speech), "--speaker", str(number), "--no-camera", "--seconds", "3"])
+    code = main([*base, "--audio", str(speech), "--speaker", str(number), "--no-camera", "--seconds", "3",
+                 "--speaker-latency", "120"])
     said = capsys.readouterr()
     assert code == 0, said.err
+    rate, buffered = map(int, re.search(r"letstalk_speaker \((\d+) Hz, (\d+) ms buffered\)", said.err).groups())
+    assert 100 <= buffered <= 240, said.err  # what the device made of the 120 asked for
     assert re.search(r"showed 3\.0 s; speech-to-screen latency p95 \d+ ms", said.out), said.out
-    rate = int(re.search(r"letstalk_speaker \((\d+) Hz\)", said.err).group(1))
     played = np.fromfile(alsa / "speaker.raw", "<f4")
     assert abs(len(played) - 3 * rate) <= rate // 10, (len(played), rate)
     loud = np.array([np.sqrt(np.mean(played[i:i + rate // 10] ** 2)) for i in range(0, 3 * rate, rate // 10)])
@@ -225,6 +229,7 @@ def test_letstalk_camera_plays_the_voice_in_step_and_says_what_is_missing(tiny_m
     err = capsys.readouterr().err
     assert code == 2 and "cannot open the microphone 'no such mic'" in err, err
     assert main([*base, "--no-camera", "--speaker", "none"]) == 2 and "nothing to show" in capsys.readouterr().err
+    assert main([*base, "--speaker-latency", "0"]) == 2 and "1..500 ms" in capsys.readouterr().err
 
     from PIL import Image
 
@@ -294,8 +299,8 @@ def test_a_speaker_slower_than_the_sessions_clock_keeps_the_voice_in_step_by_ski
     tick, slow = 640, 1.03  # 40 ms at 16 kHz; plays 3% slow
 
     class SlowStream:
-        def __init__(self, samplerate, **_) -> None:
-            self.rate, self.free_at, self.played = samplerate, 0.0, []
+        def __init__(self, samplerate, latency, **_) -> None:
+            self.rate, self.latency, self.free_at, self.played = samplerate, latency, 0.0, []
 
         def start(self) -> None:
             pass
@@ -392,3 +397,76 @@ def test_letstalk_camera_shows_a_servers_avatar(tiny_pipeline, alsa, tmp_path, c
     code = main(["camera", "--server", "http://127.0.0.1:9", "--audio", speech, "--speaker", "no such speaker"])
     err = capsys.readouterr().err  # said before the server is asked
     assert code == 2 and "cannot open the speaker 'no such speaker'" in err and "127.0.0.1:9" not in err, err
+
+
+class TimedStream:
+    """PortAudio's blocking output stream, modelled on the clock: a buffer of `latency` s that the device plays from at
+    `speed` x real time; write() blocks until its samples fit and says whether the device ran dry since the last one.
+    Records when each written piece starts to play."""
+
+    def __init__(self, samplerate, latency, speed: float = 1.0, **_) -> None:
+        self.rate, self.speed = samplerate, speed
+        self.latency = 0.0086 if latency == "low" else float(latency)  # "low": what ALSA gives the test devices
+        self.capacity = self.latency * samplerate
+        self.level, self.at, self.dry, self.starts = 0.0, None, False, []
+
+    def _drain(self) -> None:
+        now = time.monotonic()
+        if self.at is not None and self.level > 0:
+            self.level -= (now - self.at) * self.rate * self.speed
+            if self.level < 0:  # it ran out while playing
+                self.dry, self.level = True, 0.0
+        self.at = now
+
+    def write(self, data) -> bool:
+        self._drain()
+        underflow, self.dry = self.dry, False
+        self.starts.append((data[0, 0], time.monotonic() + self.level / (self.rate * self.speed)))
+        left = float(len(data))
+        while left > 0:
+            self._drain()
+            take = min(left, self.capacity - self.level)
+            self.level, left = self.level + take, left - take
+            if left > 0:
+                time.sleep(0.001)
+        return underflow
+
+    def start(self) -> None:
+        pass
+
+    stop = close = start
+
+
+def test_the_speaker_keeps_a_cushion_so_a_late_event_loop_makes_no_click(alsa, monkeypatch):
+    """A blocking write returns with the device's buffer just full, so a buffer that small runs dry the moment the next
+    tick is late at all: a click. AudioOutput starts with CUSHION_S of silence ahead in an 80-ms buffer: ticks up to
+    6 ms late (an event loop's jitter) make none, and the voice plays ~40 ms after it is queued. Without the cushion,
+    in PortAudio's "low" buffer (8.6 ms on ALSA), 4-5 ticks in 100 click: one a second. (The device is modelled on
+    the clock.)"""
+    import random
+
+    import sounddevice as sd
+
+    import letstalk_rt.devices as devices
+    from letstalk_rt.devices import AudioOutput
+
+    def feed(voice, n: int = 100) -> list[float]:
+        rng, queued = random.Random(5), []
+        start = time.monotonic()
+        for i in range(n):
+            time.sleep(max(0.0, start + i * 0.04 + rng.uniform(0, 0.006) - time.monotonic()))
+            queued.append(time.monotonic())
+            voice.play(np.full(640, 0.5 + i * 1e-4, np.float32))
+        voice.close()
+        starts = {round((v - 0.5) / 1e-4): at for v, at in voice._stream.starts if v > 0.25}
+        return [starts[i] - queued[i] for i in range(n)]
+
+    monkeypatch.setattr(sd, "OutputStream", TimedStream)
+    cushioned = AudioOutput("letstalk_speaker", RATE, rate=RATE)
+    delays = feed(cushioned)
+    monkeypatch.setattr(devices, "CUSHION_S", 0.0)
+    bare = AudioOutput("letstalk_speaker", RATE, rate=RATE, latency="low")
+    feed(bare)
+    assert cushioned.latency == 0.08 and cushioned.underflows == 0, cushioned.underflows
+    assert 0.03 < float(np.median(delays)) < 0.06 and max(delays) < 0.1, (np.median(delays), max(delays))
+    assert bare.underflows >= 2, bare.underflows
