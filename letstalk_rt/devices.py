@@ -257,7 +257,8 @@ class AudioOutput(_Device):
         the session's (100 ppm: a frame every 7 minutes), or sound that came in a burst after a network stall, leaves
         it late for good; a queue that only fills now and then does not. So once sound waited at least LATE_S all
         through LATE_CHECK_S, quiet sound (a pause: nobody hears it) is skipped until less than LATE_S waits; so is
-        any sound while LOUD_LATE_S waits (speech with no pause)."""
+        any sound while LOUD_LATE_S waits (speech with no pause). (A slow device first fills its own buffer past the
+        cushion, up to BUFFER_S - CUSHION_S later, before sound waits here: that much it adds unseen.)"""
         late = self._writer.queued
         self._least, self._checked_s = min(self._least, late), self._checked_s + seconds
         if self._checked_s >= LATE_CHECK_S:
