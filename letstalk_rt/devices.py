@@ -25,6 +25,7 @@ import collections
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -54,15 +55,14 @@ CUSHION_S = 0.04
 
 class _Writer:
     """A thread that hands what the event loop queues to `write`, at most `most` waiting (the oldest dropped). A write
-    that raises ends it: `error` says why, and later puts are ignored."""
+    that raises ends it: `error` says why, and later puts are ignored. `waited`: how long the item being written had
+    waited in the queue."""
 
-    def __init__(self, name: str, write: Callable[[Any], None], most: int = QUEUED_TICKS,
-                 size: Callable[[Any], float] = lambda item: 1) -> None:
+    def __init__(self, name: str, write: Callable[[Any], None], most: int = QUEUED_TICKS) -> None:
         self._write = write
-        self._items: collections.deque = collections.deque()
+        self._items: collections.deque = collections.deque()  # (time.monotonic() when queued, item)
         self._most = most
-        self._size = size
-        self.queued = 0.0  # the sizes of the items waiting (`size`: 1 each by default)
+        self.waited = 0.0
         self._ready = threading.Condition()
         self._closing = False
         self.dropped = 0
@@ -75,10 +75,9 @@ class _Writer:
             if self._closing or self.error is not None:
                 return
             if len(self._items) >= self._most:
-                self.queued -= self._size(self._items.popleft())
+                self._items.popleft()
                 self.dropped += 1
-            self._items.append(item)
-            self.queued += self._size(item)
+            self._items.append((time.monotonic(), item))
             self._ready.notify()
 
     def close(self, timeout_s: float = 2.0) -> None:
@@ -95,8 +94,8 @@ class _Writer:
                     self._ready.wait()
                 if not self._items:
                     return
-                item = self._items.popleft()
-                self.queued -= self._size(item)
+                queued_at, item = self._items.popleft()
+            self.waited = time.monotonic() - queued_at
             try:
                 self._write(item)
             except Exception as e:  # noqa: BLE001 - the device's own errors: said, the session goes on
@@ -210,8 +209,8 @@ class AudioOutput(_Device):
     (`audio_devices()`), None the system's default. InputError naming the devices when it cannot be opened.
 
     `latency`: the device's buffer, seconds or PortAudio's "low" / "high" (`self.latency`: what the device gave), of
-    which CUSHION_S is kept filled ahead: the stream starts with that much silence, and after the device ran dry
-    (`underflows`), the next pause gets it again. Without it, a blocking write leaves the buffer just full when it
+    which CUSHION_S is kept filled ahead: the stream starts with that much silence, and pauses top it up (`_top_up`).
+    Without it, a blocking write leaves the buffer just full when it
     returns, so the device runs dry whenever the next tick is later than the last was: in "low" (8.6 ms on ALSA),
     ticks 0-6 ms late clicked 4-5 times in 100, one click a second (tests/test_devices.py, a device modelled on the
     clock)."""
@@ -229,6 +228,7 @@ class AudioOutput(_Device):
             raise unusable_device("speaker", device, e) from None
         self.name = info["name"]
         self.latency = float(self._stream.latency)
+        self._room = self._stream.write_available  # frames the empty buffer takes: what is in it is the rest
         self.sample_rate = sample_rate
         self._resampler = None
         if self.rate != sample_rate:
@@ -237,9 +237,10 @@ class AudioOutput(_Device):
             self._resampler = av.AudioResampler(format="flt", layout="mono", rate=self.rate)
         self.underflows = 0  # times the device ran dry (a click): the event loop late, or its clock fast
         self.skipped_s = 0.0  # quiet sound skipped to catch up with the camera
-        self._cushion_due = True  # CUSHION_S of silence to write ahead: at the start, then at a pause after a click
+        self.topped_up_s = 0.0  # silence written into pauses to keep the cushion (the start's included)
+        self._in_time = False  # the device was seen holding sound in its buffer (it plays in time)
         self._least, self._checked_s, self._loud, self._catching_up = math.inf, 0.0, 0.0, False
-        self._writer = _Writer(f"speaker-{self.name}", self._play, size=lambda pcm: len(pcm) / sample_rate)
+        self._writer = _Writer(f"speaker-{self.name}", self._play)
 
     def play(self, pcm: np.ndarray) -> None:
         """Queue float32 mono samples at `sample_rate` (the event loop: never blocks)."""
@@ -251,15 +252,14 @@ class AudioOutput(_Device):
         self._loud = max(rms, self._loud * 0.9 ** seconds)  # the loudest, fading by 10% a second
         return rms <= max(QUIET_FLOOR, QUIET * self._loud)
 
-    def _catch_up(self, seconds: float, quiet: bool) -> bool:
-        """Whether to skip this sound (the writer's thread, before playing it). The sound queued behind each piece of
-        sound is how late the voice is against the frames it was queued with. A device whose clock runs slower than
-        the session's (100 ppm: a frame every 7 minutes), or sound that came in a burst after a network stall, leaves
-        it late for good; a queue that only fills now and then does not. So once sound waited at least LATE_S all
-        through LATE_CHECK_S, quiet sound (a pause: nobody hears it) is skipped until less than LATE_S waits; so is
-        any sound while LOUD_LATE_S waits (speech with no pause). (A slow device first fills its own buffer past the
-        cushion, up to BUFFER_S - CUSHION_S later, before sound waits here: that much it adds unseen.)"""
-        late = self._writer.queued
+    def _catch_up(self, seconds: float, quiet: bool, late: float) -> bool:
+        """Whether to skip this sound (the writer's thread, before playing it). `late`: how much later than the
+        cushion's delay it will play after the frame it was queued with: what it waited in the queue, and what is in
+        the device's buffer past the cushion (a slow device fills its buffer first: a blocking write returns once it
+        fits). A device whose clock runs slower than the session's (100 ppm: a frame every 7 minutes), or sound that
+        came in a burst after a network stall, leaves the voice late for good; a write that was slow now and then does
+        not. So once sound was at least LATE_S late all through LATE_CHECK_S, quiet sound (a pause: nobody hears it)
+        is skipped until it is less; so is any sound while it is LOUD_LATE_S late (speech with no pause)."""
         self._least, self._checked_s = min(self._least, late), self._checked_s + seconds
         if self._checked_s >= LATE_CHECK_S:
             self._catching_up |= self._least >= LATE_S
@@ -275,7 +275,8 @@ class AudioOutput(_Device):
     def _play(self, pcm: np.ndarray) -> None:
         seconds = len(pcm) / self.sample_rate
         quiet = self._quiet(pcm, seconds)
-        if self._catch_up(seconds, quiet):
+        ahead = max(0, self._room - self._stream.write_available) / self.rate  # in the device's buffer, to play
+        if self._catch_up(seconds, quiet, self._writer.waited + max(0.0, ahead - CUSHION_S)):
             return
         if self._resampler is not None:
             import av
@@ -284,13 +285,20 @@ class AudioOutput(_Device):
             frame.sample_rate = self.sample_rate
             pcm = np.concatenate([f.to_ndarray().reshape(-1) for f in self._resampler.resample(frame)] or
                                  [np.zeros(0, np.float32)])
-        if self._cushion_due and (quiet or self.underflows == 0):  # (at the start: nothing plays yet to break)
-            if cushion := round(CUSHION_S * self.rate):
-                self._stream.write(np.zeros((cushion, 1), np.float32))
-            self._cushion_due = False
+        self._in_time |= ahead > 0  # it holds what was written: it plays in time (a file, say, would not)
+        if not self.topped_up_s or (quiet and self._in_time):  # the start (nothing plays yet to break), or a pause
+            self._top_up(ahead)
         if len(pcm) and self._stream.write(np.ascontiguousarray(pcm, np.float32).reshape(-1, 1)):
             self.underflows += 1
-            self._cushion_due = True
+
+    def _top_up(self, ahead: float) -> None:
+        """Fill the cushion up with silence where less than half of it is left in the device's buffer. What is left
+        wanders down even on a device that keeps time: a tick later than the last takes from it, and an earlier one
+        cannot give back past a full buffer; a device whose clock runs fast takes the rest (at 100 ppm, 40 ms in ~7
+        minutes). Topped up in pauses, it never runs dry; one that did (a click) gets it back at the next pause."""
+        if ahead < CUSHION_S / 2 and (missing := round((CUSHION_S - ahead) * self.rate)):
+            self._stream.write(np.zeros((missing, 1), np.float32))
+            self.topped_up_s += missing / self.rate
 
     def close(self) -> None:
         self._writer.close()

@@ -287,60 +287,60 @@ def test_the_microphone_example_drives_a_server_and_plays_the_avatars_voice(tiny
     assert snapshot.exists()
 
 
+def _speech_and_pauses(voice, n: int, pauses: bool = True,
+                       late_s: float = 0.0) -> tuple[list[bool], dict[int, float], float]:
+    """Play n 40-ms ticks to `voice` in real time, each up to `late_s` late (at random: an event loop's jitter): 0.8 s
+    of speech, 0.4 s of pause, again and again (or, not `pauses`, speech only), each tick's samples saying which tick
+    it is (`_which_ticks`); whether each was loud, when each was queued, and when it started."""
+    import random
+
+    loud = [i % 30 < 20 or not pauses for i in range(n)]
+    queued, rng = {}, random.Random(5)
+    gc.disable()  # a full collection of this test process's heap could stall both threads past the cushion (an
+    try:          # engine freezes its heap at start for the same reason: EngineConfig.freeze_gc)
+        start = time.monotonic()
+        for i in range(n):
+            time.sleep(max(0.0, start + i * 0.04 + rng.uniform(0, late_s) - time.monotonic()))
+            queued[i] = time.monotonic()
+            voice.play(np.full(640, 0.5 + i * 1e-4 if loud[i] else (i + 1) * 1e-6, np.float32))
+        voice.close()
+    finally:
+        gc.enable()
+    return loud, queued, start
+
+
+def _which_ticks(written: list[tuple[float, float]]) -> list[tuple[int, float]]:
+    """(tick, time) of what a stand-in stream recorded, by the first sample each tick of `_speech_and_pauses` carries
+    (the silence of the speaker's cushion left out)."""
+    return [(round((v - 0.5) / 1e-4) if v >= 0.25 else round(v / 1e-6) - 1, at) for v, at in written if v > 0]
+
+
 def test_a_speaker_slower_than_the_sessions_clock_keeps_the_voice_in_step_by_skipping_pauses(alsa, monkeypatch):
     """A sound card whose clock runs slower than the session's leaves its sound ever later against the camera's frames
     (100 ppm: a frame every 7 minutes; here 3%, so that 10 s show it). AudioOutput catches up by skipping quiet sound
     (the pauses between phrases): the voice stays within a few frames of when it was queued, and no speech is lost.
     Without it the voice is 300 ms late after 10 s (more on a busy machine), and drifts on until a second of it is
-    dropped. (PortAudio's stream is replaced here by one that plays 3% slow.)"""
+    dropped. (PortAudio's stream is modelled on the clock, playing 3% slow.)"""
     import sounddevice as sd
 
     from letstalk_rt.devices import AudioOutput
 
-    tick, slow = 640, 1.03  # 40 ms at 16 kHz; plays 3% slow
-
-    class SlowStream:
-        def __init__(self, samplerate, latency, **_) -> None:
-            self.rate, self.latency, self.free_at, self.played = samplerate, latency, 0.0, []
-
-        def start(self) -> None:
-            pass
-
-        def write(self, data) -> bool:
-            now = time.monotonic()
-            self.played.append((data[0, 0], now))
-            if now > self.free_at + 0.02:  # it ran dry: starts again now (else it plays on at its own pace)
-                self.free_at = now
-            self.free_at += len(data) / self.rate * slow
-            time.sleep(max(0.0, self.free_at - time.monotonic()))
-            return False
-
-        stop = close = start
-
-    monkeypatch.setattr(sd, "OutputStream", SlowStream)
+    monkeypatch.setattr(sd, "OutputStream", lambda **kw: TimedStream(speed=1 / 1.03, **kw))  # plays 3% slow
     voice = AudioOutput("letstalk_speaker", RATE, rate=RATE)
-    # 0.8 s of speech, 0.4 s of pause, again and again; each tick's samples say which tick it is
     n = 250
-    loud = [i % 30 < 20 for i in range(n)]
-    queued = {}
-    start = time.monotonic()
-    for i in range(n):
-        time.sleep(max(0.0, start + i * 0.04 - time.monotonic()))
-        level = 0.5 + i * 1e-4 if loud[i] else i * 1e-6
-        queued[i] = time.monotonic()
-        voice.play(np.full(tick, level, np.float32))
-    voice.close()
+    loud, queued, start = _speech_and_pauses(voice, n)
 
-    played = [(round((v - 0.5) / 1e-4) if v >= 0.25 else round(v / 1e-6), at) for v, at in voice._stream.played]
+    played = _which_ticks(voice._stream.starts)  # (tick, when it started to play)
     order = [i for i, _ in played]
     skipped = sorted(set(range(n)) - set(order))
     assert order == sorted(order) and skipped, "in order; some sound skipped"
     assert not any(loud[i] for i in skipped), f"only pauses are skipped: {skipped}"
     assert voice.skipped_s == pytest.approx(len(skipped) * 0.04) and voice.dropped == 0
-    # over the last 3 s: back in step at each pause (the old code: never under 200 ms, and growing), and never far
-    # behind between them (loose: a slow spell of a shared VM delays the writer's thread too)
+    # over the last 3 s: back in step at each pause, the cushion's 40 ms and a tick behind at most (the old code: never
+    # under 250 ms, and growing), and never far behind between them (loose: a slow spell of a shared VM delays the
+    # writer's thread too)
     late = [at - queued[i] for i, at in played if queued[i] - start > 7.0]
-    assert min(late) < 0.1 and max(late) < 0.3, f"the voice drifted: {min(late) * 1000:.0f}-{max(late) * 1000:.0f} ms"
+    assert min(late) < 0.12 and max(late) < 0.35, f"the voice drifted: {min(late) * 1000:.0f}-{max(late) * 1000:.0f} ms"
 
 
 def test_letstalk_camera_shows_a_servers_avatar(tiny_pipeline, alsa, tmp_path, capsys, monkeypatch):
@@ -383,9 +383,10 @@ def test_letstalk_camera_shows_a_servers_avatar(tiny_pipeline, alsa, tmp_path, c
         async with running_server(tiny_pipeline) as srv:
             cli = asyncio.ensure_future(asyncio.to_thread(main, ["camera", "--server", srv.url, "--audio", speech,
                                                                  "--speaker", "none", "--quiet"]))
-            while not srv.manager.sessions:
+            while not any(ss.pc is not None and ss.pc.connectionState == "connected"
+                          for ss in srv.manager.sessions.values()):
                 await asyncio.sleep(0.1)
-            await asyncio.sleep(1.5)
+            await asyncio.sleep(1.0)  # streaming
             await srv.manager.close(next(iter(srv.manager.sessions.values())), "ended by the operator")
             return await asyncio.wait_for(cli, 20)
 
@@ -419,6 +420,11 @@ class TimedStream:
                 self.dry, self.level = True, 0.0
         self.at = now
 
+    @property
+    def write_available(self) -> int:
+        self._drain()
+        return int(self.capacity - self.level)
+
     def write(self, data) -> bool:
         self._drain()
         underflow, self.dry = self.dry, False
@@ -439,36 +445,29 @@ class TimedStream:
 
 
 def test_the_speaker_keeps_a_cushion_so_a_late_event_loop_makes_no_click(alsa, monkeypatch):
-    """A blocking write returns with the device's buffer just full, so a buffer that small runs dry the moment the next
-    tick is late at all: a click. AudioOutput starts with CUSHION_S of silence ahead in an 80-ms buffer: ticks up to
+    """A blocking write returns with the device's buffer just full, so without sound kept ahead the device runs dry
+    whenever a tick comes later than the last one did: a click. AudioOutput starts with CUSHION_S of silence ahead in an 80-ms buffer: ticks up to
     6 ms late (an event loop's jitter) make none, and the voice plays ~40 ms after it is queued. Without the cushion,
-    in PortAudio's "low" buffer (8.6 ms on ALSA), 4-5 ticks in 100 click: one a second. (The device is modelled on
-    the clock.)"""
-    import random
-
+    in PortAudio's "low" buffer (8.6 ms on ALSA), 4-5 ticks in 100 click: one a second. A device whose clock runs
+    fast uses the cushion up (here 3%: in about a second; without top-ups it then ran dry on 117 of 150 ticks); pauses
+    top it up, so it never runs dry. (The device is modelled on the clock.)"""
     import sounddevice as sd
 
     import letstalk_rt.devices as devices
     from letstalk_rt.devices import AudioOutput
 
-    def feed(voice, n: int = 100) -> list[float]:
-        rng, queued = random.Random(5), []
-        gc.disable()  # a full collection of this test process's heap could stall both threads past the cushion (an
-        try:          # engine freezes its heap at start for the same reason: EngineConfig.freeze_gc)
-            start = time.monotonic()
-            for i in range(n):
-                time.sleep(max(0.0, start + i * 0.04 + rng.uniform(0, 0.006) - time.monotonic()))
-                queued.append(time.monotonic())
-                voice.play(np.full(640, 0.5 + i * 1e-4, np.float32))
-            voice.close()
-        finally:
-            gc.enable()
-        starts = {round((v - 0.5) / 1e-4): at for v, at in voice._stream.starts if v > 0.25}
-        return [starts[i] - queued[i] for i in range(n)]
+    def feed(voice) -> list[float]:  # how long after it was queued each tick started to play
+        _, queued, _ = _speech_and_pauses(voice, 100, pauses=False, late_s=0.006)
+        return [at - queued[i] for i, at in _which_ticks(voice._stream.starts)]
 
     monkeypatch.setattr(sd, "OutputStream", TimedStream)
     cushioned = AudioOutput("letstalk_speaker", RATE, rate=RATE)
     delays = feed(cushioned)
+    monkeypatch.setattr(sd, "OutputStream", lambda **kw: TimedStream(speed=1.03, **kw))  # a device 3% fast
+    fast = AudioOutput("letstalk_speaker", RATE, rate=RATE)
+    _speech_and_pauses(fast, 150)
+    assert fast.underflows == 0 and fast.topped_up_s > 0.1, (fast.underflows, fast.topped_up_s)
+    monkeypatch.setattr(sd, "OutputStream", TimedStream)
     monkeypatch.setattr(devices, "CUSHION_S", 0.0)
     bare = AudioOutput("letstalk_speaker", RATE, rate=RATE, latency="low")
     feed(bare)
