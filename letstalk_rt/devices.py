@@ -210,10 +210,9 @@ class AudioOutput(_Device):
 
     `latency`: the device's buffer, seconds or PortAudio's "low" / "high" (`self.latency`: what the device gave), of
     which CUSHION_S is kept filled ahead: the stream starts with that much silence, and pauses top it up (`_top_up`).
-    Without it, a blocking write leaves the buffer just full when it
-    returns, so the device runs dry whenever the next tick is later than the last was: in "low" (8.6 ms on ALSA),
-    ticks 0-6 ms late clicked 4-5 times in 100, one click a second (tests/test_devices.py, a device modelled on the
-    clock)."""
+    Without it, a blocking write leaves the buffer just full when it returns, so the device runs dry whenever the next
+    tick is later than the last was: in "low" (8.6 ms on ALSA), ticks 0-6 ms late clicked 4-5 times in 100, one click
+    a second (tests/test_devices.py, a device modelled on the clock)."""
 
     def __init__(self, device: int | str | None, sample_rate: int, rate: int | None = None,
                  latency: float | str = BUFFER_S) -> None:
