@@ -527,63 +527,65 @@ async def _camera_remote(source, args: argparse.Namespace) -> None:
 
     shown, ticks = 0, None
     camera, voice = None, _open_voice(args, OPUS_RATE)  # a speaker that is not there: said before the server is asked
-    async with AvatarClient(args.server, api_key=args.api_key) as client:
-        shape = {"full_frame": args.full_frame or None, "framing": args.framing}
-        session = await (client.start_session(portrait=args.portrait, **shape) if args.portrait is not None
-                         else client.start_session(avatar_id=args.avatar, **shape))
-        async with session:
-            await session.connect()
-            video = session.info["video"]
-            if args.seconds is not None:
-                ticks = math.ceil(args.seconds * video["fps"])
-            print(f"the server's session {session.id}", file=sys.stderr)
-            ended: list[str] = []  # why the server closed it, if it did (max session minutes, shutting down ...)
-            session.on("closed", lambda event: ended.append(event.get("reason") or "closed"))
+    try:
+        async with AvatarClient(args.server, api_key=args.api_key) as client:
+            shape = {"full_frame": args.full_frame or None, "framing": args.framing}
+            session = await (client.start_session(portrait=args.portrait, **shape) if args.portrait is not None
+                             else client.start_session(avatar_id=args.avatar, **shape))
+            async with session:
+                await session.connect()
+                video = session.info["video"]
+                if args.seconds is not None:
+                    ticks = math.ceil(args.seconds * video["fps"])
+                print(f"the server's session {session.id}", file=sys.stderr)
+                ended: list[str] = []  # why the server closed it, if it did (max session minutes, shutting down ...)
+                session.on("closed", lambda event: ended.append(event.get("reason") or "closed"))
 
-            async def feed() -> None:
-                async for pcm, rate in source.chunks():
-                    await session.send_audio(pcm, rate)
-                if args.audio is not None:
-                    await session.end_speech()
+                async def feed() -> None:
+                    async for pcm, rate in source.chunks():
+                        await session.send_audio(pcm, rate)
+                    if args.audio is not None:
+                        await session.end_speech()
 
-            async def play() -> None:
-                async for chunk in session.audio_frames():
-                    if chunk.sample_rate != OPUS_RATE:
-                        raise OutputError(f"the server's voice came at {chunk.sample_rate} Hz, not {OPUS_RATE}")
-                    voice.play(chunk.mono_float())
+                async def play() -> None:
+                    async for chunk in session.audio_frames():
+                        if chunk.sample_rate != OPUS_RATE:
+                            raise OutputError(f"the server's voice came at {chunk.sample_rate} Hz, not {OPUS_RATE}")
+                        voice.play(chunk.mono_float())
 
-            helpers: list[asyncio.Task] = []
-            try:
-                camera = _open_camera(args, (video["width"], video["height"]), video["fps"])
-                helpers.append(asyncio.create_task(feed()))
-                print(f"listening to {args.audio or 'the microphone'}; Ctrl-C to stop", file=sys.stderr)
-                if voice is not None:
-                    helpers.append(asyncio.create_task(play()))
-                started = time.monotonic()
-                async for rgb in session.video_frames():
-                    if camera is not None:
-                        camera.send(rgb)
-                    shown += 1
-                    failed = device_failure(camera, voice)
-                    for helper in helpers:  # a microphone or speaker that failed: said, not hidden
-                        if helper.done() and not helper.cancelled() and helper.exception() is not None:
-                            raise helper.exception()
-                    if failed is not None:
-                        raise failed
-                    if not args.quiet and shown % video["fps"] == 0:
-                        print(f"\r  {shown / video['fps']:6.1f} s shown, {time.monotonic() - started:6.1f} s",
-                              end="", file=sys.stderr, flush=True)
-                    if ticks is not None and shown >= ticks:
-                        break
-            finally:
-                for helper in helpers:
-                    helper.cancel()
-                for device in (camera, voice):
-                    if device is not None:
-                        device.close()
-            if ended:
-                raise LetsTalkError(f"the server closed the session after {shown / video['fps']:.1f} s: {ended[0]}")
-            stats = (await session.stats())["stats"]
+                helpers: list[asyncio.Task] = []
+                try:
+                    camera = _open_camera(args, (video["width"], video["height"]), video["fps"])
+                    helpers.append(asyncio.create_task(feed()))
+                    print(f"listening to {args.audio or 'the microphone'}; Ctrl-C to stop", file=sys.stderr)
+                    if voice is not None:
+                        helpers.append(asyncio.create_task(play()))
+                    started = time.monotonic()
+                    async for rgb in session.video_frames():
+                        if camera is not None:
+                            camera.send(rgb)
+                        shown += 1
+                        failed = device_failure(camera, voice)
+                        for helper in helpers:  # a microphone or speaker that failed: said, not hidden
+                            if helper.done() and not helper.cancelled() and helper.exception() is not None:
+                                raise helper.exception()
+                        if failed is not None:
+                            raise failed
+                        if not args.quiet and shown % video["fps"] == 0:
+                            print(f"\r  {shown / video['fps']:6.1f} s shown, {time.monotonic() - started:6.1f} s",
+                                  end="", file=sys.stderr, flush=True)
+                        if ticks is not None and shown >= ticks:
+                            break
+                finally:
+                    for helper in helpers:
+                        helper.cancel()
+                if ended:
+                    raise LetsTalkError(f"the server closed the session after {shown / video['fps']:.1f} s: {ended[0]}")
+                stats = (await session.stats())["stats"]
+    finally:
+        for device in (camera, voice):
+            if device is not None:
+                device.close()
     if not args.quiet:
         print(file=sys.stderr)
     _camera_summary(shown / video["fps"], f"speech-to-screen latency p95 at the server "
