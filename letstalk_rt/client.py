@@ -37,8 +37,9 @@ as the server's own audio does: aiortc's Opus encoder alone holds each packet of
 refuses float audio. Server errors become exceptions carrying the server's message: `AuthenticationError` (401),
 `ServerBusyError` (503, `.retry_after`), `SessionNotFoundError` (404; `AvatarNotFoundError` for an avatar,
 `RecordingNotFoundError` for a recording or its captions), `RenderFailedError` (a render that ended without a video),
-`RequestError` (other 4xx), `AvatarClientError` (the rest, and a websocket the server closed, with its reason: sends
-fail with it, and `events()` ends with it when no `closed` event came). Errors the server reports while streaming (audio dropped, a bad control
+`RequestError` (other 4xx), `SessionClosedError` (sends and requests after the server closed the session: its
+`reason`, also `AvatarSession.close_reason`), `AvatarClientError` (the rest, and a websocket the server closed without
+closing the session, with its reason: sends fail with it, and `events()` ends with it). Errors the server reports while streaming (audio dropped, a bad control
 message) arrive as `error` events.
 
 Received frames wait in small bounded buffers (about 2 s); when nobody reads, the oldest are dropped,
@@ -125,6 +126,15 @@ class ServerBusyError(AvatarClientError):
 
 class SessionNotFoundError(AvatarClientError):
     """404: the session was closed (idle timeout, peer gone, deleted) or never existed."""
+
+
+class SessionClosedError(AvatarClientError):
+    """The server closed the session (its time limit, a shutdown, an operator, a generator error): sends and requests
+    after its `closed` event raise this, with the server's `reason` (also `AvatarSession.close_reason`)."""
+
+    def __init__(self, session_id: str, reason: str) -> None:
+        super().__init__(f"session {session_id} was closed by the server: {reason}")
+        self.reason = reason
 
 
 class AvatarNotFoundError(AvatarClientError):
@@ -293,7 +303,7 @@ class AvatarSession:
         self._failed: str | None = None
         self._link: dict = {}  # how connect() connected: a reconnect connects the same way
         self._watching = False  # connect(reconnect=True): a watchdog replaces a connection whose media stopped
-        self._ended = False  # the server said the session closed
+        self.close_reason: str | None = None  # the server closed the session: its `closed` event's reason
         self._media_at = 0.0  # monotonic: when media last arrived (or the connection came up)
         self._time_offset = 0.0  # the current connection's media time 0 on the session's timeline (reconnects)
         self._last_media_time = 0.0  # the end of the last video frame received, on that timeline
@@ -430,7 +440,7 @@ class AvatarSession:
         self._watching = True
         while not self.closed:
             await asyncio.sleep(RECONNECT_POLL_S)
-            if self._ended:  # its connection closes with it: the media iterators end once drained
+            if self.close_reason is not None:  # its connection closes with it: the media iterators end once drained
                 self._video.close()
                 self._audio.close()
                 return
@@ -645,11 +655,13 @@ class AvatarSession:
                     task.add_done_callback(self._tasks.discard)
             except Exception:
                 log.exception("event callback for %r failed", kind)
-        if kind == "closed":
-            self._ended = True  # the server closed the session: nothing to reconnect to
+        if kind == "closed":  # the server closed the session: nothing to reconnect to, nothing more to send
+            self.close_reason = str(event.get("reason") or "closed")
             self._events.close()
 
     async def _send(self, send: Callable[[aiohttp.ClientWebSocketResponse], Any]) -> None:
+        if self.close_reason is not None:  # whether or not its websocket's close has come in yet: one error, why
+            raise SessionClosedError(self.id, self.close_reason)
         ws = self._ws
         if ws is None or ws.closed:
             if self._ws_close is not None:
@@ -658,6 +670,8 @@ class AvatarSession:
         try:
             await send(ws)
         except (ConnectionError, RuntimeError) as e:
+            if self.close_reason is not None:
+                raise SessionClosedError(self.id, self.close_reason) from None
             raise AvatarClientError(f"session {self.id}: websocket send failed ({e}); "
                                     f"closed by the server: {self._ws_close or 'unknown'}") from None
 

@@ -369,6 +369,40 @@ def test_sdk_raises_the_servers_errors(tiny_pipeline):
 
 
 
+def test_sdk_says_why_the_server_closed_the_session_whichever_comes_first(tiny_pipeline):
+    """A session the server closes (an operator, its time limit): from its `closed` event on, every send and request
+    raises SessionClosedError with the server's reason, also before the websocket's own close has come in (a callback
+    of the `closed` event sends at once); events() ends with that event."""
+    from letstalk_rt.client import AvatarClient, SessionClosedError
+
+    async def main():
+        async with running_server(tiny_pipeline) as srv:
+            async with AvatarClient(srv.url) as client:
+                session = await client.start_session()
+                await session.ping()  # the websocket is open
+                at_once: list[BaseException] = []
+
+                async def send_at_once(event: dict) -> None:
+                    try:
+                        await session.send_audio(np.zeros(320, np.int16), 16000)
+                    except BaseException as e:
+                        at_once.append(e)
+
+                session.on("closed", send_at_once)
+                assert session.close_reason is None
+                await srv.manager.close(srv.manager.sessions[session.id], "ended by the operator")
+                events = [event async for event in session.events()]
+                assert events[-1]["type"] == "closed" and session.close_reason == "ended by the operator"
+                await wait_until(lambda: at_once, 5, "the send made as the closed event came")
+                assert isinstance(at_once[0], SessionClosedError), at_once
+                for call in (session.ping(), session.end_speech(), session.send_audio(np.zeros(320, np.int16))):
+                    with pytest.raises(SessionClosedError, match="closed by the server: ended by the operator") as e:
+                        await call
+                    assert e.value.reason == "ended by the operator"
+
+    run(main())
+
+
 def test_sdk_events_end_when_the_websocket_ends_and_odd_rates_are_sent_whole(tiny_pipeline):
     """events() raises the server's close reason when its websocket ends without a `closed` event (here:
     another client's websocket replaces it) instead of waiting forever; audio at a rate whose half second
