@@ -12,7 +12,8 @@ The microphone is sent as the session's WebRTC audio track (the server feeds it 
 hears). Received frames go to a virtual camera when pyvirtualcam is installed and finds one, and the received voice
 to --speaker (the SDK hands each frame over with the audio of its media time, so they leave in step); otherwise,
 without any GUI dependency, the latest frame is saved to --snapshot every second and stats are printed. The same runs
-in-process, with no server, as `letstalk camera`.
+in-process, with no server, as `letstalk camera`, and against a server as `letstalk camera --server URL` (the speech
+sent up the websocket instead: this file shows the SDK's WebRTC route and FFmpeg's microphones).
 """
 
 from __future__ import annotations

@@ -19,11 +19,13 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__
 from .config import MAX_NOISE_DRAWS, PRESETS_MODEL, check_box, check_noise_draws
 from .errors import InputError, LetsTalkError, OutputError
+from .train.options import parse_widths
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -517,15 +519,34 @@ def _camera_summary(shown_s: float, latency: str, held: int, camera, voice) -> N
           + (f"; ticks a device fell behind on {dropped}" if dropped else "") + skipped)
 
 
+async def _until_shown(shower: asyncio.Task, helpers: list[asyncio.Task], progress: Callable[[], str] | None) -> int:
+    """`letstalk camera`'s run: wait for `shower` (it returns the ticks shown), printing `progress()` each second; a
+    helper that failed (the microphone, the speaker) ends the run with its error at once, not hidden. Every task is
+    cancelled on the way out."""
+    try:
+        while not shower.done():
+            await asyncio.wait([shower, *(t for t in helpers if not t.done())], timeout=1.0,
+                               return_when=asyncio.FIRST_COMPLETED)
+            for helper in helpers:
+                if helper.done() and not helper.cancelled() and helper.exception() is not None:
+                    raise helper.exception()
+            if progress is not None:
+                print("\r" + progress(), end="", file=sys.stderr, flush=True)
+        return shower.result()
+    finally:
+        for task in (shower, *helpers):
+            task.cancel()
+
+
 async def _camera_remote(source, args: argparse.Namespace) -> None:
     """`letstalk camera --server URL`: the avatar made by a server (`letstalk serve`, on a GPU), this machine only
     listening and showing: the microphone's speech goes up the session's websocket, the video and voice come back over
     WebRTC, where the SDK holds each frame for its sound (AvatarClient), and go to the devices as they come."""
-    from .client import AvatarClient
+    from .client import AvatarClient, AvatarClientError
     from .devices import device_failure
     from .rtc import OPUS_RATE  # the rate the SDK hands the voice over at
 
-    shown, ticks = 0, None
+    shown = 0
     camera, voice = None, _open_voice(args, OPUS_RATE)  # a speaker that is not there: said before the server is asked
     try:
         async with AvatarClient(args.server, api_key=args.api_key) as client:
@@ -535,11 +556,9 @@ async def _camera_remote(source, args: argparse.Namespace) -> None:
             async with session:
                 await session.connect()
                 video = session.info["video"]
-                if args.seconds is not None:
-                    ticks = math.ceil(args.seconds * video["fps"])
+                fps = video["fps"]
+                ticks = None if args.seconds is None else math.ceil(args.seconds * fps)
                 print(f"the server's session {session.id}", file=sys.stderr)
-                ended: list[str] = []  # why the server closed it, if it did (max session minutes, shutting down ...)
-                session.on("closed", lambda event: ended.append(event.get("reason") or "closed"))
 
                 async def feed() -> None:
                     async for pcm, rate in source.chunks():
@@ -553,34 +572,32 @@ async def _camera_remote(source, args: argparse.Namespace) -> None:
                             raise OutputError(f"the server's voice came at {chunk.sample_rate} Hz, not {OPUS_RATE}")
                         voice.play(chunk.mono_float())
 
-                helpers: list[asyncio.Task] = []
-                try:
-                    camera = _open_camera(args, (video["width"], video["height"]), video["fps"])
-                    helpers.append(asyncio.create_task(feed()))
-                    print(f"listening to {args.audio or 'the microphone'}; Ctrl-C to stop", file=sys.stderr)
-                    if voice is not None:
-                        helpers.append(asyncio.create_task(play()))
-                    started = time.monotonic()
+                async def show() -> int:
+                    nonlocal shown
                     async for rgb in session.video_frames():
                         if camera is not None:
                             camera.send(rgb)
                         shown += 1
                         failed = device_failure(camera, voice)
-                        for helper in helpers:  # a microphone or speaker that failed: said, not hidden
-                            if helper.done() and not helper.cancelled() and helper.exception() is not None:
-                                raise helper.exception()
                         if failed is not None:
                             raise failed
-                        if not args.quiet and shown % video["fps"] == 0:
-                            print(f"\r  {shown / video['fps']:6.1f} s shown, {time.monotonic() - started:6.1f} s",
-                                  end="", file=sys.stderr, flush=True)
                         if ticks is not None and shown >= ticks:
                             break
-                finally:
-                    for helper in helpers:
-                        helper.cancel()
-                if ended:
-                    raise LetsTalkError(f"the server closed the session after {shown / video['fps']:.1f} s: {ended[0]}")
+                    return shown
+
+                camera = _open_camera(args, (video["width"], video["height"]), fps)
+                helpers = [asyncio.create_task(feed())] + ([asyncio.create_task(play())] if voice is not None else [])
+                print(f"listening to {args.audio or 'the microphone'}; Ctrl-C to stop", file=sys.stderr)
+                started = time.monotonic()
+                try:
+                    await _until_shown(asyncio.create_task(show()), helpers, None if args.quiet else (
+                        lambda: f"  {shown / fps:6.1f} s shown, {time.monotonic() - started:6.1f} s"))
+                except AvatarClientError:  # a send (SessionClosedError) or the media after the server closed it
+                    if session.close_reason is None:
+                        raise
+                if session.close_reason is not None:  # its time limit, a shutdown, an operator ...
+                    raise LetsTalkError(f"the server closed the session after {shown / fps:.1f} s: "
+                                        f"{session.close_reason}")
                 stats = (await session.stats())["stats"]
     finally:
         for device in (camera, voice):
@@ -588,8 +605,8 @@ async def _camera_remote(source, args: argparse.Namespace) -> None:
                 device.close()
     if not args.quiet:
         print(file=sys.stderr)
-    _camera_summary(shown / video["fps"], f"speech-to-screen latency p95 at the server "
-                    f"{stats['latency_ms_p95'] or 0:.0f} ms", stats["fillers"], camera, voice)
+    _camera_summary(shown / fps, f"speech-to-screen latency p95 at the server {stats['latency_ms_p95'] or 0:.0f} ms",
+                    stats["fillers"], camera, voice)
 
 
 async def _camera(pipe, image, source, args: argparse.Namespace) -> None:
@@ -607,19 +624,14 @@ async def _camera(pipe, image, source, args: argparse.Namespace) -> None:
             feeder = asyncio.create_task(source.run(session, end_speech=args.audio is not None))
             print(f"listening to {args.audio or 'the microphone'}; Ctrl-C to stop", file=sys.stderr)
             ticks = None if args.seconds is None else math.ceil(args.seconds * pipe.fps)
-            shower = asyncio.create_task(show_on_devices(session, camera, voice, ticks))
-            while not shower.done():
-                await asyncio.wait([shower] if feeder.done() else [shower, feeder], timeout=1.0,
-                                   return_when=asyncio.FIRST_COMPLETED)
-                if feeder.done() and feeder.exception() is not None:  # the microphone failed: said, not hidden
-                    shower.cancel()
-                    raise feeder.exception()
-                if not args.quiet:  # counters only: stats() sorts every kept latency, too much each second for hours
-                    last = session.latencies[-1] * 1000 if session.latencies else 0.0
-                    print(f"\r  {session.player.tick / pipe.fps:6.1f} s shown, latency {last:4.0f} ms, held "
-                          f"{session.player.fillers}", end="", file=sys.stderr, flush=True)
-            shown = shower.result()
-            feeder.cancel()
+
+            def progress() -> str:  # counters only: stats() sorts every kept latency, too much each second for hours
+                last = session.latencies[-1] * 1000 if session.latencies else 0.0
+                return (f"  {session.player.tick / pipe.fps:6.1f} s shown, latency {last:4.0f} ms, held "
+                        f"{session.player.fillers}")
+
+            shown = await _until_shown(asyncio.create_task(show_on_devices(session, camera, voice, ticks)), [feeder],
+                                       None if args.quiet else progress)
         finally:
             for device in (camera, voice):
                 if device is not None:
@@ -629,6 +641,12 @@ async def _camera(pipe, image, source, args: argparse.Namespace) -> None:
         print(file=sys.stderr)
     _camera_summary(shown / pipe.fps, f"speech-to-screen latency p95 {stats['latency_ms_p95'] or 0:.0f} ms",
                     stats["fillers"], camera, voice)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .train import trainer
+
+    trainer.main(args)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -700,12 +718,6 @@ def _preset_config(args: argparse.Namespace):
                                 "drop --wav2vec2 or pick a letstalk-* preset")
         config.audio.wav2vec2_path = str(args.wav2vec2.resolve())  # read later, from wherever the model is used
     return config
-
-
-def _decoder_widths(text: str) -> tuple[int, ...]:
-    from .train.trainer import _widths
-
-    return _widths(text)
 
 
 def cmd_new_model(args: argparse.Namespace) -> None:
@@ -953,7 +965,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="benchmark a preset with RANDOM weights instead of a model directory (speed only)")
     p.add_argument("--wav2vec2", type=Path, default=None,
                    help="local transformers Wav2Vec2 directory, for the letstalk-* presets (their audio encoder)")
-    p.add_argument("--decoder-channels", type=_decoder_widths, default=None, metavar="W0,W1,...",
+    p.add_argument("--decoder-channels", type=parse_widths, default=None, metavar="W0,W1,...",
                    help="with --preset: a decoder of these stage widths (finest first) for the preset's latents, "
                         "as `letstalk train --stage decoder --decoder-channels` makes (speed of a narrower decoder)")
     p.add_argument("--sessions", default="1", help="comma-separated concurrent session counts (default 1)")
@@ -984,14 +996,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="the WebRTC/HTTP server for browsers and the Python SDK")
     try:
-        from server.app import add_serve_arguments, serve_main
+        from server.options import add_serve_arguments  # the server itself (and torch) loads when it runs
     except ImportError as e:  # the server package ships beside letstalk_rt; a partial install lacks it
         _missing = str(e)
 
-        def serve_main(args: argparse.Namespace) -> None:  # noqa: F811
+        def serve_main(args: argparse.Namespace) -> None:
             raise LetsTalkError(f"the server is not installed ({_missing}); reinstall with scripts/setup.sh")
     else:
         add_serve_arguments(p)
+
+        def serve_main(args: argparse.Namespace) -> None:
+            from server.app import serve_main
+
+            serve_main(args)
     p.set_defaults(func=serve_main)
 
     p = sub.add_parser("data", help="make training data: a synthetic corpus, or shards from real videos")
@@ -1007,10 +1024,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model: autoencoder, transformer, or few-step distillation "
                                      "(docs/training.md)")
-    from .train import trainer
+    from .train import options as train_options  # torch loads with the training, not with the parser
 
-    trainer.add_arguments(p)
-    p.set_defaults(func=trainer.main)
+    train_options.add_arguments(p)
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="score models on a synth corpus or real videos: lip sync, identity, flicker, "
                                     "long-run drift")

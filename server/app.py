@@ -48,8 +48,7 @@ from aiohttp import WSMsgType, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from letstalk_rt.aio import wait_for
-from letstalk_rt.cli import (add_device_args, add_live_args, add_sampling_args, check_live_args, check_sampling_args,
-                             live_config, pipeline_kwargs, resolve_devices)
+from letstalk_rt.cli import check_live_args, check_sampling_args, live_config, pipeline_kwargs, resolve_devices
 from letstalk_rt.errors import InputError, LetsTalkError, NoFaceError, OutputError
 from letstalk_rt.framing import FRAMING, MAX_PHOTO_SIDE, check_framing
 from letstalk_rt.media import LIVE_FORMATS, WHITE, check_live_url, decode_audio, parse_colour, redact_url, upright_image
@@ -61,12 +60,11 @@ from letstalk_rt.tts import (DEFAULT_VOICE, MAX_TEXT, PITCH_RANGE, RATE_RANGE, S
 from . import recordings, renders
 from .auth import TokenError, api_key_matches, bearer
 from .avatars import AVATAR_ID, Avatar, AvatarRefused, AvatarStore, check_name
+from .options import REPO_ROOT, ServerConfig, add_serve_arguments
 from .renders import Render
 from .sessions import (
     MAX_LISTENERS,
-    REPO_ROOT,
     SdpRejected,
-    ServerConfig,
     ServerSession,
     SessionGone,
     SessionManager,
@@ -1264,96 +1262,6 @@ def create_app(engines: StreamEngine | EnginePool, config: ServerConfig | None =
 # --------------------------------------------------------------------------------------------------
 # Command line: `letstalk serve` / `python -m server`
 # --------------------------------------------------------------------------------------------------
-
-
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    d = ServerConfig()
-    parser.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")
-    parser.add_argument("--port", type=int, default=d.port, help=f"port (default {d.port})")
-    parser.add_argument("--model", type=Path, default=None, help="model directory (default: the bundled model)")
-    add_device_args(parser, several=True)
-    add_sampling_args(parser)
-    add_live_args(parser)
-    parser.add_argument("--max-sessions", type=int, default=None,
-                        help="admission cap: concurrent sessions on each device (default 8; measure with `letstalk "
-                             "bench`)")
-    parser.add_argument("--api-key", default=None,
-                        help="require 'Authorization: Bearer KEY' to create sessions (default: env LETSTALK_API_KEY)")
-    parser.add_argument("--insecure-no-auth", action="store_true",
-                        help="allow listening on a non-loopback address without an API key")
-    parser.add_argument("--token-secret", default=None,
-                        help="HMAC secret of session tokens (default: env LETSTALK_TOKEN_SECRET, else random per start)")
-    parser.add_argument("--idle-timeout", type=float, default=d.idle_timeout_s,
-                        help=f"close sessions idle this many seconds (default {d.idle_timeout_s:g})")
-    parser.add_argument("--max-upload-mb", type=float, default=d.max_upload_mb,
-                        help=f"portrait upload limit in MB (default {d.max_upload_mb:g})")
-    parser.add_argument("--upload-timeout", type=float, default=d.upload_timeout_s,
-                        help="seconds a request body (portrait upload, SDP offer) may take to arrive; 408 after "
-                             f"(default {d.upload_timeout_s:g})")
-    parser.add_argument("--ice-server", action="append", default=[], metavar="URL",
-                        help="STUN/TURN server for WebRTC, e.g. stun:stun.example.org:3478 or "
-                             "turn:turn.example.org:3478 (repeatable; default none). Sessions hand them to their "
-                             "clients (browser and SDK) with the TURN credentials")
-    parser.add_argument("--turn-secret", default=None,
-                        help="the TURN server's shared secret (coturn: use-auth-secret, static-auth-secret): each "
-                             "session gets credentials of its own that expire (default: env LETSTALK_TURN_SECRET)")
-    parser.add_argument("--turn-ttl", type=float, default=d.turn_ttl_s, metavar="S",
-                        help=f"how long a session's TURN credentials from --turn-secret hold (default "
-                             f"{d.turn_ttl_s:g})")
-    parser.add_argument("--turn-username", default=None, help="a fixed TURN username, for every session")
-    parser.add_argument("--turn-credential", default=None,
-                        help="the fixed TURN username's password (default: env LETSTALK_TURN_CREDENTIAL)")
-    parser.add_argument("--avatar", action="append", default=[], metavar="ID=IMAGE",
-                        help="preload a portrait as avatar ID (repeatable): sessions open on it by `avatar_id` with no "
-                             "upload and no preparation (the bundled portrait is `default`)")
-    parser.add_argument("--avatar-dir", type=Path, default=None, metavar="DIR",
-                        help="keep avatars uploaded through POST /v1/avatars in DIR, loaded again at start (default: "
-                             "in memory only, gone when the server stops)")
-    parser.add_argument("--max-avatars", type=int, default=d.max_avatars, metavar="N",
-                        help=f"how many uploaded avatars the server holds (default {d.max_avatars}; each keeps its "
-                             "photo, up to ~5 MB, in memory)")
-    parser.add_argument("--max-session-minutes", type=float, default=0.0, metavar="M",
-                        help="close every session M minutes after it was created, its websocket told "
-                             "`session_ending` a minute before (default 0: no limit)")
-    parser.add_argument("--webhook", action="append", default=[], metavar="URL",
-                        help="POST what happens to sessions to URL as JSON (session.created, session.closed, "
-                             "recording.saved, recording.failed, broadcast.stopped; repeatable; docs/server.md, "
-                             "'Webhooks')")
-    parser.add_argument("--webhook-secret", default=None,
-                        help="sign each webhook (X-Letstalk-Signature: HMAC-SHA256 of 'timestamp.body') with this "
-                             "secret (default: env LETSTALK_WEBHOOK_SECRET, else unsigned)")
-    parser.add_argument("--max-viewers", type=int, default=d.max_viewers, metavar="N",
-                        help="watch-only peer connections a session may have besides its own (POST "
-                             "/v1/sessions/{id}/viewers: an OBS overlay beside the app that drives the session); each "
-                             f"costs the server one more video and audio encode (default {d.max_viewers}; 0: none)")
-    parser.add_argument("--broadcast-to", action="append", default=[], metavar="PREFIX",
-                        help="let sessions stream live to URLs under PREFIX (POST /v1/sessions/{id}/broadcast; "
-                             "repeatable): an RTMP ingest such as rtmp://a.rtmp.youtube.com/live2/ or "
-                             "rtmp://live.twitch.tv/app/, srt://HOST:PORT, udp:// or tcp://; a scheme alone "
-                             "(rtmp://) allows any host (default: none)")
-    parser.add_argument("--drain-seconds", type=float, default=0.0, metavar="S",
-                        help="on SIGTERM or Ctrl-C, shut down gently: refuse new sessions (503; /health answers "
-                             "503 'draining'), tell the open ones `session_ending` and let them go on until they end "
-                             "or S seconds pass; a second signal stops at once (default 0: close them at once)")
-    parser.add_argument("--recordings-dir", type=Path, default=None, metavar="DIR",
-                        help="let sessions ask to be recorded (`record`): each saved as DIR/SESSION_ID.mp4 when it "
-                             "ends, served at /v1/recordings/SESSION_ID (default: no recording)")
-    parser.add_argument("--recordings-keep-hours", type=float, default=0.0, metavar="H",
-                        help="with --recordings-dir: delete saved recordings H hours after they were saved (default "
-                             "0: kept until deleted)")
-    parser.add_argument("--recordings-max-gb", type=float, default=0.0, metavar="G",
-                        help="with --recordings-dir: when the saved recordings hold more than G GB, delete the oldest "
-                             "until they fit, never the newest (default 0: no limit)")
-    parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
-                        help="let web pages of ORIGIN (e.g. https://app.example.com; repeatable; * for any) call this "
-                             "server's API from the browser (default: only the pages it serves itself)")
-    parser.add_argument("--no-face-detect", action="store_true",
-                        help="centre-crop uploaded portraits instead of detecting the face")
-    parser.add_argument("--max-full-frame", type=int, default=d.max_full_frame, metavar="PX",
-                        help="the largest `full_frame` a session may ask for: the longest side of whole-photo frames, "
-                             "which cost the server's video encoder in proportion to their area; 0: none "
-                             f"(default {d.max_full_frame})")
-    parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up forward pass at start")
 
 
 def _is_loopback(host: str) -> bool:

@@ -50,7 +50,6 @@ from letstalk_rt.errors import InputError, LetsTalkError
 from letstalk_rt.rtc import (
     answer_checks_at_once,
     ice_configuration,
-    ice_servers,
     relay_missing,
     release_frames_at_once,
 )
@@ -61,8 +60,8 @@ from letstalk_rt.tts import Speech, SpeechUnavailable, check_text, sentences
 
 from . import recordings
 from .renders import Render, Renders
-from .auth import TokenSigner, turn_credentials
-from .avatars import DEFAULT_MAX_AVATARS
+from .auth import TokenSigner
+from .options import ServerConfig
 from .webhooks import Webhooks
 
 if TYPE_CHECKING:
@@ -71,90 +70,6 @@ if TYPE_CHECKING:
     from letstalk_rt.stream import EnginePool, Session
 
 log = logging.getLogger("letstalk.server")
-
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-BUNDLED_PORTRAIT = REPO_ROOT / "letstalk_rt" / "assets" / "portrait.png"
-# The browser client: in a checkout (an editable install) client_examples/browser; installed from a wheel, the same
-# files as server/browser (pyproject.toml)
-BROWSER_CLIENT = next((d for d in (REPO_ROOT / "client_examples" / "browser", Path(__file__).resolve().parent / "browser")
-                       if d.is_dir()), None)
-
-
-@dataclass
-class ServerConfig:
-    """Everything the HTTP layer needs; the admission cap is the engine's `EngineConfig.max_sessions`."""
-
-    host: str = "127.0.0.1"  # loopback by default: exposing the server is a decision (see --insecure-no-auth)
-    port: int = 8080
-    api_key: str | None = None  # required as `Authorization: Bearer KEY` to list avatars and create sessions
-    token_secret: str | None = None  # HMAC secret of session tokens; random per start when None
-    token_ttl_s: float = 3600.0  # a session token is accepted this long after the session was created
-    idle_timeout_s: float = 60.0  # no audio, no websocket message, no media pulled for this long: closed
-    peer_timeout_s: float = 6.0  # a connected peer silent this long (no RTCP, no RTP) is gone: closed
-    peer_replace_s: float = 2.0  # a new offer replaces a peer connection whose peer was silent this long (a client
-    # whose network changed reconnects); one whose peer was heard since is kept (409)
-    ws_grace_s: float = 3.0  # a session without a peer connection whose websocket left: closed after this
-    max_upload_mb: float = 10.0  # portrait upload limit (HTTP 413 above)
-    upload_timeout_s: float = 30.0  # a request body (upload, SDP offer) not all there after this: 408
-    max_image_pixels: int = 40_000_000  # decoded portrait size limit: no decompression bombs
-    max_full_frame: int = 720  # the largest `full_frame` (whole-photo frames' longest side) a session may ask for
-    max_sdp_bytes: int = 64 * 1024  # an SDP offer is a few kB; more is refused (413)
-    max_media_sections: int = 3  # audio + video (+ an ignored data channel)
-    negotiation_timeout_s: float = 10.0  # setRemoteDescription + answer + ICE gathering, all together
-    pc_close_timeout_s: float = 5.0  # `RTCPeerConnection.close()` can hang; give up waiting after this
-    ws_send_timeout_s: float = 5.0  # a websocket that does not take a message for this long is closed (Outbox)
-    retry_after_s: int = 5  # `Retry-After` of a 503 when the engine is full
-    watch_interval_s: float = 1.0  # how often the watchdog looks at every session
-    ice_servers: list[str] = field(default_factory=list)  # STUN/TURN URLs; none by default (LAN / localhost)
-    turn_username: str | None = None  # long-term credentials of the TURN URLs in ice_servers, the same for every
-    turn_credential: str | None = None  # session; or, better:
-    turn_secret: str | None = None  # the secret shared with the TURN server: time-limited credentials per session
-    turn_ttl_s: float = 86400.0  # how long a session's TURN credentials hold (the relay is refused after it)
-    avatars: dict[str, str | Path] = field(default_factory=lambda: {"default": BUNDLED_PORTRAIT})  # configured
-    avatar_dir: Path | None = None  # where uploaded avatars (POST /v1/avatars) are kept; None: in memory only
-    max_avatars: int = DEFAULT_MAX_AVATARS  # uploaded avatars held at once (409 past them)
-    max_session_s: float = 0.0  # a session is closed this long after it was created (0: no limit)
-    session_end_warning_s: float = 60.0  # ... its websocket and event streams told `session_ending` this long before
-    max_viewers: int = 4  # watch-only peer connections a session may have besides its own (POST .../viewers)
-    broadcast_to: list[str] = field(default_factory=list)  # URL prefixes sessions may stream live to (none: no broadcasts)
-    drain_s: float = 0.0  # on SIGTERM/SIGINT: refuse new sessions and let open ones go on this long before closing them
-    webhooks: list[str] = field(default_factory=list)  # URLs told what happens to sessions (webhooks.py)
-    webhook_secret: str | None = None  # signs each webhook (HMAC-SHA256)
-    recordings_dir: Path | None = None  # sessions created with `record` saved here as SESSION_ID.mp4; None: not recorded
-    recordings_keep_s: float = 0.0  # saved recordings older than this are deleted (0: kept until deleted)
-    recordings_max_bytes: int = 0  # the oldest deleted while the saved MP4s hold more, the newest kept (0: no limit)
-    recordings_prune_every_s: float = 60.0  # how often the limits are applied (and after each recording saved)
-    cors_origins: list[str] = field(default_factory=list)  # web pages of these origins may call the API ("*": any)
-    detect_face: bool = True  # crop uploaded portraits to the detected face (422 when there is none)
-    static_dir: Path | None = BROWSER_CLIENT  # the browser client, served at /
-    stop_engine_on_cleanup: bool = False  # serve_main owns its engine; tests own theirs
-
-    @property
-    def max_upload_bytes(self) -> int:
-        return int(self.max_upload_mb * 1024 * 1024)
-
-    def __post_init__(self) -> None:
-        if self.turn_secret and (self.turn_username or self.turn_credential):
-            raise LetsTalkError("give the TURN server either a shared secret or a username and credential, not both")
-        try:
-            self.session_ice_servers("check", now=0.0)
-        except ValueError as e:
-            raise LetsTalkError(f"{e}: pass --turn-secret (the TURN server's static-auth-secret) or "
-                                "--turn-username and --turn-credential") from None
-
-    def session_ice_servers(self, session_id: str, now: float | None = None) -> list[dict]:
-        """The STUN/TURN servers of one session, as W3C RTCIceServer dicts: the server's peer connection and the
-        client's use the same. TURN URLs carry the configured credentials, or ones made from `turn_secret` for
-        this session, valid for `turn_ttl_s`."""
-        turn = [u for u in self.ice_servers if u.startswith("turn")]
-        servers: list[str | dict] = [u for u in self.ice_servers if not u.startswith("turn")]
-        if turn:
-            username, credential = self.turn_username, self.turn_credential
-            if self.turn_secret:
-                username, credential = turn_credentials(self.turn_secret, session_id, self.turn_ttl_s, now)
-            servers.append({"urls": turn, "username": username, "credential": credential})
-        return ice_servers(servers)
 
 
 class SdpRejected(Exception):

@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import gc
 import re
+import subprocess
+import sys
 import threading
 import time
 
@@ -354,11 +356,23 @@ def test_a_speaker_slower_than_the_sessions_clock_keeps_the_voice_in_step_by_ski
     assert min(late) < 0.12 and max(late) < 0.35, f"the voice drifted: {min(late) * 1000:.0f}-{max(late) * 1000:.0f} ms"
 
 
+def test_letstalk_camera_with_a_server_never_imports_torch(tmp_path):
+    """A listening machine runs no model: `letstalk camera --server` reads its speech file and asks the server (here one
+    that is not there: one line) without loading torch (~5 s and ~300 MB on a laptop)."""
+    code = ("import sys; from letstalk_rt.cli import main; "
+            f"code = main(['camera', '--server', 'http://127.0.0.1:9', '--audio', {_speech_file(tmp_path)!r}, "
+            "'--speaker', 'none']); assert code == 2, code; assert 'torch' not in sys.modules, 'torch imported'; "
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    assert "127.0.0.1:9" in out.stderr, out.stderr
+
+
 def test_letstalk_camera_shows_a_servers_avatar(tiny_pipeline, alsa, tmp_path, capsys, monkeypatch):
     """`letstalk camera --server URL`: the avatar made by a server (this machine runs no model): the speech goes up to
     it, and its frames (the whole photo, at the server's size) come back to the camera and its voice to the speaker,
-    the speech where the file has it; a server that is not there is one line, a speaker that is not there too (before
-    the server is asked)."""
+    the speech where the file has it; a session the server closes ends it, saying why; a server that is not there is
+    one line, a speaker that is not there too (before the server is asked)."""
     import sounddevice as sd
 
     import letstalk_rt.devices as devices
@@ -390,6 +404,20 @@ def test_letstalk_camera_shows_a_servers_avatar(tiny_pipeline, alsa, tmp_path, c
     loud = np.array([np.sqrt(np.mean(played[i:i + rate // 10] ** 2)) for i in range(0, 3 * rate, rate // 10)])
     assert loud[:4].max() < 0.02 and loud.max() > 0.1, loud  # silence, then the speech
 
+    async def closed_by_the_server():
+        async with running_server(tiny_pipeline) as srv:
+            cli = asyncio.ensure_future(asyncio.to_thread(main, ["camera", "--server", srv.url, "--audio", speech,
+                                                                 "--speaker", "none", "--quiet"]))
+            while not any(ss.pc is not None and ss.pc.connectionState == "connected"
+                          for ss in srv.manager.sessions.values()):
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1.0)  # streaming
+            await srv.manager.close(next(iter(srv.manager.sessions.values())), "ended by the operator")
+            return await asyncio.wait_for(cli, 20)
+
+    assert run(closed_by_the_server()) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"the server closed the session after \d+\.\d s: ended by the operator", err), err
     code = main(["camera", "--server", "http://127.0.0.1:9", "--audio", speech, "--speaker", "none", "--seconds", "1"])
     err = capsys.readouterr().err
     assert code == 2 and "127.0.0.1:9" in err and len(err.strip().splitlines()) == 1, err

@@ -1,0 +1,190 @@
+"""`letstalk serve`'s options: its command line and `ServerConfig`, without the server's own imports (the engine, and
+with it torch: the CLI builds every command's parser at start, and one that runs no model, `letstalk camera --server`
+say, must not load torch for it). The server itself is `app`."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from letstalk_rt.errors import LetsTalkError
+from letstalk_rt.rtc import ice_servers
+
+from .auth import turn_credentials
+from .avatars import DEFAULT_MAX_AVATARS
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUNDLED_PORTRAIT = REPO_ROOT / "letstalk_rt" / "assets" / "portrait.png"
+# The browser client: in a checkout (an editable install) client_examples/browser; installed from a wheel, the same
+# files as server/browser (pyproject.toml)
+BROWSER_CLIENT = next((d for d in (REPO_ROOT / "client_examples" / "browser", Path(__file__).resolve().parent / "browser")
+                       if d.is_dir()), None)
+
+
+@dataclass
+class ServerConfig:
+    """Everything the HTTP layer needs; the admission cap is the engine's `EngineConfig.max_sessions`."""
+
+    host: str = "127.0.0.1"  # loopback by default: exposing the server is a decision (see --insecure-no-auth)
+    port: int = 8080
+    api_key: str | None = None  # required as `Authorization: Bearer KEY` to list avatars and create sessions
+    token_secret: str | None = None  # HMAC secret of session tokens; random per start when None
+    token_ttl_s: float = 3600.0  # a session token is accepted this long after the session was created
+    idle_timeout_s: float = 60.0  # no audio, no websocket message, no media pulled for this long: closed
+    peer_timeout_s: float = 6.0  # a connected peer silent this long (no RTCP, no RTP) is gone: closed
+    peer_replace_s: float = 2.0  # a new offer replaces a peer connection whose peer was silent this long (a client
+    # whose network changed reconnects); one whose peer was heard since is kept (409)
+    ws_grace_s: float = 3.0  # a session without a peer connection whose websocket left: closed after this
+    max_upload_mb: float = 10.0  # portrait upload limit (HTTP 413 above)
+    upload_timeout_s: float = 30.0  # a request body (upload, SDP offer) not all there after this: 408
+    max_image_pixels: int = 40_000_000  # decoded portrait size limit: no decompression bombs
+    max_full_frame: int = 720  # the largest `full_frame` (whole-photo frames' longest side) a session may ask for
+    max_sdp_bytes: int = 64 * 1024  # an SDP offer is a few kB; more is refused (413)
+    max_media_sections: int = 3  # audio + video (+ an ignored data channel)
+    negotiation_timeout_s: float = 10.0  # setRemoteDescription + answer + ICE gathering, all together
+    pc_close_timeout_s: float = 5.0  # `RTCPeerConnection.close()` can hang; give up waiting after this
+    ws_send_timeout_s: float = 5.0  # a websocket that does not take a message for this long is closed (Outbox)
+    retry_after_s: int = 5  # `Retry-After` of a 503 when the engine is full
+    watch_interval_s: float = 1.0  # how often the watchdog looks at every session
+    ice_servers: list[str] = field(default_factory=list)  # STUN/TURN URLs; none by default (LAN / localhost)
+    turn_username: str | None = None  # long-term credentials of the TURN URLs in ice_servers, the same for every
+    turn_credential: str | None = None  # session; or, better:
+    turn_secret: str | None = None  # the secret shared with the TURN server: time-limited credentials per session
+    turn_ttl_s: float = 86400.0  # how long a session's TURN credentials hold (the relay is refused after it)
+    avatars: dict[str, str | Path] = field(default_factory=lambda: {"default": BUNDLED_PORTRAIT})  # configured
+    avatar_dir: Path | None = None  # where uploaded avatars (POST /v1/avatars) are kept; None: in memory only
+    max_avatars: int = DEFAULT_MAX_AVATARS  # uploaded avatars held at once (409 past them)
+    max_session_s: float = 0.0  # a session is closed this long after it was created (0: no limit)
+    session_end_warning_s: float = 60.0  # ... its websocket and event streams told `session_ending` this long before
+    max_viewers: int = 4  # watch-only peer connections a session may have besides its own (POST .../viewers)
+    broadcast_to: list[str] = field(default_factory=list)  # URL prefixes sessions may stream live to (none: no broadcasts)
+    drain_s: float = 0.0  # on SIGTERM/SIGINT: refuse new sessions and let open ones go on this long before closing them
+    webhooks: list[str] = field(default_factory=list)  # URLs told what happens to sessions (webhooks.py)
+    webhook_secret: str | None = None  # signs each webhook (HMAC-SHA256)
+    recordings_dir: Path | None = None  # sessions created with `record` saved here as SESSION_ID.mp4; None: not recorded
+    recordings_keep_s: float = 0.0  # saved recordings older than this are deleted (0: kept until deleted)
+    recordings_max_bytes: int = 0  # the oldest deleted while the saved MP4s hold more, the newest kept (0: no limit)
+    recordings_prune_every_s: float = 60.0  # how often the limits are applied (and after each recording saved)
+    cors_origins: list[str] = field(default_factory=list)  # web pages of these origins may call the API ("*": any)
+    detect_face: bool = True  # crop uploaded portraits to the detected face (422 when there is none)
+    static_dir: Path | None = BROWSER_CLIENT  # the browser client, served at /
+    stop_engine_on_cleanup: bool = False  # serve_main owns its engine; tests own theirs
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    def __post_init__(self) -> None:
+        if self.turn_secret and (self.turn_username or self.turn_credential):
+            raise LetsTalkError("give the TURN server either a shared secret or a username and credential, not both")
+        try:
+            self.session_ice_servers("check", now=0.0)
+        except ValueError as e:
+            raise LetsTalkError(f"{e}: pass --turn-secret (the TURN server's static-auth-secret) or "
+                                "--turn-username and --turn-credential") from None
+
+    def session_ice_servers(self, session_id: str, now: float | None = None) -> list[dict]:
+        """The STUN/TURN servers of one session, as W3C RTCIceServer dicts: the server's peer connection and the
+        client's use the same. TURN URLs carry the configured credentials, or ones made from `turn_secret` for
+        this session, valid for `turn_ttl_s`."""
+        turn = [u for u in self.ice_servers if u.startswith("turn")]
+        servers: list[str | dict] = [u for u in self.ice_servers if not u.startswith("turn")]
+        if turn:
+            username, credential = self.turn_username, self.turn_credential
+            if self.turn_secret:
+                username, credential = turn_credentials(self.turn_secret, session_id, self.turn_ttl_s, now)
+            servers.append({"urls": turn, "username": username, "credential": credential})
+        return ice_servers(servers)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from letstalk_rt.cli import add_device_args, add_live_args, add_sampling_args  # (the CLI imports this module)
+
+    d = ServerConfig()
+    parser.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")
+    parser.add_argument("--port", type=int, default=d.port, help=f"port (default {d.port})")
+    parser.add_argument("--model", type=Path, default=None, help="model directory (default: the bundled model)")
+    add_device_args(parser, several=True)
+    add_sampling_args(parser)
+    add_live_args(parser)
+    parser.add_argument("--max-sessions", type=int, default=None,
+                        help="admission cap: concurrent sessions on each device (default 8; measure with `letstalk "
+                             "bench`)")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' to create sessions (default: env LETSTALK_API_KEY)")
+    parser.add_argument("--insecure-no-auth", action="store_true",
+                        help="allow listening on a non-loopback address without an API key")
+    parser.add_argument("--token-secret", default=None,
+                        help="HMAC secret of session tokens (default: env LETSTALK_TOKEN_SECRET, else random per start)")
+    parser.add_argument("--idle-timeout", type=float, default=d.idle_timeout_s,
+                        help=f"close sessions idle this many seconds (default {d.idle_timeout_s:g})")
+    parser.add_argument("--max-upload-mb", type=float, default=d.max_upload_mb,
+                        help=f"portrait upload limit in MB (default {d.max_upload_mb:g})")
+    parser.add_argument("--upload-timeout", type=float, default=d.upload_timeout_s,
+                        help="seconds a request body (portrait upload, SDP offer) may take to arrive; 408 after "
+                             f"(default {d.upload_timeout_s:g})")
+    parser.add_argument("--ice-server", action="append", default=[], metavar="URL",
+                        help="STUN/TURN server for WebRTC, e.g. stun:stun.example.org:3478 or "
+                             "turn:turn.example.org:3478 (repeatable; default none). Sessions hand them to their "
+                             "clients (browser and SDK) with the TURN credentials")
+    parser.add_argument("--turn-secret", default=None,
+                        help="the TURN server's shared secret (coturn: use-auth-secret, static-auth-secret): each "
+                             "session gets credentials of its own that expire (default: env LETSTALK_TURN_SECRET)")
+    parser.add_argument("--turn-ttl", type=float, default=d.turn_ttl_s, metavar="S",
+                        help=f"how long a session's TURN credentials from --turn-secret hold (default "
+                             f"{d.turn_ttl_s:g})")
+    parser.add_argument("--turn-username", default=None, help="a fixed TURN username, for every session")
+    parser.add_argument("--turn-credential", default=None,
+                        help="the fixed TURN username's password (default: env LETSTALK_TURN_CREDENTIAL)")
+    parser.add_argument("--avatar", action="append", default=[], metavar="ID=IMAGE",
+                        help="preload a portrait as avatar ID (repeatable): sessions open on it by `avatar_id` with no "
+                             "upload and no preparation (the bundled portrait is `default`)")
+    parser.add_argument("--avatar-dir", type=Path, default=None, metavar="DIR",
+                        help="keep avatars uploaded through POST /v1/avatars in DIR, loaded again at start (default: "
+                             "in memory only, gone when the server stops)")
+    parser.add_argument("--max-avatars", type=int, default=d.max_avatars, metavar="N",
+                        help=f"how many uploaded avatars the server holds (default {d.max_avatars}; each keeps its "
+                             "photo, up to ~5 MB, in memory)")
+    parser.add_argument("--max-session-minutes", type=float, default=0.0, metavar="M",
+                        help="close every session M minutes after it was created, its websocket told "
+                             "`session_ending` a minute before (default 0: no limit)")
+    parser.add_argument("--webhook", action="append", default=[], metavar="URL",
+                        help="POST what happens to sessions to URL as JSON (session.created, session.closed, "
+                             "recording.saved, recording.failed, broadcast.stopped; repeatable; docs/server.md, "
+                             "'Webhooks')")
+    parser.add_argument("--webhook-secret", default=None,
+                        help="sign each webhook (X-Letstalk-Signature: HMAC-SHA256 of 'timestamp.body') with this "
+                             "secret (default: env LETSTALK_WEBHOOK_SECRET, else unsigned)")
+    parser.add_argument("--max-viewers", type=int, default=d.max_viewers, metavar="N",
+                        help="watch-only peer connections a session may have besides its own (POST "
+                             "/v1/sessions/{id}/viewers: an OBS overlay beside the app that drives the session); each "
+                             f"costs the server one more video and audio encode (default {d.max_viewers}; 0: none)")
+    parser.add_argument("--broadcast-to", action="append", default=[], metavar="PREFIX",
+                        help="let sessions stream live to URLs under PREFIX (POST /v1/sessions/{id}/broadcast; "
+                             "repeatable): an RTMP ingest such as rtmp://a.rtmp.youtube.com/live2/ or "
+                             "rtmp://live.twitch.tv/app/, srt://HOST:PORT, udp:// or tcp://; a scheme alone "
+                             "(rtmp://) allows any host (default: none)")
+    parser.add_argument("--drain-seconds", type=float, default=0.0, metavar="S",
+                        help="on SIGTERM or Ctrl-C, shut down gently: refuse new sessions (503; /health answers "
+                             "503 'draining'), tell the open ones `session_ending` and let them go on until they end "
+                             "or S seconds pass; a second signal stops at once (default 0: close them at once)")
+    parser.add_argument("--recordings-dir", type=Path, default=None, metavar="DIR",
+                        help="let sessions ask to be recorded (`record`): each saved as DIR/SESSION_ID.mp4 when it "
+                             "ends, served at /v1/recordings/SESSION_ID (default: no recording)")
+    parser.add_argument("--recordings-keep-hours", type=float, default=0.0, metavar="H",
+                        help="with --recordings-dir: delete saved recordings H hours after they were saved (default "
+                             "0: kept until deleted)")
+    parser.add_argument("--recordings-max-gb", type=float, default=0.0, metavar="G",
+                        help="with --recordings-dir: when the saved recordings hold more than G GB, delete the oldest "
+                             "until they fit, never the newest (default 0: no limit)")
+    parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                        help="let web pages of ORIGIN (e.g. https://app.example.com; repeatable; * for any) call this "
+                             "server's API from the browser (default: only the pages it serves itself)")
+    parser.add_argument("--no-face-detect", action="store_true",
+                        help="centre-crop uploaded portraits instead of detecting the face")
+    parser.add_argument("--max-full-frame", type=int, default=d.max_full_frame, metavar="PX",
+                        help="the largest `full_frame` a session may ask for: the longest side of whole-photo frames, "
+                             "which cost the server's video encoder in proportion to their area; 0: none "
+                             f"(default {d.max_full_frame})")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up forward pass at start")
