@@ -238,6 +238,7 @@ class AudioOutput(_Device):
         self.skipped_s = 0.0  # quiet sound skipped to catch up with the camera
         self.topped_up_s = 0.0  # silence written into pauses to keep the cushion (the start's included)
         self._in_time = False  # the device was seen holding sound in its buffer (it plays in time)
+        self._started = False  # the first sound was written (the cushion with it)
         self._least, self._checked_s, self._loud, self._catching_up = math.inf, 0.0, 0.0, False
         self._writer = _Writer(f"speaker-{self.name}", self._play)
 
@@ -285,8 +286,9 @@ class AudioOutput(_Device):
             pcm = np.concatenate([f.to_ndarray().reshape(-1) for f in self._resampler.resample(frame)] or
                                  [np.zeros(0, np.float32)])
         self._in_time |= ahead > 0  # it holds what was written: it plays in time (a file, say, would not)
-        if not self.topped_up_s or (quiet and self._in_time):  # the start (nothing plays yet to break), or a pause
+        if not self._started or (quiet and self._in_time):  # the start (nothing plays yet to break), or a pause
             self._top_up(ahead)
+            self._started = True
         if len(pcm) and self._stream.write(np.ascontiguousarray(pcm, np.float32).reshape(-1, 1)):
             self.underflows += 1
 
