@@ -543,7 +543,7 @@ async def _camera_remote(source, args: argparse.Namespace) -> None:
     listening and showing: the microphone's speech goes up the session's websocket, the video and voice come back over
     WebRTC, where the SDK holds each frame for its sound (AvatarClient), and go to the devices as they come."""
     from .client import AvatarClient, AvatarClientError
-    from .devices import device_failure
+    from .devices import show_frames
     from .rtc import OPUS_RATE  # the rate the SDK hands the voice over at
 
     shown = 0
@@ -572,26 +572,23 @@ async def _camera_remote(source, args: argparse.Namespace) -> None:
                             raise OutputError(f"the server's voice came at {chunk.sample_rate} Hz, not {OPUS_RATE}")
                         voice.play(chunk.mono_float())
 
-                async def show() -> int:
+                async def frames():  # the voice comes on its own (play): the frames alone, counted as shown
                     nonlocal shown
                     async for rgb in session.video_frames():
-                        if camera is not None:
-                            camera.send(rgb)
                         shown += 1
-                        failed = device_failure(camera, voice)
-                        if failed is not None:
-                            raise failed
-                        if ticks is not None and shown >= ticks:
-                            break
-                    return shown
+                        yield rgb, None
 
                 camera = _open_camera(args, (video["width"], video["height"]), fps)
                 helpers = [asyncio.create_task(feed())] + ([asyncio.create_task(play())] if voice is not None else [])
                 print(f"listening to {args.audio or 'the microphone'}; Ctrl-C to stop", file=sys.stderr)
                 started = time.monotonic()
+
+                def progress() -> str:
+                    return f"  {shown / fps:6.1f} s shown, {time.monotonic() - started:6.1f} s"
+
                 try:
-                    await _until_shown(asyncio.create_task(show()), helpers, None if args.quiet else (
-                        lambda: f"  {shown / fps:6.1f} s shown, {time.monotonic() - started:6.1f} s"))
+                    await _until_shown(asyncio.create_task(show_frames(frames(), camera, voice, ticks)), helpers,
+                                       None if args.quiet else progress)
                 except AvatarClientError:  # a send (SessionClosedError) or the media after the server closed it
                     if session.close_reason is None:
                         raise

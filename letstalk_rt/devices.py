@@ -26,7 +26,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterable, Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -320,12 +320,20 @@ async def show_on_devices(session: Session, camera: VirtualCamera | None = None,
     """Show `session` on the devices from one read of its clock (`Session.frames()`): each tick's frame to `camera`
     and the sound that plays with it to `audio`, queued together, so lips and voice leave together. Until the session
     closes or `ticks` have gone; returns the ticks shown. OutputError when a device failed (why)."""
+    return await show_frames(((frame.video, frame.audio) async for frame in session.frames()), camera, audio, ticks)
+
+
+async def show_frames(frames: AsyncIterable[tuple[np.ndarray, np.ndarray | None]], camera: VirtualCamera | None = None,
+                      audio: AudioOutput | None = None, ticks: int | None = None) -> int:
+    """Each (frame, its sound or None) of `frames` to the devices, the two queued together; until `frames` ends or
+    `ticks` have gone; returns the frames shown. OutputError when a device failed (why), checked after every frame,
+    a device whose sound comes another way (None here) included."""
     shown = 0
-    async for frame in session.frames():
+    async for video, sound in frames:
         if camera is not None:
-            camera.send(frame.video)
-        if audio is not None:
-            audio.play(frame.audio)
+            camera.send(video)
+        if audio is not None and sound is not None:
+            audio.play(sound)
         shown += 1
         failed = device_failure(camera, audio)
         if failed is not None:
