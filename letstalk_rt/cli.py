@@ -24,7 +24,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import MAX_NOISE_DRAWS, PRESETS_MODEL, check_box, check_noise_draws
-from .errors import InputError, LetsTalkError, OutputError
+from .errors import InputError, LetsTalkError, OutputError, engine_not_installed
 from .train.options import parse_widths
 
 ASSETS = Path(__file__).parent / "assets"
@@ -1090,6 +1090,14 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "noise_hold"):  # every command with the sampling flags: checked once, before any work
             check_sampling_args(args)
         args.func(args)
+    except ModuleNotFoundError as e:  # the engine's packages in an install of the SDK alone (EngineNotInstalledError
+        # too, named for the command here): one line
+        what = "letstalk camera without --server" if args.command == "camera" else f"letstalk {args.command}"
+        error = engine_not_installed(e, what)
+        if error is None:
+            raise
+        print(f"letstalk: error: {error}", file=sys.stderr)
+        return 2
     except LetsTalkError as e:
         print(f"letstalk: error: {e}", file=sys.stderr)
         return 2

@@ -25,3 +25,27 @@ class ModelError(LetsTalkError):
 
 class OutputError(LetsTalkError):
     """The output path cannot be written."""
+
+
+# The import names of the `[engine]` extra's packages (pyproject.toml), with the name pip installs each by: what a
+# torch-free install (`pip install letstalk-rt`: the SDK, `letstalk camera --server`) lacks.
+ENGINE_PACKAGES = {"torch": "torch", "einops": "einops", "safetensors": "safetensors", "transformers": "transformers",
+                   "skimage": "scikit-image", "tqdm": "tqdm"}
+
+
+class EngineNotInstalledError(LetsTalkError, ModuleNotFoundError):
+    """The model and its engine were asked for in an install of the SDK alone (`pip install letstalk-rt`, without
+    `[engine]`). Also a ModuleNotFoundError, so that code that tries an import and falls back still does."""
+
+
+def engine_not_installed(error: ModuleNotFoundError, what: str) -> EngineNotInstalledError | None:
+    """The error to raise for `error` when it is one of the engine's packages missing (None when it is another
+    module): `what` (e.g. "letstalk demo") runs the model, and the line says how to install it."""
+    top = (error.name or "").partition(".")[0]
+    if top not in ENGINE_PACKAGES:
+        return None
+    return EngineNotInstalledError(
+        f"{what} runs the model, which this install lacks ({ENGINE_PACKAGES[top]} is not installed: `pip install "
+        "letstalk-rt` alone is the SDK). Install the engine: `bash scripts/setup.sh` in a checkout (it picks torch's "
+        "CPU or CUDA build), or `pip install 'letstalk-rt[engine]'` after installing the torch build you want",
+        name=error.name)

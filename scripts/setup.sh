@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Set up letstalk-rt in the current Python environment (a venv is recommended).
 #
-#   bash scripts/setup.sh          runtime: torch (kept if present), then the package, and through apt (when we are
-#                                  root or have sudo) espeak-ng, the voice of `say` / --text
+#   bash scripts/setup.sh          runtime: torch (kept if present), then the package with its engine ([engine]:
+#                                  the model, the server, training), and through apt (when we are root or have
+#                                  sudo) espeak-ng, the voice of `say` / --text
+#   bash scripts/setup.sh --sdk    the SDK alone, no torch: the Python client of a server and `letstalk camera
+#                                  --server` with its devices ([devices]; through apt libportaudio2, PortAudio)
 #   bash scripts/setup.sh --dev    also the test dependencies: pytest, playwright (python only; it drives
 #                                  Debian's chromium) and, through apt when we are root or have sudo,
 #                                  chromium (browser test), espeak-ng (synthetic corpus tests), g++
@@ -16,10 +19,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-extras=""
-[ "${1:-}" = "--dev" ] && extras="[dev]"
+mode=${1:-}
+case "$mode" in
+  "") extras="[engine]" ;;
+  --dev) extras="[engine,dev]" ;;
+  --sdk) extras="[devices]" ;;
+  *) echo "setup: unknown option $mode (give none, --dev or --sdk)" >&2; exit 2 ;;
+esac
 
-if "$PY" -c "import torch" 2>/dev/null; then
+if [ "$mode" = --sdk ]; then
+  :  # no torch: the model runs on the server
+elif "$PY" -c "import torch" 2>/dev/null; then
   echo "setup: keeping installed torch $("$PY" -c 'import torch; print(torch.__version__)')"
 elif command -v nvidia-smi >/dev/null 2>&1; then
   "$PY" -m pip install "${TORCH_SPEC:-torch}"
@@ -32,8 +42,12 @@ fi
 # MB), and for --dev what the tests drive. Without apt they are reported, not fatal: text to speech then says how to
 # get espeak-ng, and the tests that need the others are skipped.
 apt_pkgs=""
-command -v espeak-ng >/dev/null 2>&1 || apt_pkgs="$apt_pkgs espeak-ng"
-if [ -n "$extras" ]; then
+if [ "$mode" = --sdk ]; then
+  ldconfig -p 2>/dev/null | grep -q libportaudio.so.2 || apt_pkgs="$apt_pkgs libportaudio2"
+else
+  command -v espeak-ng >/dev/null 2>&1 || apt_pkgs="$apt_pkgs espeak-ng"
+fi
+if [ "$mode" = --dev ]; then
   [ -x /usr/bin/chromium ] || apt_pkgs="$apt_pkgs chromium"
   command -v g++ >/dev/null 2>&1 || apt_pkgs="$apt_pkgs g++"
   command -v turnserver >/dev/null 2>&1 || apt_pkgs="$apt_pkgs coturn"
@@ -45,12 +59,13 @@ if [ -n "$apt_pkgs" ]; then
   if command -v apt-get >/dev/null 2>&1 && { [ -z "$SUDO" ] || sudo -n true 2>/dev/null; }; then
     echo "setup: apt-get install$apt_pkgs"
     if ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $apt_pkgs >/dev/null; }; then
-      [ -n "$extras" ] && exit 1  # the tests would fail on what is missing: say so here
-      echo "setup: could not install$apt_pkgs; text to speech (say, --text) needs espeak-ng"
+      [ "$mode" = --dev ] && exit 1  # the tests would fail on what is missing: say so here
+      echo "setup: could not install$apt_pkgs (espeak-ng: text to speech, say / --text; libportaudio2: the audio" \
+           "devices of letstalk camera)"
     fi
   else
-    echo "setup: could not install$apt_pkgs (needs apt-get as root); text to speech needs espeak-ng," \
-         "and the tests that need the others will be skipped"
+    echo "setup: could not install$apt_pkgs (needs apt-get as root); text to speech needs espeak-ng, the audio" \
+         "devices libportaudio2, and the tests that need the others will be skipped"
   fi
 fi
 echo "setup: done ($("$PY" -c 'import letstalk_rt; print("letstalk-rt", letstalk_rt.__version__)'))"

@@ -2,6 +2,14 @@
 
 import sys
 
-from .app import main
+from letstalk_rt.errors import engine_not_installed
+
+try:
+    from .app import main
+except ModuleNotFoundError as e:  # the engine's packages, in an install of the SDK alone: one line saying so
+    error = engine_not_installed(e, "python -m server")
+    if error is None:
+        raise
+    sys.exit(f"server: error: {error}")
 
 sys.exit(main())

@@ -1,11 +1,13 @@
 """What an install from a wheel holds: every package of the tree, the bundled model and assets, and the browser
-client (client_examples/browser, installed as server/browser so that `letstalk serve` serves it at / there too)."""
+client (client_examples/browser, installed as server/browser so that `letstalk serve` serves it at / there too); and
+what an install without the engine (`pip install letstalk-rt`, the SDK alone) says when the model is asked for."""
 
 import fnmatch
 import importlib.metadata
 import shutil
 import subprocess
 import sys
+import textwrap
 import zipfile
 from pathlib import Path
 
@@ -62,3 +64,42 @@ def test_a_wheel_holds_the_browser_client_the_openapi_file_and_the_bundled_model
         assert name in names, f"{name} is missing from the wheel"
     model = {p.relative_to(ROOT).as_posix() for p in (ROOT / "letstalk_rt/assets/default_model").iterdir()}
     assert model <= names
+
+
+def test_without_the_engine_its_commands_and_names_say_how_to_install_it(tmp_path):
+    """An install of the SDK alone (`pip install letstalk-rt`): what runs the model says in one line that the engine
+    is not installed and how to install it - the CLI's commands, `python -m server`, the engine's names - and writes
+    nothing."""
+    from without_engine import PRELUDE
+
+    out = tmp_path / "demo.mp4"
+    code = PRELUDE + textwrap.dedent(f"""
+        from letstalk_rt.cli import main
+        from letstalk_rt.errors import EngineNotInstalledError
+        assert main(['demo', '--out', {str(out)!r}]) == 2
+        assert main(['serve', '--port', '0']) == 2
+        speech = {str(ROOT / 'letstalk_rt/assets/speech.ogg')!r}
+        assert main(['camera', '--audio', speech, '--speaker', 'none']) == 2
+        try:
+            from letstalk_rt.stream import StreamEngine
+        except EngineNotInstalledError as e:  # also an ImportError, for code that falls back
+            assert isinstance(e, ImportError) and e.name == "torch", e
+            print(e)
+        else:
+            raise AssertionError("imported")
+        """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    lines = run.stderr.splitlines()
+    assert [line.split(" runs the model")[0] for line in lines] == [
+        "letstalk: error: letstalk demo", "letstalk: error: letstalk serve",
+        "letstalk: error: letstalk camera without --server"], run.stderr
+    assert all("pip install 'letstalk-rt[engine]'" in line for line in lines + [run.stdout]), run.stderr
+    assert run.stdout.startswith("letstalk_rt.stream.StreamEngine runs the model"), run.stdout
+    assert not out.exists()
+
+    server = subprocess.run([sys.executable, "-c", PRELUDE + "import runpy; runpy.run_module('server', "
+                             "run_name='__main__')"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert server.returncode == 1 and server.stderr.startswith("server: error: python -m server runs the model"), \
+        server.stderr
+    assert "Traceback" not in server.stderr
