@@ -40,12 +40,12 @@ class EngineNotInstalledError(LetsTalkError, ModuleNotFoundError):
 
 def engine_not_installed(error: ModuleNotFoundError, what: str) -> EngineNotInstalledError | None:
     """The error to raise for `error` when it is one of the engine's packages missing (None when it is another
-    module): `what` (e.g. "letstalk demo") runs the model, and the line says how to install it."""
+    module): `what` (e.g. "letstalk demo") needs the engine, and the line says how to install it."""
     top = (error.name or "").partition(".")[0]
     if top not in ENGINE_PACKAGES:
         return None
     return EngineNotInstalledError(
-        f"{what} runs the model, which this install lacks ({ENGINE_PACKAGES[top]} is not installed: `pip install "
-        "letstalk-rt` alone is the SDK). Install the engine: `bash scripts/setup.sh` in a checkout (it picks torch's "
+        f"{what} needs the engine (the model and what runs it), which this install lacks ({ENGINE_PACKAGES[top]} is "
+        "not installed: `pip install letstalk-rt` alone is the SDK). Install the engine: `bash scripts/setup.sh` in a checkout (it picks torch's "
         "CPU or CUDA build), or `pip install 'letstalk-rt[engine]'` after installing the torch build you want",
         name=error.name)

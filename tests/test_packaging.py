@@ -91,15 +91,15 @@ def test_without_the_engine_its_commands_and_names_say_how_to_install_it(tmp_pat
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     lines = run.stderr.splitlines()
-    assert [line.split(" runs the model")[0] for line in lines] == [
+    assert [line.split(" needs the engine")[0] for line in lines] == [
         "letstalk: error: letstalk demo", "letstalk: error: letstalk serve",
         "letstalk: error: letstalk camera without --server"], run.stderr
     assert all("pip install 'letstalk-rt[engine]'" in line for line in lines + [run.stdout]), run.stderr
-    assert run.stdout.startswith("letstalk_rt.stream.StreamEngine runs the model"), run.stdout
+    assert run.stdout.startswith("letstalk_rt.stream.StreamEngine needs the engine"), run.stdout
     assert not out.exists()
 
     server = subprocess.run([sys.executable, "-c", PRELUDE + "import runpy; runpy.run_module('server', "
                              "run_name='__main__')"], capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert server.returncode == 1 and server.stderr.startswith("server: error: python -m server runs the model"), \
+    assert server.returncode == 1 and server.stderr.startswith("server: error: python -m server needs the engine"), \
         server.stderr
     assert "Traceback" not in server.stderr
