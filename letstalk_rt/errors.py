@@ -46,6 +46,7 @@ def engine_not_installed(error: ModuleNotFoundError, what: str) -> EngineNotInst
         return None
     return EngineNotInstalledError(
         f"{what} needs the engine (the model and what runs it), which this install lacks ({ENGINE_PACKAGES[top]} is "
-        "not installed: `pip install letstalk-rt` alone is the SDK). Install the engine: `bash scripts/setup.sh` in a checkout (it picks torch's "
-        "CPU or CUDA build), or `pip install 'letstalk-rt[engine]'` after installing the torch build you want",
+        "not installed: `pip install letstalk-rt` alone is the SDK). Install the engine: `bash scripts/setup.sh` in a "
+        "checkout (it picks torch's CPU or CUDA build), or `pip install 'letstalk-rt[engine]'` after installing the "
+        "torch build you want",
         name=error.name)

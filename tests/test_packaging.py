@@ -66,6 +66,23 @@ def test_a_wheel_holds_the_browser_client_the_openapi_file_and_the_bundled_model
     assert model <= names
 
 
+def test_the_engine_extra_is_what_an_sdk_install_is_told_it_lacks():
+    """ENGINE_PACKAGES (what the engine-missing line names) is the `[engine]` extra, and the plain install has none of
+    it: a package added to one and not the other would go unnamed, or make the SDK pull torch again."""
+    import re
+
+    from letstalk_rt.errors import ENGINE_PACKAGES
+
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+    def names(requirements):
+        return {re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower() for r in requirements}
+
+    assert names(project["optional-dependencies"]["engine"]) == set(ENGINE_PACKAGES.values())
+    assert not names(project["dependencies"]) & set(ENGINE_PACKAGES.values())
+
+
 def test_without_the_engine_its_commands_and_names_say_how_to_install_it(tmp_path):
     """An install of the SDK alone (`pip install letstalk-rt`): what runs the model says in one line that the engine
     is not installed and how to install it - the CLI's commands, `python -m server`, the engine's names - and writes
