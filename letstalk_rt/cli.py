@@ -251,6 +251,41 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+class _Keeping:
+    """An argparse parser or argument group whose `add_argument` also keeps each action it makes (`actions`)."""
+
+    def __init__(self, parser) -> None:
+        self.parser, self.actions = parser, []
+
+    def add_argument(self, *names, **options) -> argparse.Action:
+        action = self.parser.add_argument(*names, **options)
+        self.actions.append(action)
+        return action
+
+
+def _add_server_args(p: argparse.ArgumentParser, help: str, live: bool) -> None:
+    """--server URL (the model runs there, not here) and --api-key; the flags that choose and run the model here
+    (_add_model_args, and add_live_args if `live`) in a group of their own, kept (`here_only`) so that
+    `check_server_args` refuses those given with --server: the server runs its model as `letstalk serve` started it."""
+    p.add_argument("--server", default=None, metavar="URL", help=help)
+    p.add_argument("--api-key", default=None, help="with --server: its API key (letstalk serve --api-key)")
+    group = _Keeping(p.add_argument_group("the model, run here (with --server only --seed and --quiet: the server "
+                                          "runs its own as `letstalk serve` started it)"))
+    _add_model_args(group)
+    if live:
+        add_live_args(group)
+    p.set_defaults(here_only=[(a.option_strings[0], a.dest, a.default) for a in group.actions
+                              if a.dest not in ("seed", "quiet")])  # the server takes a seed; --quiet is ours
+
+
+def check_server_args(args: argparse.Namespace) -> None:
+    """With --server: none of the flags that only this machine's model would read (`_add_server_args`)."""
+    given = [flag for flag, dest, default in args.here_only if getattr(args, dest) != default]
+    if given:
+        raise LetsTalkError(f"{', '.join(given)}: with --server the server runs its own model as `letstalk serve` "
+                            f"was started (it takes {given[0]} there); leave {'them' if len(given) > 1 else 'it'} out")
+
+
 def _load_pipeline(args: argparse.Namespace):
     from .pipeline import LetsTalkPipeline
 
@@ -325,7 +360,47 @@ def _save_captions(out: Path, cues) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    _generate(args, args.portrait, args.audio, args.out)
+    if args.server is None:
+        _generate(args, args.portrait, args.audio, args.out)
+        return
+    check_server_args(args)
+    import aiohttp
+
+    try:
+        asyncio.run(_generate_remote(args))
+    except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
+        raise _unreachable(args.server, e) from None
+
+
+def _unreachable(server: str, error: Exception) -> LetsTalkError:
+    return LetsTalkError(f"cannot reach the server at {server} ({error or 'timed out'}); is `letstalk serve` running "
+                         "there?")
+
+
+async def _generate_remote(args: argparse.Namespace) -> None:
+    """`letstalk generate --server URL`: the server makes the video (AvatarClient.render: one of its session slots,
+    as fast as its live sessions leave room), and it and a text's captions are saved here, each under a temporary
+    name until whole."""
+    from .client import AvatarClient
+    from .media import check_video_path
+    from .stream.recorder import captions_path
+
+    check_video_path(args.out, "--out")  # before anything goes up
+    speech = {"audio": args.audio} if args.audio is not None else {
+        "text": args.text, "voice": args.voice, "rate": args.rate, "pitch": args.pitch}
+    start = time.perf_counter()
+    async with AvatarClient(args.server, api_key=args.api_key) as client:
+        if not args.quiet:
+            print(f"the server at {args.server} is making it ...", file=sys.stderr)
+        state = await client.render(args.out, portrait=args.portrait, seed=args.seed,
+                                    full_frame=args.full_frame or None, framing=args.framing,
+                                    background=args.background, **speech)
+        print(f"wrote {args.out} ({state['speech_seconds']:.2f} s of speech, made by the server in "
+              f"{state['seconds_taken']:.1f} s; {time.perf_counter() - start:.1f} s in all)")
+        if args.text is not None:
+            path = captions_path(args.out)
+            await client.download_captions(state["render_id"], path)
+            print(f"wrote {path}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -458,8 +533,8 @@ def cmd_camera(args: argparse.Namespace) -> None:
     if args.speaker_latency is not None and not 1 <= args.speaker_latency <= 500:
         raise LetsTalkError(f"--speaker-latency {args.speaker_latency:g}: give 1..500 ms (more than 80 if the voice "
                             "clicks)")
-    if args.server is not None and args.model is not None:
-        raise LetsTalkError("--model is the server's with --server (letstalk serve --model ...); leave it out")
+    if args.server is not None:
+        check_server_args(args)
     from .stream import FileSource, MicrophoneSource
 
     # a file that is not speech, or a microphone that is not there: said now, before the model loads
@@ -471,8 +546,7 @@ def cmd_camera(args: argparse.Namespace) -> None:
             try:
                 asyncio.run(_camera_remote(source, args))
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
-                raise LetsTalkError(f"cannot reach the server at {args.server} ({e or 'timed out'}); is `letstalk "
-                                    "serve` running there?") from None
+                raise _unreachable(args.server, e) from None
         else:
             image = load_image(args.portrait or ASSETS / "portrait.png")
             asyncio.run(_camera(_load_pipeline(args), image, source, args))
@@ -550,7 +624,7 @@ async def _camera_remote(source, args: argparse.Namespace) -> None:
     camera, voice = None, _open_voice(args, OPUS_RATE)  # a speaker that is not there: said before the server is asked
     try:
         async with AvatarClient(args.server, api_key=args.api_key) as client:
-            shape = {"full_frame": args.full_frame or None, "framing": args.framing}
+            shape = {"full_frame": args.full_frame or None, "framing": args.framing, "seed": args.seed}
             session = await (client.start_session(portrait=args.portrait, **shape) if args.portrait is not None
                              else client.start_session(avatar_id=args.avatar, **shape))
             async with session:
@@ -902,7 +976,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_speech_args(p)
     _add_full_frame_arg(p)
     _add_framing_arg(p)
-    _add_model_args(p)
+    _add_server_args(p, "have this server (letstalk serve --recordings-dir ..., e.g. on a GPU machine) make the video "
+                        "instead of here: the portrait and speech (or text) go up, the mp4 (and captions) come back; "
+                        "this machine needs no torch", live=False)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="stream the bundled speech through the live engine; record the tracks to mp4")
@@ -941,17 +1017,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the camera's frames scaled to PX on their longer side (default 512)")
     p.add_argument("--seconds", type=float, default=None, help="stop after this long (default: at Ctrl-C)")
     p.add_argument("--list-devices", action="store_true", help="list the audio devices and exit")
-    p.add_argument("--server", default=None, metavar="URL", help="the avatar made by this server (letstalk serve, "
-                   "e.g. on a GPU machine) instead of here: only the microphone and the devices run on this machine")
-    p.add_argument("--api-key", default=None, help="with --server: its API key (letstalk serve --api-key)")
     p.add_argument("--avatar", default="default", help="with --server and no --portrait: one of its avatars")
     _add_full_frame_arg(p)
     p.add_argument("--face-crop", dest="full_frame", action="store_const", const=0,
                    help="show only the face crop the model animates, scaled up (default: the whole photo, framed "
                         "head and shoulders, as a webcam shows a person)")
     _add_framing_arg(p)
-    _add_model_args(p)
-    add_live_args(p)
+    _add_server_args(p, "the avatar made by this server (letstalk serve, e.g. on a GPU machine) instead of here: only "
+                        "the microphone and the devices run on this machine", live=True)
     from .framing import FULL_FRAME_SIDE
 
     p.set_defaults(func=cmd_camera, full_frame=FULL_FRAME_SIDE)

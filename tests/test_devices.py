@@ -374,7 +374,7 @@ def test_letstalk_camera_shows_a_servers_avatar(tiny_pipeline, alsa, tmp_path, c
     """`letstalk camera --server URL`: the avatar made by a server (this machine runs no model): the speech goes up to
     it, and its frames (the whole photo, at the server's size) come back to the camera and its voice to the speaker,
     the speech where the file has it; a session the server closes ends it, saying why; a server that is not there is
-    one line, a speaker that is not there too (before the server is asked)."""
+    one line, a speaker that is not there too, and the flags of a model run here (both before the server is asked)."""
     import sounddevice as sd
 
     import letstalk_rt.devices as devices
@@ -426,6 +426,10 @@ def test_letstalk_camera_shows_a_servers_avatar(tiny_pipeline, alsa, tmp_path, c
     code = main(["camera", "--server", "http://127.0.0.1:9", "--audio", speech, "--speaker", "no such speaker"])
     err = capsys.readouterr().err  # said before the server is asked
     assert code == 2 and "cannot open the speaker 'no such speaker'" in err and "127.0.0.1:9" not in err, err
+    code = main(["camera", "--server", "http://127.0.0.1:9", "--audio", speech, "--threads", "1", "--no-trace"])
+    err = capsys.readouterr().err  # the server's engine runs as `letstalk serve` started it: said before it is asked
+    assert code == 2 and err.startswith("letstalk: error: --no-trace, --threads: with --server") and "127.0.0.1:9" \
+        not in err, err
 
 
 class TimedStream:

@@ -403,3 +403,48 @@ def test_the_sdk_renders_a_text_with_its_captions(tiny_pipeline, tmp_path):
     captions = (tmp_path / "hello.vtt").read_text()
     assert "Hello there." in captions and "How are you?" in captions
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_letstalk_generate_with_a_server_has_the_video_made_there_in_an_install_without_the_engine(
+        tiny_pipeline, tmp_path, wav_file, astronaut_png):
+    """`letstalk generate --server URL` in an install of the SDK alone (the engine's packages unimportable): the server
+    makes the video of the portrait saying the file (or a text, its captions saved beside it); the flags of a model run
+    here are refused, naming them, before anything goes up; a server that is not there is one line."""
+    import subprocess
+    import sys
+
+    from server_helpers import running_server
+    from without_engine import PRELUDE
+
+    wav = wav_file(1.6, rate=22050)
+
+    def generate(*args: str) -> subprocess.CompletedProcess:
+        code = PRELUDE + f"import sys; from letstalk_rt.cli import main; sys.exit(main({list(args)!r}))"
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+    async def main():
+        async with running_server(tiny_pipeline, recordings_dir=tmp_path / "videos") as srv:
+            base = ["generate", "--server", srv.url, "--portrait", str(astronaut_png), "--quiet"]
+            return await asyncio.gather(
+                asyncio.to_thread(generate, *base, "--audio", str(wav), "--out", str(tmp_path / "file.mp4")),
+                asyncio.to_thread(generate, *base, "--text", "Hello there.", "--voice", "en-us", "--out",
+                                  str(tmp_path / "text.mp4")),
+                asyncio.to_thread(generate, *base, "--audio", str(wav), "--out", str(tmp_path / "no.mp4"), "--model",
+                                  str(tmp_path), "--steps", "2"))
+
+    from_file, from_text, refused = run(main())
+    assert from_file.returncode == 0 and "wrote" in from_file.stdout, from_file.stderr
+    frames, audio, rate = read_mp4(tmp_path / "file.mp4")
+    assert len(frames) >= 1.6 * 25 and frames[0].shape[:2] == (tiny_pipeline.config.image_size,) * 2
+    assert 1.6 <= len(audio) / rate <= 1.6 + 1.0 and np.abs(audio).max() > 0.05  # the speech, and a short rest
+    assert from_text.returncode == 0, from_text.stderr
+    assert "Hello there." in (tmp_path / "text.vtt").read_text()
+    assert len(read_mp4(tmp_path / "text.mp4")[0]) > 10
+    assert refused.returncode == 2 and refused.stderr.startswith("letstalk: error: --model, --steps: with --server"), \
+        refused.stderr
+    assert not (tmp_path / "no.mp4").exists()
+    gone = generate("generate", "--server", "http://127.0.0.1:9", "--portrait", str(astronaut_png), "--audio",
+                    str(wav), "--out", str(tmp_path / "gone.mp4"))
+    assert gone.returncode == 2 and "cannot reach the server at http://127.0.0.1:9" in gone.stderr, gone.stderr
+    assert not (tmp_path / "gone.mp4").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no partial files left
