@@ -70,6 +70,7 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from yarl import URL
 
+from . import VERSION_HEADER, __version__
 from .aio import wait_for
 from .errors import LetsTalkError
 from .rtc import (
@@ -85,6 +86,7 @@ from .rtc import ice_servers as parse_ice_servers
 log = logging.getLogger(__name__)
 
 ALIGN_MAX_S = 0.2  # connect(align=True): frames wait for the audio of their media time unless it has not moved this long
+USER_AGENT = f"letstalk-rt/{__version__} (Python SDK; aiohttp/{aiohttp.__version__})"  # what a proxy logs
 # connect(reconnect=True): the server sends 25 frames and 50 audio packets a second, silence or not, so this long
 # without any is a connection gone (the server lets a new offer replace one whose peer was silent 2 s)
 RECONNECT_STALL_S = 2.0
@@ -151,6 +153,16 @@ class RenderFailedError(AvatarClientError):
     stopped; the message says which."""
 
 
+class ServerMismatchError(AvatarClientError):
+    """404/405 for a route this SDK uses: the URL leads to another web server (or a proxy with no route there), or to
+    a letstalk-rt server older than the SDK, without that route; the message says which (`server_version`: the
+    server's, None when it did not say it is letstalk-rt)."""
+
+    def __init__(self, message: str, status: int | None = None, server_version: str | None = None) -> None:
+        super().__init__(message, status)
+        self.server_version = server_version
+
+
 class RequestError(AvatarClientError):
     """Another 4xx: a bad portrait (415/422), a bad SDP offer (400), a second offer (409), too large (413)."""
 
@@ -176,10 +188,22 @@ async def _raise_for_status(resp: aiohttp.ClientResponse) -> None:
         return
     text = await resp.text()
     try:
-        message = json.loads(text).get("error") or text
+        body = json.loads(text)
+        message = body.get("error") or text
     except (ValueError, AttributeError):
-        message = text.strip() or resp.reason or "error"
-    message = f"{resp.method} {resp.url.path}: HTTP {resp.status}: {message}"
+        body, message = {}, text.strip() or resp.reason or "error"
+    request = f"{resp.method} {resp.url.path}"
+    message = f"{request}: HTTP {resp.status}: {message}"
+    server_version = resp.headers.get(VERSION_HEADER)
+    if resp.status in (404, 405) and server_version is None:
+        raise ServerMismatchError(f"{request}: HTTP {resp.status} from {resp.url.origin()}, which is not a letstalk-rt "
+                                  f"server (its answers name their version in {VERSION_HEADER}): another web server, "
+                                  "or a proxy with no route there; check the URL", resp.status)
+    if resp.status in (404, 405) and body.get("code") == "no_route":
+        fix = (f"check the URL: the server's root, e.g. {resp.url.origin()}" if server_version == __version__ else
+               f"this SDK is letstalk-rt {__version__}: use a server as new as the SDK (or check the URL)")
+        raise ServerMismatchError(f"{request}: HTTP {resp.status}: the letstalk-rt server at {resp.url.origin()} "
+                                  f"({server_version}) has no such route; {fix}", resp.status, server_version)
     if resp.status == 401:
         raise AuthenticationError(message, resp.status)
     if resp.status == 503:
@@ -942,7 +966,8 @@ class AvatarClient:
 
     async def open(self) -> AvatarClient:
         if self._http is None or self._http.closed:
-            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout),
+                                               headers={"User-Agent": USER_AGENT})
         return self
 
     async def close(self) -> None:
@@ -958,9 +983,9 @@ class AvatarClient:
         await self.close()
 
     async def health(self) -> dict:
-        """{"status": "ok", "sessions", "admitting", "max_sessions", "engines"} ("engines": each device's sessions and
-        cap); "status": "draining" while the server shuts down gently (its 503: open sessions go on, new ones are
-        refused)."""
+        """{"status": "ok", "version", "sessions", "admitting", "max_sessions", "engines"} ("version": the server's
+        letstalk-rt; "engines": each device's sessions and cap); "status": "draining" while the server shuts down
+        gently (its 503: open sessions go on, new ones are refused)."""
         async with self._require_http().get(self._url("/health")) as resp:
             if resp.status == 503 and resp.content_type == "application/json":
                 body = await resp.json()

@@ -47,6 +47,7 @@ import numpy as np
 from aiohttp import WSMsgType, web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from letstalk_rt import VERSION_HEADER, __version__
 from letstalk_rt.aio import wait_for
 from letstalk_rt.cli import check_live_args, check_sampling_args, live_config, pipeline_kwargs, resolve_devices
 from letstalk_rt.errors import InputError, LetsTalkError, NoFaceError, OutputError
@@ -106,10 +107,11 @@ def _http_error_class(status: int) -> type[web.HTTPException]:
     return type(f"HTTPError{status}", (web.HTTPException,), {"status_code": status})
 
 
-def api_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.HTTPException:
-    """An HTTP error whose body is {"error": message}; raise it."""
-    return _http_error_class(status)(text=json.dumps({"error": message}), content_type="application/json",
-                                     headers=headers)
+def api_error(status: int, message: str, headers: dict[str, str] | None = None,
+              code: str | None = None) -> web.HTTPException:
+    """An HTTP error whose body is {"error": message} (and {"code": code} when given); raise it."""
+    body = {"error": message} if code is None else {"error": message, "code": code}
+    return _http_error_class(status)(text=json.dumps(body), content_type="application/json", headers=headers)
 
 
 @web.middleware
@@ -118,8 +120,12 @@ async def error_middleware(request: web.Request, handler):
         return await handler(request)
     except web.HTTPException as e:
         if e.status >= 400 and e.content_type != "application/json":  # aiohttp's own 404/405/413 ...
-            raise api_error(e.status, e.reason, headers={k: v for k, v in e.headers.items()
-                                                          if k.lower() in ("allow", "retry-after")}) from None
+            headers = {k: v for k, v in e.headers.items() if k.lower() in ("allow", "retry-after")}
+            if e.status in (404, 405):  # no such route (or method): "no_route" tells a client it is not a missing
+                # session or avatar, but a URL this server (of this version) does not have
+                raise api_error(e.status, f"{e.reason}: this server (letstalk-rt {__version__}) has no "
+                                          f"{request.method} {request.path}", headers, code="no_route") from None
+            raise api_error(e.status, e.reason, headers) from None
         raise
     except asyncio.CancelledError:
         raise
@@ -215,7 +221,7 @@ async def health(request: web.Request) -> web.Response:
     # sessions == max_sessions is exactly when POST /v1/sessions answers 503. Draining (shutting down), 503: a load
     # balancer's health check sends new sessions elsewhere while the open ones finish here.
     # `engines`: each device's sessions open and cap (new sessions go to the one with the most free slots)
-    return web.json_response({"status": "draining" if manager.draining else "ok",
+    return web.json_response({"status": "draining" if manager.draining else "ok", "version": __version__,
                               "sessions": len(manager.sessions) + manager.admitting,
                               "admitting": manager.admitting, "max_sessions": manager.max_sessions,
                               "engines": [{"device": str(e.pipeline.device), "sessions": len(e.sessions),
@@ -1204,6 +1210,10 @@ async def _on_cleanup(app: web.Application) -> None:
         await app[ENGINES].stop()
 
 
+async def _say_version(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers[VERSION_HEADER] = __version__  # every answer, errors, pages and websockets included
+
+
 async def _on_shutdown(app: web.Application) -> None:
     await app[MANAGER].close_all("server stopping")
 
@@ -1222,6 +1232,7 @@ def create_app(engines: StreamEngine | EnginePool, config: ServerConfig | None =
     app[CONFIG] = config
     app[MANAGER] = SessionManager(engines, config)
     app[AVATARS] = AvatarStore(config.avatar_dir, config.max_avatars)
+    app.on_response_prepare.append(_say_version)
     r = app.router
     r.add_get("/health", health)
     r.add_get("/metrics", metrics)

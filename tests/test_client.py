@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import subprocess
 import sys
 import time
@@ -459,6 +460,13 @@ async def _fake_server(delete_handler):
     app = web.Application()
     app.router.add_post("/v1/sessions", create)
     app.router.add_delete("/v1/sessions/{id}", delete_handler)
+    async with _serving(app) as url:
+        yield url
+
+
+@contextlib.asynccontextmanager
+async def _serving(app: web.Application):
+    """`app` on 127.0.0.1:<ephemeral>: its URL."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -677,3 +685,51 @@ def test_viewers_watch_a_session_beside_its_own_peer_and_leave_without_ending_it
     assert state["viewers"] == 2 and state["peer_connection"] == "connected" and metrics["letstalk_viewers"] == 2
     assert alive and deleted == 204 and again == 404
     assert len(raw.video_frames) >= 25 and max(raw.audio_rms) > 0.01
+
+
+def test_sdk_tells_a_wrong_url_and_an_older_server_from_a_missing_session(tiny_pipeline):
+    """A 404 for a route the SDK uses is ServerMismatchError saying what to fix, not SessionNotFoundError: from a URL
+    that is no letstalk-rt server (another web server: check the URL), from a letstalk-rt server under a wrong path
+    (its root), or from an older one without the route (a server as new as the SDK). The server names its version in
+    every answer and in /health, and the SDK names itself; a session that is gone is still SessionNotFoundError."""
+    from letstalk_rt import VERSION_HEADER, __version__
+    from letstalk_rt.client import AvatarClient, AvatarNotFoundError, ServerMismatchError, SessionNotFoundError
+
+    agents = []
+
+    async def older(request: web.Request) -> web.Response:  # the answer a letstalk-rt 0.0.9 without the route gives
+        agents.append(request.headers.get("User-Agent", ""))
+        return web.json_response({"error": "Not Found", "code": "no_route"}, status=404,
+                                 headers={VERSION_HEADER: "0.0.9"})
+
+    app = web.Application()
+    app.router.add_get("/v1/voices", older)
+
+    async def main():
+        async with _serving(app) as other, AvatarClient(other) as client:
+            with pytest.raises(ServerMismatchError, match="which is not a letstalk-rt server .* check the URL") as e:
+                await client.health()  # aiohttp's own 404, as any other web server's, says no version
+            assert e.value.status == 404 and e.value.server_version is None
+            with pytest.raises(ServerMismatchError, match=rf"\(0\.0\.9\) has no such route; this SDK is letstalk-rt "
+                                                          rf"{re.escape(__version__)}: use a server as new as the SDK"
+                               ) as e:
+                await client.voices()
+            assert e.value.server_version == "0.0.9"
+            assert agents[0].startswith(f"letstalk-rt/{__version__} (Python SDK"), agents
+        async with running_server(tiny_pipeline) as srv, aiohttp.ClientSession() as http:
+            async with http.get(f"{srv.url}/health") as r:
+                assert r.headers[VERSION_HEADER] == __version__ and (await r.json())["version"] == __version__
+            async with AvatarClient(srv.url + "/api") as client:  # a path the server does not have
+                match = rf"at http://127\.0\.0\.1:\d+ \({re.escape(__version__)}\) has no such route; check the URL"
+                with pytest.raises(ServerMismatchError, match=match + ": the server's root"):
+                    await client.start_session(avatar_id="default")
+            async with AvatarClient(srv.url) as client:
+                with pytest.raises(AvatarNotFoundError):
+                    await client.delete_avatar("nobody")
+                session = await client.start_session(avatar_id="default")
+                await srv.manager.close(srv.manager.sessions[session.id], "test")
+                with pytest.raises(SessionNotFoundError):
+                    await session.stats()
+                await session.close()
+
+    run(main())

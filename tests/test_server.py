@@ -20,6 +20,8 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 import pytest
+
+import letstalk_rt
 from conftest import speechlike
 from server_helpers import (
     Peer,
@@ -120,7 +122,8 @@ def test_health_metrics_and_avatars(tiny_pipeline, monkeypatch):
                 aiohttp.ClientSession() as http:
             async with http.get(f"{srv.url}/health") as r:
                 assert r.status == 200
-                assert await r.json() == {"status": "ok", "sessions": 0, "admitting": 0, "max_sessions": 3,
+                assert await r.json() == {"status": "ok", "version": letstalk_rt.__version__, "sessions": 0,
+                                          "admitting": 0, "max_sessions": 3,
                                           "engines": [{"device": "cpu", "sessions": 0, "max_sessions": 3}]}
             async with http.get(f"{srv.url}/v1/avatars") as r:
                 assert (await r.json())["avatars"] == [{"id": "default", "name": "Bundled portrait", "uploaded": False}]
@@ -262,7 +265,8 @@ def test_python_m_server_serves_and_stops_cleanly_on_sigterm(tiny_model_dir):
             url = m.group(1) if m else None
         assert url, "server did not print its URL"
         with urllib.request.urlopen(f"{url}/health", timeout=10) as r:
-            assert json.load(r) == {"status": "ok", "sessions": 0, "admitting": 0, "max_sessions": 2,
+            assert json.load(r) == {"status": "ok", "version": letstalk_rt.__version__, "sessions": 0,
+                                    "admitting": 0, "max_sessions": 2,
                                     "engines": [{"device": "cpu", "sessions": 0, "max_sessions": 2}]}
         request = urllib.request.Request(f"{url}/v1/sessions", data=b'{"avatar_id": "default"}',
                                          headers={"Content-Type": "application/json"})
@@ -500,7 +504,8 @@ def test_stalled_or_cut_off_uploads_free_their_slot(tiny_pipeline, caplog):
                     b"Content-Length: 10\r\n")
             reader, writer = await _raw_request(port, head, b"{")  # 1 byte of 10, then nothing
             await wait_until(lambda: srv.manager.admitting == 1, 5, "the stalled request to hold a slot")
-            assert await _health(http, url) == {"status": "ok", "sessions": 1, "admitting": 1, "max_sessions": 1,
+            assert await _health(http, url) == {"status": "ok", "version": letstalk_rt.__version__, "sessions": 1,
+                                                 "admitting": 1, "max_sessions": 1,
                                                  "engines": [{"device": "cpu", "sessions": 0, "max_sessions": 1}]}
             async with http.post(f"{url}/v1/sessions", json={"avatar_id": "default"}) as r:
                 assert r.status == 503  # the slot is held while the body is awaited ...
