@@ -209,9 +209,9 @@ async def _raise_for_status(resp: aiohttp.ClientResponse) -> None:
     if resp.status == 503:
         retry = resp.headers.get("Retry-After")
         raise ServerBusyError(message, resp.status, float(retry) if retry and retry.isdigit() else None)
-    if resp.status == 404 and resp.url.path.startswith("/v1/avatars/"):
+    if resp.status == 404 and "/v1/avatars/" in resp.url.path:  # ("in": a server behind a proxy's path prefix)
         raise AvatarNotFoundError(message, resp.status)
-    if resp.status == 404 and resp.url.path.startswith("/v1/recordings/"):
+    if resp.status == 404 and "/v1/recordings/" in resp.url.path:
         raise RecordingNotFoundError(message, resp.status)
     if resp.status == 404 and "/broadcast" not in resp.url.path:  # (a session not streaming there: a RequestError)
         raise SessionNotFoundError(message, resp.status)

@@ -691,7 +691,8 @@ def test_sdk_tells_a_wrong_url_and_an_older_server_from_a_missing_session(tiny_p
     """A 404 for a route the SDK uses is ServerMismatchError saying what to fix, not SessionNotFoundError: from a URL
     that is no letstalk-rt server (another web server: check the URL), from a letstalk-rt server under a wrong path
     (its root), or from an older one without the route (a server as new as the SDK). The server names its version in
-    every answer and in /health, and the SDK names itself; a session that is gone is still SessionNotFoundError."""
+    every answer and in /health, and the SDK names itself; a session that is gone is still SessionNotFoundError, and a
+    missing avatar AvatarNotFoundError, also from a server behind a proxy's path prefix."""
     from letstalk_rt import VERSION_HEADER, __version__
     from letstalk_rt.client import AvatarClient, AvatarNotFoundError, ServerMismatchError, SessionNotFoundError
 
@@ -702,8 +703,12 @@ def test_sdk_tells_a_wrong_url_and_an_older_server_from_a_missing_session(tiny_p
         return web.json_response({"error": "Not Found", "code": "no_route"}, status=404,
                                  headers={VERSION_HEADER: "0.0.9"})
 
+    async def no_avatar(request: web.Request) -> web.Response:  # a server's own 404 for a missing avatar
+        return web.json_response({"error": "no avatar 'nobody'"}, status=404, headers={VERSION_HEADER: __version__})
+
     app = web.Application()
     app.router.add_get("/v1/voices", older)
+    app.router.add_delete("/lt/v1/avatars/{id}", no_avatar)  # a server behind a proxy's path prefix
 
     async def main():
         async with _serving(app) as other, AvatarClient(other) as client:
@@ -716,6 +721,9 @@ def test_sdk_tells_a_wrong_url_and_an_older_server_from_a_missing_session(tiny_p
                 await client.voices()
             assert e.value.server_version == "0.0.9"
             assert agents[0].startswith(f"letstalk-rt/{__version__} (Python SDK"), agents
+            async with AvatarClient(other + "/lt") as prefixed:
+                with pytest.raises(AvatarNotFoundError, match="no avatar 'nobody'"):
+                    await prefixed.delete_avatar("nobody")
         async with running_server(tiny_pipeline) as srv, aiohttp.ClientSession() as http:
             async with http.get(f"{srv.url}/health") as r:
                 assert r.headers[VERSION_HEADER] == __version__ and (await r.json())["version"] == __version__
