@@ -61,7 +61,7 @@ async def run(args: argparse.Namespace) -> list[dict]:
                 streams[ev["broadcast_id"]] = ev
                 if ev["error"]:
                     print(f"{ev['url']}: the live stream failed: {ev['error']}", file=sys.stderr)
-                if all(s["type"] == "broadcast_stopped" for s in streams.values()):
+                if all(s.get("type") == "broadcast_stopped" for s in streams.values()):  # (a state: still streaming)
                     ended.set()
 
         for kind in ("broadcast_reconnecting", "broadcast_resumed", "broadcast_stopped"):
