@@ -24,9 +24,21 @@ import numpy as np
 
 
 def free_port() -> int:
+    """A port free now, for a receiver to listen at (it binds it a moment later)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def closed_port():
+    """A port nothing listens at, held while in use: bound, not listening, so a connection there is refused, and no
+    other socket takes it meanwhile. A port from free_port() is free only when asked: a server started after it (its
+    ephemeral port) or the connection to it (TCP's self-connect, from that same port) could take it, and the stream
+    to "nowhere" would connect."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
 
 
 class Receiver:
