@@ -50,6 +50,7 @@ async def run(args: argparse.Namespace) -> list[dict]:
         ended = asyncio.Event()  # every stream has ended
         quiet = asyncio.Event()
         quiet.set()
+        sentences = {"said": 0, "started": 0}  # queued by say(), and begun on screen (each one's `caption` event)
 
         def on_stream(ev: dict) -> None:
             if ev["type"] == "broadcast_reconnecting":
@@ -68,6 +69,7 @@ async def run(args: argparse.Namespace) -> list[dict]:
             session.on(kind, on_stream)
         session.on("speech_started", lambda ev: quiet.clear())
         session.on("speech_stopped", lambda ev: quiet.set())
+        session.on("caption", lambda ev: sentences.update(started=sentences["started"] + 1))
         try:
             await session.ping()  # the websocket open first: the streams' events come over it
             for url in args.url:
@@ -81,14 +83,20 @@ async def run(args: argparse.Namespace) -> list[dict]:
                 if ended.is_set():
                     break
                 answer = await session.say(text)
+                sentences["said"] += answer.get("sentences", 1)
                 print(f"saying {answer.get('sentences', 1)} sentence(s)", file=sys.stderr)
                 quiet.clear()  # until the speech has been shown and has stopped
-            while not ended.is_set():  # the last words shown, and a moment of the avatar at rest, then the end
-                await asyncio.wait_for(quiet.wait(), args.timeout)
+            # the last sentence begun (a pause while a busy server still synthesises the next is not the end), its
+            # words shown, and a moment of the avatar at rest: then the end
+            deadline = asyncio.get_running_loop().time() + args.timeout
+            while not ended.is_set():
+                await asyncio.wait_for(quiet.wait(), max(0.0, deadline - asyncio.get_running_loop().time()))
                 await asyncio.sleep(args.tail)
-                if quiet.is_set():  # (not a pause between two sentences)
+                if quiet.is_set() and sentences["started"] >= sentences["said"]:  # (not a pause between sentences)
                     await session.stop_broadcast()  # every one still streaming
                     break
+                if asyncio.get_running_loop().time() > deadline:
+                    raise asyncio.TimeoutError
             await asyncio.wait_for(ended.wait(), 10)
         finally:
             await session.close()
