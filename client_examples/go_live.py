@@ -86,17 +86,19 @@ async def run(args: argparse.Namespace) -> list[dict]:
                 sentences["said"] += answer.get("sentences", 1)
                 print(f"saying {answer.get('sentences', 1)} sentence(s)", file=sys.stderr)
                 quiet.clear()  # until the speech has been shown and has stopped
-            # the last sentence begun (a pause while a busy server still synthesises the next is not the end), its
-            # words shown, and a moment of the avatar at rest: then the end
-            deadline = asyncio.get_running_loop().time() + args.timeout
-            while not ended.is_set():
-                await asyncio.wait_for(quiet.wait(), max(0.0, deadline - asyncio.get_running_loop().time()))
-                await asyncio.sleep(args.tail)
-                if quiet.is_set() and sentences["started"] >= sentences["said"]:  # (not a pause between sentences)
-                    await session.stop_broadcast()  # every one still streaming
-                    break
-                if asyncio.get_running_loop().time() > deadline:
-                    raise asyncio.TimeoutError
+
+            async def said_and_at_rest() -> None:
+                """The last sentence begun (a pause while a busy server still synthesises the next is not the end),
+                its words shown, and a moment of the avatar at rest; or every stream ended already."""
+                while not ended.is_set():
+                    await quiet.wait()
+                    await asyncio.sleep(args.tail)
+                    if quiet.is_set() and sentences["started"] >= sentences["said"]:
+                        return
+
+            await asyncio.wait_for(said_and_at_rest(), args.timeout)
+            if not ended.is_set():
+                await session.stop_broadcast()  # every one still streaming
             await asyncio.wait_for(ended.wait(), 10)
         finally:
             await session.close()
