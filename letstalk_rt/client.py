@@ -183,6 +183,26 @@ async def _form(fields, **files: str | Path | bytes | None) -> aiohttp.FormData:
     return form
 
 
+# What a 404's `code` says is missing. Another code (a viewer, a live stream, a page) is a RequestError.
+_NOT_FOUND: dict[str, type[AvatarClientError]] = {
+    "session_not_found": SessionNotFoundError, "render_not_found": SessionNotFoundError,
+    "avatar_not_found": AvatarNotFoundError, "recording_not_found": RecordingNotFoundError,
+    "no_captions": RecordingNotFoundError,
+}
+
+
+def _not_found_by_path(path: str) -> str | None:
+    """The code of a 404 from a server whose 404s name none (an older one), told from the URL's path; "in", not
+    "startswith": a server behind a proxy's path prefix."""
+    if "/v1/avatars/" in path:
+        return "avatar_not_found"
+    if "/v1/recordings/" in path:
+        return "recording_not_found"
+    if "/broadcast" in path:  # a live stream the session does not have (or no session: it cannot tell)
+        return None
+    return "session_not_found"
+
+
 async def _raise_for_status(resp: aiohttp.ClientResponse) -> None:
     if resp.status < 400:
         return
@@ -209,12 +229,11 @@ async def _raise_for_status(resp: aiohttp.ClientResponse) -> None:
     if resp.status == 503:
         retry = resp.headers.get("Retry-After")
         raise ServerBusyError(message, resp.status, float(retry) if retry and retry.isdigit() else None)
-    if resp.status == 404 and "/v1/avatars/" in resp.url.path:  # ("in": a server behind a proxy's path prefix)
-        raise AvatarNotFoundError(message, resp.status)
-    if resp.status == 404 and "/v1/recordings/" in resp.url.path:
-        raise RecordingNotFoundError(message, resp.status)
-    if resp.status == 404 and "/broadcast" not in resp.url.path:  # (a session not streaming there: a RequestError)
-        raise SessionNotFoundError(message, resp.status)
+    if resp.status == 404:
+        code = body.get("code") if isinstance(body, dict) else None
+        error = _NOT_FOUND.get(code or _not_found_by_path(resp.url.path))
+        if error is not None:
+            raise error(message, resp.status)
     if 400 <= resp.status < 500:
         raise RequestError(message, resp.status)
     raise AvatarClientError(message, resp.status)
@@ -1047,7 +1066,7 @@ class AvatarClient:
 
     async def download_captions(self, session_id: str, path: str | Path) -> Path:
         """Save the captions a session's recording showed (text said with `say`) to `path`, as WebVTT subtitles timed
-        to the MP4 (a player shows them with it). 404 (RequestError) when it showed none."""
+        to the MP4 (a player shows them with it). RecordingNotFoundError when it showed none."""
         return await self._download(f"/v1/recordings/{urllib.parse.quote(session_id, safe='')}/captions", Path(path))
 
     async def _download(self, url_path: str, path: Path) -> Path:

@@ -206,7 +206,8 @@ def authorize_session(request: web.Request, allow_api_key: bool = False) -> Serv
                             headers={"WWW-Authenticate": 'Bearer realm="letstalk-session"'}) from None
     ss = manager.sessions.get(sid)
     if ss is None or ss.closing:
-        raise api_error(404, f"session {sid} does not exist (closed, expired or never created)")
+        raise api_error(404, f"session {sid} does not exist (closed, expired or never created)",
+                        code="session_not_found")
     return ss
 
 
@@ -242,7 +243,7 @@ async def list_avatars(request: web.Request) -> web.Response:
 
 
 def _avatar_refused(e: AvatarRefused) -> web.HTTPException:
-    return api_error(e.status, str(e))
+    return api_error(e.status, str(e), code="avatar_not_found" if e.status == 404 else None)
 
 
 async def create_avatar(request: web.Request) -> web.Response:
@@ -693,14 +694,14 @@ def _render(request: web.Request) -> tuple[str, Render | None, ServerSession | N
     manager = request.app[MANAGER]
     rid = request.match_info["render_id"]
     if not recordings.RECORDING_ID.fullmatch(rid):
-        raise api_error(404, f"no render {rid[:70]!r}")
+        raise api_error(404, f"no render {rid[:70]!r}", code="render_not_found")
     try:
         manager.signer.verify(bearer(request.headers, request.query) or "", session_id=rid)
     except TokenError:
         require_api_key(request)
     ss = manager.sessions.get(rid)
     if ss is not None and ss.render is None:  # a live session's id (its recording is GET /v1/recordings/{id})
-        raise api_error(404, f"no render {rid!r}: {rid} is a live session")
+        raise api_error(404, f"no render {rid!r}: {rid} is a live session", code="render_not_found")
     return rid, manager.renders.all.get(rid), ss
 
 
@@ -711,7 +712,8 @@ async def get_render(request: web.Request) -> web.Response:
         if directory is not None and await asyncio.to_thread((directory / f"{rid}.mp4").is_file):
             return web.json_response({"render_id": rid, "state": "done",
                                       "video_url": str(request.url.origin().with_path(f"/v1/recordings/{rid}"))})
-        raise api_error(404, f"no render {rid!r} (none was made, or its state is no longer kept and it has no video)")
+        raise api_error(404, f"no render {rid!r} (none was made, or its state is no longer kept and it has no video)",
+                        code="render_not_found")
     return web.json_response(render.describe(ss.session if ss is not None and render.state == "rendering" else None))
 
 
@@ -721,7 +723,7 @@ async def delete_render(request: web.Request) -> web.Response:
     manager = request.app[MANAGER]
     directory = request.app[CONFIG].recordings_dir
     if render is None and not (directory is not None and await asyncio.to_thread((directory / f"{rid}.mp4").is_file)):
-        raise api_error(404, f"no render {rid!r}")
+        raise api_error(404, f"no render {rid!r}", code="render_not_found")
     if render is not None and render.end("cancelled", "cancelled by the client"):
         manager.render_ended(render)
     if ss is not None:
@@ -743,9 +745,10 @@ def _recording(request: web.Request) -> tuple[str, Path]:
     directory = request.app[CONFIG].recordings_dir
     rid = request.match_info["recording_id"]
     if directory is None:
-        raise api_error(404, "this server does not record sessions (start it with --recordings-dir DIR)")
+        raise api_error(404, "this server does not record sessions (start it with --recordings-dir DIR)",
+                        code="recording_not_found")
     if not recordings.RECORDING_ID.fullmatch(rid):
-        raise api_error(404, f"no recording {rid[:70]!r}")
+        raise api_error(404, f"no recording {rid[:70]!r}", code="recording_not_found")
     try:
         request.app[MANAGER].signer.verify(bearer(request.headers, request.query) or "", session_id=rid)
     except TokenError:
@@ -764,7 +767,7 @@ def _recording(request: web.Request) -> tuple[str, Path]:
         last = ss.session.last_recording if ss is not None else None
         error = render.error if render is not None and render.error else last.error if last is not None else None
         why = f" (it was not saved: {error})" if error else ""
-        raise api_error(404, f"no recording {rid!r}{why}")
+        raise api_error(404, f"no recording {rid!r}{why}", code="recording_not_found")
     return rid, path
 
 
@@ -787,7 +790,7 @@ async def get_recording_captions(request: web.Request) -> web.StreamResponse:
     captions = recordings.captions_path(path)
     if not captions.is_file():
         raise api_error(404, f"recording {rid!r} has no captions: its session showed none (captions come with text "
-                             "said through `say`)")
+                             "said through `say`)", code="no_captions")
     return web.FileResponse(captions, headers={"Content-Type": "text/vtt; charset=utf-8",
                                                "Content-Disposition": f'attachment; filename="letstalk-{rid}.vtt"'})
 
@@ -932,7 +935,7 @@ async def delete_viewer(request: web.Request) -> web.Response:
     ss = authorize_session(request, allow_api_key=True)
     viewer_id = request.match_info["viewer_id"]
     if not ss.remove_viewer(viewer_id, "deleted by the client"):
-        raise api_error(404, f"session {ss.id} has no viewer {viewer_id[:40]!r}")
+        raise api_error(404, f"session {ss.id} has no viewer {viewer_id[:40]!r}", code="viewer_not_found")
     return web.Response(status=204)
 
 
@@ -1000,7 +1003,7 @@ async def stop_broadcast(request: web.Request) -> web.Response:
         ended = [b for b in session.ended_broadcasts if broadcast_id in (None, b.id)][-1:]
         failed = f" (it failed: {ended[0].error})" if ended and ended[0].error else ""
         what = f"live stream {broadcast_id[:40]!r}" if broadcast_id is not None else "live stream"
-        raise api_error(404, f"session {ss.id} has no {what} running{failed}")
+        raise api_error(404, f"session {ss.id} has no {what} running{failed}", code="broadcast_not_found")
     try:
         await session.stop_broadcast(broadcast_id)
     except OutputError as e:  # it failed while being stopped
@@ -1010,7 +1013,7 @@ async def stop_broadcast(request: web.Request) -> web.Response:
 
 def _session_gone(ss: ServerSession, before: str = "its WebRTC negotiation finished") -> web.HTTPException:
     reason = ss.session.close_reason or "closed"
-    return api_error(404, f"session {ss.id} was closed ({reason}) before {before}")
+    return api_error(404, f"session {ss.id} was closed ({reason}) before {before}", code="session_not_found")
 
 
 def _describe(e: BaseException) -> str:
@@ -1147,7 +1150,8 @@ def _static_page(name: str):
     async def handler(request: web.Request) -> web.StreamResponse:
         static = request.app[CONFIG].static_dir
         if static is None or not (static / name).is_file():
-            raise api_error(404, "the browser client is not installed here (client_examples/browser)")
+            raise api_error(404, "the browser client is not installed here (client_examples/browser)",
+                            code="not_installed")
         return web.FileResponse(static / name, headers={"Cache-Control": "no-cache"})
 
     return handler

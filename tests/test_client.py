@@ -691,10 +691,12 @@ def test_sdk_tells_a_wrong_url_and_an_older_server_from_a_missing_session(tiny_p
     """A 404 for a route the SDK uses is ServerMismatchError saying what to fix, not SessionNotFoundError: from a URL
     that is no letstalk-rt server (another web server: check the URL), from a letstalk-rt server under a wrong path
     (its root), or from an older one without the route (a server as new as the SDK). The server names its version in
-    every answer and in /health, and the SDK names itself; a session that is gone is still SessionNotFoundError, and a
-    missing avatar AvatarNotFoundError, also from a server behind a proxy's path prefix."""
+    every answer and in /health, and the SDK names itself; a session that is gone is still SessionNotFoundError (also
+    under a URL that names a live stream), and a missing avatar AvatarNotFoundError, also from a server behind a proxy's
+    path prefix: the server's 404s say what is missing (`code`), and an older server's are told by their URL."""
     from letstalk_rt import VERSION_HEADER, __version__
-    from letstalk_rt.client import AvatarClient, AvatarNotFoundError, ServerMismatchError, SessionNotFoundError
+    from letstalk_rt.client import (AvatarClient, AvatarNotFoundError, RequestError, ServerMismatchError,
+                                    SessionNotFoundError)
 
     agents = []
 
@@ -735,9 +737,22 @@ def test_sdk_tells_a_wrong_url_and_an_older_server_from_a_missing_session(tiny_p
                 with pytest.raises(AvatarNotFoundError):
                     await client.delete_avatar("nobody")
                 session = await client.start_session(avatar_id="default")
+                with pytest.raises(RequestError, match="has no live stream running") as e:  # the session is there
+                    await session.stop_broadcast()
+                assert not isinstance(e.value, SessionNotFoundError)
                 await srv.manager.close(srv.manager.sessions[session.id], "test")
                 with pytest.raises(SessionNotFoundError):
                     await session.stats()
+                with pytest.raises(SessionNotFoundError):  # a URL under /broadcast, but the session is what is missing
+                    await session.stop_broadcast()
                 await session.close()
+            codes = {}  # every 404 of the server names what is missing
+            for method, path in (("DELETE", "/v1/avatars/nobody"), ("GET", "/v1/renders/nope"),
+                                 ("GET", "/v1/recordings/nope"), ("GET", "/v1/nowhere")):
+                async with http.request(method, srv.url + path) as r:
+                    codes[path] = (r.status, (await r.json()).get("code"))
+            assert codes == {"/v1/avatars/nobody": (404, "avatar_not_found"),
+                             "/v1/renders/nope": (404, "render_not_found"),
+                             "/v1/recordings/nope": (404, "recording_not_found"), "/v1/nowhere": (404, "no_route")}
 
     run(main())
