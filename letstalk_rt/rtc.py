@@ -9,9 +9,12 @@ from collections.abc import Iterable, Mapping
 import av
 import numpy as np
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCIceServer, RTCIceTransportPolicy, RTCPeerConnection
+from aiortc.codecs.h264 import H264Encoder
+from aiortc.codecs.vpx import Vp8Encoder
 from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.mediastreams import MediaStreamError
 from aiortc.rtcicetransport import parse_stun_turn_uri
+from aiortc.sdp import SessionDescription
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,47 @@ class OpusAudioTrack(MediaStreamTrack):
     def stop(self) -> None:
         super().stop()
         self.source.stop()
+
+
+class _Vp8Bitstream(Vp8Encoder):
+    def _packetize(self, buffer: bytes, picture_id: int) -> list[bytes]:  # type: ignore[override]
+        return [buffer] if buffer else []
+
+
+class _H264Bitstream(H264Encoder):
+    def _packetize(self, packages: Iterable[bytes]) -> list[bytes]:  # type: ignore[override]
+        data = b"".join(b"\x00\x00\x00\x01" + nal for nal in packages)  # H264Encoder.pack splits it again
+        return [data] if data else []
+
+
+# (an aiortc whose senders cannot send encoded frames, `Encoder.pack`, has none: each sender encodes)
+BITSTREAM_ENCODERS = {mime: cls for mime, cls in (("video/vp8", _Vp8Bitstream), ("video/h264", _H264Bitstream))
+                      if hasattr(cls, "pack")}
+
+
+def bitstream_encoder(mime: str) -> Vp8Encoder | H264Encoder | None:
+    """aiortc's own encoder for the video codec `mime` (its settings, bitrate and keyframe handling), except that
+    `encode(frame, force_keyframe)` gives one frame's whole bitstream, `([data], timestamp)` (`[]`: nothing), instead of
+    RTP payloads. As an `av.Packet` it goes to any number of aiortc senders of that codec, each of which packs it
+    (`Encoder.pack`) for its peer: one encode for many peers. None for a codec it does not know."""
+    cls = BITSTREAM_ENCODERS.get(mime.lower())
+    return cls() if cls is not None else None
+
+
+def is_keyframe(mime: str, data: bytes) -> bool:
+    """`data` (what `bitstream_encoder(mime)` gave) decodes on its own: a VP8 key frame, an H.264 IDR picture."""
+    if mime.lower() == "video/vp8":
+        return bool(data) and not data[0] & 1  # the frame tag's first bit: 0 for a key frame (RFC 6386, 9.1)
+    return any(nal and nal[0] & 0x1F == 5 for nal in H264Encoder._split_bitstream(data))
+
+
+def sent_video_codec(sdp: str) -> str | None:
+    """The codec the video section of a local description `sdp` sends with (aiortc's sender takes the first it
+    lists): "video/VP8", "video/H264"; None without a video section."""
+    for media in SessionDescription.parse(sdp).media:
+        if media.kind == "video" and media.rtp.codecs:
+            return media.rtp.codecs[0].mimeType
+    return None
 
 
 class FrameAtOnceJitterBuffer(JitterBuffer):

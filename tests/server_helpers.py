@@ -20,6 +20,7 @@ from aiortc import (
     MediaStreamTrack,
     RTCConfiguration,
     RTCPeerConnection,
+    RTCRtpSender,
     RTCSessionDescription,
 )
 from aiortc.mediastreams import MediaStreamError
@@ -164,7 +165,8 @@ class SpeechTrack(MediaStreamTrack):
 class Peer:
     """A bare aiortc client: receives the avatar's tracks (counting frames), optionally sends tracks."""
 
-    def __init__(self, send_audio: MediaStreamTrack | None = None, send_video: MediaStreamTrack | None = None) -> None:
+    def __init__(self, send_audio: MediaStreamTrack | None = None, send_video: MediaStreamTrack | None = None,
+                 video_codec: str | None = None) -> None:
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.video_frames: list = []  # (shape,) of received frames (only the shape: memory stays flat)
         self.audio_frames = 0
@@ -175,9 +177,12 @@ class Peer:
         self.pc.on("track", self._on_track)
         self.pc.on("connectionstatechange", self._on_state)
         if send_video is not None:
-            self.pc.addTransceiver(send_video, direction="sendrecv")
+            video = self.pc.addTransceiver(send_video, direction="sendrecv")
         else:
-            self.pc.addTransceiver("video", direction="recvonly")
+            video = self.pc.addTransceiver("video", direction="recvonly")
+        if video_codec is not None:  # offer only this one ("video/H264"), with its retransmissions
+            video.setCodecPreferences([c for c in RTCRtpSender.getCapabilities("video").codecs
+                                       if c.mimeType in (video_codec, "video/rtx")])
         if send_audio is not None:
             self.pc.addTransceiver(send_audio, direction="sendrecv")
         else:

@@ -655,6 +655,10 @@ def test_viewers_watch_a_session_beside_its_own_peer_and_leave_without_ending_it
             await raw.wait_frames(video=25, audio=25)
             await asyncio.sleep(1.0)
             state = await session.stats()
+            engine_session = srv.manager.sessions[session.id].session
+            encoders = {mime: (len(e.readers), e.frames_encoded, e.keyframes)
+                        for mime, e in engine_session.video_encoders.items()}
+            shown = engine_session.player.tick
             metrics = await owner.metrics()
             await watched.close()  # frees its viewer only
             await wait_until(lambda: len(srv.manager.sessions[session.id].viewers) == 1, 10, "the viewer gone")
@@ -676,9 +680,12 @@ def test_viewers_watch_a_session_beside_its_own_peer_and_leave_without_ending_it
                 task.cancel()
             await raw.close()
             await raw2.close()
-            return owner_media, viewer_media, raw, state, metrics, alive, deleted, again
+            return owner_media, viewer_media, raw, state, metrics, alive, deleted, again, encoders, shown
 
-    owner_media, viewer_media, raw, state, metrics, alive, deleted, again = run(main())
+    owner_media, viewer_media, raw, state, metrics, alive, deleted, again, encoders, shown = run(main())
+    # the three peers' video was encoded once a tick (or less: ticks every peer skipped), not three times
+    assert list(encoders) == ["video/vp8"] and encoders["video/vp8"][0] == 3, encoders
+    assert shown // 2 <= encoders["video/vp8"][1] <= shown + 1, (encoders, shown)
     for frames, chunks, _ in (owner_media, viewer_media):
         assert len(frames) >= 25 and frames[0].shape == (32, 32, 3)
         assert max(float(np.abs(c.pcm).max()) for c in chunks) > 300  # the owner's speech, back to each

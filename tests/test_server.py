@@ -20,6 +20,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 import pytest
+from aiortc import RTCSessionDescription
 
 import letstalk_rt
 from conftest import speechlike
@@ -590,6 +591,53 @@ def test_aiortc_peer_receives_both_tracks_and_its_microphone_drives_the_avatar(t
     assert max(peer.audio_rms) > 0.01  # the avatar's audio carries the speech it was sent
 
 
+def test_the_peers_of_a_session_share_one_video_encode_per_codec(tiny_pipeline):
+    """aiortc encodes per sender; the server encodes a session's video once a tick for all of its peers that send one
+    codec (its owner, its viewers), and each sender packs those frames for its own peer. An H.264 owner and two VP8
+    viewers, one joining seconds later, all decode the avatar's pictures; the VP8 frames were encoded once, not
+    twice; a joining viewer and a picture-loss report (RTCP PLI) from a peer each make the next frame a key frame."""
+
+    async def viewer(http: aiohttp.ClientSession, url: str, info: dict, peer: Peer) -> str:
+        async with http.post(f"{url}/v1/sessions/{info['session_id']}/viewers", data=await peer.offer(), headers={
+                **_bearer(info["token"]), "Content-Type": "application/sdp"}) as r:
+            assert r.status == 201, await r.text()
+            await peer.pc.setRemoteDescription(RTCSessionDescription(sdp=await r.text(), type="answer"))
+            return r.headers["Location"].rsplit("/", 1)[-1]
+
+    async def main():
+        async with running_server(tiny_pipeline, max_viewers=2) as srv, aiohttp.ClientSession() as http:
+            info = await create_session(http, srv.url)
+            ss = srv.manager.sessions[info["session_id"]]
+            owner, first, late = Peer(video_codec="video/H264"), Peer(video_codec="video/VP8"), Peer()
+            await owner.connect(http, info)
+            first_id = await viewer(http, srv.url, info, first)
+            await first.wait_frames(video=25)
+            await owner.wait_frames(video=25)
+            encoders = ss.session.video_encoders
+            vp8 = encoders["video/vp8"]
+            assert sorted(encoders) == ["video/h264", "video/vp8"] and len(vp8.readers) == 1
+            joined = vp8.keyframes_asked
+            await viewer(http, srv.url, info, late)  # offers VP8 first, as a browser does
+            await late.wait_frames(video=10, timeout=10)
+            assert len(vp8.readers) == 2 and vp8.keyframes_asked > joined  # its picture from the next frame on
+            # a picture-loss report from the first viewer: aiortc's receiver sends it, the server's sender gets it
+            sender = next(t.sender for t in ss.viewers[first_id].pc.getTransceivers() if t.kind == "video")
+            receiver = next(t.receiver for t in first.pc.getTransceivers() if t.kind == "video")
+            lost = vp8.keyframes_asked
+            await receiver._send_rtcp_pli(sender._ssrc)
+            await wait_until(lambda: vp8.keyframes_asked > lost, 5, "the key frame the report asks for")
+            encoded, ticks = vp8.frames_encoded, ss.session.player.tick
+            pictures = [p.last_video.astype(np.int16) for p in (owner, first, late)]
+            for p in (owner, first, late):
+                await p.close()
+            return encoded, ticks, pictures, len(first.video_frames) + len(late.video_frames)
+
+    encoded, ticks, pictures, received = run(main())
+    assert encoded <= ticks + 1 < received, (encoded, ticks, received)  # one encode a tick for both VP8 viewers
+    for picture in pictures[1:]:  # the same avatar through each codec's encode (a tick or two apart)
+        assert picture.shape == pictures[0].shape and np.abs(picture - pictures[0]).mean() < 25
+
+
 def test_malformed_sdp_is_refused_while_other_sessions_stream(tiny_pipeline):
     """Every fixture offer gets its 4xx with a reason; the streaming session never stalls, no background
     task dies unhandled, and the session that got the bad offers can still negotiate a good one."""
@@ -666,9 +714,9 @@ def test_an_offer_racing_a_delete_leaves_no_peer_connection(tiny_pipeline, monke
             ss = srv.manager.sessions[info["session_id"]]
             video_track = ss.session.video_track
 
-            def close_meanwhile():
+            def close_meanwhile(**kw):
                 ss.spawn(srv.manager.close(ss, "closed by the watchdog"), "close")
-                return video_track()
+                return video_track(**kw)
 
             monkeypatch.setattr(ss.session, "video_track", close_meanwhile)
             async with http.post(info["offer_url"], data=await Peer(send_audio=SpeechTrack(1.0)).offer(),

@@ -546,6 +546,7 @@ class Session:
         history = max(math.ceil(2 * engine.config.late_skip_ms / 1000 * cfg.fps),
                       min(4 * cfg.fps, SHOWN_BYTES // (width * height * 3)))
         self.player = Player(self, cfg.fps, self.samples_per_frame, cfg.transformer.num_memory, history)
+        self.video_encoders: dict[str, Any] = {}  # codec -> tracks.SharedVideoEncoder (its peers' one encode a tick)
         self.closed = False
         self.close_reason = ""
         self._failing: asyncio.Task | None = None  # close() after an error (held: the loop keeps only weak references)
@@ -861,11 +862,26 @@ class Session:
             raise LetsTalkError(f"session {self.id} is unpaced (its frames come as fast as they are made, for a file): "
                                 "it has no real-time tracks")
 
-    def video_track(self):
-        from .tracks import AvatarVideoTrack
+    def video_track(self, shared: bool = False):
+        """The session's video, paced frames; `shared`: a `tracks.SharedVideoTrack` for an aiortc sender, which (once
+        bound to its sender and codec) sends frames encoded once for every peer of the session (the server's)."""
+        from .tracks import AvatarVideoTrack, SharedVideoTrack
 
         self._check_paced()
-        return AvatarVideoTrack(self)
+        return SharedVideoTrack(self) if shared else AvatarVideoTrack(self)
+
+    def shared_video_encoder(self, mime: str):
+        """The session's one `tracks.SharedVideoEncoder` of video codec `mime` ("video/VP8"); None for a codec it has
+        none for."""
+        from ..rtc import BITSTREAM_ENCODERS
+        from .tracks import SharedVideoEncoder
+
+        key = mime.lower()
+        if key not in BITSTREAM_ENCODERS:
+            return None
+        if key not in self.video_encoders:
+            self.video_encoders[key] = SharedVideoEncoder(self, mime)
+        return self.video_encoders[key]
 
     def audio_track(self, opus: bool = False):
         """The session's audio, 16 kHz mono packets of 20 ms (`opus`: as 48 kHz stereo, what aiortc's Opus encoder

@@ -8,21 +8,30 @@ more than `late_skip_ms` behind (a stalled consumer) jumps to the present instea
 
 The server hands the audio track to its WebRTC sender through `rtc.OpusAudioTrack`: as 48 kHz stereo, what aiortc's
 Opus encoder sends the moment it gets it.
+
+Its video goes through `SharedVideoTrack`s: aiortc encodes per sender, so each peer of a session (its owner, each
+viewer) was a whole video encode more (~12-19 % of a core at 128 px); a `SharedVideoEncoder` encodes each tick once
+for every peer that sends the same codec, and each peer's sender only packs the encoded frame for its own connection.
 """
 
 from __future__ import annotations
 
+import asyncio
 import fractions
 import time
-from typing import TYPE_CHECKING
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import av
 import numpy as np
 from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
+from ..rtc import bitstream_encoder, is_keyframe
+
 if TYPE_CHECKING:
-    from .engine import Session
+    from .engine import AVFrame, Session
 
 VIDEO_CLOCK_RATE = 90000
 AUDIO_PTIME = 0.020  # seconds per audio packet
@@ -68,6 +77,128 @@ class AvatarVideoTrack(_SessionTrack):
         out.pts = tick * VIDEO_CLOCK_RATE // player.fps
         out.time_base = fractions.Fraction(1, VIDEO_CLOCK_RATE)
         return out
+
+
+@dataclass(frozen=True)
+class EncodedTick:
+    seq: int  # the encoder's count: a frame refers to the one before it (seq - 1) unless it is a key frame
+    data: bytes  # the frame's bitstream (b"": the encoder gave nothing for this tick)
+    keyframe: bool
+    index: int | None  # AVFrame.index of the frame (None: a held frame)
+
+
+class SharedVideoEncoder:
+    """A session's video encoded once per tick for every peer connection that sends codec `mime` (the owner's and its
+    viewers'), with aiortc's own encoder and settings (`rtc.bitstream_encoder`). A peer that joins, misses a frame
+    (it fell behind what is kept) or asks for one (a PLI or FIR) makes the next frame a key frame for all; the bitrate
+    is the lowest any of the peers' congestion control (REMB) asks for."""
+
+    HISTORY = 50  # encoded ticks kept (2 s) for a peer a little behind the first
+
+    def __init__(self, session: Session, mime: str) -> None:
+        encoder = bitstream_encoder(mime)
+        if encoder is None:
+            raise ValueError(f"no shared encoder for {mime}")
+        self.session, self.mime, self._encoder = session, mime, encoder
+        self._lock = asyncio.Lock()
+        self.encoded: dict[int, EncodedTick] = {}  # tick -> its frame, ascending
+        self.last_tick = -1
+        self.seq = 0
+        self.frames_encoded = 0
+        self.keyframes = 0  # key frames encoded: those asked for, and those the encoder made (its first, a new bitrate)
+        self.keyframes_asked = 0  # frames encoded as key frames because a peer joined, missed one or asked
+        self._keyframe_wanted = True
+        self.readers: weakref.WeakSet[SharedVideoTrack] = weakref.WeakSet()
+
+    def want_keyframe(self) -> None:
+        self._keyframe_wanted = True
+
+    def _bitrate(self) -> int | None:
+        wanted = [b for b in (reader.target_bitrate() for reader in self.readers) if b]
+        return min(wanted) if wanted else None
+
+    async def get(self, tick: int, frame: AVFrame) -> EncodedTick | None:
+        """The encoded frame of `tick` (`frame`), encoded now if no peer asked for it before; None when it is older
+        than the last one encoded and no longer kept."""
+        async with self._lock:
+            if tick <= self.last_tick:
+                return self.encoded.get(tick)
+            picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame.video), format="rgb24")
+            picture.pts = tick * VIDEO_CLOCK_RATE // self.session.player.fps
+            picture.time_base = fractions.Fraction(1, VIDEO_CLOCK_RATE)
+            bitrate = self._bitrate()
+            if bitrate:
+                self._encoder.target_bitrate = bitrate
+            force, self._keyframe_wanted = self._keyframe_wanted, False
+            self.keyframes_asked += force
+            # off the event loop, as aiortc's sender encodes
+            payloads, _ = await asyncio.get_running_loop().run_in_executor(None, self._encoder.encode, picture, force)
+            data = payloads[0] if payloads else b""
+            if data:
+                self.seq += 1
+                self.frames_encoded += 1
+            entry = EncodedTick(self.seq, data, bool(data) and is_keyframe(self.mime, data),
+                                None if frame.filler else frame.index)
+            self.keyframes += entry.keyframe
+            self.encoded[tick], self.last_tick = entry, tick
+            while len(self.encoded) > self.HISTORY:
+                del self.encoded[next(iter(self.encoded))]
+            return entry
+
+
+class SharedVideoTrack(AvatarVideoTrack):
+    """The session's video for one WebRTC sender, as frames encoded once for every sender of its codec
+    (`SharedVideoEncoder`); `bind(sender, mime)` once the codec is negotiated. Unbound (or a codec without a shared
+    encoder) it gives frames, which the sender encodes itself."""
+
+    def __init__(self, session: Session) -> None:
+        super().__init__(session)
+        self.shared: SharedVideoEncoder | None = None
+        self.sender: Any = None
+        self.last_seq: int | None = None  # the last frame this peer got (`EncodedTick.seq`)
+
+    def bind(self, sender: Any, mime: str | None) -> bool:
+        """Send through the session's shared encoder of `mime` on aiortc's RTCRtpSender `sender` (this track's):
+        False (frames, as before) for a codec it has none for."""
+        shared = self.session.shared_video_encoder(mime) if mime else None
+        if shared is None:
+            return False
+        self.shared, self.sender = shared, sender
+        sender._send_keyframe = shared.want_keyframe  # this peer's PLI / FIR (aiortc's sender calls it on either)
+        shared.readers.add(self)
+        shared.want_keyframe()  # this peer starts with one
+        return True
+
+    def target_bitrate(self) -> int | None:
+        """What this peer's congestion control (REMB) asks of its sender's encoder; None until it exists."""
+        encoder = getattr(self.sender, "_RTCRtpSender__encoder", None)  # aiortc keeps it in a private field
+        return getattr(encoder, "target_bitrate", None)
+
+    async def recv(self) -> av.VideoFrame | av.Packet:  # type: ignore[override]
+        if self.shared is None:
+            return await super().recv()
+        while True:
+            await self._ensure_live()
+            player = self.session.player
+            self._skip_if_behind(1 / player.fps)
+            tick = self.position
+            frame = await player.get(tick)
+            self.position += 1
+            entry = await self.shared.get(tick, frame)
+            if entry is None or not entry.data:  # too far behind the others (or nothing to send): the next tick
+                if entry is None:
+                    self.shared.want_keyframe()
+                continue
+            if not entry.keyframe and (self.last_seq is None or entry.seq != self.last_seq + 1):
+                # it refers to a frame this peer never got: wait for a key frame
+                self.shared.want_keyframe()
+                continue
+            self.last_seq = entry.seq
+            self.last_index = entry.index
+            packet = av.Packet(entry.data)
+            packet.pts = tick * VIDEO_CLOCK_RATE // player.fps
+            packet.time_base = fractions.Fraction(1, VIDEO_CLOCK_RATE)
+            return packet
 
 
 class AvatarAudioTrack(_SessionTrack):
