@@ -23,49 +23,65 @@ OPUS_RATE = 48000  # what aiortc's Opus encoder encodes (stereo s16, 960 samples
 OPUS_PACKET = 960
 
 
-class OpusAudioTrack(MediaStreamTrack):
-    """An audio track of any rate, layout, sample format and frame size as aiortc's Opus encoder sends it without
-    delay: 48 kHz stereo s16, 960 samples (20 ms) a frame.
+class OpusFramer:
+    """Audio frames of any rate, layout, sample format and size in (`push`), out (`pop`) as aiortc's Opus encoder
+    encodes them without delay: 48 kHz stereo s16, 960 samples (20 ms) a frame.
 
     Given another rate, the encoder resamples itself into 20 ms frames, and its resampler's lead (1 ms at 16 kHz)
     leaves each frame short until the next has come in: every packet went onto the wire one packet (20 ms) after its
     audio was there (`letstalk bench --webrtc` measured the picture 18 ms ahead of its sound on the wire). Resampled
-    here, with that lead filled with silence once at the start, a packet leaves as soon as its 20 ms are in. The
+    here, with that lead filled with silence once at the start, a frame is out as soon as its 20 ms are in. The
     encoder also takes only s16 mono or stereo (float or 5.1 audio fails an assertion inside aiortc); here any format
-    and layout PyAV reads is converted. Each packet's pts is its first sample's in the source's time (a source that
-    skips ahead skips here too), in 1 / 48000. The server sends a session's audio through it
-    (`Session.audio_track(opus=True)`), the SDK an application's microphone or player (`connect(audio_track=...)`)."""
+    and layout PyAV reads is converted. Each frame's pts is its first sample's in the source's time (a source that
+    skips ahead skips here too), in 1 / 48000."""
 
-    kind = "audio"
-
-    def __init__(self, source: MediaStreamTrack) -> None:
-        super().__init__()
-        self.source = source
+    def __init__(self) -> None:
         self._resampler = av.AudioResampler(format="s16", layout="stereo", rate=OPUS_RATE)
-        self._pending = np.zeros((0, 2), np.int16)  # resampled, not yet sent: (n, 2)
+        self._pending = np.zeros((0, 2), np.int16)  # resampled, not yet out: (n, 2)
         self._pending_pts = 0  # the source time of _pending's first sample, in 1 / OPUS_RATE
         self._started = False
 
-    async def recv(self) -> av.AudioFrame:
-        if self.readyState != "live":
-            raise MediaStreamError
-        while len(self._pending) < OPUS_PACKET:
-            frame = await self.source.recv()
-            if frame.pts is not None and frame.time_base is not None:  # what is pending goes right before it
-                self._pending_pts = int(frame.pts * frame.time_base * OPUS_RATE) - len(self._pending)
-            pcm = np.concatenate([self._pending] + [f.to_ndarray().reshape(-1, 2)
-                                                    for f in self._resampler.resample(frame)])
-            if not self._started:  # the resampler's lead: silence once, so every later packet is whole at once
-                self._started = True
-                lead = round(frame.samples * OPUS_RATE / frame.sample_rate) - len(pcm)
-                pcm = np.concatenate([np.zeros((max(0, lead), 2), np.int16), pcm])
-            self._pending = pcm
+    def push(self, frame: av.AudioFrame) -> None:
+        if frame.pts is not None and frame.time_base is not None:  # what is pending goes right before it
+            self._pending_pts = int(frame.pts * frame.time_base * OPUS_RATE) - len(self._pending)
+        pcm = np.concatenate([self._pending] + [f.to_ndarray().reshape(-1, 2)
+                                                for f in self._resampler.resample(frame)])
+        if not self._started:  # the resampler's lead: silence once, so every later frame is whole at once
+            self._started = True
+            lead = round(frame.samples * OPUS_RATE / frame.sample_rate) - len(pcm)
+            pcm = np.concatenate([np.zeros((max(0, lead), 2), np.int16), pcm])
+        self._pending = pcm
+
+    def pop(self) -> av.AudioFrame | None:
+        """The next 20 ms, or None until they are all in."""
+        if len(self._pending) < OPUS_PACKET:
+            return None
         out_pcm, self._pending = self._pending[:OPUS_PACKET], self._pending[OPUS_PACKET:]
         out = av.AudioFrame.from_ndarray(np.ascontiguousarray(out_pcm).reshape(1, -1), format="s16", layout="stereo")
         out.sample_rate = OPUS_RATE
         out.pts = self._pending_pts
         out.time_base = fractions.Fraction(1, OPUS_RATE)
         self._pending_pts += OPUS_PACKET
+        return out
+
+
+class OpusAudioTrack(MediaStreamTrack):
+    """An audio track of any rate, layout, sample format and frame size as aiortc's Opus encoder sends it without
+    delay (`OpusFramer`). The SDK sends an application's microphone or player through it (`connect(audio_track=...)`);
+    the server's peers get a session's audio encoded once for all (`stream.tracks.SharedAudioEncoder`)."""
+
+    kind = "audio"
+
+    def __init__(self, source: MediaStreamTrack) -> None:
+        super().__init__()
+        self.source = source
+        self._framer = OpusFramer()
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        while (out := self._framer.pop()) is None:
+            self._framer.push(await self.source.recv())
         return out
 
     def stop(self) -> None:
@@ -105,11 +121,11 @@ def is_keyframe(mime: str, data: bytes) -> bool:
     return any(nal and nal[0] & 0x1F == 5 for nal in H264Encoder._split_bitstream(data))
 
 
-def sent_video_codec(sdp: str) -> str | None:
-    """The codec the video section of a local description `sdp` sends with (aiortc's sender takes the first it
-    lists): "video/VP8", "video/H264"; None without a video section."""
+def sent_codec(sdp: str, kind: str) -> str | None:
+    """The codec the `kind` ("audio", "video") section of a local description `sdp` sends with (aiortc's sender takes
+    the first it lists): "video/VP8", "audio/opus" ...; None without such a section."""
     for media in SessionDescription.parse(sdp).media:
-        if media.kind == "video" and media.rtp.codecs:
+        if media.kind == kind and media.rtp.codecs:
             return media.rtp.codecs[0].mimeType
     return None
 

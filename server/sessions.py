@@ -52,7 +52,7 @@ from letstalk_rt.rtc import (
     ice_configuration,
     relay_missing,
     release_frames_at_once,
-    sent_video_codec,
+    sent_codec,
 )
 from letstalk_rt.stream import TrackSource
 from letstalk_rt.stream.engine import quantiles, resident_memory_bytes
@@ -640,19 +640,22 @@ class ServerSession:
         kinds = {t.kind for t in pc.getTransceivers()}
         if not kinds & {"audio", "video"}:
             raise SdpRejected(400, "the offer has no audio or video section")
+        # each encoded once for this peer and every other of the session sending its codec (once bound to it)
         video = self.session.video_track(shared=True) if "video" in kinds else None
         video_sender = pc.addTrack(video) if video is not None else None
-        if "audio" in kinds:
-            pc.addTrack(self.session.audio_track(opus=True))
+        audio = self.session.audio_track(shared=True) if "audio" in kinds else None
+        if audio is not None:
+            pc.addTrack(audio)
         answer = await pc.createAnswer()
         self._check_open()
         answer_checks_at_once(pc)
         await pc.setLocalDescription(answer)
         self._check_open()
-        if video is not None:  # one encode a tick for this peer and every other of the session sending its codec
-            codec = sent_video_codec(pc.localDescription.sdp)
-            if not video.bind(video_sender, codec):
-                log.info("session %s: video codec %s is encoded for this peer alone", self.id, codec)
+        for track, sender in ((video, video_sender), (audio, None)):
+            if track is not None:
+                codec = sent_codec(pc.localDescription.sdp, track.kind)
+                if not track.bind(sender, codec):
+                    log.info("session %s: %s is encoded for this peer alone", self.id, codec)
         missing = relay_missing(self.ice_servers, pc.localDescription.sdp)
         if missing:  # the peer may still reach this host directly; if it cannot, the connection fails
             log.warning("session %s: %s", self.id, missing)

@@ -166,7 +166,7 @@ class Peer:
     """A bare aiortc client: receives the avatar's tracks (counting frames), optionally sends tracks."""
 
     def __init__(self, send_audio: MediaStreamTrack | None = None, send_video: MediaStreamTrack | None = None,
-                 video_codec: str | None = None) -> None:
+                 video_codec: str | None = None, audio_codec: str | None = None) -> None:
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.video_frames: list = []  # (shape,) of received frames (only the shape: memory stays flat)
         self.audio_frames = 0
@@ -180,13 +180,14 @@ class Peer:
             video = self.pc.addTransceiver(send_video, direction="sendrecv")
         else:
             video = self.pc.addTransceiver("video", direction="recvonly")
-        if video_codec is not None:  # offer only this one ("video/H264"), with its retransmissions
-            video.setCodecPreferences([c for c in RTCRtpSender.getCapabilities("video").codecs
-                                       if c.mimeType in (video_codec, "video/rtx")])
         if send_audio is not None:
-            self.pc.addTransceiver(send_audio, direction="sendrecv")
+            audio = self.pc.addTransceiver(send_audio, direction="sendrecv")
         else:
-            self.pc.addTransceiver("audio", direction="recvonly")
+            audio = self.pc.addTransceiver("audio", direction="recvonly")
+        for transceiver, codec in ((video, video_codec), (audio, audio_codec)):
+            if codec is not None:  # offer only this one ("video/H264", "audio/PCMU"), with its retransmissions
+                transceiver.setCodecPreferences([c for c in RTCRtpSender.getCapabilities(transceiver.kind).codecs
+                                                 if c.mimeType in (codec, "video/rtx")])
 
     def _on_state(self) -> None:
         if self.pc.connectionState == "connected":

@@ -591,11 +591,13 @@ def test_aiortc_peer_receives_both_tracks_and_its_microphone_drives_the_avatar(t
     assert max(peer.audio_rms) > 0.01  # the avatar's audio carries the speech it was sent
 
 
-def test_the_peers_of_a_session_share_one_video_encode_per_codec(tiny_pipeline):
-    """aiortc encodes per sender; the server encodes a session's video once a tick for all of its peers that send one
-    codec (its owner, its viewers), and each sender packs those frames for its own peer. An H.264 owner and two VP8
-    viewers, one joining seconds later, all decode the avatar's pictures; the VP8 frames were encoded once, not
-    twice; a joining viewer and a picture-loss report (RTCP PLI) from a peer each make the next frame a key frame."""
+def test_the_peers_of_a_session_share_one_encode_per_codec(tiny_pipeline):
+    """aiortc encodes per sender; the server encodes a session's video once a tick, and its sound once every 20 ms,
+    for all of its peers that send one codec (its owner, its viewers), and each sender packs those for its own peer.
+    An H.264 owner that speaks and two VP8 viewers, one joining seconds later with G.711 sound, all decode the
+    avatar's pictures and hear its voice; the VP8 frames were encoded once, not twice, and the Opus packets once for
+    the owner and the first viewer (the G.711 viewer's own sender encodes its sound); a joining viewer and a
+    picture-loss report (RTCP PLI) from a peer each make the next frame a key frame."""
 
     async def viewer(http: aiohttp.ClientSession, url: str, info: dict, peer: Peer) -> str:
         async with http.post(f"{url}/v1/sessions/{info['session_id']}/viewers", data=await peer.offer(), headers={
@@ -608,7 +610,8 @@ def test_the_peers_of_a_session_share_one_video_encode_per_codec(tiny_pipeline):
         async with running_server(tiny_pipeline, max_viewers=2) as srv, aiohttp.ClientSession() as http:
             info = await create_session(http, srv.url)
             ss = srv.manager.sessions[info["session_id"]]
-            owner, first, late = Peer(video_codec="video/H264"), Peer(video_codec="video/VP8"), Peer()
+            owner = Peer(send_audio=SpeechTrack(4.0), video_codec="video/H264")
+            first, late = Peer(video_codec="video/VP8"), Peer(audio_codec="audio/PCMU")
             await owner.connect(http, info)
             first_id = await viewer(http, srv.url, info, first)
             await first.wait_frames(video=25)
@@ -627,15 +630,30 @@ def test_the_peers_of_a_session_share_one_video_encode_per_codec(tiny_pipeline):
             await receiver._send_rtcp_pli(sender._ssrc)
             await wait_until(lambda: vp8.keyframes_asked > lost, 5, "the key frame the report asks for")
             encoded, ticks = vp8.frames_encoded, ss.session.player.tick
-            pictures = [p.last_video.astype(np.int16) for p in (owner, first, late)]
+            opus = ss.session.audio_encoder
+            shared = [s.track for pc in (ss.pc, ss.viewers[first_id].pc) for s in pc.getSenders()
+                      if s.track is not None and s.track.kind == "audio"]
+            assert all(t.shared is opus for t in shared) and all(
+                s.track.shared is None for v in ss.viewers.values() if v.id != first_id for s in v.pc.getSenders()
+                if s.track is not None and s.track.kind == "audio")  # G.711: encoded by its own sender
+            audio = (opus.packets_encoded, sum(t.packets for t in shared))
+            await owner.wait_frames(video=0, audio=200)
+            heard = [max(p.audio_rms) for p in (owner, first, late)]
+            # what each peer shows last is one of the frames the session showed lately, through its codec
+            def coarse(image: np.ndarray) -> np.ndarray:  # 8x8 blocks' means: what a codec keeps of 32x32 noise
+                return image.astype(np.float32).reshape(4, 8, 4, 8, 3).mean(axis=(1, 3))
+
+            shown = [coarse(f.video) for f in ss.session.player.shown.values()]
+            errors = [min(float(np.abs(coarse(p.last_video) - f).mean()) for f in shown) for p in (owner, first, late)]
             for p in (owner, first, late):
                 await p.close()
-            return encoded, ticks, pictures, len(first.video_frames) + len(late.video_frames)
+            return encoded, ticks, errors, len(first.video_frames) + len(late.video_frames), audio, heard
 
-    encoded, ticks, pictures, received = run(main())
+    encoded, ticks, errors, received, audio, heard = run(main())
     assert encoded <= ticks + 1 < received, (encoded, ticks, received)  # one encode a tick for both VP8 viewers
-    for picture in pictures[1:]:  # the same avatar through each codec's encode (a tick or two apart)
-        assert picture.shape == pictures[0].shape and np.abs(picture - pictures[0]).mean() < 25
+    assert max(errors) < 5, errors  # (frames 10 ticks apart differ by ~10)
+    assert audio[0] <= 2 * ticks + 2 < audio[1], audio  # one Opus encode every 20 ms for two peers
+    assert min(heard) > 0.01, heard  # the owner's speech, in the avatar's voice, at every peer
 
 
 def test_malformed_sdp_is_refused_while_other_sessions_stream(tiny_pipeline):

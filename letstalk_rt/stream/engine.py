@@ -547,6 +547,7 @@ class Session:
                       min(4 * cfg.fps, SHOWN_BYTES // (width * height * 3)))
         self.player = Player(self, cfg.fps, self.samples_per_frame, cfg.transformer.num_memory, history)
         self.video_encoders: dict[str, Any] = {}  # codec -> tracks.SharedVideoEncoder (its peers' one encode a tick)
+        self.audio_encoder: Any = None  # tracks.SharedAudioEncoder, made with the first shared audio track
         self.closed = False
         self.close_reason = ""
         self._failing: asyncio.Task | None = None  # close() after an error (held: the loop keeps only weak references)
@@ -883,15 +884,26 @@ class Session:
             self.video_encoders[key] = SharedVideoEncoder(self, mime)
         return self.video_encoders[key]
 
-    def audio_track(self, opus: bool = False):
+    def audio_track(self, opus: bool = False, shared: bool = False):
         """The session's audio, 16 kHz mono packets of 20 ms (`opus`: as 48 kHz stereo, what aiortc's Opus encoder
-        sends without holding each packet back; the server's WebRTC senders get this one)."""
+        sends without holding each packet back; `shared`: Opus packets encoded once for every track of the session
+        that is shared, `tracks.SharedAudioTrack`: the server's WebRTC senders get these)."""
         from ..rtc import OpusAudioTrack
-        from .tracks import AvatarAudioTrack
+        from .tracks import AvatarAudioTrack, SharedAudioTrack
 
         self._check_paced()
+        if shared:
+            return SharedAudioTrack(self)
         track = AvatarAudioTrack(self)
         return OpusAudioTrack(track) if opus else track
+
+    def shared_audio_encoder(self):
+        """The session's one `tracks.SharedAudioEncoder` (its peers' sound encoded once)."""
+        from .tracks import SharedAudioEncoder
+
+        if self.audio_encoder is None:
+            self.audio_encoder = SharedAudioEncoder()
+        return self.audio_encoder
 
     async def events(self) -> AsyncIterator[Event]:
         """Events until the session closes (the last one is SessionClosed)."""

@@ -9,9 +9,10 @@ more than `late_skip_ms` behind (a stalled consumer) jumps to the present instea
 The server hands the audio track to its WebRTC sender through `rtc.OpusAudioTrack`: as 48 kHz stereo, what aiortc's
 Opus encoder sends the moment it gets it.
 
-Its video goes through `SharedVideoTrack`s: aiortc encodes per sender, so each peer of a session (its owner, each
-viewer) was a whole video encode more (~12-19 % of a core at 128 px); a `SharedVideoEncoder` encodes each tick once
-for every peer that sends the same codec, and each peer's sender only packs the encoded frame for its own connection.
+Its video and audio go through `SharedVideoTrack`s and `SharedAudioTrack`s: aiortc encodes per sender, so each peer
+of a session (its owner, each viewer) was a whole video and Opus encode more; a `SharedVideoEncoder` encodes each tick
+once for every peer that sends the same codec, a `SharedAudioEncoder` each 20 ms of sound once for all, and each
+peer's sender only packs what was encoded for its own connection.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
-from ..rtc import bitstream_encoder, is_keyframe
+from ..rtc import OPUS_PACKET, OPUS_RATE, OpusFramer, bitstream_encoder, is_keyframe
 
 if TYPE_CHECKING:
     from .engine import AVFrame, Session
@@ -223,3 +224,68 @@ class AvatarAudioTrack(_SessionTrack):
         out.pts = packet * per_packet
         out.time_base = fractions.Fraction(1, rate)
         return out
+
+
+class SharedAudioEncoder:
+    """A session's sound encoded once every 20 ms for all of its peers, by aiortc's own Opus encoder (48 kHz stereo,
+    as `rtc.OpusFramer` hands it over without delay). Opus needs no key frames: a peer may start at any packet, and a
+    peer that misses some conceals them as after a loss on the network."""
+
+    HISTORY = 50  # encoded packets kept (1 s) for a peer a little behind the first
+
+    def __init__(self) -> None:
+        from aiortc.codecs.opus import OpusEncoder
+
+        self._framer = OpusFramer()
+        self._encoder = OpusEncoder()
+        self.encoded: dict[int, bytes] = {}  # packet index -> its Opus packet, ascending
+        self.last_packet = -1
+        self.packets_encoded = 0
+
+    def get(self, packet: int, frame: av.AudioFrame) -> bytes | None:
+        """The Opus packet of the session's 20 ms `packet` (`frame`), encoded now if no peer asked for it before; None
+        when it is older than the last one encoded and no longer kept, b"" when the encoder gave nothing."""
+        if packet <= self.last_packet:
+            return self.encoded.get(packet)
+        self._framer.push(frame)
+        data = b""
+        while (pcm := self._framer.pop()) is not None:  # one 20 ms frame in, one out (~0.1 ms: on the loop)
+            payloads, _ = self._encoder.encode(pcm)
+            data = payloads[0] if payloads else data
+        self.packets_encoded += bool(data)
+        self.encoded[packet], self.last_packet = data, packet
+        while len(self.encoded) > self.HISTORY:
+            del self.encoded[next(iter(self.encoded))]
+        return data
+
+
+class SharedAudioTrack(AvatarAudioTrack):
+    """The session's audio for one WebRTC sender, as Opus packets encoded once for all of its peers
+    (`SharedAudioEncoder`), which the sender packs; `bind(sender, mime)` once the codec is negotiated. Unbound (or
+    another codec: G.711) it gives frames, which the sender encodes itself."""
+
+    def __init__(self, session: Session) -> None:
+        super().__init__(session)
+        self.shared: SharedAudioEncoder | None = None
+        self.packets = 0  # Opus packets this peer was given
+
+    def bind(self, sender: Any, mime: str | None) -> bool:
+        """Send the session's shared Opus packets (False, frames as before, for another codec `mime`)."""
+        if (mime or "").lower() != "audio/opus":
+            return False
+        self.shared = self.session.shared_audio_encoder()
+        return True
+
+    async def recv(self) -> av.AudioFrame | av.Packet:  # type: ignore[override]
+        if self.shared is None:
+            return await super().recv()
+        while True:
+            frame = await super().recv()
+            index = self.position - 1
+            data = self.shared.get(index, frame)
+            if data:
+                self.packets += 1
+                packet = av.Packet(data)
+                packet.pts = index * OPUS_PACKET
+                packet.time_base = fractions.Fraction(1, OPUS_RATE)
+                return packet
