@@ -7,8 +7,9 @@ photo at PX) whose owner connects with the SDK and sends speech in real time, th
 connects that many SDK viewers (`connect(viewer=True)`) and reads for `--seconds`: the server process's CPU (user +
 system, % of one core, from /proc) and this process's, the ticks the session showed and how many of them were held (a
 late window), the engine's threads and noise draws then, and the frames each viewer received per second. The viewers and the owner run in this process (they decode what they get),
-so on a small machine they take cores from the server as a remote viewer would not. The figures of 2026-11-30 are in
-docs/benchmarks.md ("Viewers of one session").
+so on a small machine they take cores from the server as a remote viewer would not. The figures are in
+docs/benchmarks.md: "Peers of a session share one encode" (2026-12-02), and "Viewers of one session" (2026-11-30,
+before a session's peers shared one video and one Opus encode).
 """
 
 from __future__ import annotations
