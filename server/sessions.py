@@ -643,7 +643,7 @@ class ServerSession:
         # each encoded once for this peer and every other of the session sending its codec (once bound to it)
         video = self.session.video_track(shared=True) if "video" in kinds else None
         video_sender = pc.addTrack(video) if video is not None else None
-        audio = self.session.audio_track(shared=True) if "audio" in kinds else None
+        audio = self.session.audio_track(shared=True, video=video) if "audio" in kinds else None
         if audio is not None:
             pc.addTrack(audio)
         answer = await pc.createAnswer()

@@ -597,7 +597,8 @@ def test_the_peers_of_a_session_share_one_encode_per_codec(tiny_pipeline):
     An H.264 owner that speaks and two VP8 viewers, one joining seconds later with G.711 sound, all decode the
     avatar's pictures and hear its voice; the VP8 frames were encoded once, not twice, and the Opus packets once for
     the owner and the first viewer (the G.711 viewer's own sender encodes its sound); a joining viewer and a
-    picture-loss report (RTCP PLI) from a peer each make the next frame a key frame."""
+    picture-loss report (RTCP PLI) from a peer each make the next frame a key frame; each peer's sound starts with the
+    frame its picture starts with."""
 
     async def viewer(http: aiohttp.ClientSession, url: str, info: dict, peer: Peer) -> str:
         async with http.post(f"{url}/v1/sessions/{info['session_id']}/viewers", data=await peer.offer(), headers={
@@ -637,6 +638,12 @@ def test_the_peers_of_a_session_share_one_encode_per_codec(tiny_pipeline):
                 s.track.shared is None for v in ss.viewers.values() if v.id != first_id for s in v.pc.getSenders()
                 if s.track is not None and s.track.kind == "audio")  # G.711: encoded by its own sender
             audio = (opus.packets_encoded, sum(t.packets for t in shared))
+            starts = []  # each peer's first frame's tick and its first 20 ms of sound (2 a tick)
+            for pc in [ss.pc] + [v.pc for v in ss.viewers.values()]:
+                tracks = {s.track.kind: s.track for s in pc.getSenders() if s.track is not None}
+                starts.append((tracks["video"].first_tick, tracks["audio"].first_packet))
+            assert all(t is not None and a == 2 * t for t, a in starts), starts  # (the late one joined between
+            # two key frames: its sound starts with the one its picture starts with, not before)
             await owner.wait_frames(video=0, audio=200)
             heard = [max(p.audio_rms) for p in (owner, first, late)]
             # what each peer shows last is one of the frames the session showed lately, through its codec

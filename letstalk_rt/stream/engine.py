@@ -884,16 +884,17 @@ class Session:
             self.video_encoders[key] = SharedVideoEncoder(self, mime)
         return self.video_encoders[key]
 
-    def audio_track(self, opus: bool = False, shared: bool = False):
+    def audio_track(self, opus: bool = False, shared: bool = False, video=None):
         """The session's audio, 16 kHz mono packets of 20 ms (`opus`: as 48 kHz stereo, what aiortc's Opus encoder
         sends without holding each packet back; `shared`: Opus packets encoded once for every track of the session
-        that is shared, `tracks.SharedAudioTrack`: the server's WebRTC senders get these)."""
+        that is shared, `tracks.SharedAudioTrack`, starting with the first frame of `video`, the same peer's shared
+        video track: the server's WebRTC senders get these)."""
         from ..rtc import OpusAudioTrack
         from .tracks import AvatarAudioTrack, SharedAudioTrack
 
         self._check_paced()
         if shared:
-            return SharedAudioTrack(self)
+            return SharedAudioTrack(self, video)
         track = AvatarAudioTrack(self)
         return OpusAudioTrack(track) if opus else track
 

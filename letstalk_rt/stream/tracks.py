@@ -18,7 +18,9 @@ peer's sender only packs what was encoded for its own connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fractions
+import math
 import time
 import weakref
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ import numpy as np
 from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
+from ..aio import wait_for
 from ..rtc import OPUS_PACKET, OPUS_RATE, OpusFramer, bitstream_encoder, is_keyframe
 
 if TYPE_CHECKING:
@@ -95,6 +98,8 @@ class SharedVideoEncoder:
     is the lowest any of the peers' congestion control (REMB) asks for."""
 
     HISTORY = 50  # encoded ticks kept (2 s) for a peer a little behind the first
+    KEYFRAME_INTERVAL_S = 0.25  # at most one key frame asked for in this long: a peer on a lossy link that keeps
+    # reporting lost pictures must not turn every peer's stream into key frames
 
     def __init__(self, session: Session, mime: str) -> None:
         encoder = bitstream_encoder(mime)
@@ -109,13 +114,16 @@ class SharedVideoEncoder:
         self.keyframes = 0  # key frames encoded: those asked for, and those the encoder made (its first, a new bitrate)
         self.keyframes_asked = 0  # frames encoded as key frames because a peer joined, missed one or asked
         self._keyframe_wanted = True
+        self._keyframe_at = -math.inf  # monotonic time of the last key frame asked for
         self.readers: weakref.WeakSet[SharedVideoTrack] = weakref.WeakSet()
 
     def want_keyframe(self) -> None:
         self._keyframe_wanted = True
 
     def _bitrate(self) -> int | None:
-        wanted = [b for b in (reader.target_bitrate() for reader in self.readers) if b]
+        """The lowest bitrate a peer that is still reading asks for (a closed one's last word does not count)."""
+        now = time.monotonic()
+        wanted = [b for b in (r.target_bitrate() for r in self.readers if now - r.last_read < 1.0) if b]
         return min(wanted) if wanted else None
 
     async def get(self, tick: int, frame: AVFrame) -> EncodedTick | None:
@@ -130,8 +138,10 @@ class SharedVideoEncoder:
             bitrate = self._bitrate()
             if bitrate:
                 self._encoder.target_bitrate = bitrate
-            force, self._keyframe_wanted = self._keyframe_wanted, False
-            self.keyframes_asked += force
+            force = self._keyframe_wanted and time.monotonic() - self._keyframe_at >= self.KEYFRAME_INTERVAL_S
+            if force:
+                self._keyframe_wanted, self._keyframe_at = False, time.monotonic()
+                self.keyframes_asked += 1
             # off the event loop, as aiortc's sender encodes
             payloads, _ = await asyncio.get_running_loop().run_in_executor(None, self._encoder.encode, picture, force)
             data = payloads[0] if payloads else b""
@@ -157,6 +167,9 @@ class SharedVideoTrack(AvatarVideoTrack):
         self.shared: SharedVideoEncoder | None = None
         self.sender: Any = None
         self.last_seq: int | None = None  # the last frame this peer got (`EncodedTick.seq`)
+        self.last_read = time.monotonic()  # its sender's last recv()
+        self.first_tick: int | None = None  # the tick of the first frame this peer got
+        self.started = asyncio.Event()  # set with it: this peer's audio starts at the same media time
 
     def bind(self, sender: Any, mime: str | None) -> bool:
         """Send through the session's shared encoder of `mime` on aiortc's RTCRtpSender `sender` (this track's):
@@ -175,10 +188,18 @@ class SharedVideoTrack(AvatarVideoTrack):
         encoder = getattr(self.sender, "_RTCRtpSender__encoder", None)  # aiortc keeps it in a private field
         return getattr(encoder, "target_bitrate", None)
 
+    def _start(self, tick: int) -> None:
+        if self.first_tick is None:
+            self.first_tick = tick
+            self.started.set()
+
     async def recv(self) -> av.VideoFrame | av.Packet:  # type: ignore[override]
         if self.shared is None:
-            return await super().recv()
+            frame = await super().recv()
+            self._start(self.position - 1)
+            return frame
         while True:
+            self.last_read = time.monotonic()
             await self._ensure_live()
             player = self.session.player
             self._skip_if_behind(1 / player.fps)
@@ -196,6 +217,7 @@ class SharedVideoTrack(AvatarVideoTrack):
                 continue
             self.last_seq = entry.seq
             self.last_index = entry.index
+            self._start(tick)
             packet = av.Packet(entry.data)
             packet.pts = tick * VIDEO_CLOCK_RATE // player.fps
             packet.time_base = fractions.Fraction(1, VIDEO_CLOCK_RATE)
@@ -262,12 +284,20 @@ class SharedAudioEncoder:
 class SharedAudioTrack(AvatarAudioTrack):
     """The session's audio for one WebRTC sender, as Opus packets encoded once for all of its peers
     (`SharedAudioEncoder`), which the sender packs; `bind(sender, mime)` once the codec is negotiated. Unbound (or
-    another codec: G.711) it gives frames, which the sender encodes itself."""
+    another codec: G.711) it gives frames, which the sender encodes itself.
 
-    def __init__(self, session: Session) -> None:
+    With `video` (the same peer's `SharedVideoTrack`) it starts at the tick of that track's first frame: a peer whose
+    video waits for a key frame (it joined between two) then also hears from that frame on, so its two streams' first
+    packets carry the same media time, which a receiver that lines them up by their first packets (the SDK) needs."""
+
+    VIDEO_START_WAIT_S = 2.0  # past it (a video sender that never reads) the sound starts alone
+
+    def __init__(self, session: Session, video: SharedVideoTrack | None = None) -> None:
         super().__init__(session)
         self.shared: SharedAudioEncoder | None = None
+        self.video = video
         self.packets = 0  # Opus packets this peer was given
+        self.first_packet: int | None = None  # the index of the first 20 ms this peer got
 
     def bind(self, sender: Any, mime: str | None) -> bool:
         """Send the session's shared Opus packets (False, frames as before, for another codec `mime`)."""
@@ -276,15 +306,31 @@ class SharedAudioTrack(AvatarAudioTrack):
         self.shared = self.session.shared_audio_encoder()
         return True
 
+    async def _start_with_video(self) -> None:
+        video, self.video = self.video, None
+        if video is not None and video.readyState == "live":
+            with contextlib.suppress(asyncio.TimeoutError):
+                await wait_for(video.started.wait(), self.VIDEO_START_WAIT_S)
+            if video.first_tick is not None:
+                per_frame = self.session.samples_per_frame // int(self.session.sample_rate * AUDIO_PTIME)
+                self.position = max(self.position, video.first_tick * per_frame)
+
     async def recv(self) -> av.AudioFrame | av.Packet:  # type: ignore[override]
+        if self.video is not None:
+            await self._start_with_video()
         if self.shared is None:
-            return await super().recv()
+            frame = await super().recv()
+            if self.first_packet is None:
+                self.first_packet = self.position - 1
+            return frame
         while True:
             frame = await super().recv()
             index = self.position - 1
             data = self.shared.get(index, frame)
             if data:
                 self.packets += 1
+                if self.first_packet is None:
+                    self.first_packet = index
                 packet = av.Packet(data)
                 packet.pts = index * OPUS_PACKET
                 packet.time_base = fractions.Fraction(1, OPUS_RATE)
