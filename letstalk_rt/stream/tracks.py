@@ -69,18 +69,28 @@ class _SessionTrack(MediaStreamTrack):
 class AvatarVideoTrack(_SessionTrack):
     kind = "video"
 
-    async def recv(self) -> av.VideoFrame:
+    async def _next_frame(self) -> tuple[int, AVFrame]:
+        """The next tick this track sends, and its frame (at its due time)."""
         await self._ensure_live()
         player = self.session.player
         self._skip_if_behind(1 / player.fps)
         tick = self.position
         frame = await player.get(tick)
         self.position += 1
+        return tick, frame
+
+    async def recv(self) -> av.VideoFrame:
+        tick, frame = await self._next_frame()
         self.last_index = None if frame.filler else frame.index
-        out = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame.video), format="rgb24")
-        out.pts = tick * VIDEO_CLOCK_RATE // player.fps
-        out.time_base = fractions.Fraction(1, VIDEO_CLOCK_RATE)
-        return out
+        return picture(frame, tick, self.session.player.fps)
+
+
+def picture(frame: AVFrame, tick: int, fps: int) -> av.VideoFrame:
+    """`frame`'s picture as aiortc's video encoders take it, timed at `tick`."""
+    out = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame.video), format="rgb24")
+    out.pts = tick * VIDEO_CLOCK_RATE // fps
+    out.time_base = fractions.Fraction(1, VIDEO_CLOCK_RATE)
+    return out
 
 
 @dataclass(frozen=True)
@@ -132,9 +142,7 @@ class SharedVideoEncoder:
         async with self._lock:
             if tick <= self.last_tick:
                 return self.encoded.get(tick)
-            picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame.video), format="rgb24")
-            picture.pts = tick * VIDEO_CLOCK_RATE // self.session.player.fps
-            picture.time_base = fractions.Fraction(1, VIDEO_CLOCK_RATE)
+            image = picture(frame, tick, self.session.player.fps)
             bitrate = self._bitrate()
             if bitrate:
                 self._encoder.target_bitrate = bitrate
@@ -143,7 +151,7 @@ class SharedVideoEncoder:
                 self._keyframe_wanted, self._keyframe_at = False, time.monotonic()
                 self.keyframes_asked += 1
             # off the event loop, as aiortc's sender encodes
-            payloads, _ = await asyncio.get_running_loop().run_in_executor(None, self._encoder.encode, picture, force)
+            payloads, _ = await asyncio.get_running_loop().run_in_executor(None, self._encoder.encode, image, force)
             data = payloads[0] if payloads else b""
             if data:
                 self.seq += 1
@@ -200,12 +208,7 @@ class SharedVideoTrack(AvatarVideoTrack):
             return frame
         while True:
             self.last_read = time.monotonic()
-            await self._ensure_live()
-            player = self.session.player
-            self._skip_if_behind(1 / player.fps)
-            tick = self.position
-            frame = await player.get(tick)
-            self.position += 1
+            tick, frame = await self._next_frame()
             entry = await self.shared.get(tick, frame)
             if entry is None or not entry.data:  # too far behind the others (or nothing to send): the next tick
                 if entry is None:
@@ -219,7 +222,7 @@ class SharedVideoTrack(AvatarVideoTrack):
             self.last_index = entry.index
             self._start(tick)
             packet = av.Packet(entry.data)
-            packet.pts = tick * VIDEO_CLOCK_RATE // player.fps
+            packet.pts = tick * VIDEO_CLOCK_RATE // self.session.player.fps
             packet.time_base = fractions.Fraction(1, VIDEO_CLOCK_RATE)
             return packet
 
