@@ -656,7 +656,7 @@ def test_viewers_watch_a_session_beside_its_own_peer_and_leave_without_ending_it
             await asyncio.sleep(1.0)
             state = await session.stats()
             engine_session = srv.manager.sessions[session.id].session
-            encoders = {mime: (len(e.readers), e.frames_encoded, e.keyframes)
+            encoders = {mime: (len(e.readers), e.frames_encoded)
                         for mime, e in engine_session.video_encoders.items()}
             shown = engine_session.player.tick
             metrics = await owner.metrics()

@@ -884,19 +884,14 @@ class Session:
             self.video_encoders[key] = SharedVideoEncoder(self, mime)
         return self.video_encoders[key]
 
-    def audio_track(self, opus: bool = False, shared: bool = False, video=None):
-        """The session's audio, 16 kHz mono packets of 20 ms (`opus`: as 48 kHz stereo, what aiortc's Opus encoder
-        sends without holding each packet back; `shared`: Opus packets encoded once for every track of the session
-        that is shared, `tracks.SharedAudioTrack`, starting with the first frame of `video`, the same peer's shared
-        video track: the server's WebRTC senders get these)."""
-        from ..rtc import OpusAudioTrack
+    def audio_track(self, shared: bool = False, video=None):
+        """The session's audio, 16 kHz mono packets of 20 ms (`shared`: Opus packets encoded once for every track of
+        the session that is shared, `tracks.SharedAudioTrack`, starting with the first frame of `video`, the same
+        peer's shared video track: the server's WebRTC senders get these)."""
         from .tracks import AvatarAudioTrack, SharedAudioTrack
 
         self._check_paced()
-        if shared:
-            return SharedAudioTrack(self, video)
-        track = AvatarAudioTrack(self)
-        return OpusAudioTrack(track) if opus else track
+        return SharedAudioTrack(self, video) if shared else AvatarAudioTrack(self)
 
     def shared_audio_encoder(self):
         """The session's one `tracks.SharedAudioEncoder` (its peers' sound encoded once)."""

@@ -6,13 +6,11 @@ tracks read the same `Player`: video frame i is due at `start + i / fps`, audio 
 time is computed from `start`, so nothing drifts however long the stream runs. A reader that falls
 more than `late_skip_ms` behind (a stalled consumer) jumps to the present instead of bursting.
 
-The server hands the audio track to its WebRTC sender through `rtc.OpusAudioTrack`: as 48 kHz stereo, what aiortc's
-Opus encoder sends the moment it gets it.
-
-Its video and audio go through `SharedVideoTrack`s and `SharedAudioTrack`s: aiortc encodes per sender, so each peer
-of a session (its owner, each viewer) was a whole video and Opus encode more; a `SharedVideoEncoder` encodes each tick
-once for every peer that sends the same codec, a `SharedAudioEncoder` each 20 ms of sound once for all, and each
-peer's sender only packs what was encoded for its own connection.
+The server's WebRTC senders get them as `SharedVideoTrack`s and `SharedAudioTrack`s: aiortc encodes per sender, so
+each peer of a session (its owner, each viewer) was a whole video and Opus encode more; a `SharedVideoEncoder` encodes
+each tick once for every peer that sends the same codec, a `SharedAudioEncoder` each 20 ms of sound once for all (48 kHz
+stereo from `rtc.OpusFramer`, what aiortc's Opus encoder sends the moment it gets it), and each peer's sender only
+packs what was encoded for its own connection.
 """
 
 from __future__ import annotations
@@ -93,6 +91,14 @@ def picture(frame: AVFrame, tick: int, fps: int) -> av.VideoFrame:
     return out
 
 
+def _keep(recent: dict, key: int, value, most: int):
+    """Note `value` under `key` (the newest) in `recent`, which forgets its oldest past `most`; `value`."""
+    recent[key] = value
+    while len(recent) > most:
+        del recent[next(iter(recent))]
+    return value
+
+
 @dataclass(frozen=True)
 class EncodedTick:
     seq: int  # the encoder's count: a frame refers to the one before it (seq - 1) unless it is a key frame
@@ -119,9 +125,7 @@ class SharedVideoEncoder:
         self._lock = asyncio.Lock()
         self.encoded: dict[int, EncodedTick] = {}  # tick -> its frame, ascending
         self.last_tick = -1
-        self.seq = 0
-        self.frames_encoded = 0
-        self.keyframes = 0  # key frames encoded: those asked for, and those the encoder made (its first, a new bitrate)
+        self.frames_encoded = 0  # also each frame's `EncodedTick.seq`
         self.keyframes_asked = 0  # frames encoded as key frames because a peer joined, missed one or asked
         self._keyframe_wanted = True
         self._keyframe_at = -math.inf  # monotonic time of the last key frame asked for
@@ -153,16 +157,11 @@ class SharedVideoEncoder:
             # off the event loop, as aiortc's sender encodes
             payloads, _ = await asyncio.get_running_loop().run_in_executor(None, self._encoder.encode, image, force)
             data = payloads[0] if payloads else b""
-            if data:
-                self.seq += 1
-                self.frames_encoded += 1
-            entry = EncodedTick(self.seq, data, bool(data) and is_keyframe(self.mime, data),
+            self.frames_encoded += bool(data)
+            entry = EncodedTick(self.frames_encoded, data, bool(data) and is_keyframe(self.mime, data),
                                 None if frame.filler else frame.index)
-            self.keyframes += entry.keyframe
-            self.encoded[tick], self.last_tick = entry, tick
-            while len(self.encoded) > self.HISTORY:
-                del self.encoded[next(iter(self.encoded))]
-            return entry
+            self.last_tick = tick
+            return _keep(self.encoded, tick, entry, self.HISTORY)
 
 
 class SharedVideoTrack(AvatarVideoTrack):
@@ -278,10 +277,8 @@ class SharedAudioEncoder:
             payloads, _ = self._encoder.encode(pcm)
             data = payloads[0] if payloads else data
         self.packets_encoded += bool(data)
-        self.encoded[packet], self.last_packet = data, packet
-        while len(self.encoded) > self.HISTORY:
-            del self.encoded[next(iter(self.encoded))]
-        return data
+        self.last_packet = packet
+        return _keep(self.encoded, packet, data, self.HISTORY)
 
 
 class SharedAudioTrack(AvatarAudioTrack):
