@@ -1,66 +1,164 @@
-"""A live stream's encoder and network connection in a process of its own (`Session.broadcast`).
+"""A session's live streams in processes of their own (`Session.broadcast`): one that encodes, one per server that sends.
 
 PyAV holds Python's GIL while it connects and sends a stream's header (`avio_open`, `avformat_write_header`) and its
 trailer: an RTMP handshake took ~270 ms on a loopback, a remote ingest takes round trips more, and a host that never
 answers takes the whole timeout. In the server's process that would stop every session's engine, decoding and event
-loop for as long. So the stream's `media.LiveWriter` runs in a child process (`python -m letstalk_rt.broadcaster`),
-fed each tick's raw frame and audio through a pipe, and the parent (`LiveOutput`) only ever writes to that pipe,
-never waiting on the network with the GIL. A server that stalls makes the pipe fill and the broadcast fall behind
-(its queue's limit); a broadcast that fails or is stopped can always be ended by killing the child.
+loop for as long; in one process with the other servers of the same stream, it would stop those. So each server's
+connection (`media.LiveMuxer`) runs in a child process of its own (`python -m letstalk_rt.broadcaster send`), and the
+parent (`LiveOutput`) only ever writes to its pipe, never waiting on the network with the GIL. A server that stalls
+makes its pipe fill and its stream fall behind (its queue's limit); a stream that fails or is stopped can always be
+ended by killing its child.
 
-Each tick on the pipe is its frame's bytes, its sound's (float32), and the captions that start in it (UTF-8, one a
-line, after their length as 4 bytes); the child shows them in the video as CEA-608 (`cc608`).
+The encode is done once for all of a session's servers (YouTube and Twitch at once cost one x264, not two): a child
+of its own (`python -m letstalk_rt.broadcaster encode`, `media.LiveEncoder`; `LiveEncoding` is the parent's side) is
+fed each tick's raw frame and audio (float32) and a byte asking for a keyframe (a server that joins or comes back
+starts at one), and answers with framed messages: `M` the streams' template (after the first tick), then `T` for each
+tick (a byte saying whether it holds a keyframe, then its packets, `pack`ed). The parent hands each tick's packets to
+each server's child with the captions that start in it (UTF-8, one a line), which that child shows in the video as
+CEA-608 (`cc608`): the captions, like the connection, are each server's own.
 
-The child answers on its stdout with one JSON line when it has connected (`{"ok": true}` or `{"error": ...}`) and one
-when the stream ended (`{"frames": n}` or `{"error": ...}`).
+A sending child answers on its stdout with one JSON line when it has connected (`{"ok": true}` or `{"error": ...}`)
+and one when the stream ended (`{"frames": n}` or `{"error": ...}`); the encoding child says `E` (its error) if it
+cannot go on.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from fractions import Fraction
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
 from .errors import OutputError
-from .media import LiveWriter, check_live_url, redact_url
+from .media import LiveEncoder, LiveMuxer, LivePacket, check_live_url, redact_url
 
-CLOSE_TIMEOUT_S = 5.0  # the child's last packets and the end of the stream; then it is killed
+CLOSE_TIMEOUT_S = 5.0  # a child's last packets and the end of the stream; then it is killed
+_PACKET = struct.Struct("<??qqIII")  # is_video, is_keyframe, pts, dts, time base (numerator, denominator), size
+_FRAME = struct.Struct("<cI")  # a message's kind and its payload's size
+_SIZE = struct.Struct("<I")
 
 
-class LiveOutput:
-    """The parent's side: made, it starts the child; `connect()` waits for it to reach the server (call it, and the
-    rest, off the event loop); `write(video, audio)` a tick at a time (each call may block while the child catches
-    up), `close()` to end the stream well, `abort()` (any thread) to end it at once, a `connect()` in progress
-    included. OutputError, saying why, when the child cannot connect or its stream failed."""
+def pack(packets: Iterable[LivePacket]) -> bytes:
+    """Packets as bytes for a pipe (`unpack` reads them back)."""
+    return b"".join(_PACKET.pack(p.is_video, p.is_keyframe, p.pts, p.dts, p.time_base.numerator,
+                                 p.time_base.denominator, len(p.data)) + p.data for p in packets)
 
-    def __init__(self, url: str, size: tuple[int, int], fps: int, sample_rate: int, bitrate_kbps: int = 0) -> None:
-        check_live_url(url)
-        self.url = url
-        self.name = redact_url(url)
+
+def unpack(data: bytes) -> list[LivePacket]:
+    packets, at = [], 0
+    while at < len(data):
+        is_video, is_keyframe, pts, dts, num, den, size = _PACKET.unpack_from(data, at)
+        at += _PACKET.size
+        packets.append(LivePacket(is_video, is_keyframe, pts, dts, Fraction(num, den), data[at:at + size]))
+        at += size
+    return packets
+
+
+def _send_message(stream: IO[bytes], kind: bytes, payload: bytes) -> None:
+    stream.write(_FRAME.pack(kind, len(payload)) + payload)
+    stream.flush()
+
+
+def _read_message(stream: IO[bytes]) -> tuple[bytes, bytes]:
+    """A message's kind and payload; (b"", b"") at the end of the stream."""
+    head = stream.read(_FRAME.size)
+    if len(head) < _FRAME.size:
+        return b"", b""
+    kind, size = _FRAME.unpack(head)
+    payload = stream.read(size)
+    return (kind, payload) if len(payload) == size else (b"", b"")
+
+
+def _child(*args: object) -> subprocess.Popen:
+    # this package wherever it was imported from (an install, a checkout on sys.path), for the child to find
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    return subprocess.Popen([sys.executable, "-m", "letstalk_rt.broadcaster", *map(str, args)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Kill a child (any thread) and close its pipe in."""
+    proc.kill()
+    try:
+        if proc.stdin is not None:
+            proc.stdin.close()
+    except OSError:  # a write of another thread's was cut off: the pipe is gone anyway
+        pass
+
+
+class LiveEncoding:
+    """The parent's side of a session's live encode (one for all its servers at one bitrate): made, it starts the
+    child; `write(video, audio, key)` a tick at a time (it may block while the child catches up), `read()` its
+    messages (another thread), `abort()` (any thread) to end it. OutputError, saying why, when the child is gone."""
+
+    def __init__(self, size: tuple[int, int], fps: int, sample_rate: int, bitrate_kbps: int = 0) -> None:
         self.width, self.height = size
         self.fps, self.sample_rate, self.bitrate_kbps = fps, sample_rate, bitrate_kbps
         self.samples_per_frame = sample_rate // fps
         self.frames_written = 0
-        # this package wherever it was imported from (an install, a checkout on sys.path), for the child to find
-        package_root = str(Path(__file__).resolve().parent.parent)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "letstalk_rt.broadcaster", str(self.width), str(self.height), str(fps),
-             str(sample_rate), str(int(bitrate_kbps))],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        self._proc = _child("encode", self.width, self.height, fps, sample_rate, int(bitrate_kbps))
+
+    def write(self, video: np.ndarray, audio: np.ndarray, key: bool = False) -> None:
+        """One tick: a uint8 (H, W, 3) frame, its samples_per_frame float32 samples; `key`: make it a keyframe."""
+        if video.shape != (self.height, self.width, 3) or len(audio) != self.samples_per_frame:
+            raise ValueError(f"a tick is a ({self.height}, {self.width}, 3) frame and {self.samples_per_frame} "
+                             f"samples, got {video.shape} and {len(audio)}")
+        try:
+            assert self._proc.stdin is not None
+            self._proc.stdin.write(b"\x01" if key else b"\x00")
+            self._proc.stdin.write(np.ascontiguousarray(video, np.uint8).tobytes())
+            self._proc.stdin.write(np.ascontiguousarray(audio, np.float32).tobytes())
+            self._proc.stdin.flush()
+        except (OSError, ValueError):  # BrokenPipeError: the child is gone; ValueError: abort() closed the pipe
+            raise OutputError(self._why()) from None
+        self.frames_written += 1
+
+    def read(self) -> tuple[bytes, bytes]:
+        """The child's next message (kind, payload); (b"E", why) once it is gone."""
+        assert self._proc.stdout is not None
+        kind, payload = _read_message(self._proc.stdout)
+        return (kind, payload) if kind else (b"E", self._why().encode())
+
+    def _why(self) -> str:
+        code = self._proc.poll()
+        return ("the live stream's encoder stopped" + (f" (exit status {code})" if code not in (None, 0, -9) else "")
+                + "; the live streams of this session end")
+
+    def abort(self) -> None:
+        """End the encode now (any thread)."""
+        _stop(self._proc)
+
+
+class LiveOutput:
+    """The parent's side of one server's live stream: made, it starts the child; `connect()` waits for it to reach
+    the server (call it, and the rest, off the event loop); `write(packets, captions)` a tick at a time (each call may
+    block while the child catches up), `close()` to end the stream well, `abort()` (any thread) to end it at once, a
+    `connect()` in progress included. OutputError, saying why, when the child cannot connect or its stream failed."""
+
+    def __init__(self, url: str, template: bytes) -> None:
+        check_live_url(url)
+        self.url = url
+        self.name = redact_url(url)
+        self.template = template  # the encode's streams (`LiveEncoder.template`)
+        self.frames_written = 0
+        self._proc = _child("send")
         assert self._proc.stdin is not None
-        self._proc.stdin.write(url.encode() + b"\n")  # not in argv: a stream key must not show in `ps`
+        # the URL not in argv: a stream key must not show in `ps`
+        self._proc.stdin.write(url.encode() + b"\n" + _SIZE.pack(len(template)) + template)
         self._proc.stdin.flush()
 
     def again(self) -> LiveOutput:
         """A new child for the same stream (not connected yet): a reconnection's."""
-        return LiveOutput(self.url, (self.width, self.height), self.fps, self.sample_rate, self.bitrate_kbps)
+        return LiveOutput(self.url, self.template)
 
     def connect(self, timeout_s: float = 10.0) -> None:
         """Wait until the child has connected to the server and sent the stream's header (blocks up to `timeout_s`)."""
@@ -94,19 +192,15 @@ class LiveOutput:
             return {"error": f"the live stream to '{self.name}' ended: its process exited"
                              + (f" with status {code}" if code is not None else "")}
 
-    def write(self, video: np.ndarray, audio: np.ndarray, captions: Sequence[str] = ()) -> None:
-        """One tick: a uint8 (H, W, 3) frame, its samples_per_frame float32 samples, and the captions that start in it
-        (shown in the stream as CEA-608: `LiveWriter.caption`)."""
-        if video.shape != (self.height, self.width, 3) or len(audio) != self.samples_per_frame:
-            raise ValueError(f"a tick is a ({self.height}, {self.width}, 3) frame and {self.samples_per_frame} "
-                             f"samples, got {video.shape} and {len(audio)}")
+    def write(self, packets: bytes, captions: Sequence[str] = (), tail: bool = False) -> None:
+        """One tick: its encoded packets (`pack`ed) and the captions that start in it (shown in the stream as
+        CEA-608: `LiveMuxer.caption`); `tail`: a tick after the last one sent, for the sound of that one only."""
         text = "\n".join(" ".join(caption.split()) for caption in captions).encode()
         try:
             assert self._proc.stdin is not None
-            self._proc.stdin.write(np.ascontiguousarray(video, np.uint8).tobytes())
-            self._proc.stdin.write(np.ascontiguousarray(audio, np.float32).tobytes())
-            self._proc.stdin.write(len(text).to_bytes(4, "little") + text)
-            self._proc.stdin.flush()  # the tick's sound too, now: not with the next tick's frame, 40 ms later
+            self._proc.stdin.write(b"\x01" if tail else b"\x00")
+            self._proc.stdin.write(_SIZE.pack(len(text)) + text + _SIZE.pack(len(packets)) + packets)
+            self._proc.stdin.flush()  # the tick now, not with the next one, 40 ms later
         except (OSError, ValueError):  # BrokenPipeError: the child is gone; ValueError: abort() closed the pipe
             raise OutputError(self._ended()) from None
         self.frames_written += 1
@@ -120,7 +214,7 @@ class LiveOutput:
         return self._answer().get("error") or f"the live stream to '{self.name}' ended"
 
     def close(self) -> None:
-        """Send the rest and end the stream (the child flushes its encoders and says goodbye to the server)."""
+        """Send the rest and end the stream (the child says goodbye to the server)."""
         try:
             assert self._proc.stdin is not None
             self._proc.stdin.close()
@@ -139,16 +233,43 @@ class LiveOutput:
 
     def abort(self) -> None:
         """End the stream now (any thread)."""
-        self._proc.kill()
-        try:
-            if self._proc.stdin is not None:
-                self._proc.stdin.close()
-        except OSError:  # a write of the recording thread's was cut off: the pipe is gone anyway
-            pass
+        _stop(self._proc)
 
 
-def main(argv: list[str]) -> int:
+def _encode(argv: list[str]) -> int:
+    """The encoding child: raw ticks in, messages out (the module's docstring)."""
     width, height, fps, rate, bitrate = (int(x) for x in argv[:5])
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    try:
+        encoder = LiveEncoder((width, height), fps, rate, bitrate_kbps=bitrate)
+    except OutputError as e:
+        _send_message(stdout, b"E", str(e).encode())
+        return 1
+    video_bytes, audio_bytes = width * height * 3, rate // fps * 4
+    try:
+        _send_message(stdout, b"M", encoder.template())
+        while True:
+            key, video, audio = stdin.read(1), stdin.read(video_bytes), stdin.read(audio_bytes)
+            if len(audio) < audio_bytes or len(video) < video_bytes or not key:  # the parent closed the pipe
+                break
+            encoded = encoder.write_tick(np.frombuffer(video, np.uint8).reshape(height, width, 3),
+                                         np.frombuffer(audio, np.float32), key=key == b"\x01")
+            packets = [LivePacket.of(p) for p in encoded]
+            keyframe = any(p.is_video and p.is_keyframe for p in packets)
+            _send_message(stdout, b"T", (b"\x01" if keyframe else b"\x00") + pack(packets))
+    except OutputError as e:
+        encoder.abort()
+        _send_message(stdout, b"E", str(e).encode())
+        return 1
+    except BrokenPipeError:  # the parent is gone
+        encoder.abort()
+        return 0
+    encoder.abort()  # the streams took what they wanted: nothing waits for the encoders' tail
+    return 0
+
+
+def _send(argv: list[str]) -> int:
+    """A sending child: packets in, a server's stream out (the module's docstring)."""
     stdin, stdout = sys.stdin.buffer, sys.stdout
 
     def say(message: dict) -> None:
@@ -156,35 +277,47 @@ def main(argv: list[str]) -> int:
         stdout.flush()
 
     url = stdin.readline().decode().strip()
-    if hasattr(os, "nice"):  # the live sessions' windows first: this stream has seconds of queue to wait in
-        os.nice(5)
+    size = stdin.read(_SIZE.size)
+    template = stdin.read(_SIZE.unpack(size)[0]) if len(size) == _SIZE.size else b""
     try:
-        writer = LiveWriter(url, (width, height), fps, rate, bitrate_kbps=bitrate)
+        muxer = LiveMuxer(url, template)
     except OutputError as e:
         say({"error": str(e)})
         return 1
     say({"ok": True})
-    video_bytes, audio_bytes = width * height * 3, rate // fps * 4
     try:
-        while True:  # a tick: its frame, its sound, and its captions (their length first)
-            video = stdin.read(video_bytes)
-            audio = stdin.read(audio_bytes)
-            length = stdin.read(4)
-            text = stdin.read(int.from_bytes(length, "little")) if len(length) == 4 else b""
-            if len(video) < video_bytes or len(audio) < audio_bytes or len(length) < 4:  # the parent closed the pipe
+        while True:  # a tick: whether it is the tail, its captions, then its packets (each after its length)
+            tail = stdin.read(1)
+            size = stdin.read(_SIZE.size)
+            text = stdin.read(_SIZE.unpack(size)[0]) if len(size) == _SIZE.size else b""
+            size = stdin.read(_SIZE.size)
+            if len(size) < _SIZE.size:  # the parent closed the pipe
                 break
+            packets = stdin.read(_SIZE.unpack(size)[0])
             for caption in filter(None, text.decode(errors="replace").split("\n")):
-                writer.caption(caption)
-            writer.write_frame(np.frombuffer(video, np.uint8).reshape(height, width, 3))
-            writer.write_audio(np.frombuffer(audio, np.float32))
-        frames = writer.frames_written
-        writer.close()
+                muxer.caption(caption)
+            muxer.write(unpack(packets), tail=tail == b"\x01")
+        frames = muxer.frames_written
+        muxer.close()
     except OutputError as e:
-        writer.abort()
+        muxer.abort()
         say({"error": str(e)})
         return 1
     say({"frames": frames})
     return 0
+
+
+def main(argv: list[str]) -> int:
+    if hasattr(os, "nice"):  # the live sessions' windows first: a stream has seconds of queue to wait in
+        os.nice(5)
+    mode, rest = (argv[0], argv[1:]) if argv else ("", [])
+    if mode == "encode":
+        return _encode(rest)
+    if mode == "send":
+        return _send(rest)
+    print("usage: python -m letstalk_rt.broadcaster encode W H FPS RATE KBPS | send (a session's live streams: "
+          "Session.broadcast starts these)", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

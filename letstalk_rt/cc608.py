@@ -2,7 +2,7 @@
 
 This is how live TV and live-streaming platforms take captions in the stream itself: YouTube Live, Twitch and OBS read
 608 captions from the H.264 of an RTMP stream, and a viewer turns them on with the player's CC button. FFmpeg's
-libx264 wrapper writes them from a frame's A53_CC side data, which PyAV cannot set; so `LiveWriter` adds the SEI to
+libx264 wrapper writes them from a frame's A53_CC side data, which PyAV cannot set; so `LiveMuxer` adds the SEI to
 each encoded packet itself (`with_sei`), before the packet's first slice, as the encoder would have.
 
     RollUp              text -> 608 byte pairs for caption channel 1, roll-up over 2 rows (live captioning's

@@ -6,6 +6,7 @@
     load_image(path)        any still Pillow reads -> uint8 (H, W, 3) RGB, EXIF rotation applied
     VideoWriter             frames + their audio -> H.264 (yuv420p) + AAC mp4, streamed, renamed into place only
                             when complete
+    LiveEncoder, LiveMuxer  a live stream: encoded once (H.264 + AAC packets), sent to each streaming server
     probe(path), read_frames(path)   decode-counted facts and RGB frames of a written video (tests, eval)
 
 Time conventions (config.py): video at FPS = 25, audio at SAMPLE_RATE = 16 kHz, so one frame owns 640 samples.
@@ -26,12 +27,13 @@ PyAV facts this module relies on (PyAV 18 / FFmpeg 8):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import itertools
 import os
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -577,7 +579,7 @@ class VideoWriter:
         self.samples_written += pcm.shape[1]
 
     def _to_stream_rate(self, frame: Any) -> list[Any]:
-        """`frame` (None: the end) at the AAC stream's rate: itself here (LiveWriter resamples)."""
+        """`frame` (None: the end) at the AAC stream's rate: itself here (LiveEncoder resamples)."""
         return [] if frame is None else [frame]
 
     def _drain_audio(self, final: bool) -> None:
@@ -677,33 +679,130 @@ def redact_url(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, path, "***" if parts.query else "", ""))
 
 
-class LiveWriter(VideoWriter):
-    """Frames and their audio pushed live to a streaming server: `rtmp(s)://` (FLV; the ingest of YouTube Live, Twitch
-    or an OBS / nginx-rtmp server), `srt://`, `udp://` or `tcp://` (MPEG-TS). H.264 for live ingest (x264 tuned for
-    zero latency, a keyframe every 2 s, a capped bitrate) and AAC at 48 kHz (what ingest servers take; the frames'
-    audio is resampled). Nothing touches the disk.
+class LiveEncoder(VideoWriter):
+    """A live stream's encode, done once however many servers it goes to: frames and their audio -> H.264 for live
+    ingest (x264 tuned for zero latency, a keyframe every 2 s or when asked, a capped bitrate) and AAC at 48 kHz (what
+    ingest servers take; the frames' audio is resampled), as packets, not a file. `LiveMuxer` sends them to a server.
 
-    The constructor connects (the header goes out at once): a server that is not there raises OutputError now, not at
-    the first frame. PyAV holds the GIL while it connects and has no timeout for it (its interrupt callback does not
-    reach `avio_open`), so a server that never answers blocks it for good: `broadcaster.LiveOutput` runs it in a
-    process of its own and kills that at its timeout. A connection lost later raises OutputError from `write_frame` /
-    `write_audio`; `close()` sends the end of the stream.
+    `write_tick(frame, audio, key)` encodes one tick and returns the packets that came out (zero latency: the tick's
+    own frame among them; AAC lags a frame); `template()` describes the streams (their codecs and headers) for a
+    `LiveMuxer` to mux them; `close()` flushes the encoders and returns their last packets.
     """
 
     _lost = "; the live stream ended"
     audio_stream_rate = 48000
 
-    def __init__(self, url: str, size: int | tuple[int, int], fps: int = FPS, sample_rate: int = SAMPLE_RATE,
+    def __init__(self, size: int | tuple[int, int], fps: int = FPS, sample_rate: int = SAMPLE_RATE,
                  bitrate_kbps: int = 0, preset: str = "veryfast") -> None:
-        self._cc = RollUp()  # caption() queues, each video frame carries a few of its 608 byte pairs
+        width, height = (size, size) if np.ndim(size) == 0 else size  # type: ignore[misc]
+        self.bitrate_kbps = live_bitrate_kbps((int(width), int(height)), fps, bitrate_kbps)
+        self._resampler = av.AudioResampler(format="fltp", layout="mono", rate=48000)
+        self._packets: list[Any] = []  # what the encoders gave since the last write_tick
+        self._key = False
+        super().__init__("live stream", size, fps, sample_rate, audio=True, preset=preset)
+        try:
+            self._container.start_encoding()  # opens the encoders: their headers (SPS/PPS, AAC config) exist now
+        except _AV_ERRORS as e:
+            raise self._fail(e, "starting the encoders") from e
+
+    @property
+    def name(self) -> str:
+        return "the live stream"
+
+    def _create_partial(self) -> None:  # type: ignore[override]
+        return None
+
+    def _open_container(self) -> Any:
+        # NUT with global headers: the encoders keep their headers apart (in `template`), as FLV and MP4 want them;
+        # MPEG-TS gets them back in front of each keyframe from its muxer. Nothing is muxed into it.
+        return av.open(io.BytesIO(), "w", format="nut")
+
+    def _video_options(self, crf: int, preset: str) -> dict[str, str]:
+        rate = f"{self.bitrate_kbps}k"
+        return {"preset": preset, "tune": "zerolatency", "g": str(2 * self.fps), "keyint_min": str(2 * self.fps),
+                "b": rate, "maxrate": rate, "bufsize": f"{2 * self.bitrate_kbps}k"}
+
+    def _to_stream_rate(self, frame: Any) -> list[Any]:
+        return list(self._resampler.resample(frame))
+
+    def _mux(self, stream: Any, frame: Any) -> None:
+        if frame is not None and stream is self._video and self._key:
+            frame.pict_type = av.video.frame.PictureType.I  # x264 makes it an IDR: a server that joins (or comes back) starts here
+        self._packets.extend(stream.encode(frame))
+
+    def write_tick(self, rgb: np.ndarray, samples: np.ndarray, key: bool = False) -> list[Any]:
+        """Encode one tick (a uint8 (H, W, 3) frame and its float32 samples; `key`: its frame a keyframe) and return
+        the packets that came out (PyAV packets of `video` or `audio`, in their codec's time base)."""
+        self._key = key
+        self.write_frame(rgb)
+        self.write_audio(samples)
+        packets, self._packets = self._packets, []
+        return packets
+
+    @property
+    def video(self) -> Any:
+        return self._video
+
+    @property
+    def audio(self) -> Any:
+        return self._audio
+
+    def template(self) -> bytes:
+        """The streams as a small NUT file (their codecs, sizes, rates and headers) that `LiveMuxer` copies its streams
+        from. (It holds one packet, an empty access unit: a demuxer wants one.)"""
+        buffer = io.BytesIO()
+        with av.open(buffer, "w", format="nut") as container:
+            video = container.add_stream_from_template(self._video)
+            container.add_stream_from_template(self._audio)
+            packet = av.Packet(b"\x00\x00\x00\x01\x09\xf0")  # an H.264 access unit delimiter
+            packet.pts = packet.dts = 0
+            packet.time_base, packet.stream = self._video.codec_context.time_base, video
+            container.mux(packet)
+        return buffer.getvalue()
+
+    def close(self) -> list[Any]:  # type: ignore[override]
+        """Flush the encoders: their last packets."""
+        super().close()
+        packets, self._packets = self._packets, []
+        return packets
+
+
+def live_bitrate_kbps(size: tuple[int, int], fps: int, bitrate_kbps: int = 0) -> int:
+    """A live stream's video bitrate: `bitrate_kbps`, or for 0 ~0.1 bit a pixel at 25 fps: 128x128 -> 300 kb/s (the
+    floor), 720x720 -> 1.3 Mb/s."""
+    return int(bitrate_kbps) or max(300, size[0] * size[1] * fps // 10_000)
+
+
+class LiveMuxer:
+    """Encoded packets (a `LiveEncoder`'s) pushed live to a streaming server: `rtmp(s)://` (FLV; the ingest of YouTube
+    Live, Twitch or an OBS / nginx-rtmp server), `srt://`, `udp://` or `tcp://` (MPEG-TS). Nothing is encoded here and
+    nothing touches the disk; the stream starts at the first keyframe given, at time 0, and captions (`caption`) go
+    into the video as CEA-608.
+
+    The constructor connects (the header goes out at once): a server that is not there raises OutputError now, not at
+    the first packet. PyAV holds the GIL while it connects and has no timeout for it (its interrupt callback does not
+    reach `avio_open`), so a server that never answers blocks it for good: `broadcaster.LiveOutput` runs it in a
+    process of its own and kills that at its timeout. A connection lost later raises OutputError from `write`;
+    `close()` sends the end of the stream.
+    """
+
+    def __init__(self, url: str, template: bytes) -> None:
         self.url = str(url)
         self._format = check_live_url(self.url)
-        width, height = (size, size) if np.ndim(size) == 0 else size  # type: ignore[misc]
-        # ~0.1 bit a pixel at 25 fps: 128x128 -> 300 kb/s (the floor), 720x720 -> 1.3 Mb/s
-        self.bitrate_kbps = int(bitrate_kbps) or max(300, int(width) * int(height) * fps // 10_000)
-        self._resampler = av.AudioResampler(format="fltp", layout="mono", rate=48000)
-        super().__init__(self.url, size, fps, sample_rate, audio=True, preset=preset)
+        self._cc = RollUp()  # caption() queues, each video frame carries a few of its 608 byte pairs
+        self._start: Fraction | None = None  # the stream time (s) of the first keyframe sent: time 0 here
+        self._end = Fraction(0)  # ... and of the end of the last frame sent
+        self.frames_written = 0
+        self._container = None
         try:
+            with av.open(io.BytesIO(template), format="nut") as streams:
+                # each packet sent as it is muxed, not held in a 32 KB buffer (~1 s at 300 kb/s); flv: no seek back to
+                # fill in the duration and size (a live stream has neither)
+                options = {"flush_packets": "1", **({"flvflags": "no_duration_filesize"} if self._format == "flv"
+                                                     else {})}
+                self._container = av.open(self.url, "w", format=self._format, options=options)
+                self._video = self._container.add_stream_from_template(streams.streams.video[0])
+                self._audio = self._container.add_stream_from_template(streams.streams.audio[0])
             self._container.start_encoding()  # connects and sends the header now
         except _AV_ERRORS as e:
             self.abort()
@@ -714,33 +813,76 @@ class LiveWriter(VideoWriter):
     def name(self) -> str:
         return redact_url(self.url)
 
-    def _create_partial(self) -> None:  # type: ignore[override]
-        return None
-
-    def _open_container(self) -> Any:
-        # each packet sent as it is muxed, not held in a 32 KB buffer (~1 s at 300 kb/s); flv: no seek back to fill in
-        # the duration and size (a live stream has neither)
-        options = {"flush_packets": "1", **({"flvflags": "no_duration_filesize"} if self._format == "flv" else {})}
-        return av.open(self.url, "w", format=self._format, options=options)
-
-    def _video_options(self, crf: int, preset: str) -> dict[str, str]:
-        rate = f"{self.bitrate_kbps}k"
-        return {"preset": preset, "tune": "zerolatency", "g": str(2 * self.fps), "keyint_min": str(2 * self.fps),
-                "b": rate, "maxrate": rate, "bufsize": f"{2 * self.bitrate_kbps}k"}
-
-    def _to_stream_rate(self, frame: Any) -> list[Any]:
-        return list(self._resampler.resample(frame))
-
     def caption(self, text: str) -> None:
         """Show `text` as a caption from the next frame on: CEA-608 roll-up inside the H.264 (`cc608`), what
         YouTube Live, Twitch and OBS read from a stream, shown with a player's CC button."""
         self._cc.add(text)
 
-    def _mux(self, stream: Any, frame: Any) -> None:
-        if stream is not self._video:
-            return super()._mux(stream, frame)
-        for packet in stream.encode(frame):
-            self._container.mux(with_captions(packet, self._cc.take()))
+    def write(self, packets: Iterable[Any], tail: bool = False) -> None:
+        """Send encoded packets (`is_video`, `is_keyframe`, `pts`, `dts`, `time_base`, `data`: `LivePacket`s): those
+        before the first video keyframe are dropped, and times start at that keyframe. `tail`: the stream's video has
+        ended; of these, only the sound until its last frame's end is sent (the audio encoder's last packets)."""
+        if self._container is None:
+            raise RuntimeError(f"the live stream to '{self.name}' is closed")
+        try:
+            for p in packets:
+                if self._start is None:
+                    if not (p.is_video and p.is_keyframe):
+                        continue
+                    self._start = p.pts * p.time_base
+                shift = self._start / p.time_base  # the start in this stream's time base (whole: frames, samples)
+                if p.pts < shift or (tail and (p.is_video or p.pts * p.time_base >= self._end)):
+                    continue  # sound from before the first frame sent, or after the last
+                packet = av.Packet(p.data)
+                packet.pts, packet.dts = round(p.pts - shift), round(p.dts - shift)
+                packet.time_base, packet.is_keyframe = p.time_base, p.is_keyframe
+                packet.stream = self._video if p.is_video else self._audio
+                if p.is_video:
+                    packet = with_captions(packet, self._cc.take())
+                    self.frames_written += 1
+                    self._end = (p.pts + 1) * p.time_base  # (its time base is the frame rate's)
+                self._container.mux(packet)
+        except _AV_ERRORS as e:
+            self.abort()
+            raise OutputError(f"the live stream to '{self.name}' failed: {_reason(e)}") from e
+
+    def close(self) -> None:
+        """Send the end of the stream. Idempotent."""
+        container, self._container = self._container, None
+        if container is None:
+            return
+        try:
+            container.close()
+        except _AV_ERRORS as e:
+            raise OutputError(f"ending the live stream to '{self.name}' failed: {_reason(e)}") from e
+
+    def abort(self) -> None:
+        """Stop at once (the connection closed without the end of the stream). Idempotent."""
+        container, self._container = self._container, None
+        if container is not None:
+            with contextlib.suppress(Exception):  # the stream is being thrown away
+                container.close()
+
+
+@dataclass(frozen=True)
+class LivePacket:
+    """An encoded packet between a `LiveEncoder` and the `LiveMuxer`s that send it (`broadcaster` carries them from
+    process to process): plain values, times in `time_base`."""
+
+    is_video: bool
+    is_keyframe: bool
+    pts: int
+    dts: int
+    time_base: Fraction
+    data: bytes
+
+    @classmethod
+    def of(cls, packet: Any) -> LivePacket:
+        """A PyAV packet of a LiveEncoder's (`video` or `audio` stream)."""
+        pts = packet.pts if packet.pts is not None else packet.dts
+        dts = packet.dts if packet.dts is not None else pts
+        return cls(packet.stream.type == "video", bool(packet.is_keyframe), int(pts), int(dts),
+                   Fraction(packet.time_base), bytes(packet))
 
 
 def with_captions(packet: Any, pairs: list[tuple[int, int]]) -> Any:

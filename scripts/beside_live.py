@@ -7,8 +7,8 @@ websocket and reads both tracks. With --render (a server started with --recordin
 speech is posted 10 s in. With --broadcast (a server started with --broadcast-to tcp://127.0.0.1), the live session
 is also streamed from 5 s in, as MPEG-TS over TCP to N sinks in this process that drop the bytes (N destinations at
 once, as YouTube and Twitch; a real ingest server is on another machine). Prints the server's figures of the live
-session (speech-to-screen latency, held frames), and the render's time or the broadcasts' states, their processes'
-CPU time and their bitrates.
+session (speech-to-screen latency, held frames), and the render's time or the broadcasts' states and bitrates, and
+the CPU time of their processes (the one encoding all of them, and each one sending).
 """
 
 import argparse
@@ -43,13 +43,14 @@ def sink() -> tuple[str, list[int]]:
     return f"tcp://127.0.0.1:{server.getsockname()[1]}", got
 
 
-def broadcaster_cpu_s() -> list[float]:
-    """CPU seconds of each broadcast's process (`python -m letstalk_rt.broadcaster`) so far."""
-    pids = subprocess.run(["pgrep", "-f", "letstalk_rt.broadcaster"], capture_output=True, text=True).stdout.split()
-    cpu = []
-    for pid in pids:
+def broadcaster_cpu_s() -> dict[str, list[float]]:
+    """CPU seconds so far of the broadcasts' processes (`python -m letstalk_rt.broadcaster encode|send`), by role."""
+    lines = subprocess.run(["pgrep", "-af", "letstalk_rt.broadcaster"], capture_output=True, text=True).stdout
+    cpu: dict[str, list[float]] = {"encode": [], "send": []}
+    for pid, _, command in (line.partition(" ") for line in lines.splitlines()):
+        role = "encode" if "broadcaster encode" in command else "send"
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        cpu.append((int(fields[11]) + int(fields[12])) / 100)  # utime + stime, in clock ticks
+        cpu[role].append((int(fields[11]) + int(fields[12])) / 100)  # utime + stime, in clock ticks
     return cpu
 
 
@@ -73,7 +74,7 @@ async def main(args: argparse.Namespace) -> None:
             print(f"render: {state['speech_seconds']} s of speech, {state['rendered_seconds']} s of video, "
                   f"{time.monotonic() - t:.2f} s to the MP4 downloaded", flush=True)
 
-        sent, cpu = [], []
+        sent, cpu = [], {}
 
         async def broadcast():
             nonlocal cpu
@@ -96,9 +97,11 @@ async def main(args: argparse.Namespace) -> None:
         if args.broadcast:
             await beside
         stats = (await session.stats())["stats"]
-        for state, got, used in zip(stats.get("broadcasts", []), sent, cpu):
-            print(f"broadcast: {state}; its process used {used:.2f} s of CPU in its first 30 s; "
-                  f"{got[0] * 8 / 1000 / state['seconds']:.0f} kb/s sent", flush=True)
+        for state, got in zip(stats.get("broadcasts", []), sent):
+            print(f"broadcast: {state}; {got[0] * 8 / 1000 / state['seconds']:.0f} kb/s sent", flush=True)
+        for role, used in cpu.items():  # (one encode for all of them; a sending process each)
+            print(f"broadcast {role} processes: {len(used)}, CPU s in their first 30 s: "
+                  f"{', '.join(f'{u:.2f}' for u in used)}", flush=True)
         print("live:", {k: stats[k] for k in ("latency_ms_p50", "latency_ms_p95", "latency_ms_p99", "fillers",
                                               "ticks")}, flush=True)
         await session.close()

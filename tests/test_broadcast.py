@@ -21,7 +21,7 @@ import pytest
 from conftest import speechlike
 from letstalk_rt import cc608
 from letstalk_rt.errors import InputError, LetsTalkError, OutputError
-from letstalk_rt.media import LiveWriter, check_live_url, redact_url
+from letstalk_rt.media import LiveEncoder, LiveMuxer, check_live_url, redact_url
 from letstalk_rt.stream import EngineConfig, StreamEngine
 from letstalk_rt.stream.events import BroadcastReconnecting, BroadcastResumed, BroadcastStopped, Caption
 from live_receiver import Receiver, closed_port, free_port, receiving
@@ -145,7 +145,7 @@ def test_captions_become_608_rows_two_pairs_a_frame_that_ffmpeg_reads_back(tmp_p
 
 
 def _ffmpeg_608(path, captions: list[str]) -> list[tuple[float, str]]:
-    """`captions` (one a second, then 5 s without) in the H.264 of an MPEG-TS at `path`, as LiveWriter sends them; what
+    """`captions` (one a second, then 5 s without) in the H.264 of an MPEG-TS at `path`, as LiveMuxer sends them; what
     FFmpeg's 608 decoder showed, each time it changed: (when it changed, in seconds; the text shown until then)."""
     import av
     from fractions import Fraction
@@ -357,11 +357,12 @@ def test_a_caption_queued_when_the_stream_dropped_is_carried_only_while_its_rows
         def again(self):
             return StandIn(self.url)
 
-        def write(self, video, audio, captions=()) -> None:
+        def write(self, packets, captions=(), tail=False) -> None:
             if self is writers[0] and stall.is_set():
                 drop.wait(30)
                 raise OutputError("the server went away")
-            self.sent.append(tuple(captions))
+            if not tail:
+                self.sent.append(tuple(captions))
 
         def close(self) -> None:
             pass
@@ -406,7 +407,8 @@ def test_a_session_streams_to_several_servers_at_once_each_on_its_own(tiny_pipel
     ms apart, and the servers get the same pictures at the same ticks. Each broadcast has its own id in its events and
     stats; the server of one going away ends that one with its error while the others stream on; stop_broadcast(id)
     ends one, stop_broadcast() the rest. The same URL twice, or more than MAX_BROADCASTS, is refused before
-    connecting."""
+    connecting. The two at the same bitrate share one encode (each tick encoded once, not once a server); the third,
+    at another bitrate, has its own; each encode ends with the last of its streams."""
     from letstalk_rt.stream import engine as engine_module
 
     monkeypatch.setattr(engine_module, "MAX_BROADCASTS", 3)
@@ -421,7 +423,8 @@ def test_a_session_streams_to_several_servers_at_once_each_on_its_own(tiny_pipel
                 events = session.events()
                 first = await _connect(session, url1)
                 second = await _connect(session, url2)
-                third = await _connect(session, url3, reconnect_s=0)
+                third = await _connect(session, url3, reconnect_s=0, bitrate_kbps=400)
+                encodes = dict(session.broadcast_encodes)
                 with pytest.raises(InputError, match="already streaming to 'rtmp://.*/live/\\*\\*\\*'"):
                     await session.broadcast(url1)
                 with pytest.raises(InputError, match="already streaming to 3 destinations"):
@@ -432,6 +435,7 @@ def test_a_session_streams_to_several_servers_at_once_each_on_its_own(tiny_pipel
                 three.kill()
                 failed = await _next(events, BroadcastStopped)
                 shown += [await anext(stream) for _ in range(25)]  # the others stream on
+                encodes_left = set(session.broadcast_encodes)
                 first_stopped_at = session.player.clock_tick()
                 await session.stop_broadcast(first.id)
                 ended = await _next(events, BroadcastStopped)
@@ -443,11 +447,12 @@ def test_a_session_streams_to_several_servers_at_once_each_on_its_own(tiny_pipel
                 ended2 = await _next(events, BroadcastStopped)
                 await feeder
                 return (first, second, third), (failed, ended, ended2), session.broadcasts, session.stats(), shown, \
-                    between
+                    between, (encodes, encodes_left, session.broadcast_encodes)
             finally:
                 await engine.stop()
 
-        (first, second, third), (failed, ended, ended2), running, stats, shown, between = run(main())
+        (first, second, third), (failed, ended, ended2), running, stats, shown, between, \
+            (encodes, encodes_left, encodes_after) = run(main())
         got1, got2 = one.result(), two.result()
     assert (first.id, second.id, third.id) == ("b1", "b2", "b3") and running == {}
     assert failed.broadcast_id == "b3" and failed.error and "not reconnected" not in failed.error
@@ -464,6 +469,42 @@ def test_a_session_streams_to_several_servers_at_once_each_on_its_own(tiny_pipel
           f"stopped {between} later")
     assert 0 <= k <= 15 and between >= 10, (k, between)
     assert abs(second.frames - (first.frames - k + between)) <= 2 and 25 <= third.frames < first.frames - 25
+    # one encode for the first two (each tick once: as many as the first sent, and the second's after it), another
+    # for the third; each gone, its process ended, with its last stream
+    shared = first.encode
+    assert second.encode is shared and third.encode is not shared and set(encodes) == {300, 400}
+    assert encodes_left == {300} and encodes_after == {} and shared.members == []
+    assert first.frames + between <= shared.frames <= first.frames + between + 10, (shared.frames, first.frames)
+    assert shared._writer._proc.wait(5) is not None and third.encode._writer._proc.wait(5) is not None
+
+
+def test_an_encode_that_dies_ends_its_streams_with_a_reason_and_the_session_streams_on(tiny_pipeline, tmp_path):
+    """The process encoding a session's live streams dies (killed): each stream it fed ends with a broadcast_stopped
+    event saying the encoder stopped (reconnecting would not bring it back), the server got what was sent until then,
+    and the session keeps showing frames."""
+    url = f"tcp://127.0.0.1:{free_port()}"
+    with receiving(url, tmp_path / "one.npz") as one:
+        async def main():
+            engine = await StreamEngine(tiny_pipeline, _reader_keeps_up()).start()
+            try:
+                session = await engine.open_session(_portrait(tiny_pipeline))
+                events = session.events()
+                broadcast = await _connect(session, url)
+                stream = session.frames()
+                for _ in range(10):
+                    await anext(stream)
+                broadcast.encode._writer._proc.kill()
+                stopped = await _next(events, BroadcastStopped)
+                for _ in range(10):  # the session streams on
+                    await anext(stream)
+                return stopped, broadcast, dict(session.broadcast_encodes)
+            finally:
+                await engine.stop()
+
+        stopped, broadcast, encodes = run(main())
+        got = one.result()
+    assert "encoder stopped" in stopped.error and broadcast.describe()["state"] == "failed" and encodes == {}
+    assert 5 <= len(got["frames"]) <= broadcast.frames  # (cut: the last few in the muxer's buffer may not go out)
 
 
 def test_the_demo_streams_to_two_servers_and_writes_its_video(tiny_model_dir, tmp_path, capsys):
@@ -513,9 +554,10 @@ def test_broadcast_urls_are_checked_and_unreachable_servers_refused_at_once(tiny
     assert redact_url("rtmp://user:pw@host:1935/live2/abcd-efgh") == "rtmp://host:1935/live2/***"
     assert redact_url("srt://host:9000?passphrase=xyz") == "srt://host:9000?***"
     assert redact_url("rtmp://") == "rtmp://" and redact_url("rtmp://a.example/live2/") == "rtmp://a.example/live2/"
+    template = LiveEncoder(32).template()
     started = time.monotonic()
     with pytest.raises(OutputError, match=r"rtmp://127\.0\.0\.1:\d+/live/\*\*\*") as refused, closed_port() as closed:
-        LiveWriter(f"rtmp://127.0.0.1:{closed}/live/s3cret", 32)
+        LiveMuxer(f"rtmp://127.0.0.1:{closed}/live/s3cret", template)
     assert "s3cret" not in str(refused.value) and time.monotonic() - started < 5
 
     async def main():

@@ -69,8 +69,8 @@ import torch
 from ..diffusion import guidance_rows
 from ..errors import InputError, LetsTalkError, OutputError
 from ..framing import FRAMING, FullFrame
-from ..broadcaster import LiveOutput
-from ..media import TempoStretcher, check_live_url, redact_url
+from ..broadcaster import LiveEncoding, LiveOutput
+from ..media import TempoStretcher, check_live_url, live_bitrate_kbps, redact_url
 from ..pipeline import (DECODE_CHUNK, GRAPH_BUCKETS, AudioTokenizer, LetsTalkPipeline, Portrait, StreamState,
                         encode_features)
 from ..tts import Speech
@@ -78,7 +78,7 @@ from .events import (
     AVFrame, Caption, EngineAdjusted, Event, FramesDropped, Interrupted, PlaybackPosition, SessionClosed, SessionError,
     SpeechStarted, SpeechStopped, WindowTimings,
 )
-from .recorder import Broadcast, Recording
+from .recorder import Broadcast, BroadcastEncode, Recording
 
 log = logging.getLogger(__name__)
 
@@ -486,9 +486,9 @@ class Player:
         now = time.monotonic()
         if s.recording is not None:
             s.recording.add(frame)
-        if s.broadcasts:
-            for broadcast in tuple(s.broadcasts.values()):  # (one that falls behind may end and leave the dict)
-                broadcast.add(frame)
+        if s.broadcast_encodes:
+            for encode in tuple(s.broadcast_encodes.values()):  # (encoded once for all the broadcasts at a bitrate)
+                encode.add(frame)
         self.pieces_shown = max(self.pieces_shown, frame.pieces)
         for text in frame.captions:
             s._emit(Caption(s.id, text=text, frame=tick))
@@ -589,6 +589,7 @@ class Session:
         self.recording: Recording | None = None  # record(): the one running
         self.last_recording: Recording | None = None  # the last one that ended (stats)
         self.broadcasts: dict[str, Broadcast] = {}  # broadcast(): the live streams running, by their id
+        self.broadcast_encodes: dict[int, BroadcastEncode] = {}  # their encodes, by bitrate (one feeds many)
         self.ended_broadcasts: collections.deque[Broadcast] = collections.deque(maxlen=MAX_BROADCASTS)  # (stats)
         self._broadcast_ids = itertools.count(1)
         self._last_late_event = 0.0
@@ -698,8 +699,9 @@ class Session:
                         reconnect_s: float = 60.0, captions: bool = True) -> Broadcast:
         """Stream what this session shows, live, to a streaming server: `rtmp://` or `rtmps://` with the stream key
         (YouTube Live, Twitch, OBS, nginx-rtmp), `srt://`, `udp://` or `tcp://` (MPEG-TS). H.264 at `bitrate_kbps`
-        (0: ~0.1 bit a pixel, at least 300 kb/s), a keyframe every 2 s, AAC at 48 kHz, encoded and sent by a process of
-        its own (`broadcaster`: nothing here waits on the network). Connects first (up to `timeout_s`): InputError for
+        (0: ~0.1 bit a pixel, at least 300 kb/s), a keyframe every 2 s, AAC at 48 kHz, encoded by a process of its own
+        (once for all this session's destinations at that bitrate) and sent by another (one per destination:
+        `broadcaster`; nothing here waits on the network). Connects first (up to `timeout_s`): InputError for
         a URL that is not one of those, OutputError when the server cannot be reached. The session's clock runs while
         it lasts, watched or not. A connection that drops later (the server gone, or the stream `max_behind_s` behind a
         server that stopped reading) is made again with back-off for up to `reconnect_s` (`broadcast_reconnecting`,
@@ -708,22 +710,36 @@ class Session:
         `captions` is False.
 
         Each call adds a destination (YouTube and Twitch at once: up to MAX_BROADCASTS, each its own connection,
-        encoder and reconnections; one that fails leaves the others streaming): the returned Broadcast's `id` names it
+        captions and reconnections, one encode between them; one that fails leaves the others streaming): the returned Broadcast's `id` names it
         to `stop_broadcast` and in its events. InputError for a URL (stream key included) already being streamed to."""
         self._check_open()
         self._check_paced()
         check_live_url(url)
         self._check_broadcast_room(url)
-        writer = await asyncio.to_thread(LiveOutput, url, self.frame_size, self.pipeline.fps, self.sample_rate,
-                                         bitrate_kbps=bitrate_kbps)
+        bitrate_kbps = live_bitrate_kbps(self.frame_size, self.pipeline.fps, bitrate_kbps)
+        encode = self.broadcast_encodes.get(bitrate_kbps)
+        if encode is None:
+            encoding = await asyncio.to_thread(LiveEncoding, self.frame_size, self.pipeline.fps, self.sample_rate,
+                                               bitrate_kbps)
+            encode = self.broadcast_encodes.get(bitrate_kbps)  # (another call's, made meanwhile)
+            if encode is None:
+                encode = self.broadcast_encodes[bitrate_kbps] = BroadcastEncode(self, encoding, max_behind_s)
+            else:
+                encoding.abort()
+        encode.pending += 1
+        writer = None
         try:
+            template = await encode.wait_template(timeout_s)
+            writer = await asyncio.to_thread(LiveOutput, url, template)
             await asyncio.to_thread(writer.connect, timeout_s)
             self._check_open()  # closed while it connected
             self._check_broadcast_room(url)  # ... or another call took its place
         except BaseException:  # its caller gone (a cancelled request), no server, or no room: no process left behind
-            writer.abort()  # (a kill: it does not wait)
+            if writer is not None:
+                writer.abort()  # (a kill: it does not wait)
+            encode.leave(None)
             raise
-        broadcast = Broadcast(self, writer, f"b{next(self._broadcast_ids)}", max_behind_s=max_behind_s,
+        broadcast = Broadcast(self, writer, encode, f"b{next(self._broadcast_ids)}", max_behind_s=max_behind_s,
                               reconnect_s=reconnect_s, timeout_s=timeout_s, captions=captions)
         self.broadcasts[broadcast.id] = broadcast
         return broadcast

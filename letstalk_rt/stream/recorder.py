@@ -11,15 +11,17 @@ The captions the session showed (text said with `say`, or pushed with `caption=`
 subtitles (`captions_path`: the same name, `.vtt`), timed to the ticks their speech showed at, written before the MP4
 moves into place.
 
-`Broadcast` sends the same ticks live to a streaming server instead (RTMP, SRT, MPEG-TS; `broadcaster.LiveOutput`).
-Both are a `TickStream`: the queue, the thread and the failure handling they share, and the session's clock kept
-running while one lasts, so a session needs no viewer to be recorded or to stream to a platform.
+`Broadcast` sends the same ticks live to a streaming server instead (RTMP, SRT, MPEG-TS; `broadcaster.LiveOutput`),
+encoded once for all of a session's servers by a `BroadcastEncode` (`broadcaster.LiveEncoding`). All three are a
+`TickStream`: the queue, the thread and the failure handling they share, and the session's clock kept running while
+one lasts, so a session needs no viewer to be recorded or to stream to a platform.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -36,7 +38,7 @@ from ..media import VideoWriter, write_text_atomic
 from .events import AVFrame, BroadcastReconnecting, BroadcastResumed, BroadcastStopped, Event, RecordingStopped
 
 if TYPE_CHECKING:
-    from ..broadcaster import LiveOutput
+    from ..broadcaster import LiveEncoding, LiveOutput
     from .engine import Session
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 
 QUEUE_BYTES = 128 * 2**20  # frames waiting for a recording's encoder
 RECONNECT_MAX_DELAY_S = 15.0  # the longest wait between a dropped broadcast's tries to connect again
+AUDIO_TAIL_TICKS = 2  # a broadcast that stops waits for these ticks more: the AAC encoder's packets of the last one
 
 
 def captions_path(video: str | Path) -> Path:
@@ -107,7 +110,7 @@ class TickStream(abc.ABC):
     `stop()` lets the thread write the rest and finish; a failure ends it, saying why (`error`), the session streaming
     on. Subclasses write a tick (`_write`, counting `frames`), finish (`_finish`) and say it ended (`_done`)."""
 
-    def __init__(self, session: Session, writer: Any, max_behind_s: float, name: str) -> None:
+    def __init__(self, session: Session, writer: Any, max_behind_s: float, name: str, keep_clock: bool = True) -> None:
         self.session = session
         self.fps = session.pipeline.fps
         width, height = session.frame_size
@@ -117,7 +120,7 @@ class TickStream(abc.ABC):
         self.error: str | None = None
         # At most max_behind_s of frames waiting, and at most QUEUE_BYTES of them (a 1280x720 frame is 2.8 MB)
         most = min(int(max_behind_s * self.fps), QUEUE_BYTES // (width * height * 3))
-        self._queue: queue.Queue[AVFrame | None] = queue.Queue(maxsize=max(1, most))
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, most))
         self._max_behind_s = self._queue.maxsize / self.fps
         self._stopping = False
         self._ended = asyncio.Event()
@@ -128,7 +131,7 @@ class TickStream(abc.ABC):
         # It keeps the session's clock running while it lasts (a paced session's: an unpaced one's reader sets the
         # pace), so what it records or streams needs no viewer.
         self._clock = (session.loop.create_task(self._keep_clock(), name=f"session-{session.id}-{name}-clock")
-                       if session.player.paced else None)
+                       if session.player.paced and keep_clock else None)
 
     @property
     def seconds(self) -> float:
@@ -150,8 +153,12 @@ class TickStream(abc.ABC):
 
     def _fell_behind(self) -> None:
         """The encoder is max_behind_s behind (event loop): it fails and ends."""
-        self._fail(f"the encoder fell {self._max_behind_s:g} s behind the stream (the CPU is too busy to record this "
-                   "session too)")
+        self._end(f"the encoder fell {self._max_behind_s:g} s behind the stream (the CPU is too busy to record this "
+                  "session too)")
+
+    def _end(self, reason: str) -> None:
+        """Fail with `reason` and end now, what is queued unwritten (event loop)."""
+        self._fail(reason)
         self._stopping = True
         with contextlib.suppress(queue.Empty):  # room for the end marker: the thread aborts and ends
             self._queue.get_nowait()
@@ -293,14 +300,187 @@ class Recording(TickStream):
         s.last_recording = self
 
 
+@dataclass(frozen=True)
+class EncodedTick:
+    """One shown tick as the servers of a session's live streams get it: its packets (`broadcaster.pack`ed), whether
+    they hold a keyframe (where a server may start), and the captions that start in it (each server adds its own)."""
+
+    packets: bytes
+    key: bool
+    captions: tuple[str, ...]
+    seq: int  # its place among the ticks its encode handed out (from 1)
+
+
+class BroadcastEncode(TickStream):
+    """The encode of a session's live streams at one bitrate, done once for all of them (YouTube and Twitch at once
+    cost one x264 encode, not two), in a process of its own (`broadcaster.LiveEncoding`). Made by `Session.broadcast`
+    for its first stream at that bitrate; each `Broadcast` `join`s it and gets every tick's packets from then on (its
+    `add`), asking for a keyframe to start at (`want_key`); it ends when the last one leaves.
+
+    The event loop queues each tick shown while a stream is joined (as a recording does); the thread writes them to the
+    encoding process, and a second thread reads what it says: the streams' template once (`template`), then each
+    tick's packets, handed to the streams on the event loop. An encode that falls `max_behind_s` behind (a CPU too
+    busy) drops the ticks waiting, as a live stream does not catch up; an encoding process that fails ends every
+    stream it fed, saying why."""
+
+    def __init__(self, session: Session, writer: LiveEncoding, max_behind_s: float = 5.0) -> None:
+        self.bitrate_kbps = writer.bitrate_kbps
+        self.members: list[Broadcast] = []  # the streams it feeds
+        self.pending = 0  # streams connecting, to join once connected
+        self.template: bytes | None = None  # the streams' codecs and headers (`LiveEncoder.template`)
+        self._templated = threading.Event()
+        self._keys_wanted = self._keys_made = 0  # want_key() calls, and those the thread has made a keyframe for
+        self._captions: collections.deque[tuple[str, ...]] = collections.deque()  # of the ticks the child has
+        self.ticks_in = self.ticks_out = 0  # ticks queued to be encoded, and encoded ticks handed to the streams
+        self._flushes: list[tuple[int, asyncio.Future]] = []  # flushed()'s: wait until ticks_out reaches each
+        # (no clock of its own: its streams keep it running, and none has joined yet)
+        super().__init__(session, writer, max_behind_s, "broadcast-encode", keep_clock=False)
+        self._reader = threading.Thread(target=self._read, name=f"broadcast-read-{session.id}", daemon=True)
+        self._reader.start()
+
+    def add(self, frame: AVFrame) -> None:
+        if not self.members or self._stopping or self.state != "recording":
+            return
+        try:
+            self._queue.put_nowait(frame)
+            self.ticks_in += 1
+        except queue.Full:
+            self._fell_behind()
+
+    async def flushed(self, extra: int = 0, timeout_s: float = 1.0) -> None:
+        """Wait until the ticks queued so far, and `extra` ticks more, have come out encoded and gone to the streams (a
+        stream that stops sends what was shown until then, and the sound the encoder still held), `timeout_s` at
+        most."""
+        target = self.ticks_in + extra
+        if self.ticks_out >= target or self.state != "recording":
+            return
+        waiter = self._loop.create_future()
+        self._flushes.append((target, waiter))
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(waiter, timeout_s)
+
+    async def wait_template(self, timeout_s: float) -> bytes:
+        """The streams' template, once the encoding process has started; OutputError if it failed, or did not start
+        within `timeout_s`."""
+        await asyncio.to_thread(self._templated.wait, timeout_s)
+        if self.template is None:
+            raise OutputError(self.error or f"the live stream's encoder did not start within {timeout_s:g} s")
+        return self.template
+
+    def want_key(self) -> None:
+        """Make the next tick a keyframe (any thread): a stream joins, or is back, there."""
+        self._keys_wanted += 1
+
+    def join(self, broadcast: Broadcast) -> None:
+        self.pending = max(0, self.pending - 1)
+        self.members.append(broadcast)
+        self.want_key()
+
+    def leave(self, broadcast: Broadcast | None = None) -> None:
+        """A stream ended (None: one that was connecting did not make it): the last one to go ends the encode."""
+        if broadcast is None:
+            self.pending = max(0, self.pending - 1)
+        elif broadcast in self.members:
+            self.members.remove(broadcast)
+        if not self.members and not self.pending and not self._stopping:
+            self._stopping = True  # nobody wants what it makes: its process is killed, the thread ends at once
+            self._writer.abort()
+            with contextlib.suppress(queue.Full):
+                self._queue.put_nowait(None)
+            if self.session.broadcast_encodes.get(self.bitrate_kbps) is self:
+                del self.session.broadcast_encodes[self.bitrate_kbps]
+
+    def _fell_behind(self) -> None:
+        log.warning("session %s: its live streams' encoder fell %g s behind; the ticks waiting are dropped",
+                    self.session.id, self._max_behind_s)
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._queue.get_nowait()
+                self.ticks_in -= 1
+
+    # -- the threads
+
+    def _write(self, frame: AVFrame) -> None:
+        wanted = self._keys_wanted  # (a count, not a flag: a call while this runs is not lost)
+        key, self._keys_made = wanted != self._keys_made, wanted
+        self._captions.append(frame.captions)
+        self._writer.write(frame.video, frame.audio, key)
+        self.frames += 1
+
+    def _finish(self) -> None:
+        self._writer.abort()  # (only when stopped: its streams had their packets, nothing waits for its tail)
+
+    def _read(self) -> None:
+        while True:
+            kind, payload = self._writer.read()
+            if kind == b"M":
+                self.template = payload
+                self._templated.set()
+            elif kind == b"T":
+                captions = self._captions.popleft() if self._captions else ()
+                if not self._tell(self._deliver, payload, captions):
+                    return
+            else:  # E: it failed, or is gone
+                if not self._stopping:
+                    self._tell(self._broke, payload.decode(errors="replace"))
+                self._templated.set()
+                return
+
+    def _tell(self, callback: Any, *args: Any) -> bool:
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+            return True
+        except RuntimeError:  # the event loop is gone
+            return False
+
+    # -- the event loop
+
+    def _deliver(self, payload: bytes, captions: tuple[str, ...]) -> None:
+        self.ticks_out += 1
+        tick = EncodedTick(payload[1:], payload[:1] == b"\x01", captions, self.ticks_out)
+        for broadcast in tuple(self.members):  # (one that falls behind may end and leave)
+            broadcast.add(tick)
+        self._release(self.ticks_out)
+
+    def _release(self, ticks_out: float) -> None:
+        """Wake the flushed() calls waiting for at most `ticks_out` ticks."""
+        waiting, self._flushes = self._flushes, []
+        for target, waiter in waiting:
+            if target > ticks_out:
+                self._flushes.append((target, waiter))
+            elif not waiter.done():
+                waiter.set_result(None)
+
+    def _broke(self, reason: str) -> None:
+        """The encoding process failed: every stream it fed ends, saying why."""
+        self._fail(reason)
+        self._release(float("inf"))
+        self._writer.abort()
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(None)
+        for broadcast in tuple(self.members):
+            broadcast._end(reason)
+
+    def _done(self) -> None:
+        super()._done()
+        self._templated.set()
+        self._release(float("inf"))
+        if self.session.broadcast_encodes.get(self.bitrate_kbps) is self:
+            del self.session.broadcast_encodes[self.bitrate_kbps]
+        if self.state == "failed" and self.members:
+            self._broke(self.error or "the live stream's encoder stopped")
+
+
 class Broadcast(TickStream):
     """One session's live stream to a streaming server (RTMP to YouTube Live, Twitch, OBS or nginx-rtmp; SRT; MPEG-TS
-    over UDP/TCP), encoded and sent by a process of its own (`broadcaster.LiveOutput`). Made by `Session.broadcast`,
-    which connects first; a session may send several at once (YouTube and Twitch), each on its own, named by `id`.
+    over UDP/TCP), sent by a process of its own (`broadcaster.LiveOutput`), encoded by the session's `BroadcastEncode`
+    at its bitrate (once for all its streams at that bitrate; the captions are each stream's own). Made by
+    `Session.broadcast`, which connects first; a session may send several at once (YouTube and Twitch), each on its
+    own, named by `id`.
 
-    It sends what the session shows, tick by tick, as a recording does (the same queue, encoder thread and clock kept
-    running while it lasts): a broadcast needs no viewer, so an application that only pushes
-    speech (or `say`s text) streams a talking avatar to a platform. Nothing is written to disk. The captions of what
+    It sends what the session shows, tick by tick, from a keyframe it asks for when it starts, as a recording does (the
+    same queue, thread and clock kept running while it lasts): a broadcast needs no viewer, so an application that
+    only pushes speech (or `say`s text) streams a talking avatar to a platform. Nothing is written to disk. The captions of what
     is said (`say`'s sentences, `push_audio(caption=)`) go inside the video as CEA-608, from the frame their speech
     starts in: a platform's viewers see them with the player's CC button.
 
@@ -311,9 +491,13 @@ class Broadcast(TickStream):
     connection (0: at once) it ends with a `broadcast_stopped` event carrying the error. The session streams on to its
     other viewers throughout."""
 
-    def __init__(self, session: Session, writer: LiveOutput, broadcast_id: str, max_behind_s: float = 5.0,
-                 reconnect_s: float = 60.0, timeout_s: float = 10.0, captions: bool = True) -> None:
+    def __init__(self, session: Session, writer: LiveOutput, encode: BroadcastEncode, broadcast_id: str,
+                 max_behind_s: float = 5.0, reconnect_s: float = 60.0, timeout_s: float = 10.0,
+                 captions: bool = True) -> None:
         self.id = broadcast_id  # names it among the session's broadcasts (stop_broadcast, events)
+        self.encode = encode  # what it sends: the session's ticks, encoded once for all its streams at this bitrate
+        self._keyed = False  # False until a keyframe went out on this connection: ticks before one are not sent
+        self._last: int | None = None  # once stopping: the last tick (seq) shown; those after only finish its sound
         self.url = writer.name  # the stream key hidden
         self.reconnect_s, self._timeout_s = reconnect_s, timeout_s
         self.captions = captions  # the captions said go inside the video (CEA-608)
@@ -327,6 +511,7 @@ class Broadcast(TickStream):
         self._carried: tuple[str, ...] = ()
         self._wake = threading.Event()  # stop() during a reconnection's wait
         super().__init__(session, writer, max_behind_s, "broadcast")
+        encode.join(self)
 
     @property
     def target(self) -> str:
@@ -340,14 +525,18 @@ class Broadcast(TickStream):
                 **({"reconnects": self.reconnects, "down_s": round(self.down_s, 2)} if self.down_s else {}),
                 **({"error": self.error} if self.error else {})}
 
-    def add(self, frame: AVFrame) -> None:
+    def add(self, frame: EncodedTick) -> None:  # type: ignore[override]
         if frame.captions and (self.state == "reconnecting" or self._queue.full()):  # a tick not sent: its captions
             self._missed = (frame.captions, time.monotonic())  # wait for the resume
         super().add(frame)
 
     async def stop(self) -> None:
-        """End the stream (the encoders' tail and the end of stream go out, off the loop; a reconnection in progress
-        is given up); OutputError if it had failed, saying why."""
+        """End the stream (the ticks shown until now and the end of stream go out, off the loop; a reconnection in
+        progress is given up); OutputError if it had failed, saying why."""
+        if not self._stopping and self.state == "recording":
+            # the ticks shown by now, still being encoded, and the sound of the last (AAC holds ~2048 samples back)
+            self._last = self.encode.ticks_in
+            await self.encode.flushed(0 if self.session.closed else AUDIO_TAIL_TICKS)
         self._wake.set()
         if self.state == "reconnecting":
             self._writer.abort()  # a connection being made: given up
@@ -368,10 +557,19 @@ class Broadcast(TickStream):
 
     # -- the broadcast's thread
 
-    def _write(self, frame: AVFrame) -> None:
-        captions, self._carried = (*self._carried, *frame.captions) if self.captions else (), ()
+    def _write(self, tick: EncodedTick) -> None:  # type: ignore[override]
+        if self._last is not None and tick.seq > self._last:  # after the last tick shown: only its sound, if it went
+            if self._keyed:
+                self._writer.write(tick.packets, tail=True)
+            return
+        captions, self._carried = (*self._carried, *tick.captions) if self.captions else (), ()
+        if not self._keyed:  # joined, or back, between keyframes: it starts at the one it asked for
+            if not tick.key:
+                self._carried = captions
+                return
+            self._keyed = True
         try:
-            self._writer.write(frame.video, frame.audio, captions)
+            self._writer.write(tick.packets, captions)
         except OutputError as e:
             self._reconnect(self._behind or str(e))  # OutputError when it gives up
             return
@@ -404,6 +602,8 @@ class Broadcast(TickStream):
                     break
                 last = str(e)
                 continue
+            self._keyed = False
+            self.encode.want_key()
             down = time.monotonic() - dropped
             self.down_s += down
             self.reconnects += 1
@@ -456,6 +656,7 @@ class Broadcast(TickStream):
     def _done(self) -> None:
         super()._done()
         s = self.session
+        self.encode.leave(self)
         s._emit(BroadcastStopped(s.id, broadcast_id=self.id, url=self.url, seconds=round(self.seconds, 2),
                                  error=self.error or ""), force=True)
         if s.broadcasts.get(self.id) is self:
