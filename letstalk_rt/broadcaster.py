@@ -1,4 +1,4 @@
-"""A session's live streams in processes of their own (`Session.broadcast`): one that encodes, one per server that sends.
+"""A session's live streams in processes of their own (`Session.broadcast`): one encodes, one per server sends.
 
 PyAV holds Python's GIL while it connects and sends a stream's header (`avio_open`, `avformat_write_header`) and its
 trailer: an RTMP handshake took ~270 ms on a loopback, a remote ingest takes round trips more, and a host that never

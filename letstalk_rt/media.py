@@ -727,7 +727,8 @@ class LiveEncoder(VideoWriter):
 
     def _mux(self, stream: Any, frame: Any) -> None:
         if frame is not None and stream is self._video and self._key:
-            frame.pict_type = av.video.frame.PictureType.I  # x264 makes it an IDR: a server that joins (or comes back) starts here
+            # x264 makes it an IDR: a server that joins (or comes back) starts here
+            frame.pict_type = av.video.frame.PictureType.I
         self._packets.extend(stream.encode(frame))
 
     def write_tick(self, rgb: np.ndarray, samples: np.ndarray, key: bool = False) -> list[Any]:

@@ -481,9 +481,9 @@ def test_a_session_streams_to_several_servers_at_once_each_on_its_own(tiny_pipel
 def test_an_encode_that_dies_ends_its_streams_with_a_reason_and_the_session_streams_on(tiny_pipeline, tmp_path):
     """The process encoding a session's live streams dies (killed): each stream it fed ends with a broadcast_stopped
     event saying the encoder stopped (reconnecting would not bring it back), the server got what was sent until then,
-    and the session keeps showing frames."""
-    url = f"tcp://127.0.0.1:{free_port()}"
-    with receiving(url, tmp_path / "one.npz") as one:
+    and the session keeps showing frames; a broadcast started after it has an encode of its own, and streams."""
+    url, url2 = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
+    with receiving(url, tmp_path / "one.npz") as one, receiving(url2, tmp_path / "two.npz") as two:
         async def main():
             engine = await StreamEngine(tiny_pipeline, _reader_keeps_up()).start()
             try:
@@ -497,14 +497,20 @@ def test_an_encode_that_dies_ends_its_streams_with_a_reason_and_the_session_stre
                 stopped = await _next(events, BroadcastStopped)
                 for _ in range(10):  # the session streams on
                     await anext(stream)
-                return stopped, broadcast, dict(session.broadcast_encodes)
+                encodes = dict(session.broadcast_encodes)
+                again = await _connect(session, url2)  # a new encode
+                for _ in range(15):
+                    await anext(stream)
+                await session.stop_broadcast(again.id)
+                return stopped, broadcast, encodes, again
             finally:
                 await engine.stop()
 
-        stopped, broadcast, encodes = run(main())
-        got = one.result()
+        stopped, broadcast, encodes, again = run(main())
+        got, got2 = one.result(), two.result()
     assert "encoder stopped" in stopped.error and broadcast.describe()["state"] == "failed" and encodes == {}
     assert 5 <= len(got["frames"]) <= broadcast.frames  # (cut: the last few in the muxer's buffer may not go out)
+    assert again.encode is not broadcast.encode and len(got2["frames"]) == again.frames >= 15
 
 
 def test_the_demo_streams_to_two_servers_and_writes_its_video(tiny_model_dir, tmp_path, capsys):

@@ -710,19 +710,20 @@ class Session:
         `captions` is False.
 
         Each call adds a destination (YouTube and Twitch at once: up to MAX_BROADCASTS, each its own connection,
-        captions and reconnections, one encode between them; one that fails leaves the others streaming): the returned Broadcast's `id` names it
-        to `stop_broadcast` and in its events. InputError for a URL (stream key included) already being streamed to."""
+        captions and reconnections, one encode between them; one that fails leaves the others streaming): the
+        returned Broadcast's `id` names it to `stop_broadcast` and in its events. InputError for a URL (stream key
+        included) already being streamed to."""
         self._check_open()
         self._check_paced()
         check_live_url(url)
         self._check_broadcast_room(url)
         bitrate_kbps = live_bitrate_kbps(self.frame_size, self.pipeline.fps, bitrate_kbps)
         encode = self.broadcast_encodes.get(bitrate_kbps)
-        if encode is None:
+        if encode is None or not encode.running:
             encoding = await asyncio.to_thread(LiveEncoding, self.frame_size, self.pipeline.fps, self.sample_rate,
                                                bitrate_kbps)
             encode = self.broadcast_encodes.get(bitrate_kbps)  # (another call's, made meanwhile)
-            if encode is None:
+            if encode is None or not encode.running:
                 encode = self.broadcast_encodes[bitrate_kbps] = BroadcastEncode(self, encoding, max_behind_s)
             else:
                 encoding.abort()
@@ -734,6 +735,8 @@ class Session:
             await asyncio.to_thread(writer.connect, timeout_s)
             self._check_open()  # closed while it connected
             self._check_broadcast_room(url)  # ... or another call took its place
+            if not encode.running:  # ... or the encode failed meanwhile
+                raise OutputError(f"cannot stream to '{writer.name}': {encode.error or 'its encoder stopped'}")
         except BaseException:  # its caller gone (a cancelled request), no server, or no room: no process left behind
             if writer is not None:
                 writer.abort()  # (a kill: it does not wait)

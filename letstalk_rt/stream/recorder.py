@@ -338,8 +338,13 @@ class BroadcastEncode(TickStream):
         self._reader = threading.Thread(target=self._read, name=f"broadcast-read-{session.id}", daemon=True)
         self._reader.start()
 
+    @property
+    def running(self) -> bool:
+        """Not failed, nor ended: a stream may join it."""
+        return not self._stopping and self.state == "recording"
+
     def add(self, frame: AVFrame) -> None:
-        if not self.members or self._stopping or self.state != "recording":
+        if not self.members or not self.running:
             return
         try:
             self._queue.put_nowait(frame)
@@ -454,6 +459,7 @@ class BroadcastEncode(TickStream):
     def _broke(self, reason: str) -> None:
         """The encoding process failed: every stream it fed ends, saying why."""
         self._fail(reason)
+        self._stopping = True
         self._release(float("inf"))
         self._writer.abort()
         with contextlib.suppress(queue.Full):
@@ -480,9 +486,9 @@ class Broadcast(TickStream):
 
     It sends what the session shows, tick by tick, from a keyframe it asks for when it starts, as a recording does (the
     same queue, thread and clock kept running while it lasts): a broadcast needs no viewer, so an application that
-    only pushes speech (or `say`s text) streams a talking avatar to a platform. Nothing is written to disk. The captions of what
-    is said (`say`'s sentences, `push_audio(caption=)`) go inside the video as CEA-608, from the frame their speech
-    starts in: a platform's viewers see them with the player's CC button.
+    only pushes speech (or `say`s text) streams a talking avatar to a platform. Nothing is written to disk. The
+    captions of what is said (`say`'s sentences, `push_audio(caption=)`) go inside the video as CEA-608, from the frame
+    their speech starts in: a platform's viewers see them with the player's CC button.
 
     When the connection drops (the server went away; or a server that stopped reading left the stream `max_behind_s`
     behind) it connects again, as a streaming app does: after 1, 2, 4 ... up to RECONNECT_MAX_DELAY_S seconds (the
