@@ -12,10 +12,11 @@ ended by killing its child.
 The encode is done once for all of a session's servers (YouTube and Twitch at once cost one x264, not two): a child
 of its own (`python -m letstalk_rt.broadcaster encode`, `media.LiveEncoder`; `LiveEncoding` is the parent's side) is
 fed each tick's raw frame and audio (float32) and a byte asking for a keyframe (a server that joins or comes back
-starts at one), and answers with framed messages: `M` the streams' template (after the first tick), then `T` for each
-tick (a byte saying whether it holds a keyframe, then its packets, `pack`ed). The parent hands each tick's packets to
-each server's child with the captions that start in it (UTF-8, one a line), which that child shows in the video as
-CEA-608 (`cc608`): the captions, like the connection, are each server's own.
+starts at one), and answers with framed messages: `M` the streams' template (at once), then `T` for each tick (a
+byte saying whether it holds a keyframe, then its packets, `pack`ed). The parent hands each tick's packets to each
+server's child with the captions that start in it (UTF-8, one a line), which that child shows in the video as CEA-608
+(`cc608`): the captions, like the connection, are each server's own; and after a stream's last tick, a tick or two
+more marked as its tail, of which only the sound of the last frame is sent (the AAC encoder holds ~2048 samples).
 
 A sending child answers on its stdout with one JSON line when it has connected (`{"ok": true}` or `{"error": ...}`)
 and one when the stream ended (`{"frames": n}` or `{"error": ...}`); the encoding child says `E` (its error) if it
@@ -104,7 +105,6 @@ class LiveEncoding:
         self.width, self.height = size
         self.fps, self.sample_rate, self.bitrate_kbps = fps, sample_rate, bitrate_kbps
         self.samples_per_frame = sample_rate // fps
-        self.frames_written = 0
         self._proc = _child("encode", self.width, self.height, fps, sample_rate, int(bitrate_kbps))
 
     def write(self, video: np.ndarray, audio: np.ndarray, key: bool = False) -> None:
@@ -120,7 +120,6 @@ class LiveEncoding:
             self._proc.stdin.flush()
         except (OSError, ValueError):  # BrokenPipeError: the child is gone; ValueError: abort() closed the pipe
             raise OutputError(self._why()) from None
-        self.frames_written += 1
 
     def read(self) -> tuple[bytes, bytes]:
         """The child's next message (kind, payload); (b"E", why) once it is gone."""

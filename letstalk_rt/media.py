@@ -686,7 +686,8 @@ class LiveEncoder(VideoWriter):
 
     `write_tick(frame, audio, key)` encodes one tick and returns the packets that came out (zero latency: the tick's
     own frame among them; AAC lags a frame); `template()` describes the streams (their codecs and headers) for a
-    `LiveMuxer` to mux them; `close()` flushes the encoders and returns their last packets.
+    `LiveMuxer` to mux them. A live encode is not flushed at its end (`abort()`): a stream that stops has taken what
+    it sends (`stream.recorder.Broadcast.stop`).
     """
 
     _lost = "; the live stream ended"
@@ -740,14 +741,6 @@ class LiveEncoder(VideoWriter):
         packets, self._packets = self._packets, []
         return packets
 
-    @property
-    def video(self) -> Any:
-        return self._video
-
-    @property
-    def audio(self) -> Any:
-        return self._audio
-
     def template(self) -> bytes:
         """The streams as a small NUT file (their codecs, sizes, rates and headers) that `LiveMuxer` copies its streams
         from. (It holds one packet, an empty access unit: a demuxer wants one.)"""
@@ -760,12 +753,6 @@ class LiveEncoder(VideoWriter):
             packet.time_base, packet.stream = self._video.codec_context.time_base, video
             container.mux(packet)
         return buffer.getvalue()
-
-    def close(self) -> list[Any]:  # type: ignore[override]
-        """Flush the encoders: their last packets."""
-        super().close()
-        packets, self._packets = self._packets, []
-        return packets
 
 
 def live_bitrate_kbps(size: tuple[int, int], fps: int, bitrate_kbps: int = 0) -> int:
