@@ -18,9 +18,10 @@ server's child with the captions that start in it (UTF-8, one a line), which tha
 (`cc608`): the captions, like the connection, are each server's own; and after a stream's last tick, a tick or two
 more marked as its tail, of which only the sound of the last frame is sent (the AAC encoder holds ~2048 samples).
 
-A sending child answers on its stdout with one JSON line when it has connected (`{"ok": true}` or `{"error": ...}`)
-and one when the stream ended (`{"frames": n}` or `{"error": ...}`); the encoding child says `E` (its error) if it
-cannot go on.
+A sending child is given the URL (a line), then messages the same way: `M` the template, then `T` for each tick
+(its captions' length, its captions, then its packets; `L` for a tail's). It answers on its stdout with one JSON line
+when it has connected (`{"ok": true}` or `{"error": ...}`) and one when the stream ended (`{"frames": n}` or
+`{"error": ...}`); the encoding child says `E` (its error) if it cannot go on.
 """
 
 from __future__ import annotations
@@ -151,9 +152,8 @@ class LiveOutput:
         self.frames_written = 0
         self._proc = _child("send")
         assert self._proc.stdin is not None
-        # the URL not in argv: a stream key must not show in `ps`
-        self._proc.stdin.write(url.encode() + b"\n" + _SIZE.pack(len(template)) + template)
-        self._proc.stdin.flush()
+        self._proc.stdin.write(url.encode() + b"\n")  # not in argv: a stream key must not show in `ps`
+        _send_message(self._proc.stdin, b"M", template)
 
     def again(self) -> LiveOutput:
         """A new child for the same stream (not connected yet): a reconnection's."""
@@ -196,10 +196,8 @@ class LiveOutput:
         CEA-608: `LiveMuxer.caption`); `tail`: a tick after the last one sent, for the sound of that one only."""
         text = "\n".join(" ".join(caption.split()) for caption in captions).encode()
         try:
-            assert self._proc.stdin is not None
-            self._proc.stdin.write(b"\x01" if tail else b"\x00")
-            self._proc.stdin.write(_SIZE.pack(len(text)) + text + _SIZE.pack(len(packets)) + packets)
-            self._proc.stdin.flush()  # the tick now, not with the next one, 40 ms later
+            assert self._proc.stdin is not None  # (flushed: the tick now, not with the next one, 40 ms later)
+            _send_message(self._proc.stdin, b"L" if tail else b"T", _SIZE.pack(len(text)) + text + packets)
         except (OSError, ValueError):  # BrokenPipeError: the child is gone; ValueError: abort() closed the pipe
             raise OutputError(self._ended()) from None
         self.frames_written += 1
@@ -276,8 +274,7 @@ def _send(argv: list[str]) -> int:
         stdout.flush()
 
     url = stdin.readline().decode().strip()
-    size = stdin.read(_SIZE.size)
-    template = stdin.read(_SIZE.unpack(size)[0]) if len(size) == _SIZE.size else b""
+    _, template = _read_message(stdin)  # M
     try:
         muxer = LiveMuxer(url, template)
     except OutputError as e:
@@ -285,17 +282,15 @@ def _send(argv: list[str]) -> int:
         return 1
     say({"ok": True})
     try:
-        while True:  # a tick: whether it is the tail, its captions, then its packets (each after its length)
-            tail = stdin.read(1)
-            size = stdin.read(_SIZE.size)
-            text = stdin.read(_SIZE.unpack(size)[0]) if len(size) == _SIZE.size else b""
-            size = stdin.read(_SIZE.size)
-            if len(size) < _SIZE.size:  # the parent closed the pipe
+        while True:  # a tick (T, or L for a tail's): its captions (after their length), then its packets
+            kind, payload = _read_message(stdin)
+            if not kind:  # the parent closed the pipe
                 break
-            packets = stdin.read(_SIZE.unpack(size)[0])
+            (size,) = _SIZE.unpack_from(payload)
+            text, packets = payload[_SIZE.size:_SIZE.size + size], payload[_SIZE.size + size:]
             for caption in filter(None, text.decode(errors="replace").split("\n")):
                 muxer.caption(caption)
-            muxer.write(unpack(packets), tail=tail == b"\x01")
+            muxer.write(unpack(packets), tail=kind == b"L")
         frames = muxer.frames_written
         muxer.close()
     except OutputError as e:

@@ -473,7 +473,7 @@ class BroadcastEncode(TickStream):
         self._release(float("inf"))
         if self.session.broadcast_encodes.get(self.bitrate_kbps) is self:
             del self.session.broadcast_encodes[self.bitrate_kbps]
-        if self.state == "failed" and self.members:
+        if self.state == "failed" and self.members and not self._stopping:  # (the reader had not told them yet)
             self._broke(self.error or "the live stream's encoder stopped")
 
 
@@ -531,10 +531,10 @@ class Broadcast(TickStream):
                 **({"reconnects": self.reconnects, "down_s": round(self.down_s, 2)} if self.down_s else {}),
                 **({"error": self.error} if self.error else {})}
 
-    def add(self, frame: EncodedTick) -> None:  # type: ignore[override]
-        if frame.captions and (self.state == "reconnecting" or self._queue.full()):  # a tick not sent: its captions
-            self._missed = (frame.captions, time.monotonic())  # wait for the resume
-        super().add(frame)
+    def add(self, tick: EncodedTick) -> None:  # type: ignore[override]
+        if tick.captions and (self.state == "reconnecting" or self._queue.full()):  # a tick not sent: its captions
+            self._missed = (tick.captions, time.monotonic())  # wait for the resume
+        super().add(tick)
 
     async def stop(self) -> None:
         """End the stream (the ticks shown until now and the end of stream go out, off the loop; a reconnection in
