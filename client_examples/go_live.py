@@ -58,6 +58,9 @@ async def run(args: argparse.Namespace) -> list[dict]:
                       f"(try {ev['attempt']})", file=sys.stderr)
             elif ev["type"] == "broadcast_resumed":
                 print(f"{ev['url']}: live again after {ev['down_s']:.1f} s", file=sys.stderr)
+            elif ev["type"] == "broadcast_skipped":
+                print(f"{ev['url']}: the encode fell {ev['behind_s']:g} s behind (the server's CPU is too busy): "
+                      f"{ev['frames']} frames skipped", file=sys.stderr)
             else:
                 streams[ev["broadcast_id"]] = ev
                 if ev["error"]:
@@ -65,7 +68,7 @@ async def run(args: argparse.Namespace) -> list[dict]:
                 if all(s.get("type") == "broadcast_stopped" for s in streams.values()):  # (a state: still streaming)
                     ended.set()
 
-        for kind in ("broadcast_reconnecting", "broadcast_resumed", "broadcast_stopped"):
+        for kind in ("broadcast_reconnecting", "broadcast_resumed", "broadcast_skipped", "broadcast_stopped"):
             session.on(kind, on_stream)
         session.on("speech_started", lambda ev: quiet.clear())
         session.on("speech_stopped", lambda ev: quiet.set())

@@ -171,6 +171,7 @@ class Metrics:
         self.recordings: collections.Counter[bool] = collections.Counter()  # recordings ended: saved (True) or not
         self.broadcasts: collections.Counter[bool] = collections.Counter()  # live streams ended: well (True) or failed
         self.broadcast_reconnects = 0  # live streams' connections made again after a drop
+        self.broadcast_skipped = 0  # ticks live streams skipped, their encode behind (each stream's counted)
         self.recordings_pruned = 0  # saved recordings deleted by the retention limits
         self.recordings_bytes: int | None = None  # the saved MP4s' size at the last look (None: not looked yet)
         # totals of sessions already closed (live ones are added at scrape time)
@@ -263,6 +264,8 @@ def render_metrics(manager: SessionManager) -> str:
                                                ('{result="failed"}', m.broadcasts[False])])
     metric("letstalk_broadcast_reconnects_total", "counter", "Live streams' connections made again after they "
            "dropped (the streaming server went away or stopped reading).", [("", m.broadcast_reconnects)])
+    metric("letstalk_broadcast_skipped_frames_total", "counter", "Frames live streams skipped because their encode "
+           "fell behind (a CPU too busy; each stream counted).", [("", m.broadcast_skipped)])
     if manager.config.recordings_dir is not None:
         metric("letstalk_recordings_pruned_total", "counter", "Saved recordings deleted by the retention limits "
                "(--recordings-keep-hours, --recordings-max-gb).", [("", m.recordings_pruned)])
@@ -524,8 +527,8 @@ class ServerSession:
         self.spawn(self.manager.close(self, self.session.close_reason or "closed"), "close")
 
     def _broadcast_event(self, event: Event) -> None:
-        """Count a live stream's drops and ends; tell the operator's backend (webhooks) of a stream to a platform that
-        dropped, came back or ended, which nobody may be watching here."""
+        """Count a live stream's drops, skips and ends; tell the operator's backend (webhooks) of a stream to a platform
+        that dropped, came back, skipped frames or ended, which nobody may be watching here."""
         data = {"session_id": self.id, "broadcast_id": event.broadcast_id, "url": event.url}
         if event.type == "broadcast_reconnecting":
             if event.attempt == 1:  # the drop itself (its later tries are events on the websocket only)
@@ -534,6 +537,10 @@ class ServerSession:
             self.manager.metrics.broadcast_reconnects += 1
             self.manager.webhooks.send("broadcast.resumed", {**data, "attempts": event.attempts,
                                                              "down_s": event.down_s})
+        elif event.type == "broadcast_skipped":
+            self.manager.metrics.broadcast_skipped += event.frames
+            self.manager.webhooks.send("broadcast.skipped", {**data, "frames": event.frames,
+                                                             "behind_s": event.behind_s})
         elif event.type == "broadcast_stopped":
             self.manager.metrics.broadcasts[not event.error] += 1
             self.manager.webhooks.send("broadcast.stopped", {**data, "seconds": event.seconds, "error": event.error})

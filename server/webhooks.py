@@ -15,6 +15,8 @@ Each event is one JSON POST, `{"type", "id", "time", "data": {...}}`:
 - `broadcast.dropped` its connection dropped and is being made again (`session_id`, `broadcast_id`, `url`, `error`)
 - `broadcast.resumed` ... and was made again (`session_id`, `broadcast_id`, `url`, `attempts`, `down_s`); one that
                      never comes back ends with `broadcast.stopped` and its error
+- `broadcast.skipped` its encode fell behind (a CPU too busy) and skipped the `frames` waiting (`session_id`,
+                     `broadcast_id`, `url`, `frames`, `behind_s`); the stream goes on
 
 With a secret, each POST is signed: `X-Letstalk-Timestamp: T` (unix seconds) and
 `X-Letstalk-Signature: sha256=HEX`, HEX the HMAC-SHA256 of `T.BODY` under the secret, as Stripe and GitHub do: check

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import re
+import signal
 import textwrap
 import time
 from typing import Any
@@ -23,7 +24,8 @@ from letstalk_rt import cc608
 from letstalk_rt.errors import InputError, LetsTalkError, OutputError
 from letstalk_rt.media import LiveEncoder, LiveMuxer, check_live_url, redact_url
 from letstalk_rt.stream import EngineConfig, StreamEngine
-from letstalk_rt.stream.events import BroadcastReconnecting, BroadcastResumed, BroadcastStopped, Caption
+from letstalk_rt.stream.events import (BroadcastReconnecting, BroadcastResumed, BroadcastSkipped, BroadcastStopped,
+                                       Caption)
 from live_receiver import Receiver, closed_port, free_port, receiving
 from server_helpers import run, wait_until
 from test_recording import _portrait, _push_in_real_time
@@ -478,38 +480,61 @@ def test_a_session_streams_to_several_servers_at_once_each_on_its_own(tiny_pipel
     assert shared._writer._proc.wait(5) is not None and third.encode._writer._proc.wait(5) is not None
 
 
-def test_an_encode_that_dies_ends_its_streams_with_a_reason_and_the_session_streams_on(tiny_pipeline, tmp_path):
-    """The process encoding a session's live streams dies (killed): each stream it fed ends with a broadcast_stopped
-    event saying the encoder stopped (reconnecting would not bring it back), the server got what was sent until then,
-    and the session keeps showing frames; a broadcast started after it has an encode of its own, and streams."""
-    url, url2 = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
-    with receiving(url, tmp_path / "one.npz") as one, receiving(url2, tmp_path / "two.npz") as two:
+def test_an_encode_that_falls_behind_skips_and_one_that_dies_ends_its_streams_cleanly(tiny_pipeline, tmp_path):
+    """The process encoding a session's live streams stalls (stopped, as on a CPU too busy for it): once it is
+    `max_behind_s` behind, the ticks waiting are skipped, each stream it feeds is told (broadcast_skipped, and its
+    `skipped_frames`), and streams on once it runs again. Then it dies (killed): each stream it fed sends what it was
+    given and ends cleanly, with a broadcast_stopped event saying the encoder stopped (reconnecting would not bring it
+    back); the server got every tick the stream sent. A stream that was reconnecting (its server gone) gives up at once
+    and fails too, saying why. The session keeps showing frames; a broadcast started after it has an encode of its
+    own, and streams."""
+    url, url2, url3 = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
+    with receiving(url, tmp_path / "one.npz") as one, receiving(url2, tmp_path / "two.npz") as two, \
+            receiving(url3, tmp_path / "three.npz") as three:
         async def main():
             engine = await StreamEngine(tiny_pipeline, _reader_keeps_up()).start()
             try:
                 session = await engine.open_session(_portrait(tiny_pipeline))
                 events = session.events()
-                broadcast = await _connect(session, url)
+                broadcast = await _connect(session, url, max_behind_s=1.0)
                 stream = session.frames()
                 for _ in range(10):
                     await anext(stream)
-                broadcast.encode._writer._proc.kill()
-                stopped = await _next(events, BroadcastStopped)
+                proc = broadcast.encode._writer._proc
+                proc.send_signal(signal.SIGSTOP)
+                try:
+                    skipped = await _next(events, BroadcastSkipped)
+                    sent_then = broadcast.frames
+                finally:
+                    proc.send_signal(signal.SIGCONT)
+                await wait_until(lambda: broadcast.frames >= sent_then + 10, 10.0, "the stream to go on")
+                state = broadcast.describe()
+                down = await _connect(session, url3)  # the same encode; its server goes away
+                await wait_until(lambda: down.frames >= 5, 10.0, "the third stream")
+                three.kill()
+                await wait_until(lambda: down.state == "reconnecting", 10.0, "the third stream to reconnect")
+                proc.kill()
+                stopped = {}
+                while len(stopped) < 2:
+                    event = await _next(events, BroadcastStopped, timeout=5.0)
+                    stopped[event.broadcast_id] = event
                 for _ in range(10):  # the session streams on
                     await anext(stream)
                 encodes = dict(session.broadcast_encodes)
                 again = await _connect(session, url2)  # a new encode
-                for _ in range(15):
-                    await anext(stream)
+                await wait_until(lambda: again.frames >= 15, 10.0, "the new encode's stream")
                 await session.stop_broadcast(again.id)
-                return stopped, broadcast, encodes, again
+                return skipped, sent_then, state, stopped, broadcast, down, encodes, again
             finally:
                 await engine.stop()
 
-        stopped, broadcast, encodes, again = run(main())
+        skipped, sent_then, state, stopped, broadcast, down, encodes, again = run(main())
         got, got2 = one.result(), two.result()
-    assert "encoder stopped" in stopped.error and broadcast.describe()["state"] == "failed" and encodes == {}
-    assert 5 <= len(got["frames"]) <= broadcast.frames  # (cut: the last few in the muxer's buffer may not go out)
+    assert skipped.broadcast_id == broadcast.id and skipped.behind_s == 1.0 and skipped.frames >= 25
+    assert state["state"] == "streaming" and state["skipped_frames"] >= skipped.frames
+    assert "encoder stopped" in stopped[broadcast.id].error and broadcast.describe()["state"] == "failed"
+    assert len(got["frames"]) == broadcast.frames  # ended, not cut: every tick it sent got there
+    assert "encoder stopped" in stopped[down.id].error and down.describe()["state"] == "failed" and encodes == {}
     assert again.encode is not broadcast.encode and len(got2["frames"]) == again.frames >= 15
 
 
@@ -688,9 +713,11 @@ def test_the_server_streams_a_session_to_an_allowed_url_with_no_viewer(tiny_pipe
             config_from_args(parser.parse_args(["--broadcast-to", bad]))
 
 
-def test_the_server_tells_its_webhooks_of_a_stream_that_dropped_and_resumed(tiny_pipeline, tmp_path):
+def test_the_server_tells_its_webhooks_of_a_stream_that_dropped_resumed_and_skipped(tiny_pipeline, tmp_path):
     """A platform's server gone mid-stream and back: the operator's backend hears `broadcast.dropped` (why), then
-    `broadcast.resumed` (after how long), with the stream's id and no key; /metrics counts the reconnection."""
+    `broadcast.resumed` (after how long), with the stream's id and no key; /metrics counts the reconnection. Then the
+    stream's encode stalls (a CPU too busy for it) 5 s: the frames waiting are skipped, which the SDK's session hears
+    (`broadcast_skipped`), the backend too (`broadcast.skipped`), and /metrics counts."""
     import aiohttp
 
     from letstalk_rt.client import AvatarClient, AvatarClientError
@@ -705,6 +732,9 @@ def test_the_server_tells_its_webhooks_of_a_stream_that_dropped_and_resumed(tiny
                 aiohttp.ClientSession() as http, AvatarClient(srv.url) as client:
             info = await create_session(http, srv.url)
             sdk = await client.session(info["session_id"], info["token"])
+            heard = []
+            sdk.on("broadcast_skipped", heard.append)
+            await sdk.ping()  # its websocket open: the events come over it
             for _ in range(100):  # the receiver listens once its process is up
                 with contextlib.suppress(AvatarClientError):
                     state = await sdk.broadcast(url, reconnect_s=20)
@@ -718,21 +748,32 @@ def test_the_server_tells_its_webhooks_of_a_stream_that_dropped_and_resumed(tiny
                     return [json.loads(body)["data"] for _, body in hooked if f'"{kind}"'.encode() in body]
 
                 await wait_until(lambda: told("broadcast.resumed"), 20, "the resumed webhook")
+                encode, = srv.engine.sessions[info["session_id"]].broadcast_encodes.values()
+                encode._writer._proc.send_signal(signal.SIGSTOP)
+                try:
+                    await wait_until(lambda: told("broadcast.skipped"), 20, "the skipped webhook")
+                    await wait_until(lambda: heard, 5, "the SDK's broadcast_skipped event")
+                finally:
+                    encode._writer._proc.send_signal(signal.SIGCONT)
                 async with http.get(f"{srv.url}/metrics") as r:
                     metrics = await r.text()
                 await sdk.stop_broadcast()
             finally:
                 again.kill()
-            return state, told("broadcast.dropped"), told("broadcast.resumed"), metrics
+            return (state, told("broadcast.dropped"), told("broadcast.resumed"), told("broadcast.skipped"), heard,
+                    metrics)
 
     with receiving(url, tmp_path / "got.npz") as receiver:
-        state, dropped, resumed, metrics = run(main(receiver))
+        state, dropped, resumed, skipped, heard, metrics = run(main(receiver))
     where = {"session_id": dropped[0]["session_id"], "broadcast_id": state["id"],
              "url": url.replace("s3cret", "***")}
     assert len(dropped) == 1 and dropped[0].items() >= where.items() and dropped[0]["error"]
     assert len(resumed) == 1 and resumed[0].items() >= where.items() and 0.5 < resumed[0]["down_s"] < 10
     assert resumed[0]["attempts"] >= 1 and "s3cret" not in str(dropped + resumed)
     assert "letstalk_broadcast_reconnects_total 1" in metrics
+    assert skipped[0].items() >= where.items() and skipped[0]["behind_s"] == 5.0 and skipped[0]["frames"] >= 125
+    assert heard[0]["broadcast_id"] == state["id"] and heard[0]["frames"] == skipped[0]["frames"]
+    assert f"letstalk_broadcast_skipped_frames_total {skipped[0]['frames']}" in metrics
 
 
 def test_a_server_that_never_answers_costs_the_engine_nothing(tiny_pipeline):

@@ -421,8 +421,9 @@ export class AvatarConnection {
   // Stream this session live to a streaming server the letstalk server allows (`letstalk serve --broadcast-to
   // PREFIX`): an RTMP URL with its stream key (YouTube Live, Twitch, OBS), srt://, udp:// or tcp://. Each call adds
   // a destination (up to 4). -> its state ({id, state, url with the key hidden, seconds}); broadcast_reconnecting,
-  // broadcast_resumed and broadcast_stopped events follow it, their broadcast_id its id. An Error saying why when the
-  // server refuses (403: not allowed there; 409: already streaming there, or to 4; 502: not reachable).
+  // broadcast_resumed, broadcast_skipped and broadcast_stopped events follow it, their broadcast_id its id. An Error
+  // saying why when the server refuses (403: not allowed there; 409: already streaming there, or to 4; 502: not
+  // reachable).
   async broadcast(url, { bitrateKbps = null, reconnectS = null } = {}) {
     const body = { url };
     if (bitrateKbps) body.bitrate_kbps = bitrateKbps;

@@ -168,6 +168,19 @@ class BroadcastResumed(Event):
 
 
 @dataclass(frozen=True)
+class BroadcastSkipped(Event):
+    """The encode of the session's live streams fell `behind_s` behind (the CPU too busy to encode them too): the
+    `frames` it had not encoded yet were skipped, as a live stream does not catch up. The stream goes on from the next
+    tick shown (its viewers see the avatar jump ahead, with its sound); `Broadcast.skipped_frames` counts them all. One
+    event for each of the session's streams at that bitrate (they share the encode)."""
+
+    broadcast_id: str = ""  # which of the session's live streams (Broadcast.id)
+    url: str = ""
+    frames: int = 0
+    behind_s: float = 0.0
+
+
+@dataclass(frozen=True)
 class EngineAdjusted(Event):
     """The shared engine changed how much work a window gets, for every session on it: its windows fell
     `behind_ms` behind real time (another process took the cores), so it went from `before` to `after`
@@ -194,5 +207,6 @@ _EVENT_NAMES: dict[type, str] = {
     BroadcastStopped: "broadcast_stopped",
     BroadcastReconnecting: "broadcast_reconnecting",
     BroadcastResumed: "broadcast_resumed",
+    BroadcastSkipped: "broadcast_skipped",
     EngineAdjusted: "engine_adjusted",
 }

@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING, Any
 from .. import cc608
 from ..errors import OutputError
 from ..media import VideoWriter, write_text_atomic
-from .events import AVFrame, BroadcastReconnecting, BroadcastResumed, BroadcastStopped, Event, RecordingStopped
+from .events import (AVFrame, BroadcastReconnecting, BroadcastResumed, BroadcastSkipped, BroadcastStopped, Event,
+                     RecordingStopped)
 
 if TYPE_CHECKING:
     from ..broadcaster import LiveEncoding, LiveOutput
@@ -320,8 +321,8 @@ class BroadcastEncode(TickStream):
     The event loop queues each tick shown while a stream is joined (as a recording does); the thread writes them to the
     encoding process, and a second thread reads what it says: the streams' template once (`template`), then each
     tick's packets, handed to the streams on the event loop. An encode that falls `max_behind_s` behind (a CPU too
-    busy) drops the ticks waiting, as a live stream does not catch up; an encoding process that fails ends every
-    stream it fed, saying why."""
+    busy) skips the ticks waiting, as a live stream does not catch up, and tells its streams (`broadcast_skipped`); an
+    encoding process that fails ends every stream it fed, cleanly and saying why."""
 
     def __init__(self, session: Session, writer: LiveEncoding, max_behind_s: float = 5.0) -> None:
         self.bitrate_kbps = writer.bitrate_kbps
@@ -396,12 +397,16 @@ class BroadcastEncode(TickStream):
                 del self.session.broadcast_encodes[self.bitrate_kbps]
 
     def _fell_behind(self) -> None:
-        log.warning("session %s: its live streams' encoder fell %g s behind; the ticks waiting are dropped",
-                    self.session.id, self._max_behind_s)
+        skipped = 0
         with contextlib.suppress(queue.Empty):
             while True:
                 self._queue.get_nowait()
-                self.ticks_in -= 1
+                skipped += 1
+        self.ticks_in -= skipped
+        log.warning("session %s: its live streams' encoder fell %g s behind; the %d ticks waiting are skipped",
+                    self.session.id, self._max_behind_s, skipped)
+        for broadcast in self.members:
+            broadcast.skipped(skipped, self._max_behind_s)
 
     # -- the threads
 
@@ -457,7 +462,7 @@ class BroadcastEncode(TickStream):
                 waiter.set_result(None)
 
     def _broke(self, reason: str) -> None:
-        """The encoding process failed: every stream it fed ends, saying why."""
+        """The encoding process failed: every stream it fed ends (with what it was given), saying why."""
         self._fail(reason)
         self._stopping = True
         self._release(float("inf"))
@@ -465,7 +470,7 @@ class BroadcastEncode(TickStream):
         with contextlib.suppress(queue.Full):
             self._queue.put_nowait(None)
         for broadcast in tuple(self.members):
-            broadcast._end(reason)
+            broadcast.lost_encode(reason)
 
     def _done(self) -> None:
         super()._done()
@@ -510,6 +515,8 @@ class Broadcast(TickStream):
         self.reconnects = 0  # connections made again after a drop
         self.down_s = 0.0  # time spent reconnecting, all drops together
         self._behind: str | None = None  # why the event loop cut the connection (_fell_behind)
+        self._broken: str | None = None  # why its encode failed: it ends its stream, failing (lost_encode)
+        self.skipped_frames = 0  # ticks its encode skipped, falling behind (BroadcastEncode._fell_behind)
         self._connected = True  # False once stopped while it was down: nothing left to end
         # The last captions shown while it was down (and when), and those the first tick after it resumed carries: a
         # sentence still being said then is captioned, as the rows a viewer would still see were it never down.
@@ -529,12 +536,36 @@ class Broadcast(TickStream):
         return {"id": self.id, "state": state, "url": self.url, "seconds": round(self.seconds, 2),
                 "captions": self.captions,
                 **({"reconnects": self.reconnects, "down_s": round(self.down_s, 2)} if self.down_s else {}),
+                **({"skipped_frames": self.skipped_frames} if self.skipped_frames else {}),
                 **({"error": self.error} if self.error else {})}
 
     def add(self, tick: EncodedTick) -> None:  # type: ignore[override]
         if tick.captions and (self.state == "reconnecting" or self._queue.full()):  # a tick not sent: its captions
             self._missed = (tick.captions, time.monotonic())  # wait for the resume
         super().add(tick)
+
+    def skipped(self, frames: int, behind_s: float) -> None:
+        """Its encode fell `behind_s` behind and skipped `frames` ticks (event loop): say so."""
+        if frames and self.state in ("recording", "reconnecting") and not self._stopping:
+            self.skipped_frames += frames
+            s = self.session
+            s._emit(BroadcastSkipped(s.id, broadcast_id=self.id, url=self.url, frames=frames, behind_s=behind_s))
+
+    def lost_encode(self, reason: str) -> None:
+        """Its encode failed (event loop): it sends the ticks it was given and ends its stream as a stream ends (its
+        viewers see it end, not cut off), then fails with `reason` (connecting again would not bring the encode back).
+        Down and reconnecting, it gives up at once."""
+        if self._stopping or self.state not in ("recording", "reconnecting"):
+            return
+        self._broken = reason
+        self._stopping = True
+        self._wake.set()
+        if self.state == "reconnecting":  # a connection being made: given up
+            self._writer.abort()
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:  # (a stream this far behind is being cut anyway)
+            self._end(reason)
 
     async def stop(self) -> None:
         """End the stream (the ticks shown until now and the end of stream go out, off the loop; a reconnection in
@@ -649,11 +680,13 @@ class Broadcast(TickStream):
 
     def _finish(self) -> None:
         if not self._connected:
-            return
-        if self.frames and not self._writer.frames_written:  # stopped as it resumed, before a tick went out again:
+            pass
+        elif self.frames and not self._writer.frames_written:  # stopped as it resumed, before a tick went out again:
             self._writer.abort()  # that connection has nothing to end (its encoder would call it a failure)
-            return
-        self._writer.close()
+        else:
+            self._writer.close()
+        if self._broken:  # ended well, but because its encode failed: it failed
+            raise OutputError(self._broken)
 
     def _fail(self, reason: str) -> None:
         super()._fail(reason)
