@@ -66,7 +66,8 @@ class RunResult:
     latency_ms_p95: float | None
     latency_ms_p99: float | None
     av_offset_ms_max: float | None  # |audio release - video release| of each frame's own picture and speech, at the
-    # tracks (None with --webrtc: aiortc's senders read the tracks; `webrtc` has the offset where the peer receives)
+    # tracks (None with --webrtc: aiortc's senders read the tracks; `webrtc` has the offset as they sent, and where
+    # the peer receives)
     held_frames: int  # frames shown as held (generation late)
     gap_seconds: float  # silence inserted before pushed audio that missed its deadline (heard as a gap)
     dropped_frames: int  # frames skipped (interrupt / consumer)

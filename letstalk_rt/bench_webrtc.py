@@ -11,7 +11,9 @@ receiving peer measures, per session:
 - **lip-to-sound offset**: for every received frame, its arrival against the arrival of the audio of the same media
   time (RTP timestamps; positive: the picture after its sound), twice: as the application gets them from the SDK
   (after the SDK's receive buffers: what a player that shows and plays on arrival shows) and as their first RTP packets
-  came off the wire (what the server sent; a browser lines the two up by the RTP timestamps and RTCP itself);
+  came off the wire (what the server sent; a browser lines the two up by the RTP timestamps and RTCP itself); and
+  a third time at the server (`lip_to_sound_sent_ms`), as its senders took each frame from the tracks and sent it:
+  what the server's clock did, whatever the network or the peer's own event loop did after;
 - **speech to sound**: how long after the microphone sent a piece of speech the avatar's audio carrying it arrived
   (the loudness of what was sent and of what came back, cross-correlated over each `SEGMENT_S`); the picture of
   that speech arrives the lip-to-sound offset later;
@@ -127,6 +129,8 @@ class Received:
     wire: dict[str, np.ndarray] = field(default_factory=dict)  # kind -> (media s, first RTP packet's arrival
     # monotonic), (n, 2), from `wire_arrivals`
     mic_wire: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))  # the microphone's packets at the server
+    sent_wire: dict[str, np.ndarray] = field(default_factory=dict)  # kind -> (media s, sent monotonic) of the
+    # server's senders, from `wire_departures` (same process only: --peer-process adds it to the summary itself)
     opened_at: float = 0.0  # monotonic, before the session was asked for
     connected_at: float = 0.0  # monotonic, when `connect()` returned (session made, offer answered, ICE and DTLS done)
     frame_size: list[int] | None = None  # [width, height] of the first frame that arrived
@@ -164,13 +168,49 @@ def wire_arrivals():
         RTCRtpReceiver._handle_rtp_packet = original  # type: ignore[method-assign]
 
 
+@contextlib.contextmanager
+def wire_departures():
+    """While open, every aiortc sender of this process notes when it took each frame from its track, encoded (or
+    packed: a session's shared encoders), to send its packets at once: yields {sender: Marks of (media timestamp in RTP
+    clock units, monotonic)}. It wraps the senders' frame fetch (a private method, as `wire_arrivals` does; where
+    aiortc no longer has it, nothing is noted)."""
+    from aiortc import RTCRtpSender
+
+    sent: dict = {}
+    original = getattr(RTCRtpSender, "_next_encoded_frame", None)
+    if original is None:
+        yield sent
+        return
+
+    async def next_frame(self, *args, **kwargs):
+        frame = await original(self, *args, **kwargs)
+        if frame is not None:
+            sent.setdefault(self, Marks()).append((frame.timestamp, time.monotonic()))
+        return frame
+
+    RTCRtpSender._next_encoded_frame = next_frame  # type: ignore[method-assign]
+    try:
+        yield sent
+    finally:
+        RTCRtpSender._next_encoded_frame = original  # type: ignore[method-assign]
+
+
 def on_the_wire(pc, seen: dict) -> dict[str, np.ndarray]:
     """A peer connection's receivers' `wire_arrivals` -> kind -> (media seconds since its first packet, arrival) per
     RTP timestamp (its first arrival), (n, 2) in order of arrival."""
+    return _by_kind([(r, r.track.kind if r.track is not None else None) for r in pc.getReceivers()], seen)
+
+
+def sent_on_the_wire(pc, sent: dict) -> dict[str, np.ndarray]:
+    """A peer connection's senders' `wire_departures` -> kind -> (media seconds since its first frame, sent), (n, 2):
+    as `on_the_wire`, at the sending side."""
+    return _by_kind([(s, s.kind) for s in pc.getSenders()], sent)
+
+
+def _by_kind(ends: list, seen: dict) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
-    for receiver in pc.getReceivers():
-        ts, at = pairs(seen.get(receiver, Marks()))  # in order of arrival
-        kind = receiver.track.kind if receiver.track is not None else None
+    for end, kind in ends:
+        ts, at = pairs(seen.get(end, Marks()))  # in order of arrival
         if len(ts) and kind in RTP_CLOCK:
             _, first = np.unique(ts, return_index=True)  # a timestamp seen again (a packet out of order): its first
             first.sort()
@@ -316,6 +356,7 @@ def summary(got: Received, sent: np.ndarray, sent_at: Marks, fps: float) -> dict
     return {"first_frame_received_ms": first_frame_ms(got), "frame_size": got.frame_size,
             "pacing": pacing(got.video), "lip_to_sound_ms": arrival_offsets(got.video, got.audio),
             "lip_to_sound_wire_ms": wire,
+            "lip_to_sound_sent_ms": arrival_offsets(got.sent_wire.get("video", none), got.sent_wire.get("audio", none)),
             # where speech to sound goes, outside the engine's own latency: the microphone's packets from its track to
             # the server's wire, and the avatar's audio from the client's wire to the application (the SDK's receive buffer)
             "mic_to_server_wire_ms": arrival_offsets(got.mic_wire, sent_at),
@@ -354,12 +395,12 @@ async def stream(engine, n: int, seconds: float, speech: np.ndarray, peer_proces
 
     from server.app import MANAGER
 
-    with wire_arrivals() as seen:
+    with wire_arrivals() as seen, wire_departures() as sent:
         async with local_server(engine) as (url, app):
             if peer_process:
-                return await _run_peer_process(url, app[MANAGER], n, seconds, speech, seen, full_frame)
+                return await _run_peer_process(url, app[MANAGER], n, seconds, speech, (seen, sent), full_frame)
             async with AvatarClient(url) as client:
-                sessions, peers = await _run(client, app[MANAGER], n, seconds, speech, seen, full_frame)
+                sessions, peers = await _run(client, app[MANAGER], n, seconds, speech, (seen, sent), full_frame)
     return sessions, [summary(p.got, p.mic.sent(), p.mic.sent_at, fps_of(p.avatar)) for p in peers]
 
 
@@ -439,7 +480,8 @@ def mic_on_the_server(pc, seen: dict) -> np.ndarray:
     return on_the_wire(pc, seen).get("audio", np.zeros((0, 2))) if pc is not None else np.zeros((0, 2))
 
 
-async def _run(client, manager, n, seconds, speech, seen, full_frame=0):
+async def _run(client, manager, n, seconds, speech, wire, full_frame=0):
+    seen, sent = wire
     await warm_up(client, manager)
     sessions = []
     peers = await open_peers(client, n, seconds, speech,
@@ -447,16 +489,18 @@ async def _run(client, manager, n, seconds, speech, seen, full_frame=0):
                              full_frame=full_frame)
     await asyncio.sleep(seconds)
     for p in peers:
-        p.got.mic_wire = mic_on_the_server(manager.sessions[p.avatar.id].pc, seen)
+        pc = manager.sessions[p.avatar.id].pc
+        p.got.mic_wire = mic_on_the_server(pc, seen)
+        p.got.sent_wire = sent_on_the_wire(pc, sent)
     await close_peers(peers, seen)
     return sessions, peers
 
 
-async def _run_peer_process(url, manager, n, seconds, speech, seen, full_frame=0) -> tuple[list, list[dict]]:
+async def _run_peer_process(url, manager, n, seconds, speech, wire, full_frame=0) -> tuple[list, list[dict]]:
     """`stream` with the peers in a child process (`main`): the engine's session and the server's peer connection of
     each session the child reports opened are kept here; the child's summaries come back on its last line, and the
     microphone-to-server figure is made here from the server's wire and the child's send times (one monotonic clock
-    for the machine)."""
+    for the machine), the server's lip to sound from its senders."""
     import json
     import sys
     import tempfile
@@ -493,9 +537,13 @@ async def _run_peer_process(url, manager, n, seconds, speech, seen, full_frame=0
             code = await child.wait()
     if code != 0 or result is None:
         raise LetsTalkError(f"the bench's peer process failed (exit code {code}); its error is printed above")
+    seen, sent = wire
     for peer, pc in zip(result["peers"], server_pcs):
         sent_at = peer.pop("send_times")
         peer["mic_to_server_wire_ms"] = arrival_offsets(mic_on_the_server(pc, seen), sent_at)
+        sent_wire = sent_on_the_wire(pc, sent)
+        peer["lip_to_sound_sent_ms"] = arrival_offsets(sent_wire.get("video", np.zeros((0, 2))),
+                                                       sent_wire.get("audio", np.zeros((0, 2))))
     return sessions, result["peers"]
 
 
@@ -524,7 +572,8 @@ async def peers_main(url: str, n: int, seconds: float, speech: np.ndarray, api_k
     for p in peers:
         out.append({**summary(p.got, p.mic.sent(), p.mic.sent_at, fps_of(p.avatar)), "peer_pid": os.getpid(),
                     "peer_loop": loop, "route": p.route})
-        del out[-1]["mic_to_server_wire_ms"]  # the server's side of it is not here (`stream` adds it where it is)
+        for server_side in ("mic_to_server_wire_ms", "lip_to_sound_sent_ms"):  # not here (`stream` adds them there)
+            del out[-1][server_side]
         if send_times:
             out[-1]["send_times"] = np.asarray(p.mic.sent_at).tolist()
     print(json.dumps({"peers": out}), flush=True)

@@ -21,8 +21,8 @@ def test_webrtc_bench_measures_pacing_lip_to_sound_and_speech_to_sound_at_the_pe
                                                                                  monkeypatch):
     """Through the server and a real aiortc peer (speech sent as its microphone): frames arrive at 25 fps; the
     application gets each frame together with the audio of its media time (the SDK's `align`), and each audio packet
-    on arrival (the SDK's receivers released: aiortc alone holds audio 80 ms); on the wire audio and video of the same
-    time leave together (the Opus track: before it, each audio packet left 20 ms late); the speech comes back with the
+    on arrival (the SDK's receivers released: aiortc alone holds audio 80 ms); on the wire (as the server's senders
+    took them, and as they arrived) audio and video of the same time leave together (the Opus track: before it, each audio packet left 20 ms late); the speech comes back with the
     engine's latency in it."""
     from letstalk_rt.media import load_image
 
@@ -42,6 +42,7 @@ def test_webrtc_bench_measures_pacing_lip_to_sound_and_speech_to_sound_at_the_pe
     assert 30 < peer["pacing"]["gap_ms"]["p50"] < 50
     assert abs(peer["lip_to_sound_ms"]["p50"]) < 20, peer["lip_to_sound_ms"]
     assert abs(peer["lip_to_sound_wire_ms"]["p50"]) < 15, peer["lip_to_sound_wire_ms"]
+    assert abs(peer["lip_to_sound_sent_ms"]["p50"]) < 15, peer["lip_to_sound_sent_ms"]  # as the server sent them
     assert peer["mic_to_server_wire_ms"]["p50"] < 15  # 48 kHz stereo: the microphone's packets leave at once
     assert peer["audio_wire_to_app_ms"]["p50"] < 10  # each packet on arrival (aiortc alone: 80 ms)
     trip = peer["speech_to_sound_ms"]
@@ -55,7 +56,8 @@ def test_webrtc_bench_with_the_peers_in_a_process_of_their_own(tiny_pipeline, as
     """--peer-process: the microphones and the SDK run in a child process (`python -m letstalk_rt.bench_webrtc`), as a
     user's peer does, not on the server's event loop; the engine's figures are read here, the peers' come back from
     the child, and the microphone-to-server figure joins the server's wire here to the child's send times (one
-    monotonic clock for the machine: a wrong join reads seconds, or negative). `full_frame` reaches the child's
+    monotonic clock for the machine: a wrong join reads seconds, or negative); the server's own lip to sound, as its
+    senders sent, is added here. `full_frame` reaches the child's
     sessions: the whole bundled photo (320 px) arrives, fit to 48."""
     import os
 
@@ -74,6 +76,7 @@ def test_webrtc_bench_with_the_peers_in_a_process_of_their_own(tiny_pipeline, as
     assert peer["pacing"]["frames"] > 80 and 22 < peer["pacing"]["fps"] < 28
     assert abs(peer["lip_to_sound_wire_ms"]["p50"]) < 15, peer["lip_to_sound_wire_ms"]
     assert 0 < peer["mic_to_server_wire_ms"]["p50"] < 15, peer["mic_to_server_wire_ms"]
+    assert abs(peer["lip_to_sound_sent_ms"]["p50"]) < 15, peer["lip_to_sound_sent_ms"]  # as the server sent them
     assert "send_times" not in peer and peer["route"] == {"local": "host", "remote": "host"}  # no TURN: direct
     assert peer["frame_size"] == [48, 48] and peer["content_sync"]["frames"] > 80  # the face square read in them
 
