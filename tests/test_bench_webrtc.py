@@ -22,8 +22,8 @@ def test_webrtc_bench_measures_pacing_lip_to_sound_and_speech_to_sound_at_the_pe
     """Through the server and a real aiortc peer (speech sent as its microphone): frames arrive at 25 fps; the
     application gets each frame together with the audio of its media time (the SDK's `align`), and each audio packet
     on arrival (the SDK's receivers released: aiortc alone holds audio 80 ms); on the wire (as the server's senders
-    took them, and as they arrived) audio and video of the same time leave together (the Opus track: before it, each audio packet left 20 ms late); the speech comes back with the
-    engine's latency in it."""
+    took them, and as they arrived) audio and video of the same time leave together (the Opus track: before it, each
+    audio packet left 20 ms late); the speech comes back with the engine's latency in it."""
     from letstalk_rt.media import load_image
 
     monkeypatch.setattr(bench_webrtc, "SEGMENT_S", 2.0)  # the run lasts 6 s

@@ -397,12 +397,13 @@ class BroadcastEncode(TickStream):
                 del self.session.broadcast_encodes[self.bitrate_kbps]
 
     def _fell_behind(self) -> None:
-        skipped = 0
+        dropped = 0
         with contextlib.suppress(queue.Empty):
             while True:
                 self._queue.get_nowait()
-                skipped += 1
-        self.ticks_in -= skipped
+                dropped += 1
+        self.ticks_in -= dropped
+        skipped = dropped + 1  # and the tick that found the queue full
         log.warning("session %s: its live streams' encoder fell %g s behind; the %d ticks waiting are skipped",
                     self.session.id, self._max_behind_s, skipped)
         for broadcast in self.members:
