@@ -1,6 +1,7 @@
 """A live session beside a render or a live stream, through a running `letstalk serve` (docs/benchmarks.md).
 
-    python scripts/beside_live.py [--render | --broadcast [N]] [--full-frame PX] [--server http://127.0.0.1:8080]
+    python scripts/beside_live.py [--render | --broadcast [N]] [--full-frame PX] [--portrait IMAGE]
+                                  [--server http://127.0.0.1:8080]
 
 A live session through WebRTC: the SDK sends the bundled speech, looped, for 40 s at real-time pace over its
 websocket and reads both tracks. With --render (a server started with --recordings-dir), a render of the bundled
@@ -57,7 +58,8 @@ def broadcaster_cpu_s() -> dict[str, list[float]]:
 async def main(args: argparse.Namespace) -> None:
     speech = np.tile(load_audio(SPEECH, 16000), 4)[: 40 * 16000]
     async with AvatarClient(args.server, api_key=args.api_key) as client:
-        session = await client.start_session(avatar_id="default", full_frame=args.full_frame or None)
+        session = await client.start_session(args.portrait, avatar_id=None if args.portrait else "default",
+                                             full_frame=args.full_frame or None)
         await session.connect()
         video = session.info["video"]
         print(f"live session: {video.get('width')}x{video.get('height')} at {video.get('fps')} fps", flush=True)
@@ -124,4 +126,6 @@ if __name__ == "__main__":
     p.add_argument("--out", default="render.mp4", help="where the render's MP4 goes")
     p.add_argument("--full-frame", type=int, default=0, metavar="PX",
                    help="the live session's frames the whole photo, fit to PX (default: the face crop)")
+    p.add_argument("--portrait", default=None, metavar="IMAGE",
+                   help="the live session's photo (default: the server's default avatar, a 320-px photo)")
     asyncio.run(main(p.parse_args()))
