@@ -120,3 +120,39 @@ def test_without_the_engine_its_commands_and_names_say_how_to_install_it(tmp_pat
     assert server.returncode == 1 and server.stderr.startswith("server: error: python -m server needs the engine"), \
         server.stderr
     assert "Traceback" not in server.stderr
+
+
+def _dockerfile() -> list[tuple[str, str]]:
+    """The Dockerfile's instructions as (INSTRUCTION, rest), continuation lines joined, comments left out."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    lines = [line.strip() for line in text.splitlines()]
+    return [(line.split()[0].upper(), line.split(None, 1)[1]) for line in lines if line and not line.startswith("#")]
+
+
+def test_the_container_image_copies_every_package_and_serves_what_it_exposes():
+    """The image (Dockerfile) installs from what it COPYs: every package of the wheel, the browser client's folder,
+    pyproject.toml and README.md must be copied and let through .dockerignore (an allow-list), or the image's install
+    fails or serves no browser page. Its entry point must be a `letstalk serve` the CLI accepts, on the port the image
+    exposes and its health check asks. scripts/docker_check.sh builds the image and streams a session through it
+    (docs/server.md, "In a container"); this runs where no Docker is."""
+    import json
+
+    from letstalk_rt.cli import build_parser
+
+    instructions = _dockerfile()
+    copied = {src for op, rest in instructions if op == "COPY" for src in rest.split()[:-1]}
+    table = _setuptools_table()
+    needed = {"pyproject.toml", "README.md", *table["package-dir"].values(),
+              *{p.split(".")[0] for p in table["packages"]}}
+    assert needed <= copied, f"not copied into the image: {sorted(needed - copied)}"
+    allowed = {line[1:] for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")}
+    assert "*" in (ROOT / ".dockerignore").read_text().splitlines()
+    assert needed <= allowed, f"left out of the build context by .dockerignore: {sorted(needed - allowed)}"
+
+    (entry,) = [json.loads(rest) for op, rest in instructions if op == "ENTRYPOINT"]
+    assert entry[:2] == ["tini", "--"] and entry[2] == "letstalk"
+    args = build_parser().parse_args([*entry[3:], "--max-sessions", "2"])
+    assert args.host == "0.0.0.0" and args.max_sessions == 2
+    (exposed,) = [rest for op, rest in instructions if op == "EXPOSE"]
+    (health,) = [rest for op, rest in instructions if op == "HEALTHCHECK"]
+    assert int(exposed) == args.port and f"127.0.0.1:{args.port}/health" in health
