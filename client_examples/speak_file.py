@@ -108,7 +108,9 @@ async def _stream(args: argparse.Namespace, speech: np.ndarray, recorder: Record
         session.on("speech_stopped", lambda ev: print(f"  avatar stopped talking (frame {ev['frame']})"))
         session.on("error", lambda ev: print(f"  server: {ev['message']}", file=sys.stderr))
         await session.connect()
-        print(f"session {session.id}: streaming {seconds:.1f} s of speech ...")
+        route = session.route() or {}
+        print(f"session {session.id}: connected ({route.get('local')} to {route.get('remote')}), streaming "
+              f"{seconds:.1f} s of speech ...")
 
         async def record_video():
             async for frame in session.timed_video_frames():
@@ -135,8 +137,9 @@ async def _stream(args: argparse.Namespace, speech: np.ndarray, recorder: Record
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
     s = stats["stats"]
+    route = stats.get("route") or {}  # None from a server older than this example
     print(f"server: first frame {(s['first_frame_s'] or 0) * 1000:.0f} ms, speech-to-screen p50 "
-          f"{s['latency_ms_p50'] or 0:.0f} ms")
+          f"{s['latency_ms_p50'] or 0:.0f} ms; its side connected {route.get('local')} to {route.get('remote')}")
 
 
 def main() -> int:

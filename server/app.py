@@ -53,6 +53,7 @@ from letstalk_rt.cli import check_live_args, check_sampling_args, live_config, p
 from letstalk_rt.errors import InputError, LetsTalkError, NoFaceError, OutputError
 from letstalk_rt.framing import FRAMING, MAX_PHOTO_SIDE, check_framing
 from letstalk_rt.media import LIVE_FORMATS, WHITE, check_live_url, decode_audio, parse_colour, redact_url, upright_image
+from letstalk_rt.rtc import selected_route
 from letstalk_rt.stream import CapacityError, EnginePool, FileSource, StreamEngine, TextSource, run_off_loop
 from letstalk_rt.stream.engine import SessionClosedError
 from letstalk_rt.tts import (DEFAULT_VOICE, MAX_TEXT, PITCH_RANGE, RATE_RANGE, Speech, SpeechUnavailable, check_voice,
@@ -836,6 +837,9 @@ async def get_session(request: web.Request) -> web.Response:
         "session_id": ss.id,
         "expires_at": ss.expires_at,
         "peer_connection": ss.pc.connectionState if ss.pc is not None else None,
+        # how the server's side of it connected: host, srflx, prflx or relay on each end (a deployment behind NAT or in
+        # a container checks here that its media goes through the TURN relay it was given)
+        "route": selected_route(ss.pc) if ss.pc is not None else None,
         "viewers": len(ss.viewers),
         "websocket": ss.ws is not None,
         "ice_servers": ss.ice_servers,

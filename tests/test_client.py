@@ -173,7 +173,6 @@ def test_sdk_connects_through_the_servers_turn_relay_with_credentials_made_per_s
     With credentials made from a wrong secret, the relay refuses them: a relay-only connect() says so at once, and
     a client that may connect directly still does, both ends warning that the relay gave no address."""
     from letstalk_rt.client import AvatarClient, AvatarClientError
-    from letstalk_rt.rtc import selected_route
 
     async def main(turn, secret):
         async with running_server(tiny_pipeline, ice_servers=[turn.url], turn_secret=secret, turn_ttl_s=600) as srv:
@@ -187,6 +186,7 @@ def test_sdk_connects_through_the_servers_turn_relay_with_credentials_made_per_s
                         other = await direct.start_session()
                         await other.connect()
                         assert other.route() == {"local": "host", "remote": "host"}
+                        assert (await other.stats())["route"] == {"local": "host", "remote": "host"}
                         await other.close()
                     return session.info, None, None
                 await session.connect()
@@ -195,7 +195,7 @@ def test_sdk_connects_through_the_servers_turn_relay_with_credentials_made_per_s
                     frames.append(frame)
                     if len(frames) == 5:
                         break
-                pairs = session.route(), selected_route(srv.manager.sessions[session.id].pc)
+                pairs = session.route(), (await session.stats())["route"]  # the server's side, as its API says it
                 await session.close()
                 return session.info, frames, pairs
 
