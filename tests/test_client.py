@@ -246,19 +246,25 @@ def test_a_check_that_the_relay_dropped_is_sent_again_when_the_peers_check_arriv
             if answer_at_once:
                 assert answer_checks_at_once(answerer) and answer_checks_at_once(offerer)
             await answerer.setLocalDescription(await answerer.createAnswer())
+            hosts = {line.split()[4] for line in answerer.localDescription.sdp.splitlines()
+                     if line.startswith("a=candidate:") and line.endswith("typ host") and line.count(".") == 3}
             start = time.monotonic()
             await offerer.setRemoteDescription(answerer.localDescription)
             while answerer.iceConnectionState != "completed":
                 await asyncio.sleep(0.005)
-            return time.monotonic() - start
+            return time.monotonic() - start, hosts
         finally:
             await offerer.close()
             await answerer.close()
 
     with turn_server(tmp_path) as turn:
-        took = run(main(turn), timeout=60)
+        took, hosts = run(main(turn), timeout=60)
     if answer_at_once:
         assert took < 1.5, took
+    elif len(hosts) > 1:  # each address is a pair of its own, and the later pairs' first checks go out after the
+        # relay has opened the way (the peer's check came in): one of them connects at once, whatever aioice does
+        pytest.skip(f"the control needs one IPv4 address besides loopback; this machine has {sorted(hosts)} "
+                    f"(a Docker bridge's, say)")
     else:
         assert took > 2.5, took  # the dropped check waited out its timeout
 
