@@ -105,7 +105,9 @@ def test_churn_opens_and_closes_sessions_one_after_another_and_reads_the_servers
     rows, (last,) = lines[:-1], lines[-1:]
     assert [r["churn"] for r in rows] == [0, 1, 2]
     for r in rows:
-        assert 20 <= r["pacing"]["frames"] <= 30, r  # 1 s at 25 fps
+        # 1 s at 25 fps, less what passed before the first frame (572 ms once, on a 2-core VM busy with other work)
+        since_first = 1.0 - r["first_frame_received_ms"] / 1000
+        assert since_first * 25 - 3 <= r["pacing"]["frames"] <= 30, r
         assert r["server_rss_mb"] > 50 and r["server_sessions_active"] == 0
         assert 0 < r["connect_ms"] < r["first_frame_received_ms"]  # media flows once the connection is up
     summary = last["churn_summary"]
