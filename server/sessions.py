@@ -52,6 +52,7 @@ from letstalk_rt.rtc import (
     ice_configuration,
     relay_missing,
     release_frames_at_once,
+    selected_route,
     sent_codec,
 )
 from letstalk_rt.stream import TrackSource
@@ -168,6 +169,7 @@ class Metrics:
         self.errors_total = 0
         self.says_total = 0  # `say` messages accepted
         self.reconnects_total = 0  # peer connections a new offer replaced (a client back after its network changed)
+        self.peer_routes: collections.Counter[str] = collections.Counter()  # connections made: "direct" or "relay"
         self.recordings: collections.Counter[bool] = collections.Counter()  # recordings ended: saved (True) or not
         self.broadcasts: collections.Counter[bool] = collections.Counter()  # live streams ended: well (True) or failed
         self.broadcast_reconnects = 0  # live streams' connections made again after a drop
@@ -248,6 +250,9 @@ def render_metrics(manager: SessionManager) -> str:
     metric("letstalk_says_total", "counter", "Texts accepted to be spoken (`say`).", [("", m.says_total)])
     metric("letstalk_reconnects_total", "counter", "Peer connections replaced by a new offer after their peer went "
            "silent (a client back after its network changed).", [("", m.reconnects_total)])
+    metric("letstalk_peer_connections_total", "counter", "Peer connections (sessions' and viewers') that connected, by "
+           "route: relay when either end's candidate is a TURN relay's (its bandwidth is the relay's), else direct.",
+           [(f'{{route="{r}"}}', m.peer_routes[r]) for r in ("direct", "relay")])
     metric("letstalk_renders_active", "gauge", "Renders being made now (POST /v1/renders; each is a session too).",
            [("", manager.renders.active)])
     metric("letstalk_renders_total", "counter", "Renders finished, by result (done: the video saved).",
@@ -620,7 +625,7 @@ class ServerSession:
         @pc.on("connectionstatechange")
         async def on_state() -> None:
             state = pc.connectionState
-            log.info("session %s: peer connection %s", self.id, state)
+            log.info("session %s: peer connection %s%s", self.id, state, self.manager.count_route(pc, state))
             if state == "connected":
                 self.last_peer_seen = time.monotonic()
             elif state in ("failed", "closed") and self.pc is pc:
@@ -719,6 +724,7 @@ class ServerSession:
         @pc.on("connectionstatechange")
         async def on_state() -> None:
             state = pc.connectionState
+            self.manager.count_route(pc, state)
             if state == "connected":
                 viewer.last_seen = time.monotonic()
             elif state in ("failed", "closed"):
@@ -880,6 +886,15 @@ class SessionManager:
     @property
     def max_sessions(self) -> int:
         return self.engines.max_sessions
+
+    def count_route(self, pc, state: str) -> str:
+        """A peer connection that just connected is counted by its route (`letstalk_peer_connections_total`); for
+        the log: " (host to relay)", the server's end first, or "" in any other state."""
+        route = selected_route(pc) if state == "connected" else None
+        if route is None:
+            return ""
+        self.metrics.peer_routes["relay" if "relay" in route.values() else "direct"] += 1
+        return f" ({route['local']} to {route['remote']})"
 
     # -- admission
 

@@ -187,6 +187,9 @@ def test_sdk_connects_through_the_servers_turn_relay_with_credentials_made_per_s
                         await other.connect()
                         assert other.route() == {"local": "host", "remote": "host"}
                         assert (await other.stats())["route"] == {"local": "host", "remote": "host"}
+                        counted = await direct.metrics()
+                        assert counted['letstalk_peer_connections_total{route="direct"}'] == 1
+                        assert counted['letstalk_peer_connections_total{route="relay"}'] == 0
                         await other.close()
                     return session.info, None, None
                 await session.connect()
@@ -196,6 +199,9 @@ def test_sdk_connects_through_the_servers_turn_relay_with_credentials_made_per_s
                     if len(frames) == 5:
                         break
                 pairs = session.route(), (await session.stats())["route"]  # the server's side, as its API says it
+                counted = await client.metrics()
+                assert counted['letstalk_peer_connections_total{route="relay"}'] == 1
+                assert counted['letstalk_peer_connections_total{route="direct"}'] == 0
                 await session.close()
                 return session.info, frames, pairs
 
