@@ -31,7 +31,10 @@ def test_audio_shown_turns_true_on_the_frame_that_plays_the_last_piece_pushed(ti
     speech = speechlike(1.0)  # 25 frames' audio exactly
 
     async def main():
-        engine = await StreamEngine(tiny_pipeline, EngineConfig(warmup=False)).start()
+        # a loaded machine's session falls behind: nothing may be played faster or skipped, so the speech shown is
+        # exactly what was pushed, with held frames (silent fillers: generation was late) left out
+        config = EngineConfig(warmup=False, catch_up_tempo=1.0, late_skip_ms=1e9)
+        engine = await StreamEngine(tiny_pipeline, config).start()
         try:
             session = await engine.open_session(_portrait(tiny_pipeline))
             assert session.audio_shown  # nothing pushed yet
@@ -41,7 +44,8 @@ def test_audio_shown_turns_true_on_the_frame_that_plays_the_last_piece_pushed(ti
             assert not session.audio_shown
             shown = []
             async for frame in session.frames():
-                shown.append(frame.audio)
+                if not frame.filler:  # one held a second of speech back by a frame, once in ~8 runs on a 2-core VM
+                    shown.append(frame.audio)
                 if session.audio_shown:
                     break
                 assert len(shown) < 200, "the speech was never all shown"
