@@ -16,8 +16,10 @@ FROM ${BASE}
 
 # tini as PID 1: it passes `docker stop`'s SIGTERM on (the server's gentle shutdown, --drain-seconds) and reaps the
 # encoder processes of live streams. espeak-ng: the voice of text sessions (`say`, /v1/renders with text).
+# APT_EXTRA: more Debian packages, e.g. g++ for `serve --compile` (torch.compile builds C++ kernels on a CPU).
+ARG APT_EXTRA=
 RUN apt-get update \
-    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends tini espeak-ng \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends tini espeak-ng $APT_EXTRA \
     && rm -rf /var/lib/apt/lists/*
 
 ENV VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
