@@ -16,7 +16,8 @@ FROM ${BASE}
 
 # tini as PID 1: it passes `docker stop`'s SIGTERM on (the server's gentle shutdown, --drain-seconds) and reaps the
 # encoder processes of live streams. espeak-ng: the voice of text sessions (`say`, /v1/renders with text).
-# APT_EXTRA: more Debian packages, e.g. g++ for `serve --compile` (torch.compile builds C++ kernels on a CPU).
+# APT_EXTRA: more Debian packages, e.g. g++ for `serve --compile` (torch.compile builds C++ kernels on a CPU; a BASE
+# whose Python is Debian's needs python3-dev too, for Python.h).
 ARG APT_EXTRA=
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends tini espeak-ng $APT_EXTRA \
