@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import fractions
+import ipaddress
 import logging
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import av
 import numpy as np
@@ -228,6 +230,31 @@ def relay_missing(servers: list[dict], sdp: str) -> str | None:
         return None
     return (f"the TURN server {turn[0]} gave no relayed address: it is unreachable, or it refused the credentials "
             "(a --turn-secret other than its static-auth-secret, or credentials that expired)")
+
+
+DOCKER_POOL = ipaddress.ip_network("172.16.0.0/12")  # where Docker's bridge networks take their addresses by default
+
+
+def in_container() -> bool:
+    """Docker (/.dockerenv) or Podman (/run/.containerenv) made this process's filesystem."""
+    return Path("/.dockerenv").exists() or Path("/run/.containerenv").exists()
+
+
+def bridged_host_addresses(ice_servers: Iterable = (), container: bool | None = None,
+                           addresses: Iterable[str] | None = None) -> list[str]:
+    """The IPv4 addresses a peer connection here would offer as its own (aioice's host candidates) when they are all
+    a container's on a bridge network (in a container, every one in 172.16.0.0/12) and no STUN/TURN server is given:
+    reachable from the container's host alone, so a client elsewhere loads the pages but never gets the media.
+    [] otherwise (host networking, any other address, a STUN or TURN server to get past it)."""
+    if list(ice_servers) or not (in_container() if container is None else container):
+        return []
+    if addresses is None:
+        from aioice.ice import get_host_addresses
+
+        addresses = get_host_addresses(use_ipv4=True, use_ipv6=False)
+    ips = [ipaddress.ip_address(a) for a in addresses]
+    ips = [ip for ip in ips if ip.version == 4 and not ip.is_loopback]
+    return [str(ip) for ip in ips] if ips and all(ip in DOCKER_POOL for ip in ips) else []
 
 
 def selected_route(pc: RTCPeerConnection) -> dict | None:

@@ -86,6 +86,9 @@ docker run -d --name "$NAME" -p "127.0.0.1:$PORT:8080" -e LETSTALK_API_KEY="$KEY
   --drain-seconds 20 >/dev/null
 wait_healthy "$NAME"
 echo "  user $(docker exec "$NAME" id -u)"
+docker logs "$NAME" 2>&1 | grep -q "bridge network's" \
+  || { echo "docker_check: FAILED: on a bridge with no relay, the server did not warn that its media stays here"; exit 1; }
+echo "  warned: $(docker logs "$NAME" 2>&1 | grep -o "warning: this container's addresses ([^)]*) are a bridge network's")"
 [ "$(docker exec "$NAME" id -u)" != 0 ] || { echo "docker_check: FAILED: runs as root"; exit 1; }
 
 echo "docker_check: 3. a session through the container"

@@ -53,7 +53,7 @@ from letstalk_rt.cli import check_live_args, check_sampling_args, live_config, p
 from letstalk_rt.errors import InputError, LetsTalkError, NoFaceError, OutputError
 from letstalk_rt.framing import FRAMING, MAX_PHOTO_SIDE, check_framing
 from letstalk_rt.media import LIVE_FORMATS, WHITE, check_live_url, decode_audio, parse_colour, redact_url, upright_image
-from letstalk_rt.rtc import selected_route
+from letstalk_rt.rtc import bridged_host_addresses, selected_route
 from letstalk_rt.stream import CapacityError, EnginePool, FileSource, StreamEngine, TextSource, run_off_loop
 from letstalk_rt.stream.engine import SessionClosedError
 from letstalk_rt.tts import (DEFAULT_VOICE, MAX_TEXT, PITCH_RANGE, RATE_RANGE, Speech, SpeechUnavailable, check_voice,
@@ -1412,6 +1412,12 @@ async def _serve(app: web.Application, config: ServerConfig) -> None:
                     else "fixed TURN credentials" if config.turn_username else "no TURN")
             print(f"letstalk serve: ICE servers {', '.join(config.ice_servers)} ({turn}), handed to every session's "
                   "client", file=sys.stderr, flush=True)
+        bridged = [] if _is_loopback(config.host) else bridged_host_addresses(config.ice_servers)
+        if bridged:
+            print(f"letstalk serve: warning: this container's addresses ({', '.join(bridged)}) are a bridge network's: "
+                  "clients on other machines load the pages but their WebRTC media never connects. Run it with "
+                  "--network host, or give it a TURN relay (--ice-server turn:HOST:PORT, LETSTALK_TURN_SECRET; "
+                  "docs/server.md, \"In a container\")", file=sys.stderr, flush=True)
         signals: asyncio.Queue[int] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -295,6 +295,26 @@ def test_python_m_server_serves_and_stops_cleanly_on_sigterm(tiny_model_dir):
         proc.stderr.close()
 
 
+def test_a_container_on_a_bridge_network_without_a_relay_is_told_its_media_will_not_reach_other_machines(monkeypatch):
+    """`letstalk serve` in a container whose only addresses are a Docker bridge network's (172.16.0.0/12) and no
+    STUN/TURN server warns at start: clients elsewhere would load the pages and never get the media. Host networking
+    (any other address among them), a STUN/TURN server, or no container: no warning."""
+    from letstalk_rt import rtc
+
+    bridged = rtc.bridged_host_addresses
+    assert bridged(container=True, addresses=["172.17.0.2", "127.0.0.1"]) == ["172.17.0.2"]
+    assert bridged(container=True, addresses=["172.18.0.5", "172.31.255.1"]) == ["172.18.0.5", "172.31.255.1"]
+    assert bridged(container=True, addresses=["172.17.0.2", "192.168.1.20"]) == []  # host networking on a LAN
+    assert bridged(container=True, addresses=["172.32.0.2"]) == []  # outside Docker's pool
+    assert bridged(container=True, addresses=["127.0.0.1"]) == []  # no address at all: nothing to say
+    assert bridged(["turn:relay.example.org:3478"], container=True, addresses=["172.17.0.2"]) == []
+    assert bridged(container=False, addresses=["172.17.0.2"]) == []
+    # what it reads when not told: the container marker files and aioice's own host addresses
+    monkeypatch.setattr(rtc, "in_container", lambda: True)
+    monkeypatch.setattr("aioice.ice.get_host_addresses", lambda use_ipv4, use_ipv6: ["172.17.0.3"])
+    assert bridged() == ["172.17.0.3"]
+
+
 def test_public_bind_without_auth_is_refused_with_one_line():
     env = {**os.environ, "LETSTALK_API_KEY": ""}
     proc = subprocess.run([sys.executable, "-m", "server", "--host", "0.0.0.0", "--port", "0"],
