@@ -625,7 +625,9 @@ class ServerSession:
         @pc.on("connectionstatechange")
         async def on_state() -> None:
             state = pc.connectionState
-            log.info("session %s: peer connection %s%s", self.id, state, self.manager.count_route(pc, state))
+            route = self.manager.count_connected(pc) if state == "connected" else None
+            log.info("session %s: peer connection %s%s", self.id, state,
+                     f" ({route['local']} to {route['remote']})" if route else "")
             if state == "connected":
                 self.last_peer_seen = time.monotonic()
             elif state in ("failed", "closed") and self.pc is pc:
@@ -724,8 +726,8 @@ class ServerSession:
         @pc.on("connectionstatechange")
         async def on_state() -> None:
             state = pc.connectionState
-            self.manager.count_route(pc, state)
             if state == "connected":
+                self.manager.count_connected(pc)
                 viewer.last_seen = time.monotonic()
             elif state in ("failed", "closed"):
                 self.remove_viewer(viewer.id, f"peer connection {state}")
@@ -887,14 +889,13 @@ class SessionManager:
     def max_sessions(self) -> int:
         return self.engines.max_sessions
 
-    def count_route(self, pc, state: str) -> str:
-        """A peer connection that just connected is counted by its route (`letstalk_peer_connections_total`); for
-        the log: " (host to relay)", the server's end first, or "" in any other state."""
-        route = selected_route(pc) if state == "connected" else None
-        if route is None:
-            return ""
-        self.metrics.peer_routes["relay" if "relay" in route.values() else "direct"] += 1
-        return f" ({route['local']} to {route['remote']})"
+    def count_connected(self, pc) -> dict | None:
+        """Count a peer connection that has just connected by its route (`letstalk_peer_connections_total`), and
+        return that route (`selected_route`: the server's end is "local")."""
+        route = selected_route(pc)
+        if route is not None:
+            self.metrics.peer_routes["relay" if "relay" in route.values() else "direct"] += 1
+        return route
 
     # -- admission
 

@@ -44,7 +44,7 @@ def test_audio_shown_turns_true_on_the_frame_that_plays_the_last_piece_pushed(ti
             assert not session.audio_shown
             shown = []
             async for frame in session.frames():
-                if not frame.filler:  # one held a second of speech back by a frame, once in ~8 runs on a 2-core VM
+                if not frame.filler:  # a late window's held frame once delayed the last piece (~1 run in 8, 2 cores)
                     shown.append(frame.audio)
                 if session.audio_shown:
                     break
