@@ -46,7 +46,7 @@ COPY letstalk_rt /src/letstalk_rt
 COPY server /src/server
 COPY client_examples/browser /src/client_examples/browser
 RUN pip install "/src[engine]" && rm -rf /src \
-    && python -c "import letstalk_rt, server; print('letstalk-rt', letstalk_rt.__version__)"
+    && python -c "import letstalk_rt.server; print('letstalk-rt', letstalk_rt.__version__)"
 
 # Not root. Recordings and uploaded avatars are kept only where asked (--recordings-dir, --avatar-dir): /data is
 # this user's, for a volume (-v letstalk-data:/data).

@@ -1,6 +1,6 @@
 """Speak an audio file through a letstalk-rt server and record what comes back (video + audio) to MP4.
 
-    letstalk serve &                                                   # or: python -m server
+    letstalk serve &                                                   # or: python -m letstalk_rt.server
     python client_examples/speak_file.py --audio speech.wav --out reply.mp4
     python client_examples/speak_file.py --audio talk.mp3 --portrait face.jpg --server http://gpu-box:8080 \\
         --api-key $LETSTALK_API_KEY --out reply.mp4

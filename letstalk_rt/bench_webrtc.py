@@ -370,7 +370,7 @@ async def local_server(engine, config=None):
     port: yields its URL and the aiohttp application."""
     from aiohttp import web
 
-    from server import ServerConfig, create_app
+    from letstalk_rt.server import ServerConfig, create_app
 
     app = create_app(engine, config or ServerConfig(port=0))
     runner = web.AppRunner(app, access_log=None)
@@ -393,7 +393,7 @@ async def stream(engine, n: int, seconds: float, speech: np.ndarray, peer_proces
     px (0: the face crop)."""
     from .client import AvatarClient
 
-    from server.app import MANAGER
+    from letstalk_rt.server.app import MANAGER
 
     with wire_arrivals() as seen, wire_departures() as sent:
         async with local_server(engine) as (url, app):

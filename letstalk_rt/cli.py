@@ -1066,7 +1066,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="the WebRTC/HTTP server for browsers and the Python SDK")
     try:
-        from server.options import add_serve_arguments  # the server itself (and torch) loads when it runs
+        from letstalk_rt.server.options import add_serve_arguments  # the server itself (and torch) loads when it runs
     except ImportError as e:  # the server package ships beside letstalk_rt; a partial install lacks it
         _missing = str(e)
 
@@ -1076,7 +1076,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_serve_arguments(p)
 
         def serve_main(args: argparse.Namespace) -> None:
-            from server.app import serve_main
+            from letstalk_rt.server.app import serve_main
 
             serve_main(args)
     p.set_defaults(func=serve_main)

@@ -2,8 +2,8 @@
 
     python scripts/viewer_cost.py [--viewers 0,1,2,4] [--seconds 20] [--full-frame 0] [--threads 0] [--device cpu]
 
-Starts `python -m server` in a process of its own, opens one session (the bundled avatar; `--full-frame PX`: the whole
-photo at PX) whose owner connects with the SDK and sends speech in real time, then, for each count of `--viewers`,
+Starts `python -m letstalk_rt.server` in a process of its own, opens one session (the bundled avatar; `--full-frame
+PX`: the whole photo at PX) whose owner connects with the SDK and sends speech in real time, then, for each count of `--viewers`,
 connects that many SDK viewers (`connect(viewer=True)`) and reads for `--seconds`: the server process's CPU (user +
 system, % of one core, from /proc) and this process's, the ticks the session showed and how many of them were held (a
 late window), the engine's threads and noise draws then, and the frames each viewer received per second. The viewers and the owner run in this process (they decode what they get),
@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--server-log", type=Path, default=None, help="write the server's log to this file")
     args = parser.parse_args()
     args.viewers = [int(v) for v in args.viewers.split(",")]
-    proc = subprocess.Popen([sys.executable, "-m", "server", "--port", "0", "--device", args.device,
+    proc = subprocess.Popen([sys.executable, "-m", "letstalk_rt.server", "--port", "0", "--device", args.device,
                              "--max-viewers", str(max(args.viewers)), "--threads", str(args.threads)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
     try:
         url = None

@@ -1,4 +1,4 @@
-"""`python -m server`: the same as `letstalk serve`."""
+"""`python -m letstalk_rt.server`: the same as `letstalk serve`."""
 
 import sys
 
@@ -7,9 +7,9 @@ from letstalk_rt.errors import engine_not_installed
 try:
     from .app import main
 except ModuleNotFoundError as e:  # the engine's packages, in an install of the SDK alone: one line saying so
-    error = engine_not_installed(e, "python -m server")
+    error = engine_not_installed(e, "python -m letstalk_rt.server")
     if error is None:
         raise
-    sys.exit(f"server: error: {error}")
+    sys.exit(f"letstalk serve: error: {error}")
 
 sys.exit(main())

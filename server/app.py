@@ -1,6 +1,6 @@
 """The HTTP / WebRTC / websocket API of letstalk-rt (aiohttp + aiortc). The API: server/openapi.yaml, docs/server.md.
 
-    letstalk serve --model DIR --max-sessions 4 --api-key SECRET        # or: python -m server ...
+    letstalk serve --model DIR --max-sessions 4 --api-key SECRET        # or: python -m letstalk_rt.server ...
 
     GET  /health                      liveness + occupancy           GET /metrics   Prometheus text
     GET  /v1/avatars                  portraits prepared once        GET /v1/voices  text-to-speech voices
@@ -62,7 +62,7 @@ from letstalk_rt.tts import (DEFAULT_VOICE, MAX_TEXT, PITCH_RANGE, RATE_RANGE, S
 from . import recordings, renders
 from .auth import TokenError, api_key_matches, bearer
 from .avatars import AVATAR_ID, Avatar, AvatarRefused, AvatarStore, check_name
-from .options import REPO_ROOT, ServerConfig, add_serve_arguments
+from .options import ServerConfig, add_serve_arguments
 from .renders import Render
 from .sessions import (
     MAX_LISTENERS,
@@ -1279,7 +1279,7 @@ def create_app(engines: StreamEngine | EnginePool, config: ServerConfig | None =
 
 
 # --------------------------------------------------------------------------------------------------
-# Command line: `letstalk serve` / `python -m server`
+# Command line: `letstalk serve` / `python -m letstalk_rt.server`
 # --------------------------------------------------------------------------------------------------
 
 
@@ -1450,7 +1450,7 @@ def serve_main(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server", description="letstalk-rt HTTP/WebRTC server")
+    parser = argparse.ArgumentParser(prog="python -m letstalk_rt.server", description="letstalk-rt HTTP/WebRTC server")
     add_serve_arguments(parser)
     args = parser.parse_args(argv)
     try:
@@ -1463,4 +1463,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["REPO_ROOT", "ServerConfig", "add_serve_arguments", "create_app", "main", "serve_main"]
+__all__ = ["ServerConfig", "add_serve_arguments", "create_app", "main", "serve_main"]

@@ -35,7 +35,7 @@ class Server:
 
     @property
     def manager(self):
-        from server.app import MANAGER
+        from letstalk_rt.server.app import MANAGER
 
         return self.app[MANAGER]
 
@@ -46,7 +46,7 @@ async def running_server(pipeline, max_sessions: int = 4, engine_config: dict | 
     on `pipeline`; a list of pipelines: an EnginePool of one such engine on each, `max_sessions` each."""
     from letstalk_rt.bench_webrtc import local_server
     from letstalk_rt.stream import EngineConfig, EnginePool, StreamEngine
-    from server import ServerConfig
+    from letstalk_rt.server import ServerConfig
 
     engines = [StreamEngine(p, EngineConfig(**{"warmup": False, "max_sessions": max_sessions,
                                                "max_batch": min(max_sessions, 4), **(engine_config or {})}))

@@ -123,7 +123,7 @@ def test_an_uploaded_avatar_is_prepared_once_and_kept_across_restarts(tiny_pipel
 
 
 def _store(srv):
-    from server.app import AVATARS
+    from letstalk_rt.server.app import AVATARS
 
     return srv.app[AVATARS]
 
@@ -190,7 +190,7 @@ def test_avatar_upload_refusals_are_clear_and_leave_nothing(tiny_pipeline, astro
                                          ("face=/nowhere.png", "no such file")])
 def test_serve_refuses_a_bad_avatar_option_with_one_line(spec, words):
     from letstalk_rt.errors import LetsTalkError
-    from server.app import add_serve_arguments, config_from_args
+    from letstalk_rt.server.app import add_serve_arguments, config_from_args
 
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)

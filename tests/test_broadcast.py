@@ -619,7 +619,7 @@ def test_the_server_streams_a_session_to_an_allowed_url_with_no_viewer(tiny_pipe
     import aiohttp
 
     from letstalk_rt.client import AvatarClient, AvatarClientError, RequestError
-    from server.app import add_serve_arguments, broadcast_allowed, config_from_args
+    from letstalk_rt.server.app import add_serve_arguments, broadcast_allowed, config_from_args
     from server_helpers import create_session, running_server, wait_until
     from test_webhooks import receiver as hook_receiver
 

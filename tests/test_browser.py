@@ -178,7 +178,7 @@ def test_browser_page_shows_the_talking_avatar(tiny_pipeline, tmp_path, astronau
 
 
 def _avatars(srv) -> list:
-    from server.app import AVATARS
+    from letstalk_rt.server.app import AVATARS
 
     return srv.app[AVATARS].values()
 

@@ -238,7 +238,7 @@ def test_a_check_that_the_relay_dropped_is_sent_again_when_the_peers_check_arriv
     monkeypatch.setattr(aioice.stun, "RETRY_RTO", 3.0)
 
     async def main(turn):
-        from server.auth import turn_credentials
+        from letstalk_rt.server.auth import turn_credentials
 
         username, credential = turn_credentials(turn.secret, "pair", 600)
         relayed = [{"urls": [turn.url], "username": username, "credential": credential}]
@@ -327,7 +327,7 @@ def test_sdk_reconnects_when_its_network_goes_and_its_iterators_go_on(tiny_pipel
 def test_ice_servers_are_checked_when_the_server_and_client_start():
     from letstalk_rt.client import AvatarClient
     from letstalk_rt.errors import LetsTalkError
-    from server import ServerConfig
+    from letstalk_rt.server import ServerConfig
 
     with pytest.raises(LetsTalkError, match="turn:relay.example.org.*needs a username.*--turn-secret"):
         ServerConfig(ice_servers=["stun:stun.example.org", "turn:relay.example.org"])

@@ -1,6 +1,7 @@
-"""What an install from a wheel holds: every package of the tree, the bundled model and assets, and the browser
-client (client_examples/browser, installed as server/browser so that `letstalk serve` serves it at / there too); and
-what an install without the engine (`pip install letstalk-rt`, the SDK alone) says when the model is asked for."""
+"""What an install from a wheel holds: every package of the tree under one top-level name (the checkout's server/ as
+letstalk_rt.server), the bundled model and assets, and the browser client (client_examples/browser, installed as
+letstalk_rt/server/browser so that `letstalk serve` serves it at / there too); and what an install without the engine
+(`pip install letstalk-rt`, the SDK alone) says when the model is asked for."""
 
 import fnmatch
 import importlib.metadata
@@ -25,14 +26,16 @@ def test_the_listed_packages_are_the_trees_and_the_browser_client_is_package_dat
     """pyproject.toml lists its packages (the browser client needs a package-dir of its own): a new subpackage
     left off the list, or a browser file no package-data pattern takes, would be missing from a wheel."""
     table = _setuptools_table()
-    found = {".".join(p.parent.relative_to(ROOT).parts) for top in ("letstalk_rt", "server")
+    found = {".".join((prefix, *p.parent.relative_to(ROOT / top).parts)) for top, prefix
+             in (("letstalk_rt", "letstalk_rt"), ("server", "letstalk_rt.server"))
              for p in (ROOT / top).rglob("__init__.py")}
-    assert set(table["packages"]) == found | {"server.browser"}
-    browser = ROOT / table["package-dir"]["server.browser"]
+    assert set(table["packages"]) == found | {"letstalk_rt.server.browser"}
+    assert ROOT / table["package-dir"]["letstalk_rt.server"] == ROOT / "server"
+    browser = ROOT / table["package-dir"]["letstalk_rt.server.browser"]
     assert browser == ROOT / "client_examples" / "browser"
     files = sorted(p.name for p in browser.iterdir() if p.is_file())
     assert {"index.html", "overlay.html", "app.js"} <= set(files)
-    patterns = table["package-data"]["server.browser"]
+    patterns = table["package-data"]["letstalk_rt.server.browser"]
     assert [f for f in files if not any(fnmatch.fnmatch(f, pat) for pat in patterns)] == []
 
 
@@ -58,10 +61,13 @@ def test_a_wheel_holds_the_browser_client_the_openapi_file_and_the_bundled_model
     assert out.returncode == 0, out.stderr[-2000:]
     (wheel,) = tmp_path.glob("letstalk_rt-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for name in ("server/browser/index.html", "server/browser/overlay.html", "server/browser/app.js",
-                 "server/openapi.yaml", "letstalk_rt/assets/portrait.png", "letstalk_rt/assets/speech.ogg",
-                 "letstalk_rt/assets/default_model/config.json", "letstalk_rt/stream/engine.py", "server/app.py"):
+    for name in ("letstalk_rt/server/browser/index.html", "letstalk_rt/server/browser/overlay.html",
+                 "letstalk_rt/server/browser/app.js", "letstalk_rt/server/openapi.yaml", "letstalk_rt/server/app.py",
+                 "letstalk_rt/assets/portrait.png", "letstalk_rt/assets/speech.ogg",
+                 "letstalk_rt/assets/default_model/config.json", "letstalk_rt/stream/engine.py"):
         assert name in names, f"{name} is missing from the wheel"
+    # one top-level package: nothing for another distribution's `server` (or `client_examples`) to overwrite
+    assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"letstalk_rt"}
     model = {p.relative_to(ROOT).as_posix() for p in (ROOT / "letstalk_rt/assets/default_model").iterdir()}
     assert model <= names
 
@@ -85,8 +91,8 @@ def test_the_engine_extra_is_what_an_sdk_install_is_told_it_lacks():
 
 def test_without_the_engine_its_commands_and_names_say_how_to_install_it(tmp_path):
     """An install of the SDK alone (`pip install letstalk-rt`): what runs the model says in one line that the engine
-    is not installed and how to install it - the CLI's commands, `python -m server`, the engine's names - and writes
-    nothing."""
+    is not installed and how to install it - the CLI's commands, `python -m letstalk_rt.server`, the engine's names -
+    and writes nothing."""
     from without_engine import PRELUDE
 
     out = tmp_path / "demo.mp4"
@@ -115,10 +121,10 @@ def test_without_the_engine_its_commands_and_names_say_how_to_install_it(tmp_pat
     assert run.stdout.startswith("letstalk_rt.stream.StreamEngine needs the engine"), run.stdout
     assert not out.exists()
 
-    server = subprocess.run([sys.executable, "-c", PRELUDE + "import runpy; runpy.run_module('server', "
+    server = subprocess.run([sys.executable, "-c", PRELUDE + "import runpy; runpy.run_module('letstalk_rt.server', "
                              "run_name='__main__')"], capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert server.returncode == 1 and server.stderr.startswith("server: error: python -m server needs the engine"), \
-        server.stderr
+    assert server.returncode == 1, server.stderr
+    assert server.stderr.startswith("letstalk serve: error: python -m letstalk_rt.server needs the engine"), server.stderr
     assert "Traceback" not in server.stderr
 
 

@@ -382,7 +382,7 @@ def test_the_retention_limits_delete_the_oldest_recordings_and_keep_the_newest(t
     """recordings.prune: past --recordings-keep-hours a recording goes (with its captions); past --recordings-max-gb
     the oldest go until the rest fit, but never the newest, even alone over the limit; recordings being made (hidden
     partial files) and other files are never touched."""
-    from server import recordings
+    from letstalk_rt.server import recordings
 
     for name, size, age in [("a", 100, 7200), ("b", 300, 1800), ("c", 200, 600), ("d", 50, 60)]:
         _saved_at(tmp_path, name, size, age, captions=name in "ab")
@@ -407,7 +407,7 @@ def test_the_server_applies_its_retention_limits_at_start_and_after_each_save(ti
     import aiohttp
 
     from letstalk_rt.errors import LetsTalkError
-    from server.app import add_serve_arguments, config_from_args
+    from letstalk_rt.server.app import add_serve_arguments, config_from_args
     from server_helpers import create_session, play_session, running_server, wait_until
 
     parser = argparse.ArgumentParser()

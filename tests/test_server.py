@@ -246,14 +246,14 @@ def test_api_key_and_session_tokens(tiny_pipeline):
 
 
 def test_python_m_server_serves_and_stops_cleanly_on_sigterm(tiny_model_dir):
-    """`python -m server` (what `letstalk serve` runs): warm-up, listen, answer, stop on SIGTERM with 0. With
-    --drain-seconds and a session open, SIGTERM drains first (/health 503 "draining") and the server stops as soon as
-    the session ends."""
+    """`python -m letstalk_rt.server` (what `letstalk serve` runs): warm-up, listen, answer, stop on SIGTERM with 0.
+    With --drain-seconds and a session open, SIGTERM drains first (/health 503 "draining") and the server stops as soon
+    as the session ends."""
     import signal
     import urllib.error
     import urllib.request
 
-    proc = subprocess.Popen([sys.executable, "-m", "server", "--model", str(tiny_model_dir), "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "letstalk_rt.server", "--model", str(tiny_model_dir), "--port", "0",
                              "--max-sessions", "2", "--device", "cpu", "--drain-seconds", "120"],
                             stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
     try:
@@ -317,7 +317,7 @@ def test_a_container_on_a_bridge_network_without_a_relay_is_told_its_media_will_
 
 def test_public_bind_without_auth_is_refused_with_one_line():
     env = {**os.environ, "LETSTALK_API_KEY": ""}
-    proc = subprocess.run([sys.executable, "-m", "server", "--host", "0.0.0.0", "--port", "0"],
+    proc = subprocess.run([sys.executable, "-m", "letstalk_rt.server", "--host", "0.0.0.0", "--port", "0"],
                           capture_output=True, text=True, timeout=60, env=env, cwd=Path(__file__).parent.parent)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -328,11 +328,11 @@ def test_turn_options_make_each_session_its_own_credentials_and_a_bad_ice_server
     """--ice-server / --turn-secret (or LETSTALK_TURN_SECRET) reach the config; each session's TURN credentials name
     it, expire after --turn-ttl, and are the HMAC-SHA1 of the username under the secret (what coturn checks; the
     SDK and browser tests connect through a real coturn with them). A TURN server without credentials, or a
-    malformed URL, stops `python -m server` before it loads anything, with one line saying what to give."""
+    malformed URL, stops `python -m letstalk_rt.server` before it loads anything, with one line saying what to give."""
     import hashlib
     import hmac
 
-    from server.app import add_serve_arguments, config_from_args
+    from letstalk_rt.server.app import add_serve_arguments, config_from_args
 
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)
@@ -350,8 +350,8 @@ def test_turn_options_make_each_session_its_own_credentials_and_a_bad_ice_server
                                                                    "--turn-secret"),
                        (["--ice-server", "turn.example.org:3478"], "malformed uri")):
         env = {**os.environ, "LETSTALK_TURN_SECRET": "", "LETSTALK_TURN_CREDENTIAL": ""}
-        proc = subprocess.run([sys.executable, "-m", "server", "--port", "0", *argv], capture_output=True, text=True,
-                              timeout=60, env=env, cwd=Path(__file__).parent.parent)
+        proc = subprocess.run([sys.executable, "-m", "letstalk_rt.server", "--port", "0", *argv], capture_output=True,
+                              text=True, timeout=60, env=env, cwd=Path(__file__).parent.parent)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and says in lines[0], (proc.returncode, lines)
 
@@ -718,7 +718,7 @@ def test_an_offer_racing_a_delete_leaves_no_peer_connection(tiny_pipeline, monke
     """DELETE while the offer's body is still arriving, and a close while aiortc negotiates: the offer
     gets 404 (not a 201 for a dead session), and every peer connection the server made is closed, with
     none of its tasks (the client's microphone) left running."""
-    import server.sessions
+    import letstalk_rt.server.sessions
     from aiortc import RTCPeerConnection
 
     made: list = []
@@ -728,7 +728,7 @@ def test_an_offer_racing_a_delete_leaves_no_peer_connection(tiny_pipeline, monke
             super().__init__(*args, **kwargs)
             made.append(self)
 
-    monkeypatch.setattr(server.sessions, "RTCPeerConnection", Recorded)
+    monkeypatch.setattr(letstalk_rt.server.sessions, "RTCPeerConnection", Recorded)
 
     async def main():
         async with running_server(tiny_pipeline) as srv, aiohttp.ClientSession() as http:
@@ -1101,7 +1101,7 @@ def test_a_websocket_writer_stopped_as_its_send_finishes_stops():
     """Outbox.stop() landing just as a send completes: the writer task ends (asyncio.wait_for on 3.11 returned the
     send's result and dropped the cancel; the writer went back to wait on its queue forever, and was later destroyed
     pending: CI caught it once in the churn benchmark's test)."""
-    from server.sessions import Outbox
+    from letstalk_rt.server.sessions import Outbox
 
     class Socket:
         closed = False
@@ -1139,7 +1139,7 @@ def test_a_websocket_that_does_not_read_delays_no_event_and_is_closed(tiny_pipel
     session lives on for a new websocket."""
     from aiohttp import web
 
-    from server.sessions import WS_OUTBOX
+    from letstalk_rt.server.sessions import WS_OUTBOX
 
     async def main():
         async with running_server(tiny_pipeline, ws_send_timeout_s=120.0) as srv, aiohttp.ClientSession() as http:
@@ -1226,7 +1226,7 @@ def test_the_event_stream_serves_a_sessions_events_to_readers_without_its_websoc
     """GET /v1/sessions/{id}/events: server-sent events, read-only, for up to MAX_LISTENERS readers at once (429
     past them), with the session token (401 without): every engine event (captions here, pushed in-process with
     audio) and, last, `closed`, after which the stream ends."""
-    from server.sessions import MAX_LISTENERS
+    from letstalk_rt.server.sessions import MAX_LISTENERS
 
     async def main():
         async with running_server(tiny_pipeline) as srv, aiohttp.ClientSession() as http:

@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from conftest import speechlike
-from server.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, Webhooks, sign, verify
+from letstalk_rt.server.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, Webhooks, sign, verify
 from server_helpers import create_session, play_session, run, running_server, wait_until
 
 
@@ -140,7 +140,7 @@ def test_serve_refuses_a_webhook_that_is_not_an_http_url():
     import argparse
 
     from letstalk_rt.errors import LetsTalkError
-    from server.app import add_serve_arguments, config_from_args
+    from letstalk_rt.server.app import add_serve_arguments, config_from_args
 
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)
