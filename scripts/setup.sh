@@ -26,6 +26,14 @@ case "$mode" in
   --sdk) extras="[devices]" ;;
   *) echo "setup: unknown option $mode (give none, --dev or --sdk)" >&2; exit 2 ;;
 esac
+if ! command -v "$PY" >/dev/null; then
+  echo "setup: no $PY here; name the Python (>= 3.11) to install into: PYTHON=python3.11 bash scripts/setup.sh $mode" >&2
+  exit 2
+elif ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "setup: letstalk-rt needs Python >= 3.11 (PyAV 18 and aiortc 1.16 do); $PY is $("$PY" -V 2>&1)." \
+       "Name a newer one: PYTHON=python3.11 bash scripts/setup.sh $mode" >&2
+  exit 2
+fi
 
 if [ "$mode" = --sdk ]; then
   :  # no torch: the model runs on the server

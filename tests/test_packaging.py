@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -18,7 +19,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _setuptools_table() -> dict:
-    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
 
 
@@ -79,7 +79,6 @@ def test_the_engine_extra_is_what_an_sdk_install_is_told_it_lacks():
 
     from letstalk_rt.errors import ENGINE_PACKAGES
 
-    tomllib = pytest.importorskip("tomllib")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
     def names(requirements):
@@ -162,3 +161,34 @@ def test_the_container_image_copies_every_package_and_serves_what_it_exposes():
     (exposed,) = [rest for op, rest in instructions if op == "EXPOSE"]
     (health,) = [rest for op, rest in instructions if op == "HEALTHCHECK"]
     assert int(exposed) == args.port and f"127.0.0.1:{args.port}/health" in health
+
+
+def test_setup_refuses_a_python_older_than_the_package_needs_before_installing_anything(tmp_path):
+    """scripts/setup.sh on a Python below pyproject's requires-python (3.10, whose pip would find no PyAV 18 or aiortc
+    1.16 and fail deep in the install) stops at once with one line naming the version and how to give another, having
+    run nothing else; the floor it checks is the one pyproject.toml declares."""
+    floor = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert floor == ">=3.11" and "sys.version_info < (3, 11)" in (ROOT / "scripts" / "setup.sh").read_text()
+    calls = tmp_path / "calls"
+    python = tmp_path / "python3.10"  # answers as Python 3.10 would, and writes down every other call
+    python.write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        case "$1" in
+          -V) echo "Python 3.10.13" ;;
+          -c) case "$2" in *version_info*) exit 1 ;; esac; echo "$@" >> {calls}; exit 1 ;;
+          *) echo "$@" >> {calls} ;;
+        esac
+        """))
+    python.chmod(0o755)
+    for mode in ([], ["--dev"], ["--sdk"]):
+        out = subprocess.run(["bash", str(ROOT / "scripts" / "setup.sh"), *mode], capture_output=True, text=True,
+                             timeout=60, env={"PATH": "/usr/bin:/bin", "PYTHON": str(python)})
+        assert out.returncode == 2, out.stderr
+        assert out.stderr.startswith("setup: letstalk-rt needs Python >= 3.11"), out.stderr
+        assert "is Python 3.10.13" in out.stderr and f"PYTHON=python3.11 bash scripts/setup.sh {' '.join(mode)}" \
+            in out.stderr, out.stderr
+    assert not calls.exists(), calls.read_text()
+    missing = subprocess.run(["bash", str(ROOT / "scripts" / "setup.sh")], capture_output=True, text=True, timeout=60,
+                             env={"PATH": "/usr/bin:/bin", "PYTHON": str(tmp_path / "nowhere")})
+    assert missing.returncode == 2 and missing.stderr.startswith(f"setup: no {tmp_path / 'nowhere'} here"), \
+        missing.stderr
