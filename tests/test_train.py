@@ -23,8 +23,8 @@ from letstalk_rt.errors import InputError, LetsTalkError, ModelError
 from letstalk_rt.memory import box_cells
 from letstalk_rt.pipeline import LetsTalkPipeline, corpus_level_min
 from letstalk_rt.train.data import audio_window, open_dataset, plan_windows
-from letstalk_rt.train.trainer import (DecoderStage, Dist, DistillStage, FlowObjective, SampleDecoderStage, TrainConfig,
-                                      TransformerStage, batch_rows, train, with_decoder)
+from letstalk_rt.train.trainer import (FSDP_TORCH, DecoderStage, Dist, DistillStage, FlowObjective, SampleDecoderStage,
+                                      TrainConfig, TransformerStage, batch_rows, torch_version, train, with_decoder)
 
 SIZE, SPF = 32, 640
 
@@ -906,7 +906,20 @@ def test_ddp_two_ranks_match_one_process(tmp_path, init_dir):
     np.testing.assert_allclose([r["grad_norm"] for r in two], [r["grad_norm"] for r in one], rtol=1e-3)
 
 
+def test_fsdp_on_a_torch_older_than_its_floor_is_refused_before_anything_runs(tmp_path, init_dir, shards,
+                                                                             monkeypatch):
+    """FSDP2 before torch 2.10 clips with another gradient norm than one process (2.7-2.9) or fails on the CPU (2.6):
+    --fsdp there is refused in one line that names both ways out, and no run is started."""
+    from letstalk_rt.train import trainer
+
+    monkeypatch.setattr(trainer, "torch_version", lambda: (2, 9))
+    with pytest.raises(InputError, match=r"--fsdp needs torch >= 2\.10 .*without --fsdp \(DDP\)"):
+        train(_cfg("transformer", shards, init_dir, tmp_path / "old", fsdp=True))
+    assert not (tmp_path / "old").exists()
+
+
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
+@pytest.mark.skipif(torch_version() < FSDP_TORCH, reason=f"--fsdp needs torch >= {FSDP_TORCH}")
 def test_fsdp_two_ranks_match_one_process_and_resume_exactly(tmp_path, init_dir, shards):
     """FSDP (parameters, gradients and AdamW state sharded over 2 gloo ranks) reaches the losses of one
     process; its checkpoints hold full tensors, and an interrupted FSDP run resumes to the same weights."""

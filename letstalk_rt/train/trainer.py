@@ -924,6 +924,13 @@ class EMA:
             v.copy_(full)
 
 
+FSDP_TORCH = (2, 10)  # the oldest torch whose FSDP2 run matched one process (tests/test_train.py; README, "Dependencies")
+
+
+def torch_version() -> tuple[int, int]:
+    return tuple(int(x) for x in torch.__version__.split(".")[:2])
+
+
 def shard_fsdp(module: nn.Module, dist: Dist) -> None:
     """FSDP2 (`fully_shard`): each transformer block (the backbone's and any siamese branch's) is one unit,
     the rest of the module the root unit; parameters become DTensors sharded over the ranks, gathered
@@ -1057,6 +1064,10 @@ def _check(cfg: TrainConfig, dist: Dist) -> None:
         raise InputError(f"--decode-samples applies to the decoder stage, not {cfg.stage}")
     if cfg.batch % dist.world:
         raise InputError(f"--batch {cfg.batch} (global) must be divisible by the {dist.world} ranks")
+    if cfg.fsdp and torch_version() < FSDP_TORCH:
+        raise InputError(f"--fsdp needs torch >= {'.'.join(map(str, FSDP_TORCH))} (this is {torch.__version__}): "
+                         "FSDP2 before it reports and clips another gradient norm than one process would (2.7-2.9) "
+                         "or fails on the CPU (2.6); install a newer torch, or train without --fsdp (DDP)")
     if cfg.lr <= 0 or not 0 <= cfg.ema < 1 or cfg.warmup < 0 or cfg.grad_clip < 0:
         raise InputError("--lr must be > 0, --ema in [0, 1), --warmup and --grad-clip >= 0")
     for flag, value, ok in (("--seed", cfg.seed, cfg.seed >= 0), ("--weight-decay", cfg.weight_decay,
