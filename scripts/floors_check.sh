@@ -24,9 +24,8 @@ PYEOF
 )
 echo "floors_check: $pins"
 "$PY" -m venv "$VENV"
-# the floors together (pip settles what they need beside them, e.g. huggingface-hub < 1 for transformers 4.40), then
-# the test tools at their newest, then this checkout without dependencies
-"$VENV/bin/pip" install -q $pins
+# the floors together, with the test tools at their newest (pip settles what they need beside them, e.g.
+# huggingface-hub < 1 for transformers 4.40), then this checkout without dependencies
 "$VENV/bin/pip" install -q pytest playwright sounddevice pyvirtualcam $pins
 "$VENV/bin/pip" install -q --no-deps -e .
 "$VENV/bin/pip" check

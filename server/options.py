@@ -8,7 +8,7 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import letstalk_rt
+from letstalk_rt.cli import ASSETS
 from letstalk_rt.errors import LetsTalkError
 from letstalk_rt.rtc import ice_servers
 
@@ -18,7 +18,7 @@ from .avatars import DEFAULT_MAX_AVATARS
 # This package is the checkout's server/, installed as letstalk_rt.server (pyproject.toml): no top-level `server`
 # module in site-packages for another distribution's to clash with
 HERE = Path(__file__).resolve().parent
-BUNDLED_PORTRAIT = Path(letstalk_rt.__file__).resolve().parent / "assets" / "portrait.png"
+BUNDLED_PORTRAIT = ASSETS / "portrait.png"
 # The browser client: in a checkout (an editable install) client_examples/browser; installed from a wheel, the same
 # files as letstalk_rt/server/browser (pyproject.toml)
 BROWSER_CLIENT = next((d for d in (HERE.parent / "client_examples" / "browser", HERE / "browser") if d.is_dir()), None)
