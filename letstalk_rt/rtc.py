@@ -232,7 +232,10 @@ def relay_missing(servers: list[dict], sdp: str) -> str | None:
             "(a --turn-secret other than its static-auth-secret, or credentials that expired)")
 
 
-DOCKER_POOL = ipaddress.ip_network("172.16.0.0/12")  # where Docker's bridge networks take their addresses by default
+# Where a container's own network takes its addresses by default, reachable from its host alone: Docker's bridge
+# networks, Podman's (rootful) bridge network "podman", and rootless Podman's slirp4netns (before Podman 5's pasta,
+# which copies the host's addresses and so cannot be told apart here).
+BRIDGE_POOLS = tuple(ipaddress.ip_network(n) for n in ("172.16.0.0/12", "10.88.0.0/16", "10.0.2.0/24"))
 
 
 def in_container() -> bool:
@@ -243,7 +246,7 @@ def in_container() -> bool:
 def bridged_host_addresses(ice_servers: Iterable = (), container: bool | None = None,
                            addresses: Iterable[str] | None = None) -> list[str]:
     """The IPv4 addresses a peer connection here would offer as its own (aioice's host candidates) when they are all
-    a container's on a bridge network (in a container, every one in 172.16.0.0/12) and no STUN/TURN server is given:
+    a container's on a bridge network (in a container, every one in BRIDGE_POOLS) and no STUN/TURN server is given:
     reachable from the container's host alone, so a client elsewhere loads the pages but never gets the media.
     [] otherwise (host networking, any other address, a STUN or TURN server to get past it)."""
     if list(ice_servers) or not (in_container() if container is None else container):
@@ -254,7 +257,7 @@ def bridged_host_addresses(ice_servers: Iterable = (), container: bool | None = 
         addresses = get_host_addresses(use_ipv4=True, use_ipv6=False)
     ips = [ipaddress.ip_address(a) for a in addresses]
     ips = [ip for ip in ips if ip.version == 4 and not ip.is_loopback]
-    return [str(ip) for ip in ips] if ips and all(ip in DOCKER_POOL for ip in ips) else []
+    return [str(ip) for ip in ips] if ips and all(any(ip in pool for pool in BRIDGE_POOLS) for ip in ips) else []
 
 
 def selected_route(pc: RTCPeerConnection) -> dict | None:

@@ -296,7 +296,8 @@ def test_python_m_server_serves_and_stops_cleanly_on_sigterm(tiny_model_dir):
 
 
 def test_a_container_on_a_bridge_network_without_a_relay_is_told_its_media_will_not_reach_other_machines(monkeypatch):
-    """`letstalk serve` in a container whose only addresses are a Docker bridge network's (172.16.0.0/12) and no
+    """`letstalk serve` in a container whose only addresses are a bridge network's (Docker's 172.16.0.0/12, Podman's
+    10.88.0.0/16 or rootless Podman's slirp4netns 10.0.2.0/24) and no
     STUN/TURN server warns at start: clients elsewhere would load the pages and never get the media. Host networking
     (any other address among them), a STUN/TURN server, or no container: no warning."""
     from letstalk_rt import rtc
@@ -306,6 +307,9 @@ def test_a_container_on_a_bridge_network_without_a_relay_is_told_its_media_will_
     assert bridged(container=True, addresses=["172.18.0.5", "172.31.255.1"]) == ["172.18.0.5", "172.31.255.1"]
     assert bridged(container=True, addresses=["172.17.0.2", "192.168.1.20"]) == []  # host networking on a LAN
     assert bridged(container=True, addresses=["172.32.0.2"]) == []  # outside Docker's pool
+    assert bridged(container=True, addresses=["10.88.0.7"]) == ["10.88.0.7"]  # Podman's network "podman"
+    assert bridged(container=True, addresses=["10.0.2.100"]) == ["10.0.2.100"]  # rootless Podman, slirp4netns
+    assert bridged(container=True, addresses=["10.88.0.7", "10.1.4.20"]) == []  # a cloud VPC's address: host networking
     assert bridged(container=True, addresses=["127.0.0.1"]) == []  # no address at all: nothing to say
     assert bridged(["turn:relay.example.org:3478"], container=True, addresses=["172.17.0.2"]) == []
     assert bridged(container=False, addresses=["172.17.0.2"]) == []
