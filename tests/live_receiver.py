@@ -81,6 +81,12 @@ def receiving(url: str, out: Path):
             receiver.kill()
 
 
+def _side_data(frame) -> list:
+    """A frame's side data. Iterating `frame.side_data` gives the side data themselves in PyAV 18 (whose `values()`
+    therefore fails), their types (the mapping's keys) in PyAV 19."""
+    return [frame.side_data[sd] if not hasattr(sd, "type") else sd for sd in frame.side_data]
+
+
 def main(url: str, out: str) -> None:
     import av
 
@@ -90,7 +96,7 @@ def main(url: str, out: str) -> None:
         for packet in container.demux():
             for frame in packet.decode():
                 if isinstance(frame, av.VideoFrame):
-                    cc += [(len(frames), *bytes(sd)[i:i + 3]) for sd in frame.side_data
+                    cc += [(len(frames), *bytes(sd)[i:i + 3]) for sd in _side_data(frame)
                            if sd.type.name == "A53_CC" for i in range(0, len(bytes(sd)) - 2, 3)]
                     frames.append(frame.to_ndarray(format="rgb24"))
                     times.append(float(frame.time))
