@@ -155,7 +155,7 @@ def _concat(chunks: list[np.ndarray]) -> np.ndarray:
 def _declared_samples(container: Any, stream: Any, rate: int) -> int | None:
     """Exact sample count (at `rate`) an mp4/mov stream declares through its edit list, else None."""
     names = container.format.name.split(",")
-    if not any(n in _MOV_FORMATS for n in names) or not stream.duration or stream.time_base is None:
+    if not any(n in _MOV_FORMATS for n in names) or not stream.duration or not stream.time_base:
         return None
     return round(float(stream.duration * stream.time_base) * rate)
 

@@ -44,7 +44,7 @@ class OpusFramer:
         self._started = False
 
     def push(self, frame: av.AudioFrame) -> None:
-        if frame.pts is not None and frame.time_base is not None:  # what is pending goes right before it
+        if frame.pts is not None and frame.time_base:  # what is pending goes right before it
             self._pending_pts = int(frame.pts * frame.time_base * OPUS_RATE) - len(self._pending)
         pcm = np.concatenate([self._pending] + [f.to_ndarray().reshape(-1, 2)
                                                 for f in self._resampler.resample(frame)])
