@@ -541,3 +541,18 @@ def test_bundled_speech_and_portrait_load():
     assert portrait.stat().st_size < 200_000
     image = load_image(portrait)
     assert image.dtype == np.uint8 and image.shape[2] == 3 and min(image.shape[:2]) >= 256
+
+
+def test_an_mp4_stream_without_a_time_base_declares_no_length():
+    """An mp4's audio declares its exact length by its duration in its time base, and the decode is trimmed to it
+    (the AAC encoder's padding). A time base that is not set declares nothing: PyAV 19 reads it as AVRational(0, 1),
+    false but not None, which was taken for a declared length of 0 samples."""
+    from types import SimpleNamespace as NS
+
+    from letstalk_rt.media import _declared_samples
+
+    mp4 = NS(format=NS(name="mov,mp4,m4a,3gp,3g2,mj2"))
+    assert _declared_samples(mp4, NS(duration=48000, time_base=Fraction(1, 48000)), 16000) == 16000
+    assert _declared_samples(mp4, NS(duration=48000, time_base=Fraction(0)), 16000) is None  # PyAV 19's unset
+    assert _declared_samples(mp4, NS(duration=48000, time_base=None), 16000) is None  # PyAV 18's
+    assert _declared_samples(NS(format=NS(name="wav")), NS(duration=48000, time_base=Fraction(1, 48000)), 16000) is None
