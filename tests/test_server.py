@@ -297,9 +297,9 @@ def test_python_m_server_serves_and_stops_cleanly_on_sigterm(tiny_model_dir):
 
 def test_a_container_on_a_bridge_network_without_a_relay_is_told_its_media_will_not_reach_other_machines(monkeypatch):
     """`letstalk serve` in a container whose only addresses are a bridge network's (Docker's 172.16.0.0/12, Podman's
-    10.88.0.0/16 or rootless Podman's slirp4netns 10.0.2.0/24) and no
-    STUN/TURN server warns at start: clients elsewhere would load the pages and never get the media. Host networking
-    (any other address among them), a STUN/TURN server, or no container: no warning."""
+    10.88.0.0/16 or rootless Podman's slirp4netns 10.0.2.0/24) and no STUN/TURN server warns at start: clients
+    elsewhere would load the pages and never get the media. Host networking (any other address among them), a
+    STUN/TURN server, or no container: no warning."""
     from letstalk_rt import rtc
 
     bridged = rtc.bridged_host_addresses
