@@ -498,10 +498,16 @@ def test_the_speaker_keeps_a_cushion_so_a_late_event_loop_makes_no_click(alsa, m
     fast = AudioOutput("letstalk_speaker", RATE, rate=RATE)
     _speech_and_pauses(fast, 150)
     assert fast.underflows == 0 and fast.topped_up_s > 0.1, (fast.underflows, fast.topped_up_s)
+    # a pause tops the cushion up whenever it is TOP_UP_S short or more, not only once half of it is gone (speech begun
+    # on a cushion just over half full used it up on the fast device to 4 ms: one late write from a click)
+    for ahead, fill in ((0.030, 0.010), (0.021, 0.019), (0.039, 0.0)):
+        before = fast.topped_up_s
+        fast._top_up(ahead)
+        assert fast.topped_up_s - before == pytest.approx(fill, abs=1 / RATE), (ahead, fast.topped_up_s - before)
     monkeypatch.setattr(sd, "OutputStream", TimedStream)
     monkeypatch.setattr(devices, "CUSHION_S", 0.0)
     bare = AudioOutput("letstalk_speaker", RATE, rate=RATE, latency="low")
     feed(bare)
     assert cushioned.latency == 0.08 and cushioned.underflows == 0, cushioned.underflows
     assert 0.03 < float(np.median(delays)) < 0.06 and max(delays) < 0.1, (np.median(delays), max(delays))
-    assert bare.underflows >= 2, bare.underflows
+    assert bare.underflows >= 1, bare.underflows  # 5-6 in 100 ticks here; 1, once, with both cores busy
