@@ -84,7 +84,7 @@ def receiving(url: str, out: Path):
 def _side_data(frame) -> list:
     """A frame's side data. Iterating `frame.side_data` gives the side data themselves in PyAV 18 (whose `values()`
     therefore fails), their types (the mapping's keys) in PyAV 19."""
-    return [frame.side_data[sd] if not hasattr(sd, "type") else sd for sd in frame.side_data]
+    return [sd if hasattr(sd, "type") else frame.side_data[sd] for sd in frame.side_data]
 
 
 def main(url: str, out: str) -> None:
