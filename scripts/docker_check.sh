@@ -115,8 +115,10 @@ else
   RELAY_IP=${RELAY_IP:-$(hostname -I | tr ' ' '\n' | grep -v -x -e "$GW" -e '' | grep -v ':' | head -1)}
   SECRET=check-turn-$RANDOM$RANDOM
   rm -f "$OUT/turnserver.log"
+  # coturn 4.6 starts its CLI and DTLS listeners unless told not to; 4.18 starts neither and refuses --no-cli
+  OFF=$(turnserver --help 2>&1 | grep -o -E '^ *--no-(cli|dtls)\b' | tr -d ' ' | tr '\n' ' ' || true)
   turnserver -n -v --listening-ip "$RELAY_IP" --listening-port "$TURN_PORT" --relay-ip "$RELAY_IP" --use-auth-secret \
-    --static-auth-secret "$SECRET" --realm letstalk --min-port 20000 --max-port 20999 --no-cli --no-tls --no-dtls \
+    --static-auth-secret "$SECRET" --realm letstalk --min-port 20000 --max-port 20999 --no-tls $OFF \
     --userdb "$OUT/turndb" --pidfile "$OUT/turnserver.pid" --log-file "$OUT/turnserver.log" --simple-log \
     >/dev/null 2>&1 &
   turn_pid=$!

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fractions
+import re
 import shutil
 import socket
 import subprocess
@@ -66,6 +67,15 @@ class TurnServer:
     log: Path  # what coturn wrote: its allocations name the usernames that made them
 
 
+def coturn_off_flags(binary: str) -> list[str]:
+    """The flags that keep coturn's CLI and DTLS listeners off, where it has them. coturn 4.6 (Debian 12) starts both
+    unless told `--no-cli --no-dtls`; coturn 4.18 (Debian sid) starts neither and stops at `--no-cli` ("no-cli option
+    is deprecated, see --cli", exit 255). Its help (on stderr) says which it is."""
+    usage = subprocess.run([binary, "--help"], capture_output=True, text=True)
+    return [flag for flag in ("--no-cli", "--no-dtls")
+            if re.search(rf"^\s*{flag}\s", usage.stdout + usage.stderr, re.MULTILINE)]
+
+
 @contextlib.contextmanager
 def turn_server(tmp_path: Path, secret: str = "letstalk-test-secret"):
     """A real TURN server (coturn, `apt-get install coturn`; scripts/setup.sh --dev installs it) on 127.0.0.1,
@@ -80,7 +90,7 @@ def turn_server(tmp_path: Path, secret: str = "letstalk-test-secret"):
     proc = subprocess.Popen(
         [binary, "-n", "-v", "--listening-ip", "127.0.0.1", "--listening-port", str(port), "--relay-ip", "127.0.0.1",
          "--use-auth-secret", "--static-auth-secret", secret, "--realm", "letstalk", "--allow-loopback-peers",
-         "--no-cli", "--no-tls", "--no-dtls", "--userdb", str(tmp_path / "turndb"), "--pidfile", str(tmp_path / "pid"),
+         "--no-tls", *coturn_off_flags(binary), "--userdb", str(tmp_path / "turndb"), "--pidfile", str(tmp_path / "pid"),
          "--log-file", str(log), "--simple-log"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
