@@ -203,11 +203,14 @@ class LiveOutput:
         self.frames_written += 1
 
     def _ended(self) -> str:
-        """Why the child is gone (what it said, or how it exited)."""
+        """Why the child is gone (what it said, or how it exited); our end of its pipe in is closed."""
         try:
             self._proc.wait(CLOSE_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             self._proc.kill()
+        # closed now, not when this object is collected (a reconnection drops it): what the pipe still holds can go
+        # nowhere, and Python 3.14 reports the BrokenPipeError of flushing it in a finalizer
+        _stop(self._proc)
         return self._answer().get("error") or f"the live stream to '{self.name}' ended"
 
     def close(self) -> None:

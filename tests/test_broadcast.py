@@ -257,11 +257,12 @@ def test_an_unwatched_session_streams_on_its_own_clock(tiny_pipeline, tmp_path):
 
 def test_a_dropped_stream_reconnects_then_gives_up_and_the_session_streams_on(tiny_pipeline, tmp_path):
     """The receiving server killed mid-stream: the broadcast connects again with back-off (broadcast_reconnecting, then
-    broadcast_resumed once a server listens there again) and the new server gets the ticks, 40 ms apart, the caption
-    of the sentence said while it was down with the first of them. A stream that
-    stalls (its process stopped: the pipe fills, the stream falls max_behind_s behind) is cut and tried again, and
-    stop_broadcast() during the wait ends it at once, well. A server gone for reconnect_s ends the broadcast with a
-    broadcast_stopped event saying why; stop_broadcast() raises it and the session keeps streaming to its reader."""
+    broadcast_resumed once a server listens there again) and the new server gets the ticks, 40 ms apart, the caption of
+    the sentence said while it was down with the first of them. A stream that stalls (its process stopped: the pipe
+    fills, the stream falls max_behind_s behind) is cut and tried again, and stop_broadcast() during the wait ends it at
+    once, well. The dropped connection's pipe to its process is closed at once (left to the collector, Python 3.14
+    reports its failed flush). A server gone for reconnect_s ends the broadcast with a broadcast_stopped event saying
+    why; stop_broadcast() raises it and the session keeps streaming to its reader."""
     import os
     import signal
 
@@ -277,6 +278,7 @@ def test_a_dropped_stream_reconnects_then_gives_up_and_the_session_streams_on(ti
                 stream = session.frames()
                 for _ in range(25):
                     await anext(stream)
+                first = broadcast._writer
                 receiver.kill()
                 tries = await _next(events, BroadcastReconnecting)
                 session.push_audio(speechlike(1.0) + 0.05, ahead=True, caption="Said while it was down.")
@@ -285,6 +287,7 @@ def test_a_dropped_stream_reconnects_then_gives_up_and_the_session_streams_on(ti
                 again = Receiver(url, tmp_path / "again.npz")  # the server back at the same URL
                 resumed = await _next(events, BroadcastResumed)
                 assert broadcast.describe()["state"] == "streaming"
+                assert first._proc.stdin.closed  # the dropped connection's pipe: closed, not left to the collector
                 for _ in range(50):  # (the ticks in the pipe when it stalls never reach the server)
                     await anext(stream)
                 os.kill(broadcast._writer._proc.pid, signal.SIGSTOP)  # a stream nobody takes from any more
