@@ -13,7 +13,11 @@ it these raise InputError saying so. An application with another TTS (Piper, a c
 espeak-ng facts relied on (1.51-1.52): `--stdout` writes a 22.05 kHz mono s16 WAV whose header gives no length (PyAV
 reads it to the end); an unknown language fails with exit status 1, but an unknown `LANG+VARIANT` is spoken with the
 language's default voice without a word, so variants are checked against `--voices=variant`; text given on stdin is
-never read as options (a text starting with "-" is spoken) and `-b 1` reads it as UTF-8.
+never read as options (a text starting with "-" is spoken) and `-b 1` reads it as UTF-8. The voices with breath or
+Klatt noise (the corpus's female variants among them) draw it from a random generator that 1.51 never seeds (every
+run the same) and 1.52 seeds anew each run unless given `-D`, its deterministic mode: the same text then came out two
+ways in 60 runs (different in nearly every sample). `-D` is passed where `--help` lists it, so a text is spoken the
+same every time and the synthetic corpus is a function of its seed on either release.
 """
 
 from __future__ import annotations
@@ -62,6 +66,14 @@ def installed_variants() -> frozenset[str]:
     column's `!v/NAME`."""
     out = subprocess.run([espeak_exe(), "--voices=variant"], capture_output=True, text=True, check=False).stdout
     return frozenset(tok[3:] for line in out.splitlines()[1:] for tok in line.split()[:5] if tok.startswith("!v/"))
+
+
+@lru_cache(maxsize=1)
+def deterministic_flags() -> tuple[str, ...]:
+    """`-D` where this espeak-ng has its deterministic mode (1.52 and later; 1.51 is deterministic without it and
+    does not know the flag)."""
+    usage = subprocess.run([espeak_exe(), "--help"], capture_output=True, text=True, check=False)
+    return ("-D",) if re.search(r"^-D\s", usage.stdout + usage.stderr, re.MULTILINE) else ()
 
 
 @lru_cache(maxsize=1)
@@ -149,7 +161,7 @@ class Speech:
     def synthesize(self, text: str, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
         """`text` spoken -> float32 mono at `sample_rate` (blocking: call it off the event loop in a server)."""
         cmd = [espeak_exe(), "-v", self.voice, "-s", str(self.rate), "-p", str(self.pitch), "-g", str(self.word_gap),
-               "-b", "1", "--stdout"]
+               "-b", "1", *deterministic_flags(), "--stdout"]
         try:
             done = subprocess.run(cmd, input=text.encode(), capture_output=True, timeout=TIMEOUT_S, check=False)
         except subprocess.TimeoutExpired:

@@ -58,6 +58,39 @@ def test_speech_is_synthesised_at_16_khz_and_its_length_follows_the_text_and_rat
     assert len(Speech().synthesize("-v xx --help")) > 8000
 
 
+@pytest.mark.parametrize("has_d", [True, False])
+def test_espeak_ng_is_asked_for_its_deterministic_mode_where_it_has_one(tmp_path, monkeypatch, has_d):
+    """espeak-ng 1.52 seeds the noise of its breathy voices anew each run unless given `-D` (on Debian sid the same
+    text came out two ways in 60 runs, and the synthetic corpus was not a function of its seed); 1.51 is deterministic
+    without it and has no `-D`. A stand-in espeak-ng (the real one behind it) whose help lists `-D` is given it, one
+    whose help does not is not, and both speak."""
+    real, calls = shutil.which("espeak-ng"), tmp_path / "calls"
+    fake = tmp_path / "espeak-ng"
+    fake.write_text(f"""#!/bin/bash
+if [ "$1" = --help ]; then
+  echo "-b	   Input text encoding"{'; echo "-D	   Enable deterministic random mode"' if has_d else ''}
+  exit 0
+fi
+echo "$*" >> {calls}
+args=(); for a in "$@"; do [ "$a" = -D ] || args+=("$a"); done
+exec {real} "${{args[@]}}"
+""")
+    fake.chmod(0o755)
+    caches = (tts.deterministic_flags, tts._voice_rows, tts.installed_variants)
+    for cache in caches:
+        cache.cache_clear()
+    monkeypatch.setattr(tts.shutil, "which", lambda name: str(fake))
+    try:
+        assert tts.deterministic_flags() == (("-D",) if has_d else ())
+        pcm = Speech(voice="en-us+f5").synthesize("Right life man autumn hand yellow.")
+    finally:
+        for cache in caches:
+            cache.cache_clear()
+    spoken = [line.split() for line in calls.read_text().splitlines() if "--stdout" in line]
+    assert len(spoken) == 1 and ("-D" in spoken[0]) == has_d
+    assert len(pcm) > 8000
+
+
 def test_voices_are_checked_against_what_espeak_ng_has():
     ids = {v["id"] for v in tts.voices()}
     assert "en-us" in ids and len(ids) > 20
