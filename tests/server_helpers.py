@@ -90,8 +90,8 @@ def turn_server(tmp_path: Path, secret: str = "letstalk-test-secret"):
     proc = subprocess.Popen(
         [binary, "-n", "-v", "--listening-ip", "127.0.0.1", "--listening-port", str(port), "--relay-ip", "127.0.0.1",
          "--use-auth-secret", "--static-auth-secret", secret, "--realm", "letstalk", "--allow-loopback-peers",
-         "--no-tls", *coturn_off_flags(binary), "--userdb", str(tmp_path / "turndb"), "--pidfile", str(tmp_path / "pid"),
-         "--log-file", str(log), "--simple-log"],
+         "--no-tls", *coturn_off_flags(binary), "--userdb", str(tmp_path / "turndb"),
+         "--pidfile", str(tmp_path / "pid"), "--log-file", str(log), "--simple-log"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 10
