@@ -764,7 +764,10 @@ def test_speech_from_the_first_moment_waits_whole_for_its_lookahead_behind_idle_
     # (2.8 s, once: on Python 3.13 its windows took 118 ms at the warm-up where they take ~100, and the speech's last 2
     # frames came 71st and 72nd)
     stats, frames = _real_time_session(tiny_pipeline, speech, 3.2, portrait=60)
-    audio = np.concatenate([f.audio for f in frames])
+    # held frames (a window late on a busy machine: silent, the speech after them delayed, not lost) are the pacing's,
+    # not the scheduler's. In one suite run on Python 3.14 the speech's last 2 frames were silent, no gap counted: most
+    # likely 2 held frames (not seen again in 8 runs of this test alone and one of its file; not proven)
+    audio = np.concatenate([f.audio for f in frames if not f.filler])
     assert stats["gap_inserted_s"] == 0 and stats["catch_up_runs"] == 0, stats
     assert not frames[0].speech  # the first frame came before the speech could be shown ...
     first = np.flatnonzero(audio)[0]
