@@ -14,10 +14,10 @@ espeak-ng facts relied on (1.51-1.52): `--stdout` writes a 22.05 kHz mono s16 WA
 reads it to the end); an unknown language fails with exit status 1, but an unknown `LANG+VARIANT` is spoken with the
 language's default voice without a word, so variants are checked against `--voices=variant`; text given on stdin is
 never read as options (a text starting with "-" is spoken) and `-b 1` reads it as UTF-8. The voices with breath or
-Klatt noise (the corpus's female variants among them) draw it from a random generator that 1.51 never seeds (every
-run the same) and 1.52 seeds anew each run unless given `-D`, its deterministic mode: the same text then came out two
-ways in 60 runs (different in nearly every sample). `-D` is passed where `--help` lists it, so a text is spoken the
-same every time and the synthetic corpus is a function of its seed on either release.
+Klatt noise (f2, f3, f5 and the klatt ones among the corpus's) draw it from a random generator: 1.51's starts the same
+every run (60 runs of one text, one output), 1.52's differently unless given `-D`, its deterministic mode (the same
+text came out two ways in 60 runs, different in nearly every sample). `-D` is passed where `--help` lists it, so a
+text is spoken the same every time and the synthetic corpus is a function of its seed on either release.
 """
 
 from __future__ import annotations
