@@ -1057,6 +1057,10 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                       "max_seconds_per_message": 1.0, "time": time.time()})
         async for msg in ws:
             if ss.closing:
+                # its close() (a time limit, the operator, a shutdown) sends the `closed` event, then closes this socket
+                # with the reason: returning now, aiohttp would close it first (1000, no reason), the event maybe unsent
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await wait_for(ss.closed.wait(), 10.0)
                 break
             ss.touch()
             if msg.type == WSMsgType.BINARY:

@@ -421,6 +421,47 @@ def test_sdk_says_why_the_server_closed_the_session_whichever_comes_first(tiny_p
     run(main())
 
 
+def test_a_client_streaming_audio_is_told_why_the_server_closed_its_session(tiny_pipeline):
+    """A client streaming audio (a microphone, `letstalk camera --server`) when the server closes its session still
+    gets the `closed` event with the reason, and its websocket's close carries the reason too. The websocket's handler,
+    woken by the next audio message, used to return at once: aiohttp closed the socket (1000, no reason) before the
+    session's close had sent the event, and the client knew only that its websocket had closed (CI saw it through
+    `letstalk camera --server`). Here 2 ms of audio every 2 ms, five sessions in a row: the old handler lost the race
+    in every run (3 of 3)."""
+    from letstalk_rt.client import AvatarClient, AvatarClientError
+
+    async def one(srv, client) -> tuple[list, str | None, str | None]:
+        session = await client.start_session()
+        await session.ping()
+
+        async def stream() -> None:
+            with contextlib.suppress(AvatarClientError):  # SessionClosedError too, once it is closed
+                while True:
+                    await session.send_audio(np.full(32, 1000, np.int16), 16000)
+                    await asyncio.sleep(0.002)
+
+        sender = asyncio.create_task(stream())
+        await asyncio.sleep(0.3)
+        await srv.manager.close(srv.manager.sessions[session.id], "ended by the operator")
+        events: list = []
+        try:
+            async for event in session.events():
+                events.append(event["type"])
+        except AvatarClientError as e:
+            events.append(str(e))
+        await asyncio.wait_for(sender, 5)
+        return events[-1:], session.close_reason, session._ws_close
+
+    async def main():
+        async with running_server(tiny_pipeline) as srv:
+            async with AvatarClient(srv.url) as client:
+                return [await one(srv, client) for _ in range(5)]
+
+    for last, reason, ws_close in run(main()):
+        assert last == ["closed"] and reason == "ended by the operator", (last, reason, ws_close)
+        assert ws_close in (None, "code 1000: session closed: ended by the operator"), ws_close
+
+
 def test_sdk_events_end_when_the_websocket_ends_and_odd_rates_are_sent_whole(tiny_pipeline):
     """events() raises the server's close reason when its websocket ends without a `closed` event (here:
     another client's websocket replaces it) instead of waiting forever; audio at a rate whose half second
