@@ -26,6 +26,7 @@ when it has connected (`{"ok": true}` or `{"error": ...}`) and one when the stre
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -204,12 +205,10 @@ class LiveOutput:
 
     def _ended(self) -> str:
         """Why the child is gone (what it said, or how it exited); our end of its pipe in is closed."""
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self._proc.wait(CLOSE_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-        # closed now, not when this object is collected (a reconnection drops it): what the pipe still holds can go
-        # nowhere, and Python 3.14 reports the BrokenPipeError of flushing it in a finalizer
+        # killed if it still runs, and the pipe closed now, not when this object is collected (a reconnection drops
+        # it): what the pipe still holds can go nowhere, and Python 3.14 reports the failed flush of a finalizer
         _stop(self._proc)
         return self._answer().get("error") or f"the live stream to '{self.name}' ended"
 

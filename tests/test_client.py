@@ -450,6 +450,7 @@ def test_a_client_streaming_audio_is_told_why_the_server_closed_its_session(tiny
         except AvatarClientError as e:
             events.append(str(e))
         await asyncio.wait_for(sender, 5)
+        await wait_until(lambda: session._ws_close is not None, 5, "the websocket's close (it follows the event)")
         return events[-1:], session.close_reason, session._ws_close
 
     async def main():
@@ -459,7 +460,7 @@ def test_a_client_streaming_audio_is_told_why_the_server_closed_its_session(tiny
 
     for last, reason, ws_close in run(main()):
         assert last == ["closed"] and reason == "ended by the operator", (last, reason, ws_close)
-        assert ws_close in (None, "code 1000: session closed: ended by the operator"), ws_close
+        assert ws_close == "code 1000: session closed: ended by the operator", ws_close
 
 
 def test_sdk_events_end_when_the_websocket_ends_and_odd_rates_are_sent_whole(tiny_pipeline):

@@ -375,10 +375,7 @@ def _one_session_fails(pipe, break_it) -> tuple[list, list, list]:
     speech = speechlike(2.0, seed=31) + 0.05
 
     async def main():
-        # no latency catch-up: on a busy machine it plays the good session's speech faster (CI once: its samples
-        # differed a little from the 34th frame on, and its end came early, silence where it should be), which is
-        # pacing, not what a failing session costs it
-        engine = await _engine(pipe, catch_up_tempo=1.0)
+        engine = await _engine(pipe, catch_up_tempo=1.0)  # a busy machine's speed-up would stretch the speech
         good = await engine.open_session(_portrait(pipe, 30))
         bad = await engine.open_session(_portrait(pipe, 200))
         break_it(bad)
