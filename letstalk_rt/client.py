@@ -93,6 +93,9 @@ RECONNECT_STALL_S = 2.0
 RECONNECT_POLL_S = 0.25
 RECONNECT_FIRST_WAIT_S = 0.5  # between tries, doubling up to 4 s
 RECONNECT_TIMEOUT_S = 30.0  # then give up: the iterators end, with an `error` event (code reconnect_failed)
+# a websocket lost while the media goes on is opened again without touching the peer connection, each try given this
+# long (a connect that hangs on a network gone must not keep the watchdog from seeing the media stop too)
+REOPEN_TRY_S = 2.0
 
 __all__ = [
     "AudioChunk", "AuthenticationError", "AvatarClient", "AvatarClientError", "AvatarNotFoundError", "AvatarSession",
@@ -335,7 +338,9 @@ class AvatarSession:
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._ws_lock = asyncio.Lock()
         self._format = (16000, 1, False)  # the server's default binary audio format: (rate, channels, ahead)
-        self._ws_close: str | None = None  # why the server closed the websocket
+        self._ws_close: str | None = None  # how the websocket ended: "closed by the server (code ...)" or "lost ..."
+        self._ws_lost_at: float | None = None  # monotonic: lost (no close from the server) while reconnect is on
+        self._ws_back = asyncio.Event()  # set while a websocket is open, or once none will come back (sends wait on it)
         self._callbacks: dict[str, list[Callable]] = collections.defaultdict(list)
         self._events = _Buffer(1000)
         self._video = _Buffer(50)  # 2 s at 25 fps
@@ -381,8 +386,10 @@ class AvatarSession:
         `reconnect`: when no media has arrived for RECONNECT_STALL_S (the network went: a Wi-Fi/cellular switch, a
         laptop's sleep) or the peer connection fails, connect again with a new one (and a new websocket), for up to
         RECONNECT_TIMEOUT_S; the frame, audio and event iterators go on across it, media times continuing from where
-        they were. Events `reconnecting` and `reconnected` (or an `error` with code `reconnect_failed`, after which
-        the iterators end) say so."""
+        they were. A websocket lost alone (its TCP connection ended with no close: a proxy restarted) is opened again
+        at once, the peer connection left as it is; sends made meanwhile wait for it. Events `reconnecting` and
+        `reconnected` (or an `error` with code `reconnect_failed`, after which the iterators end and sends raise) say
+        so."""
         if self.closed:
             raise AvatarClientError(f"session {self.id} is closed")
         if self.pc is not None:
@@ -492,6 +499,8 @@ class AvatarSession:
             stalled = (self._video.received + self._audio.received > 0
                        and time.monotonic() - self._media_at > RECONNECT_STALL_S)
             if pc is not None and not stalled and pc.connectionState not in ("failed", "closed"):
+                if self._ws_lost_at is not None and not await self._reopen_ws():
+                    return
                 continue
             reason = (f"no media for {RECONNECT_STALL_S:g} s" if stalled
                       else f"peer connection {pc.connectionState if pc else 'gone'}")
@@ -526,8 +535,12 @@ class AvatarSession:
                 last = str(e) or type(e).__name__  # 409 (the server still hears the old peer), no network yet
             await asyncio.sleep(min(wait, max(0.0, RECONNECT_TIMEOUT_S - (time.monotonic() - started))))
             wait = min(2 * wait, 4.0)
-        if self.closed:
-            return False
+        if not self.closed:
+            self._give_up(reason, last)
+        return False
+
+    def _give_up(self, reason: str, last: str) -> None:
+        """The connection could not be made again: an `error` event, then the iterators end and sends raise."""
         self._failed = f"reconnect failed: {last}"
         self._dispatch({"type": "error", "session_id": self.id, "code": "reconnect_failed", "time": time.time(),
                         "message": f"session {self.id}: lost the connection ({reason}) and could not reconnect "
@@ -535,7 +548,27 @@ class AvatarSession:
         self._video.close()
         self._audio.close()
         self._events.close(AvatarClientError(self._failed))
-        return False
+        self._ws_back.set()
+
+    async def _reopen_ws(self) -> bool:
+        """One try at a new websocket for one lost while the media goes on (the peer connection is left as it is);
+        False when it gave up: the session is gone, or none opened within RECONNECT_TIMEOUT_S of the loss."""
+        lost_at = self._ws_lost_at
+        assert lost_at is not None
+        try:
+            await wait_for(self._open_ws(), REOPEN_TRY_S)
+        except (SessionNotFoundError, AuthenticationError) as e:  # the session is gone: nothing to go back to
+            self._give_up("websocket lost", str(e))
+            return False
+        except (AvatarClientError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+            if time.monotonic() - lost_at < RECONNECT_TIMEOUT_S:
+                return True  # tried again at the watchdog's next look
+            self._give_up("websocket lost", str(e) or type(e).__name__)
+            return False
+        log.info("session %s: websocket open again after %.1f s", self.id, time.monotonic() - lost_at)
+        self._dispatch({"type": "reconnected", "session_id": self.id, "time": time.time(),
+                        "after_s": round(time.monotonic() - lost_at, 3), "websocket_only": True})
+        return True
 
     async def _read_track(self, track: MediaStreamTrack, pc: RTCPeerConnection) -> None:
         buffer = self._video if track.kind == "video" else self._audio
@@ -633,6 +666,8 @@ class AvatarSession:
                     raise SessionNotFoundError(str(fake), e.status) from None
                 raise fake from None
             old, self._ws, self._ws_close, self._format = self._ws, ws, None, (16000, 1, False)
+            self._ws_lost_at = None
+            self._ws_back.set()
             if old is not None and not old.closed:
                 self._spawn(_close_quietly(old), "ws-close")
             if self._events.error is not None:  # the last websocket failed the event stream: a fresh one
@@ -662,19 +697,26 @@ class AvatarSession:
         current = self._ws is ws
         if not current:  # replaced by a newer one of ours (a reconnect): nothing of it matters any more
             return
-        self._ws_close = f"code {ws.close_code}" + (f": {reason}" if reason else "")
+        lost = ws.close_code in (None, 1006)  # no close from the server: it stopped, or the network went
+        self._ws_close = (f"lost with no close from the server (code {ws.close_code or 1006}: the server stopped or "
+                          f"the network went{f'; {reason}' if reason else ''})" if lost else
+                          f"closed by the server (code {ws.close_code}{f': {reason}' if reason else ''})")
         self._ws = None
         for future in self._replies.values():
             if not future.done():
-                future.set_exception(AvatarClientError(f"websocket closed by the server ({self._ws_close})"))
+                future.set_exception(AvatarClientError(f"websocket {self._ws_close}"))
         self._replies.clear()
-        if self._watching and ws.close_code in (None, 1006):  # no close from the server: the network went, and the
-            return  # reconnect that follows opens a new one (if it gives up, it ends the events)
+        if self._watching and lost and not self.closed:
+            # the watchdog opens a new one (with a new peer connection if the media went too; if it gives up, it ends
+            # the events); sends wait for it
+            self._ws_lost_at, self._ws_back = time.monotonic(), asyncio.Event()
+            self._dispatch({"type": "reconnecting", "session_id": self.id, "reason": f"websocket {self._ws_close}",
+                            "time": time.time()})
+            return
         if not self.closed:
             # Ended without a `closed` event (replaced by a newer websocket, a protocol error, the server
             # gone, the network down): no event will ever come, so end events() with why, not a hang.
-            self._events.close(AvatarClientError(f"session {self.id}: websocket closed by the server "
-                                                 f"({self._ws_close}); no more events"))
+            self._events.close(AvatarClientError(f"session {self.id}: websocket {self._ws_close}; no more events"))
 
     def _dispatch(self, event: dict) -> None:
         kind = event.get("type")
@@ -703,20 +745,42 @@ class AvatarSession:
             self._events.close()
 
     async def _send(self, send: Callable[[aiohttp.ClientWebSocketResponse], Any]) -> None:
+        for attempt in range(2):
+            ws = await self._usable_ws()
+            try:
+                await send(ws)
+                return
+            except (ConnectionError, RuntimeError) as e:
+                if self.close_reason is not None:
+                    raise SessionClosedError(self.id, self.close_reason) from None
+                if attempt == 0 and self._watching and not self.closed:
+                    # lost as it was sent (connect(reconnect=True)): sent again on the one that replaces it
+                    await asyncio.sleep(REOPEN_TRY_S / 20)  # time for its reader to see the loss
+                    continue
+                raise AvatarClientError(f"session {self.id}: websocket send failed ({e}); "
+                                        f"websocket {self._ws_close or 'closing'}") from None
+
+    async def _usable_ws(self) -> aiohttp.ClientWebSocketResponse:
+        """The websocket to send on: the open one; the one replacing a lost one (waited for); or a new one."""
         if self.close_reason is not None:  # whether or not its websocket's close has come in yet: one error, why
             raise SessionClosedError(self.id, self.close_reason)
         ws = self._ws
-        if ws is None or ws.closed:
-            if self._ws_close is not None:
-                raise AvatarClientError(f"session {self.id}: websocket closed by the server ({self._ws_close})")
-            ws = await self._open_ws()
-        try:
-            await send(ws)
-        except (ConnectionError, RuntimeError) as e:
+        if (ws is None or ws.closed) and self._ws_lost_at is not None and not self.closed:
+            # lost, not closed: the watchdog is opening a new one (connect(reconnect=True)); what is sent waits for it
+            with contextlib.suppress(asyncio.TimeoutError):
+                await wait_for(self._ws_back.wait(), RECONNECT_TIMEOUT_S + 2 * REOPEN_TRY_S)
             if self.close_reason is not None:
-                raise SessionClosedError(self.id, self.close_reason) from None
-            raise AvatarClientError(f"session {self.id}: websocket send failed ({e}); "
-                                    f"closed by the server: {self._ws_close or 'unknown'}") from None
+                raise SessionClosedError(self.id, self.close_reason)
+            ws = self._ws
+        if ws is not None and not ws.closed:
+            return ws
+        if self.closed:
+            raise AvatarClientError(f"session {self.id} is closed")
+        if self._failed is not None:
+            raise AvatarClientError(f"session {self.id}: {self._failed}")
+        if self._ws_close is not None:
+            raise AvatarClientError(f"session {self.id}: websocket {self._ws_close}")
+        return await self._open_ws()
 
     async def _control(self, message: dict) -> None:
         await self._send(lambda ws: ws.send_str(json.dumps(message, ensure_ascii=False)))
@@ -746,14 +810,18 @@ class AvatarSession:
         frame_bytes = 2 * channels
         if len(data) % frame_bytes:
             raise ValueError(f"PCM16 with {channels} channel(s) needs a multiple of {frame_bytes} bytes")
-        if (sample_rate, channels, ahead) != self._format:
-            await self._control({"type": "audio_format", "sample_rate": sample_rate, "channels": channels,
-                                 "ahead": ahead})
-            self._format = (sample_rate, channels, ahead)
+        form = (sample_rate, channels, ahead)
+
+        async def send(ws: aiohttp.ClientWebSocketResponse, chunk: bytes) -> None:
+            if self._format != form:  # announced on each websocket (a new one, after a reconnect, starts at 16 kHz)
+                await ws.send_str(json.dumps({"type": "audio_format", "sample_rate": sample_rate,
+                                              "channels": channels, "ahead": ahead}))
+                self._format = form
+            await ws.send_bytes(chunk)
+
         step = (sample_rate // 2) * frame_bytes  # 0.5 s of whole samples per message (server limit: 1 s)
         for pos in range(0, len(data), step):
-            chunk = data[pos:pos + step]
-            await self._send(lambda ws, c=chunk: ws.send_bytes(c))
+            await self._send(functools.partial(send, chunk=data[pos:pos + step]))
 
     async def end_speech(self) -> None:
         """The utterance is over: the server renders its last frames now instead of waiting for more audio."""
@@ -924,6 +992,7 @@ class AvatarSession:
             self._video.close()
             self._audio.close()
             self._events.close()
+            self._ws_back.set()  # a send waiting for a lost websocket's successor: none will come
             self.client._sessions.discard(self)
 
     async def __aenter__(self) -> AvatarSession:

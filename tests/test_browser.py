@@ -336,6 +336,34 @@ def test_a_page_whose_connection_goes_silent_reconnects_and_the_avatar_goes_on(t
 
 
 @pytest.mark.skipif(__import__("shutil").which("espeak-ng") is None, reason="needs espeak-ng (the server's TTS)")
+def test_a_page_whose_websocket_is_lost_opens_it_again_and_says_what_was_typed_meanwhile(tiny_pipeline, tmp_path):
+    """The page's websocket alone goes (a proxy restarted: its TCP connection ends with no close, code 1006) while the
+    video goes on. The page opens a new websocket, its peer connection left as it is, and text typed before it is open
+    is said once it is. Before, the page only logged the close: what was typed went nowhere, and no event came."""
+
+    async def main():
+        async with running_server(tiny_pipeline) as srv, async_playwright() as pw, _chromium(pw, tmp_path) as context:
+            tab = await context.new_page()
+            await tab.goto(f"{srv.url}/?autostart=1&source=none")
+            await tab.wait_for_function("window.letstalk?.frames?.frames > 25 && "
+                                        "!document.getElementById('say').disabled", timeout=30000)
+            (ss,) = srv.manager.sessions.values()
+            first_pc, first_ws = ss.pc, ss.out.ws
+            first_ws._req.transport.abort()  # no websocket close: the page reads 1006
+            await tab.wait_for_function("document.getElementById('log').innerText.includes('websocket lost')",
+                                        timeout=10000)
+            await tab.fill("#saytext", "Hello again.")
+            await tab.press("#saytext", "Enter")
+            await tab.wait_for_function("window.letstalk.events.includes('speech_started')", timeout=20000)
+            text = await tab.evaluate("document.getElementById('log').innerText")
+            return text, ss.pc is first_pc, ss.out is not None and ss.out.ws is not first_ws, len(srv.manager.sessions)
+
+    text, same_pc, new_ws, sessions = run(main())
+    assert same_pc and new_ws and sessions == 1, (same_pc, new_ws, sessions)
+    assert "reconnecting" in text and "code 1006" in text and "reconnected" in text and '"sentences":1' in text, text
+
+
+@pytest.mark.skipif(__import__("shutil").which("espeak-ng") is None, reason="needs espeak-ng (the server's TTS)")
 def test_an_overlay_of_an_sdk_session_shows_each_sentence_as_a_caption_when_it_starts(tiny_pipeline, tmp_path):
     """overlay_url(captions=True): the SDK drives the session (its websocket, `say`); the overlay page shows the
     avatar and, read from the session's event stream, each sentence's text as its audio starts playing."""

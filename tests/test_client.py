@@ -324,6 +324,99 @@ def test_sdk_reconnects_when_its_network_goes_and_its_iterators_go_on(tiny_pipel
     assert len(frames) >= before + 50
 
 
+def drop_websocket(session) -> None:
+    """What a proxy's restart or a network blip does to an SDK session's websocket: its TCP connection ends with no
+    websocket close (the SDK reads code 1006)."""
+    session._ws._response.connection.transport.abort()
+
+
+def test_a_lost_websocket_is_opened_again_and_what_is_sent_meanwhile_waits_for_it(tiny_pipeline):
+    """connect(reconnect=True): the websocket's connection ends with no close (a proxy restarted) while the media goes
+    on. The SDK opens a new websocket, the peer connection left as it is; audio sent at once waits for it and is
+    spoken, at its own rate (announced again on the new websocket), and events come on it. Before, the send raised
+    "closed by the server (code 1006)" and no event came any more."""
+    from letstalk_rt.client import AvatarClient
+
+    async def main():
+        async with running_server(tiny_pipeline) as srv, AvatarClient(srv.url) as client:
+            session = await client.start_session()
+            seen: list[dict] = []
+            session.on("*", seen.append)
+            await session.connect()
+            frames, _, readers = collect_media(session)
+            await wait_until(lambda: len(frames) >= 25, 20, "a second of frames")
+            server_pc = srv.manager.sessions[session.id].pc
+            await session.send_audio(np.zeros(800, np.int16), sample_rate=48000)  # the old websocket's format: 48 kHz
+            drop_websocket(session)
+            await session.send_audio(speechlike(1.0, rate=48000), sample_rate=48000)
+            await session.end_speech()
+            await wait_until(lambda: any(e["type"] == "speech_stopped" for e in seen), 20, "the speech, spoken")
+            assert srv.manager.sessions[session.id].pc is server_pc  # the media went on: its connection stays
+            before = len(frames)
+            await wait_until(lambda: len(frames) >= before + 10, 10, "frames after it")
+            await session.close()
+            await asyncio.gather(*readers)
+            return seen
+
+    seen = run(main())
+    kinds = [e["type"] for e in seen]
+    lost = next(e for e in seen if e["type"] == "reconnecting")
+    assert lost["reason"].startswith("websocket lost with no close from the server (code 1006")
+    back = next(e for e in seen if e["type"] == "reconnected")
+    assert back["websocket_only"] and back["after_s"] < 2
+    assert kinds.index("reconnecting") < kinds.index("reconnected") < kinds.index("speech_started")
+    assert "error" not in kinds and kinds.count("reconnecting") == 1
+    # 1 s of speech at 48 kHz, not 3 s read as 16 kHz: the new websocket was told the rate
+    spoken = (seen[-1 - [e["type"] for e in reversed(seen)].index("speech_stopped")]["frame"]
+              - next(e for e in seen if e["type"] == "speech_started")["frame"]) / 25
+    assert 0.6 < spoken < 1.5, spoken
+
+
+def test_a_client_that_cannot_reach_its_server_again_ends_its_iterators_and_sends_saying_so(tiny_pipeline,
+                                                                                            monkeypatch):
+    """The server went (its host rebooted, the network to it is down): the SDK tries a new websocket and peer
+    connection for RECONNECT_TIMEOUT_S, then an `error` event (reconnect_failed) says why, the media iterators end, the
+    event iterator raises it, and a send raises it too (not "closed by the server": the server closed nothing)."""
+    from letstalk_rt import client as sdk
+    from letstalk_rt.client import AvatarClient
+
+    monkeypatch.setattr(sdk, "RECONNECT_TIMEOUT_S", 3.0)
+    with contextlib.closing(__import__("socket").socket()) as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{sock.getsockname()[1]}"
+
+    async def main():
+        async with running_server(tiny_pipeline) as srv, AvatarClient(srv.url) as client:
+            session = await client.start_session()
+            seen: list[dict] = []
+            session.on("*", seen.append)
+            await session.connect()
+            frames, _, readers = collect_media(session)
+            await wait_until(lambda: len(frames) >= 25, 20, "a second of frames")
+            alive = srv.url.split("//")[1]
+            session.offer_url = session.offer_url.replace(alive, dead)
+            session.ws_url = session.ws_url.replace(alive, dead)
+            assert cut_network(session.pc) > 0
+            drop_websocket(session)
+            gone = time.monotonic()
+            with pytest.raises(sdk.AvatarClientError, match="reconnect failed: .*Cannot connect") as raised:
+                await session.send_audio(speechlike(0.5), sample_rate=16000)
+            waited = time.monotonic() - gone
+            await asyncio.wait_for(asyncio.gather(*readers), 10)  # the media iterators end
+            with pytest.raises(sdk.AvatarClientError, match="reconnect failed"):
+                async for _ in session.events():
+                    pass
+            await session.close()
+            return seen, waited, str(raised.value)
+
+    seen, waited, message = run(main())
+    assert 3.0 <= waited < 3.0 + 2 * sdk.REOPEN_TRY_S + 2, waited
+    assert "closed by the server" not in message
+    failed = [e for e in seen if e["type"] == "error"]
+    assert [e["code"] for e in failed] == ["reconnect_failed"], failed
+    assert "could not reconnect within 3 s" in failed[0]["message"]
+
+
 def test_ice_servers_are_checked_when_the_server_and_client_start():
     from letstalk_rt.client import AvatarClient
     from letstalk_rt.errors import LetsTalkError
@@ -460,7 +553,7 @@ def test_a_client_streaming_audio_is_told_why_the_server_closed_its_session(tiny
 
     for last, reason, ws_close in run(main()):
         assert last == ["closed"] and reason == "ended by the operator", (last, reason, ws_close)
-        assert ws_close == "code 1000: session closed: ended by the operator", ws_close
+        assert ws_close == "closed by the server (code 1000: session closed: ended by the operator)", ws_close
 
 
 def test_sdk_events_end_when_the_websocket_ends_and_odd_rates_are_sent_whole(tiny_pipeline):

@@ -223,7 +223,9 @@ export class AvatarConnection {
   // reconnect (default true): once no media has come for 2 s (the network changed: Wi-Fi to cellular, a laptop
   // waking up) or the connection failed, connect again with a new peer connection (and a new websocket if the old
   // one closed) for up to 30 s; onState gets {type: "reconnecting", reason}, then "reconnected" (conn.stream is then
-  // a new MediaStream: show it) or "reconnect_failed".
+  // a new MediaStream: show it) or "reconnect_failed". A websocket lost alone (closed with no close from the server,
+  // code 1006: a proxy restarted) while the media goes on is opened again, the peer connection left as it is
+  // ("reconnected" with websocket_only); what is sent meanwhile waits for it.
   async start(options = {}) {
     try {
       await this._start(options);
@@ -241,6 +243,7 @@ export class AvatarConnection {
 
   async _checkMedia() {
     if (this.closed || this._reconnecting || !this.pc) return;
+    if (this._wsLostAt && this.ws.readyState === WebSocket.CLOSED) this._reopenSocket();
     const s = await this.stats();
     const packets = (s.video.packetsReceived ?? 0) + (s.audio.packetsReceived ?? 0);
     if (packets !== this._packets) {
@@ -282,6 +285,8 @@ export class AvatarConnection {
       wait = Math.min(2 * wait, 4000);
     }
     clearInterval(this._watch);
+    this._wsLostAt = null;
+    this._unsent = [];
     if (!this.closed) this.onState({ type: "reconnect_failed", reason: last });
   }
 
@@ -385,17 +390,53 @@ export class AvatarConnection {
     const ws = new WebSocket(url);
     this.ws = ws;
     clearInterval(this._keepAlive); // a reconnect opens a new websocket
+    ws.onopen = () => {
+      if (this._wsLostAt && !this._reconnecting) { // (a new peer connection's reconnect says so itself)
+        this.onState({ type: "reconnected", websocket_only: true, after_ms: Date.now() - this._wsLostAt });
+      }
+      this._wsLostAt = null;
+      for (const message of (this._unsent || []).splice(0)) ws.send(message);
+    };
     ws.onmessage = (m) => {
       try {
         this.onEvent(JSON.parse(m.data));
       } catch {}
     };
-    ws.onclose = (e) => this.onState({ type: "websocket", state: "closed", code: e.code, reason: e.reason });
+    ws.onclose = (e) => {
+      this.onState({ type: "websocket", state: "closed", code: e.code, reason: e.reason });
+      // no close from the server (1006): it stopped, or the connection to it went. With reconnect on and the page
+      // not closing, _checkMedia opens a new one while the media goes on (else _reconnect does, with the media)
+      if (e.code !== 1006 || this.ws !== ws || !this._watch || this.closed) {
+        if (this.ws === ws) this._unsent = []; // closed by the server (the session ended): nothing will carry them
+      } else if (!this._wsLostAt) {
+        this._wsLostAt = Date.now();
+        this.onState({ type: "reconnecting", reason: "websocket lost with no close from the server (code 1006)" });
+      }
+    };
     this._keepAlive = setInterval(() => this.send({ type: "ping" }), 15000);
   }
 
+  // A lost websocket, tried again each look of _checkMedia for 30 s, then given up as a failed reconnect.
+  _reopenSocket() {
+    if (Date.now() - this._wsLostAt > 30000) {
+      this._wsLostAt = null;
+      this._unsent = [];
+      this.onState({ type: "reconnect_failed", reason: "websocket lost and not opened again within 30 s" });
+      return;
+    }
+    this._openSocket();
+  }
+
+  // Sent now on an open websocket; while a lost one is being opened again, sent once it is (at most 100 waiting;
+  // none once the server has closed it).
   send(message) {
-    if (this.ws && this.ws.readyState === WebSocket.OPEN) this.ws.send(JSON.stringify(message));
+    if (this.ws && this.ws.readyState === WebSocket.OPEN) {
+      this.ws.send(JSON.stringify(message));
+    } else if (this._watch && !this.closed && this.ws) { // lost (or closing: its close not seen yet)
+      this._unsent = this._unsent || [];
+      this._unsent.push(JSON.stringify(message));
+      if (this._unsent.length > 100) this._unsent.shift();
+    }
   }
 
   interrupt() {
