@@ -187,6 +187,10 @@ def _decode_audio(source: str | io.BytesIO, what: str, sample_rate: int, format:
     try:
         with av.open(source, format=format) as container:
             if not container.streams.audio:
+                name = container.format.name  # FFmpeg reads a picture as a one-frame video: say it is one
+                if container.streams.video and (name in ("image2", "gif") or name.endswith("_pipe")):
+                    codec = container.streams.video[0].codec_context.name.replace("mjpeg", "jpeg")
+                    raise InputError(f"{what} is an image ({codec.upper()}), not audio; {AUDIO_HINT}")
                 kinds = sorted({s.type for s in container.streams}) or ["nothing"]
                 raise InputError(f"{what} has no audio stream (it holds {', '.join(kinds)}); {AUDIO_HINT}")
             stream = container.streams.audio[0]

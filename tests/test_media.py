@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from fractions import Fraction
 from pathlib import Path
 
@@ -149,6 +150,14 @@ def test_bad_audio_fixture_raises_input_error(name):
         load_audio(path)
     message = str(info.value)
     assert "\n" not in message and name in message and "audio" in message
+
+
+@pytest.mark.parametrize("name, said", [("no_face.png", "is an image (PNG), not audio"),
+                                        ("video_no_audio.mp4", "has no audio stream (it holds video)")])
+def test_a_picture_or_a_silent_video_given_as_audio_is_called_what_it_is(name, said):
+    """The photo and the speech swapped (an easy slip with two file arguments): the error says the file is an image."""
+    with pytest.raises(InputError, match=re.escape(said)):
+        load_audio(FIXTURES / name)
 
 
 @pytest.mark.parametrize("name", BAD_IMAGES)
