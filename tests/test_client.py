@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -381,7 +382,7 @@ def test_a_client_that_cannot_reach_its_server_again_ends_its_iterators_and_send
     from letstalk_rt.client import AvatarClient
 
     monkeypatch.setattr(sdk, "RECONNECT_TIMEOUT_S", 3.0)
-    with contextlib.closing(__import__("socket").socket()) as sock:  # a port nobody listens on
+    with contextlib.closing(socket.socket()) as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{sock.getsockname()[1]}"
 
