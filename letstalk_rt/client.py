@@ -340,7 +340,7 @@ class AvatarSession:
         self._format = (16000, 1, False)  # the server's default binary audio format: (rate, channels, ahead)
         self._ws_close: str | None = None  # how the websocket ended: "closed by the server (code ...)" or "lost ..."
         self._ws_lost_at: float | None = None  # monotonic: lost (no close from the server) while reconnect is on
-        self._ws_back = asyncio.Event()  # set while a websocket is open, or once none will come back (sends wait on it)
+        self._ws_back = asyncio.Event()  # while lost: set once a new one is open or none will come (sends wait on it)
         self._callbacks: dict[str, list[Callable]] = collections.defaultdict(list)
         self._events = _Buffer(1000)
         self._video = _Buffer(50)  # 2 s at 25 fps
