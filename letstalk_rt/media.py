@@ -32,6 +32,8 @@ import functools
 import io
 import itertools
 import os
+import re
+import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -44,6 +46,11 @@ import numpy as np
 
 from .cc608 import RollUp, a53_sei, with_sei
 from .errors import InputError, LetsTalkError, OutputError
+
+try:
+    import fcntl  # a VideoWriter locks its partial file, so a folder's cleaner can tell a crashed writer's (POSIX)
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 SAMPLE_RATE = 16000  # Hz: every audio path converts to this
 FPS = 25  # video frames per second: each frame owns SAMPLE_RATE // FPS = 640 samples
@@ -459,6 +466,39 @@ def _partial_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.partial-{os.getpid()}-{next(_partial_ids)}")
 
 
+PARTIAL_NAME = re.compile(r"\..+\.partial-\d+-\d+")  # `_partial_path`'s names
+
+
+def remove_abandoned_partials(directory: Path, min_age_s: float = 60.0) -> list[Path]:
+    """Delete the partial files in `directory` that no process is writing any more: left by a writer killed before it
+    could delete its own (SIGKILL, a crash, a power cut). A VideoWriter holds a lock on its partial file while it
+    writes (released by the kernel when its process dies, whichever PID namespace it ran in), so a locked one is
+    kept however old; an unlocked one (a `write_file_atomic`'s, written in one go) is kept until it is `min_age_s`
+    old. Returns what was deleted. Without `fcntl` (Windows) nothing is deleted."""
+    deleted: list[Path] = []
+    if fcntl is None:
+        return deleted
+    now = time.time()
+    for path in directory.iterdir():
+        if not PARTIAL_NAME.fullmatch(path.name):
+            continue
+        try:
+            if now - path.stat().st_mtime < min_age_s:
+                continue
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:  # gone meanwhile (renamed into place, or deleted by its writer)
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held: a live writer's; free: nobody writes it
+            path.unlink(missing_ok=True)
+            deleted.append(path)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return deleted
+
+
 class VideoWriter:
     """Stream RGB frames and mono audio into an H.264 (yuv420p, libx264) + AAC mp4.
 
@@ -506,6 +546,7 @@ class VideoWriter:
                               f"audio {self.sample_rate} Hz): {_reason(e)}") from e
 
     _lost = "; nothing was saved"  # what a failure leaves
+    _lock_fd: int | None = None  # the partial file, open and locked while it is written
     audio_stream_rate: int | None = None  # the AAC stream's rate (None: the input's; `_to_stream_rate` converts)
 
     @property
@@ -520,12 +561,17 @@ class VideoWriter:
         return {"crf": str(crf), "preset": preset}
 
     def _create_partial(self) -> Path:
-        """Check the destination and create the empty partial file; OutputError with the fix if not possible."""
+        """Check the destination and create the empty partial file, locked while it is written (a cleaner tells it
+        from a crashed writer's: `remove_abandoned_partials`); OutputError with the fix if not possible."""
         path, parent = self.path, check_video_path(self.path)
         for _ in range(100):
             tmp = _partial_path(path)
             try:
-                os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+                fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+                if fcntl is not None:
+                    with contextlib.suppress(OSError):  # a filesystem without locks: written unlocked
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._lock_fd = fd  # closed (the lock released) once the file is renamed into place or deleted
                 return tmp
             except FileExistsError:
                 continue
@@ -621,6 +667,7 @@ class VideoWriter:
         except OSError as e:
             raise self._fail(e, "renaming the finished file into place") from e
         self._state = "closed"
+        self._unlock()
 
     def abort(self) -> None:
         """Stop writing and delete the partial file; `path` is left untouched. Idempotent."""
@@ -635,6 +682,12 @@ class VideoWriter:
                 pass
         if self._tmp is not None:
             self._tmp.unlink(missing_ok=True)
+        self._unlock()
+
+    def _unlock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)
 
     def __enter__(self) -> VideoWriter:
         return self

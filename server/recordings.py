@@ -2,7 +2,9 @@
 session showed captions. Listing, deleting, and the retention limits (--recordings-keep-hours, --recordings-max-gb).
 
 A recording being made is a hidden partial file (`stream/recorder.py`), never listed, served or pruned here; its
-captions are written before its MP4 moves into place, so a recording listed has its captions in place. Files are
+captions are written before its MP4 moves into place, so a recording listed has its captions in place. A partial file
+that no process writes any more (its server was killed while recording) is deleted with the retention pass
+(`media.remove_abandoned_partials`), whatever the limits. Files are
 touched from threads only (`asyncio.to_thread`): a folder of many recordings is not scanned on the event loop.
 """
 
@@ -14,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from letstalk_rt.media import remove_abandoned_partials
 from letstalk_rt.stream.recorder import captions_path
 
 log = logging.getLogger(__name__)
@@ -82,4 +85,8 @@ def prune(directory: Path | None, keep_s: float = 0.0, max_bytes: int = 0,
             total += r.bytes if r in too_many else 0
     if deleted:
         log.info("recordings: %d deleted by the retention limits (%s)", len(deleted), ", ".join(r.id for r in deleted))
+    abandoned = remove_abandoned_partials(directory) if directory is not None and directory.is_dir() else []
+    if abandoned:
+        log.warning("recordings: deleted %d unfinished files no process writes any more (a server killed while "
+                    "recording): %s", len(abandoned), ", ".join(p.name for p in abandoned))
     return deleted, total

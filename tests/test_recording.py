@@ -400,6 +400,47 @@ def test_the_retention_limits_delete_the_oldest_recordings_and_keep_the_newest(t
     assert sorted(p.name for p in tmp_path.iterdir()) == [".e.mp4.partial-1-1", "d.mp4", "notes.txt"]
 
 
+def test_an_unfinished_recording_left_by_a_killed_server_is_deleted_and_one_being_written_is_kept(tmp_path):
+    """A server killed while recording (SIGKILL, a crash, a power cut) leaves the recording's hidden partial file,
+    which nothing lists and, before, nothing ever deleted. The retention pass deletes the partial files no process
+    writes any more: a VideoWriter holds a lock on its own while it writes (the kernel drops it with the process), so
+    one being written stays however old, and an unlocked one (a caption file's, written in one go) once a minute old."""
+    import signal
+    import subprocess
+    import sys
+
+    from letstalk_rt.media import VideoWriter
+    from letstalk_rt.server import recordings
+
+    killed = subprocess.run([sys.executable, "-c", f"""
+import os, signal, sys
+import numpy as np
+from letstalk_rt.media import VideoWriter
+w = VideoWriter({str(tmp_path / 'killed.mp4')!r}, 32)
+w.write_frame(np.zeros((32, 32, 3), np.uint8))
+print(w._tmp.name, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""], capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    left_behind = tmp_path / killed.stdout.strip()
+    live = VideoWriter(tmp_path / "live.mp4", 32)
+    live.write_frame(np.zeros((32, 32, 3), np.uint8))
+    old_caption, young_caption = tmp_path / ".old.vtt.partial-1-2", tmp_path / ".young.vtt.partial-1-3"
+    old_caption.write_text("WEBVTT\n")
+    young_caption.write_text("WEBVTT\n")
+    an_hour_ago = time.time() - 3600
+    for path in (left_behind, live._tmp, old_caption):
+        os.utime(path, (an_hour_ago, an_hour_ago))
+
+    assert recordings.prune(tmp_path) == ([], 0)  # no recording saved, none deleted
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live._tmp.name, young_caption.name])
+    live.write_frame(np.zeros((32, 32, 3), np.uint8))
+    live.close()  # the one being written was left whole: it is saved
+    with av.open(str(tmp_path / "live.mp4")) as saved:
+        assert saved.streams.video[0].frames == 2
+    assert [r.id for r in recordings.saved(tmp_path)] == ["live"]
+
+
 def test_the_server_applies_its_retention_limits_at_start_and_after_each_save(tiny_pipeline, tmp_path):
     """--recordings-keep-hours / --recordings-max-gb on a running server: a recording older than the limit is deleted
     at start; a new one saved over the size limit makes the oldest go at once; /metrics counts them and the size
