@@ -10,6 +10,7 @@ name and renamed, the record last. A crash mid-write leaves at most a file witho
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from letstalk_rt.errors import InputError
-from letstalk_rt.media import parse_colour, write_file_atomic
+from letstalk_rt.media import parse_colour, remove_abandoned_partials, write_file_atomic
 
 if TYPE_CHECKING:
     from letstalk_rt.pipeline import Portrait
@@ -170,6 +171,9 @@ class AvatarStore:
         warning (its files are left for a person to look at)."""
         if self.directory is None or not self.directory.is_dir():
             return []
+        with contextlib.suppress(OSError):  # an upload being written when a server was killed: never to be finished
+            for partial in remove_abandoned_partials(self.directory):
+                log.warning("avatars: deleted %s, an unfinished file no process writes any more", partial.name)
         out = []
         for path in sorted(self.directory.glob("*.json")):
             try:

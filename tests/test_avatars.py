@@ -8,6 +8,8 @@ import asyncio
 import io
 import json
 import logging
+import os
+import time
 
 import aiohttp
 import numpy as np
@@ -91,6 +93,11 @@ def test_an_uploaded_avatar_is_prepared_once_and_kept_across_restarts(tiny_pipel
     made, crop = run(first_run())
     assert sorted(p.name for p in folder.iterdir()) == ["astro.json", "astro.upload"]  # no temporary file left
     assert json.loads((folder / "astro.json").read_text())["background"] == "00ff00"
+
+    # an upload a killed server was writing (unlocked, a minute old): deleted at the next start
+    abandoned = folder / ".other.upload.partial-1-9"
+    abandoned.write_bytes(b"half a photo")
+    os.utime(abandoned, (time.time() - 120, time.time() - 120))
 
     async def second_run():
         async with running_server(tiny_pipeline, api_key="k", avatar_dir=folder) as srv, \
