@@ -865,7 +865,12 @@ def test_exact_resume(tmp_path, init_dir, shards, synth_sync, extra, monkeypatch
         (tmp_path / "b" / "checkpoints" / "step_0000003" / "trainer_state.pt").write_bytes(b"torn")
         with open(tmp_path / "b" / "log.jsonl", "a") as f:
             f.write('{"step": 3, "lo')  # and a log line torn by the kill
+        for name in (".step_0000004.partial-999999999", f".step_0000004.partial-{os.getpid()}"):  # killed mid-write
+            (tmp_path / "b" / "checkpoints" / name).mkdir()
+            (tmp_path / "b" / "checkpoints" / name / "transformer.safetensors").write_bytes(b"half")
     b = train(_cfg("transformer", shards, init_dir, tmp_path / "b", out=tmp_path / "out_b", resume=True, **kw))
+    # the killed runs' half-written checkpoints deleted (the PID of neither is another live process)
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step_0000004", "step_0000006"]
     for name in ("transformer", "audio_encoder", "audio_projector", "autoencoder"):
         wa, wb = load_file(str(a / f"{name}.safetensors")), load_file(str(b / f"{name}.safetensors"))
         assert wa.keys() == wb.keys()

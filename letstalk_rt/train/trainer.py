@@ -65,6 +65,7 @@ import math
 import os
 import platform
 import random
+import re
 import shutil
 import sys
 import time
@@ -1006,6 +1007,35 @@ def checkpoint_dirs(run: Path) -> list[Path]:
     return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / "trainer_state.pt").is_file())
 
 
+ABANDONED_CHECKPOINT = re.compile(r"\.step_\d+\.(?:partial|old)-(\d+)")  # checkpoint.write_dir_atomic's, by its PID
+
+
+def remove_abandoned_checkpoints(run: Path) -> list[str]:
+    """Delete the checkpoint folders a killed run left half-written (`write_dir_atomic`'s `.step_N.partial-PID`, and
+    `.old-PID`), unless their PID is another process still running: a model's full weights and optimizer state each,
+    which a resume never reads. Returns their names."""
+    root = run / "checkpoints"
+    gone: list[str] = []
+    if not root.is_dir():
+        return gone
+    for path in sorted(root.iterdir()):
+        found = ABANDONED_CHECKPOINT.fullmatch(path.name)
+        if found is None or not path.is_dir():
+            continue
+        pid = int(found.group(1))
+        if pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+                continue  # alive (a second trainer writing here?): left alone
+            except PermissionError:
+                continue  # alive, another user's
+            except (ProcessLookupError, OverflowError, OSError):
+                pass
+        shutil.rmtree(path, ignore_errors=True)
+        gone.append(path.name)
+    return gone
+
+
 def _load_latest_state(ckpts: list[Path]) -> dict:
     """The newest checkpoint's trainer state that loads; one that does not (cut short by a power loss or a full
     disk) is reported and the one before it is used."""
@@ -1152,6 +1182,9 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path | None:
     # the EMA are made after (their state then lives sharded, like the parameters).
     state = None
     ckpts = checkpoint_dirs(cfg.run)
+    if dist.main and (gone := remove_abandoned_checkpoints(cfg.run)):
+        print(f"deleted {len(gone)} checkpoint folder(s) a killed run left half-written: {', '.join(gone)}",
+              file=sys.stderr)
     if cfg.resume and ckpts:
         state = _load_latest_state(ckpts)
         if state["stage"] != cfg.stage:
