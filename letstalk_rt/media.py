@@ -469,18 +469,19 @@ def _partial_path(path: Path) -> Path:
 PARTIAL_NAME = re.compile(r"\..+\.partial-\d+-\d+")  # `_partial_path`'s names
 
 
-def remove_abandoned_partials(directory: Path, min_age_s: float = 60.0) -> list[Path]:
+def remove_abandoned_partials(directory: Path, min_age_s: float = 60.0, prefix: str = "") -> list[Path]:
     """Delete the partial files in `directory` that no process is writing any more: left by a writer killed before it
     could delete its own (SIGKILL, a crash, a power cut). A VideoWriter holds a lock on its partial file while it
     writes (released by the kernel when its process dies, whichever PID namespace it ran in), so a locked one is
     kept however old; an unlocked one (a `write_file_atomic`'s, written in one go) is kept until it is `min_age_s`
-    old. Returns what was deleted. Without `fcntl` (Windows) nothing is deleted."""
+    old. `prefix`: only the names that start with it. Returns what was deleted. Without `fcntl` (Windows) nothing is
+    deleted."""
     deleted: list[Path] = []
     if fcntl is None:
         return deleted
     now = time.time()
     for path in directory.iterdir():
-        if not PARTIAL_NAME.fullmatch(path.name):
+        if not path.name.startswith(prefix) or not PARTIAL_NAME.fullmatch(path.name):
             continue
         try:
             if now - path.stat().st_mtime < min_age_s:
@@ -564,6 +565,8 @@ class VideoWriter:
         """Check the destination and create the empty partial file, locked while it is written (a cleaner tells it
         from a crashed writer's: `remove_abandoned_partials`); OutputError with the fix if not possible."""
         path, parent = self.path, check_video_path(self.path)
+        with contextlib.suppress(OSError):  # a run of this output that was killed (SIGKILL, out of memory) left its own
+            remove_abandoned_partials(parent, prefix=f".{path.name}.partial-")
         for _ in range(100):
             tmp = _partial_path(path)
             try:

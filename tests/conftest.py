@@ -118,6 +118,30 @@ def client_example(name: str):
     return module
 
 
+def killed_video_writer(path: Path, age_s: float = 3600) -> Path:
+    """The partial file a VideoWriter of `path` leaves when its process is killed (SIGKILL: nothing of its own runs)
+    one frame in, its time set `age_s` back."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    killed = subprocess.run([sys.executable, "-c", f"""
+import os, signal
+import numpy as np
+from letstalk_rt.media import VideoWriter
+w = VideoWriter({str(path)!r}, 32)
+w.write_frame(np.zeros((32, 32, 3), np.uint8))
+print(w._tmp.name, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""], capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    partial = path.parent / killed.stdout.strip()
+    os.utime(partial, (time.time() - age_s, time.time() - age_s))
+    return partial
+
+
 def speechlike(seconds: float, rate: int = 16000, seed: int = 0) -> np.ndarray:
     """A deterministic voiced signal with syllable-rate amplitude modulation (float32 mono)."""
     rng = np.random.default_rng(seed)

@@ -152,6 +152,23 @@ def test_bad_audio_fixture_raises_input_error(name):
     assert "\n" not in message and name in message and "audio" in message
 
 
+def test_a_new_writer_of_an_output_deletes_what_a_killed_one_left_of_it(tmp_path):
+    """`letstalk generate --out talk.mp4` killed (SIGKILL, out of memory) leaves `.talk.mp4.partial-PID-N`, hidden and
+    never finished; the next writer of talk.mp4 deletes it. A writer of another output, and a live writer's file
+    however old (locked while written), are left alone."""
+    from conftest import killed_video_writer
+
+    mine = killed_video_writer(tmp_path / "talk.mp4")
+    other = killed_video_writer(tmp_path / "other.mp4")
+    live = VideoWriter(tmp_path / "talk.mp4", 32)  # a second writer of the same output, still writing
+    os.utime(live._tmp, (0, 0))
+    with VideoWriter(tmp_path / "talk.mp4", 32) as writer:
+        writer.write_frame(np.zeros((32, 32, 3), np.uint8))
+        assert not mine.exists() and other.exists() and live._tmp.exists()
+    live.abort()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "talk.mp4"]
+
+
 @pytest.mark.parametrize("name, said", [("no_face.png", "is an image (PNG), not audio"),
                                         ("video_no_audio.mp4", "has no audio stream (it holds video)")])
 def test_a_picture_or_a_silent_video_given_as_audio_is_called_what_it_is(name, said):

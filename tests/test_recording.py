@@ -13,7 +13,7 @@ import av
 import numpy as np
 import pytest
 
-from conftest import speechlike
+from conftest import killed_video_writer, speechlike
 from letstalk_rt.errors import InputError, OutputError
 from letstalk_rt.stream import EngineConfig, StreamEngine
 from letstalk_rt.stream.events import RecordingStopped, SessionClosed
@@ -405,33 +405,20 @@ def test_an_unfinished_recording_left_by_a_killed_server_is_deleted_and_one_bein
     which nothing lists and, before, nothing ever deleted. The retention pass deletes the partial files no process
     writes any more: a VideoWriter holds a lock on its own while it writes (the kernel drops it with the process), so
     one being written stays however old, and an unlocked one (a caption file's, written in one go) once a minute old."""
-    import signal
-    import subprocess
-    import sys
-
     from letstalk_rt.media import VideoWriter
     from letstalk_rt.server import recordings
 
-    killed = subprocess.run([sys.executable, "-c", f"""
-import os, signal, sys
-import numpy as np
-from letstalk_rt.media import VideoWriter
-w = VideoWriter({str(tmp_path / 'killed.mp4')!r}, 32)
-w.write_frame(np.zeros((32, 32, 3), np.uint8))
-print(w._tmp.name, flush=True)
-os.kill(os.getpid(), signal.SIGKILL)
-"""], capture_output=True, text=True, timeout=120)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    left_behind = tmp_path / killed.stdout.strip()
+    left_behind = killed_video_writer(tmp_path / "killed.mp4")
     live = VideoWriter(tmp_path / "live.mp4", 32)
     live.write_frame(np.zeros((32, 32, 3), np.uint8))
     old_caption, young_caption = tmp_path / ".old.vtt.partial-1-2", tmp_path / ".young.vtt.partial-1-3"
     old_caption.write_text("WEBVTT\n")
     young_caption.write_text("WEBVTT\n")
     an_hour_ago = time.time() - 3600
-    for path in (left_behind, live._tmp, old_caption):
+    for path in (live._tmp, old_caption):
         os.utime(path, (an_hour_ago, an_hour_ago))
 
+    assert left_behind.is_file()
     assert recordings.prune(tmp_path) == ([], 0)  # no recording saved, none deleted
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live._tmp.name, young_caption.name])
     live.write_frame(np.zeros((32, 32, 3), np.uint8))
