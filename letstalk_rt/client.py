@@ -754,8 +754,11 @@ class AvatarSession:
                 if self.close_reason is not None:
                     raise SessionClosedError(self.id, self.close_reason) from None
                 if attempt == 0 and self._watching and not self.closed:
-                    # lost as it was sent (connect(reconnect=True)): sent again on the one that replaces it
-                    await asyncio.sleep(REOPEN_TRY_S / 20)  # time for its reader to see the loss
+                    # lost as it was sent (connect(reconnect=True)): sent again on the one that replaces it, once its
+                    # reader has seen how it ended (lost, or closed by the server)
+                    until = time.monotonic() + REOPEN_TRY_S
+                    while self._ws is ws and time.monotonic() < until:
+                        await asyncio.sleep(0.02)
                     continue
                 raise AvatarClientError(f"session {self.id}: websocket send failed ({e}); "
                                         f"websocket {self._ws_close or 'closing'}") from None

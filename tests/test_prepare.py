@@ -291,6 +291,7 @@ def test_a_rerun_clears_the_previous_shards_and_caches_first(videos, tmp_path, m
     (out / ".letstalk_cache" / "latents-32-0123456789abcdef").mkdir(parents=True)
     (out / ".letstalk_cache" / "latents-32-0123456789abcdef" / "shard_0000_000000.safetensors").write_bytes(b"old")
     (out / "latents_0000.safetensors").write_bytes(b"old")
+    (out / ".shard_0001.safetensors.partial-999-0").write_bytes(b"half")  # a shard a killed run was writing
 
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt

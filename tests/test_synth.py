@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -239,9 +241,13 @@ def test_tiny_corpus_files_manifest_and_resume(tmp_path):
         assert 1.0 <= meta["seconds"] <= 2.0
         mtimes[clip["video"]] = (out / clip["video"]).stat().st_mtime_ns
     assert not list(out.glob(".*partial*"))
-    # Resume: complete clips are kept, a missing one is made again.
+    # Resume: complete clips are kept, a missing one is made again, what a killed run was writing is deleted.
     (out / "clip_00001.json").unlink()
+    killed = out / ".clip_00001.json.partial-999-0"
+    killed.write_text("{")
+    os.utime(killed, (time.time() - 120, time.time() - 120))
     synth.synthesize_corpus(out, 3, (1, 2), 64, seed=0, progress=False)
+    assert not list(out.glob(".*partial*"))
     assert (out / "clip_00000.mp4").stat().st_mtime_ns == mtimes["clip_00000.mp4"]
     assert (out / "clip_00001.json").exists()
     assert json.loads((out / "manifest.json").read_text()) == manifest

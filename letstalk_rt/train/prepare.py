@@ -388,18 +388,20 @@ def find_videos(videos_dir: Path) -> list[Path]:
 
 
 def _clear_previous_run(out: Path) -> None:
-    """Remove what an earlier run wrote in `out`: a re-run replaces it. The clip names (shard_0000_000000 ...)
-    come back with other content, so the trainer's caches of the old shards (`.letstalk_cache/`) and
-    `cache_latents`'s files go too, and index.json first: a run stopped part-way leaves no index that
-    describes shards it has not written."""
+    """Remove what an earlier run wrote in `out` (a killed one's unfinished files too): a re-run replaces it. The
+    clip names (shard_0000_000000 ...) come back with other content, so the trainer's caches of the old shards
+    (`.letstalk_cache/`) and `cache_latents`'s files go too, and index.json first: a run stopped part-way leaves no
+    index that describes shards it has not written."""
     import shutil
 
+    from ..media import remove_abandoned_partials
     from .data import CACHE_DIR
 
     try:
         (out / "index.json").unlink(missing_ok=True)
         for stale in [*out.glob("shard_*.safetensors"), *out.glob("latents_*.safetensors")]:
             stale.unlink()
+        remove_abandoned_partials(out, min_age_s=0)  # a shard (or index) a killed run was writing
         if (out / CACHE_DIR).is_dir():
             shutil.rmtree(out / CACHE_DIR)
     except OSError as e:

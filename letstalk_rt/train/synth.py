@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, LetsTalkError, OutputError
+from ..media import remove_abandoned_partials
 from ..tts import Speech
 from ..tts import installed_languages as _installed_languages
 from ..tts import installed_variants as _installed_variants
@@ -1337,6 +1338,7 @@ def synthesize_corpus(out_dir: str | Path, num_clips: int, seconds_range: tuple[
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"cannot create '{out}': {e.strerror or e}; choose another output directory") from e
+    remove_abandoned_partials(out)  # what a killed run was writing (its clips are made again below)
     specs = make_clip_specs(num_clips, seconds_range, size, seed, real_photo_fraction)
     if only is not None:
         unknown = set(only) - set(SPLITS)
