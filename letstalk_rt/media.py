@@ -508,15 +508,18 @@ class VideoWriter:
     a successful `close()`, so a crash or an error never leaves a half-written file looking complete.
     As a context manager it closes on success and aborts (deleting the partial file) on an exception.
 
-    `size` is the side of square frames or (width, height); both must be even (yuv420p).
+    `size` is the side of square frames or (width, height); both must be even (yuv420p). `remove_stale`: first delete
+    what a killed writer of `path` left (`remove_abandoned_partials`: a scan of its folder; False where the folder is
+    cleaned elsewhere, off an event loop, as the server's recordings are).
     Feed it a frame and then that frame's `sample_rate // fps` samples, repeatedly; audio chunks of
     any length are re-cut to the AAC frame size, and the stream holds exactly the samples written.
     """
 
     def __init__(self, path: str | Path, size: int | tuple[int, int], fps: int = FPS,
                  sample_rate: int = SAMPLE_RATE, audio: bool = True, crf: int = 20,
-                 preset: str = "medium") -> None:
+                 preset: str = "medium", *, remove_stale: bool = True) -> None:
         self.path = Path(path)
+        self._remove_stale = remove_stale
         width, height = (size, size) if np.ndim(size) == 0 else size  # type: ignore[misc]
         self.width, self.height = int(width), int(height)
         self.fps, self.sample_rate = int(fps), int(sample_rate)
@@ -565,8 +568,9 @@ class VideoWriter:
         """Check the destination and create the empty partial file, locked while it is written (a cleaner tells it
         from a crashed writer's: `remove_abandoned_partials`); OutputError with the fix if not possible."""
         path, parent = self.path, check_video_path(self.path)
-        with contextlib.suppress(OSError):  # a run of this output that was killed (SIGKILL, out of memory) left its own
-            remove_abandoned_partials(parent, prefix=f".{path.name}.partial-")
+        if self._remove_stale:
+            with contextlib.suppress(OSError):  # a run of this output killed outright (SIGKILL, out of memory)
+                remove_abandoned_partials(parent, prefix=f".{path.name}.partial-")
         for _ in range(100):
             tmp = _partial_path(path)
             try:

@@ -240,9 +240,10 @@ class Recording(TickStream):
         self.save_on_close = save_on_close  # the session's close saves it (False: discards it; Session.record)
         self.captions_path = captions_path(self.path)
         self.cues = CaptionCues(session.pipeline.fps)  # the recording's thread adds to it
-        # Opens the partial file now: a path that cannot be written raises OutputError here, before anything runs.
+        # Opens the partial file now: a path that cannot be written raises OutputError here, before anything runs. On
+        # the event loop: its folder is not scanned for a killed writer's files (the server does that in a thread)
         writer = VideoWriter(self.path, session.frame_size, session.pipeline.fps, session.sample_rate, crf=crf,
-                             preset=preset)
+                             preset=preset, remove_stale=False)
         super().__init__(session, writer, max_behind_s, "record")
 
     def describe(self) -> dict:
