@@ -82,12 +82,12 @@ def resolve_devices(spec: str) -> list[str]:
     return devices
 
 
-def check_output_file(path: Path | None, flag: str) -> None:
+def check_output_file(path: Path | None, flag: str, example: str = "out") -> None:
     """Fail before a long run if `path` (an output file written at its end, whole or not at all) cannot be."""
     if path is not None:
         from .media import check_output_path
 
-        check_output_path(path, flag)
+        check_output_path(path, flag, example)
 
 
 def resolve_dtype(name: str, device: str):
@@ -738,7 +738,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         raise LetsTalkError(f"--repeat {args.repeat}: give 1 or more runs per session count")
     if not (math.isfinite(args.seconds) and args.seconds > 0) or not (math.isfinite(args.soak) and args.soak >= 0):
         raise LetsTalkError(f"--seconds {args.seconds:g} / --soak {args.soak:g}: give seconds > 0 (--soak 0: no soak)")
-    check_output_file(args.json, "--json")  # before the run, not after it
+    check_output_file(args.json, "--json", "out.json")  # before the run, not after it
     if args.record and (args.webrtc or args.peer_process):
         raise LetsTalkError("--record records in-process sessions; drop --webrtc / --peer-process to use it")
     try:
@@ -826,7 +826,7 @@ def cmd_new_model(args: argparse.Namespace) -> None:
 def cmd_sync_check(args: argparse.Namespace) -> None:
     from .eval import MAX_LAG, sync_check
 
-    check_output_file(args.json, "--json")
+    check_output_file(args.json, "--json", "out.json")
     rows = [sync_check(v, args.portrait, args.audio) for v in args.video]
     for r in rows:
         print(f"{r['video']}: {r['seconds']} s at {r['fps']:g} fps; speech to mouth r = {r['speech_sync']:.3f} at offset 0, peak "

@@ -382,6 +382,26 @@ def upright_image(im: Any, background: tuple[int, int, int] = WHITE) -> np.ndarr
     return _to_rgb(ImageOps.exif_transpose(im), background)
 
 
+VIDEO_FRAME_HINT = " (a frame of a video: ffmpeg -i VIDEO -frames:v 1 face.png)"
+
+
+def not_an_image(source: str | io.BytesIO) -> str | None:
+    """What a file Pillow could not read holds instead, when FFmpeg knows: "a video (H264)", "audio (OPUS)"; else
+    None. For the error that tells someone they gave the wrong file (a clip instead of its still, the speech)."""
+    try:
+        with av.open(source) as container:
+            name = container.format.name
+            video = container.streams.video
+            if video and name not in ("image2", "gif") and not name.endswith("_pipe"):
+                return f"a video ({video[0].codec_context.name.upper()})"
+            if container.streams.audio:
+                codec = container.streams.audio[0].codec_context.name.upper()
+                return f"audio ({'PCM' if codec.startswith('PCM_') else codec})"
+    except _AV_ERRORS:
+        pass
+    return None
+
+
 def load_image(path: str | Path, background: tuple[int, int, int] = WHITE) -> np.ndarray:
     """Read a still image -> uint8 (H, W, 3) RGB (grayscale, palette, alpha and 16-bit converted; what is transparent
     goes on `background`, white by default: a key colour for an overlay to key out).
@@ -398,7 +418,11 @@ def load_image(path: str | Path, background: tuple[int, int, int] = WHITE) -> np
             im.load()
             rgb = upright_image(im, background)
     except UnidentifiedImageError:
-        raise InputError(f"image file '{path}' is not an image Pillow can read; {IMAGE_HINT}") from None
+        kind = not_an_image(str(path))
+        if kind is None:
+            raise InputError(f"image file '{path}' is not an image Pillow can read; {IMAGE_HINT}") from None
+        tip = VIDEO_FRAME_HINT if kind.startswith("a video") else ""
+        raise InputError(f"image file '{path}' is {kind}, not a photo; {IMAGE_HINT}{tip}") from None
     except Exception as e:  # Pillow raises OSError, SyntaxError, struct.error, ...: all mean a bad file here
         raise InputError(f"image file '{path}' could not be decoded: {_reason(e)}; {IMAGE_HINT}") from e
     return rgb  # (H, W, 3) uint8
@@ -412,13 +436,13 @@ def load_image(path: str | Path, background: tuple[int, int, int] = WHITE) -> np
 _partial_ids = itertools.count()
 
 
-def check_output_path(path: Path, what: str = "output path") -> Path:
+def check_output_path(path: Path, what: str = "output path", example: str = "out") -> Path:
     """Fail before any work, with the fix, if a file cannot be written at `path` (written whole under a temporary
     name beside it, then renamed onto it): its folder must exist and be writable and `path` must not be a folder.
-    Returns the folder."""
+    Returns the folder. `example`: the file name the error suggests in a folder given instead of a file."""
     parent = path.parent
     if path.is_dir():
-        raise OutputError(f"{what} '{path}' is a directory; give a file name such as '{path / 'out'}'")
+        raise OutputError(f"{what} '{path}' is a directory; give a file name such as '{path / example}'")
     if not parent.is_dir():
         state = "is not a directory" if parent.exists() else "does not exist"
         raise OutputError(f"{what} '{path}': its folder '{parent}' {state}; create it or choose another path")
@@ -433,7 +457,7 @@ VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov")  # containers that hold what VideoWrit
 def check_video_path(path: Path, what: str = "output path") -> Path:
     """`check_output_path` for a video VideoWriter writes: also its name must end as an MP4 file's does, so a
     player picks the right format (a `talk.txt` or `talk.webm` holding MP4 data would not). Returns the folder."""
-    parent = check_output_path(path, what)
+    parent = check_output_path(path, what, example="out.mp4")
     if path.suffix.lower() not in VIDEO_SUFFIXES:
         raise OutputError(f"{what} '{path}': the video is written as MP4 (H.264 + AAC); give a name ending in "
                           f"{' / '.join(VIDEO_SUFFIXES)}, such as '{path.with_suffix('.mp4')}'")

@@ -52,7 +52,8 @@ from letstalk_rt.aio import wait_for
 from letstalk_rt.cli import check_live_args, check_sampling_args, live_config, pipeline_kwargs, resolve_devices
 from letstalk_rt.errors import InputError, LetsTalkError, NoFaceError, OutputError
 from letstalk_rt.framing import FRAMING, MAX_PHOTO_SIDE, check_framing
-from letstalk_rt.media import LIVE_FORMATS, WHITE, check_live_url, decode_audio, parse_colour, redact_url, upright_image
+from letstalk_rt.media import (LIVE_FORMATS, WHITE, check_live_url, decode_audio, not_an_image, parse_colour,
+                               redact_url, upright_image)
 from letstalk_rt.rtc import bridged_host_addresses, selected_route
 from letstalk_rt.stream import CapacityError, EnginePool, FileSource, StreamEngine, TextSource, run_off_loop
 from letstalk_rt.stream.engine import SessionClosedError
@@ -339,7 +340,9 @@ def decode_image(data: bytes, max_pixels: int, background: tuple[int, int, int] 
                 raise ImageTooLarge(f"the portrait is {w}x{h} pixels; at most {max_pixels // 1_000_000} megapixels")
             return upright_image(img, background)  # writable (H, W, 3) uint8
     except UnidentifiedImageError:
-        raise InputError("`portrait` is not an image this server can read (send JPEG, PNG or WebP)") from None
+        kind = not_an_image(io.BytesIO(data))  # a clip or the speech sent as the portrait: say so
+        raise InputError(f"`portrait` is {kind or 'not an image this server can read'}"
+                         f"{', not a photo' if kind else ''} (send JPEG, PNG or WebP)") from None
     except Image.DecompressionBombError as e:
         raise ImageTooLarge(f"the portrait is too large to decode: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:  # truncated / corrupt files (Pillow raises all three)

@@ -177,6 +177,15 @@ def test_a_picture_or_a_silent_video_given_as_audio_is_called_what_it_is(name, s
         load_audio(FIXTURES / name)
 
 
+@pytest.mark.parametrize("name, said", [("video_no_audio.mp4", "is a video (H264), not a photo"),
+                                        ("empty.wav", "is audio (PCM), not a photo")])
+def test_a_video_or_speech_given_as_the_portrait_is_called_what_it_is(name, said):
+    """The other way round: a clip given where its still belongs (with how to take one), or the speech."""
+    with pytest.raises(InputError, match=re.escape(said)) as info:
+        load_image(FIXTURES / name)
+    assert ("ffmpeg -i VIDEO -frames:v 1" in str(info.value)) == ("video" in said)
+
+
 @pytest.mark.parametrize("name", BAD_IMAGES)
 def test_bad_image_fixture_raises_input_error(name):
     with pytest.raises(InputError) as info:
@@ -361,8 +370,8 @@ def test_bad_output_paths_fail_at_open(tmp_path):
         VideoWriter(tmp_path / "no_such_dir" / "x.mp4", 32)
     assert "does not exist" in str(info.value) and "\n" not in str(info.value)
     assert not (tmp_path / "no_such_dir").exists()
-    with pytest.raises(OutputError, match="is a directory"):
-        VideoWriter(tmp_path, 32)
+    with pytest.raises(OutputError, match=re.escape(f"is a directory; give a file name such as '{tmp_path}/out.mp4'")):
+        VideoWriter(tmp_path, 32)  # a name the next try is not refused for: an MP4's
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutputError, match="not a directory"):
         VideoWriter(tmp_path / "file" / "x.mp4", 32)

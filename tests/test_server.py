@@ -443,6 +443,8 @@ def test_session_creation_errors_are_clear_json(tiny_pipeline, astronaut_png):
                 ({"portrait": b"this is not an image"}, 415, "not an image"),
                 ({"portrait": bytes(corrupt)}, 415, "corrupt"),
                 ({"portrait": bmp.getvalue()}, 415, "JPEG, PNG or WebP"),
+                ({"portrait": (FIXTURES.parent / "video_no_audio.mp4").read_bytes()}, 415,
+                 "is a video (H264), not a photo"),  # a clip sent where its still belongs: said so
                 ({"portrait": _png(noise)}, 422, "face"),
                 ({"portrait": b""}, 422, "empty"),
                 ({"portrait": b"\0" * (600 * 1024)}, 413, "limit"),
