@@ -3,7 +3,7 @@
     from letstalk_rt.client import AvatarClient
 
     async with AvatarClient("http://127.0.0.1:8080", api_key=None) as client:
-        session = await client.start_session(avatar_id="default")     # or portrait="face.jpg" (path or bytes)
+        session = await client.start_session(avatar_id="default")     # or portrait="face.jpg" (path, bytes, RGB array)
         await session.connect()                                         # WebRTC: receive the avatar's video + audio
         session.on("speech_started", lambda event: print("talking"))
         await session.send_audio(pcm16, sample_rate=16000)             # bytes or ndarray, any rate, 1-2 channels
@@ -53,6 +53,7 @@ import collections
 import contextlib
 import functools
 import inspect
+import io
 import json
 import logging
 import os
@@ -73,6 +74,7 @@ from yarl import URL
 from . import VERSION_HEADER, __version__
 from .aio import wait_for
 from .errors import LetsTalkError
+from .media import float_pcm_problem
 from .rtc import (
     OpusAudioTrack,
     answer_checks_at_once,
@@ -170,16 +172,38 @@ class RequestError(AvatarClientError):
     """Another 4xx: a bad portrait (415/422), a bad SDP offer (400), a second offer (409), too large (413)."""
 
 
-async def _form(fields, **files: str | Path | bytes | None) -> aiohttp.FormData:
-    """A multipart body: the `files` that are given (each a path, read off the loop, or bytes: `portrait`, `audio`) and
-    the (name, value) `fields` that are not None."""
+def _upload(name: str, file: Any) -> tuple[bytes, str]:
+    """A file to upload -> (its bytes, its file name): a path (read), bytes, or, for `portrait`, a picture held in
+    memory, as the in-process `open_session` takes one: an RGB (H, W, 3), RGBA or grey uint8 array, or a PIL image
+    (sent as PNG: lossless, so the server sees the pixels given)."""
+    if isinstance(file, (bytes, bytearray, memoryview)):
+        return bytes(file), name
+    if isinstance(file, (str, os.PathLike)):
+        return Path(file).read_bytes(), Path(file).name
+    if name == "portrait" and (isinstance(file, np.ndarray) or hasattr(file, "save")):
+        from PIL import Image
+
+        if isinstance(file, np.ndarray):
+            if file.dtype != np.uint8 or not (file.ndim == 2 or (file.ndim == 3 and file.shape[2] in (1, 3, 4))):
+                raise ValueError(f"a portrait array must be uint8 (H, W, 3) RGB, (H, W, 4) RGBA or (H, W) grey, got "
+                                 f"{file.dtype} {file.shape}")
+            file = Image.fromarray(file[..., 0] if file.ndim == 3 and file.shape[2] == 1 else file)
+        out = io.BytesIO()
+        file.save(out, format="PNG")
+        return out.getvalue(), "portrait.png"
+    kinds = "a path, image bytes, a uint8 RGB array or a PIL image" if name == "portrait" else "a path or bytes"
+    raise TypeError(f"{name} must be {kinds}, got {type(file).__name__}")
+
+
+async def _form(fields, **files: Any) -> aiohttp.FormData:
+    """A multipart body: the `files` that are given (`_upload`: a path, read off the loop, bytes, or a picture in
+    memory: `portrait`, `audio`) and the (name, value) `fields` that are not None."""
     form = aiohttp.FormData()
     for name, file in files.items():
         if file is None:
             continue
-        data = file if isinstance(file, bytes) else await asyncio.to_thread(Path(file).read_bytes)
-        form.add_field(name, data, filename=name if isinstance(file, bytes) else Path(file).name,
-                       content_type="application/octet-stream")
+        data, filename = await asyncio.to_thread(_upload, name, file)
+        form.add_field(name, data, filename=filename, content_type="application/octet-stream")
     for name, value in fields:
         if value is not None:
             form.add_field(name, str(value))
@@ -318,6 +342,35 @@ class _Buffer:
 # --------------------------------------------------------------------------------------------------
 # A session
 # --------------------------------------------------------------------------------------------------
+
+
+def _pcm16_bytes(arr: np.ndarray, channels: int | None) -> tuple[bytes, int]:
+    """send_audio's array -> (PCM16 LE bytes, channels). (n,) is mono, or interleaved when `channels` says so;
+    (n, channels) as is. Floats in -1..1 and integers in int16's range; anything else is a ValueError saying what
+    it got, never noise on the other side (NaN cast to int16, int32 PCM wrapped round)."""
+    if arr.ndim == 1 and channels and channels > 1:
+        if len(arr) % channels:
+            raise ValueError(f"send_audio: {len(arr)} interleaved samples are not whole frames of {channels} channels")
+        arr = arr.reshape(-1, channels)
+    if arr.ndim not in (1, 2):
+        raise ValueError(f"send_audio: audio must be shaped (n,) or (n, channels), got {arr.shape}")
+    shaped = arr.shape[1] if arr.ndim == 2 else 1
+    if channels is not None and channels != shaped:
+        raise ValueError(f"send_audio: channels={channels}, but the array shaped {arr.shape} holds {shaped}")
+    if arr.ndim == 2 and shaped > 2 and arr.shape[0] <= 2:
+        raise ValueError(f"send_audio: audio shaped {arr.shape} is (channels, n); send its transpose (.T), "
+                         "shaped (n, channels)")
+    if arr.dtype.kind == "f":
+        if problem := float_pcm_problem(arr):
+            raise ValueError(f"send_audio: {problem}")
+        arr = np.clip(arr, -1.0, 1.0) * 32767.0
+    elif arr.dtype.kind == "i" and arr.dtype != np.int16:
+        if arr.size and (arr.min() < -32768 or arr.max() > 32767):
+            raise ValueError(f"send_audio: {arr.dtype} samples outside int16's range (32-bit PCM? give int16, or "
+                             "floats in -1..1)")
+    elif arr.dtype != np.int16:
+        raise ValueError(f"send_audio: audio must be int16 or float samples, got {arr.dtype}")
+    return np.ascontiguousarray(arr).astype("<i2").tobytes(), shaped
 
 
 class AvatarSession:
@@ -798,18 +851,17 @@ class AvatarSession:
         the audio is made faster than real time (a TTS) and sent before it is due: it plays at its own pace, its
         pauses whole (still at most ~30 s queued).
         """
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float, np.number)) \
+                or int(sample_rate) != sample_rate:
+            raise ValueError(f"send_audio: sample_rate must be a whole number of Hz, got {sample_rate!r}")
+        sample_rate = int(sample_rate)  # a numpy integer or 48000.0 too (announced as JSON)
         if isinstance(pcm, (bytes, bytearray, memoryview)):
             data, channels = bytes(pcm), channels or 1
         else:
-            arr = np.asarray(pcm)
-            if arr.ndim not in (1, 2):
-                raise ValueError(f"audio must be shaped (n,) or (n, channels), got {arr.shape}")
-            channels = arr.shape[1] if arr.ndim == 2 else 1
-            if arr.dtype.kind == "f":
-                arr = np.clip(arr, -1.0, 1.0) * 32767.0
-            data = np.ascontiguousarray(arr).astype("<i2").tobytes()
+            data, channels = _pcm16_bytes(np.asarray(pcm), channels)
         if channels not in (1, 2) or not 8000 <= sample_rate <= 96000:
-            raise ValueError("send_audio: 1 or 2 channels at 8000..96000 Hz")
+            raise ValueError(f"send_audio: {channels} channels at {sample_rate} Hz; give 1 or 2 channels at "
+                             "8000..96000 Hz")
         frame_bytes = 2 * channels
         if len(data) % frame_bytes:
             raise ValueError(f"PCM16 with {channels} channel(s) needs a multiple of {frame_bytes} bytes")
@@ -1105,11 +1157,12 @@ class AvatarClient:
             await _raise_for_status(resp)
             return (await resp.json())["avatars"]
 
-    async def create_avatar(self, portrait: str | Path | bytes, *, name: str | None = None,
+    async def create_avatar(self, portrait: str | Path | bytes | np.ndarray | Any, *, name: str | None = None,
                             avatar_id: str | None = None, background: str | None = None) -> dict:
-        """Upload a portrait once (a path or image bytes): the server finds the face and prepares it now, and sessions
-        then start on it by id (`start_session(avatar_id=...)`) with no upload and no preparation. `avatar_id`: 1-64
-        letters, digits, '-' or '_' (default: one the server makes); `background` "RRGGBB": as in `start_session`.
+        """Upload a portrait once (a path, image bytes, a uint8 RGB array or a PIL image): the server finds the face
+        and prepares it now, and sessions then start on it by id (`start_session(avatar_id=...)`) with no upload and
+        no preparation. `avatar_id`: 1-64 letters, digits, '-' or '_' (default: one the server makes); `background`
+        "RRGGBB": as in `start_session`.
         Returns {"id", "name", "uploaded": True, "created_at"}; kept across restarts where the server has an
         `--avatar-dir`."""
         form = await _form((("id", avatar_id), ("name", name), ("background", background)), portrait=portrait)
@@ -1161,7 +1214,7 @@ class AvatarClient:
             await _raise_for_status(resp)
 
     async def render(self, out: str | Path, *, audio: str | Path | bytes | None = None, text: str | None = None,
-                     portrait: str | Path | bytes | None = None, avatar_id: str | None = None,
+                     portrait: str | Path | bytes | np.ndarray | Any | None = None, avatar_id: str | None = None,
                      voice: str | None = None, rate: int | None = None, pitch: int | None = None,
                      seed: int | None = None, full_frame: int | None = None, framing: float | None = None,
                      background: str | None = None, poll_s: float = 0.5) -> dict:
@@ -1227,13 +1280,14 @@ class AvatarClient:
         self._sessions.add(session)
         return session
 
-    async def start_session(self, portrait: str | Path | bytes | None = None, *, avatar_id: str | None = None,
-                            seed: int | None = None, steps: int | None = None,
+    async def start_session(self, portrait: str | Path | bytes | np.ndarray | Any | None = None, *,
+                            avatar_id: str | None = None, seed: int | None = None, steps: int | None = None,
                             full_frame: int | None = None, framing: float | None = None,
                             voice: str | None = None, background: str | None = None,
                             record: bool | None = None) -> AvatarSession:
-        """Create a session from a portrait (a path or image bytes) or an avatar the server holds (default "default";
-        `avatars()`, `create_avatar()`): a portrait is uploaded and prepared for this session alone.
+        """Create a session from a portrait (a path, image bytes, a uint8 RGB array or a PIL image) or an avatar the
+        server holds (default "default"; `avatars()`, `create_avatar()`): a portrait is uploaded and prepared for this
+        session alone.
 
         `full_frame` N: the video is the whole portrait photo, its longest side at most N px, with the animated face
         pasted back in (up to the server's `--max-full-frame`); by default the face crop at the model's size.

@@ -128,6 +128,24 @@ class _MonoConverter:
         return out
 
 
+FLOAT_PCM_PEAK = 8.0  # float speech reaching this (18 dB over full scale) is not audio in -1..1: int16 values, likely
+
+
+def float_pcm_problem(pcm: np.ndarray) -> str | None:
+    """Why float samples cannot be speech, or None: NaN or infinite samples (pushed once, they would turn a live
+    session's picture black for good, as its memory bank carries them from window to window), or int16 values held
+    as floats (played, a clipped roar). Integer samples are never a problem here."""
+    if pcm.dtype.kind != "f" or not pcm.size:
+        return None
+    peak = float(np.max(np.abs(pcm)))  # NaN if any sample is NaN
+    if not np.isfinite(peak):
+        return "the audio holds NaN or infinite samples; give finite samples (float in -1..1, or int16)"
+    if peak > FLOAT_PCM_PEAK:
+        return (f"float samples must lie in -1..1, these reach {peak:.0f} (int16 values as floats? divide them by "
+                "32768, or give them as int16)")
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def _named_layout(channels: int) -> bool:
     """Whether FFmpeg has a channel layout for this many channels (it has none for 9, 11, 13, ...)."""
@@ -239,6 +257,8 @@ class PcmResampler:
                              f"got {pcm.dtype} {pcm.shape}")
         if int(rate) != rate or rate <= 0:
             raise InputError(f"PCM sample rate must be a positive integer, got {rate!r}")
+        if problem := float_pcm_problem(pcm):
+            raise InputError(problem)
         pcm = pcm[:, None] if pcm.ndim == 1 else pcm  # (n, channels)
         n, channels = pcm.shape
         if n == 0 or channels == 0:

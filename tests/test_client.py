@@ -89,6 +89,7 @@ def test_sdk_sends_a_local_audio_track_and_uploads_a_portrait(tiny_pipeline, ast
     from aiortc import VideoStreamTrack
 
     from letstalk_rt.client import AvatarClient, AvatarNotFoundError, RequestError
+    from letstalk_rt.media import load_image
 
     async def main():
         async with running_server(tiny_pipeline) as srv:
@@ -103,7 +104,8 @@ def test_sdk_sends_a_local_audio_track_and_uploads_a_portrait(tiny_pipeline, ast
                 same = await client.start_session(portrait=astronaut_png.read_bytes())
                 assert same.id != session.id and len(srv.manager.sessions) == 2
                 # uploaded once, opened by id
-                made = await client.create_avatar(astronaut_png, name="Astro", avatar_id="astro")
+                photo = load_image(astronaut_png)  # a picture in memory, as open_session takes one
+                made = await client.create_avatar(photo, name="Astro", avatar_id="astro")
                 assert made["id"] == "astro" and made in await client.avatars()
                 on_avatar = await client.start_session(avatar_id="astro")
                 assert on_avatar.info["video"]["width"] == 32 and len(srv.manager.sessions) == 3
@@ -115,6 +117,29 @@ def test_sdk_sends_a_local_audio_track_and_uploads_a_portrait(tiny_pipeline, ast
             await wait_until(lambda: not srv.manager.sessions, 10, "the client's sessions to be closed")
 
     run(main())
+
+
+def test_a_portrait_held_in_memory_is_uploaded_with_its_pixels_as_they_are():
+    """An RGB, RGBA or grey uint8 array, or a PIL image, goes up as a PNG the server decodes to the same pixels;
+    what cannot be a picture is refused before anything is sent."""
+    from PIL import Image
+
+    from letstalk_rt.client import _upload
+    from server.app import decode_image
+
+    rgb = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    for given, seen in ((rgb, rgb), (Image.fromarray(rgb), rgb), (rgb[..., 1], np.repeat(rgb[..., 1:2], 3, 2)),
+                        (rgb[..., :1], np.repeat(rgb[..., :1], 3, 2)),
+                        (np.dstack([rgb, np.full((20, 30), 255, np.uint8)]), rgb)):
+        data, name = _upload("portrait", given)
+        assert name == "portrait.png"
+        np.testing.assert_array_equal(decode_image(data, 10**6), seen)
+    with pytest.raises(ValueError, match="must be uint8"):
+        _upload("portrait", rgb / 255.0)
+    with pytest.raises(TypeError, match="portrait must be a path, image bytes"):
+        _upload("portrait", 42)
+    with pytest.raises(TypeError, match="audio must be a path or bytes"):
+        _upload("audio", rgb)
 
 
 def test_sdk_full_frame_session_receives_the_whole_photo(tiny_pipeline, astronaut_png):
@@ -576,8 +601,20 @@ def test_sdk_events_end_when_the_websocket_ends_and_odd_rates_are_sent_whole(tin
                 speech = speechlike(1.0, 11025)
                 await session.send_audio(speech, sample_rate=11025)  # 5512 samples per message, not 5512.5
                 await session.send_audio(np.stack([speech, speech], axis=1), sample_rate=11025)  # and stereo
+                interleaved = np.stack([speech, speech], axis=1).reshape(-1)  # flat L R L R ..., as many APIs hold it
+                await session.send_audio(interleaved, sample_rate=np.int64(11025), channels=2)
+                await session.send_audio((speech * 32767).astype(np.int64), sample_rate=11025.0)  # ints in range
+                for bad, said in (((speech * 32767).astype(np.float32), "divide them by 32768"),
+                                  (np.full(100, np.nan), "NaN"),
+                                  ((speech * 2**31).astype(np.int32), "outside int16's range"),
+                                  (np.stack([speech, speech]), r"is \(channels, n\); send its transpose"),
+                                  (interleaved[:-1], "not whole frames of 2 channels")):
+                    with pytest.raises(ValueError, match=said):  # said, not sent as noise
+                        await session.send_audio(bad, sample_rate=11025, channels=2 if "whole" in said else None)
+                with pytest.raises(ValueError, match="whole number of Hz"):
+                    await session.send_audio(speech, sample_rate=11025.5)
                 assert await session.ping() >= 0  # the server kept the websocket: every message was whole
-                assert sum(pushed) == 2 * 11025
+                assert sum(pushed) == 4 * 11025  # the interleaved stereo as 1 s, not 2
 
                 types: list[str] = []
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import speechlike
-from letstalk_rt.errors import LetsTalkError
+from letstalk_rt.errors import InputError, LetsTalkError
 from letstalk_rt.stream import AudioBufferFull, CapacityError, EngineConfig, StreamEngine
 from letstalk_rt.stream.engine import SessionClosedError
 from letstalk_rt.stream.events import (EngineAdjusted, SessionClosed, SessionError, SpeechStarted, SpeechStopped,
@@ -89,6 +89,10 @@ def test_every_pushed_sample_comes_out_once_in_order_on_whole_frames(tiny_pipeli
     async def main():
         engine = await _engine(tiny_pipeline)
         session = await engine.open_session(_portrait(tiny_pipeline, 100))
+        for bad, said in ((np.full(320, np.nan, np.float32), "NaN"), (speech[:320] * 32767, "divide them by 32768")):
+            for rate in (16000, 48000):  # as is, and through the resampler: refused, and nothing of it queued (a NaN
+                with pytest.raises(InputError, match=said):  # once blacked out the session's picture for good)
+                    session.push_audio(bad, rate)
         for pos in range(0, len(speech), 320):  # 20 ms chunks
             session.push_audio(speech[pos:pos + 320])
         session.end_speech()
@@ -1961,7 +1965,6 @@ def test_a_compiled_engine_runs_its_full_windows_compiled_the_rest_eagerly_with_
 def test_compile_without_a_cxx_compiler_says_how_to_get_one(tiny_model_dir, monkeypatch):
     import shutil
 
-    from letstalk_rt.errors import InputError
     from letstalk_rt.pipeline import LetsTalkPipeline
 
     pipe = LetsTalkPipeline.from_pretrained(tiny_model_dir)

@@ -495,6 +495,10 @@ def test_pcm_resampler_formats_and_rate_change():
         r.push(np.zeros((2, 2, 2), np.float32), 16000)
     with pytest.raises(InputError):
         r.push(np.zeros(10, np.float32), 0)
+    with pytest.raises(InputError, match="NaN or infinite"):
+        r.push(np.array([0.1, np.inf], np.float32), 16000)
+    with pytest.raises(InputError, match="these reach 12000"):  # int16 values held as floats
+        r.push(np.array([0.0, -12000.0]), 48000)
 
 
 def test_channel_counts_ffmpeg_has_no_layout_for_are_averaged(tmp_path):

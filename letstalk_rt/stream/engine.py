@@ -70,7 +70,7 @@ from ..diffusion import guidance_rows
 from ..errors import InputError, LetsTalkError, OutputError
 from ..framing import FRAMING, FullFrame
 from ..broadcaster import LiveEncoding, LiveOutput
-from ..media import TempoStretcher, check_live_url, live_bitrate_kbps, redact_url
+from ..media import TempoStretcher, check_live_url, float_pcm_problem, live_bitrate_kbps, redact_url
 from ..pipeline import (DECODE_CHUNK, GRAPH_BUCKETS, AudioTokenizer, LetsTalkPipeline, Portrait, StreamState,
                         encode_features)
 from ..tts import Speech
@@ -619,6 +619,7 @@ class Session:
     def push_audio(self, pcm: np.ndarray, sample_rate: int | None = None, ahead: bool = False,
                    caption: str | None = None) -> None:
         """Queue speech: int16 or float32 samples, (n,) mono or (n, channels), at `sample_rate` (default 16 kHz).
+        Floats lie in -1..1: NaN or infinite samples, or int16 values held as floats, raise InputError (queued nothing).
 
         `ahead`: the audio is made faster than real time (a TTS) and pushed before it is due. It then plays at its
         own pace: its pauses are kept whole, and a frame's latency counts from when its audio would have come at
@@ -632,6 +633,8 @@ class Session:
         if pcm.dtype not in (np.int16, np.float32, np.float64) or pcm.ndim not in (1, 2):
             raise InputError(f"audio must be int16 or float32 samples shaped (n,) or (n, channels), "
                              f"got {pcm.dtype} {pcm.shape}")
+        if problem := float_pcm_problem(pcm):  # checked here too: the path below skips the resampler's check
+            raise InputError(problem)
         rate = sample_rate or self.sample_rate
         if rate == self.sample_rate and pcm.ndim == 1:
             mono = pcm.astype(np.float32) / 32768.0 if pcm.dtype == np.int16 else pcm.astype(np.float32)
