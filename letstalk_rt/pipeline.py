@@ -30,6 +30,7 @@ from .config import ModelConfig, check_box, check_noise_draws
 from .diffusion import EulerSampler, Guidance, from_portrait
 from .errors import InputError
 from .framing import DETAIL_WIDTH, FRAMING, FULL_FRAME_SIDE, MAX_PHOTO_SIDE, DetailGate, FullFrame, framed
+from .media import float_pcm_problem
 from .memory import MemoryBank, box_cells
 
 log = logging.getLogger(__name__)
@@ -886,12 +887,19 @@ class LetsTalkPipeline:
         self, portrait: Portrait, audio: np.ndarray, seed: int = 0,
         on_window: Callable[[int, int], None] | None = None,
     ) -> Iterator[np.ndarray]:
-        """Offline: yield exactly ceil(len(audio) / 640) frames (H, W, 3) uint8 for 16 kHz mono audio.
+        """Offline: yield exactly ceil(len(audio) / 640) frames (H, W, 3) uint8 for 16 kHz mono audio (float in -1..1,
+        or int16; NaN, infinite or int16-scaled floats raise InputError before the first frame).
 
         Audio is consumed a window at a time through the same incremental tokenizer the live engine
         uses, so memory stays flat for any length. `on_window(done, total)` reports progress.
         """
-        audio = np.asarray(audio, dtype=np.float32)
+        audio = np.asarray(audio)
+        if audio.ndim != 1:
+            raise InputError(f"audio must be 16 kHz mono samples shaped (n,), got {audio.shape} (load_audio reads a "
+                             "file so)")
+        if problem := float_pcm_problem(audio):  # a NaN would black out every frame after it (the memory carries it)
+            raise InputError(problem)
+        audio = audio.astype(np.float32) / 32768.0 if audio.dtype == np.int16 else audio.astype(np.float32)
         spf, T = self.samples_per_frame, self.window
         n_frames = max(1, math.ceil(len(audio) / spf))
         total_windows = math.ceil(n_frames / T)

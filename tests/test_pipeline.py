@@ -250,6 +250,12 @@ def test_generation_is_deterministic_and_depends_on_seed_audio_and_portrait(tiny
     assert not np.array_equal(base, run(pa, wav, 1))
     assert not np.array_equal(base, run(pb, wav, 0))
     assert not np.array_equal(base, run(pa, speechlike(0.6, seed=5) * 3, 0))
+    as_int16 = run(pa, np.round(wav * 32767).astype(np.int16), 0)  # int16: the same speech (was read as 32767x)
+    assert np.abs(base.astype(int) - as_int16).mean() < 0.5, np.abs(base.astype(int) - as_int16).mean()
+    for bad, said in ((np.where(np.arange(len(wav)) == 9000, np.nan, wav), "NaN"), (wav * 32768, "divide them by"),
+                      (np.stack([wav, wav], 1), "shaped")):
+        with pytest.raises(InputError, match=said):  # before any frame: a NaN blacked out every frame after it
+            next(tiny_pipeline.generate(pa, bad))
 
 
 def test_batched_streams_match_solo_streams(tiny_pipeline):
