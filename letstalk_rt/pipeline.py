@@ -681,14 +681,24 @@ class LetsTalkPipeline:
 
     @torch.no_grad()
     def prepare_portrait(self, image: np.ndarray, detect: bool = True, name: str = "portrait") -> Portrait:
-        """Crop the face (detect=True) or centre-crop a square, resize, and encode it."""
+        """Crop the face (detect=True) or centre-crop a square, resize, and encode it. `image`: uint8 (H, W, 3) RGB;
+        also (H, W) or (H, W, 1) grey, (H, W, 4) RGBA (on white, as `load_image` reads a file), or a PIL image."""
         from PIL import Image
 
         from .face import centre_square, cut_square, face_square
+        from .media import upright_image
         from .models.autoencoder import encode_frames
 
+        if isinstance(image, Image.Image):
+            image = upright_image(image)
+        image = np.asarray(image)
+        if image.dtype == np.uint8 and (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 4))):
+            image = upright_image(Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image))
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise InputError(f"{name}: expected an RGB uint8 image (H, W, 3), got {image.dtype} {image.shape}")
+            tip = ("; channels first? give image.transpose(1, 2, 0)" if image.ndim == 3 and image.shape[0] in (1, 3, 4)
+                   else "; floats in 0..1? give (image * 255).round().astype(np.uint8)" if image.dtype.kind == "f"
+                   else "")
+            raise InputError(f"{name}: expected an RGB uint8 image (H, W, 3), got {image.dtype} {image.shape}{tip}")
         box = face_square(image, name=name) if detect else centre_square(image)
         crop = cut_square(image, box, self.config.image_size)
         latent = encode_frames(self.autoencoder, crop[None]).to(self.device, torch.float32)[0]  # (C, h, w)

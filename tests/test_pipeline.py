@@ -258,6 +258,28 @@ def test_generation_is_deterministic_and_depends_on_seed_audio_and_portrait(tiny
             next(tiny_pipeline.generate(pa, bad))
 
 
+def test_a_grey_rgba_or_pil_portrait_is_read_as_load_image_reads_its_file(tiny_pipeline):
+    """What a program holds a photo as (grey, RGBA, a PIL image) is prepared as the same photo made RGB (transparency
+    on white); an array that is no picture is refused saying what it looks like instead."""
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    grey = rng.integers(0, 255, (40, 40), dtype=np.uint8)
+    rgba = np.dstack([rng.integers(0, 255, (40, 40, 3), dtype=np.uint8), rng.integers(0, 255, (40, 40), np.uint8)])
+    on_white = np.round(rgba[..., :3] * (rgba[..., 3:] / 255) + 255 * (1 - rgba[..., 3:] / 255))
+
+    def crop(image):
+        return tiny_pipeline.prepare_portrait(image, detect=False).image.astype(int)
+
+    for given, seen in ((grey, np.repeat(grey[..., None], 3, 2)), (grey[..., None], np.repeat(grey[..., None], 3, 2)),
+                        (Image.fromarray(grey), np.repeat(grey[..., None], 3, 2)),
+                        (rgba, on_white.astype(np.uint8)), (Image.fromarray(rgba), on_white.astype(np.uint8))):
+        assert np.abs(crop(given) - crop(seen)).max() <= 1
+    for bad, said in ((grey / 255.0, "floats in 0..1"), (rgba[..., :3].transpose(2, 0, 1), "channels first")):
+        with pytest.raises(InputError, match=said):
+            tiny_pipeline.prepare_portrait(bad, detect=False)
+
+
 def test_batched_streams_match_solo_streams(tiny_pipeline):
     """Sessions batched into one forward pass get the frames they would get alone (no bleeding)."""
     rng = np.random.default_rng(2)
