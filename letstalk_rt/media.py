@@ -128,6 +128,7 @@ class _MonoConverter:
         return out
 
 
+PCM_RATES = (4000, 384000)  # Hz pushed PCM may have: past these it is a mistake (seconds given for Hz, ...)
 FLOAT_PCM_PEAK = 8.0  # float speech reaching this (18 dB over full scale) is not audio in -1..1: int16 values, likely
 
 
@@ -255,8 +256,9 @@ class PcmResampler:
         if pcm.ndim not in (1, 2) or pcm.dtype not in (np.int16, np.float32, np.float64):
             raise InputError(f"PCM must be int16 or float samples shaped (n,) or (n, channels), "
                              f"got {pcm.dtype} {pcm.shape}")
-        if int(rate) != rate or rate <= 0:
-            raise InputError(f"PCM sample rate must be a positive integer, got {rate!r}")
+        if int(rate) != rate or not PCM_RATES[0] <= rate <= PCM_RATES[1]:
+            raise InputError(f"PCM sample rate must be a whole number of Hz, {PCM_RATES[0]}..{PCM_RATES[1]}, got "
+                             f"{rate!r}")
         if problem := float_pcm_problem(pcm):
             raise InputError(problem)
         pcm = pcm[:, None] if pcm.ndim == 1 else pcm  # (n, channels)

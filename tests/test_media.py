@@ -493,8 +493,9 @@ def test_pcm_resampler_formats_and_rate_change():
     assert len(r.push(np.zeros((0, 2), np.int16), 48000)) == 0
     with pytest.raises(InputError):
         r.push(np.zeros((2, 2, 2), np.float32), 16000)
-    with pytest.raises(InputError):
-        r.push(np.zeros(10, np.float32), 0)
+    for rate in (0, 100, 10**9, 16000.5):  # 0 is not "the default"; 100: seconds or a frame count given as the rate
+        with pytest.raises(InputError, match="whole number of Hz, 4000..384000"):
+            r.push(np.zeros(10, np.float32), rate)
     with pytest.raises(InputError, match="NaN or infinite"):
         r.push(np.array([0.1, np.inf], np.float32), 16000)
     with pytest.raises(InputError, match="these reach 12000"):  # int16 values held as floats

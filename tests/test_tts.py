@@ -231,6 +231,10 @@ def test_say_checks_its_text_and_voice_before_anything_is_spoken(tiny_pipeline):
             session.say("   ")
         with pytest.raises(InputError, match="no language"):
             session.say("Hello.", Speech("xx"))
+        with pytest.raises(InputError, match="no language 'xx'"):  # a voice alone is checked now too (its task
+            session.say("Hello.", "xx")  # failed later, with nobody awaiting it)
+        with pytest.raises(InputError, match="must be a Speech or a voice"):
+            session.say("Hello.", 3)
         from letstalk_rt.stream.engine import MAX_SAYING
 
         waiting = [session.say("Hello.") for _ in range(MAX_SAYING)]

@@ -635,7 +635,7 @@ class Session:
                              f"got {pcm.dtype} {pcm.shape}")
         if problem := float_pcm_problem(pcm):  # checked here too: the path below skips the resampler's check
             raise InputError(problem)
-        rate = sample_rate or self.sample_rate
+        rate = self.sample_rate if sample_rate is None else sample_rate  # 0 is a wrong rate, not "the default"
         if rate == self.sample_rate and pcm.ndim == 1:
             mono = pcm.astype(np.float32) / 32768.0 if pcm.dtype == np.int16 else pcm.astype(np.float32)
         else:
@@ -774,8 +774,9 @@ class Session:
             if isinstance(result, BaseException):
                 raise result
 
-    def say(self, text: str, speech: Speech | None = None) -> asyncio.Task:
-        """Speak `text` with espeak-ng (`letstalk_rt.tts`; `speech`: voice, rate, pitch), after any text said before.
+    def say(self, text: str, speech: Speech | str | None = None) -> asyncio.Task:
+        """Speak `text` with espeak-ng (`letstalk_rt.tts`; `speech`: voice, rate, pitch, or a voice alone such as
+        "fr"), after any text said before.
 
         The text and voice are checked now (InputError); the returned task synthesises a sentence at a time while the
         avatar speaks the ones before, ends the utterance (`end_speech`), and returns the seconds of speech it queued.

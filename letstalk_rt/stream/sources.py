@@ -188,11 +188,13 @@ class TextSource(AudioSource):
 
     paced = False
 
-    def __init__(self, text: str, speech: Speech | None = None, sample_rate: int = 16000) -> None:
+    def __init__(self, text: str, speech: Speech | str | None = None, sample_rate: int = 16000) -> None:
         self.pieces = sentences(check_text(text))
         if not self.pieces:
             raise InputError(f"text to speak has no words: {text[:60]!r}")
-        self.speech = speech or Speech()
+        if speech is not None and not isinstance(speech, (Speech, str)):
+            raise InputError(f"speech must be a Speech or a voice such as 'en-us', got {type(speech).__name__}")
+        self.speech = Speech(speech) if isinstance(speech, str) else speech or Speech()  # a voice alone: checked now
         self.rate = sample_rate
         self.seconds = 0.0  # of speech made so far
 
