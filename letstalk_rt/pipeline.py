@@ -59,6 +59,7 @@ class StreamState:
     memory: MemoryBank
     generator: torch.Generator  # CPU generator: the stream's noise, reproducible on any device
     windows_done: int = 0
+    non_finite_windows: int = 0  # windows that came out NaN or infinite, shown as the portrait (_without_non_finite)
     detail_moved: Tensor | None = None  # (1, H, W) recent movement away from the portrait (transfer_detail)
     # noise draw -> (C, h, w) its last frame's starting noise, the next one's start (noise_hold); replaced, never
     # changed in place, so a caller can save it and put it back
@@ -820,10 +821,26 @@ class LetsTalkPipeline:
         if K > 1:
             x = x.unflatten(0, (len(streams), K)).mean(1)  # (B, T, C, h, w)
         kept = x.float().cpu() if self.use_memory else None  # (B, T, C, h, w): one copy for the batch
+        if kept is not None and not bool(torch.isfinite(kept).all()):
+            x = self._without_non_finite(x, kept, streams)
         for i, s in enumerate(streams):
             if kept is not None:
                 s.memory.update(kept[i])
             s.windows_done += 1
+        return x
+
+    def _without_non_finite(self, x: Tensor, kept: Tensor, streams: list[StreamState]) -> Tensor:
+        """A window that came out NaN or infinite for some streams (a half-precision overflow, a broken checkpoint):
+        those streams show their portrait for it and remember that instead. Their memory bank would otherwise carry
+        the NaN into every later window, and the session would stay black for good. `kept` is repaired in place."""
+        x = x.clone()
+        for i in (~torch.isfinite(kept)).flatten(1).any(1).nonzero().flatten().tolist():
+            streams[i].non_finite_windows += 1
+            log.warning("a window came out NaN or infinite (%d so far for this stream); its portrait is shown instead",
+                        streams[i].non_finite_windows)
+            still = streams[i].portrait.latent.float().cpu().expand_as(kept[i])  # (T, C, h, w)
+            kept[i] = still
+            x[i] = still.to(x.device, x.dtype)
         return x
 
     def _start_noise(self, stream: StreamState, T: int, shape: tuple[int, int, int], draw: int = 0) -> Tensor:

@@ -299,6 +299,31 @@ def test_batched_streams_match_solo_streams(tiny_pipeline):
             assert diff.max() <= 1  # equal up to float summation order
 
 
+def test_a_window_that_comes_out_nan_shows_the_portrait_and_leaves_the_memory_clean(tiny_pipeline, monkeypatch):
+    """A half-precision overflow makes one stream's window NaN: it shows its portrait for that window, its next
+    window is drawn again (its memory bank once carried the NaN into every later window: black for good), and the
+    stream batched beside it is untouched."""
+    pipe = tiny_pipeline
+    rng = np.random.default_rng(4)
+    portraits = [pipe.prepare_portrait(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8), detect=False)
+                 for _ in range(2)]
+    T = pipe.window
+    tokens = [pipe.audio_tokens(speechlike(T / 25, seed=i))[:T] for i in range(2)]
+    clean = [pipe.new_stream(p, 0) for p in portraits]
+    ref = [pipe.generate_windows(clean, tokens) for _ in range(2)]
+    streams = [pipe.new_stream(p, 0) for p in portraits]
+    step = pipe.sampler.step
+    monkeypatch.setattr(pipe.sampler, "step", lambda v, t, x: step(v, t, x).index_fill(0, torch.tensor([0]), np.nan))
+    first = pipe.generate_windows(streams, tokens)
+    monkeypatch.undo()
+    second = pipe.generate_windows(streams, tokens)
+    assert [s.non_finite_windows for s in streams] == [1, 0]
+    np.testing.assert_array_equal(first[1], ref[0][1])  # the stream beside it: as it was
+    assert np.abs(first[0].astype(int) - first[0][:1]).max() <= 2 and first[0].mean() > 20  # a still, not black
+    assert second[0].mean() > 20 and np.abs(second[0].astype(int) - ref[1][0]).mean() < 40  # drawn again
+    np.testing.assert_array_equal(second[1], ref[1][1])
+
+
 def test_memory_bank_carries_between_windows(tiny_pipeline):
     """The second window differs when the first window was different (continuity through memory)."""
     p = tiny_pipeline.prepare_portrait(np.full((40, 40, 3), 90, np.uint8), detect=False)

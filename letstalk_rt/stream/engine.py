@@ -950,6 +950,7 @@ class Session:
             "session": self.id,
             "frames_generated": self.frames_generated,
             "windows": self._w.stream.windows_done,
+            "non_finite_windows": self._w.stream.non_finite_windows,
             "ticks": self.player.tick,
             "fillers": self.player.fillers,
             "dropped": dict(self.dropped),
