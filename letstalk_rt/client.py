@@ -851,7 +851,7 @@ class AvatarSession:
         the audio is made faster than real time (a TTS) and sent before it is due: it plays at its own pace, its
         pauses whole (still at most ~30 s queued).
         """
-        if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float, np.number)) \
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float, np.integer, np.floating)) \
                 or int(sample_rate) != sample_rate:
             raise ValueError(f"send_audio: sample_rate must be a whole number of Hz, got {sample_rate!r}")
         sample_rate = int(sample_rate)  # a numpy integer or 48000.0 too (announced as JSON)
