@@ -74,7 +74,7 @@ from yarl import URL
 from . import VERSION_HEADER, __version__
 from .aio import wait_for
 from .errors import LetsTalkError
-from .media import float_pcm_problem
+from .media import float_pcm_problem, frame_pcm
 from .rtc import (
     OpusAudioTrack,
     answer_checks_at_once,
@@ -647,9 +647,7 @@ class AvatarSession:
                 buffer.put(TimedFrame(frame, t, time.monotonic()))
                 self._last_media_time = max(self._last_media_time, t + 1 / 25)
             else:
-                channels = len(frame.layout.channels)
-                pcm = frame.to_ndarray()  # packed s16: (1, n * channels)
-                pcm = pcm.T if frame.format.is_planar else pcm.reshape(-1, channels)  # (n, channels)
+                pcm = frame_pcm(frame)  # (n, channels): int16 as aiortc decodes it, or float32 in -1..1
                 if pcm.dtype != np.int16:
                     pcm = (np.clip(pcm, -1, 1) * 32767).astype(np.int16)
                 buffer.put(AudioChunk(pcm=pcm, sample_rate=frame.sample_rate, time=t, received_at=time.monotonic()))

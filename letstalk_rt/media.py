@@ -160,14 +160,24 @@ def _named_layout(channels: int) -> bool:
 _SCALE = {"u8": 128.0, "s16": 32768.0, "s32": 2.0 ** 31, "s64": 2.0 ** 63, "flt": 1.0, "dbl": 1.0}
 
 
+def frame_pcm(frame: av.AudioFrame) -> np.ndarray:
+    """An audio frame's samples shaped (n, channels): int16 as they are (s16, s16p), any other sample format as
+    float32 in -1..1 (u8, s32 and s64 scaled from their integer range; flt and dbl kept), so what a track carries in
+    any format can be pushed into a session or resampled."""
+    x = frame.to_ndarray()  # planar (channels, n), packed (1, n * channels)
+    x = x.T if frame.format.is_planar else x.reshape(-1, frame.layout.nb_channels)  # (n, channels)
+    base = frame.format.name.rstrip("p")
+    if base == "s16":
+        return x
+    x = x.astype(np.float64)
+    return ((x - 128.0 if base == "u8" else x) / _SCALE.get(base, 1.0)).astype(np.float32)
+
+
 def _downmix(frame: av.AudioFrame) -> av.AudioFrame:
     """The mean of a frame's channels as a float32 mono frame at its rate (for counts FFmpeg cannot rematrix)."""
-    x = frame.to_ndarray().astype(np.float64)  # planar (channels, n), packed (1, n * channels)
-    channels = frame.layout.nb_channels
-    x = x if frame.format.is_planar else x.reshape(-1, channels).T  # (channels, n)
-    base = frame.format.name.rstrip("p")
-    x = (x - 128.0 if base == "u8" else x) / _SCALE.get(base, 1.0)
-    mono = av.AudioFrame.from_ndarray(x.mean(axis=0, keepdims=True).astype(np.float32), format="flt", layout="mono")
+    x = frame_pcm(frame)
+    x = x / 32768.0 if x.dtype == np.int16 else x
+    mono = av.AudioFrame.from_ndarray(x.mean(axis=1, dtype=np.float32)[None], format="flt", layout="mono")
     mono.sample_rate = frame.sample_rate
     return mono
 

@@ -20,6 +20,7 @@ from letstalk_rt.media import (
     PcmResampler,
     TempoStretcher,
     VideoWriter,
+    frame_pcm,
     load_audio,
     load_image,
     probe,
@@ -520,6 +521,55 @@ def test_channel_counts_ffmpeg_has_no_layout_for_are_averaged(tmp_path):
     r = PcmResampler()
     np.testing.assert_allclose(np.concatenate([r.push(pcm, 16000), r.flush()]), mean, atol=1e-6)
     assert abs(len(np.concatenate([r.push(pcm[:, :2].repeat(6, 1)[:, :11], 48000), r.flush()])) - 5333) <= 2
+
+
+@pytest.mark.parametrize("fmt", ["s16", "s16p", "s32", "s32p", "u8", "fltp", "dbl"])
+def test_frame_pcm_reads_every_sample_format_as_speech(fmt):
+    """A track's frames in any sample format come out as (n, channels) samples of the same sound: int16 as they are,
+    others as float32 in -1..1 (an s32 or u8 frame's integers scaled, not taken as floats far past full scale, which
+    a session refuses), each channel in its column whether the frame is packed or planar; through TrackSource, a
+    session takes them."""
+    import asyncio
+
+    from letstalk_rt.media import float_pcm_problem
+    from letstalk_rt.stream.sources import TrackSource
+
+    wave = stereo_tone(0.02, 48000)  # (960, 2): left 0.5 x sine, right 0.3 x sine
+    ints = {"s16": 2 ** 15, "s32": 2 ** 31, "u8": 2 ** 7}
+    base = fmt.rstrip("p")
+    data = wave if base not in ints else np.round(wave * (ints[base] - 1))
+    data = data + 128 if base == "u8" else data
+    dtype = {"s16": np.int16, "s32": np.int32, "u8": np.uint8, "flt": np.float32, "dbl": np.float64}[base]
+    data = data.astype(dtype)
+    frame = av.AudioFrame.from_ndarray(data.T.copy() if fmt.endswith("p") else data.reshape(1, -1), format=fmt,
+                                       layout="stereo")
+    frame.sample_rate = 48000
+    pcm = frame_pcm(frame)
+    assert pcm.shape == (960, 2) and pcm.dtype == (np.int16 if base == "s16" else np.float32)
+    scaled = pcm / 32768 if pcm.dtype == np.int16 else pcm
+    np.testing.assert_allclose(scaled, wave, atol=1 / 100)  # u8 holds 8 bits
+    assert float_pcm_problem(pcm) is None
+
+    class Track:
+        kind = "audio"
+
+        def __init__(self):
+            self.frames = [frame]
+
+        async def recv(self):
+            from aiortc.mediastreams import MediaStreamError
+
+            if not self.frames:
+                raise MediaStreamError
+            return self.frames.pop()
+
+    async def chunks():
+        return [c async for c in TrackSource(Track()).chunks()]
+
+    (got, rate), = asyncio.run(chunks())
+    assert rate == 48000
+    np.testing.assert_array_equal(got, pcm)
+    assert len(PcmResampler().push(got, rate)) > 0  # taken, not refused as int values held as floats
 
 
 @pytest.mark.parametrize("tempo", [1.25, 1.5])

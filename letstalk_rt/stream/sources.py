@@ -24,6 +24,7 @@ import numpy as np
 
 from ..aio import wait_for
 from ..errors import InputError
+from ..media import frame_pcm
 from ..tts import Speech, check_text, sentences
 
 if TYPE_CHECKING:
@@ -111,15 +112,8 @@ class TrackSource(AudioSource):
                 frame = await self.track.recv()
             except MediaStreamError:
                 return
-            pcm = frame.to_ndarray()  # packed s16: (1, n * channels); planar: (channels, n)
-            channels = len(frame.layout.channels)
-            if frame.format.is_planar:
-                pcm = pcm.T  # (n, channels)
-            else:
-                pcm = pcm.reshape(-1, channels)  # (n, channels)
-            if pcm.dtype != np.int16:
-                pcm = pcm.astype(np.float32)
-            yield (pcm[:, 0] if channels == 1 else pcm), frame.sample_rate
+            pcm = frame_pcm(frame)  # (n, channels): int16, or float32 in -1..1 (an s32 track's too)
+            yield (pcm[:, 0] if pcm.shape[1] == 1 else pcm), frame.sample_rate
 
 
 class MicrophoneSource(AudioSource):
