@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from letstalk_rt.aio import stop_on_sigterm
 from letstalk_rt.client import AvatarClient, AvatarClientError
 from letstalk_rt.errors import LetsTalkError
 
@@ -131,6 +132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
+    stop_on_sigterm()  # `kill` stops it as Ctrl-C does: the server's session closed, nothing half-written kept
     try:
         asyncio.run(run(args))
     except (LetsTalkError, AvatarClientError, asyncio.TimeoutError) as e:

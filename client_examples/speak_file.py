@@ -23,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from letstalk_rt.aio import stop_on_sigterm
 from letstalk_rt.client import AudioChunk, AvatarClient, AvatarClientError, TimedFrame
 from letstalk_rt.errors import LetsTalkError
 from letstalk_rt.media import VideoWriter, check_video_path, load_audio
@@ -158,6 +159,7 @@ def main() -> int:
     p.add_argument("--relay", action="store_true", help="connect only through the server's TURN relay")
     p.add_argument("--tail", type=float, default=1.5, help="seconds recorded after the speech ends")
     args = p.parse_args()
+    stop_on_sigterm()  # `kill` stops it as Ctrl-C does: the server's session closed, nothing half-written kept
     try:
         asyncio.run(speak(args))
     except (LetsTalkError, AvatarClientError) as e:
@@ -166,6 +168,9 @@ def main() -> int:
     except OSError as e:
         print(f"speak_file: error: cannot reach {args.server}: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C or a `kill`: the session was closed on the way out
+        print("speak_file: stopped; nothing was written", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -33,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from letstalk_rt.aio import stop_on_sigterm
 from letstalk_rt.client import AvatarClient, AvatarClientError
 from letstalk_rt.errors import LetsTalkError
 
@@ -128,6 +129,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
+    stop_on_sigterm()  # `kill` stops it as Ctrl-C does: the server's session closed, nothing half-written kept
     try:
         asyncio.run(run(args))
     except (LetsTalkError, AvatarClientError) as e:
@@ -136,6 +138,9 @@ def main() -> int:
     except OSError as e:
         print(f"tts_stream: error: cannot reach {args.server}: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C or a `kill`: the session was closed on the way out
+        print("tts_stream: stopped", file=sys.stderr)
+        return 130
     return 0
 
 

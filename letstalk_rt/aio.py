@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import threading
 from typing import Awaitable, TypeVar
 
 T = TypeVar("T")
@@ -13,3 +15,23 @@ async def wait_for(aw: Awaitable[T], timeout: float | None) -> T:
     returns the result and the task runs on, cancel lost: a loop around it never stops). Raises TimeoutError."""
     async with asyncio.timeout(timeout):
         return await aw
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM (`kill`, `timeout`, `docker stop`, systemd) stop this program as Ctrl-C does, instead of ending it
+    where it stands: inside `asyncio.run` the main task is cancelled, so a client's `finally` and `async with` blocks
+    run (its server session or render is deleted at once rather than left running until the server notices; a
+    half-written output is removed), and the program's `except KeyboardInterrupt` says it stopped. Only the first
+    SIGTERM counts: `timeout` sends one to the program and one to its process group, and a second Ctrl-C makes
+    `asyncio.run` raise wherever the cleanup stands (SIGKILL still ends it at once). For command-line programs,
+    called from the main thread (elsewhere it does nothing); a server installs its own handlers."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # stopping already: a repeat must not cut the cleanup short
+    if callable(signal.getsignal(signal.SIGINT)):  # Python's or asyncio.run's Ctrl-C handler: what Ctrl-C would do
+        signal.raise_signal(signal.SIGINT)
+    else:  # Ctrl-C ignored (a background job of a script): still stop, as Ctrl-C's default handler would
+        signal.default_int_handler(signum, frame)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import MAX_NOISE_DRAWS, PRESETS_MODEL, check_box, check_noise_draws
+from .aio import stop_on_sigterm
 from .errors import InputError, LetsTalkError, OutputError, engine_not_installed
 from .train.options import parse_widths
 
@@ -1159,6 +1160,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("generate", "demo", "camera"):  # a `kill` or `timeout` stops them as Ctrl-C does: the
+        stop_on_sigterm()  # half-written video removed, the server's session or render deleted at once (serve has
+        # its own handlers; train and data, whose outputs are written whole, still end where they stand)
     try:
         if hasattr(args, "noise_hold"):  # every command with the sampling flags: checked once, before any work
             check_sampling_args(args)

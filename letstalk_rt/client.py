@@ -1063,7 +1063,9 @@ async def _close_quietly(ws: aiohttp.ClientWebSocketResponse, timeout: float = 2
 async def _close_pc(pc: RTCPeerConnection, timeout: float = 5.0) -> None:
     try:
         await wait_for(pc.close(), timeout)  # RTCPeerConnection.close() can hang
-    except Exception:  # asyncio.TimeoutError included
+    except asyncio.TimeoutError:
+        log.warning("RTCPeerConnection.close() did not finish within %g s; left to the garbage collector", timeout)
+    except Exception:
         log.warning("RTCPeerConnection.close() failed or timed out", exc_info=True)
 
 

@@ -452,3 +452,45 @@ def test_letstalk_generate_with_a_server_has_the_video_made_there_in_an_install_
     assert gone.returncode == 2 and "cannot reach the server at http://127.0.0.1:9" in gone.stderr, gone.stderr
     assert not (tmp_path / "gone.mp4").exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no partial files left
+
+
+def test_letstalk_generate_stopped_by_sigterm_cancels_its_render_on_the_server(tiny_pipeline, tmp_path, wav_file,
+                                                                                astronaut_png):
+    """`kill` or `timeout` stopping `letstalk generate --server` stops it as Ctrl-C does: the server's render is cancelled
+    at once (it ran on to the end and was stored there, nobody to fetch it) and the command says it wrote nothing.
+    A second SIGTERM while it stops does not cut that short."""
+    import contextlib
+    import signal
+    import subprocess
+    import sys
+
+    from server_helpers import running_server, wait_until
+
+    wav = wav_file(20.0)
+    videos = tmp_path / "videos"
+
+    async def main():
+        async with running_server(tiny_pipeline, recordings_dir=videos) as srv:
+            code = ("import sys; from letstalk_rt.cli import main; sys.exit(main(" + repr(
+                ["generate", "--server", srv.url, "--portrait", str(astronaut_png), "--audio", str(wav), "--out",
+                 str(tmp_path / "out.mp4"), "--quiet"]) + "))")
+            proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code, stdout=subprocess.PIPE,
+                                                        stderr=subprocess.PIPE)
+            try:
+                await wait_until(lambda: any(s.player.speech_frames >= 10 for s in srv.engine.sessions.values()),
+                                 90, "the render to be under way")
+                proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.02)
+                with contextlib.suppress(ProcessLookupError):  # as `timeout` does (to it and its group): the
+                    proc.send_signal(signal.SIGTERM)  # repeat must not cut the cleanup short
+                _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+                await wait_until(lambda: not srv.engine.sessions, 10, "the render's session to close")
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+            return proc.returncode, stderr.decode()
+
+    returncode, stderr = run(main())
+    assert returncode == 130 and "interrupted; no output was written" in stderr, (returncode, stderr)
+    assert not videos.exists() or not list(videos.iterdir())  # nothing stored for nobody to fetch
+    assert not list(tmp_path.glob("*out.mp4*"))
