@@ -25,7 +25,7 @@ from pathlib import Path
 from . import __version__
 from .config import MAX_NOISE_DRAWS, PRESETS_MODEL, check_box, check_noise_draws
 from .aio import stop_on_sigterm
-from .errors import InputError, LetsTalkError, OutputError, engine_not_installed
+from .errors import InputError, LetsTalkError, OutputError, Stopped, engine_not_installed
 from .train.options import parse_widths
 
 ASSETS = Path(__file__).parent / "assets"
@@ -1162,7 +1162,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("generate", "demo", "camera"):  # a `kill` or `timeout` stops them as Ctrl-C does: the
         stop_on_sigterm()  # half-written video removed, the server's session or render deleted at once (serve has
-        # its own handlers; train and data, whose outputs are written whole, still end where they stand)
+        # its own handlers, train too: it stops after the step under way with a checkpoint)
     try:
         if hasattr(args, "noise_hold"):  # every command with the sampling flags: checked once, before any work
             check_sampling_args(args)
@@ -1178,6 +1178,10 @@ def main(argv: list[str] | None = None) -> int:
     except LetsTalkError as e:
         print(f"letstalk: error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:  # what was done is kept (a training run's checkpoint): the message says where
+        if str(e):
+            print(f"letstalk: {e}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("letstalk: interrupted; no output was written", file=sys.stderr)
         return 130

@@ -27,6 +27,11 @@ class OutputError(LetsTalkError):
     """The output path cannot be written."""
 
 
+class Stopped(KeyboardInterrupt):
+    """Stopped on request (Ctrl-C, SIGTERM) with what was done kept: the message (empty on a training run's other
+    ranks) says what was kept and how to go on. A KeyboardInterrupt, so code that stops on Ctrl-C stops on it too."""
+
+
 # The import names of the `[engine]` extra's packages (pyproject.toml), with the name pip installs each by: what a
 # torch-free install (`pip install letstalk-rt`: the SDK, `letstalk camera --server`) lacks.
 ENGINE_PACKAGES = {"torch": "torch", "einops": "einops", "safetensors": "safetensors", "transformers": "transformers",

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import types
@@ -19,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from letstalk_rt.checkpoint import build_components, load_model, save_model
 from letstalk_rt.cli import main as cli_main
 from letstalk_rt.config import model_preset
-from letstalk_rt.errors import InputError, LetsTalkError, ModelError
+from letstalk_rt.errors import InputError, LetsTalkError, ModelError, Stopped
 from letstalk_rt.memory import box_cells
 from letstalk_rt.pipeline import LetsTalkPipeline, corpus_level_min
 from letstalk_rt.train.data import audio_window, open_dataset, plan_windows
@@ -844,8 +845,25 @@ def test_exact_resume(tmp_path, init_dir, shards, synth_sync, extra, monkeypatch
     if extra == "adv":  # the critic and its optimizer come back from the checkpoint
         shards, kw = synth_sync, dict(kw, adv_mouth_weight=0.5)
     a = train(_cfg("transformer", shards, init_dir, tmp_path / "a", out=tmp_path / "out_a", **kw))
-    assert train(_cfg("transformer", shards, init_dir, tmp_path / "b", out=tmp_path / "out_b",
-                      stop_after=3, **kw)) is None
+    if extra == "plain":  # stopped by a SIGTERM (`kill`, a preempted job) during step 3: the step ends, checkpointed
+        from letstalk_rt.train.trainer import EMA
+
+        update = EMA.update
+
+        def signalled(self, module, step):
+            update(self, module, step)
+            if step == 2:
+                signal.raise_signal(signal.SIGTERM)
+                signal.raise_signal(signal.SIGTERM)  # repeated (torchrun passing it on): still that one checkpoint
+
+        monkeypatch.setattr(EMA, "update", signalled)
+        with pytest.raises(Stopped, match=r"stopped at step 3 of 6: checkpoint .*step_0000003 written; .*--resume"):
+            train(_cfg("transformer", shards, init_dir, tmp_path / "b", out=tmp_path / "out_b", **kw))
+        monkeypatch.setattr(EMA, "update", update)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the program's own handling back
+    else:
+        assert train(_cfg("transformer", shards, init_dir, tmp_path / "b", out=tmp_path / "out_b",
+                          stop_after=3, **kw)) is None
     assert not (tmp_path / "out_b").exists()
     assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step_0000002", "step_0000003"]
     with pytest.raises(InputError, match="--resume"):

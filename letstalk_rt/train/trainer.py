@@ -50,7 +50,9 @@ data.py). RUN/log.jsonl gets one line per `--log-every` steps; TensorBoard event
 Under torchrun (WORLD_SIZE set) the step's global batch is the same list of samples for any world size,
 each rank taking its contiguous slice; gradients are averaged by DistributedDataParallel, or with `--fsdp`
 the parameters, gradients and optimizer state are sharded by FSDP2 (`shard_fsdp`: one unit per transformer
-block; checkpoints gather full tensors); only rank 0 writes files.
+block; checkpoints gather full tensors); only rank 0 writes files. Ctrl-C or SIGTERM (`kill`, a cluster
+preempting the job; torchrun passes it to every rank) stops the run after the step under way with a checkpoint
+of it (`StopRequest`), so `--resume` loses nothing; a second Ctrl-C stops at once.
 """
 
 from __future__ import annotations
@@ -67,7 +69,9 @@ import platform
 import random
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -84,7 +88,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..checkpoint import Components, _has_weights, load_model, save_model, weights_digest, write_dir_atomic
 from ..diffusion import EulerSampler, FlowMatching, Guidance, from_portrait
-from ..errors import InputError, LetsTalkError, ModelError
+from ..errors import InputError, LetsTalkError, ModelError, Stopped
 from ..memory import anchor_cell_mask, box_cells, regularize_memory
 from ..models.autoencoder import DCAutoencoder
 from ..pipeline import corpus_level_min
@@ -928,6 +932,44 @@ class EMA:
 FSDP_TORCH = (2, 10)  # the oldest torch whose FSDP2 run matched one process (tests/test_train.py; README, "Dependencies")
 
 
+class StopRequest:
+    """Ctrl-C or SIGTERM while the steps run asks the loop to stop after the step under way, with a checkpoint of it,
+    instead of losing every step since the last one (a cluster preempting a job sends SIGTERM, then kills it seconds
+    later). Under torchrun the ranks agree on the step (`requested` is a collective: call it every step on every
+    rank). A repeated SIGTERM is ignored (torchrun signals its workers after the terminal did), a second Ctrl-C stops
+    at once (the checkpoints written so far stay). Installed from the main thread only; a Ctrl-C the program was
+    started ignoring (a background job) stays ignored."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(sig) not in (signal.SIG_IGN, None):
+                    self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # asked twice: now
+        if self.signal is None:
+            self.signal = signum
+            print(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint (Ctrl-C again to "
+                  "stop at once)", file=sys.stderr)
+
+    def requested(self, dist: Dist) -> bool:
+        if not dist.enabled:
+            return self.signal is not None
+        flag = torch.tensor(float(self.signal is not None), device=dist.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag)
+
+
 def torch_version() -> tuple[int, int]:
     return tuple(int(x) for x in torch.__version__.split(".")[:2])
 
@@ -1280,7 +1322,9 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path | None:
         term_sums.copy_(torch.tensor(logged["term_sums"], dtype=term_sums.dtype))
         norm_sum, n_logged = logged["norm"], logged["n"]
     step = start
+    stop = StopRequest()
     try:
+        stop.install()
         for step in range(start, end):
             if pool is not None:
                 batch = futures.pop(step).result()
@@ -1328,6 +1372,9 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path | None:
                 norm_sum, n_logged, n_timed, t_log = 0.0, 0, 0, time.perf_counter()
             if bar is not None:
                 bar.update(1)
+            stopping = done < end and stop.requested(dist)
+            if stopping:
+                end = done
             if done % cfg.ckpt_every == 0 or done == end:
                 interval = None
                 if n_logged:  # mid-row: its sums go into the checkpoint, so a resumed run logs the same row
@@ -1340,7 +1387,12 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path | None:
                                 "n": n_logged, "terms": list(terms)}
                 _save_checkpoint(cfg, dist, stage, module, optimizer, scheduler, ema, done, dataset,
                                  extra_state={"init_fingerprint": fingerprint, "log_interval": interval})
+            if stopping:
+                raise Stopped(f"stopped at step {done} of {cfg.steps}: checkpoint "
+                              f"{cfg.run / 'checkpoints' / f'step_{done:07d}'} written; the same command with "
+                              "--resume goes on from it" if dist.main else "")
     finally:
+        stop.restore()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
@@ -1443,6 +1495,10 @@ def _entry(argv: list[str] | None = None) -> int:
     except LetsTalkError as e:
         print(f"letstalk: error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        if str(e):
+            print(f"letstalk: {e}", file=sys.stderr)
+        return 130
     return 0
 
 
