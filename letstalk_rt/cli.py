@@ -1160,9 +1160,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("generate", "demo", "camera"):  # a `kill` or `timeout` stops them as Ctrl-C does: the
-        stop_on_sigterm()  # half-written video removed, the server's session or render deleted at once (serve has
-        # its own handlers, train too: it stops after the step under way with a checkpoint)
+    if args.command in ("generate", "demo", "camera", "data"):  # a `kill` or `timeout` stops them as Ctrl-C does:
+        stop_on_sigterm()  # the half-written video removed, the server's session or render deleted at once, a corpus's
+        # finished clips kept (serve has its own handlers, train too: it stops after the step under way, checkpointed)
     try:
         if hasattr(args, "noise_hold"):  # every command with the sampling flags: checked once, before any work
             check_sampling_args(args)

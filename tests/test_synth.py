@@ -15,6 +15,7 @@ import pytest
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None,
                                 reason="espeak-ng is not installed (apt-get install espeak-ng); the corpus speaks with it")
 
+from letstalk_rt.errors import Stopped
 from letstalk_rt.train import synth
 
 
@@ -218,7 +219,7 @@ def test_real_photo_clip_keeps_the_face_and_moves_the_mouth():
 # ------------------------------------------------------------------------------------------------
 
 
-def test_tiny_corpus_files_manifest_and_resume(tmp_path):
+def test_tiny_corpus_files_manifest_and_resume(tmp_path, monkeypatch):
     from letstalk_rt.media import probe
 
     parser = argparse.ArgumentParser()
@@ -250,6 +251,22 @@ def test_tiny_corpus_files_manifest_and_resume(tmp_path):
     assert not list(out.glob(".*partial*"))
     assert (out / "clip_00000.mp4").stat().st_mtime_ns == mtimes["clip_00000.mp4"]
     assert (out / "clip_00001.json").exists()
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    # Stopped (Ctrl-C, a `kill`) while a clip is made: the finished clips kept and said so, no manifest claiming a
+    # whole corpus, and the same command goes on from them.
+    for name in ("manifest.json", "clip_00002.json", "clip_00002.mp4"):
+        (out / name).unlink()
+
+    def interrupted(spec, out_dir):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synth, "write_clip", interrupted)
+    with pytest.raises(Stopped, match=r"stopped with 2 of 3 clips written to .*corpus' \(no manifest.json yet\); "
+                                      "the same command goes on"):
+        synth.main(args)
+    assert not (out / "manifest.json").exists()
+    monkeypatch.undo()
+    synth.main(args)
     assert json.loads((out / "manifest.json").read_text()) == manifest
 
 

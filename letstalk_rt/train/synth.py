@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError, LetsTalkError, OutputError
+from ..errors import InputError, LetsTalkError, OutputError, Stopped
 from ..media import remove_abandoned_partials
 from ..tts import Speech
 from ..tts import installed_languages as _installed_languages
@@ -1376,6 +1376,9 @@ def synthesize_corpus(out_dir: str | Path, num_clips: int, seconds_range: tuple[
                 for meta in pool.imap_unordered(_write_clip_job, jobs):
                     metas[meta["spec"]["index"]] = meta
                     bar.update(1)
+    except KeyboardInterrupt:  # Ctrl-C or a `kill`: the clips finished are whole, and a rerun goes on from them
+        raise Stopped(f"stopped with {len(metas)} of {len(specs)} clips written to '{out}' (no manifest.json yet); "
+                      "the same command goes on from them") from None
     finally:
         bar.close()
     manifest = build_manifest(specs, metas, seconds_range, size, seed, real_photo_fraction)
