@@ -106,7 +106,7 @@ def test_prepare_writes_crops_audio_and_skips_bad_videos(prepared, capsys):
         assert 0.3 < w / 128 < 0.6
 
 
-def test_long_videos_are_split_across_shards(videos, tmp_path):
+def test_long_videos_are_split_across_shards(videos, tmp_path, monkeypatch):
     summary = prepare.prepare_videos(videos, tmp_path, size=32, shard_frames=20, progress=False)
     assert summary.prepared == 1 and summary.frames == 50 and summary.shards == 3
     index = json.loads((tmp_path / "index.json").read_text())
@@ -115,6 +115,17 @@ def test_long_videos_are_split_across_shards(videos, tmp_path):
     assert starts == [0, 20, 40]
     _, audio, _, _ = prepare.load_shard(tmp_path / "shard_0002.safetensors")
     assert audio.shape == (10 * 640,)
+    # Stopped (Ctrl-C, a `kill`) while a video is read: said so, and no index left describing other shards
+    from letstalk_rt.errors import Stopped
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare, "_prepare_one", interrupted)
+    with pytest.raises(Stopped, match=r"stopped after 0 of 3 videos: .* has no index.json, so nothing reads its "
+                                      "shards; the same command starts over"):
+        prepare.prepare_videos(videos, tmp_path, size=32, shard_frames=20, progress=False)
+    assert not (tmp_path / "index.json").exists()
 
 
 def test_empty_folder_is_a_clear_error(tmp_path):

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError, LetsTalkError, NoFaceError, OutputError
+from ..errors import InputError, LetsTalkError, NoFaceError, OutputError, Stopped
 
 FPS = 25
 SAMPLE_RATE = 16000
@@ -438,6 +438,9 @@ def prepare_videos(videos_dir: str | Path, out_dir: str | Path, size: int = 128,
         rel = str(path.relative_to(videos_dir))
         try:
             n = _prepare_one(path, rel, writer, size, margin, detect_every, window)
+        except KeyboardInterrupt:  # Ctrl-C or a `kill`: the shards so far have no index, so nothing reads them
+            raise Stopped(f"stopped after {len(records)} of {len(videos)} videos: '{out}' has no index.json, so "
+                          "nothing reads its shards; the same command starts over") from None
         except SkipVideo as e:
             reason = str(e)
             print(f"letstalk: warning: skipping '{rel}': {reason}", file=sys.stderr)
