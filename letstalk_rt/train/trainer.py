@@ -935,10 +935,11 @@ FSDP_TORCH = (2, 10)  # the oldest torch whose FSDP2 run matched one process (te
 class StopRequest:
     """Ctrl-C or SIGTERM while the steps run asks the loop to stop after the step under way, with a checkpoint of it,
     instead of losing every step since the last one (a cluster preempting a job sends SIGTERM, then kills it seconds
-    later). Under torchrun the ranks agree on the step (`requested` is a collective: call it every step on every
-    rank). A repeated SIGTERM is ignored (torchrun signals its workers after the terminal did), a second Ctrl-C stops
-    at once (the checkpoints written so far stay). Installed from the main thread only; a Ctrl-C the program was
-    started ignoring (a background job) stays ignored."""
+    later). torchrun runs its workers in sessions of their own and passes the signal it got on to each (then kills
+    them 30 s later); the ranks agree on the step (`requested` is a collective: call it every step on every rank).
+    A repeated SIGTERM is ignored (a `kill` sent twice; `timeout` signals the program and its process group), a
+    second Ctrl-C stops at once (the checkpoints written so far stay). Installed from the main thread only; a Ctrl-C
+    the program was started ignoring (a background job) stays ignored."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
