@@ -137,9 +137,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    stop_on_sigterm()  # `kill` stops it as Ctrl-C does: the server's session closed, nothing half-written kept
     try:
-        asyncio.run(run(args))
+        with stop_on_sigterm():  # `kill` stops it as Ctrl-C does: the server's session closed, nothing half-written kept
+            asyncio.run(run(args))
     except KeyboardInterrupt:
         print()
     except (LetsTalkError, AvatarClientError) as e:

@@ -159,9 +159,9 @@ def main() -> int:
     p.add_argument("--relay", action="store_true", help="connect only through the server's TURN relay")
     p.add_argument("--tail", type=float, default=1.5, help="seconds recorded after the speech ends")
     args = p.parse_args()
-    stop_on_sigterm()  # `kill` stops it as Ctrl-C does: the server's session closed, nothing half-written kept
     try:
-        asyncio.run(speak(args))
+        with stop_on_sigterm():  # `kill` stops it as Ctrl-C does: the server's session closed, nothing half-written kept
+            asyncio.run(speak(args))
     except (LetsTalkError, AvatarClientError) as e:
         print(f"speak_file: error: {e}", file=sys.stderr)
         return 2

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import threading
-from typing import Awaitable, TypeVar
+from typing import Awaitable, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -17,16 +18,25 @@ async def wait_for(aw: Awaitable[T], timeout: float | None) -> T:
         return await aw
 
 
-def stop_on_sigterm() -> None:
-    """Make SIGTERM (`kill`, `timeout`, `docker stop`, systemd) stop this program as Ctrl-C does, instead of ending it
-    where it stands: inside `asyncio.run` the main task is cancelled, so a client's `finally` and `async with` blocks
-    run (its server session or render is deleted at once rather than left running until the server notices; a
-    half-written output is removed), and the program's `except KeyboardInterrupt` says it stopped. Only the first
-    SIGTERM counts: `timeout` sends one to the program and one to its process group, and a second Ctrl-C makes
-    `asyncio.run` raise wherever the cleanup stands (SIGKILL still ends it at once). For command-line programs,
-    called from the main thread (elsewhere it does nothing); a server installs its own handlers."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupt)
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """Inside it, SIGTERM (`kill`, `timeout`, `docker stop`, systemd) stops this program as Ctrl-C does, instead of
+    ending it where it stands: inside `asyncio.run` the main task is cancelled, so a client's `finally` and `async
+    with` blocks run (its server session or render is deleted at once rather than left running until the server
+    notices; a half-written output is removed), and the program's `except KeyboardInterrupt` says it stopped. Only
+    the first SIGTERM counts: `timeout` sends one to the program and one to its process group, and a second Ctrl-C
+    makes `asyncio.run` raise wherever the cleanup stands (SIGKILL still ends it at once). The handler before it is
+    put back on the way out, unless a SIGTERM came. For command-line programs, from the main thread (elsewhere it does nothing); a server
+    installs its own handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:  # (after a SIGTERM it stays ignored: a repeat must not end the program on its way out)
+        if signal.getsignal(signal.SIGTERM) is _interrupt:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -1160,13 +1160,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("generate", "demo", "camera", "data"):  # a `kill` or `timeout` stops them as Ctrl-C does:
-        stop_on_sigterm()  # the half-written video removed, the server's session or render deleted at once, a corpus's
-        # finished clips kept (serve has its own handlers, train too: it stops after the step under way, checkpointed)
+    # a `kill` or `timeout` stops these as Ctrl-C does: the half-written video removed, the server's session or render
+    # deleted at once, a corpus's finished clips kept (serve has its own handlers, train too: it stops after the step
+    # under way, checkpointed)
+    on_sigterm = stop_on_sigterm() if args.command in ("generate", "demo", "camera", "data") else contextlib.nullcontext()
     try:
         if hasattr(args, "noise_hold"):  # every command with the sampling flags: checked once, before any work
             check_sampling_args(args)
-        args.func(args)
+        with on_sigterm:
+            args.func(args)
     except ModuleNotFoundError as e:  # the engine's packages in an install of the SDK alone (EngineNotInstalledError
         # too, named for the command here): one line
         what = "letstalk camera without --server" if args.command == "camera" else f"letstalk {args.command}"

@@ -7,6 +7,7 @@ import asyncio
 import json
 import math
 import shutil
+import signal
 
 import aiohttp
 import numpy as np
@@ -332,9 +333,11 @@ def test_generate_speaks_text_into_an_mp4_of_its_length(capsys, tmp_path, tiny_m
     from letstalk_rt.media import probe
 
     out = tmp_path / "said.mp4"
+    sigterm = signal.getsignal(signal.SIGTERM)
     code = main(["generate", "--portrait", str(astronaut_png), "--text", "Hello there. Nice to meet you.",
                  "--voice", "en-us+m3", "--rate", "200", "--out", str(out), "--model", str(tiny_model_dir), "--quiet"])
     assert code == 0, capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is sigterm  # its SIGTERM handling is the command's own: put back after
     pcm, said = Speech("en-us+m3", 200).speak_timed("Hello there. Nice to meet you.")
     seconds = len(pcm) / 16000
     info = probe(out)
