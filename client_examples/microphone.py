@@ -138,7 +138,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     try:
-        with stop_on_sigterm():  # `kill` stops it as Ctrl-C does: the server's session closed, nothing half-written kept
+        with stop_on_sigterm():  # `kill` stops it as Ctrl-C does: the server's session closed, nothing half-written
             asyncio.run(run(args))
     except KeyboardInterrupt:
         print()

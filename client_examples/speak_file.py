@@ -160,7 +160,7 @@ def main() -> int:
     p.add_argument("--tail", type=float, default=1.5, help="seconds recorded after the speech ends")
     args = p.parse_args()
     try:
-        with stop_on_sigterm():  # `kill` stops it as Ctrl-C does: the server's session closed, nothing half-written kept
+        with stop_on_sigterm():  # `kill` stops it as Ctrl-C does: the server's session closed, nothing half-written
             asyncio.run(speak(args))
     except (LetsTalkError, AvatarClientError) as e:
         print(f"speak_file: error: {e}", file=sys.stderr)

@@ -26,8 +26,8 @@ def stop_on_sigterm() -> Iterator[None]:
     notices; a half-written output is removed), and the program's `except KeyboardInterrupt` says it stopped. Only
     the first SIGTERM counts: `timeout` sends one to the program and one to its process group, and a second Ctrl-C
     makes `asyncio.run` raise wherever the cleanup stands (SIGKILL still ends it at once). The handler before it is
-    put back on the way out, unless a SIGTERM came. For command-line programs, from the main thread (elsewhere it does nothing); a server
-    installs its own handlers."""
+    put back on the way out, unless a SIGTERM came. For command-line programs, from the main thread (elsewhere it
+    does nothing); a server installs its own handlers."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -1163,7 +1163,8 @@ def main(argv: list[str] | None = None) -> int:
     # a `kill` or `timeout` stops these as Ctrl-C does: the half-written video removed, the server's session or render
     # deleted at once, a corpus's finished clips kept (serve has its own handlers, train too: it stops after the step
     # under way, checkpointed)
-    on_sigterm = stop_on_sigterm() if args.command in ("generate", "demo", "camera", "data") else contextlib.nullcontext()
+    stops_on_sigterm = args.command in ("generate", "demo", "camera", "data")
+    on_sigterm = stop_on_sigterm() if stops_on_sigterm else contextlib.nullcontext()
     try:
         if hasattr(args, "noise_hold"):  # every command with the sampling flags: checked once, before any work
             check_sampling_args(args)

@@ -1066,7 +1066,7 @@ async def _close_pc(pc: RTCPeerConnection, timeout: float = 5.0) -> None:
     except asyncio.TimeoutError:
         log.warning("RTCPeerConnection.close() did not finish within %g s; left to the garbage collector", timeout)
     except Exception:
-        log.warning("RTCPeerConnection.close() failed or timed out", exc_info=True)
+        log.warning("RTCPeerConnection.close() failed", exc_info=True)
 
 
 # --------------------------------------------------------------------------------------------------

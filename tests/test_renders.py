@@ -456,8 +456,9 @@ def test_letstalk_generate_with_a_server_has_the_video_made_there_in_an_install_
 
 def test_letstalk_generate_stopped_by_sigterm_cancels_its_render_on_the_server(tiny_pipeline, tmp_path, wav_file,
                                                                                 astronaut_png):
-    """`kill` or `timeout` stopping `letstalk generate --server` stops it as Ctrl-C does: the server's render is cancelled
-    at once (it ran on to the end and was stored there, nobody to fetch it) and the command says it wrote nothing.
+    """`kill` or `timeout` stopping `letstalk generate --server` stops it as Ctrl-C does: the server's render is
+    cancelled at once (it ran on to the end and was stored there, nobody to fetch it) and the command says it wrote
+    nothing.
     A second SIGTERM while it stops does not cut that short."""
     import contextlib
     import signal
