@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from .diffusion import guidance_rows
-from .errors import LetsTalkError
+from .errors import LetsTalkError, Stopped
 from .media import write_text_atomic
 from .pipeline import LetsTalkPipeline
 
@@ -672,32 +672,39 @@ def _run_bench(pipe, session_counts, seconds, audio, portrait, json_path, breakd
 
     if breakdown and not live.get("compile"):
         window_cost()
-    for n in session_counts:
-        results = []
-        for _ in range(repeat):
-            try:
-                result = asyncio.run(run_sessions(pipe, n, seconds, audio, portrait, live=live, seed=seed,
-                                                  webrtc=webrtc, peer_process=peer_process, full_frame=full_frame,
-                                                  record=record))
-            except LetsTalkError as e:  # e.g. the GPU cannot hold this many sessions' batch
-                report["error"] = {"sessions": n, "message": str(e)}
-                save()
-                raise
-            results.append(result)
-            report["runs"].append(asdict(result))
-            print(json.dumps(asdict(result)))
-            save()  # every run: a repeat cut short (a timeout) keeps the ones before it
-        if breakdown and "window_ms" not in report:  # --compile: the engine compiled one session's full window
-            before = torch.get_num_threads()  # (at the torch threads it chose: the compiled kernels keep them)
-            torch.set_num_threads(results[-1].threads)
-            try:
-                window_cost()
-            finally:
-                torch.set_num_threads(before)
-        if repeat > 1:
-            report["spread"].append(spread(results))
-            print("spread:", json.dumps(report["spread"][-1]))
-        save()
+    try:
+        for n in session_counts:
+            results = []
+            for _ in range(repeat):
+                try:
+                    result = asyncio.run(run_sessions(pipe, n, seconds, audio, portrait, live=live, seed=seed,
+                                                      webrtc=webrtc, peer_process=peer_process, full_frame=full_frame,
+                                                      record=record))
+                except LetsTalkError as e:  # e.g. the GPU cannot hold this many sessions' batch
+                    report["error"] = {"sessions": n, "message": str(e)}
+                    save()
+                    raise
+                results.append(result)
+                report["runs"].append(asdict(result))
+                print(json.dumps(asdict(result)))
+                save()  # every run: a repeat cut short (a timeout) keeps the ones before it
+            if breakdown and "window_ms" not in report:  # --compile: the engine compiled one session's full window
+                before = torch.get_num_threads()  # (at the torch threads it chose: the compiled kernels keep them)
+                torch.set_num_threads(results[-1].threads)
+                try:
+                    window_cost()
+                finally:
+                    torch.set_num_threads(before)
+            if repeat > 1:
+                report["spread"].append(spread(results))
+                print("spread:", json.dumps(report["spread"][-1]))
+            save()
+    except KeyboardInterrupt:  # Ctrl-C or a `kill`: the runs finished so far are in --json already
+        if json_path is None or not report["runs"]:
+            raise
+        runs = len(report["runs"])
+        raise Stopped(f"stopped during a run: --json {json_path} holds the {runs} run{'s' * (runs > 1)} finished "
+                      'before it ("complete": false)') from None
     report["complete"] = True
     save()
     return report

@@ -1161,9 +1161,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # a `kill` or `timeout` stops these as Ctrl-C does: the half-written video removed, the server's session or render
-    # deleted at once, a corpus's finished clips kept (serve has its own handlers, train too: it stops after the step
-    # under way, checkpointed)
-    stops_on_sigterm = args.command in ("generate", "demo", "camera", "data")
+    # deleted at once, a corpus's finished clips kept, a benchmark's finished runs named (serve has its own handlers,
+    # train too: it stops after the step under way, checkpointed)
+    stops_on_sigterm = args.command not in ("serve", "train")
     on_sigterm = stop_on_sigterm() if stops_on_sigterm else contextlib.nullcontext()
     try:
         if hasattr(args, "noise_hold"):  # every command with the sampling flags: checked once, before any work

@@ -1085,8 +1085,12 @@ def evaluate(
         model["autoencoder"]["by_skin_tone"] = by_skin_tone(model["autoencoder"]["clips"],
                                                             probe_checks[size]["per_clip"])
         model["targets"] = judge(model, probe_checks[size]["valid"], real)
-        model["plots"] = _plots(out, f"{len(results) + 1}_{_slug(label)}", model, clips_at[size])
         results.append(model)
+
+    # the plots and the report are written together at the end: a run stopped part way (Ctrl-C, a `kill`) leaves
+    # an earlier run's report in --out beside its own plots, not beside some of this run's
+    for i, (model, config) in enumerate(zip(results, configs)):
+        model["plots"] = _plots(out, f"{i + 1}_{_slug(model['label'])}", model, clips_at[config.image_size])
 
     report = {
         "corpus": str(corpus.root), "kind": corpus.kind, "split": "all" if real else split, "clips": names, "seed": seed, "seeds": seeds, "device": str(device),

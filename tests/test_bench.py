@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import resource
 import time
@@ -284,3 +285,40 @@ def test_neighbours_stop_when_the_bench_is_killed():
     while running() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not running()
+
+
+def test_a_bench_stopped_by_a_kill_names_the_runs_its_json_holds(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """`letstalk bench` stopped by SIGTERM (`kill`, `timeout`) during a session count ends as Ctrl-C would: exit 130,
+    and the message names what --json holds (the counts finished before, "complete": false), instead of dying
+    with no word while its file reads like a smaller benchmark. With nothing finished: the usual line."""
+    import signal
+
+    import letstalk_rt.bench as bench
+
+    monkeypatch.setattr(bench, "STEADY_AFTER_S", 0.3)
+    real = bench.run_sessions
+
+    async def killed_at_two(pipe, n, *a, **k):
+        if n == 2:
+            signal.raise_signal(signal.SIGTERM)
+            await asyncio.sleep(30)  # cancelled by the stop
+        return await real(pipe, n, *a, **k)
+
+    monkeypatch.setattr(bench, "run_sessions", killed_at_two)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--model", str(tiny_model_dir), "--device", "cpu", "--seconds", "0.6", "--json", str(out)]
+    t0 = time.monotonic()
+    assert main(argv + ["--sessions", "1,2,4"]) == 130
+    assert time.monotonic() - t0 < 25  # not the 30-s sleep: the kill stopped it
+    err = capsys.readouterr().err
+    assert f"--json {out} holds the 1 run finished before it" in err and '"complete": false' in err
+    saved = json.loads(out.read_text())
+    assert [r["sessions"] for r in saved["runs"]] == [1] and saved["complete"] is False
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # a repeat cannot cut the cleanup short
+    signal.signal(signal.SIGTERM, before)
+
+    out.unlink()
+    assert main(argv + ["--sessions", "2"]) == 130  # stopped before any run finished: nothing in --json
+    assert "interrupted; no output was written" in capsys.readouterr().err and not out.exists()
+    signal.signal(signal.SIGTERM, before)

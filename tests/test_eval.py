@@ -203,6 +203,33 @@ def test_eval_on_an_untrained_model_writes_every_section_with_targets_failed(cap
     assert "FAIL" in stdout
 
 
+def test_an_eval_stopped_part_way_leaves_the_last_report_and_its_plots_as_they_were(capsys, tmp_path, corpus_dir,
+                                                                                   tiny_model_dir, monkeypatch):
+    """An eval stopped while it scores (Ctrl-C, a `kill`) writes none of its plots: a folder that holds an earlier
+    run's report.md keeps that report beside the plots it names, not beside plots of a run that never finished."""
+    import letstalk_rt.eval as ev
+
+    out = tmp_path / "report"
+    args = ["eval", "--data", corpus_dir, "--clips", 1, "--long-seconds", 0, "--device", "cpu", "--out", out, "--quiet"]
+    code, _, err = _run(capsys, *args, "--model", tiny_model_dir)
+    assert code == 0, err
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "report.md" in before and any(name.endswith(".png") for name in before)
+
+    real, scored = ev.evaluate_model, []
+
+    def stopped_on_the_second(*a, **k):
+        if scored:
+            raise KeyboardInterrupt  # what Ctrl-C (or SIGTERM, through stop_on_sigterm) raises
+        scored.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(ev, "evaluate_model", stopped_on_the_second)
+    code, _, err = _run(capsys, *args, "--model", tiny_model_dir, "--model", tiny_model_dir)
+    assert code == 130 and "interrupted" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_seeds_average_each_clip_over_its_noises_and_report_their_spread(capsys, tmp_path, corpus_dir,
                                                                           tiny_model_dir):
     reports, printed = {}, {}
