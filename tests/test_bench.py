@@ -305,20 +305,26 @@ def test_a_bench_stopped_by_a_kill_names_the_runs_its_json_holds(tiny_model_dir,
         return await real(pipe, n, *a, **k)
 
     monkeypatch.setattr(bench, "run_sessions", killed_at_two)
-    before = signal.getsignal(signal.SIGTERM)
-    out = tmp_path / "bench.json"
-    argv = ["bench", "--model", str(tiny_model_dir), "--device", "cpu", "--seconds", "0.6", "--json", str(out)]
-    t0 = time.monotonic()
-    assert main(argv + ["--sessions", "1,2,4"]) == 130
-    assert time.monotonic() - t0 < 25  # not the 30-s sleep: the kill stopped it
-    err = capsys.readouterr().err
-    assert f"--json {out} holds the 1 run finished before it" in err and '"complete": false' in err
-    saved = json.loads(out.read_text())
-    assert [r["sessions"] for r in saved["runs"]] == [1] and saved["complete"] is False
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # a repeat cannot cut the cleanup short
-    signal.signal(signal.SIGTERM, before)
 
-    out.unlink()
-    assert main(argv + ["--sessions", "2"]) == 130  # stopped before any run finished: nothing in --json
-    assert "interrupted; no output was written" in capsys.readouterr().err and not out.exists()
-    signal.signal(signal.SIGTERM, before)
+    def unhandled(signum, frame):  # a bench that did not take SIGTERM over fails here, not by ending pytest
+        raise AssertionError("the SIGTERM reached the test: letstalk bench left it to the default handler")
+
+    before = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        out = tmp_path / "bench.json"
+        argv = ["bench", "--model", str(tiny_model_dir), "--device", "cpu", "--seconds", "0.6", "--json", str(out)]
+        t0 = time.monotonic()
+        assert main(argv + ["--sessions", "1,2,4"]) == 130
+        assert time.monotonic() - t0 < 25  # not the 30-s sleep: the kill stopped it
+        err = capsys.readouterr().err
+        assert f"--json {out} holds the 1 run finished before it" in err and '"complete": false' in err
+        saved = json.loads(out.read_text())
+        assert [r["sessions"] for r in saved["runs"]] == [1] and saved["complete"] is False
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # a repeat cannot cut the cleanup short
+        signal.signal(signal.SIGTERM, unhandled)
+
+        out.unlink()
+        assert main(argv + ["--sessions", "2"]) == 130  # stopped before any run finished: nothing in --json
+        assert "interrupted; no output was written" in capsys.readouterr().err and not out.exists()
+    finally:
+        signal.signal(signal.SIGTERM, before)
