@@ -126,6 +126,20 @@ def test_long_videos_are_split_across_shards(videos, tmp_path, monkeypatch):
                                       "shards; the same command starts over"):
         prepare.prepare_videos(videos, tmp_path, size=32, shard_frames=20, progress=False)
     assert not (tmp_path / "index.json").exists()
+    # ... or while the last shard is written, every video read: the same
+    monkeypatch.undo()
+    flush, flushes = prepare._ShardWriter.flush, []
+
+    def last_flush_interrupted(writer):  # shards 1 and 2 are written as the video fills them, the 3rd at the end
+        flushes.append(1)
+        if len(flushes) == 3:
+            raise KeyboardInterrupt
+        flush(writer)
+
+    monkeypatch.setattr(prepare._ShardWriter, "flush", last_flush_interrupted)
+    with pytest.raises(Stopped, match=r"stopped after 3 of 3 videos: .* has no index.json"):
+        prepare.prepare_videos(videos, tmp_path, size=32, shard_frames=20, progress=False)
+    assert not (tmp_path / "index.json").exists()
 
 
 def test_empty_folder_is_a_clear_error(tmp_path):

@@ -434,23 +434,25 @@ def prepare_videos(videos_dir: str | Path, out_dir: str | Path, size: int = 128,
     summary = PrepareSummary(videos=len(videos))
     records: list[dict[str, Any]] = []
     window = int(round(smooth_seconds * FPS))
-    for path in tqdm(videos, desc="prepare videos", unit="video", disable=not progress):
-        rel = str(path.relative_to(videos_dir))
-        try:
-            n = _prepare_one(path, rel, writer, size, margin, detect_every, window)
-        except KeyboardInterrupt:  # Ctrl-C or a `kill`: the shards so far have no index, so nothing reads them
-            raise Stopped(f"stopped after {len(records)} of {len(videos)} videos: '{out}' has no index.json, so "
-                          "nothing reads its shards; the same command starts over") from None
-        except SkipVideo as e:
-            reason = str(e)
-            print(f"letstalk: warning: skipping '{rel}': {reason}", file=sys.stderr)
-            summary.skipped[e.kind] = summary.skipped.get(e.kind, 0) + 1
-            records.append({"video": rel, "status": "skipped", "reason": reason})
-            continue
-        summary.prepared += 1
-        summary.frames += n
-        records.append({"video": rel, "status": "ok", "num_frames": n, "seconds": n / FPS})
-    writer.flush()
+    try:  # Ctrl-C or a `kill` while a video is read or a shard written: the shards so far have no index, so
+        # nothing reads them
+        for path in tqdm(videos, desc="prepare videos", unit="video", disable=not progress):
+            rel = str(path.relative_to(videos_dir))
+            try:
+                n = _prepare_one(path, rel, writer, size, margin, detect_every, window)
+            except SkipVideo as e:
+                reason = str(e)
+                print(f"letstalk: warning: skipping '{rel}': {reason}", file=sys.stderr)
+                summary.skipped[e.kind] = summary.skipped.get(e.kind, 0) + 1
+                records.append({"video": rel, "status": "skipped", "reason": reason})
+                continue
+            summary.prepared += 1
+            summary.frames += n
+            records.append({"video": rel, "status": "ok", "num_frames": n, "seconds": n / FPS})
+        writer.flush()
+    except KeyboardInterrupt:
+        raise Stopped(f"stopped after {len(records)} of {len(videos)} videos: '{out}' has no index.json, so "
+                      "nothing reads its shards; the same command starts over") from None
     summary.shards = len(writer.shards)
     index = {"format": "letstalk-prepared", "fps": FPS, "sample_rate": SAMPLE_RATE, "size": size, "margin": margin,
              "detect_every": detect_every, "smooth_seconds": smooth_seconds, "shards": writer.shards,
