@@ -169,7 +169,7 @@ def test_silence_keeps_the_avatar_alive_without_speech_events(tiny_pipeline):
     real = [f for f in frames if not f.filler]
     assert len(real) >= 45  # generated, not held: the avatar keeps moving
     assert len({f.video.tobytes() for f in real}) > 10
-    assert not any(f.speech for f in frames)
+    assert not any(f.speech or f.pushed for f in frames)  # no audio of anyone's: idle frames, the engine's silence
     assert not any(isinstance(e, (SpeechStarted, SpeechStopped)) for e in events)
     assert any(isinstance(e, WindowTimings) for e in events)
 
@@ -773,7 +773,8 @@ def test_speech_from_the_first_moment_waits_whole_for_its_lookahead_behind_idle_
     # likely 2 held frames (not seen again in 8 runs of this test alone and one of its file; not proven)
     audio = np.concatenate([f.audio for f in frames if not f.filler])
     assert stats["gap_inserted_s"] == 0 and stats["catch_up_runs"] == 0, stats
-    assert not frames[0].speech  # the first frame came before the speech could be shown ...
+    assert not frames[0].speech and not frames[0].pushed  # the first frame came before the speech could be shown ...
+    assert all(f.pushed for f in frames if f.speech)  # (each frame of it carries pushed audio)
     first = np.flatnonzero(audio)[0]
     np.testing.assert_array_equal(audio[first:first + len(speech)], speech)  # ... then all of it, unsplit
 

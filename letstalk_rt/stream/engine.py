@@ -550,6 +550,7 @@ class Session:
         self.audio_encoder: Any = None  # tracks.SharedAudioEncoder, made with the first shared audio track
         self.closed = False
         self.close_reason = ""
+        self.error: str | None = None  # what ended it when the engine did (close_reason "error"), as its error event says
         self._failing: asyncio.Task | None = None  # close() after an error (held: the loop keeps only weak references)
         # EngineConfig.catch_up for this session: False, pushed audio is never shortened or sped up to win back latency
         # the engine lost, so a recording of it holds the speech exactly as pushed (later where windows were late)
@@ -1042,6 +1043,7 @@ class Session:
     def _fail(self, message: str) -> None:
         if self.closed:
             return
+        self.error = message
         self._emit(SessionError(self.id, message=message))
         if self._failing is None:
             self._failing = self.loop.create_task(self.close(reason="error"), name=f"session-{self.id}-failing")
@@ -2140,7 +2142,7 @@ class StreamEngine:
                     speech = speech and w.heard_rms(audio) > self.config.speech_rms
                     s.gap_inserted_s += w.gap_frames(inserted, speech) / self.pipeline.fps
                     meta.append((w.frames_generated + i, audio, speech, arrival if speech else None, tuple(captions),
-                                 through))
+                                 through, not inserted))
             except Exception as e:  # this session's bookkeeping: it alone ends, the batch's others go on
                 self._fail_session(s, "window", e)
                 continue
@@ -2257,10 +2259,10 @@ class StreamEngine:
         k = 0
         for s, epoch, _, meta, timings in batch:
             out = []
-            for index, audio, speech, audio_time, captions, through in meta:
+            for index, audio, speech, audio_time, captions, through, pushed in meta:
                 out.append(AVFrame(index=index, video=video[k] if s.paste is None else s.paste(video[k]), audio=audio,
                                    speech=speech, latent=lat[k], audio_time=audio_time, captions=captions,
-                                   pieces=through))
+                                   pieces=through, pushed=pushed))
                 k += 1
             _post(s, s._deliver, epoch, out, None if dec_ms is None else dataclasses.replace(timings, decode_ms=dec_ms))
 

@@ -33,6 +33,8 @@ class AVFrame:
     filler: bool = False  # True for a held frame shown because generation was late
     captions: tuple[str, ...] = ()  # captions of the audio that starts in this frame (push_audio(caption=...))
     pieces: int = 0  # the session's pushed audio played through by this frame: its last piece (Session.audio_shown)
+    pushed: bool = False  # some of its audio is audio pushed to the session (speech, its pauses, end_speech's tail),
+    # not only silence the engine put in while it had none (idle frames, held ones)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,209 @@
+"""The avatar as a Pipecat video service, in a real Pipecat pipeline (pipecat.tests.utils.run_test) on the tiny model:
+TTS audio in; paced frames out, with that speech in step with them, the TTS's end held until it has been shown,
+interrupts, a graceful end, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from conftest import speechlike
+from letstalk_rt.stream import EngineConfig, StreamEngine
+
+pipecat = pytest.importorskip("pipecat", reason="pip install 'letstalk-rt[pipecat]' (part of [dev])")
+
+from pipecat.frames.frames import (ErrorFrame, InterruptionFrame, OutputImageRawFrame,  # noqa: E402
+                                   TTSAudioRawFrame, TTSStartedFrame, TTSStoppedFrame)
+from pipecat.observers.base_observer import BaseObserver  # noqa: E402
+from pipecat.tests.utils import SleepFrame, run_test  # noqa: E402
+
+from letstalk_rt.integrations.pipecat import LetsTalkVideoService  # noqa: E402
+
+TTS_RATE = 24000  # what Pipecat's TTS services commonly give: the service resamples it
+
+
+class Pushed(BaseObserver):
+    """Every frame the avatar pushes, with when it pushed it (time.monotonic())."""
+
+    def __init__(self, source) -> None:
+        super().__init__()
+        self.source, self.frames = source, []
+
+    async def on_push_frame(self, data) -> None:
+        if data.source is self.source:
+            self.frames.append((time.monotonic(), data.frame))
+
+
+def _tts_frames(pcm: np.ndarray, chunk_s: float = 0.5) -> list:
+    """A TTS's output: its start, the speech in chunks (faster than real time, as a TTS gives it), its stop."""
+    pcm16 = (np.clip(pcm, -1, 1) * 32767).astype(np.int16)
+    step = int(chunk_s * TTS_RATE)
+    return [TTSStartedFrame(), *[TTSAudioRawFrame(pcm16[i:i + step].tobytes(), TTS_RATE, 1)
+                                 for i in range(0, len(pcm16), step)], TTSStoppedFrame()]
+
+
+def _run(coro):
+    return asyncio.run(asyncio.wait_for(coro, timeout=120))
+
+
+def _portrait(seed: int = 7) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.clip(rng.normal(120, 30, (40, 40, 3)), 0, 255).astype(np.uint8)
+
+
+def test_tts_speech_comes_out_as_paced_frames_with_that_speech_in_step(tiny_pipeline):
+    """1.2 s of TTS speech at 24 kHz becomes frames every 40 ms (more after the speech: the avatar goes on living), the
+    same speech at 16 kHz pushed behind the image it belongs to, 1.2 s of it (none of the TTS's own frames leaks past
+    the avatar), and the TTS's stop only once that speech has been shown. The engine, shared, keeps running after
+    the pipeline's end closed the session."""
+    speech = speechlike(1.2, rate=TTS_RATE, seed=5)
+
+    async def main():
+        # catch_up off: a busy machine's engine, late, would play pauses shorter and speech faster to win it back
+        engine = await StreamEngine(tiny_pipeline, EngineConfig(warmup=False, catch_up=False)).start()
+        try:
+            avatar = LetsTalkVideoService(engine=engine, portrait=_portrait(), detect_face=False)
+            seen = Pushed(avatar)
+            down, up = await run_test(avatar, frames_to_send=[*_tts_frames(speech), SleepFrame(sleep=2.5)],
+                                      observers=[seen], start_timeout=10)
+            assert avatar.session is None and engine.running_state() is not None  # closed; the engine stays
+            return down, up, seen.frames, engine.pipeline.config.image_size
+        finally:
+            await engine.stop()
+
+    down, up, pushed, size = _run(main())
+    assert not [f for f in up if isinstance(f, ErrorFrame)]
+    images = [f for f in down if isinstance(f, OutputImageRawFrame)]
+    audio = [f for f in down if isinstance(f, TTSAudioRawFrame)]
+    assert all(f.sample_rate == 16000 and f.num_channels == 1 for f in audio)  # ours, not the TTS's 24 kHz frames
+    said = np.concatenate([np.frombuffer(f.audio, np.int16) for f in audio]).astype(np.float32) / 32767
+    # all of it, once, and the silence end_speech() puts after it to flush the audio encoder's lookahead (2 frames)
+    assert 1.2 <= len(said) / 16000 <= 1.2 + 0.12 + 1e-9
+    ref = speech[::3][:len(said)]  # 24 kHz -> 16 kHz, near enough to compare levels
+    assert abs(np.sqrt(np.mean(said ** 2)) / np.sqrt(np.mean(ref ** 2)) - 1) < 0.35  # the speech, not silence
+    # images: the model's frames, one per 40 ms, on through the silence after the speech (2.5 s in all, at least)
+    assert all(f.size == (size, size) and f.format == "RGB" and len(f.image) == size * size * 3 for f in images)
+    assert all(f.sync_with_audio for f in images)
+    assert len(images) >= 2.5 * 25 * 0.8 and len(images) > len(audio) + 20
+    times = [t for t, f in pushed if isinstance(f, OutputImageRawFrame)]
+    gaps = np.diff(times)
+    assert 0.035 < float(np.median(gaps)) < 0.045  # paced at 25 fps, not in bursts
+    # each piece of speech right behind its image: the image, then the sound it shows
+    order = [type(f) for _, f in pushed if isinstance(f, (OutputImageRawFrame, TTSAudioRawFrame))]
+    assert all(order[i - 1] is OutputImageRawFrame for i, kind in enumerate(order) if kind is TTSAudioRawFrame)
+    # the TTS's start passes at once, its stop once the last of its speech is out (the silent tail may follow)
+    kinds = [type(f) for _, f in pushed]
+    assert kinds.count(TTSStartedFrame) == 1 and kinds.count(TTSStoppedFrame) == 1
+    assert kinds.index(TTSStartedFrame) < kinds.index(TTSAudioRawFrame)
+    sounding = [i for i, (_, f) in enumerate(pushed) if isinstance(f, TTSAudioRawFrame) and any(f.audio)]
+    assert max(sounding) < kinds.index(TTSStoppedFrame) < max(sounding) + 3 * 2  # within 2 frames (image + audio)
+
+
+def test_an_interruption_drops_the_speech_not_yet_shown(tiny_pipeline):
+    """4 s of speech interrupted after 1 s: the speech out stops within a few frames of the InterruptionFrame (not
+    after the 4 s), the frames go on, and the TTS's stop, held for speech that will now never be shown, follows the
+    interruption at once."""
+    speech = speechlike(4.0, rate=TTS_RATE, seed=6)
+
+    async def main():
+        engine = await StreamEngine(tiny_pipeline, EngineConfig(warmup=False)).start()
+        try:
+            avatar = LetsTalkVideoService(engine=engine, portrait=_portrait(), detect_face=False)
+            seen = Pushed(avatar)
+            await run_test(avatar, frames_to_send=[*_tts_frames(speech), SleepFrame(sleep=1.2), InterruptionFrame(),
+                                                   SleepFrame(sleep=1.0)], observers=[seen], start_timeout=10)
+            return seen.frames
+        finally:
+            await engine.stop()
+
+    pushed = _run(main())
+    (t_int,) = [t for t, f in pushed if isinstance(f, InterruptionFrame)]
+    audio_times = [t for t, f in pushed if isinstance(f, TTSAudioRawFrame)]
+    assert audio_times and min(audio_times) < t_int  # it was speaking
+    assert len(audio_times) < 2.5 * 25  # not the 4 s
+    assert max(audio_times) < t_int + 0.2  # nothing said after the interruption but what was on its way
+    assert len([t for t, f in pushed if isinstance(f, OutputImageRawFrame) and t > t_int + 0.2]) >= 15  # still alive
+    (t_stop,) = [t for t, f in pushed if isinstance(f, TTSStoppedFrame)]
+    assert t_int <= t_stop < t_int + 0.2
+
+
+def test_a_portrait_without_a_face_is_an_error_saying_so_and_the_voice_goes_on(tiny_pipeline, tmp_path):
+    """The bot cannot show a face: an ErrorFrame upstream names the problem, and the TTS's frames pass on untouched
+    (the bot still talks). A portrait file that is not there is an InputError when the service is made."""
+    from PIL import Image
+
+    from letstalk_rt.errors import InputError
+
+    with pytest.raises(InputError, match="does not exist"):
+        LetsTalkVideoService(portrait=tmp_path / "nobody.png")
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (200, 200), (128, 128, 128)).save(blank)
+
+    async def main():
+        engine = await StreamEngine(tiny_pipeline, EngineConfig(warmup=False)).start()
+        try:
+            avatar = LetsTalkVideoService(engine=engine, portrait=str(blank))
+            down, up = await run_test(avatar, frames_to_send=_tts_frames(speechlike(0.3, rate=TTS_RATE)),
+                                      start_timeout=10)
+            return down, up
+        finally:
+            await engine.stop()
+
+    down, up = _run(main())
+    (error,) = [f for f in up if isinstance(f, ErrorFrame)]
+    assert not error.fatal and "LetsTalk avatar: no frontal face" in error.error and "voice alone" in error.error
+    assert any(isinstance(f, TTSAudioRawFrame) and f.sample_rate == TTS_RATE for f in down)  # passed on untouched
+
+
+def test_a_session_the_engine_ends_is_an_error_and_the_voice_goes_on(tiny_pipeline):
+    """A window that fails ends the avatar's session (the engine's other sessions go on): an ErrorFrame says so, and
+    the TTS speech that comes after it passes on untouched, its stop too."""
+    import torch
+
+    class Breaking(LetsTalkVideoService):
+        async def start(self, frame):
+            await super().start(frame)
+            self.session._w.stream.portrait.latent = torch.zeros(3, 3)  # a corrupted state: its forward pass raises
+
+    async def main():
+        engine = await StreamEngine(tiny_pipeline, EngineConfig(warmup=False)).start()
+        try:
+            avatar = Breaking(engine=engine, portrait=_portrait(), detect_face=False)
+            down, up = await run_test(avatar, frames_to_send=[SleepFrame(sleep=1.0),
+                                                              *_tts_frames(speechlike(0.6, rate=TTS_RATE))],
+                                      start_timeout=10)
+            return down, up
+        finally:
+            await engine.stop()
+
+    down, up = _run(main())
+    (error,) = [f for f in up if isinstance(f, ErrorFrame)]
+    assert not error.fatal and "the session ended: generation failed" in error.error
+    passed = [f for f in down if isinstance(f, TTSAudioRawFrame)]
+    assert passed and all(f.sample_rate == TTS_RATE for f in passed)  # the TTS's own
+    assert sum(len(f.audio) for f in passed) == int(0.6 * TTS_RATE) * 2
+    assert isinstance(down[-1], TTSStoppedFrame)
+
+
+def test_the_end_lets_what_was_said_finish_and_an_engine_of_its_own_stops_with_it(tiny_model_dir):
+    """EndFrame right behind the TTS's last audio: the speech is shown to its end before the EndFrame passes (the bot
+    is not cut off mid-sentence). A service given no engine loads the model and runs an engine of its own, stopped
+    at the end."""
+    speech = speechlike(1.0, rate=TTS_RATE, seed=8)
+
+    async def main():
+        avatar = LetsTalkVideoService(model=tiny_model_dir, device="cpu", portrait=_portrait(), detect_face=False)
+        seen = Pushed(avatar)
+        down, up = await run_test(avatar, frames_to_send=_tts_frames(speech), observers=[seen], start_timeout=60)
+        assert avatar._engine is None and avatar.session is None  # stopped, closed
+        return down, up, seen.frames
+
+    down, up, pushed = _run(main())
+    assert not [f for f in up if isinstance(f, ErrorFrame)]
+    said = sum(len(f.audio) // 2 for f in down if isinstance(f, TTSAudioRawFrame))
+    assert 1.0 <= said / 16000 <= 1.0 + 0.12 + 1e-9
+    kinds = [type(f).__name__ for _, f in pushed]
+    assert kinds[-1] == "EndFrame" and "TTSStoppedFrame" in kinds
