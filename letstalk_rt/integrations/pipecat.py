@@ -191,7 +191,9 @@ class LetsTalkVideoService(AIService):
                     pcm = (np.clip(av.audio, -1, 1) * 32767).astype(np.int16)
                     await self.push_frame(TTSAudioRawFrame(audio=pcm.tobytes(), sample_rate=session.sample_rate,
                                                            num_channels=1, context_id=self._context_id))
-                if self._held_stops and self._spoken():
+                # its speech shown, and end_speech's silent tail (audio after the stop would start the bot speaking
+                # again): the first generated frame without pushed audio (a held one, late, tells nothing)
+                if self._held_stops and not av.pushed and not av.filler and self._spoken():
                     await self._release_stops()
         except LetsTalkError as e:
             error = str(e)
