@@ -54,6 +54,31 @@ def _portrait(seed: int = 7) -> np.ndarray:
     return np.clip(rng.normal(120, 30, (40, 40, 3)), 0, 255).astype(np.uint8)
 
 
+def _through(pipe, make, frames: list, **config) -> tuple:
+    """Send `frames` through what `make(engine)` returns, (processor, avatar): the avatar, or a pipeline holding it,
+    on a started engine of `pipe` (`config`: EngineConfig fields). (Downstream frames, upstream frames, what the
+    avatar pushed with when, the avatar, whether the engine was still running after the pipeline's end.)"""
+    async def main():
+        engine = await StreamEngine(pipe, EngineConfig(warmup=False, **config)).start()
+        try:
+            processor, avatar = make(engine)
+            seen = Pushed(avatar)
+            down, up = await run_test(processor, frames_to_send=frames, observers=[seen], start_timeout=10)
+            return down, up, seen.frames, avatar, engine.running_state() is not None
+        finally:
+            await engine.stop()
+
+    return _run(main())
+
+
+def _avatar(cls=LetsTalkVideoService, **kwargs):
+    """A `make` for _through: the avatar alone (by default on a random face, no face detection)."""
+    def make(engine):
+        avatar = cls(engine=engine, **{"portrait": _portrait(), "detect_face": False, **kwargs})
+        return avatar, avatar
+    return make
+
+
 def test_tts_speech_comes_out_as_paced_frames_with_that_speech_in_step(tiny_pipeline):
     """1.2 s of TTS speech at 24 kHz becomes frames every 40 ms (more after the speech: the avatar goes on living), the
     same speech at 16 kHz pushed behind the image it belongs to, 1.2 s of it (none of the TTS's own frames leaks past
@@ -61,20 +86,11 @@ def test_tts_speech_comes_out_as_paced_frames_with_that_speech_in_step(tiny_pipe
     the pipeline's end closed the session."""
     speech = speechlike(1.2, rate=TTS_RATE, seed=5)
 
-    async def main():
-        # catch_up off: a busy machine's engine, late, would play pauses shorter and speech faster to win it back
-        engine = await StreamEngine(tiny_pipeline, EngineConfig(warmup=False, catch_up=False)).start()
-        try:
-            avatar = LetsTalkVideoService(engine=engine, portrait=_portrait(), detect_face=False)
-            seen = Pushed(avatar)
-            down, up = await run_test(avatar, frames_to_send=[*_tts_frames(speech), SleepFrame(sleep=2.5)],
-                                      observers=[seen], start_timeout=10)
-            assert avatar.session is None and engine.running_state() is not None  # closed; the engine stays
-            return down, up, seen.frames, engine.pipeline.config.image_size
-        finally:
-            await engine.stop()
-
-    down, up, pushed, size = _run(main())
+    # catch_up off: a busy machine's engine, late, would play pauses shorter and speech faster to win it back
+    frames = [*_tts_frames(speech), SleepFrame(sleep=2.5)]
+    down, up, pushed, avatar, running = _through(tiny_pipeline, _avatar(), frames, catch_up=False)
+    assert avatar.session is None and running  # closed; the engine it shares stays
+    size = tiny_pipeline.config.image_size
     assert not [f for f in up if isinstance(f, ErrorFrame)]
     images = [f for f in down if isinstance(f, OutputImageRawFrame)]
     audio = [f for f in down if isinstance(f, TTSAudioRawFrame)]
@@ -113,18 +129,8 @@ def test_an_interruption_drops_the_speech_not_yet_shown(tiny_pipeline):
     interruption at once."""
     speech = speechlike(6.0, rate=TTS_RATE, seed=6)
 
-    async def main():
-        engine = await StreamEngine(tiny_pipeline, EngineConfig(warmup=False)).start()
-        try:
-            avatar = LetsTalkVideoService(engine=engine, portrait=_portrait(), detect_face=False)
-            seen = Pushed(avatar)
-            await run_test(avatar, frames_to_send=[*_tts_frames(speech), SleepFrame(sleep=2.0), InterruptionFrame(),
-                                                   SleepFrame(sleep=1.0)], observers=[seen], start_timeout=10)
-            return seen.frames
-        finally:
-            await engine.stop()
-
-    pushed = _run(main())
+    _, _, pushed, _, _ = _through(tiny_pipeline, _avatar(), [*_tts_frames(speech), SleepFrame(sleep=2.0),
+                                                             InterruptionFrame(), SleepFrame(sleep=1.0)])
     (t_int,) = [t for t, f in pushed if isinstance(f, InterruptionFrame)]
     audio_times = [t for t, f in pushed if isinstance(f, TTSAudioRawFrame)]
     assert audio_times and min(audio_times) < t_int  # it was speaking
@@ -147,17 +153,8 @@ def test_a_portrait_without_a_face_is_an_error_saying_so_and_the_voice_goes_on(t
     blank = tmp_path / "blank.png"
     Image.new("RGB", (200, 200), (128, 128, 128)).save(blank)
 
-    async def main():
-        engine = await StreamEngine(tiny_pipeline, EngineConfig(warmup=False)).start()
-        try:
-            avatar = LetsTalkVideoService(engine=engine, portrait=str(blank))
-            down, up = await run_test(avatar, frames_to_send=_tts_frames(speechlike(0.3, rate=TTS_RATE)),
-                                      start_timeout=10)
-            return down, up
-        finally:
-            await engine.stop()
-
-    down, up = _run(main())
+    down, up, _, _, _ = _through(tiny_pipeline, _avatar(portrait=str(blank), detect_face=True),
+                                 _tts_frames(speechlike(0.3, rate=TTS_RATE)))
     (error,) = [f for f in up if isinstance(f, ErrorFrame)]
     assert not error.fatal and "LetsTalk avatar: no frontal face" in error.error and "voice alone" in error.error
     assert any(isinstance(f, TTSAudioRawFrame) and f.sample_rate == TTS_RATE for f in down)  # passed on untouched
@@ -173,18 +170,8 @@ def test_a_session_the_engine_ends_is_an_error_and_the_voice_goes_on(tiny_pipeli
             await super().start(frame)
             self.session._w.stream.portrait.latent = torch.zeros(3, 3)  # a corrupted state: its forward pass raises
 
-    async def main():
-        engine = await StreamEngine(tiny_pipeline, EngineConfig(warmup=False)).start()
-        try:
-            avatar = Breaking(engine=engine, portrait=_portrait(), detect_face=False)
-            down, up = await run_test(avatar, frames_to_send=[SleepFrame(sleep=1.0),
-                                                              *_tts_frames(speechlike(0.6, rate=TTS_RATE))],
-                                      start_timeout=10)
-            return down, up
-        finally:
-            await engine.stop()
-
-    down, up = _run(main())
+    down, up, _, _, _ = _through(tiny_pipeline, _avatar(Breaking),
+                                 [SleepFrame(sleep=1.0), *_tts_frames(speechlike(0.6, rate=TTS_RATE))])
     (error,) = [f for f in up if isinstance(f, ErrorFrame)]
     assert not error.fatal and "the session ended: generation failed" in error.error
     passed = [f for f in down if isinstance(f, TTSAudioRawFrame)]
@@ -245,19 +232,14 @@ def test_at_a_pipecat_output_transport_each_image_is_on_screen_while_its_speech_
     params = TransportParams(audio_out_enabled=True, audio_out_sample_rate=16000, video_out_enabled=True,
                              video_out_width=32, video_out_height=32, video_out_framerate=100)
 
-    async def main():
-        engine = await StreamEngine(tiny_pipeline, EngineConfig(warmup=False, catch_up=False)).start()
-        try:
-            avatar = LetsTalkVideoService(engine=engine, portrait=_portrait(), detect_face=False)
-            device = Device(params)
-            seen = Pushed(avatar)
-            down, up = await run_test(Pipeline([avatar, device]), observers=[seen], start_timeout=10,
-                                      frames_to_send=[SleepFrame(sleep=0.5), *_tts_frames(speech), SleepFrame(sleep=3)])
-            return device, seen.frames, down, up
-        finally:
-            await engine.stop()
+    device = Device(params)
 
-    device, pushed, down, up = _run(main())
+    def make(engine):
+        avatar, _ = _avatar()(engine)
+        return Pipeline([avatar, device]), avatar
+
+    down, _, pushed, _, _ = _through(tiny_pipeline, make, [SleepFrame(sleep=0.5), *_tts_frames(speech),
+                                                           SleepFrame(sleep=3)], catch_up=False)
     pairs = [(a.image, b.audio) for (_, a), (_, b) in zip(pushed, pushed[1:])
              if isinstance(a, OutputImageRawFrame) and isinstance(b, TTSAudioRawFrame) and any(b.audio)]
     assert len(pairs) >= 1.6 * 25
