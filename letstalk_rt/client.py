@@ -953,7 +953,8 @@ class AvatarSession:
     def on(self, event_type: str, callback: Callable[[dict], Any] | None = None):
         """Call `callback(event)` for each event of `event_type` ("*" for all); usable as a decorator.
 
-        Types: ready, speech_started, speech_stopped, caption, playback_position, window_timings, frames_dropped,
+        Types: ready, speech_started, speech_stopped, audio_played (all audio sent so far has been shown), caption,
+        playback_position, window_timings, frames_dropped,
         interrupted, engine_adjusted, say, recording_stopped, broadcast_reconnecting, broadcast_resumed,
         broadcast_skipped, broadcast_stopped, session_ending (the server will close the session in
         `seconds_left`: `reason` time_limit, or server_stopping), error, closed; and this SDK's own reconnecting /

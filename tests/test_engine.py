@@ -21,7 +21,7 @@ from conftest import speechlike
 from letstalk_rt.errors import InputError, LetsTalkError
 from letstalk_rt.stream import AudioBufferFull, CapacityError, EngineConfig, StreamEngine
 from letstalk_rt.stream.engine import SessionClosedError
-from letstalk_rt.stream.events import (EngineAdjusted, SessionClosed, SessionError, SpeechStarted, SpeechStopped,
+from letstalk_rt.stream.events import (AudioPlayed, EngineAdjusted, SessionClosed, SessionError, SpeechStarted, SpeechStopped,
                                       WindowTimings)
 
 
@@ -198,6 +198,27 @@ def test_speech_events_follow_playback(tiny_pipeline):
     first_speech = next(i for i, f in enumerate(frames) if f.speech)
     started = next(e for e in events if isinstance(e, SpeechStarted))
     assert started.frame == first_speech
+
+
+def test_audio_played_comes_once_when_the_last_pushed_audio_is_shown(tiny_pipeline):
+    """Two words with a 0.8 s pause between them, pushed at once: `speech_stopped` (from the sound's level) comes at
+    the pause too, `audio_played` once, with the frame that plays the last pushed sample, and audio_shown is True from
+    then on (a client can end its turn on it)."""
+    word = speechlike(0.6, seed=13) + 0.05
+    speech = np.concatenate([word, np.zeros(12800, np.float32), word])
+    # (catch_up off: pushed at once, as live audio the pause is a backlog, cut to catch_up_keep_ms)
+    frames, events, shown = _say(tiny_pipeline, speech, 3.6, 60, then=lambda s: _now(s.audio_shown), catch_up=False)
+    played = [e for e in events if isinstance(e, AudioPlayed)]
+    stops = [e for e in events if isinstance(e, SpeechStopped)]
+    last_piece = max(f.pieces for f in frames)
+    assert last_piece > 0 and len(played) == 1 and shown
+    assert played[0].frame == next(i for i, f in enumerate(frames) if f.pieces == last_piece)
+    assert len(stops) == 2 and stops[0].frame < played[0].frame  # the pause looked like the end to the sound's level
+    assert played[0].frame >= max(i for i, f in enumerate(frames) if f.speech)
+
+
+async def _now(value):
+    return value
 
 
 def test_quiet_speech_counts_as_speech(tiny_pipeline):

@@ -805,8 +805,9 @@ def test_websocket_audio_control_events_and_bad_input(tiny_pipeline):
                 await asyncio.sleep(0.02)
             await ws.send_json({"type": "end_of_speech"})
             started = await _ws_json(ws, "speech_started", 15)
+            played = await _ws_json(ws, "audio_played", 15)  # the last of it on screen: before the level's hang-over
             stopped = await _ws_json(ws, "speech_stopped", 15)
-            assert started["session_id"] == sid and stopped["frame"] > started["frame"]
+            assert started["session_id"] == sid and started["frame"] < played["frame"] <= stopped["frame"]
             await ws.send_json({"type": "ping", "id": 7})
             assert (await _ws_json(ws, "pong"))["id"] == 7
             # interrupt while speech is queued

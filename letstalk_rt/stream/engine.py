@@ -75,7 +75,7 @@ from ..pipeline import (DECODE_CHUNK, GRAPH_BUCKETS, AudioTokenizer, LetsTalkPip
                         encode_features)
 from ..tts import Speech
 from .events import (
-    AVFrame, Caption, EngineAdjusted, Event, FramesDropped, Interrupted, PlaybackPosition, SessionClosed, SessionError,
+    AudioPlayed, AVFrame, Caption, EngineAdjusted, Event, FramesDropped, Interrupted, PlaybackPosition, SessionClosed, SessionError,
     SpeechStarted, SpeechStopped, WindowTimings,
 )
 from .recorder import Broadcast, BroadcastEncode, Recording
@@ -489,7 +489,10 @@ class Player:
         if s.broadcast_encodes:
             for encode in tuple(s.broadcast_encodes.values()):  # (encoded once for all the broadcasts at a bitrate)
                 encode.add(frame)
-        self.pieces_shown = max(self.pieces_shown, frame.pieces)
+        if frame.pieces > self.pieces_shown:
+            self.pieces_shown = frame.pieces
+            if frame.pieces >= s._pieces:  # (on the loop, as push_audio: read without the lock)
+                s._emit(AudioPlayed(s.id, frame=tick))
         for text in frame.captions:
             s._emit(Caption(s.id, text=text, frame=tick))
         if frame.speech:

@@ -67,6 +67,16 @@ class SpeechStopped(Event):
 
 
 @dataclass(frozen=True)
+class AudioPlayed(Event):
+    """Every piece of audio pushed to the session so far has now been shown and heard (`Session.audio_shown` became
+    True): the frame that plays the last of it is being shown. Exact where `speech_stopped` is a guess from the sound
+    (its level, after a hang-over of silence, mid-utterance at a long pause): after `end_speech()`, the utterance is
+    over on screen. Not sent for audio an interrupt dropped (`interrupted` is)."""
+
+    frame: int = 0
+
+
+@dataclass(frozen=True)
 class Caption(Event):
     """The audio pushed with this caption (`push_audio(caption=...)`; each sentence of a `say()`) starts playing now:
     subtitles in step with the lips, and, after an interrupt, exactly what was said before it."""
@@ -198,6 +208,7 @@ class EngineAdjusted(Event):
 _EVENT_NAMES: dict[type, str] = {
     SpeechStarted: "speech_started",
     SpeechStopped: "speech_stopped",
+    AudioPlayed: "audio_played",
     Caption: "caption",
     PlaybackPosition: "playback_position",
     WindowTimings: "window_timings",
