@@ -38,6 +38,7 @@ from aiortc.mediastreams import MediaStreamError
 
 from .bench import LoopWatch, Marks, by_minute, pairs
 from .errors import LetsTalkError
+from .media import pcm16
 
 PACKET_S = 0.020  # the microphone's packets
 LEVEL_S = 0.010  # loudness is read per 10 ms on both sides
@@ -511,7 +512,7 @@ async def _run_peer_process(url, manager, n, seconds, speech, wire, full_frame=0
         path = f"{tmp}/speech.wav"
         with wave.open(path, "wb") as w:  # the same speech, as the child's --audio (PCM16: what the microphone sends)
             w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
-            w.writeframes((np.clip(speech, -1, 1) * 32767).astype("<i2").tobytes())
+            w.writeframes(pcm16(speech).astype("<i2").tobytes())
         child = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "letstalk_rt.bench_webrtc", url, "--sessions", str(n), "--seconds", str(seconds),
             "--audio", path, "--send-times", "--full-frame", str(full_frame), stdout=asyncio.subprocess.PIPE,

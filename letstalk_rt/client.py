@@ -74,7 +74,7 @@ from yarl import URL
 from . import VERSION_HEADER, __version__
 from .aio import wait_for
 from .errors import LetsTalkError
-from .media import float_pcm_problem, frame_pcm
+from .media import float_pcm_problem, frame_pcm, pcm16
 from .rtc import (
     OpusAudioTrack,
     answer_checks_at_once,
@@ -363,7 +363,7 @@ def _pcm16_bytes(arr: np.ndarray, channels: int | None) -> tuple[bytes, int]:
     if arr.dtype.kind == "f":
         if problem := float_pcm_problem(arr):
             raise ValueError(f"send_audio: {problem}")
-        arr = np.clip(arr, -1.0, 1.0) * 32767.0
+        arr = pcm16(arr)
     elif arr.dtype.kind == "i" and arr.dtype != np.int16:
         if arr.size and (arr.min() < -32768 or arr.max() > 32767):
             raise ValueError(f"send_audio: {arr.dtype} samples outside int16's range (32-bit PCM? give int16, or "
@@ -648,9 +648,7 @@ class AvatarSession:
                 self._last_media_time = max(self._last_media_time, t + 1 / 25)
             else:
                 pcm = frame_pcm(frame)  # (n, channels): int16 as aiortc decodes it, or float32 in -1..1
-                if pcm.dtype != np.int16:
-                    pcm = (np.clip(pcm, -1, 1) * 32767).astype(np.int16)
-                buffer.put(AudioChunk(pcm=pcm, sample_rate=frame.sample_rate, time=t, received_at=time.monotonic()))
+                buffer.put(AudioChunk(pcm=pcm16(pcm), sample_rate=frame.sample_rate, time=t, received_at=time.monotonic()))
                 self._audio_until = t + frame.samples / frame.sample_rate
                 self._audio_at = time.monotonic()
                 self._audio_moved.set()

@@ -147,6 +147,13 @@ def float_pcm_problem(pcm: np.ndarray) -> str | None:
     return None
 
 
+def pcm16(pcm: np.ndarray) -> np.ndarray:
+    """Samples as int16: int16 as they are, floats in -1..1 scaled (clipped to the range first)."""
+    if pcm.dtype == np.int16:
+        return pcm
+    return (np.clip(pcm, -1.0, 1.0) * 32767.0).astype(np.int16)
+
+
 @functools.lru_cache(maxsize=None)
 def _named_layout(channels: int) -> bool:
     """Whether FFmpeg has a channel layout for this many channels (it has none for 9, 11, 13, ...)."""

@@ -29,7 +29,7 @@ from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
 
 from letstalk_rt.eval import sync_check
 from letstalk_rt.integrations.pipecat import LetsTalkVideoService
-from letstalk_rt.media import VideoWriter, frame_pcm, load_audio
+from letstalk_rt.media import VideoWriter, frame_pcm, load_audio, pcm16
 from letstalk_rt.pipeline import LetsTalkPipeline
 from letstalk_rt.stream import StreamEngine
 
@@ -60,9 +60,9 @@ async def receive(client: RTCPeerConnection, video: list, audio: list) -> None:
 async def main(out: Path) -> None:
     engine = await StreamEngine(LetsTalkPipeline.from_pretrained()).start()
     speech = np.asarray(load_audio(ASSETS / "speech.ogg"))  # 16 kHz float
-    pcm16 = (np.clip(speech, -1, 1) * 32767).astype(np.int16)
-    tts = [TTSStartedFrame(), *[TTSAudioRawFrame(pcm16[i:i + 8000].tobytes(), 16000, 1)  # 0.5 s chunks, at once
-                               for i in range(0, len(pcm16), 8000)], TTSStoppedFrame()]
+    samples = pcm16(speech)
+    tts = [TTSStartedFrame(), *[TTSAudioRawFrame(samples[i:i + 8000].tobytes(), 16000, 1)  # 0.5 s chunks, at once
+                               for i in range(0, len(samples), 8000)], TTSStoppedFrame()]
     client = RTCPeerConnection()
     client.addTransceiver("audio", direction="sendrecv")
     client.addTransceiver("video", direction="sendrecv")

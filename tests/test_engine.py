@@ -2171,6 +2171,33 @@ def test_a_file_pushed_faster_than_real_time_waits_for_room_instead_of_failing(t
     np.testing.assert_allclose(audio[start:start + len(pushed)], pushed, atol=1e-6)
 
 
+def test_audio_waiting_for_room_is_dropped_by_an_interrupt_and_by_close(tiny_pipeline):
+    """push_audio_when_room waits while the queue is full; an interrupt drops the speech it belongs to (it must not
+    be pushed into the new state once the interrupt made room), and a close ends the wait."""
+    async def main():
+        engine = await _engine(tiny_pipeline, max_pending_seconds=5.0)
+        session = await engine.open_session(_portrait(tiny_pipeline, 90))
+        assert await session.push_audio_when_room(speechlike(5.0))
+        waiting = asyncio.create_task(session.push_audio_when_room(speechlike(2.0), poll_s=0.01))
+        await asyncio.sleep(0.3)  # nobody reads: the engine stays a few windows ahead, the queue full
+        still_waiting = not waiting.done()
+        session.interrupt()
+        interrupted = await asyncio.wait_for(waiting, 1.0)
+        pending_after = session._pending_samples
+        pushed = await session.push_audio_when_room(speechlike(1.0))  # room now: in at once
+        full = await session.push_audio_when_room(speechlike(3.5))  # 4.5 s of 5
+        more = asyncio.create_task(session.push_audio_when_room(speechlike(4.0), poll_s=0.01))
+        await asyncio.sleep(0.1)
+        await session.close()
+        closed = await asyncio.wait_for(more, 1.0)
+        await engine.stop()
+        return still_waiting, interrupted, pending_after, pushed, full, closed
+
+    still_waiting, interrupted, pending_after, pushed, full, closed = run(main())
+    assert still_waiting and interrupted is False and pending_after == 0
+    assert pushed and full and closed is False
+
+
 def test_opening_a_session_touches_no_device_tensor_on_the_event_loop(tiny_pipeline, monkeypatch):
     """A session's stream (its copy of the portrait latent) is made off the event loop: on a GPU that copy waits
     for the window the worker is running, and every session's paced frames would wait with the loop."""

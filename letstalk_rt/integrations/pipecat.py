@@ -41,6 +41,7 @@ except ModuleNotFoundError as e:  # one line saying what to install, as the engi
 
 from ..errors import InputError, LetsTalkError
 from ..framing import FRAMING
+from ..media import pcm16
 
 _END = object()  # in the audio queue: the utterance before it is over (TTSStoppedFrame)
 
@@ -70,7 +71,7 @@ class LetsTalkVideoService(AIService):
         self._open_args = dict(seed=seed, full_frame=full_frame, framing=framing, detect_face=detect_face)
         self._session: Any = None
         self._audio: asyncio.Queue = asyncio.Queue()  # (int16 (n, channels), rate) or _END, in the order they came
-        self._feeding = False  # the feeder holds an item it has not pushed yet (the engine's queue full)
+        self._feeding = False  # the feeder holds a piece it has not pushed yet (waiting for room in the engine)
         self._held_stops: list[Frame] = []  # TTSStoppedFrames waiting for their speech to be shown
         self._context_id: str | None = None  # the TTS context of the latest speech, put on the audio pushed out
         self._tasks: list[asyncio.Task] = []
@@ -147,7 +148,6 @@ class LetsTalkVideoService(AIService):
     def _interrupt_queue(self) -> None:
         while not self._audio.empty():
             self._audio.get_nowait()
-        self._feeding = False
 
     def _interrupt(self) -> None:
         self._interrupt_queue()
@@ -156,23 +156,18 @@ class LetsTalkVideoService(AIService):
 
     async def _feed(self) -> None:
         """TTS audio into the session in order, as fast as its queue takes it (a TTS makes speech faster than real
-        time; more than the engine holds waits here, not in the engine)."""
-        from ..stream.engine import AudioBufferFull
-
+        time; more than the engine holds waits here, not in the engine; an interrupt drops the piece waiting)."""
         session = self._session
         while not session.closed:
             item = await self._audio.get()
+            if session.closed:
+                break
             self._feeding = True
             try:
-                while self._feeding and not session.closed:
-                    try:
-                        if item is _END:
-                            session.end_speech()
-                        else:
-                            session.push_audio(*item, ahead=True)
-                        break
-                    except AudioBufferFull:  # it plays 1 s a second: wait for room
-                        await asyncio.sleep(0.2)
+                if item is _END:
+                    session.end_speech()
+                else:
+                    await session.push_audio_when_room(*item)
             except InputError as e:  # audio that cannot be speech (a rate out of range): this piece, said so
                 await self.push_error(error_msg=f"LetsTalk avatar: {e}", exception=e)
             finally:
@@ -181,24 +176,20 @@ class LetsTalkVideoService(AIService):
     async def _show(self) -> None:
         """The session's paced frames downstream: each image, then the speech it shows (played behind it)."""
         session = self._session
-        try:
-            async for av in session.frames():
-                height, width = av.video.shape[:2]
-                image = OutputImageRawFrame(image=av.video.tobytes(), size=(width, height), format="RGB")
-                image.sync_with_audio = True  # shown when the audio pushed before it has been played
-                await self.push_frame(image)
-                if av.pushed:  # the TTS's audio, its pauses too; idle frames' silence is not the bot speaking
-                    pcm = (np.clip(av.audio, -1, 1) * 32767).astype(np.int16)
-                    await self.push_frame(TTSAudioRawFrame(audio=pcm.tobytes(), sample_rate=session.sample_rate,
-                                                           num_channels=1, context_id=self._context_id))
-                # its speech shown, and end_speech's silent tail (audio after the stop would start the bot speaking
-                # again): the first generated frame without pushed audio (a held one, late, tells nothing)
-                if self._held_stops and not av.pushed and not av.filler and self._spoken():
-                    await self._release_stops()
-        except LetsTalkError as e:
-            error = str(e)
-        else:
-            error = session.error  # the engine ended it (a window that failed), or None: closed by this service
+        async for av in session.frames():
+            height, width = av.video.shape[:2]
+            image = OutputImageRawFrame(image=av.video.tobytes(), size=(width, height), format="RGB")
+            image.sync_with_audio = True  # shown when the audio pushed before it has been played
+            await self.push_frame(image)
+            if av.pushed:  # the TTS's audio, its pauses too; idle frames' silence is not the bot speaking
+                pcm = pcm16(av.audio)
+                await self.push_frame(TTSAudioRawFrame(audio=pcm.tobytes(), sample_rate=session.sample_rate,
+                                                       num_channels=1, context_id=self._context_id))
+            # its speech shown, and end_speech's silent tail (audio after the stop would start the bot speaking
+            # again): the first generated frame without pushed audio (a held one, late, tells nothing)
+            if self._held_stops and not av.pushed and not av.filler and self._spoken():
+                await self._release_stops()
+        error = session.error  # the engine ended it (a window that failed), or None: closed by this service
         if error is not None:  # the voice goes on without the face: the TTS's frames pass from now on
             self._session = None
             self._interrupt_queue()

@@ -665,6 +665,21 @@ class Session:
             self._pending_samples += len(mono)
         self.engine._wake()
 
+    async def push_audio_when_room(self, pcm: np.ndarray, sample_rate: int | None = None, caption: str | None = None,
+                                   poll_s: float = 0.05) -> bool:
+        """push_audio(ahead=True) for audio made faster than real time (a TTS, a file read at once), waiting while the
+        queue holds `max_pending_seconds` already (playback frees 1 s a second) instead of raising AudioBufferFull.
+        False: not queued, because the session closed or was interrupted while this waited (the interrupt dropped the
+        speech this belongs to)."""
+        epoch = self._epoch
+        while not self.closed and self._epoch == epoch:
+            try:
+                self.push_audio(pcm, sample_rate, ahead=True, caption=caption)
+                return True
+            except AudioBufferFull:
+                await asyncio.sleep(poll_s)
+        return False
+
     def end_speech(self) -> None:
         """Mark the end of an utterance: its last frames are rendered now instead of waiting for more audio."""
         self._check_open()

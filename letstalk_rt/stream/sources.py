@@ -41,19 +41,14 @@ class AudioSource(ABC):
 
     async def run(self, session: "Session", end_speech: bool = True) -> None:
         """Push every chunk into `session` until the source ends (or the session closes)."""
-        from .engine import AudioBufferFull
-
         async for pcm, rate, *caption in self.chunks():
-            while True:
-                if session.closed:
-                    return
-                try:
-                    session.push_audio(pcm, rate, ahead=not self.paced, caption=caption[0] if caption else None)
-                    break
-                except AudioBufferFull:
-                    if self.paced:  # a live source this far ahead of playback: the application must hear of it
-                        raise
-                    await asyncio.sleep(0.05)  # faster than real time: wait until playback makes room
+            if session.closed:
+                return
+            caption = caption[0] if caption else None
+            if self.paced:  # AudioBufferFull from a live source this far ahead of playback: the application must know
+                session.push_audio(pcm, rate, caption=caption)
+            else:  # faster than real time: waits until playback makes room (a chunk an interrupt drops is not pushed)
+                await session.push_audio_when_room(pcm, rate, caption=caption)
         if end_speech and not session.closed:
             session.end_speech()
 

@@ -30,6 +30,7 @@ from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
 from ..aio import wait_for
+from ..media import pcm16
 from ..rtc import OPUS_PACKET, OPUS_RATE, OpusFramer, bitstream_encoder, is_keyframe
 
 if TYPE_CHECKING:
@@ -242,7 +243,7 @@ class AvatarAudioTrack(_SessionTrack):
         self.position += 1
         self.last_index = None if frame.filler else frame.index
         chunk = frame.audio[part * per_packet:(part + 1) * per_packet]
-        pcm = (np.clip(chunk, -1.0, 1.0) * 32767).astype(np.int16)[None]  # (1, 320)
+        pcm = pcm16(chunk)[None]  # (1, 320)
         out = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
         out.sample_rate = rate
         out.pts = packet * per_packet
