@@ -413,6 +413,9 @@ class AvatarSession:
         self._audio_until = -1.0  # media time up to which audio has arrived
         self._audio_at = 0.0  # monotonic: when it last moved (or the first frame came, before any audio)
         self._audio_moved = asyncio.Event()
+        # Binary audio messages, numbered as the server counts them (its `ready` says how many it had): sent; shown by
+        # an `audio_played` event (its `audio_messages`) or dropped by interrupt(); sent on the current websocket.
+        self._audio_sent = self._audio_done = self._ws_sent = 0
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
@@ -715,6 +718,7 @@ class AvatarSession:
                     raise SessionNotFoundError(str(fake), e.status) from None
                 raise fake from None
             old, self._ws, self._ws_close, self._format = self._ws, ws, None, (16000, 1, False)
+            self._ws_sent = 0
             self._ws_lost_at = None
             self._ws_back.set()
             if old is not None and not old.closed:
@@ -779,6 +783,11 @@ class AvatarSession:
             return
         if kind == "ready":
             self._format = (event.get("sample_rate", 16000), event.get("channels", 1), False)
+            if isinstance(event.get("audio_messages"), int):  # those sent into a websocket that died never came
+                self._audio_sent = event["audio_messages"] + self._ws_sent
+                self._audio_done = min(self._audio_done, self._audio_sent)
+        elif kind == "audio_played":
+            self._audio_done = max(self._audio_done, event.get("audio_messages", self._audio_sent))
         self._events.put(event)
         for cb in self._callbacks.get(kind, []) + self._callbacks.get("*", []):  # type: ignore[arg-type]
             try:
@@ -869,6 +878,8 @@ class AvatarSession:
                                               "channels": channels, "ahead": ahead}))
                 self._format = form
             await ws.send_bytes(chunk)
+            self._audio_sent += 1
+            self._ws_sent += ws is self._ws
 
         step = (sample_rate // 2) * frame_bytes  # 0.5 s of whole samples per message (server limit: 1 s)
         for pos in range(0, len(data), step):
@@ -880,7 +891,19 @@ class AvatarSession:
 
     async def interrupt(self) -> None:
         """Drop queued speech and unshown frames (barge-in); the avatar goes on from the frame on screen."""
-        await self._control({"type": "interrupt"})
+        async def send(ws: aiohttp.ClientWebSocketResponse) -> None:
+            sent = self._audio_sent  # the server drops these: they come before the interrupt
+            await ws.send_str(json.dumps({"type": "interrupt"}))
+            self._audio_done = max(self._audio_done, sent)
+
+        await self._send(send)
+
+    @property
+    def audio_shown(self) -> bool:
+        """Every audio message `send_audio` sent so far has been shown and heard (an `audio_played` event covered it),
+        or dropped by `interrupt()`: after `end_speech()`, the utterance is over on the avatar's screen (as
+        `Session.audio_shown` in-process). True before anything is sent; `say()` audio is the server's, not counted."""
+        return self._audio_done >= self._audio_sent
 
     async def stop_recording(self) -> None:
         """End the recording of a session started with `record=True` now (it is saved; a `recording_stopped` event

@@ -1057,6 +1057,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             await old.close(1000, "replaced by a newer websocket")
         rate, channels = ss.audio_format
         ss.send_json({"type": "ready", "session_id": ss.id, "sample_rate": rate, "channels": channels,
+                      "audio_messages": ss.audio_messages,
                       "max_seconds_per_message": 1.0, "time": time.time()})
         async for msg in ws:
             if ss.closing:
@@ -1099,10 +1100,11 @@ def _on_audio(ss: ServerSession, data: bytes) -> tuple[int, str] | None:
         return 1003, f"binary messages are PCM16 LE: length must be a multiple of {frame_bytes} bytes"
     if len(data) > rate * frame_bytes:
         return 1009, f"a binary message holds at most 1 s of audio ({rate * frame_bytes} bytes)"
-    if not data:
-        return None
-    pcm = np.frombuffer(data, dtype="<i2").astype(np.int16, copy=False)  # (n * channels,)
-    problem = ss.push_audio(pcm.reshape(-1, channels) if channels > 1 else pcm, rate, ss.audio_ahead)
+    problem = None
+    if data:
+        pcm = np.frombuffer(data, dtype="<i2").astype(np.int16, copy=False)  # (n * channels,)
+        problem = ss.push_audio(pcm.reshape(-1, channels) if channels > 1 else pcm, rate, ss.audio_ahead)
+    ss.count_audio_message()
     return None if problem is None else (0, problem)
 
 
@@ -1125,7 +1127,7 @@ async def _on_control(ss: ServerSession, text: str) -> None:
         elif kind == "end_of_speech":
             ss.session.end_speech()
         elif kind == "interrupt":
-            ss.session.interrupt()
+            ss.interrupt()
         elif kind == "say":
             ss.say(message)
         elif kind == "stop_recording":  # saved now; its recording_stopped event follows (or an error saying why not)

@@ -438,6 +438,9 @@ class ServerSession:
         self.ws_left_at: float | None = None
         self.audio_format = (session.sample_rate, 1)  # (rate, channels) of binary websocket messages
         self.audio_ahead = False  # they are made ahead of real time (a TTS): push_audio(ahead=True)
+        self.audio_messages = 0  # binary audio messages received, on all its websockets
+        self.audio_messages_played = 0  # how many of them have been shown (or dropped by an interrupt, or refused)
+        self._message_marks: collections.deque = collections.deque()  # (audio_pieces after it, its number), unplayed
         now = time.monotonic()
         self.created = now
         limit = self.config.max_session_s
@@ -524,6 +527,8 @@ class ServerSession:
             elif event.type.startswith("broadcast_"):
                 self._broadcast_event(event)
             message = event.to_dict()
+            if event.type == "audio_played":
+                message["audio_messages"] = self._messages_played(event.pieces)
             self.tell_listeners(message)
             self.send_json(message)
             if isinstance(event, SessionClosed):
@@ -551,6 +556,26 @@ class ServerSession:
             self.manager.webhooks.send("broadcast.stopped", {**data, "seconds": event.seconds, "error": event.error})
 
     # -- audio in
+
+    def count_audio_message(self) -> None:
+        """One more binary audio message taken (pushed, refused or empty): `audio_played` events say how many have
+        been shown (`audio_messages`), so that a client knows when what it sent has been seen and heard to its end."""
+        self.audio_messages += 1
+        mark = self.session.audio_pieces
+        if self._message_marks and self._message_marks[-1][0] == mark:  # nothing queued since: done with the last
+            self._message_marks.pop()
+        self._message_marks.append((mark, self.audio_messages))
+
+    def _messages_played(self, pieces: int) -> int:
+        while self._message_marks and self._message_marks[0][0] <= pieces:
+            self.audio_messages_played = max(self.audio_messages_played, self._message_marks.popleft()[1])
+        return self.audio_messages_played
+
+    def interrupt(self) -> None:
+        """The `interrupt` control message: every audio message received so far is dropped."""
+        self.session.interrupt()
+        self._message_marks.clear()
+        self.audio_messages_played = self.audio_messages
 
     def push_audio(self, pcm: np.ndarray, rate: int, ahead: bool = False) -> str | None:
         """Push into the engine; returns an error message instead of raising for what the client can fix."""

@@ -85,6 +85,59 @@ def test_sdk_streams_speech_and_receives_frames_audio_and_events(tiny_pipeline):
     assert counts["video"] >= len(frames)
 
 
+def test_sdk_knows_when_the_audio_it_sent_has_been_shown(tiny_pipeline):
+    """AvatarSession.audio_shown: False from a send until an audio_played event covers its last message (the server
+    counts the messages it got; an event for earlier audio must not end a later utterance); True at once after
+    interrupt(), and the count goes on right after it."""
+    from letstalk_rt.client import AvatarClient
+
+    async def main():
+        async with running_server(tiny_pipeline) as srv, AvatarClient(srv.url) as client:
+            session = await client.start_session()
+            played: list[tuple[float, dict]] = []
+            session.on("audio_played", lambda ev: played.append((time.monotonic(), ev)))
+            await session.connect()
+            frames, chunks, readers = collect_media(session, timed=True)
+            await wait_until(lambda: len(frames) >= 10, 20, "frames")
+            assert session.audio_shown  # nothing sent
+            speech = speechlike(1.0)
+            await session.send_audio(speech, ahead=True)
+            await session.end_speech()
+            sent_first = time.monotonic()
+            assert not session.audio_shown
+            await wait_until(lambda: played, 20, "the first utterance played")
+            # a second utterance sent as the first ends: the first's event (already here) does not cover it
+            await session.send_audio(speechlike(1.5, seed=1), ahead=True)
+            await session.send_audio(speechlike(0.5, seed=2), ahead=True)  # two messages: 0.5 s each at most
+            await session.end_speech()
+            sent_second = time.monotonic()
+            await asyncio.sleep(0.3)
+            early = session.audio_shown
+            await wait_until(lambda: session.audio_shown, 20, "the second utterance played")
+            shown_second = time.monotonic()
+            await session.send_audio(speechlike(3.0, seed=3), ahead=True)
+            assert not session.audio_shown
+            await session.interrupt()
+            after_interrupt = session.audio_shown
+            await session.send_audio(speechlike(0.5, seed=4), ahead=True)
+            await session.end_speech()
+            counted_on = not session.audio_shown
+            await wait_until(lambda: session.audio_shown, 20, "the speech after the interrupt played")
+            ss = srv.manager.sessions[session.id]
+            server_counts = ss.audio_messages, ss.audio_messages_played
+            await session.close()
+            await asyncio.gather(*readers)
+            return (played, sent_first, sent_second, early, shown_second, after_interrupt, counted_on,
+                    server_counts)
+
+    played, sent_first, sent_second, early, shown_second, after_interrupt, counted_on, server_counts = run(main())
+    assert played[0][0] - sent_first >= 0.9  # a second of speech plays for a second
+    assert not early and shown_second - sent_second >= 1.9  # 2 s more: not ended by the first utterance's event
+    assert played[0][1]["audio_messages"] == 2  # 1 s of 16 kHz audio goes in two 0.5-s messages
+    assert after_interrupt and counted_on
+    assert server_counts == (2 + 4 + 6 + 1, 13)
+
+
 def test_sdk_sends_a_local_audio_track_and_uploads_a_portrait(tiny_pipeline, astronaut_png):
     from aiortc import VideoStreamTrack
 
@@ -377,6 +430,8 @@ def test_a_lost_websocket_is_opened_again_and_what_is_sent_meanwhile_waits_for_i
             await session.send_audio(speechlike(1.0, rate=48000), sample_rate=48000)
             await session.end_speech()
             await wait_until(lambda: any(e["type"] == "speech_stopped" for e in seen), 20, "the speech, spoken")
+            # whether or not the message sent into the dying websocket arrived, what was sent is known shown
+            await wait_until(lambda: session.audio_shown, 10, "audio_shown")
             ss = srv.manager.sessions[session.id]
             same_pc = ss.pc is server_pc
             assert ss.audio_format == (48000, 1)  # the new websocket was told the audio's rate (it starts at 16 kHz)

@@ -492,7 +492,7 @@ class Player:
         if frame.pieces > self.pieces_shown:
             self.pieces_shown = frame.pieces
             if frame.pieces >= s._pieces:  # (on the loop, as push_audio: read without the lock)
-                s._emit(AudioPlayed(s.id, frame=tick))
+                s._emit(AudioPlayed(s.id, frame=tick, pieces=frame.pieces))
         for text in frame.captions:
             s._emit(Caption(s.id, text=text, frame=tick))
         if frame.speech:
@@ -954,6 +954,12 @@ class Session:
     @property
     def frames_generated(self) -> int:
         return self._w.frames_generated
+
+    @property
+    def audio_pieces(self) -> int:
+        """How many pieces (a frame's audio at most) of pushed audio have been queued so far: read after a
+        push_audio, the mark that an `audio_played` event whose `pieces` reaches it says was shown."""
+        return self._pieces
 
     @property
     def audio_shown(self) -> bool:

@@ -71,9 +71,11 @@ class AudioPlayed(Event):
     """Every piece of audio pushed to the session so far has now been shown and heard (`Session.audio_shown` became
     True): the frame that plays the last of it is being shown. Exact where `speech_stopped` is a guess from the sound
     (its level, after a hang-over of silence, mid-utterance at a long pause): after `end_speech()`, the utterance is
-    over on screen. Not sent for audio an interrupt dropped (`interrupted` is)."""
+    over on screen. Not sent for audio an interrupt dropped (`interrupted` is). `pieces`: `Session.audio_pieces` when
+    it was sent (the audio of every push that had queued by then has been shown)."""
 
     frame: int = 0
+    pieces: int = 0
 
 
 @dataclass(frozen=True)
