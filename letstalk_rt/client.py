@@ -651,7 +651,8 @@ class AvatarSession:
                 self._last_media_time = max(self._last_media_time, t + 1 / 25)
             else:
                 pcm = frame_pcm(frame)  # (n, channels): int16 as aiortc decodes it, or float32 in -1..1
-                buffer.put(AudioChunk(pcm=pcm16(pcm), sample_rate=frame.sample_rate, time=t, received_at=time.monotonic()))
+                buffer.put(AudioChunk(pcm=pcm16(pcm), sample_rate=frame.sample_rate, time=t,
+                                      received_at=time.monotonic()))
                 self._audio_until = t + frame.samples / frame.sample_rate
                 self._audio_at = time.monotonic()
                 self._audio_moved.set()

@@ -4,7 +4,10 @@ process, whose received media is written as an MP4 laid out by arrival time (eac
 arrived by then; the audio as it arrived), then scored by `letstalk sync-check` (speech to mouth, label-free).
 
     pip install 'pipecat-ai[webrtc]'        # SmallWebRTC needs aiortc (here already) and opencv-python-headless
-    python scripts/pipecat_webrtc_check.py [OUT.mp4]
+    python scripts/pipecat_webrtc_check.py [OUT.mp4] [--server]
+
+`--server`: the service in its remote mode (`server=`), on a LetsTalk server run in this process on the same engine:
+the speech goes to it over the SDK's websocket and the frames and speech come back over a second WebRTC hop first.
 
 Prints what arrived and two sync-check lines: lip sync at offset 0 and the offset where it peaks (negative: the video
 arrives early), with the audio as the peer's recv() handed it over and as it came off the wire (aiortc's receiver holds
@@ -14,6 +17,7 @@ its audio ~60 ms longer than its video). docs/benchmarks.md, "The Pipecat servic
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -57,8 +61,21 @@ async def receive(client: RTCPeerConnection, video: list, audio: list) -> None:
         asyncio.ensure_future(read())
 
 
-async def main(out: Path) -> None:
+async def main(out: Path, remote: bool = False) -> None:
     engine = await StreamEngine(LetsTalkPipeline.from_pretrained()).start()
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(engine.stop)  # after the server's end
+        if remote:
+            from letstalk_rt.bench_webrtc import local_server
+
+            url, _ = await stack.enter_async_context(local_server(engine))
+            avatar = LetsTalkVideoService(server=url, portrait=ASSETS / "portrait.png")
+        else:
+            avatar = LetsTalkVideoService(engine=engine, portrait=ASSETS / "portrait.png")
+        await check(engine, avatar, out)
+
+
+async def check(engine: StreamEngine, avatar: LetsTalkVideoService, out: Path) -> None:
     speech = np.asarray(load_audio(ASSETS / "speech.ogg"))  # 16 kHz float
     samples = pcm16(speech)
     tts = [TTSStartedFrame(), *[TTSAudioRawFrame(samples[i:i + 8000].tobytes(), 16000, 1)  # 0.5 s chunks, at once
@@ -78,14 +95,12 @@ async def main(out: Path) -> None:
     params = TransportParams(audio_out_enabled=True, video_out_enabled=True, video_out_width=SIZE,
                              video_out_height=SIZE, video_out_framerate=25)
     transport = SmallWebRTCTransport(webrtc_connection=connection, params=params)
-    avatar = LetsTalkVideoService(engine=engine, portrait=ASSETS / "portrait.png")
     t0 = time.monotonic()
     try:
         await run_test(Pipeline([avatar, transport.output()]), start_timeout=30,
                        frames_to_send=[SleepFrame(sleep=3.0), *tts, SleepFrame(sleep=len(speech) / 16000 + 3)])
     finally:
         await client.close()
-        await engine.stop()
     seconds = sum(len(a[1]) / a[2] for a in audio)
     print(f"received {len(video)} video frames and {seconds:.1f} s of audio in {time.monotonic() - t0:.1f} s")
     rate = audio[0][2]
@@ -109,4 +124,5 @@ async def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("pipecat_webrtc.mp4")))
+    args = [a for a in sys.argv[1:] if a != "--server"]
+    asyncio.run(main(Path(args[0]) if args else Path("pipecat_webrtc.mp4"), remote="--server" in sys.argv[1:]))

@@ -190,7 +190,7 @@ def test_the_end_lets_what_was_said_finish_and_an_engine_of_its_own_stops_with_i
         avatar = LetsTalkVideoService(model=tiny_model_dir, device="cpu", portrait=_portrait(), detect_face=False)
         seen = Pushed(avatar)
         down, up = await run_test(avatar, frames_to_send=_tts_frames(speech), observers=[seen], start_timeout=60)
-        assert avatar._engine is None and avatar.session is None  # stopped, closed
+        assert avatar._avatar.engine is None and avatar.session is None  # stopped, closed
         return down, up, seen.frames
 
     down, up, pushed = _run(main())
@@ -255,3 +255,99 @@ def test_at_a_pipecat_output_transport_each_image_is_on_screen_while_its_speech_
     started = [f for f in down if isinstance(f, BotStartedSpeakingFrame)]
     stopped = [f for f in down if isinstance(f, BotStoppedSpeakingFrame)]
     assert len(started) == 1 and len(stopped) == 1  # one answer, spoken once: no idle frame made the bot "speak"
+
+
+# -- the avatar on a LetsTalk server (`server=`): the bot's machine runs no model
+
+
+def test_the_service_on_a_server_needs_no_engine():
+    """`pip install 'letstalk-rt[pipecat-client]'` (the SDK and Pipecat, no torch nor the engine's other packages):
+    the service imports and is made for a server; one for this process says what it needs."""
+    import subprocess
+    import sys
+
+    from without_engine import PRELUDE
+
+    code = PRELUDE + ("from letstalk_rt.integrations.pipecat import LetsTalkVideoService\n"
+                      "LetsTalkVideoService(server='http://127.0.0.1:1', avatar_id='default')\nprint('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+    with pytest.raises(ValueError, match="not both"):
+        LetsTalkVideoService(server="http://127.0.0.1:1", engine=object(), portrait=_portrait())
+    with pytest.raises(ValueError, match="give `server` too"):
+        LetsTalkVideoService(avatar_id="default")
+
+
+def _through_server(pipe, frames: list, **service) -> tuple:
+    """Send `frames` through a service on a live server of `pipe` (its session deleted at the end); as _through."""
+    from server_helpers import running_server
+
+    async def main():
+        async with running_server(pipe, engine_config={"catch_up": False}) as srv:
+            avatar = LetsTalkVideoService(server=srv.url, **service)  # the server's "default" avatar
+            seen = Pushed(avatar)
+            down, up = await run_test(avatar, frames_to_send=frames, observers=[seen], start_timeout=20)
+            return down, up, seen.frames, avatar, len(srv.manager.sessions)
+
+    return _run(main())
+
+
+def _sounding(frames) -> list:
+    return [(t, f) for t, f in frames if isinstance(f, TTSAudioRawFrame)
+            and np.sqrt(np.mean(np.frombuffer(f.audio, np.int16).astype(np.float64) ** 2)) > 100]
+
+
+def test_on_a_server_the_tts_speech_comes_back_as_frames_with_that_speech_and_its_stop_after_it(tiny_pipeline):
+    """server=: the TTS's speech goes to a LetsTalk server's session and comes back over WebRTC as frames and that
+    speech (48 kHz Opus, pushed as mono), merged by media time: an image every 40 ms, the speech once, none of the
+    idle silence around it pushed as the bot speaking, and the TTS's stop after the last of it. The session is
+    deleted at the end."""
+    speech = speechlike(1.2, rate=TTS_RATE, seed=5)
+    down, up, pushed, avatar, left = _through_server(tiny_pipeline, [SleepFrame(sleep=1.0), *_tts_frames(speech),
+                                                                      SleepFrame(sleep=3.0)])
+    assert not [f for f in up if isinstance(f, ErrorFrame)], up
+    assert avatar.session is None and left == 0
+    images = [(t, f) for t, f in pushed if isinstance(f, OutputImageRawFrame)]
+    audio = [(t, f) for t, f in pushed if isinstance(f, TTSAudioRawFrame)]
+    assert len(images) >= 4.0 * 25 * 0.5 and all(f.size == (32, 32) and f.sync_with_audio for _, f in images)
+    assert 0.035 < float(np.median(np.diff([t for t, _ in images]))) < 0.045
+    assert all(f.sample_rate == 48000 and f.num_channels == 1 for _, f in audio)
+    said = sum(len(f.audio) // 2 for _, f in audio) / 48000
+    assert 1.1 <= said <= 1.2 + 0.5, said  # the speech, with at most a little of the quiet at its ends
+    kinds = [type(f) for _, f in pushed]
+    assert kinds.count(TTSStoppedFrame) == 1
+    stop = kinds.index(TTSStoppedFrame)
+    sounding = _sounding(pushed)
+    assert sounding and pushed.index(sounding[-1]) < stop  # after the last of the speech
+    assert not any(isinstance(f, TTSAudioRawFrame) for _, f in pushed[stop:])  # nothing said after it
+    assert pushed[stop][0] - sounding[-1][0] < 1.0
+
+
+def test_on_a_server_an_interruption_drops_the_speech_and_an_unreachable_server_leaves_the_voice(tiny_pipeline):
+    """server=: 6 s of speech interrupted after 2 s stops within what was on its way, the frames go on, the stop
+    follows at once. A server nobody answers on is an ErrorFrame, and the TTS's frames pass on untouched."""
+    speech = speechlike(6.0, rate=TTS_RATE, seed=6)
+    _, up, pushed, _, _ = _through_server(tiny_pipeline, [*_tts_frames(speech), SleepFrame(sleep=2.5),
+                                                          InterruptionFrame(), SleepFrame(sleep=1.5)])
+    assert not [f for f in up if isinstance(f, ErrorFrame)], up
+    (t_int,) = [t for t, f in pushed if isinstance(f, InterruptionFrame)]
+    sounding = [t for t, _ in _sounding(pushed)]
+    assert sounding and min(sounding) < t_int and max(sounding) < t_int + 0.3
+    assert len([t for t, f in pushed if isinstance(f, OutputImageRawFrame) and t > t_int + 0.3]) >= 15
+    (t_stop,) = [t for t, f in pushed if isinstance(f, TTSStoppedFrame)]
+    assert t_int <= t_stop < t_int + 0.2
+
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+
+    async def main():
+        avatar = LetsTalkVideoService(server=f"http://127.0.0.1:{port}", portrait=_portrait())
+        return await run_test(avatar, frames_to_send=_tts_frames(speechlike(0.3, rate=TTS_RATE)), start_timeout=20)
+
+    down, up = _run(main())
+    (error,) = [f for f in up if isinstance(f, ErrorFrame)]
+    assert not error.fatal and "LetsTalk avatar:" in error.error and "voice alone" in error.error
+    assert any(isinstance(f, TTSAudioRawFrame) and f.sample_rate == TTS_RATE for f in down)
