@@ -201,6 +201,79 @@ def test_the_end_lets_what_was_said_finish_and_an_engine_of_its_own_stops_with_i
     assert kinds[-1] == "EndFrame" and "TTSStoppedFrame" in kinds
 
 
+def test_frames_timed_to_the_speech_are_put_as_late_as_the_avatar_puts_the_speech(tiny_pipeline):
+    """Word timestamps: a TTS stamps its words (TTSTextFrame.pts) from when its first audio came out, for the output
+    transport to release each as it is said. The avatar delays the speech by its latency, so it puts those times as
+    late: by the time from the utterance's first audio in to its first audio out; a word's text therefore reaches the
+    transport before its time, never after it. An interruption drops the words of speech never shown."""
+    from pipecat.frames.frames import TTSTextFrame
+    from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+
+    class Tts(FrameProcessor):  # stamps words as a TTS with word timestamps does: from its first audio chunk
+        def __init__(self) -> None:
+            super().__init__()
+            self.first_audio: tuple[int, float] | None = None  # (pipeline clock ns, monotonic)
+            self.stamped: dict[str, int] = {}
+
+        async def process_frame(self, frame, direction) -> None:
+            await super().process_frame(frame, direction)
+            if isinstance(frame, TTSAudioRawFrame) and self.first_audio is None:
+                self.first_audio = (self.get_clock().get_time(), time.monotonic())
+            if isinstance(frame, TTSTextFrame):
+                frame.pts = self.first_audio[0] + int(float(frame.text.split("@")[1]) * 1e9)
+                self.stamped[frame.text] = frame.pts
+            await self.push_frame(frame, direction)
+
+    def word(text: str, at: float):
+        return TTSTextFrame(text=f"{text}@{at}", text_type="word")
+
+    speech = _tts_frames(speechlike(1.2, rate=TTS_RATE, seed=4))  # start, 3 chunks of 0.5 s at most, stop
+    frames = [SleepFrame(sleep=0.5), speech[0], speech[1], word("hello", 0.0), word("there", 0.4), *speech[2:4],
+              word("friend", 0.9), speech[4], SleepFrame(sleep=2.5)]
+    tts = Tts()
+
+    def make(engine):
+        from pipecat.pipeline.pipeline import Pipeline
+
+        avatar, _ = _avatar()(engine)
+        clock = []
+
+        class Clocked(Pushed):  # the pipeline clock as the avatar pushed each word
+            async def on_push_frame(self, data) -> None:
+                await super().on_push_frame(data)
+                if data.source is avatar and isinstance(data.frame, TTSTextFrame):
+                    clock.append(avatar.get_clock().get_time())
+
+        avatar.clock_seen = clock
+        avatar.clocked = Clocked(avatar)
+        return Pipeline([tts, avatar]), avatar
+
+    async def main():
+        engine = await StreamEngine(tiny_pipeline, EngineConfig(warmup=False, catch_up=False)).start()
+        try:
+            processor, avatar = make(engine)
+            await run_test(processor, frames_to_send=frames, observers=[avatar.clocked], start_timeout=10)
+            return avatar.clocked.frames, avatar.clock_seen
+        finally:
+            await engine.stop()
+
+    pushed, clock = _run(main())
+    words = [f for _, f in pushed if isinstance(f, TTSTextFrame)]
+    assert [w.text.split("@")[0] for w in words] == ["hello", "there", "friend"]
+    shifts = [w.pts - tts.stamped[w.text] for w in words]
+    assert len(set(shifts)) == 1  # one latency for the utterance
+    first_out = next(t for t, f in pushed if isinstance(f, TTSAudioRawFrame))
+    latency = first_out - tts.first_audio[1]
+    assert 0.05 < shifts[0] / 1e9 and abs(shifts[0] / 1e9 - latency) < 0.03, (shifts[0] / 1e9, latency)
+    assert all(seen <= w.pts + 10_000_000 for seen, w in zip(clock, words))  # before (or at) its time
+
+    # interrupted before the speech came out: its words never reach the transport
+    frames = [speech[0], speech[1], word("gone", 0.0), SleepFrame(sleep=0.05), InterruptionFrame(), SleepFrame(sleep=0.5)]
+    tts = Tts()
+    pushed, _ = _run(main())
+    assert not [f for _, f in pushed if isinstance(f, TTSTextFrame)]
+
+
 def test_at_a_pipecat_output_transport_each_image_is_on_screen_while_its_speech_plays(tiny_pipeline):
     """Through Pipecat's own output transport (BaseOutputTransport: its audio queue, chunking, video loop and
     bot-speaking logic) to a device that plays audio in real time: each frame's image is on screen from when its 40 ms

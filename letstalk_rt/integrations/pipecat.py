@@ -15,7 +15,8 @@ same speech delayed to line up with it (`TTSAudioRawFrame`, 16 kHz mono; 48 kHz 
 gives it): the output transport plays them together (each image waits in its audio queue behind the sound before it,
 `sync_with_audio`). Between utterances the frames keep coming (the avatar blinks and moves; no audio, so the transport
 does not take it for the bot speaking). `TTSStoppedFrame` is held until the utterance has been shown to its end, so
-the bot stops speaking when its face does. `InterruptionFrame` (the user spoke over the bot) drops the speech not yet
+the bot stops speaking when its face does. Frames the TTS timed against its audio (`pts`: word timestamps, their
+text) are put as late as the speech, by the avatar's measured latency. `InterruptionFrame` (the user spoke over the bot) drops the speech not yet
 shown, in this service and in the engine. `EndFrame` lets what was said finish showing first; `CancelFrame` stops at
 once.
 
@@ -117,6 +118,12 @@ class LetsTalkVideoService(AIService):
         self._held_stops: list[Frame] = []  # TTSStoppedFrames waiting for their speech to be shown
         self._context_id: str | None = None  # the TTS context of the latest speech, put on the audio pushed out
         self._tasks: list[asyncio.Task] = []
+        # Frames timed against the TTS's audio (`pts`: its word timestamps, their text, the reply's end) are put as
+        # late as the avatar puts the speech: by its latency, measured as the time from an utterance's first audio in
+        # (the avatar quiet) to that utterance's first audio out.
+        self._latency_ns: int | None = None
+        self._audio_in_at: int | None = None  # the pipeline clock when the utterance being measured came in
+        self._held_timed: list[Frame] = []  # timed frames waiting for that measurement
 
     @property
     def session(self) -> Any:
@@ -159,6 +166,8 @@ class LetsTalkVideoService(AIService):
         await super().process_frame(frame, direction)
         if direction is FrameDirection.DOWNSTREAM and self._open:
             if isinstance(frame, TTSAudioRawFrame):  # taken in; it comes out with the frames that say it
+                if self._audio_in_at is None and self._spoken():  # the avatar quiet: its latency shows in this one
+                    self._audio_in_at = self.get_clock().get_time()
                 channels = max(1, frame.num_channels)
                 pcm = np.frombuffer(frame.audio, np.int16)
                 pcm = pcm[:len(pcm) // channels * channels].reshape(-1, channels)
@@ -172,8 +181,18 @@ class LetsTalkVideoService(AIService):
             if isinstance(frame, InterruptionFrame):
                 self._drain()
                 await self._avatar.interrupt()
+                self._audio_in_at = None
+                # what was timed to speech now dropped goes, as the output transport drops it from its clock queue
+                self._held_timed = [f for f in self._held_timed if not f.interruptible]
                 await self.push_frame(frame, direction)
                 await self._release_stops()  # their speech was dropped: the TTS's turns still end
+                return
+            if frame.pts:
+                if self._audio_in_at is not None or self._latency_ns is None:
+                    self._held_timed.append(frame)
+                else:
+                    frame.pts += self._latency_ns
+                    await self.push_frame(frame, direction)
                 return
         if isinstance(frame, EndFrame):  # after stop() above: the stops it held go first
             await self._release_stops()
@@ -221,6 +240,10 @@ class LetsTalkVideoService(AIService):
             if out.audio is not None:  # the TTS's audio, its pauses too; idle frames' silence is not the bot speaking
                 await self.push_frame(TTSAudioRawFrame(audio=out.audio.tobytes(), sample_rate=out.rate,
                                                        num_channels=1, context_id=self._context_id))
+                if self._audio_in_at is not None:  # the measured utterance's first sound is out
+                    self._latency_ns = self.get_clock().get_time() - self._audio_in_at
+                    self._audio_in_at = None
+                    await self._release_timed()
             # its speech shown, and what follows it quiet (audio after the stop would start the bot speaking again)
             if self._held_stops and out.quiet and self._spoken():
                 await self._release_stops()
@@ -234,8 +257,18 @@ class LetsTalkVideoService(AIService):
                                   "voice alone")
 
     async def _release_stops(self) -> None:
+        """The TTS's stops, and what was timed to its speech (shifted where the avatar's latency is known: the rest
+        of a speech dropped or never shown goes as it came)."""
+        self._audio_in_at = None
+        await self._release_timed()
         stops, self._held_stops = self._held_stops, []
         for frame in stops:
+            await self.push_frame(frame)
+
+    async def _release_timed(self) -> None:
+        timed, self._held_timed = self._held_timed, []
+        for frame in timed:
+            frame.pts += self._latency_ns or 0
             await self.push_frame(frame)
 
     async def _close(self) -> None:
