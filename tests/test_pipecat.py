@@ -207,7 +207,7 @@ def test_frames_timed_to_the_speech_are_put_as_late_as_the_avatar_puts_the_speec
     late: by the time from the utterance's first audio in to its first audio out; a word's text therefore reaches the
     transport before its time, never after it. An interruption drops the words of speech never shown."""
     from pipecat.frames.frames import TTSTextFrame
-    from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+    from pipecat.processors.frame_processor import FrameProcessor
 
     class Tts(FrameProcessor):  # stamps words as a TTS with word timestamps does: from its first audio chunk
         def __init__(self) -> None:
