@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import wave
 from pathlib import Path
 
@@ -622,3 +623,132 @@ def test_the_page_goes_live_to_a_streaming_server_with_its_key_hidden(tiny_pipel
     assert log.count("broadcast_stopped") == 2
     for received in got:
         assert len(received["frames"]) >= 25 and np.allclose(np.diff(received["times"]), 0.04, atol=0.002)
+
+
+PIPECAT_PAGE = """<!doctype html><html><body>
+<video id="video" autoplay playsinline muted></video><audio id="audio" autoplay></audio><script>
+window.series = [];
+(async () => {
+  const pc = new RTCPeerConnection();
+  pc.addTransceiver('audio', {direction: 'sendrecv'});
+  pc.addTransceiver('video', {direction: 'sendrecv'});
+  pc.createDataChannel('pipecat');
+  pc.ontrack = (e) => {
+    const el = document.getElementById(e.track.kind);
+    el.srcObject = new MediaStream([e.track]);
+    el.play().catch(() => {});
+  };
+  await pc.setLocalDescription(await pc.createOffer());
+  await new Promise((ok) => {
+    if (pc.iceGatheringState === 'complete') ok();
+    pc.onicegatheringstatechange = () => pc.iceGatheringState === 'complete' && ok();
+  });
+  const r = await fetch('/offer', {method: 'POST', body: JSON.stringify({sdp: pc.localDescription.sdp,
+                                                                        type: pc.localDescription.type})});
+  await pc.setRemoteDescription(await r.json());
+  window.pc = pc;
+  setInterval(async () => {  // what the browser decoded and played, every 100 ms
+    const row = {t: performance.now() / 1000};
+    (await pc.getStats()).forEach((s) => {
+      if (s.type !== 'inbound-rtp') return;
+      if (s.kind === 'video') Object.assign(row, {frames: s.framesDecoded || 0, width: s.frameWidth || 0});
+      if (s.kind === 'audio') {
+        Object.assign(row, {energy: s.totalAudioEnergy || 0, seconds: s.totalSamplesDuration || 0});
+      }
+    });
+    window.series.push(row);
+  }, 100);
+})();
+</script></body></html>"""
+
+
+def test_a_pipecat_bot_shows_the_avatar_in_a_browser_through_smallwebrtc(tiny_pipeline, tmp_path):
+    """The Pipecat service (`letstalk_rt.integrations.pipecat`) behind Pipecat's own SmallWebRTC transport, to a real
+    browser: Chromium negotiates with the bot as a Pipecat client does (sendrecv audio and video, the `pipecat` data
+    channel), then decodes the avatar's frames at the model's size and ~25 fps from the first on, and plays sound only
+    while the bot speaks: silent before the TTS's speech, loud during it, silent again after it."""
+    pytest.importorskip("pipecat.transports.smallwebrtc.transport", reason="pip install 'pipecat-ai[webrtc]'")
+    from aiohttp import web
+    from pipecat.frames.frames import TTSAudioRawFrame, TTSStartedFrame, TTSStoppedFrame
+    from pipecat.pipeline.pipeline import Pipeline
+    from pipecat.tests.utils import SleepFrame, run_test
+    from pipecat.transports.base_transport import TransportParams
+    from pipecat.transports.smallwebrtc.connection import SmallWebRTCConnection
+    from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
+
+    from letstalk_rt.integrations.pipecat import LetsTalkVideoService
+    from letstalk_rt.media import pcm16
+    from letstalk_rt.stream import EngineConfig, StreamEngine
+
+    speech = pcm16(speechlike(2.0, 24000, seed=3) * 2.5)
+    tts = [TTSStartedFrame(), *[TTSAudioRawFrame(speech[i:i + 12000].tobytes(), 24000, 1)
+                                for i in range(0, len(speech), 12000)], TTSStoppedFrame()]
+
+    async def main():
+        engine = await StreamEngine(tiny_pipeline, EngineConfig(warmup=False)).start()
+        bots: list[asyncio.Task] = []
+        pushed: list = []  # (monotonic, "speech" or "stopped") as the avatar pushed them
+
+        async def offer(request: web.Request) -> web.Response:
+            body = await request.json()
+            connection = SmallWebRTCConnection()
+            await connection.initialize(sdp=body["sdp"], type=body["type"])
+            params = TransportParams(audio_out_enabled=True, video_out_enabled=True, video_out_width=32,
+                                     video_out_height=32, video_out_framerate=25)
+            transport = SmallWebRTCTransport(webrtc_connection=connection, params=params)
+            avatar = LetsTalkVideoService(engine=engine, portrait=np.full((40, 40, 3), 128, np.uint8),
+                                          detect_face=False)
+
+            from pipecat.observers.base_observer import BaseObserver
+
+            class Seen(BaseObserver):
+                async def on_push_frame(self, data) -> None:
+                    if data.source is avatar and isinstance(data.frame, TTSAudioRawFrame) and any(data.frame.audio):
+                        pushed.append((time.monotonic(), "speech"))
+
+            bots.append(asyncio.ensure_future(run_test(
+                Pipeline([avatar, transport.output()]), observers=[Seen()], start_timeout=20,
+                frames_to_send=[SleepFrame(sleep=2.0), *tts, SleepFrame(sleep=3.0)])))
+            return web.json_response(connection.get_answer())
+
+        async def index(_: web.Request) -> web.Response:
+            return web.Response(text=PIPECAT_PAGE, content_type="text/html")
+
+        app = web.Application()
+        app.router.add_get("/", index)
+        app.router.add_post("/offer", offer)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/"
+        try:
+            async with async_playwright() as pw, _chromium(pw, tmp_path) as context:
+                page = await context.new_page()
+                await page.goto(url)
+                await wait_until(lambda: bots, 30, "the page's offer")
+                start = time.monotonic()
+                browser_start = await page.evaluate("performance.now() / 1000")
+                await asyncio.wait_for(bots[0], 60)
+                series = await page.evaluate("window.series")
+        finally:
+            await runner.cleanup()
+            await engine.stop()
+        return series, pushed, start, browser_start
+
+    series, pushed, start, browser_start = run(main())
+    rows = [r for r in series if r.get("frames")]
+    assert rows and rows[-1]["width"] == 32
+    decoded = [(r["t"] - browser_start, r["frames"]) for r in rows]
+    span = decoded[-1][0] - decoded[0][0]
+    assert span > 4 and (decoded[-1][1] - decoded[0][1]) / span > 20  # ~25 fps decoded, through the silence too
+    # the sound the browser played, per 100 ms: silent until the bot speaks, loud while it does, silent after
+    audio = [(r["t"] - browser_start, r["energy"], r["seconds"]) for r in series if "energy" in r]
+    level = [(t1, (e1 - e0) / max(s1 - s0, 1e-3)) for (_, e0, s0), (t1, e1, s1) in zip(audio, audio[1:])]
+    spoke = [t - start for t, kind in pushed]
+    assert spoke and max(spoke) - min(spoke) > 1.5
+    first, last = min(spoke), max(spoke)  # on the bot's clock, from when the page answered (same machine)
+    loud = [t for t, x in level if x > 1e-3]
+    assert loud, level
+    assert first - 0.3 < min(loud) and max(loud) < last + 0.6, (first, last, loud[:3], loud[-3:])
+    assert sum(1 for t, x in level if first + 0.3 < t < last - 0.3 and x > 1e-3) > 0.5 * (last - first - 0.6) * 10

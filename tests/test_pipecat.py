@@ -268,7 +268,8 @@ def test_frames_timed_to_the_speech_are_put_as_late_as_the_avatar_puts_the_speec
     assert all(seen <= w.pts + 10_000_000 for seen, w in zip(clock, words))  # before (or at) its time
 
     # interrupted before the speech came out: its words never reach the transport
-    frames = [speech[0], speech[1], word("gone", 0.0), SleepFrame(sleep=0.05), InterruptionFrame(), SleepFrame(sleep=0.5)]
+    frames = [speech[0], speech[1], word("gone", 0.0), SleepFrame(sleep=0.05), InterruptionFrame(),
+              SleepFrame(sleep=0.5)]
     tts = Tts()
     pushed, _ = _run(main())
     assert not [f for _, f in pushed if isinstance(f, TTSTextFrame)]
