@@ -352,15 +352,19 @@ def test_the_service_on_a_server_needs_no_engine():
         LetsTalkVideoService(avatar_id="default")
 
 
-def _through_server(pipe, frames: list, **service) -> tuple:
-    """Send `frames` through a service on a live server of `pipe` (its session deleted at the end); as _through."""
+def _through_server(pipe, frames: list, meanwhile=None, **service) -> tuple:
+    """Send `frames` through a service on a live server of `pipe` (its session deleted at the end); as _through.
+    `meanwhile(server)`: a coroutine run beside the pipeline."""
     from server_helpers import running_server
 
     async def main():
         async with running_server(pipe, engine_config={"catch_up": False}) as srv:
             avatar = LetsTalkVideoService(server=srv.url, **service)  # the server's "default" avatar
             seen = Pushed(avatar)
+            beside = asyncio.ensure_future(meanwhile(srv)) if meanwhile else None
             down, up = await run_test(avatar, frames_to_send=frames, observers=[seen], start_timeout=20)
+            if beside is not None:
+                await beside
             return down, up, seen.frames, avatar, len(srv.manager.sessions)
 
     return _run(main())
@@ -425,3 +429,23 @@ def test_on_a_server_an_interruption_drops_the_speech_and_an_unreachable_server_
     (error,) = [f for f in up if isinstance(f, ErrorFrame)]
     assert not error.fatal and "LetsTalk avatar:" in error.error and "voice alone" in error.error
     assert any(isinstance(f, TTSAudioRawFrame) and f.sample_rate == TTS_RATE for f in down)
+
+
+def test_on_a_server_a_session_the_server_ends_is_an_error_and_the_voice_goes_on(tiny_pipeline):
+    """The server closes the bot's session (its operator, a time limit): an ErrorFrame says so and why, and the TTS
+    speech that comes after passes on untouched, its stop too."""
+    from server_helpers import wait_until
+
+    async def end_it(srv):
+        await wait_until(lambda: srv.manager.sessions, 20, "the bot's session")
+        await asyncio.sleep(1.0)
+        await srv.manager.close(next(iter(srv.manager.sessions.values())), "ended by the operator")
+
+    down, up, _, _, left = _through_server(tiny_pipeline, [SleepFrame(sleep=3.0),
+                                                           *_tts_frames(speechlike(0.6, rate=TTS_RATE))], end_it)
+    (error,) = [f for f in up if isinstance(f, ErrorFrame)]
+    assert not error.fatal and "the session ended: closed by the server (ended by the operator)" in error.error
+    passed = [f for f in down if isinstance(f, TTSAudioRawFrame)]
+    assert passed and all(f.sample_rate == TTS_RATE for f in passed)
+    assert sum(len(f.audio) for f in passed) == int(0.6 * TTS_RATE) * 2
+    assert isinstance(down[-1], TTSStoppedFrame) and left == 0
