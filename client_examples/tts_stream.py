@@ -14,7 +14,8 @@ Two ways to give the avatar its words:
   `end_speech()` when a sentence is complete so its last frames render at once. `--own-tts` stands such a TTS in
   with espeak-ng on this machine (`letstalk_rt.tts`), cutting its output into 200 ms chunks produced 4x faster
   than real time; `--wav` speaks a file as if a TTS made it.
-Either way `interrupt()` drops what is not yet spoken when the user talks over the avatar. The server queues up to
+Either way `interrupt()` drops what is not yet spoken when the user talks over the avatar. With your own TTS,
+`session.audio_shown` says when everything sent has been shown to its end (the answer is over on screen). The server queues up to
 ~30 s ahead; past that, sent audio is refused with `audio_rejected` errors (events), so a TTS that runs far ahead
 should pace itself (`say` does). Something must watch the avatar for its clock to run: this script connects over
 WebRTC (and just counts frames), or, with --overlay, leaves the watching to a browser page.
@@ -101,6 +102,12 @@ async def run(args: argparse.Namespace) -> dict:
                     sent += len(chunk) / rate
                 await session.end_speech()  # the sentence is complete: render its tail now
                 print(f"{stamp()}  sentence {i + 1}: {sent:.1f} s of audio sent")
+            # the answer is over on screen once every message sent has been shown (a turn of a voice agent ends here)
+            # or dropped by the barge-in; the avatar's clock runs while something watches it (here, or the overlay)
+            limit = time.monotonic() + 60
+            while not session.audio_shown and time.monotonic() < limit:
+                await asyncio.sleep(0.05)
+            print(f"{stamp()}  {'all shown' if session.audio_shown else 'not all shown in 60 s'} (audio_shown)")
         await asyncio.sleep(args.linger)
         if barge is not None:
             barge.cancel()

@@ -752,3 +752,86 @@ def test_a_pipecat_bot_shows_the_avatar_in_a_browser_through_smallwebrtc(tiny_pi
     assert loud, level
     assert first - 0.3 < min(loud) and max(loud) < last + 0.6, (first, last, loud[:3], loud[-3:])
     assert sum(1 for t, x in level if first + 0.3 < t < last - 0.3 and x > 1e-3) > 0.5 * (last - first - 0.6) * 10
+
+
+STATS_JS = """() => {  // what the page's peer connection decoded and played, every 100 ms, into window.series
+  window.series = [];
+  setInterval(async () => {
+    const row = {t: performance.now() / 1000};
+    (await window.pc.getStats()).forEach((s) => {
+      if (s.type !== 'inbound-rtp') return;
+      if (s.kind === 'video') Object.assign(row, {frames: s.framesDecoded || 0, width: s.frameWidth || 0});
+      if (s.kind === 'audio') {
+        Object.assign(row, {energy: s.totalAudioEnergy || 0, seconds: s.totalSamplesDuration || 0});
+      }
+    });
+    window.series.push(row);
+  }, 100);
+}"""
+
+
+def _loudness(series: list[dict]) -> list[tuple[float, float]]:
+    """(time, mean power over the last 100 ms) of the audio a page played, from its getStats() series."""
+    audio = [(r["t"], r["energy"], r["seconds"]) for r in series if "energy" in r]
+    return [(t1, (e1 - e0) / max(s1 - s0, 1e-3)) for (_, e0, s0), (t1, e1, s1) in zip(audio, audio[1:])]
+
+
+def test_the_pipecat_bot_example_speaks_what_the_page_types_and_stops_when_interrupted(tiny_pipeline, tmp_path,
+                                                                                       astronaut_png):
+    """client_examples/pipecat_bot.py as a user runs it: its page in Chromium connects to a bot of its own (a Pipecat
+    pipeline: the avatar, SmallWebRTC out), shows the avatar's frames, and plays the typed text once Say is pressed;
+    Interrupt silences it at once; closing the page ends the bot and its avatar session."""
+    pytest.importorskip("pipecat.transports.smallwebrtc.transport", reason="pip install 'pipecat-ai[webrtc]'")
+    from aiohttp import web
+    from conftest import client_example
+
+    from letstalk_rt.stream import EngineConfig, StreamEngine
+
+    example = client_example("pipecat_bot")
+    args = example.parse_args(["--portrait", str(astronaut_png), "--size", "32"])
+    example.load_face(args)
+
+    async def main():
+        engine = await StreamEngine(tiny_pipeline, EngineConfig(warmup=False)).start()
+        app, bots = example.make_app(args, engine)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/"
+        try:
+            async with async_playwright() as pw, _chromium(pw, tmp_path) as context:
+                page = await context.new_page()
+                await page.goto(url)
+                await page.wait_for_function("window.pc?.connectionState === 'connected' && "
+                                             "!document.getElementById('say').disabled", timeout=30000)
+                await page.evaluate(STATS_JS)
+                await asyncio.sleep(1.5)
+                await page.fill("#text", "Hello there! How are you today? I am a bot with a face, and I like to talk.")
+                said = await page.evaluate("performance.now() / 1000")
+                await page.click("#say")
+                await asyncio.sleep(3.0)
+                interrupted = await page.evaluate("performance.now() / 1000")
+                await page.click("#interrupt")
+                await asyncio.sleep(2.0)
+                series = await page.evaluate("window.series")
+                sessions_while_open = len(engine.sessions)
+                await page.close()
+                await wait_until(lambda: not bots.bots and not engine.sessions, 20, "the bot to end with its page")
+        finally:
+            await runner.cleanup()
+            await engine.stop()
+        return series, said, interrupted, sessions_while_open
+
+    series, said, interrupted, sessions_while_open = run(main())
+    rows = [r for r in series if r.get("frames")]
+    assert rows and rows[-1]["width"] == 32
+    span = rows[-1]["t"] - rows[0]["t"]
+    assert (rows[-1]["frames"] - rows[0]["frames"]) / span > 20  # ~25 fps, speaking or not
+    level = _loudness(series)
+    loud = [t for t, x in level if x > 1e-3]
+    assert not [t for t, x in level if t < said and x > 1e-3]  # silent until Say
+    assert loud and said < min(loud) < said + 2.0  # espeak-ng's synthesis, then the avatar's latency
+    assert sum(1 for t in loud if t < interrupted) >= 10  # a second and more of it played
+    assert max(loud) < interrupted + 0.6, (interrupted, loud[-5:])  # then silenced (the text runs ~5 s)
+    assert sessions_while_open == 1

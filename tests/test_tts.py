@@ -372,6 +372,7 @@ def test_tts_stream_example_speaks_through_say_and_through_its_own_tts(tiny_pipe
     said, own = run(main())
     out = capsys.readouterr().out
     assert "said 'Hello there.'" in out and "said 'Bye now.'" in out and "sentence 2:" in out
+    assert out.index("sentence 2:") < out.index("all shown (audio_shown)")
     assert "event speech_started" in out and "event error" not in out
     for received in (said, own):
         assert received["video"] >= 25 and received["audio"] >= 50
