@@ -103,6 +103,9 @@ class Bots:
         if not isinstance(body.get("sdp"), str) or body.get("type") != "offer":
             raise web.HTTPBadRequest(text='{"error": "send {\\"sdp\\": ..., \\"type\\": \\"offer\\"}"}',
                                      content_type="application/json")
+        if "\nm=video " not in body["sdp"]:  # a bot with nothing to show its face on would run for nothing
+            raise web.HTTPBadRequest(text='{"error": "the offer has no video to receive the avatar on: add a video '
+                                          'transceiver (recvonly or sendrecv)"}', content_type="application/json")
         avatar = self.avatar()
         connection = SmallWebRTCConnection()
         try:
@@ -226,7 +229,10 @@ async def serve(args: argparse.Namespace) -> None:
         from letstalk_rt.pipeline import LetsTalkPipeline
         from letstalk_rt.stream import StreamEngine, run_off_loop
 
-        pipe = await run_off_loop(lambda: LetsTalkPipeline.from_pretrained(args.model, device=args.device))
+        from letstalk_rt.cli import resolve_device
+
+        device = resolve_device(args.device)  # a LetsTalkError naming the flag
+        pipe = await run_off_loop(lambda: LetsTalkPipeline.from_pretrained(args.model, device=device))
         engine = await StreamEngine(pipe).start()
         args.size = args.size or pipe.config.image_size
     app, _ = make_app(args, engine)
@@ -249,7 +255,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--portrait", default=None, help="the face (default: the bundled one, or the server's avatar)")
     p.add_argument("--voice", default="en-us", help="the espeak-ng voice the typed text is spoken with")
     p.add_argument("--model", default=None, help="a model directory (default: the bundled model)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when there is one)")
     p.add_argument("--server", default=None, help="a LetsTalk server's URL: the avatar runs there, no model here")
     p.add_argument("--api-key", default=None)
     p.add_argument("--size", type=int, default=0, help="the video's side in px (default: the model's frames; 128 "

@@ -800,6 +800,14 @@ def test_the_pipecat_bot_example_speaks_what_the_page_types_and_stops_when_inter
         await site.start()
         url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/"
         try:
+            import aiohttp
+
+            async with aiohttp.ClientSession() as http:  # what a wrong request is told
+                async with http.post(url + "offer", json={"sdp": "v=0\r\n", "type": "offer"}) as r:
+                    assert r.status == 400 and "no video" in (await r.json())["error"]
+                async with http.post(url + "say", json={"bot": "nobody", "text": "hi"}) as r:
+                    assert r.status == 404 and "reload the page" in (await r.json())["error"]
+                assert not bots.bots
             async with async_playwright() as pw, _chromium(pw, tmp_path) as context:
                 page = await context.new_page()
                 await page.goto(url)

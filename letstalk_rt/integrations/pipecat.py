@@ -6,7 +6,7 @@ from this process's engine (`pip install 'letstalk-rt[pipecat]'`) or from a Lets
 
     engine = await StreamEngine(LetsTalkPipeline.from_pretrained()).start()   # once per process, shared by every bot
     avatar = LetsTalkVideoService(engine=engine, portrait="face.jpg")
-    avatar = LetsTalkVideoService(server="https://avatars.example.com", api_key=KEY, portrait="face.jpg")  # or this
+    avatar = LetsTalkVideoService(server="https://avatars.example.com", api_key=KEY, portrait="face.jpg")  # or
     pipeline = Pipeline([transport.input(), stt, user_agg, llm, tts, avatar, transport.output(), assistant_agg])
 
 Placed after the TTS, it takes the TTS's audio (`TTSAudioRawFrame`, any rate and channel count) into a session of the
@@ -16,9 +16,9 @@ gives it): the output transport plays them together (each image waits in its aud
 `sync_with_audio`). Between utterances the frames keep coming (the avatar blinks and moves; no audio, so the transport
 does not take it for the bot speaking). `TTSStoppedFrame` is held until the utterance has been shown to its end, so
 the bot stops speaking when its face does. Frames the TTS timed against its audio (`pts`: word timestamps, their
-text) are put as late as the speech, by the avatar's measured latency. `InterruptionFrame` (the user spoke over the bot) drops the speech not yet
-shown, in this service and in the engine. `EndFrame` lets what was said finish showing first; `CancelFrame` stops at
-once.
+text) are put as late as the speech, by the avatar's measured latency. `InterruptionFrame` (the user spoke over the
+bot) drops the speech not yet shown, in this service and in the engine. `EndFrame` lets what was said finish
+showing first; `CancelFrame` stops at once.
 
 A service without `engine=` or `server=` loads `model` (the bundled default when None) and starts an engine of its
 own when its pipeline starts (a warm-up of a few seconds to ~20 s on a CPU), stopped with it; many bots in one process
@@ -75,8 +75,8 @@ class LetsTalkVideoService(AIService):
 
     In this process: `portrait`, a photo (a file, read at once: InputError if it is not one; an RGB array or a PIL
     image) or a `Portrait` the engine prepared; `engine`, a started `StreamEngine` or `EnginePool` to open the
-    session on (None: one of its own from `model` on `device`); `seed`, `full_frame`, `framing`, `detect_face`: as
-    `StreamEngine.open_session`.
+    session on (None: one of its own from `model`, the bundled one when None, on `device`, CUDA when there is one);
+    `seed`, `full_frame`, `framing`, `detect_face`: as `StreamEngine.open_session`.
 
     On a LetsTalk server (`letstalk serve` on a GPU machine; the bot's own machine needs no model): `server`, its URL,
     with `api_key` if it asks for one; `portrait` (a photo, uploaded) or `avatar_id` (one the server holds, default
@@ -285,7 +285,8 @@ class _LocalAvatar:
 
     def __init__(self, portrait: Any, engine: Any, model: str | Path | None, device: str | None,
                  open_args: dict) -> None:
-        self.portrait, self.engine, self.model, self.device, self.open_args = portrait, engine, model, device, open_args
+        self.portrait, self.engine, self.model, self.device = portrait, engine, model, device
+        self.open_args = open_args
         self.owns_engine = engine is None
         self.session: Any = None
 
@@ -483,5 +484,9 @@ async def _start_engine(model: str | Path | None, device: str | None) -> Any:
     from ..pipeline import LetsTalkPipeline
     from ..stream.engine import StreamEngine, run_off_loop
 
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = await run_off_loop(lambda: LetsTalkPipeline.from_pretrained(model, device=device))
     return await StreamEngine(pipe).start()
