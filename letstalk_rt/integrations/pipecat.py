@@ -407,7 +407,8 @@ class _RemoteAvatar:
         self.speaking, self._shown_at = False, None
         self._mute_until = time.monotonic() + REMOTE_AFTER_SHOWN_S
         if not self.closed:
-            await self.session.interrupt()
+            with contextlib.suppress(LetsTalkError, OSError):  # the connection went: _show ends and says so
+                await self.session.interrupt()
 
     def _speech(self, chunk: Any) -> np.ndarray | None:
         """A received audio packet as int16 mono when it is the bot's speech, None when not."""
