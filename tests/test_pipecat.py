@@ -71,6 +71,15 @@ def _through(pipe, make, frames: list, **config) -> tuple:
     return _run(main())
 
 
+class Sized(LetsTalkVideoService):
+    """Notes its frame_size once started."""
+
+    async def start(self, frame):
+        self.sizes = []
+        await super().start(frame)
+        self.sizes.append(self.frame_size)
+
+
 def _avatar(cls=LetsTalkVideoService, **kwargs):
     """A `make` for _through: the avatar alone (by default on a random face, no face detection)."""
     def make(engine):
@@ -88,9 +97,10 @@ def test_tts_speech_comes_out_as_paced_frames_with_that_speech_in_step(tiny_pipe
 
     # catch_up off: a busy machine's engine, late, would play pauses shorter and speech faster to win it back
     frames = [*_tts_frames(speech), SleepFrame(sleep=2.5)]
-    down, up, pushed, avatar, running = _through(tiny_pipeline, _avatar(), frames, catch_up=False)
+    down, up, pushed, avatar, running = _through(tiny_pipeline, _avatar(Sized), frames, catch_up=False)
     assert avatar.session is None and running  # closed; the engine it shares stays
     size = tiny_pipeline.config.image_size
+    assert avatar.sizes == [(size, size)] and avatar.frame_size is None  # once open; not after
     assert not [f for f in up if isinstance(f, ErrorFrame)]
     images = [f for f in down if isinstance(f, OutputImageRawFrame)]
     audio = [f for f in down if isinstance(f, TTSAudioRawFrame)]
@@ -354,14 +364,14 @@ def test_the_service_on_a_server_needs_no_engine():
         LetsTalkVideoService(avatar_id="default")
 
 
-def _through_server(pipe, frames: list, meanwhile=None, **service) -> tuple:
+def _through_server(pipe, frames: list, meanwhile=None, cls=LetsTalkVideoService, **service) -> tuple:
     """Send `frames` through a service on a live server of `pipe` (its session deleted at the end); as _through.
     `meanwhile(server)`: a coroutine run beside the pipeline."""
     from server_helpers import running_server
 
     async def main():
         async with running_server(pipe, engine_config={"catch_up": False}) as srv:
-            avatar = LetsTalkVideoService(server=srv.url, **service)  # the server's "default" avatar
+            avatar = cls(server=srv.url, **service)  # the server's "default" avatar
             seen = Pushed(avatar)
             beside = asyncio.ensure_future(meanwhile(srv)) if meanwhile else None
             down, up = await run_test(avatar, frames_to_send=frames, observers=[seen], start_timeout=20)
@@ -384,9 +394,10 @@ def test_on_a_server_the_tts_speech_comes_back_as_frames_with_that_speech_and_it
     deleted at the end."""
     speech = speechlike(1.2, rate=TTS_RATE, seed=5)
     down, up, pushed, avatar, left = _through_server(tiny_pipeline, [SleepFrame(sleep=1.0), *_tts_frames(speech),
-                                                                      SleepFrame(sleep=3.0)])
+                                                                      SleepFrame(sleep=3.0)], cls=Sized)
     assert not [f for f in up if isinstance(f, ErrorFrame)], up
-    assert avatar.session is None and left == 0
+    assert avatar.session is None and avatar.frame_size is None and left == 0
+    assert avatar.sizes == [(32, 32)]  # said by the server when the session opened
     images = [(t, f) for t, f in pushed if isinstance(f, OutputImageRawFrame)]
     audio = [(t, f) for t, f in pushed if isinstance(f, TTSAudioRawFrame)]
     assert len(images) >= 4.0 * 25 * 0.5 and all(f.size == (32, 32) and f.sync_with_audio for _, f in images)

@@ -132,6 +132,12 @@ class LetsTalkVideoService(AIService):
         `letstalk_rt.client.AvatarSession` (stats(), on(), broadcast(), overlay_url())."""
         return self._avatar.session if self._open else None
 
+    @property
+    def frame_size(self) -> tuple[int, int] | None:
+        """(width, height) of the images it pushes, once its session is open (None before): best the output
+        transport's `video_out_width/height`, which Pipecat otherwise resizes each image to."""
+        return self._avatar.frame_size if self._open else None
+
     async def start(self, frame: StartFrame) -> None:
         await super().start(frame)
         try:
@@ -296,6 +302,10 @@ class _LocalAvatar:
         self.session = await self.engine.open_session(self.portrait, **self.open_args)
 
     @property
+    def frame_size(self) -> tuple[int, int]:
+        return self.session.frame_size
+
+    @property
     def max_pending_s(self) -> float:
         engine = self.engine
         return (engine.engines[0] if hasattr(engine, "engines") else engine).config.max_pending_seconds
@@ -370,6 +380,11 @@ class _RemoteAvatar:
         self.session = await self.client.start_session(self.portrait, avatar_id=None if self.portrait is not None
                                                        else self.avatar_id or "default", **self.options)
         await self.session.connect(align=True)
+
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        video = self.session.info["video"]
+        return video["width"], video["height"]
 
     @property
     def closed(self) -> bool:
