@@ -216,7 +216,9 @@ def test_frames_timed_to_the_speech_are_put_as_late_as_the_avatar_puts_the_speec
     transport to release each as it is said. The avatar delays the speech by its latency, so it puts those times as
     late: by the time from the utterance's first audio in to its first audio out; a word's text therefore reaches the
     transport before its time, never after it. An interruption drops the words of speech never shown."""
-    from pipecat.frames.frames import TTSTextFrame
+    from pipecat.frames.frames import MetricsFrame, TTSTextFrame
+    from pipecat.metrics.metrics import TTFBMetricsData
+    from pipecat.pipeline.task import PipelineParams
     from pipecat.processors.frame_processor import FrameProcessor
 
     class Tts(FrameProcessor):  # stamps words as a TTS with word timestamps does: from its first audio chunk
@@ -262,7 +264,8 @@ def test_frames_timed_to_the_speech_are_put_as_late_as_the_avatar_puts_the_speec
         engine = await StreamEngine(tiny_pipeline, EngineConfig(warmup=False, catch_up=False)).start()
         try:
             processor, avatar = make(engine)
-            await run_test(processor, frames_to_send=frames, observers=[avatar.clocked], start_timeout=10)
+            await run_test(processor, frames_to_send=frames, observers=[avatar.clocked], start_timeout=10,
+                           pipeline_params=PipelineParams(enable_metrics=True))
             return avatar.clocked.frames, avatar.clock_seen
         finally:
             await engine.stop()
@@ -278,6 +281,10 @@ def test_frames_timed_to_the_speech_are_put_as_late_as_the_avatar_puts_the_speec
     # (a few ms; 30 ms and more on a machine this busy)
     assert 0.05 < shifts[0] / 1e9 and latency - 0.1 < shifts[0] / 1e9 < latency + 0.01, (shifts[0] / 1e9, latency)
     assert all(seen <= w.pts + 100_000_000 for seen, w in zip(clock, words))  # by its time, give or take that hop
+    # and it is the avatar's TTFB in Pipecat's metrics (enable_metrics): one figure for the answer
+    (ttfb,) = [d.value for _, f in pushed if isinstance(f, MetricsFrame)  # (Pipecat's zeros at the start aside)
+               for d in f.data if isinstance(d, TTFBMetricsData) and d.value > 0]
+    assert abs(ttfb - shifts[0] / 1e9) < 0.02, (ttfb, shifts[0] / 1e9)
 
     # interrupted before the speech came out: its words never reach the transport
     frames = [speech[0], speech[1], word("gone", 0.0), SleepFrame(sleep=0.05), InterruptionFrame(),

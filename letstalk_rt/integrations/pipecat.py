@@ -132,6 +132,9 @@ class LetsTalkVideoService(AIService):
         `letstalk_rt.client.AvatarSession` (stats(), on(), broadcast(), overlay_url())."""
         return self._avatar.session if self._open else None
 
+    def can_generate_metrics(self) -> bool:
+        return True  # TTFB: an answer's first audio in to its first audio out, with the pipeline's enable_metrics
+
     @property
     def frame_size(self) -> tuple[int, int] | None:
         """(width, height) of the images it pushes, once its session is open (None before): best the output
@@ -174,6 +177,7 @@ class LetsTalkVideoService(AIService):
             if isinstance(frame, TTSAudioRawFrame):  # taken in; it comes out with the frames that say it
                 if self._audio_in_at is None and self._spoken():  # the avatar quiet: its latency shows in this one
                     self._audio_in_at = self.get_clock().get_time()
+                    await self.start_ttfb_metrics()
                 channels = max(1, frame.num_channels)
                 pcm = np.frombuffer(frame.audio, np.int16)
                 pcm = pcm[:len(pcm) // channels * channels].reshape(-1, channels)
@@ -188,6 +192,7 @@ class LetsTalkVideoService(AIService):
                 self._drain()
                 await self._avatar.interrupt()
                 self._audio_in_at = None
+                await self.cancel_ttfb_metrics()
                 # what was timed to speech now dropped goes, as the output transport drops it from its clock queue
                 self._held_timed = [f for f in self._held_timed if not f.interruptible]
                 await self.push_frame(frame, direction)
@@ -249,6 +254,7 @@ class LetsTalkVideoService(AIService):
                 if self._audio_in_at is not None:  # the measured utterance's first sound is out
                     self._latency_ns = self.get_clock().get_time() - self._audio_in_at
                     self._audio_in_at = None
+                    await self.stop_ttfb_metrics()
                     await self._release_timed()
             # its speech shown, and what follows it quiet (audio after the stop would start the bot speaking again)
             if self._held_stops and out.quiet and self._spoken():
@@ -265,7 +271,9 @@ class LetsTalkVideoService(AIService):
     async def _release_stops(self) -> None:
         """The TTS's stops, and what was timed to its speech (shifted where the avatar's latency is known: the rest
         of a speech dropped or never shown goes as it came)."""
-        self._audio_in_at = None
+        if self._audio_in_at is not None:  # no sound of it came out: no latency to tell
+            self._audio_in_at = None
+            await self.cancel_ttfb_metrics()
         await self._release_timed()
         stops, self._held_stops = self._held_stops, []
         for frame in stops:
