@@ -104,10 +104,8 @@ async def run(args: argparse.Namespace) -> dict:
                 print(f"{stamp()}  sentence {i + 1}: {sent:.1f} s of audio sent")
             # the answer is over on screen once every message sent has been shown (a turn of a voice agent ends here)
             # or dropped by the barge-in; the avatar's clock runs while something watches it (here, or the overlay)
-            limit = time.monotonic() + 60
-            while not session.audio_shown and time.monotonic() < limit:
-                await asyncio.sleep(0.05)
-            print(f"{stamp()}  {'all shown' if session.audio_shown else 'not all shown in 60 s'} (audio_shown)")
+            shown = await session.wait_audio_shown(timeout=60)
+            print(f"{stamp()}  {'all shown' if shown else 'not all shown in 60 s'} (audio_shown)")
         await asyncio.sleep(args.linger)
         if barge is not None:
             barge.cancel()

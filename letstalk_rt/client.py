@@ -416,6 +416,7 @@ class AvatarSession:
         # Binary audio messages, numbered as the server counts them (its `ready` says how many it had): sent; shown by
         # an `audio_played` event (its `audio_messages`) or dropped by interrupt(); sent on the current websocket.
         self._audio_sent = self._audio_done = self._ws_sent = 0
+        self._audio_moved_on = asyncio.Event()  # set when _audio_done moves or the events end (wait_audio_shown)
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
@@ -787,8 +788,10 @@ class AvatarSession:
             if isinstance(event.get("audio_messages"), int):  # those sent into a websocket that died never came
                 self._audio_sent = event["audio_messages"] + self._ws_sent
                 self._audio_done = min(self._audio_done, self._audio_sent)
+                self._audio_moved_on.set()
         elif kind == "audio_played":
             self._audio_done = max(self._audio_done, event.get("audio_messages", self._audio_sent))
+            self._audio_moved_on.set()
         self._events.put(event)
         for cb in self._callbacks.get(kind, []) + self._callbacks.get("*", []):  # type: ignore[arg-type]
             try:
@@ -896,6 +899,7 @@ class AvatarSession:
             sent = self._audio_sent  # the server drops these: they come before the interrupt
             await ws.send_str(json.dumps({"type": "interrupt"}))
             self._audio_done = max(self._audio_done, sent)
+            self._audio_moved_on.set()
 
         await self._send(send)
 
@@ -905,6 +909,23 @@ class AvatarSession:
         or dropped by `interrupt()`: after `end_speech()`, the utterance is over on the avatar's screen (as
         `Session.audio_shown` in-process). True before anything is sent; `say()` audio is the server's, not counted."""
         return self._audio_done >= self._audio_sent
+
+    async def wait_audio_shown(self, timeout: float | None = None) -> bool:
+        """Wait until `audio_shown` (True), `timeout` seconds pass, or no event can come any more: the session closed or
+        its websocket ended (False). Something must be watching the avatar (this client's `connect()`, a viewer, an
+        overlay page) for its clock, and so its playback, to run."""
+        loop = asyncio.get_running_loop()
+        until = None if timeout is None else loop.time() + timeout
+        while not self.audio_shown:
+            if self.closed or self.close_reason is not None or self._events.closed:
+                return False
+            left = None if until is None else until - loop.time()
+            if left is not None and left <= 0:
+                return False
+            self._audio_moved_on.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await wait_for(self._audio_moved_on.wait(), min(left, 1.0) if left is not None else 1.0)
+        return True
 
     async def stop_recording(self) -> None:
         """End the recording of a session started with `record=True` now (it is saved; a `recording_stopped` event

@@ -113,7 +113,7 @@ def test_sdk_knows_when_the_audio_it_sent_has_been_shown(tiny_pipeline):
             sent_second = time.monotonic()
             await asyncio.sleep(0.3)
             early = session.audio_shown
-            await wait_until(lambda: session.audio_shown, 20, "the second utterance played")
+            assert await session.wait_audio_shown(timeout=20), "the second utterance played"
             shown_second = time.monotonic()
             await session.send_audio(speechlike(3.0, seed=3), ahead=True)
             assert not session.audio_shown
@@ -125,6 +125,9 @@ def test_sdk_knows_when_the_audio_it_sent_has_been_shown(tiny_pipeline):
             await wait_until(lambda: session.audio_shown, 20, "the speech after the interrupt played")
             ss = srv.manager.sessions[session.id]
             server_counts = ss.audio_messages, ss.audio_messages_played
+            await session.send_audio(speechlike(0.5, seed=5), ahead=True)
+            await srv.manager.close(ss, "ended by the operator")  # no audio_played can come: the wait says so
+            assert not await session.wait_audio_shown(timeout=20)
             await session.close()
             await asyncio.gather(*readers)
             return (played, sent_first, sent_second, early, shown_second, after_interrupt, counted_on,
