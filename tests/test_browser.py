@@ -625,9 +625,30 @@ def test_the_page_goes_live_to_a_streaming_server_with_its_key_hidden(tiny_pipel
         assert len(received["frames"]) >= 25 and np.allclose(np.diff(received["times"]), 0.04, atol=0.002)
 
 
+STATS_JS = """() => {  // what the page's peer connection decoded and played, every 100 ms, into window.series
+  window.series = [];
+  setInterval(async () => {
+    const row = {t: performance.now() / 1000};
+    (await window.pc.getStats()).forEach((s) => {
+      if (s.type !== 'inbound-rtp') return;
+      if (s.kind === 'video') Object.assign(row, {frames: s.framesDecoded || 0, width: s.frameWidth || 0});
+      if (s.kind === 'audio') {
+        Object.assign(row, {energy: s.totalAudioEnergy || 0, seconds: s.totalSamplesDuration || 0});
+      }
+    });
+    window.series.push(row);
+  }, 100);
+}"""
+
+
+def _loudness(series: list[dict]) -> list[tuple[float, float]]:
+    """(time, mean power over the last 100 ms) of the audio a page played, from its getStats() series."""
+    audio = [(r["t"], r["energy"], r["seconds"]) for r in series if "energy" in r]
+    return [(t1, (e1 - e0) / max(s1 - s0, 1e-3)) for (_, e0, s0), (t1, e1, s1) in zip(audio, audio[1:])]
+
+
 PIPECAT_PAGE = """<!doctype html><html><body>
 <video id="video" autoplay playsinline muted></video><audio id="audio" autoplay></audio><script>
-window.series = [];
 (async () => {
   const pc = new RTCPeerConnection();
   pc.addTransceiver('audio', {direction: 'sendrecv'});
@@ -647,17 +668,6 @@ window.series = [];
                                                                         type: pc.localDescription.type})});
   await pc.setRemoteDescription(await r.json());
   window.pc = pc;
-  setInterval(async () => {  // what the browser decoded and played, every 100 ms
-    const row = {t: performance.now() / 1000};
-    (await pc.getStats()).forEach((s) => {
-      if (s.type !== 'inbound-rtp') return;
-      if (s.kind === 'video') Object.assign(row, {frames: s.framesDecoded || 0, width: s.frameWidth || 0});
-      if (s.kind === 'audio') {
-        Object.assign(row, {energy: s.totalAudioEnergy || 0, seconds: s.totalSamplesDuration || 0});
-      }
-    });
-    window.series.push(row);
-  }, 100);
 })();
 </script></body></html>"""
 
@@ -727,6 +737,8 @@ def test_a_pipecat_bot_shows_the_avatar_in_a_browser_through_smallwebrtc(tiny_pi
                 page = await context.new_page()
                 await page.goto(url)
                 await wait_until(lambda: bots, 30, "the page's offer")
+                await page.wait_for_function("window.pc !== undefined", timeout=30000)
+                await page.evaluate(STATS_JS)
                 start = time.monotonic()
                 browser_start = await page.evaluate("performance.now() / 1000")
                 await asyncio.wait_for(bots[0], 60)
@@ -743,8 +755,7 @@ def test_a_pipecat_bot_shows_the_avatar_in_a_browser_through_smallwebrtc(tiny_pi
     span = decoded[-1][0] - decoded[0][0]
     assert span > 4 and (decoded[-1][1] - decoded[0][1]) / span > 20  # ~25 fps decoded, through the silence too
     # the sound the browser played, per 100 ms: silent until the bot speaks, loud while it does, silent after
-    audio = [(r["t"] - browser_start, r["energy"], r["seconds"]) for r in series if "energy" in r]
-    level = [(t1, (e1 - e0) / max(s1 - s0, 1e-3)) for (_, e0, s0), (t1, e1, s1) in zip(audio, audio[1:])]
+    level = [(t - browser_start, x) for t, x in _loudness(series)]
     spoke = [t - start for t, kind in pushed]
     assert spoke and max(spoke) - min(spoke) > 1.5
     first, last = min(spoke), max(spoke)  # on the bot's clock, from when the page answered (same machine)
@@ -752,28 +763,6 @@ def test_a_pipecat_bot_shows_the_avatar_in_a_browser_through_smallwebrtc(tiny_pi
     assert loud, level
     assert first - 0.3 < min(loud) and max(loud) < last + 0.6, (first, last, loud[:3], loud[-3:])
     assert sum(1 for t, x in level if first + 0.3 < t < last - 0.3 and x > 1e-3) > 0.5 * (last - first - 0.6) * 10
-
-
-STATS_JS = """() => {  // what the page's peer connection decoded and played, every 100 ms, into window.series
-  window.series = [];
-  setInterval(async () => {
-    const row = {t: performance.now() / 1000};
-    (await window.pc.getStats()).forEach((s) => {
-      if (s.type !== 'inbound-rtp') return;
-      if (s.kind === 'video') Object.assign(row, {frames: s.framesDecoded || 0, width: s.frameWidth || 0});
-      if (s.kind === 'audio') {
-        Object.assign(row, {energy: s.totalAudioEnergy || 0, seconds: s.totalSamplesDuration || 0});
-      }
-    });
-    window.series.push(row);
-  }, 100);
-}"""
-
-
-def _loudness(series: list[dict]) -> list[tuple[float, float]]:
-    """(time, mean power over the last 100 ms) of the audio a page played, from its getStats() series."""
-    audio = [(r["t"], r["energy"], r["seconds"]) for r in series if "energy" in r]
-    return [(t1, (e1 - e0) / max(s1 - s0, 1e-3)) for (_, e0, s0), (t1, e1, s1) in zip(audio, audio[1:])]
 
 
 def test_the_pipecat_bot_example_speaks_what_the_page_types_and_stops_when_interrupted(tiny_pipeline, tmp_path,
