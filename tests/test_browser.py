@@ -641,6 +641,28 @@ STATS_JS = """() => {  // what the page's peer connection decoded and played, ev
 }"""
 
 
+@contextlib.asynccontextmanager
+async def _served(app):
+    """An aiohttp app on 127.0.0.1:<ephemeral>: yields its URL (ending in /)."""
+    from aiohttp import web
+
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/"
+    finally:
+        await runner.cleanup()
+
+
+def _decoded(series: list[dict]) -> tuple[int, float]:
+    """(the frames' width, frames decoded a second) over a page's getStats() series."""
+    rows = [r for r in series if r.get("frames")]
+    assert rows, "no video frame decoded"
+    return rows[-1]["width"], (rows[-1]["frames"] - rows[0]["frames"]) / max(rows[-1]["t"] - rows[0]["t"], 1e-3)
+
+
 def _loudness(series: list[dict]) -> list[tuple[float, float]]:
     """(time, mean power over the last 100 ms) of the audio a page played, from its getStats() series."""
     audio = [(r["t"], r["energy"], r["seconds"]) for r in series if "energy" in r]
@@ -727,13 +749,8 @@ def test_a_pipecat_bot_shows_the_avatar_in_a_browser_through_smallwebrtc(tiny_pi
         app = web.Application()
         app.router.add_get("/", index)
         app.router.add_post("/offer", offer)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/"
         try:
-            async with async_playwright() as pw, _chromium(pw, tmp_path) as context:
+            async with _served(app) as url, async_playwright() as pw, _chromium(pw, tmp_path) as context:
                 page = await context.new_page()
                 await page.goto(url)
                 await wait_until(lambda: bots, 30, "the page's offer")
@@ -744,16 +761,12 @@ def test_a_pipecat_bot_shows_the_avatar_in_a_browser_through_smallwebrtc(tiny_pi
                 await asyncio.wait_for(bots[0], 60)
                 series = await page.evaluate("window.series")
         finally:
-            await runner.cleanup()
             await engine.stop()
         return series, pushed, start, browser_start
 
     series, pushed, start, browser_start = run(main())
-    rows = [r for r in series if r.get("frames")]
-    assert rows and rows[-1]["width"] == 32
-    decoded = [(r["t"] - browser_start, r["frames"]) for r in rows]
-    span = decoded[-1][0] - decoded[0][0]
-    assert span > 4 and (decoded[-1][1] - decoded[0][1]) / span > 20  # ~25 fps decoded, through the silence too
+    width, fps = _decoded(series)
+    assert width == 32 and fps > 20 and series[-1]["t"] - series[0]["t"] > 4  # ~25 fps, through the silence too
     # the sound the browser played, per 100 ms: silent until the bot speaks, loud while it does, silent after
     level = [(t - browser_start, x) for t, x in _loudness(series)]
     spoke = [t - start for t, kind in pushed]
@@ -771,7 +784,7 @@ def test_the_pipecat_bot_example_speaks_what_the_page_types_and_stops_when_inter
     pipeline: the avatar, SmallWebRTC out), shows the avatar's frames, and plays the typed text once Say is pressed;
     Interrupt silences it at once; closing the page ends the bot and its avatar session."""
     pytest.importorskip("pipecat.transports.smallwebrtc.transport", reason="pip install 'pipecat-ai[webrtc]'")
-    from aiohttp import web
+    import aiohttp
     from conftest import client_example
 
     from letstalk_rt.stream import EngineConfig, StreamEngine
@@ -783,48 +796,40 @@ def test_the_pipecat_bot_example_speaks_what_the_page_types_and_stops_when_inter
     async def main():
         engine = await StreamEngine(tiny_pipeline, EngineConfig(warmup=False)).start()
         app, bots = example.make_app(args, engine)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/"
         try:
-            import aiohttp
-
-            async with aiohttp.ClientSession() as http:  # what a wrong request is told
-                async with http.post(url + "offer", json={"sdp": "v=0\r\n", "type": "offer"}) as r:
-                    assert r.status == 400 and "no video" in (await r.json())["error"]
-                async with http.post(url + "say", json={"bot": "nobody", "text": "hi"}) as r:
-                    assert r.status == 404 and "reload the page" in (await r.json())["error"]
-                assert not bots.bots
-            async with async_playwright() as pw, _chromium(pw, tmp_path) as context:
-                page = await context.new_page()
-                await page.goto(url)
-                await page.wait_for_function("window.pc?.connectionState === 'connected' && "
-                                             "!document.getElementById('say').disabled", timeout=30000)
-                await page.evaluate(STATS_JS)
-                await asyncio.sleep(1.5)
-                await page.fill("#text", "Hello there! How are you today? I am a bot with a face, and I like to talk.")
-                said = await page.evaluate("performance.now() / 1000")
-                await page.click("#say")
-                await asyncio.sleep(3.0)
-                interrupted = await page.evaluate("performance.now() / 1000")
-                await page.click("#interrupt")
-                await asyncio.sleep(2.0)
-                series = await page.evaluate("window.series")
-                sessions_while_open = len(engine.sessions)
-                await page.close()
-                await wait_until(lambda: not bots.bots and not engine.sessions, 20, "the bot to end with its page")
+            async with _served(app) as url:
+                async with aiohttp.ClientSession() as http:  # what a wrong request is told
+                    async with http.post(url + "offer", json={"sdp": "v=0\r\n", "type": "offer"}) as r:
+                        assert r.status == 400 and "no video" in (await r.json())["error"]
+                    async with http.post(url + "say", json={"bot": "nobody", "text": "hi"}) as r:
+                        assert r.status == 404 and "reload the page" in (await r.json())["error"]
+                    assert not bots.bots
+                async with async_playwright() as pw, _chromium(pw, tmp_path) as context:
+                    page = await context.new_page()
+                    await page.goto(url)
+                    await page.wait_for_function("window.pc?.connectionState === 'connected' && "
+                                                 "!document.getElementById('say').disabled", timeout=30000)
+                    await page.evaluate(STATS_JS)
+                    await asyncio.sleep(1.5)
+                    await page.fill("#text", "Hello there! How are you today? I am a bot with a face, and I like "
+                                             "to talk.")
+                    said = await page.evaluate("performance.now() / 1000")
+                    await page.click("#say")
+                    await asyncio.sleep(3.0)
+                    interrupted = await page.evaluate("performance.now() / 1000")
+                    await page.click("#interrupt")
+                    await asyncio.sleep(2.0)
+                    series = await page.evaluate("window.series")
+                    sessions_while_open = len(engine.sessions)
+                    await page.close()
+                    await wait_until(lambda: not bots.bots and not engine.sessions, 20, "the bot to end with its page")
         finally:
-            await runner.cleanup()
             await engine.stop()
         return series, said, interrupted, sessions_while_open
 
     series, said, interrupted, sessions_while_open = run(main())
-    rows = [r for r in series if r.get("frames")]
-    assert rows and rows[-1]["width"] == 32
-    span = rows[-1]["t"] - rows[0]["t"]
-    assert (rows[-1]["frames"] - rows[0]["frames"]) / span > 20  # ~25 fps, speaking or not
+    width, fps = _decoded(series)
+    assert width == 32 and fps > 20  # ~25 fps, speaking or not
     level = _loudness(series)
     loud = [t for t, x in level if x > 1e-3]
     assert not [t for t, x in level if t < said and x > 1e-3]  # silent until Say
