@@ -411,12 +411,18 @@ def test_on_a_server_the_tts_speech_comes_back_as_frames_with_that_speech_and_it
     assert 0.035 < float(np.median(np.diff([t for t, _ in images]))) < 0.045
     assert all(f.sample_rate == 48000 and f.num_channels == 1 for _, f in audio)
     said = sum(len(f.audio) // 2 for _, f in audio) / 48000
-    assert 1.1 <= said <= 1.2 + 0.5, said  # the speech, with at most a little of the quiet at its ends
+    sounding = _sounding(pushed)
+    loud = len(sounding) * 0.02  # 20-ms packets
+    # the speech once (1.22 s loud on a quiet machine), all of it pushed as the bot's (with, on a machine too busy to
+    # keep real time, the silence of the frames the server showed late: 1.4-3.3 s more under a busy loop), and
+    # little of the quiet around it (0.16 s on a quiet machine: end_speech's flush and the grace after audio_played)
+    assert 1.0 <= loud <= 1.4 and loud <= said, (loud, said)
+    around = [f for t, f in audio if t < sounding[0][0] or t > sounding[-1][0]]
+    assert sum(len(f.audio) // 2 for f in around) / 48000 <= 0.4
     kinds = [type(f) for _, f in pushed]
     assert kinds.count(TTSStoppedFrame) == 1
     stop = kinds.index(TTSStoppedFrame)
-    sounding = _sounding(pushed)
-    assert sounding and pushed.index(sounding[-1]) < stop  # after the last of the speech
+    assert pushed.index(sounding[-1]) < stop  # after the last of the speech
     assert not any(isinstance(f, TTSAudioRawFrame) for _, f in pushed[stop:])  # nothing said after it
     assert pushed[stop][0] - sounding[-1][0] < 1.0
 
@@ -425,13 +431,15 @@ def test_on_a_server_an_interruption_drops_the_speech_and_an_unreachable_server_
     """server=: 6 s of speech interrupted after 2 s stops within what was on its way, the frames go on, the stop
     follows at once. A server nobody answers on is an ErrorFrame, and the TTS's frames pass on untouched."""
     speech = speechlike(6.0, rate=TTS_RATE, seed=6)
-    _, up, pushed, _, _ = _through_server(tiny_pipeline, [*_tts_frames(speech), SleepFrame(sleep=2.5),
-                                                          InterruptionFrame(), SleepFrame(sleep=1.5)])
+    _, up, pushed, _, _ = _through_server(tiny_pipeline, [SleepFrame(sleep=1.0), *_tts_frames(speech),
+                                                          SleepFrame(sleep=3.0), InterruptionFrame(),
+                                                          SleepFrame(sleep=1.5)])
     assert not [f for f in up if isinstance(f, ErrorFrame)], up
     (t_int,) = [t for t, f in pushed if isinstance(f, InterruptionFrame)]
     sounding = [t for t, _ in _sounding(pushed)]
-    assert sounding and min(sounding) < t_int and max(sounding) < t_int + 0.3
-    assert len([t for t, f in pushed if isinstance(f, OutputImageRawFrame) and t > t_int + 0.3]) >= 15
+    # (what was on its way: ~0.1 s here, up to 0.4 s with another process busy on the 2 cores)
+    assert sounding and min(sounding) < t_int and max(sounding) < t_int + 0.5
+    assert len([t for t, f in pushed if isinstance(f, OutputImageRawFrame) and t > t_int + 0.5]) >= 10
     (t_stop,) = [t for t, f in pushed if isinstance(f, TTSStoppedFrame)]
     assert t_int <= t_stop < t_int + 0.2
 
