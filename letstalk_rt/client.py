@@ -416,6 +416,7 @@ class AvatarSession:
         # Binary audio messages, numbered as the server counts them (its `ready` says how many it had): sent; shown by
         # an `audio_played` event (its `audio_messages`) or dropped by interrupt(); sent on the current websocket.
         self._audio_sent = self._audio_done = self._ws_sent = 0
+        self.max_queued_seconds = 30.0  # speech the server queues ahead of playback (its `ready` says), more refused
         self._audio_moved_on = asyncio.Event()  # set when _audio_done moves or the events end (wait_audio_shown)
 
     def _headers(self) -> dict[str, str]:
@@ -785,6 +786,8 @@ class AvatarSession:
             return
         if kind == "ready":
             self._format = (event.get("sample_rate", 16000), event.get("channels", 1), False)
+            if isinstance(event.get("max_queued_seconds"), (int, float)):
+                self.max_queued_seconds = float(event["max_queued_seconds"])
             if isinstance(event.get("audio_messages"), int):  # those sent into a websocket that died never came
                 self._audio_sent = event["audio_messages"] + self._ws_sent
                 self._audio_done = min(self._audio_done, self._audio_sent)

@@ -1058,6 +1058,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         rate, channels = ss.audio_format
         ss.send_json({"type": "ready", "session_id": ss.id, "sample_rate": rate, "channels": channels,
                       "audio_messages": ss.audio_messages,
+                      "max_queued_seconds": ss.session.engine.config.max_pending_seconds,
                       "max_seconds_per_message": 1.0, "time": time.time()})
         async for msg in ws:
             if ss.closing:

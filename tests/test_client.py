@@ -92,11 +92,13 @@ def test_sdk_knows_when_the_audio_it_sent_has_been_shown(tiny_pipeline):
     from letstalk_rt.client import AvatarClient
 
     async def main():
-        async with running_server(tiny_pipeline) as srv, AvatarClient(srv.url) as client:
+        async with running_server(tiny_pipeline, engine_config={"max_pending_seconds": 12.0}) as srv, \
+                AvatarClient(srv.url) as client:
             session = await client.start_session()
             played: list[tuple[float, dict]] = []
             session.on("audio_played", lambda ev: played.append((time.monotonic(), ev)))
             await session.connect()
+            assert session.max_queued_seconds == 12.0  # the server's, said in its `ready`
             frames, chunks, readers = collect_media(session, timed=True)
             await wait_until(lambda: len(frames) >= 10, 20, "frames")
             assert session.audio_shown  # nothing sent

@@ -371,13 +371,14 @@ def test_the_service_on_a_server_needs_no_engine():
         LetsTalkVideoService(avatar_id="default")
 
 
-def _through_server(pipe, frames: list, meanwhile=None, cls=LetsTalkVideoService, **service) -> tuple:
+def _through_server(pipe, frames: list, meanwhile=None, cls=LetsTalkVideoService, queued_s: float = 30.0,
+                    **service) -> tuple:
     """Send `frames` through a service on a live server of `pipe` (its session deleted at the end); as _through.
-    `meanwhile(server)`: a coroutine run beside the pipeline."""
+    `meanwhile(server)`: a coroutine run beside the pipeline; `queued_s`: the server's max_pending_seconds."""
     from server_helpers import running_server
 
     async def main():
-        async with running_server(pipe, engine_config={"catch_up": False}) as srv:
+        async with running_server(pipe, engine_config={"catch_up": False, "max_pending_seconds": queued_s}) as srv:
             avatar = cls(server=srv.url, **service)  # the server's "default" avatar
             seen = Pushed(avatar)
             beside = asyncio.ensure_future(meanwhile(srv)) if meanwhile else None
@@ -477,3 +478,14 @@ def test_on_a_server_a_session_the_server_ends_is_an_error_and_the_voice_goes_on
     assert passed and all(f.sample_rate == TTS_RATE for f in passed)
     assert sum(len(f.audio) for f in passed) == int(0.6 * TTS_RATE) * 2
     assert isinstance(down[-1], TTSStoppedFrame) and left == 0
+
+
+def test_on_a_server_speech_longer_than_its_queue_is_sent_as_playback_makes_room(tiny_pipeline):
+    """A TTS gives 3 s of speech at once to a server that queues 1.5 s: the service sends it as playback makes room
+    (the server says how much it holds), so all of it is said, none refused."""
+    speech = speechlike(3.0, rate=TTS_RATE, seed=7)
+    _, up, pushed, _, _ = _through_server(tiny_pipeline, [SleepFrame(sleep=1.0), *_tts_frames(speech),
+                                                          SleepFrame(sleep=4.5)], queued_s=1.5)
+    assert not [f for f in up if isinstance(f, ErrorFrame)], up
+    loud = len(_sounding(pushed)) * 0.02
+    assert 2.6 <= loud <= 3.4, loud  # all of it (1.5 s or so, the rest refused, when sent at once)

@@ -55,7 +55,7 @@ from ..aio import wait_for
 from ..media import pcm16
 
 _END = object()  # in the audio queue: the utterance before it is over (TTSStoppedFrame)
-REMOTE_AHEAD_S = 20.0  # speech sent to a server beyond what has played: its queue holds 30 s by default
+REMOTE_AHEAD_S = 20.0  # speech sent to a server beyond what has played, at most (its queue holds 30 s by default)
 REMOTE_QUIET_RMS = 30.0  # int16 RMS (-61 dBFS) under which received audio is silence: idle frames', a speech's end
 REMOTE_AFTER_SHOWN_S = 0.2  # audio still pushed after audio_played: the media may come a little after the event
 
@@ -366,7 +366,9 @@ class _RemoteAvatar:
     speech only while it speaks: from its first sound after speech was sent until all that was sent has been shown
     (`AvatarSession.audio_shown`) and it has gone quiet; idle frames' silence is not the bot speaking."""
 
-    max_pending_s = 30.0  # the server's queue, by default
+    @property
+    def max_pending_s(self) -> float:
+        return self.session.max_queued_seconds if self.session is not None else 30.0
 
     def __init__(self, server: str, api_key: str | None, portrait: Any, avatar_id: str | None,
                  options: dict) -> None:
@@ -411,7 +413,8 @@ class _RemoteAvatar:
 
     async def push(self, pcm: np.ndarray, rate: int) -> None:
         loop, epoch = asyncio.get_running_loop(), self._epoch
-        while self._ahead_until - loop.time() > REMOTE_AHEAD_S:  # the server holds 30 s: wait as playback goes
+        ahead = min(REMOTE_AHEAD_S, 0.7 * self.session.max_queued_seconds)  # what the server holds, with room
+        while self._ahead_until - loop.time() > ahead:  # wait as playback goes
             await asyncio.sleep(0.1)
             if self._epoch != epoch or self.closed:
                 return
