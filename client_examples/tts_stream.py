@@ -15,9 +15,9 @@ Two ways to give the avatar its words:
   with espeak-ng on this machine (`letstalk_rt.tts`), cutting its output into 200 ms chunks produced 4x faster
   than real time; `--wav` speaks a file as if a TTS made it.
 Either way `interrupt()` drops what is not yet spoken when the user talks over the avatar. With your own TTS,
-`session.audio_shown` says when everything sent has been shown to its end (the answer is over on screen). The server queues up to
-~30 s ahead; past that, sent audio is refused with `audio_rejected` errors (events), so a TTS that runs far ahead
-should pace itself (`say` does). Something must watch the avatar for its clock to run: this script connects over
+`await session.wait_audio_shown()` returns when everything sent has been shown to its end (the answer is over on
+screen). The server queues up to ~30 s ahead (`session.max_queued_seconds`); past that, sent audio is refused with
+`audio_rejected` errors (events), so a TTS that runs far ahead should pace itself (`say` does). Something must watch the avatar for its clock to run: this script connects over
 WebRTC (and just counts frames), or, with --overlay, leaves the watching to a browser page.
 """
 
