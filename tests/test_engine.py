@@ -2198,6 +2198,39 @@ def test_audio_waiting_for_room_is_dropped_by_an_interrupt_and_by_close(tiny_pip
     assert pushed and full and closed is False
 
 
+def test_waiting_for_the_audio_to_be_shown(tiny_pipeline):
+    """wait_audio_shown: True once the speech pushed has played to its end (as long as it takes to play, not sooner),
+    at once after an interrupt dropped it, False at a timeout and when the session closes with speech unplayed."""
+    async def main():
+        engine = await _engine(tiny_pipeline, catch_up=False)
+        session = await engine.open_session(_portrait(tiny_pipeline, 60))
+        reader = asyncio.create_task(_collect(session, 30.0))
+        assert await session.wait_audio_shown(timeout=0)  # nothing pushed
+        session.push_audio(speechlike(1.0))
+        session.end_speech()
+        start = time.monotonic()
+        shown = await session.wait_audio_shown(timeout=20)
+        took = time.monotonic() - start
+        session.push_audio(speechlike(3.0))
+        timed_out = await session.wait_audio_shown(timeout=0.3)
+        session.interrupt()
+        start = time.monotonic()
+        dropped = await session.wait_audio_shown(timeout=5)
+        at_once = time.monotonic() - start
+        session.push_audio(speechlike(3.0))
+        waiting = asyncio.create_task(session.wait_audio_shown())
+        await asyncio.sleep(0.2)
+        await session.close()
+        closed = await asyncio.wait_for(waiting, 3)
+        reader.cancel()
+        await engine.stop()
+        return shown, took, timed_out, dropped, at_once, closed
+
+    shown, took, timed_out, dropped, at_once, closed = run(main())
+    assert shown and took >= 0.95  # a second of speech plays for a second
+    assert timed_out is False and dropped and at_once < 0.1 and closed is False
+
+
 def test_opening_a_session_touches_no_device_tensor_on_the_event_loop(tiny_pipeline, monkeypatch):
     """A session's stream (its copy of the portrait latent) is made off the event loop: on a GPU that copy waits
     for the window the worker is running, and every session's paced frames would wait with the loop."""
