@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import signal
 import threading
-from typing import Awaitable, Iterator, TypeVar
+from typing import Awaitable, Callable, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -16,6 +16,23 @@ async def wait_for(aw: Awaitable[T], timeout: float | None) -> T:
     returns the result and the task runs on, cancel lost: a loop around it never stops). Raises TimeoutError."""
     async with asyncio.timeout(timeout):
         return await aw
+
+
+async def wait_state(done: Callable[[], bool], over: Callable[[], bool], moved: asyncio.Event,
+                     timeout: float | None = None, recheck_s: float = 1.0) -> bool:
+    """Wait until `done()` (True), or `timeout` seconds pass or `over()` says it never will be (False). `moved` is set
+    whenever either may have changed (cleared here before each wait); both are looked at again every `recheck_s`
+    anyway, for changes nobody signals."""
+    loop = asyncio.get_running_loop()
+    until = None if timeout is None else loop.time() + timeout
+    while not done():
+        left = None if until is None else until - loop.time()
+        if over() or (left is not None and left <= 0):
+            return False
+        moved.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await wait_for(moved.wait(), recheck_s if left is None else min(left, recheck_s))
+    return True
 
 
 @contextlib.contextmanager

@@ -72,7 +72,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from yarl import URL
 
 from . import VERSION_HEADER, __version__
-from .aio import wait_for
+from .aio import wait_for, wait_state
 from .errors import LetsTalkError
 from .media import float_pcm_problem, frame_pcm, pcm16
 from .rtc import (
@@ -917,18 +917,9 @@ class AvatarSession:
         """Wait until `audio_shown` (True), `timeout` seconds pass, or no event can come any more: the session closed or
         its websocket ended (False). Something must be watching the avatar (this client's `connect()`, a viewer, an
         overlay page) for its clock, and so its playback, to run."""
-        loop = asyncio.get_running_loop()
-        until = None if timeout is None else loop.time() + timeout
-        while not self.audio_shown:
-            if self.closed or self.close_reason is not None or self._events.closed:
-                return False
-            left = None if until is None else until - loop.time()
-            if left is not None and left <= 0:
-                return False
-            self._audio_moved_on.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await wait_for(self._audio_moved_on.wait(), min(left, 1.0) if left is not None else 1.0)
-        return True
+        return await wait_state(lambda: self.audio_shown,
+                                lambda: self.closed or self.close_reason is not None or self._events.closed,
+                                self._audio_moved_on, timeout)
 
     async def stop_recording(self) -> None:
         """End the recording of a session started with `record=True` now (it is saved; a `recording_stopped` event

@@ -66,7 +66,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..aio import wait_for
+from ..aio import wait_state
 from ..diffusion import guidance_rows
 from ..errors import InputError, LetsTalkError, OutputError
 from ..framing import FRAMING, FullFrame
@@ -976,16 +976,7 @@ class Session:
     async def wait_audio_shown(self, timeout: float | None = None) -> bool:
         """Wait until `audio_shown` (True), `timeout` seconds pass or the session closes (False). Its frames must be
         taken (its tracks, `frames()`, a recording) for its clock, and so its playback, to run."""
-        loop = asyncio.get_running_loop()
-        until = None if timeout is None else loop.time() + timeout
-        while not self.audio_shown:
-            left = None if until is None else until - loop.time()
-            if self.closed or (left is not None and left <= 0):
-                return False
-            self._shown_moved.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await wait_for(self._shown_moved.wait(), 1.0 if left is None else min(left, 1.0))
-        return True
+        return await wait_state(lambda: self.audio_shown, lambda: self.closed, self._shown_moved, timeout)
 
     def stats(self) -> dict:
         p50, p95, p99 = [x * 1000 for x in q] if (q := quantiles(self.latencies, (0.5, 0.95, 0.99))) else [None] * 3
