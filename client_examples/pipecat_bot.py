@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import sys
 import uuid
 from pathlib import Path
@@ -101,19 +102,17 @@ class Bots:
 
         body = await _json(request)
         if not isinstance(body.get("sdp"), str) or body.get("type") != "offer":
-            raise web.HTTPBadRequest(text='{"error": "send {\\"sdp\\": ..., \\"type\\": \\"offer\\"}"}',
-                                     content_type="application/json")
+            raise _error(web.HTTPBadRequest, 'send {"sdp": ..., "type": "offer"}')
         if "\nm=video " not in body["sdp"]:  # a bot with nothing to show its face on would run for nothing
-            raise web.HTTPBadRequest(text='{"error": "the offer has no video to receive the avatar on: add a video '
-                                          'transceiver (recvonly or sendrecv)"}', content_type="application/json")
+            raise _error(web.HTTPBadRequest, "the offer has no video to receive the avatar on: add a video "
+                                             "transceiver (recvonly or sendrecv)")
         avatar = self.avatar()
         connection = SmallWebRTCConnection()
         try:
             await connection.initialize(sdp=body["sdp"], type="offer")
         except Exception as e:  # aiortc's parser and negotiation raise many kinds: not an offer it can answer
             await connection.disconnect()
-            raise web.HTTPBadRequest(text=f'{{"error": {_quote(f"cannot answer this offer: {e}")}}}',
-                                     content_type="application/json")
+            raise _error(web.HTTPBadRequest, f"cannot answer this offer: {e}")
         size = self.args.size
         transport = SmallWebRTCTransport(webrtc_connection=connection, params=TransportParams(
             audio_out_enabled=True, video_out_enabled=True, video_out_width=size, video_out_height=size,
@@ -152,8 +151,7 @@ class Bots:
     def _task(self, body: dict):
         found = self.bots.get(body.get("bot"))
         if found is None:
-            raise web.HTTPNotFound(text='{"error": "no such bot (its page closed?): reload the page"}',
-                                   content_type="application/json")
+            raise _error(web.HTTPNotFound, "no such bot (its page closed?): reload the page")
         return found[0]
 
     async def say(self, request: web.Request) -> web.Response:
@@ -169,7 +167,7 @@ class Bots:
             text = check_text(body.get("text"))
             speech = Speech(self.args.voice)
         except InputError as e:
-            raise web.HTTPUnprocessableEntity(text=f'{{"error": {_quote(str(e))}}}', content_type="application/json")
+            raise _error(web.HTTPUnprocessableEntity, str(e))
         rate = 24000
         pcm = pcm16(await asyncio.to_thread(speech.synthesize, text, rate))
         step = int(CHUNK_S * rate)
@@ -196,14 +194,13 @@ async def _json(request: web.Request) -> dict:
     except ValueError:
         body = None
     if not isinstance(body, dict):
-        raise web.HTTPBadRequest(text='{"error": "the body must be a JSON object"}', content_type="application/json")
+        raise _error(web.HTTPBadRequest, "the body must be a JSON object")
     return body
 
 
-def _quote(text: str) -> str:
-    import json
-
-    return json.dumps(text)
+def _error(kind: type[web.HTTPError], message: str) -> web.HTTPError:
+    """An HTTP error whose JSON body says what is wrong (the page shows it)."""
+    return kind(text=json.dumps({"error": message}), content_type="application/json")
 
 
 def make_app(args: argparse.Namespace, engine=None) -> tuple[web.Application, Bots]:

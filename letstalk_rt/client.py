@@ -417,7 +417,7 @@ class AvatarSession:
         # an `audio_played` event (its `audio_messages`) or dropped by interrupt(); sent on the current websocket.
         self._audio_sent = self._audio_done = self._ws_sent = 0
         self.max_queued_seconds = 30.0  # speech the server queues ahead of playback (its `ready` says), more refused
-        self._audio_moved_on = asyncio.Event()  # set when _audio_done moves or the events end (wait_audio_shown)
+        self._shown_moved = asyncio.Event()  # set when audio_shown may have changed (wait_audio_shown)
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
@@ -791,10 +791,10 @@ class AvatarSession:
             if isinstance(event.get("audio_messages"), int):  # those sent into a websocket that died never came
                 self._audio_sent = event["audio_messages"] + self._ws_sent
                 self._audio_done = min(self._audio_done, self._audio_sent)
-                self._audio_moved_on.set()
+                self._shown_moved.set()
         elif kind == "audio_played":
             self._audio_done = max(self._audio_done, event.get("audio_messages", self._audio_sent))
-            self._audio_moved_on.set()
+            self._shown_moved.set()
         self._events.put(event)
         for cb in self._callbacks.get(kind, []) + self._callbacks.get("*", []):  # type: ignore[arg-type]
             try:
@@ -902,7 +902,7 @@ class AvatarSession:
             sent = self._audio_sent  # the server drops these: they come before the interrupt
             await ws.send_str(json.dumps({"type": "interrupt"}))
             self._audio_done = max(self._audio_done, sent)
-            self._audio_moved_on.set()
+            self._shown_moved.set()
 
         await self._send(send)
 
@@ -919,7 +919,7 @@ class AvatarSession:
         overlay page) for its clock, and so its playback, to run."""
         return await wait_state(lambda: self.audio_shown,
                                 lambda: self.closed or self.close_reason is not None or self._events.closed,
-                                self._audio_moved_on, timeout)
+                                self._shown_moved, timeout)
 
     async def stop_recording(self) -> None:
         """End the recording of a session started with `record=True` now (it is saved; a `recording_stopped` event

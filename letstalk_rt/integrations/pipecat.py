@@ -49,9 +49,9 @@ except ModuleNotFoundError as e:  # one line saying what to install, as the engi
     raise ModuleNotFoundError(f"letstalk_rt.integrations.pipecat needs Pipecat ({e.name} is missing): "
                               "pip install 'letstalk-rt[pipecat]'", name=e.name) from None
 
+from ..aio import wait_for
 from ..errors import InputError, LetsTalkError
 from ..framing import FRAMING
-from ..aio import wait_for
 from ..media import pcm16
 
 _END = object()  # in the audio queue: the utterance before it is over (TTSStoppedFrame)
@@ -315,8 +315,7 @@ class _LocalAvatar:
 
     @property
     def max_pending_s(self) -> float:
-        engine = self.engine
-        return (engine.engines[0] if hasattr(engine, "engines") else engine).config.max_pending_seconds
+        return self.session.engine.config.max_pending_seconds  # (of a pool, the engine it opened on)
 
     @property
     def closed(self) -> bool:
@@ -366,10 +365,6 @@ class _RemoteAvatar:
     speech only while it speaks: from its first sound after speech was sent until all that was sent has been shown
     (`AvatarSession.audio_shown`) and it has gone quiet; idle frames' silence is not the bot speaking."""
 
-    @property
-    def max_pending_s(self) -> float:
-        return self.session.max_queued_seconds if self.session is not None else 30.0
-
     def __init__(self, server: str, api_key: str | None, portrait: Any, avatar_id: str | None,
                  options: dict) -> None:
         self.url, self.api_key, self.portrait, self.avatar_id = server, api_key, portrait, avatar_id
@@ -395,6 +390,10 @@ class _RemoteAvatar:
     def frame_size(self) -> tuple[int, int]:
         video = self.session.info["video"]
         return video["width"], video["height"]
+
+    @property
+    def max_pending_s(self) -> float:
+        return self.session.max_queued_seconds
 
     @property
     def closed(self) -> bool:
@@ -508,12 +507,10 @@ class _RemoteAvatar:
 
 
 async def _start_engine(model: str | Path | None, device: str | None) -> Any:
+    from ..cli import resolve_device
     from ..pipeline import LetsTalkPipeline
     from ..stream.engine import StreamEngine, run_off_loop
 
-    if device is None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device or "auto")  # CUDA where there is one; a wrong name is a LetsTalkError saying so
     pipe = await run_off_loop(lambda: LetsTalkPipeline.from_pretrained(model, device=device))
     return await StreamEngine(pipe).start()
