@@ -114,6 +114,26 @@ def test_every_pushed_sample_comes_out_once_in_order_on_whole_frames(tiny_pipeli
     assert idx == sorted(idx) and len(set(idx)) == len(idx)
 
 
+def test_speech_at_another_rate_comes_out_whole_at_its_end(tiny_pipeline):
+    """0.5 s pushed at 24 kHz in 100 ms chunks comes out as 0.5 s at 16 kHz, its last millisecond too (held in the
+    resampler's filter until end_speech() lets it out), contiguous."""
+    speech = speechlike(0.5, rate=24000) / 2 + 0.3  # 0.15..0.45: never near zero, at 24 kHz or resampled
+
+    async def main():
+        engine = await _engine(tiny_pipeline)
+        session = await engine.open_session(_portrait(tiny_pipeline, 100))
+        for pos in range(0, len(speech), 2400):
+            session.push_audio(speech[pos:pos + 2400], 24000)
+        session.end_speech()
+        frames = await _collect(session, 1.5)
+        await engine.stop()
+        return frames
+
+    audio = np.concatenate([f.audio for f in run(main()) if not f.filler])
+    loud = np.flatnonzero(audio > 0.1)
+    assert len(loud) == loud[-1] - loud[0] + 1 == 8000
+
+
 def test_tracks_are_paced_on_one_clock_with_monotonic_pts_and_matching_audio(tiny_pipeline):
     from letstalk_rt.stream.tracks import AUDIO_PTIME
 

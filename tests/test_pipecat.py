@@ -106,8 +106,10 @@ def test_tts_speech_comes_out_as_paced_frames_with_that_speech_in_step(tiny_pipe
     audio = [f for f in down if isinstance(f, TTSAudioRawFrame)]
     assert all(f.sample_rate == 16000 and f.num_channels == 1 for f in audio)  # ours, not the TTS's 24 kHz frames
     said = np.concatenate([np.frombuffer(f.audio, np.int16) for f in audio]).astype(np.float32) / 32767
-    # all of it, once, and the silence end_speech() puts after it to flush the audio encoder's lookahead (2 frames)
-    assert 1.2 <= len(said) / 16000 <= 1.2 + 0.12 + 1e-9
+    # all of it, once, and the silence end_speech() puts after it to flush the audio encoder's lookahead (2 frames);
+    # where the engine ran dry before the next chunk or the stop came (a stalled event loop on a busy machine), it
+    # padded silence to flush what it held: a frame more for each of those 3 places (the one the pad shares with speech)
+    assert 1.2 <= len(said) / 16000 <= 1.2 + 0.08 + 3 * 0.04 + 1e-9
     ref = speech[::3][:len(said)]  # 24 kHz -> 16 kHz, near enough to compare levels
     assert abs(np.sqrt(np.mean(said ** 2)) / np.sqrt(np.mean(ref ** 2)) - 1) < 0.35  # the speech, not silence
     # images: the model's frames, one per 40 ms, on through the silence after the speech (2.5 s in all, at least)

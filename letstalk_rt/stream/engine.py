@@ -688,6 +688,8 @@ class Session:
         self._check_open()
         lookahead = self._w.tokenizer.lookahead_ms / 1000
         silence = np.zeros(int(math.ceil(lookahead * self.sample_rate)) + self.samples_per_frame, np.float32)
+        if self._resampler is not None:  # the utterance's last ~1 ms, held in the resampler's filter, goes first
+            silence = np.concatenate([self._resampler.flush(), silence])
         with self._lock:
             now = time.monotonic()
             self._pcm_in.append((silence, now, False, self._pace(now, len(silence)), False, None, 0))
