@@ -861,7 +861,8 @@ class AvatarSession:
         Live audio: send it at about real time (the server queues at most ~30 s ahead and reports `audio_rejected`);
         audio that queues up behind earlier audio is late, and its pauses are shortened to catch up. `ahead=True`:
         the audio is made faster than real time (a TTS) and sent before it is due: it plays at its own pace, its
-        pauses whole (still at most ~30 s queued).
+        pauses whole; what the session's queue has no room for waits on the server, in order, as much again (~60 s in
+        all), and is played as room frees, so a busy server that plays it late loses none of it.
         """
         if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float, np.integer, np.floating)) \
                 or int(sample_rate) != sample_rate:

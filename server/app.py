@@ -1101,11 +1101,11 @@ def _on_audio(ss: ServerSession, data: bytes) -> tuple[int, str] | None:
         return 1003, f"binary messages are PCM16 LE: length must be a multiple of {frame_bytes} bytes"
     if len(data) > rate * frame_bytes:
         return 1009, f"a binary message holds at most 1 s of audio ({rate * frame_bytes} bytes)"
-    problem = None
+    pcm = None
     if data:
         pcm = np.frombuffer(data, dtype="<i2").astype(np.int16, copy=False)  # (n * channels,)
-        problem = ss.push_audio(pcm.reshape(-1, channels) if channels > 1 else pcm, rate, ss.audio_ahead)
-    ss.count_audio_message()
+        pcm = pcm.reshape(-1, channels) if channels > 1 else pcm
+    problem = ss.audio_message(pcm, rate)
     return None if problem is None else (0, problem)
 
 
@@ -1126,7 +1126,7 @@ async def _on_control(ss: ServerSession, text: str) -> None:
         if kind == "ping":
             ss.send_json({"type": "pong", "id": message.get("id"), "time": time.time()})
         elif kind == "end_of_speech":
-            ss.session.end_speech()
+            ss.end_of_speech()
         elif kind == "interrupt":
             ss.interrupt()
         elif kind == "say":

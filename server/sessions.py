@@ -56,7 +56,7 @@ from letstalk_rt.rtc import (
     sent_codec,
 )
 from letstalk_rt.stream import TrackSource
-from letstalk_rt.stream.engine import quantiles, resident_memory_bytes
+from letstalk_rt.stream.engine import AudioBufferFull, quantiles, resident_memory_bytes
 from letstalk_rt.stream.events import Event, SessionClosed
 from letstalk_rt.tts import Speech, SpeechUnavailable, check_text, sentences
 
@@ -320,6 +320,7 @@ def render_metrics(manager: SessionManager) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
+END_OF_SPEECH = object()  # held in a session's audio queue: end_of_speech came after the audio held
 MAX_LISTENERS = 8  # event streams (GET /v1/sessions/{id}/events) a session serves at once
 LISTENER_QUEUE = 256  # events held for one of them that does not read
 WS_OUTBOX = 256  # messages queued for a websocket; a client that many behind does not read its events
@@ -441,6 +442,11 @@ class ServerSession:
         self.audio_messages = 0  # binary audio messages received, on all its websockets
         self.audio_messages_played = 0  # how many of them have been shown (or dropped by an interrupt, or refused)
         self._message_marks: collections.deque = collections.deque()  # (audio_pieces after it, its number), unplayed
+        # audio messages made ahead of real time that the engine had no room for, and what came after them, in order:
+        # (PCM, None for an empty or refused message, or END_OF_SPEECH; rate; ahead; its number, 0 for end_of_speech)
+        self._held: collections.deque = collections.deque()
+        self._held_s = 0.0  # seconds of audio in it
+        self._feeding_held: asyncio.Task | None = None
         now = time.monotonic()
         self.created = now
         limit = self.config.max_session_s
@@ -557,14 +563,77 @@ class ServerSession:
 
     # -- audio in
 
-    def count_audio_message(self) -> None:
-        """One more binary audio message taken (pushed, refused or empty): `audio_played` events say how many have
-        been shown (`audio_messages`), so that a client knows when what it sent has been seen and heard to its end."""
+    def audio_message(self, pcm: np.ndarray | None, rate: int) -> str | None:
+        """One binary websocket message's audio (None: an empty message), pushed in order; an error message when it is
+        refused. Audio made ahead of real time (`audio_ahead`: a TTS) that the engine's queue has no room for is held
+        here, up to as much again (`max_pending_seconds`), and pushed as playback makes room: later messages and
+        `end_of_speech` wait behind it, so a TTS sending faster than the session plays (a busy server) loses nothing.
+        `audio_played` events say how many messages have been shown (`audio_messages`), so that a client knows when
+        what it sent has been seen and heard to its end."""
+        self.touch()
         self.audio_messages += 1
+        number = self.audio_messages
+        if not self._held:
+            try:
+                if pcm is not None:
+                    self.session.push_audio(pcm, rate, self.audio_ahead)
+            except AudioBufferFull as e:
+                if not self.audio_ahead:
+                    self._mark(number)
+                    return str(e)
+                return self._hold(pcm, rate, number)
+            except LetsTalkError as e:  # SessionClosedError, InputError
+                self._mark(number)
+                return str(e)
+            self._mark(number)
+            return None
+        return self._hold(pcm, rate, number)
+
+    def end_of_speech(self) -> None:
+        """The `end_of_speech` control message: after the audio held, if any."""
+        if self._held:
+            self._held.append((END_OF_SPEECH, 0, False, 0))
+        else:
+            self.session.end_speech()
+
+    def _hold(self, pcm: np.ndarray | None, rate: int, number: int) -> str | None:
+        seconds = 0.0 if pcm is None else len(pcm) / rate
+        limit = self.session.engine.config.max_pending_seconds
+        problem = None
+        if self._held_s + seconds > limit:
+            problem = (f"session {self.id}: {limit:.0f} s of audio queued ahead of playback and as much again waiting; "
+                       "send it at about real-time pace or call interrupt()")
+            pcm, seconds = None, 0.0  # its place kept: it counts as shown once what came before it has been
+        self._held.append((pcm, rate, self.audio_ahead, number))
+        self._held_s += seconds
+        if self._feeding_held is None or self._feeding_held.done():
+            self._feeding_held = self.spawn(self._feed_held(), "held-audio")
+        return problem
+
+    async def _feed_held(self) -> None:
+        """The audio held, into the engine as playback makes room (an interrupt empties it; a close ends this)."""
+        while self._held and not self.session.closed:
+            pcm, rate, ahead, number = item = self._held[0]
+            try:
+                if pcm is END_OF_SPEECH:
+                    self.session.end_speech()
+                elif pcm is not None and not await self.session.push_audio_when_room(pcm, rate, ahead=ahead):
+                    continue  # interrupted (the queue emptied: what came since is next) or closed
+            except LetsTalkError as e:  # closed meanwhile, or audio the engine refuses: this message only
+                if self.session.closed:
+                    return
+                self.error_event(str(e), "audio_rejected")
+            if self._held and self._held[0] is item:
+                self._held.popleft()
+                self._held_s -= 0.0 if pcm is None or pcm is END_OF_SPEECH else len(pcm) / rate
+                if number:
+                    self._mark(number)
+
+    def _mark(self, number: int) -> None:
         mark = self.session.audio_pieces
         if self._message_marks and self._message_marks[-1][0] == mark:  # nothing queued since: done with the last
             self._message_marks.pop()
-        self._message_marks.append((mark, self.audio_messages))
+        self._message_marks.append((mark, number))
 
     def _messages_played(self, pieces: int) -> int:
         while self._message_marks and self._message_marks[0][0] <= pieces:
@@ -572,7 +641,9 @@ class ServerSession:
         return self.audio_messages_played
 
     def interrupt(self) -> None:
-        """The `interrupt` control message: every audio message received so far is dropped."""
+        """The `interrupt` control message: every audio message received so far is dropped (those held too)."""
+        self._held.clear()
+        self._held_s = 0.0
         self.session.interrupt()
         self._message_marks.clear()
         self.audio_messages_played = self.audio_messages

@@ -789,6 +789,66 @@ def test_an_offer_racing_a_delete_leaves_no_peer_connection(tiny_pipeline, monke
 # --------------------------------------------------------------------------------------------------
 
 
+def test_tts_audio_sent_faster_than_the_session_plays_waits_on_the_server_in_order(tiny_pipeline):
+    """A TTS's 2 s sent at once (`ahead`) to a session that queues 1 s: what does not fit waits on the server and is
+    played as room frees, all of it, in order, once, end_of_speech after it (audio_played covers every message);
+    more than as much again is refused (audio_rejected), and an interrupt drops what waits."""
+    speech = ((speechlike(2.0, seed=3) / 2 + 0.3) * 32767).astype("<i2")  # 0.15..0.45: every sample tells
+
+    async def main():
+        config = {"max_pending_seconds": 1.0, "catch_up": False}
+        async with running_server(tiny_pipeline, engine_config=config) as srv, aiohttp.ClientSession() as http:
+            info = await create_session(http, srv.url)
+            sid = info["session_id"]
+            ss, pushed = srv.manager.sessions[sid], []
+
+            async def watch():
+                async for frame in ss.session.frames():
+                    if frame.pushed:
+                        pushed.append(frame.audio)
+
+            viewer = asyncio.ensure_future(watch())
+            ws = await http.ws_connect(info["ws_url"], params={"token": info["token"]})
+            await _ws_json(ws, "ready")
+            await ws.send_json({"type": "audio_format", "sample_rate": 16000, "channels": 1, "ahead": True})
+            await _ws_json(ws, "audio_format")
+            for i in range(0, len(speech), 8000):  # 0.5 s messages, all at once
+                await ws.send_bytes(speech[i:i + 8000].tobytes())
+            await ws.send_json({"type": "end_of_speech"})
+            await wait_until(lambda: ss.audio_messages == 4, 10, "the server to take the 4 messages")
+            held_then = ss._held_s
+            errors, played = [], None
+            while played is None:
+                event = json.loads((await ws.receive(timeout=30)).data)
+                errors += [event] if event["type"] == "error" else []
+                played = event if event["type"] == "audio_played" else None
+            # 4 s more at once: 1 s or so in the engine, 1 s waiting, the rest refused; an interrupt drops what waits
+            for _ in range(8):
+                await ws.send_bytes(speech[:8000].tobytes())
+            await ws.send_json({"type": "ping", "id": 1})
+            refused = []
+            while not refused or refused[-1]["type"] != "pong":
+                refused.append(json.loads((await ws.receive(timeout=10)).data))
+            refused = [e for e in refused if e["type"] == "error"]
+            waiting = len(ss._held)
+            await ws.send_json({"type": "interrupt"})
+            await _ws_json(ws, "interrupted")
+            viewer.cancel()
+            return held_then, errors, played, refused, waiting, ss._held, ss.audio_messages_played, pushed
+
+    held_then, errors, played, refused, waiting, held_after, messages_played, pushed = run(main())
+    assert held_then >= 0.5  # it did wait on the server (the engine queues 1 s)
+    assert not errors and played["audio_messages"] == 4  # none refused; all 4 shown when it came
+    said = np.concatenate(pushed)
+    loud = np.flatnonzero(said > 0.1)
+    assert len(loud) == loud[-1] - loud[0] + 1 == len(speech)  # all of it, once, no gap (end_of_speech after it)
+    np.testing.assert_allclose(said[loud[0]:loud[-1] + 1], speech / 32768, atol=1e-4)
+    assert 2 <= len(refused) <= 4 and all(e["code"] == "audio_rejected" and "interrupt" in e["message"]
+                                          for e in refused)
+    assert waiting >= 2 + len(refused) and not held_after  # refused ones keep their place in the line
+    assert messages_played == 4 + 8
+
+
 def test_websocket_audio_control_events_and_bad_input(tiny_pipeline):
     async def main():
         async with running_server(tiny_pipeline) as srv, aiohttp.ClientSession() as http:
@@ -1074,7 +1134,7 @@ def test_websocket_bug_closes_with_1011_and_a_handshake_racing_a_close_is_closed
             def broken(pcm, rate):
                 raise RuntimeError("a bug")
 
-            monkeypatch.setattr(ss, "push_audio", broken)
+            monkeypatch.setattr(ss, "audio_message", broken)
             await ws.send_bytes(np.zeros(320, "<i2").tobytes())
             msg = await ws.receive(timeout=5)
             assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1011 and "internal" in msg.extra, msg

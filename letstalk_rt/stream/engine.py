@@ -669,15 +669,15 @@ class Session:
         self.engine._wake()
 
     async def push_audio_when_room(self, pcm: np.ndarray, sample_rate: int | None = None, caption: str | None = None,
-                                   poll_s: float = 0.05) -> bool:
+                                   poll_s: float = 0.05, ahead: bool = True) -> bool:
         """push_audio(ahead=True) for audio made faster than real time (a TTS, a file read at once), waiting while the
         queue holds `max_pending_seconds` already (playback frees 1 s a second) instead of raising AudioBufferFull.
         False: not queued, because the session closed or was interrupted while this waited (the interrupt dropped the
-        speech this belongs to)."""
+        speech this belongs to). (`ahead` False: live audio that had to wait behind such audio.)"""
         epoch = self._epoch
         while not self.closed and self._epoch == epoch:
             try:
-                self.push_audio(pcm, sample_rate, ahead=True, caption=caption)
+                self.push_audio(pcm, sample_rate, ahead=ahead, caption=caption)
                 return True
             except AudioBufferFull:
                 await asyncio.sleep(poll_s)
