@@ -656,8 +656,8 @@ def test_sdk_events_end_when_the_websocket_ends_and_odd_rates_are_sent_whole(tin
                 session = await client.start_session()
                 ss = srv.manager.sessions[session.id]
                 pushed: list[int] = []
-                push_audio = ss.push_audio
-                ss.push_audio = lambda pcm, rate, ahead=False: pushed.append(len(pcm)) or push_audio(pcm, rate, ahead)
+                take = ss.audio_message
+                ss.audio_message = lambda pcm, rate: pushed.append(0 if pcm is None else len(pcm)) or take(pcm, rate)
                 speech = speechlike(1.0, 11025)
                 await session.send_audio(speech, sample_rate=11025)  # 5512 samples per message, not 5512.5
                 await session.send_audio(np.stack([speech, speech], axis=1), sample_rate=11025)  # and stereo
