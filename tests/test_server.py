@@ -1036,6 +1036,9 @@ def test_a_draining_server_refuses_new_sessions_and_lets_the_open_ones_finish(ti
         async with running_server(tiny_pipeline) as srv, aiohttp.ClientSession() as http:
             info = await create_session(http, srv.url)
             player = play_session(srv, info["session_id"])
+            session = srv.engine.sessions[info["session_id"]]
+            # streaming before the drain (its first frame can take seconds on a busy machine)
+            await wait_until(lambda: session.player.tick > 0, 30, "the session's first frame")
             ws = await http.ws_connect(info["ws_url"], headers=_bearer(info["token"]))
             events = await http.get(f"{srv.url}/v1/sessions/{info['session_id']}/events",
                                     headers=_bearer(info["token"]))
@@ -1051,7 +1054,6 @@ def test_a_draining_server_refuses_new_sessions_and_lets_the_open_ones_finish(ti
                 assert (await client.health())["status"] == "draining"
             async with http.post(f"{srv.url}/v1/sessions", json={"avatar_id": "default"}) as r:
                 refused = (r.status, (await r.json())["error"], r.headers.get("Retry-After"))
-            session = srv.engine.sessions[info["session_id"]]
             tick = session.player.tick
             await asyncio.sleep(1.0)
             streaming = session.player.tick - tick
