@@ -16,8 +16,9 @@ Two ways to give the avatar its words:
   than real time; `--wav` speaks a file as if a TTS made it.
 Either way `interrupt()` drops what is not yet spoken when the user talks over the avatar. With your own TTS,
 `await session.wait_audio_shown()` returns when everything sent has been shown to its end (the answer is over on
-screen). The server queues up to ~30 s ahead (`session.max_queued_seconds`); past that, sent audio is refused with
-`audio_rejected` errors (events), so a TTS that runs far ahead should pace itself (`say` does). Something must watch the avatar for its clock to run: this script connects over
+screen). The server queues up to ~30 s ahead (`session.max_queued_seconds`) and, for audio sent `ahead`, as much again
+waiting on the server; past that, sent audio is refused with `audio_rejected` errors (events), so a TTS that runs
+further ahead should pace itself (`say` does). Something must watch the avatar for its clock to run: this script connects over
 WebRTC (and just counts frames), or, with --overlay, leaves the watching to a browser page.
 """
 
