@@ -55,8 +55,9 @@ def test_sessions_go_to_the_least_busy_engine_and_each_engine_batches_only_its_o
         batches = [e.batch for e in evs if isinstance(e, WindowTimings)]
         assert batches and max(batches) == 2  # batched with the other session of its engine, never with 3 or 4
         # each engine's worker made its sessions' frames: 30 in 1.2 s, less the cold first window (no warm-up), which
-        # in a full run on 2 cores took a frame more than 5 (24 seen); a starved session would have none
-        assert sum(not f.filler for f in frames[i]) >= 20
+        # in a full run on 2 cores took a frame more than 5 (24 seen; 18 beside a busy loop); a starved session would
+        # have none
+        assert sum(not f.filler for f in frames[i]) >= 15
 
 
 def test_an_engine_whose_windows_fail_gets_no_new_session_while_another_has_a_slot(tiny_pipeline, second_pipeline):
