@@ -482,6 +482,36 @@ def test_on_a_server_a_session_the_server_ends_is_an_error_and_the_voice_goes_on
     assert isinstance(down[-1], TTSStoppedFrame) and left == 0
 
 
+def test_on_a_server_an_error_the_server_reports_is_said_and_the_session_goes_on(tiny_pipeline):
+    """The server refuses a piece of the bot's speech (an `error` event, audio_rejected): an ErrorFrame, not fatal,
+    says so with the server's reason; the rest of the speech is said, the frames go on, the TTS's stop follows."""
+    from server_helpers import wait_until
+
+    async def refuse_first(srv):
+        await wait_until(lambda: srv.manager.sessions, 20, "the bot's session")
+        ss = next(iter(srv.manager.sessions.values()))
+        take, refused = ss.audio_message, []
+
+        def audio_message(pcm, rate):
+            if pcm is not None and not refused:
+                refused.append(take(None, rate))  # counted in its place, as a refused message is
+                return "refused by this test"
+            return take(pcm, rate)
+
+        ss.audio_message = audio_message
+
+    speech = speechlike(1.2, rate=TTS_RATE, seed=5)
+    _, up, pushed, _, _ = _through_server(tiny_pipeline, [SleepFrame(sleep=1.0), *_tts_frames(speech),
+                                                          SleepFrame(sleep=3.0)], refuse_first)
+    (error,) = [f for f in up if isinstance(f, ErrorFrame)]
+    assert not error.fatal and "audio_rejected: refused by this test" in error.error
+    kinds = [type(f) for _, f in pushed]
+    assert kinds.count(TTSStoppedFrame) == 1
+    assert kinds[kinds.index(TTSStoppedFrame):].count(OutputImageRawFrame) > 10  # the frames go on after it
+    loud = len(_sounding(pushed)) * 0.02
+    assert 0.3 <= loud <= 1.0, loud  # what came after the refused message (how much it held: the SDK's split)
+
+
 def test_on_a_server_speech_longer_than_its_queue_is_sent_as_playback_makes_room(tiny_pipeline):
     """A TTS gives 3 s of speech at once to a server that queues 1.5 s: the service sends it as playback makes room
     (the server says how much it holds), so all of it is said, none refused."""

@@ -68,6 +68,7 @@ class _Out:
     audio: np.ndarray | None = None
     rate: int = 16000
     quiet: bool = False  # past all the speech given so far (the TTS's stop may follow it)
+    error: str | None = None  # an error the server reported on the session, which goes on (audio refused, ...)
 
 
 class LetsTalkVideoService(AIService):
@@ -85,7 +86,8 @@ class LetsTalkVideoService(AIService):
 
     Errors (no face in the portrait, the engine or server full or unreachable, a window that failed, the connection
     lost) are pushed upstream as `ErrorFrame`s saying what went wrong, and the bot goes on with its voice alone: the
-    TTS's frames then pass through untouched."""
+    TTS's frames then pass through untouched. An error the server reports on a session that goes on (speech it
+    refused: `audio_rejected`) is an `ErrorFrame` too, with the server's reason, and the avatar goes on."""
 
     def __init__(self, *, portrait: Any = None, engine: Any = None, model: str | Path | None = None,
                  device: str | None = None, server: str | None = None, api_key: str | None = None,
@@ -243,6 +245,9 @@ class LetsTalkVideoService(AIService):
     async def _show(self) -> None:
         """The avatar's paced frames downstream: each image, then the speech it shows (played behind it)."""
         async for out in self._avatar.output():
+            if out.error is not None:
+                await self.push_error(error_msg=f"LetsTalk avatar: {out.error}")
+                continue
             if out.image is not None:
                 height, width = out.image.shape[:2]
                 image = OutputImageRawFrame(image=out.image.tobytes(), size=(width, height), format="RGB")
@@ -464,8 +469,14 @@ class _RemoteAvatar:
             finally:
                 received.put_nowait(None)
 
+        async def errors() -> None:  # the server's `error` events: said, not fatal (the session goes on)
+            with contextlib.suppress(LetsTalkError):  # the events end with the websocket: the media readers say why
+                async for event in self.session.events():
+                    if event.get("type") == "error":
+                        received.put_nowait(event)
+
         readers = [asyncio.ensure_future(read(self.session.timed_video_frames())),
-                   asyncio.ensure_future(read(self.session.audio_frames()))]
+                   asyncio.ensure_future(read(self.session.audio_frames())), asyncio.ensure_future(errors())]
         held: list = []  # (media time, arrival, int16 mono, rate): speech waiting for the frame it follows
         ended = 0
         try:
@@ -476,6 +487,8 @@ class _RemoteAvatar:
                     item = False
                 if item is None:
                     ended += 1
+                elif isinstance(item, dict):
+                    yield _Out(error=f"the server said {item.get('code')}: {item.get('message')}")
                 elif isinstance(item, AudioChunk):
                     speech = self._speech(item)
                     if speech is not None:
