@@ -445,7 +445,6 @@ class ServerSession:
         # audio messages made ahead of real time that the engine had no room for, and what came after them, in order:
         # (PCM, None for an empty or refused message, or END_OF_SPEECH; rate; ahead; its number, 0 for end_of_speech)
         self._held: collections.deque = collections.deque()
-        self._held_s = 0.0  # seconds of audio in it
         self._feeding_held: asyncio.Task | None = None
         now = time.monotonic()
         self.created = now
@@ -573,21 +572,20 @@ class ServerSession:
         self.touch()
         self.audio_messages += 1
         number = self.audio_messages
-        if not self._held:
-            try:
-                if pcm is not None:
-                    self.session.push_audio(pcm, rate, self.audio_ahead)
-            except AudioBufferFull as e:
-                if not self.audio_ahead:
-                    self._mark(number)
-                    return str(e)
+        if self._held:  # behind what waits
+            return self._hold(pcm, rate, number)
+        problem = None
+        try:
+            if pcm is not None:
+                self.session.push_audio(pcm, rate, self.audio_ahead)
+        except AudioBufferFull as e:
+            if self.audio_ahead:
                 return self._hold(pcm, rate, number)
-            except LetsTalkError as e:  # SessionClosedError, InputError
-                self._mark(number)
-                return str(e)
-            self._mark(number)
-            return None
-        return self._hold(pcm, rate, number)
+            problem = str(e)
+        except LetsTalkError as e:  # SessionClosedError, InputError
+            problem = str(e)
+        self._mark(number)
+        return problem
 
     def end_of_speech(self) -> None:
         """The `end_of_speech` control message: after the audio held, if any."""
@@ -596,16 +594,19 @@ class ServerSession:
         else:
             self.session.end_speech()
 
+    @property
+    def held_seconds(self) -> float:
+        """Seconds of audio waiting on the server for room in the engine's queue."""
+        return sum(len(pcm) / rate for pcm, rate, _, number in self._held if number and pcm is not None)
+
     def _hold(self, pcm: np.ndarray | None, rate: int, number: int) -> str | None:
-        seconds = 0.0 if pcm is None else len(pcm) / rate
         limit = self.session.engine.config.max_pending_seconds
         problem = None
-        if self._held_s + seconds > limit:
+        if pcm is not None and self.held_seconds + len(pcm) / rate > limit:
             problem = (f"session {self.id}: {limit:.0f} s of audio queued ahead of playback and as much again waiting; "
                        "send it at about real-time pace or call interrupt()")
-            pcm, seconds = None, 0.0  # its place kept: it counts as shown once what came before it has been
+            pcm = None  # its place kept: it counts as shown once what came before it has been
         self._held.append((pcm, rate, self.audio_ahead, number))
-        self._held_s += seconds
         if self._feeding_held is None or self._feeding_held.done():
             self._feeding_held = self.spawn(self._feed_held(), "held-audio")
         return problem
@@ -625,7 +626,6 @@ class ServerSession:
                 self.error_event(str(e), "audio_rejected")
             if self._held and self._held[0] is item:
                 self._held.popleft()
-                self._held_s -= 0.0 if pcm is None or pcm is END_OF_SPEECH else len(pcm) / rate
                 if number:
                     self._mark(number)
 
@@ -643,7 +643,6 @@ class ServerSession:
     def interrupt(self) -> None:
         """The `interrupt` control message: every audio message received so far is dropped (those held too)."""
         self._held.clear()
-        self._held_s = 0.0
         self.session.interrupt()
         self._message_marks.clear()
         self.audio_messages_played = self.audio_messages

@@ -816,7 +816,7 @@ def test_tts_audio_sent_faster_than_the_session_plays_waits_on_the_server_in_ord
                 await ws.send_bytes(speech[i:i + 8000].tobytes())
             await ws.send_json({"type": "end_of_speech"})
             await wait_until(lambda: ss.audio_messages == 4, 10, "the server to take the 4 messages")
-            held_then = ss._held_s
+            held_then = ss.held_seconds
             errors, played = [], None
             while played is None:
                 event = json.loads((await ws.receive(timeout=30)).data)
