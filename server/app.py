@@ -847,7 +847,8 @@ async def get_session(request: web.Request) -> web.Response:
         "websocket": ss.ws is not None,
         "ice_servers": ss.ice_servers,
         "device": str(ss.session.pipeline.device),  # the engine it runs on (one per device), for its whole life
-        "stats": ss.session.stats(),
+        # audio_held_s: audio sent ahead (a TTS) waiting on the server for room in the engine's queue (audio_queued_s)
+        "stats": {**ss.session.stats(), "audio_held_s": round(ss.held_seconds, 3)},
     })
 
 

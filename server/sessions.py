@@ -245,6 +245,12 @@ def render_metrics(manager: SessionManager) -> str:
     metric("letstalk_speech_to_screen_latency_seconds", "summary",
            "Speech arrival to the frame that says it being shown (recent sessions).",
            q + [("_sum", float(sum(lat))), ("_count", len(lat))])
+    metric("letstalk_audio_queued_seconds", "gauge", "Speech pushed to the sessions and not taken by the engine yet, "
+           "all sessions (each session's capped at its max_pending_seconds).",
+           [("", round(sum(s.queued_seconds for s in live), 3))])
+    metric("letstalk_audio_held_seconds", "gauge", "Speech sent ahead of playback (a TTS) waiting on the server for "
+           "room in its session's queue, all sessions (up to max_pending_seconds more each; beyond, refused).",
+           [("", round(sum(ss.held_seconds for ss in manager.sessions.values()), 3))])
     metric("letstalk_errors_total", "counter", "Session errors, failed negotiations and internal server errors.",
            [("", m.errors_total)])
     metric("letstalk_says_total", "counter", "Texts accepted to be spoken (`say`).", [("", m.says_total)])

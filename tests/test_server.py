@@ -831,12 +831,18 @@ def test_tts_audio_sent_faster_than_the_session_plays_waits_on_the_server_in_ord
                 refused.append(json.loads((await ws.receive(timeout=10)).data))
             refused = [e for e in refused if e["type"] == "error"]
             waiting = len(ss._held)
+            headers = {"Authorization": f"Bearer {info['token']}"}
+            async with http.get(f"{srv.url}/v1/sessions/{sid}", headers=headers) as r:
+                stats = (await r.json())["stats"]
+            async with http.get(f"{srv.url}/metrics") as r:
+                gauges = {k: float(v) for k, v in (line.split() for line in (await r.text()).splitlines()
+                                                   if line.startswith("letstalk_audio_"))}
             await ws.send_json({"type": "interrupt"})
             await _ws_json(ws, "interrupted")
             viewer.cancel()
-            return held_then, errors, played, refused, waiting, ss._held, ss.audio_messages_played, pushed
+            return held_then, errors, played, refused, waiting, ss._held, ss.audio_messages_played, pushed, stats, gauges
 
-    held_then, errors, played, refused, waiting, held_after, messages_played, pushed = run(main())
+    held_then, errors, played, refused, waiting, held_after, messages_played, pushed, stats, gauges = run(main())
     assert held_then >= 0.5  # it did wait on the server (the engine queues 1 s)
     assert not errors and played["audio_messages"] == 4  # none refused; all 4 shown when it came
     said = np.concatenate(pushed)
@@ -847,6 +853,9 @@ def test_tts_audio_sent_faster_than_the_session_plays_waits_on_the_server_in_ord
                                           for e in refused)
     assert waiting >= 2 + len(refused) and not held_after  # refused ones keep their place in the line
     assert messages_played == 4 + 8
+    # an operator sees what waits: the session's stats and /metrics (1 s in the engine's queue at most, ~1 s held)
+    assert 0 < stats["audio_held_s"] <= 1.0 and 0 <= stats["audio_queued_s"] <= 1.0
+    assert 0 < gauges["letstalk_audio_held_seconds"] <= 1.0 and 0 <= gauges["letstalk_audio_queued_seconds"] <= 1.0
 
 
 def test_websocket_audio_control_events_and_bad_input(tiny_pipeline):

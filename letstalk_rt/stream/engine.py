@@ -968,6 +968,11 @@ class Session:
         return self._pieces
 
     @property
+    def queued_seconds(self) -> float:
+        """Seconds of pushed audio the engine has not taken yet (what `max_pending_seconds` bounds)."""
+        return self._pending_samples / self.sample_rate
+
+    @property
     def audio_shown(self) -> bool:
         """Every piece of audio pushed so far has been shown (played by a frame a reader took from the session's clock),
         or dropped by an interrupt: after `end_speech()`, the utterance has been seen and heard to its end. (Where the
@@ -995,6 +1000,7 @@ class Session:
             "speech_compressed_s": round(self.speech_compressed_s, 3),
             "catch_up_runs": self.catch_up_runs,
             "gap_inserted_s": round(self.gap_inserted_s, 3),
+            "audio_queued_s": round(self.queued_seconds, 3),
             "input_gain": round(self._w.tokenizer.level.gain, 2),
             "first_frame_s": self.first_frame_s,
             "latency_ms_p50": p50,
