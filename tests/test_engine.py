@@ -107,7 +107,7 @@ def test_every_pushed_sample_comes_out_once_in_order_on_whole_frames(tiny_pipeli
     assert start % 640 == 0
     np.testing.assert_array_equal(audio[start:start + len(speech)], speech)
     assert not audio[start + len(speech):].any()  # nothing after: no repeated or leaked speech
-    speech_frames = [f for f in frames if f.audio.any()]
+    speech_frames = [f for f in frames if f.audio.any() and not f.filler]
     assert len(speech_frames) == 25
     assert all(f.video.shape == (32, 32, 3) for f in frames)
     idx = [f.index for f in frames if not f.filler]
@@ -602,7 +602,7 @@ def test_a_shorter_live_window_is_used_and_out_of_range_windows_are_refused(tiny
     frames, events = run(main())
     sizes = [e.frames for e in events if isinstance(e, WindowTimings)]
     assert sizes[0] == 1 and len(sizes) > 5 and set(sizes[1:]) == {3}
-    assert len([f for f in frames if f.audio.any()]) == 25  # still every frame of the speech, once
+    assert len([f for f in frames if f.audio.any() and not f.filler]) == 25  # every frame of the speech, once
 
 
 def test_before_its_clock_starts_a_session_gets_its_first_window_and_one_full_window_ahead(tiny_pipeline):
@@ -2291,6 +2291,33 @@ def test_held_frames_are_counted_by_the_minute_of_playback_they_fell_in(tiny_pip
     player, before, start = run(main())
     assert player.fillers - before == 60 * 25 + 10 - start
     assert player.fillers_by_minute[1] == 10 and sum(player.fillers_by_minute.values()) == player.fillers
+
+
+def test_a_held_tick_in_speech_fades_the_sound_out_instead_of_cutting_it(tiny_pipeline):
+    """A tick whose frame is late holds the picture and delays the speech; its audio starts where the speech stopped
+    and fades to silence in 5 ms (cut dead, a loud sample then zeros, it clicks), and the held tick after it is
+    silent. The speech itself is untouched."""
+
+    async def main():
+        engine = await _engine(tiny_pipeline)
+        session = await engine.open_session(_portrait(tiny_pipeline, 91))
+        await _collect(session, 0.2)
+        await engine.stop()
+        player = session.player
+        player.queue.clear()
+        speech = speechlike(0.04, seed=5) / 2 + 0.3  # loud to its last sample
+        last = dataclasses.replace(player.last, audio=speech.astype(np.float32), speech=True, filler=False)
+        player.queue.append(last)
+        player._materialise(player.tick + 2)  # the speech's frame, then two held ticks
+        return speech, [player.shown[t] for t in range(player.tick - 3, player.tick)]
+
+    speech, (said, held, held_again) = run(main())
+    assert np.array_equal(said.audio, speech.astype(np.float32))
+    assert held.filler and not held.speech and held_again.filler
+    tail = held.audio
+    assert abs(tail[0] - speech[-1]) < 0.02  # no step where the speech stopped (a cut jumps by >= 0.15)
+    assert np.abs(np.diff(tail)).max() < 0.05 and not tail[80:].any()  # smooth, and silent after 5 ms
+    assert not held_again.audio.any()
 
 
 class _RecordedPaste:

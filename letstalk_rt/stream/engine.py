@@ -376,13 +376,15 @@ UNPACED_BACKOFF_S = 5.0  # unpaced sessions get no window of their own this long
 # as much, where each window's decoding, the streams' video encoders and the event loop share the worker's cores
 UNPACED_LOAD = {"cuda": 0.5, "cpu": 0.25}
 LOAD_SPAN_S = 2.0
+FILLER_FADE = 80  # samples (5 ms at 16 kHz) a held tick's audio takes to fade out what was playing
 
 
 class Player:
     """Releases frame i at `start + i / fps`; both tracks and `Session.frames()` read from it.
 
     The clock starts at the first read once a frame exists. A tick whose frame is not ready shows a
-    filler (the last frame held, silent audio), so the output never stalls; later frames shift by one.
+    filler (the last frame held; its audio the sound before it faded out in 5 ms, then silence), so the output never
+    stalls; later frames shift by one.
 
     Unpaced (`Session.unpace`, a video made for a file): no clock. Frame i is released as soon as it is generated,
     never a filler; the engine makes such a session's windows whenever the paced sessions leave it the time.
@@ -480,6 +482,10 @@ class Player:
             width, height = self.session.frame_size
             return AVFrame(index=-1, video=np.zeros((height, width, 3), np.uint8), audio=silent, speech=False,
                            filler=True)
+        # its audio: the sound before it, mirrored, fading out over 5 ms instead of stopping dead, which clicks (the
+        # speech itself is untouched: it comes whole after the held tick)
+        n = min(FILLER_FADE, len(self.last.audio))
+        silent[:n] = self.last.audio[:-n - 1:-1] * np.linspace(1.0, 0.0, n, endpoint=False, dtype=np.float32)
         return AVFrame(index=self.last.index, video=self.last.video, audio=silent, speech=False, filler=True)
 
     def _observe(self, tick: int, frame: AVFrame) -> None:
