@@ -48,6 +48,12 @@ async def _collect(session, seconds: float) -> list:
     return out
 
 
+def _speech_out(frames: list) -> np.ndarray:
+    """The frames' audio with each held tick's silenced: what the session said, in place (a held tick, generation late,
+    only fades out the sound before it; the speech waits behind it)."""
+    return np.concatenate([np.zeros_like(f.audio) if f.filler else f.audio for f in frames])
+
+
 async def _push_in_real_time(session, pcm: np.ndarray, started=None) -> None:
     """Push `pcm` in 20 ms chunks at real-time pace, then end_speech(); `started(t0)` is called first."""
     start = time.monotonic()
@@ -666,7 +672,7 @@ def test_less_audio_lookahead_steers_the_latency_lower_and_loses_no_speech(tiny_
         frames = await _collect(session, 6.0)  # the speech, its latency and whatever a busy machine holds
         await feeder
         target = engine.target_latency_s() - engine.window_compute_ms() / 1000  # less the compute each measured
-        out = target, np.concatenate([f.audio for f in frames]), list(session.latencies)
+        out = target, _speech_out(frames), list(session.latencies)
         await engine.stop()
         return out
 
@@ -692,7 +698,7 @@ def _catch_up_run(pipe, catch_up: bool):
         feeder = asyncio.create_task(_push_in_real_time(session, live))
         frames = await _collect(session, 6.5)  # 4 s of sound, the latency and any held frames
         await feeder
-        out = (list(session.latencies), session.silence_skipped_s, np.concatenate([f.audio for f in frames]),
+        out = (list(session.latencies), session.silence_skipped_s, _speech_out(frames),
                engine.target_latency_s(), session.player.fillers)
         await engine.stop()
         return out
@@ -744,7 +750,7 @@ def _slow_stretch_run(pipe, monkeypatch, tempo: float):
         feeder = asyncio.create_task(_push_in_real_time(session, speech, slow_from))
         frames = await _collect(session, 6.5)
         await feeder
-        out = (list(session.latencies), session.stats(), np.concatenate([f.audio for f in frames]),
+        out = (list(session.latencies), session.stats(), _speech_out(frames),
                engine.target_latency_s(), engine._catch_up_thresholds_ms()[1] / 1000)
         await engine.stop()
         return out
@@ -795,7 +801,7 @@ def test_speech_pushed_in_real_time_on_a_quiet_machine_is_never_sped_up(tiny_pip
     audio's lookahead instead of silence padded into the tokenizer)."""
     silence, speech = np.zeros(16000, np.float32), speechlike(3.0, seed=8) + 0.05  # speech: never below speech_rms
     stats, frames = _real_time_session(tiny_pipeline, np.concatenate([silence, speech]), 4.8, portrait=80)
-    audio = np.concatenate([f.audio for f in frames])
+    audio = _speech_out(frames)
     assert stats["catch_up_runs"] == 0 and stats["speech_compressed_s"] == 0, stats
     np.testing.assert_array_equal(audio[audio != 0], speech)  # the speech: untouched
 
@@ -838,7 +844,7 @@ def test_speech_pushed_ahead_of_time_keeps_its_pace(tiny_pipeline, ahead):
         session.end_speech()
         frames = await _collect(session, 4.6)
         await engine.stop()
-        return session.stats(), np.concatenate([f.audio for f in frames])
+        return session.stats(), _speech_out(frames)
 
     stats, audio = run(main())
     assert stats["speech_compressed_s"] == 0.0
@@ -1200,7 +1206,7 @@ def test_a_stalled_pusher_is_counted_as_an_audio_gap(tiny_pipeline):
         session.end_speech()
         frames = await reader
         await engine.stop()
-        return session.stats(), np.concatenate([f.audio for f in frames])
+        return session.stats(), _speech_out(frames)
 
     stats, audio = run(main())
     assert stats["gap_inserted_s"] >= 0.2
