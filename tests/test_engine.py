@@ -2279,17 +2279,22 @@ def test_opening_a_session_touches_no_device_tensor_on_the_event_loop(tiny_pipel
     assert threads and threading.main_thread() not in threads and len(frames) == 5
 
 
+async def _stopped_player(pipe, seed: int):
+    """A session's player whose clock ran 0.2 s, its engine stopped and nothing queued: every tick now is held."""
+    engine = await _engine(pipe)
+    session = await engine.open_session(_portrait(pipe, seed))
+    await _collect(session, 0.2)
+    await engine.stop()
+    session.player.queue.clear()
+    return session.player
+
+
 def test_held_frames_are_counted_by_the_minute_of_playback_they_fell_in(tiny_pipeline):
     """A tick whose frame is not ready shows the last one again (held); the player counts them by the minute of
     playback they fell in (the bench's held_frames_by_minute), so a soak shows when they came."""
 
     async def main():
-        engine = await _engine(tiny_pipeline)
-        session = await engine.open_session(_portrait(tiny_pipeline, 90))
-        await _collect(session, 0.2)
-        await engine.stop()
-        player = session.player
-        player.queue.clear()  # nothing generated from here on: every tick is held
+        player = await _stopped_player(tiny_pipeline, 90)
         before, start = player.fillers, player.tick
         player._materialise(60 * 25 + 9)  # through the 10th tick of the second minute
         return player, before, start
@@ -2305,12 +2310,7 @@ def test_a_held_tick_in_speech_fades_the_sound_out_instead_of_cutting_it(tiny_pi
     silent. The speech itself is untouched."""
 
     async def main():
-        engine = await _engine(tiny_pipeline)
-        session = await engine.open_session(_portrait(tiny_pipeline, 91))
-        await _collect(session, 0.2)
-        await engine.stop()
-        player = session.player
-        player.queue.clear()
+        player = await _stopped_player(tiny_pipeline, 91)
         speech = speechlike(0.04, seed=5) / 2 + 0.3  # loud to its last sample
         last = dataclasses.replace(player.last, audio=speech.astype(np.float32), speech=True, filler=False)
         player.queue.append(last)
