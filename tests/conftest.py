@@ -152,6 +152,15 @@ def speechlike(seconds: float, rate: int = 16000, seed: int = 0) -> np.ndarray:
     return (0.3 * voice * envelope + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
 
 
+def speech_out(frames: list, drop_held: bool = False) -> np.ndarray:
+    """What a session said, from its frames' audio: each held tick's (generation was late: it fades out the sound
+    before it) silenced in place, or left out with `drop_held`, and the fade-in of the speech after it (the speech
+    waits behind it and restarts from silence over FILLER_FADE samples) undone, to a float rounding or two."""
+    from letstalk_rt.stream.engine import unfaded_audio
+    return np.concatenate([unfaded_audio(f) if not f.filler else np.zeros_like(f.audio)
+                           for f in frames if not (f.filler and drop_held)])
+
+
 @pytest.fixture
 def wav_file(tmp_path):
     """Factory: write `seconds` of speech-like audio as a wav at `rate` and return its path."""

@@ -355,6 +355,39 @@ def test_at_a_pipecat_output_transport_each_image_is_on_screen_while_its_speech_
 # -- the avatar on a LetsTalk server (`server=`): the bot's machine runs no model
 
 
+def test_a_held_frame_leaves_no_gap_and_no_fade_in_the_speech_it_pushes():
+    """A held frame (generation late) is silent on the avatar's own tracks, and the speech after it fades back in
+    from that silence there. Locally the service pushes no audio for it (Pipecat's transport plays the speech on),
+    so the speech it pushes is the session's as given: no gap, and no fade-in in the middle of it."""
+    from letstalk_rt.integrations.pipecat import _LocalAvatar
+    from letstalk_rt.stream.engine import _faded_in
+    from letstalk_rt.stream.events import AVFrame
+
+    speech = (speechlike(0.08, seed=3) / 2 + 0.3).astype(np.float32)  # 2 frames, loud at every sample
+    video = np.zeros((8, 8, 3), np.uint8)
+    said = AVFrame(index=0, video=video, audio=speech[:640], speech=True, pushed=True)
+    held = AVFrame(index=0, video=video, audio=np.zeros(640, np.float32), speech=False, filler=True)
+    after = _faded_in(AVFrame(index=1, video=video, audio=speech[640:], speech=True, pushed=True))
+    assert abs(after.audio[0]) < 0.01  # what the tracks play
+
+    class Session:
+        sample_rate = 16000
+
+        async def frames(self):
+            for frame in (said, held, after):
+                yield frame
+
+    async def main():
+        avatar = _LocalAvatar(None, None, None, None, {})
+        avatar.session = Session()
+        return [out async for out in avatar.output()]
+
+    outs = _run(main())
+    assert [o.audio is None for o in outs] == [False, True, False]
+    pushed = np.concatenate([outs[0].audio, outs[2].audio]).astype(np.float32) / 32767
+    assert np.abs(pushed - speech).max() < 1.5 / 32767  # the speech whole, as given (to int16)
+
+
 def test_the_service_on_a_server_needs_no_engine():
     """`pip install 'letstalk-rt[pipecat-client]'` (the SDK and Pipecat, no torch nor the engine's other packages):
     the service imports and is made for a server; one for this process says what it needs."""

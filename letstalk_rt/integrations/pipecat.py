@@ -346,9 +346,13 @@ class _LocalAvatar:
             self.session.interrupt()
 
     async def output(self) -> AsyncIterator[_Out]:
+        from ..stream.engine import unfaded_audio  # (local: the engine is loaded)
+
         rate = self.session.sample_rate
         async for av in self.session.frames():
-            yield _Out(image=av.video, audio=pcm16(av.audio) if av.pushed else None, rate=rate,
+            # a held frame's audio is left out, so the speech after it is sent as pushed, not faded back in
+            audio = pcm16(unfaded_audio(av)) if av.pushed else None
+            yield _Out(image=av.video, audio=audio, rate=rate,
                        quiet=not av.pushed and not av.filler)  # a held frame, late, tells nothing
 
     async def close_session(self) -> None:

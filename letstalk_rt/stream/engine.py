@@ -376,7 +376,36 @@ UNPACED_BACKOFF_S = 5.0  # unpaced sessions get no window of their own this long
 # as much, where each window's decoding, the streams' video encoders and the event loop share the worker's cores
 UNPACED_LOAD = {"cuda": 0.5, "cpu": 0.25}
 LOAD_SPAN_S = 2.0
-FILLER_FADE = 80  # samples (5 ms at 16 kHz) a held tick's audio takes to fade out what was playing
+FILLER_FADE = 80  # samples (5 ms at 16 kHz) a held tick's audio takes to fade out what was playing, and the
+# speech after it to fade back in (`restart_ramp`)
+
+
+def restart_ramp(n: int) -> np.ndarray:
+    """(n,) float32 gains rising to (not reaching) 1: the first n samples of the speech after a held tick, which
+    restarts from silence. Never 0, so what the speech was is known from what played (`unfaded_audio`)."""
+    return np.arange(1, n + 1, dtype=np.float32) / np.float32(n + 1)
+
+
+def _faded_in(frame: AVFrame) -> AVFrame:
+    """`frame`, the first after a held tick, with its first `FILLER_FADE` samples faded in from silence."""
+    n = min(FILLER_FADE, len(frame.audio))
+    if not frame.audio[:n].any():
+        return frame
+    audio = frame.audio.copy()
+    audio[:n] *= restart_ramp(n)
+    return dataclasses.replace(frame, audio=audio, faded_in=True)
+
+
+def unfaded_audio(frame: AVFrame) -> np.ndarray:
+    """`frame`'s audio as it was given to the session, for a reader that leaves held ticks out (their silence, and so
+    the fade back in from it, is not in what it plays): the first after a held tick has its fade-in undone, to a float
+    rounding."""
+    if not frame.faded_in:
+        return frame.audio
+    n = min(FILLER_FADE, len(frame.audio))
+    audio = frame.audio.copy()
+    audio[:n] /= restart_ramp(n)
+    return audio
 
 
 class Player:
@@ -384,7 +413,8 @@ class Player:
 
     The clock starts at the first read once a frame exists. A tick whose frame is not ready shows a
     filler (the last frame held; its audio the sound before it faded out in 5 ms, then silence), so the output never
-    stalls; later frames shift by one.
+    stalls; later frames shift by one, the first of them with its first 5 ms faded in (the speech restarts from the
+    held tick's silence: without it, it would jump to whatever sample it had, a click).
 
     Unpaced (`Session.unpace`, a video made for a file): no clock. Frame i is released as soon as it is generated,
     never a filler; the engine makes such a session's windows whenever the paced sessions leave it the time.
@@ -461,6 +491,8 @@ class Player:
             if self.queue:
                 frame = self.queue.popleft()
                 self.recent_latents.append(frame.latent)
+                if self.last is not None and self.last.filler:
+                    frame = _faded_in(frame)
             else:
                 frame = self._filler()
                 self.fillers += 1

@@ -35,6 +35,8 @@ class AVFrame:
     pieces: int = 0  # the session's pushed audio played through by this frame: its last piece (Session.audio_shown)
     pushed: bool = False  # some of its audio is audio pushed to the session (speech, its pauses, end_speech's tail),
     # not only silence the engine put in while it had none (idle frames, held ones)
+    faded_in: bool = False  # the first frame after a held one: its first 5 ms faded in from the held tick's silence
+    # (`stream.engine.unfaded_audio` gives them back as pushed, for a reader that leaves held frames out)
 
 
 @dataclass(frozen=True)
