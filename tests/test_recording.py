@@ -118,12 +118,15 @@ def test_a_session_nobody_watches_is_recorded_on_its_clock(tiny_pipeline, tmp_pa
         try:
             session = await engine.open_session(_portrait(tiny_pipeline))
             recording = session.record(path)
-            t0 = time.monotonic()
             await asyncio.sleep(0.5)
             await _push_in_real_time(session, speechlike(1.5), caption="nobody watching")
-            await asyncio.sleep(1.0)
-            await session.stop_recording()
-            lasted = time.monotonic() - t0
+            for _ in range(200):  # until the clock has shown the speech (a loaded machine's latency may pass 1 s)
+                if session.audio_shown:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)
+            lasted = session.player.clock_tick()  # ticks due since the first frame (a loaded machine's comes late)
+            await session.stop_recording()  # (its encoder's flush may take long there)
             tick = session.player.clock_tick()
             await asyncio.sleep(0.5)
             return recording, lasted, session.player.tick, tick, session.player.speech_frames
@@ -132,8 +135,10 @@ def test_a_session_nobody_watches_is_recorded_on_its_clock(tiny_pipeline, tmp_pa
 
     recording, lasted, materialised, due, speech = run(main())
     frames, audio, _ = read_mp4(path)
-    assert len(frames) == recording.frames >= (lasted - 1.0) * 25  # the clock starts at the first frame made
-    assert speech >= 25 and np.abs(audio).max() > 0.05  # the speech was shown, and is in the file
+    assert len(frames) == recording.frames >= lasted - 6  # every tick due (to a loaded event loop's 0.25 s)
+    assert lasted >= 2.0 * 25  # (0.5 s idle, the speech's 1.5 s and its latency, 0.5 s after, less the first frame's time)
+    # the speech was shown (~32 of its 37 frames are voiced; a late session plays it up to 1.25x faster, pauses shortened)
+    assert speech >= 18 and np.abs(audio).max() > 0.05  # and it is in the file
     assert "nobody watching" in (tmp_path / "alone.vtt").read_text()
     assert materialised <= due + 2  # nothing reads the clock after the recording ended
 
