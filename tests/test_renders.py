@@ -81,12 +81,12 @@ def test_audio_shown_turns_true_on_the_frame_that_plays_the_last_piece_pushed(ti
 
 
 @pytest.mark.parametrize("free_rows", [0, 1])
-def test_an_unpaced_session_makes_its_speech_faster_than_real_time_and_leaves_a_live_one_on_time(tiny_pipeline,
-                                                                                                  monkeypatch,
-                                                                                                  free_rows):
+def test_an_unpaced_session_shows_frames_as_soon_as_they_are_made_and_leaves_a_live_one_on_time(tiny_pipeline,
+                                                                                                monkeypatch, free_rows):
     """Unpaced (a render's session), frames come as soon as they are made: every pushed sample once and in order, no
-    held frame, no frame before its speech, in less time than the speech lasts. Beside it a paced (live) session
-    keeps real time: the unpaced one takes the time the live one leaves, and rides in its batches only where that is
+    held frame, no frame before its speech, a window's frames together (how much faster than real time that is
+    depends on the room the machine has: docs/benchmarks.md measures it). Beside it a paced (live) session keeps real
+    time: the unpaced one takes the time the live one leaves, and rides in its batches only where that is
     free (a CUDA graph's padded rows: `free_rows` 1; on a CPU, 0: never)."""
     from letstalk_rt.errors import LetsTalkError
     from letstalk_rt.stream.events import WindowTimings
@@ -115,15 +115,15 @@ def test_an_unpaced_session_makes_its_speech_faster_than_real_time_and_leaves_a_
             began = time.monotonic()
             feeding = asyncio.create_task(_push_in_real_time(live, speechlike(12.0, seed=6)))  # a microphone's pace
             await asyncio.sleep(1.0)  # the live session streams on its clock first
-            t0 = time.monotonic()
             fast.push_audio(speech, ahead=True)
             fast.end_speech()
-            shown = []
+            shown, came = [], []
             async for frame in fast.frames():
                 shown.append(frame)
+                came.append(time.monotonic())
                 if fast.audio_shown:
                     break
-            took = time.monotonic() - t0
+            gaps = np.diff(came)
             with pytest.raises(LetsTalkError, match="clock started at its first read"):
                 live.unpace()
             await asyncio.sleep(0.5)
@@ -131,18 +131,20 @@ def test_an_unpaced_session_makes_its_speech_faster_than_real_time_and_leaves_a_
             feeding.cancel()
             watched_s = time.monotonic() - began
             batches = [e.batch for e in _events(fast) if isinstance(e, WindowTimings)]
-            return shown, took, live.player.fillers, len(watched), len(watched) / 25 / watched_s, batches, fast.stats()
+            return shown, gaps, live.player.fillers, len(watched), len(watched) / 25 / watched_s, batches, fast.stats()
         finally:
             await engine.stop()
 
-    shown, took, live_held, live_ticks, live_pace, batches, stats = run(main())
+    shown, gaps, live_held, live_ticks, live_pace, batches, stats = run(main())
     played = np.concatenate([f.audio for f in shown])
     start = int(np.flatnonzero(played)[0])
     assert start == 0  # no idle frame before the speech: nothing was waiting on a clock
     assert np.allclose(played[:len(speech)], speech, atol=1e-6)  # all of it, once, in order, whole
     assert not any(f.filler for f in shown) and stats["fillers"] == 0
     assert stats["latency_ms_p50"] is None  # no clock: no latency figure
-    assert took < 0.75 * 4.0, took  # the tiny model makes a window in a fraction of its length
+    # as soon as they are made: a window's frames come together (on a clock they would come a tick, 40 ms, apart). How
+    # much faster than real time depends on the room the machine has: `letstalk bench`-style figures, docs/benchmarks.md
+    assert np.mean(gaps < 0.01) > 0.6, np.round(gaps, 3)  # (3 of each window's 4 frames; 0 on a clock)
     # the live one kept its clock meanwhile: a held frame or 2 at its start, a few more in a slow spell of a shared VM
     # (11 of ~90 once in CI); one the render starved would hold about as many frames as the render took to make
     assert live_pace > 0.9 and live_held <= max(2, 0.15 * live_ticks), (live_held, live_ticks)
