@@ -143,7 +143,7 @@ def test_an_unpaced_session_shows_frames_as_soon_as_they_are_made_and_leaves_a_l
     assert not any(f.filler for f in shown) and stats["fillers"] == 0
     assert stats["latency_ms_p50"] is None  # no clock: no latency figure
     # as soon as they are made: a window's frames come together (on a clock they would come a tick, 40 ms, apart). How
-    # much faster than real time depends on the room the machine has: `letstalk bench`-style figures, docs/benchmarks.md
+    # much faster than real time depends on the room the machine has: docs/benchmarks.md "Renders faster than real time"
     assert np.mean(gaps < 0.01) > 0.6, np.round(gaps, 3)  # (3 of each window's 4 frames; 0 on a clock)
     # the live one kept its clock meanwhile: a held frame or 2 at its start, a few more in a slow spell of a shared VM
     # (11 of ~90 once in CI); one the render starved would hold about as many frames as the render took to make
