@@ -7,8 +7,9 @@ server itself, and fed the whole speech ahead of time. Once every piece of the s
 (`Session.audio_shown`) and `REST_S` of rest after it, its recording is saved and the session closed. The engine
 makes its windows in the time the live sessions leave it (`StreamEngine._time_for_unpaced`), and batches them with
 theirs only where that is free: on a device with room a render goes faster than real time; where the live sessions
-take the device (one on a 2-core CPU) it waits for them. It holds one of the server's
-session slots while it runs; its video is the session's recording (`/v1/recordings/{id}`, with captions for a text).
+take the device (one on a 2-core CPU) it mostly waits for them, with a window each `UNPACED_MAX_WAIT_S`. It holds one
+of the server's session slots while it runs; its video is the session's recording (`/v1/recordings/{id}`, with
+captions for a text).
 A render that does not finish (cancelled, a failed synthesis or window, the server stopping) saves nothing: the
 recording is discarded, so no partial video is left looking complete.
 """
@@ -35,7 +36,7 @@ log = logging.getLogger("letstalk.server")
 MAX_SPEECH_S = 3600.0  # an audio upload's length (a text is at most tts.MAX_TEXT characters, ~5 minutes)
 REST_S = 0.5  # of the avatar at rest after the speech (the mouth closes within one window)
 MARGIN_S = 10.0  # a session's time limit (--max-session-minutes) must leave this after an upload's speech
-STALL_S = 30.0  # a render that got no frame for this long, with no live session on its engine, has failed
+STALL_S = 30.0  # a render that got no frame for this long has failed
 BACKLOG_S = 2.0  # frames read ahead of the recording's encoder at most (it encodes more slowly than a GPU renders)
 KEPT = 1000  # finished renders whose state GET /v1/renders/{id} still answers (their videos are recordings)
 
@@ -98,23 +99,18 @@ class Renders:
         return sum(r.state == "rendering" for r in self.all.values())
 
 
-async def _next_frame(session: Session, frames) -> bool:
-    """Read the session's next frame: False when it closed. It waits as long as live sessions hold the session's
-    engine (the engine gives a render only the time they leave); OutputError if none comes within STALL_S while
-    none does."""
-    waiting = asyncio.ensure_future(anext(frames))
+async def _next_frame(frames) -> bool:
+    """Read the session's next frame: False when it closed; OutputError if none comes within STALL_S. Live sessions
+    beside it do not excuse that: the engine gives a render the time they leave, and a window each UNPACED_MAX_WAIT_S
+    where they leave none."""
+    stall_s = STALL_S
     try:
-        while True:
-            done, _ = await asyncio.wait({waiting}, timeout=STALL_S)
-            if done:
-                waiting.result()
-                return True
-            if not any(s.player.paced for s in list(session.engine.sessions.values())):
-                raise OutputError(f"the render stalled: no frame was made for {STALL_S:.0f} s")
+        await asyncio.wait_for(anext(frames), stall_s)
+        return True
     except StopAsyncIteration:
         return False
-    finally:
-        waiting.cancel()
+    except asyncio.TimeoutError:
+        raise OutputError(f"the render stalled: no frame was made for {stall_s:.0f} s") from None
 
 
 async def _keep_recording(session: Session) -> None:
@@ -141,7 +137,7 @@ async def run(ss: ServerSession, render: Render) -> None:
     try:
         rest_until = None
         while rest_until is None or session.player.tick < rest_until:
-            if not await _next_frame(session, frames) or session.closed:  # settled by SessionManager.close
+            if not await _next_frame(frames) or session.closed:  # settled by SessionManager.close
                 return
             await _keep_recording(session)
             if feeding.done():

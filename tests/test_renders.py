@@ -184,6 +184,60 @@ def test_an_unpaced_window_runs_alone_only_where_a_live_windows_deadline_leaves_
     assert run(main()) == [True, False, True, False, False, True]
 
 
+def test_an_unpaced_session_the_live_ones_never_leave_room_for_gets_a_window_each_max_wait(tiny_pipeline,
+                                                                                               monkeypatch):
+    """On a device past what it holds the live sessions never leave room (`_time_for_unpaced` always no, no free rows
+    on a CPU): an unpaced session still gets a window of its own each UNPACED_MAX_WAIT_S, so a render goes slowly
+    instead of never finishing (it once waited for good beside a live session a loaded machine kept late)."""
+    monkeypatch.setattr(StreamEngine, "_time_for_unpaced", lambda self, sessions, frames, now: False)
+    monkeypatch.setattr(engine_module, "UNPACED_MAX_WAIT_S", 0.3)
+    speech = speechlike(1.0, seed=3)  # 25 frames' audio exactly
+
+    async def main():
+        engine = await StreamEngine(tiny_pipeline, EngineConfig(warmup=False)).start()
+        batches = []
+        execute = engine._execute
+        engine._execute = lambda jobs, **kw: (batches.append((time.monotonic(), [s for s, _, _ in jobs])),
+                                              execute(jobs, **kw))[1]
+        try:
+            live = await engine.open_session(_portrait(tiny_pipeline, 40))
+            fast = await engine.open_session(_portrait(tiny_pipeline, 200))
+            fast.unpace()
+            watched = []
+
+            async def watch_live():
+                async for frame in live.frames():
+                    watched.append(frame)
+
+            watching = asyncio.create_task(watch_live())
+            feeding = asyncio.create_task(_push_in_real_time(live, speechlike(30.0, seed=4)))
+            await asyncio.sleep(0.5)
+            fast.push_audio(speech, ahead=True)
+            fast.end_speech()
+            shown = []
+
+            async def read():
+                async for frame in fast.frames():
+                    shown.append(frame)
+                    if fast.audio_shown:
+                        break
+
+            await asyncio.wait_for(read(), 60)  # ~7 windows 0.3 s apart; before UNPACED_MAX_WAIT_S, never
+            live_during = len(watched)
+            watching.cancel()
+            feeding.cancel()
+            return shown, batches, fast, live_during
+        finally:
+            await engine.stop()
+
+    shown, batches, fast, live_during = run(main())
+    assert np.allclose(speech_out(shown)[:len(speech)], speech, atol=1e-6)  # all of it, once, in order
+    theirs = [(t, sessions) for t, sessions in batches if fast in sessions]
+    assert len(theirs) >= 3 and all(sessions == [fast] for _, sessions in theirs)  # alone, never in a live batch
+    assert np.diff([t for t, _ in theirs]).min() >= 0.3  # none sooner than the wait: the live ones left no room
+    assert live_during > 25  # the live one went on meanwhile
+
+
 def test_a_batch_takes_unpaced_sessions_along_only_in_the_rows_a_cuda_graph_pads_anyway(tiny_pipeline, monkeypatch):
     engine = StreamEngine(tiny_pipeline, EngineConfig(warmup=False))
     assert [engine._free_rows(b) for b in (1, 3, 4)] == [0, 0, 0]  # a CPU: every row costs its share
@@ -299,14 +353,15 @@ def test_a_render_of_an_audio_file_is_the_avatar_saying_all_of_it_saved_once_don
 
 def test_a_render_that_does_not_finish_leaves_no_video(tiny_pipeline, tmp_path, wav_file, monkeypatch):
     """A render cancelled (DELETE /v1/renders/{id}), whose session is closed under it (DELETE /v1/sessions/{id}) or
-    whose recording fails (a full disk) saves nothing: no file in the recordings folder, its state and the webhooks
-    say why, and the SDK's render() raises RenderFailedError. Speech longer than the session time limit allows is
-    refused at once."""
+    whose recording fails (a full disk) or that stalls (no frame for STALL_S, a live session beside it or not) saves
+    nothing: no file in the recordings folder, its state and the webhooks say why, and the SDK's render() raises
+    RenderFailedError. Speech longer than the session time limit allows is refused at once."""
     import aiohttp
 
     from letstalk_rt.client import AvatarClient, RenderFailedError
     from letstalk_rt.errors import OutputError
     from letstalk_rt.media import VideoWriter
+    from letstalk_rt.server import renders
     from server_helpers import running_server, wait_until
     from test_webhooks import receiver
 
@@ -368,6 +423,23 @@ def test_a_render_that_does_not_finish_leaves_no_video(tiny_pipeline, tmp_path, 
             assert [(e["render_id"], e["state"]) for e in told()] == [
                 (cancelled["render_id"], "cancelled"), (closed["render_id"], "failed"), (disk["render_id"], "failed")]
             assert "no space left" in told()[2]["error"] and told()[0]["error"] == "cancelled by the client"
+
+            # a render that gets no frame for STALL_S fails, live sessions beside it or not (the engine gives it a
+            # window each UNPACED_MAX_WAIT_S even where they leave no room): here a worker that makes nothing
+            async with http.post(f"{srv.url}/v1/sessions", json={"avatar_id": "default"}, headers=KEY) as r:
+                assert r.status == 201
+                live = await r.json()
+            monkeypatch.setattr(renders, "STALL_S", 1.0)
+            monkeypatch.setattr(srv.engine, "_plan", lambda: [])
+            stalled = await post(http, srv.url)
+            await wait_until(lambda: stalled["render_id"] not in srv.engine.sessions, 30, "the stalled render to end")
+            monkeypatch.undo()
+            async with http.get(stalled["status_url"], headers=KEY) as r:
+                state = await r.json()
+            assert state["state"] == "failed" and state["error"] == "the render stalled: no frame was made for 1 s"
+            assert srv.engine.sessions[live["session_id"]].player.paced  # the live one is still there
+            async with http.delete(f"{srv.url}/v1/sessions/{live['session_id']}", headers=KEY) as r:
+                assert r.status == 204
 
             async with AvatarClient(srv.url, api_key="k") as client:
                 task = asyncio.ensure_future(client.render(tmp_path / "sdk.mp4", audio=wav))

@@ -375,6 +375,8 @@ UNPACED_BACKOFF_S = 5.0  # unpaced sessions get no window of their own this long
 # ... nor while the paced sessions' windows took more than this share of the worker's last LOAD_SPAN_S: on a CPU half
 # as much, where each window's decoding, the streams' video encoders and the event loop share the worker's cores
 UNPACED_LOAD = {"cuda": 0.5, "cpu": 0.25}
+UNPACED_MAX_WAIT_S = 2.0  # ... yet one that waited this long for room gets a window anyway: a render beside live
+# sessions that leave none (a device past what it holds) goes slowly, never not at all (`StreamEngine._plan`)
 LOAD_SPAN_S = 2.0
 FILLER_FADE = 80  # samples (5 ms at 16 kHz) a held tick's audio takes to fade out what was playing, and the
 # speech after it to fade back in (`restart_ramp`)
@@ -935,9 +937,9 @@ class Session:
         """Release frames as fast as the engine makes them, not on a real-time clock: a video made for a file (a
         server's render). `frames()` then yields each frame as soon as it is generated, never a held one, and the
         engine makes this session's windows in the time its paced sessions leave it (`_time_for_unpaced`), batched
-        with theirs only where that is free, so it goes faster than real time where the device has room and waits
-        where it has none. Call it before the first read. Such a session has no WebRTC tracks and no latency
-        figures, and speech pushed into it is kept whole (no catch-up)."""
+        with theirs only where that is free, so it goes faster than real time where the device has room, and a window
+        each UNPACED_MAX_WAIT_S where it has none. Call it before the first read. Such a session has no WebRTC tracks
+        and no latency figures, and speech pushed into it is kept whole (no catch-up)."""
         self._check_open()
         if self.player.start is not None:
             raise LetsTalkError(f"session {self.id}: its clock started at its first read; unpace() before it")
@@ -1158,6 +1160,7 @@ class _WorkerState:
         self.last_push = self.last_paced = 0.0  # arrival and paced arrival (monotonic s) of the last chunk fed
         self.unflushed = False  # pushed audio was fed since the tokenizer's last padding flush (see _prepare)
         self.ended = False  # the last audio fed was end_speech()'s: no more is coming for now (unpaced sessions)
+        self.waiting_since: float | None = None  # monotonic: an unpaced session wants a window and got none since
         self.failed = False  # the session failed in this thread; its error event and close are on their way
 
     def feed(self, pcm: np.ndarray, arrival: float, speech: bool) -> None:
@@ -1866,10 +1869,29 @@ class StreamEngine:
             ready += [item for s in waiting if (item := self._try_prepare(s, now, horizon))]
         failed = self._encode_audio([s for s in sessions if s._w.tokenizer.owed])  # every session taken into a plan
         ready = [r for r in ready if r[1] not in failed]
-        if not ready:
-            return []
         # earliest deadline first, the paced sessions before the unpaced (always due: they take the time left over)
         ready.sort(key=lambda r: (not r[1].player.paced, r[0]))
+        jobs = self._pick(ready, sessions, now) if ready else []
+        wanting = {id(r[1]) for r in ready} - {id(job[0]) for job in jobs}
+        for s in sessions:  # since when each unpaced session has wanted a window and got none (see _pick)
+            if s.player.paced or id(s) not in wanting:
+                s._w.waiting_since = None
+            elif s._w.waiting_since is None:
+                s._w.waiting_since = now
+        return jobs
+
+    def _pick(self, ready: list[tuple[float, Session, int, int]], sessions: list[Session],
+              now: float) -> list[tuple[Session, int, int]]:
+        """The batch from the ready sessions (sorted: the paced by deadline, then the unpaced). The sessions with the
+        first one's window length; the unpaced in it only where they ride free (`_free_rows`), or alone where the paced
+        leave room (`_time_for_unpaced`), or, once one has waited UNPACED_MAX_WAIT_S for either, alone anyway: on a
+        device past what it holds, where the paced sessions never leave room, a render goes a window each
+        UNPACED_MAX_WAIT_S (the live sessions, late already, wait a window for it) instead of never finishing."""
+        starved = [r for r in ready if not r[1].player.paced and r[1]._w.waiting_since is not None
+                   and now - r[1]._w.waiting_since >= UNPACED_MAX_WAIT_S]
+        if starved:
+            oldest = min(starved, key=lambda r: r[1]._w.waiting_since)
+            return [(s, n, epoch) for _, s, n, epoch in starved if n == oldest[2]][: self.config.max_batch]
         frames = ready[0][2]
         same = [(s, n, epoch) for _, s, n, epoch in ready if n == frames]
         paced = [job for job in same if job[0].player.paced][: self.config.max_batch]
