@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from letstalk_rt.errors import InputError, LetsTalkError  # noqa: E402
 
 CHUNK_S = 0.2  # the TTS's audio chunks
+PAGE_GONE_S = 6.0  # a page that sent nothing back this long (no RTCP report) is gone: its bot ends
 PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>LetsTalk + Pipecat</title></head><body>
 <video id="video" autoplay playsinline muted width="256" height="256"></video><audio id="audio" autoplay></audio><br>
 <input id="text" size="60" value="Hello! I am a Pipecat bot with a face."> <button id="say" disabled>Say</button>
@@ -78,7 +79,8 @@ addEventListener('pagehide', () => bot && navigator.sendBeacon('/bye', JSON.stri
 
 
 class Bots:
-    """The bots of the pages connected: one Pipecat pipeline each, ended when its page's connection closes."""
+    """The bots of the pages connected: one Pipecat pipeline each, ended when its page closes (`pagehide`), its
+    connection closes or fails, or the page sends nothing back for PAGE_GONE_S (a killed tab, a lost network)."""
 
     def __init__(self, args: argparse.Namespace, engine=None) -> None:
         self.args, self.engine = args, engine
@@ -125,18 +127,36 @@ class Bots:
 
         connection.add_event_handler("closed", gone)
         connection.add_event_handler("failed", gone)
-        self.bots[bot] = (worker, asyncio.ensure_future(self._run(bot, worker)))
+        self.bots[bot] = (worker, asyncio.ensure_future(self._run(bot, worker, connection)))
         return web.json_response({**connection.get_answer(), "bot": bot})
 
-    async def _run(self, bot: str, worker) -> None:
+    async def _run(self, bot: str, worker, connection) -> None:
         from pipecat.workers.runner import WorkerRunner
 
         runner = WorkerRunner(handle_sigint=False)
         await runner.add_workers(worker)
+        watching = asyncio.ensure_future(self._watch(bot, connection))
         try:
             await runner.run()
         finally:
+            watching.cancel()
             self.bots.pop(bot, None)
+
+    async def _watch(self, bot: str, connection) -> None:
+        """End the bot once its page has sent nothing back (the RTCP reports a browser sends about the media it
+        gets) for PAGE_GONE_S after it first did: a killed tab or a lost network says no goodbye, and WebRTC's own
+        consent check would notice only after ~30 s."""
+        from letstalk_rt.rtc import peer_heard
+
+        loop, marks, heard = asyncio.get_running_loop(), {}, None
+        while True:
+            await asyncio.sleep(1.0)
+            if await peer_heard(connection.pc, marks):
+                heard = loop.time()
+            elif heard is not None and loop.time() - heard > PAGE_GONE_S:
+                print(f"bot {bot}: its page sent nothing for {PAGE_GONE_S:.0f} s: gone", file=sys.stderr)
+                await asyncio.shield(self.end(bot))  # (ending it cancels this watch)
+                return
 
     async def end(self, bot: str) -> None:
         found = self.bots.get(bot)

@@ -272,6 +272,31 @@ def selected_route(pc: RTCPeerConnection) -> dict | None:
     return None
 
 
+async def peer_heard(pc: RTCPeerConnection, marks: dict[str, object]) -> bool:
+    """Whether the peer sent an RTCP receiver report or an RTP packet since `marks` (updated; {} at first) were
+    taken. A peer that stops sending both for seconds is gone, whatever its connection state says: a killed tab or a
+    lost network says no goodbye, and ICE's consent check notices only after ~30 s."""
+    heard = False
+    for t in pc.getTransceivers():
+        for key, part in (("s", t.sender), ("r", t.receiver)):
+            try:
+                report = await part.getStats()
+            except Exception:
+                continue
+            for stat in report.values():
+                mark = None
+                if stat.type == "remote-inbound-rtp":  # a receiver report about what we send
+                    mark = stat.timestamp
+                elif stat.type == "inbound-rtp":  # what the peer sends us
+                    mark = stat.packetsReceived
+                if mark is not None:
+                    k = f"{t.mid}{key}{stat.type}"
+                    if marks.get(k) != mark:
+                        marks[k] = mark
+                        heard = True
+    return heard
+
+
 def answer_checks_at_once(pc: RTCPeerConnection) -> bool:
     """Make `pc`'s ICE agent retransmit its own check on a candidate pair at once when the peer's check on that pair
     comes in while its own is still waiting for an answer (RFC 8445 section 7.3.1.4: the pair's in-progress check is

@@ -50,6 +50,7 @@ from letstalk_rt.errors import InputError, LetsTalkError
 from letstalk_rt.rtc import (
     answer_checks_at_once,
     ice_configuration,
+    peer_heard,
     relay_missing,
     release_frames_at_once,
     selected_route,
@@ -390,29 +391,6 @@ class Outbox:
     def stop(self) -> None:
         if not self.dropped:  # a drop's task closes the socket itself
             self.writer.cancel()
-
-
-async def peer_heard(pc: RTCPeerConnection, marks: dict[str, Any]) -> bool:
-    """Whether the peer sent an RTCP receiver report or an RTP packet since `marks` (updated) were taken."""
-    heard = False
-    for t in pc.getTransceivers():
-        for key, part in (("s", t.sender), ("r", t.receiver)):
-            try:
-                report = await part.getStats()
-            except Exception:
-                continue
-            for stat in report.values():
-                mark = None
-                if stat.type == "remote-inbound-rtp":  # a receiver report about what we send
-                    mark = stat.timestamp
-                elif stat.type == "inbound-rtp":  # what the peer sends us
-                    mark = stat.packetsReceived
-                if mark is not None:
-                    k = f"{t.mid}{key}{stat.type}"
-                    if marks.get(k) != mark:
-                        marks[k] = mark
-                        heard = True
-    return heard
 
 
 @dataclass(eq=False)

@@ -176,7 +176,7 @@ class Peer:
     """A bare aiortc client: receives the avatar's tracks (counting frames), optionally sends tracks."""
 
     def __init__(self, send_audio: MediaStreamTrack | None = None, send_video: MediaStreamTrack | None = None,
-                 video_codec: str | None = None, audio_codec: str | None = None) -> None:
+                 video_codec: str | None = None, audio_codec: str | None = None, pipecat: bool = False) -> None:
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.video_frames: list = []  # (shape,) of received frames (only the shape: memory stays flat)
         self.audio_frames = 0
@@ -186,6 +186,11 @@ class Peer:
         self.connected = asyncio.Event()
         self.pc.on("track", self._on_track)
         self.pc.on("connectionstatechange", self._on_state)
+        if pipecat:  # as a Pipecat client negotiates with SmallWebRTC: audio then video, both sendrecv, a data channel
+            self.pc.addTransceiver("audio", direction="sendrecv")
+            self.pc.addTransceiver("video", direction="sendrecv")
+            self.pc.createDataChannel("pipecat")
+            return
         if send_video is not None:
             video = self.pc.addTransceiver(send_video, direction="sendrecv")
         else:

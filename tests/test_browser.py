@@ -841,3 +841,58 @@ def test_the_pipecat_bot_example_speaks_what_the_page_types_and_stops_when_inter
     assert sum(1 for t in loud if t < interrupted) >= 10  # a second and more of it played
     assert max(loud) < interrupted + 0.6, (interrupted, loud[-5:])  # then silenced (the text runs ~5 s)
     assert sessions_while_open == 1
+
+
+def test_the_pipecat_bot_example_ends_a_bot_whose_page_died_without_a_word(tiny_pipeline, astronaut_png, monkeypatch,
+                                                                           capsys):
+    """A page that dies with no `pagehide` (a killed tab, a lost network: here an aiortc peer whose sockets are closed
+    under it) ends its bot and its avatar session once it has sent nothing back for PAGE_GONE_S, not when WebRTC's
+    consent check notices (~30 s); another page's bot streams on."""
+    pytest.importorskip("pipecat.transports.smallwebrtc.transport", reason="pip install 'pipecat-ai[webrtc]'")
+    import aiohttp
+    from aiortc import RTCSessionDescription
+    from conftest import client_example
+    from server_helpers import Peer
+
+    from letstalk_rt.stream import EngineConfig, StreamEngine
+
+    example = client_example("pipecat_bot")
+    monkeypatch.setattr(example, "PAGE_GONE_S", 2.0)
+    args = example.parse_args(["--portrait", str(astronaut_png), "--size", "32"])
+    example.load_face(args)
+
+    async def page(http, url) -> tuple[Peer, str]:
+        peer = Peer(pipecat=True)
+        async with http.post(url + "offer", json={"sdp": await peer.offer(), "type": "offer"}) as r:
+            assert r.status == 200, await r.text()
+            answer = await r.json()
+        await peer.pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+        await asyncio.wait_for(peer.connected.wait(), 20)
+        await peer.wait_frames(video=10)
+        return peer, answer["bot"]
+
+    doomed = None
+
+    async def main():
+        nonlocal doomed
+        engine = await StreamEngine(tiny_pipeline, EngineConfig(warmup=False)).start()
+        app, bots = example.make_app(args, engine)
+        try:
+            async with _served(app) as url, aiohttp.ClientSession() as http:
+                dying, doomed = await page(http, url)
+                living, kept = await page(http, url)
+                assert set(bots.bots) == {doomed, kept} and len(engine.sessions) == 2
+                dying.kill()
+                await wait_until(lambda: doomed not in bots.bots, 15, "the dead page's bot to end")  # (~30 s before)
+                await wait_until(lambda: len(engine.sessions) == 1, 5, "its avatar session to close")
+                before = len(living.video_frames)
+                await living.wait_frames(video=before + 10, timeout=5)  # the other page's bot streams on
+                assert set(bots.bots) == {kept}
+                await living.close()
+                await dying.close()
+                await bots.close()
+        finally:
+            await engine.stop()
+
+    run(main())
+    assert f"bot {doomed}: its page sent nothing for 2 s: gone" in capsys.readouterr().err  # why it ended
