@@ -187,8 +187,9 @@ def test_an_unpaced_window_runs_alone_only_where_a_live_windows_deadline_leaves_
 def test_an_unpaced_session_the_live_ones_never_leave_room_for_gets_a_window_each_max_wait(tiny_pipeline,
                                                                                                monkeypatch):
     """On a device past what it holds the live sessions never leave room (`_time_for_unpaced` always no, no free rows
-    on a CPU): an unpaced session still gets a window of its own each UNPACED_MAX_WAIT_S, so a render goes slowly
-    instead of never finishing (it once waited for good beside a live session a loaded machine kept late)."""
+    on a CPU): an unpaced session still gets a window each UNPACED_MAX_WAIT_S (alone, or in the live one's batch), so
+    a render goes slowly instead of never finishing (it once waited for good beside a live session a loaded machine
+    kept late)."""
     monkeypatch.setattr(StreamEngine, "_time_for_unpaced", lambda self, sessions, frames, now: False)
     monkeypatch.setattr(engine_module, "UNPACED_MAX_WAIT_S", 0.3)
     speech = speechlike(1.0, seed=3)  # 25 frames' audio exactly
@@ -233,9 +234,36 @@ def test_an_unpaced_session_the_live_ones_never_leave_room_for_gets_a_window_eac
     shown, batches, fast, live_during = run(main())
     assert np.allclose(speech_out(shown)[:len(speech)], speech, atol=1e-6)  # all of it, once, in order
     theirs = [(t, sessions) for t, sessions in batches if fast in sessions]
-    assert len(theirs) >= 3 and all(sessions == [fast] for _, sessions in theirs)  # alone, never in a live batch
+    assert len(theirs) >= 3 and all(sessions[-1] is fast and len(sessions) <= 2 for _, sessions in theirs)
     assert np.diff([t for t, _ in theirs]).min() >= 0.3  # none sooner than the wait: the live ones left no room
     assert live_during > 25  # the live one went on meanwhile
+
+
+def test_an_unpaced_session_that_waited_rides_in_the_live_batch_where_its_window_is_as_long(tiny_pipeline):
+    """Once an unpaced session has waited UNPACED_MAX_WAIT_S it goes: in the paced sessions' batch where its window has
+    their length and the batch a row left (a row costs a GPU little), else alone; before that, not at all (no room,
+    no free rows on a CPU)."""
+    async def main():
+        engine = await StreamEngine(tiny_pipeline, EngineConfig(warmup=False, max_batch=2)).start()
+        engine._plan = lambda: []  # the worker makes nothing: the plans are made below
+        engine._time_for_unpaced = lambda sessions, frames, now: False  # the live one never leaves room
+        try:
+            live = await engine.open_session(_portrait(tiny_pipeline, 40))
+            fast = await engine.open_session(_portrait(tiny_pipeline, 200))
+            fast.unpace()
+            now = time.monotonic()
+            pick = lambda n: engine._pick([(now, live, 4, 0), (math.inf, fast, n, 0)], [live, fast], now)  # noqa
+            fast._w.waiting_since = now - engine_module.UNPACED_MAX_WAIT_S + 0.1
+            picks = [pick(4)]  # not waited long enough: the live one alone
+            fast._w.waiting_since = now - engine_module.UNPACED_MAX_WAIT_S
+            picks += [pick(4), pick(2)]  # rides along; a 2-frame window (a render's last) goes alone
+            engine.config.max_batch = 1
+            picks.append(pick(4))  # no row left in the live batch: alone
+            return [[(s is fast, n) for s, n, _ in p] for p in picks]
+        finally:
+            await engine.stop()
+
+    assert run(main()) == [[(False, 4)], [(False, 4), (True, 4)], [(True, 2)], [(True, 4)]]
 
 
 def test_a_batch_takes_unpaced_sessions_along_only_in_the_rows_a_cuda_graph_pads_anyway(tiny_pipeline, monkeypatch):

@@ -1884,21 +1884,27 @@ class StreamEngine:
               now: float) -> list[tuple[Session, int, int]]:
         """The batch from the ready sessions (sorted: the paced by deadline, then the unpaced). The sessions with the
         first one's window length; the unpaced in it only where they ride free (`_free_rows`), or alone where the paced
-        leave room (`_time_for_unpaced`), or, once one has waited UNPACED_MAX_WAIT_S for either, alone anyway: on a
-        device past what it holds, where the paced sessions never leave room, a render goes a window each
-        UNPACED_MAX_WAIT_S (the live sessions, late already, wait a window for it) instead of never finishing."""
-        starved = [r for r in ready if not r[1].player.paced and r[1]._w.waiting_since is not None
-                   and now - r[1]._w.waiting_since >= UNPACED_MAX_WAIT_S]
-        if starved:
-            oldest = min(starved, key=lambda r: r[1]._w.waiting_since)
-            return [(s, n, epoch) for _, s, n, epoch in starved if n == oldest[2]][: self.config.max_batch]
+        leave room (`_time_for_unpaced`). Once one has waited UNPACED_MAX_WAIT_S for either it goes anyway, in the
+        paced batch where its window is as long and the batch has a row left (a row costs a GPU little), else alone:
+        on a device past what it holds, where the paced sessions never leave room, a render goes a window each
+        UNPACED_MAX_WAIT_S (the live sessions, late already, wait that long more for it) instead of never finishing."""
         frames = ready[0][2]
         same = [(s, n, epoch) for _, s, n, epoch in ready if n == frames]
         paced = [job for job in same if job[0].player.paced][: self.config.max_batch]
+        unpaced = [job for job in same if not job[0].player.paced]
+        starved = sorted((r for r in ready if not r[1].player.paced and r[1]._w.waiting_since is not None
+                          and now - r[1]._w.waiting_since >= UNPACED_MAX_WAIT_S), key=lambda r: r[1]._w.waiting_since)
+        room = self.config.max_batch - len(paced)
+        if starved and paced and starved[0][2] == frames and room:
+            waited = {id(r[1]) for r in starved}
+            riders = [job for job in unpaced if id(job[0]) in waited]  # then the padded rows' free riders, if any
+            riders += [job for job in unpaced if id(job[0]) not in waited][: max(0, self._free_rows(len(paced)) - len(riders))]
+            return paced + riders[:room]
+        if starved:
+            return [(s, n, epoch) for _, s, n, epoch in starved if n == starved[0][2]][: self.config.max_batch]
         if not paced:  # only unpaced sessions want a window now
             return same[: self.config.max_batch] if self._time_for_unpaced(sessions, frames, now) else []
-        unpaced = [job for job in same if not job[0].player.paced]
-        return paced + unpaced[: min(self._free_rows(len(paced)), self.config.max_batch - len(paced))]
+        return paced + unpaced[: min(self._free_rows(len(paced)), room)]
 
     def _paced_load(self, now: float) -> float:
         """The share of the worker's last LOAD_SPAN_S its windows with a paced session took (worker thread)."""
