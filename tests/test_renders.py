@@ -94,6 +94,7 @@ def test_an_unpaced_session_shows_frames_as_soon_as_they_are_made_and_leaves_a_l
     speech = speechlike(4.0, seed=5)  # 100 frames' audio exactly
     monkeypatch.setattr(engine_module, "UNPACED_BACKOFF_S", 0.0)  # a frame the live one held at its start: no pause
     monkeypatch.setitem(engine_module.UNPACED_LOAD, "cpu", 1.0)  # the tiny live one's load: the next test's business
+    monkeypatch.setattr(engine_module, "UNPACED_MAX_WAIT_S", 10.0)  # no window forced (it would ride): a later test's
     if free_rows:
         monkeypatch.setattr(StreamEngine, "_free_rows", lambda self, batch: free_rows)
 
