@@ -80,6 +80,23 @@ def test_audio_shown_turns_true_on_the_frame_that_plays_the_last_piece_pushed(ti
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.mp4"]  # no partial file of the discarded one
 
 
+async def _live_and_unpaced(engine, speech: np.ndarray):
+    """A live session watched and fed `speech` at a microphone's pace, and an unpaced one beside it: (the live one,
+    the unpaced one, the frames the live one showed so far, (the watching and feeding tasks))."""
+    pipe = engine.pipeline
+    live = await engine.open_session(_portrait(pipe, 40))
+    fast = await engine.open_session(_portrait(pipe, 200))
+    fast.unpace()
+    watched = []
+
+    async def watch_live():
+        async for frame in live.frames():
+            watched.append(frame)
+
+    tasks = asyncio.create_task(watch_live()), asyncio.create_task(_push_in_real_time(live, speech))
+    return live, fast, watched, tasks
+
+
 @pytest.mark.parametrize("free_rows", [0, 1])
 def test_an_unpaced_session_shows_frames_as_soon_as_they_are_made_and_leaves_a_live_one_on_time(tiny_pipeline,
                                                                                                 monkeypatch, free_rows):
@@ -101,20 +118,10 @@ def test_an_unpaced_session_shows_frames_as_soon_as_they_are_made_and_leaves_a_l
     async def main():
         engine = await StreamEngine(tiny_pipeline, EngineConfig(warmup=False, max_batch=2)).start()
         try:
-            live = await engine.open_session(_portrait(tiny_pipeline, 40))
-            fast = await engine.open_session(_portrait(tiny_pipeline, 200))
-            fast.unpace()
+            live, fast, watched, (watching, feeding) = await _live_and_unpaced(engine, speechlike(12.0, seed=6))
+            began = time.monotonic()
             with pytest.raises(LetsTalkError, match="no real-time tracks"):
                 fast.video_track()
-            watched = []
-
-            async def watch_live():
-                async for frame in live.frames():
-                    watched.append(frame)
-
-            watching = asyncio.create_task(watch_live())
-            began = time.monotonic()
-            feeding = asyncio.create_task(_push_in_real_time(live, speechlike(12.0, seed=6)))  # a microphone's pace
             await asyncio.sleep(1.0)  # the live session streams on its clock first
             fast.push_audio(speech, ahead=True)
             fast.end_speech()
@@ -202,17 +209,7 @@ def test_an_unpaced_session_the_live_ones_never_leave_room_for_gets_a_window_eac
         engine._execute = lambda jobs, **kw: (batches.append((time.monotonic(), [s for s, _, _ in jobs])),
                                               execute(jobs, **kw))[1]
         try:
-            live = await engine.open_session(_portrait(tiny_pipeline, 40))
-            fast = await engine.open_session(_portrait(tiny_pipeline, 200))
-            fast.unpace()
-            watched = []
-
-            async def watch_live():
-                async for frame in live.frames():
-                    watched.append(frame)
-
-            watching = asyncio.create_task(watch_live())
-            feeding = asyncio.create_task(_push_in_real_time(live, speechlike(30.0, seed=4)))
+            live, fast, watched, (watching, feeding) = await _live_and_unpaced(engine, speechlike(30.0, seed=4))
             await asyncio.sleep(0.5)
             fast.push_audio(speech, ahead=True)
             fast.end_speech()
