@@ -375,8 +375,8 @@ UNPACED_BACKOFF_S = 5.0  # unpaced sessions get no window of their own this long
 # ... nor while the paced sessions' windows took more than this share of the worker's last LOAD_SPAN_S: on a CPU half
 # as much, where each window's decoding, the streams' video encoders and the event loop share the worker's cores
 UNPACED_LOAD = {"cuda": 0.5, "cpu": 0.25}
-UNPACED_MAX_WAIT_S = 2.0  # ... yet one that waited this long for room gets a window anyway: a render beside live
-# sessions that leave none (a device past what it holds) goes slowly, never not at all (`StreamEngine._plan`)
+UNPACED_MAX_WAIT_S = 2.0  # ... yet one that waited this long for room goes anyway: a render beside live sessions
+# that leave none (a device past what it holds) goes slowly, never not at all (`StreamEngine._pick`)
 LOAD_SPAN_S = 2.0
 FILLER_FADE = 80  # samples (5 ms at 16 kHz) a held tick's audio takes to fade out what was playing, and the
 # speech after it to fade back in (`restart_ramp`)
@@ -1897,8 +1897,9 @@ class StreamEngine:
         room = self.config.max_batch - len(paced)
         if starved and paced and starved[0][2] == frames and room:
             waited = {id(r[1]) for r in starved}
-            riders = [job for job in unpaced if id(job[0]) in waited]  # then the padded rows' free riders, if any
-            riders += [job for job in unpaced if id(job[0]) not in waited][: max(0, self._free_rows(len(paced)) - len(riders))]
+            riders = [job for job in unpaced if id(job[0]) in waited]
+            free = max(0, self._free_rows(len(paced)) - len(riders))  # padded rows left for others, if any
+            riders += [job for job in unpaced if id(job[0]) not in waited][:free]
             return paced + riders[:room]
         if starved:
             return [(s, n, epoch) for _, s, n, epoch in starved if n == starved[0][2]][: self.config.max_batch]
