@@ -7,7 +7,8 @@ server itself, and fed the whole speech ahead of time. Once every piece of the s
 (`Session.audio_shown`) and `REST_S` of rest after it, its recording is saved and the session closed. The engine
 makes its windows in the time the live sessions leave it (`StreamEngine._time_for_unpaced`), and batches them with
 theirs only where that is free: on a device with room a render goes faster than real time; where the live sessions
-take the device (one on a 2-core CPU) it mostly waits for them, with a window each `UNPACED_MAX_WAIT_S`. It holds one
+take the device (one on a 2-core CPU) it mostly waits for them, with a window each `UNPACED_MAX_WAIT_S` (in their
+batch or alone, `StreamEngine._pick`). It holds one
 of the server's session slots while it runs; its video is the session's recording (`/v1/recordings/{id}`, with
 captions for a text).
 A render that does not finish (cancelled, a failed synthesis or window, the server stopping) saves nothing: the
@@ -23,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from letstalk_rt.aio import wait_for
 from letstalk_rt.errors import LetsTalkError, OutputError
 
 if TYPE_CHECKING:
@@ -103,13 +105,13 @@ async def _next_frame(frames) -> bool:
     """Read the session's next frame: False when it closed; OutputError if none comes within STALL_S. Live sessions
     beside it do not excuse that: the engine gives a render the time they leave, and a window each UNPACED_MAX_WAIT_S
     where they leave none."""
-    stall_s = STALL_S
+    stall_s = STALL_S  # (the limit this wait uses, in its message too)
     try:
-        await asyncio.wait_for(anext(frames), stall_s)
+        await wait_for(anext(frames), stall_s)  # a cancel (DELETE, the server stopping) is never swallowed
         return True
     except StopAsyncIteration:
         return False
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise OutputError(f"the render stalled: no frame was made for {stall_s:.0f} s") from None
 
 

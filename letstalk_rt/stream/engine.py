@@ -938,8 +938,9 @@ class Session:
         server's render). `frames()` then yields each frame as soon as it is generated, never a held one, and the
         engine makes this session's windows in the time its paced sessions leave it (`_time_for_unpaced`), batched
         with theirs only where that is free, so it goes faster than real time where the device has room, and a window
-        each UNPACED_MAX_WAIT_S where it has none. Call it before the first read. Such a session has no WebRTC tracks
-        and no latency figures, and speech pushed into it is kept whole (no catch-up)."""
+        each UNPACED_MAX_WAIT_S (in their batch or alone: `_pick`) where it has none. Call it before the first read.
+        Such a session has no WebRTC tracks and no latency figures, and speech pushed into it is kept whole (no
+        catch-up)."""
         self._check_open()
         if self.player.start is not None:
             raise LetsTalkError(f"session {self.id}: its clock started at its first read; unpace() before it")
