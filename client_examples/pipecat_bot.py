@@ -144,14 +144,15 @@ class Bots:
 
     async def _watch(self, bot: str, connection) -> None:
         """End the bot once its page has sent nothing back (the RTCP reports a browser sends about the media it
-        gets) for PAGE_GONE_S after it first did: a killed tab or a lost network says no goodbye, and WebRTC's own
-        consent check would notice only after ~30 s."""
+        gets) for PAGE_GONE_S since the last one, or since it connected (a page killed before its first report): a
+        killed tab or a lost network says no goodbye, and WebRTC's own consent check would notice only after ~30 s."""
         from letstalk_rt.rtc import peer_heard
 
         loop, marks, heard = asyncio.get_running_loop(), {}, None
         while True:
             await asyncio.sleep(1.0)
-            if await peer_heard(connection.pc, marks):
+            connected = heard is None and connection.pc.connectionState == "connected"
+            if await peer_heard(connection.pc, marks) or connected:
                 heard = loop.time()
             elif heard is not None and loop.time() - heard > PAGE_GONE_S:
                 print(f"bot {bot}: its page sent nothing for {PAGE_GONE_S:.0f} s: gone", file=sys.stderr)

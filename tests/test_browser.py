@@ -846,8 +846,8 @@ def test_the_pipecat_bot_example_speaks_what_the_page_types_and_stops_when_inter
 def test_the_pipecat_bot_example_ends_a_bot_whose_page_died_without_a_word(tiny_pipeline, astronaut_png, monkeypatch,
                                                                            capsys):
     """A page that dies with no `pagehide` (a killed tab, a lost network: here an aiortc peer whose sockets are closed
-    under it) ends its bot and its avatar session once it has sent nothing back for PAGE_GONE_S, not when WebRTC's
-    consent check notices (~30 s); another page's bot streams on."""
+    under it, as soon as it connected) ends its bot and its avatar session once it has sent nothing back for
+    PAGE_GONE_S, not when WebRTC's consent check notices (~30 s); another page's bot streams on."""
     pytest.importorskip("pipecat.transports.smallwebrtc.transport", reason="pip install 'pipecat-ai[webrtc]'")
     import aiohttp
     from aiortc import RTCSessionDescription
@@ -861,14 +861,14 @@ def test_the_pipecat_bot_example_ends_a_bot_whose_page_died_without_a_word(tiny_
     args = example.parse_args(["--portrait", str(astronaut_png), "--size", "32"])
     example.load_face(args)
 
-    async def page(http, url) -> tuple[Peer, str]:
+    async def page(http, url, frames: int) -> tuple[Peer, str]:
         peer = Peer(pipecat=True)
         async with http.post(url + "offer", json={"sdp": await peer.offer(), "type": "offer"}) as r:
             assert r.status == 200, await r.text()
             answer = await r.json()
         await peer.pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
         await asyncio.wait_for(peer.connected.wait(), 20)
-        await peer.wait_frames(video=10)
+        await peer.wait_frames(video=frames)
         return peer, answer["bot"]
 
     doomed = None
@@ -879,9 +879,10 @@ def test_the_pipecat_bot_example_ends_a_bot_whose_page_died_without_a_word(tiny_
         app, bots = example.make_app(args, engine)
         try:
             async with _served(app) as url, aiohttp.ClientSession() as http:
-                dying, doomed = await page(http, url)
-                living, kept = await page(http, url)
-                assert set(bots.bots) == {doomed, kept} and len(engine.sessions) == 2
+                living, kept = await page(http, url, 10)
+                dying, doomed = await page(http, url, 0)  # killed at once: maybe before its first RTCP report
+                assert set(bots.bots) == {doomed, kept}
+                await wait_until(lambda: len(engine.sessions) == 2, 10, "the second bot's avatar session")
                 dying.kill()
                 await wait_until(lambda: doomed not in bots.bots, 15, "the dead page's bot to end")  # (~30 s before)
                 await wait_until(lambda: len(engine.sessions) == 1, 5, "its avatar session to close")
