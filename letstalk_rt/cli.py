@@ -378,6 +378,20 @@ def _unreachable(server: str, error: Exception) -> LetsTalkError:
                          "there?")
 
 
+def _render_progress(state: dict) -> None:
+    """`letstalk generate --server`'s line while the server makes the video (a render's state: AvatarClient.render)."""
+    line = f"  {state['rendered_seconds']:5.1f} s made"
+    if state.get("speech_seconds") is not None:
+        line += f" of {state['speech_seconds']:.1f} s of speech"
+    if state.get("speed") is not None:
+        line += f", {state['speed']:.2f}x real time"
+    if state.get("eta_seconds") is not None:
+        line += f", ~{state['eta_seconds']:.0f} s left"
+    if state.get("live_sessions"):
+        line += f" (sharing the server's device with {state['live_sessions']} live sessions)"
+    print(f"\r{line:<100}", end="", file=sys.stderr, flush=True)
+
+
 async def _generate_remote(args: argparse.Namespace) -> None:
     """`letstalk generate --server URL`: the server makes the video (AvatarClient.render: one of its session slots,
     as fast as its live sessions leave room), and it and a text's captions are saved here, each under a temporary
@@ -393,9 +407,14 @@ async def _generate_remote(args: argparse.Namespace) -> None:
     async with AvatarClient(args.server, api_key=args.api_key) as client:
         if not args.quiet:
             print(f"the server at {args.server} is making it ...", file=sys.stderr)
-        state = await client.render(args.out, portrait=args.portrait, seed=args.seed,
-                                    full_frame=args.full_frame or None, framing=args.framing,
-                                    background=args.background, **speech)
+        try:
+            state = await client.render(args.out, portrait=args.portrait, seed=args.seed,
+                                        full_frame=args.full_frame or None, framing=args.framing,
+                                        background=args.background,
+                                        on_progress=None if args.quiet else _render_progress, **speech)
+        finally:
+            if not args.quiet:
+                print(file=sys.stderr)  # past the progress line
         print(f"wrote {args.out} ({state['speech_seconds']:.2f} s of speech, made by the server in "
               f"{state['seconds_taken']:.1f} s; {time.perf_counter() - start:.1f} s in all)")
         if args.text is not None:

@@ -74,7 +74,7 @@ from yarl import URL
 from . import VERSION_HEADER, __version__
 from .aio import wait_for, wait_state
 from .errors import LetsTalkError
-from .media import float_pcm_problem, frame_pcm, pcm16
+from .media import AUDIO_HINT, IMAGE_HINT, check_readable, float_pcm_problem, frame_pcm, pcm16
 from .rtc import (
     OpusAudioTrack,
     answer_checks_at_once,
@@ -178,7 +178,9 @@ def _upload(name: str, file: Any) -> tuple[bytes, str]:
     (sent as PNG: lossless, so the server sees the pixels given)."""
     if isinstance(file, (bytes, bytearray, memoryview)):
         return bytes(file), name
-    if isinstance(file, (str, os.PathLike)):
+    if isinstance(file, (str, os.PathLike)):  # InputError (a LetsTalkError) saying what to give when it is not a file
+        kind, hint = ("image", IMAGE_HINT) if name == "portrait" else ("audio", AUDIO_HINT)
+        check_readable(Path(file), kind, hint)
         return Path(file).read_bytes(), Path(file).name
     if name == "portrait" and (isinstance(file, np.ndarray) or hasattr(file, "save")):
         from PIL import Image
@@ -1256,15 +1258,18 @@ class AvatarClient:
                      portrait: str | Path | bytes | np.ndarray | Any | None = None, avatar_id: str | None = None,
                      voice: str | None = None, rate: int | None = None, pitch: int | None = None,
                      seed: int | None = None, full_frame: int | None = None, framing: float | None = None,
-                     background: str | None = None, poll_s: float = 0.5) -> dict:
+                     background: str | None = None, poll_s: float = 0.5,
+                     on_progress: Callable[[dict], Any] | None = None) -> dict:
         """Have the server make a video of the avatar saying `audio` (a file's path or bytes, any format PyAV reads) or
         `text` (spoken with `voice`, `rate`, `pitch`), and save it to `out` (MP4, written under a temporary name and
         renamed). The avatar: `portrait` (uploaded for this render) or `avatar_id` (default "default"); `seed`,
         `full_frame`, `framing` and `background` as in `start_session`. The server (started with `--recordings-dir`)
         makes it in one of its session slots, as fast as its live sessions leave the device room (faster than real
-        time where it has room); this waits for it, asking every `poll_s`, and returns the render's final state
-        ({"render_id", "state": "done", "speech_seconds", "rendered_seconds", "seconds_taken", "video_url",
-        "captions_url"}: a text's captions, `download_captions(render_id, ...)`). Cancelled on the server if this is
+        time where it has room); this waits for it, asking every `poll_s` (`on_progress(state)` with each answer while
+        it is made: "rendered_seconds" of "speech_seconds", "speed" in seconds of video a second, "eta_seconds",
+        "live_sessions" sharing its device), and returns the render's final state ({"render_id", "state": "done",
+        "speech_seconds", "rendered_seconds", "seconds_taken", "speed", "video_url", "captions_url"}: a text's captions,
+        `download_captions(render_id, ...)`). Cancelled on the server if this is
         cancelled. RenderFailedError when it ends without a video; RequestError (422) for what the server refuses
         at once, ServerBusyError (503) when it is full."""
         if (audio is None) == (text is None):
@@ -1282,6 +1287,8 @@ class AvatarClient:
         url = self._url(f"/v1/renders/{urllib.parse.quote(rid, safe='')}")
         try:
             while state["state"] == "rendering":
+                if on_progress is not None:
+                    on_progress(state)
                 await asyncio.sleep(poll_s)
                 async with http.get(url, headers=self._auth()) as resp:
                     await _raise_for_status(resp)

@@ -72,7 +72,7 @@ def _reason(e: BaseException) -> str:
     return " ".join(str(text).split())
 
 
-def _check_readable(path: Path, kind: str, hint: str) -> None:
+def check_readable(path: Path, kind: str, hint: str) -> None:
     """InputError for the mistakes that are not about the content: missing, a directory, unreadable."""
     if not path.exists():
         raise InputError(f"{kind} file '{path}' does not exist; {hint}")
@@ -217,7 +217,7 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     InputError (one line) for a missing file, a file that is not media, no audio track, or no samples.
     """
     path = Path(path)
-    _check_readable(path, "audio", AUDIO_HINT)
+    check_readable(path, "audio", AUDIO_HINT)
     return _decode_audio(str(path), f"audio file '{path}'", sample_rate)
 
 
@@ -451,7 +451,7 @@ def load_image(path: str | Path, background: tuple[int, int, int] = WHITE) -> np
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
-    _check_readable(path, "image", IMAGE_HINT)
+    check_readable(path, "image", IMAGE_HINT)
     try:
         with Image.open(path) as im:
             im.load()
@@ -1036,7 +1036,7 @@ def stream_fps(stream, default: float = 0.0) -> float:
 def video_fps(path: str | Path) -> float:
     """The frame rate of the first video stream of `path`, without decoding it."""
     path = Path(path)
-    _check_readable(path, "video", "give an mp4/mkv/webm/mov video")
+    check_readable(path, "video", "give an mp4/mkv/webm/mov video")
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -1052,7 +1052,7 @@ def video_fps(path: str | Path) -> float:
 def probe(path: str | Path) -> MediaInfo:
     """Decode `path` fully and count its video frames and audio samples."""
     path = Path(path)
-    _check_readable(path, "media", "give a video or audio file")
+    check_readable(path, "media", "give a video or audio file")
     try:
         with av.open(str(path)) as container:
             video = container.streams.video[0] if container.streams.video else None
@@ -1096,7 +1096,7 @@ def upright_rgb(frame: av.VideoFrame) -> np.ndarray:
 def read_frames(path: str | Path) -> Iterator[np.ndarray]:
     """Yield the uint8 (H, W, 3) RGB frames of the first video stream of `path`, upright (`upright_rgb`)."""
     path = Path(path)
-    _check_readable(path, "video", "give an mp4/mkv/webm/mov video")  # eager: fail at the call, not mid-loop
+    check_readable(path, "video", "give an mp4/mkv/webm/mov video")  # eager: fail at the call, not mid-loop
 
     def frames() -> Iterator[np.ndarray]:
         try:

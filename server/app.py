@@ -687,7 +687,7 @@ async def create_render(request: web.Request) -> web.Response:
     ss.session.unpace()  # frames as fast as they are made, the speech kept whole; before its recording keeps a clock
     await _start_recording(request, ss, save_on_close=False)  # a render that does not finish saves nothing
     ss.spawn(renders.run(ss, render), "render")
-    return web.json_response({**render.describe(), "token": ss.token, "expires_at": ss.expires_at,
+    return web.json_response({**render.describe(ss.session), "token": ss.token, "expires_at": ss.expires_at,
                               "status_url": str(origin.with_path(f"/v1/renders/{ss.id}")),
                               "events_url": str(origin.with_path(f"/v1/sessions/{ss.id}/events"))}, status=202)
 

@@ -40,6 +40,7 @@ REST_S = 0.5  # of the avatar at rest after the speech (the mouth closes within 
 MARGIN_S = 10.0  # a session's time limit (--max-session-minutes) must leave this after an upload's speech
 STALL_S = 30.0  # a render that got no frame for this long has failed
 BACKLOG_S = 2.0  # frames read ahead of the recording's encoder at most (it encodes more slowly than a GPU renders)
+SPEED_S = 5.0  # a render's speed (and so the time it says is left) is over its last this many seconds
 KEPT = 1000  # finished renders whose state GET /v1/renders/{id} still answers (their videos are recordings)
 
 
@@ -57,14 +58,48 @@ class Render:
     captions: bool = False  # the saved video has captions (a text's sentences)
     finished_at: float | None = None
     seen_error: str | None = None  # the session's last error event (why it closed)
+    made: collections.deque = field(default_factory=collections.deque)  # (monotonic time, seconds rendered): the
+    # frames of its last SPEED_S, and the one before them (`made_now`)
+
+    def made_now(self, rendered_s: float) -> None:
+        """Note that `rendered_s` seconds of its video are made now (its speed, `describe`)."""
+        now = time.monotonic()
+        self.made.append((now, rendered_s))
+        while len(self.made) > 1 and self.made[1][0] <= now - SPEED_S:
+            self.made.popleft()
+
+    def _speed(self, rendered_s: float) -> float | None:
+        """Seconds of video made per second over its last SPEED_S (slower while none comes: a stall shows); None
+        until it has made frames for a second. Done, its speed over its whole run."""
+        if self.state != "rendering":
+            taken = (self.finished_at or time.time()) - self.created_at
+            return rendered_s / taken if self.state == "done" and taken > 0 else None
+        if not self.made:
+            return None
+        now = time.monotonic()
+        old = [m for m in self.made if m[0] <= now - SPEED_S]
+        since, first = old[-1] if old else self.made[0]  # from the last frame before its last SPEED_S
+        return (rendered_s - first) / (now - since) if now - since >= 1.0 else None
 
     def describe(self, session: Session | None = None) -> dict:
         """Its state; `session`: its session while it is made (how far it got)."""
         rendered_s = session.player.tick / session.player.fps if session is not None else self.video_s or 0.0
+        speed = self._speed(rendered_s)
+        if self.state != "rendering":
+            eta = 0.0 if self.state == "done" else None
+        elif self.speech_s is None or not speed:
+            eta = None
+        else:
+            eta = max(0.0, self.speech_s + REST_S - rendered_s) / speed
+        live = None if session is None else sum(s.player.paced and not s.closed
+                                                for s in list(session.engine.sessions.values()))
         return {"render_id": self.id, "state": self.state, "created_at": round(self.created_at, 3),
                 "speech_seconds": None if self.speech_s is None else round(self.speech_s, 2),
                 "rendered_seconds": round(rendered_s, 2),
-                "seconds_taken": round((self.finished_at or time.time()) - self.created_at, 2),  # its speed
+                "seconds_taken": round((self.finished_at or time.time()) - self.created_at, 2),
+                "speed": None if speed is None else round(speed, 3),  # seconds of video a second
+                "eta_seconds": None if eta is None else round(eta, 1),
+                **({"live_sessions": live} if live is not None else {}),
                 "video_url": self.video_url,
                 "captions_url": f"{self.video_url}/captions" if self.captions else None,
                 **({"error": self.error} if self.error else {}),
@@ -76,6 +111,7 @@ class Render:
             return False
         self.state, self.error, self.finished_at = state, error, time.time()
         self.source = None
+        self.made.clear()
         return True
 
 
@@ -141,6 +177,7 @@ async def run(ss: ServerSession, render: Render) -> None:
         while rest_until is None or session.player.tick < rest_until:
             if not await _next_frame(frames) or session.closed:  # settled by SessionManager.close
                 return
+            render.made_now(session.player.tick / fps)
             await _keep_recording(session)
             if feeding.done():
                 feeding.result()  # a failed synthesis raises here

@@ -8,8 +8,8 @@ Each event is one JSON POST, `{"type", "id", "time", "data": {...}}`:
 - `recording.saved`  its recording is saved (`session_id`, `url`, `bytes`, `seconds`, `captions_url` or null)
 - `recording.failed` its recording was not saved (`session_id`, `error`)
 - `render.done`, `render.failed`, `render.cancelled`  a render (POST /v1/renders) ended: its state (`render_id`,
-                     `state`, `speech_seconds`, `rendered_seconds`, `seconds_taken`, `video_url`, `captions_url`,
-                     `error`: as GET /v1/renders/{id})
+                     `state`, `speech_seconds`, `rendered_seconds`, `seconds_taken`, `speed`, `video_url`,
+                     `captions_url`, `error`: as GET /v1/renders/{id})
 - `broadcast.stopped` a session's live stream to a streaming server ended (`session_id`, `broadcast_id`, `url` with
                      its stream key hidden, `seconds` sent, `error`: empty when it was stopped, else why it failed)
 - `broadcast.dropped` its connection dropped and is being made again (`session_id`, `broadcast_id`, `url`, `error`)

@@ -177,12 +177,14 @@ def test_sdk_sends_a_local_audio_track_and_uploads_a_portrait(tiny_pipeline, ast
     run(main())
 
 
-def test_a_portrait_held_in_memory_is_uploaded_with_its_pixels_as_they_are():
+def test_a_portrait_held_in_memory_is_uploaded_with_its_pixels_as_they_are(tmp_path):
     """An RGB, RGBA or grey uint8 array, or a PIL image, goes up as a PNG the server decodes to the same pixels;
-    what cannot be a picture is refused before anything is sent."""
+    what cannot be a picture is refused before anything is sent, and a path that is not a file says what to give
+    (one line for `letstalk generate --server`, not a traceback)."""
     from PIL import Image
 
     from letstalk_rt.client import _upload
+    from letstalk_rt.errors import InputError
     from server.app import decode_image
 
     rgb = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
@@ -198,6 +200,10 @@ def test_a_portrait_held_in_memory_is_uploaded_with_its_pixels_as_they_are():
         _upload("portrait", 42)
     with pytest.raises(TypeError, match="audio must be a path or bytes"):
         _upload("audio", rgb)
+    with pytest.raises(InputError, match=r"image file '.*nope.png' does not exist; give a PNG/JPEG"):
+        _upload("portrait", tmp_path / "nope.png")
+    with pytest.raises(InputError, match=r"audio file '.*' is a directory; give a WAV/MP3"):
+        _upload("audio", str(tmp_path))
 
 
 def test_sdk_full_frame_session_receives_the_whole_photo(tiny_pipeline, astronaut_png):

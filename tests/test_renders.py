@@ -286,6 +286,57 @@ def _envelope(audio: np.ndarray, rate: int, fps: int = 25) -> np.ndarray:
     return np.sqrt(np.mean(np.square(audio[:len(audio) // n * n].reshape(-1, n)), axis=1))
 
 
+def test_a_renders_state_says_its_speed_over_its_last_seconds_and_the_time_left(monkeypatch):
+    """GET /v1/renders/{id}'s speed is the video made per second over the last SPEED_S (a render that stopped getting
+    frames slows to 0: it does not keep its old speed), the time left is the speech and rest not made yet at that speed,
+    unknown before a second of frames or while a text's length is; it says how many live sessions share its device.
+    Done, its speed over its whole run."""
+    from types import SimpleNamespace
+
+    from letstalk_rt.server import renders
+
+    clock = [100.0]
+    monkeypatch.setattr(renders.time, "monotonic", lambda: clock[0])
+    render = renders.Render("r", None, 20.0 - renders.REST_S, "http://x/v1/recordings/r")
+    live = SimpleNamespace(player=SimpleNamespace(paced=True), closed=False)
+    gone = SimpleNamespace(player=SimpleNamespace(paced=True), closed=True)
+    session = SimpleNamespace(player=SimpleNamespace(tick=0, fps=25, paced=False), closed=False)
+    session.engine = SimpleNamespace(sessions={"r": session, "a": live, "b": gone})
+
+    def made(seconds, speed):  # `speed` s of video a second, for `seconds`, as its frames come
+        for _ in range(round(seconds * 25)):
+            clock[0] += 1 / 25 / speed
+            session.player.tick += 1
+            render.made_now(session.player.tick / 25)
+
+    state = render.describe(session)
+    assert state["speed"] is None and state["eta_seconds"] is None and state["live_sessions"] == 1  # nothing made yet
+    made(1.0, 2.0)
+    assert render.describe(session)["speed"] is None  # half a second: too soon to say
+    made(6.0, 2.0)
+    state = render.describe(session)
+    assert state["speed"] == pytest.approx(2.0) and state["eta_seconds"] == pytest.approx(13.0 / 2.0, abs=0.1)
+    made(4.0, 0.5)  # slower: past SPEED_S only the slow frames count
+    state = render.describe(session)
+    assert state["rendered_seconds"] == 11.0 and state["speed"] == pytest.approx(0.5, abs=0.01)
+    assert state["eta_seconds"] == pytest.approx(9.0 / 0.5, abs=0.5)
+    assert len(render.made) <= renders.SPEED_S * 25 + 2  # it keeps the last SPEED_S of frames, not every one
+    clock[0] += 2.0  # no frame for 2 s: slower, a longer wait
+    later = render.describe(session)
+    assert later["speed"] == pytest.approx(0.5 * 3 / 5, abs=0.01) and later["eta_seconds"] > state["eta_seconds"]
+    clock[0] += renders.SPEED_S
+    later = render.describe(session)
+    assert later["speed"] == 0.0 and later["eta_seconds"] is None  # stalled (STALL_S fails it)
+    render.speech_s = None  # a text not synthesised yet: its length, so the time left, is not known
+    assert render.describe(session)["eta_seconds"] is None
+    render.created_at = time.time() - 20.0
+    render.video_s = 10.2
+    render.end("done")
+    state = render.describe()
+    assert state["speed"] == pytest.approx(10.2 / 20.0, rel=0.01) and state["eta_seconds"] == 0.0 and not render.made
+    assert "live_sessions" not in state  # only while it is made
+
+
 def test_a_render_of_an_audio_file_is_the_avatar_saying_all_of_it_saved_once_done(tiny_pipeline, tmp_path, wav_file):
     """POST /v1/renders with an audio upload (22.05 kHz here): 202 at once, 409 for its video while it is made, then
     `done`, and the video is the avatar saying the whole file, once, in order, and a short rest after it; the session
@@ -343,13 +394,18 @@ def test_a_render_of_an_audio_file_is_the_avatar_saying_all_of_it_saved_once_don
                 assert r.status == 409 and f"/v1/renders/{rid}" in (await r.json())["error"]
             async with http.post(f"{srv.url}/v1/sessions/{rid}/viewers", data="v=0", headers=offer) as r:
                 assert r.status == 409 and "not in real time" in (await r.json())["error"]  # no live tracks
-            state = info
+            state, polled = info, []
+            assert info["live_sessions"] == 0 and info["speed"] is None and info["eta_seconds"] is None
             while state["state"] == "rendering":
+                polled.append(state)
                 await asyncio.sleep(0.1)
                 async with http.get(info["status_url"], headers=mine) as r:
                     assert r.status == 200
                     state = await r.json()
             assert state["state"] == "done", state
+            assert all(p["live_sessions"] == 0 and "eta_seconds" in p for p in polled)  # (the figures: the test above)
+            assert state["eta_seconds"] == 0.0 and state["speed"] == pytest.approx(
+                state["rendered_seconds"] / state["seconds_taken"], rel=0.05)
             assert state["captions_url"] is None and state["rendered_seconds"] >= 1.6
             async with http.get(info["video_url"], headers=mine) as r:
                 assert r.status == 200 and r.content_type == "video/mp4"
@@ -529,7 +585,7 @@ def test_letstalk_generate_with_a_server_has_the_video_made_there_in_an_install_
         async with running_server(tiny_pipeline, recordings_dir=tmp_path / "videos") as srv:
             base = ["generate", "--server", srv.url, "--portrait", str(astronaut_png), "--quiet"]
             return await asyncio.gather(
-                asyncio.to_thread(generate, *base, "--audio", str(wav), "--out", str(tmp_path / "file.mp4")),
+                asyncio.to_thread(generate, *base[:-1], "--audio", str(wav), "--out", str(tmp_path / "file.mp4")),
                 asyncio.to_thread(generate, *base, "--text", "Hello there.", "--voice", "en-us", "--out",
                                   str(tmp_path / "text.mp4")),
                 asyncio.to_thread(generate, *base, "--audio", str(wav), "--out", str(tmp_path / "no.mp4"), "--model",
@@ -537,10 +593,11 @@ def test_letstalk_generate_with_a_server_has_the_video_made_there_in_an_install_
 
     from_file, from_text, refused = run(main())
     assert from_file.returncode == 0 and "wrote" in from_file.stdout, from_file.stderr
+    assert "s made of 1.6 s of speech" in from_file.stderr  # its progress (not with --quiet)
+    assert from_text.returncode == 0 and " made" not in from_text.stderr, from_text.stderr
     frames, audio, rate = read_mp4(tmp_path / "file.mp4")
     assert len(frames) >= 1.6 * 25 and frames[0].shape[:2] == (tiny_pipeline.config.image_size,) * 2
     assert 1.6 <= len(audio) / rate <= 1.6 + 1.0 and np.abs(audio).max() > 0.05  # the speech, and a short rest
-    assert from_text.returncode == 0, from_text.stderr
     assert "Hello there." in (tmp_path / "text.vtt").read_text()
     assert len(read_mp4(tmp_path / "text.mp4")[0]) > 10
     assert refused.returncode == 2 and refused.stderr.startswith("letstalk: error: --model, --steps: with --server"), \
