@@ -73,7 +73,7 @@ from yarl import URL
 
 from . import VERSION_HEADER, __version__
 from .aio import wait_for, wait_state
-from .errors import LetsTalkError
+from .errors import InputError, LetsTalkError
 from .media import AUDIO_HINT, IMAGE_HINT, check_readable, float_pcm_problem, frame_pcm, pcm16
 from .rtc import (
     OpusAudioTrack,
@@ -1122,8 +1122,12 @@ class AvatarClient:
                  ice_servers: list[str | dict] | None = None, relay_only: bool = False) -> None:
         """`ice_servers`: the STUN/TURN servers of every session's peer connection, as URLs or W3C RTCIceServer dicts
         (`{"urls": ..., "username": ..., "credential": ...}`); by default the ones the server hands each session
-        (`--ice-server`, with TURN credentials made for it). `relay_only`: connect only through the TURN server."""
+        (`--ice-server`, with TURN credentials made for it). `relay_only`: connect only through the TURN server.
+        InputError (a LetsTalkError) if `base_url` is not an http(s) URL."""
         self.base_url = URL(base_url.rstrip("/") + "/")
+        if self.base_url.scheme not in ("http", "https") or not self.base_url.host:
+            raise InputError(f"server URL {base_url!r} is not an http(s) URL; give one such as http://127.0.0.1:8080 "
+                             f"(`letstalk serve` prints its own)")
         self.api_key = api_key
         self.timeout = timeout
         self.ice_servers = None if ice_servers is None else parse_ice_servers(ice_servers)  # a bad URL fails here

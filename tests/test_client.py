@@ -511,7 +511,7 @@ def test_a_client_that_cannot_reach_its_server_again_ends_its_iterators_and_send
     assert "could not reconnect within 3 s" in failed[0]["message"]
 
 
-def test_ice_servers_are_checked_when_the_server_and_client_start():
+def test_ice_servers_and_the_server_url_are_checked_when_the_server_and_client_start():
     from letstalk_rt.client import AvatarClient
     from letstalk_rt.errors import LetsTalkError
     from letstalk_rt.server import ServerConfig
@@ -529,6 +529,10 @@ def test_ice_servers_are_checked_when_the_server_and_client_start():
         {"urls": ["turn:relay.example.org?transport=tcp"], "username": "u", "credential": "c"}]
     with pytest.raises(ValueError, match="needs a username"):
         AvatarClient("http://127.0.0.1:1", ice_servers=["turns:relay.example.org"])
+    for url in ("127.0.0.1:8080", "localhost", "ws://127.0.0.1:8080"):  # what one types for a server: said at once,
+        with pytest.raises(LetsTalkError, match=f"server URL '{url}' is not an http"):  # not a traceback at the POST
+            AvatarClient(url)
+    assert str(AvatarClient("https://x.example/lt").base_url) == "https://x.example/lt/"
 
 
 def test_sdk_raises_the_servers_errors(tiny_pipeline):
