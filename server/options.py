@@ -78,6 +78,8 @@ class ServerConfig:
         return int(self.max_upload_mb * 1024 * 1024)
 
     def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:  # (0: any free port) said before the model loads, not by bind() after it
+            raise LetsTalkError(f"--port {self.port}: a TCP port is 0-65535 (0: any free one); the default is 8080")
         if self.turn_secret and (self.turn_username or self.turn_credential):
             raise LetsTalkError("give the TURN server either a shared secret or a username and credential, not both")
         try:

@@ -522,6 +522,8 @@ def test_ice_servers_and_the_server_url_are_checked_when_the_server_and_client_s
         ServerConfig(ice_servers=["relay.example.org:3478"])
     with pytest.raises(LetsTalkError, match="either a shared secret or a username"):
         ServerConfig(ice_servers=["turn:relay.example.org"], turn_secret="s", turn_username="u", turn_credential="c")
+    with pytest.raises(LetsTalkError, match="--port 99999: a TCP port is 0-65535"):  # before the model loads
+        ServerConfig(port=99999)
     config = ServerConfig(ice_servers=["stun:stun.example.org", "turn:relay.example.org?transport=tcp"],
                           turn_username="u", turn_credential="c")
     assert config.session_ice_servers("abc") == [
