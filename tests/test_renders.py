@@ -138,7 +138,9 @@ def test_an_unpaced_session_shows_frames_as_soon_as_they_are_made_and_leaves_a_l
             watching.cancel()
             feeding.cancel()
             watched_s = time.monotonic() - began
-            batches = [e.batch for e in _events(fast) if isinstance(e, WindowTimings)]
+            timings = [e for e in _events(fast) if isinstance(e, WindowTimings)]
+            batches, frames = [e.batch for e in timings], {e.frames for e in timings}
+            assert frames == {engine.window}, frames  # the first too: no short one (it would not ride with the live)
             return shown, gaps, live.player.fillers, len(watched), len(watched) / 25 / watched_s, batches, fast.stats()
         finally:
             await engine.stop()
@@ -254,7 +256,7 @@ def test_an_unpaced_session_that_waited_rides_in_the_live_batch_where_its_window
             fast._w.waiting_since = now - engine_module.UNPACED_MAX_WAIT_S + 0.1
             picks = [pick(4)]  # not waited long enough: the live one alone
             fast._w.waiting_since = now - engine_module.UNPACED_MAX_WAIT_S
-            picks += [pick(4), pick(2)]  # rides along; a 2-frame window (a render's last) goes alone
+            picks += [pick(4), pick(2)]  # rides along; a window of another length (none of a render's) goes alone
             engine.config.max_batch = 1
             picks.append(pick(4))  # no row left in the live batch: alone
             return [[(s is fast, n) for s, n, _ in p] for p in picks]

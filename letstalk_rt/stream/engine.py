@@ -18,7 +18,8 @@ playback would run dry before a window could be generated (its deadline): then t
 silence, so the avatar keeps moving and never freezes. A session starts no window once
 `lead_windows` windows of frames are generated and not yet shown, which bounds every queue (at most
 that lead plus the window being made). The first window of a session, and the first after
-an interrupt, is short (`first_window` frames) so the first frame shows quickly.
+an interrupt, is short (`first_window` frames) so the first frame shows quickly (not an unpaced session's: a
+render's windows all have the live ones' length, so they can ride in their batches).
 
 Latency. A window waits for its audio plus the encoder's lookahead, so the least latency that never
 runs dry is about a window of frames + lookahead + one window's compute + safety
@@ -132,7 +133,7 @@ class EngineConfig:
     window: int = 0  # frames per window, 1..the model's num_frames (0: the pipeline's, i.e. the model's
     # sampling.stream_window unless the pipeline was built with another). Fewer frames cut the
     # speech-to-screen latency (a window waits for all its audio) but cost more compute per frame.
-    first_window: int = 2  # frames of a session's first window and of the first after an interrupt
+    first_window: int = 2  # frames of a paced session's first window and of the first after an interrupt
     lead_windows: float = 1.5  # generate at most this many windows ahead of playback
     safety_ms: float = 30.0  # start a deadline window this long before the estimated need
     max_pending_seconds: float = 30.0  # pushed audio not yet generated; more raises AudioBufferFull
@@ -2018,7 +2019,9 @@ class StreamEngine:
             if n > 0:
                 w.drop_idle(n)
                 s.idle_dropped += n
-        want = min(self.config.first_window, window) if w.fresh else window
+        # a short first window shows the first frame sooner; an unpaced session (a render) wants no first frame soon,
+        # and a window of the live ones' length can ride in their batches (`_pick`)
+        want = min(self.config.first_window, window) if w.fresh and player.paced else window
         ahead = len(player.queue) + s._inflight  # generated, not yet shown
         lead_cap = int(self.config.lead_windows * window)
         if ahead >= lead_cap or (player.start is None and w.frames_generated > 0 and ahead >= want):
