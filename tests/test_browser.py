@@ -564,9 +564,16 @@ def test_the_page_makes_a_clip_of_the_typed_text_on_the_server(tiny_pipeline, tm
             size = await page.evaluate(
                 "fetch(document.getElementById('clipdownload').href).then((r) => r.blob()).then((b) => b.size)")
             log = await page.evaluate("document.getElementById('log').innerText")
-            return duration, size, log
+            progress = await page.evaluate("""import('/static/app.js').then((m) => [
+              m.renderProgress({rendered_seconds: 3.2, speech_seconds: 6.9, speed: 2.5, eta_seconds: 1.5,
+                                live_sessions: 1}),
+              m.renderProgress({rendered_seconds: 0, speech_seconds: null, speed: null, eta_seconds: null,
+                                live_sessions: 0})])""")  # (what GET /v1/renders/{id} says: test_renders.py)
+            return duration, size, log, progress
 
-    duration, size, log = run(main())
+    duration, size, log, progress = run(main())
+    assert progress == ["3.2 s made of 6.9 s, 2.50x real time, ~2 s left (sharing the server with 1 live sessions)",
+                        "0.0 s made"]  # the status line while a clip is made
     saved = list((tmp_path / "videos").glob("*.mp4"))
     assert "error" not in log and " done: " in log, log
     assert len(saved) == 1 and saved[0].stat().st_size == size  # the page's clip is the server's video, whole

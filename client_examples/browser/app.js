@@ -149,6 +149,17 @@ export async function waitForRender(info, { pollMs = 500, onProgress = null } = 
   }
 }
 
+// One line of a render's progress (a state waitForRender's onProgress gets): how much is made, its speed, the time
+// left, and the live sessions it shares the server's device with (it gets the time they leave).
+export function renderProgress(state) {
+  let text = `${state.rendered_seconds.toFixed(1)} s made`;
+  if (state.speech_seconds != null) text += ` of ${state.speech_seconds.toFixed(1)} s`;
+  if (state.speed != null) text += `, ${state.speed.toFixed(2)}x real time`;
+  if (state.eta_seconds != null) text += `, ~${Math.round(state.eta_seconds)} s left`;
+  if (state.live_sessions) text += ` (sharing the server with ${state.live_sessions} live sessions)`;
+  return text;
+}
+
 // A session's recording (an MP4 Blob) once the server saved it: when the session ended (close()) or stopped
 // recording. It waits up to timeoutMs for the save; throws with the server's reason otherwise.
 export async function fetchRecording(url, token, timeoutMs = 15000) {
