@@ -380,6 +380,10 @@ def _unreachable(server: str, error: Exception) -> LetsTalkError:
 
 def _render_progress(state: dict) -> None:
     """`letstalk generate --server`'s line while the server makes the video (a render's state: AvatarClient.render)."""
+    if state["state"] == "queued":
+        line = f"  queued: {state.get('queue_position') or '?'} in line for a session slot on the server"
+        print(f"\r{line:<100}", end="", file=sys.stderr, flush=True)
+        return
     line = f"  {state['rendered_seconds']:5.1f} s made"
     if state.get("speech_seconds") is not None:
         line += f" of {state['speech_seconds']:.1f} s of speech"

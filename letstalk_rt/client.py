@@ -1262,35 +1262,46 @@ class AvatarClient:
                      portrait: str | Path | bytes | np.ndarray | Any | None = None, avatar_id: str | None = None,
                      voice: str | None = None, rate: int | None = None, pitch: int | None = None,
                      seed: int | None = None, full_frame: int | None = None, framing: float | None = None,
-                     background: str | None = None, poll_s: float = 0.5,
+                     background: str | None = None, queue: bool = True, poll_s: float = 0.5,
                      on_progress: Callable[[dict], Any] | None = None) -> dict:
         """Have the server make a video of the avatar saying `audio` (a file's path or bytes, any format PyAV reads) or
         `text` (spoken with `voice`, `rate`, `pitch`), and save it to `out` (MP4, written under a temporary name and
         renamed). The avatar: `portrait` (uploaded for this render) or `avatar_id` (default "default"); `seed`,
         `full_frame`, `framing` and `background` as in `start_session`. The server (started with `--recordings-dir`)
         makes it in one of its session slots, as fast as its live sessions leave the device room (faster than real
-        time where it has room); this waits for it, asking every `poll_s` (`on_progress(state)` with each answer while
-        it is made: "rendered_seconds" of "speech_seconds", "speed" in seconds of video a second, "eta_seconds",
-        "live_sessions" sharing its device), and returns the render's final state ({"render_id", "state": "done",
+        time where it has room); where every slot is in use, `queue` (default) has it wait for one on the server, in
+        turn ("state": "queued", "queue_position"), instead of ServerBusyError at once. This waits for it, asking every
+        `poll_s` (`on_progress(state)` with each answer while it is queued or made: "rendered_seconds" of
+        "speech_seconds", "speed" in seconds of video a second, "eta_seconds", "live_sessions" sharing its device),
+        and returns the render's final state ({"render_id", "state": "done",
         "speech_seconds", "rendered_seconds", "seconds_taken", "speed", "video_url", "captions_url"}: a text's captions,
         `download_captions(render_id, ...)`). Cancelled on the server if this is
         cancelled. RenderFailedError when it ends without a video; RequestError (422) for what the server refuses
-        at once, ServerBusyError (503) when it is full."""
+        at once, ServerBusyError (503) when it is full (and its render queue too, or `queue` is false)."""
         if (audio is None) == (text is None):
             raise ValueError("render(): give either audio or text")
         if portrait is not None and avatar_id is not None:
             raise ValueError("give either portrait or avatar_id, not both")
         options = (("avatar_id", avatar_id), ("text", text), ("voice", voice), ("rate", rate), ("pitch", pitch),
-                   ("seed", seed), ("full_frame", full_frame), ("framing", framing), ("background", background))
+                   ("seed", seed), ("full_frame", full_frame), ("framing", framing), ("background", background),
+                   ("queue", "true" if queue else None))
         http = self._require_http()
         form = await _form(options, portrait=portrait, audio=audio)
         async with http.post(self._url("/v1/renders"), data=form, headers=self._auth()) as resp:
-            await _raise_for_status(resp)
-            state = await resp.json()
+            if resp.status == 422 and queue and "unknown field 'queue'" in await resp.text():
+                state = None  # a server older than the render queue: asked again without it
+            else:
+                await _raise_for_status(resp)
+                state = await resp.json()
+        if state is None:
+            form = await _form(options[:-1], portrait=portrait, audio=audio)
+            async with http.post(self._url("/v1/renders"), data=form, headers=self._auth()) as resp:
+                await _raise_for_status(resp)
+                state = await resp.json()
         rid = state["render_id"]
         url = self._url(f"/v1/renders/{urllib.parse.quote(rid, safe='')}")
         try:
-            while state["state"] == "rendering":
+            while state["state"] in ("queued", "rendering"):
                 if on_progress is not None:
                     on_progress(state)
                 await asyncio.sleep(poll_s)

@@ -39,6 +39,7 @@ import signal
 import sys
 import time
 import urllib.parse
+import uuid
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -56,7 +57,7 @@ from letstalk_rt.media import (LIVE_FORMATS, WHITE, check_live_url, decode_audio
                                redact_url, upright_image)
 from letstalk_rt.rtc import bridged_host_addresses, selected_route
 from letstalk_rt.stream import CapacityError, EnginePool, FileSource, StreamEngine, TextSource, run_off_loop
-from letstalk_rt.stream.engine import SessionClosedError
+from letstalk_rt.stream.engine import Session, SessionClosedError
 from letstalk_rt.tts import (DEFAULT_VOICE, MAX_TEXT, PITCH_RANGE, RATE_RANGE, Speech, SpeechUnavailable, check_voice,
                              espeak_exe, voices)
 
@@ -88,11 +89,11 @@ MAX_WS_MESSAGE = 512 * 1024  # transport cap (1 s of 96 kHz stereo PCM16 is 384 
 MAX_CONTROL_MESSAGE = 32768  # JSON control messages are small; `say` text is at most 5000 characters
 MAX_FORM_FIELD = 1024  # non-file multipart fields (seed, steps, avatar_id, full_frame, framing)
 MAX_TEXT_FIELD = 4 * MAX_TEXT  # a render's `text` field: MAX_TEXT characters of UTF-8
-MAX_FORM_PARTS = 16  # more than any endpoint has fields (a render has 13)
+MAX_FORM_PARTS = 16  # more than any endpoint has fields (a render has 14)
 SESSION_FIELDS = ("portrait", "avatar_id", "seed", "steps", "full_frame", "framing", "voice", "background", "record")
 # POST /v1/renders: a session's fields but `record` (a render is recorded), and what it says: an `audio` upload, or a
 # `text` spoken with `voice` at `rate` and `pitch`
-RENDER_FIELDS = (*SESSION_FIELDS[:-1], "audio", "text", "rate", "pitch")
+RENDER_FIELDS = (*SESSION_FIELDS[:-1], "audio", "text", "rate", "pitch", "queue")  # queue: wait for a slot
 FILE_FIELDS = ("portrait", "audio")  # multipart files; every other field is a short text
 AVATAR_FIELDS = ("portrait", "id", "name", "background")  # POST /v1/avatars
 UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP")  # what the docs promise; Pillow's other decoders are never reached
@@ -514,6 +515,18 @@ def _checked_field(fields: dict, name: str, check: Callable[[Any], Any], default
         raise api_error(422, str(e)) from None
 
 
+@dataclasses.dataclass
+class _Opening:
+    """A session request read and checked (`_read_opening`): what opening its session takes."""
+
+    fields: dict  # with `voice` and `avatar_id` checked
+    seed: int
+    full_frame: int
+    framing: float
+    portrait: Any  # the avatar's prepared portrait, or the upload decoded
+    extra: Any  # what the handler's check returned
+
+
 async def _open_session(request: web.Request, allowed: tuple[str, ...], check: Callable[[dict], Any] | None = None
                         ) -> tuple[ServerSession, dict, Any]:
     """Admit a session and open it on the request's portrait upload or `avatar_id`, with its `seed`, `full_frame`,
@@ -521,72 +534,94 @@ async def _open_session(request: web.Request, allowed: tuple[str, ...], check: C
     `check(fields)` (a coroutine) checks the handler's own fields before anything is opened, returning what the
     handler needs. Returns (the session, its fields with `voice` and `avatar_id` checked, what `check` returned)."""
     require_api_key(request)
-    app = request.app
-    manager, config, engines = app[MANAGER], app[CONFIG], app[ENGINES]
+    manager = request.app[MANAGER]
     if not manager.try_reserve():  # before reading the body: a full server answers at once
-        if manager.draining:
-            raise api_error(503, "this server is shutting down; start the session on another one")
-        raise api_error(503, f"all {manager.max_sessions} sessions are in use; retry later",
-                        headers={"Retry-After": str(config.retry_after_s)})
+        raise _full(request)
     try:
-        fields = await read_in_time(request, _read_fields(request, allowed))
-        seed = _int_field(fields, "seed", 0, 2**31 - 1) or 0
-        steps = _int_field(fields, "steps", 1, 50)
-        full_frame = _int_field(fields, "full_frame", 0, config.max_full_frame) or 0
-        # framing: 0 (the whole photo) or FRAMING_RANGE sides of the face's square; voice: the session's voice for
-        # `say` (the first check lists espeak-ng's voices: off the loop); background: RRGGBB, the colour an uploaded
-        # portrait's transparent parts go on (a key colour)
-        framing = _checked_field(fields, "framing", lambda v: check_framing(v, "`framing`"), FRAMING)
-        fields["voice"] = await asyncio.to_thread(_checked_field, fields, "voice", check_voice)
-        background = _checked_field(fields, "background", lambda v: parse_colour(v, "`background`"))
-        if steps is not None and steps != engines.pipeline.num_steps:
-            raise api_error(422, f"`steps`: this server samples {engines.pipeline.num_steps} step(s) per window for "
-                                 "every session (sessions are batched together); set it at start with --steps")
-        avatar_id = fields.get("avatar_id")
-        if avatar_id is not None and not isinstance(avatar_id, str):  # JSON's 0, [] or {} is not "none given"
-            raise api_error(422, f"`avatar_id` must be a string, got {json.dumps(avatar_id)[:40]}")
-        upload = fields.get("portrait")
-        if upload is not None and avatar_id:
-            raise api_error(422, "give either a `portrait` upload or an `avatar_id`, not both")
-        if upload is None and background is not None:
-            raise api_error(422, "`background` is the colour an uploaded portrait's transparent parts go on; it "
-                                 "needs a `portrait` upload (a PNG or WebP with transparency)")
-        if upload is None:
-            avatar_id = avatar_id or "default"
-            if avatar_id not in app[AVATARS]:
-                known = ", ".join(app[AVATARS]) or "none"
-                raise api_error(422, f"unknown avatar_id {str(avatar_id)[:64]!r} (available: {known})")
-            portrait: Any = app[AVATARS][avatar_id].portrait
-        else:
-            if not upload:
-                raise api_error(422, "the `portrait` upload is empty")
-            avatar_id = None
-        fields["avatar_id"] = avatar_id
-        extra = await check(fields) if check is not None else None
-        if upload is not None:
-            portrait = await _decoded_upload(upload, config, background)
-        try:
-            session = await engines.open_session(portrait, seed=seed, detect_face=config.detect_face,
-                                                 full_frame=full_frame, framing=framing)
-        except NoFaceError as e:
-            raise api_error(422, str(e)) from None
-        except InputError as e:
-            raise api_error(422, str(e)) from None
-        except CapacityError as e:  # not reached while the server is its engines' only user
-            raise api_error(503, str(e), headers={"Retry-After": str(config.retry_after_s)}) from None
+        opening = await _read_opening(request, allowed, check)
+        session = await _open_checked(request.app, opening)
     finally:
         manager.release()
     ss = manager.add(session)
-    ss.voice = fields["voice"]
-    return ss, fields, extra
+    ss.voice = opening.fields["voice"]
+    return ss, opening.fields, opening.extra
 
 
-async def _start_recording(request: web.Request, ss: ServerSession, save_on_close: bool = True) -> None:
+def _full(request: web.Request, why: str = "retry later") -> web.HTTPException:
+    """The 503 of a server with no session slot free (or shutting down)."""
+    manager, config = request.app[MANAGER], request.app[CONFIG]
+    if manager.draining:
+        return api_error(503, "this server is shutting down; start the session on another one")
+    return api_error(503, f"all {manager.max_sessions} sessions are in use; {why}",
+                     headers={"Retry-After": str(config.retry_after_s)})
+
+
+async def _read_opening(request: web.Request, allowed: tuple[str, ...], check: Callable[[dict], Any] | None
+                        ) -> _Opening:
+    """Read and check a session request's body (`_open_session`), its portrait decoded: everything but the opening."""
+    app = request.app
+    config, engines = app[CONFIG], app[ENGINES]
+    fields = await read_in_time(request, _read_fields(request, allowed))
+    seed = _int_field(fields, "seed", 0, 2**31 - 1) or 0
+    steps = _int_field(fields, "steps", 1, 50)
+    full_frame = _int_field(fields, "full_frame", 0, config.max_full_frame) or 0
+    # framing: 0 (the whole photo) or FRAMING_RANGE sides of the face's square; voice: the session's voice for
+    # `say` (the first check lists espeak-ng's voices: off the loop); background: RRGGBB, the colour an uploaded
+    # portrait's transparent parts go on (a key colour)
+    framing = _checked_field(fields, "framing", lambda v: check_framing(v, "`framing`"), FRAMING)
+    fields["voice"] = await asyncio.to_thread(_checked_field, fields, "voice", check_voice)
+    background = _checked_field(fields, "background", lambda v: parse_colour(v, "`background`"))
+    if steps is not None and steps != engines.pipeline.num_steps:
+        raise api_error(422, f"`steps`: this server samples {engines.pipeline.num_steps} step(s) per window for "
+                             "every session (sessions are batched together); set it at start with --steps")
+    avatar_id = fields.get("avatar_id")
+    if avatar_id is not None and not isinstance(avatar_id, str):  # JSON's 0, [] or {} is not "none given"
+        raise api_error(422, f"`avatar_id` must be a string, got {json.dumps(avatar_id)[:40]}")
+    upload = fields.get("portrait")
+    if upload is not None and avatar_id:
+        raise api_error(422, "give either a `portrait` upload or an `avatar_id`, not both")
+    if upload is None and background is not None:
+        raise api_error(422, "`background` is the colour an uploaded portrait's transparent parts go on; it "
+                             "needs a `portrait` upload (a PNG or WebP with transparency)")
+    if upload is None:
+        avatar_id = avatar_id or "default"
+        if avatar_id not in app[AVATARS]:
+            known = ", ".join(app[AVATARS]) or "none"
+            raise api_error(422, f"unknown avatar_id {str(avatar_id)[:64]!r} (available: {known})")
+        portrait: Any = app[AVATARS][avatar_id].portrait
+    else:
+        if not upload:
+            raise api_error(422, "the `portrait` upload is empty")
+        avatar_id = None
+    fields["avatar_id"] = avatar_id
+    extra = await check(fields) if check is not None else None
+    if upload is not None:
+        portrait = await _decoded_upload(upload, config, background)
+    return _Opening(fields, seed, full_frame, framing, portrait, extra)
+
+
+async def _open_checked(app: web.Application, opening: _Opening, session_id: str | None = None) -> Session:
+    """Open the session of a request read and checked (`_read_opening`) in a slot the caller reserved; the errors a
+    portrait can still raise (no face found) as the HTTP error to answer."""
+    config = app[CONFIG]
+    try:
+        return await app[ENGINES].open_session(opening.portrait, seed=opening.seed, detect_face=config.detect_face,
+                                               session_id=session_id, full_frame=opening.full_frame,
+                                               framing=opening.framing)
+    except NoFaceError as e:
+        raise api_error(422, str(e)) from None
+    except InputError as e:
+        raise api_error(422, str(e)) from None
+    except CapacityError as e:  # not reached while the server is its engines' only user
+        raise api_error(503, str(e), headers={"Retry-After": str(config.retry_after_s)}) from None
+
+
+async def _start_recording(app: web.Application, ss: ServerSession, save_on_close: bool = True) -> None:
     """Record the session to --recordings-dir/ID.mp4; 507 (the session closed) when the file cannot be made."""
     try:
-        ss.session.record(request.app[CONFIG].recordings_dir / f"{ss.id}.mp4", save_on_close=save_on_close)
+        ss.session.record(app[CONFIG].recordings_dir / f"{ss.id}.mp4", save_on_close=save_on_close)
     except OutputError as e:
-        await request.app[MANAGER].close(ss, "its recording could not start")
+        await app[MANAGER].close(ss, "its recording could not start")
         log.error("session %s: recording refused: %s", ss.id, e)
         raise api_error(507, f"the recording could not start on the server ({e}); the session was closed") from None
 
@@ -609,7 +644,7 @@ async def create_session(request: web.Request) -> web.Response:
     ss.recording_url = str(origin.with_path(f"/v1/recordings/{ss.id}")) if record else None
     manager.webhooks.send("session.created", {"session_id": ss.id, "avatar_id": fields["avatar_id"], "record": record})
     if record:
-        await _start_recording(request, ss)
+        await _start_recording(request.app, ss)
     ws_origin = origin.with_scheme("wss" if origin.scheme == "https" else "ws")
     width, height = session.frame_size
     voice = fields["voice"]
@@ -674,22 +709,112 @@ async def _render_source(request: web.Request, fields: dict) -> tuple[Any, float
 
 
 async def create_render(request: web.Request) -> web.Response:
-    ss, fields, (source, seconds) = await _open_session(request, RENDER_FIELDS,
-                                                        functools.partial(_render_source, request))
-    manager = request.app[MANAGER]
+    """A render made in a session slot now, or, with `queue` true on a server whose slots are all in use, queued (202
+    "queued") until one frees (`_start_queued`): at most --render-queue renders wait, each holding its speech."""
+    require_api_key(request)
+    app = request.app
+    manager, config = app[MANAGER], app[CONFIG]
+
+    def queue_full() -> bool:  # (the bodies being read to queue count: a full queue bounds what is read, as slots do)
+        return manager.draining or len(manager.renders.queue) + manager.renders.reading >= config.render_queue
+
+    def refused(queue: bool) -> web.HTTPException:
+        manager.metrics.refused_total += 1
+        if not config.render_queue:
+            return _full(request)
+        return _full(request, f"the render queue holds {config.render_queue} already; retry later" if queue else
+                     "retry later, or ask for a place in the render queue (`queue`: true)")
+
+    reserved = manager.try_reserve(count_refused=False)  # before the body: a full server with a full queue says so
+    if not reserved and queue_full():
+        raise refused(True)
+    reading = not reserved  # to be queued, if it asks to be
+    manager.renders.reading += reading
+    try:
+        opening = await _read_opening(request, RENDER_FIELDS, functools.partial(_render_source, request))
+        queue = _checked_field(opening.fields, "queue", lambda v: _boolean(v, "`queue`"), False)
+        if reading:
+            manager.renders.reading -= 1
+            reading = False
+            if not queue or queue_full():
+                raise refused(queue)
+        session = await _open_checked(app, opening) if reserved else None
+    finally:
+        if reserved:
+            manager.release()
+        if reading:  # its body could not be read, or was refused
+            manager.renders.reading -= 1
+    source, seconds = opening.extra
     origin = request.url.origin()
-    ss.recording_url = str(origin.with_path(f"/v1/recordings/{ss.id}"))
-    render = Render(ss.id, source, seconds, ss.recording_url)
-    ss.render = render
+    if session is None:
+        rid = uuid.uuid4().hex[:16]  # as the engine names a session: the render's session gets it when it opens
+        token, expires_at = manager.signer.issue(rid, config.token_ttl_s)
+        render = Render(rid, source, seconds, str(origin.with_path(f"/v1/recordings/{rid}")), state="queued")
+        manager.renders.add(render)
+        render.waiter = asyncio.ensure_future(_start_queued(app, render, opening))
+        log.info("render %s: queued (%d waiting)", rid, len(manager.renders.queue))
+        return web.json_response({**render.describe(position=manager.renders.position(render)), "token": token,
+                                  "expires_at": expires_at,
+                                  "status_url": str(origin.with_path(f"/v1/renders/{rid}"))}, status=202)
+    ss = manager.add(session)
+    ss.voice = opening.fields["voice"]
+    render = Render(ss.id, source, seconds, str(origin.with_path(f"/v1/recordings/{ss.id}")))
     manager.renders.add(render)
-    manager.webhooks.send("session.created", {"session_id": ss.id, "avatar_id": fields["avatar_id"], "record": True,
-                                              "render": True})
-    ss.session.unpace()  # frames as fast as they are made, the speech kept whole; before its recording keeps a clock
-    await _start_recording(request, ss, save_on_close=False)  # a render that does not finish saves nothing
-    ss.spawn(renders.run(ss, render), "render")
+    await _start_render(app, ss, render, opening.fields)
     return web.json_response({**render.describe(ss.session), "token": ss.token, "expires_at": ss.expires_at,
                               "status_url": str(origin.with_path(f"/v1/renders/{ss.id}")),
                               "events_url": str(origin.with_path(f"/v1/sessions/{ss.id}/events"))}, status=202)
+
+
+async def _start_render(app: web.Application, ss: ServerSession, render: Render, fields: dict) -> None:
+    """Make `render` in its session `ss`, opened on its avatar: unpaced, recorded (a video saved only once done),
+    read by `renders.run`."""
+    manager = app[MANAGER]
+    ss.recording_url = render.video_url
+    ss.render = render
+    manager.webhooks.send("session.created", {"session_id": ss.id, "avatar_id": fields["avatar_id"], "record": True,
+                                              "render": True})
+    ss.session.unpace()  # frames as fast as they are made, the speech kept whole; before its recording keeps a clock
+    await _start_recording(app, ss, save_on_close=False)  # a render that does not finish saves nothing
+    ss.spawn(renders.run(ss, render), "render")
+
+
+async def _start_queued(app: web.Application, render: Render, opening: _Opening) -> None:
+    """A queued render: wait until it is the first in the queue and a session slot is free (a slot that frees goes to
+    whoever asks first: a live session asked for meanwhile may take it), then open its session and make it. A
+    DELETE or the server stopping settles it and cancels this while it waits; a portrait in which no face is found,
+    or a recording that cannot start, fails it."""
+    manager = app[MANAGER]
+    try:
+        while not (manager.renders.queue and manager.renders.queue[0] is render
+                   and manager.try_reserve(count_refused=False)):
+            if manager.draining:
+                raise api_error(503, "the server shut down before a session slot freed for it")
+            await asyncio.sleep(renders.QUEUE_POLL_S)
+        render.waiter = None  # from here its end does not cancel this: the opening is seen through, then closed
+        try:
+            session = await _open_checked(app, opening, session_id=render.id)
+        finally:
+            manager.release()
+        if render.state != "queued":  # cancelled (DELETE) or the server stopping while its session opened
+            await session.close(reason=f"render {render.state}")
+            return
+        manager.renders.started(render)
+        ss = manager.add(session)
+        ss.voice = opening.fields["voice"]
+        log.info("render %s: started (it waited %.1f s)", render.id, time.time() - render.created_at)
+        await _start_render(app, ss, render, opening.fields)
+    except web.HTTPException as e:  # no face in its portrait; its recording could not start (its session closed)
+        try:
+            error = json.loads(e.text or "{}").get("error") or e.reason
+        except ValueError:
+            error = e.reason
+        if render.end("failed", error):
+            manager.render_ended(render)
+    except Exception as e:  # the engine stopping under it
+        log.exception("render %s: its session could not open", render.id)
+        if render.end("failed", f"its session could not open: {type(e).__name__}: {e}"):
+            manager.render_ended(render)
 
 
 def _render(request: web.Request) -> tuple[str, Render | None, ServerSession | None]:
@@ -718,7 +843,8 @@ async def get_render(request: web.Request) -> web.Response:
                                       "video_url": str(request.url.origin().with_path(f"/v1/recordings/{rid}"))})
         raise api_error(404, f"no render {rid!r} (none was made, or its state is no longer kept and it has no video)",
                         code="render_not_found")
-    return web.json_response(render.describe(ss.session if ss is not None and render.state == "rendering" else None))
+    return web.json_response(render.describe(ss.session if ss is not None and render.state == "rendering" else None,
+                                             request.app[MANAGER].renders.position(render)))
 
 
 async def delete_render(request: web.Request) -> web.Response:
@@ -766,6 +892,9 @@ def _recording(request: web.Request) -> tuple[str, Path]:
                                  "when it is done")
         raise api_error(409, f"session {rid} is still recording; its file is saved when the session ends or its "
                              "websocket sends stop_recording")
+    if render is not None and render.state == "queued":
+        raise api_error(409, f"render {rid} is queued, waiting for a session slot; GET /v1/renders/{rid} says when it "
+                             "is done")
     path = directory / f"{rid}.mp4"
     if not path.is_file():
         last = ss.session.last_recording if ss is not None else None
@@ -1372,7 +1501,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         recordings_dir=args.recordings_dir, recordings_keep_s=args.recordings_keep_hours * 3600,
         recordings_max_bytes=int(args.recordings_max_gb * 1e9), cors_origins=list(args.cors_origin),
         max_session_s=args.max_session_minutes * 60, drain_s=args.drain_seconds, webhooks=list(args.webhook),
-        max_viewers=args.max_viewers, broadcast_to=list(args.broadcast_to),
+        max_viewers=args.max_viewers, broadcast_to=list(args.broadcast_to), render_queue=args.render_queue,
         webhook_secret=args.webhook_secret or os.environ.get("LETSTALK_WEBHOOK_SECRET") or None,
         detect_face=not args.no_face_detect, stop_engine_on_cleanup=True,
     )

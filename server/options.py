@@ -48,6 +48,7 @@ class ServerConfig:
     pc_close_timeout_s: float = 5.0  # `RTCPeerConnection.close()` can hang; give up waiting after this
     ws_send_timeout_s: float = 5.0  # a websocket that does not take a message for this long is closed (Outbox)
     retry_after_s: int = 5  # `Retry-After` of a 503 when the engine is full
+    render_queue: int = 16  # renders asked with `queue` that may wait for a session slot (each holds its speech)
     watch_interval_s: float = 1.0  # how often the watchdog looks at every session
     ice_servers: list[str] = field(default_factory=list)  # STUN/TURN URLs; none by default (LAN / localhost)
     turn_username: str | None = None  # long-term credentials of the TURN URLs in ice_servers, the same for every
@@ -78,6 +79,8 @@ class ServerConfig:
         return int(self.max_upload_mb * 1024 * 1024)
 
     def __post_init__(self) -> None:
+        if self.render_queue < 0:
+            raise LetsTalkError(f"--render-queue {self.render_queue}: give 0 (no queue) or more")
         if not 0 <= self.port <= 65535:  # (0: any free port) said before the model loads, not by bind() after it
             raise LetsTalkError(f"--port {self.port}: a TCP port is 0-65535 (0: any free one); the default is 8080")
         if self.turn_secret and (self.turn_username or self.turn_credential):
@@ -176,6 +179,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recordings-dir", type=Path, default=None, metavar="DIR",
                         help="let sessions ask to be recorded (`record`): each saved as DIR/SESSION_ID.mp4 when it "
                              "ends, served at /v1/recordings/SESSION_ID (default: no recording)")
+    parser.add_argument("--render-queue", type=int, default=d.render_queue, metavar="N",
+                        help="with --recordings-dir: how many renders (POST /v1/renders with `queue`) may wait for a "
+                             "session slot when every one is in use, each holding its speech in memory (up to ~230 MB "
+                             f"for an hour of audio), first come first served (default {d.render_queue}; 0: refuse "
+                             "them, 503)")
     parser.add_argument("--recordings-keep-hours", type=float, default=0.0, metavar="H",
                         help="with --recordings-dir: delete saved recordings H hours after they were saved (default "
                              "0: kept until deleted)")

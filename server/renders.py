@@ -41,6 +41,7 @@ MARGIN_S = 10.0  # a session's time limit (--max-session-minutes) must leave thi
 STALL_S = 30.0  # a render that got no frame for this long has failed
 BACKLOG_S = 2.0  # frames read ahead of the recording's encoder at most (it encodes more slowly than a GPU renders)
 SPEED_S = 5.0  # a render's speed (and so the time it says is left) is over its last this many seconds
+QUEUE_POLL_S = 0.1  # a queued render asks for a free session slot this often
 KEPT = 1000  # finished renders whose state GET /v1/renders/{id} still answers (their videos are recordings)
 
 
@@ -52,14 +53,20 @@ class Render:
     speech_s: float | None  # of speech (None: a text, until it is synthesised)
     video_url: str
     created_at: float = field(default_factory=time.time)
-    state: str = "rendering"  # then "done", "failed" or "cancelled"
+    state: str = "rendering"  # or "queued" until a slot frees (`queue`); then "done", "failed" or "cancelled"
     error: str | None = None
     video_s: float | None = None  # the saved video's length
     captions: bool = False  # the saved video has captions (a text's sentences)
     finished_at: float | None = None
+    started_at: float | None = None  # when its session opened (queued: later than created_at)
     seen_error: str | None = None  # the session's last error event (why it closed)
     made: collections.deque = field(default_factory=collections.deque)  # (monotonic time, seconds rendered): the
     # frames of its last SPEED_S, and the one before them (`made_now`)
+    waiter: asyncio.Task | None = None  # queued: the task that opens its session once a slot frees (app.py)
+
+    def __post_init__(self) -> None:
+        if self.state == "rendering":
+            self.started_at = self.created_at
 
     def made_now(self, rendered_s: float) -> None:
         """Note that `rendered_s` seconds of its video are made now (its speed, `describe`)."""
@@ -70,9 +77,9 @@ class Render:
 
     def _speed(self, rendered_s: float) -> float | None:
         """Seconds of video made per second over its last SPEED_S (slower while none comes: a stall shows); None
-        until it has made frames for a second. Done, its speed over its whole run."""
+        until it has made frames for a second. Done, its speed over its whole run (from its start, not its wait)."""
         if self.state != "rendering":
-            taken = (self.finished_at or time.time()) - self.created_at
+            taken = (self.finished_at or time.time()) - (self.started_at or self.created_at)
             return rendered_s / taken if self.state == "done" and taken > 0 else None
         if not self.made:
             return None
@@ -81,8 +88,9 @@ class Render:
         since, first = old[-1] if old else self.made[0]  # from the last frame before its last SPEED_S
         return (rendered_s - first) / (now - since) if now - since >= 1.0 else None
 
-    def describe(self, session: Session | None = None) -> dict:
-        """Its state; `session`: its session while it is made (how far it got)."""
+    def describe(self, session: Session | None = None, position: int | None = None) -> dict:
+        """Its state; `session`: its session while it is made (how far it got); `position`: queued, its place in the
+        queue (1: next)."""
         rendered_s = session.player.tick / session.player.fps if session is not None else self.video_s or 0.0
         speed = self._speed(rendered_s)
         if self.state != "rendering":
@@ -100,32 +108,54 @@ class Render:
                 "speed": None if speed is None else round(speed, 3),  # seconds of video a second
                 "eta_seconds": None if eta is None else round(eta, 1),
                 **({"live_sessions": live} if live is not None else {}),
+                **({"queue_position": position} if self.state == "queued" and position is not None else {}),
                 "video_url": self.video_url,
                 "captions_url": f"{self.video_url}/captions" if self.captions else None,
                 **({"error": self.error} if self.error else {}),
+                **({"started_at": round(self.started_at, 3)} if self.started_at is not None else {}),
                 **({"finished_at": round(self.finished_at, 3)} if self.finished_at is not None else {})}
 
     def end(self, state: str, error: str | None = None) -> bool:
-        """Settle it (once); False when it was settled already."""
-        if self.state != "rendering":
+        """Settle it (once); False when it was settled already. Queued, the task waiting for its slot is cancelled."""
+        if self.state not in ("queued", "rendering"):
             return False
         self.state, self.error, self.finished_at = state, error, time.time()
         self.source = None
         self.made.clear()
+        if self.waiter is not None and self.waiter is not asyncio.current_task():
+            self.waiter.cancel()
         return True
 
 
 class Renders:
-    """The renders of a server: those running and the last KEPT finished ones, by id."""
+    """The renders of a server: those queued, those running and the last KEPT finished ones, by id."""
 
     def __init__(self) -> None:
         self.all: collections.OrderedDict[str, Render] = collections.OrderedDict()
         self.results: collections.Counter[str] = collections.Counter()  # finished, by state
+        self.queue: collections.deque[Render] = collections.deque()  # waiting for a session slot, first come first
+        self.reading = 0  # requests to queue a render whose body is being read (they count against --render-queue)
 
     def add(self, render: Render) -> None:
         self.all[render.id] = render
+        if render.state == "queued":
+            self.queue.append(render)
+
+    def position(self, render: Render) -> int | None:
+        """A queued render's place in the queue (1: the next to start); None when it is not queued."""
+        for i, r in enumerate(self.queue):
+            if r is render:
+                return i + 1
+        return None
+
+    def started(self, render: Render) -> None:
+        """A queued render got its slot: out of the queue, being made."""
+        self.queue.remove(render)
+        render.state, render.waiter, render.started_at = "rendering", None, time.time()
 
     def ended(self, render: Render) -> None:
+        if render in self.queue:
+            self.queue.remove(render)
         self.results[render.state] += 1
         self.all.move_to_end(render.id)
         finished = [r for r in self.all.values() if r.state != "rendering"]

@@ -262,6 +262,8 @@ def render_metrics(manager: SessionManager) -> str:
            [(f'{{route="{r}"}}', m.peer_routes[r]) for r in ("direct", "relay")])
     metric("letstalk_renders_active", "gauge", "Renders being made now (POST /v1/renders; each is a session too).",
            [("", manager.renders.active)])
+    metric("letstalk_renders_queued", "gauge", "Renders waiting for a session slot (POST /v1/renders with `queue`).",
+           [("", len(manager.renders.queue))])
     metric("letstalk_renders_total", "counter", "Renders finished, by result (done: the video saved).",
            [(f'{{result="{r}"}}', manager.renders.results[r]) for r in ("done", "failed", "cancelled")])
     metric("letstalk_recordings_active", "gauge", "Sessions being recorded now (`record`).",
@@ -978,10 +980,12 @@ class SessionManager:
 
     # -- admission
 
-    def try_reserve(self) -> bool:
-        """Take a slot before any expensive work, or say no at once."""
+    def try_reserve(self, count_refused: bool = True) -> bool:
+        """Take a slot before any expensive work, or say no at once (counted as a refusal unless `count_refused` is
+        false: a render that may queue, and a queued one asking again)."""
         if self.draining or len(self.engines.sessions) + self._admitting >= self.max_sessions:
-            self.metrics.refused_total += 1
+            if count_refused:
+                self.metrics.refused_total += 1
             return False
         self._admitting += 1
         return True
@@ -1077,6 +1081,9 @@ class SessionManager:
         self.webhooks.start()
 
     async def stop(self) -> None:
+        for render in list(self.renders.queue):  # no slot will free for them now
+            if render.end("failed", "the server stopped before a session slot freed for it"):
+                self.render_ended(render)
         if self._watchdog is not None:
             self._watchdog.cancel()
             try:

@@ -568,12 +568,13 @@ def test_the_page_makes_a_clip_of_the_typed_text_on_the_server(tiny_pipeline, tm
               m.renderProgress({rendered_seconds: 3.2, speech_seconds: 6.9, speed: 2.5, eta_seconds: 1.5,
                                 live_sessions: 1}),
               m.renderProgress({rendered_seconds: 0, speech_seconds: null, speed: null, eta_seconds: null,
-                                live_sessions: 0})])""")  # (what GET /v1/renders/{id} says: test_renders.py)
+                                live_sessions: 0}),
+              m.renderProgress({state: "queued", queue_position: 3, rendered_seconds: 0})])""")  # (test_renders.py)
             return duration, size, log, progress
 
     duration, size, log, progress = run(main())
     assert progress == ["3.2 s made of 6.9 s, 2.50x real time, ~2 s left (sharing the server with 1 live sessions)",
-                        "0.0 s made"]  # the status line while a clip is made
+                        "0.0 s made", "queued: 3 in line for a slot on the server"]  # the status line of a clip
     saved = list((tmp_path / "videos").glob("*.mp4"))
     assert "error" not in log and " done: " in log, log
     assert len(saved) == 1 and saved[0].stat().st_size == size  # the page's clip is the server's video, whole

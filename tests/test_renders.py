@@ -331,11 +331,13 @@ def test_a_renders_state_says_its_speed_over_its_last_seconds_and_the_time_left(
     assert later["speed"] == 0.0 and later["eta_seconds"] is None  # stalled (STALL_S fails it)
     render.speech_s = None  # a text not synthesised yet: its length, so the time left, is not known
     assert render.describe(session)["eta_seconds"] is None
-    render.created_at = time.time() - 20.0
+    render.created_at = time.time() - 25.0  # posted; its session opened 5 s later (it waited in the queue)
+    render.started_at = render.created_at + 5.0
     render.video_s = 10.2
     render.end("done")
     state = render.describe()
     assert state["speed"] == pytest.approx(10.2 / 20.0, rel=0.01) and state["eta_seconds"] == 0.0 and not render.made
+    assert state["seconds_taken"] == pytest.approx(25.0, abs=0.1)  # its wait counts there
     assert "live_sessions" not in state  # only while it is made
 
 
@@ -541,6 +543,101 @@ def test_a_render_that_does_not_finish_leaves_no_video(tiny_pipeline, tmp_path, 
 
 
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng (scripts/setup.sh installs it)")
+def test_renders_asked_with_queue_wait_in_turn_for_a_session_slot(tiny_pipeline, tmp_path, wav_file, monkeypatch):
+    """On a server whose session slots are all in use a render asked without `queue` is refused (503, saying it could
+    queue) and one with it waits: 202 "queued" with its place, first come first served, at most --render-queue of
+    them (then 503); its video is 409 meanwhile, and a DELETE gives its place up. Once the live session ends the
+    queued renders are made in turn, each one whole; the SDK's render() waits through the queue (and asks a server
+    older than the queue without it). One whose session cannot open when its turn comes (no face in its portrait)
+    fails saying why; the server stopping fails those still queued."""
+    import aiohttp
+
+    from letstalk_rt.client import AvatarClient
+    from letstalk_rt.server import app as app_module
+    from server_helpers import create_session, running_server, wait_until
+
+    wav = wav_file(1.2, rate=22050)
+
+    async def post(http, url, queue):
+        form = aiohttp.FormData()
+        form.add_field("audio", wav.read_bytes(), filename="speech.wav")
+        if queue is not None:
+            form.add_field("queue", queue)
+        async with http.post(f"{url}/v1/renders", data=form, headers=KEY) as r:
+            return r.status, await r.json()
+
+    async def state(http, info):
+        async with http.get(info["status_url"], headers={"Authorization": f"Bearer {info['token']}"}) as r:
+            assert r.status == 200
+            return await r.json()
+
+    async def main():
+        async with running_server(tiny_pipeline, max_sessions=1, api_key="k", recordings_dir=tmp_path / "videos",
+                                  render_queue=2) as srv, aiohttp.ClientSession() as http:
+            live = await create_session(http, srv.url, headers=KEY)
+            status, refused = await post(http, srv.url, None)
+            assert status == 503 and "ask for a place in the render queue" in refused["error"], refused
+            (s1, first), (s2, second), (s3, third) = [await post(http, srv.url, "true") for _ in range(3)]
+            assert (s1, s2, s3) == (202, 202, 503), third
+            assert "the render queue holds 2 already" in third["error"]
+            assert first["state"] == "queued" and (first["queue_position"], second["queue_position"]) == (1, 2)
+            async with http.get(first["video_url"], headers=KEY) as r:
+                assert r.status == 409 and "is queued" in (await r.json())["error"]
+            async with http.get(f"{srv.url}/metrics") as r:
+                assert "letstalk_renders_queued 2" in await r.text()
+            async with http.delete(first["status_url"], headers=KEY) as r:
+                assert r.status == 204
+            assert (await state(http, second))["queue_position"] == 1  # the first gave its place up
+            seen = []
+            async with AvatarClient(srv.url, api_key="k") as client:
+                sdk = asyncio.ensure_future(client.render(tmp_path / "sdk.mp4", audio=wav, poll_s=0.1,
+                                                          on_progress=seen.append))
+                await wait_until(lambda: seen and seen[-1].get("queue_position") == 2, 20, "the SDK's render queued")
+                await asyncio.sleep(0.5)
+                assert list(srv.engine.sessions) == [live["session_id"]]  # none starts while the live one holds it
+                async with http.delete(f"{srv.url}/v1/sessions/{live['session_id']}", headers=KEY) as r:
+                    assert r.status == 204
+                done = await asyncio.wait_for(sdk, 120)
+            made = await state(http, second)
+            fields = app_module.RENDER_FIELDS
+            monkeypatch.setattr(app_module, "RENDER_FIELDS", fields[:-1])  # a server older than the queue
+            async with AvatarClient(srv.url, api_key="k") as client:
+                old = await client.render(tmp_path / "old.mp4", audio=wav)
+            monkeypatch.setattr(app_module, "RENDER_FIELDS", fields)
+            opened = app_module._open_checked
+
+            async def no_face(app, opening, session_id=None):  # what only opening finds: no face in the portrait
+                if session_id is not None:
+                    raise app_module.api_error(422, "no face was found in the portrait")
+                return await opened(app, opening)
+
+            monkeypatch.setattr(app_module, "_open_checked", no_face)
+            live = await create_session(http, srv.url, headers=KEY)
+            _, faceless = await post(http, srv.url, "yes")
+            async with http.delete(f"{srv.url}/v1/sessions/{live['session_id']}", headers=KEY) as r:
+                assert r.status == 204
+            await wait_until(lambda: srv.manager.renders.all[faceless["render_id"]].state != "queued", 20,
+                             "the faceless render to start")
+            failed = await state(http, faceless)
+            await create_session(http, srv.url, headers=KEY)  # its slot: free again
+            _, stranded = await post(http, srv.url, "1")
+            assert srv.manager.renders.reading == 0  # (bodies read to be queued: each counted out)
+            return made, done, seen, old, failed, stranded, srv.manager.renders
+
+    made, done, seen, old, failed, stranded, kept = run(main())
+    assert failed["state"] == "failed" and failed["error"] == "no face was found in the portrait"
+    assert made["state"] == "done" and done["state"] == "done" and old["state"] == "done"
+    assert made["finished_at"] < done["finished_at"]  # in turn: the one queued first was made first
+    assert [s["state"] for s in seen][:1] == ["queued"] and seen[-1]["state"] == "rendering"
+    frames, audio, rate = read_mp4(tmp_path / "sdk.mp4")
+    assert len(frames) >= 1.2 * 25 and np.abs(audio).max() > 0.05  # the whole speech, said
+    assert (tmp_path / "old.mp4").is_file()
+    stopped = kept.all[stranded["render_id"]]  # still queued as the server stopped
+    assert stopped.state == "failed" and "the server stopped before a session slot freed" in stopped.error
+    assert sorted(p.stem for p in (tmp_path / "videos").glob("*.mp4")) == sorted(
+        [made["render_id"], done["render_id"], old["render_id"]])  # nothing of the cancelled or the stranded
+
+
 def test_the_sdk_renders_a_text_with_its_captions(tiny_pipeline, tmp_path):
     """AvatarClient.render(text=...): the text is spoken with the voice asked for, the video and its captions saved."""
     from letstalk_rt.client import AvatarClient, RequestError

@@ -115,11 +115,12 @@ export async function createSession({
 
 // A clip made on the server (POST /v1/renders): the avatar (avatarId, or a photo `file`) saying an `audio` file or a
 // `text` (spoken with `voice`). Made as fast as the server's live sessions leave it room (faster than real time where
-// the device has room); waitForRender(info) waits for it. -> the render's info ({render_id, token, status_url,
+// the device has room); where every session slot is in use, `queue` has it wait for one on the server, in turn
+// (state "queued"). waitForRender(info) waits for it. -> the render's info ({render_id, token, status_url,
 // video_url, ...}); throws with the server's reason (e.g. no --recordings-dir: 422).
 export async function createRender({
   apiKey = null, avatarId = "default", file = null, audio = null, text = null, voice = null, fullFrame = null,
-  framing = null,
+  framing = null, queue = true,
 } = {}) {
   const form = new FormData();
   if (file) form.append("portrait", file, file.name || "portrait");
@@ -129,6 +130,7 @@ export async function createRender({
   if (text && voice) form.append("voice", voice);
   if (fullFrame !== null) form.append("full_frame", String(fullFrame));
   if (framing !== null) form.append("framing", String(framing));
+  if (queue) form.append("queue", "true");
   const resp = await fetch(apiUrl("/v1/renders"), { method: "POST", body: form, headers: authHeaders(apiKey) });
   if (!resp.ok) throw new Error(`clip: HTTP ${resp.status}: ${await errorText(resp)}`);
   return resp.json();
@@ -143,7 +145,9 @@ export async function waitForRender(info, { pollMs = 500, onProgress = null } = 
     if (!resp.ok) throw new Error(`clip: HTTP ${resp.status}: ${await errorText(resp)}`);
     const state = await resp.json();
     if (state.state === "done") return fetchRecording(state.video_url, info.token);
-    if (state.state !== "rendering") throw new Error(`clip ${state.state}: ${state.error || "no video"}`);
+    if (state.state !== "rendering" && state.state !== "queued") {
+      throw new Error(`clip ${state.state}: ${state.error || "no video"}`);
+    }
     if (onProgress) onProgress(state);
     await new Promise((r) => setTimeout(r, pollMs));
   }
@@ -152,6 +156,7 @@ export async function waitForRender(info, { pollMs = 500, onProgress = null } = 
 // One line of a render's progress (a state waitForRender's onProgress gets): how much is made, its speed, the time
 // left, and the live sessions it shares the server's device with (it gets the time they leave).
 export function renderProgress(state) {
+  if (state.state === "queued") return `queued: ${state.queue_position ?? "?"} in line for a slot on the server`;
   let text = `${state.rendered_seconds.toFixed(1)} s made`;
   if (state.speech_seconds != null) text += ` of ${state.speech_seconds.toFixed(1)} s`;
   if (state.speed != null) text += `, ${state.speed.toFixed(2)}x real time`;
