@@ -13,6 +13,10 @@ of the server's session slots while it runs; its video is the session's recordin
 captions for a text).
 A render that does not finish (cancelled, a failed synthesis or window, the server stopping) saves nothing: the
 recording is discarded, so no partial video is left looking complete.
+
+Asked with `queue` while every slot is in use, a render waits in `Renders.queue` (first come, first served, at most
+--render-queue) holding its speech and portrait; its session opens with the render's id when its turn comes and a slot
+is free (`app._start_queued`).
 """
 
 from __future__ import annotations
@@ -158,7 +162,7 @@ class Renders:
             self.queue.remove(render)
         self.results[render.state] += 1
         self.all.move_to_end(render.id)
-        finished = [r for r in self.all.values() if r.state != "rendering"]
+        finished = [r for r in self.all.values() if r.state not in ("queued", "rendering")]
         for r in finished[:max(0, len(finished) - KEPT)]:
             del self.all[r.id]
 
