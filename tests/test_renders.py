@@ -341,6 +341,28 @@ def test_a_renders_state_says_its_speed_over_its_last_seconds_and_the_time_left(
     assert "live_sessions" not in state  # only while it is made
 
 
+def test_the_finished_renders_kept_are_the_last_ones_and_never_a_queued_one(monkeypatch):
+    """GET /v1/renders/{id} answers for the last KEPT finished renders; one waiting in the queue is never forgotten to
+    make room for them, nor is one being made."""
+    from letstalk_rt.server import renders
+
+    monkeypatch.setattr(renders, "KEPT", 1)
+    kept = renders.Renders()
+    waiting = renders.Render("q", None, 1.0, "u", state="queued")
+    making = renders.Render("m", None, 1.0, "u")
+    kept.add(waiting)
+    kept.add(making)
+    for rid in ("a", "b", "c"):
+        done = renders.Render(rid, None, 1.0, "u")
+        kept.add(done)
+        done.end("done")
+        kept.ended(done)
+    assert list(kept.all) == ["q", "m", "c"] and kept.position(waiting) == 1 and kept.results["done"] == 3
+    waiting.end("cancelled")
+    kept.ended(waiting)
+    assert list(kept.all) == ["m", "q"] and not kept.queue and kept.position(waiting) is None
+
+
 def test_a_render_of_an_audio_file_is_the_avatar_saying_all_of_it_saved_once_done(tiny_pipeline, tmp_path, wav_file):
     """POST /v1/renders with an audio upload (22.05 kHz here): 202 at once, 409 for its video while it is made, then
     `done`, and the video is the avatar saying the whole file, once, in order, and a short rest after it; the session
