@@ -772,3 +772,42 @@ def test_letstalk_generate_stopped_by_sigterm_cancels_its_render_on_the_server(t
     assert returncode == 130 and "interrupted; no output was written" in stderr, (returncode, stderr)
     assert not videos.exists() or not list(videos.iterdir())  # nothing stored for nobody to fetch
     assert not list(tmp_path.glob("*out.mp4*"))
+
+
+def test_the_batch_clips_example_makes_a_clip_of_each_file_in_turn_and_only_those_missing(tiny_pipeline, tmp_path,
+                                                                                           wav_file, capsys):
+    """client_examples/batch_clips.py as a user runs it on a folder of audio files, against a server with one slot
+    and a queue of one: every clip is asked for at once, the server makes one, queues one and refuses the rest (503),
+    which are asked again after Retry-After; each audio file becomes its whole MP4, a file that is not audio fails
+    alone with the server's reason, and a second run makes only the clip that is missing."""
+    from conftest import client_example
+    from server_helpers import running_server
+
+    example = client_example("batch_clips")
+    folder, out = tmp_path / "voicemails", tmp_path / "clips"
+    folder.mkdir()
+    seconds = {"anna": 1.0, "ben": 1.4, "cleo": 0.8}
+    for name, s in seconds.items():
+        wav_file(s, name=f"{name}.wav").rename(folder / f"{name}.wav")
+    (folder / "broken.wav").write_bytes(b"RIFF, but not audio at all")
+    (folder / "notes.txt").write_text("not a clip")
+
+    async def main():
+        async with running_server(tiny_pipeline, max_sessions=1, recordings_dir=tmp_path / "videos", render_queue=1,
+                                  retry_after_s=1) as srv:
+            args = example.parse_args([str(folder), "--out", str(out), "--server", srv.url, "--parallel", "4"])
+            first = await example.run(args)
+            (out / "ben.mp4").unlink()
+            return first, await example.run(args)
+
+    first, again = run(main())
+    err = capsys.readouterr().err
+    assert {k: v.split(":")[0] for k, v in first.items()} == {"anna": "saved", "ben": "saved", "cleo": "saved",
+                                                              "broken": "failed"}, first
+    assert "could not be decoded" in first["broken"]
+    assert again == {"anna": "kept", "ben": "saved", "cleo": "kept", "broken": again["broken"]}
+    assert "queued (1 in line)" in err and "the server is full; asking again" in err  # the queue, then a 503 retried
+    assert sorted(p.name for p in out.iterdir()) == ["anna.mp4", "ben.mp4", "cleo.mp4"]  # no partial file
+    for name, s in seconds.items():
+        frames, audio, rate = read_mp4(out / f"{name}.mp4")
+        assert s * 25 <= len(frames) <= (s + 1.0) * 25 and np.abs(audio).max() > 0.05, name  # all its speech, said
