@@ -228,6 +228,7 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "draining" if manager.draining else "ok", "version": __version__,
                               "sessions": len(manager.sessions) + manager.admitting,
                               "admitting": manager.admitting, "max_sessions": manager.max_sessions,
+                              "renders_queued": len(manager.renders.queue),
                               "engines": [{"device": str(e.pipeline.device), "sessions": len(e.sessions),
                                            "max_sessions": e.config.max_sessions}
                                           for e in manager.engines.engines]},

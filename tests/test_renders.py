@@ -607,6 +607,9 @@ def test_renders_asked_with_queue_wait_in_turn_for_a_session_slot(tiny_pipeline,
                 assert r.status == 409 and "is queued" in (await r.json())["error"]
             async with http.get(f"{srv.url}/metrics") as r:
                 assert "letstalk_renders_queued 2" in await r.text()
+            async with http.get(f"{srv.url}/health") as r:
+                health = await r.json()
+                assert (health["renders_queued"], health["sessions"], health["max_sessions"]) == (2, 1, 1)
             async with http.delete(first["status_url"], headers=KEY) as r:
                 assert r.status == 204
             assert (await state(http, second))["queue_position"] == 1  # the first gave its place up

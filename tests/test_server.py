@@ -124,7 +124,7 @@ def test_health_metrics_and_avatars(tiny_pipeline, monkeypatch):
             async with http.get(f"{srv.url}/health") as r:
                 assert r.status == 200
                 assert await r.json() == {"status": "ok", "version": letstalk_rt.__version__, "sessions": 0,
-                                          "admitting": 0, "max_sessions": 3,
+                                          "admitting": 0, "max_sessions": 3, "renders_queued": 0,
                                           "engines": [{"device": "cpu", "sessions": 0, "max_sessions": 3}]}
             async with http.get(f"{srv.url}/v1/avatars") as r:
                 assert (await r.json())["avatars"] == [{"id": "default", "name": "Bundled portrait", "uploaded": False}]
@@ -267,7 +267,7 @@ def test_python_m_server_serves_and_stops_cleanly_on_sigterm(tiny_model_dir):
         assert url, "server did not print its URL"
         with urllib.request.urlopen(f"{url}/health", timeout=10) as r:
             assert json.load(r) == {"status": "ok", "version": letstalk_rt.__version__, "sessions": 0,
-                                    "admitting": 0, "max_sessions": 2,
+                                    "admitting": 0, "max_sessions": 2, "renders_queued": 0,
                                     "engines": [{"device": "cpu", "sessions": 0, "max_sessions": 2}]}
         request = urllib.request.Request(f"{url}/v1/sessions", data=b'{"avatar_id": "default"}',
                                          headers={"Content-Type": "application/json"})
@@ -532,7 +532,7 @@ def test_stalled_or_cut_off_uploads_free_their_slot(tiny_pipeline, caplog):
             reader, writer = await _raw_request(port, head, b"{")  # 1 byte of 10, then nothing
             await wait_until(lambda: srv.manager.admitting == 1, 5, "the stalled request to hold a slot")
             assert await _health(http, url) == {"status": "ok", "version": letstalk_rt.__version__, "sessions": 1,
-                                                 "admitting": 1, "max_sessions": 1,
+                                                 "admitting": 1, "max_sessions": 1, "renders_queued": 0,
                                                  "engines": [{"device": "cpu", "sessions": 0, "max_sessions": 1}]}
             async with http.post(f"{url}/v1/sessions", json={"avatar_id": "default"}) as r:
                 assert r.status == 503  # the slot is held while the body is awaited ...
