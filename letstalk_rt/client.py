@@ -1172,8 +1172,8 @@ class AvatarClient:
 
     async def health(self) -> dict:
         """{"status": "ok", "version", "sessions", "admitting", "max_sessions", "renders_queued", "engines"}
-        ("version": the server's letstalk-rt; "engines": each device's sessions and cap); "status": "draining" while the server shuts down
-        gently (its 503: open sessions go on, new ones are refused)."""
+        ("version": the server's letstalk-rt; "engines": each device's sessions and cap); "status": "draining" while
+        the server shuts down gently (its 503: open sessions go on, new ones are refused)."""
         async with self._require_http().get(self._url("/health")) as resp:
             if resp.status == 503 and resp.content_type == "application/json":
                 body = await resp.json()
