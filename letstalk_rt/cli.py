@@ -382,17 +382,16 @@ def _render_progress(state: dict) -> None:
     """`letstalk generate --server`'s line while the server makes the video (a render's state: AvatarClient.render)."""
     if state["state"] == "queued":
         line = f"  queued: {state.get('queue_position') or '?'} in line for a session slot on the server"
-        print(f"\r{line:<100}", end="", file=sys.stderr, flush=True)
-        return
-    line = f"  {state['rendered_seconds']:5.1f} s made"
-    if state.get("speech_seconds") is not None:
-        line += f" of {state['speech_seconds']:.1f} s of speech"
-    if state.get("speed") is not None:
-        line += f", {state['speed']:.2f}x real time"
-    if state.get("eta_seconds") is not None:
-        line += f", ~{state['eta_seconds']:.0f} s left"
-    if state.get("live_sessions"):
-        line += f" (sharing the server's device with {state['live_sessions']} live sessions)"
+    else:
+        line = f"  {state['rendered_seconds']:5.1f} s made"
+        if state.get("speech_seconds") is not None:
+            line += f" of {state['speech_seconds']:.1f} s of speech"
+        if state.get("speed") is not None:
+            line += f", {state['speed']:.2f}x real time"
+        if state.get("eta_seconds") is not None:
+            line += f", ~{state['eta_seconds']:.0f} s left"
+        if state.get("live_sessions"):
+            line += f" (sharing the server's device with {state['live_sessions']} live sessions)"
     print(f"\r{line:<100}", end="", file=sys.stderr, flush=True)
 
 

@@ -1283,21 +1283,17 @@ class AvatarClient:
         if portrait is not None and avatar_id is not None:
             raise ValueError("give either portrait or avatar_id, not both")
         options = (("avatar_id", avatar_id), ("text", text), ("voice", voice), ("rate", rate), ("pitch", pitch),
-                   ("seed", seed), ("full_frame", full_frame), ("framing", framing), ("background", background),
-                   ("queue", "true" if queue else None))
+                   ("seed", seed), ("full_frame", full_frame), ("framing", framing), ("background", background))
         http = self._require_http()
-        form = await _form(options, portrait=portrait, audio=audio)
-        async with http.post(self._url("/v1/renders"), data=form, headers=self._auth()) as resp:
-            if resp.status == 422 and queue and "unknown field 'queue'" in await resp.text():
-                state = None  # a server older than the render queue: asked again without it
-            else:
-                await _raise_for_status(resp)
-                state = await resp.json()
-        if state is None:
-            form = await _form(options[:-1], portrait=portrait, audio=audio)
+        # with the queue, then, from a server older than the render queue (422 "unknown field 'queue'"), without it
+        for asked in ((*options, ("queue", "true")), options) if queue else (options,):
+            form = await _form(asked, portrait=portrait, audio=audio)
             async with http.post(self._url("/v1/renders"), data=form, headers=self._auth()) as resp:
+                if asked is not options and resp.status == 422 and "unknown field 'queue'" in await resp.text():
+                    continue
                 await _raise_for_status(resp)
                 state = await resp.json()
+                break
         rid = state["render_id"]
         url = self._url(f"/v1/renders/{urllib.parse.quote(rid, safe='')}")
         try:

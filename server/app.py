@@ -543,8 +543,7 @@ async def _open_session(request: web.Request, allowed: tuple[str, ...], check: C
         session = await _open_checked(request.app, opening)
     finally:
         manager.release()
-    ss = manager.add(session)
-    ss.voice = opening.fields["voice"]
+    ss = manager.add(session, opening.fields["voice"])
     return ss, opening.fields, opening.extra
 
 
@@ -757,8 +756,7 @@ async def create_render(request: web.Request) -> web.Response:
         return web.json_response({**render.describe(position=manager.renders.position(render)), "token": token,
                                   "expires_at": expires_at,
                                   "status_url": str(origin.with_path(f"/v1/renders/{rid}"))}, status=202)
-    ss = manager.add(session)
-    ss.voice = opening.fields["voice"]
+    ss = manager.add(session, opening.fields["voice"])
     render = Render(ss.id, source, seconds, str(origin.with_path(f"/v1/recordings/{ss.id}")))
     manager.renders.add(render)
     await _start_render(app, ss, render, opening.fields)
@@ -801,8 +799,7 @@ async def _start_queued(app: web.Application, render: Render, opening: _Opening)
             await session.close(reason=f"render {render.state}")
             return
         manager.renders.started(render)
-        ss = manager.add(session)
-        ss.voice = opening.fields["voice"]
+        ss = manager.add(session, opening.fields["voice"])
         log.info("render %s: started (it waited %.1f s)", render.id, time.time() - render.created_at)
         await _start_render(app, ss, render, opening.fields)
     except web.HTTPException as e:  # no face in its portrait; its recording could not start (its session closed)

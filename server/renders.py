@@ -155,7 +155,7 @@ class Renders:
     def started(self, render: Render) -> None:
         """A queued render got its slot: out of the queue, being made."""
         self.queue.remove(render)
-        render.state, render.waiter, render.started_at = "rendering", None, time.time()
+        render.state, render.started_at = "rendering", time.time()
 
     def ended(self, render: Render) -> None:
         if render in self.queue:

@@ -998,9 +998,11 @@ class SessionManager:
         """Slots reserved by session requests not finished yet (reading, decoding, preparing)."""
         return self._admitting
 
-    def add(self, session: Session) -> ServerSession:
+    def add(self, session: Session, voice: str | None = None) -> ServerSession:
+        """Keep a session the engine opened, with its token and its voice for `say` (None: the server's)."""
         token, exp = self.signer.issue(session.id, self.config.token_ttl_s)
         ss = ServerSession(self, session, token, exp)
+        ss.voice = voice
         self.sessions[ss.id] = ss
         self.metrics.sessions_total += 1
         return ss
