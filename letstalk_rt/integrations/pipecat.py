@@ -41,7 +41,7 @@ import numpy as np
 
 try:
     from pipecat.frames.frames import (CancelFrame, EndFrame, Frame, InterruptionFrame, OutputImageRawFrame,
-                                       StartFrame, TTSAudioRawFrame, TTSStoppedFrame)
+                                       StartFrame, TTSAudioRawFrame, TTSStartedFrame, TTSStoppedFrame)
     from pipecat.processors.frame_processor import FrameDirection
     from pipecat.services.ai_service import AIService
     from pipecat.services.settings import ServiceSettings
@@ -126,6 +126,8 @@ class LetsTalkVideoService(AIService):
         self._latency_ns: int | None = None
         self._audio_in_at: int | None = None  # the pipeline clock when the utterance being measured came in
         self._held_timed: list[Frame] = []  # timed frames waiting for that measurement
+        self._after_interrupt = False  # an interruption came and no speech since: timed frames that come now were
+        # sent before it and overtaken by it (a system frame skips the queues): theirs is the speech it dropped
 
     @property
     def session(self) -> Any:
@@ -176,6 +178,8 @@ class LetsTalkVideoService(AIService):
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         await super().process_frame(frame, direction)
         if direction is FrameDirection.DOWNSTREAM and self._open:
+            if isinstance(frame, (TTSStartedFrame, TTSAudioRawFrame)):  # speech again after an interruption
+                self._after_interrupt = False
             if isinstance(frame, TTSAudioRawFrame):  # taken in; it comes out with the frames that say it
                 if self._audio_in_at is None and self._spoken():  # the avatar quiet: its latency shows in this one
                     self._audio_in_at = self.get_clock().get_time()
@@ -197,10 +201,13 @@ class LetsTalkVideoService(AIService):
                 await self.cancel_ttfb_metrics()
                 # what was timed to speech now dropped goes, as the output transport drops it from its clock queue
                 self._held_timed = [f for f in self._held_timed if not f.interruptible]
+                self._after_interrupt = True
                 await self.push_frame(frame, direction)
                 await self._release_stops()  # their speech was dropped: the TTS's turns still end
                 return
             if frame.pts:
+                if self._after_interrupt and frame.interruptible:  # timed to speech the interruption dropped
+                    return
                 if self._audio_in_at is not None or self._latency_ns is None:
                     self._held_timed.append(frame)
                 else:
