@@ -49,6 +49,7 @@ so an application that only wants events never accumulates media.
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import contextlib
 import functools
@@ -375,6 +376,16 @@ def _pcm16_bytes(arr: np.ndarray, channels: int | None) -> tuple[bytes, int]:
     return np.ascontiguousarray(arr).astype("<i2").tobytes(), shaped
 
 
+def _token_expiry(token: str) -> int | None:
+    """When a session token expires (its JWT's `exp`, unix time), read without checking its signature (the server
+    does); None for what is not one (an API key)."""
+    try:
+        payload = token.split(".")[1]
+        return int(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["exp"])
+    except (IndexError, ValueError, KeyError, TypeError):
+        return None
+
+
 class AvatarSession:
     """One avatar on the server: WebRTC media, a websocket for audio/control/events, and its lifetime."""
 
@@ -420,6 +431,8 @@ class AvatarSession:
         self._audio_sent = self._audio_done = self._ws_sent = 0
         self.max_queued_seconds = 30.0  # speech the server queues ahead of playback (its `ready` says), more refused
         self._shown_moved = asyncio.Event()  # set when audio_shown may have changed (wait_audio_shown)
+        if self.token != client.api_key and self.expires_at > time.time():  # (attached with the API key: none to renew)
+            self._spawn(self._keep_token(), "token")
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
@@ -429,6 +442,36 @@ class AvatarSession:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    async def _keep_token(self) -> None:
+        """Renew the session's token, and its TURN credentials, while it is open: each time half of what is left of
+        the token has gone (30 minutes into the server's hour). A session outlives its first token, and a reconnect,
+        a viewer or close() needs one that holds. A failure is tried again (at a quarter of the time left, ...);
+        a server without the renewal (older) or that no longer has the session leaves the token as it is."""
+        url = self.client._url(f"/v1/sessions/{urllib.parse.quote(self.id, safe='')}/token")
+        while True:
+            left = self.expires_at - time.time()
+            if left <= 0:
+                return
+            await asyncio.sleep(max(left / 2, 0.25))
+            http = self.client._http
+            if self.closed or http is None or http.closed:
+                return
+            try:
+                async with http.post(url, headers=self._headers()) as resp:
+                    if resp.status in (401, 404, 405):  # the session is gone, or the server is older than the renewal
+                        log.info("session %s: its token is not renewed (HTTP %d)", self.id, resp.status)
+                        return
+                    await _raise_for_status(resp)
+                    renewed = await resp.json()
+            except (aiohttp.ClientError, asyncio.TimeoutError, AvatarClientError, ValueError) as e:
+                log.warning("session %s: renewing its token failed (%s); trying again", self.id,
+                            str(e) or type(e).__name__)
+                continue
+            self.token, self.expires_at = renewed["token"], int(renewed["expires_at"])
+            self.info.update(token=self.token, expires_at=self.expires_at)
+            if "ice_servers" in renewed:
+                self.info["ice_servers"] = renewed["ice_servers"]
 
     # -- WebRTC
 
@@ -1330,7 +1373,7 @@ class AvatarClient:
         async with self._require_http().get(url, headers={"Authorization": f"Bearer {token}"}) as resp:
             await _raise_for_status(resp)
             state = await resp.json()
-        info = {"session_id": session_id, "token": token, "expires_at": state["expires_at"],
+        info = {"session_id": session_id, "token": token, "expires_at": _token_expiry(token) or state["expires_at"],
                 "offer_url": f"/v1/sessions/{session_id}/offer", "ws_url": f"/v1/sessions/{session_id}/ws",
                 "ice_servers": state["ice_servers"]}
         session = AvatarSession(self, info, owner=False)

@@ -195,6 +195,23 @@ def require_api_key(request: web.Request) -> None:
                         headers={"WWW-Authenticate": 'Bearer realm="letstalk"'})
 
 
+def require_token_or_api_key(request: web.Request, sid: str, what: str) -> None:
+    """The request carries the token of `sid` (a session's or a render's, Bearer or ?token=) or the API key; else 401
+    saying why a token was refused (expired, another one's ...), or that the key is wrong."""
+    token = bearer(request.headers, request.query)
+    try:
+        request.app[MANAGER].signer.verify(token or "", session_id=sid)
+    except TokenError as e:
+        try:
+            require_api_key(request)
+        except web.HTTPException:
+            if token and token.count(".") == 2:  # a token rather than a key: why it was refused
+                raise api_error(401, f"invalid {what} token ({e}): send its token, or the API key, as "
+                                     "'Authorization: Bearer ...'",
+                                headers={"WWW-Authenticate": 'Bearer realm="letstalk"'}) from None
+            raise
+
+
 def authorize_session(request: web.Request, allow_api_key: bool = False) -> ServerSession:
     """The session in the URL, if the request carries its token (or, where allowed, the API key)."""
     manager = request.app[MANAGER]
@@ -822,10 +839,7 @@ def _render(request: web.Request) -> tuple[str, Render | None, ServerSession | N
     rid = request.match_info["render_id"]
     if not recordings.RECORDING_ID.fullmatch(rid):
         raise api_error(404, f"no render {rid[:70]!r}", code="render_not_found")
-    try:
-        manager.signer.verify(bearer(request.headers, request.query) or "", session_id=rid)
-    except TokenError:
-        require_api_key(request)
+    require_token_or_api_key(request, rid, "render")
     ss = manager.sessions.get(rid)
     if ss is not None and ss.render is None:  # a live session's id (its recording is GET /v1/recordings/{id})
         raise api_error(404, f"no render {rid!r}: {rid} is a live session", code="render_not_found")
@@ -841,8 +855,12 @@ async def get_render(request: web.Request) -> web.Response:
                                       "video_url": str(request.url.origin().with_path(f"/v1/recordings/{rid}"))})
         raise api_error(404, f"no render {rid!r} (none was made, or its state is no longer kept and it has no video)",
                         code="render_not_found")
-    return web.json_response(render.describe(ss.session if ss is not None and render.state == "rendering" else None,
-                                             request.app[MANAGER].renders.position(render)))
+    manager = request.app[MANAGER]
+    body = render.describe(ss.session if ss is not None and render.state == "rendering" else None,
+                           manager.renders.position(render))
+    if render.state in ("queued", "rendering"):  # a new token while it waits or is made: it may take hours
+        body["token"], body["expires_at"] = manager.signer.issue(rid, request.app[CONFIG].token_ttl_s)
+    return web.json_response(body)
 
 
 async def delete_render(request: web.Request) -> web.Response:
@@ -877,10 +895,7 @@ def _recording(request: web.Request) -> tuple[str, Path]:
                         code="recording_not_found")
     if not recordings.RECORDING_ID.fullmatch(rid):
         raise api_error(404, f"no recording {rid[:70]!r}", code="recording_not_found")
-    try:
-        request.app[MANAGER].signer.verify(bearer(request.headers, request.query) or "", session_id=rid)
-    except TokenError:
-        require_api_key(request)
+    require_token_or_api_key(request, rid, "session")
     ss = request.app[MANAGER].sessions.get(rid)
     render = request.app[MANAGER].renders.all.get(rid)
     if ss is not None and ss.session.recording is not None:
@@ -977,6 +992,15 @@ async def get_session(request: web.Request) -> web.Response:
         # audio_held_s: audio sent ahead (a TTS) waiting on the server for room in the engine's queue (audio_queued_s)
         "stats": {**ss.session.stats(), "audio_held_s": round(ss.held_seconds, 3)},
     })
+
+
+async def renew_session_token(request: web.Request) -> web.Response:
+    """A new token for a session that outlives its first (good for --token-ttl from the session's start: an hour), and
+    new TURN credentials: the SDK and the page ask for them while the session is open."""
+    ss = authorize_session(request, allow_api_key=True)
+    ss.renew()
+    return web.json_response({"session_id": ss.id, "token": ss.token, "expires_at": ss.expires_at,
+                              "ice_servers": ss.ice_servers})
 
 
 async def delete_session(request: web.Request) -> web.Response:
@@ -1391,6 +1415,7 @@ def create_app(engines: StreamEngine | EnginePool, config: ServerConfig | None =
     r.add_post("/v1/sessions", create_session)
     r.add_get("/v1/sessions/{session_id}", get_session)
     r.add_delete("/v1/sessions/{session_id}", delete_session)
+    r.add_post("/v1/sessions/{session_id}/token", renew_session_token)
     r.add_post("/v1/sessions/{session_id}/offer", offer)
     r.add_post("/v1/sessions/{session_id}/viewers", add_viewer)
     r.add_delete("/v1/sessions/{session_id}/viewers/{viewer_id}", delete_viewer)
@@ -1490,7 +1515,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         avatars[avatar_id] = Path(path)
     return ServerConfig(
         host=args.host, port=args.port, api_key=api_key,
-        token_secret=args.token_secret or os.environ.get("LETSTALK_TOKEN_SECRET") or None,
+        token_secret=args.token_secret or os.environ.get("LETSTALK_TOKEN_SECRET") or None, token_ttl_s=args.token_ttl,
         idle_timeout_s=args.idle_timeout, max_upload_mb=args.max_upload_mb, upload_timeout_s=args.upload_timeout,
         ice_servers=list(args.ice_server), turn_ttl_s=args.turn_ttl, turn_username=args.turn_username,
         turn_secret=args.turn_secret or os.environ.get("LETSTALK_TURN_SECRET") or None,

@@ -32,7 +32,7 @@ class ServerConfig:
     port: int = 8080
     api_key: str | None = None  # required as `Authorization: Bearer KEY` to list avatars and create sessions
     token_secret: str | None = None  # HMAC secret of session tokens; random per start when None
-    token_ttl_s: float = 3600.0  # a session token is accepted this long after the session was created
+    token_ttl_s: float = 3600.0  # a session's or render's token is accepted this long after it was given (renewable)
     idle_timeout_s: float = 60.0  # no audio, no websocket message, no media pulled for this long: closed
     peer_timeout_s: float = 6.0  # a connected peer silent this long (no RTCP, no RTP) is gone: closed
     peer_replace_s: float = 2.0  # a new offer replaces a peer connection whose peer was silent this long (a client
@@ -81,6 +81,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.render_queue < 0:
             raise LetsTalkError(f"--render-queue {self.render_queue}: give 0 (no queue) or more")
+        if not self.token_ttl_s >= 1:  # (a token's expiry is in whole seconds)
+            raise LetsTalkError(f"--token-ttl {self.token_ttl_s:g}: give 1 second or more; the default is 3600")
         if not 0 <= self.port <= 65535:  # (0: any free port) said before the model loads, not by bind() after it
             raise LetsTalkError(f"--port {self.port}: a TCP port is 0-65535 (0: any free one); the default is 8080")
         if self.turn_secret and (self.turn_username or self.turn_credential):
@@ -124,6 +126,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="allow listening on a non-loopback address without an API key")
     parser.add_argument("--token-secret", default=None,
                         help="HMAC secret of session tokens (default: env LETSTALK_TOKEN_SECRET, else random per start)")
+    parser.add_argument("--token-ttl", type=float, default=d.token_ttl_s, metavar="S",
+                        help="how long a session's or render's token holds (default %(default)g); the SDK and the page "
+                             "renew a session's while it is open (POST /v1/sessions/{id}/token)")
     parser.add_argument("--idle-timeout", type=float, default=d.idle_timeout_s,
                         help=f"close sessions idle this many seconds (default {d.idle_timeout_s:g})")
     parser.add_argument("--max-upload-mb", type=float, default=d.max_upload_mb,

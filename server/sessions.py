@@ -450,6 +450,13 @@ class ServerSession:
         self.listeners: set[asyncio.Queue] = set()  # GET .../events streams: each gets the engine's events too
         self.pump = self.spawn(self._pump_events(), "events")
 
+    def renew(self) -> None:
+        """A new token, good for --token-ttl from now, and new TURN credentials (POST /v1/sessions/{id}/token): what a
+        client whose session outlives its first ones reconnects, adds viewers and ends it with. The tokens given
+        before stay good until they expire."""
+        self.token, self.expires_at = self.manager.signer.issue(self.id, self.config.token_ttl_s)
+        self.ice_servers = self.config.session_ice_servers(self.id)
+
     # -- tasks
 
     def spawn(self, coro, name: str) -> asyncio.Task:

@@ -543,6 +543,45 @@ def test_an_overlay_watches_as_a_viewer_beside_the_sdk_connection_that_drives_th
     assert after[0] and after[1] == "connected" and after[2] >= 15  # the SDK's frames go on at ~25 a second
 
 
+def test_pages_renew_their_sessions_token_while_the_session_is_open(tiny_pipeline, tmp_path):
+    """The page's AvatarConnection renews its session's token before it expires (the server's --token-ttl: 3 s here,
+    an hour by default), for a session it made and for one it was given by id and token (an overlay of an SDK
+    session, which reads the token's expiry from the token): past the first token's expiry the newest still opens
+    the session, and closing the connection the page made deletes its session with it."""
+    from letstalk_rt.client import AvatarClient
+
+    check = """async () => {
+      const info = window.letstalk.conn.info;
+      const r = await fetch(`/v1/sessions/${info.session_id}`, {headers: {Authorization: `Bearer ${info.token}`}});
+      return [info.session_id, info.token, info.expires_at, r.status];
+    }"""
+
+    async def main():
+        async with running_server(tiny_pipeline, token_ttl_s=3) as srv, async_playwright() as pw, \
+                _chromium(pw, tmp_path) as context, AvatarClient(srv.url) as client:
+            sdk = await client.start_session()
+            attached, own = await context.new_page(), await context.new_page()
+            await attached.goto(sdk.overlay_url())
+            await own.goto(f"{srv.url}/overlay?avatar=default")
+            first = []
+            for page in (attached, own):
+                await page.wait_for_function("window.letstalk?.conn?.pc?.connectionState === 'connected'",
+                                             timeout=30000)
+                first.append(await page.evaluate(check))
+            await asyncio.sleep(max(0.0, max(f[2] for f in first) - time.time()) + 0.5)  # both first tokens expired
+            later = [await page.evaluate(check) for page in (attached, own)]
+            await own.evaluate("window.letstalk.conn.close()")
+            await wait_until(lambda: first[1][0] not in srv.manager.sessions, 10, "the page's session deleted")
+            return first, later, sdk.id, list(srv.manager.sessions)
+
+    first, later, sdk_id, left = run(main())
+    assert first[0][0] == sdk_id and first[0][2] is not None  # the overlay read its expiry from the SDK's token
+    for (sid, token, expires_at, status), (sid2, token2, expires_at2, status2) in zip(first, later):
+        assert status == 200 and status2 == 200 and sid2 == sid
+        assert token2 != token and expires_at2 > expires_at
+    assert left == [sdk_id]  # the page's own session went with its close(); the SDK's stays
+
+
 def test_the_page_makes_a_clip_of_the_typed_text_on_the_server(tiny_pipeline, tmp_path):
     """"Make a clip" with text typed and no session started: the server makes the video (POST /v1/renders) and the
     page shows it, playable, under the avatar with a link to download it: the server's MP4, whole."""

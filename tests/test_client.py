@@ -414,6 +414,43 @@ def test_sdk_reconnects_when_its_network_goes_and_its_iterators_go_on(tiny_pipel
     assert len(frames) >= before + 50
 
 
+def test_a_session_outlives_its_first_token_the_sdk_renewing_it(tiny_pipeline):
+    """A session's token holds the server's --token-ttl (an hour) from when it was given, and a session may last
+    hours: the SDK renews it while the session is open, so a reconnect after the first token expired, a client
+    attached with the new one and close() all still work. (Without the renewal the reconnect fails with 401 and
+    close() leaves the session on the server.)"""
+    from letstalk_rt.client import AvatarClient
+
+    async def main():
+        async with running_server(tiny_pipeline, token_ttl_s=3) as srv, AvatarClient(srv.url) as client:
+            session = await client.start_session()
+            first, first_expiry = session.token, session.expires_at
+            seen: list[dict] = []
+            session.on("*", seen.append)
+            await session.connect()
+            frames, _, readers = collect_media(session, timed=True)
+            await wait_until(lambda: time.time() > first_expiry + 0.5, 10, "the first token to expire")
+            assert session.token != first and session.expires_at > time.time()
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"{srv.url}/v1/sessions/{session.id}",
+                                    headers={"Authorization": f"Bearer {first}"}) as resp:
+                    assert resp.status == 401 and "expired" in (await resp.json())["error"]
+            assert cut_network(session.pc) > 0
+            await wait_until(lambda: any(e["type"] in ("reconnected", "error") for e in seen), 30, "the reconnect")
+            before = len(frames)
+            await wait_until(lambda: len(frames) >= before + 25, 20, "frames after the reconnect")
+            other = await client.session(session.id, session.token)
+            assert other.expires_at == session.expires_at  # (read from the token given: what it renews from)
+            await other.close()
+            await session.close()
+            await asyncio.gather(*readers)
+            return seen, srv.manager.sessions
+
+    seen, left = run(main())
+    assert [e["type"] for e in seen if e["type"] in ("reconnected", "error")][:1] == ["reconnected"], seen[-3:]
+    assert not left  # close() ended it on the server
+
+
 def drop_websocket(session) -> None:
     """What a proxy's restart or a network blip does to an SDK session's websocket: its TCP connection ends with no
     websocket close (the SDK reads code 1006)."""
@@ -524,6 +561,8 @@ def test_ice_servers_and_the_server_url_are_checked_when_the_server_and_client_s
         ServerConfig(ice_servers=["turn:relay.example.org"], turn_secret="s", turn_username="u", turn_credential="c")
     with pytest.raises(LetsTalkError, match="--port 99999: a TCP port is 0-65535"):  # before the model loads
         ServerConfig(port=99999)
+    with pytest.raises(LetsTalkError, match="--token-ttl 0: give 1 second or more"):
+        ServerConfig(token_ttl_s=0)
     config = ServerConfig(ice_servers=["stun:stun.example.org", "turn:relay.example.org?transport=tcp"],
                           turn_username="u", turn_credential="c")
     assert config.session_ice_servers("abc") == [

@@ -663,6 +663,58 @@ def test_renders_asked_with_queue_wait_in_turn_for_a_session_slot(tiny_pipeline,
         [made["render_id"], done["render_id"], old["render_id"]])  # nothing of the cancelled or the stranded
 
 
+def test_a_renders_token_is_renewed_while_it_waits_and_is_made(tiny_pipeline, tmp_path, wav_file):
+    """A render may wait and be made for longer than its token holds (--token-ttl from the POST): while it is queued
+    or rendering, each GET of its state answers with a new token, so a holder of the token alone (the page) that
+    follows it with the newest one still reads its state and fetches its video after the first expired."""
+    import aiohttp
+
+    from server_helpers import create_session, running_server
+
+    wav = wav_file(1.0, rate=16000)
+
+    async def main():
+        async with running_server(tiny_pipeline, max_sessions=1, api_key="k", recordings_dir=tmp_path / "videos",
+                                  token_ttl_s=3) as srv, aiohttp.ClientSession() as http:
+            live = await create_session(http, srv.url, headers=KEY)
+            form = aiohttp.FormData()
+            form.add_field("audio", wav.read_bytes(), filename="speech.wav")
+            form.add_field("queue", "true")
+            async with http.post(f"{srv.url}/v1/renders", data=form, headers=KEY) as r:
+                assert r.status == 202
+                info = await r.json()
+            token, answers = info["token"], []
+
+            async def state() -> dict:
+                nonlocal token
+                async with http.get(info["status_url"], headers={"Authorization": f"Bearer {token}"}) as r:
+                    assert r.status == 200, await r.text()
+                    answers.append(await r.json())
+                token = answers[-1].get("token", token)
+                return answers[-1]
+
+            while time.time() < info["expires_at"] + 0.5:  # queued past its first token
+                assert (await state())["state"] == "queued"
+                await asyncio.sleep(0.5)
+            async with http.get(info["status_url"], headers={"Authorization": f"Bearer {info['token']}"}) as r:
+                assert r.status == 401 and "invalid render token (token expired)" in (await r.json())["error"]
+            async with http.delete(f"{srv.url}/v1/sessions/{live['session_id']}", headers=KEY) as r:
+                assert r.status == 204
+            deadline = time.monotonic() + 60
+            while (await state())["state"] in ("queued", "rendering"):
+                assert time.monotonic() < deadline, answers[-1]
+                await asyncio.sleep(0.5)
+            async with http.get(answers[-1]["video_url"], headers={"Authorization": f"Bearer {token}"}) as r:
+                assert r.status == 200
+                video = await r.read()
+            return answers, video
+
+    answers, video = run(main())
+    assert answers[-1]["state"] == "done" and "token" not in answers[-1]  # renewed only while it waits or is made
+    assert all(a["expires_at"] > answers[0]["created_at"] + 2 for a in answers[:-1])
+    assert len(video) > 1000
+
+
 def test_the_sdk_renders_a_text_with_its_captions(tiny_pipeline, tmp_path):
     """AvatarClient.render(text=...): the text is spoken with the voice asked for, the video and its captions saved."""
     from letstalk_rt.client import AvatarClient, RequestError

@@ -1288,6 +1288,79 @@ def test_second_websocket_replaces_the_first(tiny_pipeline):
     run(main())
 
 
+def test_a_session_token_is_renewed_while_the_session_is_open(tiny_pipeline):
+    """POST /v1/sessions/{id}/token: a session outlives its first token (--token-ttl from when it was given), so its
+    holder gets a new one, good for --token-ttl from now, with new TURN credentials, which GET then says; the token it
+    was asked with holds until it expires, then only the new one opens the session. None, or another session's
+    token, is refused; the API key may renew it too; a closed session has none."""
+
+    async def main():
+        async with running_server(tiny_pipeline, api_key="k", token_ttl_s=2, ice_servers=["turn:relay.example.org"],
+                                  turn_secret="s") as srv, aiohttp.ClientSession() as http:
+            a = await create_session(http, srv.url, _bearer("k"))
+            b = await create_session(http, srv.url, _bearer("k"))
+            session_url = f"{srv.url}/v1/sessions/{a['session_id']}"
+            for headers in ({}, _bearer(b["token"])):
+                async with http.post(f"{session_url}/token", headers=headers) as r:
+                    assert r.status == 401, headers
+            await asyncio.sleep(1.1)  # a second on: the new expiry, and the TURN username made from it, differ
+            async with http.post(f"{session_url}/token", headers=_bearer(a["token"])) as r:
+                assert r.status == 200
+                renewed = await r.json()
+            assert renewed["session_id"] == a["session_id"] and renewed["token"] != a["token"]
+            assert renewed["expires_at"] > a["expires_at"]
+            assert renewed["ice_servers"][0]["username"] != a["ice_servers"][0]["username"]
+            async with http.get(session_url, headers=_bearer(a["token"])) as r:  # the old one, until it expires
+                state = await r.json()
+                assert r.status == 200 and state["expires_at"] == renewed["expires_at"]
+                assert state["ice_servers"] == renewed["ice_servers"]
+            await asyncio.sleep(max(0.0, a["expires_at"] - time.time()) + 0.1)
+            async with http.get(session_url, headers=_bearer(a["token"])) as r:
+                assert r.status == 401 and "expired" in (await r.json())["error"]
+            async with http.post(f"{session_url}/token", headers=_bearer("k")) as r:
+                assert r.status == 200
+            async with http.delete(session_url, headers=_bearer(renewed["token"])) as r:
+                assert r.status == 204
+            async with http.post(f"{session_url}/token", headers=_bearer(renewed["token"])) as r:
+                assert r.status == 404
+
+    run(main())
+
+
+def test_the_openapi_spec_has_every_route_and_field(tiny_pipeline):
+    """server/openapi.yaml, the description of the API that clients are generated from, names every route the server
+    answers (method and path), every field POST /v1/sessions and POST /v1/renders take, and every field of a
+    render's state."""
+    import yaml
+
+    from letstalk_rt.server import app as app_module
+    from letstalk_rt.server.renders import Render
+
+    spec = yaml.safe_load((Path(app_module.__file__).parent / "openapi.yaml").read_text())
+
+    async def main():
+        async with running_server(tiny_pipeline) as srv:
+            return {(route.method.lower(), route.resource.canonical) for route in srv.app.router.routes()}
+
+    served = {(method, path) for method, path in run(main()) if method != "head" and not path.startswith("/static")}
+    described = {(method, path) for path, item in spec["paths"].items() for method in item if method != "parameters"}
+    assert served - described == set(), "routes missing from openapi.yaml"
+    assert described - served == set(), "openapi.yaml describes routes the server does not have"
+
+    def fields(path: str, content: str) -> set[str]:
+        return set(spec["paths"][path]["post"]["requestBody"]["content"][content]["schema"]["properties"])
+
+    assert set(app_module.SESSION_FIELDS) - fields("/v1/sessions", "multipart/form-data") == set()
+    assert set(app_module.RENDER_FIELDS) - fields("/v1/renders", "multipart/form-data") == set()
+    render = Render("r1", None, 2.0, "http://h/v1/recordings/r1", state="queued")
+    states = [render.describe(position=1)]
+    render.started_at = render.created_at
+    render.end("failed", "why")
+    states.append(render.describe())
+    keys = set().union(*states) | {"token", "expires_at"}  # (GET adds a new token while it waits or is made)
+    assert keys - set(spec["components"]["schemas"]["Render"]["properties"]) == set()
+
+
 @pytest.mark.parametrize("path", ["/", "/overlay", "/static/app.js", "/openapi.yaml"])
 def test_browser_client_and_spec_are_served(tiny_pipeline, path):
     async def main():

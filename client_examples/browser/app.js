@@ -139,11 +139,11 @@ export async function createRender({
 // Wait for a render to end, asking every pollMs (onProgress gets each state while it is made); its MP4 as a Blob, or
 // throws with why it has none.
 export async function waitForRender(info, { pollMs = 500, onProgress = null } = {}) {
-  const headers = { Authorization: `Bearer ${info.token}` };
   for (;;) {
-    const resp = await fetch(sameOrigin(info.status_url), { headers });
+    const resp = await fetch(sameOrigin(info.status_url), { headers: { Authorization: `Bearer ${info.token}` } });
     if (!resp.ok) throw new Error(`clip: HTTP ${resp.status}: ${await errorText(resp)}`);
     const state = await resp.json();
+    if (state.token) info.token = state.token; // renewed while it waits or is made (it may take longer than one lasts)
     if (state.state === "done") return fetchRecording(state.video_url, info.token);
     if (state.state !== "rendering" && state.state !== "queued") {
       throw new Error(`clip ${state.state}: ${state.error || "no video"}`);
@@ -228,6 +228,31 @@ export class AvatarConnection {
     this.stream = new MediaStream();
     this.closed = false;
     this._said = 0;
+    this._keepToken();
+  }
+
+  // A session outlives its first token (good for the server's --token-ttl: an hour): while the session is open it is
+  // renewed, with the session's TURN credentials, each time half of what is left of it has gone (POST
+  // /v1/sessions/{id}/token), into this.info. A failure is tried again the same way; a server without the renewal
+  // (older), or that no longer has the session, leaves the token as it is.
+  _keepToken() {
+    const left = (this.info.expires_at ?? 0) * 1000 - Date.now();
+    if (this.closed || !(left > 0)) return;
+    this._tokenTimer = setTimeout(async () => {
+      if (this.closed) return;
+      try {
+        const resp = await fetch(apiUrl(`/v1/sessions/${this.info.session_id}/token`), {
+          method: "POST", headers: { Authorization: `Bearer ${this.info.token}` },
+        });
+        if ([401, 404, 405].includes(resp.status)) return;
+        if (resp.ok) {
+          const renewed = await resp.json();
+          Object.assign(this.info, { token: renewed.token, expires_at: renewed.expires_at });
+          if (renewed.ice_servers) this.info.ice_servers = renewed.ice_servers;
+        }
+      } catch {}
+      this._keepToken();
+    }, Math.max(left / 2, 250));
   }
 
   get sessionId() {
@@ -534,6 +559,7 @@ export class AvatarConnection {
   // Leave the session without ending it: for a page attached to a session another client owns.
   hangUp() {
     this.closed = true;
+    clearTimeout(this._tokenTimer);
     this._hangUp();
   }
 
@@ -548,6 +574,7 @@ export class AvatarConnection {
     if (this.closed) return;
     this.closed = true;
     this._hangUp();
+    clearTimeout(this._tokenTimer);
     const url = this._options?.viewer ? this.viewerUrl : apiUrl(`/v1/sessions/${this.info.session_id}`);
     if (!url) return;
     try {
@@ -571,9 +598,14 @@ export function countFrames(video) {
 
 // Attach an existing session (id + token) instead of creating one: used by the overlay.
 export function sessionFromToken(id, token) {
+  let expiresAt = null; // the token's own expiry (a JWT's "exp"): the connection renews it before then
+  try {
+    expiresAt = JSON.parse(atob(token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/"))).exp ?? null;
+  } catch {}
   return {
     session_id: id,
     token,
+    expires_at: expiresAt,
     offer_url: `/v1/sessions/${id}/offer`,
     ws_url: `/v1/sessions/${id}/ws`,
   };
