@@ -250,7 +250,9 @@ def test_an_unwatched_session_streams_on_its_own_clock(tiny_pipeline, tmp_path):
 
         broadcast, streamed_s, speech_frames = run(main())
         got = receiver.result()
-    assert speech_frames >= 30  # the speech was shown with nobody watching
+    # the speech was shown with nobody watching: its 37 frames, a few fewer where a loaded CPU made it late (late speech
+    # has its pauses shortened to catch up; 27 seen beside other work)
+    assert speech_frames >= 22
     assert abs(broadcast.frames - streamed_s * 25) <= 5
     assert len(got["frames"]) == broadcast.frames
     heard = _rms_per_frame(got["audio"], int(got["rate"]), got["times"])
