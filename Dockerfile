@@ -58,6 +58,6 @@ EXPOSE 8080
 # The port opens once the model has warmed up (about a minute on a small CPU); /health answers 503 while the server
 # drains (--drain-seconds). With --port other than 8080, publish that port and give the check your own --health-cmd.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/health', timeout=4)"]
+    CMD ["python", "-c", "import ssl, urllib.request as r\ntry:\n    r.urlopen('http://127.0.0.1:8080/health', timeout=4)\nexcept Exception:  # HTTPS (--tls-cert), its certificate for clients to check\n    r.urlopen('https://127.0.0.1:8080/health', timeout=4, context=ssl._create_unverified_context())"]
 ENTRYPOINT ["tini", "--", "letstalk", "serve", "--host", "0.0.0.0", "--port", "8080"]
 CMD []

@@ -368,19 +368,21 @@ def summary(got: Received, sent: np.ndarray, sent_at: Marks, fps: float) -> dict
 @contextlib.asynccontextmanager
 async def local_server(engine, config=None):
     """The WebRTC server (`server.create_app`, `config`: a ServerConfig) around `engine` on 127.0.0.1, an ephemeral
-    port: yields its URL and the aiohttp application."""
+    port (HTTPS where `config` has a TLS certificate): yields its URL and the aiohttp application."""
     from aiohttp import web
 
     from letstalk_rt.server import ServerConfig, create_app
 
-    app = create_app(engine, config or ServerConfig(port=0))
+    config = config or ServerConfig(port=0)
+    app = create_app(engine, config)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    ssl_context = config.ssl_context()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
-        yield f"http://127.0.0.1:{port}", app
+        yield f"{'https' if ssl_context else 'http'}://127.0.0.1:{port}", app
     finally:
         await runner.cleanup()
 

@@ -374,6 +374,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def _unreachable(server: str, error: Exception) -> LetsTalkError:
+    import aiohttp
+
+    if isinstance(error, aiohttp.ClientConnectorCertificateError):
+        return LetsTalkError(f"the server at {server} has a TLS certificate this machine does not trust "
+                             f"({error.certificate_error}): set SSL_CERT_FILE to the certificate (PEM) of the CA that "
+                             "signed it (a self-signed server: its own --tls-cert)")
     return LetsTalkError(f"cannot reach the server at {server} ({error or 'timed out'}); is `letstalk serve` running "
                          "there?")
 

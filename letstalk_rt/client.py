@@ -58,6 +58,7 @@ import io
 import json
 import logging
 import os
+import ssl as ssl_module
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
@@ -1158,15 +1159,32 @@ async def _close_pc(pc: RTCPeerConnection, timeout: float = 5.0) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+def _client_ssl(value: ssl_module.SSLContext | str | Path | bool) -> ssl_module.SSLContext | bool:
+    """`AvatarClient(ssl=...)` as aiohttp takes it: a CA certificate's path made a context that trusts it."""
+    if isinstance(value, (bool, ssl_module.SSLContext)):
+        return value
+    if not Path(value).is_file():
+        raise InputError(f"ssl={str(value)!r}: no such file; give the CA certificate (PEM) that signed the server's "
+                         "certificate (a self-signed server: its own --tls-cert), or True for this machine's")
+    try:
+        return ssl_module.create_default_context(cafile=str(value))
+    except (ssl_module.SSLError, ValueError) as e:
+        raise InputError(f"ssl={str(value)!r}: not a PEM certificate ({e})") from None
+
+
 class AvatarClient:
     """Connection to one letstalk-rt server; `async with` closes every session it started."""
 
     def __init__(self, base_url: str, api_key: str | None = None, *, timeout: float = 30.0,
-                 ice_servers: list[str | dict] | None = None, relay_only: bool = False) -> None:
+                 ice_servers: list[str | dict] | None = None, relay_only: bool = False,
+                 ssl: ssl_module.SSLContext | str | Path | bool = True) -> None:
         """`ice_servers`: the STUN/TURN servers of every session's peer connection, as URLs or W3C RTCIceServer dicts
         (`{"urls": ..., "username": ..., "credential": ...}`); by default the ones the server hands each session
         (`--ice-server`, with TURN credentials made for it). `relay_only`: connect only through the TURN server.
-        InputError (a LetsTalkError) if `base_url` is not an http(s) URL."""
+        `ssl`, for an https:// server: True (default) trusts the certificates this machine trusts (and SSL_CERT_FILE);
+        a CA certificate's path (PEM) trusts that one instead (a server's own self-signed --tls-cert); an
+        ssl.SSLContext as it is; False checks none (tests only: anyone between may read and change everything).
+        InputError (a LetsTalkError) if `base_url` is not an http(s) URL or `ssl` a file that is not there."""
         self.base_url = URL(base_url.rstrip("/") + "/")
         if self.base_url.scheme not in ("http", "https") or not self.base_url.host:
             raise InputError(f"server URL {base_url!r} is not an http(s) URL; give one such as http://127.0.0.1:8080 "
@@ -1175,6 +1193,7 @@ class AvatarClient:
         self.timeout = timeout
         self.ice_servers = None if ice_servers is None else parse_ice_servers(ice_servers)  # a bad URL fails here
         self.relay_only = relay_only
+        self._ssl = _client_ssl(ssl)
         self._http: aiohttp.ClientSession | None = None
         self._sessions: set[AvatarSession] = set()
 
@@ -1198,7 +1217,8 @@ class AvatarClient:
     async def open(self) -> AvatarClient:
         if self._http is None or self._http.closed:
             self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout),
-                                               headers={"User-Agent": USER_AGENT})
+                                               headers={"User-Agent": USER_AGENT},
+                                               connector=aiohttp.TCPConnector(ssl=self._ssl))
         return self
 
     async def close(self) -> None:

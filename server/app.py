@@ -1514,7 +1514,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             raise LetsTalkError(f"--avatar {avatar_id}: no such file {path!r}")
         avatars[avatar_id] = Path(path)
     return ServerConfig(
-        host=args.host, port=args.port, api_key=api_key,
+        host=args.host, port=args.port, api_key=api_key, tls_cert=args.tls_cert, tls_key=args.tls_key,
         token_secret=args.token_secret or os.environ.get("LETSTALK_TOKEN_SECRET") or None, token_ttl_s=args.token_ttl,
         idle_timeout_s=args.idle_timeout, max_upload_mb=args.max_upload_mb, upload_timeout_s=args.upload_timeout,
         ice_servers=list(args.ice_server), turn_ttl_s=args.turn_ttl, turn_username=args.turn_username,
@@ -1558,7 +1558,7 @@ async def _serve(app: web.Application, config: ServerConfig) -> None:
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()  # on_startup: engine warm-up, avatars
     try:
-        site = web.TCPSite(runner, config.host, config.port)
+        site = web.TCPSite(runner, config.host, config.port, ssl_context=config.ssl_context())
         try:
             await site.start()
         except OSError as e:
@@ -1567,7 +1567,8 @@ async def _serve(app: web.Application, config: ServerConfig) -> None:
         port = site._server.sockets[0].getsockname()[1] if site._server and site._server.sockets else config.port
         auth = "API key" if config.api_key else "none (loopback)" if _is_loopback(config.host) else "NONE (insecure)"
         on = ", ".join(str(e.pipeline.device) for e in engines.engines)
-        print(f"letstalk serve: http://{config.host}:{port}/  (max {engines.max_sessions} sessions on {on}, "
+        scheme = "https" if config.tls_cert else "http"
+        print(f"letstalk serve: {scheme}://{config.host}:{port}/  (max {engines.max_sessions} sessions on {on}, "
               f"{engines.pipeline.config.image_size}px @ {engines.pipeline.fps} fps, auth: {auth}); Ctrl-C to stop",
               file=sys.stderr, flush=True)
         if config.ice_servers:
@@ -1608,6 +1609,7 @@ def serve_main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aioice").setLevel(logging.WARNING)  # one line per ICE check otherwise
     config = config_from_args(args)  # refuse an unauthenticated public bind before loading anything
+    config.ssl_context()  # a TLS certificate or key that cannot be used: said before the model loads too
     engines = _build_engines(args)
     asyncio.run(_serve(create_app(engines, config), config))
 

@@ -5,6 +5,7 @@ say, must not load torch for it). The server itself is `app`."""
 from __future__ import annotations
 
 import argparse
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,8 @@ class ServerConfig:
 
     host: str = "127.0.0.1"  # loopback by default: exposing the server is a decision (see --insecure-no-auth)
     port: int = 8080
+    tls_cert: Path | None = None  # serve HTTPS (and wss) with this certificate chain (PEM) and ...
+    tls_key: Path | None = None  # ... its private key (PEM); None: plain HTTP (behind a TLS proxy, or on loopback)
     api_key: str | None = None  # required as `Authorization: Bearer KEY` to list avatars and create sessions
     token_secret: str | None = None  # HMAC secret of session tokens; random per start when None
     token_ttl_s: float = 3600.0  # a session's or render's token is accepted this long after it was given (renewable)
@@ -81,6 +84,9 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.render_queue < 0:
             raise LetsTalkError(f"--render-queue {self.render_queue}: give 0 (no queue) or more")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise LetsTalkError("give --tls-cert and --tls-key together: the certificate (chain, PEM) and its private "
+                                "key (PEM)")
         if not self.token_ttl_s >= 1:  # (a token's expiry is in whole seconds)
             raise LetsTalkError(f"--token-ttl {self.token_ttl_s:g}: give 1 second or more; the default is 3600")
         if not 0 <= self.port <= 65535:  # (0: any free port) said before the model loads, not by bind() after it
@@ -92,6 +98,26 @@ class ServerConfig:
         except ValueError as e:
             raise LetsTalkError(f"{e}: pass --turn-secret (the TURN server's static-auth-secret) or "
                                 "--turn-username and --turn-credential") from None
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context HTTPS is served with (--tls-cert, --tls-key), None for plain HTTP; a certificate or key that
+        cannot be read, or that do not go together, raises LetsTalkError saying which."""
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        for flag, path in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key)):
+            if not Path(path).is_file():
+                raise LetsTalkError(f"{flag} {path}: no such file")
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(self.tls_cert, self.tls_key)
+        except ssl.SSLError as e:
+            raise LetsTalkError(f"--tls-cert {self.tls_cert} / --tls-key {self.tls_key}: cannot be used "
+                                f"({e.reason or e}): give the certificate chain and its private key, both PEM (a Let's "
+                                "Encrypt fullchain.pem and privkey.pem)") from None
+        except OSError as e:
+            raise LetsTalkError(f"--tls-cert {self.tls_cert} / --tls-key {self.tls_key}: cannot be read "
+                                f"({e.strerror or e})") from None
+        return context
 
     def session_ice_servers(self, session_id: str, now: float | None = None) -> list[dict]:
         """The STUN/TURN servers of one session, as W3C RTCIceServer dicts: the server's peer connection and the
@@ -120,6 +146,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-sessions", type=int, default=None,
                         help="admission cap: concurrent sessions on each device (default 8; measure with `letstalk "
                              "bench`)")
+    parser.add_argument("--tls-cert", type=Path, default=None, metavar="PEM",
+                        help="serve HTTPS and wss with this certificate (chain, PEM), with --tls-key: what a browser "
+                             "on another machine needs to give the page its microphone (default: plain HTTP)")
+    parser.add_argument("--tls-key", type=Path, default=None, metavar="PEM", help="the private key of --tls-cert")
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' to create sessions (default: env LETSTALK_API_KEY)")
     parser.add_argument("--insecure-no-auth", action="store_true",

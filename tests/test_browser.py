@@ -582,6 +582,51 @@ def test_pages_renew_their_sessions_token_while_the_session_is_open(tiny_pipelin
     assert left == [sdk_id]  # the page's own session went with its close(); the SDK's stays
 
 
+def test_the_page_over_https_streams_the_microphone_from_a_host_that_is_not_this_one(tiny_pipeline, tmp_path):
+    """A browser gives a page the microphone only in a secure context: over HTTPS, or from localhost. A server on
+    another machine (avatar.test here, resolved to this one) serving HTTPS (--tls-cert, --tls-key) gets the page's
+    microphone as the avatar's speech; over plain HTTP the same page has no microphone to ask for and says how to get
+    one, before it opens any session."""
+    from server_helpers import self_signed_certificate
+
+    cert, key = self_signed_certificate(tmp_path, names=("avatar.test",))
+    wav = tmp_path / "speech.wav"
+    _write_wav(wav)
+    args = [*_chromium_args(wav), "--host-resolver-rules=MAP avatar.test 127.0.0.1",
+            "--ignore-certificate-errors"]  # (the self-signed certificate; a real one would need no flag)
+
+    async def main():
+        async with running_server(tiny_pipeline, tls_cert=cert, tls_key=key) as tls, \
+                running_server(tiny_pipeline) as plain, async_playwright() as pw:
+            context = await pw.chromium.launch_persistent_context(
+                str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=args)
+            try:
+                results = []
+                for srv in (tls, plain):
+                    page = await context.new_page()
+                    await page.goto(srv.url.replace("127.0.0.1", "avatar.test") + "/?autostart=1&source=mic")
+                    try:
+                        await page.wait_for_function("window.letstalk.events.includes('speech_started')"
+                                                     if srv is tls else "document.querySelector('#log .error')",
+                                                     timeout=30000)
+                    except Exception:
+                        log = await page.evaluate("document.getElementById('log').innerText")
+                        raise AssertionError(f"{srv.url}: {log!r}") from None
+                    results.append((await page.evaluate("[location.protocol, window.isSecureContext, "
+                                                        "document.getElementById('log').innerText]"),
+                                    len(srv.manager.sessions)))
+            finally:
+                await context.close()
+            return results
+
+    (secure, open_secure), (insecure, open_insecure) = run(main())
+    assert secure[:2] == ["https:", True] and "error" not in secure[2].lower(), secure
+    assert open_secure == 1
+    assert insecure[:2] == ["http:", False], insecure
+    assert "the browser gives the microphone only to a page loaded over HTTPS or from localhost" in insecure[2]
+    assert "--tls-cert" in insecure[2] and open_insecure == 0
+
+
 def test_the_page_makes_a_clip_of_the_typed_text_on_the_server(tiny_pipeline, tmp_path):
     """"Make a clip" with text typed and no session started: the server makes the video (POST /v1/renders) and the
     page shows it, playable, under the avatar with a link to download it: the server's MP4, whole."""

@@ -451,6 +451,72 @@ def test_a_session_outlives_its_first_token_the_sdk_renewing_it(tiny_pipeline):
     assert not left  # close() ended it on the server
 
 
+def test_a_server_with_a_tls_certificate_serves_https_and_wss(tiny_pipeline, tmp_path, wav_file, astronaut_png):
+    """`letstalk serve --tls-cert --tls-key`: the API and the websocket over TLS (https, wss). The SDK trusting the
+    server's self-signed certificate (`ssl=` its file) streams a session through it; one trusting only this machine's
+    CAs is refused by its own TLS check, and `letstalk generate --server` says how to trust it (SSL_CERT_FILE, with
+    which it gets through); the image's health check reads the server over HTTP and HTTPS alike."""
+    import json
+    import os
+
+    from letstalk_rt.client import AvatarClient
+    from letstalk_rt.errors import LetsTalkError
+    from server_helpers import self_signed_certificate
+    from test_packaging import _dockerfile
+    from without_engine import PRELUDE
+
+    cert, key = self_signed_certificate(tmp_path)
+    wav = wav_file(1.0)
+    (health,) = [rest for op, rest in _dockerfile() if op == "HEALTHCHECK"]
+    probe = json.loads(health[health.index("["):])[-1]  # python -c's code
+
+    def run_cli(env: dict, *args: str) -> subprocess.CompletedProcess:
+        code = PRELUDE + f"import sys; from letstalk_rt.cli import main; sys.exit(main({list(args)!r}))"
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+
+    def probe_health(url: str) -> int:
+        port = url.rsplit(":", 1)[1]
+        return subprocess.run([sys.executable, "-c", probe.replace("8080", port)], capture_output=True,
+                              timeout=60).returncode
+
+    async def main():
+        async with running_server(tiny_pipeline, tls_cert=cert, tls_key=key) as srv, \
+                running_server(tiny_pipeline) as plain:
+            assert srv.url.startswith("https://")
+            async with AvatarClient(srv.url, ssl=cert) as client:
+                session = await client.start_session()
+                assert session.ws_url.startswith("wss://")
+                await session.connect()
+                frames, _, readers = collect_media(session)
+                await wait_until(lambda: len(frames) >= 10, 20, "frames through a server on TLS")
+                assert await session.ping() >= 0  # its websocket, over wss
+                await session.close()
+                await asyncio.gather(*readers)
+            async with AvatarClient(srv.url) as client:  # this machine's CAs: the self-signed one is not among them
+                with pytest.raises(aiohttp.ClientConnectorCertificateError):
+                    await client.health()
+            async with AvatarClient(srv.url, ssl=False) as client:
+                assert (await client.health())["status"] == "ok"
+            env = {k: v for k, v in os.environ.items() if k != "SSL_CERT_FILE"}
+            base = ["generate", "--server", srv.url, "--portrait", str(astronaut_png), "--audio", str(wav), "--out",
+                    str(tmp_path / "out.mp4")]
+            untrusted, trusted, healthy = await asyncio.gather(
+                asyncio.to_thread(run_cli, env, *base), asyncio.to_thread(run_cli, {**env, "SSL_CERT_FILE": str(cert)},
+                                                                          *base),
+                asyncio.gather(*(asyncio.to_thread(probe_health, url) for url in (srv.url, plain.url))))
+            return untrusted, trusted, healthy
+
+    untrusted, trusted, healthy = run(main())
+    assert untrusted.returncode == 2 and "has a TLS certificate this machine does not trust" in untrusted.stderr, \
+        untrusted.stderr
+    assert "set SSL_CERT_FILE" in untrusted.stderr
+    # trusted, it gets to the server, which answers: it keeps no recordings to make the video with
+    assert trusted.returncode == 2 and "--recordings-dir" in trusted.stderr, trusted.stderr
+    assert healthy == [0, 0]
+    with pytest.raises(LetsTalkError, match="no such file"):
+        AvatarClient("https://127.0.0.1:1", ssl=tmp_path / "missing.pem")
+
+
 def drop_websocket(session) -> None:
     """What a proxy's restart or a network blip does to an SDK session's websocket: its TCP connection ends with no
     websocket close (the SDK reads code 1006)."""
@@ -548,11 +614,20 @@ def test_a_client_that_cannot_reach_its_server_again_ends_its_iterators_and_send
     assert "could not reconnect within 3 s" in failed[0]["message"]
 
 
-def test_ice_servers_and_the_server_url_are_checked_when_the_server_and_client_start():
+def test_ice_servers_and_the_server_url_are_checked_when_the_server_and_client_start(tmp_path):
     from letstalk_rt.client import AvatarClient
     from letstalk_rt.errors import LetsTalkError
     from letstalk_rt.server import ServerConfig
+    from server_helpers import self_signed_certificate
 
+    cert, key = self_signed_certificate(tmp_path)
+    with pytest.raises(LetsTalkError, match="give --tls-cert and --tls-key together"):
+        ServerConfig(tls_cert=cert)
+    with pytest.raises(LetsTalkError, match="--tls-key .*nokey.pem: no such file"):
+        ServerConfig(tls_cert=cert, tls_key=tmp_path / "nokey.pem").ssl_context()
+    with pytest.raises(LetsTalkError, match="cannot be used .*both PEM"):  # the two swapped
+        ServerConfig(tls_cert=key, tls_key=cert).ssl_context()
+    assert ServerConfig(tls_cert=cert, tls_key=key).ssl_context() is not None
     with pytest.raises(LetsTalkError, match="turn:relay.example.org.*needs a username.*--turn-secret"):
         ServerConfig(ice_servers=["stun:stun.example.org", "turn:relay.example.org"])
     with pytest.raises(LetsTalkError, match="malformed uri"):

@@ -25,6 +25,17 @@ export function configure({ server = null } = {}) {
   serverOrigin = server ? new URL(server).origin : null;
 }
 
+// The microphone (getUserMedia with `constraints`). A browser gives it only to a secure page: one loaded over HTTPS,
+// or from this machine (localhost); elsewhere navigator.mediaDevices is not there at all, and this says what to do.
+export function microphone(constraints = { audio: true }) {
+  if (!navigator.mediaDevices?.getUserMedia) {
+    throw new Error(`the browser gives the microphone only to a page loaded over HTTPS or from localhost, and this one `
+      + `is ${location.origin}: serve it over HTTPS (letstalk serve --tls-cert/--tls-key, or behind a TLS proxy), or `
+      + `send an audio file instead`);
+  }
+  return navigator.mediaDevices.getUserMedia(constraints);
+}
+
 // An API path as a URL on the server.
 export function apiUrl(path) {
   return new URL(path, serverOrigin || location.href).toString();
