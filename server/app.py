@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -142,6 +143,26 @@ async def error_middleware(request: web.Request, handler):
         log.exception("internal error on %s %s", request.method, request.path)
         request.app[MANAGER].metrics.errors_total += 1
         return web.json_response({"error": "internal server error"}, status=500)
+
+
+FORWARDED_HOST = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")  # host[:port]
+
+
+@web.middleware
+async def forwarded_middleware(request: web.Request, handler):
+    """`--behind-proxy`: the URLs the server answers with (offer_url, ws_url, status_url, video_url ...) name the
+    scheme and host the client asked the TLS proxy in front for, as the proxy says (RFC 7239 `Forwarded: proto=https;
+    host=...`, else `X-Forwarded-Proto` / `X-Forwarded-Host`; the first hop's), not the proxy's own hop to this server.
+    Only behind a proxy that sets them: anyone may send these headers."""
+    first = request.forwarded[0] if request.forwarded else {}
+    proto = (first.get("proto") or request.headers.get("X-Forwarded-Proto", "").split(",")[0]).strip().lower()
+    host = (first.get("host") or request.headers.get("X-Forwarded-Host", "").split(",")[0]).strip()
+    changes = {}
+    if proto in ("http", "https"):
+        changes["scheme"] = proto
+    if host and FORWARDED_HOST.fullmatch(host):
+        changes["host"] = host
+    return await handler(request.clone(**changes) if changes else request)
 
 
 def cors_headers(request: web.Request) -> dict[str, str] | None:
@@ -1397,6 +1418,8 @@ def create_app(engines: StreamEngine | EnginePool, config: ServerConfig | None =
     middlewares = [error_middleware]
     if config.cors_origins:
         middlewares.insert(0, cors_middleware)
+    if config.behind_proxy:
+        middlewares.insert(0, forwarded_middleware)
     app = web.Application(middlewares=middlewares, client_max_size=config.max_upload_bytes + 64 * 1024)
     app[ENGINES] = engines
     app[CONFIG] = config
@@ -1515,6 +1538,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         avatars[avatar_id] = Path(path)
     return ServerConfig(
         host=args.host, port=args.port, api_key=api_key, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        behind_proxy=args.behind_proxy,
         token_secret=args.token_secret or os.environ.get("LETSTALK_TOKEN_SECRET") or None, token_ttl_s=args.token_ttl,
         idle_timeout_s=args.idle_timeout, max_upload_mb=args.max_upload_mb, upload_timeout_s=args.upload_timeout,
         ice_servers=list(args.ice_server), turn_ttl_s=args.turn_ttl, turn_username=args.turn_username,

@@ -1327,6 +1327,41 @@ def test_a_session_token_is_renewed_while_the_session_is_open(tiny_pipeline):
     run(main())
 
 
+def test_behind_a_proxy_the_answers_name_the_proxys_scheme_and_host(tiny_pipeline, tmp_path):
+    """--behind-proxy (a TLS proxy in front sets the headers): the URLs a session's answer holds (offer_url, ws_url,
+    recording_url) name the scheme and host the client asked the proxy for: RFC 7239 `Forwarded` first, else
+    X-Forwarded-Proto / X-Forwarded-Host; a value that is not a scheme or a host is ignored, and the websocket opens
+    through it. Without the flag the headers change nothing (anyone may send them)."""
+    proxied = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "avatar.example.com"}
+    rfc = {"Forwarded": 'for=192.0.2.1;proto=https;host="avatar.example.com:8443"', "X-Forwarded-Host": "other.example"}
+    forged = {"X-Forwarded-Proto": "javascript", "X-Forwarded-Host": "evil.example/x?y"}
+
+    async def main():
+        answers = {}
+        for behind in (True, False):
+            async with running_server(tiny_pipeline, behind_proxy=behind,
+                                      recordings_dir=tmp_path / str(behind)) as srv, aiohttp.ClientSession() as http:
+                got = []
+                for headers in (proxied, rfc, forged):
+                    got.append(await create_session(http, srv.url, headers, avatar_id="default", record=True))
+                ws = await http.ws_connect(f"{srv.url}/v1/sessions/{got[0]['session_id']}/ws",
+                                           headers={**proxied, **_bearer(got[0]["token"])})
+                assert (await _ws_json(ws, "ready"))["type"] == "ready"
+                await ws.close()
+                answers[behind] = (srv.url, got)
+        return answers
+
+    answers = run(main())
+    url, (a, b, c) = answers[True]
+    assert a["offer_url"] == f"https://avatar.example.com/v1/sessions/{a['session_id']}/offer"
+    assert a["ws_url"] == f"wss://avatar.example.com/v1/sessions/{a['session_id']}/ws"
+    assert a["recording_url"] == f"https://avatar.example.com/v1/recordings/{a['session_id']}"
+    assert b["ws_url"] == f"wss://avatar.example.com:8443/v1/sessions/{b['session_id']}/ws"
+    assert c["offer_url"] == f"{url}/v1/sessions/{c['session_id']}/offer"
+    url, got = answers[False]
+    assert [g["offer_url"] for g in got] == [f"{url}/v1/sessions/{g['session_id']}/offer" for g in got]
+
+
 def test_the_openapi_spec_has_every_route_and_field(tiny_pipeline):
     """server/openapi.yaml, the description of the API that clients are generated from, names every route the server
     answers (method and path), every field POST /v1/sessions and POST /v1/renders take, and every field of a
