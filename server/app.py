@@ -1483,6 +1483,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     if not _is_loopback(args.host) and not api_key and not args.insecure_no_auth:
         raise LetsTalkError(f"refusing to listen on {args.host} without authentication: set --api-key "
                             "(or LETSTALK_API_KEY), or pass --insecure-no-auth to allow it")
+    if args.behind_proxy and not api_key and not args.insecure_no_auth:  # a proxy's clients reach a loopback bind
+        raise LetsTalkError("refusing to serve behind a proxy without authentication (its clients reach this server "
+                            "however it listens): set --api-key (or LETSTALK_API_KEY), or pass --insecure-no-auth")
     if not (math.isfinite(args.max_session_minutes) and args.max_session_minutes >= 0):
         raise LetsTalkError(f"--max-session-minutes {args.max_session_minutes:g}: give minutes > 0, or 0 for no limit")
     for url in args.webhook:

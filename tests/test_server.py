@@ -319,13 +319,16 @@ def test_a_container_on_a_bridge_network_without_a_relay_is_told_its_media_will_
     assert bridged() == ["172.17.0.3"]
 
 
-def test_public_bind_without_auth_is_refused_with_one_line():
+@pytest.mark.parametrize("flags, said", [(["--host", "0.0.0.0"], "refusing to listen on 0.0.0.0"),
+                                         (["--behind-proxy"], "refusing to serve behind a proxy")])
+def test_public_bind_without_auth_is_refused_with_one_line(flags, said):
+    """A server others reach (bound to a public address, or on loopback behind a proxy) needs an API key."""
     env = {**os.environ, "LETSTALK_API_KEY": ""}
-    proc = subprocess.run([sys.executable, "-m", "letstalk_rt.server", "--host", "0.0.0.0", "--port", "0"],
+    proc = subprocess.run([sys.executable, "-m", "letstalk_rt.server", *flags, "--port", "0"],
                           capture_output=True, text=True, timeout=60, env=env, cwd=Path(__file__).parent.parent)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "refusing to listen on 0.0.0.0" in lines[0] and "--insecure-no-auth" in lines[0]
+    assert len(lines) == 1 and said in lines[0] and "--insecure-no-auth" in lines[0]
 
 
 def test_turn_options_make_each_session_its_own_credentials_and_a_bad_ice_server_stops_the_start(monkeypatch):
