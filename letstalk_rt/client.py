@@ -447,8 +447,8 @@ class AvatarSession:
     async def _keep_token(self) -> None:
         """Renew the session's token, and its TURN credentials, while it is open: each time half of what is left of
         the token has gone (30 minutes into the server's hour). A session outlives its first token, and a reconnect,
-        a viewer or close() needs one that holds. A failure is tried again (at a quarter of the time left, ...);
-        a server without the renewal (older) or that no longer has the session leaves the token as it is."""
+        a viewer or close() needs one that holds. A failure is tried again once half of what is then left has gone; a
+        server without the renewal (older) or that no longer has the session leaves the token as it is."""
         url = self.client._url(f"/v1/sessions/{urllib.parse.quote(self.id, safe='')}/token")
         while True:
             left = self.expires_at - time.time()
