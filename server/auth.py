@@ -98,10 +98,16 @@ class TokenSigner:
 
 
 def api_key_matches(given: str | None, expected: str) -> bool:
-    """Constant-time comparison of a presented API key with the configured one."""
+    """Constant-time comparison of a presented API key with the configured one, or ones: several, comma-separated,
+    are each accepted (a key being rotated: the new one added, clients moved to it, the old one taken out)."""
     if given is None:
         return False
-    return hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode("utf-8"))
+    presented = given.encode("utf-8", "replace")
+    matched = False
+    for key in expected.split(","):
+        if key.strip():  # (every key compared: the time taken does not say which matched)
+            matched |= hmac.compare_digest(presented, key.strip().encode("utf-8"))
+    return matched
 
 
 def bearer(headers, query) -> str | None:

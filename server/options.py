@@ -156,7 +156,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "X-Forwarded-Proto/-Host: the URLs in the answers (ws_url, status_url, ...) name the "
                              "proxy's scheme and host, not this server's")
     parser.add_argument("--api-key", default=None,
-                        help="require 'Authorization: Bearer KEY' to create sessions (default: env LETSTALK_API_KEY)")
+                        help="require 'Authorization: Bearer KEY' to create sessions (default: env LETSTALK_API_KEY); "
+                             "several, comma-separated, are each accepted (rotating a key: OLD,NEW)")
     parser.add_argument("--insecure-no-auth", action="store_true",
                         help="allow listening on a non-loopback address without an API key")
     parser.add_argument("--token-secret", default=None,

@@ -191,6 +191,25 @@ def test_health_metrics_and_avatars(tiny_pipeline, monkeypatch):
 # --------------------------------------------------------------------------------------------------
 
 
+def test_several_api_keys_are_each_accepted_while_one_is_rotated(tiny_pipeline):
+    """--api-key OLD,NEW (or LETSTALK_API_KEY): each is accepted, as Bearer or X-API-Key, so clients move to the new key
+    before the old one is taken out; nothing else is, not a part of one, nor the empty key an extra comma makes."""
+    from letstalk_rt.server.auth import api_key_matches
+
+    assert api_key_matches("new", "old, new") and api_key_matches("old", "old,new,")
+    assert not any(api_key_matches(given, "old,new,") for given in ("", "ol", "old,new", None, "x"))
+
+    async def main():
+        async with running_server(tiny_pipeline, api_key="old-key,new-key") as srv, aiohttp.ClientSession() as http:
+            statuses = []
+            for headers in (_bearer("old-key"), {"X-API-Key": "new-key"}, _bearer("other"), {}):
+                async with http.get(f"{srv.url}/v1/avatars", headers=headers) as r:
+                    statuses.append(r.status)
+            return statuses
+
+    assert run(main()) == [200, 200, 401, 401]
+
+
 def test_api_key_and_session_tokens(tiny_pipeline):
     """The API key gates session creation; a session token opens only its own session, only until it
     expires, and cannot be forged (bad signature, alg=none, edited payload)."""
