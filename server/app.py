@@ -207,7 +207,7 @@ def _client_gone(request: web.Request) -> bool:
 
 
 def require_api_key(request: web.Request) -> None:
-    key = request.app[CONFIG].api_key
+    key = request.app[CONFIG].current_api_key()
     if not key:
         return
     given = request.headers.get("X-API-Key") or bearer(request.headers, {})
@@ -238,7 +238,7 @@ def authorize_session(request: web.Request, allow_api_key: bool = False) -> Serv
     manager = request.app[MANAGER]
     sid = request.match_info["session_id"]
     token = bearer(request.headers, request.query)
-    key = request.app[CONFIG].api_key
+    key = request.app[CONFIG].current_api_key()
     if not (allow_api_key and key and api_key_matches(token, key)):
         try:
             manager.signer.verify(token or "", session_id=sid)
@@ -1479,13 +1479,15 @@ def _is_loopback(host: str) -> bool:
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    api_key = args.api_key or os.environ.get("LETSTALK_API_KEY") or None
-    if not _is_loopback(args.host) and not api_key and not args.insecure_no_auth:
+    api_key = args.api_key or (os.environ.get("LETSTALK_API_KEY") if args.api_key_file is None else None) or None
+    keyed = bool(api_key or args.api_key_file)
+    if not _is_loopback(args.host) and not keyed and not args.insecure_no_auth:
         raise LetsTalkError(f"refusing to listen on {args.host} without authentication: set --api-key "
-                            "(or LETSTALK_API_KEY), or pass --insecure-no-auth to allow it")
-    if args.behind_proxy and not api_key and not args.insecure_no_auth:  # a proxy's clients reach a loopback bind
+                            "(or LETSTALK_API_KEY, or --api-key-file), or pass --insecure-no-auth to allow it")
+    if args.behind_proxy and not keyed and not args.insecure_no_auth:  # a proxy's clients reach a loopback bind
         raise LetsTalkError("refusing to serve behind a proxy without authentication (its clients reach this server "
-                            "however it listens): set --api-key (or LETSTALK_API_KEY), or pass --insecure-no-auth")
+                            "however it listens): set --api-key (or LETSTALK_API_KEY, or --api-key-file), or pass "
+                            "--insecure-no-auth")
     if not (math.isfinite(args.max_session_minutes) and args.max_session_minutes >= 0):
         raise LetsTalkError(f"--max-session-minutes {args.max_session_minutes:g}: give minutes > 0, or 0 for no limit")
     for url in args.webhook:
@@ -1540,7 +1542,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             raise LetsTalkError(f"--avatar {avatar_id}: no such file {path!r}")
         avatars[avatar_id] = Path(path)
     return ServerConfig(
-        host=args.host, port=args.port, api_key=api_key, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        host=args.host, port=args.port, api_key=api_key, api_key_file=args.api_key_file, tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
         behind_proxy=args.behind_proxy,
         token_secret=args.token_secret or os.environ.get("LETSTALK_TOKEN_SECRET") or None, token_ttl_s=args.token_ttl,
         idle_timeout_s=args.idle_timeout, max_upload_mb=args.max_upload_mb, upload_timeout_s=args.upload_timeout,
@@ -1592,7 +1595,8 @@ async def _serve(app: web.Application, config: ServerConfig) -> None:
             raise LetsTalkError(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}") from None
         engines = app[ENGINES]
         port = site._server.sockets[0].getsockname()[1] if site._server and site._server.sockets else config.port
-        auth = "API key" if config.api_key else "none (loopback)" if _is_loopback(config.host) else "NONE (insecure)"
+        auth = ("API key" if config.current_api_key() else "none (loopback)" if _is_loopback(config.host)
+                else "NONE (insecure)")
         on = ", ".join(str(e.pipeline.device) for e in engines.engines)
         scheme = "https" if config.tls_cert else "http"
         print(f"letstalk serve: {scheme}://{config.host}:{port}/  (max {engines.max_sessions} sessions on {on}, "

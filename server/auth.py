@@ -17,9 +17,15 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import secrets
 import time
 from dataclasses import dataclass
+from pathlib import Path
+
+from letstalk_rt.errors import LetsTalkError
+
+log = logging.getLogger("letstalk.server")
 
 _HEADER = {"alg": "HS256", "typ": "JWT"}
 MAX_TOKEN_CHARS = 2048  # far above a real token; anything longer is refused before any work
@@ -95,6 +101,48 @@ class TokenSigner:
         if session_id is not None and not hmac.compare_digest(claims.session_id.encode(), session_id.encode()):
             raise TokenError("token is for another session")
         return claims
+
+
+class KeyFile:
+    """The API key kept in a file (`--api-key-file`: a Docker or Kubernetes secret, kept out of the command line and
+    the environment), read again when it changes (its time, size or inode: Kubernetes swaps a link), at most once
+    every CHECK_EVERY_S: a key is rotated by writing the file (`OLD,NEW`, then `NEW`), with no restart and no session
+    lost. A file that is gone, unreadable or empty for a moment keeps the last key."""
+
+    CHECK_EVERY_S = 1.0
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._stamp: tuple | None = None
+        self._checked = time.monotonic()
+        try:
+            self._stamp, self.key = self._stamp_of(), self.path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise LetsTalkError(f"--api-key-file {self.path}: cannot be read ({getattr(e, 'strerror', None) or e})"
+                                ) from None
+        if not self.key:
+            raise LetsTalkError(f"--api-key-file {self.path}: the file is empty; write the API key in it")
+
+    def _stamp_of(self) -> tuple:
+        st = self.path.stat()
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def current(self) -> str:
+        """The key as the file holds it now (as of CHECK_EVERY_S ago at most)."""
+        now = time.monotonic()
+        if now - self._checked < self.CHECK_EVERY_S:
+            return self.key
+        self._checked = now
+        try:
+            stamp = self._stamp_of()
+            if stamp != self._stamp:
+                key = self.path.read_text(encoding="utf-8").strip()
+                if key:
+                    self._stamp, self.key = stamp, key
+                    log.info("API key file %s read again: %d key(s)", self.path, len(key.split(",")))
+        except (OSError, UnicodeDecodeError):  # being replaced: the last key holds
+            pass
+        return self.key
 
 
 def api_key_matches(given: str | None, expected: str) -> bool:

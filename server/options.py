@@ -13,7 +13,7 @@ from letstalk_rt.cli import ASSETS
 from letstalk_rt.errors import LetsTalkError
 from letstalk_rt.rtc import ice_servers
 
-from .auth import turn_credentials
+from .auth import KeyFile, turn_credentials
 from .avatars import DEFAULT_MAX_AVATARS
 
 # This package is the checkout's server/, installed as letstalk_rt.server (pyproject.toml): no top-level `server`
@@ -35,6 +35,7 @@ class ServerConfig:
     tls_key: Path | None = None  # ... its private key (PEM); None: plain HTTP (behind a TLS proxy, or on loopback)
     behind_proxy: bool = False  # URLs in answers from the proxy's Forwarded / X-Forwarded-Proto/-Host headers
     api_key: str | None = None  # required as `Authorization: Bearer KEY` to list avatars and create sessions
+    api_key_file: Path | None = None  # ... or kept in this file, read again when it changes (auth.KeyFile)
     token_secret: str | None = None  # HMAC secret of session tokens; random per start when None
     token_ttl_s: float = 3600.0  # a session's or render's token is accepted this long after it was given (renewable)
     idle_timeout_s: float = 60.0  # no audio, no websocket message, no media pulled for this long: closed
@@ -83,6 +84,10 @@ class ServerConfig:
         return int(self.max_upload_mb * 1024 * 1024)
 
     def __post_init__(self) -> None:
+        if self.api_key and self.api_key_file:
+            raise LetsTalkError("give the API key either as --api-key (or LETSTALK_API_KEY) or as --api-key-file, not "
+                                "both")
+        self._key_file = KeyFile(self.api_key_file) if self.api_key_file else None
         if self.render_queue < 0:
             raise LetsTalkError(f"--render-queue {self.render_queue}: give 0 (no queue) or more")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -99,6 +104,10 @@ class ServerConfig:
         except ValueError as e:
             raise LetsTalkError(f"{e}: pass --turn-secret (the TURN server's static-auth-secret) or "
                                 "--turn-username and --turn-credential") from None
+
+    def current_api_key(self) -> str | None:
+        """The API key (or keys, comma-separated) required now: --api-key's, or --api-key-file's as it is now."""
+        return self._key_file.current() if self._key_file is not None else self.api_key
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The TLS context HTTPS is served with (--tls-cert, --tls-key), None for plain HTTP; a certificate or key that
@@ -158,6 +167,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' to create sessions (default: env LETSTALK_API_KEY); "
                              "several, comma-separated, are each accepted (rotating a key: OLD,NEW)")
+    parser.add_argument("--api-key-file", type=Path, default=None, metavar="FILE",
+                        help="the API key kept in a file (a Docker or Kubernetes secret), read again when it changes: "
+                             "rotate a key by writing OLD,NEW, then NEW, with no restart")
     parser.add_argument("--insecure-no-auth", action="store_true",
                         help="allow listening on a non-loopback address without an API key")
     parser.add_argument("--token-secret", default=None,

@@ -210,6 +210,53 @@ def test_several_api_keys_are_each_accepted_while_one_is_rotated(tiny_pipeline):
     assert run(main()) == [200, 200, 401, 401]
 
 
+def test_an_api_key_kept_in_a_file_is_read_again_when_the_file_changes(tiny_pipeline, tmp_path, monkeypatch):
+    """--api-key-file (a Docker or Kubernetes secret): the key the file holds is required, and a key is rotated by
+    writing the file (OLD,NEW, then NEW) with no restart; a file emptied or gone for a moment keeps the last key. A
+    file that cannot be read or is empty at start, or given with --api-key, stops the server with one line; with it a
+    public bind needs no --api-key."""
+    from letstalk_rt.errors import LetsTalkError
+    from letstalk_rt.server import ServerConfig
+    from letstalk_rt.server.app import add_serve_arguments, config_from_args
+    from letstalk_rt.server.auth import KeyFile
+
+    monkeypatch.setattr(KeyFile, "CHECK_EVERY_S", 0.0)
+    key_file = tmp_path / "api_key"
+    key_file.write_text("first\n")
+
+    async def main():
+        async with running_server(tiny_pipeline, api_key_file=key_file) as srv, aiohttp.ClientSession() as http:
+            async def status(key: str) -> int:
+                async with http.get(f"{srv.url}/v1/avatars", headers=_bearer(key)) as r:
+                    return r.status
+
+            seen = [await status("first")]
+            key_file.write_text("first,second")  # rotating: both, while the clients move
+            seen += [await status("first"), await status("second")]
+            key_file.write_text("second")
+            seen += [await status("first"), await status("second")]
+            (tmp_path / "empty").write_text("")
+            os.replace(tmp_path / "empty", key_file)  # emptied as it is rewritten: the last key holds
+            seen.append(await status("second"))
+            key_file.unlink()  # gone for a moment: likewise
+            seen.append(await status("second"))
+            return seen
+
+    assert run(main()) == [200, 200, 200, 401, 200, 200, 200]
+    with pytest.raises(LetsTalkError, match="--api-key-file .*missing: cannot be read"):
+        ServerConfig(api_key_file=tmp_path / "missing")
+    with pytest.raises(LetsTalkError, match="the file is empty"):
+        (tmp_path / "blank").write_text("\n")
+        ServerConfig(api_key_file=tmp_path / "blank")
+    with pytest.raises(LetsTalkError, match="either as --api-key .* or as --api-key-file"):
+        ServerConfig(api_key="k", api_key_file=tmp_path / "blank")
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    key_file.write_text("third")
+    config = config_from_args(parser.parse_args(["--host", "0.0.0.0", "--api-key-file", str(key_file)]))
+    assert config.current_api_key() == "third" and config.api_key is None
+
+
 def test_api_key_and_session_tokens(tiny_pipeline):
     """The API key gates session creation; a session token opens only its own session, only until it
     expires, and cannot be forged (bad signature, alg=none, edited payload)."""
