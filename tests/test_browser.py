@@ -547,7 +547,8 @@ def test_pages_renew_their_sessions_token_while_the_session_is_open(tiny_pipelin
     """The page's AvatarConnection renews its session's token before it expires (the server's --token-ttl: 3 s here,
     an hour by default), for a session it made and for one it was given by id and token (an overlay of an SDK
     session, which reads the token's expiry from the token): past the first token's expiry the newest still opens
-    the session, and closing the connection the page made deletes its session with it."""
+    the session; the overlay reloaded from its URL, whose token has expired (OBS reloads it on a scene change), goes on
+    with the newest, kept in the page's storage; closing the connection the page made deletes its session with it."""
     from letstalk_rt.client import AvatarClient
 
     check = """async () => {
@@ -560,6 +561,7 @@ def test_pages_renew_their_sessions_token_while_the_session_is_open(tiny_pipelin
         async with running_server(tiny_pipeline, token_ttl_s=3) as srv, async_playwright() as pw, \
                 _chromium(pw, tmp_path) as context, AvatarClient(srv.url) as client:
             sdk = await client.start_session()
+            await sdk.ping()  # the program keeps the session's websocket, the overlay shows it (and may reload)
             attached, own = await context.new_page(), await context.new_page()
             await attached.goto(sdk.overlay_url())
             await own.goto(f"{srv.url}/overlay?avatar=default")
@@ -570,11 +572,16 @@ def test_pages_renew_their_sessions_token_while_the_session_is_open(tiny_pipelin
                 first.append(await page.evaluate(check))
             await asyncio.sleep(max(0.0, max(f[2] for f in first) - time.time()) + 0.5)  # both first tokens expired
             later = [await page.evaluate(check) for page in (attached, own)]
+            await attached.reload()  # the overlay's URL holds the expired first token: it goes on with the kept one
+            await attached.wait_for_function("window.letstalk?.conn?.pc?.connectionState === 'connected'",
+                                             timeout=30000)
+            reloaded = await attached.evaluate(check)
             await own.evaluate("window.letstalk.conn.close()")
             await wait_until(lambda: first[1][0] not in srv.manager.sessions, 10, "the page's session deleted")
-            return first, later, sdk.id, list(srv.manager.sessions)
+            return first, later, reloaded, sdk.id, list(srv.manager.sessions)
 
-    first, later, sdk_id, left = run(main())
+    first, later, reloaded, sdk_id, left = run(main())
+    assert reloaded[0] == sdk_id and reloaded[3] == 200 and reloaded[2] > first[0][2]
     assert first[0][0] == sdk_id and first[0][2] is not None  # the overlay read its expiry from the SDK's token
     for (sid, token, expires_at, status), (sid2, token2, expires_at2, status2) in zip(first, later):
         assert status == 200 and status2 == 200 and sid2 == sid
