@@ -1284,6 +1284,22 @@ class AvatarClient:
         async with self._require_http().delete(url, headers=self._auth()) as resp:
             await _raise_for_status(resp)
 
+    async def sessions(self) -> list[dict]:
+        """The sessions open on the server (needs the API key, where it has one): [{"session_id", "created_at",
+        "avatar_id" (None: a portrait uploaded with the request), "render", "peer_connection", "websocket", "viewers",
+        "recording", "idle_seconds", "device", "ends_at" (with a time limit)}, ...]: what a backend that lost track of
+        some (it restarted) finds, and ends with end_session()."""
+        async with self._require_http().get(self._url("/v1/sessions"), headers=self._auth()) as resp:
+            await _raise_for_status(resp)
+            return (await resp.json())["sessions"]
+
+    async def end_session(self, session_id: str) -> None:
+        """End a session on the server by its id, whoever started it (needs the API key, where it has one), as its
+        owner's close() would; SessionNotFoundError when it is not open (any more)."""
+        url = self._url(f"/v1/sessions/{urllib.parse.quote(session_id, safe='')}")
+        async with self._require_http().delete(url, headers=self._auth()) as resp:
+            await _raise_for_status(resp)
+
     async def recordings(self) -> list[dict]:
         """The server's saved session recordings: [{"id": session id, "bytes", "saved_at": unix time, "captions": whether
         its captions were saved beside it}, ...]."""

@@ -581,7 +581,7 @@ async def _open_session(request: web.Request, allowed: tuple[str, ...], check: C
         session = await _open_checked(request.app, opening)
     finally:
         manager.release()
-    ss = manager.add(session, opening.fields["voice"])
+    ss = manager.add(session, opening.fields["voice"], opening.fields["avatar_id"])
     return ss, opening.fields, opening.extra
 
 
@@ -794,7 +794,7 @@ async def create_render(request: web.Request) -> web.Response:
         return web.json_response({**render.describe(position=manager.renders.position(render)), "token": token,
                                   "expires_at": expires_at,
                                   "status_url": str(origin.with_path(f"/v1/renders/{rid}"))}, status=202)
-    ss = manager.add(session, opening.fields["voice"])
+    ss = manager.add(session, opening.fields["voice"], opening.fields["avatar_id"])
     render = Render(ss.id, source, seconds, str(origin.with_path(f"/v1/recordings/{ss.id}")))
     manager.renders.add(render)
     await _start_render(app, ss, render, opening.fields)
@@ -837,7 +837,7 @@ async def _start_queued(app: web.Application, render: Render, opening: _Opening)
             await session.close(reason=f"render {render.state}")
             return
         manager.renders.started(render)
-        ss = manager.add(session, opening.fields["voice"])
+        ss = manager.add(session, opening.fields["voice"], opening.fields["avatar_id"])
         log.info("render %s: started (it waited %.1f s)", render.id, time.time() - render.created_at)
         await _start_render(app, ss, render, opening.fields)
     except web.HTTPException as e:  # no face in its portrait; its recording could not start (its session closed)
@@ -1013,6 +1013,26 @@ async def get_session(request: web.Request) -> web.Response:
         # audio_held_s: audio sent ahead (a TTS) waiting on the server for room in the engine's queue (audio_queued_s)
         "stats": {**ss.session.stats(), "audio_held_s": round(ss.held_seconds, 3)},
     })
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    """The sessions open on this server (API key): what a backend that lost track of some (it restarted) finds and
+    ends, and what a dashboard shows. Renders' sessions too (`render` true)."""
+    require_api_key(request)
+    now, wall = time.monotonic(), time.time()
+    return web.json_response({"sessions": [{
+        "session_id": ss.id,
+        "created_at": round(wall - (now - ss.created), 3),
+        "avatar_id": ss.avatar_id,  # null: a portrait uploaded with the request
+        "render": ss.render is not None,
+        "peer_connection": ss.pc.connectionState if ss.pc is not None else None,
+        "websocket": ss.ws is not None,
+        "viewers": len(ss.viewers),
+        "recording": ss.recording_url is not None,
+        "idle_seconds": round(now - ss.last_activity, 1),
+        "device": str(ss.session.pipeline.device),
+        **({"ends_at": round(ss.ends_at, 3)} if ss.ends_at is not None else {}),
+    } for ss in list(request.app[MANAGER].sessions.values()) if not ss.closing]})
 
 
 async def renew_session_token(request: web.Request) -> web.Response:
@@ -1436,6 +1456,7 @@ def create_app(engines: StreamEngine | EnginePool, config: ServerConfig | None =
     r.add_delete("/v1/avatars/{avatar_id}", delete_avatar)
     r.add_get("/v1/voices", list_voices)
     r.add_post("/v1/sessions", create_session)
+    r.add_get("/v1/sessions", list_sessions)
     r.add_get("/v1/sessions/{session_id}", get_session)
     r.add_delete("/v1/sessions/{session_id}", delete_session)
     r.add_post("/v1/sessions/{session_id}/token", renew_session_token)

@@ -417,6 +417,7 @@ class ServerSession:
         self.expires_at = expires_at
         self.ice_servers = self.config.session_ice_servers(self.id)  # this server's pc and the client's use them
         self.voice: str | None = None  # the session's voice for `say` (the session request's `voice`)
+        self.avatar_id: str | None = None  # the avatar it was opened on (None: a portrait uploaded with the request)
         self.pc: RTCPeerConnection | None = None
         self.viewers: dict[str, Viewer] = {}  # watch-only peer connections besides `pc`
         self.negotiating = False
@@ -1005,11 +1006,12 @@ class SessionManager:
         """Slots reserved by session requests not finished yet (reading, decoding, preparing)."""
         return self._admitting
 
-    def add(self, session: Session, voice: str | None = None) -> ServerSession:
-        """Keep a session the engine opened, with its token and its voice for `say` (None: the server's)."""
+    def add(self, session: Session, voice: str | None = None, avatar_id: str | None = None) -> ServerSession:
+        """Keep a session the engine opened, with its token, its voice for `say` (None: the server's) and the avatar it
+        was opened on (None: a portrait uploaded with the request)."""
         token, exp = self.signer.issue(session.id, self.config.token_ttl_s)
         ss = ServerSession(self, session, token, exp)
-        ss.voice = voice
+        ss.voice, ss.avatar_id = voice, avatar_id
         self.sessions[ss.id] = ss
         self.metrics.sessions_total += 1
         return ss

@@ -517,6 +517,38 @@ def test_a_server_with_a_tls_certificate_serves_https_and_wss(tiny_pipeline, tmp
         AvatarClient("https://127.0.0.1:1", ssl=tmp_path / "missing.pem")
 
 
+def test_a_backend_lists_the_open_sessions_and_ends_one_it_lost_track_of(tiny_pipeline, astronaut_png):
+    """GET /v1/sessions (`client.sessions()`, the API key): the sessions open, each with the avatar it was opened on
+    (None: an uploaded portrait), its connections and how long it has been idle; `client.end_session(id)` ends one
+    another client started (its owner is told why), after which it is not listed and ending it again is
+    SessionNotFoundError. Without the API key: AuthenticationError."""
+    from letstalk_rt.client import AuthenticationError, AvatarClient, SessionNotFoundError
+
+    async def main():
+        async with running_server(tiny_pipeline, api_key="k") as srv, AvatarClient(srv.url, api_key="k") as owner, \
+                AvatarClient(srv.url, api_key="k") as backend, AvatarClient(srv.url) as keyless:
+            a = await owner.start_session()
+            b = await owner.start_session(portrait=astronaut_png)
+            await a.ping()  # its websocket open
+            listed = {s["session_id"]: s for s in await backend.sessions()}
+            await backend.end_session(a.id)
+            await wait_until(lambda: a.close_reason is not None, 10, "the owner told its session ended")
+            after = await backend.sessions()
+            with pytest.raises(SessionNotFoundError):
+                await backend.end_session(a.id)
+            with pytest.raises(AuthenticationError):
+                await keyless.sessions()
+            return listed, a, b, after
+
+    listed, a, b, after = run(main())
+    assert listed.keys() == {a.id, b.id}
+    assert (listed[a.id]["avatar_id"], listed[b.id]["avatar_id"]) == ("default", None)
+    assert (listed[a.id]["websocket"], listed[b.id]["websocket"]) == (True, False)
+    assert not listed[a.id]["render"] and listed[a.id]["peer_connection"] is None and listed[a.id]["idle_seconds"] < 30
+    assert abs(listed[a.id]["created_at"] - time.time()) < 60
+    assert a.close_reason == "deleted by the client" and [s["session_id"] for s in after] == [b.id]
+
+
 def drop_websocket(session) -> None:
     """What a proxy's restart or a network blip does to an SDK session's websocket: its TCP connection ends with no
     websocket close (the SDK reads code 1006)."""
