@@ -1293,6 +1293,16 @@ class AvatarClient:
             await _raise_for_status(resp)
             return (await resp.json())["sessions"]
 
+    async def renders(self, state: str | None = None) -> list[dict]:
+        """The renders the server knows (needs the API key, where it has one): queued, being made and the last 1000
+        finished, the first asked for first, each as `render()`'s states ("render_id", "state", "queue_position",
+        "rendered_seconds", "speed", "eta_seconds", ...); `state` ("queued", "rendering", "done", "failed",
+        "cancelled") keeps those in it."""
+        params = {"state": state} if state is not None else {}
+        async with self._require_http().get(self._url("/v1/renders"), params=params, headers=self._auth()) as resp:
+            await _raise_for_status(resp)
+            return (await resp.json())["renders"]
+
     async def end_session(self, session_id: str) -> None:
         """End a session on the server by its id, whoever started it (needs the API key, where it has one), as its
         owner's close() would; SessionNotFoundError when it is not open (any more)."""

@@ -867,8 +867,31 @@ def _render(request: web.Request) -> tuple[str, Render | None, ServerSession | N
     return rid, manager.renders.all.get(rid), ss
 
 
+def _describe_render(manager: SessionManager, render: Render) -> dict:
+    """A render's state (GET /v1/renders/{id}): how far its session got while it is made, its place while queued."""
+    ss = manager.sessions.get(render.id)
+    return render.describe(ss.session if ss is not None and render.state == "rendering" else None,
+                           manager.renders.position(render))
+
+
+RENDER_STATES = ("queued", "rendering", "done", "failed", "cancelled")
+
+
+async def list_renders(request: web.Request) -> web.Response:
+    """The renders the server knows (API key): queued, being made, and the last finished ones, the first asked for
+    first; `?state=` keeps those in one state."""
+    require_api_key(request)
+    state = request.query.get("state")
+    if state is not None and state not in RENDER_STATES:
+        raise api_error(422, f"?state={state[:40]!r}: give one of {', '.join(RENDER_STATES)}")
+    manager = request.app[MANAGER]
+    renders = sorted(manager.renders.all.values(), key=lambda r: r.created_at)
+    return web.json_response({"renders": [_describe_render(manager, r) for r in renders
+                                          if state is None or r.state == state]})
+
+
 async def get_render(request: web.Request) -> web.Response:
-    rid, render, ss = _render(request)
+    rid, render, _ = _render(request)
     if render is None:  # finished long ago, or before the server restarted: its video, if it was saved
         directory = request.app[CONFIG].recordings_dir
         if directory is not None and await asyncio.to_thread((directory / f"{rid}.mp4").is_file):
@@ -877,8 +900,7 @@ async def get_render(request: web.Request) -> web.Response:
         raise api_error(404, f"no render {rid!r} (none was made, or its state is no longer kept and it has no video)",
                         code="render_not_found")
     manager = request.app[MANAGER]
-    body = render.describe(ss.session if ss is not None and render.state == "rendering" else None,
-                           manager.renders.position(render))
+    body = _describe_render(manager, render)
     if render.state in ("queued", "rendering"):  # a new token while it waits or is made: it may take hours
         body["token"], body["expires_at"] = manager.signer.issue(rid, request.app[CONFIG].token_ttl_s)
     return web.json_response(body)
@@ -1473,6 +1495,7 @@ def create_app(engines: StreamEngine | EnginePool, config: ServerConfig | None =
     r.add_get("/v1/recordings/{recording_id}/captions", get_recording_captions)
     r.add_delete("/v1/recordings/{recording_id}", delete_recording)
     r.add_post("/v1/renders", create_render)
+    r.add_get("/v1/renders", list_renders)
     r.add_get("/v1/renders/{render_id}", get_render)
     r.add_delete("/v1/renders/{render_id}", delete_render)
     r.add_get("/", _static_page("index.html"))

@@ -603,6 +603,13 @@ def test_renders_asked_with_queue_wait_in_turn_for_a_session_slot(tiny_pipeline,
             assert (s1, s2, s3) == (202, 202, 503), third
             assert "the render queue holds 2 already" in third["error"]
             assert first["state"] == "queued" and (first["queue_position"], second["queue_position"]) == (1, 2)
+            async with http.get(f"{srv.url}/v1/renders", params={"state": "queued"}, headers=KEY) as r:
+                listed = [(x["render_id"], x["queue_position"]) for x in (await r.json())["renders"]]
+                assert listed == [(first["render_id"], 1), (second["render_id"], 2)]  # GET /v1/renders: in turn
+            async with http.get(f"{srv.url}/v1/renders", params={"state": "waiting"}, headers=KEY) as r:
+                assert r.status == 422 and "give one of queued, rendering" in (await r.json())["error"]
+            async with http.get(f"{srv.url}/v1/renders") as r:
+                assert r.status == 401
             async with http.get(first["video_url"], headers=KEY) as r:
                 assert r.status == 409 and "is queued" in (await r.json())["error"]
             async with http.get(f"{srv.url}/metrics") as r:
@@ -647,6 +654,9 @@ def test_renders_asked_with_queue_wait_in_turn_for_a_session_slot(tiny_pipeline,
             await create_session(http, srv.url, headers=KEY)  # its slot: free again
             _, stranded = await post(http, srv.url, "1")
             assert srv.manager.renders.reading == 0  # (bodies read to be queued: each counted out)
+            async with AvatarClient(srv.url, api_key="k") as client:
+                finished = [x["render_id"] for x in await client.renders("done")]
+            assert finished == [made["render_id"], done["render_id"], old["render_id"]]  # the first asked first
             return made, done, seen, old, failed, stranded, srv.manager.renders
 
     made, done, seen, old, failed, stranded, kept = run(main())
