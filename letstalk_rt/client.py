@@ -1198,10 +1198,11 @@ class AvatarClient:
         self._sessions: set[AvatarSession] = set()
 
     def _url(self, url: str, websocket: bool = False) -> str:
-        """A server path (or the server's absolute URL) resolved against base_url (keeps a proxy prefix)."""
+        """A server path (or the server's absolute URL) resolved against base_url (keeps a proxy prefix: the server's
+        own URLs carry it already behind a proxy that says it, X-Forwarded-Prefix)."""
         path = URL(url).path
         prefix = self.base_url.path.rstrip("/")
-        out = self.base_url.with_path(prefix + path)
+        out = self.base_url.with_path(path if prefix and (path + "/").startswith(prefix + "/") else prefix + path)
         if websocket:
             out = out.with_scheme("wss" if out.scheme == "https" else "ws")
         return str(out)

@@ -82,6 +82,7 @@ from .sessions import (
 log = logging.getLogger("letstalk.server")
 
 MANAGER = web.AppKey("manager", SessionManager)
+PREFIX = web.RequestKey("prefix", str)  # the path a proxy serves the server under (--behind-proxy), "/avatar"
 CONFIG = web.AppKey("config", ServerConfig)
 AVATARS = web.AppKey("avatars", AvatarStore)
 ENGINES = web.AppKey("engines", EnginePool)  # one engine per device (--device cuda:0,cuda:1): one, mostly
@@ -146,23 +147,38 @@ async def error_middleware(request: web.Request, handler):
 
 
 FORWARDED_HOST = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")  # host[:port]
+FORWARDED_PREFIX = re.compile(r"(/(?!\.\.?(/|$))[A-Za-z0-9._~-]+)+")  # /avatar, /apps/avatar; no . or .. in it
+
+
+def public_url(request: web.Request, path: str, websocket: bool = False) -> str:
+    """An absolute URL of this server's `path` (/v1/...) as its client reaches it: the request's scheme and host (the
+    proxy's, with --behind-proxy) and the path prefix the proxy serves it under (X-Forwarded-Prefix)."""
+    origin = request.url.origin()
+    if websocket:
+        origin = origin.with_scheme("wss" if origin.scheme == "https" else "ws")
+    return str(origin.with_path(request.get(PREFIX, "") + path))
 
 
 @web.middleware
 async def forwarded_middleware(request: web.Request, handler):
     """`--behind-proxy`: the URLs the server answers with (offer_url, ws_url, status_url, video_url ...) name the
     scheme and host the client asked the TLS proxy in front for, as the proxy says (RFC 7239 `Forwarded: proto=https;
-    host=...`, else `X-Forwarded-Proto` / `X-Forwarded-Host`; the first hop's), not the proxy's own hop to this server.
-    Only behind a proxy that sets them: anyone may send these headers."""
+    host=...`, else `X-Forwarded-Proto` / `X-Forwarded-Host`; the first hop's), and the path it serves the server
+    under (`X-Forwarded-Prefix: /avatar`), not the proxy's own hop to this server (`public_url`). Only behind a proxy
+    that sets them: anyone may send these headers."""
     first = request.forwarded[0] if request.forwarded else {}
     proto = (first.get("proto") or request.headers.get("X-Forwarded-Proto", "").split(",")[0]).strip().lower()
     host = (first.get("host") or request.headers.get("X-Forwarded-Host", "").split(",")[0]).strip()
+    prefix = request.headers.get("X-Forwarded-Prefix", "").split(",")[0].strip().rstrip("/")
     changes = {}
     if proto in ("http", "https"):
         changes["scheme"] = proto
     if host and FORWARDED_HOST.fullmatch(host):
         changes["host"] = host
-    return await handler(request.clone(**changes) if changes else request)
+    request = request.clone(**changes) if changes else request
+    if FORWARDED_PREFIX.fullmatch(prefix):
+        request[PREFIX] = prefix
+    return await handler(request)
 
 
 def cors_headers(request: web.Request) -> dict[str, str] | None:
@@ -678,20 +694,18 @@ async def create_session(request: web.Request) -> web.Response:
 
     ss, fields, record = await _open_session(request, SESSION_FIELDS, check)
     manager, session = request.app[MANAGER], ss.session
-    origin = request.url.origin()
-    ss.recording_url = str(origin.with_path(f"/v1/recordings/{ss.id}")) if record else None
+    ss.recording_url = public_url(request, f"/v1/recordings/{ss.id}") if record else None
     manager.webhooks.send("session.created", {"session_id": ss.id, "avatar_id": fields["avatar_id"], "record": record})
     if record:
         await _start_recording(request.app, ss)
-    ws_origin = origin.with_scheme("wss" if origin.scheme == "https" else "ws")
     width, height = session.frame_size
     voice = fields["voice"]
     return web.json_response({
         "session_id": ss.id,
         "token": ss.token,
         "expires_at": ss.expires_at,
-        "offer_url": str(origin.with_path(f"/v1/sessions/{ss.id}/offer")),
-        "ws_url": str(ws_origin.with_path(f"/v1/sessions/{ss.id}/ws")),
+        "offer_url": public_url(request, f"/v1/sessions/{ss.id}/offer"),
+        "ws_url": public_url(request, f"/v1/sessions/{ss.id}/ws", websocket=True),
         "video": {"width": width, "height": height, "fps": request.app[ENGINES].pipeline.fps,
                   "face_box": list(session.face_box)},
         "audio": {"sample_rate": session.sample_rate, "channels": 1, "format": "pcm_s16le"},
@@ -783,24 +797,23 @@ async def create_render(request: web.Request) -> web.Response:
         if reading:  # its body could not be read, or was refused
             manager.renders.reading -= 1
     source, seconds = opening.extra
-    origin = request.url.origin()
     if session is None:
         rid = uuid.uuid4().hex[:16]  # as the engine names a session: the render's session gets it when it opens
         token, expires_at = manager.signer.issue(rid, config.token_ttl_s)
-        render = Render(rid, source, seconds, str(origin.with_path(f"/v1/recordings/{rid}")), state="queued")
+        render = Render(rid, source, seconds, public_url(request, f"/v1/recordings/{rid}"), state="queued")
         manager.renders.add(render)
         render.waiter = asyncio.ensure_future(_start_queued(app, render, opening))
         log.info("render %s: queued (%d waiting)", rid, len(manager.renders.queue))
         return web.json_response({**render.describe(position=manager.renders.position(render)), "token": token,
                                   "expires_at": expires_at,
-                                  "status_url": str(origin.with_path(f"/v1/renders/{rid}"))}, status=202)
+                                  "status_url": public_url(request, f"/v1/renders/{rid}")}, status=202)
     ss = manager.add(session, opening.fields["voice"], opening.fields["avatar_id"])
-    render = Render(ss.id, source, seconds, str(origin.with_path(f"/v1/recordings/{ss.id}")))
+    render = Render(ss.id, source, seconds, public_url(request, f"/v1/recordings/{ss.id}"))
     manager.renders.add(render)
     await _start_render(app, ss, render, opening.fields)
     return web.json_response({**render.describe(ss.session), "token": ss.token, "expires_at": ss.expires_at,
-                              "status_url": str(origin.with_path(f"/v1/renders/{ss.id}")),
-                              "events_url": str(origin.with_path(f"/v1/sessions/{ss.id}/events"))}, status=202)
+                              "status_url": public_url(request, f"/v1/renders/{ss.id}"),
+                              "events_url": public_url(request, f"/v1/sessions/{ss.id}/events")}, status=202)
 
 
 async def _start_render(app: web.Application, ss: ServerSession, render: Render, fields: dict) -> None:
@@ -896,7 +909,7 @@ async def get_render(request: web.Request) -> web.Response:
         directory = request.app[CONFIG].recordings_dir
         if directory is not None and await asyncio.to_thread((directory / f"{rid}.mp4").is_file):
             return web.json_response({"render_id": rid, "state": "done",
-                                      "video_url": str(request.url.origin().with_path(f"/v1/recordings/{rid}"))})
+                                      "video_url": public_url(request, f"/v1/recordings/{rid}")})
         raise api_error(404, f"no render {rid!r} (none was made, or its state is no longer kept and it has no video)",
                         code="render_not_found")
     manager = request.app[MANAGER]

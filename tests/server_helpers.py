@@ -87,6 +87,70 @@ def self_signed_certificate(directory: Path, names: tuple[str, ...] = ("localhos
     return cert_path, key_path
 
 
+@contextlib.contextmanager
+def nginx_proxy(tmp_path: Path, upstream: str, cert: Path, key: Path, prefix: str = "/avatar"):
+    """A real nginx (Debian's nginx-light) in front of `upstream` (http://127.0.0.1:PORT) as a deployment puts one:
+    TLS ending there, the server under `prefix`, websockets passed on, the Forwarded headers a `--behind-proxy` server
+    reads (X-Forwarded-Proto, -Host, -Prefix). Yields its URL, https://127.0.0.1:PORT{prefix}."""
+    import os
+
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(binary).exists():
+        pytest.skip("needs nginx (Debian's nginx-light: scripts/setup.sh --dev installs it)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = tmp_path / "nginx"
+    root.mkdir()
+    user = "user root;" if os.geteuid() == 0 else ""  # (its workers otherwise run as nobody, shut out of tmp_path)
+    (root / "nginx.conf").write_text(f"""
+        {user}
+        worker_processes 1;
+        daemon off;
+        pid {root}/nginx.pid;
+        error_log {root}/error.log warn;
+        events {{ worker_connections 256; }}
+        http {{
+            access_log off;
+            client_body_temp_path {root}/body; proxy_temp_path {root}/proxy; fastcgi_temp_path {root}/fastcgi;
+            uwsgi_temp_path {root}/uwsgi; scgi_temp_path {root}/scgi;
+            client_max_body_size 25m;
+            map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
+            server {{
+                listen 127.0.0.1:{port} ssl;
+                ssl_certificate {cert};
+                ssl_certificate_key {key};
+                location {prefix}/ {{
+                    proxy_pass {upstream.rstrip("/")}/;
+                    proxy_http_version 1.1;
+                    proxy_set_header Upgrade $http_upgrade;
+                    proxy_set_header Connection $connection_upgrade;
+                    proxy_set_header X-Forwarded-Proto $scheme;
+                    proxy_set_header X-Forwarded-Host $http_host;
+                    proxy_set_header X-Forwarded-Prefix {prefix};
+                    proxy_buffering off;
+                    proxy_read_timeout 1h;
+                }}
+            }}
+        }}
+        """)
+    proc = subprocess.Popen([binary, "-p", str(root), "-c", str(root / "nginx.conf")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert proc.poll() is None, f"nginx did not start: {proc.stderr.read().decode()[-500:]}"
+            assert time.monotonic() < deadline, "nginx did not listen within 10 s"
+            time.sleep(0.05)
+        yield f"https://127.0.0.1:{port}{prefix}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 @dataclass
 class TurnServer:
     url: str  # turn:127.0.0.1:PORT
@@ -318,6 +382,20 @@ def cut_network(pc) -> int:
                 protocol.datagram_received = lambda *args, **kwargs: None
                 cut += 1
     return cut
+
+
+async def stream_one_session(client, what: str) -> dict:
+    """Through an SDK `client`: a session started, connected, ten frames received, a ping answered on its websocket,
+    closed. Returns the session's info as the server answered it."""
+    session = await client.start_session()
+    info = dict(session.info, ws_url=session.ws_url)
+    await session.connect()
+    frames, _, readers = collect_media(session)
+    await wait_until(lambda: len(frames) >= 10, 20, f"frames {what}")
+    assert await session.ping() >= 0  # its websocket
+    await session.close()
+    await asyncio.gather(*readers)
+    return info
 
 
 async def wait_until(predicate, timeout: float, what: str, interval: float = 0.05) -> float:

@@ -634,6 +634,50 @@ def test_the_page_over_https_streams_the_microphone_from_a_host_that_is_not_this
     assert "--tls-cert" in insecure[2] and open_insecure == 0
 
 
+def test_behind_nginx_under_a_path_the_page_and_the_sdk_reach_the_server(tiny_pipeline, tmp_path):
+    """A deployment as it is done: nginx in front ending TLS and serving the server under /avatar/ (websockets passed
+    on, X-Forwarded-Proto/-Host/-Prefix set), the server on plain HTTP on loopback with --behind-proxy. Its answers'
+    URLs name https://HOST/avatar/...; the SDK given https://HOST/avatar streams a session through it; the page loaded
+    at https://avatar.test:PORT/avatar/ (a secure page on a host that is not this one) gets the microphone and talks,
+    its module, API calls and websocket all through nginx under the path."""
+    from letstalk_rt.client import AvatarClient
+    from server_helpers import nginx_proxy, self_signed_certificate, stream_one_session
+
+    cert, key = self_signed_certificate(tmp_path, names=("avatar.test",))
+    wav = tmp_path / "speech.wav"
+    _write_wav(wav)
+
+    async def main():
+        async with running_server(tiny_pipeline, behind_proxy=True) as srv:
+            with nginx_proxy(tmp_path, srv.url, cert, key) as proxied:
+                async with AvatarClient(proxied, ssl=cert) as client:
+                    info = await stream_one_session(client, "of a session made through nginx")
+                async with async_playwright() as pw:
+                    context = await pw.chromium.launch_persistent_context(
+                        str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True,
+                        args=[*_chromium_args(wav), "--host-resolver-rules=MAP avatar.test 127.0.0.1",
+                              "--ignore-certificate-errors"])
+                    try:
+                        page = await context.new_page()
+                        await page.goto(proxied.replace("127.0.0.1", "avatar.test") + "/?autostart=1&source=mic")
+                        try:
+                            await page.wait_for_function("window.letstalk?.events?.includes('speech_started')",
+                                                         timeout=30000)
+                        except Exception:
+                            log = await page.evaluate("document.getElementById('log').innerText")
+                            raise AssertionError(f"the page behind nginx did not talk: {log!r}") from None
+                        socket_url = await page.evaluate("window.letstalk.conn.ws.url")
+                    finally:
+                        await context.close()
+                return proxied, info, socket_url, len(srv.manager.sessions)
+
+    proxied, info, socket_url, left = run(main())
+    sid = info["session_id"]
+    assert info["offer_url"] == f"{proxied}/v1/sessions/{sid}/offer"
+    assert info["ws_url"] == f"{proxied.replace('https', 'wss')}/v1/sessions/{sid}/ws"
+    assert socket_url.startswith(proxied.replace("https://127.0.0.1", "wss://avatar.test") + "/v1/sessions/")
+
+
 def test_the_page_makes_a_clip_of_the_typed_text_on_the_server(tiny_pipeline, tmp_path):
     """"Make a clip" with text typed and no session started: the server makes the video (POST /v1/renders) and the
     page shows it, playable, under the avatar with a link to download it: the server's MP4, whole."""

@@ -461,7 +461,7 @@ def test_a_server_with_a_tls_certificate_serves_https_and_wss(tiny_pipeline, tmp
 
     from letstalk_rt.client import AvatarClient
     from letstalk_rt.errors import LetsTalkError
-    from server_helpers import self_signed_certificate
+    from server_helpers import self_signed_certificate, stream_one_session
     from test_packaging import _dockerfile
     from without_engine import PRELUDE
 
@@ -484,14 +484,8 @@ def test_a_server_with_a_tls_certificate_serves_https_and_wss(tiny_pipeline, tmp
                 running_server(tiny_pipeline) as plain:
             assert srv.url.startswith("https://")
             async with AvatarClient(srv.url, ssl=cert) as client:
-                session = await client.start_session()
-                assert session.ws_url.startswith("wss://")
-                await session.connect()
-                frames, _, readers = collect_media(session)
-                await wait_until(lambda: len(frames) >= 10, 20, "frames through a server on TLS")
-                assert await session.ping() >= 0  # its websocket, over wss
-                await session.close()
-                await asyncio.gather(*readers)
+                info = await stream_one_session(client, "through a server on TLS")
+                assert info["ws_url"].startswith("wss://")
             async with AvatarClient(srv.url) as client:  # this machine's CAs: the self-signed one is not among them
                 with pytest.raises(aiohttp.ClientConnectorCertificateError):
                     await client.health()

@@ -1364,7 +1364,7 @@ def test_a_session_token_is_renewed_while_the_session_is_open(tiny_pipeline):
     token, is refused; the API key may renew it too; a closed session has none."""
 
     async def main():
-        async with running_server(tiny_pipeline, api_key="k", token_ttl_s=2, ice_servers=["turn:relay.example.org"],
+        async with running_server(tiny_pipeline, api_key="k", token_ttl_s=4, ice_servers=["turn:relay.example.org"],
                                   turn_secret="s") as srv, aiohttp.ClientSession() as http:
             a = await create_session(http, srv.url, _bearer("k"))
             b = await create_session(http, srv.url, _bearer("k"))
@@ -1372,7 +1372,8 @@ def test_a_session_token_is_renewed_while_the_session_is_open(tiny_pipeline):
             for headers in ({}, _bearer(b["token"])):
                 async with http.post(f"{session_url}/token", headers=headers) as r:
                     assert r.status == 401, headers
-            await asyncio.sleep(1.1)  # a second on: the new expiry, and the TURN username made from it, differ
+            # into the next second (tokens count whole ones): the new expiry, and the TURN username made from it, differ
+            await asyncio.sleep(int(time.time()) + 1.05 - time.time())
             async with http.post(f"{session_url}/token", headers=_bearer(a["token"])) as r:
                 assert r.status == 200
                 renewed = await r.json()
@@ -1398,12 +1399,14 @@ def test_a_session_token_is_renewed_while_the_session_is_open(tiny_pipeline):
 
 def test_behind_a_proxy_the_answers_name_the_proxys_scheme_and_host(tiny_pipeline, tmp_path):
     """--behind-proxy (a TLS proxy in front sets the headers): the URLs a session's answer holds (offer_url, ws_url,
-    recording_url) name the scheme and host the client asked the proxy for: RFC 7239 `Forwarded` first, else
-    X-Forwarded-Proto / X-Forwarded-Host; a value that is not a scheme or a host is ignored, and the websocket opens
-    through it. Without the flag the headers change nothing (anyone may send them)."""
-    proxied = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "avatar.example.com"}
+    recording_url) name the scheme, host and path prefix the client asked the proxy for: RFC 7239 `Forwarded` first,
+    else X-Forwarded-Proto / X-Forwarded-Host, and X-Forwarded-Prefix; a value that is not a scheme, a host or a path
+    is ignored, and the websocket opens through it. Without the flag the headers change nothing (anyone may send
+    them)."""
+    proxied = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "avatar.example.com", "X-Forwarded-Prefix": "/avatar/"}
     rfc = {"Forwarded": 'for=192.0.2.1;proto=https;host="avatar.example.com:8443"', "X-Forwarded-Host": "other.example"}
-    forged = {"X-Forwarded-Proto": "javascript", "X-Forwarded-Host": "evil.example/x?y"}
+    forged = {"X-Forwarded-Proto": "javascript", "X-Forwarded-Host": "evil.example/x?y",
+              "X-Forwarded-Prefix": "/a/../b"}
 
     async def main():
         answers = {}
@@ -1422,9 +1425,9 @@ def test_behind_a_proxy_the_answers_name_the_proxys_scheme_and_host(tiny_pipelin
 
     answers = run(main())
     url, (a, b, c) = answers[True]
-    assert a["offer_url"] == f"https://avatar.example.com/v1/sessions/{a['session_id']}/offer"
-    assert a["ws_url"] == f"wss://avatar.example.com/v1/sessions/{a['session_id']}/ws"
-    assert a["recording_url"] == f"https://avatar.example.com/v1/recordings/{a['session_id']}"
+    assert a["offer_url"] == f"https://avatar.example.com/avatar/v1/sessions/{a['session_id']}/offer"
+    assert a["ws_url"] == f"wss://avatar.example.com/avatar/v1/sessions/{a['session_id']}/ws"
+    assert a["recording_url"] == f"https://avatar.example.com/avatar/v1/recordings/{a['session_id']}"
     assert b["ws_url"] == f"wss://avatar.example.com:8443/v1/sessions/{b['session_id']}/ws"
     assert c["offer_url"] == f"{url}/v1/sessions/{c['session_id']}/offer"
     url, got = answers[False]

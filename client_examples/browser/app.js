@@ -18,11 +18,15 @@
 //   import { configure, createSession, AvatarConnection } from "https://avatar.example.com/static/app.js";
 //   configure({ server: "https://avatar.example.com" });
 
-let serverOrigin = null; // null: the page's own origin (the pages the server serves itself)
+// Where the letstalk server is: by default where this module came from (SERVER/static/app.js), so its own pages, one
+// of another origin that imports it from the server, and either behind a proxy that serves the server under a path
+// (https://example.com/avatar/) all reach it with nothing said.
+const moduleServer = new URL("../", import.meta.url);
+let serverBase = moduleServer;
 
-// Where the letstalk server is, for a page served from another origin.
+// Where the letstalk server is, for a page that serves this module itself (a copy in your app's bundle).
 export function configure({ server = null } = {}) {
-  serverOrigin = server ? new URL(server).origin : null;
+  serverBase = server ? new URL(server.replace(/\/*$/, "/")) : moduleServer;
 }
 
 // The microphone (getUserMedia with `constraints`). A browser gives it only to a secure page: one loaded over HTTPS,
@@ -38,7 +42,7 @@ export function microphone(constraints = { audio: true }) {
 
 // An API path as a URL on the server.
 export function apiUrl(path) {
-  return new URL(path, serverOrigin || location.href).toString();
+  return sameOrigin(path);
 }
 
 function authHeaders(apiKey) {
@@ -54,14 +58,15 @@ async function errorText(resp) {
   }
 }
 
-// Server URLs are absolute as seen by the server; keep only their path, on the origin the page reaches the server at,
-// so a proxy in front still works.
+// Server URLs are absolute as seen by the server; keep only their path (and query), on the server this module talks
+// to, with the path a proxy serves it under where the URL lacks it: a proxy in front still works.
 export function sameOrigin(url, websocket = false) {
-  const u = new URL(url, location.href);
-  const here = new URL(serverOrigin || location.href);
-  u.protocol = websocket ? (here.protocol === "https:" ? "wss:" : "ws:") : here.protocol;
-  u.host = here.host;
-  return u.toString();
+  const u = new URL(url, serverBase);
+  const prefix = serverBase.pathname.replace(/\/$/, ""); // "" or the proxy's path, "/avatar"
+  const path = `${u.pathname}/`.startsWith(`${prefix}/`) ? u.pathname : prefix + u.pathname;
+  const out = new URL(path + u.search, serverBase);
+  out.protocol = websocket ? (serverBase.protocol === "https:" ? "wss:" : "ws:") : serverBase.protocol;
+  return out.toString();
 }
 
 export async function listAvatars(apiKey = null) {
