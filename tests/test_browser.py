@@ -443,7 +443,7 @@ APP_PAGE = """<!doctype html><meta charset="utf-8"><title>an app elsewhere</titl
 const server = new URLSearchParams(location.search).get("server");
 try {
   const m = await import(`${server}/static/app.js`);  // a module from another origin: the server must allow this page
-  m.configure({ server });
+  // (it talks to the server it came from: no configure() needed)
   const info = await m.createSession({ avatarId: "default" });  // JSON + Authorization: a preflight first
   const conn = new m.AvatarConnection(info, {});
   await conn.start({ audioStream: null });
