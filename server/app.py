@@ -37,6 +37,7 @@ import math
 import os
 import re
 import signal
+import ssl
 import sys
 import time
 import urllib.parse
@@ -882,9 +883,10 @@ def _render(request: web.Request) -> tuple[str, Render | None, ServerSession | N
 
 def _describe_render(manager: SessionManager, render: Render) -> dict:
     """A render's state (GET /v1/renders/{id}): how far its session got while it is made, its place while queued."""
+    if render.state == "queued":
+        return render.describe(position=manager.renders.position(render))
     ss = manager.sessions.get(render.id)
-    return render.describe(ss.session if ss is not None and render.state == "rendering" else None,
-                           manager.renders.position(render))
+    return render.describe(ss.session if ss is not None and render.state == "rendering" else None)
 
 
 RENDER_STATES = ("queued", "rendering", "done", "failed", "cancelled")
@@ -1071,8 +1073,8 @@ async def list_sessions(request: web.Request) -> web.Response:
 
 
 async def renew_session_token(request: web.Request) -> web.Response:
-    """A new token for a session that outlives its first (good for --token-ttl from the session's start: an hour), and
-    new TURN credentials: the SDK and the page ask for them while the session is open."""
+    """A new token for a session, good for --token-ttl from now (a session outlives its first), and new TURN
+    credentials: the SDK and the page ask for them while the session is open."""
     ss = authorize_session(request, allow_api_key=True)
     ss.renew()
     return web.json_response({"session_id": ss.id, "token": ss.token, "expires_at": ss.expires_at,
@@ -1641,11 +1643,11 @@ def _build_engines(args: argparse.Namespace) -> EnginePool:
     return EnginePool(engines)
 
 
-async def _serve(app: web.Application, config: ServerConfig) -> None:
+async def _serve(app: web.Application, config: ServerConfig, ssl_context: ssl.SSLContext | None = None) -> None:
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()  # on_startup: engine warm-up, avatars
     try:
-        site = web.TCPSite(runner, config.host, config.port, ssl_context=config.ssl_context())
+        site = web.TCPSite(runner, config.host, config.port, ssl_context=ssl_context)
         try:
             await site.start()
         except OSError as e:
@@ -1655,7 +1657,7 @@ async def _serve(app: web.Application, config: ServerConfig) -> None:
         auth = ("API key" if config.current_api_key() else "none (loopback)" if _is_loopback(config.host)
                 else "NONE (insecure)")
         on = ", ".join(str(e.pipeline.device) for e in engines.engines)
-        scheme = "https" if config.tls_cert else "http"
+        scheme = "https" if ssl_context else "http"
         print(f"letstalk serve: {scheme}://{config.host}:{port}/  (max {engines.max_sessions} sessions on {on}, "
               f"{engines.pipeline.config.image_size}px @ {engines.pipeline.fps} fps, auth: {auth}); Ctrl-C to stop",
               file=sys.stderr, flush=True)
@@ -1697,9 +1699,9 @@ def serve_main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aioice").setLevel(logging.WARNING)  # one line per ICE check otherwise
     config = config_from_args(args)  # refuse an unauthenticated public bind before loading anything
-    config.ssl_context()  # a TLS certificate or key that cannot be used: said before the model loads too
+    ssl_context = config.ssl_context()  # a TLS certificate or key that cannot be used: said before the model loads too
     engines = _build_engines(args)
-    asyncio.run(_serve(create_app(engines, config), config))
+    asyncio.run(_serve(create_app(engines, config), config, ssl_context))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,7 +33,7 @@ class ServerConfig:
     port: int = 8080
     tls_cert: Path | None = None  # serve HTTPS (and wss) with this certificate chain (PEM) and ...
     tls_key: Path | None = None  # ... its private key (PEM); None: plain HTTP (behind a TLS proxy, or on loopback)
-    behind_proxy: bool = False  # URLs in answers from the proxy's Forwarded / X-Forwarded-Proto/-Host headers
+    behind_proxy: bool = False  # URLs in answers from the proxy's Forwarded / X-Forwarded-Proto/-Host/-Prefix
     api_key: str | None = None  # required as `Authorization: Bearer KEY` to list avatars and create sessions
     api_key_file: Path | None = None  # ... or kept in this file, read again when it changes (auth.KeyFile)
     token_secret: str | None = None  # HMAC secret of session tokens; random per start when None
@@ -162,8 +162,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-key", type=Path, default=None, metavar="PEM", help="the private key of --tls-cert")
     parser.add_argument("--behind-proxy", action="store_true",
                         help="behind a TLS proxy (Caddy, nginx, a load balancer) that sets Forwarded or "
-                             "X-Forwarded-Proto/-Host: the URLs in the answers (ws_url, status_url, ...) name the "
-                             "proxy's scheme and host, not this server's")
+                             "X-Forwarded-Proto/-Host (and -Prefix): the URLs in the answers (ws_url, status_url, ...) "
+                             "name the proxy's scheme, host and path, not this server's")
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' to create sessions (default: env LETSTALK_API_KEY); "
                              "several, comma-separated, are each accepted (rotating a key: OLD,NEW)")

@@ -265,7 +265,7 @@ export class AvatarConnection {
           const renewed = await resp.json();
           Object.assign(this.info, { token: renewed.token, expires_at: renewed.expires_at });
           if (renewed.ice_servers) this.info.ice_servers = renewed.ice_servers;
-          keptToken(this.info.session_id, renewed);
+          storeToken(this.info.session_id, renewed);
         }
       } catch {}
       this._keepToken();
@@ -614,27 +614,28 @@ export function countFrames(video) {
 }
 
 // Attach an existing session (id + token) instead of creating one: used by the overlay.
-// A session's newest token, kept in this origin's localStorage by the connection that renewed it: a page reloaded
-// from a URL whose token has expired since (an OBS browser source reloads its overlay on a scene change, hours into a
-// stream) goes on with the kept one. `renewed` ({token, expires_at}) keeps it; without it: the kept one, if any still
-// holds (expired ones are cleared).
-export function keptToken(id, renewed = null) {
+// A session's newest token, kept in this origin's localStorage by the connection that renewed it (storeToken): a page
+// reloaded from a URL whose token has expired since (an OBS browser source reloads its overlay on a scene change,
+// hours into a stream) goes on with the kept one (keptToken: null when none still holds). Expired ones are cleared.
+// Without storage (a sandboxed frame), or with storage holding what is not ours, nothing is kept.
+function storeToken(id, { token, expires_at: expiresAt }) {
   const now = Date.now() / 1000;
   try {
-    if (renewed) {
-      for (const key of Object.keys(localStorage)) {
-        if (key.startsWith("letstalk-token-") && !(JSON.parse(localStorage.getItem(key)).expires_at > now)) {
-          localStorage.removeItem(key);
-        }
+    for (const key of Object.keys(localStorage)) {
+      if (key.startsWith("letstalk-token-") && !(JSON.parse(localStorage.getItem(key)).expires_at > now)) {
+        localStorage.removeItem(key);
       }
-      const { token, expires_at: expiresAt } = renewed;
-      localStorage.setItem(`letstalk-token-${id}`, JSON.stringify({ token, expires_at: expiresAt }));
-      return renewed;
     }
+    localStorage.setItem(`letstalk-token-${id}`, JSON.stringify({ token, expires_at: expiresAt }));
+  } catch {}
+}
+
+export function keptToken(id) {
+  try {
     const kept = JSON.parse(localStorage.getItem(`letstalk-token-${id}`));
-    return kept && kept.expires_at > now ? kept : null;
+    return kept && kept.expires_at > Date.now() / 1000 ? kept : null;
   } catch {
-    return null; // no storage (a sandboxed frame), or what it holds is not ours
+    return null;
   }
 }
 
