@@ -213,7 +213,7 @@ def test_the_end_lets_what_was_said_finish_and_an_engine_of_its_own_stops_with_i
     assert kinds[-1] == "EndFrame" and "TTSStoppedFrame" in kinds
 
 
-def test_frames_timed_to_the_speech_are_put_as_late_as_the_avatar_puts_the_speech(tiny_pipeline):
+def test_frames_timed_to_the_speech_are_put_as_late_as_the_avatar_puts_the_speech(tiny_pipeline, monkeypatch):
     """Word timestamps: a TTS stamps its words (TTSTextFrame.pts) from when its first audio came out, for the output
     transport to release each as it is said. The avatar delays the speech by its latency, so it puts those times as
     late: by the time from the utterance's first audio in to its first audio out; a word's text therefore reaches the
@@ -301,6 +301,23 @@ def test_frames_timed_to_the_speech_are_put_as_late_as_the_avatar_puts_the_speec
     tts = Tts()
     pushed, _ = _run(main())
     assert [f.text for _, f in pushed if isinstance(f, TTSTextFrame)] == ["again@0.0"]
+    # ... nor when the speech's first sound comes out while the interruption is being handled (the local avatar's
+    # interrupt made slow here: with the measurement of the latency still open, that sound released the held word)
+    from letstalk_rt.integrations import pipecat as service_module
+
+    interrupt = service_module._LocalAvatar.interrupt
+
+    async def slow_interrupt(self) -> None:
+        await asyncio.sleep(1.0)
+        await interrupt(self)
+
+    monkeypatch.setattr(service_module._LocalAvatar, "interrupt", slow_interrupt)
+    frames = [speech[0], speech[1], word("gone", 0.0), SleepFrame(sleep=0.05), InterruptionFrame(),
+              SleepFrame(sleep=1.5)]
+    tts = Tts()
+    pushed, _ = _run(main())
+    assert any(isinstance(f, TTSAudioRawFrame) for _, f in pushed)  # its sound came out meanwhile
+    assert not [f for _, f in pushed if isinstance(f, TTSTextFrame)]
 
 
 def test_at_a_pipecat_output_transport_each_image_is_on_screen_while_its_speech_plays(tiny_pipeline):

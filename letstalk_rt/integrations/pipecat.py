@@ -195,13 +195,15 @@ class LetsTalkVideoService(AIService):
                 self._held_stops.append(frame)
                 return
             if isinstance(frame, InterruptionFrame):
+                # All of this before anything awaited: meanwhile `_show` may put out the speech's first sound, and
+                # with a measurement still open it would release the held frames timed to the dropped speech.
                 self._drain()
-                await self._avatar.interrupt()
                 self._audio_in_at = None
-                await self.cancel_ttfb_metrics()
                 # what was timed to speech now dropped goes, as the output transport drops it from its clock queue
                 self._held_timed = [f for f in self._held_timed if not f.interruptible]
                 self._after_interrupt = True
+                await self._avatar.interrupt()
+                await self.cancel_ttfb_metrics()
                 await self.push_frame(frame, direction)
                 await self._release_stops()  # their speech was dropped: the TTS's turns still end
                 return
