@@ -1119,7 +1119,7 @@ async def offer(request: web.Request) -> web.Response:
         ss.negotiating = False
     ss.touch()
     return web.Response(status=201, text=answer, content_type="application/sdp",
-                        headers={"Location": f"/v1/sessions/{ss.id}"})
+                        headers={"Location": public_url(request, f"/v1/sessions/{ss.id}")})
 
 
 async def _answer_offer(request: web.Request, ss: ServerSession, negotiate):
@@ -1165,7 +1165,7 @@ async def add_viewer(request: web.Request) -> web.Response:
     viewer_id, answer = await _answer_offer(request, ss, ss.add_viewer)
     ss.touch()
     return web.Response(status=201, text=answer, content_type="application/sdp",
-                        headers={"Location": f"/v1/sessions/{ss.id}/viewers/{viewer_id}"})
+                        headers={"Location": public_url(request, f"/v1/sessions/{ss.id}/viewers/{viewer_id}")})
 
 
 async def delete_viewer(request: web.Request) -> web.Response:
@@ -1661,6 +1661,10 @@ async def _serve(app: web.Application, config: ServerConfig, ssl_context: ssl.SS
         print(f"letstalk serve: {scheme}://{config.host}:{port}/  (max {engines.max_sessions} sessions on {on}, "
               f"{engines.pipeline.config.image_size}px @ {engines.pipeline.fps} fps, auth: {auth}); Ctrl-C to stop",
               file=sys.stderr, flush=True)
+        if config.tls is not None:
+            said, alarming = config.tls.describe_expiry()
+            print(f"letstalk serve: {'warning: ' if alarming else ''}TLS certificate {config.tls.cert}: {said}; "
+                  "a renewed one is served as soon as its files change (or on SIGHUP)", file=sys.stderr, flush=True)
         if config.ice_servers:
             turn = (f"TURN credentials made per session, valid {config.turn_ttl_s:g} s" if config.turn_secret
                     else "fixed TURN credentials" if config.turn_username else "no TURN")
@@ -1679,6 +1683,10 @@ async def _serve(app: web.Application, config: ServerConfig, ssl_context: ssl.SS
                 loop.add_signal_handler(sig, signals.put_nowait, sig)
             except (NotImplementedError, RuntimeError):
                 pass
+        try:  # a daemon's reload, not its end (the default): a renewed certificate, a rotated API key file
+            loop.add_signal_handler(signal.SIGHUP, config.reload_files)
+        except (AttributeError, NotImplementedError, RuntimeError):  # (no SIGHUP on Windows)
+            pass
         await signals.get()
         manager = app[MANAGER]
         if config.drain_s > 0 and manager.sessions:

@@ -127,10 +127,10 @@ class KeyFile:
         st = self.path.stat()
         return st.st_mtime_ns, st.st_size, st.st_ino
 
-    def current(self) -> str:
-        """The key as the file holds it now (as of CHECK_EVERY_S ago at most)."""
+    def current(self, force: bool = False) -> str:
+        """The key as the file holds it now (as of CHECK_EVERY_S ago at most; `force`: now, SIGHUP)."""
         now = time.monotonic()
-        if now - self._checked < self.CHECK_EVERY_S:
+        if not force and now - self._checked < self.CHECK_EVERY_S:
             return self.key
         self._checked = now
         try:

@@ -5,7 +5,11 @@ say, must not load torch for it). The server itself is `app`."""
 from __future__ import annotations
 
 import argparse
+import datetime
+import logging
+import os
 import ssl
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +19,8 @@ from letstalk_rt.rtc import ice_servers
 
 from .auth import KeyFile, turn_credentials
 from .avatars import DEFAULT_MAX_AVATARS
+
+log = logging.getLogger("letstalk.server")
 
 # This package is the checkout's server/, installed as letstalk_rt.server (pyproject.toml): no top-level `server`
 # module in site-packages for another distribution's to clash with
@@ -88,6 +94,7 @@ class ServerConfig:
             raise LetsTalkError("give the API key either as --api-key (or LETSTALK_API_KEY) or as --api-key-file, not "
                                 "both")
         self._key_file = KeyFile(self.api_key_file) if self.api_key_file else None
+        self._tls: CertificateFiles | None = None
         if self.render_queue < 0:
             raise LetsTalkError(f"--render-queue {self.render_queue}: give 0 (no queue) or more")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -111,23 +118,27 @@ class ServerConfig:
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The TLS context HTTPS is served with (--tls-cert, --tls-key), None for plain HTTP; a certificate or key that
-        cannot be read, or that do not go together, raises LetsTalkError saying which."""
+        cannot be read, or that do not go together, raises LetsTalkError saying which. Made once: it serves the
+        certificate its files hold as of each handshake (`CertificateFiles`)."""
         if self.tls_cert is None or self.tls_key is None:
             return None
-        for flag, path in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key)):
-            if not Path(path).is_file():
-                raise LetsTalkError(f"{flag} {path}: no such file")
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        try:
-            context.load_cert_chain(self.tls_cert, self.tls_key)
-        except ssl.SSLError as e:
-            raise LetsTalkError(f"--tls-cert {self.tls_cert} / --tls-key {self.tls_key}: cannot be used "
-                                f"({e.reason or e}): give the certificate chain and its private key, both PEM (a Let's "
-                                "Encrypt fullchain.pem and privkey.pem)") from None
-        except OSError as e:
-            raise LetsTalkError(f"--tls-cert {self.tls_cert} / --tls-key {self.tls_key}: cannot be read "
-                                f"({e.strerror or e})") from None
-        return context
+        if self._tls is None:
+            self._tls = CertificateFiles(self.tls_cert, self.tls_key)
+        return self._tls.served
+
+    @property
+    def tls(self) -> CertificateFiles | None:
+        """The certificate served, once `ssl_context` made it (its expiry: /metrics)."""
+        return self._tls
+
+    def reload_files(self) -> None:
+        """Read the files the server keeps watching again now (SIGHUP): the TLS certificate and the API key file, each
+        kept as it was where the files cannot be used."""
+        log.info("SIGHUP: reading the TLS certificate and the API key file again")
+        if self._key_file is not None:
+            self._key_file.current(force=True)
+        if self._tls is not None:
+            self._tls.check(force=True)
 
     def session_ice_servers(self, session_id: str, now: float | None = None) -> list[dict]:
         """The STUN/TURN servers of one session, as W3C RTCIceServer dicts: the server's peer connection and the
@@ -158,7 +169,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "bench`)")
     parser.add_argument("--tls-cert", type=Path, default=None, metavar="PEM",
                         help="serve HTTPS and wss with this certificate (chain, PEM), with --tls-key: what a browser "
-                             "on another machine needs to give the page its microphone (default: plain HTTP)")
+                             "on another machine needs to give the page its microphone (default: plain HTTP); a "
+                             "renewed certificate is served as soon as the files change, or on SIGHUP")
     parser.add_argument("--tls-key", type=Path, default=None, metavar="PEM", help="the private key of --tls-cert")
     parser.add_argument("--behind-proxy", action="store_true",
                         help="behind a TLS proxy (Caddy, nginx, a load balancer) that sets Forwarded or "
@@ -253,3 +265,101 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "which cost the server's video encoder in proportion to their area; 0: none "
                              f"(default {d.max_full_frame})")
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up forward pass at start")
+
+
+class CertificateFiles:
+    """The TLS certificate HTTPS is served with (--tls-cert, --tls-key), read again when either file changes (its time,
+    size or inode: certbot's renewal points the links under live/ at new files, Kubernetes swaps a secret's), at most
+    once every CHECK_EVERY_S, at the next handshake, and at once on SIGHUP (`letstalk serve`, `reload_files`): a
+    renewed certificate is served from the next connection on, with no restart and no session lost. Files that cannot
+    be used (written half way: a new certificate beside the old key) leave the last certificate served, with a warning.
+
+    The server listens with one context (`served`) whose SNI callback, which OpenSSL calls in every handshake, with or
+    without a server name, hands the handshake over to the context of the files as they are now (`current`)."""
+
+    CHECK_EVERY_S = 10.0
+    EXPIRING_S = 14 * 86400.0  # a certificate this close to its end is warned of (a renewal that is not happening)
+
+    def __init__(self, cert: str | Path, key: str | Path) -> None:
+        self.cert, self.key = Path(cert), Path(key)
+        for flag, path in (("--tls-cert", self.cert), ("--tls-key", self.key)):
+            if not path.is_file():
+                raise LetsTalkError(f"{flag} {path}: no such file")
+        self._stamp = self._stamp_of()
+        self.current = self._load()
+        self.served = self.current
+        self.served.sni_callback = self._handshake
+        self.expires_at = self._expiry()
+        self._refused: tuple | None = None  # the files as they were when they could not be used (warned once)
+        self._checked = time.monotonic()
+
+    def _stamp_of(self) -> tuple:
+        return tuple((st.st_mtime_ns, st.st_size, st.st_ino) for st in map(os.stat, (self.cert, self.key)))
+
+    def _load(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(self.cert, self.key)
+        except ssl.SSLError as e:
+            raise LetsTalkError(f"--tls-cert {self.cert} / --tls-key {self.key}: cannot be used "
+                                f"({e.reason or e}): give the certificate chain and its private key, both PEM (a Let's "
+                                "Encrypt fullchain.pem and privkey.pem)") from None
+        except OSError as e:
+            raise LetsTalkError(f"--tls-cert {self.cert} / --tls-key {self.key}: cannot be read "
+                                f"({e.strerror or e})") from None
+        return context
+
+    def _expiry(self) -> float | None:
+        """When the certificate (the chain's first) expires, seconds since the epoch; None where it cannot be read."""
+        from cryptography import x509  # (aiortc's dependency)
+
+        try:
+            return x509.load_pem_x509_certificate(self.cert.read_bytes()).not_valid_after_utc.timestamp()
+        except (OSError, ValueError):
+            return None
+
+    def describe_expiry(self, now: float | None = None) -> tuple[str, bool]:
+        """("valid until ..." or "EXPIRED on ...", True where that needs the operator: expired or expiring soon)."""
+        if self.expires_at is None:
+            return "its expiry unknown", False
+        left = self.expires_at - (time.time() if now is None else now)
+        when = datetime.datetime.fromtimestamp(self.expires_at, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        if left <= 0:
+            return f"EXPIRED on {when}: browsers and the SDK refuse it; renew it (SIGHUP reads it at once)", True
+        return f"valid until {when} ({left / 86400:.1f} days)", left < self.EXPIRING_S
+
+    def check(self, force: bool = False) -> bool:
+        """Read the files again if they changed (`force`: whatever the time since the last look); True when a new
+        certificate is served from now on."""
+        now = time.monotonic()
+        if not force and now - self._checked < self.CHECK_EVERY_S:
+            return False
+        self._checked = now
+        try:
+            stamp = self._stamp_of()
+        except OSError:  # being replaced: the last certificate holds
+            return False
+        if stamp == self._stamp or (stamp == self._refused and not force):
+            return False
+        try:
+            context = self._load()
+        except LetsTalkError as e:
+            if stamp != self._refused:
+                log.warning("%s; the certificate read before is still served", e)
+            self._refused = stamp
+            return False
+        self.current, self._stamp, self._refused = context, stamp, None
+        self.expires_at = self._expiry()
+        said, alarming = self.describe_expiry()
+        log.log(logging.WARNING if alarming else logging.INFO,
+                "TLS certificate %s read again, served from the next connection on: %s", self.cert, said)
+        return True
+
+    def _handshake(self, ssl_object, server_name, context) -> None:
+        """The SNI callback (every handshake): serve the files' certificate as of now."""
+        try:
+            self.check()
+        except Exception:  # a handshake never fails for it: the last certificate is served
+            log.exception("TLS certificate %s: reading it again failed", self.cert)
+        if ssl_object.context is not self.current:
+            ssl_object.context = self.current

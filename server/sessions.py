@@ -231,6 +231,11 @@ def render_metrics(manager: SessionManager) -> str:
            [("", manager.max_sessions)])
     metric("letstalk_draining", "gauge", "1 while the server shuts down gently: new sessions refused, open ones going "
            "on (--drain-seconds).", [("", int(manager.draining))])
+    tls = manager.config.tls
+    if tls is not None and tls.expires_at is not None:
+        metric("letstalk_tls_certificate_expiry_timestamp_seconds", "gauge", "When the TLS certificate served now "
+               "expires (seconds since the epoch): alert well before (a renewal that is not happening).",
+               [("", int(tls.expires_at))])
     metric("letstalk_sessions_total", "counter", "Sessions created since start.", [("", m.sessions_total)])
     metric("letstalk_sessions_refused_total", "counter",
            "Session requests refused with 503 because the engine was full (or the server draining).",

@@ -60,9 +60,11 @@ async def running_server(pipeline, max_sessions: int = 4, engine_config: dict | 
         await engine.stop()
 
 
-def self_signed_certificate(directory: Path, names: tuple[str, ...] = ("localhost",)) -> tuple[Path, Path]:
-    """A self-signed TLS certificate for 127.0.0.1 and `names`, with its key: (cert.pem, key.pem) in `directory`,
-    what `letstalk serve --tls-cert/--tls-key` takes (made with `cryptography`, which aiortc needs anyway)."""
+def self_signed_certificate(directory: Path, names: tuple[str, ...] = ("localhost",), days: float = 1.0
+                            ) -> tuple[Path, Path]:
+    """A self-signed TLS certificate for 127.0.0.1 and `names`, valid `days`, with its key: (cert.pem, key.pem) in
+    `directory`, what `letstalk serve --tls-cert/--tls-key` takes (made with `cryptography`, which aiortc needs
+    anyway)."""
     import datetime
     import ipaddress
 
@@ -77,7 +79,7 @@ def self_signed_certificate(directory: Path, names: tuple[str, ...] = ("localhos
     alt = x509.SubjectAlternativeName([*map(x509.DNSName, names), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1)).add_extension(alt, critical=False)
+            .not_valid_after(now + datetime.timedelta(days=days)).add_extension(alt, critical=False)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .sign(key, hashes.SHA256()))
     cert_path, key_path = directory / "cert.pem", directory / "key.pem"
@@ -85,6 +87,21 @@ def self_signed_certificate(directory: Path, names: tuple[str, ...] = ("localhos
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
     return cert_path, key_path
+
+
+def served_certificate(url: str) -> bytes:
+    """The certificate (DER) the TLS server at `url` serves a new connection now (blocking)."""
+    import ssl
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    return ssl.PEM_cert_to_DER_cert(ssl.get_server_certificate((where.hostname, where.port), timeout=10))
+
+
+def certificate_der(cert: Path) -> bytes:
+    import ssl
+
+    return ssl.PEM_cert_to_DER_cert(cert.read_text())
 
 
 @contextlib.contextmanager

@@ -511,6 +511,72 @@ def test_a_server_with_a_tls_certificate_serves_https_and_wss(tiny_pipeline, tmp
         AvatarClient("https://127.0.0.1:1", ssl=tmp_path / "missing.pem")
 
 
+def test_a_renewed_tls_certificate_is_served_from_the_next_connection_without_a_restart(tiny_pipeline, tmp_path,
+                                                                                         monkeypatch, caplog):
+    """A certificate renewed under a running server (its files replaced, as certbot's renewal does) is served from the
+    next connection on: the SDK trusting only the new one connects, one trusting only the old one is refused, and a
+    session open through the old one goes on meanwhile. The new key written before the new certificate (files that
+    do not go together for a moment) leaves the old certificate served, with one warning. /metrics says when the
+    certificate served expires."""
+    import logging
+    import shutil
+
+    from letstalk_rt.client import AvatarClient
+    from letstalk_rt.server.options import CertificateFiles
+    from server_helpers import certificate_der, self_signed_certificate, served_certificate, stream_one_session
+
+    monkeypatch.setattr(CertificateFiles, "CHECK_EVERY_S", 0.0)
+    (tmp_path / "old").mkdir(), (tmp_path / "new").mkdir(), (tmp_path / "live").mkdir()
+    old_cert, old_key = self_signed_certificate(tmp_path / "old", days=1)
+    new_cert, new_key = self_signed_certificate(tmp_path / "new", days=60)
+    cert, key = tmp_path / "live" / "cert.pem", tmp_path / "live" / "key.pem"
+    shutil.copy(old_cert, cert), shutil.copy(old_key, key)
+    caplog.set_level(logging.INFO, logger="letstalk.server")
+
+    async def served() -> bytes:
+        return await asyncio.to_thread(served_certificate, srv.url)
+
+    async def expiry() -> float:
+        async with AvatarClient(srv.url, ssl=False) as client:
+            return (await client.metrics())["letstalk_tls_certificate_expiry_timestamp_seconds"]
+
+    async def main():
+        nonlocal srv
+        async with running_server(tiny_pipeline, tls_cert=cert, tls_key=key) as srv:
+            assert await served() == certificate_der(old_cert)
+            assert 0 < await expiry() - time.time() <= 86400
+            async with AvatarClient(srv.url, ssl=old_cert) as client:
+                session = await client.start_session()
+                await session.connect()
+                frames, _, readers = collect_media(session)
+                await wait_until(lambda: len(frames) >= 5, 20, "frames before the renewal")
+
+                shutil.copy(new_key, key)  # half way: the new key beside the old certificate
+                for _ in range(2):
+                    assert await served() == certificate_der(old_cert)
+                refused = [r for r in caplog.records if "cannot be used" in r.getMessage()]
+                assert len(refused) == 1 and "the certificate read before is still served" in refused[0].getMessage()
+                shutil.copy(new_cert, cert)
+                assert await served() == certificate_der(new_cert)
+                assert any("read again, served from the next connection on: valid until" in r.getMessage()
+                           for r in caplog.records)
+                assert 59 * 86400 < await expiry() - time.time() <= 60 * 86400
+
+                seen = len(frames)  # the session open through the old certificate goes on
+                await wait_until(lambda: len(frames) >= seen + 5, 20, "frames after the renewal")
+                assert await session.ping() >= 0
+                await session.close()
+                await asyncio.gather(*readers)
+            async with AvatarClient(srv.url, ssl=new_cert) as client:
+                await stream_one_session(client, "trusting the renewed certificate")
+            async with AvatarClient(srv.url, ssl=old_cert) as client:
+                with pytest.raises(aiohttp.ClientConnectorCertificateError):
+                    await client.health()
+
+    srv = None
+    run(main())
+
+
 def test_a_backend_lists_the_open_sessions_and_ends_one_it_lost_track_of(tiny_pipeline, astronaut_png):
     """GET /v1/sessions (`client.sessions()`, the API key): the sessions open, each with the avatar it was opened on
     (None: an uploaded portrait), its connections and how long it has been idle; `client.end_session(id)` ends one
@@ -1062,9 +1128,9 @@ def test_viewers_watch_a_session_beside_its_own_peer_and_leave_without_ending_it
             await watched.close()  # frees its viewer only
             await wait_until(lambda: len(srv.manager.sessions[session.id].viewers) == 1, 10, "the viewer gone")
             alive = session.id in srv.manager.sessions and srv.manager.sessions[session.id].pc is not None
-            async with http.delete(f"{srv.url}{raw_url}", headers={"Authorization": f"Bearer {session.token}"}) as r:
+            async with http.delete(raw_url, headers={"Authorization": f"Bearer {session.token}"}) as r:
                 deleted = r.status
-            async with http.delete(f"{srv.url}{raw_url}", headers={"Authorization": f"Bearer {session.token}"}) as r:
+            async with http.delete(raw_url, headers={"Authorization": f"Bearer {session.token}"}) as r:
                 again = r.status
             raw2 = Peer()  # the session's end closes a viewer's connection
             sdp = await raw2.offer()

@@ -361,6 +361,77 @@ def test_python_m_server_serves_and_stops_cleanly_on_sigterm(tiny_model_dir):
         proc.stderr.close()
 
 
+def test_sighup_reads_the_certificate_and_the_api_key_file_again_and_does_not_stop_the_server(tiny_model_dir,
+                                                                                              tmp_path):
+    """`letstalk serve --tls-cert --tls-key --api-key-file` given SIGHUP (certbot's deploy hook, `docker kill -s
+    HUP`) serves the renewed certificate from the next connection on, at once (its files are otherwise looked at
+    once every 10 s at most), and requires the key the file holds now; it goes on serving (SIGHUP's default would
+    have ended it). Its start says until when the certificate is valid, a warning for one that ends within 14 days."""
+    import shutil
+    import signal
+    import ssl
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from server_helpers import certificate_der, self_signed_certificate, served_certificate
+
+    (tmp_path / "old").mkdir(), (tmp_path / "new").mkdir()
+    old_cert, old_key = self_signed_certificate(tmp_path / "old", days=1)
+    new_cert, new_key = self_signed_certificate(tmp_path / "new", days=90)
+    cert, key, key_file = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "api_key"
+    shutil.copy(old_cert, cert), shutil.copy(old_key, key)
+    key_file.write_text("old-key\n")
+    proc = subprocess.Popen([sys.executable, "-m", "letstalk_rt.server", "--model", str(tiny_model_dir), "--port", "0",
+                             "--max-sessions", "1", "--device", "cpu", "--no-trace", "--tls-cert", str(cert),
+                             "--tls-key", str(key), "--api-key-file", str(key_file)],
+                            stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)
+    reader.start()
+    unchecked = ssl.create_default_context()
+    unchecked.check_hostname, unchecked.verify_mode = False, ssl.CERT_NONE
+
+    def wait_for_line(pattern: str, timeout: float = 120) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(lines):
+                if m := re.search(pattern, line):
+                    return m
+            assert proc.poll() is None, "".join(lines)
+            time.sleep(0.05)
+        raise AssertionError(f"never said {pattern!r}: {''.join(lines)}")
+
+    def status(api_key: str) -> int:
+        request = urllib.request.Request(f"{url}/v1/sessions", headers={"Authorization": f"Bearer {api_key}"})
+        try:
+            with urllib.request.urlopen(request, timeout=10, context=unchecked) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    try:
+        url = wait_for_line(r"letstalk serve: (https://\S+)/ ").group(1)
+        warned = wait_for_line(r"letstalk serve: warning: TLS certificate .*: valid until .* days\)")
+        assert str(cert) in warned.group(0)
+        assert served_certificate(url) == certificate_der(old_cert)  # (a look at the files: the next is 10 s away)
+        assert status("old-key") == 200
+        shutil.copy(new_key, key), shutil.copy(new_cert, cert)
+        key_file.write_text("new-key\n")
+        proc.send_signal(signal.SIGHUP)
+        wait_for_line(r"TLS certificate .* read again, served from the next connection on: valid until")
+        assert served_certificate(url) == certificate_der(new_cert)
+        assert status("new-key") == 200 and status("old-key") == 401
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        reader.join(timeout=10)
+        proc.stderr.close()
+
+
 def test_a_container_on_a_bridge_network_without_a_relay_is_told_its_media_will_not_reach_other_machines(monkeypatch):
     """`letstalk serve` in a container whose only addresses are a bridge network's (Docker's 172.16.0.0/12, Podman's
     10.88.0.0/16 or rootless Podman's slirp4netns 10.0.2.0/24) and no STUN/TURN server warns at start: clients
@@ -1420,17 +1491,26 @@ def test_behind_a_proxy_the_answers_name_the_proxys_scheme_and_host(tiny_pipelin
                                            headers={**proxied, **_bearer(got[0]["token"])})
                 assert (await _ws_json(ws, "ready"))["type"] == "ready"
                 await ws.close()
-                answers[behind] = (srv.url, got)
+                viewer = Peer()  # a WHEP-style viewer DELETEs the Location its offer's answer names
+                async with http.post(f"{srv.url}/v1/sessions/{got[0]['session_id']}/viewers", data=await viewer.offer(),
+                                     headers={**proxied, **_bearer(got[0]["token"]),
+                                              "Content-Type": "application/sdp"}) as r:
+                    assert r.status == 201, await r.text()
+                    location = r.headers["Location"]
+                await viewer.close()
+                answers[behind] = (srv.url, got, location)
         return answers
 
     answers = run(main())
-    url, (a, b, c) = answers[True]
+    url, (a, b, c), location = answers[True]
+    assert location.startswith(f"https://avatar.example.com/avatar/v1/sessions/{a['session_id']}/viewers/"), location
     assert a["offer_url"] == f"https://avatar.example.com/avatar/v1/sessions/{a['session_id']}/offer"
     assert a["ws_url"] == f"wss://avatar.example.com/avatar/v1/sessions/{a['session_id']}/ws"
     assert a["recording_url"] == f"https://avatar.example.com/avatar/v1/recordings/{a['session_id']}"
     assert b["ws_url"] == f"wss://avatar.example.com:8443/v1/sessions/{b['session_id']}/ws"
     assert c["offer_url"] == f"{url}/v1/sessions/{c['session_id']}/offer"
-    url, got = answers[False]
+    url, got, location = answers[False]
+    assert location.startswith(f"{url}/v1/sessions/{got[0]['session_id']}/viewers/"), location
     assert [g["offer_url"] for g in got] == [f"{url}/v1/sessions/{g['session_id']}/offer" for g in got]
 
 
