@@ -297,9 +297,14 @@ class CertificateFiles:
         return tuple((st.st_mtime_ns, st.st_size, st.st_ino) for st in map(os.stat, (self.cert, self.key)))
 
     def _load(self) -> ssl.SSLContext:
+        def no_pass_phrase():  # (else OpenSSL asks for it on the terminal, and a reload would wait there for good)
+            raise LetsTalkError(f"--tls-key {self.key}: the key is encrypted with a pass phrase, which a server that "
+                                "reads it again by itself cannot type: give it decrypted (openssl pkey -in "
+                                f"{self.key} -out key.pem), readable only by the server's user")
+
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         try:
-            context.load_cert_chain(self.cert, self.key)
+            context.load_cert_chain(self.cert, self.key, password=no_pass_phrase)
         except ssl.SSLError as e:
             raise LetsTalkError(f"--tls-cert {self.cert} / --tls-key {self.key}: cannot be used "
                                 f"({e.reason or e}): give the certificate chain and its private key, both PEM (a Let's "

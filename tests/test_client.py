@@ -720,6 +720,13 @@ def test_ice_servers_and_the_server_url_are_checked_when_the_server_and_client_s
     with pytest.raises(LetsTalkError, match="cannot be used .*both PEM"):  # the two swapped
         ServerConfig(tls_cert=key, tls_key=cert).ssl_context()
     assert ServerConfig(tls_cert=cert, tls_key=key).ssl_context() is not None
+    from cryptography.hazmat.primitives import serialization
+
+    locked = tmp_path / "locked.pem"  # a key with a pass phrase: said, not asked for on the terminal
+    locked.write_bytes(serialization.load_pem_private_key(key.read_bytes(), None).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"pw")))
+    with pytest.raises(LetsTalkError, match="locked.pem: the key is encrypted with a pass phrase.*openssl pkey"):
+        ServerConfig(tls_cert=cert, tls_key=locked).ssl_context()
     with pytest.raises(LetsTalkError, match="turn:relay.example.org.*needs a username.*--turn-secret"):
         ServerConfig(ice_servers=["stun:stun.example.org", "turn:relay.example.org"])
     with pytest.raises(LetsTalkError, match="malformed uri"):
