@@ -52,6 +52,8 @@ import asyncio
 import base64
 import collections
 import contextlib
+import datetime
+import email.utils
 import functools
 import inspect
 import io
@@ -387,16 +389,30 @@ def _token_expiry(token: str) -> int | None:
         return None
 
 
+def _server_time(resp: aiohttp.ClientResponse) -> float:
+    """The server's clock as its answer says (its `Date` header, to the second); this machine's where it says none. A
+    token's expiry is on the server's clock: a client whose own is off (a kiosk without a real-time clock, before NTP
+    set it) counts down to it from the server's time, on its monotonic clock (`AvatarSession._token_deadline`)."""
+    with contextlib.suppress(TypeError, ValueError, IndexError, OverflowError):
+        when = email.utils.parsedate_to_datetime(resp.headers.get("Date", ""))
+        return when.timestamp() if when.tzinfo is not None else when.replace(tzinfo=datetime.timezone.utc).timestamp()
+    return time.time()
+
+
 class AvatarSession:
     """One avatar on the server: WebRTC media, a websocket for audio/control/events, and its lifetime."""
 
-    def __init__(self, client: AvatarClient, info: dict, owner: bool = True) -> None:
+    def __init__(self, client: AvatarClient, info: dict, owner: bool = True, server_time: float | None = None) -> None:
+        """`server_time`: the server's clock when it gave `info` (`_server_time`), which the token's expiry is on."""
         self.client = client
         self.info = info
         self.owner = owner  # made by start_session: close() deletes the session; else (session()) only its viewer
         self.id: str = info["session_id"]
         self.token: str = info["token"]
         self.expires_at: int = info["expires_at"]
+        # when the token expires on this machine's monotonic clock: its own time of day may be off (`_server_time`)
+        now = time.time() if server_time is None else server_time
+        self._token_deadline = time.monotonic() + self.expires_at - now
         self.offer_url = client._url(info["offer_url"])
         self.viewers_url = client._url(f"/v1/sessions/{self.id}/viewers")
         self.viewer_url: str | None = None  # connect(viewer=True): this client's viewer (its DELETE frees it)
@@ -432,7 +448,7 @@ class AvatarSession:
         self._audio_sent = self._audio_done = self._ws_sent = 0
         self.max_queued_seconds = 30.0  # speech the server queues ahead of playback (its `ready` says), more refused
         self._shown_moved = asyncio.Event()  # set when audio_shown may have changed (wait_audio_shown)
-        if self.token != client.api_key and self.expires_at > time.time():  # (attached with the API key: none to renew)
+        if self.token != client.api_key and self._token_deadline > time.monotonic():  # (the API key: none to renew)
             self._spawn(self._keep_token(), "token")
 
     def _headers(self) -> dict[str, str]:
@@ -451,7 +467,7 @@ class AvatarSession:
         server without the renewal (older) or that no longer has the session leaves the token as it is."""
         url = self.client._url(f"/v1/sessions/{urllib.parse.quote(self.id, safe='')}/token")
         while True:
-            left = self.expires_at - time.time()
+            left = self._token_deadline - time.monotonic()
             if left <= 0:
                 return
             await asyncio.sleep(max(left / 2, 0.25))
@@ -465,11 +481,13 @@ class AvatarSession:
                         return
                     await _raise_for_status(resp)
                     renewed = await resp.json()
+                    server_time = _server_time(resp)
             except (aiohttp.ClientError, asyncio.TimeoutError, AvatarClientError, ValueError) as e:
                 log.warning("session %s: renewing its token failed (%s); trying again", self.id,
                             str(e) or type(e).__name__)
                 continue
             self.token, self.expires_at = renewed["token"], int(renewed["expires_at"])
+            self._token_deadline = time.monotonic() + self.expires_at - server_time
             self.info.update(token=self.token, expires_at=self.expires_at)
             if "ice_servers" in renewed:
                 self.info["ice_servers"] = renewed["ice_servers"]
@@ -1420,10 +1438,11 @@ class AvatarClient:
         async with self._require_http().get(url, headers={"Authorization": f"Bearer {token}"}) as resp:
             await _raise_for_status(resp)
             state = await resp.json()
+            server_time = _server_time(resp)
         info = {"session_id": session_id, "token": token, "expires_at": _token_expiry(token) or state["expires_at"],
                 "offer_url": f"/v1/sessions/{session_id}/offer", "ws_url": f"/v1/sessions/{session_id}/ws",
                 "ice_servers": state["ice_servers"]}
-        session = AvatarSession(self, info, owner=False)
+        session = AvatarSession(self, info, owner=False, server_time=server_time)
         self._sessions.add(session)
         return session
 
@@ -1459,6 +1478,7 @@ class AvatarClient:
         async with request as resp:
             await _raise_for_status(resp)
             info = await resp.json()
-        session = AvatarSession(self, info)
+            server_time = _server_time(resp)
+        session = AvatarSession(self, info, server_time=server_time)
         self._sessions.add(session)
         return session

@@ -451,6 +451,43 @@ def test_a_session_outlives_its_first_token_the_sdk_renewing_it(tiny_pipeline):
     assert not left  # close() ended it on the server
 
 
+@pytest.mark.parametrize("clock_off_s", [7200.0, -7200.0])
+def test_the_sdk_renews_its_token_in_time_on_a_machine_whose_clock_is_off(tiny_pipeline, monkeypatch, clock_off_s):
+    """A token's expiry is on the server's clock. A client machine whose clock is hours off (a kiosk without a
+    real-time clock before NTP set it, a VM's drifted one) renews its sessions' tokens in time all the same: it counts
+    down from the server's time (its answers' Date header) on its monotonic clock. (Before, a clock ahead took the
+    token for expired and never renewed it; one behind waited hours past its expiry.) A session attached by its token
+    renews too, and close() still ends the session."""
+    import time as real_time
+
+    from letstalk_rt import client as sdk
+    from letstalk_rt.client import AvatarClient
+
+    class OffClock:  # this machine's time of day, `clock_off_s` off; its monotonic clock as it is
+        def time(self) -> float:
+            return real_time.time() + clock_off_s
+
+        def __getattr__(self, name):
+            return getattr(real_time, name)
+
+    monkeypatch.setattr(sdk, "time", OffClock())
+
+    async def main():
+        async with running_server(tiny_pipeline, token_ttl_s=4) as srv, AvatarClient(srv.url) as client:
+            session = await client.start_session()
+            attached = await client.session(session.id, session.token)
+            first, first_expiry = session.token, session.expires_at
+            assert abs(first_expiry - 4 - real_time.time()) < 2  # (the server's clock)
+            await wait_until(lambda: real_time.time() > first_expiry + 0.5, 10, "the first token to expire")
+            assert session.token != first and attached.token != first
+            assert session.expires_at > real_time.time() and attached.expires_at > real_time.time()
+            await attached.close()  # (a viewer's close: the session stays)
+            await session.close()
+            return srv.manager.sessions
+
+    assert not run(main())  # close() ended it on the server: its token held
+
+
 def test_a_server_with_a_tls_certificate_serves_https_and_wss(tiny_pipeline, tmp_path, wav_file, astronaut_png):
     """`letstalk serve --tls-cert --tls-key`: the API and the websocket over TLS (https, wss). The SDK trusting the
     server's self-signed certificate (`ssl=` its file) streams a session through it; one trusting only this machine's
