@@ -2,7 +2,8 @@
 
     letstalk serve --model DIR --max-sessions 4 --api-key SECRET        # or: python -m letstalk_rt.server ...
 
-    GET  /health                      liveness + occupancy           GET /metrics   Prometheus text
+    GET  /health                      readiness + occupancy          GET /metrics   Prometheus text
+    GET  /health/live                 liveness: 503 when an engine is hung (--hung-seconds)
     GET  /v1/avatars                  portraits prepared once        GET /v1/voices  text-to-speech voices
     POST /v1/avatars                  upload a portrait once, open sessions on it by id   DELETE /v1/avatars/{id}
     POST /v1/sessions                 portrait upload or avatar id -> session id + token   (503 when full)
@@ -274,20 +275,36 @@ def authorize_session(request: web.Request, allow_api_key: bool = False) -> Serv
 # --------------------------------------------------------------------------------------------------
 
 
+def _engines_state(manager: SessionManager) -> list[dict]:
+    """Each device's sessions open and cap (new sessions go to the one with the most free slots), and whether it is
+    hung (its window has run --hung-seconds: `busy_seconds`)."""
+    return [{"device": str(e.pipeline.device), "sessions": len(e.sessions), "max_sessions": e.config.max_sessions,
+             **({"hung": True, "busy_seconds": round(e.busy_s, 1)} if e.hung else {})}
+            for e in manager.engines.engines]
+
+
 async def health(request: web.Request) -> web.Response:
+    """Readiness: 200 while new sessions are taken here. `sessions` counts every slot taken, those held by requests
+    still uploading or preparing included: sessions == max_sessions is exactly when POST /v1/sessions answers 503.
+    Draining (shutting down) or every engine hung, 503: a load balancer's health check sends new sessions elsewhere
+    (while the open ones finish here, draining)."""
     manager = request.app[MANAGER]
-    # `sessions` counts every slot taken, those held by requests still uploading or preparing included:
-    # sessions == max_sessions is exactly when POST /v1/sessions answers 503. Draining (shutting down), 503: a load
-    # balancer's health check sends new sessions elsewhere while the open ones finish here.
-    # `engines`: each device's sessions open and cap (new sessions go to the one with the most free slots)
-    return web.json_response({"status": "draining" if manager.draining else "ok", "version": __version__,
-                              "sessions": len(manager.sessions) + manager.admitting,
+    engines = _engines_state(manager)
+    hung = all(e.get("hung") for e in engines)
+    return web.json_response({"status": "draining" if manager.draining else "hung" if hung else "ok",
+                              "version": __version__, "sessions": len(manager.sessions) + manager.admitting,
                               "admitting": manager.admitting, "max_sessions": manager.max_sessions,
-                              "renders_queued": len(manager.renders.queue),
-                              "engines": [{"device": str(e.pipeline.device), "sessions": len(e.sessions),
-                                           "max_sessions": e.config.max_sessions}
-                                          for e in manager.engines.engines]},
-                             status=503 if manager.draining else 200)
+                              "renders_queued": len(manager.renders.queue), "engines": engines},
+                             status=503 if manager.draining or hung else 200)
+
+
+async def health_live(request: web.Request) -> web.Response:
+    """Liveness: 503 only when an engine is hung (a device or driver that stopped answering, which only a restart
+    mends: an orchestrator's liveness probe restarts the server on it); 200 while draining, which a restart would cut
+    short. An event loop that stopped answers nothing, which a probe's timeout counts as a failure too."""
+    engines = _engines_state(request.app[MANAGER])
+    hung = any(e.get("hung") for e in engines)
+    return web.json_response({"status": "hung" if hung else "ok", "engines": engines}, status=503 if hung else 200)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -1485,6 +1502,7 @@ def create_app(engines: StreamEngine | EnginePool, config: ServerConfig | None =
     app.on_response_prepare.append(_say_version)
     r = app.router
     r.add_get("/health", health)
+    r.add_get("/health/live", health_live)
     r.add_get("/metrics", metrics)
     r.add_get("/openapi.yaml", openapi)
     r.add_get("/v1/avatars", list_avatars)
@@ -1553,6 +1571,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise LetsTalkError(f"--webhook {url!r}: give an http(s) URL, e.g. https://api.example.com/letstalk-events")
+    if not (math.isfinite(args.hung_seconds) and args.hung_seconds > 0):
+        raise LetsTalkError(f"--hung-seconds {args.hung_seconds:g}: give seconds > 0 (a window takes well under one; "
+                            "the default is 120)")
     if not (math.isfinite(args.drain_seconds) and args.drain_seconds >= 0):
         raise LetsTalkError(f"--drain-seconds {args.drain_seconds:g}: give seconds > 0, or 0 to close sessions at once")
     for name, value in (("--idle-timeout", args.idle_timeout), ("--max-upload-mb", args.max_upload_mb),
@@ -1633,7 +1654,7 @@ def _build_engines(args: argparse.Namespace) -> EnginePool:
     for i, device in enumerate(devices):
         pipe = LetsTalkPipeline.from_pretrained(args.model, **pipeline_kwargs(args, device))
         config = EngineConfig(max_sessions=cap, max_batch=min(cap, defaults.max_batch), warmup=not args.no_warmup,
-                              **live_config(args))
+                              hung_after_s=args.hung_seconds, **live_config(args))
         if i:  # handing freed memory back is the process's, not a device's: the first engine does it for all
             config = dataclasses.replace(config, trim_heap_every_s=0)
         engines.append(StreamEngine(pipe, config))

@@ -241,6 +241,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on SIGTERM or Ctrl-C, shut down gently: refuse new sessions (503; /health answers "
                              "503 'draining'), tell the open ones `session_ending` and let them go on until they end "
                              "or S seconds pass; a second signal stops at once (default 0: close them at once)")
+    parser.add_argument("--hung-seconds", type=float, default=120.0, metavar="S",
+                        help="an engine whose window has run S seconds is taken for hung (a GPU or driver that stopped "
+                             "answering): said in the log, /health/live answers 503 (an orchestrator's liveness probe "
+                             "restarts the server), new sessions go to another device (default 120; a window takes "
+                             "well under a second)")
     parser.add_argument("--recordings-dir", type=Path, default=None, metavar="DIR",
                         help="let sessions ask to be recorded (`record`): each saved as DIR/SESSION_ID.mp4 when it "
                              "ends, served at /v1/recordings/SESSION_ID (default: no recording)")

@@ -324,6 +324,9 @@ def render_metrics(manager: SessionManager) -> str:
            [(label, int(st["decode_overlapped"])) for label, _, st in engines])
     metric("letstalk_engine_heap_trims_total", "counter", "Times the engine handed the memory the C library held freed "
            "back to the system (--trim-heap-every).", [(label, st["heap_trims"]) for label, _, st in engines])
+    metric("letstalk_engine_busy_seconds", "gauge", "How long the engine's current window has been running (0: "
+           "waiting for work); past --hung-seconds the device is taken for hung and /health/live answers 503.",
+           [(label, round(e.busy_s, 3)) for label, e, _ in engines])
     if (rss := resident_memory_bytes()) is not None:  # Linux
         metric("letstalk_process_resident_memory_bytes", "gauge", "The server process's resident memory.", [("", rss)])
     return "\n".join(lines) + "\n"
@@ -976,6 +979,7 @@ class SessionManager:
         self._prune_again = False
         self._pruned_at = -math.inf
         self.draining = False  # shutting down: no new sessions; the open ones go on for a while (drain)
+        self._hung: set[int] = set()  # engines the watchdog said are hung (by index)
         self.webhooks = Webhooks(config.webhooks, config.webhook_secret)
         self.renders = Renders()
 
@@ -1144,11 +1148,27 @@ class SessionManager:
             self.metrics.recordings_bytes = total
             again = self._prune_again
 
+    def _watch_engines(self) -> None:
+        """Say once when an engine is taken for hung (and once when it answers again): nothing else reports a device
+        or driver that stopped answering, and its sessions' pictures stand still."""
+        for i, engine in enumerate(self.engines.engines):
+            hung = engine.hung
+            if hung and i not in self._hung:
+                log.error("engine %d (%s): its window has run for %.0f s (--hung-seconds %g): the device or its driver "
+                          "stopped answering; /health/live answers 503 so that an orchestrator restarts the server, new "
+                          "sessions go to another device if there is one", i, engine.pipeline.device, engine.busy_s,
+                          engine.config.hung_after_s)
+                self._hung.add(i)
+            elif not hung and i in self._hung:
+                log.warning("engine %d (%s): answering again", i, engine.pipeline.device)
+                self._hung.discard(i)
+
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self.config.watch_interval_s)
             now = time.monotonic()
             self.metrics.sample_fps(self.frames_total())
+            self._watch_engines()
             if now - self._pruned_at >= self.config.recordings_prune_every_s:
                 self.prune_recordings()
             for ss in list(self.sessions.values()):

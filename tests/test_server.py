@@ -432,6 +432,60 @@ def test_sighup_reads_the_certificate_and_the_api_key_file_again_and_does_not_st
         proc.stderr.close()
 
 
+def test_a_hung_engine_fails_the_liveness_check_until_it_answers_again(tiny_pipeline, caplog):
+    """A window that never ends (a GPU or driver that stopped answering raises nothing): once it has run
+    --hung-seconds, /health/live answers 503 "hung" (an orchestrator's liveness probe restarts the server), /health
+    503 too (the only engine: no new sessions here), /metrics shows how long it has run, and the log says so once.
+    When the window ends after all, everything answers ok again."""
+    import threading
+
+    gate = threading.Event()
+
+    async def main():
+        async with running_server(tiny_pipeline, engine_config={"hung_after_s": 0.5}, watch_interval_s=0.1) as srv, \
+                aiohttp.ClientSession() as http:
+            async def health(path: str) -> tuple[int, dict]:
+                async with http.get(f"{srv.url}{path}") as r:
+                    return r.status, await r.json()
+
+            assert (await health("/health/live"))[0] == 200
+            execute = srv.engine._execute
+
+            def hangs(jobs, **kwargs):  # the worker's next window waits on the gate: a device that stopped answering
+                gate.wait(60)
+                return execute(jobs, **kwargs)
+
+            srv.engine._execute = hangs
+            info = await create_session(http, srv.url, avatar_id="default")
+            player = play_session(srv, info["session_id"])
+            await wait_until(lambda: srv.engine.hung, 20, "the engine taken for hung")
+            live, ready = await health("/health/live"), await health("/health")
+            async with http.get(f"{srv.url}/metrics") as r:
+                busy = float(re.search(r'letstalk_engine_busy_seconds\{engine="0"\} (\S+)', await r.text()).group(1))
+            await wait_until(lambda: any("stopped answering" in r.getMessage() for r in caplog.records), 5, "the log")
+            gate.set()
+            await wait_until(lambda: not srv.engine.hung, 20, "the engine answering again")
+            await wait_until(lambda: any("answering again" in r.getMessage() for r in caplog.records), 5, "the log")
+            after = await health("/health/live"), await health("/health")
+            player.cancel()
+            return live, ready, busy, after
+
+    caplog.set_level(logging.INFO, logger="letstalk.server")
+    try:
+        live, ready, busy, after = run(main())
+    finally:
+        gate.set()
+    assert live[0] == 503 and live[1]["status"] == "hung", live
+    (engine,) = live[1]["engines"]
+    assert engine["hung"] is True and engine["busy_seconds"] >= 0.5
+    assert ready[0] == 503 and ready[1]["status"] == "hung" and ready[1]["engines"] == live[1]["engines"]
+    assert busy >= 0.5
+    assert [r.levelname for r in caplog.records if "stopped answering" in r.getMessage()] == ["ERROR"]
+    assert after[0][0] == 200 and after[0][1] == {"status": "ok", "engines": [{"device": "cpu", "sessions": 1,
+                                                                               "max_sessions": 4}]}
+    assert after[1][0] == 200 and after[1][1]["status"] == "ok"
+
+
 def test_a_container_on_a_bridge_network_without_a_relay_is_told_its_media_will_not_reach_other_machines(monkeypatch):
     """`letstalk serve` in a container whose only addresses are a bridge network's (Docker's 172.16.0.0/12, Podman's
     10.88.0.0/16 or rootless Podman's slirp4netns 10.0.2.0/24) and no STUN/TURN server warns at start: clients

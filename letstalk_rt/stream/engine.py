@@ -130,6 +130,7 @@ class AudioBufferFull(LetsTalkError):
 class EngineConfig:
     max_sessions: int = 8  # admission cap for this device (set it from `letstalk bench`)
     max_batch: int = 8  # sessions per forward pass
+    hung_after_s: float = 120.0  # a window running this long is taken for a hung device (`StreamEngine.hung`)
     window: int = 0  # frames per window, 1..the model's num_frames (0: the pipeline's, i.e. the model's
     # sampling.stream_window unless the pipeline was built with another). Fewer frames cut the
     # speech-to-screen latency (a window waits for all its audio) but cost more compute per frame.
@@ -1391,8 +1392,18 @@ class StreamEngine:
         # windows with a paced session in the last LOAD_SPAN_S (worker thread)
         self._decode_q: queue.Queue | None = None  # worker -> decode thread, one window in hand at most
         self._decoder: threading.Thread | None = None
+        self._working_since: list[float | None] = [None, None]  # monotonic: the worker's window, the decode thread's
+        # window, since when each has been running (None: idle): a hung device or driver shows as one that never ends
         self._trimmer: asyncio.Task | None = None  # trim_heap every EngineConfig.trim_heap_every_s
         self.heap_trims = 0
+
+    @property
+    def busy_s(self) -> float:
+        """How long the window the engine is on has been running (its sampling or its decoding, whichever began
+        first), 0 while it waits for work. A window takes well under a second; one that runs for minutes is a hung
+        device or driver (a CUDA hang, a deadlock), which no exception reports: the server's /health/live says so."""
+        since = [t for t in self._working_since if t is not None]
+        return max(0.0, time.monotonic() - min(since)) if since else 0.0
 
     # -- lifecycle
 
@@ -1841,11 +1852,14 @@ class StreamEngine:
                     if not self._stopping:
                         self._cond.wait(timeout=0.01)
                 continue
+            self._working_since[0] = time.monotonic()
             try:
                 self._execute(jobs, plan_ms=(time.perf_counter() - planned) * 1000)
             except Exception as e:  # a last resort (each session's own steps fail it alone): end the batch's
                 for s, _, _ in jobs:
                     self._fail_session(s, "window", e)
+            finally:
+                self._working_since[0] = None
 
     def _plan(self) -> list[tuple[Session, int, int]]:
         """Ingest audio of every session and pick one batch: [(session, frames, epoch)].
@@ -2281,9 +2295,14 @@ class StreamEngine:
 
     @property
     def failing(self) -> bool:
-        """The last window this engine ran failed in the model (a device that fails every window: a lost GPU);
-        EnginePool opens new sessions elsewhere while it is."""
-        return self._failed_at > self._decoded_at
+        """The last window this engine ran failed in the model (a device that fails every window: a lost GPU), or
+        it is hung; EnginePool opens new sessions elsewhere while it is."""
+        return self._failed_at > self._decoded_at or self.hung
+
+    @property
+    def hung(self) -> bool:
+        """Its window has run `EngineConfig.hung_after_s` (`busy_s`): a device or driver that stopped answering."""
+        return self.busy_s > self.config.hung_after_s
 
     @staticmethod
     def _fail_session(s: Session, stage: str, e: BaseException) -> None:
@@ -2306,10 +2325,12 @@ class StreamEngine:
                     return
                 if self.threads is not None and torch.get_num_threads() != self.threads:
                     torch.set_num_threads(self.threads)
+                self._working_since[1] = time.monotonic()
                 self._decode(*item, overlapped=True)
             except Exception:  # never let the decoder die: the sessions' errors were sent in _decode
                 log.exception("engine decode stage failed")
             finally:
+                self._working_since[1] = None
                 self._decode_q.task_done()  # the worker's join() before it decodes a window itself
 
     def _decode(self, t0: float, worker_ms: float, batch: list, retry: bool = False, overlapped: bool = False) -> None:
