@@ -64,9 +64,10 @@ from letstalk_rt.stream.engine import Session, SessionClosedError
 from letstalk_rt.tts import (DEFAULT_VOICE, MAX_TEXT, PITCH_RANGE, RATE_RANGE, Speech, SpeechUnavailable, check_voice,
                              espeak_exe, voices)
 
-from . import recordings, renders
+from . import logs, recordings, renders
 from .auth import TokenError, api_key_matches, bearer
 from .avatars import AVATAR_ID, Avatar, AvatarRefused, AvatarStore, check_name
+from .logs import say
 from .options import ServerConfig, add_serve_arguments
 from .renders import Render
 from .sessions import (
@@ -1659,8 +1660,8 @@ def _build_engines(args: argparse.Namespace) -> EnginePool:
             config = dataclasses.replace(config, trim_heap_every_s=0)
         engines.append(StreamEngine(pipe, config))
     if not engines[0].pipeline.config.trained:
-        print("letstalk serve: warning: this model is UNTRAINED (random weights): the avatar will not look like a "
-              "talking face. " + engines[0].pipeline.config.description, file=sys.stderr)
+        say("this model is UNTRAINED (random weights): the avatar will not look like a talking face. "
+            + engines[0].pipeline.config.description, logging.WARNING)
     return EnginePool(engines)
 
 
@@ -1679,24 +1680,22 @@ async def _serve(app: web.Application, config: ServerConfig, ssl_context: ssl.SS
                 else "NONE (insecure)")
         on = ", ".join(str(e.pipeline.device) for e in engines.engines)
         scheme = "https" if ssl_context else "http"
-        print(f"letstalk serve: {scheme}://{config.host}:{port}/  (max {engines.max_sessions} sessions on {on}, "
-              f"{engines.pipeline.config.image_size}px @ {engines.pipeline.fps} fps, auth: {auth}); Ctrl-C to stop",
-              file=sys.stderr, flush=True)
+        say(f"{scheme}://{config.host}:{port}/  (max {engines.max_sessions} sessions on {on}, "
+            f"{engines.pipeline.config.image_size}px @ {engines.pipeline.fps} fps, auth: {auth}); Ctrl-C to stop")
         if config.tls is not None:
             said, alarming = config.tls.describe_expiry()
-            print(f"letstalk serve: {'warning: ' if alarming else ''}TLS certificate {config.tls.cert}: {said}; "
-                  "a renewed one is served as soon as its files change (or on SIGHUP)", file=sys.stderr, flush=True)
+            say(f"TLS certificate {config.tls.cert}: {said}; a renewed one is served as soon as its files change (or "
+                "on SIGHUP)", logging.WARNING if alarming else logging.INFO)
         if config.ice_servers:
             turn = (f"TURN credentials made per session, valid {config.turn_ttl_s:g} s" if config.turn_secret
                     else "fixed TURN credentials" if config.turn_username else "no TURN")
-            print(f"letstalk serve: ICE servers {', '.join(config.ice_servers)} ({turn}), handed to every session's "
-                  "client", file=sys.stderr, flush=True)
+            say(f"ICE servers {', '.join(config.ice_servers)} ({turn}), handed to every session's client")
         bridged = [] if _is_loopback(config.host) else bridged_host_addresses(config.ice_servers)
         if bridged:
-            print(f"letstalk serve: warning: this container's addresses ({', '.join(bridged)}) are a bridge network's: "
-                  "clients on other machines load the pages but their WebRTC media never connects. Run it with "
-                  "--network host, or give it a TURN relay (--ice-server turn:HOST:PORT, LETSTALK_TURN_SECRET; "
-                  "docs/server.md, \"In a container\")", file=sys.stderr, flush=True)
+            say(f"this container's addresses ({', '.join(bridged)}) are a bridge network's: clients on other "
+                "machines load the pages but their WebRTC media never connects. Run it with --network host, or give "
+                "it a TURN relay (--ice-server turn:HOST:PORT, LETSTALK_TURN_SECRET; docs/server.md, \"In a "
+                "container\")", logging.WARNING)
         signals: asyncio.Queue[int] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -1711,26 +1710,32 @@ async def _serve(app: web.Application, config: ServerConfig, ssl_context: ssl.SS
         await signals.get()
         manager = app[MANAGER]
         if config.drain_s > 0 and manager.sessions:
-            print(f"letstalk serve: draining: no new sessions; {len(manager.sessions)} open one(s) go on for up to "
-                  f"{config.drain_s:g} s (send the signal again to stop now) ...", file=sys.stderr, flush=True)
+            say(f"draining: no new sessions; {len(manager.sessions)} open one(s) go on for up to {config.drain_s:g} "
+                "s (send the signal again to stop now) ...")
             drained = asyncio.ensure_future(manager.drain(config.drain_s))
             again = asyncio.ensure_future(signals.get())
             await asyncio.wait({drained, again}, return_when=asyncio.FIRST_COMPLETED)
             again.cancel()
             drained.cancel()
-        print("letstalk serve: stopping (closing sessions) ...", file=sys.stderr, flush=True)
+        say("stopping (closing sessions) ...")
     finally:
         await runner.cleanup()
 
 
 def serve_main(args: argparse.Namespace) -> None:
-    """Run the server until SIGINT/SIGTERM; user-fixable problems raise LetsTalkError (one line)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("aioice").setLevel(logging.WARNING)  # one line per ICE check otherwise
-    config = config_from_args(args)  # refuse an unauthenticated public bind before loading anything
-    ssl_context = config.ssl_context()  # a TLS certificate or key that cannot be used: said before the model loads too
-    engines = _build_engines(args)
-    asyncio.run(_serve(create_app(engines, config), config, ssl_context))
+    """Run the server until SIGINT/SIGTERM; user-fixable problems raise LetsTalkError (one line; in a JSON log, one
+    record, then exit status 2)."""
+    logs.configure(args.log_format)
+    try:
+        config = config_from_args(args)  # refuse an unauthenticated public bind before loading anything
+        ssl_context = config.ssl_context()  # a certificate or key that cannot be used: said before the model loads too
+        engines = _build_engines(args)
+        asyncio.run(_serve(create_app(engines, config), config, ssl_context))
+    except LetsTalkError as e:
+        if args.log_format != "json":
+            raise
+        say(str(e), logging.ERROR)
+        raise SystemExit(2) from None
 
 
 def main(argv: list[str] | None = None) -> int:

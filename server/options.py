@@ -19,6 +19,7 @@ from letstalk_rt.rtc import ice_servers
 
 from .auth import KeyFile, turn_credentials
 from .avatars import DEFAULT_MAX_AVATARS
+from .logs import FORMATS
 
 log = logging.getLogger("letstalk.server")
 
@@ -241,6 +242,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on SIGTERM or Ctrl-C, shut down gently: refuse new sessions (503; /health answers "
                              "503 'draining'), tell the open ones `session_ending` and let them go on until they end "
                              "or S seconds pass; a second signal stops at once (default 0: close them at once)")
+    parser.add_argument("--log-format", choices=FORMATS, default="text",
+                        help="the log on stderr: lines for a terminal (default), or json: one JSON object a line "
+                             "(time, level, logger, message, session_id or render_id, exception) for a log collector")
     parser.add_argument("--hung-seconds", type=float, default=120.0, metavar="S",
                         help="an engine whose window has run S seconds is taken for hung (a GPU or driver that stopped "
                              "answering): said in the log, /health/live answers 503 (an orchestrator's liveness probe "

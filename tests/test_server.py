@@ -486,6 +486,69 @@ def test_a_hung_engine_fails_the_liveness_check_until_it_answers_again(tiny_pipe
     assert after[1][0] == 200 and after[1][1]["status"] == "ok"
 
 
+def test_a_json_log_is_one_object_a_line_with_the_session_it_is_about(tiny_model_dir, tmp_path):
+    """`--log-format json` (a log collector's): every line the server writes, from its start to its stop, is one JSON
+    object with time, level, logger and message; what it says by itself (its URL) is among them, a record about a
+    session names it as `session_id`, and a traceback stays inside its record (`exception`). A problem found at start
+    is one record too, with exit status 2."""
+    import signal
+    import urllib.request
+
+    from letstalk_rt.server.logs import JsonFormatter
+
+    proc = subprocess.Popen([sys.executable, "-m", "letstalk_rt.server", "--model", str(tiny_model_dir), "--port", "0",
+                             "--max-sessions", "1", "--device", "cpu", "--no-trace", "--log-format", "json"],
+                            stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+    try:
+        lines, url = [], None
+        deadline = time.monotonic() + 120
+        while url is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            assert line or proc.poll() is None, "server exited before listening:\n" + "".join(lines)
+            lines.append(line)
+            m = re.search(r'"message": "(http://\S+)/ ', line)
+            url = m.group(1) if m else None
+        assert url, "".join(lines)
+        request = urllib.request.Request(f"{url}/v1/sessions", data=b'{"avatar_id": "default"}',
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as r:
+            info = json.load(r)
+        delete = urllib.request.Request(f"{url}/v1/sessions/{info['session_id']}", method="DELETE",
+                                        headers={"Authorization": f"Bearer {info['token']}"})
+        urllib.request.urlopen(delete, timeout=10).close()
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        lines += proc.stderr.read().splitlines(keepends=True)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    records = [json.loads(line) for line in lines if line.strip()]  # (a line that is not JSON fails here)
+    assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    assert any(r["logger"] == "letstalk.serve" and r["message"].startswith(url) for r in records)
+    about = [r for r in records if r.get("session_id") == info["session_id"]]
+    assert about and all(info["session_id"] in r["message"] for r in about), records
+    assert records[-1]["message"] == "stopping (closing sessions) ..."
+
+    try:
+        raise ValueError("a window failed")
+    except ValueError:
+        record = logging.LogRecord("letstalk_rt.stream.engine", logging.ERROR, __file__, 1, "render %s: failed",
+                                   ("r1",), sys.exc_info())
+    out = JsonFormatter().format(record)
+    assert "\n" not in out
+    parsed = json.loads(out)
+    assert parsed["render_id"] == "r1" and "Traceback" in parsed["exception"] and "ValueError" in parsed["exception"]
+
+    refused = subprocess.run([sys.executable, "-m", "letstalk_rt.server", "--log-format", "json", "--port", "0",
+                              "--tls-cert", str(tmp_path / "missing.pem"), "--tls-key", str(tmp_path / "k.pem")],
+                             capture_output=True, text=True, timeout=60, cwd=Path(__file__).parent.parent)
+    assert refused.returncode == 2
+    (line,) = refused.stderr.strip().splitlines()
+    assert json.loads(line)["level"] == "ERROR" and "no such file" in json.loads(line)["message"]
+
+
 def test_a_container_on_a_bridge_network_without_a_relay_is_told_its_media_will_not_reach_other_machines(monkeypatch):
     """`letstalk serve` in a container whose only addresses are a bridge network's (Docker's 172.16.0.0/12, Podman's
     10.88.0.0/16 or rootless Podman's slirp4netns 10.0.2.0/24) and no STUN/TURN server warns at start: clients
