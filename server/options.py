@@ -328,9 +328,11 @@ class CertificateFiles:
         from cryptography import x509  # (aiortc's dependency)
 
         try:
-            return x509.load_pem_x509_certificate(self.cert.read_bytes()).not_valid_after_utc.timestamp()
+            cert = x509.load_pem_x509_certificate(self.cert.read_bytes())
         except (OSError, ValueError):
             return None
+        ends = getattr(cert, "not_valid_after_utc", None)  # (cryptography 42; before, a naive UTC time)
+        return (ends or cert.not_valid_after.replace(tzinfo=datetime.timezone.utc)).timestamp()
 
     def describe_expiry(self, now: float | None = None) -> tuple[str, bool]:
         """("valid until ..." or "EXPIRED on ...", True where that needs the operator: expired or expiring soon)."""
@@ -354,6 +356,8 @@ class CertificateFiles:
         except OSError:  # being replaced: the last certificate holds
             return False
         if stamp == self._stamp or (stamp == self._refused and not force):
+            if force:
+                log.info("TLS certificate %s: unchanged", self.cert)
             return False
         try:
             context = self._load()

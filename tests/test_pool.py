@@ -96,6 +96,21 @@ def test_an_engine_whose_windows_fail_gets_no_new_session_while_another_has_a_sl
     assert later[1].pipeline is second_pipeline  # ... while the other has a slot
 
 
+def test_an_engine_whose_window_never_ends_gets_no_new_session(tiny_pipeline, second_pipeline):
+    """A device that stopped answering (a window running EngineConfig.hung_after_s, which raises nothing) is taken
+    for hung: new sessions go to the other device; once its window ends it is chosen again."""
+    import time
+
+    pool = _pool(tiny_pipeline, second_pipeline)
+    first, second = pool.engines
+    assert pool.choose() is first and first.busy_s == 0.0
+    first._working_since[0] = time.monotonic() - first.config.hung_after_s - 1  # its worker, in one window since
+    assert first.hung and first.failing and first.busy_s > first.config.hung_after_s
+    assert pool.choose() is second
+    first._working_since[0] = None  # the window ended after all
+    assert not first.hung and pool.choose() is first
+
+
 def test_one_server_on_two_engines_spreads_sessions_and_says_where_each_runs(tiny_pipeline, second_pipeline):
     async def main():
         async with running_server([tiny_pipeline, second_pipeline], max_sessions=1) as srv, \
