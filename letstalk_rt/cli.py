@@ -747,6 +747,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .train import trainer
 
     trainer.main(args)
+    trainer.leave_if_distributed(0)  # (a rank under torchrun: no interpreter teardown)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:

@@ -1486,6 +1486,19 @@ def main(args: argparse.Namespace) -> None:
     train(config_from_args(args))
 
 
+def leave_if_distributed(code: int) -> int:
+    """A rank under torchrun (WORLD_SIZE > 1) whose run is over leaves at once with `code`, without the interpreter's
+    teardown: gloo's threads may still hold finished work with tensors in it then, and freeing those while Python
+    finalises aborts the rank ("terminate called without an active exception", SIGABRT), so that torchrun fails a run
+    that had finished and written everything (1 run in ~15 on 2 CPU ranks; the process group is destroyed by then).
+    One process: `code`, for the caller to exit with."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
 def _entry(argv: list[str] | None = None) -> int:
     """`python -m letstalk_rt.train.trainer` / `torchrun -m letstalk_rt.train.trainer`."""
     parser = argparse.ArgumentParser(prog="letstalk train", description=__doc__.split("\n")[0])
@@ -1495,12 +1508,12 @@ def _entry(argv: list[str] | None = None) -> int:
         main(args)
     except LetsTalkError as e:
         print(f"letstalk: error: {e}", file=sys.stderr)
-        return 2
+        return leave_if_distributed(2)
     except Stopped as e:
         if str(e):
             print(f"letstalk: {e}", file=sys.stderr)
-        return 130
-    return 0
+        return leave_if_distributed(130)
+    return leave_if_distributed(0)
 
 
 if __name__ == "__main__":
