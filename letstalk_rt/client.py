@@ -1059,9 +1059,9 @@ class AvatarSession:
         playback_position, window_timings, frames_dropped,
         interrupted, engine_adjusted, say, recording_stopped, broadcast_reconnecting, broadcast_resumed,
         broadcast_skipped, broadcast_stopped, session_ending (the server will close the session in
-        `seconds_left`: `reason` time_limit, or server_stopping), error, closed; and this SDK's own reconnecting /
-        reconnected. Coroutine callbacks run as tasks. Events flow once the websocket is open (`connect()` opens it;
-        so does the first `send_audio`).
+        `seconds_left`: `reason` time_limit or server_stopping; device_hung, 0: no frame will come), error, closed;
+        and this SDK's own reconnecting / reconnected. Coroutine callbacks run as tasks. Events flow once the
+        websocket is open (`connect()` opens it; so does the first `send_audio`).
         """
         def register(cb: Callable[[dict], Any]) -> Callable[[dict], Any]:
             self._callbacks[event_type].append(cb)

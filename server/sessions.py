@@ -1159,6 +1159,11 @@ class SessionManager:
                           "sessions go to another device if there is one", i, engine.pipeline.device, engine.busy_s,
                           engine.config.hung_after_s)
                 self._hung.add(i)
+                # its sessions' clients are told, to go on in a new session (on another device or server); they are
+                # not closed here: closing one may wait on its lock, which a worker stuck in the device can hold
+                for ss in list(self.sessions.values()):
+                    if ss.session.engine is engine and not ss.closing:
+                        ss.tell_ending(0.0, "device_hung")
             elif not hung and i in self._hung:
                 log.warning("engine %d (%s): answering again", i, engine.pipeline.device)
                 self._hung.discard(i)

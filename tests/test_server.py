@@ -435,8 +435,9 @@ def test_sighup_reads_the_certificate_and_the_api_key_file_again_and_does_not_st
 def test_a_hung_engine_fails_the_liveness_check_until_it_answers_again(tiny_pipeline, caplog):
     """A window that never ends (a GPU or driver that stopped answering raises nothing): once it has run
     --hung-seconds, /health/live answers 503 "hung" (an orchestrator's liveness probe restarts the server), /health
-    503 too (the only engine: no new sessions here), /metrics shows how long it has run, and the log says so once.
-    When the window ends after all, everything answers ok again."""
+    503 too (the only engine: no new sessions here), /metrics shows how long it has run, the log says so once, and
+    its sessions' clients are told `session_ending` (reason device_hung) to go on in a new session. When the window
+    ends after all, everything answers ok again."""
     import threading
 
     gate = threading.Event()
@@ -457,8 +458,11 @@ def test_a_hung_engine_fails_the_liveness_check_until_it_answers_again(tiny_pipe
 
             srv.engine._execute = hangs
             info = await create_session(http, srv.url, avatar_id="default")
+            ws = await http.ws_connect(f"{srv.url}/v1/sessions/{info['session_id']}/ws",
+                                       headers={"Authorization": f"Bearer {info['token']}"})
             player = play_session(srv, info["session_id"])
             await wait_until(lambda: srv.engine.hung, 20, "the engine taken for hung")
+            told = await _ws_json(ws, "session_ending")  # its client, to go on in a new session elsewhere
             live, ready = await health("/health/live"), await health("/health")
             async with http.get(f"{srv.url}/metrics") as r:
                 busy = float(re.search(r'letstalk_engine_busy_seconds\{engine="0"\} (\S+)', await r.text()).group(1))
@@ -468,13 +472,15 @@ def test_a_hung_engine_fails_the_liveness_check_until_it_answers_again(tiny_pipe
             await wait_until(lambda: any("answering again" in r.getMessage() for r in caplog.records), 5, "the log")
             after = await health("/health/live"), await health("/health")
             player.cancel()
-            return live, ready, busy, after
+            await ws.close()
+            return live, ready, busy, after, told
 
     caplog.set_level(logging.INFO, logger="letstalk.server")
     try:
-        live, ready, busy, after = run(main())
+        live, ready, busy, after, told = run(main())
     finally:
         gate.set()
+    assert told["reason"] == "device_hung" and told["seconds_left"] == 0
     assert live[0] == 503 and live[1]["status"] == "hung", live
     (engine,) = live[1]["engines"]
     assert engine["hung"] is True and engine["busy_seconds"] >= 0.5
