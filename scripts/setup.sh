@@ -60,6 +60,7 @@ if [ "$mode" = --dev ]; then
   command -v g++ >/dev/null 2>&1 || apt_pkgs="$apt_pkgs g++"
   command -v turnserver >/dev/null 2>&1 || apt_pkgs="$apt_pkgs coturn"
   command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || apt_pkgs="$apt_pkgs nginx"
+  command -v caddy >/dev/null 2>&1 || apt_pkgs="$apt_pkgs caddy"
   ldconfig -p 2>/dev/null | grep -q libportaudio.so.2 || apt_pkgs="$apt_pkgs libportaudio2"
 fi
 if [ -n "$apt_pkgs" ]; then

@@ -168,6 +168,56 @@ def nginx_proxy(tmp_path: Path, upstream: str, cert: Path, key: Path, prefix: st
         proc.wait(10)
 
 
+@contextlib.contextmanager
+def caddy_proxy(tmp_path: Path, upstream: str, cert: Path, key: Path, prefix: str = "/avatar"):
+    """A real Caddy (Debian's caddy 2.6) in front of `upstream` as the Caddyfile in docs/server.md puts it: TLS ending
+    there (`cert`, `key`), the server under `prefix` (handle_path strips it, X-Forwarded-Prefix says it), Caddy's own
+    X-Forwarded-Proto/-Host, websockets and streamed answers passed on. Yields its URL, https://127.0.0.1:PORT{prefix}."""
+    import os
+
+    binary = shutil.which("caddy")
+    if binary is None:
+        pytest.skip("needs caddy (Debian's: scripts/setup.sh --dev installs it)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = tmp_path / "caddy"
+    root.mkdir()
+    (root / "Caddyfile").write_text(f"""
+        {{
+            admin off
+            auto_https disable_redirects
+            skip_install_trust
+            storage file_system {root}/data
+        }}
+        https://127.0.0.1:{port} {{
+            tls {cert} {key}
+            handle_path {prefix}/* {{
+                reverse_proxy {upstream} {{
+                    header_up X-Forwarded-Prefix {prefix}
+                    flush_interval -1
+                }}
+            }}
+        }}
+        """)
+    env = {**os.environ, "HOME": str(root), "XDG_DATA_HOME": str(root / "data"), "XDG_CONFIG_HOME": str(root)}
+    proc = subprocess.Popen([binary, "run", "--config", str(root / "Caddyfile"), "--adapter", "caddyfile"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert proc.poll() is None, f"caddy did not start: {proc.stderr.read().decode()[-800:]}"
+            assert time.monotonic() < deadline, "caddy did not listen within 15 s"
+            time.sleep(0.05)
+        yield f"https://127.0.0.1:{port}{prefix}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 @dataclass
 class TurnServer:
     url: str  # turn:127.0.0.1:PORT

@@ -614,6 +614,31 @@ def test_a_renewed_tls_certificate_is_served_from_the_next_connection_without_a_
     run(main())
 
 
+def test_behind_caddy_under_a_path_the_sdk_streams_and_the_answers_name_caddy(tiny_pipeline, tmp_path):
+    """Caddy in front as docs/server.md's Caddyfile puts it (TLS ending there, the server under /avatar/ with
+    handle_path and X-Forwarded-Prefix, Caddy's own X-Forwarded-Proto/-Host), the server on plain HTTP on loopback
+    with --behind-proxy: the SDK given https://HOST/avatar streams a session through it (API, websocket), and the
+    answer's URLs name Caddy's scheme, host and path."""
+    from letstalk_rt.client import AvatarClient
+    from server_helpers import caddy_proxy, self_signed_certificate, stream_one_session
+
+    cert, key = self_signed_certificate(tmp_path)
+
+    async def main():
+        async with running_server(tiny_pipeline, behind_proxy=True) as srv:
+            with caddy_proxy(tmp_path, srv.url, cert, key) as proxied:
+                async with AvatarClient(proxied, ssl=cert) as client:
+                    assert (await client.health())["status"] == "ok"
+                    info = await stream_one_session(client, "of a session made through Caddy")
+                return proxied, info, len(srv.manager.sessions)
+
+    proxied, info, left = run(main())
+    sid = info["session_id"]
+    assert info["offer_url"] == f"{proxied}/v1/sessions/{sid}/offer"
+    assert info["ws_url"] == f"{proxied.replace('https', 'wss')}/v1/sessions/{sid}/ws"
+    assert left == 0  # its close() reached the server through Caddy
+
+
 def test_a_backend_lists_the_open_sessions_and_ends_one_it_lost_track_of(tiny_pipeline, astronaut_png):
     """GET /v1/sessions (`client.sessions()`, the API key): the sessions open, each with the avatar it was opened on
     (None: an uploaded portrait), its connections and how long it has been idle; `client.end_session(id)` ends one
