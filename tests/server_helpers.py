@@ -172,7 +172,8 @@ def nginx_proxy(tmp_path: Path, upstream: str, cert: Path, key: Path, prefix: st
 def caddy_proxy(tmp_path: Path, upstream: str, cert: Path, key: Path, prefix: str = "/avatar"):
     """A real Caddy (Debian's caddy 2.6) in front of `upstream` as the Caddyfile in docs/server.md puts it: TLS ending
     there (`cert`, `key`), the server under `prefix` (handle_path strips it, X-Forwarded-Prefix says it), Caddy's own
-    X-Forwarded-Proto/-Host, websockets and streamed answers passed on. Yields its URL, https://127.0.0.1:PORT{prefix}."""
+    X-Forwarded-Proto/-Host, websockets and streamed answers passed on. Yields its URL,
+    https://127.0.0.1:PORT{prefix}."""
     import os
 
     binary = shutil.which("caddy")
