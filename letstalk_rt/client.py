@@ -159,7 +159,14 @@ class RecordingNotFoundError(AvatarClientError):
 
 class RenderFailedError(AvatarClientError):
     """A render (`AvatarClient.render`) that ended without a video: its session failed, it was cancelled, or the server
-    stopped; the message says which."""
+    stopped; the message says which. `state`: the render's last state; `retryable`: True when the same request may
+    succeed made again (the server stopped, a device or the disk failed: again later, or on another server), False when
+    what it holds failed (no face in its portrait), None where the server does not say (cancelled, an older server)."""
+
+    def __init__(self, message: str, state: dict | None = None) -> None:
+        super().__init__(message)
+        self.state = state or {}
+        self.retryable: bool | None = self.state.get("retryable")
 
 
 class ServerMismatchError(AvatarClientError):
@@ -1418,7 +1425,7 @@ class AvatarClient:
                     pass
             raise
         if state["state"] != "done":
-            raise RenderFailedError(f"render {rid}: {state['state']}: {state.get('error') or 'no video'}")
+            raise RenderFailedError(f"render {rid}: {state['state']}: {state.get('error') or 'no video'}", state)
         await self._download(f"/v1/recordings/{urllib.parse.quote(rid, safe='')}", Path(out))
         return state
 

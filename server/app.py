@@ -71,6 +71,7 @@ from .logs import say
 from .options import ServerConfig, add_serve_arguments
 from .renders import Render
 from .sessions import (
+    DELETED,
     MAX_LISTENERS,
     SdpRejected,
     ServerSession,
@@ -877,7 +878,7 @@ async def _start_queued(app: web.Application, render: Render, opening: _Opening)
             error = json.loads(e.text or "{}").get("error") or e.reason
         except ValueError:
             error = e.reason
-        if render.end("failed", error):
+        if render.end("failed", error, retryable=e.status >= 500):  # 422: its portrait (no face); 507: the disk
             manager.render_ended(render)
     except Exception as e:  # the engine stopping under it
         log.exception("render %s: its session could not open", render.id)
@@ -1101,7 +1102,7 @@ async def renew_session_token(request: web.Request) -> web.Response:
 
 async def delete_session(request: web.Request) -> web.Response:
     ss = authorize_session(request, allow_api_key=True)
-    await request.app[MANAGER].close(ss, "deleted by the client")
+    await request.app[MANAGER].close(ss, DELETED)
     return web.Response(status=204)
 
 

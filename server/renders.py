@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from letstalk_rt.aio import wait_for
-from letstalk_rt.errors import LetsTalkError, OutputError
+from letstalk_rt.errors import InputError, LetsTalkError, OutputError
 
 if TYPE_CHECKING:
     from letstalk_rt.stream import Session
@@ -64,6 +64,8 @@ class Render:
     finished_at: float | None = None
     started_at: float | None = None  # when its session opened (queued: later than created_at)
     seen_error: str | None = None  # the session's last error event (why it closed)
+    retryable: bool = True  # failed: the same request may succeed if made again (on this server later, or another):
+    # the server stopped, a device failed, the disk filled; False for what the request itself holds (no face found)
     made: collections.deque = field(default_factory=collections.deque)  # (monotonic time, seconds rendered): the
     # frames of its last SPEED_S, and the one before them (`made_now`)
     waiter: asyncio.Task | None = None  # queued: the task that opens its session once a slot frees (app.py)
@@ -116,14 +118,16 @@ class Render:
                 "video_url": self.video_url,
                 "captions_url": f"{self.video_url}/captions" if self.captions else None,
                 **({"error": self.error} if self.error else {}),
+                **({"retryable": self.retryable} if self.state == "failed" else {}),
                 **({"started_at": round(self.started_at, 3)} if self.started_at is not None else {}),
                 **({"finished_at": round(self.finished_at, 3)} if self.finished_at is not None else {})}
 
-    def end(self, state: str, error: str | None = None) -> bool:
-        """Settle it (once); False when it was settled already. Queued, the task waiting for its slot is cancelled."""
+    def end(self, state: str, error: str | None = None, retryable: bool = True) -> bool:
+        """Settle it (once); False when it was settled already. Queued, the task waiting for its slot is cancelled.
+        `retryable`: a failure the same request may not meet again (`Render.retryable`)."""
         if self.state not in ("queued", "rendering"):
             return False
-        self.state, self.error, self.finished_at = state, error, time.time()
+        self.state, self.error, self.finished_at, self.retryable = state, error, time.time(), retryable
         self.source = None
         self.made.clear()
         if self.waiter is not None and self.waiter is not asyncio.current_task():
@@ -229,7 +233,8 @@ async def run(ss: ServerSession, render: Render) -> None:
     except Exception as e:  # the synthesis failed (tts), the recording was not saved (disk), stalled
         if not isinstance(e, LetsTalkError):
             log.exception("render %s failed", render.id)
-        if render.end("failed", str(e) if isinstance(e, LetsTalkError) else f"{type(e).__name__}: {e}"):
+        if render.end("failed", str(e) if isinstance(e, LetsTalkError) else f"{type(e).__name__}: {e}",
+                      retryable=not isinstance(e, InputError)):  # (a text its voice cannot speak: again the same)
             manager.render_ended(render)
         await manager.close(ss, "render failed")
     finally:

@@ -339,6 +339,7 @@ def render_metrics(manager: SessionManager) -> str:
 
 END_OF_SPEECH = object()  # held in a session's audio queue: end_of_speech came after the audio held
 MAX_LISTENERS = 8  # event streams (GET /v1/sessions/{id}/events) a session serves at once
+DELETED = "deleted by the client"  # why a session closed by DELETE /v1/sessions/{id} closed
 LISTENER_QUEUE = 256  # events held for one of them that does not read
 WS_OUTBOX = 256  # messages queued for a websocket; a client that many behind does not read its events
 
@@ -1054,7 +1055,7 @@ class SessionManager:
         finally:
             render = ss.render
             if render is not None and render.end("failed", render.seen_error or f"its session closed before the "
-                                                 f"speech was all shown ({reason})"):
+                                                 f"speech was all shown ({reason})", retryable=reason != DELETED):
                 self.render_ended(render)
             self.sessions.pop(ss.id, None)
             self.metrics.absorb(ss.session)

@@ -508,6 +508,7 @@ def test_a_render_that_does_not_finish_leaves_no_video(tiny_pipeline, tmp_path, 
             async with http.get(closed["status_url"], headers=KEY) as r:
                 state = await r.json()
             assert state["state"] == "failed" and "deleted by the client" in state["error"], state
+            assert state["retryable"] is False  # its session ended on purpose: made again, it would be again
             async with http.get(closed["video_url"], headers=KEY) as r:
                 assert r.status == 404 and "deleted by the client" in (await r.json())["error"]
             async with http.get(f"{srv.url}/metrics") as r:
@@ -524,6 +525,7 @@ def test_a_render_that_does_not_finish_leaves_no_video(tiny_pipeline, tmp_path, 
             async with http.get(disk["status_url"], headers=KEY) as r:
                 state = await r.json()
             assert state["state"] == "failed" and "no space left" in state["error"], state
+            assert state["retryable"] is True  # the server's disk, not the request
             monkeypatch.undo()
             told = lambda: [e["data"] for e in map(json.loads, (body for _, body in got))  # noqa: E731
                             if e["type"].startswith("render.")]
@@ -545,6 +547,7 @@ def test_a_render_that_does_not_finish_leaves_no_video(tiny_pipeline, tmp_path, 
             async with http.get(stalled["status_url"], headers=KEY) as r:
                 state = await r.json()
             assert state["state"] == "failed" and state["error"] == "the render stalled: no frame was made for 1 s"
+            assert state["retryable"] is True
             assert srv.engine.sessions[live["session_id"]].player.paced  # the live one is still there
             async with http.delete(f"{srv.url}/v1/sessions/{live['session_id']}", headers=KEY) as r:
                 assert r.status == 204
@@ -556,8 +559,9 @@ def test_a_render_that_does_not_finish_leaves_no_video(tiny_pipeline, tmp_path, 
                 (rid,) = srv.engine.sessions
                 async with http.delete(f"{srv.url}/v1/sessions/{rid}", headers=KEY) as r:
                     assert r.status == 204
-                with pytest.raises(RenderFailedError, match="failed: .*deleted by the client"):
+                with pytest.raises(RenderFailedError, match="failed: .*deleted by the client") as failed:
                     await task
+                assert failed.value.retryable is False and failed.value.state["render_id"] == rid
             assert not (tmp_path / "sdk.mp4").exists()
 
     run(main())
@@ -661,6 +665,7 @@ def test_renders_asked_with_queue_wait_in_turn_for_a_session_slot(tiny_pipeline,
 
     made, done, seen, old, failed, stranded, kept = run(main())
     assert failed["state"] == "failed" and failed["error"] == "no face was found in the portrait"
+    assert failed["retryable"] is False  # what the request holds: made again, it fails again
     assert made["state"] == "done" and done["state"] == "done" and old["state"] == "done"
     assert made["finished_at"] < done["finished_at"]  # in turn: the one queued first was made first
     assert [s["state"] for s in seen][:1] == ["queued"] and seen[-1]["state"] == "rendering"
@@ -669,6 +674,7 @@ def test_renders_asked_with_queue_wait_in_turn_for_a_session_slot(tiny_pipeline,
     assert (tmp_path / "old.mp4").is_file()
     stopped = kept.all[stranded["render_id"]]  # still queued as the server stopped
     assert stopped.state == "failed" and "the server stopped before a session slot freed" in stopped.error
+    assert stopped.describe()["retryable"] is True  # on another server, or this one once back
     assert sorted(p.stem for p in (tmp_path / "videos").glob("*.mp4")) == sorted(
         [made["render_id"], done["render_id"], old["render_id"]])  # nothing of the cancelled or the stranded
 
