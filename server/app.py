@@ -1704,10 +1704,10 @@ async def _serve(app: web.Application, config: ServerConfig, ssl_context: ssl.SS
                 loop.add_signal_handler(sig, signals.put_nowait, sig)
             except (NotImplementedError, RuntimeError):
                 pass
-        try:  # a daemon's reload, not its end (the default): a renewed certificate, a rotated API key file
-            loop.add_signal_handler(signal.SIGHUP, config.reload_files)
-        except (AttributeError, NotImplementedError, RuntimeError):  # (no SIGHUP on Windows)
-            pass
+        if hasattr(signal, "SIGHUP"):  # (not on Windows) a daemon's reload, not its end (the default): a renewed
+            # certificate, a rotated API key file
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(signal.SIGHUP, config.reload_files)
         await signals.get()
         manager = app[MANAGER]
         if config.drain_s > 0 and manager.sessions:

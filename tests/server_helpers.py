@@ -26,6 +26,7 @@ from aiortc import (
 )
 from aiortc.mediastreams import MediaStreamError
 from conftest import speechlike
+from live_receiver import free_port
 
 
 @dataclass
@@ -105,6 +106,26 @@ def certificate_der(cert: Path) -> bytes:
 
 
 @contextlib.contextmanager
+def _listening(name: str, command: list[str], port: int, env: dict | None = None, timeout: float = 15):
+    """Run `command` (a proxy) until the block ends, once it listens on 127.0.0.1:`port` (what it wrote on stderr
+    said if it exits first)."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert proc.poll() is None, f"{name} did not start: {proc.stderr.read().decode()[-800:]}"
+            assert time.monotonic() < deadline, f"{name} did not listen within {timeout:g} s"
+            time.sleep(0.05)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextlib.contextmanager
 def nginx_proxy(tmp_path: Path, upstream: str, cert: Path, key: Path, prefix: str = "/avatar"):
     """A real nginx (Debian's nginx-light) in front of `upstream` (http://127.0.0.1:PORT) as a deployment puts one:
     TLS ending there, the server under `prefix`, websockets passed on, the Forwarded headers a `--behind-proxy` server
@@ -114,9 +135,7 @@ def nginx_proxy(tmp_path: Path, upstream: str, cert: Path, key: Path, prefix: st
     binary = shutil.which("nginx") or "/usr/sbin/nginx"
     if not Path(binary).exists():
         pytest.skip("needs nginx (Debian's nginx-light: scripts/setup.sh --dev installs it)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     root = tmp_path / "nginx"
     root.mkdir()
     user = "user root;" if os.geteuid() == 0 else ""  # (its workers otherwise run as nobody, shut out of tmp_path)
@@ -151,21 +170,8 @@ def nginx_proxy(tmp_path: Path, upstream: str, cert: Path, key: Path, prefix: st
             }}
         }}
         """)
-    proc = subprocess.Popen([binary, "-p", str(root), "-c", str(root / "nginx.conf")], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert proc.poll() is None, f"nginx did not start: {proc.stderr.read().decode()[-500:]}"
-            assert time.monotonic() < deadline, "nginx did not listen within 10 s"
-            time.sleep(0.05)
+    with _listening("nginx", [binary, "-p", str(root), "-c", str(root / "nginx.conf")], port):
         yield f"https://127.0.0.1:{port}{prefix}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @contextlib.contextmanager
@@ -179,9 +185,7 @@ def caddy_proxy(tmp_path: Path, upstream: str, cert: Path, key: Path, prefix: st
     binary = shutil.which("caddy")
     if binary is None:
         pytest.skip("needs caddy (Debian's: scripts/setup.sh --dev installs it)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     root = tmp_path / "caddy"
     root.mkdir()
     (root / "Caddyfile").write_text(f"""
@@ -202,21 +206,9 @@ def caddy_proxy(tmp_path: Path, upstream: str, cert: Path, key: Path, prefix: st
         }}
         """)
     env = {**os.environ, "HOME": str(root), "XDG_DATA_HOME": str(root / "data"), "XDG_CONFIG_HOME": str(root)}
-    proc = subprocess.Popen([binary, "run", "--config", str(root / "Caddyfile"), "--adapter", "caddyfile"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert proc.poll() is None, f"caddy did not start: {proc.stderr.read().decode()[-800:]}"
-            assert time.monotonic() < deadline, "caddy did not listen within 15 s"
-            time.sleep(0.05)
+    with _listening("caddy", [binary, "run", "--config", str(root / "Caddyfile"), "--adapter", "caddyfile"], port,
+                    env=env):
         yield f"https://127.0.0.1:{port}{prefix}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @dataclass
