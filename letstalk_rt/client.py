@@ -102,6 +102,12 @@ RECONNECT_TIMEOUT_S = 30.0  # then give up: the iterators end, with an `error` e
 # a websocket lost while the media goes on is opened again without touching the peer connection, each try given this
 # long (a connect that hangs on a network gone must not keep the watchdog from seeing the media stop too)
 REOPEN_TRY_S = 2.0
+# connect(move=True): a session told `session_ending` because its server is stopping moves to a new session at the
+# latest this long before it ends (or halfway through what is left, if that is sooner); one whose device hung tries for
+# a new session this long
+MOVE_MARGIN_S = 5.0
+MOVE_TIMEOUT_S = 30.0
+MOVE_REASONS = ("server_stopping", "device_hung")  # a time limit (`time_limit`) is a limit: not moved around
 
 __all__ = [
     "AudioChunk", "AuthenticationError", "AvatarClient", "AvatarClientError", "AvatarNotFoundError", "AvatarSession",
@@ -210,12 +216,13 @@ def _upload(name: str, file: Any) -> tuple[bytes, str]:
 
 async def _form(fields, **files: Any) -> aiohttp.FormData:
     """A multipart body: the `files` that are given (`_upload`: a path, read off the loop, bytes, or a picture in
-    memory: `portrait`, `audio`) and the (name, value) `fields` that are not None."""
+    memory: `portrait`, `audio`; or what `_upload` made of one: (bytes, file name)) and the (name, value) `fields` that
+    are not None."""
     form = aiohttp.FormData()
     for name, file in files.items():
         if file is None:
             continue
-        data, filename = await asyncio.to_thread(_upload, name, file)
+        data, filename = file if isinstance(file, tuple) else await asyncio.to_thread(_upload, name, file)
         form.add_field(name, data, filename=filename, content_type="application/octet-stream")
     for name, value in fields:
         if value is not None:
@@ -409,21 +416,15 @@ def _server_time(resp: aiohttp.ClientResponse) -> float:
 class AvatarSession:
     """One avatar on the server: WebRTC media, a websocket for audio/control/events, and its lifetime."""
 
-    def __init__(self, client: AvatarClient, info: dict, owner: bool = True, server_time: float | None = None) -> None:
-        """`server_time`: the server's clock when it gave `info` (`_server_time`), which the token's expiry is on."""
-        self.client = client
-        self.info = info
+    def __init__(self, client: AvatarClient, info: dict, owner: bool = True, server_time: float | None = None,
+                 how: dict | None = None) -> None:
+        """`server_time`: the server's clock when it gave `info` (`_server_time`), which the token's expiry is on.
+        `how`: the request that made it (`AvatarClient._create`), which a move makes again."""
         self.owner = owner  # made by start_session: close() deletes the session; else (session()) only its viewer
-        self.id: str = info["session_id"]
-        self.token: str = info["token"]
-        self.expires_at: int = info["expires_at"]
-        # when the token expires on this machine's monotonic clock: its own time of day may be off (`_server_time`)
-        now = time.time() if server_time is None else server_time
-        self._token_deadline = time.monotonic() + self.expires_at - now
-        self.offer_url = client._url(info["offer_url"])
-        self.viewers_url = client._url(f"/v1/sessions/{self.id}/viewers")
+        self._how = how
+        self._token_task: asyncio.Task | None = None
+        self._identify(client, info, server_time)
         self.viewer_url: str | None = None  # connect(viewer=True): this client's viewer (its DELETE frees it)
-        self.ws_url = client._url(info["ws_url"], websocket=True)
         self.pc: RTCPeerConnection | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._ws_lock = asyncio.Lock()
@@ -455,8 +456,31 @@ class AvatarSession:
         self._audio_sent = self._audio_done = self._ws_sent = 0
         self.max_queued_seconds = 30.0  # speech the server queues ahead of playback (its `ready` says), more refused
         self._shown_moved = asyncio.Event()  # set when audio_shown may have changed (wait_audio_shown)
+        self._auto_move = False  # connect(move=True)
+        self._moving = False  # move() or connect(move=True)'s: a new session is being made, or switched to
+        self._link_lock = asyncio.Lock()  # the watchdog's look and reconnect, or a move's switch: one at a time
+        self._keep_token_for(client)
+
+    def _identify(self, client: AvatarClient, info: dict, server_time: float | None) -> None:
+        """Be the session `info` describes (at first, and after a move)."""
+        self.client = client
+        self.info = info
+        self.id: str = info["session_id"]
+        self.token: str = info["token"]
+        self.expires_at: int = info["expires_at"]
+        # when the token expires on this machine's monotonic clock: its own time of day may be off (`_server_time`)
+        now = time.time() if server_time is None else server_time
+        self._token_deadline = time.monotonic() + self.expires_at - now
+        self.offer_url = client._url(info["offer_url"])
+        self.viewers_url = client._url(f"/v1/sessions/{self.id}/viewers")
+        self.ws_url = client._url(info["ws_url"], websocket=True)
+
+    def _keep_token_for(self, client: AvatarClient) -> None:
+        if self._token_task is not None:  # a moved session's: its URL names the old session
+            self._token_task.cancel()
+            self._token_task = None
         if self.token != client.api_key and self._token_deadline > time.monotonic():  # (the API key: none to renew)
-            self._spawn(self._keep_token(), "token")
+            self._token_task = self._spawn(self._keep_token(), "token")
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
@@ -503,7 +527,7 @@ class AvatarSession:
 
     async def connect(self, audio_track: MediaStreamTrack | None = None, *, video: bool = True, audio: bool = True,
                       websocket: bool | None = None, timeout: float = 20.0, align: bool = True,
-                      reconnect: bool = True, viewer: bool = False) -> None:
+                      reconnect: bool = True, viewer: bool = False, move: bool = True) -> None:
         """Negotiate WebRTC (receive video/audio; send `audio_track` if given) and open the websocket. `align`: hand
         each video frame over once the audio of its media time has arrived (module docstring).
 
@@ -518,7 +542,13 @@ class AvatarSession:
         they were. A websocket lost alone (its TCP connection ended with no close: a proxy restarted) is opened again
         at once, the peer connection left as it is; sends made meanwhile wait for it. Events `reconnecting` and
         `reconnected` (or an `error` with code `reconnect_failed`, after which the iterators end and sends raise) say
-        so."""
+        so.
+
+        `move`: when the server says it will end the session because it is stopping (`session_ending` reason
+        `server_stopping`: a rolling update) or its device hung (`device_hung`), go on in a new session made as this
+        one was, through the same URL (a balancer sends it to a server that is up; a server with several devices puts
+        it on another): `move()`, with speech already sent shown first where there is time. A session this client
+        only attached to (`AvatarClient.session`, a viewer) is not moved."""
         if self.closed:
             raise AvatarClientError(f"session {self.id} is closed")
         if self.pc is not None:
@@ -540,6 +570,7 @@ class AvatarSession:
         if websocket:
             await self._open_ws()
         self._align = align and audio and video
+        self._auto_move = move and self._how is not None
         self._link = dict(servers=servers, audio_track=audio_track, video=video, audio=audio, websocket=websocket,
                           timeout=timeout, viewer=viewer)
         await self._negotiate(**self._link)
@@ -619,22 +650,25 @@ class AvatarSession:
         self._watching = True
         while not self.closed:
             await asyncio.sleep(RECONNECT_POLL_S)
-            if self.close_reason is not None:  # its connection closes with it: the media iterators end once drained
-                self._video.close()
-                self._audio.close()
-                return
-            pc = self.pc
-            # (not before the first media: a server slow to its first frame is not a network gone)
-            stalled = (self._video.received + self._audio.received > 0
-                       and time.monotonic() - self._media_at > RECONNECT_STALL_S)
-            if pc is not None and not stalled and pc.connectionState not in ("failed", "closed"):
-                if self._ws_lost_at is not None and not await self._reopen_ws():
+            async with self._link_lock:  # (not while a move switches: it replaces the connection itself)
+                if not await self._look():
                     return
-                continue
-            reason = (f"no media for {RECONNECT_STALL_S:g} s" if stalled
-                      else f"peer connection {pc.connectionState if pc else 'gone'}")
-            if not await self._reconnect(reason):
-                return
+
+    async def _look(self) -> bool:
+        """The watchdog's look at the connection: reconnect where it went; False once there is nothing to watch."""
+        if self.close_reason is not None:  # its connection closes with it: the media iterators end once drained
+            self._video.close()
+            self._audio.close()
+            return False
+        pc = self.pc
+        # (not before the first media: a server slow to its first frame is not a network gone)
+        stalled = (self._video.received + self._audio.received > 0
+                   and time.monotonic() - self._media_at > RECONNECT_STALL_S)
+        if pc is not None and not stalled and pc.connectionState not in ("failed", "closed"):
+            return self._ws_lost_at is None or await self._reopen_ws()
+        reason = (f"no media for {RECONNECT_STALL_S:g} s" if stalled
+                  else f"peer connection {pc.connectionState if pc else 'gone'}")
+        return await self._reconnect(reason)
 
     async def _reconnect(self, reason: str) -> bool:
         """Replace the peer connection (and the websocket) until one connects or RECONNECT_TIMEOUT_S has passed;
@@ -699,6 +733,141 @@ class AvatarSession:
                         "after_s": round(time.monotonic() - lost_at, 3), "websocket_only": True})
         return True
 
+    # -- moving to a new session
+
+    async def move(self, client: AvatarClient | None = None, *, reason: str = "moved by the application",
+                   timeout: float = 30.0) -> None:
+        """Go on in a new session made as this one was (the same portrait or avatar, seed and options), on `client`'s
+        server (another server, for one that is stopping: `session_ending`) or by default through this session's
+        client, and end this one. The frame, audio and event iterators go on across it, media times continuing; sends
+        go to the new session (`id`, `token` and the URLs are its); a `moved` event (`session_id` the new one,
+        `from_session_id`, `reason`, `after_s`) says when its media flows. Speech sent and not yet shown is dropped,
+        and the avatar starts again from its portrait (the new session has its own memory). A live stream
+        (`broadcast`), an overlay page and viewers stay on the old session and end with it: start them again on the
+        new one (on `moved`). Raises what making the new session raised (ServerBusyError: that server is full or
+        stopping too), this session left as it was; AvatarClientError for a session this client did not start."""
+        if self._how is None:
+            raise AvatarClientError(f"session {self.id}: only a session this client started (start_session) can move")
+        if self.closed or self.close_reason is not None:
+            raise AvatarClientError(f"session {self.id} is closed")
+        if self._moving:
+            raise AvatarClientError(f"session {self.id} is moving already")
+        client = client or self.client
+        self._moving = True
+        try:
+            info, server_time = await wait_for(client._create(self._how), timeout)
+            await self._switch(client, info, server_time, reason)
+        finally:
+            self._moving = False
+
+    async def _follow(self, event: dict) -> None:
+        """connect(move=True): move when told `session_ending` for a reason in MOVE_REASONS. A stopping server's
+        session goes on meanwhile: what was sent is shown first, until MOVE_MARGIN_S before its end; a new session is
+        asked for (through the same URL) until then (MOVE_TIMEOUT_S for a hung device, whose session shows nothing
+        more), a full or stopping server tried again. An `error` event with code `move_failed` if none came: the old
+        session goes on until it ends."""
+        reason = str(event.get("reason"))
+        left = max(0.0, float(event.get("seconds_left") or 0.0))
+        now = time.monotonic()
+        switch_by = now + left - min(MOVE_MARGIN_S, left / 2) if left else now + MOVE_TIMEOUT_S
+        try:
+            if left:  # speech sent before the news is shown first (a live stream of it may never end: not past then)
+                await self.wait_audio_shown(timeout=max(0.0, switch_by - time.monotonic() - 1.0))
+            wait, last = RECONNECT_FIRST_WAIT_S, ""
+            while not (self.closed or self.close_reason is not None):
+                try:
+                    info, server_time = await wait_for(self.client._create(self._how),
+                                                       max(1.0, switch_by - time.monotonic()))
+                    break
+                except ServerBusyError as e:  # full, or stopping (a balancer that has not yet seen its /health)
+                    last = str(e)
+                except (AuthenticationError, RequestError, AvatarNotFoundError) as e:  # not going to change
+                    last = str(e)
+                    switch_by = 0.0
+                except (AvatarClientError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+                    last = str(e) or type(e).__name__
+                if time.monotonic() + wait > switch_by:
+                    self._dispatch({"type": "error", "session_id": self.id, "code": "move_failed", "time": time.time(),
+                                    "message": f"session {self.id}: told it ends ({reason}) and could not move to a "
+                                               f"new session: {last}"})
+                    return
+                await asyncio.sleep(wait)
+                wait = min(2 * wait, 4.0)
+            else:
+                return
+            if left and not self.audio_shown:  # what was sent while the new session was made
+                await self.wait_audio_shown(timeout=max(0.0, switch_by - time.monotonic()))
+            if self.closed or self.close_reason is not None:  # ended meanwhile: the new one is not wanted
+                self._spawn(self._delete(self.client, info["session_id"], info["token"]), "delete-new")
+                return
+            await self._switch(self.client, info, server_time, reason)
+        except Exception:  # (a callback's task: nobody would see it)
+            log.exception("session %s: moving it failed", self.id)
+        finally:
+            self._moving = False
+
+    async def _switch(self, client: AvatarClient, info: dict, server_time: float, reason: str) -> None:
+        """Become the new session `info` (made on `client`'s server): its websocket, then its peer connection in place
+        of the old one's (connect()'s way; a reconnect's tries if that fails), and the old session deleted. If its
+        websocket cannot be opened, this stays the old session and the new one is deleted."""
+        async with self._link_lock:  # (a reconnect under way finishes first; the watchdog waits for this)
+            if self._failed is not None or self.closed or self.close_reason is not None:
+                self._spawn(self._delete(client, info["session_id"], info["token"]), "delete-new")
+                raise AvatarClientError(f"session {self.id}: {self._failed or self.close_reason or 'closed'}")
+            started = time.monotonic()
+            old = {name: getattr(self, name) for name in ("client", "info", "id", "token", "expires_at",
+                                                          "_token_deadline", "offer_url", "viewers_url", "ws_url")}
+            old_ws = self._ws
+            self._identify(client, info, server_time)
+            try:
+                if self._link.get("websocket", old_ws is not None):
+                    await self._open_ws(replace=True)  # (the old one closed: its events are no longer this session's)
+            except BaseException:
+                self.__dict__.update(old)
+                self._spawn(self._delete(client, info["session_id"], info["token"]), "delete-new")
+                raise
+            old["client"]._sessions.discard(self)
+            client._sessions.add(self)
+            self._keep_token_for(client)
+            self._audio_sent = self._audio_done = self._ws_sent = 0  # the server counts each session's messages
+            self._shown_moved.set()
+            try:
+                if old_ws is not None and self._ws is old_ws:  # connect(websocket=False) with one opened by a send
+                    self._ws = None
+                    self._spawn(_close_quietly(old_ws), "ws-close")
+                if self._link:
+                    self._time_offset = (max(self._last_media_time, self._audio_until)
+                                         + (time.monotonic() - self._media_at))
+                    old_pc, self.pc = self.pc, None
+                    if old_pc is not None:
+                        self._spawn(_close_pc(old_pc), "close-pc")
+                    self._audio_until, self._audio_at = -1.0, time.monotonic()
+                    try:
+                        await self._negotiate(**self._link)
+                    except (AvatarClientError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+                        if not self._watching or not await self._reconnect(f"moved; its new connection failed: {e}"):
+                            raise
+            finally:
+                self._spawn(self._delete(old["client"], old["id"], old["token"]), "delete-old")
+        log.info("session %s: moved to session %s (%s)", old["id"], self.id, reason)
+        self._dispatch({"type": "moved", "session_id": self.id, "from_session_id": old["id"], "reason": reason,
+                        "time": time.time(), "after_s": round(time.monotonic() - started, 3)})
+
+    async def _delete(self, client: AvatarClient, session_id: str, token: str, url: str | None = None) -> None:
+        """DELETE a session (close(), or the one a move left) or `url` (this client's viewer of it); one gone already
+        (404) or whose token expired (401) is fine."""
+        http = client._http
+        if http is None or http.closed:
+            return
+        url = url or client._url(f"/v1/sessions/{urllib.parse.quote(session_id, safe='')}")
+        try:
+            async with http.delete(url, headers={"Authorization": f"Bearer {token}"}) as resp:
+                if resp.status not in (204, 401, 404):
+                    await _raise_for_status(resp)
+        except (aiohttp.ClientError, asyncio.TimeoutError, AvatarClientError) as e:
+            log.warning("session %s: DELETE failed (%s); the server frees it after its idle timeout", session_id,
+                        str(e) or type(e).__name__)
+
     async def _read_track(self, track: MediaStreamTrack, pc: RTCPeerConnection) -> None:
         buffer = self._video if track.kind == "video" else self._audio
         first_pts: float | None = None
@@ -709,6 +878,8 @@ class AvatarSession:
             except MediaStreamError:
                 if self.pc is pc and not self._watching:  # a replaced connection's tracks end quietly
                     buffer.close()
+                return
+            if self.pc is not pc:  # replaced (a move, a reconnect): what it still brings would go back in time
                 return
             t = float(frame.pts * frame.time_base) if frame.pts is not None and frame.time_base else 0.0
             if first_pts is None:
@@ -819,7 +990,7 @@ class AvatarSession:
                 event = json.loads(msg.data)
             except ValueError:
                 continue
-            if isinstance(event, dict):
+            if isinstance(event, dict) and (self._ws is ws or self._ws is None):  # (not a moved session's old one)
                 self._dispatch(event)
         current = self._ws is ws
         if not current:  # replaced by a newer one of ours (a reconnect): nothing of it matters any more
@@ -876,6 +1047,9 @@ class AvatarSession:
                     task.add_done_callback(self._tasks.discard)
             except Exception:
                 log.exception("event callback for %r failed", kind)
+        if kind == "session_ending" and self._auto_move and event.get("reason") in MOVE_REASONS and not self._moving:
+            self._moving = True  # (set now: a second `session_ending` before the task starts must not move it again)
+            self._spawn(self._follow(event), "move")
         if kind == "closed":  # the server closed the session: nothing to reconnect to, nothing more to send
             self.close_reason = str(event.get("reason") or "closed")
             self._events.close()
@@ -1138,17 +1312,10 @@ class AvatarSession:
             if self.pc is not None:
                 pc, self.pc = self.pc, None
                 await _close_pc(pc)
-            http = self.client._http
-            target = self.client._url(f"/v1/sessions/{self.id}") if self.owner else self.viewer_url
-            if target is not None and http is not None and not http.closed:
-                try:
-                    async with http.delete(target, headers=self._headers()) as resp:
-                        if resp.status not in (204, 401, 404):  # 404/401: already gone or expired, fine
-                            await _raise_for_status(resp)
-                except (aiohttp.ClientError, asyncio.TimeoutError, AvatarClientError) as e:
-                    # Unreachable, slow or failing: the server frees the session itself once it is idle.
-                    log.warning("session %s: DELETE failed (%s); the server frees it after its idle timeout",
-                                self.id, str(e) or type(e).__name__)
+            if self.owner:  # unreachable, slow or failing: the server frees the session itself once it is idle
+                await self._delete(self.client, self.id, self.token)
+            elif self.viewer_url is not None:
+                await self._delete(self.client, self.id, self.token, self.viewer_url)
         finally:  # whatever the server said: nothing of this session may outlive close() here
             for task in list(self._tasks):
                 task.cancel()
@@ -1470,22 +1637,31 @@ class AvatarClient:
         `background` "RRGGBB": the colour a portrait's transparent parts go on (white by default): a key colour, which
         `overlay_url(transparent=...)` turns back into transparency. `record`: the server (started with
         `--recordings-dir`) records what the session shows, saved when it ends (`download_recording(session.id)`)."""
-        http = self._require_http()
+        self._require_http()
         options = (("seed", seed), ("steps", steps), ("full_frame", full_frame), ("framing", framing), ("voice", voice),
                    ("background", background), ("record", None if record is None else str(bool(record)).lower()))
         if portrait is not None and avatar_id is not None:
             raise ValueError("give either portrait or avatar_id, not both")
-        if portrait is not None:
-            form = await _form(options, portrait=portrait)
-            request = http.post(self._url("/v1/sessions"), data=form, headers=self._auth())
+        how: dict[str, Any] = {"options": {k: v for k, v in options if v is not None}}
+        if portrait is not None:  # read once: a move uploads it again
+            how["portrait"] = await asyncio.to_thread(_upload, "portrait", portrait)
         else:
-            body: dict[str, Any] = {"avatar_id": avatar_id or "default"}
-            body.update({k: v for k, v in options if v is not None})
-            request = http.post(self._url("/v1/sessions"), json=body, headers=self._auth())
-        async with request as resp:
-            await _raise_for_status(resp)
-            info = await resp.json()
-            server_time = _server_time(resp)
-        session = AvatarSession(self, info, server_time=server_time)
+            how["avatar_id"] = avatar_id or "default"
+        info, server_time = await self._create(how)
+        session = AvatarSession(self, info, server_time=server_time, how=how)
         self._sessions.add(session)
         return session
+
+    async def _create(self, how: dict) -> tuple[dict, float]:
+        """POST /v1/sessions as start_session asked (`how`: its portrait, read, or avatar id, and options): the
+        server's answer and its clock (`_server_time`)."""
+        http = self._require_http()
+        if "portrait" in how:
+            form = await _form(how["options"].items(), portrait=how["portrait"])
+            request = http.post(self._url("/v1/sessions"), data=form, headers=self._auth())
+        else:
+            request = http.post(self._url("/v1/sessions"), json={"avatar_id": how["avatar_id"], **how["options"]},
+                                headers=self._auth())
+        async with request as resp:
+            await _raise_for_status(resp)
+            return await resp.json(), _server_time(resp)

@@ -50,6 +50,14 @@ def tiny_pipeline(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
+def second_pipeline(tiny_model_dir):
+    """The tiny model loaded again: a second device's copy (an EnginePool's second engine, a second server)."""
+    from letstalk_rt.pipeline import LetsTalkPipeline
+
+    return LetsTalkPipeline.from_pretrained(tiny_model_dir, traced=False)
+
+
+@pytest.fixture(scope="session")
 def w2v_dir(tmp_path_factory) -> Path:
     """A tiny randomly initialised transformers wav2vec2 checkpoint, saved to disk (nothing downloaded)."""
     from transformers import Wav2Vec2Config, Wav2Vec2Model

@@ -418,6 +418,129 @@ def test_sdk_reconnects_when_its_network_goes_and_its_iterators_go_on(tiny_pipel
     assert len(frames) >= before + 50
 
 
+def test_a_session_on_a_stopping_server_moves_to_another_and_its_iterators_go_on(tiny_pipeline, second_pipeline,
+                                                                                 astronaut_png):
+    """A rolling update: server A drains (`session_ending`, reason server_stopping) and the app moves its session to
+    server B (`move(client_b)` on the event): a new session there from the same uploaded portrait, the frame, audio
+    and event iterators going on with media times still rising, sends going to the new session, its token renewed at
+    B, and the old session deleted (A's drain ends at once)."""
+    from letstalk_rt.client import AvatarClient
+
+    async def main():
+        async with running_server(tiny_pipeline) as a, running_server(second_pipeline) as b, \
+                AvatarClient(a.url) as client_a, AvatarClient(b.url) as client_b:
+            session = await client_a.start_session(portrait=astronaut_png, seed=3)
+            old_id = session.id
+            portrait = a.engine.sessions[old_id]._w.stream.portrait.image.copy()
+            seen: list[dict] = []
+            session.on("*", seen.append)
+            session.on("session_ending", lambda event: session.move(client_b, reason=event["reason"]))
+            await session.connect(move=False)
+            frames, chunks, readers = collect_media(session, timed=True)
+            await wait_until(lambda: len(frames) >= 25, 20, "a second of frames")
+            drain = asyncio.ensure_future(a.manager.drain(30))
+            await wait_until(lambda: any(e["type"] == "moved" for e in seen), 30, "the move")
+            drained = await asyncio.wait_for(drain, 10)  # its only session deleted: A can stop now
+            before = len(frames)
+            await wait_until(lambda: len(frames) >= before + 25, 20, "frames from B")
+            placed = list(b.manager.sessions)
+            moved_portrait = b.engine.sessions[session.id]._w.stream.portrait.image
+            await session.send_audio(speechlike(1.0), sample_rate=16000)
+            await session.end_speech()
+            moved_at = next(i for i, e in enumerate(seen) if e["type"] == "moved")
+            await wait_until(lambda: any(e["type"] == "speech_started" for e in seen[moved_at:]), 20, "speech at B")
+            stats = await session.stats()
+            await session.close()
+            await asyncio.gather(*readers)
+            return old_id, session.id, portrait, moved_portrait, seen, drained, placed, frames, stats, \
+                list(b.manager.sessions)
+
+    old_id, new_id, portrait, moved_portrait, seen, drained, placed, frames, stats, left = run(main())
+    types = [e["type"] for e in seen]
+    assert types.index("session_ending") < types.index("moved") and "error" not in types, types
+    moved = next(e for e in seen if e["type"] == "moved")
+    assert moved["from_session_id"] == old_id and moved["session_id"] == new_id != old_id
+    assert moved["reason"] == "server_stopping" and moved["after_s"] < 10
+    assert drained is True and placed == [new_id] and left == []
+    assert np.array_equal(portrait, moved_portrait)  # the same photo, uploaded again
+    assert stats["session_id"] == new_id and stats["peer_connection"] == "connected"
+    times = [f.time for f in frames]
+    assert all(y > x for x, y in zip(times, times[1:])), "media times go back after the move"
+
+
+def test_a_session_whose_device_hung_moves_by_itself_to_another_device(tiny_pipeline, second_pipeline):
+    """connect()'s default `move`: a session on a device that stopped answering (told `session_ending`, reason
+    device_hung) goes on by itself in a new session through the same URL, which the server puts on its other device;
+    frames come again and the old session is deleted. With nowhere to go (one server, stopping), an `error` event
+    (move_failed) says so and the old session streams on until the server ends it."""
+    import threading
+
+    from letstalk_rt.client import AvatarClient
+
+    gate = threading.Event()
+
+    async def main():
+        async with running_server([tiny_pipeline, second_pipeline], engine_config={"hung_after_s": 0.5},
+                                  watch_interval_s=0.1) as srv, AvatarClient(srv.url) as client:
+            session = await client.start_session(seed=1)
+            old_id = session.id
+            seen: list[dict] = []
+            session.on("*", seen.append)
+            await session.connect()
+            frames, chunks, readers = collect_media(session, timed=True)
+            await wait_until(lambda: len(frames) >= 25, 20, "a second of frames")
+            hung = srv.engine.sessions[old_id].engine
+            execute = hung._execute
+
+            def hangs(jobs, **kwargs):  # its next window waits on the gate: a device that stopped answering
+                gate.wait(60)
+                return execute(jobs, **kwargs)
+
+            hung._execute = hangs
+            await wait_until(lambda: any(e["type"] == "moved" for e in seen), 30, "the move")
+            before = len(frames)
+            await wait_until(lambda: len(frames) >= before + 25, 20, "frames from the other device")
+            await wait_until(lambda: old_id not in srv.engine.sessions, 10, "the old session deleted")
+            placed = srv.engine.sessions[session.id].engine
+            gate.set()
+            await session.close()
+            await asyncio.gather(*readers)
+            return old_id, session.id, seen, hung, placed, frames
+
+    try:
+        old_id, new_id, seen, hung, placed, frames = run(main())
+    finally:
+        gate.set()
+    ending = next(e for e in seen if e["type"] == "session_ending")
+    moved = next(e for e in seen if e["type"] == "moved")
+    assert ending["reason"] == moved["reason"] == "device_hung" and ending["session_id"] == old_id
+    assert moved["from_session_id"] == old_id and moved["session_id"] == new_id != old_id
+    assert placed is not hung
+    times = [f.time for f in frames]
+    assert all(y > x for x, y in zip(times, times[1:]))
+
+    async def nowhere():
+        async with running_server(tiny_pipeline) as srv, AvatarClient(srv.url) as client:
+            session = await client.start_session(seed=1)
+            seen: list[dict] = []
+            session.on("*", seen.append)
+            await session.connect()
+            frames, chunks, readers = collect_media(session)
+            await wait_until(lambda: len(frames) >= 10, 20, "frames")
+            drained = await srv.manager.drain(4.0)  # the move is refused (503) until 2 s before the end
+            during = len(frames)
+            await srv.manager.close_all()
+            await asyncio.gather(*readers)
+            return seen, drained, during, session.close_reason
+
+    seen, drained, during, reason = run(nowhere())
+    types = [e["type"] for e in seen]
+    failed = next(e for e in seen if e["type"] == "error")
+    assert types.index("session_ending") < types.index("error") < types.index("closed") and "moved" not in types
+    assert failed["code"] == "move_failed" and "shutting down" in failed["message"], failed
+    assert drained is False and during >= 10 + 25 and reason == "server stopping"
+
+
 def test_a_session_outlives_its_first_token_the_sdk_renewing_it(tiny_pipeline):
     """A session's token holds the server's --token-ttl (an hour) from when it was given, and a session may last
     hours: the SDK renews it while the session is open, so a reconnect after the first token expired, a client

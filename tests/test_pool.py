@@ -20,12 +20,6 @@ from server_helpers import create_session, play_session, run, running_server, wa
 from test_engine import _collect, _drain_events, _portrait
 
 
-@pytest.fixture(scope="module")
-def second_pipeline(tiny_model_dir):
-    """The tiny model loaded again: the second device's copy."""
-    return LetsTalkPipeline.from_pretrained(tiny_model_dir, traced=False)
-
-
 def _pool(*pipes, cap: int = 2) -> EnginePool:
     return EnginePool([StreamEngine(p, EngineConfig(warmup=False, max_sessions=cap, max_batch=cap)) for p in pipes])
 
