@@ -492,6 +492,54 @@ def test_a_hung_engine_fails_the_liveness_check_until_it_answers_again(tiny_pipe
     assert after[1][0] == 200 and after[1][1]["status"] == "ok"
 
 
+def test_a_device_that_hangs_in_a_sessions_memory_update_is_seen_and_the_session_still_closes(tiny_pipeline):
+    """A device can stop answering outside a window too: an interrupt starts the session's memory again from the
+    frames on screen, which syncs with the device. The worker stuck there is taken for hung like one stuck in a
+    window, and the session's lock is not held meanwhile: a DELETE (the SDK moving away, told device_hung) closes it at
+    once and the server goes on answering (the event loop takes that lock: held there, the whole server stopped)."""
+    import threading
+
+    gate = threading.Event()
+
+    async def main():
+        async with running_server(tiny_pipeline, engine_config={"hung_after_s": 0.5}, watch_interval_s=0.1) as srv, \
+                aiohttp.ClientSession() as http:
+            info = await create_session(http, srv.url)
+            player = play_session(srv, info["session_id"])
+            session = srv.engine.sessions[info["session_id"]]
+            await wait_until(lambda: session.player.tick > 5, 30, "the session's first frames")
+            memory = session._w.stream.memory
+            update, entered = memory.update, threading.Event()
+
+            def stuck(*args, **kwargs):  # the device stops answering as the memory is written
+                entered.set()
+                gate.wait(15)
+                return update(*args, **kwargs)
+
+            memory.update = stuck
+            session.interrupt()
+            await wait_until(entered.is_set, 20, "the worker in the memory update")
+            await wait_until(lambda: srv.engine.hung, 10, "the engine taken for hung")
+            started = time.monotonic()
+            async with http.delete(f"{srv.url}/v1/sessions/{info['session_id']}",
+                                   headers=_bearer(info["token"])) as r:
+                deleted = r.status
+            async with http.get(f"{srv.url}/health/live") as r:
+                live = r.status
+            took = time.monotonic() - started
+            gate.set()
+            await wait_until(lambda: not srv.engine.hung, 20, "the engine answering again")
+            player.cancel()
+            return deleted, live, took, list(srv.manager.sessions)
+
+    try:
+        deleted, live, took, left = run(main())
+    finally:
+        gate.set()
+    assert deleted == 204 and live == 503 and left == []
+    assert took < 3.0, f"the server stood still {took:.1f} s waiting on the stuck session"
+
+
 def test_a_json_log_is_one_object_a_line_with_the_session_it_is_about(tiny_model_dir, tmp_path):
     """`--log-format json` (a log collector's): every line the server writes, from its start to its stop, is one JSON
     object with time, level, logger and message; what it says by itself (its URL) is among them, a record about a

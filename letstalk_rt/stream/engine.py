@@ -1842,17 +1842,18 @@ class StreamEngine:
             if self.threads is not None and torch.get_num_threads() != self.threads:
                 torch.set_num_threads(self.threads)
             planned = time.perf_counter()
+            self._working_since[0] = time.monotonic()  # planning works on the device too (audio encoding, memory)
             try:
                 jobs = self._plan()
             except Exception:  # never let the worker die: planning errors are per session below
                 log.exception("engine planning failed")
                 jobs = []
             if not jobs:
+                self._working_since[0] = None
                 with self._cond:
                     if not self._stopping:
                         self._cond.wait(timeout=0.01)
                 continue
-            self._working_since[0] = time.monotonic()
             try:
                 self._execute(jobs, plan_ms=(time.perf_counter() - planned) * 1000)
             except Exception as e:  # a last resort (each session's own steps fail it alone): end the batch's
@@ -1974,25 +1975,26 @@ class StreamEngine:
         now, or (not in an utterance) would run dry within `horizon` seconds; else None."""
         w = s._w
         with s._lock:
-            if s._reset is not None:  # interrupt: start over from what is on screen
-                fresh = self.pipeline.audio_tokenizer(live=True)
-                fresh.level = w.tokenizer.level  # the speaker's loudness outlives an interrupt; set before the
-                w.tokenizer = fresh  # swap, so stats() on the event loop never reads a fresh tokenizer's gain 1
-                w.tokens, w.n_tokens, w.timeline, w.idle_ahead = [], 0, collections.deque(), 0
-                w.captions = []
-                w.unflushed = w.after_speech = False
-                w.inserted_run = 0
-                w.silent_run_s = 0.0
-                w.stretch, w.compressing = None, False
-                w.stretched.clear()
-                w.stretch_tag = None
-                latents = s._reset
-                w.stream.memory.reset()
-                if latents:
-                    w.stream.memory.update(torch.stack([z.cpu() for z in latents]))
-                w.fresh = True
-                s._reset = None
+            latents, s._reset = s._reset, None
             epoch = s._epoch
+        # (not under the lock: the memory update syncs with the device, and the event loop takes that lock, so a
+        # device that stopped answering there would stop the whole server, not just this engine)
+        if latents is not None:  # interrupt: start over from what is on screen
+            fresh = self.pipeline.audio_tokenizer(live=True)
+            fresh.level = w.tokenizer.level  # the speaker's loudness outlives an interrupt; set before the
+            w.tokenizer = fresh  # swap, so stats() on the event loop never reads a fresh tokenizer's gain 1
+            w.tokens, w.n_tokens, w.timeline, w.idle_ahead = [], 0, collections.deque(), 0
+            w.captions = []
+            w.unflushed = w.after_speech = False
+            w.inserted_run = 0
+            w.silent_run_s = 0.0
+            w.stretch, w.compressing = None, False
+            w.stretched.clear()
+            w.stretch_tag = None
+            w.stream.memory.reset()
+            if latents:
+                w.stream.memory.update(torch.stack([z.cpu() for z in latents]))
+            w.fresh = True
         window = self.window
         t0 = time.perf_counter()
         # Tokenize queued audio, but hold no more than two windows of tokens: the rest waits, bounded, in _pcm_in.
