@@ -340,6 +340,54 @@ def test_a_page_whose_connection_goes_silent_reconnects_and_the_avatar_goes_on(t
         assert text == "", text  # no error left on the overlay
 
 
+@pytest.mark.parametrize("page", ["index", "overlay"])
+def test_a_page_whose_device_hung_moves_to_a_new_session_and_the_avatar_goes_on(tiny_pipeline, second_pipeline,
+                                                                               tmp_path, page):
+    """A page's session is on a device that stops answering: told `session_ending` (device_hung), the page makes a
+    session the same way (the server puts it on its other device), shows it once connected and deletes the old one;
+    the video goes on in the same page."""
+    import threading
+
+    gate = threading.Event()
+
+    async def main():
+        async with running_server([tiny_pipeline, second_pipeline], engine_config={"hung_after_s": 0.5},
+                                  watch_interval_s=0.1) as srv, async_playwright() as pw, \
+                _chromium(pw, tmp_path) as context:
+            tab = await context.new_page()
+            await tab.goto(f"{srv.url}/?autostart=1&source=none" if page == "index" else f"{srv.url}/overlay")
+            await tab.wait_for_function("window.letstalk?.frames?.frames > 25", timeout=30000)
+            (old_id,) = srv.manager.sessions
+            hung = srv.engine.sessions[old_id].engine
+            execute = hung._execute
+
+            def hangs(jobs, **kwargs):  # its next window waits on the gate: a device that stopped answering
+                gate.wait(60)
+                return execute(jobs, **kwargs)
+
+            hung._execute = hangs
+            await wait_until(lambda: list(srv.manager.sessions) not in ([], [old_id]), 30, "the page's new session")
+            await wait_until(lambda: old_id not in srv.manager.sessions, 10, "the old session deleted")
+            (new_id,) = srv.manager.sessions
+            placed = srv.engine.sessions[new_id].engine
+            shown = await tab.evaluate("window.letstalk.frames.frames")
+            await tab.wait_for_function(f"window.letstalk.frames.frames > {shown + 25}", timeout=20000)
+            text = await tab.evaluate("(document.getElementById('log') || document.getElementById('error'))"
+                                      ".innerText")
+            gate.set()
+            return old_id, new_id, placed is not hung, text
+
+    try:
+        old_id, new_id, elsewhere, text = run(main())
+    finally:
+        gate.set()
+    assert new_id != old_id and elsewhere
+    if page == "index":
+        assert "session_ending" in text and f"moved to session {new_id} device_hung" in text, text
+    else:
+        assert text == "", text  # no error left on the overlay
+
+
 @pytest.mark.skipif(__import__("shutil").which("espeak-ng") is None, reason="needs espeak-ng (the server's TTS)")
 def test_a_page_whose_websocket_is_lost_opens_it_again_and_says_what_was_typed_meanwhile(tiny_pipeline, tmp_path):
     """The page's websocket alone goes (a proxy restarted: its TCP connection ends with no close, code 1006) while the

@@ -234,11 +234,22 @@ export async function fileToStream(file, { loop = false, autoplay = false } = {}
   };
 }
 
+// Why a server ends a session that a new one can take over from (session_ending's reason): it is stopping (a rolling
+// update), or its device hung. A time limit is a limit.
+const MOVE_REASONS = ["server_stopping", "device_hung"];
+
 export class AvatarConnection {
-  constructor(info, { onEvent = () => {}, onState = () => {} } = {}) {
+  // follow: where the server says it will end the session because it is stopping or its device hung (a
+  // session_ending event, MOVE_REASONS), go on in a new session that follow() makes (e.g. () => createSession(the
+  // same arguments)): move() switches to it; onState gets {type: "moved", session_id, from_session_id, reason,
+  // after_ms} (conn.stream is then the new session's: show it) or {type: "move_failed", reason} (the old session
+  // goes on until it ends). A server that refuses (503: stopping too, before a balancer has noticed) is asked again
+  // with backoff until 2 s before the old session ends (30 s for a hung device).
+  constructor(info, { onEvent = () => {}, onState = () => {}, follow = null } = {}) {
     this.info = info;
     this.onEvent = onEvent;
     this.onState = onState;
+    this.follow = follow;
     this.pc = null;
     this.ws = null;
     this.stream = new MediaStream();
@@ -300,7 +311,7 @@ export class AvatarConnection {
   }
 
   async _checkMedia() {
-    if (this.closed || this._reconnecting || !this.pc) return;
+    if (this.closed || this._reconnecting || this._switching || !this.pc) return;
     if (this._wsLostAt && this.ws.readyState === WebSocket.CLOSED) this._reopenSocket();
     const s = await this.stats();
     const packets = (s.video.packetsReceived ?? 0) + (s.audio.packetsReceived ?? 0);
@@ -456,9 +467,15 @@ export class AvatarConnection {
       for (const message of (this._unsent || []).splice(0)) ws.send(message);
     };
     ws.onmessage = (m) => {
+      if (this.ws !== ws) return; // a moved session's old websocket: its events are no longer this connection's
+      let ev;
       try {
-        this.onEvent(JSON.parse(m.data));
-      } catch {}
+        ev = JSON.parse(m.data);
+      } catch {
+        return;
+      }
+      this.onEvent(ev);
+      if (ev.type === "session_ending" && this.follow && MOVE_REASONS.includes(ev.reason)) this._followOn(ev);
     };
     ws.onclose = (e) => {
       this.onState({ type: "websocket", state: "closed", code: e.code, reason: e.reason });
@@ -472,6 +489,88 @@ export class AvatarConnection {
       }
     };
     this._keepAlive = setInterval(() => this.send({ type: "ping" }), 15000);
+  }
+
+  // The session ends (session_ending): a new one from this.follow(), asked for until 2 s before the old one ends (30 s
+  // for a hung device, which shows nothing more), a refusal (503) or a network error tried again with backoff.
+  async _followOn(ev) {
+    if (this._following || this.closed) return;
+    this._following = true;
+    const left = Math.max(0, Number(ev.seconds_left) || 0) * 1000;
+    const until = Date.now() + (left ? Math.max(left - 2000, left / 2) : 30000);
+    let wait = 500;
+    let last = "";
+    try {
+      while (!this.closed) {
+        try {
+          await this.move(await this.follow(), ev.reason);
+          return;
+        } catch (e) {
+          last = String(e);
+          if (!/HTTP 503|fetch|network/i.test(last)) break; // (an avatar gone, a key refused: not going to change)
+        }
+        if (Date.now() + wait > until) break;
+        await new Promise((r) => setTimeout(r, wait));
+        wait = Math.min(2 * wait, 4000);
+      }
+      if (!this.closed) this.onState({ type: "move_failed", reason: last });
+    } finally {
+      this._following = false;
+    }
+  }
+
+  // Go on in the session `info` (a createSession() answer, or sessionFromToken() for one another client made):
+  // connect to it the way start() connected (its websocket too), keep showing the old one until the new one is
+  // connected, then hang up the old one and delete it (a viewer's: free the viewer). onState {type: "moved"} says
+  // so; conn.stream is the new one's. On failure this stays on the old session (the new one is deleted) and throws.
+  async move(info, reason = "moved by the page") {
+    if (this.closed) throw new Error("the connection is closed");
+    const started = Date.now();
+    const old = { info: this.info, pc: this.pc, ws: this.ws, stream: this.stream, viewerUrl: this.viewerUrl };
+    const options = this._options || {};
+    this._switching = true;
+    try {
+      this.info = info;
+      this.stream = new MediaStream();
+      this.viewerUrl = null;
+      try {
+        await this._start({ ...options, websocket: options.websocket !== false });
+        await this.connected(10000);
+      } catch (e) {
+        if (this.pc && this.pc !== old.pc) this.pc.close();
+        if (this.ws && this.ws !== old.ws) this.ws.close();
+        const fresh = this.info;
+        Object.assign(this, old);
+        if (!options.viewer && fresh.token !== old.info.token) this._delete(fresh, null);
+        throw e;
+      }
+      if (old.pc) old.pc.close();
+      if (old.ws && old.ws !== this.ws) old.ws.close();
+      if (!this._owner(options)) {
+        if (old.viewerUrl) this._delete(old.info, old.viewerUrl); // an attached page's own viewer of the old session
+      } else {
+        this._delete(old.info, null);
+      }
+      clearTimeout(this._tokenTimer);
+      this._keepToken();
+      this._packets = -1;
+      this._mediaAt = Date.now();
+    } finally {
+      this._switching = false;
+    }
+    this.onState({ type: "moved", session_id: info.session_id, from_session_id: old.info.session_id, reason,
+      after_ms: Date.now() - started });
+  }
+
+  // Whether this connection made its session (close() deletes it) or watches one another client owns.
+  _owner(options = this._options || {}) {
+    return !options.viewer && options.websocket !== false;
+  }
+
+  _delete(info, url) {
+    fetch(url || apiUrl(`/v1/sessions/${info.session_id}`), {
+      method: "DELETE", headers: { Authorization: `Bearer ${info.token}` }, keepalive: true,
+    }).catch(() => {});
   }
 
   // A lost websocket, tried again each look of _checkMedia for 30 s, then given up as a failed reconnect.
