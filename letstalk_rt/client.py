@@ -456,7 +456,8 @@ class AvatarSession:
         self._audio_sent = self._audio_done = self._ws_sent = 0
         self.max_queued_seconds = 30.0  # speech the server queues ahead of playback (its `ready` says), more refused
         self._shown_moved = asyncio.Event()  # set when audio_shown may have changed (wait_audio_shown)
-        self._auto_move = False  # connect(move=True)
+        self.move_on_ending = how is not None  # (public) move() by itself on `session_ending` (connect(move=))
+        self._broadcasts: dict[str, dict] = {}  # broadcast()'s live streams running, by id: a move starts them again
         self._moving = False  # move() or connect(move=True)'s: a new session is being made, or switched to
         self._link_lock = asyncio.Lock()  # the watchdog's look and reconnect, or a move's switch: one at a time
         self._keep_token_for(client)
@@ -548,7 +549,8 @@ class AvatarSession:
         `server_stopping`: a rolling update) or its device hung (`device_hung`), go on in a new session made as this
         one was, through the same URL (a balancer sends it to a server that is up; a server with several devices puts
         it on another): `move()`, with speech already sent shown first where there is time. A session this client
-        only attached to (`AvatarClient.session`, a viewer) is not moved."""
+        only attached to (`AvatarClient.session`, a viewer) is not moved. (`move_on_ending`, the same for a session
+        that is never connected here: one shown by an overlay page, or live-streamed: True for start_session's.)"""
         if self.closed:
             raise AvatarClientError(f"session {self.id} is closed")
         if self.pc is not None:
@@ -570,7 +572,7 @@ class AvatarSession:
         if websocket:
             await self._open_ws()
         self._align = align and audio and video
-        self._auto_move = move and self._how is not None
+        self.move_on_ending = move and self._how is not None
         self._link = dict(servers=servers, audio_track=audio_track, video=video, audio=audio, websocket=websocket,
                           timeout=timeout, viewer=viewer)
         await self._negotiate(**self._link)
@@ -742,10 +744,12 @@ class AvatarSession:
         client, and end this one. The frame, audio and event iterators go on across it, media times continuing; sends
         go to the new session (`id`, `token` and the URLs are its); a `moved` event (`session_id` the new one,
         `from_session_id`, `reason`, `after_s`) says when its media flows. Speech sent and not yet shown is dropped,
-        and the avatar starts again from its portrait (the new session has its own memory). A live stream
-        (`broadcast`), an overlay page and viewers stay on the old session and end with it: start them again on the
-        new one (on `moved`). Raises what making the new session raised (ServerBusyError: that server is full or
-        stopping too), this session left as it was; AvatarClientError for a session this client did not start."""
+        and the avatar starts again from its portrait (the new session has its own memory). The old session's DELETE
+        says where it went, and its pages follow (an overlay page, `overlay_url()`, on the same server); the live
+        streams `broadcast()` started start again on the new session once the old one's have ended (an `error`
+        event, code `broadcast_not_moved`, if one is refused). Raises what making the new session raised
+        (ServerBusyError: that server is full or stopping too), this session left as it was; AvatarClientError for a
+        session this client did not start."""
         if self._how is None:
             raise AvatarClientError(f"session {self.id}: only a session this client started (start_session) can move")
         if self.closed or self.close_reason is not None:
@@ -807,8 +811,9 @@ class AvatarSession:
             self._moving = False
 
     async def _switch(self, client: AvatarClient, info: dict, server_time: float, reason: str) -> None:
-        """Become the new session `info` (made on `client`'s server): its websocket, then its peer connection in place
-        of the old one's (connect()'s way; a reconnect's tries if that fails), and the old session deleted. If its
+        """Become the new session `info` (made on `client`'s server): its websocket; the old session deleted, saying
+        where it went (before its peer connection closes: the server would end it for that first, without the news);
+        then a peer connection in place of the old one's (connect()'s way; a reconnect's tries if that fails). If its
         websocket cannot be opened, this stays the old session and the new one is deleted."""
         async with self._link_lock:  # (a reconnect under way finishes first; the watchdog waits for this)
             if self._failed is not None or self.closed or self.close_reason is not None:
@@ -831,37 +836,59 @@ class AvatarSession:
             self._keep_token_for(client)
             self._audio_sent = self._audio_done = self._ws_sent = 0  # the server counts each session's messages
             self._shown_moved.set()
-            try:
-                if old_ws is not None and self._ws is old_ws:  # connect(websocket=False) with one opened by a send
-                    self._ws = None
-                    self._spawn(_close_quietly(old_ws), "ws-close")
-                if self._link:
-                    self._time_offset = (max(self._last_media_time, self._audio_until)
-                                         + (time.monotonic() - self._media_at))
-                    old_pc, self.pc = self.pc, None
-                    if old_pc is not None:
-                        self._spawn(_close_pc(old_pc), "close-pc")
-                    self._audio_until, self._audio_at = -1.0, time.monotonic()
-                    try:
-                        await self._negotiate(**self._link)
-                    except (AvatarClientError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
-                        if not self._watching or not await self._reconnect(f"moved; its new connection failed: {e}"):
-                            raise
-            finally:
-                self._spawn(self._delete(old["client"], old["id"], old["token"]), "delete-old")
+            if old_ws is not None and self._ws is old_ws:  # connect(websocket=False) with one opened by a send
+                self._ws = None
+                self._spawn(_close_quietly(old_ws), "ws-close")
+            old_pc, self.pc = self.pc, None  # (its frames stop here: what it still brings would go back in time)
+            if self._link:
+                self._time_offset = (max(self._last_media_time, self._audio_until)
+                                     + (time.monotonic() - self._media_at))
+            await self._leave(old["client"], old["id"], old["token"])
+            if old_pc is not None:
+                self._spawn(_close_pc(old_pc), "close-pc")
+            if self._link:
+                self._audio_until, self._audio_at = -1.0, time.monotonic()
+                try:
+                    await self._negotiate(**self._link)
+                except (AvatarClientError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+                    if not self._watching or not await self._reconnect(f"moved; its new connection failed: {e}"):
+                        raise
         log.info("session %s: moved to session %s (%s)", old["id"], self.id, reason)
         self._dispatch({"type": "moved", "session_id": self.id, "from_session_id": old["id"], "reason": reason,
                         "time": time.time(), "after_s": round(time.monotonic() - started, 3)})
 
-    async def _delete(self, client: AvatarClient, session_id: str, token: str, url: str | None = None) -> None:
-        """DELETE a session (close(), or the one a move left) or `url` (this client's viewer of it); one gone already
-        (404) or whose token expired (401) is fine."""
+    async def _leave(self, client: AvatarClient, session_id: str, token: str) -> None:
+        """A move: delete the old session saying where it went (an overlay page of it follows), then start its live
+        streams again on the new one (after: a streaming server may take one connection per stream key)."""
+        where = {"session_id": self.id, "token": self.token}
+        if self.client.base_url != client.base_url:
+            where["url"] = str(self.client.base_url)
+        await self._delete(client, session_id, token, moved_to=where)
+        if self._broadcasts:
+            self._spawn(self._carry_broadcasts(session_id, self._broadcasts), "broadcasts")
+            self._broadcasts = {}
+
+    async def _carry_broadcasts(self, old_id: str, carried: dict[str, dict]) -> None:
+        for body in carried.values():
+            try:
+                state = await self._start_broadcast(body)
+                log.info("session %s: its live stream to %s goes on from this session", self.id, state.get("url"))
+            except (aiohttp.ClientError, asyncio.TimeoutError, AvatarClientError) as e:
+                self._dispatch({"type": "error", "session_id": self.id, "code": "broadcast_not_moved",
+                                "time": time.time(), "message": f"session {self.id}: the live stream the old session "
+                                                                f"{old_id} had did not start again: {e}"})
+
+    async def _delete(self, client: AvatarClient, session_id: str, token: str, url: str | None = None,
+                      moved_to: dict | None = None) -> None:
+        """DELETE a session (close(), or the one a move left: `moved_to` says where it went, for the pages watching
+        it) or `url` (this client's viewer of it); one gone already (404) or whose token expired (401) is fine."""
         http = client._http
         if http is None or http.closed:
             return
         url = url or client._url(f"/v1/sessions/{urllib.parse.quote(session_id, safe='')}")
         try:
-            async with http.delete(url, headers={"Authorization": f"Bearer {token}"}) as resp:
+            async with http.delete(url, headers={"Authorization": f"Bearer {token}"},
+                                   json=None if moved_to is None else {"moved_to": moved_to}) as resp:
                 if resp.status not in (204, 401, 404):
                     await _raise_for_status(resp)
         except (aiohttp.ClientError, asyncio.TimeoutError, AvatarClientError) as e:
@@ -1034,6 +1061,8 @@ class AvatarSession:
                 self._audio_sent = event["audio_messages"] + self._ws_sent
                 self._audio_done = min(self._audio_done, self._audio_sent)
                 self._shown_moved.set()
+        elif kind == "broadcast_stopped":  # ended (failed, or given up): not one a move starts again
+            self._broadcasts.pop(event.get("broadcast_id"), None)
         elif kind == "audio_played":
             self._audio_done = max(self._audio_done, event.get("audio_messages", self._audio_sent))
             self._shown_moved.set()
@@ -1047,7 +1076,8 @@ class AvatarSession:
                     task.add_done_callback(self._tasks.discard)
             except Exception:
                 log.exception("event callback for %r failed", kind)
-        if kind == "session_ending" and self._auto_move and event.get("reason") in MOVE_REASONS and not self._moving:
+        if (kind == "session_ending" and self.move_on_ending and event.get("reason") in MOVE_REASONS
+                and not self._moving):
             self._moving = True  # (set now: a second `session_ending` before the task starts must not move it again)
             self._spawn(self._follow(event), "move")
         if kind == "closed":  # the server closed the session: nothing to reconnect to, nothing more to send
@@ -1184,14 +1214,20 @@ class AvatarSession:
         unless `captions` is False. RequestError: 403 (the server does not stream there), 422
         (not a streaming URL), 409 (already streaming to that URL, or to 4); AvatarClientError 502: the streaming
         server could not be reached."""
-        http = self.client._require_http()
         body = {"url": url, **({"bitrate_kbps": bitrate_kbps} if bitrate_kbps else {}),
                 **({"reconnect_s": reconnect_s} if reconnect_s is not None else {}),
                 **({} if captions else {"captions": False})}
+        return await self._start_broadcast(body)
+
+    async def _start_broadcast(self, body: dict) -> dict:
+        """POST the live stream `body` on this session; kept (by its id) for a move to start it again."""
+        http = self.client._require_http()
         async with http.post(self.client._url(f"/v1/sessions/{self.id}/broadcast"), json=body,
                              headers=self._headers()) as resp:
             await _raise_for_status(resp)
-            return (await resp.json())["broadcast"]
+            state = (await resp.json())["broadcast"]
+        self._broadcasts[state["id"]] = body
+        return state
 
     async def stop_broadcast(self, broadcast_id: str | None = None) -> None:
         """End the live stream `broadcast_id` (the `id` broadcast() returned), or every one (RequestError 404 when
@@ -1200,6 +1236,10 @@ class AvatarSession:
         path = f"/v1/sessions/{self.id}/broadcast" + (f"/{urllib.parse.quote(broadcast_id)}" if broadcast_id else "")
         async with http.delete(self.client._url(path), headers=self._headers()) as resp:
             await _raise_for_status(resp)
+        if broadcast_id is None:
+            self._broadcasts.clear()
+        else:
+            self._broadcasts.pop(broadcast_id, None)
 
     async def _request(self, message: dict, timeout: float) -> tuple[float, dict]:
         """Send a control message with a fresh id; (monotonic time, answer) once the server answers it."""

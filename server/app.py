@@ -1101,9 +1101,36 @@ async def renew_session_token(request: web.Request) -> web.Response:
 
 
 async def delete_session(request: web.Request) -> web.Response:
+    """Close the session. A client going on in another session (the SDK and the pages, moving off a server that stops)
+    says which in a JSON body, {"moved_to": {"session_id", "token"[, "url"]}}: the `closed` event carries it, for the
+    pages watching this session (an overlay of an SDK's session) to follow."""
     ss = authorize_session(request, allow_api_key=True)
+    if request.body_exists:
+        if request.content_type != "application/json":
+            raise api_error(415, f"Content-Type {request.content_type!r}: a DELETE takes no body, or JSON like "
+                                 '{"moved_to": {"session_id": "...", "token": "..."}}')
+        fields = await read_in_time(request, _read_fields(request, ("moved_to",)))
+        ss.moved_to = _moved_to(fields.get("moved_to"))
     await request.app[MANAGER].close(ss, DELETED)
     return web.Response(status=204)
+
+
+def _moved_to(value: Any) -> dict | None:
+    """DELETE's `moved_to`, checked: the session's id and token, and its server's URL when it is another one."""
+    if value is None:
+        return None
+    expected = ('`moved_to` must be {"session_id": ..., "token": ...} (and "url": the other server\'s, if it is '
+                'not this one)')
+    if not isinstance(value, dict) or set(value) - {"session_id", "token", "url"}:
+        raise api_error(422, expected)
+    sid, token, url = value.get("session_id"), value.get("token"), value.get("url")
+    if not (isinstance(sid, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,128}", sid)):
+        raise api_error(422, f"{expected}: session_id is not a session id")
+    if not (isinstance(token, str) and 0 < len(token) <= 4096 and token.isprintable()):
+        raise api_error(422, f"{expected}: token is not a token")
+    if url is not None and not (isinstance(url, str) and len(url) <= 2048 and re.fullmatch(r"https?://\S+", url)):
+        raise api_error(422, f"{expected}: url is not an http(s) URL")
+    return {"session_id": sid, "token": token, **({"url": url} if url is not None else {})}
 
 
 def _no_input_to_renders(ss: ServerSession, what: str) -> None:

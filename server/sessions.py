@@ -447,6 +447,9 @@ class ServerSession:
         limit = self.config.max_session_s
         self.ends_at = time.time() + limit if limit else None  # unix time: closed by its time limit
         self.warned_end = False  # `session_ending` sent
+        # DELETEd by a client that goes on in another session ({"session_id", "token"[, "url"]}): its `closed` event
+        # says where, so that a page watching it (an overlay of an SDK's session) follows
+        self.moved_to: dict | None = None
         self.recording_url: str | None = None  # where its recording is served (created with `record`)
         self.render: Render | None = None  # what it is making, if it is a render (POST /v1/renders)
         self.last_activity = now  # audio in, websocket message, media pulled
@@ -537,6 +540,8 @@ class ServerSession:
             message = event.to_dict()
             if event.type == "audio_played":
                 message["audio_messages"] = self._messages_played(event.pieces)
+            elif event.type == "closed" and self.moved_to is not None:
+                message["moved_to"] = self.moved_to
             self.tell_listeners(message)
             self.send_json(message)
             if isinstance(event, SessionClosed):

@@ -42,6 +42,11 @@ class Server:
         return self.app[MANAGER]
 
 
+# --hung-seconds for tests that hang an engine on purpose: far above a tiny-model window even on a loaded machine (at
+# 0.5 s a busy CI run took a slow window for a hung device, and the session moved before the test hung anything)
+HUNG_S = 2.0
+
+
 @contextlib.asynccontextmanager
 async def running_server(pipeline, max_sessions: int = 4, engine_config: dict | None = None, **config):
     """The app on 127.0.0.1:<ephemeral> around a fresh engine (no warm-up, `engine_config`'s EngineConfig fields)

@@ -856,3 +856,68 @@ def test_the_go_live_example_streams_the_lines_it_says_then_ends(tiny_pipeline, 
         assert abs(len(received["frames"]) - ev["seconds"] * 25) <= 2
         assert (heard > 0.02).sum() >= 25 and heard[-10:].max() < 0.005  # a second of speech or more, then rest
         assert [text for _, text in _cc_captions(received["cc"])] == ["Hello there.", "Bye now."]  # each line, as 608
+
+
+def test_a_live_stream_goes_on_from_the_session_the_sdk_moves_to(tiny_pipeline, second_pipeline):
+    """An SDK session streaming live (`broadcast`) is moved (its device hung): the old session's stream ends with it,
+    then the SDK starts the same stream again from the new session, so the streaming server goes on receiving (here a
+    UDP MPEG-TS destination, counted as its datagrams arrive). stop_broadcast() on the moved session ends it there."""
+    import threading
+
+    from letstalk_rt.client import AvatarClient
+    from server_helpers import HUNG_S, running_server
+
+    port = free_port()
+    url = f"udp://127.0.0.1:{port}"
+    gate = threading.Event()
+
+    class Counter(asyncio.DatagramProtocol):
+        received = 0
+
+        def datagram_received(self, data, addr):
+            Counter.received += 1
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(Counter, local_addr=("127.0.0.1", port))
+        try:
+            async with running_server([tiny_pipeline, second_pipeline], engine_config={"hung_after_s": HUNG_S},
+                                      watch_interval_s=0.1, broadcast_to=[url]) as srv, \
+                    AvatarClient(srv.url) as client:
+                session = await client.start_session()
+                old_id = session.id
+                seen: list[dict] = []
+                session.on("*", seen.append)
+                await session.ping()  # its websocket (no media here: the stream is what is watched)
+                started = await session.broadcast(url)
+                await wait_until(lambda: Counter.received > 50, 20, "the stream arriving")
+                hung = srv.engine.sessions[old_id].engine
+                execute = hung._execute
+
+                def hangs(jobs, **kwargs):  # its next window waits on the gate: a device that stopped answering
+                    gate.wait(60)
+                    return execute(jobs, **kwargs)
+
+                hung._execute = hangs
+                await wait_until(lambda: any(e["type"] == "moved" for e in seen), 30, "the move")
+                new = srv.engine.sessions[session.id]
+                await wait_until(lambda: any(b.describe()["state"] == "streaming" for b in new.broadcasts.values()), 20,
+                                 "the stream started again")
+                before = Counter.received
+                await wait_until(lambda: Counter.received > before + 50, 20, "the stream from the new session")
+                gate.set()
+                await session.stop_broadcast()
+                streams = [b.describe() for b in new.broadcasts.values()] + [b.describe() for b in
+                                                                            new.ended_broadcasts]
+                return old_id, session.id, started, streams, seen, old_id in srv.manager.sessions
+        finally:
+            transport.close()
+
+    try:
+        old_id, new_id, started, streams, seen, old_left = run(main())
+    finally:
+        gate.set()
+    assert new_id != old_id and not old_left
+    assert started["state"] == "streaming"
+    assert [s["state"] for s in streams] == ["ended"] and streams[0]["url"] == started["url"]
+    assert not [e for e in seen if e["type"] == "error"], seen

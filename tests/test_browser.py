@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import speechlike
-from server_helpers import cut_network, run, running_server, turn_server, wait_until
+from server_helpers import HUNG_S, cut_network, run, running_server, turn_server, wait_until
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -351,7 +351,7 @@ def test_a_page_whose_device_hung_moves_to_a_new_session_and_the_avatar_goes_on(
     gate = threading.Event()
 
     async def main():
-        async with running_server([tiny_pipeline, second_pipeline], engine_config={"hung_after_s": 0.5},
+        async with running_server([tiny_pipeline, second_pipeline], engine_config={"hung_after_s": HUNG_S},
                                   watch_interval_s=0.1) as srv, async_playwright() as pw, \
                 _chromium(pw, tmp_path) as context:
             tab = await context.new_page()
@@ -386,6 +386,66 @@ def test_a_page_whose_device_hung_moves_to_a_new_session_and_the_avatar_goes_on(
         assert "session_ending" in text and f"moved to session {new_id} device_hung" in text, text
     else:
         assert text == "", text  # no error left on the overlay
+
+
+@pytest.mark.parametrize("viewer", [False, True])
+def test_an_overlay_of_an_sdk_session_follows_it_when_the_sdk_moves_it(tiny_pipeline, second_pipeline, tmp_path,
+                                                                       viewer):
+    """OBS shows an SDK session through its overlay page (as the session's peer, or as one more viewer beside the
+    SDK's own connection); the session's device hangs, the SDK moves the session by itself (never connected here, or
+    connected), and its DELETE of the old session names the new one: the overlay's event stream hears it in the
+    `closed` event and the page goes on showing the new session, with nothing said on it. Speech sent after goes to
+    the new session."""
+    import threading
+
+    from letstalk_rt.client import AvatarClient
+
+    gate = threading.Event()
+
+    async def main():
+        async with running_server([tiny_pipeline, second_pipeline], engine_config={"hung_after_s": HUNG_S},
+                                  watch_interval_s=0.1) as srv, async_playwright() as pw, \
+                _chromium(pw, tmp_path) as context, AvatarClient(srv.url) as client:
+            session = await client.start_session(avatar_id="default")
+            old_id = session.id
+            seen: list[dict] = []
+            session.on("*", seen.append)
+            if viewer:
+                await session.connect()
+            else:
+                await session.ping()  # the SDK's websocket: audio, control, events
+            tab = await context.new_page()
+            await tab.goto(session.overlay_url(viewer=viewer))
+            await tab.wait_for_function("window.letstalk?.frames?.frames > 25", timeout=30000)
+            hung = srv.engine.sessions[old_id].engine
+            execute = hung._execute
+
+            def hangs(jobs, **kwargs):  # its next window waits on the gate: a device that stopped answering
+                gate.wait(60)
+                return execute(jobs, **kwargs)
+
+            hung._execute = hangs
+            await wait_until(lambda: any(e["type"] == "moved" for e in seen), 30, "the SDK's move")
+            await wait_until(lambda: old_id not in srv.manager.sessions, 10, "the old session deleted")
+            ss = srv.manager.sessions[session.id]
+            await wait_until(lambda: (len(ss.viewers) == 1) if viewer else ss.pc is not None, 20,
+                             "the overlay on the new session")
+            shown = await tab.evaluate("window.letstalk.frames.frames")
+            await tab.wait_for_function(f"window.letstalk.frames.frames > {shown + 25}", timeout=20000)
+            error = await tab.evaluate("document.getElementById('error').innerText")
+            await session.send_audio(speechlike(1.0), sample_rate=16000)
+            await session.end_speech()
+            moved_at = next(i for i, e in enumerate(seen) if e["type"] == "moved")
+            await wait_until(lambda: any(e["type"] == "speech_started" for e in seen[moved_at:]), 20, "speech")
+            gate.set()
+            return old_id, session.id, ss.session.engine is not hung, error
+
+    try:
+        old_id, new_id, elsewhere, error = run(main())
+    finally:
+        gate.set()
+    assert new_id != old_id and elsewhere
+    assert error == "", error
 
 
 @pytest.mark.skipif(__import__("shutil").which("espeak-ng") is None, reason="needs espeak-ng (the server's TTS)")

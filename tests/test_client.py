@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 from aiortc import RTCSessionDescription
 from conftest import speechlike
-from server_helpers import SpeechTrack, collect_media, cut_network, run, running_server, turn_server, wait_until
+from server_helpers import HUNG_S, SpeechTrack, collect_media, cut_network, run, running_server, turn_server, wait_until
 
 
 def test_sdk_needs_no_engine():
@@ -480,7 +480,7 @@ def test_a_session_whose_device_hung_moves_by_itself_to_another_device(tiny_pipe
     gate = threading.Event()
 
     async def main():
-        async with running_server([tiny_pipeline, second_pipeline], engine_config={"hung_after_s": 0.5},
+        async with running_server([tiny_pipeline, second_pipeline], engine_config={"hung_after_s": HUNG_S},
                                   watch_interval_s=0.1) as srv, AvatarClient(srv.url) as client:
             session = await client.start_session(seed=1)
             old_id = session.id

@@ -540,6 +540,49 @@ def test_a_device_that_hangs_in_a_sessions_memory_update_is_seen_and_the_session
     assert took < 3.0, f"the server stood still {took:.1f} s waiting on the stuck session"
 
 
+def test_a_session_deleted_by_a_client_that_moved_on_says_where_in_its_closed_event(tiny_pipeline):
+    """DELETE with {"moved_to": {"session_id", "token"[, "url"]}} (the SDK moving a session off a stopping server):
+    the `closed` event on the session's websocket and event streams carries it, for the pages watching it to follow.
+    A body that is not JSON, or a moved_to that is not a session id and token, is refused and the session left open."""
+    async def main():
+        async with running_server(tiny_pipeline) as srv, aiohttp.ClientSession() as http:
+            info = await create_session(http, srv.url)
+            sid, mine = info["session_id"], _bearer(info["token"])
+            url = f"{srv.url}/v1/sessions/{sid}"
+            refused = []
+            for kwargs in ({"data": b"moved", "headers": {**mine, "Content-Type": "text/plain"}},
+                           {"json": {"moved_to": {"session_id": "x y", "token": "t"}}, "headers": mine},
+                           {"json": {"moved_to": {"session_id": "abc", "token": ""}}, "headers": mine},
+                           {"json": {"moved_to": {"session_id": "abc", "token": "t", "url": "ftp://x"}},
+                            "headers": mine},
+                           {"json": {"moved_to": "abc"}, "headers": mine},
+                           {"json": {"gone": True}, "headers": mine}):
+                async with http.delete(url, **kwargs) as r:
+                    refused.append((r.status, (await r.json())["error"]))
+            still = sid in srv.manager.sessions
+            ws = await http.ws_connect(info["ws_url"], headers=mine)
+            events = await http.get(f"{url}/events", headers=mine)
+            moved_to = {"session_id": "n3w-session_1", "token": "new.token", "url": "https://avatar-2.example.com/"}
+            async with http.delete(url, json={"moved_to": moved_to}, headers=mine) as r:
+                deleted = r.status
+            closed = await _ws_json(ws, "closed")
+            async for line in events.content:
+                if line.startswith(b"data: ") and b'"closed"' in line:
+                    streamed = json.loads(line[6:])
+                    break
+            events.close()
+            await ws.close()
+            return refused, still, deleted, closed, streamed, moved_to
+
+    refused, still, deleted, closed, streamed, moved_to = run(main())
+    assert [status for status, _ in refused] == [415, 422, 422, 422, 422, 422], refused
+    assert "takes no body, or JSON" in refused[0][1] and "not a session id" in refused[1][1]
+    assert "not a token" in refused[2][1] and "not an http(s) URL" in refused[3][1]
+    assert "unknown field" in refused[5][1]
+    assert still and deleted == 204
+    assert closed["moved_to"] == streamed["moved_to"] == moved_to
+
+
 def test_a_json_log_is_one_object_a_line_with_the_session_it_is_about(tiny_model_dir, tmp_path):
     """`--log-format json` (a log collector's): every line the server writes, from its start to its stop, is one JSON
     object with time, level, logger and message; what it says by itself (its URL) is among them, a record about a
