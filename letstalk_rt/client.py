@@ -1281,7 +1281,9 @@ class AvatarSession:
         interrupted, engine_adjusted, say, recording_stopped, broadcast_reconnecting, broadcast_resumed,
         broadcast_skipped, broadcast_stopped, session_ending (the server will close the session in
         `seconds_left`: `reason` time_limit or server_stopping; device_hung, 0: no frame will come), error, closed;
-        and this SDK's own reconnecting / reconnected. Coroutine callbacks run as tasks. Events flow once the
+        and this SDK's own reconnecting / reconnected, moved (`move()`: `session_id` the new session's,
+        `from_session_id`) and errors with code reconnect_failed, move_failed or broadcast_not_moved. Coroutine
+        callbacks run as tasks. Events flow once the
         websocket is open (`connect()` opens it; so does the first `send_audio`).
         """
         def register(cb: Callable[[dict], Any]) -> Callable[[dict], Any]:

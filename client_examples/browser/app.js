@@ -541,16 +541,16 @@ export class AvatarConnection {
         if (this.ws && this.ws !== old.ws) this.ws.close();
         const fresh = this.info;
         Object.assign(this, old);
-        if (!options.viewer && fresh.token !== old.info.token) this._delete(fresh, null);
+        if (this._owner(options)) this._delete(fresh); // made for this move: not wanted now
         throw e;
+      }
+      if (this._owner(options)) { // (before its connection closes: the server would end it for that, without the news)
+        await this._delete(old.info, null, { session_id: info.session_id, token: info.token });
+      } else if (old.viewerUrl) {
+        this._delete(old.info, old.viewerUrl); // an attached page's own viewer of the old session
       }
       if (old.pc) old.pc.close();
       if (old.ws && old.ws !== this.ws) old.ws.close();
-      if (!this._owner(options)) {
-        if (old.viewerUrl) this._delete(old.info, old.viewerUrl); // an attached page's own viewer of the old session
-      } else {
-        this._delete(old.info, null);
-      }
       clearTimeout(this._tokenTimer);
       this._keepToken();
       this._packets = -1;
@@ -567,10 +567,14 @@ export class AvatarConnection {
     return !options.viewer && options.websocket !== false;
   }
 
-  _delete(info, url) {
-    fetch(url || apiUrl(`/v1/sessions/${info.session_id}`), {
-      method: "DELETE", headers: { Authorization: `Bearer ${info.token}` }, keepalive: true,
-    }).catch(() => {});
+  // DELETE the session (or `url`: this page's viewer of it); movedTo: the session this page goes on in, which the
+  // session's `closed` event then names (an overlay watching it follows).
+  _delete(info, url = null, movedTo = null) {
+    const headers = { Authorization: `Bearer ${info.token}` };
+    const body = movedTo ? JSON.stringify({ moved_to: movedTo }) : undefined;
+    if (body) headers["Content-Type"] = "application/json";
+    return fetch(url || apiUrl(`/v1/sessions/${info.session_id}`), { method: "DELETE", headers, body, keepalive: true })
+      .catch(() => {});
   }
 
   // A lost websocket, tried again each look of _checkMedia for 30 s, then given up as a failed reconnect.
