@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 import wave
 from pathlib import Path
@@ -344,20 +345,24 @@ def test_a_page_whose_connection_goes_silent_reconnects_and_the_avatar_goes_on(t
 def test_a_page_whose_device_hung_moves_to_a_new_session_and_the_avatar_goes_on(tiny_pipeline, second_pipeline,
                                                                                tmp_path, page):
     """A page's session is on a device that stops answering: told `session_ending` (device_hung), the page makes a
-    session the same way (the server puts it on its other device), shows it once connected and deletes the old one;
-    the video goes on in the same page."""
+    session the same way (the server puts it on its other device), shows it once connected and deletes the old one,
+    naming the new one (its `closed` event says where it went); the video goes on in the same page."""
     import threading
+
+    import aiohttp
 
     gate = threading.Event()
 
     async def main():
         async with running_server([tiny_pipeline, second_pipeline], engine_config={"hung_after_s": HUNG_S},
                                   watch_interval_s=0.1) as srv, async_playwright() as pw, \
-                _chromium(pw, tmp_path) as context:
+                _chromium(pw, tmp_path) as context, aiohttp.ClientSession() as http:
             tab = await context.new_page()
             await tab.goto(f"{srv.url}/?autostart=1&source=none" if page == "index" else f"{srv.url}/overlay")
             await tab.wait_for_function("window.letstalk?.frames?.frames > 25", timeout=30000)
-            (old_id,) = srv.manager.sessions
+            ((old_id, old),) = srv.manager.sessions.items()
+            events = await http.get(f"{srv.url}/v1/sessions/{old_id}/events",
+                                    headers={"Authorization": f"Bearer {old.token}"})
             hung = srv.engine.sessions[old_id].engine
             execute = hung._execute
 
@@ -374,14 +379,20 @@ def test_a_page_whose_device_hung_moves_to_a_new_session_and_the_avatar_goes_on(
             await tab.wait_for_function(f"window.letstalk.frames.frames > {shown + 25}", timeout=20000)
             text = await tab.evaluate("(document.getElementById('log') || document.getElementById('error'))"
                                       ".innerText")
+            async for line in events.content:
+                if line.startswith(b"data: ") and b'"closed"' in line:
+                    closed = json.loads(line[6:])
+                    break
+            events.close()
             gate.set()
-            return old_id, new_id, placed is not hung, text
+            return old_id, new_id, placed is not hung, text, closed
 
     try:
-        old_id, new_id, elsewhere, text = run(main())
+        old_id, new_id, elsewhere, text, closed = run(main())
     finally:
         gate.set()
     assert new_id != old_id and elsewhere
+    assert closed["moved_to"]["session_id"] == new_id and closed["moved_to"]["token"]
     if page == "index":
         assert "session_ending" in text and f"moved to session {new_id} device_hung" in text, text
     else:
