@@ -1160,10 +1160,10 @@ class SessionManager:
         for i, engine in enumerate(self.engines.engines):
             hung = engine.hung
             if hung and i not in self._hung:
-                log.error("engine %d (%s): its worker has been in one step for %.0f s (--hung-seconds %g): the device or its driver "
-                          "stopped answering; /health/live answers 503 so that an orchestrator restarts the server, new "
-                          "sessions go to another device if there is one", i, engine.pipeline.device, engine.busy_s,
-                          engine.config.hung_after_s)
+                log.error("engine %d (%s): its worker has been in one step for %.0f s (--hung-seconds %g): the device or "
+                          "its driver stopped answering; /health/live answers 503 so that an orchestrator restarts the "
+                          "server, new sessions go to another device if there is one", i, engine.pipeline.device,
+                          engine.busy_s, engine.config.hung_after_s)
                 self._hung.add(i)
                 # its sessions' clients are told, to go on in a new session (on another device or server: the SDK
                 # moves by itself and deletes the old one); not closed here: the device may answer again
