@@ -47,6 +47,18 @@ class Server:
 HUNG_S = 2.0
 
 
+def hang(engine, gate) -> None:
+    """A device that stops answering: the engine's next window waits on `gate` (a threading.Event; at most 60 s),
+    raising nothing, as a CUDA hang or an Xid error does. Set the gate to let it answer again."""
+    execute = engine._execute
+
+    def hangs(jobs, **kwargs):
+        gate.wait(60)
+        return execute(jobs, **kwargs)
+
+    engine._execute = hangs
+
+
 @contextlib.asynccontextmanager
 async def running_server(pipeline, max_sessions: int = 4, engine_config: dict | None = None, **config):
     """The app on 127.0.0.1:<ephemeral> around a fresh engine (no warm-up, `engine_config`'s EngineConfig fields)

@@ -865,7 +865,7 @@ def test_a_live_stream_goes_on_from_the_session_the_sdk_moves_to(tiny_pipeline, 
     import threading
 
     from letstalk_rt.client import AvatarClient
-    from server_helpers import HUNG_S, running_server
+    from server_helpers import HUNG_S, hang, running_server
 
     port = free_port()
     url = f"udp://127.0.0.1:{port}"
@@ -892,13 +892,7 @@ def test_a_live_stream_goes_on_from_the_session_the_sdk_moves_to(tiny_pipeline, 
                 started = await session.broadcast(url)
                 await wait_until(lambda: Counter.received > 50, 20, "the stream arriving")
                 hung = srv.engine.sessions[old_id].engine
-                execute = hung._execute
-
-                def hangs(jobs, **kwargs):  # its next window waits on the gate: a device that stopped answering
-                    gate.wait(60)
-                    return execute(jobs, **kwargs)
-
-                hung._execute = hangs
+                hang(hung, gate)  # a device that stopped answering
                 await wait_until(lambda: any(e["type"] == "moved" for e in seen), 30, "the move")
                 new = srv.engine.sessions[session.id]
                 await wait_until(lambda: any(b.describe()["state"] == "streaming" for b in new.broadcasts.values()), 20,

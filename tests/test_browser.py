@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import speechlike
-from server_helpers import HUNG_S, cut_network, run, running_server, turn_server, wait_until
+from server_helpers import HUNG_S, cut_network, hang, run, running_server, turn_server, wait_until
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -364,13 +364,7 @@ def test_a_page_whose_device_hung_moves_to_a_new_session_and_the_avatar_goes_on(
             events = await http.get(f"{srv.url}/v1/sessions/{old_id}/events",
                                     headers={"Authorization": f"Bearer {old.token}"})
             hung = srv.engine.sessions[old_id].engine
-            execute = hung._execute
-
-            def hangs(jobs, **kwargs):  # its next window waits on the gate: a device that stopped answering
-                gate.wait(60)
-                return execute(jobs, **kwargs)
-
-            hung._execute = hangs
+            hang(hung, gate)  # a device that stopped answering
             await wait_until(lambda: list(srv.manager.sessions) not in ([], [old_id]), 30, "the page's new session")
             await wait_until(lambda: old_id not in srv.manager.sessions, 10, "the old session deleted")
             (new_id,) = srv.manager.sessions
@@ -429,13 +423,7 @@ def test_an_overlay_of_an_sdk_session_follows_it_when_the_sdk_moves_it(tiny_pipe
             await tab.goto(session.overlay_url(viewer=viewer))
             await tab.wait_for_function("window.letstalk?.frames?.frames > 25", timeout=30000)
             hung = srv.engine.sessions[old_id].engine
-            execute = hung._execute
-
-            def hangs(jobs, **kwargs):  # its next window waits on the gate: a device that stopped answering
-                gate.wait(60)
-                return execute(jobs, **kwargs)
-
-            hung._execute = hangs
+            hang(hung, gate)  # a device that stopped answering
             await wait_until(lambda: any(e["type"] == "moved" for e in seen), 30, "the SDK's move")
             await wait_until(lambda: old_id not in srv.manager.sessions, 10, "the old session deleted")
             ss = srv.manager.sessions[session.id]

@@ -16,7 +16,17 @@ import pytest
 from aiohttp import web
 from aiortc import RTCSessionDescription
 from conftest import speechlike
-from server_helpers import HUNG_S, SpeechTrack, collect_media, cut_network, run, running_server, turn_server, wait_until
+from server_helpers import (
+    HUNG_S,
+    SpeechTrack,
+    collect_media,
+    cut_network,
+    hang,
+    run,
+    running_server,
+    turn_server,
+    wait_until,
+)
 
 
 def test_sdk_needs_no_engine():
@@ -490,13 +500,7 @@ def test_a_session_whose_device_hung_moves_by_itself_to_another_device(tiny_pipe
             frames, chunks, readers = collect_media(session, timed=True)
             await wait_until(lambda: len(frames) >= 25, 20, "a second of frames")
             hung = srv.engine.sessions[old_id].engine
-            execute = hung._execute
-
-            def hangs(jobs, **kwargs):  # its next window waits on the gate: a device that stopped answering
-                gate.wait(60)
-                return execute(jobs, **kwargs)
-
-            hung._execute = hangs
+            hang(hung, gate)  # a device that stopped answering
             await wait_until(lambda: any(e["type"] == "moved" for e in seen), 30, "the move")
             before = len(frames)
             await wait_until(lambda: len(frames) >= before + 25, 20, "frames from the other device")

@@ -28,6 +28,7 @@ from server_helpers import (
     Peer,
     SpeechTrack,
     create_session,
+    hang,
     play_session,
     run,
     running_server,
@@ -450,13 +451,7 @@ def test_a_hung_engine_fails_the_liveness_check_until_it_answers_again(tiny_pipe
                     return r.status, await r.json()
 
             assert (await health("/health/live"))[0] == 200
-            execute = srv.engine._execute
-
-            def hangs(jobs, **kwargs):  # the worker's next window waits on the gate: a device that stopped answering
-                gate.wait(60)
-                return execute(jobs, **kwargs)
-
-            srv.engine._execute = hangs
+            hang(srv.engine, gate)  # a device that stopped answering
             info = await create_session(http, srv.url, avatar_id="default")
             ws = await http.ws_connect(f"{srv.url}/v1/sessions/{info['session_id']}/ws",
                                        headers={"Authorization": f"Bearer {info['token']}"})
@@ -1583,11 +1578,11 @@ def test_a_websocket_that_does_not_read_delays_no_event_and_is_closed(tiny_pipel
             await _ws_json(ws, "ready")
             stuck = asyncio.Event()
 
-            async def hang(*args, **kwargs):
+            async def never_sent(*args, **kwargs):
                 stuck.set()
                 await asyncio.Event().wait()
 
-            monkeypatch.setattr(ss.ws, "send_str", hang)
+            monkeypatch.setattr(ss.ws, "send_str", never_sent)
             events = await http.get(f"{srv.url}/v1/sessions/{sid}/events", params={"token": info["token"]})
             ss.session.push_audio(speechlike(0.5) + 0.05, ahead=True, caption="first words")
             ss.session.push_audio(speechlike(0.5, seed=2) + 0.05, ahead=True, caption="second words")
