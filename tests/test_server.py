@@ -1606,7 +1606,7 @@ def test_a_websocket_that_does_not_read_delays_no_event_and_is_closed(tiny_pipel
             assert "does not read" in msg.extra
 
             ss.config.ws_send_timeout_s = 0.5  # the next websocket stalls too, and is closed at its timeout
-            monkeypatch.setattr(web.WebSocketResponse, "send_str", hang)
+            monkeypatch.setattr(web.WebSocketResponse, "send_str", never_sent)
             ws = await http.ws_connect(info["ws_url"], headers=auth)
             msg = await ws.receive(timeout=10)
             assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1008, msg
