@@ -674,13 +674,21 @@ async def _read_opening(request: web.Request, allowed: tuple[str, ...], check: C
     return _Opening(fields, seed, full_frame, framing, portrait, extra)
 
 
+def new_session_id(config: ServerConfig) -> str:
+    """A new session's (or render's) id: 16 hex digits, as the engine names its sessions, after `--instance-id`'s
+    NAME- where the server has one (a balancer routes by it)."""
+    name = uuid.uuid4().hex[:16]
+    return f"{config.instance_id}-{name}" if config.instance_id else name
+
+
 async def _open_checked(app: web.Application, opening: _Opening, session_id: str | None = None) -> Session:
     """Open the session of a request read and checked (`_read_opening`) in a slot the caller reserved; the errors a
     portrait can still raise (no face found) as the HTTP error to answer."""
     config = app[CONFIG]
     try:
         return await app[ENGINES].open_session(opening.portrait, seed=opening.seed, detect_face=config.detect_face,
-                                               session_id=session_id, full_frame=opening.full_frame,
+                                               session_id=session_id or new_session_id(config),
+                                               full_frame=opening.full_frame,
                                                framing=opening.framing)
     except NoFaceError as e:
         raise api_error(422, str(e)) from None
@@ -818,7 +826,7 @@ async def create_render(request: web.Request) -> web.Response:
             manager.renders.reading -= 1
     source, seconds = opening.extra
     if session is None:
-        rid = uuid.uuid4().hex[:16]  # as the engine names a session: the render's session gets it when it opens
+        rid = new_session_id(config)  # the render's session gets it when it opens
         token, expires_at = manager.signer.issue(rid, config.token_ttl_s)
         render = Render(rid, source, seconds, public_url(request, f"/v1/recordings/{rid}"), state="queued")
         manager.renders.add(render)
@@ -1642,6 +1650,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         if parts.scheme.lower() not in LIVE_FORMATS or not prefix.startswith(f"{parts.scheme}://") or parts.query:
             raise LetsTalkError(f"--broadcast-to {redact_url(prefix)!r}: give a streaming URL prefix such as "
                                 "rtmp://a.rtmp.youtube.com/live2/ or srt://HOST:PORT, or a scheme alone (rtmp://)")
+    if args.instance_id and not re.fullmatch(r"[A-Za-z0-9]{1,16}", args.instance_id):
+        raise LetsTalkError(f"--instance-id {args.instance_id!r}: give 1-16 letters and digits (it starts each "
+                            "session's id, before a '-')")
     avatars: dict[str, str | Path] = {"default": ServerConfig().avatars["default"]}
     for spec in args.avatar:
         avatar_id, sep, path = spec.partition("=")
@@ -1653,7 +1664,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         host=args.host, port=args.port, api_key=api_key, api_key_file=args.api_key_file, tls_cert=args.tls_cert,
         tls_key=args.tls_key,
-        behind_proxy=args.behind_proxy,
+        behind_proxy=args.behind_proxy, instance_id=args.instance_id,
         token_secret=args.token_secret or os.environ.get("LETSTALK_TOKEN_SECRET") or None, token_ttl_s=args.token_ttl,
         idle_timeout_s=args.idle_timeout, max_upload_mb=args.max_upload_mb, upload_timeout_s=args.upload_timeout,
         ice_servers=list(args.ice_server), turn_ttl_s=args.turn_ttl, turn_username=args.turn_username,

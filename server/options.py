@@ -41,6 +41,9 @@ class ServerConfig:
     tls_cert: Path | None = None  # serve HTTPS (and wss) with this certificate chain (PEM) and ...
     tls_key: Path | None = None  # ... its private key (PEM); None: plain HTTP (behind a TLS proxy, or on loopback)
     behind_proxy: bool = False  # URLs in answers from the proxy's Forwarded / X-Forwarded-Proto/-Host/-Prefix
+    # session (and render) ids start "ID-": a balancer in front of several servers routes each session's requests to
+    # the one that holds it by that prefix (docs/server.md, "Several machines"); "": plain ids
+    instance_id: str = ""
     api_key: str | None = None  # required as `Authorization: Bearer KEY` to list avatars and create sessions
     api_key_file: Path | None = None  # ... or kept in this file, read again when it changes (auth.KeyFile)
     token_secret: str | None = None  # HMAC secret of session tokens; random per start when None
@@ -177,6 +180,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="behind a TLS proxy (Caddy, nginx, a load balancer) that sets Forwarded or "
                              "X-Forwarded-Proto/-Host (and -Prefix): the URLs in the answers (ws_url, status_url, ...) "
                              "name the proxy's scheme, host and path, not this server's")
+    parser.add_argument("--instance-id", default=d.instance_id, metavar="NAME",
+                        help="start every session's id with NAME- (1-16 letters and digits), so that a load balancer "
+                             "in front of several servers sends each session's requests to the server that holds it "
+                             "(docs/server.md, 'Several machines')")
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' to create sessions (default: env LETSTALK_API_KEY); "
                              "several, comma-separated, are each accepted (rotating a key: OLD,NEW)")

@@ -192,6 +192,64 @@ def nginx_proxy(tmp_path: Path, upstream: str, cert: Path, key: Path, prefix: st
 
 
 @contextlib.contextmanager
+def nginx_balancer(tmp_path: Path, upstreams: dict[str, str]):
+    """A real nginx balancing several servers as docs/server.md ("Several machines") configures one: each server started
+    with `--instance-id NAME` (the keys of `upstreams`, NAME -> http://127.0.0.1:PORT), a session's requests routed by
+    its id's NAME- prefix to the server holding it, anything else (a new session, /health, the pages) to any of them,
+    a 503 (full, or stopping) tried on the next one. Plain HTTP. Yields its URL, http://127.0.0.1:PORT."""
+    import os
+
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(binary).exists():
+        pytest.skip("needs nginx (Debian's nginx-light: scripts/setup.sh --dev installs it)")
+    port = free_port()
+    root = tmp_path / "nginx-balancer"
+    root.mkdir()
+    user = "user root;" if os.geteuid() == 0 else ""  # (its workers otherwise run as nobody, shut out of tmp_path)
+    hosts = {name: url.split("://", 1)[1].rstrip("/") for name, url in upstreams.items()}
+    groups = "".join(f"upstream letstalk_{name} {{ server {host}; }}\n" for name, host in hosts.items())
+    every = "".join(f"server {host} max_fails=0; " for host in hosts.values())
+    routes = "".join(f"~^/v1/(sessions|renders|recordings)/{name}- letstalk_{name};\n" for name in hosts)
+    (root / "nginx.conf").write_text(f"""
+        {user}
+        worker_processes 1;
+        daemon off;
+        pid {root}/nginx.pid;
+        error_log {root}/error.log warn;
+        events {{ worker_connections 256; }}
+        http {{
+            access_log off;
+            client_body_temp_path {root}/body; proxy_temp_path {root}/proxy; fastcgi_temp_path {root}/fastcgi;
+            uwsgi_temp_path {root}/uwsgi; scgi_temp_path {root}/scgi;
+            client_max_body_size 25m;
+            map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
+            {groups}
+            upstream letstalk_any {{ {every} }}
+            map $uri $letstalk {{
+                {routes}
+                default letstalk_any;
+            }}
+            server {{
+                listen 127.0.0.1:{port};
+                location / {{
+                    proxy_pass http://$letstalk;
+                    proxy_next_upstream error timeout http_503 non_idempotent;
+                    proxy_http_version 1.1;
+                    proxy_set_header Upgrade $http_upgrade;
+                    proxy_set_header Connection $connection_upgrade;
+                    proxy_set_header X-Forwarded-Proto $scheme;
+                    proxy_set_header X-Forwarded-Host $http_host;
+                    proxy_buffering off;
+                    proxy_read_timeout 1h;
+                }}
+            }}
+        }}
+        """)
+    with _listening("nginx", [binary, "-p", str(root), "-c", str(root / "nginx.conf")], port):
+        yield f"http://127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
 def caddy_proxy(tmp_path: Path, upstream: str, cert: Path, key: Path, prefix: str = "/avatar"):
     """A real Caddy (Debian's caddy 2.6) in front of `upstream` as the Caddyfile in docs/server.md puts it: TLS ending
     there (`cert`, `key`), the server under `prefix` (handle_path strips it, X-Forwarded-Prefix says it), Caddy's own

@@ -770,6 +770,56 @@ def test_behind_caddy_under_a_path_the_sdk_streams_and_the_answers_name_caddy(ti
     assert left == 0  # its close() reached the server through Caddy
 
 
+def test_a_rolling_update_behind_a_balancer_moves_the_session_to_the_other_server(tiny_pipeline, second_pipeline,
+                                                                                tmp_path):
+    """Two servers (`--instance-id a` and `b`) behind nginx as docs/server.md's balancer config puts them: a session's
+    requests routed by its id's prefix, new sessions to either, a 503 tried on the other. The server holding the SDK's
+    session drains (a rolling update): the SDK moves the session by itself through the balancer's one URL, the new
+    session lands on the other server (nginx passing over the stopping one's 503), its offer, websocket and the old
+    session's DELETE each reach the right server, frames go on, and the drain ends as soon as the old session is
+    deleted."""
+    from letstalk_rt.client import AvatarClient
+    from server_helpers import nginx_balancer
+
+    async def main():
+        async with running_server(tiny_pipeline, instance_id="a", behind_proxy=True) as a, \
+                running_server(second_pipeline, instance_id="b", behind_proxy=True) as b:
+            with nginx_balancer(tmp_path, {"a": a.url, "b": b.url}) as url:
+                async with AvatarClient(url) as client:
+                    session = await client.start_session(seed=2)
+                    old_id = session.id
+                    seen: list[dict] = []
+                    session.on("*", seen.append)
+                    await session.connect()
+                    frames, chunks, readers = collect_media(session, timed=True)
+                    await wait_until(lambda: len(frames) >= 25, 20, "a second of frames")
+                    holder, other = (a, b) if old_id.startswith("a-") else (b, a)
+                    drain = asyncio.ensure_future(holder.manager.drain(30))
+                    await wait_until(lambda: any(e["type"] == "moved" for e in seen), 30, "the move")
+                    drained = await asyncio.wait_for(drain, 10)
+                    before = len(frames)
+                    await wait_until(lambda: len(frames) >= before + 25, 20, "frames from the other server")
+                    placed = list(other.manager.sessions)
+                    await session.close()
+                    await asyncio.gather(*readers)
+                    return old_id, session.id, drained, placed, list(other.manager.sessions), seen
+
+    old_id, new_id, drained, placed, left, seen = run(main())
+    assert old_id[:2] in ("a-", "b-") and new_id[:2] in ("a-", "b-") and new_id[:2] != old_id[:2]
+    assert drained is True and placed == [new_id] and left == []  # close() reached it through nginx too
+    assert not [e for e in seen if e["type"] == "error"], seen
+    import argparse
+
+    from letstalk_rt.errors import LetsTalkError
+    from letstalk_rt.server.app import add_serve_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    assert config_from_args(parser.parse_args(["--instance-id", "gpu3"])).instance_id == "gpu3"
+    with pytest.raises(LetsTalkError, match="1-16 letters and digits"):
+        config_from_args(parser.parse_args(["--instance-id", "gpu-3"]))
+
+
 def test_a_backend_lists_the_open_sessions_and_ends_one_it_lost_track_of(tiny_pipeline, astronaut_png):
     """GET /v1/sessions (`client.sessions()`, the API key): the sessions open, each with the avatar it was opened on
     (None: an uploaded portrait), its connections and how long it has been idle; `client.end_session(id)` ends one
