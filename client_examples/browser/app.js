@@ -11,6 +11,8 @@
 //   await conn.connected();                                              // media flows from here on
 //   conn.say("Hello there!", { voice: "en-us" });                        // the server's text to speech (listVoices())
 //   conn.interrupt(); conn.endSpeech(); await conn.close();
+//   // follow: when the server stops (a rolling update) or its GPU hangs, go on in a new session made the same way
+//   new AvatarConnection(info, { onEvent, onState, follow: () => createSession({ avatarId: "default" }) });
 //
 // From a page served elsewhere (your app), import it from the server and say where the server is; the server must
 // allow your page's origin (letstalk serve --cors-origin https://app.example.com):
