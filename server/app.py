@@ -191,7 +191,7 @@ def cors_headers(request: web.Request) -> dict[str, str] | None:
     if origin is None or not ("*" in origins or origin in origins):
         return None
     return {"Access-Control-Allow-Origin": origin, "Vary": "Origin",
-            "Access-Control-Expose-Headers": "Retry-After, Content-Disposition, Location"}
+            "Access-Control-Expose-Headers": "Retry-After, Content-Disposition, Location, Date"}
 
 
 @web.middleware

@@ -696,6 +696,42 @@ def test_pages_renew_their_sessions_token_while_the_session_is_open(tiny_pipelin
     assert left == [sdk_id]  # the page's own session went with its close(); the SDK's stays
 
 
+@pytest.mark.parametrize("clock_off_s", [7200, -7200])
+def test_a_page_whose_clock_is_off_renews_its_token_in_time(tiny_pipeline, tmp_path, clock_off_s):
+    """A browser whose clock is hours off (a wrong time zone setting, a kiosk never synced) renews its session's token
+    on the server's time (the Date of its answers): hours ahead it took the token for expired and never renewed it,
+    hours behind it renewed it hours late; either way the session was lost to 401s once the first token expired. For a
+    page that made its session and for one given a session's id and token (an overlay of an SDK session)."""
+    from letstalk_rt.client import AvatarClient
+
+    check = """async () => {
+      const info = window.letstalk.conn.info;
+      const r = await fetch(`/v1/sessions/${info.session_id}`, {headers: {Authorization: `Bearer ${info.token}`}});
+      return [info.token, r.status];
+    }"""
+
+    async def main():
+        async with running_server(tiny_pipeline, token_ttl_s=3) as srv, async_playwright() as pw, \
+                _chromium(pw, tmp_path) as context, AvatarClient(srv.url) as client:
+            await context.clock.install(time=time.time() + clock_off_s)  # the browser's clock, off (and running)
+            sdk = await client.start_session()
+            await sdk.ping()
+            pages = [await context.new_page(), await context.new_page()]
+            await pages[0].goto(sdk.overlay_url())
+            await pages[1].goto(f"{srv.url}/overlay?avatar=default")
+            first = []
+            for page in pages:
+                await page.wait_for_function("window.letstalk?.conn?.pc?.connectionState === 'connected'",
+                                             timeout=30000)
+                first.append(await page.evaluate(check))
+            await asyncio.sleep(4.0)  # past both first tokens' 3 s
+            return first, [await page.evaluate(check) for page in pages]
+
+    first, later = run(main())
+    for (token, status), (token2, status2) in zip(first, later):
+        assert status == 200 and status2 == 200 and token2 != token, (first, later)
+
+
 def test_the_page_over_https_streams_the_microphone_from_a_host_that_is_not_this_one(tiny_pipeline, tmp_path):
     """A browser gives a page the microphone only in a secure context: over HTTPS, or from localhost. A server on
     another machine (avatar.test here, resolved to this one) serving HTTPS (--tls-cert, --tls-key) gets the page's

@@ -47,6 +47,16 @@ export function apiUrl(path) {
   return sameOrigin(path);
 }
 
+// How far the server's clock is ahead of this browser's (ms), from the Date header of its answers: a token's expiry is
+// on the server's clock, and a browser's may be off by hours (a wrong time zone setting, a kiosk never synced), which
+// renewed a token hours late or took it for expired and never renewed it. (One second's resolution: its middle.)
+let clockOffsetMs = 0;
+
+function noteServerTime(resp) {
+  const date = Date.parse(resp.headers.get("Date") || "");
+  if (!Number.isNaN(date)) clockOffsetMs = date + 500 - Date.now();
+}
+
 function authHeaders(apiKey) {
   return apiKey ? { Authorization: `Bearer ${apiKey}` } : {};
 }
@@ -128,6 +138,7 @@ export async function createSession({
     const retry = resp.headers.get("Retry-After");
     throw new Error(`HTTP ${resp.status}: ${await errorText(resp)}${retry ? ` (retry after ${retry} s)` : ""}`);
   }
+  noteServerTime(resp);
   return resp.json();
 }
 
@@ -265,7 +276,8 @@ export class AvatarConnection {
   // /v1/sessions/{id}/token), into this.info. A failure is tried again the same way; a server without the renewal
   // (older), or that no longer has the session, leaves the token as it is.
   _keepToken() {
-    const left = (this.info.expires_at ?? 0) * 1000 - Date.now();
+    clearTimeout(this._tokenTimer);
+    const left = (this.info.expires_at ?? 0) * 1000 - (Date.now() + clockOffsetMs); // on the server's clock
     if (this.closed || !(left > 0)) return;
     this._tokenTimer = setTimeout(async () => {
       if (this.closed) return;
@@ -275,6 +287,7 @@ export class AvatarConnection {
         });
         if ([401, 404, 405].includes(resp.status)) return;
         if (resp.ok) {
+          noteServerTime(resp);
           const renewed = await resp.json();
           Object.assign(this.info, { token: renewed.token, expires_at: renewed.expires_at });
           if (renewed.ice_servers) this.info.ice_servers = renewed.ice_servers;
@@ -435,6 +448,8 @@ export class AvatarConnection {
         headers: { Authorization: `Bearer ${this.info.token}` },
       });
       if (!resp.ok) throw new Error(`session: HTTP ${resp.status}: ${await errorText(resp)}`);
+      noteServerTime(resp);
+      this._keepToken(); // (a page given a session's id and token learns the server's time here)
       this.info.ice_servers = (await resp.json()).ice_servers || [];
     }
     return this.info.ice_servers;
