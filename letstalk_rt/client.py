@@ -777,38 +777,42 @@ class AvatarSession:
         try:
             if left:  # speech sent before the news is shown first (a live stream of it may never end: not past then)
                 await self.wait_audio_shown(timeout=max(0.0, switch_by - time.monotonic() - 1.0))
-            wait, last = RECONNECT_FIRST_WAIT_S, ""
-            while not (self.closed or self.close_reason is not None):
-                try:
-                    info, server_time = await wait_for(self.client._create(self._how),
-                                                       max(1.0, switch_by - time.monotonic()))
-                    break
-                except ServerBusyError as e:  # full, or stopping (a balancer that has not yet seen its /health)
-                    last = str(e)
-                except (AuthenticationError, RequestError, AvatarNotFoundError) as e:  # not going to change
-                    last = str(e)
-                    switch_by = 0.0
-                except (AvatarClientError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
-                    last = str(e) or type(e).__name__
-                if time.monotonic() + wait > switch_by:
-                    self._dispatch({"type": "error", "session_id": self.id, "code": "move_failed", "time": time.time(),
-                                    "message": f"session {self.id}: told it ends ({reason}) and could not move to a "
-                                               f"new session: {last}"})
-                    return
-                await asyncio.sleep(wait)
-                wait = min(2 * wait, 4.0)
-            else:
+            made = await self._new_session_by(switch_by, reason)
+            if made is None:
                 return
             if left and not self.audio_shown:  # what was sent while the new session was made
                 await self.wait_audio_shown(timeout=max(0.0, switch_by - time.monotonic()))
             if self.closed or self.close_reason is not None:  # ended meanwhile: the new one is not wanted
-                self._spawn(self._delete(self.client, info["session_id"], info["token"]), "delete-new")
+                self._spawn(self._delete(self.client, made[0]["session_id"], made[0]["token"]), "delete-new")
                 return
-            await self._switch(self.client, info, server_time, reason)
+            await self._switch(self.client, *made, reason)
         except Exception:  # (a callback's task: nobody would see it)
             log.exception("session %s: moving it failed", self.id)
         finally:
             self._moving = False
+
+    async def _new_session_by(self, deadline: float, reason: str) -> tuple[dict, float] | None:
+        """A new session made as this one was (`_create`'s answer and server time), asked for until `deadline`
+        (monotonic), a full or stopping server tried again with backoff; None once this one closed, or when none came
+        (an `error` event, code `move_failed`, says why)."""
+        wait, last = RECONNECT_FIRST_WAIT_S, ""
+        while not (self.closed or self.close_reason is not None):
+            try:
+                return await wait_for(self.client._create(self._how), max(1.0, deadline - time.monotonic()))
+            except ServerBusyError as e:  # full, or stopping (a balancer that has not yet seen its /health)
+                last = str(e)
+            except (AuthenticationError, RequestError, AvatarNotFoundError) as e:  # not going to change
+                last, deadline = str(e), 0.0
+            except (AvatarClientError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+                last = str(e) or type(e).__name__
+            if time.monotonic() + wait > deadline:
+                self._dispatch({"type": "error", "session_id": self.id, "code": "move_failed", "time": time.time(),
+                                "message": f"session {self.id}: told it ends ({reason}) and could not move to a new "
+                                           f"session: {last}"})
+                return None
+            await asyncio.sleep(wait)
+            wait = min(2 * wait, 4.0)
+        return None
 
     async def _switch(self, client: AvatarClient, info: dict, server_time: float, reason: str) -> None:
         """Become the new session `info` (made on `client`'s server): its websocket; the old session deleted, saying

@@ -1737,13 +1737,14 @@ async def _serve(app: web.Application, config: ServerConfig, ssl_context: ssl.SS
                 "container\")", logging.WARNING)
         signals: asyncio.Queue[int] = asyncio.Queue()
         loop = asyncio.get_running_loop()
+        # SIGINT/SIGTERM stop it (gently with --drain-seconds); SIGHUP (not on Windows) is a daemon's reload, not its
+        # end (the default): a renewed certificate, a rotated API key file. A loop that takes no signal handlers
+        # (Windows' own: NotImplementedError; one outside the main thread, an application's or a test's:
+        # RuntimeError) keeps the defaults: Ctrl-C still ends it, as KeyboardInterrupt.
         for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, signals.put_nowait, sig)
-            except (NotImplementedError, RuntimeError):
-                pass
-        if hasattr(signal, "SIGHUP"):  # (not on Windows) a daemon's reload, not its end (the default): a renewed
-            # certificate, a rotated API key file
+        if hasattr(signal, "SIGHUP"):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(signal.SIGHUP, config.reload_files)
         await signals.get()

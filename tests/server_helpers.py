@@ -142,18 +142,29 @@ def _listening(name: str, command: list[str], port: int, env: dict | None = None
         proc.wait(10)
 
 
+# What every location that passes a letstalk server on needs: websockets, the Forwarded headers a `--behind-proxy`
+# server reads, answers streamed (the event stream), long-lived connections
+NGINX_PASS = """
+    proxy_http_version 1.1;
+    proxy_set_header Upgrade $http_upgrade;
+    proxy_set_header Connection $connection_upgrade;
+    proxy_set_header X-Forwarded-Proto $scheme;
+    proxy_set_header X-Forwarded-Host $http_host;
+    proxy_buffering off;
+    proxy_read_timeout 1h;
+"""
+
+
 @contextlib.contextmanager
-def nginx_proxy(tmp_path: Path, upstream: str, cert: Path, key: Path, prefix: str = "/avatar"):
-    """A real nginx (Debian's nginx-light) in front of `upstream` (http://127.0.0.1:PORT) as a deployment puts one:
-    TLS ending there, the server under `prefix`, websockets passed on, the Forwarded headers a `--behind-proxy` server
-    reads (X-Forwarded-Proto, -Host, -Prefix). Yields its URL, https://127.0.0.1:PORT{prefix}."""
+def _nginx(tmp_path: Path, name: str, port: int, http: str):
+    """A real nginx (Debian's nginx-light) in the foreground, its files under tmp_path/name, with `http` inside its
+    http block (its server listening on `port`); returns once it listens."""
     import os
 
     binary = shutil.which("nginx") or "/usr/sbin/nginx"
     if not Path(binary).exists():
         pytest.skip("needs nginx (Debian's nginx-light: scripts/setup.sh --dev installs it)")
-    port = free_port()
-    root = tmp_path / "nginx"
+    root = tmp_path / name
     root.mkdir()
     user = "user root;" if os.geteuid() == 0 else ""  # (its workers otherwise run as nobody, shut out of tmp_path)
     (root / "nginx.conf").write_text(f"""
@@ -169,25 +180,32 @@ def nginx_proxy(tmp_path: Path, upstream: str, cert: Path, key: Path, prefix: st
             uwsgi_temp_path {root}/uwsgi; scgi_temp_path {root}/scgi;
             client_max_body_size 25m;
             map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
-            server {{
-                listen 127.0.0.1:{port} ssl;
-                ssl_certificate {cert};
-                ssl_certificate_key {key};
-                location {prefix}/ {{
-                    proxy_pass {upstream.rstrip("/")}/;
-                    proxy_http_version 1.1;
-                    proxy_set_header Upgrade $http_upgrade;
-                    proxy_set_header Connection $connection_upgrade;
-                    proxy_set_header X-Forwarded-Proto $scheme;
-                    proxy_set_header X-Forwarded-Host $http_host;
-                    proxy_set_header X-Forwarded-Prefix {prefix};
-                    proxy_buffering off;
-                    proxy_read_timeout 1h;
-                }}
-            }}
+            {http}
         }}
         """)
     with _listening("nginx", [binary, "-p", str(root), "-c", str(root / "nginx.conf")], port):
+        yield
+
+
+@contextlib.contextmanager
+def nginx_proxy(tmp_path: Path, upstream: str, cert: Path, key: Path, prefix: str = "/avatar"):
+    """A real nginx in front of `upstream` (http://127.0.0.1:PORT) as a deployment puts one: TLS ending there, the
+    server under `prefix`, websockets passed on, the Forwarded headers a `--behind-proxy` server reads
+    (X-Forwarded-Proto, -Host, -Prefix). Yields its URL, https://127.0.0.1:PORT{prefix}."""
+    port = free_port()
+    server = f"""
+        server {{
+            listen 127.0.0.1:{port} ssl;
+            ssl_certificate {cert};
+            ssl_certificate_key {key};
+            location {prefix}/ {{
+                proxy_pass {upstream.rstrip("/")}/;
+                proxy_set_header X-Forwarded-Prefix {prefix};
+                {NGINX_PASS}
+            }}
+        }}
+        """
+    with _nginx(tmp_path, "nginx", port, server):
         yield f"https://127.0.0.1:{port}{prefix}"
 
 
@@ -197,55 +215,28 @@ def nginx_balancer(tmp_path: Path, upstreams: dict[str, str]):
     with `--instance-id NAME` (the keys of `upstreams`, NAME -> http://127.0.0.1:PORT), a session's requests routed by
     its id's NAME- prefix to the server holding it, anything else (a new session, /health, the pages) to any of them,
     a 503 (full, or stopping) tried on the next one. Plain HTTP. Yields its URL, http://127.0.0.1:PORT."""
-    import os
-
-    binary = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not Path(binary).exists():
-        pytest.skip("needs nginx (Debian's nginx-light: scripts/setup.sh --dev installs it)")
-    port = free_port()
-    root = tmp_path / "nginx-balancer"
-    root.mkdir()
-    user = "user root;" if os.geteuid() == 0 else ""  # (its workers otherwise run as nobody, shut out of tmp_path)
     hosts = {name: url.split("://", 1)[1].rstrip("/") for name, url in upstreams.items()}
     groups = "".join(f"upstream letstalk_{name} {{ server {host}; }}\n" for name, host in hosts.items())
     every = "".join(f"server {host} max_fails=0; " for host in hosts.values())
     routes = "".join(f"~^/v1/(sessions|renders|recordings)/{name}- letstalk_{name};\n" for name in hosts)
-    (root / "nginx.conf").write_text(f"""
-        {user}
-        worker_processes 1;
-        daemon off;
-        pid {root}/nginx.pid;
-        error_log {root}/error.log warn;
-        events {{ worker_connections 256; }}
-        http {{
-            access_log off;
-            client_body_temp_path {root}/body; proxy_temp_path {root}/proxy; fastcgi_temp_path {root}/fastcgi;
-            uwsgi_temp_path {root}/uwsgi; scgi_temp_path {root}/scgi;
-            client_max_body_size 25m;
-            map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
-            {groups}
-            upstream letstalk_any {{ {every} }}
-            map $uri $letstalk {{
-                {routes}
-                default letstalk_any;
-            }}
-            server {{
-                listen 127.0.0.1:{port};
-                location / {{
-                    proxy_pass http://$letstalk;
-                    proxy_next_upstream error timeout http_503 non_idempotent;
-                    proxy_http_version 1.1;
-                    proxy_set_header Upgrade $http_upgrade;
-                    proxy_set_header Connection $connection_upgrade;
-                    proxy_set_header X-Forwarded-Proto $scheme;
-                    proxy_set_header X-Forwarded-Host $http_host;
-                    proxy_buffering off;
-                    proxy_read_timeout 1h;
-                }}
+    port = free_port()
+    balancer = f"""
+        {groups}
+        upstream letstalk_any {{ {every} }}
+        map $uri $letstalk {{
+            {routes}
+            default letstalk_any;
+        }}
+        server {{
+            listen 127.0.0.1:{port};
+            location / {{
+                proxy_pass http://$letstalk;
+                proxy_next_upstream error timeout http_503 non_idempotent;
+                {NGINX_PASS}
             }}
         }}
-        """)
-    with _listening("nginx", [binary, "-p", str(root), "-c", str(root / "nginx.conf")], port):
+        """
+    with _nginx(tmp_path, "nginx-balancer", port, balancer):
         yield f"http://127.0.0.1:{port}"
 
 

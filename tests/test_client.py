@@ -428,12 +428,30 @@ def test_sdk_reconnects_when_its_network_goes_and_its_iterators_go_on(tiny_pipel
     assert len(frames) >= before + 50
 
 
+async def _watch(session, **connect) -> tuple[list[dict], list, list[asyncio.Task]]:
+    """Connect an SDK session and read it (the move tests): its events as they come, its timed frames (and audio), once
+    a second of frames came. -> (events, frames, reading tasks)."""
+    seen: list[dict] = []
+    session.on("*", seen.append)
+    await session.connect(**connect)
+    frames, _, readers = collect_media(session, timed=True)
+    await wait_until(lambda: len(frames) >= 25, 20, "a second of frames")
+    return seen, frames, readers
+
+
+async def _moved(seen: list[dict], frames: list, where: str) -> None:
+    """Until the session has moved (its `moved` event) and a second of frames came from `where`."""
+    await wait_until(lambda: any(e["type"] == "moved" for e in seen), 30, "the move")
+    before = len(frames)
+    await wait_until(lambda: len(frames) >= before + 25, 20, f"frames from {where}")
+
+
 def test_a_session_on_a_stopping_server_moves_to_another_and_its_iterators_go_on(tiny_pipeline, second_pipeline,
                                                                                  astronaut_png):
     """A rolling update: server A drains (`session_ending`, reason server_stopping) and the app moves its session to
     server B (`move(client_b)` on the event): a new session there from the same uploaded portrait, the frame, audio
-    and event iterators going on with media times still rising, sends going to the new session, its token renewed at
-    B, and the old session deleted (A's drain ends at once)."""
+    and event iterators going on with media times still rising, sends going to the new session (its token good at
+    B), and the old session deleted (A's drain ends at once)."""
     from letstalk_rt.client import AvatarClient
 
     async def main():
@@ -442,17 +460,11 @@ def test_a_session_on_a_stopping_server_moves_to_another_and_its_iterators_go_on
             session = await client_a.start_session(portrait=astronaut_png, seed=3)
             old_id = session.id
             portrait = a.engine.sessions[old_id]._w.stream.portrait.image.copy()
-            seen: list[dict] = []
-            session.on("*", seen.append)
             session.on("session_ending", lambda event: session.move(client_b, reason=event["reason"]))
-            await session.connect(move=False)
-            frames, chunks, readers = collect_media(session, timed=True)
-            await wait_until(lambda: len(frames) >= 25, 20, "a second of frames")
+            seen, frames, readers = await _watch(session, move=False)
             drain = asyncio.ensure_future(a.manager.drain(30))
-            await wait_until(lambda: any(e["type"] == "moved" for e in seen), 30, "the move")
+            await _moved(seen, frames, "B")
             drained = await asyncio.wait_for(drain, 10)  # its only session deleted: A can stop now
-            before = len(frames)
-            await wait_until(lambda: len(frames) >= before + 25, 20, "frames from B")
             placed = list(b.manager.sessions)
             moved_portrait = b.engine.sessions[session.id]._w.stream.portrait.image
             await session.send_audio(speechlike(1.0), sample_rate=16000)
@@ -494,16 +506,10 @@ def test_a_session_whose_device_hung_moves_by_itself_to_another_device(tiny_pipe
                                   watch_interval_s=0.1) as srv, AvatarClient(srv.url) as client:
             session = await client.start_session(seed=1)
             old_id = session.id
-            seen: list[dict] = []
-            session.on("*", seen.append)
-            await session.connect()
-            frames, chunks, readers = collect_media(session, timed=True)
-            await wait_until(lambda: len(frames) >= 25, 20, "a second of frames")
+            seen, frames, readers = await _watch(session)
             hung = srv.engine.sessions[old_id].engine
             hang(hung, gate)  # a device that stopped answering
-            await wait_until(lambda: any(e["type"] == "moved" for e in seen), 30, "the move")
-            before = len(frames)
-            await wait_until(lambda: len(frames) >= before + 25, 20, "frames from the other device")
+            await _moved(seen, frames, "the other device")
             await wait_until(lambda: old_id not in srv.engine.sessions, 10, "the old session deleted")
             placed = srv.engine.sessions[session.id].engine
             gate.set()
@@ -788,17 +794,11 @@ def test_a_rolling_update_behind_a_balancer_moves_the_session_to_the_other_serve
                 async with AvatarClient(url) as client:
                     session = await client.start_session(seed=2)
                     old_id = session.id
-                    seen: list[dict] = []
-                    session.on("*", seen.append)
-                    await session.connect()
-                    frames, chunks, readers = collect_media(session, timed=True)
-                    await wait_until(lambda: len(frames) >= 25, 20, "a second of frames")
+                    seen, frames, readers = await _watch(session)
                     holder, other = (a, b) if old_id.startswith("a-") else (b, a)
                     drain = asyncio.ensure_future(holder.manager.drain(30))
-                    await wait_until(lambda: any(e["type"] == "moved" for e in seen), 30, "the move")
+                    await _moved(seen, frames, "the other server")
                     drained = await asyncio.wait_for(drain, 10)
-                    before = len(frames)
-                    await wait_until(lambda: len(frames) >= before + 25, 20, "frames from the other server")
                     placed = list(other.manager.sessions)
                     await session.close()
                     await asyncio.gather(*readers)
