@@ -107,6 +107,7 @@ REOPEN_TRY_S = 2.0
 # a new session this long
 MOVE_MARGIN_S = 5.0
 MOVE_TIMEOUT_S = 30.0
+ORPHAN_WAIT_S = 5.0  # close() waits this long for the delete of a session a move made and no longer wants
 MOVE_REASONS = ("server_stopping", "device_hung")  # a time limit (`time_limit`) is a limit: not moved around
 
 __all__ = [
@@ -459,6 +460,8 @@ class AvatarSession:
         self.move_on_ending = how is not None  # (public) move() by itself on `session_ending` (connect(move=))
         self._broadcasts: dict[str, dict] = {}  # broadcast()'s live streams running, by id: a move starts them again
         self._moving = False  # move() or connect(move=True)'s: a new session is being made, or switched to
+        self._leaving: tuple[AvatarClient, str, str] | None = None  # a switch's old session, until it is deleted
+        self._orphans: set[asyncio.Task] = set()  # a move's new session being made or deleted: close() waits for them
         self._link_lock = asyncio.Lock()  # the watchdog's look and reconnect, or a move's switch: one at a time
         self._keep_token_for(client)
 
@@ -759,7 +762,7 @@ class AvatarSession:
         client = client or self.client
         self._moving = True
         try:
-            info, server_time = await wait_for(client._create(self._how), timeout)
+            info, server_time = await self._made(client, timeout)
             await self._switch(client, info, server_time, reason)
         finally:
             self._moving = False
@@ -780,16 +783,18 @@ class AvatarSession:
             made = await self._new_session_by(switch_by, reason)
             if made is None:
                 return
-            if left and not self.audio_shown:  # what was sent while the new session was made
-                await self.wait_audio_shown(timeout=max(0.0, switch_by - time.monotonic()))
+            try:
+                if left and not self.audio_shown:  # what was sent while the new session was made
+                    await self.wait_audio_shown(timeout=max(0.0, switch_by - time.monotonic()))
+            except BaseException:  # (cancelled: close())
+                self._drop(self.client, made[0])
+                raise
             if self.closed or self.close_reason is not None:  # ended meanwhile: the new one is not wanted
-                self._spawn(self._delete(self.client, made[0]["session_id"], made[0]["token"]), "delete-new")
+                self._drop(self.client, made[0])
                 return
             await self._switch(self.client, *made, reason)
         except Exception:  # (a callback's task: nobody would see it)
             log.exception("session %s: moving it failed", self.id)
-        finally:
-            self._moving = False
 
     async def _new_session_by(self, deadline: float, reason: str) -> tuple[dict, float] | None:
         """A new session made as this one was (`_create`'s answer and server time), asked for until `deadline`
@@ -798,7 +803,7 @@ class AvatarSession:
         wait, last = RECONNECT_FIRST_WAIT_S, ""
         while not (self.closed or self.close_reason is not None):
             try:
-                return await wait_for(self.client._create(self._how), max(1.0, deadline - time.monotonic()))
+                return await self._made(self.client, max(1.0, deadline - time.monotonic()))
             except ServerBusyError as e:  # full, or stopping (a balancer that has not yet seen its /health)
                 last = str(e)
             except (AuthenticationError, RequestError, AvatarNotFoundError) as e:  # not going to change
@@ -814,6 +819,25 @@ class AvatarSession:
             wait = min(2 * wait, 4.0)
         return None
 
+    async def _made(self, client: AvatarClient, timeout: float) -> tuple[dict, float]:
+        """`client._create(self._how)` within `timeout`. A session the server makes after this stopped waiting for it
+        (timed out; cancelled by close()) is deleted once it is there, not left open until its idle timeout."""
+        task = asyncio.get_running_loop().create_task(client._create(self._how), name=f"avatar-{self.id}-create")
+        self._orphans.add(task)
+        task.add_done_callback(self._orphans.discard)
+        try:
+            return await wait_for(asyncio.shield(task), timeout)
+        except BaseException:
+            task.add_done_callback(lambda t: t.cancelled() or t.exception() or self._drop(client, t.result()[0]))
+            raise
+
+    def _drop(self, client: AvatarClient, info: dict) -> None:
+        """Delete a session made for a move that did not happen (close() waits for it, rather than cancel it)."""
+        task = asyncio.get_running_loop().create_task(self._delete(client, info["session_id"], info["token"]),
+                                                      name=f"avatar-{self.id}-drop")
+        self._orphans.add(task)
+        task.add_done_callback(self._orphans.discard)
+
     async def _switch(self, client: AvatarClient, info: dict, server_time: float, reason: str) -> None:
         """Become the new session `info` (made on `client`'s server): its websocket; the old session deleted, saying
         where it went (before its peer connection closes: the server would end it for that first, without the news);
@@ -821,19 +845,23 @@ class AvatarSession:
         websocket cannot be opened, this stays the old session and the new one is deleted."""
         async with self._link_lock:  # (a reconnect under way finishes first; the watchdog waits for this)
             if self._failed is not None or self.closed or self.close_reason is not None:
-                self._spawn(self._delete(client, info["session_id"], info["token"]), "delete-new")
+                self._drop(client, info)
                 raise AvatarClientError(f"session {self.id}: {self._failed or self.close_reason or 'closed'}")
             started = time.monotonic()
             old = {name: getattr(self, name) for name in ("client", "info", "id", "token", "expires_at",
                                                           "_token_deadline", "offer_url", "viewers_url", "ws_url")}
             old_ws = self._ws
             self._identify(client, info, server_time)
+            self._leaving = (old["client"], old["id"], old["token"])  # (close() meanwhile deletes both)
             try:
                 if self._link.get("websocket", old_ws is not None):
                     await self._open_ws(replace=True)  # (the old one closed: its events are no longer this session's)
+                if self.closed:
+                    raise AvatarClientError(f"session {old['id']} was closed while it moved")
             except BaseException:
                 self.__dict__.update(old)
-                self._spawn(self._delete(client, info["session_id"], info["token"]), "delete-new")
+                self._leaving = None
+                self._drop(client, info)
                 raise
             old["client"]._sessions.discard(self)
             client._sessions.add(self)
@@ -848,8 +876,11 @@ class AvatarSession:
                 self._time_offset = (max(self._last_media_time, self._audio_until)
                                      + (time.monotonic() - self._media_at))
             await self._leave(old["client"], old["id"], old["token"])
+            self._leaving = None
             if old_pc is not None:
                 self._spawn(_close_pc(old_pc), "close-pc")
+            if self.closed:  # (close() deleted the new session)
+                raise AvatarClientError(f"session {old['id']} was closed while it moved")
             if self._link:
                 self._audio_until, self._audio_at = -1.0, time.monotonic()
                 try:
@@ -1083,7 +1114,8 @@ class AvatarSession:
         if (kind == "session_ending" and self.move_on_ending and event.get("reason") in MOVE_REASONS
                 and not self._moving):
             self._moving = True  # (set now: a second `session_ending` before the task starts must not move it again)
-            self._spawn(self._follow(event), "move")
+            # (reset when it ends, cancelled by close() before it even started too)
+            self._spawn(self._follow(event), "move").add_done_callback(lambda _: setattr(self, "_moving", False))
         if kind == "closed":  # the server closed the session: nothing to reconnect to, nothing more to send
             self.close_reason = str(event.get("reason") or "closed")
             self._events.close()
@@ -1345,7 +1377,8 @@ class AvatarSession:
 
     async def close(self) -> None:
         """Hang up and free the session on the server (idempotent). A session this client only attached to
-        (`AvatarClient.session`) is left open: only this client's viewer, if it connected one, is freed."""
+        (`AvatarClient.session`) is left open: only this client's viewer, if it connected one, is freed. A move under
+        way stops: the session it left and the one it was making (waited for, up to ORPHAN_WAIT_S) are freed too."""
         if self.closed:
             return
         self.closed = True
@@ -1360,11 +1393,18 @@ class AvatarSession:
                 await _close_pc(pc)
             if self.owner:  # unreachable, slow or failing: the server frees the session itself once it is idle
                 await self._delete(self.client, self.id, self.token)
+                if self._leaving is not None:  # closed while it moved: the session it left, too
+                    await self._delete(*self._leaving)
             elif self.viewer_url is not None:
                 await self._delete(self.client, self.id, self.token, self.viewer_url)
         finally:  # whatever the server said: nothing of this session may outlive close() here
             for task in list(self._tasks):
                 task.cancel()
+            until = time.monotonic() + ORPHAN_WAIT_S  # a move's new session, made or being made: deleted, not left
+            while (self._orphans or self._moving) and until > time.monotonic():  # (move() sees closed, and drops it)
+                if self._orphans:
+                    await asyncio.wait(set(self._orphans), timeout=until - time.monotonic())
+                await asyncio.sleep(0.01)
             self._video.close()
             self._audio.close()
             self._events.close()

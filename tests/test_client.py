@@ -551,6 +551,68 @@ def test_a_session_whose_device_hung_moves_by_itself_to_another_device(tiny_pipe
     assert drained is False and during >= 10 + 25 and reason == "server stopping"
 
 
+def test_a_session_closed_while_it_moves_leaves_no_session_on_the_server(tiny_pipeline, second_pipeline, monkeypatch):
+    """close() while a move is under way frees every session the move touched before it returns: the old one, and
+    the new one the server is still making (a device_hung move by itself, cancelled by close(); an app's move(),
+    which then raises), not left open until the server's idle timeout."""
+    import threading
+
+    import letstalk_rt.server.app as app_module
+    from letstalk_rt.client import AvatarClient, AvatarClientError
+
+    opening, making, made = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    open_checked = app_module._open_checked
+
+    async def slow_open(*args, **kwargs):  # a new session the server takes its time to make
+        if not making.is_set():
+            return await open_checked(*args, **kwargs)
+        opening.set()
+        await asyncio.sleep(0.5)
+        try:
+            return await open_checked(*args, **kwargs)
+        finally:
+            made.set()
+
+    monkeypatch.setattr(app_module, "_open_checked", slow_open)
+    gate = threading.Event()
+
+    async def main():
+        left = []
+        async with running_server([tiny_pipeline, second_pipeline], engine_config={"hung_after_s": HUNG_S},
+                                  watch_interval_s=0.1) as srv, AvatarClient(srv.url) as client:
+            session = await client.start_session(seed=1)
+            seen, frames, readers = await _watch(session)
+            making.set()
+            hang(srv.engine.sessions[session.id].engine, gate)  # the move by itself
+            await wait_until(opening.is_set, 20, "the new session asked for")
+            await session.close()
+            await wait_until(made.is_set, 20, "the new session made")
+            await asyncio.sleep(0.2)
+            left.append(list(srv.manager.sessions))
+            gate.set()
+            await asyncio.gather(*readers)
+
+            session = await client.start_session(seed=1)
+            await _watch(session)
+            opening.clear()
+            made.clear()
+            move = asyncio.ensure_future(session.move())  # the app's
+            await wait_until(opening.is_set, 20, "the new session asked for")
+            await session.close()
+            await wait_until(made.is_set, 20, "the new session made")
+            left.append(list(srv.manager.sessions))
+            with pytest.raises(AvatarClientError, match="closed"):
+                await move
+            return seen, left
+
+    try:
+        seen, left = run(main())
+    finally:
+        gate.set()
+    assert any(e["type"] == "session_ending" for e in seen) and not any(e["type"] == "moved" for e in seen)
+    assert left == [[], []]
+
+
 def test_a_session_outlives_its_first_token_the_sdk_renewing_it(tiny_pipeline):
     """A session's token holds the server's --token-ttl (an hour) from when it was given, and a session may last
     hours: the SDK renews it while the session is open, so a reconnect after the first token expired, a client
