@@ -107,6 +107,8 @@ REOPEN_TRY_S = 2.0
 # a new session this long
 MOVE_MARGIN_S = 5.0
 MOVE_TIMEOUT_S = 30.0
+EVENTS_IDLE_S = 45.0  # a viewer's event stream with nothing for this long (the server writes every 15 s) is reopened
+EVENTS_MOVE_WAIT_S = 2.0
 ORPHAN_WAIT_S = 5.0  # close() waits this long for the delete of a session a move made and no longer wants
 MOVE_REASONS = ("server_stopping", "device_hung")  # a time limit (`time_limit`) is a limit: not moved around
 
@@ -394,6 +396,23 @@ def _pcm16_bytes(arr: np.ndarray, channels: int | None) -> tuple[bytes, int]:
     return np.ascontiguousarray(arr).astype("<i2").tobytes(), shaped
 
 
+async def _server_sent(resp: aiohttp.ClientResponse) -> AsyncIterator[dict]:
+    """The JSON objects of a server-sent event stream (`data:` lines; comments and other fields skipped)."""
+    data: list[str] = []
+    async for raw in resp.content:
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        if line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+        elif not line and data:
+            try:
+                event = json.loads("\n".join(data))
+            except ValueError:
+                event = None
+            data = []
+            if isinstance(event, dict):
+                yield event
+
+
 def _token_expiry(token: str) -> int | None:
     """When a session token expires (its JWT's `exp`, unix time), read without checking its signature (the server
     does); None for what is not one (an API key)."""
@@ -462,6 +481,8 @@ class AvatarSession:
         self._moving = False  # move() or connect(move=True)'s: a new session is being made, or switched to
         self._leaving: tuple[AvatarClient, str, str] | None = None  # a switch's old session, until it is deleted
         self._orphans: set[asyncio.Task] = set()  # a move's new session being made or deleted: close() waits for them
+        self._follows = False  # connect(viewer=True, move=True): watch the session the one watched moved to
+        self._own_client: AvatarClient | None = None  # a viewer that followed a move to another server: its client
         self._link_lock = asyncio.Lock()  # the watchdog's look and reconnect, or a move's switch: one at a time
         self._keep_token_for(client)
 
@@ -548,12 +569,17 @@ class AvatarSession:
         `reconnected` (or an `error` with code `reconnect_failed`, after which the iterators end and sends raise) say
         so.
 
+        A viewer's events (`events()`, `on()`) come from the session's event stream (GET /v1/sessions/{id}/events,
+        read-only, opened again if it drops), not its websocket: the driving client keeps that.
+
         `move`: when the server says it will end the session because it is stopping (`session_ending` reason
         `server_stopping`: a rolling update) or its device hung (`device_hung`), go on in a new session made as this
         one was, through the same URL (a balancer sends it to a server that is up; a server with several devices puts
-        it on another): `move()`, with speech already sent shown first where there is time. A session this client
-        only attached to (`AvatarClient.session`, a viewer) is not moved. (`move_on_ending`, the same for a session
-        that is never connected here: one shown by an overlay page, or live-streamed: True for start_session's.)"""
+        it on another): `move()`, with speech already sent shown first where there is time. (`move_on_ending`, the
+        same for a session that is never connected here: one shown by an overlay page, or live-streamed: True for
+        start_session's.) A viewer follows the session instead: when the client driving it moves it (its `closed`
+        event names the new session, `moved_to`), the viewer watches the new one, on its server, the iterators going
+        on and a `moved` event saying so. A session this client only attached to and drives is not moved."""
         if self.closed:
             raise AvatarClientError(f"session {self.id} is closed")
         if self.pc is not None:
@@ -576,9 +602,12 @@ class AvatarSession:
             await self._open_ws()
         self._align = align and audio and video
         self.move_on_ending = move and self._how is not None
+        self._follows = viewer and move
         self._link = dict(servers=servers, audio_track=audio_track, video=video, audio=audio, websocket=websocket,
                           timeout=timeout, viewer=viewer)
         await self._negotiate(**self._link)
+        if viewer and not websocket:
+            self._spawn(self._read_events(), "events")
         if reconnect:
             self._spawn(self._watch_media(), "reconnect")
 
@@ -665,6 +694,8 @@ class AvatarSession:
             self._video.close()
             self._audio.close()
             return False
+        if self._moving:  # a viewer about to follow its session to the new one (`_view_moved`)
+            return True
         pc = self.pc
         # (not before the first media: a server slow to its first frame is not a network gone)
         stalled = (self._video.received + self._audio.received > 0
@@ -697,6 +728,8 @@ class AvatarSession:
                                 "after_s": round(time.monotonic() - started, 3)})
                 return True
             except (SessionNotFoundError, AuthenticationError) as e:  # the session is gone: nothing to go back to
+                if await self._moved_soon():  # a viewer's, moved: the event stream's `closed` says where (it follows)
+                    return True
                 last = str(e)
                 break
             except (AvatarClientError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
@@ -929,6 +962,106 @@ class AvatarSession:
         except (aiohttp.ClientError, asyncio.TimeoutError, AvatarClientError) as e:
             log.warning("session %s: DELETE failed (%s); the server frees it after its idle timeout", session_id,
                         str(e) or type(e).__name__)
+
+    # -- a viewer: the session's event stream, and following its move
+
+    async def _read_events(self) -> None:
+        """A viewer's events, from the session's event stream (server-sent events; the websocket is the driving
+        client's), opened again when it drops, until the session closes. A `closed` event naming where the session
+        went (`moved_to`) is followed (`_view_moved`) when connect(move=True)."""
+        wait = RECONNECT_FIRST_WAIT_S
+        while not self.closed and self.close_reason is None and self._failed is None:
+            moved: tuple[dict, dict] | None = None
+            url = self.client._url(f"/v1/sessions/{urllib.parse.quote(self.id, safe='')}/events")
+            try:  # (no total timeout: the stream lasts the session; the server writes every 15 s)
+                async with self.client._require_http().get(url, headers=self._headers(), timeout=aiohttp.ClientTimeout(
+                        total=None, sock_connect=self.client.timeout, sock_read=EVENTS_IDLE_S)) as resp:
+                    await _raise_for_status(resp)
+                    wait = RECONNECT_FIRST_WAIT_S
+                    async for event in _server_sent(resp):
+                        if event.get("type") == "listening":
+                            continue
+                        if event.get("type") == "closed" and self._follows and isinstance(event.get("moved_to"), dict):
+                            self._moving = True  # (the watchdog leaves the connection, whose end is coming, alone)
+                            moved = event, event["moved_to"]
+                            break
+                        self._dispatch(event)
+            except (SessionNotFoundError, AuthenticationError) as e:  # gone: no event will come
+                self._events.close(AvatarClientError(f"session {self.id}: its event stream: {e}"))
+                return
+            except (aiohttp.ClientError, asyncio.TimeoutError, AvatarClientError, OSError) as e:
+                log.info("session %s: its event stream dropped (%s); opening it again", self.id,
+                         str(e) or type(e).__name__)
+            if moved is not None:
+                try:
+                    await self._view_moved(*moved)
+                finally:
+                    self._moving = False
+                continue
+            if self.closed or self.close_reason is not None:
+                return
+            await asyncio.sleep(wait)
+            wait = min(2 * wait, 4.0)
+
+    async def _view_moved(self, closed: dict, moved_to: dict) -> None:
+        """A viewer whose session moved (its `closed` event's `moved_to`): watch the new session, on its server (a
+        client of this one's settings for another URL), with a new peer connection. If that fails, an `error` event
+        (code `move_failed`) and the old session's `closed`."""
+        started, old_id = time.monotonic(), self.id
+        try:
+            client, url = self.client, moved_to.get("url")
+            made = bool(url) and URL(str(url).rstrip("/") + "/") != client.base_url
+            if made:  # (closed by close(), or once it follows on again)
+                client = await AvatarClient(str(url), timeout=client.timeout, ice_servers=client.ice_servers,
+                                            relay_only=client.relay_only, ssl=client._ssl).open()
+            try:
+                info, server_time = await client._attached(str(moved_to["session_id"]), str(moved_to["token"]))
+                async with self._link_lock:
+                    if self.closed:
+                        raise AvatarClientError("closed")
+                    old_pc, self.pc, self.viewer_url = self.pc, None, None  # (its viewers went with the old session)
+                    self._time_offset = (max(self._last_media_time, self._audio_until)
+                                         + (time.monotonic() - self._media_at))
+                    if old_pc is not None:
+                        self._spawn(_close_pc(old_pc), "close-pc")
+                    self._identify(client, info, server_time)  # (in its first client's sessions still: closed with it)
+                    self._keep_token_for(client)
+                    old_own = self._own_client
+                    self._own_client = client if made or client is old_own else None
+                    if old_own is not None and old_own is not client:
+                        self._spawn(old_own.close(), "close-client")
+                    self._audio_until, self._audio_at = -1.0, time.monotonic()
+                    try:
+                        await self._negotiate(**self._link)
+                    except (AvatarClientError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+                        if not self._watching or not await self._reconnect(f"moved; its new connection failed: {e}"):
+                            raise
+            except BaseException:
+                if made and client is not self._own_client:
+                    await client.close()
+                raise
+        except (AvatarClientError, aiohttp.ClientError, OSError, asyncio.TimeoutError, KeyError) as e:
+            if self.closed:
+                return
+            self._dispatch({"type": "error", "session_id": old_id, "code": "move_failed", "time": time.time(),
+                            "message": f"session {old_id} moved to session {moved_to.get('session_id')}, which this "
+                                       f"viewer could not watch: {e}"})
+            self._dispatch(closed)
+            return
+        log.info("session %s: its viewer follows it to session %s", old_id, self.id)
+        self._dispatch({"type": "moved", "session_id": self.id, "from_session_id": old_id,
+                        "reason": closed.get("reason"), "time": time.time(),
+                        "after_s": round(time.monotonic() - started, 3)})
+
+    async def _moved_soon(self) -> bool:
+        """A viewer's session gone (404): whether its event stream says, within EVENTS_MOVE_WAIT_S, that it moved
+        (the peer connection may end before the `closed` event that says where to has come)."""
+        until = time.monotonic() + EVENTS_MOVE_WAIT_S
+        while self._follows and not self.closed and self.close_reason is None and time.monotonic() < until:
+            if self._moving:
+                return True
+            await asyncio.sleep(0.05)
+        return self._moving
 
     async def _read_track(self, track: MediaStreamTrack, pc: RTCPeerConnection) -> None:
         buffer = self._video if track.kind == "video" else self._audio
@@ -1329,12 +1462,14 @@ class AvatarSession:
         return register(callback) if callback is not None else register
 
     async def events(self) -> AsyncIterator[dict]:
-        """Events as dicts until the session closes (the last one has type "closed").
+        """Events as dicts until the session closes (the last one has type "closed"); a viewer's (connect(viewer=True))
+        from the session's event stream, read-only.
 
         Raises AvatarClientError, with the close code and reason, when the server ends the websocket
         without closing the session (a newer websocket replaced it, a protocol error, the server gone).
         """
-        if self._ws is None and not self.closed and self._ws_close is None:  # like sends: no silent reconnect
+        if (self._ws is None and not self.closed and self._ws_close is None  # like sends: no silent reconnect
+                and not (self._link.get("viewer") and not self._link.get("websocket"))):  # (a viewer's: its stream)
             await self._open_ws()
         while True:
             try:
@@ -1397,6 +1532,8 @@ class AvatarSession:
                     await self._delete(*self._leaving)
             elif self.viewer_url is not None:
                 await self._delete(self.client, self.id, self.token, self.viewer_url)
+            if self._own_client is not None:
+                await self._own_client.close()
         finally:  # whatever the server said: nothing of this session may outlive close() here
             for task in list(self._tasks):
                 task.cancel()
@@ -1694,17 +1831,22 @@ class AvatarClient:
         token = token or self.api_key
         if not token:
             raise ValueError("session(): give the session's token (or make the client with the API key)")
+        info, server_time = await self._attached(session_id, token)
+        session = AvatarSession(self, info, owner=False, server_time=server_time)
+        self._sessions.add(session)
+        return session
+
+    async def _attached(self, session_id: str, token: str) -> tuple[dict, float]:
+        """What an AvatarSession needs of a session this client did not make (session(), a viewer following a move):
+        its URLs, token expiry and ICE servers; and the server's clock."""
         url = self._url(f"/v1/sessions/{urllib.parse.quote(session_id, safe='')}")
         async with self._require_http().get(url, headers={"Authorization": f"Bearer {token}"}) as resp:
             await _raise_for_status(resp)
             state = await resp.json()
             server_time = _server_time(resp)
-        info = {"session_id": session_id, "token": token, "expires_at": _token_expiry(token) or state["expires_at"],
+        return {"session_id": session_id, "token": token, "expires_at": _token_expiry(token) or state["expires_at"],
                 "offer_url": f"/v1/sessions/{session_id}/offer", "ws_url": f"/v1/sessions/{session_id}/ws",
-                "ice_servers": state["ice_servers"]}
-        session = AvatarSession(self, info, owner=False, server_time=server_time)
-        self._sessions.add(session)
-        return session
+                "ice_servers": state["ice_servers"]}, server_time
 
     async def start_session(self, portrait: str | Path | bytes | np.ndarray | Any | None = None, *,
                             avatar_id: str | None = None, seed: int | None = None, steps: int | None = None,

@@ -490,6 +490,46 @@ def test_a_session_on_a_stopping_server_moves_to_another_and_its_iterators_go_on
     assert all(y > x for x, y in zip(times, times[1:])), "media times go back after the move"
 
 
+def test_a_viewer_reads_the_sessions_events_and_follows_it_to_the_server_it_moved_to(tiny_pipeline, second_pipeline):
+    """An SDK viewer (`connect(viewer=True)` on a session another client drives) gets the session's events from its
+    event stream, leaving the driving client's websocket alone; when that client moves the session to server B, the
+    viewer watches the new session there by itself (its `closed` event's `moved_to`): a `moved` event, frames again,
+    media times still rising, its viewer at B freed by close()."""
+    from letstalk_rt.client import AvatarClient
+
+    async def main():
+        async with running_server(tiny_pipeline) as a, running_server(second_pipeline) as b, \
+                AvatarClient(a.url) as owner, AvatarClient(b.url) as owner_b, AvatarClient(a.url) as other:
+            session = await owner.start_session(seed=3)
+            driven, _, owner_readers = await _watch(session, move=False)
+            watched = await other.session(session.id, session.token)
+            seen, frames, readers = await _watch(watched, viewer=True)
+            await session.send_audio(speechlike(0.6), sample_rate=16000)
+            await session.end_speech()
+            await wait_until(lambda: any(e["type"] == "speech_started" for e in seen), 20, "the viewer's events")
+            kept_ws = a.manager.sessions[session.id].ws is not None  # the driving client's websocket: still its own
+            old_id = session.id
+            await session.move(owner_b)
+            await _moved(seen, frames, "B")
+            viewers_b = len(b.manager.sessions[session.id].viewers)
+            own = watched._own_client
+            await watched.close()
+            await wait_until(lambda: not b.manager.sessions[session.id].viewers, 10, "the viewer at B freed")
+            await session.close()
+            await asyncio.gather(*readers, *owner_readers)
+            return old_id, session.id, watched.id, seen, driven, frames, kept_ws, viewers_b, own
+
+    old_id, new_id, watched_id, seen, driven, frames, kept_ws, viewers_b, own = run(main())
+    assert kept_ws and any(e["type"] == "speech_started" for e in driven)
+    types = [e["type"] for e in seen]
+    assert "closed" not in types and "error" not in types, types
+    moved = next(e for e in seen if e["type"] == "moved")
+    assert moved["from_session_id"] == old_id and moved["session_id"] == watched_id == new_id != old_id
+    assert viewers_b == 1 and own is not None and own._http is None  # its client for B: closed with it
+    times = [f.time for f in frames]
+    assert all(y > x for x, y in zip(times, times[1:])), "media times go back after the move"
+
+
 def test_a_session_whose_device_hung_moves_by_itself_to_another_device(tiny_pipeline, second_pipeline):
     """connect()'s default `move`: a session on a device that stopped answering (told `session_ending`, reason
     device_hung) goes on by itself in a new session through the same URL, which the server puts on its other device;
