@@ -474,6 +474,9 @@ class AvatarSession:
         # Binary audio messages, numbered as the server counts them (its `ready` says how many it had): sent; shown by
         # an `audio_played` event (its `audio_messages`) or dropped by interrupt(); sent on the current websocket.
         self._audio_sent = self._audio_done = self._ws_sent = 0
+        # what of it is not yet shown (start_session's: a move sends it again), [PCM16, (rate, channels, ahead), ended]
+        self._unshown: collections.deque[list] = collections.deque()
+        self._sends_held: asyncio.Event | None = None  # a move's switch: sends wait for it (set when it is over)
         self.max_queued_seconds = 30.0  # speech the server queues ahead of playback (its `ready` says), more refused
         self._shown_moved = asyncio.Event()  # set when audio_shown may have changed (wait_audio_shown)
         self.move_on_ending = how is not None  # (public) move() by itself on `session_ending` (connect(move=))
@@ -776,14 +779,15 @@ class AvatarSession:
     async def move(self, client: AvatarClient | None = None, *, reason: str = "moved by the application",
                    timeout: float = 30.0) -> None:
         """Go on in a new session made as this one was (the same portrait or avatar, seed and options), on `client`'s
-        server (another server, for one that is stopping: `session_ending`) or by default through this session's
-        client, and end this one. The frame, audio and event iterators go on across it, media times continuing; sends
-        go to the new session (`id`, `token` and the URLs are its); a `moved` event (`session_id` the new one,
-        `from_session_id`, `reason`, `after_s`) says when its media flows. Speech sent and not yet shown is dropped,
-        and the avatar starts again from its portrait (the new session has its own memory). The old session's DELETE
-        says where it went, and its pages follow (an overlay page, `overlay_url()`, on the same server); the live
-        streams `broadcast()` started start again on the new session once the old one's have ended (an `error`
-        event, code `broadcast_not_moved`, if one is refused). Raises what making the new session raised
+        server (another server, for one that is stopping: `session_ending`) or by default through this session's client,
+        and end this one. The frame, audio and event iterators go on across it, media times continuing; sends go to the
+        new session (`id`, `token` and the URLs are its); a `moved` event (`session_id` the new one, `from_session_id`,
+        `reason`, `after_s`) says when its media flows. Speech sent (`send_audio`) and not yet shown is sent again to
+        the new session, whole messages (up to half a second may be heard twice; `say()` text is not), sends meanwhile
+        waiting for it; the avatar starts again from its portrait (the new session has its own memory). The old
+        session's DELETE says where it went, and its pages follow (an overlay page, `overlay_url()`, on the same
+        server); the live streams `broadcast()` started start again on the new session once the old one's have ended (an
+        `error` event, code `broadcast_not_moved`, if one is refused). Raises what making the new session raised
         (ServerBusyError: that server is full or stopping too), this session left as it was; AvatarClientError for a
         session this client did not start."""
         if self._how is None:
@@ -886,24 +890,32 @@ class AvatarSession:
             old_ws = self._ws
             self._identify(client, info, server_time)
             self._leaving = (old["client"], old["id"], old["token"])  # (close() meanwhile deletes both)
+            held = self._sends_held = asyncio.Event()  # sends wait: none to the old session, none before the replay
             try:
-                if self._link.get("websocket", old_ws is not None):
-                    await self._open_ws(replace=True)  # (the old one closed: its events are no longer this session's)
-                if self.closed:
-                    raise AvatarClientError(f"session {old['id']} was closed while it moved")
-            except BaseException:
-                self.__dict__.update(old)
-                self._leaving = None
-                self._drop(client, info)
-                raise
-            old["client"]._sessions.discard(self)
-            client._sessions.add(self)
-            self._keep_token_for(client)
-            self._audio_sent = self._audio_done = self._ws_sent = 0  # the server counts each session's messages
-            self._shown_moved.set()
-            if old_ws is not None and self._ws is old_ws:  # connect(websocket=False) with one opened by a send
-                self._ws = None
-                self._spawn(_close_quietly(old_ws), "ws-close")
+                try:
+                    if self._link.get("websocket", old_ws is not None):
+                        await self._open_ws(replace=True)  # (the old one closed: its events are not this session's)
+                    if self.closed:
+                        raise AvatarClientError(f"session {old['id']} was closed while it moved")
+                except BaseException:
+                    self.__dict__.update(old)
+                    self._leaving = None
+                    self._drop(client, info)
+                    raise
+                old["client"]._sessions.discard(self)
+                client._sessions.add(self)
+                self._keep_token_for(client)
+                replay = list(self._unshown)
+                self._unshown.clear()
+                self._audio_sent = self._audio_done = self._ws_sent = 0  # the server counts each session's messages
+                self._shown_moved.set()
+                if old_ws is not None and self._ws is old_ws:  # connect(websocket=False) with one opened by a send
+                    self._ws = None
+                    self._spawn(_close_quietly(old_ws), "ws-close")
+                await self._replay(replay)
+            finally:
+                self._sends_held = None
+                held.set()
             old_pc, self.pc = self.pc, None  # (its frames stop here: what it still brings would go back in time)
             if self._link:
                 self._time_offset = (max(self._last_media_time, self._audio_until)
@@ -924,6 +936,20 @@ class AvatarSession:
         log.info("session %s: moved to session %s (%s)", old["id"], self.id, reason)
         self._dispatch({"type": "moved", "session_id": self.id, "from_session_id": old["id"], "reason": reason,
                         "time": time.time(), "after_s": round(time.monotonic() - started, 3)})
+
+    async def _replay(self, unshown: list[list]) -> None:
+        """A move: send the new session the speech the old one had not shown (each message whole: up to its half
+        second may be heard twice), its formats and utterance ends as they were. A send that fails loses the rest."""
+        try:
+            for chunk, form, ended in unshown:
+                await self._send(functools.partial(self._send_chunk, chunk=chunk, form=form), held=True)
+                if ended:
+                    await self._send(self._send_end, held=True)
+        except (AvatarClientError, aiohttp.ClientError, OSError) as e:
+            log.warning("session %s: the speech the old session had not shown was not all sent again (%s)", self.id, e)
+        if unshown:
+            log.info("session %s: %.1f s of speech not yet shown sent again", self.id,
+                     sum(len(c) / (2 * f[0] * f[1]) for c, f, _ in unshown))
 
     async def _leave(self, client: AvatarClient, session_id: str, token: str) -> None:
         """A move: delete the old session saying where it went (an overlay page of it follows), then start its live
@@ -1228,11 +1254,13 @@ class AvatarSession:
             if isinstance(event.get("audio_messages"), int):  # those sent into a websocket that died never came
                 self._audio_sent = event["audio_messages"] + self._ws_sent
                 self._audio_done = min(self._audio_done, self._audio_sent)
+                self._forget_shown()
                 self._shown_moved.set()
         elif kind == "broadcast_stopped":  # ended (failed, or given up): not one a move starts again
             self._broadcasts.pop(event.get("broadcast_id"), None)
         elif kind == "audio_played":
             self._audio_done = max(self._audio_done, event.get("audio_messages", self._audio_sent))
+            self._forget_shown()
             self._shown_moved.set()
         self._events.put(event)
         for cb in self._callbacks.get(kind, []) + self._callbacks.get("*", []):  # type: ignore[arg-type]
@@ -1253,7 +1281,10 @@ class AvatarSession:
             self.close_reason = str(event.get("reason") or "closed")
             self._events.close()
 
-    async def _send(self, send: Callable[[aiohttp.ClientWebSocketResponse], Any]) -> None:
+    async def _send(self, send: Callable[[aiohttp.ClientWebSocketResponse], Any], held: bool = False) -> None:
+        """`send` on the session's websocket; `held`: the move's own, while the others wait for its switch."""
+        while self._sends_held is not None and not held:
+            await self._sends_held.wait()
         for attempt in range(2):
             ws = await self._usable_ws()
             try:
@@ -1323,23 +1354,35 @@ class AvatarSession:
         if len(data) % frame_bytes:
             raise ValueError(f"PCM16 with {channels} channel(s) needs a multiple of {frame_bytes} bytes")
         form = (sample_rate, channels, ahead)
-
-        async def send(ws: aiohttp.ClientWebSocketResponse, chunk: bytes) -> None:
-            if self._format != form:  # announced on each websocket (a new one, after a reconnect, starts at 16 kHz)
-                await ws.send_str(json.dumps({"type": "audio_format", "sample_rate": sample_rate,
-                                              "channels": channels, "ahead": ahead}))
-                self._format = form
-            await ws.send_bytes(chunk)
-            self._audio_sent += 1
-            self._ws_sent += ws is self._ws
-
         step = (sample_rate // 2) * frame_bytes  # 0.5 s of whole samples per message (server limit: 1 s)
         for pos in range(0, len(data), step):
-            await self._send(functools.partial(send, chunk=data[pos:pos + step]))
+            await self._send(functools.partial(self._send_chunk, chunk=data[pos:pos + step], form=form))
+
+    async def _send_chunk(self, ws: aiohttp.ClientWebSocketResponse, chunk: bytes, form: tuple[int, int, bool]) -> None:
+        """One audio message, its format (rate, channels, ahead) announced first where it changed."""
+        if self._format != form:  # announced on each websocket (a new one, after a reconnect, starts at 16 kHz)
+            await ws.send_str(json.dumps({"type": "audio_format", "sample_rate": form[0], "channels": form[1],
+                                          "ahead": form[2]}))
+            self._format = form
+        await ws.send_bytes(chunk)
+        self._audio_sent += 1
+        self._ws_sent += ws is self._ws
+        if self._how is not None:  # (a session a move can make again)
+            self._unshown.append([chunk, form, False])
 
     async def end_speech(self) -> None:
         """The utterance is over: the server renders its last frames now instead of waiting for more audio."""
-        await self._control({"type": "end_of_speech"})
+        await self._send(self._send_end)
+
+    async def _send_end(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        await ws.send_str(json.dumps({"type": "end_of_speech"}))
+        if self._unshown:
+            self._unshown[-1][2] = True
+
+    def _forget_shown(self) -> None:
+        """Keep, of the audio sent, only what is not yet shown (or dropped)."""
+        while len(self._unshown) > max(0, self._audio_sent - self._audio_done):
+            self._unshown.popleft()
 
     async def interrupt(self) -> None:
         """Drop queued speech and unshown frames (barge-in); the avatar goes on from the frame on screen."""
@@ -1347,6 +1390,7 @@ class AvatarSession:
             sent = self._audio_sent  # the server drops these: they come before the interrupt
             await ws.send_str(json.dumps({"type": "interrupt"}))
             self._audio_done = max(self._audio_done, sent)
+            self._forget_shown()
             self._shown_moved.set()
 
         await self._send(send)

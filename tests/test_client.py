@@ -533,7 +533,8 @@ def test_a_viewer_reads_the_sessions_events_and_follows_it_to_the_server_it_move
 def test_a_session_whose_device_hung_moves_by_itself_to_another_device(tiny_pipeline, second_pipeline):
     """connect()'s default `move`: a session on a device that stopped answering (told `session_ending`, reason
     device_hung) goes on by itself in a new session through the same URL, which the server puts on its other device;
-    frames come again and the old session is deleted. With nowhere to go (one server, stopping), an `error` event
+    frames come again, the old session is deleted, and the speech it had not shown is sent to the new one, which
+    shows it to its end. With nowhere to go (one server, stopping), an `error` event
     (move_failed) says so and the old session streams on until the server ends it."""
     import threading
 
@@ -547,18 +548,23 @@ def test_a_session_whose_device_hung_moves_by_itself_to_another_device(tiny_pipe
             session = await client.start_session(seed=1)
             old_id = session.id
             seen, frames, readers = await _watch(session)
+            await session.send_audio(speechlike(3.0), sample_rate=16000, ahead=True)
+            await session.end_speech()
+            await wait_until(lambda: any(e["type"] == "speech_started" for e in seen), 20, "the speech shown")
             hung = srv.engine.sessions[old_id].engine
             hang(hung, gate)  # a device that stopped answering
             await _moved(seen, frames, "the other device")
             await wait_until(lambda: old_id not in srv.engine.sessions, 10, "the old session deleted")
             placed = srv.engine.sessions[session.id].engine
+            replayed = srv.manager.sessions[session.id].audio_messages
+            shown = await session.wait_audio_shown(30)
             gate.set()
             await session.close()
             await asyncio.gather(*readers)
-            return old_id, session.id, seen, hung, placed, frames
+            return old_id, session.id, seen, hung, placed, frames, replayed, shown
 
     try:
-        old_id, new_id, seen, hung, placed, frames = run(main())
+        old_id, new_id, seen, hung, placed, frames, replayed, shown = run(main())
     finally:
         gate.set()
     ending = next(e for e in seen if e["type"] == "session_ending")
@@ -566,6 +572,10 @@ def test_a_session_whose_device_hung_moves_by_itself_to_another_device(tiny_pipe
     assert ending["reason"] == moved["reason"] == "device_hung" and ending["session_id"] == old_id
     assert moved["from_session_id"] == old_id and moved["session_id"] == new_id != old_id
     assert placed is not hung
+    moved_at = seen.index(moved)
+    assert 1 <= replayed <= 6 and shown, (replayed, shown)  # (3 s: 6 messages, some shown before the hang)
+    after = [e for e in seen[moved_at:] if e["type"] in ("speech_started", "audio_played")]
+    assert after[0]["type"] == "speech_started" and after[-1]["audio_messages"] == replayed, after
     times = [f.time for f in frames]
     assert all(y > x for x, y in zip(times, times[1:]))
 
