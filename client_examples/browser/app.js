@@ -736,10 +736,11 @@ export function countFrames(video) {
 // Attach an existing session (id + token) instead of creating one: used by the overlay.
 // A session's newest token, kept in this origin's localStorage by the connection that renewed it (storeToken): a page
 // reloaded from a URL whose token has expired since (an OBS browser source reloads its overlay on a scene change,
-// hours into a stream) goes on with the kept one (keptToken: null when none still holds). Expired ones are cleared.
+// hours into a stream) goes on with the kept one where it expires later than the URL's (sessionFromToken: both
+// expiries are on the server's clock, the browser's is not asked). Expired ones are cleared, on the server's time.
 // Without storage (a sandboxed frame), or with storage holding what is not ours, nothing is kept.
 function storeToken(id, { token, expires_at: expiresAt }) {
-  const now = Date.now() / 1000;
+  const now = (Date.now() + clockOffsetMs) / 1000; // (a renewal's answer just gave the offset)
   try {
     for (const key of Object.keys(localStorage)) {
       if (key.startsWith("letstalk-token-") && !(JSON.parse(localStorage.getItem(key)).expires_at > now)) {
@@ -753,7 +754,7 @@ function storeToken(id, { token, expires_at: expiresAt }) {
 export function keptToken(id) {
   try {
     const kept = JSON.parse(localStorage.getItem(`letstalk-token-${id}`));
-    return kept && kept.expires_at > Date.now() / 1000 ? kept : null;
+    return kept && typeof kept.token === "string" && typeof kept.expires_at === "number" ? kept : null;
   } catch {
     return null;
   }
