@@ -476,6 +476,7 @@ class AvatarSession:
         self._audio_sent = self._audio_done = self._ws_sent = 0
         # what of it is not yet shown (start_session's: a move sends it again), [PCM16, (rate, channels, ahead), ended]
         self._unshown: collections.deque[list] = collections.deque()
+        self._unshown_s = 0.0  # its seconds
         self._sends_held: asyncio.Event | None = None  # a move's switch: sends wait for it (set when it is over)
         self.max_queued_seconds = 30.0  # speech the server queues ahead of playback (its `ready` says), more refused
         self._shown_moved = asyncio.Event()  # set when audio_shown may have changed (wait_audio_shown)
@@ -907,6 +908,7 @@ class AvatarSession:
                 self._keep_token_for(client)
                 replay = list(self._unshown)
                 self._unshown.clear()
+                self._unshown_s = 0.0
                 self._audio_sent = self._audio_done = self._ws_sent = 0  # the server counts each session's messages
                 self._shown_moved.set()
                 if old_ws is not None and self._ws is old_ws:  # connect(websocket=False) with one opened by a send
@@ -1369,6 +1371,8 @@ class AvatarSession:
         self._ws_sent += ws is self._ws
         if self._how is not None:  # (a session a move can make again)
             self._unshown.append([chunk, form, False])
+            self._unshown_s += len(chunk) / (2 * form[0] * form[1])
+            self._forget_shown()
 
     async def end_speech(self) -> None:
         """The utterance is over: the server renders its last frames now instead of waiting for more audio."""
@@ -1380,9 +1384,12 @@ class AvatarSession:
             self._unshown[-1][2] = True
 
     def _forget_shown(self) -> None:
-        """Keep, of the audio sent, only what is not yet shown (or dropped)."""
-        while len(self._unshown) > max(0, self._audio_sent - self._audio_done):
-            self._unshown.popleft()
+        """Keep, of the audio sent, only what is not yet shown (or dropped); at most what the server queues (twice
+        max_queued_seconds: `ahead` audio waits as much again), whatever its events said."""
+        while self._unshown and (len(self._unshown) > self._audio_sent - self._audio_done
+                                 or self._unshown_s > 2 * self.max_queued_seconds + 1.0):
+            chunk, (rate, channels, _), _ = self._unshown.popleft()
+            self._unshown_s -= len(chunk) / (2 * rate * channels)
 
     async def interrupt(self) -> None:
         """Drop queued speech and unshown frames (barge-in); the avatar goes on from the frame on screen."""

@@ -663,6 +663,44 @@ def test_a_session_closed_while_it_moves_leaves_no_session_on_the_server(tiny_pi
     assert left == [[], []]
 
 
+def test_the_speech_a_move_would_send_again_is_what_is_not_yet_shown_and_stays_bounded():
+    """What the SDK keeps for a move to send again: the audio messages not yet covered by an `audio_played` event or
+    dropped by an interrupt, with the utterance ends where they were; never more than the server queues, whatever its
+    events say (hours of live speech to a server that never answers keep ~a minute)."""
+    from letstalk_rt.client import AvatarClient, AvatarSession
+
+    class Socket:
+        async def send_bytes(self, data):
+            pass
+
+        async def send_str(self, text):
+            pass
+
+    async def main():
+        session = AvatarSession(AvatarClient("http://127.0.0.1:9"), {
+            "session_id": "s", "token": "t", "expires_at": 0, "offer_url": "/o", "ws_url": "/w"}, how={"options": {}})
+        ws, second = Socket(), np.zeros(16000, np.int16).tobytes()  # one second at 16 kHz
+        for i in range(4):
+            await session._send_chunk(ws, second, (16000, 1, False))
+        await session._send_end(ws)
+        await session._send_chunk(ws, second[:3200], (48000, 2, True))
+        kept = [(len(c), f, ended) for c, f, ended in session._unshown]
+        session._dispatch({"type": "audio_played", "audio_messages": 3})
+        after_played = [(len(c), ended) for c, _, ended in session._unshown]
+        for i in range(200):  # 200 s, nothing shown
+            await session._send_chunk(ws, second, (16000, 1, False))
+        bounded = session._unshown_s
+        session._audio_done = session._audio_sent  # (interrupt()'s)
+        session._forget_shown()
+        return kept, after_played, bounded, len(session._unshown), session.max_queued_seconds
+
+    kept, after_played, bounded, left, queued = asyncio.run(main())
+    assert kept == [(32000, (16000, 1, False), False)] * 3 + [(32000, (16000, 1, False), True),
+                                                             (3200, (48000, 2, True), False)]
+    assert after_played == [(32000, True), (3200, False)]
+    assert 2 * queued <= bounded <= 2 * queued + 1 and left == 0
+
+
 def test_a_session_outlives_its_first_token_the_sdk_renewing_it(tiny_pipeline):
     """A session's token holds the server's --token-ttl (an hour) from when it was given, and a session may last
     hours: the SDK renews it while the session is open, so a reconnect after the first token expired, a client
