@@ -110,6 +110,7 @@ MOVE_TIMEOUT_S = 30.0
 EVENTS_IDLE_S = 45.0  # a viewer's event stream with nothing for this long (the server writes every 15 s) is reopened
 EVENTS_MOVE_WAIT_S = 2.0
 ORPHAN_WAIT_S = 5.0  # close() waits this long for the delete of a session a move made and no longer wants
+RENDER_LOST_S = 15.0  # render(): a server that has not answered its polls this long lost the render (asked again)
 MOVE_REASONS = ("server_stopping", "device_hung")  # a time limit (`time_limit`) is a limit: not moved around
 
 __all__ = [
@@ -1819,7 +1820,7 @@ class AvatarClient:
                      voice: str | None = None, rate: int | None = None, pitch: int | None = None,
                      seed: int | None = None, full_frame: int | None = None, framing: float | None = None,
                      background: str | None = None, queue: bool = True, poll_s: float = 0.5,
-                     on_progress: Callable[[dict], Any] | None = None) -> dict:
+                     on_progress: Callable[[dict], Any] | None = None, retries: int = 2) -> dict:
         """Have the server make a video of the avatar saying `audio` (a file's path or bytes, any format PyAV reads) or
         `text` (spoken with `voice`, `rate`, `pitch`), and save it to `out` (MP4, written under a temporary name and
         renamed). The avatar: `portrait` (uploaded for this render) or `avatar_id` (default "default"); `seed`,
@@ -1832,7 +1833,10 @@ class AvatarClient:
         and returns the render's final state ({"render_id", "state": "done",
         "speech_seconds", "rendered_seconds", "seconds_taken", "speed", "video_url", "captions_url"}: a text's captions,
         `download_captions(render_id, ...)`). Cancelled on the server if this is
-        cancelled. RenderFailedError when it ends without a video; RequestError (422) for what the server refuses
+        cancelled. A render that fails where asking again may do (`retryable`: the server stopped, a device failed)
+        or that the server lost (it restarted: 404, or no answer for RENDER_LOST_S) is asked for again, up to
+        `retries` times, through the same URL (a balancer sends it to a server that is up), from the start: the files
+        are read once. RenderFailedError when it ends without a video; RequestError (422) for what the server refuses
         at once, ServerBusyError (503) when it is full (and its render queue too, or `queue` is false)."""
         if (audio is None) == (text is None):
             raise ValueError("render(): give either audio or text")
@@ -1841,33 +1845,59 @@ class AvatarClient:
         options = (("avatar_id", avatar_id), ("text", text), ("voice", voice), ("rate", rate), ("pitch", pitch),
                    ("seed", seed), ("full_frame", full_frame), ("framing", framing), ("background", background))
         http = self._require_http()
-        # with the queue, then, from a server older than the render queue (422 "unknown field 'queue'"), without it
-        for asked in ((*options, ("queue", "true")), options) if queue else (options,):
-            form = await _form(asked, portrait=portrait, audio=audio)
-            async with http.post(self._url("/v1/renders"), data=form, headers=self._auth()) as resp:
-                if asked is not options and resp.status == 422 and "unknown field 'queue'" in await resp.text():
-                    continue
-                await _raise_for_status(resp)
-                state = await resp.json()
+        files = {name: None if file is None else await asyncio.to_thread(_upload, name, file)  # (read once)
+                 for name, file in (("portrait", portrait), ("audio", audio))}
+        for attempt in range(max(0, retries) + 1):
+            # with the queue, then, from a server older than the render queue (422 "unknown field 'queue'"), without it
+            for asked in ((*options, ("queue", "true")), options) if queue else (options,):
+                async with http.post(self._url("/v1/renders"), data=await _form(asked, **files),
+                                     headers=self._auth()) as resp:
+                    if asked is not options and resp.status == 422 and "unknown field 'queue'" in await resp.text():
+                        continue
+                    await _raise_for_status(resp)
+                    state = await resp.json()
+                    break
+            rid = state["render_id"]
+            state = await self._follow_render(state, poll_s, on_progress)
+            if state["state"] == "done":
                 break
-        rid = state["render_id"]
-        url = self._url(f"/v1/renders/{urllib.parse.quote(rid, safe='')}")
+            why = f"render {rid}: {state['state']}: {state.get('error') or 'no video'}"
+            if not (state.get("retryable") or state["state"] == "lost") or attempt == max(0, retries):
+                raise RenderFailedError(why, state)
+            log.warning("%s; asking for it again (%d of %d)", why, attempt + 1, retries)
+        await self._download(f"/v1/recordings/{urllib.parse.quote(rid, safe='')}", Path(out))
+        return state
+
+    async def _follow_render(self, state: dict, poll_s: float, on_progress: Callable[[dict], Any] | None) -> dict:
+        """Poll a render until it ends: its last state, or {"state": "lost", ...} when the server no longer knows it
+        (404: it restarted) or has not answered for RENDER_LOST_S (stopped, or unreachable). Cancelled: it is
+        cancelled on the server too."""
+        http = self._require_http()
+        url = self._url(f"/v1/renders/{urllib.parse.quote(state['render_id'], safe='')}")
+        answered = time.monotonic()
         try:
             while state["state"] in ("queued", "rendering"):
                 if on_progress is not None:
                     on_progress(state)
                 await asyncio.sleep(poll_s)
-                async with http.get(url, headers=self._auth()) as resp:
-                    await _raise_for_status(resp)
-                    state = await resp.json()
+                try:
+                    async with http.get(url, headers=self._auth()) as resp:
+                        await _raise_for_status(resp)
+                        state, answered = await resp.json(), time.monotonic()
+                except SessionNotFoundError as e:  # (`render_not_found`)
+                    return {**state, "state": "lost", "error": f"the server no longer knows it ({e})"}
+                except (aiohttp.ClientError, asyncio.TimeoutError, ServerBusyError) as e:
+                    if time.monotonic() - answered > RENDER_LOST_S:
+                        return {**state, "state": "lost",
+                                "error": f"the server has not answered for {RENDER_LOST_S:g} s ({e})"}
+                except AvatarClientError as e:
+                    if (e.status or 0) < 500 or time.monotonic() - answered > RENDER_LOST_S:  # (a balancer's 502)
+                        raise
         except asyncio.CancelledError:
             with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
                 async with http.delete(url, headers=self._auth(), timeout=aiohttp.ClientTimeout(total=5)):
                     pass
             raise
-        if state["state"] != "done":
-            raise RenderFailedError(f"render {rid}: {state['state']}: {state.get('error') or 'no video'}", state)
-        await self._download(f"/v1/recordings/{urllib.parse.quote(rid, safe='')}", Path(out))
         return state
 
     async def voices(self) -> list[dict]:

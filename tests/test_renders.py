@@ -568,6 +568,65 @@ def test_a_render_that_does_not_finish_leaves_no_video(tiny_pipeline, tmp_path, 
     assert list(videos.iterdir()) == []  # no partial video anywhere, hidden or not
 
 
+def test_the_sdk_asks_again_for_a_render_that_failed_where_asking_again_may_do(tiny_pipeline, tmp_path, wav_file,
+                                                                              monkeypatch):
+    """client.render(): a render that fails for a reason of the server's (its disk, here; a device, a stop) or that
+    the server no longer knows (404: it restarted, or another client cancelled it) is asked for again through the same URL, the files read once, and
+    the video of the one that was made is saved; with `retries=0` the failure is raised (RenderFailedError,
+    retryable). A failure of the request's own is not asked again."""
+    from letstalk_rt.client import AvatarClient, RenderFailedError
+    from letstalk_rt.errors import OutputError
+    from letstalk_rt.media import VideoWriter
+    from server_helpers import running_server, wait_until
+
+    wav = wav_file(1.0)
+    write_frame = VideoWriter.write_frame
+    failing = [1]  # renders whose recording fails, from the next one on
+
+    def full_once(self, rgb):
+        if failing[0]:
+            failing[0] -= 1
+            raise OutputError("no space left on the device (made up)")
+        return write_frame(self, rgb)
+
+    monkeypatch.setattr(VideoWriter, "write_frame", full_once)
+
+    async def main():
+        async with running_server(tiny_pipeline, api_key="k", recordings_dir=tmp_path / "videos") as srv, \
+                AvatarClient(srv.url, api_key="k") as client:
+            asked: list[str] = []
+
+            def seen(state):
+                if state["render_id"] not in asked:
+                    asked.append(state["render_id"])
+
+            done = await client.render(tmp_path / "again.mp4", audio=wav, on_progress=seen, poll_s=0.1)
+            failing[0] = 1
+            with pytest.raises(RenderFailedError, match="no space left") as failed:
+                await client.render(tmp_path / "once.mp4", audio=wav, retries=0, poll_s=0.1)
+
+            lost_first: list[str] = []
+
+            async def cancel(rid):
+                async with client._http.delete(f"{srv.url}/v1/renders/{rid}", headers=KEY) as r:
+                    assert r.status == 204
+
+            def forget(state):  # the server forgets the first one (cancelled: 404 after, as from one that restarted)
+                if not lost_first:
+                    lost_first.append(state["render_id"])
+                    asyncio.ensure_future(cancel(state["render_id"]))
+
+            lost = await client.render(tmp_path / "lost.mp4", audio=wav, on_progress=forget, poll_s=0.1)
+            await wait_until(lambda: not srv.engine.sessions, 30, "the renders' sessions closed")
+            return done, asked, failed.value, lost, lost_first
+
+    done, asked, failed, lost, lost_first = run(main())
+    assert done["state"] == "done" and len(asked) == 2 and done["render_id"] == asked[1] != asked[0]
+    assert (tmp_path / "again.mp4").is_file() and len(read_mp4(tmp_path / "again.mp4")[0]) >= 25
+    assert failed.retryable is True and not (tmp_path / "once.mp4").exists()
+    assert lost["state"] == "done" and lost["render_id"] != lost_first[0] and (tmp_path / "lost.mp4").is_file()
+
+
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng (scripts/setup.sh installs it)")
 def test_renders_asked_with_queue_wait_in_turn_for_a_session_slot(tiny_pipeline, tmp_path, wav_file, monkeypatch):
     """On a server whose session slots are all in use a render asked without `queue` is refused (503, saying it could
