@@ -573,7 +573,8 @@ def test_the_sdk_asks_again_for_a_render_that_failed_where_asking_again_may_do(t
     """client.render(): a render that fails for a reason of the server's (its disk, here; a device, a stop) or that the
     server no longer knows (404: it restarted, or another client cancelled it) is asked for again through the same URL,
     the files read once, and the video of the one that was made is saved; with `retries=0` the failure is raised
-    (RenderFailedError, retryable). A failure of the request's own is not asked again."""
+    (RenderFailedError, retryable). (A failure of the request's own is not asked again: the SDK's case of the test
+    above.)"""
     from letstalk_rt.client import AvatarClient, RenderFailedError
     from letstalk_rt.errors import OutputError
     from letstalk_rt.media import VideoWriter
