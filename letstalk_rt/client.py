@@ -77,8 +77,17 @@ from yarl import URL
 
 from . import VERSION_HEADER, __version__
 from .aio import wait_for, wait_state
-from .errors import InputError, LetsTalkError
-from .media import AUDIO_HINT, IMAGE_HINT, check_readable, float_pcm_problem, frame_pcm, pcm16
+from .errors import InputError, LetsTalkError, OutputError
+from .media import (
+    AUDIO_HINT,
+    IMAGE_HINT,
+    check_output_path,
+    check_readable,
+    check_video_path,
+    float_pcm_problem,
+    frame_pcm,
+    pcm16,
+)
 from .rtc import (
     OpusAudioTrack,
     answer_checks_at_once,
@@ -1797,6 +1806,9 @@ class AvatarClient:
         return await self._download(f"/v1/recordings/{urllib.parse.quote(session_id, safe='')}/captions", Path(path))
 
     async def _download(self, url_path: str, path: Path) -> Path:
+        """GET `url_path` into `path`, written whole or not at all; OutputError (a LetsTalkError) before anything is
+        fetched where `path` cannot be written, or with the reason where writing it failed."""
+        check_output_path(path)
         url = self._url(url_path)
         tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
         try:
@@ -1806,6 +1818,8 @@ class AvatarClient:
                     async for chunk in resp.content.iter_chunked(256 * 1024):
                         f.write(chunk)
             os.replace(tmp, path)
+        except OSError as e:
+            raise OutputError(f"could not write '{path}': {e.strerror or e}; free some space or choose another path")
         finally:
             tmp.unlink(missing_ok=True)
         return path
@@ -1840,6 +1854,7 @@ class AvatarClient:
         at once, ServerBusyError (503) when it is full (and its render queue too, or `queue` is false)."""
         if (audio is None) == (text is None):
             raise ValueError("render(): give either audio or text")
+        check_video_path(Path(out), "render(out=...)")  # before anything goes up
         if portrait is not None and avatar_id is not None:
             raise ValueError("give either portrait or avatar_id, not both")
         options = (("avatar_id", avatar_id), ("text", text), ("voice", voice), ("rate", rate), ("pitch", pitch),
@@ -1865,7 +1880,11 @@ class AvatarClient:
             if not (state.get("retryable") or state["state"] == "lost") or attempt == max(0, retries):
                 raise RenderFailedError(why, state)
             log.warning("%s; asking for it again (%d of %d)", why, attempt + 1, retries)
-        await self._download(f"/v1/recordings/{urllib.parse.quote(rid, safe='')}", Path(out))
+        try:
+            await self._download(f"/v1/recordings/{urllib.parse.quote(rid, safe='')}", Path(out))
+        except OutputError as e:  # made, and kept on the server: say how to fetch it
+            raise OutputError(f"render {rid} is done, but saving it failed: {e} (download_recording({rid!r}, path) "
+                              "fetches it again)") from None
         return state
 
     async def _follow_render(self, state: dict, poll_s: float, on_progress: Callable[[dict], Any] | None) -> dict:

@@ -574,7 +574,7 @@ def test_the_sdk_asks_again_for_a_render_that_failed_where_asking_again_may_do(t
     server no longer knows (404: it restarted, or another client cancelled it) is asked for again through the same URL,
     the files read once, and the video of the one that was made is saved; with `retries=0` the failure is raised
     (RenderFailedError, retryable). (A failure of the request's own is not asked again: the SDK's case of the test
-    above.)"""
+    above.) A path the video cannot be saved at is refused before anything goes up."""
     from letstalk_rt.client import AvatarClient, RenderFailedError
     from letstalk_rt.errors import OutputError
     from letstalk_rt.media import VideoWriter
@@ -595,6 +595,11 @@ def test_the_sdk_asks_again_for_a_render_that_failed_where_asking_again_may_do(t
     async def main():
         async with running_server(tiny_pipeline, api_key="k", recordings_dir=tmp_path / "videos") as srv, \
                 AvatarClient(srv.url, api_key="k") as client:
+            for out, says in ((tmp_path / "no" / "out.mp4", "does not exist"), (tmp_path / "out.txt", "as MP4"),
+                              (tmp_path, "is a directory")):
+                with pytest.raises(OutputError, match=says):
+                    await client.render(out, audio=wav)
+            assert not srv.manager.renders.all  # none was asked for
             asked: list[str] = []
 
             def seen(state):
