@@ -939,15 +939,20 @@ class AvatarSession:
             if self.closed:  # (close() deleted the new session)
                 raise AvatarClientError(f"session {old['id']} was closed while it moved")
             if self._link:
-                self._audio_until, self._audio_at = -1.0, time.monotonic()
-                try:
-                    await self._negotiate(**self._link)
-                except (AvatarClientError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
-                    if not self._watching or not await self._reconnect(f"moved; its new connection failed: {e}"):
-                        raise
+                await self._connect_moved()
         log.info("session %s: moved to session %s (%s)", old["id"], self.id, reason)
         self._dispatch({"type": "moved", "session_id": self.id, "from_session_id": old["id"], "reason": reason,
                         "time": time.time(), "after_s": round(time.monotonic() - started, 3)})
+
+    async def _connect_moved(self) -> None:
+        """A move's peer connection to the new session, connect()'s way; a reconnect's tries if that fails (with
+        connect(reconnect=True))."""
+        self._audio_until, self._audio_at = -1.0, time.monotonic()
+        try:
+            await self._negotiate(**self._link)
+        except (AvatarClientError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+            if not self._watching or not await self._reconnect(f"moved; its new connection failed: {e}"):
+                raise
 
     async def _replay(self, unshown: list[list]) -> None:
         """A move: send the new session the speech the old one had not shown (each message whole: up to its half
@@ -1068,12 +1073,7 @@ class AvatarSession:
                     self._own_client = client if made or client is old_own else None
                     if old_own is not None and old_own is not client:
                         self._spawn(old_own.close(), "close-client")
-                    self._audio_until, self._audio_at = -1.0, time.monotonic()
-                    try:
-                        await self._negotiate(**self._link)
-                    except (AvatarClientError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
-                        if not self._watching or not await self._reconnect(f"moved; its new connection failed: {e}"):
-                            raise
+                    await self._connect_moved()
             except BaseException:
                 if made and client is not self._own_client:
                     await client.close()

@@ -95,6 +95,7 @@ MAX_WS_MESSAGE = 512 * 1024  # transport cap (1 s of 96 kHz stereo PCM16 is 384 
 MAX_CONTROL_MESSAGE = 32768  # JSON control messages are small; `say` text is at most 5000 characters
 MAX_FORM_FIELD = 1024  # non-file multipart fields (seed, steps, avatar_id, full_frame, framing)
 MAX_TEXT_FIELD = 4 * MAX_TEXT  # a render's `text` field: MAX_TEXT characters of UTF-8
+CLOSING_WAIT_S = 10.0  # a DELETE of a session already closing waits this long, at most, for it to be freed
 MAX_FORM_PARTS = 16  # more than any endpoint has fields (a render has 14)
 SESSION_FIELDS = ("portrait", "avatar_id", "seed", "steps", "full_frame", "framing", "voice", "background", "record")
 # POST /v1/renders: a session's fields but `record` (a render is recorded), and what it says: an `audio` upload, or a
@@ -253,8 +254,9 @@ def require_token_or_api_key(request: web.Request, sid: str, what: str) -> None:
             raise
 
 
-def authorize_session(request: web.Request, allow_api_key: bool = False) -> ServerSession:
-    """The session in the URL, if the request carries its token (or, where allowed, the API key)."""
+def authorize_session(request: web.Request, allow_api_key: bool = False, closing: bool = False) -> ServerSession:
+    """The session in the URL, if the request carries its token (or, where allowed, the API key); `closing`: one that
+    is being closed too (404 otherwise)."""
     manager = request.app[MANAGER]
     sid = request.match_info["session_id"]
     token = bearer(request.headers, request.query)
@@ -266,7 +268,7 @@ def authorize_session(request: web.Request, allow_api_key: bool = False) -> Serv
             raise api_error(401, f"invalid session token ({e}): send 'Authorization: Bearer <token>' or ?token=",
                             headers={"WWW-Authenticate": 'Bearer realm="letstalk-session"'}) from None
     ss = manager.sessions.get(sid)
-    if ss is None or ss.closing:
+    if ss is None or (ss.closing and not closing):
         raise api_error(404, f"session {sid} does not exist (closed, expired or never created)",
                         code="session_not_found")
     return ss
@@ -1111,8 +1113,13 @@ async def renew_session_token(request: web.Request) -> web.Response:
 async def delete_session(request: web.Request) -> web.Response:
     """Close the session. A client going on in another session (the SDK and the pages, moving off a server that stops)
     says which in a JSON body, {"moved_to": {"session_id", "token"[, "url"]}}: the `closed` event carries it, for the
-    pages watching this session (an overlay of an SDK's session) to follow."""
-    ss = authorize_session(request, allow_api_key=True)
+    pages watching this session (an overlay of an SDK's session) to follow. Answered once the session is freed, also
+    where it was closing already (its peer connection just closed): a client that deletes it finds it gone after."""
+    ss = authorize_session(request, allow_api_key=True, closing=True)
+    if ss.closing:
+        with contextlib.suppress(asyncio.TimeoutError):  # (a close that hangs: the answer does not)
+            await wait_for(ss.closed.wait(), CLOSING_WAIT_S)
+        return web.Response(status=204)
     if request.body_exists:
         if request.content_type != "application/json":
             raise api_error(415, f"Content-Type {request.content_type!r}: a DELETE takes no body, or JSON like "

@@ -1069,6 +1069,38 @@ def test_malformed_sdp_is_refused_while_other_sessions_stream(tiny_pipeline):
     run(main())
 
 
+def test_a_delete_of_a_session_already_closing_answers_once_it_is_freed(tiny_pipeline):
+    """A DELETE that lands while the server is closing the session by itself (its peer connection just closed, with no
+    websocket: a client's close() closes both, then deletes) answers 204 once the session is freed, so the client
+    finds it gone after; it used to answer 404 at once, the session still listed for the rest of its close."""
+    from aiortc import RTCPeerConnection
+
+    async def main():
+        async with running_server(tiny_pipeline) as srv, aiohttp.ClientSession() as http:
+            info = await create_session(http, srv.url)
+            ss = srv.manager.sessions[info["session_id"]]
+            close_pc, gate = ss.close_pc, asyncio.Event()
+
+            async def slow_close_pc(pc):  # a close that takes its time (a loaded machine)
+                await gate.wait()
+                await close_pc(pc)
+
+            ss.close_pc = slow_close_pc
+            ss.pc = RTCPeerConnection()  # (closed through slow_close_pc)
+            closing = asyncio.ensure_future(srv.manager.close(ss, "peer connection closed"))
+            await wait_until(lambda: ss.closing, 5, "the close under way")
+            asyncio.get_running_loop().call_later(0.3, gate.set)
+            async with http.delete(f"{srv.url}/v1/sessions/{ss.id}", headers=_bearer(info["token"])) as r:
+                status = r.status
+            listed = ss.id in srv.manager.sessions
+            await closing
+            async with http.delete(f"{srv.url}/v1/sessions/{ss.id}", headers=_bearer(info["token"])) as r:
+                again = r.status
+            return status, listed, again
+
+    assert run(main()) == (204, False, 404)
+
+
 def test_an_offer_racing_a_delete_leaves_no_peer_connection(tiny_pipeline, monkeypatch):
     """DELETE while the offer's body is still arriving, and a close while aiortc negotiates: the offer
     gets 404 (not a 201 for a dead session), and every peer connection the server made is closed, with
