@@ -119,6 +119,7 @@ MOVE_TIMEOUT_S = 30.0
 EVENTS_IDLE_S = 45.0  # a viewer's event stream with nothing for this long (the server writes every 15 s) is reopened
 EVENTS_MOVE_WAIT_S = 2.0
 ORPHAN_WAIT_S = 5.0  # close() waits this long for the delete of a session a move made and no longer wants
+MOTION_TIMEOUT_S = 2.0  # a move reads the old session's motion and gives it to the new one in this, or goes on without
 RENDER_LOST_S = 15.0  # render(): a server that has not answered its polls this long lost the render (asked again)
 MOVE_REASONS = ("server_stopping", "device_hung")  # a time limit (`time_limit`) is a limit: not moved around
 
@@ -924,6 +925,7 @@ class AvatarSession:
                 if old_ws is not None and self._ws is old_ws:  # connect(websocket=False) with one opened by a send
                     self._ws = None
                     self._spawn(_close_quietly(old_ws), "ws-close")
+                carried = await self._carry_motion(old["client"], old["id"], old["token"])  # (before any speech)
                 await self._replay(replay)
             finally:
                 self._sends_held = None
@@ -942,7 +944,7 @@ class AvatarSession:
                 await self._connect_moved()
         log.info("session %s: moved to session %s (%s)", old["id"], self.id, reason)
         self._dispatch({"type": "moved", "session_id": self.id, "from_session_id": old["id"], "reason": reason,
-                        "time": time.time(), "after_s": round(time.monotonic() - started, 3)})
+                        "motion": carried, "time": time.time(), "after_s": round(time.monotonic() - started, 3)})
 
     async def _connect_moved(self) -> None:
         """A move's peer connection to the new session, connect()'s way; a reconnect's tries if that fails (with
@@ -1503,6 +1505,41 @@ class AvatarSession:
                                          **{k: v for k, v in options.items() if v is not None}}, timeout)
         return answer
 
+    async def motion(self) -> bytes:
+        """The latents of the frames this session showed last (GET .../motion; letstalk_rt.stream.motion): what
+        another session of the same portrait, on a server of the same model, goes on from (`continue_from`) rather
+        than start again from the portrait: a move's new session does. AvatarClientError (409) before its first
+        frame is shown."""
+        return await self._get_motion(self.client, self.id, self.token)
+
+    async def continue_from(self, motion: bytes) -> None:
+        """Go on from another session's `motion()`: the next window is generated from its frames (PUT .../motion).
+        Between utterances (409 while speech sent here is not all shown; 409 too for the motion of another portrait
+        or model, 422 for bytes that are not a motion)."""
+        url = self.client._url(f"/v1/sessions/{urllib.parse.quote(self.id, safe='')}/motion")
+        async with self.client._require_http().put(
+                url, data=motion, headers={**self._headers(), "Content-Type": "application/octet-stream"},
+                timeout=aiohttp.ClientTimeout(total=MOTION_TIMEOUT_S)) as resp:
+            await _raise_for_status(resp)
+
+    async def _get_motion(self, client: "AvatarClient", session_id: str, token: str) -> bytes:
+        url = client._url(f"/v1/sessions/{urllib.parse.quote(session_id, safe='')}/motion")
+        async with client._require_http().get(url, headers={"Authorization": f"Bearer {token}"},
+                                              timeout=aiohttp.ClientTimeout(total=MOTION_TIMEOUT_S)) as resp:
+            await _raise_for_status(resp)
+            return await resp.read()
+
+    async def _carry_motion(self, client: "AvatarClient", session_id: str, token: str) -> bool:
+        """A move: the new session goes on from the old one's motion (the frames it showed last), so the face does not
+        jump back to the portrait's on screen; False (logged) where that failed and the move goes on without."""
+        try:
+            await self.continue_from(await self._get_motion(client, session_id, token))
+            return True
+        except (AvatarClientError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+            log.warning("session %s: going on without session %s's motion (%s): the face starts again from the "
+                        "portrait", self.id, session_id, str(e) or type(e).__name__)
+            return False
+
     def on(self, event_type: str, callback: Callable[[dict], Any] | None = None):
         """Call `callback(event)` for each event of `event_type` ("*" for all); usable as a decorator.
 
@@ -1512,8 +1549,8 @@ class AvatarSession:
         broadcast_skipped, broadcast_stopped, session_ending (the server will close the session in
         `seconds_left`: `reason` time_limit or server_stopping; device_hung, 0: no frame will come), error, closed;
         and this SDK's own reconnecting / reconnected, moved (`move()`: `session_id` the new session's,
-        `from_session_id`) and errors with code reconnect_failed, move_failed or broadcast_not_moved. Coroutine
-        callbacks run as tasks. Events flow once the
+        `from_session_id`, `motion` whether it went on from the old one's frames) and errors with code
+        reconnect_failed, move_failed or broadcast_not_moved. Coroutine callbacks run as tasks. Events flow once the
         websocket is open (`connect()` opens it; so does the first `send_audio`).
         """
         def register(cb: Callable[[dict], Any]) -> Callable[[dict], Any]:

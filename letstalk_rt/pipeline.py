@@ -14,6 +14,7 @@ noise from its own seeded generator, so a stream's frames do not depend on who i
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checkpoint import Components, build_components, load_model
+from .checkpoint import Components, build_components, load_model, weights_digest
 from .config import ModelConfig, check_box, check_noise_draws
 from .diffusion import EulerSampler, Guidance, from_portrait
 from .errors import InputError
@@ -594,6 +595,13 @@ class LetsTalkPipeline:
     def from_config(cls, config: ModelConfig, seed: int = 0, **kwargs) -> "LetsTalkPipeline":
         """Random weights, for benchmarks and tests only: say so explicitly by calling this."""
         return cls(build_components(config, seed=seed), **kwargs)
+
+    @functools.cached_property
+    def model_digest(self) -> str:
+        """16 hex digits over the autoencoder's and the transformer's weights: what a latent means. A session's motion
+        is carried only to a session of a model with the same (stream.motion; the first read hashes the weights)."""
+        parts = f"{weights_digest(self.autoencoder)}{weights_digest(self.transformer)}"
+        return hashlib.sha256(parts.encode()).hexdigest()[:16]
 
     @property
     def max_window(self) -> int:

@@ -61,6 +61,7 @@ from letstalk_rt.media import (LIVE_FORMATS, WHITE, check_live_url, decode_audio
 from letstalk_rt.rtc import bridged_host_addresses, selected_route
 from letstalk_rt.stream import CapacityError, EnginePool, FileSource, StreamEngine, TextSource, run_off_loop
 from letstalk_rt.stream.engine import Session, SessionClosedError
+from letstalk_rt.stream.motion import MAX_BYTES as MOTION_MAX_BYTES, Motion
 from letstalk_rt.tts import (DEFAULT_VOICE, MAX_TEXT, PITCH_RANGE, RATE_RANGE, Speech, SpeechUnavailable, check_voice,
                              espeak_exe, voices)
 
@@ -210,7 +211,7 @@ async def cors_middleware(request: web.Request, handler):
         return await handler(request)
     if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
         return web.Response(status=204, headers={
-            **headers, "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
+            **headers, "Access-Control-Allow-Methods": "GET, POST, PUT, DELETE, OPTIONS",
             "Access-Control-Allow-Headers": "Authorization, Content-Type, X-API-Key", "Access-Control-Max-Age": "600"})
     try:
         response = await handler(request)
@@ -1110,6 +1111,39 @@ async def renew_session_token(request: web.Request) -> web.Response:
                               "ice_servers": ss.ice_servers})
 
 
+async def get_motion(request: web.Request) -> web.Response:
+    """The latents of the frames the session showed last (letstalk_rt.stream.motion; safetensors bytes): what a session
+    taking over from it (a move's new one) is given (PUT) to go on from, rather than start again from the portrait."""
+    ss = authorize_session(request, allow_api_key=True)
+    try:
+        motion = ss.session.motion()
+    except LetsTalkError as e:
+        raise api_error(409, str(e)) from None
+    return web.Response(body=motion.to_bytes(), content_type="application/octet-stream")
+
+
+async def put_motion(request: web.Request) -> web.Response:
+    """Go on from another session's motion (GET .../motion of it, the bytes unchanged): the next window is generated
+    from its frames. 422 for bytes that are not a motion, 409 for one of another model or portrait, or while speech
+    sent to this session is not all shown (a motion is put between utterances: a move puts it before any speech)."""
+    ss = authorize_session(request, allow_api_key=True)
+    if request.content_type != "application/octet-stream":
+        raise api_error(415, f"Content-Type {request.content_type!r}: send the motion as application/octet-stream, "
+                             "the bytes GET .../motion answered")
+    if (request.content_length or 0) > MOTION_MAX_BYTES:
+        raise api_error(413, f"a motion is at most {MOTION_MAX_BYTES} bytes, this one {request.content_length}")
+    data = await read_in_time(request, request.read())
+    try:
+        motion = Motion.from_bytes(data)
+    except InputError as e:
+        raise api_error(422, str(e)) from None
+    try:
+        ss.session.continue_from(motion)
+    except LetsTalkError as e:
+        raise api_error(409, str(e)) from None
+    return web.Response(status=204)
+
+
 async def delete_session(request: web.Request) -> web.Response:
     """Close the session. A client going on in another session (the SDK and the pages, moving off a server that stops)
     says which in a JSON body, {"moved_to": {"session_id", "token"[, "url"]}}: the `closed` event carries it, for the
@@ -1559,6 +1593,8 @@ def create_app(engines: StreamEngine | EnginePool, config: ServerConfig | None =
     r.add_get("/v1/sessions/{session_id}", get_session)
     r.add_delete("/v1/sessions/{session_id}", delete_session)
     r.add_post("/v1/sessions/{session_id}/token", renew_session_token)
+    r.add_get("/v1/sessions/{session_id}/motion", get_motion)
+    r.add_put("/v1/sessions/{session_id}/motion", put_motion)
     r.add_post("/v1/sessions/{session_id}/offer", offer)
     r.add_post("/v1/sessions/{session_id}/viewers", add_viewer)
     r.add_delete("/v1/sessions/{session_id}/viewers/{viewer_id}", delete_viewer)

@@ -345,8 +345,9 @@ def test_a_page_whose_connection_goes_silent_reconnects_and_the_avatar_goes_on(t
 def test_a_page_whose_device_hung_moves_to_a_new_session_and_the_avatar_goes_on(tiny_pipeline, second_pipeline,
                                                                                tmp_path, page):
     """A page's session is on a device that stops answering: told `session_ending` (device_hung), the page makes a
-    session the same way (the server puts it on its other device), shows it once connected and deletes the old one,
-    naming the new one (its `closed` event says where it went); the video goes on in the same page."""
+    session the same way (the server puts it on its other device), which goes on from the old one's motion (the frames
+    it showed last), shows it once connected and deletes the old one, naming the new one (its `closed` event says where
+    it went); the video goes on in the same page."""
     import threading
 
     import aiohttp
@@ -389,6 +390,7 @@ def test_a_page_whose_device_hung_moves_to_a_new_session_and_the_avatar_goes_on(
     assert closed["moved_to"]["session_id"] == new_id and closed["moved_to"]["token"]
     if page == "index":
         assert "session_ending" in text and f"moved to session {new_id} device_hung" in text, text
+        assert "going on from its motion" in text, text  # the new session went on from the old one's frames
     else:
         assert text == "", text  # no error left on the overlay
 

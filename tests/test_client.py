@@ -13,6 +13,7 @@ import time
 import aiohttp
 import numpy as np
 import pytest
+import torch
 from aiohttp import web
 from aiortc import RTCSessionDescription
 from conftest import speechlike
@@ -446,13 +447,37 @@ async def _moved(seen: list[dict], frames: list, where: str) -> None:
     await wait_until(lambda: len(frames) >= before + 25, 20, f"frames from {where}")
 
 
+def _motions(monkeypatch) -> list[tuple[str, str, object]]:
+    """(session id, "served" or "given", the Motion) for each motion the engines answered (GET .../motion) or were
+    given (PUT) from now on, in order."""
+    from letstalk_rt.stream.engine import Session
+
+    seen: list[tuple[str, str, object]] = []
+    motion, continue_from = Session.motion, Session.continue_from
+
+    def served(self):
+        seen.append((self.id, "served", motion(self)))
+        return seen[-1][2]
+
+    def given(self, m):
+        continue_from(self, m)
+        seen.append((self.id, "given", m))
+
+    monkeypatch.setattr(Session, "motion", served)
+    monkeypatch.setattr(Session, "continue_from", given)
+    return seen
+
+
 def test_a_session_on_a_stopping_server_moves_to_another_and_its_iterators_go_on(tiny_pipeline, second_pipeline,
-                                                                                 astronaut_png):
+                                                                                 astronaut_png, monkeypatch):
     """A rolling update: server A drains (`session_ending`, reason server_stopping) and the app moves its session to
-    server B (`move(client_b)` on the event): a new session there from the same uploaded portrait, the frame, audio
-    and event iterators going on with media times still rising, sends going to the new session (its token good at
-    B), and the old session deleted (A's drain ends at once)."""
+    server B (`move(client_b)` on the event): a new session there from the same uploaded portrait that goes on from
+    the old one's motion (the frames it showed last), the frame, audio and event iterators going on with media times
+    still rising, sends going to the new session (its token good at B), and the old session deleted (A's drain ends at
+    once)."""
     from letstalk_rt.client import AvatarClient
+
+    motions = _motions(monkeypatch)
 
     async def main():
         async with running_server(tiny_pipeline) as a, running_server(second_pipeline) as b, \
@@ -482,7 +507,9 @@ def test_a_session_on_a_stopping_server_moves_to_another_and_its_iterators_go_on
     assert types.index("session_ending") < types.index("moved") and "error" not in types, types
     moved = next(e for e in seen if e["type"] == "moved")
     assert moved["from_session_id"] == old_id and moved["session_id"] == new_id != old_id
-    assert moved["reason"] == "server_stopping" and moved["after_s"] < 10
+    assert moved["reason"] == "server_stopping" and moved["after_s"] < 10 and moved["motion"] is True
+    assert [(sid, how) for sid, how, _ in motions] == [(old_id, "served"), (new_id, "given")]
+    assert torch.equal(motions[0][2].latents, motions[1][2].latents)  # B's session goes on from A's frames
     assert drained is True and placed == [new_id] and left == []
     assert np.array_equal(portrait, moved_portrait)  # the same photo, uploaded again
     assert stats["session_id"] == new_id and stats["peer_connection"] == "connected"
@@ -530,17 +557,19 @@ def test_a_viewer_reads_the_sessions_events_and_follows_it_to_the_server_it_move
     assert all(y > x for x, y in zip(times, times[1:])), "media times go back after the move"
 
 
-def test_a_session_whose_device_hung_moves_by_itself_to_another_device(tiny_pipeline, second_pipeline):
+def test_a_session_whose_device_hung_moves_by_itself_to_another_device(tiny_pipeline, second_pipeline, monkeypatch):
     """connect()'s default `move`: a session on a device that stopped answering (told `session_ending`, reason
     device_hung) goes on by itself in a new session through the same URL, which the server puts on its other device;
-    frames come again, the old session is deleted, and the speech it had not shown is sent to the new one, which
-    shows it to its end. With nowhere to go (one server, stopping), an `error` event
+    frames come again, the old session is deleted, the new one goes on from its motion (the frames it showed last:
+    kept off the device, so a hung one still gives them), and the speech it had not shown is sent to the new one,
+    which shows it to its end. With nowhere to go (one server, stopping), an `error` event
     (move_failed) says so and the old session streams on until the server ends it."""
     import threading
 
     from letstalk_rt.client import AvatarClient
 
     gate = threading.Event()
+    motions = _motions(monkeypatch)
 
     async def main():
         async with running_server([tiny_pipeline, second_pipeline], engine_config={"hung_after_s": HUNG_S},
@@ -572,6 +601,8 @@ def test_a_session_whose_device_hung_moves_by_itself_to_another_device(tiny_pipe
     assert ending["reason"] == moved["reason"] == "device_hung" and ending["session_id"] == old_id
     assert moved["from_session_id"] == old_id and moved["session_id"] == new_id != old_id
     assert placed is not hung
+    assert moved["motion"] is True
+    assert [(sid, how) for sid, how, _ in motions] == [(old_id, "served"), (new_id, "given")]
     moved_at = seen.index(moved)
     assert 1 <= replayed <= 6 and shown, (replayed, shown)  # (3 s: 6 messages, some shown before the hang)
     after = [e for e in seen[moved_at:] if e["type"] in ("speech_started", "audio_played")]

@@ -1101,6 +1101,60 @@ def test_a_delete_of_a_session_already_closing_answers_once_it_is_freed(tiny_pip
     assert run(main()) == (204, False, 404)
 
 
+def test_a_sessions_motion_is_read_and_put_on_another_session_of_the_same_portrait(tiny_pipeline, astronaut_png):
+    """GET .../motion answers the latents of the frames the session showed last (409 before any); PUT .../motion
+    gives them to another session of the same portrait, whose next window starts from them. Refused saying why: the
+    wrong Content-Type (415), bytes that are not a motion (422), another portrait's session (409), another session's
+    token (401); a refused PUT changes nothing."""
+    import torch
+
+    from letstalk_rt.stream import Motion
+
+    async def main():
+        async with running_server(tiny_pipeline) as srv, aiohttp.ClientSession() as http:
+            a, b = await create_session(http, srv.url), await create_session(http, srv.url)
+            form = aiohttp.FormData()
+            form.add_field("portrait", astronaut_png.read_bytes(), filename="astronaut.png")
+            async with http.post(f"{srv.url}/v1/sessions", data=form) as r:
+                other_face = await r.json()
+
+            def motion_url(info):
+                return f"{srv.url}/v1/sessions/{info['session_id']}/motion"
+
+            async def put(info, body, token=None, content_type="application/octet-stream"):
+                headers = {**_bearer(token or info["token"]), "Content-Type": content_type}
+                async with http.put(motion_url(info), data=body, headers=headers) as r:
+                    return r.status, (await r.json())["error"] if r.status != 204 else ""
+
+            statuses = {}
+            async with http.get(motion_url(a), headers=_bearer(a["token"])) as r:
+                statuses["before a frame"] = r.status, (await r.json())["error"]
+            playing = play_session(srv, a["session_id"])
+            await wait_until(lambda: srv.engine.sessions[a["session_id"]].player.tick > 8, 30, "frames shown")
+            async with http.get(motion_url(a), headers=_bearer(a["token"])) as r:
+                assert r.status == 200 and r.content_type == "application/octet-stream"
+                body = await r.read()
+            playing.cancel()
+            statuses["form"] = await put(b, body, content_type="application/json")
+            statuses["garbage"] = await put(b, b"not a motion")
+            statuses["other face"] = await put(other_face, body)
+            statuses["a's token"] = await put(b, body, token=a["token"])
+            untouched = srv.engine.sessions[b["session_id"]]._reset is None
+            statuses["put"] = await put(b, body)
+            reset = srv.engine.sessions[b["session_id"]]._reset
+            return statuses, untouched, body, torch.stack(reset)
+
+    statuses, untouched, body, reset = run(main())
+    assert statuses["before a frame"][0] == 409 and "no frame yet" in statuses["before a frame"][1]
+    assert statuses["form"][0] == 415 and "application/octet-stream" in statuses["form"][1]
+    assert statuses["garbage"][0] == 422 and "not a motion" in statuses["garbage"][1]
+    assert statuses["other face"][0] == 409 and "another portrait" in statuses["other face"][1]
+    assert statuses["a's token"][0] == 401
+    assert untouched and statuses["put"] == (204, "")
+    motion = Motion.from_bytes(body)
+    assert torch.equal(reset, motion.latents[-len(reset):])  # b's next window starts from a's last frames
+
+
 def test_an_offer_racing_a_delete_leaves_no_peer_connection(tiny_pipeline, monkeypatch):
     """DELETE while the offer's body is still arriving, and a close while aiortc negotiates: the offer
     gets 404 (not a 201 for a dead session), and every peer connection the server made is closed, with

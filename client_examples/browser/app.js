@@ -255,9 +255,10 @@ export class AvatarConnection {
   // follow: where the server says it will end the session because it is stopping or its device hung (a
   // session_ending event, MOVE_REASONS), go on in a new session that follow() makes (e.g. () => createSession(the
   // same arguments)): move() switches to it; onState gets {type: "moved", session_id, from_session_id, reason,
-  // after_ms} (conn.stream is then the new session's: show it) or {type: "move_failed", reason} (the old session
-  // goes on until it ends). A server that refuses (503: stopping too, before a balancer has noticed) is asked again
-  // with backoff until 2 s before the old session ends (30 s for a hung device).
+  // after_ms, motion} (conn.stream is then the new session's: show it; motion: it went on from the old one's
+  // frames) or {type: "move_failed", reason} (the old session goes on until it ends). A server that refuses (503:
+  // stopping too, before a balancer has noticed) is asked again with backoff until 2 s before the old session ends
+  // (30 s for a hung device).
   constructor(info, { onEvent = () => {}, onState = () => {}, follow = null } = {}) {
     this.info = info;
     this.onEvent = onEvent;
@@ -546,7 +547,9 @@ export class AvatarConnection {
     const old = { info: this.info, pc: this.pc, ws: this.ws, stream: this.stream, viewerUrl: this.viewerUrl };
     const options = this._options || {};
     this._switching = true;
+    let motion = false;
     try {
+      if (this._owner(options)) motion = await this._carryMotion(old.info, info); // (before its connection)
       this.info = info;
       this.stream = new MediaStream();
       this.viewerUrl = null;
@@ -575,8 +578,26 @@ export class AvatarConnection {
     } finally {
       this._switching = false;
     }
-    this.onState({ type: "moved", session_id: info.session_id, from_session_id: old.info.session_id, reason,
+    this.onState({ type: "moved", session_id: info.session_id, from_session_id: old.info.session_id, reason, motion,
       after_ms: Date.now() - started });
+  }
+
+  // A move's new session goes on from the old one's motion (the latents of the frames it showed last: GET, then PUT,
+  // the bytes as they came), so the face does not jump back to the portrait's; false where that failed (the move goes
+  // on without: an older server, or the old one not answering within 2 s).
+  async _carryMotion(from, to) {
+    const path = (info) => apiUrl(`/v1/sessions/${info.session_id}/motion`);
+    try {
+      const got = await fetch(path(from), { headers: { Authorization: `Bearer ${from.token}` },
+        signal: AbortSignal.timeout(2000) });
+      if (!got.ok) return false;
+      const put = await fetch(path(to), { method: "PUT", body: await got.arrayBuffer(),
+        signal: AbortSignal.timeout(2000),
+        headers: { Authorization: `Bearer ${to.token}`, "Content-Type": "application/octet-stream" } });
+      return put.ok;
+    } catch (e) {
+      return false;
+    }
   }
 
   // Whether this connection made its session (close() deletes it) or watches one another client owns.

@@ -17,12 +17,14 @@ _LAZY = {
     **dict.fromkeys(("AudioBufferFull", "CapacityError", "EngineConfig", "Session", "SessionClosedError",
                      "StreamEngine", "release_openmp_threads", "run_off_loop"), ".engine"),
     "EnginePool": ".pool",
+    "Motion": ".motion",
     "Recording": ".recorder",
 }
 
 if TYPE_CHECKING:
     from .engine import (AudioBufferFull, CapacityError, EngineConfig, Session, SessionClosedError, StreamEngine,
                          release_openmp_threads, run_off_loop)
+    from .motion import Motion
     from .pool import EnginePool
     from .recorder import Recording
 
@@ -31,6 +33,6 @@ __getattr__ = lazy_attributes(__name__, _LAZY)
 
 __all__ = [
     "AVFrame", "AudioBufferFull", "AudioSource", "CapacityError", "EngineConfig", "EnginePool", "Event", "FileSource",
-    "MicrophoneSource", "Recording", "Session", "SessionClosedError", "StreamEngine", "TextSource", "TrackSource",
-    "release_openmp_threads", "run_off_loop",
+    "MicrophoneSource", "Motion", "Recording", "Session", "SessionClosedError", "StreamEngine", "TextSource",
+    "TrackSource", "release_openmp_threads", "run_off_loop",
 ]

@@ -80,6 +80,7 @@ from .events import (
     AudioPlayed, AVFrame, Caption, EngineAdjusted, Event, FramesDropped, Interrupted, PlaybackPosition, SessionClosed, SessionError,
     SpeechStarted, SpeechStopped, WindowTimings,
 )
+from .motion import Motion, portrait_digest
 from .recorder import Broadcast, BroadcastEncode, Recording
 
 log = logging.getLogger(__name__)
@@ -881,22 +882,59 @@ class Session:
         on screen."""
         self._check_open()
         self._cancel_saying()
+        dropped = self._restart([z for z in self.player.recent_latents if z is not None])
+        self._emit(Interrupted(self.id, dropped_frames=dropped))
+
+    def _restart(self, latents: list[torch.Tensor]) -> int:
+        """Queued speech and unshown frames dropped, the memory started again from `latents` at the next window;
+        the frames dropped."""
         with self._lock:
             self._pcm_in.clear()
             self._pending_samples = 0
             self._pieces_dropped = self._pieces
             self._paced_until = 0.0
             self._epoch += 1
-            self._reset = [z for z in self.player.recent_latents if z is not None]
+            self._reset = latents
             self._resampler = None  # its few buffered samples are speech from before the interrupt
         dropped = self.player.clear()
         if self.player.start is None:  # nothing shown yet: readers wait for the first window of the new state
             self.player.first_frame.clear()
         if dropped:
             self._count_drop(dropped, "interrupt")
-        self._emit(Interrupted(self.id, dropped_frames=dropped))
         self._shown_moved.set()
         self.engine._wake()
+        return dropped
+
+    def motion(self) -> Motion:
+        """The latents of the frames shown last, to go on from in another session (`continue_from`: a move's new
+        session); LetsTalkError before the first frame is shown (nothing moved yet: a new session starts the same)."""
+        self._check_open()
+        latents = [z for z in self.player.recent_latents if z is not None]
+        if not latents:
+            raise LetsTalkError(f"session {self.id} has shown no frame yet: its motion is the portrait's, where any "
+                                "new session starts")
+        return Motion(torch.stack(latents).float().cpu(), self.pipeline.model_digest,
+                      portrait_digest(self._w.stream.portrait.image))
+
+    def continue_from(self, motion: Motion) -> None:
+        """Go on from another session's `motion()` (of this model and portrait): the next window is generated from its
+        frames, as an interrupt goes on from the frame on screen, so a session taking over from another does not
+        start again from the portrait (a jump on screen). Frames made and not shown are dropped; between utterances
+        only (LetsTalkError while pushed speech is not all shown: interrupt() first), InputError for another model's
+        or portrait's motion or a latent of another shape."""
+        self._check_open()
+        if motion.model != self.pipeline.model_digest:
+            raise InputError(f"this motion is of another model ({motion.model}; this session's: "
+                             f"{self.pipeline.model_digest}): carry motion between servers running the same model")
+        if motion.portrait != portrait_digest(self._w.stream.portrait.image):
+            raise InputError("this motion is of another portrait: carry it to a session of the same photo or avatar")
+        shape = tuple(self._w.stream.portrait.latent.shape)
+        if tuple(motion.latents.shape[1:]) != shape:
+            raise InputError(f"this motion's latents are {tuple(motion.latents.shape[1:])}, this model's {shape}")
+        if not self.audio_shown:
+            raise LetsTalkError(f"session {self.id} has speech not yet shown: go on from another motion between "
+                                "utterances, or interrupt() first")
+        self._restart(list(motion.latents[-self.player.recent_latents.maxlen:].unbind(0)))
 
     def _pace(self, now: float, samples: int) -> float:
         """The paced arrival of the next `samples` pushed at `now` (under _lock): when they would have
@@ -1421,6 +1459,7 @@ class StreamEngine:
             # process-wide default too, which threads that start torch work later take up (the last count set)
             self.threads = self.config.threads or _GPU_HOST_THREADS
         release_openmp_threads()  # this thread's team (it loaded the model?) would slow the worker's
+        await run_off_loop(lambda: self.pipeline.model_digest)  # (hashes the weights once: not on the loop later)
         if self.config.warmup:
             await run_off_loop(self._warmup_restoring_threads)
         if self.config.freeze_gc:
