@@ -97,6 +97,7 @@ from .rtc import (
     selected_route,
 )
 from .rtc import ice_servers as parse_ice_servers
+from .tts import sentences
 
 log = logging.getLogger(__name__)
 
@@ -488,6 +489,10 @@ class AvatarSession:
         # what of it is not yet shown (start_session's: a move sends it again), [PCM16, (rate, channels, ahead), ended]
         self._unshown: collections.deque[list] = collections.deque()
         self._unshown_s = 0.0  # its seconds
+        # say() texts not yet all shown (start_session's: a move says them again), [sentences, say's options, index of
+        # the sentence shown now (-1: none yet)]: a sentence starts with its `caption` event; a text is over when the
+        # next one's first caption comes, or speech stops on its last sentence
+        self._said: collections.deque[list] = collections.deque()
         self._sends_held: asyncio.Event | None = None  # a move's switch: sends wait for it (set when it is over)
         self.max_queued_seconds = 30.0  # speech the server queues ahead of playback (its `ready` says), more refused
         self._shown_moved = asyncio.Event()  # set when audio_shown may have changed (wait_audio_shown)
@@ -794,14 +799,14 @@ class AvatarSession:
         server (another server, for one that is stopping: `session_ending`) or by default through this session's client,
         and end this one. The frame, audio and event iterators go on across it, media times continuing; sends go to the
         new session (`id`, `token` and the URLs are its); a `moved` event (`session_id` the new one, `from_session_id`,
-        `reason`, `after_s`) says when its media flows. Speech sent (`send_audio`) and not yet shown is sent again to
-        the new session, whole messages (up to half a second may be heard twice; `say()` text is not), sends meanwhile
-        waiting for it; the avatar starts again from its portrait (the new session has its own memory). The old
-        session's DELETE says where it went, and its pages follow (an overlay page, `overlay_url()`, on the same
-        server); the live streams `broadcast()` started start again on the new session once the old one's have ended (an
-        `error` event, code `broadcast_not_moved`, if one is refused). Raises what making the new session raised
-        (ServerBusyError: that server is full or stopping too), this session left as it was; AvatarClientError for a
-        session this client did not start."""
+        `reason`, `after_s`, `motion`) says when its media flows. Speech sent (`send_audio`) and not yet shown is sent
+        again to the new session, whole messages (up to half a second may be heard twice), and `say()` text from the
+        sentence on screen, sends meanwhile waiting for it; the new session goes on from this one's motion (the frames
+        it showed last: `motion`), not from the portrait. The old session's DELETE says where it went, and its pages
+        follow (an overlay page, `overlay_url()`, on the same server); the live streams `broadcast()` started start
+        again on the new session once the old one's have ended (an `error` event, code `broadcast_not_moved`, if one is
+        refused). Raises what making the new session raised (ServerBusyError: that server is full or stopping too), this
+        session left as it was; AvatarClientError for a session this client did not start."""
         if self._how is None:
             raise AvatarClientError(f"session {self.id}: only a session this client started (start_session) can move")
         if self.closed or self.close_reason is not None:
@@ -828,13 +833,13 @@ class AvatarSession:
         switch_by = now + left - min(MOVE_MARGIN_S, left / 2) if left else now + MOVE_TIMEOUT_S
         try:
             if left:  # speech sent before the news is shown first (a live stream of it may never end: not past then)
-                await self.wait_audio_shown(timeout=max(0.0, switch_by - time.monotonic() - 1.0))
+                await self.wait_audio_shown(timeout=max(0.0, switch_by - time.monotonic() - 1.0), said=True)
             made = await self._new_session_by(switch_by, reason)
             if made is None:
                 return
             try:
-                if left and not self.audio_shown:  # what was sent while the new session was made
-                    await self.wait_audio_shown(timeout=max(0.0, switch_by - time.monotonic()))
+                if left and not (self.audio_shown and not self._said):  # what was sent while the new one was made
+                    await self.wait_audio_shown(timeout=max(0.0, switch_by - time.monotonic()), said=True)
             except BaseException:  # (cancelled: close())
                 self._drop(self.client, made[0])
                 raise
@@ -917,16 +922,17 @@ class AvatarSession:
                 old["client"]._sessions.discard(self)
                 client._sessions.add(self)
                 self._keep_token_for(client)
-                replay = list(self._unshown)
+                replay, said = list(self._unshown), list(self._said)
                 self._unshown.clear()
                 self._unshown_s = 0.0
+                self._said.clear()
                 self._audio_sent = self._audio_done = self._ws_sent = 0  # the server counts each session's messages
                 self._shown_moved.set()
                 if old_ws is not None and self._ws is old_ws:  # connect(websocket=False) with one opened by a send
                     self._ws = None
                     self._spawn(_close_quietly(old_ws), "ws-close")
                 carried = await self._carry_motion(old["client"], old["id"], old["token"])  # (before any speech)
-                await self._replay(replay)
+                await self._replay(replay, said)
             finally:
                 self._sends_held = None
                 held.set()
@@ -956,19 +962,28 @@ class AvatarSession:
             if not self._watching or not await self._reconnect(f"moved; its new connection failed: {e}"):
                 raise
 
-    async def _replay(self, unshown: list[list]) -> None:
+    async def _replay(self, unshown: list[list], said: list[list]) -> None:
         """A move: send the new session the speech the old one had not shown (each message whole: up to its half
-        second may be heard twice), its formats and utterance ends as they were. A send that fails loses the rest."""
+        second may be heard twice), its formats and utterance ends as they were, then the say() texts it had not
+        finished, from the sentence it was showing (said again from its start). A send that fails loses the rest."""
         try:
             for chunk, form, ended in unshown:
                 await self._send(functools.partial(self._send_chunk, chunk=chunk, form=form), held=True)
                 if ended:
                     await self._send(self._send_end, held=True)
+            for pieces, options, at in said:
+                rest = pieces[max(at, 0):]
+                await self._send(functools.partial(self._send_say, text=" ".join(rest), options=options), held=True)
+                self._said.append([rest, options, -1])
         except (AvatarClientError, aiohttp.ClientError, OSError) as e:
             log.warning("session %s: the speech the old session had not shown was not all sent again (%s)", self.id, e)
-        if unshown:
-            log.info("session %s: %.1f s of speech not yet shown sent again", self.id,
-                     sum(len(c) / (2 * f[0] * f[1]) for c, f, _ in unshown))
+        if unshown or said:
+            log.info("session %s: %.1f s of speech and %d say() texts not yet shown sent again", self.id,
+                     sum(len(c) / (2 * f[0] * f[1]) for c, f, _ in unshown), len(said))
+
+    @staticmethod
+    async def _send_say(ws: aiohttp.ClientWebSocketResponse, text: str, options: dict) -> None:
+        await ws.send_str(json.dumps({"type": "say", "text": text, **options}, ensure_ascii=False))
 
     async def _leave(self, client: AvatarClient, session_id: str, token: str) -> None:
         """A move: delete the old session saying where it went (an overlay page of it follows), then start its live
@@ -1276,6 +1291,12 @@ class AvatarSession:
             self._audio_done = max(self._audio_done, event.get("audio_messages", self._audio_sent))
             self._forget_shown()
             self._shown_moved.set()
+        elif kind in ("caption", "speech_stopped"):
+            self._said_shown(kind, event.get("text"))
+            self._shown_moved.set()
+        elif kind == "interrupted":  # (say() texts: dropped)
+            self._said.clear()
+            self._shown_moved.set()
         self._events.put(event)
         for cb in self._callbacks.get(kind, []) + self._callbacks.get("*", []):  # type: ignore[arg-type]
             try:
@@ -1410,6 +1431,7 @@ class AvatarSession:
             await ws.send_str(json.dumps({"type": "interrupt"}))
             self._audio_done = max(self._audio_done, sent)
             self._forget_shown()
+            self._said.clear()  # (the say() texts too)
             self._shown_moved.set()
 
         await self._send(send)
@@ -1421,11 +1443,12 @@ class AvatarSession:
         `Session.audio_shown` in-process). True before anything is sent; `say()` audio is the server's, not counted."""
         return self._audio_done >= self._audio_sent
 
-    async def wait_audio_shown(self, timeout: float | None = None) -> bool:
+    async def wait_audio_shown(self, timeout: float | None = None, said: bool = False) -> bool:
         """Wait until `audio_shown` (True), `timeout` seconds pass, or no event can come any more: the session closed or
         its websocket ended (False). Something must be watching the avatar (this client's `connect()`, a viewer, an
-        overlay page) for its clock, and so its playback, to run."""
-        return await wait_state(lambda: self.audio_shown,
+        overlay page) for its clock, and so its playback, to run. `said`: the texts say() gave too (a session made
+        with start_session: the sentences' captions and the speech's end tell; True for another's)."""
+        return await wait_state(lambda: self.audio_shown and not (said and self._said),
                                 lambda: self.closed or self.close_reason is not None or self._events.closed,
                                 self._shown_moved, timeout)
 
@@ -1500,10 +1523,27 @@ class AvatarSession:
         the server's acceptance ({"sentences", "voice"}) once it has checked the request; raises AvatarClientError
         saying what is wrong (unknown voice, empty or over-long text, no espeak-ng on the server). A synthesis that
         fails later comes as an `error` event with code "tts"."""
-        options = {"voice": voice, "rate": rate, "pitch": pitch}
-        _, answer = await self._request({"type": "say", "text": text,
-                                         **{k: v for k, v in options.items() if v is not None}}, timeout)
+        options = {k: v for k, v in {"voice": voice, "rate": rate, "pitch": pitch}.items() if v is not None}
+        _, answer = await self._request({"type": "say", "text": text, **options}, timeout)
+        pieces = sentences(text)
+        if self._how is not None and answer.get("sentences") == len(pieces):  # (cut as the server cut it)
+            self._said.append([pieces, options, -1])
         return answer
+
+    def _said_shown(self, kind: str, text: str | None = None) -> None:
+        """Follow the say() texts being shown: a `caption` event (`text`) starts the next sentence of the first one
+        (or the first sentence of the next, the first then over); `speech_stopped` on a text's last sentence ends it."""
+        if not self._said:
+            return
+        pieces, _, at = self._said[0]
+        if kind == "speech_stopped":
+            if at == len(pieces) - 1:
+                self._said.popleft()
+        elif at + 1 < len(pieces) and pieces[at + 1] == text:
+            self._said[0][2] = at + 1
+        elif len(self._said) > 1 and at == len(pieces) - 1 and self._said[1][0][0] == text:
+            self._said.popleft()
+            self._said[0][2] = 0
 
     async def motion(self) -> bytes:
         """The latents of the frames this session showed last (GET .../motion; letstalk_rt.stream.motion): what

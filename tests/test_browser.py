@@ -395,6 +395,52 @@ def test_a_page_whose_device_hung_moves_to_a_new_session_and_the_avatar_goes_on(
         assert text == "", text  # no error left on the overlay
 
 
+@pytest.mark.skipif(__import__("shutil").which("espeak-ng") is None, reason="needs espeak-ng (the server's TTS)")
+def test_a_page_that_moves_says_again_the_text_not_yet_shown_from_the_sentence_on_screen(tiny_pipeline,
+                                                                                        second_pipeline, tmp_path):
+    """The index page is saying a text (`conn.say`) when its device hangs, its second sentence on screen: the page's
+    new session says the rest, from that sentence (said again from its start) in the same voice, not the first."""
+    import threading
+
+    gate = threading.Event()
+    text = ["The first sentence is said before the move.", "The second one is on screen when it comes.",
+            "And the third is said after it."]
+
+    async def main():
+        async with running_server([tiny_pipeline, second_pipeline], engine_config={"hung_after_s": HUNG_S},
+                                  watch_interval_s=0.1) as srv, async_playwright() as pw, \
+                _chromium(pw, tmp_path) as context:
+            tab = await context.new_page()
+            await tab.goto(f"{srv.url}/?autostart=1&source=none")
+            await tab.wait_for_function("window.letstalk?.frames?.frames > 25", timeout=30000)
+            await tab.evaluate("""(text) => {
+                const conn = window.letstalk.conn, onEvent = conn.onEvent, onState = conn.onState;
+                window.seen = [];
+                conn.onEvent = (ev) => { window.seen.push(ev); onEvent(ev); };
+                conn.onState = (s) => { window.seen.push(s); onState(s); };
+                conn.say(text, { voice: "en-gb" });
+            }""", " ".join(text))
+            ((old_id, _),) = srv.manager.sessions.items()
+            await tab.wait_for_function(f"window.seen.some((e) => e.text === {json.dumps(text[1])})", timeout=30000)
+            hang(srv.engine.sessions[old_id].engine, gate)
+            await tab.wait_for_function(f"window.seen.some((e) => e.type === 'moved') && "
+                                        f"window.seen.some((e) => e.text === {json.dumps(text[2])})", timeout=30000)
+            seen = await tab.evaluate("window.seen")
+            gate.set()
+            return seen
+
+    try:
+        seen = run(main())
+    finally:
+        gate.set()
+    moved = next(e for e in seen if e["type"] == "moved")
+    before = [e["text"] for e in seen if e["type"] == "caption" and e["session_id"] == moved["from_session_id"]]
+    after = [e["text"] for e in seen if e["type"] == "caption" and e["session_id"] == moved["session_id"]]
+    assert before[:2] == text[:2] and after == text[1:], (before, after)
+    said = [e for e in seen if e["type"] == "say"]
+    assert [(e["voice"], e["sentences"]) for e in said] == [("en-gb", 3), ("en-gb", 2)], said
+
+
 @pytest.mark.parametrize("viewer", [False, True])
 def test_an_overlay_of_an_sdk_session_follows_it_when_the_sdk_moves_it(tiny_pipeline, second_pipeline, tmp_path,
                                                                        viewer):

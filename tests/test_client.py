@@ -632,6 +632,47 @@ def test_a_session_whose_device_hung_moves_by_itself_to_another_device(tiny_pipe
     assert drained is False and during >= 10 + 25 and reason == "server stopping"
 
 
+@pytest.mark.skipif(__import__("shutil").which("espeak-ng") is None, reason="needs espeak-ng (the server's TTS)")
+def test_a_move_says_again_the_say_text_not_yet_shown_from_the_sentence_on_screen(tiny_pipeline, second_pipeline):
+    """A session saying a text with say() moves off a hung device while its second sentence is on screen: the new
+    session says the rest, from that sentence (said again from its start), in the same voice, and not the first."""
+    import threading
+
+    from letstalk_rt.client import AvatarClient
+
+    gate = threading.Event()
+    text = ["The first sentence is said before the move.", "The second one is on screen when it comes.",
+            "And the third is said after it."]
+
+    async def main():
+        async with running_server([tiny_pipeline, second_pipeline], engine_config={"hung_after_s": HUNG_S},
+                                  watch_interval_s=0.1) as srv, AvatarClient(srv.url) as client:
+            session = await client.start_session(seed=1)
+            old_id = session.id
+            seen, frames, readers = await _watch(session)
+            await session.say(" ".join(text), voice="en-gb")
+            await wait_until(lambda: any(e.get("text") == text[1] for e in seen), 30, "the second sentence shown")
+            hang(srv.engine.sessions[old_id].engine, gate)
+            await _moved(seen, frames, "the other device")
+            await wait_until(lambda: any(e.get("text") == text[2] and e["session_id"] == session.id for e in seen), 30,
+                             "the last sentence")
+            await wait_until(lambda: not session._said, 20, "the text over")
+            gate.set()
+            await session.close()
+            await asyncio.gather(*readers)
+            return seen, old_id, session.id
+
+    try:
+        seen, old_id, new_id = run(main())
+    finally:
+        gate.set()
+    before = [e["text"] for e in seen if e["type"] == "caption" and e["session_id"] == old_id]
+    after = [e["text"] for e in seen if e["type"] == "caption" and e["session_id"] == new_id]
+    assert before[:2] == text[:2] and after == text[1:], (before, after)
+    said, said_again = [e for e in seen if e["type"] == "say"]
+    assert said["voice"] == said_again["voice"] == "en-gb" and (said["sentences"], said_again["sentences"]) == (3, 2)
+
+
 def test_a_session_closed_while_it_moves_leaves_no_session_on_the_server(tiny_pipeline, second_pipeline, monkeypatch):
     """close() while a move is under way frees every session the move touched before it returns: the old one, and
     the new one the server is still making (a device_hung move by itself, cancelled by close(); an app's move(),
@@ -730,6 +771,44 @@ def test_the_speech_a_move_would_send_again_is_what_is_not_yet_shown_and_stays_b
                                                              (3200, (48000, 2, True), False)]
     assert after_played == [(32000, True), (3200, False)]
     assert 2 * queued <= bounded <= 2 * queued + 1 and left == 0
+
+
+def test_the_say_texts_a_move_would_say_again_are_followed_by_their_captions():
+    """What the SDK keeps of say() for a move: each text's sentences, the one shown now (its `caption` event); a text
+    is over when the next one's first caption comes or speech stops on its last sentence (not on an earlier one: a
+    pause between sentences), all of them once interrupted. Texts of a session it cannot move (attached): not kept."""
+    from letstalk_rt.client import AvatarClient, AvatarSession
+
+    info = {"session_id": "s", "token": "t", "expires_at": 0, "offer_url": "/o", "ws_url": "/w"}
+
+    async def main():
+        client = AvatarClient("http://127.0.0.1:9")
+        session, attached = AvatarSession(client, info, how={"options": {}}), AvatarSession(client, info)
+        states = []
+        for s in (session, attached):
+            async def accepted(message, timeout, s=s):
+                return 0.0, {"type": "say", "sentences": len(message["text"].split(". "))}
+            s._request = accepted
+        await session.say("One. Two. Three.", voice="fr")
+        await session.say("Four. Five.")
+        await attached.say("One. Two.")
+        for kind, text in [("caption", "One."), ("caption", "Two."), ("speech_stopped", None), ("caption", "Three."),
+                           ("caption", "Four."), ("speech_stopped", None), ("caption", "Five."),
+                           ("speech_stopped", None)]:
+            session._dispatch({"type": kind, **({"text": text} if text else {})})
+            states.append([(pieces, at) for pieces, _, at in session._said])
+        await session.say("Six.")
+        session._dispatch({"type": "interrupted"})
+        return states, session._said, attached._said, session
+
+    states, left, attached, session = asyncio.run(main())
+    first, second = ["One.", "Two.", "Three."], ["Four.", "Five."]
+    assert states == [
+        [(first, 0), (second, -1)], [(first, 1), (second, -1)],
+        [(first, 1), (second, -1)],  # speech stopped between sentences: still saying it
+        [(first, 2), (second, -1)], [(second, 0)], [(second, 0)], [(second, 1)], [],
+    ]
+    assert not left and not attached
 
 
 def test_a_session_outlives_its_first_token_the_sdk_renewing_it(tiny_pipeline):

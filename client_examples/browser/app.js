@@ -269,6 +269,9 @@ export class AvatarConnection {
     this.stream = new MediaStream();
     this.closed = false;
     this._said = 0;
+    // say() texts not yet all shown, oldest first, {id, text, options, total: its sentences (the server's `say` answer
+    // says), shown: the sentences whose caption came}: a move says the rest again (_sayAgain)
+    this._saying = [];
     this._keepToken();
   }
 
@@ -492,6 +495,7 @@ export class AvatarConnection {
       } catch {
         return;
       }
+      this._followSaying(ev);
       this.onEvent(ev);
       if (ev.type === "session_ending" && this.follow && MOVE_REASONS.includes(ev.reason)) this._followOn(ev);
     };
@@ -539,8 +543,10 @@ export class AvatarConnection {
 
   // Go on in the session `info` (a createSession() answer, or sessionFromToken() for one another client made):
   // connect to it the way start() connected (its websocket too), keep showing the old one until the new one is
-  // connected, then hang up the old one and delete it (a viewer's: free the viewer). onState {type: "moved"} says
-  // so; conn.stream is the new one's. On failure this stays on the old session (the new one is deleted) and throws.
+  // connected, then hang up the old one and delete it (a viewer's: free the viewer). The new session goes on from the
+  // old one's motion and says the say() texts it had not finished (a page that drives it). onState {type: "moved"}
+  // says so; conn.stream is the new one's. On failure this stays on the old session (the new one is deleted) and
+  // throws.
   async move(info, reason = "moved by the page") {
     if (this.closed) throw new Error("the connection is closed");
     const started = Date.now();
@@ -565,6 +571,7 @@ export class AvatarConnection {
         throw e;
       }
       if (this._owner(options)) { // (before its connection closes: the server would end it for that, without the news)
+        this._sayAgain(this._saying.splice(0));
         await this._delete(old.info, null, { session_id: info.session_id, token: info.token });
       } else if (old.viewerUrl) {
         this._delete(old.info, old.viewerUrl); // an attached page's own viewer of the old session
@@ -639,6 +646,7 @@ export class AvatarConnection {
   }
 
   interrupt() {
+    this._saying = [];
     this.send({ type: "interrupt" });
   }
 
@@ -651,7 +659,43 @@ export class AvatarConnection {
     if (rate !== null) message.rate = rate;
     if (pitch !== null) message.pitch = pitch;
     this.send(message);
+    const { type, ...options } = message;
+    const words = text.split(/\s+/).join(" ").trim(); // (as the server cuts it into sentences)
+    if (this._owner()) this._saying.push({ ...options, text: words, total: null, shown: [] });
     return id;
+  }
+
+  // Follow the say() texts being shown: the server's answer gives a text's sentences, each `caption` event starts the
+  // next one (a text is over once the next text's first caption comes, or speech stops on its last sentence).
+  _followSaying(ev) {
+    const head = this._saying[0];
+    if (ev.type === "interrupted") {
+      this._saying = [];
+    } else if ((ev.type === "say" || ev.type === "error") && ev.id) {
+      const said = this._saying.find((s) => s.id === ev.id);
+      if (said && ev.type === "say") said.total = ev.sentences;
+      else if (said) this._saying.splice(this._saying.indexOf(said), 1); // refused: never said
+    } else if (head && head.total !== null && head.shown.length === head.total &&
+               (ev.type === "speech_stopped" || ev.type === "caption")) {
+      this._saying.shift(); // (a caption: the next text's first sentence)
+      if (ev.type === "caption") this._followSaying(ev);
+    } else if (head && ev.type === "caption") {
+      head.shown.push(ev.text);
+    }
+  }
+
+  // A move: the new session says the say() texts the old one had not finished, from the sentence on screen (said
+  // again from its start), with their options.
+  _sayAgain(saying) {
+    for (const said of saying) {
+      let rest = said.text;
+      for (const sentence of said.shown.slice(0, -1)) { // (the sentences before the one on screen)
+        if (!rest.startsWith(sentence)) break;
+        rest = rest.slice(sentence.length).trim();
+      }
+      const { id, text, total, shown, ...options } = said;
+      if (rest) this.say(rest, options);
+    }
   }
 
   endSpeech() {
