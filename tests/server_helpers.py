@@ -59,6 +59,12 @@ def hang(engine, gate) -> None:
     engine._execute = hangs
 
 
+def two_device_server(first, second, **config):
+    """running_server with an engine on each of two pipelines (a second device) that takes a window running HUNG_S for
+    a hang and looks every 0.1 s: the tests that hang one device (`hang`) and see its sessions move to the other."""
+    return running_server([first, second], engine_config={"hung_after_s": HUNG_S}, watch_interval_s=0.1, **config)
+
+
 @contextlib.asynccontextmanager
 async def running_server(pipeline, max_sessions: int = 4, engine_config: dict | None = None, **config):
     """The app on 127.0.0.1:<ephemeral> around a fresh engine (no warm-up, `engine_config`'s EngineConfig fields)

@@ -865,7 +865,7 @@ def test_a_live_stream_goes_on_from_the_session_the_sdk_moves_to(tiny_pipeline, 
     import threading
 
     from letstalk_rt.client import AvatarClient
-    from server_helpers import HUNG_S, hang, running_server
+    from server_helpers import hang, two_device_server
 
     port = free_port()
     url = f"udp://127.0.0.1:{port}"
@@ -881,8 +881,7 @@ def test_a_live_stream_goes_on_from_the_session_the_sdk_moves_to(tiny_pipeline, 
         loop = asyncio.get_running_loop()
         transport, _ = await loop.create_datagram_endpoint(Counter, local_addr=("127.0.0.1", port))
         try:
-            async with running_server([tiny_pipeline, second_pipeline], engine_config={"hung_after_s": HUNG_S},
-                                      watch_interval_s=0.1, broadcast_to=[url]) as srv, \
+            async with two_device_server(tiny_pipeline, second_pipeline, broadcast_to=[url]) as srv, \
                     AvatarClient(srv.url) as client:
                 session = await client.start_session()
                 old_id = session.id

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import speechlike
-from server_helpers import HUNG_S, cut_network, hang, run, running_server, turn_server, wait_until
+from server_helpers import cut_network, hang, run, running_server, turn_server, two_device_server, wait_until
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -355,8 +355,7 @@ def test_a_page_whose_device_hung_moves_to_a_new_session_and_the_avatar_goes_on(
     gate = threading.Event()
 
     async def main():
-        async with running_server([tiny_pipeline, second_pipeline], engine_config={"hung_after_s": HUNG_S},
-                                  watch_interval_s=0.1) as srv, async_playwright() as pw, \
+        async with two_device_server(tiny_pipeline, second_pipeline) as srv, async_playwright() as pw, \
                 _chromium(pw, tmp_path) as context, aiohttp.ClientSession() as http:
             tab = await context.new_page()
             await tab.goto(f"{srv.url}/?autostart=1&source=none" if page == "index" else f"{srv.url}/overlay")
@@ -407,8 +406,7 @@ def test_a_page_that_moves_says_again_the_text_not_yet_shown_from_the_sentence_o
             "And the third is said after it."]
 
     async def main():
-        async with running_server([tiny_pipeline, second_pipeline], engine_config={"hung_after_s": HUNG_S},
-                                  watch_interval_s=0.1) as srv, async_playwright() as pw, \
+        async with two_device_server(tiny_pipeline, second_pipeline) as srv, async_playwright() as pw, \
                 _chromium(pw, tmp_path) as context:
             tab = await context.new_page()
             await tab.goto(f"{srv.url}/?autostart=1&source=none")
@@ -456,8 +454,7 @@ def test_an_overlay_of_an_sdk_session_follows_it_when_the_sdk_moves_it(tiny_pipe
     gate = threading.Event()
 
     async def main():
-        async with running_server([tiny_pipeline, second_pipeline], engine_config={"hung_after_s": HUNG_S},
-                                  watch_interval_s=0.1) as srv, async_playwright() as pw, \
+        async with two_device_server(tiny_pipeline, second_pipeline) as srv, async_playwright() as pw, \
                 _chromium(pw, tmp_path) as context, AvatarClient(srv.url) as client:
             session = await client.start_session(avatar_id="default")
             old_id = session.id

@@ -18,7 +18,6 @@ from aiohttp import web
 from aiortc import RTCSessionDescription
 from conftest import speechlike
 from server_helpers import (
-    HUNG_S,
     SpeechTrack,
     collect_media,
     cut_network,
@@ -26,6 +25,7 @@ from server_helpers import (
     run,
     running_server,
     turn_server,
+    two_device_server,
     wait_until,
 )
 
@@ -572,8 +572,7 @@ def test_a_session_whose_device_hung_moves_by_itself_to_another_device(tiny_pipe
     motions = _motions(monkeypatch)
 
     async def main():
-        async with running_server([tiny_pipeline, second_pipeline], engine_config={"hung_after_s": HUNG_S},
-                                  watch_interval_s=0.1) as srv, AvatarClient(srv.url) as client:
+        async with two_device_server(tiny_pipeline, second_pipeline) as srv, AvatarClient(srv.url) as client:
             session = await client.start_session(seed=1)
             old_id = session.id
             seen, frames, readers = await _watch(session)
@@ -645,8 +644,7 @@ def test_a_move_says_again_the_say_text_not_yet_shown_from_the_sentence_on_scree
             "And the third is said after it."]
 
     async def main():
-        async with running_server([tiny_pipeline, second_pipeline], engine_config={"hung_after_s": HUNG_S},
-                                  watch_interval_s=0.1) as srv, AvatarClient(srv.url) as client:
+        async with two_device_server(tiny_pipeline, second_pipeline) as srv, AvatarClient(srv.url) as client:
             session = await client.start_session(seed=1)
             old_id = session.id
             seen, frames, readers = await _watch(session)
@@ -700,8 +698,7 @@ def test_a_session_closed_while_it_moves_leaves_no_session_on_the_server(tiny_pi
 
     async def main():
         left = []
-        async with running_server([tiny_pipeline, second_pipeline], engine_config={"hung_after_s": HUNG_S},
-                                  watch_interval_s=0.1) as srv, AvatarClient(srv.url) as client:
+        async with two_device_server(tiny_pipeline, second_pipeline) as srv, AvatarClient(srv.url) as client:
             session = await client.start_session(seed=1)
             seen, frames, readers = await _watch(session)
             making.set()
