@@ -489,7 +489,7 @@ class AvatarSession:
         # what of it is not yet shown (start_session's: a move sends it again), [PCM16, (rate, channels, ahead), ended]
         self._unshown: collections.deque[list] = collections.deque()
         self._unshown_s = 0.0  # its seconds
-        # say() texts not yet all shown (start_session's: a move says them again), [sentences, say's options, index of
+        # say() texts not yet all shown (a move says them again), [sentences, say's options, index of
         # the sentence shown now (-1: none yet)]: a sentence starts with its `caption` event; a text is over when the
         # next one's first caption comes, or speech stops on its last sentence
         self._said: collections.deque[list] = collections.deque()
@@ -1446,8 +1446,8 @@ class AvatarSession:
     async def wait_audio_shown(self, timeout: float | None = None, said: bool = False) -> bool:
         """Wait until `audio_shown` (True), `timeout` seconds pass, or no event can come any more: the session closed or
         its websocket ended (False). Something must be watching the avatar (this client's `connect()`, a viewer, an
-        overlay page) for its clock, and so its playback, to run. `said`: the texts say() gave too (a session made
-        with start_session: the sentences' captions and the speech's end tell; True for another's)."""
+        overlay page) for its clock, and so its playback, to run. `said`: the texts this client's say() gave too
+        (its sentences' `caption` events, and the speech stopping after the last, tell)."""
         return await wait_state(lambda: self.audio_shown and not (said and self._said),
                                 lambda: self.closed or self.close_reason is not None or self._events.closed,
                                 self._shown_moved, timeout)
@@ -1522,11 +1522,11 @@ class AvatarSession:
         Spoken after any text said before, a sentence at a time; `interrupt()` drops what is not yet spoken. Returns
         the server's acceptance ({"sentences", "voice"}) once it has checked the request; raises AvatarClientError
         saying what is wrong (unknown voice, empty or over-long text, no espeak-ng on the server). A synthesis that
-        fails later comes as an `error` event with code "tts"."""
+        fails later comes as an `error` event with code "tts". `wait_audio_shown(said=True)` waits until it is shown."""
         options = {k: v for k, v in {"voice": voice, "rate": rate, "pitch": pitch}.items() if v is not None}
         _, answer = await self._request({"type": "say", "text": text, **options}, timeout)
         pieces = sentences(text)
-        if self._how is not None and answer.get("sentences") == len(pieces):  # (cut as the server cut it)
+        if answer.get("sentences") == len(pieces):  # (cut as the server cut it)
             self._said.append([pieces, options, -1])
         return answer
 

@@ -773,39 +773,45 @@ def test_the_speech_a_move_would_send_again_is_what_is_not_yet_shown_and_stays_b
 def test_the_say_texts_a_move_would_say_again_are_followed_by_their_captions():
     """What the SDK keeps of say() for a move: each text's sentences, the one shown now (its `caption` event); a text
     is over when the next one's first caption comes or speech stops on its last sentence (not on an earlier one: a
-    pause between sentences), all of them once interrupted. Texts of a session it cannot move (attached): not kept."""
+    pause between sentences), all of them once interrupted; wait_audio_shown(said=True) waits for them."""
     from letstalk_rt.client import AvatarClient, AvatarSession
 
     info = {"session_id": "s", "token": "t", "expires_at": 0, "offer_url": "/o", "ws_url": "/w"}
 
     async def main():
         client = AvatarClient("http://127.0.0.1:9")
-        session, attached = AvatarSession(client, info, how={"options": {}}), AvatarSession(client, info)
-        states = []
-        for s in (session, attached):
-            async def accepted(message, timeout, s=s):
-                return 0.0, {"type": "say", "sentences": len(message["text"].split(". "))}
-            s._request = accepted
+        session = AvatarSession(client, info, how={"options": {}})
+        states, waited = [], []
+
+        async def accepted(message, timeout):
+            return 0.0, {"type": "say", "sentences": len(message["text"].split(". "))}
+
+        session._request = accepted
         await session.say("One. Two. Three.", voice="fr")
         await session.say("Four. Five.")
-        await attached.say("One. Two.")
+        waiting = asyncio.ensure_future(session.wait_audio_shown(said=True))
         for kind, text in [("caption", "One."), ("caption", "Two."), ("speech_stopped", None), ("caption", "Three."),
                            ("caption", "Four."), ("speech_stopped", None), ("caption", "Five."),
                            ("speech_stopped", None)]:
+            await asyncio.sleep(0)
+            waited.append(waiting.done())
             session._dispatch({"type": kind, **({"text": text} if text else {})})
             states.append([(pieces, at) for pieces, _, at in session._said])
+        await asyncio.sleep(0)
+        waited.append(waiting.done() and waiting.result())
         await session.say("Six.")
         session._dispatch({"type": "interrupted"})
-        return states, session._said, attached._said, session
+        return states, waited, session._said
 
-    states, left, attached, session = asyncio.run(main())
+    states, waited, left = asyncio.run(main())
     first, second = ["One.", "Two.", "Three."], ["Four.", "Five."]
     assert states == [
         [(first, 0), (second, -1)], [(first, 1), (second, -1)],
         [(first, 1), (second, -1)],  # speech stopped between sentences: still saying it
         [(first, 2), (second, -1)], [(second, 0)], [(second, 0)], [(second, 1)], [],
     ]
-    assert not left and not attached
+    assert waited == [False] * 8 + [True]  # until the last text's speech stopped
+    assert not left
 
 
 def test_a_session_outlives_its_first_token_the_sdk_renewing_it(tiny_pipeline):

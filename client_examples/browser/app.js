@@ -668,32 +668,39 @@ export class AvatarConnection {
   // Follow the say() texts being shown: the server's answer gives a text's sentences, each `caption` event starts the
   // next one (a text is over once the next text's first caption comes, or speech stops on its last sentence).
   _followSaying(ev) {
-    const head = this._saying[0];
     if (ev.type === "interrupted") {
       this._saying = [];
     } else if ((ev.type === "say" || ev.type === "error") && ev.id) {
       const said = this._saying.find((s) => s.id === ev.id);
       if (said && ev.type === "say") said.total = ev.sentences;
       else if (said) this._saying.splice(this._saying.indexOf(said), 1); // refused: never said
-    } else if (head && head.total !== null && head.shown.length === head.total &&
-               (ev.type === "speech_stopped" || ev.type === "caption")) {
-      this._saying.shift(); // (a caption: the next text's first sentence)
-      if (ev.type === "caption") this._followSaying(ev);
-    } else if (head && ev.type === "caption") {
-      head.shown.push(ev.text);
+    } else if (this._saying.length && this._saying[0].total !== null) {
+      const [head, next] = this._saying;
+      const over = head.shown.length === head.total;
+      if (ev.type === "speech_stopped" && over) {
+        this._saying.shift();
+      } else if (ev.type === "caption" && !over && this._unsaid(head).startsWith(ev.text)) {
+        head.shown.push(ev.text);
+      } else if (ev.type === "caption" && over && next && next.text.startsWith(ev.text)) {
+        this._saying.shift();
+        next.shown.push(ev.text);
+      }
     }
+  }
+
+  // What of a say() text is not yet shown, the last `keep` sentences shown put back.
+  _unsaid(said, keep = 0) {
+    let rest = said.text;
+    for (const sentence of said.shown.slice(0, said.shown.length - keep)) rest = rest.slice(sentence.length).trim();
+    return rest;
   }
 
   // A move: the new session says the say() texts the old one had not finished, from the sentence on screen (said
   // again from its start), with their options.
   _sayAgain(saying) {
     for (const said of saying) {
-      let rest = said.text;
-      for (const sentence of said.shown.slice(0, -1)) { // (the sentences before the one on screen)
-        if (!rest.startsWith(sentence)) break;
-        rest = rest.slice(sentence.length).trim();
-      }
       const { id, text, total, shown, ...options } = said;
+      const rest = this._unsaid(said, 1);
       if (rest) this.say(rest, options);
     }
   }
