@@ -48,6 +48,18 @@ async def _collect(session, seconds: float) -> list:
     return out
 
 
+async def _collect_made(session, made: int, seconds: float = 4.0) -> list:
+    """Frames until `made` of them were generated (not fillers, the last frame held while a window is late), or
+    `seconds` of them: a session that keeps running gets there however busy the machine (under a busy loop beside
+    the tests, the first windows of a fresh engine came late and 1.5 s held 29 generated frames, not 37)."""
+    out = []
+    async for frame in session.frames():
+        out.append(frame)
+        if sum(not f.filler for f in out) >= made or len(out) >= seconds * 25:
+            return out
+    return out
+
+
 def _assert_played(audio: np.ndarray, speech: np.ndarray) -> None:
     """`audio` (`speech_out`'s) is `speech`, sample for sample: exact, but for the few samples after a held tick,
     whose fade-in was undone (a float32 rounding or two)."""
@@ -83,6 +95,31 @@ def _real_time_session(pipe, pushed: np.ndarray, seconds: float, portrait: int) 
         return session.stats(), frames
 
     return run(main())
+
+
+def _cpu_share(threads: int = 2, seconds: float = 0.3) -> float:
+    """How many cores this process gets for `threads` torch threads of matrix products: CPU time over wall time
+    (a quiet 2-core machine: 1.98-1.99; beside one busy loop: 1.2-1.5)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    a = torch.randn(256, 256)
+    try:
+        wall, cpu = time.perf_counter(), time.process_time()
+        while time.perf_counter() - wall < seconds:
+            for _ in range(20):
+                a @ a
+        return (time.process_time() - cpu) / (time.perf_counter() - wall)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _skip_if_busy(*shares: float) -> None:
+    """Skip a test whose premise is a quiet machine where another process took the cores (`_cpu_share`, before and
+    after it): such a test slows some windows on purpose, as another process would, and checks what the engine does
+    about it; on a machine busy for real the engine rightly does it to the other windows too (beside a busy loop,
+    the thread tests' windows fell behind and the engine lowered the threads where the test wants them kept)."""
+    if min(shares) < 1.8:
+        pytest.skip(f"another process is busy on this machine's cores: 2 threads got {min(shares):.2f} cores")
 
 
 def _drain_events(session) -> list:
@@ -413,7 +450,7 @@ def test_a_failing_session_ends_with_an_error_and_the_others_keep_running(tiny_p
                 events.append(e)
 
         watcher = asyncio.create_task(watch())
-        frames = await _collect(good, 1.5)
+        frames = await _collect_made(good, 30)
         await asyncio.wait_for(watcher, 5)
         assert bad.closed and not good.closed
         await engine.stop()
@@ -519,7 +556,7 @@ def test_a_window_whose_only_session_fails_in_its_bookkeeping_decodes_nothing(ti
         async for e in bad.events():
             events.append(e)
         good = await engine.open_session(_portrait(tiny_pipeline, 30))
-        frames = await _collect(good, 1.0)
+        frames = await _collect_made(good, 20)
         await engine.stop()
         return events, frames
 
@@ -890,7 +927,7 @@ def test_windows_are_decoded_in_their_own_thread_and_a_decode_failure_ends_only_
     async def main(decode_thread: bool):
         engine = await _engine(tiny_pipeline, decode_thread=decode_thread)
         s = await engine.open_session(_portrait(tiny_pipeline, 30))
-        frames = await _collect(s, 1.0)
+        frames = await _collect_made(s, 20)
         if decode_thread:
             broken["on"] = True
             bad = await engine.open_session(_portrait(tiny_pipeline, 200))
@@ -899,7 +936,7 @@ def test_windows_are_decoded_in_their_own_thread_and_a_decode_failure_ends_only_
             assert any(isinstance(e, SessionError) and "decoder exploded" in e.message for e in events)
             broken["on"] = False
             again = await engine.open_session(_portrait(tiny_pipeline, 90))
-            assert len([f for f in await _collect(again, 0.6) if not f.filler]) >= 10
+            assert len([f for f in await _collect_made(again, 10) if not f.filler]) >= 10
         await engine.stop()
         return frames
 
@@ -1267,7 +1304,9 @@ def test_auto_threads_are_lowered_once_windows_fall_two_windows_behind(tiny_pipe
         await engine.stop()
         return threads, lowered
 
+    share = _cpu_share()
     threads, engine_lowered = run(main())
+    _skip_if_busy(share, _cpu_share())
     full = [t for t, n in seen if n == window]
     assert len(full) >= 6  # (windows late by 2x leave fewer full ones: deadlines insert short ones)
     if lowered:
@@ -1322,7 +1361,9 @@ def test_noise_draws_are_lowered_before_the_threads_once_windows_fall_two_window
         await engine.stop()
         return lowered, threads_lowered, threads, events, state
 
+    share = _cpu_share()
     lowered, threads_lowered, threads, events, state = run(main())
+    _skip_if_busy(share, _cpu_share())
     assert state == {"torch_threads": 2, "steps": pipe.num_steps, "noise_draws": 1, "decode_overlapped": False,
                      "threads_lowered": 0, "threads_raised": 0, "draws_lowered": 1, "draws_raised": 0, "heap_trims": 0}
     full = [d for d, n in seen if n == window]
