@@ -8,7 +8,7 @@
 #                                  --server` with its devices ([devices]; through apt libportaudio2, PortAudio)
 #   bash scripts/setup.sh --dev    also the test dependencies: pytest, playwright (python only; it drives
 #                                  Debian's chromium) and, through apt when we are root or have sudo,
-#                                  chromium (browser test), espeak-ng (synthetic corpus tests), g++
+#                                  chromium and firefox-esr (browser tests), espeak-ng (synthetic corpus tests), g++
 #                                  (torch.compile: --compile and its test), coturn (a TURN server: the
 #                                  tests of connecting through a relay) and libportaudio2 (PortAudio: the
 #                                  microphone and speaker tests of `letstalk camera`)
@@ -57,6 +57,7 @@ else
 fi
 if [ "$mode" = --dev ]; then
   [ -x /usr/bin/chromium ] || apt_pkgs="$apt_pkgs chromium"
+  command -v firefox-esr >/dev/null 2>&1 || command -v firefox >/dev/null 2>&1 || apt_pkgs="$apt_pkgs firefox-esr"
   command -v g++ >/dev/null 2>&1 || apt_pkgs="$apt_pkgs g++"
   command -v turnserver >/dev/null 2>&1 || apt_pkgs="$apt_pkgs coturn"
   command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || apt_pkgs="$apt_pkgs nginx"

@@ -33,13 +33,28 @@ export function configure({ server = null } = {}) {
 
 // The microphone (getUserMedia with `constraints`). A browser gives it only to a secure page: one loaded over HTTPS,
 // or from this machine (localhost); elsewhere navigator.mediaDevices is not there at all, and this says what to do.
-export function microphone(constraints = { audio: true }) {
+// Its refusals say what to do too (the browsers' own are "Requested device not found" in Chromium and "The object can
+// not be found here." in Firefox for a machine with no microphone).
+export async function microphone(constraints = { audio: true }) {
   if (!navigator.mediaDevices?.getUserMedia) {
     throw new Error(`the browser gives the microphone only to a page loaded over HTTPS or from localhost, and this one `
       + `is ${location.origin}: serve it over HTTPS (letstalk serve --tls-cert/--tls-key, or behind a TLS proxy), or `
       + `send an audio file instead`);
   }
-  return navigator.mediaDevices.getUserMedia(constraints);
+  try {
+    return await navigator.mediaDevices.getUserMedia(constraints);
+  } catch (e) {
+    const what = {
+      NotFoundError: "this machine has no microphone the browser can use: plug one in",
+      NotAllowedError: "the microphone was refused (by you, or by the browser's settings for this site): allow it "
+        + "from the icon beside the address",
+      NotReadableError: "the microphone could not be opened: another program may hold it, or the system refuses it "
+        + "to the browser",
+      OverconstrainedError: "no microphone meets what the page asks of it",
+    }[e?.name];
+    if (!what) throw e;
+    throw new Error(`${what}; or send an audio file instead (${e.name}: ${e.message})`);
+  }
 }
 
 // An API path as a URL on the server.
