@@ -237,7 +237,10 @@ export async function fetchCaptions(recordingUrl, token) {
 
 // Decode an audio file into a MediaStream (WebAudio), to send it like a microphone. It plays from
 // play(): call that once the peer connection is connected (conn.connected()), or the first seconds
-// play into a track nobody sends yet and the avatar never says them.
+// play into a track nobody sends yet and the avatar never says them. play() rejects, saying why and what to do, where
+// the browser has not started the page's audio 2 s on (its AudioContext suspended: the track sends silence): a browser
+// holds it until the page is clicked, and Firefox also on a machine with no sound output device; it starts from the
+// file's beginning once the browser lets it (a click on the page asks again).
 export async function fileToStream(file, { loop = false, autoplay = false } = {}) {
   const ctx = new AudioContext();
   const buffer = await ctx.decodeAudioData(await file.arrayBuffer());
@@ -247,13 +250,20 @@ export async function fileToStream(file, { loop = false, autoplay = false } = {}
   const dest = ctx.createMediaStreamDestination();
   source.connect(dest);
   let started = false;
-  const play = () => {
-    if (!started) {
-      started = true;
-      source.start();
-    }
+  const play = async () => {
+    if (started) return;
+    started = true;
+    source.start();
+    if (ctx.state === "running") return;
+    const running = await Promise.race([ctx.resume().then(() => ctx.state === "running", () => false),
+      new Promise((resolve) => setTimeout(() => resolve(false), 2000))]);
+    if (running || ctx.state === "running") return;
+    document.addEventListener("click", () => ctx.resume().catch(() => {}), { once: true });
+    throw new Error(`the browser has not started this page's audio (its AudioContext is ${ctx.state}), so the file `
+      + "is not being sent: a browser holds it until you click the page (click it), and Firefox on a machine with no "
+      + "sound output device (connect one, or use Chromium)");
   };
-  if (autoplay) play();
+  if (autoplay) play().catch(() => {});
   return {
     stream: dest.stream,
     play,
