@@ -96,7 +96,8 @@ class Firefox:
     async def wait_for(self, expression: str, timeout: float, what: str) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while not await self.evaluate(f"(() => {{ try {{ return !!({expression}); }} catch (e) {{ return false; }} }})()"):
+        check = f"(() => {{ try {{ return !!({expression}); }} catch (e) {{ return false; }} }})()"
+        while not await self.evaluate(check):
             if loop.time() > deadline:
                 log = await self.evaluate("document.getElementById('log')?.innerText")
                 raise AssertionError(f"timed out after {timeout} s waiting for {what}; the page's log: {log!r}")
