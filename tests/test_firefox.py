@@ -19,12 +19,13 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 from pathlib import Path
 
 import aiohttp
 import numpy as np
 import pytest
-from server_helpers import run, running_server, wait_until
+from server_helpers import cut_network, hang, run, running_server, two_device_server, wait_until
 from test_browser import MOUTH_SNAPSHOT_JS, _write_wav
 
 FIREFOX = shutil.which("firefox-esr") or shutil.which("firefox")
@@ -237,3 +238,66 @@ def test_firefox_page_refused_the_microphone_says_how_to_get_it(tiny_pipeline, t
     assert "the microphone was refused" in log and "allow it from the icon beside the address" in log, log
     assert "send an audio file instead" in log and "NotAllowedError" in log, log
     assert sessions == 0
+
+
+@pytest.mark.parametrize("page", ["index", "overlay"])
+def test_a_firefox_page_whose_connection_goes_silent_reconnects_and_the_avatar_goes_on(tiny_pipeline, tmp_path, page):
+    """The server's side of the page's peer connection stops sending and hearing mid-stream (a network change): the
+    page in Firefox sees no media for 2 s, offers a new connection, and the video goes on in the same page and session
+    (test_browser.py's case, in Firefox)."""
+    async def main():
+        async with running_server(tiny_pipeline) as srv, firefox(tmp_path / "profile") as ff:
+            await ff.goto(f"{srv.url}/?autostart=1&source=none" if page == "index" else f"{srv.url}/overlay")
+            await ff.wait_for("window.letstalk?.frames?.frames > 25", 30, "the avatar's frames")
+            (ss,) = srv.manager.sessions.values()
+            first_pc = ss.pc
+            assert cut_network(first_pc) > 0
+            await wait_until(lambda: ss.pc is not None and ss.pc is not first_pc
+                             and ss.pc.connectionState == "connected", 30, "the page's new peer connection")
+            shown = await ff.evaluate("window.letstalk.frames.frames")
+            await ff.wait_for(f"window.letstalk.frames.frames > {shown + 25}", 20, "frames on the new connection")
+            text = await ff.evaluate("(document.getElementById('log') || document.getElementById('error')).innerText")
+            return text, len(srv.manager.sessions)
+
+    text, sessions = run(main())
+    assert sessions == 1  # the same session, shown again
+    if page == "index":
+        assert "reconnecting" in text and "no media for 2 s" in text and "reconnected" in text, text
+    else:
+        assert text == "", text  # no error left on the overlay
+
+
+@pytest.mark.parametrize("page", ["index", "overlay"])
+def test_a_firefox_page_whose_device_hung_moves_to_a_new_session_and_the_avatar_goes_on(tiny_pipeline, second_pipeline,
+                                                                                        tmp_path, page):
+    """The page's session is on a device that stops answering: the page in Firefox makes a session the same way (on the
+    server's other device), goes on from the old one's motion, shows it and deletes the old one (test_browser.py's case,
+    in Firefox)."""
+    gate = threading.Event()
+
+    async def main():
+        async with two_device_server(tiny_pipeline, second_pipeline) as srv, firefox(tmp_path / "profile") as ff:
+            await ff.goto(f"{srv.url}/?autostart=1&source=none" if page == "index" else f"{srv.url}/overlay")
+            await ff.wait_for("window.letstalk?.frames?.frames > 25", 30, "the avatar's frames")
+            ((old_id, _),) = srv.manager.sessions.items()
+            hung = srv.engine.sessions[old_id].engine
+            hang(hung, gate)  # a device that stopped answering
+            await wait_until(lambda: list(srv.manager.sessions) not in ([], [old_id]), 30, "the page's new session")
+            await wait_until(lambda: old_id not in srv.manager.sessions, 10, "the old session deleted")
+            (new_id,) = srv.manager.sessions
+            placed = srv.engine.sessions[new_id].engine
+            shown = await ff.evaluate("window.letstalk.frames.frames")
+            await ff.wait_for(f"window.letstalk.frames.frames > {shown + 25}", 20, "frames of the new session")
+            text = await ff.evaluate("(document.getElementById('log') || document.getElementById('error')).innerText")
+            gate.set()
+            return old_id, new_id, placed is not hung, text
+
+    try:
+        old_id, new_id, elsewhere, text = run(main())
+    finally:
+        gate.set()
+    assert new_id != old_id and elsewhere
+    if page == "index":
+        assert f"moved to session {new_id} device_hung" in text and "going on from its motion" in text, text
+    else:
+        assert text == "", text  # no error left on the overlay
