@@ -205,16 +205,17 @@ def test_firefox_page_shows_the_talking_avatar(tiny_pipeline, tmp_path, astronau
             later = await ff.evaluate("window.letstalk.conn.stats()")
             frames_later = await ff.evaluate("window.letstalk.frames.frames")
             (session,) = srv.manager.sessions.values()
-            generated = session.session.stats()["frames_generated"]
+            # the model made frames of this session, not only the track repeating one: counted against a deadline,
+            # not a time, as a loaded machine generates fewer frames a second (the track keeps 25)
+            await wait_until(lambda: session.session.stats()["frames_generated"] > 50, 30, "50 generated frames")
             await ff.click("#stop")
             await wait_until(lambda: not srv.manager.sessions, 10, "Stop to delete the session")
-            return speaks, log, size, first, later, frames_first, frames_later, snaps, generated
+            return speaks, log, size, first, later, frames_first, frames_later, snaps
 
-    speaks, log, size, first, later, frames_first, frames_later, snaps, generated = run(main())
+    speaks, log, size, first, later, frames_first, frames_later, snaps = run(main())
     assert size == [side, side] and later["video"]["frameWidth"] == side
     assert frames_later - frames_first >= 30  # ~25 a second for the 2.4 s of snapshots
     assert later["audio"]["packetsReceived"] > first["audio"]["packetsReceived"] > 0
-    assert generated > 50  # the model made them, not the track repeating one
     if speaks:
         assert later["audio"]["totalAudioEnergy"] > 0  # the speech, said back
         assert max(int(np.abs(a - b).sum()) for a, b in zip(snaps, snaps[1:])) > 0, "the mouth region never changed"
