@@ -566,7 +566,7 @@ def test_on_a_server_an_error_the_server_reports_is_said_and_the_session_goes_on
 
     speech = speechlike(1.2, rate=TTS_RATE, seed=5)
     _, up, pushed, _, _ = _through_server(tiny_pipeline, [SleepFrame(sleep=1.0), *_tts_frames(speech),
-                                                          SleepFrame(sleep=3.0)], refuse_first)
+                                                          SleepFrame(sleep=4.0)], refuse_first)
     (error,) = [f for f in up if isinstance(f, ErrorFrame)]
     assert not error.fatal and "audio_rejected: refused by this test" in error.error
     kinds = [type(f) for _, f in pushed]
