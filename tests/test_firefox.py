@@ -26,7 +26,7 @@ import aiohttp
 import numpy as np
 import pytest
 from server_helpers import cut_network, hang, run, running_server, two_device_server, wait_until
-from test_browser import MOUTH_SNAPSHOT_JS, _write_wav
+from test_browser import APP_PAGE, MOUTH_SNAPSHOT_JS, _write_wav
 
 FIREFOX = shutil.which("firefox-esr") or shutil.which("firefox")
 
@@ -302,3 +302,37 @@ def test_a_firefox_page_whose_device_hung_moves_to_a_new_session_and_the_avatar_
         assert f"moved to session {new_id} device_hung" in text and "going on from its motion" in text, text
     else:
         assert text == "", text  # no error left on the overlay
+
+
+def test_a_firefox_page_of_another_origin_uses_the_server_it_allows(tiny_pipeline, tmp_path):
+    """--cors-origin: a page of another origin (an app's own web server) imports app.js from the avatar server in
+    Firefox, creates a session (Firefox's preflights answered), connects over WebRTC, shows the avatar, and its close
+    deletes the session (test_browser.py's case, in Firefox, whose CORS checks are its own)."""
+    from aiohttp import web
+
+    async def main():
+        async def page(request):
+            return web.Response(text=APP_PAGE, content_type="text/html")
+
+        app = web.Application()
+        app.router.add_get("/", page)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        origin = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        try:
+            async with running_server(tiny_pipeline, cors_origins=[origin], api_key=None) as srv, \
+                    firefox(tmp_path / "profile") as ff:
+                await ff.goto(f"{origin}/?server={srv.url}")
+                await ff.wait_for("window.app !== undefined", 30, "the page's module")
+                error = await ff.evaluate("window.app.error || null")
+                assert error is None, error
+                await ff.wait_for("window.app.frames.frames > 10", 30, "the avatar's frames")
+                assert len(srv.manager.sessions) == 1
+                await ff.evaluate("window.app.conn.close()")
+                await wait_until(lambda: not srv.manager.sessions, 10, "the page's close to delete the session")
+        finally:
+            await runner.cleanup()
+
+    run(main())
