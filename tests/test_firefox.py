@@ -40,6 +40,8 @@ PREFS = {
     "browser.shell.checkDefaultBrowser": False,
     "datareporting.policy.dataSubmissionEnabled": False,
     "app.update.disabledForTesting": True,
+    "network.captive-portal-service.enabled": False,  # no requests of its own to the internet
+    "network.connectivity-service.enabled": False,
 }
 
 
@@ -119,9 +121,11 @@ async def firefox(profile: Path, **prefs):
                                              for k, v in {**PREFS, **prefs}.items()))
     port = _free_port()
     env = {**os.environ, "MOZ_HEADLESS": "1"}
-    proc = subprocess.Popen([FIREFOX, "--headless", "--no-remote", "--profile", str(profile),
-                             "--remote-debugging-port", str(port), "about:blank"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = profile.parent / "firefox.log"  # (a file: a pipe nobody reads would fill and stop Firefox)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([FIREFOX, "--headless", "--no-remote", "--profile", str(profile),
+                                 "--remote-debugging-port", str(port), "about:blank"], env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
     try:
         async with aiohttp.ClientSession() as http:
             ws = None
@@ -130,7 +134,7 @@ async def firefox(profile: Path, **prefs):
                     ws = await http.ws_connect(f"ws://127.0.0.1:{port}/session")
                     break
                 except aiohttp.ClientError:
-                    assert proc.poll() is None, f"Firefox exited: {proc.stderr.read()[-2000:]}"
+                    assert proc.poll() is None, f"Firefox exited: {log.read_text(errors='replace')[-2000:]}"
                     await asyncio.sleep(0.1)
             assert ws is not None, "Firefox's WebDriver BiDi server never answered"
             browser = Firefox(ws)
