@@ -335,6 +335,11 @@ def test_a_page_whose_connection_goes_silent_reconnects_and_the_avatar_goes_on(t
 
     size, text, sessions = run(main())
     assert size == [32, 32] and sessions == 1  # the same session, shown again
+    assert_reconnected(page, text)
+
+
+def assert_reconnected(page: str, text: str) -> None:
+    """`text`, the index page's log or the overlay's error line once its silent connection was replaced, says so."""
     if page == "index":
         assert "reconnecting" in text and "no media for 2 s" in text and "reconnected" in text, text
     else:
@@ -387,6 +392,11 @@ def test_a_page_whose_device_hung_moves_to_a_new_session_and_the_avatar_goes_on(
         gate.set()
     assert new_id != old_id and elsewhere
     assert closed["moved_to"]["session_id"] == new_id and closed["moved_to"]["token"]
+    assert_moved(page, text, new_id)
+
+
+def assert_moved(page: str, text: str, new_id: str) -> None:
+    """`text`, the index page's log or the overlay's error line once it moved off a hung device, says so."""
     if page == "index":
         assert "session_ending" in text and f"moved to session {new_id} device_hung" in text, text
         assert "going on from its motion" in text, text  # the new session went on from the old one's frames
