@@ -126,6 +126,7 @@ async def firefox(profile: Path, **prefs):
         proc = subprocess.Popen([FIREFOX, "--headless", "--no-remote", "--profile", str(profile),
                                  "--remote-debugging-port", str(port), "about:blank"], env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
+    closed = False
     try:
         async with aiohttp.ClientSession() as http:
             ws = None
@@ -146,13 +147,14 @@ async def firefox(profile: Path, **prefs):
             finally:
                 with contextlib.suppress(Exception):
                     await browser.call("browser.close", {}, timeout=10)
+                    closed = True
                 await ws.close()
-    finally:
+    finally:  # (off the loop: the server under test runs on it)
         try:
-            proc.wait(timeout=10)
+            await asyncio.to_thread(proc.wait, 10 if closed else 0.1)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait()
+            await asyncio.to_thread(proc.wait)
 
 
 AUDIO_RUNS_JS = """new Promise((resolve) => {

@@ -263,7 +263,7 @@ export async function fileToStream(file, { loop = false, autoplay = false } = {}
       + "is not being sent: a browser holds it until you click the page (click it), and Firefox on a machine with no "
       + "sound output device (connect one, or use Chromium)");
   };
-  if (autoplay) play().catch(() => {});
+  if (autoplay) play().catch((e) => console.warn(e.message)); // (call play() yourself to be told)
   return {
     stream: dest.stream,
     play,
