@@ -368,12 +368,7 @@ def test_a_page_whose_device_hung_moves_to_a_new_session_and_the_avatar_goes_on(
             ((old_id, old),) = srv.manager.sessions.items()
             events = await http.get(f"{srv.url}/v1/sessions/{old_id}/events",
                                     headers={"Authorization": f"Bearer {old.token}"})
-            hung = srv.engine.sessions[old_id].engine
-            hang(hung, gate)  # a device that stopped answering
-            await wait_until(lambda: list(srv.manager.sessions) not in ([], [old_id]), 30, "the page's new session")
-            await wait_until(lambda: old_id not in srv.manager.sessions, 10, "the old session deleted")
-            (new_id,) = srv.manager.sessions
-            placed = srv.engine.sessions[new_id].engine
+            new_id, elsewhere = await hang_until_moved(srv, old_id, gate)
             shown = await tab.evaluate("window.letstalk.frames.frames")
             await tab.wait_for_function(f"window.letstalk.frames.frames > {shown + 25}", timeout=20000)
             text = await tab.evaluate("(document.getElementById('log') || document.getElementById('error'))"
@@ -384,7 +379,7 @@ def test_a_page_whose_device_hung_moves_to_a_new_session_and_the_avatar_goes_on(
                     break
             events.close()
             gate.set()
-            return old_id, new_id, placed is not hung, text, closed
+            return old_id, new_id, elsewhere, text, closed
 
     try:
         old_id, new_id, elsewhere, text, closed = run(main())
@@ -393,6 +388,17 @@ def test_a_page_whose_device_hung_moves_to_a_new_session_and_the_avatar_goes_on(
     assert new_id != old_id and elsewhere
     assert closed["moved_to"]["session_id"] == new_id and closed["moved_to"]["token"]
     assert_moved(page, text, new_id)
+
+
+async def hang_until_moved(srv, old_id: str, gate) -> tuple[str, bool]:
+    """Hang the device of a page's session `old_id` (until `gate`) and wait for the page to move: its new session's
+    id, and whether it is on another device."""
+    hung = srv.engine.sessions[old_id].engine
+    hang(hung, gate)  # a device that stopped answering
+    await wait_until(lambda: list(srv.manager.sessions) not in ([], [old_id]), 30, "the page's new session")
+    await wait_until(lambda: old_id not in srv.manager.sessions, 10, "the old session deleted")
+    (new_id,) = srv.manager.sessions
+    return new_id, srv.engine.sessions[new_id].engine is not hung
 
 
 def assert_moved(page: str, text: str, new_id: str) -> None:

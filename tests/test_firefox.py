@@ -25,8 +25,8 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 import pytest
-from server_helpers import cut_network, hang, run, running_server, two_device_server, wait_until
-from test_browser import APP_PAGE, MOUTH_SNAPSHOT_JS, _write_wav, assert_moved, assert_reconnected
+from server_helpers import cut_network, run, running_server, two_device_server, wait_until
+from test_browser import APP_PAGE, MOUTH_SNAPSHOT_JS, _write_wav, assert_moved, assert_reconnected, hang_until_moved
 
 FIREFOX = shutil.which("firefox-esr") or shutil.which("firefox")
 
@@ -284,17 +284,12 @@ def test_a_firefox_page_whose_device_hung_moves_to_a_new_session_and_the_avatar_
             await ff.goto(f"{srv.url}/?autostart=1&source=none" if page == "index" else f"{srv.url}/overlay")
             await ff.wait_for("window.letstalk?.frames?.frames > 25", 30, "the avatar's frames")
             ((old_id, _),) = srv.manager.sessions.items()
-            hung = srv.engine.sessions[old_id].engine
-            hang(hung, gate)  # a device that stopped answering
-            await wait_until(lambda: list(srv.manager.sessions) not in ([], [old_id]), 30, "the page's new session")
-            await wait_until(lambda: old_id not in srv.manager.sessions, 10, "the old session deleted")
-            (new_id,) = srv.manager.sessions
-            placed = srv.engine.sessions[new_id].engine
+            new_id, elsewhere = await hang_until_moved(srv, old_id, gate)
             shown = await ff.evaluate("window.letstalk.frames.frames")
             await ff.wait_for(f"window.letstalk.frames.frames > {shown + 25}", 20, "frames of the new session")
             text = await ff.evaluate("(document.getElementById('log') || document.getElementById('error')).innerText")
             gate.set()
-            return old_id, new_id, placed is not hung, text
+            return old_id, new_id, elsewhere, text
 
     try:
         old_id, new_id, elsewhere, text = run(main())
