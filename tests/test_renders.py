@@ -156,11 +156,11 @@ def test_an_unpaced_session_shows_frames_as_soon_as_they_are_made_and_leaves_a_l
     # as soon as they are made: a window's frames come together (on a clock they would come a tick, 40 ms, apart). How
     # much faster than real time depends on the room the machine has: docs/benchmarks.md "Renders faster than real time"
     assert np.mean(gaps < 0.01) > 0.6, np.round(gaps, 3)  # (3 of each window's 4 frames; 0 on a clock)
+    assert (2 in batches) == bool(free_rows)  # it rode in the live one's batches only where that was free
     skip_if_busy(share, cpu_share())  # (what follows needs a machine with room for both)
     # the live one kept its clock meanwhile: a held frame or 2 at its start, a few more in a slow spell of a shared VM
     # (11 of ~90 once in CI); one the render starved would hold about as many frames as the render took to make
     assert live_pace > 0.9 and live_held <= max(2, 0.15 * live_ticks), (live_held, live_ticks)
-    assert (2 in batches) == bool(free_rows)  # it rode in the live one's batches only where that was free
 
 
 def test_an_unpaced_window_runs_alone_only_where_a_live_windows_deadline_leaves_room_for_both(tiny_pipeline):
