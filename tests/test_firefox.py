@@ -331,3 +331,26 @@ def test_a_firefox_page_of_another_origin_uses_the_server_it_allows(tiny_pipelin
             await runner.cleanup()
 
     run(main())
+
+
+@pytest.mark.parametrize("page", ["index", "overlay"])
+def test_a_firefox_with_webrtc_turned_off_is_told_so_and_no_session_is_made(tiny_pipeline, tmp_path, page):
+    """media.peerconnection.enabled false (privacy settings and extensions set it): the page says that the browser
+    has no WebRTC and how to turn it on, in place of Firefox's "RTCPeerConnection is not defined", and makes no session
+    on the server for nothing (it made one, then failed)."""
+    async def main():
+        async with running_server(tiny_pipeline) as srv, \
+                firefox(tmp_path / "profile", **{"media.peerconnection.enabled": False}) as ff:
+            await ff.goto(f"{srv.url}/?autostart=1&source=none" if page == "index" else f"{srv.url}/overlay")
+            box = "log" if page == "index" else "error"
+            await ff.wait_for(f"document.getElementById('{box}').innerText.includes('WebRTC')", 30,
+                              "the page to say it")
+            text = await ff.evaluate(f"document.getElementById('{box}').innerText")
+            await asyncio.sleep(0.5)
+            return text, srv.manager.metrics.sessions_total
+
+    text, made = run(main())
+    assert "this browser cannot show the avatar live: it has no WebRTC" in text, text
+    assert "media.peerconnection.enabled" in text and "RTCPeerConnection is not defined" not in text, text
+    assert ('"Make a clip" works without it' in text) == (page == "index"), text
+    assert made == 0

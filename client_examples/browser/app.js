@@ -57,6 +57,18 @@ export async function microphone(constraints = { audio: true }) {
   }
 }
 
+// Why this browser cannot show the avatar live, or null when it can: the avatar comes over WebRTC, which a browser may
+// lack (a WebKitGTK or embedded web view built without it) or have turned off (Firefox's media.peerconnection.enabled,
+// which privacy settings and extensions turn off). Asked before a session is made, so none is made for nothing; the
+// browser's own words were only "RTCPeerConnection is not defined" (Firefox) or "Can't find variable:
+// RTCPeerConnection" (WebKit), after the session was made.
+export function webrtcMissing() {
+  if (typeof RTCPeerConnection === "function") return null;
+  return "this browser cannot show the avatar live: it has no WebRTC (RTCPeerConnection), turned off or not built in "
+    + "(in Firefox, media.peerconnection.enabled in about:config, which some privacy settings and extensions turn "
+    + "off): turn it on, or open the page in a current Chrome, Edge, Firefox or Safari";
+}
+
 // An API path as a URL on the server.
 export function apiUrl(path) {
   return sameOrigin(path);
@@ -407,6 +419,8 @@ export class AvatarConnection {
   // viewer: watch only, as one more viewer of the session (POST .../viewers), beside the peer connection of the
   // client that drives it: no websocket, nothing sent; close() then frees this viewer, not the session.
   async _start({ audioStream = null, receiveAudio = true, websocket = true, relay = false, viewer = false } = {}) {
+    const missing = webrtcMissing();
+    if (missing) throw new Error(missing);
     const pc = new RTCPeerConnection({
       iceServers: await this._iceServers(),
       iceTransportPolicy: relay ? "relay" : "all",
