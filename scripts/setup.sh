@@ -8,7 +8,8 @@
 #                                  --server` with its devices ([devices]; through apt libportaudio2, PortAudio)
 #   bash scripts/setup.sh --dev    also the test dependencies: pytest, playwright (python only; it drives
 #                                  Debian's chromium) and, through apt when we are root or have sudo,
-#                                  chromium and firefox-esr (browser tests), espeak-ng (synthetic corpus tests), g++
+#                                  chromium, firefox-esr, and webkit2gtk-driver with xvfb (browser tests: WebKit
+#                                  is Safari's engine), espeak-ng (synthetic corpus tests), g++
 #                                  (torch.compile: --compile and its test), coturn (a TURN server: the
 #                                  tests of connecting through a relay) and libportaudio2 (PortAudio: the
 #                                  microphone and speaker tests of `letstalk camera`)
@@ -58,6 +59,8 @@ fi
 if [ "$mode" = --dev ]; then
   [ -x /usr/bin/chromium ] || apt_pkgs="$apt_pkgs chromium"
   command -v firefox-esr >/dev/null 2>&1 || command -v firefox >/dev/null 2>&1 || apt_pkgs="$apt_pkgs firefox-esr"
+  command -v WebKitWebDriver >/dev/null 2>&1 || apt_pkgs="$apt_pkgs webkit2gtk-driver"  # WebKit (Safari's engine)
+  command -v xvfb-run >/dev/null 2>&1 || apt_pkgs="$apt_pkgs xvfb"  # ... needs a display
   command -v g++ >/dev/null 2>&1 || apt_pkgs="$apt_pkgs g++"
   command -v turnserver >/dev/null 2>&1 || apt_pkgs="$apt_pkgs coturn"
   command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || apt_pkgs="$apt_pkgs nginx"
