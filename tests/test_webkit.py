@@ -143,10 +143,10 @@ async def _skip_if_webrtc(wk: WebKit) -> None:
 
 def test_the_page_in_webkit_without_webrtc_says_so_and_makes_a_clip_of_an_audio_file(tiny_pipeline, tmp_path,
                                                                                    astronaut_png):
-    """index.html in WebKit without WebRTC: the page says at once that this browser cannot show the avatar live and
-    what to do, and Start says it again without making a session; "Make a clip" of a photo and an audio file chosen
-    in the page uploads both, waits for the server's video and shows it, and WebKit plays it: the model's size, the speech's length,
-    its time going on."""
+    """index.html in WebKit without WebRTC: the page says at once that this browser cannot show the avatar live and what
+    to do, and Start says it again without making a session; "Make a clip" of a photo and an audio file chosen in the
+    page uploads both, waits for the server's video and shows it, and WebKit plays it: the model's size, the speech's
+    length, its time going on."""
     wav = tmp_path / "speech.wav"
     _write_wav(wav, 3.0)
 
@@ -197,7 +197,8 @@ def test_the_overlay_in_webkit_without_webrtc_says_so(tiny_pipeline, tmp_path):
         async with running_server(tiny_pipeline) as srv, webkit(tmp_path) as wk:
             await wk.goto(f"{srv.url}/overlay")
             await _skip_if_webrtc(wk)
-            await wk.wait_for("document.getElementById('error').innerText.includes('WebRTC')", 30, "the overlay to say it")
+            await wk.wait_for("document.getElementById('error').innerText.includes('WebRTC')", 30,
+                              "the overlay to say it")
             await asyncio.sleep(0.5)
             return await wk.evaluate("document.getElementById('error').innerText"), srv.manager.metrics.sessions_total
 
