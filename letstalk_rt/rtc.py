@@ -5,6 +5,7 @@ from __future__ import annotations
 import fractions
 import ipaddress
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.mediastreams import MediaStreamError
 from aiortc.rtcicetransport import parse_stun_turn_uri
 from aiortc.sdp import SessionDescription
+from aiortc.utils import uint16_add
 
 log = logging.getLogger(__name__)
 
@@ -132,20 +134,81 @@ def sent_codec(sdp: str, kind: str) -> str | None:
     return None
 
 
+AUDIO_REORDER = 2  # a lost audio packet is given up once the packet this many after it has come (a packet reordered
+# past the next one is rare; each one waited for is 20 ms of latency)
+VIDEO_GAP_S = 0.5  # a lost video packet is given up after this long (its retransmission, asked for by NACK, did not
+# come: the sender no longer had it, or it was lost too), and a key frame asked for (PLI)
+
+
 class FrameAtOnceJitterBuffer(JitterBuffer):
-    """aiortc's jitter buffer, handing each frame over as soon as its last packet is in.
+    """aiortc's jitter buffer, handing each frame over as soon as its last packet is in, and giving a lost packet up.
 
     aiortc's own knows a frame is whole only once the first packet of the next one arrives, which holds every frame
     back one frame interval (40 ms of video at 25 fps, 20 ms of audio), and its audio buffer waits for 4 whole frames
     (80 ms in all). It plays nothing out by time, so the waits buy no smoothing: packets come out in order either way,
-    reordered ones are put back in order either way, and a lost one holds the rest back until the buffer overflows
-    either way. Here an audio packet is a whole frame (one RTP packet per Opus frame) and a video frame ends with the
-    packet carrying the RTP marker bit (RFC 7741 for VP8, RFC 6184 for H.264; aiortc's sender and browsers set it);
-    a frame whose marker never came is handed over when the next one starts, as aiortc does.
+    reordered ones are put back in order either way. Here an audio packet is a whole frame (one RTP packet per Opus
+    frame) and a video frame ends with the packet carrying the RTP marker bit (RFC 7741 for VP8, RFC 6184 for H.264;
+    aiortc's sender and browsers set it); a frame whose marker never came is handed over when the next one starts, as
+    aiortc does.
 
-    Like aiortc's, it hands over at most one frame per packet that arrives: a reorder leaves it one frame behind
-    (where aiortc's always is) until a frame of several packets catches it up, and frames that queued behind a lost
-    packet it waited for stay queued (aiortc's too: that is a receiver's limit, not the buffer's)."""
+    A lost packet: aiortc's waits for it until the buffer overflows, 16 packets of audio (320 ms), 512 of video
+    (seconds), and then hands over one frame per packet that arrives, so the frames queued behind the loss stay queued:
+    one lost audio packet left every later one 300 ms late for the rest of the call (a microphone's speech reached the
+    avatar later, and the SDK's audio, with the frames that wait for it, fell behind). Here a lost audio packet is given
+    up once AUDIO_REORDER packets after it have come, a video packet after VIDEO_GAP_S (the frame it was in is dropped
+    and a key frame asked for), and `deliver` (the receiver's decoder queue, `release_frames_at_once`) takes the frames
+    that were waiting behind it at once. Without `deliver` one frame goes per packet, as in aiortc: a lost audio packet
+    then leaves the later ones AUDIO_REORDER - 1 packets late (20 ms)."""
+
+    def __init__(self, capacity: int, is_video: bool = False, deliver=None) -> None:
+        super().__init__(capacity, is_video=is_video)
+        self._deliver = deliver  # (frame, payload type): hands a whole frame to the decoder, in order
+        self._gap_since: float | None = None  # video: when a packet after a missing one at the origin first came
+
+    def add(self, packet):  # type: ignore[override]
+        pli, frame = super().add(packet)
+        if frame is None and self._origin is not None and self._packets[self._origin % self.capacity] is None:
+            ahead = uint16_add(packet.sequence_number, -self._origin)  # the packet that came, past the gap
+            if 0 < ahead < self.capacity and self._packets[packet.sequence_number % self.capacity] is packet:
+                if self._gave_up(ahead):
+                    self._skip_gap(packet.sequence_number)
+                    pli = pli or self._is_video
+                    frame = self._remove_frame(packet.sequence_number)
+        else:
+            self._gap_since = None
+        if frame is None or self._deliver is None:
+            return pli, frame
+        while frame is not None:  # after a gap several may be whole: all of them now
+            self._deliver(frame, packet.payload_type)
+            frame = self._remove_frame(packet.sequence_number)
+        return pli, None
+
+    def _gave_up(self, ahead: int) -> bool:
+        if not self._is_video:
+            return ahead >= AUDIO_REORDER
+        now = time.monotonic()
+        if self._gap_since is None:
+            self._gap_since = now
+        return now - self._gap_since >= VIDEO_GAP_S
+
+    def _skip_gap(self, newest: int) -> None:
+        """Drop the missing packets at the origin, up to packet `newest` at most; video, also the rest of the frame a
+        packet after a missing one belongs to, and so on past any other gap (frames until the key frame asked for
+        do not decode anyway: they refer to the one lost)."""
+        self._gap_since = None
+        broken: int | None = None  # video: the timestamp of the frame being dropped
+        after_gap = False
+        while self._origin != uint16_add(newest, 1):
+            packet = self._packets[self._origin % self.capacity]
+            if packet is None:
+                after_gap = True
+            elif not self._is_video:
+                break
+            elif after_gap:
+                broken, after_gap = packet.timestamp, False
+            elif packet.timestamp != broken:
+                break
+            self.remove(1)
 
     def _remove_frame(self, sequence_number: int) -> JitterFrame | None:
         packets = []
@@ -164,10 +227,31 @@ class FrameAtOnceJitterBuffer(JitterBuffer):
         return JitterFrame(data=b"".join(p._data for p in packets), timestamp=packets[0].timestamp)
 
 
+def _decoder_of(receiver):
+    """What aiortc's receiver does with a whole frame its jitter buffer hands over (the frame's RTP timestamp mapped
+    to its track's, the frame put on the decoder thread's queue), as a function of (frame, payload type) that the
+    buffer calls itself, for the frames a lost packet held back (`FrameAtOnceJitterBuffer`); None where the receiver's
+    private fields are not as this aiortc's."""
+    fields = [getattr(receiver, f"_RTCRtpReceiver__{name}", None) for name in ("decoder_queue", "timestamp_mapper",
+                                                                              "codecs")]
+    queue, mapper, codecs = fields
+    if not (hasattr(queue, "put") and hasattr(mapper, "map") and isinstance(codecs, dict)):
+        return None
+
+    def deliver(frame: JitterFrame, payload_type: int) -> None:
+        codec = codecs.get(payload_type)
+        if codec is not None and getattr(receiver, "_RTCRtpReceiver__decoder_thread", None) is not None:
+            frame.timestamp = mapper.map(frame.timestamp)
+            queue.put((codec, frame))
+
+    return deliver
+
+
 def release_frames_at_once(pc: RTCPeerConnection, track) -> bool:
     """Let the receiver of `track` (a track `pc` receives, before its first packet) hand each frame over as soon as it
     is whole (`FrameAtOnceJitterBuffer`): 80 ms less on every audio packet, 40 ms on every video frame
-    (`letstalk bench --webrtc` measured both). The server's engine keeps its own pace and deadlines; an application
+    (`letstalk bench --webrtc` measured both); and a lost packet held the rest back no more than AUDIO_REORDER packets
+    of audio, VIDEO_GAP_S of video. The server's engine keeps its own pace and deadlines; an application
     that plays the SDK's media has its own output buffer. aiortc has no setting for it: this replaces the receiver's
     private buffer, and where a version has none (or it already holds packets) leaves the receiver as it is
     (False)."""
@@ -176,8 +260,8 @@ def release_frames_at_once(pc: RTCPeerConnection, track) -> bool:
             buffer = getattr(receiver, JITTER_BUFFER, None)
             if (type(buffer) is JitterBuffer and getattr(buffer, "_origin", 0) is None
                     and isinstance(getattr(buffer, "_is_video", None), bool)):
-                setattr(receiver, JITTER_BUFFER,
-                        FrameAtOnceJitterBuffer(capacity=buffer.capacity, is_video=buffer._is_video))
+                setattr(receiver, JITTER_BUFFER, FrameAtOnceJitterBuffer(
+                    capacity=buffer.capacity, is_video=buffer._is_video, deliver=_decoder_of(receiver)))
                 return True
     return False
 

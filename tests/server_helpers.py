@@ -516,6 +516,44 @@ def cut_network(pc) -> int:
     return cut
 
 
+class LosePackets:
+    """Incoming RTP packets of one kind that a peer connection never gets (a lossy Wi-Fi or cellular link): `count`
+    of them, one each `every` packets of that kind (`lose_packets`). `lost`: the sequence numbers lost so far."""
+
+    def __init__(self, pc, kind: str, count: int, every: int) -> None:
+        sdp = pc.remoteDescription.sdp
+        section = sdp.split(f"m={kind} ", 1)[1].split("\nm=", 1)[0]
+        self.payload_types = {int(pt) for pt in re.findall(r"a=rtpmap:(\d+) ", section)}
+        self.count, self.every, self.seen, self.lost = count, every, 0, []
+
+    def drops(self, data: bytes) -> bool:
+        if len(data) < 12 or not 128 <= data[0] < 192 or 192 <= data[1] <= 223:  # not RTP (RTCP, DTLS, STUN)
+            return False
+        if data[1] & 0x7F not in self.payload_types or len(self.lost) >= self.count:
+            return False
+        self.seen += 1
+        if self.seen % self.every:
+            return False
+        self.lost.append(int.from_bytes(data[2:4], "big"))
+        return True
+
+
+def lose_packets(pc, kind: str, count: int = 3, every: int = 50) -> LosePackets:
+    """Make `pc` lose `count` incoming RTP packets of `kind` ("audio", "video"), one each `every` of them, from now
+    on (its RTP header is in the clear under SRTP); what it receives otherwise is untouched."""
+    loss = LosePackets(pc, kind, count, every)
+    connection = pc.getTransceivers()[0].receiver.transport.transport._connection  # the aioice connection under ICE
+    for protocol in connection._protocols:
+        received = protocol.datagram_received
+
+        def datagram_received(data, addr, received=received):
+            if not loss.drops(data):
+                received(data, addr)
+
+        protocol.datagram_received = datagram_received
+    return loss
+
+
 async def stream_one_session(client, what: str) -> dict:
     """Through an SDK `client`: a session started, connected, ten frames received, a ping answered on its websocket,
     closed. Returns the session's info as the server answered it."""

@@ -399,6 +399,9 @@ def test_released_receivers_hand_each_frame_over_as_soon_as_it_is_whole():
         assert not release_frames_at_once(servers[0], tracks[0])  # already released
         buffers = [{r.track.kind: getattr(r, "_RTCRtpReceiver__jitter_buffer") for r in pc.getReceivers()}
                    for pc in servers]
+        for buffer in buffers[0].values():  # released: it puts frames on the receiver's decoder queue itself ...
+            assert buffer._deliver is not None
+            buffer._deliver = None  # ... here handed back from add(), as aiortc's are, to be compared
         got = [(handed_over(b["audio"], audio), handed_over(b["video"], video)) for b in buffers]
         for pc in [client, *servers]:
             await pc.close()
@@ -411,3 +414,81 @@ def test_released_receivers_hand_each_frame_over_as_soon_as_it_is_whole():
                               (14400, b"g"), (18000, b"h"), (21600, b"i"), (25200, b"j"), (28800, b"kl")]
     assert video_default == [None, None, (0, b"ab"), None, (3600, b"c"), (7200, b"de"), (10800, b"f"),
                              None, (14400, b"g"), (18000, b"h"), (21600, b"i"), (25200, b"j")]
+
+
+def _rtp(seq: int, timestamp: int, marker: int = 1):
+    from aiortc.rtp import RtpPacket
+
+    p = RtpPacket(payload_type=111, sequence_number=seq, timestamp=timestamp, marker=marker)
+    p._data = seq.to_bytes(2, "big")  # the depayloaded payload, as aiortc's receiver sets it before buffering
+    return p
+
+
+def test_a_lost_audio_packet_holds_the_later_ones_back_only_until_it_is_given_up():
+    """One audio packet lost (a browser's microphone over Wi-Fi; the SDK's sound over a cellular link) left every later
+    packet 15 packets (300 ms) late for the rest of the call in aiortc's buffer and in ours: it waited for the lost
+    one until it overflowed, then handed over one packet per packet that came. Now it is given up once the packet 2
+    after it came, and the packets held behind it go to the decoder together: the latency comes back, each loss costs
+    at most 2 packets' wait, once; a packet reordered past the next one is still put back in order."""
+    from aiortc.jitterbuffer import JitterBuffer
+
+    from letstalk_rt.rtc import FrameAtOnceJitterBuffer
+
+    lost = {10, 40, 41, 70}
+    order = [seq for seq in range(120) if seq not in lost]
+    order[order.index(90)], order[order.index(91)] = 91, 90  # reordered
+    arrived_at = {seq: i for i, seq in enumerate(order)}
+    now = [0]
+
+    def released(buffer) -> list[tuple[int, int]]:  # (packet, arrivals it waited after its own), in the order out
+        out = []
+        for i, seq in enumerate(order):
+            now[0] = i
+            frame = buffer.add(_rtp(seq, seq * 960))[1]
+            if frame is not None:
+                out.append((int.from_bytes(frame.data, "big"), i))
+        return [(seq, i - arrived_at[seq]) for seq, i in out]
+
+    delivered = []
+    ours = FrameAtOnceJitterBuffer(capacity=16, deliver=lambda frame, pt: delivered.append((frame.data, now[0])))
+    assert released(ours) == []  # all through `deliver`, the receiver's decoder queue
+    ours_out = [(int.from_bytes(data, "big"), i - arrived_at[int.from_bytes(data, "big")]) for data, i in delivered]
+    aiortc_out = released(JitterBuffer(capacity=16, prefetch=4))
+    assert [seq for seq, _ in ours_out] == sorted(set(range(120)) - lost)  # every packet that came, in order
+    assert max(wait for _, wait in ours_out) <= 2
+    assert all(wait == 0 for seq, wait in ours_out if seq > 72 and seq not in (90, 91))  # the latency came back
+    assert all(wait >= 13 for _, wait in aiortc_out[20:])  # aiortc's: ~300 ms late from the first loss on
+    # without `deliver` (a receiver whose private fields differ): one frame per packet, so 1 packet (20 ms) late
+    assert all(wait <= 3 for _, wait in released(FrameAtOnceJitterBuffer(capacity=16)))
+
+
+def test_a_lost_video_packet_is_given_up_after_half_a_second_with_a_key_frame_asked_for(monkeypatch):
+    """A video packet lost for good (its NACKed retransmission lost too) held every later frame back until the buffer
+    overflowed, 512 packets: ~10 s of frozen video at two packets a frame. Now the frame it was in is dropped after
+    VIDEO_GAP_S, a key frame is asked for (PLI), and the frames after it go on at once; a packet retransmitted within
+    that time completes its frame as before."""
+    from letstalk_rt import rtc
+
+    clock = [0.0]
+    monkeypatch.setattr(rtc.time, "monotonic", lambda: clock[0])
+    out, plis = [], []
+    now = [0]
+    buffer = rtc.FrameAtOnceJitterBuffer(capacity=512, is_video=True,
+                                         deliver=lambda frame, pt: out.append((frame.timestamp // 3600, now[0])))
+    packets = [_rtp(seq, 3600 * (seq // 2), marker=seq % 2) for seq in range(80)]  # frames of two packets
+    arrivals = packets[:21] + packets[22:26] + [packets[21]] + packets[26:]  # 21 late: retransmitted (NACK)
+    for i, p in enumerate(arrivals):
+        clock[0], now[0] = i * 0.02, i
+        if p.sequence_number in (40, 41, 43):  # frame 20 lost whole, and frame 21's second packet, for good
+            continue
+        pli, frame = buffer.add(p)
+        plis.append(pli)
+        assert frame is None  # all through `deliver`
+    frames = [f for f, _ in out]
+    # 10 completed by its retransmission; 20 and 21 dropped, and 22 (43 lost might have been its first packet)
+    assert frames == [f for f in range(40) if f not in (20, 21, 22)]
+    assert sum(plis) == 1  # one key frame asked for
+    waited = {f: (i - arrivals.index(packets[2 * f + 1])) * 0.02 for f, i in out}  # after its last packet came
+    given_up = (dict(out)[23] - arrivals.index(packets[42])) * 0.02  # after the first packet past the loss came
+    assert rtc.VIDEO_GAP_S <= given_up <= rtc.VIDEO_GAP_S + 0.04  # frames behind the loss waited until then ...
+    assert waited[23] > 0.3 and all(w == 0 for f, w in waited.items() if f > 23 + given_up * 25)  # ... then none

@@ -22,6 +22,7 @@ from server_helpers import (
     collect_media,
     cut_network,
     hang,
+    lose_packets,
     run,
     running_server,
     turn_server,
@@ -428,6 +429,40 @@ def test_sdk_reconnects_when_its_network_goes_and_its_iterators_go_on(tiny_pipel
     assert all(b > a for a, b in zip(audio_times, audio_times[1:]))
     assert len(frames) >= before + 50
 
+
+def test_audio_packets_lost_on_the_way_leave_the_sdks_sound_and_frames_no_later(tiny_pipeline):
+    """Audio packets lost on the way to the SDK (3, a second apart: a lossy mobile link): the sound after each comes as
+    soon after its media time as before, and so do the frames, which wait for their audio (`align`). aiortc's buffer,
+    and ours before, left all audio after the first loss 300 ms later for the rest of the call, and the frames with it
+    (`rtc.FrameAtOnceJitterBuffer`)."""
+    from letstalk_rt.client import AvatarClient
+
+    async def main():
+        async with running_server(tiny_pipeline) as srv, AvatarClient(srv.url) as client:
+            session = await client.start_session()
+            await session.connect()
+            frames, chunks, readers = collect_media(session, timed=True)
+            await wait_until(lambda: len(frames) >= 50, 20, "2 s of frames")
+            before = len(chunks), len(frames)
+            loss = lose_packets(session.pc, "audio", count=3, every=50)
+            await wait_until(lambda: len(loss.lost) == 3, 20, "3 audio packets lost")
+            after = len(chunks), len(frames)
+            await wait_until(lambda: len(frames) >= after[1] + 50, 20, "2 s of frames after the losses")
+            await session.close()
+            await asyncio.gather(*readers)
+            return frames, chunks, before, after, loss.lost
+
+    frames, chunks, before, after, lost = run(main())
+    assert all(b - a == 50 for a, b in zip(lost, lost[1:]))  # (sequence numbers: one lost in each 50)
+
+    def lag(items) -> float:  # the median of how long after its media time each came (the link's and the SDK's delay)
+        return float(np.median([item.received_at - item.time for item in items]))
+
+    for kind, items, start, end in (("audio", chunks, before[0], after[0]), ("video", frames, before[1], after[1])):
+        was, now = lag(items[start - 25:start]), lag(items[end + 25:])
+        assert now - was < 0.1, f"{kind}: {1000 * (now - was):.0f} ms later after the losses"
+    times = [c.time for c in chunks]
+    assert all(b > a for a, b in zip(times, times[1:]))  # in order, none twice
 
 async def _watch(session, **connect) -> tuple[list[dict], list, list[asyncio.Task]]:
     """Connect an SDK session and read it (the move tests): its events as they come, its timed frames (and audio), once
