@@ -45,7 +45,26 @@ PREFS = {
 }
 
 
-class Firefox:
+class Tab:
+    """What the browser tests ask of a tab, over whichever protocol drives it (`evaluate`)."""
+
+    async def evaluate(self, expression: str):
+        raise NotImplementedError
+
+    async def wait_for(self, expression: str, timeout: float, what: str) -> None:
+        """Until the JS `expression` is true; AssertionError naming `what`, with what the page says, after `timeout`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        check = f"(() => {{ try {{ return !!({expression}); }} catch (e) {{ return false; }} }})()"
+        while not await self.evaluate(check):
+            if loop.time() > deadline:
+                text = await self.evaluate("(document.getElementById('log') || document.getElementById('error'))"
+                                           "?.innerText")
+                raise AssertionError(f"timed out after {timeout} s waiting for {what}; the page says: {text!r}")
+            await asyncio.sleep(0.1)
+
+
+class Firefox(Tab):
     """One headless Firefox and its first tab, over WebDriver BiDi."""
 
     def __init__(self, ws: aiohttp.ClientWebSocketResponse):
@@ -95,16 +114,6 @@ class Firefox:
             "type": "pointer", "id": "mouse", "actions": [
                 {"type": "pointerMove", "x": 0, "y": 0, "origin": origin},
                 {"type": "pointerDown", "button": 0}, {"type": "pointerUp", "button": 0}]}]})
-
-    async def wait_for(self, expression: str, timeout: float, what: str) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        check = f"(() => {{ try {{ return !!({expression}); }} catch (e) {{ return false; }} }})()"
-        while not await self.evaluate(check):
-            if loop.time() > deadline:
-                log = await self.evaluate("document.getElementById('log')?.innerText")
-                raise AssertionError(f"timed out after {timeout} s waiting for {what}; the page's log: {log!r}")
-            await asyncio.sleep(0.1)
 
 
 def _free_port() -> int:

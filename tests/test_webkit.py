@@ -27,7 +27,7 @@ import aiohttp
 import pytest
 from server_helpers import run, running_server
 from test_browser import _write_wav
-from test_firefox import _free_port
+from test_firefox import Tab, _free_port
 
 DRIVER = shutil.which("WebKitWebDriver")
 XVFB_RUN = shutil.which("xvfb-run")
@@ -38,7 +38,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs WebKitGTK's WebDriver and MiniBrowser, and Xvfb (apt-get install -y webkit2gtk-driver xvfb)")
 
 
-class WebKit:
+class WebKit(Tab):
     """One MiniBrowser window, over classic W3C WebDriver (HTTP)."""
 
     def __init__(self, http: aiohttp.ClientSession, base: str):
@@ -77,17 +77,6 @@ class WebKit:
     async def click(self, css: str) -> None:
         """Click the element `css` as a user (WebDriver's element click: the mouse, at its centre)."""
         await self.call("POST", f"/element/{await self._element(css)}/click", {})
-
-    async def wait_for(self, expression: str, timeout: float, what: str) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        check = f"(() => {{ try {{ return !!({expression}); }} catch (e) {{ return false; }} }})()"
-        while not await self.evaluate(check):
-            if loop.time() > deadline:
-                text = await self.evaluate("(document.getElementById('log') || document.getElementById('error'))"
-                                           "?.innerText")
-                raise AssertionError(f"timed out after {timeout} s waiting for {what}; the page says: {text!r}")
-            await asyncio.sleep(0.1)
 
 
 @contextlib.asynccontextmanager
