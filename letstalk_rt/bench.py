@@ -317,12 +317,14 @@ async def _feed(session, audio: np.ndarray, seconds: float) -> None:
 
 async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np.ndarray, portrait,
                        live: dict | None = None, seed: int = 0, webrtc: bool = False,
-                       peer_process: bool = False, full_frame: int = 0, record: bool = False) -> RunResult:
+                       peer_process: bool = False, full_frame: int = 0, record: bool = False, loss: float = 0.0
+                       ) -> RunResult:
     """n sessions for `seconds` (noise seeds seed, seed + 1, ...); `live`: EngineConfig fields (window, max_steps,
     catch_up_tempo ...). `webrtc`: each session through the server and a real WebRTC peer instead (bench_webrtc; the
     server's default avatar, its own seeds); `peer_process`: those peers in a process of their own. `full_frame`: the
     sessions' frames the whole photo, fit to this many px (0: the face crop). `record`: each session recorded to an
-    MP4 as it streams (in-process sessions only), the files deleted after."""
+    MP4 as it streams (in-process sessions only), the files deleted after. `loss`: with `webrtc`, the fraction of RTP
+    packets every receiver loses (bench_webrtc.lossy_receivers)."""
     from .stream import EngineConfig, StreamEngine
 
     if pipe.device.type == "cuda":
@@ -342,7 +344,7 @@ async def run_sessions(pipe: LetsTalkPipeline, n: int, seconds: float, audio: np
             if webrtc:
                 from .bench_webrtc import stream
 
-                sessions, received = await stream(engine, n, seconds, audio, peer_process, full_frame)
+                sessions, received = await stream(engine, n, seconds, audio, peer_process, full_frame, loss)
             else:
                 sessions = [await engine.open_session(portrait, seed=seed + i, full_frame=full_frame) for i in range(n)]
                 if record:
@@ -630,20 +632,21 @@ def spread(results: list[RunResult]) -> dict:
 def run_bench(pipe: LetsTalkPipeline, session_counts: list[int], seconds: float, audio: np.ndarray, portrait,
               json_path: Path | None = None, breakdown: bool = True, repeat: int = 1, live: dict | None = None,
               neighbours: tuple[int, float, float] = (0, 30.0, 60.0), seed: int = 0, webrtc: bool = False,
-              peer_process: bool = False, full_frame: int = 0, record: bool = False) -> dict:
+              peer_process: bool = False, full_frame: int = 0, record: bool = False, loss: float = 0.0) -> dict:
     """`live`: EngineConfig fields for every run (window, max_steps, catch_up_tempo ...). `neighbours`:
     (count, busy s, period s) of CPU-bound processes beside the engine for every run (busy_neighbours). `webrtc`:
     every session through the server and a real WebRTC peer (bench_webrtc); `peer_process`: the peers in a process of
     their own, not sharing the server's event loop (implies `webrtc`). `full_frame`: every session's frames the whole
-    photo, fit to this many px (0: the face crop). `record`: every session recorded as it streams (not with webrtc)."""
+    photo, fit to this many px (0: the face crop). `record`: every session recorded as it streams (not with webrtc).
+    `loss`: with `webrtc`, the fraction of RTP packets every receiver loses, at random (a lossy link)."""
     webrtc = webrtc or peer_process
     with busy_neighbours(*neighbours):
         return _run_bench(pipe, session_counts, seconds, audio, portrait, json_path, breakdown, repeat,
-                          live or {}, neighbours, seed, webrtc, peer_process, full_frame, record)
+                          live or {}, neighbours, seed, webrtc, peer_process, full_frame, record, loss)
 
 
 def _run_bench(pipe, session_counts, seconds, audio, portrait, json_path, breakdown, repeat, live, neighbours,
-               seed, webrtc, peer_process, full_frame, record) -> dict:
+               seed, webrtc, peer_process, full_frame, record, loss=0.0) -> dict:
     window = live.get("window", 0)
     report: dict = {"machine": machine(), "model": pipe.config.description or "untrained",
                     "device": str(pipe.device), "dtype": str(pipe.dtype).replace("torch.", ""),
@@ -651,7 +654,7 @@ def _run_bench(pipe, session_counts, seconds, audio, portrait, json_path, breakd
                     "audio_lookahead": pipe.live_audio_lookahead,
                     "live": live,
                     "neighbours": dict(zip(("count", "busy_s", "period_s"), neighbours)), "webrtc": webrtc,
-                    "peer_process": peer_process, "full_frame": full_frame, "record": record,
+                    "peer_process": peer_process, "full_frame": full_frame, "record": record, "loss": loss,
                     "runs": [], "spread": [],
                     "complete": False}  # True once every run asked for is in
 
@@ -679,7 +682,7 @@ def _run_bench(pipe, session_counts, seconds, audio, portrait, json_path, breakd
                 try:
                     result = asyncio.run(run_sessions(pipe, n, seconds, audio, portrait, live=live, seed=seed,
                                                       webrtc=webrtc, peer_process=peer_process, full_frame=full_frame,
-                                                      record=record))
+                                                      record=record, loss=loss))
                 except LetsTalkError as e:  # e.g. the GPU cannot hold this many sessions' batch
                     report["error"] = {"sessions": n, "message": str(e)}
                     save()

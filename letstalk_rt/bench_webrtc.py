@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fractions
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ from aiortc.mediastreams import MediaStreamError
 from .bench import LoopWatch, Marks, by_minute, pairs
 from .errors import LetsTalkError
 from .media import pcm16
+
+log = logging.getLogger(__name__)
 
 PACKET_S = 0.020  # the microphone's packets
 LEVEL_S = 0.010  # loudness is read per 10 ms on both sides
@@ -167,6 +170,50 @@ def wire_arrivals():
         yield seen
     finally:
         RTCRtpReceiver._handle_rtp_packet = original  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def lossy_receivers(fraction: float, seed: int = 0):
+    """While open, every aiortc receiver of this process loses `fraction` of the RTP packets that reach it, drawn at
+    random (seeded): a lossy Wi-Fi or cellular link, in both directions of a bench in one process (the server's
+    microphone receivers and the SDK's). A lost packet is not noted by `wire_arrivals` (entered before this) and is
+    asked for again as a real loss is (NACK, for video); a retransmission may be lost too. Yields {receiver: packets
+    lost}. It wraps the receivers' packet handler, as `wire_arrivals` does (where aiortc no longer has it, nothing is
+    lost: the bench says so)."""
+    import random
+
+    from aiortc import RTCRtpReceiver
+
+    lost: dict = {}
+    original = getattr(RTCRtpReceiver, "_handle_rtp_packet", None)
+    if not fraction or original is None:
+        if fraction:
+            log.warning("--loss: this aiortc has no receiver packet handler to wrap; nothing is lost")
+        yield lost
+        return
+    draw = random.Random(seed).random
+
+    async def handle(self, packet, *args, **kwargs):
+        if draw() < fraction:
+            lost[self] = lost.get(self, 0) + 1
+            return None
+        return await original(self, packet, *args, **kwargs)
+
+    RTCRtpReceiver._handle_rtp_packet = handle  # type: ignore[method-assign]
+    try:
+        yield lost
+    finally:
+        RTCRtpReceiver._handle_rtp_packet = original  # type: ignore[method-assign]
+
+
+def lost_on(pc, lost: dict, side: str) -> dict[str, int]:
+    """A peer connection's receivers' packets lost by `lossy_receivers`, as {"SIDE_KIND": n}."""
+    out: dict[str, int] = {}
+    for receiver in pc.getReceivers():
+        if receiver.track is not None and receiver in lost:
+            key = f"{side}_{receiver.track.kind}"
+            out[key] = out.get(key, 0) + lost[receiver]
+    return out
 
 
 @contextlib.contextmanager
@@ -387,13 +434,14 @@ async def local_server(engine, config=None):
         await runner.cleanup()
 
 
-async def stream(engine, n: int, seconds: float, speech: np.ndarray, peer_process: bool = False, full_frame: int = 0
-                 ) -> tuple[list, list[dict]]:
+async def stream(engine, n: int, seconds: float, speech: np.ndarray, peer_process: bool = False, full_frame: int = 0,
+                 loss: float = 0.0) -> tuple[list, list[dict]]:
     """n sessions through the server, each with a microphone playing `speech` for `seconds` and a receiving peer ->
     (the engine's sessions, read after the run, and each session's receiver-side summary). `peer_process`: the peers
     (microphones and SDK) in a process of their own (`python -m letstalk_rt.bench_webrtc`), as a user's peer is; else
     in this one, sharing the server's event loop. `full_frame`: the sessions' frames the whole photo, fit to this many
-    px (0: the face crop)."""
+    px (0: the face crop). `loss`: the fraction of RTP packets every receiver loses (`lossy_receivers`: the server's
+    microphone receivers, and the SDK's, in the peer process too), from the measured sessions on."""
     from .client import AvatarClient
 
     from letstalk_rt.server.app import MANAGER
@@ -401,10 +449,10 @@ async def stream(engine, n: int, seconds: float, speech: np.ndarray, peer_proces
     with wire_arrivals() as seen, wire_departures() as sent:
         async with local_server(engine) as (url, app):
             if peer_process:
-                return await _run_peer_process(url, app[MANAGER], n, seconds, speech, (seen, sent), full_frame)
+                return await _run_peer_process(url, app[MANAGER], n, seconds, speech, (seen, sent), full_frame, loss)
             async with AvatarClient(url) as client:
-                sessions, peers = await _run(client, app[MANAGER], n, seconds, speech, (seen, sent), full_frame)
-    return sessions, [summary(p.got, p.mic.sent(), p.mic.sent_at, fps_of(p.avatar)) for p in peers]
+                sessions, peers = await _run(client, app[MANAGER], n, seconds, speech, (seen, sent), full_frame, loss)
+    return sessions, [{**summary(p.got, p.mic.sent(), p.mic.sent_at, fps_of(p.avatar)), **p.lost} for p in peers]
 
 
 @dataclass
@@ -417,6 +465,7 @@ class Peer:
     got: Received
     reader: asyncio.Task
     route: dict | None = None  # the candidate types ICE chose (`AvatarSession.route()`), noted at the close
+    lost: dict = field(default_factory=dict)  # with --loss: {"packets_lost": {kind: n}} at the SDK, and at the server
 
 
 async def start_session(client, patience_s: float = 15.0, full_frame: int = 0):
@@ -469,10 +518,13 @@ async def open_peers(client, n: int, seconds: float, speech: np.ndarray, opened=
     return peers
 
 
-async def close_peers(peers: list[Peer], seen: dict) -> None:
-    """Note each peer's wire arrivals, then close its session and wait for its reader."""
+async def close_peers(peers: list[Peer], seen: dict, lost: dict | None = None) -> None:
+    """Note each peer's wire arrivals (and packets `lost`, `lossy_receivers`), then close its session and wait for its
+    reader."""
     for p in peers:
         p.got.wire = on_the_wire(p.avatar.pc, seen)  # before close(): it drops the peer connection
+        if lost is not None:
+            p.lost.setdefault("packets_lost", {}).update(lost_on(p.avatar.pc, lost, "sdk"))
         p.route = p.avatar.route()
         await p.avatar.close()
     await asyncio.gather(*(p.reader for p in peers), return_exceptions=True)
@@ -483,23 +535,27 @@ def mic_on_the_server(pc, seen: dict) -> np.ndarray:
     return on_the_wire(pc, seen).get("audio", np.zeros((0, 2))) if pc is not None else np.zeros((0, 2))
 
 
-async def _run(client, manager, n, seconds, speech, wire, full_frame=0):
+async def _run(client, manager, n, seconds, speech, wire, full_frame=0, loss=0.0):
     seen, sent = wire
     await warm_up(client, manager)
     sessions = []
-    peers = await open_peers(client, n, seconds, speech,
-                             opened=lambda avatar: sessions.append(manager.sessions[avatar.id].session),
-                             full_frame=full_frame)
-    await asyncio.sleep(seconds)
-    for p in peers:
-        pc = manager.sessions[p.avatar.id].pc
-        p.got.mic_wire = mic_on_the_server(pc, seen)
-        p.got.sent_wire = sent_on_the_wire(pc, sent)
-    await close_peers(peers, seen)
+    with lossy_receivers(loss) as lost:
+        peers = await open_peers(client, n, seconds, speech,
+                                 opened=lambda avatar: sessions.append(manager.sessions[avatar.id].session),
+                                 full_frame=full_frame)
+        await asyncio.sleep(seconds)
+        for p in peers:
+            pc = manager.sessions[p.avatar.id].pc
+            p.got.mic_wire = mic_on_the_server(pc, seen)
+            p.got.sent_wire = sent_on_the_wire(pc, sent)
+            if loss:
+                p.lost["packets_lost"] = lost_on(pc, lost, "server")
+        await close_peers(peers, seen, lost if loss else None)
     return sessions, peers
 
 
-async def _run_peer_process(url, manager, n, seconds, speech, wire, full_frame=0) -> tuple[list, list[dict]]:
+async def _run_peer_process(url, manager, n, seconds, speech, wire, full_frame=0, loss=0.0
+                            ) -> tuple[list, list[dict]]:
     """`stream` with the peers in a child process (`main`): the engine's session and the server's peer connection of
     each session the child reports opened are kept here; the child's summaries come back on its last line, and the
     microphone-to-server figure is made here from the server's wire and the child's send times (one monotonic clock
@@ -517,9 +573,11 @@ async def _run_peer_process(url, manager, n, seconds, speech, wire, full_frame=0
             w.writeframes(pcm16(speech).astype("<i2").tobytes())
         child = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "letstalk_rt.bench_webrtc", url, "--sessions", str(n), "--seconds", str(seconds),
-            "--audio", path, "--send-times", "--full-frame", str(full_frame), stdout=asyncio.subprocess.PIPE,
-            limit=2**28)
+            "--audio", path, "--send-times", "--full-frame", str(full_frame), "--loss", str(100 * loss),
+            stdout=asyncio.subprocess.PIPE, limit=2**28)
         result = None
+        lossy = lossy_receivers(loss, seed=1)  # the server's receivers (the child's: its own, seed 0)
+        lost = lossy.__enter__()
         try:
             async for line in child.stdout:
                 try:
@@ -535,6 +593,7 @@ async def _run_peer_process(url, manager, n, seconds, speech, wire, full_frame=0
                 else:
                     result = message
         finally:
+            lossy.__exit__(None, None, None)
             if child.returncode is None and result is None:
                 child.kill()
             code = await child.wait()
@@ -542,6 +601,8 @@ async def _run_peer_process(url, manager, n, seconds, speech, wire, full_frame=0
         raise LetsTalkError(f"the bench's peer process failed (exit code {code}); its error is printed above")
     seen, sent = wire
     for peer, pc in zip(result["peers"], server_pcs):
+        if loss:
+            peer.setdefault("packets_lost", {}).update(lost_on(pc, lost, "server"))
         sent_at = peer.pop("send_times")
         peer["mic_to_server_wire_ms"] = arrival_offsets(mic_on_the_server(pc, seen), sent_at)
         sent_wire = sent_on_the_wire(pc, sent)
@@ -551,13 +612,14 @@ async def _run_peer_process(url, manager, n, seconds, speech, wire, full_frame=0
 
 
 async def peers_main(url: str, n: int, seconds: float, speech: np.ndarray, api_key: str | None = None,
-                     send_times: bool = False, full_frame: int = 0, relay: bool = False) -> None:
+                     send_times: bool = False, full_frame: int = 0, relay: bool = False, loss: float = 0.0) -> None:
     """The peers of `stream(peer_process=True)`, or of anyone measuring a running server from the far side: n
     sessions on its default avatar for `seconds`; each line of stdout one JSON object: {"opened": session id} as
     each connects, then {"peers": [each session's summary]} (+ "peer_loop": this process's event loop and collector
     by minute, as `LoopWatch`; + its microphone packets' "send_times", (media s, monotonic) pairs, with
     `send_times`). `full_frame`: the sessions' frames the whole photo, fit to this many px (0: the face crop).
-    `relay`: connect only through the TURN server the server names (its --ice-server, --turn-secret)."""
+    `relay`: connect only through the TURN server the server names (its --ice-server, --turn-secret). `loss`: the
+    fraction of RTP packets these peers lose on the way in (`lossy_receivers`), from the measured sessions on."""
     import json
 
     from .client import AvatarClient
@@ -565,16 +627,17 @@ async def peers_main(url: str, n: int, seconds: float, speech: np.ndarray, api_k
     with wire_arrivals() as seen:
         async with AvatarClient(url, api_key, relay_only=relay) as client, LoopWatch() as watch:
             await warm_up(client)
-            peers = await open_peers(client, n, seconds, speech, opened=lambda avatar: print(
-                json.dumps({"opened": avatar.id}), flush=True), full_frame=full_frame)
-            await asyncio.sleep(seconds)
-            await close_peers(peers, seen)
+            with lossy_receivers(loss) as lost:
+                peers = await open_peers(client, n, seconds, speech, opened=lambda avatar: print(
+                    json.dumps({"opened": avatar.id}), flush=True), full_frame=full_frame)
+                await asyncio.sleep(seconds)
+                await close_peers(peers, seen, lost if loss else None)
     loop = watch.figures()  # this process's, which the bench's own LoopWatch does not see
     loop.pop("gc_frozen_objects")
     out = []
     for p in peers:
         out.append({**summary(p.got, p.mic.sent(), p.mic.sent_at, fps_of(p.avatar)), "peer_pid": os.getpid(),
-                    "peer_loop": loop, "route": p.route})
+                    "peer_loop": loop, "route": p.route, **p.lost})
         for server_side in ("mic_to_server_wire_ms", "lip_to_sound_sent_ms"):  # not here (`stream` adds them there)
             del out[-1][server_side]
         if send_times:
@@ -668,7 +731,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--relay", action="store_true",
                    help="connect only through the TURN server the server names (its --ice-server, --turn-secret): "
                         "what a relayed user gets")
+    p.add_argument("--loss", type=float, default=0.0, metavar="PCT",
+                   help="these peers lose PCT %% of the RTP packets that reach them, at random (a lossy link; default "
+                        "0)")
     args = p.parse_args(argv)
+    if not 0 <= args.loss <= 50:
+        p.error(f"--loss {args.loss:g}: give a percentage from 0 to 50")
     if args.sessions < 1 or args.seconds <= 0 or args.churn < 0:
         p.error("--sessions and --seconds must be positive, --churn 0 or more")
     if args.churn and args.sessions != 1:
@@ -681,7 +749,7 @@ def main(argv: list[str] | None = None) -> None:
             asyncio.run(churn_main(args.url, args.churn, args.seconds, speech, args.api_key, args.relay))
         else:
             asyncio.run(peers_main(args.url, args.sessions, args.seconds, speech, args.api_key, args.send_times,
-                                   args.full_frame, args.relay))
+                                   args.full_frame, args.relay, args.loss / 100))
     except (LetsTalkError, OSError) as e:
         sys.exit(f"error: {e}")
 

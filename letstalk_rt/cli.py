@@ -771,6 +771,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
     check_output_file(args.json, "--json", "out.json")  # before the run, not after it
     if args.record and (args.webrtc or args.peer_process):
         raise LetsTalkError("--record records in-process sessions; drop --webrtc / --peer-process to use it")
+    if not (math.isfinite(args.loss) and 0 <= args.loss <= 50):
+        raise LetsTalkError(f"--loss {args.loss:g}: give a percentage of packets from 0 to 50")
+    if args.loss and not (args.webrtc or args.peer_process):
+        raise LetsTalkError("--loss loses packets on the way through WebRTC: add --webrtc")
     try:
         busy, period = (float(x) for x in args.neighbour_duty.split("/"))
     except ValueError:
@@ -799,7 +803,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     run_bench(pipe, counts, seconds, np.asarray(audio), portrait, json_path=args.json,
               breakdown=not args.soak, repeat=args.repeat, live=live_config(args),
               neighbours=(args.neighbours, busy, period), seed=args.seed, webrtc=args.webrtc,
-              peer_process=args.peer_process, full_frame=args.full_frame, record=args.record)
+              peer_process=args.peer_process, full_frame=args.full_frame, record=args.record, loss=args.loss / 100)
 
 
 def _preset_config(args: argparse.Namespace):
@@ -1087,6 +1091,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer-process", action="store_true",
                    help="with --webrtc (implies it): the receiving peers in a process of their own, as a user's "
                         "peer is, instead of sharing the server's event loop")
+    p.add_argument("--loss", type=float, default=0.0, metavar="PCT",
+                   help="with --webrtc: every receiver (the server's of the microphones, the peers' of the avatar) "
+                        "loses PCT %% of the RTP packets that reach it, at random: a lossy Wi-Fi or cellular link "
+                        "(default 0)")
     _add_full_frame_arg(p)
     p.add_argument("--record", action="store_true",
                    help="record every session to an MP4 as it streams (Session.record, the server's `record`): its "

@@ -52,20 +52,42 @@ def test_webrtc_bench_measures_pacing_lip_to_sound_and_speech_to_sound_at_the_pe
     assert peer["frame_size"] == [32, 32]
 
 
+def test_webrtc_bench_over_a_lossy_link_keeps_the_audio_on_time(tiny_pipeline, astronaut_png, monkeypatch):
+    """--loss 3: every receiver (the server's of the microphone, the SDK's of the avatar) loses 3 % of its RTP packets,
+    and the bench says how many: the avatar's audio still reaches the application as it arrives and each frame with
+    the audio of its time (aiortc's buffer, and ours before, held all audio after the first lost packet 300 ms: the
+    audio's wire-to-application median read ~300 ms), and the speech still comes back."""
+    from letstalk_rt.media import load_image
+
+    monkeypatch.setattr(bench_webrtc, "SEGMENT_S", 2.0)
+    monkeypatch.setattr(bench_webrtc, "MAX_ROUND_TRIP_S", 1.5)
+    portrait = tiny_pipeline.prepare_portrait(load_image(astronaut_png), detect=False)
+    audio = np.concatenate([speechlike(1.2, seed=5), np.zeros(8000, np.float32)])
+    report = run_bench(tiny_pipeline, [1], 6.0, audio, portrait, breakdown=False, webrtc=True, loss=0.03)
+
+    assert report["loss"] == 0.03 and report["complete"]
+    (peer,) = report["runs"][0]["webrtc"]
+    lost = peer["packets_lost"]
+    assert lost.get("server_audio", 0) > 3 and lost.get("sdk_audio", 0) > 3 and lost.get("sdk_video", 0) > 0, lost
+    assert peer["audio_wire_to_app_ms"]["p50"] < 10, peer["audio_wire_to_app_ms"]  # each packet on arrival still
+    assert abs(peer["lip_to_sound_ms"]["p50"]) < 20, peer["lip_to_sound_ms"]
+    assert peer["pacing"]["frames"] > 100 and peer["speech_to_sound_ms"]["segments"] >= 2
+
 def test_webrtc_bench_with_the_peers_in_a_process_of_their_own(tiny_pipeline, astronaut_png):
     """--peer-process: the microphones and the SDK run in a child process (`python -m letstalk_rt.bench_webrtc`), as a
     user's peer does, not on the server's event loop; the engine's figures are read here, the peers' come back from
     the child, and the microphone-to-server figure joins the server's wire here to the child's send times (one
     monotonic clock for the machine: a wrong join reads seconds, or negative); the server's own lip to sound, as its
     senders sent, is added here. `full_frame` reaches the child's
-    sessions: the whole bundled photo (320 px) arrives, fit to 48."""
+    sessions: the whole bundled photo (320 px) arrives, fit to 48, and `loss` its receivers."""
     import os
 
     from letstalk_rt.media import load_image
 
     portrait = tiny_pipeline.prepare_portrait(load_image(astronaut_png), detect=False)
     audio = speechlike(1.2, seed=5)
-    report = run_bench(tiny_pipeline, [1], 5.0, audio, portrait, breakdown=False, peer_process=True, full_frame=48)
+    report = run_bench(tiny_pipeline, [1], 5.0, audio, portrait, breakdown=False, peer_process=True, full_frame=48,
+                       loss=0.01)
 
     assert report["peer_process"] and report["webrtc"] and report["complete"] and report["full_frame"] == 48
     (run,) = report["runs"]
@@ -79,6 +101,8 @@ def test_webrtc_bench_with_the_peers_in_a_process_of_their_own(tiny_pipeline, as
     assert abs(peer["lip_to_sound_sent_ms"]["p50"]) < 15, peer["lip_to_sound_sent_ms"]  # as the server sent them
     assert "send_times" not in peer and peer["route"] == {"local": "host", "remote": "host"}  # no TURN: direct
     assert peer["frame_size"] == [48, 48] and peer["content_sync"]["frames"] > 80  # the face square read in them
+    assert report["loss"] == 0.01 and set(peer["packets_lost"]) <= {"server_audio", "sdk_audio", "sdk_video"}
+    assert any(k.startswith("sdk_") for k in peer["packets_lost"]), peer["packets_lost"]  # --loss reached the child
 
 
 def test_the_peer_command_says_what_is_wrong_with_a_server_it_cannot_reach():
