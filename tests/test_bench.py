@@ -148,7 +148,8 @@ def test_bad_counts_fail_before_a_model_loads(capsys):
                  ["bench", "--noise-hold", "9"], ["bench", "--steps", "0"], ["bench", "--audio-guidance", "nan"],
                  ["bench", "--json", "/no_such_dir/x.json"], ["demo", "--window", "-2"],
                  ["bench", "--threads-raise-after", "-1"], ["demo", "--threads-raise-after", "nan"],
-                 ["bench", "--trim-heap-every", "-1"], ["demo", "--trim-heap-every", "inf"]):
+                 ["bench", "--trim-heap-every", "-1"], ["demo", "--trim-heap-every", "inf"],
+                 ["bench", "--loss", "60", "--webrtc"], ["bench", "--loss", "2"]):  # (--loss: through WebRTC only)
         assert main(argv + ["--model", "/nonexistent"]) == 2
         err = capsys.readouterr().err
         assert argv[1] in err, err
