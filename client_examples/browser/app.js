@@ -69,6 +69,13 @@ export function webrtcMissing() {
     + "off): turn it on, or open the page in a current Chrome, Edge, Firefox or Safari";
 }
 
+// Chromium lines the avatar's picture up with its sound by holding the picture as long as its audio buffer holds the
+// sound (~30-50 ms), but works up to that over the first 10-20 s, showing the picture up to ~55 ms before its sound
+// meanwhile. A video buffer of this many ms asked for from the start kept them within ~25 ms from the first second
+// (scripts/browser_sync.py; docs/benchmarks.md, "Lip sync as the browser plays it"): about what the lining up holds
+// the picture once settled anyway.
+const VIDEO_BUFFER_MS = 40;
+
 // An API path as a URL on the server.
 export function apiUrl(path) {
   return sameOrigin(path);
@@ -433,7 +440,8 @@ export class AvatarConnection {
     pc.onconnectionstatechange = () => {
       this.onState({ type: "connection", state: pc.connectionState });
     };
-    pc.addTransceiver("video", { direction: "recvonly" });
+    const video = pc.addTransceiver("video", { direction: "recvonly" });
+    if ("jitterBufferTarget" in video.receiver) video.receiver.jitterBufferTarget = VIDEO_BUFFER_MS; // (Chromium)
     const mic = audioStream ? audioStream.getAudioTracks()[0] : null;
     if (mic) {
       pc.addTransceiver(mic, { direction: receiveAudio ? "sendrecv" : "sendonly" });
