@@ -144,32 +144,42 @@ RTP_CLOCK = {"video": 90000, "audio": 48000}  # VP8 / H.264 and Opus RTP clock r
 
 
 @contextlib.contextmanager
+def _around_received_packets(wrap):
+    """While open, every aiortc receiver of this process hands each RTP packet to `wrap(its handler)` instead: yields
+    True, or False where aiortc no longer has that handler (a private method: aiortc has no public hook for a packet's
+    arrival), and then changes nothing."""
+    from aiortc import RTCRtpReceiver
+
+    original = getattr(RTCRtpReceiver, "_handle_rtp_packet", None)
+    if original is None:
+        yield False
+        return
+    RTCRtpReceiver._handle_rtp_packet = wrap(original)  # type: ignore[method-assign]
+    try:
+        yield True
+    finally:
+        RTCRtpReceiver._handle_rtp_packet = original  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
 def wire_arrivals():
     """While open, every aiortc receiver of this process notes when the first RTP packet of each media timestamp
     arrived: yields {receiver: Marks of (rtp timestamp, monotonic)}, a mark whenever a packet's timestamp is not the
-    one before it (a frame's packets share one; `on_the_wire` keeps the first arrival of each). aiortc has no public
-    hook for a packet's arrival, so this wraps its receivers' packet handler (a private method: where aiortc no
-    longer has it, nothing is noted and the wire figures are left out)."""
-    from aiortc import RTCRtpReceiver
-
+    one before it (a frame's packets share one; `on_the_wire` keeps the first arrival of each). Where aiortc has no
+    packet handler to wrap (`_around_received_packets`), nothing is noted and the wire figures are left out."""
     seen: dict = {}
     last: dict = {}  # receiver -> the timestamp of its last packet
-    original = getattr(RTCRtpReceiver, "_handle_rtp_packet", None)
-    if original is None:
-        yield seen
-        return
 
-    async def handle(self, packet, *args, **kwargs):
-        if last.get(self) != packet.timestamp:
-            last[self] = packet.timestamp
-            seen.setdefault(self, Marks()).append((packet.timestamp, time.monotonic()))
-        return await original(self, packet, *args, **kwargs)
+    def wrap(original):
+        async def handle(self, packet, *args, **kwargs):
+            if last.get(self) != packet.timestamp:
+                last[self] = packet.timestamp
+                seen.setdefault(self, Marks()).append((packet.timestamp, time.monotonic()))
+            return await original(self, packet, *args, **kwargs)
+        return handle
 
-    RTCRtpReceiver._handle_rtp_packet = handle  # type: ignore[method-assign]
-    try:
+    with _around_received_packets(wrap):
         yield seen
-    finally:
-        RTCRtpReceiver._handle_rtp_packet = original  # type: ignore[method-assign]
 
 
 @contextlib.contextmanager
@@ -178,32 +188,27 @@ def lossy_receivers(fraction: float, seed: int = 0):
     random (seeded): a lossy Wi-Fi or cellular link, in both directions of a bench in one process (the server's
     microphone receivers and the SDK's). A lost packet is not noted by `wire_arrivals` (entered before this) and is
     asked for again as a real loss is (NACK, for video); a retransmission may be lost too. Yields {receiver: packets
-    lost}. It wraps the receivers' packet handler, as `wire_arrivals` does (where aiortc no longer has it, nothing is
-    lost: the bench says so)."""
+    lost} (where aiortc has no packet handler to wrap, nothing is lost, and a warning says so)."""
     import random
 
-    from aiortc import RTCRtpReceiver
-
     lost: dict = {}
-    original = getattr(RTCRtpReceiver, "_handle_rtp_packet", None)
-    if not fraction or original is None:
-        if fraction:
-            log.warning("--loss: this aiortc has no receiver packet handler to wrap; nothing is lost")
-        yield lost
-        return
     draw = random.Random(seed).random
 
-    async def handle(self, packet, *args, **kwargs):
-        if draw() < fraction:
-            lost[self] = lost.get(self, 0) + 1
-            return None
-        return await original(self, packet, *args, **kwargs)
+    def wrap(original):
+        async def handle(self, packet, *args, **kwargs):
+            if draw() < fraction:
+                lost[self] = lost.get(self, 0) + 1
+                return None
+            return await original(self, packet, *args, **kwargs)
+        return handle
 
-    RTCRtpReceiver._handle_rtp_packet = handle  # type: ignore[method-assign]
-    try:
+    if not fraction:
         yield lost
-    finally:
-        RTCRtpReceiver._handle_rtp_packet = original  # type: ignore[method-assign]
+        return
+    with _around_received_packets(wrap) as wrapped:
+        if not wrapped:
+            log.warning("--loss: this aiortc has no receiver packet handler to wrap; nothing is lost")
+        yield lost
 
 
 def lost_on(pc, lost: dict, side: str) -> dict[str, int]:
@@ -576,27 +581,25 @@ async def _run_peer_process(url, manager, n, seconds, speech, wire, full_frame=0
             "--audio", path, "--send-times", "--full-frame", str(full_frame), "--loss", str(100 * loss),
             stdout=asyncio.subprocess.PIPE, limit=2**28)
         result = None
-        lossy = lossy_receivers(loss, seed=1)  # the server's receivers (the child's: its own, seed 0)
-        lost = lossy.__enter__()
-        try:
-            async for line in child.stdout:
-                try:
-                    message = json.loads(line)
-                except ValueError:
-                    message = None
-                if not isinstance(message, dict):  # not the peer's own (a library printing to stdout): passed on
-                    sys.stderr.write(line.decode(errors="replace"))
-                    continue
-                if "opened" in message:
-                    ss = manager.sessions[message["opened"]]
-                    sessions.append(ss.session), server_pcs.append(ss.pc)
-                else:
-                    result = message
-        finally:
-            lossy.__exit__(None, None, None)
-            if child.returncode is None and result is None:
-                child.kill()
-            code = await child.wait()
+        with lossy_receivers(loss, seed=1) as lost:  # the server's receivers (the child's: its own, seed 0)
+            try:
+                async for line in child.stdout:
+                    try:
+                        message = json.loads(line)
+                    except ValueError:
+                        message = None
+                    if not isinstance(message, dict):  # not the peer's own (a library printing to stdout): passed on
+                        sys.stderr.write(line.decode(errors="replace"))
+                        continue
+                    if "opened" in message:
+                        ss = manager.sessions[message["opened"]]
+                        sessions.append(ss.session), server_pcs.append(ss.pc)
+                    else:
+                        result = message
+            finally:
+                if child.returncode is None and result is None:
+                    child.kill()
+                code = await child.wait()
     if code != 0 or result is None:
         raise LetsTalkError(f"the bench's peer process failed (exit code {code}); its error is printed above")
     seen, sent = wire
