@@ -446,7 +446,8 @@ async def stream(engine, n: int, seconds: float, speech: np.ndarray, peer_proces
     (microphones and SDK) in a process of their own (`python -m letstalk_rt.bench_webrtc`), as a user's peer is; else
     in this one, sharing the server's event loop. `full_frame`: the sessions' frames the whole photo, fit to this many
     px (0: the face crop). `loss`: the fraction of RTP packets every receiver loses (`lossy_receivers`: the server's
-    microphone receivers, and the SDK's, in the peer process too), from the measured sessions on."""
+    microphone receivers, and the SDK's, in the peer process too), from the measured sessions on (with `peer_process`
+    the server's from the child's warm-up session on)."""
     from .client import AvatarClient
 
     from letstalk_rt.server.app import MANAGER
@@ -470,7 +471,7 @@ class Peer:
     got: Received
     reader: asyncio.Task
     route: dict | None = None  # the candidate types ICE chose (`AvatarSession.route()`), noted at the close
-    lost: dict = field(default_factory=dict)  # with --loss: {"packets_lost": {kind: n}} at the SDK, and at the server
+    lost: dict = field(default_factory=dict)  # with --loss: {"packets_lost": {"sdk_audio": n, "server_audio": n, ...}}
 
 
 async def start_session(client, patience_s: float = 15.0, full_frame: int = 0):

@@ -57,8 +57,8 @@ def summary(rows: list[dict]) -> dict:
     outside = np.flatnonzero(np.abs(offsets) > SETTLED_MS)
     settled = 0 if not len(outside) else outside[-1] + 1
     after = offsets[settled:]
-    minutes = [float(np.abs(offsets[(times >= 60 * m) & (times < 60 * (m + 1))]).max())
-               for m in range(int(times[-1] // 60) + 1) if ((times >= 60 * m) & (times < 60 * (m + 1))).any()]
+    minute = (times // 60).astype(int)
+    minutes = [float(np.abs(offsets[minute == m]).max()) for m in np.unique(minute)]
     return {"samples": len(offsets), "settled_after_s": round(float(times[settled]), 1) if len(after) else None,
             "median_ms_after": round(float(np.median(after)), 1) if len(after) else None,
             "abs_max_ms_after": round(float(np.abs(after).max()), 1) if len(after) else None,
