@@ -40,6 +40,7 @@ from aiortc.mediastreams import MediaStreamError
 from .bench import LoopWatch, Marks, by_minute, pairs
 from .errors import LetsTalkError
 from .media import pcm16
+from .rtc import OPUS_PACKET, OPUS_RATE
 
 log = logging.getLogger(__name__)
 
@@ -324,6 +325,15 @@ def pacing(video) -> dict:
             "gap_ms": _quantiles_ms(gaps)}
 
 
+def audio_missing_ms(audio) -> float:
+    """The media time the received audio skipped, from its chunks' (media s, arrival) pairs (aiortc's Opus decoder
+    hands over 20 ms a packet): lost packets left out rather than concealed, ms."""
+    if len(audio) < 2:
+        return 0.0
+    times, _ = pairs(audio)
+    return round(float(np.clip(np.diff(np.sort(times)) - OPUS_PACKET / OPUS_RATE, 0, None).sum()) * 1000, 1)
+
+
 def arrival_offsets(later, earlier) -> dict:
     """(media s, arrival) of two streams -> each of `later`'s arrivals minus the arrival of `earlier`'s media of the same
     time (interpolated between its packets), ms. The signed median, the largest either way, and each minute's
@@ -414,6 +424,7 @@ def summary(got: Received, sent: np.ndarray, sent_at: Marks, fps: float) -> dict
             # the server's wire, and the avatar's audio from the client's wire to the application (the SDK's receive buffer)
             "mic_to_server_wire_ms": arrival_offsets(got.mic_wire, sent_at),
             "audio_wire_to_app_ms": arrival_offsets(got.audio, got.wire.get("audio", none)),
+            "audio_missing_ms": audio_missing_ms(got.audio),
             "speech_to_sound_ms": speech_to_sound(sent, got.levels), "content_sync": content_sync(got, fps)}
 
 

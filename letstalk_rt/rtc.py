@@ -138,6 +138,17 @@ AUDIO_REORDER = 2  # a lost audio packet is given up once the packet this many a
 # past the next one is rare; each one waited for is 20 ms of latency)
 VIDEO_GAP_S = 0.5  # a lost video packet is given up after this long (its retransmission, asked for by NACK, did not
 # come: the sender no longer had it, or it was lost too), and a key frame asked for (PLI)
+CONCEALED_S = 0.5  # a run of lost audio packets up to this long is concealed (Opus: libopus's own concealment)
+
+
+def opus_frame_samples(toc: int) -> int:
+    """The samples at 48 kHz in one frame of an Opus packet whose first byte (its TOC, RFC 6716 3.1) is `toc`."""
+    config = toc >> 3
+    if config < 12:  # SILK: 10, 20, 40, 60 ms
+        return (480, 960, 1920, 2880)[config % 4]
+    if config < 16:  # hybrid: 10, 20 ms
+        return (480, 960)[config % 2]
+    return (120, 240, 480, 960)[config % 4]  # CELT: 2.5, 5, 10, 20 ms
 
 
 class FrameAtOnceJitterBuffer(JitterBuffer):
@@ -158,12 +169,19 @@ class FrameAtOnceJitterBuffer(JitterBuffer):
     up once AUDIO_REORDER packets after it have come, a video packet after VIDEO_GAP_S (the frame it was in is dropped
     and a key frame asked for), and `deliver` (the receiver's decoder queue, `release_frames_at_once`) takes the frames
     that were waiting behind it at once. Without `deliver` one frame goes per packet, as in aiortc: a lost audio packet
-    then leaves the later ones AUDIO_REORDER - 1 packets late (20 ms)."""
+    then leaves the later ones AUDIO_REORDER - 1 packets late (20 ms).
 
-    def __init__(self, capacity: int, is_video: bool = False, deliver=None) -> None:
+    Lost Opus audio (`conceal` says which payload types are Opus) goes to the decoder as packets of a lone TOC byte, one
+    per frame lost, at the lost frames' timestamps: libopus conceals a frame of no data (RFC 6716 4.4) from the speech
+    before it, so the decoder's sound goes on at its time, where aiortc's left the lost 20 ms out (a click, and the
+    audio after it 20 ms early against its RTP time)."""
+
+    def __init__(self, capacity: int, is_video: bool = False, deliver=None, conceal=None) -> None:
         super().__init__(capacity, is_video=is_video)
         self._deliver = deliver  # (frame, payload type): hands a whole frame to the decoder, in order
+        self._conceal = conceal  # (payload type) -> whether lost frames of it are concealed (Opus)
         self._gap_since: float | None = None  # video: when a packet after a missing one at the origin first came
+        self._last: tuple[int, int] | None = None  # audio: the last packet handed over (sequence number, timestamp)
 
     def add(self, packet):  # type: ignore[override]
         pli, frame = super().add(packet)
@@ -171,9 +189,12 @@ class FrameAtOnceJitterBuffer(JitterBuffer):
             ahead = uint16_add(packet.sequence_number, -self._origin)  # the packet that came, past the gap
             if 0 < ahead < self.capacity and self._packets[packet.sequence_number % self.capacity] is packet:
                 if self._gave_up(ahead):
+                    concealed = self._concealment(packet.payload_type)
                     self._skip_gap(packet.sequence_number)
                     pli = pli or self._is_video
                     frame = self._remove_frame(packet.sequence_number)
+                    for lost in concealed:
+                        self._deliver(lost, packet.payload_type)
         else:
             self._gap_since = None
         if frame is None or self._deliver is None:
@@ -190,6 +211,30 @@ class FrameAtOnceJitterBuffer(JitterBuffer):
         if self._gap_since is None:
             self._gap_since = now
         return now - self._gap_since >= VIDEO_GAP_S
+
+    def _concealment(self, payload_type: int) -> list[JitterFrame]:
+        """Audio, the gap at the origin about to be given up: a TOC-only Opus packet for each frame it lost, at its
+        timestamp (from the packets either side, evenly spaced). None where the payload is not Opus, no packet came
+        before, or the timestamps do not fit whole frames (a sender that paused in between, DTX)."""
+        if self._is_video or self._deliver is None or self._last is None or not (
+                self._conceal and self._conceal(payload_type)):
+            return []
+        seq, timestamp = self._last
+        for count in range(1, self.capacity):  # the first packet after the gap
+            after = self._packets[uint16_add(seq, count) % self.capacity]
+            if after is not None:
+                break
+        else:
+            return []
+        if uint16_add(seq, 1) != self._origin or not after._data:
+            return []
+        frame = opus_frame_samples(after._data[0])
+        span = (after.timestamp - timestamp) % (1 << 32)  # the lost packets' samples and the one before's
+        if span % count or (span // count) % frame or span > CONCEALED_S * OPUS_RATE:
+            return []
+        toc = bytes([after._data[0] & 0xFC])  # one frame (code 0) of the configuration the speech goes on in
+        return [JitterFrame(data=toc, timestamp=(timestamp + at) % (1 << 32))
+                for at in range(span // count, span, frame)]
 
     def _skip_gap(self, newest: int) -> None:
         """Drop the missing packets at the origin, up to packet `newest` at most; video, also the rest of the frame a
@@ -224,6 +269,8 @@ class FrameAtOnceJitterBuffer(JitterBuffer):
         else:
             return None
         self.remove(len(packets))
+        if not self._is_video:
+            self._last = packets[-1].sequence_number, packets[-1].timestamp
         return JitterFrame(data=b"".join(p._data for p in packets), timestamp=packets[0].timestamp)
 
 
@@ -247,11 +294,21 @@ def _decoder_of(receiver):
     return deliver
 
 
+def _is_opus_of(receiver):
+    """(payload type) -> whether `receiver` decodes it as Opus (its codecs are known once it receives, not before)."""
+    def is_opus(payload_type: int) -> bool:
+        codecs = getattr(receiver, "_RTCRtpReceiver__codecs", None)
+        codec = codecs.get(payload_type) if isinstance(codecs, dict) else None
+        return getattr(codec, "mimeType", "").lower() == "audio/opus"
+
+    return is_opus
+
+
 def release_frames_at_once(pc: RTCPeerConnection, track) -> bool:
     """Let the receiver of `track` (a track `pc` receives, before its first packet) hand each frame over as soon as it
     is whole (`FrameAtOnceJitterBuffer`): 80 ms less on every audio packet, 40 ms on every video frame
     (`letstalk bench --webrtc` measured both); and a lost packet held the rest back no more than AUDIO_REORDER packets
-    of audio, VIDEO_GAP_S of video. The server's engine keeps its own pace and deadlines; an application
+    of audio, VIDEO_GAP_S of video, lost Opus audio concealed by libopus. The server's engine keeps its own pace and deadlines; an application
     that plays the SDK's media has its own output buffer. aiortc has no setting for it: this replaces the receiver's
     private buffer, and where a version has none (or it already holds packets) leaves the receiver as it is
     (False)."""
@@ -261,7 +318,8 @@ def release_frames_at_once(pc: RTCPeerConnection, track) -> bool:
             if (type(buffer) is JitterBuffer and getattr(buffer, "_origin", 0) is None
                     and isinstance(getattr(buffer, "_is_video", None), bool)):
                 setattr(receiver, JITTER_BUFFER, FrameAtOnceJitterBuffer(
-                    capacity=buffer.capacity, is_video=buffer._is_video, deliver=_decoder_of(receiver)))
+                    capacity=buffer.capacity, is_video=buffer._is_video, deliver=_decoder_of(receiver),
+                    conceal=_is_opus_of(receiver)))
                 return True
     return False
 
