@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import fractions
 import ipaddress
 import logging
@@ -138,6 +139,8 @@ AUDIO_REORDER = 2  # a lost audio packet is given up once the packet this many a
 # past the next one is rare; each one waited for is 20 ms of latency)
 VIDEO_GAP_S = 0.5  # a lost video packet is given up after this long (its retransmission, asked for by NACK, did not
 # come: the sender no longer had it, or it was lost too), and a key frame asked for (PLI)
+NACK_AGAIN_S = 0.1  # meanwhile the packets still missing are asked for again this often (aiortc asks once, when the
+# gap shows, and again only when a new gap shows: a lost retransmission otherwise waited out VIDEO_GAP_S)
 CONCEALED_S = 0.5  # a run of lost audio packets up to this long is concealed (Opus: libopus's own concealment)
 
 
@@ -174,13 +177,19 @@ class FrameAtOnceJitterBuffer(JitterBuffer):
     Lost Opus audio (`conceal` says which payload types are Opus) goes to the decoder as packets of a lone TOC byte, one
     per frame lost, at the lost frames' timestamps: libopus conceals a frame of no data (RFC 6716 4.4) from the speech
     before it, so the decoder's sound goes on at its time, where aiortc's left the lost 20 ms out (a click, and the
-    audio after it 20 ms early against its RTP time)."""
+    audio after it 20 ms early against its RTP time).
 
-    def __init__(self, capacity: int, is_video: bool = False, deliver=None, conceal=None) -> None:
+    While a video packet is waited for, `nack` asks the sender for the packets still missing again each NACK_AGAIN_S:
+    aiortc's receiver asks once, as the gap shows, and again only when another gap shows, so a retransmission lost
+    too froze the video for VIDEO_GAP_S and cost a key frame."""
+
+    def __init__(self, capacity: int, is_video: bool = False, deliver=None, conceal=None, nack=None) -> None:
         super().__init__(capacity, is_video=is_video)
         self._deliver = deliver  # (frame, payload type): hands a whole frame to the decoder, in order
         self._conceal = conceal  # (payload type) -> whether lost frames of it are concealed (Opus)
+        self._nack = nack  # (media SSRC, sequence numbers): asks the sender for them again (RTCP NACK)
         self._gap_since: float | None = None  # video: when a packet after a missing one at the origin first came
+        self._nacked_at = 0.0  # video: when the missing packets were last asked for
         self._last: tuple[int, int] | None = None  # audio: the last packet handed over (sequence number, timestamp)
 
     def add(self, packet):  # type: ignore[override]
@@ -188,7 +197,7 @@ class FrameAtOnceJitterBuffer(JitterBuffer):
         if frame is None and self._origin is not None and self._packets[self._origin % self.capacity] is None:
             ahead = uint16_add(packet.sequence_number, -self._origin)  # the packet that came, past the gap
             if 0 < ahead < self.capacity and self._packets[packet.sequence_number % self.capacity] is packet:
-                if self._gave_up(ahead):
+                if self._gave_up(packet, ahead):
                     concealed = self._concealment(packet.payload_type)
                     self._skip_gap(packet.sequence_number)
                     pli = pli or self._is_video
@@ -204,13 +213,20 @@ class FrameAtOnceJitterBuffer(JitterBuffer):
             frame = self._remove_frame(packet.sequence_number)
         return pli, None
 
-    def _gave_up(self, ahead: int) -> bool:
+    def _gave_up(self, packet, ahead: int) -> bool:
         if not self._is_video:
             return ahead >= AUDIO_REORDER
         now = time.monotonic()
         if self._gap_since is None:
-            self._gap_since = now
-        return now - self._gap_since >= VIDEO_GAP_S
+            self._gap_since = self._nacked_at = now  # (the receiver's first NACK goes now)
+        if now - self._gap_since >= VIDEO_GAP_S:
+            return True
+        if self._nack is not None and now - self._nacked_at >= NACK_AGAIN_S:
+            self._nacked_at = now
+            missing = [uint16_add(self._origin, i) for i in range(ahead)
+                       if self._packets[(self._origin + i) % self.capacity] is None]
+            self._nack(packet.ssrc, missing)
+        return False
 
     def _concealment(self, payload_type: int) -> list[JitterFrame]:
         """Audio, the gap at the origin about to be given up: a TOC-only Opus packet for each frame it lost, at its
@@ -294,6 +310,19 @@ def _decoder_of(receiver):
     return deliver
 
 
+def _nack_of(receiver):
+    """(media SSRC, sequence numbers) -> `receiver` asks its sender for those packets again (an RTCP NACK, as aiortc's
+    receiver sends when it sees a gap); None where this aiortc's receiver has no such method."""
+    send = getattr(receiver, "_send_rtcp_nack", None)
+    if not callable(send):
+        return None
+
+    def nack(ssrc: int, missing: list[int]) -> None:
+        task = asyncio.ensure_future(send(ssrc, missing))  # (the buffer runs in the receiver's packet handler)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # a closed transport: nothing to ask
+    return nack
+
+
 def _is_opus_of(receiver):
     """(payload type) -> whether `receiver` decodes it as Opus (its codecs are known once it receives, not before)."""
     def is_opus(payload_type: int) -> bool:
@@ -308,7 +337,7 @@ def release_frames_at_once(pc: RTCPeerConnection, track) -> bool:
     """Let the receiver of `track` (a track `pc` receives, before its first packet) hand each frame over as soon as it
     is whole (`FrameAtOnceJitterBuffer`): 80 ms less on every audio packet, 40 ms on every video frame
     (`letstalk bench --webrtc` measured both); and a lost packet held the rest back no more than AUDIO_REORDER packets
-    of audio, VIDEO_GAP_S of video, lost Opus audio concealed by libopus. The server's engine keeps its own pace and deadlines; an application
+    of audio, VIDEO_GAP_S of video (asked for again meanwhile), lost Opus audio concealed by libopus. The server's engine keeps its own pace and deadlines; an application
     that plays the SDK's media has its own output buffer. aiortc has no setting for it: this replaces the receiver's
     private buffer, and where a version has none (or it already holds packets) leaves the receiver as it is
     (False)."""
@@ -319,7 +348,7 @@ def release_frames_at_once(pc: RTCPeerConnection, track) -> bool:
                     and isinstance(getattr(buffer, "_is_video", None), bool)):
                 setattr(receiver, JITTER_BUFFER, FrameAtOnceJitterBuffer(
                     capacity=buffer.capacity, is_video=buffer._is_video, deliver=_decoder_of(receiver),
-                    conceal=_is_opus_of(receiver)))
+                    conceal=_is_opus_of(receiver), nack=_nack_of(receiver)))
                 return True
     return False
 

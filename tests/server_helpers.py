@@ -518,30 +518,40 @@ def cut_network(pc) -> int:
 
 class LosePackets:
     """Incoming RTP packets of one kind that a peer connection never gets (a lossy Wi-Fi or cellular link): `count`
-    of them, one each `every` packets of that kind (`lose_packets`). `lost`: the sequence numbers lost so far."""
+    of them, one each `every` packets of that kind (`lose_packets`), and after each the next `retransmissions` RTX
+    packets (the resends a NACK asks for: their payload, which names the packet, is encrypted, so any). `lost`: the
+    sequence numbers lost so far; `lost_rtx`: how many retransmissions."""
 
-    def __init__(self, pc, kind: str, count: int, every: int) -> None:
+    def __init__(self, pc, kind: str, count: int, every: int, retransmissions: int = 0) -> None:
         sdp = pc.remoteDescription.sdp
         section = sdp.split(f"m={kind} ", 1)[1].split("\nm=", 1)[0]
-        self.payload_types = {int(pt) for pt in re.findall(r"a=rtpmap:(\d+) ", section)}
+        self.rtx_types = {int(pt) for pt in re.findall(r"a=rtpmap:(\d+) rtx/", section)}
+        self.payload_types = {int(pt) for pt in re.findall(r"a=rtpmap:(\d+) ", section)} - self.rtx_types
         self.count, self.every, self.seen, self.lost = count, every, 0, []
+        self.retransmissions, self.rtx_to_lose, self.lost_rtx = retransmissions, 0, 0
 
     def drops(self, data: bytes) -> bool:
         if len(data) < 12 or not 128 <= data[0] < 192 or 192 <= data[1] <= 223:  # not RTP (RTCP, DTLS, STUN)
             return False
+        if data[1] & 0x7F in self.rtx_types and self.rtx_to_lose:
+            self.rtx_to_lose -= 1
+            self.lost_rtx += 1
+            return True
         if data[1] & 0x7F not in self.payload_types or len(self.lost) >= self.count:
             return False
         self.seen += 1
         if self.seen % self.every:
             return False
         self.lost.append(int.from_bytes(data[2:4], "big"))
+        self.rtx_to_lose = self.retransmissions
         return True
 
 
-def lose_packets(pc, kind: str, count: int = 3, every: int = 50) -> LosePackets:
-    """Make `pc` lose `count` incoming RTP packets of `kind` ("audio", "video"), one each `every` of them, from now
-    on (its RTP header is in the clear under SRTP); what it receives otherwise is untouched."""
-    loss = LosePackets(pc, kind, count, every)
+def lose_packets(pc, kind: str, count: int = 3, every: int = 50, retransmissions: int = 0) -> LosePackets:
+    """Make `pc` lose `count` incoming RTP packets of `kind` ("audio", "video"), one each `every` of them, and after
+    each the next `retransmissions` retransmitted packets, from now on (its RTP header is in the clear under SRTP);
+    what it receives otherwise is untouched."""
+    loss = LosePackets(pc, kind, count, every, retransmissions)
     connection = pc.getTransceivers()[0].receiver.transport.transport._connection  # the aioice connection under ICE
     for protocol in connection._protocols:
         received = protocol.datagram_received

@@ -466,6 +466,34 @@ def test_audio_packets_lost_on_the_way_leave_the_sdks_sound_and_frames_no_later(
     ends = [c.time + len(c.pcm) / c.sample_rate for c in chunks]  # and none missing: the lost 20 ms concealed
     assert max(abs(b - a) for a, b in zip(ends, times[1:])) < 1e-3, "a gap in the sound where a packet was lost"
 
+def test_a_video_packet_lost_twice_is_asked_for_again_and_no_frame_is_dropped(tiny_pipeline):
+    """A video packet lost on the way to the SDK, and its retransmission lost too: aiortc asks for a lost packet again
+    only when another gap shows, so the SDK waited out `rtc.VIDEO_GAP_S`, dropped the frame, asked for a key frame,
+    and the video froze half a second. Now (`rtc.NACK_AGAIN_S`) it asks again and the second retransmission comes:
+    every frame arrives, none more than a few frames late."""
+    from letstalk_rt.client import AvatarClient
+
+    async def main():
+        async with running_server(tiny_pipeline) as srv, AvatarClient(srv.url) as client:
+            session = await client.start_session()
+            await session.connect()
+            frames, _, readers = collect_media(session, timed=True)
+            await wait_until(lambda: len(frames) >= 50, 20, "2 s of frames")
+            loss = lose_packets(session.pc, "video", count=1, every=10, retransmissions=1)
+            await wait_until(lambda: loss.lost_rtx == 1, 20, "a video packet and its retransmission lost")
+            after = len(frames)
+            await wait_until(lambda: len(frames) >= after + 50, 20, "2 s of frames after the loss")
+            await session.close()
+            await asyncio.gather(*readers)
+            return frames
+
+    frames = run(main())
+    times = [f.time for f in frames]
+    assert max(b - a for a, b in zip(times, times[1:])) < 0.05, "a frame was dropped"  # 25 fps: 0.04 apart
+    arrivals = [f.received_at for f in frames]
+    assert max(b - a for a, b in zip(arrivals, arrivals[1:])) < 0.35, "the video froze"
+
+
 async def _watch(session, **connect) -> tuple[list[dict], list, list[asyncio.Task]]:
     """Connect an SDK session and read it (the move tests): its events as they come, its timed frames (and audio), once
     a second of frames came. -> (events, frames, reading tasks)."""
