@@ -230,7 +230,7 @@ class FrameAtOnceJitterBuffer(JitterBuffer):
 
     def _concealment(self, payload_type: int) -> list[JitterFrame]:
         """Audio, the gap at the origin about to be given up: a TOC-only Opus packet for each frame it lost, at its
-        timestamp (from the packets either side, evenly spaced). None where the payload is not Opus, no packet came
+        timestamp (from the packets either side, evenly spaced). No packet where the payload is not Opus, no packet came
         before, or the timestamps do not fit whole frames (a sender that paused in between, DTX)."""
         if self._is_video or self._deliver is None or self._last is None or not (
                 self._conceal and self._conceal(payload_type)):
@@ -335,12 +335,12 @@ def _is_opus_of(receiver):
 
 def release_frames_at_once(pc: RTCPeerConnection, track) -> bool:
     """Let the receiver of `track` (a track `pc` receives, before its first packet) hand each frame over as soon as it
-    is whole (`FrameAtOnceJitterBuffer`): 80 ms less on every audio packet, 40 ms on every video frame
-    (`letstalk bench --webrtc` measured both); and a lost packet held the rest back no more than AUDIO_REORDER packets
-    of audio, VIDEO_GAP_S of video (asked for again meanwhile), lost Opus audio concealed by libopus. The server's engine keeps its own pace and deadlines; an application
-    that plays the SDK's media has its own output buffer. aiortc has no setting for it: this replaces the receiver's
-    private buffer, and where a version has none (or it already holds packets) leaves the receiver as it is
-    (False)."""
+    is whole (`FrameAtOnceJitterBuffer`): 80 ms less on every audio packet, 40 ms on every video frame (`letstalk bench
+    --webrtc` measured both); and a lost packet held the rest back no more than AUDIO_REORDER packets of audio,
+    VIDEO_GAP_S of video (asked for again meanwhile), lost Opus audio concealed by libopus. The server's engine keeps
+    its own pace and deadlines; an application that plays the SDK's media has its own output buffer. aiortc has no
+    setting for it: this replaces the receiver's private buffer, and where a version has none (or it already holds
+    packets) leaves the receiver as it is (False)."""
     for receiver in pc.getReceivers():
         if track is not None and receiver.track is track:
             buffer = getattr(receiver, JITTER_BUFFER, None)

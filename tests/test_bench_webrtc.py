@@ -426,7 +426,8 @@ def test_released_receivers_hand_each_frame_over_as_soon_as_it_is_whole():
         buffers = [{r.track.kind: getattr(r, "_RTCRtpReceiver__jitter_buffer") for r in pc.getReceivers()}
                    for pc in servers]
         for buffer in buffers[0].values():  # released: it puts frames on the receiver's decoder queue itself ...
-            assert buffer._deliver is not None
+            assert buffer._deliver is not None and buffer._nack is not None
+            assert buffer._conceal is not None and not buffer._conceal(96)  # (no codecs yet: nothing is Opus)
             buffer._deliver = None  # ... here handed back from add(), as aiortc's are, to be compared
         got = [(handed_over(b["audio"], audio), handed_over(b["video"], video)) for b in buffers]
         for pc in [client, *servers]:
@@ -590,7 +591,7 @@ def test_a_lost_retransmission_is_asked_for_again(monkeypatch):
         out, plis, asked = [], 0, []
         later: dict[int, list] = {}  # tick -> packets arriving then besides that tick's own
 
-        def nack(ssrc, missing):  # the sender answers a tick (40 ms) later; its first answer, to aiortc's NACK, was lost
+        def nack(ssrc, missing):  # the sender answers a tick (40 ms) later (its answer to aiortc's NACK was lost)
             asked.append(missing)
             later.setdefault(round(clock[0] / 0.04) + 1, []).extend(_rtp(seq, 3600 * seq) for seq in missing)
 
