@@ -413,6 +413,45 @@ def _to_rgb(im: Any, background: tuple[int, int, int] = WHITE) -> np.ndarray:
     return np.array(im.convert("RGB"), dtype=np.uint8)
 
 
+PHOTO_DECODE_SIDE = 2048  # a JPEG photo over twice this on its longest side is decoded scaled down to 1..2x this
+# (libjpeg's 1/2, 1/4 or 1/8 as it decodes): a portrait keeps at most framing.MAX_PHOTO_SIDE of it, and a phone's
+# 48-200 megapixel photo decoded whole cost seconds and gigabytes (108 MP: 2.8 GB, 10 s for `letstalk generate`)
+
+
+@contextlib.contextmanager
+def open_photo(source: str | Path | io.BytesIO, formats: Iterable[str] | None = None) -> Iterator[Any]:
+    """Pillow's `Image.open` for a photo, nothing decoded yet: a large JPEG set to decode scaled down (its `size` then
+    says the size it decodes to, PHOTO_DECODE_SIDE); Pillow's warning that a large image may be a decompression bomb
+    left out, and its error (over Pillow's MAX_IMAGE_PIXELS x 2) raised only where the size it decodes to is still
+    over MAX_IMAGE_PIXELS (a 200 MP phone photo is not; a small file claiming a huge size still is)."""
+    import warnings
+
+    from PIL import Image, JpegImagePlugin
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(source, formats=formats)
+        except Image.DecompressionBombError as bomb:
+            if formats is not None and "JPEG" not in formats:
+                raise
+            if isinstance(source, io.BytesIO):
+                source.seek(0)
+            try:
+                im = JpegImagePlugin.JpegImageFile(source)  # the same decoder, without the check on the whole size
+            except SyntaxError:  # not a JPEG: what Image.open said
+                raise bomb from None
+    with im:
+        w, h = im.size
+        if im.format == "JPEG" and max(w, h) >= 2 * PHOTO_DECODE_SIDE:
+            k = PHOTO_DECODE_SIDE / max(w, h)
+            im.draft(None, (max(1, int(w * k)), max(1, int(h * k))))
+        if Image.MAX_IMAGE_PIXELS and im.size[0] * im.size[1] > 2 * Image.MAX_IMAGE_PIXELS:
+            raise Image.DecompressionBombError(f"image size ({im.size[0]}x{im.size[1]} pixels to decode) exceeds the "
+                                               f"limit of {2 * Image.MAX_IMAGE_PIXELS} pixels")
+        yield im
+
+
 def upright_image(im: Any, background: tuple[int, int, int] = WHITE) -> np.ndarray:
     """A decoded Pillow image -> uint8 (H, W, 3) RGB, upright: its EXIF orientation applied (a phone portrait is
     stored sideways with a tag saying so), then converted as `_to_rgb` converts."""
@@ -445,15 +484,15 @@ def load_image(path: str | Path, background: tuple[int, int, int] = WHITE) -> np
     """Read a still image -> uint8 (H, W, 3) RGB (grayscale, palette, alpha and 16-bit converted; what is transparent
     goes on `background`, white by default: a key colour for an overlay to key out).
 
-    The EXIF orientation is applied, so a phone portrait comes out upright. InputError for a missing
-    file or a file Pillow cannot decode.
+    The EXIF orientation is applied, so a phone portrait comes out upright; a large JPEG comes scaled down as it is
+    decoded (`open_photo`). InputError for a missing file or a file Pillow cannot decode.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     path = Path(path)
     check_readable(path, "image", IMAGE_HINT)
     try:
-        with Image.open(path) as im:
+        with open_photo(path) as im:
             im.load()
             rgb = upright_image(im, background)
     except UnidentifiedImageError:

@@ -56,8 +56,8 @@ from letstalk_rt.aio import wait_for
 from letstalk_rt.cli import check_live_args, check_sampling_args, live_config, pipeline_kwargs, resolve_devices
 from letstalk_rt.errors import InputError, LetsTalkError, NoFaceError, OutputError
 from letstalk_rt.framing import FRAMING, MAX_PHOTO_SIDE, check_framing
-from letstalk_rt.media import (LIVE_FORMATS, WHITE, check_live_url, decode_audio, not_an_image, parse_colour,
-                               redact_url, upright_image)
+from letstalk_rt.media import (LIVE_FORMATS, WHITE, check_live_url, decode_audio, not_an_image, open_photo,
+                               parse_colour, redact_url, upright_image)
 from letstalk_rt.rtc import bridged_host_addresses, selected_route
 from letstalk_rt.stream import CapacityError, EnginePool, FileSource, StreamEngine, TextSource, run_off_loop
 from letstalk_rt.stream.engine import Session, SessionClosedError
@@ -413,8 +413,8 @@ def decode_image(data: bytes, max_pixels: int, background: tuple[int, int, int] 
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as img:
-            w, h = img.size  # read from the header: nothing is decoded yet
+        with open_photo(io.BytesIO(data), formats=UPLOAD_FORMATS) as img:
+            w, h = img.size  # what will be decoded (a large JPEG scaled down as it decodes): nothing is decoded yet
             if w * h > max_pixels:
                 raise ImageTooLarge(f"the portrait is {w}x{h} pixels; at most {max_pixels // 1_000_000} megapixels")
             return upright_image(img, background)  # writable (H, W, 3) uint8

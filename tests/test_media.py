@@ -260,6 +260,36 @@ def test_load_image_applies_exif_rotation(tmp_path):
     assert load_image(tmp_path / "phone.jpg").shape == (40, 20, 3)
 
 
+def test_a_large_jpeg_is_decoded_scaled_down_and_only_a_bomb_is_refused(tmp_path, monkeypatch):
+    """A phone's 48-200 megapixel photo: a JPEG is decoded scaled down by libjpeg as it decodes (to 1..2x
+    PHOTO_DECODE_SIDE: a portrait keeps 1280 px at most), upright, with no warning printed; Pillow refused one over
+    2 x MAX_IMAGE_PIXELS outright ("could be decompression bomb DOS attack") and decoded one over MAX_IMAGE_PIXELS whole
+    (108 MP: 2.8 GB). A PNG, which cannot be decoded scaled down, is still refused past Pillow's limit, and so is a
+    JPEG still too large at 1/8. Here at a small scale: the limits lowered, a 512 px photo for a 200 MP one."""
+    import warnings
+
+    from letstalk_rt import media
+
+    monkeypatch.setattr(media, "PHOTO_DECODE_SIDE", 64)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50_000)  # refused outright over 100 000 px (a 512 x 384 photo)
+    rgb = np.zeros((384, 512, 3), np.uint8)
+    rgb[:, :256] = (200, 30, 30)  # left half red: the picture is kept, only smaller
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a phone's portrait: stored sideways
+    Image.fromarray(rgb).save(tmp_path / "phone.jpg", quality=95, exif=exif)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no DecompressionBombWarning either
+        photo = load_image(tmp_path / "phone.jpg")
+    assert photo.shape == (64, 48, 3)  # 1/8 of 512 x 384 (64..128 on its longest side), turned upright
+    assert photo[:24].mean(axis=(0, 1))[0] > 150 and photo[-24:].mean() < 40  # the red half on top, once turned
+    Image.fromarray(rgb).save(tmp_path / "big.png")
+    with pytest.raises(InputError, match="big.png.*decompression bomb"):
+        load_image(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)  # 1/8 of it, 64 x 48, still over 2 000 px
+    with pytest.raises(InputError, match="phone.jpg.*exceeds"):
+        load_image(tmp_path / "phone.jpg")
+
+
 def test_load_image_truncated_png(tmp_path):
     from skimage import data
 

@@ -767,6 +767,27 @@ def test_admission_refuses_at_once_past_the_cap_and_reserves_before_work(tiny_pi
     run(main())
 
 
+def test_an_uploaded_jpeg_over_the_pixel_limit_is_taken_scaled_down_a_png_is_refused(monkeypatch):
+    """`--max-image-pixels` (40 MP) bounds what a portrait decodes to: a phone's 48 MP JPEG was refused (413) though
+    libjpeg decodes it scaled down as it reads (`media.open_photo`), to less than the limit; now it is taken, scaled
+    down. A PNG over the limit is still refused, before anything is decoded. Here at a small scale."""
+    from PIL import Image
+
+    from letstalk_rt import media
+    from server.app import ImageTooLarge, decode_image
+
+    monkeypatch.setattr(media, "PHOTO_DECODE_SIDE", 64)
+    rgb = np.random.default_rng(0).integers(0, 255, (384, 512, 3), dtype=np.uint8)
+    jpeg, png = io.BytesIO(), io.BytesIO()
+    Image.fromarray(rgb).save(jpeg, format="JPEG")
+    Image.fromarray(rgb).save(png, format="PNG")
+    assert decode_image(jpeg.getvalue(), max_pixels=10_000).shape == (48, 64, 3)  # 1/8: 3072 pixels decoded
+    with pytest.raises(ImageTooLarge, match="512x384 pixels; at most"):
+        decode_image(png.getvalue(), max_pixels=10_000)
+    with pytest.raises(ImageTooLarge, match="64x48 pixels"):  # still over at 1/8
+        decode_image(jpeg.getvalue(), max_pixels=3_000)
+
+
 def test_session_creation_errors_are_clear_json(tiny_pipeline, astronaut_png):
     async def main():
         async with running_server(tiny_pipeline, max_upload_mb=0.5) as srv, aiohttp.ClientSession() as http:
