@@ -56,7 +56,7 @@ SAMPLE_RATE = 16000  # Hz: every audio path converts to this
 FPS = 25  # video frames per second: each frame owns SAMPLE_RATE // FPS = 640 samples
 
 AUDIO_HINT = "give a WAV/MP3/M4A/OGG/FLAC file (or a video with an audio track)"
-IMAGE_HINT = "give a PNG/JPEG/WEBP/BMP photo"
+IMAGE_HINT = "give a PNG/JPEG/HEIC/WEBP/BMP photo"
 
 # What PyAV raises for bad media: FFmpegError and its subclasses (also OSError / ValueError subclasses),
 # plus plain Python errors from its frame conversions.
@@ -418,6 +418,17 @@ PHOTO_DECODE_SIDE = 2048  # a JPEG photo over twice this on its longest side is 
 # 48-200 megapixel photo decoded whole cost seconds and gigabytes (108 MP: 2.8 GB, 10 s for `letstalk generate`)
 
 
+@functools.cache
+def read_heif() -> bool:
+    """Let Pillow open HEIF/HEIC photos (an iPhone's; `pi-heif`, libheif's decoder alone), once; False without it."""
+    try:
+        from pi_heif import register_heif_opener
+    except ImportError:
+        return False
+    register_heif_opener()
+    return True
+
+
 @contextlib.contextmanager
 def open_photo(source: str | Path | io.BytesIO, formats: Iterable[str] | None = None) -> Iterator[Any]:
     """Pillow's `Image.open` for a photo, nothing decoded yet: a large JPEG set to decode scaled down (its `size` then
@@ -428,6 +439,7 @@ def open_photo(source: str | Path | io.BytesIO, formats: Iterable[str] | None = 
 
     from PIL import Image, JpegImagePlugin
 
+    read_heif()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
@@ -463,9 +475,24 @@ def upright_image(im: Any, background: tuple[int, int, int] = WHITE) -> np.ndarr
 VIDEO_FRAME_HINT = " (a frame of a video: ffmpeg -i VIDEO -frames:v 1 face.png)"
 
 
+HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1", b"avif", b"avis"}  # ISO
+# 23008-12 / AV1 image file brands, in the `ftyp` box that opens a HEIF (an iPhone's HEIC photo, AVIF)
+
+
+def _head(path: str, size: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(size)
+    except OSError:
+        return b""
+
+
 def not_an_image(source: str | io.BytesIO) -> str | None:
     """What a file Pillow could not read holds instead, when FFmpeg knows: "a video (H264)", "audio (OPUS)"; else
     None. For the error that tells someone they gave the wrong file (a clip instead of its still, the speech)."""
+    head = source.getvalue()[:12] if isinstance(source, io.BytesIO) else _head(source, 12)
+    if head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS:  # a photo (FFmpeg calls it a video), corrupt or its
+        return None  # decoder not installed (pi-heif)
     try:
         with av.open(source) as container:
             name = container.format.name

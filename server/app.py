@@ -104,7 +104,8 @@ SESSION_FIELDS = ("portrait", "avatar_id", "seed", "steps", "full_frame", "frami
 RENDER_FIELDS = (*SESSION_FIELDS[:-1], "audio", "text", "rate", "pitch", "queue")  # queue: wait for a slot
 FILE_FIELDS = ("portrait", "audio")  # multipart files; every other field is a short text
 AVATAR_FIELDS = ("portrait", "id", "name", "background")  # POST /v1/avatars
-UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP")  # what the docs promise; Pillow's other decoders are never reached
+UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP", "HEIF")  # what the docs promise (HEIF: an iPhone's HEIC, with pi-heif);
+# Pillow's other decoders are never reached
 
 
 # --------------------------------------------------------------------------------------------------
@@ -335,8 +336,8 @@ async def create_avatar(request: web.Request) -> web.Response:
     fields = await read_in_time(request, _read_fields(request, AVATAR_FIELDS))
     upload = fields.get("portrait")
     if not upload:
-        raise api_error(422, "upload the avatar's portrait as multipart/form-data, field `portrait` (JPEG, PNG or "
-                             "WebP)" + (": it is empty" if upload is not None else ""))
+        raise api_error(422, "upload the avatar's portrait as multipart/form-data, field `portrait` (JPEG, PNG, "
+                             "HEIC or WebP)" + (": it is empty" if upload is not None else ""))
     name = _checked_field(fields, "name", check_name)
     background = _checked_field(fields, "background", lambda v: parse_colour(v, "`background`"))
     try:
@@ -407,9 +408,9 @@ class ImageTooLarge(InputError):
 
 
 def decode_image(data: bytes, max_pixels: int, background: tuple[int, int, int] = WHITE) -> np.ndarray:
-    """Uploaded JPEG / PNG / WebP bytes -> (H, W, 3) uint8 RGB, upright (a phone photo's EXIF orientation applied,
-    transparency on `background`, white unless the request names a key colour, as `letstalk generate` reads files);
-    ImageTooLarge, or InputError (not one of those)."""
+    """Uploaded JPEG / PNG / HEIC / WebP bytes -> (H, W, 3) uint8 RGB, upright (a phone photo's EXIF orientation
+    applied, transparency on `background`, white unless the request names a key colour, as `letstalk generate` reads
+    files); ImageTooLarge, or InputError (not one of those)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -421,7 +422,7 @@ def decode_image(data: bytes, max_pixels: int, background: tuple[int, int, int] 
     except UnidentifiedImageError:
         kind = not_an_image(io.BytesIO(data))  # a clip or the speech sent as the portrait: say so
         raise InputError(f"`portrait` is {kind or 'not an image this server can read'}"
-                         f"{', not a photo' if kind else ''} (send JPEG, PNG or WebP)") from None
+                         f"{', not a photo' if kind else ''} (send JPEG, PNG, HEIC or WebP)") from None
     except Image.DecompressionBombError as e:
         raise ImageTooLarge(f"the portrait is too large to decode: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:  # truncated / corrupt files (Pillow raises all three)

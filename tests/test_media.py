@@ -290,6 +290,23 @@ def test_a_large_jpeg_is_decoded_scaled_down_and_only_a_bomb_is_refused(tmp_path
         load_image(tmp_path / "phone.jpg")
 
 
+def test_an_iphones_heic_photo_is_read_and_a_cut_one_is_not_called_a_video(tmp_path):
+    """An iPhone saves its photos as HEIC (HEIF holding HEVC): Pillow cannot read it, so it was refused, and FFmpeg,
+    asked what the file held, called it "a video (HEVC), not a photo". Now it is read (pi-heif), and a cut one is said
+    to be undecodable, not a video. (fixtures/portrait.heic: the bundled portrait at 160 px, saved as HEIC.)"""
+    from letstalk_rt.media import not_an_image
+
+    photo = load_image(FIXTURES / "portrait.heic")
+    png = np.asarray(Image.open(ASSETS / "portrait.png").convert("RGB").resize((160, 160), Image.LANCZOS), float)
+    assert photo.shape == (160, 160, 3)
+    assert 10 * np.log10(255 ** 2 / np.mean((photo - png) ** 2)) > 35  # the same picture (HEVC at quality 90)
+    (tmp_path / "cut.heic").write_bytes((FIXTURES / "portrait.heic").read_bytes()[:3000])
+    with pytest.raises(InputError, match=r"cut.heic' (could not be decoded|is not an image).*PNG/JPEG/HEIC") as e:
+        load_image(tmp_path / "cut.heic")
+    assert "video" not in str(e.value)
+    assert not_an_image(str(FIXTURES / "portrait.heic")) is None
+
+
 def test_load_image_truncated_png(tmp_path):
     from skimage import data
 

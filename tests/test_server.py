@@ -770,7 +770,8 @@ def test_admission_refuses_at_once_past_the_cap_and_reserves_before_work(tiny_pi
 def test_an_uploaded_jpeg_over_the_pixel_limit_is_taken_scaled_down_a_png_is_refused(monkeypatch):
     """`--max-image-pixels` (40 MP) bounds what a portrait decodes to: a phone's 48 MP JPEG was refused (413) though
     libjpeg decodes it scaled down as it reads (`media.open_photo`), to less than the limit; now it is taken, scaled
-    down. A PNG over the limit is still refused, before anything is decoded. Here at a small scale."""
+    down. A PNG over the limit is still refused, before anything is decoded. Here at a small scale. And an iPhone's
+    HEIC photo is taken."""
     from PIL import Image
 
     from letstalk_rt import media
@@ -786,6 +787,8 @@ def test_an_uploaded_jpeg_over_the_pixel_limit_is_taken_scaled_down_a_png_is_ref
         decode_image(png.getvalue(), max_pixels=10_000)
     with pytest.raises(ImageTooLarge, match="64x48 pixels"):  # still over at 1/8
         decode_image(jpeg.getvalue(), max_pixels=3_000)
+    heic = (FIXTURES.parent / "portrait.heic").read_bytes()  # an iPhone's photo: taken (pi-heif), was 415
+    assert decode_image(heic, max_pixels=10**6).shape == (160, 160, 3)
 
 
 def test_session_creation_errors_are_clear_json(tiny_pipeline, astronaut_png):
@@ -813,7 +816,7 @@ def test_session_creation_errors_are_clear_json(tiny_pipeline, astronaut_png):
             cases = [
                 ({"portrait": b"this is not an image"}, 415, "not an image"),
                 ({"portrait": bytes(corrupt)}, 415, "corrupt"),
-                ({"portrait": bmp.getvalue()}, 415, "JPEG, PNG or WebP"),
+                ({"portrait": bmp.getvalue()}, 415, "JPEG, PNG, HEIC or WebP"),
                 ({"portrait": (FIXTURES.parent / "video_no_audio.mp4").read_bytes()}, 415,
                  "is a video (H264), not a photo"),  # a clip sent where its still belongs: said so
                 ({"portrait": _png(noise)}, 422, "face"),
