@@ -476,9 +476,7 @@ def test_a_video_packet_lost_twice_is_asked_for_again_and_no_frame_is_dropped(ti
     async def main():
         async with running_server(tiny_pipeline) as srv, AvatarClient(srv.url) as client:
             session = await client.start_session()
-            await session.connect()
-            frames, _, readers = collect_media(session, timed=True)
-            await wait_until(lambda: len(frames) >= 50, 20, "2 s of frames")
+            _, frames, readers = await _watch(session)
             loss = lose_packets(session.pc, "video", count=1, every=10, retransmissions=1)
             await wait_until(lambda: loss.lost_rtx == 1, 20, "a video packet and its retransmission lost")
             after = len(frames)
