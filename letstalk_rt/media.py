@@ -455,7 +455,7 @@ def open_photo(source: str | Path | io.BytesIO, formats: Iterable[str] | None = 
                 raise bomb from None
     with im:
         w, h = im.size
-        if im.format == "JPEG" and max(w, h) >= 2 * PHOTO_DECODE_SIDE:
+        if isinstance(im, JpegImagePlugin.JpegImageFile) and max(w, h) >= 2 * PHOTO_DECODE_SIDE:  # (MPO too)
             k = PHOTO_DECODE_SIDE / max(w, h)
             im.draft(None, (max(1, int(w * k)), max(1, int(h * k))))
         if Image.MAX_IMAGE_PIXELS and im.size[0] * im.size[1] > 2 * Image.MAX_IMAGE_PIXELS:
