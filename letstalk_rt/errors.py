@@ -35,7 +35,7 @@ class Stopped(KeyboardInterrupt):
 # The import names of the `[engine]` extra's packages (pyproject.toml), with the name pip installs each by: what a
 # torch-free install (`pip install letstalk-rt`: the SDK, `letstalk camera --server`) lacks.
 ENGINE_PACKAGES = {"torch": "torch", "einops": "einops", "safetensors": "safetensors", "transformers": "transformers",
-                   "skimage": "scikit-image", "tqdm": "tqdm"}
+                   "skimage": "scikit-image", "tqdm": "tqdm", "pi_heif": "pi-heif"}
 
 
 class EngineNotInstalledError(LetsTalkError, ModuleNotFoundError):
