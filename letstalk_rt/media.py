@@ -434,7 +434,7 @@ def open_photo(source: str | Path | io.BytesIO, formats: Iterable[str] | None = 
     """Pillow's `Image.open` for a photo, nothing decoded yet: a large JPEG set to decode scaled down (its `size` then
     says the size it decodes to, PHOTO_DECODE_SIDE); Pillow's warning that a large image may be a decompression bomb
     left out, and its error (over Pillow's MAX_IMAGE_PIXELS x 2) raised only where the size it decodes to is still
-    over MAX_IMAGE_PIXELS (a 200 MP phone photo is not; a small file claiming a huge size still is)."""
+    over that (a 200 MP phone photo's is not; a small file claiming a huge size still is)."""
     import warnings
 
     from PIL import Image, JpegImagePlugin
