@@ -193,6 +193,9 @@ def lossy_receivers(fraction: float, seed: int = 0):
     import random
 
     lost: dict = {}
+    if not fraction:
+        yield lost
+        return
     draw = random.Random(seed).random
 
     def wrap(original):
@@ -203,9 +206,6 @@ def lossy_receivers(fraction: float, seed: int = 0):
             return await original(self, packet, *args, **kwargs)
         return handle
 
-    if not fraction:
-        yield lost
-        return
     with _around_received_packets(wrap) as wrapped:
         if not wrapped:
             log.warning("--loss: this aiortc has no receiver packet handler to wrap; nothing is lost")

@@ -236,13 +236,15 @@ class FrameAtOnceJitterBuffer(JitterBuffer):
                 self._conceal and self._conceal(payload_type)):
             return []
         seq, timestamp = self._last
-        for count in range(1, self.capacity):  # the first packet after the gap
+        if uint16_add(seq, 1) != self._origin:  # the gap does not start right after the last packet handed over
+            return []
+        for count in range(2, self.capacity):  # the first packet after the gap (the origin is missing)
             after = self._packets[uint16_add(seq, count) % self.capacity]
             if after is not None:
                 break
         else:
             return []
-        if uint16_add(seq, 1) != self._origin or not after._data:
+        if not after._data:
             return []
         frame = opus_frame_samples(after._data[0])
         span = (after.timestamp - timestamp) % (1 << 32)  # the lost packets' samples and the one before's

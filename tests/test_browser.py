@@ -914,6 +914,7 @@ def test_the_browser_plays_the_avatars_picture_and_sound_within_a_frame_of_each_
     assert result["summary"]["samples"] == len(rows)
     assert all(r["video_target_ms"] == 40 for r in result["rows"])  # the page asks it (app.js VIDEO_BUFFER_MS)
 
+
 def test_the_page_makes_a_clip_of_the_typed_text_on_the_server(tiny_pipeline, tmp_path):
     """"Make a clip" with text typed and no session started: the server makes the video (POST /v1/renders) and the
     page shows it, playable, under the avatar with a link to download it: the server's MP4, whole."""
