@@ -1,6 +1,6 @@
 """Lip sync as a browser plays it: the avatar's picture against its sound at Chromium's playout, second by second.
 
-    python scripts/browser_sync.py [--url URL] [--seconds 60] [--json out.json]
+    python scripts/browser_sync.py [--url URL] [--seconds 60] [--loss PERCENT] [--json out.json]
 
 `letstalk bench --webrtc` measures the offset where the SDK hands frames and audio over and where they come off the
 wire; a browser then holds each in a buffer of its own (its audio jitter buffer, NetEq, ~30-60 ms; its video's, a few
@@ -13,8 +13,15 @@ video buffer the page asked for (`jitterBufferTarget`, app.js's VIDEO_BUFFER_MS)
 The index page (`?autostart=1&source=mic`) in headless Chromium (Debian's, through playwright, as the tests drive it),
 its fake microphone playing the bundled speech, against `--url` (a running server) or a server started here on the
 bundled model. Prints one JSON line a second, then a summary: when the offset settled (the first second from which it
-stays within +-20 ms), its median and largest size after that, and each minute's largest. The figures of 2026-12-07
-are in docs/benchmarks.md ("Lip sync as the browser plays it").
+stays within +-20 ms), its median and largest size after that, and each minute's largest; and what the browser counted
+of a lossy link: the video's freezes (Chromium's `freezeCount`, `totalFreezesDuration`), the frames it dropped, the
+packets it lost and asked for again (NACK) or asked a key frame for (PLI), the share of its sound it concealed.
+
+`--loss P` (a server started here): the server's UDP sockets lose P % of the RTP packets each way, at random (seeded),
+the avatar's to the browser and the browser's microphone to the server; RTCP, STUN and DTLS pass. This machine has no
+netem; the loss is at the sockets of the server's process, under SRTP, where a lossy Wi-Fi or cellular link loses them.
+The figures of 2026-12-07 are in docs/benchmarks.md ("Lip sync as the browser plays it", and "A lost packet no longer
+delays the rest of the call").
 """
 
 from __future__ import annotations
@@ -40,7 +47,10 @@ STATS_JS = """async () => {
   const out = {};
   (await pc.getStats()).forEach((r) => {
     if (r.type === 'inbound-rtp') out[r.kind] = {playout: r.estimatedPlayoutTimestamp ?? null,
-      delay: r.jitterBufferDelay ?? 0, emitted: r.jitterBufferEmittedCount ?? 0};
+      delay: r.jitterBufferDelay ?? 0, emitted: r.jitterBufferEmittedCount ?? 0, lost: r.packetsLost ?? 0,
+      received: r.packetsReceived ?? 0, nacks: r.nackCount ?? 0, plis: r.pliCount ?? 0,
+      freezes: r.freezeCount ?? 0, frozen_s: r.totalFreezesDuration ?? 0, decoded: r.framesDecoded ?? 0,
+      dropped: r.framesDropped ?? 0, concealed: r.concealedSamples ?? 0, samples: r.totalSamplesReceived ?? 0};
   });
   const video = pc.getReceivers().find((r) => r.track?.kind === 'video');
   if (out.video) out.video.target = video?.jitterBufferTarget ?? null;  // what the page asked of its buffer
@@ -64,6 +74,59 @@ def summary(rows: list[dict]) -> dict:
             "abs_max_ms_after": round(float(np.abs(after).max()), 1) if len(after) else None,
             "first_abs_max_ms": round(float(np.abs(offsets[:max(settled, 1)]).max()), 1),
             "abs_max_ms_by_minute": [round(m, 1) for m in minutes]}
+
+
+def is_rtp(data: bytes) -> bool:
+    """An RTP packet (SRTP leaves its header in the clear), not RTCP, STUN or DTLS on the same socket (RFC 7983, and
+    RFC 5761 for RTCP's packet types 192-223)."""
+    return len(data) >= 12 and 128 <= data[0] < 192 and not 192 <= data[1] <= 223
+
+
+@contextlib.contextmanager
+def lossy_sockets(percent: float, seed: int = 0):
+    """While open, the UDP sockets of this process's ICE connections (aioice's) lose `percent` % of the RTP packets
+    each way, drawn at random (seeded). Yields {"sent": n, "received": n} lost."""
+    import random
+
+    from aioice.ice import StunProtocol
+
+    lost = {"sent": 0, "received": 0}
+    draw = random.Random(seed).random
+    send, received = StunProtocol.send_data, StunProtocol.datagram_received
+
+    async def send_data(self, data, addr):
+        if is_rtp(data) and draw() * 100 < percent:
+            lost["sent"] += 1
+            return
+        await send(self, data, addr)
+
+    def datagram_received(self, data, addr):
+        if is_rtp(data) and draw() * 100 < percent:
+            lost["received"] += 1
+            return
+        received(self, data, addr)
+
+    if percent:
+        StunProtocol.send_data, StunProtocol.datagram_received = send_data, datagram_received
+    try:
+        yield lost
+    finally:
+        StunProtocol.send_data, StunProtocol.datagram_received = send, received
+
+
+def link(stats: dict | None) -> dict:
+    """What the browser counted of the link, from its last getStats: lost packets, NACKs and PLIs it sent, the video's
+    freezes (Chromium counts a frame that came 150 ms or 3 frames' time later than the mean as one) and dropped
+    frames, the share of its sound it concealed."""
+    audio, video = (stats or {}).get("audio") or {}, (stats or {}).get("video") or {}
+    if not audio or not video:
+        return {}
+    return {"audio_packets_lost": audio["lost"], "audio_packets_received": audio["received"],
+            "audio_concealed_pct": round(100 * audio["concealed"] / audio["samples"], 2) if audio["samples"] else None,
+            "video_packets_lost": video["lost"], "video_packets_received": video["received"],
+            "nacks_sent": video["nacks"] + audio["nacks"], "plis_sent": video["plis"],
+            "frames_decoded": video["decoded"], "frames_dropped": video["dropped"],
+            "freezes": video["freezes"], "frozen_s": round(video["frozen_s"], 3)}
 
 
 async def measure(url: str, seconds: float, workdir: Path, out=print) -> dict:
@@ -106,7 +169,7 @@ async def measure(url: str, seconds: float, workdir: Path, out=print) -> dict:
                 await asyncio.sleep(1.0)
         finally:
             await context.close()
-    result = summary(rows)
+    result = {**summary(rows), "link": link(last)}
     out(json.dumps({"summary": result}))
     return {"rows": rows, "summary": result}
 
@@ -131,14 +194,24 @@ async def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default=None, help="a running server (default: one started here on the bundled model)")
     p.add_argument("--seconds", type=float, default=60.0, help="how long to read the offset (default 60)")
+    p.add_argument("--loss", type=float, default=0.0, metavar="PERCENT",
+                   help="a server started here loses this share of the RTP packets each way (default 0)")
     p.add_argument("--json", type=Path, default=None, help="also write every second's figures and the summary here")
     args = p.parse_args()
+    if args.loss and args.url:
+        p.error("--loss needs the server started here (no --url)")
+    if not 0 <= args.loss < 100:
+        p.error(f"--loss {args.loss:g}: give a percentage, 0 up to 100")
     with tempfile.TemporaryDirectory() as tmp:
         if args.url:
             result = await measure(args.url.rstrip("/"), args.seconds, Path(tmp))
         else:
-            async with bundled_server() as url:
-                result = await measure(url, args.seconds, Path(tmp))
+            with lossy_sockets(args.loss) as lost:
+                async with bundled_server() as url:
+                    result = await measure(url, args.seconds, Path(tmp))
+            if args.loss:
+                result["summary"]["server_lost"] = lost
+                print(json.dumps({"server_lost": lost}))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
 

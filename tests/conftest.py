@@ -118,9 +118,18 @@ def write_mkv_dropping_audio(path: Path, frames: list[np.ndarray] | np.ndarray, 
 
 def client_example(name: str):
     """client_examples/NAME.py imported as a module (its `run`, `parse_args`...), as a user's copy would run it."""
+    return _imported("client_examples", name)
+
+
+def script(name: str):
+    """scripts/NAME.py imported as a module (its functions, as the script runs them)."""
+    return _imported("scripts", name)
+
+
+def _imported(folder: str, name: str):
     import importlib.util
 
-    path = Path(__file__).resolve().parent.parent / "client_examples" / f"{name}.py"
+    path = Path(__file__).resolve().parent.parent / folder / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -31,7 +31,7 @@ from aiortc.mediastreams import MediaStreamError
 
 from ..aio import wait_for
 from ..media import pcm16
-from ..rtc import OPUS_PACKET, OPUS_RATE, OpusFramer, bitstream_encoder, is_keyframe
+from ..rtc import OPUS_PACKET, OPUS_RATE, OpusFramer, bitstream_encoder, is_keyframe, opus_encoder
 
 if TYPE_CHECKING:
     from .engine import AVFrame, Session
@@ -252,17 +252,16 @@ class AvatarAudioTrack(_SessionTrack):
 
 
 class SharedAudioEncoder:
-    """A session's sound encoded once every 20 ms for all of its peers, by aiortc's own Opus encoder (48 kHz stereo,
-    as `rtc.OpusFramer` hands it over without delay). Opus needs no key frames: a peer may start at any packet, and a
+    """A session's sound encoded once every 20 ms for all of its peers, by aiortc's own Opus encoder with in-band FEC
+    on (`rtc.opus_encoder`: a peer that lost a packet decodes it from the next one; 48 kHz stereo, as
+    `rtc.OpusFramer` hands it over without delay). Opus needs no key frames: a peer may start at any packet, and a
     peer that misses some conceals them as after a loss on the network."""
 
     HISTORY = 50  # encoded packets kept (1 s) for a peer a little behind the first
 
     def __init__(self) -> None:
-        from aiortc.codecs.opus import OpusEncoder
-
         self._framer = OpusFramer()
-        self._encoder = OpusEncoder()
+        self._encoder = opus_encoder()
         self.encoded: dict[int, bytes] = {}  # packet index -> its Opus packet, ascending
         self.last_packet = -1
         self.packets_encoded = 0
