@@ -34,8 +34,11 @@ decoded).
 `connect(audio_track=track)` sends a local aiortc audio track (a microphone, a file player; any rate, channel count
 and sample format) as the session's speech instead of (or besides) `send_audio`. It goes through `rtc.OpusAudioTrack`,
 as the server's own audio does: aiortc's Opus encoder alone holds each packet of a non-48 kHz track back 20 ms, and
-refuses float audio. Server errors become exceptions carrying the server's message: `AuthenticationError` (401),
-`ServerBusyError` (503, `.retry_after`), `SessionNotFoundError` (404; `AvatarNotFoundError` for an avatar,
+refuses float audio; and it is encoded with in-band FEC (`rtc.opus_encoder`), from which the server decodes a packet
+lost on the way, as the SDK does with the avatar's sound.
+
+Server errors become exceptions carrying the server's message: `AuthenticationError` (401), `ServerBusyError` (503,
+`.retry_after`), `SessionNotFoundError` (404; `AvatarNotFoundError` for an avatar,
 `RecordingNotFoundError` for a recording or its captions), `RenderFailedError` (a render that ended without a video),
 `RequestError` (other 4xx), `SessionClosedError` (sends and requests after the server closed the session: its
 `reason`, also `AvatarSession.close_reason`), `AvatarClientError` (the rest, and a websocket the server closed without
@@ -95,6 +98,7 @@ from .rtc import (
     relay_missing,
     release_frames_at_once,
     selected_route,
+    sent_codec,
 )
 from .rtc import ice_servers as parse_ice_servers
 from .tts import sentences
@@ -686,6 +690,9 @@ class AvatarSession:
                 if viewer:  # DELETEd by close(), or by the next reconnect before it offers again
                     self.viewer_url = self.client._url(resp.headers["Location"])
             await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+            for transceiver in pc.getTransceivers():  # (before the sender's first read, which waits for the link)
+                if isinstance(transceiver.sender.track, OpusAudioTrack):
+                    transceiver.sender.track.bind(sent_codec(answer, "audio"))
             await wait_for(connected.wait(), timeout)
             if failed:
                 raise AvatarClientError(f"WebRTC connection to session {self.id} failed ({failed[0]})")

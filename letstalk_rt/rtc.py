@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import fractions
 import ipaddress
 import logging
@@ -91,7 +92,9 @@ def opus_encoder():
 class OpusAudioTrack(MediaStreamTrack):
     """An audio track of any rate, layout, sample format and frame size as aiortc's Opus encoder sends it without
     delay (`OpusFramer`). The SDK sends an application's microphone or player through it (`connect(audio_track=...)`);
-    the server's peers get a session's audio encoded once for all (`stream.tracks.SharedAudioEncoder`)."""
+    the server's peers get a session's audio encoded once for all (`stream.tracks.SharedAudioEncoder`). Bound to Opus
+    (`bind`, once the answer says the sender sends it) it encodes each 20 ms itself, with in-band FEC
+    (`opus_encoder`), and the sender only packs the packets: aiortc's sender would encode without it."""
 
     kind = "audio"
 
@@ -99,13 +102,27 @@ class OpusAudioTrack(MediaStreamTrack):
         super().__init__()
         self.source = source
         self._framer = OpusFramer()
+        self._encoder = None
 
-    async def recv(self) -> av.AudioFrame:
-        if self.readyState != "live":
-            raise MediaStreamError
-        while (out := self._framer.pop()) is None:
-            self._framer.push(await self.source.recv())
-        return out
+    def bind(self, mime: str | None) -> bool:
+        """The codec the sender sends with (`sent_codec` of the answer): Opus is encoded here from now on (True);
+        another (G.711) gets frames, as before, for the sender to encode."""
+        self._encoder = opus_encoder() if (mime or "").lower() == "audio/opus" else None
+        return self._encoder is not None
+
+    async def recv(self) -> av.AudioFrame | av.Packet:  # type: ignore[override]
+        while True:
+            if self.readyState != "live":
+                raise MediaStreamError
+            while (out := self._framer.pop()) is None:
+                self._framer.push(await self.source.recv())
+            if self._encoder is None:
+                return out
+            payloads, _ = self._encoder.encode(out)
+            if payloads:  # (one packet for each 20 ms, at once)
+                packet = av.Packet(payloads[0])
+                packet.pts, packet.time_base = out.pts, out.time_base
+                return packet
 
     def stop(self) -> None:
         super().stop()
@@ -153,6 +170,121 @@ def sent_codec(sdp: str, kind: str) -> str | None:
     return None
 
 
+def asking_opus_fec(sdp: str) -> str:
+    """`sdp` (an answer) with `useinbandfec=1` on its Opus payload types: the peer's sender (a browser's) then adds
+    in-band FEC to its sound, which this process's receivers decode where a packet was lost (`FecOpusDecoder`). A
+    signal to the peer alone (RFC 7587 6.1): aiortc does not read it back."""
+    lines = sdp.split("\r\n")
+
+    def payload_type(line: str, attribute: str) -> str | None:
+        return line[len(attribute):].split(" ", 1)[0] if line.startswith(attribute) else None
+
+    opus = {payload_type(line, "a=rtpmap:") for line in lines
+            if line.startswith("a=rtpmap:") and line.split(" ", 1)[-1].lower().startswith("opus/")}
+    with_fmtp = {payload_type(line, "a=fmtp:") for line in lines if line.startswith("a=fmtp:")}
+    out = []
+    for line in lines:
+        fmtp = payload_type(line, "a=fmtp:")
+        if fmtp in opus and "useinbandfec" not in line:
+            line += ";useinbandfec=1" if " " in line else " useinbandfec=1"
+        out.append(line)
+        rtpmap = payload_type(line, "a=rtpmap:")
+        if rtpmap in opus and rtpmap not in with_fmtp:
+            out.append(f"a=fmtp:{rtpmap} useinbandfec=1")
+    return "\r\n".join(out)
+
+
+class FecFrame(JitterFrame):
+    """A lost Opus packet, to be decoded from the in-band FEC that `data` (the packet after it) carries: `samples` of
+    it, at `timestamp` (FecOpusDecoder; where that packet has none, libopus conceals them)."""
+
+    def __init__(self, data: bytes, timestamp: int, samples: int) -> None:
+        super().__init__(data=data, timestamp=timestamp)
+        self.samples = samples
+
+
+_LIBOPUS: list = []  # [the loaded library, or None], once looked for
+
+
+def libopus():
+    """libopus, to call directly (ctypes): the copy PyAV's wheel carries (the one its decoder already runs), else the
+    system's; None where neither loads (`FecOpusDecoder` is then not used: receivers conceal lost packets only)."""
+    if _LIBOPUS:
+        return _LIBOPUS[0]
+    import ctypes
+    import ctypes.util
+
+    here = Path(av.__file__).resolve().parent
+    found = [str(p) for pattern in ("libopus*.so*", "libopus*.dylib", "opus*.dll")
+             for p in sorted([*(here.parent / "av.libs").glob(pattern), *(here / ".dylibs").glob(pattern)])]
+    lib = None
+    for name in [*found, ctypes.util.find_library("opus")]:
+        try:
+            candidate = ctypes.CDLL(name) if name else None
+            if candidate is not None and candidate.opus_get_version_string():
+                lib = candidate
+                break
+        except (OSError, AttributeError):
+            continue
+    if lib is not None:
+        lib.opus_decoder_create.restype = ctypes.c_void_p
+        lib.opus_decoder_create.argtypes = [ctypes.c_int32, ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
+        lib.opus_decoder_destroy.argtypes = [ctypes.c_void_p]
+        lib.opus_decode.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int32, ctypes.POINTER(ctypes.c_int16),
+                                    ctypes.c_int, ctypes.c_int]
+        lib.opus_decode.restype = ctypes.c_int
+        if hasattr(lib, "opus_packet_has_lbrr"):  # (libopus 1.5)
+            lib.opus_packet_has_lbrr.argtypes = [ctypes.c_char_p, ctypes.c_int32]
+    _LIBOPUS.append(lib)
+    return lib
+
+
+class FecOpusDecoder:
+    """What aiortc's Opus decoder does (each packet to 48 kHz stereo s16 frames, the RTP timestamp their pts), through
+    libopus called directly, which also decodes a lost packet from the in-band FEC of the one after it (a `FecFrame`,
+    from `FrameAtOnceJitterBuffer`): FFmpeg's libopus decoder, aiortc's, never asks libopus for it. A packet libopus
+    cannot decode gives nothing, as FFmpeg's gives an error aiortc logs and skips. `recovered`: lost packets decoded
+    from FEC (where the next packet had none, libopus concealed them instead, and libopus 1.5 tells the two apart)."""
+
+    MAX_SAMPLES = 5760  # the longest Opus packet, 120 ms at 48 kHz
+
+    recovered = 0  # FecFrames decoded, in this process
+
+    def __init__(self, lib=None) -> None:
+        import ctypes
+
+        self._lib = lib or libopus()
+        error = ctypes.c_int()
+        self._decoder = self._lib.opus_decoder_create(OPUS_RATE, 2, ctypes.byref(error))
+        if not self._decoder or error.value:
+            raise RuntimeError(f"libopus could not create a decoder (error {error.value})")
+        self._pcm = (ctypes.c_int16 * (self.MAX_SAMPLES * 2))()
+
+    def decode(self, encoded_frame: JitterFrame) -> list[av.AudioFrame]:
+        fec = isinstance(encoded_frame, FecFrame)
+        data = encoded_frame.data
+        if not data:  # (libopus would conceal MAX_SAMPLES of it)
+            return []
+        samples = encoded_frame.samples if fec else self.MAX_SAMPLES
+        n = self._lib.opus_decode(self._decoder, data, len(data), self._pcm, samples, int(fec))
+        if n <= 0:
+            return []
+        has_fec = getattr(self._lib, "opus_packet_has_lbrr", None)
+        if fec and (has_fec is None or has_fec(data, len(data)) > 0):
+            FecOpusDecoder.recovered += 1
+        pcm = np.frombuffer(self._pcm, np.int16, n * 2).reshape(1, -1).copy()
+        frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="stereo")
+        frame.sample_rate = OPUS_RATE
+        frame.pts = encoded_frame.timestamp
+        frame.time_base = fractions.Fraction(1, OPUS_RATE)
+        return [frame]
+
+    def __del__(self) -> None:
+        if getattr(self, "_decoder", None):
+            self._lib.opus_decoder_destroy(self._decoder)
+            self._decoder = None
+
+
 AUDIO_REORDER = 2  # a lost audio packet is given up once the packet this many after it has come (a packet reordered
 # past the next one is rare; each one waited for is 20 ms of latency)
 VIDEO_GAP_S = 0.5  # a lost video packet is given up after this long (its retransmission, asked for by NACK, did not
@@ -195,16 +327,19 @@ class FrameAtOnceJitterBuffer(JitterBuffer):
     Lost Opus audio (`conceal` says which payload types are Opus) goes to the decoder as packets of a lone TOC byte, one
     per frame lost, at the lost frames' timestamps: libopus conceals a frame of no data (RFC 6716 4.4) from the speech
     before it, so the decoder's sound goes on at its time, where aiortc's left the lost 20 ms out (a click, and the
-    audio after it 20 ms early against its RTP time).
+    audio after it 20 ms early against its RTP time). With `fec` (the decoder is a FecOpusDecoder) the last packet
+    lost goes as a FecFrame instead: decoded from the in-band FEC of the packet that came after it, where it has one.
 
     While a video packet is waited for, `nack` asks the sender for the packets still missing again each NACK_AGAIN_S:
     aiortc's receiver asks once, as the gap shows, and again only when another gap shows, so a retransmission lost
     too froze the video for VIDEO_GAP_S and cost a key frame."""
 
-    def __init__(self, capacity: int, is_video: bool = False, deliver=None, conceal=None, nack=None) -> None:
+    def __init__(self, capacity: int, is_video: bool = False, deliver=None, conceal=None, nack=None,
+                 fec: bool = False) -> None:
         super().__init__(capacity, is_video=is_video)
         self._deliver = deliver  # (frame, payload type): hands a whole frame to the decoder, in order
         self._conceal = conceal  # (payload type) -> whether lost frames of it are concealed (Opus)
+        self._fec = fec  # the decoder decodes a FecFrame (FecOpusDecoder): the packet before one that came, from it
         self._nack = nack  # (media SSRC, sequence numbers): asks the sender for them again (RTCP NACK)
         self._gap_since: float | None = None  # video: when a packet after a missing one at the origin first came
         self._nacked_at = 0.0  # video: when the missing packets were last asked for
@@ -269,8 +404,11 @@ class FrameAtOnceJitterBuffer(JitterBuffer):
         if span % count or (span // count) % frame or span > CONCEALED_S * OPUS_RATE:
             return []
         toc = bytes([after._data[0] & 0xFC])  # one frame (code 0) of the configuration the speech goes on in
-        return [JitterFrame(data=toc, timestamp=(timestamp + at) % (1 << 32))
-                for at in range(span // count, span, frame)]
+        per_packet = span // count
+        fec = per_packet if self._fec else 0  # the last lost packet: from the FEC of the one that came
+        lost = [JitterFrame(data=toc, timestamp=(timestamp + at) % (1 << 32))
+                for at in range(per_packet, span - fec, frame)]
+        return lost + ([FecFrame(after._data, (timestamp + span - fec) % (1 << 32), fec)] if fec else [])
 
     def _skip_gap(self, newest: int) -> None:
         """Drop the missing packets at the origin, up to packet `newest` at most; video, also the rest of the frame a
@@ -310,24 +448,54 @@ class FrameAtOnceJitterBuffer(JitterBuffer):
         return JitterFrame(data=b"".join(p._data for p in packets), timestamp=packets[0].timestamp)
 
 
-def _decoder_of(receiver):
+def _decoder_of(receiver, fec: bool = False):
     """What aiortc's receiver does with a whole frame its jitter buffer hands over (the frame's RTP timestamp mapped
     to its track's, the frame put on the decoder thread's queue), as a function of (frame, payload type) that the
     buffer calls itself, for the frames a lost packet held back (`FrameAtOnceJitterBuffer`); None where the receiver's
-    private fields are not as this aiortc's."""
+    private fields are not as this aiortc's. `fec`: Opus goes to a FecOpusDecoder (its codec marked for
+    `_get_decoder`)."""
     fields = [getattr(receiver, f"_RTCRtpReceiver__{name}", None) for name in ("decoder_queue", "timestamp_mapper",
                                                                               "codecs")]
     queue, mapper, codecs = fields
     if not (hasattr(queue, "put") and hasattr(mapper, "map") and isinstance(codecs, dict)):
         return None
+    marked: dict = {}  # payload type -> its codec, marked to be decoded by a FecOpusDecoder
 
     def deliver(frame: JitterFrame, payload_type: int) -> None:
         codec = codecs.get(payload_type)
         if codec is not None and getattr(receiver, "_RTCRtpReceiver__decoder_thread", None) is not None:
+            if fec and codec.mimeType.lower() == "audio/opus":
+                if payload_type not in marked:
+                    marked[payload_type] = copy.copy(codec)
+                    marked[payload_type].fec_decoder = True
+                codec = marked[payload_type]
             frame.timestamp = mapper.map(frame.timestamp)
             queue.put((codec, frame))
 
     return deliver
+
+
+def _get_decoder(codec):
+    """aiortc's `get_decoder`, but a FecOpusDecoder for a codec `_decoder_of` marked (no other receiver's changes)."""
+    if getattr(codec, "fec_decoder", False):
+        return FecOpusDecoder()
+    return _aiortc_get_decoder(codec)
+
+
+def decodes_opus_fec() -> bool:
+    """Whether this process's receivers can decode Opus FEC: libopus loads, and aiortc's receiver looks its decoders
+    up by `get_decoder` (then made `_get_decoder`, once)."""
+    import aiortc.rtcrtpreceiver as receivers
+
+    global _aiortc_get_decoder
+    if libopus() is None or not callable(getattr(receivers, "get_decoder", None)):
+        return False
+    if receivers.get_decoder is not _get_decoder:
+        _aiortc_get_decoder, receivers.get_decoder = receivers.get_decoder, _get_decoder
+    return True
+
+
+_aiortc_get_decoder = None
 
 
 def _nack_of(receiver):
@@ -357,7 +525,8 @@ def release_frames_at_once(pc: RTCPeerConnection, track) -> bool:
     """Let the receiver of `track` (a track `pc` receives, before its first packet) hand each frame over as soon as it
     is whole (`FrameAtOnceJitterBuffer`): 80 ms less on every audio packet, 40 ms on every video frame (`letstalk bench
     --webrtc` measured both); and a lost packet held the rest back no more than AUDIO_REORDER packets of audio,
-    VIDEO_GAP_S of video (asked for again meanwhile), lost Opus audio concealed by libopus. The server's engine keeps
+    VIDEO_GAP_S of video (asked for again meanwhile), lost Opus audio decoded from the next packet's in-band FEC where
+    it has one (`FecOpusDecoder`, where libopus loads), else concealed by libopus. The server's engine keeps
     its own pace and deadlines; an application that plays the SDK's media has its own output buffer. aiortc has no
     setting for it: this replaces the receiver's private buffer, and where a version has none (or it already holds
     packets) leaves the receiver as it is (False)."""
@@ -366,9 +535,11 @@ def release_frames_at_once(pc: RTCPeerConnection, track) -> bool:
             buffer = getattr(receiver, JITTER_BUFFER, None)
             if (type(buffer) is JitterBuffer and getattr(buffer, "_origin", 0) is None
                     and isinstance(getattr(buffer, "_is_video", None), bool)):
+                fec = not buffer._is_video and decodes_opus_fec()
+                deliver = _decoder_of(receiver, fec=fec)
                 setattr(receiver, JITTER_BUFFER, FrameAtOnceJitterBuffer(
-                    capacity=buffer.capacity, is_video=buffer._is_video, deliver=_decoder_of(receiver),
-                    conceal=_is_opus_of(receiver), nack=_nack_of(receiver)))
+                    capacity=buffer.capacity, is_video=buffer._is_video, deliver=deliver,
+                    conceal=_is_opus_of(receiver), nack=_nack_of(receiver), fec=fec and deliver is not None))
                 return True
     return False
 

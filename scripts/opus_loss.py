@@ -5,18 +5,16 @@
 The bundled speech, encoded as the server sends a session's sound (`rtc.OpusFramer` into `rtc.opus_encoder`: in-band
 FEC on) and as aiortc's own encoder does (CELT, no FEC), each loses the same packets at random (seeded), and is decoded
 by libopus as a receiver does: a lost packet concealed (what aiortc's decoder, the SDK's, does), or decoded from the
-in-band FEC of the packet after it where that one came (what Chrome, Firefox and Safari do). Each decoded sound is
-scored against the speech with PESQ (ITU-T P.862.2 wide-band, 1-4.64; `pip install pesq`) and by the SNR of the lost
-packets' 20 ms against the same packets decoded without loss (dB). libopus is called directly (ctypes: the copy inside
-PyAV's wheel, or the system's), as PyAV's decoder has no FEC decoding. The figures of 2026-12-07 are in
+in-band FEC of the packet after it where that one came (what Chrome, Firefox and Safari do, and this project's
+receivers, the SDK's and the server's: `rtc.FecOpusDecoder`, which this uses). Each decoded sound is scored against
+the speech with PESQ (ITU-T P.862.2 wide-band, 1-4.64; `pip install pesq`) and by the SNR of the lost packets' 20 ms
+against the same packets decoded without loss (dB). The figures of 2026-12-07 are in
 docs/benchmarks.md ("The avatar's sound on a lossy link: in-band FEC").
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import fractions
 import json
 import sys
@@ -27,23 +25,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 SAMPLES = 960  # a 20 ms packet at 48 kHz
-
-
-def libopus() -> ctypes.CDLL:
-    """libopus: the copy PyAV's wheel carries (av.libs), else the system's."""
-    import av
-
-    libs = Path(av.__file__).resolve().parent.parent / "av.libs"
-    found = sorted(libs.glob("libopus*.so*")) or [ctypes.util.find_library("opus")]
-    if not found[0]:
-        raise SystemExit("no libopus found (neither in PyAV's wheel nor on the system: apt-get install libopus0)")
-    lib = ctypes.CDLL(str(found[0]))
-    lib.opus_decoder_create.restype = ctypes.c_void_p
-    lib.opus_decoder_create.argtypes = [ctypes.c_int32, ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
-    lib.opus_decoder_destroy.argtypes = [ctypes.c_void_p]
-    lib.opus_decode.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int32, ctypes.POINTER(ctypes.c_int16),
-                                ctypes.c_int, ctypes.c_int]
-    return lib
 
 
 def encode(speech: np.ndarray, encoder) -> list[bytes]:
@@ -64,24 +45,23 @@ def encode(speech: np.ndarray, encoder) -> list[bytes]:
     return packets
 
 
-def decode(lib, packets: list[bytes], lost: set[int], fec: bool) -> np.ndarray:
-    """The packets decoded at 48 kHz (left channel, float), `lost` concealed, or with `fec` decoded from the next
-    packet's FEC where that one came."""
-    err = ctypes.c_int()
-    decoder = lib.opus_decoder_create(48000, 2, ctypes.byref(err))
-    pcm = (ctypes.c_int16 * (SAMPLES * 2))()
-    out = []
-    try:
-        for i, packet in enumerate(packets):
-            if i not in lost:
-                n = lib.opus_decode(decoder, packet, len(packet), pcm, SAMPLES, 0)
-            elif fec and i + 1 < len(packets) and i + 1 not in lost:
-                n = lib.opus_decode(decoder, packets[i + 1], len(packets[i + 1]), pcm, SAMPLES, 1)
-            else:
-                n = lib.opus_decode(decoder, None, 0, pcm, SAMPLES, 0)
-            out.append(np.frombuffer(pcm, np.int16, max(n, 0) * 2).reshape(-1, 2)[:, 0] / 32767.0)
-    finally:
-        lib.opus_decoder_destroy(decoder)
+def decode(packets: list[bytes], lost: set[int], fec: bool) -> np.ndarray:
+    """The packets decoded at 48 kHz (left channel, float) by the receivers' decoder (`rtc.FecOpusDecoder`, libopus),
+    `lost` concealed, or with `fec` decoded from the next packet's FEC where that one came."""
+    from aiortc.jitterbuffer import JitterFrame
+
+    from letstalk_rt.rtc import FecFrame, FecOpusDecoder
+
+    decoder, out = FecOpusDecoder(), []
+    for i, packet in enumerate(packets):
+        if i not in lost:
+            frame = JitterFrame(data=packet, timestamp=i * SAMPLES)
+        elif fec and i + 1 < len(packets) and i + 1 not in lost:
+            frame = FecFrame(packets[i + 1], i * SAMPLES, SAMPLES)
+        else:  # a lone TOC byte (one frame of no data, of the packet before's kind): libopus conceals it, as the
+            # receivers' jitter buffer has it do
+            frame = JitterFrame(data=bytes([packets[max(i - 1, 0)][0] & 0xFC]), timestamp=i * SAMPLES)
+        out += [f.to_ndarray().reshape(-1, 2)[:, 0] / 32767.0 for f in decoder.decode(frame)]
     return np.concatenate(out).astype(np.float32)
 
 
@@ -118,21 +98,22 @@ def main() -> None:
 
     from letstalk_rt.cli import ASSETS
     from letstalk_rt.media import load_audio
-    from letstalk_rt.rtc import opus_encoder
+    from letstalk_rt.rtc import libopus, opus_encoder
 
-    lib = libopus()
+    if libopus() is None:
+        raise SystemExit("no libopus found (neither in PyAV's wheel nor on the system: apt-get install libopus0)")
     speech = np.tile(np.asarray(load_audio(ASSETS / "speech.ogg"), np.float32), 2)  # ~21 s
     rows = []
     for name, encoder in (("aiortc (CELT, no FEC)", OpusEncoder()), ("server (rtc.opus_encoder, FEC)", opus_encoder())):
         packets = encode(speech, encoder)
-        clean = decode(lib, packets, set(), False)
+        clean = decode(packets, set(), False)
         row = {"encoder": name, "kbps": round(sum(map(len, packets)) * 8 / (len(packets) * 0.02) / 1000, 1),
                "pesq_no_loss": pesq_wb(speech, clean)}
         for percent in (float(x) for x in args.loss.split(",")):
             draw = np.random.default_rng(args.seed).random(len(packets))
             lost = set(np.flatnonzero(draw < percent / 100).tolist())
             for how, fec in (("concealed", False), ("fec", True)):
-                decoded = decode(lib, packets, lost, fec)
+                decoded = decode(packets, lost, fec)
                 row[f"{percent:g}%_{how}"] = {"pesq": pesq_wb(speech, decoded), "lost_snr_db": lost_snr(clean, decoded,
                                                                                                          lost)}
         rows.append(row)

@@ -49,6 +49,8 @@ from letstalk_rt.aio import wait_for
 from letstalk_rt.errors import InputError, LetsTalkError
 from letstalk_rt.rtc import (
     answer_checks_at_once,
+    asking_opus_fec,
+    decodes_opus_fec,
     ice_configuration,
     peer_heard,
     relay_missing,
@@ -776,7 +778,8 @@ class ServerSession:
         missing = relay_missing(self.ice_servers, pc.localDescription.sdp)
         if missing:  # the peer may still reach this host directly; if it cannot, the connection fails
             log.warning("session %s: %s", self.id, missing)
-        return pc.localDescription.sdp
+        # the peer's microphone with in-band FEC, which the receiver decodes where a packet was lost
+        return asking_opus_fec(pc.localDescription.sdp) if decodes_opus_fec() else pc.localDescription.sdp
 
     async def _consume_audio(self, track) -> None:
         """The client's microphone: the avatar speaks what it hears. Read until the track ends, whatever

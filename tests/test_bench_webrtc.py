@@ -326,6 +326,56 @@ def test_the_opus_track_gives_aiortcs_encoder_whole_packets_so_none_is_held_back
     assert source.stopped
 
 
+class _Speech16k(_Sine16k):
+    """The same, speaking (speechlike: syllables of voiced sound)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pcm = (speechlike(1.0, 16000, seed=4) * 32767).astype(np.int16)
+
+
+def test_bound_to_opus_the_track_sends_its_own_packets_with_fec_in_them():
+    """Bound to Opus (the SDK, once the answer says so) the track encodes each 20 ms itself with in-band FEC
+    (`rtc.opus_encoder`), and the sender only packs the packets (aiortc's sender encodes without FEC): one packet each
+    20 ms, its pts the sound's, each voiced one carrying the 20 ms before it, from which a receiver that lost that one
+    decodes it closer than it conceals it. Bound to another codec (G.711) it gives frames, as before."""
+    from aiortc.jitterbuffer import JitterFrame
+
+    from letstalk_rt.rtc import FecFrame, FecOpusDecoder, OpusAudioTrack
+
+    track = OpusAudioTrack(_Speech16k())  # type: ignore[arg-type]
+    assert track.bind("audio/opus")
+
+    async def read(t, n):
+        return [await t.recv() for _ in range(n)]
+
+    packets = asyncio.run(read(track, 45))
+    assert all(isinstance(p, av.Packet) for p in packets) and [p.pts for p in packets] == [j * 960 for j in range(45)]
+    assert all(p.time_base == fractions.Fraction(1, 48000) for p in packets)
+
+    def decoded(lost: int, fec: bool) -> np.ndarray:  # packet `lost`, lost, from the decoder that had the rest
+        decoder = FecOpusDecoder()
+        for p in packets[:lost]:
+            decoder.decode(JitterFrame(data=bytes(p), timestamp=p.pts))
+        frame = (FecFrame(bytes(packets[lost + 1]), packets[lost].pts, 960) if fec else
+                 JitterFrame(data=bytes(packets[lost])[:1], timestamp=packets[lost].pts))  # (a lone TOC: concealed)
+        return decoder.decode(frame)[0].to_ndarray().astype(np.float64)
+
+    whole = FecOpusDecoder()
+    whole = [whole.decode(JitterFrame(data=bytes(p), timestamp=p.pts))[0].to_ndarray() for p in packets]
+    recovered, fec_errors, concealed_errors = FecOpusDecoder.recovered, [], []
+    for j in range(5, 44):
+        was = whole[j].astype(np.float64)
+        if np.sqrt(np.mean(was ** 2)) > 0.1 * 32767:  # voiced
+            for errors, fec in ((fec_errors, True), (concealed_errors, False)):
+                errors.append(np.sqrt(np.mean((decoded(j, fec) - was) ** 2)) / np.sqrt(np.mean(was ** 2)))
+    assert len(fec_errors) >= 10 and FecOpusDecoder.recovered == recovered + len(fec_errors)  # each had FEC
+    assert np.median(fec_errors) < 0.5 * np.median(concealed_errors), (fec_errors, concealed_errors)
+    frames = OpusAudioTrack(_Sine16k())  # type: ignore[arg-type]
+    assert not frames.bind("audio/PCMU")
+    assert all(isinstance(f, av.AudioFrame) and f.samples == 960 for f in asyncio.run(read(frames, 3)))
+
+
 class _FloatTone:
     """A 24 kHz float mono sound in 10 ms frames (an application's text-to-speech track), which skips 5 frames (50 ms)
     ahead at its 20th frame, as a source that fell behind does."""
@@ -428,6 +478,7 @@ def test_released_receivers_hand_each_frame_over_as_soon_as_it_is_whole():
         for buffer in buffers[0].values():  # released: it puts frames on the receiver's decoder queue itself ...
             assert buffer._deliver is not None and buffer._nack is not None
             assert buffer._conceal is not None and not buffer._conceal(96)  # (no codecs yet: nothing is Opus)
+            assert buffer._fec == (not buffer._is_video)  # the audio's decoder decodes FEC (PyAV's libopus loads)
             buffer._deliver = None  # ... here handed back from add(), as aiortc's are, to be compared
         got = [(handed_over(b["audio"], audio), handed_over(b["video"], video)) for b in buffers]
         for pc in [client, *servers]:
@@ -539,6 +590,72 @@ def test_lost_opus_audio_is_concealed_by_libopus_at_its_time():
     assert np.mean(errors) < 0.5  # (silence in their place: 1.0)
     later = slice(960 * 45, None)  # the decoder back in step with the speech after the losses
     assert rms(concealed[later] - reference[later]) < 0.05 * rms(reference[later])
+
+
+def test_a_lost_opus_packet_is_decoded_from_the_fec_of_the_next_one():
+    """The avatar's sound (`rtc.opus_encoder`: in-band FEC on) with packets lost: a receiver (`FecOpusDecoder`, the
+    SDK's and the server's) decodes a lost packet from the coarser copy the next one carries, far closer than
+    concealing it (what aiortc's decoder does). Without loss it decodes as aiortc's does, sample for sample, and a
+    packet libopus refuses gives nothing rather than an error."""
+    from aiortc.codecs.opus import OpusDecoder
+    from aiortc.jitterbuffer import JitterFrame
+    from aiortc.rtp import RtpPacket
+
+    from letstalk_rt.rtc import FecOpusDecoder, FrameAtOnceJitterBuffer, opus_encoder
+
+    rate = 48000
+    pcm = (speechlike(1.2, rate) * 32767).astype(np.int16)
+    encoder, packets = opus_encoder(), []
+    for seq, start in enumerate(range(0, len(pcm), 960)):
+        frame = av.AudioFrame.from_ndarray(np.repeat(pcm[start:start + 960], 2)[None], format="s16", layout="stereo")
+        frame.sample_rate, frame.pts = rate, start
+        (payload,), timestamp = encoder.encode(frame)
+        packets.append(RtpPacket(payload_type=111, sequence_number=seq, timestamp=timestamp))
+        packets[-1]._data = payload
+    lost = {3, 15, 40}  # in voiced stretches, each alone
+
+    def decoded(lose: set, decoder, fec: bool) -> tuple[list[int], np.ndarray]:  # (frame pts, the left channel)
+        out = []
+        buffer = FrameAtOnceJitterBuffer(capacity=16, deliver=lambda frame, pt: out.extend(decoder.decode(frame)),
+                                         conceal=lambda pt: pt == 111, fec=fec)
+        for packet in packets:
+            if packet.sequence_number not in lose:
+                buffer.add(packet)
+        return [f.pts for f in out], np.concatenate([f.to_ndarray().reshape(-1, 2)[:, 0] for f in out]) / 32767
+
+    def rms(x: np.ndarray) -> float:
+        return float(np.sqrt(np.mean(x ** 2)))
+
+    every, reference = decoded(set(), OpusDecoder(), False)
+    assert every == [960 * seq for seq in range(len(packets))]
+    pts, same = decoded(set(), FecOpusDecoder(), True)
+    assert pts == every and np.array_equal(same, reference)  # as aiortc's decoder, without loss
+    recovered = FecOpusDecoder.recovered
+    pts, from_fec = decoded(lost, FecOpusDecoder(), True)
+    assert pts == every and FecOpusDecoder.recovered == recovered + len(lost)
+    _, concealed = decoded(lost, OpusDecoder(), False)
+    for seq in sorted(lost):
+        was = reference[960 * seq:960 * (seq + 1)]
+        assert rms(was) > 0.1  # speech was lost, not silence
+        fec_error = rms(from_fec[960 * seq:960 * (seq + 1)] - was) / rms(was)
+        concealed_error = rms(concealed[960 * seq:960 * (seq + 1)] - was) / rms(was)
+        assert fec_error < 0.15 and fec_error < 0.5 * concealed_error, (seq, fec_error, concealed_error)
+    assert FecOpusDecoder().decode(JitterFrame(data=bytes([0x01, 1, 2, 3]), timestamp=0)) == []  # 2 frames, odd bytes
+
+
+def test_the_servers_answer_asks_for_the_microphones_fec():
+    """`rtc.asking_opus_fec` (the server's answers): `useinbandfec=1` on each Opus payload type, in its fmtp line or a
+    new one, so that a browser adds in-band FEC to its microphone's sound; other codecs' lines untouched."""
+    from letstalk_rt.rtc import asking_opus_fec
+
+    sdp = "\r\n".join(["v=0", "m=audio 9 UDP/TLS/RTP/SAVPF 111 109 0", "a=rtpmap:111 opus/48000/2",
+                        "a=rtpmap:109 opus/48000/2", "a=fmtp:109 minptime=10", "a=rtpmap:0 PCMU/8000",
+                        "m=video 9 UDP/TLS/RTP/SAVPF 96", "a=rtpmap:96 VP8/90000", "a=fmtp:96 max-fr=30", ""])
+    assert asking_opus_fec(sdp).split("\r\n") == [
+        "v=0", "m=audio 9 UDP/TLS/RTP/SAVPF 111 109 0", "a=rtpmap:111 opus/48000/2", "a=fmtp:111 useinbandfec=1",
+        "a=rtpmap:109 opus/48000/2", "a=fmtp:109 minptime=10;useinbandfec=1", "a=rtpmap:0 PCMU/8000",
+        "m=video 9 UDP/TLS/RTP/SAVPF 96", "a=rtpmap:96 VP8/90000", "a=fmtp:96 max-fr=30", ""]
+    assert asking_opus_fec(asking_opus_fec(sdp)) == asking_opus_fec(sdp)
 
 
 def test_a_lost_video_packet_is_given_up_after_half_a_second_with_a_key_frame_asked_for(monkeypatch):

@@ -914,8 +914,13 @@ def test_on_a_lossy_link_the_browser_recovers_the_avatars_lost_sound_and_frames(
     """The server's sockets lose 5 % of the RTP packets each way (scripts/browser_sync.py --loss): Chromium decodes
     most of the lost sound from the in-band FEC of the packet after it (rtc.opus_encoder; before, it concealed all of
     it: 5 % of the sound), gets each lost video packet sent again (NACK) with no frame dropped and no freeze, and
-    plays picture and sound within a frame of each other."""
+    plays picture and sound within a frame of each other. The other way, Chromium adds FEC to its microphone's sound
+    (the server's answer asks for it, `rtc.asking_opus_fec`), from which the server's receiver decodes what was lost
+    (`FecOpusDecoder`; before, it concealed it)."""
+    from letstalk_rt.rtc import FecOpusDecoder
+
     browser_sync = script("browser_sync")
+    recovered = FecOpusDecoder.recovered
 
     async def main():
         with browser_sync.lossy_sockets(5.0, seed=1) as lost:
@@ -925,6 +930,7 @@ def test_on_a_lossy_link_the_browser_recovers_the_avatars_lost_sound_and_frames(
     result, lost = run(main())
     link = result["summary"]["link"]
     assert lost["sent"] >= 20 and lost["received"] >= 10, lost
+    assert FecOpusDecoder.recovered - recovered >= lost["received"] // 3, (recovered, FecOpusDecoder.recovered, lost)
     assert link["audio_packets_lost"] >= 15 and link["video_packets_lost"] >= 5, link
     assert link["audio_concealed_pct"] < 2.5, link  # (without FEC: 5 %, as lost)
     assert link["nacks_sent"] >= link["video_packets_lost"] and link["frames_dropped"] == 0, link
