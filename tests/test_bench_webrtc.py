@@ -540,35 +540,47 @@ def test_a_lost_audio_packet_holds_the_later_ones_back_only_until_it_is_given_up
     assert all(wait <= 3 for _, wait in released(FrameAtOnceJitterBuffer(capacity=16)))
 
 
+def _speech_packets(encoder) -> list:
+    """1.2 s of speechlike sound (48 kHz) through an Opus `encoder`, as RTP packets of 20 ms (payload type 111)."""
+    from aiortc.rtp import RtpPacket
+
+    pcm = (speechlike(1.2, 48000) * 32767).astype(np.int16)
+    packets = []
+    for seq, start in enumerate(range(0, len(pcm), 960)):
+        frame = av.AudioFrame.from_ndarray(np.repeat(pcm[start:start + 960], 2)[None], format="s16", layout="stereo")
+        frame.sample_rate, frame.pts = 48000, start
+        (payload,), timestamp = encoder.encode(frame)
+        packets.append(RtpPacket(payload_type=111, sequence_number=seq, timestamp=timestamp))
+        packets[-1]._data = payload
+    return packets
+
+
+def _through_buffer(packets: list, lose: set, decoder, conceal: bool = True, fec: bool = False):
+    """`packets` but those numbered in `lose` through a FrameAtOnceJitterBuffer into `decoder`: (each decoded frame's
+    pts, the left channel in -1..1)."""
+    from letstalk_rt.rtc import FrameAtOnceJitterBuffer
+
+    out: list = []
+    buffer = FrameAtOnceJitterBuffer(capacity=16, deliver=lambda frame, pt: out.extend(decoder.decode(frame)),
+                                     conceal=lambda pt: conceal and pt == 111, fec=fec)
+    for packet in packets:
+        if packet.sequence_number not in lose:
+            assert buffer.add(packet)[1] is None  # all through `deliver`
+    return [f.pts for f in out], np.concatenate([f.to_ndarray().reshape(-1, 2)[:, 0] for f in out]) / 32767
+
+
 def test_lost_opus_audio_is_concealed_by_libopus_at_its_time():
     """Opus packets lost for good (a microphone over Wi-Fi): the decoder's sound goes on at the lost packets' times,
     concealed by libopus from the speech before, close to what was lost. Without it (aiortc's receiver, and ours
     before) the lost 20 ms were left out: a click in the avatar's voice each time, and the sound after it early
     against its RTP time. Through aiortc's own Opus encoder and decoder, as the server's and the SDK's receivers do."""
     from aiortc.codecs.opus import OpusDecoder, OpusEncoder
-    from aiortc.rtp import RtpPacket
 
-    from letstalk_rt.rtc import FrameAtOnceJitterBuffer
-
-    rate = 48000
-    pcm = (speechlike(1.2, rate) * 32767).astype(np.int16)
-    encoder, packets = OpusEncoder(), []
-    for seq, start in enumerate(range(0, len(pcm), 960)):
-        frame = av.AudioFrame.from_ndarray(np.repeat(pcm[start:start + 960], 2)[None], format="s16", layout="stereo")
-        frame.sample_rate, frame.pts = rate, start
-        (payload,), timestamp = encoder.encode(frame)
-        packets.append(RtpPacket(payload_type=111, sequence_number=seq, timestamp=timestamp))
-        packets[-1]._data = payload
+    packets = _speech_packets(OpusEncoder())
     lost = {3, 15, 27, 28, 40}  # in voiced stretches (syllables peak each 250 ms from 62 ms); 27, 28 a burst
 
     def decoded(lose: set, conceal: bool) -> tuple[list[int], np.ndarray]:  # (frame pts, the left channel)
-        decoder, out = OpusDecoder(), []
-        buffer = FrameAtOnceJitterBuffer(capacity=16, deliver=lambda frame, pt: out.extend(decoder.decode(frame)),
-                                         conceal=lambda pt: conceal and pt == 111)
-        for packet in packets:
-            if packet.sequence_number not in lose:
-                assert buffer.add(packet)[1] is None  # all through `deliver`
-        return [f.pts for f in out], np.concatenate([f.to_ndarray().reshape(-1, 2)[:, 0] for f in out]) / 32767
+        return _through_buffer(packets, lose, OpusDecoder(), conceal=conceal)
 
     every, reference = decoded(set(), True)
     assert every == [960 * seq for seq in range(len(packets))]
@@ -599,29 +611,14 @@ def test_a_lost_opus_packet_is_decoded_from_the_fec_of_the_next_one():
     packet libopus refuses gives nothing rather than an error."""
     from aiortc.codecs.opus import OpusDecoder
     from aiortc.jitterbuffer import JitterFrame
-    from aiortc.rtp import RtpPacket
 
-    from letstalk_rt.rtc import FecOpusDecoder, FrameAtOnceJitterBuffer, opus_encoder
+    from letstalk_rt.rtc import FecOpusDecoder, opus_encoder
 
-    rate = 48000
-    pcm = (speechlike(1.2, rate) * 32767).astype(np.int16)
-    encoder, packets = opus_encoder(), []
-    for seq, start in enumerate(range(0, len(pcm), 960)):
-        frame = av.AudioFrame.from_ndarray(np.repeat(pcm[start:start + 960], 2)[None], format="s16", layout="stereo")
-        frame.sample_rate, frame.pts = rate, start
-        (payload,), timestamp = encoder.encode(frame)
-        packets.append(RtpPacket(payload_type=111, sequence_number=seq, timestamp=timestamp))
-        packets[-1]._data = payload
+    packets = _speech_packets(opus_encoder())
     lost = {3, 15, 40}  # in voiced stretches, each alone
 
     def decoded(lose: set, decoder, fec: bool) -> tuple[list[int], np.ndarray]:  # (frame pts, the left channel)
-        out = []
-        buffer = FrameAtOnceJitterBuffer(capacity=16, deliver=lambda frame, pt: out.extend(decoder.decode(frame)),
-                                         conceal=lambda pt: pt == 111, fec=fec)
-        for packet in packets:
-            if packet.sequence_number not in lose:
-                buffer.add(packet)
-        return [f.pts for f in out], np.concatenate([f.to_ndarray().reshape(-1, 2)[:, 0] for f in out]) / 32767
+        return _through_buffer(packets, lose, decoder, fec=fec)
 
     def rms(x: np.ndarray) -> float:
         return float(np.sqrt(np.mean(x ** 2)))
