@@ -1,6 +1,6 @@
 """Lip sync as a browser plays it: the avatar's picture against its sound at Chromium's playout, second by second.
 
-    python scripts/browser_sync.py [--url URL] [--seconds 60] [--loss PERCENT] [--json out.json]
+    python scripts/browser_sync.py [--url URL] [--seconds 60] [--loss PERCENT] [--jitter MS] [--json out.json]
 
 `letstalk bench --webrtc` measures the offset where the SDK hands frames and audio over and where they come off the
 wire; a browser then holds each in a buffer of its own (its audio jitter buffer, NetEq, ~30-60 ms; its video's, a few
@@ -18,7 +18,8 @@ of a lossy link: the video's freezes (Chromium's `freezeCount`, `totalFreezesDur
 packets it lost and asked for again (NACK) or asked a key frame for (PLI), the share of its sound it concealed.
 
 `--loss P` (a server started here): the server's UDP sockets lose P % of the RTP packets each way, at random (seeded),
-the avatar's to the browser and the browser's microphone to the server; RTCP, STUN and DTLS pass. This machine has no
+the avatar's to the browser and the browser's microphone to the server; RTCP, STUN and DTLS pass. `--jitter MS`: they
+hold each RTP packet a random 0 to MS ms, each way (packets overtake each other). This machine has no
 netem; the loss is at the sockets of the server's process, under SRTP, where a lossy Wi-Fi or cellular link loses them.
 The figures of 2026-12-07 are in docs/benchmarks.md ("Lip sync as the browser plays it", and "A lost packet no longer
 delays the rest of the call").
@@ -83,9 +84,10 @@ def is_rtp(data: bytes) -> bool:
 
 
 @contextlib.contextmanager
-def lossy_sockets(percent: float, seed: int = 0):
+def impaired_sockets(percent: float = 0.0, jitter_ms: float = 0.0, seed: int = 0):
     """While open, the UDP sockets of this process's ICE connections (aioice's) lose `percent` % of the RTP packets
-    each way, drawn at random (seeded). Yields {"sent": n, "received": n} lost."""
+    each way, and hold each other RTP packet a random 0 to `jitter_ms` ms (uniform: packets overtake each other as on
+    a jittery link), drawn at random (seeded). Yields {"sent": n, "received": n} lost."""
     import random
 
     from aioice.ice import StunProtocol
@@ -94,19 +96,35 @@ def lossy_sockets(percent: float, seed: int = 0):
     draw = random.Random(seed).random
     send, received = StunProtocol.send_data, StunProtocol.datagram_received
 
+    def held() -> float:
+        return draw() * jitter_ms / 1000
+
+    async def send_later(self, data, addr):
+        await asyncio.sleep(held())
+        if self.transport is not None and not self.transport.is_closing():  # (a connection closed meanwhile)
+            await send(self, data, addr)
+
+    def receive_later(self, data, addr):
+        if self.transport is not None and not self.transport.is_closing():
+            received(self, data, addr)
+
     async def send_data(self, data, addr):
         if is_rtp(data) and draw() * 100 < percent:
             lost["sent"] += 1
-            return
-        await send(self, data, addr)
+        elif is_rtp(data) and jitter_ms:
+            asyncio.ensure_future(send_later(self, data, addr))
+        else:
+            await send(self, data, addr)
 
     def datagram_received(self, data, addr):
         if is_rtp(data) and draw() * 100 < percent:
             lost["received"] += 1
-            return
-        received(self, data, addr)
+        elif is_rtp(data) and jitter_ms:
+            asyncio.get_running_loop().call_later(held(), receive_later, self, data, addr)
+        else:
+            received(self, data, addr)
 
-    if percent:
+    if percent or jitter_ms:
         StunProtocol.send_data, StunProtocol.datagram_received = send_data, datagram_received
     try:
         yield lost
@@ -196,17 +214,21 @@ async def main() -> None:
     p.add_argument("--seconds", type=float, default=60.0, help="how long to read the offset (default 60)")
     p.add_argument("--loss", type=float, default=0.0, metavar="PERCENT",
                    help="a server started here loses this share of the RTP packets each way (default 0)")
+    p.add_argument("--jitter", type=float, default=0.0, metavar="MS",
+                   help="a server started here holds each RTP packet a random 0 to MS ms each way (default 0)")
     p.add_argument("--json", type=Path, default=None, help="also write every second's figures and the summary here")
     args = p.parse_args()
-    if args.loss and args.url:
-        p.error("--loss needs the server started here (no --url)")
+    if (args.loss or args.jitter) and args.url:
+        p.error("--loss and --jitter need the server started here (no --url)")
     if not 0 <= args.loss < 100:
         p.error(f"--loss {args.loss:g}: give a percentage, 0 up to 100")
+    if not 0 <= args.jitter <= 1000:
+        p.error(f"--jitter {args.jitter:g}: give milliseconds, 0 up to 1000")
     with tempfile.TemporaryDirectory() as tmp:
         if args.url:
             result = await measure(args.url.rstrip("/"), args.seconds, Path(tmp))
         else:
-            with lossy_sockets(args.loss) as lost:
+            with impaired_sockets(args.loss, args.jitter) as lost:
                 async with bundled_server() as url:
                     result = await measure(url, args.seconds, Path(tmp))
             if args.loss:

@@ -923,7 +923,7 @@ def test_on_a_lossy_link_the_browser_recovers_the_avatars_lost_sound_and_frames(
     recovered = FecOpusDecoder.recovered
 
     async def main():
-        with browser_sync.lossy_sockets(5.0, seed=1) as lost:
+        with browser_sync.impaired_sockets(5.0, seed=1) as lost:
             async with running_server(tiny_pipeline) as srv:
                 return await browser_sync.measure(srv.url, 12.0, tmp_path, out=lambda line: None), lost
 
