@@ -248,7 +248,7 @@ class FecOpusDecoder:
 
     MAX_SAMPLES = 5760  # the longest Opus packet, 120 ms at 48 kHz
 
-    recovered = 0  # FecFrames decoded, in this process
+    recovered = 0  # lost packets decoded from FEC, in this process (all threads)
 
     def __init__(self, lib=None) -> None:
         import ctypes
