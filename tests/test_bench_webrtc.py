@@ -655,6 +655,60 @@ def test_the_servers_answer_asks_for_the_microphones_fec():
     assert asking_opus_fec(asking_opus_fec(sdp)) == asking_opus_fec(sdp)
 
 
+@pytest.mark.parametrize("video", [False, True])
+def test_the_receive_buffer_takes_hostile_packet_sequences(monkeypatch, video):
+    """Packets as a broken or hostile sender may send them (sequence numbers wrapping, jumping and going back,
+    duplicates, timestamps jumping anywhere, empty payloads, markers at random, Opus and other payload types, time
+    passing unevenly), 200 sequences of 300 seeded at random, audio and video, concealment, FEC and NACKs on: the
+    buffer never raises, keeps each packet in its slot within its window, and hands over a bounded number of frames a
+    packet (a gap's concealment is capped by CONCEALED_S: 200 frames of 2.5 ms), which the receivers' Opus decoder
+    decodes or refuses without an error."""
+    import random
+
+    from aiortc.rtp import RtpPacket
+    from aiortc.utils import uint16_add
+
+    from letstalk_rt import rtc
+
+    clock = [0.0]
+    monkeypatch.setattr(rtc.time, "monotonic", lambda: clock[0])
+    step = 3600 if video else 960
+    for seed in range(200):
+        draw, out = random.Random(seed), []
+        capacity = 128 if video else 16
+        buffer = rtc.FrameAtOnceJitterBuffer(capacity, is_video=video, deliver=lambda frame, pt: out.append(frame),
+                                             conceal=lambda pt: pt == 111, nack=lambda ssrc, missing: None, fec=True)
+        seq, timestamp = draw.randrange(65536), draw.randrange(1 << 32)
+        for _ in range(300):
+            move = draw.random()
+            if move < 0.6:
+                seq, timestamp = uint16_add(seq, 1), (timestamp + step) % (1 << 32)
+            elif move < 0.7:
+                seq = uint16_add(seq, draw.randrange(1, 40))
+            elif move < 0.75:
+                seq = uint16_add(seq, -draw.randrange(1, 200))
+            elif move < 0.8:
+                seq = draw.randrange(65536)
+            elif move < 0.85:
+                timestamp = draw.randrange(1 << 32)
+            elif move < 0.9:
+                timestamp = (timestamp + draw.choice([0, 1, 480, 1920, 2880, -960])) % (1 << 32)
+            # else: the same packet again
+            packet = RtpPacket(payload_type=draw.choice([111, 111, 0, 96]), marker=draw.random() < 0.5,
+                               sequence_number=seq, timestamp=timestamp, ssrc=1)
+            packet._data = bytes([draw.randrange(256)]) * draw.randrange(0, 4)
+            clock[0] += draw.choice([0, 0.001, 0.02, 0.2, 0.6])
+            before = len(out)
+            buffer.add(packet)
+            assert len(out) - before <= capacity + 200
+            for slot, kept in enumerate(buffer._packets):
+                assert kept is None or (kept.sequence_number % capacity == slot
+                                        and uint16_add(kept.sequence_number, -buffer._origin) < capacity)
+        if not video and seed < 20:  # and the receivers' Opus decoder takes what came of them
+            decoder = rtc.FecOpusDecoder()
+            assert all(f.samples <= 5760 for frame in out for f in decoder.decode(frame))
+
+
 def test_a_lost_video_packet_is_given_up_after_half_a_second_with_a_key_frame_asked_for(monkeypatch):
     """A video packet lost for good (its NACKed retransmission lost too) held every later frame back until the buffer
     overflowed, 512 packets: ~10 s of frozen video at two packets a frame. Now the frame it was in is dropped after
