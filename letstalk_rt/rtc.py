@@ -80,7 +80,7 @@ def opus_encoder():
     band up to 8 kHz, where all of the session's 16 kHz sound is), at about the same bitrate: as clean without loss
     (PESQ wide-band of the bundled speech 4.59, CELT 4.59) and far better with it: at 2 / 5 / 10 % of the packets
     lost 4.52 / 4.52 / 4.00 decoded with the FEC, where CELT's concealment read 3.46 / 2.82 / 2.01, and a receiver
-    that only conceals (aiortc's decoder, the SDK's) 3.71 / 3.28 / 2.33 (scripts/opus_loss.py, docs/benchmarks.md).
+    that only conceals (aiortc's own decoder) 3.71 / 3.28 / 2.33 (scripts/opus_loss.py, docs/benchmarks.md).
     ~0.1 ms more a packet to encode."""
     from aiortc.codecs.opus import OpusEncoder
 
@@ -168,6 +168,12 @@ def sent_codec(sdp: str, kind: str) -> str | None:
         if media.kind == kind and media.rtp.codecs:
             return media.rtp.codecs[0].mimeType
     return None
+
+
+def is_rtp(data: bytes) -> bool:
+    """A datagram that is an RTP packet (SRTP leaves its header in the clear), not RTCP, STUN or DTLS on the same
+    socket (RFC 7983, and RFC 5761 for RTCP's packet types 192-223): what a link impaired in tests loses."""
+    return len(data) >= 12 and 128 <= data[0] < 192 and not 192 <= data[1] <= 223
 
 
 def asking_opus_fec(sdp: str) -> str:
@@ -269,10 +275,10 @@ class FecOpusDecoder:
         n = self._lib.opus_decode(self._decoder, data, len(data), self._pcm, samples, int(fec))
         if n <= 0:
             return []
-        has_fec = getattr(self._lib, "opus_packet_has_lbrr", None)
-        if fec and (has_fec is None or has_fec(data, len(data)) > 0):
-            FecOpusDecoder.recovered += 1
-        pcm = np.frombuffer(self._pcm, np.int16, n * 2).reshape(1, -1).copy()
+        if fec:
+            has_fec = getattr(self._lib, "opus_packet_has_lbrr", None)
+            FecOpusDecoder.recovered += has_fec is None or has_fec(data, len(data)) > 0
+        pcm = np.frombuffer(self._pcm, np.int16, n * 2).reshape(1, -1)  # (copied into the frame)
         frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="stereo")
         frame.sample_rate = OPUS_RATE
         frame.pts = encoded_frame.timestamp

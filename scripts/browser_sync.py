@@ -77,12 +77,6 @@ def summary(rows: list[dict]) -> dict:
             "abs_max_ms_by_minute": [round(m, 1) for m in minutes]}
 
 
-def is_rtp(data: bytes) -> bool:
-    """An RTP packet (SRTP leaves its header in the clear), not RTCP, STUN or DTLS on the same socket (RFC 7983, and
-    RFC 5761 for RTCP's packet types 192-223)."""
-    return len(data) >= 12 and 128 <= data[0] < 192 and not 192 <= data[1] <= 223
-
-
 @contextlib.contextmanager
 def impaired_sockets(percent: float = 0.0, jitter_ms: float = 0.0, seed: int = 0):
     """While open, the UDP sockets of this process's ICE connections (aioice's) lose `percent` % of the RTP packets
@@ -91,6 +85,8 @@ def impaired_sockets(percent: float = 0.0, jitter_ms: float = 0.0, seed: int = 0
     import random
 
     from aioice.ice import StunProtocol
+
+    from letstalk_rt.rtc import is_rtp
 
     lost = {"sent": 0, "received": 0}
     draw = random.Random(seed).random

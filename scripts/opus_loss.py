@@ -4,7 +4,7 @@
 
 The bundled speech, encoded as the server sends a session's sound (`rtc.OpusFramer` into `rtc.opus_encoder`: in-band
 FEC on) and as aiortc's own encoder does (CELT, no FEC), each loses the same packets at random (seeded), and is decoded
-by libopus as a receiver does: a lost packet concealed (what aiortc's decoder, the SDK's, does), or decoded from the
+by libopus as a receiver does: a lost packet concealed (what aiortc's own decoder does), or decoded from the
 in-band FEC of the packet after it where that one came (what Chrome, Firefox and Safari do, and this project's
 receivers, the SDK's and the server's: `rtc.FecOpusDecoder`, which this uses). Each decoded sound is scored against
 the speech with PESQ (ITU-T P.862.2 wide-band, 1-4.64; `pip install pesq`) and by the SNR of the lost packets' 20 ms

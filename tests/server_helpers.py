@@ -28,6 +28,8 @@ from aiortc.mediastreams import MediaStreamError
 from conftest import speechlike
 from live_receiver import free_port
 
+from letstalk_rt.rtc import is_rtp
+
 
 @dataclass
 class Server:
@@ -531,7 +533,7 @@ class LosePackets:
         self.retransmissions, self.rtx_to_lose, self.lost_rtx = retransmissions, 0, 0
 
     def drops(self, data: bytes) -> bool:
-        if len(data) < 12 or not 128 <= data[0] < 192 or 192 <= data[1] <= 223:  # not RTP (RTCP, DTLS, STUN)
+        if not is_rtp(data):  # RTCP, DTLS, STUN
             return False
         if data[1] & 0x7F in self.rtx_types and self.rtx_to_lose:
             self.rtx_to_lose -= 1
