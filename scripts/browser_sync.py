@@ -1,6 +1,7 @@
-"""Lip sync as a browser plays it: the avatar's picture against its sound at Chromium's playout, second by second.
+"""Lip sync as a browser plays it: the avatar's picture against its sound at the browser's playout, second by second.
 
-    python scripts/browser_sync.py [--url URL] [--seconds 60] [--loss PERCENT] [--jitter MS] [--json out.json]
+    python scripts/browser_sync.py [--url URL] [--seconds 60] [--browser chromium|firefox] [--speech mic|say]
+                                   [--loss PERCENT] [--jitter MS] [--no-fec] [--json out.json]
 
 `letstalk bench --webrtc` measures the offset where the SDK hands frames and audio over and where they come off the
 wire; a browser then holds each in a buffer of its own (its audio jitter buffer, NetEq, ~30-60 ms; its video's, a few
@@ -10,19 +11,23 @@ clock time of the media playing now; the video's minus the audio's is how far th
 sound heard (positive: the sound comes after its picture). Also each second's jitter buffer delay of each, and the
 video buffer the page asked for (`jitterBufferTarget`, app.js's VIDEO_BUFFER_MS).
 
-The index page (`?autostart=1&source=mic`) in headless Chromium (Debian's, through playwright, as the tests drive it),
-its fake microphone playing the bundled speech, against `--url` (a running server) or a server started here on the
-bundled model. Prints one JSON line a second, then a summary: when the offset settled (the first second from which it
-stays within +-20 ms), its median and largest size after that, and each minute's largest; and what the browser counted
-of a lossy link: the video's freezes (Chromium's `freezeCount`, `totalFreezesDuration`), the frames it dropped, the
-packets it lost and asked for again (NACK) or asked a key frame for (PLI), the share of its sound it concealed.
+The index page (`?autostart=1`) in headless Chromium (Debian's, through playwright, as the tests drive it) or Firefox
+(Debian's firefox-esr, over WebDriver BiDi as tests/test_firefox.py drives it: a checkout set up with `--dev`), against
+`--url` (a running server) or a server started here on the bundled model. What the avatar says (`--speech`): what
+the page's microphone hears (`mic`: Chromium's fake one plays the bundled speech; Firefox's is a tone), or a long text
+the server speaks (`say`: espeak-ng, the page's microphone off; Firefox's default). Prints one JSON line a second, then
+a summary: when the offset settled (the first second from which it stays within +-20 ms), its median and largest size
+after that, and each minute's largest; and what the browser counted of a lossy link: the video's freezes
+(`freezeCount`, `totalFreezesDuration`), the frames it dropped, the packets it lost and asked for again (NACK) or asked
+a key frame for (PLI), the share of its sound it concealed (and of that, what it concealed as silence).
 
 `--loss P` (a server started here): the server's UDP sockets lose P % of the RTP packets each way, at random (seeded),
 the avatar's to the browser and the browser's microphone to the server; RTCP, STUN and DTLS pass. `--jitter MS`: they
 hold each RTP packet a random 0 to MS ms, each way (packets overtake each other). This machine has no
 netem; the loss is at the sockets of the server's process, under SRTP, where a lossy Wi-Fi or cellular link loses them.
-The figures of 2026-12-07 are in docs/benchmarks.md ("Lip sync as the browser plays it", and "A lost packet no longer
-delays the rest of the call").
+`--no-fec`: the server sends its sound as it did before in-band FEC (aiortc's own encoder), to compare.
+The figures of 2026-12-07 and 2026-12-08 are in docs/benchmarks.md ("Lip sync as the browser plays it", "A lost
+packet no longer delays the rest of the call", "The browser on a lossy link", "Firefox").
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import contextlib
 import json
 import sys
 import tempfile
+import urllib.parse
 import wave
 from pathlib import Path
 
@@ -51,7 +57,8 @@ STATS_JS = """async () => {
       delay: r.jitterBufferDelay ?? 0, emitted: r.jitterBufferEmittedCount ?? 0, lost: r.packetsLost ?? 0,
       received: r.packetsReceived ?? 0, nacks: r.nackCount ?? 0, plis: r.pliCount ?? 0,
       freezes: r.freezeCount ?? 0, frozen_s: r.totalFreezesDuration ?? 0, decoded: r.framesDecoded ?? 0,
-      dropped: r.framesDropped ?? 0, concealed: r.concealedSamples ?? 0, samples: r.totalSamplesReceived ?? 0};
+      dropped: r.framesDropped ?? 0, concealed: r.concealedSamples ?? 0,
+      silent: r.silentConcealedSamples ?? 0, samples: r.totalSamplesReceived ?? 0};
   });
   const video = pc.getReceivers().find((r) => r.track?.kind === 'video');
   if (out.video) out.video.target = video?.jitterBufferTarget ?? null;  // what the page asked of its buffer
@@ -128,22 +135,48 @@ def impaired_sockets(percent: float = 0.0, jitter_ms: float = 0.0, seed: int = 0
         StunProtocol.send_data, StunProtocol.datagram_received = send, received
 
 
+@contextlib.contextmanager
+def without_fec(really: bool = True):
+    """While open (`really`), sessions encode their sound as aiortc's own Opus encoder does (CELT, no in-band FEC):
+    what the server sent before `rtc.opus_encoder`, to compare."""
+    from aiortc.codecs.opus import OpusEncoder
+
+    from letstalk_rt.stream import tracks
+
+    kept = tracks.opus_encoder
+    if really:
+        tracks.opus_encoder = OpusEncoder
+    try:
+        yield
+    finally:
+        tracks.opus_encoder = kept
+
+
 def link(stats: dict | None) -> dict:
     """What the browser counted of the link, from its last getStats: lost packets, NACKs and PLIs it sent, the video's
     freezes (Chromium counts a frame that came 150 ms or 3 frames' time later than the mean as one) and dropped
     frames, the share of its sound it concealed."""
     audio, video = (stats or {}).get("audio") or {}, (stats or {}).get("video") or {}
+    share = lambda part, whole: round(100 * part / whole, 2) if whole else None  # noqa: E731
     if not audio or not video:
         return {}
     return {"audio_packets_lost": audio["lost"], "audio_packets_received": audio["received"],
-            "audio_concealed_pct": round(100 * audio["concealed"] / audio["samples"], 2) if audio["samples"] else None,
+            "audio_concealed_pct": share(audio["concealed"], audio["samples"]),
+            "audio_concealed_silent_pct": share(audio["silent"], audio["samples"]),
             "video_packets_lost": video["lost"], "video_packets_received": video["received"],
             "nacks_sent": video["nacks"] + audio["nacks"], "plis_sent": video["plis"],
             "frames_decoded": video["decoded"], "frames_dropped": video["dropped"],
             "freezes": video["freezes"], "frozen_s": round(video["frozen_s"], 3)}
 
 
-async def measure(url: str, seconds: float, workdir: Path, out=print) -> dict:
+SAY = ("The avatar reads this text aloud, sentence after sentence, while the browser counts what it hears and what it "
+       "sees. Each sentence has a pause after it, and the pauses carry no sound. ") * 24  # ~4 minutes of espeak-ng
+
+
+@contextlib.asynccontextmanager
+async def chromium(url: str, workdir: Path):
+    """The index page in headless Chromium (Debian's, through playwright), its fake microphone playing the bundled
+    speech (`url` says whether the page sends it); yields what evaluates a JS function there."""
     from playwright.async_api import async_playwright
 
     from letstalk_rt.media import load_audio
@@ -156,33 +189,61 @@ async def measure(url: str, seconds: float, workdir: Path, out=print) -> dict:
     args = ["--headless", "--no-sandbox", "--disable-gpu", "--use-fake-ui-for-media-stream",
             "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={wav}",
             "--autoplay-policy=no-user-gesture-required", "--disable-features=WebRtcHideLocalIpsWithMdns"]
-    rows: list[dict] = []
     async with async_playwright() as pw:
         context = await pw.chromium.launch_persistent_context(str(workdir / "profile"), headless=True, args=args,
                                                               executable_path="/usr/bin/chromium")
         try:
             page = await context.new_page()
-            await page.goto(f"{url}/?autostart=1&source=mic")
-            await page.wait_for_function("window.letstalk?.frames?.frames > 0", timeout=60000)
-            start = asyncio.get_running_loop().time()
-            last = None
-            while (t := asyncio.get_running_loop().time() - start) < seconds:
-                stats = await page.evaluate(STATS_JS)
-                audio, video = (stats or {}).get("audio"), (stats or {}).get("video")
-                if audio and video:
-                    row = {"t": round(t, 2), "offset_ms": video["playout"] - audio["playout"]
-                           if audio["playout"] and video["playout"] else None, "video_target_ms": video["target"]}
-                    if last is not None:  # this second's jitter buffer delay of each (ms a sample / a frame)
-                        for kind, now, then in (("audio", audio, last["audio"]), ("video", video, last["video"])):
-                            n = now["emitted"] - then["emitted"]
-                            held = 1000 * (now["delay"] - then["delay"])
-                            row[f"{kind}_buffer_ms"] = round(held / n, 1) if n else None
-                    rows.append(row)
-                    out(json.dumps(row))
-                    last = stats
-                await asyncio.sleep(1.0)
+            await page.goto(url)
+            yield lambda fn: page.evaluate(fn)
         finally:
             await context.close()
+
+
+@contextlib.asynccontextmanager
+async def firefox(url: str, workdir: Path):
+    """The index page in Debian's headless Firefox ESR, driven over WebDriver BiDi as tests/test_firefox.py drives it
+    (a checkout with the test dependencies: `bash scripts/setup.sh --dev`); its fake microphone is a tone."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from test_firefox import firefox as headless_firefox
+
+    async with headless_firefox(workdir / "ff-profile") as browser:
+        await browser.goto(url)
+        yield lambda fn: browser.evaluate(f"({fn})()")
+
+
+async def measure(url: str, seconds: float, workdir: Path, out=print, browser: str = "chromium",
+                  speech: str = "mic") -> dict:
+    """`browser` (chromium, firefox) on the index page of the server at `url`, the avatar saying what the page's
+    microphone hears (`speech` mic) or a long text the server speaks (`say`, its microphone off); every second's
+    figures and the summary."""
+    page = f"{url}/?autostart=1&source=mic" if speech == "mic" else \
+        f"{url}/?autostart=1&source=none&say={urllib.parse.quote(SAY)}"
+    rows: list[dict] = []
+    async with (chromium if browser == "chromium" else firefox)(page, workdir) as evaluate:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while not await evaluate("() => (window.letstalk?.frames?.frames ?? 0) > 0"):
+            if loop.time() > deadline:
+                raise SystemExit(f"{browser} showed no frame of the avatar in 60 s")
+            await asyncio.sleep(0.2)
+        start = loop.time()
+        last = None
+        while (t := loop.time() - start) < seconds:
+            stats = await evaluate(STATS_JS)
+            audio, video = (stats or {}).get("audio"), (stats or {}).get("video")
+            if audio and video:
+                row = {"t": round(t, 2), "offset_ms": video["playout"] - audio["playout"]
+                       if audio["playout"] and video["playout"] else None, "video_target_ms": video["target"]}
+                if last is not None:  # this second's jitter buffer delay of each (ms a sample / a frame)
+                    for kind, now, then in (("audio", audio, last["audio"]), ("video", video, last["video"])):
+                        n = now["emitted"] - then["emitted"]
+                        held = 1000 * (now["delay"] - then["delay"])
+                        row[f"{kind}_buffer_ms"] = round(held / n, 1) if n else None
+                rows.append(row)
+                out(json.dumps(row))
+                last = stats
+            await asyncio.sleep(1.0)
     result = {**summary(rows), "link": link(last)}
     out(json.dumps({"summary": result}))
     return {"rows": rows, "summary": result}
@@ -212,21 +273,30 @@ async def main() -> None:
                    help="a server started here loses this share of the RTP packets each way (default 0)")
     p.add_argument("--jitter", type=float, default=0.0, metavar="MS",
                    help="a server started here holds each RTP packet a random 0 to MS ms each way (default 0)")
+    p.add_argument("--browser", choices=("chromium", "firefox"), default="chromium",
+                   help="which browser plays it (default chromium; firefox: Debian's firefox-esr, with --speech say)")
+    p.add_argument("--speech", choices=("mic", "say"), default=None,
+                   help="what the avatar says: the page's microphone (Chromium's plays the bundled speech; Firefox's "
+                        "is a tone) or a long text the server speaks (espeak-ng); default mic in Chromium, say in "
+                        "Firefox")
+    p.add_argument("--no-fec", action="store_true",
+                   help="a server started here sends its sound as aiortc's own encoder does (CELT, no in-band FEC)")
     p.add_argument("--json", type=Path, default=None, help="also write every second's figures and the summary here")
     args = p.parse_args()
-    if (args.loss or args.jitter) and args.url:
-        p.error("--loss and --jitter need the server started here (no --url)")
+    if (args.loss or args.jitter or args.no_fec) and args.url:
+        p.error("--loss, --jitter and --no-fec need the server started here (no --url)")
+    speech = args.speech or ("mic" if args.browser == "chromium" else "say")
     if not 0 <= args.loss < 100:
         p.error(f"--loss {args.loss:g}: give a percentage, 0 up to 100")
     if not 0 <= args.jitter <= 1000:
         p.error(f"--jitter {args.jitter:g}: give milliseconds, 0 up to 1000")
     with tempfile.TemporaryDirectory() as tmp:
         if args.url:
-            result = await measure(args.url.rstrip("/"), args.seconds, Path(tmp))
+            result = await measure(args.url.rstrip("/"), args.seconds, Path(tmp), browser=args.browser, speech=speech)
         else:
-            with impaired_sockets(args.loss, args.jitter) as lost:
+            with impaired_sockets(args.loss, args.jitter) as lost, without_fec(args.no_fec):
                 async with bundled_server() as url:
-                    result = await measure(url, args.seconds, Path(tmp))
+                    result = await measure(url, args.seconds, Path(tmp), browser=args.browser, speech=speech)
             if args.loss:
                 result["summary"]["server_lost"] = lost
                 print(json.dumps({"server_lost": lost}))
