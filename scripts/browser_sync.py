@@ -225,7 +225,7 @@ async def measure(url: str, seconds: float, workdir: Path, out=print, browser: s
         deadline = loop.time() + 60
         while not await evaluate("() => (window.letstalk?.frames?.frames ?? 0) > 0"):
             if loop.time() > deadline:
-                raise SystemExit(f"{browser} showed no frame of the avatar in 60 s")
+                raise TimeoutError(f"{browser} showed no frame of the avatar in 60 s")
             await asyncio.sleep(0.2)
         start = loop.time()
         last = None
