@@ -238,6 +238,7 @@ def test_firefox_page_shows_the_talking_avatar(tiny_pipeline, tmp_path, astronau
     else:
         assert "Firefox on a machine with no sound output device" in log and "click the page" in log, log
 
+
 def test_firefox_plays_picture_and_sound_together_and_decodes_the_lost_sound_of_a_lossy_link(tiny_pipeline, tmp_path):
     """The server's sockets lose 5 % of the RTP packets each way (scripts/browser_sync.py --browser firefox --loss 5),
     the avatar saying a text (Firefox's fake microphone is a tone): Firefox decodes most of the lost sound from the
